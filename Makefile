@@ -1,0 +1,75 @@
+# Kiln developer entry points. Every target is non-interactive.
+#
+#   make deps    install the Debian packages LLVM/MLIR 22 codegen needs (only those missing)
+#   make build   deps + release build of the `kiln` CLI
+#   make demo    build + run the CLI on the shipped BERT encoder spec
+#   make test    deps + build everything + all tests (nextest when installed) + doc-tests
+#   make lint    rustfmt check + clippy with warnings denied
+#
+# The LLVM/MLIR location is set for cargo in .cargo/config.toml (MLIR_SYS_220_PREFIX, ...).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := build
+
+CARGO ?= cargo
+KILN := ./target/release/kiln
+DEMO_SPEC := models/bert_encoder.ron
+
+# Keep in sync with /work/shared/docs/mlir-cookbook.md §1.
+DEB_PACKAGES := llvm-22-dev libmlir-22-dev mlir-22-tools libpolly-22-dev clang-22 \
+                libzstd-dev libz3-dev libxml2-dev zlib1g-dev
+# The package whose apt candidate proves an LLVM 22 source is configured.
+LLVM_PROBE := llvm-22-dev
+
+.PHONY: deps build demo test lint
+
+deps:
+	@if ! command -v dpkg >/dev/null 2>&1; then \
+	  echo "deps: dpkg not found (not Debian); skipping. Install LLVM/MLIR 22 and point" \
+	       "the prefixes in .cargo/config.toml at it." >&2; \
+	  exit 0; \
+	fi; \
+	missing=""; \
+	for pkg in $(DEB_PACKAGES); do \
+	  status=$$(dpkg -s "$$pkg" 2>/dev/null || true); \
+	  grep -q '^Status: install ok installed$$' <<<"$$status" || missing="$$missing $$pkg"; \
+	done; \
+	if [ -z "$$missing" ]; then echo "deps: all Debian packages installed"; exit 0; fi; \
+	if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1; then sudo="sudo"; \
+	else echo "deps: missing:$$missing, and not root and no sudo: install them as root" >&2; exit 1; fi; \
+	echo "deps: missing:$$missing"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update; \
+	policy=$$(apt-cache policy $(LLVM_PROBE) 2>/dev/null || true); \
+	if ! grep -Eq '^ *Candidate: [^(]' <<<"$$policy"; then \
+	  echo "deps: error: no apt source offers $(LLVM_PROBE) (Debian 12's own archive has no LLVM 22)." >&2; \
+	  echo "deps: add the LLVM 22 repository from https://apt.llvm.org, e.g." >&2; \
+	  echo "        wget -qO- https://apt.llvm.org/llvm-snapshot.gpg.key > /etc/apt/trusted.gpg.d/apt.llvm.org.asc" >&2; \
+	  echo "        echo 'deb http://apt.llvm.org/bookworm/ llvm-toolchain-bookworm-22 main' > /etc/apt/sources.list.d/llvm-22.list" >&2; \
+	  echo "      then run 'make deps' again." >&2; \
+	  exit 1; \
+	fi; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing
+
+build: deps
+	$(CARGO) build --release --bin kiln
+
+demo: build
+	$(KILN) check $(DEMO_SPEC)
+	$(KILN) eval $(DEMO_SPEC) --set layers=2 --seed 0
+
+# `--all-targets` leaves doc-tests out of the plain `cargo test` fallback; they run once, last
+# (nextest cannot run doc-tests at all).
+test: deps
+	$(CARGO) build --workspace --all-targets
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  $(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+	  $(CARGO) test --workspace --all-targets --no-fail-fast; \
+	fi
+	$(CARGO) test --workspace --doc
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings

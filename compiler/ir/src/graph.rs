@@ -1,0 +1,195 @@
+//! The dataflow graph: a DAG of primitive ops with static types.
+//!
+//! **Invariant:** every node's `ty` is what [`infer`](crate::infer) computes from its op and
+//! its operands' types; [`Graph::add`] enforces it and [`verify`](crate::verify) re-checks it.
+//! Operand order is the edge weight, so `operands(n)[i]` is the op's `i`-th argument.
+
+use crate::dtype::TensorType;
+use crate::infer::{infer, InferError};
+use crate::op::Op;
+use petgraph::stable_graph::{NodeIndex, StableDiGraph};
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+use serde::Serialize;
+use std::collections::BinaryHeap;
+use std::cmp::Reverse;
+use std::fmt;
+use std::sync::Arc;
+
+/// A node handle.
+pub type NodeId = NodeIndex<u32>;
+
+/// Where a node came from in the model source: file, 1-based line and column.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Origin {
+    pub file: Arc<str>,
+    pub line: u32,
+    pub col: u32,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.col)
+    }
+}
+
+/// One op application with its result type.
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub op: Op,
+    pub ty: TensorType,
+    /// The spec name bound to this value, when it had one (for printing and debugging).
+    pub name: Option<String>,
+    pub origin: Option<Origin>,
+}
+
+/// A model as a graph of primitive ops.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    pub name: String,
+    g: StableDiGraph<Node, u32>,
+    /// Graph inputs in declaration order.
+    pub inputs: Vec<NodeId>,
+    /// Named graph outputs in declaration order.
+    pub outputs: Vec<(String, NodeId)>,
+}
+
+impl Graph {
+    pub fn new(name: impl Into<String>) -> Graph {
+        Graph { name: name.into(), ..Graph::default() }
+    }
+
+    /// Adds `op` applied to `operands`, inferring and checking its type.
+    pub fn add(&mut self, op: Op, operands: &[NodeId]) -> Result<NodeId, InferError> {
+        let types: Vec<&TensorType> = operands.iter().map(|&o| &self.g[o].ty).collect();
+        let ty = infer(&op, &types)?;
+        let is_input = matches!(op, Op::Input { .. });
+        let id = self.g.add_node(Node { op, ty, name: None, origin: None });
+        for (i, &o) in operands.iter().enumerate() {
+            self.g.add_edge(o, id, i as u32);
+        }
+        if is_input {
+            self.inputs.push(id);
+        }
+        Ok(id)
+    }
+
+    /// Adds a node and sets its debug name and origin.
+    pub fn add_at(
+        &mut self,
+        op: Op,
+        operands: &[NodeId],
+        origin: Option<Origin>,
+    ) -> Result<NodeId, InferError> {
+        let id = self.add(op, operands)?;
+        self.g[id].origin = origin;
+        Ok(id)
+    }
+
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.g[id]
+    }
+
+    pub fn node_mut(&mut self, id: NodeId) -> &mut Node {
+        &mut self.g[id]
+    }
+
+    pub fn ty(&self, id: NodeId) -> &TensorType {
+        &self.g[id].ty
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.g.node_count()
+    }
+
+    /// The node's operands in argument order.
+    pub fn operands(&self, id: NodeId) -> Vec<NodeId> {
+        let mut e: Vec<(u32, NodeId)> = self
+            .g
+            .edges_directed(id, Direction::Incoming)
+            .map(|e| (*e.weight(), e.source()))
+            .collect();
+        e.sort_unstable();
+        e.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// The nodes that use `id`, each once, in index order.
+    pub fn users(&self, id: NodeId) -> Vec<NodeId> {
+        let mut u: Vec<NodeId> = self.g.neighbors_directed(id, Direction::Outgoing).collect();
+        u.sort_unstable();
+        u.dedup();
+        u
+    }
+
+    pub fn add_output(&mut self, name: impl Into<String>, id: NodeId) {
+        self.outputs.push((name.into(), id));
+    }
+
+    /// Every node id in index order.
+    pub fn node_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.g.node_indices()
+    }
+
+    /// The parameters, in topological order.
+    pub fn params(&self) -> Vec<NodeId> {
+        self.topo_order()
+            .into_iter()
+            .filter(|&n| matches!(self.g[n].op, Op::Param { .. }))
+            .collect()
+    }
+
+    /// A deterministic topological order: among ready nodes the oldest comes first, so the
+    /// order follows the spec's order of definition.
+    pub fn topo_order(&self) -> Vec<NodeId> {
+        let mut indeg: std::collections::HashMap<NodeId, usize> = self
+            .g
+            .node_indices()
+            .map(|n| (n, self.g.edges_directed(n, Direction::Incoming).count()))
+            .collect();
+        let mut ready: BinaryHeap<Reverse<NodeId>> =
+            indeg.iter().filter(|(_, &d)| d == 0).map(|(&n, _)| Reverse(n)).collect();
+        let mut order = Vec::with_capacity(self.g.node_count());
+        while let Some(Reverse(n)) = ready.pop() {
+            order.push(n);
+            for e in self.g.edges_directed(n, Direction::Outgoing) {
+                let d = indeg.get_mut(&e.target()).expect("edge target is a node");
+                *d -= 1;
+                if *d == 0 {
+                    ready.push(Reverse(e.target()));
+                }
+            }
+        }
+        order
+    }
+
+    /// Whether the graph has a cycle (a valid graph never does; the verifier checks).
+    pub fn has_cycle(&self) -> bool {
+        self.topo_order().len() != self.g.node_count()
+    }
+
+    /// Removes every node that no output depends on. Returns how many were removed.
+    pub fn remove_dead(&mut self) -> usize {
+        let mut live = std::collections::HashSet::new();
+        let mut stack: Vec<NodeId> = self.outputs.iter().map(|(_, n)| *n).collect();
+        stack.extend(self.inputs.iter().copied());
+        while let Some(n) = stack.pop() {
+            if live.insert(n) {
+                stack.extend(self.g.neighbors_directed(n, Direction::Incoming));
+            }
+        }
+        let dead: Vec<NodeId> = self.g.node_indices().filter(|n| !live.contains(n)).collect();
+        for &n in &dead {
+            self.g.remove_node(n);
+        }
+        dead.len()
+    }
+
+    /// Direct access for passes that rewire edges; callers must re-run the verifier.
+    pub fn raw(&self) -> &StableDiGraph<Node, u32> {
+        &self.g
+    }
+
+    pub fn raw_mut(&mut self) -> &mut StableDiGraph<Node, u32> {
+        &mut self.g
+    }
+}

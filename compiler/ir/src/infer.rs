@@ -1,0 +1,338 @@
+//! Shape and dtype inference: the result type of an op from its operands' types.
+//!
+//! This is the single source of typing rules; the lowering reports these errors at the spec
+//! position of the op, and the verifier re-runs them over whole graphs.
+
+use crate::dtype::{fmt_shape, numel, DType, Shape, TensorType};
+use crate::op::{BinaryOp, Op, UnaryOp};
+
+/// Why an op cannot be applied to operands of the given types.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum InferError {
+    #[error("`{op}` takes {expected} operand(s), got {got}")]
+    Arity { op: &'static str, expected: usize, got: usize },
+    #[error("`{op}`: shapes {} and {} do not broadcast (axis {axis}: {a} vs {b})", fmt_shape(.lhs), fmt_shape(.rhs))]
+    Broadcast { op: &'static str, lhs: Shape, rhs: Shape, axis: usize, a: usize, b: usize },
+    #[error("`{op}`: operand dtypes differ: {lhs} vs {rhs}")]
+    DTypeMismatch { op: &'static str, lhs: DType, rhs: DType },
+    #[error("`{op}` needs {expected} operands, got {got}")]
+    DTypeKind { op: &'static str, expected: &'static str, got: DType },
+    #[error("`{op}`: {msg}")]
+    Invalid { op: &'static str, msg: String },
+}
+
+fn invalid(op: &Op, msg: impl Into<String>) -> InferError {
+    InferError::Invalid { op: op.name(), msg: msg.into() }
+}
+
+/// Numpy broadcasting of two shapes.
+pub fn broadcast_shapes(op: &'static str, a: &[usize], b: &[usize]) -> Result<Shape, InferError> {
+    let rank = a.len().max(b.len());
+    let mut out = vec![0; rank];
+    for i in 0..rank {
+        let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
+        let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            (x, y) => {
+                return Err(InferError::Broadcast {
+                    op,
+                    lhs: a.to_vec(),
+                    rhs: b.to_vec(),
+                    axis: i,
+                    a: x,
+                    b: y,
+                })
+            }
+        };
+    }
+    Ok(out)
+}
+
+fn same_dtype(op: &Op, a: DType, b: DType) -> Result<DType, InferError> {
+    if a != b {
+        return Err(InferError::DTypeMismatch { op: op.name(), lhs: a, rhs: b });
+    }
+    Ok(a)
+}
+
+fn need(op: &Op, cond: bool, expected: &'static str, got: DType) -> Result<(), InferError> {
+    if cond {
+        Ok(())
+    } else {
+        Err(InferError::DTypeKind { op: op.name(), expected, got })
+    }
+}
+
+/// Output size of one spatial axis of a convolution or pooling window.
+fn window_out(
+    op: &Op,
+    size: usize,
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+    dilation: usize,
+) -> Result<usize, InferError> {
+    let eff = dilation * (kernel.max(1) - 1) + 1;
+    if stride == 0 || size + 2 * pad < eff {
+        return Err(invalid(
+            op,
+            format!("window {kernel} (dilation {dilation}) does not fit input {size} with padding {pad}"),
+        ));
+    }
+    Ok((size + 2 * pad - eff) / stride + 1)
+}
+
+/// The result type of `op` applied to operands of `types`.
+pub fn infer(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferError> {
+    if let Some(n) = op.arity() {
+        if types.len() != n {
+            return Err(InferError::Arity { op: op.name(), expected: n, got: types.len() });
+        }
+    } else if types.is_empty() {
+        return Err(invalid(op, "needs at least one operand"));
+    }
+    let t = |i: usize| types[i];
+    Ok(match op {
+        Op::Input { dtype, shape, .. } | Op::Param { dtype, shape, .. } => {
+            TensorType::new(*dtype, shape.clone())
+        }
+        Op::Const { value } => TensorType::new(value.dtype(), value.shape.clone()),
+        Op::Full { dtype, shape, .. } => TensorType::new(*dtype, shape.clone()),
+        Op::Iota { dtype, shape, axis } => {
+            if *axis >= shape.len() {
+                return Err(invalid(op, format!("axis {axis} out of range for rank {}", shape.len())));
+            }
+            need(op, *dtype != DType::Bool, "numeric", *dtype)?;
+            TensorType::new(*dtype, shape.clone())
+        }
+        Op::RandomUniform { dtype, shape, .. } => {
+            need(op, dtype.is_float(), "floating-point", *dtype)?;
+            TensorType::new(*dtype, shape.clone())
+        }
+        Op::Unary(u) => {
+            let d = t(0).dtype;
+            if u.float_only() {
+                need(op, d.is_float(), "floating-point", d)?;
+            } else {
+                need(op, d != DType::Bool, "numeric", d)?;
+            }
+            if *u == UnaryOp::Abs || *u == UnaryOp::Neg || *u == UnaryOp::Relu {
+                need(op, d != DType::Bool, "numeric", d)?;
+            }
+            t(0).clone()
+        }
+        Op::Binary(b) => {
+            let d = same_dtype(op, t(0).dtype, t(1).dtype)?;
+            need(op, d != DType::Bool, "numeric", d)?;
+            if *b == BinaryOp::Pow {
+                need(op, d.is_float(), "floating-point", d)?;
+            }
+            TensorType::new(d, broadcast_shapes(op.name(), &t(0).shape, &t(1).shape)?)
+        }
+        Op::Compare(_) => {
+            same_dtype(op, t(0).dtype, t(1).dtype)?;
+            TensorType::new(DType::Bool, broadcast_shapes(op.name(), &t(0).shape, &t(1).shape)?)
+        }
+        Op::Where => {
+            need(op, t(0).dtype == DType::Bool, "a bool condition and two value", t(0).dtype)?;
+            let d = same_dtype(op, t(1).dtype, t(2).dtype)?;
+            let s = broadcast_shapes(op.name(), &t(0).shape, &t(1).shape)?;
+            TensorType::new(d, broadcast_shapes(op.name(), &s, &t(2).shape)?)
+        }
+        Op::Cast { to } => TensorType::new(*to, t(0).shape.clone()),
+        Op::Reduce { op: r, axes, keepdims } => {
+            let s = &t(0).shape;
+            if axes.windows(2).any(|w| w[0] >= w[1]) || axes.iter().any(|&a| a >= s.len()) {
+                return Err(invalid(
+                    op,
+                    format!("axes {} must be sorted, unique and below rank {}", fmt_shape(axes), s.len()),
+                ));
+            }
+            let d = t(0).dtype;
+            need(op, d != DType::Bool, "numeric", d)?;
+            if *r == crate::op::ReduceOp::Mean {
+                need(op, d.is_float(), "floating-point", d)?;
+            }
+            let shape = (0..s.len())
+                .filter_map(|i| match (axes.contains(&i), keepdims) {
+                    (false, _) => Some(s[i]),
+                    (true, true) => Some(1),
+                    (true, false) => None,
+                })
+                .collect::<Shape>();
+            TensorType::new(d, shape)
+        }
+        Op::Reshape { shape } => {
+            if numel(shape) != t(0).numel() {
+                return Err(invalid(
+                    op,
+                    format!(
+                        "cannot reshape {} ({} elements) to {} ({} elements)",
+                        fmt_shape(&t(0).shape),
+                        t(0).numel(),
+                        fmt_shape(shape),
+                        numel(shape)
+                    ),
+                ));
+            }
+            TensorType::new(t(0).dtype, shape.clone())
+        }
+        Op::Transpose { perm } => {
+            let s = &t(0).shape;
+            let mut seen = perm.clone();
+            seen.sort_unstable();
+            if seen != (0..s.len()).collect::<Vec<_>>() {
+                return Err(invalid(
+                    op,
+                    format!("{} is not a permutation of the {} axes of {}", fmt_shape(perm), s.len(), fmt_shape(s)),
+                ));
+            }
+            TensorType::new(t(0).dtype, perm.iter().map(|&p| s[p]).collect::<Shape>())
+        }
+        Op::BroadcastTo { shape } => {
+            let b = broadcast_shapes(op.name(), &t(0).shape, shape)?;
+            if &b != shape {
+                return Err(invalid(
+                    op,
+                    format!("cannot broadcast {} to {}", fmt_shape(&t(0).shape), fmt_shape(shape)),
+                ));
+            }
+            TensorType::new(t(0).dtype, shape.clone())
+        }
+        Op::Slice { axis, start, end, step } => {
+            let s = &t(0).shape;
+            if *axis >= s.len() || *step == 0 || start > end || *end > s[*axis] {
+                return Err(invalid(
+                    op,
+                    format!(
+                        "slice {start}..{end} step {step} on axis {axis} is out of range for {}",
+                        fmt_shape(s)
+                    ),
+                ));
+            }
+            let mut shape = s.clone();
+            shape[*axis] = (end - start).div_ceil(*step);
+            TensorType::new(t(0).dtype, shape)
+        }
+        Op::Concat { axis } => {
+            let first = t(0);
+            if *axis >= first.rank() {
+                return Err(invalid(op, format!("axis {axis} out of range for rank {}", first.rank())));
+            }
+            let mut shape = first.shape.clone();
+            for other in &types[1..] {
+                same_dtype(op, first.dtype, other.dtype)?;
+                let compatible = other.rank() == first.rank()
+                    && (0..first.rank()).all(|i| i == *axis || other.shape[i] == first.shape[i]);
+                if !compatible {
+                    return Err(invalid(
+                        op,
+                        format!(
+                            "shapes {} and {} differ outside axis {axis}",
+                            fmt_shape(&first.shape),
+                            fmt_shape(&other.shape)
+                        ),
+                    ));
+                }
+                shape[*axis] += other.shape[*axis];
+            }
+            TensorType::new(first.dtype, shape)
+        }
+        Op::Pad { pads, .. } => {
+            let s = &t(0).shape;
+            if pads.len() != s.len() {
+                return Err(invalid(op, format!("{} pad pairs for rank {}", pads.len(), s.len())));
+            }
+            let shape = s.iter().zip(pads).map(|(d, (a, b))| d + a + b).collect::<Shape>();
+            TensorType::new(t(0).dtype, shape)
+        }
+        Op::Gather { axis } => {
+            let (table, idx) = (t(0), t(1));
+            need(op, idx.dtype.is_int(), "integer indices (and a table)", idx.dtype)?;
+            if *axis >= table.rank() {
+                return Err(invalid(op, format!("axis {axis} out of range for rank {}", table.rank())));
+            }
+            let mut shape = table.shape[..*axis].to_vec();
+            shape.extend_from_slice(&idx.shape);
+            shape.extend_from_slice(&table.shape[axis + 1..]);
+            TensorType::new(table.dtype, shape)
+        }
+        Op::MatMul => {
+            let (a, b) = (t(0), t(1));
+            let d = same_dtype(op, a.dtype, b.dtype)?;
+            need(op, d != DType::Bool, "numeric", d)?;
+            matmul_shape(&a.shape, &b.shape)
+                .map(|s| TensorType::new(d, s))
+                .map_err(|m| invalid(op, m))?
+        }
+        Op::Conv2d { stride, padding, dilation, groups } => {
+            let (x, w) = (t(0), t(1));
+            let d = same_dtype(op, x.dtype, w.dtype)?;
+            need(op, d.is_float(), "floating-point", d)?;
+            if x.rank() != 4 || w.rank() != 4 {
+                return Err(invalid(
+                    op,
+                    format!("needs NCHW input and OIHW weight, got {} and {}", fmt_shape(&x.shape), fmt_shape(&w.shape)),
+                ));
+            }
+            let g = *groups;
+            if g == 0 || x.shape[1] % g != 0 || w.shape[0] % g != 0 || w.shape[1] * g != x.shape[1] {
+                return Err(invalid(
+                    op,
+                    format!(
+                        "input channels {} and weight {} do not agree with groups {g}",
+                        x.shape[1],
+                        fmt_shape(&w.shape)
+                    ),
+                ));
+            }
+            let h = window_out(op, x.shape[2], w.shape[2], stride[0], padding[0], dilation[0])?;
+            let wd = window_out(op, x.shape[3], w.shape[3], stride[1], padding[1], dilation[1])?;
+            TensorType::new(d, vec![x.shape[0], w.shape[0], h, wd])
+        }
+        Op::Pool2d { kernel, stride, padding, .. } => {
+            let x = t(0);
+            need(op, x.dtype.is_float(), "floating-point", x.dtype)?;
+            if x.rank() != 4 {
+                return Err(invalid(op, format!("needs an NCHW input, got {}", fmt_shape(&x.shape))));
+            }
+            if padding[0] * 2 > kernel[0] || padding[1] * 2 > kernel[1] {
+                return Err(invalid(op, "padding must be at most half the kernel"));
+            }
+            let h = window_out(op, x.shape[2], kernel[0], stride[0], padding[0], 1)?;
+            let w = window_out(op, x.shape[3], kernel[1], stride[1], padding[1], 1)?;
+            TensorType::new(x.dtype, vec![x.shape[0], x.shape[1], h, w])
+        }
+    })
+}
+
+/// Numpy `matmul` result shape, or a message saying why the shapes do not multiply.
+pub fn matmul_shape(a: &[usize], b: &[usize]) -> Result<Shape, String> {
+    if a.is_empty() || b.is_empty() {
+        return Err("operands must have rank ≥ 1".into());
+    }
+    let a2: Shape = if a.len() == 1 { vec![1, a[0]] } else { a.to_vec() };
+    let b2: Shape = if b.len() == 1 { vec![b[0], 1] } else { b.to_vec() };
+    let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
+    let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
+    if k != k2 {
+        return Err(format!(
+            "inner dimensions differ: {} · {} ({k} vs {k2})",
+            fmt_shape(a),
+            fmt_shape(b)
+        ));
+    }
+    let batch = broadcast_shapes("matmul", &a2[..a2.len() - 2], &b2[..b2.len() - 2])
+        .map_err(|_| format!("batch dimensions of {} and {} do not broadcast", fmt_shape(a), fmt_shape(b)))?;
+    let mut out = batch;
+    if a.len() > 1 {
+        out.push(m);
+    }
+    if b.len() > 1 {
+        out.push(n);
+    }
+    Ok(out)
+}

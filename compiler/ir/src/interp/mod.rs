@@ -1,0 +1,327 @@
+//! The reference interpreter: evaluates a [`Graph`] on concrete tensors.
+//!
+//! Every later stage (lowering passes, code generators, runtimes) is tested against it, so it
+//! favours clear, fixed semantics over speed, while being fast enough to run a small BERT
+//! encoder inside a debug test build (its kernels are typed loops, parallel with rayon where
+//! the work is large, and the crate is compiled at `opt-level = 3` in dev builds).
+//!
+//! # Semantics
+//!
+//! The typing rules are those of [`infer`](crate::infer); values follow numpy / PyTorch:
+//!
+//! * **Broadcasting**: binary ops, comparisons and `where` broadcast like numpy.
+//! * **Floats** are IEEE: f32 computes in f32 and f64 in f64. **f16 and bf16** have no
+//!   arithmetic of their own here: each operand is widened (exactly) to f32, the op is
+//!   computed in f32, and the result is rounded back to nearest even.
+//! * **Integers** wrap around on overflow (two's complement). Integer `div` truncates toward
+//!   zero like C (`-7 / 2 == -3`, `7 / -2 == -3`); a zero divisor is an
+//!   [`EvalError::IntDivByZero`], never a panic. `pow` is float only.
+//! * Binary `max` / `min` propagate NaN like numpy `maximum` / `minimum`.
+//! * `erf` uses `libm::erf` (f32 is evaluated in f64 and rounded); `sigmoid(x)` is
+//!   `1 / (1 + exp(-x))`; `relu(x)` is `max(x, 0)` keeping NaN; `rsqrt(x)` is `1 / sqrt(x)`.
+//! * `cast`: float → int truncates toward zero (saturating, NaN → 0), int → int wraps,
+//!   anything → bool is `x != 0`, bool → number is 0 or 1.
+//! * **Reductions** (see [`reduce`]): float `sum`/`mean` accumulate in f64 and round once;
+//!   `max`/`min` propagate NaN and are an error over zero elements.
+//! * **matmul** (see [`linalg`]): numpy rules including 1-D promotion and batch broadcasting;
+//!   f32 accumulates in f32 (as PyTorch does), f16/bf16 in f32.
+//! * **conv2d**: NCHW / OIHW, zero padding, stride, dilation, groups.
+//!   **pool2d**: max pooling pads with -inf; average pooling excludes padding from the
+//!   divisor (`count_include_pad=False`).
+//! * **gather**: an index outside `0..extent` (negative ones included) is an
+//!   [`EvalError::GatherIndex`].
+//! * **random_uniform**: element `i` is [`rng::uniform`](crate::rng::uniform)`(seed, 0,
+//!   offset + i)` rounded to the dtype (kept below 1.0, see [`source`]).
+//!
+//! [`eval`] walks the graph in [`Graph::topo_order`], skips nodes that no output depends on,
+//! and frees each intermediate as soon as its last user has run. Results are deterministic:
+//! every output element is computed in a fixed order whatever the number of threads.
+
+mod elem;
+mod elementwise;
+mod layout;
+mod linalg;
+mod reduce;
+mod source;
+
+use crate::dtype::{fmt_shape, numel, TensorType};
+use crate::graph::{Graph, NodeId, Origin};
+use crate::op::Op;
+use crate::tensor::Tensor;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+/// Values bound to a graph's inputs and parameters, by name.
+#[derive(Clone, Debug, Default)]
+pub struct Bindings {
+    pub inputs: HashMap<String, Tensor>,
+    pub params: HashMap<String, Tensor>,
+}
+
+/// Why a graph or an op could not be evaluated.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EvalError {
+    /// Inputs or parameters of the graph that the bindings do not provide (all of them).
+    #[error("missing {}: {}", plural(*.kind, .missing.len()), list_missing(.missing))]
+    Missing { kind: &'static str, missing: Vec<(String, TensorType)> },
+    /// A bound tensor whose dtype or shape differs from the graph's declaration.
+    #[error("{kind} `{name}`: expected {expected}, got {got}")]
+    BindingType { kind: &'static str, name: String, expected: TensorType, got: TensorType },
+    /// A bound or operand tensor whose buffer length does not match its shape.
+    #[error("{what}: {len} elements do not fill shape {}", fmt_shape(.shape))]
+    BadTensor { what: String, shape: Vec<usize>, len: usize },
+    /// `input` and `param` read the bindings and cannot be evaluated by [`eval_op`].
+    #[error("{kind} `{name}` is read from the bindings; evaluate the graph with `eval`")]
+    Unbound { kind: &'static str, name: String },
+    /// Operands that the typing rules reject (wrong count, dtype or shape).
+    #[error(transparent)]
+    Infer(#[from] crate::infer::InferError),
+    /// Operands that do not fit the op, or a result type that is not the one inference gives.
+    #[error("`{op}`: {msg}")]
+    Operands { op: &'static str, msg: String },
+    #[error("integer division by zero (divisor element {})", fmt_shape(.index))]
+    IntDivByZero { index: Vec<usize> },
+    #[error("gather index {index} at position {} of the indices is out of range for axis {axis} of extent {extent}", fmt_shape(.position))]
+    GatherIndex { index: i64, position: Vec<usize>, axis: usize, extent: usize },
+    #[error("`{op}` over zero elements of {} has no identity", fmt_shape(.shape))]
+    EmptyReduction { op: &'static str, shape: Vec<usize> },
+    /// An error while evaluating one node of a graph.
+    #[error("node %{node} ({op}{}): {source}", describe(.name, .origin))]
+    AtNode {
+        node: usize,
+        op: &'static str,
+        name: Option<String>,
+        origin: Option<Origin>,
+        source: Box<EvalError>,
+    },
+}
+
+impl EvalError {
+    /// The underlying error, without the [`EvalError::AtNode`] context.
+    pub fn root(&self) -> &EvalError {
+        match self {
+            EvalError::AtNode { source, .. } => source.root(),
+            e => e,
+        }
+    }
+}
+
+fn plural(kind: &str, n: usize) -> String {
+    if n == 1 {
+        kind.to_string()
+    } else {
+        format!("{n} {kind}s")
+    }
+}
+
+fn list_missing(m: &[(String, TensorType)]) -> String {
+    m.iter().map(|(n, t)| format!("`{n}` ({t})")).collect::<Vec<_>>().join(", ")
+}
+
+fn describe(name: &Option<String>, origin: &Option<Origin>) -> String {
+    let mut s = String::new();
+    if let Some(n) = name {
+        let _ = write!(s, " `{n}`");
+    }
+    if let Some(o) = origin {
+        let _ = write!(s, " at {o}");
+    }
+    s
+}
+
+/// The multi-index of flat position `pos` in a row-major `shape`.
+pub(crate) fn unravel(mut pos: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for d in (0..shape.len()).rev() {
+        if shape[d] > 0 {
+            idx[d] = pos % shape[d];
+            pos /= shape[d];
+        }
+    }
+    idx
+}
+
+fn type_of(t: &Tensor) -> TensorType {
+    TensorType::new(t.dtype(), t.shape.clone())
+}
+
+/// Evaluates one op on concrete operands. `ty` is the node's result type as inferred from
+/// the operands' types; the operands are re-checked against the typing rules first, so a
+/// mismatch is an error rather than a panic. `input` and `param` cannot be evaluated here
+/// (they read [`Bindings`]); use [`eval`].
+pub fn eval_op(op: &Op, args: &[&Tensor], ty: &TensorType) -> Result<Tensor, EvalError> {
+    for (i, a) in args.iter().enumerate() {
+        if a.data.len() != numel(&a.shape) {
+            return Err(EvalError::BadTensor {
+                what: format!("operand {i} of `{}`", op.name()),
+                shape: a.shape.clone(),
+                len: a.data.len(),
+            });
+        }
+    }
+    let types: Vec<TensorType> = args.iter().map(|a| type_of(a)).collect();
+    let refs: Vec<&TensorType> = types.iter().collect();
+    let inferred = crate::infer::infer(op, &refs)?;
+    if &inferred != ty {
+        return Err(EvalError::Operands {
+            op: op.name(),
+            msg: format!("the operands give a result of type {inferred}, not {ty}"),
+        });
+    }
+    let a = |i: usize| args[i];
+    match op {
+        Op::Input { name, .. } => Err(EvalError::Unbound { kind: "input", name: name.clone() }),
+        Op::Param { name, .. } => Err(EvalError::Unbound { kind: "param", name: name.clone() }),
+        Op::Const { value } => {
+            if value.data.len() != numel(&value.shape) {
+                return Err(EvalError::BadTensor {
+                    what: "const".into(),
+                    shape: value.shape.clone(),
+                    len: value.data.len(),
+                });
+            }
+            Ok(value.clone())
+        }
+        Op::Full { value, dtype, shape } => Ok(source::full(*value, *dtype, shape)),
+        Op::Iota { dtype, shape, axis } => Ok(source::iota(*dtype, shape, *axis)),
+        Op::RandomUniform { dtype, shape, seed, offset } => {
+            Ok(source::random_uniform(*dtype, shape, *seed, *offset))
+        }
+        Op::Unary(u) => elementwise::unary(*u, a(0)),
+        Op::Binary(b) => elementwise::binary(*b, a(0), a(1), ty),
+        Op::Compare(c) => elementwise::compare(*c, a(0), a(1), ty),
+        Op::Where => elementwise::select(a(0), a(1), a(2), ty),
+        Op::Cast { to } => Ok(elementwise::cast(a(0), *to)),
+        Op::Reduce { op: r, axes, .. } => reduce::reduce(*r, axes, a(0), ty),
+        Op::Reshape { .. } => Ok(layout::reshape(a(0), ty)),
+        Op::Transpose { perm } => Ok(layout::transpose(a(0), perm, ty)),
+        Op::BroadcastTo { .. } => Ok(layout::broadcast_to(a(0), ty)),
+        Op::Slice { axis, start, step, .. } => Ok(layout::slice(a(0), *axis, *start, *step, ty)),
+        Op::Concat { axis } => layout::concat(args, *axis, ty),
+        Op::Pad { pads, value } => Ok(layout::pad(a(0), pads, *value, ty)),
+        Op::Gather { axis } => layout::gather(a(0), a(1), *axis, ty),
+        Op::MatMul => linalg::matmul(a(0), a(1), ty),
+        Op::Conv2d { stride, padding, dilation, groups } => {
+            linalg::conv2d(a(0), a(1), *stride, *padding, *dilation, *groups, ty)
+        }
+        Op::Pool2d { kind, kernel, stride, padding } => {
+            linalg::pool2d(a(0), *kind, *kernel, *stride, *padding, ty)
+        }
+    }
+}
+
+/// Checks every `input` and `param` of the graph against the bindings: all missing names
+/// are reported at once; a bound tensor must have exactly the declared dtype and shape.
+fn check_bindings(g: &Graph, b: &Bindings) -> Result<(), EvalError> {
+    let mut missing_inputs = Vec::new();
+    let mut missing_params = Vec::new();
+    for id in g.topo_order() {
+        let node = g.node(id);
+        let (kind, name, map, missing) = match &node.op {
+            Op::Input { name, .. } => ("input", name, &b.inputs, &mut missing_inputs),
+            Op::Param { name, .. } => ("param", name, &b.params, &mut missing_params),
+            _ => continue,
+        };
+        match map.get(name) {
+            None => missing.push((name.clone(), node.ty.clone())),
+            Some(t) => {
+                if t.data.len() != numel(&t.shape) {
+                    return Err(EvalError::BadTensor {
+                        what: format!("{kind} `{name}`"),
+                        shape: t.shape.clone(),
+                        len: t.data.len(),
+                    });
+                }
+                let got = type_of(t);
+                if got != node.ty {
+                    return Err(EvalError::BindingType {
+                        kind,
+                        name: name.clone(),
+                        expected: node.ty.clone(),
+                        got,
+                    });
+                }
+            }
+        }
+    }
+    if !missing_inputs.is_empty() {
+        return Err(EvalError::Missing { kind: "input", missing: missing_inputs });
+    }
+    if !missing_params.is_empty() {
+        return Err(EvalError::Missing { kind: "param", missing: missing_params });
+    }
+    Ok(())
+}
+
+/// Evaluates the graph's outputs, in `g.outputs` order.
+///
+/// Every `input` is looked up in `b.inputs` by the op's name and every `param` in `b.params`
+/// by its checkpoint name; missing names and wrong dtypes or shapes are reported before any
+/// computation. Bound tensors are borrowed, not copied. Nodes that no output depends on are
+/// skipped, and each intermediate is dropped as soon as its last user has run, so peak memory
+/// is the live working set rather than the whole graph.
+pub fn eval(g: &Graph, b: &Bindings) -> Result<Vec<(String, Tensor)>, EvalError> {
+    check_bindings(g, b)?;
+    let order = g.topo_order();
+    // Nodes some output depends on.
+    let mut live: HashMap<NodeId, usize> = HashMap::new();
+    let mut stack: Vec<NodeId> = g.outputs.iter().map(|(_, n)| *n).collect();
+    let mut seen = std::collections::HashSet::new();
+    while let Some(n) = stack.pop() {
+        if seen.insert(n) {
+            stack.extend(g.operands(n));
+        }
+    }
+    // Remaining live users of each live node; outputs are pinned until the end.
+    for &n in &order {
+        if seen.contains(&n) {
+            live.insert(n, g.users(n).into_iter().filter(|u| seen.contains(u)).count());
+        }
+    }
+    let pinned: std::collections::HashSet<NodeId> = g.outputs.iter().map(|(_, n)| *n).collect();
+    let mut values: HashMap<NodeId, Cow<'_, Tensor>> = HashMap::new();
+
+    for &id in &order {
+        if !seen.contains(&id) {
+            continue;
+        }
+        let node = g.node(id);
+        let value: Cow<'_, Tensor> = match &node.op {
+            Op::Input { name, .. } => Cow::Borrowed(&b.inputs[name]),
+            Op::Param { name, .. } => Cow::Borrowed(&b.params[name]),
+            op => {
+                let operands = g.operands(id);
+                let args: Vec<&Tensor> = operands.iter().map(|o| values[o].as_ref()).collect();
+                let out = eval_op(op, &args, &node.ty).map_err(|e| EvalError::AtNode {
+                    node: id.index(),
+                    op: op.name(),
+                    name: node.name.clone(),
+                    origin: node.origin.clone(),
+                    source: Box::new(e),
+                })?;
+                // Free operands whose last user this was.
+                let mut distinct = operands;
+                distinct.sort_unstable();
+                distinct.dedup();
+                for o in distinct {
+                    let left = live.get_mut(&o).expect("operand of a live node is live");
+                    *left -= 1;
+                    if *left == 0 && !pinned.contains(&o) {
+                        values.remove(&o);
+                    }
+                }
+                Cow::Owned(out)
+            }
+        };
+        values.insert(id, value);
+    }
+    // Move each output out at its last mention (an output may be listed under two names).
+    let mut results = Vec::with_capacity(g.outputs.len());
+    for (i, (name, id)) in g.outputs.iter().enumerate() {
+        let again = g.outputs[i + 1..].iter().any(|(_, later)| later == id);
+        let t = if again { values[id].as_ref().clone() } else { values.remove(id).expect("output evaluated").into_owned() };
+        results.push((name.clone(), t));
+    }
+    Ok(results)
+}

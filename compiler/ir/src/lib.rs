@@ -1,0 +1,29 @@
+//! kiln-ir: the dataflow graph IR of primitive tensor ops.
+//!
+//! A [`Graph`] is a DAG of [`Node`]s, each one [`Op`] with a static [`TensorType`].
+//! [`infer`] holds the typing rules, [`verify`] re-checks a whole graph, [`print`] renders it
+//! as text, DOT or JSON, and [`interp`] is the reference interpreter every later stage is
+//! tested against.
+
+mod dtype;
+mod graph;
+pub mod infer;
+mod init;
+pub mod interp;
+mod op;
+pub mod print;
+pub mod rng;
+mod tensor;
+pub mod tensor_io;
+mod verify;
+mod weights;
+
+pub use dtype::{fmt_shape, numel, strides, DType, Shape, TensorType};
+pub use graph::{Graph, Node, NodeId, Origin};
+pub use infer::{broadcast_shapes, infer, matmul_shape, InferError};
+pub use init::{fans, init_param};
+pub use interp::{eval, eval_op, Bindings, EvalError};
+pub use op::{fmt_f64, BinaryOp, CompareOp, Init, Op, PoolKind, ReduceOp, UnaryOp};
+pub use tensor::{Buffer, ShapeMismatch, Tensor};
+pub use verify::{verify, VerifyError};
+pub use weights::{bind_params, MissingWeight, WeightMismatch, WeightsError};

@@ -1,0 +1,370 @@
+//! The op table: every primitive tensor op of the IR, with its attributes.
+//!
+//! The set is closed (an enum) so that inference, the interpreter, the printers and later the
+//! e-graph language all match on it exhaustively: adding an op makes rustc list every place
+//! that has to learn about it.
+
+use crate::dtype::{DType, Shape};
+use crate::tensor::Tensor;
+use serde::Serialize;
+use std::fmt;
+
+/// Elementwise ops of one operand.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum UnaryOp {
+    Neg,
+    Abs,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Recip,
+    Tanh,
+    Erf,
+    Sin,
+    Cos,
+    Sigmoid,
+    Relu,
+}
+
+impl UnaryOp {
+    pub const ALL: [UnaryOp; 13] = [
+        UnaryOp::Neg,
+        UnaryOp::Abs,
+        UnaryOp::Exp,
+        UnaryOp::Log,
+        UnaryOp::Sqrt,
+        UnaryOp::Rsqrt,
+        UnaryOp::Recip,
+        UnaryOp::Tanh,
+        UnaryOp::Erf,
+        UnaryOp::Sin,
+        UnaryOp::Cos,
+        UnaryOp::Sigmoid,
+        UnaryOp::Relu,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Abs => "abs",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Rsqrt => "rsqrt",
+            UnaryOp::Recip => "recip",
+            UnaryOp::Tanh => "tanh",
+            UnaryOp::Erf => "erf",
+            UnaryOp::Sin => "sin",
+            UnaryOp::Cos => "cos",
+            UnaryOp::Sigmoid => "sigmoid",
+            UnaryOp::Relu => "relu",
+        }
+    }
+
+    /// Whether the op is only defined on floating-point values (exp, log, …).
+    pub fn float_only(self) -> bool {
+        !matches!(self, UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Relu)
+    }
+}
+
+/// Elementwise arithmetic ops of two operands, with numpy broadcasting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Pow,
+    Max,
+    Min,
+}
+
+impl BinaryOp {
+    pub const ALL: [BinaryOp; 7] = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Pow,
+        BinaryOp::Max,
+        BinaryOp::Min,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Pow => "pow",
+            BinaryOp::Max => "max",
+            BinaryOp::Min => "min",
+        }
+    }
+}
+
+/// Elementwise comparisons; the result is `bool`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum CompareOp {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+}
+
+impl CompareOp {
+    pub const ALL: [CompareOp; 6] = [
+        CompareOp::Lt,
+        CompareOp::Le,
+        CompareOp::Gt,
+        CompareOp::Ge,
+        CompareOp::Eq,
+        CompareOp::Ne,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CompareOp::Lt => "lt",
+            CompareOp::Le => "le",
+            CompareOp::Gt => "gt",
+            CompareOp::Ge => "ge",
+            CompareOp::Eq => "eq",
+            CompareOp::Ne => "ne",
+        }
+    }
+}
+
+/// Reductions over a set of axes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+    Min,
+}
+
+impl ReduceOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Mean => "mean",
+            ReduceOp::Max => "max",
+            ReduceOp::Min => "min",
+        }
+    }
+}
+
+/// The two 2-D pooling kinds (NCHW).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum PoolKind {
+    Max,
+    Avg,
+}
+
+/// How a parameter is initialized when no weights file provides it.
+///
+/// Fan-in and fan-out follow PyTorch's convention: for a shape `[o, i, k…]`,
+/// fan_in = i·∏k and fan_out = o·∏k; a 1-D shape has fan_in = fan_out = its length.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum Init {
+    Zeros,
+    Ones,
+    Constant(f64),
+    Normal { mean: f64, std: f64 },
+    Uniform { low: f64, high: f64 },
+    XavierUniform { gain: f64 },
+    XavierNormal { gain: f64 },
+    KaimingUniform { gain: f64 },
+    KaimingNormal { gain: f64 },
+}
+
+impl fmt::Display for Init {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Init::Zeros => write!(f, "zeros"),
+            Init::Ones => write!(f, "ones"),
+            Init::Constant(v) => write!(f, "constant({v})"),
+            Init::Normal { mean, std } => write!(f, "normal({mean}, {std})"),
+            Init::Uniform { low, high } => write!(f, "uniform({low}, {high})"),
+            Init::XavierUniform { gain } => write!(f, "xavier_uniform({gain})"),
+            Init::XavierNormal { gain } => write!(f, "xavier_normal({gain})"),
+            Init::KaimingUniform { gain } => write!(f, "kaiming_uniform({gain})"),
+            Init::KaimingNormal { gain } => write!(f, "kaiming_normal({gain})"),
+        }
+    }
+}
+
+/// One primitive op. Attributes that decide the result type (a reshape's target shape, a
+/// cast's dtype) live in the op, so an op and the types of its operands determine its result.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum Op {
+    /// A graph input, bound by name at run time.
+    Input { name: String, dtype: DType, shape: Shape },
+    /// A trainable parameter, bound by its checkpoint name.
+    Param { name: String, dtype: DType, shape: Shape, init: Init },
+    /// A literal tensor.
+    Const { value: Tensor },
+    /// A tensor filled with one value.
+    Full { value: f64, dtype: DType, shape: Shape },
+    /// `out[..., i, ...] = i` along `axis`.
+    Iota { dtype: DType, shape: Shape, axis: usize },
+    /// Counter-based uniform random numbers in [0, 1): element `i` is a pure function of
+    /// (seed, offset + i), so a graph evaluates the same way every time.
+    RandomUniform { dtype: DType, shape: Shape, seed: u64, offset: u64 },
+    Unary(UnaryOp),
+    Binary(BinaryOp),
+    Compare(CompareOp),
+    /// `where(cond, a, b)`, broadcasting all three.
+    Where,
+    Cast { to: DType },
+    /// Reduce over `axes` (sorted, unique); `keepdims` keeps them as extent 1.
+    Reduce { op: ReduceOp, axes: Vec<usize>, keepdims: bool },
+    /// Same elements in row-major order, new shape.
+    Reshape { shape: Shape },
+    /// `out.shape[i] = in.shape[perm[i]]`.
+    Transpose { perm: Vec<usize> },
+    BroadcastTo { shape: Shape },
+    /// Elements `start, start+step, … < end` along `axis`.
+    Slice { axis: usize, start: usize, end: usize, step: usize },
+    Concat { axis: usize },
+    /// Pads each axis with `(before, after)` copies of `value`.
+    Pad { pads: Vec<(usize, usize)>, value: f64 },
+    /// `gather(table, indices)`: the result shape is `table.shape[..axis] ++ indices.shape ++
+    /// table.shape[axis+1..]` (an embedding lookup is axis 0).
+    Gather { axis: usize },
+    /// Batched matrix product with numpy rules (1-D operands are promoted and squeezed).
+    MatMul,
+    /// NCHW input, OIHW weight (`I = C / groups`).
+    Conv2d { stride: [usize; 2], padding: [usize; 2], dilation: [usize; 2], groups: usize },
+    /// NCHW pooling; padding counts as -inf for max and is excluded from the average.
+    Pool2d { kind: PoolKind, kernel: [usize; 2], stride: [usize; 2], padding: [usize; 2] },
+}
+
+impl Op {
+    /// The op's name as printed and as documented.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Param { .. } => "param",
+            Op::Const { .. } => "const",
+            Op::Full { .. } => "full",
+            Op::Iota { .. } => "iota",
+            Op::RandomUniform { .. } => "random_uniform",
+            Op::Unary(u) => u.name(),
+            Op::Binary(b) => b.name(),
+            Op::Compare(c) => c.name(),
+            Op::Where => "where",
+            Op::Cast { .. } => "cast",
+            Op::Reduce { op, .. } => match op {
+                ReduceOp::Sum => "reduce_sum",
+                ReduceOp::Mean => "reduce_mean",
+                ReduceOp::Max => "reduce_max",
+                ReduceOp::Min => "reduce_min",
+            },
+            Op::Reshape { .. } => "reshape",
+            Op::Transpose { .. } => "transpose",
+            Op::BroadcastTo { .. } => "broadcast_to",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::Pad { .. } => "pad",
+            Op::Gather { .. } => "gather",
+            Op::MatMul => "matmul",
+            Op::Conv2d { .. } => "conv2d",
+            Op::Pool2d { kind, .. } => match kind {
+                PoolKind::Max => "max_pool2d",
+                PoolKind::Avg => "avg_pool2d",
+            },
+        }
+    }
+
+    /// Number of operands the op takes; `None` for variadic ops (concat).
+    pub fn arity(&self) -> Option<usize> {
+        match self {
+            Op::Input { .. }
+            | Op::Param { .. }
+            | Op::Const { .. }
+            | Op::Full { .. }
+            | Op::Iota { .. }
+            | Op::RandomUniform { .. } => Some(0),
+            Op::Unary(_)
+            | Op::Cast { .. }
+            | Op::Reduce { .. }
+            | Op::Reshape { .. }
+            | Op::Transpose { .. }
+            | Op::BroadcastTo { .. }
+            | Op::Slice { .. }
+            | Op::Pad { .. }
+            | Op::Pool2d { .. } => Some(1),
+            Op::Binary(_) | Op::Compare(_) | Op::Gather { .. } | Op::MatMul | Op::Conv2d { .. } => {
+                Some(2)
+            }
+            Op::Where => Some(3),
+            Op::Concat { .. } => None,
+        }
+    }
+
+    /// Whether the op is a leaf that carries data rather than computing it.
+    pub fn is_leaf(&self) -> bool {
+        self.arity() == Some(0)
+    }
+
+    /// The op's attributes as `key = value` pairs, for the printers.
+    pub fn attrs(&self) -> Vec<(&'static str, String)> {
+        use crate::dtype::fmt_shape;
+        let list = |v: &[usize]| fmt_shape(v);
+        match self {
+            Op::Input { name, .. } => vec![("name", format!("{name:?}"))],
+            Op::Param { name, init, .. } => {
+                vec![("name", format!("{name:?}")), ("init", init.to_string())]
+            }
+            Op::Const { value } => vec![("value", value.summary(8))],
+            Op::Full { value, .. } => vec![("value", fmt_f64(*value))],
+            Op::Iota { axis, .. } => vec![("axis", axis.to_string())],
+            Op::RandomUniform { seed, offset, .. } => {
+                vec![("seed", seed.to_string()), ("offset", offset.to_string())]
+            }
+            Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::MatMul => vec![],
+            Op::Cast { to } => vec![("to", to.to_string())],
+            Op::Reduce { axes, keepdims, .. } => {
+                vec![("axes", list(axes)), ("keepdims", keepdims.to_string())]
+            }
+            Op::Reshape { shape } => vec![("shape", list(shape))],
+            Op::Transpose { perm } => vec![("perm", list(perm))],
+            Op::BroadcastTo { shape } => vec![("shape", list(shape))],
+            Op::Slice { axis, start, end, step } => vec![
+                ("axis", axis.to_string()),
+                ("start", start.to_string()),
+                ("end", end.to_string()),
+                ("step", step.to_string()),
+            ],
+            Op::Concat { axis } | Op::Gather { axis } => vec![("axis", axis.to_string())],
+            Op::Pad { pads, value } => {
+                let p: Vec<String> = pads.iter().map(|(a, b)| format!("({a}, {b})")).collect();
+                vec![("pads", format!("[{}]", p.join(", "))), ("value", fmt_f64(*value))]
+            }
+            Op::Conv2d { stride, padding, dilation, groups } => vec![
+                ("stride", list(stride)),
+                ("padding", list(padding)),
+                ("dilation", list(dilation)),
+                ("groups", groups.to_string()),
+            ],
+            Op::Pool2d { kernel, stride, padding, .. } => vec![
+                ("kernel", list(kernel)),
+                ("stride", list(stride)),
+                ("padding", list(padding)),
+            ],
+        }
+    }
+}
+
+/// Formats a float so that it reads back exactly and prints integers without noise.
+pub fn fmt_f64(v: f64) -> String {
+    if v.is_infinite() {
+        if v > 0.0 { "inf".into() } else { "-inf".into() }
+    } else {
+        format!("{v:?}")
+    }
+}

@@ -1,0 +1,202 @@
+//! Dense, row-major tensors: the values the interpreter computes and that weights files hold.
+
+use crate::dtype::{fmt_shape, numel, DType, Shape};
+use half::{bf16, f16};
+use serde::Serialize;
+use std::fmt;
+
+/// The elements of a tensor, one vector per dtype.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum Buffer {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+    #[serde(serialize_with = "ser_f16")]
+    F16(Vec<f16>),
+    #[serde(serialize_with = "ser_bf16")]
+    BF16(Vec<bf16>),
+    I32(Vec<i32>),
+    I64(Vec<i64>),
+    Bool(Vec<bool>),
+}
+
+fn ser_f16<S: serde::Serializer>(v: &[f16], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|x| x.to_f32()))
+}
+
+fn ser_bf16<S: serde::Serializer>(v: &[bf16], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|x| x.to_f32()))
+}
+
+impl Buffer {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Buffer::F32(_) => DType::F32,
+            Buffer::F64(_) => DType::F64,
+            Buffer::F16(_) => DType::F16,
+            Buffer::BF16(_) => DType::BF16,
+            Buffer::I32(_) => DType::I32,
+            Buffer::I64(_) => DType::I64,
+            Buffer::Bool(_) => DType::Bool,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Buffer::F32(v) => v.len(),
+            Buffer::F64(v) => v.len(),
+            Buffer::F16(v) => v.len(),
+            Buffer::BF16(v) => v.len(),
+            Buffer::I32(v) => v.len(),
+            Buffer::I64(v) => v.len(),
+            Buffer::Bool(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `i` as f64 (bool is 0 or 1; i64 beyond 2^53 loses precision).
+    pub fn get_f64(&self, i: usize) -> f64 {
+        match self {
+            Buffer::F32(v) => v[i] as f64,
+            Buffer::F64(v) => v[i],
+            Buffer::F16(v) => v[i].to_f64(),
+            Buffer::BF16(v) => v[i].to_f64(),
+            Buffer::I32(v) => v[i] as f64,
+            Buffer::I64(v) => v[i] as f64,
+            Buffer::Bool(v) => v[i] as u8 as f64,
+        }
+    }
+
+    /// A buffer of `dtype` made from f64 values (rounded to nearest; ints truncate toward zero
+    /// like a cast; bool is `v != 0`).
+    pub fn from_f64(dtype: DType, values: impl Iterator<Item = f64>) -> Buffer {
+        match dtype {
+            DType::F32 => Buffer::F32(values.map(|v| v as f32).collect()),
+            DType::F64 => Buffer::F64(values.collect()),
+            DType::F16 => Buffer::F16(values.map(f16::from_f64).collect()),
+            DType::BF16 => Buffer::BF16(values.map(bf16::from_f64).collect()),
+            DType::I32 => Buffer::I32(values.map(|v| v as i32).collect()),
+            DType::I64 => Buffer::I64(values.map(|v| v as i64).collect()),
+            DType::Bool => Buffer::Bool(values.map(|v| v != 0.0).collect()),
+        }
+    }
+
+    /// All elements as f64.
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        (0..self.len()).map(|i| self.get_f64(i)).collect()
+    }
+}
+
+/// A dense row-major tensor.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Tensor {
+    pub shape: Shape,
+    pub data: Buffer,
+}
+
+/// A tensor whose element count does not match its shape.
+#[derive(Debug, thiserror::Error)]
+#[error("{len} elements do not fill shape {}", fmt_shape(.shape))]
+pub struct ShapeMismatch {
+    pub shape: Shape,
+    pub len: usize,
+}
+
+impl Tensor {
+    pub fn new(shape: impl Into<Shape>, data: Buffer) -> Result<Tensor, ShapeMismatch> {
+        let shape = shape.into();
+        if numel(&shape) != data.len() {
+            return Err(ShapeMismatch { len: data.len(), shape });
+        }
+        Ok(Tensor { shape, data })
+    }
+
+    /// A tensor of `dtype` and `shape` with every element `value`.
+    pub fn full(dtype: DType, shape: impl Into<Shape>, value: f64) -> Tensor {
+        let shape = shape.into();
+        let n = numel(&shape);
+        Tensor { data: Buffer::from_f64(dtype, std::iter::repeat_n(value, n)), shape }
+    }
+
+    pub fn from_f32(shape: impl Into<Shape>, v: Vec<f32>) -> Result<Tensor, ShapeMismatch> {
+        Tensor::new(shape, Buffer::F32(v))
+    }
+
+    pub fn from_f64(shape: impl Into<Shape>, v: Vec<f64>) -> Result<Tensor, ShapeMismatch> {
+        Tensor::new(shape, Buffer::F64(v))
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        self.data.to_f64_vec()
+    }
+
+    /// The same values converted to `dtype` (float → int truncates toward zero).
+    pub fn cast(&self, dtype: DType) -> Tensor {
+        if dtype == self.dtype() {
+            return self.clone();
+        }
+        let data = match (&self.data, dtype) {
+            (Buffer::I64(v), DType::I32) => Buffer::I32(v.iter().map(|&x| x as i32).collect()),
+            (Buffer::I32(v), DType::I64) => Buffer::I64(v.iter().map(|&x| x as i64).collect()),
+            (Buffer::F32(v), DType::F16) => Buffer::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+            (Buffer::F32(v), DType::BF16) => {
+                Buffer::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect())
+            }
+            (src, _) => Buffer::from_f64(dtype, (0..src.len()).map(|i| src.get_f64(i))),
+        };
+        Tensor { shape: self.shape.clone(), data }
+    }
+
+    /// Mean and population standard deviation of the elements, in f64.
+    pub fn mean_std(&self) -> (f64, f64) {
+        let n = self.numel().max(1) as f64;
+        let v = self.to_f64_vec();
+        let mean = v.iter().sum::<f64>() / n;
+        let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n;
+        (mean, var.sqrt())
+    }
+
+    /// The first `max` elements as text, with `…` when there are more.
+    pub fn summary(&self, max: usize) -> String {
+        let n = self.numel();
+        let mut parts: Vec<String> = (0..n.min(max))
+            .map(|i| match self.dtype() {
+                DType::Bool => (self.data.get_f64(i) != 0.0).to_string(),
+                DType::I32 | DType::I64 => format!("{}", self.data.get_f64(i) as i64),
+                _ => format!("{:.6}", self.data.get_f64(i)),
+            })
+            .collect();
+        if n > max {
+            parts.push("…".into());
+        }
+        format!("[{}]", parts.join(", "))
+    }
+
+    /// Largest `|a - b|` over all elements, in f64; `None` when shapes differ.
+    pub fn max_abs_diff(&self, other: &Tensor) -> Option<f64> {
+        if self.shape != other.shape {
+            return None;
+        }
+        Some(
+            (0..self.numel())
+                .map(|i| (self.data.get_f64(i) - other.data.get_f64(i)).abs())
+                .fold(0.0, f64::max),
+        )
+    }
+}
+
+impl fmt::Display for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{} {}", self.dtype(), fmt_shape(&self.shape), self.summary(8))
+    }
+}

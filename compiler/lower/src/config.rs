@@ -1,0 +1,235 @@
+//! Config values and the evaluation of config expressions.
+
+use kiln_spec::{CExpr, SpannedCExpr};
+use std::collections::HashMap;
+use std::fmt;
+
+/// The value of a config expression.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CValue {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl fmt::Display for CValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CValue::Int(i) => write!(f, "{i}"),
+            CValue::Float(x) => write!(f, "{x:?}"),
+            CValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+impl CValue {
+    pub fn as_f64(self) -> Option<f64> {
+        match self {
+            CValue::Int(i) => Some(i as f64),
+            CValue::Float(f) => Some(f),
+            CValue::Bool(_) => None,
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            CValue::Int(_) => "an integer",
+            CValue::Float(_) => "a number",
+            CValue::Bool(_) => "a bool",
+        }
+    }
+
+    /// Parses a command-line value (`--set k=v`): an integer, a number or a bool.
+    pub fn parse_literal(s: &str) -> Option<CValue> {
+        let s = s.trim();
+        match s {
+            "true" => Some(CValue::Bool(true)),
+            "false" => Some(CValue::Bool(false)),
+            _ => s.parse::<i64>().map(CValue::Int).ok().or_else(|| s.parse::<f64>().ok().map(CValue::Float)),
+        }
+    }
+}
+
+/// Answers `dim(x, axis)` and `rank(x)`: the static shape of a tensor bound to a name.
+pub trait ShapeLookup {
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>>;
+}
+
+/// Where config names are looked up: innermost first.
+pub struct ConfigEnv<'a> {
+    pub frames: Vec<&'a HashMap<String, CValue>>,
+}
+
+impl ConfigEnv<'_> {
+    pub fn get(&self, name: &str) -> Option<CValue> {
+        self.frames.iter().find_map(|f| f.get(name).copied())
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.frames.iter().flat_map(|f| f.keys().map(|k| k.as_str())).collect()
+    }
+}
+
+/// Evaluates a config expression; the error is a message for the expression's span.
+pub fn eval(e: &CExpr, env: &ConfigEnv, shapes: &dyn ShapeLookup) -> Result<CValue, String> {
+    use kiln_spec::cexpr::BinOp as B;
+    Ok(match e {
+        CExpr::Int(i) => CValue::Int(*i),
+        CExpr::Float(f) => CValue::Float(*f),
+        CExpr::Bool(b) => CValue::Bool(*b),
+        CExpr::Name(n) => match env.get(n) {
+            Some(v) => v,
+            None => {
+                let hint = kiln_spec::closest(n, env.names())
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                return Err(format!("unknown config name `{n}`{hint}"));
+            }
+        },
+        CExpr::Neg(x) => match eval(x, env, shapes)? {
+            CValue::Int(i) => CValue::Int(-i),
+            CValue::Float(f) => CValue::Float(-f),
+            CValue::Bool(_) => return Err("cannot negate a bool".into()),
+        },
+        CExpr::Not(x) => match eval(x, env, shapes)? {
+            CValue::Bool(b) => CValue::Bool(!b),
+            v => return Err(format!("`not` needs a bool, got {}", v.kind())),
+        },
+        CExpr::Bin(op, a, b) => {
+            let (a, b) = (eval(a, env, shapes)?, eval(b, env, shapes)?);
+            match (op, a, b) {
+                (B::And, CValue::Bool(x), CValue::Bool(y)) => CValue::Bool(x && y),
+                (B::Or, CValue::Bool(x), CValue::Bool(y)) => CValue::Bool(x || y),
+                (B::And | B::Or, _, _) => return Err(format!("`{}` needs two bools", op.symbol())),
+                (B::Eq, x, y) => CValue::Bool(x == y || (x.as_f64().is_some() && x.as_f64() == y.as_f64())),
+                (B::Ne, x, y) => {
+                    CValue::Bool(!(x == y || (x.as_f64().is_some() && x.as_f64() == y.as_f64())))
+                }
+                (_, CValue::Int(x), CValue::Int(y)) => int_op(*op, x, y)?,
+                (_, x, y) => {
+                    let (Some(x), Some(y)) = (x.as_f64(), y.as_f64()) else {
+                        return Err(format!(
+                            "`{}` needs numbers, got {} and {}",
+                            op.symbol(),
+                            x.kind(),
+                            y.kind()
+                        ));
+                    };
+                    match op {
+                        B::Add => CValue::Float(x + y),
+                        B::Sub => CValue::Float(x - y),
+                        B::Mul => CValue::Float(x * y),
+                        B::Div => CValue::Float(x / y),
+                        B::FloorDiv => CValue::Float((x / y).floor()),
+                        B::Rem => CValue::Float(x % y),
+                        B::Pow => CValue::Float(x.powf(y)),
+                        B::Lt => CValue::Bool(x < y),
+                        B::Le => CValue::Bool(x <= y),
+                        B::Gt => CValue::Bool(x > y),
+                        B::Ge => CValue::Bool(x >= y),
+                        B::Eq | B::Ne | B::And | B::Or => unreachable!("handled above"),
+                    }
+                }
+            }
+        }
+        CExpr::Call(f, args) => match f.as_str() {
+            "dim" | "rank" => {
+                let CExpr::Name(t) = &args[0] else {
+                    return Err(format!("`{f}` takes a tensor name as its first argument"));
+                };
+                let Some(shape) = shapes.shape_of(t) else {
+                    return Err(format!("`{f}({t}, …)`: no tensor named `{t}` here"));
+                };
+                if f == "rank" {
+                    CValue::Int(shape.len() as i64)
+                } else {
+                    let CValue::Int(axis) = eval(&args[1], env, shapes)? else {
+                        return Err("`dim` needs an integer axis".into());
+                    };
+                    let r = shape.len() as i64;
+                    let a = if axis < 0 { axis + r } else { axis };
+                    if a < 0 || a >= r {
+                        return Err(format!("`dim({t}, {axis})`: axis out of range for rank {r}"));
+                    }
+                    CValue::Int(shape[a as usize] as i64)
+                }
+            }
+            "min" | "max" => {
+                let (a, b) = (eval(&args[0], env, shapes)?, eval(&args[1], env, shapes)?);
+                match (a, b) {
+                    (CValue::Int(x), CValue::Int(y)) => {
+                        CValue::Int(if f == "min" { x.min(y) } else { x.max(y) })
+                    }
+                    _ => {
+                        let (Some(x), Some(y)) = (a.as_f64(), b.as_f64()) else {
+                            return Err(format!("`{f}` needs numbers"));
+                        };
+                        CValue::Float(if f == "min" { x.min(y) } else { x.max(y) })
+                    }
+                }
+            }
+            _ => {
+                let v = eval(&args[0], env, shapes)?;
+                if let (CValue::Int(i), "abs") = (v, f.as_str()) {
+                    return Ok(CValue::Int(i.abs()));
+                }
+                let Some(x) = v.as_f64() else {
+                    return Err(format!("`{f}` needs a number, got {}", v.kind()));
+                };
+                match f.as_str() {
+                    "sqrt" => CValue::Float(x.sqrt()),
+                    "rsqrt" => CValue::Float(1.0 / x.sqrt()),
+                    "exp" => CValue::Float(x.exp()),
+                    "log" => CValue::Float(x.ln()),
+                    "abs" => CValue::Float(x.abs()),
+                    "floor" => CValue::Int(x.floor() as i64),
+                    "ceil" => CValue::Int(x.ceil() as i64),
+                    other => return Err(format!("unknown function `{other}`")),
+                }
+            }
+        },
+    })
+}
+
+fn int_op(op: kiln_spec::cexpr::BinOp, x: i64, y: i64) -> Result<CValue, String> {
+    use kiln_spec::cexpr::BinOp as B;
+    let overflow = || format!("integer overflow in `{x} {} {y}`", op.symbol());
+    Ok(match op {
+        B::Add => CValue::Int(x.checked_add(y).ok_or_else(overflow)?),
+        B::Sub => CValue::Int(x.checked_sub(y).ok_or_else(overflow)?),
+        B::Mul => CValue::Int(x.checked_mul(y).ok_or_else(overflow)?),
+        B::Div | B::FloorDiv | B::Rem if y == 0 => {
+            return Err(format!("division by zero in `{x} {} {y}`", op.symbol()))
+        }
+        // `/` stays an integer when it divides exactly, so `d / heads` is a valid extent.
+        B::Div if x % y == 0 => CValue::Int(x / y),
+        B::Div => CValue::Float(x as f64 / y as f64),
+        B::FloorDiv => CValue::Int(x.div_euclid(y) - i64::from(y < 0 && x.rem_euclid(y) != 0)),
+        B::Rem => CValue::Int(x.rem_euclid(y)),
+        B::Pow if (0..64).contains(&y) => CValue::Int(x.checked_pow(y as u32).ok_or_else(overflow)?),
+        B::Pow => CValue::Float((x as f64).powf(y as f64)),
+        B::Lt => CValue::Bool(x < y),
+        B::Le => CValue::Bool(x <= y),
+        B::Gt => CValue::Bool(x > y),
+        B::Ge => CValue::Bool(x >= y),
+        B::Eq | B::Ne | B::And | B::Or => unreachable!("handled by the caller"),
+    })
+}
+
+/// No tensors in scope (top-level config).
+pub struct NoShapes;
+
+impl ShapeLookup for NoShapes {
+    fn shape_of(&self, _: &str) -> Option<Vec<usize>> {
+        None
+    }
+}
+
+/// A config expression that must be an integer, with a message naming its value otherwise.
+pub fn expect_int(v: CValue, what: &str, e: &SpannedCExpr) -> Result<i64, String> {
+    match v {
+        CValue::Int(i) => Ok(i),
+        CValue::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
+        other => Err(format!("{what} must be an integer, but `{}` is {other}", e.expr)),
+    }
+}

@@ -1,0 +1,309 @@
+//! kiln-lower: a checked spec → a [`Graph`] of primitive ops.
+//!
+//! Inlines modules, unrolls repeats, substitutes config (with `--set` overrides), names every
+//! parameter by its checkpoint path, and reports shape and dtype errors at the spec position
+//! of the op, showing each operand's type and where it came from.
+
+mod config;
+mod lower;
+mod ops;
+mod training;
+
+pub use config::CValue;
+pub use training::{LossKind, TrainingPlan};
+
+use kiln_ir::{verify, Graph};
+use kiln_spec::{Diagnostic, Diagnostics, FileId, Library, Model, Sources, Span};
+use lower::{Lowerer, ModuleTable, Operand};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A model lowered to a graph, with everything a user may want to know about it.
+#[derive(Debug)]
+pub struct Lowered {
+    pub graph: Graph,
+    /// The resolved config, in declaration order (after overrides).
+    pub config: Vec<(String, CValue)>,
+    pub training: Option<TrainingPlan>,
+    /// Warnings (unused inputs, …); errors stop lowering instead.
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// A `--set name=value` override.
+#[derive(Clone, Debug)]
+pub struct Override {
+    pub name: String,
+    pub value: String,
+}
+
+impl Override {
+    /// Parses `name=value`.
+    pub fn parse(s: &str) -> Result<Override, String> {
+        match s.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok(Override { name: k.trim().to_string(), value: v.trim().to_string() })
+            }
+            _ => Err(format!("expected `name=value`, got `{s}`")),
+        }
+    }
+}
+
+/// Config names every model has, with their defaults, unless it defines them itself.
+pub const BUILTIN_CONFIG: &[(&str, CValue)] = &[("training", CValue::Bool(false)), ("seed", CValue::Int(0))];
+
+/// Reads, checks and lowers a model file; `use`d libraries are read from the model's folder
+/// (`NAME.ron`), and `std` falls back to the built-in standard library.
+pub fn load(path: &Path, overrides: &[Override]) -> (Sources, Result<Lowered, Diagnostics>) {
+    let mut sources = Sources::new();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            let d = Diagnostic::error(format!("cannot read `{}`: {e}", path.display()));
+            return (sources, Err(Diagnostics(vec![d])));
+        }
+    };
+    let file = sources.add(path.display().to_string(), text);
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let r = lower_file(&mut sources, file, Some(&dir), overrides);
+    (sources, r)
+}
+
+/// Lowers model text held in memory (tests, tools); `std` is the built-in library.
+pub fn load_str(name: &str, text: &str, overrides: &[Override]) -> (Sources, Result<Lowered, Diagnostics>) {
+    let mut sources = Sources::new();
+    let file = sources.add(name, text);
+    let r = lower_file(&mut sources, file, None, overrides);
+    (sources, r)
+}
+
+fn lower_file(
+    sources: &mut Sources,
+    file: FileId,
+    dir: Option<&Path>,
+    overrides: &[Override],
+) -> Result<Lowered, Diagnostics> {
+    let model = kiln_spec::parse_model(sources, file)?;
+    let mut diags = Vec::new();
+    let mut libs: Vec<Library> = Vec::new();
+    for u in &model.uses {
+        let local = dir.map(|d| d.join(format!("{}.ron", u.name)));
+        let text = match local.as_ref().filter(|p| p.is_file()) {
+            Some(p) => match std::fs::read_to_string(p) {
+                Ok(t) => Some((p.display().to_string(), t)),
+                Err(e) => {
+                    diags.push(
+                        Diagnostic::error(format!("cannot read `{}`: {e}", p.display()))
+                            .at(u.span, "used here"),
+                    );
+                    None
+                }
+            },
+            None if u.name == "std" => {
+                Some(("<std>/std.ron".to_string(), kiln_spec::STD_LIBRARY.to_string()))
+            }
+            None => {
+                diags.push(
+                    Diagnostic::error(format!("unknown library `{}`", u.name)).at(u.span, "not found").note(
+                        format!(
+                            "looked for `{}.ron` beside the model; the built-in library is `std`",
+                            u.name
+                        ),
+                    ),
+                );
+                None
+            }
+        };
+        if let Some((name, text)) = text {
+            let id = sources.add(name, text);
+            match kiln_spec::parse_library(sources, id) {
+                Ok(lib) => libs.push(lib),
+                Err(e) => diags.extend(e.0),
+            }
+        }
+    }
+    if diags.iter().any(Diagnostic::is_error) {
+        return Err(Diagnostics(diags));
+    }
+    lower_model(sources, &model, &libs, overrides, diags)
+}
+
+/// Evaluates the model's config (entries may refer to each other; cycles are errors), with
+/// overrides applied first.
+fn resolve_config(
+    sources: &Sources,
+    model: &Model,
+    libs: &[Library],
+    overrides: &[Override],
+    diags: &mut Vec<Diagnostic>,
+) -> (HashMap<String, CValue>, Vec<(String, CValue)>) {
+    let mut exprs: Vec<(&str, &kiln_spec::SpannedCExpr, Span)> = Vec::new();
+    for e in &model.config {
+        exprs.push((&e.name.name, &e.value, e.name.span));
+    }
+    for lib in libs {
+        for e in &lib.config {
+            if !exprs.iter().any(|(n, ..)| *n == e.name.name) {
+                exprs.push((&e.name.name, &e.value, e.name.span));
+            }
+        }
+    }
+    let mut values: HashMap<String, CValue> = HashMap::new();
+    for o in overrides {
+        let known =
+            exprs.iter().any(|(n, ..)| *n == o.name) || BUILTIN_CONFIG.iter().any(|(n, _)| *n == o.name);
+        if !known {
+            let names: Vec<&str> =
+                exprs.iter().map(|(n, ..)| *n).chain(BUILTIN_CONFIG.iter().map(|(n, _)| *n)).collect();
+            let hint = kiln_spec::closest(&o.name, names.iter().copied())
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            diags.push(
+                Diagnostic::error(format!("--set {}: the model has no config `{}`{hint}", o.name, o.name))
+                    .note(format!("config names: {}", names.join(", "))),
+            );
+            continue;
+        }
+        match CValue::parse_literal(&o.value) {
+            Some(v) => {
+                values.insert(o.name.clone(), v);
+            }
+            None => diags.push(Diagnostic::error(format!(
+                "--set {}={}: expected an integer, a number, true or false",
+                o.name, o.value
+            ))),
+        }
+    }
+    // Depth-first evaluation with cycle detection.
+    fn visit<'m>(
+        name: &str,
+        exprs: &[(&'m str, &'m kiln_spec::SpannedCExpr, Span)],
+        values: &mut HashMap<String, CValue>,
+        stack: &mut Vec<&'m str>,
+        diags: &mut Vec<Diagnostic>,
+        sources: &Sources,
+    ) {
+        if values.contains_key(name) {
+            return;
+        }
+        let Some(&(n, e, span)) = exprs.iter().find(|(n, ..)| *n == name) else { return };
+        if let Some(pos) = stack.iter().position(|s| *s == n) {
+            let chain: Vec<&str> = stack[pos..].to_vec();
+            diags.push(
+                Diagnostic::error(format!("cycle in config: {} → {n}", chain.join(" → ")))
+                    .at(span, "refers back to itself through these entries"),
+            );
+            return;
+        }
+        stack.push(n);
+        let mut deps = Vec::new();
+        e.expr.names(&mut deps);
+        for d in &deps {
+            visit(d, exprs, values, stack, diags, sources);
+        }
+        stack.pop();
+        if diags.iter().any(|d| d.message.starts_with("cycle in config")) {
+            return;
+        }
+        let builtins: HashMap<String, CValue> =
+            BUILTIN_CONFIG.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let env = config::ConfigEnv { frames: vec![values, &builtins] };
+        match config::eval(&e.expr, &env, &config::NoShapes) {
+            Ok(v) => {
+                values.insert(n.to_string(), v);
+            }
+            Err(msg) => diags.push(
+                Diagnostic::error(format!(
+                    "bad config expression `{}`: {msg}",
+                    sources.snippet(e.span).trim_matches('"')
+                ))
+                .at(e.span, msg),
+            ),
+        }
+    }
+    let mut stack = Vec::new();
+    for (n, ..) in exprs.clone() {
+        visit(n, &exprs, &mut values, &mut stack, diags, sources);
+    }
+    for (k, v) in BUILTIN_CONFIG {
+        values.entry(k.to_string()).or_insert(*v);
+    }
+    let ordered = exprs
+        .iter()
+        .map(|(n, ..)| n.to_string())
+        .chain(BUILTIN_CONFIG.iter().map(|(n, _)| n.to_string()))
+        .filter_map(|n| values.get(&n).map(|v| (n, *v)))
+        .collect();
+    (values, ordered)
+}
+
+fn lower_model(
+    sources: &Sources,
+    model: &Model,
+    libs: &[Library],
+    overrides: &[Override],
+    mut diags: Vec<Diagnostic>,
+) -> Result<Lowered, Diagnostics> {
+    let (global, config) = resolve_config(sources, model, libs, overrides, &mut diags);
+    if diags.iter().any(Diagnostic::is_error) {
+        return Err(Diagnostics(diags));
+    }
+    let mut table = ModuleTable { modules: HashMap::new() };
+    for m in &model.modules {
+        table.modules.insert(m.name.name.clone(), (m, String::new()));
+    }
+    for lib in libs {
+        for m in &lib.modules {
+            table.modules.insert(format!("{}.{}", lib.name.name, m.name.name), (m, lib.name.name.clone()));
+        }
+    }
+    let mut l = Lowerer::new(sources, &model.name.name, global, &table);
+    l.declare_inputs(&model.inputs);
+    l.stmts(&model.body);
+    let mut seen = HashMap::new();
+    for out in &model.outputs {
+        if let Some(prev) = seen.insert(out.name.name.clone(), out.name.span) {
+            l.diags.push(
+                Diagnostic::error(format!("output `{}` is declared twice", out.name.name))
+                    .at(out.name.span, "again here")
+                    .with_related(prev, "first here"),
+            );
+            continue;
+        }
+        match l.top_binding(&out.value.name) {
+            Some((Some(Operand::Node(n)), _)) => l.graph.add_output(out.name.name.clone(), n),
+            Some((Some(_), span)) => l.diags.push(
+                Diagnostic::error(format!("output `{}` is a literal, not a tensor", out.value.name))
+                    .at(out.value.span, "not a tensor")
+                    .with_related(span, "bound here"),
+            ),
+            Some((None, _)) => {} // already reported where it failed
+            None => l.unknown_top_name(&out.value),
+        }
+    }
+    let training = model.training.as_ref().and_then(|t| training::check(&mut l, t));
+    let mut warnings: Vec<Diagnostic> = diags;
+    let mut unused: Vec<_> =
+        l.input_uses.iter().filter(|(_, (_, _, used))| !used).map(|(n, (_, s, _))| (n.clone(), *s)).collect();
+    unused.sort_by_key(|(_, s)| s.start);
+    let training_names: Vec<String> = model.training.as_ref().map(training::names_used).unwrap_or_default();
+    for (name, span) in unused {
+        if !training_names.contains(&name) {
+            warnings
+                .push(Diagnostic::warning(format!("input `{name}` is never used")).at(span, "declared here"));
+        }
+    }
+    let mut errors: Vec<Diagnostic> = std::mem::take(&mut l.diags);
+    if errors.iter().any(Diagnostic::is_error) {
+        errors.extend(warnings);
+        return Err(Diagnostics(errors));
+    }
+    warnings.extend(errors);
+    let mut graph = l.graph;
+    graph.remove_dead();
+    if let Err(e) = verify(&graph) {
+        return Err(Diagnostics(vec![Diagnostic::error(format!(
+            "internal error: the lowered graph fails verification: {e}"
+        ))]));
+    }
+    Ok(Lowered { graph, config, training, warnings })
+}

@@ -1,0 +1,750 @@
+//! The walker: statements and expressions of a checked spec → nodes of a [`Graph`].
+//!
+//! Modules are inlined at each call, repeats are unrolled, config expressions are evaluated,
+//! and every node records the spec position it came from. Errors are collected and lowering
+//! goes on past them (a value that failed is "poisoned" and silently skipped by its users),
+//! so one run reports every independent mistake.
+
+use crate::config::{self, CValue, ConfigEnv, ShapeLookup};
+use kiln_ir::{DType, Graph, InferError, NodeId, Op, Origin};
+use kiln_spec::*;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A lowered operand: a graph node, or a literal number whose dtype follows its partner
+/// (numpy's weak scalars: `x * 0.5` keeps x's dtype).
+#[derive(Clone, Copy, Debug)]
+pub enum Operand {
+    Node(NodeId),
+    Number(f64),
+    Bool(bool),
+}
+
+/// What an expression lowers to: one operand or several (`Split`, a module with several
+/// returns).
+#[derive(Clone, Debug)]
+pub enum LValue {
+    One(Operand),
+    Many(Vec<Operand>),
+}
+
+/// A name bound in a frame, with where it was bound.
+#[derive(Clone, Debug)]
+struct Binding {
+    value: Option<Operand>,
+    span: Span,
+}
+
+/// One function activation: the model body or an inlined module call.
+struct Frame {
+    tensors: HashMap<String, Binding>,
+    config: HashMap<String, CValue>,
+    /// Which library the code of this frame belongs to ("" for the model), for resolving calls.
+    namespace: String,
+}
+
+/// Every module the model can call, by qualified name (`block`, `std.linear`).
+pub struct ModuleTable<'a> {
+    pub modules: HashMap<String, (&'a ModuleDef, String)>,
+}
+
+pub struct Lowerer<'a> {
+    pub sources: &'a Sources,
+    pub graph: Graph,
+    pub diags: Vec<Diagnostic>,
+    pub global: HashMap<String, CValue>,
+    modules: &'a ModuleTable<'a>,
+    frames: Vec<Frame>,
+    scope: Vec<String>,
+    /// Checkpoint name → the parameter's node and where it was first declared.
+    params: HashMap<String, (NodeId, Span)>,
+    /// The spec span that defined each node (for "where did this shape come from").
+    def_span: HashMap<NodeId, Span>,
+    call_stack: Vec<(String, Span)>,
+    random_sites: u64,
+    /// Input name → node, and whether anything used it.
+    pub input_uses: HashMap<String, (NodeId, Span, bool)>,
+    file_names: Vec<Arc<str>>,
+}
+
+impl<'a> ShapeLookup for Lowerer<'a> {
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        match self.frames.last()?.tensors.get(name)?.value? {
+            Operand::Node(n) => Some(self.graph.ty(n).shape.clone()),
+            Operand::Number(_) | Operand::Bool(_) => Some(vec![]),
+        }
+    }
+}
+
+/// The result of a config evaluation.
+type CResult = Option<CValue>;
+
+impl<'a> Lowerer<'a> {
+    pub fn new(
+        sources: &'a Sources,
+        name: &str,
+        global: HashMap<String, CValue>,
+        modules: &'a ModuleTable<'a>,
+    ) -> Self {
+        Lowerer {
+            sources,
+            graph: Graph::new(name),
+            diags: Vec::new(),
+            global,
+            modules,
+            frames: vec![Frame { tensors: HashMap::new(), config: HashMap::new(), namespace: String::new() }],
+            scope: Vec::new(),
+            params: HashMap::new(),
+            def_span: HashMap::new(),
+            call_stack: Vec::new(),
+            random_sites: 0,
+            input_uses: HashMap::new(),
+            file_names: sources.files().iter().map(|f| Arc::from(f.name.as_str())).collect(),
+        }
+    }
+
+    fn error(&mut self, span: Span, msg: impl Into<String>, label: impl Into<String>) {
+        self.diags.push(Diagnostic::error(msg).at(span, label));
+    }
+
+    fn origin(&self, span: Span) -> Origin {
+        let loc = self.sources.location(span);
+        Origin { file: self.file_names[span.file].clone(), line: loc.line, col: loc.col }
+    }
+
+    fn frame(&self) -> &Frame {
+        self.frames.last().expect("the model frame is never popped")
+    }
+
+    fn frame_mut(&mut self) -> &mut Frame {
+        self.frames.last_mut().expect("the model frame is never popped")
+    }
+
+    // ------------------------------------------------------------ config
+
+    fn config_env(&self) -> (HashMap<String, CValue>, HashMap<String, CValue>) {
+        (self.frame().config.clone(), self.global.clone())
+    }
+
+    /// Evaluates a config expression in the current frame, reporting errors at its span.
+    pub fn cvalue(&mut self, e: &SpannedCExpr) -> CResult {
+        let (local, global) = self.config_env();
+        let env = ConfigEnv { frames: vec![&local, &global] };
+        match config::eval(&e.expr, &env, self) {
+            Ok(v) => Some(v),
+            Err(msg) => {
+                self.diags.push(
+                    Diagnostic::error(format!(
+                        "bad config expression `{}`: {msg}",
+                        self.sources.snippet(e.span).trim_matches('"')
+                    ))
+                    .at(e.span, msg),
+                );
+                None
+            }
+        }
+    }
+
+    pub fn cint(&mut self, e: &SpannedCExpr, what: &str) -> Option<i64> {
+        let v = self.cvalue(e)?;
+        match config::expect_int(v, what, e) {
+            Ok(i) => Some(i),
+            Err(msg) => {
+                self.error(e.span, msg.clone(), msg);
+                None
+            }
+        }
+    }
+
+    pub fn cfloat(&mut self, e: &SpannedCExpr, what: &str) -> Option<f64> {
+        match self.cvalue(e)? {
+            CValue::Bool(_) => {
+                self.error(e.span, format!("{what} must be a number, not a bool"), "expected a number");
+                None
+            }
+            v => v.as_f64(),
+        }
+    }
+
+    pub fn cbool(&mut self, e: &SpannedCExpr, what: &str) -> Option<bool> {
+        match self.cvalue(e)? {
+            CValue::Bool(b) => Some(b),
+            v => {
+                self.error(
+                    e.span,
+                    format!("{what} must be a bool, but it is {v}"),
+                    "expected `true` or `false`",
+                );
+                None
+            }
+        }
+    }
+
+    /// An extent or count: a non-negative integer.
+    pub fn cextent(&mut self, e: &SpannedCExpr, what: &str) -> Option<usize> {
+        let i = self.cint(e, what)?;
+        if i < 0 {
+            self.error(e.span, format!("{what} must not be negative, but it is {i}"), "negative");
+            return None;
+        }
+        Some(i as usize)
+    }
+
+    /// Evaluates a shape; `allow_infer` lets one extent be -1 (for reshape).
+    pub fn shape(&mut self, s: &ShapeExpr, allow_infer: bool) -> Option<Vec<i64>> {
+        match s {
+            ShapeExpr::Of(name, span) => match self.shape_of(&name.name) {
+                Some(sh) => Some(sh.into_iter().map(|d| d as i64).collect()),
+                None => {
+                    self.unknown_name(name, *span);
+                    None
+                }
+            },
+            ShapeExpr::Dims(dims, _) => {
+                let mut out = Vec::with_capacity(dims.len());
+                for d in dims {
+                    let v = self.cint(d, "an extent")?;
+                    if v < 0 && !(allow_infer && v == -1) {
+                        let msg = format!("extent must not be negative, but `{}` is {v}", d.expr);
+                        self.error(d.span, msg, "negative extent");
+                        return None;
+                    }
+                    out.push(v);
+                }
+                Some(out)
+            }
+        }
+    }
+
+    pub fn static_shape(&mut self, s: &ShapeExpr) -> Option<Vec<usize>> {
+        self.shape(s, false).map(|v| v.into_iter().map(|d| d as usize).collect())
+    }
+
+    pub fn dtype(&mut self, name: &str, span: Span) -> Option<DType> {
+        let d = DType::parse(name);
+        if d.is_none() {
+            self.error(span, format!("unknown dtype `{name}`"), "not a dtype");
+        }
+        d
+    }
+
+    /// Replaces `{expr}` holes in a scope or name template with config values.
+    fn template(&mut self, t: &Ident) -> Option<String> {
+        let mut out = String::new();
+        let mut rest = t.name.as_str();
+        let mut offset = 0usize;
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            let Some(close) = rest[open..].find('}') else {
+                self.error(t.span, format!("unclosed `{{` in {:?}", t.name), "expected `}`");
+                return None;
+            };
+            let inner = &rest[open + 1..open + close];
+            let start = t.span.start as usize + offset + open + 1;
+            let span = Span::new(t.span.file, start, start + inner.len());
+            let expr = match parse_cexpr(inner) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.error(span, format!("bad config expression {inner:?}: {}", e.message), e.message);
+                    return None;
+                }
+            };
+            match self.cvalue(&SpannedCExpr { expr, span })? {
+                CValue::Int(i) => out.push_str(&i.to_string()),
+                v => out.push_str(&v.to_string()),
+            }
+            offset += open + close + 1;
+            rest = &rest[open + close + 1..];
+        }
+        out.push_str(rest);
+        Some(out)
+    }
+
+    // ------------------------------------------------------------ names
+
+    fn unknown_name(&mut self, name: &Ident, span: Span) {
+        let frame = self.frame();
+        let candidates: Vec<&str> = frame.tensors.keys().map(|k| k.as_str()).collect();
+        let mut d = Diagnostic::error(format!("unknown name `{}`", name.name))
+            .at(if name.span.end > name.span.start { name.span } else { span }, "not defined here");
+        if let Some(s) = closest(&name.name, candidates.iter().copied()) {
+            d = d.note(format!("did you mean `{s}`?"));
+        } else if self.frames.len() > 1 {
+            d = d.note("inside a module only its arguments and its own `Let`s are visible");
+        }
+        self.diags.push(d);
+    }
+
+    fn bind(&mut self, name: &Ident, value: Option<Operand>) {
+        if let Some(Operand::Node(n)) = value {
+            let node = self.graph.node_mut(n);
+            if node.name.is_none() && !matches!(node.op, Op::Input { .. } | Op::Param { .. }) {
+                node.name = Some(name.name.clone());
+            }
+        }
+        self.frame_mut().tensors.insert(name.name.clone(), Binding { value, span: name.span });
+    }
+
+    // ------------------------------------------------------------ statements
+
+    pub fn declare_inputs(&mut self, inputs: &[InputDecl]) {
+        for inp in inputs {
+            let dtype = self.dtype(&inp.dtype.0, inp.dtype.1);
+            let shape = self.static_shape(&inp.shape);
+            let (Some(dtype), Some(shape)) = (dtype, shape) else {
+                self.bind(&inp.name, None);
+                continue;
+            };
+            let op = Op::Input { name: inp.name.name.clone(), dtype, shape };
+            match self.graph.add_at(op, &[], Some(self.origin(inp.name.span))) {
+                Ok(n) => {
+                    self.def_span.insert(n, inp.name.span);
+                    self.input_uses.insert(inp.name.name.clone(), (n, inp.name.span, false));
+                    self.bind(&inp.name, Some(Operand::Node(n)));
+                }
+                Err(e) => self.error(inp.name.span, e.to_string(), "bad input"),
+            }
+        }
+    }
+
+    pub fn stmts(&mut self, stmts: &[Stmt]) {
+        for s in stmts {
+            self.stmt(s);
+        }
+    }
+
+    fn stmt(&mut self, s: &Stmt) {
+        match s {
+            Stmt::Let { names, value, span } => {
+                let single_name = (names.len() == 1).then(|| names[0].name.clone());
+                let v = self.expr_named(value, single_name.as_deref());
+                match (v, names.len()) {
+                    (Some(LValue::One(o)), 1) => self.bind(&names[0], Some(o)),
+                    (Some(LValue::Many(os)), n) if os.len() == n => {
+                        for (name, o) in names.iter().zip(os) {
+                            self.bind(name, Some(o));
+                        }
+                    }
+                    (Some(v), n) => {
+                        let got = match v {
+                            LValue::One(_) => 1,
+                            LValue::Many(os) => os.len(),
+                        };
+                        self.error(
+                            *span,
+                            format!("`Let` binds {n} name(s) but the value has {got}"),
+                            format!("{got} value(s)"),
+                        );
+                        for name in names {
+                            self.bind(name, None);
+                        }
+                    }
+                    (None, _) => {
+                        for name in names {
+                            self.bind(name, None);
+                        }
+                    }
+                }
+            }
+            Stmt::Repeat { n, index, body, .. } => {
+                let Some(count) = self.cextent(n, "the repeat count") else { return };
+                for i in 0..count {
+                    self.frame_mut().config.insert(index.name.clone(), CValue::Int(i as i64));
+                    self.stmts(body);
+                }
+                self.frame_mut().config.remove(&index.name);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ expressions
+
+    pub fn expr(&mut self, e: &Expr) -> Option<LValue> {
+        self.expr_named(e, None)
+    }
+
+    /// `let_name` names a parameter declared directly in a `Let`.
+    fn expr_named(&mut self, e: &Expr, let_name: Option<&str>) -> Option<LValue> {
+        match e {
+            Expr::Name(n) => {
+                let Some(b) = self.frame().tensors.get(&n.name).cloned() else {
+                    self.unknown_name(n, n.span);
+                    return None;
+                };
+                if let Some(Operand::Node(node)) = b.value {
+                    if let Op::Input { name, .. } = &self.graph.node(node).op {
+                        let name = name.clone();
+                        if let Some(u) = self.input_uses.get_mut(&name) {
+                            u.2 = true;
+                        }
+                    }
+                }
+                b.value.map(LValue::One)
+            }
+            Expr::Number(v, _) => Some(LValue::One(Operand::Number(*v))),
+            Expr::Bool(b, _) => Some(LValue::One(Operand::Bool(*b))),
+            Expr::Scalar(c, dtype, span) => {
+                let value = self.cvalue(c)?;
+                let dtype = match dtype {
+                    Some((d, s)) => Some(self.dtype(d, *s)?),
+                    None => None,
+                };
+                match (value, dtype) {
+                    (CValue::Bool(b), None) => Some(LValue::One(Operand::Bool(b))),
+                    (v, None) => Some(LValue::One(Operand::Number(v.as_f64().unwrap_or(0.0)))),
+                    (v, Some(d)) => {
+                        let x = match v {
+                            CValue::Bool(b) => b as u8 as f64,
+                            v => v.as_f64().unwrap_or(0.0),
+                        };
+                        let n = self.add(Op::Full { value: x, dtype: d, shape: vec![] }, &[], *span, &[])?;
+                        Some(LValue::One(Operand::Node(n)))
+                    }
+                }
+            }
+            Expr::If { cond, then, otherwise, .. } => {
+                if self.cbool(cond, "an `If` condition")? {
+                    self.expr_named(then, let_name)
+                } else {
+                    self.expr_named(otherwise, let_name)
+                }
+            }
+            Expr::Param(p) => self.param(p, let_name).map(|n| LValue::One(Operand::Node(n))),
+            Expr::Call(c) => self.call(c),
+            Expr::Op(o) => crate::ops::lower_op(self, o),
+        }
+    }
+
+    /// Lowers an expression that must be a single operand.
+    pub fn operand(&mut self, e: &Expr) -> Option<Operand> {
+        match self.expr(e)? {
+            LValue::One(o) => Some(o),
+            LValue::Many(v) => {
+                self.error(
+                    e.span(),
+                    format!("expected one tensor, but this gives {}", v.len()),
+                    "several values",
+                );
+                None
+            }
+        }
+    }
+
+    /// Turns a weak literal into a node of `dtype` (scalar shape).
+    pub fn materialize(&mut self, o: Operand, dtype: DType, span: Span) -> Option<NodeId> {
+        match o {
+            Operand::Node(n) => Some(n),
+            Operand::Number(v) => {
+                if !dtype.is_float() && v.fract() != 0.0 {
+                    self.error(
+                        span,
+                        format!("the literal {v} is not an integer, but the other operand is {dtype}"),
+                        "dtype mismatch",
+                    );
+                    return None;
+                }
+                self.add(Op::Full { value: v, dtype, shape: vec![] }, &[], span, &[])
+            }
+            Operand::Bool(b) => self.add(
+                Op::Full { value: b as u8 as f64, dtype: DType::Bool, shape: vec![] },
+                &[],
+                span,
+                &[],
+            ),
+        }
+    }
+
+    /// The dtype a weak operand should take: the first node operand's, else f32 (or bool).
+    pub fn common_dtype(&self, ops: &[Operand]) -> DType {
+        ops.iter()
+            .find_map(|o| match o {
+                Operand::Node(n) => Some(self.graph.ty(*n).dtype),
+                _ => None,
+            })
+            .unwrap_or(if ops.iter().all(|o| matches!(o, Operand::Bool(_))) {
+                DType::Bool
+            } else {
+                DType::F32
+            })
+    }
+
+    /// Adds a node, turning a typing error into a diagnostic that shows every operand's type
+    /// and where each came from. `operand_exprs` are the spec expressions of the operands.
+    pub fn add(
+        &mut self,
+        op: Op,
+        operands: &[NodeId],
+        span: Span,
+        operand_exprs: &[&Expr],
+    ) -> Option<NodeId> {
+        match self.graph.add_at(op, operands, Some(self.origin(span))) {
+            Ok(n) => {
+                self.def_span.insert(n, span);
+                Some(n)
+            }
+            Err(e) => {
+                self.type_error(e, operands, span, operand_exprs);
+                None
+            }
+        }
+    }
+
+    fn type_error(&mut self, e: InferError, operands: &[NodeId], span: Span, exprs: &[&Expr]) {
+        let label = match &e {
+            InferError::Broadcast { .. } => "shape mismatch",
+            InferError::DTypeMismatch { .. } | InferError::DTypeKind { .. } => "dtype mismatch",
+            _ => "invalid here",
+        };
+        let mut d = Diagnostic::error(e.to_string()).at(span, label);
+        for (i, &n) in operands.iter().enumerate() {
+            let ty = self.graph.ty(n).clone();
+            let expr = exprs.get(i);
+            match expr {
+                Some(Expr::Name(id)) => {
+                    let def = self.frame().tensors.get(&id.name).map(|b| b.span);
+                    d = d.with_related(id.span, format!("`{}` is {ty}", id.name));
+                    if let Some(def) = def.filter(|s| *s != id.span) {
+                        d = d.with_related(def, format!("`{}` defined here", id.name));
+                    }
+                }
+                Some(ex) => d = d.with_related(ex.span(), format!("this is {ty}")),
+                None => {
+                    if let Some(s) = self.def_span.get(&n).copied() {
+                        d = d.with_related(s, format!("operand {i} ({ty}) comes from here"));
+                    }
+                }
+            }
+        }
+        if let Some((name, call_span)) = self.call_stack.last().cloned() {
+            d = d.with_related(call_span, format!("in this call of `{name}`"));
+        }
+        self.diags.push(d);
+    }
+
+    // ------------------------------------------------------------ params and calls
+
+    fn param(&mut self, p: &ParamDecl, let_name: Option<&str>) -> Option<NodeId> {
+        let leaf = match (&p.name, let_name) {
+            (Some(n), _) => self.template(n)?,
+            (None, Some(l)) => l.to_string(),
+            (None, None) => {
+                self.error(
+                    p.span,
+                    "a `Param` needs a `name:` when it is not bound directly by a `Let`",
+                    "unnamed parameter",
+                );
+                return None;
+            }
+        };
+        let full = if self.scope.is_empty() { leaf } else { format!("{}.{}", self.scope.join("."), leaf) };
+        let shape = self.static_shape(&p.shape);
+        let dtype = match &p.dtype {
+            Some((d, s)) => self.dtype(d, *s),
+            None => Some(DType::F32),
+        };
+        let init = self.init(&p.init);
+        let (shape, dtype, init) = (shape?, dtype?, init?);
+        // One checkpoint name is one tensor: declaring it again (an RNN cell called at every
+        // step, a tied embedding) reuses it, provided the declarations agree.
+        if let Some(&(prev_node, prev_span)) = self.params.get(&full) {
+            let prev_ty = self.graph.ty(prev_node).clone();
+            if prev_ty.shape == shape && prev_ty.dtype == dtype {
+                return Some(prev_node);
+            }
+            self.diags.push(
+                Diagnostic::error(format!(
+                    "parameter `{full}` is declared twice with different types: {prev_ty} and {}",
+                    kiln_ir::TensorType::new(dtype, shape)
+                ))
+                .at(p.span, "declared again here")
+                .with_related(prev_span, "first declared here")
+                .note("each checkpoint name is one tensor; give each call its own `scope` to get separate parameters"),
+            );
+            return None;
+        }
+        let n = self.add(Op::Param { name: full.clone(), dtype, shape, init }, &[], p.span, &[])?;
+        self.params.insert(full, (n, p.span));
+        Some(n)
+    }
+
+    fn init(&mut self, i: &InitExpr) -> Option<kiln_ir::Init> {
+        let get = |name: &str, default: f64, this: &mut Self| -> Option<f64> {
+            match i.args.iter().find(|(k, _)| k == name) {
+                Some((_, e)) => this.cfloat(e, &format!("the initializer's `{name}`")),
+                None => Some(default),
+            }
+        };
+        use kiln_ir::Init as I;
+        Some(match i.kind {
+            InitKind::Zeros => I::Zeros,
+            InitKind::Ones => I::Ones,
+            InitKind::Constant => I::Constant(get("value", 0.0, self)?),
+            InitKind::Normal => I::Normal { mean: get("mean", 0.0, self)?, std: get("std", 1.0, self)? },
+            InitKind::Uniform => I::Uniform { low: get("low", 0.0, self)?, high: get("high", 1.0, self)? },
+            InitKind::XavierUniform => I::XavierUniform { gain: get("gain", 1.0, self)? },
+            InitKind::XavierNormal => I::XavierNormal { gain: get("gain", 1.0, self)? },
+            InitKind::KaimingUniform => I::KaimingUniform { gain: get("gain", 1.0, self)? },
+            InitKind::KaimingNormal => I::KaimingNormal { gain: get("gain", 1.0, self)? },
+        })
+    }
+
+    fn resolve_module(&self, func: &str) -> Option<(&'a ModuleDef, String)> {
+        let ns = &self.frame().namespace;
+        let local = if ns.is_empty() { func.to_string() } else { format!("{ns}.{func}") };
+        self.modules
+            .modules
+            .get(&local)
+            .or_else(|| self.modules.modules.get(func))
+            .map(|(m, ns)| (*m, ns.clone()))
+    }
+
+    fn call(&mut self, c: &CallExpr) -> Option<LValue> {
+        let Some((module, namespace)) = self.resolve_module(&c.func.name) else {
+            let names: Vec<&str> = self.modules.modules.keys().map(|k| k.as_str()).collect();
+            let mut d =
+                Diagnostic::error(format!("unknown module `{}`", c.func.name)).at(c.func.span, "not defined");
+            if let Some(s) = closest(&c.func.name, names.iter().copied()) {
+                d = d.note(format!("did you mean `{s}`?"));
+            }
+            self.diags.push(d);
+            return None;
+        };
+        let qualified = if namespace.is_empty() {
+            module.name.name.clone()
+        } else {
+            format!("{namespace}.{}", module.name.name)
+        };
+        if let Some(pos) = self.call_stack.iter().position(|(n, _)| *n == qualified) {
+            let chain: Vec<&str> = self.call_stack[pos..].iter().map(|(n, _)| n.as_str()).collect();
+            let mut d = Diagnostic::error(format!(
+                "cycle: module `{qualified}` calls itself ({} → {qualified})",
+                chain.join(" → ")
+            ))
+            .at(c.func.span, "this call closes the cycle");
+            d = d.with_related(self.call_stack[pos].1, format!("`{qualified}` was entered here"));
+            self.diags.push(d);
+            return None;
+        }
+        if c.args.len() != module.args.len() {
+            let params: Vec<&str> = module.args.iter().map(|a| a.name.as_str()).collect();
+            self.diags.push(
+                Diagnostic::error(format!(
+                    "wrong number of arguments: module `{qualified}` takes {} ({}), got {}",
+                    module.args.len(),
+                    params.join(", "),
+                    c.args.len()
+                ))
+                .at(c.span, "in this call")
+                .with_related(module.name.span, "module defined here"),
+            );
+            return None;
+        }
+        // Arguments and config are evaluated in the caller's frame.
+        let mut args = Vec::with_capacity(c.args.len());
+        for a in &c.args {
+            args.push(self.operand(a));
+        }
+        let mut config = HashMap::new();
+        for (k, e) in &c.with {
+            if !module.config.iter().any(|(n, _)| n.name == k.name) {
+                let names: Vec<&str> = module.config.iter().map(|(n, _)| n.name.as_str()).collect();
+                let mut d =
+                    Diagnostic::error(format!("module `{qualified}` has no config argument `{}`", k.name))
+                        .at(k.span, "unknown config argument");
+                d = match closest(&k.name, names.iter().copied()) {
+                    Some(s) => d.note(format!("did you mean `{s}`?")),
+                    None => d.note(format!(
+                        "it takes: {}",
+                        if names.is_empty() { "none".into() } else { names.join(", ") }
+                    )),
+                };
+                self.diags.push(d);
+                return None;
+            }
+            config.insert(k.name.clone(), self.cvalue(e)?);
+        }
+        let scope_seg = match &c.scope {
+            Some(s) => Some(self.template(s)?),
+            None => None,
+        };
+        if args.iter().any(Option::is_none) {
+            return None;
+        }
+        // Enter the module.
+        let mut frame = Frame { tensors: HashMap::new(), config: HashMap::new(), namespace };
+        for (name, a) in module.args.iter().zip(&args) {
+            frame.tensors.insert(name.name.clone(), Binding { value: *a, span: name.span });
+        }
+        self.frames.push(frame);
+        let mut ok = true;
+        for (name, default) in &module.config {
+            let v = match (config.get(&name.name), default) {
+                (Some(v), _) => Some(*v),
+                (None, Some(d)) => self.cvalue(d),
+                (None, None) => {
+                    self.diags.push(
+                        Diagnostic::error(format!(
+                            "module `{qualified}` needs the config argument `{}`",
+                            name.name
+                        ))
+                        .at(c.span, format!("add `with: {{\"{}\": …}}`", name.name))
+                        .with_related(name.span, "declared here without a default"),
+                    );
+                    None
+                }
+            };
+            match v {
+                Some(v) => {
+                    self.frame_mut().config.insert(name.name.clone(), v);
+                }
+                None => ok = false,
+            }
+        }
+        if let Some(seg) = &scope_seg {
+            self.scope.push(seg.clone());
+        }
+        self.call_stack.push((qualified.clone(), c.span));
+        if ok {
+            self.stmts(&module.body);
+        }
+        self.call_stack.pop();
+        if scope_seg.is_some() {
+            self.scope.pop();
+        }
+        let mut rets = Vec::new();
+        if ok {
+            for r in &module.ret {
+                match self.frame().tensors.get(&r.name).cloned() {
+                    Some(b) => rets.push(b.value),
+                    None => {
+                        self.unknown_name(r, r.span);
+                        rets.push(None);
+                    }
+                }
+            }
+        }
+        self.frames.pop();
+        if !ok || rets.iter().any(Option::is_none) {
+            return None;
+        }
+        let rets: Vec<Operand> = rets.into_iter().flatten().collect();
+        Some(if rets.len() == 1 { LValue::One(rets[0]) } else { LValue::Many(rets) })
+    }
+
+    /// A fresh seed for a random op: a pure function of the model seed, the scope and the
+    /// op's position, so two dropout sites never share numbers.
+    pub fn next_random_seed(&mut self) -> u64 {
+        let seed = self.global.get("seed").and_then(|v| v.as_f64()).unwrap_or(0.0) as u64;
+        self.random_sites += 1;
+        kiln_ir::rng::bits(seed, kiln_ir::rng::stream_of(&self.scope.join(".")), self.random_sites) >> 11
+    }
+
+    /// Looks up a name in the model frame after the body ran (for outputs and training).
+    pub fn top_binding(&self, name: &str) -> Option<(Option<Operand>, Span)> {
+        self.frames.first().and_then(|f| f.tensors.get(name)).map(|b| (b.value, b.span))
+    }
+
+    pub fn unknown_top_name(&mut self, name: &Ident) {
+        self.unknown_name(name, name.span);
+    }
+}

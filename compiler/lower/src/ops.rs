@@ -1,0 +1,461 @@
+//! Lowering of each language op to IR ops (most are one IR op; a few are sugar).
+
+use crate::lower::{LValue, Lowerer, Operand};
+use kiln_ir::{BinaryOp, CompareOp, DType, NodeId, Op, PoolKind, ReduceOp, Tensor, UnaryOp};
+use kiln_spec::{Arg, Expr, OpCall, Span, SpannedCExpr};
+
+/// Resolves a possibly negative axis against a rank.
+fn axis_of(l: &mut Lowerer, e: &SpannedCExpr, rank: usize) -> Option<usize> {
+    let a = l.cint(e, "an axis")?;
+    let r = rank as i64;
+    let resolved = if a < 0 { a + r } else { a };
+    if resolved < 0 || resolved >= r.max(1) {
+        let msg = format!("axis {a} is out of range for a tensor of rank {rank}");
+        l.diags.push(kiln_spec::Diagnostic::error(msg).at(e.span, "axis out of range"));
+        return None;
+    }
+    Some(resolved as usize)
+}
+
+/// One integer or a list of integers.
+fn ints(l: &mut Lowerer, a: &Arg) -> Option<Vec<i64>> {
+    match a {
+        Arg::Config(e) => Some(vec![l.cint(e, "an integer")?]),
+        Arg::List(es, _) => es.iter().map(|e| l.cint(e, "an integer")).collect(),
+        _ => None,
+    }
+}
+
+fn ints_span(a: &Arg) -> Span {
+    match a {
+        Arg::Config(e) => e.span,
+        Arg::List(_, s) => *s,
+        _ => Span::default(),
+    }
+}
+
+/// A pair attribute given as one integer (both axes) or `[h, w]`.
+fn pair(l: &mut Lowerer, a: &Arg, what: &str) -> Option<[usize; 2]> {
+    let v = ints(l, a)?;
+    let bad = v.iter().any(|&x| x < 0);
+    match (v.as_slice(), bad) {
+        ([x], false) => Some([*x as usize, *x as usize]),
+        ([h, w], false) => Some([*h as usize, *w as usize]),
+        _ => {
+            l.diags.push(
+                kiln_spec::Diagnostic::error(format!(
+                    "{what} must be one non-negative integer or a pair [h, w]"
+                ))
+                .at(ints_span(a), "expected n or [h, w]"),
+            );
+            None
+        }
+    }
+}
+
+fn tensor_arg(call: &OpCall, i: usize) -> &Expr {
+    match &call.args[i] {
+        Some(Arg::Tensor(e)) => e,
+        _ => unreachable!("the converter checked tensor argument {i} of `{}`", call.sig.name),
+    }
+}
+
+fn config_arg(call: &OpCall, i: usize) -> Option<&SpannedCExpr> {
+    match &call.args[i] {
+        Some(Arg::Config(e)) => Some(e),
+        _ => None,
+    }
+}
+
+fn dtype_arg(l: &mut Lowerer, call: &OpCall, i: usize, default: DType) -> Option<DType> {
+    match &call.args[i] {
+        Some(Arg::DType(d, s)) => l.dtype(d, *s),
+        _ => Some(default),
+    }
+}
+
+fn shape_arg(l: &mut Lowerer, call: &OpCall, i: usize, allow_infer: bool) -> Option<Vec<i64>> {
+    match &call.args[i] {
+        Some(Arg::Shape(s)) => l.shape(s, allow_infer),
+        _ => None,
+    }
+}
+
+/// Lowers the op's `i`-th argument as a node; weak literals take `dtype`.
+fn node_arg(l: &mut Lowerer, call: &OpCall, i: usize) -> Option<(NodeId, &'static str)> {
+    let e = tensor_arg(call, i);
+    let o = l.operand(e)?;
+    let d = l.common_dtype(&[o]);
+    Some((l.materialize(o, d, e.span())?, ""))
+}
+
+fn one(n: NodeId) -> Option<LValue> {
+    Some(LValue::One(Operand::Node(n)))
+}
+
+pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
+    let name = call.sig.name;
+    let span = call.span;
+    if let Some(u) = UnaryOp::ALL.iter().find(|u| capitalize(u.name()) == name) {
+        let (x, _) = node_arg(l, call, 0)?;
+        return one(l.add(Op::Unary(*u), &[x], span, &[tensor_arg(call, 0)])?);
+    }
+    if let Some(b) = BinaryOp::ALL.iter().find(|b| capitalize(b.name()) == name) {
+        return elementwise(l, call, Op::Binary(*b));
+    }
+    if let Some(c) = CompareOp::ALL.iter().find(|c| capitalize(c.name()) == name) {
+        return elementwise(l, call, Op::Compare(*c));
+    }
+    match name {
+        "Cast" => {
+            let (x, _) = node_arg(l, call, 0)?;
+            let to = dtype_arg(l, call, 1, DType::F32)?;
+            one(l.add(Op::Cast { to }, &[x], span, &[tensor_arg(call, 0)])?)
+        }
+        "Where" => {
+            let exprs = [tensor_arg(call, 0), tensor_arg(call, 1), tensor_arg(call, 2)];
+            let ops: Vec<Operand> = exprs.iter().map(|e| l.operand(e)).collect::<Option<_>>()?;
+            let cond = l.materialize(ops[0], DType::Bool, exprs[0].span())?;
+            let d = l.common_dtype(&ops[1..]);
+            let a = l.materialize(ops[1], d, exprs[1].span())?;
+            let b = l.materialize(ops[2], d, exprs[2].span())?;
+            one(l.add(Op::Where, &[cond, a, b], span, &exprs)?)
+        }
+        "Sum" | "Mean" | "ReduceMax" | "ReduceMin" => {
+            let op = match name {
+                "Sum" => ReduceOp::Sum,
+                "Mean" => ReduceOp::Mean,
+                "ReduceMax" => ReduceOp::Max,
+                _ => ReduceOp::Min,
+            };
+            let (x, _) = node_arg(l, call, 0)?;
+            let rank = l.graph.ty(x).rank();
+            let mut axes = match &call.args[1] {
+                None => (0..rank).collect::<Vec<_>>(),
+                Some(a) => {
+                    let mut out = Vec::new();
+                    let exprs: Vec<SpannedCExpr> = match a {
+                        Arg::Config(e) => vec![e.clone()],
+                        Arg::List(es, _) => es.clone(),
+                        _ => vec![],
+                    };
+                    for e in &exprs {
+                        out.push(axis_of(l, e, rank)?);
+                    }
+                    out
+                }
+            };
+            axes.sort_unstable();
+            axes.dedup();
+            let keepdims = match config_arg(call, 2) {
+                Some(e) => l.cbool(e, "`keepdims`")?,
+                None => false,
+            };
+            one(l.add(Op::Reduce { op, axes, keepdims }, &[x], span, &[tensor_arg(call, 0)])?)
+        }
+        "Reshape" => {
+            let (x, _) = node_arg(l, call, 0)?;
+            let dims = shape_arg(l, call, 1, true)?;
+            let total = l.graph.ty(x).numel();
+            let known: usize = dims.iter().filter(|&&d| d >= 0).map(|&d| d as usize).product();
+            let infer = dims.iter().filter(|&&d| d == -1).count();
+            let shape_span = match &call.args[1] {
+                Some(Arg::Shape(s)) => s.span(),
+                _ => span,
+            };
+            if infer > 1 {
+                l.diags.push(
+                    kiln_spec::Diagnostic::error("a reshape may infer at most one extent (-1)")
+                        .at(shape_span, "two -1 extents"),
+                );
+                return None;
+            }
+            let shape: Vec<usize> = if infer == 1 {
+                if known == 0 || total % known != 0 {
+                    let from = l.graph.ty(x).clone();
+                    l.diags.push(
+                        kiln_spec::Diagnostic::error(format!(
+                            "cannot reshape {from} to {dims:?}: {total} elements do not divide by {known}"
+                        ))
+                        .at(shape_span, "no extent fits -1"),
+                    );
+                    return None;
+                }
+                dims.iter().map(|&d| if d == -1 { total / known } else { d as usize }).collect()
+            } else {
+                dims.iter().map(|&d| d as usize).collect()
+            };
+            one(l.add(Op::Reshape { shape }, &[x], span, &[tensor_arg(call, 0)])?)
+        }
+        "Transpose" => {
+            let (x, _) = node_arg(l, call, 0)?;
+            let rank = l.graph.ty(x).rank();
+            let perm = match &call.args[1] {
+                None => {
+                    if rank < 2 {
+                        l.diags.push(kiln_spec::Diagnostic::error(format!("`Transpose` without `perm` swaps the last two axes, but the operand has rank {rank}")).at(span, "rank < 2"));
+                        return None;
+                    }
+                    let mut p: Vec<usize> = (0..rank).collect();
+                    p.swap(rank - 2, rank - 1);
+                    p
+                }
+                Some(a) => {
+                    let raw = ints(l, a)?;
+                    raw.iter().map(|&v| if v < 0 { (v + rank as i64) as usize } else { v as usize }).collect()
+                }
+            };
+            one(l.add(Op::Transpose { perm }, &[x], span, &[tensor_arg(call, 0)])?)
+        }
+        "Unsqueeze" | "Squeeze" => {
+            let (x, _) = node_arg(l, call, 0)?;
+            let mut shape = l.graph.ty(x).shape.clone();
+            let e = config_arg(call, 1)?;
+            if name == "Unsqueeze" {
+                let a = axis_of(l, e, shape.len() + 1)?;
+                shape.insert(a, 1);
+            } else {
+                let a = axis_of(l, e, shape.len())?;
+                if shape[a] != 1 {
+                    l.diags.push(
+                        kiln_spec::Diagnostic::error(format!(
+                            "cannot squeeze axis {a} of extent {}",
+                            shape[a]
+                        ))
+                        .at(e.span, "extent is not 1"),
+                    );
+                    return None;
+                }
+                shape.remove(a);
+            }
+            one(l.add(Op::Reshape { shape }, &[x], span, &[tensor_arg(call, 0)])?)
+        }
+        "BroadcastTo" => {
+            let (x, _) = node_arg(l, call, 0)?;
+            let shape = shape_arg(l, call, 1, false)?.into_iter().map(|d| d as usize).collect();
+            one(l.add(Op::BroadcastTo { shape }, &[x], span, &[tensor_arg(call, 0)])?)
+        }
+        "Slice" => {
+            let (x, _) = node_arg(l, call, 0)?;
+            let shape = l.graph.ty(x).shape.clone();
+            let axis = axis_of(l, config_arg(call, 1)?, shape.len())?;
+            let extent = shape[axis] as i64;
+            let norm = |v: i64| if v < 0 { (v + extent).max(0) } else { v.min(extent) };
+            let start = match config_arg(call, 2) {
+                Some(e) => norm(l.cint(e, "`start`")?),
+                None => 0,
+            };
+            let end = match config_arg(call, 3) {
+                Some(e) => norm(l.cint(e, "`end`")?),
+                None => extent,
+            };
+            let step = match config_arg(call, 4) {
+                Some(e) => l.cint(e, "`step`")?,
+                None => 1,
+            };
+            if step <= 0 {
+                l.diags.push(
+                    kiln_spec::Diagnostic::error(format!("`step` must be positive, got {step}"))
+                        .at(span, "bad step"),
+                );
+                return None;
+            }
+            let end = end.max(start);
+            one(l.add(
+                Op::Slice { axis, start: start as usize, end: end as usize, step: step as usize },
+                &[x],
+                span,
+                &[tensor_arg(call, 0)],
+            )?)
+        }
+        "Concat" => {
+            let Some(Arg::Tensors(xs, _)) = &call.args[0] else { return None };
+            let ops: Vec<Operand> = xs.iter().map(|e| l.operand(e)).collect::<Option<_>>()?;
+            let d = l.common_dtype(&ops);
+            let mut nodes = Vec::new();
+            for (o, e) in ops.iter().zip(xs) {
+                nodes.push(l.materialize(*o, d, e.span())?);
+            }
+            let rank = l.graph.ty(nodes[0]).rank();
+            let axis = axis_of(l, config_arg(call, 1)?, rank)?;
+            let exprs: Vec<&Expr> = xs.iter().collect();
+            one(l.add(Op::Concat { axis }, &nodes, span, &exprs)?)
+        }
+        "Split" => {
+            let (x, _) = node_arg(l, call, 0)?;
+            let shape = l.graph.ty(x).shape.clone();
+            let axis = axis_of(l, config_arg(call, 1)?, shape.len())?;
+            let sizes_arg = call.args[2].as_ref()?;
+            let raw = ints(l, sizes_arg)?;
+            let sizes: Vec<usize> = match (sizes_arg, raw.as_slice()) {
+                (Arg::Config(_), [n]) if *n > 0 && shape[axis] % (*n as usize) == 0 => {
+                    vec![shape[axis] / *n as usize; *n as usize]
+                }
+                (Arg::List(..), _)
+                    if raw.iter().all(|&s| s >= 0) && raw.iter().sum::<i64>() == shape[axis] as i64 =>
+                {
+                    raw.iter().map(|&s| s as usize).collect()
+                }
+                _ => {
+                    l.diags.push(
+                        kiln_spec::Diagnostic::error(format!(
+                            "cannot split extent {} of axis {axis} into {raw:?}",
+                            shape[axis]
+                        ))
+                        .at(ints_span(sizes_arg), "sizes must add up to the extent (or n must divide it)"),
+                    );
+                    return None;
+                }
+            };
+            let mut out = Vec::new();
+            let mut start = 0;
+            for s in sizes {
+                let n = l.add(
+                    Op::Slice { axis, start, end: start + s, step: 1 },
+                    &[x],
+                    span,
+                    &[tensor_arg(call, 0)],
+                )?;
+                out.push(Operand::Node(n));
+                start += s;
+            }
+            Some(LValue::Many(out))
+        }
+        "Pad" => {
+            let (x, _) = node_arg(l, call, 0)?;
+            let Some(Arg::Pairs(pairs, pspan)) = &call.args[1] else { return None };
+            let mut pads = Vec::new();
+            for (a, b) in pairs {
+                pads.push((l.cextent(a, "a padding")?, l.cextent(b, "a padding")?));
+            }
+            let rank = l.graph.ty(x).rank();
+            if pads.len() < rank {
+                // Like PyTorch, unspecified leading axes are not padded.
+                let mut full = vec![(0, 0); rank - pads.len()];
+                full.extend(pads);
+                pads = full;
+            } else if pads.len() > rank {
+                l.diags.push(
+                    kiln_spec::Diagnostic::error(format!(
+                        "{} pad pairs for a tensor of rank {rank}",
+                        pads.len()
+                    ))
+                    .at(*pspan, "too many pairs"),
+                );
+                return None;
+            }
+            let value = match config_arg(call, 2) {
+                Some(e) => l.cfloat(e, "the pad value")?,
+                None => 0.0,
+            };
+            one(l.add(Op::Pad { pads, value }, &[x], span, &[tensor_arg(call, 0)])?)
+        }
+        "Gather" => {
+            let (table, _) = node_arg(l, call, 0)?;
+            let ie = tensor_arg(call, 1);
+            let io = l.operand(ie)?;
+            let idx = l.materialize(io, DType::I64, ie.span())?;
+            let rank = l.graph.ty(table).rank();
+            let axis = match config_arg(call, 2) {
+                Some(e) => axis_of(l, e, rank)?,
+                None => 0,
+            };
+            one(l.add(Op::Gather { axis }, &[table, idx], span, &[tensor_arg(call, 0), ie])?)
+        }
+        "Iota" => {
+            let shape: Vec<usize> = shape_arg(l, call, 0, false)?.into_iter().map(|d| d as usize).collect();
+            let axis = axis_of(l, config_arg(call, 1)?, shape.len())?;
+            let dtype = dtype_arg(l, call, 2, DType::I64)?;
+            one(l.add(Op::Iota { dtype, shape, axis }, &[], span, &[])?)
+        }
+        "Full" => {
+            let shape: Vec<usize> = shape_arg(l, call, 0, false)?.into_iter().map(|d| d as usize).collect();
+            let value = l.cfloat(config_arg(call, 1)?, "the fill value")?;
+            let dtype = dtype_arg(l, call, 2, DType::F32)?;
+            one(l.add(Op::Full { value, dtype, shape }, &[], span, &[])?)
+        }
+        "Const" => {
+            let Some(Arg::Values(shape, values, _)) = &call.args[0] else { return None };
+            let dtype = dtype_arg(l, call, 1, DType::F32)?;
+            let value = Tensor::full(dtype, shape.clone(), 0.0);
+            let value = Tensor { data: kiln_ir::Buffer::from_f64(dtype, values.iter().copied()), ..value };
+            one(l.add(Op::Const { value }, &[], span, &[])?)
+        }
+        "MatMul" => elementwise(l, call, Op::MatMul),
+        "Conv2d" => {
+            let (x, _) = node_arg(l, call, 0)?;
+            let (w, _) = node_arg(l, call, 1)?;
+            let stride = match &call.args[2] {
+                Some(a) => pair(l, a, "`stride`")?,
+                None => [1, 1],
+            };
+            let padding = match &call.args[3] {
+                Some(a) => pair(l, a, "`padding`")?,
+                None => [0, 0],
+            };
+            let dilation = match &call.args[4] {
+                Some(a) => pair(l, a, "`dilation`")?,
+                None => [1, 1],
+            };
+            let groups = match config_arg(call, 5) {
+                Some(e) => l.cextent(e, "`groups`")?,
+                None => 1,
+            };
+            one(l.add(
+                Op::Conv2d { stride, padding, dilation, groups },
+                &[x, w],
+                span,
+                &[tensor_arg(call, 0), tensor_arg(call, 1)],
+            )?)
+        }
+        "MaxPool2d" | "AvgPool2d" => {
+            let kind = if name == "MaxPool2d" { PoolKind::Max } else { PoolKind::Avg };
+            let (x, _) = node_arg(l, call, 0)?;
+            let kernel = pair(l, call.args[1].as_ref()?, "`kernel`")?;
+            let stride = match &call.args[2] {
+                Some(a) => pair(l, a, "`stride`")?,
+                None => kernel,
+            };
+            let padding = match &call.args[3] {
+                Some(a) => pair(l, a, "`padding`")?,
+                None => [0, 0],
+            };
+            one(l.add(Op::Pool2d { kind, kernel, stride, padding }, &[x], span, &[tensor_arg(call, 0)])?)
+        }
+        "RandomUniform" => {
+            let shape: Vec<usize> = shape_arg(l, call, 0, false)?.into_iter().map(|d| d as usize).collect();
+            let seed = match config_arg(call, 1) {
+                Some(e) => l.cint(e, "the seed")? as u64,
+                None => l.next_random_seed(),
+            };
+            let dtype = dtype_arg(l, call, 2, DType::F32)?;
+            one(l.add(Op::RandomUniform { dtype, shape, seed, offset: 0 }, &[], span, &[])?)
+        }
+        other => unreachable!("op `{other}` is in the catalog but has no lowering"),
+    }
+}
+
+/// Binary ops, comparisons and matmul: weak literals take the other operand's dtype.
+fn elementwise(l: &mut Lowerer, call: &OpCall, op: Op) -> Option<LValue> {
+    let (ea, eb) = (tensor_arg(call, 0), tensor_arg(call, 1));
+    let a = l.operand(ea);
+    let b = l.operand(eb);
+    let (a, b) = (a?, b?);
+    let d = l.common_dtype(&[a, b]);
+    let na = l.materialize(a, d, ea.span())?;
+    let nb = l.materialize(b, d, eb.span())?;
+    one(l.add(op, &[na, nb], call.span, &[ea, eb])?)
+}
+
+/// `relu` → `Relu`, `reduce_sum` → `ReduceSum`.
+fn capitalize(s: &str) -> String {
+    s.split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            match c.next() {
+                Some(f) => f.to_uppercase().chain(c).collect::<String>(),
+                None => String::new(),
+            }
+        })
+        .collect()
+}

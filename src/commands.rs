@@ -1,0 +1,422 @@
+//! The commands behind the CLI: each loads the model through the stages and prints a result.
+
+use crate::{Format, Stage};
+use kiln_ir::{fmt_shape, DType, Graph, Op, Tensor};
+use kiln_lower::{Lowered, Override};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+/// Why a command failed: a user error (exit 1, message already rendered) or bad usage (exit 2).
+pub enum Failure {
+    User(String),
+    Usage(String),
+}
+
+fn user(msg: impl Into<String>) -> Failure {
+    let mut m = msg.into();
+    if !m.starts_with("error") {
+        m = format!("error: {m}");
+    }
+    Failure::User(m)
+}
+
+fn overrides(set: &[String]) -> Result<Vec<Override>, Failure> {
+    set.iter().map(|s| Override::parse(s).map_err(|e| Failure::Usage(format!("--set: {e}")))).collect()
+}
+
+/// Loads and lowers a model, printing warnings to stderr; errors come back rendered.
+fn load(model: &Path, set: &[String]) -> Result<Lowered, Failure> {
+    let ov = overrides(set)?;
+    let (sources, result) = kiln_lower::load(model, &ov);
+    match result {
+        Ok(lowered) => {
+            if !lowered.warnings.is_empty() {
+                eprint!("{}", kiln_spec::Diagnostics(lowered.warnings.clone()).render(&sources));
+            }
+            Ok(lowered)
+        }
+        Err(d) => Err(Failure::User(d.render(&sources))),
+    }
+}
+
+// ------------------------------------------------------------------ check
+
+pub fn check(model: &Path, set: &[String]) -> Result<(), Failure> {
+    let l = load(model, set)?;
+    print!("{}", summary(&l));
+    Ok(())
+}
+
+/// Counts of each op kind in the graph, sorted by name.
+fn op_counts(g: &Graph) -> BTreeMap<&'static str, usize> {
+    let mut counts = BTreeMap::new();
+    for id in g.node_ids() {
+        *counts.entry(g.node(id).op.name()).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn human(n: usize) -> String {
+    match n {
+        0..=9_999 => n.to_string(),
+        10_000..=9_999_999 => format!("{:.1}K", n as f64 / 1e3),
+        _ => format!("{:.2}M", n as f64 / 1e6),
+    }
+}
+
+fn summary(l: &Lowered) -> String {
+    let g = &l.graph;
+    let mut s = String::new();
+    let _ = writeln!(s, "model {}: ok", g.name);
+    let cfg: Vec<String> = l.config.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let _ = writeln!(s, "config: {}", cfg.join(" "));
+    let _ = writeln!(s, "inputs:");
+    for &i in &g.inputs {
+        if let Op::Input { name, .. } = &g.node(i).op {
+            let _ = writeln!(s, "  {name}: {}", g.ty(i));
+        }
+    }
+    let _ = writeln!(s, "outputs:");
+    for (name, id) in &g.outputs {
+        let _ = writeln!(s, "  {name}: {}", g.ty(*id));
+    }
+    let params = g.params();
+    let total: usize = params.iter().map(|&p| g.ty(p).numel()).sum();
+    let bytes: usize = params.iter().map(|&p| g.ty(p).size_bytes()).sum();
+    let _ = writeln!(
+        s,
+        "parameters: {} tensors, {} values ({:.1} MiB)",
+        params.len(),
+        human(total),
+        bytes as f64 / (1 << 20) as f64
+    );
+    let ops: Vec<String> = op_counts(g)
+        .into_iter()
+        .filter(|(k, _)| !matches!(*k, "input" | "param"))
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    let _ = writeln!(s, "ops ({} nodes): {}", g.node_count(), ops.join(", "));
+    if let Some(t) = &l.training {
+        let hyper: Vec<String> = t.hyper.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(s, "training: {:?}, optimizer {} ({})", t.loss, t.optimizer, hyper.join(", "));
+    }
+    s
+}
+
+// ------------------------------------------------------------------ inspect
+
+pub fn inspect(
+    model: &Path,
+    stage: Stage,
+    format: Format,
+    set: &[String],
+    origins: bool,
+    explain: bool,
+) -> Result<(), Failure> {
+    if explain {
+        return Err(Failure::Usage("--explain describes fused nodes, which the optimizer stage (`--stage opt`) produces; it is not available yet".into()));
+    }
+    match stage {
+        Stage::Spec => {
+            let l = load(model, set)?;
+            print!("{}", spec_view(model, &l, format)?);
+        }
+        Stage::Ir => {
+            let l = load(model, set)?;
+            match format {
+                Format::Text => {
+                    print!("{}", kiln_ir::print::to_text(&l.graph, kiln_ir::print::TextOptions { origins }))
+                }
+                Format::Dot => print!("{}", kiln_ir::print::to_dot(&l.graph)),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&kiln_ir::print::to_json(&l.graph)).unwrap_or_default()
+                ),
+            }
+        }
+        other => {
+            let name = match other {
+                Stage::Opt => "opt",
+                Stage::Kernels => "kernels",
+                Stage::Mlir => "mlir",
+                _ => "llvm",
+            };
+            return Err(Failure::Usage(format!(
+                "stage `{name}` is not available yet: this build has the `spec` and `ir` stages"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The spec stage: the resolved config, the declared interface and the modules each call uses.
+fn spec_view(model: &Path, l: &Lowered, format: Format) -> Result<String, Failure> {
+    let ov: Vec<Override> = vec![];
+    let _ = ov;
+    let mut sources = kiln_spec::Sources::new();
+    let text = std::fs::read_to_string(model)
+        .map_err(|e| user(format!("cannot read `{}`: {e}", model.display())))?;
+    let file = sources.add(model.display().to_string(), text);
+    let spec = kiln_spec::parse_model(&sources, file).map_err(|d| Failure::User(d.render(&sources)))?;
+    let modules: Vec<(String, Vec<String>)> = spec
+        .modules
+        .iter()
+        .map(|m| {
+            let mut calls = Vec::new();
+            collect_calls(&m.body, &mut calls);
+            (m.name.name.clone(), calls)
+        })
+        .collect();
+    let mut body_calls = Vec::new();
+    collect_calls(&spec.body, &mut body_calls);
+    let g = &l.graph;
+    Ok(match format {
+        Format::Json => {
+            let v = serde_json::json!({
+                "name": spec.name.name,
+                "config": l.config.iter().map(|(k, v)| (k.clone(), v.to_string())).collect::<BTreeMap<_, _>>(),
+                "inputs": g.inputs.iter().map(|&i| serde_json::json!({"name": g.node(i).op.attrs()[0].1.trim_matches('"'), "type": g.ty(i).to_string()})).collect::<Vec<_>>(),
+                "outputs": g.outputs.iter().map(|(n, i)| serde_json::json!({"name": n, "type": g.ty(*i).to_string()})).collect::<Vec<_>>(),
+                "uses": spec.uses.iter().map(|u| u.name.clone()).collect::<Vec<_>>(),
+                "modules": modules.iter().map(|(m, c)| serde_json::json!({"name": m, "calls": c})).collect::<Vec<_>>(),
+                "body_calls": body_calls,
+                "training": l.training.as_ref().map(|t| format!("{t:?}")),
+            });
+            format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default())
+        }
+        Format::Dot => {
+            let mut s =
+                format!("digraph \"{}\" {{\n  node [shape=box, fontname=\"monospace\"];\n", spec.name.name);
+            for c in &body_calls {
+                let _ = writeln!(s, "  \"{}\" -> \"{c}\";", spec.name.name);
+            }
+            for (m, calls) in &modules {
+                for c in calls {
+                    let _ = writeln!(s, "  \"{m}\" -> \"{c}\";");
+                }
+            }
+            s.push_str("}\n");
+            s
+        }
+        Format::Text => {
+            let mut s = format!("model {}\n", spec.name.name);
+            let cfg: Vec<String> = l.config.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let _ = writeln!(s, "config: {}", cfg.join(" "));
+            let uses: Vec<&str> = spec.uses.iter().map(|u| u.name.as_str()).collect();
+            let _ = writeln!(s, "uses: {}", if uses.is_empty() { "-".into() } else { uses.join(", ") });
+            for &i in &g.inputs {
+                let _ = writeln!(s, "input {}", g.ty(i));
+            }
+            for (m, calls) in &modules {
+                let _ = writeln!(
+                    s,
+                    "module {m} calls: {}",
+                    if calls.is_empty() { "-".into() } else { calls.join(", ") }
+                );
+            }
+            let _ = writeln!(
+                s,
+                "body calls: {}",
+                if body_calls.is_empty() { "-".into() } else { body_calls.join(", ") }
+            );
+            for (n, i) in &g.outputs {
+                let _ = writeln!(s, "output {n}: {}", g.ty(*i));
+            }
+            s
+        }
+    })
+}
+
+fn collect_calls(stmts: &[kiln_spec::Stmt], out: &mut Vec<String>) {
+    fn expr(e: &kiln_spec::Expr, out: &mut Vec<String>) {
+        use kiln_spec::{Arg, Expr};
+        match e {
+            Expr::Call(c) => {
+                if !out.contains(&c.func.name) {
+                    out.push(c.func.name.clone());
+                }
+                c.args.iter().for_each(|a| expr(a, out));
+            }
+            Expr::Op(o) => {
+                for a in o.args.iter().flatten() {
+                    match a {
+                        Arg::Tensor(t) => expr(t, out),
+                        Arg::Tensors(ts, _) => ts.iter().for_each(|t| expr(t, out)),
+                        _ => {}
+                    }
+                }
+            }
+            Expr::If { then, otherwise, .. } => {
+                expr(then, out);
+                expr(otherwise, out);
+            }
+            _ => {}
+        }
+    }
+    for s in stmts {
+        match s {
+            kiln_spec::Stmt::Let { value, .. } => expr(value, out),
+            kiln_spec::Stmt::Repeat { body, .. } => collect_calls(body, out),
+        }
+    }
+}
+
+// ------------------------------------------------------------------ eval
+
+pub struct EvalArgs {
+    pub model: PathBuf,
+    pub inputs: Vec<String>,
+    pub weights: Option<PathBuf>,
+    pub init_missing: bool,
+    pub seed: u64,
+    pub output: Option<PathBuf>,
+    pub save_params: Option<PathBuf>,
+    pub set: Vec<String>,
+}
+
+pub fn eval(a: &EvalArgs) -> Result<(), Failure> {
+    let l = load(&a.model, &a.set)?;
+    let g = &l.graph;
+    let mut given: HashMap<String, Tensor> = HashMap::new();
+    for spec in &a.inputs {
+        match spec.split_once('=') {
+            Some((name, file)) => {
+                let t = kiln_ir::tensor_io::read_npy(file).map_err(|e| user(e.to_string()))?;
+                given.insert(name.to_string(), t);
+            }
+            None => {
+                let all = kiln_ir::tensor_io::read_tensors(spec).map_err(|e| user(e.to_string()))?;
+                given.extend(all);
+            }
+        }
+    }
+    let mut inputs = HashMap::new();
+    for &i in &g.inputs {
+        let Op::Input { name, dtype, shape } = &g.node(i).op else { continue };
+        match given.remove(name) {
+            Some(t) => inputs.insert(name.clone(), t),
+            None => {
+                let (t, how) = random_input(g, i, *dtype, shape, a.seed);
+                eprintln!("note: input `{name}` not given: filled with {how} (seed {})", a.seed);
+                inputs.insert(name.clone(), t)
+            }
+        };
+    }
+    if !given.is_empty() {
+        let mut names: Vec<&String> = given.keys().collect();
+        names.sort();
+        let known: Vec<&str> = g
+            .inputs
+            .iter()
+            .filter_map(|&i| match &g.node(i).op {
+                Op::Input { name, .. } => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        return Err(user(format!(
+            "the model has no input named {} (its inputs: {})",
+            names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "),
+            known.join(", ")
+        )));
+    }
+    let weights = match &a.weights {
+        Some(p) => Some(kiln_ir::tensor_io::read_safetensors(p).map_err(|e| user(e.to_string()))?),
+        None => None,
+    };
+    let params = kiln_ir::bind_params(g, weights.as_deref(), a.seed, a.init_missing)
+        .map_err(|e| user(e.to_string()))?;
+    if let Some(p) = &a.save_params {
+        let mut list: Vec<(String, Tensor)> = params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        list.sort_by(|x, y| x.0.cmp(&y.0));
+        kiln_ir::tensor_io::write_safetensors(p, &list).map_err(|e| user(e.to_string()))?;
+    }
+    let bindings = kiln_ir::Bindings { inputs, params };
+    let start = std::time::Instant::now();
+    let outputs = kiln_ir::eval(g, &bindings).map_err(|e| user(format!("evaluation failed: {e}")))?;
+    let elapsed = start.elapsed();
+    for (name, t) in &outputs {
+        let (mean, std) = t.mean_std();
+        println!(
+            "{name}: {}{} {}  mean {mean:.6} std {std:.6}",
+            t.dtype(),
+            fmt_shape(&t.shape),
+            t.summary(6)
+        );
+    }
+    println!(
+        "evaluated {} nodes in {:.1} ms (reference interpreter)",
+        g.node_count(),
+        elapsed.as_secs_f64() * 1e3
+    );
+    if let Some(out) = &a.output {
+        write_outputs(out, &outputs)?;
+    }
+    Ok(())
+}
+
+/// A deterministic stand-in for an input the user did not give, and a phrase saying what it is.
+/// Integer inputs used as gather indices stay inside the table they index.
+fn random_input(
+    g: &Graph,
+    id: kiln_ir::NodeId,
+    dtype: DType,
+    shape: &[usize],
+    seed: u64,
+) -> (Tensor, String) {
+    let stream = kiln_ir::rng::stream_of(match &g.node(id).op {
+        Op::Input { name, .. } => name,
+        _ => "",
+    });
+    let n: usize = shape.iter().product();
+    let uniform = |i: usize| kiln_ir::rng::uniform(seed, stream, i as u64);
+    if dtype.is_float() {
+        let v = (0..n).map(|i| kiln_ir::rng::normal(seed, stream, i as u64));
+        return (
+            Tensor { shape: shape.to_vec(), data: kiln_ir::Buffer::from_f64(dtype, v) },
+            "standard normal values".into(),
+        );
+    }
+    let bound = g
+        .users(id)
+        .into_iter()
+        .filter_map(|u| match g.node(u).op {
+            Op::Gather { axis } if g.operands(u).get(1) == Some(&id) => {
+                Some(g.ty(g.operands(u)[0]).shape[axis])
+            }
+            _ => None,
+        })
+        .min();
+    let (hi, how) = match bound {
+        Some(b) => (b, format!("random indices in [0, {b})")),
+        None if dtype == DType::Bool => (2, "random true/false".into()),
+        None => (2, "random 0/1 values".into()),
+    };
+    let v = (0..n).map(|i| (uniform(i) * hi as f64).floor().min(hi as f64 - 1.0));
+    (Tensor { shape: shape.to_vec(), data: kiln_ir::Buffer::from_f64(dtype, v) }, how)
+}
+
+fn write_outputs(out: &Path, outputs: &[(String, Tensor)]) -> Result<(), Failure> {
+    let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    match ext {
+        "safetensors" => {
+            kiln_ir::tensor_io::write_safetensors(out, outputs).map_err(|e| user(e.to_string()))?
+        }
+        "npy" => {
+            if outputs.len() != 1 {
+                return Err(user(format!("`{}` is one .npy file but the model has {} outputs: give a folder or a .safetensors file", out.display(), outputs.len())));
+            }
+            kiln_ir::tensor_io::write_npy(out, &outputs[0].1).map_err(|e| user(e.to_string()))?
+        }
+        _ => {
+            std::fs::create_dir_all(out)
+                .map_err(|e| user(format!("cannot create `{}`: {e}", out.display())))?;
+            for (name, t) in outputs {
+                kiln_ir::tensor_io::write_npy(out.join(format!("{name}.npy")), t)
+                    .map_err(|e| user(e.to_string()))?;
+            }
+        }
+    }
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}

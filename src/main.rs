@@ -1,0 +1,122 @@
+//! `kiln`: the command-line interface. Thin: parses arguments, calls the stages, prints.
+
+mod commands;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Kiln: a declarative model compiler", long_about = None)]
+#[command(after_help = "Run `kiln help COMMAND` or `kiln COMMAND --help` for a command's options.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Parse and validate a model; summarize its inputs, outputs, parameters and ops.
+    Check {
+        /// The model spec (.ron).
+        model: PathBuf,
+        /// Override a config value, e.g. `--set layers=2` (repeatable).
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+    },
+    /// Print a stage of the pipeline: the spec or the graph IR.
+    Inspect {
+        model: PathBuf,
+        /// Which stage to print.
+        #[arg(long, value_enum, default_value_t = Stage::Ir)]
+        stage: Stage,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        /// Show each node's source position (file:line:col) in the text form.
+        #[arg(long)]
+        origins: bool,
+        /// Explain how each fused node came to be (needs the optimizer stage).
+        #[arg(long)]
+        explain: bool,
+    },
+    /// Run a model with the reference interpreter.
+    Eval {
+        model: PathBuf,
+        /// Bind an input: `NAME=FILE` (.npy), or a .safetensors file holding inputs by name.
+        #[arg(long = "input", value_name = "NAME=FILE|FILE.safetensors")]
+        inputs: Vec<String>,
+        /// Parameters by checkpoint name (.safetensors); without it, parameters are initialized.
+        #[arg(long, value_name = "FILE")]
+        weights: Option<PathBuf>,
+        /// With --weights: initialize parameters the file lacks instead of failing.
+        #[arg(long)]
+        init_missing: bool,
+        /// Seed for parameter initialization and for inputs that are not given.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Write outputs: a .safetensors file, a .npy file (one output), or a folder (one .npy each).
+        #[arg(short, long, value_name = "OUT")]
+        output: Option<PathBuf>,
+        /// Also write the parameters used (initialized or loaded) to a .safetensors file.
+        #[arg(long, value_name = "FILE")]
+        save_params: Option<PathBuf>,
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Stage {
+    Spec,
+    Ir,
+    Opt,
+    Kernels,
+    Mlir,
+    Llvm,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Dot,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { model, set } => commands::check(&model, &set),
+        Command::Inspect { model, stage, format, set, origins, explain } => {
+            commands::inspect(&model, stage, format, &set, origins, explain)
+        }
+        Command::Eval { model, inputs, weights, init_missing, seed, output, save_params, set } => {
+            commands::eval(&commands::EvalArgs {
+                model,
+                inputs,
+                weights,
+                init_missing,
+                seed,
+                output,
+                save_params,
+                set,
+            })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(commands::Failure::User(msg)) => {
+            eprint!("{msg}");
+            if !msg.ends_with('\n') {
+                eprintln!();
+            }
+            ExitCode::from(1)
+        }
+        Err(commands::Failure::Usage(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
