@@ -152,13 +152,11 @@ pub fn inspect(
 
 /// The spec stage: the resolved config, the declared interface and the modules each call uses.
 fn spec_view(model: &Path, l: &Lowered, format: Format) -> Result<String, Failure> {
-    let ov: Vec<Override> = vec![];
-    let _ = ov;
     let mut sources = kiln_spec::Sources::new();
     let text = std::fs::read_to_string(model)
         .map_err(|e| user(format!("cannot read `{}`: {e}", model.display())))?;
     let file = sources.add(model.display().to_string(), text);
-    let spec = kiln_spec::parse_model(&sources, file).map_err(|d| Failure::User(d.render(&sources)))?;
+    let (spec, _) = kiln_spec::parse_model(&sources, file).map_err(|d| Failure::User(d.render(&sources)))?;
     let modules: Vec<(String, Vec<String>)> = spec
         .modules
         .iter()

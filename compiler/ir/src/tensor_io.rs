@@ -166,7 +166,8 @@ pub fn read_safetensors(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>,
     use safetensors::{Dtype, SafeTensors};
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|e| read_err(path, e))?;
-    let bad = |e: safetensors::SafeTensorError| format_err(path, format!("not a valid .safetensors file: {e}"));
+    let bad =
+        |e: safetensors::SafeTensorError| format_err(path, format!("not a valid .safetensors file: {e}"));
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(bad)?;
     let st = SafeTensors::deserialize(&bytes).map_err(bad)?;
     let mut out = Vec::with_capacity(st.len());
@@ -188,7 +189,8 @@ pub fn read_safetensors(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>,
                 ))
             }
         };
-        let t = Tensor::new(view.shape().to_vec(), data).map_err(|e| format_err(path, format!("tensor `{name}`: {e}")))?;
+        let t = Tensor::new(view.shape().to_vec(), data)
+            .map_err(|e| format_err(path, format!("tensor `{name}`: {e}")))?;
         out.push((name, t));
     }
     Ok(out)

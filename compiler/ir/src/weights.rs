@@ -124,13 +124,14 @@ impl fmt::Display for WeightsError {
     }
 }
 
-/// The closest unused file name to `name`, when it is a small edit away.
+/// The closest unused file name to `name`, when it is a small edit away (transpositions
+/// count as one edit) and the names share more than they differ.
 fn suggest(name: &str, unused: &[&str]) -> Option<String> {
     let limit = (name.chars().count() / 3).clamp(1, 3);
     unused
         .iter()
-        .map(|u| (strsim::levenshtein(name, u), *u))
-        .filter(|&(d, _)| d <= limit)
+        .map(|u| (strsim::damerau_levenshtein(name, u), *u))
+        .filter(|&(d, u)| d <= limit && 2 * d < name.chars().count().max(u.chars().count()))
         .min()
         .map(|(_, u)| u.to_string())
 }
@@ -189,7 +190,11 @@ pub fn bind_params(
                 let got = TensorType::new(t.dtype(), t.shape.clone());
                 let convertible = got.dtype.is_float() && ty.dtype.is_float();
                 if got.shape != ty.shape || (got.dtype != ty.dtype && !convertible) {
-                    err.mismatched.push(WeightMismatch { name: name.to_string(), file: got, model: ty.clone() });
+                    err.mismatched.push(WeightMismatch {
+                        name: name.to_string(),
+                        file: got,
+                        model: ty.clone(),
+                    });
                 } else {
                     out.insert(name.to_string(), t.cast(ty.dtype));
                 }

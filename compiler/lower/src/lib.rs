@@ -82,8 +82,10 @@ fn lower_file(
     dir: Option<&Path>,
     overrides: &[Override],
 ) -> Result<Lowered, Diagnostics> {
-    let model = kiln_spec::parse_model(sources, file)?;
-    let mut diags = Vec::new();
+    let (model, diags) = kiln_spec::parse_model(sources, file)?;
+    // Libraries that do not parse stop the run; the model's own recovered errors wait for
+    // the lowering to add its findings.
+    let mut fatal = Vec::new();
     let mut libs: Vec<Library> = Vec::new();
     for u in &model.uses {
         let local = dir.map(|d| d.join(format!("{}.ron", u.name)));
@@ -91,7 +93,7 @@ fn lower_file(
             Some(p) => match std::fs::read_to_string(p) {
                 Ok(t) => Some((p.display().to_string(), t)),
                 Err(e) => {
-                    diags.push(
+                    fatal.push(
                         Diagnostic::error(format!("cannot read `{}`: {e}", p.display()))
                             .at(u.span, "used here"),
                     );
@@ -102,7 +104,7 @@ fn lower_file(
                 Some(("<std>/std.ron".to_string(), kiln_spec::STD_LIBRARY.to_string()))
             }
             None => {
-                diags.push(
+                fatal.push(
                     Diagnostic::error(format!("unknown library `{}`", u.name)).at(u.span, "not found").note(
                         format!(
                             "looked for `{}.ron` beside the model; the built-in library is `std`",
@@ -117,12 +119,13 @@ fn lower_file(
             let id = sources.add(name, text);
             match kiln_spec::parse_library(sources, id) {
                 Ok(lib) => libs.push(lib),
-                Err(e) => diags.extend(e.0),
+                Err(e) => fatal.extend(e.0),
             }
         }
     }
-    if diags.iter().any(Diagnostic::is_error) {
-        return Err(Diagnostics(diags));
+    if !fatal.is_empty() {
+        fatal.extend(diags);
+        return Err(Diagnostics(fatal));
     }
     lower_model(sources, &model, &libs, overrides, diags)
 }
@@ -173,57 +176,11 @@ fn resolve_config(
             ))),
         }
     }
-    // Depth-first evaluation with cycle detection.
-    fn visit<'m>(
-        name: &str,
-        exprs: &[(&'m str, &'m kiln_spec::SpannedCExpr, Span)],
-        values: &mut HashMap<String, CValue>,
-        stack: &mut Vec<&'m str>,
-        diags: &mut Vec<Diagnostic>,
-        sources: &Sources,
-    ) {
-        if values.contains_key(name) {
-            return;
-        }
-        let Some(&(n, e, span)) = exprs.iter().find(|(n, ..)| *n == name) else { return };
-        if let Some(pos) = stack.iter().position(|s| *s == n) {
-            let chain: Vec<&str> = stack[pos..].to_vec();
-            diags.push(
-                Diagnostic::error(format!("cycle in config: {} → {n}", chain.join(" → ")))
-                    .at(span, "refers back to itself through these entries"),
-            );
-            return;
-        }
-        stack.push(n);
-        let mut deps = Vec::new();
-        e.expr.names(&mut deps);
-        for d in &deps {
-            visit(d, exprs, values, stack, diags, sources);
-        }
-        stack.pop();
-        if diags.iter().any(|d| d.message.starts_with("cycle in config")) {
-            return;
-        }
-        let builtins: HashMap<String, CValue> =
-            BUILTIN_CONFIG.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        let env = config::ConfigEnv { frames: vec![values, &builtins] };
-        match config::eval(&e.expr, &env, &config::NoShapes) {
-            Ok(v) => {
-                values.insert(n.to_string(), v);
-            }
-            Err(msg) => diags.push(
-                Diagnostic::error(format!(
-                    "bad config expression `{}`: {msg}",
-                    sources.snippet(e.span).trim_matches('"')
-                ))
-                .at(e.span, msg),
-            ),
-        }
+    let mut resolver = ConfigResolver { exprs: &exprs, values, stack: Vec::new(), failed: Default::default(), diags, sources };
+    for (n, ..) in &exprs {
+        resolver.visit(n);
     }
-    let mut stack = Vec::new();
-    for (n, ..) in exprs.clone() {
-        visit(n, &exprs, &mut values, &mut stack, diags, sources);
-    }
+    let mut values = resolver.values;
     for (k, v) in BUILTIN_CONFIG {
         values.entry(k.to_string()).or_insert(*v);
     }
@@ -236,6 +193,64 @@ fn resolve_config(
     (values, ordered)
 }
 
+/// Depth-first evaluation of config entries that refer to each other, reporting each cycle
+/// once.
+struct ConfigResolver<'m, 'd> {
+    exprs: &'m [(&'m str, &'m kiln_spec::SpannedCExpr, Span)],
+    values: HashMap<String, CValue>,
+    stack: Vec<&'m str>,
+    failed: std::collections::HashSet<&'m str>,
+    diags: &'d mut Vec<Diagnostic>,
+    sources: &'d Sources,
+}
+
+impl<'m> ConfigResolver<'m, '_> {
+    fn visit(&mut self, name: &str) {
+        if self.values.contains_key(name) || self.failed.contains(name) {
+            return;
+        }
+        let Some(&(n, e, span)) = self.exprs.iter().find(|(n, ..)| *n == name) else { return };
+        if let Some(pos) = self.stack.iter().position(|s| *s == n) {
+            let chain = self.stack[pos..].to_vec();
+            self.diags.push(
+                Diagnostic::error(format!("cycle in config: {} → {n}", chain.join(" → ")))
+                    .at(span, "refers back to itself through these entries"),
+            );
+            self.failed.extend(chain);
+            return;
+        }
+        self.stack.push(n);
+        let mut deps = Vec::new();
+        e.expr.names(&mut deps);
+        for d in &deps {
+            self.visit(d);
+        }
+        self.stack.pop();
+        if self.failed.contains(n) || deps.iter().any(|d| self.failed.contains(d.as_str())) {
+            self.failed.insert(n);
+            return;
+        }
+        let builtins: HashMap<String, CValue> =
+            BUILTIN_CONFIG.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let env = config::ConfigEnv { frames: vec![&self.values, &builtins] };
+        match config::eval(&e.expr, &env, &config::NoShapes) {
+            Ok(v) => {
+                self.values.insert(n.to_string(), v);
+            }
+            Err(msg) => {
+                self.failed.insert(n);
+                self.diags.push(
+                    Diagnostic::error(format!(
+                        "bad config expression `{}`: {msg}",
+                        self.sources.snippet(e.span).trim_matches('"')
+                    ))
+                    .at(e.span, msg),
+                )
+            }
+        }
+    }
+}
+
 fn lower_model(
     sources: &Sources,
     model: &Model,
@@ -243,10 +258,14 @@ fn lower_model(
     overrides: &[Override],
     mut diags: Vec<Diagnostic>,
 ) -> Result<Lowered, Diagnostics> {
-    let (global, config) = resolve_config(sources, model, libs, overrides, &mut diags);
-    if diags.iter().any(Diagnostic::is_error) {
+    let mut config_diags = Vec::new();
+    let (global, config) = resolve_config(sources, model, libs, overrides, &mut config_diags);
+    // A broken config would only cause follow-on errors in the body: stop here.
+    if config_diags.iter().any(Diagnostic::is_error) {
+        diags.extend(config_diags);
         return Err(Diagnostics(diags));
     }
+    diags.extend(config_diags);
     let mut table = ModuleTable { modules: HashMap::new() };
     for m in &model.modules {
         table.modules.insert(m.name.name.clone(), (m, String::new()));
@@ -281,23 +300,22 @@ fn lower_model(
         }
     }
     let training = model.training.as_ref().and_then(|t| training::check(&mut l, t));
-    let mut warnings: Vec<Diagnostic> = diags;
+    // `diags` holds what conversion recovered from; the lowering adds its own.
+    diags.append(&mut l.diags);
+    if diags.iter().any(Diagnostic::is_error) {
+        diags.sort_by_key(|d| d.span.as_ref().map(|(s, _)| (s.file, s.start)));
+        return Err(Diagnostics(diags));
+    }
+    let mut warnings = diags;
     let mut unused: Vec<_> =
         l.input_uses.iter().filter(|(_, (_, _, used))| !used).map(|(n, (_, s, _))| (n.clone(), *s)).collect();
     unused.sort_by_key(|(_, s)| s.start);
     let training_names: Vec<String> = model.training.as_ref().map(training::names_used).unwrap_or_default();
     for (name, span) in unused {
         if !training_names.contains(&name) {
-            warnings
-                .push(Diagnostic::warning(format!("input `{name}` is never used")).at(span, "declared here"));
+            warnings.push(Diagnostic::warning(format!("input `{name}` is never used")).at(span, "declared here"));
         }
     }
-    let mut errors: Vec<Diagnostic> = std::mem::take(&mut l.diags);
-    if errors.iter().any(Diagnostic::is_error) {
-        errors.extend(warnings);
-        return Err(Diagnostics(errors));
-    }
-    warnings.extend(errors);
     let mut graph = l.graph;
     graph.remove_dead();
     if let Err(e) = verify(&graph) {

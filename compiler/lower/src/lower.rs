@@ -278,7 +278,7 @@ impl<'a> Lowerer<'a> {
     fn bind(&mut self, name: &Ident, value: Option<Operand>) {
         if let Some(Operand::Node(n)) = value {
             let node = self.graph.node_mut(n);
-            if node.name.is_none() && !matches!(node.op, Op::Input { .. } | Op::Param { .. }) {
+            if !matches!(node.op, Op::Input { .. } | Op::Param { .. }) {
                 node.name = Some(name.name.clone());
             }
         }
@@ -412,6 +412,7 @@ impl<'a> Lowerer<'a> {
             Expr::Param(p) => self.param(p, let_name).map(|n| LValue::One(Operand::Node(n))),
             Expr::Call(c) => self.call(c),
             Expr::Op(o) => crate::ops::lower_op(self, o),
+            Expr::Error(_) => None,
         }
     }
 

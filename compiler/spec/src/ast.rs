@@ -112,6 +112,9 @@ pub enum Expr {
         otherwise: Box<Expr>,
         span: Span,
     },
+    /// An expression that failed to convert (already reported): lowering binds its names to
+    /// nothing, so later uses do not report the same mistake again.
+    Error(Span),
 }
 
 impl Expr {
@@ -123,6 +126,7 @@ impl Expr {
             Expr::Param(p) => p.span,
             Expr::Call(c) => c.span,
             Expr::If { span, .. } => *span,
+            Expr::Error(s) => *s,
         }
     }
 }

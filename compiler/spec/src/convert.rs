@@ -334,7 +334,7 @@ impl Converter {
                     return None;
                 }
                 let names = self.names(&parts[0], "a name string")?;
-                let value = self.expr(&parts[1])?;
+                let value = self.expr(&parts[1]).unwrap_or(Expr::Error(parts[1].span));
                 Some(Stmt::Let { names, value, span: v.span })
             }
             (_, Some("Repeat")) => {

@@ -57,12 +57,15 @@ pub fn parse_value(file: FileId, text: &str) -> Result<syntax::Value, Diagnostic
     Ok(value)
 }
 
-/// Parses and checks the form of a model file.
-pub fn parse_model(sources: &Sources, file: FileId) -> Result<Model, Diagnostics> {
+/// Parses and checks the form of a model file. Errors that conversion recovered from come
+/// back with the model, so lowering can report its own errors in the same run.
+pub fn parse_model(sources: &Sources, file: FileId) -> Result<(Model, Vec<Diagnostic>), Diagnostics> {
     let value = parse_value(file, &sources.get(file).text)?;
     let mut c = convert::Converter::default();
-    let model = c.model(&value);
-    finish(c.diags, model)
+    match c.model(&value) {
+        Some(model) => Ok((model, c.diags)),
+        None => Err(Diagnostics(c.diags)),
+    }
 }
 
 /// Parses and checks the form of a library file.
@@ -70,12 +73,8 @@ pub fn parse_library(sources: &Sources, file: FileId) -> Result<Library, Diagnos
     let value = parse_value(file, &sources.get(file).text)?;
     let mut c = convert::Converter::default();
     let lib = c.library(&value);
-    finish(c.diags, lib)
-}
-
-fn finish<T>(diags: Vec<Diagnostic>, value: Option<T>) -> Result<T, Diagnostics> {
-    match value {
-        Some(v) if !diags.iter().any(Diagnostic::is_error) => Ok(v),
-        _ => Err(Diagnostics(diags)),
+    match lib {
+        Some(v) if !c.diags.iter().any(Diagnostic::is_error) => Ok(v),
+        _ => Err(Diagnostics(c.diags)),
     }
 }

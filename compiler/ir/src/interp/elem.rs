@@ -418,9 +418,7 @@ pub(crate) fn cast_slice<S: Elem>(v: &[S], to: DType) -> Buffer {
 pub(crate) fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     let own = crate::dtype::strides(shape);
     let lead = out.len() - shape.len();
-    (0..out.len())
-        .map(|i| if i < lead || shape[i - lead] == 1 { 0 } else { own[i - lead] })
-        .collect()
+    (0..out.len()).map(|i| if i < lead || shape[i - lead] == 1 { 0 } else { own[i - lead] }).collect()
 }
 
 /// A strided view of `N` operands over a row-major output shape, simplified for iteration:
@@ -495,14 +493,14 @@ impl<const N: usize> Walk<N> {
             while d > 0 {
                 d -= 1;
                 idx[d] += 1;
-                for k in 0..N {
-                    offs[k] += self.strides[k][d];
+                for (o, s) in offs.iter_mut().zip(&self.strides) {
+                    *o += s[d];
                 }
                 if idx[d] < self.shape[d] {
                     break;
                 }
-                for k in 0..N {
-                    offs[k] -= self.strides[k][d] * self.shape[d];
+                for (o, s) in offs.iter_mut().zip(&self.strides) {
+                    *o -= s[d] * self.shape[d];
                 }
                 idx[d] = 0;
             }

@@ -113,7 +113,14 @@ fn unsupported(op: &'static str, d: DType) -> EvalError {
     EvalError::Operands { op, msg: format!("not defined on {d}") }
 }
 
-fn binary_real<F: Real>(op: BinaryOp, a: &[F], ash: &[usize], b: &[F], bsh: &[usize], out: &[usize]) -> Vec<F> {
+fn binary_real<F: Real>(
+    op: BinaryOp,
+    a: &[F],
+    ash: &[usize],
+    b: &[F],
+    bsh: &[usize],
+    out: &[usize],
+) -> Vec<F> {
     match op {
         BinaryOp::Add => zip_broadcast(a, ash, b, bsh, out, |x, y| x + y),
         BinaryOp::Sub => zip_broadcast(a, ash, b, bsh, out, F::sub),
@@ -142,9 +149,7 @@ fn binary_int<I: Int>(
             // Every divisor element is used unless the result is empty.
             if out.iter().product::<usize>() > 0 {
                 if let Some(pos) = b.iter().position(|&y| y == I::ZERO) {
-                    return Err(EvalError::IntDivByZero {
-                        index: crate::interp::unravel(pos, bsh),
-                    });
+                    return Err(EvalError::IntDivByZero { index: crate::interp::unravel(pos, bsh) });
                 }
             }
             zip_broadcast(a, ash, b, bsh, out, I::wdiv)
@@ -172,7 +177,14 @@ pub(crate) fn binary(op: BinaryOp, a: &Tensor, b: &Tensor, ty: &TensorType) -> R
     Ok(Tensor { shape: ty.shape.clone(), data })
 }
 
-fn compare_typed<T: Elem>(op: CompareOp, a: &[T], ash: &[usize], b: &[T], bsh: &[usize], out: &[usize]) -> Vec<bool> {
+fn compare_typed<T: Elem>(
+    op: CompareOp,
+    a: &[T],
+    ash: &[usize],
+    b: &[T],
+    bsh: &[usize],
+    out: &[usize],
+) -> Vec<bool> {
     match op {
         CompareOp::Lt => zip_broadcast(a, ash, b, bsh, out, |x, y| x < y),
         CompareOp::Le => zip_broadcast(a, ash, b, bsh, out, |x, y| x <= y),
@@ -203,7 +215,15 @@ pub(crate) fn compare(op: CompareOp, a: &Tensor, b: &Tensor, ty: &TensorType) ->
     Ok(Tensor { shape: ty.shape.clone(), data: Buffer::Bool(v) })
 }
 
-fn where_typed<T: Copy>(c: &Tensor, cond: &[bool], a: &[T], ash: &[usize], b: &[T], bsh: &[usize], out: &[usize]) -> Vec<T> {
+fn where_typed<T: Copy>(
+    c: &Tensor,
+    cond: &[bool],
+    a: &[T],
+    ash: &[usize],
+    b: &[T],
+    bsh: &[usize],
+    out: &[usize],
+) -> Vec<T> {
     let n: usize = out.iter().product();
     if c.shape == ash && ash == bsh {
         return cond.iter().zip(a.iter().zip(b)).map(|(&c, (&x, &y))| if c { x } else { y }).collect();
@@ -224,7 +244,10 @@ fn where_typed<T: Copy>(c: &Tensor, cond: &[bool], a: &[T], ash: &[usize], b: &[
 /// `where(cond, a, b)` with all three broadcast.
 pub(crate) fn select(c: &Tensor, a: &Tensor, b: &Tensor, ty: &TensorType) -> Result<Tensor, EvalError> {
     let Buffer::Bool(cond) = &c.data else {
-        return Err(EvalError::Operands { op: "where", msg: format!("condition must be bool, got {}", c.dtype()) });
+        return Err(EvalError::Operands {
+            op: "where",
+            msg: format!("condition must be bool, got {}", c.dtype()),
+        });
     };
     let (ash, bsh, out) = (&a.shape[..], &b.shape[..], &ty.shape[..]);
     let data = match (&a.data, &b.data) {

@@ -79,7 +79,13 @@ pub(crate) fn concat(xs: &[&Tensor], axis: usize, ty: &TensorType) -> Result<Ten
     Ok(Tensor { shape: ty.shape.clone(), data })
 }
 
-fn pad_typed<T: Elem>(v: &[T], shape: &[usize], pads: &[(usize, usize)], value: f64, out: &[usize]) -> Vec<T> {
+fn pad_typed<T: Elem>(
+    v: &[T],
+    shape: &[usize],
+    pads: &[(usize, usize)],
+    value: f64,
+    out: &[usize],
+) -> Vec<T> {
     let mut dst = vec![T::from_f64(value); numel(out)];
     if v.is_empty() {
         return dst;
@@ -122,7 +128,12 @@ fn gather_typed<T: Copy>(table: &[T], pre: usize, extent: usize, post: usize, id
 
 /// `gather(table, indices)` along `axis`. Every index must lie in `0..table.shape[axis]`;
 /// negative indices are not wrapped but rejected like any out-of-range index.
-pub(crate) fn gather(table: &Tensor, indices: &Tensor, axis: usize, ty: &TensorType) -> Result<Tensor, EvalError> {
+pub(crate) fn gather(
+    table: &Tensor,
+    indices: &Tensor,
+    axis: usize,
+    ty: &TensorType,
+) -> Result<Tensor, EvalError> {
     let extent = table.shape[axis];
     let raw: Vec<i64> = match &indices.data {
         Buffer::I32(v) => v.iter().map(|&i| i as i64).collect(),

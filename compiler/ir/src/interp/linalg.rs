@@ -194,15 +194,24 @@ impl Axis {
 
     /// The range of outputs whose tap `t` falls inside the input.
     fn valid(&self, t: usize) -> std::ops::Range<usize> {
-        let off = t * self.dilation;
+        let off = t;
         // o*stride + off >= pad  and  o*stride + off < size + pad
         let lo = self.pad.saturating_sub(off).div_ceil(self.stride);
-        let hi = if self.size + self.pad > off { (self.size + self.pad - off).div_ceil(self.stride) } else { 0 };
+        let hi =
+            if self.size + self.pad > off { (self.size + self.pad - off).div_ceil(self.stride) } else { 0 };
         lo.min(self.out)..hi.min(self.out).max(lo.min(self.out))
     }
 }
 
-fn conv_typed<F: Real>(x: &[F], w: &[F], xs: &[usize], ws: &[usize], ys: &[usize], ax: [Axis; 2], groups: usize) -> Vec<F> {
+fn conv_typed<F: Real>(
+    x: &[F],
+    w: &[F],
+    xs: &[usize],
+    ws: &[usize],
+    ys: &[usize],
+    ax: [Axis; 2],
+    groups: usize,
+) -> Vec<F> {
     let (c, h, wd) = (xs[1], xs[2], xs[3]);
     let (o_ch, cg, kh, kw) = (ws[0], ws[1], ws[2], ws[3]);
     let og = o_ch / groups;
@@ -354,9 +363,7 @@ pub(crate) fn pool2d(
             let a = widen_f32(&x.data).expect("half buffer");
             narrow_like(x.dtype(), pool_typed(&a, xs, ys, kind, ax))
         }
-        _ => {
-            return Err(EvalError::Operands { op: "pool2d", msg: format!("not defined on {}", x.dtype()) })
-        }
+        _ => return Err(EvalError::Operands { op: "pool2d", msg: format!("not defined on {}", x.dtype()) }),
     };
     Ok(Tensor { shape: ty.shape.clone(), data })
 }

@@ -63,7 +63,7 @@ pub struct Bindings {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EvalError {
     /// Inputs or parameters of the graph that the bindings do not provide (all of them).
-    #[error("missing {}: {}", plural(*.kind, .missing.len()), list_missing(.missing))]
+    #[error("missing {}: {}", plural(.kind, .missing.len()), list_missing(.missing))]
     Missing { kind: &'static str, missing: Vec<(String, TensorType)> },
     /// A bound tensor whose dtype or shape differs from the graph's declaration.
     #[error("{kind} `{name}`: expected {expected}, got {got}")]
@@ -320,7 +320,11 @@ pub fn eval(g: &Graph, b: &Bindings) -> Result<Vec<(String, Tensor)>, EvalError>
     let mut results = Vec::with_capacity(g.outputs.len());
     for (i, (name, id)) in g.outputs.iter().enumerate() {
         let again = g.outputs[i + 1..].iter().any(|(_, later)| later == id);
-        let t = if again { values[id].as_ref().clone() } else { values.remove(id).expect("output evaluated").into_owned() };
+        let t = if again {
+            values[id].as_ref().clone()
+        } else {
+            values.remove(id).expect("output evaluated").into_owned()
+        };
         results.push((name.clone(), t));
     }
     Ok(results)

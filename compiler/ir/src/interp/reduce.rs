@@ -39,7 +39,12 @@ fn rows<'a, T: Copy>(v: &'a [T], shape: &[usize], axes: &[usize]) -> (Cow<'a, [T
 }
 
 /// Applies `f` to each reduced row, producing `n_out` results (in parallel for large inputs).
-fn per_row<T: Copy + Sync, O: Send>(data: &[T], red: usize, n_out: usize, f: impl Fn(&[T]) -> O + Sync + Send) -> Vec<O> {
+fn per_row<T: Copy + Sync, O: Send>(
+    data: &[T],
+    red: usize,
+    n_out: usize,
+    f: impl Fn(&[T]) -> O + Sync + Send,
+) -> Vec<O> {
     if red == 0 {
         return (0..n_out).map(|_| f(&[])).collect();
     }
@@ -50,10 +55,18 @@ fn per_row<T: Copy + Sync, O: Send>(data: &[T], red: usize, n_out: usize, f: imp
     }
 }
 
-fn reduce_real<T: Elem, F: Real>(op: ReduceOp, v: &[T], shape: &[usize], axes: &[usize], n_out: usize) -> Vec<F> {
+fn reduce_real<T: Elem, F: Real>(
+    op: ReduceOp,
+    v: &[T],
+    shape: &[usize],
+    axes: &[usize],
+    n_out: usize,
+) -> Vec<F> {
     let (data, red) = rows(v, shape, axes);
     match op {
-        ReduceOp::Sum => per_row(&data, red, n_out, |r| F::from_f64(r.iter().map(|x| x.to_f64()).sum::<f64>())),
+        ReduceOp::Sum => {
+            per_row(&data, red, n_out, |r| F::from_f64(r.iter().map(|x| x.to_f64()).sum::<f64>()))
+        }
         ReduceOp::Mean => per_row(&data, red, n_out, |r| {
             F::from_f64(r.iter().map(|x| x.to_f64()).sum::<f64>() / red as f64)
         }),
@@ -66,7 +79,13 @@ fn reduce_real<T: Elem, F: Real>(op: ReduceOp, v: &[T], shape: &[usize], axes: &
     }
 }
 
-fn reduce_int<I: Int>(op: ReduceOp, v: &[I], shape: &[usize], axes: &[usize], n_out: usize) -> Option<Vec<I>> {
+fn reduce_int<I: Int>(
+    op: ReduceOp,
+    v: &[I],
+    shape: &[usize],
+    axes: &[usize],
+    n_out: usize,
+) -> Option<Vec<I>> {
     let (data, red) = rows(v, shape, axes);
     Some(match op {
         ReduceOp::Sum => per_row(&data, red, n_out, |r| r.iter().fold(I::ZERO, |s, &x| s.wadd(x))),

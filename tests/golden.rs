@@ -1,0 +1,208 @@
+//! Real-framework check: Kiln's BERT encoder (`models/bert_encoder.ron`, all-MiniLM-L6-v2
+//! sizes) against golden outputs from PyTorch + Hugging Face transformers.
+//!
+//! `tests/golden/make_bert_golden.py` loaded Kiln's seed-0 parameters by name into
+//! `transformers.BertModel` (strict), ran it in float32 on fixed inputs (batch 2, seq 128, the
+//! second row padded after 77 tokens) and stored the result in `tests/golden/bert_minilm/`,
+//! with a fingerprint of the parameters in `meta.json`. These tests re-create the parameters
+//! from the seed, check the fingerprint (so a changed initializer is reported as such, not as
+//! a numerical error), and compare Kiln's `last_hidden_state`: once through the library and
+//! once through the `kiln eval` command line. No Python is needed here.
+
+use kiln_ir::{Buffer, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+const MODEL: &str = "models/bert_encoder.ron";
+const GOLDEN: &str = "tests/golden/bert_minilm";
+const OUTPUT: &str = "last_hidden_state";
+const TOLERANCE: f64 = 1e-4;
+const REGENERATE: &str = "python3 tests/golden/make_bert_golden.py \
+     (or KILN_GOLDEN_PYTHON=/path/to/venv/bin/python python3 tests/golden/make_bert_golden.py); \
+     see tests/golden/README.md";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn meta() -> serde_json::Value {
+    let path = root().join(GOLDEN).join("meta.json");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
+    kiln_ir::tensor_io::read_safetensors(path).unwrap_or_else(|e| panic!("{e}")).into_iter().collect()
+}
+
+/// The seed the golden files were made with.
+fn seed(meta: &serde_json::Value) -> u64 {
+    meta["seed"].as_u64().expect("meta.json: `seed`")
+}
+
+/// The exact fingerprint of make_bert_golden.py: with b_i the u32 bit pattern of element i
+/// (row-major), Σ b_i · (2i + 1) mod 2^64; plus the float64 sum and sum of squares.
+fn fingerprint(t: &Tensor) -> Option<(u64, f64, f64)> {
+    let Buffer::F32(v) = &t.data else { return None };
+    let mut checksum = 0u64;
+    let (mut sum, mut sum_sq) = (0.0f64, 0.0f64);
+    for (i, &x) in v.iter().enumerate() {
+        checksum = checksum.wrapping_add(u64::from(x.to_bits()).wrapping_mul(2 * i as u64 + 1));
+        sum += f64::from(x);
+        sum_sq += f64::from(x) * f64::from(x);
+    }
+    Some((checksum, sum, sum_sq))
+}
+
+/// Panics, listing every difference, unless `params` are exactly the ones the golden output
+/// was computed with.
+fn check_fingerprint(params: &HashMap<String, Tensor>, meta: &serde_json::Value, source: &str) {
+    let recorded = meta["params"]["tensors"].as_object().expect("meta.json: `params.tensors`");
+    let mut problems = Vec::new();
+    let names: BTreeMap<&str, ()> =
+        params.keys().map(|k| (k.as_str(), ())).chain(recorded.keys().map(|k| (k.as_str(), ()))).collect();
+    for name in names.keys() {
+        match (params.get(*name), recorded.get(*name)) {
+            (Some(_), None) => problems.push(format!("  {name}: a parameter of the model, not in meta.json")),
+            (None, Some(_)) => problems.push(format!("  {name}: in meta.json, not a parameter of the model")),
+            (Some(t), Some(r)) => {
+                let shape: Vec<usize> = r["shape"]
+                    .as_array()
+                    .expect("shape")
+                    .iter()
+                    .map(|d| d.as_u64().expect("dim") as usize)
+                    .collect();
+                if t.shape != shape {
+                    problems.push(format!("  {name}: shape {:?}, recorded {shape:?}", t.shape));
+                    continue;
+                }
+                let Some((checksum, sum, sum_sq)) = fingerprint(t) else {
+                    problems.push(format!("  {name}: dtype {}, recorded f32", t.dtype()));
+                    continue;
+                };
+                let want = r["checksum"].as_str().expect("checksum");
+                if format!("{checksum:016x}") != want {
+                    problems.push(format!(
+                        "  {name}: checksum {checksum:016x}, recorded {want} \
+                         (sum {sum} vs {}, sum of squares {sum_sq} vs {})",
+                        r["sum"], r["sum_sq"]
+                    ));
+                }
+            }
+            (None, None) => unreachable!(),
+        }
+    }
+    if !problems.is_empty() {
+        panic!(
+            "the parameters {source} are not the ones the golden output was computed with \
+             ({} of {} tensors differ):\n{}\n\
+             Kiln's parameter initializer (or the model's parameters) changed since \
+             tests/golden/bert_minilm/ was generated (seed {}, recorded in meta.json). If the \
+             change is intended, regenerate the golden files with: {REGENERATE}",
+            problems.len(),
+            names.len(),
+            problems.join("\n"),
+            seed(meta)
+        );
+    }
+}
+
+/// Max |Δ| over all elements; NaN anywhere (on either side) counts as infinitely far.
+fn max_abs_error(got: &Tensor, expected: &Tensor) -> f64 {
+    assert_eq!(got.shape, expected.shape, "{OUTPUT}: shape");
+    let (a, b) = (got.data.to_f64_vec(), expected.data.to_f64_vec());
+    let mut worst = (0.0f64, 0usize);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        let d = if x.is_nan() || y.is_nan() { f64::INFINITY } else { (x - y).abs() };
+        if d > worst.0 {
+            worst = (d, i);
+        }
+    }
+    let (d, i) = worst;
+    let s = &got.shape;
+    eprintln!(
+        "{OUTPUT}: max |kiln - pytorch| = {d:.3e} at [{}, {}, {}] (kiln {}, pytorch {}); tolerance {TOLERANCE:e}",
+        i / (s[1] * s[2]),
+        i / s[2] % s[1],
+        i % s[2],
+        a[i],
+        b[i]
+    );
+    d
+}
+
+fn expected() -> Tensor {
+    let mut e = read_tensors(&root().join(GOLDEN).join("expected.safetensors"));
+    let t = e.remove(OUTPUT).expect("expected.safetensors: last_hidden_state");
+    assert_eq!(t.shape, vec![2, 128, 384]);
+    t
+}
+
+#[test]
+fn bert_minilm_matches_pytorch() {
+    let meta = meta();
+    let overrides = [kiln_lower::Override::parse("batch=2").unwrap()];
+    let (sources, lowered) = kiln_lower::load(&root().join(MODEL), &overrides);
+    let lowered = lowered.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    let graph = &lowered.graph;
+
+    let params = kiln_ir::bind_params(graph, None, seed(&meta), false).unwrap_or_else(|e| panic!("{e}"));
+    check_fingerprint(&params, &meta, &format!("bind_params(seed {}) gives", seed(&meta)));
+
+    let inputs = read_tensors(&root().join(GOLDEN).join("inputs.safetensors"));
+    let outputs =
+        kiln_ir::eval(graph, &kiln_ir::Bindings { inputs, params }).unwrap_or_else(|e| panic!("eval: {e}"));
+    let got = &outputs.iter().find(|(n, _)| n == OUTPUT).expect("output last_hidden_state").1;
+    let err = max_abs_error(got, &expected());
+    assert!(err <= TOLERANCE, "library: max |kiln - pytorch| = {err:e} > {TOLERANCE:e}");
+}
+
+#[test]
+fn bert_minilm_matches_pytorch_cli() {
+    let meta = meta();
+    let tmp =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("golden-bert-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let out = tmp.join("out.safetensors");
+    let saved = tmp.join("params.safetensors");
+    let seed = seed(&meta).to_string();
+    let inputs = format!("{GOLDEN}/inputs.safetensors");
+    let args = [
+        "eval",
+        MODEL,
+        "--set",
+        "batch=2",
+        "--seed",
+        &seed,
+        "--input",
+        &inputs,
+        "--save-params",
+        saved.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .expect("run kiln");
+    assert!(
+        run.status.success(),
+        "kiln {} failed ({}):\n{}{}",
+        args.join(" "),
+        run.status,
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    check_fingerprint(
+        &read_tensors(&saved),
+        &meta,
+        &format!("`kiln eval --seed {seed} --save-params` writes"),
+    );
+    let got = read_tensors(&out).remove(OUTPUT).expect("kiln output: last_hidden_state");
+    let err = max_abs_error(&got, &expected());
+    std::fs::remove_dir_all(&tmp).ok();
+    assert!(err <= TOLERANCE, "cli: max |kiln - pytorch| = {err:e} > {TOLERANCE:e}");
+}

@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""Regenerate the PyTorch golden outputs for models/bert_encoder.ron (tests/golden/bert_minilm/).
+
+The check: Kiln initializes the BERT encoder (all-MiniLM-L6-v2 sizes) from `--seed 0`; the
+exact parameter values it used (`kiln eval --save-params`) are loaded *by name* into a
+Hugging Face `transformers.BertModel` with `load_state_dict(strict=True)`, and the model runs on
+fixed inputs in float32 eager mode. Its `last_hidden_state` is the golden output that
+`tests/golden.rs` compares Kiln against (max |Δ| ≤ 1e-4).
+
+Usage (from anywhere):
+
+    python3 tests/golden/make_bert_golden.py
+
+Python environment: by default this creates `tests/golden/.venv` (git-ignored) and installs the
+exact versions pinned in `tests/golden/requirements.txt`, then re-runs itself inside it. Set
+`KILN_GOLDEN_PYTHON=/path/to/python` to use an existing interpreter that already has exactly
+those versions instead (the script refuses other versions unless KILN_GOLDEN_ALLOW_VERSIONS=1).
+
+Outputs (committed, small):
+    tests/golden/bert_minilm/inputs.safetensors    input_ids, token_type_ids, attention_mask (i64 [2, 128])
+    tests/golden/bert_minilm/expected.safetensors  last_hidden_state (f32 [2, 128, 384])
+    tests/golden/bert_minilm/meta.json             versions, kiln command, seed, parameter fingerprint
+The parameters themselves (~87 MiB) are written to a temporary folder and not kept.
+
+Only the standard library is imported at the top level, so the bootstrap runs under any python3.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+OUT_DIR = HERE / "bert_minilm"
+VENV = HERE / ".venv"
+REQUIREMENTS = HERE / "requirements.txt"
+MODEL = "models/bert_encoder.ron"
+
+SEED = 0  # Kiln's parameter seed (`kiln eval --seed`)
+INPUT_SEED = 20240611  # numpy seed for the token ids
+BATCH, SEQ = 2, 128
+VALID_ROW1 = 77  # row 1 attends to its first 77 tokens; the rest is padding
+VOCAB = 30522
+
+# Set in the re-executed child so the bootstrap cannot loop.
+_INNER = "_KILN_GOLDEN_INNER"
+
+
+def pinned_versions():
+    pins = {}
+    for line in REQUIREMENTS.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[name.strip()] = version.strip()
+    return pins
+
+
+def bootstrap():
+    """Picks the interpreter (KILN_GOLDEN_PYTHON or tests/golden/.venv) and re-runs this script in it."""
+    python = os.environ.get("KILN_GOLDEN_PYTHON")
+    if python:
+        print(f"using KILN_GOLDEN_PYTHON={python}", flush=True)
+    else:
+        python = str(VENV / "bin" / "python")
+        if not Path(python).exists():
+            print(f"creating {VENV}", flush=True)
+            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+            subprocess.run([python, "-m", "pip", "install", "--upgrade", "pip"], check=True)
+        # pip does nothing when the pinned versions are already there.
+        subprocess.run([python, "-m", "pip", "install", "-r", str(REQUIREMENTS)], check=True)
+    env = dict(os.environ, **{_INNER: "1"})
+    sys.exit(subprocess.run([python, str(Path(__file__).resolve())] + sys.argv[1:], env=env).returncode)
+
+
+def run(cmd, **kw):
+    print("+ " + " ".join(str(c) for c in cmd), flush=True)
+    return subprocess.run(cmd, cwd=REPO, check=True, **kw)
+
+
+def param_fingerprint(name, a):
+    """What tests/golden.rs recomputes from Kiln's own parameters.
+
+    `checksum` is exact and independent of summation order: with b_i the little-endian u32 bit
+    pattern of element i (row-major), it is  Σ b_i · (2i + 1)  mod 2^64, as 16 hex digits.
+    `sum` and `sum_sq` (float64) are there for humans; they depend on summation order in the
+    last bits, so the test compares them with a tolerance only.
+    """
+    import numpy as np
+
+    assert a.dtype == np.float32, f"{name}: expected float32, got {a.dtype}"
+    flat = np.ascontiguousarray(a).reshape(-1)
+    bits = flat.view("<u4").astype(np.uint64)
+    weights = np.arange(flat.size, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    with np.errstate(over="ignore"):
+        checksum = int(np.sum(bits * weights, dtype=np.uint64))  # uint64 arithmetic wraps mod 2^64
+    f = flat.astype(np.float64)
+    return {
+        "dtype": "f32",
+        "shape": list(a.shape),
+        "checksum": f"{checksum:016x}",
+        "sum": float(np.sum(f)),
+        "sum_sq": float(np.sum(f * f)),
+    }
+
+
+def make_inputs():
+    import numpy as np
+
+    rng = np.random.default_rng(INPUT_SEED)
+    input_ids = rng.integers(0, VOCAB, size=(BATCH, SEQ), dtype=np.int64)
+    token_type_ids = np.zeros((BATCH, SEQ), dtype=np.int64)
+    token_type_ids[:, SEQ // 2 :] = 1
+    attention_mask = np.ones((BATCH, SEQ), dtype=np.int64)
+    attention_mask[1, VALID_ROW1:] = 0
+    return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+
+
+def git_state():
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "compiler", "src", "models", "Cargo.toml", "Cargo.lock"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return commit, bool(dirty)
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
+def to_json(meta):
+    """meta.json text: indented, but one line per parameter tensor."""
+    tensors = meta["params"]["tensors"]
+    meta = dict(meta, params=dict(meta["params"], tensors="@TENSORS@"))
+    lines = [f"   {json.dumps(k)}: {json.dumps(v)}" for k, v in tensors.items()]
+    text = json.dumps(meta, indent=1).replace('"@TENSORS@"', "{\n" + ",\n".join(lines) + "\n  }")
+    json.loads(text)  # still valid JSON
+    return text + "\n"
+
+
+def main():
+    import numpy as np
+    import safetensors
+    import torch
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "safetensors": safetensors.__version__,
+    }
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
+    pins = pinned_versions()
+    wrong = {
+        k: (versions[k], want)
+        for k, want in pins.items()
+        if k in versions and versions[k].split("+")[0] != want
+    }
+    if wrong and os.environ.get("KILN_GOLDEN_ALLOW_VERSIONS") != "1":
+        sys.exit(f"error: versions differ from {REQUIREMENTS.name}: {wrong} (set KILN_GOLDEN_ALLOW_VERSIONS=1 to go on anyway)")
+
+    # 1. Kiln, release build.
+    run(["cargo", "build", "--release", "--bin", "kiln"])
+    kiln = REPO / "target" / "release" / "kiln"
+
+    # 2. Fixed inputs.
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    inputs = make_inputs()
+    inputs_path = OUT_DIR / "inputs.safetensors"
+    save_file(inputs, str(inputs_path))
+
+    with tempfile.TemporaryDirectory(prefix="kiln-golden-") as tmp:
+        tmp = Path(tmp)
+        params_path = tmp / "params.safetensors"
+        kiln_out = tmp / "kiln_out.safetensors"
+        # The command as recorded in meta.json (paths relative to the repository root).
+        recorded = [
+            "kiln", "eval", MODEL, "--set", "batch=2", "--seed", str(SEED),
+            "--input", str(inputs_path.relative_to(REPO)),
+            "--save-params", "<tmp>/params.safetensors",
+        ]
+        run([str(kiln)] + recorded[1:-1] + [str(params_path), "-o", str(kiln_out)])
+
+        # 3. Kiln's parameters, by name, into Hugging Face BertModel.
+        params = load_file(str(params_path))
+        params_sha256 = hashlib.sha256(params_path.read_bytes()).hexdigest()
+        params_bytes = params_path.stat().st_size
+        kiln_last = load_file(str(kiln_out))["last_hidden_state"]
+
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        hidden_act="gelu",  # exact (erf) GELU, as std.gelu
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)  # HF's own init is overwritten below; seeded only for reproducibility
+    model = transformers.BertModel(config, add_pooling_layer=False)
+    model.config._attn_implementation = "eager"
+    assert model.config._attn_implementation == "eager", model.config._attn_implementation
+
+    # BertEmbeddings has two buffers, `embeddings.position_ids` (arange) and
+    # `embeddings.token_type_ids` (zeros). In this transformers version both are registered with
+    # persistent=False, so they are not part of state_dict() and strict loading neither expects
+    # nor accepts them. We assert that here rather than silently dropping names.
+    hf_names = set(model.state_dict().keys())
+    for buf in ("embeddings.position_ids", "embeddings.token_type_ids"):
+        assert buf not in hf_names, f"{buf} is in HF's state_dict: handle it explicitly"
+    kiln_names = set(params.keys())
+    if kiln_names != hf_names:
+        print("error: Kiln's parameter names differ from HF BertModel's state_dict:", file=sys.stderr)
+        for n in sorted(kiln_names - hf_names):
+            print(f"  only in Kiln: {n} {params[n].shape}", file=sys.stderr)
+        for n in sorted(hf_names - kiln_names):
+            print(f"  only in HF:   {n} {tuple(model.state_dict()[n].shape)}", file=sys.stderr)
+        sys.exit(1)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}
+    result = model.load_state_dict(state, strict=True)  # raises on missing/unexpected/shape mismatch
+    assert not result.missing_keys and not result.unexpected_keys, result
+    model.eval()
+    model.float()
+
+    t = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    with torch.no_grad():
+        out = model(
+            input_ids=t["input_ids"], token_type_ids=t["token_type_ids"], attention_mask=t["attention_mask"]
+        ).last_hidden_state
+    assert out.dtype == torch.float32 and tuple(out.shape) == (BATCH, SEQ, 384), (out.dtype, out.shape)
+    expected = out.numpy().astype(np.float32)
+
+    # Diagnostics (recorded, not tested): float32 noise of PyTorch itself (vs a float64 run of
+    # the same model), and how far Kiln's own output was at generation time.
+    model64 = transformers.BertModel(config, add_pooling_layer=False)
+    model64.config._attn_implementation = "eager"
+    model64.load_state_dict(state, strict=True)
+    model64.eval().double()
+    with torch.no_grad():
+        out64 = model64(
+            input_ids=t["input_ids"], token_type_ids=t["token_type_ids"], attention_mask=t["attention_mask"]
+        ).last_hidden_state.numpy()
+    torch_f32_vs_f64 = float(np.max(np.abs(expected.astype(np.float64) - out64)))
+    kiln_vs_torch = float(np.max(np.abs(kiln_last.astype(np.float64) - expected)))
+    kiln_vs_torch64 = float(np.max(np.abs(kiln_last.astype(np.float64) - out64)))
+    print(f"max |torch f32 - torch f64| = {torch_f32_vs_f64:.3e}")
+    print(f"max |kiln - torch f32|      = {kiln_vs_torch:.3e}")
+    print(f"max |kiln - torch f64|      = {kiln_vs_torch64:.3e}")
+
+    expected_path = OUT_DIR / "expected.safetensors"
+    save_file({"last_hidden_state": expected}, str(expected_path))
+
+    commit, dirty = git_state()
+    meta = {
+        "description": "Hugging Face BertModel (float32, eager attention, eval) with Kiln's seeded "
+        "parameters for models/bert_encoder.ron; see tests/golden/README.md",
+        "model": MODEL,
+        "seed": SEED,
+        "kiln_command": " ".join(recorded),
+        "kiln_git_commit": commit,
+        "kiln_worktree_dirty": dirty,
+        "inputs": {
+            "file": "inputs.safetensors",
+            "batch": BATCH,
+            "seq": SEQ,
+            "input_ids": f"numpy.random.default_rng({INPUT_SEED}).integers(0, {VOCAB}, size=({BATCH}, {SEQ}))",
+            "token_type_ids": f"0 for positions < {SEQ // 2}, 1 after",
+            "attention_mask": f"row 0 all ones; row 1 ones for the first {VALID_ROW1} tokens, then zeros",
+        },
+        "expected": {"file": "expected.safetensors", "output": "last_hidden_state", "tolerance_max_abs": 1e-4},
+        "reference": {
+            "class": "transformers.BertModel(add_pooling_layer=False)",
+            "attn_implementation": model.config._attn_implementation,
+            "dtype": "float32",
+            "torch_num_threads": torch.get_num_threads(),
+        },
+        "versions": versions,
+        "platform": platform.platform(),
+        "diagnostics": {
+            "max_abs_torch_f32_vs_torch_f64": torch_f32_vs_f64,
+            "max_abs_kiln_vs_torch_f32": kiln_vs_torch,
+            "max_abs_kiln_vs_torch_f64": kiln_vs_torch64,
+        },
+        "params": {
+            "count": len(params),
+            "values": int(sum(v.size for v in params.values())),
+            "file_sha256": params_sha256,
+            "file_bytes": params_bytes,
+            "fingerprint_doc": "per tensor: checksum = sum_i u32bits(x_i) * (2i+1) mod 2^64 "
+            "(row-major, hex), sum and sum_sq in float64",
+            "tensors": {k: param_fingerprint(k, params[k]) for k in sorted(params)},
+        },
+    }
+    (OUT_DIR / "meta.json").write_text(to_json(meta))
+    for p in (inputs_path, expected_path, OUT_DIR / "meta.json"):
+        print(f"wrote {p.relative_to(REPO)} ({p.stat().st_size} bytes)")
+
+
+if __name__ == "__main__":
+    if os.environ.get(_INNER) == "1":
+        main()
+    else:
+        bootstrap()

@@ -1,0 +1,239 @@
+//! Spec files in, expected text out: every shipped model's IR, every class of spec error,
+//! and the CLI's exit codes. Update snapshots with `INSTA_UPDATE=always cargo test --test specs`
+//! (or `cargo insta review`).
+
+use kiln_lower::Override;
+use std::path::Path;
+use std::process::Command;
+
+/// Lowers a file and renders every diagnostic (errors and warnings) as the CLI prints them.
+fn diagnostics_of(path: &Path) -> (Vec<kiln_spec::Diagnostic>, String) {
+    let (sources, result) = kiln_lower::load(path, &[]);
+    let diags = match result {
+        Ok(l) => l.warnings,
+        Err(d) => d.0,
+    };
+    let rendered = kiln_spec::Diagnostics(diags.clone()).render(&sources);
+    let located = diags
+        .iter()
+        .map(|d| {
+            let (loc, _) = d.span.as_ref().map(|(s, l)| (sources.location(*s), l)).unzip();
+            (d.clone(), loc)
+        })
+        .collect::<Vec<_>>();
+    // Keep the location alongside the diagnostic for the header check.
+    let list = located
+        .into_iter()
+        .map(|(mut d, loc)| {
+            if let Some(loc) = loc {
+                d.notes.insert(0, format!("@ {}:{}", loc.line, loc.col));
+            }
+            d
+        })
+        .collect();
+    (list, rendered)
+}
+
+/// The `// error: MESSAGE @ LINE:COL` (or `// warning: …`) header lines of a case file.
+fn expectations(text: &str) -> Vec<(String, String, String)> {
+    text.lines()
+        .take_while(|l| l.starts_with("//"))
+        .filter_map(|l| {
+            let l = l.trim_start_matches("//").trim();
+            let (kind, rest) = l.split_once(": ")?;
+            let (msg, at) = rest.rsplit_once(" @ ")?;
+            Some((kind.to_string(), msg.to_string(), at.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn every_error_case_reports_its_message_at_its_position() {
+    insta::glob!("specs/errors/*.ron", |path| {
+        // Relative to the package root, so renderings do not depend on where the checkout is.
+        let path = path.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap_or(path);
+        let text = std::fs::read_to_string(path).expect("case file is readable");
+        let expected = expectations(&text);
+        assert!(!expected.is_empty(), "{}: no `// error: MESSAGE @ LINE:COL` header", path.display());
+        let (diags, rendered) = diagnostics_of(path);
+        for (kind, msg, at) in &expected {
+            let found = diags.iter().any(|d| {
+                let k = if d.is_error() { "error" } else { "warning" };
+                k == kind && &d.message == msg && d.notes.first() == Some(&format!("@ {at}"))
+            });
+            assert!(
+                found,
+                "{}: expected {kind} `{msg}` at {at}; got:\n{}",
+                path.display(),
+                diags
+                    .iter()
+                    .map(|d| format!("  {} {}", d.message, d.notes.first().cloned().unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        // The whole rendering: message, file:line:col, the source line and the caret.
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        assert!(rendered.contains(&format!("tests/specs/errors/{name}:")), "{rendered}");
+        insta::assert_snapshot!(rendered);
+    });
+}
+
+fn shipped_models() -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir("models")
+        .expect("models/ exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "ron") && p.file_stem().is_some_and(|s| s != "std"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn every_shipped_model_lowers_and_matches_its_ir_snapshot() {
+    let models = shipped_models();
+    assert!(models.len() >= 6, "expected the six shipped models, found {models:?}");
+    for path in models {
+        let (sources, result) = kiln_lower::load(&path, &[]);
+        let lowered = result.unwrap_or_else(|d| panic!("{}:\n{}", path.display(), d.render(&sources)));
+        assert!(lowered.warnings.iter().all(|w| !w.is_error()));
+        let text = kiln_ir::print::to_text(&lowered.graph, Default::default());
+        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        insta::assert_snapshot!(format!("ir_{name}"), text);
+    }
+}
+
+#[test]
+fn every_shipped_model_is_plain_ron_and_starts_with_a_comment() {
+    for path in shipped_models().into_iter().chain([Path::new("models/std.ron").to_path_buf()]) {
+        let text = std::fs::read_to_string(&path).expect("readable");
+        assert!(text.starts_with("//"), "{}: no header comment", path.display());
+        ron::from_str::<ron::Value>(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}
+
+#[test]
+fn overrides_change_the_graph_and_bad_overrides_are_errors() {
+    let set = |s: &str| Override::parse(s).expect("name=value");
+    let (_, r) = kiln_lower::load(Path::new("models/bert_encoder.ron"), &[set("layers=2"), set("seq=16")]);
+    let g = r.expect("lowers").graph;
+    let out = g.outputs[0].1;
+    assert_eq!(g.ty(out).shape, vec![1, 16, 384]);
+    assert_eq!(g.params().len(), 5 + 2 * 16, "embeddings (3 tables + LayerNorm) and 16 tensors per layer");
+    let (sources, r) = kiln_lower::load(Path::new("models/bert_encoder.ron"), &[set("layer=2")]);
+    let msg = r.expect_err("unknown config").render(&sources);
+    assert!(msg.contains("--set layer: the model has no config `layer` (did you mean `layers`?)"), "{msg}");
+}
+
+// ------------------------------------------------------------------ the CLI
+
+fn kiln(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("kiln runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("kiln-specs-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+#[test]
+fn cli_reports_spec_errors_with_exit_code_1() {
+    let (code, out, err) = kiln(&["check", "tests/specs/errors/unknown_op.ron"]);
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    assert!(err.contains("error: unknown op `Sofmax`"), "{err}");
+    assert!(err.contains("tests/specs/errors/unknown_op.ron:6:18"), "{err}");
+
+}
+
+#[test]
+fn cli_reports_an_unreadable_model_or_input_file() {
+    let (code, _, err) = kiln(&["check", "no/such/model.ron"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("error: cannot read `no/such/model.ron`: No such file or directory"), "{err}");
+    let (code, _, err) = kiln(&["eval", "models/mlp.ron", "--input", "image=no/such/image.npy"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no/such/image.npy"), "{err}");
+    assert!(err.contains("No such file or directory"), "{err}");
+}
+
+#[test]
+fn cli_reports_missing_and_mismatched_weights() {
+    let dir = temp_dir("weights");
+    let params = dir.join("params.safetensors");
+    let p = params.to_str().expect("utf-8 path");
+    let (code, _, err) = kiln(&["eval", "models/mlp.ron", "--save-params", p]);
+    assert_eq!(code, 0, "{err}");
+    // The same weights load back, and give the same outputs.
+    let (code, _, err) = kiln(&["eval", "models/mlp.ron", "--weights", p]);
+    assert_eq!(code, 0, "{err}");
+    // A smaller model does not use fc3 and has a different fc2: clear errors listing names.
+    let (code, _, err) = kiln(&["eval", "models/mlp.ron", "--weights", p, "--set", "hidden2=64"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("fc2.weight"), "{err}");
+    assert!(err.contains("[128, 256]") && err.contains("[64, 256]"), "{err}");
+    // A model with parameters the file lacks.
+    let (code, _, err) = kiln(&["eval", "models/lstm.ron", "--weights", p]);
+    assert_eq!(code, 1);
+    assert!(err.contains("missing weights"), "{err}");
+    assert!(err.contains("lstm.weight_ih"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn cli_usage_errors_exit_with_2_and_help_is_there() {
+    let (code, _, _) = kiln(&["frobnicate"]);
+    assert_eq!(code, 2);
+    let (code, _, err) = kiln(&["check", "models/mlp.ron", "--set", "nonsense"]);
+    assert_eq!(code, 2, "{err}");
+    for cmd in [&["help"][..], &["--help"], &["check", "--help"], &["inspect", "--help"], &["eval", "--help"]] {
+        let (code, out, _) = kiln(cmd);
+        assert_eq!(code, 0, "{cmd:?}");
+        assert!(out.contains("Usage"), "{cmd:?}: {out}");
+    }
+}
+
+#[test]
+fn cli_inspect_prints_every_format() {
+    let (code, out, _) = kiln(&["inspect", "models/mlp.ron", "--stage", "ir"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("graph mlp {"), "{out}");
+    let (code, out, _) = kiln(&["inspect", "models/mlp.ron", "--format", "dot"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("digraph \"mlp\""), "{out}");
+    let (code, out, _) = kiln(&["inspect", "models/mlp.ron", "--format", "json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+    assert_eq!(v["name"], "mlp");
+    assert_eq!(v["outputs"].as_array().map(Vec::len), Some(2));
+    let (code, out, _) = kiln(&["inspect", "models/bert_encoder.ron", "--stage", "spec"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("module layer calls: std.linear, std.attention, std.layer_norm, std.gelu"), "{out}");
+    let (code, out, _) = kiln(&["inspect", "models/mlp.ron", "--stage", "ir", "--origins"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("# logits models/std.ron:"), "{out}");
+}
+
+#[test]
+fn cli_eval_writes_outputs_in_every_format() {
+    let dir = temp_dir("outputs");
+    let st = dir.join("out.safetensors");
+    let (code, out, err) = kiln(&["eval", "models/mlp.ron", "-o", st.to_str().unwrap_or_default()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("logits: f32[8, 10]"), "{out}");
+    assert!(out.contains("mean") && out.contains("std"), "{out}");
+    assert!(err.contains("input `image` not given: filled with standard normal values (seed 0)"), "{err}");
+    let read = kiln_ir::tensor_io::read_safetensors(&st).expect("readable outputs");
+    assert_eq!(read.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), vec!["logits", "probs"]);
+    // Feed one output back as an input file: the image of a second model run.
+    let folder = dir.join("each");
+    let (code, _, err) = kiln(&["eval", "models/mlp.ron", "-o", folder.to_str().unwrap_or_default()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(folder.join("logits.npy").is_file() && folder.join("probs.npy").is_file());
+    let _ = std::fs::remove_dir_all(dir);
+}
