@@ -99,7 +99,15 @@ fn summary(l: &Lowered) -> String {
     let _ = writeln!(s, "ops ({} nodes): {}", g.node_count(), ops.join(", "));
     if let Some(t) = &l.training {
         let hyper: Vec<String> = t.hyper.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let _ = writeln!(s, "training: {:?}, optimizer {} ({})", t.loss, t.optimizer, hyper.join(", "));
+        let schedule = match &t.schedule {
+            Some((kind, args)) => {
+                let a: Vec<String> = args.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!(", schedule {kind} ({})", a.join(", "))
+            }
+            None => String::new(),
+        };
+        let _ =
+            writeln!(s, "training: {:?}, optimizer {} ({}){schedule}", t.loss, t.optimizer, hyper.join(", "));
     }
     s
 }
@@ -174,7 +182,10 @@ fn spec_view(model: &Path, l: &Lowered, format: Format) -> Result<String, Failur
             let v = serde_json::json!({
                 "name": spec.name.name,
                 "config": l.config.iter().map(|(k, v)| (k.clone(), v.to_string())).collect::<BTreeMap<_, _>>(),
-                "inputs": g.inputs.iter().map(|&i| serde_json::json!({"name": g.node(i).op.attrs()[0].1.trim_matches('"'), "type": g.ty(i).to_string()})).collect::<Vec<_>>(),
+                "inputs": g.inputs.iter().filter_map(|&i| match &g.node(i).op {
+                    Op::Input { name, .. } => Some(serde_json::json!({"name": name, "type": g.ty(i).to_string()})),
+                    _ => None,
+                }).collect::<Vec<_>>(),
                 "outputs": g.outputs.iter().map(|(n, i)| serde_json::json!({"name": n, "type": g.ty(*i).to_string()})).collect::<Vec<_>>(),
                 "uses": spec.uses.iter().map(|u| u.name.clone()).collect::<Vec<_>>(),
                 "modules": modules.iter().map(|(m, c)| serde_json::json!({"name": m, "calls": c})).collect::<Vec<_>>(),
@@ -204,7 +215,9 @@ fn spec_view(model: &Path, l: &Lowered, format: Format) -> Result<String, Failur
             let uses: Vec<&str> = spec.uses.iter().map(|u| u.name.as_str()).collect();
             let _ = writeln!(s, "uses: {}", if uses.is_empty() { "-".into() } else { uses.join(", ") });
             for &i in &g.inputs {
-                let _ = writeln!(s, "input {}", g.ty(i));
+                if let Op::Input { name, .. } = &g.node(i).op {
+                    let _ = writeln!(s, "input {name}: {}", g.ty(i));
+                }
             }
             for (m, calls) in &modules {
                 let _ = writeln!(
@@ -274,7 +287,13 @@ pub struct EvalArgs {
 }
 
 pub fn eval(a: &EvalArgs) -> Result<(), Failure> {
-    let l = load(&a.model, &a.set)?;
+    // One seed for everything random in a run: parameters, filled-in inputs and the model's
+    // own random ops (dropout), unless the model's `seed` is set explicitly.
+    let mut set = a.set.clone();
+    if !set.iter().any(|s| s.trim_start().starts_with("seed=")) {
+        set.push(format!("seed={}", a.seed));
+    }
+    let l = load(&a.model, &set)?;
     let g = &l.graph;
     let mut given: HashMap<String, Tensor> = HashMap::new();
     for spec in &a.inputs {

@@ -148,7 +148,6 @@ fn cli_reports_spec_errors_with_exit_code_1() {
     assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
     assert!(err.contains("error: unknown op `Sofmax`"), "{err}");
     assert!(err.contains("tests/specs/errors/unknown_op.ron:6:18"), "{err}");
-
 }
 
 #[test]
@@ -191,7 +190,8 @@ fn cli_usage_errors_exit_with_2_and_help_is_there() {
     assert_eq!(code, 2);
     let (code, _, err) = kiln(&["check", "models/mlp.ron", "--set", "nonsense"]);
     assert_eq!(code, 2, "{err}");
-    for cmd in [&["help"][..], &["--help"], &["check", "--help"], &["inspect", "--help"], &["eval", "--help"]] {
+    for cmd in [&["help"][..], &["--help"], &["check", "--help"], &["inspect", "--help"], &["eval", "--help"]]
+    {
         let (code, out, _) = kiln(cmd);
         assert_eq!(code, 0, "{cmd:?}");
         assert!(out.contains("Usage"), "{cmd:?}: {out}");
@@ -236,4 +236,105 @@ fn cli_eval_writes_outputs_in_every_format() {
     assert_eq!(code, 0, "{err}");
     assert!(folder.join("logits.npy").is_file() && folder.join("probs.npy").is_file());
     let _ = std::fs::remove_dir_all(dir);
+}
+
+// ------------------------------------------------------------------ docs and robustness
+
+#[test]
+fn every_op_of_the_language_is_documented() {
+    let doc = std::fs::read_to_string("docs/spec-language.md").expect("docs/spec-language.md exists");
+    let missing: Vec<&str> = kiln_spec::ops::OPS
+        .iter()
+        .map(|o| o.name)
+        .filter(|name| !doc.lines().any(|l| l.trim() == format!("### {name}")))
+        .collect();
+    assert!(missing.is_empty(), "ops without a `### Name` section in docs/spec-language.md: {missing:?}");
+}
+
+/// Lowers text as a model, asserting only that the front end returns (no panic, no hang).
+fn front_end(text: &str) {
+    let (sources, result) = kiln_lower::load_str("fuzz.ron", text, &[]);
+    if let Err(d) = result {
+        // Rendering must not panic either, whatever the spans are.
+        let _ = d.render(&sources);
+    }
+}
+
+/// Pieces of the language to splice into a model: tokens, ops, odd numbers and expressions.
+const FRAGMENTS: &[&str] = &[
+    "(",
+    ")",
+    "[",
+    "]",
+    "{",
+    "}",
+    ",",
+    ":",
+    "\"",
+    "\"x\"",
+    "-1",
+    "0",
+    "1e309",
+    "-0.0",
+    "9223372036854775807",
+    "Add(\"x\", \"x\")",
+    "Reshape(\"x\", [-1, -1])",
+    "Slice(x: \"x\", axis: 9)",
+    "\"dim(x, 99)\"",
+    "\"1 / 0\"",
+    "\"2 ** 64\"",
+    "\"d // 0\"",
+    "Param(shape: [99999999999, 99999999999])",
+    "Call(fn: \"std.linear\", args: [])",
+    "Repeat(n: 1000000000, body: [])",
+    "Split(x: \"x\", axis: 0, sizes: 0)",
+    "Transpose(\"x\", [0, 0])",
+    "Concat(xs: [], axis: 0)",
+    "Gather(\"x\", 1.5)",
+    "Conv2d(x: \"x\", w: \"x\", groups: 0)",
+    "MaxPool2d(x: \"x\", kernel: 0)",
+    "Iota(shape: [3], axis: -4)",
+    "Const([[1], [2, 3]])",
+    "If(cond: 1, then: 1, else: 2)",
+    "Scalar(\"inf\")",
+    "/*",
+    "//",
+    "r#\"",
+    "'",
+    "\\u{110000}",
+    "Let(\"x\", \"x\")",
+    "𝕜",
+    "\u{0}",
+];
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: std::env::var("KILN_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(192), ..Default::default() })]
+
+    #[test]
+    fn front_end_never_panics_on_random_text(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+        front_end(&String::from_utf8_lossy(&bytes));
+    }
+
+    #[test]
+    fn front_end_never_panics_on_mutated_models(
+        model in 0usize..6,
+        edits in proptest::collection::vec((0usize..100_000, 0usize..40, 0usize..FRAGMENTS.len(), 0u8..3), 1..6),
+    ) {
+        let models = ["mlp", "lstm", "resnet_block", "seed_transformer", "bert_encoder", "gpt2"];
+        let mut text = std::fs::read_to_string(format!("models/{}.ron", models[model])).expect("model");
+        // Keep the unrolled graphs small so each case stays fast.
+        text = text.replace("\"layers\": 12", "\"layers\": 1").replace("\"layers\": 6", "\"layers\": 1");
+        for (at, len, frag, kind) in edits {
+            let mut at = at % (text.len() + 1);
+            while !text.is_char_boundary(at) { at -= 1; }
+            let mut end = (at + len).min(text.len());
+            while !text.is_char_boundary(end) { end -= 1; }
+            match kind {
+                0 => text.replace_range(at..end, ""),
+                1 => text.insert_str(at, FRAGMENTS[frag]),
+                _ => text.replace_range(at..end, FRAGMENTS[frag]),
+            }
+        }
+        front_end(&text);
+    }
 }

@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """Regenerate the PyTorch golden outputs for models/bert_encoder.ron (tests/golden/bert_minilm/).
 
-The check: Kiln initializes the BERT encoder (all-MiniLM-L6-v2 sizes) from `--seed 0`; the
-exact parameter values it used (`kiln eval --save-params`) are loaded *by name* into a
-Hugging Face `transformers.BertModel` with `load_state_dict(strict=True)`, and the model runs on
-fixed inputs in float32 eager mode. Its `last_hidden_state` is the golden output that
-`tests/golden.rs` compares Kiln against (max |Δ| ≤ 1e-4).
+The check: Kiln initializes the BERT encoder (all-MiniLM-L6-v2 sizes) from `--seed 0`, except
+the LayerNorm parameters: Kiln would set every LayerNorm weight to 1 and bias to 0, which would
+leave the affine part of LayerNorm untested, so this script draws random values for them
+(seeded numpy, weight = 1 + 0.1·N(0,1), bias = 0.1·N(0,1)), writes them to
+`layernorm.safetensors`, and Kiln loads them by name (`--weights … --init-missing`). The exact
+parameter values Kiln used (`kiln eval --save-params`) are loaded *by name* into a Hugging Face
+`transformers.BertModel` with `load_state_dict(strict=True)`, and the model runs on fixed inputs
+in float32 eager mode. Its `last_hidden_state` is the golden output that `tests/golden.rs`
+compares Kiln against (max |Δ| ≤ 1e-5).
 
 Usage (from anywhere):
 
@@ -18,13 +22,15 @@ those versions instead (the script refuses other versions unless KILN_GOLDEN_ALL
 
 Outputs (committed, small):
     tests/golden/bert_minilm/inputs.safetensors    input_ids, token_type_ids, attention_mask (i64 [2, 128])
+    tests/golden/bert_minilm/layernorm.safetensors the 26 LayerNorm weights and biases (f32 [384])
     tests/golden/bert_minilm/expected.safetensors  last_hidden_state (f32 [2, 128, 384])
     tests/golden/bert_minilm/meta.json             versions, kiln command, seed, parameter fingerprint
-The parameters themselves (~87 MiB) are written to a temporary folder and not kept.
+The parameters themselves (~86 MiB) are written to a temporary folder and not kept.
 
 Only the standard library is imported at the top level, so the bootstrap runs under any python3.
 """
 
+import copy
 import hashlib
 import json
 import os
@@ -46,6 +52,10 @@ INPUT_SEED = 20240611  # numpy seed for the token ids
 BATCH, SEQ = 2, 128
 VALID_ROW1 = 77  # row 1 attends to its first 77 tokens; the rest is padding
 VOCAB = 30522
+HIDDEN = 384
+LAYERNORM_SEED = 20240612  # numpy seed for the LayerNorm weights and biases
+LAYERNORM_PAIRS = 13  # embeddings + 2 per encoder layer
+TOLERANCE = 1e-5  # max |kiln - pytorch| allowed by tests/golden.rs (TOLERANCE there)
 
 # Set in the re-executed child so the bootstrap cannot loop.
 _INNER = "_KILN_GOLDEN_INNER"
@@ -121,6 +131,29 @@ def make_inputs():
     return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
 
 
+def make_layernorm(names):
+    """Random LayerNorm parameters, so that the golden output depends on LayerNorm's affine part.
+
+    `names` are the model's parameter names ending in `LayerNorm.weight` / `LayerNorm.bias`.
+    One numpy generator seeded with LAYERNORM_SEED; in sorted name order, each tensor takes
+    HIDDEN standard normals z (float64), then weight = 1 + 0.1·z, bias = 0.1·z, cast to float32.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(LAYERNORM_SEED)
+    out = {}
+    for name in sorted(names):
+        z = rng.standard_normal(HIDDEN)
+        if name.endswith("LayerNorm.weight"):
+            v = 1.0 + 0.1 * z
+        elif name.endswith("LayerNorm.bias"):
+            v = 0.1 * z
+        else:
+            raise AssertionError(f"not a LayerNorm parameter: {name}")
+        out[name] = v.astype(np.float32)
+    return out
+
+
 def git_state():
     try:
         commit = subprocess.run(
@@ -182,27 +215,9 @@ def main():
     inputs_path = OUT_DIR / "inputs.safetensors"
     save_file(inputs, str(inputs_path))
 
-    with tempfile.TemporaryDirectory(prefix="kiln-golden-") as tmp:
-        tmp = Path(tmp)
-        params_path = tmp / "params.safetensors"
-        kiln_out = tmp / "kiln_out.safetensors"
-        # The command as recorded in meta.json (paths relative to the repository root).
-        recorded = [
-            "kiln", "eval", MODEL, "--set", "batch=2", "--seed", str(SEED),
-            "--input", str(inputs_path.relative_to(REPO)),
-            "--save-params", "<tmp>/params.safetensors",
-        ]
-        run([str(kiln)] + recorded[1:-1] + [str(params_path), "-o", str(kiln_out)])
-
-        # 3. Kiln's parameters, by name, into Hugging Face BertModel.
-        params = load_file(str(params_path))
-        params_sha256 = hashlib.sha256(params_path.read_bytes()).hexdigest()
-        params_bytes = params_path.stat().st_size
-        kiln_last = load_file(str(kiln_out))["last_hidden_state"]
-
     config = transformers.BertConfig(
-        vocab_size=30522,
-        hidden_size=384,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
         num_hidden_layers=6,
         num_attention_heads=12,
         intermediate_size=1536,
@@ -218,6 +233,43 @@ def main():
     model = transformers.BertModel(config, add_pooling_layer=False)
     model.config._attn_implementation = "eager"
     assert model.config._attn_implementation == "eager", model.config._attn_implementation
+
+    # 3. Random LayerNorm parameters, by the names HF BertModel (and, checked below, Kiln) uses.
+    hf_state = model.state_dict()
+    ln_names = [n for n in hf_state if n.endswith("LayerNorm.weight") or n.endswith("LayerNorm.bias")]
+    assert len(ln_names) == 2 * LAYERNORM_PAIRS, ln_names
+    for n in ln_names:
+        assert tuple(hf_state[n].shape) == (HIDDEN,), (n, hf_state[n].shape)
+    layernorm = make_layernorm(ln_names)
+    layernorm_path = OUT_DIR / "layernorm.safetensors"
+    save_file(layernorm, str(layernorm_path))
+    layernorm_sha256 = hashlib.sha256(layernorm_path.read_bytes()).hexdigest()
+
+    # 4. Kiln: LayerNorm parameters from the file, the rest initialized from the seed.
+    with tempfile.TemporaryDirectory(prefix="kiln-golden-") as tmp:
+        tmp = Path(tmp)
+        params_path = tmp / "params.safetensors"
+        kiln_out = tmp / "kiln_out.safetensors"
+        # The command as recorded in meta.json (paths relative to the repository root).
+        recorded = [
+            "kiln", "eval", MODEL, "--set", "batch=2", "--seed", str(SEED),
+            "--input", str(inputs_path.relative_to(REPO)),
+            "--weights", str(layernorm_path.relative_to(REPO)), "--init-missing",
+            "--save-params", "<tmp>/params.safetensors",
+        ]
+        run([str(kiln)] + recorded[1:-1] + [str(params_path), "-o", str(kiln_out)])
+
+        # 5. Kiln's parameters, by name, into Hugging Face BertModel.
+        params = load_file(str(params_path))
+        params_sha256 = hashlib.sha256(params_path.read_bytes()).hexdigest()
+        params_bytes = params_path.stat().st_size
+        kiln_last = load_file(str(kiln_out))["last_hidden_state"]
+
+    # Kiln must have used the LayerNorm values from the file, bit for bit.
+    for n, v in layernorm.items():
+        assert n in params, f"{n}: not among Kiln's parameters"
+        assert params[n].dtype == np.float32 and params[n].shape == v.shape, (n, params[n].dtype, params[n].shape)
+        assert np.array_equal(params[n].view("<u4"), v.view("<u4")), f"{n}: Kiln did not use the file's values"
 
     # BertEmbeddings has two buffers, `embeddings.position_ids` (arange) and
     # `embeddings.token_type_ids` (zeros). In this transformers version both are registered with
@@ -249,21 +301,53 @@ def main():
     expected = out.numpy().astype(np.float32)
 
     # Diagnostics (recorded, not tested): float32 noise of PyTorch itself (vs a float64 run of
-    # the same model), and how far Kiln's own output was at generation time.
-    model64 = transformers.BertModel(config, add_pooling_layer=False)
-    model64.config._attn_implementation = "eager"
-    model64.load_state_dict(state, strict=True)
-    model64.eval().double()
-    with torch.no_grad():
-        out64 = model64(
-            input_ids=t["input_ids"], token_type_ids=t["token_type_ids"], attention_mask=t["attention_mask"]
-        ).last_hidden_state.numpy()
-    torch_f32_vs_f64 = float(np.max(np.abs(expected.astype(np.float64) - out64)))
-    kiln_vs_torch = float(np.max(np.abs(kiln_last.astype(np.float64) - expected)))
-    kiln_vs_torch64 = float(np.max(np.abs(kiln_last.astype(np.float64) - out64)))
+    # the same model), how far Kiln's own output was at generation time, and how far the
+    # reference moves under plausible implementation mistakes (each should exceed TOLERANCE).
+    def reference(config_changes=None, state_changes=None, mask=True, double=False):
+        cfg = copy.deepcopy(config)
+        for k, v in (config_changes or {}).items():
+            setattr(cfg, k, v)
+        m = transformers.BertModel(cfg, add_pooling_layer=False)
+        m.config._attn_implementation = "eager"
+        m.load_state_dict({**state, **(state_changes or {})}, strict=True)
+        m.eval()
+        if double:
+            m.double()
+        else:
+            m.float()
+        with torch.no_grad():
+            return m(
+                input_ids=t["input_ids"],
+                token_type_ids=t["token_type_ids"],
+                attention_mask=t["attention_mask"] if mask else None,
+            ).last_hidden_state.numpy().astype(np.float64)
+
+    def max_abs(a, b):
+        return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+
+    out64 = reference(double=True)
+    torch_f32_vs_f64 = max_abs(expected, out64)
+    kiln_vs_torch = max_abs(kiln_last, expected)
+    kiln_vs_torch64 = max_abs(kiln_last, out64)
     print(f"max |torch f32 - torch f64| = {torch_f32_vs_f64:.3e}")
-    print(f"max |kiln - torch f32|      = {kiln_vs_torch:.3e}")
+    print(f"max |kiln - torch f32|      = {kiln_vs_torch:.3e}  (tolerance {TOLERANCE:.0e})")
     print(f"max |kiln - torch f64|      = {kiln_vs_torch64:.3e}")
+    if kiln_vs_torch > TOLERANCE:
+        print(f"WARNING: Kiln is outside the tolerance ({kiln_vs_torch:.3e} > {TOLERANCE:.0e}): "
+              "tests/golden.rs will fail", flush=True)
+    identity_ln = {
+        n: torch.ones(HIDDEN) if n.endswith(".weight") else torch.zeros(HIDDEN) for n in layernorm
+    }
+    variants = {
+        "layer_norm_eps_1e-5": reference(config_changes={"layer_norm_eps": 1e-5}),
+        "gelu_tanh_approximation": reference(config_changes={"hidden_act": "gelu_pytorch_tanh"}),
+        "layernorm_weight_1_bias_0": reference(state_changes=identity_ln),
+        "no_attention_mask": reference(mask=False),
+    }
+    variant_errors = {k: max_abs(v, expected) for k, v in variants.items()}
+    for k, e in variant_errors.items():
+        caught = "caught" if e > TOLERANCE else "NOT CAUGHT"
+        print(f"max |{k} - torch f32| = {e:.3e} ({caught} at {TOLERANCE:.0e})")
 
     expected_path = OUT_DIR / "expected.safetensors"
     save_file({"last_hidden_state": expected}, str(expected_path))
@@ -271,7 +355,8 @@ def main():
     commit, dirty = git_state()
     meta = {
         "description": "Hugging Face BertModel (float32, eager attention, eval) with Kiln's seeded "
-        "parameters for models/bert_encoder.ron; see tests/golden/README.md",
+        "parameters (LayerNorm parameters random, from layernorm.safetensors) for "
+        "models/bert_encoder.ron; see tests/golden/README.md",
         "model": MODEL,
         "seed": SEED,
         "kiln_command": " ".join(recorded),
@@ -285,7 +370,17 @@ def main():
             "token_type_ids": f"0 for positions < {SEQ // 2}, 1 after",
             "attention_mask": f"row 0 all ones; row 1 ones for the first {VALID_ROW1} tokens, then zeros",
         },
-        "expected": {"file": "expected.safetensors", "output": "last_hidden_state", "tolerance_max_abs": 1e-4},
+        "layernorm": {
+            "file": "layernorm.safetensors",
+            "kiln_args": "--weights tests/golden/bert_minilm/layernorm.safetensors --init-missing",
+            "seed": LAYERNORM_SEED,
+            "generation": f"numpy.random.default_rng({LAYERNORM_SEED}); for each name in sorted order, "
+            f"z = standard_normal({HIDDEN}) (float64); weight = 1 + 0.1*z, bias = 0.1*z; cast to float32",
+            "tensors": len(layernorm),
+            "file_sha256": layernorm_sha256,
+            "file_bytes": layernorm_path.stat().st_size,
+        },
+        "expected": {"file": "expected.safetensors", "output": "last_hidden_state", "tolerance_max_abs": TOLERANCE},
         "reference": {
             "class": "transformers.BertModel(add_pooling_layer=False)",
             "attn_implementation": model.config._attn_implementation,
@@ -298,6 +393,7 @@ def main():
             "max_abs_torch_f32_vs_torch_f64": torch_f32_vs_f64,
             "max_abs_kiln_vs_torch_f32": kiln_vs_torch,
             "max_abs_kiln_vs_torch_f64": kiln_vs_torch64,
+            "max_abs_reference_variant_vs_torch_f32": variant_errors,
         },
         "params": {
             "count": len(params),
@@ -310,7 +406,7 @@ def main():
         },
     }
     (OUT_DIR / "meta.json").write_text(to_json(meta))
-    for p in (inputs_path, expected_path, OUT_DIR / "meta.json"):
+    for p in (inputs_path, layernorm_path, expected_path, OUT_DIR / "meta.json"):
         print(f"wrote {p.relative_to(REPO)} ({p.stat().st_size} bytes)")
 
 

@@ -72,10 +72,14 @@ impl fmt::Display for DType {
 /// A static shape: one extent per axis; `[]` is a scalar.
 pub type Shape = Vec<usize>;
 
-/// Number of elements of a shape.
+/// Number of elements of a shape (saturating: [`infer`](crate::infer) rejects shapes past
+/// [`MAX_ELEMENTS`] before anything allocates them).
 pub fn numel(shape: &[usize]) -> usize {
-    shape.iter().product()
+    shape.iter().fold(1usize, |a, &d| a.saturating_mul(d))
 }
+
+/// The most elements one tensor may have (2⁴⁰, 4 TiB of f32).
+pub const MAX_ELEMENTS: usize = 1 << 40;
 
 /// Row-major strides of a shape, in elements.
 pub fn strides(shape: &[usize]) -> Vec<usize> {

@@ -75,8 +75,8 @@ fn window_out(
     pad: usize,
     dilation: usize,
 ) -> Result<usize, InferError> {
-    let eff = dilation * (kernel.max(1) - 1) + 1;
-    if stride == 0 || size + 2 * pad < eff {
+    let eff = dilation.saturating_mul(kernel.max(1) - 1).saturating_add(1);
+    if stride == 0 || size.saturating_add(pad.saturating_mul(2)) < eff {
         return Err(invalid(
             op,
             format!("window {kernel} (dilation {dilation}) does not fit input {size} with padding {pad}"),
@@ -87,6 +87,17 @@ fn window_out(
 
 /// The result type of `op` applied to operands of `types`.
 pub fn infer(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferError> {
+    let ty = infer_unchecked(op, types)?;
+    if ty.numel() > crate::dtype::MAX_ELEMENTS {
+        return Err(invalid(
+            op,
+            format!("the result {} has more than 2^40 elements", fmt_shape(&ty.shape)),
+        ));
+    }
+    Ok(ty)
+}
+
+fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferError> {
     if let Some(n) = op.arity() {
         if types.len() != n {
             return Err(InferError::Arity { op: op.name(), expected: n, got: types.len() });
@@ -237,7 +248,7 @@ pub fn infer(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferError> {
                         ),
                     ));
                 }
-                shape[*axis] += other.shape[*axis];
+                shape[*axis] = shape[*axis].saturating_add(other.shape[*axis]);
             }
             TensorType::new(first.dtype, shape)
         }
@@ -246,7 +257,7 @@ pub fn infer(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferError> {
             if pads.len() != s.len() {
                 return Err(invalid(op, format!("{} pad pairs for rank {}", pads.len(), s.len())));
             }
-            let shape = s.iter().zip(pads).map(|(d, (a, b))| d + a + b).collect::<Shape>();
+            let shape = s.iter().zip(pads).map(|(d, (a, b))| d.saturating_add(*a).saturating_add(*b)).collect::<Shape>();
             TensorType::new(t(0).dtype, shape)
         }
         Op::Gather { axis } => {
@@ -299,7 +310,7 @@ pub fn infer(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferError> {
             if x.rank() != 4 {
                 return Err(invalid(op, format!("needs an NCHW input, got {}", fmt_shape(&x.shape))));
             }
-            if padding[0] * 2 > kernel[0] || padding[1] * 2 > kernel[1] {
+            if padding[0].saturating_mul(2) > kernel[0] || padding[1].saturating_mul(2) > kernel[1] {
                 return Err(invalid(op, "padding must be at most half the kernel"));
             }
             let h = window_out(op, x.shape[2], kernel[0], stride[0], padding[0], 1)?;

@@ -112,7 +112,7 @@ pub fn to_json(g: &Graph) -> serde_json::Value {
         .map(|&id| {
             let n = g.node(id);
             let attrs: serde_json::Map<String, serde_json::Value> =
-                n.op.attrs().into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+                n.op.attrs().into_iter().map(|(k, v)| (k.to_string(), json_attr(&v))).collect();
             json!({
                 "id": num[&id],
                 "op": n.op.name(),
@@ -131,4 +131,12 @@ pub fn to_json(g: &Graph) -> serde_json::Value {
         "inputs": g.inputs.iter().map(|i| num[i]).collect::<Vec<_>>(),
         "outputs": g.outputs.iter().map(|(n, i)| json!({"name": n, "node": num[i]})).collect::<Vec<_>>(),
     })
+}
+
+/// An attribute as JSON: quoted names become plain strings, everything else stays as printed.
+fn json_attr(v: &str) -> serde_json::Value {
+    match serde_json::from_str::<String>(v) {
+        Ok(s) => serde_json::Value::String(s),
+        Err(_) => serde_json::Value::String(v.to_string()),
+    }
 }

@@ -182,16 +182,27 @@ impl Tensor {
         format!("[{}]", parts.join(", "))
     }
 
-    /// Largest `|a - b|` over all elements, in f64; `None` when shapes differ.
+    /// Largest `|a - b|` over all elements, in f64; NaN when either side has a NaN where the
+    /// other does not; `None` when shapes differ.
     pub fn max_abs_diff(&self, other: &Tensor) -> Option<f64> {
         if self.shape != other.shape {
             return None;
         }
-        Some(
-            (0..self.numel())
-                .map(|i| (self.data.get_f64(i) - other.data.get_f64(i)).abs())
-                .fold(0.0, f64::max),
-        )
+        let mut worst = 0.0f64;
+        for i in 0..self.numel() {
+            let (a, b) = (self.data.get_f64(i), other.data.get_f64(i));
+            if a == b || (a.is_nan() && b.is_nan()) {
+                continue;
+            }
+            let d = (a - b).abs();
+            if d.is_nan() || d > worst {
+                worst = d;
+                if d.is_nan() {
+                    break;
+                }
+            }
+        }
+        Some(worst)
     }
 }
 

@@ -125,7 +125,12 @@ fn unary_f32_values() {
     close32(&un(UnaryOp::Sigmoid, &x), &[4], &[0.5, 0.731_058_6, 0.119_202_92, 0.622_459_3], 1e-6);
 
     let pos = t32(&[4], &[1.0, std::f32::consts::E, 0.5, 4.0]);
-    close32(&un(UnaryOp::Log, &pos), &[4], &[0.0, 1.0, -std::f32::consts::LN_2, 2.0 * std::f32::consts::LN_2], 1e-6);
+    close32(
+        &un(UnaryOp::Log, &pos),
+        &[4],
+        &[0.0, 1.0, -std::f32::consts::LN_2, 2.0 * std::f32::consts::LN_2],
+        1e-6,
+    );
     let sq = t32(&[4], &[0.0, 1.0, 4.0, 2.25]);
     assert_eq!(un(UnaryOp::Sqrt, &sq), t32(&[4], &[0.0, 1.0, 2.0, 1.5]));
     let rs = t32(&[4], &[1.0, 4.0, 0.25, 16.0]);
@@ -448,6 +453,10 @@ fn reduce_sum_over_axes() {
         t32(&[3, 4], &[12.0, 14.0, 16.0, 18.0, 20.0, 22.0, 24.0, 26.0, 28.0, 30.0, 32.0, 34.0])
     );
     assert_eq!(reduce(ReduceOp::Sum, &[1, 2], false, &y), t32(&[2], &[66.0, 210.0]));
+    // extent-1 axes, reduced or kept
+    assert_eq!(reduce(ReduceOp::Sum, &[1], false, &arange32(&[2, 3, 1])), t32(&[2, 1], &[3.0, 12.0]));
+    assert_eq!(reduce(ReduceOp::Sum, &[1], false, &arange32(&[2, 1, 3])), arange32(&[2, 3]));
+    assert_eq!(reduce(ReduceOp::Sum, &[0], true, &arange32(&[3, 1, 2])), t32(&[1, 1, 2], &[6.0, 9.0]));
 }
 
 #[test]

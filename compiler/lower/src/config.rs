@@ -204,8 +204,9 @@ fn int_op(op: kiln_spec::cexpr::BinOp, x: i64, y: i64) -> Result<CValue, String>
         // `/` stays an integer when it divides exactly, so `d / heads` is a valid extent.
         B::Div if x % y == 0 => CValue::Int(x / y),
         B::Div => CValue::Float(x as f64 / y as f64),
-        B::FloorDiv => CValue::Int(x.div_euclid(y) - i64::from(y < 0 && x.rem_euclid(y) != 0)),
-        B::Rem => CValue::Int(x.rem_euclid(y)),
+        // Floor division and its remainder, as in Python: the remainder takes the sign of y.
+        B::FloorDiv => CValue::Int((x - floor_rem(x, y)) / y),
+        B::Rem => CValue::Int(floor_rem(x, y)),
         B::Pow if (0..64).contains(&y) => CValue::Int(x.checked_pow(y as u32).ok_or_else(overflow)?),
         B::Pow => CValue::Float((x as f64).powf(y as f64)),
         B::Lt => CValue::Bool(x < y),
@@ -214,6 +215,16 @@ fn int_op(op: kiln_spec::cexpr::BinOp, x: i64, y: i64) -> Result<CValue, String>
         B::Ge => CValue::Bool(x >= y),
         B::Eq | B::Ne | B::And | B::Or => unreachable!("handled by the caller"),
     })
+}
+
+/// `x mod y` with the sign of `y` (so `(x // y) * y + x % y == x`).
+fn floor_rem(x: i64, y: i64) -> i64 {
+    let r = x % y;
+    if r != 0 && (r < 0) != (y < 0) {
+        r + y
+    } else {
+        r
+    }
 }
 
 /// No tensors in scope (top-level config).
@@ -231,5 +242,43 @@ pub fn expect_int(v: CValue, what: &str, e: &SpannedCExpr) -> Result<i64, String
         CValue::Int(i) => Ok(i),
         CValue::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
         other => Err(format!("{what} must be an integer, but `{}` is {other}", e.expr)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(s: &str) -> CValue {
+        let e = kiln_spec::parse_cexpr(s).expect("parses");
+        let cfg: HashMap<String, CValue> =
+            [("d".to_string(), CValue::Int(384)), ("h".to_string(), CValue::Int(12))].into();
+        eval(&e, &ConfigEnv { frames: vec![&cfg] }, &NoShapes).expect("evaluates")
+    }
+
+    #[test]
+    fn integer_division_stays_integer_when_exact() {
+        assert_eq!(ev("d / h"), CValue::Int(32));
+        assert_eq!(ev("d / 5"), CValue::Float(76.8));
+        assert_eq!(ev("4 * d"), CValue::Int(1536));
+    }
+
+    #[test]
+    fn floor_division_and_remainder_agree() {
+        for (x, y) in [(7, 2), (-7, 2), (7, -2), (-7, -2), (6, 3), (0, 5)] {
+            let q = ev(&format!("{x} // {y}"));
+            let r = ev(&format!("{x} % {y}"));
+            let (CValue::Int(q), CValue::Int(r)) = (q, r) else { panic!() };
+            assert_eq!(q * y + r, x, "{x} // {y}");
+            assert_eq!(q, (x as f64 / y as f64).floor() as i64);
+        }
+    }
+
+    #[test]
+    fn functions_and_logic() {
+        assert_eq!(ev("sqrt(d / h * 2)"), CValue::Float(8.0));
+        assert_eq!(ev("max(d, 2 ** 10)"), CValue::Int(1024));
+        assert_eq!(ev("d > 100 and not (h == 3)"), CValue::Bool(true));
+        assert_eq!(ev("ceil(d / 5)"), CValue::Int(77));
     }
 }

@@ -176,7 +176,14 @@ fn resolve_config(
             ))),
         }
     }
-    let mut resolver = ConfigResolver { exprs: &exprs, values, stack: Vec::new(), failed: Default::default(), diags, sources };
+    let mut resolver = ConfigResolver {
+        exprs: &exprs,
+        values,
+        stack: Vec::new(),
+        failed: Default::default(),
+        diags,
+        sources,
+    };
     for (n, ..) in &exprs {
         resolver.visit(n);
     }
@@ -313,7 +320,8 @@ fn lower_model(
     let training_names: Vec<String> = model.training.as_ref().map(training::names_used).unwrap_or_default();
     for (name, span) in unused {
         if !training_names.contains(&name) {
-            warnings.push(Diagnostic::warning(format!("input `{name}` is never used")).at(span, "declared here"));
+            warnings
+                .push(Diagnostic::warning(format!("input `{name}` is never used")).at(span, "declared here"));
         }
     }
     let mut graph = l.graph;

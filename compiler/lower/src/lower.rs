@@ -11,6 +11,10 @@ use kiln_spec::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// Bounds that keep a mistaken config from unrolling without end.
+const MAX_REPEAT: usize = 100_000;
+const MAX_NODES: usize = 2_000_000;
+
 /// A lowered operand: a graph node, or a literal number whose dtype follows its partner
 /// (numpy's weak scalars: `x * 0.5` keeps x's dtype).
 #[derive(Clone, Copy, Debug)]
@@ -269,7 +273,8 @@ impl<'a> Lowerer<'a> {
             .at(if name.span.end > name.span.start { name.span } else { span }, "not defined here");
         if let Some(s) = closest(&name.name, candidates.iter().copied()) {
             d = d.note(format!("did you mean `{s}`?"));
-        } else if self.frames.len() > 1 {
+        }
+        if self.frames.len() > 1 {
             d = d.note("inside a module only its arguments and its own `Let`s are visible");
         }
         self.diags.push(d);
@@ -348,11 +353,23 @@ impl<'a> Lowerer<'a> {
             }
             Stmt::Repeat { n, index, body, .. } => {
                 let Some(count) = self.cextent(n, "the repeat count") else { return };
+                if count > MAX_REPEAT {
+                    self.error(
+                        n.span,
+                        format!("a repeat count of {count} is more than {MAX_REPEAT}"),
+                        "too many repetitions",
+                    );
+                    return;
+                }
+                let shadowed = self.frame().config.get(&index.name).copied();
                 for i in 0..count {
                     self.frame_mut().config.insert(index.name.clone(), CValue::Int(i as i64));
                     self.stmts(body);
                 }
-                self.frame_mut().config.remove(&index.name);
+                match shadowed {
+                    Some(v) => self.frame_mut().config.insert(index.name.clone(), v),
+                    None => self.frame_mut().config.remove(&index.name),
+                };
             }
         }
     }
@@ -478,6 +495,16 @@ impl<'a> Lowerer<'a> {
         span: Span,
         operand_exprs: &[&Expr],
     ) -> Option<NodeId> {
+        if self.graph.node_count() >= MAX_NODES {
+            if !self.diags.iter().any(|d| d.message.starts_with("the model unrolls")) {
+                self.error(
+                    span,
+                    format!("the model unrolls to more than {MAX_NODES} ops"),
+                    "while adding this op",
+                );
+            }
+            return None;
+        }
         match self.graph.add_at(op, operands, Some(self.origin(span))) {
             Ok(n) => {
                 self.def_span.insert(n, span);
@@ -584,8 +611,12 @@ impl<'a> Lowerer<'a> {
             InitKind::Uniform => I::Uniform { low: get("low", 0.0, self)?, high: get("high", 1.0, self)? },
             InitKind::XavierUniform => I::XavierUniform { gain: get("gain", 1.0, self)? },
             InitKind::XavierNormal => I::XavierNormal { gain: get("gain", 1.0, self)? },
-            InitKind::KaimingUniform => I::KaimingUniform { gain: get("gain", 1.0, self)? },
-            InitKind::KaimingNormal => I::KaimingNormal { gain: get("gain", 1.0, self)? },
+            InitKind::KaimingUniform => {
+                I::KaimingUniform { gain: get("gain", std::f64::consts::SQRT_2, self)? }
+            }
+            InitKind::KaimingNormal => {
+                I::KaimingNormal { gain: get("gain", std::f64::consts::SQRT_2, self)? }
+            }
         })
     }
 

@@ -82,11 +82,11 @@ fn shape_arg(l: &mut Lowerer, call: &OpCall, i: usize, allow_infer: bool) -> Opt
 }
 
 /// Lowers the op's `i`-th argument as a node; weak literals take `dtype`.
-fn node_arg(l: &mut Lowerer, call: &OpCall, i: usize) -> Option<(NodeId, &'static str)> {
+fn node_arg(l: &mut Lowerer, call: &OpCall, i: usize) -> Option<NodeId> {
     let e = tensor_arg(call, i);
     let o = l.operand(e)?;
     let d = l.common_dtype(&[o]);
-    Some((l.materialize(o, d, e.span())?, ""))
+    l.materialize(o, d, e.span())
 }
 
 fn one(n: NodeId) -> Option<LValue> {
@@ -97,7 +97,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
     let name = call.sig.name;
     let span = call.span;
     if let Some(u) = UnaryOp::ALL.iter().find(|u| capitalize(u.name()) == name) {
-        let (x, _) = node_arg(l, call, 0)?;
+        let x = node_arg(l, call, 0)?;
         return one(l.add(Op::Unary(*u), &[x], span, &[tensor_arg(call, 0)])?);
     }
     if let Some(b) = BinaryOp::ALL.iter().find(|b| capitalize(b.name()) == name) {
@@ -108,7 +108,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
     }
     match name {
         "Cast" => {
-            let (x, _) = node_arg(l, call, 0)?;
+            let x = node_arg(l, call, 0)?;
             let to = dtype_arg(l, call, 1, DType::F32)?;
             one(l.add(Op::Cast { to }, &[x], span, &[tensor_arg(call, 0)])?)
         }
@@ -128,7 +128,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
                 "ReduceMax" => ReduceOp::Max,
                 _ => ReduceOp::Min,
             };
-            let (x, _) = node_arg(l, call, 0)?;
+            let x = node_arg(l, call, 0)?;
             let rank = l.graph.ty(x).rank();
             let mut axes = match &call.args[1] {
                 None => (0..rank).collect::<Vec<_>>(),
@@ -154,7 +154,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             one(l.add(Op::Reduce { op, axes, keepdims }, &[x], span, &[tensor_arg(call, 0)])?)
         }
         "Reshape" => {
-            let (x, _) = node_arg(l, call, 0)?;
+            let x = node_arg(l, call, 0)?;
             let dims = shape_arg(l, call, 1, true)?;
             let total = l.graph.ty(x).numel();
             let known: usize = dims.iter().filter(|&&d| d >= 0).map(|&d| d as usize).product();
@@ -188,7 +188,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             one(l.add(Op::Reshape { shape }, &[x], span, &[tensor_arg(call, 0)])?)
         }
         "Transpose" => {
-            let (x, _) = node_arg(l, call, 0)?;
+            let x = node_arg(l, call, 0)?;
             let rank = l.graph.ty(x).rank();
             let perm = match &call.args[1] {
                 None => {
@@ -208,7 +208,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             one(l.add(Op::Transpose { perm }, &[x], span, &[tensor_arg(call, 0)])?)
         }
         "Unsqueeze" | "Squeeze" => {
-            let (x, _) = node_arg(l, call, 0)?;
+            let x = node_arg(l, call, 0)?;
             let mut shape = l.graph.ty(x).shape.clone();
             let e = config_arg(call, 1)?;
             if name == "Unsqueeze" {
@@ -231,12 +231,12 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             one(l.add(Op::Reshape { shape }, &[x], span, &[tensor_arg(call, 0)])?)
         }
         "BroadcastTo" => {
-            let (x, _) = node_arg(l, call, 0)?;
+            let x = node_arg(l, call, 0)?;
             let shape = shape_arg(l, call, 1, false)?.into_iter().map(|d| d as usize).collect();
             one(l.add(Op::BroadcastTo { shape }, &[x], span, &[tensor_arg(call, 0)])?)
         }
         "Slice" => {
-            let (x, _) = node_arg(l, call, 0)?;
+            let x = node_arg(l, call, 0)?;
             let shape = l.graph.ty(x).shape.clone();
             let axis = axis_of(l, config_arg(call, 1)?, shape.len())?;
             let extent = shape[axis] as i64;
@@ -282,7 +282,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             one(l.add(Op::Concat { axis }, &nodes, span, &exprs)?)
         }
         "Split" => {
-            let (x, _) = node_arg(l, call, 0)?;
+            let x = node_arg(l, call, 0)?;
             let shape = l.graph.ty(x).shape.clone();
             let axis = axis_of(l, config_arg(call, 1)?, shape.len())?;
             let sizes_arg = call.args[2].as_ref()?;
@@ -322,7 +322,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             Some(LValue::Many(out))
         }
         "Pad" => {
-            let (x, _) = node_arg(l, call, 0)?;
+            let x = node_arg(l, call, 0)?;
             let Some(Arg::Pairs(pairs, pspan)) = &call.args[1] else { return None };
             let mut pads = Vec::new();
             for (a, b) in pairs {
@@ -351,7 +351,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             one(l.add(Op::Pad { pads, value }, &[x], span, &[tensor_arg(call, 0)])?)
         }
         "Gather" => {
-            let (table, _) = node_arg(l, call, 0)?;
+            let table = node_arg(l, call, 0)?;
             let ie = tensor_arg(call, 1);
             let io = l.operand(ie)?;
             let idx = l.materialize(io, DType::I64, ie.span())?;
@@ -383,8 +383,8 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
         }
         "MatMul" => elementwise(l, call, Op::MatMul),
         "Conv2d" => {
-            let (x, _) = node_arg(l, call, 0)?;
-            let (w, _) = node_arg(l, call, 1)?;
+            let x = node_arg(l, call, 0)?;
+            let w = node_arg(l, call, 1)?;
             let stride = match &call.args[2] {
                 Some(a) => pair(l, a, "`stride`")?,
                 None => [1, 1],
@@ -410,7 +410,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
         }
         "MaxPool2d" | "AvgPool2d" => {
             let kind = if name == "MaxPool2d" { PoolKind::Max } else { PoolKind::Avg };
-            let (x, _) = node_arg(l, call, 0)?;
+            let x = node_arg(l, call, 0)?;
             let kernel = pair(l, call.args[1].as_ref()?, "`kernel`")?;
             let stride = match &call.args[2] {
                 Some(a) => pair(l, a, "`stride`")?,

@@ -3,7 +3,6 @@
 
 use crate::lower::{Lowerer, Operand};
 use crate::CValue;
-use kiln_ir::DType;
 use kiln_spec::{Diagnostic, Ident, Loss, Training};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -95,8 +94,8 @@ pub fn check(l: &mut Lowerer, t: &Training) -> Option<TrainingPlan> {
             LossKind::Mse { pred: pred.name.clone(), target: target.name.clone() }
         }
     };
-    let _ = DType::F32;
     let mut hyper = Vec::new();
+    let mut hyper_errors = false;
     let defaults: &[(&str, f64)] = match t.optimizer.kind.as_str() {
         "Sgd" => {
             &[("lr", 0.01), ("momentum", 0.0), ("dampening", 0.0), ("nesterov", 0.0), ("weight_decay", 0.0)]
@@ -130,7 +129,7 @@ pub fn check(l: &mut Lowerer, t: &Training) -> Option<TrainingPlan> {
                         ))
                         .at(k.span, "out of range"),
                     );
-                    return None;
+                    hyper_errors = true;
                 }
                 v
             }
@@ -139,26 +138,60 @@ pub fn check(l: &mut Lowerer, t: &Training) -> Option<TrainingPlan> {
         hyper.push((name.to_string(), value));
     }
     let schedule = match &t.schedule {
-        Some(s) => {
-            let mut args = Vec::new();
-            for (k, e) in &s.args {
-                args.push((k.name.clone(), l.cfloat(e, &format!("`{}`", k.name))?));
-            }
-            let get = |n: &str| args.iter().find(|(k, _)| k == n).map(|(_, v)| *v);
-            if let (Some(w), Some(total)) = (get("warmup"), get("total")) {
-                if w > total {
+        Some(s) => Some(schedule(l, s)?),
+        None => None,
+    };
+    if hyper_errors {
+        return None;
+    }
+    Some(TrainingPlan { loss, optimizer: t.optimizer.kind.clone(), hyper, schedule })
+}
+
+/// A schedule's arguments with their defaults; `total` and `step_size` are required.
+fn schedule(l: &mut Lowerer, s: &kiln_spec::Schedule) -> Option<(String, Vec<(String, f64)>)> {
+    let spec: &[(&str, Option<f64>)] = match s.kind.as_str() {
+        "Constant" => &[],
+        "Linear" => &[("warmup", Some(0.0)), ("total", None)],
+        "Cosine" => &[("warmup", Some(0.0)), ("total", None), ("min_lr", Some(0.0))],
+        _ => &[("step_size", None), ("gamma", Some(0.1))],
+    };
+    let mut args = Vec::new();
+    for (name, default) in spec {
+        let v = match (s.args.iter().find(|(k, _)| k.name == *name), default) {
+            (Some((k, e)), _) => {
+                let v = l.cfloat(e, &format!("`{name}`"))?;
+                if v < 0.0 || (*name == "total" || *name == "step_size") && v <= 0.0 {
                     l.diags.push(
                         Diagnostic::error(format!(
-                            "warmup ({w}) is longer than the whole schedule ({total})"
+                            "`{name}` of the {} schedule must be positive, got {v}",
+                            s.kind
                         ))
-                        .at(s.span, "schedule defined here"),
+                        .at(k.span, "out of range"),
                     );
                     return None;
                 }
+                v
             }
-            Some((s.kind.clone(), args))
+            (None, Some(d)) => *d,
+            (None, None) => {
+                l.diags.push(
+                    Diagnostic::error(format!("the {} schedule needs `{name}`", s.kind))
+                        .at(s.span, format!("add `{name}: …`")),
+                );
+                return None;
+            }
+        };
+        args.push((name.to_string(), v));
+    }
+    let get = |n: &str| args.iter().find(|(k, _)| k == n).map(|(_, v)| *v);
+    if let (Some(w), Some(total)) = (get("warmup"), get("total")) {
+        if w > total {
+            l.diags.push(
+                Diagnostic::error(format!("warmup ({w}) is longer than the whole schedule ({total})"))
+                    .at(s.span, "schedule defined here"),
+            );
+            return None;
         }
-        None => None,
-    };
-    Some(TrainingPlan { loss, optimizer: t.optimizer.kind.clone(), hyper, schedule })
+    }
+    Some((s.kind.clone(), args))
 }

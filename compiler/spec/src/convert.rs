@@ -390,7 +390,11 @@ impl Converter {
                     Some(sig) => self.op_call(sig, h, v).map(Expr::Op),
                     None => {
                         let mut d = Diagnostic::error(format!("unknown op `{name}`")).at(h.span, "not an op");
-                        if let Some(s) = ops::suggest_op(name) {
+                        if let Some(m) = ops::std_module_for(name) {
+                            d = d.note(format!(
+                                "`{name}` is a layer of the standard library: `Call(fn: \"std.{m}\", args: [...])` with `use: [\"std\"]`"
+                            ));
+                        } else if let Some(s) = ops::suggest_op(name) {
                             d = d.note(format!("did you mean `{s}`?"));
                         }
                         self.diags.push(d);

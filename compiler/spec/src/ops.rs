@@ -163,3 +163,16 @@ pub fn suggest_op(name: &str) -> Option<&'static str> {
     let candidates = OPS.iter().map(|o| o.name).chain(FORMS.iter().copied());
     crate::suggest::closest(name, candidates)
 }
+
+/// The standard-library module an op-like name refers to (`Softmax` → `softmax`,
+/// `LayerNorm` → `layer_norm`), when there is one.
+pub fn std_module_for(name: &str) -> Option<String> {
+    let mut snake = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            snake.push('_');
+        }
+        snake.extend(c.to_lowercase());
+    }
+    crate::STD_LIBRARY.contains(&format!("\"{snake}\": Module(")).then_some(snake)
+}

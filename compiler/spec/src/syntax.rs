@@ -190,7 +190,8 @@ impl<'a> Parser<'a> {
 
     fn describe_here(&self) -> String {
         let rest = &self.src[self.pos..];
-        let word: &str = &rest[..rest.find(|c: char| !(c == '_' || c.is_alphanumeric())).unwrap_or(rest.len())];
+        let word: &str =
+            &rest[..rest.find(|c: char| !(c == '_' || c.is_alphanumeric())).unwrap_or(rest.len())];
         match rest.chars().next() {
             None => "the end of the file".into(),
             Some(_) if !word.is_empty() => format!("`{word}`"),

@@ -194,7 +194,7 @@ impl Axis {
 
     /// The range of outputs whose tap `t` falls inside the input.
     fn valid(&self, t: usize) -> std::ops::Range<usize> {
-        let off = t;
+        let off = t * self.dilation;
         // o*stride + off >= pad  and  o*stride + off < size + pad
         let lo = self.pad.saturating_sub(off).div_ceil(self.stride);
         let hi =

@@ -7,7 +7,7 @@
 //!
 //! # Semantics
 //!
-//! The typing rules are those of [`infer`](crate::infer); values follow numpy / PyTorch:
+//! The typing rules are those of [`infer`](mod@crate::infer); values follow numpy / PyTorch:
 //!
 //! * **Broadcasting**: binary ops, comparisons and `where` broadcast like numpy.
 //! * **Floats** are IEEE: f32 computes in f32 and f64 in f64. **f16 and bf16** have no
@@ -21,17 +21,23 @@
 //!   `1 / (1 + exp(-x))`; `relu(x)` is `max(x, 0)` keeping NaN; `rsqrt(x)` is `1 / sqrt(x)`.
 //! * `cast`: float → int truncates toward zero (saturating, NaN → 0), int → int wraps,
 //!   anything → bool is `x != 0`, bool → number is 0 or 1.
-//! * **Reductions** (see [`reduce`]): float `sum`/`mean` accumulate in f64 and round once;
-//!   `max`/`min` propagate NaN and are an error over zero elements.
-//! * **matmul** (see [`linalg`]): numpy rules including 1-D promotion and batch broadcasting;
-//!   f32 accumulates in f32 (as PyTorch does), f16/bf16 in f32.
+//! * **Reductions** over sorted axes, with or without `keepdims`: float `sum`/`mean`
+//!   accumulate in f64 (whatever the element type: f32, f16 and bf16 are widened) in
+//!   row-major order and round once; a mean over zero elements is NaN. Integer sums wrap.
+//!   `max`/`min` propagate NaN and are an [`EvalError::EmptyReduction`] over zero elements.
+//! * **matmul**: numpy rules including 1-D promotion and batch broadcasting; f32
+//!   accumulates in f32 (as PyTorch does on CPU), f64 in f64, integers wrap, f16/bf16
+//!   accumulate in f32 and round once. Each output element sums over `k` in increasing order.
 //! * **conv2d**: NCHW / OIHW, zero padding, stride, dilation, groups.
 //!   **pool2d**: max pooling pads with -inf; average pooling excludes padding from the
 //!   divisor (`count_include_pad=False`).
 //! * **gather**: an index outside `0..extent` (negative ones included) is an
 //!   [`EvalError::GatherIndex`].
 //! * **random_uniform**: element `i` is [`rng::uniform`](crate::rng::uniform)`(seed, 0,
-//!   offset + i)` rounded to the dtype (kept below 1.0, see [`source`]).
+//!   offset + i)` rounded to nearest in the dtype; a value that rounds up to exactly 1.0 is
+//!   replaced by the largest number below 1 of that dtype, so the range stays [0, 1).
+//! * **iota**: the index along `axis`; **full** and **pad** convert their value like a cast
+//!   from f64.
 //!
 //! [`eval`] walks the graph in [`Graph::topo_order`], skips nodes that no output depends on,
 //! and frees each intermediate as soon as its last user has run. Results are deterministic:
