@@ -43,11 +43,8 @@ deps:
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update; \
 	policy=$$(apt-cache policy $(LLVM_PROBE) 2>/dev/null || true); \
 	if ! grep -Eq '^ *Candidate: [^(]' <<<"$$policy"; then \
-	  echo "deps: error: no apt source offers $(LLVM_PROBE) (Debian 12's own archive has no LLVM 22)." >&2; \
-	  echo "deps: add the LLVM 22 repository from https://apt.llvm.org, e.g." >&2; \
-	  echo "        wget -qO- https://apt.llvm.org/llvm-snapshot.gpg.key > /etc/apt/trusted.gpg.d/apt.llvm.org.asc" >&2; \
-	  echo "        echo 'deb http://apt.llvm.org/bookworm/ llvm-toolchain-bookworm-22 main' > /etc/apt/sources.list.d/llvm-22.list" >&2; \
-	  echo "      then run 'make deps' again." >&2; \
+	  echo "deps: error: no apt source offers $(LLVM_PROBE). Debian 12 ships the LLVM/MLIR 22 packages" >&2; \
+	  echo "      in bookworm-security: enable that suite in the apt sources, then run 'make deps' again." >&2; \
 	  exit 1; \
 	fi; \
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing
@@ -57,7 +54,7 @@ build: deps
 
 demo: build
 	$(KILN) check $(DEMO_SPEC)
-	$(KILN) eval $(DEMO_SPEC) --set layers=2 --seed 0
+	$(KILN) eval $(DEMO_SPEC) --seed 0
 
 # `--all-targets` leaves doc-tests out of the plain `cargo test` fallback; they run once, last
 # (nextest cannot run doc-tests at all).
