@@ -7,8 +7,7 @@ use melior::{
     ir::{operation::OperationLike, Module},
     pass::PassManager,
     utility::{
-        parse_pass_pipeline, register_all_dialects, register_all_llvm_translations,
-        register_all_passes,
+        parse_pass_pipeline, register_all_dialects, register_all_llvm_translations, register_all_passes,
     },
     Context,
 };
@@ -63,21 +62,10 @@ pub fn verify(context: &Context, module: &Module) -> Result<(), CodegenError> {
 
 /// Parses `pipeline` (textual pass-pipeline syntax, anchored on the module, e.g.
 /// `builtin.module(canonicalize,func.func(cse))`) and runs it on `module`.
-pub fn run_pass_pipeline(
-    context: &Context,
-    module: &mut Module,
-    pipeline: &str,
-) -> Result<(), CodegenError> {
+pub fn run_pass_pipeline(context: &Context, module: &mut Module, pipeline: &str) -> Result<(), CodegenError> {
     let manager = PassManager::new(context);
-    parse_pass_pipeline(manager.as_operation_pass_manager(), pipeline).map_err(|source| {
-        CodegenError::PipelineParse {
-            pipeline: pipeline.to_owned(),
-            source,
-        }
-    })?;
+    parse_pass_pipeline(manager.as_operation_pass_manager(), pipeline)
+        .map_err(|source| CodegenError::PipelineParse { pipeline: pipeline.to_owned(), source })?;
     let (result, diagnostics) = capture_diagnostics(context, || manager.run(module));
-    result.map_err(|_| CodegenError::Pass {
-        pipeline: pipeline.to_owned(),
-        diagnostics,
-    })
+    result.map_err(|_| CodegenError::Pass { pipeline: pipeline.to_owned(), diagnostics })
 }

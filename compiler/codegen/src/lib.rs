@@ -22,9 +22,7 @@ mod smoke;
 pub use context::{context, run_pass_pipeline, verify};
 pub use error::CodegenError;
 pub use llvm::{host_cpu, llvm_ir, translate_to_llvm, HostCpu};
-pub use smoke::{
-    fma_llvm_ir, fma_module, jit_smoke, lowered_fma_module, FMA_SYMBOL, LOWER_TO_LLVM,
-};
+pub use smoke::{fma_llvm_ir, fma_module, jit_smoke, lowered_fma_module, FMA_SYMBOL, LOWER_TO_LLVM};
 
 /// The exact melior and inkwell this crate is built against, for callers that need their types.
 pub use {inkwell, melior};

@@ -28,10 +28,7 @@ pub struct HostCpu {
 /// Asks LLVM for the host's triple, CPU name and CPU features.
 pub fn host_cpu() -> HostCpu {
     HostCpu {
-        triple: TargetMachine::get_default_triple()
-            .as_str()
-            .to_string_lossy()
-            .into_owned(),
+        triple: TargetMachine::get_default_triple().as_str().to_string_lossy().into_owned(),
         name: TargetMachine::get_host_cpu_name().to_string(),
         features: TargetMachine::get_host_cpu_features().to_string(),
     }
@@ -92,8 +89,6 @@ pub fn llvm_ir(context: &Context, module: &Module) -> Result<String, CodegenErro
         .ok_or_else(|| CodegenError::Target(format!("no target machine for {host:?}")))?;
     llvm_module.set_triple(&triple);
     llvm_module.set_data_layout(&machine.get_target_data().get_data_layout());
-    llvm_module
-        .verify()
-        .map_err(|e| CodegenError::LlvmVerify(e.to_string()))?;
+    llvm_module.verify().map_err(|e| CodegenError::LlvmVerify(e.to_string()))?;
     Ok(llvm_module.print_to_string().to_string())
 }

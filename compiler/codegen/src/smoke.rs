@@ -39,24 +39,15 @@ pub fn fma_module(context: &Context) -> Result<Module<'_>, CodegenError> {
     let arguments = (0..3)
         .map(|i| block.argument(i).map(Value::from))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| CodegenError::Build {
-            op: "func.func",
-            source,
-        })?;
+        .map_err(|source| CodegenError::Build { op: "func.func", source })?;
     let fma = block.append_operation(
         OperationBuilder::new("math.fma", location)
             .add_operands(&arguments)
             .add_results(&[f32_type])
             .build()
-            .map_err(|source| CodegenError::Build {
-                op: "math.fma",
-                source,
-            })?,
+            .map_err(|source| CodegenError::Build { op: "math.fma", source })?,
     );
-    let sum = fma.result(0).map_err(|source| CodegenError::Build {
-        op: "math.fma",
-        source,
-    })?;
+    let sum = fma.result(0).map_err(|source| CodegenError::Build { op: "math.fma", source })?;
     block.append_operation(func::r#return(&[sum.into()], location));
 
     let body = Region::new();
@@ -108,9 +99,7 @@ pub fn jit_smoke(a: f32, b: f32, c: f32) -> Result<f32, CodegenError> {
     }
     // SAFETY: `symbol` is the address of `@fma` in `engine`, lowered by convert-func-to-llvm to
     // `float fma(float, float, float)` with the C calling convention; `engine` outlives the call.
-    let fma = unsafe {
-        std::mem::transmute::<*mut (), unsafe extern "C" fn(f32, f32, f32) -> f32>(symbol)
-    };
+    let fma = unsafe { std::mem::transmute::<*mut (), unsafe extern "C" fn(f32, f32, f32) -> f32>(symbol) };
     Ok(unsafe { fma(a, b, c) })
 }
 

@@ -23,18 +23,10 @@ fn jit_matches_mul_add_exactly() {
     for (a, b, c) in cases {
         let got = jit_smoke(a, b, c).unwrap();
         let want = a.mul_add(b, c);
-        assert_eq!(
-            got.to_bits(),
-            want.to_bits(),
-            "fma({a}, {b}, {c}) = {got}, want {want}"
-        );
+        assert_eq!(got.to_bits(), want.to_bits(), "fma({a}, {b}, {c}) = {got}, want {want}");
     }
     let (a, c) = (one_plus, -(1.0 + 2f32.powi(-11)));
-    assert_eq!(
-        jit_smoke(a, a, c).unwrap(),
-        2f32.powi(-24),
-        "math.fma must be fused"
-    );
+    assert_eq!(jit_smoke(a, a, c).unwrap(), 2f32.powi(-24), "math.fma must be fused");
 }
 
 #[test]

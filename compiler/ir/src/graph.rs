@@ -11,8 +11,8 @@ use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use serde::Serialize;
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -104,11 +104,8 @@ impl Graph {
 
     /// The node's operands in argument order.
     pub fn operands(&self, id: NodeId) -> Vec<NodeId> {
-        let mut e: Vec<(u32, NodeId)> = self
-            .g
-            .edges_directed(id, Direction::Incoming)
-            .map(|e| (*e.weight(), e.source()))
-            .collect();
+        let mut e: Vec<(u32, NodeId)> =
+            self.g.edges_directed(id, Direction::Incoming).map(|e| (*e.weight(), e.source())).collect();
         e.sort_unstable();
         e.into_iter().map(|(_, s)| s).collect()
     }
@@ -132,10 +129,7 @@ impl Graph {
 
     /// The parameters, in topological order.
     pub fn params(&self) -> Vec<NodeId> {
-        self.topo_order()
-            .into_iter()
-            .filter(|&n| matches!(self.g[n].op, Op::Param { .. }))
-            .collect()
+        self.topo_order().into_iter().filter(|&n| matches!(self.g[n].op, Op::Param { .. })).collect()
     }
 
     /// A deterministic topological order: among ready nodes the oldest comes first, so the

@@ -89,10 +89,7 @@ fn window_out(
 pub fn infer(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferError> {
     let ty = infer_unchecked(op, types)?;
     if ty.numel() > crate::dtype::MAX_ELEMENTS {
-        return Err(invalid(
-            op,
-            format!("the result {} has more than 2^40 elements", fmt_shape(&ty.shape)),
-        ));
+        return Err(invalid(op, format!("the result {} has more than 2^40 elements", fmt_shape(&ty.shape))));
     }
     Ok(ty)
 }
@@ -198,7 +195,12 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
             if seen != (0..s.len()).collect::<Vec<_>>() {
                 return Err(invalid(
                     op,
-                    format!("{} is not a permutation of the {} axes of {}", fmt_shape(perm), s.len(), fmt_shape(s)),
+                    format!(
+                        "{} is not a permutation of the {} axes of {}",
+                        fmt_shape(perm),
+                        s.len(),
+                        fmt_shape(s)
+                    ),
                 ));
             }
             TensorType::new(t(0).dtype, perm.iter().map(|&p| s[p]).collect::<Shape>())
@@ -257,7 +259,11 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
             if pads.len() != s.len() {
                 return Err(invalid(op, format!("{} pad pairs for rank {}", pads.len(), s.len())));
             }
-            let shape = s.iter().zip(pads).map(|(d, (a, b))| d.saturating_add(*a).saturating_add(*b)).collect::<Shape>();
+            let shape = s
+                .iter()
+                .zip(pads)
+                .map(|(d, (a, b))| d.saturating_add(*a).saturating_add(*b))
+                .collect::<Shape>();
             TensorType::new(t(0).dtype, shape)
         }
         Op::Gather { axis } => {
@@ -275,9 +281,7 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
             let (a, b) = (t(0), t(1));
             let d = same_dtype(op, a.dtype, b.dtype)?;
             need(op, d != DType::Bool, "numeric", d)?;
-            matmul_shape(&a.shape, &b.shape)
-                .map(|s| TensorType::new(d, s))
-                .map_err(|m| invalid(op, m))?
+            matmul_shape(&a.shape, &b.shape).map(|s| TensorType::new(d, s)).map_err(|m| invalid(op, m))?
         }
         Op::Conv2d { stride, padding, dilation, groups } => {
             let (x, w) = (t(0), t(1));
@@ -286,7 +290,11 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
             if x.rank() != 4 || w.rank() != 4 {
                 return Err(invalid(
                     op,
-                    format!("needs NCHW input and OIHW weight, got {} and {}", fmt_shape(&x.shape), fmt_shape(&w.shape)),
+                    format!(
+                        "needs NCHW input and OIHW weight, got {} and {}",
+                        fmt_shape(&x.shape),
+                        fmt_shape(&w.shape)
+                    ),
                 ));
             }
             let g = *groups;
@@ -330,11 +338,7 @@ pub fn matmul_shape(a: &[usize], b: &[usize]) -> Result<Shape, String> {
     let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
     let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
     if k != k2 {
-        return Err(format!(
-            "inner dimensions differ: {} · {} ({k} vs {k2})",
-            fmt_shape(a),
-            fmt_shape(b)
-        ));
+        return Err(format!("inner dimensions differ: {} · {} ({k} vs {k2})", fmt_shape(a), fmt_shape(b)));
     }
     let batch = broadcast_shapes("matmul", &a2[..a2.len() - 2], &b2[..b2.len() - 2])
         .map_err(|_| format!("batch dimensions of {} and {} do not broadcast", fmt_shape(a), fmt_shape(b)))?;

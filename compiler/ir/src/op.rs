@@ -116,14 +116,8 @@ pub enum CompareOp {
 }
 
 impl CompareOp {
-    pub const ALL: [CompareOp; 6] = [
-        CompareOp::Lt,
-        CompareOp::Le,
-        CompareOp::Gt,
-        CompareOp::Ge,
-        CompareOp::Eq,
-        CompareOp::Ne,
-    ];
+    pub const ALL: [CompareOp; 6] =
+        [CompareOp::Lt, CompareOp::Le, CompareOp::Gt, CompareOp::Ge, CompareOp::Eq, CompareOp::Ne];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -202,45 +196,103 @@ impl fmt::Display for Init {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub enum Op {
     /// A graph input, bound by name at run time.
-    Input { name: String, dtype: DType, shape: Shape },
+    Input {
+        name: String,
+        dtype: DType,
+        shape: Shape,
+    },
     /// A trainable parameter, bound by its checkpoint name.
-    Param { name: String, dtype: DType, shape: Shape, init: Init },
+    Param {
+        name: String,
+        dtype: DType,
+        shape: Shape,
+        init: Init,
+    },
     /// A literal tensor.
-    Const { value: Tensor },
+    Const {
+        value: Tensor,
+    },
     /// A tensor filled with one value.
-    Full { value: f64, dtype: DType, shape: Shape },
+    Full {
+        value: f64,
+        dtype: DType,
+        shape: Shape,
+    },
     /// `out[..., i, ...] = i` along `axis`.
-    Iota { dtype: DType, shape: Shape, axis: usize },
+    Iota {
+        dtype: DType,
+        shape: Shape,
+        axis: usize,
+    },
     /// Counter-based uniform random numbers in [0, 1): element `i` is a pure function of
     /// (seed, offset + i), so a graph evaluates the same way every time.
-    RandomUniform { dtype: DType, shape: Shape, seed: u64, offset: u64 },
+    RandomUniform {
+        dtype: DType,
+        shape: Shape,
+        seed: u64,
+        offset: u64,
+    },
     Unary(UnaryOp),
     Binary(BinaryOp),
     Compare(CompareOp),
     /// `where(cond, a, b)`, broadcasting all three.
     Where,
-    Cast { to: DType },
+    Cast {
+        to: DType,
+    },
     /// Reduce over `axes` (sorted, unique); `keepdims` keeps them as extent 1.
-    Reduce { op: ReduceOp, axes: Vec<usize>, keepdims: bool },
+    Reduce {
+        op: ReduceOp,
+        axes: Vec<usize>,
+        keepdims: bool,
+    },
     /// Same elements in row-major order, new shape.
-    Reshape { shape: Shape },
+    Reshape {
+        shape: Shape,
+    },
     /// `out.shape[i] = in.shape[perm[i]]`.
-    Transpose { perm: Vec<usize> },
-    BroadcastTo { shape: Shape },
+    Transpose {
+        perm: Vec<usize>,
+    },
+    BroadcastTo {
+        shape: Shape,
+    },
     /// Elements `start, start+step, … < end` along `axis`.
-    Slice { axis: usize, start: usize, end: usize, step: usize },
-    Concat { axis: usize },
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+        step: usize,
+    },
+    Concat {
+        axis: usize,
+    },
     /// Pads each axis with `(before, after)` copies of `value`.
-    Pad { pads: Vec<(usize, usize)>, value: f64 },
+    Pad {
+        pads: Vec<(usize, usize)>,
+        value: f64,
+    },
     /// `gather(table, indices)`: the result shape is `table.shape[..axis] ++ indices.shape ++
     /// table.shape[axis+1..]` (an embedding lookup is axis 0).
-    Gather { axis: usize },
+    Gather {
+        axis: usize,
+    },
     /// Batched matrix product with numpy rules (1-D operands are promoted and squeezed).
     MatMul,
     /// NCHW input, OIHW weight (`I = C / groups`).
-    Conv2d { stride: [usize; 2], padding: [usize; 2], dilation: [usize; 2], groups: usize },
+    Conv2d {
+        stride: [usize; 2],
+        padding: [usize; 2],
+        dilation: [usize; 2],
+        groups: usize,
+    },
     /// NCHW pooling; padding counts as -inf for max and is excluded from the average.
-    Pool2d { kind: PoolKind, kernel: [usize; 2], stride: [usize; 2], padding: [usize; 2] },
+    Pool2d {
+        kind: PoolKind,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+    },
 }
 
 impl Op {
@@ -298,9 +350,7 @@ impl Op {
             | Op::Slice { .. }
             | Op::Pad { .. }
             | Op::Pool2d { .. } => Some(1),
-            Op::Binary(_) | Op::Compare(_) | Op::Gather { .. } | Op::MatMul | Op::Conv2d { .. } => {
-                Some(2)
-            }
+            Op::Binary(_) | Op::Compare(_) | Op::Gather { .. } | Op::MatMul | Op::Conv2d { .. } => Some(2),
             Op::Where => Some(3),
             Op::Concat { .. } => None,
         }
@@ -351,11 +401,9 @@ impl Op {
                 ("dilation", list(dilation)),
                 ("groups", groups.to_string()),
             ],
-            Op::Pool2d { kernel, stride, padding, .. } => vec![
-                ("kernel", list(kernel)),
-                ("stride", list(stride)),
-                ("padding", list(padding)),
-            ],
+            Op::Pool2d { kernel, stride, padding, .. } => {
+                vec![("kernel", list(kernel)), ("stride", list(stride)), ("padding", list(padding))]
+            }
         }
     }
 }
@@ -363,7 +411,11 @@ impl Op {
 /// Formats a float so that it reads back exactly and prints integers without noise.
 pub fn fmt_f64(v: f64) -> String {
     if v.is_infinite() {
-        if v > 0.0 { "inf".into() } else { "-inf".into() }
+        if v > 0.0 {
+            "inf".into()
+        } else {
+            "-inf".into()
+        }
     } else {
         format!("{v:?}")
     }

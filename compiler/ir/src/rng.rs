@@ -34,8 +34,7 @@ pub fn normal(seed: u64, stream: u64, i: u64) -> f64 {
 /// A stable 64-bit stream id for a name (FNV-1a), so a parameter's values depend on its
 /// checkpoint name and the seed only, not on its position in the graph.
 pub fn stream_of(name: &str) -> u64 {
-    name.bytes()
-        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 #[cfg(test)]

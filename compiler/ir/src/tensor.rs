@@ -149,9 +149,7 @@ impl Tensor {
             (Buffer::I64(v), DType::I32) => Buffer::I32(v.iter().map(|&x| x as i32).collect()),
             (Buffer::I32(v), DType::I64) => Buffer::I64(v.iter().map(|&x| x as i64).collect()),
             (Buffer::F32(v), DType::F16) => Buffer::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
-            (Buffer::F32(v), DType::BF16) => {
-                Buffer::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect())
-            }
+            (Buffer::F32(v), DType::BF16) => Buffer::BF16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
             (src, _) => Buffer::from_f64(dtype, (0..src.len()).map(|i| src.get_f64(i))),
         };
         Tensor { shape: self.shape.clone(), data }

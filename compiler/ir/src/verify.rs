@@ -36,11 +36,8 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
         let node = g.node(id);
         let fail = |msg: String| VerifyError::Node { node: id.index(), op: node.op.name(), msg };
         let operands = g.operands(id);
-        let mut positions: Vec<u32> = g
-            .raw()
-            .edges_directed(id, petgraph::Direction::Incoming)
-            .map(|e| *e.weight())
-            .collect();
+        let mut positions: Vec<u32> =
+            g.raw().edges_directed(id, petgraph::Direction::Incoming).map(|e| *e.weight()).collect();
         positions.sort_unstable();
         if positions.iter().enumerate().any(|(i, &p)| p as usize != i) {
             return Err(fail(format!("operand positions {positions:?} are not 0..{}", positions.len())));

@@ -1138,10 +1138,10 @@ fn eval_errors_name_the_node() {
 }
 
 // ---------------------------------------------------------------------------------------
-// performance
+// a BERT-sized matmul (the timing is printed, not asserted)
 
 #[test]
-fn matmul_128x384x1536_is_fast() {
+fn matmul_128x384x1536_matches_f64() {
     let mut g = Graph::new("mm");
     let x = input(&mut g, "x", DType::F32, &[128, 384]);
     let w = param(&mut g, "w", &[384, 1536]);
@@ -1156,9 +1156,10 @@ fn matmul_128x384x1536_is_fast() {
     let dt = t0.elapsed();
     eprintln!("eval of f32 [128,384] x [384,1536]: {dt:?}");
     assert_eq!(out[0].1.shape, vec![128, 1536]);
-    // spot-check one element against f64
+    // Spot-check elements spread over the result against an f64 dot product.
     let (xv, wv) = (b.inputs["x"].to_f64_vec(), b.params["w"].to_f64_vec());
-    let want: f64 = (0..384).map(|k| xv[5 * 384 + k] * wv[k * 1536 + 77]).sum();
-    assert!((f32s(&out[0].1)[5 * 1536 + 77] as f64 - want).abs() < 1e-4);
-    assert!(dt.as_secs_f64() < 2.0, "matmul took {dt:?}");
+    for (i, j) in [(0, 0), (5, 77), (64, 1000), (127, 1535), (99, 512)] {
+        let want: f64 = (0..384).map(|k| xv[i * 384 + k] * wv[k * 1536 + j]).sum();
+        assert!((f32s(&out[0].1)[i * 1536 + j] as f64 - want).abs() < 1e-4, "({i}, {j})");
+    }
 }

@@ -171,7 +171,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
                 return None;
             }
             let shape: Vec<usize> = if infer == 1 {
-                if known == 0 || total % known != 0 {
+                if known == 0 || !total.is_multiple_of(known) {
                     let from = l.graph.ty(x).clone();
                     l.diags.push(
                         kiln_spec::Diagnostic::error(format!(
@@ -288,7 +288,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             let sizes_arg = call.args[2].as_ref()?;
             let raw = ints(l, sizes_arg)?;
             let sizes: Vec<usize> = match (sizes_arg, raw.as_slice()) {
-                (Arg::Config(_), [n]) if *n > 0 && shape[axis] % (*n as usize) == 0 => {
+                (Arg::Config(_), [n]) if *n > 0 && shape[axis].is_multiple_of(*n as usize) => {
                     vec![shape[axis] / *n as usize; *n as usize]
                 }
                 (Arg::List(..), _)
@@ -428,8 +428,12 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
                 Some(e) => l.cint(e, "the seed")? as u64,
                 None => l.next_random_seed(),
             };
-            let dtype = dtype_arg(l, call, 2, DType::F32)?;
-            one(l.add(Op::RandomUniform { dtype, shape, seed, offset: 0 }, &[], span, &[])?)
+            let offset = match config_arg(call, 2) {
+                Some(e) => l.cextent(e, "the offset")? as u64,
+                None => 0,
+            };
+            let dtype = dtype_arg(l, call, 3, DType::F32)?;
+            one(l.add(Op::RandomUniform { dtype, shape, seed, offset }, &[], span, &[])?)
         }
         other => unreachable!("op `{other}` is in the catalog but has no lowering"),
     }

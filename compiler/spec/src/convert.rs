@@ -16,6 +16,9 @@ pub struct Converter {
 
 type Fields<'v> = Vec<(&'v Ident, &'v Value)>;
 
+/// A variant name with its `name: value` arguments and the span of the whole value.
+type NamedArgs = (String, Vec<(Ident, SpannedCExpr)>, Span);
+
 impl Converter {
     fn error(&mut self, span: Span, msg: impl Into<String>, label: impl Into<String>) {
         self.diags.push(Diagnostic::error(msg).at(span, label));
@@ -803,11 +806,7 @@ impl Converter {
         }
     }
 
-    fn named_hyper(
-        &mut self,
-        v: &Value,
-        kinds: &[(&str, &[&str])],
-    ) -> Option<(String, Vec<(Ident, SpannedCExpr)>, Span)> {
+    fn named_hyper(&mut self, v: &Value, kinds: &[(&str, &[&str])]) -> Option<NamedArgs> {
         let names: Vec<&str> = kinds.iter().map(|k| k.0).collect();
         let Some(head) = v.head() else {
             self.expected(v, &format!("one of {}", names.join(", ")));

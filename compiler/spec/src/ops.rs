@@ -148,7 +148,7 @@ pub const OPS: &[OpSig] = &[
     op("Conv2d", F::LinAlg, &[a("x", K::Tensor, D::Required), a("w", K::Tensor, D::Required), a("stride", K::Ints, D::Int(1)), a("padding", K::Ints, D::Int(0)), a("dilation", K::Ints, D::Int(1)), a("groups", K::Int, D::Int(1))], "2-D convolution, NCHW input, OIHW weight"),
     op("MaxPool2d", F::LinAlg, POOL, "2-D max pooling, NCHW (stride defaults to kernel)"),
     op("AvgPool2d", F::LinAlg, POOL, "2-D average pooling, NCHW (padding not counted)"),
-    op("RandomUniform", F::Random, &[a("shape", K::Shape, D::Required), a("seed", K::Int, D::Absent), a("dtype", K::DType, D::DType("f32"))], "counter-based uniform numbers in [0, 1); the seed defaults to one derived from the model seed and the scope"),
+    op("RandomUniform", F::Random, &[a("shape", K::Shape, D::Required), a("seed", K::Int, D::Absent), a("offset", K::Int, D::Int(0)), a("dtype", K::DType, D::DType("f32"))], "counter-based uniform numbers in [0, 1): element i is a pure function of (seed, offset + i); the seed defaults to one derived from the model seed and the scope"),
 ];
 
 /// The special forms: not ops, but the language's own constructs.
