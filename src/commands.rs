@@ -143,15 +143,33 @@ pub fn inspect(
                 ),
             }
         }
+        Stage::Opt => {
+            let l = load(model, set)?;
+            let (g, report) = kiln_opt::optimize(&l.graph, &kiln_opt::Options::default())
+                .map_err(|e| user(e.to_string()))?;
+            match format {
+                Format::Text => {
+                    for line in report.summary().lines() {
+                        println!("# {line}");
+                    }
+                    print!("{}", kiln_ir::print::to_text(&g, kiln_ir::print::TextOptions { origins }));
+                }
+                Format::Dot => print!("{}", kiln_ir::print::to_dot(&g)),
+                Format::Json => {
+                    let mut v = serde_json::to_value(&report).unwrap_or_default();
+                    v["graph"] = kiln_ir::print::to_json(&g);
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                }
+            }
+        }
         other => {
             let name = match other {
-                Stage::Opt => "opt",
                 Stage::Kernels => "kernels",
                 Stage::Mlir => "mlir",
                 _ => "llvm",
             };
             return Err(Failure::Usage(format!(
-                "stage `{name}` is not available yet: this build has the `spec` and `ir` stages"
+                "stage `{name}` is not available yet: this build has the `spec`, `ir` and `opt` stages"
             )));
         }
     }

@@ -325,7 +325,123 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
             let w = window_out(op, x.shape[3], kernel[1], stride[1], padding[1], 1)?;
             TensorType::new(x.dtype, vec![x.shape[0], x.shape[1], h, w])
         }
+        Op::Softmax { axis } | Op::LogSoftmax { axis } => {
+            let x = t(0);
+            need(op, x.dtype.is_float(), "floating-point", x.dtype)?;
+            if *axis >= x.rank() {
+                return Err(invalid(op, format!("axis {axis} out of range for rank {}", x.rank())));
+            }
+            x.clone()
+        }
+        Op::Gelu { .. } => {
+            need(op, t(0).dtype.is_float(), "floating-point", t(0).dtype)?;
+            t(0).clone()
+        }
+        Op::LayerNorm { .. } | Op::RmsNorm { .. } => {
+            let x = t(0);
+            need(op, x.dtype.is_float(), "floating-point", x.dtype)?;
+            norm_params(op, &x.shape, x.dtype, &types[1..])?;
+            x.clone()
+        }
+        Op::AddNorm { .. } => {
+            let (a, b) = (t(0), t(1));
+            let d = same_dtype(op, a.dtype, b.dtype)?;
+            need(op, d.is_float(), "floating-point", d)?;
+            let shape = broadcast_shapes(op.name(), &a.shape, &b.shape)?;
+            norm_params(op, &shape, d, &types[2..])?;
+            TensorType::new(d, shape)
+        }
+        Op::Attention { .. } => attention_type(op, types)?,
+        Op::MatMulEpilogue { bias, .. } => {
+            let (a, b) = (t(0), t(1));
+            let d = same_dtype(op, a.dtype, b.dtype)?;
+            need(op, d.is_float(), "floating-point", d)?;
+            let shape = matmul_shape(&a.shape, &b.shape).map_err(|m| invalid(op, m))?;
+            if *bias {
+                let c = t(2);
+                same_dtype(op, d, c.dtype)?;
+                if broadcast_shapes(op.name(), &c.shape, &shape).ok().as_ref() != Some(&shape) {
+                    return Err(invalid(
+                        op,
+                        format!(
+                            "the bias {} does not broadcast to the product's shape {}",
+                            fmt_shape(&c.shape),
+                            fmt_shape(&shape)
+                        ),
+                    ));
+                }
+            }
+            TensorType::new(d, shape)
+        }
     })
+}
+
+/// Checks the scale and shift operands of a normalization over the last axis of `shape`: each
+/// must have the dtype `d` and the shape `[shape[-1]]`. Also checks the rank is at least 1.
+fn norm_params(op: &Op, shape: &[usize], d: DType, params: &[&TensorType]) -> Result<(), InferError> {
+    let Some(&last) = shape.last() else {
+        return Err(invalid(op, "normalizes over the last axis, but the operand is a scalar"));
+    };
+    for (p, what) in params.iter().zip(["gamma", "beta"]) {
+        same_dtype(op, d, p.dtype)?;
+        if p.shape != [last] {
+            return Err(invalid(
+                op,
+                format!(
+                    "{what} must have shape [{last}] (the last axis of {}), got {}",
+                    fmt_shape(shape),
+                    fmt_shape(&p.shape)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `attention(q, k, v[, mask])`: q `[…, Sq, D]`, k `[…, Sk, D]`, v `[…, Sk, Dv]` with equal
+/// batch axes (no broadcasting among them), the mask broadcasting to `[…, Sq, Sk]`.
+fn attention_type(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferError> {
+    let (q, k, v) = (types[0], types[1], types[2]);
+    let d = same_dtype(op, q.dtype, k.dtype)?;
+    same_dtype(op, d, v.dtype)?;
+    need(op, d.is_float(), "floating-point", d)?;
+    let shapes = || format!("q {}, k {}, v {}", fmt_shape(&q.shape), fmt_shape(&k.shape), fmt_shape(&v.shape));
+    if q.rank() < 2 || k.rank() != q.rank() || v.rank() != q.rank() {
+        return Err(invalid(op, format!("q, k and v need one rank of at least 2, got {}", shapes())));
+    }
+    let r = q.rank();
+    if q.shape[..r - 2] != k.shape[..r - 2] || q.shape[..r - 2] != v.shape[..r - 2] {
+        return Err(invalid(op, format!("the batch axes of q, k and v differ: {}", shapes())));
+    }
+    let (sq, dq) = (q.shape[r - 2], q.shape[r - 1]);
+    let (sk, dk) = (k.shape[r - 2], k.shape[r - 1]);
+    let (sv, dv) = (v.shape[r - 2], v.shape[r - 1]);
+    if dq != dk {
+        return Err(invalid(op, format!("q and k differ in their last axis ({dq} vs {dk}): {}", shapes())));
+    }
+    if sk != sv {
+        return Err(invalid(op, format!("k and v differ in their sequence axis ({sk} vs {sv}): {}", shapes())));
+    }
+    if let Some(m) = types.get(3) {
+        same_dtype(op, d, m.dtype)?;
+        let mut scores = q.shape[..r - 2].to_vec();
+        scores.extend([sq, sk]);
+        if broadcast_shapes(op.name(), &m.shape, &scores).ok().as_ref() != Some(&scores) {
+            return Err(invalid(
+                op,
+                format!(
+                    "the mask {} does not broadcast to the scores {} (q {}, k {})",
+                    fmt_shape(&m.shape),
+                    fmt_shape(&scores),
+                    fmt_shape(&q.shape),
+                    fmt_shape(&k.shape)
+                ),
+            ));
+        }
+    }
+    let mut shape = q.shape[..r - 1].to_vec();
+    shape.push(dv);
+    Ok(TensorType::new(d, shape))
 }
 
 /// Numpy `matmul` result shape, or a message saying why the shapes do not multiply.

@@ -23,7 +23,9 @@ pub use graph::{Graph, Node, NodeId, Origin};
 pub use infer::{broadcast_shapes, infer, matmul_shape, InferError};
 pub use init::{fans, init_param};
 pub use interp::{eval, eval_op, Bindings, EvalError};
-pub use op::{fmt_f64, BinaryOp, CompareOp, Init, Op, PoolKind, ReduceOp, UnaryOp};
+pub use op::{
+    fmt_f64, Activation, BinaryOp, CompareOp, GeluApprox, Init, NormKind, Op, PoolKind, ReduceOp, UnaryOp,
+};
 pub use tensor::{Buffer, ShapeMismatch, Tensor};
 pub use verify::{verify, VerifyError};
 pub use weights::{bind_params, MissingWeight, WeightMismatch, WeightsError};

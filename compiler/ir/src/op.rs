@@ -1,4 +1,5 @@
-//! The op table: every primitive tensor op of the IR, with its attributes.
+//! The op table: every primitive tensor op of the IR, with its attributes, and the fused ops
+//! (softmax, layer norm, attention, …) that the optimizer forms from patterns of primitives.
 //!
 //! The set is closed (an enum) so that inference, the interpreter, the printers and later the
 //! e-graph language all match on it exhaustively: adding an op makes rustc list every place
@@ -158,6 +159,75 @@ pub enum PoolKind {
     Avg,
 }
 
+/// The two forms of GELU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum GeluApprox {
+    /// `½x(1 + erf(x/√2))`, PyTorch's `GELU()`.
+    Erf,
+    /// `½x(1 + tanh(√(2/π)(x + 0.044715x³)))`, PyTorch's `GELU(approximate="tanh")`.
+    Tanh,
+}
+
+impl GeluApprox {
+    pub fn name(self) -> &'static str {
+        match self {
+            GeluApprox::Erf => "erf",
+            GeluApprox::Tanh => "tanh",
+        }
+    }
+}
+
+/// The normalization an [`Op::AddNorm`] applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum NormKind {
+    /// Layer normalization: `(x − mean) / √(var + eps)`.
+    Layer,
+    /// RMS normalization: `x / √(mean(x²) + eps)`.
+    Rms,
+}
+
+impl NormKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            NormKind::Layer => "layer",
+            NormKind::Rms => "rms",
+        }
+    }
+}
+
+/// The activation an [`Op::MatMulEpilogue`] applies after the bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum Activation {
+    None,
+    Relu,
+    Gelu(GeluApprox),
+    Sigmoid,
+    Tanh,
+}
+
+impl Activation {
+    pub const ALL: [Activation; 6] = [
+        Activation::None,
+        Activation::Relu,
+        Activation::Gelu(GeluApprox::Erf),
+        Activation::Gelu(GeluApprox::Tanh),
+        Activation::Sigmoid,
+        Activation::Tanh,
+    ];
+
+    /// The name as printed and as written in the model language.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::None => "none",
+            Activation::Relu => "relu",
+            Activation::Gelu(GeluApprox::Erf) => "gelu",
+            Activation::Gelu(GeluApprox::Tanh) => "gelu_tanh",
+            Activation::Sigmoid => "sigmoid",
+            Activation::Tanh => "tanh",
+        }
+    }
+}
+
 /// How a parameter is initialized when no weights file provides it.
 ///
 /// Fan-in and fan-out follow PyTorch's convention: for a shape `[o, i, k…]`,
@@ -191,7 +261,7 @@ impl fmt::Display for Init {
     }
 }
 
-/// One primitive op. Attributes that decide the result type (a reshape's target shape, a
+/// One op: a primitive, or a fused op that stands for a pattern of primitives. Attributes that decide the result type (a reshape's target shape, a
 /// cast's dtype) live in the op, so an op and the types of its operands determine its result.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub enum Op {
@@ -293,6 +363,56 @@ pub enum Op {
         stride: [usize; 2],
         padding: [usize; 2],
     },
+
+    // Fused ops: each is one op for a pattern of primitives that the optimizer recognizes
+    // (and the model language can call directly). Float dtypes only. The exact semantics,
+    // and the primitive form each one equals, are in the header of `interp/fused.rs`.
+    /// `exp(x − max) / Σ exp(x − max)` along `axis`; operands `[x]`.
+    Softmax {
+        axis: usize,
+    },
+    /// `x − max − log Σ exp(x − max)` along `axis`; operands `[x]`.
+    LogSoftmax {
+        axis: usize,
+    },
+    /// `(x − mean) / √(var + eps)` over the last axis (population variance), then `· gamma +
+    /// beta` when `affine`; operands `[x]` or `[x, gamma, beta]`, gamma and beta `[x.shape[-1]]`.
+    LayerNorm {
+        eps: f64,
+        affine: bool,
+    },
+    /// `x / √(mean(x²) + eps)` over the last axis, then `· gamma` when `affine`; operands `[x]`
+    /// or `[x, gamma]`, gamma `[x.shape[-1]]`.
+    RmsNorm {
+        eps: f64,
+        affine: bool,
+    },
+    /// GELU, elementwise; operands `[x]`.
+    Gelu {
+        approx: GeluApprox,
+    },
+    /// `softmax(q·kᵀ·scale + mask) · v` with `causal` hiding the entries `j > i`; operands
+    /// `[q, k, v]` or `[q, k, v, mask]` (`masked`): q `[…, Sq, D]`, k `[…, Sk, D]`,
+    /// v `[…, Sk, Dv]` with equal batch axes, an additive mask broadcasting to `[…, Sq, Sk]`;
+    /// the result is `[…, Sq, Dv]`.
+    Attention {
+        scale: f64,
+        causal: bool,
+        masked: bool,
+    },
+    /// `norm(a + b)` over the last axis, a and b broadcasting; operands `[a, b]`, plus
+    /// `[gamma, beta]` (layer) or `[gamma]` (rms) when `affine`.
+    AddNorm {
+        eps: f64,
+        kind: NormKind,
+        affine: bool,
+    },
+    /// `activation(matmul(a, b) + bias)`; operands `[a, b]` or `[a, b, bias]` (`bias`), the bias
+    /// broadcasting to the product's shape.
+    MatMulEpilogue {
+        bias: bool,
+        activation: Activation,
+    },
 }
 
 impl Op {
@@ -329,10 +449,20 @@ impl Op {
                 PoolKind::Max => "max_pool2d",
                 PoolKind::Avg => "avg_pool2d",
             },
+            Op::Softmax { .. } => "softmax",
+            Op::LogSoftmax { .. } => "log_softmax",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Gelu { .. } => "gelu",
+            Op::Attention { .. } => "attention",
+            Op::AddNorm { .. } => "add_norm",
+            Op::MatMulEpilogue { .. } => "matmul_epilogue",
         }
     }
 
-    /// Number of operands the op takes; `None` for variadic ops (concat).
+    /// Number of operands the op takes; `None` for variadic ops (concat). Fused ops whose
+    /// optional operands are switched on by a flag (`affine`, `masked`, `bias`) give the count
+    /// those flags imply.
     pub fn arity(&self) -> Option<usize> {
         match self {
             Op::Input { .. }
@@ -353,7 +483,45 @@ impl Op {
             Op::Binary(_) | Op::Compare(_) | Op::Gather { .. } | Op::MatMul | Op::Conv2d { .. } => Some(2),
             Op::Where => Some(3),
             Op::Concat { .. } => None,
+            Op::Softmax { .. } | Op::LogSoftmax { .. } | Op::Gelu { .. } => Some(1),
+            Op::LayerNorm { affine, .. } => Some(if *affine { 3 } else { 1 }),
+            Op::RmsNorm { affine, .. } => Some(if *affine { 2 } else { 1 }),
+            Op::Attention { masked, .. } => Some(if *masked { 4 } else { 3 }),
+            Op::AddNorm { kind, affine, .. } => Some(
+                2 + match (affine, kind) {
+                    (false, _) => 0,
+                    (true, NormKind::Layer) => 2,
+                    (true, NormKind::Rms) => 1,
+                },
+            ),
+            Op::MatMulEpilogue { bias, .. } => Some(if *bias { 3 } else { 2 }),
         }
+    }
+
+    /// Whether the op is one of the fused ops (softmax, log_softmax, layer_norm, rms_norm,
+    /// gelu, attention, add_norm, matmul_epilogue) that stand for a pattern of primitives.
+    pub fn is_fused(&self) -> bool {
+        matches!(
+            self,
+            Op::Softmax { .. }
+                | Op::LogSoftmax { .. }
+                | Op::LayerNorm { .. }
+                | Op::RmsNorm { .. }
+                | Op::Gelu { .. }
+                | Op::Attention { .. }
+                | Op::AddNorm { .. }
+                | Op::MatMulEpilogue { .. }
+        )
+    }
+
+    /// Whether each element of the result depends only on the elements at the same
+    /// (broadcast) position of the operands: unary, binary, compare, where, cast and gelu.
+    /// Such ops can be fused into one loop by a scheduler.
+    pub fn is_elementwise(&self) -> bool {
+        matches!(
+            self,
+            Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Cast { .. } | Op::Gelu { .. }
+        )
     }
 
     /// Whether the op is a leaf that carries data rather than computing it.
@@ -403,6 +571,24 @@ impl Op {
             ],
             Op::Pool2d { kernel, stride, padding, .. } => {
                 vec![("kernel", list(kernel)), ("stride", list(stride)), ("padding", list(padding))]
+            }
+            Op::Softmax { axis } | Op::LogSoftmax { axis } => vec![("axis", axis.to_string())],
+            Op::LayerNorm { eps, affine } | Op::RmsNorm { eps, affine } => {
+                vec![("eps", fmt_f64(*eps)), ("affine", affine.to_string())]
+            }
+            Op::Gelu { approx } => vec![("approx", approx.name().to_string())],
+            Op::Attention { scale, causal, masked } => vec![
+                ("scale", fmt_f64(*scale)),
+                ("causal", causal.to_string()),
+                ("masked", masked.to_string()),
+            ],
+            Op::AddNorm { eps, kind, affine } => vec![
+                ("kind", kind.name().to_string()),
+                ("eps", fmt_f64(*eps)),
+                ("affine", affine.to_string()),
+            ],
+            Op::MatMulEpilogue { bias, activation } => {
+                vec![("bias", bias.to_string()), ("activation", activation.name().to_string())]
             }
         }
     }

@@ -1,7 +1,9 @@
 //! Lowering of each language op to IR ops (most are one IR op; a few are sugar).
 
 use crate::lower::{LValue, Lowerer, Operand};
-use kiln_ir::{BinaryOp, CompareOp, DType, NodeId, Op, PoolKind, ReduceOp, Tensor, UnaryOp};
+use kiln_ir::{
+    Activation, BinaryOp, CompareOp, DType, GeluApprox, NodeId, NormKind, Op, PoolKind, ReduceOp, Tensor, UnaryOp,
+};
 use kiln_spec::{Arg, Expr, OpCall, Span, SpannedCExpr};
 
 /// Resolves a possibly negative axis against a rank.
@@ -87,6 +89,159 @@ fn node_arg(l: &mut Lowerer, call: &OpCall, i: usize) -> Option<NodeId> {
     let o = l.operand(e)?;
     let d = l.common_dtype(&[o]);
     l.materialize(o, d, e.span())
+}
+
+/// Lowers the tensor arguments at `idx`, each `None` when left out. Every given argument is
+/// lowered (so each reports its own errors) before any failure returns; weak literals take the
+/// dtype of the first tensor among them.
+fn tensor_args(l: &mut Lowerer, call: &OpCall, idx: &[usize]) -> Option<Vec<Option<NodeId>>> {
+    let exprs: Vec<Option<&Expr>> = idx
+        .iter()
+        .map(|&i| match &call.args[i] {
+            Some(Arg::Tensor(e)) => Some(e),
+            _ => None,
+        })
+        .collect();
+    let mut ok = true;
+    let mut ops: Vec<Option<Operand>> = Vec::with_capacity(idx.len());
+    for e in &exprs {
+        let o = e.and_then(|e| l.operand(e));
+        ok &= e.is_none() || o.is_some();
+        ops.push(o);
+    }
+    if !ok {
+        return None;
+    }
+    let given: Vec<Operand> = ops.iter().flatten().copied().collect();
+    let d = l.common_dtype(&given);
+    let mut out = Vec::with_capacity(idx.len());
+    for (o, e) in ops.into_iter().zip(&exprs) {
+        out.push(match (o, e) {
+            (Some(o), Some(e)) => Some(l.materialize(o, d, e.span())?),
+            _ => None,
+        });
+    }
+    Some(out)
+}
+
+/// The spec expressions of the tensor arguments at `idx` that are given, in order.
+fn given_exprs<'c>(call: &'c OpCall, idx: &[usize]) -> Vec<&'c Expr> {
+    idx.iter()
+        .filter_map(|&i| match &call.args[i] {
+            Some(Arg::Tensor(e)) => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The value of an `ArgKind::Name` argument, or `default` when left out.
+fn name_arg<'c>(call: &'c OpCall, i: usize, default: &'c str) -> &'c str {
+    match &call.args[i] {
+        Some(Arg::Name(n, _)) => n,
+        _ => default,
+    }
+}
+
+fn float_or(l: &mut Lowerer, call: &OpCall, i: usize, what: &str, default: f64) -> Option<f64> {
+    match config_arg(call, i) {
+        Some(e) => l.cfloat(e, what),
+        None => Some(default),
+    }
+}
+
+fn bool_or(l: &mut Lowerer, call: &OpCall, i: usize, what: &str, default: bool) -> Option<bool> {
+    match config_arg(call, i) {
+        Some(e) => l.cbool(e, what),
+        None => Some(default),
+    }
+}
+
+/// An error about which optional tensor arguments were given together.
+fn arg_combination(l: &mut Lowerer, call: &OpCall, msg: String) -> Option<LValue> {
+    l.diags.push(kiln_spec::Diagnostic::error(msg).at(call.span, "invalid combination of arguments"));
+    None
+}
+
+/// The fused ops: one IR op each, with optional tensor arguments switched on by flags.
+fn lower_fused(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
+    let (name, span) = (call.sig.name, call.span);
+    match name {
+        "Softmax" | "LogSoftmax" => {
+            let x = node_arg(l, call, 0)?;
+            let rank = l.graph.ty(x).rank();
+            let axis = match config_arg(call, 1) {
+                Some(e) => axis_of(l, e, rank)?,
+                None => rank.saturating_sub(1),
+            };
+            let op = if name == "Softmax" { Op::Softmax { axis } } else { Op::LogSoftmax { axis } };
+            one(l.add(op, &[x], span, &[tensor_arg(call, 0)])?)
+        }
+        "LayerNorm" | "RmsNorm" => {
+            let layer = name == "LayerNorm";
+            let idx: &[usize] = if layer { &[0, 1, 2] } else { &[0, 1] };
+            let nodes = tensor_args(l, call, idx);
+            let eps_at = idx.len();
+            let eps = float_or(l, call, eps_at, "`eps`", if layer { 1e-5 } else { 1e-6 });
+            let (nodes, eps) = (nodes?, eps?);
+            if layer && nodes[1].is_some() != nodes[2].is_some() {
+                return arg_combination(l, call, "`LayerNorm` takes both `gamma` and `beta`, or neither".into());
+            }
+            let affine = nodes[1].is_some();
+            let op = if layer { Op::LayerNorm { eps, affine } } else { Op::RmsNorm { eps, affine } };
+            let operands: Vec<NodeId> = nodes.into_iter().flatten().collect();
+            one(l.add(op, &operands, span, &given_exprs(call, idx))?)
+        }
+        "Gelu" => {
+            let x = node_arg(l, call, 0)?;
+            let approx = if name_arg(call, 1, "erf") == "tanh" { GeluApprox::Tanh } else { GeluApprox::Erf };
+            one(l.add(Op::Gelu { approx }, &[x], span, &[tensor_arg(call, 0)])?)
+        }
+        "Attention" => {
+            let idx = [0, 1, 2, 3];
+            let nodes = tensor_args(l, call, &idx);
+            let scale = match config_arg(call, 4) {
+                Some(e) => l.cfloat(e, "`scale`").map(Some),
+                None => Some(None),
+            };
+            let causal = bool_or(l, call, 5, "`causal`", false);
+            let (nodes, scale, causal) = (nodes?, scale?, causal?);
+            let q = nodes[0]?;
+            // 1/√d, with d the last axis of q (a scalar q is left to the typing rule).
+            let scale = scale.unwrap_or_else(|| {
+                l.graph.ty(q).shape.last().map_or(1.0, |&d| 1.0 / (d as f64).sqrt())
+            });
+            let masked = nodes[3].is_some();
+            let operands: Vec<NodeId> = nodes.into_iter().flatten().collect();
+            one(l.add(Op::Attention { scale, causal, masked }, &operands, span, &given_exprs(call, &idx))?)
+        }
+        "AddNorm" => {
+            let idx = [0, 1, 2, 3];
+            let nodes = tensor_args(l, call, &idx);
+            let eps = float_or(l, call, 4, "`eps`", 1e-5);
+            let rms = bool_or(l, call, 5, "`rms`", false);
+            let (nodes, eps, rms) = (nodes?, eps?, rms?);
+            let (gamma, beta) = (nodes[2].is_some(), nodes[3].is_some());
+            if rms && beta {
+                return arg_combination(l, call, "`AddNorm` with `rms: true` takes `gamma` but no `beta`".into());
+            }
+            if !rms && gamma != beta {
+                return arg_combination(l, call, "`AddNorm` takes both `gamma` and `beta`, or neither".into());
+            }
+            let kind = if rms { NormKind::Rms } else { NormKind::Layer };
+            let operands: Vec<NodeId> = nodes.into_iter().flatten().collect();
+            one(l.add(Op::AddNorm { eps, kind, affine: gamma }, &operands, span, &given_exprs(call, &idx))?)
+        }
+        "MatMulEpilogue" => {
+            let idx = [0, 1, 2];
+            let nodes = tensor_args(l, call, &idx)?;
+            let act = name_arg(call, 3, "none");
+            let activation = Activation::ALL.into_iter().find(|a| a.name() == act).unwrap_or(Activation::None);
+            let bias = nodes[2].is_some();
+            let operands: Vec<NodeId> = nodes.into_iter().flatten().collect();
+            one(l.add(Op::MatMulEpilogue { bias, activation }, &operands, span, &given_exprs(call, &idx))?)
+        }
+        other => unreachable!("op `{other}` is in the catalog but has no lowering"),
+    }
 }
 
 fn one(n: NodeId) -> Option<LValue> {
@@ -435,6 +590,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             let dtype = dtype_arg(l, call, 3, DType::F32)?;
             one(l.add(Op::RandomUniform { dtype, shape, seed, offset }, &[], span, &[])?)
         }
+        _ if call.sig.family == kiln_spec::ops::Family::Fused => lower_fused(l, call),
         other => unreachable!("op `{other}` is in the catalog but has no lowering"),
     }
 }

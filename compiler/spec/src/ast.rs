@@ -152,6 +152,8 @@ pub enum Arg {
     Pairs(Vec<(SpannedCExpr, SpannedCExpr)>, Span),
     /// A literal tensor: its shape and values in row-major order.
     Values(Vec<usize>, Vec<f64>, Span),
+    /// One of the names an `ArgKind::Name` argument allows.
+    Name(String, Span),
 }
 
 #[derive(Clone, Debug)]

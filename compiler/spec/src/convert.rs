@@ -509,11 +509,35 @@ impl Converter {
                 ArgKind::DType => self.dtype(val).map(|(d, s)| Arg::DType(d, s)),
                 ArgKind::Pairs => self.pairs(val),
                 ArgKind::Values => self.values(val),
+                ArgKind::Name(choices) => self.choice(val, sig.name, sig_arg.name, choices),
             };
             ok &= arg.is_some();
             args.push(arg);
         }
         ok.then_some(OpCall { sig, name_span: head.span, args, span: v.span })
+    }
+
+    /// One of `choices`, written bare (`tanh`) or quoted (`"tanh"`).
+    fn choice(&mut self, v: &Value, op: &str, arg: &str, choices: &[&str]) -> Option<Arg> {
+        let s = match &v.kind {
+            Kind::Unit(i) => i.name.clone(),
+            Kind::Str(s) => s.clone(),
+            _ => {
+                self.expected(v, &format!("one of {}", choices.join(", ")));
+                return None;
+            }
+        };
+        if choices.contains(&s.as_str()) {
+            return Some(Arg::Name(s, v.span));
+        }
+        let mut d = Diagnostic::error(format!("`{s}` is not a valid `{arg}` of `{op}`"))
+            .at(v.span, format!("not a valid `{arg}`"))
+            .note(format!("`{arg}` is one of: {}", choices.join(", ")));
+        if let Some(c) = closest(&s, choices.iter().copied()) {
+            d = d.note(format!("did you mean `{c}`?"));
+        }
+        self.diags.push(d);
+        None
     }
 
     fn pairs(&mut self, v: &Value) -> Option<Arg> {

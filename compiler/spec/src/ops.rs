@@ -27,6 +27,8 @@ pub enum ArgKind {
     Pairs,
     /// A nested list of numbers (a literal tensor).
     Values,
+    /// One of a fixed set of names, written bare or quoted (`approx: tanh`).
+    Name(&'static [&'static str]),
 }
 
 /// The value an argument takes when the call leaves it out.
@@ -39,6 +41,8 @@ pub enum ArgDefault {
     Float(f64),
     Bool(bool),
     DType(&'static str),
+    /// One of the argument's names (`ArgKind::Name`).
+    Name(&'static str),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -60,6 +64,8 @@ pub enum Family {
     Source,
     LinAlg,
     Random,
+    /// Fused ops: one op for a pattern of primitives that the optimizer also forms on its own.
+    Fused,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -90,6 +96,11 @@ const POOL: &[ArgSig] = &[
     a("stride", K::Ints, D::Absent),
     a("padding", K::Ints, D::Int(0)),
 ];
+
+/// The forms of GELU.
+pub const GELU_APPROX: &[&str] = &["erf", "tanh"];
+/// The activations of `MatMulEpilogue`.
+pub const ACTIVATIONS: &[&str] = &["none", "relu", "gelu", "gelu_tanh", "sigmoid", "tanh"];
 
 const fn op(name: &'static str, family: Family, args: &'static [ArgSig], doc: &'static str) -> OpSig {
     OpSig { name, family, args, doc, multi: false }
@@ -149,6 +160,14 @@ pub const OPS: &[OpSig] = &[
     op("MaxPool2d", F::LinAlg, POOL, "2-D max pooling, NCHW (stride defaults to kernel)"),
     op("AvgPool2d", F::LinAlg, POOL, "2-D average pooling, NCHW (padding not counted)"),
     op("RandomUniform", F::Random, &[a("shape", K::Shape, D::Required), a("seed", K::Int, D::Absent), a("offset", K::Int, D::Int(0)), a("dtype", K::DType, D::DType("f32"))], "counter-based uniform numbers in [0, 1): element i is a pure function of (seed, offset + i); the seed defaults to one derived from the model seed and the scope"),
+    op("Softmax", F::Fused, &[a("x", K::Tensor, D::Required), a("axis", K::Int, D::Int(-1))], "exp(x − max) / Σ exp(x − max) along axis"),
+    op("LogSoftmax", F::Fused, &[a("x", K::Tensor, D::Required), a("axis", K::Int, D::Int(-1))], "x − max − log Σ exp(x − max) along axis"),
+    op("LayerNorm", F::Fused, &[a("x", K::Tensor, D::Required), a("gamma", K::Tensor, D::Absent), a("beta", K::Tensor, D::Absent), a("eps", K::Float, D::Float(1e-5))], "(x − mean) / √(var + eps) over the last axis, then · gamma + beta when both are given"),
+    op("RmsNorm", F::Fused, &[a("x", K::Tensor, D::Required), a("gamma", K::Tensor, D::Absent), a("eps", K::Float, D::Float(1e-6))], "x / √(mean(x²) + eps) over the last axis, then · gamma when given"),
+    op("Gelu", F::Fused, &[a("x", K::Tensor, D::Required), a("approx", K::Name(GELU_APPROX), D::Name("erf"))], "GELU: ½x(1 + erf(x/√2)), or its tanh approximation"),
+    op("Attention", F::Fused, &[a("q", K::Tensor, D::Required), a("k", K::Tensor, D::Required), a("v", K::Tensor, D::Required), a("mask", K::Tensor, D::Absent), a("scale", K::Float, D::Absent), a("causal", K::Bool, D::Bool(false))], "softmax(q·kᵀ·scale + mask) · v, causal hiding j > i; scale defaults to 1/√d"),
+    op("AddNorm", F::Fused, &[a("a", K::Tensor, D::Required), a("b", K::Tensor, D::Required), a("gamma", K::Tensor, D::Absent), a("beta", K::Tensor, D::Absent), a("eps", K::Float, D::Float(1e-5)), a("rms", K::Bool, D::Bool(false))], "layer norm (or RMS norm) of a + b over the last axis"),
+    op("MatMulEpilogue", F::Fused, &[a("a", K::Tensor, D::Required), a("b", K::Tensor, D::Required), a("bias", K::Tensor, D::Absent), a("activation", K::Name(ACTIVATIONS), D::Name("none"))], "activation(matmul(a, b) + bias)"),
 ];
 
 /// The special forms: not ops, but the language's own constructs.
@@ -164,8 +183,9 @@ pub fn suggest_op(name: &str) -> Option<&'static str> {
     crate::suggest::closest(name, candidates)
 }
 
-/// The standard-library module an op-like name refers to (`Softmax` → `softmax`,
-/// `LayerNorm` → `layer_norm`), when there is one.
+/// The standard-library module an op-like name refers to (`Linear` → `linear`,
+/// `SelfAttention` → `self_attention`), when there is one. Names that are ops (`Softmax`,
+/// `LayerNorm`) are found in the catalog first and never get here.
 pub fn std_module_for(name: &str) -> Option<String> {
     let mut snake = String::new();
     for (i, c) in name.chars().enumerate() {

@@ -14,7 +14,7 @@ use crate::tensor::{Buffer, Tensor};
 use rayon::prelude::*;
 
 /// An element a matrix product can accumulate.
-trait MatElem: Copy + Send + Sync + 'static {
+pub(crate) trait MatElem: Copy + Send + Sync + 'static {
     const ZERO: Self;
     fn madd(self, a: Self, b: Self) -> Self;
 }
@@ -148,6 +148,11 @@ fn matmul_typed<T: MatElem>(a: &[T], b: &[T], p: &MatPlan) -> Vec<T> {
         c.chunks_mut(m * n).zip(p.offsets.iter()).for_each(run);
     }
     c
+}
+
+/// numpy `matmul` on typed slices of shapes `ash` and `bsh` (already checked by inference).
+pub(crate) fn matmul_slices<T: MatElem>(a: &[T], ash: &[usize], b: &[T], bsh: &[usize]) -> Vec<T> {
+    matmul_typed(a, b, &plan(ash, bsh))
 }
 
 /// numpy `matmul`: 1-D operands are promoted (`[k]` → `[1, k]` on the left, `[k, 1]` on the

@@ -38,6 +38,10 @@
 //!   replaced by the largest number below 1 of that dtype, so the range stays [0, 1).
 //! * **iota**: the index along `axis`; **full** and **pad** convert their value like a cast
 //!   from f64.
+//! * **Fused ops** (softmax, log_softmax, layer_norm, rms_norm, gelu, attention, add_norm,
+//!   matmul_epilogue) compute exactly their primitive form, step by step: f16/bf16 run in f32
+//!   and round once, sums accumulate in f64 like the reductions, products in the compute type
+//!   like matmul; an attention row whose scores are all −inf is NaN. See `fused.rs`.
 //!
 //! [`eval`] walks the graph in [`Graph::topo_order`], skips nodes that no output depends on,
 //! and frees each intermediate as soon as its last user has run. Results are deterministic:
@@ -45,6 +49,7 @@
 
 mod elem;
 mod elementwise;
+mod fused;
 mod layout;
 mod linalg;
 mod reduce;
@@ -52,7 +57,7 @@ mod source;
 
 use crate::dtype::{fmt_shape, numel, TensorType};
 use crate::graph::{Graph, NodeId, Origin};
-use crate::op::Op;
+use crate::op::{NormKind, Op};
 use crate::tensor::Tensor;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -214,6 +219,14 @@ pub fn eval_op(op: &Op, args: &[&Tensor], ty: &TensorType) -> Result<Tensor, Eva
         Op::Pool2d { kind, kernel, stride, padding } => {
             linalg::pool2d(a(0), *kind, *kernel, *stride, *padding, ty)
         }
+        Op::Softmax { axis } => fused::softmax(a(0), *axis, false, ty),
+        Op::LogSoftmax { axis } => fused::softmax(a(0), *axis, true, ty),
+        Op::LayerNorm { eps, .. } => fused::norm(args, NormKind::Layer, *eps, false, ty),
+        Op::RmsNorm { eps, .. } => fused::norm(args, NormKind::Rms, *eps, false, ty),
+        Op::AddNorm { eps, kind, .. } => fused::norm(args, *kind, *eps, true, ty),
+        Op::Gelu { approx } => fused::gelu(a(0), *approx, ty),
+        Op::Attention { scale, causal, .. } => fused::attention(args, *scale, *causal, ty),
+        Op::MatMulEpilogue { activation, .. } => fused::matmul_epilogue(args, *activation, ty),
     }
 }
 

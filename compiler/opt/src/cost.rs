@@ -1,0 +1,80 @@
+//! The cost model: estimated time of each node on a target.
+//!
+//! time = max(flops / peak, bytes moved / bandwidth) + a fixed per-kernel overhead. Every
+//! non-view node is a kernel that reads its operands and writes its result; a fused node moves
+//! only its own inputs and output, which is why fusion wins.
+
+use kiln_ir::{Op, TensorType};
+use serde::Serialize;
+
+/// A target's throughput numbers, filled in by each backend.
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetCost {
+    pub name: String,
+    /// Peak arithmetic throughput, flop/s.
+    pub peak_flops: f64,
+    /// Sustained memory bandwidth, bytes/s.
+    pub bandwidth: f64,
+    /// Fixed cost of launching one kernel, seconds.
+    pub kernel_overhead: f64,
+}
+
+impl TargetCost {
+    /// A 2-core AVX-512 CPU: ~234 GFLOP/s f32 FMA peak, ~20 GB/s.
+    pub fn cpu_default() -> TargetCost {
+        TargetCost { name: "cpu".into(), peak_flops: 234e9, bandwidth: 20e9, kernel_overhead: 1e-6 }
+    }
+
+    /// Estimated seconds for `op` with operand types `inputs` and result `out`.
+    pub fn node_time(&self, op: &Op, inputs: &[&TensorType], out: &TensorType) -> f64 {
+        if op.is_leaf() || matches!(op, Op::Reshape { .. }) {
+            return 0.0;
+        }
+        let flops = flops(op, inputs, out);
+        let bytes = inputs.iter().map(|t| t.size_bytes()).sum::<usize>() + out.size_bytes();
+        (flops / self.peak_flops).max(bytes as f64 / self.bandwidth) + self.kernel_overhead
+    }
+}
+
+/// Floating-point work of one node, counting a transcendental as several flops.
+pub fn flops(op: &Op, inputs: &[&TensorType], out: &TensorType) -> f64 {
+    let n = out.numel() as f64;
+    let input_n = inputs.first().map(|t| t.numel() as f64).unwrap_or(0.0);
+    // A product of k-long dot products: 2·k flops per output element.
+    let matmul = |a: &TensorType| 2.0 * n * a.shape.last().copied().unwrap_or(1) as f64;
+    use kiln_ir::UnaryOp as U;
+    match op {
+        Op::Unary(U::Exp | U::Log | U::Tanh | U::Erf | U::Sin | U::Cos | U::Sigmoid) => 10.0 * n,
+        Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Cast { .. } => n,
+        Op::Reduce { .. } => input_n,
+        Op::MatMul => matmul(inputs[0]),
+        Op::Conv2d { .. } => {
+            let w = &inputs[1].shape;
+            2.0 * n * (w[1] * w[2] * w[3]) as f64
+        }
+        Op::Pool2d { kernel, .. } => n * (kernel[0] * kernel[1]) as f64,
+        Op::Softmax { .. } | Op::LogSoftmax { .. } => 14.0 * n,
+        Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::AddNorm { .. } => 8.0 * n,
+        Op::Gelu { .. } => 20.0 * n,
+        Op::Attention { .. } => {
+            let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
+            let sk = k.shape[k.rank() - 2] as f64;
+            let d = q.shape[q.rank() - 1] as f64;
+            let dv = v.shape[v.rank() - 1] as f64;
+            let rows = (q.numel() as f64) / d;
+            rows * sk * (2.0 * d + 2.0 * dv + 14.0)
+        }
+        Op::MatMulEpilogue { .. } => matmul(inputs[0]) + 10.0 * n,
+        _ => 0.0,
+    }
+}
+
+/// The estimated time of a whole graph: the sum of its nodes.
+pub fn graph_time(g: &kiln_ir::Graph, target: &TargetCost) -> f64 {
+    g.node_ids()
+        .map(|id| {
+            let types: Vec<&TensorType> = g.operands(id).iter().map(|o| g.ty(*o)).collect();
+            target.node_time(&g.node(id).op, &types, g.ty(id))
+        })
+        .sum()
+}

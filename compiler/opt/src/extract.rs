@@ -1,0 +1,71 @@
+//! Extraction: the cheapest e-node of every class reachable from the outputs.
+//!
+//! Greedy bottom-up. A node costs its own time plus the larger of (a) the costs of the
+//! children only it uses and (b) its costliest child. Plain tree costs count a shared
+//! subexpression once per use, which doubles at every residual connection: after a few dozen
+//! layers the fused and unfused forms of a layer differ by less than the rounding of the
+//! running sum and the choice becomes arbitrary. Here shared classes are paid once, wherever
+//! they sit, so costs grow linearly with depth and two alternatives over the same operands
+//! differ by exactly their own work. The choice is then rebuilt as a DAG, so the graph never
+//! duplicates a class.
+use crate::analysis::KGraph;
+use crate::cost::TargetCost;
+use crate::lang::KNode;
+use egg::{CostFunction, Extractor, Id};
+use kiln_ir::TensorType;
+use std::collections::HashMap;
+
+struct TimeCost<'a> {
+    egraph: &'a KGraph,
+    target: &'a TargetCost,
+    /// How many e-nodes use each class.
+    uses: HashMap<Id, f64>,
+}
+
+impl CostFunction<KNode> for TimeCost<'_> {
+    type Cost = f64;
+
+    fn cost<C: FnMut(Id) -> f64>(&mut self, enode: &KNode, mut costs: C) -> f64 {
+        let types: Vec<&TensorType> = enode.children.iter().map(|c| &self.egraph[*c].data.ty).collect();
+        let out = kiln_ir::infer(enode.ir(), &types).map(|t| self.target.node_time(enode.ir(), &types, &t));
+        // A tiny per-node term breaks ties toward fewer nodes (views and leaves cost 0 time).
+        let own = out.unwrap_or(f64::INFINITY) + 1e-12;
+        // Children only this node uses are paid for here; shared children are paid once,
+        // wherever they are, so they only count through the longest path below.
+        let (mut private, mut deepest) = (0.0f64, 0.0f64);
+        for &c in &enode.children {
+            let cost = costs(c);
+            if self.uses.get(&self.egraph.find(c)).copied().unwrap_or(1.0) <= 1.0 {
+                private += cost;
+            }
+            deepest = deepest.max(cost);
+        }
+        // At least the costliest child plus its own: costs grow strictly along every path,
+        // so the chosen nodes can never form a cycle (x = x · 1 never picks itself).
+        own + private.max(deepest)
+    }
+}
+
+/// The chosen node of every class reachable from `roots` (keys are canonical ids).
+pub fn choose(egraph: &KGraph, roots: &[Id], target: &TargetCost) -> HashMap<Id, KNode> {
+    let mut uses: HashMap<Id, f64> = HashMap::new();
+    for class in egraph.classes() {
+        for node in &class.nodes {
+            for c in &node.children {
+                *uses.entry(egraph.find(*c)).or_insert(0.0) += 1.0;
+            }
+        }
+    }
+    let extractor = Extractor::new(egraph, TimeCost { egraph, target, uses });
+    let mut choice = HashMap::new();
+    let mut stack: Vec<Id> = roots.iter().map(|r| egraph.find(*r)).collect();
+    while let Some(id) = stack.pop() {
+        if choice.contains_key(&id) {
+            continue;
+        }
+        let node = extractor.find_best_node(id).clone();
+        stack.extend(node.children.iter().map(|c| egraph.find(*c)));
+        choice.insert(id, node);
+    }
+    choice
+}

@@ -1,0 +1,474 @@
+//! Fusion: recognizing softmax, the norms, GELU, attention and matmul epilogues in the many
+//! forms a spec may write them, and adding the fused op to the same e-class.
+//!
+//! The rules compose: layer norm without affine is found first, then the affine form on top
+//! of it, then a residual add feeding it; softmax is found first, then attention around it.
+//! Algebra rules (constants to the right, x / c = x · (1/c), scale hoisting) put the variants
+//! into the few shapes these matchers look for.
+
+use super::algebra::unary_of;
+use super::{close, konst, nodes, same, ty, FnRule, New, Rule};
+use crate::analysis::KGraph;
+use egg::Id;
+use kiln_ir::{Activation, BinaryOp as B, CompareOp, GeluApprox, NormKind, Op, ReduceOp, UnaryOp as U};
+
+pub fn rules() -> Vec<Rule> {
+    vec![
+        FnRule::rule("fuse-softmax", softmax),
+        FnRule::rule("fuse-layer-norm", layer_norm),
+        FnRule::rule("fuse-layer-norm-affine", layer_norm_affine),
+        FnRule::rule("fuse-rms-norm", rms_norm),
+        FnRule::rule("fuse-rms-norm-affine", rms_norm_affine),
+        FnRule::rule("fuse-add-norm", add_norm),
+        FnRule::rule("fuse-gelu-erf", gelu_erf),
+        FnRule::rule("fuse-gelu-tanh", gelu_tanh),
+        FnRule::rule("fuse-attention", attention),
+        FnRule::rule("fuse-matmul-bias", matmul_bias),
+        FnRule::rule("fuse-matmul-activation", matmul_activation),
+    ]
+}
+
+// ------------------------------------------------------------------ helpers
+
+/// Operand pairs of the class's `b` nodes; both orders for commutative ops.
+fn binary(g: &KGraph, id: Id, b: B) -> Vec<(Id, Id)> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        if n.ir() == &Op::Binary(b) {
+            out.push((n.children[0], n.children[1]));
+            if matches!(b, B::Add | B::Mul) {
+                out.push((n.children[1], n.children[0]));
+            }
+        }
+    }
+    out
+}
+
+/// Operands of the class's reductions of kind `r` over exactly `axis`, keeping dims.
+fn reduce_over(g: &KGraph, id: Id, r: ReduceOp, axis: Option<usize>) -> Vec<(Id, usize)> {
+    nodes(g, id)
+        .iter()
+        .filter_map(|n| match n.ir() {
+            Op::Reduce { op, axes, keepdims: true } if *op == r && axes.len() == 1 => {
+                let rank = ty(g, n.children[0]).rank();
+                let a = axes[0];
+                (axis.is_none_or(|want| want == a) || (axis == Some(usize::MAX) && a + 1 == rank))
+                    .then_some((n.children[0], a))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Operands of reductions of kind `r` over the last axis, keeping dims.
+fn reduce_last(g: &KGraph, id: Id, r: ReduceOp) -> Vec<Id> {
+    reduce_over(g, id, r, Some(usize::MAX))
+        .into_iter()
+        .filter(|(x, a)| a + 1 == ty(g, *x).rank())
+        .map(|(x, _)| x)
+        .collect()
+}
+
+/// Whether a class is x · x (or x²).
+fn is_square_of(g: &KGraph, id: Id, x: Id) -> bool {
+    binary(g, id, B::Mul).iter().any(|(a, b)| same(g, *a, x) && same(g, *b, x))
+        || binary(g, id, B::Pow).iter().any(|(a, p)| same(g, *a, x) && konst(g, *p) == Some(2.0))
+}
+
+/// The scalar constant of a class (a splat of one element), if any.
+fn scalar(g: &KGraph, id: Id) -> Option<f64> {
+    (ty(g, id).numel() == 1).then(|| konst(g, id)).flatten()
+}
+
+/// `1 / √(v + eps)` written as rsqrt(v + eps) (for multiplication) or the class under a sqrt
+/// (for division): returns (v, eps) for each reading of `id` as the denominator `√(v + eps)`.
+fn var_plus_eps(g: &KGraph, id: Id) -> Vec<(Id, f64)> {
+    binary(g, id, B::Add).into_iter().filter_map(|(v, e)| Some((v, scalar(g, e)?))).collect()
+}
+
+/// Readings of `id` as `num / √(v + eps)`: (num, v, eps).
+fn over_root(g: &KGraph, id: Id) -> Vec<(Id, Id, f64)> {
+    let mut out = vec![];
+    for (num, den) in binary(g, id, B::Div) {
+        for s in unary_of(g, den, U::Sqrt) {
+            out.extend(var_plus_eps(g, s).into_iter().map(|(v, e)| (num, v, e)));
+        }
+    }
+    for (num, r) in binary(g, id, B::Mul) {
+        for s in unary_of(g, r, U::Rsqrt) {
+            out.extend(var_plus_eps(g, s).into_iter().map(|(v, e)| (num, v, e)));
+        }
+    }
+    out
+}
+
+/// Whether `v` is the variance of `x` over the last axis, given the centered `xc = x − μ`
+/// and `mu`: mean((x − μ)²) or mean(x²) − μ².
+fn is_variance(g: &KGraph, v: Id, x: Id, xc: Id, mu: Id) -> bool {
+    let centered = reduce_last(g, v, ReduceOp::Mean).into_iter().any(|sq| is_square_of(g, sq, xc));
+    let expanded = binary(g, v, B::Sub).into_iter().any(|(ms, mu2)| {
+        is_square_of(g, mu2, mu)
+            && reduce_last(g, ms, ReduceOp::Mean).into_iter().any(|sq| is_square_of(g, sq, x))
+    });
+    centered || expanded
+}
+
+/// A per-feature vector for the last axis of `x`: shape [d].
+fn is_feature_vector(g: &KGraph, p: Id, x: Id) -> bool {
+    let (pt, xt) = (ty(g, p), ty(g, x));
+    pt.rank() == 1 && xt.shape.last() == Some(&pt.shape[0]) && pt.dtype == xt.dtype
+}
+
+// ------------------------------------------------------------------ softmax
+
+/// exp(x − max(x)) / Σ exp(x − max(x)) = softmax(x), and exp(x) / Σ exp(x) = softmax(x),
+/// along one axis; a reciprocal-multiply denominator too.
+fn softmax(g: &KGraph, id: Id) -> Vec<New> {
+    let mut pairs = binary(g, id, B::Div);
+    for (e, r) in binary(g, id, B::Mul) {
+        pairs.extend(unary_of(g, r, U::Recip).into_iter().map(|s| (e, s)));
+    }
+    let mut out = vec![];
+    for (e, s) in pairs {
+        for (summed, axis) in reduce_over(g, s, ReduceOp::Sum, None) {
+            if !same(g, summed, e) || !ty(g, e).dtype.is_float() {
+                continue;
+            }
+            for d in unary_of(g, e, U::Exp) {
+                out.push(New::over(Op::Softmax { axis }, &[d]));
+                for (x, m) in binary(g, d, B::Sub) {
+                    if reduce_over(g, m, ReduceOp::Max, Some(axis)).iter().any(|(mx, _)| same(g, *mx, x)) {
+                        out.push(New::over(Op::Softmax { axis }, &[x]));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+// ------------------------------------------------------------------ norms
+
+/// (x − μ) / √(σ² + ε) = layer_norm(x) over the last axis, with σ² written either way and the
+/// root as sqrt-then-divide or rsqrt-then-multiply.
+fn layer_norm(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for (xc, v, eps) in over_root(g, id) {
+        for (x, mu) in binary(g, xc, B::Sub) {
+            let is_mean = reduce_last(g, mu, ReduceOp::Mean).iter().any(|m| same(g, *m, x));
+            if is_mean && is_variance(g, v, x, xc, mu) {
+                out.push(New::over(Op::LayerNorm { eps, affine: false }, &[x]));
+            }
+        }
+    }
+    out
+}
+
+/// layer_norm(x) · γ + β = layer_norm(x; γ, β) for per-feature γ, β.
+fn layer_norm_affine(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for (scaled, beta) in binary(g, id, B::Add) {
+        for (normed, gamma) in binary(g, scaled, B::Mul) {
+            for n in nodes(g, normed) {
+                if let Op::LayerNorm { eps, affine: false } = n.ir() {
+                    let x = n.children[0];
+                    if is_feature_vector(g, gamma, x) && is_feature_vector(g, beta, x) {
+                        out.push(New::over(Op::LayerNorm { eps: *eps, affine: true }, &[x, gamma, beta]));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// x / √(mean(x²) + ε) = rms_norm(x) over the last axis.
+fn rms_norm(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for (x, ms, eps) in over_root(g, id) {
+        if reduce_last(g, ms, ReduceOp::Mean).into_iter().any(|sq| is_square_of(g, sq, x)) {
+            out.push(New::over(Op::RmsNorm { eps, affine: false }, &[x]));
+        }
+    }
+    out
+}
+
+/// rms_norm(x) · γ = rms_norm(x; γ).
+fn rms_norm_affine(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for (normed, gamma) in binary(g, id, B::Mul) {
+        for n in nodes(g, normed) {
+            if let Op::RmsNorm { eps, affine: false } = n.ir() {
+                let x = n.children[0];
+                if is_feature_vector(g, gamma, x) {
+                    out.push(New::over(Op::RmsNorm { eps: *eps, affine: true }, &[x, gamma]));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// norm(a + b) = add_norm(a, b): the residual add folded into the norm's read.
+fn add_norm(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        let (eps, kind, affine) = match n.ir() {
+            Op::LayerNorm { eps, affine } => (*eps, NormKind::Layer, *affine),
+            Op::RmsNorm { eps, affine } => (*eps, NormKind::Rms, *affine),
+            _ => continue,
+        };
+        for m in nodes(g, n.children[0]) {
+            if m.ir() == &Op::Binary(B::Add) {
+                let mut operands = m.children.clone();
+                operands.extend_from_slice(&n.children[1..]);
+                out.push(New::over(Op::AddNorm { eps, kind, affine }, &operands));
+            }
+        }
+    }
+    out
+}
+
+// ------------------------------------------------------------------ GELU
+
+/// The ways to read a class as a product of factors, expanding `mul` nodes up to `depth`
+/// levels; constant factors are multiplied into one number.
+fn products(g: &KGraph, id: Id, depth: usize) -> Vec<(Vec<Id>, f64)> {
+    let mut out = vec![match scalar(g, id) {
+        Some(c) => (vec![], c),
+        None => (vec![id], 1.0),
+    }];
+    if depth == 0 {
+        return out;
+    }
+    for n in nodes(g, id) {
+        if n.ir() != &Op::Binary(B::Mul)
+            || ty(g, n.children[0]) != ty(g, id) && ty(g, n.children[1]) != ty(g, id)
+        {
+            continue;
+        }
+        for (fa, ca) in products(g, n.children[0], depth - 1) {
+            for (fb, cb) in products(g, n.children[1], depth - 1) {
+                out.push(([fa.as_slice(), fb.as_slice()].concat(), ca * cb));
+                if out.len() > 64 {
+                    return out;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Readings of a class as `1 + f(u)` for a unary `f`: returns u.
+fn one_plus(g: &KGraph, id: Id, f: U) -> Vec<Id> {
+    binary(g, id, B::Add)
+        .into_iter()
+        .filter(|(_, one)| scalar(g, *one) == Some(1.0))
+        .flat_map(|(t, _)| unary_of(g, t, f))
+        .collect()
+}
+
+/// Readings of `id` as c · x for a scalar constant c: (x, c).
+fn scaled(g: &KGraph, id: Id) -> Vec<(Id, f64)> {
+    products(g, id, 2).into_iter().filter(|(f, _)| f.len() == 1).map(|(f, c)| (f[0], c)).collect()
+}
+
+/// ½·x·(1 + erf(x/√2)) = gelu(x), in any order and grouping of the product.
+fn gelu_erf(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for (factors, c) in products(g, id, 3) {
+        if factors.len() != 2 || !close(c, 0.5) {
+            continue;
+        }
+        for (x, t) in [(factors[0], factors[1]), (factors[1], factors[0])] {
+            let matches = one_plus(g, t, U::Erf).into_iter().any(|u| {
+                scaled(g, u)
+                    .iter()
+                    .any(|(ux, k)| same(g, *ux, x) && close(*k, std::f64::consts::FRAC_1_SQRT_2))
+            });
+            if matches {
+                out.push(New::over(Op::Gelu { approx: GeluApprox::Erf }, &[x]));
+            }
+        }
+    }
+    out
+}
+
+/// ½·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) = gelu_tanh(x).
+fn gelu_tanh(g: &KGraph, id: Id) -> Vec<New> {
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    let mut out = vec![];
+    for (factors, c) in products(g, id, 3) {
+        if factors.len() != 2 || !close(c, 0.5) {
+            continue;
+        }
+        for (x, t) in [(factors[0], factors[1]), (factors[1], factors[0])] {
+            let inner_ok = |inner: Id| {
+                binary(g, inner, B::Add).into_iter().any(|(a, cube)| {
+                    same(g, a, x)
+                        && products(g, cube, 3).iter().any(|(f, c3)| {
+                            close(*c3, 0.044715) && f.len() == 3 && f.iter().all(|y| same(g, *y, x))
+                        })
+                })
+            };
+            let matches = one_plus(g, t, U::Tanh)
+                .into_iter()
+                .any(|u| scaled(g, u).iter().any(|(inner, c1)| close(*c1, k) && inner_ok(*inner)));
+            if matches {
+                out.push(New::over(Op::Gelu { approx: GeluApprox::Tanh }, &[x]));
+            }
+        }
+    }
+    out
+}
+
+// ------------------------------------------------------------------ attention
+
+/// A reading of attention scores: q · kᵀ · scale (+ mask) (causally masked).
+#[derive(Clone, Debug)]
+struct Scores {
+    q: Id,
+    kt: Id,
+    scale: f64,
+    mask: Option<Id>,
+    causal: bool,
+}
+
+/// Whether `cond` is the lower-triangular condition `i >= j` over the last two axes
+/// (`iota(axis 0) >= iota(axis 1)` or `iota(axis 1) <= iota(axis 0)`).
+fn is_causal_condition(g: &KGraph, cond: Id) -> bool {
+    let iota_axis = |id: Id| {
+        nodes(g, id).iter().find_map(|n| match n.ir() {
+            Op::Iota { shape, axis, .. } if shape.len() == 2 => Some(*axis),
+            _ => None,
+        })
+    };
+    nodes(g, cond).iter().any(|n| match n.ir() {
+        Op::Compare(CompareOp::Ge) => {
+            iota_axis(n.children[0]) == Some(0) && iota_axis(n.children[1]) == Some(1)
+        }
+        Op::Compare(CompareOp::Le) => {
+            iota_axis(n.children[0]) == Some(1) && iota_axis(n.children[1]) == Some(0)
+        }
+        _ => false,
+    })
+}
+
+/// The readings of `id` as attention scores; the mask (outermost) and the causal condition
+/// may come in either order, the scale sits directly on the product.
+fn scores(g: &KGraph, id: Id, masked: bool, causal: bool) -> Vec<Scores> {
+    let mut out = vec![];
+    // q · kᵀ, optionally times a constant.
+    for n in nodes(g, id) {
+        if n.ir() == &Op::MatMul && ty(g, n.children[0]).rank() >= 2 && ty(g, n.children[1]).rank() >= 2 {
+            out.push(Scores { q: n.children[0], kt: n.children[1], scale: 1.0, mask: None, causal: false });
+        }
+    }
+    for (s, c) in binary(g, id, B::Mul) {
+        let Some(c) = scalar(g, c) else { continue };
+        for n in nodes(g, s) {
+            if n.ir() == &Op::MatMul && ty(g, n.children[0]).rank() >= 2 {
+                out.push(Scores { q: n.children[0], kt: n.children[1], scale: c, mask: None, causal: false });
+            }
+        }
+    }
+    if !causal {
+        for n in nodes(g, id) {
+            if n.ir() == &Op::Where
+                && is_causal_condition(g, n.children[0])
+                && scalar(g, n.children[2]) == Some(f64::NEG_INFINITY)
+            {
+                for mut s in scores(g, n.children[1], masked, true) {
+                    s.causal = true;
+                    out.push(s);
+                }
+            }
+        }
+    }
+    if !masked {
+        for (s, mask) in binary(g, id, B::Add) {
+            if scalar(g, mask).is_some() && konst(g, mask) == Some(0.0) {
+                // Adding zero: no mask at all.
+                out.extend(scores(g, s, true, causal));
+                continue;
+            }
+            for mut sc in scores(g, s, true, causal) {
+                if sc.mask.is_none() {
+                    sc.mask = Some(mask);
+                    out.push(sc);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// softmax(q·kᵀ·scale + mask, causal) · v = attention(q, k, v, mask).
+fn attention(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        if n.ir() != &Op::MatMul {
+            continue;
+        }
+        let (p, v) = (n.children[0], n.children[1]);
+        for sm in nodes(g, p) {
+            let Op::Softmax { axis } = sm.ir() else { continue };
+            if axis + 1 != ty(g, p).rank() {
+                continue;
+            }
+            for s in scores(g, sm.children[0], false, false) {
+                let rank = ty(g, s.kt).rank();
+                if rank < 2 {
+                    continue;
+                }
+                let mut perm: Vec<usize> = (0..rank).collect();
+                perm.swap(rank - 2, rank - 1);
+                let k = New::over(Op::Transpose { perm }, &[s.kt]);
+                let op = Op::Attention { scale: s.scale, causal: s.causal, masked: s.mask.is_some() };
+                let mut children = vec![New::Class(s.q), k, New::Class(v)];
+                children.extend(s.mask.map(New::Class));
+                out.push(New::node(op, children));
+            }
+        }
+    }
+    out
+}
+
+// ------------------------------------------------------------------ matmul epilogues
+
+/// a @ b + bias = matmul_epilogue(a, b, bias) for a bias over the output's last axis.
+fn matmul_bias(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for (mm, bias) in binary(g, id, B::Add) {
+        if ty(g, bias).rank() != 1 || ty(g, bias).shape.last() != ty(g, id).shape.last() {
+            continue;
+        }
+        for n in nodes(g, mm) {
+            if n.ir() == &Op::MatMul {
+                let op = Op::MatMulEpilogue { bias: true, activation: Activation::None };
+                out.push(New::over(op, &[n.children[0], n.children[1], bias]));
+            }
+        }
+    }
+    out
+}
+
+/// act(matmul_epilogue(…)) = matmul_epilogue(…, act) for relu, GELU, sigmoid and tanh.
+fn matmul_activation(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        let activation = match n.ir() {
+            Op::Unary(U::Relu) => Activation::Relu,
+            Op::Unary(U::Sigmoid) => Activation::Sigmoid,
+            Op::Unary(U::Tanh) => Activation::Tanh,
+            Op::Gelu { approx } => Activation::Gelu(*approx),
+            _ => continue,
+        };
+        for m in nodes(g, n.children[0]) {
+            if let Op::MatMulEpilogue { bias, activation: Activation::None } = m.ir() {
+                out.push(New::over(Op::MatMulEpilogue { bias: *bias, activation }, &m.children));
+            }
+        }
+    }
+    out
+}
