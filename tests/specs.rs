@@ -90,7 +90,7 @@ fn shipped_models() -> Vec<std::path::PathBuf> {
 }
 
 #[test]
-fn every_shipped_model_lowers_and_matches_its_ir_snapshot() {
+fn every_shipped_model_lowers_and_optimizes_to_its_snapshots() {
     let models = shipped_models();
     assert!(models.len() >= 6, "expected the six shipped models, found {models:?}");
     for path in models {
@@ -100,6 +100,10 @@ fn every_shipped_model_lowers_and_matches_its_ir_snapshot() {
         let text = kiln_ir::print::to_text(&lowered.graph, Default::default());
         let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
         insta::assert_snapshot!(format!("ir_{name}"), text);
+        let (opt, report) = kiln_opt::optimize(&lowered.graph, &kiln_opt::Options::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(report.cost_after <= report.cost_before, "{name}: {}", report.summary());
+        insta::assert_snapshot!(format!("opt_{name}"), kiln_ir::print::to_text(&opt, Default::default()));
     }
 }
 

@@ -405,7 +405,8 @@ fn attention_type(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferErr
     let d = same_dtype(op, q.dtype, k.dtype)?;
     same_dtype(op, d, v.dtype)?;
     need(op, d.is_float(), "floating-point", d)?;
-    let shapes = || format!("q {}, k {}, v {}", fmt_shape(&q.shape), fmt_shape(&k.shape), fmt_shape(&v.shape));
+    let shapes =
+        || format!("q {}, k {}, v {}", fmt_shape(&q.shape), fmt_shape(&k.shape), fmt_shape(&v.shape));
     if q.rank() < 2 || k.rank() != q.rank() || v.rank() != q.rank() {
         return Err(invalid(op, format!("q, k and v need one rank of at least 2, got {}", shapes())));
     }
@@ -420,7 +421,10 @@ fn attention_type(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferErr
         return Err(invalid(op, format!("q and k differ in their last axis ({dq} vs {dk}): {}", shapes())));
     }
     if sk != sv {
-        return Err(invalid(op, format!("k and v differ in their sequence axis ({sk} vs {sv}): {}", shapes())));
+        return Err(invalid(
+            op,
+            format!("k and v differ in their sequence axis ({sk} vs {sv}): {}", shapes()),
+        ));
     }
     if let Some(m) = types.get(3) {
         same_dtype(op, d, m.dtype)?;

@@ -3,8 +3,8 @@
 
 use half::{bf16, f16};
 use kiln_ir::{
-    eval, eval_op, infer, print, Activation, BinaryOp, Bindings, Buffer, CompareOp, DType, EvalError, GeluApprox,
-    Graph, InferError, NodeId, NormKind, Op, ReduceOp, Tensor, TensorType, UnaryOp,
+    eval, eval_op, infer, print, Activation, BinaryOp, Bindings, Buffer, CompareOp, DType, EvalError,
+    GeluApprox, Graph, InferError, NodeId, NormKind, Op, ReduceOp, Tensor, TensorType, UnaryOp,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -212,7 +212,15 @@ enum Scaling {
     Div(f64),
 }
 
-fn prim_attention(g: &mut G, q: NodeId, k: NodeId, v: NodeId, mask: Option<NodeId>, s: Scaling, causal: bool) -> NodeId {
+fn prim_attention(
+    g: &mut G,
+    q: NodeId,
+    k: NodeId,
+    v: NodeId,
+    mask: Option<NodeId>,
+    s: Scaling,
+    causal: bool,
+) -> NodeId {
     let d = g.dtype(q);
     let r = g.g.ty(q).rank();
     let mut perm: Vec<usize> = (0..r).collect();
@@ -290,7 +298,8 @@ fn names_arities_flags_and_attrs() {
     assert!(!Op::MatMul.is_elementwise() && !Op::MatMul.is_fused());
     assert_eq!(Op::Concat { axis: 0 }.arity(), None);
 
-    let attrs = |op: Op| op.attrs().into_iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
+    let attrs =
+        |op: Op| op.attrs().into_iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
     assert_eq!(attrs(Op::Softmax { axis: 2 }), "axis=2");
     assert_eq!(attrs(Op::LayerNorm { eps: 1e-5, affine: true }), "eps=1e-5 affine=true");
     assert_eq!(attrs(Op::Gelu { approx: GeluApprox::Tanh }), "approx=tanh");
@@ -298,7 +307,10 @@ fn names_arities_flags_and_attrs() {
         attrs(Op::Attention { scale: 0.125, causal: true, masked: false }),
         "scale=0.125 causal=true masked=false"
     );
-    assert_eq!(attrs(Op::AddNorm { eps: 1e-6, kind: NormKind::Rms, affine: true }), "kind=rms eps=1e-6 affine=true");
+    assert_eq!(
+        attrs(Op::AddNorm { eps: 1e-6, kind: NormKind::Rms, affine: true }),
+        "kind=rms eps=1e-6 affine=true"
+    );
     assert_eq!(
         attrs(Op::MatMulEpilogue { bias: true, activation: Activation::Gelu(GeluApprox::Tanh) }),
         "bias=true activation=gelu_tanh"
@@ -330,7 +342,12 @@ fn softmax_values() {
     let x = t64(&[2, 3], &[1.0, 2.0, 3.0, 0.0, 0.0, 0.0]);
     let y = run(Op::Softmax { axis: 1 }, &[&x]);
     let third = 1.0 / 3.0;
-    close(&y, &[2, 3], &[0.09003057317038046, 0.24472847105479764, 0.6652409557748218, third, third, third], 1e-15);
+    close(
+        &y,
+        &[2, 3],
+        &[0.09003057317038046, 0.24472847105479764, 0.6652409557748218, third, third, third],
+        1e-15,
+    );
     // Along the first axis: each column [c, 0] gives [eᶜ/(1 + eᶜ), 1/(1 + eᶜ)].
     let y = run(Op::Softmax { axis: 0 }, &[&x]);
     close(
@@ -352,7 +369,12 @@ fn softmax_values() {
     close(&run(Op::Softmax { axis: 1 }, &[&x]), &[3, 2], &[1.0, 0.0, f64::NAN, f64::NAN, 0.5, 0.5], 0.0);
     // f32 and the empty case.
     let x = t32(&[3], &[1.0, 2.0, 3.0]);
-    close(&run(Op::Softmax { axis: 0 }, &[&x]), &[3], &[0.09003057317038046, 0.24472847105479764, 0.6652409557748218], 1e-7);
+    close(
+        &run(Op::Softmax { axis: 0 }, &[&x]),
+        &[3],
+        &[0.09003057317038046, 0.24472847105479764, 0.6652409557748218],
+        1e-7,
+    );
     let e = run(Op::Softmax { axis: 1 }, &[&t32(&[2, 0], &[])]);
     assert_eq!((e.shape.as_slice(), e.numel()), (&[2usize, 0][..], 0));
 }
@@ -380,7 +402,16 @@ fn layer_norm_values() {
     close(
         &run(Op::LayerNorm { eps: 1e-5, affine: false }, &[&x.clone()]),
         &[2, 4],
-        &[-1.3416354199689269, -0.447211806656309, 0.447211806656309, 1.3416354199689269, -1.3416394448610998, -0.4472131482870333, 0.4472131482870333, 1.3416394448610998],
+        &[
+            -1.3416354199689269,
+            -0.447211806656309,
+            0.447211806656309,
+            1.3416354199689269,
+            -1.3416394448610998,
+            -0.4472131482870333,
+            0.4472131482870333,
+            1.3416394448610998,
+        ],
         1e-15,
     );
     let gamma = t64(&[4], &[1.0, 2.0, 0.5, -1.0]);
@@ -396,8 +427,18 @@ fn layer_norm_values() {
 #[test]
 fn rms_norm_values() {
     let x = t64(&[1, 2], &[3.0, 4.0]);
-    close(&run(Op::RmsNorm { eps: 0.0, affine: false }, &[&x]), &[1, 2], &[0.848528137423857, 1.131370849898476], 1e-15);
-    close(&run(Op::RmsNorm { eps: 1e-6, affine: false }, &[&x]), &[1, 2], &[0.8485281034827336, 1.1313708046436448], 1e-15);
+    close(
+        &run(Op::RmsNorm { eps: 0.0, affine: false }, &[&x]),
+        &[1, 2],
+        &[0.848528137423857, 1.131370849898476],
+        1e-15,
+    );
+    close(
+        &run(Op::RmsNorm { eps: 1e-6, affine: false }, &[&x]),
+        &[1, 2],
+        &[0.8485281034827336, 1.1313708046436448],
+        1e-15,
+    );
     let gamma = t64(&[2], &[2.0, -1.0]);
     close(
         &run(Op::RmsNorm { eps: 0.0, affine: true }, &[&x, &gamma]),
@@ -423,7 +464,12 @@ fn gelu_values() {
         1e-15,
     );
     let x = t32(&[2], &[-1.0, 2.0]);
-    close(&run(Op::Gelu { approx: GeluApprox::Erf }, &[&x]), &[2], &[-0.15865525393145707, 1.9544997361036416], 1e-7);
+    close(
+        &run(Op::Gelu { approx: GeluApprox::Erf }, &[&x]),
+        &[2],
+        &[-0.15865525393145707, 1.9544997361036416],
+        1e-7,
+    );
 }
 
 #[test]
@@ -489,7 +535,12 @@ fn add_norm_values() {
     let b = t64(&[2, 1], &[0.0, 1.0]);
     let n = [-1.3416407864998738, -0.4472135954999579, 0.4472135954999579, 1.3416407864998738];
     let want: Vec<f64> = n.iter().chain(&n).copied().collect();
-    close(&run(Op::AddNorm { eps: 0.0, kind: NormKind::Layer, affine: false }, &[&a, &b]), &[2, 4], &want, 1e-15);
+    close(
+        &run(Op::AddNorm { eps: 0.0, kind: NormKind::Layer, affine: false }, &[&a, &b]),
+        &[2, 4],
+        &want,
+        1e-15,
+    );
     let gamma = t64(&[4], &[1.0, 2.0, 0.5, -1.0]);
     let beta = t64(&[4], &[0.0, 1.0, 0.0, 1.0]);
     let y = run(Op::AddNorm { eps: 0.0, kind: NormKind::Layer, affine: true }, &[&a, &b, &gamma, &beta]);
@@ -520,7 +571,12 @@ fn matmul_epilogue_values() {
     let b = t64(&[2, 2], &[1.0, 0.0, 0.0, -1.0]);
     let bias = t64(&[2], &[0.5, 1.0]);
     let with = |act| run(Op::MatMulEpilogue { bias: true, activation: act }, &[&a, &b, &bias]);
-    close(&run(Op::MatMulEpilogue { bias: false, activation: Activation::None }, &[&a, &b]), &[2, 2], &[1.0, -2.0, 3.0, -4.0], 0.0);
+    close(
+        &run(Op::MatMulEpilogue { bias: false, activation: Activation::None }, &[&a, &b]),
+        &[2, 2],
+        &[1.0, -2.0, 3.0, -4.0],
+        0.0,
+    );
     close(&with(Activation::None), &[2, 2], &[1.5, -1.0, 3.5, -3.0], 0.0);
     close(&with(Activation::Relu), &[2, 2], &[1.5, 0.0, 3.5, 0.0], 0.0);
     close(
@@ -549,9 +605,19 @@ fn matmul_epilogue_values() {
     );
     // numpy rules: a 1-D left operand gives a 1-D result; a column bias broadcasts over rows.
     let v = t64(&[2], &[1.0, 2.0]);
-    close(&run(Op::MatMulEpilogue { bias: true, activation: Activation::Relu }, &[&v, &b, &bias]), &[2], &[1.5, 0.0], 0.0);
+    close(
+        &run(Op::MatMulEpilogue { bias: true, activation: Activation::Relu }, &[&v, &b, &bias]),
+        &[2],
+        &[1.5, 0.0],
+        0.0,
+    );
     let col = t64(&[2, 1], &[10.0, 20.0]);
-    close(&run(Op::MatMulEpilogue { bias: true, activation: Activation::None }, &[&a, &b, &col]), &[2, 2], &[11.0, 8.0, 23.0, 16.0], 0.0);
+    close(
+        &run(Op::MatMulEpilogue { bias: true, activation: Activation::None }, &[&a, &b, &col]),
+        &[2, 2],
+        &[11.0, 8.0, 23.0, 16.0],
+        0.0,
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -593,7 +659,10 @@ fn norms_match_their_primitive_form() {
                         g.op(Op::RmsNorm { eps: 1e-6, affine }, &[x, w]),
                     )
                 } else {
-                    (g.op(Op::LayerNorm { eps: 1e-5, affine }, &[x]), g.op(Op::RmsNorm { eps: 1e-6, affine }, &[x]))
+                    (
+                        g.op(Op::LayerNorm { eps: 1e-5, affine }, &[x]),
+                        g.op(Op::RmsNorm { eps: 1e-6, affine }, &[x]),
+                    )
                 };
                 let (pw, pb) = if affine { (Some(w), Some(b)) } else { (None, None) };
                 let pln = prim_layer_norm(&mut g, x, 1e-5, pw, pb);
@@ -701,7 +770,9 @@ fn attention_matches_its_primitive_form() {
 #[test]
 fn add_norm_matches_its_primitive_form() {
     for d in FLOATS {
-        for (a_shape, b_shape) in [(vec![2, 5, 16], vec![2, 5, 16]), (vec![2, 5, 16], vec![16]), (vec![5, 1], vec![2, 1, 7])] {
+        for (a_shape, b_shape) in
+            [(vec![2, 5, 16], vec![2, 5, 16]), (vec![2, 5, 16], vec![16]), (vec![5, 1], vec![2, 1, 7])]
+        {
             let s = kiln_ir::broadcast_shapes("t", &a_shape, &b_shape).unwrap();
             let n = *s.last().unwrap();
             for kind in [NormKind::Layer, NormKind::Rms] {
@@ -792,7 +863,10 @@ fn fused_ops_agree_bit_for_bit_with_the_same_primitive_steps() {
         pairs.push((f, prim_layer_norm(&mut g, s, 1e-5, Some(w), Some(b))));
         let m = g.input("m", &randn(&[24, 6], 74, d));
         let c = g.input("c", &randn(&[6], 75, d));
-        let f = g.op(Op::MatMulEpilogue { bias: true, activation: Activation::Gelu(GeluApprox::Tanh) }, &[x, m, c]);
+        let f = g.op(
+            Op::MatMulEpilogue { bias: true, activation: Activation::Gelu(GeluApprox::Tanh) },
+            &[x, m, c],
+        );
         let mm = g.op(Op::MatMul, &[x, m]);
         let mb = g.bin(BinaryOp::Add, mm, c);
         pairs.push((f, prim_gelu(&mut g, mb, GeluApprox::Tanh)));
@@ -808,7 +882,11 @@ fn fused_ops_agree_bit_for_bit_with_the_same_primitive_steps() {
         let out = eval(&g.g, &g.b).unwrap();
         for pair in out.chunks(2) {
             let (f, p) = (&pair[0].1, &pair[1].1);
-            let same = f.to_f64_vec().iter().zip(p.to_f64_vec()).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+            let same = f
+                .to_f64_vec()
+                .iter()
+                .zip(p.to_f64_vec())
+                .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
             assert!(same, "{d} {}: fused and primitive differ by {:e}", pair[0].0, rel_err(f, p));
         }
     }
@@ -823,13 +901,20 @@ fn half_precision_computes_in_f32_and_rounds_once() {
         (Op::LayerNorm { eps: 1e-5, affine: true }, vec![vec![3, 8], vec![8], vec![8]]),
         (Op::RmsNorm { eps: 1e-6, affine: false }, vec![vec![3, 8]]),
         (Op::Gelu { approx: GeluApprox::Tanh }, vec![vec![3, 8]]),
-        (Op::Attention { scale: 0.5, causal: true, masked: true }, vec![vec![2, 3, 8], vec![2, 5, 8], vec![2, 5, 4], vec![5]]),
+        (
+            Op::Attention { scale: 0.5, causal: true, masked: true },
+            vec![vec![2, 3, 8], vec![2, 5, 8], vec![2, 5, 4], vec![5]],
+        ),
         (Op::AddNorm { eps: 1e-5, kind: NormKind::Rms, affine: true }, vec![vec![3, 8], vec![8], vec![8]]),
-        (Op::MatMulEpilogue { bias: true, activation: Activation::Sigmoid }, vec![vec![3, 8], vec![8, 2], vec![2]]),
+        (
+            Op::MatMulEpilogue { bias: true, activation: Activation::Sigmoid },
+            vec![vec![3, 8], vec![8, 2], vec![2]],
+        ),
     ];
     for half in [DType::F16, DType::BF16] {
         for (op, shapes) in &ops_args {
-            let args: Vec<Tensor> = shapes.iter().enumerate().map(|(i, s)| randn(s, 80 + i as u64, half)).collect();
+            let args: Vec<Tensor> =
+                shapes.iter().enumerate().map(|(i, s)| randn(s, 80 + i as u64, half)).collect();
             let refs: Vec<&Tensor> = args.iter().collect();
             let got = run(op.clone(), &refs);
             let wide: Vec<Tensor> = args.iter().map(|a| a.cast(DType::F32)).collect();
@@ -843,7 +928,10 @@ fn half_precision_computes_in_f32_and_rounds_once() {
     assert_eq!(run(Op::Softmax { axis: 0 }, &[&x]).data, Buffer::F16(vec![f16::from_f32(0.5); 2]));
     let x = Tensor::new(vec![2], Buffer::BF16(vec![bf16::from_f32(3.0), bf16::from_f32(4.0)])).unwrap();
     let y = run(Op::RmsNorm { eps: 0.0, affine: false }, &[&x]);
-    assert_eq!(y.data, Buffer::BF16(vec![bf16::from_f64(0.848528137423857), bf16::from_f64(1.131370849898476)]));
+    assert_eq!(
+        y.data,
+        Buffer::BF16(vec![bf16::from_f64(0.848528137423857), bf16::from_f64(1.131370849898476)])
+    );
 }
 
 #[test]
@@ -875,8 +963,14 @@ fn typing_rules() {
         infer(&op, &refs).unwrap_or_else(|e| panic!("{e}"))
     };
     assert_eq!(ok(Op::Softmax { axis: 0 }, &[f(&[3, 4])]), f(&[3, 4]));
-    assert_eq!(ok(Op::LayerNorm { eps: 1e-5, affine: true }, &[f(&[2, 3, 4]), f(&[4]), f(&[4])]), f(&[2, 3, 4]));
-    assert_eq!(ok(Op::AddNorm { eps: 1e-5, kind: NormKind::Rms, affine: true }, &[f(&[5, 1]), f(&[3]), f(&[3])]), f(&[5, 3]));
+    assert_eq!(
+        ok(Op::LayerNorm { eps: 1e-5, affine: true }, &[f(&[2, 3, 4]), f(&[4]), f(&[4])]),
+        f(&[2, 3, 4])
+    );
+    assert_eq!(
+        ok(Op::AddNorm { eps: 1e-5, kind: NormKind::Rms, affine: true }, &[f(&[5, 1]), f(&[3]), f(&[3])]),
+        f(&[5, 3])
+    );
     let att = Op::Attention { scale: 1.0, causal: false, masked: true };
     assert_eq!(ok(att.clone(), &[f(&[2, 5, 4]), f(&[2, 7, 4]), f(&[2, 7, 3]), f(&[1, 1, 7])]), f(&[2, 5, 3]));
     assert_eq!(ok(att.clone(), &[f(&[5, 4]), f(&[7, 4]), f(&[7, 3]), f(&[])]), f(&[5, 3]));
@@ -902,9 +996,13 @@ fn typing_errors() {
     // The operand count follows the flags.
     let e = type_err(ln, &[f(&[2, 8])]);
     assert_eq!(e, "`layer_norm` takes 3 operand(s), got 1");
-    let e = type_err(Op::AddNorm { eps: 1e-5, kind: NormKind::Rms, affine: true }, &[f(&[8]), f(&[8]), f(&[8]), f(&[8])]);
+    let e = type_err(
+        Op::AddNorm { eps: 1e-5, kind: NormKind::Rms, affine: true },
+        &[f(&[8]), f(&[8]), f(&[8]), f(&[8])],
+    );
     assert_eq!(e, "`add_norm` takes 3 operand(s), got 4");
-    let e = type_err(Op::AddNorm { eps: 1e-5, kind: NormKind::Layer, affine: false }, &[f(&[2, 8]), f(&[3, 8])]);
+    let e =
+        type_err(Op::AddNorm { eps: 1e-5, kind: NormKind::Layer, affine: false }, &[f(&[2, 8]), f(&[3, 8])]);
     assert!(e.contains("do not broadcast"), "{e}");
     // Floats only.
     let e = type_err(Op::Softmax { axis: 0 }, &[ty(DType::I32, &[3])]);
@@ -933,7 +1031,10 @@ fn typing_errors() {
     // Bad masks: not broadcasting, of higher rank than the scores, or of another dtype.
     let (q, k, v) = (f(&[2, 5, 4]), f(&[2, 7, 4]), f(&[2, 7, 3]));
     let e = type_err(att(true), &[q.clone(), k.clone(), v.clone(), f(&[5, 5])]);
-    assert_eq!(e, "`attention`: the mask [5, 5] does not broadcast to the scores [2, 5, 7] (q [2, 5, 4], k [2, 7, 4])");
+    assert_eq!(
+        e,
+        "`attention`: the mask [5, 5] does not broadcast to the scores [2, 5, 7] (q [2, 5, 4], k [2, 7, 4])"
+    );
     let e = type_err(att(true), &[q.clone(), k.clone(), v.clone(), f(&[1, 2, 5, 7])]);
     assert!(e.contains("does not broadcast to the scores"), "{e}");
     let e = type_err(att(true), &[q.clone(), k.clone(), v.clone(), ty(DType::Bool, &[7])]);

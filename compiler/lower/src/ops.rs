@@ -2,7 +2,8 @@
 
 use crate::lower::{LValue, Lowerer, Operand};
 use kiln_ir::{
-    Activation, BinaryOp, CompareOp, DType, GeluApprox, NodeId, NormKind, Op, PoolKind, ReduceOp, Tensor, UnaryOp,
+    Activation, BinaryOp, CompareOp, DType, GeluApprox, NodeId, NormKind, Op, PoolKind, ReduceOp, Tensor,
+    UnaryOp,
 };
 use kiln_spec::{Arg, Expr, OpCall, Span, SpannedCExpr};
 
@@ -184,7 +185,11 @@ fn lower_fused(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             let eps = float_or(l, call, eps_at, "`eps`", if layer { 1e-5 } else { 1e-6 });
             let (nodes, eps) = (nodes?, eps?);
             if layer && nodes[1].is_some() != nodes[2].is_some() {
-                return arg_combination(l, call, "`LayerNorm` takes both `gamma` and `beta`, or neither".into());
+                return arg_combination(
+                    l,
+                    call,
+                    "`LayerNorm` takes both `gamma` and `beta`, or neither".into(),
+                );
             }
             let affine = nodes[1].is_some();
             let op = if layer { Op::LayerNorm { eps, affine } } else { Op::RmsNorm { eps, affine } };
@@ -207,9 +212,8 @@ fn lower_fused(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             let (nodes, scale, causal) = (nodes?, scale?, causal?);
             let q = nodes[0]?;
             // 1/√d, with d the last axis of q (a scalar q is left to the typing rule).
-            let scale = scale.unwrap_or_else(|| {
-                l.graph.ty(q).shape.last().map_or(1.0, |&d| 1.0 / (d as f64).sqrt())
-            });
+            let scale =
+                scale.unwrap_or_else(|| l.graph.ty(q).shape.last().map_or(1.0, |&d| 1.0 / (d as f64).sqrt()));
             let masked = nodes[3].is_some();
             let operands: Vec<NodeId> = nodes.into_iter().flatten().collect();
             one(l.add(Op::Attention { scale, causal, masked }, &operands, span, &given_exprs(call, &idx))?)
@@ -222,10 +226,18 @@ fn lower_fused(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             let (nodes, eps, rms) = (nodes?, eps?, rms?);
             let (gamma, beta) = (nodes[2].is_some(), nodes[3].is_some());
             if rms && beta {
-                return arg_combination(l, call, "`AddNorm` with `rms: true` takes `gamma` but no `beta`".into());
+                return arg_combination(
+                    l,
+                    call,
+                    "`AddNorm` with `rms: true` takes `gamma` but no `beta`".into(),
+                );
             }
             if !rms && gamma != beta {
-                return arg_combination(l, call, "`AddNorm` takes both `gamma` and `beta`, or neither".into());
+                return arg_combination(
+                    l,
+                    call,
+                    "`AddNorm` takes both `gamma` and `beta`, or neither".into(),
+                );
             }
             let kind = if rms { NormKind::Rms } else { NormKind::Layer };
             let operands: Vec<NodeId> = nodes.into_iter().flatten().collect();
@@ -235,7 +247,8 @@ fn lower_fused(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             let idx = [0, 1, 2];
             let nodes = tensor_args(l, call, &idx)?;
             let act = name_arg(call, 3, "none");
-            let activation = Activation::ALL.into_iter().find(|a| a.name() == act).unwrap_or(Activation::None);
+            let activation =
+                Activation::ALL.into_iter().find(|a| a.name() == act).unwrap_or(Activation::None);
             let bias = nodes[2].is_some();
             let operands: Vec<NodeId> = nodes.into_iter().flatten().collect();
             one(l.add(Op::MatMulEpilogue { bias, activation }, &operands, span, &given_exprs(call, &idx))?)

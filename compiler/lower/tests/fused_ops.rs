@@ -28,7 +28,8 @@ fn run(g: &Graph) -> Vec<(String, Tensor)> {
         let stream = kiln_ir::rng::stream_of(name);
         let n: usize = shape.iter().product();
         let v = (0..n as u64).map(|j| kiln_ir::rng::normal(5, stream, j));
-        b.inputs.insert(name.clone(), Tensor::new(shape.clone(), kiln_ir::Buffer::from_f64(*dtype, v)).unwrap());
+        b.inputs
+            .insert(name.clone(), Tensor::new(shape.clone(), kiln_ir::Buffer::from_f64(*dtype, v)).unwrap());
     }
     b.params = bind_params(g, None, 0, true).unwrap();
     eval(g, &b).unwrap_or_else(|e| panic!("{e}"))
@@ -108,7 +109,12 @@ fn every_fused_op_lowers_to_one_op_with_its_attributes() {
         assert!(t.to_f64_vec().iter().all(|v| v.is_finite()), "{name} has non-finite values");
     }
     let text = kiln_ir::print::to_text(&g, Default::default());
-    assert!(text.contains("attention(%5, %6, %7, %8) {scale = 0.5, causal = true, masked = true} : f32[2, 3, 5, 7]  # at"), "{text}");
+    assert!(
+        text.contains(
+            "attention(%5, %6, %7, %8) {scale = 0.5, causal = true, masked = true} : f32[2, 3, 5, 7]  # at"
+        ),
+        "{text}"
+    );
 }
 
 /// The fused ops against the std layers and primitive forms they stand for, in one model.
@@ -210,5 +216,42 @@ Model(
         "error: `causal` must be a bool, but it is 1",
     ] {
         assert!(text.contains(want), "missing `{want}` in:\n{text}");
+    }
+}
+
+/// Odd calls return errors (or a graph), never panic.
+#[test]
+fn odd_calls_do_not_panic() {
+    let calls = [
+        "Softmax(1.0)",
+        "Softmax(x: \"s\", axis: 0)",
+        "LogSoftmax(x: \"x\", axis: -4)",
+        "LayerNorm(\"s\")",
+        "LayerNorm(x: 1.0, gamma: 2.0, beta: 3.0)",
+        "LayerNorm(x: \"x\", gamma: \"i\", beta: \"i\")",
+        "RmsNorm(x: \"x\", gamma: 1.0)",
+        "RmsNorm(x: \"x\", eps: \"1 / 0\")",
+        "Gelu(\"i\")",
+        "Gelu(x: \"x\", approx: [1])",
+        "Attention(\"s\", \"s\", \"s\")",
+        "Attention(\"x\", \"x\", \"x\", 1.0, \"sqrt(-1)\")",
+        "Attention(q: \"x\", k: \"x\", v: \"x\", mask: \"i\")",
+        "Attention(q: Split(x: \"x\", axis: 0, sizes: 2), k: \"x\", v: \"x\")",
+        "Attention(q: \"nope\", k: \"nope2\", v: \"x\", mask: \"nope3\")",
+        "AddNorm(1.0, 2.0)",
+        "AddNorm(a: \"x\", b: \"s\", gamma: \"x\", beta: \"x\")",
+        "AddNorm(a: \"x\", b: \"x\", rms: \"x\")",
+        "MatMulEpilogue(\"s\", \"s\")",
+        "MatMulEpilogue(a: \"x\", b: Transpose(\"x\"), bias: \"x\", activation: \"relu\")",
+        "MatMulEpilogue(a: \"i\", b: \"i\")",
+    ];
+    for call in calls {
+        let text = format!(
+            "Model(name: \"m\", inputs: {{ \"x\": (f32, [2, 3, 4]), \"s\": (f32, []), \"i\": (i32, [4]) }}, body: [ Let(\"y\", {call}) ], outputs: [\"y\"])"
+        );
+        let (sources, result) = kiln_lower::load_str("odd.ron", &text, &[]);
+        if let Err(d) = result {
+            let _ = d.render(&sources);
+        }
     }
 }

@@ -196,3 +196,48 @@ pub fn std_module_for(name: &str) -> Option<String> {
     }
     crate::STD_LIBRARY.contains(&format!("\"{snake}\": Module(")).then_some(snake)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_arguments_default_to_one_of_their_names() {
+        for op in OPS {
+            for arg in op.args {
+                match (arg.kind, arg.default) {
+                    (ArgKind::Name(choices), ArgDefault::Name(d)) => {
+                        assert!(
+                            choices.contains(&d),
+                            "{}.{}: default `{d}` is not a choice",
+                            op.name,
+                            arg.name
+                        )
+                    }
+                    (ArgKind::Name(_), d) => assert_eq!(d, ArgDefault::Required, "{}.{}", op.name, arg.name),
+                    (_, ArgDefault::Name(_)) => {
+                        panic!("{}.{}: a name default on a non-name argument", op.name, arg.name)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let fused: Vec<&str> = OPS.iter().filter(|o| o.family == Family::Fused).map(|o| o.name).collect();
+        assert_eq!(
+            fused,
+            [
+                "Softmax",
+                "LogSoftmax",
+                "LayerNorm",
+                "RmsNorm",
+                "Gelu",
+                "Attention",
+                "AddNorm",
+                "MatMulEpilogue"
+            ]
+        );
+        // Op names are found before the std-module hint, which names real modules only.
+        assert!(lookup("Softmax").is_some());
+        assert_eq!(std_module_for("SelfAttention").as_deref(), Some("self_attention"));
+    }
+}

@@ -28,7 +28,8 @@
 //!   `where(iota0 >= iota1, s, −inf)` does); `p = softmax(s)`; `out_i = Σ_j p_j·v_j` over every
 //!   `j`. A row whose scores are all −inf gives NaN, as the primitive form does. With no keys
 //!   (`Sk = 0`) and a non-empty result it is an [`EvalError::EmptyReduction`], like the
-//!   primitive form's `reduce_max`. Only one row of scores per thread is ever held.
+//!   primitive form's `reduce_max`. Only one row of scores per thread is ever held (plus a
+//!   transposed copy of k, so the dot products run as contiguous row updates).
 //! * `add_norm`: `s = a + b` (broadcast), then the layer or RMS norm of `s` as above.
 //! * `matmul_epilogue`: `act(matmul(a, b) + bias)`; relu keeps NaN (`x < 0 ? 0 : x`), sigmoid
 //!   is `1 / (1 + exp(−x))`, gelu as above.
@@ -100,8 +101,11 @@ fn apply(k: &impl Kernel, op: &'static str, args: &[&Tensor], ty: &TensorType) -
         DType::F32 => f32::buffer(k.run(&typed::<f32>(args).ok_or_else(|| not_defined(op, args))?)?),
         DType::F64 => f64::buffer(k.run(&typed::<f64>(args).ok_or_else(|| not_defined(op, args))?)?),
         DType::F16 | DType::BF16 => {
-            let wide: Vec<Vec<f32>> =
-                args.iter().map(|a| widen_f32(&a.data)).collect::<Option<_>>().ok_or_else(|| not_defined(op, args))?;
+            let wide: Vec<Vec<f32>> = args
+                .iter()
+                .map(|a| widen_f32(&a.data))
+                .collect::<Option<_>>()
+                .ok_or_else(|| not_defined(op, args))?;
             let refs: Vec<&[f32]> = wide.iter().map(Vec::as_slice).collect();
             narrow_like(dtype, k.run(&refs)?)
         }
@@ -189,7 +193,10 @@ struct NormK<'a> {
 impl Kernel for NormK<'_> {
     fn run<F: Float>(&self, args: &[&[F]]) -> Result<Vec<F>, EvalError> {
         let (mut y, params) = if self.add {
-            (zip_broadcast(args[0], self.shapes[0], args[1], self.shapes[1], self.out, |a, b| a + b), &args[2..])
+            (
+                zip_broadcast(args[0], self.shapes[0], args[1], self.shapes[1], self.out, |a, b| a + b),
+                &args[2..],
+            )
         } else {
             (args[0].to_vec(), &args[1..])
         };
@@ -339,9 +346,8 @@ impl Kernel for AttentionK<'_> {
         let (mask_off, msq, msk) = match self.mask {
             Some(ms) => {
                 let st = broadcast_strides(ms, &scores_shape);
-                let off: Vec<usize> = (0..nb)
-                    .map(|b| unravel(b, batch).iter().zip(&st).map(|(i, s)| i * s).sum())
-                    .collect();
+                let off: Vec<usize> =
+                    (0..nb).map(|b| unravel(b, batch).iter().zip(&st).map(|(i, s)| i * s).sum()).collect();
                 (off, st[r - 2], st[r - 1])
             }
             None => (Vec::new(), 0, 0),
@@ -410,7 +416,12 @@ impl Kernel for AttentionK<'_> {
 }
 
 /// `attention(q, k, v[, mask])` with `scale` and `causal`.
-pub(crate) fn attention(args: &[&Tensor], scale: f64, causal: bool, ty: &TensorType) -> Result<Tensor, EvalError> {
+pub(crate) fn attention(
+    args: &[&Tensor],
+    scale: f64,
+    causal: bool,
+    ty: &TensorType,
+) -> Result<Tensor, EvalError> {
     let k = AttentionK {
         q: &args[0].shape,
         k: &args[1].shape,
@@ -446,7 +457,11 @@ impl Kernel for EpilogueK<'_> {
 }
 
 /// `activation(matmul(a, b) [+ bias])`.
-pub(crate) fn matmul_epilogue(args: &[&Tensor], act: Activation, ty: &TensorType) -> Result<Tensor, EvalError> {
+pub(crate) fn matmul_epilogue(
+    args: &[&Tensor],
+    act: Activation,
+    ty: &TensorType,
+) -> Result<Tensor, EvalError> {
     let k = EpilogueK {
         a: &args[0].shape,
         b: &args[1].shape,

@@ -1,0 +1,393 @@
+//! Every rule family preserves values: random small graphs (f64) and random inputs evaluate
+//! the same before and after optimization, to a relative error of 1e-9 (1e-5 is the bar).
+
+use kiln_ir::{BinaryOp as B, Bindings, CompareOp, DType, Graph, NodeId, Op, ReduceOp, Tensor, UnaryOp as U};
+use kiln_opt::{optimize, Options};
+use proptest::prelude::*;
+
+/// A small deterministic random source for building graphs from one proptest seed.
+struct Dice(u64, u64);
+
+impl Dice {
+    fn below(&mut self, n: usize) -> usize {
+        self.1 += 1;
+        (kiln_ir::rng::uniform(self.0, 99, self.1) * n as f64) as usize % n.max(1)
+    }
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())]
+    }
+    fn coin(&mut self) -> bool {
+        self.below(2) == 1
+    }
+}
+
+struct Builder {
+    g: Graph,
+    dice: Dice,
+}
+
+impl Builder {
+    fn new(seed: u64) -> Builder {
+        Builder { g: Graph::new("prop"), dice: Dice(seed, 0) }
+    }
+    fn input(&mut self, name: &str, shape: &[usize]) -> NodeId {
+        self.g
+            .add(Op::Input { name: name.into(), dtype: DType::F64, shape: shape.to_vec() }, &[])
+            .expect("input")
+    }
+    fn c(&mut self, v: f64) -> NodeId {
+        self.g.add(Op::Full { value: v, dtype: DType::F64, shape: vec![] }, &[]).expect("const")
+    }
+    fn op(&mut self, op: Op, args: &[NodeId]) -> NodeId {
+        self.g.add(op, args).unwrap_or_else(|e| panic!("builder made an ill-typed node: {e}"))
+    }
+    fn bin(&mut self, b: B, x: NodeId, y: NodeId) -> NodeId {
+        self.op(Op::Binary(b), &[x, y])
+    }
+    fn un(&mut self, u: U, x: NodeId) -> NodeId {
+        self.op(Op::Unary(u), &[x])
+    }
+    fn reduce(&mut self, r: ReduceOp, x: NodeId, axis: usize) -> NodeId {
+        self.op(Op::Reduce { op: r, axes: vec![axis], keepdims: true }, &[x])
+    }
+    fn last(&self, x: NodeId) -> usize {
+        self.g.ty(x).rank() - 1
+    }
+    /// x·c or c·x, x/c' … : a scalar multiple written one of several ways.
+    fn scaled(&mut self, x: NodeId, c: f64) -> NodeId {
+        match self.dice.below(3) {
+            0 => {
+                let k = self.c(c);
+                self.bin(B::Mul, x, k)
+            }
+            1 => {
+                let k = self.c(c);
+                self.bin(B::Mul, k, x)
+            }
+            _ => {
+                let k = self.c(1.0 / c);
+                self.bin(B::Div, x, k)
+            }
+        }
+    }
+}
+
+/// Runs both graphs on the same random inputs and compares every output.
+fn check(g: &Graph) -> Result<(), TestCaseError> {
+    let (opt, _) = optimize(g, &Options::default()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let mut b = Bindings::default();
+    for &i in &g.inputs {
+        let Op::Input { name, shape, .. } = &g.node(i).op else { continue };
+        let n: usize = shape.iter().product();
+        let v = (0..n as u64).map(|k| kiln_ir::rng::normal(11, kiln_ir::rng::stream_of(name), k)).collect();
+        b.inputs.insert(name.clone(), Tensor::from_f64(shape.clone(), v).expect("sized"));
+    }
+    let want = kiln_ir::eval(g, &b).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let got = kiln_ir::eval(&opt, &b).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    for ((name, w), (_, o)) in want.iter().zip(&got) {
+        prop_assert_eq!(&w.shape, &o.shape);
+        for (x, y) in w.to_f64_vec().iter().zip(o.to_f64_vec()) {
+            if x.is_nan() && y.is_nan() {
+                continue;
+            }
+            let err = (x - y).abs() / (1.0 + x.abs());
+            prop_assert!(err <= 1e-9, "output {}: {} vs {} (relative error {:e})", name, x, y, err);
+        }
+    }
+    Ok(())
+}
+
+/// Algebra: random chains of arithmetic with constants, transposes, reshapes, squares and
+/// scaled matmuls.
+fn algebra_graph(seed: u64) -> Graph {
+    let mut b = Builder::new(seed);
+    let shape = [b.dice.pick(&[1, 2, 3]), b.dice.pick(&[2, 3]), b.dice.pick(&[2, 4])];
+    let x = b.input("x", &shape);
+    let y = b.input("y", &shape);
+    let mut pool = vec![x, y];
+    for _ in 0..8 {
+        let a = pool[b.dice.below(pool.len())];
+        let same_shape: Vec<NodeId> =
+            pool.iter().copied().filter(|p| b.g.ty(*p).shape == b.g.ty(a).shape).collect();
+        let other = same_shape[b.dice.below(same_shape.len())];
+        let consts = [0.0, 1.0, 2.0, 0.5, -3.0];
+        let n = match b.dice.below(8) {
+            0 => {
+                let k = b.dice.pick(&consts);
+                b.scaled(a, if k == 0.0 { 1.0 } else { k })
+            }
+            1 => {
+                let v = b.dice.pick(&consts);
+                let k = b.c(v);
+                if b.dice.coin() {
+                    b.bin(B::Add, a, k)
+                } else {
+                    b.bin(B::Add, k, a)
+                }
+            }
+            2 => {
+                let op = b.dice.pick(&[B::Add, B::Sub, B::Mul]);
+                b.bin(op, a, other)
+            }
+            3 => {
+                // Division by something never near zero.
+                let sq = b.bin(B::Mul, other, other);
+                let one = b.c(1.0);
+                let den = b.bin(B::Add, sq, one);
+                b.bin(B::Div, a, den)
+            }
+            4 => {
+                let rank = b.g.ty(a).rank();
+                let mut perm: Vec<usize> = (0..rank).collect();
+                for i in (1..rank).rev() {
+                    let j = b.dice.below(i + 1);
+                    perm.swap(i, j);
+                }
+                let t = b.op(Op::Transpose { perm: perm.clone() }, &[a]);
+                if b.dice.coin() {
+                    let mut back = vec![0; rank];
+                    for (i, p) in perm.iter().enumerate() {
+                        back[*p] = i;
+                    }
+                    b.op(Op::Transpose { perm: back }, &[t])
+                } else {
+                    t
+                }
+            }
+            5 => {
+                let s = b.g.ty(a).shape.clone();
+                let flat = b.op(Op::Reshape { shape: vec![s.iter().product()] }, &[a]);
+                b.op(Op::Reshape { shape: s }, &[flat])
+            }
+            6 => {
+                let two = b.c(2.0);
+                b.bin(B::Pow, a, two)
+            }
+            _ => {
+                let rank = b.g.ty(a).rank();
+                let mut perm: Vec<usize> = (0..rank).collect();
+                perm.swap(rank - 2, rank - 1);
+                let at = b.op(Op::Transpose { perm }, &[a]);
+                let k = b.dice.pick(&[0.5, 2.0, 0.125]);
+                let sa = b.scaled(a, k);
+                let mm = b.op(Op::MatMul, &[sa, at]);
+                // Back to the pool's shape through a reduction and a broadcast.
+                let r = b.reduce(ReduceOp::Sum, mm, rank - 1);
+                let s = b.g.ty(a).shape.clone();
+                b.op(
+                    Op::BroadcastTo {
+                        shape: s.iter().take(rank - 1).copied().chain([s[rank - 1]]).collect(),
+                    },
+                    &[r],
+                )
+            }
+        };
+        pool.push(n);
+    }
+    let outs: Vec<NodeId> = pool.iter().rev().take(2).copied().collect();
+    for (i, o) in outs.into_iter().enumerate() {
+        b.g.add_output(format!("out{i}"), o);
+    }
+    b.g
+}
+
+/// Fusion: softmax, norms, GELU, attention and matmul epilogues in randomly chosen forms.
+fn fusion_graph(seed: u64) -> Graph {
+    let mut b = Builder::new(seed);
+    let d = b.dice.pick(&[4, 8]);
+    let rows = b.dice.pick(&[1, 3]);
+    let x = b.input("x", &[rows, 2, d]);
+    let y = match b.dice.below(6) {
+        0 => {
+            // softmax over a random axis, max-shifted or not, divided or reciprocal-multiplied
+            let axis = b.dice.below(3);
+            let e = if b.dice.coin() {
+                let m = b.reduce(ReduceOp::Max, x, axis);
+                let d = b.bin(B::Sub, x, m);
+                b.un(U::Exp, d)
+            } else {
+                b.un(U::Exp, x)
+            };
+            let s = b.reduce(ReduceOp::Sum, e, axis);
+            if b.dice.coin() {
+                b.bin(B::Div, e, s)
+            } else {
+                let r = b.un(U::Recip, s);
+                b.bin(B::Mul, e, r)
+            }
+        }
+        1 => {
+            // layer norm: variance centered or expanded, sqrt-divide or rsqrt-multiply, affine or not
+            let last = b.last(x);
+            let mu = b.reduce(ReduceOp::Mean, x, last);
+            let xc = b.bin(B::Sub, x, mu);
+            let var = if b.dice.coin() {
+                let sq = b.bin(B::Mul, xc, xc);
+                b.reduce(ReduceOp::Mean, sq, last)
+            } else {
+                let sq = b.bin(B::Mul, x, x);
+                let ms = b.reduce(ReduceOp::Mean, sq, last);
+                let mu2 = b.bin(B::Mul, mu, mu);
+                b.bin(B::Sub, ms, mu2)
+            };
+            let e = b.dice.pick(&[1e-5, 1e-12, 0.1]);
+            let eps = b.c(e);
+            let ve = b.bin(B::Add, var, eps);
+            let n = if b.dice.coin() {
+                let s = b.un(U::Sqrt, ve);
+                b.bin(B::Div, xc, s)
+            } else {
+                let r = b.un(U::Rsqrt, ve);
+                b.bin(B::Mul, xc, r)
+            };
+            if b.dice.coin() {
+                let gamma = b.input("gamma", &[d]);
+                let beta = b.input("beta", &[d]);
+                let m = b.bin(B::Mul, n, gamma);
+                b.bin(B::Add, m, beta)
+            } else {
+                n
+            }
+        }
+        2 => {
+            // RMS norm, maybe after a residual add, maybe with gamma
+            let r = b.input("r", &[rows, 2, d]);
+            let s = if b.dice.coin() { b.bin(B::Add, x, r) } else { x };
+            let last = b.last(s);
+            let sq = b.bin(B::Mul, s, s);
+            let ms = b.reduce(ReduceOp::Mean, sq, last);
+            let eps = b.c(1e-6);
+            let ve = b.bin(B::Add, ms, eps);
+            let rs = b.un(U::Rsqrt, ve);
+            let n = b.bin(B::Mul, s, rs);
+            if b.dice.coin() {
+                let gamma = b.input("gamma", &[d]);
+                b.bin(B::Mul, n, gamma)
+            } else {
+                n
+            }
+        }
+        3 => {
+            // GELU, erf or tanh form
+            let half = b.c(0.5);
+            let one = b.c(1.0);
+            let hx = b.bin(B::Mul, half, x);
+            if b.dice.coin() {
+                let u = b.scaled(x, std::f64::consts::FRAC_1_SQRT_2);
+                let e = b.un(U::Erf, u);
+                let t = b.bin(B::Add, one, e);
+                b.bin(B::Mul, hx, t)
+            } else {
+                let x2 = b.bin(B::Mul, x, x);
+                let x3 = b.bin(B::Mul, x2, x);
+                let k3 = b.c(0.044715);
+                let cube = b.bin(B::Mul, x3, k3);
+                let inner = b.bin(B::Add, x, cube);
+                let u = b.scaled(inner, (2.0 / std::f64::consts::PI).sqrt());
+                let t = b.un(U::Tanh, u);
+                let t1 = b.bin(B::Add, t, one);
+                b.bin(B::Mul, hx, t1)
+            }
+        }
+        4 => {
+            // attention with a random scale form, optional additive mask and causal mask
+            let (h, s, dh) = (b.dice.pick(&[1, 2]), b.dice.pick(&[3, 5]), b.dice.pick(&[2, 4]));
+            let q = b.input("q", &[rows, h, s, dh]);
+            let k = b.input("k", &[rows, h, s, dh]);
+            let v = b.input("v", &[rows, h, s, dh]);
+            let kt = b.op(Op::Transpose { perm: vec![0, 1, 3, 2] }, &[k]);
+            let scale = 1.0 / (dh as f64).sqrt();
+            let mut scores = if b.dice.coin() {
+                let qs = b.scaled(q, scale);
+                b.op(Op::MatMul, &[qs, kt])
+            } else {
+                let mm = b.op(Op::MatMul, &[q, kt]);
+                b.scaled(mm, scale)
+            };
+            if b.dice.coin() {
+                let mask = b.input("mask", &[rows, 1, 1, s]);
+                scores = b.bin(B::Add, scores, mask);
+            }
+            if b.dice.coin() {
+                let i0 = b.op(Op::Iota { dtype: DType::I64, shape: vec![s, s], axis: 0 }, &[]);
+                let i1 = b.op(Op::Iota { dtype: DType::I64, shape: vec![s, s], axis: 1 }, &[]);
+                let cond = b.op(Op::Compare(CompareOp::Ge), &[i0, i1]);
+                let ninf = b.c(f64::NEG_INFINITY);
+                scores = b.op(Op::Where, &[cond, scores, ninf]);
+            }
+            let last = b.last(scores);
+            let m = b.reduce(ReduceOp::Max, scores, last);
+            let sh = b.bin(B::Sub, scores, m);
+            let e = b.un(U::Exp, sh);
+            let sum = b.reduce(ReduceOp::Sum, e, last);
+            let p = b.bin(B::Div, e, sum);
+            b.op(Op::MatMul, &[p, v])
+        }
+        _ => {
+            // matmul + bias (+ activation)
+            let w = b.input("w", &[d, 6]);
+            let bias = b.input("bias", &[6]);
+            let mm = b.op(Op::MatMul, &[x, w]);
+            let z = if b.dice.coin() { b.bin(B::Add, mm, bias) } else { b.bin(B::Add, bias, mm) };
+            match b.dice.below(3) {
+                0 => b.un(U::Relu, z),
+                1 => b.un(U::Tanh, z),
+                _ => z,
+            }
+        }
+    };
+    b.g.add_output("y", y);
+    b.g
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn algebra_rules_preserve_values(seed in any::<u64>()) {
+        check(&algebra_graph(seed))?;
+    }
+
+    #[test]
+    fn fusion_rules_preserve_values(seed in any::<u64>()) {
+        check(&fusion_graph(seed))?;
+    }
+}
+
+#[test]
+fn fusion_graphs_do_fuse() {
+    // The property above is only meaningful if the fused forms are what gets evaluated.
+    let mut fused = 0;
+    for seed in 0..40 {
+        let g = fusion_graph(seed);
+        let (opt, _) = optimize(&g, &Options::default()).expect("optimizes");
+        if opt.node_ids().any(|n| opt.node(n).op.is_fused()) {
+            fused += 1;
+        }
+    }
+    assert!(fused >= 36, "only {fused} of 40 random fusion graphs fused");
+}
+
+#[test]
+fn algebra_graphs_do_rewrite() {
+    let mut rewritten = 0;
+    let mut fired = std::collections::BTreeSet::new();
+    for seed in 0..40 {
+        let (_, r) = optimize(&algebra_graph(seed), &Options::default()).expect("optimizes");
+        if !r.rules_fired.is_empty() {
+            rewritten += 1;
+        }
+        fired.extend(r.rules_fired.keys().cloned());
+    }
+    assert!(rewritten >= 30, "only {rewritten} of 40 random algebra graphs were rewritten");
+    for rule in [
+        "transpose-transpose",
+        "reshape-reshape",
+        "identity-element",
+        "div-const-to-mul",
+        "pow2-to-mul",
+        "matmul-hoist-scale",
+    ] {
+        assert!(fired.contains(rule), "no random graph exercised {rule}: {fired:?}");
+    }
+}
