@@ -122,8 +122,10 @@ pub fn inspect(
     origins: bool,
     explain: bool,
 ) -> Result<(), Failure> {
-    if explain {
-        return Err(Failure::Usage("--explain describes fused nodes, which the optimizer stage (`--stage opt`) produces; it is not available yet".into()));
+    if explain && stage != Stage::Opt {
+        return Err(Failure::Usage(
+            "--explain describes the fused nodes of the optimizer: use it with `--stage opt`".into(),
+        ));
     }
     match stage {
         Stage::Spec => {
@@ -145,14 +147,18 @@ pub fn inspect(
         }
         Stage::Opt => {
             let l = load(model, set)?;
-            let (g, report) = kiln_opt::optimize(&l.graph, &kiln_opt::Options::default())
-                .map_err(|e| user(e.to_string()))?;
+            let opts = kiln_opt::Options { explain, ..kiln_opt::Options::default() };
+            let (g, report) = kiln_opt::optimize(&l.graph, &opts).map_err(|e| user(e.to_string()))?;
             match format {
                 Format::Text => {
                     for line in report.summary().lines() {
                         println!("# {line}");
                     }
                     print!("{}", kiln_ir::print::to_text(&g, kiln_ir::print::TextOptions { origins }));
+                    if explain {
+                        println!("\n# why each fused node exists");
+                        print!("{}", kiln_opt::explanations_to_text(&report.explanations));
+                    }
                 }
                 Format::Dot => print!("{}", kiln_ir::print::to_dot(&g)),
                 Format::Json => {

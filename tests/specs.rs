@@ -218,6 +218,50 @@ fn cli_inspect_prints_every_format() {
     let (code, out, _) = kiln(&["inspect", "models/bert_encoder.ron", "--stage", "spec"]);
     assert_eq!(code, 0);
     assert!(out.contains("module layer calls: std.linear, std.attention, std.layer_norm, std.gelu"), "{out}");
+    let (code, out, _) = kiln(&[
+        "inspect",
+        "models/bert_encoder.ron",
+        "--stage",
+        "opt",
+        "--format",
+        "dot",
+        "--set",
+        "layers=1",
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains("attention") && out.contains("fillcolor=gold"), "{out}");
+    let (code, out, _) = kiln(&[
+        "inspect",
+        "models/bert_encoder.ron",
+        "--stage",
+        "opt",
+        "--format",
+        "json",
+        "--set",
+        "layers=2",
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+    assert_eq!(v["op_counts"]["attention"], 2);
+    for key in [
+        "rules_fired",
+        "cost_before",
+        "cost_after",
+        "egraph_nodes",
+        "egraph_classes",
+        "iterations",
+        "stop_reason",
+        "time_ms",
+        "graph",
+    ] {
+        assert!(!v[key].is_null(), "{key} missing from the report");
+    }
+    let (code, out, _) =
+        kiln(&["inspect", "models/gpt2.ron", "--stage", "opt", "--explain", "--set", "layers=1"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("attention {scale = 0.125, causal = true, masked = false}"), "{out}");
+    assert!(out.contains("rules: fuse-softmax → fuse-attention"), "{out}");
+    assert!(out.contains("from: models/std.ron:"), "{out}");
     let (code, out, _) = kiln(&["inspect", "models/mlp.ron", "--stage", "ir", "--origins"]);
     assert_eq!(code, 0);
     assert!(out.contains("# logits models/std.ron:"), "{out}");

@@ -63,7 +63,8 @@ fn dot_escape(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
-/// Graphviz DOT: inputs and params as ellipses, ops as boxes, outputs as double octagons.
+/// Graphviz DOT: inputs and params as ellipses, ops as boxes (fused ops filled gold),
+/// outputs as double octagons.
 pub fn to_dot(g: &Graph) -> String {
     let (order, num) = numbering(g);
     let mut s = String::new();
@@ -75,6 +76,8 @@ pub fn to_dot(g: &Graph) -> String {
             crate::op::Op::Input { .. } => ("ellipse", "lightblue"),
             crate::op::Op::Param { .. } => ("ellipse", "lightgrey"),
             _ if n.op.is_leaf() => ("ellipse", "white"),
+            // Fused ops stand out, so an optimized graph shows at a glance what fused.
+            _ if n.op.is_fused() => ("box", "gold"),
             _ => ("box", "white"),
         };
         let mut label = format!("%{} {}", num[&id], n.op.name());

@@ -16,9 +16,12 @@ pub struct Meta {
     pub konst: Option<f64>,
 }
 
-/// The analysis: type inference and splat-constant folding.
+/// The analysis: type inference and splat-constant folding. It also keeps the provenance of
+/// the nodes rules add (which rule added which node), for `--explain`.
 #[derive(Default)]
-pub struct Facts;
+pub struct Facts {
+    pub created: Vec<(KNode, egg::Symbol)>,
+}
 
 pub type KGraph = EGraph<KNode, Facts>;
 

@@ -13,6 +13,8 @@ use std::collections::HashMap;
 /// A graph loaded into an e-graph: the class of each graph output, and what the graph knew
 /// about each class (debug names and source positions, to carry over to the result).
 pub struct Loaded {
+    /// The class of every node of the original graph.
+    pub classes: HashMap<NodeId, Id>,
     pub outputs: Vec<(String, Id)>,
     pub inputs: Vec<Id>,
     pub names: HashMap<Id, String>,
@@ -36,6 +38,7 @@ pub fn to_egraph(g: &Graph, egraph: &mut KGraph) -> Loaded {
         ids.insert(n, id);
     }
     Loaded {
+        classes: ids.clone(),
         outputs: g.outputs.iter().map(|(name, n)| (name.clone(), ids[n])).collect(),
         inputs: g.inputs.iter().map(|n| ids[n]).collect(),
         names,
@@ -43,13 +46,14 @@ pub fn to_egraph(g: &Graph, egraph: &mut KGraph) -> Loaded {
     }
 }
 
-/// Builds a graph from the chosen e-node of each class (`choice`), one node per class.
+/// Builds a graph from the chosen e-node of each class (`choice`), one node per class;
+/// returns it with the class of each of its nodes.
 pub fn from_egraph(
     name: &str,
     egraph: &KGraph,
     loaded: &Loaded,
     choice: &HashMap<Id, KNode>,
-) -> Result<Graph, kiln_ir::InferError> {
+) -> Result<(Graph, HashMap<NodeId, Id>), kiln_ir::InferError> {
     let mut g = Graph::new(name);
     let mut built: HashMap<Id, NodeId> = HashMap::new();
     // Inputs first and in their original order, so the graph's interface is unchanged.
@@ -77,7 +81,8 @@ pub fn from_egraph(
     for (name, id) in &loaded.outputs {
         g.add_output(name.clone(), built[&egraph.find(*id)]);
     }
-    Ok(g)
+    let classes = built.into_iter().map(|(c, n)| (n, c)).collect();
+    Ok((g, classes))
 }
 
 /// Classes in dependency order (children first), each once, without recursion.

@@ -13,6 +13,7 @@
 mod analysis;
 mod convert;
 mod cost;
+mod explain;
 mod extract;
 mod lang;
 mod report;
@@ -20,6 +21,7 @@ pub mod rules;
 
 pub use analysis::{Facts, KGraph, Meta};
 pub use cost::{flops, graph_time, TargetCost};
+pub use explain::{to_text as explanations_to_text, Explanation};
 pub use lang::{KNode, OpKey};
 pub use report::{Report, StageReport};
 
@@ -37,6 +39,8 @@ pub struct Options {
     pub iter_limit: usize,
     /// Wall time per stage.
     pub time_limit: Duration,
+    /// Record, for each fused node, the rules and spec lines it came from.
+    pub explain: bool,
 }
 
 impl Default for Options {
@@ -46,6 +50,7 @@ impl Default for Options {
             node_limit: 400_000,
             iter_limit: 12,
             time_limit: Duration::from_secs(10),
+            explain: false,
         }
     }
 }
@@ -89,8 +94,11 @@ pub fn optimize(g: &Graph, opts: &Options) -> Result<(Graph, Report), OptError> 
     let roots: Vec<egg::Id> =
         loaded.outputs.iter().map(|(_, id)| *id).chain(loaded.inputs.iter().copied()).collect();
     let choice = extract::choose(&egraph, &roots, &opts.target);
-    let out = convert::from_egraph(&g.name, &egraph, &loaded, &choice)?;
+    let (out, classes) = convert::from_egraph(&g.name, &egraph, &loaded, &choice)?;
     kiln_ir::verify(&out)?;
+    if opts.explain {
+        report.explanations = explain::explain(&egraph, g, &loaded.classes, &out, &classes);
+    }
     report.finish(&out, &opts.target, &egraph, start.elapsed());
     Ok((out, report))
 }

@@ -40,6 +40,9 @@ pub struct Report {
     pub stop_reason: String,
     pub stages: Vec<StageReport>,
     pub time_ms: f64,
+    /// With `Options::explain`: why each fused node exists.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub explanations: Vec<crate::Explanation>,
 }
 
 impl Report {
@@ -58,6 +61,7 @@ impl Report {
             stop_reason: String::new(),
             stages: vec![],
             time_ms: 0.0,
+            explanations: vec![],
         }
     }
 

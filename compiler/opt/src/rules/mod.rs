@@ -103,7 +103,7 @@ impl Applier<KNode, Facts> for FnRule {
         eclass: Id,
         _: &Subst,
         _: Option<&egg::PatternAst<KNode>>,
-        _: Symbol,
+        rule: Symbol,
     ) -> Vec<Id> {
         let mut changed = vec![];
         for e in (self.find)(egraph, eclass) {
@@ -114,6 +114,12 @@ impl Applier<KNode, Facts> for FnRule {
             }
             if egraph.union(id, eclass) {
                 changed.push(eclass);
+                if let New::Node(op, children) = &e {
+                    let ids: Option<Vec<Id>> = children.iter().map(|c| c.lookup(egraph)).collect();
+                    if let Some(ids) = ids {
+                        egraph.analysis.created.push((KNode::new(op.clone(), ids), rule));
+                    }
+                }
             }
         }
         changed
