@@ -15,6 +15,7 @@ use kiln_ir::{Activation, BinaryOp as B, CompareOp, GeluApprox, NormKind, Op, Re
 pub fn rules() -> Vec<Rule> {
     vec![
         FnRule::rule("fuse-softmax", softmax),
+        FnRule::rule("fuse-log-softmax", log_softmax),
         FnRule::rule("fuse-layer-norm", layer_norm),
         FnRule::rule("fuse-layer-norm-affine", layer_norm_affine),
         FnRule::rule("fuse-rms-norm", rms_norm),
@@ -139,6 +140,35 @@ fn softmax(g: &KGraph, id: Id) -> Vec<New> {
                 for (x, m) in binary(g, d, B::Sub) {
                     if reduce_over(g, m, ReduceOp::Max, Some(axis)).iter().any(|(mx, _)| same(g, *mx, x)) {
                         out.push(New::over(Op::Softmax { axis }, &[x]));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// (x − m) − log Σ exp(x − m) = log_softmax(x) for m = max(x) (or m = 0: x − log Σ exp(x)),
+/// and log(softmax(x)) = log_softmax(x).
+fn log_softmax(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for x in unary_of(g, id, U::Log) {
+        for n in nodes(g, x) {
+            if let Op::Softmax { axis } = n.ir() {
+                out.push(New::over(Op::LogSoftmax { axis: *axis }, &[n.children[0]]));
+            }
+        }
+    }
+    for (d, l) in binary(g, id, B::Sub) {
+        for s in unary_of(g, l, U::Log) {
+            for (e, axis) in reduce_over(g, s, ReduceOp::Sum, None) {
+                if !unary_of(g, e, U::Exp).iter().any(|inner| same(g, *inner, d)) {
+                    continue;
+                }
+                out.push(New::over(Op::LogSoftmax { axis }, &[d]));
+                for (x, m) in binary(g, d, B::Sub) {
+                    if reduce_over(g, m, ReduceOp::Max, Some(axis)).iter().any(|(mx, _)| same(g, *mx, x)) {
+                        out.push(New::over(Op::LogSoftmax { axis }, &[x]));
                     }
                 }
             }
@@ -330,7 +360,7 @@ struct Scores {
     q: Id,
     kt: Id,
     scale: f64,
-    mask: Option<Id>,
+    mask: Option<New>,
     causal: bool,
 }
 
@@ -372,14 +402,25 @@ fn scores(g: &KGraph, id: Id, masked: bool, causal: bool) -> Vec<Scores> {
             }
         }
     }
-    if !causal {
-        for n in nodes(g, id) {
-            if n.ir() == &Op::Where
-                && is_causal_condition(g, n.children[0])
-                && scalar(g, n.children[2]) == Some(f64::NEG_INFINITY)
-            {
-                for mut s in scores(g, n.children[1], masked, true) {
-                    s.causal = true;
+    for n in nodes(g, id) {
+        if n.ir() != &Op::Where || scalar(g, n.children[2]) != Some(f64::NEG_INFINITY) {
+            continue;
+        }
+        if !causal && is_causal_condition(g, n.children[0]) {
+            for mut s in scores(g, n.children[1], masked, true) {
+                s.causal = true;
+                out.push(s);
+            }
+        } else if !masked && ty(g, n.children[0]).dtype == kiln_ir::DType::Bool {
+            // where(keep, s, −inf) = s + where(keep, 0, −inf): a boolean mask becomes additive.
+            let zero = kiln_ir::TensorType::new(ty(g, n.children[1]).dtype, vec![]);
+            let additive = New::node(
+                Op::Where,
+                vec![New::Class(n.children[0]), New::constant(0.0, &zero), New::Class(n.children[2])],
+            );
+            for mut s in scores(g, n.children[1], true, causal) {
+                if s.mask.is_none() {
+                    s.mask = Some(additive.clone());
                     out.push(s);
                 }
             }
@@ -394,7 +435,7 @@ fn scores(g: &KGraph, id: Id, masked: bool, causal: bool) -> Vec<Scores> {
             }
             for mut sc in scores(g, s, true, causal) {
                 if sc.mask.is_none() {
-                    sc.mask = Some(mask);
+                    sc.mask = Some(New::Class(mask));
                     out.push(sc);
                 }
             }
@@ -426,7 +467,7 @@ fn attention(g: &KGraph, id: Id) -> Vec<New> {
                 let k = New::over(Op::Transpose { perm }, &[s.kt]);
                 let op = Op::Attention { scale: s.scale, causal: s.causal, masked: s.mask.is_some() };
                 let mut children = vec![New::Class(s.q), k, New::Class(v)];
-                children.extend(s.mask.map(New::Class));
+                children.extend(s.mask);
                 out.push(New::node(op, children));
             }
         }
