@@ -86,6 +86,13 @@ pub enum Format {
 }
 
 fn main() -> ExitCode {
+    // Like other command-line tools, stop quietly when the reader of stdout goes away
+    // (`kiln inspect … | head`) instead of panicking on a broken pipe.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { model, set } => commands::check(&model, &set),

@@ -61,10 +61,16 @@ pub fn from_egraph(
     for (_, id) in &loaded.outputs {
         post_order(egraph.find(*id), egraph, choice, &mut order);
     }
+    // When rules merged several named nodes into one class, the one defined last in the
+    // original graph names it (ids grow in topological order, so this is deterministic).
+    let mut names: Vec<(&Id, &String)> = loaded.names.iter().collect();
+    names.sort_by_key(|(k, _)| **k);
     let canonical_names: HashMap<Id, &String> =
-        loaded.names.iter().map(|(k, v)| (egraph.find(*k), v)).collect();
+        names.into_iter().map(|(k, v)| (egraph.find(*k), v)).collect();
+    let mut origins: Vec<(&Id, &Origin)> = loaded.origins.iter().collect();
+    origins.sort_by_key(|(k, _)| **k);
     let canonical_origins: HashMap<Id, &Origin> =
-        loaded.origins.iter().map(|(k, v)| (egraph.find(*k), v)).collect();
+        origins.into_iter().map(|(k, v)| (egraph.find(*k), v)).collect();
     for id in order {
         if built.contains_key(&id) {
             continue;

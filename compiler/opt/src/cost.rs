@@ -20,7 +20,7 @@ pub struct TargetCost {
 }
 
 impl TargetCost {
-    /// A 2-core AVX-512 CPU: ~234 GFLOP/s f32 FMA peak, ~20 GB/s.
+    /// A 2-core x86-64 server CPU: ~234 GFLOP/s f32 FMA peak, ~20 GB/s.
     pub fn cpu_default() -> TargetCost {
         TargetCost { name: "cpu".into(), peak_flops: 234e9, bandwidth: 20e9, kernel_overhead: 1e-6 }
     }

@@ -20,16 +20,27 @@ struct TimeCost<'a> {
     target: &'a TargetCost,
     /// How many e-nodes use each class.
     uses: HashMap<Id, f64>,
+    /// Each e-node's own time: the extractor asks for it on every pass until costs settle.
+    own: HashMap<KNode, f64>,
 }
 
 impl CostFunction<KNode> for TimeCost<'_> {
     type Cost = f64;
 
     fn cost<C: FnMut(Id) -> f64>(&mut self, enode: &KNode, mut costs: C) -> f64 {
-        let types: Vec<&TensorType> = enode.children.iter().map(|c| &self.egraph[*c].data.ty).collect();
-        let out = kiln_ir::infer(enode.ir(), &types).map(|t| self.target.node_time(enode.ir(), &types, &t));
-        // A tiny per-node term breaks ties toward fewer nodes (views and leaves cost 0 time).
-        let own = out.unwrap_or(f64::INFINITY) + 1e-12;
+        let own = match self.own.get(enode) {
+            Some(t) => *t,
+            None => {
+                let types: Vec<&TensorType> =
+                    enode.children.iter().map(|c| &self.egraph[*c].data.ty).collect();
+                let out =
+                    kiln_ir::infer(enode.ir(), &types).map(|t| self.target.node_time(enode.ir(), &types, &t));
+                // A tiny per-node term breaks ties toward fewer nodes (views and leaves cost 0).
+                let t = out.unwrap_or(f64::INFINITY) + 1e-12;
+                self.own.insert(enode.clone(), t);
+                t
+            }
+        };
         // Children only this node uses are paid for here; shared children are paid once,
         // wherever they are, so they only count through the longest path below.
         let (mut private, mut deepest) = (0.0f64, 0.0f64);
@@ -56,7 +67,7 @@ pub fn choose(egraph: &KGraph, roots: &[Id], target: &TargetCost) -> HashMap<Id,
             }
         }
     }
-    let extractor = Extractor::new(egraph, TimeCost { egraph, target, uses });
+    let extractor = Extractor::new(egraph, TimeCost { egraph, target, uses, own: HashMap::new() });
     let mut choice = HashMap::new();
     let mut stack: Vec<Id> = roots.iter().map(|r| egraph.find(*r)).collect();
     while let Some(id) = stack.pop() {

@@ -145,13 +145,24 @@ fn scalar_reassociate(g: &KGraph, id: Id) -> Vec<New> {
     out
 }
 
-/// x² = x · x.
+/// x² = x · x and x³ = x · (x · x).
 fn pow2_to_mul(g: &KGraph, id: Id) -> Vec<New> {
-    nodes(g, id)
-        .iter()
-        .filter(|n| matches!(n.ir(), Op::Binary(B::Pow)) && konst(g, n.children[1]) == Some(2.0))
-        .map(|n| New::over(Op::Binary(B::Mul), &[n.children[0], n.children[0]]))
-        .collect()
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        if n.ir() != &Op::Binary(B::Pow) {
+            continue;
+        }
+        let x = n.children[0];
+        match konst(g, n.children[1]) {
+            Some(2.0) => out.push(New::over(Op::Binary(B::Mul), &[x, x])),
+            Some(3.0) => out.push(New::node(
+                Op::Binary(B::Mul),
+                vec![New::Class(x), New::over(Op::Binary(B::Mul), &[x, x])],
+            )),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// (a · c) @ b = (a @ b) · c and a @ (b · c) = (a @ b) · c for a scalar constant c.

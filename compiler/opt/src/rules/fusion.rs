@@ -364,12 +364,16 @@ struct Scores {
     causal: bool,
 }
 
-/// Whether `cond` is the lower-triangular condition `i >= j` over the last two axes
+/// Whether `cond` is the lower-triangular condition `i >= j` over the scores' last two axes
 /// (`iota(axis 0) >= iota(axis 1)` or `iota(axis 1) <= iota(axis 0)`).
-fn is_causal_condition(g: &KGraph, cond: Id) -> bool {
+fn is_causal_condition(g: &KGraph, cond: Id, scores: Id) -> bool {
+    // The iotas must span exactly the scores' [Sq, Sk]: a smaller one would broadcast a
+    // different mask.
+    let s = &ty(g, scores).shape;
+    let want = s[s.len().saturating_sub(2)..].to_vec();
     let iota_axis = |id: Id| {
         nodes(g, id).iter().find_map(|n| match n.ir() {
-            Op::Iota { shape, axis, .. } if shape.len() == 2 => Some(*axis),
+            Op::Iota { shape, axis, .. } if *shape == want => Some(*axis),
             _ => None,
         })
     };
@@ -406,7 +410,7 @@ fn scores(g: &KGraph, id: Id, masked: bool, causal: bool) -> Vec<Scores> {
         if n.ir() != &Op::Where || scalar(g, n.children[2]) != Some(f64::NEG_INFINITY) {
             continue;
         }
-        if !causal && is_causal_condition(g, n.children[0]) {
+        if !causal && is_causal_condition(g, n.children[0], n.children[1]) {
             for mut s in scores(g, n.children[1], masked, true) {
                 s.causal = true;
                 out.push(s);

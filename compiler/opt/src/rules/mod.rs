@@ -1,8 +1,8 @@
 //! The rewrite rules, by topic. Each rule is named; the name shows up in the report.
 //!
-//! Pattern rules (`egg::rewrite!`) cover attribute-free algebra. Rules that need attributes or
-//! analysis facts (an axis, a constant, a shape) are [`FnRule`]s: a Rust function that looks at
-//! one e-class and returns the e-nodes that are equal to it.
+//! Every rule is an [`FnRule`]: a Rust function that looks at one e-class and returns what is
+//! equal to it, reading attributes (an axis, an epsilon) and analysis facts (a constant, a
+//! shape) directly. The e-graph language also parses text patterns, for rules that need none.
 
 pub mod algebra;
 pub mod fusion;
