@@ -29,8 +29,8 @@ pub(crate) trait Elem: Copy + Send + Sync + PartialOrd + 'static {
     fn from_f64(v: f64) -> Self;
 }
 
-macro_rules! elem_float {
-    ($t:ty) => {
+macro_rules! elem_prim {
+    ($t:ty, $zero:expr) => {
         impl Elem for $t {
             #[inline(always)]
             fn to_f64(self) -> f64 {
@@ -50,7 +50,7 @@ macro_rules! elem_float {
             }
             #[inline(always)]
             fn to_bool(self) -> bool {
-                self != 0.0
+                self != $zero
             }
             #[inline(always)]
             fn to_f16(self) -> f16 {
@@ -67,49 +67,11 @@ macro_rules! elem_float {
         }
     };
 }
-elem_float!(f32);
-elem_float!(f64);
-
-macro_rules! elem_int {
-    ($t:ty) => {
-        impl Elem for $t {
-            #[inline(always)]
-            fn to_f64(self) -> f64 {
-                self as f64
-            }
-            #[inline(always)]
-            fn to_f32(self) -> f32 {
-                self as f32
-            }
-            #[inline(always)]
-            fn to_i32(self) -> i32 {
-                self as i32
-            }
-            #[inline(always)]
-            fn to_i64(self) -> i64 {
-                self as i64
-            }
-            #[inline(always)]
-            fn to_bool(self) -> bool {
-                self != 0
-            }
-            #[inline(always)]
-            fn to_f16(self) -> f16 {
-                f16::from_f64(self as f64)
-            }
-            #[inline(always)]
-            fn to_bf16(self) -> bf16 {
-                bf16::from_f64(self as f64)
-            }
-            #[inline(always)]
-            fn from_f64(v: f64) -> Self {
-                v as $t
-            }
-        }
-    };
-}
-elem_int!(i32);
-elem_int!(i64);
+// Rust's primitive numbers: `as` conversions; only the zero for `to_bool` differs.
+elem_prim!(f32, 0.0);
+elem_prim!(f64, 0.0);
+elem_prim!(i32, 0);
+elem_prim!(i64, 0);
 
 macro_rules! elem_half {
     ($t:ty) => {
