@@ -12,7 +12,7 @@ use crate::analysis::KGraph;
 use crate::cost::TargetCost;
 use crate::lang::KNode;
 use egg::{CostFunction, Extractor, Id};
-use kiln_ir::TensorType;
+use kiln_ir::{BinaryOp, Op, TensorType};
 use std::collections::HashMap;
 
 struct TimeCost<'a> {
@@ -79,4 +79,37 @@ pub fn choose(egraph: &KGraph, roots: &[Id], target: &TargetCost) -> HashMap<Id,
         choice.insert(id, node);
     }
     choice
+}
+
+/// A global touch-up the per-class choice cannot see: `add_norm(a, b)` reads both addends,
+/// which only pays when the sum `a + b` is not computed anyway. Where the chosen graph also
+/// computes the sum (a pre-norm residual stream), normalize that sum instead.
+pub fn prefer_computed_sums(egraph: &KGraph, choice: &mut HashMap<Id, KNode>) {
+    let mut swaps = vec![];
+    for (class, node) in choice.iter() {
+        if !matches!(node.ir(), Op::AddNorm { .. }) {
+            continue;
+        }
+        let (a, b) = (egraph.find(node.children[0]), egraph.find(node.children[1]));
+        let sum = [(a, b), (b, a)].into_iter().find_map(|(x, y)| {
+            let add = egraph.lookup(KNode::new(Op::Binary(BinaryOp::Add), vec![x, y]))?;
+            let add = egraph.find(add);
+            choice.contains_key(&add).then_some(add)
+        });
+        let Some(sum) = sum else { continue };
+        let norm = egraph[*class].nodes.iter().find(|n| {
+            matches!(n.ir(), Op::LayerNorm { .. } | Op::RmsNorm { .. })
+                && egraph.find(n.children[0]) == sum
+                && n.children[1..]
+                    .iter()
+                    .zip(&node.children[2..])
+                    .all(|(p, q)| egraph.find(*p) == egraph.find(*q))
+        });
+        if let Some(norm) = norm {
+            swaps.push((*class, norm.clone()));
+        }
+    }
+    for (class, node) in swaps {
+        choice.insert(class, node);
+    }
 }

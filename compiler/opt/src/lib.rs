@@ -93,7 +93,8 @@ pub fn optimize(g: &Graph, opts: &Options) -> Result<(Graph, Report), OptError> 
     // Inputs are roots too: an input no output reads still belongs to the interface.
     let roots: Vec<egg::Id> =
         loaded.outputs.iter().map(|(_, id)| *id).chain(loaded.inputs.iter().copied()).collect();
-    let choice = extract::choose(&egraph, &roots, &opts.target);
+    let mut choice = extract::choose(&egraph, &roots, &opts.target);
+    extract::prefer_computed_sums(&egraph, &mut choice);
     let (out, classes) = convert::from_egraph(&g.name, &egraph, &loaded, &choice)?;
     kiln_ir::verify(&out)?;
     if opts.explain {
