@@ -126,15 +126,13 @@ impl<'a> Lowerer<'a> {
 
     // ------------------------------------------------------------ config
 
-    fn config_env(&self) -> (HashMap<String, CValue>, HashMap<String, CValue>) {
-        (self.frame().config.clone(), self.global.clone())
-    }
-
     /// Evaluates a config expression in the current frame, reporting errors at its span.
     pub fn cvalue(&mut self, e: &SpannedCExpr) -> CResult {
-        let (local, global) = self.config_env();
-        let env = ConfigEnv { frames: vec![&local, &global] };
-        match config::eval(&e.expr, &env, self) {
+        let result = {
+            let env = ConfigEnv { frames: vec![&self.frame().config, &self.global] };
+            config::eval(&e.expr, &env, &*self)
+        };
+        match result {
             Ok(v) => Some(v),
             Err(msg) => {
                 self.diags.push(
