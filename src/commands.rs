@@ -130,7 +130,7 @@ pub fn inspect(
     match stage {
         Stage::Spec => {
             let l = load(model, set)?;
-            print!("{}", spec_view(model, &l, format)?);
+            print!("{}", spec_view(&l, format)?);
         }
         Stage::Ir => {
             let l = load(model, set)?;
@@ -183,12 +183,8 @@ pub fn inspect(
 }
 
 /// The spec stage: the resolved config, the declared interface and the modules each call uses.
-fn spec_view(model: &Path, l: &Lowered, format: Format) -> Result<String, Failure> {
-    let mut sources = kiln_spec::Sources::new();
-    let text = std::fs::read_to_string(model)
-        .map_err(|e| user(format!("cannot read `{}`: {e}", model.display())))?;
-    let file = sources.add(model.display().to_string(), text);
-    let (spec, _) = kiln_spec::parse_model(&sources, file).map_err(|d| Failure::User(d.render(&sources)))?;
+fn spec_view(l: &Lowered, format: Format) -> Result<String, Failure> {
+    let spec = &l.spec;
     let modules: Vec<(String, Vec<String>)> = spec
         .modules
         .iter()

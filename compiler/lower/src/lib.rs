@@ -21,6 +21,8 @@ use std::path::Path;
 /// A model lowered to a graph, with everything a user may want to know about it.
 #[derive(Debug)]
 pub struct Lowered {
+    /// The checked spec the graph was lowered from.
+    pub spec: Model,
     pub graph: Graph,
     /// The resolved config, in declaration order (after overrides).
     pub config: Vec<(String, CValue)>,
@@ -127,8 +129,12 @@ fn lower_file(
         fatal.extend(diags);
         return Err(Diagnostics(fatal));
     }
-    lower_model(sources, &model, &libs, overrides, diags)
+    let (graph, config, training, warnings) = lower_model(sources, &model, &libs, overrides, diags)?;
+    Ok(Lowered { spec: model, graph, config, training, warnings })
 }
+
+/// What lowering produces besides the spec itself: graph, config, training plan, warnings.
+type LowerResult = Result<(Graph, Vec<(String, CValue)>, Option<TrainingPlan>, Vec<Diagnostic>), Diagnostics>;
 
 /// Evaluates the model's config (entries may refer to each other; cycles are errors), with
 /// overrides applied first.
@@ -264,7 +270,7 @@ fn lower_model(
     libs: &[Library],
     overrides: &[Override],
     mut diags: Vec<Diagnostic>,
-) -> Result<Lowered, Diagnostics> {
+) -> LowerResult {
     let mut config_diags = Vec::new();
     let (global, config) = resolve_config(sources, model, libs, overrides, &mut config_diags);
     // A broken config would only cause follow-on errors in the body: stop here.
@@ -331,5 +337,5 @@ fn lower_model(
             "internal error: the lowered graph fails verification: {e}"
         ))]));
     }
-    Ok(Lowered { graph, config, training, warnings })
+    Ok((graph, config, training, warnings))
 }
