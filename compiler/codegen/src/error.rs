@@ -64,4 +64,19 @@ pub enum CodegenError {
     /// A JIT-compiled module does not define the requested symbol.
     #[error("JIT symbol `{0}` not found")]
     SymbolNotFound(String),
+    /// MLIR text (generated kernels) did not parse.
+    #[error("generated MLIR did not parse:\n{diagnostics}")]
+    MlirParse {
+        /// MLIR's diagnostics, with line and column in the module text.
+        diagnostics: String,
+    },
+    /// An LLVM step (pass pipeline, object emission, IR building) failed.
+    #[error("LLVM: {0}")]
+    Llvm(String),
+    /// Linking the shared object failed.
+    #[error("linking the kernels failed: {0}")]
+    Link(String),
+    /// A graph cannot be compiled (an op or dtype without a kernel).
+    #[error("cannot compile {0}")]
+    Unsupported(String),
 }

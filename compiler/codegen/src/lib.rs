@@ -1,28 +1,34 @@
-//! Kiln code generation: the MLIR (melior) and LLVM (inkwell) toolchain.
+//! Kiln code generation: kernels as MLIR, lowered through LLVM to machine code.
 //!
-//! For now this crate holds the shared toolchain plumbing and a smoke test that exercises all
-//! of it end to end:
-//!
-//! - [`context`]: an MLIR context with every dialect, pass and LLVM translation registered;
-//! - [`run_pass_pipeline`], [`verify`]: MLIR steps whose diagnostics come back in the error;
-//! - [`translate_to_llvm`], [`llvm_ir`]: the MLIR → LLVM hand-off (one LLVM copy, no text
-//!   round trip) and the host's LLVM IR text;
-//! - [`host_cpu`]: the triple, CPU name and features LLVM detects on this machine;
-//! - [`jit_smoke`], [`fma_llvm_ir`]: `@fma(a, b, c) = a * b + c` built op by op, lowered,
-//!   then JIT-compiled and called, or printed as LLVM IR.
+//! - [`target`]: the [`Target`] trait (triple, CPU, vector width…) and the CPU targets;
+//! - [`mlir_text`]: a builder for MLIR text with the math kernels need (exp, erf, tanh…);
+//! - [`kernel`]: the [`Kernel`] contract between emitters, the build and the runtime;
+//! - [`build`]: MLIR → LLVM dialect → LLVM IR (inkwell) → O3 → object → shared object;
+//! - [`loader`]: compiled kernels loaded into this process, for tests and benchmarks;
+//! - [`context`], [`run_pass_pipeline`], [`translate_to_llvm`], [`host_cpu`]: toolchain plumbing,
+//!   and [`jit_smoke`], a check that all of it works in this build.
 //!
 //! MLIR and LLVM are linked statically (test binaries are ~200 MB), which is why no other Kiln
 //! crate depends on this one for its tests, and why this crate's docs carry no doc-tests.
 
+pub mod build;
 mod context;
 mod error;
+pub mod kernel;
 mod llvm;
+pub mod loader;
+pub mod mlir_text;
 mod smoke;
+pub mod target;
 
+pub use build::{compile, link_shared, Compiled};
 pub use context::{context, run_pass_pipeline, verify};
 pub use error::CodegenError;
+pub use kernel::Kernel;
 pub use llvm::{host_cpu, llvm_ir, translate_to_llvm, HostCpu};
+pub use loader::KernelLibrary;
 pub use smoke::{fma_llvm_ir, fma_module, jit_smoke, lowered_fma_module, FMA_SYMBOL, LOWER_TO_LLVM};
+pub use target::{CpuTarget, Target};
 
 /// The exact melior and inkwell this crate is built against, for callers that need their types.
 pub use {inkwell, melior};

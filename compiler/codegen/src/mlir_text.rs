@@ -1,0 +1,315 @@
+//! A small builder for MLIR text: fresh SSA names, nested regions, constants, and the math
+//! functions kernels need, written as arith ops so that LLVM can vectorize them.
+//!
+//! Kernels are emitted as text and parsed by MLIR: the text is what `kiln inspect --stage mlir`
+//! shows, reads like hand-written MLIR, and keeps emitters short. Every value is typed by a
+//! type string (`f32`, `vector<8xf32>`, `index`, …); the helpers below work on scalars and
+//! vectors alike.
+
+use std::fmt::Write;
+
+/// MLIR text under construction, with indentation and an SSA name counter.
+#[derive(Debug, Default)]
+pub struct Body {
+    out: String,
+    indent: usize,
+    next: u32,
+}
+
+impl Body {
+    pub fn new() -> Body {
+        Body { out: String::new(), indent: 1, next: 0 }
+    }
+
+    /// A fresh SSA name, `%{hint}{n}`.
+    pub fn fresh(&mut self, hint: &str) -> String {
+        self.next += 1;
+        format!("%{hint}{}", self.next)
+    }
+
+    /// Writes one line at the current indentation.
+    pub fn line(&mut self, text: impl AsRef<str>) {
+        for _ in 0..self.indent {
+            self.out.push_str("  ");
+        }
+        self.out.push_str(text.as_ref());
+        self.out.push('\n');
+    }
+
+    /// Writes `%vN = rhs` and returns `%vN`.
+    pub fn assign(&mut self, rhs: impl AsRef<str>) -> String {
+        let name = self.fresh("v");
+        self.line(format!("{name} = {}", rhs.as_ref()));
+        name
+    }
+
+    /// Writes `header {` and indents the lines that follow.
+    pub fn open(&mut self, header: impl AsRef<str>) {
+        self.line(format!("{} {{", header.as_ref()));
+        self.indent += 1;
+    }
+
+    /// Closes the innermost region: `}` followed by `tail` (e.g. ` : (f32) -> f32`).
+    pub fn close(&mut self, tail: &str) {
+        self.indent = self.indent.saturating_sub(1);
+        self.line(format!("}}{tail}"));
+    }
+
+    /// The text written so far.
+    pub fn finish(self) -> String {
+        self.out
+    }
+
+    /// An `index` constant.
+    pub fn index(&mut self, v: usize) -> String {
+        self.assign(format!("arith.constant {v} : index"))
+    }
+
+    /// An integer constant of scalar type `ty` (`i32`, `i64`, `i8`, `i1`).
+    pub fn int(&mut self, v: i64, ty: &str) -> String {
+        self.assign(format!("arith.constant {v} : {ty}"))
+    }
+
+    /// A float constant of type `ty` (scalar or vector, splatted), exact to the bit.
+    pub fn float(&mut self, v: f64, ty: &str) -> String {
+        let bits = float_bits(v, elem_type(ty));
+        if is_vector(ty) {
+            self.assign(format!("arith.constant dense<{bits}> : {ty}"))
+        } else {
+            self.assign(format!("arith.constant {bits} : {ty}"))
+        }
+    }
+
+    /// `arith.{op} a, b` on floats, allowing contraction into FMAs.
+    pub fn fbin(&mut self, op: &str, a: &str, b: &str, ty: &str) -> String {
+        self.assign(format!("arith.{op} {a}, {b} fastmath<contract> : {ty}"))
+    }
+
+    pub fn fadd(&mut self, a: &str, b: &str, ty: &str) -> String {
+        self.fbin("addf", a, b, ty)
+    }
+    pub fn fsub(&mut self, a: &str, b: &str, ty: &str) -> String {
+        self.fbin("subf", a, b, ty)
+    }
+    pub fn fmul(&mut self, a: &str, b: &str, ty: &str) -> String {
+        self.fbin("mulf", a, b, ty)
+    }
+    pub fn fdiv(&mut self, a: &str, b: &str, ty: &str) -> String {
+        self.fbin("divf", a, b, ty)
+    }
+    /// `a * b + c` with one rounding.
+    pub fn fma(&mut self, a: &str, b: &str, c: &str, ty: &str) -> String {
+        self.assign(format!("math.fma {a}, {b}, {c} : {ty}"))
+    }
+    /// Maximum that propagates NaN.
+    pub fn fmax(&mut self, a: &str, b: &str, ty: &str) -> String {
+        self.assign(format!("arith.maximumf {a}, {b} : {ty}"))
+    }
+    /// Minimum that propagates NaN.
+    pub fn fmin(&mut self, a: &str, b: &str, ty: &str) -> String {
+        self.assign(format!("arith.minimumf {a}, {b} : {ty}"))
+    }
+    pub fn fneg(&mut self, a: &str, ty: &str) -> String {
+        self.assign(format!("arith.negf {a} : {ty}"))
+    }
+    pub fn fabs(&mut self, a: &str, ty: &str) -> String {
+        self.assign(format!("math.absf {a} : {ty}"))
+    }
+    pub fn sqrt(&mut self, a: &str, ty: &str) -> String {
+        self.assign(format!("math.sqrt {a} : {ty}"))
+    }
+    /// `1 / √a`, exact to the division (no fast reciprocal estimate).
+    pub fn rsqrt(&mut self, a: &str, ty: &str) -> String {
+        let one = self.float(1.0, ty);
+        let s = self.sqrt(a, ty);
+        self.fdiv(&one, &s, ty)
+    }
+    /// `a > b ? a : b`-style select on a comparison `pred` (`ogt`, `olt`, …).
+    pub fn fcmp(&mut self, pred: &str, a: &str, b: &str, ty: &str) -> String {
+        self.assign(format!("arith.cmpf {pred}, {a}, {b} : {ty}"))
+    }
+    pub fn select(&mut self, cond: &str, a: &str, b: &str, ty: &str) -> String {
+        self.assign(format!("arith.select {cond}, {a}, {b} : {}, {ty}", bool_type_like(ty)))
+    }
+    /// Broadcasts scalar `a` (of `ty`'s element type) to vector type `ty`.
+    pub fn splat(&mut self, a: &str, ty: &str) -> String {
+        self.assign(format!("vector.broadcast {a} : {} to {ty}", elem_type(ty)))
+    }
+
+    /// `eˣ`. f32 (scalar or vector): range reduction to `r ∈ [−ln2/2, ln2/2]`, a degree-6
+    /// polynomial, and the exponent put in by integer arithmetic (relative error < 2e-7;
+    /// inputs below −87.3 give ~1e-38 instead of a denormal or 0). Other types: `math.exp`.
+    pub fn exp(&mut self, x: &str, ty: &str) -> String {
+        if elem_type(ty) != "f32" {
+            return self.assign(format!("math.exp {x} : {ty}"));
+        }
+        let hi = self.float(88.3, ty);
+        let lo = self.float(-87.3, ty);
+        let x = self.fmin(x, &hi, ty);
+        let x = self.fmax(&x, &lo, ty);
+        let log2e = self.float(std::f64::consts::LOG2_E, ty);
+        let t = self.fmul(&x, &log2e, ty);
+        let n = self.assign(format!("math.roundeven {t} : {ty}"));
+        let ln2_hi = self.float(-0.693_359_375, ty);
+        let ln2_lo = self.float(2.121_944_4e-4, ty);
+        let r = self.fma(&n, &ln2_hi, &x, ty);
+        let r = self.fma(&n, &ln2_lo, &r, ty);
+        let coeffs = [1.987_569_15e-4, 1.398_199_95e-3, 8.333_451_9e-3, 4.166_579_6e-2, 1.666_666_55e-1, 5.000_000_1e-1];
+        let mut p = self.float(coeffs[0], ty);
+        for &c in &coeffs[1..] {
+            let c = self.float(c, ty);
+            p = self.fma(&p, &r, &c, ty);
+        }
+        let r2 = self.fmul(&r, &r, ty);
+        let one = self.float(1.0, ty);
+        let r1 = self.fadd(&r, &one, ty);
+        let y = self.fma(&p, &r2, &r1, ty);
+        let ity = with_elem(ty, "i32");
+        let ni = self.assign(format!("arith.fptosi {n} : {ty} to {ity}"));
+        let bias = self.int_like(127, &ity);
+        let e = self.assign(format!("arith.addi {ni}, {bias} : {ity}"));
+        let shift = self.int_like(23, &ity);
+        let e = self.assign(format!("arith.shli {e}, {shift} : {ity}"));
+        let scale = self.assign(format!("arith.bitcast {e} : {ity} to {ty}"));
+        self.fmul(&y, &scale, ty)
+    }
+
+    /// An integer constant of scalar or vector integer type `ty`.
+    pub fn int_like(&mut self, v: i64, ty: &str) -> String {
+        if is_vector(ty) {
+            self.assign(format!("arith.constant dense<{v}> : {ty}"))
+        } else {
+            self.int(v, ty)
+        }
+    }
+
+    /// `tanh x = sign(x)·(1 − 2/(e^{2|x|} + 1))` on f32 (absolute error < 3e-7); `math.tanh`
+    /// otherwise.
+    pub fn tanh(&mut self, x: &str, ty: &str) -> String {
+        if elem_type(ty) != "f32" {
+            return self.assign(format!("math.tanh {x} : {ty}"));
+        }
+        let ax = self.fabs(x, ty);
+        let two = self.float(2.0, ty);
+        let e = self.fmul(&ax, &two, ty);
+        let e = self.exp(&e, ty);
+        let one = self.float(1.0, ty);
+        let d = self.fadd(&e, &one, ty);
+        let q = self.fdiv(&two, &d, ty);
+        let t = self.fsub(&one, &q, ty);
+        self.assign(format!("math.copysign {t}, {x} : {ty}"))
+    }
+
+    /// `erf x` on f32 by Abramowitz–Stegun 7.1.26 refined (absolute error < 1.5e-7);
+    /// `math.erf` otherwise.
+    pub fn erf(&mut self, x: &str, ty: &str) -> String {
+        if elem_type(ty) != "f32" {
+            return self.assign(format!("math.erf {x} : {ty}"));
+        }
+        let ax = self.fabs(x, ty);
+        let p = self.float(0.327_591_1, ty);
+        let one = self.float(1.0, ty);
+        let d = self.fma(&p, &ax, &one, ty);
+        let t = self.fdiv(&one, &d, ty);
+        let a = [1.061_405_429, -1.453_152_027, 1.421_413_741, -0.284_496_736, 0.254_829_592];
+        let mut poly = self.float(a[0], ty);
+        for &c in &a[1..] {
+            let c = self.float(c, ty);
+            poly = self.fma(&poly, &t, &c, ty);
+        }
+        let poly = self.fmul(&poly, &t, ty);
+        let x2 = self.fmul(&ax, &ax, ty);
+        let nx2 = self.fneg(&x2, ty);
+        let e = self.exp(&nx2, ty);
+        let pe = self.fmul(&poly, &e, ty);
+        let y = self.fsub(&one, &pe, ty);
+        self.assign(format!("math.copysign {y}, {x} : {ty}"))
+    }
+
+    /// `1 / (1 + e^{−x})`.
+    pub fn sigmoid(&mut self, x: &str, ty: &str) -> String {
+        let nx = self.fneg(x, ty);
+        let e = self.exp(&nx, ty);
+        let one = self.float(1.0, ty);
+        let d = self.fadd(&one, &e, ty);
+        self.fdiv(&one, &d, ty)
+    }
+
+    /// GELU in either form (see `kiln_ir::GeluApprox`).
+    pub fn gelu(&mut self, x: &str, tanh_form: bool, ty: &str) -> String {
+        let half = self.float(0.5, ty);
+        let one = self.float(1.0, ty);
+        let inner = if tanh_form {
+            let c = self.float(0.044_715, ty);
+            let k = self.float((2.0 / std::f64::consts::PI).sqrt(), ty);
+            let x2 = self.fmul(x, x, ty);
+            let x3 = self.fmul(&x2, x, ty);
+            let u = self.fma(&c, &x3, x, ty);
+            let u = self.fmul(&k, &u, ty);
+            self.tanh(&u, ty)
+        } else {
+            let r = self.float(std::f64::consts::FRAC_1_SQRT_2, ty);
+            let u = self.fmul(x, &r, ty);
+            self.erf(&u, ty)
+        };
+        let s = self.fadd(&one, &inner, ty);
+        let hx = self.fmul(&half, x, ty);
+        self.fmul(&hx, &s, ty)
+    }
+
+    /// `max(x, 0)` (NaN stays NaN).
+    pub fn relu(&mut self, x: &str, ty: &str) -> String {
+        let zero = self.float(0.0, ty);
+        self.fmax(x, &zero, ty)
+    }
+}
+
+/// The element type of a scalar or vector type string: `vector<8xf32>` → `f32`.
+pub fn elem_type(ty: &str) -> &str {
+    match ty.strip_prefix("vector<").and_then(|s| s.strip_suffix('>')) {
+        Some(inner) => inner.rsplit('x').next().unwrap_or(inner),
+        None => ty,
+    }
+}
+
+/// Whether `ty` is a vector type string.
+pub fn is_vector(ty: &str) -> bool {
+    ty.starts_with("vector<")
+}
+
+/// `ty` with its element type replaced: `vector<8xf32>`, `i32` → `vector<8xi32>`.
+pub fn with_elem(ty: &str, elem: &str) -> String {
+    match ty.strip_prefix("vector<").and_then(|s| s.strip_suffix('>')) {
+        Some(inner) => {
+            let dims = inner.rsplit_once('x').map(|(d, _)| d).unwrap_or("");
+            format!("vector<{dims}x{elem}>")
+        }
+        None => elem.to_string(),
+    }
+}
+
+/// The `i1` type of the same shape as `ty` (what comparisons return).
+pub fn bool_type_like(ty: &str) -> String {
+    with_elem(ty, "i1")
+}
+
+/// A float as MLIR hex literal bits of element type `elem` (exact, and fine for inf/NaN).
+pub fn float_bits(v: f64, elem: &str) -> String {
+    match elem {
+        "f64" => format!("0x{:016X}", v.to_bits()),
+        "f16" => format!("0x{:04X}", half::f16::from_f64(v).to_bits()),
+        "bf16" => format!("0x{:04X}", half::bf16::from_f64(v).to_bits()),
+        _ => format!("0x{:08X}", (v as f32).to_bits()),
+    }
+}
+
+/// `memref<2x3xf32>` for a shape and element type (`memref<f32>` for a scalar).
+pub fn memref_type(shape: &[usize], elem: &str) -> String {
+    let mut s = String::from("memref<");
+    for d in shape {
+        let _ = write!(s, "{d}x");
+    }
+    s.push_str(elem);
+    s.push('>');
+    s
+}

@@ -1,0 +1,68 @@
+//! Generated kernels compile, link, load and compute the right numbers.
+//!
+//! One test binary for all kernel tests: MLIR and LLVM link statically (~200 MB per binary).
+
+use kiln_codegen::{mlir_text::Body, CpuTarget, Kernel, KernelLibrary};
+
+/// `out[i] = f(x[i])` over 1-D f32 buffers of `n` elements, vectorized by `lanes`, one
+/// iteration of the range per vector.
+fn unary_kernel(symbol: &str, n: usize, lanes: usize, f: impl Fn(&mut Body, &str, &str) -> String) -> Kernel {
+    let ty = format!("vector<{lanes}xf32>");
+    let mem = format!("memref<{n}xf32>");
+    let mut b = Body::new();
+    let one = b.index(1);
+    let step = b.index(lanes);
+    b.open(format!("scf.for %i = %begin to %end step {one}"));
+    let off = b.assign(format!("arith.muli %i, {step} : index"));
+    let x = b.assign(format!("vector.load %x[{off}] : {mem}, {ty}"));
+    let y = f(&mut b, &x, &ty);
+    b.line(format!("vector.store {y}, %y[{off}] : {mem}, {ty}"));
+    b.close("");
+    b.line("return");
+    let mlir = format!(
+        "func.func @{symbol}(%x: {mem}, %y: {mem}, %begin: index, %end: index) {{\n{}}}\n",
+        b.finish()
+    );
+    Kernel { symbol: symbol.into(), mlir, range: n / lanes, grain: 1, flops: n as u64, bytes: 8 * n as u64 }
+}
+
+fn run_unary(lib: &KernelLibrary, symbol: &str, x: &[f32]) -> Vec<f32> {
+    let mut x = x.to_vec();
+    let mut y = vec![0f32; x.len()];
+    let bufs = [x.as_mut_ptr().cast::<u8>(), y.as_mut_ptr().cast::<u8>()];
+    unsafe { lib.call(symbol, &bufs, 0, x.len() / 8).unwrap() };
+    y
+}
+
+#[test]
+fn math_approximations_match_libm() {
+    let n = 4096;
+    let kernels = vec![
+        unary_kernel("k_exp", n, 8, |b, x, ty| b.exp(x, ty)),
+        unary_kernel("k_erf", n, 8, |b, x, ty| b.erf(x, ty)),
+        unary_kernel("k_tanh", n, 8, |b, x, ty| b.tanh(x, ty)),
+        unary_kernel("k_sigmoid", n, 8, |b, x, ty| b.sigmoid(x, ty)),
+    ];
+    let lib = KernelLibrary::build(&kernels, &CpuTarget::host()).unwrap();
+    let x: Vec<f32> = (0..n).map(|i| (i as f32 - n as f32 / 2.0) * 0.02).collect();
+    let exp = run_unary(&lib, "k_exp", &x);
+    for (a, g) in x.iter().zip(&exp) {
+        let want = (*a as f64).exp();
+        assert!(((*g as f64) - want).abs() <= 3e-7 * want, "exp({a}) = {g}, want {want}");
+    }
+    let erf = run_unary(&lib, "k_erf", &x);
+    for (a, g) in x.iter().zip(&erf) {
+        let want = libm::erf(*a as f64);
+        assert!(((*g as f64) - want).abs() <= 3e-7, "erf({a}) = {g}, want {want}");
+    }
+    let tanh = run_unary(&lib, "k_tanh", &x);
+    for (a, g) in x.iter().zip(&tanh) {
+        let want = (*a as f64).tanh();
+        assert!(((*g as f64) - want).abs() <= 3e-7, "tanh({a}) = {g}, want {want}");
+    }
+    let sig = run_unary(&lib, "k_sigmoid", &x);
+    for (a, g) in x.iter().zip(&sig) {
+        let want = 1.0 / (1.0 + (-*a as f64).exp());
+        assert!(((*g as f64) - want).abs() <= 3e-7, "sigmoid({a}) = {g}, want {want}");
+    }
+}
