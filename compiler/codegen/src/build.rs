@@ -13,7 +13,10 @@ use inkwell::{
     context::Context as LlvmContext,
     module::{Linkage, Module as LlvmModule},
     passes::PassBuilderOptions,
-    targets::{CodeModel, FileType, InitializationConfig, RelocMode, Target as LlvmTarget, TargetMachine, TargetTriple},
+    targets::{
+        CodeModel, FileType, InitializationConfig, RelocMode, Target as LlvmTarget, TargetMachine,
+        TargetTriple,
+    },
     AddressSpace, OptimizationLevel,
 };
 use melior::ir::Module;
@@ -111,16 +114,19 @@ pub fn compile(kernels: &[Kernel], target: &dyn Target) -> Result<Compiled, Code
 
 /// Adds `void kiln_{symbol}(void **bufs, i64 begin, i64 end)` for every kernel: it loads the
 /// buffer pointers and calls the kernel, which becomes internal (and is inlined into it).
-fn add_entries<'l>(llvm: &'l LlvmContext, module: &LlvmModule<'l>, kernels: &[Kernel]) -> Result<(), CodegenError> {
+fn add_entries<'l>(
+    llvm: &'l LlvmContext,
+    module: &LlvmModule<'l>,
+    kernels: &[Kernel],
+) -> Result<(), CodegenError> {
     let ptr = llvm.ptr_type(AddressSpace::default());
     let i64t = llvm.i64_type();
     let entry_type = llvm.void_type().fn_type(&[ptr.into(), i64t.into(), i64t.into()], false);
     let builder = llvm.create_builder();
     let err = |e: inkwell::builder::BuilderError| CodegenError::Llvm(e.to_string());
     for k in kernels {
-        let inner = module
-            .get_function(&k.symbol)
-            .ok_or_else(|| CodegenError::SymbolNotFound(k.symbol.clone()))?;
+        let inner =
+            module.get_function(&k.symbol).ok_or_else(|| CodegenError::SymbolNotFound(k.symbol.clone()))?;
         inner.set_linkage(Linkage::Internal);
         let n = inner.count_params() as usize;
         if n < 2 {
@@ -155,7 +161,8 @@ pub fn link_shared(object: &[u8], target: &dyn Target, out: &Path) -> Result<(),
         ".{}.o",
         out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
     ));
-    std::fs::write(&obj_path, object).map_err(|e| CodegenError::Link(format!("{}: {e}", obj_path.display())))?;
+    std::fs::write(&obj_path, object)
+        .map_err(|e| CodegenError::Link(format!("{}: {e}", obj_path.display())))?;
     let native = target.triple().split('-').next() == Some(std::env::consts::ARCH);
     let mut command = if native {
         let mut c = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));

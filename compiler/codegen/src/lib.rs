@@ -15,6 +15,7 @@ pub mod build;
 mod context;
 mod error;
 pub mod kernel;
+pub mod kernels;
 mod llvm;
 pub mod loader;
 pub mod mlir_text;

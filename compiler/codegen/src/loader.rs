@@ -19,7 +19,10 @@ impl KernelLibrary {
     /// Compiles `kernels` for `target` (which must run here), links and loads them.
     pub fn build(kernels: &[Kernel], target: &dyn Target) -> Result<KernelLibrary, CodegenError> {
         if !target.runs_here() {
-            return Err(CodegenError::Target(format!("target `{}` cannot run on this machine", target.name())));
+            return Err(CodegenError::Target(format!(
+                "target `{}` cannot run on this machine",
+                target.name()
+            )));
         }
         let compiled = build::compile(kernels, target)?;
         let dir = tempfile::tempdir().map_err(|e| CodegenError::Link(e.to_string()))?;
@@ -45,7 +48,13 @@ impl KernelLibrary {
     /// # Safety
     /// `bufs` must hold one pointer per kernel argument, each to a buffer of the argument's
     /// size, suitably aligned for its element type.
-    pub unsafe fn call(&self, symbol: &str, bufs: &[*mut u8], begin: usize, end: usize) -> Result<(), CodegenError> {
+    pub unsafe fn call(
+        &self,
+        symbol: &str,
+        bufs: &[*mut u8],
+        begin: usize,
+        end: usize,
+    ) -> Result<(), CodegenError> {
         let f = self.entry(symbol)?;
         f(bufs.as_ptr(), begin as i64, end as i64);
         Ok(())

@@ -154,7 +154,14 @@ impl Body {
         let ln2_lo = self.float(2.121_944_4e-4, ty);
         let r = self.fma(&n, &ln2_hi, &x, ty);
         let r = self.fma(&n, &ln2_lo, &r, ty);
-        let coeffs = [1.987_569_15e-4, 1.398_199_95e-3, 8.333_451_9e-3, 4.166_579_6e-2, 1.666_666_55e-1, 5.000_000_1e-1];
+        let coeffs = [
+            1.987_569_15e-4,
+            1.398_199_95e-3,
+            8.333_451_9e-3,
+            4.166_579_6e-2,
+            1.666_666_55e-1,
+            5.000_000_1e-1,
+        ];
         let mut p = self.float(coeffs[0], ty);
         for &c in &coeffs[1..] {
             let c = self.float(c, ty);
