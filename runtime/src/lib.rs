@@ -1,8 +1,49 @@
 //! kiln-runtime: loads a compiled Kiln artifact and runs it.
 //!
-//! **Architecture invariant:** this crate never depends on MLIR or LLVM; it shares only the
-//! artifact format with the compiler. The loader and executor arrive with CPU code generation;
-//! today the crate holds the artifact format version that both sides agree on.
+//! An artifact is a directory `NAME.kiln/` holding `manifest.ron` ([`Manifest`]), `kernels.so`
+//! (one entry symbol per step) and `weights.safetensors`. [`Model::load`] checks it all once —
+//! format version, target machine, file sizes and crc32s, weights, arena ranges, symbols — so
+//! [`Model::run`] only binds buffers and calls kernels, splitting each step's outer loop across
+//! the model's threads. [`Model::from_parts`] does the same for a JIT's in-memory kernels.
+//! The C ABI (`capi`, header `include/kiln.h`) wraps the same calls.
+//!
+//! ```no_run
+//! use kiln_runtime::{Model, TensorRef};
+//!
+//! let mut model = Model::load("mlp.kiln")?;
+//! let x = vec![0.5f32; 4 * 16];
+//! let outputs = model.run(&[TensorRef::f32("x", &[4, 16], &x)])?;
+//! println!("{} = {:?}", outputs[0], outputs[0].as_f32());
+//! # Ok::<(), kiln_runtime::RuntimeError>(())
+//! ```
+//!
+//! **Architecture invariant:** this crate never depends on MLIR or LLVM, nor on any other Kiln
+//! crate; it shares only the artifact format with the compiler (`tests/deps.rs` checks it).
+
+#![warn(missing_docs)]
+
+mod buffer;
+pub mod capi;
+mod error;
+mod exec;
+mod kernels;
+mod manifest;
+mod model;
+mod profile;
+mod target;
+mod tensor;
+mod weights;
+
+pub use error::RuntimeError;
+pub use kernels::{KernelFn, KernelSource, SharedLibrary};
+pub use manifest::{
+    BufRef, DType, FileDigest, Manifest, Step, TargetInfo, TensorSpec, KERNELS_FILE, MANIFEST_FILE,
+    WEIGHTS_FILE,
+};
+pub use model::{Model, Options};
+pub use profile::{Profile, StepProfile};
+pub use tensor::{Tensor, TensorRef};
+pub use weights::{WeightStore, WeightView};
 
 /// The artifact format version this runtime reads and the compiler writes.
 pub const ARTIFACT_FORMAT_VERSION: u32 = 1;

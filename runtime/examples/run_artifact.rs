@@ -1,0 +1,134 @@
+//! Runs a compiled artifact from the command line, with nothing but kiln-runtime:
+//!
+//! ```text
+//! cargo run -p kiln-runtime --example run_artifact -- DIR [--threads N] [--profile] [--repeats N]
+//!     [--input NAME=FILE.bin]…
+//! ```
+//!
+//! Inputs not given as raw little-endian files are filled deterministically: f32 with the ramp
+//! `(i % 32) / 16 - 1` (as `examples/c/run_model.c` does), other dtypes with zeros. Prints each
+//! output's name, dtype, shape and first values, and with `--profile` the per-step table.
+//! Exit status: 0, 1 on a runtime error, 2 on bad usage.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use kiln_runtime::{DType, Model, Options, TensorRef};
+
+const USAGE: &str =
+    "usage: run_artifact DIR [--threads N] [--profile] [--repeats N] [--input NAME=FILE.bin]...";
+
+struct Args {
+    dir: String,
+    threads: Option<usize>,
+    profile: bool,
+    repeats: usize,
+    files: HashMap<String, String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = std::env::args().skip(1);
+    let mut parsed =
+        Args { dir: String::new(), threads: None, profile: false, repeats: 10, files: HashMap::new() };
+    let number = |flag: &str, value: Option<String>| -> Result<usize, String> {
+        let value = value.ok_or_else(|| format!("{flag} needs a value"))?;
+        value.parse().map_err(|_| format!("{flag} {value:?} is not a number"))
+    };
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--threads" => parsed.threads = Some(number("--threads", args.next())?),
+            "--repeats" => parsed.repeats = number("--repeats", args.next())?,
+            "--profile" => parsed.profile = true,
+            "--input" => {
+                let spec = args.next().ok_or("--input needs NAME=FILE")?;
+                let (name, file) =
+                    spec.split_once('=').ok_or_else(|| format!("--input {spec:?} is not NAME=FILE"))?;
+                parsed.files.insert(name.to_string(), file.to_string());
+            }
+            "-h" | "--help" => return Err(String::new()),
+            flag if flag.starts_with("--") => return Err(format!("unknown option {flag}")),
+            _ if parsed.dir.is_empty() => parsed.dir = arg,
+            _ => return Err(format!("unexpected argument {arg:?}")),
+        }
+    }
+    if parsed.dir.is_empty() {
+        return Err("no artifact directory given".into());
+    }
+    Ok(parsed)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(message) => {
+            if !message.is_empty() {
+                eprintln!("error: {message}");
+            }
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let mut model =
+        Model::load_with(&args.dir, &Options { threads: args.threads }).map_err(|e| e.to_string())?;
+    let manifest = model.manifest();
+    println!(
+        "model {} (kiln {}, {}): {} steps, {} threads, arena {} bytes",
+        manifest.model,
+        manifest.kiln_version,
+        manifest.target.triple,
+        manifest.steps.len(),
+        model.threads(),
+        model.arena_bytes()
+    );
+    if let Some(unknown) = args.files.keys().find(|name| !model.inputs().iter().any(|s| &s.name == *name)) {
+        return Err(format!("--input {unknown:?}: the model has no such input"));
+    }
+
+    let mut data = Vec::new();
+    for spec in model.inputs() {
+        let bytes = spec.byte_len().ok_or_else(|| format!("input {:?} is too large", spec.name))? as usize;
+        let (buffer, source) = match args.files.get(&spec.name) {
+            Some(path) => {
+                let buffer = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+                (buffer, path.clone())
+            }
+            None if spec.dtype == DType::F32 => {
+                let ramp = (0..bytes / 4).flat_map(|i| ((i % 32) as f32 / 16.0 - 1.0).to_le_bytes());
+                (ramp.collect(), "ramp".to_string())
+            }
+            None => (vec![0; bytes], "zeros".to_string()),
+        };
+        println!("input {} {} {:?} ({source})", spec.name, spec.dtype, spec.shape);
+        data.push(buffer);
+    }
+    let specs = model.inputs().to_vec();
+    let inputs: Vec<TensorRef> =
+        specs.iter().zip(&data).map(|(s, bytes)| TensorRef::new(&s.name, s.dtype, &s.shape, bytes)).collect();
+
+    let (outputs, profile) = if args.profile {
+        let (outputs, profile) = model.run_profiled(&inputs, args.repeats).map_err(|e| e.to_string())?;
+        (outputs, Some(profile))
+    } else {
+        (model.run(&inputs).map_err(|e| e.to_string())?, None)
+    };
+    for output in &outputs {
+        let values = output.to_f32_vec();
+        let shown: Vec<String> = values.iter().take(8).map(|v| format!("{v}")).collect();
+        let more = if values.len() > 8 { format!(" ... ({} values)", values.len()) } else { String::new() };
+        println!("output {output}: {}{more}", shown.join(" "));
+    }
+    if let Some(profile) = profile {
+        println!("\n{profile}");
+    }
+    Ok(())
+}

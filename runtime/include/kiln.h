@@ -1,0 +1,86 @@
+/*
+ * kiln.h: the C interface of the Kiln runtime (libkiln_runtime.so).
+ *
+ * Loads a compiled model, an artifact directory NAME.kiln/ written by the Kiln compiler, and
+ * runs it on the CPU. The model checks everything at load (format version, target CPU, file
+ * sizes and checksums, weights, kernels), so a run only fails on a bad call.
+ *
+ *     KilnModel *m = kiln_model_load("mlp.kiln");
+ *     if (!m) { fprintf(stderr, "%s\n", kiln_last_error()); return 1; }
+ *     ... allocate kiln_model_output_bytes(m, i) bytes per output ...
+ *     if (kiln_model_run(m, inputs, outputs) != 0) fprintf(stderr, "%s\n", kiln_last_error());
+ *     kiln_model_free(m);
+ *
+ * Errors: functions returning a pointer return NULL, kiln_model_run returns nonzero, and
+ * kiln_last_error() then describes the failure. Nothing aborts the process: internal panics
+ * are caught and reported the same way.
+ *
+ * Threads: a model runs its steps on its own worker threads (see kiln_model_load_with_threads).
+ * One model may be used from any thread, but by one thread at a time: it owns one scratch
+ * arena. Load one model per concurrent caller (the weights file's pages are shared).
+ *
+ * Tensors are dense, row-major, little-endian; dtypes are named "f32", "f64", "f16", "bf16",
+ * "i32", "i64" and "bool" (one byte per element). Buffers are best aligned to their element
+ * size; misaligned ones are copied, which costs time but is correct.
+ */
+#ifndef KILN_H
+#define KILN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A loaded model. Opaque; free with kiln_model_free. */
+typedef struct KilnModel KilnModel;
+
+/* Loads the artifact directory `dir` using KILN_THREADS threads, else every core.
+ * Returns NULL on error (see kiln_last_error). */
+KilnModel *kiln_model_load(const char *dir);
+
+/* Like kiln_model_load with `threads` worker threads; 0 means the default. */
+KilnModel *kiln_model_load_with_threads(const char *dir, size_t threads);
+
+/* The message of this thread's last failed call ("" if none failed). The string stays valid
+ * until the next failing call on the same thread. */
+const char *kiln_last_error(void);
+
+/* Frees a model and everything it returned. NULL is ignored. */
+void kiln_model_free(KilnModel *model);
+
+/* Number of graph inputs and outputs. */
+size_t kiln_model_input_count(const KilnModel *model);
+size_t kiln_model_output_count(const KilnModel *model);
+
+/* Name of input / output `i`, or NULL if `i` is out of range. Valid until kiln_model_free. */
+const char *kiln_model_input_name(const KilnModel *model, size_t i);
+const char *kiln_model_output_name(const KilnModel *model, size_t i);
+
+/* Shape of input / output `i`: returns the extents (outermost first) and stores their count in
+ * `*rank` (when `rank` is not NULL); NULL if `i` is out of range. Valid until kiln_model_free.
+ * A scalar has rank 0 and its pointer must not be dereferenced. */
+const int64_t *kiln_model_input_shape(const KilnModel *model, size_t i, size_t *rank);
+const int64_t *kiln_model_output_shape(const KilnModel *model, size_t i, size_t *rank);
+
+/* Dtype name ("f32", ...) of input / output `i`, or NULL if out of range. Static strings. */
+const char *kiln_model_input_dtype(const KilnModel *model, size_t i);
+const char *kiln_model_output_dtype(const KilnModel *model, size_t i);
+
+/* Size in bytes of input / output `i` (elements times dtype size), 0 if out of range. */
+size_t kiln_model_input_bytes(const KilnModel *model, size_t i);
+size_t kiln_model_output_bytes(const KilnModel *model, size_t i);
+
+/* Runs the model. `inputs[i]` points to input i's bytes (kiln_model_input_bytes of them),
+ * `outputs[i]` to a caller-allocated buffer of kiln_model_output_bytes(model, i) bytes that
+ * receives output i; both arrays are in the model's order. Inputs are only read. Output
+ * buffers must not overlap each other or the inputs. Returns 0 on success, nonzero on error
+ * (see kiln_last_error). */
+int kiln_model_run(KilnModel *model, const void *const *inputs, void *const *outputs);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KILN_H */

@@ -1,0 +1,380 @@
+//! The C ABI (`libkiln_runtime.so`, declared in `include/kiln.h`): a model handle, its input and
+//! output descriptions, and `kiln_model_run`. Errors and panics never cross the boundary: each
+//! function returns NULL or nonzero and leaves a message for `kiln_last_error`.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr;
+
+use crate::manifest::{DType, TensorSpec};
+use crate::model::{Model, Options};
+use crate::tensor::TensorRef;
+
+/// A loaded model with its names and shapes in C form, kept so returned pointers stay valid
+/// until `kiln_model_free`.
+pub struct KilnModel {
+    model: Model,
+    inputs: Vec<CSpec>,
+    outputs: Vec<CSpec>,
+}
+
+struct CSpec {
+    name: CString,
+    shape: Vec<i64>,
+    dtype: DType,
+    bytes: usize,
+    /// The manifest's spec, to build `TensorRef`s without borrowing the model.
+    spec: TensorSpec,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_error(message: impl Into<String>) {
+    let mut message = message.into();
+    message.retain(|c| c != '\0');
+    let message = CString::new(message).unwrap_or_default();
+    LAST_ERROR.with(|slot| *slot.borrow_mut() = message);
+}
+
+/// Runs `body`, turning its error or panic into `fallback` plus a `kiln_last_error` message.
+fn guard<T>(fallback: T, body: impl FnOnce() -> Result<T, String>) -> T {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(value)) => value,
+        Ok(Err(message)) => {
+            set_error(message);
+            fallback
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            set_error(format!("internal error in kiln-runtime (please report): {what}"));
+            fallback
+        }
+    }
+}
+
+fn c_dtype(dtype: DType) -> &'static CStr {
+    match dtype {
+        DType::F32 => c"f32",
+        DType::F64 => c"f64",
+        DType::F16 => c"f16",
+        DType::BF16 => c"bf16",
+        DType::I32 => c"i32",
+        DType::I64 => c"i64",
+        DType::Bool => c"bool",
+    }
+}
+
+fn c_spec(spec: &TensorSpec) -> Result<CSpec, String> {
+    let name =
+        CString::new(spec.name.clone()).map_err(|_| format!("tensor name {:?} contains NUL", spec.name))?;
+    let shape = spec
+        .shape
+        .iter()
+        .map(|&d| i64::try_from(d).map_err(|_| format!("{:?} has an extent over i64::MAX", spec.name)))
+        .collect::<Result<_, _>>()?;
+    // Model::from_parts already refused sizes that do not fit usize.
+    let bytes = spec.byte_len().and_then(|n| usize::try_from(n).ok()).unwrap_or(usize::MAX);
+    Ok(CSpec { name, shape, dtype: spec.dtype, bytes, spec: spec.clone() })
+}
+
+fn model_ref<'a>(model: *const KilnModel) -> Result<&'a KilnModel, String> {
+    // SAFETY: the C contract: `model` is NULL or a live pointer from kiln_model_load.
+    unsafe { model.as_ref() }.ok_or_else(|| "model is NULL".to_string())
+}
+
+fn spec_at<'a>(model: *const KilnModel, i: usize, outputs: bool) -> Result<&'a CSpec, String> {
+    let m = model_ref(model)?;
+    let (kind, specs) = if outputs { ("output", &m.outputs) } else { ("input", &m.inputs) };
+    specs.get(i).ok_or_else(|| format!("{kind} {i} does not exist: the model has {} {kind}s", specs.len()))
+}
+
+/// Loads the artifact directory `dir` with `threads` worker threads (0: `KILN_THREADS`, else
+/// every core). Returns NULL on error; see `kiln_last_error`.
+///
+/// # Safety
+///
+/// `dir` must be NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_load_with_threads(dir: *const c_char, threads: usize) -> *mut KilnModel {
+    guard(ptr::null_mut(), || {
+        if dir.is_null() {
+            return Err("directory is NULL".into());
+        }
+        // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+        let dir =
+            unsafe { CStr::from_ptr(dir) }.to_str().map_err(|_| "directory is not UTF-8".to_string())?;
+        let options = Options { threads: (threads > 0).then_some(threads) };
+        let model = Model::load_with(dir, &options).map_err(|e| e.to_string())?;
+        let inputs = model.inputs().iter().map(c_spec).collect::<Result<_, _>>()?;
+        let outputs = model.outputs().iter().map(c_spec).collect::<Result<_, _>>()?;
+        Ok(Box::into_raw(Box::new(KilnModel { model, inputs, outputs })))
+    })
+}
+
+/// Loads the artifact directory `dir`. Returns NULL on error; see `kiln_last_error`.
+///
+/// # Safety
+///
+/// `dir` must be NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_load(dir: *const c_char) -> *mut KilnModel {
+    // SAFETY: same contract.
+    unsafe { kiln_model_load_with_threads(dir, 0) }
+}
+
+/// The message of this thread's last failed call, or "" if none failed. Valid until the next
+/// failing call on this thread.
+#[no_mangle]
+pub extern "C" fn kiln_last_error() -> *const c_char {
+    LAST_ERROR.with(|slot| slot.borrow().as_ptr())
+}
+
+/// Frees a model; NULL is ignored.
+///
+/// # Safety
+///
+/// `model` must be NULL or a pointer from `kiln_model_load` not freed yet.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_free(model: *mut KilnModel) {
+    if !model.is_null() {
+        // SAFETY: created by Box::into_raw in kiln_model_load and not freed (caller's contract).
+        let model = unsafe { Box::from_raw(model) };
+        guard((), || {
+            drop(model);
+            Ok(())
+        });
+    }
+}
+
+/// Number of inputs (0 if `model` is NULL).
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_input_count(model: *const KilnModel) -> usize {
+    guard(0, || Ok(model_ref(model)?.inputs.len()))
+}
+
+/// Number of outputs (0 if `model` is NULL).
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_output_count(model: *const KilnModel) -> usize {
+    guard(0, || Ok(model_ref(model)?.outputs.len()))
+}
+
+/// Name of input `i`, or NULL if out of range. Valid until the model is freed.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_input_name(model: *const KilnModel, i: usize) -> *const c_char {
+    guard(ptr::null(), || Ok(spec_at(model, i, false)?.name.as_ptr()))
+}
+
+/// Name of output `i`, or NULL if out of range. Valid until the model is freed.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_output_name(model: *const KilnModel, i: usize) -> *const c_char {
+    guard(ptr::null(), || Ok(spec_at(model, i, true)?.name.as_ptr()))
+}
+
+fn shape_out(model: *const KilnModel, i: usize, rank: *mut usize, outputs: bool) -> *const i64 {
+    guard(ptr::null(), || {
+        let spec = spec_at(model, i, outputs)?;
+        if !rank.is_null() {
+            // SAFETY: non-NULL, and points to a size_t by the caller's contract.
+            unsafe { *rank = spec.shape.len() };
+        }
+        Ok(spec.shape.as_ptr())
+    })
+}
+
+/// Shape of input `i` (`*rank` extents), or NULL if out of range. Valid until the model is freed.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model; `rank` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_input_shape(
+    model: *const KilnModel,
+    i: usize,
+    rank: *mut usize,
+) -> *const i64 {
+    shape_out(model, i, rank, false)
+}
+
+/// Shape of output `i` (`*rank` extents), or NULL if out of range. Valid until the model is freed.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model; `rank` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_output_shape(
+    model: *const KilnModel,
+    i: usize,
+    rank: *mut usize,
+) -> *const i64 {
+    shape_out(model, i, rank, true)
+}
+
+/// Dtype name of input `i` ("f32", "i64", "bool"…), or NULL if out of range. Static string.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_input_dtype(model: *const KilnModel, i: usize) -> *const c_char {
+    guard(ptr::null(), || Ok(c_dtype(spec_at(model, i, false)?.dtype).as_ptr()))
+}
+
+/// Dtype name of output `i`, or NULL if out of range. Static string.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_output_dtype(model: *const KilnModel, i: usize) -> *const c_char {
+    guard(ptr::null(), || Ok(c_dtype(spec_at(model, i, true)?.dtype).as_ptr()))
+}
+
+/// Byte size of input `i` (0 if out of range).
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_input_bytes(model: *const KilnModel, i: usize) -> usize {
+    guard(0, || Ok(spec_at(model, i, false)?.bytes))
+}
+
+/// Byte size of output `i` (0 if out of range): the buffer `kiln_model_run` writes.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_output_bytes(model: *const KilnModel, i: usize) -> usize {
+    guard(0, || Ok(spec_at(model, i, true)?.bytes))
+}
+
+/// Runs the model: `inputs[i]` holds input i's bytes, `outputs[i]` receives output i's, both in
+/// manifest order and of the sizes given by `kiln_model_input_bytes`/`_output_bytes`. Returns 0,
+/// or nonzero with `kiln_last_error` set.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model not used by another thread during the call; `inputs`
+/// and `outputs` must hold one valid pointer per input and output, each to a buffer of at least
+/// that tensor's byte size; output buffers must not overlap each other or the inputs.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_run(
+    model: *mut KilnModel,
+    inputs: *const *const c_void,
+    outputs: *const *mut c_void,
+) -> c_int {
+    guard(1, || {
+        // SAFETY: NULL or live and unshared (caller's contract).
+        let m = unsafe { model.as_mut() }.ok_or_else(|| "model is NULL".to_string())?;
+        let input_ptrs = pointer_array(inputs, m.inputs.len(), "inputs")?;
+        let output_ptrs = pointer_array(outputs.cast::<*const c_void>(), m.outputs.len(), "outputs")?;
+        let mut refs = Vec::with_capacity(m.inputs.len());
+        for (spec, &p) in m.inputs.iter().zip(&input_ptrs) {
+            // SAFETY: p is non-NULL and points to spec.bytes readable bytes (caller's contract).
+            let bytes = unsafe { byte_slice(p, spec.bytes) };
+            refs.push(TensorRef::new(&spec.spec.name, spec.dtype, &spec.spec.shape, bytes));
+        }
+        let mut bufs = Vec::with_capacity(m.outputs.len());
+        for (spec, &p) in m.outputs.iter().zip(&output_ptrs) {
+            // SAFETY: p is non-NULL, points to spec.bytes writable bytes, and overlaps no other
+            // buffer of this call (caller's contract).
+            bufs.push(unsafe { byte_slice_mut(p.cast_mut(), spec.bytes) });
+        }
+        m.model.run_into(&refs, &mut bufs).map_err(|e| e.to_string())?;
+        Ok(0)
+    })
+}
+
+/// Reads `count` non-NULL pointers from a C array.
+fn pointer_array(
+    array: *const *const c_void,
+    count: usize,
+    what: &str,
+) -> Result<Vec<*const c_void>, String> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    if array.is_null() {
+        return Err(format!("{what} is NULL, the model has {count}"));
+    }
+    // SAFETY: the caller's contract gives `count` readable pointers.
+    let ptrs = unsafe { std::slice::from_raw_parts(array, count) }.to_vec();
+    match ptrs.iter().position(|p| p.is_null()) {
+        Some(i) => Err(format!("{what}[{i}] is NULL")),
+        None => Ok(ptrs),
+    }
+}
+
+/// # Safety
+/// `p` non-NULL and readable for `len` bytes for the returned lifetime.
+unsafe fn byte_slice<'a>(p: *const c_void, len: usize) -> &'a [u8] {
+    // SAFETY: per this function's contract.
+    unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) }
+}
+
+/// # Safety
+/// `p` non-NULL, writable for `len` bytes and unaliased for the returned lifetime.
+unsafe fn byte_slice_mut<'a>(p: *mut c_void, len: usize) -> &'a mut [u8] {
+    // SAFETY: per this function's contract.
+    unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last_error() -> String {
+        // SAFETY: kiln_last_error always returns a valid NUL-terminated string.
+        unsafe { CStr::from_ptr(kiln_last_error()) }.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn errors_are_reported_not_raised() {
+        assert_eq!(last_error(), "");
+        // SAFETY: NULL and valid strings are both allowed.
+        unsafe {
+            assert!(kiln_model_load(ptr::null()).is_null());
+            assert_eq!(last_error(), "directory is NULL");
+            assert!(kiln_model_load(c"/nonexistent/x.kiln".as_ptr()).is_null());
+            assert!(last_error().contains("manifest.ron is missing"), "{}", last_error());
+            assert_eq!(kiln_model_input_count(ptr::null()), 0);
+            assert!(kiln_model_output_name(ptr::null(), 0).is_null());
+            assert_eq!(kiln_model_run(ptr::null_mut(), ptr::null(), ptr::null()), 1);
+            assert_eq!(last_error(), "model is NULL");
+            kiln_model_free(ptr::null_mut());
+        }
+    }
+
+    #[test]
+    fn panics_become_errors() {
+        let value = guard(7, || -> Result<i32, String> { panic!("boom") });
+        assert_eq!(value, 7);
+        assert!(last_error().contains("boom"), "{}", last_error());
+        set_error("a\0b");
+        assert_eq!(last_error(), "ab");
+    }
+}

@@ -1,0 +1,245 @@
+//! `RuntimeError`: every way loading or running an artifact can fail, each message naming the
+//! file, step, tensor or setting at fault and, where one exists, the fix.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+use crate::manifest::DType;
+
+/// An artifact that cannot be loaded, or inputs that do not fit it.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// A file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// An artifact file is absent.
+    #[error("{} is missing: the artifact is incomplete, recompile the model", path.display())]
+    MissingFile {
+        /// The file that should exist.
+        path: PathBuf,
+    },
+    /// `manifest.ron` is not valid RON or does not have the manifest's form.
+    #[error("manifest.ron is not a valid manifest: {message}")]
+    ManifestSyntax {
+        /// The parser's message, with its position.
+        message: String,
+    },
+    /// The artifact was written for another format version.
+    #[error("artifact format version {found}, this runtime reads version {expected}: recompile the model")]
+    FormatVersion {
+        /// The manifest's version.
+        found: u32,
+        /// [`crate::ARTIFACT_FORMAT_VERSION`].
+        expected: u32,
+    },
+    /// The kernels were compiled for another architecture.
+    #[error("the artifact was compiled for {triple} (architecture {artifact_arch}), but this machine is {host_arch}: recompile the model for this machine")]
+    TargetArch {
+        /// The manifest's triple.
+        triple: String,
+        /// The architecture named by the triple.
+        artifact_arch: String,
+        /// `std::env::consts::ARCH`.
+        host_arch: String,
+    },
+    /// The kernels use CPU features this machine lacks.
+    #[error("the artifact was compiled for CPU {cpu} with features this CPU lacks: {}; recompile the model for this machine", missing.join(", "))]
+    MissingCpuFeatures {
+        /// The manifest's CPU name.
+        cpu: String,
+        /// The features absent here, e.g. `avx512f`.
+        missing: Vec<String>,
+    },
+    /// The manifest records no size and crc32 for a file the artifact needs.
+    #[error("the manifest records no size and crc32 for {file}: recompile the model")]
+    NoDigest {
+        /// The file name.
+        file: String,
+    },
+    /// A file's size differs from the manifest's.
+    #[error("{file} is {found} bytes, the manifest says {expected}: the file is truncated or corrupt, recompile or copy the artifact again")]
+    FileSize {
+        /// The file name.
+        file: String,
+        /// The manifest's size.
+        expected: u64,
+        /// The size on disk.
+        found: u64,
+    },
+    /// A file's crc32 differs from the manifest's.
+    #[error("{file} has crc32 {found:#010x}, the manifest says {expected:#010x}: the file is corrupt, recompile or copy the artifact again")]
+    FileCrc {
+        /// The file name.
+        file: String,
+        /// The manifest's crc32.
+        expected: u32,
+        /// The crc32 of the file on disk.
+        found: u32,
+    },
+    /// The weights are not a valid safetensors file, or hold a dtype Kiln does not use.
+    #[error("invalid weights ({origin}): {message}")]
+    Weights {
+        /// Where the weights came from (a path, or "in memory").
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A step refers to a weight the weights file does not hold.
+    #[error("step {step:?} uses weight {name:?}, which the weights file does not hold")]
+    MissingWeight {
+        /// The step's label.
+        step: String,
+        /// The weight's name.
+        name: String,
+    },
+    /// A weight's size differs from what the step expects.
+    #[error(
+        "step {step:?} expects weight {name:?} of {expected} bytes, the weights file holds {found} bytes"
+    )]
+    WeightSize {
+        /// The step's label.
+        step: String,
+        /// The weight's name.
+        name: String,
+        /// The manifest's size.
+        expected: u64,
+        /// The size in the weights file.
+        found: u64,
+    },
+    /// An arena argument lies outside the arena or is misaligned.
+    #[error("step {step:?} uses arena bytes {offset}..{end}, {problem} (arena of {arena_bytes} bytes)")]
+    ArenaRange {
+        /// The step's label.
+        step: String,
+        /// The argument's offset.
+        offset: u64,
+        /// Its end (saturated on overflow).
+        end: u64,
+        /// The arena's size.
+        arena_bytes: u64,
+        /// "outside the arena" or "not 64-byte aligned".
+        problem: &'static str,
+    },
+    /// A step names an input or output that does not exist.
+    #[error("step {step:?} uses {kind} {index}, but the model has {count} {kind}s")]
+    BufIndex {
+        /// The step's label.
+        step: String,
+        /// "input" or "output".
+        kind: &'static str,
+        /// The index named.
+        index: u32,
+        /// How many exist.
+        count: usize,
+    },
+    /// `kernels.so` could not be loaded.
+    #[error("cannot load {}: {message}", path.display())]
+    LoadKernels {
+        /// The shared object.
+        path: PathBuf,
+        /// The loader's message.
+        message: String,
+    },
+    /// A step's entry symbol is not in the kernels.
+    #[error("step {step:?}: symbol {symbol:?} is not in the kernels")]
+    MissingSymbol {
+        /// The step's label.
+        step: String,
+        /// The symbol.
+        symbol: String,
+    },
+    /// The manifest is well-formed RON but contradicts itself.
+    #[error("invalid manifest: {message}")]
+    InvalidManifest {
+        /// What is wrong.
+        message: String,
+    },
+    /// The requested thread count is unusable.
+    #[error("{message}")]
+    Threads {
+        /// What is wrong.
+        message: String,
+    },
+    /// Memory for the arena or a buffer could not be allocated.
+    #[error("cannot allocate {bytes} bytes for the {what}")]
+    Alloc {
+        /// "arena", or the buffer's role.
+        what: String,
+        /// The size asked for.
+        bytes: u64,
+    },
+    /// The caller passed the wrong number of inputs or outputs.
+    #[error("the model takes {expected} {kind}s, got {got}")]
+    Count {
+        /// "input" or "output".
+        kind: &'static str,
+        /// The manifest's count.
+        expected: usize,
+        /// The caller's count.
+        got: usize,
+    },
+    /// An input has another name than the manifest's at its position.
+    #[error("input {index} must be {expected:?}, got {got:?}")]
+    InputName {
+        /// Position of the input.
+        index: usize,
+        /// The manifest's name.
+        expected: String,
+        /// The caller's name.
+        got: String,
+    },
+    /// An input has another dtype than the manifest's.
+    #[error("input {name:?} must be {expected}, got {got}")]
+    InputDtype {
+        /// The input's name.
+        name: String,
+        /// The manifest's dtype.
+        expected: DType,
+        /// The caller's dtype.
+        got: DType,
+    },
+    /// An input has another shape than the manifest's.
+    #[error("input {name:?} must have shape {expected}, got {got}")]
+    InputShape {
+        /// The input's name.
+        name: String,
+        /// The manifest's shape.
+        expected: String,
+        /// The caller's shape.
+        got: String,
+    },
+    /// A buffer's length does not match its tensor's shape and dtype.
+    #[error("{kind} {name:?} needs {expected} bytes, got {got}")]
+    BufferSize {
+        /// "input" or "output".
+        kind: &'static str,
+        /// The tensor's name.
+        name: String,
+        /// Elements times the dtype's size.
+        expected: u64,
+        /// The buffer's length.
+        got: u64,
+    },
+}
+
+impl RuntimeError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> RuntimeError {
+        let path = path.into();
+        if source.kind() == std::io::ErrorKind::NotFound {
+            RuntimeError::MissingFile { path }
+        } else {
+            RuntimeError::Io { path, source }
+        }
+    }
+
+    pub(crate) fn invalid(message: impl Into<String>) -> RuntimeError {
+        RuntimeError::InvalidManifest { message: message.into() }
+    }
+}

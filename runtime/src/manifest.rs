@@ -1,0 +1,273 @@
+//! The artifact manifest: the contract between the compiler, which writes `manifest.ron`, and
+//! the runtime, which reads it. Every field is checked at load, so a run never meets a surprise.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::RuntimeError;
+
+/// The manifest's file name inside an artifact directory.
+pub const MANIFEST_FILE: &str = "manifest.ron";
+/// The shared object holding one entry symbol per step.
+pub const KERNELS_FILE: &str = "kernels.so";
+/// The parameters and constants, memory-mapped at load.
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+
+/// Everything the runtime needs to bind and run a compiled model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Must equal [`crate::ARTIFACT_FORMAT_VERSION`].
+    pub format_version: u32,
+    /// The model's name.
+    pub model: String,
+    /// The compiler version that wrote the artifact.
+    pub kiln_version: String,
+    /// The machine the kernels were compiled for.
+    pub target: TargetInfo,
+    /// Graph inputs, in the order callers pass them.
+    pub inputs: Vec<TensorSpec>,
+    /// Graph outputs, in the order they are returned.
+    pub outputs: Vec<TensorSpec>,
+    /// Size of the one scratch arena (64-byte aligned) holding every intermediate.
+    pub arena_bytes: u64,
+    /// Size and crc32 of `kernels.so` and `weights.safetensors`.
+    pub files: Vec<FileDigest>,
+    /// Kernel launches, in execution order.
+    pub steps: Vec<Step>,
+}
+
+/// The target the kernels were compiled for; checked against the running machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    /// LLVM target triple, e.g. `x86_64-unknown-linux-gnu`.
+    pub triple: String,
+    /// LLVM CPU name, e.g. `znver3` (informational).
+    pub cpu: String,
+    /// LLVM feature string, e.g. `+avx2,+fma`; `+` features must exist on the running CPU.
+    pub features: String,
+}
+
+/// A graph input or output: its name, element type and static shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    /// The name callers use.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Static shape, outermost first.
+    pub shape: Vec<u64>,
+}
+
+/// Element types a Kiln artifact can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary64.
+    F64,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// Signed 32-bit integer.
+    I32,
+    /// Signed 64-bit integer.
+    I64,
+    /// One byte per element, 0 or 1.
+    Bool,
+}
+
+/// Size and crc32 of one artifact file, so a truncated or corrupt file is refused at load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    /// File name inside the artifact directory.
+    pub name: String,
+    /// Exact size in bytes.
+    pub bytes: u64,
+    /// crc32 (IEEE) of the whole file.
+    pub crc32: u32,
+}
+
+/// One kernel launch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// Entry symbol in `kernels.so`.
+    pub symbol: String,
+    /// Human-readable name for profiles, e.g. `k7 matmul_epilogue(gelu) [128,1536]`.
+    pub label: String,
+    /// Pointers passed in `bufs[]`, in order.
+    pub args: Vec<BufRef>,
+    /// Iterations of the kernel's outer parallel loop.
+    pub range: u64,
+    /// Minimum iterations per task (at least 1); `range <= grain` runs on one thread.
+    pub grain: u64,
+    /// Estimated floating-point operations of the whole step.
+    pub flops: u64,
+    /// Estimated bytes moved by the whole step.
+    pub bytes: u64,
+}
+
+/// Where a kernel argument points.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BufRef {
+    /// A range of the arena; `offset` is 64-byte aligned.
+    Arena {
+        /// Byte offset from the arena's start.
+        offset: u64,
+        /// Length in bytes.
+        bytes: u64,
+    },
+    /// A tensor of `weights.safetensors`, read-only.
+    Weight {
+        /// Tensor name in the weights file.
+        name: String,
+        /// Its expected size in bytes, so a weights file that does not fit is refused at load.
+        bytes: u64,
+    },
+    /// The caller's input buffer (read-only), by position in [`Manifest::inputs`].
+    Input {
+        /// Position in [`Manifest::inputs`].
+        index: u32,
+    },
+    /// The caller's output buffer, by position in [`Manifest::outputs`].
+    Output {
+        /// Position in [`Manifest::outputs`].
+        index: u32,
+    },
+}
+
+impl DType {
+    /// Every dtype, in declaration order.
+    pub const ALL: [DType; 7] =
+        [DType::F32, DType::F64, DType::F16, DType::BF16, DType::I32, DType::I64, DType::Bool];
+
+    /// Bytes per element (`Bool` is one byte).
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::Bool => 1,
+        }
+    }
+
+    /// The lowercase name used in manifests, errors and the C ABI (`"f32"`, `"bool"`…).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I32 => "i32",
+            DType::I64 => "i64",
+            DType::Bool => "bool",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl TensorSpec {
+    /// Number of elements, or `None` if it overflows `u64`.
+    pub fn elements(&self) -> Option<u64> {
+        self.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d))
+    }
+
+    /// Size of the tensor in bytes, or `None` if it overflows `u64`.
+    pub fn byte_len(&self) -> Option<u64> {
+        self.elements()?.checked_mul(self.dtype.size_bytes() as u64)
+    }
+}
+
+impl FileDigest {
+    /// The digest of a file's contents, as the compiler records it.
+    pub fn of(name: impl Into<String>, contents: &[u8]) -> FileDigest {
+        FileDigest { name: name.into(), bytes: contents.len() as u64, crc32: crc32fast::hash(contents) }
+    }
+}
+
+impl Manifest {
+    /// Parses `manifest.ron` text. Only the syntax is checked here; [`crate::Model`] checks
+    /// the content against the files and the machine.
+    pub fn from_ron(text: &str) -> Result<Manifest, RuntimeError> {
+        ron::from_str(text).map_err(|e| RuntimeError::ManifestSyntax { message: e.to_string() })
+    }
+
+    /// Writes the manifest as pretty RON, the form `manifest.ron` holds. Nesting stops at depth
+    /// 3, so each shape and each step's argument list stays on one line.
+    pub fn to_ron(&self) -> Result<String, RuntimeError> {
+        ron::ser::to_string_pretty(self, ron::ser::PrettyConfig::default().depth_limit(3))
+            .map_err(|e| RuntimeError::ManifestSyntax { message: e.to_string() })
+    }
+}
+
+/// `"[2, 3]"`, the way errors and the profile print a shape.
+pub(crate) fn shape_str(shape: &[u64]) -> String {
+    let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
+    format!("[{}]", dims.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_names_match_serde_names() {
+        for dtype in DType::ALL {
+            let text = ron::to_string(&dtype).unwrap();
+            assert_eq!(text, dtype.name());
+            assert_eq!(ron::from_str::<DType>(&text).unwrap(), dtype);
+        }
+    }
+
+    #[test]
+    fn manifest_round_trips_through_ron() {
+        let manifest = Manifest {
+            format_version: crate::ARTIFACT_FORMAT_VERSION,
+            model: "m".into(),
+            kiln_version: "0.1.0".into(),
+            target: TargetInfo {
+                triple: "x86_64-unknown-linux-gnu".into(),
+                cpu: "znver3".into(),
+                features: "+avx2".into(),
+            },
+            inputs: vec![TensorSpec { name: "x".into(), dtype: DType::BF16, shape: vec![2, 3] }],
+            outputs: vec![TensorSpec { name: "y".into(), dtype: DType::Bool, shape: vec![] }],
+            arena_bytes: 128,
+            files: vec![FileDigest::of(KERNELS_FILE, b"abc")],
+            steps: vec![Step {
+                symbol: "k0".into(),
+                label: "k0 add [2,3]".into(),
+                args: vec![
+                    BufRef::Input { index: 0 },
+                    BufRef::Weight { name: "w".into(), bytes: 12 },
+                    BufRef::Arena { offset: 64, bytes: 64 },
+                    BufRef::Output { index: 0 },
+                ],
+                range: 2,
+                grain: 1,
+                flops: 6,
+                bytes: 36,
+            }],
+        };
+        let text = manifest.to_ron().unwrap();
+        assert!(text.contains("dtype: bf16"), "{text}");
+        assert_eq!(Manifest::from_ron(&text).unwrap(), manifest);
+        assert_eq!(manifest.files[0].crc32, 0x352441c2);
+    }
+
+    #[test]
+    fn sizes() {
+        let spec = TensorSpec { name: "x".into(), dtype: DType::F16, shape: vec![3, 5] };
+        assert_eq!(spec.byte_len(), Some(30));
+        let scalar = TensorSpec { name: "s".into(), dtype: DType::I64, shape: vec![] };
+        assert_eq!(scalar.byte_len(), Some(8));
+        let huge = TensorSpec { name: "h".into(), dtype: DType::F32, shape: vec![u64::MAX, 2] };
+        assert_eq!(huge.byte_len(), None);
+        assert_eq!(shape_str(&[2, 3]), "[2, 3]");
+    }
+}

@@ -1,0 +1,225 @@
+//! `Profile`: where a run's time goes, step by step, with the throughput each step achieved, so
+//! the slow kernels of a compiled model are visible without an external profiler.
+
+use std::fmt;
+use std::time::Duration;
+
+/// The timing of every step of a model, median over the repeats of `Model::run_profiled`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    /// One entry per step, in execution order.
+    pub steps: Vec<StepProfile>,
+    /// Median wall time of a whole run (inputs checked, every step, outputs copied).
+    pub total: Duration,
+    /// Size of the model's arena.
+    pub arena_bytes: u64,
+    /// Threads the model runs on.
+    pub threads: usize,
+    /// How many runs the medians are taken over.
+    pub repeats: usize,
+}
+
+/// The timing of one step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepProfile {
+    /// The step's label from the manifest.
+    pub label: String,
+    /// Median time of the step.
+    pub time: Duration,
+    /// Fraction of the summed step times, in `[0, 1]`.
+    pub share: f64,
+    /// Estimated floating-point operations of the step.
+    pub flops: u64,
+    /// Estimated bytes moved by the step.
+    pub bytes: u64,
+}
+
+impl StepProfile {
+    /// Achieved GFLOP/s: the step's estimated flops over its time.
+    pub fn gflops(&self) -> f64 {
+        per_second(self.flops, self.time) / 1e9
+    }
+
+    /// Achieved GB/s: the step's estimated bytes over its time.
+    pub fn gbytes_per_s(&self) -> f64 {
+        per_second(self.bytes, self.time) / 1e9
+    }
+}
+
+impl Profile {
+    /// Builds the profile from per-run step times (`times[run][step]`) and whole-run times.
+    pub(crate) fn from_times(
+        labels: impl Iterator<Item = (String, u64, u64)>,
+        step_times: &[Vec<Duration>],
+        run_times: Vec<Duration>,
+        arena_bytes: u64,
+        threads: usize,
+    ) -> Profile {
+        let medians: Vec<Duration> = (0..step_times.first().map_or(0, Vec::len))
+            .map(|s| median(step_times.iter().map(|run| run[s]).collect()))
+            .collect();
+        let sum: f64 = medians.iter().map(Duration::as_secs_f64).sum();
+        let steps = labels
+            .zip(&medians)
+            .map(|((label, flops, bytes), &time)| StepProfile {
+                label,
+                time,
+                share: if sum > 0.0 { time.as_secs_f64() / sum } else { 0.0 },
+                flops,
+                bytes,
+            })
+            .collect();
+        let repeats = run_times.len();
+        Profile { steps, total: median(run_times), arena_bytes, threads, repeats }
+    }
+}
+
+/// How many steps the table shows; the rest are summed in one line.
+const TOP: usize = 20;
+const TOTAL: &str = "total (steps)";
+
+impl fmt::Display for Profile {
+    /// A table sorted by time, slowest first: the top steps, a line for the rest, and totals.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut order: Vec<&StepProfile> = self.steps.iter().collect();
+        order.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| a.label.cmp(&b.label)));
+        let shown = &order[..order.len().min(TOP)];
+        let rest = &order[shown.len()..];
+        let rest_label = format!("({} more steps)", rest.len());
+        let width = shown
+            .iter()
+            .map(|s| s.label.chars().count())
+            .chain([TOTAL.len(), if rest.is_empty() { 0 } else { rest_label.len() }])
+            .max()
+            .unwrap_or(0);
+        writeln!(
+            f,
+            "profile: {} steps, {} threads, arena {}, median of {} runs",
+            self.steps.len(),
+            self.threads,
+            human_bytes(self.arena_bytes),
+            self.repeats
+        )?;
+        writeln!(f, "{:<width$}  {:>10}  {:>6}  {:>9}  {:>8}", "step", "time", "share", "GFLOP/s", "GB/s")?;
+        for step in shown {
+            writeln!(
+                f,
+                "{:<width$}  {:>10}  {:>5.1}%  {:>9.2}  {:>8.2}",
+                step.label,
+                human_time(step.time),
+                step.share * 100.0,
+                step.gflops(),
+                step.gbytes_per_s()
+            )?;
+        }
+        if !rest.is_empty() {
+            let time: Duration = rest.iter().map(|s| s.time).sum();
+            let share: f64 = rest.iter().map(|s| s.share).sum();
+            writeln!(f, "{rest_label:<width$}  {:>10}  {:>5.1}%", human_time(time), share * 100.0)?;
+        }
+        let steps: Duration = self.steps.iter().map(|s| s.time).sum();
+        let flops: u64 = self.steps.iter().map(|s| s.flops).sum();
+        let bytes: u64 = self.steps.iter().map(|s| s.bytes).sum();
+        write!(
+            f,
+            "{:<width$}  {:>10}  {:>5.1}%  {:>9.2}  {:>8.2}   (whole run {})",
+            TOTAL,
+            human_time(steps),
+            if self.steps.is_empty() { 0.0 } else { 100.0 },
+            per_second(flops, steps) / 1e9,
+            per_second(bytes, steps) / 1e9,
+            human_time(self.total)
+        )
+    }
+}
+
+fn per_second(amount: u64, time: Duration) -> f64 {
+    let secs = time.as_secs_f64();
+    if secs > 0.0 {
+        amount as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    if times.is_empty() {
+        return Duration::ZERO;
+    }
+    times.sort_unstable();
+    let mid = times.len() / 2;
+    if times.len() % 2 == 1 {
+        times[mid]
+    } else {
+        (times[mid - 1] + times[mid]) / 2
+    }
+}
+
+fn human_time(t: Duration) -> String {
+    let us = t.as_secs_f64() * 1e6;
+    if us < 1000.0 {
+        format!("{us:.1} µs")
+    } else if us < 1e6 {
+        format!("{:.2} ms", us / 1e3)
+    } else {
+        format!("{:.3} s", us / 1e6)
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn us(n: u64) -> Duration {
+        Duration::from_micros(n)
+    }
+
+    #[test]
+    fn medians_shares_and_rates() {
+        let labels = vec![("a".to_string(), 2_000_000, 1_000), ("bb".to_string(), 0, 4_000_000)];
+        let times = vec![vec![us(10), us(40)], vec![us(30), us(20)], vec![us(20), us(30)]];
+        let p = Profile::from_times(labels.into_iter(), &times, vec![us(60), us(50), us(55)], 4096, 2);
+        assert_eq!(p.steps[0].time, us(20));
+        assert_eq!(p.steps[1].time, us(30));
+        assert!((p.steps[0].share - 0.4).abs() < 1e-9);
+        assert!((p.steps[0].gflops() - 100.0).abs() < 1e-6);
+        assert!((p.steps[1].gbytes_per_s() - 133.333).abs() < 1e-2);
+        assert_eq!(p.total, us(55));
+        assert_eq!(median(vec![us(1), us(3)]), us(2));
+
+        let text = p.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(lines[0].contains("2 steps, 2 threads, arena 4.0 KiB, median of 3 runs"), "{text}");
+        assert!(lines[2].starts_with("bb ") && lines[3].starts_with("a "), "slowest first:\n{text}");
+        assert!(lines[4].starts_with("total (steps)"), "{text}");
+        // Columns line up: every row puts its time column at the same place.
+        let col = lines[1].find("time").unwrap() + "time".len() - 1;
+        assert!(lines[2..].iter().all(|l| l.chars().nth(col) == Some('s')), "{text}");
+    }
+
+    #[test]
+    fn long_profiles_are_cut() {
+        let labels = (0..25).map(|i| (format!("k{i}"), 0, 0));
+        let times = vec![(0..25).map(us).collect::<Vec<_>>()];
+        let text = Profile::from_times(labels, &times, vec![us(300)], 0, 1).to_string();
+        assert!(text.contains("(5 more steps)"), "{text}");
+        assert_eq!(text.lines().count(), 2 + 20 + 2);
+        assert!(text.lines().nth(2).unwrap().starts_with("k24"));
+    }
+}

@@ -1,0 +1,212 @@
+//! The C ABI, called in-process and from a real C program (`examples/c/run_model.c` compiled
+//! with `cc` against `libkiln_runtime.so`), and the `run_artifact` example binary.
+
+mod common;
+
+use std::ffi::{c_void, CStr, CString};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use kiln_runtime::capi::*;
+use kiln_runtime::WEIGHTS_FILE;
+
+fn last_error() -> String {
+    // SAFETY: kiln_last_error always returns a valid NUL-terminated string.
+    unsafe { CStr::from_ptr(kiln_last_error()) }.to_string_lossy().into_owned()
+}
+
+fn c_str(p: *const std::ffi::c_char) -> String {
+    assert!(!p.is_null(), "NULL string: {}", last_error());
+    // SAFETY: non-NULL strings from the C API are NUL-terminated and live while the model does.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+#[test]
+fn c_abi_round_trip() {
+    let toy = Toy::new();
+    let dir = CString::new(toy.path().to_str().unwrap()).unwrap();
+    // SAFETY: every pointer below comes from the API or from live Rust buffers of the sizes the
+    // API reports; the model is freed once, at the end.
+    unsafe {
+        let model = kiln_model_load_with_threads(dir.as_ptr(), 2);
+        assert!(!model.is_null(), "{}", last_error());
+        assert_eq!((kiln_model_input_count(model), kiln_model_output_count(model)), (2, 2));
+        assert_eq!(c_str(kiln_model_input_name(model, 1)), "scale");
+        assert_eq!(c_str(kiln_model_input_dtype(model, 1)), "i32");
+        assert_eq!(c_str(kiln_model_output_name(model, 0)), "y");
+        assert_eq!(c_str(kiln_model_output_dtype(model, 1)), "f32");
+        let mut rank = 0usize;
+        let shape = kiln_model_input_shape(model, 0, &mut rank);
+        assert_eq!(std::slice::from_raw_parts(shape, rank), &[ROWS as i64, COLS as i64]);
+        let shape = kiln_model_output_shape(model, 1, &mut rank);
+        assert_eq!(std::slice::from_raw_parts(shape, rank), &[ROWS as i64]);
+        assert_eq!(kiln_model_input_bytes(model, 0), N * 4);
+        assert_eq!(kiln_model_output_bytes(model, 0), N * 4);
+        assert_eq!(kiln_model_output_bytes(model, 1), ROWS * 4);
+        assert!(kiln_model_input_name(model, 2).is_null());
+        assert_eq!(last_error(), "input 2 does not exist: the model has 2 inputs");
+        assert!(kiln_model_output_shape(model, 5, &mut rank).is_null());
+
+        let (x, scale) = (x_data(), scale_data());
+        let mut y = vec![0f32; N];
+        let mut s = vec![0f32; ROWS];
+        let inputs = [x.as_ptr() as *const c_void, scale.as_ptr() as *const c_void];
+        let outputs = [y.as_mut_ptr() as *mut c_void, s.as_mut_ptr() as *mut c_void];
+        assert_eq!(kiln_model_run(model, inputs.as_ptr(), outputs.as_ptr()), 0, "{}", last_error());
+        assert_eq!((y, s), expected(&x, &scale));
+
+        let bad_inputs = [x.as_ptr() as *const c_void, std::ptr::null()];
+        assert_ne!(kiln_model_run(model, bad_inputs.as_ptr(), outputs.as_ptr()), 0);
+        assert_eq!(last_error(), "inputs[1] is NULL");
+        assert_ne!(kiln_model_run(model, std::ptr::null(), outputs.as_ptr()), 0);
+        assert_eq!(last_error(), "inputs is NULL, the model has 2");
+        kiln_model_free(model);
+
+        std::fs::remove_file(toy.file(WEIGHTS_FILE)).unwrap();
+        assert!(kiln_model_load(dir.as_ptr()).is_null());
+        assert!(last_error().contains("weights.safetensors is missing"), "{}", last_error());
+    }
+}
+
+/// The profile directory (`target/debug`) of this test binary, where cargo puts the cdylib and
+/// the examples.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/capi-<hash>
+    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
+}
+
+/// A build product of this package, brought up to date by cargo (a no-op when this test run
+/// built it already; `cargo test --test capi` alone builds neither the examples nor, on every
+/// cargo version, a fresh cdylib).
+fn built(relative: &str, cargo_args: &[&str]) -> PathBuf {
+    let dir = profile_dir();
+    let target = dir.parent().expect("target dir");
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--quiet", "-p", "kiln-runtime"]).args(cargo_args).env("CARGO_TARGET_DIR", target);
+    if dir.file_name().is_some_and(|p| p == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(status.success(), "cargo build failed");
+    let path = dir.join(relative);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Parses `output NAME DTYPE [dims]: v0 v1 ...` lines into (header, first values).
+fn outputs_of(stdout: &str) -> Vec<(String, Vec<f32>)> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("output "))
+        .map(|l| {
+            let (head, values) = l.split_once(": ").expect("output line has values");
+            let values = values.split(" ... ").next().unwrap_or("");
+            (head.to_string(), values.split_whitespace().map(|v| v.parse().expect("a number")).collect())
+        })
+        .collect()
+}
+
+fn ramp_expected() -> (Vec<f32>, Vec<f32>) {
+    let x: Vec<f32> = (0..N).map(|i| (i % 32) as f32 / 16.0 - 1.0).collect();
+    expected(&x, &[0; ROWS])
+}
+
+fn check_ramp_outputs(stdout: &str) {
+    let (y, s) = ramp_expected();
+    let outputs = outputs_of(stdout);
+    assert_eq!(outputs.len(), 2, "{stdout}");
+    assert_eq!(outputs[0].0, "output y f32 [64, 16]", "{stdout}");
+    assert_eq!(outputs[1].0, "output s f32 [64]", "{stdout}");
+    for (got, want) in outputs[0].1.iter().zip(&y[..8]).chain(outputs[1].1.iter().zip(&s[..8])) {
+        assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{got} vs {want}\n{stdout}");
+    }
+    assert_eq!(outputs[0].1.len(), 8);
+}
+
+#[test]
+fn c_example_runs_against_the_cdylib() {
+    let lib = built("libkiln_runtime.so", &["--lib"]);
+    let lib_dir = lib.parent().expect("lib dir");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let work = tempfile::tempdir().unwrap();
+    let exe = work.path().join("run_model");
+    let status = Command::new("cc")
+        .args(["-std=c99", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic"])
+        .arg("-I")
+        .arg(repo.join("runtime/include"))
+        .arg(repo.join("examples/c/run_model.c"))
+        .arg("-L")
+        .arg(lib_dir)
+        .arg("-lkiln_runtime")
+        .arg("-o")
+        .arg(&exe)
+        .status()
+        .expect("run cc");
+    assert!(status.success(), "cc failed on examples/c/run_model.c");
+
+    let toy = Toy::new();
+    let out = Command::new(&exe)
+        .arg(toy.path())
+        .env("LD_LIBRARY_PATH", lib_dir)
+        .env("KILN_THREADS", "2")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "run_model failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("input x f32 [64, 16] (ramp)\ninput scale i32 [64] (zeros)\n"), "{stdout}");
+    check_ramp_outputs(&stdout);
+    assert!(stdout.contains("... (1024 values)"), "{stdout}");
+
+    let out = Command::new(&exe)
+        .arg(work.path().join("nope.kiln"))
+        .env("LD_LIBRARY_PATH", lib_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error: ") && stderr.contains("manifest.ron is missing"), "{stderr}");
+}
+
+#[test]
+fn run_artifact_example() {
+    let exe = built("examples/run_artifact", &["--example", "run_artifact"]);
+    let toy = Toy::new();
+    let out = Command::new(&exe)
+        .arg(toy.path())
+        .args(["--threads", "2", "--profile", "--repeats", "3"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "run_artifact failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("model toy (kiln 0.1.0, "), "{stdout}");
+    check_ramp_outputs(&stdout);
+    assert!(stdout.contains("profile: 4 steps, 2 threads, arena 8.0 KiB, median of 3 runs"), "{stdout}");
+    assert!(stdout.contains("k3 rowsum [64]"), "{stdout}");
+
+    // A raw input file replaces the ramp.
+    let x = x_data();
+    let scale = scale_data();
+    let x_file = toy.file("x.bin");
+    let s_file = toy.file("scale.bin");
+    std::fs::write(&x_file, f32_bytes(&x)).unwrap();
+    std::fs::write(&s_file, scale.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    let out = Command::new(&exe)
+        .arg(toy.path())
+        .arg("--input")
+        .arg(format!("x={}", x_file.display()))
+        .arg("--input")
+        .arg(format!("scale={}", s_file.display()))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (y, _) = expected(&x, &scale);
+    assert_eq!(outputs_of(&stdout)[0].1, y[..8], "{stdout}");
+
+    let out = Command::new(&exe).arg(toy.path()).args(["--input", "x=/nonexistent.bin"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let out = Command::new(&exe).arg("--bogus").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

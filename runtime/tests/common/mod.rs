@@ -1,0 +1,234 @@
+//! A tiny real artifact for the tests: C kernels compiled with `cc`, weights written with the
+//! safetensors crate and a manifest with true crc32s, so the loader is tested as the compiler
+//! will use it. The "toy" model computes, for x f32 [64, 16] and scale i32 [64]:
+//! t = x·w, u = t + c (both in the arena), y = 2u + x, s[r] = (Σ_j t[r, j]) · scale[r].
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use kiln_runtime::{
+    BufRef, DType, FileDigest, Manifest, Step, TargetInfo, TensorSpec, ARTIFACT_FORMAT_VERSION, KERNELS_FILE,
+    MANIFEST_FILE, WEIGHTS_FILE,
+};
+
+pub const ROWS: usize = 64;
+pub const COLS: usize = 16;
+pub const N: usize = ROWS * COLS;
+
+/// Kernels over rows: each iteration of the outer loop is one row of 16 elements.
+pub const KERNELS_C: &str = r#"
+#include <stdint.h>
+#define COLS 16
+
+static int64_t calls;
+
+void k_mul(void **b, int64_t begin, int64_t end) {
+    const float *x = b[0], *w = b[1];
+    float *t = b[2];
+    __atomic_add_fetch(&calls, 1, __ATOMIC_RELAXED);
+    for (int64_t i = begin * COLS; i < end * COLS; i++) t[i] = x[i] * w[i];
+}
+
+void k_add(void **b, int64_t begin, int64_t end) {
+    const float *t = b[0], *c = b[1];
+    float *u = b[2];
+    for (int64_t i = begin * COLS; i < end * COLS; i++) u[i] = t[i] + c[i];
+}
+
+void k_out(void **b, int64_t begin, int64_t end) {
+    const float *u = b[0], *x = b[1];
+    float *y = b[2];
+    for (int64_t i = begin * COLS; i < end * COLS; i++) y[i] = u[i] * 2.0f + x[i];
+}
+
+void k_rowsum(void **b, int64_t begin, int64_t end) {
+    const float *t = b[0];
+    const int32_t *scale = b[1];
+    float *s = b[2];
+    for (int64_t r = begin; r < end; r++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < COLS; j++) acc += t[r * COLS + j];
+        s[r] = acc * (float)scale[r];
+    }
+}
+
+int64_t toy_calls_of_k_mul(void) { return __atomic_load_n(&calls, __ATOMIC_RELAXED); }
+"#;
+
+/// Compiles C source into a shared object, as the compiler's backend would emit one.
+pub fn compile_shared(source: &str, out: &Path) {
+    let dir = out.parent().expect("output has a parent");
+    let c_file = dir.join("kernels.c");
+    std::fs::write(&c_file, source).expect("write C source");
+    let status = Command::new("cc")
+        .args(["-O2", "-shared", "-fPIC", "-ffp-contract=off", "-o"])
+        .arg(out)
+        .arg(&c_file)
+        .status()
+        .expect("run cc");
+    assert!(status.success(), "cc failed");
+    std::fs::remove_file(&c_file).expect("remove C source");
+}
+
+/// The toy kernels, compiled once per test binary.
+pub fn toy_kernels() -> &'static [u8] {
+    static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+    BYTES.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let so = dir.path().join(KERNELS_FILE);
+        compile_shared(KERNELS_C, &so);
+        std::fs::read(&so).expect("read kernels")
+    })
+}
+
+pub fn x_data() -> Vec<f32> {
+    (0..N).map(|i| ((i * 7) % 23) as f32 * 0.25 - 2.0).collect()
+}
+
+pub fn scale_data() -> Vec<i32> {
+    (0..ROWS as i32).map(|r| r % 5 - 2).collect()
+}
+
+pub fn w_data() -> Vec<f32> {
+    (0..N).map(|i| ((i * 5) % 11) as f32 * 0.5 - 1.5).collect()
+}
+
+pub fn c_data() -> Vec<f32> {
+    (0..N).map(|i| (i % 13) as f32 * 0.125).collect()
+}
+
+/// The toy model's outputs, computed in the same f32 operation order as the kernels.
+pub fn expected(x: &[f32], scale: &[i32]) -> (Vec<f32>, Vec<f32>) {
+    let (w, c) = (w_data(), c_data());
+    let t: Vec<f32> = x.iter().zip(&w).map(|(a, b)| a * b).collect();
+    let y = t.iter().zip(&c).zip(x).map(|((t, c), x)| (t + c) * 2.0 + x).collect();
+    let s = (0..ROWS)
+        .map(|r| t[r * COLS..(r + 1) * COLS].iter().fold(0.0f32, |acc, v| acc + v) * scale[r] as f32)
+        .collect();
+    (y, s)
+}
+
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn weights_file() -> Vec<u8> {
+    let (w, c) = (f32_bytes(&w_data()), f32_bytes(&c_data()));
+    let shape = vec![ROWS, COLS];
+    let tensors = vec![
+        (
+            "w",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &w).expect("view"),
+        ),
+        ("c", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &c).expect("view")),
+    ];
+    safetensors::serialize(tensors, None).expect("serialize")
+}
+
+pub fn host_target() -> TargetInfo {
+    TargetInfo {
+        triple: format!("{}-unknown-linux-gnu", std::env::consts::ARCH),
+        cpu: "generic".into(),
+        features: String::new(),
+    }
+}
+
+pub fn toy_manifest() -> Manifest {
+    let plane = (N * 4) as u64;
+    let step = |symbol: &str, label: &str, args: Vec<BufRef>, grain: u64, flops: u64| Step {
+        symbol: symbol.into(),
+        label: label.into(),
+        args,
+        range: ROWS as u64,
+        grain,
+        flops,
+        bytes: 3 * plane,
+    };
+    let w = || BufRef::Weight { name: "w".into(), bytes: plane };
+    let c = || BufRef::Weight { name: "c".into(), bytes: plane };
+    let t = || BufRef::Arena { offset: 0, bytes: plane };
+    let u = || BufRef::Arena { offset: plane, bytes: plane };
+    Manifest {
+        format_version: ARTIFACT_FORMAT_VERSION,
+        model: "toy".into(),
+        kiln_version: "0.1.0".into(),
+        target: host_target(),
+        inputs: vec![
+            TensorSpec { name: "x".into(), dtype: DType::F32, shape: vec![ROWS as u64, COLS as u64] },
+            TensorSpec { name: "scale".into(), dtype: DType::I32, shape: vec![ROWS as u64] },
+        ],
+        outputs: vec![
+            TensorSpec { name: "y".into(), dtype: DType::F32, shape: vec![ROWS as u64, COLS as u64] },
+            TensorSpec { name: "s".into(), dtype: DType::F32, shape: vec![ROWS as u64] },
+        ],
+        arena_bytes: 2 * plane,
+        files: Vec::new(),
+        steps: vec![
+            step("k_mul", "k0 mul [64,16]", vec![BufRef::Input { index: 0 }, w(), t()], 4, N as u64),
+            step("k_add", "k1 add [64,16]", vec![t(), c(), u()], 4, N as u64),
+            step(
+                "k_out",
+                "k2 out [64,16]",
+                vec![u(), BufRef::Input { index: 0 }, BufRef::Output { index: 0 }],
+                4,
+                2 * N as u64,
+            ),
+            step(
+                "k_rowsum",
+                "k3 rowsum [64]",
+                vec![t(), BufRef::Input { index: 1 }, BufRef::Output { index: 1 }],
+                8,
+                N as u64,
+            ),
+        ],
+    }
+}
+
+/// A toy artifact in a temporary directory.
+pub struct Toy {
+    pub dir: tempfile::TempDir,
+    pub manifest: Manifest,
+}
+
+impl Toy {
+    /// Writes kernels, weights and a manifest with their true digests.
+    pub fn new() -> Toy {
+        let dir = tempfile::Builder::new().suffix(".kiln").tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(KERNELS_FILE), toy_kernels()).expect("write kernels");
+        std::fs::write(dir.path().join(WEIGHTS_FILE), weights_file()).expect("write weights");
+        let mut toy = Toy { dir, manifest: toy_manifest() };
+        toy.refresh_digests();
+        toy
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Records the current files' sizes and crc32s and rewrites the manifest.
+    pub fn refresh_digests(&mut self) {
+        self.manifest.files = [KERNELS_FILE, WEIGHTS_FILE]
+            .iter()
+            .map(|name| FileDigest::of(*name, &std::fs::read(self.file(name)).expect("read artifact file")))
+            .collect();
+        self.write_manifest();
+    }
+
+    /// Edits the manifest and rewrites it (digests untouched).
+    pub fn edit(&mut self, f: impl FnOnce(&mut Manifest)) {
+        f(&mut self.manifest);
+        self.write_manifest();
+    }
+
+    pub fn write_manifest(&self) {
+        let text = self.manifest.to_ron().expect("manifest to RON");
+        std::fs::write(self.file(MANIFEST_FILE), text).expect("write manifest");
+    }
+}
