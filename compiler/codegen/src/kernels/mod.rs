@@ -2,6 +2,7 @@
 //! the calling contract). Operands arrive as [`View`]s of flat buffers.
 
 pub mod attention;
+pub mod elementwise;
 pub mod matmul;
 pub mod norm;
 mod view;

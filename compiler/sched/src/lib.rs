@@ -1,0 +1,63 @@
+//! kiln-sched: from an optimized graph to kernels and a memory plan.
+//!
+//! [`schedule`] partitions the graph into kernels ([`partition`](crate) — fused ops, fused
+//! elementwise loops, views instead of copies) and places every scratch buffer in one arena
+//! ([`memory`] — liveness, then greedy best-fit). The result is target-independent: code
+//! generation turns each [`Kernel`] into machine code, the runtime runs them in order.
+
+mod memory;
+mod partition;
+mod plan;
+pub mod print;
+mod view;
+
+pub use memory::ALIGN;
+pub use plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, Schedule, Storage};
+pub use view::StridedView;
+
+use kiln_ir::Graph;
+use thiserror::Error;
+
+/// A graph that cannot be scheduled.
+#[derive(Debug, Error)]
+pub enum SchedError {
+    #[error("cannot schedule the graph: {0}")]
+    Invalid(String),
+}
+
+/// Partitions `g` into kernels and plans its memory.
+pub fn schedule(g: &Graph) -> Result<Schedule, SchedError> {
+    let mut p = partition::partition(g)?;
+    let (arena_bytes, arena_bytes_unshared) = memory::plan(&mut p.buffers, &p.kernels);
+    let io = |n: &kiln_ir::NodeId| {
+        let t = g.ty(*n);
+        (t.dtype, t.shape.clone())
+    };
+    Ok(Schedule {
+        graph: g.name.clone(),
+        inputs: g
+            .inputs
+            .iter()
+            .map(|n| {
+                let name = match &g.node(*n).op {
+                    kiln_ir::Op::Input { name, .. } => name.clone(),
+                    _ => format!("input{}", n.index()),
+                };
+                let (d, s) = io(n);
+                (name, d, s)
+            })
+            .collect(),
+        outputs: g
+            .outputs
+            .iter()
+            .map(|(name, n)| {
+                let (d, s) = io(n);
+                (name.clone(), d, s)
+            })
+            .collect(),
+        buffers: p.buffers,
+        kernels: p.kernels,
+        arena_bytes,
+        arena_bytes_unshared,
+    })
+}

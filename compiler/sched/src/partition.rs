@@ -1,0 +1,324 @@
+//! Partitioning: which IR nodes become kernels, which fold into views, and which elementwise
+//! ops fuse into one loop.
+//!
+//! Walking the graph in topological order, every node gets a [`Value`]:
+//! - inputs, parameters and constants are buffers of their own;
+//! - transposes, slices, broadcasts and reshapes (when strides can express them) are views of
+//!   their operand's buffer — no kernel, no copy;
+//! - an elementwise op whose only user is an elementwise op of the same shape is *inlined*
+//!   into that user's loop, and so are `full` constants; the rest of an elementwise tree
+//!   becomes one [`KernelOp::Elementwise`] kernel;
+//! - every other op is one kernel ([`KernelOp::Node`]).
+//!
+//! A kernel whose only user is a transpose writes its result straight into the transposed
+//! layout (attention's `[b, h, s, d]` result lands as `[b, s, h, d]`), so the transpose — and
+//! usually the reshape after it — cost nothing.
+
+use crate::plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, Storage};
+use crate::view::StridedView;
+use crate::SchedError;
+use kiln_ir::{DType, Graph, NodeId, Op};
+use std::collections::HashMap;
+
+/// What a node's result is, once scheduled.
+#[derive(Clone, Debug)]
+enum Value {
+    /// Stored (or viewed) in a buffer.
+    Stored(Operand),
+    /// Computed inside its user's elementwise loop.
+    Inline,
+}
+
+pub(crate) struct Partition {
+    pub buffers: Vec<Buffer>,
+    pub kernels: Vec<Kernel>,
+}
+
+struct Builder<'g> {
+    g: &'g Graph,
+    values: HashMap<NodeId, Value>,
+    /// Materialized `full`/inline values for non-elementwise users.
+    materialized: HashMap<NodeId, Operand>,
+    users: HashMap<NodeId, Vec<NodeId>>,
+    outputs: HashMap<NodeId, Vec<usize>>,
+    buffers: Vec<Buffer>,
+    kernels: Vec<Kernel>,
+}
+
+pub(crate) fn partition(g: &Graph) -> Result<Partition, SchedError> {
+    let order = g.topo_order();
+    let mut b = Builder {
+        g,
+        values: HashMap::new(),
+        materialized: HashMap::new(),
+        users: order.iter().map(|&n| (n, g.users(n))).collect(),
+        outputs: HashMap::new(),
+        buffers: Vec::new(),
+        kernels: Vec::new(),
+    };
+    for (i, (_, n)) in g.outputs.iter().enumerate() {
+        b.outputs.entry(*n).or_default().push(i);
+    }
+    for &n in &order {
+        b.visit(n)?;
+    }
+    b.finish_outputs()?;
+    Ok(Partition { buffers: b.buffers, kernels: b.kernels })
+}
+
+impl Builder<'_> {
+    fn add_buffer(&mut self, storage: Storage, dtype: DType, len: usize) -> BufferId {
+        self.buffers.push(Buffer { storage, dtype, len: len.max(1), live: None });
+        self.buffers.len() - 1
+    }
+
+    /// A fresh result buffer for node `n`: the caller's output buffer when `n` is a graph
+    /// output (its first listing), else arena scratch.
+    fn result_buffer(&mut self, n: NodeId, shape: &[usize]) -> BufferId {
+        let dtype = self.g.ty(n).dtype;
+        let len = shape.iter().product();
+        match self.outputs.get_mut(&n).and_then(|list| (!list.is_empty()).then(|| list.remove(0))) {
+            Some(index) => self.add_buffer(Storage::Output { index }, dtype, len),
+            None => self.add_buffer(Storage::Arena { offset: 0 }, dtype, len),
+        }
+    }
+
+    fn stored(&self, n: NodeId) -> Option<&Operand> {
+        match self.values.get(&n) {
+            Some(Value::Stored(o)) => Some(o),
+            _ => None,
+        }
+    }
+
+    fn is_inlinable(&self, n: NodeId) -> bool {
+        let node = self.g.node(n);
+        if matches!(node.op, Op::Full { .. }) {
+            return true;
+        }
+        if !node.op.is_elementwise() || self.outputs.contains_key(&n) {
+            return false;
+        }
+        match self.users[&n].as_slice() {
+            [u] => {
+                let user = self.g.node(*u);
+                let uses = self.g.operands(*u).iter().filter(|&&o| o == n).count();
+                user.op.is_elementwise() && uses == 1 && user.ty.shape == node.ty.shape
+            }
+            _ => false,
+        }
+    }
+
+    fn visit(&mut self, n: NodeId) -> Result<(), SchedError> {
+        let node = self.g.node(n);
+        let ty = node.ty.clone();
+        let operands = self.g.operands(n);
+        let value = match &node.op {
+            Op::Input { .. } => {
+                let index = self.g.inputs.iter().position(|&i| i == n).ok_or_else(|| {
+                    SchedError::Invalid(format!("input node {} is not listed as a graph input", n.index()))
+                })?;
+                let buffer = self.add_buffer(Storage::Input { index }, ty.dtype, ty.numel());
+                Value::Stored(Operand { buffer, view: StridedView::contiguous(&ty.shape), dtype: ty.dtype })
+            }
+            Op::Param { name, .. } => {
+                let buffer = self.add_buffer(Storage::Weight { name: name.clone() }, ty.dtype, ty.numel());
+                Value::Stored(Operand { buffer, view: StridedView::contiguous(&ty.shape), dtype: ty.dtype })
+            }
+            Op::Const { value } => {
+                let name = format!("kiln.const.{}", n.index());
+                let storage = Storage::Const { name, value: value.clone() };
+                let buffer = self.add_buffer(storage, ty.dtype, ty.numel());
+                Value::Stored(Operand { buffer, view: StridedView::contiguous(&ty.shape), dtype: ty.dtype })
+            }
+            Op::Full { .. } => Value::Inline,
+            Op::Transpose { perm } => {
+                let src = self.operand(operands[0])?;
+                Value::Stored(Operand { view: src.view.transpose(perm), ..src })
+            }
+            Op::Slice { axis, start, end, step } => {
+                let src = self.operand(operands[0])?;
+                Value::Stored(Operand { view: src.view.slice(*axis, *start, *end, *step), ..src })
+            }
+            Op::BroadcastTo { shape } => {
+                let src = self.operand(operands[0])?;
+                Value::Stored(Operand { view: src.view.broadcast_to(shape), ..src })
+            }
+            Op::Reshape { shape } => {
+                let src = self.operand(operands[0])?;
+                let src = match src.view.reshape(shape) {
+                    Some(view) => Operand { view, ..src },
+                    None => {
+                        let copy = self.copy_kernel(operands[0], &src)?;
+                        let view = copy.view.reshape(shape).ok_or_else(|| {
+                            SchedError::Invalid(format!("reshape of node {} to {shape:?}", n.index()))
+                        })?;
+                        Operand { view, ..copy }
+                    }
+                };
+                Value::Stored(src)
+            }
+            op if op.is_elementwise() => {
+                if self.is_inlinable(n) {
+                    Value::Inline
+                } else {
+                    let mut inputs = Vec::new();
+                    let mut nodes = Vec::new();
+                    let expr = self.expr(n, &ty.shape, &mut inputs, &mut nodes)?;
+                    Value::Stored(self.emit(n, KernelOp::Elementwise(expr), inputs, nodes, &ty.shape))
+                }
+            }
+            Op::Iota { axis, dtype, .. } => {
+                let expr = Expr::Iota { axis: *axis, dtype: *dtype };
+                Value::Stored(self.emit(n, KernelOp::Elementwise(expr), vec![], vec![n], &ty.shape))
+            }
+            Op::RandomUniform { seed, offset, dtype, .. } => {
+                let expr = Expr::Random { seed: *seed, offset: *offset, dtype: *dtype };
+                Value::Stored(self.emit(n, KernelOp::Elementwise(expr), vec![], vec![n], &ty.shape))
+            }
+            op => {
+                let mut inputs = Vec::with_capacity(operands.len());
+                for &o in &operands {
+                    inputs.push(self.operand(o)?);
+                }
+                Value::Stored(self.emit(n, KernelOp::Node(op.clone()), inputs, vec![n], &ty.shape))
+            }
+        };
+        self.values.insert(n, value);
+        Ok(())
+    }
+
+    /// Adds a kernel computing node `n` into a fresh buffer and returns its result operand.
+    /// When `n`'s only user is a transpose (and `n` is no graph output), the buffer takes the
+    /// transposed shape and the kernel writes through the inverse permutation.
+    fn emit(
+        &mut self,
+        n: NodeId,
+        op: KernelOp,
+        inputs: Vec<Operand>,
+        nodes: Vec<NodeId>,
+        shape: &[usize],
+    ) -> Operand {
+        let dtype = self.g.ty(n).dtype;
+        let transposed_user = match self.users[&n].as_slice() {
+            [u] if !self.outputs.contains_key(&n) && matches!(op, KernelOp::Node(Op::Attention { .. })) => {
+                match &self.g.node(*u).op {
+                    Op::Transpose { perm } => Some(perm.clone()),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let (buffer, view) = match transposed_user {
+            Some(perm) => {
+                let stored: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+                let buffer = self.result_buffer(n, &stored);
+                // Stored layout is `stored` row-major; element i of `n` sits at the position
+                // whose transposed index is perm⁻¹ applied to i.
+                let row = kiln_ir::strides(&stored);
+                let mut strides = vec![0; shape.len()];
+                for (k, &p) in perm.iter().enumerate() {
+                    strides[p] = row[k];
+                }
+                (buffer, StridedView { shape: shape.to_vec(), strides, offset: 0 })
+            }
+            None => (self.result_buffer(n, shape), StridedView::contiguous(shape)),
+        };
+        let output = Operand { buffer, view, dtype };
+        self.kernels.push(Kernel { op, inputs, output: output.clone(), nodes });
+        output
+    }
+
+    /// The stored operand for node `o`, materializing inline values (`full` constants used by
+    /// non-elementwise ops) once.
+    fn operand(&mut self, o: NodeId) -> Result<Operand, SchedError> {
+        if let Some(s) = self.stored(o) {
+            return Ok(s.clone());
+        }
+        if let Some(m) = self.materialized.get(&o) {
+            return Ok(m.clone());
+        }
+        let shape = self.g.ty(o).shape.clone();
+        let mut inputs = Vec::new();
+        let mut nodes = Vec::new();
+        let expr = self.expr(o, &shape, &mut inputs, &mut nodes)?;
+        let out = self.emit(o, KernelOp::Elementwise(expr), inputs, nodes, &shape);
+        self.materialized.insert(o, out.clone());
+        Ok(out)
+    }
+
+    /// The elementwise tree rooted at `n`, evaluated over `shape` (inlined nodes have the
+    /// same shape as their user; stored operands are broadcast to it).
+    fn expr(
+        &mut self,
+        n: NodeId,
+        shape: &[usize],
+        inputs: &mut Vec<Operand>,
+        nodes: &mut Vec<NodeId>,
+    ) -> Result<Expr, SchedError> {
+        let node = self.g.node(n);
+        match &node.op {
+            Op::Full { value, dtype, .. } => return Ok(Expr::Scalar { value: *value, dtype: *dtype }),
+            op if op.is_elementwise() && (self.values.get(&n).is_none() || matches!(self.values.get(&n), Some(Value::Inline))) => {
+                let op = op.clone();
+                let dtype = node.ty.dtype;
+                nodes.push(n);
+                let mut args = Vec::new();
+                for o in self.g.operands(n) {
+                    let inline = matches!(self.values.get(&o), Some(Value::Inline)) && self.g.node(o).op.is_elementwise();
+                    if inline || matches!(self.g.node(o).op, Op::Full { .. }) {
+                        args.push(self.expr(o, shape, inputs, nodes)?);
+                    } else {
+                        let stored = self.operand(o)?;
+                        let view = stored.view.broadcast_to(shape);
+                        inputs.push(Operand { view, ..stored });
+                        args.push(Expr::Operand(inputs.len() - 1));
+                    }
+                }
+                return Ok(Expr::Apply { op, args, dtype });
+            }
+            _ => {}
+        }
+        let stored = self.operand(n)?;
+        let view = stored.view.broadcast_to(shape);
+        inputs.push(Operand { view, ..stored });
+        Ok(Expr::Operand(inputs.len() - 1))
+    }
+
+    /// A copy of `src` (a view of node `n`'s value) into a fresh contiguous buffer.
+    fn copy_kernel(&mut self, n: NodeId, src: &Operand) -> Result<Operand, SchedError> {
+        let shape = src.view.shape.clone();
+        let buffer = self.add_buffer(Storage::Arena { offset: 0 }, src.dtype, shape.iter().product());
+        let output = Operand { buffer, view: StridedView::contiguous(&shape), dtype: src.dtype };
+        self.kernels.push(Kernel {
+            op: KernelOp::Elementwise(Expr::Operand(0)),
+            inputs: vec![src.clone()],
+            output: output.clone(),
+            nodes: vec![n],
+        });
+        Ok(output)
+    }
+
+    /// Every graph output must end up in its own caller buffer: outputs that are views,
+    /// inputs, weights, constants, or repeated, get a copy kernel.
+    fn finish_outputs(&mut self) -> Result<(), SchedError> {
+        for (index, (_, n)) in self.g.outputs.iter().enumerate() {
+            let n = *n;
+            let src = self.operand(n)?;
+            let in_place = matches!(self.buffers[src.buffer].storage, Storage::Output { index: i } if i == index)
+                && src.view == StridedView::contiguous(&src.view.shape);
+            if in_place {
+                continue;
+            }
+            let shape = self.g.ty(n).shape.clone();
+            let buffer = self.add_buffer(Storage::Output { index }, src.dtype, shape.iter().product());
+            let output = Operand { buffer, view: StridedView::contiguous(&shape), dtype: src.dtype };
+            self.kernels.push(Kernel {
+                op: KernelOp::Elementwise(Expr::Operand(0)),
+                inputs: vec![src],
+                output,
+                nodes: vec![n],
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,155 @@
+//! The schedule's data: buffers, kernels and the fused elementwise expressions.
+
+use crate::view::StridedView;
+use kiln_ir::{DType, NodeId, Op, Tensor};
+use serde::Serialize;
+
+/// Index into [`Schedule::buffers`].
+pub type BufferId = usize;
+
+/// Where a buffer's bytes live at run time.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum Storage {
+    /// The caller's input `index`.
+    Input { index: usize },
+    /// The caller's output `index`.
+    Output { index: usize },
+    /// A parameter, bound by its checkpoint name.
+    Weight { name: String },
+    /// A literal tensor of the graph, stored with the weights under `name`.
+    Const {
+        name: String,
+        #[serde(skip)]
+        value: Tensor,
+    },
+    /// Scratch memory at `offset` of the arena (64-byte aligned).
+    Arena { offset: usize },
+}
+
+/// One buffer: a flat array of `len` elements of `dtype`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Buffer {
+    pub storage: Storage,
+    pub dtype: DType,
+    pub len: usize,
+    /// Kernels (indices into [`Schedule::kernels`]) that first write and last read it;
+    /// `None` for buffers that outlive the run (inputs, outputs, weights).
+    pub live: Option<(usize, usize)>,
+}
+
+impl Buffer {
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size_bytes()
+    }
+}
+
+/// A kernel operand: a view of a buffer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Operand {
+    pub buffer: BufferId,
+    pub view: StridedView,
+    pub dtype: DType,
+}
+
+/// A fused elementwise computation: a tree over the kernel's operands, evaluated per element
+/// of the output.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum Expr {
+    /// The kernel's input operand at this index (its view is broadcast to the output shape).
+    Operand(usize),
+    /// A constant of `dtype`.
+    Scalar { value: f64, dtype: DType },
+    /// The output element's index along `axis`, as `dtype` (an `iota` kernel).
+    Iota { axis: usize, dtype: DType },
+    /// Counter-based uniform random numbers: the output element at row-major position `i`
+    /// is `rng::uniform(seed, offset, i)`.
+    Random { seed: u64, offset: u64, dtype: DType },
+    /// An elementwise op (unary, binary, compare, where, cast, gelu) of sub-expressions,
+    /// with its result dtype.
+    Apply { op: Op, args: Vec<Expr>, dtype: DType },
+}
+
+impl Expr {
+    /// Number of IR ops the expression computes.
+    pub fn op_count(&self) -> usize {
+        match self {
+            Expr::Operand(_) | Expr::Scalar { .. } => 0,
+            Expr::Iota { .. } | Expr::Random { .. } => 1,
+            Expr::Apply { args, .. } => 1 + args.iter().map(Expr::op_count).sum::<usize>(),
+        }
+    }
+
+    /// The expression in prefix form, e.g. `add(mul(%0, 2.0), %1)`.
+    pub fn render(&self) -> String {
+        match self {
+            Expr::Operand(i) => format!("%{i}"),
+            Expr::Scalar { value, .. } => kiln_ir::fmt_f64(*value),
+            Expr::Iota { axis, .. } => format!("iota({axis})"),
+            Expr::Random { seed, offset, .. } => format!("random({seed}, {offset})"),
+            Expr::Apply { op, args, .. } => {
+                let a: Vec<String> = args.iter().map(Expr::render).collect();
+                let name = match op {
+                    Op::Cast { to } => format!("cast<{to}>"),
+                    other => other.name().to_string(),
+                };
+                format!("{name}({})", a.join(", "))
+            }
+        }
+    }
+}
+
+/// What a kernel computes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum KernelOp {
+    /// A fused elementwise group.
+    Elementwise(Expr),
+    /// One non-elementwise op of the IR (matmul, attention, norms, reduce, gather, …).
+    Node(Op),
+}
+
+/// One kernel: its computation, operands (inputs in op order) and output.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Kernel {
+    pub op: KernelOp,
+    pub inputs: Vec<Operand>,
+    pub output: Operand,
+    /// The IR nodes it computes (for inspection and profiles).
+    #[serde(skip)]
+    pub nodes: Vec<NodeId>,
+}
+
+impl Kernel {
+    /// A short name: the op, or `fused(a, b, …)` for an elementwise group.
+    pub fn name(&self) -> String {
+        match &self.op {
+            KernelOp::Node(op) => match op {
+                Op::MatMulEpilogue { activation, .. } if activation.name() != "none" => {
+                    format!("matmul_epilogue({})", activation.name())
+                }
+                other => other.name().to_string(),
+            },
+            KernelOp::Elementwise(e) => match e {
+                Expr::Operand(_) => "copy".to_string(),
+                Expr::Iota { .. } => "iota".to_string(),
+                Expr::Random { .. } => "random_uniform".to_string(),
+                Expr::Scalar { .. } => "fill".to_string(),
+                Expr::Apply { op, .. } if e.op_count() == 1 => op.name().to_string(),
+                _ => format!("elementwise×{}", e.op_count()),
+            },
+        }
+    }
+}
+
+/// A graph partitioned into kernels, with every buffer placed.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Schedule {
+    pub graph: String,
+    pub inputs: Vec<(String, DType, Vec<usize>)>,
+    pub outputs: Vec<(String, DType, Vec<usize>)>,
+    pub buffers: Vec<Buffer>,
+    pub kernels: Vec<Kernel>,
+    /// Bytes of scratch memory all arena buffers need at once, after reuse.
+    pub arena_bytes: usize,
+    /// Bytes the arena buffers would need without reuse.
+    pub arena_bytes_unshared: usize,
+}

@@ -1,0 +1,53 @@
+//! `kiln inspect --stage kernels`: the kernels, their operands and the memory plan.
+
+use crate::plan::{Operand, Schedule, Storage};
+use kiln_ir::fmt_shape;
+use std::fmt::Write;
+
+fn storage(s: &Schedule, o: &Operand) -> String {
+    let b = &s.buffers[o.buffer];
+    match &b.storage {
+        Storage::Input { index } => format!("in:{}", s.inputs[*index].0),
+        Storage::Output { index } => format!("out:{}", s.outputs[*index].0),
+        Storage::Weight { name } => format!("w:{name}"),
+        Storage::Const { name, .. } => format!("const:{name}"),
+        Storage::Arena { offset } => format!("arena@{offset}"),
+    }
+}
+
+fn operand(s: &Schedule, o: &Operand) -> String {
+    let mut t = format!("{}{} {}", o.dtype, fmt_shape(&o.view.shape), storage(s, o));
+    if !o.view.is_dense() || o.view.offset != 0 {
+        let _ = write!(t, " strides={}", fmt_shape(&o.view.strides));
+        if o.view.offset != 0 {
+            let _ = write!(t, " +{}", o.view.offset);
+        }
+    }
+    t
+}
+
+/// The schedule as text: one line per kernel, then the arena summary.
+pub fn to_text(s: &Schedule) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# {} kernels, arena {} bytes ({} without reuse), {} buffers",
+        s.kernels.len(),
+        s.arena_bytes,
+        s.arena_bytes_unshared,
+        s.buffers.len()
+    );
+    let _ = writeln!(out, "schedule {} {{", s.graph);
+    for (i, k) in s.kernels.iter().enumerate() {
+        let ins: Vec<String> = k.inputs.iter().map(|o| operand(s, o)).collect();
+        let _ = write!(out, "  k{i} {} ({}) -> {}", k.name(), ins.join(", "), operand(s, &k.output));
+        if let crate::KernelOp::Elementwise(e) = &k.op {
+            if e.op_count() > 1 {
+                let _ = write!(out, "  = {}", e.render());
+            }
+        }
+        out.push('\n');
+    }
+    out.push_str("}\n");
+    out
+}
