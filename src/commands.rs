@@ -13,7 +13,7 @@ pub enum Failure {
     Usage(String),
 }
 
-fn user(msg: impl Into<String>) -> Failure {
+pub(crate) fn user(msg: impl Into<String>) -> Failure {
     let mut m = msg.into();
     if !m.starts_with("error") {
         m = format!("error: {m}");
@@ -26,7 +26,7 @@ fn overrides(set: &[String]) -> Result<Vec<Override>, Failure> {
 }
 
 /// Loads and lowers a model, printing warnings to stderr; errors come back rendered.
-fn load(model: &Path, set: &[String]) -> Result<Lowered, Failure> {
+pub(crate) fn load(model: &Path, set: &[String]) -> Result<Lowered, Failure> {
     let ov = overrides(set)?;
     let (sources, result) = kiln_lower::load(model, &ov);
     match result {
@@ -168,15 +168,28 @@ pub fn inspect(
                 }
             }
         }
-        other => {
-            let name = match other {
-                Stage::Kernels => "kernels",
-                Stage::Mlir => "mlir",
-                _ => "llvm",
-            };
-            return Err(Failure::Usage(format!(
-                "stage `{name}` is not available yet: this build has the `spec`, `ir` and `opt` stages"
-            )));
+        Stage::Kernels | Stage::Mlir | Stage::Llvm => {
+            let l = load(model, set)?;
+            let (g, _) = kiln_opt::optimize(&l.graph, &kiln_opt::Options::default())
+                .map_err(|e| user(e.to_string()))?;
+            let sched = kiln_sched::schedule(&g).map_err(|e| user(e.to_string()))?;
+            if stage == Stage::Kernels {
+                match format {
+                    Format::Json => {
+                        println!("{}", serde_json::to_string_pretty(&sched).unwrap_or_default())
+                    }
+                    _ => print!("{}", kiln_sched::print::to_text(&sched)),
+                }
+                return Ok(());
+            }
+            let target = kiln_codegen::CpuTarget::host();
+            let kernels = kiln_codegen::program::kernels(&sched, &target).map_err(|e| user(e.to_string()))?;
+            if stage == Stage::Mlir {
+                print!("{}", kiln_codegen::build::module_text(&kernels));
+            } else {
+                let compiled = kiln_codegen::compile(&kernels, &target).map_err(|e| user(e.to_string()))?;
+                print!("{}", compiled.llvm_ir);
+            }
         }
     }
     Ok(())
@@ -315,48 +328,15 @@ pub fn eval(a: &EvalArgs) -> Result<(), Failure> {
     }
     let l = load(&a.model, &set)?;
     let g = &l.graph;
-    let mut given: HashMap<String, Tensor> = HashMap::new();
-    for spec in &a.inputs {
-        match spec.split_once('=') {
-            Some((name, file)) => {
-                let t = kiln_ir::tensor_io::read_npy(file).map_err(|e| user(e.to_string()))?;
-                given.insert(name.to_string(), t);
-            }
-            None => {
-                let all = kiln_ir::tensor_io::read_tensors(spec).map_err(|e| user(e.to_string()))?;
-                given.extend(all);
-            }
-        }
-    }
-    let mut inputs = HashMap::new();
-    for &i in &g.inputs {
-        let Op::Input { name, dtype, shape } = &g.node(i).op else { continue };
-        match given.remove(name) {
-            Some(t) => inputs.insert(name.clone(), t),
-            None => {
-                let (t, how) = random_input(g, i, *dtype, shape, a.seed);
-                eprintln!("note: input `{name}` not given: filled with {how} (seed {})", a.seed);
-                inputs.insert(name.clone(), t)
-            }
-        };
-    }
-    if !given.is_empty() {
-        let mut names: Vec<&String> = given.keys().collect();
-        names.sort();
-        let known: Vec<&str> = g
-            .inputs
-            .iter()
-            .filter_map(|&i| match &g.node(i).op {
-                Op::Input { name, .. } => Some(name.as_str()),
-                _ => None,
-            })
-            .collect();
-        return Err(user(format!(
-            "the model has no input named {} (its inputs: {})",
-            names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "),
-            known.join(", ")
-        )));
-    }
+    let specs: Vec<(String, DType, Vec<usize>)> = g
+        .inputs
+        .iter()
+        .filter_map(|&i| match &g.node(i).op {
+            Op::Input { name, dtype, shape } => Some((name.clone(), *dtype, shape.clone())),
+            _ => None,
+        })
+        .collect();
+    let inputs = fill_inputs(Some(g), &specs, &a.inputs, a.seed)?;
     let weights = match &a.weights {
         Some(p) => Some(kiln_ir::tensor_io::read_safetensors(p).map_err(|e| user(e.to_string()))?),
         None => None,
@@ -372,15 +352,7 @@ pub fn eval(a: &EvalArgs) -> Result<(), Failure> {
     let start = std::time::Instant::now();
     let outputs = kiln_ir::eval(g, &bindings).map_err(|e| user(format!("evaluation failed: {e}")))?;
     let elapsed = start.elapsed();
-    for (name, t) in &outputs {
-        let (mean, std) = t.mean_std();
-        println!(
-            "{name}: {}{} {}  mean {mean:.6} std {std:.6}",
-            t.dtype(),
-            fmt_shape(&t.shape),
-            t.summary(6)
-        );
-    }
+    print_outputs(&outputs);
     println!(
         "evaluated {} nodes in {:.1} ms (reference interpreter)",
         g.node_count(),
@@ -390,6 +362,99 @@ pub fn eval(a: &EvalArgs) -> Result<(), Failure> {
         write_outputs(out, &outputs)?;
     }
     Ok(())
+}
+
+/// Prints each output: dtype, shape, first values, mean and standard deviation.
+pub(crate) fn print_outputs(outputs: &[(String, Tensor)]) {
+    for (name, t) in outputs {
+        let (mean, std) = t.mean_std();
+        println!(
+            "{name}: {}{} {}  mean {mean:.6} std {std:.6}",
+            t.dtype(),
+            fmt_shape(&t.shape),
+            t.summary(6)
+        );
+    }
+}
+
+/// The inputs of a run: those given on the command line (`NAME=FILE.npy` or a .safetensors
+/// of several), the rest filled deterministically from `seed` (see [`random_input`]; without
+/// the graph, integer inputs get 0/1). Unknown names are an error.
+pub(crate) fn fill_inputs(
+    g: Option<&Graph>,
+    specs: &[(String, DType, Vec<usize>)],
+    given_specs: &[String],
+    seed: u64,
+) -> Result<HashMap<String, Tensor>, Failure> {
+    let mut given: HashMap<String, Tensor> = HashMap::new();
+    for spec in given_specs {
+        match spec.split_once('=') {
+            Some((name, file)) => {
+                let t = kiln_ir::tensor_io::read_npy(file).map_err(|e| user(e.to_string()))?;
+                given.insert(name.to_string(), t);
+            }
+            None => {
+                let all = kiln_ir::tensor_io::read_tensors(spec).map_err(|e| user(e.to_string()))?;
+                given.extend(all);
+            }
+        }
+    }
+    let mut inputs = HashMap::new();
+    for (name, dtype, shape) in specs {
+        match given.remove(name) {
+            Some(t) => {
+                if t.dtype() != *dtype || t.shape != *shape {
+                    return Err(user(format!(
+                        "input `{name}` must be {dtype}{}, the file holds {}{}",
+                        fmt_shape(shape),
+                        t.dtype(),
+                        fmt_shape(&t.shape)
+                    )));
+                }
+                inputs.insert(name.clone(), t);
+            }
+            None => {
+                let id = g.and_then(|g| {
+                    g.inputs
+                        .iter()
+                        .copied()
+                        .find(|&i| matches!(&g.node(i).op, Op::Input { name: n, .. } if n == name))
+                });
+                let (t, how) = match (g, id) {
+                    (Some(g), Some(id)) => random_input(g, id, *dtype, shape, seed),
+                    _ => random_input_plain(name, *dtype, shape, seed),
+                };
+                eprintln!("note: input `{name}` not given: filled with {how} (seed {seed})");
+                inputs.insert(name.clone(), t);
+            }
+        }
+    }
+    if !given.is_empty() {
+        let mut names: Vec<&String> = given.keys().collect();
+        names.sort();
+        let known: Vec<&str> = specs.iter().map(|(n, _, _)| n.as_str()).collect();
+        return Err(user(format!(
+            "the model has no input named {} (its inputs: {})",
+            names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", "),
+            known.join(", ")
+        )));
+    }
+    Ok(inputs)
+}
+
+/// [`random_input`] without a graph: floats standard normal, integers and bools 0/1.
+fn random_input_plain(name: &str, dtype: DType, shape: &[usize], seed: u64) -> (Tensor, String) {
+    let stream = kiln_ir::rng::stream_of(name);
+    let n: usize = shape.iter().product();
+    if dtype.is_float() {
+        let v = (0..n).map(|i| kiln_ir::rng::normal(seed, stream, i as u64));
+        return (
+            Tensor { shape: shape.to_vec(), data: kiln_ir::Buffer::from_f64(dtype, v) },
+            "standard normal values".into(),
+        );
+    }
+    let v = (0..n).map(|i| (kiln_ir::rng::uniform(seed, stream, i as u64) * 2.0).floor());
+    (Tensor { shape: shape.to_vec(), data: kiln_ir::Buffer::from_f64(dtype, v) }, "random 0/1 values".into())
 }
 
 /// A deterministic stand-in for an input the user did not give, and a phrase saying what it is.
@@ -433,7 +498,7 @@ fn random_input(
     (Tensor { shape: shape.to_vec(), data: kiln_ir::Buffer::from_f64(dtype, v) }, how)
 }
 
-fn write_outputs(out: &Path, outputs: &[(String, Tensor)]) -> Result<(), Failure> {
+pub(crate) fn write_outputs(out: &Path, outputs: &[(String, Tensor)]) -> Result<(), Failure> {
     let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
     match ext {
         "safetensors" => {

@@ -1,6 +1,7 @@
 //! `kiln`: the command-line interface. Thin: parses arguments, calls the stages, prints.
 
 mod commands;
+mod native;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -66,6 +67,59 @@ enum Command {
         #[arg(long = "set", value_name = "NAME=VALUE")]
         set: Vec<String>,
     },
+    /// Compile a model to a native artifact directory (manifest, kernels, weights).
+    Compile {
+        model: PathBuf,
+        /// The artifact directory to write, e.g. `bert.kiln`.
+        #[arg(short, long, value_name = "OUT.kiln")]
+        output: PathBuf,
+        /// What to compile for: `host` (this CPU and its features), `x86_64` (any x86-64),
+        /// `aarch64` (cross-compiled).
+        #[arg(long, default_value = "host")]
+        target: String,
+        /// Parameters by checkpoint name (.safetensors); without it, parameters are initialized.
+        #[arg(long, value_name = "FILE")]
+        weights: Option<PathBuf>,
+        /// With --weights: initialize parameters the file lacks instead of failing.
+        #[arg(long)]
+        init_missing: bool,
+        /// Seed for parameter initialization.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+    },
+    /// Run a compiled artifact, or compile a model spec in memory and run it natively.
+    Run {
+        /// An artifact directory (`OUT.kiln`) or a model spec (`.ron`, compiled first).
+        model: PathBuf,
+        /// Bind an input: `NAME=FILE` (.npy), or a .safetensors file holding inputs by name.
+        #[arg(long = "input", value_name = "NAME=FILE|FILE.safetensors")]
+        inputs: Vec<String>,
+        /// For a spec: parameters by checkpoint name (.safetensors).
+        #[arg(long, value_name = "FILE")]
+        weights: Option<PathBuf>,
+        /// With --weights: initialize parameters the file lacks instead of failing.
+        #[arg(long)]
+        init_missing: bool,
+        /// Seed for parameters of a spec and for inputs that are not given.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        /// Worker threads (default: `KILN_THREADS`, else every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print per-kernel time, share, GFLOP/s and GB/s, and the arena size.
+        #[arg(long)]
+        profile: bool,
+        /// Runs to time (the median is reported).
+        #[arg(long, default_value_t = 10)]
+        repeats: usize,
+        /// Write outputs: a .safetensors file, a .npy file (one output), or a folder.
+        #[arg(short, long, value_name = "OUT")]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -111,6 +165,32 @@ fn main() -> ExitCode {
                 set,
             })
         }
+        Command::Compile { model, output, target, weights, init_missing, seed, set } => {
+            native::compile(&native::CompileArgs { model, output, target, weights, init_missing, seed, set })
+        }
+        Command::Run {
+            model,
+            inputs,
+            weights,
+            init_missing,
+            seed,
+            set,
+            threads,
+            profile,
+            repeats,
+            output,
+        } => native::run(&native::RunArgs {
+            model,
+            inputs,
+            weights,
+            init_missing,
+            seed,
+            set,
+            threads,
+            profile,
+            repeats,
+            output,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

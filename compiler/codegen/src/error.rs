@@ -79,4 +79,7 @@ pub enum CodegenError {
     /// A graph cannot be compiled (an op or dtype without a kernel).
     #[error("cannot compile {0}")]
     Unsupported(String),
+    /// Writing the artifact failed.
+    #[error("cannot write the artifact: {0}")]
+    Artifact(String),
 }

@@ -11,6 +11,7 @@
 //! MLIR and LLVM are linked statically (test binaries are ~200 MB), which is why no other Kiln
 //! crate depends on this one for its tests, and why this crate's docs carry no doc-tests.
 
+pub mod artifact;
 pub mod build;
 mod context;
 mod error;
@@ -19,9 +20,11 @@ pub mod kernels;
 mod llvm;
 pub mod loader;
 pub mod mlir_text;
+pub mod program;
 mod smoke;
 pub mod target;
 
+pub use artifact::{build_artifact, Built};
 pub use build::{compile, link_shared, Compiled};
 pub use context::{context, run_pass_pipeline, verify};
 pub use error::CodegenError;

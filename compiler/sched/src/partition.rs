@@ -258,20 +258,22 @@ impl Builder<'_> {
         let node = self.g.node(n);
         match &node.op {
             Op::Full { value, dtype, .. } => return Ok(Expr::Scalar { value: *value, dtype: *dtype }),
-            op if op.is_elementwise() && (self.values.get(&n).is_none() || matches!(self.values.get(&n), Some(Value::Inline))) => {
+            op if op.is_elementwise()
+                && (self.values.get(&n).is_none() || matches!(self.values.get(&n), Some(Value::Inline))) =>
+            {
                 let op = op.clone();
                 let dtype = node.ty.dtype;
                 nodes.push(n);
                 let mut args = Vec::new();
                 for o in self.g.operands(n) {
-                    let inline = matches!(self.values.get(&o), Some(Value::Inline)) && self.g.node(o).op.is_elementwise();
+                    let inline = matches!(self.values.get(&o), Some(Value::Inline))
+                        && self.g.node(o).op.is_elementwise();
                     if inline || matches!(self.g.node(o).op, Op::Full { .. }) {
                         args.push(self.expr(o, shape, inputs, nodes)?);
                     } else {
                         let stored = self.operand(o)?;
                         let view = stored.view.broadcast_to(shape);
-                        inputs.push(Operand { view, ..stored });
-                        args.push(Expr::Operand(inputs.len() - 1));
+                        args.push(Expr::Operand(push_operand(inputs, Operand { view, ..stored })));
                     }
                 }
                 return Ok(Expr::Apply { op, args, dtype });
@@ -280,8 +282,7 @@ impl Builder<'_> {
         }
         let stored = self.operand(n)?;
         let view = stored.view.broadcast_to(shape);
-        inputs.push(Operand { view, ..stored });
-        Ok(Expr::Operand(inputs.len() - 1))
+        Ok(Expr::Operand(push_operand(inputs, Operand { view, ..stored })))
     }
 
     /// A copy of `src` (a view of node `n`'s value) into a fresh contiguous buffer.
@@ -320,5 +321,16 @@ impl Builder<'_> {
             });
         }
         Ok(())
+    }
+}
+
+/// Adds `o` to a kernel's operands unless the same view is there already; returns its index.
+fn push_operand(inputs: &mut Vec<Operand>, o: Operand) -> usize {
+    match inputs.iter().position(|x| *x == o) {
+        Some(i) => i,
+        None => {
+            inputs.push(o);
+            inputs.len() - 1
+        }
     }
 }

@@ -63,7 +63,11 @@ impl StridedView {
     /// (always for dense views; for others when each group of merged axes is itself dense).
     pub fn reshape(&self, shape: &[usize]) -> Option<StridedView> {
         if self.is_dense() {
-            return Some(StridedView { shape: shape.to_vec(), strides: row_major(shape), offset: self.offset });
+            return Some(StridedView {
+                shape: shape.to_vec(),
+                strides: row_major(shape),
+                offset: self.offset,
+            });
         }
         let old: Vec<(usize, usize)> =
             self.shape.iter().copied().zip(self.strides.iter().copied()).filter(|&(d, _)| d != 1).collect();

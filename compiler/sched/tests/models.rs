@@ -17,7 +17,9 @@ fn check(s: &Schedule) {
         .buffers
         .iter()
         .filter_map(|b| match b.storage {
-            Storage::Arena { offset } => Some((offset, offset + b.bytes(), b.live.expect("arena buffers are used"))),
+            Storage::Arena { offset } => {
+                Some((offset, offset + b.bytes(), b.live.expect("arena buffers are used")))
+            }
             _ => None,
         })
         .collect();
@@ -46,7 +48,9 @@ fn check(s: &Schedule) {
 
 #[test]
 fn shipped_models_schedule_with_sound_memory_plans() {
-    for model in ["bert_encoder.ron", "gpt2.ron", "seed_transformer.ron", "mlp.ron", "resnet_block.ron", "lstm.ron"] {
+    for model in
+        ["bert_encoder.ron", "gpt2.ron", "seed_transformer.ron", "mlp.ron", "resnet_block.ron", "lstm.ron"]
+    {
         let s = scheduled(model);
         check(&s);
         assert!(s.arena_bytes <= s.arena_bytes_unshared, "{model}");

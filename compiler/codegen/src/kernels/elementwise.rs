@@ -100,7 +100,13 @@ pub fn emit(symbol: &str, expr: &Expr, inputs: &[View], out: &View) -> Result<Ke
     // Iota needs the original axes; everything else walks merged ones.
     let views = if positional {
         all.iter()
-            .map(|v| if v.shape.is_empty() { View { shape: vec![1], strides: vec![0], ..v.clone() } } else { v.clone() })
+            .map(|v| {
+                if v.shape.is_empty() {
+                    View { shape: vec![1], strides: vec![0], ..v.clone() }
+                } else {
+                    v.clone()
+                }
+            })
             .collect()
     } else {
         coalesce(&all)
@@ -113,7 +119,11 @@ pub fn emit(symbol: &str, expr: &Expr, inputs: &[View], out: &View) -> Result<Ke
     let numel = out.numel();
     let inner = views[0].shape[rank - 1];
     // One contiguous run → chunks of it; otherwise one row per range iteration.
-    let (range, row_len) = if rank == 1 { (numel.div_ceil(CHUNK).max(1), CHUNK.min(inner)) } else { (numel / inner.max(1), inner) };
+    let (range, row_len) = if rank == 1 {
+        (numel.div_ceil(CHUNK).max(1), CHUNK.min(inner))
+    } else {
+        (numel / inner.max(1), inner)
+    };
 
     let mut b = Body::new();
     let c0 = b.index(0);
@@ -137,7 +147,8 @@ pub fn emit(symbol: &str, expr: &Expr, inputs: &[View], out: &View) -> Result<Ke
             .collect();
         (bases, count, start)
     } else {
-        let bases: Vec<String> = views.iter().map(|v| v.leading_offset_expr(&mut b, "%r", rank - 1)).collect();
+        let bases: Vec<String> =
+            views.iter().map(|v| v.leading_offset_expr(&mut b, "%r", rank - 1)).collect();
         let count = b.index(inner);
         let lin0 = b.assign(format!("arith.muli %r, {count} : index"));
         (bases, count, lin0)
@@ -157,7 +168,8 @@ pub fn emit(symbol: &str, expr: &Expr, inputs: &[View], out: &View) -> Result<Ke
         })
         .collect();
     let lin = b.assign(format!("arith.addi {lin0}, %j : index"));
-    let mut ctx = Ctx { inputs: &views[..views.len() - 1], args: &args, idx: &idx, lin: &lin, out_shape: &out.shape };
+    let mut ctx =
+        Ctx { inputs: &views[..views.len() - 1], args: &args, idx: &idx, lin: &lin, out_shape: &out.shape };
     let value = eval(&mut b, &mut ctx, expr)?;
     let o = views.len() - 1;
     store(&mut b, &value.0, &args[o], &views[o], &idx[o]);
@@ -245,7 +257,8 @@ fn random(b: &mut Body, seed: u64, stream: u64, lin: &str) -> String {
     let g = b.assign(format!("arith.muli {i1}, {golden} : i64"));
     let k = b.int(key as i64, "i64");
     let mut z = b.assign(format!("arith.addi {k}, {g} : i64"));
-    for (shift, mul) in [(30, Some(0xBF58_476D_1CE4_E5B9u64)), (27, Some(0x94D0_49BB_1331_11EB)), (31, None)] {
+    for (shift, mul) in [(30, Some(0xBF58_476D_1CE4_E5B9u64)), (27, Some(0x94D0_49BB_1331_11EB)), (31, None)]
+    {
         let s = b.int(shift, "i64");
         let t = b.assign(format!("arith.shrui {z}, {s} : i64"));
         z = b.assign(format!("arith.xori {z}, {t} : i64"));

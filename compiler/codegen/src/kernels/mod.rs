@@ -2,9 +2,13 @@
 //! the calling contract). Operands arrive as [`View`]s of flat buffers.
 
 pub mod attention;
+pub mod conv;
+pub mod data;
 pub mod elementwise;
 pub mod matmul;
 pub mod norm;
+pub mod reduce;
+mod rows;
 mod view;
 
 pub use view::View;

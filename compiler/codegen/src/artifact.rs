@@ -1,0 +1,145 @@
+//! Writing an artifact: `OUT.kiln/` with `manifest.ron`, `kernels.so` and
+//! `weights.safetensors`, in the format kiln-runtime reads (its `manifest` module is the
+//! contract; this is the only writer).
+
+use crate::{build, program, CodegenError, Compiled, Target};
+use kiln_ir::{fmt_shape, DType, Tensor};
+use kiln_runtime::{
+    BufRef, FileDigest, Manifest, Step, TargetInfo, TensorSpec, ARTIFACT_FORMAT_VERSION, KERNELS_FILE,
+    MANIFEST_FILE, WEIGHTS_FILE,
+};
+use kiln_sched::{Schedule, Storage};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// What building an artifact produced, and how long each part took.
+pub struct Built {
+    pub manifest: Manifest,
+    pub compiled: Compiled,
+    /// Emitting the kernels' MLIR.
+    pub emit_time: Duration,
+    /// MLIR lowering, LLVM O3 and object emission.
+    pub compile_time: Duration,
+    /// Linking and writing the files.
+    pub write_time: Duration,
+}
+
+/// The runtime's name for an IR dtype.
+pub fn runtime_dtype(d: DType) -> kiln_runtime::DType {
+    match d {
+        DType::F32 => kiln_runtime::DType::F32,
+        DType::F64 => kiln_runtime::DType::F64,
+        DType::F16 => kiln_runtime::DType::F16,
+        DType::BF16 => kiln_runtime::DType::BF16,
+        DType::I32 => kiln_runtime::DType::I32,
+        DType::I64 => kiln_runtime::DType::I64,
+        DType::Bool => kiln_runtime::DType::Bool,
+    }
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> CodegenError {
+    CodegenError::Artifact(format!("{}: {e}", path.display()))
+}
+
+/// Compiles `s` for `target` and writes the artifact into `dir` (created if missing).
+/// `params` holds every parameter by checkpoint name.
+pub fn build_artifact(
+    model: &str,
+    s: &Schedule,
+    params: &HashMap<String, Tensor>,
+    target: &dyn Target,
+    dir: &Path,
+) -> Result<Built, CodegenError> {
+    let t0 = Instant::now();
+    let kernels = program::kernels(s, target)?;
+    let t1 = Instant::now();
+    let compiled = build::compile(&kernels, target)?;
+    let t2 = Instant::now();
+
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let so = dir.join(KERNELS_FILE);
+    build::link_shared(&compiled.object, target, &so)?;
+
+    let mut weights: Vec<(String, Tensor)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for b in &s.buffers {
+        let (name, value) = match &b.storage {
+            Storage::Weight { name } => {
+                let t = params.get(name).ok_or_else(|| {
+                    CodegenError::Artifact(format!(
+                        "no value for parameter `{name}` to store in the artifact"
+                    ))
+                })?;
+                (name, t)
+            }
+            Storage::Const { name, value } => (name, value),
+            _ => continue,
+        };
+        if seen.insert(name.clone()) {
+            weights.push((name.clone(), value.clone()));
+        }
+    }
+    let wpath = dir.join(WEIGHTS_FILE);
+    kiln_ir::tensor_io::write_safetensors(&wpath, &weights).map_err(|e| io_err(&wpath, e))?;
+
+    let mut steps = Vec::with_capacity(kernels.len());
+    for (i, (k, sk)) in kernels.iter().zip(&s.kernels).enumerate() {
+        let args = sk
+            .inputs
+            .iter()
+            .chain(std::iter::once(&sk.output))
+            .map(|o| {
+                let b = &s.buffers[o.buffer];
+                let bytes = b.bytes() as u64;
+                match &b.storage {
+                    Storage::Input { index } => BufRef::Input { index: *index as u32 },
+                    Storage::Output { index } => BufRef::Output { index: *index as u32 },
+                    Storage::Weight { name } | Storage::Const { name, .. } => {
+                        BufRef::Weight { name: name.clone(), bytes }
+                    }
+                    Storage::Arena { offset } => BufRef::Arena { offset: *offset as u64, bytes },
+                }
+            })
+            .collect();
+        steps.push(Step {
+            symbol: crate::Kernel::entry(&k.symbol),
+            label: format!("k{i} {} {}", sk.name(), fmt_shape(&sk.output.view.shape)),
+            args,
+            range: k.range as u64,
+            grain: k.grain.max(1) as u64,
+            flops: k.flops,
+            bytes: k.bytes,
+        });
+    }
+    let digest = |name: &str| -> Result<FileDigest, CodegenError> {
+        let path = dir.join(name);
+        let data = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
+        Ok(FileDigest::of(name, &data))
+    };
+    let spec = |(name, d, shape): &(String, DType, Vec<usize>)| TensorSpec {
+        name: name.clone(),
+        dtype: runtime_dtype(*d),
+        shape: shape.iter().map(|&x| x as u64).collect(),
+    };
+    let manifest = Manifest {
+        format_version: ARTIFACT_FORMAT_VERSION,
+        model: model.to_string(),
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        target: TargetInfo {
+            triple: target.triple().to_string(),
+            cpu: target.cpu().to_string(),
+            features: target.features().to_string(),
+        },
+        inputs: s.inputs.iter().map(spec).collect(),
+        outputs: s.outputs.iter().map(spec).collect(),
+        arena_bytes: s.arena_bytes as u64,
+        files: vec![digest(KERNELS_FILE)?, digest(WEIGHTS_FILE)?],
+        steps,
+    };
+    let text = manifest.to_ron().map_err(|e| CodegenError::Artifact(e.to_string()))?;
+    let mpath = dir.join(MANIFEST_FILE);
+    std::fs::write(&mpath, text).map_err(|e| io_err(&mpath, e))?;
+    let t3 = Instant::now();
+    Ok(Built { manifest, compiled, emit_time: t1 - t0, compile_time: t2 - t1, write_time: t3 - t2 })
+}

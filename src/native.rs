@@ -1,0 +1,229 @@
+//! `kiln compile` and `kiln run`: the native path (optimize → schedule → MLIR/LLVM → artifact →
+//! runtime), and the conversions between the interpreter's tensors and the runtime's bytes.
+
+use crate::commands::{fill_inputs, load, print_outputs, user, write_outputs, Failure};
+use kiln_codegen::{CpuTarget, Target};
+use kiln_ir::{Buffer, DType, Graph, Tensor};
+use kiln_runtime::{Model, Options, TensorRef};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub struct CompileArgs {
+    pub model: PathBuf,
+    pub output: PathBuf,
+    pub target: String,
+    pub weights: Option<PathBuf>,
+    pub init_missing: bool,
+    pub seed: u64,
+    pub set: Vec<String>,
+}
+
+fn target_by_name(name: &str) -> Result<CpuTarget, Failure> {
+    CpuTarget::by_name(name).ok_or_else(|| {
+        Failure::Usage(format!("unknown target `{name}` (known: {})", CpuTarget::NAMES.join(", ")))
+    })
+}
+
+fn with_seed(set: &[String], seed: u64) -> Vec<String> {
+    let mut set = set.to_vec();
+    if !set.iter().any(|s| s.trim_start().starts_with("seed=")) {
+        set.push(format!("seed={seed}"));
+    }
+    set
+}
+
+/// The optimized graph of a model and its parameters (loaded or initialized).
+fn prepare(
+    model: &Path,
+    set: &[String],
+    weights: Option<&Path>,
+    seed: u64,
+    init_missing: bool,
+) -> Result<(Graph, HashMap<String, Tensor>), Failure> {
+    let l = load(model, &with_seed(set, seed))?;
+    let (g, _) =
+        kiln_opt::optimize(&l.graph, &kiln_opt::Options::default()).map_err(|e| user(e.to_string()))?;
+    let weights = match weights {
+        Some(p) => Some(kiln_ir::tensor_io::read_safetensors(p).map_err(|e| user(e.to_string()))?),
+        None => None,
+    };
+    let params =
+        kiln_ir::bind_params(&g, weights.as_deref(), seed, init_missing).map_err(|e| user(e.to_string()))?;
+    Ok((g, params))
+}
+
+/// Optimizes, schedules and compiles `g` into the artifact directory `out`.
+fn build(
+    g: &Graph,
+    params: &HashMap<String, Tensor>,
+    target: &CpuTarget,
+    out: &Path,
+) -> Result<kiln_codegen::Built, Failure> {
+    let s = kiln_sched::schedule(g).map_err(|e| user(e.to_string()))?;
+    kiln_codegen::build_artifact(&g.name, &s, params, target, out).map_err(|e| user(e.to_string()))
+}
+
+pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
+    let target = target_by_name(&a.target)?;
+    let start = Instant::now();
+    let (g, params) = prepare(&a.model, &a.set, a.weights.as_deref(), a.seed, a.init_missing)?;
+    let front = start.elapsed();
+    let built = build(&g, &params, &target, &a.output)?;
+    let m = &built.manifest;
+    println!(
+        "compiled `{}` for {} ({}) into {}: {} kernels, arena {}",
+        m.model,
+        target.name(),
+        target.cpu(),
+        a.output.display(),
+        m.steps.len(),
+        bytes(m.arena_bytes)
+    );
+    println!(
+        "time: {:.0} ms (front end + optimizer {:.0} ms, kernels {:.0} ms, MLIR+LLVM {:.0} ms, link+write {:.0} ms)",
+        start.elapsed().as_secs_f64() * 1e3,
+        front.as_secs_f64() * 1e3,
+        built.emit_time.as_secs_f64() * 1e3,
+        built.compile_time.as_secs_f64() * 1e3,
+        built.write_time.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+pub struct RunArgs {
+    pub model: PathBuf,
+    pub inputs: Vec<String>,
+    pub weights: Option<PathBuf>,
+    pub init_missing: bool,
+    pub seed: u64,
+    pub set: Vec<String>,
+    pub threads: Option<usize>,
+    pub profile: bool,
+    pub repeats: usize,
+    pub output: Option<PathBuf>,
+}
+
+pub fn run(a: &RunArgs) -> Result<(), Failure> {
+    let options = Options { threads: a.threads };
+    let is_artifact = a.model.is_dir() || a.model.extension().is_some_and(|e| e == "kiln");
+    // A model spec is compiled for this machine into a private directory first.
+    let _scratch;
+    let (mut model, graph) = if is_artifact {
+        let m = Model::load_with(&a.model, &options).map_err(|e| user(e.to_string()))?;
+        (m, None)
+    } else {
+        let (g, params) = prepare(&a.model, &a.set, a.weights.as_deref(), a.seed, a.init_missing)?;
+        let dir = tempfile::tempdir().map_err(|e| user(format!("cannot create a scratch directory: {e}")))?;
+        let start = Instant::now();
+        build(&g, &params, &CpuTarget::host(), dir.path())?;
+        eprintln!("compiled in {:.0} ms", start.elapsed().as_secs_f64() * 1e3);
+        let m = Model::load_with(dir.path(), &options).map_err(|e| user(e.to_string()))?;
+        _scratch = dir;
+        (m, Some(g))
+    };
+    let specs: Vec<(String, DType, Vec<usize>)> = model
+        .inputs()
+        .iter()
+        .map(|t| (t.name.clone(), ir_dtype(t.dtype), t.shape.iter().map(|&d| d as usize).collect()))
+        .collect();
+    let inputs = fill_inputs(graph.as_ref(), &specs, &a.inputs, a.seed)?;
+    let owned: Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> = specs
+        .iter()
+        .map(|(name, d, shape)| {
+            let t = &inputs[name];
+            (
+                name.clone(),
+                kiln_codegen::artifact::runtime_dtype(*d),
+                shape.iter().map(|&x| x as u64).collect(),
+                tensor_bytes(t),
+            )
+        })
+        .collect();
+    let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
+    let repeats = a.repeats.max(1);
+    let outputs = if a.profile {
+        let (outputs, profile) = model.run_profiled(&refs, repeats).map_err(|e| user(e.to_string()))?;
+        print!("{profile}");
+        outputs
+    } else {
+        let mut times = Vec::with_capacity(repeats);
+        let mut outputs = Vec::new();
+        for _ in 0..repeats {
+            let start = Instant::now();
+            outputs = model.run(&refs).map_err(|e| user(e.to_string()))?;
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "latency: median {:.3} ms, min {:.3} ms over {repeats} runs ({} threads)",
+            times[times.len() / 2],
+            times[0],
+            model.threads()
+        );
+        outputs
+    };
+    let outputs: Vec<(String, Tensor)> =
+        outputs.iter().map(|t| Ok((t.name().to_string(), ir_tensor(t)?))).collect::<Result<_, Failure>>()?;
+    print_outputs(&outputs);
+    if let Some(out) = &a.output {
+        write_outputs(out, &outputs)?;
+    }
+    Ok(())
+}
+
+fn ir_dtype(d: kiln_runtime::DType) -> DType {
+    match d {
+        kiln_runtime::DType::F32 => DType::F32,
+        kiln_runtime::DType::F64 => DType::F64,
+        kiln_runtime::DType::F16 => DType::F16,
+        kiln_runtime::DType::BF16 => DType::BF16,
+        kiln_runtime::DType::I32 => DType::I32,
+        kiln_runtime::DType::I64 => DType::I64,
+        kiln_runtime::DType::Bool => DType::Bool,
+    }
+}
+
+/// Little-endian bytes of a tensor, as the runtime takes them.
+pub fn tensor_bytes(t: &Tensor) -> Vec<u8> {
+    match &t.data {
+        Buffer::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Buffer::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Buffer::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Buffer::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Buffer::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Buffer::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Buffer::Bool(v) => v.iter().map(|&x| u8::from(x)).collect(),
+    }
+}
+
+/// A runtime output as an interpreter tensor.
+fn ir_tensor(t: &kiln_runtime::Tensor) -> Result<Tensor, Failure> {
+    let b = t.bytes();
+    fn chunks<const N: usize>(b: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
+        b.chunks_exact(N).map(|c| {
+            let mut a = [0u8; N];
+            a.copy_from_slice(c);
+            a
+        })
+    }
+    let data = match t.dtype() {
+        kiln_runtime::DType::F32 => Buffer::F32(chunks::<4>(b).map(f32::from_le_bytes).collect()),
+        kiln_runtime::DType::F64 => Buffer::F64(chunks::<8>(b).map(f64::from_le_bytes).collect()),
+        kiln_runtime::DType::F16 => Buffer::F16(chunks::<2>(b).map(half::f16::from_le_bytes).collect()),
+        kiln_runtime::DType::BF16 => Buffer::BF16(chunks::<2>(b).map(half::bf16::from_le_bytes).collect()),
+        kiln_runtime::DType::I32 => Buffer::I32(chunks::<4>(b).map(i32::from_le_bytes).collect()),
+        kiln_runtime::DType::I64 => Buffer::I64(chunks::<8>(b).map(i64::from_le_bytes).collect()),
+        kiln_runtime::DType::Bool => Buffer::Bool(b.iter().map(|&x| x != 0).collect()),
+    };
+    Tensor::new(t.shape().iter().map(|&d| d as usize).collect::<Vec<_>>(), data)
+        .map_err(|e| user(format!("output `{}`: {e}", t.name())))
+}
