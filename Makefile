@@ -2,7 +2,7 @@
 #
 #   make deps    install the Debian packages LLVM/MLIR 22 codegen needs (only those missing)
 #   make build   deps + release build of the `kiln` CLI
-#   make demo    build + run the CLI on the shipped BERT encoder spec
+#   make demo    build + compile the shipped BERT encoder to a native artifact and run it
 #   make test    deps + build everything + all tests (nextest when installed) + doc-tests
 #   make lint    rustfmt check + clippy with warnings denied
 #
@@ -18,7 +18,7 @@ DEMO_SPEC := models/bert_encoder.ron
 
 # Keep in sync with /work/shared/docs/mlir-cookbook.md §1.
 DEB_PACKAGES := llvm-22-dev libmlir-22-dev mlir-22-tools libpolly-22-dev clang-22 \
-                libzstd-dev libz3-dev libxml2-dev zlib1g-dev
+                libzstd-dev libz3-dev libxml2-dev zlib1g-dev lld-22 file
 # The package whose apt candidate proves an LLVM 22 source is configured.
 LLVM_PROBE := llvm-22-dev
 
@@ -54,7 +54,8 @@ build: deps
 
 demo: build
 	$(KILN) check $(DEMO_SPEC)
-	$(KILN) eval $(DEMO_SPEC) --seed 0
+	$(KILN) compile $(DEMO_SPEC) --seed 0 -o target/demo/bert_encoder.kiln
+	$(KILN) run target/demo/bert_encoder.kiln --seed 0 --repeats 20
 
 # `--all-targets` leaves doc-tests out of the plain `cargo test` fallback; they run once, last
 # (nextest cannot run doc-tests at all).

@@ -183,11 +183,12 @@ pub fn inspect(
                 return Ok(());
             }
             let target = kiln_codegen::CpuTarget::host();
-            let kernels = kiln_codegen::program::kernels(&sched, &target).map_err(|e| user(e.to_string()))?;
+            let program = kiln_codegen::program::kernels(&sched, &target).map_err(|e| user(e.to_string()))?;
             if stage == Stage::Mlir {
-                print!("{}", kiln_codegen::build::module_text(&kernels));
+                print!("{}", kiln_codegen::build::module_text(&program.kernels));
             } else {
-                let compiled = kiln_codegen::compile(&kernels, &target).map_err(|e| user(e.to_string()))?;
+                let compiled =
+                    kiln_codegen::compile(&program.kernels, &target).map_err(|e| user(e.to_string()))?;
                 print!("{}", compiled.llvm_ir);
             }
         }

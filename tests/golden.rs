@@ -277,3 +277,42 @@ fn bert_minilm_matches_pytorch_cli() {
     std::fs::remove_dir_all(&tmp).ok();
     assert!(err <= TOLERANCE, "cli: max |kiln - pytorch| = {err:e} > {TOLERANCE:e}");
 }
+
+/// The compiled path's bar (issue-level contract for native code): max |Δ| ≤ 1e-4·(1 + |ref|).
+/// Its kernels sum in f32 in a different order and use polynomial exp/erf (≤ 2e-7 relative).
+const COMPILED_TOLERANCE: f64 = 1e-4;
+
+#[test]
+fn bert_minilm_matches_pytorch_compiled() {
+    let meta = meta();
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("golden-bert-aot-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let artifact = tmp.join("bert.kiln");
+    let out = tmp.join("out.safetensors");
+    let seed = seed(&meta).to_string();
+    let inputs = format!("{GOLDEN}/inputs.safetensors");
+    let kiln = |args: &[&str]| {
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .current_dir(root())
+            .args(args)
+            .output()
+            .expect("run kiln");
+        assert!(
+            run.status.success(),
+            "kiln {} failed ({}):\n{}{}",
+            args.join(" "),
+            run.status,
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+    };
+    let artifact_arg = artifact.to_str().unwrap();
+    kiln(&[
+        "compile", MODEL, "--set", "batch=2", "--seed", &seed, "--weights", LAYERNORM, "--init-missing", "-o", artifact_arg,
+    ]);
+    kiln(&["run", artifact_arg, "--input", &inputs, "--repeats", "1", "-o", out.to_str().unwrap()]);
+    let got = read_tensors(&out).remove(OUTPUT).expect("kiln output: last_hidden_state");
+    let err = max_abs_error(&got, &expected());
+    std::fs::remove_dir_all(&tmp).ok();
+    assert!(err <= COMPILED_TOLERANCE, "compiled: max |kiln - pytorch| = {err:e} > {COMPILED_TOLERANCE:e}");
+}

@@ -52,9 +52,9 @@ pub fn build_artifact(
     dir: &Path,
 ) -> Result<Built, CodegenError> {
     let t0 = Instant::now();
-    let kernels = program::kernels(s, target)?;
+    let program = program::kernels(s, target)?;
     let t1 = Instant::now();
-    let compiled = build::compile(&kernels, target)?;
+    let compiled = build::compile(&program.kernels, target)?;
     let t2 = Instant::now();
 
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
@@ -83,8 +83,9 @@ pub fn build_artifact(
     let wpath = dir.join(WEIGHTS_FILE);
     kiln_ir::tensor_io::write_safetensors(&wpath, &weights).map_err(|e| io_err(&wpath, e))?;
 
-    let mut steps = Vec::with_capacity(kernels.len());
-    for (i, (k, sk)) in kernels.iter().zip(&s.kernels).enumerate() {
+    let mut steps = Vec::with_capacity(s.kernels.len());
+    for (i, (&ki, sk)) in program.step_kernel.iter().zip(&s.kernels).enumerate() {
+        let k = &program.kernels[ki];
         let args = sk
             .inputs
             .iter()

@@ -34,33 +34,57 @@ fn bad(what: &str) -> CodegenError {
     CodegenError::Unsupported(format!("scheduled kernel with malformed operands: {what}"))
 }
 
-/// Generates every kernel of `s` for `target`.
-pub fn kernels(s: &Schedule, target: &dyn Target) -> Result<Vec<Kernel>, CodegenError> {
-    s.kernels.iter().enumerate().map(|(i, k)| kernel(s, i, k, target)).collect()
+/// The symbol kernels are emitted under before they are told apart.
+const PROVISIONAL: &str = "kiln_k";
+
+/// The kernels of a schedule, each distinct kernel once.
+pub struct Program {
+    /// Distinct kernels, in order of first use.
+    pub kernels: Vec<Kernel>,
+    /// For each scheduled kernel, the index of the kernel in `kernels` that computes it.
+    pub step_kernel: Vec<usize>,
 }
 
-fn kernel(
-    s: &Schedule,
-    i: usize,
-    k: &kiln_sched::Kernel,
-    target: &dyn Target,
-) -> Result<Kernel, CodegenError> {
-    let sym = symbol(i);
+/// Generates every kernel of `s` for `target`. Kernels whose MLIR is the same (the layers of
+/// a transformer) are compiled once and shared by their steps.
+pub fn kernels(s: &Schedule, target: &dyn Target) -> Result<Program, CodegenError> {
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut kernels = Vec::new();
+    let mut step_kernel = Vec::with_capacity(s.kernels.len());
+    for (i, k) in s.kernels.iter().enumerate() {
+        let mut made = kernel(s, PROVISIONAL, k, target)?;
+        let index = match seen.get(&made.mlir) {
+            Some(&j) => j,
+            None => {
+                seen.insert(made.mlir.clone(), kernels.len());
+                let sym = symbol(i);
+                made.mlir = made.mlir.replace(&format!("@{PROVISIONAL}"), &format!("@{sym}"));
+                made.symbol = sym;
+                kernels.push(made);
+                kernels.len() - 1
+            }
+        };
+        step_kernel.push(index);
+    }
+    Ok(Program { kernels, step_kernel })
+}
+
+fn kernel(s: &Schedule, sym: &str, k: &kiln_sched::Kernel, target: &dyn Target) -> Result<Kernel, CodegenError> {
     let out = plain(s, &k.output);
     let ins = &k.inputs;
     let op = match &k.op {
         KernelOp::Elementwise(expr) => {
             let inputs: Vec<View> = ins.iter().map(|o| plain(s, o)).collect();
-            return kernels::elementwise::emit(&sym, expr, &inputs, &out);
+            return kernels::elementwise::emit(sym, expr, &inputs, &out);
         }
         KernelOp::Node(op) => op,
     };
     let arg = |n: usize| ins.get(n).ok_or_else(|| bad(op.name()));
     match op {
-        Op::MatMul => matmul(s, &sym, arg(0)?, arg(1)?, None, Activation::None, &k.output, target),
+        Op::MatMul => matmul(s, sym, arg(0)?, arg(1)?, None, Activation::None, &k.output, target),
         Op::MatMulEpilogue { bias, activation } => {
             let b = if *bias { Some(arg(2)?) } else { None };
-            matmul(s, &sym, arg(0)?, arg(1)?, b, *activation, &k.output, target)
+            matmul(s, sym, arg(0)?, arg(1)?, b, *activation, &k.output, target)
         }
         Op::Attention { scale, causal, masked } => {
             let (q, kk, v) = (plain(s, arg(0)?), plain(s, arg(1)?), plain(s, arg(2)?));
@@ -73,20 +97,20 @@ fn kernel(
             } else {
                 None
             };
-            kernels::attention::emit(&sym, &q, &kk, &v, mask.as_ref(), *scale, *causal, &out, target)
+            kernels::attention::emit(sym, &q, &kk, &v, mask.as_ref(), *scale, *causal, &out, target)
         }
         Op::Softmax { axis } => {
-            kernels::norm::emit_softmax(&sym, &plain(s, arg(0)?), *axis, false, &out, target)
+            kernels::norm::emit_softmax(sym, &plain(s, arg(0)?), *axis, false, &out, target)
         }
         Op::LogSoftmax { axis } => {
-            kernels::norm::emit_softmax(&sym, &plain(s, arg(0)?), *axis, true, &out, target)
+            kernels::norm::emit_softmax(sym, &plain(s, arg(0)?), *axis, true, &out, target)
         }
         Op::LayerNorm { eps, affine } | Op::RmsNorm { eps, affine } => {
             let kind = if matches!(op, Op::LayerNorm { .. }) { NormKind::Layer } else { NormKind::Rms };
             let gamma = if *affine { Some(plain(s, arg(1)?)) } else { None };
             let beta = if *affine && kind == NormKind::Layer { Some(plain(s, arg(2)?)) } else { None };
             let x = plain(s, arg(0)?);
-            kernels::norm::emit_norm(&sym, kind, *eps, &x, None, gamma.as_ref(), beta.as_ref(), &out, target)
+            kernels::norm::emit_norm(sym, kind, *eps, &x, None, gamma.as_ref(), beta.as_ref(), &out, target)
         }
         Op::AddNorm { eps, kind, affine } => {
             let a = broadcast(s, arg(0)?, &out.shape);
@@ -94,7 +118,7 @@ fn kernel(
             let gamma = if *affine { Some(plain(s, arg(2)?)) } else { None };
             let beta = if *affine && *kind == NormKind::Layer { Some(plain(s, arg(3)?)) } else { None };
             kernels::norm::emit_norm(
-                &sym,
+                sym,
                 *kind,
                 *eps,
                 &a,
@@ -105,17 +129,17 @@ fn kernel(
                 target,
             )
         }
-        Op::Reduce { op: r, axes, .. } => kernels::reduce::emit(&sym, *r, axes, &plain(s, arg(0)?), &out),
+        Op::Reduce { op: r, axes, .. } => kernels::reduce::emit(sym, *r, axes, &plain(s, arg(0)?), &out),
         Op::Gather { axis } => {
-            kernels::data::emit_gather(&sym, *axis, &plain(s, arg(0)?), &plain(s, arg(1)?), &out)
+            kernels::data::emit_gather(sym, *axis, &plain(s, arg(0)?), &plain(s, arg(1)?), &out)
         }
         Op::Concat { axis } => {
             let inputs: Vec<View> = ins.iter().map(|o| plain(s, o)).collect();
-            kernels::data::emit_concat(&sym, *axis, &inputs, &out)
+            kernels::data::emit_concat(sym, *axis, &inputs, &out)
         }
-        Op::Pad { pads, value } => kernels::data::emit_pad(&sym, pads, *value, &plain(s, arg(0)?), &out),
+        Op::Pad { pads, value } => kernels::data::emit_pad(sym, pads, *value, &plain(s, arg(0)?), &out),
         Op::Conv2d { stride, padding, dilation, groups } => kernels::conv::emit_conv2d(
-            &sym,
+            sym,
             *stride,
             *padding,
             *dilation,
@@ -125,7 +149,7 @@ fn kernel(
             &out,
         ),
         Op::Pool2d { kind, kernel, stride, padding } => {
-            kernels::conv::emit_pool2d(&sym, *kind, *kernel, *stride, *padding, &plain(s, arg(0)?), &out)
+            kernels::conv::emit_pool2d(sym, *kind, *kernel, *stride, *padding, &plain(s, arg(0)?), &out)
         }
         other => Err(CodegenError::Unsupported(format!("a kernel for `{}`", other.name()))),
     }

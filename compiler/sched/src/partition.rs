@@ -259,7 +259,7 @@ impl Builder<'_> {
         match &node.op {
             Op::Full { value, dtype, .. } => return Ok(Expr::Scalar { value: *value, dtype: *dtype }),
             op if op.is_elementwise()
-                && (self.values.get(&n).is_none() || matches!(self.values.get(&n), Some(Value::Inline))) =>
+                && (!self.values.contains_key(&n) || matches!(self.values.get(&n), Some(Value::Inline))) =>
             {
                 let op = op.clone();
                 let dtype = node.ty.dtype;

@@ -35,7 +35,7 @@ pub fn emit_gather(
     let mut b = Body::new();
     let idx = open_rows(&mut b, &out.shape);
     let k = indices.rank();
-    let at_i = indices.index_expr(&mut b, &idx[axis..axis + k].to_vec());
+    let at_i = indices.index_expr(&mut b, &idx[axis..axis + k]);
     let raw = load(&mut b, "%a1", indices, &at_i);
     let ity = if indices.dtype == kiln_ir::DType::I32 { "i32" } else { "i64" };
     let zero = b.int(0, ity);

@@ -1,9 +1,18 @@
 //! Row-wise fused ops: softmax, log-softmax, layer norm, RMS norm, residual add + norm.
-//! (Being written.)
+//!
+//! One iteration of the parallel range is one row (or, for a softmax along a non-last axis,
+//! one vector's worth of rows side by side). A row is read a few times, each pass a vector
+//! loop with its tail masked: the first pass from memory, the later ones from L1, since a row
+//! of even 4096 floats fits there. So the kernels keep the interpreter's numerics (max before
+//! exp, mean before variance) at the cost of L1 bandwidth, which they have to spare.
+//!
+//! The vector helpers at the end (masked and strided loads and stores, flat-index
+//! decomposition, `scf.for` with iter_args) are shared with the attention emitter.
 
 use super::View;
+use crate::mlir_text::{bool_type_like, elem_type, Body};
 use crate::{CodegenError, Kernel, Target};
-use kiln_ir::NormKind;
+use kiln_ir::{DType, NormKind};
 
 /// Softmax (or log-softmax when `log`) of `x` along `axis` into `out` (same shape).
 /// Arguments: x, out.
@@ -15,8 +24,183 @@ pub fn emit_softmax(
     out: &View,
     target: &dyn Target,
 ) -> Result<Kernel, CodegenError> {
-    let _ = (symbol, x, axis, log, out, target);
-    Err(CodegenError::Unsupported("softmax (not yet generated)".into()))
+    let what = if log { "log_softmax" } else { "softmax" };
+    let ct = ComputeType::of(&[x, out], target, what)?;
+    if x.shape != out.shape || axis >= x.rank() {
+        return Err(CodegenError::Unsupported(format!(
+            "{what} along axis {axis} of {:?} into {:?}",
+            x.shape, out.shape
+        )));
+    }
+    let ops = [Operand::new("%x", x), Operand::new("%out", out)];
+    let mut b = Body::new();
+    let range = if axis + 1 == x.rank() {
+        softmax_along(&mut b, &ct, &ops, log)
+    } else {
+        softmax_across(&mut b, &ct, &ops, axis, log)
+    };
+    // max, subtract, exp (~20 with its polynomial), sum, scale.
+    let numel = out.numel() as u64;
+    let flops = 24 * numel;
+    Ok(Kernel {
+        symbol: symbol.into(),
+        mlir: func_text(symbol, &ops, b),
+        range,
+        grain: Kernel::grain_for(range, flops),
+        flops,
+        bytes: 2 * numel * ct.size,
+    })
+}
+
+/// Softmax along the last axis: one row per iteration, vectors along the row. Returns the
+/// range (rows).
+fn softmax_along(b: &mut Body, ct: &ComputeType, ops: &[Operand; 2], log: bool) -> usize {
+    let [x, out] = ops;
+    let r = x.rank();
+    let n = x.shape[r - 1];
+    let rows = x.numel().checked_div(n).unwrap_or(0);
+    let vty = ct.vty.as_str();
+    let (xs, os) = (x.strides[r - 1], out.strides[r - 1]);
+    let it = open_range(b);
+    let offs = offsets(b, &it, &x.shape[..r - 1], &[x, out]);
+    let (xo, oo) = (offs.offsets[0].clone(), offs.offsets[1].clone());
+    let ninf = b.float(f64::NEG_INFINITY, vty);
+    let zero = b.float(0.0, vty);
+    let max_acc = Acc { init: &ninf, ty: vty, how: Combine::Max };
+    let max = row_loop(b, n, ct.lanes, 4, Some(max_acc), &mut |b, pos, part, acc| {
+        let at = addr(b, &xo, pos, xs);
+        let v = load(b, x, &at, xs, vty, part, f64::NEG_INFINITY);
+        Some(b.fmax(acc?, &v, vty))
+    });
+    let m = reduce(b, Combine::Max, &max.unwrap_or(ninf.clone()), vty);
+    let ms = b.splat(&m, vty);
+    let sum_acc = Acc { init: &zero, ty: vty, how: Combine::Add };
+    let sum = row_loop(b, n, ct.lanes, 4, Some(sum_acc), &mut |b, pos, part, acc| {
+        let at = addr(b, &xo, pos, xs);
+        let v = load(b, x, &at, xs, vty, part, f64::NEG_INFINITY);
+        let d = b.fsub(&v, &ms, vty);
+        let mut e = b.exp(&d, vty);
+        if let Some(p) = part {
+            e = b.select(p.mask, &e, &zero, vty);
+        }
+        if !log {
+            let at = addr(b, &oo, pos, os);
+            store(b, &e, out, &at, os, vty, part);
+        }
+        Some(b.fadd(acc?, &e, vty))
+    });
+    let s = reduce(b, Combine::Add, &sum.unwrap_or(zero.clone()), vty);
+    let ety = ct.elem;
+    if log {
+        let ls = b.assign(format!("math.log {s} : {ety}"));
+        let lss = b.splat(&ls, vty);
+        row_loop(b, n, ct.lanes, 4, None, &mut |b, pos, part, _| {
+            let at = addr(b, &xo, pos, xs);
+            let v = load(b, x, &at, xs, vty, part, 0.0);
+            let d = b.fsub(&v, &ms, vty);
+            let y = b.fsub(&d, &lss, vty);
+            let at = addr(b, &oo, pos, os);
+            store(b, &y, out, &at, os, vty, part);
+            None
+        });
+    } else {
+        let one = b.float(1.0, ety);
+        let inv = b.fdiv(&one, &s, ety);
+        let invs = b.splat(&inv, vty);
+        row_loop(b, n, ct.lanes, 4, None, &mut |b, pos, part, _| {
+            let at = addr(b, &oo, pos, os);
+            let e = load(b, out, &at, os, vty, part, 0.0);
+            let y = b.fmul(&e, &invs, vty);
+            store(b, &y, out, &at, os, vty, part);
+            None
+        });
+    }
+    close_range(b);
+    rows
+}
+
+/// Softmax along a non-last axis: each iteration takes one vector of lanes along the last
+/// axis (rows side by side) and walks the softmax axis, so no horizontal reductions are
+/// needed and loads stay contiguous when the last axis is. Returns the range.
+fn softmax_across(b: &mut Body, ct: &ComputeType, ops: &[Operand; 2], axis: usize, log: bool) -> usize {
+    let [x, out] = ops;
+    let r = x.rank();
+    let (n, last, lanes) = (x.shape[axis], x.shape[r - 1], ct.lanes);
+    // Iteration axes: every axis but `axis`, the last one counted in vectors.
+    let keep: Vec<usize> = (0..r).filter(|&k| k != axis).collect();
+    let dims: Vec<usize> =
+        keep.iter().map(|&k| if k == r - 1 { last.div_ceil(lanes) } else { x.shape[k] }).collect();
+    let per_vector = |o: &Operand| -> Operand {
+        let strides =
+            keep.iter().map(|&k| if k == r - 1 { o.strides[k] * lanes } else { o.strides[k] }).collect();
+        Operand { strides, shape: dims.clone(), ..o.clone() }
+    };
+    let (xi, oi) = (per_vector(x), per_vector(out));
+    let range = if n == 0 { 0 } else { dims.iter().product() };
+    let vty = ct.vty.as_str();
+    let (xs, os) = (x.strides[axis], out.strides[axis]);
+    let (xl, ol) = (x.strides[r - 1], out.strides[r - 1]);
+    let it = open_range(b);
+    let offs = offsets(b, &it, &dims, &[&xi, &oi]);
+    let (xo, oo) = (offs.offsets[0].clone(), offs.offsets[1].clone());
+    let tail = if !last.is_multiple_of(lanes) {
+        let lc = offs.indices.last().cloned().unwrap_or_default();
+        let done = scale(b, &lc, lanes);
+        let lastc = b.index(last);
+        let count = b.assign(format!("arith.subi {lastc}, {done} : index"));
+        let mask = b.assign(format!("vector.create_mask {count} : {}", bool_type_like(vty)));
+        Some((mask, count))
+    } else {
+        None
+    };
+    let part = tail.as_ref().map(|(mask, count)| Part { mask, count: Count::Dynamic(count) });
+    let part = part.as_ref();
+    let (lo, hi, one) = (b.index(0), b.index(n), b.index(1));
+    let ninf = b.float(f64::NEG_INFINITY, vty);
+    let zero = b.float(0.0, vty);
+    let inits = [(ninf.clone(), vty.to_string())];
+    let (a, acc, res) = for_open(b, &lo, &hi, &one, &inits);
+    let at = addr(b, &xo, &a, xs);
+    let v = load(b, x, &at, xl, vty, part, f64::NEG_INFINITY);
+    let m = b.fmax(&acc[0], &v, vty);
+    for_close(b, &[m], &inits);
+    let m = res[0].clone();
+    let inits = [(zero.clone(), vty.to_string())];
+    let (a, acc, res) = for_open(b, &lo, &hi, &one, &inits);
+    let at = addr(b, &xo, &a, xs);
+    let v = load(b, x, &at, xl, vty, part, f64::NEG_INFINITY);
+    let d = b.fsub(&v, &m, vty);
+    let e = b.exp(&d, vty);
+    if !log {
+        let at = addr(b, &oo, &a, os);
+        store(b, &e, out, &at, ol, vty, part);
+    }
+    let s = b.fadd(&acc[0], &e, vty);
+    for_close(b, &[s], &inits);
+    let s = res[0].clone();
+    let ls = if log {
+        b.assign(format!("math.log {s} : {vty}"))
+    } else {
+        let onev = b.float(1.0, vty);
+        b.fdiv(&onev, &s, vty)
+    };
+    let (a, _, _) = for_open(b, &lo, &hi, &one, &[]);
+    if log {
+        let at = addr(b, &xo, &a, xs);
+        let v = load(b, x, &at, xl, vty, part, 0.0);
+        let d = b.fsub(&v, &m, vty);
+        let y = b.fsub(&d, &ls, vty);
+        let at = addr(b, &oo, &a, os);
+        store(b, &y, out, &at, ol, vty, part);
+    } else {
+        let at = addr(b, &oo, &a, os);
+        let e = load(b, out, &at, ol, vty, part, 0.0);
+        let y = b.fmul(&e, &ls, vty);
+        store(b, &y, out, &at, ol, vty, part);
+    }
+    for_close(b, &[], &[]);
+    close_range(b);
+    range
 }
 
 /// `norm(a + b)` over the last axis, then `· gamma + beta` (layer) or `· gamma` (rms) when
@@ -34,6 +218,560 @@ pub fn emit_norm(
     out: &View,
     target: &dyn Target,
 ) -> Result<Kernel, CodegenError> {
-    let _ = (symbol, kind, eps, a, b, gamma, beta, out, target);
-    Err(CodegenError::Unsupported("norm (not yet generated)".into()))
+    let what = match (b.is_some(), kind) {
+        (true, _) => "add_norm",
+        (false, NormKind::Layer) => "layer_norm",
+        (false, NormKind::Rms) => "rms_norm",
+    };
+    let mut views = vec![a];
+    views.extend(b.iter().chain(&gamma).chain(&beta).copied());
+    views.push(out);
+    let ct = ComputeType::of(&views, target, what)?;
+    let r = out.rank();
+    let n = out.shape.last().copied().unwrap_or(0);
+    let same = |v: &View| v.shape == out.shape;
+    let param = |v: &Option<&View>| v.is_none_or(|v| v.shape == [n]);
+    if r == 0 || !same(a) || !b.is_none_or(same) || !param(&gamma) || !param(&beta) {
+        return Err(CodegenError::Unsupported(format!(
+            "{what} with operand shapes that differ from {:?}",
+            out.shape
+        )));
+    }
+    let mut ops = vec![Operand::new("%a", a)];
+    let bi = b.map(|v| {
+        ops.push(Operand::new("%b", v));
+        ops.len() - 1
+    });
+    let gi = gamma.map(|v| {
+        ops.push(Operand::new("%gamma", v));
+        ops.len() - 1
+    });
+    let betai = beta.map(|v| {
+        ops.push(Operand::new("%beta", v));
+        ops.len() - 1
+    });
+    ops.push(Operand::new("%out", out));
+    let oi = ops.len() - 1;
+    let rows = out.numel().checked_div(n).unwrap_or(0);
+    let vty = ct.vty.as_str();
+    let ety = ct.elem;
+    let stride = |i: usize| ops[i].strides[r - 1];
+    // Param views are [N]: their one stride steps along the row.
+    let pstride = |i: usize| ops[i].strides[0];
+
+    let mut body = Body::new();
+    let bd = &mut body;
+    let it = open_range(bd);
+    let row_ops: Vec<&Operand> = [Some(0), bi, Some(oi)].into_iter().flatten().map(|i| &ops[i]).collect();
+    let offs = offsets(bd, &it, &out.shape[..r - 1], &row_ops);
+    let ao = offs.offsets[0].clone();
+    let bo = bi.map(|_| offs.offsets[1].clone());
+    let oo = offs.offsets[offs.offsets.len() - 1].clone();
+    // The row element `a + b` at `pos`; lanes outside `part` are 0.
+    let sum_at = |bd: &mut Body, pos: &str, part: Option<&Part>| -> String {
+        let at = addr(bd, &ao, pos, stride(0));
+        let x = load(bd, &ops[0], &at, stride(0), vty, part, 0.0);
+        match (bi, &bo) {
+            (Some(i), Some(bo)) => {
+                let at = addr(bd, bo, pos, stride(i));
+                let y = load(bd, &ops[i], &at, stride(i), vty, part, 0.0);
+                bd.fadd(&x, &y, vty)
+            }
+            _ => x,
+        }
+    };
+    let zero = bd.float(0.0, vty);
+    let add = Acc { init: &zero, ty: vty, how: Combine::Add };
+    let inv_n = bd.float(1.0 / n.max(1) as f64, ety);
+    let epsc = bd.float(eps, ety);
+    // `shift` is subtracted (layer norm's mean), then `factor` multiplies.
+    let (shift, factor) = match kind {
+        NormKind::Layer => {
+            let s = row_loop(bd, n, ct.lanes, 4, Some(add), &mut |bd, pos, part, acc| {
+                let x = sum_at(bd, pos, part);
+                Some(bd.fadd(acc?, &x, vty))
+            });
+            let s = reduce(bd, Combine::Add, &s.unwrap_or(zero.clone()), vty);
+            let mean = bd.fmul(&s, &inv_n, ety);
+            let means = bd.splat(&mean, vty);
+            let q = row_loop(bd, n, ct.lanes, 4, Some(add), &mut |bd, pos, part, acc| {
+                let x = sum_at(bd, pos, part);
+                let mut c = bd.fsub(&x, &means, vty);
+                if let Some(p) = part {
+                    c = bd.select(p.mask, &c, &zero, vty);
+                }
+                Some(bd.fma(&c, &c, acc?, vty))
+            });
+            let q = reduce(bd, Combine::Add, &q.unwrap_or(zero.clone()), vty);
+            let var = bd.fmul(&q, &inv_n, ety);
+            (Some(means), var)
+        }
+        NormKind::Rms => {
+            let q = row_loop(bd, n, ct.lanes, 4, Some(add), &mut |bd, pos, part, acc| {
+                let x = sum_at(bd, pos, part);
+                Some(bd.fma(&x, &x, acc?, vty))
+            });
+            let q = reduce(bd, Combine::Add, &q.unwrap_or(zero.clone()), vty);
+            (None, bd.fmul(&q, &inv_n, ety))
+        }
+    };
+    let ve = bd.fadd(&factor, &epsc, ety);
+    let rs = bd.rsqrt(&ve, ety);
+    let rss = bd.splat(&rs, vty);
+    let os = stride(oi);
+    let go = gi.map(|g| bd.index(ops[g].offset));
+    let bo2 = betai.map(|g| bd.index(ops[g].offset));
+    row_loop(bd, n, ct.lanes, 4, None, &mut |bd, pos, part, _| {
+        let x = sum_at(bd, pos, part);
+        let c = match &shift {
+            Some(m) => bd.fsub(&x, m, vty),
+            None => x,
+        };
+        let mut y = bd.fmul(&c, &rss, vty);
+        if let (Some(g), Some(go)) = (gi, &go) {
+            let at = addr(bd, go, pos, pstride(g));
+            let gv = load(bd, &ops[g], &at, pstride(g), vty, part, 0.0);
+            y = bd.fmul(&y, &gv, vty);
+        }
+        if let (Some(g), Some(bo)) = (betai, &bo2) {
+            let at = addr(bd, bo, pos, pstride(g));
+            let bv = load(bd, &ops[g], &at, pstride(g), vty, part, 0.0);
+            y = bd.fadd(&y, &bv, vty);
+        }
+        let at = addr(bd, &oo, pos, os);
+        store(bd, &y, &ops[oi], &at, os, vty, part);
+        None
+    });
+    close_range(bd);
+    let numel = out.numel() as u64;
+    let flops = 10 * numel;
+    let distinct = |o: &Operand| {
+        o.shape.iter().zip(&o.strides).map(|(&d, &s)| if s == 0 { 1 } else { d }).product::<usize>() as u64
+    };
+    let bytes = ops.iter().map(distinct).sum::<u64>() * ct.size;
+    Ok(Kernel {
+        symbol: symbol.into(),
+        mlir: func_text(symbol, &ops, body),
+        range: rows,
+        grain: Kernel::grain_for(rows, flops),
+        flops,
+        bytes,
+    })
+}
+
+// ------------------------------------------------------------------------------- helpers
+
+/// The element type a kernel computes in and its vector of the target's register width.
+pub(super) struct ComputeType {
+    /// `f32` or `f64`.
+    pub elem: &'static str,
+    /// Lanes of `vty`.
+    pub lanes: usize,
+    /// `vector<{lanes}x{elem}>`.
+    pub vty: String,
+    /// Bytes per element.
+    pub size: u64,
+}
+
+impl ComputeType {
+    /// The compute type of operands that must all have one float dtype (f32 or f64).
+    pub fn of(views: &[&View], target: &dyn Target, what: &str) -> Result<ComputeType, CodegenError> {
+        let dtype = views[0].dtype;
+        if let Some(v) = views.iter().find(|v| v.dtype != dtype) {
+            return Err(CodegenError::Unsupported(format!("{what} mixing {dtype} and {}", v.dtype)));
+        }
+        let f32_lanes = target.f32_lanes().max(2);
+        let (elem, lanes, size) = match dtype {
+            DType::F32 => ("f32", f32_lanes, 4),
+            DType::F64 => ("f64", (f32_lanes / 2).max(2), 8),
+            other => {
+                return Err(CodegenError::Unsupported(format!(
+                    "{what} on {other} (its kernels compute in f32 or f64)"
+                )))
+            }
+        };
+        Ok(ComputeType { elem, lanes, vty: format!("vector<{lanes}x{elem}>"), size })
+    }
+}
+
+/// A kernel argument: its SSA name and the view it addresses. Axes of extent 1 count as
+/// broadcast (stride 0), so a view may be given in its own shape or broadcast already.
+#[derive(Clone, Debug)]
+pub(super) struct Operand {
+    pub name: String,
+    pub memref: String,
+    pub shape: Vec<usize>,
+    pub strides: Vec<usize>,
+    pub offset: usize,
+}
+
+impl Operand {
+    pub fn new(name: &str, v: &View) -> Operand {
+        let strides = v.shape.iter().zip(&v.strides).map(|(&d, &s)| if d == 1 { 0 } else { s }).collect();
+        Operand { name: name.into(), memref: v.memref(), shape: v.shape.clone(), strides, offset: v.offset }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// The `func.func` text of a kernel over `ops` (in argument order) with body `b`.
+pub(super) fn func_text(symbol: &str, ops: &[Operand], b: Body) -> String {
+    let args: Vec<String> = ops.iter().map(|o| format!("{}: {}", o.name, o.memref)).collect();
+    format!(
+        "func.func @{symbol}({}, %begin: index, %end: index) {{\n{}  return\n}}\n",
+        args.join(", "),
+        b.finish()
+    )
+}
+
+/// Opens the loop over `[begin, end)` of the parallel range; returns its induction variable.
+pub(super) fn open_range(b: &mut Body) -> String {
+    let one = b.index(1);
+    let it = b.fresh("it");
+    b.open(format!("scf.for {it} = %begin to %end step {one}"));
+    it
+}
+
+pub(super) fn close_range(b: &mut Body) {
+    b.close("");
+}
+
+/// Indices of a flat iteration number over some axes, and each operand's element offset.
+pub(super) struct Offsets {
+    pub indices: Vec<String>,
+    pub offsets: Vec<String>,
+}
+
+/// Decomposes `it` row-major over `dims` and forms `offset + Σ idx·stride` for each operand
+/// (whose leading `dims.len()` strides are used).
+pub(super) fn offsets(b: &mut Body, it: &str, dims: &[usize], ops: &[&Operand]) -> Offsets {
+    let mut indices = vec![String::new(); dims.len()];
+    let mut rem = it.to_string();
+    for k in (0..dims.len()).rev() {
+        if k == 0 {
+            indices[k] = rem.clone();
+        } else {
+            let d = b.index(dims[k]);
+            indices[k] = b.assign(format!("arith.remui {rem}, {d} : index"));
+            rem = b.assign(format!("arith.divui {rem}, {d} : index"));
+        }
+    }
+    let offsets = ops
+        .iter()
+        .map(|o| {
+            let mut acc = b.index(o.offset);
+            for (i, &s) in indices.iter().zip(&o.strides) {
+                if s != 0 {
+                    let t = scale(b, i, s);
+                    acc = b.assign(format!("arith.addi {acc}, {t} : index"));
+                }
+            }
+            acc
+        })
+        .collect();
+    Offsets { indices, offsets }
+}
+
+/// `i · s` as an index (no op for `s` = 1).
+pub(super) fn scale(b: &mut Body, i: &str, s: usize) -> String {
+    if s == 1 {
+        return i.to_string();
+    }
+    let c = b.index(s);
+    b.assign(format!("arith.muli {i}, {c} : index"))
+}
+
+/// `base + pos · stride`.
+pub(super) fn addr(b: &mut Body, base: &str, pos: &str, stride: usize) -> String {
+    if stride == 0 {
+        return base.to_string();
+    }
+    let t = scale(b, pos, stride);
+    b.assign(format!("arith.addi {base}, {t} : index"))
+}
+
+/// How many lanes of a partial vector are valid.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Count<'a> {
+    Static(usize),
+    /// An `index` value (it may exceed the lanes, or be ≤ 0 when lane 0 is in bounds).
+    Dynamic(&'a str),
+}
+
+/// A partial vector: its `i1` lane mask and the count of leading valid lanes.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Part<'a> {
+    pub mask: &'a str,
+    pub count: Count<'a>,
+}
+
+/// Loads the vector of `op`'s elements `base + t·stride` for lanes `t`; lanes outside `part`
+/// read as `pad`. Stride 1 is a vector load, stride 0 a splat, other strides a gather.
+pub(super) fn load(
+    b: &mut Body,
+    op: &Operand,
+    base: &str,
+    stride: usize,
+    vty: &str,
+    part: Option<&Part>,
+    pad: f64,
+) -> String {
+    let (name, mem) = (&op.name, &op.memref);
+    match (stride, part) {
+        (0, _) => {
+            let s = b.assign(format!("memref.load {name}[{base}] : {mem}"));
+            let v = b.splat(&s, vty);
+            match part {
+                Some(p) => {
+                    let pv = b.float(pad, vty);
+                    b.select(p.mask, &v, &pv, vty)
+                }
+                None => v,
+            }
+        }
+        (1, None) => b.assign(format!("vector.load {name}[{base}] : {mem}, {vty}")),
+        (1, Some(p)) => {
+            let pass = b.float(pad, vty);
+            b.assign(format!(
+                "vector.maskedload {name}[{base}], {}, {pass} : {mem}, {}, {vty} into {vty}",
+                p.mask,
+                bool_type_like(vty)
+            ))
+        }
+        (s, _) => {
+            let lanes = vector_lanes(vty);
+            let elem = elem_type(vty);
+            let padc = b.float(pad, elem);
+            let mut elems = Vec::with_capacity(lanes);
+            let last = match part.map(|p| p.count) {
+                Some(Count::Dynamic(c)) => {
+                    // Invalid lanes re-read the last valid one (lane 0 when none is valid).
+                    let (zero, one) = (b.index(0), b.index(1));
+                    let last = b.assign(format!("arith.subi {c}, {one} : index"));
+                    Some(b.assign(format!("arith.maxsi {last}, {zero} : index")))
+                }
+                _ => None,
+            };
+            for t in 0..lanes {
+                if let Some(Count::Static(c)) = part.map(|p| p.count) {
+                    if t >= c {
+                        elems.push(padc.clone());
+                        continue;
+                    }
+                }
+                let mut lane = b.index(t);
+                if let Some(last) = &last {
+                    lane = b.assign(format!("arith.minui {lane}, {last} : index"));
+                }
+                let at = addr(b, base, &lane, s);
+                elems.push(b.assign(format!("memref.load {name}[{at}] : {mem}")));
+            }
+            let v = b.assign(format!("vector.from_elements {} : {vty}", elems.join(", ")));
+            match part {
+                Some(p) if matches!(p.count, Count::Dynamic(_)) => {
+                    let pv = b.float(pad, vty);
+                    b.select(p.mask, &v, &pv, vty)
+                }
+                _ => v,
+            }
+        }
+    }
+}
+
+/// Stores the lanes of `v` (those in `part`) to `op`'s elements `base + t·stride`.
+pub(super) fn store(
+    b: &mut Body,
+    v: &str,
+    op: &Operand,
+    base: &str,
+    stride: usize,
+    vty: &str,
+    part: Option<&Part>,
+) {
+    let (name, mem) = (&op.name, &op.memref);
+    match (stride, part) {
+        (1, None) => b.line(format!("vector.store {v}, {name}[{base}] : {mem}, {vty}")),
+        (1, Some(p)) => b.line(format!(
+            "vector.maskedstore {name}[{base}], {}, {v} : {mem}, {}, {vty}",
+            p.mask,
+            bool_type_like(vty)
+        )),
+        (s, _) => {
+            let elem = elem_type(vty);
+            for t in 0..vector_lanes(vty) {
+                let guard = match part.map(|p| p.count) {
+                    Some(Count::Static(c)) if t >= c => break,
+                    Some(Count::Dynamic(c)) => {
+                        let lane = b.index(t);
+                        Some(b.assign(format!("arith.cmpi ult, {lane}, {c} : index")))
+                    }
+                    _ => None,
+                };
+                let x = b.assign(format!("vector.extract {v}[{t}] : {elem} from {vty}"));
+                let lane = b.index(t);
+                let at = addr(b, base, &lane, s);
+                if let Some(g) = guard {
+                    b.open(format!("scf.if {g}"));
+                    b.line(format!("memref.store {x}, {name}[{at}] : {mem}"));
+                    b.close("");
+                } else {
+                    b.line(format!("memref.store {x}, {name}[{at}] : {mem}"));
+                }
+            }
+        }
+    }
+}
+
+/// The lanes of a vector type string (`vector<8xf32>` → 8).
+pub(super) fn vector_lanes(vty: &str) -> usize {
+    vty.strip_prefix("vector<").and_then(|s| s.split('x').next()).and_then(|n| n.parse().ok()).unwrap_or(1)
+}
+
+/// How partial results of a reduction combine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Combine {
+    Add,
+    Max,
+}
+
+impl Combine {
+    fn apply(self, b: &mut Body, x: &str, y: &str, ty: &str) -> String {
+        match self {
+            Combine::Add => b.fadd(x, y, ty),
+            Combine::Max => b.fmax(x, y, ty),
+        }
+    }
+}
+
+/// Reduces the lanes of `v` to a scalar (max propagates NaN).
+pub(super) fn reduce(b: &mut Body, how: Combine, v: &str, vty: &str) -> String {
+    let elem = elem_type(vty);
+    match how {
+        Combine::Add => {
+            b.assign(format!("vector.reduction <add>, {v} fastmath<reassoc> : {vty} into {elem}"))
+        }
+        Combine::Max => b.assign(format!("vector.reduction <maximumf>, {v} : {vty} into {elem}")),
+    }
+}
+
+/// A row body: gets the element position `pos` (an `index`), the partial-vector mask for the
+/// tail, and the accumulator; returns the new accumulator.
+pub(super) type RowBody<'f> = dyn FnMut(&mut Body, &str, Option<&Part>, Option<&str>) -> Option<String> + 'f;
+
+/// An accumulator carried through a loop: initial value, type, and how copies combine.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Acc<'a> {
+    pub init: &'a str,
+    pub ty: &'a str,
+    pub how: Combine,
+}
+
+/// Runs `body` over the `n` positions of a row in vectors of `lanes`: a main loop unrolled
+/// `unroll` times (one accumulator each, for independent dependency chains), the remaining
+/// whole vectors, then one masked tail. Returns the combined accumulator.
+pub(super) fn row_loop(
+    b: &mut Body,
+    n: usize,
+    lanes: usize,
+    unroll: usize,
+    acc: Option<Acc>,
+    body: &mut RowBody,
+) -> Option<String> {
+    let step = lanes * unroll;
+    let main = n / step * step;
+    let whole = n / lanes * lanes;
+    let mut cur = acc.map(|a| a.init.to_string());
+    let ty = acc.map(|a| a.ty.to_string()).unwrap_or_default();
+    if main > 0 {
+        let (lo, hi, st) = (b.index(0), b.index(main), b.index(step));
+        let inits: Vec<(String, String)> = match &cur {
+            Some(c) => (0..unroll).map(|_| (c.clone(), ty.clone())).collect(),
+            None => Vec::new(),
+        };
+        let (iv, args, res) = for_open(b, &lo, &hi, &st, &inits);
+        let mut outs = Vec::new();
+        for u in 0..unroll {
+            let pos = if u == 0 {
+                iv.clone()
+            } else {
+                let c = b.index(u * lanes);
+                b.assign(format!("arith.addi {iv}, {c} : index"))
+            };
+            outs.extend(body(b, &pos, None, args.get(u).map(String::as_str)));
+        }
+        for_close(b, &outs, &inits);
+        if let (Some(a), Some((first, rest))) = (acc, res.split_first()) {
+            let mut x = first.clone();
+            for r in rest {
+                x = a.how.apply(b, &x, r, &ty);
+            }
+            cur = Some(x);
+        }
+    }
+    if whole > main {
+        let (lo, hi, st) = (b.index(main), b.index(whole), b.index(lanes));
+        let inits: Vec<(String, String)> = cur.iter().map(|c| (c.clone(), ty.clone())).collect();
+        let (iv, args, res) = for_open(b, &lo, &hi, &st, &inits);
+        let outs: Vec<String> = body(b, &iv, None, args.first().map(String::as_str)).into_iter().collect();
+        for_close(b, &outs, &inits);
+        if let Some(r) = res.into_iter().next() {
+            cur = Some(r);
+        }
+    }
+    if n > whole {
+        let pos = b.index(whole);
+        let mask = b.assign(format!("vector.constant_mask [{}] : vector<{lanes}xi1>", n - whole));
+        let part = Part { mask: &mask, count: Count::Static(n - whole) };
+        let r = body(b, &pos, Some(&part), cur.as_deref());
+        if cur.is_some() {
+            cur = r;
+        }
+    }
+    cur
+}
+
+/// Opens `scf.for iv = lo to hi step st` carrying `inits` (value, type); returns the
+/// induction variable, the iter_args and the loop's results.
+pub(super) fn for_open(
+    b: &mut Body,
+    lo: &str,
+    hi: &str,
+    st: &str,
+    inits: &[(String, String)],
+) -> (String, Vec<String>, Vec<String>) {
+    let iv = b.fresh("i");
+    if inits.is_empty() {
+        b.open(format!("scf.for {iv} = {lo} to {hi} step {st}"));
+        return (iv, Vec::new(), Vec::new());
+    }
+    let res = b.fresh("r");
+    let args: Vec<String> = inits.iter().map(|_| b.fresh("a")).collect();
+    let binds: Vec<String> = args.iter().zip(inits).map(|(a, (v, _))| format!("{a} = {v}")).collect();
+    let tys: Vec<&str> = inits.iter().map(|(_, t)| t.as_str()).collect();
+    let (head, results) = if inits.len() == 1 {
+        (res.clone(), vec![res])
+    } else {
+        (format!("{res}:{}", inits.len()), (0..inits.len()).map(|i| format!("{res}#{i}")).collect())
+    };
+    b.open(format!(
+        "{head} = scf.for {iv} = {lo} to {hi} step {st} iter_args({}) -> ({})",
+        binds.join(", "),
+        tys.join(", ")
+    ));
+    (iv, args, results)
+}
+
+/// Closes a loop opened by [`for_open`], yielding `outs` (of the types of `inits`).
+pub(super) fn for_close(b: &mut Body, outs: &[String], inits: &[(String, String)]) {
+    if !inits.is_empty() {
+        let tys: Vec<&str> = inits.iter().map(|(_, t)| t.as_str()).collect();
+        b.line(format!("scf.yield {} : {}", outs.join(", "), tys.join(", ")));
+    }
+    b.close("");
 }

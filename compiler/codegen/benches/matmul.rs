@@ -1,0 +1,307 @@
+//! Matrix-product throughput: Kiln's generated f32 kernel against numpy's sgemm (OpenBLAS).
+//!
+//! `cargo bench -p kiln-codegen --bench matmul [-- FILTER]` compiles one kernel per shape for the
+//! host, runs it on 1 and 2 threads (the range split into contiguous chunks, as the runtime
+//! does), and prints the median GFLOP/s after warm-up next to numpy's on the same shapes and
+//! thread counts, and the fraction of the FMA peak measured by a generated FMA loop.
+//! numpy comes from `KILN_BENCH_PYTHON` (default `/opt/kiln-golden-venv/bin/python`), with
+//! `OPENBLAS_NUM_THREADS` set to the thread count; without it, numpy is skipped.
+//! `KILN_BENCH_DUMP=dir` writes the compiled kernels (MLIR, LLVM IR, object) there;
+//! `KILN_BENCH_THREADS=1,2` picks the thread counts, `KILN_BENCH_NUMPY=0` skips numpy.
+
+use kiln_codegen::{
+    kernels::matmul, kernels::View, mlir_text::Body, CpuTarget, Kernel, KernelLibrary, Target,
+};
+use kiln_ir::{Activation, DType};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// One benchmarked product: `[m, k] · [k, n]`, b stored `[n, k]` when `bt` (a Linear weight).
+struct Shape {
+    name: &'static str,
+    m: usize,
+    k: usize,
+    n: usize,
+    bt: bool,
+}
+
+const SHAPES: &[Shape] = &[
+    Shape { name: "1024^3", m: 1024, k: 1024, n: 1024, bt: false },
+    Shape { name: "4096^3", m: 4096, k: 4096, n: 4096, bt: false },
+    Shape { name: "minilm qkv/o 128x384x384 bT", m: 128, k: 384, n: 384, bt: true },
+    Shape { name: "minilm ffn1 128x384x1536 bT", m: 128, k: 384, n: 1536, bt: true },
+    Shape { name: "minilm ffn2 128x1536x384 bT", m: 128, k: 1536, n: 384, bt: true },
+    Shape { name: "batch8 ffn1 1024x384x1536 bT", m: 1024, k: 384, n: 1536, bt: true },
+];
+
+/// A 64-byte aligned f32 buffer; large ones on transparent huge pages, as numpy does for its
+/// arrays (`madvise(MADV_HUGEPAGE)`), so that both sides see the same TLB reach.
+struct Aligned {
+    raw: Vec<f32>,
+    start: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize, seed: u32) -> Aligned {
+        const HUGE: usize = 2 << 20;
+        let huge = len * 4 >= 4 << 20;
+        let align = if huge { HUGE } else { 64 };
+        let mut raw = vec![0f32; len + align / 4];
+        let start = (align - (raw.as_ptr() as usize % align)) % align / 4;
+        if huge {
+            // SAFETY: advice on pages this Vec owns; it changes no contents.
+            unsafe { libc::madvise(raw[start..].as_mut_ptr().cast(), len * 4, libc::MADV_HUGEPAGE) };
+        }
+        let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        for x in &mut raw[start..start + len] {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            *x = (s % 2001) as f32 / 1000.0 - 1.0;
+        }
+        Aligned { raw, start, len }
+    }
+    fn ptr(&mut self) -> *mut u8 {
+        self.raw[self.start..self.start + self.len].as_mut_ptr().cast()
+    }
+}
+
+/// Median and best seconds of `f` over repeats after one warm-up, repeating for about
+/// `budget`. The best is the figure to trust on a busy machine: interference only adds time.
+fn time(mut f: impl FnMut(), budget: Duration) -> (f64, f64) {
+    f();
+    let mut times = vec![];
+    let start = Instant::now();
+    while times.len() < 3 || (start.elapsed() < budget && times.len() < 50) {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    (times[times.len() / 2], times[0])
+}
+
+/// Median seconds of running `[0, range)` of `kernel` split into `threads` contiguous chunks:
+/// chunk 0 on this thread, the others on spinning helpers that live for the whole measurement
+/// (like the runtime's pool, so thread start-up is not timed).
+fn measure(
+    lib: &KernelLibrary,
+    kernel: &Kernel,
+    bufs: &[usize],
+    threads: usize,
+    budget: Duration,
+) -> (f64, f64) {
+    let entry = lib.entry(&kernel.symbol).expect("kernel entry");
+    let r = kernel.range;
+    let chunk = |t: usize| (t * r / threads, (t + 1) * r / threads);
+    let call = |t: usize| {
+        let ptrs: Vec<*mut u8> = bufs.iter().map(|&p| p as *mut u8).collect();
+        let (lo, hi) = chunk(t);
+        // SAFETY: the buffers match the kernel's arguments; chunks write disjoint parts.
+        unsafe { entry(ptrs.as_ptr(), lo as i64, hi as i64) };
+    };
+    let generation = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for t in 1..threads {
+            let (generation, done, stop) = (&generation, &done, &stop);
+            s.spawn(move || {
+                let mut seen = 0;
+                while !stop.load(Ordering::Acquire) {
+                    let g = generation.load(Ordering::Acquire);
+                    if g == seen {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    seen = g;
+                    call(t);
+                    done.fetch_add(1, Ordering::AcqRel);
+                }
+            });
+        }
+        let mut runs = 0;
+        let secs = time(
+            || {
+                runs += 1;
+                generation.store(runs, Ordering::Release);
+                call(0);
+                while done.load(Ordering::Acquire) < runs * (threads - 1) {
+                    std::hint::spin_loop();
+                }
+            },
+            budget,
+        );
+        stop.store(true, Ordering::Release);
+        secs
+    })
+}
+
+/// Single-thread GFLOP/s of 12 independent FMA chains on full vectors (the FMA peak).
+fn fma_peak(target: &CpuTarget) -> f64 {
+    let lanes = target.f32_lanes();
+    let vty = format!("vector<{lanes}xf32>");
+    let chains = 12;
+    let iters = 20_000_000usize;
+    let mut b = Body::new();
+    let (zero, one, n) = (b.index(0), b.index(1), b.index(iters));
+    let x = b.float(1.000_001, &vty);
+    let y = b.float(0.999_999, &vty);
+    let inits: Vec<String> = (0..chains).map(|c| format!("%c{c} = {x}")).collect();
+    let types = vec![vty.as_str(); chains].join(", ");
+    b.open(format!(
+        "%r:{chains} = scf.for %i = {zero} to {n} step {one} iter_args({}) -> ({types})",
+        inits.join(", ")
+    ));
+    let next: Vec<String> = (0..chains).map(|c| b.fma(&format!("%c{c}"), &y, &x, &vty)).collect();
+    b.line(format!("scf.yield {} : {types}", next.join(", ")));
+    b.close("");
+    let mut sum = "%r#0".to_string();
+    for c in 1..chains {
+        sum = b.fadd(&sum, &format!("%r#{c}"), &vty);
+    }
+    b.line(format!("vector.store {sum}, %out[{zero}] : memref<{lanes}xf32>, {vty}"));
+    b.line("return");
+    let mlir = format!(
+        "func.func @peak(%out: memref<{lanes}xf32>, %begin: index, %end: index) {{\n{}}}\n",
+        b.finish()
+    );
+    let k = Kernel { symbol: "peak".into(), mlir, range: 1, grain: 1, flops: 0, bytes: 0 };
+    let lib = KernelLibrary::build(std::slice::from_ref(&k), target).expect("peak kernel");
+    let mut out = Aligned::new(lanes, 1);
+    let bufs = [out.ptr() as usize];
+    let flops = (iters * chains * lanes * 2) as f64;
+    let (_, best) = measure(&lib, &k, &bufs, 1, Duration::from_millis(500));
+    flops / best / 1e9
+}
+
+/// numpy's (median, best) GFLOP/s per shape on `threads` threads, or `None` without numpy.
+fn numpy(shapes: &[&Shape], threads: usize) -> Option<Vec<(f64, f64)>> {
+    let python =
+        std::env::var("KILN_BENCH_PYTHON").unwrap_or_else(|_| "/opt/kiln-golden-venv/bin/python".into());
+    let spec: Vec<String> =
+        shapes.iter().map(|s| format!("({},{},{},{})", s.m, s.k, s.n, s.bt as u8)).collect();
+    let script = format!(
+        r#"
+import time, numpy as np
+for m, k, n, bt in [{}]:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k) if bt else (k, n), dtype=np.float32)
+    b = w.T if bt else w
+    c = np.empty((m, n), dtype=np.float32)
+    np.matmul(a, b, out=c)
+    ts = []
+    t0 = time.perf_counter()
+    while len(ts) < 3 or (time.perf_counter() - t0 < 2.0 and len(ts) < 50):
+        t = time.perf_counter(); np.matmul(a, b, out=c); ts.append(time.perf_counter() - t)
+    ts.sort()
+    print(2.0 * m * n * k / ts[len(ts) // 2] / 1e9, 2.0 * m * n * k / ts[0] / 1e9)
+"#,
+        spec.join(",")
+    );
+    let out = Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .env("OPENBLAS_NUM_THREADS", threads.to_string())
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("numpy skipped: {}", String::from_utf8_lossy(&out.stderr).trim());
+        return None;
+    }
+    let pair = |l: &str| {
+        let mut it = l.split_whitespace().map(|x| x.parse::<f64>().ok());
+        Some((it.next()??, it.next()??))
+    };
+    String::from_utf8_lossy(&out.stdout).lines().map(pair).collect()
+}
+
+fn main() {
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let shapes: Vec<&Shape> = SHAPES
+        .iter()
+        .filter(|s| filter.is_empty() || filter.iter().any(|f| s.name.contains(f.as_str())))
+        .collect();
+    let target = CpuTarget::host();
+    println!(
+        "target: {} ({} f32 lanes, {} vector registers)",
+        target.cpu(),
+        target.f32_lanes(),
+        target.vector_registers()
+    );
+    let peak = fma_peak(&target);
+    println!("measured 1-thread FMA peak: {peak:.1} GFLOP/s");
+
+    let mut kernels = vec![];
+    let mut views = vec![];
+    for (i, s) in shapes.iter().enumerate() {
+        let a = View::contiguous(&[s.m, s.k], DType::F32);
+        let b = if s.bt {
+            View {
+                shape: vec![s.k, s.n],
+                strides: vec![1, s.k],
+                offset: 0,
+                dtype: DType::F32,
+                buffer_len: s.k * s.n,
+            }
+        } else {
+            View::contiguous(&[s.k, s.n], DType::F32)
+        };
+        let out = View::contiguous(&[s.m, s.n], DType::F32);
+        kernels.push(
+            matmul::emit(&format!("mm{i}"), &a, &b, None, Activation::None, &out, &target).expect("emit"),
+        );
+        views.push((s.m * s.k, s.k * s.n, s.m * s.n));
+    }
+    let t = Instant::now();
+    let lib = KernelLibrary::build(&kernels, &target).expect("compile");
+    println!("compiled {} kernels in {:.2} s", kernels.len(), t.elapsed().as_secs_f64());
+    if let Ok(dir) = std::env::var("KILN_BENCH_DUMP") {
+        let dir = std::path::Path::new(&dir);
+        std::fs::create_dir_all(dir).expect("dump directory");
+        std::fs::write(dir.join("matmul.mlir"), &lib.compiled.mlir).expect("write mlir");
+        std::fs::write(dir.join("matmul.ll"), &lib.compiled.llvm_ir).expect("write llvm ir");
+        std::fs::write(dir.join("matmul.o"), &lib.compiled.object).expect("write object");
+        println!("wrote matmul.{{mlir,ll,o}} to {}", dir.display());
+    }
+
+    let thread_counts: Vec<usize> = std::env::var("KILN_BENCH_THREADS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|t| t.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2]);
+    let with_numpy = std::env::var("KILN_BENCH_NUMPY").map_or(true, |v| v != "0");
+    for threads in thread_counts {
+        let np = if with_numpy { numpy(&shapes, threads) } else { None };
+        if np.is_none() {
+            println!("numpy skipped (no python with numpy)");
+        }
+        println!(
+            "\n{threads} thread(s), GFLOP/s median (best)  {:>14} {:>16} {:>14} {:>8}",
+            "kiln", "numpy", "kiln/numpy", "% peak"
+        );
+        for (i, s) in shapes.iter().enumerate() {
+            let (la, lb, lc) = views[i];
+            let (mut a, mut b, mut c) = (Aligned::new(la, 1), Aligned::new(lb, 2), Aligned::new(lc, 3));
+            let bufs = [a.ptr() as usize, b.ptr() as usize, c.ptr() as usize];
+            let budget = Duration::from_millis(if s.m * s.n * s.k > 1 << 32 { 6000 } else { 1500 });
+            let (med, best) = measure(&lib, &kernels[i], &bufs, threads, budget);
+            let g = |secs: f64| kernels[i].flops as f64 / secs / 1e9;
+            let (gm, gb) = (g(med), g(best));
+            let np_g = np.as_ref().and_then(|v| v.get(i).copied());
+            let np_text = np_g.map_or("-".to_string(), |(m, b)| format!("{m:.1} ({b:.1})"));
+            let ratio = np_g.map_or("-".to_string(), |(m, b)| format!("{:.2}x ({:.2}x)", gm / m, gb / b));
+            println!(
+                "  {:<30} {:>14} {:>16} {:>14} {:>7.0}%",
+                s.name,
+                format!("{gm:.1} ({gb:.1})"),
+                np_text,
+                ratio,
+                100.0 * gb / (peak * threads as f64)
+            );
+        }
+    }
+}

@@ -1,0 +1,444 @@
+//! Generated matrix products (`kernels::matmul`) against an f64 reference computed here.
+//!
+//! Every case runs its kernel's range in three chunks (as threads would), checks each output
+//! element of the view, and checks that the buffer around a strided output is left untouched.
+
+use kiln_codegen::{kernels::matmul, kernels::View, CpuTarget, Kernel, KernelLibrary};
+use kiln_ir::{Activation, DType, GeluApprox};
+use proptest::prelude::*;
+
+/// How one operand's matrix sits in its buffer.
+#[derive(Clone, Copy, Debug, Default)]
+struct Layout {
+    /// Stored as the transposed matrix (`[cols, rows]` row-major), like a Linear weight.
+    transposed: bool,
+    /// Extra elements after each stored row (a row of a larger buffer).
+    pad: usize,
+    /// Elements before the view in its buffer.
+    offset: usize,
+    /// Every batch shares one matrix (stride 0 batch axes).
+    broadcast: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Bias {
+    None,
+    /// One value per column (stride 0 along batch and M), the Linear bias.
+    Column,
+    /// A full `[B…, M, N]` tensor.
+    Full,
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    batch: Vec<usize>,
+    m: usize,
+    k: usize,
+    n: usize,
+    dtype: DType,
+    a: Layout,
+    b: Layout,
+    out: Layout,
+    bias: Bias,
+    act: Activation,
+}
+
+impl Case {
+    fn new(m: usize, k: usize, n: usize) -> Case {
+        Case {
+            batch: vec![],
+            m,
+            k,
+            n,
+            dtype: DType::F32,
+            a: Layout::default(),
+            b: Layout::default(),
+            out: Layout::default(),
+            bias: Bias::None,
+            act: Activation::None,
+        }
+    }
+    fn batch(mut self, batch: &[usize]) -> Case {
+        self.batch = batch.to_vec();
+        self
+    }
+    fn dtype(mut self, d: DType) -> Case {
+        self.dtype = d;
+        self
+    }
+    fn bt(mut self) -> Case {
+        self.b.transposed = true;
+        self
+    }
+    fn bias(mut self, bias: Bias) -> Case {
+        self.bias = bias;
+        self
+    }
+    fn act(mut self, act: Activation) -> Case {
+        self.act = act;
+        self
+    }
+}
+
+/// A view of `rows × cols` matrices per batch, laid out as `l` says.
+fn view(batch: &[usize], rows: usize, cols: usize, dtype: DType, l: Layout) -> View {
+    let (srows, scols) = if l.transposed { (cols, rows) } else { (rows, cols) };
+    let ld = scols + l.pad;
+    let mat = srows * ld;
+    let nb: usize = if l.broadcast { 1 } else { batch.iter().product() };
+    let mut strides = vec![0; batch.len()];
+    if !l.broadcast {
+        let mut s = mat;
+        for (k, &d) in batch.iter().enumerate().rev() {
+            strides[k] = s;
+            s *= d;
+        }
+    }
+    strides.extend(if l.transposed { [1, ld] } else { [ld, 1] });
+    let mut shape = batch.to_vec();
+    shape.extend([rows, cols]);
+    View { shape, strides, offset: l.offset, dtype, buffer_len: (l.offset + nb * mat + 3).max(1) }
+}
+
+/// A bias view of the output's shape.
+fn bias_view(c: &Case) -> Option<View> {
+    let mut shape = c.batch.clone();
+    shape.extend([c.m, c.n]);
+    match c.bias {
+        Bias::None => None,
+        Bias::Column => {
+            let mut strides = vec![0; shape.len()];
+            *strides.last_mut().unwrap() = 1;
+            Some(View { shape, strides, offset: 1, dtype: c.dtype, buffer_len: c.n + 2 })
+        }
+        Bias::Full => Some(View::contiguous(&shape, c.dtype)),
+    }
+}
+
+/// Element values of a buffer, kept as f64 (every test value is exact in every dtype).
+struct Buf {
+    dtype: DType,
+    words: Vec<u64>,
+}
+
+impl Buf {
+    fn new(dtype: DType, len: usize) -> Buf {
+        let bytes = len * dtype.size_bytes();
+        Buf { dtype, words: vec![0; bytes.div_ceil(8) + 1] }
+    }
+    fn ptr(&mut self) -> *mut u8 {
+        self.words.as_mut_ptr().cast()
+    }
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: u64 → u8 reinterpretation of an owned, initialized buffer.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast(), self.words.len() * 8) }
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast(), self.words.len() * 8) }
+    }
+    fn set(&mut self, i: usize, v: f64) {
+        let d = self.dtype;
+        let s = d.size_bytes();
+        let raw = &mut self.bytes_mut()[i * s..(i + 1) * s];
+        match d {
+            DType::F32 => raw.copy_from_slice(&(v as f32).to_ne_bytes()),
+            DType::F64 => raw.copy_from_slice(&v.to_ne_bytes()),
+            DType::I32 => raw.copy_from_slice(&(v as i32).to_ne_bytes()),
+            DType::I64 => raw.copy_from_slice(&(v as i64).to_ne_bytes()),
+            DType::F16 => raw.copy_from_slice(&half::f16::from_f64(v).to_ne_bytes()),
+            DType::BF16 => raw.copy_from_slice(&half::bf16::from_f64(v).to_ne_bytes()),
+            DType::Bool => raw[0] = (v != 0.0) as u8,
+        }
+    }
+    fn get(&self, i: usize) -> f64 {
+        let s = self.dtype.size_bytes();
+        let raw = &self.bytes()[i * s..(i + 1) * s];
+        match self.dtype {
+            DType::F32 => f32::from_ne_bytes(raw.try_into().unwrap()) as f64,
+            DType::F64 => f64::from_ne_bytes(raw.try_into().unwrap()),
+            DType::I32 => i32::from_ne_bytes(raw.try_into().unwrap()) as f64,
+            DType::I64 => i64::from_ne_bytes(raw.try_into().unwrap()) as f64,
+            DType::F16 => half::f16::from_ne_bytes(raw.try_into().unwrap()).to_f64(),
+            DType::BF16 => half::bf16::from_ne_bytes(raw.try_into().unwrap()).to_f64(),
+            DType::Bool => raw[0] as f64,
+        }
+    }
+}
+
+/// A deterministic fill: small integers for integer dtypes, multiples of 1/64 in [-1, 1]
+/// otherwise (exact in every float type, so the reference sees the kernel's inputs).
+fn fill(buf: &mut Buf, len: usize, seed: u64) {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    for i in 0..len {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let r = (s >> 33) as i64;
+        let v = if buf.dtype.is_float() { (r % 129 - 64) as f64 / 64.0 } else { (r % 7 - 3) as f64 };
+        buf.set(i, v);
+    }
+}
+
+/// Buffer index of element `idx` of `v`.
+fn at(v: &View, idx: &[usize]) -> usize {
+    v.offset + idx.iter().zip(&v.strides).map(|(i, s)| i * s).sum::<usize>()
+}
+
+fn activation(act: Activation, x: f64) -> f64 {
+    match act {
+        Activation::None => x,
+        Activation::Relu => x.max(0.0),
+        Activation::Gelu(GeluApprox::Erf) => 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)),
+        Activation::Gelu(GeluApprox::Tanh) => {
+            let k = (2.0 / std::f64::consts::PI).sqrt();
+            0.5 * x * (1.0 + (k * (x + 0.044715 * x * x * x)).tanh())
+        }
+        Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+        Activation::Tanh => x.tanh(),
+    }
+}
+
+/// All row-major indices of `shape`.
+fn indices(shape: &[usize]) -> Vec<Vec<usize>> {
+    let mut all = vec![vec![]];
+    for &d in shape {
+        all = all.into_iter().flat_map(|p| (0..d).map(move |i| [p.clone(), vec![i]].concat())).collect();
+    }
+    all
+}
+
+struct Prepared {
+    case: Case,
+    kernel: Kernel,
+    views: Vec<View>,
+}
+
+fn prepare(symbol: &str, case: &Case) -> Prepared {
+    let d = case.dtype;
+    let a = view(&case.batch, case.m, case.k, d, case.a);
+    let b = view(&case.batch, case.k, case.n, d, case.b);
+    let out = view(&case.batch, case.m, case.n, d, case.out);
+    let bias = bias_view(case);
+    let kernel = matmul::emit(symbol, &a, &b, bias.as_ref(), case.act, &out, &CpuTarget::host())
+        .unwrap_or_else(|e| panic!("{case:?}: {e}"));
+    let views = [Some(a), Some(b), bias, Some(out)].into_iter().flatten().collect();
+    Prepared { case: case.clone(), kernel, views }
+}
+
+/// Runs a prepared case in `lib` and checks it.
+fn check(lib: &KernelLibrary, p: &Prepared) {
+    let case = &p.case;
+    let d = case.dtype;
+    let mut bufs: Vec<Buf> = p.views.iter().map(|v| Buf::new(d, v.buffer_len)).collect();
+    let n_in = bufs.len() - 1;
+    for (i, (buf, v)) in bufs.iter_mut().zip(&p.views).enumerate() {
+        if i < n_in {
+            fill(buf, v.buffer_len, i as u64 + 7);
+        } else {
+            for j in 0..v.buffer_len {
+                buf.set(j, 77.0);
+            }
+        }
+    }
+    let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.ptr()).collect();
+    let r = p.kernel.range;
+    for (lo, hi) in [(0, r / 3), (r / 3, 2 * r / 3), (2 * r / 3, r)] {
+        unsafe { lib.call(&p.kernel.symbol, &ptrs, lo, hi).unwrap() };
+    }
+    let (av, bv, ov) = (&p.views[0], &p.views[1], &p.views[n_in]);
+    let cv = (case.bias != Bias::None).then(|| &p.views[2]);
+    let lead = case.batch.len();
+    let mut written = vec![false; ov.buffer_len];
+    let tol = match d {
+        DType::F16 => 2e-2,
+        DType::BF16 => 8e-2,
+        DType::F32 => 1e-4,
+        _ => 1e-9,
+    };
+    let mut shape = case.batch.clone();
+    shape.extend([case.m, case.n]);
+    for idx in indices(&shape) {
+        let (i, j) = (idx[lead], idx[lead + 1]);
+        let mut s = 0.0;
+        for kk in 0..case.k {
+            let mut ia = idx.clone();
+            ia[lead + 1] = kk;
+            let mut ib = idx.clone();
+            ib[lead] = kk;
+            ib[lead + 1] = j;
+            ia[lead] = i;
+            s += bufs[0].get(at(av, &ia)) * bufs[1].get(at(bv, &ib));
+        }
+        if let Some(cv) = cv {
+            s += bufs[2].get(at(cv, &idx));
+        }
+        let want = activation(case.act, s);
+        let o = at(ov, &idx);
+        written[o] = true;
+        let got = bufs[n_in].get(o);
+        assert!(
+            (got - want).abs() <= tol * (1.0 + want.abs()),
+            "{case:?}\nat {idx:?}: got {got}, want {want}"
+        );
+    }
+    for (o, w) in written.iter().enumerate() {
+        if !w {
+            assert_eq!(bufs[n_in].get(o), 77.0, "{case:?}: element {o} outside the output view was written");
+        }
+    }
+}
+
+/// Compiles all cases into one library and checks each.
+fn run(cases: &[Case]) {
+    let prepared: Vec<Prepared> =
+        cases.iter().enumerate().map(|(i, c)| prepare(&format!("mm{i}"), c)).collect();
+    let kernels: Vec<Kernel> = prepared.iter().map(|p| p.kernel.clone()).collect();
+    let lib = KernelLibrary::build(&kernels, &CpuTarget::host()).unwrap();
+    for p in &prepared {
+        check(&lib, p);
+    }
+}
+
+#[test]
+fn f32_shapes() {
+    let shapes = [
+        (1, 1, 1),
+        (7, 13, 5),
+        (1, 64, 37),
+        (1, 300, 1),
+        (6, 16, 16),
+        (12, 32, 32),
+        (13, 17, 19),
+        (5, 3, 40),
+        (31, 257, 33),
+        (50, 520, 70),
+        (97, 9, 300),
+        (64, 600, 48),
+    ];
+    let cases: Vec<Case> = shapes.iter().map(|&(m, k, n)| Case::new(m, k, n)).collect();
+    run(&cases);
+}
+
+#[test]
+fn f32_transposed_weight_bias_activations() {
+    let mut cases = vec![];
+    for (i, act) in Activation::ALL.into_iter().enumerate() {
+        let bias = [Bias::Column, Bias::None, Bias::Full][i % 3];
+        cases.push(Case::new(20, 24, 35).bt().bias(bias).act(act));
+        cases.push(Case::new(9, 70, 17).bias(Bias::Column).act(act));
+    }
+    cases.push(Case::new(1, 384, 384).bt().bias(Bias::Column).act(Activation::Gelu(GeluApprox::Erf)));
+    cases.push(Case::new(33, 300, 100).bt().bias(Bias::Full).act(Activation::Gelu(GeluApprox::Tanh)));
+    run(&cases);
+}
+
+#[test]
+fn f32_batches_and_strided_views() {
+    let mut cases = vec![
+        Case::new(5, 7, 9).batch(&[3]),
+        Case::new(8, 20, 24).batch(&[2, 3]).bt().bias(Bias::Column).act(Activation::Relu),
+        Case::new(3, 5, 30).batch(&[4]).bias(Bias::Full),
+    ];
+    let mut c = Case::new(11, 19, 23).batch(&[3]);
+    c.b.broadcast = true;
+    c.b.transposed = true;
+    cases.push(c);
+    let mut c = Case::new(11, 19, 23).batch(&[2, 2]);
+    c.a.broadcast = true;
+    cases.push(c.bias(Bias::Column));
+    let mut c = Case::new(17, 40, 21).batch(&[2]).act(Activation::Tanh).bias(Bias::Column);
+    c.a = Layout { pad: 5, offset: 3, ..Layout::default() };
+    c.out = Layout { pad: 4, offset: 2, ..Layout::default() };
+    c.b = Layout { transposed: true, pad: 2, offset: 1, ..Layout::default() };
+    cases.push(c);
+    // a transposed (x^T·W) and an output written column-major.
+    let mut c = Case::new(14, 10, 18).bias(Bias::Full).act(Activation::Sigmoid);
+    c.a.transposed = true;
+    c.out.transposed = true;
+    cases.push(c);
+    run(&cases);
+}
+
+#[test]
+fn other_dtypes() {
+    let mut cases = vec![];
+    for d in [DType::F64, DType::I32, DType::I64, DType::F16, DType::BF16] {
+        let act = if d.is_float() { Activation::Gelu(GeluApprox::Erf) } else { Activation::Relu };
+        cases.push(Case::new(7, 13, 5).dtype(d));
+        cases.push(Case::new(9, 33, 12).batch(&[2]).bt().bias(Bias::Column).act(act).dtype(d));
+        let mut c = Case::new(4, 6, 8).batch(&[3]).bias(Bias::Full).dtype(d);
+        c.a.broadcast = true;
+        c.out = Layout { pad: 3, offset: 5, ..Layout::default() };
+        cases.push(c);
+    }
+    run(&cases);
+}
+
+#[test]
+fn rejects_what_it_cannot_do() {
+    let t = CpuTarget::host();
+    let v = |shape: &[usize], d| View::contiguous(shape, d);
+    let bool_case = matmul::emit(
+        "x",
+        &v(&[2, 2], DType::Bool),
+        &v(&[2, 2], DType::Bool),
+        None,
+        Activation::None,
+        &v(&[2, 2], DType::Bool),
+        &t,
+    );
+    assert!(bool_case.is_err());
+    let mixed = matmul::emit(
+        "x",
+        &v(&[2, 2], DType::F32),
+        &v(&[2, 2], DType::F64),
+        None,
+        Activation::None,
+        &v(&[2, 2], DType::F32),
+        &t,
+    );
+    assert!(mixed.is_err());
+    let int_gelu = matmul::emit(
+        "x",
+        &v(&[2, 2], DType::I32),
+        &v(&[2, 2], DType::I32),
+        None,
+        Activation::Gelu(GeluApprox::Erf),
+        &v(&[2, 2], DType::I32),
+        &t,
+    );
+    assert!(int_gelu.is_err());
+    let mut short = v(&[4, 4], DType::F32);
+    short.buffer_len = 10;
+    let oob = matmul::emit(
+        "x",
+        &short,
+        &v(&[4, 4], DType::F32),
+        None,
+        Activation::None,
+        &v(&[4, 4], DType::F32),
+        &t,
+    );
+    assert!(oob.is_err());
+}
+
+fn act_strategy() -> impl Strategy<Value = Activation> {
+    (0..Activation::ALL.len()).prop_map(|i| Activation::ALL[i])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #[test]
+    fn random_small_f32(
+        m in 1usize..30, k in 1usize..40, n in 1usize..45,
+        nbatch in 0usize..3, bt in any::<bool>(), bias in 0usize..3, act in act_strategy(),
+        pad in 0usize..3,
+    ) {
+        let mut c = Case::new(m, k, n).bias([Bias::None, Bias::Column, Bias::Full][bias]).act(act);
+        c.batch = vec![2; nbatch];
+        c.b.transposed = bt;
+        c.a.pad = pad;
+        c.out.pad = pad;
+        c.out.offset = pad;
+        run(&[c]);
+    }
+}

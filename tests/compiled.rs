@@ -1,0 +1,352 @@
+//! The native path computes what the reference interpreter computes: every op family, random
+//! graphs, and every shipped model, compiled for this CPU, written as an artifact, loaded by
+//! kiln-runtime and run (f32: max |Δ| ≤ 1e-4·(1 + |ref|)).
+//!
+//! One test binary for all of it: the compiler links MLIR and LLVM statically.
+
+use kiln_ir::{Buffer, DType, Graph, Op, Tensor};
+use kiln_runtime::{Model, Options, TensorRef};
+use proptest::prelude::*;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Deterministic inputs: floats standard normal, integers in `0..bound` (the smallest table
+/// an index feeds, else 2), bools random.
+fn inputs_for(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
+    let mut out = HashMap::new();
+    for &i in &g.inputs {
+        let Op::Input { name, dtype, shape } = &g.node(i).op else { continue };
+        let stream = kiln_ir::rng::stream_of(name);
+        let n: usize = shape.iter().product();
+        let bound = g
+            .users(i)
+            .into_iter()
+            .filter_map(|u| match g.node(u).op {
+                Op::Gather { axis } if g.operands(u).get(1) == Some(&i) => Some(g.ty(g.operands(u)[0]).shape[axis]),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(2);
+        let v: Vec<f64> = (0..n)
+            .map(|k| {
+                if dtype.is_float() {
+                    kiln_ir::rng::normal(seed, stream, k as u64)
+                } else {
+                    (kiln_ir::rng::uniform(seed, stream, k as u64) * bound as f64).floor()
+                }
+            })
+            .collect();
+        out.insert(name.clone(), Tensor { shape: shape.clone(), data: Buffer::from_f64(*dtype, v.into_iter()) });
+    }
+    out
+}
+
+fn bytes_of(t: &Tensor) -> Vec<u8> {
+    match &t.data {
+        Buffer::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Buffer::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Buffer::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Buffer::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Buffer::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Buffer::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        Buffer::Bool(v) => v.iter().map(|&x| u8::from(x)).collect(),
+    }
+}
+
+/// Outputs as f64, through the compiled path.
+fn run_compiled(g: &Graph, params: &HashMap<String, Tensor>, inputs: &HashMap<String, Tensor>) -> Vec<Vec<f64>> {
+    let s = kiln_sched::schedule(g).expect("schedules");
+    let dir = tempfile::tempdir().unwrap();
+    kiln_codegen::build_artifact(&g.name, &s, params, &kiln_codegen::CpuTarget::host(), dir.path())
+        .unwrap_or_else(|e| panic!("{}: {e}", g.name));
+    let mut model = Model::load_with(dir.path(), &Options { threads: Some(2) }).unwrap();
+    let owned: Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> = model
+        .inputs()
+        .iter()
+        .map(|spec| (spec.name.clone(), spec.dtype, spec.shape.clone(), bytes_of(&inputs[&spec.name])))
+        .collect();
+    let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
+    let outs = model.run(&refs).unwrap();
+    outs.iter()
+        .map(|t| match t.dtype() {
+            kiln_runtime::DType::F32 => t.as_f32().unwrap().iter().map(|&x| x as f64).collect(),
+            kiln_runtime::DType::F64 => t.as_f64().unwrap().to_vec(),
+            kiln_runtime::DType::I32 => t.as_i32().unwrap().iter().map(|&x| x as f64).collect(),
+            kiln_runtime::DType::I64 => t.as_i64().unwrap().iter().map(|&x| x as f64).collect(),
+            kiln_runtime::DType::Bool => t.bytes().iter().map(|&x| x as f64).collect(),
+            kiln_runtime::DType::F16 => {
+                t.bytes().chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect()
+            }
+            kiln_runtime::DType::BF16 => {
+                t.bytes().chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect()
+            }
+        })
+        .collect()
+}
+
+/// Compiles and runs `g`, evaluates it with the interpreter, and compares every output.
+fn check_graph(g: &Graph, seed: u64, tol: f64) {
+    let params = kiln_ir::bind_params(g, None, seed, false).unwrap();
+    let inputs = inputs_for(g, seed);
+    let want = kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
+    let got = run_compiled(g, &params, &inputs);
+    assert_eq!(got.len(), want.len());
+    for ((name, w), gv) in want.iter().zip(&got) {
+        let wv = w.to_f64_vec();
+        assert_eq!(wv.len(), gv.len(), "{}: output `{name}` length", g.name);
+        for (i, (a, b)) in wv.iter().zip(gv).enumerate() {
+            let same = (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= tol * (1.0 + a.abs());
+            assert!(same, "{}: output `{name}`[{i}]: interpreter {a}, compiled {b}", g.name);
+        }
+    }
+}
+
+fn lower(name: &str, text: &str) -> Graph {
+    let (sources, l) = kiln_lower::load_str(name, text, &[]);
+    match l {
+        Ok(l) => l.graph,
+        Err(d) => panic!("{}", d.render(&sources)),
+    }
+}
+
+fn optimized(g: &Graph) -> Graph {
+    kiln_opt::optimize(g, &kiln_opt::Options::default()).unwrap().0
+}
+
+/// One small model per op family; each is checked as written and after optimization.
+const OP_CASES: &[(&str, &str, &str)] = &[
+    (
+        "elementwise",
+        r#"{ "x": (f32, [3, 5, 7]), "y": (f32, [5, 1]) }"#,
+        r#"Let("a", Add(Mul(Exp(Mul("x", 0.3)), "y"), Tanh("x"))),
+           Let("b", Div(Sub(Erf("x"), Sigmoid("x")), Add(Abs("x"), 1.0))),
+           Let("c", Max(Min(Relu(Neg("x")), Sqrt(Abs("y"))), Rsqrt(Add(Abs("x"), 0.5)))),
+           Let("d", Add(Log(Add(Abs("x"), 1.0)), Add(Sin("x"), Cos("y")))),
+           Let("e", Add(Pow(Abs("x"), 1.5), Recip(Add(Abs("y"), 2.0)))),"#,
+    ),
+    (
+        "compare_where_cast",
+        r#"{ "x": (f32, [4, 6]), "i": (i64, [4, 6]) }"#,
+        r#"Let("a", Where(Gt("x", 0.0), "x", Mul("x", 0.1))),
+           Let("b", Cast(x: Le("x", 0.5), to: f32)),
+           Let("c", Add(Cast(x: "i", to: f32), Cast(x: Cast(x: Mul("x", 3.0), to: i32), to: f32))),
+           Let("d", Cast(x: Ne("i", 1), to: i64)),
+           Let("e", Sub(Mul("i", 7), Div(Max("i", 1), 2))),"#,
+    ),
+    (
+        "reduce",
+        r#"{ "x": (f32, [4, 6, 8]) }"#,
+        r#"Let("a", Sum(x: "x", axes: [2])),
+           Let("b", Mean(x: "x", axes: [0, 2])),
+           Let("c", ReduceMax(x: "x", axes: [1], keepdims: true)),
+           Let("d", ReduceMin(x: Transpose(x: "x", perm: [2, 0, 1]), axes: [0, 1])),"#,
+    ),
+    (
+        "layout",
+        r#"{ "x": (f32, [2, 3, 4, 5]), "ids": (i64, [2, 3]) }"#,
+        r#"Let("a", Reshape(Transpose(x: "x", perm: [0, 2, 1, 3]), [2, 4, 15])),
+           Let("b", Slice(x: "x", axis: 3, start: 1, end: 5, step: 2)),
+           Let("c", Concat(xs: ["x", Mul("x", 2.0)], axis: 1)),
+           Let("d", Pad(x: "x", pads: [[0, 0], [1, 0], [0, 2], [1, 1]], value: -1.0)),
+           Let("e", Gather(table: Reshape("x", [6, 20]), indices: "ids")),
+           Let("f", BroadcastTo(x: Slice(x: "x", axis: 0, start: 0, end: 1), shape: [3, 3, 4, 5])),
+           Let("g", Cast(x: Iota(shape: [3, 4], axis: 1), to: f32)),"#,
+    ),
+    (
+        "conv_pool",
+        r#"{ "x": (f32, [2, 4, 9, 9]) }"#,
+        r#"Let("w", Param(shape: [6, 2, 3, 3], init: Normal(std: 0.3))),
+           Let("a", Conv2d(x: "x", w: "w", stride: [2, 1], padding: [1, 2], groups: 2)),
+           Let("b", MaxPool2d(x: "x", kernel: [3, 3], stride: [2, 2], padding: [1, 1])),
+           Let("c", AvgPool2d(x: "x", kernel: [2, 3], stride: [1, 2], padding: [1, 1])),"#,
+    ),
+    (
+        "fused",
+        r#"{ "x": (f32, [2, 9, 24]), "r": (f32, [2, 9, 24]) }"#,
+        r#"Let("a", Softmax(x: "x", axis: 2)),
+           Let("b", Softmax(x: "x", axis: 1)),
+           Let("c", LogSoftmax(x: "x", axis: 2)),
+           Let("d", LayerNorm(x: "x", eps: 1e-5)),
+           Let("e", RmsNorm(x: "x", eps: 1e-6)),
+           Let("f", Gelu(x: "x")),
+           Let("g", AddNorm(a: "x", b: "r", eps: 1e-5)),"#,
+    ),
+    (
+        "matmul",
+        r#"{ "a": (f32, [2, 7, 12]), "b": (f32, [12, 5]), "c": (f32, [2, 12, 5]), "v": (f32, [12]), "bt": (f32, [5, 12]) }"#,
+        r#"Let("x", MatMul("a", "b")),
+           Let("y", MatMul("a", "c")),
+           Let("z", MatMul("a", "v")),
+           Let("w", Relu(Add(MatMul("a", Transpose("bt")), 0.5))),
+           Let("u", MatMul("v", "c")),"#,
+    ),
+    (
+        "attention",
+        r#"{ "q": (f32, [2, 3, 10, 8]), "k": (f32, [2, 3, 12, 8]), "v": (f32, [2, 3, 12, 8]), "m": (f32, [2, 1, 1, 12]) }"#,
+        r#"Let("a", Attention(q: "q", k: "k", v: "v", scale: 0.35)),
+           Let("b", Attention(q: "q", k: "k", v: "v", mask: "m", scale: 0.35)),
+           Let("c", Attention(q: "q", k: "q", v: "q", causal: true, scale: 0.35)),"#,
+    ),
+];
+
+fn op_case(name: &str, inputs: &str, body: &str) -> Graph {
+    let lets: Vec<&str> = body.split("Let(\"").skip(1).map(|s| s.split('"').next().unwrap_or("")).collect();
+    let outputs: Vec<String> = lets.iter().map(|n| format!("{n:?}")).collect();
+    let text = format!(
+        "Model(name: {name:?}, config: {{}}, inputs: {inputs}, body: [{body}], outputs: [{}])",
+        outputs.join(", ")
+    );
+    lower(name, &text)
+}
+
+#[test]
+fn every_op_family_compiles_like_the_interpreter() {
+    for (name, inputs, body) in OP_CASES {
+        let g = op_case(name, inputs, body);
+        check_graph(&g, 1, 1e-4);
+        check_graph(&optimized(&g), 2, 1e-4);
+    }
+}
+
+fn shipped(model: &str, set: &[&str]) -> Graph {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(model);
+    let ov: Vec<kiln_lower::Override> = set.iter().map(|s| kiln_lower::Override::parse(s).unwrap()).collect();
+    let (sources, l) = kiln_lower::load(&path, &ov);
+    match l {
+        Ok(l) => l.graph,
+        Err(d) => panic!("{}", d.render(&sources)),
+    }
+}
+
+#[test]
+fn shipped_models_compile_like_the_interpreter() {
+    for model in ["mlp.ron", "bert_encoder.ron", "seed_transformer.ron", "resnet_block.ron", "lstm.ron"] {
+        check_graph(&optimized(&shipped(model, &[])), 0, 1e-4);
+    }
+    // GPT-2 small's 50257-token vocabulary makes the interpreter slow: two layers say the same.
+    check_graph(&optimized(&shipped("gpt2.ron", &["layers=2"])), 0, 1e-4);
+}
+
+/// A random graph of elementwise ops, broadcasts, transposes and reductions over f32 inputs.
+fn random_graph(ops: &[(u8, u8, u8)]) -> Graph {
+    let mut g = Graph::new("random");
+    let shape = vec![3, 4, 5];
+    let input = |g: &mut Graph, name: &str, shape: Vec<usize>| {
+        g.add(Op::Input { name: name.into(), dtype: DType::F32, shape }, &[]).unwrap()
+    };
+    let mut pool = vec![input(&mut g, "x", shape.clone()), input(&mut g, "y", vec![4, 1]), input(&mut g, "z", vec![5])];
+    for &(kind, a, b) in ops {
+        let x = pool[a as usize % pool.len()];
+        let y = pool[b as usize % pool.len()];
+        let unary = [kiln_ir::UnaryOp::Exp, kiln_ir::UnaryOp::Tanh, kiln_ir::UnaryOp::Neg, kiln_ir::UnaryOp::Sigmoid];
+        let binary = [kiln_ir::BinaryOp::Add, kiln_ir::BinaryOp::Mul, kiln_ir::BinaryOp::Sub, kiln_ir::BinaryOp::Max];
+        let node = match kind % 5 {
+            0 => {
+                // Keep exp's argument small so values stay comparable.
+                let t = g.add(Op::Unary(kiln_ir::UnaryOp::Tanh), &[x]).unwrap();
+                g.add(Op::Unary(unary[b as usize % 4]), &[t]).ok()
+            }
+            1 | 2 => g.add(Op::Binary(binary[(a ^ b) as usize % 4]), &[x, y]).ok(),
+            3 => {
+                let r = g.ty(x).shape.len();
+                let perm: Vec<usize> = (0..r).rev().collect();
+                g.add(Op::Transpose { perm }, &[x]).ok()
+            }
+            _ => {
+                let r = g.ty(x).shape.len();
+                if r == 0 {
+                    None
+                } else {
+                    g.add(Op::Reduce { op: kiln_ir::ReduceOp::Sum, axes: vec![b as usize % r], keepdims: a % 2 == 0 }, &[x])
+                        .ok()
+                }
+            }
+        };
+        if let Some(n) = node {
+            pool.push(n);
+        }
+    }
+    let last = *pool.last().expect("inputs");
+    g.add_output("out", last);
+    if pool.len() > 4 {
+        g.add_output("mid", pool[pool.len() / 2 + 1]);
+    }
+    g
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+    #[test]
+    fn random_graphs_compile_like_the_interpreter(ops in prop::collection::vec((0u8..10, 0u8..20, 0u8..20), 1..10)) {
+        let g = random_graph(&ops);
+        check_graph(&g, 3, 1e-4);
+    }
+}
+
+#[test]
+fn aarch64_artifacts_are_arm_shared_objects() {
+    let g = optimized(&shipped("mlp.ron", &[]));
+    let s = kiln_sched::schedule(&g).unwrap();
+    let params = kiln_ir::bind_params(&g, None, 0, false).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    kiln_codegen::build_artifact("mlp", &s, &params, &kiln_codegen::CpuTarget::aarch64(), dir.path()).unwrap();
+    let so = std::fs::read(dir.path().join("kernels.so")).unwrap();
+    // ELF, 64-bit, little-endian, shared object (ET_DYN = 3), machine EM_AARCH64 (183).
+    assert_eq!(&so[..4], b"\x7fELF");
+    assert_eq!((so[4], so[5]), (2, 1));
+    assert_eq!(u16::from_le_bytes([so[16], so[17]]), 3, "a shared object");
+    assert_eq!(u16::from_le_bytes([so[18], so[19]]), 183, "for AArch64");
+    if let Ok(out) = std::process::Command::new("file").arg(dir.path().join("kernels.so")).output() {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("ARM aarch64") && text.contains("shared object"), "{text}");
+    }
+    // The runtime refuses it here, naming both architectures.
+    if std::env::consts::ARCH != "aarch64" {
+        let err = Model::load(dir.path()).err().expect("refused").to_string();
+        assert!(err.contains("aarch64"), "{err}");
+    }
+}
+
+fn kiln(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .expect("run kiln")
+}
+
+#[test]
+fn cli_compiles_runs_and_refuses_damaged_artifacts() {
+    let dir = tempfile::tempdir().unwrap();
+    let art = dir.path().join("mlp.kiln");
+    let art_s = art.to_str().unwrap();
+    let out = kiln(&["compile", "models/mlp.ron", "-o", art_s]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("compiled `mlp` for host"), "{text}");
+
+    // The artifact and the in-memory path agree with each other.
+    let aot = kiln(&["run", art_s, "--repeats", "2", "--profile"]);
+    assert!(aot.status.success(), "{}", String::from_utf8_lossy(&aot.stderr));
+    let aot = String::from_utf8_lossy(&aot.stdout).into_owned();
+    assert!(aot.contains("arena"), "the profile names the arena:\n{aot}");
+    let jit = kiln(&["run", "models/mlp.ron", "--repeats", "1"]);
+    assert!(jit.status.success(), "{}", String::from_utf8_lossy(&jit.stderr));
+    let jit = String::from_utf8_lossy(&jit.stdout).into_owned();
+    let probs = |s: &str| s.lines().find(|l| l.starts_with("probs:")).map(str::to_owned);
+    assert_eq!(probs(&aot), probs(&jit), "same model, same seed, same numbers");
+    assert!(probs(&jit).is_some(), "{jit}");
+
+    // A truncated weights file is refused by name, with exit status 1.
+    let weights = art.join("weights.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let bad = kiln(&["run", art_s]);
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("weights.safetensors"), "{err}");
+
+    let usage = kiln(&["compile", "models/mlp.ron", "--target", "riscv64", "-o", art_s]);
+    assert_eq!(usage.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&usage.stderr).contains("unknown target `riscv64`"));
+}
