@@ -54,6 +54,10 @@ fn shipped_models_schedule_with_sound_memory_plans() {
         let s = scheduled(model);
         check(&s);
         assert!(s.arena_bytes <= s.arena_bytes_unshared, "{model}");
+        // The schedule as `kiln inspect --stage kernels` prints it; bless changes with
+        // `INSTA_UPDATE=always cargo test -p kiln-sched --test models`.
+        let name = format!("kernels_{}", model.trim_end_matches(".ron"));
+        insta::assert_snapshot!(name, kiln_sched::print::to_text(&s));
     }
 }
 
