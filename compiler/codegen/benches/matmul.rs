@@ -17,6 +17,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
 /// One benchmarked product: `[m, k] · [k, n]`, b stored `[n, k]` when `bt` (a Linear weight).
 struct Shape {
     name: &'static str,
@@ -70,14 +72,27 @@ impl Aligned {
 
 /// Median and best seconds of `f` over repeats after one warm-up, repeating for about
 /// `budget`. The best is the figure to trust on a busy machine: interference only adds time.
+/// With `KILN_BENCH_CPUTIME=1` it times this thread's CPU time instead (steadier on a shared
+/// machine; meaningful for one thread only).
 fn time(mut f: impl FnMut(), budget: Duration) -> (f64, f64) {
+    let cputime = std::env::var("KILN_BENCH_CPUTIME").is_ok_and(|v| v == "1");
+    let now = || {
+        if cputime {
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: clock_gettime writes the timespec it is given.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+            ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+        } else {
+            EPOCH.elapsed().as_secs_f64()
+        }
+    };
     f();
     let mut times = vec![];
     let start = Instant::now();
     while times.len() < 3 || (start.elapsed() < budget && times.len() < 50) {
-        let t = Instant::now();
+        let t = now();
         f();
-        times.push(t.elapsed().as_secs_f64());
+        times.push(now() - t);
     }
     times.sort_by(f64::total_cmp);
     (times[times.len() / 2], times[0])
@@ -185,7 +200,8 @@ fn numpy(shapes: &[&Shape], threads: usize) -> Option<Vec<(f64, f64)>> {
         shapes.iter().map(|s| format!("({},{},{},{})", s.m, s.k, s.n, s.bt as u8)).collect();
     let script = format!(
         r#"
-import time, numpy as np
+import os, time, numpy as np
+clock = time.thread_time if os.environ.get("KILN_BENCH_CPUTIME") == "1" else time.perf_counter
 for m, k, n, bt in [{}]:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((m, k), dtype=np.float32)
@@ -196,7 +212,7 @@ for m, k, n, bt in [{}]:
     ts = []
     t0 = time.perf_counter()
     while len(ts) < 3 or (time.perf_counter() - t0 < 2.0 and len(ts) < 50):
-        t = time.perf_counter(); np.matmul(a, b, out=c); ts.append(time.perf_counter() - t)
+        t = clock(); np.matmul(a, b, out=c); ts.append(clock() - t)
     ts.sort()
     print(2.0 * m * n * k / ts[len(ts) // 2] / 1e9, 2.0 * m * n * k / ts[0] / 1e9)
 "#,

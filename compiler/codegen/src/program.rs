@@ -69,7 +69,12 @@ pub fn kernels(s: &Schedule, target: &dyn Target) -> Result<Program, CodegenErro
     Ok(Program { kernels, step_kernel })
 }
 
-fn kernel(s: &Schedule, sym: &str, k: &kiln_sched::Kernel, target: &dyn Target) -> Result<Kernel, CodegenError> {
+fn kernel(
+    s: &Schedule,
+    sym: &str,
+    k: &kiln_sched::Kernel,
+    target: &dyn Target,
+) -> Result<Kernel, CodegenError> {
     let out = plain(s, &k.output);
     let ins = &k.inputs;
     let op = match &k.op {

@@ -212,13 +212,13 @@ struct Prepared {
     views: Vec<View>,
 }
 
-fn prepare(symbol: &str, case: &Case) -> Prepared {
+fn prepare(symbol: &str, case: &Case, target: &CpuTarget) -> Prepared {
     let d = case.dtype;
     let a = view(&case.batch, case.m, case.k, d, case.a);
     let b = view(&case.batch, case.k, case.n, d, case.b);
     let out = view(&case.batch, case.m, case.n, d, case.out);
     let bias = bias_view(case);
-    let kernel = matmul::emit(symbol, &a, &b, bias.as_ref(), case.act, &out, &CpuTarget::host())
+    let kernel = matmul::emit(symbol, &a, &b, bias.as_ref(), case.act, &out, target)
         .unwrap_or_else(|e| panic!("{case:?}: {e}"));
     let views = [Some(a), Some(b), bias, Some(out)].into_iter().flatten().collect();
     Prepared { case: case.clone(), kernel, views }
@@ -257,17 +257,14 @@ fn check(lib: &KernelLibrary, p: &Prepared) {
     let mut shape = case.batch.clone();
     shape.extend([case.m, case.n]);
     for idx in indices(&shape) {
-        let (i, j) = (idx[lead], idx[lead + 1]);
-        let mut s = 0.0;
-        for kk in 0..case.k {
-            let mut ia = idx.clone();
-            ia[lead + 1] = kk;
-            let mut ib = idx.clone();
-            ib[lead] = kk;
-            ib[lead + 1] = j;
-            ia[lead] = i;
-            s += bufs[0].get(at(av, &ia)) * bufs[1].get(at(bv, &ib));
-        }
+        let mut first = idx.clone();
+        first[lead + 1] = 0;
+        let a0 = at(av, &first);
+        first[lead + 1] = idx[lead + 1];
+        first[lead] = 0;
+        let b0 = at(bv, &first);
+        let (sa, sb) = (av.strides[lead + 1], bv.strides[lead]);
+        let mut s: f64 = (0..case.k).map(|kk| bufs[0].get(a0 + kk * sa) * bufs[1].get(b0 + kk * sb)).sum();
         if let Some(cv) = cv {
             s += bufs[2].get(at(cv, &idx));
         }
@@ -287,12 +284,16 @@ fn check(lib: &KernelLibrary, p: &Prepared) {
     }
 }
 
-/// Compiles all cases into one library and checks each.
+/// Compiles all cases for the host into one library and checks each.
 fn run(cases: &[Case]) {
+    run_on(&CpuTarget::host(), cases);
+}
+
+fn run_on(target: &CpuTarget, cases: &[Case]) {
     let prepared: Vec<Prepared> =
-        cases.iter().enumerate().map(|(i, c)| prepare(&format!("mm{i}"), c)).collect();
+        cases.iter().enumerate().map(|(i, c)| prepare(&format!("mm{i}"), c, target)).collect();
     let kernels: Vec<Kernel> = prepared.iter().map(|p| p.kernel.clone()).collect();
-    let lib = KernelLibrary::build(&kernels, &CpuTarget::host()).unwrap();
+    let lib = KernelLibrary::build(&kernels, target).unwrap();
     for p in &prepared {
         check(&lib, p);
     }
@@ -314,7 +315,10 @@ fn f32_shapes() {
         (97, 9, 300),
         (64, 600, 48),
     ];
-    let cases: Vec<Case> = shapes.iter().map(|&(m, k, n)| Case::new(m, k, n)).collect();
+    let mut cases: Vec<Case> = shapes.iter().map(|&(m, k, n)| Case::new(m, k, n)).collect();
+    // Empty products: K = 0 leaves activation(bias); M = 0 has nothing to do.
+    cases.push(Case::new(3, 0, 5).bias(Bias::Column).act(Activation::Sigmoid));
+    cases.push(Case::new(0, 4, 5));
     run(&cases);
 }
 
@@ -329,6 +333,31 @@ fn f32_transposed_weight_bias_activations() {
     cases.push(Case::new(1, 384, 384).bt().bias(Bias::Column).act(Activation::Gelu(GeluApprox::Erf)));
     cases.push(Case::new(33, 300, 100).bt().bias(Bias::Full).act(Activation::Gelu(GeluApprox::Tanh)));
     run(&cases);
+}
+
+/// Large enough to take the paths for many rows: a packed into contiguous blocks (rows ≥ 256,
+/// row stride ≥ 1024) and wide column blocks (≥ 512 rows in all).
+#[test]
+fn f32_large_paths() {
+    run(&[
+        Case::new(300, 1030, 70).bias(Bias::Column).act(Activation::Relu),
+        Case::new(130, 40, 1050).batch(&[4]).bt().bias(Bias::Column),
+        Case::new(257, 1024, 33).bt().act(Activation::Gelu(GeluApprox::Tanh)),
+    ]);
+}
+
+/// Baseline x86-64 (SSE2, 4 lanes): other tile sizes and the generic in-register transpose.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn f32_four_lanes() {
+    run_on(
+        &CpuTarget::x86_64(),
+        &[
+            Case::new(13, 37, 29).bt().bias(Bias::Column).act(Activation::Gelu(GeluApprox::Erf)),
+            Case::new(7, 300, 9).bias(Bias::Full),
+            Case::new(1, 64, 20).bt(),
+        ],
+    );
 }
 
 #[test]
@@ -419,6 +448,46 @@ fn rejects_what_it_cannot_do() {
         &t,
     );
     assert!(oob.is_err());
+    // A size-1 contracted axis is a shape error, not a broadcast.
+    let k1 = matmul::emit(
+        "x",
+        &v(&[2, 3], DType::F32),
+        &v(&[1, 4], DType::F32),
+        None,
+        Activation::None,
+        &v(&[2, 4], DType::F32),
+        &t,
+    );
+    assert!(k1.is_err());
+}
+
+/// Operands of lower rank than the output broadcast over its batch axes.
+#[test]
+fn lower_rank_operands_broadcast() {
+    let t = CpuTarget::host();
+    let a = View::contiguous(&[2, 3, 5], DType::F32);
+    let w = View::contiguous(&[5, 4], DType::F32);
+    let bias = View::contiguous(&[4], DType::F32);
+    let out = View::contiguous(&[2, 3, 4], DType::F32);
+    let k = matmul::emit("lr", &a, &w, Some(&bias), Activation::None, &out, &t).unwrap();
+    let lib = KernelLibrary::build(std::slice::from_ref(&k), &t).unwrap();
+    let mut av: Vec<f32> = (0..30).map(|i| i as f32 * 0.5 - 3.0).collect();
+    let mut wv: Vec<f32> = (0..20).map(|i| (i % 7) as f32 - 2.0).collect();
+    let mut cv: Vec<f32> = vec![0.25, -1.0, 2.0, 0.5];
+    let mut ov = vec![0f32; 24];
+    let ptrs = [
+        av.as_mut_ptr().cast(),
+        wv.as_mut_ptr().cast(),
+        cv.as_mut_ptr().cast(),
+        ov.as_mut_ptr().cast::<u8>(),
+    ];
+    unsafe { lib.call("lr", &ptrs, 0, k.range).unwrap() };
+    for (r, row) in ov.chunks(4).enumerate() {
+        for (j, &got) in row.iter().enumerate() {
+            let want: f32 = (0..5).map(|kk| av[r * 5 + kk] * wv[kk * 4 + j]).sum::<f32>() + cv[j];
+            assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "row {r} col {j}: {got} vs {want}");
+        }
+    }
 }
 
 fn act_strategy() -> impl Strategy<Value = Activation> {
