@@ -338,12 +338,7 @@ pub fn eval(a: &EvalArgs) -> Result<(), Failure> {
         })
         .collect();
     let inputs = fill_inputs(Some(g), &specs, &a.inputs, a.seed)?;
-    let weights = match &a.weights {
-        Some(p) => Some(kiln_ir::tensor_io::read_safetensors(p).map_err(|e| user(e.to_string()))?),
-        None => None,
-    };
-    let params = kiln_ir::bind_params(g, weights.as_deref(), a.seed, a.init_missing)
-        .map_err(|e| user(e.to_string()))?;
+    let params = bind_params(g, a.weights.as_deref(), a.seed, a.init_missing)?;
     if let Some(p) = &a.save_params {
         let mut list: Vec<(String, Tensor)> = params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         list.sort_by(|x, y| x.0.cmp(&y.0));
@@ -363,6 +358,27 @@ pub fn eval(a: &EvalArgs) -> Result<(), Failure> {
         write_outputs(out, &outputs)?;
     }
     Ok(())
+}
+
+/// The parameters of `g`: from the `.safetensors` weights file by name and/or from their
+/// initializers (see [`kiln_ir::bind_params_with_warnings`]). Tensors of the file that the model
+/// does not use are a warning on stderr; missing or mistyped ones are errors.
+pub(crate) fn bind_params(
+    g: &Graph,
+    weights: Option<&Path>,
+    seed: u64,
+    init_missing: bool,
+) -> Result<HashMap<String, Tensor>, Failure> {
+    let weights = match weights {
+        Some(p) => Some(kiln_ir::tensor_io::read_safetensors(p).map_err(|e| user(e.to_string()))?),
+        None => None,
+    };
+    let (params, warning) = kiln_ir::bind_params_with_warnings(g, weights.as_deref(), seed, init_missing)
+        .map_err(|e| user(e.to_string()))?;
+    if !warning.is_empty() {
+        eprintln!("warning: {warning}");
+    }
+    Ok(params)
 }
 
 /// Prints each output: dtype, shape, first values, mean and standard deviation.

@@ -1,7 +1,7 @@
 //! `kiln compile` and `kiln run`: the native path (optimize → schedule → MLIR/LLVM → artifact →
 //! runtime), and the conversions between the interpreter's tensors and the runtime's bytes.
 
-use crate::commands::{fill_inputs, load, print_outputs, user, write_outputs, Failure};
+use crate::commands::{bind_params, fill_inputs, load, print_outputs, user, write_outputs, Failure};
 use kiln_codegen::{CpuTarget, Target};
 use kiln_ir::{Buffer, DType, Graph, Tensor};
 use kiln_runtime::{Model, Options, TensorRef};
@@ -44,12 +44,7 @@ fn prepare(
     let l = load(model, &with_seed(set, seed))?;
     let (g, _) =
         kiln_opt::optimize(&l.graph, &kiln_opt::Options::default()).map_err(|e| user(e.to_string()))?;
-    let weights = match weights {
-        Some(p) => Some(kiln_ir::tensor_io::read_safetensors(p).map_err(|e| user(e.to_string()))?),
-        None => None,
-    };
-    let params =
-        kiln_ir::bind_params(&g, weights.as_deref(), seed, init_missing).map_err(|e| user(e.to_string()))?;
+    let params = bind_params(&g, weights, seed, init_missing)?;
     Ok((g, params))
 }
 
@@ -152,7 +147,7 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
     let repeats = a.repeats.max(1);
     let outputs = if a.profile {
         let (outputs, profile) = model.run_profiled(&refs, repeats).map_err(|e| user(e.to_string()))?;
-        print!("{profile}");
+        println!("{profile}");
         outputs
     } else {
         let mut times = Vec::with_capacity(repeats);
