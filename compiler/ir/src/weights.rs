@@ -28,12 +28,58 @@ pub struct WeightMismatch {
     pub model: TensorType,
 }
 
+/// A file tensor that no parameter uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnusedWeight {
+    pub name: String,
+    /// A parameter the file does not provide (so it was initialized) whose name is a few edits
+    /// away, if any: the likely intended target of a misspelt name.
+    pub did_you_mean: Option<String>,
+}
+
+/// What [`bind_params_with_warnings`] binds despite: file tensors that no parameter uses.
+///
+/// Not an error: checkpoints routinely carry tensors a model does not need (BERT's
+/// `embeddings.position_ids` buffer and its `pooler.*` head when only the encoder is used).
+/// The CLI prints it on stderr; a name that is a near miss of an initialized parameter says so.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct WeightsWarning {
+    /// File tensors that no parameter uses, in file order.
+    pub unused: Vec<UnusedWeight>,
+}
+
+impl WeightsWarning {
+    /// True when there is nothing to report.
+    pub fn is_empty(&self) -> bool {
+        self.unused.is_empty()
+    }
+}
+
+impl fmt::Display for WeightsWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.unused.is_empty() {
+            return Ok(());
+        }
+        write!(
+            f,
+            "ignoring {} in the weights file that the model does not use: {}",
+            count(self.unused.len(), "tensor"),
+            list(&self.unused, |u| match &u.did_you_mean {
+                Some(p) => format!("{} (did you mean parameter `{p}`? it was initialized instead)", u.name),
+                None => u.name.clone(),
+            })
+        )
+    }
+}
+
 /// Everything wrong between a graph's parameters and a weights file, reported at once.
 #[derive(Debug, Clone, PartialEq, Default, thiserror::Error)]
 pub struct WeightsError {
     /// Parameters with no tensor in the file (only when `init_missing` is false).
     pub missing: Vec<MissingWeight>,
-    /// File tensors that no parameter uses.
+    /// File tensors that no parameter uses. Not an error by itself (see [`WeightsWarning`]),
+    /// but listed along with the errors, since a naming mismatch (a prefix, a different
+    /// scope) shows up on both sides.
     pub unused: Vec<String>,
     /// Tensors whose shape differs, or whose dtype differs and cannot be converted.
     pub mismatched: Vec<WeightMismatch>,
@@ -44,9 +90,9 @@ pub struct WeightsError {
 }
 
 impl WeightsError {
+    /// True when nothing is wrong (`unused` alone is not an error).
     fn is_empty(&self) -> bool {
         self.missing.is_empty()
-            && self.unused.is_empty()
             && self.mismatched.is_empty()
             && self.duplicates.is_empty()
             && self.conflicting.is_empty()
@@ -94,13 +140,6 @@ impl fmt::Display for WeightsError {
                 })
             ));
         }
-        if !self.unused.is_empty() {
-            lines.push(format!(
-                "unused tensors in weights file: {} (the model has no parameters with these names; \
-                 check the names against the model's parameters or remove them from the file)",
-                list(&self.unused, |n| n.clone())
-            ));
-        }
         for m in self.mismatched.iter().take(SHOWN) {
             let (file, model) = types(m);
             lines.push(format!("`{}`: file has {file}, the model expects {model}", m.name));
@@ -120,15 +159,22 @@ impl fmt::Display for WeightsError {
                 list(&self.conflicting, |n| n.clone())
             ));
         }
+        if !self.unused.is_empty() {
+            lines.push(format!(
+                "also, tensors in the weights file that the model does not use: {} (the model has \
+                 no parameters with these names)",
+                list(&self.unused, |n| n.clone())
+            ));
+        }
         f.write_str(&lines.join("\n"))
     }
 }
 
-/// The closest unused file name to `name`, when it is a small edit away (transpositions
+/// The closest of `candidates` to `name`, when it is a small edit away (transpositions
 /// count as one edit) and the names share more than they differ.
-fn suggest(name: &str, unused: &[&str]) -> Option<String> {
+fn suggest(name: &str, candidates: &[&str]) -> Option<String> {
     let limit = (name.chars().count() / 3).clamp(1, 3);
-    unused
+    candidates
         .iter()
         .map(|u| (strsim::damerau_levenshtein(name, u), *u))
         .filter(|&(d, u)| d <= limit && 2 * d < name.chars().count().max(u.chars().count()))
@@ -136,7 +182,19 @@ fn suggest(name: &str, unused: &[&str]) -> Option<String> {
         .map(|(_, u)| u.to_string())
 }
 
-/// A value for every `param` of the graph, by checkpoint name.
+/// A value for every `param` of the graph, by checkpoint name, as
+/// [`bind_params_with_warnings`] binds it, without the warning. For a user's weights file, use
+/// that function and show the warning.
+pub fn bind_params(
+    g: &Graph,
+    weights: Option<&[(String, Tensor)]>,
+    seed: u64,
+    init_missing: bool,
+) -> Result<HashMap<String, Tensor>, WeightsError> {
+    bind_params_with_warnings(g, weights, seed, init_missing).map(|(params, _)| params)
+}
+
+/// A value for every `param` of the graph, by checkpoint name, and what to warn about.
 ///
 /// * With `weights`, each parameter takes the tensor of exactly its name. The shape must
 ///   match exactly. The dtype must match, except that a float tensor is converted to a
@@ -144,17 +202,19 @@ fn suggest(name: &str, unused: &[&str]) -> Option<String> {
 ///   or bool mismatches are errors.
 /// * A parameter the file lacks is initialized from its [`Init`](crate::Init) with
 ///   [`init_param`]`(name, init, dtype, shape, seed)` when `weights` is `None` or
-///   `init_missing` is true, and is an error otherwise.
-/// * A file tensor that no parameter uses is always an error (a typo in a name would
-///   otherwise silently leave a parameter at its initial value).
+///   `init_missing` is true, and is an error otherwise (with a did-you-mean hint when an
+///   unused file name is a near miss).
+/// * A file tensor that no parameter uses is ignored and reported in the [`WeightsWarning`]
+///   (with a did-you-mean hint when it is a near miss of a parameter that was initialized),
+///   so a real checkpoint loads as it is, extra buffers and heads included.
 ///
-/// All problems are collected into one [`WeightsError`].
-pub fn bind_params(
+/// All errors are collected into one [`WeightsError`].
+pub fn bind_params_with_warnings(
     g: &Graph,
     weights: Option<&[(String, Tensor)]>,
     seed: u64,
     init_missing: bool,
-) -> Result<HashMap<String, Tensor>, WeightsError> {
+) -> Result<(HashMap<String, Tensor>, WeightsWarning), WeightsError> {
     let mut err = WeightsError::default();
     let mut file: HashMap<&str, &Tensor> = HashMap::new();
     for (name, t) in weights.unwrap_or_default() {
@@ -184,6 +244,7 @@ pub fn bind_params(
 
     let mut out = HashMap::with_capacity(params.len());
     let mut missing = Vec::new();
+    let mut initialized = Vec::new();
     for &(name, init, ty) in &params {
         match file.get(name) {
             Some(t) => {
@@ -201,6 +262,7 @@ pub fn bind_params(
             }
             None if weights.is_none() || init_missing => {
                 out.insert(name.to_string(), init_param(name, init, ty.dtype, &ty.shape, seed));
+                initialized.push(name);
             }
             None => missing.push(name),
         }
@@ -217,9 +279,18 @@ pub fn bind_params(
         .into_iter()
         .map(|name| MissingWeight { name: name.to_string(), did_you_mean: suggest(name, &unused) })
         .collect();
-    if err.is_empty() {
-        Ok(out)
-    } else {
-        Err(err)
+    if !err.is_empty() {
+        return Err(err);
     }
+    let warning = WeightsWarning {
+        unused: err
+            .unused
+            .into_iter()
+            .map(|name| {
+                let did_you_mean = suggest(&name, &initialized);
+                UnusedWeight { name, did_you_mean }
+            })
+            .collect(),
+    };
+    Ok((out, warning))
 }

