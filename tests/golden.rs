@@ -285,7 +285,8 @@ const COMPILED_TOLERANCE: f64 = 1e-4;
 #[test]
 fn bert_minilm_matches_pytorch_compiled() {
     let meta = meta();
-    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("golden-bert-aot-{}", std::process::id()));
+    let tmp =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("golden-bert-aot-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let artifact = tmp.join("bert.kiln");
     let out = tmp.join("out.safetensors");
@@ -308,7 +309,17 @@ fn bert_minilm_matches_pytorch_compiled() {
     };
     let artifact_arg = artifact.to_str().unwrap();
     kiln(&[
-        "compile", MODEL, "--set", "batch=2", "--seed", &seed, "--weights", LAYERNORM, "--init-missing", "-o", artifact_arg,
+        "compile",
+        MODEL,
+        "--set",
+        "batch=2",
+        "--seed",
+        &seed,
+        "--weights",
+        LAYERNORM,
+        "--init-missing",
+        "-o",
+        artifact_arg,
     ]);
     kiln(&["run", artifact_arg, "--input", &inputs, "--repeats", "1", "-o", out.to_str().unwrap()]);
     let got = read_tensors(&out).remove(OUTPUT).expect("kiln output: last_hidden_state");
