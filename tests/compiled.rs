@@ -160,7 +160,8 @@ const OP_CASES: &[(&str, &str, &str)] = &[
            Let("d", Pad(x: "x", pads: [[0, 0], [1, 0], [0, 2], [1, 1]], value: -1.0)),
            Let("e", Gather(table: Reshape("x", [6, 20]), indices: "ids")),
            Let("f", BroadcastTo(x: Slice(x: "x", axis: 0, start: 0, end: 1), shape: [3, 3, 4, 5])),
-           Let("g", Cast(x: Iota(shape: [3, 4], axis: 1), to: f32)),"#,
+           Let("g", Cast(x: Iota(shape: [3, 4], axis: 1), to: f32)),
+           Let("r", Add(RandomUniform(shape: [3, 40], seed: 7, offset: 5), Cast(x: RandomUniform(shape: [40], seed: 9, dtype: f64), to: f32))),"#,
     ),
     (
         "conv_pool",

@@ -5,18 +5,25 @@
 //! seed always gives the same tensor. The mixer is SplitMix64's finalizer applied to a Weyl
 //! sequence over the key, which passes BigCrush for sequential counters.
 
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+/// The Weyl sequence's increment (2⁶⁴/φ).
+pub const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
-fn mix64(mut z: u64) -> u64 {
+/// SplitMix64's finalizer.
+pub fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
 
+/// The key of stream `stream` under `seed`: `bits` is `mix64(key + (i + 1)·GOLDEN)`, which
+/// is what generated code computes per element with the key folded in.
+pub fn key(seed: u64, stream: u64) -> u64 {
+    mix64(seed.wrapping_mul(GOLDEN) ^ mix64(stream.wrapping_add(GOLDEN)))
+}
+
 /// 64 random bits for counter `i` of stream `stream` under `seed`.
 pub fn bits(seed: u64, stream: u64, i: u64) -> u64 {
-    let key = mix64(seed.wrapping_mul(GOLDEN) ^ mix64(stream.wrapping_add(GOLDEN)));
-    mix64(key.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN)))
+    mix64(key(seed, stream).wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN)))
 }
 
 /// A uniform number in [0, 1) with 53 random bits.

@@ -216,7 +216,24 @@ fn eval(b: &mut Body, c: &mut Ctx, e: &Expr) -> Result<(String, DType), CodegenE
         }
         Expr::Random { seed, offset, dtype } => {
             let u = random(b, *seed, *offset, c.lin);
-            (convert(b, &u, DType::F64, *dtype), *dtype)
+            let v = convert(b, &u, DType::F64, *dtype);
+            // Rounding to a narrower float can reach 1.0: keep the largest value below it,
+            // as the interpreter does.
+            let below_one = match dtype {
+                DType::F32 => Some(1.0 - f64::powi(2.0, -24)),
+                DType::F16 => Some(1.0 - f64::powi(2.0, -11)),
+                DType::BF16 => Some(1.0 - f64::powi(2.0, -8)),
+                _ => None,
+            };
+            let v = match below_one {
+                Some(m) => {
+                    let ty = reg_type(*dtype);
+                    let m = b.float(m, ty);
+                    b.fmin(&v, &m, ty)
+                }
+                None => v,
+            };
+            (v, *dtype)
         }
         Expr::Apply { op, args, dtype } => {
             let mut vals = Vec::with_capacity(args.len());
@@ -239,18 +256,14 @@ pub(crate) fn constant(b: &mut Body, v: f64, d: DType) -> String {
     }
 }
 
-const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// `kiln_ir::rng::uniform(seed, stream, lin)` as f64 (the key is folded at compile time).
-fn random(b: &mut Body, seed: u64, stream: u64, lin: &str) -> String {
-    let key = mix64(seed.wrapping_mul(GOLDEN) ^ mix64(stream.wrapping_add(GOLDEN)));
+/// `kiln_ir::rng::uniform(seed, 0, offset + lin)` as f64, the interpreter's `random_uniform`
+/// (the stream key is folded at compile time).
+fn random(b: &mut Body, seed: u64, offset: u64, lin: &str) -> String {
+    use kiln_ir::rng::GOLDEN;
+    let key = kiln_ir::rng::key(seed, 0);
     let i = b.assign(format!("arith.index_cast {lin} : index to i64"));
+    let off = b.int(offset as i64, "i64");
+    let i = b.assign(format!("arith.addi {i}, {off} : i64"));
     let one = b.int(1, "i64");
     let golden = b.int(GOLDEN as i64, "i64");
     let i1 = b.assign(format!("arith.addi {i}, {one} : i64"));
