@@ -1,17 +1,19 @@
 //! Fused attention, flash style: `softmax(q·kᵀ·scale + mask) · v` without the `Sq × Sk`
 //! score matrix.
 //!
-//! One iteration of the parallel range is one block of `QB` query rows of one batch index
-//! (batch·heads × query blocks, so two threads have work even at batch 1). The block walks the
-//! keys in tiles of `KT`, keeping an online softmax per row: the running max `m`, the running
-//! sum `l`, and the output accumulator `O` (rescaled by `exp(m_old − m_new)` when the max
-//! grows), all in small stack scratch that stays in L1:
+//! One iteration of the parallel range is one block of query rows (one or two vectors of them,
+//! the rows in lanes) of one batch index (batch·heads × query blocks, so two threads have work
+//! even at batch 1). The block walks the keys in tiles of about `KEY_TILE`, keeping an online
+//! softmax per row: the running max `m`, the running sum `l`, and the output accumulator `O`
+//! (rescaled by `exp(m_old − m_new)` when the max grows), all in small stack scratch that stays
+//! in L1. The block's q rows are kept transposed (`Q[d][row]`, scale folded in), and the
+//! scores key-major (`S[j][row]`), so every step is vertical, without horizontal reductions:
 //!
-//! 1. scores: for each group of `L` keys (`L` = vector lanes) and each row, `L` dot products
-//!    accumulate along D in vectors and one transposing shuffle tree sums them into the vector
-//!    of `L` scores; scale (folded into q), mask, causal hiding and the tile's end are applied
-//!    lane-wise, so hidden scores are −inf;
-//! 2. per row: the tile's max, `p = exp(s − m_new)` (exactly 0 for −inf), `l = α·l + Σp`;
+//! 1. scores: a register tile of a few keys × the block's row vectors accumulates along D,
+//!    each step one broadcast `k[j][d]` times the vector `Q[d][rows]`; mask, causal hiding and
+//!    the tile's end are applied lane-wise (hidden scores are −inf), and the tile's max per row
+//!    is taken on the way;
+//! 2. per row vector: `m_new`, `α`, `p = exp(s − m_new)` (exactly 0 for −inf), `l = α·l + Σp`;
 //! 3. `O = α·O + p·V`, in register tiles of rows × vectors of Dv, every loaded value row
 //!    shared by those rows.
 //!
@@ -20,16 +22,19 @@
 //! The last block of rows is completed by repeating the last row (same values written twice),
 //! so every block has the same shape.
 
-use super::norm::{close_range, for_close, for_open, func_text, load, offsets, open_range, reduce, store};
-use super::norm::{Combine, ComputeType, Count, Operand, Part};
+use super::norm::{close_range, for_close, for_open, func_text, load, offsets, open_range, store};
+use super::norm::{ComputeType, Count, Operand, Part};
 use super::View;
 use crate::mlir_text::{bool_type_like, Body};
 use crate::{CodegenError, Kernel, Target};
 
-/// Query rows per block; every key and value row loaded is used by all of them.
-const QUERY_BLOCK: usize = 8;
-/// Keys per tile: the scores of a block for one tile are `QUERY_BLOCK × KEY_TILE` in scratch.
+/// Vectors of query rows per block (when there are enough rows); every key and value row
+/// loaded is used by all of the block's rows.
+const ROW_VECTORS: usize = 2;
+/// Keys per tile (about): the scores of a block for one tile are `rows × KEY_TILE` in scratch.
 const KEY_TILE: usize = 128;
+/// Accumulators of the score register tile (row vectors × keys).
+const SCORE_ACCS: usize = 12;
 /// Rows of the `p·V` register tile.
 const PV_ROWS: usize = 4;
 
@@ -59,13 +64,16 @@ pub fn emit(
         return Err(CodegenError::Unsupported("attention over zero keys (an empty softmax)".into()));
     }
     let lanes = ct.lanes;
-    let qb = if sq >= QUERY_BLOCK { QUERY_BLOCK } else { sq.max(1) };
+    let rv = if sq > lanes { ROW_VECTORS } else { 1 };
+    let qb = rv * lanes;
     let nqb = sq.div_ceil(qb);
     let range = if nb * sq * dv == 0 { 0 } else { nb * nqb };
+    let ks = (SCORE_ACCS / rv).max(1);
     let plan = Plan {
         qb,
-        kt: KEY_TILE.min(sk.div_ceil(lanes) * lanes).max(lanes),
-        nc: d.div_ceil(lanes),
+        kt: (KEY_TILE / ks * ks).min(sk.div_ceil(ks) * ks).max(ks),
+        ks,
+        rv,
         nv: dv.div_ceil(lanes),
         pv_rows: if qb.is_multiple_of(PV_ROWS) { PV_ROWS } else { qb },
         lanes,
@@ -143,10 +151,12 @@ impl Shape {
 struct Plan {
     /// Query rows per block.
     qb: usize,
-    /// Keys per tile (a multiple of `lanes`).
+    /// Keys per tile (a multiple of `ks`).
     kt: usize,
-    /// Vectors along D.
-    nc: usize,
+    /// Keys per score register tile.
+    ks: usize,
+    /// Vectors of rows per block (`qb = rv · lanes`).
+    rv: usize,
     /// Vectors along Dv.
     nv: usize,
     /// Rows of the `p·V` register tile (divides `qb`).
@@ -195,36 +205,6 @@ fn chunk_part(b: &mut Body, c: usize, n: usize, lanes: usize) -> Option<(String,
     })
 }
 
-/// Sums each of `accs` (`lanes` vectors) into lane `j` of one vector: a tree of shuffles that
-/// adds neighbouring lanes of pairs, doubling the width each level.
-fn transpose_sum(b: &mut Body, accs: Vec<String>, vty: &str, lanes: usize) -> String {
-    let mut cur = accs;
-    let mut w = 1;
-    while cur.len() > 1 {
-        let mut next = Vec::with_capacity(cur.len() / 2);
-        let pick = |shift: usize| -> String {
-            (0..lanes)
-                .map(|p| {
-                    let (blk, within) = (p / (2 * w) * 2 * w, p % (2 * w));
-                    let lane = if within < w { blk + within } else { lanes + blk + within - w };
-                    (lane + shift).to_string()
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let (lo, hi) = (pick(0), pick(w));
-        for pair in cur.chunks(2) {
-            let (x, y) = (&pair[0], &pair[1]);
-            let a = b.assign(format!("vector.shuffle {x}, {y} [{lo}] : {vty}, {vty}"));
-            let c = b.assign(format!("vector.shuffle {x}, {y} [{hi}] : {vty}, {vty}"));
-            next.push(b.fadd(&a, &c, vty));
-        }
-        cur = next;
-        w *= 2;
-    }
-    cur.pop().unwrap_or_default()
-}
-
 #[allow(clippy::too_many_arguments)]
 fn body(
     b: &mut Body,
@@ -237,7 +217,7 @@ fn body(
     nqb: usize,
 ) {
     let (vty, ety, lanes) = (ct.vty.as_str(), ct.elem, plan.lanes);
-    let Plan { qb, kt: ktile, nc, nv, pv_rows, .. } = *plan;
+    let Plan { qb, kt: ktile, ks: kstep, rv, nv, pv_rows, .. } = *plan;
     let (q, k, v, out) = (&ops[0], &ops[1], &ops[2], &ops[ops.len() - 1]);
     let mask = (ops.len() == 5).then(|| &ops[3]);
     let r = q.rank();
@@ -247,9 +227,12 @@ fn body(
     let (vs, vd) = (v.strides[r - 2], v.strides[r - 1]);
     let (os, od) = (out.strides[r - 2], out.strides[r - 1]);
     let (msq, msk) = mask.map(|m| (m.strides[r - 2], m.strides[r - 1])).unwrap_or((0, 0));
+    let ity = format!("vector<{lanes}xi32>");
+    let bty = bool_type_like(vty);
 
-    let s_buf = scratch(b, "%S", qb * ktile, ety);
-    let q_buf = scratch(b, "%Q", qb * nc * lanes, ety);
+    // Scores and probabilities key-major (`S[j][row]`), q transposed (`Q[d][row]`).
+    let s_buf = scratch(b, "%S", ktile * qb, ety);
+    let q_buf = scratch(b, "%Q", d * qb, ety);
     let o_buf = scratch(b, "%O", qb * nv * lanes, ety);
     let m_buf = scratch(b, "%M", qb, ety);
     let l_buf = scratch(b, "%L", qb, ety);
@@ -258,9 +241,7 @@ fn body(
     let c1 = b.index(1);
     let zero_v = b.float(0.0, vty);
     let ninf_v = b.float(f64::NEG_INFINITY, vty);
-    let zero_s = b.float(0.0, ety);
-    let ninf_s = b.float(f64::NEG_INFINITY, ety);
-    let scale_v = b.float(scale, vty);
+    let scale_s = b.float(scale, ety);
 
     let it = open_range(b);
     // Batch offsets of every operand, and the block number (the last "axis").
@@ -294,148 +275,205 @@ fn body(
         row_of(b, &rr)
     };
     let sk_c = b.index(sk);
+    let sk_last = b.index(sk.saturating_sub(1));
     let kend = if causal {
         let e = ix_add(b, &last_row, 1);
         ix(b, "minui", &e, &sk_c)
     } else {
         sk_c.clone()
     };
+    // The clamped rows of each row vector, as i32 lanes (for the causal test).
+    let rowv: Vec<String> = if causal {
+        let r0 = b.assign(format!("arith.index_cast {row0} : index to i32"));
+        let r0 = b.assign(format!("vector.broadcast {r0} : i32 to {ity}"));
+        let lastv = b.assign(format!("arith.constant dense<{}> : {ity}", sq.saturating_sub(1)));
+        (0..rv)
+            .map(|u| {
+                let iota: Vec<String> = (u * lanes..(u + 1) * lanes).map(|x| x.to_string()).collect();
+                let iota = b.assign(format!("arith.constant dense<[{}]> : {ity}", iota.join(", ")));
+                let x = b.assign(format!("arith.addi {r0}, {iota} : {ity}"));
+                b.assign(format!("arith.minsi {x}, {lastv} : {ity}"))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // Mask row offsets of each lane of each row vector (when the mask varies along rows).
+    let mrows: Vec<Vec<String>> = match &mbase {
+        Some(mb) if msq != 0 => (0..rv)
+            .map(|u| {
+                (0..lanes)
+                    .map(|t| {
+                        let rr = b.index(u * lanes + t);
+                        let i = row_of(b, &rr);
+                        let off = ix_mul(b, &i, msq);
+                        ix(b, "addi", mb, &off)
+                    })
+                    .collect()
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
 
-    // Block start: q rows (scaled) into scratch, O = 0, m = −inf, l = 0.
-    let d_parts: Vec<Option<(String, usize)>> = (0..nc).map(|c| chunk_part(b, c, d, lanes)).collect();
+    // Block start: q rows (scaled, transposed) into scratch, O = 0, m = −inf, l = 0.
     let v_parts: Vec<Option<(String, usize)>> = (0..nv).map(|c| chunk_part(b, c, dv, lanes)).collect();
+    let qbc = b.index(qb);
+    let dc = b.index(d);
     {
-        let qbc = b.index(qb);
         let (rr, _, _) = for_open(b, &c0, &qbc, &c1, &[]);
         let i = row_of(b, &rr);
         let qrow = ix_mul(b, &i, qs);
         let qrow = ix(b, "addi", &qbase, &qrow);
-        for (c, p) in d_parts.iter().enumerate() {
-            let at = ix_add(b, &qrow, c * lanes * qd);
-            let part = p.as_ref().map(|(m, n)| Part { mask: m, count: Count::Static(*n) });
-            let x = load(b, q, &at, qd, vty, part.as_ref(), 0.0);
-            let x = b.fmul(&x, &scale_v, vty);
-            let slot = ix_mul(b, &rr, nc * lanes);
-            let slot = ix_add(b, &slot, c * lanes);
-            store(b, &x, &q_buf, &slot, 1, vty, None);
-        }
         for c in 0..nv {
             let slot = ix_mul(b, &rr, nv * lanes);
             let slot = ix_add(b, &slot, c * lanes);
             store(b, &zero_v, &o_buf, &slot, 1, vty, None);
         }
-        b.line(format!("memref.store {ninf_s}, {}[{rr}] : {}", m_buf.name, m_buf.memref));
-        b.line(format!("memref.store {zero_s}, {}[{rr}] : {}", l_buf.name, l_buf.memref));
+        let (dd, _, _) = for_open(b, &c0, &dc, &c1, &[]);
+        let off = ix_mul(b, &dd, qd);
+        let at = ix(b, "addi", &qrow, &off);
+        let x = b.assign(format!("memref.load {}[{at}] : {}", q.name, q.memref));
+        let x = b.fmul(&x, &scale_s, ety);
+        let slot = ix_mul(b, &dd, qb);
+        let slot = ix(b, "addi", &slot, &rr);
+        b.line(format!("memref.store {x}, {}[{slot}] : {}", q_buf.name, q_buf.memref));
         for_close(b, &[], &[]);
+        for_close(b, &[], &[]);
+        for u in 0..rv {
+            let at = b.index(u * lanes);
+            store(b, &ninf_v, &m_buf, &at, 1, vty, None);
+            store(b, &zero_v, &l_buf, &at, 1, vty, None);
+        }
     }
 
     let ktc = b.index(ktile);
-    let lanes_c = b.index(lanes);
-    let qbc = b.index(qb);
+    let ksc = b.index(kstep);
     let (j0, _, _) = for_open(b, &c0, &kend, &ktc, &[]);
     let left = ix(b, "subi", &kend, &j0);
     let kt = ix(b, "minui", &left, &ktc);
 
-    // 1. Scores of each group of `lanes` keys, for every row of the block.
-    {
-        let (g, _, _) = for_open(b, &c0, &kt, &lanes_c, &[]);
-        let jabs = ix(b, "addi", &j0, &g);
-        let sk_last = b.index(sk - 1);
-        let krows: Vec<String> = (0..lanes)
-            .map(|t| {
-                let j = ix_add(b, &jabs, t);
-                let j = ix(b, "minui", &j, &sk_last);
-                let off = ix_mul(b, &j, ks);
+    // 1. Scores of `kstep` keys × the block's rows at a time: broadcast k[j][d] times the
+    //    vector of q[rows][d], accumulated along D in registers; the tile's max fused in.
+    let tile_max = {
+        let inits: Vec<(String, String)> = (0..rv).map(|_| (ninf_v.clone(), vty.to_string())).collect();
+        let (g, mx, mres) = for_open(b, &c0, &kt, &ksc, &inits);
+        let jbase = ix(b, "addi", &j0, &g);
+        let jabs: Vec<String> = (0..kstep).map(|t| ix_add(b, &jbase, t)).collect();
+        let jcl: Vec<String> = jabs.iter().map(|j| ix(b, "minui", j, &sk_last)).collect();
+        let krows: Vec<String> = jcl
+            .iter()
+            .map(|j| {
+                let off = ix_mul(b, j, ks);
                 ix(b, "addi", &kbase, &off)
             })
             .collect();
-        let (rr, _, _) = for_open(b, &c0, &qbc, &c1, &[]);
-        let i = row_of(b, &rr);
-        let rend = if causal {
-            let e = ix_add(b, &i, 1);
-            ix(b, "minui", &e, &kend)
-        } else {
-            kend.clone()
-        };
-        let count = ix(b, "subi", &rend, &jabs);
-        let valid = b.assign(format!("vector.create_mask {count} : {}", bool_type_like(vty)));
-        let qslot = ix_mul(b, &rr, nc * lanes);
-        let qv: Vec<String> = (0..nc)
-            .map(|c| {
-                let at = ix_add(b, &qslot, c * lanes);
+        let ainits: Vec<(String, String)> =
+            (0..rv * kstep).map(|_| (zero_v.clone(), vty.to_string())).collect();
+        let (dd, acc, res) = for_open(b, &c0, &dc, &c1, &ainits);
+        let qslot = ix_mul(b, &dd, qb);
+        let qv: Vec<String> = (0..rv)
+            .map(|u| {
+                let at = ix_add(b, &qslot, u * lanes);
                 load(b, &q_buf, &at, 1, vty, None, 0.0)
             })
             .collect();
-        let mut accs = Vec::with_capacity(lanes);
-        for krow in &krows {
-            let mut acc = zero_v.clone();
-            for (c, p) in d_parts.iter().enumerate() {
-                let at = ix_add(b, krow, c * lanes * kd);
-                let part = p.as_ref().map(|(m, n)| Part { mask: m, count: Count::Static(*n) });
-                let kx = load(b, k, &at, kd, vty, part.as_ref(), 0.0);
-                acc = b.fma(&qv[c], &kx, &acc, vty);
+        let koff = ix_mul(b, &dd, kd);
+        let mut outs = Vec::with_capacity(rv * kstep);
+        for (t, krow) in krows.iter().enumerate() {
+            let at = ix(b, "addi", krow, &koff);
+            let kx = b.assign(format!("memref.load {}[{at}] : {}", k.name, k.memref));
+            let kx = b.splat(&kx, vty);
+            for (u, qx) in qv.iter().enumerate() {
+                outs.push(b.fma(qx, &kx, &acc[t * rv + u], vty));
             }
-            accs.push(acc);
         }
-        let mut s = transpose_sum(b, accs, vty, lanes);
-        if let (Some(m), Some(mbase)) = (mask, &mbase) {
-            let mrow = ix_mul(b, &i, msq);
-            let mrow = ix(b, "addi", mbase, &mrow);
-            let moff = ix_mul(b, &jabs, msk);
-            let at = ix(b, "addi", &mrow, &moff);
-            let part = Part { mask: &valid, count: Count::Dynamic(&count) };
-            let mv = load(b, m, &at, msk, vty, Some(&part), 0.0);
-            s = b.fadd(&s, &mv, vty);
+        for_close(b, &outs, &ainits);
+        let mut newmx = mx.clone();
+        for t in 0..kstep {
+            let inb = b.assign(format!("arith.cmpi ult, {}, {kend} : index", jabs[t]));
+            let inb = b.assign(format!("vector.broadcast {inb} : i1 to {bty}"));
+            let jv = causal.then(|| {
+                let ji = b.assign(format!("arith.index_cast {} : index to i32", jabs[t]));
+                b.assign(format!("vector.broadcast {ji} : i32 to {ity}"))
+            });
+            let moff = mask.map(|_| ix_mul(b, &jcl[t], msk));
+            let srow = ix_add(b, &g, t);
+            let srow = ix_mul(b, &srow, qb);
+            for u in 0..rv {
+                let mut s = res[t * rv + u].clone();
+                if let (Some(m), Some(mb), Some(moff)) = (mask, &mbase, &moff) {
+                    let mv = if msq == 0 {
+                        let at = ix(b, "addi", mb, moff);
+                        load(b, m, &at, 0, vty, None, 0.0)
+                    } else {
+                        let elems: Vec<String> = mrows[u]
+                            .iter()
+                            .map(|mr| {
+                                let at = ix(b, "addi", mr, moff);
+                                b.assign(format!("memref.load {}[{at}] : {}", m.name, m.memref))
+                            })
+                            .collect();
+                        b.assign(format!("vector.from_elements {} : {vty}", elems.join(", ")))
+                    };
+                    s = b.fadd(&s, &mv, vty);
+                }
+                s = b.select(&inb, &s, &ninf_v, vty);
+                if let Some(jv) = &jv {
+                    let c = b.assign(format!("arith.cmpi sle, {jv}, {} : {ity}", rowv[u]));
+                    s = b.select(&c, &s, &ninf_v, vty);
+                }
+                let at = ix_add(b, &srow, u * lanes);
+                store(b, &s, &s_buf, &at, 1, vty, None);
+                newmx[u] = b.fmax(&newmx[u], &s, vty);
+            }
         }
-        let s = b.select(&valid, &s, &ninf_v, vty);
-        let slot = ix_mul(b, &rr, ktile);
-        let slot = ix(b, "addi", &slot, &g);
-        store(b, &s, &s_buf, &slot, 1, vty, None);
-        for_close(b, &[], &[]);
-        for_close(b, &[], &[]);
-    }
+        for_close(b, &newmx, &inits);
+        mres
+    };
 
-    // 2. Online softmax update per row: m, l, α, and p = exp(s − m) in place of s.
+    // 2. Online softmax update, rows in lanes: m, l, α, and p = exp(s − m) in place of s.
     {
-        let (rr, _, _) = for_open(b, &c0, &qbc, &c1, &[]);
-        let srow = ix_mul(b, &rr, ktile);
-        let inits = [(ninf_v.clone(), vty.to_string())];
-        let (g, acc, res) = for_open(b, &c0, &kt, &lanes_c, &inits);
-        let at = ix(b, "addi", &srow, &g);
-        let s = load(b, &s_buf, &at, 1, vty, None, 0.0);
-        let mx = b.fmax(&acc[0], &s, vty);
-        for_close(b, &[mx], &inits);
-        let mt = reduce(b, Combine::Max, &res[0], vty);
-        let m_old = b.assign(format!("memref.load {}[{rr}] : {}", m_buf.name, m_buf.memref));
-        let m_new = b.fmax(&m_old, &mt, ety);
-        let none = b.fcmp("oeq", &m_new, &ninf_s, ety);
-        let dm = b.fsub(&m_old, &m_new, ety);
-        let alpha = b.exp(&dm, ety);
-        let alpha = b.select(&none, &zero_s, &alpha, ety);
-        let mns = b.splat(&m_new, vty);
-        let inits = [(zero_v.clone(), vty.to_string())];
-        let (g, acc, res) = for_open(b, &c0, &kt, &lanes_c, &inits);
-        let at = ix(b, "addi", &srow, &g);
-        let s = load(b, &s_buf, &at, 1, vty, None, 0.0);
-        let x = b.fsub(&s, &mns, vty);
-        let e = b.exp(&x, vty);
-        let hidden = b.fcmp("oeq", &s, &ninf_v, vty);
-        let e = b.select(&hidden, &zero_v, &e, vty);
-        store(b, &e, &s_buf, &at, 1, vty, None);
-        let sum = b.fadd(&acc[0], &e, vty);
-        for_close(b, &[sum], &inits);
-        let sum = reduce(b, Combine::Add, &res[0], vty);
-        let l_old = b.assign(format!("memref.load {}[{rr}] : {}", l_buf.name, l_buf.memref));
-        let l_new = b.fma(&l_old, &alpha, &sum, ety);
-        b.line(format!("memref.store {m_new}, {}[{rr}] : {}", m_buf.name, m_buf.memref));
-        b.line(format!("memref.store {l_new}, {}[{rr}] : {}", l_buf.name, l_buf.memref));
-        b.line(format!("memref.store {alpha}, {}[{rr}] : {}", a_buf.name, a_buf.memref));
-        for_close(b, &[], &[]);
+        let mut m_new = Vec::with_capacity(rv);
+        let mut alphas = Vec::with_capacity(rv);
+        for (u, mt) in tile_max.iter().enumerate() {
+            let at = b.index(u * lanes);
+            let m_old = load(b, &m_buf, &at, 1, vty, None, 0.0);
+            let mn = b.fmax(&m_old, mt, vty);
+            let none = b.fcmp("oeq", &mn, &ninf_v, vty);
+            let dm = b.fsub(&m_old, &mn, vty);
+            let alpha = b.exp(&dm, vty);
+            let alpha = b.select(&none, &zero_v, &alpha, vty);
+            store(b, &mn, &m_buf, &at, 1, vty, None);
+            store(b, &alpha, &a_buf, &at, 1, vty, None);
+            m_new.push(mn);
+            alphas.push(alpha);
+        }
+        let inits: Vec<(String, String)> = (0..rv).map(|_| (zero_v.clone(), vty.to_string())).collect();
+        let (j, acc, res) = for_open(b, &c0, &kt, &c1, &inits);
+        let srow = ix_mul(b, &j, qb);
+        let mut sums = Vec::with_capacity(rv);
+        for u in 0..rv {
+            let at = ix_add(b, &srow, u * lanes);
+            let s = load(b, &s_buf, &at, 1, vty, None, 0.0);
+            let x = b.fsub(&s, &m_new[u], vty);
+            let e = b.exp(&x, vty);
+            let hidden = b.fcmp("oeq", &s, &ninf_v, vty);
+            let e = b.select(&hidden, &zero_v, &e, vty);
+            store(b, &e, &s_buf, &at, 1, vty, None);
+            sums.push(b.fadd(&acc[u], &e, vty));
+        }
+        for_close(b, &sums, &inits);
+        for u in 0..rv {
+            let at = b.index(u * lanes);
+            let l_old = load(b, &l_buf, &at, 1, vty, None, 0.0);
+            let l_new = b.fma(&l_old, &alphas[u], &res[u], vty);
+            store(b, &l_new, &l_buf, &at, 1, vty, None);
+        }
     }
 
     // 3. O = α·O + p·V in register tiles of `pv_rows` rows × a few vectors of Dv.
     {
-        let group = (8 / pv_rows).max(1);
+        let group = (12 / pv_rows).max(1);
         let pvc = b.index(pv_rows);
         let (rb, _, _) = for_open(b, &c0, &qbc, &pvc, &[]);
         let rows: Vec<String> = (0..pv_rows).map(|t| ix_add(b, &rb, t)).collect();
@@ -446,7 +484,6 @@ fn body(
                 b.splat(&a, vty)
             })
             .collect();
-        let srows: Vec<String> = rows.iter().map(|rr| ix_mul(b, rr, ktile)).collect();
         let orows: Vec<String> = rows.iter().map(|rr| ix_mul(b, rr, nv * lanes)).collect();
         for c_lo in (0..nv).step_by(group) {
             let cs: Vec<usize> = (c_lo..(c_lo + group).min(nv)).collect();
@@ -470,9 +507,10 @@ fn body(
                     load(b, v, &at, vd, vty, part.as_ref(), 0.0)
                 })
                 .collect();
+            let prow = ix_mul(b, &j, qb);
             let mut outs = Vec::new();
-            for (t, srow) in srows.iter().enumerate() {
-                let at = ix(b, "addi", srow, &j);
+            for (t, rr) in rows.iter().enumerate() {
+                let at = ix(b, "addi", &prow, rr);
                 let p = b.assign(format!("memref.load {}[{at}] : {}", s_buf.name, s_buf.memref));
                 let p = b.splat(&p, vty);
                 for (u, x) in vx.iter().enumerate() {
