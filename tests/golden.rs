@@ -226,6 +226,23 @@ fn bert_minilm_matches_pytorch() {
     assert!(err <= TOLERANCE, "library: max |kiln - pytorch| = {err:e} > {TOLERANCE:e}");
 }
 
+/// Runs the `kiln` binary from the repository root and fails with its output unless it succeeds.
+fn run_kiln(args: &[&str]) {
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .expect("run kiln");
+    assert!(
+        run.status.success(),
+        "kiln {} failed ({}):\n{}{}",
+        args.join(" "),
+        run.status,
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
 #[test]
 fn bert_minilm_matches_pytorch_cli() {
     let meta = meta();
@@ -253,19 +270,7 @@ fn bert_minilm_matches_pytorch_cli() {
         "-o",
         out.to_str().unwrap(),
     ];
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .expect("run kiln");
-    assert!(
-        run.status.success(),
-        "kiln {} failed ({}):\n{}{}",
-        args.join(" "),
-        run.status,
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
+    run_kiln(&args);
 
     let saved = read_tensors(&saved);
     let source =
@@ -292,23 +297,8 @@ fn bert_minilm_matches_pytorch_compiled() {
     let out = tmp.join("out.safetensors");
     let seed = seed(&meta).to_string();
     let inputs = format!("{GOLDEN}/inputs.safetensors");
-    let kiln = |args: &[&str]| {
-        let run = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .current_dir(root())
-            .args(args)
-            .output()
-            .expect("run kiln");
-        assert!(
-            run.status.success(),
-            "kiln {} failed ({}):\n{}{}",
-            args.join(" "),
-            run.status,
-            String::from_utf8_lossy(&run.stdout),
-            String::from_utf8_lossy(&run.stderr)
-        );
-    };
     let artifact_arg = artifact.to_str().unwrap();
-    kiln(&[
+    run_kiln(&[
         "compile",
         MODEL,
         "--set",
@@ -321,7 +311,7 @@ fn bert_minilm_matches_pytorch_compiled() {
         "-o",
         artifact_arg,
     ]);
-    kiln(&["run", artifact_arg, "--input", &inputs, "--repeats", "1", "-o", out.to_str().unwrap()]);
+    run_kiln(&["run", artifact_arg, "--input", &inputs, "--repeats", "1", "-o", out.to_str().unwrap()]);
     let got = read_tensors(&out).remove(OUTPUT).expect("kiln output: last_hidden_state");
     let err = max_abs_error(&got, &expected());
     std::fs::remove_dir_all(&tmp).ok();

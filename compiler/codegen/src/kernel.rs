@@ -35,7 +35,7 @@ impl Kernel {
         format!("kiln_{symbol}")
     }
 
-    /// A grain so that each task does at least ~`MIN_TASK_FLOPS` of work.
+    /// A grain so that each task does at least ~128 Ki units of `work` (flops or bytes).
     pub fn grain_for(range: usize, work: u64) -> usize {
         const MIN_TASK_WORK: u64 = 1 << 17;
         let per_iteration = (work / range.max(1) as u64).max(1);

@@ -7,7 +7,7 @@
 //! and bf16, which are computed in f32 and rounded after every op (as the interpreter does).
 
 use super::View;
-use crate::mlir_text::{elem_type, Body};
+use crate::mlir_text::Body;
 use crate::{CodegenError, Kernel};
 use kiln_ir::{BinaryOp, CompareOp, DType, GeluApprox, Op, UnaryOp};
 use kiln_sched::Expr;
@@ -458,10 +458,4 @@ fn apply(b: &mut Body, op: &Op, vals: &[(String, DType)], dtype: DType) -> Resul
         other => return Err(CodegenError::Unsupported(format!("`{}` in an elementwise loop", other.name()))),
     };
     Ok(round_to(b, result, dtype))
-}
-
-/// Whether a register type is a float type (for callers composing with [`apply`]).
-#[allow(dead_code)]
-pub(crate) fn is_float_reg(ty: &str) -> bool {
-    elem_type(ty).starts_with('f') || elem_type(ty).starts_with("bf")
 }
