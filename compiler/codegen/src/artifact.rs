@@ -42,6 +42,20 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> CodegenError {
     CodegenError::Artifact(format!("{}: {e}", path.display()))
 }
 
+/// The value of a `Weight` or `Const` buffer.
+fn constant<'a>(
+    b: &'a kiln_sched::Buffer,
+    params: &'a HashMap<String, Tensor>,
+) -> Result<&'a Tensor, CodegenError> {
+    match &b.storage {
+        Storage::Weight { name } => params.get(name).ok_or_else(|| {
+            CodegenError::Artifact(format!("no value for parameter `{name}` to store in the artifact"))
+        }),
+        Storage::Const { value, .. } => Ok(value),
+        _ => Err(CodegenError::Artifact("a run-time buffer has no stored value".into())),
+    }
+}
+
 /// Compiles `s` for `target` and writes the artifact into `dir` (created if missing).
 /// `params` holds every parameter by checkpoint name.
 pub fn build_artifact(
@@ -61,48 +75,37 @@ pub fn build_artifact(
     let so = dir.join(KERNELS_FILE);
     build::link_shared(&compiled.object, target, &so)?;
 
+    // Every step's arguments; the weights they name are the ones stored. A weight that only
+    // feeds matmuls as B is stored packed, and not as written.
     let mut weights: Vec<(String, Tensor)> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for b in &s.buffers {
-        let (name, value) = match &b.storage {
-            Storage::Weight { name } => {
-                let t = params.get(name).ok_or_else(|| {
-                    CodegenError::Artifact(format!(
-                        "no value for parameter `{name}` to store in the artifact"
-                    ))
-                })?;
-                (name, t)
-            }
-            Storage::Const { name, value } => (name, value),
-            _ => continue,
-        };
-        if seen.insert(name.clone()) {
-            weights.push((name.clone(), value.clone()));
-        }
-    }
-    let wpath = dir.join(WEIGHTS_FILE);
-    kiln_ir::tensor_io::write_safetensors(&wpath, &weights).map_err(|e| io_err(&wpath, e))?;
-
+    let mut stored = std::collections::HashSet::new();
     let mut steps = Vec::with_capacity(s.kernels.len());
     for (i, (&ki, sk)) in program.step_kernel.iter().zip(&s.kernels).enumerate() {
         let k = &program.kernels[ki];
-        let args = sk
-            .inputs
-            .iter()
-            .chain(std::iter::once(&sk.output))
-            .map(|o| {
-                let b = &s.buffers[o.buffer];
-                let bytes = b.bytes() as u64;
-                match &b.storage {
-                    Storage::Input { index } => BufRef::Input { index: *index as u32 },
-                    Storage::Output { index } => BufRef::Output { index: *index as u32 },
-                    Storage::Weight { name } | Storage::Const { name, .. } => {
-                        BufRef::Weight { name: name.clone(), bytes }
+        let mut args = Vec::with_capacity(sk.inputs.len() + 1);
+        for (j, o) in sk.inputs.iter().chain(std::iter::once(&sk.output)).enumerate() {
+            let b = &s.buffers[o.buffer];
+            let bytes = b.bytes() as u64;
+            let arg = match (&b.storage, program.step_packed_b[i].filter(|_| j == 1)) {
+                (Storage::Weight { .. } | Storage::Const { .. }, Some(w)) => {
+                    let w = &program.packed[w];
+                    if stored.insert(w.name.clone()) {
+                        weights.push((w.name.clone(), w.pack(constant(b, params)?)?));
                     }
-                    Storage::Arena { offset } => BufRef::Arena { offset: *offset as u64, bytes },
+                    BufRef::Weight { name: w.name.clone(), bytes: (w.panels.len() * 4) as u64 }
                 }
-            })
-            .collect();
+                (Storage::Input { index }, _) => BufRef::Input { index: *index as u32 },
+                (Storage::Output { index }, _) => BufRef::Output { index: *index as u32 },
+                (Storage::Weight { name } | Storage::Const { name, .. }, None) => {
+                    if stored.insert(name.clone()) {
+                        weights.push((name.clone(), constant(b, params)?.clone()));
+                    }
+                    BufRef::Weight { name: name.clone(), bytes }
+                }
+                (Storage::Arena { offset }, _) => BufRef::Arena { offset: *offset as u64, bytes },
+            };
+            args.push(arg);
+        }
         steps.push(Step {
             symbol: crate::Kernel::entry(&k.symbol),
             label: format!("k{i} {} {}", sk.name(), fmt_shape(&sk.output.view.shape)),
@@ -113,6 +116,9 @@ pub fn build_artifact(
             bytes: k.bytes,
         });
     }
+    let wpath = dir.join(WEIGHTS_FILE);
+    kiln_ir::tensor_io::write_safetensors(&wpath, &weights).map_err(|e| io_err(&wpath, e))?;
+
     let digest = |name: &str| -> Result<FileDigest, CodegenError> {
         let path = dir.join(name);
         let data = std::fs::read(&path).map_err(|e| io_err(&path, e))?;

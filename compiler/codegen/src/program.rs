@@ -2,10 +2,11 @@
 //! turned into views in the shape the emitter's contract asks for (matmul operands promoted
 //! and batch-broadcast, masks and residuals broadcast to the result).
 
+use crate::kernels::matmul::Panels;
 use crate::kernels::{self, View};
 use crate::{CodegenError, Kernel, Target};
-use kiln_ir::{Activation, NormKind, Op};
-use kiln_sched::{KernelOp, Operand, Schedule, StridedView};
+use kiln_ir::{Activation, Buffer, NormKind, Op, Tensor};
+use kiln_sched::{BufferId, KernelOp, Operand, Schedule, Storage, StridedView};
 
 /// The MLIR symbol of scheduled kernel `i`.
 pub fn symbol(i: usize) -> String {
@@ -43,6 +44,47 @@ pub struct Program {
     pub kernels: Vec<Kernel>,
     /// For each scheduled kernel, the index of the kernel in `kernels` that computes it.
     pub step_kernel: Vec<usize>,
+    /// Weights stored packed for the matmul micro-kernel, each distinct packing once.
+    pub packed: Vec<PackedWeight>,
+    /// For each scheduled kernel, the packed weight (index into `packed`) it reads in place
+    /// of its B operand (input 1), if any.
+    pub step_packed_b: Vec<Option<usize>>,
+}
+
+/// A constant matmul operand (a parameter or literal) that the artifact stores in the
+/// micro-kernel's [`Panels`] layout instead of as written: packing happens once, here, rather
+/// than in every call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedWeight {
+    /// The name it is stored under in the artifact's weights.
+    pub name: String,
+    /// The schedule buffer (a `Weight` or `Const`) it is packed from.
+    pub source: BufferId,
+    /// Where B's element `(k, n)` is in the source: `offset + k·sk + n·sn`.
+    pub offset: usize,
+    pub sk: usize,
+    pub sn: usize,
+    pub panels: Panels,
+}
+
+impl PackedWeight {
+    /// The packed values, from the source buffer's elements.
+    pub fn pack(&self, src: &Tensor) -> Result<Tensor, CodegenError> {
+        let bad = |why: &str| CodegenError::Artifact(format!("cannot pack weight `{}`: {why}", self.name));
+        let Buffer::F32(values) = &src.data else {
+            return Err(bad(&format!("it is {}, not f32", src.dtype())));
+        };
+        let packed = self.panels.pack(values, self.offset, self.sk, self.sn).ok_or_else(|| {
+            bad(&format!(
+                "its {} elements do not hold a {}×{} operand",
+                values.len(),
+                self.panels.k,
+                self.panels.n
+            ))
+        })?;
+        let shape = vec![self.panels.n.div_ceil(self.panels.nr), self.panels.k, self.panels.nr];
+        Tensor::from_f32(shape, packed).map_err(|e| bad(&e.to_string()))
+    }
 }
 
 /// Generates every kernel of `s` for `target`. Kernels whose MLIR is the same (the layers of
@@ -51,8 +93,11 @@ pub fn kernels(s: &Schedule, target: &dyn Target) -> Result<Program, CodegenErro
     let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     let mut kernels = Vec::new();
     let mut step_kernel = Vec::with_capacity(s.kernels.len());
+    let mut packed: Vec<PackedWeight> = Vec::new();
+    let mut step_packed_b = Vec::with_capacity(s.kernels.len());
     for (i, k) in s.kernels.iter().enumerate() {
-        let mut made = kernel(s, PROVISIONAL, k, target)?;
+        let (mut made, pack) = kernel(s, PROVISIONAL, k, target)?;
+        step_packed_b.push(pack.map(|w| intern(&mut packed, s, w)));
         let index = match seen.get(&made.mlir) {
             Some(&j) => j,
             None => {
@@ -66,7 +111,46 @@ pub fn kernels(s: &Schedule, target: &dyn Target) -> Result<Program, CodegenErro
         };
         step_kernel.push(index);
     }
-    Ok(Program { kernels, step_kernel })
+    Ok(Program { kernels, step_kernel, packed, step_packed_b })
+}
+
+/// The index of `w` in `packed`, added (and named) if it is new.
+fn intern(packed: &mut Vec<PackedWeight>, s: &Schedule, w: Unnamed) -> usize {
+    let same = |p: &PackedWeight| {
+        (p.source, p.offset, p.sk, p.sn, p.panels) == (w.source, w.offset, w.sk, w.sn, w.panels)
+    };
+    if let Some(i) = packed.iter().position(same) {
+        return i;
+    }
+    let base = match &s.buffers[w.source].storage {
+        Storage::Weight { name } | Storage::Const { name, .. } => name.as_str(),
+        _ => "b",
+    };
+    // `@` does not occur in checkpoint names; a second layout of one weight gets a suffix.
+    let mut name = format!("{base}@panels{}", w.panels.nr);
+    let mut n = 1;
+    while packed.iter().any(|p| p.name == name) {
+        n += 1;
+        name = format!("{base}@panels{}.{n}", w.panels.nr);
+    }
+    packed.push(PackedWeight {
+        name,
+        source: w.source,
+        offset: w.offset,
+        sk: w.sk,
+        sn: w.sn,
+        panels: w.panels,
+    });
+    packed.len() - 1
+}
+
+/// A [`PackedWeight`] before it has a name.
+struct Unnamed {
+    source: BufferId,
+    offset: usize,
+    sk: usize,
+    sn: usize,
+    panels: Panels,
 }
 
 fn kernel(
@@ -74,22 +158,22 @@ fn kernel(
     sym: &str,
     k: &kiln_sched::Kernel,
     target: &dyn Target,
-) -> Result<Kernel, CodegenError> {
+) -> Result<(Kernel, Option<Unnamed>), CodegenError> {
     let out = plain(s, &k.output);
     let ins = &k.inputs;
     let op = match &k.op {
         KernelOp::Elementwise(expr) => {
             let inputs: Vec<View> = ins.iter().map(|o| plain(s, o)).collect();
-            return kernels::elementwise::emit(sym, expr, &inputs, &out);
+            return Ok((kernels::elementwise::emit(sym, expr, &inputs, &out)?, None));
         }
         KernelOp::Node(op) => op,
     };
     let arg = |n: usize| ins.get(n).ok_or_else(|| bad(op.name()));
-    match op {
-        Op::MatMul => matmul(s, sym, arg(0)?, arg(1)?, None, Activation::None, &k.output, target),
+    let made = match op {
+        Op::MatMul => return matmul(s, sym, arg(0)?, arg(1)?, None, Activation::None, &k.output, target),
         Op::MatMulEpilogue { bias, activation } => {
             let b = if *bias { Some(arg(2)?) } else { None };
-            matmul(s, sym, arg(0)?, arg(1)?, b, *activation, &k.output, target)
+            return matmul(s, sym, arg(0)?, arg(1)?, b, *activation, &k.output, target);
         }
         Op::Attention { scale, causal, masked } => {
             let (q, kk, v) = (plain(s, arg(0)?), plain(s, arg(1)?), plain(s, arg(2)?));
@@ -157,10 +241,13 @@ fn kernel(
             kernels::conv::emit_pool2d(sym, *kind, *kernel, *stride, *padding, &plain(s, arg(0)?), &out)
         }
         other => Err(CodegenError::Unsupported(format!("a kernel for `{}`", other.name()))),
-    }
+    };
+    Ok((made?, None))
 }
 
-/// Normalizes numpy matmul operands to the emitter's `[B…, M, K] · [B…, K, N]` form.
+/// Normalizes numpy matmul operands to the emitter's `[B…, M, K] · [B…, K, N]` form. A
+/// constant B, the same for every batch index, is read from a packed copy made at compile
+/// time (returned for the artifact to store).
 #[allow(clippy::too_many_arguments)]
 fn matmul(
     s: &Schedule,
@@ -171,7 +258,7 @@ fn matmul(
     activation: Activation,
     out: &Operand,
     target: &dyn Target,
-) -> Result<Kernel, CodegenError> {
+) -> Result<(Kernel, Option<Unnamed>), CodegenError> {
     let av = if a.view.shape.len() == 1 { a.view.unsqueeze(0) } else { a.view.clone() };
     let bv = if b.view.shape.len() == 1 { b.view.unsqueeze(1) } else { b.view.clone() };
     let (ar, br) = (av.shape.len(), bv.shape.len());
@@ -192,5 +279,24 @@ fn matmul(
         Some(bo) => Some(view(s, bo, to_kernel_shape(&bo.view.broadcast_to(&out.view.shape))?)),
         None => None,
     };
-    kernels::matmul::emit(sym, &a_view, &b_view, bias_view.as_ref(), activation, &o_view, target)
+    let constant = matches!(s.buffers[b.buffer].storage, Storage::Weight { .. } | Storage::Const { .. });
+    let lead = b_view.rank() - 2;
+    let shared = b_view.strides[..lead].iter().zip(&b_view.shape).all(|(&st, &d)| st == 0 || d == 1);
+    if constant && shared && m > 0 && b.dtype == out.dtype && Panels::applies(out.dtype, kd, n) {
+        let panels = Panels::for_target(kd, n, target);
+        let (sk, sn) = (b_view.strides[lead], b_view.strides[lead + 1]);
+        let pack = Unnamed { source: b.buffer, offset: b_view.offset, sk, sn, panels };
+        let k = kernels::matmul::emit_prepacked(
+            sym,
+            &a_view,
+            panels,
+            bias_view.as_ref(),
+            activation,
+            &o_view,
+            target,
+        )?;
+        return Ok((k, Some(pack)));
+    }
+    let k = kernels::matmul::emit(sym, &a_view, &b_view, bias_view.as_ref(), activation, &o_view, target)?;
+    Ok((k, None))
 }

@@ -41,6 +41,8 @@ struct Case {
     out: Layout,
     bias: Bias,
     act: Activation,
+    /// B is a constant stored ahead of time in the micro-kernel's panel layout.
+    prepacked: bool,
 }
 
 impl Case {
@@ -56,7 +58,14 @@ impl Case {
             out: Layout::default(),
             bias: Bias::None,
             act: Activation::None,
+            prepacked: false,
         }
+    }
+    /// B packed at compile time (a weight shared by every batch index).
+    fn prepacked(mut self) -> Case {
+        self.prepacked = true;
+        self.b.broadcast = true;
+        self
     }
     fn batch(mut self, batch: &[usize]) -> Case {
         self.batch = batch.to_vec();
@@ -209,7 +218,10 @@ fn indices(shape: &[usize]) -> Vec<Vec<usize>> {
 struct Prepared {
     case: Case,
     kernel: Kernel,
+    /// The operands as the reference reads them (B as written, even when the kernel reads
+    /// it packed).
     views: Vec<View>,
+    panels: Option<matmul::Panels>,
 }
 
 fn prepare(symbol: &str, case: &Case, target: &CpuTarget) -> Prepared {
@@ -218,10 +230,14 @@ fn prepare(symbol: &str, case: &Case, target: &CpuTarget) -> Prepared {
     let b = view(&case.batch, case.k, case.n, d, case.b);
     let out = view(&case.batch, case.m, case.n, d, case.out);
     let bias = bias_view(case);
-    let kernel = matmul::emit(symbol, &a, &b, bias.as_ref(), case.act, &out, target)
-        .unwrap_or_else(|e| panic!("{case:?}: {e}"));
+    let panels = case.prepacked.then(|| matmul::Panels::for_target(case.k, case.n, target));
+    let kernel = match panels {
+        Some(pn) => matmul::emit_prepacked(symbol, &a, pn, bias.as_ref(), case.act, &out, target),
+        None => matmul::emit(symbol, &a, &b, bias.as_ref(), case.act, &out, target),
+    }
+    .unwrap_or_else(|e| panic!("{case:?}: {e}"));
     let views = [Some(a), Some(b), bias, Some(out)].into_iter().flatten().collect();
-    Prepared { case: case.clone(), kernel, views }
+    Prepared { case: case.clone(), kernel, views, panels }
 }
 
 /// Runs a prepared case in `lib` and checks it.
@@ -239,7 +255,23 @@ fn check(lib: &KernelLibrary, p: &Prepared) {
             }
         }
     }
-    let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.ptr()).collect();
+    let mut ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.ptr()).collect();
+    // A prepacked kernel reads B from its panel copy, made here as the compiler makes it.
+    let mut packed = p.panels.map(|pn| {
+        let bv = &p.views[1];
+        let r = bv.rank();
+        let src: Vec<f32> = (0..bv.buffer_len).map(|i| bufs[1].get(i) as f32).collect();
+        let values =
+            pn.pack(&src, bv.offset, bv.strides[r - 2], bv.strides[r - 1]).expect("B fits its buffer");
+        let mut buf = Buf::new(DType::F32, values.len());
+        for (i, &x) in values.iter().enumerate() {
+            buf.set(i, x as f64);
+        }
+        buf
+    });
+    if let Some(buf) = &mut packed {
+        ptrs[1] = buf.ptr();
+    }
     let r = p.kernel.range;
     for (lo, hi) in [(0, r / 3), (r / 3, 2 * r / 3), (2 * r / 3, r)] {
         unsafe { lib.call(&p.kernel.symbol, &ptrs, lo, hi).unwrap() };
@@ -490,6 +522,28 @@ fn lower_rank_operands_broadcast() {
     }
 }
 
+/// B packed at compile time: edge panels (N not a multiple of the panel width), several K
+/// blocks, transposed weights, batch broadcast, bias and activations.
+#[test]
+fn f32_prepacked_weights() {
+    run(&[
+        Case::new(128, 384, 384).bt().bias(Bias::Column).prepacked(),
+        Case::new(37, 1536, 70).bt().bias(Bias::Column).act(Activation::Gelu(GeluApprox::Erf)).prepacked(),
+        Case::new(13, 17, 19).prepacked(),
+        Case::new(1, 5, 3).bt().prepacked(),
+        Case::new(9, 600, 33).batch(&[3]).bias(Bias::Full).act(Activation::Relu).prepacked(),
+        Case::new(20, 260, 1030).batch(&[2]).bt().prepacked(),
+        Case::new(600, 64, 48).bt().bias(Bias::Column).prepacked(),
+    ]);
+}
+
+/// Prepacked on baseline x86-64: panels 8 wide.
+#[test]
+#[cfg(target_arch = "x86_64")]
+fn f32_prepacked_four_lanes() {
+    run_on(&CpuTarget::x86_64(), &[Case::new(13, 37, 29).bt().bias(Bias::Column).prepacked()]);
+}
+
 fn act_strategy() -> impl Strategy<Value = Activation> {
     (0..Activation::ALL.len()).prop_map(|i| Activation::ALL[i])
 }
@@ -500,7 +554,7 @@ proptest! {
     fn random_small_f32(
         m in 1usize..30, k in 1usize..40, n in 1usize..45,
         nbatch in 0usize..3, bt in any::<bool>(), bias in 0usize..3, act in act_strategy(),
-        pad in 0usize..3,
+        pad in 0usize..3, prepacked in any::<bool>(),
     ) {
         let mut c = Case::new(m, k, n).bias([Bias::None, Bias::Column, Bias::Full][bias]).act(act);
         c.batch = vec![2; nbatch];
@@ -508,6 +562,9 @@ proptest! {
         c.a.pad = pad;
         c.out.pad = pad;
         c.out.offset = pad;
+        if prepacked {
+            c = c.prepacked();
+        }
         run(&[c]);
     }
 }

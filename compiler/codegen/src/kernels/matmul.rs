@@ -6,7 +6,8 @@
 //! block of `KC` rows and `NB` columns, into a contiguous scratch buffer of `NR`-wide panels
 //! (zero-padded, so the micro-kernel never masks): this turns a transposed weight (`[N, K]`
 //! stored, the PyTorch Linear layout, packed by in-register transposes) into the same
-//! unit-stride stream as a plain one. a is read in place, or copied block by block into
+//! unit-stride stream as a plain one. A constant B (a weight) is packed once at compile time
+//! instead ([`Panels`], [`emit_prepacked`]) and read in place. a is read in place, or copied block by block into
 //! contiguous rows when its rows are far apart or K is strided. C is written once per K block,
 //! its tile prefetched and read after the k loop; the last block adds the bias and applies the
 //! activation in registers before the store.
@@ -47,8 +48,102 @@ pub fn emit(
     target: &dyn Target,
 ) -> Result<Kernel, CodegenError> {
     let p = Problem::new(a, b, bias, activation, out)?;
+    emit_problem(symbol, &p, None, target)
+}
+
+/// [`emit`] for a B stored ahead of time in `panels` (see [`Panels`]): the kernel reads the
+/// panels in place and packs nothing per call. `a`, `bias` and `out` are as for [`emit`]; B's
+/// memref is the packed buffer of `panels.len()` f32 elements.
+pub fn emit_prepacked(
+    symbol: &str,
+    a: &View,
+    panels: Panels,
+    bias: Option<&View>,
+    activation: Activation,
+    out: &View,
+    target: &dyn Target,
+) -> Result<Kernel, CodegenError> {
+    let unsupported = |msg: String| CodegenError::Unsupported(format!("matmul with packed B: {msg}"));
+    let want = Panels::for_target(panels.k, panels.n, target);
+    if panels != want || !Panels::applies(out.dtype, panels.k, panels.n) {
+        return Err(unsupported(format!("{panels:?} is not the layout of this target ({want:?})")));
+    }
+    // Within a panel, (k, n mod nr) is at k·nr + n mod nr; the emitter adds the panel's base.
+    let b = View {
+        shape: vec![panels.k, panels.n],
+        strides: vec![panels.nr, 1],
+        offset: 0,
+        dtype: DType::F32,
+        buffer_len: panels.len(),
+    };
+    let p = Problem::new(a, &b, bias, activation, out)?;
+    if p.m == 0 {
+        return Err(unsupported("no rows".into()));
+    }
+    emit_problem(symbol, &p, Some(panels), target)
+}
+
+/// The layout a constant B (a weight) is stored in when it is packed at compile time: panel
+/// `p` holds columns `[p·nr, (p+1)·nr)` for all K rows, row after row, zero past column N, so
+/// element `(k, n)` is at `(n / nr)·K·nr + k·nr + n mod nr`. This is the layout the f32
+/// micro-kernel streams B in; storing weights this way removes the per-call packing, which
+/// costs as much as the arithmetic when there are only ~100 rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Panels {
+    pub k: usize,
+    pub n: usize,
+    /// Panel width: the micro-kernel's tile width on the target.
+    pub nr: usize,
+}
+
+impl Panels {
+    /// The layout of a `k × n` B for `target`'s micro-kernel.
+    pub fn for_target(k: usize, n: usize, target: &dyn Target) -> Panels {
+        Panels { k, n, nr: Tiled::NV * target.f32_lanes().max(1) }
+    }
+
+    /// Whether products of `dtype` with this B use the micro-kernel (and so can read panels).
+    pub fn applies(dtype: DType, k: usize, n: usize) -> bool {
+        dtype == DType::F32 && k > 0 && n > 0
+    }
+
+    /// Elements of the packed buffer.
+    pub fn len(&self) -> usize {
+        self.n.div_ceil(self.nr) * self.k * self.nr
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Packs B, whose element `(k, n)` is `src[offset + k·sk + n·sn]`. `None` when that
+    /// reaches past `src`.
+    pub fn pack(&self, src: &[f32], offset: usize, sk: usize, sn: usize) -> Option<Vec<f32>> {
+        let last = offset + (self.k - 1) * sk + (self.n - 1) * sn;
+        if self.k == 0 || self.n == 0 || last >= src.len() {
+            return None;
+        }
+        let mut out = vec![0.0f32; self.len()];
+        for (p, panel) in out.chunks_exact_mut(self.k * self.nr).enumerate() {
+            for (k, row) in panel.chunks_exact_mut(self.nr).enumerate() {
+                let cols = (self.n - p * self.nr).min(self.nr);
+                for (j, x) in row[..cols].iter_mut().enumerate() {
+                    *x = src[offset + k * sk + (p * self.nr + j) * sn];
+                }
+            }
+        }
+        Some(out)
+    }
+}
+
+fn emit_problem(
+    symbol: &str,
+    p: &Problem,
+    packed: Option<Panels>,
+    target: &dyn Target,
+) -> Result<Kernel, CodegenError> {
     let (text, range, grain) = if p.dtype == DType::F32 && p.k > 0 && p.m > 0 && p.n > 0 {
-        Tiled::new(&p, target).emit()
+        Tiled::new(p, packed.is_some(), target).emit()
     } else {
         p.emit_scalar()
     };
@@ -409,7 +504,10 @@ struct Tiled<'p> {
     /// Row tiles (`⌈M / mr⌉`).
     mt: usize,
     vty: String,
+    /// The packed B's memref: per-call scratch, or the argument itself when `prepacked`.
     bp_ty: String,
+    /// Whether `%b` is already in [`Panels`] layout (nothing is packed per call).
+    prepacked: bool,
     /// Whether each `MC×KC` block of a is first copied, row by row, into contiguous scratch
     /// (`ap_ty`), and the micro-kernel reads it from there.
     pack_a: bool,
@@ -432,10 +530,13 @@ struct Group {
 }
 
 impl<'p> Tiled<'p> {
-    fn new(p: &'p Problem, target: &dyn Target) -> Tiled<'p> {
+    /// Vectors per tile row.
+    const NV: usize = 2;
+
+    fn new(p: &'p Problem, prepacked: bool, target: &dyn Target) -> Tiled<'p> {
         let lanes = target.f32_lanes().max(1);
         let regs = target.vector_registers().max(8);
-        let nv = 2;
+        let nv = Self::NV;
         let mr = ((regs - nv - 1) / nv).clamp(1, 12);
         let nr = nv * lanes;
         let mc = MC_TARGET.div_ceil(mr) * mr;
@@ -446,7 +547,7 @@ impl<'p> Tiled<'p> {
         let nb = p.n.div_ceil(nbn).div_ceil(nr) * nr;
         let nbn = p.n.div_ceil(nb);
         let vty = format!("vector<{lanes}xf32>");
-        let bp_ty = format!("memref<{}xf32>", kc * nb);
+        let bp_ty = if prepacked { p.b.memref() } else { format!("memref<{}xf32>", kc * nb) };
         let pack_a = pack_a_policy(p);
         let ap_ty = format!("memref<{}xf32>", mc * kc + lanes);
         Tiled {
@@ -463,6 +564,7 @@ impl<'p> Tiled<'p> {
             mt: p.m.div_ceil(mr),
             vty,
             bp_ty,
+            prepacked,
             pack_a,
             ap_ty,
         }
@@ -475,7 +577,11 @@ impl<'p> Tiled<'p> {
         let flops = 2 * (p.batch * p.m * p.n * p.k) as u64;
         let mut b = Body::new();
         let one = b.index(1);
-        let bp = b.assign(format!("memref.alloc() {{alignment = 64 : i64}} : {}", self.bp_ty));
+        let bp = if self.prepacked {
+            "%b".to_string()
+        } else {
+            b.assign(format!("memref.alloc() {{alignment = 64 : i64}} : {}", self.bp_ty))
+        };
         let ap = self
             .pack_a
             .then(|| b.assign(format!("memref.alloc() {{alignment = 64 : i64}} : {}", self.ap_ty)));
@@ -535,19 +641,24 @@ impl<'p> Tiled<'p> {
         }
         b.close("");
         b.close("");
-        b.line(format!("memref.dealloc {bp} : {}", self.bp_ty));
+        if !self.prepacked {
+            b.line(format!("memref.dealloc {bp} : {}", self.bp_ty));
+        }
         if let Some(ap) = &grp.ap {
             b.line(format!("memref.dealloc {ap} : {}", self.ap_ty));
         }
         b.line("return");
         // A chunk packs its column block once: give each task at least a few row tiles.
-        let grain = Kernel::grain_for(range, flops).max(4.min(self.mt));
+        let grain = Kernel::grain_for(range, flops);
+        let grain = if self.prepacked { grain } else { grain.max(4.min(self.mt)) };
         (b.finish(), range, grain)
     }
 
     /// One K block of the group: pack B rows `[pc, pc+kc)`, then every (row tile, panel).
     fn kblock(&self, b: &mut Body, bp: &str, g: &Group, pc: &str, kc: usize, mode: Block) {
-        self.pack(b, bp, g, pc, kc);
+        if !self.prepacked {
+            self.pack(b, bp, g, pc, kc);
+        }
         let one = b.index(1);
         let zero = b.index(0);
         let mcc = b.index(self.mc);
@@ -932,8 +1043,19 @@ impl<'p> Tiled<'p> {
         }
         let zero = b.float(0.0, &vty);
         let mut acc = vec![zero; mr * nv];
-        let panel_stride = b.index(self.kc * nr);
-        let bbase = b.assign(format!("arith.muli {panel}, {panel_stride} : index"));
+        let bbase = if self.prepacked {
+            // Panels of the whole B, K·nr apart: this one is the column block's first panel
+            // (n0 / nr) plus `panel`, and the K block starts pc rows into it.
+            let first = b.assign(format!("arith.divui {}, {nrc} : index", g.n0));
+            let gp = b.assign(format!("arith.addi {first}, {panel} : index"));
+            let panel_stride = b.index(p.k * nr);
+            let base = b.assign(format!("arith.muli {gp}, {panel_stride} : index"));
+            let row = b.assign(format!("arith.muli {pc}, {nrc} : index"));
+            b.assign(format!("arith.addi {base}, {row} : index"))
+        } else {
+            let panel_stride = b.index(self.kc * nr);
+            b.assign(format!("arith.muli {panel}, {panel_stride} : index"))
+        };
         let n = mr * nv;
         let types = vec![vty.as_str(); n].join(", ");
         let step = |b: &mut Body, k: &str, acc: &[String]| -> Vec<String> {
