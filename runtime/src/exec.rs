@@ -67,6 +67,9 @@ pub(crate) unsafe fn launch(
     };
     let parts = chunks(range, grain, threads);
     match pool {
+        Some(pool) if parts.len() > 1 && pool.current_thread_index().is_some() => {
+            parts.into_par_iter().for_each(call)
+        }
         Some(pool) if parts.len() > 1 => pool.install(|| parts.into_par_iter().for_each(call)),
         _ => parts.into_iter().for_each(call),
     }

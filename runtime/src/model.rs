@@ -306,11 +306,11 @@ impl Model {
         mut times: Option<&mut Vec<Duration>>,
     ) -> Result<(), RuntimeError> {
         let realigned_inputs = self.check_inputs(inputs)?;
-        let input_ptrs: Vec<*mut u8> = inputs
+        let input_ptrs: Vec<SendPtr> = inputs
             .iter()
             .zip(&realigned_inputs)
             .map(|(input, copy)| {
-                copy.as_ref().map_or(input.bytes.as_ptr(), |c| c.as_slice().as_ptr()).cast_mut()
+                SendPtr(copy.as_ref().map_or(input.bytes.as_ptr(), |c| c.as_slice().as_ptr()).cast_mut())
             })
             .collect();
 
@@ -334,37 +334,42 @@ impl Model {
                 Some(AlignedBuf::zeroed(expected, "output copy")?)
             });
         }
-        let output_ptrs: Vec<*mut u8> = outputs
+        let output_ptrs: Vec<SendPtr> = outputs
             .iter_mut()
             .zip(realigned_outputs.iter_mut())
-            .map(|(buf, copy)| copy.as_mut().map_or(buf.as_mut_ptr(), AlignedBuf::as_mut_ptr))
+            .map(|(buf, copy)| SendPtr(copy.as_mut().map_or(buf.as_mut_ptr(), AlignedBuf::as_mut_ptr)))
             .collect();
 
-        for launch in &mut self.launches {
-            for &(arg, slot) in &launch.slots {
-                launch.args[arg] = SendPtr(match slot {
-                    Slot::Input(i) => input_ptrs[i],
-                    Slot::Output(i) => output_ptrs[i],
-                });
+        let (pool, threads) = (self.pool.as_ref(), self.threads);
+        let launches = &mut self.launches;
+        let mut steps = move || {
+            for launch in launches.iter_mut() {
+                for &(arg, slot) in &launch.slots {
+                    launch.args[arg] = match slot {
+                        Slot::Input(i) => input_ptrs[i],
+                        Slot::Output(i) => output_ptrs[i],
+                    };
+                }
+                let start = Instant::now();
+                // SAFETY: every pointer is live for this call: the arena and weights are owned
+                // by `self`, the inputs and outputs are borrowed by this call, and all were
+                // checked to have the sizes the manifest gives. `self.kernels` keeps the code
+                // loaded. The kernel's contract (ranges, disjoint writes) is the artifact's,
+                // checked at compile.
+                unsafe {
+                    exec::launch(launch.kernel, &launch.args, launch.range, launch.grain, pool, threads)
+                };
+                if let Some(times) = times.as_deref_mut() {
+                    times.push(start.elapsed());
+                }
             }
-            let start = Instant::now();
-            // SAFETY: every pointer is live for this call: the arena and weights are owned by
-            // `self`, the inputs and outputs are borrowed by this call, and all were checked to
-            // have the sizes the manifest gives. `self.kernels` keeps the code loaded. The
-            // kernel's contract (ranges, disjoint writes) is the artifact's, checked at compile.
-            unsafe {
-                exec::launch(
-                    launch.kernel,
-                    &launch.args,
-                    launch.range,
-                    launch.grain,
-                    self.pool.as_ref(),
-                    self.threads,
-                )
-            };
-            if let Some(times) = times.as_deref_mut() {
-                times.push(start.elapsed());
-            }
+        };
+        // The whole run is one job on the pool: each step then splits from inside it, which
+        // costs a work-stealing join instead of waking the pool from outside and putting the
+        // caller to sleep once per step.
+        match pool {
+            Some(pool) => pool.install(steps),
+            None => steps(),
         }
 
         for (buf, copy) in outputs.iter_mut().zip(&realigned_outputs) {
