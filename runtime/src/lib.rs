@@ -41,7 +41,7 @@ pub use manifest::{
     WEIGHTS_FILE,
 };
 pub use model::{Model, Options};
-pub use profile::{Profile, StepProfile};
+pub use profile::{KindProfile, Profile, StepProfile};
 pub use tensor::{Tensor, TensorRef};
 pub use weights::{WeightStore, WeightView};
 

@@ -46,7 +46,68 @@ impl StepProfile {
     }
 }
 
+/// The steps of one kind of kernel (`matmul_epilogue`, `attention`, …) taken together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KindProfile {
+    /// The kind, as [`StepProfile::kind`] reads it from the labels.
+    pub kind: String,
+    /// How many steps are of this kind.
+    pub steps: usize,
+    /// Their summed median times.
+    pub time: Duration,
+    /// Their fraction of the summed step times, in `[0, 1]`.
+    pub share: f64,
+    /// Their estimated floating-point operations.
+    pub flops: u64,
+    /// Their estimated bytes moved.
+    pub bytes: u64,
+}
+
+impl StepProfile {
+    /// The kernel kind in a step label `kN KIND[(detail)] [shape]`: the word after the step
+    /// number, without its parenthesized detail (the whole label when it has no such word).
+    pub fn kind(&self) -> &str {
+        let mut words = self.label.split_whitespace();
+        let word = match (words.next(), words.next()) {
+            (Some(_), Some(w)) if !w.starts_with('[') => w,
+            _ => self.label.as_str(),
+        };
+        word.split('(').next().unwrap_or(word)
+    }
+}
+
 impl Profile {
+    /// The steps grouped by kernel kind, slowest kind first: which family of kernels the time
+    /// goes to, however many steps it is spread over.
+    pub fn by_kind(&self) -> Vec<KindProfile> {
+        let mut kinds: Vec<KindProfile> = Vec::new();
+        for s in &self.steps {
+            let i = match kinds.iter().position(|k| k.kind == s.kind()) {
+                Some(i) => i,
+                None => {
+                    let k = s.kind().to_string();
+                    kinds.push(KindProfile {
+                        kind: k,
+                        steps: 0,
+                        time: Duration::ZERO,
+                        share: 0.0,
+                        flops: 0,
+                        bytes: 0,
+                    });
+                    kinds.len() - 1
+                }
+            };
+            let k = &mut kinds[i];
+            k.steps += 1;
+            k.time += s.time;
+            k.share += s.share;
+            k.flops += s.flops;
+            k.bytes += s.bytes;
+        }
+        kinds.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| a.kind.cmp(&b.kind)));
+        kinds
+    }
+
     /// Builds the profile from per-run step times (`times[run][step]`) and whole-run times.
     pub(crate) fn from_times(
         labels: impl Iterator<Item = (String, u64, u64)>,
@@ -129,7 +190,27 @@ impl fmt::Display for Profile {
             per_second(flops, steps) / 1e9,
             per_second(bytes, steps) / 1e9,
             human_time(self.total)
-        )
+        )?;
+        let kinds = self.by_kind();
+        let width = kinds.iter().map(|k| k.kind.chars().count()).chain(["by kind".len()]).max().unwrap_or(0);
+        write!(
+            f,
+            "\n\n{:<width$}  {:>5}  {:>10}  {:>6}  {:>9}  {:>8}",
+            "by kind", "steps", "time", "share", "GFLOP/s", "GB/s"
+        )?;
+        for k in &kinds {
+            write!(
+                f,
+                "\n{:<width$}  {:>5}  {:>10}  {:>5.1}%  {:>9.2}  {:>8.2}",
+                k.kind,
+                k.steps,
+                human_time(k.time),
+                k.share * 100.0,
+                per_second(k.flops, k.time) / 1e9,
+                per_second(k.bytes, k.time) / 1e9
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -204,13 +285,37 @@ mod tests {
 
         let text = p.to_string();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 5, "{text}");
+        assert_eq!(lines.len(), 9, "{text}");
         assert!(lines[0].contains("2 steps, 2 threads, arena 4.0 KiB, median of 3 runs"), "{text}");
         assert!(lines[2].starts_with("bb ") && lines[3].starts_with("a "), "slowest first:\n{text}");
         assert!(lines[4].starts_with("total (steps)"), "{text}");
         // Columns line up: every row puts its time column at the same place.
         let col = lines[1].find("time").unwrap() + "time".len() - 1;
-        assert!(lines[2..].iter().all(|l| l.chars().nth(col) == Some('s')), "{text}");
+        assert!(lines[2..5].iter().all(|l| l.chars().nth(col) == Some('s')), "{text}");
+        assert_eq!(lines[5], "", "{text}");
+        assert!(
+            lines[6].starts_with("by kind") && lines[7].starts_with("bb ") && lines[8].starts_with("a "),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn kinds_group_steps() {
+        let labels = [
+            "k0 matmul_epilogue(gelu) [1, 128, 1536]",
+            "k1 attention [1, 12, 128, 32]",
+            "k2 matmul_epilogue [1, 128, 384]",
+            "k3 [2, 2]",
+        ]
+        .map(|l| (l.to_string(), 1_000_000, 0));
+        let times = vec![vec![us(30), us(20), us(40), us(10)]];
+        let p = Profile::from_times(labels.into_iter(), &times, vec![us(100)], 0, 1);
+        let kinds = p.by_kind();
+        let names: Vec<&str> = kinds.iter().map(|k| k.kind.as_str()).collect();
+        assert_eq!(names, ["matmul_epilogue", "attention", "k3 [2, 2]"]);
+        assert_eq!((kinds[0].steps, kinds[0].time, kinds[0].flops), (2, us(70), 2_000_000));
+        assert!((kinds[0].share - 0.7).abs() < 1e-9);
+        assert!(p.to_string().contains("\nmatmul_epilogue      2     70.0 µs   70.0%"), "{p}");
     }
 
     #[test]
@@ -219,7 +324,7 @@ mod tests {
         let times = vec![(0..25).map(us).collect::<Vec<_>>()];
         let text = Profile::from_times(labels, &times, vec![us(300)], 0, 1).to_string();
         assert!(text.contains("(5 more steps)"), "{text}");
-        assert_eq!(text.lines().count(), 2 + 20 + 2);
+        assert_eq!(text.lines().count(), 2 + 20 + 2 + 2 + 25);
         assert!(text.lines().nth(2).unwrap().starts_with("k24"));
     }
 }
