@@ -7,8 +7,15 @@
 //! - attention, 12 heads × 64, batch 1, seq 512 and 2048, q/k/v head-split views of
 //!   `[1, S, 768]` buffers: GFLOP/s counted as `4·S²·D·heads`, for the fused kernel and for
 //!   scores (generated loop kernel, `S×S` materialized) + softmax kernel + `p·v` loop kernel;
+//! - attention at MiniLM's shape (`minilm`), 12 heads × 32, seq 128, head-split views and an
+//!   additive padding mask `[B, 1, 1, S]` broadcast over heads and query rows, batch 1 and 8:
+//!   µs per call;
 //! - LayerNorm and AddNorm over 4096×4096 f32: GB/s (bytes read + written), next to a
 //!   generated copy kernel's GB/s on the same buffers.
+//!
+//! `KILN_BENCH_FUSED_ONLY=1` skips the unfused attention (quicker A/B runs);
+//! `KILN_BENCH_OBJECT=DIR` writes each attention library's object file into `DIR`, for
+//! reading the generated code with `objdump -d`.
 
 use kiln_codegen::kernels::{attention, norm, View};
 use kiln_codegen::{mlir_text::Body, CpuTarget, Kernel, KernelLibrary, Target};
@@ -58,31 +65,67 @@ fn run(lib: &KernelLibrary, kernel: &Kernel, bufs: &[usize], threads: usize) {
     });
 }
 
-/// Median seconds of `f` over repeats after a warm-up, repeating for about `budget`.
+/// Seconds of CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`).
+fn thread_cpu_seconds() -> f64 {
+    #[repr(C)]
+    struct Timespec {
+        sec: i64,
+        nsec: i64,
+    }
+    extern "C" {
+        fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+    }
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the call to fill in.
+    unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.sec as f64 + ts.nsec as f64 * 1e-9
+}
+
+/// Median seconds of `f` over repeats after a warm-up, repeating for about `budget`. With
+/// `KILN_BENCH_CLOCK=thread`, the calling thread's CPU time instead of wall time: steadier on a
+/// loaded machine, but only meaningful for the 1-thread rows; with `KILN_BENCH_MIN=1`, the
+/// fastest repeat instead of the median (for A/B runs beside other work).
 fn time(mut f: impl FnMut(), budget: Duration) -> f64 {
+    let thread_clock = std::env::var("KILN_BENCH_CLOCK").is_ok_and(|c| c == "thread");
+    let epoch = Instant::now();
+    let clock = || if thread_clock { thread_cpu_seconds() } else { epoch.elapsed().as_secs_f64() };
     f();
     let mut times = vec![];
     let start = Instant::now();
-    while times.len() < 3 || (start.elapsed() < budget && times.len() < 30) {
-        let t = Instant::now();
+    while times.len() < 3 || (start.elapsed() < budget && times.len() < 400) {
+        let t = clock();
         f();
-        times.push(t.elapsed().as_secs_f64());
+        times.push(clock() - t);
     }
     times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    if std::env::var_os("KILN_BENCH_MIN").is_some() {
+        times[0]
+    } else {
+        times[times.len() / 2]
+    }
 }
 
 const HEADS: usize = 12;
 const D: usize = 64;
 
-/// `[1, H, S, D]` head-split out of a `[1, S, H·D]` buffer.
-fn head_split(s: usize) -> View {
+/// `[B, H, S, d]` head-split out of a `[B, S, H·d]` buffer.
+fn head_split(batch: usize, s: usize, d: usize) -> View {
     View {
-        shape: vec![1, HEADS, s, D],
-        strides: vec![s * HEADS * D, D, HEADS * D, 1],
+        shape: vec![batch, HEADS, s, d],
+        strides: vec![s * HEADS * d, d, HEADS * d, 1],
         offset: 0,
         dtype: DType::F32,
-        buffer_len: s * HEADS * D,
+        buffer_len: batch * s * HEADS * d,
+    }
+}
+
+/// Writes the library's object file into `$KILN_BENCH_OBJECT/name.o` when that is set.
+fn save_object(lib: &KernelLibrary, name: &str) {
+    if let Some(dir) = std::env::var_os("KILN_BENCH_OBJECT") {
+        let path = std::path::Path::new(&dir).join(format!("{name}.o"));
+        std::fs::write(&path, &lib.compiled.object).expect("write the object file");
+        println!("  object: {}", path.display());
     }
 }
 
@@ -205,7 +248,7 @@ fn copy_kernel(sym: &str, rows: usize, n: usize, lanes: usize) -> Kernel {
 fn attention_bench(target: &CpuTarget, s: usize, budget: Duration) {
     let lanes = target.f32_lanes();
     let scale = 1.0 / (D as f64).sqrt();
-    let qv = head_split(s);
+    let qv = head_split(1, s, D);
     let fused =
         attention::emit(&format!("attn{s}"), &qv, &qv, &qv, None, scale, false, &qv, target).expect("emit");
     let causal = attention::emit(&format!("attc{s}"), &qv, &qv, &qv, None, scale, true, &qv, target)
@@ -221,6 +264,8 @@ fn attention_bench(target: &CpuTarget, s: usize, budget: Duration) {
     let t0 = Instant::now();
     let lib = KernelLibrary::build(&kernels, target).expect("build");
     let compile = t0.elapsed().as_secs_f64();
+    save_object(&lib, &format!("attention{s}"));
+    let fused_only = std::env::var_os("KILN_BENCH_FUSED_ONLY").is_some();
     let n = s * HEADS * D;
     let (mut q, mut k, mut v, mut out) = (Buf::new(n, 1), Buf::new(n, 2), Buf::new(n, 3), Buf::new(n, 4));
     let mut scores = Buf::new(HEADS * s * s, 5);
@@ -232,14 +277,12 @@ fn attention_bench(target: &CpuTarget, s: usize, budget: Duration) {
     for threads in [1, 2] {
         let tf = time(|| run(&lib, &fused, &fb, threads), budget);
         let tc = time(|| run(&lib, &causal, &fb, threads), budget);
-        let tu = time(
-            || {
-                run(&lib, &kernels[2], &sb, threads);
-                run(&lib, &kernels[3], &smb, threads);
-                run(&lib, &kernels[4], &pb, threads);
-            },
-            budget,
-        );
+        let unfused = || {
+            run(&lib, &kernels[2], &sb, threads);
+            run(&lib, &kernels[3], &smb, threads);
+            run(&lib, &kernels[4], &pb, threads);
+        };
+        let tu = if fused_only { f64::NAN } else { time(unfused, budget) };
         println!(
             "  {threads} thr: fused {:7.1} GFLOP/s ({:8.2} ms) | causal {:7.2} ms | unfused {:7.1} GFLOP/s ({:8.2} ms) | fused/unfused {:.2}x",
             flops / tf / 1e9,
@@ -249,6 +292,43 @@ fn attention_bench(target: &CpuTarget, s: usize, budget: Duration) {
             tu * 1e3,
             tu / tf
         );
+    }
+}
+
+/// MiniLM's attention: 12 heads × 32, seq 128, head-split q/k/v/out of `[B, S, 384]` and an
+/// additive padding mask `[B, 1, 1, S]` broadcast over heads and query rows (its last quarter
+/// hidden by −3.4e38, as BERT does).
+fn minilm_bench(target: &CpuTarget, budget: Duration) {
+    let (s, d) = (128, 32);
+    let scale = 1.0 / (d as f64).sqrt();
+    for batch in [1, 8] {
+        let qv = head_split(batch, s, d);
+        let mask = View {
+            shape: vec![batch, HEADS, s, s],
+            strides: vec![s, 0, 0, 1],
+            offset: 0,
+            dtype: DType::F32,
+            buffer_len: batch * s,
+        };
+        let kernel =
+            attention::emit(&format!("mini{batch}"), &qv, &qv, &qv, Some(&mask), scale, false, &qv, target)
+                .expect("emit");
+        let lib = KernelLibrary::build(std::slice::from_ref(&kernel), target).expect("build");
+        save_object(&lib, &format!("minilm{batch}"));
+        let n = batch * s * HEADS * d;
+        let (mut q, mut k, mut v, mut out) = (Buf::new(n, 1), Buf::new(n, 2), Buf::new(n, 3), Buf::new(n, 4));
+        let mut m = Buf::new(batch * s, 5);
+        for (i, x) in m.raw[m.start..m.start + m.len].iter_mut().enumerate() {
+            *x = if i % s >= s * 3 / 4 { -3.4e38 } else { 0.0 };
+        }
+        let bufs = [q.addr(), k.addr(), v.addr(), m.addr(), out.addr()];
+        let flops = (4 * batch * s * s * d * HEADS) as f64;
+        let mut line = format!("attention minilm 12x32 seq {s} masked, batch {batch}:");
+        for threads in [1, 2] {
+            let t = time(|| run(&lib, &kernel, &bufs, threads), budget);
+            line += &format!(" | {threads} thr {:7.1} µs ({:5.1} GFLOP/s)", t * 1e6, flops / t / 1e9);
+        }
+        println!("{line}");
     }
 }
 
@@ -296,6 +376,9 @@ fn main() {
         if want(&format!("attention{s}")) {
             attention_bench(&target, s, budget);
         }
+    }
+    if want("attention_minilm") {
+        minilm_bench(&target, budget);
     }
     if want("norm") {
         norm_bench(&target, budget);

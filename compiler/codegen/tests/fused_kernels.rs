@@ -635,6 +635,22 @@ fn attention_strided_views() {
     run_cases(cases);
 }
 
+#[test]
+fn attention_grouped_blocks() {
+    // Keys and values of a batch index past the cached share (sk·(d+dv) > 256 KiB), so blocks of
+    // query rows walk the key tiles in groups; 100 rows are 5 blocks of 24: a whole group, then
+    // one block and three that repeat the last row.
+    let mut cases = Vec::new();
+    let base = AttnCase::new(2, 1, 100, 1100, 32, 32);
+    let masked = AttnCase { mask: Mask::Padding { pad: 300, value: f64::NEG_INFINITY }, ..base.clone() };
+    cases.push(attention_case("ag_mask", &masked));
+    let split = AttnCase { head_split: true, heads: 2, sq: 70, ..base.clone() };
+    cases.push(attention_case("ag_split", &split));
+    let odd = AttnCase { dtype: DType::F64, sk: 1500, d: 19, dv: 11, ..base.clone() };
+    cases.push(attention_case("ag_f64", &odd));
+    run_cases(cases);
+}
+
 fn attn_strategy() -> impl Strategy<Value = AttnCase> {
     (
         1usize..3,

@@ -1,42 +1,61 @@
 //! Fused attention, flash style: `softmax(q·kᵀ·scale + mask) · v` without the `Sq × Sk`
 //! score matrix.
 //!
-//! One iteration of the parallel range is one block of query rows (one or two vectors of them,
-//! the rows in lanes) of one batch index (batch·heads × query blocks, so two threads have work
-//! even at batch 1). The block walks the keys in tiles of about `KEY_TILE`, keeping an online
-//! softmax per row: the running max `m`, the running sum `l`, and the output accumulator `O`
-//! (rescaled by `exp(m_old − m_new)` when the max grows), all in small stack scratch that stays
-//! in L1. The block's q rows are kept transposed (`Q[d][row]`, scale folded in), and the
-//! scores key-major (`S[j][row]`), so every step is vertical, without horizontal reductions:
+//! Query rows sit in vector lanes throughout, so every step is vertical, without horizontal
+//! reductions. A block is `rv` vectors of rows (three, or two when three would pad a short
+//! sequence with many repeated rows); one iteration of the parallel range is a group of blocks
+//! of one batch index (batch·heads × groups, so two threads have work even at batch 1). The
+//! group is one block unless the keys and values of a batch index overflow a share of L2: then
+//! four blocks take turns on each key tile while it is cached, instead of each streaming all
+//! keys from L3. Each block keeps, in stack scratch that stays in L1, its q rows transposed
+//! (`Q[d][row]`, scale folded in), the online softmax state per row (running max `m`, running
+//! sum `l`) and the output accumulator transposed (`O[c][row]`), and walks the keys in tiles of
+//! about `KEY_TILE`, the tile's scores key-major (`S[j][row]`):
 //!
-//! 1. scores: a register tile of a few keys × the block's row vectors accumulates along D,
-//!    each step one broadcast `k[j][d]` times the vector `Q[d][rows]`; mask, causal hiding and
-//!    the tile's end are applied lane-wise (hidden scores are −inf), and the tile's max per row
-//!    is taken on the way;
-//! 2. per row vector: `m_new`, `α`, `p = exp(s − m_new)` (exactly 0 for −inf), `l = α·l + Σp`;
-//! 3. `O = α·O + p·V`, in register tiles of rows × vectors of Dv, every loaded value row
-//!    shared by those rows.
+//! 1. scores: a register tile of a few keys × the block's row vectors accumulates along D, each
+//!    step one broadcast `k[j][d]` times the vector `Q[d][rows]`; the mask (and the causal
+//!    hiding) is applied lane-wise and the tile's max per row taken on the way. Only the tile's
+//!    last, partial group of keys tests for the end of the keys (hidden scores are −inf).
+//! 2. per row vector: `m_new`, `α = exp(m_old − m_new)`, `p = exp(s − m_new)` in place of `s`,
+//!    `l = α·l + Σp`. The exp is a cheaper one for arguments ≤ 0 whose result is exactly 0 for
+//!    −inf (and tiny arguments), so hidden keys need no test; a row with every score so far
+//!    −inf subtracts 0 instead of `m`, so its `p` and `α` are 0 rather than NaN.
+//! 3. `O = α·O + p·V`: the same register tile shape, a few columns of Dv × the block's row
+//!    vectors, accumulated over the tile's keys with one broadcast `v[j][c]` times the vector
+//!    `p[j][rows]`; each tile of O is loaded (scaled by α) and stored once per key tile.
 //!
-//! Causal blocks stop at their last row's diagonal, so tiles above it are never visited. A row
-//! whose scores are all −inf ends with `l = 0` and gives `0/0 = NaN`, as the interpreter does.
-//! The last block of rows is completed by repeating the last row (same values written twice),
-//! so every block has the same shape.
+//! Both products thus load each key and value element once per block and reuse every loaded
+//! vector across the tile; the register tile (3 row vectors × 4 keys or columns, 12
+//! accumulators) is the largest that fits 16 vector registers with its operands. At the block's
+//! start its q rows are transposed, and at its end `O / l` is transposed back, `lanes × lanes`
+//! at a time with vector shuffles.
+//!
+//! Causal blocks stop at their last row's diagonal, so tiles above it are never visited (a
+//! causal iteration is one block). A row whose scores are all −inf ends with `l = 0` and gives
+//! `0/0 = NaN`, as the interpreter does. The last block of rows is completed by repeating the
+//! last row (same values written twice), so every block has the same shape.
 
 use super::norm::{close_range, for_close, for_open, func_text, load, offsets, open_range, store};
 use super::norm::{ComputeType, Count, Operand, Part};
 use super::View;
-use crate::mlir_text::{bool_type_like, Body};
+use crate::mlir_text::{bool_type_like, elem_type, with_elem, Body};
 use crate::{CodegenError, Kernel, Target};
 
-/// Vectors of query rows per block (when there are enough rows); every key and value row
-/// loaded is used by all of the block's rows.
-const ROW_VECTORS: usize = 2;
+/// Vectors of query rows per block (at most): every key and value element loaded is used by
+/// all of the block's rows. Three row vectors × four columns is the largest register tile
+/// that fits 16 vector registers with its operands, without spills.
+const ROW_VECTORS: usize = 3;
 /// Keys per tile (about): the scores of a block for one tile are `rows × KEY_TILE` in scratch.
 const KEY_TILE: usize = 128;
-/// Accumulators of the score register tile (row vectors × keys).
-const SCORE_ACCS: usize = 12;
-/// Rows of the `p·V` register tile.
-const PV_ROWS: usize = 4;
+/// Bytes of keys and values per batch index that stay cached between blocks (a share of a
+/// 512 KiB L2); above it, [`GROUP`] blocks walk the keys together.
+const KV_CACHED_BYTES: usize = 256 << 10;
+/// Blocks per iteration when the keys and values do not stay cached.
+const GROUP: usize = 4;
+/// The most stack scratch a group's q and O may take (48 KiB at D = Dv = 64 in f32).
+const GROUP_SCRATCH_BYTES: usize = 128 << 10;
+/// Accumulators of a register tile (row vectors × keys, or row vectors × columns of Dv).
+const TILE_ACCS: usize = 12;
 
 /// `out = softmax(q·kᵀ·scale + mask, causal) · v` over views `q [B…, Sq, D]`, `k [B…, Sk, D]`,
 /// `v [B…, Sk, Dv]`, `mask [B…, Sq, Sk]` (broadcast axes stride 0), `out [B…, Sq, Dv]`.
@@ -58,40 +77,28 @@ pub fn emit(
     views.push(out);
     let ct = ComputeType::of(&views, target, "attention")?;
     let shape = Shape::of(q, k, v, mask, out)?;
-    let Shape { batch, sq, d, sk, dv } = shape.clone();
+    let Shape { batch, sq, sk, dv, .. } = shape.clone();
     let nb: usize = batch.iter().product();
     if sk == 0 && nb * sq * dv > 0 {
         return Err(CodegenError::Unsupported("attention over zero keys (an empty softmax)".into()));
     }
-    let lanes = ct.lanes;
-    let rv = if sq > lanes { ROW_VECTORS } else { 1 };
-    let qb = rv * lanes;
-    let nqb = sq.div_ceil(qb);
-    let range = if nb * sq * dv == 0 { 0 } else { nb * nqb };
-    let ks = (SCORE_ACCS / rv).max(1);
-    let plan = Plan {
-        qb,
-        kt: (KEY_TILE / ks * ks).min(sk.div_ceil(ks) * ks).max(ks),
-        ks,
-        rv,
-        nv: dv.div_ceil(lanes),
-        pv_rows: if qb.is_multiple_of(PV_ROWS) { PV_ROWS } else { qb },
-        lanes,
-    };
+    let plan = Plan::new(&shape, ct.lanes, causal, ct.size as usize);
+    let groups_per_batch = sq.div_ceil(plan.qb * plan.group);
+    let range = if nb * sq * dv == 0 { 0 } else { nb * groups_per_batch };
     let mut ops = vec![Operand::new("%q", q), Operand::new("%k", k), Operand::new("%v", v)];
     if let Some(m) = mask {
         ops.push(Operand::new("%mask", m));
     }
     ops.push(Operand::new("%out", out));
     let mut b = Body::new();
-    body(&mut b, &ct, &ops, &shape, &plan, scale, causal, nqb);
+    body(&mut b, &ct, &ops, &shape, &plan, scale, causal, groups_per_batch);
     // Scored pairs (i, j): all of them, or those on or below the diagonal.
     let pairs: u64 = if causal {
         (0..sq).map(|i| (i + 1).min(sk) as u64).sum::<u64>() * nb as u64
     } else {
         (nb * sq * sk) as u64
     };
-    let flops = pairs * 2 * (d + dv) as u64 + pairs * 24;
+    let flops = pairs * 2 * (shape.d + dv) as u64 + pairs * 24;
     let distinct = |o: &Operand| {
         o.shape.iter().zip(&o.strides).map(|(&n, &s)| if s == 0 { 1 } else { n }).product::<usize>() as u64
     };
@@ -149,19 +156,75 @@ impl Shape {
 
 /// Block and tile sizes.
 struct Plan {
-    /// Query rows per block.
+    /// Query rows per block (`rv · lanes`).
     qb: usize,
+    /// Blocks per iteration, taking turns on each key tile while it is in cache.
+    group: usize,
+    /// Vectors of rows per block.
+    rv: usize,
     /// Keys per tile (a multiple of `ks`).
     kt: usize,
     /// Keys per score register tile.
     ks: usize,
-    /// Vectors of rows per block (`qb = rv · lanes`).
-    rv: usize,
-    /// Vectors along Dv.
-    nv: usize,
-    /// Rows of the `p·V` register tile (divides `qb`).
-    pv_rows: usize,
+    /// Columns of Dv per `p·V` register tile: `(first, count)`, in order.
+    pv_cols: Vec<(usize, usize)>,
     lanes: usize,
+}
+
+impl Plan {
+    fn new(shape: &Shape, lanes: usize, causal: bool, elem_size: usize) -> Plan {
+        let rv = row_vectors(shape.sq, lanes);
+        // Keys and values of one batch index that overflow a quarter MiB (a share of L2) are
+        // streamed from further away once per block: a group of blocks streams them once.
+        // (Unless the group's q and O scratch would grow past `GROUP_SCRATCH_BYTES` of stack.)
+        let kv_bytes = shape.sk * (shape.d + shape.dv) * elem_size;
+        let block_bytes = (shape.d + shape.dv) * rv * lanes * elem_size;
+        let blocks = shape.sq.div_ceil(rv * lanes);
+        let group = if causal || kv_bytes <= KV_CACHED_BYTES || block_bytes * GROUP > GROUP_SCRATCH_BYTES {
+            1
+        } else {
+            GROUP.min(blocks).max(1)
+        };
+        let ks = (TILE_ACCS / rv).max(1);
+        // Dv in near-equal groups of at most `ks` columns.
+        let groups = shape.dv.div_ceil(ks).max(1);
+        let (base, extra) = (shape.dv / groups, shape.dv % groups);
+        let mut pv_cols = Vec::with_capacity(groups);
+        let mut first = 0;
+        for g in 0..groups {
+            let count = base + usize::from(g < extra);
+            if count > 0 {
+                pv_cols.push((first, count));
+            }
+            first += count;
+        }
+        Plan {
+            qb: rv * lanes,
+            group,
+            rv,
+            kt: (KEY_TILE / ks * ks).min(shape.sk.div_ceil(ks) * ks).max(ks),
+            ks,
+            pv_cols,
+            lanes,
+        }
+    }
+}
+
+/// Row vectors per block for `sq` query rows: as many as there are up to [`ROW_VECTORS`], and
+/// two instead of three when three would pad the last block with enough repeated rows to
+/// outweigh the larger tile's ~8% better throughput (seq 128 in 8 lanes: 16 vectors are 8
+/// blocks of two, or 6 blocks of three computing 18).
+fn row_vectors(sq: usize, lanes: usize) -> usize {
+    let vectors = sq.div_ceil(lanes).max(1);
+    if vectors <= ROW_VECTORS {
+        return vectors;
+    }
+    let padded = |rv: usize| vectors.div_ceil(rv) * rv;
+    if padded(2) * 108 < padded(ROW_VECTORS) * 100 {
+        2
+    } else {
+        ROW_VECTORS
+    }
 }
 
 /// A `memref.alloca` scratch operand of `len` elements.
@@ -205,6 +268,136 @@ fn chunk_part(b: &mut Body, c: usize, n: usize, lanes: usize) -> Option<(String,
     })
 }
 
+/// `max(a, b)` as `a > b ? a : b`: one `maxps` on x86 (a NaN `a` gives `b`; callers make a
+/// NaN score reach the output through `p` instead).
+fn vmax(b: &mut Body, a: &str, y: &str, vty: &str) -> String {
+    let gt = b.fcmp("ogt", a, y, vty);
+    b.select(&gt, a, y, vty)
+}
+
+/// `eˣ` for `x ≤ 0` (or −inf, or NaN), the only arguments softmax gives it. f32: `x` is raised
+/// to −88 (NaN passes), and `n = round(x·log2 e) ∈ [−127, 0]` comes from one FMA with the
+/// constant `1.5·2²³ + 127`, which leaves `n + 127` in the low mantissa bits: shifted into the
+/// exponent field they are `2ⁿ`, exactly 0 for `n = −127` (so the result is 0 below about
+/// e⁻⁸⁷·⁷, and for −inf). Then the range reduction of [`Body::exp`] and a polynomial one degree
+/// lower; relative error < 1.2e-7 against libm, in 14 vector ops where `Body::exp` takes 20.
+/// f64: `math.exp`.
+fn exp_nonpositive(b: &mut Body, x: &str, vty: &str) -> String {
+    if elem_type(vty) != "f32" {
+        return b.exp(x, vty);
+    }
+    let lo = b.float(-88.0, vty);
+    let below = b.fcmp("olt", x, &lo, vty);
+    let x = b.select(&below, &lo, x, vty);
+    let log2e = b.float(std::f64::consts::LOG2_E, vty);
+    let magic = b.float(12_582_912.0 + 127.0, vty);
+    let t = b.fma(&x, &log2e, &magic, vty);
+    let n = b.fsub(&t, &magic, vty);
+    let ln2_hi = b.float(-0.693_359_375, vty);
+    let ln2_lo = b.float(2.121_944_4e-4, vty);
+    let r = b.fma(&n, &ln2_hi, &x, vty);
+    let r = b.fma(&n, &ln2_lo, &r, vty);
+    // `eʳ ≈ 1 + r + r²·P(r)` on |r| ≤ ln2/2, P of degree 4 fitted for relative error (3e-9,
+    // below f32 rounding).
+    let coeffs = [1.381_454e-3, 8.368_745e-3, 4.166_839_1e-2, 1.666_652_04e-1, 4.999_999_34e-1];
+    let mut p = b.float(coeffs[0], vty);
+    for &c in &coeffs[1..] {
+        let c = b.float(c, vty);
+        p = b.fma(&p, &r, &c, vty);
+    }
+    let r2 = b.fmul(&r, &r, vty);
+    let one = b.float(1.0, vty);
+    let r1 = b.fadd(&r, &one, vty);
+    let y = b.fma(&p, &r2, &r1, vty);
+    let ity = with_elem(vty, "i32");
+    let bits = b.assign(format!("arith.bitcast {t} : {vty} to {ity}"));
+    let shift = b.int_like(23, &ity);
+    let e = b.assign(format!("arith.shli {bits}, {shift} : {ity}"));
+    let scale = b.assign(format!("arith.bitcast {e} : {ity} to {vty}"));
+    b.fmul(&y, &scale, vty)
+}
+
+/// Transposes `rows.len() = lanes` vectors of `lanes` (a power of two): lane `j` of result `i`
+/// is lane `i` of `rows[j]`. One stage per bit of the lane index swaps that bit between the
+/// row and the lane, each output a `vector.shuffle` of two inputs (unpacks, blends and
+/// 128-bit permutes on x86).
+fn transpose(b: &mut Body, rows: &[String], vty: &str) -> Vec<String> {
+    let lanes = rows.len();
+    let mut cur = rows.to_vec();
+    let mut h = 1;
+    while h < lanes {
+        let mut next = cur.clone();
+        for i in (0..lanes).filter(|i| i & h == 0) {
+            let (lo, hi) = (&cur[i], &cur[i + h]);
+            let low: Vec<String> =
+                (0..lanes).map(|j| if j & h == 0 { j } else { lanes + j - h }.to_string()).collect();
+            let high: Vec<String> =
+                (0..lanes).map(|j| if j & h == 0 { j + h } else { lanes + j }.to_string()).collect();
+            next[i] = b.assign(format!("vector.shuffle {lo}, {hi} [{}] : {vty}, {vty}", low.join(", ")));
+            next[i + h] = b.assign(format!("vector.shuffle {lo}, {hi} [{}] : {vty}, {vty}", high.join(", ")));
+        }
+        cur = next;
+        h *= 2;
+    }
+    cur
+}
+
+/// What every phase of the kernel body needs: operands, strides and the block's indices.
+#[derive(Clone)]
+struct Ctx<'a> {
+    vty: &'a str,
+    lanes: usize,
+    q: &'a Operand,
+    k: &'a Operand,
+    v: &'a Operand,
+    mask: Option<&'a Operand>,
+    out: &'a Operand,
+    /// Element offsets of this iteration's batch index in q, k, v, mask, out.
+    qbase: String,
+    kbase: String,
+    vbase: String,
+    mbase: Option<String>,
+    obase: String,
+    /// First query row of the block.
+    row0: String,
+    /// The block's offsets in the q scratch, the O scratch, and the m and l scratch.
+    q_at: String,
+    o_at: String,
+    ml_at: String,
+    sq_last: String,
+    /// Row and last-axis strides.
+    qs: usize,
+    qd: usize,
+    ks: usize,
+    kd: usize,
+    vs: usize,
+    vd: usize,
+    os: usize,
+    od: usize,
+    msq: usize,
+    msk: usize,
+}
+
+impl Ctx<'_> {
+    /// The context of block `sb` (an index value) of the group starting at row `row0`.
+    fn block(&self, b: &mut Body, sb: &str, qb: usize, d: usize, dv: usize) -> Self {
+        let r = ix_mul(b, sb, qb);
+        Ctx {
+            row0: ix(b, "addi", &self.row0, &r),
+            q_at: ix_mul(b, sb, d * qb),
+            o_at: ix_mul(b, sb, dv * qb),
+            ml_at: r,
+            ..self.clone()
+        }
+    }
+
+    /// The clamped query row of block row `rr` (an index value).
+    fn row_of(&self, b: &mut Body, rr: &str) -> String {
+        let i = ix(b, "addi", &self.row0, rr);
+        ix(b, "minui", &i, &self.sq_last)
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn body(
     b: &mut Body,
@@ -214,39 +407,31 @@ fn body(
     plan: &Plan,
     scale: f64,
     causal: bool,
-    nqb: usize,
+    groups_per_batch: usize,
 ) {
     let (vty, ety, lanes) = (ct.vty.as_str(), ct.elem, plan.lanes);
-    let Plan { qb, kt: ktile, ks: kstep, rv, nv, pv_rows, .. } = *plan;
+    let Plan { qb, group, rv, kt: ktile, ks: kstep, .. } = *plan;
     let (q, k, v, out) = (&ops[0], &ops[1], &ops[2], &ops[ops.len() - 1]);
     let mask = (ops.len() == 5).then(|| &ops[3]);
     let r = q.rank();
     let (sq, d, sk, dv) = (shape.sq, shape.d, shape.sk, shape.dv);
-    let (qs, qd) = (q.strides[r - 2], q.strides[r - 1]);
-    let (ks, kd) = (k.strides[r - 2], k.strides[r - 1]);
-    let (vs, vd) = (v.strides[r - 2], v.strides[r - 1]);
-    let (os, od) = (out.strides[r - 2], out.strides[r - 1]);
-    let (msq, msk) = mask.map(|m| (m.strides[r - 2], m.strides[r - 1])).unwrap_or((0, 0));
-    let ity = format!("vector<{lanes}xi32>");
-    let bty = bool_type_like(vty);
 
-    // Scores and probabilities key-major (`S[j][row]`), q transposed (`Q[d][row]`).
+    // Scores and probabilities key-major (`S[j][row]`), q and O transposed (`Q[d][row]`,
+    // `O[c][row]`): rows in lanes everywhere.
     let s_buf = scratch(b, "%S", ktile * qb, ety);
-    let q_buf = scratch(b, "%Q", d * qb, ety);
-    let o_buf = scratch(b, "%O", qb * nv * lanes, ety);
-    let m_buf = scratch(b, "%M", qb, ety);
-    let l_buf = scratch(b, "%L", qb, ety);
-    let a_buf = scratch(b, "%A", qb, ety);
+    let q_buf = scratch(b, "%Q", group * d * qb, ety);
+    let o_buf = scratch(b, "%O", group * dv * qb, ety);
+    let m_buf = scratch(b, "%M", group * qb, ety);
+    let l_buf = scratch(b, "%L", group * qb, ety);
     let c0 = b.index(0);
     let c1 = b.index(1);
     let zero_v = b.float(0.0, vty);
     let ninf_v = b.float(f64::NEG_INFINITY, vty);
-    let scale_s = b.float(scale, ety);
 
     let it = open_range(b);
-    // Batch offsets of every operand, and the block number (the last "axis").
+    // Batch offsets of every operand, and the group number (the last "axis").
     let mut dims = shape.batch.clone();
-    dims.push(nqb);
+    dims.push(groups_per_batch);
     let with_block = |o: &Operand| -> Operand {
         let mut strides = o.strides[..r - 2].to_vec();
         strides.push(0);
@@ -255,24 +440,42 @@ fn body(
     let bops: Vec<Operand> = ops.iter().map(with_block).collect();
     let brefs: Vec<&Operand> = bops.iter().collect();
     let offs = offsets(b, &it, &dims, &brefs);
-    let (qbase, kbase, vbase, obase) = (
-        offs.offsets[0].clone(),
-        offs.offsets[1].clone(),
-        offs.offsets[2].clone(),
-        offs.offsets[ops.len() - 1].clone(),
-    );
-    let mbase = mask.map(|_| offs.offsets[3].clone());
     let blk = offs.indices.last().cloned().unwrap_or_default();
-    let row0 = ix_mul(b, &blk, qb);
+    let row0 = ix_mul(b, &blk, group * qb);
     let sq_last = b.index(sq.saturating_sub(1));
-    // The clamped query row of block row `rr` (an index value).
-    let row_of = |b: &mut Body, rr: &str| -> String {
-        let i = ix(b, "addi", &row0, rr);
-        ix(b, "minui", &i, &sq_last)
+    let (msq, msk) = mask.map(|m| (m.strides[r - 2], m.strides[r - 1])).unwrap_or((0, 0));
+    let cx = Ctx {
+        vty,
+        lanes,
+        q,
+        k,
+        v,
+        mask,
+        out,
+        qbase: offs.offsets[0].clone(),
+        kbase: offs.offsets[1].clone(),
+        vbase: offs.offsets[2].clone(),
+        mbase: mask.map(|_| offs.offsets[3].clone()),
+        obase: offs.offsets[ops.len() - 1].clone(),
+        row0,
+        q_at: c0.clone(),
+        o_at: c0.clone(),
+        ml_at: c0.clone(),
+        sq_last,
+        qs: q.strides[r - 2],
+        qd: q.strides[r - 1],
+        ks: k.strides[r - 2],
+        kd: k.strides[r - 1],
+        vs: v.strides[r - 2],
+        vd: v.strides[r - 1],
+        os: out.strides[r - 2],
+        od: out.strides[r - 1],
+        msq,
+        msk,
     };
     let last_row = {
-        let rr = b.index(qb - 1);
-        row_of(b, &rr)
+        let rr = b.index(group * qb - 1);
+        cx.row_of(b, &rr)
     };
     let sk_c = b.index(sk);
     let sk_last = b.index(sk.saturating_sub(1));
@@ -282,68 +485,28 @@ fn body(
     } else {
         sk_c.clone()
     };
-    // The clamped rows of each row vector, as i32 lanes (for the causal test).
-    let rowv: Vec<String> = if causal {
-        let r0 = b.assign(format!("arith.index_cast {row0} : index to i32"));
-        let r0 = b.assign(format!("vector.broadcast {r0} : i32 to {ity}"));
-        let lastv = b.assign(format!("arith.constant dense<{}> : {ity}", sq.saturating_sub(1)));
-        (0..rv)
-            .map(|u| {
-                let iota: Vec<String> = (u * lanes..(u + 1) * lanes).map(|x| x.to_string()).collect();
-                let iota = b.assign(format!("arith.constant dense<[{}]> : {ity}", iota.join(", ")));
-                let x = b.assign(format!("arith.addi {r0}, {iota} : {ity}"));
-                b.assign(format!("arith.minsi {x}, {lastv} : {ity}"))
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    // Mask row offsets of each lane of each row vector (when the mask varies along rows).
-    let mrows: Vec<Vec<String>> = match &mbase {
-        Some(mb) if msq != 0 => (0..rv)
-            .map(|u| {
-                (0..lanes)
-                    .map(|t| {
-                        let rr = b.index(u * lanes + t);
-                        let i = row_of(b, &rr);
-                        let off = ix_mul(b, &i, msq);
-                        ix(b, "addi", mb, &off)
-                    })
-                    .collect()
-            })
-            .collect(),
-        _ => Vec::new(),
-    };
-
-    // Block start: q rows (scaled, transposed) into scratch, O = 0, m = −inf, l = 0.
-    let v_parts: Vec<Option<(String, usize)>> = (0..nv).map(|c| chunk_part(b, c, dv, lanes)).collect();
-    let qbc = b.index(qb);
-    let dc = b.index(d);
+    // Start: q rows (scaled, transposed) into scratch, O = 0, m = −inf, l = 0.
+    let groupc = b.index(group);
     {
-        let (rr, _, _) = for_open(b, &c0, &qbc, &c1, &[]);
-        let i = row_of(b, &rr);
-        let qrow = ix_mul(b, &i, qs);
-        let qrow = ix(b, "addi", &qbase, &qrow);
-        for c in 0..nv {
-            let slot = ix_mul(b, &rr, nv * lanes);
-            let slot = ix_add(b, &slot, c * lanes);
-            store(b, &zero_v, &o_buf, &slot, 1, vty, None);
-        }
-        let (dd, _, _) = for_open(b, &c0, &dc, &c1, &[]);
-        let off = ix_mul(b, &dd, qd);
-        let at = ix(b, "addi", &qrow, &off);
-        let x = b.assign(format!("memref.load {}[{at}] : {}", q.name, q.memref));
-        let x = b.fmul(&x, &scale_s, ety);
-        let slot = ix_mul(b, &dd, qb);
-        let slot = ix(b, "addi", &slot, &rr);
-        b.line(format!("memref.store {x}, {}[{slot}] : {}", q_buf.name, q_buf.memref));
+        let (sb, _, _) = for_open(b, &c0, &groupc, &c1, &[]);
+        let bx = cx.block(b, &sb, qb, d, dv);
+        load_q_transposed(b, &bx, &q_buf, d, qb, rv, scale);
         for_close(b, &[], &[]);
-        for_close(b, &[], &[]);
+    }
+    {
+        let dvc = b.index(group * dv);
+        let (c, _, _) = for_open(b, &c0, &dvc, &c1, &[]);
+        let slot = ix_mul(b, &c, qb);
         for u in 0..rv {
-            let at = b.index(u * lanes);
-            store(b, &ninf_v, &m_buf, &at, 1, vty, None);
-            store(b, &zero_v, &l_buf, &at, 1, vty, None);
+            let at = ix_add(b, &slot, u * lanes);
+            store(b, &zero_v, &o_buf, &at, 1, vty, None);
         }
+        for_close(b, &[], &[]);
+    }
+    for u in 0..group * rv {
+        let at = b.index(u * lanes);
+        store(b, &ninf_v, &m_buf, &at, 1, vty, None);
+        store(b, &zero_v, &l_buf, &at, 1, vty, None);
     }
 
     let ktc = b.index(ktile);
@@ -351,102 +514,37 @@ fn body(
     let (j0, _, _) = for_open(b, &c0, &kend, &ktc, &[]);
     let left = ix(b, "subi", &kend, &j0);
     let kt = ix(b, "minui", &left, &ktc);
+    let (sb, _, _) = for_open(b, &c0, &groupc, &c1, &[]);
+    let group_cx = cx.clone();
+    let cx = cx.block(b, &sb, qb, d, dv);
+    let rowv = if causal { causal_rows(b, &cx, rv, sq) } else { Vec::new() };
 
-    // 1. Scores of `kstep` keys × the block's rows at a time: broadcast k[j][d] times the
-    //    vector of q[rows][d], accumulated along D in registers; the tile's max fused in.
+    // 1. Scores, `kstep` keys at a time: whole groups without bounds tests, then the tile's
+    //    last, partial group (zero or one of them) with its keys past the end hidden.
     let tile_max = {
-        let inits: Vec<(String, String)> = (0..rv).map(|_| (ninf_v.clone(), vty.to_string())).collect();
-        let (g, mx, mres) = for_open(b, &c0, &kt, &ksc, &inits);
-        let jbase = ix(b, "addi", &j0, &g);
-        let jabs: Vec<String> = (0..kstep).map(|t| ix_add(b, &jbase, t)).collect();
-        let jcl: Vec<String> = jabs.iter().map(|j| ix(b, "minui", j, &sk_last)).collect();
-        let krows: Vec<String> = jcl
-            .iter()
-            .map(|j| {
-                let off = ix_mul(b, j, ks);
-                ix(b, "addi", &kbase, &off)
-            })
-            .collect();
-        let ainits: Vec<(String, String)> =
-            (0..rv * kstep).map(|_| (zero_v.clone(), vty.to_string())).collect();
-        let (dd, acc, res) = for_open(b, &c0, &dc, &c1, &ainits);
-        let qslot = ix_mul(b, &dd, qb);
-        let qv: Vec<String> = (0..rv)
-            .map(|u| {
-                let at = ix_add(b, &qslot, u * lanes);
-                load(b, &q_buf, &at, 1, vty, None, 0.0)
-            })
-            .collect();
-        let koff = ix_mul(b, &dd, kd);
-        let mut outs = Vec::with_capacity(rv * kstep);
-        for (t, krow) in krows.iter().enumerate() {
-            let at = ix(b, "addi", krow, &koff);
-            let kx = b.assign(format!("memref.load {}[{at}] : {}", k.name, k.memref));
-            let kx = b.splat(&kx, vty);
-            for (u, qx) in qv.iter().enumerate() {
-                outs.push(b.fma(qx, &kx, &acc[t * rv + u], vty));
-            }
-        }
-        for_close(b, &outs, &ainits);
-        let mut newmx = mx.clone();
-        for t in 0..kstep {
-            let inb = b.assign(format!("arith.cmpi ult, {}, {kend} : index", jabs[t]));
-            let inb = b.assign(format!("vector.broadcast {inb} : i1 to {bty}"));
-            let jv = causal.then(|| {
-                let ji = b.assign(format!("arith.index_cast {} : index to i32", jabs[t]));
-                b.assign(format!("vector.broadcast {ji} : i32 to {ity}"))
-            });
-            let moff = mask.map(|_| ix_mul(b, &jcl[t], msk));
-            let srow = ix_add(b, &g, t);
-            let srow = ix_mul(b, &srow, qb);
-            for u in 0..rv {
-                let mut s = res[t * rv + u].clone();
-                if let (Some(m), Some(mb), Some(moff)) = (mask, &mbase, &moff) {
-                    let mv = if msq == 0 {
-                        let at = ix(b, "addi", mb, moff);
-                        load(b, m, &at, 0, vty, None, 0.0)
-                    } else {
-                        let elems: Vec<String> = mrows[u]
-                            .iter()
-                            .map(|mr| {
-                                let at = ix(b, "addi", mr, moff);
-                                b.assign(format!("memref.load {}[{at}] : {}", m.name, m.memref))
-                            })
-                            .collect();
-                        b.assign(format!("vector.from_elements {} : {vty}", elems.join(", ")))
-                    };
-                    s = b.fadd(&s, &mv, vty);
-                }
-                s = b.select(&inb, &s, &ninf_v, vty);
-                if let Some(jv) = &jv {
-                    let c = b.assign(format!("arith.cmpi sle, {jv}, {} : {ity}", rowv[u]));
-                    s = b.select(&c, &s, &ninf_v, vty);
-                }
-                let at = ix_add(b, &srow, u * lanes);
-                store(b, &s, &s_buf, &at, 1, vty, None);
-                newmx[u] = b.fmax(&newmx[u], &s, vty);
-            }
-        }
-        for_close(b, &newmx, &inits);
-        mres
+        let rem = ix(b, "remui", &kt, &ksc);
+        let whole = ix(b, "subi", &kt, &rem);
+        let keys = Keys { j0: &j0, kend: &kend, sk_last: &sk_last, kstep, rowv: &rowv };
+        let init: Vec<String> = vec![ninf_v.clone(); rv];
+        let mx = score_groups(b, &cx, &keys, &q_buf, &s_buf, qb, rv, d, (&c0, &whole), &init, false);
+        score_groups(b, &cx, &keys, &q_buf, &s_buf, qb, rv, d, (&whole, &kt), &mx, true)
     };
 
-    // 2. Online softmax update, rows in lanes: m, l, α, and p = exp(s − m) in place of s.
-    {
-        let mut m_new = Vec::with_capacity(rv);
+    // 2. Online softmax update, rows in lanes: m, l, α, and p = exp(s − m) in place of s. A row
+    //    with every score so far −inf subtracts 0 instead of m = −inf, so its p and α are 0.
+    let alphas = {
+        let mut m_safe = Vec::with_capacity(rv);
         let mut alphas = Vec::with_capacity(rv);
         for (u, mt) in tile_max.iter().enumerate() {
-            let at = b.index(u * lanes);
+            let at = ix_add(b, &cx.ml_at, u * lanes);
             let m_old = load(b, &m_buf, &at, 1, vty, None, 0.0);
-            let mn = b.fmax(&m_old, mt, vty);
-            let none = b.fcmp("oeq", &mn, &ninf_v, vty);
-            let dm = b.fsub(&m_old, &mn, vty);
-            let alpha = b.exp(&dm, vty);
-            let alpha = b.select(&none, &zero_v, &alpha, vty);
+            let mn = vmax(b, mt, &m_old, vty);
             store(b, &mn, &m_buf, &at, 1, vty, None);
-            store(b, &alpha, &a_buf, &at, 1, vty, None);
-            m_new.push(mn);
-            alphas.push(alpha);
+            let none = b.fcmp("oeq", &mn, &ninf_v, vty);
+            let ms = b.select(&none, &zero_v, &mn, vty);
+            let dm = b.fsub(&m_old, &ms, vty);
+            alphas.push(exp_nonpositive(b, &dm, vty));
+            m_safe.push(ms);
         }
         let inits: Vec<(String, String)> = (0..rv).map(|_| (zero_v.clone(), vty.to_string())).collect();
         let (j, acc, res) = for_open(b, &c0, &kt, &c1, &inits);
@@ -455,100 +553,343 @@ fn body(
         for u in 0..rv {
             let at = ix_add(b, &srow, u * lanes);
             let s = load(b, &s_buf, &at, 1, vty, None, 0.0);
-            let x = b.fsub(&s, &m_new[u], vty);
-            let e = b.exp(&x, vty);
-            let hidden = b.fcmp("oeq", &s, &ninf_v, vty);
-            let e = b.select(&hidden, &zero_v, &e, vty);
+            let x = b.fsub(&s, &m_safe[u], vty);
+            let e = exp_nonpositive(b, &x, vty);
             store(b, &e, &s_buf, &at, 1, vty, None);
             sums.push(b.fadd(&acc[u], &e, vty));
         }
         for_close(b, &sums, &inits);
         for u in 0..rv {
-            let at = b.index(u * lanes);
+            let at = ix_add(b, &cx.ml_at, u * lanes);
             let l_old = load(b, &l_buf, &at, 1, vty, None, 0.0);
             let l_new = b.fma(&l_old, &alphas[u], &res[u], vty);
             store(b, &l_new, &l_buf, &at, 1, vty, None);
         }
-    }
+        alphas
+    };
 
-    // 3. O = α·O + p·V in register tiles of `pv_rows` rows × a few vectors of Dv.
-    {
-        let group = (12 / pv_rows).max(1);
-        let pvc = b.index(pv_rows);
-        let (rb, _, _) = for_open(b, &c0, &qbc, &pvc, &[]);
-        let rows: Vec<String> = (0..pv_rows).map(|t| ix_add(b, &rb, t)).collect();
-        let alphas: Vec<String> = rows
-            .iter()
-            .map(|rr| {
-                let a = b.assign(format!("memref.load {}[{rr}] : {}", a_buf.name, a_buf.memref));
-                b.splat(&a, vty)
+    // 3. O = α·O + p·V, register tiles of a few columns of Dv × the block's row vectors,
+    //    accumulated over the tile's keys: broadcast v[j][c] times the vector p[j][rows].
+    for &(first, count) in &plan.pv_cols {
+        let mut inits = Vec::with_capacity(count * rv);
+        for c in first..first + count {
+            for (u, alpha) in alphas.iter().enumerate() {
+                let at = ix_add(b, &cx.o_at, c * qb + u * lanes);
+                let o = load(b, &o_buf, &at, 1, vty, None, 0.0);
+                inits.push((b.fmul(&o, alpha, vty), vty.to_string()));
+            }
+        }
+        let (j, acc, res) = for_open(b, &c0, &kt, &c1, &inits);
+        let jabs = ix(b, "addi", &j0, &j);
+        let voff = ix_mul(b, &jabs, cx.vs);
+        let vrow = ix(b, "addi", &cx.vbase, &voff);
+        let prow = ix_mul(b, &j, qb);
+        let pv: Vec<String> = (0..rv)
+            .map(|u| {
+                let at = ix_add(b, &prow, u * lanes);
+                load(b, &s_buf, &at, 1, vty, None, 0.0)
             })
             .collect();
-        let orows: Vec<String> = rows.iter().map(|rr| ix_mul(b, rr, nv * lanes)).collect();
-        for c_lo in (0..nv).step_by(group) {
-            let cs: Vec<usize> = (c_lo..(c_lo + group).min(nv)).collect();
-            let mut inits = Vec::new();
-            for (t, orow) in orows.iter().enumerate() {
-                for &c in &cs {
-                    let at = ix_add(b, orow, c * lanes);
-                    let o = load(b, &o_buf, &at, 1, vty, None, 0.0);
-                    inits.push((b.fmul(&o, &alphas[t], vty), vty.to_string()));
-                }
-            }
-            let (j, acc, res) = for_open(b, &c0, &kt, &c1, &inits);
-            let jabs = ix(b, "addi", &j0, &j);
-            let voff = ix_mul(b, &jabs, vs);
-            let vrow = ix(b, "addi", &vbase, &voff);
-            let vx: Vec<String> = cs
-                .iter()
-                .map(|&c| {
-                    let at = ix_add(b, &vrow, c * lanes * vd);
-                    let part = v_parts[c].as_ref().map(|(m, n)| Part { mask: m, count: Count::Static(*n) });
-                    load(b, v, &at, vd, vty, part.as_ref(), 0.0)
-                })
-                .collect();
-            let prow = ix_mul(b, &j, qb);
-            let mut outs = Vec::new();
-            for (t, rr) in rows.iter().enumerate() {
-                let at = ix(b, "addi", &prow, rr);
-                let p = b.assign(format!("memref.load {}[{at}] : {}", s_buf.name, s_buf.memref));
-                let p = b.splat(&p, vty);
-                for (u, x) in vx.iter().enumerate() {
-                    outs.push(b.fma(&p, x, &acc[t * cs.len() + u], vty));
-                }
-            }
-            for_close(b, &outs, &inits);
-            for (t, orow) in orows.iter().enumerate() {
-                for (u, &c) in cs.iter().enumerate() {
-                    let at = ix_add(b, orow, c * lanes);
-                    store(b, &res[t * cs.len() + u], &o_buf, &at, 1, vty, None);
-                }
+        let mut outs = Vec::with_capacity(count * rv);
+        for t in 0..count {
+            let at = ix_add(b, &vrow, (first + t) * cx.vd);
+            let x = b.assign(format!("memref.load {}[{at}] : {}", cx.v.name, cx.v.memref));
+            let x = b.splat(&x, vty);
+            for (u, p) in pv.iter().enumerate() {
+                outs.push(b.fma(p, &x, &acc[t * rv + u], vty));
             }
         }
-        for_close(b, &[], &[]);
+        for_close(b, &outs, &inits);
+        for t in 0..count {
+            for u in 0..rv {
+                let at = ix_add(b, &cx.o_at, (first + t) * qb + u * lanes);
+                store(b, &res[t * rv + u], &o_buf, &at, 1, vty, None);
+            }
+        }
     }
     for_close(b, &[], &[]);
+    for_close(b, &[], &[]);
 
-    // out = O / l, into the (possibly strided) output rows.
-    {
-        let (rr, _, _) = for_open(b, &c0, &qbc, &c1, &[]);
-        let i = row_of(b, &rr);
-        let orow = ix_mul(b, &i, os);
-        let orow = ix(b, "addi", &obase, &orow);
-        let l = b.assign(format!("memref.load {}[{rr}] : {}", l_buf.name, l_buf.memref));
-        let one = b.float(1.0, ety);
-        let inv = b.fdiv(&one, &l, ety);
-        let inv = b.splat(&inv, vty);
-        let slot0 = ix_mul(b, &rr, nv * lanes);
-        for (c, p) in v_parts.iter().enumerate() {
-            let at = ix_add(b, &slot0, c * lanes);
-            let o = load(b, &o_buf, &at, 1, vty, None, 0.0);
-            let y = b.fmul(&o, &inv, vty);
-            let at = ix_add(b, &orow, c * lanes * od);
-            let part = p.as_ref().map(|(m, n)| Part { mask: m, count: Count::Static(*n) });
-            store(b, &y, out, &at, od, vty, part.as_ref());
+    let (sb, _, _) = for_open(b, &c0, &groupc, &c1, &[]);
+    let cx = group_cx.block(b, &sb, qb, d, dv);
+    store_out_transposed(b, &cx, &o_buf, &l_buf, dv, qb, rv);
+    for_close(b, &[], &[]);
+    close_range(b);
+}
+
+/// The key range of one tile, shared by its score groups.
+struct Keys<'a> {
+    j0: &'a str,
+    kend: &'a str,
+    sk_last: &'a str,
+    kstep: usize,
+    /// The clamped rows of each row vector (i32 lanes) when causal, else empty.
+    rowv: &'a [String],
+}
+
+/// Scores of the groups of `kstep` keys at `g ∈ [lo, hi)` (relative to the tile) into `S`:
+/// a register tile of keys × row vectors accumulated along D, each step one broadcast
+/// `k[j][d]` times the vector `Q[d][rows]`; then mask, causal and (when `checked`) end-of-keys
+/// hiding lane-wise, and the running max per row vector, from `init`, is returned.
+#[allow(clippy::too_many_arguments)]
+fn score_groups(
+    b: &mut Body,
+    cx: &Ctx,
+    keys: &Keys,
+    q_buf: &Operand,
+    s_buf: &Operand,
+    qb: usize,
+    rv: usize,
+    d: usize,
+    (lo, hi): (&str, &str),
+    init: &[String],
+    checked: bool,
+) -> Vec<String> {
+    let (vty, lanes, kstep) = (cx.vty, cx.lanes, keys.kstep);
+    let ity = format!("vector<{lanes}xi32>");
+    let bty = bool_type_like(vty);
+    let c0 = b.index(0);
+    let c1 = b.index(1);
+    let dc = b.index(d);
+    let ksc = b.index(kstep);
+    let ninf_v = b.float(f64::NEG_INFINITY, vty);
+    let inits: Vec<(String, String)> = init.iter().map(|m| (m.clone(), vty.to_string())).collect();
+    let (g, mx, mres) = for_open(b, lo, hi, &ksc, &inits);
+    let jbase = ix(b, "addi", keys.j0, &g);
+    let jabs: Vec<String> = (0..kstep).map(|t| ix_add(b, &jbase, t)).collect();
+    // Keys past the end (checked groups only) read the last key, then are hidden.
+    let jcl: Vec<String> =
+        if checked { jabs.iter().map(|j| ix(b, "minui", j, keys.sk_last)).collect() } else { jabs.clone() };
+    let krows: Vec<String> = jcl
+        .iter()
+        .map(|j| {
+            let off = ix_mul(b, j, cx.ks);
+            ix(b, "addi", &cx.kbase, &off)
+        })
+        .collect();
+    let zero_v = b.float(0.0, vty);
+    let ainits: Vec<(String, String)> = (0..rv * kstep).map(|_| (zero_v.clone(), vty.to_string())).collect();
+    let (dd, acc, res) = for_open(b, &c0, &dc, &c1, &ainits);
+    let qslot = ix_mul(b, &dd, qb);
+    let qslot = ix(b, "addi", &qslot, &cx.q_at);
+    let qv: Vec<String> = (0..rv)
+        .map(|u| {
+            let at = ix_add(b, &qslot, u * lanes);
+            load(b, q_buf, &at, 1, vty, None, 0.0)
+        })
+        .collect();
+    let koff = ix_mul(b, &dd, cx.kd);
+    let mut outs = Vec::with_capacity(rv * kstep);
+    for (t, krow) in krows.iter().enumerate() {
+        let at = ix(b, "addi", krow, &koff);
+        let kx = b.assign(format!("memref.load {}[{at}] : {}", cx.k.name, cx.k.memref));
+        let kx = b.splat(&kx, vty);
+        for (u, qx) in qv.iter().enumerate() {
+            outs.push(b.fma(qx, &kx, &acc[t * rv + u], vty));
         }
+    }
+    for_close(b, &outs, &ainits);
+    // Mask row offsets of each lane of each row vector (when the mask varies along rows).
+    let mrows: Vec<Vec<String>> = match (&cx.mbase, cx.mask) {
+        (Some(mb), Some(_)) if cx.msq != 0 => (0..rv)
+            .map(|u| {
+                (0..lanes)
+                    .map(|t| {
+                        let rr = b.index(u * lanes + t);
+                        let i = cx.row_of(b, &rr);
+                        let off = ix_mul(b, &i, cx.msq);
+                        ix(b, "addi", mb, &off)
+                    })
+                    .collect()
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut newmx = mx.clone();
+    for t in 0..kstep {
+        let inb = checked.then(|| {
+            let inb = b.assign(format!("arith.cmpi ult, {}, {} : index", jabs[t], keys.kend));
+            b.assign(format!("vector.broadcast {inb} : i1 to {bty}"))
+        });
+        let jv = (!keys.rowv.is_empty()).then(|| {
+            let ji = b.assign(format!("arith.index_cast {} : index to i32", jabs[t]));
+            b.assign(format!("vector.broadcast {ji} : i32 to {ity}"))
+        });
+        let moff = cx.mask.map(|_| ix_mul(b, &jcl[t], cx.msk));
+        let srow = ix_add(b, &g, t);
+        let srow = ix_mul(b, &srow, qb);
+        for u in 0..rv {
+            let mut s = res[t * rv + u].clone();
+            if let (Some(m), Some(mb), Some(moff)) = (cx.mask, &cx.mbase, &moff) {
+                let mv = if cx.msq == 0 {
+                    let at = ix(b, "addi", mb, moff);
+                    load(b, m, &at, 0, vty, None, 0.0)
+                } else {
+                    let elems: Vec<String> = mrows[u]
+                        .iter()
+                        .map(|mr| {
+                            let at = ix(b, "addi", mr, moff);
+                            b.assign(format!("memref.load {}[{at}] : {}", m.name, m.memref))
+                        })
+                        .collect();
+                    b.assign(format!("vector.from_elements {} : {vty}", elems.join(", ")))
+                };
+                s = b.fadd(&s, &mv, vty);
+            }
+            if let Some(inb) = &inb {
+                s = b.select(inb, &s, &ninf_v, vty);
+            }
+            if let Some(jv) = &jv {
+                let c = b.assign(format!("arith.cmpi sle, {jv}, {} : {ity}", keys.rowv[u]));
+                s = b.select(&c, &s, &ninf_v, vty);
+            }
+            let at = ix_add(b, &srow, u * lanes);
+            store(b, &s, s_buf, &at, 1, vty, None);
+            newmx[u] = vmax(b, &s, &newmx[u], vty);
+        }
+    }
+    for_close(b, &newmx, &inits);
+    mres
+}
+
+/// `Q[d][row] = scale · q[row][d]` for the block's rows: `lanes` rows × `lanes` columns at a
+/// time, loaded as row vectors and transposed in registers.
+fn load_q_transposed(b: &mut Body, cx: &Ctx, q_buf: &Operand, d: usize, qb: usize, rv: usize, scale: f64) {
+    let (vty, lanes) = (cx.vty, cx.lanes);
+    let scale_v = b.float(scale, vty);
+    let c0 = b.index(0);
+    let c1 = b.index(1);
+    let rvc = b.index(rv);
+    let (u, _, _) = for_open(b, &c0, &rvc, &c1, &[]);
+    let ulane = ix_mul(b, &u, lanes);
+    let qrows: Vec<String> = (0..lanes)
+        .map(|t| {
+            let rr = ix_add(b, &ulane, t);
+            let i = cx.row_of(b, &rr);
+            let off = ix_mul(b, &i, cx.qs);
+            ix(b, "addi", &cx.qbase, &off)
+        })
+        .collect();
+    let chunk = |b: &mut Body, col: &str, part: Option<(String, usize)>| {
+        let p = part.as_ref().map(|(m, n)| Part { mask: m, count: Count::Static(*n) });
+        let coff = ix_mul(b, col, cx.qd);
+        let rows: Vec<String> = qrows
+            .iter()
+            .map(|qr| {
+                let at = ix(b, "addi", qr, &coff);
+                load(b, cx.q, &at, cx.qd, vty, p.as_ref(), 0.0)
+            })
+            .collect();
+        let cols = transpose(b, &rows, vty);
+        let valid = part.as_ref().map_or(lanes, |(_, n)| *n);
+        for (i, x) in cols.iter().take(valid).enumerate() {
+            let x = b.fmul(x, &scale_v, vty);
+            let c = ix_add(b, col, i);
+            let slot = ix_mul(b, &c, qb);
+            let slot = ix(b, "addi", &slot, &ulane);
+            let slot = ix(b, "addi", &slot, &cx.q_at);
+            store(b, &x, q_buf, &slot, 1, vty, None);
+        }
+    };
+    let whole = d / lanes * lanes;
+    if whole > 0 {
+        let wc = b.index(whole);
+        let lc = b.index(lanes);
+        let (col, _, _) = for_open(b, &c0, &wc, &lc, &[]);
+        chunk(b, &col, None);
         for_close(b, &[], &[]);
     }
-    close_range(b);
+    if whole < d {
+        let part = chunk_part(b, whole / lanes, d, lanes);
+        let col = b.index(whole);
+        chunk(b, &col, part);
+    }
+    for_close(b, &[], &[]);
+}
+
+/// `out[row][c] = O[c][row] / l[row]` for the block's rows: `lanes` columns × `lanes` rows at a
+/// time, scaled as column vectors, transposed in registers and stored as row vectors.
+fn store_out_transposed(
+    b: &mut Body,
+    cx: &Ctx,
+    o_buf: &Operand,
+    l_buf: &Operand,
+    dv: usize,
+    qb: usize,
+    rv: usize,
+) {
+    let (vty, lanes) = (cx.vty, cx.lanes);
+    let c0 = b.index(0);
+    let c1 = b.index(1);
+    let rvc = b.index(rv);
+    let (u, _, _) = for_open(b, &c0, &rvc, &c1, &[]);
+    let ulane = ix_mul(b, &u, lanes);
+    let lslot = ix(b, "addi", &ulane, &cx.ml_at);
+    let l = load(b, l_buf, &lslot, 1, vty, None, 0.0);
+    let one = b.float(1.0, vty);
+    let inv = b.fdiv(&one, &l, vty);
+    let orows: Vec<String> = (0..lanes)
+        .map(|t| {
+            let rr = ix_add(b, &ulane, t);
+            let i = cx.row_of(b, &rr);
+            let off = ix_mul(b, &i, cx.os);
+            ix(b, "addi", &cx.obase, &off)
+        })
+        .collect();
+    let zero_v = b.float(0.0, vty);
+    let chunk = |b: &mut Body, col: &str, part: Option<(String, usize)>| {
+        let valid = part.as_ref().map_or(lanes, |(_, n)| *n);
+        let cols: Vec<String> = (0..lanes)
+            .map(|i| {
+                if i >= valid {
+                    return zero_v.clone();
+                }
+                let c = ix_add(b, col, i);
+                let slot = ix_mul(b, &c, qb);
+                let slot = ix(b, "addi", &slot, &ulane);
+                let slot = ix(b, "addi", &slot, &cx.o_at);
+                let o = load(b, o_buf, &slot, 1, vty, None, 0.0);
+                b.fmul(&o, &inv, vty)
+            })
+            .collect();
+        let rows = transpose(b, &cols, vty);
+        let p = part.as_ref().map(|(m, n)| Part { mask: m, count: Count::Static(*n) });
+        let coff = ix_mul(b, col, cx.od);
+        for (orow, x) in orows.iter().zip(&rows) {
+            let at = ix(b, "addi", orow, &coff);
+            store(b, x, cx.out, &at, cx.od, vty, p.as_ref());
+        }
+    };
+    let whole = dv / lanes * lanes;
+    if whole > 0 {
+        let wc = b.index(whole);
+        let lc = b.index(lanes);
+        let (col, _, _) = for_open(b, &c0, &wc, &lc, &[]);
+        chunk(b, &col, None);
+        for_close(b, &[], &[]);
+    }
+    if whole < dv {
+        let part = chunk_part(b, whole / lanes, dv, lanes);
+        let col = b.index(whole);
+        chunk(b, &col, part);
+    }
+    for_close(b, &[], &[]);
+}
+
+/// The clamped query rows of each of the block's row vectors, as i32 lanes (for the causal
+/// test).
+fn causal_rows(b: &mut Body, cx: &Ctx, rv: usize, sq: usize) -> Vec<String> {
+    let lanes = cx.lanes;
+    let ity = format!("vector<{lanes}xi32>");
+    let r0 = b.assign(format!("arith.index_cast {} : index to i32", cx.row0));
+    let r0 = b.assign(format!("vector.broadcast {r0} : i32 to {ity}"));
+    let lastv = b.assign(format!("arith.constant dense<{}> : {ity}", sq.saturating_sub(1)));
+    (0..rv)
+        .map(|u| {
+            let iota: Vec<String> = (u * lanes..(u + 1) * lanes).map(|x| x.to_string()).collect();
+            let iota = b.assign(format!("arith.constant dense<[{}]> : {ity}", iota.join(", ")));
+            let x = b.assign(format!("arith.addi {r0}, {iota} : {ity}"));
+            b.assign(format!("arith.minsi {x}, {lastv} : {ity}"))
+        })
+        .collect()
 }
