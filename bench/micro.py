@@ -7,9 +7,16 @@ BENCH_MICRO=0), written to bench/out/micro.json:
 - attention 12 heads × 64, seq 512 and 2048, f32, 2 threads: Kiln's fused kernel from
   `cargo bench -p kiln-codegen --bench fused`, PyTorch `scaled_dot_product_attention` and ONNX
   Runtime's com.microsoft MultiHeadAttention (a one-node graph), each peer in its own process and
-  checked against the other before it is timed.
+  checked against the other before it is timed;
+- LayerNorm 4096×4096, f32, affine (gamma, beta), eps 1e-5, over the last axis, 2 threads: Kiln's
+  `layer_norm` kernel from the same fused bench (its `norm` part), PyTorch
+  `torch.nn.functional.layer_norm`, ONNX Runtime and OpenVINO (CPU) on a one-node ONNX
+  `LayerNormalization` graph (opset 17), each peer in its own process and checked against numpy's
+  float64 reference (max |Δ| ≤ 1e-4) before it is timed. GB/s counts the input read and the output
+  written (2 × 64 MiB), as Kiln's bench does.
 
-`micro.py peer torch_sdpa|ort_mha SEQ` is the per-peer worker.
+`micro.py peer torch_sdpa|ort_mha SEQ` and `micro.py peer torch_layer_norm|ort_layer_norm|ov_layer_norm`
+are the per-peer workers.
 """
 
 import json
@@ -23,6 +30,10 @@ from common import OUT, REPO, THREADS, emit, time_calls  # noqa: E402
 
 HEADS, D = 12, 64
 SEQS = (512, 2048)
+NORM_ROWS, NORM_COLS = 4096, 4096  # the shape of the fused bench's row kernels
+NORM_EPS = 1e-5
+NORM_TOLERANCE = 1e-4  # max |peer - numpy float64 reference|
+NORM_BYTES = 2 * NORM_ROWS * NORM_COLS * 4  # input read + output written, as Kiln's bench counts
 
 
 def qkv(seq):
@@ -82,17 +93,141 @@ def ort_mha(seq):
     return res
 
 
-def peer(name, seq):
+def norm_data():
+    """The LayerNorm input, gamma and beta (f32, fixed seed); every peer draws the same."""
+    import numpy as np
+
+    rng = np.random.default_rng(NORM_ROWS)
+    x = rng.standard_normal((NORM_ROWS, NORM_COLS), dtype=np.float32)
+    gamma = rng.standard_normal(NORM_COLS, dtype=np.float32)
+    beta = rng.standard_normal(NORM_COLS, dtype=np.float32)
+    return x, gamma, beta
+
+
+def norm_checked_timing(run, output):
+    """Checks `output` (the peer's first result) against numpy's float64 LayerNorm, then times
+    `run` if it is within NORM_TOLERANCE."""
+    import numpy as np
+
+    x, gamma, beta = (a.astype(np.float64) for a in norm_data())
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    ref = (x - mean) / np.sqrt(var + NORM_EPS) * gamma + beta
+    del x, mean, var
+    delta = float(np.max(np.abs(np.asarray(output, dtype=np.float64).reshape(ref.shape) - ref)))
+    res = {"max_abs_diff": delta, "tolerance": NORM_TOLERANCE}
+    if not delta <= NORM_TOLERANCE:
+        res["status"] = "wrong output"
+        return res
+    del ref
+    lat = time_calls(run, warmup=3, repeats=20)
+    lat["gb_s"] = NORM_BYTES / (lat["median_ms"] * 1e-3) / 1e9
+    res["latency"] = lat
+    return res
+
+
+def layer_norm_onnx():
+    """A one-node ONNX graph: LayerNormalization over the last axis, gamma and beta as
+    initializers (weights, as in a model)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    _, gamma, beta = norm_data()
+    node = helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["y"], axis=-1, epsilon=NORM_EPS)
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [NORM_ROWS, NORM_COLS]) for n in ("x", "y")]
+    inits = [numpy_helper.from_array(gamma, "gamma"), numpy_helper.from_array(beta, "beta")]
+    graph = helper.make_graph([node], "layer_norm", io[:1], io[1:], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.checker.check_model(model)
+    return model
+
+
+def torch_layer_norm():
+    """`F.layer_norm` as a user calls it: it allocates its output on every call (there is no
+    `out=`), so the time includes that allocation."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    x, gamma, beta = (torch.from_numpy(a) for a in norm_data())
+
+    def run():
+        with torch.inference_mode():
+            return torch.nn.functional.layer_norm(x, (NORM_COLS,), gamma, beta, NORM_EPS)
+
+    return norm_checked_timing(run, run().numpy())
+
+
+def ort_layer_norm():
+    """ONNX Runtime through I/O binding: the input bound in place and the output written into one
+    preallocated array, like Kiln's bench (a plain `sess.run` would add a 64 MiB output copy)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    sess = ort.InferenceSession(layer_norm_onnx().SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x, _, _ = norm_data()
+    y = np.empty_like(x)
+    binding = sess.io_binding()
+    binding.bind_cpu_input("x", x)
+    binding.bind_output("y", "cpu", 0, np.float32, list(y.shape), y.ctypes.data)
+
+    def run():
+        sess.run_with_iobinding(binding)
+
+    run()
+    return norm_checked_timing(run, y)
+
+
+def ov_layer_norm():
+    """OpenVINO CPU on the same ONNX graph, f32 precision, the input tensor shared with numpy and
+    the output left in the infer request's own tensor (no copies per call)."""
+    import openvino as ov
+
+    path = OUT / "layer_norm.onnx"
+    path.write_bytes(layer_norm_onnx().SerializeToString())
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+    req = compiled.create_infer_request()
+    x, _, _ = norm_data()
+    req.set_input_tensor(ov.Tensor(x, shared_memory=True))
+
+    def run():
+        req.infer()
+
+    run()
+    return norm_checked_timing(run, req.get_output_tensor().data)
+
+
+PEERS = {
+    "torch_sdpa": torch_sdpa,
+    "ort_mha": ort_mha,
+    "torch_layer_norm": torch_layer_norm,
+    "ort_layer_norm": ort_layer_norm,
+    "ov_layer_norm": ov_layer_norm,
+}
+# The LayerNorm peers, in table order, with the names the report shows.
+NORM_PEERS = {
+    "torch_layer_norm": "PyTorch `F.layer_norm`",
+    "ort_layer_norm": "ONNX Runtime `LayerNormalization`",
+    "ov_layer_norm": "OpenVINO `LayerNormalization`",
+}
+
+
+def peer(name, *args):
     try:
-        res = {"torch_sdpa": torch_sdpa, "ort_mha": ort_mha}[name](seq)
+        res = PEERS[name](*args)
         res.setdefault("status", "ok")
     except Exception as e:  # noqa: BLE001
         res = {"status": "error", "error": f"{type(e).__name__}: {e}"}
     emit(res)
 
 
-def run_peer(name, seq):
-    p = subprocess.run([sys.executable, __file__, "peer", name, str(seq)], capture_output=True, text=True)
+def run_peer(name, *args):
+    p = subprocess.run([sys.executable, __file__, "peer", name, *map(str, args)], capture_output=True, text=True)
     line = next((l for l in reversed(p.stdout.splitlines()) if l.startswith("RESULT ")), None)
     return json.loads(line[7:]) if line else {"status": "crashed", "error": p.stderr[-2000:]}
 
@@ -101,6 +236,24 @@ def cargo_bench(name, args, env=None):
     cmd = ["cargo", "bench", "-q", "-p", "kiln-codegen", "--bench", name, "--", *args]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})})
     return p.returncode, p.stdout, p.stderr, " ".join(cmd)
+
+
+def layer_norm_case():
+    """Kiln's `layer_norm` line of the fused bench (its `norm` part) on THREADS threads, then each
+    peer in its own process."""
+    rc, out, err, cmd = cargo_bench("fused", ["norm"])
+    case = {"shape": [NORM_ROWS, NORM_COLS], "eps": NORM_EPS, "bytes": NORM_BYTES, "kiln_ms": None, "kiln_gb_s": None}
+    case["raw"] = {"command": cmd, "stdout": out, "rc": rc}
+    if rc != 0:
+        case["error"] = err.strip().splitlines()[-1] if err.strip() else f"exit status {rc}"
+    # "  layer_norm | 1 thr   12.3 GB/s ( 10.90 ms) | 2 thr   20.1 GB/s (  6.68 ms)"
+    for line in out.splitlines():
+        if line.strip().startswith("layer_norm"):
+            m = re.search(rf"\|\s*{THREADS} thr\s+([\d.]+) GB/s \(\s*([\d.]+) ms\)", line)
+            if m:
+                case["kiln_gb_s"], case["kiln_ms"] = float(m.group(1)), float(m.group(2))
+    case["peers"] = {key: {"system": name, **run_peer(key)} for key, name in NORM_PEERS.items()}
+    return case
 
 
 def main():
@@ -136,10 +289,22 @@ def main():
             if r.get("status") != "ok":
                 micro["notes"].append(f"attention seq {seq}: {n}: {r.get('status')}: {str(r.get('error', ''))[:300]}")
         micro["attention"].append(row)
+    ln = micro["layer_norm"] = layer_norm_case()
+    micro["raw"]["fused_norm"] = ln.pop("raw")
+    if ln["kiln_ms"] is None:
+        why = ln.pop("error", "no 2-thread `layer_norm` line in its output")
+        micro["notes"].append(f"LayerNorm: `{micro['raw']['fused_norm']['command']}`: {why}")
+    for r in ln["peers"].values():
+        if r.get("status") != "ok":
+            micro["notes"].append(f"LayerNorm: {r['system']}: {r.get('status')}: {str(r.get('error', ''))[:300]}")
     micro["notes"].append(
         "sgemm: both columns from the matmul bench itself (median and best GFLOP/s over a 1.5–6 s budget); "
         "attention: Kiln's median from the fused bench (2-s budget), the peers' medians of 20 runs after 3 warm-up "
-        "runs, batch 1, no mask, the same shapes."
+        "runs, batch 1, no mask, the same shapes; LayerNorm: Kiln's median from the fused bench (2-s budget, "
+        "output into a preallocated buffer), the peers' medians of 20 runs after 3 warm-up runs, each checked "
+        f"against numpy's float64 LayerNorm (max |Δ| ≤ {NORM_TOLERANCE:g}) first; GB/s = (input read + output "
+        "written) / median, gamma and beta not counted, as Kiln's bench counts; ONNX Runtime (I/O binding) and "
+        "OpenVINO write into preallocated outputs too, PyTorch allocates its output on every call."
     )
     (OUT / "micro.json").write_text(json.dumps(micro, indent=2) + "\n")
     print(f"wrote {OUT / 'micro.json'}")
@@ -147,10 +312,13 @@ def main():
         print(f"sgemm {r['shape']}: kiln {r['kiln']} numpy {r['numpy']} ratio {r['ratio']}")
     for r in micro["attention"]:
         print(f"attention seq {r['seq']}: kiln {r['kiln_ms']} ms, torch sdpa {r['torch_sdpa_ms']} ms, ort mha {r['ort_mha_ms']} ms")
+    ln = micro["layer_norm"]
+    peers = ", ".join(f"{k} {(r.get('latency') or {}).get('median_ms')} ms" for k, r in ln["peers"].items())
+    print(f"layer_norm {NORM_ROWS}x{NORM_COLS}: kiln {ln['kiln_ms']} ms ({ln['kiln_gb_s']} GB/s), {peers}")
 
 
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "peer":
-        peer(sys.argv[2], int(sys.argv[3]))
+        peer(sys.argv[2], *map(int, sys.argv[3:]))
     else:
         main()

@@ -4,7 +4,7 @@ bench/out/results.json.
 
 For each batch size: `systems.py prepare B` (inputs, PyTorch eager reference, ONNX export), then
 one process per system (`systems.py SYSTEM B`). Machine facts and versions are recorded too.
-Optional micro-benchmarks (sgemm, attention) are merged in from bench/out/micro.json when
+Optional micro-benchmarks (sgemm, attention, LayerNorm) are merged in from bench/out/micro.json when
 bench/micro.py has written it.
 """
 

@@ -3,8 +3,14 @@
 `<!-- peers:begin … -->` and `<!-- peers:end -->` and the chart docs/benchmarks-minilm.png.
 Everything outside the markers is left as it is. Called by bench/run; can be rerun alone:
 `bench/.venv/bin/python bench/report.py`.
+
+To look at a report without touching docs/: `--doc /tmp/b/benchmarks.md` writes there (starting
+from that file if it exists, else from a copy of docs/benchmarks.md) and puts the chart beside
+it; `--micro bench/out/micro.json` takes the kernel micro-benchmarks from that file instead of
+the copy results.json holds, for after rerunning `bench/micro.py` alone.
 """
 
+import argparse
 import json
 import os
 import re
@@ -99,7 +105,7 @@ def failures(results):
     return out
 
 
-def chart(results):
+def chart(results, png):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,8 +140,38 @@ def chart(results):
         ax.grid(axis="y", alpha=0.3)
     fig.text(0.01, 0.01, "Kiln: bar from min to median only (kiln run prints no max)", fontsize=7, color="#555555")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(PNG, dpi=110)
+    fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def layer_norm_table(ln):
+    """Kiln's `layer_norm` kernel next to each peer: time, GB/s and Kiln's GB/s over the peer's
+    (above 1: Kiln is faster), as the sgemm table's Kiln / numpy."""
+    rows, cols = ln["shape"]
+    kiln_ms = ln.get("kiln_ms")
+    eps = f"{ln['eps']:.0e}".replace("e-0", "e-")
+    lines = [
+        f"| LayerNorm {rows}×{cols} f32, affine, eps {eps} | median ms | min ms | max ms | GB/s | Kiln / peer (GB/s) | max \\|Δ\\| vs numpy |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| **Kiln** `layer_norm` (fused bench) | {ms(kiln_ms)} | – | – | {gbs(ln.get('kiln_gb_s'))} | – | – |",
+    ]
+    for key, r in ln.get("peers", {}).items():
+        name = r.get("system", key)
+        delta = f"{r['max_abs_diff']:.1e}" if r.get("max_abs_diff") is not None else "–"
+        lat = r.get("latency") or {}
+        if r.get("status") != "ok" or lat.get("median_ms") is None:
+            lines.append(f"| {name} | {r.get('status', '?')} | | | | | {delta}{' ✗' if r.get('status') == 'wrong output' else ''} |")
+            continue
+        ratio = "–" if kiln_ms is None else f"{lat['median_ms'] / kiln_ms:.2f}×"
+        lines.append(
+            f"| {name} | {ms(lat['median_ms'])} | {ms(lat.get('min_ms'))} | {ms(lat.get('max_ms'))} "
+            f"| {gbs(lat.get('gb_s'))} | {ratio} | {delta} |"
+        )
+    return lines
+
+
+def gbs(x):
+    return "–" if x is None else f"{x:.1f}"
 
 
 def micro_section(micro):
@@ -155,6 +191,8 @@ def micro_section(micro):
                 f"| seq {row['seq']} | {ms(row.get('kiln_ms'))} | {ms(row.get('torch_sdpa_ms'))} | {ms(row.get('ort_mha_ms'))} |"
             )
         lines.append("")
+    if micro.get("layer_norm"):
+        lines += layer_norm_table(micro["layer_norm"]) + [""]
     for note in micro.get("notes", []):
         lines.append(f"- {note}")
     return lines
@@ -237,16 +275,30 @@ def section(results):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--doc", type=Path, default=DOC, help="the markdown file to write (default: docs/benchmarks.md)")
+    ap.add_argument("--micro", type=Path, help="micro-benchmarks from this micro.json instead of results.json's copy")
+    args = ap.parse_args()
     results = json.loads((OUT / "results.json").read_text())
-    chart(results)
-    text = DOC.read_text()
+    if args.micro:
+        results["micro"] = json.loads(args.micro.read_text())
+    doc = args.doc.resolve()
+    png = doc.parent / PNG.name
+    text = (doc if doc.exists() else DOC).read_text()
     m = BEGIN.search(text)
     end = text.find(END, m.end() if m else 0)
     if not m or end < 0:
-        raise SystemExit(f"{DOC}: markers `<!-- peers:begin … -->` / `{END}` not found")
+        raise SystemExit(f"{doc}: markers `<!-- peers:begin … -->` / `{END}` not found")
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    chart(results, png)
     new = text[: m.end()] + "\n" + section(results) + text[end:]
-    DOC.write_text(new)
-    print(f"wrote {DOC.relative_to(REPO)} (between the markers) and {PNG.relative_to(REPO)}")
+    doc.write_text(new)
+    print(f"wrote {shown(doc)} (between the markers) and {shown(png)}")
+
+
+def shown(path):
+    """`path` relative to the repository when it is inside it."""
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 
 if __name__ == "__main__":

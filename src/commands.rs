@@ -395,8 +395,9 @@ pub(crate) fn print_outputs(outputs: &[(String, Tensor)]) {
 }
 
 /// The inputs of a run: those given on the command line (`NAME=FILE.npy` or a .safetensors
-/// of several), the rest filled deterministically from `seed` (see [`random_input`]; without
-/// the graph, integer inputs get 0/1). Unknown names are an error.
+/// of several), the rest filled deterministically from `seed` by [`kiln_ir::seeded_input`]
+/// (without the graph, integer inputs cannot be known to be indices and get 0/1). Unknown
+/// names are an error.
 pub(crate) fn fill_inputs(
     g: Option<&Graph>,
     specs: &[(String, DType, Vec<usize>)],
@@ -431,18 +432,9 @@ pub(crate) fn fill_inputs(
                 inputs.insert(name.clone(), t);
             }
             None => {
-                let id = g.and_then(|g| {
-                    g.inputs
-                        .iter()
-                        .copied()
-                        .find(|&i| matches!(&g.node(i).op, Op::Input { name: n, .. } if n == name))
-                });
-                let (t, how) = match (g, id) {
-                    (Some(g), Some(id)) => random_input(g, id, *dtype, shape, seed),
-                    _ => random_input_plain(name, *dtype, shape, seed),
-                };
-                eprintln!("note: input `{name}` not given: filled with {how} (seed {seed})");
-                inputs.insert(name.clone(), t);
+                let made = kiln_ir::seeded_input(g, name, *dtype, shape, seed);
+                eprintln!("note: input `{name}` not given: filled with {} (seed {seed})", made.fill);
+                inputs.insert(name.clone(), made.tensor);
             }
         }
     }
@@ -457,62 +449,6 @@ pub(crate) fn fill_inputs(
         )));
     }
     Ok(inputs)
-}
-
-/// [`random_input`] without a graph: floats standard normal, integers and bools 0/1.
-fn random_input_plain(name: &str, dtype: DType, shape: &[usize], seed: u64) -> (Tensor, String) {
-    let stream = kiln_ir::rng::stream_of(name);
-    let n: usize = shape.iter().product();
-    if dtype.is_float() {
-        let v = (0..n).map(|i| kiln_ir::rng::normal(seed, stream, i as u64));
-        return (
-            Tensor { shape: shape.to_vec(), data: kiln_ir::Buffer::from_f64(dtype, v) },
-            "standard normal values".into(),
-        );
-    }
-    let v = (0..n).map(|i| (kiln_ir::rng::uniform(seed, stream, i as u64) * 2.0).floor());
-    (Tensor { shape: shape.to_vec(), data: kiln_ir::Buffer::from_f64(dtype, v) }, "random 0/1 values".into())
-}
-
-/// A deterministic stand-in for an input the user did not give, and a phrase saying what it is.
-/// Integer inputs used as gather indices stay inside the table they index.
-fn random_input(
-    g: &Graph,
-    id: kiln_ir::NodeId,
-    dtype: DType,
-    shape: &[usize],
-    seed: u64,
-) -> (Tensor, String) {
-    let stream = kiln_ir::rng::stream_of(match &g.node(id).op {
-        Op::Input { name, .. } => name,
-        _ => "",
-    });
-    let n: usize = shape.iter().product();
-    let uniform = |i: usize| kiln_ir::rng::uniform(seed, stream, i as u64);
-    if dtype.is_float() {
-        let v = (0..n).map(|i| kiln_ir::rng::normal(seed, stream, i as u64));
-        return (
-            Tensor { shape: shape.to_vec(), data: kiln_ir::Buffer::from_f64(dtype, v) },
-            "standard normal values".into(),
-        );
-    }
-    let bound = g
-        .users(id)
-        .into_iter()
-        .filter_map(|u| match g.node(u).op {
-            Op::Gather { axis } if g.operands(u).get(1) == Some(&id) => {
-                Some(g.ty(g.operands(u)[0]).shape[axis])
-            }
-            _ => None,
-        })
-        .min();
-    let (hi, how) = match bound {
-        Some(b) => (b, format!("random indices in [0, {b})")),
-        None if dtype == DType::Bool => (2, "random true/false".into()),
-        None => (2, "random 0/1 values".into()),
-    };
-    let v = (0..n).map(|i| (uniform(i) * hi as f64).floor().min(hi as f64 - 1.0));
-    (Tensor { shape: shape.to_vec(), data: kiln_ir::Buffer::from_f64(dtype, v) }, how)
 }
 
 pub(crate) fn write_outputs(out: &Path, outputs: &[(String, Tensor)]) -> Result<(), Failure> {

@@ -139,7 +139,7 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
                 name.clone(),
                 kiln_codegen::artifact::runtime_dtype(*d),
                 shape.iter().map(|&x| x as u64).collect(),
-                tensor_bytes(t),
+                t.data.to_le_bytes(),
             )
         })
         .collect();
@@ -184,19 +184,6 @@ fn ir_dtype(d: kiln_runtime::DType) -> DType {
         kiln_runtime::DType::I32 => DType::I32,
         kiln_runtime::DType::I64 => DType::I64,
         kiln_runtime::DType::Bool => DType::Bool,
-    }
-}
-
-/// Little-endian bytes of a tensor, as the runtime takes them.
-pub fn tensor_bytes(t: &Tensor) -> Vec<u8> {
-    match &t.data {
-        Buffer::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Buffer::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Buffer::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Buffer::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Buffer::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Buffer::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Buffer::Bool(v) => v.iter().map(|&x| u8::from(x)).collect(),
     }
 }
 

@@ -4,59 +4,11 @@
 //!
 //! One test binary for all of it: the compiler links MLIR and LLVM statically.
 
-use kiln_ir::{Buffer, DType, Graph, Op, Tensor};
+use kiln_ir::{DType, Graph, Op, Tensor};
 use kiln_runtime::{Model, Options, TensorRef};
 use proptest::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
-
-/// Deterministic inputs: floats standard normal, integers in `0..bound` (the smallest table
-/// an index feeds, else 2), bools random.
-fn inputs_for(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
-    let mut out = HashMap::new();
-    for &i in &g.inputs {
-        let Op::Input { name, dtype, shape } = &g.node(i).op else { continue };
-        let stream = kiln_ir::rng::stream_of(name);
-        let n: usize = shape.iter().product();
-        let bound = g
-            .users(i)
-            .into_iter()
-            .filter_map(|u| match g.node(u).op {
-                Op::Gather { axis } if g.operands(u).get(1) == Some(&i) => {
-                    Some(g.ty(g.operands(u)[0]).shape[axis])
-                }
-                _ => None,
-            })
-            .min()
-            .unwrap_or(2);
-        let v: Vec<f64> = (0..n)
-            .map(|k| {
-                if dtype.is_float() {
-                    kiln_ir::rng::normal(seed, stream, k as u64)
-                } else {
-                    (kiln_ir::rng::uniform(seed, stream, k as u64) * bound as f64).floor()
-                }
-            })
-            .collect();
-        out.insert(
-            name.clone(),
-            Tensor { shape: shape.clone(), data: Buffer::from_f64(*dtype, v.into_iter()) },
-        );
-    }
-    out
-}
-
-fn bytes_of(t: &Tensor) -> Vec<u8> {
-    match &t.data {
-        Buffer::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Buffer::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Buffer::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Buffer::BF16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Buffer::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Buffer::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        Buffer::Bool(v) => v.iter().map(|&x| u8::from(x)).collect(),
-    }
-}
 
 /// Outputs as f64, through the compiled path.
 fn run_compiled(
@@ -72,7 +24,9 @@ fn run_compiled(
     let owned: Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> = model
         .inputs()
         .iter()
-        .map(|spec| (spec.name.clone(), spec.dtype, spec.shape.clone(), bytes_of(&inputs[&spec.name])))
+        .map(|spec| {
+            (spec.name.clone(), spec.dtype, spec.shape.clone(), inputs[&spec.name].data.to_le_bytes())
+        })
         .collect();
     let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
     let outs = model.run(&refs).unwrap();
@@ -96,7 +50,7 @@ fn run_compiled(
 /// Compiles and runs `g`, evaluates it with the interpreter, and compares every output.
 fn check_graph(g: &Graph, seed: u64, tol: f64) {
     let params = kiln_ir::bind_params(g, None, seed, false).unwrap();
-    let inputs = inputs_for(g, seed);
+    let inputs = kiln_ir::seeded_inputs(g, seed);
     let want =
         kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
     let got = run_compiled(g, &params, &inputs);

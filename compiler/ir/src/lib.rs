@@ -3,7 +3,8 @@
 //! A [`Graph`] is a DAG of [`Node`]s, each one [`Op`] with a static [`TensorType`].
 //! [`infer`] holds the typing rules, [`verify`] re-checks a whole graph, [`print`] renders it
 //! as text, DOT or JSON, and [`interp`] is the reference interpreter every later stage is
-//! tested against.
+//! tested against. [`seeded_input`] makes the deterministic stand-ins for inputs a run is not
+//! given.
 
 mod dtype;
 mod graph;
@@ -13,6 +14,7 @@ pub mod interp;
 mod op;
 pub mod print;
 pub mod rng;
+mod seeded;
 mod tensor;
 pub mod tensor_io;
 mod verify;
@@ -26,6 +28,7 @@ pub use interp::{eval, eval_op, Bindings, EvalError};
 pub use op::{
     fmt_f64, Activation, BinaryOp, CompareOp, GeluApprox, Init, NormKind, Op, PoolKind, ReduceOp, UnaryOp,
 };
+pub use seeded::{seeded_input, seeded_inputs, InputFill, SeededInput};
 pub use tensor::{Buffer, ShapeMismatch, Tensor};
 pub use verify::{verify, VerifyError};
 pub use weights::{

@@ -87,6 +87,23 @@ impl Buffer {
     pub fn to_f64_vec(&self) -> Vec<f64> {
         (0..self.len()).map(|i| self.get_f64(i)).collect()
     }
+
+    /// The elements as little-endian bytes, one byte (0 or 1) per bool: the layout the
+    /// runtime's tensors, `.npy` and `.safetensors` files and generated kernels all share.
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        fn le<T: Copy, const N: usize>(v: &[T], bytes: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+            v.iter().flat_map(|&x| bytes(x)).collect()
+        }
+        match self {
+            Buffer::F32(v) => le(v, f32::to_le_bytes),
+            Buffer::F64(v) => le(v, f64::to_le_bytes),
+            Buffer::F16(v) => le(v, f16::to_le_bytes),
+            Buffer::BF16(v) => le(v, bf16::to_le_bytes),
+            Buffer::I32(v) => le(v, i32::to_le_bytes),
+            Buffer::I64(v) => le(v, i64::to_le_bytes),
+            Buffer::Bool(v) => v.iter().map(|&b| u8::from(b)).collect(),
+        }
+    }
 }
 
 /// A dense row-major tensor.
@@ -207,5 +224,18 @@ impl Tensor {
 impl fmt::Display for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}{} {}", self.dtype(), fmt_shape(&self.shape), self.summary(8))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn little_endian_bytes_follow_the_dtype_width() {
+        assert_eq!(Buffer::F32(vec![1.0, -2.0]).to_le_bytes(), [0, 0, 0x80, 0x3f, 0, 0, 0, 0xc0]);
+        assert_eq!(Buffer::I64(vec![258]).to_le_bytes(), [2, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(Buffer::BF16(vec![bf16::ONE]).to_le_bytes(), [0x80, 0x3f]);
+        assert_eq!(Buffer::Bool(vec![true, false]).to_le_bytes(), [1, 0]);
     }
 }
