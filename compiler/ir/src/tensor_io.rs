@@ -218,26 +218,18 @@ impl safetensors::View for Raw {
     }
 }
 
-fn to_le<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(v.len() * N);
-    for &x in v {
-        out.extend_from_slice(&f(x));
-    }
-    out
-}
-
 fn raw(t: &Tensor) -> Raw {
     use safetensors::Dtype;
-    let (dtype, bytes) = match &t.data {
-        Buffer::F32(v) => (Dtype::F32, to_le(v, f32::to_le_bytes)),
-        Buffer::F64(v) => (Dtype::F64, to_le(v, f64::to_le_bytes)),
-        Buffer::F16(v) => (Dtype::F16, to_le(v, f16::to_le_bytes)),
-        Buffer::BF16(v) => (Dtype::BF16, to_le(v, bf16::to_le_bytes)),
-        Buffer::I32(v) => (Dtype::I32, to_le(v, i32::to_le_bytes)),
-        Buffer::I64(v) => (Dtype::I64, to_le(v, i64::to_le_bytes)),
-        Buffer::Bool(v) => (Dtype::BOOL, v.iter().map(|&b| b as u8).collect()),
+    let dtype = match t.dtype() {
+        DType::F32 => Dtype::F32,
+        DType::F64 => Dtype::F64,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+        DType::I32 => Dtype::I32,
+        DType::I64 => Dtype::I64,
+        DType::Bool => Dtype::BOOL,
     };
-    Raw { dtype, shape: t.shape.clone(), bytes }
+    Raw { dtype, shape: t.shape.clone(), bytes: t.data.to_le_bytes() }
 }
 
 /// Writes named tensors to a `.safetensors` file. Names must be unique.
