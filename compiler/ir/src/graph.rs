@@ -25,6 +25,9 @@ pub struct Origin {
     pub file: Arc<str>,
     pub line: u32,
     pub col: u32,
+    /// For a line of a library layer: where a file other than the library's called into it
+    /// (the innermost such call, usually the model's line). Not part of `Display`.
+    pub call_site: Option<Box<Origin>>,
 }
 
 impl fmt::Display for Origin {

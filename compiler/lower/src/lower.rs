@@ -113,7 +113,18 @@ impl<'a> Lowerer<'a> {
 
     fn origin(&self, span: Span) -> Origin {
         let loc = self.sources.location(span);
-        Origin { file: self.file_names[span.file].clone(), line: loc.line, col: loc.col }
+        // A library line also records the call that entered the library from another file
+        // (the model's line), so `--explain` can show both.
+        let call_site = self.call_stack.iter().rev().find(|(_, s)| s.file != span.file).map(|(_, s)| {
+            let at = self.sources.location(*s);
+            Box::new(Origin {
+                file: self.file_names[s.file].clone(),
+                line: at.line,
+                col: at.col,
+                call_site: None,
+            })
+        });
+        Origin { file: self.file_names[span.file].clone(), line: loc.line, col: loc.col, call_site }
     }
 
     fn frame(&self) -> &Frame {

@@ -15,6 +15,7 @@ fn main() {
         ("BERT MiniLM-L6 (6 layers)", "bert_encoder", &[], 1.0),
         ("GPT-2 small (12 layers)", "gpt2", &[], 2.0),
         ("GPT-2, 48 layers", "gpt2", &["layers=48"], f64::INFINITY),
+        ("GPT-2, 200 layers", "gpt2", &["layers=200"], f64::INFINITY),
     ];
     println!(
         "{:<28} {:>8} {:>8} {:>8} {:>10} {:>9}  budget",
@@ -38,13 +39,17 @@ fn main() {
         let budget_text =
             if budget.is_finite() { format!("{verdict} {budget} s") } else { "bounded".to_string() };
         println!(
-            "{label:<28} {:>7.0}ms {:>7.0}ms {:>7.0}ms {:>10} {:>9}  {budget_text} ({})",
+            "{label:<28} {:>7.0}ms {:>7.0}ms {:>7.0}ms {:>10} {:>9}  {budget_text} ({}; stages {:.0} ms, extraction {:.0} ms, {} steps, {})",
             times[2] * 1e3,
             times[0] * 1e3,
             times[4] * 1e3,
             r.egraph_nodes,
             r.op_counts.get("attention").copied().unwrap_or(0),
-            r.stop_reason
+            r.stop_reason,
+            r.stages.iter().map(|s| s.time_ms).sum::<f64>(),
+            r.extraction.time_ms,
+            r.extraction.improvements,
+            r.extraction.stop_reason,
         );
     }
 }

@@ -1,8 +1,15 @@
 //! The cost model: estimated time of each node on a target.
 //!
 //! time = max(flops / peak, bytes moved / bandwidth) + a fixed per-kernel overhead. Every
-//! non-view node is a kernel that reads its operands and writes its result; a fused node moves
-//! only its own inputs and output, which is why fusion wins.
+//! node but a leaf, a `reshape` or a `slice` is a kernel that reads its operands and writes its
+//! result; a fused node moves only its own inputs and output, which is why fusion wins. The
+//! per-kernel overhead is also what makes one wide matmul cheaper than several narrow ones
+//! over the same input (and the wide one reads that input once).
+//!
+//! `reshape` and `slice` are free because the scheduler makes them strided views of their
+//! operand's buffer (no kernel, no copy). A node that depends on parameters and constants only
+//! is free when the target folds such subgraphs once, ahead of the runs
+//! ([`TargetCost::folds_weights`]); the CPU pipeline does not, so there it is charged per run.
 
 use kiln_ir::{Op, TensorType};
 use serde::Serialize;
@@ -17,17 +24,28 @@ pub struct TargetCost {
     pub bandwidth: f64,
     /// Fixed cost of launching one kernel, seconds.
     pub kernel_overhead: f64,
+    /// Whether the pipeline computes weight-only subgraphs (nodes that read only parameters
+    /// and constants, such as a `concat` of weight matrices) once when the weights are bound,
+    /// rather than on every run. The CPU pipeline (kiln-sched, kiln-codegen) computes every
+    /// node on every run, so `cpu_default` says no.
+    pub folds_weights: bool,
 }
 
 impl TargetCost {
     /// A 2-core x86-64 server CPU: ~234 GFLOP/s f32 FMA peak, ~20 GB/s.
     pub fn cpu_default() -> TargetCost {
-        TargetCost { name: "cpu".into(), peak_flops: 234e9, bandwidth: 20e9, kernel_overhead: 1e-6 }
+        TargetCost {
+            name: "cpu".into(),
+            peak_flops: 234e9,
+            bandwidth: 20e9,
+            kernel_overhead: 1e-6,
+            folds_weights: false,
+        }
     }
 
     /// Estimated seconds for `op` with operand types `inputs` and result `out`.
     pub fn node_time(&self, op: &Op, inputs: &[&TensorType], out: &TensorType) -> f64 {
-        if op.is_leaf() || matches!(op, Op::Reshape { .. }) {
+        if op.is_leaf() || matches!(op, Op::Reshape { .. } | Op::Slice { .. }) {
             return 0.0;
         }
         let flops = flops(op, inputs, out);
@@ -69,12 +87,27 @@ pub fn flops(op: &Op, inputs: &[&TensorType], out: &TensorType) -> f64 {
     }
 }
 
-/// The estimated time of a whole graph: the sum of its nodes.
+/// Whether an op computes the same value on every run when its operands do: everything but
+/// the run's inputs and random draws.
+pub fn is_run_invariant(op: &Op) -> bool {
+    !matches!(op, Op::Input { .. } | Op::RandomUniform { .. })
+}
+
+/// The estimated time of a whole graph: the sum of its nodes (weight-only nodes free when the
+/// target folds them).
 pub fn graph_time(g: &kiln_ir::Graph, target: &TargetCost) -> f64 {
-    g.node_ids()
-        .map(|id| {
-            let types: Vec<&TensorType> = g.operands(id).iter().map(|o| g.ty(*o)).collect();
-            target.node_time(&g.node(id).op, &types, g.ty(id))
-        })
-        .sum()
+    let mut weight_only: std::collections::HashMap<kiln_ir::NodeId, bool> = Default::default();
+    let mut total = 0.0;
+    for id in g.topo_order() {
+        let op = &g.node(id).op;
+        let operands = g.operands(id);
+        let folded = is_run_invariant(op) && operands.iter().all(|o| weight_only[o]);
+        weight_only.insert(id, folded);
+        if folded && target.folds_weights {
+            continue;
+        }
+        let types: Vec<&TensorType> = operands.iter().map(|o| g.ty(*o)).collect();
+        total += target.node_time(op, &types, g.ty(id));
+    }
+    total
 }

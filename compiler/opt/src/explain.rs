@@ -1,11 +1,15 @@
 //! Why each fused node exists: the rules that built it (and the fused forms it was built
-//! from), the primitive ops it replaces, and the spec lines those ops came from.
+//! from), the primitive ops it replaces, and the spec lines those ops came from: the line of
+//! each op and, for a library layer's line, the model line that called the layer.
 
 use crate::analysis::KGraph;
 use egg::Id;
 use kiln_ir::{Activation, Graph, NodeId, NormKind, Op};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+/// A spec position: file, line, column.
+type Place = (String, u32, u32);
 
 /// The story of one fused node of the optimized graph.
 #[derive(Clone, Debug, Serialize)]
@@ -19,7 +23,9 @@ pub struct Explanation {
     pub rules: Vec<String>,
     /// The original ops it replaces, by name.
     pub replaces: BTreeMap<String, usize>,
-    /// Where those ops were written (file:line:col), in source order.
+    /// Where those ops were written (file:line:col), in source order; a library line is
+    /// followed by the call that entered the library from the model,
+    /// `models/std.ron:85:26 (called at models/gpt2.ron:41:30)`.
     pub origins: Vec<String>,
 }
 
@@ -65,12 +71,13 @@ pub fn explain(
             }
         }
         let mut replaces = BTreeMap::new();
-        let mut origins: BTreeSet<(String, u32, u32)> = BTreeSet::new();
+        let mut origins: BTreeSet<(Place, Option<Place>)> = BTreeSet::new();
         let mut classes: HashSet<Id> = HashSet::new();
         for &o in &seen {
             *replaces.entry(before.node(o).op.name().to_string()).or_insert(0) += 1;
             if let Some(org) = &before.node(o).origin {
-                origins.insert((org.file.to_string(), org.line, org.col));
+                let call = org.call_site.as_ref().map(|c| (c.file.to_string(), c.line, c.col));
+                origins.insert(((org.file.to_string(), org.line, org.col), call));
             }
             classes.insert(canon(class_of_before[&o]));
         }
@@ -94,7 +101,13 @@ pub fn explain(
             attrs: node.op.attrs().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
             rules,
             replaces,
-            origins: origins.into_iter().map(|(f, l, c)| format!("{f}:{l}:{c}")).collect(),
+            origins: origins
+                .into_iter()
+                .map(|((f, l, c), call)| match call {
+                    Some((cf, cl, cc)) => format!("{f}:{l}:{c} (called at {cf}:{cl}:{cc})"),
+                    None => format!("{f}:{l}:{c}"),
+                })
+                .collect(),
         });
     }
     list

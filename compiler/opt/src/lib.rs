@@ -1,10 +1,12 @@
 //! kiln-opt: the e-graph optimizer.
 //!
 //! The graph goes into an [`egg`] e-graph; rule sets run in stages (algebra, then fusion with
-//! algebra) under node, iteration and time limits; extraction picks the cheapest form of
-//! every output under the target's [`TargetCost`] and rebuilds a graph with one node per
-//! e-class, so sharing is kept. [`optimize`] returns the new graph and a [`Report`] of what
-//! happened.
+//! algebra) under node, iteration and time limits; then matmuls sharing their left operand
+//! gain a merged alternative (a rewrite of several classes at once, `rules::merge`).
+//! Extraction picks the cheapest form of every output under the target's [`TargetCost`],
+//! greedily per class and then refined on the whole extracted DAG, and rebuilds a graph with
+//! one node per e-class, so sharing is kept. [`optimize`] returns the new graph and a
+//! [`Report`] of what happened.
 //!
 //! **Architecture invariant:** the optimized graph computes the same outputs as the input
 //! graph (property tests compare both with the reference interpreter), with the same inputs,
@@ -22,6 +24,7 @@ pub mod rules;
 pub use analysis::{Facts, KGraph, Meta};
 pub use cost::{flops, graph_time, TargetCost};
 pub use explain::{to_text as explanations_to_text, Explanation};
+pub use extract::ExtractReport;
 pub use lang::{KNode, OpKey};
 pub use report::{Report, StageReport};
 
@@ -90,12 +93,17 @@ pub fn optimize(g: &Graph, opts: &Options) -> Result<(Graph, Report), OptError> 
         report.add_stage(name, &runner, stage_start.elapsed());
         egraph = runner.egraph;
     }
+    // A rewrite of several classes at once, over the saturated e-graph; extraction decides.
+    let merged = rules::merge::merge_shared_inputs(&mut egraph);
+    if merged > 0 {
+        report.rules_fired.insert(rules::merge::RULE.to_string(), merged);
+    }
     // Inputs are roots too: an input no output reads still belongs to the interface.
     let roots: Vec<egg::Id> =
         loaded.outputs.iter().map(|(_, id)| *id).chain(loaded.inputs.iter().copied()).collect();
-    let mut choice = extract::choose(&egraph, &roots, &opts.target);
-    extract::prefer_computed_sums(&egraph, &mut choice);
-    let (out, classes) = convert::from_egraph(&g.name, &egraph, &loaded, &choice)?;
+    let extraction = extract::choose(&egraph, &roots, &opts.target);
+    report.extraction = extraction.report;
+    let (out, classes) = convert::from_egraph(&g.name, &egraph, &loaded, &extraction.choice)?;
     kiln_ir::verify(&out)?;
     if opts.explain {
         report.explanations = explain::explain(&egraph, g, &loaded.classes, &out, &classes);

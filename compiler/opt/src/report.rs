@@ -39,6 +39,8 @@ pub struct Report {
     /// Why the last stage stopped (saturated, or which limit it hit).
     pub stop_reason: String,
     pub stages: Vec<StageReport>,
+    /// What extraction did: the greedy and refined DAG costs, steps kept, why it stopped.
+    pub extraction: crate::ExtractReport,
     pub time_ms: f64,
     /// With `Options::explain`: why each fused node exists.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -60,6 +62,7 @@ impl Report {
             iterations: 0,
             stop_reason: String::new(),
             stages: vec![],
+            extraction: Default::default(),
             time_ms: 0.0,
             explanations: vec![],
         }

@@ -1,10 +1,9 @@
 //! The optimizer on data: variant files that must fuse, the shipped models' fusion counts, and
 //! interpreter(original) ≈ interpreter(optimized) everywhere.
 
-use kiln_ir::{Bindings, Graph, Op, Tensor};
+use kiln_ir::{Bindings, Graph, Op};
 use kiln_lower::Override;
 use kiln_opt::{optimize, Options, Report};
-use std::collections::HashMap;
 use std::path::Path;
 
 fn lower(path: &Path, set: &[&str]) -> Graph {
@@ -13,39 +12,11 @@ fn lower(path: &Path, set: &[&str]) -> Graph {
     r.unwrap_or_else(|d| panic!("{}:\n{}", path.display(), d.render(&sources))).graph
 }
 
-/// Seeded inputs (indices inside the table they index) and parameters.
+/// Seeded inputs (`kiln_ir::seeded_inputs`: indices inside the table they index, masks that
+/// keep most positions) and parameters.
 fn bindings(g: &Graph, seed: u64) -> Bindings {
-    let mut inputs = HashMap::new();
-    for &i in &g.inputs {
-        let Op::Input { name, dtype, shape } = &g.node(i).op else { continue };
-        let stream = kiln_ir::rng::stream_of(name);
-        let n: usize = shape.iter().product();
-        let bound = g
-            .users(i)
-            .into_iter()
-            .filter_map(|u| match g.node(u).op {
-                Op::Gather { axis } => Some(g.ty(g.operands(u)[0]).shape[axis]),
-                _ => None,
-            })
-            .min()
-            .unwrap_or(2);
-        let values = (0..n as u64).map(|k| {
-            if dtype.is_float() {
-                kiln_ir::rng::normal(seed, stream, k)
-            } else if name.contains("keep") || name.contains("mask") {
-                // Keep most positions so no attention row is entirely masked.
-                (kiln_ir::rng::uniform(seed, stream, k) < 0.8) as u8 as f64
-            } else {
-                (kiln_ir::rng::uniform(seed, stream, k) * bound as f64).floor()
-            }
-        });
-        inputs.insert(
-            name.clone(),
-            Tensor { shape: shape.clone(), data: kiln_ir::Buffer::from_f64(*dtype, values) },
-        );
-    }
     let params = kiln_ir::bind_params(g, None, seed, false).expect("params initialize");
-    Bindings { inputs, params }
+    Bindings { inputs: kiln_ir::seeded_inputs(g, seed), params }
 }
 
 /// interpreter(before) ≈ interpreter(after): max |Δ| ≤ tol·(1 + |ref|) on every output.
@@ -200,4 +171,74 @@ fn a_48_layer_gpt2_fuses_every_layer_within_the_limits() {
     assert_eq!(norms(&r), 2 * layers + 1, "{:?}", r.op_counts);
     assert!(r.stages.iter().all(|s| s.stop_reason == "saturated"), "{:?}", r.stages);
     assert!(r.cost_after < r.cost_before);
+}
+
+#[test]
+fn bert_merges_q_k_v_when_the_target_folds_weights() {
+    // Folded, `concat(Wq, Wk, Wv)` costs nothing per run, so one wide epilogue and three
+    // slices beat three epilogues; attention still fuses over the slices.
+    let layers = 2;
+    let g = lower(&model("bert_encoder"), &[&format!("layers={layers}"), "seq=16", "batch=2"]);
+    let mut opts = Options::default();
+    opts.target.folds_weights = true;
+    let (opt, r) = optimize(&g, &opts).expect("optimizes");
+    assert_eq!(count(&r, "attention"), layers, "{:?}", r.op_counts);
+    assert_eq!(norms(&r), 2 * layers + 1, "{:?}", r.op_counts);
+    // Per layer: one concat of weights and one of biases; 3 wide + 3 other epilogues → 4.
+    assert_eq!(count(&r, "concat"), 2 * layers, "{:?}", r.op_counts);
+    assert_eq!(count(&r, "matmul_epilogue"), 4 * layers, "{:?}", r.op_counts);
+    assert!(r.rules_fired.get("merge-shared-input").copied().unwrap_or(0) >= 3 * layers);
+    let wide = opt.node_ids().filter(|&n| matches!(opt.node(n).op, Op::MatMulEpilogue { .. })).any(|n| {
+        let users = opt.users(n);
+        users.len() == 3 && users.iter().all(|u| matches!(opt.node(*u).op, Op::Slice { .. }))
+    });
+    assert!(wide, "no epilogue feeds three slices");
+    assert_same_outputs(&g, &opt, 1e-4, "bert_encoder, merged q/k/v");
+    assert_eq!(g.params().len(), opt.params().len());
+}
+
+#[test]
+fn bert_keeps_separate_projections_when_weights_are_bound_at_run_time() {
+    // The CPU pipeline concatenates on every run: 3·384² weights copied per layer cost more
+    // than the two kernel launches the merge saves.
+    let g = lower(&model("bert_encoder"), &["layers=1"]);
+    let (_, r) = optimize(&g, &Options::default()).expect("optimizes");
+    assert!(r.rules_fired.contains_key("merge-shared-input"), "{:?}", r.rules_fired);
+    assert_eq!(count(&r, "concat"), 0, "{:?}", r.op_counts);
+    assert_eq!(count(&r, "matmul_epilogue"), 6, "{:?}", r.op_counts);
+}
+
+#[test]
+fn dag_extraction_normalizes_the_sums_a_pre_norm_model_computes_anyway() {
+    // GPT-2's residual sum is both the next residual and a norm's input: reading it beats
+    // `add_norm` re-reading both addends, except for the final norm, whose sum is not kept.
+    let layers = 3;
+    let g = lower(&model("gpt2"), &[&format!("layers={layers}"), "seq=8", "vocab=64", "ctx=16"]);
+    let (opt, r) = optimize(&g, &Options::default()).expect("optimizes");
+    let x = &r.extraction;
+    assert_eq!(count(&r, "layer_norm"), 2 * layers, "{:?}", r.op_counts);
+    assert_eq!(count(&r, "add_norm"), 1, "{:?}", r.op_counts);
+    assert!(x.improvements >= 2 * layers && x.refined_cost < x.greedy_cost, "{x:?}");
+    assert_eq!(x.stop_reason, "fixed point");
+    assert!((r.cost_after - x.refined_cost).abs() <= 1e-9 * x.refined_cost + 1e-12 * r.nodes_after as f64);
+    assert_same_outputs(&g, &opt, 1e-4, "gpt2");
+}
+
+#[test]
+fn explanations_show_the_library_line_and_the_model_line_that_called_it() {
+    let g = lower(&model("gpt2"), &["layers=1", "seq=8", "vocab=64", "ctx=16"]);
+    let opts = Options { explain: true, ..Options::default() };
+    let (_, r) = optimize(&g, &opts).expect("optimizes");
+    let attention = r.explanations.iter().find(|e| e.op == "attention").expect("an attention");
+    let called =
+        attention.origins.iter().filter(|o| o.contains("std.ron:") && o.contains("(called at ")).count();
+    assert!(called > 0, "{:?}", attention.origins);
+    for o in &attention.origins {
+        if let Some((line, call)) = o.split_once(" (called at ") {
+            assert!(line.contains("std.ron:"), "{o}");
+            assert!(call.contains("gpt2.ron:") && call.ends_with(')'), "{o}");
+        }
+    }
+    let text = kiln_opt::explanations_to_text(&r.explanations);
+    assert!(text.contains("(called at "), "{text}");
 }

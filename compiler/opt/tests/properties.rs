@@ -1,5 +1,8 @@
 //! Every rule family preserves values: random small graphs (f64) and random inputs evaluate
 //! the same before and after optimization, to a relative error of 1e-9 (1e-5 is the bar).
+//! Extraction's own invariants (the refined DAG never costs more than the greedy one, and the
+//! rebuilt graph costs what extraction said, so no class is duplicated) are checked on every
+//! case too.
 
 use kiln_ir::{BinaryOp as B, Bindings, CompareOp, DType, Graph, NodeId, Op, ReduceOp, Tensor, UnaryOp as U};
 use kiln_opt::{optimize, Options};
@@ -29,6 +32,15 @@ struct Builder {
 impl Builder {
     fn new(seed: u64) -> Builder {
         Builder { g: Graph::new("prop"), dice: Dice(seed, 0) }
+    }
+    fn param(&mut self, name: &str, shape: &[usize]) -> NodeId {
+        let op = Op::Param {
+            name: name.into(),
+            dtype: DType::F64,
+            shape: shape.to_vec(),
+            init: kiln_ir::Init::Normal { mean: 0.0, std: 1.0 },
+        };
+        self.g.add(op, &[]).expect("param")
     }
     fn input(&mut self, name: &str, shape: &[usize]) -> NodeId {
         self.g
@@ -74,8 +86,25 @@ impl Builder {
 
 /// Runs both graphs on the same random inputs and compares every output.
 fn check(g: &Graph) -> Result<(), TestCaseError> {
-    let (opt, _) = optimize(g, &Options::default()).map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let mut b = Bindings::default();
+    check_with(g, &Options::default())
+}
+
+/// `check` under given options; parameters are drawn from their initializers.
+fn check_with(g: &Graph, opts: &Options) -> Result<(), TestCaseError> {
+    let (opt, r) = optimize(g, opts).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let x = &r.extraction;
+    prop_assert!(x.refined_cost <= x.greedy_cost, "refinement raised the cost: {:?}", x);
+    // The rebuilt graph costs what extraction computed for its DAG (up to the per-node
+    // tie-break term): every class once, none duplicated.
+    let slack = 2e-12 * r.nodes_after as f64 + 1e-9 * x.refined_cost;
+    prop_assert!(
+        (r.cost_after - x.refined_cost).abs() <= slack,
+        "graph {} vs DAG {}",
+        r.cost_after,
+        x.refined_cost
+    );
+    let params = kiln_ir::bind_params(g, None, 5, false).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let mut b = Bindings { params, ..Bindings::default() };
     for &i in &g.inputs {
         let Op::Input { name, shape, .. } = &g.node(i).op else { continue };
         let n: usize = shape.iter().product();
@@ -340,8 +369,82 @@ fn fusion_graph(seed: u64) -> Graph {
     b.g
 }
 
+/// Projections sharing their input: `x @ Wᵢ` (weights as inputs or parameters, of random
+/// widths), with or without a bias each and one activation for all, and some other use of `x`.
+fn merge_graph(seed: u64) -> Graph {
+    let mut b = Builder::new(seed);
+    let k = b.dice.pick(&[3, 4]);
+    let rank3 = b.dice.coin();
+    let rows = b.dice.pick(&[1, 3]);
+    let x = if rank3 { b.input("x", &[2, rows, k]) } else { b.input("x", &[3, k]) };
+    let members = 2 + b.dice.below(3);
+    let as_params = b.dice.coin();
+    let biased = b.dice.coin();
+    let activation = b.dice.pick(&[None, Some(U::Relu), Some(U::Tanh)]);
+    for i in 0..members {
+        let n = b.dice.pick(&[2, 3, 5]);
+        let w =
+            if as_params { b.param(&format!("w{i}"), &[k, n]) } else { b.input(&format!("w{i}"), &[k, n]) };
+        let mut y = b.op(Op::MatMul, &[x, w]);
+        if biased {
+            let bias = b.param(&format!("b{i}"), &[n]);
+            y = b.bin(B::Add, y, bias);
+            if let Some(u) = activation {
+                y = b.un(u, y);
+            }
+        }
+        b.g.add_output(format!("y{i}"), y);
+    }
+    if b.dice.coin() {
+        let e = b.un(U::Exp, x);
+        b.g.add_output("other", e);
+    }
+    b.g
+}
+
+/// Matmul chains of three or four operands with random extents (some tiny, some wide), rank 2
+/// or with a batch axis, grouped at random.
+fn chain_graph(seed: u64) -> Graph {
+    let mut b = Builder::new(seed);
+    let len = 3 + b.dice.below(2);
+    let dims: Vec<usize> = (0..=len).map(|_| b.dice.pick(&[1, 2, 3, 16])).collect();
+    let batched: Vec<bool> = (0..len).map(|_| b.dice.below(4) == 0).collect();
+    let mut operands: Vec<NodeId> = (0..len)
+        .map(|i| {
+            let shape = if batched[i] { vec![2, dims[i], dims[i + 1]] } else { vec![dims[i], dims[i + 1]] };
+            b.input(&format!("m{i}"), &shape)
+        })
+        .collect();
+    while operands.len() > 1 {
+        let i = b.dice.below(operands.len() - 1);
+        let m = b.op(Op::MatMul, &[operands[i], operands[i + 1]]);
+        operands.splice(i..i + 2, [m]);
+    }
+    b.g.add_output("y", operands[0]);
+    b.g
+}
+
+/// Options whose target folds weight-only subgraphs ahead of the runs.
+fn folding() -> Options {
+    let mut opts = Options::default();
+    opts.target.folds_weights = true;
+    opts
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn merging_shared_inputs_preserves_values(seed in any::<u64>()) {
+        let g = merge_graph(seed);
+        check(&g)?;
+        check_with(&g, &folding())?;
+    }
+
+    #[test]
+    fn matmul_reassociation_preserves_values(seed in any::<u64>()) {
+        check(&chain_graph(seed))?;
+    }
 
     #[test]
     fn algebra_rules_preserve_values(seed in any::<u64>()) {
@@ -366,6 +469,60 @@ fn fusion_graphs_do_fuse() {
         }
     }
     assert!(fused >= 36, "only {fused} of 40 random fusion graphs fused");
+}
+
+#[test]
+fn shared_input_graphs_do_merge_when_it_pays() {
+    // With folded weights a merge of parameter weights saves kernels for free; with weights
+    // as run-time inputs the concat is a kernel per run, paid for by at least two saved ones.
+    let (mut merged, mut eligible) = (0, 0);
+    for seed in 0..40 {
+        let g = merge_graph(seed);
+        let members = g.outputs.iter().filter(|o| o.0.starts_with('y')).count();
+        let (opt, r) = optimize(&g, &folding()).expect("optimizes");
+        assert!(r.rules_fired.contains_key("merge-shared-input"), "seed {seed}: {:?}", r.rules_fired);
+        let concats = opt.node_ids().filter(|n| matches!(opt.node(*n).op, Op::Concat { .. })).count();
+        let matmuls = r.op_counts.get("matmul").copied().unwrap_or(0)
+            + r.op_counts.get("matmul_epilogue").copied().unwrap_or(0);
+        // Only `x` is an input when the weights are parameters.
+        let weights_are_params = g.inputs.len() == 1;
+        if weights_are_params || members >= 3 {
+            eligible += 1;
+            if matmuls == 1 && concats >= 1 {
+                merged += 1;
+            }
+        }
+    }
+    eprintln!("{merged} of {eligible} profitable groups merged");
+    assert!(
+        eligible >= 20 && merged * 10 >= eligible * 9,
+        "only {merged} of {eligible} profitable groups merged"
+    );
+}
+
+#[test]
+fn matmul_chains_take_the_cheaper_grouping() {
+    // [64, 2] · [2, 64] · [64, 2]: left to right builds a 64×64 intermediate, right to left a
+    // 2×2 one; either way it is written, the optimized graph takes the small one.
+    for left_first in [true, false] {
+        let mut b = Builder::new(1);
+        let a = b.input("a", &[64, 2]);
+        let m = b.input("m", &[2, 64]);
+        let c = b.input("c", &[64, 2]);
+        let y = if left_first {
+            let am = b.op(Op::MatMul, &[a, m]);
+            b.op(Op::MatMul, &[am, c])
+        } else {
+            let mc = b.op(Op::MatMul, &[m, c]);
+            b.op(Op::MatMul, &[a, mc])
+        };
+        b.g.add_output("y", y);
+        let (opt, r) = optimize(&b.g, &Options::default()).expect("optimizes");
+        let wide = opt.node_ids().any(|n| opt.ty(n).shape == vec![64, 64]);
+        assert!(!wide, "left_first {left_first}: kept the 64×64 intermediate: {:?}", r.rules_fired);
+        assert!(r.cost_after <= r.cost_before);
+        check(&b.g).expect("same values");
+    }
 }
 
 #[test]

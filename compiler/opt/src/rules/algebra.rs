@@ -17,6 +17,7 @@ pub fn rules() -> Vec<Rule> {
         FnRule::rule("scalar-reassociate", scalar_reassociate),
         FnRule::rule("pow2-to-mul", pow2_to_mul),
         FnRule::rule("matmul-hoist-scale", matmul_hoist_scale),
+        FnRule::rule("matmul-reassociate", matmul_reassociate),
     ]
 }
 
@@ -183,6 +184,41 @@ fn matmul_hoist_scale(g: &KGraph, id: Id) -> Vec<New> {
                 operands[side] = m.children[0];
                 let scale = New::constant(c, ty(g, m.children[1]));
                 out.push(New::node(Op::Binary(B::Mul), vec![New::over(Op::MatMul, &operands), scale]));
+            }
+        }
+    }
+    out
+}
+
+/// (a @ b) @ c = a @ (b @ c), both ways, for operands of rank ≥ 2 (matrices or batches of
+/// them; a rank-1 operand is a vector product, which does not associate this way). The
+/// applier keeps a form only if it type-checks to the class's type, so batch axes must
+/// broadcast the same way in both groupings. Which grouping is cheaper depends on the shapes
+/// (the intermediate's size and the flops); extraction decides.
+fn matmul_reassociate(g: &KGraph, id: Id) -> Vec<New> {
+    let matrices = |ids: &[Id]| ids.iter().all(|x| ty(g, *x).rank() >= 2);
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        if n.ir() != &Op::MatMul {
+            continue;
+        }
+        let (l, r) = (n.children[0], n.children[1]);
+        for inner in nodes(g, l) {
+            let (a, b) = match inner.ir() {
+                Op::MatMul => (inner.children[0], inner.children[1]),
+                _ => continue,
+            };
+            if matrices(&[a, b, r]) {
+                out.push(New::node(Op::MatMul, vec![New::Class(a), New::over(Op::MatMul, &[b, r])]));
+            }
+        }
+        for inner in nodes(g, r) {
+            let (b, c) = match inner.ir() {
+                Op::MatMul => (inner.children[0], inner.children[1]),
+                _ => continue,
+            };
+            if matrices(&[l, b, c]) {
+                out.push(New::node(Op::MatMul, vec![New::over(Op::MatMul, &[l, b]), New::Class(c)]));
             }
         }
     }

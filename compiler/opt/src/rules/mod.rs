@@ -6,6 +6,7 @@
 
 pub mod algebra;
 pub mod fusion;
+pub mod merge;
 
 use crate::analysis::{Facts, KGraph};
 use crate::lang::KNode;
