@@ -119,8 +119,7 @@ impl Panels {
     /// Packs B, whose element `(k, n)` is `src[offset + k·sk + n·sn]`. `None` when that
     /// reaches past `src`.
     pub fn pack(&self, src: &[f32], offset: usize, sk: usize, sn: usize) -> Option<Vec<f32>> {
-        let last = offset + (self.k - 1) * sk + (self.n - 1) * sn;
-        if self.k == 0 || self.n == 0 || last >= src.len() {
+        if self.k == 0 || self.n == 0 || offset + (self.k - 1) * sk + (self.n - 1) * sn >= src.len() {
             return None;
         }
         let mut out = vec![0.0f32; self.len()];
