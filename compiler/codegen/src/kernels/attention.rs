@@ -38,7 +38,7 @@
 use super::norm::{close_range, for_close, for_open, func_text, load, offsets, open_range, store};
 use super::norm::{ComputeType, Count, Operand, Part};
 use super::View;
-use crate::mlir_text::{bool_type_like, elem_type, with_elem, Body};
+use crate::mlir_text::{bool_type_like, Body};
 use crate::{CodegenError, Kernel, Target};
 
 /// Vectors of query rows per block (at most): every key and value element loaded is used by
@@ -275,73 +275,6 @@ fn vmax(b: &mut Body, a: &str, y: &str, vty: &str) -> String {
     b.select(&gt, a, y, vty)
 }
 
-/// `eˣ` for `x ≤ 0` (or −inf, or NaN), the only arguments softmax gives it. f32: `x` is raised
-/// to −88 (NaN passes), and `n = round(x·log2 e) ∈ [−127, 0]` comes from one FMA with the
-/// constant `1.5·2²³ + 127`, which leaves `n + 127` in the low mantissa bits: shifted into the
-/// exponent field they are `2ⁿ`, exactly 0 for `n = −127` (so the result is 0 below about
-/// e⁻⁸⁷·⁷, and for −inf). Then the range reduction of [`Body::exp`] and a polynomial one degree
-/// lower; relative error < 1.2e-7 against libm, in 14 vector ops where `Body::exp` takes 20.
-/// f64: `math.exp`.
-fn exp_nonpositive(b: &mut Body, x: &str, vty: &str) -> String {
-    if elem_type(vty) != "f32" {
-        return b.exp(x, vty);
-    }
-    let lo = b.float(-88.0, vty);
-    let below = b.fcmp("olt", x, &lo, vty);
-    let x = b.select(&below, &lo, x, vty);
-    let log2e = b.float(std::f64::consts::LOG2_E, vty);
-    let magic = b.float(12_582_912.0 + 127.0, vty);
-    let t = b.fma(&x, &log2e, &magic, vty);
-    let n = b.fsub(&t, &magic, vty);
-    let ln2_hi = b.float(-0.693_359_375, vty);
-    let ln2_lo = b.float(2.121_944_4e-4, vty);
-    let r = b.fma(&n, &ln2_hi, &x, vty);
-    let r = b.fma(&n, &ln2_lo, &r, vty);
-    // `eʳ ≈ 1 + r + r²·P(r)` on |r| ≤ ln2/2, P of degree 4 fitted for relative error (3e-9,
-    // below f32 rounding).
-    let coeffs = [1.381_454e-3, 8.368_745e-3, 4.166_839_1e-2, 1.666_652_04e-1, 4.999_999_34e-1];
-    let mut p = b.float(coeffs[0], vty);
-    for &c in &coeffs[1..] {
-        let c = b.float(c, vty);
-        p = b.fma(&p, &r, &c, vty);
-    }
-    let r2 = b.fmul(&r, &r, vty);
-    let one = b.float(1.0, vty);
-    let r1 = b.fadd(&r, &one, vty);
-    let y = b.fma(&p, &r2, &r1, vty);
-    let ity = with_elem(vty, "i32");
-    let bits = b.assign(format!("arith.bitcast {t} : {vty} to {ity}"));
-    let shift = b.int_like(23, &ity);
-    let e = b.assign(format!("arith.shli {bits}, {shift} : {ity}"));
-    let scale = b.assign(format!("arith.bitcast {e} : {ity} to {vty}"));
-    b.fmul(&y, &scale, vty)
-}
-
-/// Transposes `rows.len() = lanes` vectors of `lanes` (a power of two): lane `j` of result `i`
-/// is lane `i` of `rows[j]`. One stage per bit of the lane index swaps that bit between the
-/// row and the lane, each output a `vector.shuffle` of two inputs (unpacks, blends and
-/// 128-bit permutes on x86).
-fn transpose(b: &mut Body, rows: &[String], vty: &str) -> Vec<String> {
-    let lanes = rows.len();
-    let mut cur = rows.to_vec();
-    let mut h = 1;
-    while h < lanes {
-        let mut next = cur.clone();
-        for i in (0..lanes).filter(|i| i & h == 0) {
-            let (lo, hi) = (&cur[i], &cur[i + h]);
-            let low: Vec<String> =
-                (0..lanes).map(|j| if j & h == 0 { j } else { lanes + j - h }.to_string()).collect();
-            let high: Vec<String> =
-                (0..lanes).map(|j| if j & h == 0 { j + h } else { lanes + j }.to_string()).collect();
-            next[i] = b.assign(format!("vector.shuffle {lo}, {hi} [{}] : {vty}, {vty}", low.join(", ")));
-            next[i + h] = b.assign(format!("vector.shuffle {lo}, {hi} [{}] : {vty}, {vty}", high.join(", ")));
-        }
-        cur = next;
-        h *= 2;
-    }
-    cur
-}
-
 /// What every phase of the kernel body needs: operands, strides and the block's indices.
 #[derive(Clone)]
 struct Ctx<'a> {
@@ -543,7 +476,7 @@ fn body(
             let none = b.fcmp("oeq", &mn, &ninf_v, vty);
             let ms = b.select(&none, &zero_v, &mn, vty);
             let dm = b.fsub(&m_old, &ms, vty);
-            alphas.push(exp_nonpositive(b, &dm, vty));
+            alphas.push(b.exp_nonpositive(&dm, vty));
             m_safe.push(ms);
         }
         let inits: Vec<(String, String)> = (0..rv).map(|_| (zero_v.clone(), vty.to_string())).collect();
@@ -554,7 +487,7 @@ fn body(
             let at = ix_add(b, &srow, u * lanes);
             let s = load(b, &s_buf, &at, 1, vty, None, 0.0);
             let x = b.fsub(&s, &m_safe[u], vty);
-            let e = exp_nonpositive(b, &x, vty);
+            let e = b.exp_nonpositive(&x, vty);
             store(b, &e, &s_buf, &at, 1, vty, None);
             sums.push(b.fadd(&acc[u], &e, vty));
         }
@@ -780,7 +713,7 @@ fn load_q_transposed(b: &mut Body, cx: &Ctx, q_buf: &Operand, d: usize, qb: usiz
                 load(b, cx.q, &at, cx.qd, vty, p.as_ref(), 0.0)
             })
             .collect();
-        let cols = transpose(b, &rows, vty);
+        let cols = b.transpose(&rows, vty);
         let valid = part.as_ref().map_or(lanes, |(_, n)| *n);
         for (i, x) in cols.iter().take(valid).enumerate() {
             let x = b.fmul(x, &scale_v, vty);
@@ -852,7 +785,7 @@ fn store_out_transposed(
                 b.fmul(&o, &inv, vty)
             })
             .collect();
-        let rows = transpose(b, &cols, vty);
+        let rows = b.transpose(&cols, vty);
         let p = part.as_ref().map(|(m, n)| Part { mask: m, count: Count::Static(*n) });
         let coff = ix_mul(b, col, cx.od);
         for (orow, x) in orows.iter().zip(&rows) {
