@@ -8,6 +8,9 @@
 //! `OPENBLAS_NUM_THREADS` set to the thread count; without it, numpy is skipped.
 //! `KILN_BENCH_DUMP=dir` writes the compiled kernels (MLIR, LLVM IR, object) there;
 //! `KILN_BENCH_THREADS=1,2` picks the thread counts, `KILN_BENCH_NUMPY=0` skips numpy.
+//! Shapes marked `packed` take B as a compile-time constant, stored in the micro-kernel's panel
+//! layout ([`matmul::Panels`]), as the compiler does for weights; numpy gets the same product
+//! with B as it is.
 
 use kiln_codegen::{
     kernels::matmul, kernels::View, mlir_text::Body, CpuTarget, Kernel, KernelLibrary, Target,
@@ -19,22 +22,48 @@ use std::time::{Duration, Instant};
 
 static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
-/// One benchmarked product: `[m, k] · [k, n]`, b stored `[n, k]` when `bt` (a Linear weight).
+/// One benchmarked product: `[batch, m, k] · [k, n]` (B shared across the batch), b stored
+/// `[n, k]` when `bt` (a Linear weight), packed ahead of time when `packed`, with `act` applied.
 struct Shape {
     name: &'static str,
+    batch: usize,
     m: usize,
     k: usize,
     n: usize,
     bt: bool,
+    packed: bool,
+    act: Activation,
 }
 
+impl Shape {
+    const fn plain(name: &'static str, m: usize, k: usize, n: usize, bt: bool) -> Shape {
+        Shape { name, batch: 1, m, k, n, bt, packed: false, act: Activation::None }
+    }
+    /// A MiniLM Linear layer as the compiler emits it: batch × 128 rows, weight packed.
+    const fn layer(name: &'static str, batch: usize, k: usize, n: usize, act: Activation) -> Shape {
+        Shape { name, batch, m: 128, k, n, bt: true, packed: true, act }
+    }
+    fn rows(&self) -> usize {
+        self.batch * self.m
+    }
+}
+
+const GELU: Activation = Activation::Gelu(kiln_ir::GeluApprox::Erf);
+
 const SHAPES: &[Shape] = &[
-    Shape { name: "1024^3", m: 1024, k: 1024, n: 1024, bt: false },
-    Shape { name: "4096^3", m: 4096, k: 4096, n: 4096, bt: false },
-    Shape { name: "minilm qkv/o 128x384x384 bT", m: 128, k: 384, n: 384, bt: true },
-    Shape { name: "minilm ffn1 128x384x1536 bT", m: 128, k: 384, n: 1536, bt: true },
-    Shape { name: "minilm ffn2 128x1536x384 bT", m: 128, k: 1536, n: 384, bt: true },
-    Shape { name: "batch8 ffn1 1024x384x1536 bT", m: 1024, k: 384, n: 1536, bt: true },
+    Shape::plain("1024^3", 1024, 1024, 1024, false),
+    Shape::plain("4096^3", 4096, 4096, 4096, false),
+    Shape::plain("minilm qkv/o 128x384x384 bT", 128, 384, 384, true),
+    Shape::plain("minilm ffn1 128x384x1536 bT", 128, 384, 1536, true),
+    Shape::plain("minilm ffn2 128x1536x384 bT", 128, 1536, 384, true),
+    Shape::plain("batch8 ffn1 1024x384x1536 bT", 1024, 384, 1536, true),
+    Shape::layer("packed b1 qkv/o 128x384x384", 1, 384, 384, Activation::None),
+    Shape::layer("packed b1 ffn1 128x384x1536 gelu", 1, 384, 1536, GELU),
+    Shape::layer("packed b1 ffn2 128x1536x384", 1, 1536, 384, Activation::None),
+    Shape::layer("packed b8 qkv/o 8x128x384x384", 8, 384, 384, Activation::None),
+    Shape::layer("packed b8 ffn1 8x128x384x1536 gelu", 8, 384, 1536, GELU),
+    Shape::layer("packed b8 ffn2 8x128x1536x384", 8, 1536, 384, Activation::None),
+    Shape::layer("packed b8 ffn1 8x128x384x1536 no act", 8, 384, 1536, Activation::None),
 ];
 
 /// A 64-byte aligned f32 buffer; large ones on transparent huge pages, as numpy does for its
@@ -48,7 +77,7 @@ struct Aligned {
 impl Aligned {
     fn new(len: usize, seed: u32) -> Aligned {
         const HUGE: usize = 2 << 20;
-        let huge = len * 4 >= 4 << 20;
+        let huge = len * 4 >= 4 << 20 && std::env::var("KILN_BENCH_SMALL_PAGES").is_err();
         let align = if huge { HUGE } else { 64 };
         let mut raw = vec![0f32; len + align / 4];
         let start = (align - (raw.as_ptr() as usize % align)) % align / 4;
@@ -86,10 +115,19 @@ fn time(mut f: impl FnMut(), budget: Duration) -> (f64, f64) {
             EPOCH.elapsed().as_secs_f64()
         }
     };
+    // With KILN_BENCH_COLD=1 every timed call starts with the caches holding other data, as
+    // in a model, where each weight is read once per run and comes from memory.
+    let cold = std::env::var("KILN_BENCH_COLD").is_ok_and(|v| v == "1");
+    let mut evict = if cold { vec![0u8; 96 << 20] } else { Vec::new() };
+    let mut round = 0u8;
     f();
     let mut times = vec![];
     let start = Instant::now();
     while times.len() < 3 || (start.elapsed() < budget && times.len() < 50) {
+        round = round.wrapping_add(1);
+        for line in evict.chunks_mut(64) {
+            line[0] = round;
+        }
         let t = now();
         f();
         times.push(now() - t);
@@ -154,8 +192,9 @@ fn measure(
     })
 }
 
-/// Single-thread GFLOP/s of 12 independent FMA chains on full vectors (the FMA peak).
-fn fma_peak(target: &CpuTarget) -> f64 {
+/// GFLOP/s of 12 independent FMA chains on full vectors on each of `threads` threads at once
+/// (the FMA peak: on a machine whose threads share cores it is below `threads` × one thread's).
+fn fma_peak(target: &CpuTarget, threads: usize) -> f64 {
     let lanes = target.f32_lanes();
     let vty = format!("vector<{lanes}xf32>");
     let chains = 12;
@@ -187,8 +226,9 @@ fn fma_peak(target: &CpuTarget) -> f64 {
     let lib = KernelLibrary::build(std::slice::from_ref(&k), target).expect("peak kernel");
     let mut out = Aligned::new(lanes, 1);
     let bufs = [out.ptr() as usize];
-    let flops = (iters * chains * lanes * 2) as f64;
-    let (_, best) = measure(&lib, &k, &bufs, 1, Duration::from_millis(500));
+    let flops = (iters * chains * lanes * 2 * threads) as f64;
+    // The kernel ignores its range: every thread runs the whole loop.
+    let (_, best) = measure(&lib, &k, &bufs, threads, Duration::from_millis(500));
     flops / best / 1e9
 }
 
@@ -197,7 +237,7 @@ fn numpy(shapes: &[&Shape], threads: usize) -> Option<Vec<(f64, f64)>> {
     let python =
         std::env::var("KILN_BENCH_PYTHON").unwrap_or_else(|_| "/opt/kiln-golden-venv/bin/python".into());
     let spec: Vec<String> =
-        shapes.iter().map(|s| format!("({},{},{},{})", s.m, s.k, s.n, s.bt as u8)).collect();
+        shapes.iter().map(|s| format!("({},{},{},{})", s.rows(), s.k, s.n, s.bt as u8)).collect();
     let script = format!(
         r#"
 import os, time, numpy as np
@@ -249,13 +289,11 @@ fn main() {
         target.f32_lanes(),
         target.vector_registers()
     );
-    let peak = fma_peak(&target);
-    println!("measured 1-thread FMA peak: {peak:.1} GFLOP/s");
 
     let mut kernels = vec![];
     let mut views = vec![];
     for (i, s) in shapes.iter().enumerate() {
-        let a = View::contiguous(&[s.m, s.k], DType::F32);
+        let a = View::contiguous(&[s.batch, s.m, s.k], DType::F32);
         let b = if s.bt {
             View {
                 shape: vec![s.k, s.n],
@@ -267,11 +305,16 @@ fn main() {
         } else {
             View::contiguous(&[s.k, s.n], DType::F32)
         };
-        let out = View::contiguous(&[s.m, s.n], DType::F32);
-        kernels.push(
-            matmul::emit(&format!("mm{i}"), &a, &b, None, Activation::None, &out, &target).expect("emit"),
-        );
-        views.push((s.m * s.k, s.k * s.n, s.m * s.n));
+        let out = View::contiguous(&[s.batch, s.m, s.n], DType::F32);
+        let symbol = format!("mm{i}");
+        let kernel = if s.packed {
+            let panels = matmul::Panels::for_target(s.k, s.n, &target);
+            matmul::emit_prepacked(&symbol, &a, panels, None, s.act, &out, &target)
+        } else {
+            matmul::emit(&symbol, &a, &b, None, s.act, &out, &target)
+        };
+        kernels.push(kernel.expect("emit"));
+        views.push((s.rows() * s.k, b, s.rows() * s.n));
     }
     let t = Instant::now();
     let lib = KernelLibrary::build(&kernels, &target).expect("compile");
@@ -291,6 +334,8 @@ fn main() {
         .unwrap_or_else(|| vec![1, 2]);
     let with_numpy = std::env::var("KILN_BENCH_NUMPY").map_or(true, |v| v != "0");
     for threads in thread_counts {
+        let peak = fma_peak(&target, threads);
+        println!("\nmeasured FMA peak on {threads} thread(s): {peak:.1} GFLOP/s");
         let np = if with_numpy { numpy(&shapes, threads) } else { None };
         if np.is_none() {
             println!("numpy skipped (no python with numpy)");
@@ -300,8 +345,16 @@ fn main() {
             "kiln", "numpy", "kiln/numpy", "% peak"
         );
         for (i, s) in shapes.iter().enumerate() {
-            let (la, lb, lc) = views[i];
-            let (mut a, mut b, mut c) = (Aligned::new(la, 1), Aligned::new(lb, 2), Aligned::new(lc, 3));
+            let (la, bv, lc) = &views[i];
+            let (mut a, mut b, mut c) =
+                (Aligned::new(*la, 1), Aligned::new(bv.buffer_len, 2), Aligned::new(*lc, 3));
+            if s.packed {
+                let panels = matmul::Panels::for_target(s.k, s.n, &target);
+                let src = b.raw[b.start..b.start + b.len].to_vec();
+                let packed = panels.pack(&src, 0, bv.strides[0], bv.strides[1]).expect("B fits");
+                b = Aligned::new(packed.len(), 2);
+                b.raw[b.start..b.start + b.len].copy_from_slice(&packed);
+            }
             let bufs = [a.ptr() as usize, b.ptr() as usize, c.ptr() as usize];
             let budget = Duration::from_millis(if s.m * s.n * s.k > 1 << 32 { 6000 } else { 1500 });
             let (med, best) = measure(&lib, &kernels[i], &bufs, threads, budget);
@@ -316,7 +369,7 @@ fn main() {
                 format!("{gm:.1} ({gb:.1})"),
                 np_text,
                 ratio,
-                100.0 * gb / (peak * threads as f64)
+                100.0 * gb / peak
             );
         }
     }

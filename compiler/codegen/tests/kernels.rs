@@ -42,6 +42,9 @@ fn math_approximations_match_libm() {
         unary_kernel("k_erf", n, 8, |b, x, ty| b.erf(x, ty)),
         unary_kernel("k_tanh", n, 8, |b, x, ty| b.tanh(x, ty)),
         unary_kernel("k_sigmoid", n, 8, |b, x, ty| b.sigmoid(x, ty)),
+        unary_kernel("k_gelu", n, 8, |b, x, ty| b.gelu(x, false, ty)),
+        unary_kernel("k_erf8", 8, 8, |b, x, ty| b.erf(x, ty)),
+        unary_kernel("k_gelu8", 8, 8, |b, x, ty| b.gelu(x, false, ty)),
     ];
     let lib = KernelLibrary::build(&kernels, &CpuTarget::host()).unwrap();
     let x: Vec<f32> = (0..n).map(|i| (i as f32 - n as f32 / 2.0) * 0.02).collect();
@@ -65,4 +68,18 @@ fn math_approximations_match_libm() {
         let want = 1.0 / (1.0 + (-*a as f64).exp());
         assert!(((*g as f64) - want).abs() <= 3e-7, "sigmoid({a}) = {g}, want {want}");
     }
+    let gelu = run_unary(&lib, "k_gelu", &x);
+    for (a, g) in x.iter().zip(&gelu) {
+        let a = *a as f64;
+        let want = 0.5 * a * (1.0 + libm::erf(a / std::f64::consts::SQRT_2));
+        assert!(((*g as f64) - want).abs() <= 1e-6 * a.abs().max(1.0), "gelu({a}) = {g}, want {want}");
+    }
+    // Far out the erf saturates exactly, so GELU of a very negative x is exactly 0; NaN stays NaN.
+    let edge = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -1e4, 1e4, -0.0, 3.9, -3.9];
+    let erf = run_unary(&lib, "k_erf8", &edge);
+    assert!(erf[0].is_nan(), "erf(NaN) = {}", erf[0]);
+    assert_eq!(&erf[1..6], &[1.0, -1.0, -1.0, 1.0, 0.0]);
+    let gelu = run_unary(&lib, "k_gelu8", &edge);
+    assert!(gelu[0].is_nan(), "gelu(NaN) = {}", gelu[0]);
+    assert_eq!(&gelu[3..6], &[0.0, 1e4, 0.0], "gelu(-1e4), gelu(1e4), gelu(-0)");
 }

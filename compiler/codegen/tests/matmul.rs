@@ -537,6 +537,21 @@ fn f32_prepacked_weights() {
     ]);
 }
 
+/// A batch whose rows follow one another, times one shared weight, runs as one tall product:
+/// its row tiles cross batch elements, so a `[8, 128, K]` input has ⌈1024 / mr⌉ row tiles, not
+/// 8 · ⌈128 / mr⌉ (each with a short edge tile). With a B per batch element it stays batched.
+#[test]
+fn contiguous_batches_over_a_shared_weight_are_one_product() {
+    let target = CpuTarget::host();
+    let shared = Case::new(128, 64, 48).batch(&[2, 4]).bt().bias(Bias::Column).prepacked();
+    let tall = prepare("mm_tall", &Case::new(1024, 64, 48).bt().bias(Bias::Column).prepacked(), &target);
+    let batched = prepare("mm_batched", &shared, &target);
+    assert_eq!(batched.kernel.range, tall.kernel.range, "the batch did not fold into rows");
+    let per_batch = prepare("mm_per_batch", &Case::new(128, 64, 48).batch(&[2, 4]), &target);
+    assert_eq!(per_batch.kernel.range, 8 * prepare("mm_one", &Case::new(128, 64, 48), &target).kernel.range);
+    run(&[shared, Case::new(128, 64, 48).batch(&[2, 4]).bias(Bias::Full)]);
+}
+
 /// Prepacked on baseline x86-64: panels 8 wide.
 #[test]
 #[cfg(target_arch = "x86_64")]

@@ -14,7 +14,8 @@
 //!
 //! The parallel range is batch × column block × row tile (row tiles fastest): one call packs a
 //! column block once for all the row tiles of its chunk, and column blocks split the work when
-//! there are few rows. Other dtypes use a plain scalar loop nest (halves accumulate in f32).
+//! there are few rows. Batch axes over which B is shared and the rows of a and out simply
+//! continue (a Linear layer on `[batch, seq, features]`) are folded into M first. Other dtypes use a plain scalar loop nest (halves accumulate in f32).
 
 use super::View;
 use crate::kernel::mlir_elem;
@@ -219,7 +220,41 @@ impl Problem {
         if out.shape.iter().zip(&out.strides).any(|(&d, &s)| d > 1 && s == 0) {
             return Err(unsupported("the output view broadcasts (stride 0)".into()));
         }
-        Ok(Problem { a, b, bias, out, act, dtype, lead, batch: batch_shape.iter().product(), m, k, n })
+        let batch = batch_shape.iter().product();
+        let mut p = Problem { a, b, bias, out, act, dtype, lead, batch, m, k, n };
+        while p.lead > 0 && p.batch_axis_is_more_rows() {
+            p.merge_batch_axis_into_rows();
+        }
+        Ok(p)
+    }
+
+    /// Whether the innermost batch axis just continues the rows: a, out (and bias) step over it
+    /// by M rows, and B is the same for every index of it (a weight shared across the batch).
+    /// The product is then one taller matrix product, so row tiles run across batch elements
+    /// (no edge tile per element) and each packed panel of B serves all their rows.
+    fn batch_axis_is_more_rows(&self) -> bool {
+        let (ax, row) = (self.lead - 1, self.lead);
+        let continues = |v: &View| v.strides[ax] == self.m * v.strides[row];
+        self.b.strides[ax] == 0
+            && continues(&self.a)
+            && continues(&self.out)
+            && self.bias.as_ref().is_none_or(continues)
+    }
+
+    /// Folds the innermost batch axis into M (see [`Problem::batch_axis_is_more_rows`]).
+    fn merge_batch_axis_into_rows(&mut self) {
+        let ax = self.lead - 1;
+        let d = self.out.shape[ax];
+        for v in [&mut self.a, &mut self.out].into_iter().chain(self.bias.as_mut()) {
+            v.shape.remove(ax);
+            v.strides.remove(ax);
+            v.shape[ax] *= d;
+        }
+        self.b.shape.remove(ax);
+        self.b.strides.remove(ax);
+        self.m *= d;
+        self.batch /= d;
+        self.lead -= 1;
     }
 
     /// The generic path: one range iteration per output row, a scalar dot product per element.
