@@ -20,6 +20,10 @@ BATCHES = (1, 8)
 THREADS = 2
 WARMUP = int(os.environ.get("BENCH_WARMUP", "5"))
 REPEATS = int(os.environ.get("BENCH_REPEATS", "30"))
+# Rounds per comparison, the systems' order reversed every other round; each system keeps its
+# round with the lowest median. This machine's speed drifts by 10-25 % over minutes, so a
+# single round compares the windows the systems happened to run in as much as the systems.
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 TOLERANCE = 1e-3  # max |system - PyTorch eager| allowed on last_hidden_state
 INPUT_SEED = 20251129
 INPUT_NAMES = ("input_ids", "token_type_ids", "attention_mask")

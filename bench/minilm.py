@@ -19,9 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import BATCHES, OUT, REPEATS, REPO, SEQ, THREADS, TOLERANCE, WARMUP  # noqa: E402
-
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
+from common import BATCHES, OUT, REPEATS, REPO, ROUNDS, SEQ, THREADS, TOLERANCE, WARMUP  # noqa: E402
 
 SYSTEMS = ["torch_eager", "torch_compile", "onnxruntime", "openvino", "iree", "kiln"]
 PYPI = [

@@ -183,12 +183,19 @@ def micro_section(micro):
         lines.append("")
     if micro.get("attention"):
         lines += [
-            "| attention 12 heads × 64, f32 | Kiln fused ms | torch SDPA ms | ORT MultiHeadAttention ms |",
-            "|---|---:|---:|---:|",
+            "| attention 12 heads × 64, f32 | Kiln fused ms | torch SDPA ms | ORT MultiHeadAttention ms | Kiln / ORT "
+            "| medians per round (Kiln; SDPA; ORT) |",
+            "|---|---:|---:|---:|---:|---|",
         ]
         for row in micro["attention"]:
+            kiln, ort = row.get("kiln_ms"), row.get("ort_mha_ms")
+            ratio = f"{kiln / ort:.2f}×" if kiln and ort else "–"
+            per = row.get("rounds") or {}
+            rounds = "; ".join(
+                " / ".join(ms(x) for x in per.get(key, [])) or "–" for key in ("kiln_ms", "torch_sdpa_ms", "ort_mha_ms")
+            )
             lines.append(
-                f"| seq {row['seq']} | {ms(row.get('kiln_ms'))} | {ms(row.get('torch_sdpa_ms'))} | {ms(row.get('ort_mha_ms'))} |"
+                f"| seq {row['seq']} | {ms(kiln)} | {ms(row.get('torch_sdpa_ms'))} | {ms(ort)} | {ratio} | {rounds} |"
             )
         lines.append("")
     if micro.get("layer_norm"):
@@ -227,8 +234,8 @@ def section(results):
         f"Load average (1/5/15 min) at the start {la0}, at the end {la1}. Other builds may share the machine: "
         "each system was timed after a quiet second and timed again (up to 3 tries, the least disturbed "
         "kept) when other processes used more than 0.3 cores meanwhile; the last column is what they used. "
-        f"The whole comparison ran {st.get('rounds', 1)} times (order reversed in the second round); each system's "
-        "table row is its round with the lower median, the other round's median is shown next to it"
+        f"The whole comparison ran {st.get('rounds', 1)} times (order reversed every other round); each system's "
+        "table row is its round with the lowest median, every round's median is shown next to it"
         f"{spread_text(results)}.",
         "",
         f"**Method:** {st['dtype']}, {st['threads']} threads for every system (torch `set_num_threads(2)`; "

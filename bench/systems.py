@@ -351,21 +351,31 @@ def kiln(batch):
     lines = p.stdout.splitlines()
     prof = [l for l in lines if l.startswith("profile:") or re.match(r"^(k\d+ |\(\d+ more|total)", l)]
     res["profile"] = prof
-    res["profile_top"] = kiln_profile_summary(prof)
+    res["profile_by_kind"] = kiln_profile_by_kind(lines)
     return res
 
 
-def kiln_profile_summary(lines):
-    """Time per kernel kind (matmul_epilogue, attention, …) summed over the listed steps."""
-    kinds = {}
+def kiln_profile_by_kind(lines):
+    """The profile's own `by kind` table (every step, summed per kernel kind), as
+    {kind: {steps, time_ms, share_pct, gflop_s, gb_s}}."""
+    kinds, inside = {}, False
     for l in lines:
-        m = re.match(r"^k\d+ (\S+)\s.*?([\d.]+) (ms|µs|us)\s+([\d.]+)%", l)
-        if m:
-            ms = float(m.group(2)) / (1000.0 if m.group(3) != "ms" else 1.0)
-            d = kinds.setdefault(m.group(1), {"steps_listed": 0, "ms": 0.0, "share_pct": 0.0})
-            d["steps_listed"] += 1
-            d["ms"] += ms
-            d["share_pct"] += float(m.group(4))
+        if l.startswith("by kind"):
+            inside = True
+            continue
+        # "matmul_epilogue     36   149.70 ms   89.0%     145.24      1.42"
+        m = re.match(r"^(\S+)\s+(\d+)\s+([\d.]+) (ms|µs|us|ns|s)\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)$", l.strip())
+        if not inside or not m:
+            inside = inside and bool(m)
+            continue
+        scale = {"s": 1e3, "ms": 1.0, "µs": 1e-3, "us": 1e-3, "ns": 1e-6}[m.group(4)]
+        kinds[m.group(1)] = {
+            "steps": int(m.group(2)),
+            "time_ms": float(m.group(3)) * scale,
+            "share_pct": float(m.group(5)),
+            "gflop_s": float(m.group(6)),
+            "gb_s": float(m.group(7)),
+        }
     return kinds
 
 
