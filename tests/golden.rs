@@ -13,9 +13,12 @@
 //! a numerical error), and compare Kiln's `last_hidden_state` to within 1e-5: once through the
 //! library and once through the `kiln eval` command line. No Python is needed here.
 
+mod common;
+
+use common::{read_tensors, root, run_kiln};
 use kiln_ir::{Buffer, Tensor};
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 const MODEL: &str = "models/bert_encoder.ron";
 const GOLDEN: &str = "tests/golden/bert_minilm";
@@ -31,10 +34,6 @@ const REGENERATE: &str = "python3 tests/golden/make_bert_golden.py \
      (or KILN_GOLDEN_PYTHON=/path/to/venv/bin/python python3 tests/golden/make_bert_golden.py); \
      see tests/golden/README.md";
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn meta() -> serde_json::Value {
     let path = root().join(GOLDEN).join("meta.json");
     let text =
@@ -49,10 +48,6 @@ fn meta() -> serde_json::Value {
          make_bert_golden.py's TOLERANCE) the same"
     );
     meta
-}
-
-fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
-    kiln_ir::tensor_io::read_safetensors(path).unwrap_or_else(|e| panic!("{e}")).into_iter().collect()
 }
 
 /// The random LayerNorm parameters, in file order, after a sanity check of the file.
@@ -227,22 +222,6 @@ fn bert_minilm_matches_pytorch() {
 }
 
 /// Runs the `kiln` binary from the repository root and fails with its output unless it succeeds.
-fn run_kiln(args: &[&str]) {
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .expect("run kiln");
-    assert!(
-        run.status.success(),
-        "kiln {} failed ({}):\n{}{}",
-        args.join(" "),
-        run.status,
-        String::from_utf8_lossy(&run.stdout),
-        String::from_utf8_lossy(&run.stderr)
-    );
-}
-
 #[test]
 fn bert_minilm_matches_pytorch_cli() {
     let meta = meta();

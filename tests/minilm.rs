@@ -14,10 +14,13 @@
 //! The weights (~87 MiB) are not in the repository: `scripts/fetch_minilm.sh` puts them in
 //! `${KILN_CACHE:-$HOME/.cache/kiln}/minilm/`. Without them the tests say so and pass.
 
+mod common;
+
+use common::{read_tensors, root, run_kiln};
 use kiln_ir::{Buffer, Tensor};
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 const MODEL: &str = "models/bert_encoder.ron";
 const GOLDEN: &str = "tests/golden/minilm";
@@ -30,10 +33,6 @@ const HIDDEN: usize = 384;
 const TOLERANCE: f64 = 1e-4;
 /// The checkpoint's tensors that the encoder does not use: a warning, not an error.
 const UNUSED: [&str; 3] = ["embeddings.position_ids", "pooler.dense.bias", "pooler.dense.weight"];
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// Says why a test does not run, on the real stderr: `eprintln!` would be captured by the test
 /// harness and only shown for failures.
@@ -65,10 +64,6 @@ fn cached_weights(test: &str) -> Option<PathBuf> {
         skip(test, &why);
         None
     }
-}
-
-fn read_tensors(path: &Path) -> HashMap<String, Tensor> {
-    kiln_ir::tensor_io::read_safetensors(path).unwrap_or_else(|e| panic!("{e}")).into_iter().collect()
 }
 
 /// Checks that meta.json, this file and the stored files agree.
@@ -188,26 +183,10 @@ fn minilm_compiled_matches_sentence_transformers() {
     std::fs::create_dir_all(&tmp).expect("scratch directory");
     let artifact = tmp.join("minilm.kiln");
     let out = tmp.join("out.safetensors");
-    let kiln = |args: &[&str]| {
-        let run = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .current_dir(root())
-            .args(args)
-            .output()
-            .expect("run kiln");
-        let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
-        assert!(
-            run.status.success(),
-            "kiln {} failed ({}):\n{}{stderr}",
-            args.join(" "),
-            run.status,
-            String::from_utf8_lossy(&run.stdout),
-        );
-        stderr
-    };
     let batch = format!("batch={BATCH}");
     let weights = weights.to_str().expect("utf-8 path");
     let artifact_arg = artifact.to_str().expect("utf-8 path");
-    let stderr = kiln(&["compile", MODEL, "--set", &batch, "--weights", weights, "-o", artifact_arg]);
+    let stderr = run_kiln(&["compile", MODEL, "--set", &batch, "--weights", weights, "-o", artifact_arg]);
     assert!(
         stderr.contains(&format!(
             "warning: ignoring 3 tensors in the weights file that the model does not use: {}",
@@ -216,7 +195,7 @@ fn minilm_compiled_matches_sentence_transformers() {
         "kiln compile should warn about the unused tensors:\n{stderr}"
     );
     let inputs_arg = format!("{GOLDEN}/inputs.safetensors");
-    kiln(&[
+    run_kiln(&[
         "run",
         artifact_arg,
         "--input",

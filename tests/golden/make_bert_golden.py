@@ -33,17 +33,17 @@ Only the standard library is imported at the top level, so the bootstrap runs un
 import copy
 import hashlib
 import json
-import os
 import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from golden_env import check_versions, run_pinned
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 OUT_DIR = HERE / "bert_minilm"
-VENV = HERE / ".venv"
 REQUIREMENTS = HERE / "requirements.txt"
 MODEL = "models/bert_encoder.ron"
 
@@ -57,35 +57,6 @@ LAYERNORM_SEED = 20240612  # numpy seed for the LayerNorm weights and biases
 LAYERNORM_PAIRS = 13  # embeddings + 2 per encoder layer
 TOLERANCE = 1e-5  # max |kiln - pytorch| allowed by tests/golden.rs (TOLERANCE there)
 
-# Set in the re-executed child so the bootstrap cannot loop.
-_INNER = "_KILN_GOLDEN_INNER"
-
-
-def pinned_versions():
-    pins = {}
-    for line in REQUIREMENTS.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, _, version = line.partition("==")
-            pins[name.strip()] = version.strip()
-    return pins
-
-
-def bootstrap():
-    """Picks the interpreter (KILN_GOLDEN_PYTHON or tests/golden/.venv) and re-runs this script in it."""
-    python = os.environ.get("KILN_GOLDEN_PYTHON")
-    if python:
-        print(f"using KILN_GOLDEN_PYTHON={python}", flush=True)
-    else:
-        python = str(VENV / "bin" / "python")
-        if not Path(python).exists():
-            print(f"creating {VENV}", flush=True)
-            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-            subprocess.run([python, "-m", "pip", "install", "--upgrade", "pip"], check=True)
-        # pip does nothing when the pinned versions are already there.
-        subprocess.run([python, "-m", "pip", "install", "-r", str(REQUIREMENTS)], check=True)
-    env = dict(os.environ, **{_INNER: "1"})
-    sys.exit(subprocess.run([python, str(Path(__file__).resolve())] + sys.argv[1:], env=env).returncode)
 
 
 def run(cmd, **kw):
@@ -196,14 +167,7 @@ def main():
         "safetensors": safetensors.__version__,
     }
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
-    pins = pinned_versions()
-    wrong = {
-        k: (versions[k], want)
-        for k, want in pins.items()
-        if k in versions and versions[k].split("+")[0] != want
-    }
-    if wrong and os.environ.get("KILN_GOLDEN_ALLOW_VERSIONS") != "1":
-        sys.exit(f"error: versions differ from {REQUIREMENTS.name}: {wrong} (set KILN_GOLDEN_ALLOW_VERSIONS=1 to go on anyway)")
+    check_versions(versions, REQUIREMENTS)
 
     # 1. Kiln, release build.
     run(["cargo", "build", "--release", "--bin", "kiln"])
@@ -411,7 +375,4 @@ def main():
 
 
 if __name__ == "__main__":
-    if os.environ.get(_INNER) == "1":
-        main()
-    else:
-        bootstrap()
+    run_pinned(main, __file__, REQUIREMENTS)

@@ -42,10 +42,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from golden_env import check_versions, run_pinned
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 OUT_DIR = HERE / "minilm"
-VENV = HERE / ".venv"
 REQUIREMENTS = OUT_DIR / "requirements.txt"
 FETCH = REPO / "scripts" / "fetch_minilm.sh"
 
@@ -89,34 +90,6 @@ SENTENCES = [
 ]
 BATCH = len(SENTENCES)
 
-# Set in the re-executed child so the bootstrap cannot loop.
-_INNER = "_KILN_GOLDEN_INNER"
-
-
-def pinned_versions():
-    pins = {}
-    for line in REQUIREMENTS.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, _, version = line.partition("==")
-            pins[name.strip()] = version.strip()
-    return pins
-
-
-def bootstrap():
-    """Picks the interpreter (KILN_GOLDEN_PYTHON or tests/golden/.venv) and re-runs this script in it."""
-    python = os.environ.get("KILN_GOLDEN_PYTHON")
-    if python:
-        print(f"using KILN_GOLDEN_PYTHON={python}", flush=True)
-    else:
-        python = str(VENV / "bin" / "python")
-        if not Path(python).exists():
-            print(f"creating {VENV}", flush=True)
-            subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-            subprocess.run([python, "-m", "pip", "install", "--upgrade", "pip"], check=True)
-        subprocess.run([python, "-m", "pip", "install", "-r", str(REQUIREMENTS)], check=True)
-    env = dict(os.environ, **{_INNER: "1"})
-    sys.exit(subprocess.run([python, str(Path(__file__).resolve())] + sys.argv[1:], env=env).returncode)
 
 
 def sha256(path):
@@ -167,16 +140,7 @@ def main():
         "safetensors": safetensors.__version__,
     }
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()), flush=True)
-    wrong = {
-        k: (versions.get(k), want)
-        for k, want in pinned_versions().items()
-        if versions.get(k, "").split("+")[0] != want
-    }
-    if wrong and os.environ.get("KILN_GOLDEN_ALLOW_VERSIONS") != "1":
-        sys.exit(
-            f"error: versions differ from {REQUIREMENTS}: {wrong} "
-            "(set KILN_GOLDEN_ALLOW_VERSIONS=1 to go on anyway)"
-        )
+    check_versions(versions, REQUIREMENTS)
 
     cache = fetch()
     st_dir = cache / "sentence-transformers"
@@ -337,7 +301,4 @@ def main():
 
 
 if __name__ == "__main__":
-    if os.environ.get(_INNER) == "1":
-        main()
-    else:
-        bootstrap()
+    run_pinned(main, __file__, REQUIREMENTS)

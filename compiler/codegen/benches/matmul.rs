@@ -7,7 +7,10 @@
 //! numpy comes from `KILN_BENCH_PYTHON` (default `/opt/kiln-golden-venv/bin/python`), with
 //! `OPENBLAS_NUM_THREADS` set to the thread count; without it, numpy is skipped.
 //! `KILN_BENCH_DUMP=dir` writes the compiled kernels (MLIR, LLVM IR, object) there;
-//! `KILN_BENCH_THREADS=1,2` picks the thread counts, `KILN_BENCH_NUMPY=0` skips numpy.
+//! `KILN_BENCH_THREADS=1,2` picks the thread counts, `KILN_BENCH_NUMPY=0` skips numpy,
+//! `KILN_BENCH_CPUTIME=1` times thread CPU time, `KILN_BENCH_COLD=1` evicts the caches before
+//! every timed call (as a model run finds them), `KILN_BENCH_SMALL_PAGES=1` keeps large buffers
+//! off huge pages (as the runtime's arena is).
 //! Shapes marked `packed` take B as a compile-time constant, stored in the micro-kernel's panel
 //! layout ([`matmul::Panels`]), as the compiler does for weights; numpy gets the same product
 //! with B as it is.
