@@ -635,6 +635,33 @@ fn attention_strided_views() {
     run_cases(cases);
 }
 
+/// k and v rows a kilobyte or more apart (head-split, many heads) are copied per batch index
+/// into contiguous rows first; the two chunks of each run start and end inside a batch index.
+#[test]
+fn attention_copies_far_apart_rows() {
+    let mut cases = Vec::new();
+    // 5 heads × 60 f32: rows 1200 bytes apart, D not a multiple of the lanes, causal.
+    let c = AttnCase { head_split: true, causal: true, ..AttnCase::new(2, 5, 33, 33, 60, 60) };
+    cases.push(attention_case("af_causal", &c));
+    // v rows far apart, k transposed (copied element by element), f64, a full mask.
+    let c = AttnCase {
+        head_split: true,
+        k_transposed: true,
+        mask: Mask::Full,
+        dtype: DType::F64,
+        ..AttnCase::new(1, 3, 30, 45, 12, 50)
+    };
+    cases.push(attention_case("af_kt64", &c));
+    // Keys and values past the cached share, so blocks also walk the key tiles in groups.
+    let c = AttnCase {
+        head_split: true,
+        mask: Mask::Padding { pad: 300, value: f64::NEG_INFINITY },
+        ..AttnCase::new(2, 8, 70, 1100, 32, 32)
+    };
+    cases.push(attention_case("af_grouped", &c));
+    run_cases(cases);
+}
+
 #[test]
 fn attention_grouped_blocks() {
     // Keys and values of a batch index past the cached share (sk·(d+dv) > 256 KiB), so blocks of

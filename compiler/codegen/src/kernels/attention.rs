@@ -30,6 +30,11 @@
 //! start its q rows are transposed, and at its end `O / l` is transposed back, `lanes × lanes`
 //! at a time with vector shuffles.
 //!
+//! When the rows of k or v lie a kilobyte or more apart (a head-split `[B, S, heads·D]`
+//! layout), a call first copies the k and v of each batch index it reaches into contiguous
+//! heap scratch (once per batch index per call: a call's iterations of one batch index are
+//! consecutive), and every block reads them from there.
+//!
 //! Causal blocks stop at their last row's diagonal, so tiles above it are never visited (a
 //! causal iteration is one block). A row whose scores are all −inf ends with `l = 0` and gives
 //! `0/0 = NaN`, as the interpreter does. The last block of rows is completed by repeating the
@@ -82,7 +87,9 @@ pub fn emit(
     if sk == 0 && nb * sq * dv > 0 {
         return Err(CodegenError::Unsupported("attention over zero keys (an empty softmax)".into()));
     }
-    let plan = Plan::new(&shape, ct.lanes, causal, ct.size as usize);
+    let mut plan = Plan::new(&shape, ct.lanes, causal, ct.size as usize);
+    let row_bytes = |x: &View| x.strides[x.rank() - 2] * ct.size as usize;
+    plan.pack_kv = pack_kv_policy(row_bytes(k).max(row_bytes(v)));
     let groups_per_batch = sq.div_ceil(plan.qb * plan.group);
     let range = if nb * sq * dv == 0 { 0 } else { nb * groups_per_batch };
     let mut ops = vec![Operand::new("%q", q), Operand::new("%k", k), Operand::new("%v", v)];
@@ -169,6 +176,9 @@ struct Plan {
     /// Columns of Dv per `p·V` register tile: `(first, count)`, in order.
     pv_cols: Vec<(usize, usize)>,
     lanes: usize,
+    /// Whether each call first copies a batch index's k and v into contiguous rows
+    /// ([`pack_kv_policy`]).
+    pack_kv: bool,
 }
 
 impl Plan {
@@ -206,8 +216,21 @@ impl Plan {
             ks,
             pv_cols,
             lanes,
+            pack_kv: false,
         }
     }
+}
+
+/// Whether a call copies each batch index's k and v into contiguous rows before using them:
+/// when their rows lie `row_bytes` apart, as in a head-split `[B, S, heads·D]` layout. The
+/// score and `p·V` loops walk every key tile once per block and the `p·V` loop once per
+/// column group; rows kilobytes apart take a TLB entry each and fall into a few cache sets
+/// (rows a multiple of 1 KiB apart share 1/16 of them). Measured on one thread at 12 heads ×
+/// 64, seq 2048: the head-major layout runs 10–20 % faster than the head-split one. A call
+/// copies each batch index it reaches once (its range iterations of one batch index are
+/// consecutive), so the copy costs about one read of k and v per call.
+fn pack_kv_policy(row_bytes: usize) -> bool {
+    row_bytes >= 1024
 }
 
 /// Row vectors per block for `sq` query rows: as many as there are up to [`ROW_VECTORS`], and
@@ -231,6 +254,13 @@ fn row_vectors(sq: usize, lanes: usize) -> usize {
 fn scratch(b: &mut Body, name: &str, len: usize, elem: &str) -> Operand {
     let memref = format!("memref<{}x{elem}>", len.max(1));
     b.line(format!("{name} = memref.alloca() {{alignment = 64 : i64}} : {memref}"));
+    Operand { name: name.into(), memref, shape: vec![len], strides: vec![1], offset: 0 }
+}
+
+/// A heap (`memref.alloc`) scratch operand of `len` elements, for the caller to free.
+fn heap(b: &mut Body, name: &str, len: usize, elem: &str) -> Operand {
+    let memref = format!("memref<{}x{elem}>", len.max(1));
+    b.line(format!("{name} = memref.alloc() {{alignment = 64 : i64}} : {memref}"));
     Operand { name: name.into(), memref, shape: vec![len], strides: vec![1], offset: 0 }
 }
 
@@ -361,6 +391,17 @@ fn body(
     let zero_v = b.float(0.0, vty);
     let ninf_v = b.float(f64::NEG_INFINITY, vty);
 
+    // The copies of one batch index's k and v (and which batch index they hold), when packed.
+    let packed = plan.pack_kv.then(|| {
+        let kp = heap(b, "%KP", sk * d, ety);
+        let vp = heap(b, "%VP", sk * dv, ety);
+        let held = "%KV_HELD".to_string();
+        b.line(format!("{held} = memref.alloca() : memref<1xindex>"));
+        let none = b.index(usize::MAX >> 1);
+        b.line(format!("memref.store {none}, {held}[{c0}] : memref<1xindex>"));
+        (kp, vp, held)
+    });
+
     let it = open_range(b);
     // Batch offsets of every operand, and the group number (the last "axis").
     let mut dims = shape.batch.clone();
@@ -405,6 +446,22 @@ fn body(
         od: out.strides[r - 1],
         msq,
         msk,
+    };
+    let cx = match &packed {
+        Some((kp, vp, held)) => {
+            let gpb = b.index(groups_per_batch);
+            let bi = ix(b, "divui", &it, &gpb);
+            let prev = b.assign(format!("memref.load {held}[{c0}] : memref<1xindex>"));
+            let other = b.assign(format!("arith.cmpi ne, {bi}, {prev} : index"));
+            b.open(format!("scf.if {other}"));
+            let skc = b.index(sk);
+            copy_rows(b, &cx, (cx.k, &cx.kbase, cx.ks, cx.kd), &c0, &skc, d, kp);
+            copy_rows(b, &cx, (cx.v, &cx.vbase, cx.vs, cx.vd), &c0, &skc, dv, vp);
+            b.line(format!("memref.store {bi}, {held}[{c0}] : memref<1xindex>"));
+            b.close("");
+            Ctx { k: kp, v: vp, kbase: c0.clone(), vbase: c0.clone(), ks: d, kd: 1, vs: dv, vd: 1, ..cx }
+        }
+        None => cx,
     };
     let last_row = {
         let rr = b.index(group * qb - 1);
@@ -548,6 +605,40 @@ fn body(
     store_out_transposed(b, &cx, &o_buf, &l_buf, dv, qb, rv);
     for_close(b, &[], &[]);
     close_range(b);
+    if let Some((kp, vp, _)) = &packed {
+        b.line(format!("memref.dealloc {} : {}", kp.name, kp.memref));
+        b.line(format!("memref.dealloc {} : {}", vp.name, vp.memref));
+    }
+}
+
+/// Copies rows `[j0, j0 + n)` of `src` (`(operand, base offset, row stride, column stride)`,
+/// `width` columns) to `dst`, row `j − j0` at `(j − j0)·width`.
+fn copy_rows(
+    b: &mut Body,
+    cx: &Ctx,
+    (src, base, rs, cs): (&Operand, &str, usize, usize),
+    j0: &str,
+    n: &str,
+    width: usize,
+    dst: &Operand,
+) {
+    let (vty, lanes) = (cx.vty, cx.lanes);
+    let c0 = b.index(0);
+    let c1 = b.index(1);
+    let (j, _, _) = for_open(b, &c0, n, &c1, &[]);
+    let jabs = ix(b, "addi", j0, &j);
+    let off = ix_mul(b, &jabs, rs);
+    let row = ix(b, "addi", base, &off);
+    let to = ix_mul(b, &j, width);
+    for c in 0..width.div_ceil(lanes) {
+        let part = chunk_part(b, c, width, lanes);
+        let p = part.as_ref().map(|(m, n)| Part { mask: m, count: Count::Static(*n) });
+        let at = ix_add(b, &row, c * lanes * cs);
+        let x = load(b, src, &at, cs, vty, p.as_ref(), 0.0);
+        let at = ix_add(b, &to, c * lanes);
+        store(b, &x, dst, &at, 1, vty, p.as_ref());
+    }
+    for_close(b, &[], &[]);
 }
 
 /// The key range of one tile, shared by its score groups.
