@@ -19,7 +19,9 @@
 //! 2. per row vector: `m_new`, `α = exp(m_old − m_new)`, `p = exp(s − m_new)` in place of `s`,
 //!    `l = α·l + Σp`. The exp is a cheaper one for arguments ≤ 0 whose result is exactly 0 for
 //!    −inf (and tiny arguments), so hidden keys need no test; a row with every score so far
-//!    −inf subtracts 0 instead of `m`, so its `p` and `α` are 0 rather than NaN.
+//!    −inf subtracts 0 instead of `m`, so its `p` and `α` are 0 rather than NaN. A group of
+//!    keys per iteration (the last group's keys past the end are −inf scores), so several
+//!    independent exps are in flight.
 //! 3. `O = α·O + p·V`: the same register tile shape, a few columns of Dv × the block's row
 //!    vectors, accumulated over the tile's keys with one broadcast `v[j][c]` times the vector
 //!    `p[j][rows]`; each tile of O is loaded (scaled by α) and stored once per key tile.
@@ -536,17 +538,33 @@ fn body(
             alphas.push(b.exp_nonpositive(&dm, vty));
             m_safe.push(ms);
         }
+        // `kstep` keys per iteration, for independent exps in flight: the score groups wrote
+        // whole groups, the keys past the tile's end as −inf, whose p is 0.
         let inits: Vec<(String, String)> = (0..rv).map(|_| (zero_v.clone(), vty.to_string())).collect();
-        let (j, acc, res) = for_open(b, &c0, &kt, &c1, &inits);
-        let srow = ix_mul(b, &j, qb);
+        let kt_groups = ix_add(b, &kt, kstep - 1);
+        let kt_groups = ix(b, "divui", &kt_groups, &ksc);
+        let kt_whole = ix(b, "muli", &kt_groups, &ksc);
+        let (j, acc, res) = for_open(b, &c0, &kt_whole, &ksc, &inits);
         let mut sums = Vec::with_capacity(rv);
         for u in 0..rv {
-            let at = ix_add(b, &srow, u * lanes);
-            let s = load(b, &s_buf, &at, 1, vty, None, 0.0);
-            let x = b.fsub(&s, &m_safe[u], vty);
-            let e = b.exp_nonpositive(&x, vty);
-            store(b, &e, &s_buf, &at, 1, vty, None);
-            sums.push(b.fadd(&acc[u], &e, vty));
+            let mut es = Vec::with_capacity(kstep);
+            for t in 0..kstep {
+                let jt = ix_add(b, &j, t);
+                let srow = ix_mul(b, &jt, qb);
+                let at = ix_add(b, &srow, u * lanes);
+                let s = load(b, &s_buf, &at, 1, vty, None, 0.0);
+                let x = b.fsub(&s, &m_safe[u], vty);
+                let e = b.exp_nonpositive(&x, vty);
+                store(b, &e, &s_buf, &at, 1, vty, None);
+                es.push(e);
+            }
+            while es.len() > 1 {
+                es = es
+                    .chunks(2)
+                    .map(|p| if p.len() == 2 { b.fadd(&p[0], &p[1], vty) } else { p[0].clone() })
+                    .collect();
+            }
+            sums.push(b.fadd(&acc[u], &es[0], vty));
         }
         for_close(b, &sums, &inits);
         for u in 0..rv {
