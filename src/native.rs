@@ -33,7 +33,9 @@ fn with_seed(set: &[String], seed: u64) -> Vec<String> {
     set
 }
 
-/// The optimized graph of a model and its parameters (loaded or initialized).
+/// The optimized graph of a model and its parameters (loaded or initialized), with its
+/// weight-only subgraphs computed once here (`kiln_ir::fold_weights`); the optimizer is told
+/// so, and may then merge products that share an input over concatenated weights.
 fn prepare(
     model: &Path,
     set: &[String],
@@ -42,10 +44,17 @@ fn prepare(
     init_missing: bool,
 ) -> Result<(Graph, HashMap<String, Tensor>), Failure> {
     let l = load(model, &with_seed(set, seed))?;
-    let (g, _) =
-        kiln_opt::optimize(&l.graph, &kiln_opt::Options::default()).map_err(|e| user(e.to_string()))?;
-    let params = bind_params(&g, weights, seed, init_missing)?;
+    let (mut g, _) = kiln_opt::optimize(&l.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
+    let mut params = bind_params(&g, weights, seed, init_missing)?;
+    kiln_ir::fold_weights(&mut g, &mut params).map_err(|e| user(format!("folding weights: {e}")))?;
     Ok((g, params))
+}
+
+/// Optimizer options for a pipeline that folds weight-only subgraphs before it compiles.
+fn folding_options() -> kiln_opt::Options {
+    let mut opts = kiln_opt::Options::default();
+    opts.target.folds_weights = true;
+    opts
 }
 
 /// Optimizes, schedules and compiles `g` into the artifact directory `out`.

@@ -8,8 +8,9 @@
 //!
 //! `reshape` and `slice` are free because the scheduler makes them strided views of their
 //! operand's buffer (no kernel, no copy). A node that depends on parameters and constants only
-//! is free when the target folds such subgraphs once, ahead of the runs
-//! ([`TargetCost::folds_weights`]); the CPU pipeline does not, so there it is charged per run.
+//! is free when the pipeline folds such subgraphs once, ahead of the runs
+//! ([`TargetCost::folds_weights`]): `kiln compile` and `kiln run` do (`kiln_ir::fold_weights`
+//! after binding the weights); elsewhere it is charged per run.
 
 use kiln_ir::{Op, TensorType};
 use serde::Serialize;
@@ -26,8 +27,10 @@ pub struct TargetCost {
     pub kernel_overhead: f64,
     /// Whether the pipeline computes weight-only subgraphs (nodes that read only parameters
     /// and constants, such as a `concat` of weight matrices) once when the weights are bound,
-    /// rather than on every run. The CPU pipeline (kiln-sched, kiln-codegen) computes every
-    /// node on every run, so `cpu_default` says no.
+    /// rather than on every run. kiln-sched and kiln-codegen compute every node they are
+    /// given on every run, so `cpu_default` says no; a pipeline that calls
+    /// `kiln_ir::fold_weights` between binding the weights and scheduling (the `kiln` CLI's
+    /// `compile` and `run`) says yes.
     pub folds_weights: bool,
 }
 

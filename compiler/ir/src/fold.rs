@@ -1,0 +1,229 @@
+//! Folding weight-only subgraphs once the parameters are bound: a node that reads only
+//! parameters and constants (a `concat` of the q, k and v weights, a scaled or transposed
+//! weight) is computed here, once, and becomes a parameter of its own, so a compiled model
+//! does not compute it on every run.
+//!
+//! A node is folded when it computes something (not a view: reshape, transpose, slice and
+//! broadcast stay views of whatever they read), everything it reads is weight-only, something
+//! that is not weight-only (or a graph output, or a view) reads it, and its result is no
+//! larger than the parameters and constants it is computed from (folding must not turn a
+//! broadcast into stored copies).
+
+use crate::graph::{Graph, NodeId};
+use crate::interp::{eval_op, EvalError};
+use crate::op::{Init, Op};
+use crate::tensor::Tensor;
+use petgraph::visit::EdgeRef;
+use std::collections::{BTreeSet, HashMap};
+
+/// What [`fold_weights`] did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Folded {
+    /// The new parameters, by name, with the op that computed each.
+    pub params: Vec<(String, String)>,
+}
+
+/// Folds the weight-only subgraphs of `g` whose parameters are all in `params` (see the module
+/// documentation). Each folded node becomes an `Op::Param` named `folded.<op>(<sources>)#<n>`,
+/// its value added to `params`; nodes left without users are removed.
+pub fn fold_weights(g: &mut Graph, params: &mut HashMap<String, Tensor>) -> Result<Folded, EvalError> {
+    let order = g.topo_order();
+    // For each weight-only node, the leaves (parameters and constants) it is computed from.
+    let mut sources: HashMap<NodeId, BTreeSet<NodeId>> = HashMap::new();
+    for &n in &order {
+        let node = g.node(n);
+        let leaf = match &node.op {
+            Op::Param { name, .. } => params.contains_key(name),
+            Op::Const { .. } | Op::Full { .. } | Op::Iota { .. } => true,
+            Op::Input { .. } | Op::RandomUniform { .. } => false,
+            _ => {
+                let operands = g.operands(n);
+                if !operands.is_empty() && operands.iter().all(|o| sources.contains_key(o)) {
+                    let set = operands.iter().flat_map(|o| sources[o].iter().copied()).collect();
+                    sources.insert(n, set);
+                }
+                continue;
+            }
+        };
+        if leaf {
+            sources.insert(n, BTreeSet::from([n]));
+        }
+    }
+    let outputs: BTreeSet<NodeId> = g.outputs.iter().map(|(_, n)| *n).collect();
+    let folds: Vec<NodeId> = order
+        .iter()
+        .copied()
+        .filter(|n| {
+            let op = &g.node(*n).op;
+            let computes = !op.is_leaf() && !is_view(op) && sources.contains_key(n);
+            let read_outside = outputs.contains(n)
+                || g.users(*n).iter().any(|u| !sources.contains_key(u) || is_view(&g.node(*u).op));
+            let source_elems: usize = sources.get(n).map_or(0, |s| s.iter().map(|l| g.ty(*l).numel()).sum());
+            computes && read_outside && g.ty(*n).numel() <= source_elems
+        })
+        .collect();
+
+    let mut values: HashMap<NodeId, Tensor> = HashMap::new();
+    let mut folded = Folded::default();
+    for &n in &folds {
+        let value = evaluate(g, n, params, &mut values)?;
+        let node = g.node(n);
+        let names: Vec<String> = sources[&n].iter().map(|l| leaf_name(&g.node(*l).op)).collect();
+        let name = format!("folded.{}({})#{}", node.op.name(), names.join(","), folded.params.len());
+        folded.params.push((name.clone(), node.op.name().to_string()));
+        params.insert(name.clone(), value);
+        let (dtype, shape) = (node.ty.dtype, node.ty.shape.clone());
+        let incoming: Vec<_> =
+            g.raw().edges_directed(n, petgraph::Direction::Incoming).map(|e| e.id()).collect();
+        let raw = g.raw_mut();
+        for e in incoming {
+            raw.remove_edge(e);
+        }
+        g.node_mut(n).op = Op::Param { name, dtype, shape, init: Init::Zeros };
+    }
+    if !folds.is_empty() {
+        g.remove_dead();
+    }
+    Ok(folded)
+}
+
+/// Ops the scheduler turns into strided views of their operand rather than computing.
+fn is_view(op: &Op) -> bool {
+    matches!(op, Op::Reshape { .. } | Op::Transpose { .. } | Op::Slice { .. } | Op::BroadcastTo { .. })
+}
+
+fn leaf_name(op: &Op) -> String {
+    match op {
+        Op::Param { name, .. } => name.clone(),
+        other => other.name().to_string(),
+    }
+}
+
+/// The value of weight-only node `n`, from the bound parameters (memoized in `values`).
+fn evaluate(
+    g: &Graph,
+    n: NodeId,
+    params: &HashMap<String, Tensor>,
+    values: &mut HashMap<NodeId, Tensor>,
+) -> Result<Tensor, EvalError> {
+    if let Some(v) = values.get(&n) {
+        return Ok(v.clone());
+    }
+    let node = g.node(n);
+    let value = match &node.op {
+        Op::Param { name, .. } => params[name].clone(),
+        op => {
+            let args = g
+                .operands(n)
+                .into_iter()
+                .map(|o| evaluate(g, o, params, values))
+                .collect::<Result<Vec<_>, _>>()?;
+            let refs: Vec<&Tensor> = args.iter().collect();
+            eval_op(op, &refs, &node.ty)?
+        }
+    };
+    values.insert(n, value.clone());
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interp::{eval, Bindings};
+    use crate::op::BinaryOp;
+    use crate::DType;
+
+    fn input(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
+        g.add(Op::Input { name: name.into(), dtype: DType::F32, shape: shape.into() }, &[]).unwrap()
+    }
+
+    fn param(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
+        let op = Op::Param { name: name.into(), dtype: DType::F32, shape: shape.into(), init: Init::Zeros };
+        g.add(op, &[]).unwrap()
+    }
+
+    fn values(shape: &[usize], seed: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        Tensor::from_f32(shape.to_vec(), (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect()).unwrap()
+    }
+
+    fn params(list: &[(&str, &[usize])]) -> HashMap<String, Tensor> {
+        list.iter().enumerate().map(|(i, (n, s))| (n.to_string(), values(s, i as f32))).collect()
+    }
+
+    /// Evaluates `g` on fixed inputs and `p`.
+    fn run(g: &Graph, p: &HashMap<String, Tensor>, inputs: &[(&str, &[usize])]) -> Vec<(String, Tensor)> {
+        let inputs = inputs.iter().map(|(n, s)| (n.to_string(), values(s, 9.0))).collect();
+        eval(g, &Bindings { inputs, params: p.clone() }).unwrap()
+    }
+
+    fn ops(g: &Graph) -> Vec<&'static str> {
+        let mut v: Vec<&'static str> = g.topo_order().into_iter().map(|n| g.node(n).op.name()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn a_concat_of_weights_becomes_one_parameter() {
+        let mut g = Graph::new("qkv");
+        let x = input(&mut g, "x", &[3, 4]);
+        let (wq, wk) = (param(&mut g, "wq", &[4, 5]), param(&mut g, "wk", &[4, 6]));
+        let w = g.add(Op::Concat { axis: 1 }, &[wq, wk]).unwrap();
+        let w2 = g.add(Op::Binary(BinaryOp::Mul), &[w, w]).unwrap();
+        let y = g.add(Op::MatMul, &[x, w2]).unwrap();
+        g.add_output("y", y);
+        let mut p = params(&[("wq", &[4, 5]), ("wk", &[4, 6])]);
+        let before = run(&g, &p, &[("x", &[3, 4])]);
+        let folded = fold_weights(&mut g, &mut p).unwrap();
+        assert_eq!(folded.params.len(), 1, "{folded:?}");
+        assert_eq!(folded.params[0].0, "folded.mul(wq,wk)#0");
+        assert_eq!(ops(&g), ["input", "matmul", "param"]);
+        assert_eq!(run(&g, &p, &[("x", &[3, 4])]), before);
+    }
+
+    #[test]
+    fn views_inputs_randomness_and_growth_are_not_folded() {
+        let mut g = Graph::new("kept");
+        let x = input(&mut g, "x", &[3, 4]);
+        let w = param(&mut g, "w", &[5, 4]);
+        // A transposed weight stays a view of the stored one.
+        let wt = g.add(Op::Transpose { perm: vec![1, 0] }, &[w]).unwrap();
+        let y = g.add(Op::MatMul, &[x, wt]).unwrap();
+        // A bias broadcast and then negated would be stored 3 times larger: kept.
+        let b = param(&mut g, "b", &[5]);
+        let bb = g.add(Op::BroadcastTo { shape: vec![3, 5].into() }, &[b]).unwrap();
+        let nb = g.add(Op::Unary(crate::UnaryOp::Neg), &[bb]).unwrap();
+        let y = g.add(Op::Binary(BinaryOp::Add), &[y, nb]).unwrap();
+        // Random numbers are not weights; nor is a parameter the bindings lack.
+        let r =
+            g.add(Op::RandomUniform { dtype: DType::F32, shape: vec![3, 5].into(), seed: 1, offset: 0 }, &[]);
+        let r = g.add(Op::Unary(crate::UnaryOp::Exp), &[r.unwrap()]).unwrap();
+        let y = g.add(Op::Binary(BinaryOp::Add), &[y, r]).unwrap();
+        let unbound = param(&mut g, "unbound", &[3, 5]);
+        let u = g.add(Op::Unary(crate::UnaryOp::Exp), &[unbound]).unwrap();
+        let y = g.add(Op::Binary(BinaryOp::Add), &[y, u]).unwrap();
+        g.add_output("y", y);
+        let mut p = params(&[("w", &[5, 4]), ("b", &[5])]);
+        let count = g.node_count();
+        assert_eq!(fold_weights(&mut g, &mut p).unwrap(), Folded::default());
+        assert_eq!(g.node_count(), count);
+        assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn a_weight_only_output_and_a_shared_subexpression_fold_once_each() {
+        let mut g = Graph::new("shared");
+        let x = input(&mut g, "x", &[2, 3]);
+        let w = param(&mut g, "w", &[2, 3]);
+        let c = g.add(Op::Full { value: 2.0, dtype: DType::F32, shape: vec![2, 3].into() }, &[]).unwrap();
+        let s = g.add(Op::Binary(BinaryOp::Mul), &[w, c]).unwrap();
+        let y = g.add(Op::Binary(BinaryOp::Add), &[x, s]).unwrap();
+        g.add_output("y", y);
+        g.add_output("scaled_weight", s);
+        let mut p = params(&[("w", &[2, 3])]);
+        let before = run(&g, &p, &[("x", &[2, 3])]);
+        let folded = fold_weights(&mut g, &mut p).unwrap();
+        assert_eq!(folded.params, [("folded.mul(w,full)#0".to_string(), "mul".to_string())]);
+        assert_eq!(run(&g, &p, &[("x", &[2, 3])]), before);
+    }
+}
