@@ -272,6 +272,19 @@ def section(results):
             p = r["profile"]
             lines += [p[0]] + p[1:7] + [l for l in p if l.startswith("total")]
         lines += ["```", ""]
+        kinds = sorted({k for _, r in prof for k in r.get("profile_by_kind", {})},
+                       key=lambda k: -max(r.get("profile_by_kind", {}).get(k, {}).get("time_ms", 0) for _, r in prof))
+        if kinds:
+            head = " | ".join(f"{c} ms (share, GFLOP/s)" for c, _ in prof)
+            lines += [f"| kernel kind (all steps) | steps | {head} |", "|---|---:|" + "---:|" * len(prof)]
+            for k in kinds:
+                cells = []
+                for _, r in prof:
+                    d = r.get("profile_by_kind", {}).get(k)
+                    cells.append(f"{ms(d['time_ms'])} ({d['share_pct']:.1f} %, {d['gflop_s']:.0f})" if d else "–")
+                steps = next(r["profile_by_kind"][k]["steps"] for _, r in prof if k in r.get("profile_by_kind", {}))
+                lines.append(f"| {k} | {steps} | " + " | ".join(cells) + " |")
+            lines.append("")
     if results.get("micro"):
         lines += micro_section(results["micro"])
         lines.append("")
