@@ -25,7 +25,8 @@ pub struct Folded {
 
 /// Folds the weight-only subgraphs of `g` whose parameters are all in `params` (see the module
 /// documentation). Each folded node becomes an `Op::Param` named `folded.<op>(<sources>)#<n>`,
-/// its value added to `params`; nodes left without users are removed.
+/// its value added to `params` (the graph alone no longer says what it holds: its
+/// initializer is a placeholder); nodes left without users are removed.
 pub fn fold_weights(g: &mut Graph, params: &mut HashMap<String, Tensor>) -> Result<Folded, EvalError> {
     let order = g.topo_order();
     // For each weight-only node, the leaves (parameters and constants) it is computed from.
@@ -69,7 +70,12 @@ pub fn fold_weights(g: &mut Graph, params: &mut HashMap<String, Tensor>) -> Resu
         let value = evaluate(g, n, params, &mut values)?;
         let node = g.node(n);
         let names: Vec<String> = sources[&n].iter().map(|l| leaf_name(&g.node(*l).op)).collect();
-        let name = format!("folded.{}({})#{}", node.op.name(), names.join(","), folded.params.len());
+        let stem = format!("folded.{}({})", node.op.name(), names.join(","));
+        // Numbered in order of folding; a number a bound parameter already uses is skipped.
+        let name = (folded.params.len()..)
+            .map(|i| format!("{stem}#{i}"))
+            .find(|n| !params.contains_key(n))
+            .expect("an unused name");
         folded.params.push((name.clone(), node.op.name().to_string()));
         params.insert(name.clone(), value);
         let (dtype, shape) = (node.ty.dtype, node.ty.shape.clone());
@@ -191,12 +197,12 @@ mod tests {
         let y = g.add(Op::MatMul, &[x, wt]).unwrap();
         // A bias broadcast and then negated would be stored 3 times larger: kept.
         let b = param(&mut g, "b", &[5]);
-        let bb = g.add(Op::BroadcastTo { shape: vec![3, 5].into() }, &[b]).unwrap();
+        let bb = g.add(Op::BroadcastTo { shape: vec![3, 5] }, &[b]).unwrap();
         let nb = g.add(Op::Unary(crate::UnaryOp::Neg), &[bb]).unwrap();
         let y = g.add(Op::Binary(BinaryOp::Add), &[y, nb]).unwrap();
         // Random numbers are not weights; nor is a parameter the bindings lack.
         let r =
-            g.add(Op::RandomUniform { dtype: DType::F32, shape: vec![3, 5].into(), seed: 1, offset: 0 }, &[]);
+            g.add(Op::RandomUniform { dtype: DType::F32, shape: vec![3, 5], seed: 1, offset: 0 }, &[]);
         let r = g.add(Op::Unary(crate::UnaryOp::Exp), &[r.unwrap()]).unwrap();
         let y = g.add(Op::Binary(BinaryOp::Add), &[y, r]).unwrap();
         let unbound = param(&mut g, "unbound", &[3, 5]);
@@ -215,7 +221,7 @@ mod tests {
         let mut g = Graph::new("shared");
         let x = input(&mut g, "x", &[2, 3]);
         let w = param(&mut g, "w", &[2, 3]);
-        let c = g.add(Op::Full { value: 2.0, dtype: DType::F32, shape: vec![2, 3].into() }, &[]).unwrap();
+        let c = g.add(Op::Full { value: 2.0, dtype: DType::F32, shape: vec![2, 3] }, &[]).unwrap();
         let s = g.add(Op::Binary(BinaryOp::Mul), &[w, c]).unwrap();
         let y = g.add(Op::Binary(BinaryOp::Add), &[x, s]).unwrap();
         g.add_output("y", y);
