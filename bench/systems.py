@@ -358,20 +358,21 @@ def kiln(batch):
 def kiln_profile_by_kind(lines):
     """The profile's own `by kind` table (every step, summed per kernel kind), as
     {kind: {steps, time_ms, share_pct, gflop_s, gb_s}}."""
-    kinds, inside = {}, False
-    for l in lines:
-        if l.startswith("by kind"):
-            inside = True
-            continue
-        # "matmul_epilogue     36   149.70 ms   89.0%     145.24      1.42"
-        m = re.match(r"^(\S+)\s+(\d+)\s+([\d.]+) (ms|µs|us|ns|s)\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)$", l.strip())
-        if not inside or not m:
-            inside = inside and bool(m)
-            continue
-        scale = {"s": 1e3, "ms": 1.0, "µs": 1e-3, "us": 1e-3, "ns": 1e-6}[m.group(4)]
+    # "matmul_epilogue     36   149.70 ms   89.0%     145.24      1.42"
+    row = re.compile(r"^(\S+)\s+(\d+)\s+([\d.]+) (ms|µs|us|ns|s)\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)$")
+    scale = {"s": 1e3, "ms": 1.0, "µs": 1e-3, "us": 1e-3, "ns": 1e-6}
+    rest = iter(lines)
+    for line in rest:
+        if line.startswith("by kind"):
+            break
+    kinds = {}
+    for line in rest:
+        m = row.match(line.strip())
+        if not m:
+            break
         kinds[m.group(1)] = {
             "steps": int(m.group(2)),
-            "time_ms": float(m.group(3)) * scale,
+            "time_ms": float(m.group(3)) * scale[m.group(4)],
             "share_pct": float(m.group(5)),
             "gflop_s": float(m.group(6)),
             "gb_s": float(m.group(7)),

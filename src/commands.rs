@@ -147,7 +147,7 @@ pub fn inspect(
         }
         Stage::Opt => {
             let l = load(model, set)?;
-            let opts = kiln_opt::Options { explain, ..kiln_opt::Options::default() };
+            let opts = kiln_opt::Options { explain, ..folding_options() };
             let (g, report) = kiln_opt::optimize(&l.graph, &opts).map_err(|e| user(e.to_string()))?;
             match format {
                 Format::Text => {
@@ -170,8 +170,10 @@ pub fn inspect(
         }
         Stage::Kernels | Stage::Mlir | Stage::Llvm => {
             let l = load(model, set)?;
-            let (g, _) = kiln_opt::optimize(&l.graph, &kiln_opt::Options::default())
-                .map_err(|e| user(e.to_string()))?;
+            let (mut g, _) =
+                kiln_opt::optimize(&l.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
+            // What `kiln compile` builds: its weight-only nodes become stored parameters.
+            kiln_ir::fold_weights_without_values(&mut g);
             let sched = kiln_sched::schedule(&g).map_err(|e| user(e.to_string()))?;
             if stage == Stage::Kernels {
                 match format {
@@ -194,6 +196,15 @@ pub fn inspect(
         }
     }
     Ok(())
+}
+
+/// Optimizer options for the pipeline `kiln compile` and `kiln run` use: it folds weight-only
+/// subgraphs once the weights are bound (`kiln_ir::fold_weights`), so the optimizer may count on
+/// it. `kiln inspect` shows the same pipeline.
+pub(crate) fn folding_options() -> kiln_opt::Options {
+    let mut opts = kiln_opt::Options::default();
+    opts.target.folds_weights = true;
+    opts
 }
 
 /// The spec stage: the resolved config, the declared interface and the modules each call uses.

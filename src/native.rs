@@ -1,7 +1,9 @@
 //! `kiln compile` and `kiln run`: the native path (optimize → schedule → MLIR/LLVM → artifact →
 //! runtime), and the conversions between the interpreter's tensors and the runtime's bytes.
 
-use crate::commands::{bind_params, fill_inputs, load, print_outputs, user, write_outputs, Failure};
+use crate::commands::{
+    bind_params, fill_inputs, folding_options, load, print_outputs, user, write_outputs, Failure,
+};
 use kiln_codegen::{CpuTarget, Target};
 use kiln_ir::{Buffer, DType, Graph, Tensor};
 use kiln_runtime::{Model, Options, TensorRef};
@@ -48,13 +50,6 @@ fn prepare(
     let mut params = bind_params(&g, weights, seed, init_missing)?;
     kiln_ir::fold_weights(&mut g, &mut params).map_err(|e| user(format!("folding weights: {e}")))?;
     Ok((g, params))
-}
-
-/// Optimizer options for a pipeline that folds weight-only subgraphs before it compiles.
-fn folding_options() -> kiln_opt::Options {
-    let mut opts = kiln_opt::Options::default();
-    opts.target.folds_weights = true;
-    opts
 }
 
 /// Optimizes, schedules and compiles `g` into the artifact directory `out`.

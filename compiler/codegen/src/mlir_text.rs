@@ -150,10 +150,6 @@ impl Body {
         let log2e = self.float(std::f64::consts::LOG2_E, ty);
         let t = self.fmul(&x, &log2e, ty);
         let n = self.assign(format!("math.roundeven {t} : {ty}"));
-        let ln2_hi = self.float(-0.693_359_375, ty);
-        let ln2_lo = self.float(2.121_944_4e-4, ty);
-        let r = self.fma(&n, &ln2_hi, &x, ty);
-        let r = self.fma(&n, &ln2_lo, &r, ty);
         let coeffs = [
             1.987_569_15e-4,
             1.398_199_95e-3,
@@ -162,15 +158,7 @@ impl Body {
             1.666_666_55e-1,
             5.000_000_1e-1,
         ];
-        let mut p = self.float(coeffs[0], ty);
-        for &c in &coeffs[1..] {
-            let c = self.float(c, ty);
-            p = self.fma(&p, &r, &c, ty);
-        }
-        let r2 = self.fmul(&r, &r, ty);
-        let one = self.float(1.0, ty);
-        let r1 = self.fadd(&r, &one, ty);
-        let y = self.fma(&p, &r2, &r1, ty);
+        let y = self.exp_reduced(&x, &n, &coeffs, ty);
         let ity = with_elem(ty, "i32");
         let ni = self.assign(format!("arith.fptosi {n} : {ty} to {ity}"));
         let bias = self.int_like(127, &ity);
@@ -199,28 +187,39 @@ impl Body {
         let magic = self.float(12_582_912.0 + 127.0, vty);
         let t = self.fma(&x, &log2e, &magic, vty);
         let n = self.fsub(&t, &magic, vty);
-        let ln2_hi = self.float(-0.693_359_375, vty);
-        let ln2_lo = self.float(2.121_944_4e-4, vty);
-        let r = self.fma(&n, &ln2_hi, &x, vty);
-        let r = self.fma(&n, &ln2_lo, &r, vty);
-        // `eʳ ≈ 1 + r + r²·P(r)` on |r| ≤ ln2/2, P of degree 4 fitted for relative error (3e-9,
-        // below f32 rounding).
+        // P of degree 4 fitted for relative error (3e-9, below f32 rounding).
         let coeffs = [1.381_454e-3, 8.368_745e-3, 4.166_839_1e-2, 1.666_652_04e-1, 4.999_999_34e-1];
-        let mut p = self.float(coeffs[0], vty);
-        for &c in &coeffs[1..] {
-            let c = self.float(c, vty);
-            p = self.fma(&p, &r, &c, vty);
-        }
-        let r2 = self.fmul(&r, &r, vty);
-        let one = self.float(1.0, vty);
-        let r1 = self.fadd(&r, &one, vty);
-        let y = self.fma(&p, &r2, &r1, vty);
+        let y = self.exp_reduced(&x, &n, &coeffs, vty);
         let ity = with_elem(vty, "i32");
         let bits = self.assign(format!("arith.bitcast {t} : {vty} to {ity}"));
         let shift = self.int_like(23, &ity);
         let e = self.assign(format!("arith.shli {bits}, {shift} : {ity}"));
         let scale = self.assign(format!("arith.bitcast {e} : {ity} to {vty}"));
         self.fmul(&y, &scale, vty)
+    }
+
+    /// `eˣ / 2ⁿ` for `n = round(x·log₂e)` (f32): `r = x − n·ln2`, with ln2 in two parts so `r`
+    /// is exact, then `1 + r + r²·P(r)`, `P`'s coefficients highest degree first.
+    fn exp_reduced(&mut self, x: &str, n: &str, coeffs: &[f64], ty: &str) -> String {
+        let ln2_hi = self.float(-0.693_359_375, ty);
+        let ln2_lo = self.float(2.121_944_4e-4, ty);
+        let r = self.fma(n, &ln2_hi, x, ty);
+        let r = self.fma(n, &ln2_lo, &r, ty);
+        let p = self.horner(coeffs, &r, ty);
+        let r2 = self.fmul(&r, &r, ty);
+        let one = self.float(1.0, ty);
+        let r1 = self.fadd(&r, &one, ty);
+        self.fma(&p, &r2, &r1, ty)
+    }
+
+    /// The polynomial with `coeffs` (highest degree first) at `x`, by Horner's rule in FMAs.
+    fn horner(&mut self, coeffs: &[f64], x: &str, ty: &str) -> String {
+        let mut p = self.float(coeffs[0], ty);
+        for &c in &coeffs[1..] {
+            let c = self.float(c, ty);
+            p = self.fma(&p, x, &c, ty);
+        }
+        p
     }
 
     /// Transposes `rows.len()` (a power of two, the lane count) vectors: element `t` of result `i`
@@ -341,19 +340,12 @@ impl Body {
         let x = self.assign(format!("arith.minnumf {x}, {hi} : {ty}"));
         let x = self.assign(format!("arith.maxnumf {x}, {lo} : {ty}"));
         let s = self.fmul(&x, &x, ty);
-        let horner = |b: &mut Body, coeffs: &[f64], scale: f64| {
-            // The coefficient of s^i is multiplied by scale^(2i) (u² = c²·x²).
-            let term = |i: usize| coeffs[i] * (c * c).powi(i as i32) * scale;
-            let last = coeffs.len() - 1;
-            let mut acc = b.float(term(last), ty);
-            for i in (0..last).rev() {
-                let k = b.float(term(i), ty);
-                acc = b.fma(&acc, &s, &k, ty);
-            }
-            acc
+        // In x² the coefficient of u^(2i) is multiplied by c^(2i) (and P's by c once more).
+        let in_x = |coeffs: &[f64], scale: f64| -> Vec<f64> {
+            (0..coeffs.len()).rev().map(|i| coeffs[i] * (c * c).powi(i as i32) * scale).collect()
         };
-        let p = horner(self, &P, c);
-        let q = horner(self, &Q, 1.0);
+        let p = self.horner(&in_x(&P, c), &s, ty);
+        let q = self.horner(&in_x(&Q, 1.0), &s, ty);
         let xp = self.fmul(&x, &p, ty);
         self.fdiv(&xp, &q, ty)
     }

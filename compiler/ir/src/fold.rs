@@ -28,13 +28,46 @@ pub struct Folded {
 /// its value added to `params` (the graph alone no longer says what it holds: its
 /// initializer is a placeholder); nodes left without users are removed.
 pub fn fold_weights(g: &mut Graph, params: &mut HashMap<String, Tensor>) -> Result<Folded, EvalError> {
+    let folds = foldable(g, |name| params.contains_key(name));
+    let mut values: HashMap<NodeId, Tensor> = HashMap::new();
+    let mut folded = Folded::default();
+    for (n, sources) in folds {
+        evaluate(g, n, params, &mut values)?;
+        let name = make_param(g, n, &sources, &mut folded, |name| params.contains_key(name));
+        // `n` reads as a parameter from now on, so its computed value moves there.
+        if let Some(value) = values.remove(&n) {
+            params.insert(name, value);
+        }
+    }
+    if !folded.params.is_empty() {
+        g.remove_dead();
+    }
+    Ok(folded)
+}
+
+/// What [`fold_weights`] does to the graph, without the values: every parameter counts as
+/// bound, and the folded nodes become parameters that nothing binds. For showing what a
+/// compile builds when the weights are not at hand (`kiln inspect`); the graph cannot run.
+pub fn fold_weights_without_values(g: &mut Graph) -> Folded {
+    let params: BTreeSet<String> = g.params().into_iter().map(|n| leaf_name(&g.node(n).op)).collect();
+    let mut folded = Folded::default();
+    for (n, sources) in foldable(g, |_| true) {
+        make_param(g, n, &sources, &mut folded, |name| params.contains(name));
+    }
+    if !folded.params.is_empty() {
+        g.remove_dead();
+    }
+    folded
+}
+
+/// The nodes to fold, in topological order, each with the leaves (parameters for which
+/// `bound` holds, and constants) it is computed from.
+fn foldable(g: &Graph, bound: impl Fn(&str) -> bool) -> Vec<(NodeId, BTreeSet<NodeId>)> {
     let order = g.topo_order();
-    // For each weight-only node, the leaves (parameters and constants) it is computed from.
     let mut sources: HashMap<NodeId, BTreeSet<NodeId>> = HashMap::new();
     for &n in &order {
-        let node = g.node(n);
-        let leaf = match &node.op {
-            Op::Param { name, .. } => params.contains_key(name),
+        let leaf = match &g.node(n).op {
+            Op::Param { name, .. } => bound(name),
             Op::Const { .. } | Op::Full { .. } | Op::Iota { .. } => true,
             Op::Input { .. } | Op::RandomUniform { .. } => false,
             _ => {
@@ -52,8 +85,7 @@ pub fn fold_weights(g: &mut Graph, params: &mut HashMap<String, Tensor>) -> Resu
     }
     let outputs: BTreeSet<NodeId> = g.outputs.iter().map(|(_, n)| *n).collect();
     let folds: Vec<NodeId> = order
-        .iter()
-        .copied()
+        .into_iter()
         .filter(|n| {
             let op = &g.node(*n).op;
             let computes = !op.is_leaf() && !is_view(op) && sources.contains_key(n);
@@ -63,34 +95,32 @@ pub fn fold_weights(g: &mut Graph, params: &mut HashMap<String, Tensor>) -> Resu
             computes && read_outside && g.ty(*n).numel() <= source_elems
         })
         .collect();
+    folds.into_iter().map(|n| (n, sources.remove(&n).unwrap_or_default())).collect()
+}
 
-    let mut values: HashMap<NodeId, Tensor> = HashMap::new();
-    let mut folded = Folded::default();
-    for &n in &folds {
-        let value = evaluate(g, n, params, &mut values)?;
-        let node = g.node(n);
-        let names: Vec<String> = sources[&n].iter().map(|l| leaf_name(&g.node(*l).op)).collect();
-        let stem = format!("folded.{}({})", node.op.name(), names.join(","));
-        // Numbered in order of folding; a number a bound parameter already uses is skipped.
-        let name = (folded.params.len()..)
-            .map(|i| format!("{stem}#{i}"))
-            .find(|n| !params.contains_key(n))
-            .expect("an unused name");
-        folded.params.push((name.clone(), node.op.name().to_string()));
-        params.insert(name.clone(), value);
-        let (dtype, shape) = (node.ty.dtype, node.ty.shape.clone());
-        let incoming: Vec<_> =
-            g.raw().edges_directed(n, petgraph::Direction::Incoming).map(|e| e.id()).collect();
-        let raw = g.raw_mut();
-        for e in incoming {
-            raw.remove_edge(e);
-        }
-        g.node_mut(n).op = Op::Param { name, dtype, shape, init: Init::Zeros };
+/// Turns node `n` into a parameter (dropping its operand edges), names it and records it in
+/// `folded`; `taken` says which names bound parameters already use. Returns the name.
+fn make_param(
+    g: &mut Graph,
+    n: NodeId,
+    sources: &BTreeSet<NodeId>,
+    folded: &mut Folded,
+    taken: impl Fn(&str) -> bool,
+) -> String {
+    let node = g.node(n);
+    let names: Vec<String> = sources.iter().map(|l| leaf_name(&g.node(*l).op)).collect();
+    let stem = format!("folded.{}({})", node.op.name(), names.join(","));
+    // Numbered in order of folding; a number a bound parameter already uses is skipped.
+    let name = (folded.params.len()..).map(|i| format!("{stem}#{i}")).find(|n| !taken(n)).unwrap_or(stem);
+    folded.params.push((name.clone(), node.op.name().to_string()));
+    let (dtype, shape) = (node.ty.dtype, node.ty.shape.clone());
+    let incoming: Vec<_> = g.raw().edges_directed(n, petgraph::Direction::Incoming).map(|e| e.id()).collect();
+    let raw = g.raw_mut();
+    for e in incoming {
+        raw.remove_edge(e);
     }
-    if !folds.is_empty() {
-        g.remove_dead();
-    }
-    Ok(folded)
+    g.node_mut(n).op = Op::Param { name: name.clone(), dtype, shape, init: Init::Zeros };
+    name
 }
 
 /// Ops the scheduler turns into strided views of their operand rather than computing.
@@ -105,31 +135,30 @@ fn leaf_name(op: &Op) -> String {
     }
 }
 
-/// The value of weight-only node `n`, from the bound parameters (memoized in `values`).
+/// Computes weight-only node `n` into `values`, with whatever it reads that is not a
+/// parameter (parameters are read from `params` where they are).
 fn evaluate(
     g: &Graph,
     n: NodeId,
     params: &HashMap<String, Tensor>,
     values: &mut HashMap<NodeId, Tensor>,
-) -> Result<Tensor, EvalError> {
-    if let Some(v) = values.get(&n) {
-        return Ok(v.clone());
+) -> Result<(), EvalError> {
+    if values.contains_key(&n) || matches!(g.node(n).op, Op::Param { .. }) {
+        return Ok(());
     }
-    let node = g.node(n);
-    let value = match &node.op {
-        Op::Param { name, .. } => params[name].clone(),
-        op => {
-            let args = g
-                .operands(n)
-                .into_iter()
-                .map(|o| evaluate(g, o, params, values))
-                .collect::<Result<Vec<_>, _>>()?;
-            let refs: Vec<&Tensor> = args.iter().collect();
-            eval_op(op, &refs, &node.ty)?
-        }
+    let operands = g.operands(n);
+    for &o in &operands {
+        evaluate(g, o, params, values)?;
+    }
+    let value_of = |o: &NodeId| match &g.node(*o).op {
+        Op::Param { name, .. } => &params[name],
+        _ => &values[o],
     };
-    values.insert(n, value.clone());
-    Ok(value)
+    let args: Vec<&Tensor> = operands.iter().map(value_of).collect();
+    let node = g.node(n);
+    let value = eval_op(&node.op, &args, &node.ty)?;
+    values.insert(n, value);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -185,6 +214,27 @@ mod tests {
         assert_eq!(folded.params[0].0, "folded.mul(wq,wk)#0");
         assert_eq!(ops(&g), ["input", "matmul", "param"]);
         assert_eq!(run(&g, &p, &[("x", &[3, 4])]), before);
+    }
+
+    #[test]
+    fn folding_without_values_gives_the_same_graph() {
+        let build = || {
+            let mut g = Graph::new("qkv");
+            let x = input(&mut g, "x", &[3, 4]);
+            let (wq, wk) = (param(&mut g, "wq", &[4, 5]), param(&mut g, "wk", &[4, 6]));
+            let w = g.add(Op::Concat { axis: 1 }, &[wq, wk]).unwrap();
+            let y = g.add(Op::MatMul, &[x, w]).unwrap();
+            g.add_output("y", y);
+            g
+        };
+        let (mut with, mut without) = (build(), build());
+        let mut p = params(&[("wq", &[4, 5]), ("wk", &[4, 6])]);
+        let folded = fold_weights(&mut with, &mut p).unwrap();
+        assert_eq!(fold_weights_without_values(&mut without), folded);
+        assert_eq!(
+            crate::print::to_text(&with, Default::default()),
+            crate::print::to_text(&without, Default::default())
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ mod verify;
 mod weights;
 
 pub use dtype::{fmt_shape, numel, strides, DType, Shape, TensorType};
-pub use fold::{fold_weights, Folded};
+pub use fold::{fold_weights, fold_weights_without_values, Folded};
 pub use graph::{Graph, Node, NodeId, Origin};
 pub use infer::{broadcast_shapes, infer, matmul_shape, InferError};
 pub use init::{fans, init_param};

@@ -89,9 +89,9 @@ pub fn emit(
     if sk == 0 && nb * sq * dv > 0 {
         return Err(CodegenError::Unsupported("attention over zero keys (an empty softmax)".into()));
     }
-    let mut plan = Plan::new(&shape, ct.lanes, causal, ct.size as usize);
     let row_bytes = |x: &View| x.strides[x.rank() - 2] * ct.size as usize;
-    plan.pack_kv = pack_kv_policy(row_bytes(k).max(row_bytes(v)));
+    let pack_kv = pack_kv_policy(row_bytes(k).max(row_bytes(v)));
+    let plan = Plan::new(&shape, ct.lanes, causal, ct.size as usize, pack_kv);
     let groups_per_batch = sq.div_ceil(plan.qb * plan.group);
     let range = if nb * sq * dv == 0 { 0 } else { nb * groups_per_batch };
     let mut ops = vec![Operand::new("%q", q), Operand::new("%k", k), Operand::new("%v", v)];
@@ -184,7 +184,7 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(shape: &Shape, lanes: usize, causal: bool, elem_size: usize) -> Plan {
+    fn new(shape: &Shape, lanes: usize, causal: bool, elem_size: usize, pack_kv: bool) -> Plan {
         let rv = row_vectors(shape.sq, lanes);
         // Keys and values of one batch index that overflow a quarter MiB (a share of L2) are
         // streamed from further away once per block: a group of blocks streams them once.
@@ -218,7 +218,7 @@ impl Plan {
             ks,
             pv_cols,
             lanes,
-            pack_kv: false,
+            pack_kv,
         }
     }
 }
@@ -300,6 +300,30 @@ fn chunk_part(b: &mut Body, c: usize, n: usize, lanes: usize) -> Option<(String,
     })
 }
 
+/// Calls `chunk(b, first column, part)` for the `lanes`-wide chunks of `n` columns: the whole
+/// chunks in a loop, then the partial last one (with its mask and count) if any.
+fn for_lane_chunks(
+    b: &mut Body,
+    n: usize,
+    lanes: usize,
+    chunk: impl Fn(&mut Body, &str, Option<(String, usize)>),
+) {
+    let whole = n / lanes * lanes;
+    if whole > 0 {
+        let c0 = b.index(0);
+        let wc = b.index(whole);
+        let lc = b.index(lanes);
+        let (col, _, _) = for_open(b, &c0, &wc, &lc, &[]);
+        chunk(b, &col, None);
+        for_close(b, &[], &[]);
+    }
+    if whole < n {
+        let part = chunk_part(b, whole / lanes, n, lanes);
+        let col = b.index(whole);
+        chunk(b, &col, part);
+    }
+}
+
 /// `max(a, b)` as `a > b ? a : b`: one `maxps` on x86 (a NaN `a` gives `b`; callers make a
 /// NaN score reach the output through `p` instead).
 fn vmax(b: &mut Body, a: &str, y: &str, vty: &str) -> String {
@@ -360,6 +384,19 @@ impl Ctx<'_> {
     fn row_of(&self, b: &mut Body, rr: &str) -> String {
         let i = ix(b, "addi", &self.row0, rr);
         ix(b, "minui", &i, &self.sq_last)
+    }
+
+    /// The element offsets `base + row·stride` of the clamped query rows of block rows
+    /// `ulane … ulane + lanes − 1`: one row vector's rows, in a q-shaped operand.
+    fn lane_rows(&self, b: &mut Body, ulane: &str, base: &str, stride: usize) -> Vec<String> {
+        (0..self.lanes)
+            .map(|t| {
+                let rr = ix_add(b, ulane, t);
+                let i = self.row_of(b, &rr);
+                let off = ix_mul(b, &i, stride);
+                ix(b, "addi", base, &off)
+            })
+            .collect()
     }
 }
 
@@ -804,14 +841,7 @@ fn load_q_transposed(b: &mut Body, cx: &Ctx, q_buf: &Operand, d: usize, qb: usiz
     let rvc = b.index(rv);
     let (u, _, _) = for_open(b, &c0, &rvc, &c1, &[]);
     let ulane = ix_mul(b, &u, lanes);
-    let qrows: Vec<String> = (0..lanes)
-        .map(|t| {
-            let rr = ix_add(b, &ulane, t);
-            let i = cx.row_of(b, &rr);
-            let off = ix_mul(b, &i, cx.qs);
-            ix(b, "addi", &cx.qbase, &off)
-        })
-        .collect();
+    let qrows = cx.lane_rows(b, &ulane, &cx.qbase, cx.qs);
     let chunk = |b: &mut Body, col: &str, part: Option<(String, usize)>| {
         let p = part.as_ref().map(|(m, n)| Part { mask: m, count: Count::Static(*n) });
         let coff = ix_mul(b, col, cx.qd);
@@ -833,19 +863,7 @@ fn load_q_transposed(b: &mut Body, cx: &Ctx, q_buf: &Operand, d: usize, qb: usiz
             store(b, &x, q_buf, &slot, 1, vty, None);
         }
     };
-    let whole = d / lanes * lanes;
-    if whole > 0 {
-        let wc = b.index(whole);
-        let lc = b.index(lanes);
-        let (col, _, _) = for_open(b, &c0, &wc, &lc, &[]);
-        chunk(b, &col, None);
-        for_close(b, &[], &[]);
-    }
-    if whole < d {
-        let part = chunk_part(b, whole / lanes, d, lanes);
-        let col = b.index(whole);
-        chunk(b, &col, part);
-    }
+    for_lane_chunks(b, d, lanes, chunk);
     for_close(b, &[], &[]);
 }
 
@@ -870,14 +888,7 @@ fn store_out_transposed(
     let l = load(b, l_buf, &lslot, 1, vty, None, 0.0);
     let one = b.float(1.0, vty);
     let inv = b.fdiv(&one, &l, vty);
-    let orows: Vec<String> = (0..lanes)
-        .map(|t| {
-            let rr = ix_add(b, &ulane, t);
-            let i = cx.row_of(b, &rr);
-            let off = ix_mul(b, &i, cx.os);
-            ix(b, "addi", &cx.obase, &off)
-        })
-        .collect();
+    let orows = cx.lane_rows(b, &ulane, &cx.obase, cx.os);
     let zero_v = b.float(0.0, vty);
     let chunk = |b: &mut Body, col: &str, part: Option<(String, usize)>| {
         let valid = part.as_ref().map_or(lanes, |(_, n)| *n);
@@ -902,19 +913,7 @@ fn store_out_transposed(
             store(b, x, cx.out, &at, cx.od, vty, p.as_ref());
         }
     };
-    let whole = dv / lanes * lanes;
-    if whole > 0 {
-        let wc = b.index(whole);
-        let lc = b.index(lanes);
-        let (col, _, _) = for_open(b, &c0, &wc, &lc, &[]);
-        chunk(b, &col, None);
-        for_close(b, &[], &[]);
-    }
-    if whole < dv {
-        let part = chunk_part(b, whole / lanes, dv, lanes);
-        let col = b.index(whole);
-        chunk(b, &col, part);
-    }
+    for_lane_chunks(b, dv, lanes, chunk);
     for_close(b, &[], &[]);
 }
 
