@@ -210,17 +210,16 @@ impl Plan {
             }
             first += count;
         }
-        Plan {
-            qb: rv * lanes,
-            group,
-            rv,
-            kt: (KEY_TILE / ks * ks).min(shape.sk.div_ceil(ks) * ks).max(ks),
-            ks,
-            pv_cols,
-            lanes,
-            pack_kv,
-        }
+        Plan { qb: rv * lanes, group, rv, kt: key_tile(shape.sk, ks), ks, pv_cols, lanes, pack_kv }
     }
+}
+
+/// Keys per tile for `sk` keys and score tiles of `ks` keys: as few tiles as hold about
+/// [`KEY_TILE`] keys each, of near-equal size rounded up to `ks`, so that no tile is a short
+/// remainder (128 keys in groups of 6 are one tile of 132, not 126 and then 2).
+fn key_tile(sk: usize, ks: usize) -> usize {
+    let tiles = sk.div_ceil(KEY_TILE).max(1);
+    sk.div_ceil(tiles).div_ceil(ks).max(1) * ks
 }
 
 /// Whether a call copies each batch index's k and v into contiguous rows before using them:
@@ -933,4 +932,26 @@ fn causal_rows(b: &mut Body, cx: &Ctx, rv: usize, sq: usize) -> Vec<String> {
             b.assign(format!("arith.minsi {x}, {lastv} : {ity}"))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_tiles_are_near_equal_multiples_of_the_score_tile() {
+        // MiniLM's 128 keys in groups of 6: one tile, not 126 keys and then 2.
+        assert_eq!(key_tile(128, 6), 132);
+        assert_eq!(key_tile(512, 4), 128);
+        assert_eq!(key_tile(2048, 4), 128);
+        // 130 keys are two tiles of 65, rounded up to the group of 4.
+        assert_eq!(key_tile(130, 4), 68);
+        assert_eq!(key_tile(1, 4), 4);
+        for (sk, ks) in [(7, 6), (300, 4), (257, 3), (150, 12)] {
+            let kt = key_tile(sk, ks);
+            assert_eq!(kt % ks, 0);
+            let tiles = sk.div_ceil(kt);
+            assert!(sk - (tiles - 1) * kt > kt / 2 || tiles == 1, "{sk} keys, tile {kt}");
+        }
+    }
 }
