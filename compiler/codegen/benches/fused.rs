@@ -57,7 +57,8 @@ fn run(lib: &KernelLibrary, kernel: &Kernel, bufs: &[usize], threads: usize) {
     let ptrs: Vec<*mut u8> = bufs.iter().map(|&a| a as *mut u8).collect();
     let r = kernel.range;
     let chunk = |t: usize| (t * r / threads, (t + 1) * r / threads);
-    let job = Job { entry, ptrs: ptrs.as_ptr() as usize, chunks: (1..threads).map(chunk).collect() };
+    let job =
+        Job { generation: 0, entry, ptrs: ptrs.as_ptr() as usize, chunks: (1..threads).map(chunk).collect() };
     HELPERS.start(job);
     let (b, e) = chunk(0);
     // SAFETY: each buffer is as long as its kernel argument; chunks write disjoint parts.
@@ -67,6 +68,8 @@ fn run(lib: &KernelLibrary, kernel: &Kernel, bufs: &[usize], threads: usize) {
 
 /// A call's chunks after the first, for the helper threads.
 struct Job {
+    /// Which call this is (set by `start`): a helper runs each job once, in order.
+    generation: usize,
     entry: EntryFn,
     /// The argument array (kept alive by the caller until `wait` returns).
     ptrs: usize,
@@ -91,7 +94,7 @@ static HELPERS: Helpers = Helpers {
 
 impl Helpers {
     /// Hands chunk `i` of `job` to helper `i`, spawning helpers as needed.
-    fn start(&'static self, job: Job) {
+    fn start(&'static self, mut job: Job) {
         let n = job.chunks.len();
         let mut spawned = self.spawned.lock().expect("helpers");
         while *spawned < n {
@@ -100,9 +103,13 @@ impl Helpers {
             *spawned += 1;
         }
         drop(spawned);
+        let mut slot = self.job.lock().expect("job");
+        job.generation = slot.as_ref().map_or(0, |j| j.generation) + 1;
+        let generation = job.generation;
         self.done.store(0, Ordering::Release);
-        *self.job.lock().expect("job") = Some(Arc::new(job));
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        *slot = Some(Arc::new(job));
+        drop(slot);
+        self.generation.store(generation, Ordering::Release);
     }
 
     /// Returns once every helper with a chunk of the current job has run it.
@@ -127,10 +134,10 @@ impl Helpers {
                 }
                 continue;
             }
-            seen = g;
             last = Instant::now();
             let job = self.job.lock().expect("job").clone();
-            if let Some(job) = job {
+            if let Some(job) = job.filter(|j| j.generation > seen) {
+                seen = job.generation;
                 if let Some(&(b, e)) = job.chunks.get(index) {
                     // SAFETY: as in `run`: the caller keeps the arguments alive until `wait`.
                     unsafe { (job.entry)(job.ptrs as *const *mut u8, b as i64, e as i64) };
