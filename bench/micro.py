@@ -333,7 +333,7 @@ def main():
             micro["notes"].append(f"LayerNorm: {r['system']}: {r.get('status')}: {str(r.get('error', ''))[:300]}")
     micro["notes"].append(
         "sgemm: both columns from the matmul bench itself (median and best GFLOP/s over a 1.5–6 s budget); "
-        f"attention: Kiln's median from the fused bench (2-s budget; its second thread lives for the whole bench and spins between calls, as the runtime's pool does between steps), the peers' medians of 20 runs after 3 warm-up "
+        f"attention: Kiln's median from the fused bench (2-s budget; its second thread lives for the whole measurement and spins between calls, as the runtime's pool does between steps), the peers' medians of 20 runs after 3 warm-up "
         f"runs, batch 1, no mask, the same shapes, each the best of {ROUNDS} alternating rounds; LayerNorm: Kiln's median from the fused bench (2-s budget, "
         "output into a preallocated buffer), the peers' medians of 20 runs after 3 warm-up runs, each checked "
         f"against numpy's float64 LayerNorm (max |Δ| ≤ {NORM_TOLERANCE:g}) first; GB/s = (input read + output "

@@ -2,9 +2,9 @@
 //! toolchain, and the row norms against a copy kernel.
 //!
 //! `cargo bench -p kiln-codegen --bench fused [-- FILTER]` compiles the kernels for the host,
-//! runs each on 1 and 2 threads (the range split into contiguous chunks, the others run by
-//! helper threads that live for the whole bench and spin between calls, as the runtime's pool
-//! does between steps) and prints the median after warm-up:
+//! runs each on 1 and 2 threads (the range split into contiguous chunks, all but the first run
+//! by helper threads that spin between calls, as the runtime's pool does between steps:
+//! `common::Pool`) and prints the median after warm-up:
 //! - attention, 12 heads × 64, batch 1, seq 512 and 2048, q/k/v head-split views of
 //!   `[1, S, 768]` buffers: GFLOP/s counted as `4·S²·D·heads`, for the fused kernel and for
 //!   scores (generated loop kernel, `S×S` materialized) + softmax kernel + `p·v` loop kernel;
@@ -18,12 +18,12 @@
 //! `KILN_BENCH_OBJECT=DIR` writes each attention library's object file into `DIR`, for
 //! reading the generated code with `objdump -d`.
 
+mod common;
+
+use common::Pool;
 use kiln_codegen::kernels::{attention, norm, View};
-use kiln_codegen::loader::EntryFn;
 use kiln_codegen::{mlir_text::Body, CpuTarget, Kernel, KernelLibrary, Target};
 use kiln_ir::{DType, NormKind};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A 64-byte aligned f32 buffer of values in [-1, 1).
@@ -51,101 +51,9 @@ impl Buf {
     }
 }
 
-/// Runs `[0, range)` of `kernel` in `threads` contiguous chunks on scoped threads.
-fn run(lib: &KernelLibrary, kernel: &Kernel, bufs: &[usize], threads: usize) {
-    let entry = lib.entry(&kernel.symbol).expect("entry");
-    let ptrs: Vec<*mut u8> = bufs.iter().map(|&a| a as *mut u8).collect();
-    let r = kernel.range;
-    let chunk = |t: usize| (t * r / threads, (t + 1) * r / threads);
-    let job =
-        Job { generation: 0, entry, ptrs: ptrs.as_ptr() as usize, chunks: (1..threads).map(chunk).collect() };
-    HELPERS.start(job);
-    let (b, e) = chunk(0);
-    // SAFETY: each buffer is as long as its kernel argument; chunks write disjoint parts.
-    unsafe { entry(ptrs.as_ptr(), b as i64, e as i64) };
-    HELPERS.wait();
-}
-
-/// A call's chunks after the first, for the helper threads.
-struct Job {
-    /// Which call this is (set by `start`): a helper runs each job once, in order.
-    generation: usize,
-    entry: EntryFn,
-    /// The argument array (kept alive by the caller until `wait` returns).
-    ptrs: usize,
-    chunks: Vec<(usize, usize)>,
-}
-
-/// Helper threads that live for the whole bench and spin between calls, as the runtime's pool
-/// keeps its workers between steps: a call's time is its kernel's, not a thread start's.
-struct Helpers {
-    job: Mutex<Option<Arc<Job>>>,
-    generation: AtomicUsize,
-    done: AtomicUsize,
-    spawned: Mutex<usize>,
-}
-
-static HELPERS: Helpers = Helpers {
-    job: Mutex::new(None),
-    generation: AtomicUsize::new(0),
-    done: AtomicUsize::new(0),
-    spawned: Mutex::new(0),
-};
-
-impl Helpers {
-    /// Hands chunk `i` of `job` to helper `i`, spawning helpers as needed.
-    fn start(&'static self, mut job: Job) {
-        let n = job.chunks.len();
-        let mut spawned = self.spawned.lock().expect("helpers");
-        while *spawned < n {
-            let (index, seen) = (*spawned, self.generation.load(Ordering::Acquire));
-            std::thread::spawn(move || self.serve(index, seen));
-            *spawned += 1;
-        }
-        drop(spawned);
-        let mut slot = self.job.lock().expect("job");
-        job.generation = slot.as_ref().map_or(0, |j| j.generation) + 1;
-        let generation = job.generation;
-        self.done.store(0, Ordering::Release);
-        *slot = Some(Arc::new(job));
-        drop(slot);
-        self.generation.store(generation, Ordering::Release);
-    }
-
-    /// Returns once every helper with a chunk of the current job has run it.
-    fn wait(&self) {
-        let n = self.job.lock().expect("job").as_ref().map_or(0, |j| j.chunks.len());
-        while self.done.load(Ordering::Acquire) < n {
-            std::hint::spin_loop();
-        }
-    }
-
-    /// Spins for a call for up to 5 ms after the last one, then checks every millisecond (so
-    /// that one-thread rows do not share the machine with a spinning helper).
-    fn serve(&self, index: usize, mut seen: usize) {
-        let mut last = Instant::now();
-        loop {
-            let g = self.generation.load(Ordering::Acquire);
-            if g == seen {
-                if last.elapsed() < Duration::from_millis(5) {
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                continue;
-            }
-            last = Instant::now();
-            let job = self.job.lock().expect("job").clone();
-            if let Some(job) = job.filter(|j| j.generation > seen) {
-                seen = job.generation;
-                if let Some(&(b, e)) = job.chunks.get(index) {
-                    // SAFETY: as in `run`: the caller keeps the arguments alive until `wait`.
-                    unsafe { (job.entry)(job.ptrs as *const *mut u8, b as i64, e as i64) };
-                    self.done.fetch_add(1, Ordering::AcqRel);
-                }
-            }
-        }
-    }
+/// Runs `[0, range)` of `kernel` on `pool`'s threads, one contiguous chunk each.
+fn run(pool: &Pool, lib: &KernelLibrary, kernel: &Kernel, bufs: &[usize]) {
+    pool.run(lib.entry(&kernel.symbol).expect("entry"), bufs, kernel.range);
 }
 
 /// Seconds of CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`).
@@ -358,14 +266,16 @@ fn attention_bench(target: &CpuTarget, s: usize, budget: Duration) {
     let smb = [scores.addr(), scores.addr()];
     println!("attention 12x64 seq {s} (compile {compile:.2} s)");
     for threads in [1, 2] {
-        let tf = time(|| run(&lib, &fused, &fb, threads), budget);
-        let tc = time(|| run(&lib, &causal, &fb, threads), budget);
-        let unfused = || {
-            run(&lib, &kernels[2], &sb, threads);
-            run(&lib, &kernels[3], &smb, threads);
-            run(&lib, &kernels[4], &pb, threads);
-        };
-        let tu = if fused_only { f64::NAN } else { time(unfused, budget) };
+        let (tf, tc, tu) = Pool::with(threads, |pool| {
+            let tf = time(|| run(pool, &lib, &fused, &fb), budget);
+            let tc = time(|| run(pool, &lib, &causal, &fb), budget);
+            let unfused = || {
+                run(pool, &lib, &kernels[2], &sb);
+                run(pool, &lib, &kernels[3], &smb);
+                run(pool, &lib, &kernels[4], &pb);
+            };
+            (tf, tc, if fused_only { f64::NAN } else { time(unfused, budget) })
+        });
         println!(
             "  {threads} thr: fused {:7.1} GFLOP/s ({:8.2} ms) | causal {:7.2} ms | unfused {:7.1} GFLOP/s ({:8.2} ms) | fused/unfused {:.2}x",
             flops / tf / 1e9,
@@ -408,7 +318,7 @@ fn minilm_bench(target: &CpuTarget, budget: Duration) {
         let flops = (4 * batch * s * s * d * HEADS) as f64;
         let mut line = format!("attention minilm 12x32 seq {s} masked, batch {batch}:");
         for threads in [1, 2] {
-            let t = time(|| run(&lib, &kernel, &bufs, threads), budget);
+            let t = Pool::with(threads, |pool| time(|| run(pool, &lib, &kernel, &bufs), budget));
             line += &format!(" | {threads} thr {:7.1} µs ({:5.1} GFLOP/s)", t * 1e6, flops / t / 1e9);
         }
         println!("{line}");
@@ -442,7 +352,7 @@ fn norm_bench(target: &CpuTarget, budget: Duration) {
     for (name, k, bufs, bytes) in &cases {
         let mut line = format!("  {name}");
         for threads in [1, 2] {
-            let t = time(|| run(&lib, k, bufs, threads), budget);
+            let t = Pool::with(threads, |pool| time(|| run(pool, &lib, k, bufs), budget));
             line += &format!(" | {threads} thr {:6.1} GB/s ({:6.2} ms)", bytes / t / 1e9, t * 1e3);
         }
         println!("{line}");

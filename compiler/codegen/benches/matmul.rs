@@ -15,12 +15,14 @@
 //! layout ([`matmul::Panels`]), as the compiler does for weights; numpy gets the same product
 //! with B as it is.
 
+mod common;
+
+use common::Pool;
 use kiln_codegen::{
     kernels::matmul, kernels::View, mlir_text::Body, CpuTarget, Kernel, KernelLibrary, Target,
 };
 use kiln_ir::{Activation, DType};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
@@ -141,7 +143,7 @@ fn time(mut f: impl FnMut(), budget: Duration) -> (f64, f64) {
 
 /// Median seconds of running `[0, range)` of `kernel` split into `threads` contiguous chunks:
 /// chunk 0 on this thread, the others on spinning helpers that live for the whole measurement
-/// (like the runtime's pool, so thread start-up is not timed).
+/// ([`Pool`], like the runtime's pool, so thread start-up is not timed).
 fn measure(
     lib: &KernelLibrary,
     kernel: &Kernel,
@@ -150,49 +152,7 @@ fn measure(
     budget: Duration,
 ) -> (f64, f64) {
     let entry = lib.entry(&kernel.symbol).expect("kernel entry");
-    let r = kernel.range;
-    let chunk = |t: usize| (t * r / threads, (t + 1) * r / threads);
-    let call = |t: usize| {
-        let ptrs: Vec<*mut u8> = bufs.iter().map(|&p| p as *mut u8).collect();
-        let (lo, hi) = chunk(t);
-        // SAFETY: the buffers match the kernel's arguments; chunks write disjoint parts.
-        unsafe { entry(ptrs.as_ptr(), lo as i64, hi as i64) };
-    };
-    let generation = AtomicUsize::new(0);
-    let done = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        for t in 1..threads {
-            let (generation, done, stop) = (&generation, &done, &stop);
-            s.spawn(move || {
-                let mut seen = 0;
-                while !stop.load(Ordering::Acquire) {
-                    let g = generation.load(Ordering::Acquire);
-                    if g == seen {
-                        std::hint::spin_loop();
-                        continue;
-                    }
-                    seen = g;
-                    call(t);
-                    done.fetch_add(1, Ordering::AcqRel);
-                }
-            });
-        }
-        let mut runs = 0;
-        let secs = time(
-            || {
-                runs += 1;
-                generation.store(runs, Ordering::Release);
-                call(0);
-                while done.load(Ordering::Acquire) < runs * (threads - 1) {
-                    std::hint::spin_loop();
-                }
-            },
-            budget,
-        );
-        stop.store(true, Ordering::Release);
-        secs
-    })
+    Pool::with(threads, |pool| time(|| pool.run(entry, bufs, kernel.range), budget))
 }
 
 /// GFLOP/s of 12 independent FMA chains on full vectors on each of `threads` threads at once
