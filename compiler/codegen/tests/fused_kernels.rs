@@ -179,11 +179,14 @@ fn run(lib: &KernelLibrary, kernel: &Kernel, ops: &mut [Operand]) {
 }
 
 /// Checks the output operand against the reference, and that nothing outside its view moved.
-fn check(name: &str, out: &Operand, want: &Tensor) {
+/// Tolerance of f32 results against the interpreter's f32 results.
+const F32_TOL: f64 = 1e-4;
+
+fn check(name: &str, out: &Operand, want: &Tensor, f32_tol: f64) {
     let want = want.to_f64_vec();
     let pos = positions(&out.view);
     assert_eq!(pos.len(), want.len(), "{name}: element count");
-    let tol = if out.view.dtype == DType::F32 { 1e-4 } else { 1e-9 };
+    let tol = if out.view.dtype == DType::F32 { f32_tol } else { 1e-9 };
     let mut worst = 0f64;
     for (i, (&p, &w)) in pos.iter().zip(&want).enumerate() {
         let g = out.buf.get(p);
@@ -235,12 +238,17 @@ fn softmax_case(
 }
 
 fn run_cases(cases: Vec<(Kernel, Vec<Operand>, Tensor)>) {
+    run_cases_within(cases, F32_TOL);
+}
+
+/// [`run_cases`] with another tolerance for f32 results.
+fn run_cases_within(cases: Vec<(Kernel, Vec<Operand>, Tensor)>, f32_tol: f64) {
     let kernels: Vec<Kernel> = cases.iter().map(|c| c.0.clone()).collect();
     let lib = KernelLibrary::build(&kernels, &host()).expect("build");
     for (k, mut ops, want) in cases {
         run(&lib, &k, &mut ops);
         let out = ops.last().expect("output");
-        check(&k.symbol, out, &want);
+        check(&k.symbol, out, &want, f32_tol);
     }
 }
 
@@ -600,11 +608,22 @@ fn attention_masks() {
     cases.push(attention_case("am_full", &AttnCase { mask: Mask::Full, ..base.clone() }));
     for (j, dtype) in [DType::F32, DType::F64].into_iter().enumerate() {
         // Fully masked rows (batch 1): −inf gives NaN, BERT's −3.4e38 a uniform average.
-        for (i, value) in [f64::NEG_INFINITY, -3.4e38, -10000.0].into_iter().enumerate() {
+        for (i, value) in [f64::NEG_INFINITY, -3.4e38].into_iter().enumerate() {
             let c = AttnCase { dtype, mask: Mask::Padding { pad: 5, value }, ..base.clone() };
             cases.push(attention_case(&format!("am_pad_{i}_{j}"), &c));
         }
     }
+    run_cases(cases);
+    // The older BERT mask of −10000. Where it hides every key, f32 scores near −10000 are
+    // rounded to 2⁻¹⁰, so the interpreter's own weights are off by up to ~5e-4 relative, and
+    // the kernel's (in log₂ units, rounded near −14427) by as much again, differently.
+    let mut cases = Vec::new();
+    for (j, dtype) in [DType::F32, DType::F64].into_iter().enumerate() {
+        let c = AttnCase { dtype, mask: Mask::Padding { pad: 5, value: -10000.0 }, ..base.clone() };
+        cases.push(attention_case(&format!("am_pad_2_{j}"), &c));
+    }
+    run_cases_within(cases, 1e-3);
+    let mut cases = Vec::new();
     let c =
         AttnCase { causal: true, mask: Mask::Padding { pad: 3, value: f64::NEG_INFINITY }, ..base.clone() };
     cases.push(attention_case("am_pad_causal", &c));

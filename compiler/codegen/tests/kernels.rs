@@ -39,6 +39,8 @@ fn math_approximations_match_libm() {
     let n = 4096;
     let kernels = vec![
         unary_kernel("k_exp", n, 8, |b, x, ty| b.exp(x, ty)),
+        unary_kernel("k_exp2n", n, 8, |b, x, ty| b.exp2_nonpositive(x, ty)),
+        unary_kernel("k_exp2n8", 8, 8, |b, x, ty| b.exp2_nonpositive(x, ty)),
         unary_kernel("k_erf", n, 8, |b, x, ty| b.erf(x, ty)),
         unary_kernel("k_tanh", n, 8, |b, x, ty| b.tanh(x, ty)),
         unary_kernel("k_sigmoid", n, 8, |b, x, ty| b.sigmoid(x, ty)),
@@ -53,6 +55,25 @@ fn math_approximations_match_libm() {
         let want = (*a as f64).exp();
         assert!(((*g as f64) - want).abs() <= 3e-7 * want, "exp({a}) = {g}, want {want}");
     }
+    // 2ˣ for x ≤ 0 (softmax in log₂ units): [−130, 0] densely, past the last normal power.
+    let xn: Vec<f32> = (0..n).map(|i| -130.0 * i as f32 / (n - 1) as f32).collect();
+    let exp2 = run_unary(&lib, "k_exp2n", &xn);
+    for (a, g) in xn.iter().zip(&exp2) {
+        let want = (*a as f64).exp2();
+        if *a >= -126.0 {
+            assert!(((*g as f64) - want).abs() <= 2e-7 * want, "exp2({a}) = {g}, want {want}");
+        } else if *a < -127.0 {
+            assert_eq!(*g, 0.0, "exp2({a})");
+        }
+    }
+    // The row maximum's own p is exactly 1; hidden scores (−inf) and far-out ones are exactly 0.
+    let edge2 = [0.0, -0.0, f32::NEG_INFINITY, -1e30, f32::NAN, -0.5, -1.0, -126.0];
+    let exp2 = run_unary(&lib, "k_exp2n8", &edge2);
+    assert_eq!(&exp2[..4], &[1.0, 1.0, 0.0, 0.0]);
+    assert!(exp2[4].is_nan(), "exp2(NaN) = {}", exp2[4]);
+    assert_eq!(exp2[6], 0.5);
+    assert_eq!(exp2[7], 2f32.powi(-126));
+    assert!((exp2[5] as f64 - (-0.5f64).exp2()).abs() <= 1.2e-7, "exp2(-0.5) = {}", exp2[5]);
     let erf = run_unary(&lib, "k_erf", &x);
     for (a, g) in x.iter().zip(&erf) {
         let want = libm::erf(*a as f64);

@@ -10,14 +10,19 @@
 //! keys from L3. Each block keeps, in stack scratch that stays in L1, its q rows transposed
 //! (`Q[d][row]`, scale folded in), the online softmax state per row (running max `m`, running
 //! sum `l`) and the output accumulator transposed (`O[c][row]`), and walks the keys in tiles of
-//! about `KEY_TILE`, the tile's scores key-major (`S[j][row]`):
+//! about `KEY_TILE`, the tile's scores key-major (`S[j][row]`).
+//!
+//! Scores are kept in log₂ units: the q scale carries a factor log₂e and the mask is multiplied
+//! by it as it is added, so every exponential is a `2ˣ`, whose range reduction is an add and a
+//! subtract where `eˣ`'s takes three FMAs (`softmax(x) = 2^(x·log₂e − max) / Σ`, the same
+//! weights). A finite mask stays finite ([`mask_in_log2_units`]).
 //!
 //! 1. scores: a register tile of a few keys × the block's row vectors accumulates along D, each
 //!    step one broadcast `k[j][d]` times the vector `Q[d][rows]`; the mask (and the causal
 //!    hiding) is applied lane-wise and the tile's max per row taken on the way. Only the tile's
 //!    last, partial group of keys tests for the end of the keys (hidden scores are −inf).
-//! 2. per row vector: `m_new`, `α = exp(m_old − m_new)`, `p = exp(s − m_new)` in place of `s`,
-//!    `l = α·l + Σp`. The exp is a cheaper one for arguments ≤ 0 whose result is exactly 0 for
+//! 2. per row vector: `m_new`, `α = 2^(m_old − m_new)`, `p = 2^(s − m_new)` in place of `s`,
+//!    `l = α·l + Σp`. The `2ˣ` is one for arguments ≤ 0 whose result is exactly 0 for
 //!    −inf (and tiny arguments), so hidden keys need no test; a row with every score so far
 //!    −inf subtracts 0 instead of `m`, so its `p` and `α` are 0 rather than NaN. A group of
 //!    keys per iteration (the last group's keys past the end are −inf scores), so several
@@ -45,7 +50,7 @@
 use super::norm::{close_range, for_close, for_open, func_text, load, offsets, open_range, store};
 use super::norm::{ComputeType, Count, Operand, Part};
 use super::View;
-use crate::mlir_text::{bool_type_like, Body};
+use crate::mlir_text::{bool_type_like, elem_type, Body};
 use crate::{CodegenError, Kernel, Target};
 
 /// Vectors of query rows per block (at most): every key and value element loaded is used by
@@ -518,7 +523,7 @@ fn body(
     {
         let (sb, _, _) = for_open(b, &c0, &groupc, &c1, &[]);
         let bx = cx.block(b, &sb, qb, d, dv);
-        load_q_transposed(b, &bx, &q_buf, d, qb, rv, scale);
+        load_q_transposed(b, &bx, &q_buf, d, qb, rv, scale * std::f64::consts::LOG2_E);
         for_close(b, &[], &[]);
     }
     {
@@ -571,7 +576,7 @@ fn body(
             let none = b.fcmp("oeq", &mn, &ninf_v, vty);
             let ms = b.select(&none, &zero_v, &mn, vty);
             let dm = b.fsub(&m_old, &ms, vty);
-            alphas.push(b.exp_nonpositive(&dm, vty));
+            alphas.push(b.exp2_nonpositive(&dm, vty));
             m_safe.push(ms);
         }
         // `kstep` keys per iteration, for independent exps in flight: the score groups wrote
@@ -590,7 +595,7 @@ fn body(
                 let at = ix_add(b, &srow, u * lanes);
                 let s = load(b, &s_buf, &at, 1, vty, None, 0.0);
                 let x = b.fsub(&s, &m_safe[u], vty);
-                let e = b.exp_nonpositive(&x, vty);
+                let e = b.exp2_nonpositive(&x, vty);
                 store(b, &e, &s_buf, &at, 1, vty, None);
                 es.push(e);
             }
@@ -796,21 +801,31 @@ fn score_groups(
         let moff = cx.mask.map(|_| ix_mul(b, &jcl[t], cx.msk));
         let srow = ix_add(b, &g, t);
         let srow = ix_mul(b, &srow, qb);
+        // A mask the same for all rows is loaded (and put in log₂ units) once per key.
+        let row_mask = match (cx.mask, &cx.mbase, &moff) {
+            (Some(m), Some(mb), Some(moff)) if cx.msq == 0 => {
+                let at = ix(b, "addi", mb, moff);
+                let mv = load(b, m, &at, 0, vty, None, 0.0);
+                Some(mask_in_log2_units(b, &mv, vty))
+            }
+            _ => None,
+        };
         for u in 0..rv {
             let mut s = res[t * rv + u].clone();
-            if let (Some(m), Some(mb), Some(moff)) = (cx.mask, &cx.mbase, &moff) {
-                let mv = if cx.msq == 0 {
-                    let at = ix(b, "addi", mb, moff);
-                    load(b, m, &at, 0, vty, None, 0.0)
-                } else {
-                    let elems: Vec<String> = mrows[u]
-                        .iter()
-                        .map(|mr| {
-                            let at = ix(b, "addi", mr, moff);
-                            b.assign(format!("memref.load {}[{at}] : {}", m.name, m.memref))
-                        })
-                        .collect();
-                    b.assign(format!("vector.from_elements {} : {vty}", elems.join(", ")))
+            if let (Some(m), Some(moff)) = (cx.mask, &moff) {
+                let mv = match &row_mask {
+                    Some(mv) => mv.clone(),
+                    None => {
+                        let elems: Vec<String> = mrows[u]
+                            .iter()
+                            .map(|mr| {
+                                let at = ix(b, "addi", mr, moff);
+                                b.assign(format!("memref.load {}[{at}] : {}", m.name, m.memref))
+                            })
+                            .collect();
+                        let mv = b.assign(format!("vector.from_elements {} : {vty}", elems.join(", ")));
+                        mask_in_log2_units(b, &mv, vty)
+                    }
                 };
                 s = b.fadd(&s, &mv, vty);
             }
@@ -828,6 +843,21 @@ fn score_groups(
     }
     for_close(b, &newmx, &inits);
     mres
+}
+
+/// `mask · log₂e`, the additive mask in the log₂ units of the scores: a finite mask stays
+/// finite (BERT's −3.4e38 would overflow to −inf, and a row hidden by it entirely must average
+/// its values, not give 0/0), so values below `−MAX` are raised to it; −inf and NaN pass.
+fn mask_in_log2_units(b: &mut Body, mv: &str, vty: &str) -> String {
+    let log2e = b.float(std::f64::consts::LOG2_E, vty);
+    let scaled = b.fmul(mv, &log2e, vty);
+    let max = if elem_type(vty) == "f32" { f32::MAX as f64 } else { f64::MAX };
+    let floor = b.float(-max, vty);
+    let below = b.fcmp("olt", &scaled, &floor, vty);
+    let raised = b.select(&below, &floor, &scaled, vty);
+    let ninf = b.float(f64::NEG_INFINITY, vty);
+    let hidden = b.fcmp("oeq", mv, &ninf, vty);
+    b.select(&hidden, mv, &raised, vty)
 }
 
 /// `Q[d][row] = scale · q[row][d]` for the block's rows: `lanes` rows × `lanes` columns at a
