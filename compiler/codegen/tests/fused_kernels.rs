@@ -574,6 +574,9 @@ fn attention_shapes() {
         (2, 1, 9, 300, 16, 24),
         (1, 2, 16, 16, 64, 64),
         (1, 1, 33, 257, 7, 33),
+        // Keys past the cached share (groups of 4 blocks of 3 vectors): the last group's 4
+        // vectors run as two blocks of 2.
+        (1, 2, 220, 1100, 32, 32),
     ];
     for (i, &(b, h, sq, sk, d, dv)) in shapes.iter().enumerate() {
         for (j, dtype) in [DType::F32, DType::F64].into_iter().enumerate() {
