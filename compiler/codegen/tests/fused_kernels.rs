@@ -178,10 +178,11 @@ fn run(lib: &KernelLibrary, kernel: &Kernel, ops: &mut [Operand]) {
     }
 }
 
-/// Checks the output operand against the reference, and that nothing outside its view moved.
 /// Tolerance of f32 results against the interpreter's f32 results.
 const F32_TOL: f64 = 1e-4;
 
+/// Checks the output operand against the reference (f32 within `f32_tol`, f64 within 1e-9),
+/// and that nothing outside its view moved.
 fn check(name: &str, out: &Operand, want: &Tensor, f32_tol: f64) {
     let want = want.to_f64_vec();
     let pos = positions(&out.view);

@@ -633,7 +633,7 @@ fn group_body(b: &mut Body, cx: &Ctx, plan: &Plan, bufs: &Scratch, shape: &Shape
         score_groups(b, &cx, &keys, q_buf, s_buf, qb, rv, d, (&whole, &kt), &mx, true)
     };
 
-    // 2. Online softmax update, rows in lanes: m, l, α, and p = exp(s − m) in place of s. A row
+    // 2. Online softmax update, rows in lanes: m, l, α, and p = 2^(s − m) in place of s. A row
     //    with every score so far −inf subtracts 0 instead of m = −inf, so its p and α are 0.
     let alphas = {
         let mut m_safe = Vec::with_capacity(rv);
