@@ -59,6 +59,10 @@ use crate::{CodegenError, Kernel, Target};
 /// all of the block's rows. Three row vectors × four columns is the largest register tile
 /// that fits 16 vector registers with its operands, without spills.
 const ROW_VECTORS: usize = 3;
+/// Relative time per row vector of blocks of 1, 2 and 3 row vectors: three measured ~8 %
+/// faster than two per vector, and one vector's tile (1 × 12 keys) 1.4–1.9× slower than three
+/// (seq 512 on one thread with and without its twelve tail blocks of one vector).
+const VECTOR_COST: [usize; ROW_VECTORS] = [150, 108, 100];
 /// Keys per tile (about): the scores of a block for one tile are `rows × KEY_TILE` in scratch.
 const KEY_TILE: usize = 128;
 /// Bytes of keys and values per batch index that stay cached between blocks (a share of a
@@ -233,11 +237,11 @@ impl Plan {
     fn tail(&self, shape: &Shape, groups_per_batch: usize) -> Option<Plan> {
         let rows = shape.sq.checked_sub((groups_per_batch.checked_sub(1)?) * self.group * self.qb)?;
         let left = rows.div_ceil(self.lanes);
-        if left == 0 || left == self.group * self.rv {
+        if left == self.group * self.rv {
             return None;
         }
-        // Vectors computed, weighted by the tile's throughput relative to 3 row vectors.
-        let cost = |rv: usize| left.div_ceil(rv) * rv * [150, 108, 100][rv.min(3) - 1];
+        // Vectors computed, weighted by their block's time per vector.
+        let cost = |rv: usize| left.div_ceil(rv) * rv * VECTOR_COST[rv - 1];
         let rv = (1..=self.rv).rev().min_by_key(|&rv| cost(rv))?;
         Some(Plan::of(shape, self.lanes, rv, left.div_ceil(rv), self.pack_kv))
     }
@@ -265,8 +269,8 @@ fn pack_kv_policy(row_bytes: usize) -> bool {
 
 /// Row vectors per block for `sq` query rows: as many as there are up to [`ROW_VECTORS`], and
 /// two instead of three when three would pad the last block with enough repeated rows to
-/// outweigh the larger tile's ~8% better throughput (seq 128 in 8 lanes: 16 vectors are 8
-/// blocks of two, or 6 blocks of three computing 18). The tail ([`Plan::tail`]) now computes
+/// outweigh the larger tile's better throughput ([`VECTOR_COST`]; seq 128 in 8 lanes: 16
+/// vectors are 8 blocks of two, or 6 blocks of three computing 18). The tail ([`Plan::tail`]) now computes
 /// just the vectors left, but at MiniLM's shape (12 heads × 32, seq 128) five blocks of three
 /// and one of one measured no faster than eight of two (one thread, 337–394 µs against
 /// 348–350).
@@ -276,7 +280,7 @@ fn row_vectors(sq: usize, lanes: usize) -> usize {
         return vectors;
     }
     let padded = |rv: usize| vectors.div_ceil(rv) * rv;
-    if padded(2) * 108 < padded(ROW_VECTORS) * 100 {
+    if padded(2) * VECTOR_COST[1] < padded(ROW_VECTORS) * VECTOR_COST[ROW_VECTORS - 1] {
         2
     } else {
         ROW_VECTORS
