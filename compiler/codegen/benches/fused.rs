@@ -22,6 +22,7 @@ mod common;
 
 use common::Pool;
 use kiln_codegen::kernels::{attention, norm, View};
+use kiln_codegen::loader::EntryFn;
 use kiln_codegen::{mlir_text::Body, CpuTarget, Kernel, KernelLibrary, Target};
 use kiln_ir::{DType, NormKind};
 use std::time::{Duration, Instant};
@@ -51,9 +52,20 @@ impl Buf {
     }
 }
 
+/// A kernel's entry point and range, looked up once, outside the timed calls.
+#[derive(Clone, Copy)]
+struct Bound {
+    entry: EntryFn,
+    range: usize,
+}
+
+fn bind(lib: &KernelLibrary, kernel: &Kernel) -> Bound {
+    Bound { entry: lib.entry(&kernel.symbol).expect("entry"), range: kernel.range }
+}
+
 /// Runs `[0, range)` of `kernel` on `pool`'s threads, one contiguous chunk each.
-fn run(pool: &Pool, lib: &KernelLibrary, kernel: &Kernel, bufs: &[usize]) {
-    pool.run(lib.entry(&kernel.symbol).expect("entry"), bufs, kernel.range);
+fn run(pool: &Pool, kernel: Bound, bufs: &[usize]) {
+    pool.run(kernel.entry, bufs, kernel.range);
 }
 
 /// Seconds of CPU time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`).
@@ -265,14 +277,17 @@ fn attention_bench(target: &CpuTarget, s: usize, budget: Duration) {
     let (sb, pb) = ([q.addr(), k.addr(), scores.addr()], [scores.addr(), v.addr(), out.addr()]);
     let smb = [scores.addr(), scores.addr()];
     println!("attention 12x64 seq {s} (compile {compile:.2} s)");
+    let (fused, causal) = (bind(&lib, &fused), bind(&lib, &causal));
+    let (scores_k, softmax_k, pv_k) =
+        (bind(&lib, &kernels[2]), bind(&lib, &kernels[3]), bind(&lib, &kernels[4]));
     for threads in [1, 2] {
         let (tf, tc, tu) = Pool::with(threads, |pool| {
-            let tf = time(|| run(pool, &lib, &fused, &fb), budget);
-            let tc = time(|| run(pool, &lib, &causal, &fb), budget);
+            let tf = time(|| run(pool, fused, &fb), budget);
+            let tc = time(|| run(pool, causal, &fb), budget);
             let unfused = || {
-                run(pool, &lib, &kernels[2], &sb);
-                run(pool, &lib, &kernels[3], &smb);
-                run(pool, &lib, &kernels[4], &pb);
+                run(pool, scores_k, &sb);
+                run(pool, softmax_k, &smb);
+                run(pool, pv_k, &pb);
             };
             (tf, tc, if fused_only { f64::NAN } else { time(unfused, budget) })
         });
@@ -318,7 +333,8 @@ fn minilm_bench(target: &CpuTarget, budget: Duration) {
         let flops = (4 * batch * s * s * d * HEADS) as f64;
         let mut line = format!("attention minilm 12x32 seq {s} masked, batch {batch}:");
         for threads in [1, 2] {
-            let t = Pool::with(threads, |pool| time(|| run(pool, &lib, &kernel, &bufs), budget));
+            let kernel = bind(&lib, &kernel);
+            let t = Pool::with(threads, |pool| time(|| run(pool, kernel, &bufs), budget));
             line += &format!(" | {threads} thr {:7.1} µs ({:5.1} GFLOP/s)", t * 1e6, flops / t / 1e9);
         }
         println!("{line}");
@@ -352,7 +368,8 @@ fn norm_bench(target: &CpuTarget, budget: Duration) {
     for (name, k, bufs, bytes) in &cases {
         let mut line = format!("  {name}");
         for threads in [1, 2] {
-            let t = Pool::with(threads, |pool| time(|| run(pool, &lib, k, bufs), budget));
+            let k = bind(&lib, k);
+            let t = Pool::with(threads, |pool| time(|| run(pool, k, bufs), budget));
             line += &format!(" | {threads} thr {:6.1} GB/s ({:6.2} ms)", bytes / t / 1e9, t * 1e3);
         }
         println!("{line}");

@@ -270,10 +270,10 @@ fn pack_kv_policy(row_bytes: usize) -> bool {
 /// Row vectors per block for `sq` query rows: as many as there are up to [`ROW_VECTORS`], and
 /// two instead of three when three would pad the last block with enough repeated rows to
 /// outweigh the larger tile's better throughput ([`VECTOR_COST`]; seq 128 in 8 lanes: 16
-/// vectors are 8 blocks of two, or 6 blocks of three computing 18). The tail ([`Plan::tail`]) now computes
-/// just the vectors left, but at MiniLM's shape (12 heads × 32, seq 128) five blocks of three
-/// and one of one measured no faster than eight of two (one thread, 337–394 µs against
-/// 348–350).
+/// vectors are 8 blocks of two, or 6 blocks of three computing 18). The tail ([`Plan::tail`])
+/// computes just the vectors left, but at MiniLM's shape (12 heads × 32, seq 128) five blocks
+/// of three and one of one measured no faster than eight of two (one thread, 337–394 µs
+/// against 348–350).
 fn row_vectors(sq: usize, lanes: usize) -> usize {
     let vectors = sq.div_ceil(lanes).max(1);
     if vectors <= ROW_VECTORS {
