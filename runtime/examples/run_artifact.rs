@@ -85,7 +85,7 @@ fn run(args: &Args) -> Result<(), String> {
         "model {} (kiln {}, {}): {} steps, {} threads, arena {} bytes",
         manifest.model,
         manifest.kiln_version,
-        manifest.target.triple,
+        manifest.target.describe(),
         manifest.steps.len(),
         model.threads(),
         model.arena_bytes()

@@ -37,8 +37,8 @@ mod weights;
 pub use error::RuntimeError;
 pub use kernels::{KernelFn, KernelSource, SharedLibrary};
 pub use manifest::{
-    BufRef, DType, FileDigest, Manifest, Step, TargetInfo, TensorSpec, KERNELS_FILE, MANIFEST_FILE,
-    WEIGHTS_FILE,
+    BufRef, DType, Dispatch, FileDigest, Manifest, ModuleRange, Step, Target, TargetInfo, TensorSpec,
+    VulkanTarget, KERNELS_FILE, MANIFEST_FILE, SPIRV_FILE, WEIGHTS_FILE,
 };
 pub use model::{Model, Options};
 pub use profile::{KindProfile, Profile, StepProfile};
@@ -46,4 +46,4 @@ pub use tensor::{Tensor, TensorRef};
 pub use weights::{WeightStore, WeightView};
 
 /// The artifact format version this runtime reads and the compiler writes.
-pub const ARTIFACT_FORMAT_VERSION: u32 = 1;
+pub const ARTIFACT_FORMAT_VERSION: u32 = 2;

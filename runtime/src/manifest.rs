@@ -7,8 +7,11 @@ use crate::error::RuntimeError;
 
 /// The manifest's file name inside an artifact directory.
 pub const MANIFEST_FILE: &str = "manifest.ron";
-/// The shared object holding one entry symbol per step.
+/// The shared object holding one entry symbol per step (CPU targets).
 pub const KERNELS_FILE: &str = "kernels.so";
+/// The SPIR-V modules of a Vulkan artifact, one after another ([`Manifest::modules`] says
+/// where each one lies).
+pub const SPIRV_FILE: &str = "kernels.spv";
 /// The parameters and constants, memory-mapped at load.
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
 
@@ -22,20 +25,73 @@ pub struct Manifest {
     /// The compiler version that wrote the artifact.
     pub kiln_version: String,
     /// The machine the kernels were compiled for.
-    pub target: TargetInfo,
+    pub target: Target,
     /// Graph inputs, in the order callers pass them.
     pub inputs: Vec<TensorSpec>,
     /// Graph outputs, in the order they are returned.
     pub outputs: Vec<TensorSpec>,
-    /// Size of the one scratch arena (64-byte aligned) holding every intermediate.
+    /// Size of the one scratch arena holding every intermediate (offsets aligned to 64 bytes
+    /// on a CPU, to [`VulkanTarget::buffer_align`] on Vulkan).
     pub arena_bytes: u64,
-    /// Size and crc32 of `kernels.so` and `weights.safetensors`.
+    /// Size and crc32 of the kernels file ([`KERNELS_FILE`] or [`SPIRV_FILE`]) and
+    /// `weights.safetensors`.
     pub files: Vec<FileDigest>,
+    /// Where each GPU module lies in [`SPIRV_FILE`]; empty for a CPU artifact.
+    pub modules: Vec<ModuleRange>,
     /// Kernel launches, in execution order.
     pub steps: Vec<Step>,
 }
 
-/// The target the kernels were compiled for; checked against the running machine.
+/// What runs the artifact's kernels, and what they need from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Target {
+    /// Native code in [`KERNELS_FILE`] for a CPU.
+    Cpu(TargetInfo),
+    /// SPIR-V compute shaders in [`SPIRV_FILE`], run through Vulkan.
+    Vulkan(VulkanTarget),
+}
+
+impl Target {
+    /// One line naming the target, for logs and the CLI (`x86_64-unknown-linux-gnu (znver3)`,
+    /// `vulkan (SPIR-V 1.3)`).
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Cpu(cpu) => format!("{} ({})", cpu.triple, cpu.cpu),
+            Target::Vulkan(v) => format!("vulkan (SPIR-V {})", v.spirv_version),
+        }
+    }
+}
+
+/// A Vulkan target: what the SPIR-V modules require of the device that runs them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VulkanTarget {
+    /// SPIR-V version of the modules, e.g. `"1.3"`.
+    pub spirv_version: String,
+    /// SPIR-V capabilities the modules may declare (`Shader`, `Int64`, `Float64`, `Int8`,
+    /// `StorageBuffer8BitAccess`, `GroupNonUniformArithmetic`, …). The runtime enables the
+    /// device feature behind each and refuses a device that lacks one.
+    pub capabilities: Vec<String>,
+    /// Alignment in bytes of every arena offset, so each binding can start at its buffer; the
+    /// device's `minStorageBufferOffsetAlignment` must divide it.
+    pub buffer_align: u64,
+    /// The most invocations any kernel's workgroup has.
+    pub max_workgroup_invocations: u32,
+    /// The most workgroup (shared) memory any kernel uses, in bytes.
+    pub max_shared_bytes: u32,
+    /// The subgroup size some kernel relies on (its shuffles assume it), if any.
+    pub subgroup_size: Option<u32>,
+}
+
+/// One SPIR-V module: a byte range of [`SPIRV_FILE`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleRange {
+    /// Byte offset in the file (a multiple of 4).
+    pub offset: u64,
+    /// Length in bytes (a multiple of 4).
+    pub bytes: u64,
+}
+
+/// A CPU target the kernels were compiled for; checked against the running machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetInfo {
     /// LLVM target triple, e.g. `x86_64-unknown-linux-gnu`.
@@ -91,26 +147,48 @@ pub struct FileDigest {
 /// One kernel launch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Step {
-    /// Entry symbol in `kernels.so`.
+    /// Entry symbol in `kernels.so` (CPU), or entry point name in its SPIR-V module (Vulkan).
     pub symbol: String,
     /// Human-readable name for profiles, e.g. `k7 matmul_epilogue(gelu) [128,1536]`.
     pub label: String,
-    /// Pointers passed in `bufs[]`, in order.
+    /// The kernel's buffers, in order: pointers in `bufs[]` on a CPU; storage-buffer bindings
+    /// `0..n` of descriptor set 0 on Vulkan.
     pub args: Vec<BufRef>,
-    /// Iterations of the kernel's outer parallel loop.
-    pub range: u64,
-    /// Minimum iterations per task (at least 1); `range <= grain` runs on one thread.
-    pub grain: u64,
+    /// How the kernel is launched.
+    pub dispatch: Dispatch,
     /// Estimated floating-point operations of the whole step.
     pub flops: u64,
     /// Estimated bytes moved by the whole step.
     pub bytes: u64,
 }
 
+/// How one step is launched; it matches the artifact's [`Target`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Dispatch {
+    /// `kiln_{symbol}(bufs, begin, end)` over `[0, range)`, split into tasks of at least `grain`
+    /// iterations (`range <= grain` runs on one thread).
+    Cpu {
+        /// Iterations of the kernel's outer parallel loop.
+        range: u64,
+        /// Minimum iterations per task (at least 1).
+        grain: u64,
+    },
+    /// A grid of workgroups running entry point `symbol` of module `module`.
+    Gpu {
+        /// Index into [`Manifest::modules`].
+        module: u32,
+        /// Workgroups along x, y, z.
+        grid: [u32; 3],
+        /// Invocations per workgroup along x, y, z (also fixed in the module).
+        workgroup: [u32; 3],
+    },
+}
+
 /// Where a kernel argument points.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BufRef {
-    /// A range of the arena; `offset` is 64-byte aligned.
+    /// A range of the arena; `offset` is aligned (64 bytes on a CPU, the target's
+    /// `buffer_align` on Vulkan).
     Arena {
         /// Byte offset from the arena's start.
         offset: u64,
@@ -230,15 +308,16 @@ mod tests {
             format_version: crate::ARTIFACT_FORMAT_VERSION,
             model: "m".into(),
             kiln_version: "0.1.0".into(),
-            target: TargetInfo {
+            target: Target::Cpu(TargetInfo {
                 triple: "x86_64-unknown-linux-gnu".into(),
                 cpu: "znver3".into(),
                 features: "+avx2".into(),
-            },
+            }),
             inputs: vec![TensorSpec { name: "x".into(), dtype: DType::BF16, shape: vec![2, 3] }],
             outputs: vec![TensorSpec { name: "y".into(), dtype: DType::Bool, shape: vec![] }],
             arena_bytes: 128,
             files: vec![FileDigest::of(KERNELS_FILE, b"abc")],
+            modules: vec![],
             steps: vec![Step {
                 symbol: "k0".into(),
                 label: "k0 add [2,3]".into(),
@@ -248,8 +327,7 @@ mod tests {
                     BufRef::Arena { offset: 64, bytes: 64 },
                     BufRef::Output { index: 0 },
                 ],
-                range: 2,
-                grain: 1,
+                dispatch: Dispatch::Cpu { range: 2, grain: 1 },
                 flops: 6,
                 bytes: 36,
             }],

@@ -14,7 +14,7 @@ use crate::error::RuntimeError;
 use crate::exec::{self, SendPtr};
 use crate::kernels::{KernelFn, KernelSource, SharedLibrary};
 use crate::manifest::{
-    shape_str, BufRef, FileDigest, Manifest, TensorSpec, KERNELS_FILE, MANIFEST_FILE, WEIGHTS_FILE,
+    shape_str, BufRef, Dispatch, FileDigest, Manifest, TensorSpec, KERNELS_FILE, MANIFEST_FILE, WEIGHTS_FILE,
 };
 use crate::profile::Profile;
 use crate::target;
@@ -144,16 +144,18 @@ impl Model {
         let mut launches = Vec::with_capacity(manifest.steps.len());
         for step in &manifest.steps {
             let at = &step.label;
-            if step.grain == 0 {
+            let Dispatch::Cpu { range, grain } = step.dispatch else {
+                return Err(RuntimeError::invalid(format!(
+                    "step {at:?} is a GPU dispatch in a CPU artifact"
+                )));
+            };
+            if grain == 0 {
                 return Err(RuntimeError::invalid(format!(
                     "step {at:?} has grain 0 (it must be at least 1)"
                 )));
             }
-            if i64::try_from(step.range).is_err() {
-                return Err(RuntimeError::invalid(format!(
-                    "step {at:?} has range {} (over i64::MAX)",
-                    step.range
-                )));
+            if i64::try_from(range).is_err() {
+                return Err(RuntimeError::invalid(format!("step {at:?} has range {range} (over i64::MAX)")));
             }
             let mut args = Vec::with_capacity(step.args.len());
             let mut slots = Vec::new();
@@ -214,7 +216,7 @@ impl Model {
                 step: at.clone(),
                 symbol: step.symbol.clone(),
             })?;
-            launches.push(Launch { kernel, args, slots, range: step.range, grain: step.grain });
+            launches.push(Launch { kernel, args, slots, range, grain });
         }
         Ok(Model { manifest, launches, threads, pool, _arena: arena, weights, _kernels: kernels })
     }

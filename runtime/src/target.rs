@@ -2,11 +2,16 @@
 //! would otherwise crash with SIGILL in the middle of a run.
 
 use crate::error::RuntimeError;
-use crate::manifest::TargetInfo;
+use crate::manifest::{Target, TargetInfo};
 
 /// Checks the manifest's target against the running machine.
-pub(crate) fn check(target: &TargetInfo) -> Result<(), RuntimeError> {
-    check_with(target, std::env::consts::ARCH, host_has)
+pub(crate) fn check(target: &Target) -> Result<(), RuntimeError> {
+    match target {
+        Target::Cpu(cpu) => check_with(cpu, std::env::consts::ARCH, host_has),
+        Target::Vulkan(_) => {
+            Err(RuntimeError::invalid("this is a Vulkan artifact; the CPU loader cannot run it".to_string()))
+        }
+    }
 }
 
 /// [`check`] with the host's architecture and feature test given, so tests can play other CPUs.
@@ -127,6 +132,6 @@ mod tests {
     #[test]
     fn this_machine_accepts_its_own_target() {
         let triple = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
-        assert!(check(&target(&triple, "")).is_ok());
+        assert!(check(&Target::Cpu(target(&triple, ""))).is_ok());
     }
 }

@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use kiln_runtime::{
-    BufRef, DType, KernelFn, KernelSource, Manifest, Model, Options, RuntimeError, TensorRef, WeightStore,
-    KERNELS_FILE, MANIFEST_FILE, WEIGHTS_FILE,
+    BufRef, DType, Dispatch, KernelFn, KernelSource, Manifest, Model, Options, RuntimeError, TensorRef,
+    WeightStore, KERNELS_FILE, MANIFEST_FILE, WEIGHTS_FILE,
 };
 
 const X_SHAPE: [u64; 2] = [ROWS as u64, COLS as u64];
@@ -74,7 +74,13 @@ fn threads_split_steps_and_agree_with_one_thread() {
 
     // A grain of the whole range runs each step in one call.
     let mut toy = toy;
-    toy.edit(|m| m.steps.iter_mut().for_each(|s| s.grain = 64));
+    toy.edit(|m| {
+        m.steps.iter_mut().for_each(|s| {
+            if let Dispatch::Cpu { grain, .. } = &mut s.dispatch {
+                *grain = 64;
+            }
+        })
+    });
     let mut model = load(&toy, 2).unwrap();
     let before = calls();
     assert_eq!(run_toy(&mut model, &x, &scale).unwrap(), single);
@@ -188,8 +194,7 @@ fn from_parts_runs_in_memory_kernels_and_weights() {
         symbol: "scale_rows".into(),
         label: "triple".into(),
         args: vec![BufRef::Weight { name: "w".into(), bytes: 32 }, BufRef::Output { index: 0 }],
-        range: 8,
-        grain: 1,
+        dispatch: kiln_runtime::Dispatch::Cpu { range: 8, grain: 1 },
         flops: 8,
         bytes: 64,
     }];
@@ -221,7 +226,7 @@ fn refuses_another_format_version() {
 fn refuses_another_architecture() {
     let mut toy = Toy::new();
     let other = if std::env::consts::ARCH == "aarch64" { "x86_64" } else { "aarch64" };
-    toy.edit(|m| m.target.triple = format!("{other}-unknown-linux-gnu"));
+    toy.edit(|m| cpu_target(m).triple = format!("{other}-unknown-linux-gnu"));
     let err = load_err(&toy);
     assert!(err.contains(&format!("architecture {other}")), "{err}");
     assert!(err.contains(&format!("this machine is {}", std::env::consts::ARCH)), "{err}");
@@ -235,7 +240,7 @@ fn refuses_missing_cpu_features() {
         return;
     }
     let mut toy = Toy::new();
-    toy.edit(|m| m.target.features = "+avx2,+fma,+avx512f".into());
+    toy.edit(|m| cpu_target(m).features = "+avx2,+fma,+avx512f".into());
     let err = load_err(&toy);
     assert!(err.contains("features this CPU lacks: avx512f"), "{err}");
 }
@@ -337,7 +342,7 @@ fn refuses_missing_symbols_and_bad_steps() {
     assert_eq!(load_err(&toy), "step \"k2 out [64,16]\": symbol \"k_gelu\" is not in the kernels");
 
     let mut toy = Toy::new();
-    toy.edit(|m| m.steps[0].grain = 0);
+    toy.edit(|m| m.steps[0].dispatch = Dispatch::Cpu { range: 64, grain: 0 });
     assert!(load_err(&toy).contains("grain 0"));
 
     let mut toy = Toy::new();
@@ -356,4 +361,12 @@ fn model_is_usable_from_another_thread() {
     let (x, scale) = (x_data(), scale_data());
     let got = std::thread::spawn(move || run_toy(&mut model, &x, &scale).unwrap()).join().unwrap();
     assert_eq!(got, expected(&x_data(), &scale_data()));
+}
+
+/// The CPU target of a toy manifest.
+fn cpu_target(m: &mut Manifest) -> &mut kiln_runtime::TargetInfo {
+    match &mut m.target {
+        kiln_runtime::Target::Cpu(cpu) => cpu,
+        other => panic!("the toy artifact is a CPU one, not {other:?}"),
+    }
 }

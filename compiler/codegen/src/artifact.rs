@@ -5,8 +5,8 @@
 use crate::{build, program, CodegenError, Compiled, Target};
 use kiln_ir::{fmt_shape, DType, Tensor};
 use kiln_runtime::{
-    BufRef, FileDigest, Manifest, Step, TargetInfo, TensorSpec, ARTIFACT_FORMAT_VERSION, KERNELS_FILE,
-    MANIFEST_FILE, WEIGHTS_FILE,
+    BufRef, Dispatch, FileDigest, Manifest, Step, TargetInfo, TensorSpec, ARTIFACT_FORMAT_VERSION,
+    KERNELS_FILE, MANIFEST_FILE, WEIGHTS_FILE,
 };
 use kiln_sched::{Schedule, Storage};
 use std::collections::HashMap;
@@ -110,8 +110,7 @@ pub fn build_artifact(
             symbol: crate::Kernel::entry(&k.symbol),
             label: format!("k{i} {} {}", sk.name(), fmt_shape(&sk.output.view.shape)),
             args,
-            range: k.range as u64,
-            grain: k.grain.max(1) as u64,
+            dispatch: Dispatch::Cpu { range: k.range as u64, grain: k.grain.max(1) as u64 },
             flops: k.flops,
             bytes: k.bytes,
         });
@@ -133,15 +132,16 @@ pub fn build_artifact(
         format_version: ARTIFACT_FORMAT_VERSION,
         model: model.to_string(),
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
-        target: TargetInfo {
+        target: kiln_runtime::Target::Cpu(TargetInfo {
             triple: target.triple().to_string(),
             cpu: target.cpu().to_string(),
             features: target.features().to_string(),
-        },
+        }),
         inputs: s.inputs.iter().map(spec).collect(),
         outputs: s.outputs.iter().map(spec).collect(),
         arena_bytes: s.arena_bytes as u64,
         files: vec![digest(KERNELS_FILE)?, digest(WEIGHTS_FILE)?],
+        modules: Vec::new(),
         steps,
     };
     let text = manifest.to_ron().map_err(|e| CodegenError::Artifact(e.to_string()))?;

@@ -10,8 +10,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use kiln_runtime::{
-    BufRef, DType, FileDigest, Manifest, Step, TargetInfo, TensorSpec, ARTIFACT_FORMAT_VERSION, KERNELS_FILE,
-    MANIFEST_FILE, WEIGHTS_FILE,
+    BufRef, DType, Dispatch, FileDigest, Manifest, Step, Target, TargetInfo, TensorSpec,
+    ARTIFACT_FORMAT_VERSION, KERNELS_FILE, MANIFEST_FILE, WEIGHTS_FILE,
 };
 
 pub const ROWS: usize = 64;
@@ -142,8 +142,7 @@ pub fn toy_manifest() -> Manifest {
         symbol: symbol.into(),
         label: label.into(),
         args,
-        range: ROWS as u64,
-        grain,
+        dispatch: Dispatch::Cpu { range: ROWS as u64, grain },
         flops,
         bytes: 3 * plane,
     };
@@ -155,7 +154,7 @@ pub fn toy_manifest() -> Manifest {
         format_version: ARTIFACT_FORMAT_VERSION,
         model: "toy".into(),
         kiln_version: "0.1.0".into(),
-        target: host_target(),
+        target: Target::Cpu(host_target()),
         inputs: vec![
             TensorSpec { name: "x".into(), dtype: DType::F32, shape: vec![ROWS as u64, COLS as u64] },
             TensorSpec { name: "scale".into(), dtype: DType::I32, shape: vec![ROWS as u64] },
@@ -166,6 +165,7 @@ pub fn toy_manifest() -> Manifest {
         ],
         arena_bytes: 2 * plane,
         files: Vec::new(),
+        modules: Vec::new(),
         steps: vec![
             step("k_mul", "k0 mul [64,16]", vec![BufRef::Input { index: 0 }, w(), t()], 4, N as u64),
             step("k_add", "k1 add [64,16]", vec![t(), c(), u()], 4, N as u64),
