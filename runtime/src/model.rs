@@ -504,7 +504,7 @@ mod tests {
         let err = check_version(probe.format_version).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "artifact format version 7, this runtime reads version 1: recompile the model"
+            "artifact format version 7, this runtime reads version 2: recompile the model"
         );
     }
 }
