@@ -168,12 +168,15 @@ pub fn inspect(
                 }
             }
         }
-        Stage::Kernels | Stage::Mlir | Stage::Llvm => {
+        Stage::Kernels | Stage::Mlir | Stage::Llvm | Stage::Gpu | Stage::Spirv => {
             let l = load(model, set)?;
             let (mut g, _) =
                 kiln_opt::optimize(&l.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
             // What `kiln compile` builds: its weight-only nodes become stored parameters.
             kiln_ir::fold_weights_without_values(&mut g);
+            if matches!(stage, Stage::Gpu | Stage::Spirv) {
+                return print_gpu(&g, stage);
+            }
             let sched = kiln_sched::schedule(&g).map_err(|e| user(e.to_string()))?;
             if stage == Stage::Kernels {
                 match format {
@@ -196,6 +199,49 @@ pub fn inspect(
         }
     }
     Ok(())
+}
+
+/// `--stage gpu` (the Vulkan target's kernels as `gpu.module`s, each with its plan) or
+/// `--stage spirv` (each kernel's SPIR-V, disassembled by `spirv-dis` when it is installed,
+/// else in MLIR's `spirv` dialect, the form it was serialized from).
+fn print_gpu(g: &kiln_ir::Graph, stage: Stage) -> Result<(), Failure> {
+    let caps = kiln_codegen::gpu::GpuCaps::vulkan();
+    let sched = kiln_sched::schedule_aligned(g, caps.buffer_align).map_err(|e| user(e.to_string()))?;
+    let program = kiln_codegen::gpu::kernels(&sched, &caps).map_err(|e| user(e.to_string()))?;
+    if stage == Stage::Gpu {
+        print!("{}", kiln_codegen::gpu::spirv::module_text(&program.kernels));
+        return Ok(());
+    }
+    let modules =
+        kiln_codegen::gpu::spirv::compile(&program.kernels, &caps).map_err(|e| user(e.to_string()))?;
+    for m in &modules {
+        println!(
+            "; kernel {} ({} bytes; capabilities: {})",
+            m.symbol,
+            m.words.len(),
+            m.capabilities.join(", ")
+        );
+        match disassemble(&m.words) {
+            Some(text) => print!("{text}"),
+            None => println!("{}", m.text),
+        }
+    }
+    Ok(())
+}
+
+/// SPIR-V words as `spirv-dis` prints them; `None` when the tool is not installed or fails.
+fn disassemble(words: &[u8]) -> Option<String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("spirv-dis")
+        .args(["--raw-id", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    child.stdin.take()?.write_all(words).ok()?;
+    let out = child.wait_with_output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Optimizer options for the pipeline `kiln compile` and `kiln run` use: it folds weight-only

@@ -74,7 +74,7 @@ enum Command {
         #[arg(short, long, value_name = "OUT.kiln")]
         output: PathBuf,
         /// What to compile for: `host` (this CPU and its features), `x86_64` (any x86-64),
-        /// `aarch64` (cross-compiled).
+        /// `aarch64` (cross-compiled), `vulkan` (SPIR-V for any Vulkan 1.1 GPU).
         #[arg(long, default_value = "host")]
         target: String,
         /// Parameters by checkpoint name (.safetensors); without it, parameters are initialized.
@@ -130,6 +130,10 @@ pub enum Stage {
     Kernels,
     Mlir,
     Llvm,
+    /// The Vulkan target's kernels as GPU MLIR (`gpu.module`s), each with its plan.
+    Gpu,
+    /// The Vulkan target's kernels as SPIR-V, disassembled.
+    Spirv,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]

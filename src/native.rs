@@ -4,6 +4,7 @@
 use crate::commands::{
     bind_params, fill_inputs, folding_options, load, print_outputs, user, write_outputs, Failure,
 };
+use kiln_codegen::gpu::GpuCaps;
 use kiln_codegen::{CpuTarget, Target};
 use kiln_ir::{Buffer, DType, Graph, Tensor};
 use kiln_runtime::{Model, Options, TensorRef};
@@ -21,9 +22,18 @@ pub struct CompileArgs {
     pub set: Vec<String>,
 }
 
-fn target_by_name(name: &str) -> Result<CpuTarget, Failure> {
-    CpuTarget::by_name(name).ok_or_else(|| {
-        Failure::Usage(format!("unknown target `{name}` (known: {})", CpuTarget::NAMES.join(", ")))
+/// What `--target` names: a CPU, or a GPU through Vulkan.
+pub(crate) enum CompileTarget {
+    Cpu(CpuTarget),
+    Vulkan(GpuCaps),
+}
+
+pub(crate) fn target_by_name(name: &str) -> Result<CompileTarget, Failure> {
+    if name == "vulkan" {
+        return Ok(CompileTarget::Vulkan(GpuCaps::vulkan()));
+    }
+    CpuTarget::by_name(name).map(CompileTarget::Cpu).ok_or_else(|| {
+        Failure::Usage(format!("unknown target `{name}` (known: {}, vulkan)", CpuTarget::NAMES.join(", ")))
     })
 }
 
@@ -52,15 +62,45 @@ fn prepare(
     Ok((g, params))
 }
 
-/// Optimizes, schedules and compiles `g` into the artifact directory `out`.
+/// What building an artifact reports: its manifest and the time each part took.
+struct BuildReport {
+    manifest: kiln_runtime::Manifest,
+    emit: std::time::Duration,
+    compile: std::time::Duration,
+    write: std::time::Duration,
+}
+
+/// Schedules and compiles `g` for `target` into the artifact directory `out`.
 fn build(
     g: &Graph,
     params: &HashMap<String, Tensor>,
-    target: &CpuTarget,
+    target: &CompileTarget,
     out: &Path,
-) -> Result<kiln_codegen::Built, Failure> {
-    let s = kiln_sched::schedule(g).map_err(|e| user(e.to_string()))?;
-    kiln_codegen::build_artifact(&g.name, &s, params, target, out).map_err(|e| user(e.to_string()))
+) -> Result<BuildReport, Failure> {
+    match target {
+        CompileTarget::Cpu(cpu) => {
+            let s = kiln_sched::schedule(g).map_err(|e| user(e.to_string()))?;
+            let b = kiln_codegen::build_artifact(&g.name, &s, params, cpu, out)
+                .map_err(|e| user(e.to_string()))?;
+            Ok(BuildReport {
+                manifest: b.manifest,
+                emit: b.emit_time,
+                compile: b.compile_time,
+                write: b.write_time,
+            })
+        }
+        CompileTarget::Vulkan(caps) => {
+            let s = kiln_sched::schedule_aligned(g, caps.buffer_align).map_err(|e| user(e.to_string()))?;
+            let b = kiln_codegen::build_vulkan_artifact(&g.name, &s, params, caps, out)
+                .map_err(|e| user(e.to_string()))?;
+            Ok(BuildReport {
+                manifest: b.manifest,
+                emit: b.emit_time,
+                compile: b.compile_time,
+                write: b.write_time,
+            })
+        }
+    }
 }
 
 pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
@@ -70,22 +110,24 @@ pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
     let front = start.elapsed();
     let built = build(&g, &params, &target, &a.output)?;
     let m = &built.manifest;
+    let (name, lowering) = match &target {
+        CompileTarget::Cpu(cpu) => (format!("{} ({})", cpu.name(), cpu.cpu()), "MLIR+LLVM"),
+        CompileTarget::Vulkan(_) => (m.target.describe(), "MLIR→SPIR-V"),
+    };
     println!(
-        "compiled `{}` for {} ({}) into {}: {} kernels, arena {}",
+        "compiled `{}` for {name} into {}: {} kernels, arena {}",
         m.model,
-        target.name(),
-        target.cpu(),
         a.output.display(),
         m.steps.len(),
         bytes(m.arena_bytes)
     );
     println!(
-        "time: {:.0} ms (front end + optimizer {:.0} ms, kernels {:.0} ms, MLIR+LLVM {:.0} ms, link+write {:.0} ms)",
+        "time: {:.0} ms (front end + optimizer {:.0} ms, kernels {:.0} ms, {lowering} {:.0} ms, write {:.0} ms)",
         start.elapsed().as_secs_f64() * 1e3,
         front.as_secs_f64() * 1e3,
-        built.emit_time.as_secs_f64() * 1e3,
-        built.compile_time.as_secs_f64() * 1e3,
-        built.write_time.as_secs_f64() * 1e3
+        built.emit.as_secs_f64() * 1e3,
+        built.compile.as_secs_f64() * 1e3,
+        built.write.as_secs_f64() * 1e3
     );
     Ok(())
 }
@@ -123,7 +165,7 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
         let (g, params) = prepare(&a.model, &a.set, a.weights.as_deref(), a.seed, a.init_missing)?;
         let dir = tempfile::tempdir().map_err(|e| user(format!("cannot create a scratch directory: {e}")))?;
         let start = Instant::now();
-        build(&g, &params, &CpuTarget::host(), dir.path())?;
+        build(&g, &params, &CompileTarget::Cpu(CpuTarget::host()), dir.path())?;
         eprintln!("compiled in {:.0} ms", start.elapsed().as_secs_f64() * 1e3);
         let m = Model::load_with(dir.path(), &options).map_err(|e| user(e.to_string()))?;
         _scratch = dir;

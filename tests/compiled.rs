@@ -329,3 +329,85 @@ fn cli_compiles_runs_and_refuses_damaged_artifacts() {
     assert_eq!(usage.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&usage.stderr).contains("unknown target `riscv64`"));
 }
+
+// ------------------------------------------------------------------------------------- Vulkan
+
+/// Compiles `g` for the Vulkan target into `dir` (a schedule aligned for its bindings).
+fn build_vulkan(g: &Graph, params: &HashMap<String, Tensor>, dir: &Path) -> kiln_codegen::BuiltGpu {
+    let caps = kiln_codegen::gpu::GpuCaps::vulkan();
+    let s = kiln_sched::schedule_aligned(g, caps.buffer_align).expect("schedules");
+    kiln_codegen::build_vulkan_artifact(&g.name, &s, params, &caps, dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", g.name))
+}
+
+/// `spirv-val` over every module of a built artifact; `None` when the tool is missing.
+fn spirv_val(built: &kiln_codegen::BuiltGpu, what: &str) -> Option<()> {
+    let dir = tempfile::tempdir().unwrap();
+    for m in &built.modules {
+        let path = dir.path().join(format!("{}.spv", m.symbol));
+        std::fs::write(&path, &m.words).unwrap();
+        let out = match std::process::Command::new("spirv-val")
+            .arg("--target-env")
+            .arg("vulkan1.1")
+            .arg(&path)
+            .output()
+        {
+            Ok(out) => out,
+            Err(_) => return None,
+        };
+        assert!(
+            out.status.success(),
+            "{what}: kernel {} is not valid SPIR-V:\n{}\n{}",
+            m.symbol,
+            String::from_utf8_lossy(&out.stderr),
+            m.text
+        );
+    }
+    Some(())
+}
+
+#[test]
+fn vulkan_kernels_are_valid_spirv() {
+    let mut graphs: Vec<Graph> = Vec::new();
+    for (name, inputs, body) in OP_CASES {
+        let g = op_case(name, inputs, body);
+        graphs.push(optimized(&g));
+        graphs.push(g);
+    }
+    for g in &graphs {
+        let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let built = build_vulkan(g, &params, dir.path());
+        eprintln!("{}: {} modules", g.name, built.modules.len());
+        if spirv_val(&built, &g.name).is_none() {
+            eprintln!("skipped: spirv-val is not installed (Debian package spirv-tools)");
+            return;
+        }
+    }
+}
+
+#[test]
+fn scratch_vulkan_shipped() {
+    for model in
+        ["mlp.ron", "bert_encoder.ron", "seed_transformer.ron", "resnet_block.ron", "lstm.ron", "gpt2.ron"]
+    {
+        let g = optimized(&shipped(model, &[]));
+        let params = kiln_ir::bind_params(&g, None, 0, false).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let caps = kiln_codegen::gpu::GpuCaps::vulkan();
+        let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).expect("schedules");
+        match kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, &caps, dir.path()) {
+            Ok(built) => {
+                eprintln!(
+                    "{model}: {} modules, {} steps, emit {:?} spirv {:?}",
+                    built.modules.len(),
+                    built.manifest.steps.len(),
+                    built.emit_time,
+                    built.compile_time
+                );
+                spirv_val(&built, model);
+            }
+            Err(e) => eprintln!("{model}: ERROR {e}"),
+        }
+    }
+}

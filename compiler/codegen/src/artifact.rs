@@ -2,11 +2,12 @@
 //! `weights.safetensors`, in the format kiln-runtime reads (its `manifest` module is the
 //! contract; this is the only writer).
 
+use crate::gpu::{self, GpuCaps, GpuProgram, SpirvModule};
 use crate::{build, program, CodegenError, Compiled, Target};
 use kiln_ir::{fmt_shape, DType, Tensor};
 use kiln_runtime::{
-    BufRef, Dispatch, FileDigest, Manifest, Step, TargetInfo, TensorSpec, ARTIFACT_FORMAT_VERSION,
-    KERNELS_FILE, MANIFEST_FILE, WEIGHTS_FILE,
+    BufRef, Dispatch, FileDigest, Manifest, ModuleRange, Step, TargetInfo, TensorSpec, VulkanTarget,
+    ARTIFACT_FORMAT_VERSION, KERNELS_FILE, MANIFEST_FILE, SPIRV_FILE, WEIGHTS_FILE,
 };
 use kiln_sched::{Schedule, Storage};
 use std::collections::HashMap;
@@ -123,11 +124,6 @@ pub fn build_artifact(
         let data = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
         Ok(FileDigest::of(name, &data))
     };
-    let spec = |(name, d, shape): &(String, DType, Vec<usize>)| TensorSpec {
-        name: name.clone(),
-        dtype: runtime_dtype(*d),
-        shape: shape.iter().map(|&x| x as u64).collect(),
-    };
     let manifest = Manifest {
         format_version: ARTIFACT_FORMAT_VERSION,
         model: model.to_string(),
@@ -137,8 +133,8 @@ pub fn build_artifact(
             cpu: target.cpu().to_string(),
             features: target.features().to_string(),
         }),
-        inputs: s.inputs.iter().map(spec).collect(),
-        outputs: s.outputs.iter().map(spec).collect(),
+        inputs: s.inputs.iter().map(tensor_spec).collect(),
+        outputs: s.outputs.iter().map(tensor_spec).collect(),
         arena_bytes: s.arena_bytes as u64,
         files: vec![digest(KERNELS_FILE)?, digest(WEIGHTS_FILE)?],
         modules: Vec::new(),
@@ -149,4 +145,132 @@ pub fn build_artifact(
     std::fs::write(&mpath, text).map_err(|e| io_err(&mpath, e))?;
     let t3 = Instant::now();
     Ok(Built { manifest, compiled, emit_time: t1 - t0, compile_time: t2 - t1, write_time: t3 - t2 })
+}
+
+/// What building a Vulkan artifact produced, and how long each part took.
+pub struct BuiltGpu {
+    pub manifest: Manifest,
+    pub program: GpuProgram,
+    pub modules: Vec<SpirvModule>,
+    /// Emitting the kernels' MLIR.
+    pub emit_time: Duration,
+    /// The SPIR-V conversion and serialization.
+    pub compile_time: Duration,
+    /// Writing the files.
+    pub write_time: Duration,
+}
+
+/// Capabilities that need no device feature of their own (`Matrix` comes with `Shader`).
+const IMPLIED_CAPABILITIES: [&str; 1] = ["Matrix"];
+
+/// Compiles `s` (scheduled with [`kiln_sched::schedule_aligned`] at `caps.buffer_align`) to
+/// SPIR-V for the Vulkan target `caps` and writes the artifact into `dir`: `manifest.ron`,
+/// `kernels.spv` (the modules one after another) and `weights.safetensors`.
+pub fn build_vulkan_artifact(
+    model: &str,
+    s: &Schedule,
+    params: &HashMap<String, Tensor>,
+    caps: &GpuCaps,
+    dir: &Path,
+) -> Result<BuiltGpu, CodegenError> {
+    let t0 = Instant::now();
+    let program = gpu::kernels(s, caps)?;
+    let t1 = Instant::now();
+    let modules = gpu::spirv::compile(&program.kernels, caps)?;
+    let t2 = Instant::now();
+
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let mut blob = Vec::new();
+    let mut ranges = Vec::with_capacity(modules.len());
+    let mut capabilities: Vec<String> = Vec::new();
+    for m in &modules {
+        ranges.push(ModuleRange { offset: blob.len() as u64, bytes: m.words.len() as u64 });
+        blob.extend_from_slice(&m.words);
+        for c in &m.capabilities {
+            if !capabilities.contains(c) && !IMPLIED_CAPABILITIES.contains(&c.as_str()) {
+                capabilities.push(c.clone());
+            }
+        }
+    }
+    let spv = dir.join(SPIRV_FILE);
+    std::fs::write(&spv, &blob).map_err(|e| io_err(&spv, e))?;
+
+    let mut weights: Vec<(String, Tensor)> = Vec::new();
+    let mut stored = std::collections::HashSet::new();
+    let mut steps = Vec::with_capacity(s.kernels.len());
+    for (i, (&ki, sk)) in program.step_kernel.iter().zip(&s.kernels).enumerate() {
+        let k = &program.kernels[ki];
+        let mut args = Vec::with_capacity(sk.inputs.len() + 1);
+        for o in sk.inputs.iter().chain(std::iter::once(&sk.output)) {
+            let b = &s.buffers[o.buffer];
+            let bytes = b.bytes() as u64;
+            args.push(match &b.storage {
+                Storage::Input { index } => BufRef::Input { index: *index as u32 },
+                Storage::Output { index } => BufRef::Output { index: *index as u32 },
+                Storage::Weight { name } | Storage::Const { name, .. } => {
+                    if stored.insert(name.clone()) {
+                        weights.push((name.clone(), constant(b, params)?.clone()));
+                    }
+                    BufRef::Weight { name: name.clone(), bytes }
+                }
+                Storage::Arena { offset } => BufRef::Arena { offset: *offset as u64, bytes },
+            });
+        }
+        steps.push(Step {
+            symbol: k.symbol.clone(),
+            label: format!("k{i} {} {}", sk.name(), fmt_shape(&sk.output.view.shape)),
+            args,
+            dispatch: Dispatch::Gpu {
+                module: ki as u32,
+                grid: k.plan.launch.grid,
+                workgroup: k.plan.launch.workgroup,
+            },
+            flops: k.flops,
+            bytes: k.bytes,
+        });
+    }
+    let wpath = dir.join(WEIGHTS_FILE);
+    kiln_ir::tensor_io::write_safetensors(&wpath, &weights).map_err(|e| io_err(&wpath, e))?;
+    let wdata = std::fs::read(&wpath).map_err(|e| io_err(&wpath, e))?;
+    let kernels = &program.kernels;
+    let manifest = Manifest {
+        format_version: ARTIFACT_FORMAT_VERSION,
+        model: model.to_string(),
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        target: kiln_runtime::Target::Vulkan(VulkanTarget {
+            spirv_version: gpu::spirv::SPIRV_VERSION.to_string(),
+            capabilities,
+            buffer_align: s.arena_align as u64,
+            max_workgroup_invocations: kernels.iter().map(|k| k.plan.launch.invocations()).max().unwrap_or(1),
+            max_shared_bytes: kernels.iter().map(|k| k.plan.shared_bytes).max().unwrap_or(0),
+            subgroup_size: None,
+        }),
+        inputs: s.inputs.iter().map(tensor_spec).collect(),
+        outputs: s.outputs.iter().map(tensor_spec).collect(),
+        arena_bytes: s.arena_bytes as u64,
+        files: vec![FileDigest::of(SPIRV_FILE, &blob), FileDigest::of(WEIGHTS_FILE, &wdata)],
+        modules: ranges,
+        steps,
+    };
+    let text = manifest.to_ron().map_err(|e| CodegenError::Artifact(e.to_string()))?;
+    let mpath = dir.join(MANIFEST_FILE);
+    std::fs::write(&mpath, text).map_err(|e| io_err(&mpath, e))?;
+    let t3 = Instant::now();
+    Ok(BuiltGpu {
+        manifest,
+        program,
+        modules,
+        emit_time: t1 - t0,
+        compile_time: t2 - t1,
+        write_time: t3 - t2,
+    })
+}
+
+/// The manifest's description of a graph input or output.
+fn tensor_spec((name, d, shape): &(String, DType, Vec<usize>)) -> TensorSpec {
+    TensorSpec {
+        name: name.clone(),
+        dtype: runtime_dtype(*d),
+        shape: shape.iter().map(|&x| x as u64).collect(),
+    }
 }

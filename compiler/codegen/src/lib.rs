@@ -4,6 +4,8 @@
 //! - [`mlir_text`]: a builder for MLIR text with the math kernels need (exp, erf, tanh…);
 //! - [`kernel`]: the [`Kernel`] contract between emitters, the build and the runtime;
 //! - [`build`]: MLIR → LLVM dialect → LLVM IR (inkwell) → O3 → object → shared object;
+//! - [`gpu`]: the GPU kernel layer (plans from target capabilities, `gpu.func` emitters, the
+//!   SPIR-V lowering) and [`artifact::build_vulkan_artifact`];
 //! - [`loader`]: compiled kernels loaded into this process, for tests and benchmarks;
 //! - [`context`], [`run_pass_pipeline`], [`translate_to_llvm`], [`host_cpu`]: toolchain plumbing,
 //!   and [`jit_smoke`], a check that all of it works in this build.
@@ -15,6 +17,7 @@ pub mod artifact;
 pub mod build;
 mod context;
 mod error;
+pub mod gpu;
 pub mod kernel;
 pub mod kernels;
 mod llvm;
@@ -24,7 +27,7 @@ pub mod program;
 mod smoke;
 pub mod target;
 
-pub use artifact::{build_artifact, Built};
+pub use artifact::{build_artifact, build_vulkan_artifact, Built, BuiltGpu};
 pub use build::{compile, link_shared, Compiled};
 pub use context::{context, run_pass_pipeline, verify};
 pub use error::CodegenError;

@@ -13,7 +13,7 @@ pub fn symbol(i: usize) -> String {
     format!("k{i}")
 }
 
-fn view(s: &Schedule, o: &Operand, v: StridedView) -> View {
+pub(crate) fn view(s: &Schedule, o: &Operand, v: StridedView) -> View {
     View {
         shape: v.shape,
         strides: v.strides,
@@ -23,15 +23,15 @@ fn view(s: &Schedule, o: &Operand, v: StridedView) -> View {
     }
 }
 
-fn plain(s: &Schedule, o: &Operand) -> View {
+pub(crate) fn plain(s: &Schedule, o: &Operand) -> View {
     view(s, o, o.view.clone())
 }
 
-fn broadcast(s: &Schedule, o: &Operand, shape: &[usize]) -> View {
+pub(crate) fn broadcast(s: &Schedule, o: &Operand, shape: &[usize]) -> View {
     view(s, o, o.view.broadcast_to(shape))
 }
 
-fn bad(what: &str) -> CodegenError {
+pub(crate) fn bad(what: &str) -> CodegenError {
     CodegenError::Unsupported(format!("scheduled kernel with malformed operands: {what}"))
 }
 
@@ -259,26 +259,8 @@ fn matmul(
     out: &Operand,
     target: &dyn Target,
 ) -> Result<(Kernel, Option<Unnamed>), CodegenError> {
-    let av = if a.view.shape.len() == 1 { a.view.unsqueeze(0) } else { a.view.clone() };
-    let bv = if b.view.shape.len() == 1 { b.view.unsqueeze(1) } else { b.view.clone() };
-    let (ar, br) = (av.shape.len(), bv.shape.len());
-    let batch = kiln_ir::broadcast_shapes("matmul", &av.shape[..ar - 2], &bv.shape[..br - 2])
-        .map_err(|e| bad(&e.to_string()))?;
-    let (m, kd, n) = (av.shape[ar - 2], av.shape[ar - 1], bv.shape[br - 1]);
-    let shape_of = |x: usize, y: usize| {
-        let mut s = batch.clone();
-        s.extend([x, y]);
-        s
-    };
-    let out_shape = shape_of(m, n);
-    let a_view = view(s, a, av.broadcast_to(&shape_of(m, kd)));
-    let b_view = view(s, b, bv.broadcast_to(&shape_of(kd, n)));
-    let to_kernel_shape = |v: &StridedView| v.reshape(&out_shape).ok_or_else(|| bad("matmul result layout"));
-    let o_view = view(s, out, to_kernel_shape(&out.view)?);
-    let bias_view = match bias {
-        Some(bo) => Some(view(s, bo, to_kernel_shape(&bo.view.broadcast_to(&out.view.shape))?)),
-        None => None,
-    };
+    let MatmulViews { a: a_view, b: b_view, bias: bias_view, out: o_view, m, k: kd, n } =
+        matmul_views(s, a, b, bias, out)?;
     let constant = matches!(s.buffers[b.buffer].storage, Storage::Weight { .. } | Storage::Const { .. });
     let lead = b_view.rank() - 2;
     let shared = b_view.strides[..lead].iter().zip(&b_view.shape).all(|(&st, &d)| st == 0 || d == 1);
@@ -299,4 +281,47 @@ fn matmul(
     }
     let k = kernels::matmul::emit(sym, &a_view, &b_view, bias_view.as_ref(), activation, &o_view, target)?;
     Ok((k, None))
+}
+
+/// A matmul's operands in the emitters' `[B…, M, K] · [B…, K, N]` form, batch-broadcast, with
+/// the bias and the result as `[B…, M, N]` views.
+pub(crate) struct MatmulViews {
+    pub a: View,
+    pub b: View,
+    pub bias: Option<View>,
+    pub out: View,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+}
+
+/// Normalizes numpy matmul operands (1-D operands promoted, batch axes broadcast).
+pub(crate) fn matmul_views(
+    s: &Schedule,
+    a: &Operand,
+    b: &Operand,
+    bias: Option<&Operand>,
+    out: &Operand,
+) -> Result<MatmulViews, CodegenError> {
+    let av = if a.view.shape.len() == 1 { a.view.unsqueeze(0) } else { a.view.clone() };
+    let bv = if b.view.shape.len() == 1 { b.view.unsqueeze(1) } else { b.view.clone() };
+    let (ar, br) = (av.shape.len(), bv.shape.len());
+    let batch = kiln_ir::broadcast_shapes("matmul", &av.shape[..ar - 2], &bv.shape[..br - 2])
+        .map_err(|e| bad(&e.to_string()))?;
+    let (m, kd, n) = (av.shape[ar - 2], av.shape[ar - 1], bv.shape[br - 1]);
+    let shape_of = |x: usize, y: usize| {
+        let mut s = batch.clone();
+        s.extend([x, y]);
+        s
+    };
+    let out_shape = shape_of(m, n);
+    let a = view(s, a, av.broadcast_to(&shape_of(m, kd)));
+    let b = view(s, b, bv.broadcast_to(&shape_of(kd, n)));
+    let to_kernel_shape = |v: &StridedView| v.reshape(&out_shape).ok_or_else(|| bad("matmul result layout"));
+    let out_view = view(s, out, to_kernel_shape(&out.view)?);
+    let bias = match bias {
+        Some(bo) => Some(view(s, bo, to_kernel_shape(&bo.view.broadcast_to(&out.view.shape))?)),
+        None => None,
+    };
+    Ok(MatmulViews { a, b, bias, out: out_view, m, k: kd, n })
 }

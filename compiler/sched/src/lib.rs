@@ -25,10 +25,19 @@ pub enum SchedError {
     Invalid(String),
 }
 
-/// Partitions `g` into kernels and plans its memory.
+/// Partitions `g` into kernels and plans its memory (arena offsets aligned to [`ALIGN`]).
 pub fn schedule(g: &Graph) -> Result<Schedule, SchedError> {
+    schedule_aligned(g, ALIGN)
+}
+
+/// [`schedule`] with every arena offset a multiple of `align` (a power of two, at least
+/// [`ALIGN`]): a GPU target binds each buffer separately, at its device's binding alignment.
+pub fn schedule_aligned(g: &Graph, align: usize) -> Result<Schedule, SchedError> {
+    if !align.is_power_of_two() || align < ALIGN {
+        return Err(SchedError::Invalid(format!("arena alignment {align} is not a power of two ≥ {ALIGN}")));
+    }
     let mut p = partition::partition(g)?;
-    let (arena_bytes, arena_bytes_unshared) = memory::plan(&mut p.buffers, &p.kernels);
+    let (arena_bytes, arena_bytes_unshared) = memory::plan(&mut p.buffers, &p.kernels, align);
     let io = |n: &kiln_ir::NodeId| {
         let t = g.ty(*n);
         (t.dtype, t.shape.clone())
@@ -58,6 +67,7 @@ pub fn schedule(g: &Graph) -> Result<Schedule, SchedError> {
         buffers: p.buffers,
         kernels: p.kernels,
         arena_bytes,
+        arena_align: align,
         arena_bytes_unshared,
     })
 }

@@ -1,19 +1,21 @@
 //! Buffer planning: liveness of every scratch buffer, then one arena where buffers whose
 //! lifetimes do not overlap share bytes.
 //!
-//! Placement is greedy by size (largest first, each at the lowest 64-byte-aligned offset that
+//! Placement is greedy by size (largest first, each at the lowest aligned offset that
 //! does not collide with an already placed buffer alive at the same time), which is what
 //! TFLite's and ONNX Runtime's arena planners do and lands within a few percent of the peak
 //! live size on transformer graphs.
 
 use crate::plan::{Buffer, Kernel, Storage};
 
-/// Alignment of every arena buffer (a cache line; enough for any vector load).
+/// Alignment of every arena buffer on a CPU (a cache line; enough for any vector load). A GPU
+/// target asks for its own ([`crate::schedule_aligned`]): each buffer is bound on its own there,
+/// so offsets must meet the device's binding alignment.
 pub const ALIGN: usize = 64;
 
-/// Fills in `live` for every arena buffer and places them; returns (arena bytes with reuse,
-/// arena bytes without).
-pub(crate) fn plan(buffers: &mut [Buffer], kernels: &[Kernel]) -> (usize, usize) {
+/// Fills in `live` for every arena buffer and places them at multiples of `align`; returns
+/// (arena bytes with reuse, arena bytes without).
+pub(crate) fn plan(buffers: &mut [Buffer], kernels: &[Kernel], align: usize) -> (usize, usize) {
     for (k, kernel) in kernels.iter().enumerate() {
         for o in kernel.inputs.iter().chain(std::iter::once(&kernel.output)) {
             let b = &mut buffers[o.buffer];
@@ -31,7 +33,7 @@ pub(crate) fn plan(buffers: &mut [Buffer], kernels: &[Kernel]) -> (usize, usize)
     let mut arena = 0;
     let mut unshared = 0;
     for i in order {
-        let size = buffers[i].bytes().next_multiple_of(ALIGN);
+        let size = buffers[i].bytes().next_multiple_of(align);
         let live = buffers[i].live.expect("filtered on live");
         unshared += size;
         let mut conflicts: Vec<(usize, usize)> = placed

@@ -22,7 +22,7 @@ pub enum Storage {
         #[serde(skip)]
         value: Tensor,
     },
-    /// Scratch memory at `offset` of the arena (64-byte aligned).
+    /// Scratch memory at `offset` of the arena (aligned to the schedule's alignment, 64 bytes on a CPU).
     Arena { offset: usize },
 }
 
@@ -152,4 +152,6 @@ pub struct Schedule {
     pub arena_bytes: usize,
     /// Bytes the arena buffers would need without reuse.
     pub arena_bytes_unshared: usize,
+    /// Every arena offset is a multiple of this (a power of two).
+    pub arena_align: usize,
 }

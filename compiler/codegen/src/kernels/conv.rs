@@ -57,41 +57,12 @@ pub fn emit_conv2d(
     if !dtype.is_float() {
         return Err(CodegenError::Unsupported(format!("conv2d on {dtype}")));
     }
-    let ty = reg_type(dtype);
-    let (o_ch, cg, kh, kw) = (w.shape[0], w.shape[1], w.shape[2], w.shape[3]);
-    let og = o_ch / groups.max(1);
+    let (cg, kh, kw) = (w.shape[1], w.shape[2], w.shape[3]);
     let mut b = Body::new();
     let idx = open_rows(&mut b, &out.shape);
-    let (n, o, oh, ow) = (idx[0].clone(), idx[1].clone(), idx[2].clone(), idx[3].clone());
-    let c0 = b.index(0);
-    let c1 = b.index(1);
-    let zero = b.float(0.0, ty);
-    let ogc = b.index(og);
-    let g = b.assign(format!("arith.divui {o}, {ogc} : index"));
-    let cgc = b.index(cg);
-    let cbase = b.assign(format!("arith.muli {g}, {cgc} : index"));
-    let (nc, nkh, nkw) = (b.index(cg), b.index(kh), b.index(kw));
-    b.open(format!("%s0 = scf.for %c = {c0} to {nc} step {c1} iter_args(%t0 = {zero}) -> ({ty})"));
-    b.open(format!("%s1 = scf.for %y = {c0} to {nkh} step {c1} iter_args(%t1 = %t0) -> ({ty})"));
-    b.open(format!("%s2 = scf.for %x = {c0} to {nkw} step {c1} iter_args(%t2 = %t1) -> ({ty})"));
-    let (ok_h, ih) = tap(&mut b, &oh, "%y", stride[0], dilation[0], padding[0], x.shape[2]);
-    let (ok_w, iw) = tap(&mut b, &ow, "%x", stride[1], dilation[1], padding[1], x.shape[3]);
-    let ok = b.assign(format!("arith.andi {ok_h}, {ok_w} : i1"));
-    let ci = b.assign(format!("arith.addi {cbase}, %c : index"));
-    let at_x = x.index_expr(&mut b, &[n.clone(), ci, ih, iw]);
-    let xv = load(&mut b, "%a0", x, &at_x);
-    let xv = b.select(&ok, &xv, &zero, ty);
-    let at_w = w.index_expr(&mut b, &[o.clone(), "%c".into(), "%y".into(), "%x".into()]);
-    let wv = load(&mut b, "%a1", w, &at_w);
-    let acc = b.fma(&xv, &wv, "%t2", ty);
-    b.line(format!("scf.yield {acc} : {ty}"));
-    b.close("");
-    b.line(format!("scf.yield %s2 : {ty}"));
-    b.close("");
-    b.line(format!("scf.yield %s1 : {ty}"));
-    b.close("");
+    let v = conv_value(&mut b, stride, padding, dilation, groups, x, w, dtype, &idx);
     let at_o = out.index_expr(&mut b, &idx);
-    store(&mut b, "%s0", "%a2", out, &at_o);
+    store(&mut b, &v, "%a2", out, &at_o);
     b.close("");
     b.close("");
     b.line("return");
@@ -123,48 +94,9 @@ pub fn emit_pool2d(
     if !dtype.is_float() {
         return Err(CodegenError::Unsupported(format!("pool2d on {dtype}")));
     }
-    let ty = reg_type(dtype);
     let mut b = Body::new();
     let idx = open_rows(&mut b, &out.shape);
-    let c0 = b.index(0);
-    let c1 = b.index(1);
-    let init = match kind {
-        PoolKind::Max => b.float(f64::NEG_INFINITY, ty),
-        PoolKind::Avg => b.float(0.0, ty),
-    };
-    let zero = b.float(0.0, ty);
-    let (nkh, nkw) = (b.index(kernel[0]), b.index(kernel[1]));
-    b.open(format!(
-        "%s1:2 = scf.for %y = {c0} to {nkh} step {c1} iter_args(%t1 = {init}, %u1 = {zero}) -> ({ty}, {ty})"
-    ));
-    b.open(format!(
-        "%s2:2 = scf.for %x = {c0} to {nkw} step {c1} iter_args(%t2 = %t1, %u2 = %u1) -> ({ty}, {ty})"
-    ));
-    let (ok_h, ih) = tap(&mut b, &idx[2], "%y", stride[0], 1, padding[0], x.shape[2]);
-    let (ok_w, iw) = tap(&mut b, &idx[3], "%x", stride[1], 1, padding[1], x.shape[3]);
-    let ok = b.assign(format!("arith.andi {ok_h}, {ok_w} : i1"));
-    let at = x.index_expr(&mut b, &[idx[0].clone(), idx[1].clone(), ih, iw]);
-    let v = load(&mut b, "%a0", x, &at);
-    let one = b.float(1.0, ty);
-    let (acc, cnt) = match kind {
-        PoolKind::Max => {
-            let m = b.fmax("%t2", &v, ty);
-            (b.select(&ok, &m, "%t2", ty), "%u2".to_string())
-        }
-        PoolKind::Avg => {
-            let s = b.fadd("%t2", &v, ty);
-            let c = b.fadd("%u2", &one, ty);
-            (b.select(&ok, &s, "%t2", ty), b.select(&ok, &c, "%u2", ty))
-        }
-    };
-    b.line(format!("scf.yield {acc}, {cnt} : {ty}, {ty}"));
-    b.close("");
-    b.line(format!("scf.yield %s2#0, %s2#1 : {ty}, {ty}"));
-    b.close("");
-    let result = match kind {
-        PoolKind::Max => "%s1#0".to_string(),
-        PoolKind::Avg => b.fdiv("%s1#0", "%s1#1", ty),
-    };
+    let result = pool_value(&mut b, kind, kernel, stride, padding, x, dtype, &idx);
     let at_o = out.index_expr(&mut b, &idx);
     store(&mut b, &result, "%a1", out, &at_o);
     b.close("");
@@ -181,4 +113,107 @@ pub fn emit_pool2d(
         flops,
         bytes,
     })
+}
+
+/// Element `idx` (`[n, o, oh, ow]`) of `conv2d(x %a0, w %a1)` in register type; padding taps
+/// read a clamped index and count as zero.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_value(
+    b: &mut Body,
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    groups: usize,
+    x: &View,
+    w: &View,
+    dtype: kiln_ir::DType,
+    idx: &[String],
+) -> String {
+    let ty = reg_type(dtype);
+    let (o_ch, cg, kh, kw) = (w.shape[0], w.shape[1], w.shape[2], w.shape[3]);
+    let og = o_ch / groups.max(1);
+    let (n, o, oh, ow) = (idx[0].clone(), idx[1].clone(), idx[2].clone(), idx[3].clone());
+    let c0 = b.index(0);
+    let c1 = b.index(1);
+    let zero = b.float(0.0, ty);
+    let ogc = b.index(og);
+    let g = b.assign(format!("arith.divui {o}, {ogc} : index"));
+    let cgc = b.index(cg);
+    let cbase = b.assign(format!("arith.muli {g}, {cgc} : index"));
+    let (nc, nkh, nkw) = (b.index(cg), b.index(kh), b.index(kw));
+    b.open(format!("%s0 = scf.for %c = {c0} to {nc} step {c1} iter_args(%t0 = {zero}) -> ({ty})"));
+    b.open(format!("%s1 = scf.for %y = {c0} to {nkh} step {c1} iter_args(%t1 = %t0) -> ({ty})"));
+    b.open(format!("%s2 = scf.for %x = {c0} to {nkw} step {c1} iter_args(%t2 = %t1) -> ({ty})"));
+    let (ok_h, ih) = tap(b, &oh, "%y", stride[0], dilation[0], padding[0], x.shape[2]);
+    let (ok_w, iw) = tap(b, &ow, "%x", stride[1], dilation[1], padding[1], x.shape[3]);
+    let ok = b.assign(format!("arith.andi {ok_h}, {ok_w} : i1"));
+    let ci = b.assign(format!("arith.addi {cbase}, %c : index"));
+    let at_x = x.index_expr(b, &[n.clone(), ci, ih, iw]);
+    let xv = load(b, "%a0", x, &at_x);
+    let xv = b.select(&ok, &xv, &zero, ty);
+    let at_w = w.index_expr(b, &[o.clone(), "%c".into(), "%y".into(), "%x".into()]);
+    let wv = load(b, "%a1", w, &at_w);
+    let acc = b.fma(&xv, &wv, "%t2", ty);
+    b.line(format!("scf.yield {acc} : {ty}"));
+    b.close("");
+    b.line(format!("scf.yield %s2 : {ty}"));
+    b.close("");
+    b.line(format!("scf.yield %s1 : {ty}"));
+    b.close("");
+    "%s0".to_string()
+}
+
+/// Element `idx` (`[n, c, oh, ow]`) of `pool2d(x %a0)` in register type: the max over the
+/// in-bounds taps, or their average.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pool_value(
+    b: &mut Body,
+    kind: PoolKind,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    x: &View,
+    dtype: kiln_ir::DType,
+    idx: &[String],
+) -> String {
+    let ty = reg_type(dtype);
+    let c0 = b.index(0);
+    let c1 = b.index(1);
+    let init = match kind {
+        PoolKind::Max => b.float(f64::NEG_INFINITY, ty),
+        PoolKind::Avg => b.float(0.0, ty),
+    };
+    let zero = b.float(0.0, ty);
+    let (nkh, nkw) = (b.index(kernel[0]), b.index(kernel[1]));
+    b.open(format!(
+        "%s1:2 = scf.for %y = {c0} to {nkh} step {c1} iter_args(%t1 = {init}, %u1 = {zero}) -> ({ty}, {ty})"
+    ));
+    b.open(format!(
+        "%s2:2 = scf.for %x = {c0} to {nkw} step {c1} iter_args(%t2 = %t1, %u2 = %u1) -> ({ty}, {ty})"
+    ));
+    let (ok_h, ih) = tap(b, &idx[2], "%y", stride[0], 1, padding[0], x.shape[2]);
+    let (ok_w, iw) = tap(b, &idx[3], "%x", stride[1], 1, padding[1], x.shape[3]);
+    let ok = b.assign(format!("arith.andi {ok_h}, {ok_w} : i1"));
+    let at = x.index_expr(b, &[idx[0].clone(), idx[1].clone(), ih, iw]);
+    let v = load(b, "%a0", x, &at);
+    let one = b.float(1.0, ty);
+    let (acc, cnt) = match kind {
+        PoolKind::Max => {
+            let m = b.fmax("%t2", &v, ty);
+            (b.select(&ok, &m, "%t2", ty), "%u2".to_string())
+        }
+        PoolKind::Avg => {
+            let s = b.fadd("%t2", &v, ty);
+            let c = b.fadd("%u2", &one, ty);
+            (b.select(&ok, &s, "%t2", ty), b.select(&ok, &c, "%u2", ty))
+        }
+    };
+    b.line(format!("scf.yield {acc}, {cnt} : {ty}, {ty}"));
+    b.close("");
+    b.line(format!("scf.yield %s2#0, %s2#1 : {ty}, {ty}"));
+    b.close("");
+    match kind {
+        PoolKind::Max => "%s1#0".to_string(),
+        PoolKind::Avg => b.fdiv("%s1#0", "%s1#1", ty),
+    }
 }

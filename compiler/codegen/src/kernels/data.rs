@@ -34,9 +34,27 @@ pub fn emit_gather(
     }
     let mut b = Body::new();
     let idx = open_rows(&mut b, &out.shape);
+    let v = gather_value(&mut b, axis, table, indices, &idx);
+    let at_o = out.index_expr(&mut b, &idx);
+    store(&mut b, &v, "%a2", out, &at_o);
+    b.close("");
+    b.close("");
+    b.line("return");
+    Ok(finish(symbol, vec![table.memref(), indices.memref(), out.memref()], b, out, 2 * out.numel()))
+}
+
+/// Element `idx` of `gather(table %a0, indices %a1)`, in its register type; an index outside
+/// the table is clamped into it. The caller checked that the indices are integers.
+pub(crate) fn gather_value(
+    b: &mut Body,
+    axis: usize,
+    table: &View,
+    indices: &View,
+    idx: &[String],
+) -> String {
     let k = indices.rank();
-    let at_i = indices.index_expr(&mut b, &idx[axis..axis + k]);
-    let raw = load(&mut b, "%a1", indices, &at_i);
+    let at_i = indices.index_expr(b, &idx[axis..axis + k]);
+    let raw = load(b, "%a1", indices, &at_i);
     let ity = if indices.dtype == kiln_ir::DType::I32 { "i32" } else { "i64" };
     let zero = b.int(0, ity);
     let hi = b.int(table.shape[axis] as i64 - 1, ity);
@@ -46,20 +64,33 @@ pub fn emit_gather(
     let mut t_idx: Vec<String> = idx[..axis].to_vec();
     t_idx.push(row);
     t_idx.extend(idx[axis + k..].iter().cloned());
-    let at_t = table.index_expr(&mut b, &t_idx);
-    let v = load(&mut b, "%a0", table, &at_t);
-    let at_o = out.index_expr(&mut b, &idx);
-    store(&mut b, &v, "%a2", out, &at_o);
-    b.close("");
-    b.close("");
-    b.line("return");
-    Ok(finish(symbol, vec![table.memref(), indices.memref(), out.memref()], b, out, 2 * out.numel()))
+    let at_t = table.index_expr(b, &t_idx);
+    load(b, "%a0", table, &at_t)
 }
 
 /// `out = concat(inputs…)` along `axis`. Arguments: the inputs, out.
 pub fn emit_concat(symbol: &str, axis: usize, inputs: &[View], out: &View) -> Result<Kernel, CodegenError> {
     let mut b = Body::new();
     let idx = open_rows(&mut b, &out.shape);
+    let value = concat_value(&mut b, axis, inputs, out, &idx)?;
+    let at_o = out.index_expr(&mut b, &idx);
+    store(&mut b, &value, &format!("%a{}", inputs.len()), out, &at_o);
+    b.close("");
+    b.close("");
+    b.line("return");
+    let mut memrefs: Vec<String> = inputs.iter().map(View::memref).collect();
+    memrefs.push(out.memref());
+    Ok(finish(symbol, memrefs, b, out, 2 * out.numel()))
+}
+
+/// Element `idx` of `concat(inputs %a0…)` along `axis`, in its register type.
+pub(crate) fn concat_value(
+    b: &mut Body,
+    axis: usize,
+    inputs: &[View],
+    out: &View,
+    idx: &[String],
+) -> Result<String, CodegenError> {
     // Find which input holds position idx[axis]: a chain of selects over the running starts,
     // loading each input at a clamped index and keeping the one whose part it is.
     let mut value: Option<String> = None;
@@ -71,10 +102,10 @@ pub fn emit_concat(symbol: &str, axis: usize, inputs: &[View], out: &View) -> Re
         let last = b.index(e.saturating_sub(1));
         let local = b.assign(format!("arith.subi {}, {s} : index", idx[axis]));
         let local = b.assign(format!("arith.minui {local}, {last} : index"));
-        let mut vi = idx.clone();
+        let mut vi = idx.to_vec();
         vi[axis] = local;
-        let at = v.index_expr(&mut b, &vi);
-        let x = load(&mut b, &format!("%a{i}"), v, &at);
+        let at = v.index_expr(b, &vi);
+        let x = load(b, &format!("%a{i}"), v, &at);
         value = Some(match value {
             None => x,
             Some(prev) => {
@@ -85,15 +116,7 @@ pub fn emit_concat(symbol: &str, axis: usize, inputs: &[View], out: &View) -> Re
         });
         start += e;
     }
-    let value = value.ok_or_else(|| CodegenError::Unsupported("concat of nothing".into()))?;
-    let at_o = out.index_expr(&mut b, &idx);
-    store(&mut b, &value, &format!("%a{}", inputs.len()), out, &at_o);
-    b.close("");
-    b.close("");
-    b.line("return");
-    let mut memrefs: Vec<String> = inputs.iter().map(View::memref).collect();
-    memrefs.push(out.memref());
-    Ok(finish(symbol, memrefs, b, out, 2 * out.numel()))
+    value.ok_or_else(|| CodegenError::Unsupported("concat of nothing".into()))
 }
 
 /// `out = pad(x, pads, value)`. Arguments: x, out.
@@ -106,6 +129,25 @@ pub fn emit_pad(
 ) -> Result<Kernel, CodegenError> {
     let mut b = Body::new();
     let idx = open_rows(&mut b, &out.shape);
+    let r = pad_value(&mut b, pads, value, x, out, &idx);
+    let at_o = out.index_expr(&mut b, &idx);
+    store(&mut b, &r, "%a1", out, &at_o);
+    b.close("");
+    b.close("");
+    b.line("return");
+    Ok(finish(symbol, vec![x.memref(), out.memref()], b, out, 2 * out.numel()))
+}
+
+/// Element `idx` of `pad(x %a0, pads, value)`, in its register type (the load is always in
+/// bounds: the index is clamped, and the fill value selected outside `x`).
+pub(crate) fn pad_value(
+    b: &mut Body,
+    pads: &[(usize, usize)],
+    value: f64,
+    x: &View,
+    out: &View,
+    idx: &[String],
+) -> String {
     let mut inside: Option<String> = None;
     let mut src = Vec::with_capacity(idx.len());
     for (k, i) in idx.iter().enumerate() {
@@ -125,18 +167,12 @@ pub fn emit_pad(
         let l = b.assign(format!("arith.select {ge}, {local}, {zero} : index"));
         src.push(b.assign(format!("arith.minui {l}, {last} : index")));
     }
-    let at = x.index_expr(&mut b, &src);
-    let v = load(&mut b, "%a0", x, &at);
-    let fill = constant(&mut b, value, out.dtype);
+    let at = x.index_expr(b, &src);
+    let v = load(b, "%a0", x, &at);
+    let fill = constant(b, value, out.dtype);
     let reg = super::elementwise::reg_type(out.dtype);
-    let r = match inside {
+    match inside {
         Some(ok) => b.assign(format!("arith.select {ok}, {v}, {fill} : {reg}")),
         None => v,
-    };
-    let at_o = out.index_expr(&mut b, &idx);
-    store(&mut b, &r, "%a1", out, &at_o);
-    b.close("");
-    b.close("");
-    b.line("return");
-    Ok(finish(symbol, vec![x.memref(), out.memref()], b, out, 2 * out.numel()))
+    }
 }

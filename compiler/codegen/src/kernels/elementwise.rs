@@ -64,7 +64,7 @@ fn round_to(b: &mut Body, x: String, d: DType) -> String {
 }
 
 /// Merges adjacent axes that every view walks contiguously, and drops extent-1 axes.
-fn coalesce(views: &[View]) -> Vec<View> {
+pub(crate) fn coalesce(views: &[View]) -> Vec<View> {
     let shape = &views[0].shape;
     let keep: Vec<usize> = (0..shape.len()).filter(|&k| shape[k] != 1).collect();
     let mut out: Vec<View> = views
@@ -188,17 +188,19 @@ pub fn emit(symbol: &str, expr: &Expr, inputs: &[View], out: &View) -> Result<Ke
     Ok(Kernel { symbol: symbol.into(), mlir, range, grain: Kernel::grain_for(range, bytes), flops, bytes })
 }
 
-struct Ctx<'a> {
-    inputs: &'a [View],
-    args: &'a [String],
-    idx: &'a [String],
+/// Where the element being computed is: each input's view and argument name, each operand's
+/// buffer index for this element, its row-major position and the output's shape.
+pub(crate) struct Ctx<'a> {
+    pub inputs: &'a [View],
+    pub args: &'a [String],
+    pub idx: &'a [String],
     /// Row-major position of the element in the output.
-    lin: &'a str,
-    out_shape: &'a [usize],
+    pub lin: &'a str,
+    pub out_shape: &'a [usize],
 }
 
 /// Evaluates `e` for the current element; returns the register value and its dtype.
-fn eval(b: &mut Body, c: &mut Ctx, e: &Expr) -> Result<(String, DType), CodegenError> {
+pub(crate) fn eval(b: &mut Body, c: &mut Ctx, e: &Expr) -> Result<(String, DType), CodegenError> {
     Ok(match e {
         Expr::Operand(i) => {
             let v = &c.inputs[*i];

@@ -440,7 +440,7 @@ fn add_scaled(b: &mut Body, base: &str, i: &str, stride: usize) -> String {
 }
 
 /// The activation applied to `x` of float type `ty` (scalar or vector).
-fn activate(b: &mut Body, act: Activation, x: &str, ty: &str) -> String {
+pub(crate) fn activate(b: &mut Body, act: Activation, x: &str, ty: &str) -> String {
     match act {
         Activation::None => x.to_string(),
         Activation::Relu => b.relu(x, ty),

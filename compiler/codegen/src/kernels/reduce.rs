@@ -30,20 +30,43 @@ pub fn emit(
     if !out.is_dense() {
         return Err(CodegenError::Unsupported("a reduction into a strided output".into()));
     }
-    let kept: Vec<usize> = (0..x.rank()).filter(|a| !axes.contains(a)).collect();
-    let mut reduced: Vec<usize> = axes.to_vec();
-    // Innermost loop over the reduced axis with the smallest stride.
-    reduced.sort_by_key(|&a| std::cmp::Reverse(x.strides[a]));
-    let n_out: usize = kept.iter().map(|&a| x.shape[a]).product();
-    let count: usize = axes.iter().map(|&a| x.shape[a]).product();
-    let ty = reg_type(dtype);
+    let n_out: usize = (0..x.rank()).filter(|a| !axes.contains(a)).map(|a| x.shape[a]).product();
 
     let mut b = Body::new();
-    let c0 = b.index(0);
     let c1 = b.index(1);
     b.open(format!("scf.for %r = %begin to %end step {c1}"));
+    let value = reduce_at(&mut b, op, axes, x, "%r");
+    let out_idx = out.leading_offset_expr(&mut b, "%r", 0);
+    let out_at = b.assign(format!("arith.addi {out_idx}, %r : index"));
+    store(&mut b, &value, "%a1", out, &out_at);
+    b.close("");
+    b.line("return");
+    let mlir = wrap(symbol, &[x.memref(), out.memref()], b);
+    let bytes = ((x.numel() + n_out) * dtype.size_bytes()) as u64;
+    Ok(Kernel {
+        symbol: symbol.into(),
+        mlir,
+        range: n_out.max(1),
+        grain: Kernel::grain_for(n_out.max(1), bytes),
+        flops: x.numel() as u64,
+        bytes,
+    })
+}
+
+/// The reduction of `x` (argument `%a0`) over `axes` for output element `r` (its row-major
+/// number over the kept axes): nested loops over the reduced axes carrying the accumulator,
+/// innermost the one with the smallest stride. The caller checked the dtype.
+pub(crate) fn reduce_at(b: &mut Body, op: ReduceOp, axes: &[usize], x: &View, r: &str) -> String {
+    let dtype = x.dtype;
+    let kept: Vec<usize> = (0..x.rank()).filter(|a| !axes.contains(a)).collect();
+    let mut reduced: Vec<usize> = axes.to_vec();
+    reduced.sort_by_key(|&a| std::cmp::Reverse(x.strides[a]));
+    let count: usize = axes.iter().map(|&a| x.shape[a]).product();
+    let ty = reg_type(dtype);
+    let c0 = b.index(0);
+    let c1 = b.index(1);
     // Base offset of x at the kept indices; out is addressed by its flat row-major position.
-    let mut rem = "%r".to_string();
+    let mut rem = r.to_string();
     let mut base = b.index(x.offset);
     for (i, &a) in kept.iter().enumerate().rev() {
         let d = b.index(x.shape[a]);
@@ -56,7 +79,7 @@ pub fn emit(
         }
     }
     let init = match op {
-        ReduceOp::Sum | ReduceOp::Mean => constant(&mut b, 0.0, dtype),
+        ReduceOp::Sum | ReduceOp::Mean => constant(b, 0.0, dtype),
         ReduceOp::Max if dtype.is_float() => b.float(f64::NEG_INFINITY, ty),
         ReduceOp::Min if dtype.is_float() => b.float(f64::INFINITY, ty),
         ReduceOp::Max => b.int(if ty == "i32" { i32::MIN as i64 } else { i64::MIN }, ty),
@@ -79,7 +102,7 @@ pub fn emit(
         accs.push(res);
     }
     let at = offsets.last().cloned().unwrap_or_default();
-    let v = load(&mut b, "%a0", x, &at);
+    let v = load(b, "%a0", x, &at);
     let acc = if reduced.is_empty() { init.clone() } else { format!("%acc{}", reduced.len() - 1) };
     let next = match (op, dtype.is_float()) {
         (ReduceOp::Sum | ReduceOp::Mean, true) => {
@@ -101,19 +124,5 @@ pub fn emit(
         let n = b.float(count as f64, ty);
         value = b.fdiv(&value, &n, ty);
     }
-    let out_idx = out.leading_offset_expr(&mut b, "%r", 0);
-    let out_at = b.assign(format!("arith.addi {out_idx}, %r : index"));
-    store(&mut b, &value, "%a1", out, &out_at);
-    b.close("");
-    b.line("return");
-    let mlir = wrap(symbol, &[x.memref(), out.memref()], b);
-    let bytes = ((x.numel() + n_out) * dtype.size_bytes()) as u64;
-    Ok(Kernel {
-        symbol: symbol.into(),
-        mlir,
-        range: n_out.max(1),
-        grain: Kernel::grain_for(n_out.max(1), bytes),
-        flops: x.numel() as u64,
-        bytes,
-    })
+    value
 }

@@ -1,0 +1,210 @@
+//! Flash attention: `softmax(q·kᵀ·scale + mask) · v` without the `sq × sk` score matrix. One
+//! workgroup per block of queries, one invocation per query; keys and values come in tiles of
+//! `block_k` rows that the workgroup loads into shared memory together. Each invocation keeps
+//! its query row, its output row and the tile's scores in private arrays and an online softmax
+//! (running max `m`, running sum `l`): per tile, the row is rescaled by `exp(m − m_new)` once.
+//!
+//! Scores are formed as the interpreter forms them (dot product over d in order, times
+//! `scale`, plus the mask). Hidden keys (causal, or past the end) are −inf. A row whose scores
+//! are all −inf ends as 0/0 = NaN, as the interpreter's does.
+
+use super::plan::{GpuPlan, Work};
+use super::skeleton::{clamp, module, offset_at, private, private_type, shared, shared_type, unravel};
+use super::{GpuCaps, GpuKernel};
+use crate::kernels::elementwise::{load, reg_type, store};
+use crate::kernels::View;
+use crate::mlir_text::Body;
+use crate::CodegenError;
+
+/// Attention of `q` `[B…, Sq, D]`, `k` `[B…, Sk, D]`, `v` `[B…, Sk, Dv]`, optional additive
+/// `mask` `[B…, Sq, Sk]`, into `out` `[B…, Sq, Dv]`. Arguments: q, k, v, [mask], out.
+#[allow(clippy::too_many_arguments)]
+pub fn emit(
+    symbol: &str,
+    q: &View,
+    k: &View,
+    v: &View,
+    mask: Option<&View>,
+    scale: f64,
+    causal: bool,
+    out: &View,
+    caps: &GpuCaps,
+) -> Result<GpuKernel, CodegenError> {
+    let dtype = out.dtype;
+    if !dtype.is_float() {
+        return Err(CodegenError::Unsupported(format!("attention on {dtype} on the {} target", caps.name)));
+    }
+    let ty = reg_type(dtype);
+    let r = q.rank();
+    let batch_shape = &q.shape[..r - 2];
+    let batch: usize = batch_shape.iter().product();
+    let (sq, d) = (q.shape[r - 2], q.shape[r - 1]);
+    let (sk, dv) = (k.shape[r - 2], v.shape[r - 1]);
+    let reg_bytes = if ty == "f64" { 8 } else { 4 };
+    let plan = GpuPlan::attention(batch, sq, sk, d, dv, reg_bytes, caps)?;
+    let Work::Attention { block_q, block_k, .. } = plan.work else {
+        return Err(CodegenError::Unsupported("an attention plan that is not one".into()));
+    };
+    let (bq, bk) = (block_q as usize, block_k as usize);
+
+    let mut b = Body::new();
+    let sh_k = shared(&mut b, bk * d, ty);
+    let sh_v = shared(&mut b, bk * dv, ty);
+    let (sk_ty, sv_ty) = (shared_type(bk * d, ty), shared_type(bk * dv, ty));
+    let qp = private(&mut b, d, ty);
+    let ap = private(&mut b, dv, ty);
+    let sp = private(&mut b, bk, ty);
+    let (qp_ty, ap_ty, sp_ty) = (private_type(d, ty), private_type(dv, ty), private_type(bk, ty));
+    let tid = b.assign("gpu.thread_id x");
+    let bx = b.assign("gpu.block_id x");
+    let by = b.assign("gpu.block_id y");
+    let bidx = unravel(&mut b, &by, batch_shape);
+    let base = |b: &mut Body, w: &View| {
+        let parts: Vec<(Option<&String>, usize)> =
+            bidx.iter().zip(&w.strides).map(|(i, &s)| (Some(i), s)).collect();
+        offset_at(b, w.offset, &parts)
+    };
+    let (q_base, k_base, v_base, o_base) =
+        (base(&mut b, q), base(&mut b, k), base(&mut b, v), base(&mut b, out));
+    let m_base = mask.map(|mv| base(&mut b, mv));
+    let bqc = b.index(bq);
+    let i = b.assign(format!("arith.muli {bx}, {bqc} : index"));
+    let i = b.assign(format!("arith.addi {i}, {tid} : index"));
+    let ic = clamp(&mut b, &i, sq);
+    let sqc = b.index(sq);
+    let valid = b.assign(format!("arith.cmpi ult, {i}, {sqc} : index"));
+    let (c0, c1) = (b.index(0), b.index(1));
+    let zero = b.float(0.0, ty);
+    let one = b.float(1.0, ty);
+    let neg_inf = b.float(f64::NEG_INFINITY, ty);
+
+    // This invocation's query row, and a zero output row.
+    let dc = b.index(d);
+    let dvc = b.index(dv);
+    b.open(format!("scf.for %dq = {c0} to {dc} step {c1}"));
+    let row =
+        offset_at(&mut b, 0, &[(Some(&ic), q.strides[r - 2]), (Some(&"%dq".to_string()), q.strides[r - 1])]);
+    let at = b.assign(format!("arith.addi {q_base}, {row} : index"));
+    let x = load(&mut b, "%a0", q, &at);
+    b.line(format!("memref.store {x}, {qp}[%dq] : {qp_ty}"));
+    b.close("");
+    b.open(format!("scf.for %da = {c0} to {dvc} step {c1}"));
+    b.line(format!("memref.store {zero}, {ap}[%da] : {ap_ty}"));
+    b.close("");
+
+    let skc = b.index(sk);
+    let bkc = b.index(bk);
+    let bqs = b.index(bq);
+    b.open(format!(
+        "%ml:2 = scf.for %kt = {c0} to {skc} step {bkc} iter_args(%m = {neg_inf}, %l = {zero}) -> ({ty}, {ty})"
+    ));
+    // The workgroup loads the tile's keys and values (zeros past the end).
+    let tile =
+        |b: &mut Body, w: &View, arg: &str, wb: &str, sh: &str, sty: &str, width: usize, width_c: &str| {
+            let total = b.index(bk * width);
+            let t = b.fresh("t");
+            b.open(format!("scf.for {t} = {tid} to {total} step {bqs}"));
+            let rr = b.assign(format!("arith.divui {t}, {width_c} : index"));
+            let cc = b.assign(format!("arith.remui {t}, {width_c} : index"));
+            let j = b.assign(format!("arith.addi %kt, {rr} : index"));
+            let inside = b.assign(format!("arith.cmpi ult, {j}, {skc} : index"));
+            let jc = clamp(b, &j, sk);
+            let off = offset_at(b, 0, &[(Some(&jc), w.strides[r - 2]), (Some(&cc), w.strides[r - 1])]);
+            let at = b.assign(format!("arith.addi {wb}, {off} : index"));
+            let x = load(b, arg, w, &at);
+            let x = b.select(&inside, &x, &zero, ty);
+            b.line(format!("memref.store {x}, {sh}[{t}] : {sty}"));
+            b.close("");
+        };
+    tile(&mut b, k, "%a1", &k_base, &sh_k, &sk_ty, d, &dc);
+    tile(&mut b, v, "%a2", &v_base, &sh_v, &sv_ty, dv, &dvc);
+    b.line("gpu.barrier");
+
+    // Scores of this tile, and their max.
+    b.open(format!("%tmax = scf.for %jj = {c0} to {bkc} step {c1} iter_args(%mx = {neg_inf}) -> ({ty})"));
+    let kbase = b.assign(format!("arith.muli %jj, {dc} : index"));
+    b.open(format!("%dot = scf.for %dd = {c0} to {dc} step {c1} iter_args(%s = {zero}) -> ({ty})"));
+    let qv = b.assign(format!("memref.load {qp}[%dd] : {qp_ty}"));
+    let at = b.assign(format!("arith.addi {kbase}, %dd : index"));
+    let kv = b.assign(format!("memref.load {sh_k}[{at}] : {sk_ty}"));
+    let prod = b.fmul(&qv, &kv, ty);
+    let s = b.fadd("%s", &prod, ty);
+    b.line(format!("scf.yield {s} : {ty}"));
+    b.close("");
+    let sc = b.float(scale, ty);
+    let mut score = b.fmul("%dot", &sc, ty);
+    let j = b.assign("arith.addi %kt, %jj : index");
+    let jc = clamp(&mut b, &j, sk);
+    if let (Some(mv), Some(mb)) = (mask, &m_base) {
+        let off = offset_at(&mut b, 0, &[(Some(&ic), mv.strides[r - 2]), (Some(&jc), mv.strides[r - 1])]);
+        let at = b.assign(format!("arith.addi {mb}, {off} : index"));
+        let mval = load(&mut b, "%a3", mv, &at);
+        score = b.fadd(&score, &mval, ty);
+    }
+    let mut hidden = b.assign(format!("arith.cmpi uge, {j}, {skc} : index"));
+    if causal {
+        let future = b.assign(format!("arith.cmpi ugt, {j}, {i} : index"));
+        hidden = b.assign(format!("arith.ori {hidden}, {future} : i1"));
+    }
+    let score = b.select(&hidden, &neg_inf, &score, ty);
+    b.line(format!("memref.store {score}, {sp}[%jj] : {sp_ty}"));
+    let mx = b.fmax("%mx", &score, ty);
+    b.line(format!("scf.yield {mx} : {ty}"));
+    b.close("");
+
+    // Online softmax: rescale by exp(m − m_new) once, then add this tile's weights.
+    let m_new = b.fmax("%m", "%tmax", ty);
+    let dead = b.fcmp("oeq", &m_new, &neg_inf, ty);
+    let shift = b.fsub("%m", &m_new, ty);
+    let corr = b.exp(&shift, ty);
+    let corr = b.select(&dead, &one, &corr, ty);
+    b.open(format!("scf.for %da = {c0} to {dvc} step {c1}"));
+    let o = b.assign(format!("memref.load {ap}[%da] : {ap_ty}"));
+    let o = b.fmul(&o, &corr, ty);
+    b.line(format!("memref.store {o}, {ap}[%da] : {ap_ty}"));
+    b.close("");
+    b.open(format!("%lt = scf.for %jj = {c0} to {bkc} step {c1} iter_args(%ls = {zero}) -> ({ty})"));
+    let s = b.assign(format!("memref.load {sp}[%jj] : {sp_ty}"));
+    let dlt = b.fsub(&s, &m_new, ty);
+    let p = b.exp(&dlt, ty);
+    let p = b.select(&dead, &zero, &p, ty);
+    let vbase = b.assign(format!("arith.muli %jj, {dvc} : index"));
+    b.open(format!("scf.for %dd = {c0} to {dvc} step {c1}"));
+    let at = b.assign(format!("arith.addi {vbase}, %dd : index"));
+    let vv = b.assign(format!("memref.load {sh_v}[{at}] : {sv_ty}"));
+    let o = b.assign(format!("memref.load {ap}[%dd] : {ap_ty}"));
+    let o = b.fma(&p, &vv, &o, ty);
+    b.line(format!("memref.store {o}, {ap}[%dd] : {ap_ty}"));
+    b.close("");
+    let ls = b.fadd("%ls", &p, ty);
+    b.line(format!("scf.yield {ls} : {ty}"));
+    b.close("");
+    let l_old = b.fmul("%l", &corr, ty);
+    let l_new = b.fadd(&l_old, "%lt", ty);
+    b.line("gpu.barrier");
+    b.line(format!("scf.yield {m_new}, {l_new} : {ty}, {ty}"));
+    b.close("");
+
+    // The output row.
+    b.open(format!("scf.if {valid}"));
+    b.open(format!("scf.for %da = {c0} to {dvc} step {c1}"));
+    let o = b.assign(format!("memref.load {ap}[%da] : {ap_ty}"));
+    let y = b.fdiv(&o, "%ml#1", ty);
+    let off = offset_at(
+        &mut b,
+        0,
+        &[(Some(&i), out.strides[r - 2]), (Some(&"%da".to_string()), out.strides[r - 1])],
+    );
+    let at = b.assign(format!("arith.addi {o_base}, {off} : index"));
+    let out_arg = if mask.is_some() { "%a4" } else { "%a3" };
+    store(&mut b, &y, out_arg, out, &at);
+    b.close("");
+    b.close("");
+
+    let mut memrefs = vec![q.memref(), k.memref(), v.memref()];
+    memrefs.extend(mask.map(View::memref));
+    memrefs.push(out.memref());
+    let flops = (2 * batch * sq * sk * (d + dv)) as u64;
+    let bytes = ((q.numel() + k.numel() + v.numel() + out.numel()) * dtype.size_bytes()) as u64;
+    Ok(GpuKernel { symbol: symbol.into(), mlir: module(symbol, &memrefs, &plan, b), plan, flops, bytes })
+}

@@ -1,0 +1,261 @@
+//! GPU plans: how one scheduled kernel maps onto workgroups and invocations, chosen from the
+//! kernel's sizes and the target's [`GpuCaps`]. A plan is a value; the emitters render it to
+//! MLIR, and `kiln inspect --stage gpu` prints it above each kernel.
+
+use super::GpuCaps;
+use crate::CodegenError;
+
+/// Workgroups and invocations of one dispatch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    /// Workgroups along x, y, z.
+    pub grid: [u32; 3],
+    /// Invocations per workgroup along x, y, z.
+    pub workgroup: [u32; 3],
+}
+
+impl Launch {
+    /// Invocations per workgroup.
+    pub fn invocations(&self) -> u32 {
+        self.workgroup.iter().product()
+    }
+}
+
+/// How a kernel's work is divided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Work {
+    /// One invocation per output element, `group` per workgroup (elementwise groups, data
+    /// movement, convolution, pooling, reductions with many outputs).
+    Elements { count: usize, group: u32 },
+    /// One workgroup per row of `len` elements: `group` invocations stride over the row and
+    /// combine their partial results through a tree in shared memory (softmax, norms, long
+    /// reductions).
+    Rows { rows: usize, len: usize, group: u32 },
+    /// A tiled product `[batch] × (m×k · k×n)`: each workgroup computes a `tile[0]×tile[1]`
+    /// block of the result, stepping over k by `tile[2]` with both operand tiles in shared
+    /// memory; each invocation accumulates a `thread[0]×thread[1]` block in registers.
+    Matmul { batch: usize, m: usize, n: usize, k: usize, tile: [u32; 3], thread: [u32; 2] },
+    /// Flash attention: one workgroup per block of `block_q` queries (one invocation each),
+    /// keys and values in tiles of `block_k` rows through shared memory, an online softmax in
+    /// registers; no `sq × sk` buffer exists.
+    Attention { batch: usize, sq: usize, sk: usize, d: usize, dv: usize, block_q: u32, block_k: u32 },
+}
+
+/// A kernel's plan: its division of work, the dispatch it needs and its shared memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuPlan {
+    pub work: Work,
+    pub launch: Launch,
+    pub shared_bytes: u32,
+}
+
+fn too_big(what: String) -> CodegenError {
+    CodegenError::Unsupported(what)
+}
+
+/// `n` workgroups laid out as `[x, y, 1]` within the grid limits (x as large as allowed); the
+/// kernel numbers them `y·grid_x + x` and skips numbers past `n`.
+fn fold(n: usize, caps: &GpuCaps) -> Result<[u32; 3], CodegenError> {
+    let n = n.max(1);
+    let x = n.min(caps.max_workgroup_count[0] as usize);
+    let y = n.div_ceil(x);
+    if y > caps.max_workgroup_count[1] as usize {
+        return Err(too_big(format!("{n} workgroups on the {} target", caps.name)));
+    }
+    Ok([x as u32, y as u32, 1])
+}
+
+/// The invocations per workgroup of a one-dimensional plan: `want` rounded up to a power of
+/// two, within `[min, caps' limit]`.
+fn group_size(want: usize, min: u32, caps: &GpuCaps) -> u32 {
+    let cap = caps.max_workgroup_invocations.min(caps.max_workgroup_size[0]).min(256);
+    (want.max(1).next_power_of_two() as u32).clamp(min.min(cap), cap)
+}
+
+impl GpuPlan {
+    /// One invocation per element of `count`.
+    pub fn elements(count: usize, caps: &GpuCaps) -> Result<GpuPlan, CodegenError> {
+        let group = group_size(count, 1, caps).max(64.min(caps.max_workgroup_invocations));
+        let grid = fold(count.div_ceil(group as usize), caps)?;
+        Ok(GpuPlan {
+            work: Work::Elements { count, group },
+            launch: Launch { grid, workgroup: [group, 1, 1] },
+            shared_bytes: 0,
+        })
+    }
+
+    /// One workgroup per row; `arrays` shared arrays of one `reg_bytes` value per invocation
+    /// hold the tree reductions.
+    pub fn rows(
+        rows: usize,
+        len: usize,
+        reg_bytes: usize,
+        arrays: usize,
+        caps: &GpuCaps,
+    ) -> Result<GpuPlan, CodegenError> {
+        let mut group = group_size(len, 32, caps);
+        while group > 1 && (group as usize) * reg_bytes * arrays > caps.max_shared_bytes as usize {
+            group /= 2;
+        }
+        let grid = fold(rows, caps)?;
+        Ok(GpuPlan {
+            work: Work::Rows { rows, len, group },
+            launch: Launch { grid, workgroup: [group, 1, 1] },
+            shared_bytes: (group as usize * reg_bytes * arrays) as u32,
+        })
+    }
+
+    /// A tiled product. Large products take 64×64 tiles of 4×4 per invocation; products with
+    /// few rows (a batch-1 projection) take 16-row tiles so fewer invocations idle.
+    pub fn matmul(
+        batch: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        reg_bytes: usize,
+        caps: &GpuCaps,
+    ) -> Result<GpuPlan, CodegenError> {
+        let candidates: [([u32; 3], [u32; 2]); 3] = if m >= 64 {
+            [([64, 64, 16], [4, 4]), ([32, 32, 8], [2, 2]), ([16, 16, 8], [1, 1])]
+        } else {
+            [([16, 64, 16], [1, 4]), ([16, 32, 8], [1, 2]), ([16, 16, 8], [1, 1])]
+        };
+        for (tile, thread) in candidates {
+            let workgroup = [tile[1] / thread[1], tile[0] / thread[0], 1];
+            let invocations = workgroup[0] * workgroup[1];
+            let shared = (tile[0] * tile[2] + tile[2] * tile[1]) as usize * reg_bytes;
+            if invocations > caps.max_workgroup_invocations
+                || workgroup[0] > caps.max_workgroup_size[0]
+                || workgroup[1] > caps.max_workgroup_size[1]
+                || shared > caps.max_shared_bytes as usize
+            {
+                continue;
+            }
+            let grid =
+                [n.div_ceil(tile[1] as usize).max(1), m.div_ceil(tile[0] as usize).max(1), batch.max(1)];
+            if grid.iter().zip(&caps.max_workgroup_count).any(|(&g, &max)| g > max as usize) {
+                return Err(too_big(format!(
+                    "a [{batch}] × {m}×{k}·{k}×{n} product on the {} target (grid {grid:?})",
+                    caps.name
+                )));
+            }
+            return Ok(GpuPlan {
+                work: Work::Matmul { batch, m, n, k, tile, thread },
+                launch: Launch { grid: grid.map(|g| g as u32), workgroup },
+                shared_bytes: shared as u32,
+            });
+        }
+        Err(too_big(format!("a product on the {} target: no tile fits its workgroup limits", caps.name)))
+    }
+
+    /// Flash attention: 64 queries per workgroup (fewer for short sequences), and key tiles as
+    /// long as half the shared memory allows (at most 32 rows).
+    pub fn attention(
+        batch: usize,
+        sq: usize,
+        sk: usize,
+        d: usize,
+        dv: usize,
+        reg_bytes: usize,
+        caps: &GpuCaps,
+    ) -> Result<GpuPlan, CodegenError> {
+        let block_q = group_size(sq, 8, caps).min(64);
+        let row_bytes = (d + dv).max(1) * reg_bytes;
+        let mut block_k: u32 = 32;
+        while block_k > 1 && block_k as usize * row_bytes > caps.max_shared_bytes as usize / 2 {
+            block_k /= 2;
+        }
+        if block_k as usize * row_bytes > caps.max_shared_bytes as usize {
+            return Err(too_big(format!(
+                "attention with head size {d} (values {dv}) on the {} target: one key row does not fit its shared memory",
+                caps.name
+            )));
+        }
+        let grid = [sq.div_ceil(block_q as usize).max(1), batch.max(1), 1];
+        if grid[0] > caps.max_workgroup_count[0] as usize || grid[1] > caps.max_workgroup_count[1] as usize {
+            return Err(too_big(format!(
+                "attention over {batch} heads of {sq} queries on the {} target",
+                caps.name
+            )));
+        }
+        Ok(GpuPlan {
+            work: Work::Attention { batch, sq, sk, d, dv, block_q, block_k },
+            launch: Launch { grid: [grid[0] as u32, grid[1] as u32, 1], workgroup: [block_q, 1, 1] },
+            shared_bytes: (block_k as usize * row_bytes) as u32,
+        })
+    }
+
+    /// One line describing the plan, for `kiln inspect --stage gpu`.
+    pub fn describe(&self) -> String {
+        let work = match &self.work {
+            Work::Elements { count, group } => format!("elements: {count}, {group} per workgroup"),
+            Work::Rows { rows, len, group } => {
+                format!("rows: {rows} of {len}, {group} invocations per row, shared-memory tree")
+            }
+            Work::Matmul { batch, m, n, k, tile, thread } => format!(
+                "matmul: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory, {}×{} per invocation",
+                tile[0], tile[1], tile[2], thread[0], thread[1]
+            ),
+            Work::Attention { batch, sq, sk, d, dv, block_q, block_k } => format!(
+                "attention: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {block_q} queries per workgroup, key tiles of {block_k} in shared memory, online softmax"
+            ),
+        };
+        let [gx, gy, gz] = self.launch.grid;
+        let [wx, wy, wz] = self.launch.workgroup;
+        format!(
+            "{work}; grid [{gx}, {gy}, {gz}], workgroup [{wx}, {wy}, {wz}], shared {} B",
+            self.shared_bytes
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grids_fold_past_the_x_limit() {
+        let caps = GpuCaps::vulkan();
+        let p = GpuPlan::elements(100_000 * 256, &caps).unwrap();
+        assert_eq!(p.launch.grid, [65535, 2, 1]);
+        assert_eq!(p.launch.workgroup, [256, 1, 1]);
+    }
+
+    #[test]
+    fn row_plans_fit_shared_memory_and_rows_get_a_power_of_two() {
+        let caps = GpuCaps::vulkan();
+        let p = GpuPlan::rows(10, 768, 4, 2, &caps).unwrap();
+        assert_eq!(p.launch.workgroup[0], 256);
+        assert_eq!(p.shared_bytes, 2048);
+        let small = GpuPlan::rows(10, 5, 4, 1, &caps).unwrap();
+        assert_eq!(small.launch.workgroup[0], 32);
+    }
+
+    #[test]
+    fn matmul_tiles_follow_the_row_count() {
+        let caps = GpuCaps::vulkan();
+        let big = GpuPlan::matmul(1, 512, 768, 768, 4, &caps).unwrap();
+        assert_eq!(
+            big.work,
+            Work::Matmul { batch: 1, m: 512, n: 768, k: 768, tile: [64, 64, 16], thread: [4, 4] }
+        );
+        assert_eq!(big.launch.grid, [12, 8, 1]);
+        assert_eq!(big.launch.workgroup, [16, 16, 1]);
+        let thin = GpuPlan::matmul(2, 1, 100, 10, 4, &caps).unwrap();
+        assert_eq!(thin.launch.workgroup, [16, 16, 1]);
+        assert_eq!(thin.launch.grid, [2, 1, 2]);
+    }
+
+    #[test]
+    fn attention_key_tiles_fit_half_the_shared_memory() {
+        let caps = GpuCaps::vulkan();
+        let p = GpuPlan::attention(12, 128, 128, 64, 64, 4, &caps).unwrap();
+        assert_eq!(
+            p.work,
+            Work::Attention { batch: 12, sq: 128, sk: 128, d: 64, dv: 64, block_q: 64, block_k: 32 }
+        );
+        assert_eq!(p.shared_bytes, 32 * 128 * 4);
+        let wide = GpuPlan::attention(1, 4, 4, 1024, 1024, 4, &caps).unwrap();
+        assert!(wide.shared_bytes <= caps.max_shared_bytes / 2);
+    }
+}

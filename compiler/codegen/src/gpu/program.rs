@@ -1,0 +1,289 @@
+//! From a schedule to GPU kernels: each scheduled kernel's operands become the same views the
+//! CPU emitters get ([`crate::program`]'s shaping), the target's limits are checked, and the
+//! kernel goes to its GPU emitter. Every op the schedule can hold has an arm here; the ones
+//! that never form a kernel of their own (leaves, elementwise ops, layout views) are refused
+//! by name.
+
+use super::elements::{emit_elementwise, per_element};
+use super::{attention, matmul, rows, GpuCaps, GpuKernel};
+use crate::kernels::{conv, data, reduce, View};
+use crate::program::{bad, broadcast, matmul_views, plain};
+use crate::CodegenError;
+use kiln_ir::{Activation, BinaryOp, DType, NormKind, Op, ReduceOp, UnaryOp};
+use kiln_sched::{Expr, KernelOp, Schedule};
+
+/// The GPU kernels of a schedule, each distinct kernel once.
+pub struct GpuProgram {
+    /// Distinct kernels, in order of first use.
+    pub kernels: Vec<GpuKernel>,
+    /// For each scheduled kernel, the index of the kernel in `kernels` that computes it.
+    pub step_kernel: Vec<usize>,
+}
+
+/// The symbol kernels are emitted under before they are told apart.
+const PROVISIONAL: &str = "kiln_k";
+
+/// Generates every kernel of `s` for the GPU target `caps`. Kernels whose text is the same (the
+/// layers of a transformer) are kept once and shared by their steps.
+pub fn kernels(s: &Schedule, caps: &GpuCaps) -> Result<GpuProgram, CodegenError> {
+    if !s.arena_align.is_multiple_of(caps.buffer_align) {
+        return Err(CodegenError::Unsupported(format!(
+            "a schedule whose arena is aligned to {} bytes on the {} target, which binds buffers at multiples of {} (schedule with kiln_sched::schedule_aligned)",
+            s.arena_align, caps.name, caps.buffer_align
+        )));
+    }
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut kernels = Vec::new();
+    let mut step_kernel = Vec::with_capacity(s.kernels.len());
+    for (i, k) in s.kernels.iter().enumerate() {
+        let label = format!("k{i} {}", k.name());
+        let in_context = |e: CodegenError| match e {
+            CodegenError::Unsupported(what) => CodegenError::Unsupported(format!("{what} (kernel {label})")),
+            other => other,
+        };
+        check_limits(s, k, caps).map_err(in_context)?;
+        let mut made = kernel(s, k, caps).map_err(in_context)?;
+        let index = match seen.get(&made.mlir) {
+            Some(&j) => j,
+            None => {
+                seen.insert(made.mlir.clone(), kernels.len());
+                let sym = crate::program::symbol(i);
+                made.mlir = made.mlir.replace(&format!("@{PROVISIONAL}"), &format!("@{sym}"));
+                made.symbol = sym;
+                kernels.push(made);
+                kernels.len() - 1
+            }
+        };
+        step_kernel.push(index);
+    }
+    Ok(GpuProgram { kernels, step_kernel })
+}
+
+/// Refuses a kernel whose buffers the target cannot bind: a dtype it cannot store, more
+/// buffers than one kernel may bind, or a buffer larger than one binding may cover.
+fn check_limits(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<(), CodegenError> {
+    let operands: Vec<&kiln_sched::Operand> = k.inputs.iter().chain(std::iter::once(&k.output)).collect();
+    if operands.len() > caps.max_bindings {
+        return Err(CodegenError::Unsupported(format!(
+            "a kernel of {} buffers on the {} target, which binds at most {}",
+            operands.len(),
+            caps.name,
+            caps.max_bindings
+        )));
+    }
+    for o in operands {
+        if !caps.stores(o.dtype) {
+            return Err(CodegenError::Unsupported(format!(
+                "{} tensors on the {} target",
+                o.dtype, caps.name
+            )));
+        }
+        let bytes = s.buffers[o.buffer].bytes() as u64;
+        if bytes > caps.max_binding_bytes {
+            return Err(CodegenError::Unsupported(format!(
+                "a buffer of {bytes} bytes on the {} target, which binds at most {} bytes per buffer",
+                caps.name, caps.max_binding_bytes
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The first op in `e` that needs an f64 transcendental function, if any.
+fn f64_transcendental(e: &Expr) -> Option<&'static str> {
+    match e {
+        Expr::Operand(_) | Expr::Scalar { .. } | Expr::Iota { .. } | Expr::Random { .. } => None,
+        Expr::Apply { op, args, dtype } => {
+            let here = match (op, dtype) {
+                (Op::Unary(u), DType::F64) => match u {
+                    UnaryOp::Exp
+                    | UnaryOp::Log
+                    | UnaryOp::Tanh
+                    | UnaryOp::Erf
+                    | UnaryOp::Sin
+                    | UnaryOp::Cos
+                    | UnaryOp::Sigmoid => Some(u.name()),
+                    UnaryOp::Neg
+                    | UnaryOp::Abs
+                    | UnaryOp::Sqrt
+                    | UnaryOp::Rsqrt
+                    | UnaryOp::Recip
+                    | UnaryOp::Relu => None,
+                },
+                (Op::Binary(BinaryOp::Pow), DType::F64) => Some("pow"),
+                (Op::Gelu { .. }, DType::F64) => Some("gelu"),
+                _ => None,
+            };
+            here.or_else(|| args.iter().find_map(f64_transcendental))
+        }
+    }
+}
+
+fn no_f64(what: &str, dtype: DType, caps: &GpuCaps) -> Result<(), CodegenError> {
+    if dtype == DType::F64 && !caps.f64_transcendentals {
+        return Err(CodegenError::Unsupported(format!(
+            "`{what}` on f64 on the {} target (it has no 64-bit exp, log or tanh)",
+            caps.name
+        )));
+    }
+    Ok(())
+}
+
+fn kernel(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<GpuKernel, CodegenError> {
+    let sym = PROVISIONAL;
+    let out = plain(s, &k.output);
+    let ins = &k.inputs;
+    let op = match &k.op {
+        KernelOp::Elementwise(expr) => {
+            if let Some(what) = f64_transcendental(expr) {
+                no_f64(what, DType::F64, caps)?;
+            }
+            let inputs: Vec<View> = ins.iter().map(|o| plain(s, o)).collect();
+            return emit_elementwise(sym, expr, &inputs, &out, caps);
+        }
+        KernelOp::Node(op) => op,
+    };
+    let arg = |n: usize| ins.get(n).ok_or_else(|| bad(op.name()));
+    let float_only = |what: &str| -> Result<(), CodegenError> {
+        if out.dtype.is_float() {
+            Ok(())
+        } else {
+            Err(CodegenError::Unsupported(format!("`{what}` on {} on the {} target", out.dtype, caps.name)))
+        }
+    };
+    match op {
+        Op::MatMul | Op::MatMulEpilogue { .. } => {
+            let (bias, act) = match op {
+                Op::MatMulEpilogue { bias, activation } => (*bias, *activation),
+                _ => (false, Activation::None),
+            };
+            float_only(op.name())?;
+            if !matches!(act, Activation::None | Activation::Relu) {
+                no_f64(act.name(), out.dtype, caps)?;
+            }
+            let c = if bias { Some(arg(2)?) } else { None };
+            let mv = matmul_views(s, arg(0)?, arg(1)?, c, &k.output)?;
+            matmul::emit(sym, &mv.a, &mv.b, mv.bias.as_ref(), act, &mv.out, caps)
+        }
+        Op::Attention { scale, causal, masked } => {
+            float_only(op.name())?;
+            no_f64(op.name(), out.dtype, caps)?;
+            let (q, kk, v) = (plain(s, arg(0)?), plain(s, arg(1)?), plain(s, arg(2)?));
+            let mask = if *masked {
+                let mut shape = q.shape.clone();
+                let last = shape.len() - 1;
+                shape[last] = kk.shape[kk.rank() - 2];
+                Some(broadcast(s, arg(3)?, &shape))
+            } else {
+                None
+            };
+            attention::emit(sym, &q, &kk, &v, mask.as_ref(), *scale, *causal, &out, caps)
+        }
+        Op::Softmax { axis } | Op::LogSoftmax { axis } => {
+            float_only(op.name())?;
+            no_f64(op.name(), out.dtype, caps)?;
+            let log = matches!(op, Op::LogSoftmax { .. });
+            rows::emit_softmax(sym, &plain(s, arg(0)?), *axis, log, &out, caps)
+        }
+        Op::LayerNorm { eps, affine } | Op::RmsNorm { eps, affine } => {
+            float_only(op.name())?;
+            let kind = if matches!(op, Op::LayerNorm { .. }) { NormKind::Layer } else { NormKind::Rms };
+            let gamma = if *affine { Some(plain(s, arg(1)?)) } else { None };
+            let beta = if *affine && kind == NormKind::Layer { Some(plain(s, arg(2)?)) } else { None };
+            let x = broadcast(s, arg(0)?, &out.shape);
+            rows::emit_norm(sym, kind, *eps, &x, None, gamma.as_ref(), beta.as_ref(), &out, caps)
+        }
+        Op::AddNorm { eps, kind, affine } => {
+            float_only(op.name())?;
+            let a = broadcast(s, arg(0)?, &out.shape);
+            let b = broadcast(s, arg(1)?, &out.shape);
+            let gamma = if *affine { Some(plain(s, arg(2)?)) } else { None };
+            let beta = if *affine && *kind == NormKind::Layer { Some(plain(s, arg(3)?)) } else { None };
+            rows::emit_norm(sym, *kind, *eps, &a, Some(&b), gamma.as_ref(), beta.as_ref(), &out, caps)
+        }
+        Op::Reduce { op: r, axes, .. } => {
+            let x = plain(s, arg(0)?);
+            if x.dtype == DType::Bool || (!x.dtype.is_float() && *r == ReduceOp::Mean) {
+                return Err(CodegenError::Unsupported(format!(
+                    "{} reduction of {} on the {} target",
+                    r.name(),
+                    x.dtype,
+                    caps.name
+                )));
+            }
+            let bytes = ((x.numel() + out.numel()) * x.dtype.size_bytes()) as u64;
+            let memrefs = [x.memref(), out.memref()];
+            per_element(sym, &memrefs, &out, caps, x.numel() as u64, bytes, |b, _, lin| {
+                Ok(reduce::reduce_at(b, *r, axes, &x, lin))
+            })
+        }
+        Op::Gather { axis } => {
+            let (table, indices) = (plain(s, arg(0)?), plain(s, arg(1)?));
+            if !indices.dtype.is_int() {
+                return Err(CodegenError::Unsupported(format!("gather with {} indices", indices.dtype)));
+            }
+            let bytes = (2 * out.numel() * out.dtype.size_bytes()) as u64;
+            let memrefs = [table.memref(), indices.memref(), out.memref()];
+            per_element(sym, &memrefs, &out, caps, 0, bytes, |b, idx, _| {
+                Ok(data::gather_value(b, *axis, &table, &indices, idx))
+            })
+        }
+        Op::Concat { axis } => {
+            let inputs: Vec<View> = ins.iter().map(|o| plain(s, o)).collect();
+            let bytes = (2 * out.numel() * out.dtype.size_bytes()) as u64;
+            let mut memrefs: Vec<String> = inputs.iter().map(View::memref).collect();
+            memrefs.push(out.memref());
+            per_element(sym, &memrefs, &out, caps, 0, bytes, |b, idx, _| {
+                data::concat_value(b, *axis, &inputs, &out, idx)
+            })
+        }
+        Op::Pad { pads, value } => {
+            let x = plain(s, arg(0)?);
+            let bytes = (2 * out.numel() * out.dtype.size_bytes()) as u64;
+            let memrefs = [x.memref(), out.memref()];
+            per_element(sym, &memrefs, &out, caps, 0, bytes, |b, idx, _| {
+                Ok(data::pad_value(b, pads, *value, &x, &out, idx))
+            })
+        }
+        Op::Conv2d { stride, padding, dilation, groups } => {
+            float_only(op.name())?;
+            let (x, w) = (plain(s, arg(0)?), plain(s, arg(1)?));
+            let flops = (2 * out.numel() * w.shape[1] * w.shape[2] * w.shape[3]) as u64;
+            let bytes = ((x.numel() + w.numel() + out.numel()) * out.dtype.size_bytes()) as u64;
+            let memrefs = [x.memref(), w.memref(), out.memref()];
+            per_element(sym, &memrefs, &out, caps, flops, bytes, |b, idx, _| {
+                Ok(conv::conv_value(b, *stride, *padding, *dilation, *groups, &x, &w, out.dtype, idx))
+            })
+        }
+        Op::Pool2d { kind, kernel, stride, padding } => {
+            float_only(op.name())?;
+            let x = plain(s, arg(0)?);
+            let flops = (out.numel() * kernel[0] * kernel[1]) as u64;
+            let bytes = ((x.numel() + out.numel()) * out.dtype.size_bytes()) as u64;
+            let memrefs = [x.memref(), out.memref()];
+            per_element(sym, &memrefs, &out, caps, flops, bytes, |b, idx, _| {
+                Ok(conv::pool_value(b, *kind, *kernel, *stride, *padding, &x, out.dtype, idx))
+            })
+        }
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Const { .. }
+        | Op::Full { .. }
+        | Op::Iota { .. }
+        | Op::RandomUniform { .. }
+        | Op::Unary(_)
+        | Op::Binary(_)
+        | Op::Compare(_)
+        | Op::Where
+        | Op::Cast { .. }
+        | Op::Gelu { .. }
+        | Op::Reshape { .. }
+        | Op::Transpose { .. }
+        | Op::BroadcastTo { .. }
+        | Op::Slice { .. } => Err(CodegenError::Unsupported(format!(
+            "`{}` as a kernel of its own on the {} target (the scheduler makes it a buffer, part of an elementwise group, or a view)",
+            op.name(),
+            caps.name
+        ))),
+    }
+}

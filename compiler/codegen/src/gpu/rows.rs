@@ -1,0 +1,261 @@
+//! Row kernels: softmax, log-softmax, layer and RMS norm, add + norm. One workgroup per row;
+//! its invocations stride over the row, and each statistic (max, sum, mean, variance) is a
+//! [`tree`] over their partial results in shared memory. The arithmetic follows the
+//! interpreter's order (`interp/fused.rs`): x − max, then exp; mean, then the centered
+//! squares; division by √(var + eps).
+
+use super::plan::{GpuPlan, Work};
+use super::skeleton::{module, offset_at, shared, step, tree, unravel, workgroup_number, Combine};
+use super::{GpuCaps, GpuKernel};
+use crate::kernels::elementwise::{load, reg_type, store};
+use crate::kernels::View;
+use crate::mlir_text::Body;
+use crate::CodegenError;
+use kiln_ir::NormKind;
+
+/// What every row kernel starts with: its plan, the workgroup's row (under an `scf.if` that
+/// skips rows past the end; close with `b.close("")`), the invocation number, the group size
+/// and the shared array for the trees.
+struct Row {
+    plan: GpuPlan,
+    row: String,
+    tid: String,
+    group: u32,
+    sh: String,
+}
+
+fn open_row(b: &mut Body, rows: usize, len: usize, ty: &str, caps: &GpuCaps) -> Result<Row, CodegenError> {
+    let bytes = if ty == "f64" { 8 } else { 4 };
+    let plan = GpuPlan::rows(rows, len, bytes, 1, caps)?;
+    let Work::Rows { group, .. } = plan.work else {
+        return Err(CodegenError::Unsupported("a row plan that is not one".into()));
+    };
+    let sh = shared(b, group as usize, ty);
+    let row = workgroup_number(b, &plan);
+    let tid = b.assign("gpu.thread_id x");
+    // The condition is the same for the whole workgroup, so barriers inside stay uniform.
+    let n = b.index(rows);
+    let ok = b.assign(format!("arith.cmpi ult, {row}, {n} : index"));
+    b.open(format!("scf.if {ok}"));
+    Ok(Row { plan, row, tid, group, sh })
+}
+
+/// Opens `scf.for j = tid to len step group` carrying an accumulator that starts at `init`;
+/// returns (the loop's result, `j`, the accumulator). Yield, then close with `b.close("")`.
+fn open_strided(b: &mut Body, r: &Row, len: usize, init: &str, ty: &str) -> (String, String, String) {
+    let n = b.index(len);
+    let g = b.index(r.group as usize);
+    let (res, j, acc) = (b.fresh("sum"), b.fresh("j"), b.fresh("part"));
+    b.open(format!("{res} = scf.for {j} = {} to {n} step {g} iter_args({acc} = {init}) -> ({ty})", r.tid));
+    (res, j, acc)
+}
+
+/// `softmax` (or `log_softmax`) of `x` along `axis` into `out`. Arguments: x, out.
+pub fn emit_softmax(
+    symbol: &str,
+    x: &View,
+    axis: usize,
+    log: bool,
+    out: &View,
+    caps: &GpuCaps,
+) -> Result<GpuKernel, CodegenError> {
+    let ty = reg_type(out.dtype);
+    let len = x.shape[axis];
+    let rows = x.numel() / len.max(1);
+    let outer: Vec<usize> = (0..x.rank()).filter(|&k| k != axis).collect();
+    let outer_shape: Vec<usize> = outer.iter().map(|&k| x.shape[k]).collect();
+    let mut b = Body::new();
+    let r = open_row(&mut b, rows, len, ty, caps)?;
+    let oidx = unravel(&mut b, &r.row, &outer_shape);
+    let parts = |v: &View| -> Vec<(Option<&String>, usize)> {
+        outer.iter().zip(&oidx).map(|(&k, i)| (Some(i), v.strides[k])).collect()
+    };
+    let xbase = offset_at(&mut b, x.offset, &parts(x));
+    let obase = offset_at(&mut b, out.offset, &parts(out));
+
+    let neg_inf = b.float(f64::NEG_INFINITY, ty);
+    let (m, j, acc) = open_strided(&mut b, &r, len, &neg_inf, ty);
+    let at = step(&mut b, &xbase, &j, x.strides[axis]);
+    let v = load(&mut b, "%a0", x, &at);
+    let mx = b.fmax(&acc, &v, ty);
+    b.line(format!("scf.yield {mx} : {ty}"));
+    b.close("");
+    let max = tree(&mut b, &r.sh, r.group, &r.tid, &m, ty, Combine::Max);
+
+    let zero = b.float(0.0, ty);
+    let (s, j, acc) = open_strided(&mut b, &r, len, &zero, ty);
+    let at = step(&mut b, &xbase, &j, x.strides[axis]);
+    let v = load(&mut b, "%a0", x, &at);
+    let d = b.fsub(&v, &max, ty);
+    let e = b.exp(&d, ty);
+    let sum = b.fadd(&acc, &e, ty);
+    b.line(format!("scf.yield {sum} : {ty}"));
+    b.close("");
+    let total = tree(&mut b, &r.sh, r.group, &r.tid, &s, ty, Combine::Add);
+    let denom = if log { b.assign(format!("math.log {total} : {ty}")) } else { total };
+
+    let n = b.index(len);
+    let g = b.index(r.group as usize);
+    let j = b.fresh("j");
+    b.open(format!("scf.for {j} = {} to {n} step {g}", r.tid));
+    let at = step(&mut b, &xbase, &j, x.strides[axis]);
+    let v = load(&mut b, "%a0", x, &at);
+    let d = b.fsub(&v, &max, ty);
+    let y = if log {
+        b.fsub(&d, &denom, ty)
+    } else {
+        let e = b.exp(&d, ty);
+        b.fdiv(&e, &denom, ty)
+    };
+    let at = step(&mut b, &obase, &j, out.strides[axis]);
+    store(&mut b, &y, "%a1", out, &at);
+    b.close("");
+    b.close("");
+    let flops = (x.numel() * 5) as u64;
+    let bytes = ((x.numel() * 3 + out.numel()) * out.dtype.size_bytes()) as u64;
+    let memrefs = [x.memref(), out.memref()];
+    Ok(GpuKernel {
+        symbol: symbol.into(),
+        mlir: module(symbol, &memrefs, &r.plan, b),
+        plan: r.plan,
+        flops,
+        bytes,
+    })
+}
+
+/// Layer or RMS norm over the last axis of `a` (+ `b_in` for add + norm, both at the output's
+/// shape), times `gamma` and plus `beta` when given. Arguments: a, [b], [gamma], [beta], out.
+#[allow(clippy::too_many_arguments)]
+pub fn emit_norm(
+    symbol: &str,
+    kind: NormKind,
+    eps: f64,
+    a: &View,
+    b_in: Option<&View>,
+    gamma: Option<&View>,
+    beta: Option<&View>,
+    out: &View,
+    caps: &GpuCaps,
+) -> Result<GpuKernel, CodegenError> {
+    let ty = reg_type(out.dtype);
+    let rank = out.rank();
+    let len = out.shape.last().copied().unwrap_or(1);
+    let rows = out.numel() / len.max(1);
+    let lead = &out.shape[..rank.saturating_sub(1)];
+    // Arguments in order, with their names.
+    let mut views: Vec<&View> = vec![a];
+    views.extend(b_in);
+    let g_arg = gamma.map(|g| {
+        views.push(g);
+        format!("%a{}", views.len() - 1)
+    });
+    let be_arg = beta.map(|be| {
+        views.push(be);
+        format!("%a{}", views.len() - 1)
+    });
+    let out_arg = format!("%a{}", views.len());
+    let mut b = Body::new();
+    let r = open_row(&mut b, rows, len, ty, caps)?;
+    let idx = unravel(&mut b, &r.row, lead);
+    let base = |b: &mut Body, v: &View| {
+        let parts: Vec<(Option<&String>, usize)> =
+            idx.iter().zip(&v.strides).map(|(i, &s)| (Some(i), s)).collect();
+        offset_at(b, v.offset, &parts)
+    };
+    let a_base = base(&mut b, a);
+    let b_base = b_in.map(|v| base(&mut b, v));
+    let o_base = base(&mut b, out);
+    let last = |v: &View| v.strides.last().copied().unwrap_or(0);
+    // x[j]: a[j] (+ b[j]), rounded like the interpreter's sum in the tensor's type.
+    let x_at = |b: &mut Body, j: &str| -> String {
+        let at = step(b, &a_base, j, last(a));
+        let x = load(b, "%a0", a, &at);
+        match (b_in, &b_base) {
+            (Some(bv), Some(bb)) => {
+                let at = step(b, bb, j, last(bv));
+                let y = load(b, "%a1", bv, &at);
+                b.fadd(&x, &y, ty)
+            }
+            _ => x,
+        }
+    };
+    let zero = b.float(0.0, ty);
+    let nf = b.float(len as f64, ty);
+    let (center, scale) = match kind {
+        NormKind::Layer => {
+            let (s, j, acc) = open_strided(&mut b, &r, len, &zero, ty);
+            let x = x_at(&mut b, &j);
+            let t = b.fadd(&acc, &x, ty);
+            b.line(format!("scf.yield {t} : {ty}"));
+            b.close("");
+            let total = tree(&mut b, &r.sh, r.group, &r.tid, &s, ty, Combine::Add);
+            let mean = b.fdiv(&total, &nf, ty);
+            let (s, j, acc) = open_strided(&mut b, &r, len, &zero, ty);
+            let x = x_at(&mut b, &j);
+            let c = b.fsub(&x, &mean, ty);
+            let sq = b.fmul(&c, &c, ty);
+            let t = b.fadd(&acc, &sq, ty);
+            b.line(format!("scf.yield {t} : {ty}"));
+            b.close("");
+            let total = tree(&mut b, &r.sh, r.group, &r.tid, &s, ty, Combine::Add);
+            let var = b.fdiv(&total, &nf, ty);
+            let e = b.float(eps, ty);
+            let ve = b.fadd(&var, &e, ty);
+            (Some(mean), b.sqrt(&ve, ty))
+        }
+        NormKind::Rms => {
+            let (s, j, acc) = open_strided(&mut b, &r, len, &zero, ty);
+            let x = x_at(&mut b, &j);
+            let sq = b.fmul(&x, &x, ty);
+            let t = b.fadd(&acc, &sq, ty);
+            b.line(format!("scf.yield {t} : {ty}"));
+            b.close("");
+            let total = tree(&mut b, &r.sh, r.group, &r.tid, &s, ty, Combine::Add);
+            let ms = b.fdiv(&total, &nf, ty);
+            let e = b.float(eps, ty);
+            let me = b.fadd(&ms, &e, ty);
+            let root = b.sqrt(&me, ty);
+            let one = b.float(1.0, ty);
+            (None, b.fdiv(&one, &root, ty))
+        }
+    };
+    let n = b.index(len);
+    let g = b.index(r.group as usize);
+    let j = b.fresh("j");
+    b.open(format!("scf.for {j} = {} to {n} step {g}", r.tid));
+    let x = x_at(&mut b, &j);
+    let mut y = match &center {
+        Some(mean) => {
+            let c = b.fsub(&x, mean, ty);
+            b.fdiv(&c, &scale, ty)
+        }
+        None => b.fmul(&x, &scale, ty),
+    };
+    if let (Some(gv), Some(arg)) = (gamma, &g_arg) {
+        let off = b.index(gv.offset);
+        let at = step(&mut b, &off, &j, gv.strides[0]);
+        let w = load(&mut b, arg, gv, &at);
+        y = b.fmul(&y, &w, ty);
+    }
+    if let (Some(bv), Some(arg)) = (beta, &be_arg) {
+        let off = b.index(bv.offset);
+        let at = step(&mut b, &off, &j, bv.strides[0]);
+        let w = load(&mut b, arg, bv, &at);
+        y = b.fadd(&y, &w, ty);
+    }
+    let at = step(&mut b, &o_base, &j, last(out));
+    store(&mut b, &y, &out_arg, out, &at);
+    b.close("");
+    b.close("");
+    let mut memrefs: Vec<String> = views.iter().map(|v| v.memref()).collect();
+    memrefs.push(out.memref());
+    let flops = (out.numel() * 8) as u64;
+    let bytes = ((views.len() + 1) * out.numel() * out.dtype.size_bytes()) as u64;
+    Ok(GpuKernel {
+        symbol: symbol.into(),
+        mlir: module(symbol, &memrefs, &r.plan, b),
+        plan: r.plan,
+        flops,
+        bytes,
+    })
+}

@@ -1,0 +1,168 @@
+//! The text every GPU kernel shares: the `gpu.module`/`gpu.func` around a body, workgroup and
+//! invocation numbers, shared and private arrays, and a workgroup reduction tree.
+
+use super::plan::GpuPlan;
+use crate::mlir_text::Body;
+
+/// Workgroup memory (SPIR-V `Workgroup` storage class after `map-memref-spirv-storage-class`).
+const SHARED_SPACE: u32 = 3;
+/// Per-invocation memory (SPIR-V `Function` storage class).
+const PRIVATE_SPACE: u32 = 6;
+
+/// `gpu.module @{symbol}` holding the kernel `gpu.func @{symbol}` with arguments `%a0…`
+/// (`memrefs`, in binding order) and the plan's workgroup size as its entry-point ABI; the
+/// plan is written above it as a comment.
+pub(crate) fn module(symbol: &str, memrefs: &[String], plan: &GpuPlan, body: Body) -> String {
+    let params: Vec<String> = memrefs.iter().enumerate().map(|(i, m)| format!("%a{i}: {m}")).collect();
+    let [x, y, z] = plan.launch.workgroup;
+    format!(
+        "// plan: {}\ngpu.module @{symbol} {{\n  gpu.func @{symbol}({}) kernel attributes {{spirv.entry_point_abi = #spirv.entry_point_abi<workgroup_size = [{x}, {y}, {z}]>}} {{\n{}    gpu.return\n  }}\n}}\n",
+        plan.describe(),
+        params.join(", "),
+        indent(&body.finish()),
+    )
+}
+
+/// The body one level deeper (inside the `gpu.func`).
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// The workgroup's number in a grid folded by [`GpuPlan`]: `block_id.y · grid.x + block_id.x`.
+pub(crate) fn workgroup_number(b: &mut Body, plan: &GpuPlan) -> String {
+    let bx = b.assign("gpu.block_id x");
+    let by = b.assign("gpu.block_id y");
+    let gx = b.index(plan.launch.grid[0] as usize);
+    let row = b.assign(format!("arith.muli {by}, {gx} : index"));
+    b.assign(format!("arith.addi {row}, {bx} : index"))
+}
+
+/// Opens `scf.if` on `value < bound` (close with `b.close("")`).
+pub(crate) fn open_below(b: &mut Body, value: &str, bound: usize) {
+    let n = b.index(bound);
+    let ok = b.assign(format!("arith.cmpi ult, {value}, {n} : index"));
+    b.open(format!("scf.if {ok}"));
+}
+
+/// The multi-index of row-major number `i` in `shape` (one `index` value per axis).
+pub(crate) fn unravel(b: &mut Body, i: &str, shape: &[usize]) -> Vec<String> {
+    let mut idx = vec![String::new(); shape.len()];
+    let mut rem = i.to_string();
+    for k in (0..shape.len()).rev() {
+        if k == 0 {
+            idx[0] = rem.clone();
+        } else {
+            let d = b.index(shape[k]);
+            idx[k] = b.assign(format!("arith.remui {rem}, {d} : index"));
+            rem = b.assign(format!("arith.divui {rem}, {d} : index"));
+        }
+    }
+    idx
+}
+
+/// `min(i, n − 1)`: an index clamped into a buffer of `n`, so a load past the end of a tile
+/// reads a real element (selected away afterwards) instead of out of bounds.
+pub(crate) fn clamp(b: &mut Body, i: &str, n: usize) -> String {
+    let last = b.index(n.saturating_sub(1));
+    b.assign(format!("arith.minui {i}, {last} : index"))
+}
+
+/// The type of a workgroup array of `len` values of `ty`.
+pub(crate) fn shared_type(len: usize, ty: &str) -> String {
+    format!("memref<{}x{ty}, {SHARED_SPACE}>", len.max(1))
+}
+
+/// Allocates a workgroup array of `len` values of `ty`.
+pub(crate) fn shared(b: &mut Body, len: usize, ty: &str) -> String {
+    b.assign(format!("memref.alloc() : {}", shared_type(len, ty)))
+}
+
+/// The type of a per-invocation array of `len` values of `ty`.
+pub(crate) fn private_type(len: usize, ty: &str) -> String {
+    format!("memref<{}x{ty}, {PRIVATE_SPACE}>", len.max(1))
+}
+
+/// Allocates a per-invocation array of `len` values of `ty`.
+pub(crate) fn private(b: &mut Body, len: usize, ty: &str) -> String {
+    b.assign(format!("memref.alloca() : {}", private_type(len, ty)))
+}
+
+/// How two partial results combine in a [`tree`].
+#[derive(Clone, Copy)]
+pub(crate) enum Combine {
+    /// Float addition.
+    Add,
+    /// Float maximum, NaN-propagating.
+    Max,
+}
+
+/// Combines `value` of every invocation `tid < group` of the workgroup through the shared
+/// array `sh` (`group` values of `ty`, `group` a power of two) and returns the result to all
+/// of them. Barriers stay in uniform control flow; the last one lets `sh` be reused at once.
+pub(crate) fn tree(
+    b: &mut Body,
+    sh: &str,
+    group: u32,
+    tid: &str,
+    value: &str,
+    ty: &str,
+    op: Combine,
+) -> String {
+    let sty = shared_type(group as usize, ty);
+    b.line(format!("memref.store {value}, {sh}[{tid}] : {sty}"));
+    b.line("gpu.barrier");
+    let mut stride = group / 2;
+    while stride >= 1 {
+        let s = b.index(stride as usize);
+        let low = b.assign(format!("arith.cmpi ult, {tid}, {s} : index"));
+        b.open(format!("scf.if {low}"));
+        let other = b.assign(format!("arith.addi {tid}, {s} : index"));
+        let x = b.assign(format!("memref.load {sh}[{tid}] : {sty}"));
+        let y = b.assign(format!("memref.load {sh}[{other}] : {sty}"));
+        let z = match op {
+            Combine::Add => b.fadd(&x, &y, ty),
+            Combine::Max => b.fmax(&x, &y, ty),
+        };
+        b.line(format!("memref.store {z}, {sh}[{tid}] : {sty}"));
+        b.close("");
+        b.line("gpu.barrier");
+        stride /= 2;
+    }
+    let zero = b.index(0);
+    let r = b.assign(format!("memref.load {sh}[{zero}] : {sty}"));
+    b.line("gpu.barrier");
+    r
+}
+
+/// `offset + Σ idx[k]·strides[k]` over the axes given (`None` entries are skipped), for a view's
+/// base address at some fixed indices.
+pub(crate) fn offset_at(b: &mut Body, offset: usize, parts: &[(Option<&String>, usize)]) -> String {
+    let mut acc = b.index(offset);
+    for (i, s) in parts {
+        let (Some(i), s) = (i, *s) else { continue };
+        if s == 0 {
+            continue;
+        }
+        let t = if s == 1 {
+            i.to_string()
+        } else {
+            let c = b.index(s);
+            b.assign(format!("arith.muli {i}, {c} : index"))
+        };
+        acc = b.assign(format!("arith.addi {acc}, {t} : index"));
+    }
+    acc
+}
+
+/// `base + i·stride`.
+pub(crate) fn step(b: &mut Body, base: &str, i: &str, stride: usize) -> String {
+    match stride {
+        0 => base.to_string(),
+        1 => b.assign(format!("arith.addi {base}, {i} : index")),
+        s => {
+            let c = b.index(s);
+            let t = b.assign(format!("arith.muli {i}, {c} : index"));
+            b.assign(format!("arith.addi {base}, {t} : index"))
+        }
+    }
+}
