@@ -1,6 +1,7 @@
 # Kiln developer entry points. Every target is non-interactive.
 #
-#   make deps    install the Debian packages LLVM/MLIR 22 codegen needs (only those missing)
+#   make deps    install the Debian packages LLVM/MLIR 22 codegen and the Vulkan target need
+#                (only those missing)
 #   make build   deps + release build of the `kiln` CLI
 #   make demo    build + compile the shipped BERT encoder to a native artifact and run it
 #   make test    deps + build everything + all tests (nextest when installed) + doc-tests
@@ -16,9 +17,12 @@ CARGO ?= cargo
 KILN := ./target/release/kiln
 DEMO_SPEC := models/bert_encoder.ron
 
-# Keep in sync with /work/shared/docs/mlir-cookbook.md §1.
+# LLVM/MLIR 22 for code generation; the Vulkan loader, Mesa's lavapipe (a Vulkan device on the
+# CPU, so the Vulkan target's tests run on every machine) and spirv-tools (spirv-val, spirv-dis,
+# spirv-as) for the GPU target.
 DEB_PACKAGES := llvm-22-dev libmlir-22-dev mlir-22-tools libpolly-22-dev clang-22 \
-                libzstd-dev libz3-dev libxml2-dev zlib1g-dev lld-22 file
+                libzstd-dev libz3-dev libxml2-dev zlib1g-dev lld-22 file \
+                libvulkan1 mesa-vulkan-drivers spirv-tools
 # The package whose apt candidate proves an LLVM 22 source is configured.
 LLVM_PROBE := llvm-22-dev
 

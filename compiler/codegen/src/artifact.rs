@@ -201,9 +201,24 @@ pub fn build_vulkan_artifact(
     for (i, (&ki, sk)) in program.step_kernel.iter().zip(&s.kernels).enumerate() {
         let k = &program.kernels[ki];
         let mut args = Vec::with_capacity(sk.inputs.len() + 1);
-        for o in sk.inputs.iter().chain(std::iter::once(&sk.output)) {
+        for (j, o) in sk.inputs.iter().chain(std::iter::once(&sk.output)).enumerate() {
             let b = &s.buffers[o.buffer];
             let bytes = b.bytes() as u64;
+            // A weight larger than one binding is stored and bound as its pieces.
+            if let (Some((_, split)), Storage::Weight { name } | Storage::Const { name, .. }) =
+                (program.step_splits[i].iter().find(|(a, _)| *a == j), &b.storage)
+            {
+                let value = constant(b, params)?;
+                for p in 0..split.pieces() {
+                    let piece = format!("{name}@part{p}");
+                    let len = split.len_of(p);
+                    if stored.insert(piece.clone()) {
+                        weights.push((piece.clone(), flat_range(value, p * split.piece_len, len)?));
+                    }
+                    args.push(BufRef::Weight { name: piece, bytes: (len * o.dtype.size_bytes()) as u64 });
+                }
+                continue;
+            }
             args.push(match &b.storage {
                 Storage::Input { index } => BufRef::Input { index: *index as u32 },
                 Storage::Output { index } => BufRef::Output { index: *index as u32 },
@@ -273,4 +288,20 @@ fn tensor_spec((name, d, shape): &(String, DType, Vec<usize>)) -> TensorSpec {
         dtype: runtime_dtype(*d),
         shape: shape.iter().map(|&x| x as u64).collect(),
     }
+}
+
+/// Elements `start..start + len` of `t`, as a 1-D tensor.
+fn flat_range(t: &Tensor, start: usize, len: usize) -> Result<Tensor, CodegenError> {
+    use kiln_ir::Buffer;
+    let r = start..start + len;
+    let data = match &t.data {
+        Buffer::F32(v) => Buffer::F32(v[r].to_vec()),
+        Buffer::F64(v) => Buffer::F64(v[r].to_vec()),
+        Buffer::F16(v) => Buffer::F16(v[r].to_vec()),
+        Buffer::BF16(v) => Buffer::BF16(v[r].to_vec()),
+        Buffer::I32(v) => Buffer::I32(v[r].to_vec()),
+        Buffer::I64(v) => Buffer::I64(v[r].to_vec()),
+        Buffer::Bool(v) => Buffer::Bool(v[r].to_vec()),
+    };
+    Tensor::new(vec![len], data).map_err(|e| CodegenError::Artifact(e.to_string()))
 }

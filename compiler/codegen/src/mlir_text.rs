@@ -14,11 +14,44 @@ pub struct Body {
     out: String,
     indent: usize,
     next: u32,
+    /// Kernel arguments bound in pieces (see [`Split`]), by argument name.
+    splits: Vec<(String, Split)>,
+}
+
+/// A read-only buffer larger than one binding may cover, bound as consecutive pieces of
+/// `piece_len` elements (the last may be shorter): argument `%aN` becomes `%aN_0`, `%aN_1`, …,
+/// and a load of element `i` reads piece `i / piece_len` at `i % piece_len`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Split {
+    pub piece_len: usize,
+    pub buffer_len: usize,
+}
+
+impl Split {
+    /// The number of pieces.
+    pub fn pieces(&self) -> usize {
+        self.buffer_len.div_ceil(self.piece_len.max(1)).max(1)
+    }
+
+    /// The length of piece `k`.
+    pub fn len_of(&self, k: usize) -> usize {
+        (self.buffer_len - k * self.piece_len).min(self.piece_len)
+    }
 }
 
 impl Body {
     pub fn new() -> Body {
-        Body { out: String::new(), indent: 1, next: 0 }
+        Body { out: String::new(), indent: 1, next: 0, splits: Vec::new() }
+    }
+
+    /// A body whose kernel binds the arguments in `splits` in pieces.
+    pub fn with_splits(splits: Vec<(String, Split)>) -> Body {
+        Body { splits, ..Body::new() }
+    }
+
+    /// How argument `arg` is split, if it is.
+    pub fn split_of(&self, arg: &str) -> Option<&Split> {
+        self.splits.iter().find(|(a, _)| a == arg).map(|(_, s)| s)
     }
 
     /// A fresh SSA name, `%{hint}{n}`.

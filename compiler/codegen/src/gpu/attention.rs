@@ -10,7 +10,7 @@
 
 use super::plan::{GpuPlan, Work};
 use super::skeleton::{clamp, module, offset_at, private, private_type, shared, shared_type, unravel};
-use super::{GpuCaps, GpuKernel};
+use super::{GpuCtx, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
 use crate::kernels::View;
 use crate::mlir_text::Body;
@@ -28,11 +28,11 @@ pub fn emit(
     scale: f64,
     causal: bool,
     out: &View,
-    caps: &GpuCaps,
+    cx: &GpuCtx,
 ) -> Result<GpuKernel, CodegenError> {
     let dtype = out.dtype;
     if !dtype.is_float() {
-        return Err(CodegenError::Unsupported(format!("attention on {dtype} on the {} target", caps.name)));
+        return Err(CodegenError::Unsupported(format!("attention on {dtype} on the {} target", cx.caps.name)));
     }
     let ty = reg_type(dtype);
     let r = q.rank();
@@ -41,13 +41,13 @@ pub fn emit(
     let (sq, d) = (q.shape[r - 2], q.shape[r - 1]);
     let (sk, dv) = (k.shape[r - 2], v.shape[r - 1]);
     let reg_bytes = if ty == "f64" { 8 } else { 4 };
-    let plan = GpuPlan::attention(batch, sq, sk, d, dv, reg_bytes, caps)?;
+    let plan = GpuPlan::attention(batch, sq, sk, d, dv, reg_bytes, cx.caps)?;
     let Work::Attention { block_q, block_k, .. } = plan.work else {
         return Err(CodegenError::Unsupported("an attention plan that is not one".into()));
     };
     let (bq, bk) = (block_q as usize, block_k as usize);
 
-    let mut b = Body::new();
+    let mut b = cx.body();
     let sh_k = shared(&mut b, bk * d, ty);
     let sh_v = shared(&mut b, bk * dv, ty);
     let (sk_ty, sv_ty) = (shared_type(bk * d, ty), shared_type(bk * dv, ty));

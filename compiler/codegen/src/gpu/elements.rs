@@ -5,7 +5,7 @@
 
 use super::plan::GpuPlan;
 use super::skeleton::{module, open_below, unravel, workgroup_number};
-use super::{GpuCaps, GpuKernel};
+use super::{GpuCtx, GpuKernel};
 use crate::kernels::elementwise::{coalesce, eval, store, Ctx};
 use crate::kernels::View;
 use crate::mlir_text::Body;
@@ -30,14 +30,14 @@ pub(crate) fn per_element(
     symbol: &str,
     memrefs: &[String],
     out: &View,
-    caps: &GpuCaps,
+    cx: &GpuCtx,
     flops: u64,
     bytes: u64,
     value: impl FnOnce(&mut Body, &[String], &str) -> Result<String, CodegenError>,
 ) -> Result<GpuKernel, CodegenError> {
     let count = out.numel();
-    let plan = GpuPlan::elements(count, caps)?;
-    let mut b = Body::new();
+    let plan = GpuPlan::elements(count, cx.caps)?;
+    let mut b = cx.body();
     let i = open_element(&mut b, &plan, count);
     let idx = unravel(&mut b, &i, &out.shape);
     let v = value(&mut b, &idx, &i)?;
@@ -55,14 +55,14 @@ pub fn emit_elementwise(
     expr: &Expr,
     inputs: &[View],
     out: &View,
-    caps: &GpuCaps,
+    cx: &GpuCtx,
 ) -> Result<GpuKernel, CodegenError> {
     let mut all: Vec<View> = inputs.to_vec();
     all.push(out.clone());
     let views = coalesce(&all);
     let count = out.numel();
-    let plan = GpuPlan::elements(count, caps)?;
-    let mut b = Body::new();
+    let plan = GpuPlan::elements(count, cx.caps)?;
+    let mut b = cx.body();
     let i = open_element(&mut b, &plan, count);
     let merged = views[0].shape.clone();
     let idx = unravel(&mut b, &i, &merged);

@@ -7,7 +7,7 @@
 
 use super::plan::{GpuPlan, Work};
 use super::skeleton::{clamp, module, offset_at, private, private_type, shared, shared_type, unravel};
-use super::{GpuCaps, GpuKernel};
+use super::{GpuCtx, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
 use crate::kernels::matmul::activate;
 use crate::kernels::View;
@@ -24,11 +24,11 @@ pub fn emit(
     bias: Option<&View>,
     act: Activation,
     out: &View,
-    caps: &GpuCaps,
+    cx: &GpuCtx,
 ) -> Result<GpuKernel, CodegenError> {
     let dtype = out.dtype;
     if !dtype.is_float() {
-        return Err(CodegenError::Unsupported(format!("matmul on {dtype} on the {} target", caps.name)));
+        return Err(CodegenError::Unsupported(format!("matmul on {dtype} on the {} target", cx.caps.name)));
     }
     let ty = reg_type(dtype);
     let r = out.rank();
@@ -36,7 +36,7 @@ pub fn emit(
     let (m, n, k) = (out.shape[r - 2], out.shape[r - 1], a.shape[r - 1]);
     let batch: usize = batch_shape.iter().product();
     let reg_bytes = if ty == "f64" { 8 } else { 4 };
-    let plan = GpuPlan::matmul(batch, m, n, k, reg_bytes, caps)?;
+    let plan = GpuPlan::matmul(batch, m, n, k, reg_bytes, cx.caps)?;
     let Work::Matmul { tile, thread, .. } = plan.work else {
         return Err(CodegenError::Unsupported("a matmul plan that is not one".into()));
     };
@@ -45,7 +45,7 @@ pub fn emit(
     let [wx, wy, _] = plan.launch.workgroup.map(|w| w as usize);
     let inv = wx * wy;
 
-    let mut b = Body::new();
+    let mut b = cx.body();
     let sh_a = shared(&mut b, tm * tk, ty);
     let sh_b = shared(&mut b, tk * tn, ty);
     let (sa, sb) = (shared_type(tm * tk, ty), shared_type(tk * tn, ty));

@@ -20,10 +20,25 @@ pub mod rows;
 mod skeleton;
 pub mod spirv;
 
+use crate::mlir_text::{Body, Split};
 pub use caps::GpuCaps;
 pub use plan::{GpuPlan, Launch, Work};
 pub use program::{kernels, GpuProgram};
 pub use spirv::SpirvModule;
+
+/// What an emitter needs beyond the kernel's operands: the target, and which arguments are
+/// bound in pieces because they are larger than one binding may cover.
+pub struct GpuCtx<'a> {
+    pub caps: &'a GpuCaps,
+    pub splits: Vec<(String, Split)>,
+}
+
+impl GpuCtx<'_> {
+    /// A fresh body for the kernel's text, knowing the split arguments.
+    pub fn body(&self) -> Body {
+        Body::with_splits(self.splits.clone())
+    }
+}
 
 /// One generated GPU kernel.
 #[derive(Clone, Debug, PartialEq)]

@@ -5,7 +5,8 @@
 //! by name.
 
 use super::elements::{emit_elementwise, per_element};
-use super::{attention, matmul, rows, GpuCaps, GpuKernel};
+use super::{attention, matmul, rows, GpuCaps, GpuCtx, GpuKernel};
+use crate::mlir_text::Split;
 use crate::kernels::{conv, data, reduce, View};
 use crate::program::{bad, broadcast, matmul_views, plain};
 use crate::CodegenError;
@@ -18,6 +19,8 @@ pub struct GpuProgram {
     pub kernels: Vec<GpuKernel>,
     /// For each scheduled kernel, the index of the kernel in `kernels` that computes it.
     pub step_kernel: Vec<usize>,
+    /// For each scheduled kernel, its arguments bound in pieces: (argument position, split).
+    pub step_splits: Vec<Vec<(usize, Split)>>,
 }
 
 /// The symbol kernels are emitted under before they are told apart.
@@ -35,14 +38,17 @@ pub fn kernels(s: &Schedule, caps: &GpuCaps) -> Result<GpuProgram, CodegenError>
     let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     let mut kernels = Vec::new();
     let mut step_kernel = Vec::with_capacity(s.kernels.len());
+    let mut step_splits = Vec::with_capacity(s.kernels.len());
     for (i, k) in s.kernels.iter().enumerate() {
         let label = format!("k{i} {}", k.name());
         let in_context = |e: CodegenError| match e {
             CodegenError::Unsupported(what) => CodegenError::Unsupported(format!("{what} (kernel {label})")),
             other => other,
         };
-        check_limits(s, k, caps).map_err(in_context)?;
-        let mut made = kernel(s, k, caps).map_err(in_context)?;
+        let splits = check_limits(s, k, caps).map_err(in_context)?;
+        let cx = GpuCtx { caps, splits: splits.iter().map(|(j, sp)| (format!("%a{j}"), sp.clone())).collect() };
+        let mut made = kernel(s, k, &cx).map_err(in_context)?;
+        step_splits.push(splits);
         let index = match seen.get(&made.mlir) {
             Some(&j) => j,
             None => {
@@ -56,37 +62,48 @@ pub fn kernels(s: &Schedule, caps: &GpuCaps) -> Result<GpuProgram, CodegenError>
         };
         step_kernel.push(index);
     }
-    Ok(GpuProgram { kernels, step_kernel })
+    Ok(GpuProgram { kernels, step_kernel, step_splits })
 }
 
-/// Refuses a kernel whose buffers the target cannot bind: a dtype it cannot store, more
-/// buffers than one kernel may bind, or a buffer larger than one binding may cover.
-fn check_limits(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<(), CodegenError> {
+/// Refuses a kernel whose buffers the target cannot bind (a dtype it cannot store, more
+/// bindings than one kernel may have, a written buffer larger than one binding may cover), and
+/// returns the stored ones (weights, constants) larger than a binding, which are bound in
+/// pieces.
+fn check_limits(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<Vec<(usize, Split)>, CodegenError> {
     let operands: Vec<&kiln_sched::Operand> = k.inputs.iter().chain(std::iter::once(&k.output)).collect();
-    if operands.len() > caps.max_bindings {
+    let mut splits = Vec::new();
+    let mut bindings = 0;
+    for (j, o) in operands.iter().enumerate() {
+        let b = &s.buffers[o.buffer];
+        let bytes = b.bytes() as u64;
+        if !caps.stores(o.dtype) {
+            return Err(CodegenError::Unsupported(format!("{} tensors on the {} target", o.dtype, caps.name)));
+        }
+        if bytes <= caps.max_binding_bytes {
+            bindings += 1;
+            continue;
+        }
+        let stored = matches!(b.storage, kiln_sched::Storage::Weight { .. } | kiln_sched::Storage::Const { .. });
+        if !stored {
+            return Err(CodegenError::Unsupported(format!(
+                "a run-time buffer of {bytes} bytes on the {} target, which binds at most {} bytes per buffer (only stored weights are bound in pieces)",
+                caps.name,
+                caps.max_binding_bytes
+            )));
+        }
+        let elem = o.dtype.size_bytes();
+        let split = Split { piece_len: caps.max_binding_bytes as usize / elem, buffer_len: b.bytes() / elem };
+        bindings += split.pieces();
+        splits.push((j, split));
+    }
+    if bindings > caps.max_bindings {
         return Err(CodegenError::Unsupported(format!(
-            "a kernel of {} buffers on the {} target, which binds at most {}",
-            operands.len(),
+            "a kernel of {bindings} bindings on the {} target, which binds at most {}",
             caps.name,
             caps.max_bindings
         )));
     }
-    for o in operands {
-        if !caps.stores(o.dtype) {
-            return Err(CodegenError::Unsupported(format!(
-                "{} tensors on the {} target",
-                o.dtype, caps.name
-            )));
-        }
-        let bytes = s.buffers[o.buffer].bytes() as u64;
-        if bytes > caps.max_binding_bytes {
-            return Err(CodegenError::Unsupported(format!(
-                "a buffer of {bytes} bytes on the {} target, which binds at most {} bytes per buffer",
-                caps.name, caps.max_binding_bytes
-            )));
-        }
-    }
-    Ok(())
+    Ok(splits)
 }
 
 /// The first op in `e` that needs an f64 transcendental function, if any.
@@ -129,7 +146,8 @@ fn no_f64(what: &str, dtype: DType, caps: &GpuCaps) -> Result<(), CodegenError> 
     Ok(())
 }
 
-fn kernel(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<GpuKernel, CodegenError> {
+fn kernel(s: &Schedule, k: &kiln_sched::Kernel, cx: &GpuCtx) -> Result<GpuKernel, CodegenError> {
+    let caps = cx.caps;
     let sym = PROVISIONAL;
     let out = plain(s, &k.output);
     let ins = &k.inputs;
@@ -139,7 +157,7 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<GpuKer
                 no_f64(what, DType::F64, caps)?;
             }
             let inputs: Vec<View> = ins.iter().map(|o| plain(s, o)).collect();
-            return emit_elementwise(sym, expr, &inputs, &out, caps);
+            return emit_elementwise(sym, expr, &inputs, &out, cx);
         }
         KernelOp::Node(op) => op,
     };
@@ -163,7 +181,7 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<GpuKer
             }
             let c = if bias { Some(arg(2)?) } else { None };
             let mv = matmul_views(s, arg(0)?, arg(1)?, c, &k.output)?;
-            matmul::emit(sym, &mv.a, &mv.b, mv.bias.as_ref(), act, &mv.out, caps)
+            matmul::emit(sym, &mv.a, &mv.b, mv.bias.as_ref(), act, &mv.out, cx)
         }
         Op::Attention { scale, causal, masked } => {
             float_only(op.name())?;
@@ -177,13 +195,13 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<GpuKer
             } else {
                 None
             };
-            attention::emit(sym, &q, &kk, &v, mask.as_ref(), *scale, *causal, &out, caps)
+            attention::emit(sym, &q, &kk, &v, mask.as_ref(), *scale, *causal, &out, cx)
         }
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
             float_only(op.name())?;
             no_f64(op.name(), out.dtype, caps)?;
             let log = matches!(op, Op::LogSoftmax { .. });
-            rows::emit_softmax(sym, &plain(s, arg(0)?), *axis, log, &out, caps)
+            rows::emit_softmax(sym, &plain(s, arg(0)?), *axis, log, &out, cx)
         }
         Op::LayerNorm { eps, affine } | Op::RmsNorm { eps, affine } => {
             float_only(op.name())?;
@@ -191,7 +209,7 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<GpuKer
             let gamma = if *affine { Some(plain(s, arg(1)?)) } else { None };
             let beta = if *affine && kind == NormKind::Layer { Some(plain(s, arg(2)?)) } else { None };
             let x = broadcast(s, arg(0)?, &out.shape);
-            rows::emit_norm(sym, kind, *eps, &x, None, gamma.as_ref(), beta.as_ref(), &out, caps)
+            rows::emit_norm(sym, kind, *eps, &x, None, gamma.as_ref(), beta.as_ref(), &out, cx)
         }
         Op::AddNorm { eps, kind, affine } => {
             float_only(op.name())?;
@@ -199,7 +217,7 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<GpuKer
             let b = broadcast(s, arg(1)?, &out.shape);
             let gamma = if *affine { Some(plain(s, arg(2)?)) } else { None };
             let beta = if *affine && *kind == NormKind::Layer { Some(plain(s, arg(3)?)) } else { None };
-            rows::emit_norm(sym, *kind, *eps, &a, Some(&b), gamma.as_ref(), beta.as_ref(), &out, caps)
+            rows::emit_norm(sym, *kind, *eps, &a, Some(&b), gamma.as_ref(), beta.as_ref(), &out, cx)
         }
         Op::Reduce { op: r, axes, .. } => {
             let x = plain(s, arg(0)?);
@@ -213,7 +231,7 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<GpuKer
             }
             let bytes = ((x.numel() + out.numel()) * x.dtype.size_bytes()) as u64;
             let memrefs = [x.memref(), out.memref()];
-            per_element(sym, &memrefs, &out, caps, x.numel() as u64, bytes, |b, _, lin| {
+            per_element(sym, &memrefs, &out, cx, x.numel() as u64, bytes, |b, _, lin| {
                 Ok(reduce::reduce_at(b, *r, axes, &x, lin))
             })
         }
@@ -224,7 +242,7 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<GpuKer
             }
             let bytes = (2 * out.numel() * out.dtype.size_bytes()) as u64;
             let memrefs = [table.memref(), indices.memref(), out.memref()];
-            per_element(sym, &memrefs, &out, caps, 0, bytes, |b, idx, _| {
+            per_element(sym, &memrefs, &out, cx, 0, bytes, |b, idx, _| {
                 Ok(data::gather_value(b, *axis, &table, &indices, idx))
             })
         }
@@ -233,7 +251,7 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<GpuKer
             let bytes = (2 * out.numel() * out.dtype.size_bytes()) as u64;
             let mut memrefs: Vec<String> = inputs.iter().map(View::memref).collect();
             memrefs.push(out.memref());
-            per_element(sym, &memrefs, &out, caps, 0, bytes, |b, idx, _| {
+            per_element(sym, &memrefs, &out, cx, 0, bytes, |b, idx, _| {
                 data::concat_value(b, *axis, &inputs, &out, idx)
             })
         }
@@ -241,7 +259,7 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<GpuKer
             let x = plain(s, arg(0)?);
             let bytes = (2 * out.numel() * out.dtype.size_bytes()) as u64;
             let memrefs = [x.memref(), out.memref()];
-            per_element(sym, &memrefs, &out, caps, 0, bytes, |b, idx, _| {
+            per_element(sym, &memrefs, &out, cx, 0, bytes, |b, idx, _| {
                 Ok(data::pad_value(b, pads, *value, &x, &out, idx))
             })
         }
@@ -251,7 +269,7 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<GpuKer
             let flops = (2 * out.numel() * w.shape[1] * w.shape[2] * w.shape[3]) as u64;
             let bytes = ((x.numel() + w.numel() + out.numel()) * out.dtype.size_bytes()) as u64;
             let memrefs = [x.memref(), w.memref(), out.memref()];
-            per_element(sym, &memrefs, &out, caps, flops, bytes, |b, idx, _| {
+            per_element(sym, &memrefs, &out, cx, flops, bytes, |b, idx, _| {
                 Ok(conv::conv_value(b, *stride, *padding, *dilation, *groups, &x, &w, out.dtype, idx))
             })
         }
@@ -261,7 +279,7 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<GpuKer
             let flops = (out.numel() * kernel[0] * kernel[1]) as u64;
             let bytes = ((x.numel() + out.numel()) * out.dtype.size_bytes()) as u64;
             let memrefs = [x.memref(), out.memref()];
-            per_element(sym, &memrefs, &out, caps, flops, bytes, |b, idx, _| {
+            per_element(sym, &memrefs, &out, cx, flops, bytes, |b, idx, _| {
                 Ok(conv::pool_value(b, *kind, *kernel, *stride, *padding, &x, out.dtype, idx))
             })
         }

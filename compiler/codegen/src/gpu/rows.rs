@@ -6,7 +6,7 @@
 
 use super::plan::{GpuPlan, Work};
 use super::skeleton::{module, offset_at, shared, step, tree, unravel, workgroup_number, Combine};
-use super::{GpuCaps, GpuKernel};
+use super::{GpuCaps, GpuCtx, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
 use crate::kernels::View;
 use crate::mlir_text::Body;
@@ -57,15 +57,15 @@ pub fn emit_softmax(
     axis: usize,
     log: bool,
     out: &View,
-    caps: &GpuCaps,
+    cx: &GpuCtx,
 ) -> Result<GpuKernel, CodegenError> {
     let ty = reg_type(out.dtype);
     let len = x.shape[axis];
     let rows = x.numel() / len.max(1);
     let outer: Vec<usize> = (0..x.rank()).filter(|&k| k != axis).collect();
     let outer_shape: Vec<usize> = outer.iter().map(|&k| x.shape[k]).collect();
-    let mut b = Body::new();
-    let r = open_row(&mut b, rows, len, ty, caps)?;
+    let mut b = cx.body();
+    let r = open_row(&mut b, rows, len, ty, cx.caps)?;
     let oidx = unravel(&mut b, &r.row, &outer_shape);
     let parts = |v: &View| -> Vec<(Option<&String>, usize)> {
         outer.iter().zip(&oidx).map(|(&k, i)| (Some(i), v.strides[k])).collect()
@@ -135,7 +135,7 @@ pub fn emit_norm(
     gamma: Option<&View>,
     beta: Option<&View>,
     out: &View,
-    caps: &GpuCaps,
+    cx: &GpuCtx,
 ) -> Result<GpuKernel, CodegenError> {
     let ty = reg_type(out.dtype);
     let rank = out.rank();
@@ -154,8 +154,8 @@ pub fn emit_norm(
         format!("%a{}", views.len() - 1)
     });
     let out_arg = format!("%a{}", views.len());
-    let mut b = Body::new();
-    let r = open_row(&mut b, rows, len, ty, caps)?;
+    let mut b = cx.body();
+    let r = open_row(&mut b, rows, len, ty, cx.caps)?;
     let idx = unravel(&mut b, &r.row, lead);
     let base = |b: &mut Body, v: &View| {
         let parts: Vec<(Option<&String>, usize)> =

@@ -12,8 +12,21 @@ const PRIVATE_SPACE: u32 = 6;
 /// `gpu.module @{symbol}` holding the kernel `gpu.func @{symbol}` with arguments `%a0…`
 /// (`memrefs`, in binding order) and the plan's workgroup size as its entry-point ABI; the
 /// plan is written above it as a comment.
+/// An argument bound in pieces becomes one parameter per piece (`%aN_0`, `%aN_1`, …).
 pub(crate) fn module(symbol: &str, memrefs: &[String], plan: &GpuPlan, body: Body) -> String {
-    let params: Vec<String> = memrefs.iter().enumerate().map(|(i, m)| format!("%a{i}: {m}")).collect();
+    let mut params: Vec<String> = Vec::with_capacity(memrefs.len());
+    for (i, m) in memrefs.iter().enumerate() {
+        let arg = format!("%a{i}");
+        match body.split_of(&arg) {
+            None => params.push(format!("{arg}: {m}")),
+            Some(split) => {
+                let elem = m.trim_end_matches('>').rsplit('x').next().unwrap_or("f32").to_string();
+                for k in 0..split.pieces() {
+                    params.push(format!("{arg}_{k}: memref<{}x{elem}>", split.len_of(k).max(1)));
+                }
+            }
+        }
+    }
     let [x, y, z] = plan.launch.workgroup;
     format!(
         "// plan: {}\ngpu.module @{symbol} {{\n  gpu.func @{symbol}({}) kernel attributes {{spirv.entry_point_abi = #spirv.entry_point_abi<workgroup_size = [{x}, {y}, {z}]>}} {{\n{}    gpu.return\n  }}\n}}\n",

@@ -26,9 +26,35 @@ pub(crate) fn reg_type(d: DType) -> &'static str {
     }
 }
 
-/// Loads element `idx` of `v`'s buffer `arg` into its register type.
+/// Loads element `idx` of `v`'s buffer `arg` into its register type. A buffer bound in pieces
+/// ([`crate::mlir_text::Split`]) is read from every piece at a clamped index, and the right
+/// piece's value selected.
 pub(crate) fn load(b: &mut Body, arg: &str, v: &View, idx: &str) -> String {
-    let x = b.assign(format!("memref.load {arg}[{idx}] : {}", v.memref()));
+    let x = match b.split_of(arg).cloned() {
+        None => b.assign(format!("memref.load {arg}[{idx}] : {}", v.memref())),
+        Some(split) => {
+            let len = b.index(split.piece_len);
+            let piece = b.assign(format!("arith.divui {idx}, {len} : index"));
+            let local = b.assign(format!("arith.remui {idx}, {len} : index"));
+            let elem = v.elem();
+            let mut value: Option<String> = None;
+            for k in (0..split.pieces()).rev() {
+                let n = split.len_of(k);
+                let last = b.index(n.saturating_sub(1));
+                let at = b.assign(format!("arith.minui {local}, {last} : index"));
+                let x = b.assign(format!("memref.load {arg}_{k}[{at}] : memref<{}x{elem}>", n.max(1)));
+                value = Some(match value {
+                    None => x,
+                    Some(later) => {
+                        let kc = b.index(k);
+                        let here = b.assign(format!("arith.cmpi eq, {piece}, {kc} : index"));
+                        b.assign(format!("arith.select {here}, {x}, {later} : {elem}"))
+                    }
+                });
+            }
+            value.unwrap_or_default()
+        }
+    };
     to_reg(b, &x, v.dtype)
 }
 
