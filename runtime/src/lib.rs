@@ -24,6 +24,7 @@
 
 mod buffer;
 pub mod capi;
+mod device;
 mod error;
 mod exec;
 mod kernels;
@@ -34,6 +35,7 @@ mod target;
 mod tensor;
 mod weights;
 
+pub use device::{devices, DeviceInfo, Devices, VulkanDeviceInfo};
 pub use error::RuntimeError;
 pub use kernels::{KernelFn, KernelSource, SharedLibrary};
 pub use manifest::{
