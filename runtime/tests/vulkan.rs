@@ -358,6 +358,30 @@ fn refuses_bad_buffer_references() {
     let mut a = GpuArtifact::chain();
     a.edit(|m| m.steps[3].args[1] = BufRef::Output { index: 7 });
     assert_eq!(load_err(&a), "step \"k3 reduce [256]\" uses output 7, but the model has 2 outputs");
+    // Bindings smaller than the shader declares, or missing: refused before the driver runs it.
+    let mut a = GpuArtifact::chain();
+    a.edit(|m| m.steps[1].args[2] = BufRef::Arena { offset: U_OFFSET, bytes: PLANE - 4 });
+    assert_eq!(
+        load_err(&a),
+        "SPIR-V module 0 of kernels.spv: entry point \"add\" declares binding 2 of 4096 bytes, but step \"k1 add \
+         [64,16]\" binds 4092 bytes there"
+    );
+    let mut a = GpuArtifact::chain();
+    a.edit(|m| {
+        m.steps[3].args.pop();
+    });
+    assert_eq!(
+        load_err(&a),
+        "SPIR-V module 2 of kernels.spv: entry point \"reduce\" uses binding 1, but step \"k3 reduce [256]\" passes 1 \
+         buffers"
+    );
+    let mut a = GpuArtifact::types();
+    a.edit(|m| m.outputs[2].shape = vec![7]);
+    assert_eq!(
+        load_err(&a),
+        "SPIR-V module 0 of kernels.spv: entry point \"types\" declares binding 5 of 8 bytes, but step \"k0 types [8]\" \
+         binds 7 bytes there"
+    );
     // A weights file that lost a tensor, with matching digests.
     let mut a = GpuArtifact::chain();
     let w = common::f32_bytes(&common::w_data());

@@ -85,7 +85,7 @@ impl Mapped {
 /// Where a buffer's memory should live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Placement {
-    /// Fastest for the device (the arena).
+    /// Fastest for the device, never mapped (the arena).
     Device,
     /// Device-local, and mapped when such memory can also be host-visible and coherent
     /// (lavapipe, resizable-BAR GPUs), so the weights need no staging copy.
@@ -145,7 +145,7 @@ pub(crate) fn buffer(
     owned.memories.push(memory);
     // SAFETY: the memory was allocated for this buffer's requirements and is unbound.
     unsafe { d.bind_buffer_memory(buffer, memory, 0) }.map_err(|e| vk_err("vkBindBufferMemory", label, e))?;
-    let mapped = if flags.contains(host) {
+    let mapped = if placement != Placement::Device && flags.contains(host) {
         // SAFETY: host-visible memory, mapped once for its whole life (freed memory is unmapped).
         let ptr = unsafe { d.map_memory(memory, 0, vk::WHOLE_SIZE, vk::MemoryMapFlags::empty()) }
             .map_err(|e| vk_err("vkMapMemory", label, e))?;

@@ -96,6 +96,9 @@ pub(crate) struct VulkanBackend {
     timing: Result<Timing, String>,
     fence: vk::Fence,
     steps: usize,
+    /// Whether the weights went through a staging buffer.
+    #[cfg(test)]
+    staged: bool,
     /// Set when a submission failed half-way (e.g. the device was lost): later runs refuse.
     broken: Option<String>,
 }
@@ -108,6 +111,18 @@ impl VulkanBackend {
         spirv: &[u8],
         weights: &WeightStore,
         index: Option<usize>,
+    ) -> Result<VulkanBackend, RuntimeError> {
+        VulkanBackend::load_staged(manifest, spirv, weights, index, false)
+    }
+
+    /// [`VulkanBackend::load`]; `force_staging` uploads the weights through a staging buffer
+    /// even when device memory is mappable, so tests on lavapipe cover the path real GPUs take.
+    fn load_staged(
+        manifest: &Manifest,
+        spirv: &[u8],
+        weights: &WeightStore,
+        index: Option<usize>,
+        force_staging: bool,
     ) -> Result<VulkanBackend, RuntimeError> {
         let target = match &manifest.target {
             Target::Vulkan(target) => target,
@@ -136,14 +151,9 @@ impl VulkanBackend {
         let dst = vk::BufferUsageFlags::TRANSFER_DST;
         let arena =
             memory::buffer(&mut owned, &props, &label, plan.arena_size, storage | dst, Placement::Device)?;
-        let weight_buf = memory::buffer(
-            &mut owned,
-            &props,
-            &label,
-            plan.weights_size,
-            storage | dst,
-            Placement::DeviceMappable,
-        )?;
+        let weights_placement = if force_staging { Placement::Device } else { Placement::DeviceMappable };
+        let weight_buf =
+            memory::buffer(&mut owned, &props, &label, plan.weights_size, storage | dst, weights_placement)?;
         let io = memory::buffer(&mut owned, &props, &label, plan.io_size, storage, Placement::Host)?;
         let io_map =
             io.mapped.ok_or_else(|| vk_err("vkMapMemory", &label, vk::Result::ERROR_MEMORY_MAP_FAILED))?;
@@ -215,6 +225,8 @@ impl VulkanBackend {
         };
 
         Ok(VulkanBackend {
+            #[cfg(test)]
+            staged: staging.is_some(),
             _owned: owned,
             gpu,
             _instance: instance,
@@ -300,10 +312,90 @@ impl VulkanBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::{BufRef, DType, Dispatch, ModuleRange, Step, TensorSpec, VulkanTarget};
 
     #[test]
     fn backend_can_move_between_threads() {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<VulkanBackend>();
+    }
+
+    /// `tests/data/muladd.spvasm` assembled, or why it cannot be.
+    fn muladd() -> Result<Vec<u8>, String> {
+        let dir = std::env::temp_dir().join(format!("kiln-staging-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let out = dir.join("muladd.spv");
+        let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/muladd.spvasm");
+        let status = std::process::Command::new("spirv-as")
+            .args(["--target-env", "vulkan1.1", source, "-o"])
+            .arg(&out)
+            .status()
+            .map_err(|e| format!("spirv-as not found ({e})"))?;
+        assert!(status.success(), "spirv-as failed");
+        let bytes = std::fs::read(&out).map_err(|e| e.to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        bytes
+    }
+
+    #[test]
+    fn weights_uploaded_through_staging_match() {
+        let spirv = match muladd() {
+            Ok(bytes) => bytes,
+            Err(reason) => return eprintln!("skipped: {reason}"),
+        };
+        let spec = |name: &str| TensorSpec { name: name.into(), dtype: DType::F32, shape: vec![1024] };
+        let manifest = Manifest {
+            format_version: crate::ARTIFACT_FORMAT_VERSION,
+            model: "staged".into(),
+            kiln_version: "0.1.0".into(),
+            target: Target::Vulkan(VulkanTarget {
+                spirv_version: "1.3".into(),
+                capabilities: vec!["Shader".into()],
+                buffer_align: 256,
+                max_workgroup_invocations: 64,
+                max_shared_bytes: 0,
+                subgroup_size: None,
+            }),
+            inputs: vec![spec("x")],
+            outputs: vec![spec("t")],
+            arena_bytes: 0,
+            files: Vec::new(),
+            modules: vec![ModuleRange { offset: 0, bytes: spirv.len() as u64 }],
+            steps: vec![Step {
+                symbol: "mul".into(),
+                label: "k0 mul".into(),
+                args: vec![
+                    BufRef::Input { index: 0 },
+                    BufRef::Weight { name: "w".into(), bytes: 4096 },
+                    BufRef::Output { index: 0 },
+                ],
+                dispatch: Dispatch::Gpu { module: 0, grid: [16, 1, 1], workgroup: [64, 1, 1] },
+                flops: 1024,
+                bytes: 12288,
+            }],
+        };
+        let w: Vec<f32> = (0..1024).map(|i| i as f32 * 0.5 - 7.0).collect();
+        let w_bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let weights = WeightStore::from_owned(vec![("w".into(), DType::F32, vec![1024], w_bytes)]).unwrap();
+        let mut backend = match VulkanBackend::load_staged(&manifest, &spirv, &weights, None, true) {
+            Ok(backend) => backend,
+            Err(RuntimeError::VulkanUnavailable { reason }) => {
+                return eprintln!("skipped: no Vulkan device ({reason})")
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert!(backend.staged);
+        let x: Vec<f32> = (0..1024).map(|i| (i % 9) as f32 - 4.0).collect();
+        let x_bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut t = vec![0u8; 4096];
+        let inputs = [crate::TensorRef::new("x", DType::F32, &[1024], &x_bytes)];
+        backend.execute(&inputs, &mut [&mut t], None).unwrap();
+        let expected: Vec<u8> = x.iter().zip(&w).flat_map(|(x, w)| (x * w).to_le_bytes()).collect();
+        assert_eq!(t, expected);
+        // lavapipe's device memory is mappable: without forcing, the weights are written in place.
+        let direct = VulkanBackend::load(&manifest, &spirv, &weights, None).unwrap();
+        if direct.info().device_type == "CPU (software)" {
+            assert!(!direct.staged);
+        }
     }
 }

@@ -183,7 +183,7 @@ pub(crate) fn plan(
                 manifest.modules.len()
             ))
         })?;
-        let size = info.entries.get(&step.symbol).ok_or_else(|| {
+        let entry = info.entries.get(&step.symbol).ok_or_else(|| {
             let mut names: Vec<&str> = info.entries.keys().map(String::as_str).collect();
             names.sort_unstable();
             RuntimeError::Spirv {
@@ -195,8 +195,8 @@ pub(crate) fn plan(
                 ),
             }
         })?;
-        match size {
-            Some(size) if *size == workgroup => {}
+        match entry.local_size {
+            Some(size) if size == workgroup => {}
             Some(size) => {
                 return Err(RuntimeError::Spirv {
                     module,
@@ -209,7 +209,10 @@ pub(crate) fn plan(
             None => {
                 return Err(RuntimeError::Spirv {
                     module,
-                    message: format!("entry point {:?} has no literal LocalSize execution mode", step.symbol),
+                    message: format!(
+                        "entry point {:?} has no literal LocalSize execution mode nor WorkgroupSize built-in",
+                        step.symbol
+                    ),
                 })
             }
         }
@@ -240,6 +243,7 @@ pub(crate) fn plan(
         };
 
         let mut bindings = Vec::with_capacity(step.args.len());
+        let mut bound = Vec::with_capacity(step.args.len());
         for (arg, buf) in step.args.iter().enumerate() {
             let binding = match buf {
                 BufRef::Arena { offset, bytes } => {
@@ -298,7 +302,9 @@ pub(crate) fn plan(
             };
             check::check_range(step, arg, binding.range, caps)?;
             bindings.push(binding);
+            bound.push(bytes_of(buf, weights, manifest));
         }
+        check_buffers(module, &step.symbol, at, &entry.buffers, &bound)?;
         steps.push(StepPlan { pipeline, grid, bindings });
     }
     let slack = |end: u64, what: &str| end.checked_add(SLACK).ok_or_else(|| too_big(what));
@@ -313,6 +319,57 @@ pub(crate) fn plan(
         outputs,
         io_size: slack(io_end, "inputs and outputs")?,
     })
+}
+
+/// The bytes a checked argument holds (the manifest's, which the loop above checked).
+fn bytes_of(buf: &BufRef, weights: &WeightStore, manifest: &Manifest) -> u64 {
+    let spec_bytes = |specs: &[crate::manifest::TensorSpec], index: u32| {
+        specs.get(index as usize).and_then(|s| s.byte_len()).unwrap_or(0)
+    };
+    match buf {
+        BufRef::Arena { bytes, .. } => *bytes,
+        BufRef::Weight { name, .. } => weights.get(name).map_or(0, |w| w.bytes.len() as u64),
+        BufRef::Input { index } => spec_bytes(&manifest.inputs, *index),
+        BufRef::Output { index } => spec_bytes(&manifest.outputs, *index),
+    }
+}
+
+/// Each buffer the entry point uses must be a storage buffer of set 0 that the step binds, and
+/// no larger than what it binds: a shader indexing past its binding would read or write memory
+/// that is not its own.
+fn check_buffers(
+    module: usize,
+    entry: &str,
+    step: &str,
+    buffers: &[spirv::BufferVar],
+    bound: &[u64],
+) -> Result<(), RuntimeError> {
+    let bad = |message: String| Err(RuntimeError::Spirv { module, message });
+    for var in buffers {
+        let (set, binding) = (var.set, var.binding);
+        if set != 0 {
+            return bad(format!("entry point {entry:?} uses descriptor set {set} (Kiln binds set 0 only)"));
+        }
+        if !var.storage {
+            return bad(format!(
+                "entry point {entry:?} declares binding {binding} as a uniform buffer, not a storage buffer"
+            ));
+        }
+        let Some(&have) = bound.get(binding as usize) else {
+            return bad(format!(
+                "entry point {entry:?} uses binding {binding}, but step {step:?} passes {} buffers",
+                bound.len()
+            ));
+        };
+        if let Some(need) = var.bytes {
+            if need > have {
+                return bad(format!(
+                    "entry point {entry:?} declares binding {binding} of {need} bytes, but step {step:?} binds {have} bytes there"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
