@@ -17,6 +17,9 @@ const API_VERSION: u32 = vk::API_VERSION_1_3;
 /// The loader and a Vulkan instance; destroyed on drop.
 pub(crate) struct Instance {
     pub instance: ash::Instance,
+    /// The Vulkan version the instance was created for: device features beyond it may not be
+    /// used, whatever the device supports.
+    api_version: u32,
     /// Keeps `libvulkan.so.1` loaded while the instance's function pointers are used.
     _entry: ash::Entry,
 }
@@ -48,11 +51,12 @@ impl Instance {
             .application_name(c"kiln-runtime")
             .engine_name(c"kiln")
             .api_version(loader.min(API_VERSION));
+        let api_version = loader.min(API_VERSION);
         let info = vk::InstanceCreateInfo::default().application_info(&app);
         // SAFETY: `info` and what it points to live across the call.
         let instance = unsafe { entry.create_instance(&info, None) }
             .map_err(|e| unavailable(format!("vkCreateInstance failed: {e}")))?;
-        Ok(Instance { instance, _entry: entry })
+        Ok(Instance { instance, api_version, _entry: entry })
     }
 
     /// Every physical device, in the driver's order (`vulkan:N` is the N-th).
@@ -71,7 +75,8 @@ impl Instance {
         let name = props
             .device_name_as_c_str()
             .map_or("unnamed device".into(), |n| n.to_string_lossy().into_owned());
-        let api_version = props.api_version;
+        // What the runtime may use of the device: its version, capped by the instance's.
+        let api_version = props.api_version.min(self.api_version);
         let at_least = |minor: u32| api_version >= vk::make_api_version(0, 1, minor, 0);
         // SAFETY: as above.
         let extensions =
@@ -159,9 +164,9 @@ impl Instance {
             device_type: type_name(props.device_type).to_string(),
             api_version: format!(
                 "{}.{}.{}",
-                vk::api_version_major(api_version),
-                vk::api_version_minor(api_version),
-                vk::api_version_patch(api_version)
+                vk::api_version_major(props.api_version),
+                vk::api_version_minor(props.api_version),
+                vk::api_version_patch(props.api_version)
             ),
             subgroup_size: subgroup.subgroup_size,
             max_shared_bytes: limits.max_compute_shared_memory_size,

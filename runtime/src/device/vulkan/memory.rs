@@ -82,6 +82,21 @@ impl Mapped {
     }
 }
 
+impl Owned {
+    /// Destroys `buffer` and frees its memory now (the staging buffer, once the upload it
+    /// served has completed) instead of with the model.
+    pub fn free(&mut self, buffer: Buffer) {
+        self.buffers.retain(|&b| b != buffer.buffer);
+        self.memories.retain(|&m| m != buffer.memory);
+        // SAFETY: both were created from this device by `buffer()` and are no longer in
+        // `self`, so they are destroyed once; the caller waited for the work that used them.
+        unsafe {
+            self.device.destroy_buffer(buffer.buffer, None);
+            self.device.free_memory(buffer.memory, None);
+        }
+    }
+}
+
 /// Where a buffer's memory should live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Placement {
@@ -98,6 +113,7 @@ pub(crate) enum Placement {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Buffer {
     pub buffer: vk::Buffer,
+    memory: vk::DeviceMemory,
     pub size: u64,
     pub mapped: Option<Mapped>,
 }
@@ -153,7 +169,7 @@ pub(crate) fn buffer(
     } else {
         None
     };
-    Ok(Buffer { buffer, size, mapped })
+    Ok(Buffer { buffer, memory, size, mapped })
 }
 
 /// The first memory type allowed by `bits` whose flags include `want`, with its flags.

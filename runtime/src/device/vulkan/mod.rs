@@ -205,6 +205,11 @@ impl VulkanBackend {
         let copy = staging.map(|s| (s.buffer, weight_buf.buffer, plan.weights_size));
         record::record_upload(&device, upload_cb, copy, (arena.buffer, arena.size), &label)?;
         record::submit_and_wait(&device, gpu.queue, upload_cb, fence, &label)?;
+        #[cfg(test)]
+        let staged = staging.is_some();
+        if let Some(staging) = staging {
+            owned.free(staging);
+        }
 
         record::record_run(&device, run_cb, &plan, &pipelines, &sets, None, &label)?;
         let timing = match caps.compute_queue {
@@ -226,7 +231,7 @@ impl VulkanBackend {
 
         Ok(VulkanBackend {
             #[cfg(test)]
-            staged: staging.is_some(),
+            staged,
             _owned: owned,
             gpu,
             _instance: instance,
