@@ -304,6 +304,14 @@ fn refuses_launches_the_device_cannot_run() {
     let mut a = GpuArtifact::chain();
     a.edit(|m| vulkan_target(m).max_shared_bytes = u32::MAX);
     assert!(load_err(&a).contains("(maxComputeSharedMemorySize)"), "{}", load_err(&a));
+    // The reduction's workgroup array is 64 floats: more than the target says it may use.
+    let mut a = GpuArtifact::chain();
+    a.edit(|m| vulkan_target(m).max_shared_bytes = 255);
+    assert_eq!(
+        load_err(&a),
+        "SPIR-V module 2 of kernels.spv: entry point \"reduce\" uses 256 bytes of workgroup memory, more than the \
+         target's max_shared_bytes 255"
+    );
     let mut a = GpuArtifact::chain();
     a.edit(|m| vulkan_target(m).buffer_align = 1);
     assert!(load_err(&a).contains("needs storage-buffer offsets aligned to"), "{}", load_err(&a));

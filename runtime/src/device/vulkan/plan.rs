@@ -216,6 +216,16 @@ pub(crate) fn plan(
                 })
             }
         }
+        if let Some(shared) = entry.shared_bytes.filter(|&n| n > u64::from(target.max_shared_bytes)) {
+            return Err(RuntimeError::Spirv {
+                module,
+                message: format!(
+                    "entry point {:?} uses {shared} bytes of workgroup memory, more than the target's \
+                     max_shared_bytes {}",
+                    step.symbol, target.max_shared_bytes
+                ),
+            });
+        }
         check::check_launch(step, grid, workgroup, target, caps)?;
 
         let key = (module, step.symbol.clone());

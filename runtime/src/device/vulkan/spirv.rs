@@ -56,6 +56,7 @@ const DECORATION_DESCRIPTOR_SET: u32 = 34;
 const DECORATION_OFFSET: u32 = 35;
 const BUILTIN_WORKGROUP_SIZE: u32 = 25;
 const STORAGE_UNIFORM: u32 = 2;
+const STORAGE_WORKGROUP: u32 = 4;
 const STORAGE_BUFFER: u32 = 12;
 
 /// What the runtime needs to know about one module.
@@ -77,6 +78,8 @@ pub(crate) struct EntryInfo {
     pub local_size: Option<[u32; 3]>,
     /// The buffer variables its code (through the functions it calls) uses, sorted.
     pub buffers: Vec<BufferVar>,
+    /// Bytes of workgroup (shared) memory its variables take, when every size is known.
+    pub shared_bytes: Option<u64>,
 }
 
 /// A buffer variable an entry point uses.
@@ -267,8 +270,18 @@ pub(crate) fn parse(words: &[u32]) -> Result<ModuleInfo, String> {
             })
             .collect();
         buffers.sort();
+        let shared_bytes = used
+            .iter()
+            .filter_map(|var| match variables.get(var) {
+                Some(&(STORAGE_WORKGROUP, pointer)) => Some(pointer),
+                _ => None,
+            })
+            .try_fold(0u64, |total, pointer| match types.types.get(&pointer) {
+                Some(Type::Pointer(t)) => total.checked_add(types.size(*t, 0)?),
+                _ => None,
+            });
         let local_size = builtin_size.or_else(|| sizes.get(&id).copied().flatten());
-        if entries.insert(name.clone(), EntryInfo { local_size, buffers }).is_some() {
+        if entries.insert(name.clone(), EntryInfo { local_size, buffers, shared_bytes }).is_some() {
             return Err(format!("two GLCompute entry points are named {name:?}"));
         }
     }
@@ -388,6 +401,7 @@ mod tests {
         let entry = &info.entries["main_kernel"];
         assert_eq!(entry.local_size, Some([64, 2, 1]));
         assert!(entry.buffers.is_empty());
+        assert_eq!(entry.shared_bytes, Some(0));
         assert_eq!(capability_name(11), Some("Int64"));
         assert_eq!(capability_name(5345), None);
     }
@@ -426,6 +440,7 @@ mod tests {
         let entry = &info.entries["k"];
         assert_eq!(entry.local_size, Some([8, 2, 1]));
         assert_eq!(entry.buffers, vec![BufferVar { set: 0, binding: 3, storage: true, bytes: Some(80) }]);
+        assert_eq!(entry.shared_bytes, Some(0));
     }
 
     #[test]
