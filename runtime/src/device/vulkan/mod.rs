@@ -70,6 +70,39 @@ fn choose(mut physicals: Vec<Physical>, index: Option<usize>) -> Result<Physical
     }
 }
 
+/// Writes the plan's weights into the weights buffer when it is mapped, else into a new staging
+/// buffer that is returned (the upload command buffer then copies it).
+fn write_weights(
+    owned: &mut Owned,
+    props: &vk::PhysicalDeviceMemoryProperties,
+    label: &str,
+    plan: &plan::Plan,
+    weights: &WeightStore,
+    weight_buf: &Buffer,
+) -> Result<Option<Buffer>, RuntimeError> {
+    let staging = match weight_buf.mapped {
+        Some(_) => None,
+        None => {
+            let src = vk::BufferUsageFlags::TRANSFER_SRC;
+            Some(memory::buffer(owned, props, label, plan.weights_size, src, Placement::Host)?)
+        }
+    };
+    let map = match (weight_buf.mapped, &staging) {
+        (Some(map), _) => map,
+        (None, Some(Buffer { mapped: Some(map), .. })) => *map,
+        (None, _) => return Err(vk_err("vkMapMemory", label, vk::Result::ERROR_MEMORY_MAP_FAILED)),
+    };
+    for (name, offset) in &plan.weights {
+        let view = weights
+            .get(name)
+            .ok_or_else(|| RuntimeError::MissingWeight { step: "(upload)".into(), name: name.clone() })?;
+        // SAFETY: `plan` placed each weight inside `weights_size` bytes of the mapped buffer, and
+        // nothing has been submitted yet.
+        unsafe { memory::write(map, *offset, view.bytes) };
+    }
+    Ok(staging)
+}
+
 /// Per-step GPU timing: a query pool and the command buffer that writes it.
 struct Timing {
     cb: vk::CommandBuffer,
@@ -158,31 +191,7 @@ impl VulkanBackend {
         let io_map =
             io.mapped.ok_or_else(|| vk_err("vkMapMemory", &label, vk::Result::ERROR_MEMORY_MAP_FAILED))?;
 
-        // Weights go straight into mapped memory, else through a staging buffer.
-        let staging = match weight_buf.mapped {
-            Some(_) => None,
-            None => Some(memory::buffer(
-                &mut owned,
-                &props,
-                &label,
-                plan.weights_size,
-                vk::BufferUsageFlags::TRANSFER_SRC,
-                Placement::Host,
-            )?),
-        };
-        let weights_map = match (weight_buf.mapped, &staging) {
-            (Some(map), _) => map,
-            (None, Some(Buffer { mapped: Some(map), .. })) => *map,
-            (None, _) => return Err(vk_err("vkMapMemory", &label, vk::Result::ERROR_MEMORY_MAP_FAILED)),
-        };
-        for (name, offset) in &plan.weights {
-            let view = weights
-                .get(name)
-                .ok_or_else(|| RuntimeError::MissingWeight { step: "(upload)".into(), name: name.clone() })?;
-            // SAFETY: `plan` placed each weight inside `weights_size` bytes; nothing is submitted.
-            unsafe { memory::write(weights_map, *offset, view.bytes) };
-        }
-
+        let staging = write_weights(&mut owned, &props, &label, &plan, weights, &weight_buf)?;
         let pipelines =
             pipelines::pipelines(&device, &mut owned, &plan, enabled.required_subgroup_size, &label)?;
         let buffer_of = |region: Region| match region {
