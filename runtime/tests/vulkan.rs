@@ -95,6 +95,38 @@ fn i64_f64_and_bool_buffers() {
 }
 
 #[test]
+fn subgroup_arithmetic_with_the_devices_subgroup_size() {
+    if !ready() {
+        return;
+    }
+    let size = match kiln_runtime::devices().devices.iter().find_map(|d| match d {
+        DeviceInfo::Vulkan(v) if v.index == 0 => Some(v.subgroup_size),
+        _ => None,
+    }) {
+        Some(size) => size,
+        None => panic!("ready() found a Vulkan device"),
+    };
+    let mut model =
+        load(&GpuArtifact::new(subgroup_manifest(size), &["subgroup"]), Some("vulkan:0")).unwrap();
+    let x: Vec<f32> = (0..64).map(|i| (i % 7) as f32 - 3.0).collect();
+    let out = model.run(&[TensorRef::f32("x", &[64], &x)]).unwrap();
+    let expected: Vec<f32> = (0..64)
+        .map(|i| {
+            let first = i / size as usize * size as usize;
+            x[first..first + size as usize].iter().sum()
+        })
+        .collect();
+    assert_eq!(out[0].as_f32().unwrap(), expected, "subgroups of {size}");
+
+    // A subgroup size the device neither runs nor can be made to run.
+    let err = load(&GpuArtifact::new(subgroup_manifest(size * 64), &["subgroup"]), Some("vulkan:0"))
+        .unwrap_err()
+        .to_string();
+    let expected = format!("the artifact needs subgroup size {}, but device vulkan:0 (", size * 64);
+    assert!(err.starts_with(&expected) && err.contains(&format!("runs subgroups of {size}")), "{err}");
+}
+
+#[test]
 fn profile_times_each_step_on_the_gpu() {
     if !ready() {
         return;

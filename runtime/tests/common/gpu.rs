@@ -16,7 +16,7 @@ use kiln_runtime::{
 use super::{c_data, f32_bytes, w_data, N};
 
 /// The committed kernels, by file stem.
-pub const KERNELS: [&str; 4] = ["muladd", "out", "reduce", "types"];
+pub const KERNELS: [&str; 5] = ["muladd", "out", "reduce", "types", "subgroup"];
 
 /// Assembles `tests/data/NAME.spvasm` for Vulkan 1.1 (SPIR-V 1.3) and validates it.
 fn assemble(name: &str, work: &Path) -> Result<Vec<u8>, String> {
@@ -180,6 +180,33 @@ pub fn types_manifest() -> Manifest {
                 BufRef::Output { index: 1 },
                 BufRef::Output { index: 2 },
             ],
+        )],
+    }
+}
+
+/// The subgroup model: y[i] = the sum of x over i's subgroup (subgroupAdd), for a target that
+/// relies on subgroups of `subgroup_size`.
+pub fn subgroup_manifest(subgroup_size: u32) -> Manifest {
+    let spec = |name: &str| TensorSpec { name: name.into(), dtype: DType::F32, shape: vec![64] };
+    let mut target = target(&["Shader", "GroupNonUniform", "GroupNonUniformArithmetic"]);
+    target.subgroup_size = Some(subgroup_size);
+    Manifest {
+        format_version: ARTIFACT_FORMAT_VERSION,
+        model: "subgroup".into(),
+        kiln_version: "0.1.0".into(),
+        target: Target::Vulkan(target),
+        inputs: vec![spec("x")],
+        outputs: vec![spec("y")],
+        arena_bytes: 0,
+        files: Vec::new(),
+        modules: Vec::new(),
+        steps: vec![gpu_step(
+            "subgroup",
+            "k0 subgroup_sum [64]",
+            0,
+            1,
+            64,
+            vec![BufRef::Input { index: 0 }, BufRef::Output { index: 0 }],
         )],
     }
 }
