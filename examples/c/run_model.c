@@ -1,8 +1,11 @@
 /*
  * run_model: loads a compiled Kiln model and runs it once from C.
  *
- *     run_model MODEL.kiln
+ *     run_model MODEL.kiln [DEVICE]
+ *     run_model --devices
  *
+ * DEVICE is "cpu", "vulkan" or "vulkan:N" (default: the kind the model was compiled for);
+ * --devices lists this machine's devices.
  * Each f32 input is filled with a deterministic ramp, (i % 32) / 16 - 1, every other input
  * with zeros; the program prints each output's name, dtype, shape and first values.
  * Exit status: 0 on success, 1 on any error (the message is on stderr).
@@ -57,11 +60,17 @@ static size_t dtype_size(const char *dtype) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: %s MODEL.kiln\n", argv[0]);
+    if (argc == 2 && strcmp(argv[1], "--devices") == 0) {
+        for (size_t d = 0; d < kiln_device_count(); d++) printf("%s\n", kiln_device_description(d));
+        const char *why = kiln_vulkan_unavailable_reason();
+        if (why && *why) printf("(no Vulkan device: %s)\n", why);
+        return 0;
+    }
+    if (argc != 2 && argc != 3) {
+        fprintf(stderr, "usage: %s MODEL.kiln [DEVICE]\n       %s --devices\n", argv[0], argv[0]);
         return 1;
     }
-    KilnModel *model = kiln_model_load(argv[1]);
+    KilnModel *model = kiln_model_load_on(argv[1], argc == 3 ? argv[2] : NULL, 0);
     if (!model) {
         fprintf(stderr, "error: %s\n", kiln_last_error());
         return 1;

@@ -1,13 +1,15 @@
 //! Runs a compiled artifact from the command line, with nothing but kiln-runtime:
 //!
 //! ```text
-//! cargo run -p kiln-runtime --example run_artifact -- DIR [--threads N] [--profile] [--repeats N]
-//!     [--input NAME=FILE.bin]…
+//! cargo run -p kiln-runtime --example run_artifact -- DIR [--threads N] [--device D] [--profile]
+//!     [--repeats N] [--input NAME=FILE.bin]…
+//! cargo run -p kiln-runtime --example run_artifact -- --device list
 //! ```
 //!
 //! Inputs not given as raw little-endian files are filled deterministically: f32 with the ramp
 //! `(i % 32) / 16 - 1` (as `examples/c/run_model.c` does), other dtypes with zeros. Prints each
 //! output's name, dtype, shape and first values, and with `--profile` the per-step table.
+//! `--device` picks `cpu`, `vulkan` or `vulkan:N`; `--device list` prints this machine's devices.
 //! Exit status: 0, 1 on a runtime error, 2 on bad usage.
 
 use std::collections::HashMap;
@@ -15,12 +17,13 @@ use std::process::ExitCode;
 
 use kiln_runtime::{DType, Model, Options, TensorRef};
 
-const USAGE: &str =
-    "usage: run_artifact DIR [--threads N] [--profile] [--repeats N] [--input NAME=FILE.bin]...";
+const USAGE: &str = "usage: run_artifact DIR [--threads N] [--device cpu|vulkan|vulkan:N] [--profile] \
+                     [--repeats N] [--input NAME=FILE.bin]...\n       run_artifact --device list";
 
 struct Args {
     dir: String,
     threads: Option<usize>,
+    device: Option<String>,
     profile: bool,
     repeats: usize,
     files: HashMap<String, String>,
@@ -28,8 +31,14 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
-    let mut parsed =
-        Args { dir: String::new(), threads: None, profile: false, repeats: 10, files: HashMap::new() };
+    let mut parsed = Args {
+        dir: String::new(),
+        threads: None,
+        device: None,
+        profile: false,
+        repeats: 10,
+        files: HashMap::new(),
+    };
     let number = |flag: &str, value: Option<String>| -> Result<usize, String> {
         let value = value.ok_or_else(|| format!("{flag} needs a value"))?;
         value.parse().map_err(|_| format!("{flag} {value:?} is not a number"))
@@ -39,6 +48,7 @@ fn parse_args() -> Result<Args, String> {
             "--threads" => parsed.threads = Some(number("--threads", args.next())?),
             "--repeats" => parsed.repeats = number("--repeats", args.next())?,
             "--profile" => parsed.profile = true,
+            "--device" => parsed.device = Some(args.next().ok_or("--device needs a value")?),
             "--input" => {
                 let spec = args.next().ok_or("--input needs NAME=FILE")?;
                 let (name, file) =
@@ -51,7 +61,7 @@ fn parse_args() -> Result<Args, String> {
             _ => return Err(format!("unexpected argument {arg:?}")),
         }
     }
-    if parsed.dir.is_empty() {
+    if parsed.dir.is_empty() && parsed.device.as_deref() != Some("list") {
         return Err("no artifact directory given".into());
     }
     Ok(parsed)
@@ -78,17 +88,28 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    let mut model =
-        Model::load_with(&args.dir, &Options { threads: args.threads }).map_err(|e| e.to_string())?;
+    if args.device.as_deref() == Some("list") {
+        let listed = kiln_runtime::devices();
+        for device in &listed.devices {
+            println!("{device}");
+        }
+        if let Some(reason) = listed.vulkan_unavailable {
+            println!("(no Vulkan device: {reason})");
+        }
+        return Ok(());
+    }
+    let options = Options { threads: args.threads, device: args.device.clone() };
+    let mut model = Model::load_with(&args.dir, &options).map_err(|e| e.to_string())?;
     let manifest = model.manifest();
     println!(
-        "model {} (kiln {}, {}): {} steps, {} threads, arena {} bytes",
+        "model {} (kiln {}, {}): {} steps, {} threads, arena {} bytes, device {}",
         manifest.model,
         manifest.kiln_version,
         manifest.target.describe(),
         manifest.steps.len(),
         model.threads(),
-        model.arena_bytes()
+        model.arena_bytes(),
+        model.device().id()
     );
     if let Some(unknown) = args.files.keys().find(|name| !model.inputs().iter().any(|s| &s.name == *name)) {
         return Err(format!("--input {unknown:?}: the model has no such input"));

@@ -6,6 +6,7 @@ use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
+use std::sync::OnceLock;
 
 use crate::manifest::{DType, TensorSpec};
 use crate::model::{Model, Options};
@@ -103,6 +104,23 @@ fn spec_at<'a>(model: *const KilnModel, i: usize, outputs: bool) -> Result<&'a C
 /// `dir` must be NULL or a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_model_load_with_threads(dir: *const c_char, threads: usize) -> *mut KilnModel {
+    // SAFETY: same contract; a NULL device takes the artifact's default.
+    unsafe { kiln_model_load_on(dir, ptr::null(), threads) }
+}
+
+/// Loads the artifact directory `dir` on `device` (`"cpu"`, `"vulkan"`, `"vulkan:N"`; NULL: the
+/// kind of device the artifact was compiled for) with `threads` worker threads for a CPU model
+/// (0: the default). Returns NULL on error; see `kiln_last_error`.
+///
+/// # Safety
+///
+/// `dir` and `device` must each be NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_load_on(
+    dir: *const c_char,
+    device: *const c_char,
+    threads: usize,
+) -> *mut KilnModel {
     guard(ptr::null_mut(), || {
         if dir.is_null() {
             return Err("directory is NULL".into());
@@ -110,12 +128,73 @@ pub unsafe extern "C" fn kiln_model_load_with_threads(dir: *const c_char, thread
         // SAFETY: non-NULL and NUL-terminated by the caller's contract.
         let dir =
             unsafe { CStr::from_ptr(dir) }.to_str().map_err(|_| "directory is not UTF-8".to_string())?;
-        let options = Options { threads: (threads > 0).then_some(threads) };
+        let device = if device.is_null() {
+            None
+        } else {
+            // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+            let text = unsafe { CStr::from_ptr(device) };
+            Some(text.to_str().map_err(|_| "device is not UTF-8".to_string())?.to_string())
+        };
+        let options = Options { threads: (threads > 0).then_some(threads), device };
         let model = Model::load_with(dir, &options).map_err(|e| e.to_string())?;
         let inputs = model.inputs().iter().map(c_spec).collect::<Result<_, _>>()?;
         let outputs = model.outputs().iter().map(c_spec).collect::<Result<_, _>>()?;
         Ok(Box::into_raw(Box::new(KilnModel { model, inputs, outputs })))
     })
+}
+
+/// This machine's devices, listed once per process (the C strings live as long as it does).
+struct CDevices {
+    /// `(id, one-line description)` of each device, the CPU first.
+    devices: Vec<(CString, CString)>,
+    /// Why Vulkan cannot be used, or "".
+    vulkan_unavailable: CString,
+}
+
+fn c_devices() -> &'static CDevices {
+    static DEVICES: OnceLock<CDevices> = OnceLock::new();
+    DEVICES.get_or_init(|| {
+        let listed = crate::device::devices();
+        let c = |text: String| CString::new(text.replace('\0', "")).unwrap_or_default();
+        CDevices {
+            devices: listed.devices.iter().map(|d| (c(d.id()), c(d.to_string()))).collect(),
+            vulkan_unavailable: c(listed.vulkan_unavailable.unwrap_or_default()),
+        }
+    })
+}
+
+/// Number of devices models can be loaded on: the CPU, then each Vulkan device.
+#[no_mangle]
+pub extern "C" fn kiln_device_count() -> usize {
+    guard(0, || Ok(c_devices().devices.len()))
+}
+
+/// The selector of device `i` (`"cpu"`, `"vulkan:0"`…), for `kiln_model_load_on`; NULL if out of
+/// range. Static string.
+#[no_mangle]
+pub extern "C" fn kiln_device_name(i: usize) -> *const c_char {
+    guard(ptr::null(), || device_at(i).map(|d| d.0.as_ptr()))
+}
+
+/// One line describing device `i` (name, type, Vulkan version, limits); NULL if out of range.
+/// Static string.
+#[no_mangle]
+pub extern "C" fn kiln_device_description(i: usize) -> *const c_char {
+    guard(ptr::null(), || device_at(i).map(|d| d.1.as_ptr()))
+}
+
+/// Why no Vulkan device is listed (no loader, no device…), or "" when Vulkan is usable.
+/// Static string.
+#[no_mangle]
+pub extern "C" fn kiln_vulkan_unavailable_reason() -> *const c_char {
+    guard(ptr::null(), || Ok(c_devices().vulkan_unavailable.as_ptr()))
+}
+
+fn device_at(i: usize) -> Result<&'static (CString, CString), String> {
+    let devices = &c_devices().devices;
+    devices
+        .get(i)
+        .ok_or_else(|| format!("device {i} does not exist: this machine has {} devices", devices.len()))
 }
 
 /// Loads the artifact directory `dir`. Returns NULL on error; see `kiln_last_error`.

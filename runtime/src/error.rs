@@ -124,7 +124,8 @@ pub enum RuntimeError {
         end: u64,
         /// The arena's size.
         arena_bytes: u64,
-        /// "outside the arena" or "not 64-byte aligned".
+        /// "outside the arena", "not 64-byte aligned" or (Vulkan) "not a multiple of the
+        /// target's buffer_align".
         problem: &'static str,
     },
     /// A step names an input or output that does not exist.
@@ -226,6 +227,66 @@ pub enum RuntimeError {
         expected: u64,
         /// The buffer's length.
         got: u64,
+    },
+    /// Vulkan cannot be used on this machine (no loader, no instance, no device).
+    #[error("Vulkan is not available: {reason}")]
+    VulkanUnavailable {
+        /// Why, e.g. the loader's message.
+        reason: String,
+    },
+    /// A Vulkan call failed while loading or running a model.
+    #[error("Vulkan call {call} failed on {device}: {result}")]
+    VulkanCall {
+        /// The Vulkan function.
+        call: &'static str,
+        /// The device, e.g. `vulkan:0 (llvmpipe)`.
+        device: String,
+        /// The `VkResult`.
+        result: String,
+    },
+    /// The device selector is malformed or matches no device of this machine.
+    #[error("no device matches {selector:?}: {problem}")]
+    NoDevice {
+        /// The selector given (`"vulkan:3"`).
+        selector: String,
+        /// What is wrong, with the devices there are.
+        problem: String,
+    },
+    /// The artifact's target cannot run on the selected device.
+    #[error("{artifact} cannot run on device {device}: {fix}")]
+    WrongDevice {
+        /// The artifact's target, e.g. `a Vulkan artifact`.
+        artifact: String,
+        /// The selected device.
+        device: String,
+        /// What to do instead.
+        fix: String,
+    },
+    /// The artifact needs more than the device offers.
+    #[error("the artifact needs {need}, but device {device} {has}")]
+    DeviceLacks {
+        /// The artifact's requirement.
+        need: String,
+        /// The device.
+        device: String,
+        /// The device's limit or missing feature.
+        has: String,
+    },
+    /// A SPIR-V module in `kernels.spv` is malformed or contradicts the manifest.
+    #[error("SPIR-V module {module} of kernels.spv: {message}")]
+    Spirv {
+        /// Index in `Manifest::modules`.
+        module: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// The device cannot time the steps (its compute queue has no timestamps).
+    #[error("cannot profile on device {device}: {reason}")]
+    NoTimestamps {
+        /// The device.
+        device: String,
+        /// Why.
+        reason: String,
     },
 }
 

@@ -1,11 +1,14 @@
 //! kiln-runtime: loads a compiled Kiln artifact and runs it.
 //!
-//! An artifact is a directory `NAME.kiln/` holding `manifest.ron` ([`Manifest`]), `kernels.so`
-//! (one entry symbol per step) and `weights.safetensors`. [`Model::load`] checks it all once —
-//! format version, target machine, file sizes and crc32s, weights, arena ranges, symbols — so
-//! [`Model::run`] only binds buffers and calls kernels, splitting each step's outer loop across
-//! the model's threads. [`Model::from_parts`] does the same for a JIT's in-memory kernels.
-//! The C ABI (`capi`, header `include/kiln.h`) wraps the same calls.
+//! An artifact is a directory `NAME.kiln/` holding `manifest.ron` ([`Manifest`]), the kernels
+//! and `weights.safetensors`. A CPU artifact's kernels are `kernels.so` (one entry symbol per
+//! step); a Vulkan artifact's are SPIR-V compute shaders in `kernels.spv`. [`Model::load`]
+//! checks it all once — format version, target machine or device, file sizes and crc32s,
+//! weights, arena ranges, symbols or entry points — so [`Model::run`] only binds buffers and
+//! runs kernels: on the CPU, splitting each step's outer loop across the model's threads; on
+//! Vulkan, replaying a command buffer recorded at load. [`Options::device`] and [`devices`]
+//! select and list devices. [`Model::from_parts`] does the same for a JIT's in-memory CPU
+//! kernels. The C ABI (`capi`, header `include/kiln.h`) wraps the same calls.
 //!
 //! ```no_run
 //! use kiln_runtime::{Model, TensorRef};
@@ -24,6 +27,7 @@
 
 mod buffer;
 pub mod capi;
+mod device;
 mod error;
 mod exec;
 mod kernels;
@@ -34,6 +38,7 @@ mod target;
 mod tensor;
 mod weights;
 
+pub use device::{devices, DeviceInfo, Devices, VulkanDeviceInfo};
 pub use error::RuntimeError;
 pub use kernels::{KernelFn, KernelSource, SharedLibrary};
 pub use manifest::{

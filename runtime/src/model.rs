@@ -1,20 +1,21 @@
-//! `Model`: a loaded artifact, checked once at load so that a run only binds buffers and calls
-//! kernels. It owns the arena, the weights, the kernels and the thread pool.
+//! `Model`: a loaded artifact, checked once at load so that a run only binds buffers and runs
+//! kernels. It owns the weights and a device backend (`device/`): the host CPU for a CPU
+//! artifact, a Vulkan device for a Vulkan one; both sit behind the same calls.
 
 use std::fs::File;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use memmap2::Mmap;
-use rayon::ThreadPool;
 use serde::Deserialize;
 
-use crate::buffer::AlignedBuf;
+use crate::device::{self, host::HostBackend, vulkan::VulkanBackend, Backend, DeviceInfo, Selection};
 use crate::error::RuntimeError;
-use crate::exec::{self, SendPtr};
-use crate::kernels::{KernelFn, KernelSource, SharedLibrary};
+use crate::exec;
+use crate::kernels::{KernelSource, SharedLibrary};
 use crate::manifest::{
-    shape_str, BufRef, Dispatch, FileDigest, Manifest, TensorSpec, KERNELS_FILE, MANIFEST_FILE, WEIGHTS_FILE,
+    shape_str, FileDigest, Manifest, Target, TensorSpec, KERNELS_FILE, MANIFEST_FILE, SPIRV_FILE,
+    WEIGHTS_FILE,
 };
 use crate::profile::Profile;
 use crate::target;
@@ -25,8 +26,13 @@ use crate::ARTIFACT_FORMAT_VERSION;
 /// How to load a model.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Options {
-    /// Worker threads; `None` reads `KILN_THREADS`, else uses every available core.
+    /// Worker threads of a CPU model; `None` reads `KILN_THREADS`, else uses every available
+    /// core. A Vulkan model runs on one host thread and ignores it.
     pub threads: Option<usize>,
+    /// The device: `"cpu"`, `"vulkan"` (the first discrete or integrated GPU, else any Vulkan
+    /// device) or `"vulkan:N"` (the N-th of [`crate::devices`]); `None` takes the kind the
+    /// artifact was compiled for. A device of the other kind is an error.
+    pub device: Option<String>,
 }
 
 /// A compiled model ready to run.
@@ -37,31 +43,9 @@ pub struct Options {
 /// are shared between them); each run is already parallel inside.
 pub struct Model {
     manifest: Manifest,
-    launches: Vec<Launch>,
-    threads: usize,
-    pool: Option<ThreadPool>,
-    /// Owns the memory the launches' arena pointers point into.
-    _arena: AlignedBuf,
+    /// Declared before `weights`: host launches point into the weights.
+    backend: Backend,
     weights: WeightStore,
-    /// Keeps the code of every `Launch::kernel` alive: the pointers are private and used only
-    /// through `&mut self`, so no kernel can be called after this is dropped with the model.
-    _kernels: Box<dyn KernelSource>,
-}
-
-/// A step resolved at load: its kernel, its argument array with the fixed pointers (arena,
-/// weights) filled in, and the slots to fill with the caller's buffers on each run.
-struct Launch {
-    kernel: KernelFn,
-    args: Vec<SendPtr>,
-    slots: Vec<(usize, Slot)>,
-    range: u64,
-    grain: u64,
-}
-
-#[derive(Clone, Copy)]
-enum Slot {
-    Input(usize),
-    Output(usize),
 }
 
 /// Reads only the version, so that a manifest of another format is refused by version rather
@@ -77,7 +61,7 @@ impl Model {
         Model::load_with(dir, &Options::default())
     }
 
-    /// Loads the artifact directory `dir`, checking the manifest against the machine and the
+    /// Loads the artifact directory `dir`, checking the manifest against the device and the
     /// files against their recorded sizes and crc32s before any code is loaded.
     pub fn load_with(dir: impl AsRef<Path>, options: &Options) -> Result<Model, RuntimeError> {
         let dir = dir.as_ref();
@@ -88,14 +72,22 @@ impl Model {
             ron::from_str(&text).map_err(|e| RuntimeError::ManifestSyntax { message: e.to_string() })?;
         check_version(probe.format_version)?;
         let manifest = Manifest::from_ron(&text)?;
-        target::check(&manifest.target)?;
+        let selection = device::select(&manifest.target, options.device.as_deref())?;
+        let kernels_file = match &manifest.target {
+            Target::Cpu(_) => {
+                target::check(&manifest.target)?;
+                KERNELS_FILE
+            }
+            Target::Vulkan(_) => SPIRV_FILE,
+        };
 
-        for required in [KERNELS_FILE, WEIGHTS_FILE] {
+        for required in [kernels_file, WEIGHTS_FILE] {
             if !manifest.files.iter().any(|f| f.name == required) {
                 return Err(RuntimeError::NoDigest { file: required.to_string() });
             }
         }
         let mut weights_map = None;
+        let mut spirv = None;
         for digest in &manifest.files {
             let plain = Path::new(&digest.name).file_name().is_some_and(|n| n == digest.name.as_str());
             if !plain {
@@ -112,19 +104,32 @@ impl Model {
             } else {
                 let bytes = std::fs::read(&path).map_err(|e| RuntimeError::io(&path, e))?;
                 check_digest(digest, &bytes)?;
+                if digest.name == SPIRV_FILE {
+                    spirv = Some(bytes);
+                }
             }
         }
         let weights_path = dir.join(WEIGHTS_FILE);
         let map = weights_map.ok_or_else(|| RuntimeError::NoDigest { file: WEIGHTS_FILE.to_string() })?;
         let weights = WeightStore::from_map(map, weights_path.display().to_string())?;
-        // SAFETY: the file is the artifact's kernels.so, verified against the manifest's crc32;
-        // trusting an artifact's code is what loading a compiled model means.
-        let kernels = unsafe { SharedLibrary::open(dir.join(KERNELS_FILE)) }?;
-        Model::from_parts(manifest, Box::new(kernels), weights, options)
+        match selection {
+            Selection::Cpu => {
+                // SAFETY: the file is the artifact's kernels.so, verified against the manifest's
+                // crc32; trusting an artifact's code is what loading a compiled model means.
+                let kernels = unsafe { SharedLibrary::open(dir.join(KERNELS_FILE)) }?;
+                Model::from_parts(manifest, Box::new(kernels), weights, options)
+            }
+            Selection::Vulkan(index) => {
+                let spirv = spirv.ok_or_else(|| RuntimeError::NoDigest { file: SPIRV_FILE.to_string() })?;
+                check_specs(&manifest)?;
+                let backend = VulkanBackend::load(&manifest, &spirv, &weights, index)?;
+                Ok(Model { manifest, backend: Backend::Vulkan(Box::new(backend)), weights })
+            }
+        }
     }
 
-    /// Builds a model from parts held in memory, e.g. by a JIT compiler whose engine lives in
-    /// `kernels`. The manifest's `files` are not checked (there are none); all else is.
+    /// Builds a CPU model from parts held in memory, e.g. by a JIT compiler whose engine lives
+    /// in `kernels`. The manifest's `files` are not checked (there are none); all else is.
     pub fn from_parts(
         manifest: Manifest,
         kernels: Box<dyn KernelSource>,
@@ -132,93 +137,23 @@ impl Model {
         options: &Options,
     ) -> Result<Model, RuntimeError> {
         check_version(manifest.format_version)?;
+        match device::select(&manifest.target, options.device.as_deref())? {
+            Selection::Cpu => {}
+            Selection::Vulkan(_) => {
+                return Err(RuntimeError::WrongDevice {
+                    artifact: "a Vulkan manifest".into(),
+                    device: "cpu (in-memory native kernels)".into(),
+                    fix: "write the artifact to a directory and load it with Model::load_with".into(),
+                })
+            }
+        }
         target::check(&manifest.target)?;
         check_specs(&manifest)?;
         let env = std::env::var_os("KILN_THREADS").map(|v| v.to_string_lossy().into_owned());
         let available = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = exec::resolve_threads(options.threads, env, available)?;
-        let pool = exec::pool(threads)?;
-        let mut arena = AlignedBuf::zeroed(manifest.arena_bytes, "arena")?;
-        let arena_base = arena.as_mut_ptr();
-
-        let mut launches = Vec::with_capacity(manifest.steps.len());
-        for step in &manifest.steps {
-            let at = &step.label;
-            let Dispatch::Cpu { range, grain } = step.dispatch else {
-                return Err(RuntimeError::invalid(format!(
-                    "step {at:?} is a GPU dispatch in a CPU artifact"
-                )));
-            };
-            if grain == 0 {
-                return Err(RuntimeError::invalid(format!(
-                    "step {at:?} has grain 0 (it must be at least 1)"
-                )));
-            }
-            if i64::try_from(range).is_err() {
-                return Err(RuntimeError::invalid(format!("step {at:?} has range {range} (over i64::MAX)")));
-            }
-            let mut args = Vec::with_capacity(step.args.len());
-            let mut slots = Vec::new();
-            for arg in &step.args {
-                let ptr = match arg {
-                    BufRef::Arena { offset, bytes } => {
-                        let end = offset.saturating_add(*bytes);
-                        let problem = if end > manifest.arena_bytes {
-                            Some("outside the arena")
-                        } else if !offset.is_multiple_of(crate::buffer::ALIGN as u64) {
-                            Some("not 64-byte aligned")
-                        } else {
-                            None
-                        };
-                        if let Some(problem) = problem {
-                            return Err(RuntimeError::ArenaRange {
-                                step: at.clone(),
-                                offset: *offset,
-                                end,
-                                arena_bytes: manifest.arena_bytes,
-                                problem,
-                            });
-                        }
-                        // SAFETY: offset <= arena_bytes, checked above, so the result stays
-                        // inside the allocation (or one past its end for an empty range).
-                        unsafe { arena_base.add(*offset as usize) }
-                    }
-                    BufRef::Weight { name, bytes } => {
-                        let view = weights.get(name).ok_or_else(|| RuntimeError::MissingWeight {
-                            step: at.clone(),
-                            name: name.clone(),
-                        })?;
-                        if view.bytes.len() as u64 != *bytes {
-                            return Err(RuntimeError::WeightSize {
-                                step: at.clone(),
-                                name: name.clone(),
-                                expected: *bytes,
-                                found: view.bytes.len() as u64,
-                            });
-                        }
-                        // Kernels only read weights (the mapped file is read-only).
-                        view.bytes.as_ptr().cast_mut()
-                    }
-                    BufRef::Input { index } => {
-                        let i = check_index(at, "input", *index, manifest.inputs.len())?;
-                        slots.push((args.len(), Slot::Input(i)));
-                        std::ptr::null_mut()
-                    }
-                    BufRef::Output { index } => {
-                        let i = check_index(at, "output", *index, manifest.outputs.len())?;
-                        slots.push((args.len(), Slot::Output(i)));
-                        std::ptr::null_mut()
-                    }
-                };
-                args.push(SendPtr(ptr));
-            }
-            let kernel = kernels.lookup(&step.symbol).ok_or_else(|| RuntimeError::MissingSymbol {
-                step: at.clone(),
-                symbol: step.symbol.clone(),
-            })?;
-            launches.push(Launch { kernel, args, slots, range, grain });
-        }
-        Ok(Model { manifest, launches, threads, pool, _arena: arena, weights, _kernels: kernels })
+        let host = HostBackend::new(&manifest, kernels, &weights, threads)?;
+        Ok(Model { manifest, backend: Backend::Host(host), weights })
     }
 
     /// Runs the model on `inputs` (in manifest order) and returns the outputs in manifest order.
@@ -245,7 +180,7 @@ impl Model {
         let mut step_times = Vec::new();
         let mut run_times = Vec::new();
         for _ in 0..repeats.max(1) {
-            let mut times = Vec::with_capacity(self.launches.len());
+            let mut times = Vec::with_capacity(self.manifest.steps.len());
             let start = Instant::now();
             self.run_outputs(inputs, &mut outputs, Some(&mut times))?;
             run_times.push(start.elapsed());
@@ -253,7 +188,7 @@ impl Model {
         }
         let labels = self.manifest.steps.iter().map(|s| (s.label.clone(), s.flops, s.bytes));
         let profile =
-            Profile::from_times(labels, &step_times, run_times, self.manifest.arena_bytes, self.threads);
+            Profile::from_times(labels, &step_times, run_times, self.manifest.arena_bytes, self.threads());
         Ok((outputs, profile))
     }
 
@@ -272,9 +207,14 @@ impl Model {
         &self.manifest
     }
 
-    /// Worker threads each run uses.
+    /// Host worker threads each run uses (1 for a Vulkan model: the thread that submits).
     pub fn threads(&self) -> usize {
-        self.threads
+        self.backend.threads()
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> DeviceInfo {
+        self.backend.device()
     }
 
     /// Size of the model's scratch arena.
@@ -305,19 +245,10 @@ impl Model {
         &mut self,
         inputs: &[TensorRef],
         outputs: &mut [&mut [u8]],
-        mut times: Option<&mut Vec<Duration>>,
+        times: Option<&mut Vec<Duration>>,
     ) -> Result<(), RuntimeError> {
-        let realigned_inputs = self.check_inputs(inputs)?;
-        let input_ptrs: Vec<SendPtr> = inputs
-            .iter()
-            .zip(&realigned_inputs)
-            .map(|(input, copy)| {
-                SendPtr(copy.as_ref().map_or(input.bytes.as_ptr(), |c| c.as_slice().as_ptr()).cast_mut())
-            })
-            .collect();
-
+        self.check_inputs(inputs)?;
         check_count("output", self.manifest.outputs.len(), outputs.len())?;
-        let mut realigned_outputs = Vec::with_capacity(outputs.len());
         for (spec, buf) in self.manifest.outputs.iter().zip(outputs.iter()) {
             let expected = spec.byte_len().unwrap_or(u64::MAX);
             if buf.len() as u64 != expected {
@@ -329,63 +260,13 @@ impl Model {
                     got: buf.len() as u64,
                 });
             }
-            let aligned = (buf.as_ptr() as usize).is_multiple_of(spec.dtype.size_bytes());
-            realigned_outputs.push(if aligned {
-                None
-            } else {
-                Some(AlignedBuf::zeroed(expected, "output copy")?)
-            });
         }
-        let output_ptrs: Vec<SendPtr> = outputs
-            .iter_mut()
-            .zip(realigned_outputs.iter_mut())
-            .map(|(buf, copy)| SendPtr(copy.as_mut().map_or(buf.as_mut_ptr(), AlignedBuf::as_mut_ptr)))
-            .collect();
-
-        let (pool, threads) = (self.pool.as_ref(), self.threads);
-        let launches = &mut self.launches;
-        let mut steps = move || {
-            for launch in launches.iter_mut() {
-                for &(arg, slot) in &launch.slots {
-                    launch.args[arg] = match slot {
-                        Slot::Input(i) => input_ptrs[i],
-                        Slot::Output(i) => output_ptrs[i],
-                    };
-                }
-                let start = Instant::now();
-                // SAFETY: every pointer is live for this call: the arena and weights are owned
-                // by `self`, the inputs and outputs are borrowed by this call, and all were
-                // checked to have the sizes the manifest gives. `self.kernels` keeps the code
-                // loaded. The kernel's contract (ranges, disjoint writes) is the artifact's,
-                // checked at compile.
-                unsafe {
-                    exec::launch(launch.kernel, &launch.args, launch.range, launch.grain, pool, threads)
-                };
-                if let Some(times) = times.as_deref_mut() {
-                    times.push(start.elapsed());
-                }
-            }
-        };
-        // The whole run is one job on the pool: each step then splits from inside it, which
-        // costs a work-stealing join instead of waking the pool from outside and putting the
-        // caller to sleep once per step.
-        match pool {
-            Some(pool) => pool.install(steps),
-            None => steps(),
-        }
-
-        for (buf, copy) in outputs.iter_mut().zip(&realigned_outputs) {
-            if let Some(copy) = copy {
-                buf.copy_from_slice(copy.as_slice());
-            }
-        }
-        Ok(())
+        self.backend.execute(inputs, outputs, times)
     }
 
-    /// Checks the inputs against the manifest; returns aligned copies of misaligned ones.
-    fn check_inputs(&self, inputs: &[TensorRef]) -> Result<Vec<Option<AlignedBuf>>, RuntimeError> {
+    /// Checks the inputs against the manifest: names, dtypes, shapes and sizes.
+    fn check_inputs(&self, inputs: &[TensorRef]) -> Result<(), RuntimeError> {
         check_count("input", self.manifest.inputs.len(), inputs.len())?;
-        let mut copies = Vec::with_capacity(inputs.len());
         for (index, (spec, input)) in self.manifest.inputs.iter().zip(inputs).enumerate() {
             if input.name != spec.name {
                 return Err(RuntimeError::InputName {
@@ -413,10 +294,8 @@ impl Model {
                 let (name, got) = (spec.name.clone(), input.bytes.len() as u64);
                 return Err(RuntimeError::BufferSize { kind: "input", name, expected, got });
             }
-            let aligned = (input.bytes.as_ptr() as usize).is_multiple_of(spec.dtype.size_bytes());
-            copies.push(if aligned { None } else { Some(AlignedBuf::copy_of(input.bytes, "input copy")?) });
         }
-        Ok(copies)
+        Ok(())
     }
 }
 
@@ -424,8 +303,9 @@ impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Model")
             .field("model", &self.manifest.model)
-            .field("steps", &self.launches.len())
-            .field("threads", &self.threads)
+            .field("steps", &self.manifest.steps.len())
+            .field("device", &self.backend.device().id())
+            .field("threads", &self.threads())
             .field("arena_bytes", &self.manifest.arena_bytes)
             .field("weights", &self.weights.len())
             .finish_non_exhaustive()
@@ -471,7 +351,12 @@ fn check_specs(manifest: &Manifest) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-fn check_index(step: &str, kind: &'static str, index: u32, count: usize) -> Result<usize, RuntimeError> {
+pub(crate) fn check_index(
+    step: &str,
+    kind: &'static str,
+    index: u32,
+    count: usize,
+) -> Result<usize, RuntimeError> {
     if (index as usize) < count {
         Ok(index as usize)
     } else {

@@ -8,9 +8,11 @@ use crate::manifest::{Target, TargetInfo};
 pub(crate) fn check(target: &Target) -> Result<(), RuntimeError> {
     match target {
         Target::Cpu(cpu) => check_with(cpu, std::env::consts::ARCH, host_has),
-        Target::Vulkan(_) => {
-            Err(RuntimeError::invalid("this is a Vulkan artifact; the CPU loader cannot run it".to_string()))
-        }
+        Target::Vulkan(v) => Err(RuntimeError::WrongDevice {
+            artifact: format!("a Vulkan artifact (SPIR-V {})", v.spirv_version),
+            device: "cpu".to_string(),
+            fix: "run it on a Vulkan device (\"vulkan\" or \"vulkan:N\")".to_string(),
+        }),
     }
 }
 

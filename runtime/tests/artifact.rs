@@ -13,7 +13,7 @@ const X_SHAPE: [u64; 2] = [ROWS as u64, COLS as u64];
 const S_SHAPE: [u64; 1] = [ROWS as u64];
 
 fn load(toy: &Toy, threads: usize) -> Result<Model, RuntimeError> {
-    Model::load_with(toy.path(), &Options { threads: Some(threads) })
+    Model::load_with(toy.path(), &Options { threads: Some(threads), ..Options::default() })
 }
 
 fn load_err(toy: &Toy) -> String {
@@ -200,9 +200,13 @@ fn from_parts_runs_in_memory_kernels_and_weights() {
     }];
     let w: Vec<f32> = (0..8).map(|i| i as f32 - 2.5).collect();
     let weights = WeightStore::from_owned(vec![("w".into(), DType::F32, vec![8], f32_bytes(&w))]).unwrap();
-    let mut model =
-        Model::from_parts(manifest.clone(), Box::new(RustKernels), weights, &Options { threads: Some(3) })
-            .unwrap();
+    let mut model = Model::from_parts(
+        manifest.clone(),
+        Box::new(RustKernels),
+        weights,
+        &Options { threads: Some(3), ..Options::default() },
+    )
+    .unwrap();
     let out = model.run(&[]).unwrap();
     assert_eq!(out[0].as_f32().unwrap(), w.iter().map(|v| v * 3.0).collect::<Vec<_>>());
 
@@ -350,7 +354,7 @@ fn refuses_missing_symbols_and_bad_steps() {
     assert_eq!(load_err(&toy), "invalid manifest: two outputs are named \"y\"");
 
     let toy = Toy::new();
-    let err = Model::load_with(toy.path(), &Options { threads: Some(0) }).unwrap_err();
+    let err = Model::load_with(toy.path(), &Options { threads: Some(0), ..Options::default() }).unwrap_err();
     assert_eq!(err.to_string(), "Options::threads must be at least 1");
 }
 

@@ -1,5 +1,6 @@
 //! The C ABI, called in-process and from a real C program (`examples/c/run_model.c` compiled
-//! with `cc` against `libkiln_runtime.so`), and the `run_artifact` example binary.
+//! with `cc` against `libkiln_runtime.so`), on the CPU and on a Vulkan device, and the
+//! `run_artifact` example binary.
 
 mod common;
 
@@ -7,6 +8,7 @@ use std::ffi::{c_void, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::gpu::{chain_expected, r_data, GpuArtifact};
 use common::*;
 use kiln_runtime::capi::*;
 use kiln_runtime::WEIGHTS_FILE;
@@ -66,6 +68,78 @@ fn c_abi_round_trip() {
         std::fs::remove_file(toy.file(WEIGHTS_FILE)).unwrap();
         assert!(kiln_model_load(dir.as_ptr()).is_null());
         assert!(last_error().contains("weights.safetensors is missing"), "{}", last_error());
+    }
+}
+
+#[test]
+fn c_abi_lists_and_selects_devices() {
+    let count = kiln_device_count();
+    assert!(count >= 1);
+    assert_eq!(c_str(kiln_device_name(0)), "cpu");
+    assert!(c_str(kiln_device_description(0)).starts_with("cpu  host CPU, "));
+    assert!(kiln_device_name(count).is_null());
+    assert_eq!(last_error(), format!("device {count} does not exist: this machine has {count} devices"));
+    assert!(kiln_device_description(count).is_null());
+    let reason = c_str(kiln_vulkan_unavailable_reason());
+    // Either Vulkan devices are listed, or the reason why none is.
+    assert_eq!(count == 1, !reason.is_empty(), "{count} devices, reason {reason:?}");
+    for i in 1..count {
+        assert_eq!(c_str(kiln_device_name(i)), format!("vulkan:{}", i - 1));
+        assert!(c_str(kiln_device_description(i)).starts_with(&format!("vulkan:{}  ", i - 1)));
+    }
+
+    let toy = Toy::new();
+    let dir = CString::new(toy.path().to_str().unwrap()).unwrap();
+    let (x, scale) = (x_data(), scale_data());
+    let mut y = vec![0f32; N];
+    let mut s = vec![0f32; ROWS];
+    // SAFETY: valid strings; pointers to live buffers of the sizes the model reports.
+    unsafe {
+        let model = kiln_model_load_on(dir.as_ptr(), c"cpu".as_ptr(), 2);
+        assert!(!model.is_null(), "{}", last_error());
+        let inputs = [x.as_ptr() as *const c_void, scale.as_ptr() as *const c_void];
+        let outputs = [y.as_mut_ptr() as *mut c_void, s.as_mut_ptr() as *mut c_void];
+        assert_eq!(kiln_model_run(model, inputs.as_ptr(), outputs.as_ptr()), 0, "{}", last_error());
+        assert_eq!((y, s), expected(&x, &scale));
+        kiln_model_free(model);
+        let model = kiln_model_load_on(dir.as_ptr(), std::ptr::null(), 0);
+        assert!(!model.is_null(), "{}", last_error());
+        kiln_model_free(model);
+        assert!(kiln_model_load_on(dir.as_ptr(), c"vulkan:0".as_ptr(), 0).is_null());
+        assert!(last_error().contains("cannot run on device vulkan:0"), "{}", last_error());
+        assert!(kiln_model_load_on(dir.as_ptr(), c"gpu".as_ptr(), 0).is_null());
+        assert!(last_error().starts_with("no device matches \"gpu\""), "{}", last_error());
+    }
+}
+
+#[test]
+fn c_abi_runs_a_vulkan_model() {
+    if !common::gpu::ready() {
+        return;
+    }
+    let artifact = GpuArtifact::chain();
+    let dir = CString::new(artifact.path().to_str().unwrap()).unwrap();
+    let (x, r) = (x_data(), r_data());
+    let mut y = vec![0f32; N];
+    let mut s = 0f32;
+    // SAFETY: valid strings; pointers to live buffers of the sizes the model reports.
+    unsafe {
+        let model = kiln_model_load_on(dir.as_ptr(), c"vulkan".as_ptr(), 0);
+        assert!(!model.is_null(), "{}", last_error());
+        assert_eq!(kiln_model_output_bytes(model, 1), 4);
+        let inputs = [x.as_ptr() as *const c_void, r.as_ptr() as *const c_void];
+        let outputs = [y.as_mut_ptr() as *mut c_void, (&mut s as *mut f32).cast::<c_void>()];
+        for _ in 0..2 {
+            assert_eq!(kiln_model_run(model, inputs.as_ptr(), outputs.as_ptr()), 0, "{}", last_error());
+            assert_eq!((y.clone(), s), chain_expected(&x, &r));
+        }
+        kiln_model_free(model);
+        assert!(kiln_model_load_on(dir.as_ptr(), c"cpu".as_ptr(), 0).is_null());
+        assert!(
+            last_error().starts_with("a Vulkan artifact (SPIR-V 1.3) cannot run on device cpu"),
+            "{}",
+            last_error()
+        );
     }
 }
 
@@ -159,6 +233,28 @@ fn c_example_runs_against_the_cdylib() {
     check_ramp_outputs(&stdout);
     assert!(stdout.contains("... (1024 values)"), "{stdout}");
 
+    let out = Command::new(&exe).arg("--devices").env("LD_LIBRARY_PATH", lib_dir).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.starts_with("cpu  host CPU, "), "{stdout}");
+
+    if common::gpu::ready() {
+        let artifact = GpuArtifact::chain();
+        let out = Command::new(&exe)
+            .arg(artifact.path())
+            .arg("vulkan:0")
+            .env("LD_LIBRARY_PATH", lib_dir)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "run_model failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+        let ramp = |n: usize| (0..n).map(|i| (i % 32) as f32 / 16.0 - 1.0).collect::<Vec<f32>>();
+        let (y, s) = chain_expected(&ramp(N), &ramp(256));
+        let outputs = outputs_of(&stdout);
+        assert_eq!(outputs[0].0, "output y f32 [64, 16]", "{stdout}");
+        assert_eq!(outputs[0].1, y[..8], "{stdout}");
+        assert_eq!((outputs[1].0.as_str(), &outputs[1].1[..]), ("output s f32 []", &[s][..]), "{stdout}");
+    }
+
     let out = Command::new(&exe)
         .arg(work.path().join("nope.kiln"))
         .env("LD_LIBRARY_PATH", lib_dir)
@@ -204,6 +300,28 @@ fn run_artifact_example() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (y, _) = expected(&x, &scale);
     assert_eq!(outputs_of(&stdout)[0].1, y[..8], "{stdout}");
+
+    // A Vulkan artifact, profiled with GPU timestamps, and the device list.
+    if common::gpu::ready() {
+        let artifact = GpuArtifact::chain();
+        let out = Command::new(&exe)
+            .arg(artifact.path())
+            .args(["--device", "vulkan", "--profile", "--repeats", "2"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            stdout.starts_with("model chain (kiln 0.1.0, vulkan (SPIR-V 1.3)): 4 steps, 1 threads"),
+            "{stdout}"
+        );
+        assert!(stdout.contains(", device vulkan:"), "{stdout}");
+        assert!(stdout.contains("profile: 4 steps, 1 threads, arena 8.2 KiB, median of 2 runs"), "{stdout}");
+        assert!(stdout.contains("\nk3 reduce [256]  "), "{stdout}");
+        let out = Command::new(&exe).args(["--device", "list"]).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.starts_with("cpu  host CPU, ") && stdout.contains("\nvulkan:0  "), "{stdout}");
+    }
 
     let out = Command::new(&exe).arg(toy.path()).args(["--input", "x=/nonexistent.bin"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod gpu;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;

@@ -1,0 +1,228 @@
+//! The host CPU: each step resolved once into a launch (kernel pointer, argument array with the
+//! arena and weight pointers filled in, slots for the caller's buffers), run on the model's
+//! thread pool. Moved from `model.rs` when Vulkan arrived; the launch code is unchanged.
+
+use std::time::{Duration, Instant};
+
+use rayon::ThreadPool;
+
+use crate::buffer::AlignedBuf;
+use crate::error::RuntimeError;
+use crate::exec::{self, SendPtr};
+use crate::kernels::{KernelFn, KernelSource};
+use crate::manifest::{BufRef, Dispatch, Manifest};
+use crate::model::check_index;
+use crate::tensor::TensorRef;
+use crate::weights::WeightStore;
+
+/// A CPU artifact's steps, ready to call.
+pub(crate) struct HostBackend {
+    launches: Vec<Launch>,
+    threads: usize,
+    pool: Option<ThreadPool>,
+    /// Each output's element size: the alignment its buffer needs to be written in place.
+    output_align: Vec<usize>,
+    /// Owns the memory the launches' arena pointers point into.
+    _arena: AlignedBuf,
+    /// Keeps the code of every `Launch::kernel` alive: the pointers are private and used only
+    /// through `&mut self`, so no kernel can be called after this is dropped with the model.
+    _kernels: Box<dyn KernelSource>,
+}
+
+/// A step resolved at load: its kernel, its argument array with the fixed pointers (arena,
+/// weights) filled in, and the slots to fill with the caller's buffers on each run.
+struct Launch {
+    kernel: KernelFn,
+    args: Vec<SendPtr>,
+    slots: Vec<(usize, Slot)>,
+    range: u64,
+    grain: u64,
+}
+
+#[derive(Clone, Copy)]
+enum Slot {
+    Input(usize),
+    Output(usize),
+}
+
+impl HostBackend {
+    /// Resolves every step of a CPU manifest. `weights` must outlive the backend (the `Model`
+    /// owns both): launches hold pointers into it.
+    pub fn new(
+        manifest: &Manifest,
+        kernels: Box<dyn KernelSource>,
+        weights: &WeightStore,
+        threads: usize,
+    ) -> Result<HostBackend, RuntimeError> {
+        let pool = exec::pool(threads)?;
+        let mut arena = AlignedBuf::zeroed(manifest.arena_bytes, "arena")?;
+        let arena_base = arena.as_mut_ptr();
+
+        let mut launches = Vec::with_capacity(manifest.steps.len());
+        for step in &manifest.steps {
+            let at = &step.label;
+            let (range, grain) = match step.dispatch {
+                Dispatch::Cpu { range, grain } => (range, grain),
+                Dispatch::Gpu { .. } => {
+                    return Err(RuntimeError::invalid(format!(
+                        "step {at:?} is a GPU dispatch in a CPU artifact"
+                    )))
+                }
+            };
+            if grain == 0 {
+                return Err(RuntimeError::invalid(format!(
+                    "step {at:?} has grain 0 (it must be at least 1)"
+                )));
+            }
+            if i64::try_from(range).is_err() {
+                return Err(RuntimeError::invalid(format!("step {at:?} has range {range} (over i64::MAX)")));
+            }
+            let mut args = Vec::with_capacity(step.args.len());
+            let mut slots = Vec::new();
+            for arg in &step.args {
+                let ptr = match arg {
+                    BufRef::Arena { offset, bytes } => {
+                        let end = offset.saturating_add(*bytes);
+                        let problem = if end > manifest.arena_bytes {
+                            Some("outside the arena")
+                        } else if !offset.is_multiple_of(crate::buffer::ALIGN as u64) {
+                            Some("not 64-byte aligned")
+                        } else {
+                            None
+                        };
+                        if let Some(problem) = problem {
+                            return Err(RuntimeError::ArenaRange {
+                                step: at.clone(),
+                                offset: *offset,
+                                end,
+                                arena_bytes: manifest.arena_bytes,
+                                problem,
+                            });
+                        }
+                        // SAFETY: offset <= arena_bytes, checked above, so the result stays
+                        // inside the allocation (or one past its end for an empty range).
+                        unsafe { arena_base.add(*offset as usize) }
+                    }
+                    BufRef::Weight { name, bytes } => {
+                        let view = weights.get(name).ok_or_else(|| RuntimeError::MissingWeight {
+                            step: at.clone(),
+                            name: name.clone(),
+                        })?;
+                        if view.bytes.len() as u64 != *bytes {
+                            return Err(RuntimeError::WeightSize {
+                                step: at.clone(),
+                                name: name.clone(),
+                                expected: *bytes,
+                                found: view.bytes.len() as u64,
+                            });
+                        }
+                        // Kernels only read weights (the mapped file is read-only).
+                        view.bytes.as_ptr().cast_mut()
+                    }
+                    BufRef::Input { index } => {
+                        let i = check_index(at, "input", *index, manifest.inputs.len())?;
+                        slots.push((args.len(), Slot::Input(i)));
+                        std::ptr::null_mut()
+                    }
+                    BufRef::Output { index } => {
+                        let i = check_index(at, "output", *index, manifest.outputs.len())?;
+                        slots.push((args.len(), Slot::Output(i)));
+                        std::ptr::null_mut()
+                    }
+                };
+                args.push(SendPtr(ptr));
+            }
+            let kernel = kernels.lookup(&step.symbol).ok_or_else(|| RuntimeError::MissingSymbol {
+                step: at.clone(),
+                symbol: step.symbol.clone(),
+            })?;
+            launches.push(Launch { kernel, args, slots, range, grain });
+        }
+        let output_align = manifest.outputs.iter().map(|o| o.dtype.size_bytes()).collect();
+        Ok(HostBackend { launches, threads, pool, output_align, _arena: arena, _kernels: kernels })
+    }
+
+    /// Worker threads each run uses.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs the steps on checked inputs and outputs, copying misaligned ones through aligned
+    /// buffers.
+    pub fn execute(
+        &mut self,
+        inputs: &[TensorRef],
+        outputs: &mut [&mut [u8]],
+        mut times: Option<&mut Vec<Duration>>,
+    ) -> Result<(), RuntimeError> {
+        let mut realigned_inputs = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let aligned = (input.bytes.as_ptr() as usize).is_multiple_of(input.dtype.size_bytes());
+            realigned_inputs.push(if aligned {
+                None
+            } else {
+                Some(AlignedBuf::copy_of(input.bytes, "input copy")?)
+            });
+        }
+        let input_ptrs: Vec<SendPtr> = inputs
+            .iter()
+            .zip(&realigned_inputs)
+            .map(|(input, copy)| {
+                SendPtr(copy.as_ref().map_or(input.bytes.as_ptr(), |c| c.as_slice().as_ptr()).cast_mut())
+            })
+            .collect();
+        let mut realigned_outputs = Vec::with_capacity(outputs.len());
+        for (buf, &align) in outputs.iter().zip(&self.output_align) {
+            let aligned = (buf.as_ptr() as usize).is_multiple_of(align);
+            realigned_outputs.push(if aligned {
+                None
+            } else {
+                Some(AlignedBuf::zeroed(buf.len() as u64, "output copy")?)
+            });
+        }
+        let output_ptrs: Vec<SendPtr> = outputs
+            .iter_mut()
+            .zip(realigned_outputs.iter_mut())
+            .map(|(buf, copy)| SendPtr(copy.as_mut().map_or(buf.as_mut_ptr(), AlignedBuf::as_mut_ptr)))
+            .collect();
+
+        let (pool, threads) = (self.pool.as_ref(), self.threads);
+        let launches = &mut self.launches;
+        let mut steps = move || {
+            for launch in launches.iter_mut() {
+                for &(arg, slot) in &launch.slots {
+                    launch.args[arg] = match slot {
+                        Slot::Input(i) => input_ptrs[i],
+                        Slot::Output(i) => output_ptrs[i],
+                    };
+                }
+                let start = Instant::now();
+                // SAFETY: every pointer is live for this call: the arena is owned by `self`, the
+                // weights by the `Model` that owns `self`, the inputs and outputs are borrowed by
+                // this call, and all were checked to have the sizes the manifest gives.
+                // `self._kernels` keeps the code loaded. The kernel's contract (ranges, disjoint
+                // writes) is the artifact's, checked at compile.
+                unsafe {
+                    exec::launch(launch.kernel, &launch.args, launch.range, launch.grain, pool, threads)
+                };
+                if let Some(times) = times.as_deref_mut() {
+                    times.push(start.elapsed());
+                }
+            }
+        };
+        // The whole run is one job on the pool: each step then splits from inside it, which
+        // costs a work-stealing join instead of waking the pool from outside and putting the
+        // caller to sleep once per step.
+        match pool {
+            Some(pool) => pool.install(steps),
+            None => steps(),
+        }
+
+        for (buf, copy) in outputs.iter_mut().zip(&realigned_outputs) {
+            if let Some(copy) = copy {
+                buf.copy_from_slice(copy.as_slice());
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,248 @@
+//! Devices a model runs on: the host CPU (`host.rs`, native kernels from `kernels.so`) and
+//! Vulkan devices (`vulkan/`, SPIR-V compute shaders). The artifact's target decides which one
+//! a model needs; `Options::device` picks among the machine's devices of that kind.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::error::RuntimeError;
+use crate::manifest::Target;
+use crate::tensor::TensorRef;
+
+pub(crate) mod host;
+pub(crate) mod vulkan;
+
+/// One device of this machine, as `devices()` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceInfo {
+    /// The host CPU (native kernels on a thread pool).
+    Cpu {
+        /// Cores available to the process.
+        threads: usize,
+    },
+    /// A Vulkan physical device.
+    Vulkan(VulkanDeviceInfo),
+}
+
+/// A Vulkan physical device's identity and the limits artifacts are checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VulkanDeviceInfo {
+    /// Position among the Vulkan devices: selected with `"vulkan:INDEX"`.
+    pub index: usize,
+    /// The driver's name for it, e.g. `llvmpipe (LLVM 15.0.6, 256 bits)`.
+    pub name: String,
+    /// `discrete GPU`, `integrated GPU`, `virtual GPU`, `CPU (software)` or `other`.
+    pub device_type: String,
+    /// Vulkan version the device supports, e.g. `1.3.230`.
+    pub api_version: String,
+    /// Invocations per subgroup.
+    pub subgroup_size: u32,
+    /// `maxComputeSharedMemorySize`, in bytes.
+    pub max_shared_bytes: u32,
+    /// `maxComputeWorkGroupInvocations`.
+    pub max_workgroup_invocations: u32,
+    /// Whether it has a compute queue (devices without one cannot run models).
+    pub compute: bool,
+}
+
+impl DeviceInfo {
+    /// The selector that picks this device: `"cpu"` or `"vulkan:N"`.
+    pub fn id(&self) -> String {
+        match self {
+            DeviceInfo::Cpu { .. } => "cpu".to_string(),
+            DeviceInfo::Vulkan(v) => format!("vulkan:{}", v.index),
+        }
+    }
+}
+
+impl fmt::Display for DeviceInfo {
+    /// One line: `cpu  host CPU, 2 threads` or `vulkan:0  llvmpipe (…)  CPU (software), Vulkan
+    /// 1.3.230, subgroup 8, shared memory 32768 B, 1024 invocations per workgroup`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceInfo::Cpu { threads } => write!(f, "cpu  host CPU, {threads} threads"),
+            DeviceInfo::Vulkan(v) => write!(
+                f,
+                "vulkan:{}  {}  {}, Vulkan {}, subgroup {}, shared memory {} B, {} invocations per workgroup{}",
+                v.index,
+                v.name,
+                v.device_type,
+                v.api_version,
+                v.subgroup_size,
+                v.max_shared_bytes,
+                v.max_workgroup_invocations,
+                if v.compute { "" } else { " (no compute queue: unusable)" }
+            ),
+        }
+    }
+}
+
+/// The devices of this machine: the CPU first, then each Vulkan device, and why Vulkan cannot be
+/// used when it cannot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Devices {
+    /// Usable devices and their limits.
+    pub devices: Vec<DeviceInfo>,
+    /// Why no Vulkan device is listed (no loader, no instance, no device), if none is.
+    pub vulkan_unavailable: Option<String>,
+}
+
+/// Lists this machine's devices. Never fails: a missing Vulkan is reported in
+/// [`Devices::vulkan_unavailable`].
+pub fn devices() -> Devices {
+    devices_with(None)
+}
+
+/// [`devices`] with another Vulkan loader (tests point it at a missing library).
+pub(crate) fn devices_with(library: Option<&std::ffi::OsStr>) -> Devices {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut devices = vec![DeviceInfo::Cpu { threads }];
+    let vulkan_unavailable = match vulkan::list(library) {
+        Ok(found) if found.is_empty() => Some("the Vulkan loader reports no physical device".to_string()),
+        Ok(found) => {
+            devices.extend(found.into_iter().map(DeviceInfo::Vulkan));
+            None
+        }
+        Err(RuntimeError::VulkanUnavailable { reason }) => Some(reason),
+        Err(other) => Some(other.to_string()),
+    };
+    Devices { devices, vulkan_unavailable }
+}
+
+/// Which device a model runs on, from `Options::device` and the artifact's target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Selection {
+    /// The host CPU.
+    Cpu,
+    /// A Vulkan device: the N-th, or the default choice.
+    Vulkan(Option<usize>),
+}
+
+/// Parses a selector (`"cpu"`, `"vulkan"`, `"vulkan:N"`) and matches it with the target:
+/// `None` takes the target's kind of device.
+pub(crate) fn select(target: &Target, selector: Option<&str>) -> Result<Selection, RuntimeError> {
+    let wanted = match selector.map(str::trim) {
+        None => None,
+        Some("cpu") => Some(Selection::Cpu),
+        Some("vulkan") => Some(Selection::Vulkan(None)),
+        Some(text) => match text.strip_prefix("vulkan:").map(|n| n.parse::<usize>()) {
+            Some(Ok(index)) => Some(Selection::Vulkan(Some(index))),
+            _ => {
+                return Err(RuntimeError::NoDevice {
+                    selector: text.to_string(),
+                    problem: "devices are named \"cpu\", \"vulkan\" (the first suitable Vulkan device) or \
+                              \"vulkan:N\" (`kiln run --device list` lists them)"
+                        .to_string(),
+                })
+            }
+        },
+    };
+    match (target, wanted) {
+        (Target::Cpu(_), None | Some(Selection::Cpu)) => Ok(Selection::Cpu),
+        (Target::Vulkan(_), None) => Ok(Selection::Vulkan(None)),
+        (Target::Vulkan(_), Some(Selection::Vulkan(index))) => Ok(Selection::Vulkan(index)),
+        (Target::Cpu(cpu), Some(Selection::Vulkan(_))) => Err(RuntimeError::WrongDevice {
+            artifact: format!("a CPU artifact (compiled for {})", cpu.triple),
+            device: selector.unwrap_or("vulkan").to_string(),
+            fix: "run it on \"cpu\", or recompile the model for Vulkan".to_string(),
+        }),
+        (Target::Vulkan(v), Some(Selection::Cpu)) => Err(RuntimeError::WrongDevice {
+            artifact: format!("a Vulkan artifact (SPIR-V {})", v.spirv_version),
+            device: "cpu".to_string(),
+            fix:
+                "run it on a Vulkan device (\"vulkan\" or \"vulkan:N\"), or recompile the model for this CPU"
+                    .to_string(),
+        }),
+    }
+}
+
+/// A loaded model's device side: what `Model::run` hands checked inputs and outputs to.
+pub(crate) enum Backend {
+    Host(host::HostBackend),
+    Vulkan(Box<vulkan::VulkanBackend>),
+}
+
+impl Backend {
+    /// Runs every step once. Inputs and outputs have been checked against the manifest; step
+    /// times are pushed to `times` when given (wall times on the host, GPU timestamps on Vulkan).
+    pub fn execute(
+        &mut self,
+        inputs: &[TensorRef],
+        outputs: &mut [&mut [u8]],
+        times: Option<&mut Vec<Duration>>,
+    ) -> Result<(), RuntimeError> {
+        match self {
+            Backend::Host(host) => host.execute(inputs, outputs, times),
+            Backend::Vulkan(gpu) => gpu.execute(inputs, outputs, times),
+        }
+    }
+
+    /// Host threads each run uses (1 on Vulkan: the thread that submits and waits).
+    pub fn threads(&self) -> usize {
+        match self {
+            Backend::Host(host) => host.threads(),
+            Backend::Vulkan(_) => 1,
+        }
+    }
+
+    /// The device the model runs on.
+    pub fn device(&self) -> DeviceInfo {
+        match self {
+            Backend::Host(host) => DeviceInfo::Cpu { threads: host.threads() },
+            Backend::Vulkan(gpu) => DeviceInfo::Vulkan(gpu.info().clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{TargetInfo, VulkanTarget};
+
+    fn cpu() -> Target {
+        Target::Cpu(TargetInfo {
+            triple: "x86_64-unknown-linux-gnu".into(),
+            cpu: "generic".into(),
+            features: "".into(),
+        })
+    }
+
+    fn gpu() -> Target {
+        Target::Vulkan(VulkanTarget {
+            spirv_version: "1.3".into(),
+            capabilities: vec!["Shader".into()],
+            buffer_align: 256,
+            max_workgroup_invocations: 64,
+            max_shared_bytes: 0,
+            subgroup_size: None,
+        })
+    }
+
+    #[test]
+    fn selectors_match_targets() {
+        assert_eq!(select(&cpu(), None).unwrap(), Selection::Cpu);
+        assert_eq!(select(&cpu(), Some("cpu")).unwrap(), Selection::Cpu);
+        assert_eq!(select(&gpu(), None).unwrap(), Selection::Vulkan(None));
+        assert_eq!(select(&gpu(), Some("vulkan")).unwrap(), Selection::Vulkan(None));
+        assert_eq!(select(&gpu(), Some("vulkan:2")).unwrap(), Selection::Vulkan(Some(2)));
+        assert_eq!(
+            select(&cpu(), Some("vulkan:0")).unwrap_err().to_string(),
+            "a CPU artifact (compiled for x86_64-unknown-linux-gnu) cannot run on device vulkan:0: run it on \
+             \"cpu\", or recompile the model for Vulkan"
+        );
+        let e = select(&gpu(), Some("cpu")).unwrap_err().to_string();
+        assert!(e.starts_with("a Vulkan artifact (SPIR-V 1.3) cannot run on device cpu: "), "{e}");
+        let e = select(&gpu(), Some("gpu0")).unwrap_err().to_string();
+        assert!(e.starts_with("no device matches \"gpu0\": devices are named"), "{e}");
+        assert!(select(&gpu(), Some("vulkan:x")).is_err());
+    }
+
+    #[test]
+    fn a_missing_loader_is_a_reason_not_a_failure() {
+        let listed = devices_with(Some(std::ffi::OsStr::new("/nonexistent/libvulkan.so.1")));
+        assert!(matches!(listed.devices[..], [DeviceInfo::Cpu { .. }]), "{listed:?}");
+        let reason = listed.vulkan_unavailable.unwrap();
+        assert!(reason.starts_with("cannot load the Vulkan loader (libvulkan.so.1): "), "{reason}");
+        assert_eq!(listed.devices[0].id(), "cpu");
+    }
+}

@@ -1,0 +1,398 @@
+//! Every manifest number of a Vulkan artifact checked, and turned into a plan before any
+//! Vulkan object exists: module byte ranges, entry points and their workgroup sizes, launch
+//! limits, and each binding's buffer, offset and range. A run only replays what this accepted.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+
+use super::check::{self, DeviceCaps};
+use super::spirv;
+use crate::error::RuntimeError;
+use crate::manifest::{BufRef, Dispatch, Manifest, VulkanTarget};
+use crate::model::check_index;
+use crate::weights::WeightStore;
+
+/// The one buffer a binding points into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Region {
+    /// The device-local arena of intermediates.
+    Arena,
+    /// The device-local copy of the weights.
+    Weights,
+    /// The host-visible buffer holding the inputs and outputs.
+    Io,
+}
+
+/// One storage-buffer binding: `range` bytes of `region` from `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Binding {
+    pub region: Region,
+    pub offset: u64,
+    pub range: u64,
+}
+
+/// A compute pipeline: an entry point of a module, with the bindings its steps pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PipelineKey {
+    pub module: usize,
+    pub entry: CString,
+    pub bindings: usize,
+}
+
+/// One step as recorded: its pipeline, its grid and its bindings (binding i = argument i).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StepPlan {
+    pub pipeline: usize,
+    pub grid: [u32; 3],
+    pub bindings: Vec<Binding>,
+}
+
+/// What to create on the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Plan {
+    /// The words of each module of `kernels.spv`.
+    pub modules: Vec<Vec<u32>>,
+    pub pipelines: Vec<PipelineKey>,
+    pub steps: Vec<StepPlan>,
+    /// Bytes to allocate for the arena (the manifest's size plus slack for 4-byte ranges).
+    pub arena_size: u64,
+    /// Each referenced weight and its offset in the weights buffer.
+    pub weights: Vec<(String, u64)>,
+    pub weights_size: u64,
+    /// `(offset, bytes)` of each input and output in the io buffer.
+    pub inputs: Vec<(u64, u64)>,
+    pub outputs: Vec<(u64, u64)>,
+    pub io_size: u64,
+}
+
+/// Slack after every buffer's last byte, so a range rounded up to 4 bytes (and at least 4, as
+/// Vulkan wants even for an empty tensor) stays inside it.
+const SLACK: u64 = 8;
+
+/// A binding's range: the bytes rounded up to a multiple of 4, at least 4.
+fn range_of(bytes: u64) -> u64 {
+    bytes.max(4).div_ceil(4) * 4
+}
+
+/// Where the next region starts: `at` rounded up to `align`.
+fn align_up(at: u64, align: u64) -> Option<u64> {
+    at.checked_next_multiple_of(align)
+}
+
+fn too_big(what: &str) -> RuntimeError {
+    RuntimeError::invalid(format!("the {what} do not fit in 64-bit offsets"))
+}
+
+/// Checks the manifest against the SPIR-V, the weights and the device, and lays out buffers.
+pub(crate) fn plan(
+    manifest: &Manifest,
+    target: &VulkanTarget,
+    spirv_file: &[u8],
+    weights: &WeightStore,
+    caps: &DeviceCaps,
+) -> Result<Plan, RuntimeError> {
+    let align = target.buffer_align.max(1);
+    let max_version = check::spirv_version(target)
+        .ok_or_else(|| RuntimeError::invalid(format!("unknown SPIR-V version {:?}", target.spirv_version)))?;
+
+    // Modules: byte ranges of kernels.spv, each a well-formed module the target allows.
+    let mut modules = Vec::with_capacity(manifest.modules.len());
+    let mut infos = Vec::with_capacity(manifest.modules.len());
+    for (i, range) in manifest.modules.iter().enumerate() {
+        let bad = |message: String| RuntimeError::Spirv { module: i, message };
+        let end = range.offset.checked_add(range.bytes);
+        if !range.offset.is_multiple_of(4) || !range.bytes.is_multiple_of(4) {
+            return Err(bad(format!(
+                "bytes {}..{} are not 4-byte aligned",
+                range.offset,
+                range.offset.saturating_add(range.bytes)
+            )));
+        }
+        let bytes = match end {
+            Some(end) if end <= spirv_file.len() as u64 => &spirv_file[range.offset as usize..end as usize],
+            _ => {
+                return Err(bad(format!(
+                    "bytes {}..{} lie outside kernels.spv ({} bytes)",
+                    range.offset,
+                    range.offset.saturating_add(range.bytes),
+                    spirv_file.len()
+                )))
+            }
+        };
+        let words = spirv::words(bytes);
+        let info = spirv::parse(&words).map_err(bad)?;
+        if info.version > max_version {
+            return Err(bad(format!(
+                "it is SPIR-V {}.{}, newer than the target's {}",
+                info.version.0, info.version.1, target.spirv_version
+            )));
+        }
+        for &number in &info.capabilities {
+            let listed = spirv::capability_name(number).filter(|name| {
+                matches!(*name, "Shader" | "Matrix") || target.capabilities.iter().any(|c| c == name)
+            });
+            if listed.is_none() {
+                let name = spirv::capability_name(number).map_or(format!("number {number}"), str::to_string);
+                return Err(bad(format!(
+                    "it declares capability {name}, which the manifest's target does not list"
+                )));
+            }
+        }
+        modules.push(words);
+        infos.push(info);
+    }
+
+    // Weights: each referenced once, at a buffer_align multiple of one buffer.
+    let mut weight_offsets: HashMap<String, u64> = HashMap::new();
+    let mut weight_list = Vec::new();
+    let mut weights_end = 0u64;
+    // Inputs and outputs: one after another in the io buffer.
+    let mut io_end = 0u64;
+    let place = |end: &mut u64, bytes: u64, what: &str| -> Result<u64, RuntimeError> {
+        let at = align_up(*end, align).ok_or_else(|| too_big(what))?;
+        *end = at.checked_add(range_of(bytes)).ok_or_else(|| too_big(what))?;
+        Ok(at)
+    };
+    let mut inputs = Vec::with_capacity(manifest.inputs.len());
+    for spec in &manifest.inputs {
+        let bytes = spec.byte_len().ok_or_else(|| too_big("inputs"))?;
+        inputs.push((place(&mut io_end, bytes, "inputs and outputs")?, bytes));
+    }
+    let mut outputs = Vec::with_capacity(manifest.outputs.len());
+    for spec in &manifest.outputs {
+        let bytes = spec.byte_len().ok_or_else(|| too_big("outputs"))?;
+        outputs.push((place(&mut io_end, bytes, "inputs and outputs")?, bytes));
+    }
+
+    let mut pipelines: Vec<PipelineKey> = Vec::new();
+    let mut pipeline_of: HashMap<(usize, String), usize> = HashMap::new();
+    let mut steps = Vec::with_capacity(manifest.steps.len());
+    for step in &manifest.steps {
+        let at = &step.label;
+        let (module, grid, workgroup) = match step.dispatch {
+            Dispatch::Gpu { module, grid, workgroup } => (module as usize, grid, workgroup),
+            Dispatch::Cpu { .. } => {
+                return Err(RuntimeError::invalid(format!(
+                    "step {at:?} is a CPU dispatch in a Vulkan artifact"
+                )))
+            }
+        };
+        let info = infos.get(module).ok_or_else(|| {
+            RuntimeError::invalid(format!(
+                "step {at:?} uses module {module}, but the manifest has {} modules",
+                manifest.modules.len()
+            ))
+        })?;
+        let entry = info.entries.get(&step.symbol).ok_or_else(|| {
+            let mut names: Vec<&str> = info.entries.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            RuntimeError::Spirv {
+                module,
+                message: format!(
+                    "step {at:?} uses entry point {:?}, which it does not have (its GLCompute entry points: {})",
+                    step.symbol,
+                    names.join(", ")
+                ),
+            }
+        })?;
+        match entry.local_size {
+            Some(size) if size == workgroup => {}
+            Some(size) => {
+                return Err(RuntimeError::Spirv {
+                    module,
+                    message: format!(
+                    "entry point {:?} has LocalSize {size:?}, but step {at:?} says workgroup {workgroup:?}",
+                    step.symbol
+                ),
+                })
+            }
+            None => {
+                return Err(RuntimeError::Spirv {
+                    module,
+                    message: format!(
+                        "entry point {:?} has no literal LocalSize execution mode nor WorkgroupSize built-in",
+                        step.symbol
+                    ),
+                })
+            }
+        }
+        if let Some(shared) = entry.shared_bytes.filter(|&n| n > u64::from(target.max_shared_bytes)) {
+            return Err(RuntimeError::Spirv {
+                module,
+                message: format!(
+                    "entry point {:?} uses {shared} bytes of workgroup memory, more than the target's \
+                     max_shared_bytes {}",
+                    step.symbol, target.max_shared_bytes
+                ),
+            });
+        }
+        check::check_launch(step, grid, workgroup, target, caps)?;
+
+        let key = (module, step.symbol.clone());
+        let pipeline = match pipeline_of.get(&key) {
+            Some(&p) if pipelines[p].bindings == step.args.len() => p,
+            Some(&p) => {
+                return Err(RuntimeError::invalid(format!(
+                    "step {at:?} passes {} buffers to entry point {:?} of module {module}, another step {}",
+                    step.args.len(),
+                    step.symbol,
+                    pipelines[p].bindings
+                )))
+            }
+            None => {
+                let entry = CString::new(step.symbol.clone()).map_err(|_| {
+                    RuntimeError::invalid(format!(
+                        "step {at:?}: entry point name {:?} contains NUL",
+                        step.symbol
+                    ))
+                })?;
+                pipelines.push(PipelineKey { module, entry, bindings: step.args.len() });
+                pipeline_of.insert(key, pipelines.len() - 1);
+                pipelines.len() - 1
+            }
+        };
+
+        let mut bindings = Vec::with_capacity(step.args.len());
+        let mut bound = Vec::with_capacity(step.args.len());
+        for (arg, buf) in step.args.iter().enumerate() {
+            let binding = match buf {
+                BufRef::Arena { offset, bytes } => {
+                    let end = offset.saturating_add(*bytes);
+                    let problem = if end > manifest.arena_bytes {
+                        Some("outside the arena")
+                    } else if !offset.is_multiple_of(align) {
+                        Some("not a multiple of the target's buffer_align")
+                    } else {
+                        None
+                    };
+                    if let Some(problem) = problem {
+                        return Err(RuntimeError::ArenaRange {
+                            step: at.clone(),
+                            offset: *offset,
+                            end,
+                            arena_bytes: manifest.arena_bytes,
+                            problem,
+                        });
+                    }
+                    Binding { region: Region::Arena, offset: *offset, range: range_of(*bytes) }
+                }
+                BufRef::Weight { name, bytes } => {
+                    let view = weights.get(name).ok_or_else(|| RuntimeError::MissingWeight {
+                        step: at.clone(),
+                        name: name.clone(),
+                    })?;
+                    let found = view.bytes.len() as u64;
+                    if found != *bytes {
+                        return Err(RuntimeError::WeightSize {
+                            step: at.clone(),
+                            name: name.clone(),
+                            expected: *bytes,
+                            found,
+                        });
+                    }
+                    let offset = match weight_offsets.get(name) {
+                        Some(&offset) => offset,
+                        None => {
+                            let offset = place(&mut weights_end, found, "weights")?;
+                            weight_offsets.insert(name.clone(), offset);
+                            weight_list.push((name.clone(), offset));
+                            offset
+                        }
+                    };
+                    Binding { region: Region::Weights, offset, range: range_of(found) }
+                }
+                BufRef::Input { index } => {
+                    let i = check_index(at, "input", *index, manifest.inputs.len())?;
+                    Binding { region: Region::Io, offset: inputs[i].0, range: range_of(inputs[i].1) }
+                }
+                BufRef::Output { index } => {
+                    let i = check_index(at, "output", *index, manifest.outputs.len())?;
+                    Binding { region: Region::Io, offset: outputs[i].0, range: range_of(outputs[i].1) }
+                }
+            };
+            check::check_range(step, arg, binding.range, caps)?;
+            bindings.push(binding);
+            bound.push(bytes_of(buf, weights, manifest));
+        }
+        check_buffers(module, &step.symbol, at, &entry.buffers, &bound)?;
+        steps.push(StepPlan { pipeline, grid, bindings });
+    }
+    let slack = |end: u64, what: &str| end.checked_add(SLACK).ok_or_else(|| too_big(what));
+    Ok(Plan {
+        modules,
+        pipelines,
+        steps,
+        arena_size: slack(manifest.arena_bytes, "arena bytes")?,
+        weights: weight_list,
+        weights_size: slack(weights_end, "weights")?,
+        inputs,
+        outputs,
+        io_size: slack(io_end, "inputs and outputs")?,
+    })
+}
+
+/// The bytes a checked argument holds (the manifest's, which the loop above checked).
+fn bytes_of(buf: &BufRef, weights: &WeightStore, manifest: &Manifest) -> u64 {
+    let spec_bytes = |specs: &[crate::manifest::TensorSpec], index: u32| {
+        specs.get(index as usize).and_then(|s| s.byte_len()).unwrap_or(0)
+    };
+    match buf {
+        BufRef::Arena { bytes, .. } => *bytes,
+        BufRef::Weight { name, .. } => weights.get(name).map_or(0, |w| w.bytes.len() as u64),
+        BufRef::Input { index } => spec_bytes(&manifest.inputs, *index),
+        BufRef::Output { index } => spec_bytes(&manifest.outputs, *index),
+    }
+}
+
+/// Each buffer the entry point uses must be a storage buffer of set 0 that the step binds, and
+/// no larger than what it binds: a shader indexing past its binding would read or write memory
+/// that is not its own.
+fn check_buffers(
+    module: usize,
+    entry: &str,
+    step: &str,
+    buffers: &[spirv::BufferVar],
+    bound: &[u64],
+) -> Result<(), RuntimeError> {
+    let bad = |message: String| Err(RuntimeError::Spirv { module, message });
+    for var in buffers {
+        let (set, binding) = (var.set, var.binding);
+        if set != 0 {
+            return bad(format!("entry point {entry:?} uses descriptor set {set} (Kiln binds set 0 only)"));
+        }
+        if !var.storage {
+            return bad(format!(
+                "entry point {entry:?} declares binding {binding} as a uniform buffer, not a storage buffer"
+            ));
+        }
+        let Some(&have) = bound.get(binding as usize) else {
+            return bad(format!(
+                "entry point {entry:?} uses binding {binding}, but step {step:?} passes {} buffers",
+                bound.len()
+            ));
+        };
+        if let Some(need) = var.bytes {
+            if need > have {
+                return bad(format!(
+                    "entry point {entry:?} declares binding {binding} of {need} bytes, but step {step:?} binds {have} bytes there"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_rounded_and_never_empty() {
+        assert_eq!(range_of(0), 4);
+        assert_eq!(range_of(3), 4);
+        assert_eq!(range_of(5), 8);
+        assert_eq!(range_of(256), 256);
+        assert_eq!(align_up(1, 256), Some(256));
+        assert_eq!(align_up(u64::MAX, 256), None);
+    }
+}

@@ -1,0 +1,159 @@
+//! Command buffers, recorded once at load: the run (per step: bind pipeline, bind set, dispatch,
+//! barrier) and, when the queue has timestamps, the same run with a timestamp after each step.
+//! A run only submits one of them; nothing is recorded per run.
+
+use ash::vk;
+
+use super::memory::Owned;
+use super::pipelines::Pipeline;
+use super::plan::Plan;
+use super::vk_err;
+use crate::error::RuntimeError;
+
+/// Makes earlier writes (previous steps, the previous run, host input copies, the upload)
+/// visible to the next step's reads and writes.
+fn barrier_before_step(device: &ash::Device, cb: vk::CommandBuffer, first: bool) {
+    let (src_stage, src_access) = if first {
+        (
+            vk::PipelineStageFlags::COMPUTE_SHADER
+                | vk::PipelineStageFlags::HOST
+                | vk::PipelineStageFlags::TRANSFER,
+            vk::AccessFlags::SHADER_WRITE | vk::AccessFlags::HOST_WRITE | vk::AccessFlags::TRANSFER_WRITE,
+        )
+    } else {
+        (vk::PipelineStageFlags::COMPUTE_SHADER, vk::AccessFlags::SHADER_WRITE)
+    };
+    let barrier = vk::MemoryBarrier::default()
+        .src_access_mask(src_access)
+        .dst_access_mask(vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE);
+    // SAFETY: `cb` is in the recording state; the barrier only names core stages and accesses.
+    unsafe {
+        device.cmd_pipeline_barrier(
+            cb,
+            src_stage,
+            vk::PipelineStageFlags::COMPUTE_SHADER,
+            vk::DependencyFlags::empty(),
+            &[barrier],
+            &[],
+            &[],
+        )
+    };
+}
+
+/// The command pool and `count` primary command buffers from it.
+pub(crate) fn command_buffers(
+    device: &ash::Device,
+    owned: &mut Owned,
+    queue_family: u32,
+    count: u32,
+    label: &str,
+) -> Result<Vec<vk::CommandBuffer>, RuntimeError> {
+    let info = vk::CommandPoolCreateInfo::default().queue_family_index(queue_family);
+    // SAFETY: a valid create info for a live device.
+    let pool = unsafe { device.create_command_pool(&info, None) }
+        .map_err(|e| vk_err("vkCreateCommandPool", label, e))?;
+    owned.command_pools.push(pool);
+    let info = vk::CommandBufferAllocateInfo::default()
+        .command_pool(pool)
+        .level(vk::CommandBufferLevel::PRIMARY)
+        .command_buffer_count(count);
+    // SAFETY: the pool is live.
+    unsafe { device.allocate_command_buffers(&info) }
+        .map_err(|e| vk_err("vkAllocateCommandBuffers", label, e))
+}
+
+/// Records the model's steps into `cb`; with `timestamps`, query 0 is written before the first
+/// step and query i + 1 after step i.
+pub(crate) fn record_run(
+    device: &ash::Device,
+    cb: vk::CommandBuffer,
+    plan: &Plan,
+    pipelines: &[Pipeline],
+    sets: &[vk::DescriptorSet],
+    timestamps: Option<vk::QueryPool>,
+    label: &str,
+) -> Result<(), RuntimeError> {
+    let begin = vk::CommandBufferBeginInfo::default();
+    // SAFETY: a fresh command buffer of a live pool; every handle recorded below is owned by
+    // the model and outlives the command buffer (see `Owned`).
+    unsafe {
+        device.begin_command_buffer(cb, &begin).map_err(|e| vk_err("vkBeginCommandBuffer", label, e))?;
+        if let Some(pool) = timestamps {
+            device.cmd_reset_query_pool(cb, pool, 0, plan.steps.len() as u32 + 1);
+            device.cmd_write_timestamp(cb, vk::PipelineStageFlags::TOP_OF_PIPE, pool, 0);
+        }
+        for (i, (step, &set)) in plan.steps.iter().zip(sets).enumerate() {
+            let pipeline = &pipelines[step.pipeline];
+            barrier_before_step(device, cb, i == 0);
+            device.cmd_bind_pipeline(cb, vk::PipelineBindPoint::COMPUTE, pipeline.pipeline);
+            device.cmd_bind_descriptor_sets(
+                cb,
+                vk::PipelineBindPoint::COMPUTE,
+                pipeline.layout,
+                0,
+                &[set],
+                &[],
+            );
+            device.cmd_dispatch(cb, step.grid[0], step.grid[1], step.grid[2]);
+            if let Some(pool) = timestamps {
+                // Written once every earlier command has finished: step i's end.
+                device.cmd_write_timestamp(cb, vk::PipelineStageFlags::BOTTOM_OF_PIPE, pool, i as u32 + 1);
+            }
+        }
+        // The outputs are read by the host once the run's fence signals.
+        let to_host = vk::MemoryBarrier::default()
+            .src_access_mask(vk::AccessFlags::SHADER_WRITE)
+            .dst_access_mask(vk::AccessFlags::HOST_READ);
+        device.cmd_pipeline_barrier(
+            cb,
+            vk::PipelineStageFlags::COMPUTE_SHADER,
+            vk::PipelineStageFlags::HOST,
+            vk::DependencyFlags::empty(),
+            &[to_host],
+            &[],
+            &[],
+        );
+        device.end_command_buffer(cb).map_err(|e| vk_err("vkEndCommandBuffer", label, e))
+    }
+}
+
+/// Records the one-time upload: the weights from `staging` (when the weights' memory is not
+/// mapped) and a zeroed arena, so a model starts from the same state on every device.
+pub(crate) fn record_upload(
+    device: &ash::Device,
+    cb: vk::CommandBuffer,
+    staging: Option<(vk::Buffer, vk::Buffer, u64)>,
+    arena: (vk::Buffer, u64),
+    label: &str,
+) -> Result<(), RuntimeError> {
+    let begin = vk::CommandBufferBeginInfo::default().flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT);
+    // SAFETY: a fresh command buffer; the buffers are live, and the sizes are theirs (the fill
+    // size is a multiple of 4, as vkCmdFillBuffer wants).
+    unsafe {
+        device.begin_command_buffer(cb, &begin).map_err(|e| vk_err("vkBeginCommandBuffer", label, e))?;
+        if let Some((from, to, size)) = staging {
+            device.cmd_copy_buffer(cb, from, to, &[vk::BufferCopy::default().size(size)]);
+        }
+        device.cmd_fill_buffer(cb, arena.0, 0, arena.1 / 4 * 4, 0);
+        device.end_command_buffer(cb).map_err(|e| vk_err("vkEndCommandBuffer", label, e))
+    }
+}
+
+/// Submits `cb` with `fence`, waits for it and resets the fence.
+pub(crate) fn submit_and_wait(
+    device: &ash::Device,
+    queue: vk::Queue,
+    cb: vk::CommandBuffer,
+    fence: vk::Fence,
+    label: &str,
+) -> Result<(), RuntimeError> {
+    let cbs = [cb];
+    let submit = [vk::SubmitInfo::default().command_buffers(&cbs)];
+    // SAFETY: `cb` is fully recorded and not pending (every submission is waited for before
+    // returning); the queue is used only through `&mut` model methods; the fence is unsignaled.
+    unsafe {
+        device.queue_submit(queue, &submit, fence).map_err(|e| vk_err("vkQueueSubmit", label, e))?;
+        device.wait_for_fences(&[fence], true, u64::MAX).map_err(|e| vk_err("vkWaitForFences", label, e))?;
+        device.reset_fences(&[fence]).map_err(|e| vk_err("vkResetFences", label, e))
+    }
+}
