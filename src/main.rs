@@ -91,8 +91,10 @@ enum Command {
     },
     /// Run a compiled artifact, or compile a model spec in memory and run it natively.
     Run {
-        /// An artifact directory (`OUT.kiln`) or a model spec (`.ron`, compiled first).
-        model: PathBuf,
+        /// An artifact directory (`OUT.kiln`) or a model spec (`.ron`, compiled first); not
+        /// needed with `--device list`.
+        #[arg(required_unless_present = "device")]
+        model: Option<PathBuf>,
         /// Bind an input: `NAME=FILE` (.npy), or a .safetensors file holding inputs by name.
         #[arg(long = "input", value_name = "NAME=FILE|FILE.safetensors")]
         inputs: Vec<String>,
@@ -110,6 +112,11 @@ enum Command {
         /// Worker threads (default: `KILN_THREADS`, else every core).
         #[arg(long)]
         threads: Option<usize>,
+        /// The device to run on: `cpu`, `vulkan`, `vulkan:N`; `list` prints this machine's
+        /// devices. An artifact runs on its own kind of device by default; a spec compiles for
+        /// the device named (the CPU by default).
+        #[arg(long, value_name = "DEVICE|list")]
+        device: Option<String>,
         /// Print per-kernel time, share, GFLOP/s and GB/s, and the arena size.
         #[arg(long)]
         profile: bool,
@@ -180,17 +187,19 @@ fn main() -> ExitCode {
             seed,
             set,
             threads,
+            device,
             profile,
             repeats,
             output,
         } => native::run(&native::RunArgs {
-            model,
+            model: model.unwrap_or_default(),
             inputs,
             weights,
             init_missing,
             seed,
             set,
             threads,
+            device,
             profile,
             repeats,
             output,

@@ -148,13 +148,32 @@ pub struct RunArgs {
     pub seed: u64,
     pub set: Vec<String>,
     pub threads: Option<usize>,
+    pub device: Option<String>,
     pub profile: bool,
     pub repeats: usize,
     pub output: Option<PathBuf>,
 }
 
+/// `kiln run --device list`: this machine's devices, and why Vulkan is missing if it is.
+fn list_devices() {
+    let found = kiln_runtime::devices();
+    for d in &found.devices {
+        println!("{d}");
+    }
+    if let Some(reason) = &found.vulkan_unavailable {
+        println!("(no Vulkan device: {reason})");
+    }
+}
+
 pub fn run(a: &RunArgs) -> Result<(), Failure> {
-    let options = Options { threads: a.threads };
+    if a.device.as_deref() == Some("list") {
+        list_devices();
+        return Ok(());
+    }
+    if a.model.as_os_str().is_empty() {
+        return Err(Failure::Usage("kiln run needs a model (an artifact or a spec)".into()));
+    }
+    let options = Options { threads: a.threads, device: a.device.clone() };
     let is_artifact = a.model.is_dir() || a.model.extension().is_some_and(|e| e == "kiln");
     // A model spec is compiled for this machine into a private directory first.
     let _scratch;
@@ -165,7 +184,12 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
         let (g, params) = prepare(&a.model, &a.set, a.weights.as_deref(), a.seed, a.init_missing)?;
         let dir = tempfile::tempdir().map_err(|e| user(format!("cannot create a scratch directory: {e}")))?;
         let start = Instant::now();
-        build(&g, &params, &CompileTarget::Cpu(CpuTarget::host()), dir.path())?;
+        // A spec compiles for the kind of device asked for (`vulkan`, `vulkan:N`), else this CPU.
+        let target = match a.device.as_deref() {
+            Some(d) if d == "vulkan" || d.starts_with("vulkan:") => CompileTarget::Vulkan(GpuCaps::vulkan()),
+            _ => CompileTarget::Cpu(CpuTarget::host()),
+        };
+        build(&g, &params, &target, dir.path())?;
         eprintln!("compiled in {:.0} ms", start.elapsed().as_secs_f64() * 1e3);
         let m = Model::load_with(dir.path(), &options).map_err(|e| user(e.to_string()))?;
         _scratch = dir;
@@ -204,11 +228,14 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
         times.sort_by(f64::total_cmp);
+        let on = match model.device() {
+            kiln_runtime::DeviceInfo::Cpu { .. } => format!("{} threads", model.threads()),
+            other => other.to_string(),
+        };
         println!(
-            "latency: median {:.3} ms, min {:.3} ms over {repeats} runs ({} threads)",
+            "latency: median {:.3} ms, min {:.3} ms over {repeats} runs ({on})",
             times[times.len() / 2],
-            times[0],
-            model.threads()
+            times[0]
         );
         outputs
     };

@@ -1,6 +1,8 @@
 //! The native path computes what the reference interpreter computes: every op family, random
-//! graphs, and every shipped model, compiled for this CPU, written as an artifact, loaded by
-//! kiln-runtime and run (f32: max |Δ| ≤ 1e-4·(1 + |ref|)).
+//! graphs, and every shipped model, compiled for this CPU and for Vulkan, written as an
+//! artifact, loaded by kiln-runtime and run (f32: max |Δ| ≤ 1e-4·(1 + |ref|)). The same suite
+//! runs on every target; the Vulkan half runs on whatever Vulkan device the machine has (Mesa's
+//! lavapipe in CI) and skips, saying why, on a machine without one.
 //!
 //! One test binary for all of it: the compiler links MLIR and LLVM statically.
 
@@ -10,17 +12,64 @@ use proptest::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Outputs as f64, through the compiled path.
+/// Where a conformance case runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Device {
+    /// This CPU, two threads.
+    Cpu,
+    /// The first Vulkan device.
+    Vulkan,
+}
+
+/// Why the Vulkan half of the suite cannot run here, if it cannot.
+fn vulkan_missing() -> Option<String> {
+    let found = kiln_runtime::devices();
+    if found.devices.iter().any(|d| matches!(d, kiln_runtime::DeviceInfo::Vulkan(_))) {
+        None
+    } else {
+        Some(found.vulkan_unavailable.unwrap_or_else(|| "no Vulkan device with a compute queue".into()))
+    }
+}
+
+/// Whether `device` can run here; prints why not (a visible skip) when it cannot.
+fn available(device: Device, test: &str) -> bool {
+    match device {
+        Device::Cpu => true,
+        Device::Vulkan => match vulkan_missing() {
+            None => true,
+            Some(reason) => {
+                eprintln!("skipped: {test}: no Vulkan device ({reason})");
+                false
+            }
+        },
+    }
+}
+
+/// Compiles `g` for `device` into `dir`.
+fn build_for(device: Device, g: &Graph, params: &HashMap<String, Tensor>, dir: &Path) {
+    match device {
+        Device::Cpu => {
+            let s = kiln_sched::schedule(g).expect("schedules");
+            kiln_codegen::build_artifact(&g.name, &s, params, &kiln_codegen::CpuTarget::host(), dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", g.name));
+        }
+        Device::Vulkan => {
+            build_vulkan(g, params, dir);
+        }
+    }
+}
+
+/// Outputs as f64, through the compiled path on `device`.
 fn run_compiled(
     g: &Graph,
     params: &HashMap<String, Tensor>,
     inputs: &HashMap<String, Tensor>,
+    device: Device,
 ) -> Vec<Vec<f64>> {
-    let s = kiln_sched::schedule(g).expect("schedules");
     let dir = tempfile::tempdir().unwrap();
-    kiln_codegen::build_artifact(&g.name, &s, params, &kiln_codegen::CpuTarget::host(), dir.path())
+    build_for(device, g, params, dir.path());
+    let mut model = Model::load_with(dir.path(), &Options { threads: Some(2), ..Options::default() })
         .unwrap_or_else(|e| panic!("{}: {e}", g.name));
-    let mut model = Model::load_with(dir.path(), &Options { threads: Some(2) }).unwrap();
     let owned: Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> = model
         .inputs()
         .iter()
@@ -29,7 +78,7 @@ fn run_compiled(
         })
         .collect();
     let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
-    let outs = model.run(&refs).unwrap();
+    let outs = model.run(&refs).unwrap_or_else(|e| panic!("{}: {e}", g.name));
     outs.iter()
         .map(|t| match t.dtype() {
             kiln_runtime::DType::F32 => t.as_f32().unwrap().iter().map(|&x| x as f64).collect(),
@@ -47,20 +96,21 @@ fn run_compiled(
         .collect()
 }
 
-/// Compiles and runs `g`, evaluates it with the interpreter, and compares every output.
-fn check_graph(g: &Graph, seed: u64, tol: f64) {
+/// Compiles and runs `g` on `device`, evaluates it with the interpreter, and compares every
+/// output.
+fn check_graph(g: &Graph, seed: u64, tol: f64, device: Device) {
     let params = kiln_ir::bind_params(g, None, seed, false).unwrap();
     let inputs = kiln_ir::seeded_inputs(g, seed);
     let want =
         kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
-    let got = run_compiled(g, &params, &inputs);
+    let got = run_compiled(g, &params, &inputs, device);
     assert_eq!(got.len(), want.len());
     for ((name, w), gv) in want.iter().zip(&got) {
         let wv = w.to_f64_vec();
         assert_eq!(wv.len(), gv.len(), "{}: output `{name}` length", g.name);
         for (i, (a, b)) in wv.iter().zip(gv).enumerate() {
             let same = (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= tol * (1.0 + a.abs());
-            assert!(same, "{}: output `{name}`[{i}]: interpreter {a}, compiled {b}", g.name);
+            assert!(same, "{} on {device:?}: output `{name}`[{i}]: interpreter {a}, compiled {b}", g.name);
         }
     }
 }
@@ -164,12 +214,23 @@ fn op_case(name: &str, inputs: &str, body: &str) -> Graph {
     lower(name, &text)
 }
 
-#[test]
-fn every_op_family_compiles_like_the_interpreter() {
+fn op_families(device: Device) {
     for (name, inputs, body) in OP_CASES {
         let g = op_case(name, inputs, body);
-        check_graph(&g, 1, 1e-4);
-        check_graph(&optimized(&g), 2, 1e-4);
+        check_graph(&g, 1, 1e-4, device);
+        check_graph(&optimized(&g), 2, 1e-4, device);
+    }
+}
+
+#[test]
+fn every_op_family_compiles_like_the_interpreter() {
+    op_families(Device::Cpu);
+}
+
+#[test]
+fn every_op_family_runs_on_vulkan_like_the_interpreter() {
+    if available(Device::Vulkan, "op families") {
+        op_families(Device::Vulkan);
     }
 }
 
@@ -183,12 +244,23 @@ fn shipped(model: &str, set: &[&str]) -> Graph {
     }
 }
 
-#[test]
-fn shipped_models_compile_like_the_interpreter() {
+fn shipped_models(device: Device) {
     for model in
         ["mlp.ron", "bert_encoder.ron", "seed_transformer.ron", "resnet_block.ron", "lstm.ron", "gpt2.ron"]
     {
-        check_graph(&optimized(&shipped(model, &[])), 0, 1e-4);
+        check_graph(&optimized(&shipped(model, &[])), 0, 1e-4, device);
+    }
+}
+
+#[test]
+fn shipped_models_compile_like_the_interpreter() {
+    shipped_models(Device::Cpu);
+}
+
+#[test]
+fn shipped_models_run_on_vulkan_like_the_interpreter() {
+    if available(Device::Vulkan, "shipped models") {
+        shipped_models(Device::Vulkan);
     }
 }
 
@@ -254,8 +326,25 @@ proptest! {
     #[test]
     fn random_graphs_compile_like_the_interpreter(ops in prop::collection::vec((0u8..10, 0u8..20, 0u8..20), 1..10)) {
         let g = random_graph(&ops);
-        check_graph(&g, 3, 1e-4);
+        check_graph(&g, 3, 1e-4, Device::Cpu);
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+    #[test]
+    fn random_graphs_run_on_vulkan_like_the_interpreter(ops in prop::collection::vec((0u8..10, 0u8..20, 0u8..20), 1..10)) {
+        if vulkan_missing().is_none() {
+            let g = random_graph(&ops);
+            check_graph(&g, 3, 1e-4, Device::Vulkan);
+        }
+    }
+}
+
+#[test]
+fn random_graphs_on_vulkan_need_a_device() {
+    // The property test above runs where a device exists; this says so where none does.
+    available(Device::Vulkan, "random graphs");
 }
 
 #[test]
@@ -378,36 +467,9 @@ fn vulkan_kernels_are_valid_spirv() {
         let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let built = build_vulkan(g, &params, dir.path());
-        eprintln!("{}: {} modules", g.name, built.modules.len());
         if spirv_val(&built, &g.name).is_none() {
             eprintln!("skipped: spirv-val is not installed (Debian package spirv-tools)");
             return;
-        }
-    }
-}
-
-#[test]
-fn scratch_vulkan_shipped() {
-    for model in
-        ["mlp.ron", "bert_encoder.ron", "seed_transformer.ron", "resnet_block.ron", "lstm.ron", "gpt2.ron"]
-    {
-        let g = optimized(&shipped(model, &[]));
-        let params = kiln_ir::bind_params(&g, None, 0, false).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let caps = kiln_codegen::gpu::GpuCaps::vulkan();
-        let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).expect("schedules");
-        match kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, &caps, dir.path()) {
-            Ok(built) => {
-                eprintln!(
-                    "{model}: {} modules, {} steps, emit {:?} spirv {:?}",
-                    built.modules.len(),
-                    built.manifest.steps.len(),
-                    built.emit_time,
-                    built.compile_time
-                );
-                spirv_val(&built, model);
-            }
-            Err(e) => eprintln!("{model}: ERROR {e}"),
         }
     }
 }

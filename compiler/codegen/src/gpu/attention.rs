@@ -32,7 +32,10 @@ pub fn emit(
 ) -> Result<GpuKernel, CodegenError> {
     let dtype = out.dtype;
     if !dtype.is_float() {
-        return Err(CodegenError::Unsupported(format!("attention on {dtype} on the {} target", cx.caps.name)));
+        return Err(CodegenError::Unsupported(format!(
+            "attention on {dtype} on the {} target",
+            cx.caps.name
+        )));
     }
     let ty = reg_type(dtype);
     let r = q.rank();

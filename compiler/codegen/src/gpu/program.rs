@@ -6,8 +6,8 @@
 
 use super::elements::{emit_elementwise, per_element};
 use super::{attention, matmul, rows, GpuCaps, GpuCtx, GpuKernel};
-use crate::mlir_text::Split;
 use crate::kernels::{conv, data, reduce, View};
+use crate::mlir_text::Split;
 use crate::program::{bad, broadcast, matmul_views, plain};
 use crate::CodegenError;
 use kiln_ir::{Activation, BinaryOp, DType, NormKind, Op, ReduceOp, UnaryOp};
@@ -46,7 +46,8 @@ pub fn kernels(s: &Schedule, caps: &GpuCaps) -> Result<GpuProgram, CodegenError>
             other => other,
         };
         let splits = check_limits(s, k, caps).map_err(in_context)?;
-        let cx = GpuCtx { caps, splits: splits.iter().map(|(j, sp)| (format!("%a{j}"), sp.clone())).collect() };
+        let cx =
+            GpuCtx { caps, splits: splits.iter().map(|(j, sp)| (format!("%a{j}"), sp.clone())).collect() };
         let mut made = kernel(s, k, &cx).map_err(in_context)?;
         step_splits.push(splits);
         let index = match seen.get(&made.mlir) {
@@ -69,7 +70,11 @@ pub fn kernels(s: &Schedule, caps: &GpuCaps) -> Result<GpuProgram, CodegenError>
 /// bindings than one kernel may have, a written buffer larger than one binding may cover), and
 /// returns the stored ones (weights, constants) larger than a binding, which are bound in
 /// pieces.
-fn check_limits(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<Vec<(usize, Split)>, CodegenError> {
+fn check_limits(
+    s: &Schedule,
+    k: &kiln_sched::Kernel,
+    caps: &GpuCaps,
+) -> Result<Vec<(usize, Split)>, CodegenError> {
     let operands: Vec<&kiln_sched::Operand> = k.inputs.iter().chain(std::iter::once(&k.output)).collect();
     let mut splits = Vec::new();
     let mut bindings = 0;
@@ -77,13 +82,17 @@ fn check_limits(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<
         let b = &s.buffers[o.buffer];
         let bytes = b.bytes() as u64;
         if !caps.stores(o.dtype) {
-            return Err(CodegenError::Unsupported(format!("{} tensors on the {} target", o.dtype, caps.name)));
+            return Err(CodegenError::Unsupported(format!(
+                "{} tensors on the {} target",
+                o.dtype, caps.name
+            )));
         }
         if bytes <= caps.max_binding_bytes {
             bindings += 1;
             continue;
         }
-        let stored = matches!(b.storage, kiln_sched::Storage::Weight { .. } | kiln_sched::Storage::Const { .. });
+        let stored =
+            matches!(b.storage, kiln_sched::Storage::Weight { .. } | kiln_sched::Storage::Const { .. });
         if !stored {
             return Err(CodegenError::Unsupported(format!(
                 "a run-time buffer of {bytes} bytes on the {} target, which binds at most {} bytes per buffer (only stored weights are bound in pieces)",
@@ -99,8 +108,7 @@ fn check_limits(s: &Schedule, k: &kiln_sched::Kernel, caps: &GpuCaps) -> Result<
     if bindings > caps.max_bindings {
         return Err(CodegenError::Unsupported(format!(
             "a kernel of {bindings} bindings on the {} target, which binds at most {}",
-            caps.name,
-            caps.max_bindings
+            caps.name, caps.max_bindings
         )));
     }
     Ok(splits)
