@@ -177,16 +177,45 @@ fn minilm_interpreter_matches_sentence_transformers() {
 
 #[test]
 fn minilm_compiled_matches_sentence_transformers() {
-    let Some(weights) = cached_weights("minilm_compiled_matches_sentence_transformers") else { return };
+    compiled_matches("minilm_compiled_matches_sentence_transformers", "host");
+}
+
+#[test]
+fn minilm_on_vulkan_matches_sentence_transformers() {
+    let test = "minilm_on_vulkan_matches_sentence_transformers";
+    let found = kiln_runtime::devices();
+    if !found.devices.iter().any(|d| matches!(d, kiln_runtime::DeviceInfo::Vulkan(_))) {
+        let why = found.vulkan_unavailable.unwrap_or_else(|| "no Vulkan device with a compute queue".into());
+        skip(test, &format!("no Vulkan device ({why})"));
+        return;
+    }
+    compiled_matches(test, "vulkan");
+}
+
+/// `kiln compile --target TARGET` with the real checkpoint, `kiln run` on the golden inputs,
+/// then the embeddings against sentence-transformers'.
+fn compiled_matches(test: &str, target: &str) {
+    let Some(weights) = cached_weights(test) else { return };
     check_meta();
-    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("minilm-aot-{}", std::process::id()));
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("minilm-{target}-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).expect("scratch directory");
     let artifact = tmp.join("minilm.kiln");
     let out = tmp.join("out.safetensors");
     let batch = format!("batch={BATCH}");
     let weights = weights.to_str().expect("utf-8 path");
     let artifact_arg = artifact.to_str().expect("utf-8 path");
-    let stderr = run_kiln(&["compile", MODEL, "--set", &batch, "--weights", weights, "-o", artifact_arg]);
+    let stderr = run_kiln(&[
+        "compile",
+        MODEL,
+        "--set",
+        &batch,
+        "--weights",
+        weights,
+        "--target",
+        target,
+        "-o",
+        artifact_arg,
+    ]);
     assert!(
         stderr.contains(&format!(
             "warning: ignoring 3 tensors in the weights file that the model does not use: {}",
@@ -207,7 +236,7 @@ fn minilm_compiled_matches_sentence_transformers() {
     ]);
     let hidden = read_tensors(&out).remove(OUTPUT).expect("kiln output: last_hidden_state");
     let mask = inputs().remove("attention_mask").expect("attention_mask");
-    let err = max_abs_error("compiled", &sentence_embeddings(&hidden, &mask), &expected());
+    let err = max_abs_error(target, &sentence_embeddings(&hidden, &mask), &expected());
     std::fs::remove_dir_all(&tmp).ok();
-    assert!(err <= TOLERANCE, "compiled: max |kiln - sentence-transformers| = {err:e} > {TOLERANCE:e}");
+    assert!(err <= TOLERANCE, "{target}: max |kiln - sentence-transformers| = {err:e} > {TOLERANCE:e}");
 }
