@@ -463,6 +463,11 @@ fn vulkan_kernels_are_valid_spirv() {
         graphs.push(optimized(&g));
         graphs.push(g);
     }
+    for model in
+        ["mlp.ron", "bert_encoder.ron", "seed_transformer.ron", "resnet_block.ron", "lstm.ron", "gpt2.ron"]
+    {
+        graphs.push(optimized(&shipped(model, &[])));
+    }
     for g in &graphs {
         let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -470,6 +475,124 @@ fn vulkan_kernels_are_valid_spirv() {
         if spirv_val(&built, &g.name).is_none() {
             eprintln!("skipped: spirv-val is not installed (Debian package spirv-tools)");
             return;
+        }
+    }
+}
+
+#[test]
+fn cli_compiles_inspects_and_runs_for_vulkan() {
+    let gpu = kiln(&["inspect", "models/mlp.ron", "--stage", "gpu"]);
+    assert!(gpu.status.success(), "{}", String::from_utf8_lossy(&gpu.stderr));
+    let gpu = String::from_utf8_lossy(&gpu.stdout).into_owned();
+    assert!(gpu.contains("gpu.module @k0") && gpu.contains("// plan: matmul:"), "{gpu}");
+    assert!(gpu.contains("spirv.entry_point_abi"), "{gpu}");
+
+    let spirv = kiln(&["inspect", "models/mlp.ron", "--stage", "spirv"]);
+    assert!(spirv.status.success(), "{}", String::from_utf8_lossy(&spirv.stderr));
+    let spirv = String::from_utf8_lossy(&spirv.stdout).into_owned();
+    assert!(spirv.contains("; kernel k0"), "{spirv}");
+    // Disassembled by spirv-dis where it is installed, else the spirv dialect it came from.
+    assert!(
+        spirv.contains("OpEntryPoint GLCompute") || spirv.contains("spirv.EntryPoint \"GLCompute\""),
+        "{spirv}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let art = dir.path().join("mlp.kiln");
+    let art_s = art.to_str().unwrap();
+    let out = kiln(&["compile", "models/mlp.ron", "--target", "vulkan", "-o", art_s]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("for vulkan (SPIR-V 1.3)"));
+    let manifest = std::fs::read_to_string(art.join("manifest.ron")).unwrap();
+    assert!(manifest.contains("target: Vulkan(") && manifest.contains("Gpu("), "{manifest}");
+    assert!(art.join("kernels.spv").exists() && !art.join("kernels.so").exists());
+
+    let list = kiln(&["run", "--device", "list"]);
+    assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(list.starts_with("cpu "), "{list}");
+    if !available(Device::Vulkan, "kiln run on Vulkan") {
+        return;
+    }
+    assert!(list.contains("vulkan:0"), "{list}");
+    let gpu_run = kiln(&["run", art_s, "--repeats", "1", "--profile"]);
+    assert!(gpu_run.status.success(), "{}", String::from_utf8_lossy(&gpu_run.stderr));
+    let gpu_run = String::from_utf8_lossy(&gpu_run.stdout).into_owned();
+    assert!(gpu_run.contains("matmul"), "the profile lists the kernels:\n{gpu_run}");
+    let cpu_run = kiln(&["run", "models/mlp.ron", "--repeats", "1"]);
+    let cpu_run = String::from_utf8_lossy(&cpu_run.stdout).into_owned();
+    let spec_on_gpu = kiln(&["run", "models/mlp.ron", "--device", "vulkan", "--repeats", "1"]);
+    assert!(spec_on_gpu.status.success(), "{}", String::from_utf8_lossy(&spec_on_gpu.stderr));
+    let spec_on_gpu = String::from_utf8_lossy(&spec_on_gpu.stdout).into_owned();
+    assert!(spec_on_gpu.contains("vulkan:0"), "{spec_on_gpu}");
+    let line = |s: &str, what: &str| s.lines().find(|l| l.starts_with(what)).map(str::to_owned);
+    // The printed values (6 decimals) agree between the CPU and the GPU.
+    assert_eq!(line(&cpu_run, "probs:"), line(&gpu_run, "probs:"), "{cpu_run}\n{gpu_run}");
+    assert_eq!(line(&gpu_run, "probs:"), line(&spec_on_gpu, "probs:"));
+    // A Vulkan artifact asked to run on the CPU is refused with exit status 1.
+    let wrong = kiln(&["run", art_s, "--device", "cpu"]);
+    assert_eq!(wrong.status.code(), Some(1), "{}", String::from_utf8_lossy(&wrong.stderr));
+}
+
+#[test]
+fn weights_larger_than_a_binding_are_bound_in_pieces() {
+    // A target whose bindings cover 4 KiB: the 6 KiB table and the 8 KiB matrix are stored as
+    // pieces, and the gather and the product read across the piece boundaries.
+    let caps = kiln_codegen::gpu::GpuCaps { max_binding_bytes: 4096, ..kiln_codegen::gpu::GpuCaps::vulkan() };
+    let g = lower(
+        "pieces",
+        r#"Model(name: "pieces", config: {}, inputs: { "ids": (i64, [2, 7]), "x": (f32, [5, 64]) },
+           body: [
+               Let("table", Param(shape: [24, 64], init: Normal(std: 1.0))),
+               Let("w", Param(shape: [64, 32], init: Normal(std: 0.2))),
+               Let("e", Gather(table: "table", indices: "ids")),
+               Let("p", MatMul("x", "w")),
+           ],
+           outputs: ["e", "p"])"#,
+    );
+    let params = kiln_ir::bind_params(&g, None, 4, false).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
+    let built = kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, &caps, dir.path()).unwrap();
+    let pieces: Vec<&str> = built
+        .manifest
+        .steps
+        .iter()
+        .flat_map(|st| &st.args)
+        .filter_map(|a| match a {
+            kiln_runtime::BufRef::Weight { name, bytes } if name.contains("@part") => {
+                assert!(*bytes <= 4096, "{name}: {bytes} bytes");
+                Some(name.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(pieces.contains(&"table@part1") && pieces.contains(&"w@part1"), "{pieces:?}");
+    if spirv_val(&built, "pieces").is_none() {
+        eprintln!("skipped: spirv-val is not installed (Debian package spirv-tools)");
+    }
+    if !available(Device::Vulkan, "weights in pieces") {
+        return;
+    }
+    let inputs = kiln_ir::seeded_inputs(&g, 4);
+    let want =
+        kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
+    let mut model = Model::load(dir.path()).unwrap();
+    let owned: Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> = model
+        .inputs()
+        .iter()
+        .map(|spec| {
+            (spec.name.clone(), spec.dtype, spec.shape.clone(), inputs[&spec.name].data.to_le_bytes())
+        })
+        .collect();
+    let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
+    let got = model.run(&refs).unwrap();
+    for ((name, w), gv) in want.iter().zip(&got) {
+        for (i, (a, b)) in w.to_f64_vec().iter().zip(gv.to_f32_vec()).enumerate() {
+            assert!(
+                (a - b as f64).abs() <= 1e-4 * (1.0 + a.abs()),
+                "`{name}`[{i}]: interpreter {a}, Vulkan {b}"
+            );
         }
     }
 }

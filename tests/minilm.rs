@@ -197,7 +197,8 @@ fn minilm_on_vulkan_matches_sentence_transformers() {
 fn compiled_matches(test: &str, target: &str) {
     let Some(weights) = cached_weights(test) else { return };
     check_meta();
-    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("minilm-{target}-{}", std::process::id()));
+    let tmp =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("minilm-{target}-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).expect("scratch directory");
     let artifact = tmp.join("minilm.kiln");
     let out = tmp.join("out.safetensors");
