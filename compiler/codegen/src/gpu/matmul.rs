@@ -1,8 +1,9 @@
 //! Tiled matrix products with their epilogue (bias, activation). Each workgroup computes one
 //! `tile_m × tile_n` block of one batch index's result: it walks k in steps of `tile_k`,
 //! loading an A tile and a B tile into shared memory together (each invocation a few elements,
-//! zero past the edges), then each invocation accumulates its `thread_m × thread_n` block in
-//! private registers. Operands are strided views, so transposed and batch-broadcast operands
+//! zero past the edges), then each invocation accumulates `thread_m × thread_n` results in
+//! private registers, strided across the tile so neighbouring invocations own neighbouring
+//! columns. Operands are strided views, so transposed and batch-broadcast operands
 //! need no copy.
 
 use super::plan::{GpuPlan, Work};
@@ -132,13 +133,13 @@ pub fn emit(
     b.line("gpu.barrier");
     let c1 = b.index(1);
     b.open(format!("scf.for %kk = {c0} to {tkc} step {c1}"));
-    let rmc = b.index(rm);
-    let rnc = b.index(rn);
-    let my_row = b.assign(format!("arith.muli {ty_}, {rmc} : index"));
-    let my_col = b.assign(format!("arith.muli {tx}, {rnc} : index"));
+    // Invocation (x, y) owns rows y + i·wy and columns x + j·wx of the tile: neighbouring
+    // invocations touch neighbouring columns (coalesced on a GPU, one vector on a CPU device),
+    // and a row of invocations reads the same A element.
+    let (my_row, my_col) = (ty_.clone(), tx.clone());
     let a_vals: Vec<String> = (0..rm)
         .map(|i| {
-            let ic = b.index(i);
+            let ic = b.index(i * wy);
             let row = b.assign(format!("arith.addi {my_row}, {ic} : index"));
             let at = b.assign(format!("arith.muli {row}, {tkc} : index"));
             let at = b.assign(format!("arith.addi {at}, %kk : index"));
@@ -147,7 +148,7 @@ pub fn emit(
         .collect();
     let b_vals: Vec<String> = (0..rn)
         .map(|j| {
-            let jc = b.index(j);
+            let jc = b.index(j * wx);
             let col = b.assign(format!("arith.addi {my_col}, {jc} : index"));
             let at = b.assign(format!("arith.muli %kk, {tnc} : index"));
             let at = b.assign(format!("arith.addi {at}, {col} : index"));
@@ -167,17 +168,13 @@ pub fn emit(
     b.close("");
 
     // Epilogue: bias, activation, store what lies inside the result.
-    let rmc = b.index(rm);
-    let rnc = b.index(rn);
-    let my_row = b.assign(format!("arith.muli {ty_}, {rmc} : index"));
-    let my_col = b.assign(format!("arith.muli {tx}, {rnc} : index"));
     let or = out.rank();
     let bias_arg = "%a2";
     let out_arg = if bias.is_some() { "%a3" } else { "%a2" };
     for i in 0..rm {
         for j in 0..rn {
-            let ic = b.index(i);
-            let jc = b.index(j);
+            let ic = b.index(i * wy);
+            let jc = b.index(j * wx);
             let row = b.assign(format!("arith.addi {row0}, {my_row} : index"));
             let row = b.assign(format!("arith.addi {row}, {ic} : index"));
             let col = b.assign(format!("arith.addi {col0}, {my_col} : index"));
