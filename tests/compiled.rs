@@ -197,10 +197,11 @@ const OP_CASES: &[(&str, &str, &str)] = &[
     ),
     (
         "attention",
-        r#"{ "q": (f32, [2, 3, 10, 8]), "k": (f32, [2, 3, 12, 8]), "v": (f32, [2, 3, 12, 8]), "m": (f32, [2, 1, 1, 12]) }"#,
+        r#"{ "q": (f32, [2, 3, 10, 8]), "k": (f32, [2, 3, 12, 8]), "v": (f32, [2, 3, 12, 8]), "m": (f32, [2, 1, 1, 12]), "w": (f32, [1, 2, 70, 136]) }"#,
         r#"Let("a", Attention(q: "q", k: "k", v: "v", scale: 0.35)),
            Let("b", Attention(q: "q", k: "k", v: "v", mask: "m", scale: 0.35)),
-           Let("c", Attention(q: "q", k: "q", v: "q", causal: true, scale: 0.35)),"#,
+           Let("c", Attention(q: "q", k: "q", v: "q", causal: true, scale: 0.35)),
+           Let("d", Attention(q: "w", k: "w", v: "w", causal: true, scale: 0.09)),"#,
     ),
 ];
 

@@ -16,6 +16,26 @@ use crate::kernels::View;
 use crate::mlir_text::Body;
 use crate::CodegenError;
 
+/// Head sizes up to this are unrolled, so the query and output rows stay in registers (a
+/// private array indexed by a loop variable lives in memory on most devices).
+const UNROLL_MAX: usize = 128;
+
+/// Runs `body` for every position `0..n` along a head row: unrolled with constant indices when
+/// `n` is small enough, else as an `scf.for` over `name`.
+fn each(b: &mut Body, n: usize, name: &str, body: &mut dyn FnMut(&mut Body, &str)) {
+    if n <= UNROLL_MAX {
+        for i in 0..n {
+            let c = b.index(i);
+            body(b, &c);
+        }
+    } else {
+        let (c0, c1, nc) = (b.index(0), b.index(1), b.index(n));
+        b.open(format!("scf.for {name} = {c0} to {nc} step {c1}"));
+        body(b, name);
+        b.close("");
+    }
+}
+
 /// Attention of `q` `[B…, Sq, D]`, `k` `[B…, Sk, D]`, `v` `[B…, Sk, Dv]`, optional additive
 /// `mask` `[B…, Sq, Sk]`, into `out` `[B…, Sq, Dv]`. Arguments: q, k, v, [mask], out.
 #[allow(clippy::too_many_arguments)]
@@ -84,16 +104,14 @@ pub fn emit(
     // This invocation's query row, and a zero output row.
     let dc = b.index(d);
     let dvc = b.index(dv);
-    b.open(format!("scf.for %dq = {c0} to {dc} step {c1}"));
-    let row =
-        offset_at(&mut b, 0, &[(Some(&ic), q.strides[r - 2]), (Some(&"%dq".to_string()), q.strides[r - 1])]);
-    let at = b.assign(format!("arith.addi {q_base}, {row} : index"));
-    let x = load(&mut b, "%a0", q, &at);
-    b.line(format!("memref.store {x}, {qp}[%dq] : {qp_ty}"));
-    b.close("");
-    b.open(format!("scf.for %da = {c0} to {dvc} step {c1}"));
-    b.line(format!("memref.store {zero}, {ap}[%da] : {ap_ty}"));
-    b.close("");
+    each(&mut b, d, "%dq", &mut |b, dq| {
+        let dq = dq.to_string();
+        let row = offset_at(b, 0, &[(Some(&ic), q.strides[r - 2]), (Some(&dq), q.strides[r - 1])]);
+        let at = b.assign(format!("arith.addi {q_base}, {row} : index"));
+        let x = load(b, "%a0", q, &at);
+        b.line(format!("memref.store {x}, {qp}[{dq}] : {qp_ty}"));
+    });
+    each(&mut b, dv, "%da", &mut |b, da| b.line(format!("memref.store {zero}, {ap}[{da}] : {ap_ty}")));
 
     let skc = b.index(sk);
     let bkc = b.index(bk);
@@ -126,16 +144,31 @@ pub fn emit(
     // Scores of this tile, and their max.
     b.open(format!("%tmax = scf.for %jj = {c0} to {bkc} step {c1} iter_args(%mx = {neg_inf}) -> ({ty})"));
     let kbase = b.assign(format!("arith.muli %jj, {dc} : index"));
-    b.open(format!("%dot = scf.for %dd = {c0} to {dc} step {c1} iter_args(%s = {zero}) -> ({ty})"));
-    let qv = b.assign(format!("memref.load {qp}[%dd] : {qp_ty}"));
-    let at = b.assign(format!("arith.addi {kbase}, %dd : index"));
-    let kv = b.assign(format!("memref.load {sh_k}[{at}] : {sk_ty}"));
-    let prod = b.fmul(&qv, &kv, ty);
-    let s = b.fadd("%s", &prod, ty);
-    b.line(format!("scf.yield {s} : {ty}"));
-    b.close("");
+    // The dot product over d, in order from 0 (as the interpreter sums it).
+    let dot = if d <= UNROLL_MAX {
+        let mut s = zero.clone();
+        for dd in 0..d {
+            let c = b.index(dd);
+            let qv = b.assign(format!("memref.load {qp}[{c}] : {qp_ty}"));
+            let at = b.assign(format!("arith.addi {kbase}, {c} : index"));
+            let kv = b.assign(format!("memref.load {sh_k}[{at}] : {sk_ty}"));
+            let prod = b.fmul(&qv, &kv, ty);
+            s = b.fadd(&s, &prod, ty);
+        }
+        s
+    } else {
+        b.open(format!("%dot = scf.for %dd = {c0} to {dc} step {c1} iter_args(%s = {zero}) -> ({ty})"));
+        let qv = b.assign(format!("memref.load {qp}[%dd] : {qp_ty}"));
+        let at = b.assign(format!("arith.addi {kbase}, %dd : index"));
+        let kv = b.assign(format!("memref.load {sh_k}[{at}] : {sk_ty}"));
+        let prod = b.fmul(&qv, &kv, ty);
+        let s = b.fadd("%s", &prod, ty);
+        b.line(format!("scf.yield {s} : {ty}"));
+        b.close("");
+        "%dot".to_string()
+    };
     let sc = b.float(scale, ty);
-    let mut score = b.fmul("%dot", &sc, ty);
+    let mut score = b.fmul(&dot, &sc, ty);
     let j = b.assign("arith.addi %kt, %jj : index");
     let jc = clamp(&mut b, &j, sk);
     if let (Some(mv), Some(mb)) = (mask, &m_base) {
@@ -161,24 +194,24 @@ pub fn emit(
     let shift = b.fsub("%m", &m_new, ty);
     let corr = b.exp(&shift, ty);
     let corr = b.select(&dead, &one, &corr, ty);
-    b.open(format!("scf.for %da = {c0} to {dvc} step {c1}"));
-    let o = b.assign(format!("memref.load {ap}[%da] : {ap_ty}"));
-    let o = b.fmul(&o, &corr, ty);
-    b.line(format!("memref.store {o}, {ap}[%da] : {ap_ty}"));
-    b.close("");
+    each(&mut b, dv, "%da", &mut |b, da| {
+        let o = b.assign(format!("memref.load {ap}[{da}] : {ap_ty}"));
+        let o = b.fmul(&o, &corr, ty);
+        b.line(format!("memref.store {o}, {ap}[{da}] : {ap_ty}"));
+    });
     b.open(format!("%lt = scf.for %jj = {c0} to {bkc} step {c1} iter_args(%ls = {zero}) -> ({ty})"));
     let s = b.assign(format!("memref.load {sp}[%jj] : {sp_ty}"));
     let dlt = b.fsub(&s, &m_new, ty);
     let p = b.exp(&dlt, ty);
     let p = b.select(&dead, &zero, &p, ty);
     let vbase = b.assign(format!("arith.muli %jj, {dvc} : index"));
-    b.open(format!("scf.for %dd = {c0} to {dvc} step {c1}"));
-    let at = b.assign(format!("arith.addi {vbase}, %dd : index"));
-    let vv = b.assign(format!("memref.load {sh_v}[{at}] : {sv_ty}"));
-    let o = b.assign(format!("memref.load {ap}[%dd] : {ap_ty}"));
-    let o = b.fma(&p, &vv, &o, ty);
-    b.line(format!("memref.store {o}, {ap}[%dd] : {ap_ty}"));
-    b.close("");
+    each(&mut b, dv, "%dd", &mut |b, dd| {
+        let at = b.assign(format!("arith.addi {vbase}, {dd} : index"));
+        let vv = b.assign(format!("memref.load {sh_v}[{at}] : {sv_ty}"));
+        let o = b.assign(format!("memref.load {ap}[{dd}] : {ap_ty}"));
+        let o = b.fma(&p, &vv, &o, ty);
+        b.line(format!("memref.store {o}, {ap}[{dd}] : {ap_ty}"));
+    });
     let ls = b.fadd("%ls", &p, ty);
     b.line(format!("scf.yield {ls} : {ty}"));
     b.close("");
@@ -190,18 +223,15 @@ pub fn emit(
 
     // The output row.
     b.open(format!("scf.if {valid}"));
-    b.open(format!("scf.for %da = {c0} to {dvc} step {c1}"));
-    let o = b.assign(format!("memref.load {ap}[%da] : {ap_ty}"));
-    let y = b.fdiv(&o, "%ml#1", ty);
-    let off = offset_at(
-        &mut b,
-        0,
-        &[(Some(&i), out.strides[r - 2]), (Some(&"%da".to_string()), out.strides[r - 1])],
-    );
-    let at = b.assign(format!("arith.addi {o_base}, {off} : index"));
     let out_arg = if mask.is_some() { "%a4" } else { "%a3" };
-    store(&mut b, &y, out_arg, out, &at);
-    b.close("");
+    each(&mut b, dv, "%da", &mut |b, da| {
+        let da = da.to_string();
+        let o = b.assign(format!("memref.load {ap}[{da}] : {ap_ty}"));
+        let y = b.fdiv(&o, "%ml#1", ty);
+        let off = offset_at(b, 0, &[(Some(&i), out.strides[r - 2]), (Some(&da), out.strides[r - 1])]);
+        let at = b.assign(format!("arith.addi {o_base}, {off} : index"));
+        store(b, &y, out_arg, out, &at);
+    });
     b.close("");
 
     let mut memrefs = vec![q.memref(), k.memref(), v.memref()];
