@@ -149,11 +149,16 @@ const OP_CASES: &[(&str, &str, &str)] = &[
     ),
     (
         "reduce",
-        r#"{ "x": (f32, [4, 6, 8]) }"#,
+        r#"{ "x": (f32, [4, 6, 8]), "y": (f32, [3, 20, 30]), "n": (i64, [2, 300]) }"#,
         r#"Let("a", Sum(x: "x", axes: [2])),
            Let("b", Mean(x: "x", axes: [0, 2])),
            Let("c", ReduceMax(x: "x", axes: [1], keepdims: true)),
-           Let("d", ReduceMin(x: Transpose(x: "x", perm: [2, 0, 1]), axes: [0, 1])),"#,
+           Let("d", ReduceMin(x: Transpose(x: "x", perm: [2, 0, 1]), axes: [0, 1])),
+           Let("e", Sum(x: "y", axes: [1, 2])),
+           Let("f", Mean(x: Transpose(x: "y", perm: [2, 0, 1]), axes: [0, 2], keepdims: true)),
+           Let("g", ReduceMax(x: "y", axes: [0, 2])),
+           Let("h", ReduceMin(x: "y", axes: [0, 1])),
+           Let("i", Sum(x: "n", axes: [1])),"#,
     ),
     (
         "layout",

@@ -237,6 +237,10 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, cx: &GpuCtx) -> Result<GpuKernel
                     caps.name
                 )));
             }
+            let count: usize = axes.iter().map(|&a| x.shape[a]).product();
+            if rows::reduce_by_rows(out.numel(), count) {
+                return rows::emit_reduce(sym, *r, axes, &x, &out, cx);
+            }
             let bytes = ((x.numel() + out.numel()) * x.dtype.size_bytes()) as u64;
             let memrefs = [x.memref(), out.memref()];
             per_element(sym, &memrefs, &out, cx, x.numel() as u64, bytes, |b, _, lin| {

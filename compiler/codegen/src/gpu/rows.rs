@@ -1,4 +1,5 @@
-//! Row kernels: softmax, log-softmax, layer and RMS norm, add + norm. One workgroup per row;
+//! Row kernels: softmax, log-softmax, layer and RMS norm, add + norm, and reductions with few
+//! outputs over many elements. One workgroup per row;
 //! its invocations stride over the row, and each statistic (max, sum, mean, variance) is a
 //! [`tree`] over their partial results in shared memory. The arithmetic follows the
 //! interpreter's order (`interp/fused.rs`): x − max, then exp; mean, then the centered
@@ -7,11 +8,11 @@
 use super::plan::{GpuPlan, Work};
 use super::skeleton::{module, offset_at, shared, step, tree, unravel, workgroup_number, Combine};
 use super::{GpuCaps, GpuCtx, GpuKernel};
-use crate::kernels::elementwise::{load, reg_type, store};
+use crate::kernels::elementwise::{constant, load, reg_type, store};
 use crate::kernels::View;
 use crate::mlir_text::Body;
 use crate::CodegenError;
-use kiln_ir::NormKind;
+use kiln_ir::{DType, NormKind, ReduceOp};
 
 /// What every row kernel starts with: its plan, the workgroup's row (under an `scf.if` that
 /// skips rows past the end; close with `b.close("")`), the invocation number, the group size
@@ -251,6 +252,83 @@ pub fn emit_norm(
     memrefs.push(out.memref());
     let flops = (out.numel() * 8) as u64;
     let bytes = ((views.len() + 1) * out.numel() * out.dtype.size_bytes()) as u64;
+    Ok(GpuKernel {
+        symbol: symbol.into(),
+        mlir: module(symbol, &memrefs, &r.plan, b),
+        plan: r.plan,
+        flops,
+        bytes,
+    })
+}
+
+/// Whether a reduction of `count` elements into `outputs` runs a workgroup per output: when
+/// each output sums enough elements to keep a workgroup busy and there are too few outputs to
+/// keep the device busy one invocation each.
+pub fn reduce_by_rows(outputs: usize, count: usize) -> bool {
+    count >= 256 && outputs < 4096
+}
+
+/// `reduce(x, axes)` with one workgroup per output element: its invocations stride over the
+/// reduced elements, then a tree combines them. Arguments: x, out.
+pub fn emit_reduce(
+    symbol: &str,
+    op: ReduceOp,
+    axes: &[usize],
+    x: &View,
+    out: &View,
+    cx: &GpuCtx,
+) -> Result<GpuKernel, CodegenError> {
+    let dtype = x.dtype;
+    let ty = reg_type(dtype);
+    let kept: Vec<usize> = (0..x.rank()).filter(|a| !axes.contains(a)).collect();
+    let kept_shape: Vec<usize> = kept.iter().map(|&a| x.shape[a]).collect();
+    let red_shape: Vec<usize> = axes.iter().map(|&a| x.shape[a]).collect();
+    let outputs: usize = kept_shape.iter().product();
+    let count: usize = red_shape.iter().product();
+    let mut b = cx.body();
+    let r = open_row(&mut b, outputs, count, ty, cx.caps)?;
+    let kidx = unravel(&mut b, &r.row, &kept_shape);
+    let parts: Vec<(Option<&String>, usize)> =
+        kept.iter().zip(&kidx).map(|(&a, i)| (Some(i), x.strides[a])).collect();
+    let base = offset_at(&mut b, x.offset, &parts);
+    let (combine, init) = match (op, dtype.is_float()) {
+        (ReduceOp::Sum | ReduceOp::Mean, _) => (Combine::Add, constant(&mut b, 0.0, dtype)),
+        (ReduceOp::Max, true) => (Combine::Max, b.float(f64::NEG_INFINITY, ty)),
+        (ReduceOp::Min, true) => (Combine::Min, b.float(f64::INFINITY, ty)),
+        (ReduceOp::Max, false) => {
+            (Combine::Max, b.int(if ty == "i32" { i32::MIN as i64 } else { i64::MIN }, ty))
+        }
+        (ReduceOp::Min, false) => {
+            (Combine::Min, b.int(if ty == "i32" { i32::MAX as i64 } else { i64::MAX }, ty))
+        }
+    };
+    let (s, e, acc) = open_strided(&mut b, &r, count, &init, ty);
+    let ridx = unravel(&mut b, &e, &red_shape);
+    let rparts: Vec<(Option<&String>, usize)> =
+        axes.iter().zip(&ridx).map(|(&a, i)| (Some(i), x.strides[a])).collect();
+    let off = offset_at(&mut b, 0, &rparts);
+    let at = b.assign(format!("arith.addi {base}, {off} : index"));
+    let v = load(&mut b, "%a0", x, &at);
+    let next = combine.apply(&mut b, &acc, &v, ty);
+    b.line(format!("scf.yield {next} : {ty}"));
+    b.close("");
+    let mut total = tree(&mut b, &r.sh, r.group, &r.tid, &s, ty, combine);
+    if op == ReduceOp::Mean {
+        let n = b.float(count as f64, ty);
+        total = b.fdiv(&total, &n, ty);
+    }
+    let zero = b.index(0);
+    let first = b.assign(format!("arith.cmpi eq, {}, {zero} : index", r.tid));
+    b.open(format!("scf.if {first}"));
+    // Output r in row-major order over the kept axes is element r of `out`'s shape.
+    let oidx = unravel(&mut b, &r.row, &out.shape);
+    let at = out.index_expr(&mut b, &oidx);
+    store(&mut b, &total, "%a1", out, &at);
+    b.close("");
+    b.close("");
+    let memrefs = [x.memref(), out.memref()];
+    let bytes = ((x.numel() + outputs) * dtype.size_bytes()) as u64;
+    let flops = if dtype == DType::Bool { 0 } else { x.numel() as u64 };
     Ok(GpuKernel {
         symbol: symbol.into(),
         mlir: module(symbol, &memrefs, &r.plan, b),

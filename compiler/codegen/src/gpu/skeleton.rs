@@ -100,13 +100,30 @@ pub(crate) fn private(b: &mut Body, len: usize, ty: &str) -> String {
     b.assign(format!("memref.alloca() : {}", private_type(len, ty)))
 }
 
-/// How two partial results combine in a [`tree`].
+/// How two partial results combine in a [`tree`] (float or integer, by the value's type).
 #[derive(Clone, Copy)]
 pub(crate) enum Combine {
-    /// Float addition.
+    /// Addition (integers wrap).
     Add,
-    /// Float maximum, NaN-propagating.
+    /// Maximum; NaN-propagating for floats.
     Max,
+    /// Minimum; NaN-propagating for floats.
+    Min,
+}
+
+impl Combine {
+    /// `x op y` for values of type `ty`.
+    pub(crate) fn apply(self, b: &mut Body, x: &str, y: &str, ty: &str) -> String {
+        let float = ty.starts_with('f');
+        match (self, float) {
+            (Combine::Add, true) => b.fadd(x, y, ty),
+            (Combine::Max, true) => b.fmax(x, y, ty),
+            (Combine::Min, true) => b.fmin(x, y, ty),
+            (Combine::Add, false) => b.assign(format!("arith.addi {x}, {y} : {ty}")),
+            (Combine::Max, false) => b.assign(format!("arith.maxsi {x}, {y} : {ty}")),
+            (Combine::Min, false) => b.assign(format!("arith.minsi {x}, {y} : {ty}")),
+        }
+    }
 }
 
 /// Combines `value` of every invocation `tid < group` of the workgroup through the shared
@@ -132,10 +149,7 @@ pub(crate) fn tree(
         let other = b.assign(format!("arith.addi {tid}, {s} : index"));
         let x = b.assign(format!("memref.load {sh}[{tid}] : {sty}"));
         let y = b.assign(format!("memref.load {sh}[{other}] : {sty}"));
-        let z = match op {
-            Combine::Add => b.fadd(&x, &y, ty),
-            Combine::Max => b.fmax(&x, &y, ty),
-        };
+        let z = op.apply(b, &x, &y, ty);
         b.line(format!("memref.store {z}, {sh}[{tid}] : {sty}"));
         b.close("");
         b.line("gpu.barrier");
