@@ -383,7 +383,8 @@ fn mul_recip_to_div(g: &KGraph, id: Id) -> Vec<New> {
     out
 }
 
-/// 1 / y = recip(y), when the constant 1 does not broadcast `y` to another shape.
+/// 1 / y = recip(y), when the constant 1 does not broadcast `y` to another shape, in a float
+/// dtype (an integer 1 / y truncates; `recip` is float-only anyway).
 fn one_over_to_recip(g: &KGraph, id: Id) -> Vec<New> {
     let mut out = vec![];
     for n in nodes(g, id) {
@@ -391,7 +392,7 @@ fn one_over_to_recip(g: &KGraph, id: Id) -> Vec<New> {
             continue;
         }
         let (one, y) = (n.children[0], n.children[1]);
-        if konst(g, one) == Some(1.0) && ty(g, y) == ty(g, id) {
+        if konst(g, one) == Some(1.0) && ty(g, y) == ty(g, id) && ty(g, id).dtype.is_float() {
             out.push(New::over(Op::Unary(U::Recip), &[y]));
         }
     }
