@@ -317,7 +317,7 @@ fn fusion_graph(seed: u64) -> Graph {
                 b.un(U::Exp, x)
             };
             let s = b.reduce(ReduceOp::Sum, e, axis);
-            match b.dice.below(3) {
+            let y = match b.dice.below(3) {
                 0 => b.bin(B::Div, e, s),
                 1 => {
                     let r = b.un(U::Recip, s);
@@ -328,6 +328,13 @@ fn fusion_graph(seed: u64) -> Graph {
                     let r = b.bin(B::Pow, s, m1);
                     b.bin(B::Mul, r, e)
                 }
+            };
+            // Maybe transposed afterwards, by any permutation (`transpose-softmax` follows the axis).
+            if b.dice.coin() {
+                let perm = b.permutation(3);
+                b.op(Op::Transpose { perm }, &[y])
+            } else {
+                y
             }
         }
         1 => {
@@ -446,12 +453,16 @@ fn fusion_graph(seed: u64) -> Graph {
                 let ninf = b.c(f64::NEG_INFINITY);
                 scores = b.op(Op::Where, &[cond, scores, ninf]);
             }
-            let last = b.last(scores);
-            let m = b.reduce(ReduceOp::Max, scores, last);
+            // The softmax over the keys, or over axis −2 of the transposed scores, transposed back.
+            let transposed = b.dice.coin();
+            let scores = if transposed { b.swap(scores) } else { scores };
+            let axis = if transposed { b.last(scores) - 1 } else { b.last(scores) };
+            let m = b.reduce(ReduceOp::Max, scores, axis);
             let sh = b.bin(B::Sub, scores, m);
             let e = b.un(U::Exp, sh);
-            let sum = b.reduce(ReduceOp::Sum, e, last);
+            let sum = b.reduce(ReduceOp::Sum, e, axis);
             let p = b.bin(B::Div, e, sum);
+            let p = if transposed { b.swap(p) } else { p };
             if b.dice.coin() {
                 b.op(Op::MatMul, &[p, v])
             } else {
@@ -719,14 +730,24 @@ proptest! {
 fn fusion_graphs_do_fuse() {
     // The property above is only meaningful if the fused forms are what gets evaluated.
     let mut fused = 0;
+    let mut attentions = 0;
     for seed in 0..40 {
         let g = fusion_graph(seed);
         let (opt, _) = optimize(&g, &Options::default()).expect("optimizes");
         if opt.node_ids().any(|n| opt.node(n).op.is_fused()) {
             fused += 1;
         }
+        // Every attention form the generator writes (transposed scores, split scales, the
+        // softmax over the transposed scores, the context as (vᵀ·pᵀ)ᵀ) must become one.
+        let has_q = g.inputs.iter().any(|&i| matches!(&g.node(i).op, Op::Input { name, .. } if name == "q"));
+        if has_q {
+            attentions += 1;
+            let n = opt.node_ids().filter(|&n| matches!(opt.node(n).op, Op::Attention { .. })).count();
+            assert_eq!(n, 1, "seed {seed}: an attention graph optimized to {n} attention ops");
+        }
     }
     assert!(fused >= 36, "only {fused} of 40 random fusion graphs fused");
+    assert!(attentions >= 4, "only {attentions} of 40 random fusion graphs wrote an attention");
 }
 
 #[test]
@@ -813,12 +834,15 @@ type Generator = fn(u64) -> Graph;
 #[test]
 fn new_rule_families_do_rewrite() {
     // The three properties above are only meaningful if their rules fire on the random graphs.
-    let families: [(Generator, &[&str]); 3] = [
-        (transposed_product_graph, &["transpose-matmul", "matmul-of-transposes"]),
-        (power_graph, &["pow-to-root", "mul-recip-to-div", "one-over-to-recip"]),
-        (scaled_product_graph, &["scale-through-view", "matmul-hoist-scale", "scalar-reassociate"]),
+    // (generator, rules, the fewest of 40 graphs each must fire on): fusion_graph writes a
+    // transposed softmax in one of its six branches only.
+    let families: [(Generator, &[&str], usize); 4] = [
+        (transposed_product_graph, &["transpose-matmul", "matmul-of-transposes"], 5),
+        (power_graph, &["pow-to-root", "mul-recip-to-div", "one-over-to-recip"], 5),
+        (scaled_product_graph, &["scale-through-view", "matmul-hoist-scale", "scalar-reassociate"], 5),
+        (fusion_graph, &["transpose-softmax", "transpose-matmul", "pow-to-root"], 2),
     ];
-    for (graph, rules) in families {
+    for (graph, rules, least) in families {
         let mut fired = std::collections::BTreeMap::<String, usize>::new();
         for seed in 0..40 {
             let (_, r) = optimize(&graph(seed), &Options::default()).expect("optimizes");
@@ -828,7 +852,7 @@ fn new_rule_families_do_rewrite() {
         }
         for rule in rules {
             let n = fired.get(*rule).copied().unwrap_or(0);
-            assert!(n >= 5, "{rule} fired in only {n} of 40 random graphs: {fired:?}");
+            assert!(n >= least, "{rule} fired in only {n} of 40 random graphs: {fired:?}");
         }
     }
 }

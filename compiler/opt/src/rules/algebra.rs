@@ -24,6 +24,7 @@ pub fn rules() -> Vec<Rule> {
         FnRule::rule("mul-recip-to-div", mul_recip_to_div),
         FnRule::rule("one-over-to-recip", one_over_to_recip),
         FnRule::rule("scale-through-view", scale_through_view),
+        FnRule::rule("transpose-softmax", transpose_softmax),
     ]
 }
 
@@ -421,6 +422,32 @@ fn scale_through_view(g: &KGraph, id: Id) -> Vec<New> {
             }
             let scale = New::constant(k, &TensorType::new(ty(g, c).dtype, vec![]));
             out.push(New::node(Op::Binary(B::Mul), vec![New::over(n.ir().clone(), &[x]), scale]));
+        }
+    }
+    out
+}
+
+/// transpose(softmax(x, a), p) = softmax(transpose(x, p), i) with `p[i] = a`, and the same for
+/// log_softmax: normalizing along an axis commutes with moving the axes, as long as the
+/// normalized axis is followed to where the permutation puts it. An attention written for its
+/// transposed scores (`softmax(k·qᵀ, −2)`, transposed, times `v`) is then a softmax over the
+/// last axis of `(k·qᵀ)ᵀ`, which `transpose-matmul` makes `q·kᵀ`.
+fn transpose_softmax(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        let Op::Transpose { perm } = n.ir() else { continue };
+        for m in nodes(g, n.children[0]) {
+            let (axis, log) = if let Op::Softmax { axis } = m.ir() {
+                (*axis, false)
+            } else if let Op::LogSoftmax { axis } = m.ir() {
+                (*axis, true)
+            } else {
+                continue;
+            };
+            let Some(i) = perm.iter().position(|&p| p == axis) else { continue };
+            let moved = New::over(Op::Transpose { perm: perm.clone() }, &[m.children[0]]);
+            let op = if log { Op::LogSoftmax { axis: i } } else { Op::Softmax { axis: i } };
+            out.push(New::node(op, vec![moved]));
         }
     }
     out
