@@ -3,7 +3,7 @@
 use super::{konst, nodes, same, ty, FnRule, New, Rule};
 use crate::analysis::KGraph;
 use egg::Id;
-use kiln_ir::{BinaryOp as B, Op, UnaryOp as U};
+use kiln_ir::{BinaryOp as B, Op, TensorType, UnaryOp as U};
 
 pub fn rules() -> Vec<Rule> {
     vec![
@@ -18,6 +18,13 @@ pub fn rules() -> Vec<Rule> {
         FnRule::rule("pow2-to-mul", pow2_to_mul),
         FnRule::rule("matmul-hoist-scale", matmul_hoist_scale),
         FnRule::rule("matmul-reassociate", matmul_reassociate),
+        FnRule::rule("transpose-matmul", transpose_matmul),
+        FnRule::rule("matmul-of-transposes", matmul_of_transposes),
+        FnRule::rule("pow-to-root", pow_to_root),
+        FnRule::rule("mul-recip-to-div", mul_recip_to_div),
+        FnRule::rule("one-over-to-recip", one_over_to_recip),
+        FnRule::rule("scale-through-view", scale_through_view),
+        FnRule::rule("transpose-softmax", transpose_softmax),
     ]
 }
 
@@ -220,6 +227,227 @@ fn matmul_reassociate(g: &KGraph, id: Id) -> Vec<New> {
             if matrices(&[l, b, c]) {
                 out.push(New::node(Op::MatMul, vec![New::over(Op::MatMul, &[l, b]), New::Class(c)]));
             }
+        }
+    }
+    out
+}
+
+/// The permutation of one operand of a product that a permutation `perm` of the product's
+/// axes induces, for `transpose_matmul`: the operand has rank `rx` (≥ 2), right-aligned with
+/// the product's batch axes (numpy broadcasting), so its batch axes are the product's last
+/// `rx − 2`; they must be permuted among themselves (else the operand would have to gain or
+/// lose an axis). The matrix axes are swapped when `swap` is set. `None` when the operand
+/// cannot follow.
+fn operand_perm(perm: &[usize], rx: usize, swap: bool) -> Option<Vec<usize>> {
+    let batch = perm.len().checked_sub(2)?;
+    let offset = perm.len().checked_sub(rx)?;
+    if rx < 2 || perm[offset..batch].iter().any(|&p| p < offset) {
+        return None;
+    }
+    let mut p: Vec<usize> = perm[offset..batch].iter().map(|&i| i - offset).collect();
+    p.extend(if swap { [rx - 1, rx - 2] } else { [rx - 2, rx - 1] });
+    Some(p)
+}
+
+/// `x` viewed through `perm`, or `x` itself when `perm` is the identity.
+fn permuted(x: Id, perm: Vec<usize>) -> New {
+    if perm.iter().enumerate().all(|(i, &p)| i == p) {
+        New::Class(x)
+    } else {
+        New::over(Op::Transpose { perm }, &[x])
+    }
+}
+
+/// transpose(a @ b, p) = transpose(b, p′) @ transpose(a, p′) when `p` swaps the two matrix
+/// axes ((a·b)ᵀ = bᵀ·aᵀ, per batch index), and transpose(a, p′) @ transpose(b, p′) when it
+/// keeps them; in both, `p` may permute the batch axes among themselves, and each operand
+/// permutes its own batch axes the same way (`operand_perm`; an operand with fewer batch axes
+/// broadcasts over the ones it lacks, which `p` may then only permute among themselves). A
+/// `p` that moves a batch axis into the matrix or back is no product identity and is left
+/// alone, as are rank-1 operands (vector products). This is what makes `(Bᵀ·Aᵀ)ᵀ` the
+/// product `A·B` (with `transpose-transpose` and `transpose-identity`), and scores written
+/// `(k·qᵀ)ᵀ` the `q·kᵀ` attention looks for.
+fn transpose_matmul(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        let Op::Transpose { perm } = n.ir() else { continue };
+        let r = perm.len();
+        if r < 2 {
+            continue;
+        }
+        let keep = perm[r - 2] == r - 2 && perm[r - 1] == r - 1;
+        let swap = perm[r - 2] == r - 1 && perm[r - 1] == r - 2;
+        // Neither: a batch axis moves into the matrix (or out of it), no product identity.
+        // The identity permutation is `transpose-identity`'s.
+        if !(keep || swap) || perm.iter().enumerate().all(|(i, &p)| i == p) {
+            continue;
+        }
+        for m in nodes(g, n.children[0]) {
+            if m.ir() != &Op::MatMul {
+                continue;
+            }
+            let (a, b) = (m.children[0], m.children[1]);
+            let (Some(pa), Some(pb)) =
+                (operand_perm(perm, ty(g, a).rank(), swap), operand_perm(perm, ty(g, b).rank(), swap))
+            else {
+                continue;
+            };
+            let (a, b) = (permuted(a, pa), permuted(b, pb));
+            let operands = if swap { vec![b, a] } else { vec![a, b] };
+            out.push(New::node(Op::MatMul, operands));
+        }
+    }
+    out
+}
+
+/// The swap of the last two axes of a rank-`r` tensor (`Transpose` without `perm`).
+fn last_two_swapped(r: usize) -> Vec<usize> {
+    let mut perm: Vec<usize> = (0..r).collect();
+    perm.swap(r - 2, r - 1);
+    perm
+}
+
+/// yᵀ @ xᵀ = (x @ y)ᵀ, with ᵀ the swap of the last two axes and any batch axes (they
+/// broadcast the same way in both, being the same axes of the same operands): the other
+/// direction of `transpose-matmul`, so a product of transposed operands (`vᵀ·pᵀ`, an
+/// attention written for its transposed result) is also a transposed product. Only both
+/// operands transposed: one transposed operand alone gains nothing from moving it.
+fn matmul_of_transposes(g: &KGraph, id: Id) -> Vec<New> {
+    let swapped_of = |x: Id| {
+        let r = ty(g, x).rank();
+        nodes(g, x)
+            .iter()
+            .filter(move |n| r >= 2 && n.ir() == &Op::Transpose { perm: last_two_swapped(r) })
+            .map(|n| n.children[0])
+    };
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        if n.ir() != &Op::MatMul || ty(g, id).rank() < 2 {
+            continue;
+        }
+        for y in swapped_of(n.children[0]) {
+            for x in swapped_of(n.children[1]) {
+                let product = New::over(Op::MatMul, &[x, y]);
+                out.push(New::node(
+                    Op::Transpose { perm: last_two_swapped(ty(g, id).rank()) },
+                    vec![product],
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// x¹ = x, x^½ = √x, x^(−½) = 1/√x (`rsqrt`), x^(−1) = 1/x (`recip`), for an exponent that is
+/// exactly that splat constant (no tolerance: x^(−0.49) stays a power) and does not broadcast
+/// `x` to another shape. The norms and softmax are matched on `sqrt`, `rsqrt` and `recip`;
+/// this puts `pow(var + ε, −0.5)`, `pow(…, 0.5)` and `pow(Σ, −1)` in those forms. (x² and x³
+/// are `pow2-to-mul`'s.)
+fn pow_to_root(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        if n.ir() != &Op::Binary(B::Pow) {
+            continue;
+        }
+        let (x, e) = (n.children[0], n.children[1]);
+        if ty(g, x) != ty(g, id) {
+            continue;
+        }
+        let Some(c) = konst(g, e) else { continue };
+        if c == 1.0 {
+            out.push(New::Class(x));
+        } else if c == 0.5 {
+            out.push(New::over(Op::Unary(U::Sqrt), &[x]));
+        } else if c == -0.5 {
+            out.push(New::over(Op::Unary(U::Rsqrt), &[x]));
+        } else if c == -1.0 {
+            out.push(New::over(Op::Unary(U::Recip), &[x]));
+        }
+    }
+    out
+}
+
+/// x · recip(y) = recip(y) · x = x / y: a reciprocal multiplied is a division (the form the
+/// norms' `√(var + ε)` denominator is matched in).
+fn mul_recip_to_div(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        if n.ir() != &Op::Binary(B::Mul) {
+            continue;
+        }
+        for (x, r) in [(n.children[0], n.children[1]), (n.children[1], n.children[0])] {
+            for y in unary_of(g, r, U::Recip) {
+                out.push(New::over(Op::Binary(B::Div), &[x, y]));
+            }
+        }
+    }
+    out
+}
+
+/// 1 / y = recip(y), when the constant 1 does not broadcast `y` to another shape, in a float
+/// dtype (an integer 1 / y truncates; `recip` is float-only anyway).
+fn one_over_to_recip(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        if n.ir() != &Op::Binary(B::Div) {
+            continue;
+        }
+        let (one, y) = (n.children[0], n.children[1]);
+        if konst(g, one) == Some(1.0) && ty(g, y) == ty(g, id) && ty(g, id).dtype.is_float() {
+            out.push(New::over(Op::Unary(U::Recip), &[y]));
+        }
+    }
+    out
+}
+
+/// transpose(x · c) = transpose(x) · c and reshape(x · c) = reshape(x) · c for a scalar
+/// constant `c` that does not broadcast `x` (a view moves elements, a scalar scale does not
+/// care where they are). Brings a scale written before a head split (reshape, transpose) or
+/// before `kᵀ` to the product's operand, where `matmul-hoist-scale` moves it out.
+fn scale_through_view(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        if !matches!(n.ir(), Op::Transpose { .. } | Op::Reshape { .. }) {
+            continue;
+        }
+        let scaled = n.children[0];
+        for m in nodes(g, scaled) {
+            if m.ir() != &Op::Binary(B::Mul) {
+                continue;
+            }
+            let (x, c) = (m.children[0], m.children[1]);
+            let (Some(k), 1) = (konst(g, c), ty(g, c).numel()) else { continue };
+            if ty(g, x) != ty(g, scaled) || konst(g, x).is_some() {
+                continue;
+            }
+            let scale = New::constant(k, &TensorType::new(ty(g, c).dtype, vec![]));
+            out.push(New::node(Op::Binary(B::Mul), vec![New::over(n.ir().clone(), &[x]), scale]));
+        }
+    }
+    out
+}
+
+/// transpose(softmax(x, a), p) = softmax(transpose(x, p), i) with `p[i] = a`, and the same for
+/// log_softmax: normalizing along an axis commutes with moving the axes, as long as the
+/// normalized axis is followed to where the permutation puts it. An attention written for its
+/// transposed scores (`softmax(k·qᵀ, −2)`, transposed, times `v`) is then a softmax over the
+/// last axis of `(k·qᵀ)ᵀ`, which `transpose-matmul` makes `q·kᵀ`.
+fn transpose_softmax(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        let Op::Transpose { perm } = n.ir() else { continue };
+        for m in nodes(g, n.children[0]) {
+            let (axis, log) = if let Op::Softmax { axis } = m.ir() {
+                (*axis, false)
+            } else if let Op::LogSoftmax { axis } = m.ir() {
+                (*axis, true)
+            } else {
+                continue;
+            };
+            let Some(i) = perm.iter().position(|&p| p == axis) else { continue };
+            let moved = New::over(Op::Transpose { perm: perm.clone() }, &[m.children[0]]);
+            let op = if log { Op::LogSoftmax { axis: i } } else { Op::Softmax { axis: i } };
+            out.push(New::node(op, vec![moved]));
         }
     }
     out

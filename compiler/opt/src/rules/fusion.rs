@@ -305,16 +305,17 @@ fn scaled(g: &KGraph, id: Id) -> Vec<(Id, f64)> {
 
 /// ½·x·(1 + erf(x/√2)) = gelu(x), in any order and grouping of the product.
 fn gelu_erf(g: &KGraph, id: Id) -> Vec<New> {
+    let d = ty(g, id).dtype;
     let mut out = vec![];
     for (factors, c) in products(g, id, 3) {
-        if factors.len() != 2 || !close(c, 0.5) {
+        if factors.len() != 2 || !close(c, 0.5, d) {
             continue;
         }
         for (x, t) in [(factors[0], factors[1]), (factors[1], factors[0])] {
             let matches = one_plus(g, t, U::Erf).into_iter().any(|u| {
                 scaled(g, u)
                     .iter()
-                    .any(|(ux, k)| same(g, *ux, x) && close(*k, std::f64::consts::FRAC_1_SQRT_2))
+                    .any(|(ux, k)| same(g, *ux, x) && close(*k, std::f64::consts::FRAC_1_SQRT_2, d))
             });
             if matches {
                 out.push(New::over(Op::Gelu { approx: GeluApprox::Erf }, &[x]));
@@ -327,9 +328,10 @@ fn gelu_erf(g: &KGraph, id: Id) -> Vec<New> {
 /// ½·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) = gelu_tanh(x).
 fn gelu_tanh(g: &KGraph, id: Id) -> Vec<New> {
     let k = (2.0 / std::f64::consts::PI).sqrt();
+    let d = ty(g, id).dtype;
     let mut out = vec![];
     for (factors, c) in products(g, id, 3) {
-        if factors.len() != 2 || !close(c, 0.5) {
+        if factors.len() != 2 || !close(c, 0.5, d) {
             continue;
         }
         for (x, t) in [(factors[0], factors[1]), (factors[1], factors[0])] {
@@ -337,13 +339,13 @@ fn gelu_tanh(g: &KGraph, id: Id) -> Vec<New> {
                 binary(g, inner, B::Add).into_iter().any(|(a, cube)| {
                     same(g, a, x)
                         && products(g, cube, 3).iter().any(|(f, c3)| {
-                            close(*c3, 0.044715) && f.len() == 3 && f.iter().all(|y| same(g, *y, x))
+                            close(*c3, 0.044715, d) && f.len() == 3 && f.iter().all(|y| same(g, *y, x))
                         })
                 })
             };
             let matches = one_plus(g, t, U::Tanh)
                 .into_iter()
-                .any(|u| scaled(g, u).iter().any(|(inner, c1)| close(*c1, k) && inner_ok(*inner)));
+                .any(|u| scaled(g, u).iter().any(|(inner, c1)| close(*c1, k, d) && inner_ok(*inner)));
             if matches {
                 out.push(New::over(Op::Gelu { approx: GeluApprox::Tanh }, &[x]));
             }

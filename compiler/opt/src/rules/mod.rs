@@ -11,7 +11,7 @@ pub mod merge;
 use crate::analysis::{Facts, KGraph};
 use crate::lang::KNode;
 use egg::{Applier, Id, Rewrite, SearchMatches, Searcher, Subst, Symbol, Var};
-use kiln_ir::{Op, TensorType};
+use kiln_ir::{DType, Op, TensorType};
 
 pub type Rule = Rewrite<KNode, Facts>;
 
@@ -157,7 +157,20 @@ pub fn same(g: &KGraph, a: Id, b: Id) -> bool {
     g.find(a) == g.find(b)
 }
 
-/// Relative closeness of two constants (for recognizing 1/√2, √(2/π), 0.044715 …).
-pub fn close(a: f64, b: f64) -> bool {
-    (a - b).abs() <= 1e-5 * b.abs().max(1e-30)
+/// Whether the constant `a`, folded in a graph of dtype `d`, is the exact constant `b` (1/√2,
+/// √(2/π), 0.044715 …) as that dtype writes it: within 4 machine epsilons of `d`, relative,
+/// which covers the few roundings a constant goes through on the way (the literal, a
+/// reciprocal `1/c`, a product of two or three constants), and nothing more. A constant
+/// further off makes another function, however close to the fused op's (GELU with 0.7071 for
+/// 1/√2 is 1e-5 off in f32, where a rounded 1/√2 is 6e-8 off), and must not fuse. Integer and
+/// bool dtypes hold none of these constants.
+pub fn close(a: f64, b: f64, d: DType) -> bool {
+    let eps = match d {
+        DType::F64 => f64::EPSILON,
+        DType::F32 => f32::EPSILON as f64,
+        DType::F16 => half::f16::EPSILON.to_f64(),
+        DType::BF16 => half::bf16::EPSILON.to_f64(),
+        DType::I32 | DType::I64 | DType::Bool => return false,
+    };
+    (a - b).abs() <= 4.0 * eps * b.abs()
 }
