@@ -602,3 +602,39 @@ fn weights_larger_than_a_binding_are_bound_in_pieces() {
         }
     }
 }
+
+#[test]
+fn vulkan_refuses_what_it_cannot_run_naming_the_op_and_the_target() {
+    let cases = [
+        (
+            r#"{ "x": (bf16, [4, 8]) }"#,
+            r#"Let("y", Add("x", "x")),"#,
+            "cannot compile bf16 tensors on the vulkan target (kernel k0 add)",
+        ),
+        (
+            r#"{ "x": (i32, [4, 8]), "w": (i32, [8, 3]) }"#,
+            r#"Let("y", MatMul("x", "w")),"#,
+            "cannot compile `matmul` on i32 on the vulkan target (kernel k0 matmul)",
+        ),
+        (
+            r#"{ "x": (f64, [4, 8]) }"#,
+            r#"Let("y", Softmax(x: "x", axis: 1)),"#,
+            "cannot compile `softmax` on f64 on the vulkan target (it has no 64-bit exp, log or tanh) (kernel k0 softmax)",
+        ),
+        (
+            r#"{ "x": (f64, [4, 8]) }"#,
+            r#"Let("y", Add(Exp("x"), 1.0)),"#,
+            "cannot compile `exp` on f64 on the vulkan target (it has no 64-bit exp, log or tanh) (kernel k0 elementwise×2)",
+        ),
+    ];
+    let caps = kiln_codegen::gpu::GpuCaps::vulkan();
+    for (inputs, body, want) in cases {
+        let g = op_case("refused", inputs, body);
+        let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        match kiln_codegen::build_vulkan_artifact(&g.name, &s, &HashMap::new(), &caps, dir.path()) {
+            Ok(_) => panic!("`{body}` compiled for Vulkan"),
+            Err(e) => assert_eq!(e.to_string(), want),
+        }
+    }
+}
