@@ -420,6 +420,13 @@ fn scale_through_view(g: &KGraph, id: Id) -> Vec<New> {
             if ty(g, x) != ty(g, scaled) || konst(g, x).is_some() {
                 continue;
             }
+            // A scale on an elementwise value is computed in that value's loop; after a reshape
+            // it would be a loop of its own (the scheduler fuses elementwise ops of one shape),
+            // so only a transpose, which a product absorbs, takes it there.
+            let elementwise = nodes(g, x).iter().all(|e| e.ir().is_elementwise());
+            if matches!(n.ir(), Op::Reshape { .. }) && elementwise {
+                continue;
+            }
             let scale = New::constant(k, &TensorType::new(ty(g, c).dtype, vec![]));
             out.push(New::node(Op::Binary(B::Mul), vec![New::over(n.ir().clone(), &[x]), scale]));
         }
