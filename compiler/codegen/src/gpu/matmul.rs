@@ -7,7 +7,7 @@
 //! need no copy.
 
 use super::plan::{GpuPlan, Work};
-use super::skeleton::{clamp, module, offset_at, private, private_type, shared, shared_type, unravel};
+use super::skeleton::{clamp, module, offset_at, shared, shared_type, unravel};
 use super::{GpuCtx, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
 use crate::kernels::matmul::activate;
@@ -50,8 +50,6 @@ pub fn emit(
     let sh_a = shared(&mut b, tm * tk, ty);
     let sh_b = shared(&mut b, tk * tn, ty);
     let (sa, sb) = (shared_type(tm * tk, ty), shared_type(tk * tn, ty));
-    let acc = private(&mut b, rm * rn, ty);
-    let pa = private_type(rm * rn, ty);
     let tx = b.assign("gpu.thread_id x");
     let ty_ = b.assign("gpu.thread_id y");
     let bx = b.assign("gpu.block_id x");
@@ -75,15 +73,18 @@ pub fn emit(
     let row0 = b.assign(format!("arith.muli {by}, {tmc} : index"));
     let col0 = b.assign(format!("arith.muli {bx}, {tnc} : index"));
     let zero = b.float(0.0, ty);
-    for i in 0..rm * rn {
-        let c = b.index(i);
-        b.line(format!("memref.store {zero}, {acc}[{c}] : {pa}"));
-    }
+    // The accumulators are loop-carried values (registers on every device), not an array.
+    let nacc = rm * rn;
+    let types = vec![ty; nacc].join(", ");
 
     let c0 = b.index(0);
     let kc = b.index(k);
     let tkc = b.index(tk);
-    b.open(format!("scf.for %k0 = {c0} to {kc} step {tkc}"));
+    let carried: Vec<String> = (0..nacc).map(|i| format!("%o{i} = {zero}")).collect();
+    b.open(format!(
+        "%acc:{nacc} = scf.for %k0 = {c0} to {kc} step {tkc} iter_args({}) -> ({types})",
+        carried.join(", ")
+    ));
     // Cooperative tile loads: element l of a tile is loaded by invocation l mod inv.
     let tile_load = |b: &mut Body,
                      v: &View,
@@ -132,7 +133,11 @@ pub fn emit(
     tile_load(&mut b, bv, "%a1", &b_base, &sh_b, &sb, tk, tn, ("%k0", &col0), (k, n));
     b.line("gpu.barrier");
     let c1 = b.index(1);
-    b.open(format!("scf.for %kk = {c0} to {tkc} step {c1}"));
+    let carried: Vec<String> = (0..nacc).map(|i| format!("%p{i} = %o{i}")).collect();
+    b.open(format!(
+        "%step:{nacc} = scf.for %kk = {c0} to {tkc} step {c1} iter_args({}) -> ({types})",
+        carried.join(", ")
+    ));
     // Invocation (x, y) owns rows y + i·wy and columns x + j·wx of the tile: neighbouring
     // invocations touch neighbouring columns (coalesced on a GPU, one vector on a CPU device),
     // and a row of invocations reads the same A element.
@@ -155,16 +160,18 @@ pub fn emit(
             b.assign(format!("memref.load {sh_b}[{at}] : {sb}"))
         })
         .collect();
-    for (i, av) in a_vals.iter().enumerate() {
-        for (j, bw) in b_vals.iter().enumerate() {
-            let c = b.index(i * rn + j);
-            let old = b.assign(format!("memref.load {acc}[{c}] : {pa}"));
-            let new = b.fma(av, bw, &old, ty);
-            b.line(format!("memref.store {new}, {acc}[{c}] : {pa}"));
+    let mut next = Vec::with_capacity(nacc);
+    for av in &a_vals {
+        for bw in &b_vals {
+            let old = format!("%p{}", next.len());
+            next.push(b.fma(av, bw, &old, ty));
         }
     }
+    b.line(format!("scf.yield {} : {types}", next.join(", ")));
     b.close("");
     b.line("gpu.barrier");
+    let stepped: Vec<String> = (0..nacc).map(|i| format!("%step#{i}")).collect();
+    b.line(format!("scf.yield {} : {types}", stepped.join(", ")));
     b.close("");
 
     // Epilogue: bias, activation, store what lies inside the result.
@@ -185,8 +192,7 @@ pub fn emit(
             let okc = b.assign(format!("arith.cmpi ult, {col}, {nc} : index"));
             let ok = b.assign(format!("arith.andi {okr}, {okc} : i1"));
             b.open(format!("scf.if {ok}"));
-            let c = b.index(i * rn + j);
-            let mut v = b.assign(format!("memref.load {acc}[{c}] : {pa}"));
+            let mut v = format!("%acc#{}", i * rn + j);
             if let (Some(cv), Some(cb)) = (bias, &c_base) {
                 let rk = cv.rank();
                 let at = offset_at(
