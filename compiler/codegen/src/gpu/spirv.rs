@@ -97,6 +97,7 @@ pub fn compile(kernels: &[GpuKernel], caps: &GpuCaps) -> Result<Vec<SpirvModule>
     }
     let mut out = Vec::with_capacity(kernels.len());
     let mut wrapped = String::from("module attributes {gpu.container_module} {\n");
+    let mut texts = Vec::with_capacity(kernels.len());
     for k in kernels {
         let (_, spv) = converted.iter().find(|(s, _)| *s == k.symbol).ok_or_else(|| {
             CodegenError::Unsupported(format!(
@@ -105,6 +106,7 @@ pub fn compile(kernels: &[GpuKernel], caps: &GpuCaps) -> Result<Vec<SpirvModule>
             ))
         })?;
         wrapped.push_str(&format!("gpu.module @{} [{env}] {{\n{spv}\n}}\n", k.symbol));
+        texts.push(spv.clone());
     }
     wrapped.push_str("}\n");
     let (binary, diagnostics) = capture_diagnostics(&context, || Module::parse(&context, &wrapped));
@@ -140,8 +142,7 @@ pub fn compile(kernels: &[GpuKernel], caps: &GpuCaps) -> Result<Vec<SpirvModule>
         }
         op = o.next_in_block();
     }
-    for k in kernels {
-        let (_, text) = converted.iter().find(|(s, _)| *s == k.symbol).expect("found above");
+    for (k, text) in kernels.iter().zip(texts) {
         let bytes = words.iter().find(|(s, _)| *s == k.symbol).map(|(_, w)| w.clone()).ok_or_else(|| {
             CodegenError::Unsupported(format!("kernel `{}`: serialization produced no binary", k.symbol))
         })?;
@@ -154,8 +155,8 @@ pub fn compile(kernels: &[GpuKernel], caps: &GpuCaps) -> Result<Vec<SpirvModule>
         out.push(SpirvModule {
             symbol: k.symbol.clone(),
             words: bytes,
-            capabilities: declared_capabilities(text),
-            text: text.clone(),
+            capabilities: declared_capabilities(&text),
+            text,
         });
     }
     Ok(out)
