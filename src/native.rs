@@ -70,6 +70,17 @@ struct BuildReport {
     write: std::time::Duration,
 }
 
+impl BuildReport {
+    fn new(
+        manifest: kiln_runtime::Manifest,
+        emit: std::time::Duration,
+        compile: std::time::Duration,
+        write: std::time::Duration,
+    ) -> BuildReport {
+        BuildReport { manifest, emit, compile, write }
+    }
+}
+
 /// Schedules and compiles `g` for `target` into the artifact directory `out`.
 fn build(
     g: &Graph,
@@ -82,23 +93,13 @@ fn build(
             let s = kiln_sched::schedule(g).map_err(|e| user(e.to_string()))?;
             let b = kiln_codegen::build_artifact(&g.name, &s, params, cpu, out)
                 .map_err(|e| user(e.to_string()))?;
-            Ok(BuildReport {
-                manifest: b.manifest,
-                emit: b.emit_time,
-                compile: b.compile_time,
-                write: b.write_time,
-            })
+            Ok(BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time))
         }
         CompileTarget::Vulkan(caps) => {
             let s = kiln_sched::schedule_aligned(g, caps.buffer_align).map_err(|e| user(e.to_string()))?;
             let b = kiln_codegen::build_vulkan_artifact(&g.name, &s, params, caps, out)
                 .map_err(|e| user(e.to_string()))?;
-            Ok(BuildReport {
-                manifest: b.manifest,
-                emit: b.emit_time,
-                compile: b.compile_time,
-                write: b.write_time,
-            })
+            Ok(BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time))
         }
     }
 }

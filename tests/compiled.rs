@@ -68,8 +68,14 @@ fn run_compiled(
 ) -> Vec<Vec<f64>> {
     let dir = tempfile::tempdir().unwrap();
     build_for(device, g, params, dir.path());
-    let mut model = Model::load_with(dir.path(), &Options { threads: Some(2), ..Options::default() })
-        .unwrap_or_else(|e| panic!("{}: {e}", g.name));
+    run_artifact(dir.path(), inputs, &g.name)
+}
+
+/// Loads the artifact in `dir` on its own kind of device, runs it on `inputs` and returns its
+/// outputs as f64.
+fn run_artifact(dir: &Path, inputs: &HashMap<String, Tensor>, what: &str) -> Vec<Vec<f64>> {
+    let mut model = Model::load_with(dir, &Options { threads: Some(2), ..Options::default() })
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
     let owned: Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> = model
         .inputs()
         .iter()
@@ -78,7 +84,7 @@ fn run_compiled(
         })
         .collect();
     let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
-    let outs = model.run(&refs).unwrap_or_else(|e| panic!("{}: {e}", g.name));
+    let outs = model.run(&refs).unwrap_or_else(|e| panic!("{what}: {e}"));
     outs.iter()
         .map(|t| match t.dtype() {
             kiln_runtime::DType::F32 => t.as_f32().unwrap().iter().map(|&x| x as f64).collect(),
@@ -583,22 +589,10 @@ fn weights_larger_than_a_binding_are_bound_in_pieces() {
     let inputs = kiln_ir::seeded_inputs(&g, 4);
     let want =
         kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
-    let mut model = Model::load(dir.path()).unwrap();
-    let owned: Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> = model
-        .inputs()
-        .iter()
-        .map(|spec| {
-            (spec.name.clone(), spec.dtype, spec.shape.clone(), inputs[&spec.name].data.to_le_bytes())
-        })
-        .collect();
-    let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
-    let got = model.run(&refs).unwrap();
+    let got = run_artifact(dir.path(), &inputs, "pieces");
     for ((name, w), gv) in want.iter().zip(&got) {
-        for (i, (a, b)) in w.to_f64_vec().iter().zip(gv.to_f32_vec()).enumerate() {
-            assert!(
-                (a - b as f64).abs() <= 1e-4 * (1.0 + a.abs()),
-                "`{name}`[{i}]: interpreter {a}, Vulkan {b}"
-            );
+        for (i, (a, b)) in w.to_f64_vec().iter().zip(gv).enumerate() {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "`{name}`[{i}]: interpreter {a}, Vulkan {b}");
         }
     }
 }

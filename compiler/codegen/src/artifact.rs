@@ -57,6 +57,46 @@ fn constant<'a>(
     }
 }
 
+/// The weights an artifact stores, each once, in the order the steps first name them.
+#[derive(Default)]
+struct Stored {
+    weights: Vec<(String, Tensor)>,
+    names: std::collections::HashSet<String>,
+}
+
+impl Stored {
+    /// Stores `name` (computed by `value`) unless it already is.
+    fn add(
+        &mut self,
+        name: &str,
+        value: impl FnOnce() -> Result<Tensor, CodegenError>,
+    ) -> Result<(), CodegenError> {
+        if self.names.insert(name.to_string()) {
+            self.weights.push((name.to_string(), value()?));
+        }
+        Ok(())
+    }
+
+    /// The argument for buffer `b` as the kernel reads it: the caller's input or output, a
+    /// range of the arena, or a weight stored as written.
+    fn arg(
+        &mut self,
+        b: &kiln_sched::Buffer,
+        params: &HashMap<String, Tensor>,
+    ) -> Result<BufRef, CodegenError> {
+        let bytes = b.bytes() as u64;
+        Ok(match &b.storage {
+            Storage::Input { index } => BufRef::Input { index: *index as u32 },
+            Storage::Output { index } => BufRef::Output { index: *index as u32 },
+            Storage::Weight { name } | Storage::Const { name, .. } => {
+                self.add(name, || Ok(constant(b, params)?.clone()))?;
+                BufRef::Weight { name: name.clone(), bytes }
+            }
+            Storage::Arena { offset } => BufRef::Arena { offset: *offset as u64, bytes },
+        })
+    }
+}
+
 /// Compiles `s` for `target` and writes the artifact into `dir` (created if missing).
 /// `params` holds every parameter by checkpoint name.
 pub fn build_artifact(
@@ -78,32 +118,21 @@ pub fn build_artifact(
 
     // Every step's arguments; the weights they name are the ones stored. A weight that only
     // feeds matmuls as B is stored packed, and not as written.
-    let mut weights: Vec<(String, Tensor)> = Vec::new();
-    let mut stored = std::collections::HashSet::new();
+    let mut stored = Stored::default();
     let mut steps = Vec::with_capacity(s.kernels.len());
     for (i, (&ki, sk)) in program.step_kernel.iter().zip(&s.kernels).enumerate() {
         let k = &program.kernels[ki];
         let mut args = Vec::with_capacity(sk.inputs.len() + 1);
         for (j, o) in sk.inputs.iter().chain(std::iter::once(&sk.output)).enumerate() {
             let b = &s.buffers[o.buffer];
-            let bytes = b.bytes() as u64;
-            let arg = match (&b.storage, program.step_packed_b[i].filter(|_| j == 1)) {
+            let packed = program.step_packed_b[i].filter(|_| j == 1);
+            let arg = match (&b.storage, packed) {
                 (Storage::Weight { .. } | Storage::Const { .. }, Some(w)) => {
                     let w = &program.packed[w];
-                    if stored.insert(w.name.clone()) {
-                        weights.push((w.name.clone(), w.pack(constant(b, params)?)?));
-                    }
+                    stored.add(&w.name, || w.pack(constant(b, params)?))?;
                     BufRef::Weight { name: w.name.clone(), bytes: (w.panels.len() * 4) as u64 }
                 }
-                (Storage::Input { index }, _) => BufRef::Input { index: *index as u32 },
-                (Storage::Output { index }, _) => BufRef::Output { index: *index as u32 },
-                (Storage::Weight { name } | Storage::Const { name, .. }, None) => {
-                    if stored.insert(name.clone()) {
-                        weights.push((name.clone(), constant(b, params)?.clone()));
-                    }
-                    BufRef::Weight { name: name.clone(), bytes }
-                }
-                (Storage::Arena { offset }, _) => BufRef::Arena { offset: *offset as u64, bytes },
+                _ => stored.arg(b, params)?,
             };
             args.push(arg);
         }
@@ -117,7 +146,7 @@ pub fn build_artifact(
         });
     }
     let wpath = dir.join(WEIGHTS_FILE);
-    kiln_ir::tensor_io::write_safetensors(&wpath, &weights).map_err(|e| io_err(&wpath, e))?;
+    kiln_ir::tensor_io::write_safetensors(&wpath, &stored.weights).map_err(|e| io_err(&wpath, e))?;
 
     let digest = |name: &str| -> Result<FileDigest, CodegenError> {
         let path = dir.join(name);
@@ -195,15 +224,13 @@ pub fn build_vulkan_artifact(
     let spv = dir.join(SPIRV_FILE);
     std::fs::write(&spv, &blob).map_err(|e| io_err(&spv, e))?;
 
-    let mut weights: Vec<(String, Tensor)> = Vec::new();
-    let mut stored = std::collections::HashSet::new();
+    let mut stored = Stored::default();
     let mut steps = Vec::with_capacity(s.kernels.len());
     for (i, (&ki, sk)) in program.step_kernel.iter().zip(&s.kernels).enumerate() {
         let k = &program.kernels[ki];
         let mut args = Vec::with_capacity(sk.inputs.len() + 1);
         for (j, o) in sk.inputs.iter().chain(std::iter::once(&sk.output)).enumerate() {
             let b = &s.buffers[o.buffer];
-            let bytes = b.bytes() as u64;
             // A weight larger than one binding is stored and bound as its pieces.
             if let (Some((_, split)), Storage::Weight { name } | Storage::Const { name, .. }) =
                 (program.step_splits[i].iter().find(|(a, _)| *a == j), &b.storage)
@@ -212,24 +239,12 @@ pub fn build_vulkan_artifact(
                 for p in 0..split.pieces() {
                     let piece = format!("{name}@part{p}");
                     let len = split.len_of(p);
-                    if stored.insert(piece.clone()) {
-                        weights.push((piece.clone(), flat_range(value, p * split.piece_len, len)?));
-                    }
+                    stored.add(&piece, || flat_range(value, p * split.piece_len, len))?;
                     args.push(BufRef::Weight { name: piece, bytes: (len * o.dtype.size_bytes()) as u64 });
                 }
                 continue;
             }
-            args.push(match &b.storage {
-                Storage::Input { index } => BufRef::Input { index: *index as u32 },
-                Storage::Output { index } => BufRef::Output { index: *index as u32 },
-                Storage::Weight { name } | Storage::Const { name, .. } => {
-                    if stored.insert(name.clone()) {
-                        weights.push((name.clone(), constant(b, params)?.clone()));
-                    }
-                    BufRef::Weight { name: name.clone(), bytes }
-                }
-                Storage::Arena { offset } => BufRef::Arena { offset: *offset as u64, bytes },
-            });
+            args.push(stored.arg(b, params)?);
         }
         steps.push(Step {
             symbol: k.symbol.clone(),
@@ -245,7 +260,7 @@ pub fn build_vulkan_artifact(
         });
     }
     let wpath = dir.join(WEIGHTS_FILE);
-    kiln_ir::tensor_io::write_safetensors(&wpath, &weights).map_err(|e| io_err(&wpath, e))?;
+    kiln_ir::tensor_io::write_safetensors(&wpath, &stored.weights).map_err(|e| io_err(&wpath, e))?;
     let wdata = std::fs::read(&wpath).map_err(|e| io_err(&wpath, e))?;
     let kernels = &program.kernels;
     let manifest = Manifest {

@@ -84,12 +84,7 @@ pub fn compile(kernels: &[GpuKernel], caps: &GpuCaps) -> Result<Vec<SpirvModule>
     let mut op = module.body().first_operation();
     while let Some(o) = op {
         if o.name().as_string_ref().as_str() == Ok("spirv.module") {
-            let name = o
-                .attribute("sym_name")
-                .ok()
-                .and_then(|a| StringAttribute::try_from(a).ok())
-                .map(|s| s.value().to_string())
-                .unwrap_or_default();
+            let name = sym_name(&o);
             let symbol = name.strip_prefix("__spv__").unwrap_or(&name).to_string();
             converted.push((symbol, o.to_string()));
         }
@@ -116,12 +111,7 @@ pub fn compile(kernels: &[GpuKernel], caps: &GpuCaps) -> Result<Vec<SpirvModule>
     let mut op = binary.body().first_operation();
     while let Some(o) = op {
         if o.name().as_string_ref().as_str() == Ok("gpu.binary") {
-            let name = o
-                .attribute("sym_name")
-                .ok()
-                .and_then(|a| StringAttribute::try_from(a).ok())
-                .map(|s| s.value().to_string())
-                .unwrap_or_default();
+            let name = sym_name(&o);
             let objects = o
                 .attribute("objects")
                 .ok()
@@ -160,6 +150,15 @@ pub fn compile(kernels: &[GpuKernel], caps: &GpuCaps) -> Result<Vec<SpirvModule>
         });
     }
     Ok(out)
+}
+
+/// An operation's `sym_name`, or `""`.
+fn sym_name<'c: 'a, 'a>(op: &impl OperationLike<'c, 'a>) -> String {
+    op.attribute("sym_name")
+        .ok()
+        .and_then(|a| StringAttribute::try_from(a).ok())
+        .map(|s| s.value().to_string())
+        .unwrap_or_default()
 }
 
 /// The capabilities in a `spirv.module ... requires #spirv.vce<v1.3, [A, B], [..]>` header.
