@@ -11,7 +11,7 @@
 #include <unistd.h>
 
 #define CHAINS 16
-#define ITERS 50000000L
+#define ITERS 20000000L
 
 static double now(void) {
     struct timespec t;
@@ -46,8 +46,8 @@ __attribute__((target("avx512f"))) static void *run_avx512(void *out) {
     return NULL;
 }
 
-/* GFLOP/s of `threads` threads running `body` at once. */
-static double measure(void *(*body)(void *), int threads, int width) {
+/* GFLOP/s of `threads` threads running `body` at once, once. */
+static double measure_once(void *(*body)(void *), int threads, int width) {
     pthread_t t[256];
     float sink[256];
     double start = now();
@@ -58,6 +58,16 @@ static double measure(void *(*body)(void *), int threads, int width) {
     for (int i = 0; i < threads; i++) s += sink[i];
     if (s == 12345.0f) puts("");
     return 2.0 * width * CHAINS * (double)ITERS * threads / secs / 1e9;
+}
+
+/* The best of three measurements: other processes only ever slow a run down. */
+static double measure(void *(*body)(void *), int threads, int width) {
+    double best = 0;
+    for (int i = 0; i < 3; i++) {
+        double g = measure_once(body, threads, width);
+        if (g > best) best = g;
+    }
+    return best;
 }
 
 int main(void) {
