@@ -173,8 +173,11 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
     if a.model.as_os_str().is_empty() {
         return Err(Failure::Usage("kiln run needs a model (an artifact or a spec)".into()));
     }
-    let options = Options { threads: a.threads, device: a.device.clone() };
+    let options = Options { threads: threads(a.threads)?, device: a.device.clone() };
     let is_artifact = a.model.is_dir() || a.model.extension().is_some_and(|e| e == "kiln");
+    if is_artifact {
+        ignored_by_artifact(a)?;
+    }
     // A model spec is compiled for this machine into a private directory first.
     let _scratch;
     let (mut model, graph) = if is_artifact {
@@ -246,6 +249,54 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
         write_outputs(out, &outputs)?;
     }
     Ok(())
+}
+
+/// The most worker threads `kiln run` starts: 1024. More threads than cores only add
+/// scheduling overhead, and a mistyped `--threads 1000000` would otherwise try to start a
+/// million OS threads (each with its own stack) before failing.
+pub(crate) const MAX_THREADS: usize = 1024;
+
+/// The thread count for the runtime: `--threads N`, else `KILN_THREADS`, else `None` (every
+/// core). Either one past [`MAX_THREADS`] is a usage error; 0 and text that is not a number
+/// are left to the runtime, which refuses them with its own message.
+fn threads(flag: Option<usize>) -> Result<Option<usize>, Failure> {
+    if let Some(n) = flag {
+        if n > MAX_THREADS {
+            return Err(Failure::Usage(format!("--threads {n} is more than {MAX_THREADS}")));
+        }
+        return Ok(Some(n));
+    }
+    if let Ok(text) = std::env::var("KILN_THREADS") {
+        if let Ok(n) = text.trim().parse::<u128>() {
+            if n > MAX_THREADS as u128 {
+                return Err(Failure::Usage(format!("KILN_THREADS={text} is more than {MAX_THREADS}")));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// An artifact is already compiled: its weights, config and parameter seed are built in, so
+/// `--weights`, `--init-missing` and `--set` would be silently ignored. They are an error.
+fn ignored_by_artifact(a: &RunArgs) -> Result<(), Failure> {
+    let mut ignored = Vec::new();
+    if a.weights.is_some() {
+        ignored.push("--weights");
+    }
+    if a.init_missing {
+        ignored.push("--init-missing");
+    }
+    if !a.set.is_empty() {
+        ignored.push("--set");
+    }
+    if ignored.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::Usage(format!(
+        "{} only apply when running a model spec: the artifact `{}` was compiled with its weights and config (pass them to `kiln compile`)",
+        ignored.join(", "),
+        a.model.display()
+    )))
 }
 
 fn ir_dtype(d: kiln_runtime::DType) -> DType {

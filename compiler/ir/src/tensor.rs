@@ -1,5 +1,6 @@
 //! Dense, row-major tensors: the values the interpreter computes and that weights files hold.
 
+use crate::alloc::{try_vec, AllocError};
 use crate::dtype::{fmt_shape, numel, DType, Shape};
 use half::{bf16, f16};
 use serde::Serialize;
@@ -81,6 +82,36 @@ impl Buffer {
             DType::I64 => Buffer::I64(values.map(|v| v as i64).collect()),
             DType::Bool => Buffer::Bool(values.map(|v| v != 0.0).collect()),
         }
+    }
+
+    /// [`Buffer::from_f64`] for exactly `n` values, with the memory reserved first: a size the
+    /// system refuses is an [`AllocError`] for `what` instead of an abort.
+    pub fn try_from_f64(
+        dtype: DType,
+        n: usize,
+        values: impl Iterator<Item = f64>,
+        what: impl FnOnce() -> String,
+    ) -> Result<Buffer, AllocError> {
+        let bytes = crate::alloc::bytes_of(dtype, &[n]);
+        fn fill<T>(
+            n: usize,
+            bytes: u128,
+            what: impl FnOnce() -> String,
+            values: impl Iterator<Item = T>,
+        ) -> Result<Vec<T>, AllocError> {
+            let mut v = try_vec(n, bytes, what)?;
+            v.extend(values.take(n));
+            Ok(v)
+        }
+        Ok(match dtype {
+            DType::F32 => Buffer::F32(fill(n, bytes, what, values.map(|v| v as f32))?),
+            DType::F64 => Buffer::F64(fill(n, bytes, what, values)?),
+            DType::F16 => Buffer::F16(fill(n, bytes, what, values.map(f16::from_f64))?),
+            DType::BF16 => Buffer::BF16(fill(n, bytes, what, values.map(bf16::from_f64))?),
+            DType::I32 => Buffer::I32(fill(n, bytes, what, values.map(|v| v as i32))?),
+            DType::I64 => Buffer::I64(fill(n, bytes, what, values.map(|v| v as i64))?),
+            DType::Bool => Buffer::Bool(fill(n, bytes, what, values.map(|v| v != 0.0))?),
+        })
     }
 
     /// All elements as f64.
