@@ -170,6 +170,9 @@ pub fn inspect(
         }
         Stage::Kernels | Stage::Mlir | Stage::Llvm | Stage::Gpu | Stage::Spirv => {
             let l = load(model, set)?;
+            if stage != Stage::Kernels {
+                crate::native::refuse_empty_tensors(&l.graph)?;
+            }
             let (mut g, _) =
                 kiln_opt::optimize(&l.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
             // What `kiln compile` builds: its weight-only nodes become stored parameters.

@@ -56,10 +56,35 @@ fn prepare(
     init_missing: bool,
 ) -> Result<(Graph, HashMap<String, Tensor>), Failure> {
     let l = load(model, &with_seed(set, seed))?;
+    refuse_empty_tensors(&l.graph)?;
     let (mut g, _) = kiln_opt::optimize(&l.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
     let mut params = bind_params(&g, weights, seed, init_missing)?;
     kiln_ir::fold_weights(&mut g, &mut params).map_err(|e| user(format!("folding weights: {e}")))?;
     Ok((g, params))
+}
+
+/// Refuses a graph with a tensor of zero elements (`--set batch=0`) before native code is
+/// generated: the kernel emitters and the runtime do not handle empty tensors yet (a matmul
+/// emitter asserts, a convolution kernel reads out of bounds). The interpreter does, so the
+/// error points to `kiln eval`, which gives the empty result.
+pub(crate) fn refuse_empty_tensors(g: &Graph) -> Result<(), Failure> {
+    let empty = g.node_ids().find(|&id| g.ty(id).numel() == 0);
+    match empty {
+        None => Ok(()),
+        Some(id) => {
+            let node = g.node(id);
+            let what = match &node.op {
+                kiln_ir::Op::Input { name, .. } => format!("input `{name}`"),
+                kiln_ir::Op::Param { name, .. } => format!("parameter `{name}`"),
+                op => format!("`{}`", op.name()),
+            };
+            let at = node.origin.as_ref().map(|o| format!(" (at {o})")).unwrap_or_default();
+            Err(user(format!(
+                "{what}{at} has no elements ({}): native code is not generated for empty tensors; `kiln eval` computes the empty result",
+                g.ty(id)
+            )))
+        }
+    }
 }
 
 /// What building an artifact reports: its manifest and the time each part took.
@@ -208,14 +233,19 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
         .iter()
         .map(|(name, d, shape)| {
             let t = &inputs[name];
-            (
+            // The runtime takes bytes: a second copy of each input, asked for fallibly too.
+            let bytes = t
+                .data
+                .try_to_le_bytes(|| kiln_ir::alloc::describe(&format!("input `{name}`"), *d, shape))
+                .map_err(|e| user(e.to_string()))?;
+            Ok((
                 name.clone(),
                 kiln_codegen::artifact::runtime_dtype(*d),
                 shape.iter().map(|&x| x as u64).collect(),
-                t.data.to_le_bytes(),
-            )
+                bytes,
+            ))
         })
-        .collect();
+        .collect::<Result<_, Failure>>()?;
     let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
     let repeats = a.repeats.max(1);
     let outputs = if a.profile {

@@ -245,6 +245,29 @@ fn cli_zero_extents_give_empty_results() {
         assert_eq!(code, 0, "{cmd}: {err}");
         assert!(out.contains("f32[0, 32, 512]"), "{cmd}: {out}");
     }
+    // Native code is not generated for empty tensors yet: a clear error, not a panic in an
+    // emitter or a crash in a kernel.
+    let dir = temp_dir("empty");
+    let artifact = dir.join("m.kiln");
+    for args in [
+        vec![
+            "compile",
+            "models/resnet_block.ron",
+            "-o",
+            artifact.to_str().unwrap_or_default(),
+            "--set",
+            "batch=0",
+        ],
+        vec!["run", "models/seed_transformer.ron", "--set", "batch=0"],
+        vec!["inspect", "models/mlp.ron", "--stage", "mlir", "--set", "batch=0"],
+    ] {
+        let (code, _, err) = kiln(&args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(
+            err.contains("has no elements") && err.contains("`kiln eval` computes the empty result"),
+            "{err}"
+        );
+    }
 }
 
 #[test]

@@ -114,6 +114,24 @@ impl Buffer {
         })
     }
 
+    /// [`Buffer::to_le_bytes`] with the bytes reserved first: a size the system refuses is an
+    /// [`AllocError`] for `what` (a run's input copied for the runtime) instead of an abort.
+    pub fn try_to_le_bytes(&self, what: impl FnOnce() -> String) -> Result<Vec<u8>, AllocError> {
+        let bytes = crate::alloc::bytes_of(self.dtype(), &[self.len()]);
+        let n = usize::try_from(bytes).unwrap_or(usize::MAX);
+        let mut out = try_vec(n, bytes, what)?;
+        match self {
+            Buffer::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Buffer::F64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Buffer::F16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Buffer::BF16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Buffer::I32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Buffer::I64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Buffer::Bool(v) => out.extend(v.iter().map(|&b| u8::from(b))),
+        }
+        Ok(out)
+    }
+
     /// All elements as f64.
     pub fn to_f64_vec(&self) -> Vec<f64> {
         (0..self.len()).map(|i| self.get_f64(i)).collect()
@@ -268,5 +286,13 @@ mod tests {
         assert_eq!(Buffer::I64(vec![258]).to_le_bytes(), [2, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(Buffer::BF16(vec![bf16::ONE]).to_le_bytes(), [0x80, 0x3f]);
         assert_eq!(Buffer::Bool(vec![true, false]).to_le_bytes(), [1, 0]);
+        for b in [
+            Buffer::F32(vec![1.0, -2.0]),
+            Buffer::I64(vec![258]),
+            Buffer::BF16(vec![bf16::ONE]),
+            Buffer::Bool(vec![true, false]),
+        ] {
+            assert_eq!(b.try_to_le_bytes(|| "a test buffer".into()).expect("small"), b.to_le_bytes());
+        }
     }
 }
