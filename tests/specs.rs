@@ -294,6 +294,10 @@ fn cli_refuses_huge_spec_files_and_repeated_or_ignored_arguments() {
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(err.contains(&format!("{} only apply when running a model spec", extra[0])), "{err}");
     }
+    // The seed is also the config `seed`, an i64.
+    let (code, _, err) = kiln(&["eval", "models/mlp.ron", "--seed", "9223372036854775808"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("9223372036854775808 is not in 0..=9223372036854775807"), "{err}");
     let (code, _, err) = kiln(&["run", "no-such.kiln", "--threads", "100000"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("error: --threads 100000 is more than 1024"), "{err}");
