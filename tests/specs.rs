@@ -179,6 +179,26 @@ fn builtin_config_and_nan_overrides_are_errors() {
     }
 }
 
+/// Every config entry of every shipped model at each end of i64, one at a time, and the pair
+/// the extreme-override fuzz found (GPT-2 with `d=0`, so every tensor is empty, and
+/// `heads=i64::MAX`: a reshape's known extents multiplied past usize): a graph or
+/// diagnostics, never a panic.
+#[test]
+fn every_config_entry_at_the_ends_of_i64_lowers_or_is_an_error() {
+    let set = |s: &str| Override::parse(s).expect("name=value");
+    let gpt2 = std::fs::read_to_string("models/gpt2.ron").expect("model");
+    front_end_with(&gpt2, &[set("d=0"), set("heads=9223372036854775807")]);
+    for m in shipped_models() {
+        let text = std::fs::read_to_string(&m).expect("model");
+        let (_, r) = kiln_lower::load_str("m.ron", &text, &[]);
+        for (name, _) in r.expect("shipped models lower").config {
+            for value in ["9223372036854775807", "-9223372036854775808"] {
+                front_end_with(&text, &[Override { name: name.clone(), value: value.into() }]);
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------------ the CLI
 
 fn kiln(args: &[&str]) -> (i32, String, String) {

@@ -348,7 +348,9 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             let x = node_arg(l, call, 0)?;
             let dims = shape_arg(l, call, 1, true)?;
             let total = l.graph.ty(x).numel();
-            let known: usize = dims.iter().filter(|&&d| d >= 0).map(|&d| d as usize).product();
+            // Saturating: extents from `--set` may multiply past usize (the typing rules then
+            // refuse the shape; a saturated product divides nothing).
+            let known = dims.iter().filter(|&&d| d >= 0).fold(1usize, |a, &d| a.saturating_mul(d as usize));
             let infer = dims.iter().filter(|&&d| d == -1).count();
             let shape_span = match &call.args[1] {
                 Some(Arg::Shape(s)) => s.span(),
