@@ -177,8 +177,8 @@ fn lex(s: &str) -> Result<Vec<(Tok, usize, usize)>, CExprError> {
 }
 
 /// How deeply a config expression may nest: the depth of its tree (`a + b + c` is two
-/// levels, `-(-x)` two) and the nesting of parentheses, unary operators and calls while it is
-/// parsed. Evaluation, printing and dropping walk the tree recursively, so the bound keeps
+/// levels, `-(-x)` two) and the nesting of unary operators and `**` while it is parsed
+/// (parentheses and calls have their own, lower bound, [`MAX_CEXPR_PARENS`]). Evaluation, printing and dropping walk the tree recursively, so the bound keeps
 /// every one of them far from the stack's limit; no sensible config needs more than a few
 /// levels, and a 20,000-term chain is refused with a message instead of overflowing the stack.
 pub const MAX_CEXPR_DEPTH: usize = 256;
