@@ -170,6 +170,9 @@ pub fn inspect(
         }
         Stage::Kernels | Stage::Mlir | Stage::Llvm | Stage::Gpu | Stage::Spirv => {
             let l = load(model, set)?;
+            if stage != Stage::Kernels {
+                crate::native::refuse_empty_tensors(&l.graph)?;
+            }
             let (mut g, _) =
                 kiln_opt::optimize(&l.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
             // What `kiln compile` builds: its weight-only nodes become stored parameters.
@@ -462,15 +465,29 @@ pub(crate) fn fill_inputs(
     seed: u64,
 ) -> Result<HashMap<String, Tensor>, Failure> {
     let mut given: HashMap<String, Tensor> = HashMap::new();
+    // Where each input came from: the same name bound twice (`--input x=a.npy --input
+    // x=b.npy`, or a name that a .safetensors file also holds) is an error, not last-wins.
+    let mut source: HashMap<String, String> = HashMap::new();
+    let mut bind = |name: String, t: Tensor, from: &str| -> Result<(), Failure> {
+        if let Some(first) = source.insert(name.clone(), from.to_string()) {
+            return Err(Failure::Usage(format!(
+                "input `{name}` is given twice: by `--input {first}` and `--input {from}`"
+            )));
+        }
+        given.insert(name, t);
+        Ok(())
+    };
     for spec in given_specs {
         match spec.split_once('=') {
             Some((name, file)) => {
                 let t = kiln_ir::tensor_io::read_npy(file).map_err(|e| user(e.to_string()))?;
-                given.insert(name.to_string(), t);
+                bind(name.to_string(), t, spec)?;
             }
             None => {
                 let all = kiln_ir::tensor_io::read_tensors(spec).map_err(|e| user(e.to_string()))?;
-                given.extend(all);
+                for (name, t) in all {
+                    bind(name, t, spec)?;
+                }
             }
         }
     }
@@ -489,7 +506,8 @@ pub(crate) fn fill_inputs(
                 inputs.insert(name.clone(), t);
             }
             None => {
-                let made = kiln_ir::seeded_input(g, name, *dtype, shape, seed);
+                let made =
+                    kiln_ir::seeded_input(g, name, *dtype, shape, seed).map_err(|e| user(e.to_string()))?;
                 eprintln!("note: input `{name}` not given: filled with {} (seed {seed})", made.fill);
                 inputs.insert(name.clone(), made.tensor);
             }

@@ -56,7 +56,8 @@ enum Command {
         #[arg(long)]
         init_missing: bool,
         /// Seed for parameter initialization and for inputs that are not given.
-        #[arg(long, default_value_t = 0)]
+        // At most i64::MAX: the seed is also the model's config `seed`, a config integer.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=i64::MAX as u64))]
         seed: u64,
         /// Write outputs: a .safetensors file, a .npy file (one output), or a folder (one .npy each).
         #[arg(short, long, value_name = "OUT")]
@@ -84,7 +85,8 @@ enum Command {
         #[arg(long)]
         init_missing: bool,
         /// Seed for parameter initialization.
-        #[arg(long, default_value_t = 0)]
+        // At most i64::MAX: the seed is also the model's config `seed`, a config integer.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=i64::MAX as u64))]
         seed: u64,
         #[arg(long = "set", value_name = "NAME=VALUE")]
         set: Vec<String>,
@@ -105,7 +107,8 @@ enum Command {
         #[arg(long)]
         init_missing: bool,
         /// Seed for parameters of a spec and for inputs that are not given.
-        #[arg(long, default_value_t = 0)]
+        // At most i64::MAX: the seed is also the model's config `seed`, a config integer.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=i64::MAX as u64))]
         seed: u64,
         #[arg(long = "set", value_name = "NAME=VALUE")]
         set: Vec<String>,

@@ -56,10 +56,35 @@ fn prepare(
     init_missing: bool,
 ) -> Result<(Graph, HashMap<String, Tensor>), Failure> {
     let l = load(model, &with_seed(set, seed))?;
+    refuse_empty_tensors(&l.graph)?;
     let (mut g, _) = kiln_opt::optimize(&l.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
     let mut params = bind_params(&g, weights, seed, init_missing)?;
     kiln_ir::fold_weights(&mut g, &mut params).map_err(|e| user(format!("folding weights: {e}")))?;
     Ok((g, params))
+}
+
+/// Refuses a graph with a tensor of zero elements (`--set batch=0`) before native code is
+/// generated: the kernel emitters and the runtime do not handle empty tensors yet (a matmul
+/// emitter asserts, a convolution kernel reads out of bounds). The interpreter does, so the
+/// error points to `kiln eval`, which gives the empty result.
+pub(crate) fn refuse_empty_tensors(g: &Graph) -> Result<(), Failure> {
+    let empty = g.node_ids().find(|&id| g.ty(id).numel() == 0);
+    match empty {
+        None => Ok(()),
+        Some(id) => {
+            let node = g.node(id);
+            let what = match &node.op {
+                kiln_ir::Op::Input { name, .. } => format!("input `{name}`"),
+                kiln_ir::Op::Param { name, .. } => format!("parameter `{name}`"),
+                op => format!("`{}`", op.name()),
+            };
+            let at = node.origin.as_ref().map(|o| format!(" (at {o})")).unwrap_or_default();
+            Err(user(format!(
+                "{what}{at} has no elements ({}): native code is not generated for empty tensors; `kiln eval` computes the empty result",
+                g.ty(id)
+            )))
+        }
+    }
 }
 
 /// What building an artifact reports: its manifest and the time each part took.
@@ -174,8 +199,11 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
     if a.model.as_os_str().is_empty() {
         return Err(Failure::Usage("kiln run needs a model (an artifact or a spec)".into()));
     }
-    let options = Options { threads: a.threads, device: a.device.clone() };
+    let options = Options { threads: threads(a.threads)?, device: a.device.clone() };
     let is_artifact = a.model.is_dir() || a.model.extension().is_some_and(|e| e == "kiln");
+    if is_artifact {
+        ignored_by_artifact(a)?;
+    }
     // A model spec is compiled for this machine into a private directory first.
     let _scratch;
     let (mut model, graph) = if is_artifact {
@@ -206,14 +234,19 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
         .iter()
         .map(|(name, d, shape)| {
             let t = &inputs[name];
-            (
+            // The runtime takes bytes: a second copy of each input, asked for fallibly too.
+            let bytes = t
+                .data
+                .try_to_le_bytes(|| kiln_ir::alloc::describe(&format!("input `{name}`"), *d, shape))
+                .map_err(|e| user(e.to_string()))?;
+            Ok((
                 name.clone(),
                 kiln_codegen::artifact::runtime_dtype(*d),
                 shape.iter().map(|&x| x as u64).collect(),
-                t.data.to_le_bytes(),
-            )
+                bytes,
+            ))
         })
-        .collect();
+        .collect::<Result<_, Failure>>()?;
     let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
     let repeats = a.repeats.max(1);
     let outputs = if a.profile {
@@ -247,6 +280,55 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
         write_outputs(out, &outputs)?;
     }
     Ok(())
+}
+
+/// The most worker threads `kiln run` starts: 1024. More threads than cores only add
+/// scheduling overhead, and a mistyped `--threads 1000000` would otherwise try to start a
+/// million OS threads (each with its own stack) before failing.
+pub(crate) const MAX_THREADS: usize = 1024;
+
+/// The thread count for the runtime: `--threads N`, else `KILN_THREADS`, else `None` (every
+/// core). Either one past [`MAX_THREADS`] is a usage error; 0 and text that is not a number
+/// are left to the runtime, which refuses them with its own message.
+fn threads(flag: Option<usize>) -> Result<Option<usize>, Failure> {
+    if let Some(n) = flag {
+        if n > MAX_THREADS {
+            return Err(Failure::Usage(format!("--threads {n} is more than {MAX_THREADS}")));
+        }
+        return Ok(Some(n));
+    }
+    if let Ok(text) = std::env::var("KILN_THREADS") {
+        if let Ok(n) = text.trim().parse::<u128>() {
+            if n > MAX_THREADS as u128 {
+                return Err(Failure::Usage(format!("KILN_THREADS={text} is more than {MAX_THREADS}")));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// An artifact is already compiled: its weights, config and parameter seed are built in, so
+/// `--weights`, `--init-missing` and `--set` would be silently ignored. They are an error.
+fn ignored_by_artifact(a: &RunArgs) -> Result<(), Failure> {
+    let mut ignored = Vec::new();
+    if a.weights.is_some() {
+        ignored.push("--weights");
+    }
+    if a.init_missing {
+        ignored.push("--init-missing");
+    }
+    if !a.set.is_empty() {
+        ignored.push("--set");
+    }
+    if ignored.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::Usage(format!(
+        "{} {} only when running a model spec: the artifact `{}` was compiled with its weights and config (pass them to `kiln compile`)",
+        ignored.join(", "),
+        if ignored.len() == 1 { "applies" } else { "apply" },
+        a.model.display()
+    )))
 }
 
 fn ir_dtype(d: kiln_runtime::DType) -> DType {

@@ -129,6 +129,76 @@ fn overrides_change_the_graph_and_bad_overrides_are_errors() {
     assert!(msg.contains("--set layer: the model has no config `layer` (did you mean `layers`?)"), "{msg}");
 }
 
+/// Modules that call each other 300 deep (each a different module, so no cycle): lowering
+/// refuses past its nesting limit instead of overflowing the stack (this runs on a test
+/// thread's 2 MiB stack).
+#[test]
+fn deeply_nested_module_calls_are_an_error() {
+    let n = 300;
+    let modules: Vec<String> = (0..n)
+        .map(|i| {
+            let body = if i + 1 < n {
+                format!("Let(\"x\", Call(fn: \"m{}\", args: [\"x\"]))", i + 1)
+            } else {
+                String::new()
+            };
+            format!("\"m{i}\": Module(args: [\"x\"], body: [{body}], ret: [\"x\"]),")
+        })
+        .collect();
+    let text = format!(
+        "Model(name: \"deep\", inputs: {{ \"x\": (f32, [2]) }}, modules: {{ {} }}, body: [Let(\"y\", Call(fn: \"m0\", args: [\"x\"]))], outputs: [\"y\"])",
+        modules.join("\n")
+    );
+    let (sources, r) = kiln_lower::load_str("deep.ron", &text, &[]);
+    let d = r.expect_err("too deep");
+    let msg = d.render(&sources);
+    assert_eq!(d.0.len(), 1, "one diagnostic, no follow-on errors: {msg}");
+    assert!(
+        msg.contains(&format!(
+            "error: expressions and module calls nest more than {} levels deep",
+            kiln_lower::MAX_NESTING
+        )),
+        "{msg}"
+    );
+}
+
+/// Config overrides that no model means: each is an error from the lowering, never a panic.
+#[test]
+fn builtin_config_and_nan_overrides_are_errors() {
+    let set = |s: &str| Override::parse(s).expect("name=value");
+    for (o, want) in [
+        ("seed=-1", "config `seed` must be a non-negative integer, but it is -1"),
+        ("seed=0.5", "config `seed` must be a non-negative integer, but it is 0.5"),
+        ("seed=NaN", "--set seed=NaN: NaN is not a valid config value"),
+        ("training=2", "config `training` must be true or false, but it is 2"),
+        ("batch=nan", "--set batch=nan: NaN is not a valid config value"),
+    ] {
+        let (sources, r) = kiln_lower::load(Path::new("models/mlp.ron"), &[set(o)]);
+        let msg = r.expect_err(o).render(&sources);
+        assert!(msg.contains(want), "{o}: {msg}");
+    }
+}
+
+/// Every config entry of every shipped model at each end of i64, one at a time, and the pair
+/// the extreme-override fuzz found (GPT-2 with `d=0`, so every tensor is empty, and
+/// `heads=i64::MAX`: a reshape's known extents multiplied past usize): a graph or
+/// diagnostics, never a panic.
+#[test]
+fn every_config_entry_at_the_ends_of_i64_lowers_or_is_an_error() {
+    let set = |s: &str| Override::parse(s).expect("name=value");
+    let gpt2 = std::fs::read_to_string("models/gpt2.ron").expect("model");
+    front_end_with(&gpt2, &[set("d=0"), set("heads=9223372036854775807")]);
+    for m in shipped_models() {
+        let text = std::fs::read_to_string(&m).expect("model");
+        let (_, r) = kiln_lower::load_str("m.ron", &text, &[]);
+        for (name, _) in r.expect("shipped models lower").config {
+            for value in ["9223372036854775807", "-9223372036854775808"] {
+                front_end_with(&text, &[Override { name: name.clone(), value: value.into() }]);
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------------ the CLI
 
 fn kiln(args: &[&str]) -> (i32, String, String) {
@@ -144,6 +214,121 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("kiln-specs-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&d).expect("temp dir");
     d
+}
+
+/// `vm.overcommit_memory = 1` grants any allocation (the OOM killer decides later), so a
+/// refusal cannot be observed there.
+fn refuses_huge_allocations() -> bool {
+    std::fs::read_to_string("/proc/sys/vm/overcommit_memory").map_or(true, |s| s.trim() != "1")
+}
+
+#[test]
+fn cli_memory_limits_are_errors_not_aborts() {
+    if !refuses_huge_allocations() {
+        eprintln!("skipped: vm.overcommit_memory = 1 grants any allocation");
+        return;
+    }
+    // The input the interpreter would fill: 10^8 × 784 f32.
+    let (code, out, err) = kiln(&["eval", "models/mlp.ron", "--set", "batch=100000000"]);
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    assert!(
+        err.contains(
+            "error: cannot allocate 292.1 GiB (313600000000 bytes) for input `image` f32[100000000, 784]"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
+    // A parameter sized by config: 2^20 × 2^20 f32 weights (4 TiB).
+    let (code, _, err) = kiln(&[
+        "eval",
+        "models/mlp.ron",
+        "--set",
+        "in=1048576",
+        "--set",
+        "hidden1=1048576",
+        "--set",
+        "batch=1",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "cannot allocate 4.0 TiB (4398046511104 bytes) for parameter `fc1.weight` f32[1048576, 1048576]"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn cli_zero_extents_give_empty_results() {
+    for cmd in ["check", "eval"] {
+        let (code, out, err) = kiln(&[cmd, "models/seed_transformer.ron", "--set", "batch=0"]);
+        assert_eq!(code, 0, "{cmd}: {err}");
+        assert!(out.contains("f32[0, 32, 512]"), "{cmd}: {out}");
+    }
+    // Native code is not generated for empty tensors yet: a clear error, not a panic in an
+    // emitter or a crash in a kernel.
+    let dir = temp_dir("empty");
+    let artifact = dir.join("m.kiln");
+    for args in [
+        vec![
+            "compile",
+            "models/resnet_block.ron",
+            "-o",
+            artifact.to_str().unwrap_or_default(),
+            "--set",
+            "batch=0",
+        ],
+        vec!["run", "models/seed_transformer.ron", "--set", "batch=0"],
+        vec!["inspect", "models/mlp.ron", "--stage", "mlir", "--set", "batch=0"],
+    ] {
+        let (code, _, err) = kiln(&args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(
+            err.contains("has no elements") && err.contains("`kiln eval` computes the empty result"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn cli_refuses_huge_spec_files_and_repeated_or_ignored_arguments() {
+    #[cfg(unix)]
+    {
+        let (code, _, err) = kiln(&["check", "/dev/zero"]);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("error: `/dev/zero` is larger than 16 MiB, the limit for a spec file"), "{err}");
+    }
+    let dir = temp_dir("repeated");
+    let image = dir.join("image.npy");
+    let t = kiln_ir::Tensor::full(kiln_ir::DType::F32, vec![8, 784], 0.5);
+    kiln_ir::tensor_io::write_npy(&image, &t).expect("writes");
+    let arg = format!("image={}", image.display());
+    let (code, _, err) = kiln(&["eval", "models/mlp.ron", "--input", &arg, "--input", &arg]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("error: input `image` is given twice"), "{err}");
+    // An artifact has its weights and config built in.
+    for extra in [&["--weights", "w.safetensors"][..], &["--set", "batch=2"], &["--init-missing"]] {
+        let mut args = vec!["run", "no-such.kiln"];
+        args.extend_from_slice(extra);
+        let (code, _, err) = kiln(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(&format!("{} applies only when running a model spec", extra[0])), "{err}");
+    }
+    // The seed is also the config `seed`, an i64.
+    let (code, _, err) = kiln(&["eval", "models/mlp.ron", "--seed", "9223372036854775808"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("9223372036854775808 is not in 0..=9223372036854775807"), "{err}");
+    let (code, _, err) = kiln(&["run", "no-such.kiln", "--threads", "100000"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("error: --threads 100000 is more than 1024"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["run", "no-such.kiln"])
+        .env("KILN_THREADS", "99999999999999999999")
+        .output()
+        .expect("kiln runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("error: KILN_THREADS=99999999999999999999 is more than 1024"), "{err}");
 }
 
 #[test]
@@ -368,7 +553,11 @@ fn every_op_of_the_language_is_documented() {
 
 /// Lowers text as a model, asserting only that the front end returns (no panic, no hang).
 fn front_end(text: &str) {
-    let (sources, result) = kiln_lower::load_str("fuzz.ron", text, &[]);
+    front_end_with(text, &[]);
+}
+
+fn front_end_with(text: &str, overrides: &[Override]) {
+    let (sources, result) = kiln_lower::load_str("fuzz.ron", text, overrides);
     if let Err(d) = result {
         // Rendering must not panic either, whatever the spans are.
         let _ = d.render(&sources);
@@ -422,8 +611,50 @@ const FRAGMENTS: &[&str] = &[
     "\u{0}",
 ];
 
+/// `--set` values at the edges: zero, negative, the ends of i64, past them, huge and tiny
+/// floats, infinities, NaN, a bool and a fraction. Repeat counts between a few thousand and
+/// `MAX_REPEAT` are left out on purpose: they lower correctly but slowly (a 100,000-layer
+/// BERT reaches the 2,000,000-op limit in about 15 s of a debug build).
+const EXTREME_VALUES: &[&str] = &[
+    "0",
+    "-1",
+    "1",
+    "3",
+    "-9223372036854775808",
+    "9223372036854775807",
+    "9223372036854775808",
+    "4294967296",
+    "1e308",
+    "-1e-308",
+    "inf",
+    "-inf",
+    "nan",
+    "NaN",
+    "true",
+    "0.5",
+];
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig { cases: std::env::var("KILN_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(192), ..Default::default() })]
+
+    /// Shipped models lowered with one or two config entries (or a built-in) set to extreme
+    /// values: every case returns a graph or diagnostics, never a panic or a hang.
+    #[test]
+    fn front_end_never_panics_on_extreme_overrides(
+        model in 0usize..6,
+        sets in proptest::collection::vec((0usize..64, 0usize..EXTREME_VALUES.len()), 1..3),
+    ) {
+        let models = ["mlp", "lstm", "resnet_block", "seed_transformer", "bert_encoder", "gpt2"];
+        let text = std::fs::read_to_string(format!("models/{}.ron", models[model])).expect("model");
+        let (_, r) = kiln_lower::load_str("m.ron", &text, &[]);
+        let mut names: Vec<String> = r.expect("shipped models lower").config.into_iter().map(|(k, _)| k).collect();
+        names.sort();
+        let overrides: Vec<Override> = sets
+            .iter()
+            .map(|&(n, v)| Override { name: names[n % names.len()].clone(), value: EXTREME_VALUES[v].to_string() })
+            .collect();
+        front_end_with(&text, &overrides);
+    }
 
     #[test]
     fn front_end_never_panics_on_random_text(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {

@@ -75,14 +75,20 @@ fn window_out(
     pad: usize,
     dilation: usize,
 ) -> Result<usize, InferError> {
+    // A stride or dilation of 0 has no meaning; the language refuses it at the spec, and a
+    // graph built by hand gets this error rather than a window of overlapping taps.
+    if stride == 0 || dilation == 0 {
+        return Err(invalid(op, format!("stride ({stride}) and dilation ({dilation}) must be at least 1")));
+    }
     let eff = dilation.saturating_mul(kernel.max(1) - 1).saturating_add(1);
-    if stride == 0 || size.saturating_add(pad.saturating_mul(2)) < eff {
-        return Err(invalid(
+    let padded = pad.checked_mul(2).and_then(|p| size.checked_add(p));
+    match padded {
+        Some(padded) if padded >= eff => Ok((padded - eff) / stride + 1),
+        _ => Err(invalid(
             op,
             format!("window {kernel} (dilation {dilation}) does not fit input {size} with padding {pad}"),
-        ));
+        )),
     }
-    Ok((size + 2 * pad - eff) / stride + 1)
 }
 
 /// The result type of `op` applied to operands of `types`.

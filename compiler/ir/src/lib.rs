@@ -6,6 +6,7 @@
 //! tested against. [`seeded_input`] makes the deterministic stand-ins for inputs a run is not
 //! given.
 
+pub mod alloc;
 mod dtype;
 mod fold;
 mod graph;
@@ -21,6 +22,7 @@ pub mod tensor_io;
 mod verify;
 mod weights;
 
+pub use alloc::AllocError;
 pub use dtype::{fmt_shape, numel, strides, DType, Shape, TensorType};
 pub use fold::{fold_weights, fold_weights_without_values, Folded};
 pub use graph::{Graph, Node, NodeId, Origin};

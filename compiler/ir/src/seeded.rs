@@ -9,7 +9,7 @@
 //! entirely masked out.
 
 use crate::rng;
-use crate::{Buffer, DType, Graph, NodeId, Op, Tensor};
+use crate::{AllocError, Buffer, DType, Graph, NodeId, Op, Tensor};
 use std::collections::HashMap;
 use std::fmt;
 
@@ -58,13 +58,16 @@ pub struct SeededInput {
 /// feeds as `Gather` indices stay inside the table they index; without it (an artifact run
 /// on its own) integers are 0/1 or a mask. The dtype and shape are taken as given rather than
 /// read from the graph, because the caller's source of truth may be an artifact's manifest.
+///
+/// The tensor's memory is reserved first: a shape the system cannot hold (`--set
+/// batch=100000000`) is an [`AllocError`] saying how much was asked, not an abort.
 pub fn seeded_input(
     graph: Option<&Graph>,
     name: &str,
     dtype: DType,
     shape: &[usize],
     seed: u64,
-) -> SeededInput {
+) -> Result<SeededInput, AllocError> {
     let bound = graph.and_then(|g| {
         let id = g
             .inputs
@@ -76,14 +79,21 @@ pub fn seeded_input(
     fill(name, dtype, shape, bound, seed)
 }
 
-/// [`seeded_input`] for every input of `g`, by name.
+/// [`seeded_input`] for every input of `g`, by name: the test suites' helper, for graphs
+/// they build themselves.
+///
+/// # Panics
+/// When an input cannot be allocated; user-sized inputs go through [`seeded_input`], which
+/// returns that as an error.
 pub fn seeded_inputs(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
     g.inputs
         .iter()
         .filter_map(|&i| match &g.node(i).op {
-            Op::Input { name, dtype, shape } => {
-                Some((name.clone(), fill(name, *dtype, shape, gather_index_bound(g, i), seed).tensor))
-            }
+            Op::Input { name, dtype, shape } => Some(
+                fill(name, *dtype, shape, gather_index_bound(g, i), seed)
+                    .map(|s| (name.clone(), s.tensor))
+                    .unwrap_or_else(|e| panic!("seeded_inputs: {e}")),
+            ),
             _ => None,
         })
         .collect()
@@ -104,7 +114,13 @@ fn gather_index_bound(g: &Graph, input: NodeId) -> Option<usize> {
         .min()
 }
 
-fn fill(name: &str, dtype: DType, shape: &[usize], index_bound: Option<usize>, seed: u64) -> SeededInput {
+fn fill(
+    name: &str,
+    dtype: DType,
+    shape: &[usize],
+    index_bound: Option<usize>,
+    seed: u64,
+) -> Result<SeededInput, AllocError> {
     let fill = if dtype.is_float() {
         InputFill::Normal
     } else if let Some(bound) = index_bound {
@@ -123,18 +139,20 @@ fn fill(name: &str, dtype: DType, shape: &[usize], index_bound: Option<usize>, s
             InputFill::Normal => rng::normal(seed, stream, i),
             // `uniform` is below 1, and so is the rounded product's floor below `bound`; the
             // `min` keeps that true whatever the rounding.
+            // (An empty table, `bound` 0, has no valid index; 0 makes the gather's error
+            // name index 0 rather than -1.)
             InputFill::Indices { bound } => {
-                (rng::uniform(seed, stream, i) * bound as f64).floor().min(bound as f64 - 1.0)
+                (rng::uniform(seed, stream, i) * bound as f64).floor().min(bound.saturating_sub(1) as f64)
             }
             InputFill::Mask => f64::from(u8::from(rng::uniform(seed, stream, i) < MASK_KEEP)),
             InputFill::ZeroOne | InputFill::TrueFalse => (rng::uniform(seed, stream, i) * 2.0).floor(),
         }
     };
-    let n: usize = shape.iter().product();
-    SeededInput {
-        tensor: Tensor { shape: shape.to_vec(), data: Buffer::from_f64(dtype, (0..n).map(value)) },
-        fill,
-    }
+    let n = crate::numel(shape);
+    let data = Buffer::try_from_f64(dtype, n, (0..n).map(value), || {
+        crate::alloc::describe(&format!("input `{name}`"), dtype, shape)
+    })?;
+    Ok(SeededInput { tensor: Tensor { shape: shape.to_vec(), data }, fill })
 }
 
 #[cfg(test)]
@@ -160,13 +178,18 @@ mod tests {
     #[test]
     fn each_kind_of_input_gets_its_fill() {
         let g = graph();
-        let fill = |name: &str, dtype, shape: &[usize]| seeded_input(Some(&g), name, dtype, shape, 3).fill;
+        let fill = |name: &str, dtype, shape: &[usize]| {
+            seeded_input(Some(&g), name, dtype, shape, 3).expect("small").fill
+        };
         assert_eq!(fill("table", DType::F32, &[5, 4]), InputFill::Normal);
         assert_eq!(fill("ids", DType::I64, &[2, 3]), InputFill::Indices { bound: 5 });
         assert_eq!(fill("attention_mask", DType::I64, &[2, 3]), InputFill::Mask);
         assert_eq!(fill("flags", DType::Bool, &[7]), InputFill::TrueFalse);
         // Without the graph nothing is known to be an index.
-        assert_eq!(seeded_input(None, "ids", DType::I64, &[2, 3], 3).fill, InputFill::ZeroOne);
+        assert_eq!(
+            seeded_input(None, "ids", DType::I64, &[2, 3], 3).expect("small").fill,
+            InputFill::ZeroOne
+        );
     }
 
     #[test]
@@ -176,11 +199,22 @@ mod tests {
         assert_eq!(a, seeded_inputs(&g, 11));
         assert_ne!(a["table"], seeded_inputs(&g, 12)["table"]);
         assert!(a["ids"].data.to_f64_vec().iter().all(|&x| (0.0..5.0).contains(&x) && x.fract() == 0.0));
-        let big = seeded_input(None, "keep", DType::I32, &[10_000], 1).tensor.data.to_f64_vec();
+        let big =
+            seeded_input(None, "keep", DType::I32, &[10_000], 1).expect("small").tensor.data.to_f64_vec();
         let kept = big.iter().filter(|&&x| x == 1.0).count() as f64 / big.len() as f64;
         assert!(big.iter().all(|&x| x == 0.0 || x == 1.0));
         assert!((kept - MASK_KEEP).abs() < 0.02, "kept {kept}");
         // The same name, dtype and shape give the same values with or without a graph.
-        assert_eq!(seeded_input(Some(&g), "table", DType::F32, &[5, 4], 11).tensor, a["table"]);
+        assert_eq!(
+            seeded_input(Some(&g), "table", DType::F32, &[5, 4], 11).expect("small").tensor,
+            a["table"]
+        );
+    }
+
+    #[test]
+    fn an_input_too_large_to_hold_is_an_error() {
+        let e = seeded_input(None, "image", DType::F32, &[1 << 40, 1 << 20], 0).expect_err("2^62 f32");
+        assert_eq!(e.bytes, 1u128 << 62);
+        assert!(e.to_string().contains("for input `image` f32[1099511627776, 1048576]"), "{e}");
     }
 }

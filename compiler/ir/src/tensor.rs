@@ -1,5 +1,6 @@
 //! Dense, row-major tensors: the values the interpreter computes and that weights files hold.
 
+use crate::alloc::{try_vec, AllocError};
 use crate::dtype::{fmt_shape, numel, DType, Shape};
 use half::{bf16, f16};
 use serde::Serialize;
@@ -81,6 +82,54 @@ impl Buffer {
             DType::I64 => Buffer::I64(values.map(|v| v as i64).collect()),
             DType::Bool => Buffer::Bool(values.map(|v| v != 0.0).collect()),
         }
+    }
+
+    /// [`Buffer::from_f64`] for exactly `n` values, with the memory reserved first: a size the
+    /// system refuses is an [`AllocError`] for `what` instead of an abort.
+    pub fn try_from_f64(
+        dtype: DType,
+        n: usize,
+        values: impl Iterator<Item = f64>,
+        what: impl FnOnce() -> String,
+    ) -> Result<Buffer, AllocError> {
+        let bytes = crate::alloc::bytes_of(dtype, &[n]);
+        fn fill<T>(
+            n: usize,
+            bytes: u128,
+            what: impl FnOnce() -> String,
+            values: impl Iterator<Item = T>,
+        ) -> Result<Vec<T>, AllocError> {
+            let mut v = try_vec(n, bytes, what)?;
+            v.extend(values.take(n));
+            Ok(v)
+        }
+        Ok(match dtype {
+            DType::F32 => Buffer::F32(fill(n, bytes, what, values.map(|v| v as f32))?),
+            DType::F64 => Buffer::F64(fill(n, bytes, what, values)?),
+            DType::F16 => Buffer::F16(fill(n, bytes, what, values.map(f16::from_f64))?),
+            DType::BF16 => Buffer::BF16(fill(n, bytes, what, values.map(bf16::from_f64))?),
+            DType::I32 => Buffer::I32(fill(n, bytes, what, values.map(|v| v as i32))?),
+            DType::I64 => Buffer::I64(fill(n, bytes, what, values.map(|v| v as i64))?),
+            DType::Bool => Buffer::Bool(fill(n, bytes, what, values.map(|v| v != 0.0))?),
+        })
+    }
+
+    /// [`Buffer::to_le_bytes`] with the bytes reserved first: a size the system refuses is an
+    /// [`AllocError`] for `what` (a run's input copied for the runtime) instead of an abort.
+    pub fn try_to_le_bytes(&self, what: impl FnOnce() -> String) -> Result<Vec<u8>, AllocError> {
+        let bytes = crate::alloc::bytes_of(self.dtype(), &[self.len()]);
+        let n = usize::try_from(bytes).unwrap_or(usize::MAX);
+        let mut out = try_vec(n, bytes, what)?;
+        match self {
+            Buffer::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Buffer::F64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Buffer::F16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Buffer::BF16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Buffer::I32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Buffer::I64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            Buffer::Bool(v) => out.extend(v.iter().map(|&b| u8::from(b))),
+        }
+        Ok(out)
     }
 
     /// All elements as f64.
@@ -237,5 +286,13 @@ mod tests {
         assert_eq!(Buffer::I64(vec![258]).to_le_bytes(), [2, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(Buffer::BF16(vec![bf16::ONE]).to_le_bytes(), [0x80, 0x3f]);
         assert_eq!(Buffer::Bool(vec![true, false]).to_le_bytes(), [1, 0]);
+        for b in [
+            Buffer::F32(vec![1.0, -2.0]),
+            Buffer::I64(vec![258]),
+            Buffer::BF16(vec![bf16::ONE]),
+            Buffer::Bool(vec![true, false]),
+        ] {
+            assert_eq!(b.try_to_le_bytes(|| "a test buffer".into()).expect("small"), b.to_le_bytes());
+        }
     }
 }

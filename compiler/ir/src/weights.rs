@@ -87,6 +87,9 @@ pub struct WeightsError {
     pub duplicates: Vec<String>,
     /// Parameter names declared twice in the graph with different types.
     pub conflicting: Vec<String>,
+    /// The first parameter to initialize that the system would not give memory for (the
+    /// rest are not tried: what does not fit once will not fit again).
+    pub unallocated: Option<crate::AllocError>,
 }
 
 impl WeightsError {
@@ -96,6 +99,7 @@ impl WeightsError {
             && self.mismatched.is_empty()
             && self.duplicates.is_empty()
             && self.conflicting.is_empty()
+            && self.unallocated.is_none()
     }
 }
 
@@ -159,6 +163,9 @@ impl fmt::Display for WeightsError {
                 list(&self.conflicting, |n| n.clone())
             ));
         }
+        if let Some(e) = &self.unallocated {
+            lines.push(e.to_string());
+        }
         if !self.unused.is_empty() {
             lines.push(format!(
                 "also, tensors in the weights file that the model does not use: {} (the model has \
@@ -190,7 +197,7 @@ pub fn bind_params(
     weights: Option<&[(String, Tensor)]>,
     seed: u64,
     init_missing: bool,
-) -> Result<HashMap<String, Tensor>, WeightsError> {
+) -> Result<HashMap<String, Tensor>, Box<WeightsError>> {
     bind_params_with_warnings(g, weights, seed, init_missing).map(|(params, _)| params)
 }
 
@@ -208,13 +215,16 @@ pub fn bind_params(
 ///   (with a did-you-mean hint when it is a near miss of a parameter that was initialized),
 ///   so a real checkpoint loads as it is, extra buffers and heads included.
 ///
-/// All errors are collected into one [`WeightsError`].
+/// * A parameter whose memory the system refuses (a config asking for terabytes of weights)
+///   is reported in [`WeightsError::unallocated`], not an abort.
+///
+/// All errors are collected into one [`WeightsError`] (boxed: it holds six lists).
 pub fn bind_params_with_warnings(
     g: &Graph,
     weights: Option<&[(String, Tensor)]>,
     seed: u64,
     init_missing: bool,
-) -> Result<(HashMap<String, Tensor>, WeightsWarning), WeightsError> {
+) -> Result<(HashMap<String, Tensor>, WeightsWarning), Box<WeightsError>> {
     let mut err = WeightsError::default();
     let mut file: HashMap<&str, &Tensor> = HashMap::new();
     for (name, t) in weights.unwrap_or_default() {
@@ -260,9 +270,15 @@ pub fn bind_params_with_warnings(
                     out.insert(name.to_string(), t.cast(ty.dtype));
                 }
             }
+            None if err.unallocated.is_some() => {}
             None if weights.is_none() || init_missing => {
-                out.insert(name.to_string(), init_param(name, init, ty.dtype, &ty.shape, seed));
-                initialized.push(name);
+                match init_param(name, init, ty.dtype, &ty.shape, seed) {
+                    Ok(t) => {
+                        out.insert(name.to_string(), t);
+                        initialized.push(name);
+                    }
+                    Err(e) => err.unallocated = Some(e),
+                }
             }
             None => missing.push(name),
         }
@@ -280,7 +296,7 @@ pub fn bind_params_with_warnings(
         .map(|name| MissingWeight { name: name.to_string(), did_you_mean: suggest(name, &unused) })
         .collect();
     if !err.is_empty() {
-        return Err(err);
+        return Err(Box::new(err));
     }
     let warning = WeightsWarning {
         unused: err

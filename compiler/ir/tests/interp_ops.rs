@@ -1163,3 +1163,66 @@ fn matmul_128x384x1536_matches_f64() {
         assert!((f32s(&out[0].1)[i * 1536 + j] as f64 - want).abs() < 1e-4, "({i}, {j})");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// hostile sizes
+
+/// Whether the system refuses an allocation larger than it can back. With
+/// `vm.overcommit_memory = 1` Linux grants any size and the OOM killer decides later, so the
+/// refusal cannot be observed there.
+fn refuses_huge_allocations() -> bool {
+    std::fs::read_to_string("/proc/sys/vm/overcommit_memory").map_or(true, |s| s.trim() != "1")
+}
+
+#[test]
+fn a_result_too_large_to_allocate_is_an_error_with_its_size() {
+    if !refuses_huge_allocations() {
+        eprintln!("skipped: vm.overcommit_memory = 1 grants any allocation");
+        return;
+    }
+    // 2^40 f64 elements (8 TiB): the largest tensor the IR allows, more than any test machine.
+    let op = Op::Full { value: 1.0, dtype: DType::F64, shape: vec![1 << 20, 1 << 20] };
+    let e = run_err(op.clone(), &[]);
+    let msg = e.to_string();
+    assert!(matches!(e, EvalError::OutOfMemory(ref a) if a.bytes == 1 << 43), "{msg}");
+    assert!(
+        msg.starts_with(
+            "cannot allocate 8.0 TiB (8796093022208 bytes) for the result of `full`, f64[1048576, 1048576]"
+        ),
+        "{msg}"
+    );
+    // Through `eval`, the error names the node.
+    let mut g = Graph::new("huge");
+    let n = g.add(op, &[]).unwrap();
+    g.add_output("y", n);
+    let e = eval(&g, &Bindings::default()).expect_err("too large");
+    assert!(matches!(e.root(), EvalError::OutOfMemory(_)), "{e}");
+    assert!(e.to_string().starts_with("node %0 (full): cannot allocate 8.0 TiB"), "{e}");
+}
+
+#[test]
+fn matmul_with_an_empty_batch_axis_is_empty() {
+    // A batch extent of 0 broadcast against 1 is 0 (not the larger of the two).
+    let a = t32(&[1, 2, 3], &[1.0; 6]);
+    let b = t32(&[0, 3, 4], &[]);
+    let out = run(Op::MatMul, &[&a, &b]);
+    assert_eq!(out.shape, vec![0, 2, 4]);
+    let out = run(Op::MatMul, &[&b, &t32(&[1, 4, 2], &[1.0; 8])]);
+    assert_eq!(out.shape, vec![0, 3, 2]);
+    // And an empty contraction is zeros.
+    let out = run(Op::MatMul, &[&t32(&[2, 0], &[]), &t32(&[0, 3], &[])]);
+    assert_eq!(f32s(&out), &[0.0; 6]);
+}
+
+#[test]
+fn a_zero_stride_or_dilation_is_a_typing_error() {
+    let x = t32(&[1, 1, 4, 4], &[1.0; 16]);
+    let w = t32(&[1, 1, 2, 2], &[1.0; 4]);
+    for (stride, dilation) in [([1, 1], [0, 1]), ([0, 1], [1, 1])] {
+        let op = Op::Conv2d { stride, padding: [0, 0], dilation, groups: 1 };
+        let types =
+            [TensorType::new(DType::F32, x.shape.clone()), TensorType::new(DType::F32, w.shape.clone())];
+        let e = infer(&op, &[&types[0], &types[1]]).expect_err("zero");
+        assert!(e.to_string().contains("must be at least 1"), "{e}");
+    }
+}

@@ -71,10 +71,26 @@ impl ConfigEnv<'_> {
 }
 
 /// Evaluates a config expression; the error is a message for the expression's span.
+///
+/// Arithmetic is checked: integer overflow (`i64::MIN % -1`'s quotient, `-i64::MIN`,
+/// `abs(i64::MIN)`), division by zero, a float that does not fit an integer (`floor(1e300)`)
+/// and any result that is NaN (`sqrt(-1)`, `0.0 / 0.0`, `inf - inf`) are errors rather than
+/// panics or silently wrong values. Infinities stay allowed: `-inf` is a mask's fill value.
 pub fn eval(e: &CExpr, env: &ConfigEnv, shapes: &dyn ShapeLookup) -> Result<CValue, String> {
+    let v = eval_unchecked(e, env, shapes)?;
+    match v {
+        CValue::Float(f) if f.is_nan() => Err(format!("`{e}` is NaN (not a number)")),
+        v => Ok(v),
+    }
+}
+
+/// [`eval`] without the NaN check at the root (each operand is checked as it is evaluated).
+fn eval_unchecked(e: &CExpr, env: &ConfigEnv, shapes: &dyn ShapeLookup) -> Result<CValue, String> {
     use kiln_spec::cexpr::BinOp as B;
     Ok(match e {
         CExpr::Int(i) => CValue::Int(*i),
+        // RON reads `NaN`; no config value (an eps, a scale, a fill value) means it.
+        CExpr::Float(f) if f.is_nan() => return Err("NaN is not a valid config value".into()),
         CExpr::Float(f) => CValue::Float(*f),
         CExpr::Bool(b) => CValue::Bool(*b),
         CExpr::Name(n) => match env.get(n) {
@@ -87,7 +103,9 @@ pub fn eval(e: &CExpr, env: &ConfigEnv, shapes: &dyn ShapeLookup) -> Result<CVal
             }
         },
         CExpr::Neg(x) => match eval(x, env, shapes)? {
-            CValue::Int(i) => CValue::Int(-i),
+            CValue::Int(i) => {
+                CValue::Int(i.checked_neg().ok_or_else(|| format!("integer overflow in `-({i})`"))?)
+            }
             CValue::Float(f) => CValue::Float(-f),
             CValue::Bool(_) => return Err("cannot negate a bool".into()),
         },
@@ -171,7 +189,10 @@ pub fn eval(e: &CExpr, env: &ConfigEnv, shapes: &dyn ShapeLookup) -> Result<CVal
             _ => {
                 let v = eval(&args[0], env, shapes)?;
                 if let (CValue::Int(i), "abs") = (v, f.as_str()) {
-                    return Ok(CValue::Int(i.abs()));
+                    return i
+                        .checked_abs()
+                        .map(CValue::Int)
+                        .ok_or_else(|| format!("integer overflow in `abs({i})`"));
                 }
                 let Some(x) = v.as_f64() else {
                     return Err(format!("`{f}` needs a number, got {}", v.kind()));
@@ -182,13 +203,24 @@ pub fn eval(e: &CExpr, env: &ConfigEnv, shapes: &dyn ShapeLookup) -> Result<CVal
                     "exp" => CValue::Float(x.exp()),
                     "log" => CValue::Float(x.ln()),
                     "abs" => CValue::Float(x.abs()),
-                    "floor" => CValue::Int(x.floor() as i64),
-                    "ceil" => CValue::Int(x.ceil() as i64),
+                    "floor" => CValue::Int(to_int(x.floor(), f)?),
+                    "ceil" => CValue::Int(to_int(x.ceil(), f)?),
                     other => return Err(format!("unknown function `{other}`")),
                 }
             }
         },
     })
+}
+
+/// An integral float as an integer, or an error when it is beyond `i64` (or not finite).
+fn to_int(v: f64, f: &str) -> Result<i64, String> {
+    // -2^63 is exact in f64 and in range; 2^63 is the first value past the top.
+    const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+    if (-LIMIT..LIMIT).contains(&v) {
+        Ok(v as i64)
+    } else {
+        Err(format!("`{f}` of {v:?} does not fit a 64-bit integer"))
+    }
 }
 
 fn int_op(op: kiln_spec::cexpr::BinOp, x: i64, y: i64) -> Result<CValue, String> {
@@ -202,10 +234,17 @@ fn int_op(op: kiln_spec::cexpr::BinOp, x: i64, y: i64) -> Result<CValue, String>
             return Err(format!("division by zero in `{x} {} {y}`", op.symbol()))
         }
         // `/` stays an integer when it divides exactly, so `d / heads` is a valid extent.
-        B::Div if x % y == 0 => CValue::Int(x / y),
+        // (`wrapping_rem` is the true remainder, 0 even for `i64::MIN % -1`; the quotient
+        // that overflows there is checked.)
+        B::Div if x.wrapping_rem(y) == 0 => CValue::Int(x.checked_div(y).ok_or_else(overflow)?),
         B::Div => CValue::Float(x as f64 / y as f64),
         // Floor division and its remainder, as in Python: the remainder takes the sign of y.
-        B::FloorDiv => CValue::Int((x - floor_rem(x, y)) / y),
+        B::FloorDiv => {
+            let q = x.checked_div(y).ok_or_else(overflow)?;
+            // Truncation rounded toward zero; floor is one lower when the signs differ. `q`
+            // is above i64::MIN here (it equals it only for `i64::MIN // 1`, which is exact).
+            CValue::Int(if x.wrapping_rem(y) != 0 && ((x < 0) != (y < 0)) { q - 1 } else { q })
+        }
         B::Rem => CValue::Int(floor_rem(x, y)),
         B::Pow if (0..64).contains(&y) => CValue::Int(x.checked_pow(y as u32).ok_or_else(overflow)?),
         B::Pow => CValue::Float((x as f64).powf(y as f64)),
@@ -219,7 +258,8 @@ fn int_op(op: kiln_spec::cexpr::BinOp, x: i64, y: i64) -> Result<CValue, String>
 
 /// `x mod y` with the sign of `y` (so `(x // y) * y + x % y == x`).
 fn floor_rem(x: i64, y: i64) -> i64 {
-    let r = x % y;
+    // `wrapping_rem` only wraps for `i64::MIN % -1`, whose true remainder is 0.
+    let r = x.wrapping_rem(y);
     if r != 0 && (r < 0) != (y < 0) {
         r + y
     } else {
@@ -272,6 +312,54 @@ mod tests {
             assert_eq!(q * y + r, x, "{x} // {y}");
             assert_eq!(q, (x as f64 / y as f64).floor() as i64);
         }
+    }
+
+    fn ev_err(s: &str) -> String {
+        let e = kiln_spec::parse_cexpr(s).expect("parses");
+        let cfg: HashMap<String, CValue> = HashMap::new();
+        eval(&e, &ConfigEnv { frames: vec![&cfg] }, &NoShapes).expect_err("fails")
+    }
+
+    const MIN: &str = "(-9223372036854775807 - 1)";
+
+    #[test]
+    fn integer_edge_cases_are_exact_or_errors() {
+        // The true remainder of i64::MIN by -1 is 0; the quotient overflows.
+        assert_eq!(ev(&format!("{MIN} % -1")), CValue::Int(0));
+        assert_eq!(ev(&format!("{MIN} // 1")), CValue::Int(i64::MIN));
+        assert_eq!(ev(&format!("{MIN} // 3")), CValue::Int(i64::MIN / 3 - 1));
+        assert_eq!(ev(&format!("{MIN} % 3")), CValue::Int(1));
+        assert_eq!(ev(&format!("{MIN} / -2")), CValue::Int(1 << 62));
+        assert_eq!(ev("9223372036854775807 // -1"), CValue::Int(-i64::MAX));
+        for (e, msg) in [
+            (format!("{MIN} // -1"), "integer overflow in `-9223372036854775808 // -1`"),
+            (format!("{MIN} / -1"), "integer overflow in `-9223372036854775808 / -1`"),
+            (format!("-{MIN}"), "integer overflow in `-(-9223372036854775808)`"),
+            (format!("abs{MIN}"), "integer overflow in `abs(-9223372036854775808)`"),
+            (format!("{MIN} - 1"), "integer overflow in `-9223372036854775808 - 1`"),
+            ("2 ** 63".into(), "integer overflow in `2 ** 63`"),
+            ("7 % 0".into(), "division by zero in `7 % 0`"),
+        ] {
+            assert_eq!(ev_err(&e), msg, "{e}");
+        }
+    }
+
+    #[test]
+    fn floats_that_are_nan_or_past_the_integers_are_errors() {
+        assert_eq!(ev_err("sqrt(-1)"), "`sqrt(-(1))` is NaN (not a number)");
+        assert_eq!(ev_err("inf - inf"), "`(inf - inf)` is NaN (not a number)");
+        assert_eq!(ev_err("0.0 / 0.0 + 1"), "`(0.0 / 0.0)` is NaN (not a number)");
+        assert_eq!(ev_err("log(-1) > 0"), "`log(-(1))` is NaN (not a number)");
+        assert_eq!(ev_err("floor(1e300)"), "`floor` of 1e300 does not fit a 64-bit integer");
+        assert_eq!(ev_err("ceil(-inf)"), "`ceil` of -inf does not fit a 64-bit integer");
+        assert_eq!(
+            ev_err("floor(9223372036854775808.0)"),
+            "`floor` of 9.223372036854776e18 does not fit a 64-bit integer"
+        );
+        assert_eq!(ev("floor(-9223372036854775808.0)"), CValue::Int(i64::MIN));
+        // Infinity itself is a value (a mask's fill).
+        assert_eq!(ev("-inf"), CValue::Float(f64::NEG_INFINITY));
+        assert_eq!(ev("10.0 ** 400"), CValue::Float(f64::INFINITY));
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod ops;
 mod training;
 
 pub use config::CValue;
+pub use lower::{MAX_EXPANSION, MAX_NESTING};
 pub use training::{LossKind, TrainingPlan};
 
 use kiln_ir::{verify, Graph};
@@ -50,6 +51,31 @@ impl Override {
     }
 }
 
+/// The largest spec file (model or library) Kiln reads: 16 MiB. The shipped models are a few
+/// KiB and weights live in `.safetensors` files, so anything larger is a mistake (a weights
+/// file named by accident, `/dev/zero`); reading stops there instead of filling memory.
+pub const MAX_SPEC_BYTES: u64 = 16 << 20;
+
+/// Reads a spec file as text, refusing more than [`MAX_SPEC_BYTES`] (without reading past
+/// them: the file may never end) and text that is not UTF-8.
+pub fn read_spec(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SPEC_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_SPEC_BYTES {
+        return Err(format!(
+            "`{}` is larger than {} MiB, the limit for a spec file (weights belong in a .safetensors file)",
+            path.display(),
+            MAX_SPEC_BYTES >> 20
+        ));
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| format!("cannot read `{}`: it is not UTF-8 text ({e})", path.display()))
+}
+
 /// Config names every model has, with their defaults, unless it defines them itself.
 pub const BUILTIN_CONFIG: &[(&str, CValue)] = &[("training", CValue::Bool(false)), ("seed", CValue::Int(0))];
 
@@ -57,12 +83,9 @@ pub const BUILTIN_CONFIG: &[(&str, CValue)] = &[("training", CValue::Bool(false)
 /// (`NAME.ron`), and `std` falls back to the built-in standard library.
 pub fn load(path: &Path, overrides: &[Override]) -> (Sources, Result<Lowered, Diagnostics>) {
     let mut sources = Sources::new();
-    let text = match std::fs::read_to_string(path) {
+    let text = match read_spec(path) {
         Ok(t) => t,
-        Err(e) => {
-            let d = Diagnostic::error(format!("cannot read `{}`: {e}", path.display()));
-            return (sources, Err(Diagnostics(vec![d])));
-        }
+        Err(e) => return (sources, Err(Diagnostics(vec![Diagnostic::error(e)]))),
     };
     let file = sources.add(path.display().to_string(), text);
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -92,13 +115,10 @@ fn lower_file(
     for u in &model.uses {
         let local = dir.map(|d| d.join(format!("{}.ron", u.name)));
         let text = match local.as_ref().filter(|p| p.is_file()) {
-            Some(p) => match std::fs::read_to_string(p) {
+            Some(p) => match read_spec(p) {
                 Ok(t) => Some((p.display().to_string(), t)),
                 Err(e) => {
-                    fatal.push(
-                        Diagnostic::error(format!("cannot read `{}`: {e}", p.display()))
-                            .at(u.span, "used here"),
-                    );
+                    fatal.push(Diagnostic::error(e).at(u.span, "used here"));
                     None
                 }
             },
@@ -173,6 +193,10 @@ fn resolve_config(
             continue;
         }
         match CValue::parse_literal(&o.value) {
+            Some(CValue::Float(f)) if f.is_nan() => diags.push(Diagnostic::error(format!(
+                "--set {}={}: NaN is not a valid config value",
+                o.name, o.value
+            ))),
             Some(v) => {
                 values.insert(o.name.clone(), v);
             }
@@ -197,6 +221,7 @@ fn resolve_config(
     for (k, v) in BUILTIN_CONFIG {
         values.entry(k.to_string()).or_insert(*v);
     }
+    check_builtins(&values, &exprs, diags);
     let ordered = exprs
         .iter()
         .map(|(n, ..)| n.to_string())
@@ -204,6 +229,33 @@ fn resolve_config(
         .filter_map(|n| values.get(&n).map(|v| (n, *v)))
         .collect();
     (values, ordered)
+}
+
+/// The built-in config entries have one meaning each, so a value of another kind is an
+/// error (at the model's entry when it defines one, else about `--set`): `training` is a
+/// bool (`training=2` is not "true"), `seed` a non-negative integer (the random streams take
+/// an unsigned seed; a negative, fractional or NaN one would be silently converted).
+fn check_builtins(
+    values: &HashMap<String, CValue>,
+    exprs: &[(&str, &kiln_spec::SpannedCExpr, Span)],
+    diags: &mut Vec<Diagnostic>,
+) {
+    let training = match values.get("training") {
+        Some(CValue::Bool(_)) | None => None,
+        Some(v) => Some(("training", format!("config `training` must be true or false, but it is {v}"))),
+    };
+    let seed = match values.get("seed") {
+        Some(CValue::Int(i)) if *i >= 0 => None,
+        None => None,
+        Some(v) => Some(("seed", format!("config `seed` must be a non-negative integer, but it is {v}"))),
+    };
+    for (name, msg) in [training, seed].into_iter().flatten() {
+        let d = Diagnostic::error(msg.clone());
+        diags.push(match exprs.iter().find(|(n, ..)| *n == name) {
+            Some((_, e, _)) => d.at(e.span, msg),
+            None => d.note(format!("set by `--set {name}=…`")),
+        });
+    }
 }
 
 /// Depth-first evaluation of config entries that refer to each other, reporting each cycle
@@ -255,7 +307,7 @@ impl<'m> ConfigResolver<'m, '_> {
                 self.diags.push(
                     Diagnostic::error(format!(
                         "bad config expression `{}`: {msg}",
-                        self.sources.snippet(e.span).trim_matches('"')
+                        kiln_spec::cexpr::abbreviate(self.sources.snippet(e.span).trim_matches('"'), 80)
                     ))
                     .at(e.span, msg),
                 )
@@ -291,6 +343,12 @@ fn lower_model(
     let mut l = Lowerer::new(sources, &model.name.name, global, &table);
     l.declare_inputs(&model.inputs);
     l.stmts(&model.body);
+    if l.stopped() {
+        // The body was cut short: outputs and training would only report names it never
+        // reached. The limit's own diagnostic says what happened.
+        diags.append(&mut l.diags);
+        return Err(Diagnostics(diags));
+    }
     let mut seen = HashMap::new();
     for out in &model.outputs {
         if let Some(prev) = seen.insert(out.name.name.clone(), out.name.span) {

@@ -14,6 +14,17 @@ use std::sync::Arc;
 /// Bounds that keep a mistaken config from unrolling without end.
 const MAX_REPEAT: usize = 100_000;
 const MAX_NODES: usize = 2_000_000;
+/// The expansion budget: statements run, repeat iterations and module calls entered, counted
+/// over the whole model after every `Repeat` is unrolled and every `Call` inlined. Nodes
+/// alone do not bound the work: nested `Repeat`s whose bodies add no op, or modules that call
+/// another module twice, 40 deep (2⁴⁰ calls), would run for hours. 4,000,000 is twice
+/// `MAX_NODES` (a statement usually adds at least one node) and takes a few seconds.
+pub const MAX_EXPANSION: u64 = 4_000_000;
+/// How deeply expressions and module calls may nest while lowering (an op inside an op's
+/// argument, a module calling a module): 100 levels. Each level is several frames of
+/// recursion; a debug build overflows a 2 MiB thread stack (a test thread's) at about 190
+/// nested calls. The reader bounds one file's nesting at 100 too; calls add up across modules.
+pub const MAX_NESTING: usize = 100;
 
 /// A lowered operand: a graph node, or a literal number whose dtype follows its partner
 /// (numpy's weak scalars: `x * 0.5` keeps x's dtype).
@@ -65,6 +76,14 @@ pub struct Lowerer<'a> {
     /// The spec span that defined each node (for "where did this shape come from").
     def_span: HashMap<NodeId, Span>,
     call_stack: Vec<(String, Span)>,
+    /// The `Repeat`s being unrolled (their spans), for the expansion-budget diagnostic.
+    repeat_stack: Vec<Span>,
+    /// Steps of expansion so far (see [`MAX_EXPANSION`]); past it lowering stops.
+    expansion: u64,
+    /// Current nesting of expressions and calls (see [`MAX_NESTING`]).
+    nesting: usize,
+    /// Set once a limit has stopped the lowering, so nothing more is lowered or reported.
+    stopped: bool,
     random_sites: u64,
     /// Input name → node, and whether anything used it.
     pub input_uses: HashMap<String, (NodeId, Span, bool)>,
@@ -101,6 +120,10 @@ impl<'a> Lowerer<'a> {
             params: HashMap::new(),
             def_span: HashMap::new(),
             call_stack: Vec::new(),
+            repeat_stack: Vec::new(),
+            expansion: 0,
+            nesting: 0,
+            stopped: false,
             random_sites: 0,
             input_uses: HashMap::new(),
             file_names: sources.files().iter().map(|f| Arc::from(f.name.as_str())).collect(),
@@ -149,7 +172,7 @@ impl<'a> Lowerer<'a> {
                 self.diags.push(
                     Diagnostic::error(format!(
                         "bad config expression `{}`: {msg}",
-                        self.sources.snippet(e.span).trim_matches('"')
+                        kiln_spec::cexpr::abbreviate(self.sources.snippet(e.span).trim_matches('"'), 80)
                     ))
                     .at(e.span, msg),
                 );
@@ -258,7 +281,15 @@ impl<'a> Lowerer<'a> {
             let expr = match parse_cexpr(inner) {
                 Ok(e) => e,
                 Err(e) => {
-                    self.error(span, format!("bad config expression {inner:?}: {}", e.message), e.message);
+                    self.error(
+                        span,
+                        format!(
+                            "bad config expression {:?}: {}",
+                            kiln_spec::cexpr::abbreviate(inner, 80),
+                            e.message
+                        ),
+                        e.message,
+                    );
                     return None;
                 }
             };
@@ -323,11 +354,72 @@ impl<'a> Lowerer<'a> {
 
     pub fn stmts(&mut self, stmts: &[Stmt]) {
         for s in stmts {
+            if self.stopped {
+                return;
+            }
             self.stmt(s);
         }
     }
 
+    /// Counts one step of expansion at `span`; past [`MAX_EXPANSION`] reports the error once,
+    /// with the repeats and calls that led there, and stops the lowering.
+    fn expand(&mut self, span: Span) -> bool {
+        if self.stopped {
+            return false;
+        }
+        self.expansion += 1;
+        if self.expansion <= MAX_EXPANSION {
+            return true;
+        }
+        self.stop(
+            Diagnostic::error(format!(
+                "the model expands to more than {MAX_EXPANSION} steps (statements, repeat iterations and module calls)"
+            ))
+            .at(span, "the budget ran out here"),
+        );
+        false
+    }
+
+    /// Reports a limit that stops the lowering, with the enclosing repeats and calls (the
+    /// innermost eight of each) as related spans, and stops.
+    fn stop(&mut self, mut d: Diagnostic) {
+        for r in self.repeat_stack.iter().rev().take(8) {
+            d = d.with_related(*r, "inside this repeat");
+        }
+        for (name, c) in self.call_stack.iter().rev().take(8) {
+            d = d.with_related(*c, format!("inside this call of `{name}`"));
+        }
+        self.diags.push(
+            d.note("nested `Repeat`s multiply, and so do modules that call other modules several times"),
+        );
+        self.stopped = true;
+    }
+
+    /// Enters one level of expression or call nesting; past [`MAX_NESTING`] reports it once
+    /// and stops.
+    fn nest(&mut self, span: Span) -> bool {
+        if self.stopped {
+            return false;
+        }
+        if self.nesting >= MAX_NESTING {
+            let d = Diagnostic::error(format!(
+                "expressions and module calls nest more than {MAX_NESTING} levels deep"
+            ))
+            .at(span, "too deep here");
+            self.stop(d);
+            return false;
+        }
+        self.nesting += 1;
+        true
+    }
+
     fn stmt(&mut self, s: &Stmt) {
+        let span = match s {
+            Stmt::Let { span, .. } | Stmt::Repeat { span, .. } => *span,
+        };
+        if !self.expand(span) {
+            return;
+        }
         match s {
             Stmt::Let { names, value, span } => {
                 let single_name = (names.len() == 1).then(|| names[0].name.clone());
@@ -360,7 +452,7 @@ impl<'a> Lowerer<'a> {
                     }
                 }
             }
-            Stmt::Repeat { n, index, body, .. } => {
+            Stmt::Repeat { n, index, body, span } => {
                 let Some(count) = self.cextent(n, "the repeat count") else { return };
                 if count > MAX_REPEAT {
                     self.error(
@@ -371,10 +463,15 @@ impl<'a> Lowerer<'a> {
                     return;
                 }
                 let shadowed = self.frame().config.get(&index.name).copied();
+                self.repeat_stack.push(*span);
                 for i in 0..count {
+                    if !self.expand(*span) {
+                        break;
+                    }
                     self.frame_mut().config.insert(index.name.clone(), CValue::Int(i as i64));
                     self.stmts(body);
                 }
+                self.repeat_stack.pop();
                 match shadowed {
                     Some(v) => self.frame_mut().config.insert(index.name.clone(), v),
                     None => self.frame_mut().config.remove(&index.name),
@@ -391,6 +488,15 @@ impl<'a> Lowerer<'a> {
 
     /// `let_name` names a parameter declared directly in a `Let`.
     fn expr_named(&mut self, e: &Expr, let_name: Option<&str>) -> Option<LValue> {
+        if !self.nest(e.span()) {
+            return None;
+        }
+        let v = self.expr_inner(e, let_name);
+        self.nesting -= 1;
+        v
+    }
+
+    fn expr_inner(&mut self, e: &Expr, let_name: Option<&str>) -> Option<LValue> {
         match e {
             Expr::Name(n) => {
                 let Some(b) = self.frame().tensors.get(&n.name).cloned() else {
@@ -504,14 +610,13 @@ impl<'a> Lowerer<'a> {
         span: Span,
         operand_exprs: &[&Expr],
     ) -> Option<NodeId> {
+        if self.stopped {
+            return None;
+        }
         if self.graph.node_count() >= MAX_NODES {
-            if !self.diags.iter().any(|d| d.message.starts_with("the model unrolls")) {
-                self.error(
-                    span,
-                    format!("the model unrolls to more than {MAX_NODES} ops"),
-                    "while adding this op",
-                );
-            }
+            let d = Diagnostic::error(format!("the model unrolls to more than {MAX_NODES} ops"))
+                .at(span, "while adding this op");
+            self.stop(d);
             return None;
         }
         match self.graph.add_at(op, operands, Some(self.origin(span))) {
@@ -745,7 +850,7 @@ impl<'a> Lowerer<'a> {
             self.scope.push(seg.clone());
         }
         self.call_stack.push((qualified.clone(), c.span));
-        if ok {
+        if ok && self.expand(c.span) {
             self.stmts(&module.body);
         }
         self.call_stack.pop();
@@ -778,6 +883,12 @@ impl<'a> Lowerer<'a> {
         let seed = self.global.get("seed").and_then(|v| v.as_f64()).unwrap_or(0.0) as u64;
         self.random_sites += 1;
         kiln_ir::rng::bits(seed, kiln_ir::rng::stream_of(&self.scope.join(".")), self.random_sites) >> 11
+    }
+
+    /// Whether a limit (expansion, nesting, node count) stopped the lowering: the graph is
+    /// then incomplete, and names it never bound are not the user's mistake.
+    pub fn stopped(&self) -> bool {
+        self.stopped
     }
 
     /// Looks up a name in the model frame after the body ran (for outputs and training).

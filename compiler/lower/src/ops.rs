@@ -39,21 +39,44 @@ fn ints_span(a: &Arg) -> Span {
 
 /// A pair attribute given as one integer (both axes) or `[h, w]`.
 fn pair(l: &mut Lowerer, a: &Arg, what: &str) -> Option<[usize; 2]> {
+    pair_from(l, a, what, 0)
+}
+
+/// A stride, dilation or kernel size: 0 has no meaning (a dilation of 0 would stack every
+/// tap of the window on one pixel), so each must be at least 1.
+fn positive_pair(l: &mut Lowerer, a: &Arg, what: &str) -> Option<[usize; 2]> {
+    pair_from(l, a, what, 1)
+}
+
+fn pair_from(l: &mut Lowerer, a: &Arg, what: &str, min: i64) -> Option<[usize; 2]> {
     let v = ints(l, a)?;
-    let bad = v.iter().any(|&x| x < 0);
+    let bad = v.iter().any(|&x| x < min);
+    let kind = if min > 0 { "positive" } else { "non-negative" };
     match (v.as_slice(), bad) {
         ([x], false) => Some([*x as usize, *x as usize]),
         ([h, w], false) => Some([*h as usize, *w as usize]),
         _ => {
             l.diags.push(
-                kiln_spec::Diagnostic::error(format!(
-                    "{what} must be one non-negative integer or a pair [h, w]"
-                ))
-                .at(ints_span(a), "expected n or [h, w]"),
+                kiln_spec::Diagnostic::error(format!("{what} must be one {kind} integer or a pair [h, w]"))
+                    .at(ints_span(a), "expected n or [h, w]"),
             );
             None
         }
     }
+}
+
+/// A norm's `eps`: finite and not negative (NaN is refused by config evaluation already); a
+/// negative or infinite one makes every output NaN or zero.
+fn eps_or(l: &mut Lowerer, call: &OpCall, i: usize, default: f64) -> Option<f64> {
+    let eps = float_or(l, call, i, "`eps`", default)?;
+    if !(eps.is_finite() && eps >= 0.0) {
+        if let Some(e) = config_arg(call, i) {
+            let msg = format!("`eps` must be a finite non-negative number, but it is {eps}");
+            l.diags.push(kiln_spec::Diagnostic::error(msg).at(e.span, "invalid eps"));
+        }
+        return None;
+    }
+    Some(eps)
 }
 
 fn tensor_arg(call: &OpCall, i: usize) -> &Expr {
@@ -182,7 +205,7 @@ fn lower_fused(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             let idx: &[usize] = if layer { &[0, 1, 2] } else { &[0, 1] };
             let nodes = tensor_args(l, call, idx);
             let eps_at = idx.len();
-            let eps = float_or(l, call, eps_at, "`eps`", if layer { 1e-5 } else { 1e-6 });
+            let eps = eps_or(l, call, eps_at, if layer { 1e-5 } else { 1e-6 });
             let (nodes, eps) = (nodes?, eps?);
             if layer && nodes[1].is_some() != nodes[2].is_some() {
                 return arg_combination(
@@ -221,7 +244,7 @@ fn lower_fused(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
         "AddNorm" => {
             let idx = [0, 1, 2, 3];
             let nodes = tensor_args(l, call, &idx);
-            let eps = float_or(l, call, 4, "`eps`", 1e-5);
+            let eps = eps_or(l, call, 4, 1e-5);
             let rms = bool_or(l, call, 5, "`rms`", false);
             let (nodes, eps, rms) = (nodes?, eps?, rms?);
             let (gamma, beta) = (nodes[2].is_some(), nodes[3].is_some());
@@ -325,7 +348,9 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             let x = node_arg(l, call, 0)?;
             let dims = shape_arg(l, call, 1, true)?;
             let total = l.graph.ty(x).numel();
-            let known: usize = dims.iter().filter(|&&d| d >= 0).map(|&d| d as usize).product();
+            // Saturating: extents from `--set` may multiply past usize (the typing rules then
+            // refuse the shape; a saturated product divides nothing).
+            let known = dims.iter().filter(|&&d| d >= 0).fold(1usize, |a, &d| a.saturating_mul(d as usize));
             let infer = dims.iter().filter(|&&d| d == -1).count();
             let shape_span = match &call.args[1] {
                 Some(Arg::Shape(s)) => s.span(),
@@ -554,7 +579,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             let x = node_arg(l, call, 0)?;
             let w = node_arg(l, call, 1)?;
             let stride = match &call.args[2] {
-                Some(a) => pair(l, a, "`stride`")?,
+                Some(a) => positive_pair(l, a, "`stride`")?,
                 None => [1, 1],
             };
             let padding = match &call.args[3] {
@@ -562,7 +587,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
                 None => [0, 0],
             };
             let dilation = match &call.args[4] {
-                Some(a) => pair(l, a, "`dilation`")?,
+                Some(a) => positive_pair(l, a, "`dilation`")?,
                 None => [1, 1],
             };
             let groups = match config_arg(call, 5) {
@@ -579,9 +604,9 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
         "MaxPool2d" | "AvgPool2d" => {
             let kind = if name == "MaxPool2d" { PoolKind::Max } else { PoolKind::Avg };
             let x = node_arg(l, call, 0)?;
-            let kernel = pair(l, call.args[1].as_ref()?, "`kernel`")?;
+            let kernel = positive_pair(l, call.args[1].as_ref()?, "`kernel`")?;
             let stride = match &call.args[2] {
-                Some(a) => pair(l, a, "`stride`")?,
+                Some(a) => positive_pair(l, a, "`stride`")?,
                 None => kernel,
             };
             let padding = match &call.args[3] {
@@ -593,7 +618,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
         "RandomUniform" => {
             let shape: Vec<usize> = shape_arg(l, call, 0, false)?.into_iter().map(|d| d as usize).collect();
             let seed = match config_arg(call, 1) {
-                Some(e) => l.cint(e, "the seed")? as u64,
+                Some(e) => l.cextent(e, "the seed")? as u64,
                 None => l.next_random_seed(),
             };
             let offset = match config_arg(call, 2) {

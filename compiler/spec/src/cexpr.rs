@@ -63,6 +63,10 @@ impl BinOp {
     }
 }
 
+/// Words config expressions read as constants or operators: a config entry, module config
+/// argument or repeat index with one of these names could never be read, so it is refused.
+pub const RESERVED: &[&str] = &["true", "false", "pi", "inf", "and", "or", "not"];
+
 /// The functions config expressions may call, with their arity.
 pub const FUNCTIONS: &[(&str, usize)] = &[
     ("sqrt", 1),
@@ -172,11 +176,29 @@ fn lex(s: &str) -> Result<Vec<(Tok, usize, usize)>, CExprError> {
     Ok(out)
 }
 
+/// How deeply a config expression may nest: the depth of its tree (`a + b + c` is two
+/// levels, `-(-x)` two) and the nesting of unary operators and `**` while it is parsed
+/// (parentheses and calls have their own, lower bound, [`MAX_CEXPR_PARENS`]). Evaluation, printing and dropping walk the tree recursively, so the bound keeps
+/// every one of them far from the stack's limit; no sensible config needs more than a few
+/// levels, and a 20,000-term chain is refused with a message instead of overflowing the stack.
+pub const MAX_CEXPR_DEPTH: usize = 256;
+
+/// How deeply parentheses and function calls may nest (`((((x))))`, `abs(abs(x))`): each
+/// level re-enters the whole precedence ladder (a dozen stack frames), so this bound is
+/// lower than [`MAX_CEXPR_DEPTH`].
+pub const MAX_CEXPR_PARENS: usize = 64;
+
+/// A parse result: the expression and the depth of its tree.
+type Parsed = Result<(CExpr, usize), CExprError>;
+
 struct P {
     toks: Vec<(Tok, usize, usize)>,
     i: usize,
     len: usize,
+    /// Nesting of unary operators and `**` being parsed (see [`MAX_CEXPR_DEPTH`]).
     depth: usize,
+    /// Nesting of parentheses and call arguments being parsed (see [`MAX_CEXPR_PARENS`]).
+    parens: usize,
 }
 
 impl P {
@@ -194,48 +216,75 @@ impl P {
             || matches!(self.peek(), Some(Tok::Ident(w)) if w == op && (op == "and" || op == "or" || op == "not"))
     }
 
-    fn bin(
-        &mut self,
-        ops: &[(&str, BinOp)],
-        next: fn(&mut P) -> Result<CExpr, CExprError>,
-    ) -> Result<CExpr, CExprError> {
-        let mut lhs = next(self)?;
+    /// The error for an expression deeper than [`MAX_CEXPR_DEPTH`], at the current token.
+    fn too_deep(&self) -> CExprError {
+        self.err(format!("expression nests too deeply (more than {MAX_CEXPR_DEPTH} levels)"))
+    }
+
+    /// A node one level above children of depth `depth`, refused past [`MAX_CEXPR_DEPTH`].
+    fn above(&self, depth: usize) -> Result<usize, CExprError> {
+        if depth >= MAX_CEXPR_DEPTH {
+            return Err(self.too_deep());
+        }
+        Ok(depth + 1)
+    }
+
+    /// Enters one level of unary or `**` recursion, refused past [`MAX_CEXPR_DEPTH`].
+    fn enter(&mut self) -> Result<(), CExprError> {
+        self.depth += 1;
+        if self.depth > MAX_CEXPR_DEPTH {
+            return Err(self.too_deep());
+        }
+        Ok(())
+    }
+
+    /// A left-associative chain, built in a loop (not by recursion) with its depth checked
+    /// at each operator, so a long chain is refused before it grows deep.
+    fn bin(&mut self, ops: &[(&str, BinOp)], next: fn(&mut P) -> Parsed) -> Parsed {
+        let (mut lhs, mut depth) = next(self)?;
         'outer: loop {
             for (sym, op) in ops {
                 if self.is_op(sym) {
+                    let d = self.above(depth)?;
                     self.i += 1;
-                    let rhs = next(self)?;
+                    let (rhs, rd) = next(self)?;
+                    depth = self.above(rd)?.max(d);
                     lhs = CExpr::Bin(*op, Box::new(lhs), Box::new(rhs));
                     continue 'outer;
                 }
             }
-            return Ok(lhs);
+            return Ok((lhs, depth));
         }
     }
 
-    fn or(&mut self) -> Result<CExpr, CExprError> {
-        self.depth += 1;
-        if self.depth > 64 {
-            return Err(self.err("expression nests too deeply"));
+    fn or(&mut self) -> Parsed {
+        self.parens += 1;
+        if self.parens > MAX_CEXPR_PARENS {
+            return Err(self.err(format!(
+                "expression nests too deeply (more than {MAX_CEXPR_PARENS} levels of parentheses or calls)"
+            )));
         }
         let r = self.bin(&[("or", BinOp::Or)], P::and);
-        self.depth -= 1;
+        self.parens -= 1;
         r
     }
 
-    fn and(&mut self) -> Result<CExpr, CExprError> {
+    fn and(&mut self) -> Parsed {
         self.bin(&[("and", BinOp::And)], P::not)
     }
 
-    fn not(&mut self) -> Result<CExpr, CExprError> {
+    fn not(&mut self) -> Parsed {
         if self.is_op("not") {
+            self.enter()?;
             self.i += 1;
-            return Ok(CExpr::Not(Box::new(self.not()?)));
+            let (e, d) = self.not()?;
+            self.depth -= 1;
+            return Ok((CExpr::Not(Box::new(e)), self.above(d)?));
         }
         self.cmp()
     }
 
-    fn cmp(&mut self) -> Result<CExpr, CExprError> {
+    fn cmp(&mut self) -> Parsed {
         self.bin(
             &[
                 ("==", BinOp::Eq),
@@ -249,40 +298,43 @@ impl P {
         )
     }
 
-    fn sum(&mut self) -> Result<CExpr, CExprError> {
+    fn sum(&mut self) -> Parsed {
         self.bin(&[("+", BinOp::Add), ("-", BinOp::Sub)], P::product)
     }
 
-    fn product(&mut self) -> Result<CExpr, CExprError> {
+    fn product(&mut self) -> Parsed {
         self.bin(
             &[("*", BinOp::Mul), ("//", BinOp::FloorDiv), ("/", BinOp::Div), ("%", BinOp::Rem)],
             P::unary,
         )
     }
 
-    fn unary(&mut self) -> Result<CExpr, CExprError> {
-        if self.is_op("-") {
+    fn unary(&mut self) -> Parsed {
+        if self.is_op("-") || self.is_op("+") {
+            let neg = self.is_op("-");
+            self.enter()?;
             self.i += 1;
-            return Ok(CExpr::Neg(Box::new(self.unary()?)));
-        }
-        if self.is_op("+") {
-            self.i += 1;
-            return self.unary();
+            let (e, d) = self.unary()?;
+            self.depth -= 1;
+            return if neg { Ok((CExpr::Neg(Box::new(e)), self.above(d)?)) } else { Ok((e, d)) };
         }
         self.power()
     }
 
-    fn power(&mut self) -> Result<CExpr, CExprError> {
-        let base = self.atom()?;
+    fn power(&mut self) -> Parsed {
+        let (base, bd) = self.atom()?;
         if self.is_op("**") {
+            self.enter()?;
             self.i += 1;
-            let exp = self.unary()?;
-            return Ok(CExpr::Bin(BinOp::Pow, Box::new(base), Box::new(exp)));
+            let (exp, ed) = self.unary()?;
+            self.depth -= 1;
+            let d = self.above(bd.max(ed))?;
+            return Ok((CExpr::Bin(BinOp::Pow, Box::new(base), Box::new(exp)), d));
         }
-        Ok(base)
+        Ok((base, bd))
     }
 
-    fn atom(&mut self) -> Result<CExpr, CExprError> {
+    fn atom(&mut self) -> Parsed {
         let Some((tok, start, end)) = self.toks.get(self.i).cloned() else {
             return Err(self.err("expected a number, a name or `(`, found the end of the expression"));
         };
@@ -290,19 +342,19 @@ impl P {
         match tok {
             Tok::Num(n) => {
                 if let Ok(i) = n.parse::<i64>() {
-                    Ok(CExpr::Int(i))
+                    Ok((CExpr::Int(i), 0))
                 } else {
-                    n.parse::<f64>().map(CExpr::Float).map_err(|_| CExprError {
+                    n.parse::<f64>().map(|f| (CExpr::Float(f), 0)).map_err(|_| CExprError {
                         message: format!("`{n}` is not a valid number"),
                         start,
                         end,
                     })
                 }
             }
-            Tok::Ident(w) if w == "true" => Ok(CExpr::Bool(true)),
-            Tok::Ident(w) if w == "false" => Ok(CExpr::Bool(false)),
-            Tok::Ident(w) if w == "pi" => Ok(CExpr::Float(std::f64::consts::PI)),
-            Tok::Ident(w) if w == "inf" => Ok(CExpr::Float(f64::INFINITY)),
+            Tok::Ident(w) if w == "true" => Ok((CExpr::Bool(true), 0)),
+            Tok::Ident(w) if w == "false" => Ok((CExpr::Bool(false), 0)),
+            Tok::Ident(w) if w == "pi" => Ok((CExpr::Float(std::f64::consts::PI), 0)),
+            Tok::Ident(w) if w == "inf" => Ok((CExpr::Float(f64::INFINITY), 0)),
             Tok::Ident(w) => {
                 if self.peek() == Some(&Tok::LParen) {
                     let Some(&(_, arity)) = FUNCTIONS.iter().find(|(f, _)| *f == w) else {
@@ -315,9 +367,12 @@ impl P {
                     };
                     self.i += 1;
                     let mut args = Vec::new();
+                    let mut depth = 0;
                     if self.peek() != Some(&Tok::RParen) {
                         loop {
-                            args.push(self.or()?);
+                            let (a, d) = self.or()?;
+                            depth = depth.max(d);
+                            args.push(a);
                             if self.peek() == Some(&Tok::Comma) {
                                 self.i += 1;
                             } else {
@@ -336,9 +391,9 @@ impl P {
                             end,
                         });
                     }
-                    Ok(CExpr::Call(w, args))
+                    Ok((CExpr::Call(w, args), self.above(depth)?))
                 } else {
-                    Ok(CExpr::Name(w))
+                    Ok((CExpr::Name(w), 0))
                 }
             }
             Tok::LParen => {
@@ -357,14 +412,23 @@ impl P {
     }
 }
 
-/// Parses a config expression.
+/// `s` for a message: at most `max` characters, the rest elided with `…`, so a diagnostic
+/// about a 20,000-term expression quotes its start rather than all of it.
+pub fn abbreviate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &s[..cut]),
+        None => s.to_string(),
+    }
+}
+
+/// Parses a config expression; one that nests deeper than [`MAX_CEXPR_DEPTH`] is an error.
 pub fn parse_cexpr(s: &str) -> Result<CExpr, CExprError> {
     let toks = lex(s)?;
-    let mut p = P { toks, i: 0, len: s.len(), depth: 0 };
+    let mut p = P { toks, i: 0, len: s.len(), depth: 0, parens: 0 };
     if p.toks.is_empty() {
         return Err(CExprError { message: "empty expression".into(), start: 0, end: s.len() });
     }
-    let e = p.or()?;
+    let (e, _) = p.or()?;
     if p.i < p.toks.len() {
         return Err(p.err("unexpected text after the expression"));
     }
@@ -440,5 +504,50 @@ mod tests {
         assert_eq!((e.message.as_str(), e.start), ("unexpected character `$`", 2));
         let e = parse_cexpr("sqr(d)").unwrap_err();
         assert!(e.message.starts_with("unknown function `sqr`"));
+    }
+
+    /// Long chains and deep nesting are refused with a message (the parser builds chains in
+    /// a loop, and stops them at the depth limit), not a stack overflow; this runs on a test
+    /// thread's small stack.
+    #[test]
+    fn deep_and_long_expressions_are_errors() {
+        let too_deep = format!("expression nests too deeply (more than {MAX_CEXPR_DEPTH} levels)");
+        for text in [
+            format!("1{}", " + 1".repeat(20_000)),
+            format!("1{}", " * 2 - 1".repeat(10_000)),
+            format!("{}1", "-".repeat(20_000)),
+            format!("{}true", "not ".repeat(20_000)),
+            format!("2{}", " ** 1".repeat(20_000)),
+        ] {
+            let e = parse_cexpr(&text).expect_err("too deep");
+            assert_eq!(e.message, too_deep, "{}", abbreviate(&text, 40));
+        }
+        let too_nested = format!(
+            "expression nests too deeply (more than {MAX_CEXPR_PARENS} levels of parentheses or calls)"
+        );
+        for text in [
+            format!("{}1{}", "(".repeat(20_000), ")".repeat(20_000)),
+            format!("{}1{}", "abs(".repeat(20_000), ")".repeat(20_000)),
+        ] {
+            let e = parse_cexpr(&text).expect_err("too deep");
+            assert_eq!(e.message, too_nested, "{}", abbreviate(&text, 40));
+        }
+        // Up to the limit is fine: a chain of 256 operators has depth 256.
+        let at_limit = format!("1{}", " + 1".repeat(MAX_CEXPR_DEPTH));
+        assert!(parse_cexpr(&at_limit).is_ok());
+        let past = format!("1{}", " + 1".repeat(MAX_CEXPR_DEPTH + 1));
+        assert!(parse_cexpr(&past).is_err());
+        // Parentheses alone add no depth to the tree, but are bounded for the parser (the
+        // whole expression is the first level).
+        let parens = |n: usize| format!("{}1{}", "(".repeat(n), ")".repeat(n));
+        assert!(parse_cexpr(&parens(MAX_CEXPR_PARENS - 1)).is_ok());
+        assert!(parse_cexpr(&parens(MAX_CEXPR_PARENS)).is_err());
+    }
+
+    #[test]
+    fn abbreviate_keeps_short_text_and_cuts_long_text() {
+        assert_eq!(abbreviate("d / h", 80), "d / h");
+        assert_eq!(abbreviate("abcdef", 3), "abc…");
+        assert_eq!(abbreviate("ééé", 2), "éé…");
     }
 }

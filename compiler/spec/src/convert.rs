@@ -113,8 +113,12 @@ impl Converter {
                         Span::new(v.span.file, base + e.start, base + e.end.max(e.start + 1).min(s.len()));
                     let span = if span.end <= span.start { v.span } else { span };
                     self.diags.push(
-                        Diagnostic::error(format!("bad config expression {s:?}: {}", e.message))
-                            .at(span, e.message.clone()),
+                        Diagnostic::error(format!(
+                            "bad config expression {:?}: {}",
+                            crate::cexpr::abbreviate(s, 80),
+                            e.message
+                        ))
+                        .at(span, e.message.clone()),
                     );
                     return None;
                 }
@@ -127,6 +131,24 @@ impl Converter {
         Some(SpannedCExpr { expr, span: v.span })
     }
 
+    /// Refuses a config name that config expressions read as a constant or an operator
+    /// (`pi`, `inf`, `true`, `and`, …): the entry could never be read, so defining it is a
+    /// mistake rather than a redefinition.
+    fn reserved(&mut self, name: &Ident, what: &str) -> bool {
+        if !crate::cexpr::RESERVED.contains(&name.name.as_str()) {
+            return false;
+        }
+        self.diags.push(
+            Diagnostic::error(format!(
+                "`{}` cannot be {what}: config expressions read it as a constant or an operator",
+                name.name
+            ))
+            .at(name.span, "reserved name")
+            .note(format!("reserved: {}", crate::cexpr::RESERVED.join(", "))),
+        );
+        true
+    }
+
     fn config_map(&mut self, v: &Value) -> Vec<ConfigEntry> {
         let Kind::Map(entries) = &v.kind else {
             self.expected(v, "a map of config values `{\"name\": value, …}`");
@@ -137,6 +159,9 @@ impl Converter {
             let (Some(name), Some(value)) = (self.name(k, "a config name string"), self.cexpr(val)) else {
                 continue;
             };
+            if self.reserved(&name, "a config name") {
+                continue;
+            }
             if let Some(prev) = out.iter().find(|e| e.name.name == name.name) {
                 self.diags.push(
                     Diagnostic::error(format!("config `{}` is defined twice", name.name))
@@ -297,6 +322,9 @@ impl Converter {
                 Kind::Map(entries) => {
                     for (k, val) in entries {
                         let Some(n) = self.name(k, "a config argument name") else { continue };
+                        if self.reserved(&n, "a config argument name") {
+                            continue;
+                        }
                         let default = match &val.kind {
                             Kind::Unit(i) if i.name == "Required" => None,
                             _ => match self.cexpr(val) {
@@ -347,6 +375,9 @@ impl Converter {
                     Some(i) => self.name(i, "the index name")?,
                     None => Ident { name: "i".into(), span: v.span },
                 };
+                if self.reserved(&index, "a repeat index") {
+                    return None;
+                }
                 let body = Self::field(&f, "body").map(|b| self.stmts(b)).unwrap_or_default();
                 Some(Stmt::Repeat { n: n?, index, body, span: v.span })
             }

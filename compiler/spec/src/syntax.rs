@@ -74,8 +74,11 @@ struct Parser<'a> {
     depth: usize,
 }
 
-/// Nesting deeper than this is refused rather than risking the stack.
-const MAX_DEPTH: usize = 200;
+/// Nesting deeper than this is refused rather than risking the stack: 100 levels. The reader,
+/// the converter and the lowering each recurse once per level, and a debug build's frames
+/// overflow a 2 MiB thread stack (a test thread's) at about 190; the `ron` crate, which
+/// confirms the file is valid RON, stops at 128 with a message about its own options.
+pub const MAX_DEPTH: usize = 100;
 
 /// Parses one RON value (the whole file, apart from comments and whitespace).
 pub fn parse(file: FileId, src: &str) -> Result<Value, Diagnostic> {
@@ -203,7 +206,10 @@ impl<'a> Parser<'a> {
         self.skip_ws()?;
         self.depth += 1;
         if self.depth > MAX_DEPTH {
-            return Err(self.error_here("nesting is too deep", "more than 200 levels of nesting"));
+            return Err(self.error_here(
+                &format!("nesting is too deep (more than {MAX_DEPTH} levels)"),
+                &format!("more than {MAX_DEPTH} levels of nesting"),
+            ));
         }
         let start = self.pos;
         let kind = match self.peek() {
@@ -565,6 +571,17 @@ mod tests {
                 Value { kind: Kind::Char('c'), span: Span::new(0, 42, 45) },
             ])
         );
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let deep = |n: usize| format!("{}1{}", "Add(".repeat(n), ")".repeat(n));
+        assert!(parse(0, &deep(MAX_DEPTH - 1)).is_ok());
+        let e = parse(0, &deep(MAX_DEPTH)).unwrap_err();
+        assert_eq!(e.message, format!("syntax error: nesting is too deep (more than {MAX_DEPTH} levels)"));
+        // Far past the limit (on a test thread's 2 MiB stack).
+        let e = parse(0, &"[".repeat(100_000)).unwrap_err();
+        assert!(e.message.contains("nesting is too deep"), "{}", e.message);
     }
 
     #[test]

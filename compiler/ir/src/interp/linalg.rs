@@ -108,7 +108,12 @@ fn plan(ash: &[usize], bsh: &[usize]) -> MatPlan {
         .map(|i| {
             let da = if i + ab.len() >= rank { ab[i + ab.len() - rank] } else { 1 };
             let db = if i + bb.len() >= rank { bb[i + bb.len() - rank] } else { 1 };
-            da.max(db)
+            // Broadcasting: an extent of 1 takes the other's, including 0 (not the larger).
+            if da == 1 {
+                db
+            } else {
+                da
+            }
         })
         .collect();
     // Strides in units of whole matrices, 0 along broadcast batch axes.

@@ -97,6 +97,9 @@ pub enum EvalError {
     GatherIndex { index: i64, position: Vec<usize>, axis: usize, extent: usize },
     #[error("`{op}` over zero elements of {} has no identity", fmt_shape(.shape))]
     EmptyReduction { op: &'static str, shape: Vec<usize> },
+    /// A result the system would not give memory for (a shape sized by a huge `--set`).
+    #[error(transparent)]
+    OutOfMemory(#[from] crate::alloc::AllocError),
     /// An error while evaluating one node of a graph.
     #[error("node %{node} ({op}{}): {source}", describe(.name, .origin))]
     AtNode {
@@ -180,6 +183,11 @@ pub fn eval_op(op: &Op, args: &[&Tensor], ty: &TensorType) -> Result<Tensor, Eva
             msg: format!("the operands give a result of type {inferred}, not {ty}"),
         });
     }
+    // The result's memory is asked for before the kernel runs, so a size the system refuses
+    // is an error naming it rather than an abort inside the kernel.
+    crate::alloc::check(ty, || {
+        crate::alloc::describe(&format!("the result of `{}`,", op.name()), ty.dtype, &ty.shape)
+    })?;
     let a = |i: usize| args[i];
     match op {
         Op::Input { name, .. } => Err(EvalError::Unbound { kind: "input", name: name.clone() }),
