@@ -129,12 +129,76 @@ fn build(
     }
 }
 
+/// Builds the artifact `out` without ever exposing a half-written one: it is written into a
+/// fresh sibling directory, then moved into place; an artifact already there is moved aside
+/// first and deleted after. A process that has the old artifact loaded keeps running on it
+/// (its mapped files are unlinked, not rewritten), and a failed build leaves it as it was.
+fn build_in_place(
+    g: &Graph,
+    params: &HashMap<String, Tensor>,
+    target: &CompileTarget,
+    out: &Path,
+) -> Result<BuildReport, Failure> {
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(user(format!(
+            "cannot write {}: the folder {} does not exist",
+            out.display(),
+            parent.display()
+        )));
+    }
+    let name = out.file_name().ok_or_else(|| user(format!("-o {}: not a directory name", out.display())))?;
+    // Only an artifact (or an empty folder) is replaced: `-o` naming some other folder or a
+    // file is an error, never a deletion.
+    if out.exists() {
+        let artifact = out.join(kiln_runtime::MANIFEST_FILE).is_file();
+        let empty = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
+        if !out.is_dir() || !(artifact || empty) {
+            return Err(user(format!(
+                "cannot write the artifact {}: it exists and is not a Kiln artifact (no {})",
+                out.display(),
+                kiln_runtime::MANIFEST_FILE
+            )));
+        }
+    }
+    let staging = tempfile::Builder::new()
+        .prefix(&format!(".{}.", name.to_string_lossy()))
+        .tempdir_in(&parent)
+        .map_err(|e| user(format!("cannot create a directory beside {}: {e}", out.display())))?;
+    let report = build(g, params, target, staging.path())?;
+    let old = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
+    let had_old = out.exists();
+    if had_old {
+        std::fs::rename(out, &old)
+            .map_err(|e| user(format!("cannot move the old {} aside: {e}", out.display())))?;
+    }
+    let staged = staging.keep();
+    if let Err(e) = std::fs::rename(&staged, out) {
+        // Put the previous artifact back; the new one stays where it was written.
+        if had_old {
+            let _ = std::fs::rename(&old, out);
+        }
+        return Err(user(format!(
+            "cannot move the new artifact to {}: {e} (it is in {})",
+            out.display(),
+            staged.display()
+        )));
+    }
+    if had_old {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(report)
+}
+
 pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
     let target = target_by_name(&a.target)?;
     let start = Instant::now();
     let (g, params) = prepare(&a.model, &a.set, a.weights.as_deref(), a.seed, a.init_missing)?;
     let front = start.elapsed();
-    let built = build(&g, &params, &target, &a.output)?;
+    let built = build_in_place(&g, &params, &target, &a.output)?;
     let m = &built.manifest;
     let (name, lowering) = match &target {
         CompileTarget::Cpu(cpu) => (format!("{} ({})", cpu.name(), cpu.cpu()), "MLIR+LLVM"),

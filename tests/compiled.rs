@@ -632,3 +632,73 @@ fn vulkan_refuses_what_it_cannot_run_naming_the_op_and_the_target() {
         }
     }
 }
+
+#[test]
+fn recompiling_never_breaks_a_loaded_artifact_and_a_failed_compile_keeps_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let art = dir.path().join("mlp.kiln");
+    let art_s = art.to_str().unwrap();
+    let compile = |extra: &[&str]| {
+        let mut args = vec!["compile", "models/mlp.ron", "-o", art_s];
+        args.extend_from_slice(extra);
+        kiln(&args)
+    };
+    let out = compile(&["--seed", "0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let g = shipped("mlp.ron", &[]);
+    let inputs = kiln_ir::seeded_inputs(&g, 0);
+    let before = run_artifact(&art, &inputs, "mlp");
+    // A model loaded from the artifact keeps running on it while it is recompiled.
+    let mut loaded = Model::load(&art).unwrap();
+    let run_loaded = |m: &mut Model| {
+        let owned: Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> = m
+            .inputs()
+            .iter()
+            .map(|s| (s.name.clone(), s.dtype, s.shape.clone(), inputs[&s.name].data.to_le_bytes()))
+            .collect();
+        let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
+        m.run(&refs).unwrap().iter().map(|t| t.to_f32_vec()).collect::<Vec<_>>()
+    };
+    let first = run_loaded(&mut loaded);
+    let out = compile(&["--seed", "5"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(run_loaded(&mut loaded), first, "the loaded model still computes with its own weights");
+    let after = run_artifact(&art, &inputs, "mlp");
+    assert_ne!(after, before, "the new artifact has the new seed's weights");
+    let leftovers: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "mlp.kiln")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // A compile that fails leaves the previous artifact as it was, and nothing beside it.
+    let bad = dir.path().join("bf.ron");
+    std::fs::write(&bad, r#"Model(name: "bf", config: {}, inputs: { "x": (bf16, [4, 8]) }, body: [Let("y", Add("x", "x"))], outputs: ["y"])"#)
+        .unwrap();
+    let failed = kiln(&["compile", bad.to_str().unwrap(), "--target", "vulkan", "-o", art_s]);
+    assert_eq!(failed.status.code(), Some(1), "{}", String::from_utf8_lossy(&failed.stderr));
+    assert_eq!(run_artifact(&art, &inputs, "mlp"), after);
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+
+    // -o into a missing folder, or over a folder that is not an artifact, is an error.
+    let missing = dir.path().join("no/such/dir.kiln");
+    let out = kiln(&["compile", "models/mlp.ron", "-o", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not exist"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let other = dir.path().join("notes");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("keep.txt"), "mine").unwrap();
+    let out = kiln(&["compile", "models/mlp.ron", "-o", other.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a Kiln artifact"));
+    assert_eq!(std::fs::read_to_string(other.join("keep.txt")).unwrap(), "mine");
+}
