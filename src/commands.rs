@@ -529,24 +529,60 @@ pub(crate) fn fill_inputs(
 pub(crate) fn write_outputs(out: &Path, outputs: &[(String, Tensor)]) -> Result<(), Failure> {
     let ext = out.extension().and_then(|e| e.to_str()).unwrap_or("");
     match ext {
-        "safetensors" => {
-            kiln_ir::tensor_io::write_safetensors(out, outputs).map_err(|e| user(e.to_string()))?
-        }
+        "safetensors" => write_atomically(out, |tmp| {
+            kiln_ir::tensor_io::write_safetensors(tmp, outputs).map_err(|e| user(e.to_string()))
+        })?,
         "npy" => {
             if outputs.len() != 1 {
                 return Err(user(format!("`{}` is one .npy file but the model has {} outputs: give a folder or a .safetensors file", out.display(), outputs.len())));
             }
-            kiln_ir::tensor_io::write_npy(out, &outputs[0].1).map_err(|e| user(e.to_string()))?
+            write_atomically(out, |tmp| {
+                kiln_ir::tensor_io::write_npy(tmp, &outputs[0].1).map_err(|e| user(e.to_string()))
+            })?
         }
         _ => {
             std::fs::create_dir_all(out)
                 .map_err(|e| user(format!("cannot create `{}`: {e}", out.display())))?;
             for (name, t) in outputs {
-                kiln_ir::tensor_io::write_npy(out.join(format!("{name}.npy")), t)
-                    .map_err(|e| user(e.to_string()))?;
+                write_atomically(&out.join(format!("{name}.npy")), |tmp| {
+                    kiln_ir::tensor_io::write_npy(tmp, t).map_err(|e| user(e.to_string()))
+                })?;
             }
         }
     }
     eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+/// Writes the file `path` through `write` into a temporary file beside it, then renames it
+/// into place: a failed or interrupted write leaves no half-written file, and an existing
+/// one stays as it was until the new one is complete. The folder must exist.
+fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<(), Failure>) -> Result<(), Failure> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Err(user(format!(
+            "cannot write `{}`: the folder `{}` does not exist",
+            path.display(),
+            parent.display()
+        )));
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let prefix = format!(".{name}.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix);
+    // The mode an ordinary new file gets (0666 less the umask), not a temporary file's 0600.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let tmp = builder
+        .tempfile_in(&parent)
+        .map_err(|e| user(format!("cannot write beside `{}`: {e}", path.display())))?;
+    write(tmp.path())?;
+    tmp.persist(path).map_err(|e| user(format!("cannot write `{}`: {}", path.display(), e.error)))?;
     Ok(())
 }

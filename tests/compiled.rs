@@ -702,3 +702,26 @@ fn recompiling_never_breaks_a_loaded_artifact_and_a_failed_compile_keeps_the_old
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a Kiln artifact"));
     assert_eq!(std::fs::read_to_string(other.join("keep.txt")).unwrap(), "mine");
 }
+
+#[test]
+fn outputs_are_written_whole_and_only_into_folders_that_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let missing = dir.path().join("no/such/out.safetensors");
+    let ok = kiln(&["eval", "models/mlp.ron", "-o", out.to_str().unwrap()]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["out.safetensors"], "no temporary file is left beside it");
+    for cmd in ["eval", "run"] {
+        let bad = kiln(
+            &[cmd, "models/mlp.ron", "-o", missing.to_str().unwrap(), "--repeats", "1"]
+                [..if cmd == "eval" { 4 } else { 6 }],
+        );
+        assert_eq!(bad.status.code(), Some(1), "{cmd}: {}", String::from_utf8_lossy(&bad.stderr));
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(err.contains("does not exist"), "{cmd}: {err}");
+    }
+}
