@@ -397,7 +397,8 @@ pub fn eval(a: &EvalArgs) -> Result<(), Failure> {
             _ => None,
         })
         .collect();
-    let inputs = fill_inputs(Some(g), &specs, &a.inputs, a.seed)?;
+    let bounds: Vec<Option<usize>> = specs.iter().map(|(name, _, _)| kiln_ir::index_bound(g, name)).collect();
+    let inputs = fill_inputs(&bounds, &specs, &a.inputs, a.seed)?;
     let params = bind_params(g, a.weights.as_deref(), a.seed, a.init_missing)?;
     if let Some(p) = &a.save_params {
         let mut list: Vec<(String, Tensor)> = params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -455,11 +456,12 @@ pub(crate) fn print_outputs(outputs: &[(String, Tensor)]) {
 }
 
 /// The inputs of a run: those given on the command line (`NAME=FILE.npy` or a .safetensors
-/// of several), the rest filled deterministically from `seed` by [`kiln_ir::seeded_input`]
-/// (without the graph, integer inputs cannot be known to be indices and get 0/1). Unknown
-/// names are an error.
+/// of several), the rest filled deterministically from `seed` by
+/// [`kiln_ir::seeded_input_bounded`], with `index_bounds` (one per spec: from the graph, or
+/// from an artifact's manifest) keeping indices inside their tables, so `eval` and `run`
+/// draw the same values. Unknown names are an error.
 pub(crate) fn fill_inputs(
-    g: Option<&Graph>,
+    index_bounds: &[Option<usize>],
     specs: &[(String, DType, Vec<usize>)],
     given_specs: &[String],
     seed: u64,
@@ -492,7 +494,7 @@ pub(crate) fn fill_inputs(
         }
     }
     let mut inputs = HashMap::new();
-    for (name, dtype, shape) in specs {
+    for (i, (name, dtype, shape)) in specs.iter().enumerate() {
         match given.remove(name) {
             Some(t) => {
                 if t.dtype() != *dtype || t.shape != *shape {
@@ -506,8 +508,9 @@ pub(crate) fn fill_inputs(
                 inputs.insert(name.clone(), t);
             }
             None => {
-                let made =
-                    kiln_ir::seeded_input(g, name, *dtype, shape, seed).map_err(|e| user(e.to_string()))?;
+                let bound = index_bounds.get(i).copied().flatten();
+                let made = kiln_ir::seeded_input_bounded(name, *dtype, shape, bound, seed)
+                    .map_err(|e| user(e.to_string()))?;
                 eprintln!("note: input `{name}` not given: filled with {} (seed {seed})", made.fill);
                 inputs.insert(name.clone(), made.tensor);
             }

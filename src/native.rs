@@ -293,7 +293,14 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
         .iter()
         .map(|t| (t.name.clone(), ir_dtype(t.dtype), t.shape.iter().map(|&d| d as usize).collect()))
         .collect();
-    let inputs = fill_inputs(graph.as_ref(), &specs, &a.inputs, a.seed)?;
+    // Stand-ins for missing inputs: the artifact says which index a table, and how far.
+    let bounds: Vec<Option<usize>> = match &graph {
+        Some(g) => specs.iter().map(|(name, _, _)| kiln_ir::index_bound(g, name)).collect(),
+        None => {
+            model.manifest().index_bounds.iter().map(|b| b.and_then(|b| usize::try_from(b).ok())).collect()
+        }
+    };
+    let inputs = fill_inputs(&bounds, &specs, &a.inputs, a.seed)?;
     let owned: Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> = specs
         .iter()
         .map(|(name, d, shape)| {

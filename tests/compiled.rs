@@ -725,3 +725,46 @@ fn outputs_are_written_whole_and_only_into_folders_that_exist() {
         assert!(err.contains("does not exist"), "{cmd}: {err}");
     }
 }
+
+#[test]
+fn eval_and_run_fill_missing_inputs_alike_for_every_shipped_model() {
+    let dir = tempfile::tempdir().unwrap();
+    for model in ["mlp", "bert_encoder", "seed_transformer", "resnet_block", "lstm", "gpt2"] {
+        let spec = format!("models/{model}.ron");
+        let art = dir.path().join(format!("{model}.kiln"));
+        let (want, got) = (
+            dir.path().join(format!("{model}-eval.safetensors")),
+            dir.path().join(format!("{model}-run.safetensors")),
+        );
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        for args in [
+            vec!["eval".to_string(), spec.clone(), "--seed".into(), "3".into(), "-o".into(), s(&want)],
+            vec!["compile".to_string(), spec.clone(), "--seed".into(), "3".into(), "-o".into(), s(&art)],
+            vec![
+                "run".to_string(),
+                s(&art),
+                "--seed".into(),
+                "3".into(),
+                "--repeats".into(),
+                "1".into(),
+                "-o".into(),
+                s(&got),
+            ],
+        ] {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = kiln(&refs);
+            assert!(out.status.success(), "{refs:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let (want, got) = (
+            kiln_ir::tensor_io::read_tensors(&want).unwrap(),
+            kiln_ir::tensor_io::read_tensors(&got).unwrap(),
+        );
+        assert_eq!(want.len(), got.len(), "{model}");
+        for (name, w) in &want {
+            let g = &got.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{model}: no `{name}`")).1;
+            for (i, (a, b)) in w.to_f64_vec().iter().zip(g.to_f64_vec()).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{model} `{name}`[{i}]: eval {a}, run {b}");
+            }
+        }
+    }
+}

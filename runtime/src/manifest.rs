@@ -28,6 +28,10 @@ pub struct Manifest {
     pub target: Target,
     /// Graph inputs, in the order callers pass them.
     pub inputs: Vec<TensorSpec>,
+    /// For each input (same order; empty when none is known), the bound stand-in values must
+    /// stay below when the input indexes a table, so `kiln run` fills a missing input as
+    /// `kiln eval` does. Informational: the kernels never rely on it.
+    pub index_bounds: Vec<Option<u64>>,
     /// Graph outputs, in the order they are returned.
     pub outputs: Vec<TensorSpec>,
     /// Size of the one scratch arena holding every intermediate (offsets aligned to 64 bytes
@@ -314,6 +318,7 @@ mod tests {
                 features: "+avx2".into(),
             }),
             inputs: vec![TensorSpec { name: "x".into(), dtype: DType::BF16, shape: vec![2, 3] }],
+            index_bounds: vec![Some(7)],
             outputs: vec![TensorSpec { name: "y".into(), dtype: DType::Bool, shape: vec![] }],
             arena_bytes: 128,
             files: vec![FileDigest::of(KERNELS_FILE, b"abc")],

@@ -334,6 +334,13 @@ fn check_digest(digest: &FileDigest, contents: &[u8]) -> Result<(), RuntimeError
 
 /// Inputs and outputs must have distinct names and sizes that fit in memory.
 fn check_specs(manifest: &Manifest) -> Result<(), RuntimeError> {
+    let bounds = manifest.index_bounds.len();
+    if bounds != 0 && bounds != manifest.inputs.len() {
+        return Err(RuntimeError::invalid(format!(
+            "{bounds} index bounds for {} inputs (there must be one per input, or none)",
+            manifest.inputs.len()
+        )));
+    }
     for (kind, specs) in [("input", &manifest.inputs), ("output", &manifest.outputs)] {
         for (i, spec) in specs.iter().enumerate() {
             if specs[..i].iter().any(|s| s.name == spec.name) {

@@ -143,8 +143,8 @@ fn profile_times_each_step_on_the_gpu() {
     for step in &profile.steps {
         assert!(step.time.as_nanos() > 0, "step {} has no time: {profile}", step.label);
     }
-    let steps: std::time::Duration = profile.steps.iter().map(|s| s.time).sum();
-    assert!(steps <= profile.total, "GPU step times exceed the whole run:\n{profile}");
+    // (No comparison of the steps' sum with the whole run: each is a median over the repeats,
+    // and a sum of medians may exceed the median of the sums on a busy machine.)
     assert!(profile.to_string().contains("k3 reduce [256]"));
     // The plain run is the other recorded command buffer; it agrees.
     assert_eq!(run_chain(&mut model, &x, &r), chain_expected(&x, &r));

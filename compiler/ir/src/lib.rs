@@ -32,7 +32,7 @@ pub use interp::{eval, eval_op, Bindings, EvalError};
 pub use op::{
     fmt_f64, Activation, BinaryOp, CompareOp, GeluApprox, Init, NormKind, Op, PoolKind, ReduceOp, UnaryOp,
 };
-pub use seeded::{seeded_input, seeded_inputs, InputFill, SeededInput};
+pub use seeded::{index_bound, seeded_input, seeded_input_bounded, seeded_inputs, InputFill, SeededInput};
 pub use tensor::{Buffer, ShapeMismatch, Tensor};
 pub use verify::{verify, VerifyError};
 pub use weights::{

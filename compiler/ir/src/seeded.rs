@@ -68,15 +68,31 @@ pub fn seeded_input(
     shape: &[usize],
     seed: u64,
 ) -> Result<SeededInput, AllocError> {
-    let bound = graph.and_then(|g| {
-        let id = g
-            .inputs
-            .iter()
-            .copied()
-            .find(|&i| matches!(&g.node(i).op, Op::Input { name: n, .. } if n == name))?;
-        gather_index_bound(g, id)
-    });
-    fill(name, dtype, shape, bound, seed)
+    let bound = graph.and_then(|g| index_bound(g, name));
+    seeded_input_bounded(name, dtype, shape, bound, seed)
+}
+
+/// [`seeded_input`] for a caller that knows the input's index bound without the graph (an
+/// artifact records it: `kiln run` then draws what `kiln eval` draws).
+pub fn seeded_input_bounded(
+    name: &str,
+    dtype: DType,
+    shape: &[usize],
+    index_bound: Option<usize>,
+    seed: u64,
+) -> Result<SeededInput, AllocError> {
+    fill(name, dtype, shape, index_bound, seed)
+}
+
+/// The bound generated values of input `name` must stay below: the smallest extent along the
+/// gathered axis of the tables it indexes, if it is the index operand of any `Gather`.
+pub fn index_bound(g: &Graph, name: &str) -> Option<usize> {
+    let id = g
+        .inputs
+        .iter()
+        .copied()
+        .find(|&i| matches!(&g.node(i).op, Op::Input { name: n, .. } if n == name))?;
+    gather_index_bound(g, id)
 }
 
 /// [`seeded_input`] for every input of `g`, by name: the test suites' helper, for graphs

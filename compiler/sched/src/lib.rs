@@ -68,6 +68,14 @@ pub fn schedule_aligned(g: &Graph, align: usize) -> Result<Schedule, SchedError>
         kernels: p.kernels,
         arena_bytes,
         arena_align: align,
+        index_bounds: g
+            .inputs
+            .iter()
+            .map(|n| match &g.node(*n).op {
+                kiln_ir::Op::Input { name, .. } => kiln_ir::index_bound(g, name),
+                _ => None,
+            })
+            .collect(),
         arena_bytes_unshared,
     })
 }

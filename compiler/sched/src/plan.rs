@@ -154,4 +154,8 @@ pub struct Schedule {
     pub arena_bytes_unshared: usize,
     /// Every arena offset is a multiple of this (a power of two).
     pub arena_align: usize,
+    /// For each input, in order, the bound stand-in values must stay below when it indexes a
+    /// table (`kiln_ir::index_bound`), so a run of the compiled model given no inputs draws
+    /// what the interpreter draws.
+    pub index_bounds: Vec<Option<usize>>,
 }

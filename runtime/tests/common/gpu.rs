@@ -128,6 +128,7 @@ pub fn chain_manifest() -> Manifest {
             TensorSpec { name: "s".into(), dtype: DType::F32, shape: vec![] },
         ],
         arena_bytes: U_OFFSET + PLANE,
+        index_bounds: Vec::new(),
         files: Vec::new(),
         modules: Vec::new(),
         steps: vec![
@@ -164,6 +165,7 @@ pub fn types_manifest() -> Manifest {
         inputs: vec![spec("a", DType::I64), spec("b", DType::F64)],
         outputs: vec![spec("ao", DType::I64), spec("bo", DType::F64), spec("flags", DType::Bool)],
         arena_bytes: 0,
+        index_bounds: Vec::new(),
         files: Vec::new(),
         modules: Vec::new(),
         steps: vec![gpu_step(
@@ -198,6 +200,7 @@ pub fn subgroup_manifest(subgroup_size: u32) -> Manifest {
         inputs: vec![spec("x")],
         outputs: vec![spec("y")],
         arena_bytes: 0,
+        index_bounds: Vec::new(),
         files: Vec::new(),
         modules: Vec::new(),
         steps: vec![gpu_step(

@@ -166,6 +166,7 @@ pub fn toy_manifest() -> Manifest {
             TensorSpec { name: "s".into(), dtype: DType::F32, shape: vec![ROWS as u64] },
         ],
         arena_bytes: 2 * plane,
+        index_bounds: Vec::new(),
         files: Vec::new(),
         modules: Vec::new(),
         steps: vec![

@@ -373,6 +373,7 @@ mod tests {
             inputs: vec![spec("x")],
             outputs: vec![spec("t")],
             arena_bytes: 0,
+            index_bounds: Vec::new(),
             files: Vec::new(),
             modules: vec![ModuleRange { offset: 0, bytes: spirv.len() as u64 }],
             steps: vec![Step {
