@@ -58,6 +58,7 @@ build: deps
 
 demo: build
 	$(KILN) check $(DEMO_SPEC)
+	mkdir -p target/demo
 	$(KILN) compile $(DEMO_SPEC) --seed 0 -o target/demo/bert_encoder.kiln
 	$(KILN) run target/demo/bert_encoder.kiln --seed 0 --repeats 20
 
