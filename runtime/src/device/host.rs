@@ -82,23 +82,14 @@ impl HostBackend {
             for arg in &step.args {
                 let ptr = match arg {
                     BufRef::Arena { offset, bytes } => {
-                        let end = offset.saturating_add(*bytes);
-                        let problem = if end > manifest.arena_bytes {
-                            Some("outside the arena")
-                        } else if !offset.is_multiple_of(crate::buffer::ALIGN as u64) {
-                            Some("not 64-byte aligned")
-                        } else {
-                            None
-                        };
-                        if let Some(problem) = problem {
-                            return Err(RuntimeError::ArenaRange {
-                                step: at.clone(),
-                                offset: *offset,
-                                end,
-                                arena_bytes: manifest.arena_bytes,
-                                problem,
-                            });
-                        }
+                        super::check_arena_range(
+                            at,
+                            *offset,
+                            *bytes,
+                            manifest.arena_bytes,
+                            crate::buffer::ALIGN as u64,
+                            "not 64-byte aligned",
+                        )?;
                         // SAFETY: offset <= arena_bytes, checked above, so the result stays
                         // inside the allocation (or one past its end for an empty range).
                         unsafe { arena_base.add(*offset as usize) }

@@ -94,6 +94,28 @@ pub fn devices() -> Devices {
 }
 
 /// [`devices`] with another Vulkan loader (tests point it at a missing library).
+/// Checks a step's arena argument: it lies inside the arena of `arena_bytes` and starts at a
+/// multiple of `align`; `misaligned` says which alignment was missed (the CPU's 64 bytes, the
+/// Vulkan target's `buffer_align`). Both devices rely on this before binding the range.
+pub(crate) fn check_arena_range(
+    step: &str,
+    offset: u64,
+    bytes: u64,
+    arena_bytes: u64,
+    align: u64,
+    misaligned: &'static str,
+) -> Result<(), RuntimeError> {
+    let end = offset.saturating_add(bytes);
+    let problem = if end > arena_bytes {
+        "outside the arena"
+    } else if !offset.is_multiple_of(align) {
+        misaligned
+    } else {
+        return Ok(());
+    };
+    Err(RuntimeError::ArenaRange { step: step.to_string(), offset, end, arena_bytes, problem })
+}
+
 pub(crate) fn devices_with(library: Option<&std::ffi::OsStr>) -> Devices {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut devices = vec![DeviceInfo::Cpu { threads }];

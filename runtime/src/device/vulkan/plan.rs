@@ -257,23 +257,14 @@ pub(crate) fn plan(
         for (arg, buf) in step.args.iter().enumerate() {
             let binding = match buf {
                 BufRef::Arena { offset, bytes } => {
-                    let end = offset.saturating_add(*bytes);
-                    let problem = if end > manifest.arena_bytes {
-                        Some("outside the arena")
-                    } else if !offset.is_multiple_of(align) {
-                        Some("not a multiple of the target's buffer_align")
-                    } else {
-                        None
-                    };
-                    if let Some(problem) = problem {
-                        return Err(RuntimeError::ArenaRange {
-                            step: at.clone(),
-                            offset: *offset,
-                            end,
-                            arena_bytes: manifest.arena_bytes,
-                            problem,
-                        });
-                    }
+                    crate::device::check_arena_range(
+                        at,
+                        *offset,
+                        *bytes,
+                        manifest.arena_bytes,
+                        align,
+                        "not a multiple of the target's buffer_align",
+                    )?;
                     Binding { region: Region::Arena, offset: *offset, range: range_of(*bytes) }
                 }
                 BufRef::Weight { name, bytes } => {
