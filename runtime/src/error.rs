@@ -234,6 +234,12 @@ pub enum RuntimeError {
         /// Why, e.g. the loader's message.
         reason: String,
     },
+    /// CUDA cannot be used on this machine (no `libcuda`, no device, or no backend for it).
+    #[error("CUDA is not available: {reason}")]
+    CudaUnavailable {
+        /// Why, e.g. the driver library's loading error.
+        reason: String,
+    },
     /// A Vulkan call failed while loading or running a model.
     #[error("Vulkan call {call} failed on {device}: {result}")]
     VulkanCall {

@@ -12,6 +12,13 @@ pub const KERNELS_FILE: &str = "kernels.so";
 /// The SPIR-V modules of a Vulkan artifact, one after another ([`Manifest::modules`] says
 /// where each one lies).
 pub const SPIRV_FILE: &str = "kernels.spv";
+/// The PTX modules of a CUDA artifact, one after another as text ([`Manifest::modules`] says
+/// where each one lies); the driver compiles them for the device at load.
+pub const PTX_FILE: &str = "kernels.ptx";
+/// The same modules assembled for the target's exact architecture, when the compiler had
+/// `ptxas` ([`CudaTarget::cubins`] says where each lies); loaded instead of the PTX on a device
+/// of that architecture.
+pub const CUBIN_FILE: &str = "kernels.cubin";
 /// The parameters and constants, memory-mapped at load.
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
 
@@ -37,10 +44,10 @@ pub struct Manifest {
     /// Size of the one scratch arena holding every intermediate (offsets aligned to 64 bytes
     /// on a CPU, to [`VulkanTarget::buffer_align`] on Vulkan).
     pub arena_bytes: u64,
-    /// Size and crc32 of the kernels file ([`KERNELS_FILE`] or [`SPIRV_FILE`]) and
-    /// `weights.safetensors`.
+    /// Size and crc32 of the kernels file ([`KERNELS_FILE`], [`SPIRV_FILE`] or [`PTX_FILE`] and
+    /// [`CUBIN_FILE`]) and `weights.safetensors`.
     pub files: Vec<FileDigest>,
-    /// Where each GPU module lies in [`SPIRV_FILE`]; empty for a CPU artifact.
+    /// Where each GPU module lies in [`SPIRV_FILE`] or [`PTX_FILE`]; empty for a CPU artifact.
     pub modules: Vec<ModuleRange>,
     /// Kernel launches, in execution order.
     pub steps: Vec<Step>,
@@ -53,6 +60,8 @@ pub enum Target {
     Cpu(TargetInfo),
     /// SPIR-V compute shaders in [`SPIRV_FILE`], run through Vulkan.
     Vulkan(VulkanTarget),
+    /// PTX modules in [`PTX_FILE`] (and cubins in [`CUBIN_FILE`]), run through the CUDA driver.
+    Cuda(CudaTarget),
 }
 
 impl Target {
@@ -62,7 +71,35 @@ impl Target {
         match self {
             Target::Cpu(cpu) => format!("{} ({})", cpu.triple, cpu.cpu),
             Target::Vulkan(v) => format!("vulkan (SPIR-V {})", v.spirv_version),
+            Target::Cuda(c) => format!("cuda ({}, PTX {})", c.arch(), c.ptx_version),
         }
+    }
+}
+
+/// A CUDA target: the NVIDIA architecture the modules were compiled for and what they need of
+/// the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CudaTarget {
+    /// Compute capability the kernels were compiled for (`[9, 0]` for `sm_90`); a device of a
+    /// lower one is refused.
+    pub compute_capability: [u32; 2],
+    /// PTX ISA version of the modules, e.g. `"8.0"`; the driver must accept it.
+    pub ptx_version: String,
+    /// Alignment in bytes of every arena offset (device allocations start at multiples of 256).
+    pub buffer_align: u64,
+    /// The most threads any kernel's block has.
+    pub max_workgroup_invocations: u32,
+    /// The most static shared memory any kernel uses, in bytes.
+    pub max_shared_bytes: u32,
+    /// Where each module's cubin lies in [`CUBIN_FILE`], in the order of
+    /// [`Manifest::modules`]; empty when the artifact holds PTX only.
+    pub cubins: Vec<ModuleRange>,
+}
+
+impl CudaTarget {
+    /// The architecture's name, `sm_90`.
+    pub fn arch(&self) -> String {
+        format!("sm_{}{}", self.compute_capability[0], self.compute_capability[1])
     }
 }
 
@@ -86,12 +123,12 @@ pub struct VulkanTarget {
     pub subgroup_size: Option<u32>,
 }
 
-/// One SPIR-V module: a byte range of [`SPIRV_FILE`].
+/// One GPU module: a byte range of [`SPIRV_FILE`], [`PTX_FILE`] or [`CUBIN_FILE`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleRange {
-    /// Byte offset in the file (a multiple of 4).
+    /// Byte offset in the file (a multiple of 4 for SPIR-V).
     pub offset: u64,
-    /// Length in bytes (a multiple of 4).
+    /// Length in bytes (a multiple of 4 for SPIR-V).
     pub bytes: u64,
 }
 
@@ -151,12 +188,13 @@ pub struct FileDigest {
 /// One kernel launch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Step {
-    /// Entry symbol in `kernels.so` (CPU), or entry point name in its SPIR-V module (Vulkan).
+    /// Entry symbol in `kernels.so` (CPU), entry point name in its SPIR-V module (Vulkan), or
+    /// kernel function name in its PTX module (CUDA).
     pub symbol: String,
     /// Human-readable name for profiles, e.g. `k7 matmul_epilogue(gelu) [128,1536]`.
     pub label: String,
     /// The kernel's buffers, in order: pointers in `bufs[]` on a CPU; storage-buffer bindings
-    /// `0..n` of descriptor set 0 on Vulkan.
+    /// `0..n` of descriptor set 0 on Vulkan; kernel parameters (one device pointer each) on CUDA.
     pub args: Vec<BufRef>,
     /// How the kernel is launched.
     pub dispatch: Dispatch,
@@ -177,7 +215,7 @@ pub enum Dispatch {
         /// Minimum iterations per task (at least 1).
         grain: u64,
     },
-    /// A grid of workgroups running entry point `symbol` of module `module`.
+    /// A grid of workgroups (CUDA blocks) running entry point `symbol` of module `module`.
     Gpu {
         /// Index into [`Manifest::modules`].
         module: u32,

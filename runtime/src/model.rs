@@ -14,7 +14,7 @@ use crate::error::RuntimeError;
 use crate::exec;
 use crate::kernels::{KernelSource, SharedLibrary};
 use crate::manifest::{
-    shape_str, FileDigest, Manifest, Target, TensorSpec, KERNELS_FILE, MANIFEST_FILE, SPIRV_FILE,
+    shape_str, FileDigest, Manifest, Target, TensorSpec, KERNELS_FILE, MANIFEST_FILE, PTX_FILE, SPIRV_FILE,
     WEIGHTS_FILE,
 };
 use crate::profile::Profile;
@@ -79,6 +79,7 @@ impl Model {
                 KERNELS_FILE
             }
             Target::Vulkan(_) => SPIRV_FILE,
+            Target::Cuda(_) => PTX_FILE,
         };
 
         for required in [kernels_file, WEIGHTS_FILE] {
@@ -125,6 +126,9 @@ impl Model {
                 let backend = VulkanBackend::load(&manifest, &spirv, &weights, index)?;
                 Ok(Model { manifest, backend: Backend::Vulkan(Box::new(backend)), weights })
             }
+            Selection::Cuda(_) => {
+                Err(RuntimeError::CudaUnavailable { reason: "this runtime has no CUDA backend".to_string() })
+            }
         }
     }
 
@@ -139,9 +143,9 @@ impl Model {
         check_version(manifest.format_version)?;
         match device::select(&manifest.target, options.device.as_deref())? {
             Selection::Cpu => {}
-            Selection::Vulkan(_) => {
+            Selection::Vulkan(_) | Selection::Cuda(_) => {
                 return Err(RuntimeError::WrongDevice {
-                    artifact: "a Vulkan manifest".into(),
+                    artifact: format!("a GPU manifest ({})", manifest.target.describe()),
                     device: "cpu (in-memory native kernels)".into(),
                     fix: "write the artifact to a directory and load it with Model::load_with".into(),
                 })
@@ -396,7 +400,7 @@ mod tests {
         let err = check_version(probe.format_version).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "artifact format version 7, this runtime reads version 2: recompile the model"
+            "artifact format version 7, this runtime reads version 3: recompile the model"
         );
     }
 }

@@ -13,6 +13,11 @@ pub(crate) fn check(target: &Target) -> Result<(), RuntimeError> {
             device: "cpu".to_string(),
             fix: "run it on a Vulkan device (\"vulkan\" or \"vulkan:N\")".to_string(),
         }),
+        Target::Cuda(c) => Err(RuntimeError::WrongDevice {
+            artifact: format!("a CUDA artifact (compiled for {})", c.arch()),
+            device: "cpu".to_string(),
+            fix: "run it on a CUDA device (\"cuda\" or \"cuda:N\")".to_string(),
+        }),
     }
 }
 

@@ -222,7 +222,7 @@ fn refuses_another_format_version() {
     toy.edit(|m| m.format_version = 7);
     assert_eq!(
         load_err(&toy),
-        "artifact format version 7, this runtime reads version 2: recompile the model"
+        "artifact format version 7, this runtime reads version 3: recompile the model"
     );
 }
 

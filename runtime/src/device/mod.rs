@@ -138,42 +138,68 @@ pub(crate) enum Selection {
     Cpu,
     /// A Vulkan device: the N-th, or the default choice.
     Vulkan(Option<usize>),
+    /// A CUDA device: the N-th (CUDA's ordinal), or the first.
+    Cuda(Option<usize>),
 }
 
-/// Parses a selector (`"cpu"`, `"vulkan"`, `"vulkan:N"`) and matches it with the target:
+/// Parses a selector (`"cpu"`, `"vulkan"`, `"vulkan:N"`, `"cuda"`, `"cuda:N"`) and matches it
+/// with the target:
 /// `None` takes the target's kind of device.
 pub(crate) fn select(target: &Target, selector: Option<&str>) -> Result<Selection, RuntimeError> {
     let wanted = match selector.map(str::trim) {
         None => None,
         Some("cpu") => Some(Selection::Cpu),
         Some("vulkan") => Some(Selection::Vulkan(None)),
-        Some(text) => match text.strip_prefix("vulkan:").map(|n| n.parse::<usize>()) {
-            Some(Ok(index)) => Some(Selection::Vulkan(Some(index))),
-            _ => {
-                return Err(RuntimeError::NoDevice {
-                    selector: text.to_string(),
-                    problem: "devices are named \"cpu\", \"vulkan\" (the first suitable Vulkan device) or \
-                              \"vulkan:N\" (`kiln run --device list` lists them)"
-                        .to_string(),
-                })
+        Some("cuda") => Some(Selection::Cuda(None)),
+        Some(text) => {
+            let vulkan = text.strip_prefix("vulkan:").map(|n| n.parse::<usize>());
+            let cuda = text.strip_prefix("cuda:").map(|n| n.parse::<usize>());
+            match (vulkan, cuda) {
+                (Some(Ok(index)), _) => Some(Selection::Vulkan(Some(index))),
+                (_, Some(Ok(index))) => Some(Selection::Cuda(Some(index))),
+                _ => {
+                    return Err(RuntimeError::NoDevice {
+                        selector: text.to_string(),
+                        problem: "devices are named \"cpu\", \"vulkan\" (the first suitable Vulkan device), \
+                                  \"vulkan:N\", \"cuda\" (CUDA device 0) or \"cuda:N\" (`kiln run --device list` \
+                                  lists them)"
+                            .to_string(),
+                    })
+                }
             }
-        },
+        }
+    };
+    let kind = |s: Selection| match s {
+        Selection::Cpu => "cpu",
+        Selection::Vulkan(_) => "Vulkan",
+        Selection::Cuda(_) => "CUDA",
     };
     match (target, wanted) {
         (Target::Cpu(_), None | Some(Selection::Cpu)) => Ok(Selection::Cpu),
         (Target::Vulkan(_), None) => Ok(Selection::Vulkan(None)),
         (Target::Vulkan(_), Some(Selection::Vulkan(index))) => Ok(Selection::Vulkan(index)),
-        (Target::Cpu(cpu), Some(Selection::Vulkan(_))) => Err(RuntimeError::WrongDevice {
+        (Target::Cuda(_), None) => Ok(Selection::Cuda(None)),
+        (Target::Cuda(_), Some(Selection::Cuda(index))) => Ok(Selection::Cuda(index)),
+        (Target::Cpu(cpu), Some(other)) => Err(RuntimeError::WrongDevice {
             artifact: format!("a CPU artifact (compiled for {})", cpu.triple),
-            device: selector.unwrap_or("vulkan").to_string(),
-            fix: "run it on \"cpu\", or recompile the model for Vulkan".to_string(),
+            device: selector.unwrap_or(kind(other)).to_lowercase(),
+            fix: format!("run it on \"cpu\", or recompile the model for {}", kind(other)),
         }),
-        (Target::Vulkan(v), Some(Selection::Cpu)) => Err(RuntimeError::WrongDevice {
+        (Target::Vulkan(v), Some(other)) => Err(RuntimeError::WrongDevice {
             artifact: format!("a Vulkan artifact (SPIR-V {})", v.spirv_version),
-            device: "cpu".to_string(),
-            fix:
-                "run it on a Vulkan device (\"vulkan\" or \"vulkan:N\"), or recompile the model for this CPU"
-                    .to_string(),
+            device: selector.unwrap_or(kind(other)).to_lowercase(),
+            fix: format!(
+                "run it on a Vulkan device (\"vulkan\" or \"vulkan:N\"), or recompile the model for {}",
+                if other == Selection::Cpu { "this CPU" } else { kind(other) }
+            ),
+        }),
+        (Target::Cuda(c), Some(other)) => Err(RuntimeError::WrongDevice {
+            artifact: format!("a CUDA artifact (compiled for {})", c.arch()),
+            device: selector.unwrap_or(kind(other)).to_lowercase(),
+            fix: format!(
+                "run it on a CUDA device (\"cuda\" or \"cuda:N\"), or recompile the model for {}",
+                if other == Selection::Cpu { "this CPU" } else { kind(other) }
+            ),
         }),
     }
 }
@@ -219,7 +245,7 @@ impl Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{TargetInfo, VulkanTarget};
+    use crate::manifest::{CudaTarget, TargetInfo, VulkanTarget};
 
     fn cpu() -> Target {
         Target::Cpu(TargetInfo {
@@ -240,6 +266,17 @@ mod tests {
         })
     }
 
+    fn cuda() -> Target {
+        Target::Cuda(CudaTarget {
+            compute_capability: [9, 0],
+            ptx_version: "8.0".into(),
+            buffer_align: 256,
+            max_workgroup_invocations: 256,
+            max_shared_bytes: 0,
+            cubins: vec![],
+        })
+    }
+
     #[test]
     fn selectors_match_targets() {
         assert_eq!(select(&cpu(), None).unwrap(), Selection::Cpu);
@@ -257,6 +294,16 @@ mod tests {
         let e = select(&gpu(), Some("gpu0")).unwrap_err().to_string();
         assert!(e.starts_with("no device matches \"gpu0\": devices are named"), "{e}");
         assert!(select(&gpu(), Some("vulkan:x")).is_err());
+        assert_eq!(select(&cuda(), None).unwrap(), Selection::Cuda(None));
+        assert_eq!(select(&cuda(), Some("cuda:1")).unwrap(), Selection::Cuda(Some(1)));
+        let e = select(&cuda(), Some("vulkan")).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "a CUDA artifact (compiled for sm_90) cannot run on device vulkan: run it on a CUDA device \
+             (\"cuda\" or \"cuda:N\"), or recompile the model for Vulkan"
+        );
+        let e = select(&cpu(), Some("cuda")).unwrap_err().to_string();
+        assert!(e.ends_with("or recompile the model for CUDA"), "{e}");
     }
 
     #[test]

@@ -166,6 +166,13 @@ impl VulkanBackend {
                     fix: "run it on \"cpu\"".into(),
                 })
             }
+            Target::Cuda(cuda) => {
+                return Err(RuntimeError::WrongDevice {
+                    artifact: format!("a CUDA artifact (compiled for {})", cuda.arch()),
+                    device: "vulkan".into(),
+                    fix: "run it on \"cuda\"".into(),
+                })
+            }
         };
         let instance = Instance::new(None)?;
         let physical = choose(instance.physical_devices()?, index)?;
