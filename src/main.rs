@@ -42,6 +42,10 @@ enum Command {
         /// Explain how each fused node came to be (needs the optimizer stage).
         #[arg(long)]
         explain: bool,
+        /// The GPU target of `--stage gpu|nvvm|ptx`: `vulkan`, `cuda` or `cuda:ARCH` (`sm_80`,
+        /// `sm_86`, `sm_89`, `sm_90`). Default: `vulkan` for `gpu`, `cuda` for `nvvm` and `ptx`.
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Run a model with the reference interpreter.
     Eval {
@@ -75,7 +79,9 @@ enum Command {
         #[arg(short, long, value_name = "OUT.kiln")]
         output: PathBuf,
         /// What to compile for: `host` (this CPU and its features), `x86_64` (any x86-64),
-        /// `aarch64` (cross-compiled), `vulkan` (SPIR-V for any Vulkan 1.1 GPU).
+        /// `aarch64` (cross-compiled), `vulkan` (SPIR-V for any Vulkan 1.1 GPU), `cuda` or
+        /// `cuda:ARCH` (PTX for NVIDIA `sm_80`, `sm_86`, `sm_89` or `sm_90`; `cuda` is `sm_80`,
+        /// which every newer GPU runs; a cubin too when `ptxas` is found).
         #[arg(long, default_value = "host")]
         target: String,
         /// Parameters by checkpoint name (.safetensors); without it, parameters are initialized.
@@ -115,7 +121,7 @@ enum Command {
         /// Worker threads (default: `KILN_THREADS`, else every core).
         #[arg(long)]
         threads: Option<usize>,
-        /// The device to run on: `cpu`, `vulkan`, `vulkan:N`; `list` prints this machine's
+        /// The device to run on: `cpu`, `vulkan`, `vulkan:N`, `cuda`, `cuda:N`; `list` prints this machine's
         /// devices. An artifact runs on its own kind of device by default; a spec compiles for
         /// the device named (the CPU by default).
         #[arg(long, value_name = "DEVICE|list")]
@@ -140,10 +146,15 @@ pub enum Stage {
     Kernels,
     Mlir,
     Llvm,
-    /// The Vulkan target's kernels as GPU MLIR (`gpu.module`s), each with its plan.
+    /// A GPU target's kernels as GPU MLIR (`gpu.module`s), each with its plan (`--target`:
+    /// `vulkan` by default, or `cuda[:ARCH]`).
     Gpu,
     /// The Vulkan target's kernels as SPIR-V, disassembled.
     Spirv,
+    /// The CUDA target's kernels lowered to the NVVM and LLVM dialects.
+    Nvvm,
+    /// The CUDA target's kernels as PTX (with registers and spills when `ptxas` is found).
+    Ptx,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -164,8 +175,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { model, set } => commands::check(&model, &set),
-        Command::Inspect { model, stage, format, set, origins, explain } => {
-            commands::inspect(&model, stage, format, &set, origins, explain)
+        Command::Inspect { model, stage, format, set, origins, explain, target } => {
+            commands::inspect(&model, stage, format, &set, origins, explain, target.as_deref())
         }
         Command::Eval { model, inputs, weights, init_missing, seed, output, save_params, set } => {
             commands::eval(&commands::EvalArgs {

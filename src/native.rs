@@ -4,7 +4,8 @@
 use crate::commands::{
     bind_params, fill_inputs, folding_options, load, print_outputs, user, write_outputs, Failure,
 };
-use kiln_codegen::gpu::GpuCaps;
+use kiln_codegen::gpu::ptxas::Ptxas;
+use kiln_codegen::gpu::{GpuCaps, NvvmTarget};
 use kiln_codegen::{CpuTarget, Target};
 use kiln_ir::{Buffer, DType, Graph, Tensor};
 use kiln_runtime::{Model, Options, TensorRef};
@@ -22,18 +23,41 @@ pub struct CompileArgs {
     pub set: Vec<String>,
 }
 
-/// What `--target` names: a CPU, or a GPU through Vulkan.
+/// What `--target` names: a CPU, a GPU through Vulkan, or an NVIDIA GPU through CUDA.
 pub(crate) enum CompileTarget {
     Cpu(CpuTarget),
     Vulkan(GpuCaps),
+    Cuda(GpuCaps),
 }
+
+/// The architecture `--target cuda` means: the oldest supported, whose PTX every newer GPU's
+/// driver compiles.
+const DEFAULT_CUDA_ARCH: &str = "sm_80";
 
 pub(crate) fn target_by_name(name: &str) -> Result<CompileTarget, Failure> {
     if name == "vulkan" {
         return Ok(CompileTarget::Vulkan(GpuCaps::vulkan()));
     }
+    if let Some(arch) = name.strip_prefix("cuda").map(|rest| rest.strip_prefix(':').unwrap_or(rest)) {
+        let arch = if arch.is_empty() { DEFAULT_CUDA_ARCH } else { arch };
+        return cuda_target(arch).map(CompileTarget::Cuda);
+    }
     CpuTarget::by_name(name).map(CompileTarget::Cpu).ok_or_else(|| {
-        Failure::Usage(format!("unknown target `{name}` (known: {}, vulkan)", CpuTarget::NAMES.join(", ")))
+        Failure::Usage(format!(
+            "unknown target `{name}` (known: {}, vulkan, cuda, cuda:{})",
+            CpuTarget::NAMES.join(", "),
+            NvvmTarget::ARCHES.join("|")
+        ))
+    })
+}
+
+/// The CUDA target for architecture `arch` (`sm_90`).
+pub(crate) fn cuda_target(arch: &str) -> Result<GpuCaps, Failure> {
+    NvvmTarget::by_arch(arch).map(GpuCaps::cuda).ok_or_else(|| {
+        Failure::Usage(format!(
+            "unknown CUDA architecture `{arch}` (known: {})",
+            NvvmTarget::ARCHES.join(", ")
+        ))
     })
 }
 
@@ -126,6 +150,13 @@ fn build(
                 .map_err(|e| user(e.to_string()))?;
             Ok(BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time))
         }
+        CompileTarget::Cuda(caps) => {
+            let s = kiln_sched::schedule_aligned(g, caps.buffer_align).map_err(|e| user(e.to_string()))?;
+            let ptxas = Ptxas::find();
+            let b = kiln_codegen::build_cuda_artifact(&g.name, &s, params, caps, ptxas.as_ref(), out)
+                .map_err(|e| user(e.to_string()))?;
+            Ok(BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time))
+        }
     }
 }
 
@@ -203,6 +234,10 @@ pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
     let (name, lowering) = match &target {
         CompileTarget::Cpu(cpu) => (format!("{} ({})", cpu.name(), cpu.cpu()), "MLIR+LLVM"),
         CompileTarget::Vulkan(_) => (m.target.describe(), "MLIR→SPIR-V"),
+        CompileTarget::Cuda(_) => match &m.target {
+            kiln_runtime::Target::Cuda(c) if !c.cubins.is_empty() => (m.target.describe(), "MLIR→PTX→cubin"),
+            _ => (m.target.describe(), "MLIR→PTX"),
+        },
     };
     println!(
         "compiled `{}` for {name} into {}: {} kernels, arena {}",
@@ -277,9 +312,13 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
         let (g, params) = prepare(&a.model, &a.set, a.weights.as_deref(), a.seed, a.init_missing)?;
         let dir = tempfile::tempdir().map_err(|e| user(format!("cannot create a scratch directory: {e}")))?;
         let start = Instant::now();
-        // A spec compiles for the kind of device asked for (`vulkan`, `vulkan:N`), else this CPU.
+        // A spec compiles for the kind of device asked for (`vulkan`, `vulkan:N`, `cuda`,
+        // `cuda:N`), else this CPU.
         let target = match a.device.as_deref() {
             Some(d) if d == "vulkan" || d.starts_with("vulkan:") => CompileTarget::Vulkan(GpuCaps::vulkan()),
+            Some(d) if d == "cuda" || d.starts_with("cuda:") => {
+                CompileTarget::Cuda(cuda_target(DEFAULT_CUDA_ARCH)?)
+            }
             _ => CompileTarget::Cpu(CpuTarget::host()),
         };
         build(&g, &params, &target, dir.path())?;

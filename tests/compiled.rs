@@ -145,6 +145,20 @@ const OP_CASES: &[(&str, &str, &str)] = &[
            Let("e", Add(Pow(Abs("x"), 1.5), Recip(Add(Abs("y"), 2.0)))),"#,
     ),
     (
+        "math",
+        r#"{ "x": (f32, [4, 64]) }"#,
+        r#"Let("a", Log(Mul(Abs("x"), 1e-30))),
+           Let("b", Log(Mul("x", 1e6))),
+           Let("c", Sin(Mul("x", 300.0))),
+           Let("d", Cos(Mul("x", 300.0))),
+           Let("e", Pow("x", 3.0)),
+           Let("f", Pow("x", 0.5)),
+           Let("g", Pow(Abs("x"), Mul("x", 4.0))),
+           Let("h", Pow(Mul(Abs("x"), 0.0), -1.0)),
+           Let("i", Pow(Mul(Abs("x"), 30.0), 40.0)),
+           Let("j", LogSoftmax(x: Mul("x", 20.0), axis: 1)),"#,
+    ),
+    (
         "compare_where_cast",
         r#"{ "x": (f32, [4, 6]), "i": (i64, [4, 6]) }"#,
         r#"Let("a", Where(Gt("x", 0.0), "x", Mul("x", 0.1))),
@@ -764,6 +778,153 @@ fn eval_and_run_fill_missing_inputs_alike_for_every_shipped_model() {
             for (i, (a, b)) in w.to_f64_vec().iter().zip(g.to_f64_vec()).enumerate() {
                 assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{model} `{name}`[{i}]: eval {a}, run {b}");
             }
+        }
+    }
+}
+
+// --------------------------------------------------------------------------------------- CUDA
+
+/// The `ptxas` the CUDA checks assemble with (`KILN_PTXAS`, which `make test` sets from
+/// `scripts/fetch_ptxas.sh`); prints why a test skips when there is none.
+fn ptxas(test: &str) -> Option<kiln_codegen::gpu::ptxas::Ptxas> {
+    let found = kiln_codegen::gpu::ptxas::Ptxas::find();
+    if found.is_none() {
+        eprintln!(
+            "skipped: {test}: no ptxas (run scripts/fetch_ptxas.sh and set KILN_PTXAS to what it prints)"
+        );
+    }
+    found
+}
+
+/// The CUDA target for `arch`.
+fn cuda_caps(arch: &str) -> (kiln_codegen::gpu::GpuCaps, kiln_codegen::gpu::NvvmTarget) {
+    let target = kiln_codegen::gpu::NvvmTarget::by_arch(arch).expect("a known architecture");
+    (kiln_codegen::gpu::GpuCaps::cuda(target), target)
+}
+
+/// Every kernel of every op family and shipped model, lowered to PTX for sm_80 and sm_90 and
+/// assembled by `ptxas`: an error fails the test, spills are reported.
+#[test]
+fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
+    let Some(ptxas) = ptxas("CUDA kernels through ptxas") else { return };
+    let mut graphs: Vec<Graph> = Vec::new();
+    for (name, inputs, body) in OP_CASES {
+        let g = op_case(name, inputs, body);
+        graphs.push(optimized(&g));
+        graphs.push(g);
+    }
+    for model in
+        ["mlp.ron", "bert_encoder.ron", "seed_transformer.ron", "resnet_block.ron", "lstm.ron", "gpt2.ron"]
+    {
+        graphs.push(optimized(&shipped(model, &[])));
+    }
+    for arch in ["sm_80", "sm_90"] {
+        let (caps, target) = cuda_caps(arch);
+        let (mut kernels, mut spilling) = (0, Vec::new());
+        for g in &graphs {
+            let s = kiln_sched::schedule_aligned(g, caps.buffer_align).expect("schedules");
+            let program = kiln_codegen::gpu::kernels(&s, &caps).unwrap_or_else(|e| panic!("{}: {e}", g.name));
+            let modules = kiln_codegen::gpu::nvvm::compile(&program.kernels, &target)
+                .unwrap_or_else(|e| panic!("{} for {arch}: {e}", g.name));
+            assert_eq!(modules.len(), program.kernels.len());
+            for m in &modules {
+                assert!(m.ptx.contains(&format!(".target {arch}")), "{}: {}", g.name, m.ptx);
+                let assembled = ptxas
+                    .assemble(&m.ptx, arch)
+                    .unwrap_or_else(|e| panic!("{} {}: {e}\n{}", g.name, m.symbol, m.ptx));
+                assert!(!assembled.cubin.is_empty() && assembled.cubin.starts_with(b"\x7fELF"));
+                let usage = assembled.usage.iter().find(|u| u.kernel == m.symbol);
+                let usage =
+                    usage.unwrap_or_else(|| panic!("{} {}: ptxas said nothing about it", g.name, m.symbol));
+                if usage.spill_stores + usage.spill_loads > 0 {
+                    spilling.push(format!(
+                        "{} {} ({} registers, {} B stored / {} B loaded)",
+                        g.name, m.symbol, usage.registers, usage.spill_stores, usage.spill_loads
+                    ));
+                }
+                kernels += 1;
+            }
+        }
+        eprintln!("{arch}: {kernels} kernels assembled by ptxas; {} spill registers", spilling.len());
+        for s in &spilling {
+            eprintln!("  spills: {s}");
+        }
+    }
+}
+
+#[test]
+fn cli_compiles_and_inspects_for_cuda() {
+    let dir = tempfile::tempdir().unwrap();
+    let art = dir.path().join("mlp.kiln");
+    let out = kiln(&["compile", "models/mlp.ron", "--target", "cuda:sm_90", "-o", art.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("compiled `mlp` for cuda (sm_90, PTX 7.8)"), "{said}");
+    let manifest =
+        kiln_runtime::Manifest::from_ron(&std::fs::read_to_string(art.join("manifest.ron")).unwrap())
+            .unwrap();
+    let kiln_runtime::Target::Cuda(target) = &manifest.target else { panic!("{:?}", manifest.target) };
+    assert_eq!(target.compute_capability, [9, 0]);
+    let ptx = std::fs::read_to_string(art.join(kiln_runtime::PTX_FILE)).unwrap();
+    for step in &manifest.steps {
+        let kiln_runtime::Dispatch::Gpu { module, .. } = step.dispatch else { panic!("{step:?}") };
+        let range = &manifest.modules[module as usize];
+        let text = &ptx[range.offset as usize..(range.offset + range.bytes) as usize];
+        assert!(text.contains(&format!(".entry {}(", step.symbol)), "{text}");
+    }
+    // With ptxas, the cubins come along, one per module.
+    if kiln_codegen::gpu::ptxas::Ptxas::find().is_some() {
+        assert_eq!(target.cubins.len(), manifest.modules.len());
+        assert!(art.join(kiln_runtime::CUBIN_FILE).is_file());
+    }
+
+    let ptx = kiln(&["inspect", "models/mlp.ron", "--stage", "ptx", "--target", "cuda:sm_80"]);
+    assert!(ptx.status.success(), "{}", String::from_utf8_lossy(&ptx.stderr));
+    let ptx = String::from_utf8_lossy(&ptx.stdout).into_owned();
+    assert!(
+        ptx.contains("// kernel k0 (") && ptx.contains(".target sm_80") && ptx.contains(".entry k0("),
+        "{ptx}"
+    );
+    let gpu = kiln(&["inspect", "models/mlp.ron", "--stage", "gpu", "--target", "cuda"]);
+    let gpu = String::from_utf8_lossy(&gpu.stdout).into_owned();
+    assert!(gpu.contains("known_block_size = array<i32:") && !gpu.contains("spirv"), "{gpu}");
+    let nvvm = kiln(&["inspect", "models/mlp.ron", "--stage", "nvvm"]);
+    assert!(String::from_utf8_lossy(&nvvm.stdout).contains("nvvm.read.ptx.sreg.tid.x"));
+
+    let bad = kiln(&["compile", "models/mlp.ron", "--target", "cuda:sm_70", "-o", art.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr)
+            .contains("unknown CUDA architecture `sm_70` (known: sm_80, sm_86, sm_89, sm_90)"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let bad = kiln(&["inspect", "models/mlp.ron", "--stage", "spirv", "--target", "cuda"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("`--stage spirv` is the Vulkan target's"));
+}
+
+#[test]
+fn cuda_refuses_what_it_cannot_run_naming_the_op_and_the_target() {
+    let cases = [
+        (
+            r#"{ "x": (bf16, [4, 8]) }"#,
+            r#"Let("y", Add("x", "x")),"#,
+            "cannot compile bf16 tensors on the cuda:sm_90 target (kernel k0 add)",
+        ),
+        (
+            r#"{ "x": (f64, [4, 8]) }"#,
+            r#"Let("y", Add(Exp("x"), 1.0)),"#,
+            "cannot compile `exp` on f64 on the cuda:sm_90 target (it has no 64-bit exp, log or tanh) (kernel k0 elementwise×2)",
+        ),
+    ];
+    let (caps, _) = cuda_caps("sm_90");
+    for (inputs, body, want) in cases {
+        let g = op_case("refused", inputs, body);
+        let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        match kiln_codegen::build_cuda_artifact(&g.name, &s, &HashMap::new(), &caps, None, dir.path()) {
+            Ok(_) => panic!("`{body}` compiled for CUDA"),
+            Err(e) => assert_eq!(e.to_string(), want),
         }
     }
 }

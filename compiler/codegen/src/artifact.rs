@@ -2,12 +2,14 @@
 //! `weights.safetensors`, in the format kiln-runtime reads (its `manifest` module is the
 //! contract; this is the only writer).
 
-use crate::gpu::{self, GpuCaps, GpuProgram, SpirvModule};
+use crate::gpu::ptxas::{Assembled, Ptxas};
+use crate::gpu::{self, GpuCaps, GpuLowering, GpuProgram, PtxModule, SpirvModule};
 use crate::{build, program, CodegenError, Compiled, Target};
 use kiln_ir::{fmt_shape, DType, Tensor};
 use kiln_runtime::{
-    BufRef, Dispatch, FileDigest, Manifest, ModuleRange, Step, TargetInfo, TensorSpec, VulkanTarget,
-    ARTIFACT_FORMAT_VERSION, KERNELS_FILE, MANIFEST_FILE, SPIRV_FILE, WEIGHTS_FILE,
+    BufRef, CudaTarget, Dispatch, FileDigest, Manifest, ModuleRange, Step, TargetInfo, TensorSpec,
+    VulkanTarget, ARTIFACT_FORMAT_VERSION, CUBIN_FILE, KERNELS_FILE, MANIFEST_FILE, PTX_FILE, SPIRV_FILE,
+    WEIGHTS_FILE,
 };
 use kiln_sched::{Schedule, Storage};
 use std::collections::HashMap;
@@ -225,41 +227,7 @@ pub fn build_vulkan_artifact(
     let spv = dir.join(SPIRV_FILE);
     std::fs::write(&spv, &blob).map_err(|e| io_err(&spv, e))?;
 
-    let mut stored = Stored::default();
-    let mut steps = Vec::with_capacity(s.kernels.len());
-    for (i, (&ki, sk)) in program.step_kernel.iter().zip(&s.kernels).enumerate() {
-        let k = &program.kernels[ki];
-        let mut args = Vec::with_capacity(sk.inputs.len() + 1);
-        for (j, o) in sk.inputs.iter().chain(std::iter::once(&sk.output)).enumerate() {
-            let b = &s.buffers[o.buffer];
-            // A weight larger than one binding is stored and bound as its pieces.
-            if let (Some((_, split)), Storage::Weight { name } | Storage::Const { name, .. }) =
-                (program.step_splits[i].iter().find(|(a, _)| *a == j), &b.storage)
-            {
-                let value = constant(b, params)?;
-                for p in 0..split.pieces() {
-                    let piece = format!("{name}@part{p}");
-                    let len = split.len_of(p);
-                    stored.add(&piece, || flat_range(value, p * split.piece_len, len))?;
-                    args.push(BufRef::Weight { name: piece, bytes: (len * o.dtype.size_bytes()) as u64 });
-                }
-                continue;
-            }
-            args.push(stored.arg(b, params)?);
-        }
-        steps.push(Step {
-            symbol: k.symbol.clone(),
-            label: format!("k{i} {} {}", sk.name(), fmt_shape(&sk.output.view.shape)),
-            args,
-            dispatch: Dispatch::Gpu {
-                module: ki as u32,
-                grid: k.plan.launch.grid,
-                workgroup: k.plan.launch.workgroup,
-            },
-            flops: k.flops,
-            bytes: k.bytes,
-        });
-    }
+    let (steps, stored) = gpu_steps(s, params, &program)?;
     let wpath = dir.join(WEIGHTS_FILE);
     kiln_ir::tensor_io::write_safetensors(&wpath, &stored.weights).map_err(|e| io_err(&wpath, e))?;
     let wdata = std::fs::read(&wpath).map_err(|e| io_err(&wpath, e))?;
@@ -296,6 +264,161 @@ pub fn build_vulkan_artifact(
         compile_time: t2 - t1,
         write_time: t3 - t2,
     })
+}
+
+/// What building a CUDA artifact produced, and how long each part took.
+pub struct BuiltCuda {
+    pub manifest: Manifest,
+    pub program: GpuProgram,
+    pub modules: Vec<PtxModule>,
+    /// Each module assembled for the target's architecture, when `ptxas` was given.
+    pub assembled: Option<Vec<Assembled>>,
+    /// Emitting the kernels' MLIR.
+    pub emit_time: Duration,
+    /// The NVVM lowering, PTX generation and, with `ptxas`, assembly.
+    pub compile_time: Duration,
+    /// Writing the files.
+    pub write_time: Duration,
+}
+
+/// Compiles `s` (scheduled with [`kiln_sched::schedule_aligned`] at `caps.buffer_align`) to
+/// PTX for the CUDA target `caps` and writes the artifact into `dir`: `manifest.ron`,
+/// `kernels.ptx` (the modules one after another), `weights.safetensors`, and with `ptxas`
+/// `kernels.cubin` (each module assembled for the target's architecture).
+pub fn build_cuda_artifact(
+    model: &str,
+    s: &Schedule,
+    params: &HashMap<String, Tensor>,
+    caps: &GpuCaps,
+    ptxas: Option<&Ptxas>,
+    dir: &Path,
+) -> Result<BuiltCuda, CodegenError> {
+    let target = match caps.lowering {
+        GpuLowering::Nvvm(target) => target,
+        GpuLowering::Spirv => {
+            return Err(CodegenError::Unsupported(format!("a CUDA artifact for the {} target", caps.name)))
+        }
+    };
+    let t0 = Instant::now();
+    let program = gpu::kernels(s, caps)?;
+    let t1 = Instant::now();
+    let modules = gpu::nvvm::compile(&program.kernels, &target)?;
+    let assembled = match ptxas {
+        Some(p) => {
+            Some(modules.iter().map(|m| p.assemble(&m.ptx, &target.arch())).collect::<Result<Vec<_>, _>>()?)
+        }
+        None => None,
+    };
+    let t2 = Instant::now();
+
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let (ptx, ranges) = concatenate(modules.iter().map(|m| m.ptx.as_bytes()));
+    let ptx_path = dir.join(PTX_FILE);
+    std::fs::write(&ptx_path, &ptx).map_err(|e| io_err(&ptx_path, e))?;
+    let mut files = vec![FileDigest::of(PTX_FILE, &ptx)];
+    let mut cubins = Vec::new();
+    if let Some(assembled) = &assembled {
+        let (blob, r) = concatenate(assembled.iter().map(|a| a.cubin.as_slice()));
+        let path = dir.join(CUBIN_FILE);
+        std::fs::write(&path, &blob).map_err(|e| io_err(&path, e))?;
+        files.push(FileDigest::of(CUBIN_FILE, &blob));
+        cubins = r;
+    }
+    let (steps, stored) = gpu_steps(s, params, &program)?;
+    let wpath = dir.join(WEIGHTS_FILE);
+    kiln_ir::tensor_io::write_safetensors(&wpath, &stored.weights).map_err(|e| io_err(&wpath, e))?;
+    let wdata = std::fs::read(&wpath).map_err(|e| io_err(&wpath, e))?;
+    files.push(FileDigest::of(WEIGHTS_FILE, &wdata));
+    let kernels = &program.kernels;
+    let manifest = Manifest {
+        format_version: ARTIFACT_FORMAT_VERSION,
+        model: model.to_string(),
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        target: kiln_runtime::Target::Cuda(CudaTarget {
+            compute_capability: target.compute_capability,
+            ptx_version: target.ptx(),
+            buffer_align: s.arena_align as u64,
+            max_workgroup_invocations: kernels.iter().map(|k| k.plan.launch.invocations()).max().unwrap_or(1),
+            max_shared_bytes: kernels.iter().map(|k| k.plan.shared_bytes).max().unwrap_or(0),
+            cubins,
+        }),
+        inputs: s.inputs.iter().map(tensor_spec).collect(),
+        index_bounds: s.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
+        outputs: s.outputs.iter().map(tensor_spec).collect(),
+        arena_bytes: s.arena_bytes as u64,
+        files,
+        modules: ranges,
+        steps,
+    };
+    let text = manifest.to_ron().map_err(|e| CodegenError::Artifact(e.to_string()))?;
+    let mpath = dir.join(MANIFEST_FILE);
+    std::fs::write(&mpath, text).map_err(|e| io_err(&mpath, e))?;
+    let t3 = Instant::now();
+    Ok(BuiltCuda {
+        manifest,
+        program,
+        modules,
+        assembled,
+        emit_time: t1 - t0,
+        compile_time: t2 - t1,
+        write_time: t3 - t2,
+    })
+}
+
+/// The parts one after another, and where each lies.
+fn concatenate<'a>(parts: impl Iterator<Item = &'a [u8]>) -> (Vec<u8>, Vec<ModuleRange>) {
+    let mut blob = Vec::new();
+    let mut ranges = Vec::new();
+    for p in parts {
+        ranges.push(ModuleRange { offset: blob.len() as u64, bytes: p.len() as u64 });
+        blob.extend_from_slice(p);
+    }
+    (blob, ranges)
+}
+
+/// The steps of a GPU program (one per scheduled kernel, launching its kernel's module with its
+/// plan's grid) and the weights they bind; a weight bound in pieces is stored as its pieces.
+fn gpu_steps(
+    s: &Schedule,
+    params: &HashMap<String, Tensor>,
+    program: &GpuProgram,
+) -> Result<(Vec<Step>, Stored), CodegenError> {
+    let mut stored = Stored::default();
+    let mut steps = Vec::with_capacity(s.kernels.len());
+    for (i, (&ki, sk)) in program.step_kernel.iter().zip(&s.kernels).enumerate() {
+        let k = &program.kernels[ki];
+        let mut args = Vec::with_capacity(sk.inputs.len() + 1);
+        for (j, o) in sk.inputs.iter().chain(std::iter::once(&sk.output)).enumerate() {
+            let b = &s.buffers[o.buffer];
+            // A weight larger than one binding is stored and bound as its pieces.
+            if let (Some((_, split)), Storage::Weight { name } | Storage::Const { name, .. }) =
+                (program.step_splits[i].iter().find(|(a, _)| *a == j), &b.storage)
+            {
+                let value = constant(b, params)?;
+                for p in 0..split.pieces() {
+                    let piece = format!("{name}@part{p}");
+                    let len = split.len_of(p);
+                    stored.add(&piece, || flat_range(value, p * split.piece_len, len))?;
+                    args.push(BufRef::Weight { name: piece, bytes: (len * o.dtype.size_bytes()) as u64 });
+                }
+                continue;
+            }
+            args.push(stored.arg(b, params)?);
+        }
+        steps.push(Step {
+            symbol: k.symbol.clone(),
+            label: format!("k{i} {} {}", sk.name(), fmt_shape(&sk.output.view.shape)),
+            args,
+            dispatch: Dispatch::Gpu {
+                module: ki as u32,
+                grid: k.plan.launch.grid,
+                workgroup: k.plan.launch.workgroup,
+            },
+            flops: k.flops,
+            bytes: k.bytes,
+        });
+    }
+    Ok((steps, stored))
 }
 
 /// The manifest's description of a graph input or output.

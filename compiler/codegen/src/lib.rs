@@ -5,7 +5,8 @@
 //! - [`kernel`]: the [`Kernel`] contract between emitters, the build and the runtime;
 //! - [`build`]: MLIR → LLVM dialect → LLVM IR (inkwell) → O3 → object → shared object;
 //! - [`gpu`]: the GPU kernel layer (plans from target capabilities, `gpu.func` emitters, the
-//!   SPIR-V lowering) and [`artifact::build_vulkan_artifact`];
+//!   SPIR-V and NVVM/PTX lowerings) and [`artifact::build_vulkan_artifact`],
+//!   [`artifact::build_cuda_artifact`];
 //! - [`loader`]: compiled kernels loaded into this process, for tests and benchmarks;
 //! - [`context`], [`run_pass_pipeline`], [`translate_to_llvm`], [`host_cpu`]: toolchain plumbing,
 //!   and [`jit_smoke`], a check that all of it works in this build.
@@ -27,7 +28,7 @@ pub mod program;
 mod smoke;
 pub mod target;
 
-pub use artifact::{build_artifact, build_vulkan_artifact, Built, BuiltGpu};
+pub use artifact::{build_artifact, build_cuda_artifact, build_vulkan_artifact, Built, BuiltCuda, BuiltGpu};
 pub use build::{compile, link_shared, Compiled};
 pub use context::{context, run_pass_pipeline, verify};
 pub use error::CodegenError;

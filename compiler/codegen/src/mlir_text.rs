@@ -8,6 +8,8 @@
 
 use std::fmt::Write;
 
+use crate::gpu::GpuFlavor;
+
 /// MLIR text under construction, with indentation and an SSA name counter.
 #[derive(Debug, Default)]
 pub struct Body {
@@ -16,6 +18,10 @@ pub struct Body {
     next: u32,
     /// Kernel arguments bound in pieces (see [`Split`]), by argument name.
     splits: Vec<(String, Split)>,
+    /// The GPU lowering a kernel body is written for; `None` for CPU kernels.
+    gpu: Option<GpuFlavor>,
+    /// Workgroup arrays declared as attributions of the kernel function: (name, type).
+    attributions: Vec<(String, String)>,
 }
 
 /// A read-only buffer larger than one binding may cover, bound as consecutive pieces of
@@ -41,12 +47,46 @@ impl Split {
 
 impl Body {
     pub fn new() -> Body {
-        Body { out: String::new(), indent: 1, next: 0, splits: Vec::new() }
+        Body {
+            out: String::new(),
+            indent: 1,
+            next: 0,
+            splits: Vec::new(),
+            gpu: None,
+            attributions: Vec::new(),
+        }
     }
 
     /// A body whose kernel binds the arguments in `splits` in pieces.
     pub fn with_splits(splits: Vec<(String, Split)>) -> Body {
         Body { splits, ..Body::new() }
+    }
+
+    /// A GPU kernel's body for the lowering `flavor`, binding the arguments in `splits` in
+    /// pieces. Its math functions are the polynomial ones on f32 ([`Body::log`] …): every GPU
+    /// target computes them the same way, to the same accuracy, and no target needs a math
+    /// library (NVVM would call NVIDIA's libdevice; Vulkan's built-ins are only as accurate as
+    /// each driver).
+    pub fn for_gpu(splits: Vec<(String, Split)>, flavor: GpuFlavor) -> Body {
+        Body { splits, gpu: Some(flavor), ..Body::new() }
+    }
+
+    /// The GPU lowering this body is written for, if it is a GPU kernel's.
+    pub fn gpu(&self) -> Option<GpuFlavor> {
+        self.gpu
+    }
+
+    /// Declares a workgroup array of type `ty` as an attribution of the kernel function and
+    /// returns its name.
+    pub fn attribution(&mut self, ty: String) -> String {
+        let name = self.fresh("wg");
+        self.attributions.push((name.clone(), ty));
+        name
+    }
+
+    /// The workgroup attributions declared so far.
+    pub fn attributions(&self) -> &[(String, String)] {
+        &self.attributions
     }
 
     /// How argument `arg` is split, if it is.
@@ -146,10 +186,10 @@ impl Body {
         self.assign(format!("arith.negf {a} : {ty}"))
     }
     pub fn fabs(&mut self, a: &str, ty: &str) -> String {
-        self.assign(format!("math.absf {a} : {ty}"))
+        self.rounding("absf", a, ty)
     }
     pub fn sqrt(&mut self, a: &str, ty: &str) -> String {
-        self.assign(format!("math.sqrt {a} : {ty}"))
+        self.rounding("sqrt", a, ty)
     }
     /// `1 / √a`, exact to the division (no fast reciprocal estimate).
     pub fn rsqrt(&mut self, a: &str, ty: &str) -> String {
@@ -182,7 +222,7 @@ impl Body {
         let x = self.fmax(&x, &lo, ty);
         let log2e = self.float(std::f64::consts::LOG2_E, ty);
         let t = self.fmul(&x, &log2e, ty);
-        let n = self.assign(format!("math.roundeven {t} : {ty}"));
+        let n = self.rounding("roundeven", &t, ty);
         let coeffs = [
             1.987_569_15e-4,
             1.398_199_95e-3,
@@ -334,7 +374,7 @@ impl Body {
         let d = self.fadd(&e, &one, ty);
         let q = self.fdiv(&two, &d, ty);
         let t = self.fsub(&one, &q, ty);
-        self.assign(format!("math.copysign {t}, {x} : {ty}"))
+        self.copysign(&t, x, ty)
     }
 
     /// `erf x` on f32 as a rational function (see [`Body::erf_of_scaled`]); `math.erf`
@@ -374,8 +414,8 @@ impl Body {
         let bound = 4.0 / c;
         let hi = self.float(bound, ty);
         let lo = self.float(-bound, ty);
-        let x = self.assign(format!("arith.minnumf {x}, {hi} : {ty}"));
-        let x = self.assign(format!("arith.maxnumf {x}, {lo} : {ty}"));
+        let x = self.hardware("arith.minnumf", "minnum", &[x, &hi], ty);
+        let x = self.hardware("arith.maxnumf", "maxnum", &[&x, &lo], ty);
         let s = self.fmul(&x, &x, ty);
         // In x² the coefficient of u^(2i) is multiplied by c^(2i) (and P's by c once more).
         let in_x = |coeffs: &[f64], scale: f64| -> Vec<f64> {
@@ -385,6 +425,243 @@ impl Body {
         let q = self.horner(&in_x(&Q, 1.0), &s, ty);
         let xp = self.fmul(&x, &p, ty);
         self.fdiv(&xp, &q, ty)
+    }
+
+    /// `math.{op} x` for `op` one of `sqrt`, `roundeven`, `floor`, `absf`: exact operations
+    /// every target has in hardware. See [`Body::hardware`].
+    pub fn rounding(&mut self, op: &str, x: &str, ty: &str) -> String {
+        let intrinsic = if op == "absf" { "fabs" } else { op };
+        self.hardware(&format!("math.{op}"), intrinsic, &[x], ty)
+    }
+
+    /// `{op} args : ty` (e.g. `math.copysign`, `arith.minnumf`), an operation with an LLVM
+    /// intrinsic of the same meaning (`copysign`, `minnum`). On NVVM it is written as a call of
+    /// that intrinsic: `convert-gpu-to-nvvm` turns these `math`/`arith` ops into libdevice calls
+    /// and refuses the `llvm.intr.*` ops the LLVM conversions would make, while NVPTX selects
+    /// the intrinsics directly (`sqrt.rn`, `cvt.rni`, `abs`, `min`, …).
+    fn hardware(&mut self, op: &str, intrinsic: &str, args: &[&str], ty: &str) -> String {
+        let list = args.join(", ");
+        match (self.gpu, is_vector(ty)) {
+            (Some(GpuFlavor::Nvvm), false) => {
+                let types = vec![ty; args.len()].join(", ");
+                self.assign(format!(
+                    "llvm.call_intrinsic \"llvm.{intrinsic}.{ty}\"({list}) : ({types}) -> {ty}"
+                ))
+            }
+            _ => self.assign(format!("{op} {list} : {ty}")),
+        }
+    }
+
+    /// The magnitude of `mag` with the sign of `sign`.
+    pub fn copysign(&mut self, mag: &str, sign: &str, ty: &str) -> String {
+        self.hardware("math.copysign", "copysign", &[mag, sign], ty)
+    }
+
+    /// Whether math functions are written out as polynomials here: f32 values of a GPU kernel
+    /// (see [`Body::for_gpu`]). CPU kernels call the math library through `math.*`.
+    fn portable(&self, ty: &str) -> bool {
+        self.gpu.is_some() && elem_type(ty) == "f32"
+    }
+
+    /// `ln x`. Portable f32: `x = m·2ᵉ` with `m ∈ [√½, √2)` (subnormals scaled by 2²³ first),
+    /// `ln m = f − f²/2 + f³·P(f)` for `f = m − 1` (`P` of degree 8, the Cephes `logf`
+    /// coefficients), and `e·ln2` added in two parts; 0 gives −inf, +inf gives +inf, negatives
+    /// and NaN give NaN. Relative error about 1e-7. Else `math.log`.
+    pub fn log(&mut self, x: &str, ty: &str) -> String {
+        if !self.portable(ty) {
+            return self.assign(format!("math.log {x} : {ty}"));
+        }
+        let ity = with_elem(ty, "i32");
+        let tiny = self.float(f32::MIN_POSITIVE as f64, ty);
+        let small = self.fcmp("olt", x, &tiny, ty);
+        let scale = self.float(8_388_608.0, ty);
+        let scaled = self.fmul(x, &scale, ty);
+        let xs = self.select(&small, &scaled, x, ty);
+        let bits = self.assign(format!("arith.bitcast {xs} : {ty} to {ity}"));
+        let c23 = self.int_like(23, &ity);
+        let biased = self.assign(format!("arith.shrui {bits}, {c23} : {ity}"));
+        let c126 = self.int_like(126, &ity);
+        let e = self.assign(format!("arith.subi {biased}, {c126} : {ity}"));
+        let mask = self.int_like(0x007f_ffff, &ity);
+        let half = self.int_like(0x3f00_0000, &ity);
+        let mbits = self.assign(format!("arith.andi {bits}, {mask} : {ity}"));
+        let mbits = self.assign(format!("arith.ori {mbits}, {half} : {ity}"));
+        // m ∈ [½, 1), x = m·2ᵉ.
+        let m = self.assign(format!("arith.bitcast {mbits} : {ity} to {ty}"));
+        let sqrt_half = self.float(std::f64::consts::FRAC_1_SQRT_2, ty);
+        let low = self.fcmp("olt", &m, &sqrt_half, ty);
+        let fe = self.assign(format!("arith.sitofp {e} : {ity} to {ty}"));
+        let one = self.float(1.0, ty);
+        let fe_low = self.fsub(&fe, &one, ty);
+        let fe = self.select(&low, &fe_low, &fe, ty);
+        let sub23 = self.float(-23.0, ty);
+        let zero = self.float(0.0, ty);
+        let shift = self.select(&small, &sub23, &zero, ty);
+        let fe = self.fadd(&fe, &shift, ty);
+        let m2 = self.fadd(&m, &m, ty);
+        let m = self.select(&low, &m2, &m, ty);
+        let f = self.fsub(&m, &one, ty);
+        let coeffs = [
+            7.037_683_629_2e-2,
+            -1.151_461_031_0e-1,
+            1.167_699_874_0e-1,
+            -1.242_014_084_6e-1,
+            1.424_932_278_7e-1,
+            -1.666_805_766_5e-1,
+            2.000_071_476_5e-1,
+            -2.499_999_399_3e-1,
+            3.333_333_117_4e-1,
+        ];
+        let p = self.horner(&coeffs, &f, ty);
+        let z = self.fmul(&f, &f, ty);
+        let fz = self.fmul(&f, &z, ty);
+        let y = self.fmul(&fz, &p, ty);
+        let ln2_lo = self.float(-2.121_944_40e-4, ty);
+        let y = self.fma(&fe, &ln2_lo, &y, ty);
+        let minus_half = self.float(-0.5, ty);
+        let y = self.fma(&z, &minus_half, &y, ty);
+        let r = self.fadd(&f, &y, ty);
+        let ln2_hi = self.float(0.693_359_375, ty);
+        let r = self.fma(&fe, &ln2_hi, &r, ty);
+        let inf = self.float(f64::INFINITY, ty);
+        let is_inf = self.fcmp("oeq", x, &inf, ty);
+        let r = self.select(&is_inf, &inf, &r, ty);
+        let ninf = self.float(f64::NEG_INFINITY, ty);
+        let is_zero = self.fcmp("oeq", x, &zero, ty);
+        let r = self.select(&is_zero, &ninf, &r, ty);
+        let nan = self.float(f64::NAN, ty);
+        let bad = self.fcmp("ult", x, &zero, ty);
+        self.select(&bad, &nan, &r, ty)
+    }
+
+    /// `sin x` (portable f32: [`Body::sin_cos`] in quadrant 0), else `math.sin`.
+    pub fn sin(&mut self, x: &str, ty: &str) -> String {
+        if !self.portable(ty) {
+            return self.assign(format!("math.sin {x} : {ty}"));
+        }
+        self.sin_cos(x, 0.0, ty)
+    }
+
+    /// `cos x` (portable f32: [`Body::sin_cos`] one quadrant on), else `math.cos`.
+    pub fn cos(&mut self, x: &str, ty: &str) -> String {
+        if !self.portable(ty) {
+            return self.assign(format!("math.cos {x} : {ty}"));
+        }
+        self.sin_cos(x, 1.0, ty)
+    }
+
+    /// `sin(x + shift·π/2)` on f32: `x = j·π/2 + r` with `j = round(x·2/π)` and π/2 in three
+    /// parts (Cody–Waite, so `r ∈ [−π/4, π/4]` is accurate while `|j| < 2¹⁵`, i.e. `|x|` up to
+    /// about 5·10⁴), then `sin r` or `cos r` by Cephes' `sinf`/`cosf` polynomials and the sign
+    /// of the quadrant `(j + shift) mod 4`. Absolute error about 1e-7 in that range; ±inf and
+    /// NaN give NaN.
+    fn sin_cos(&mut self, x: &str, shift: f64, ty: &str) -> String {
+        let two_over_pi = self.float(std::f64::consts::FRAC_2_PI, ty);
+        let t = self.fmul(x, &two_over_pi, ty);
+        let j = self.rounding("roundeven", &t, ty);
+        let mut r = x.to_string();
+        for part in [-1.570_312_5, -4.837_512_969_970_703e-4, -7.549_789_954_891_882e-8] {
+            let c = self.float(part, ty);
+            r = self.fma(&j, &c, &r, ty);
+        }
+        let r2 = self.fmul(&r, &r, ty);
+        // sin r = r + r³·S(r²)
+        let sp = self.horner(&[-1.951_529_589_1e-4, 8.332_160_873_6e-3, -1.666_665_461_1e-1], &r2, ty);
+        let r3 = self.fmul(&r2, &r, ty);
+        let sin_r = self.fma(&r3, &sp, &r, ty);
+        // cos r = 1 − r²/2 + r⁴·C(r²)
+        let cp = self.horner(
+            &[2.443_315_711_809_948e-5, -1.388_731_625_493_765e-3, 4.166_664_568_298_827e-2],
+            &r2,
+            ty,
+        );
+        let r4 = self.fmul(&r2, &r2, ty);
+        let one = self.float(1.0, ty);
+        let minus_half = self.float(-0.5, ty);
+        let c0 = self.fma(&r2, &minus_half, &one, ty);
+        let cos_r = self.fma(&r4, &cp, &c0, ty);
+        // The quadrant q = (j + shift) mod 4, exactly, in floats.
+        let sh = self.float(shift, ty);
+        let q = self.fadd(&j, &sh, ty);
+        let quarter = self.float(0.25, ty);
+        let qf = self.fmul(&q, &quarter, ty);
+        let qf = self.rounding("floor", &qf, ty);
+        let neg_four = self.float(-4.0, ty);
+        let q = self.fma(&qf, &neg_four, &q, ty);
+        let half = self.float(0.5, ty);
+        let qh = self.fmul(&q, &half, ty);
+        let qh = self.rounding("floor", &qh, ty);
+        let neg_two = self.float(-2.0, ty);
+        let odd = self.fma(&qh, &neg_two, &q, ty);
+        let is_odd = self.fcmp("oeq", &odd, &one, ty);
+        let v = self.select(&is_odd, &cos_r, &sin_r, ty);
+        let two = self.float(2.0, ty);
+        let upper = self.fcmp("oge", &q, &two, ty);
+        let nv = self.fneg(&v, ty);
+        self.select(&upper, &nv, &v, ty)
+    }
+
+    /// `xʸ`. Portable f32: `|x|ʸ = e^{y·ln|x|}` (overflowing to inf, underflowing to 0), the
+    /// sign of `x` kept for odd integer `y`, NaN for negative `x` and non-integer `y`; `x⁰ = 1`
+    /// and `1ʸ = 1` even for NaN, as C's `powf`. Relative error about `|y·ln x|·1e-7` (under
+    /// 1e-5). Else `math.powf`.
+    pub fn powf(&mut self, x: &str, y: &str, ty: &str) -> String {
+        if !self.portable(ty) {
+            return self.assign(format!("math.powf {x}, {y} : {ty}"));
+        }
+        let ax = self.fabs(x, ty);
+        let l = self.log(&ax, ty);
+        let t = self.fmul(y, &l, ty);
+        // [`Body::exp`] clamps its argument to [−87.3, 88.3]; beyond ±80 the exponent is moved
+        // by 8 and `e^{±8}` multiplied back, so results up to f32's largest and down into
+        // subnormals come out right.
+        let eighty = self.float(80.0, ty);
+        let big = self.fcmp("ogt", &t, &eighty, ty);
+        let neg_eighty = self.float(-80.0, ty);
+        let tiny = self.fcmp("olt", &t, &neg_eighty, ty);
+        let eight = self.float(8.0, ty);
+        let neg_eight = self.float(-8.0, ty);
+        let zero = self.float(0.0, ty);
+        let shift = self.select(&tiny, &eight, &zero, ty);
+        let shift = self.select(&big, &neg_eight, &shift, ty);
+        let ts = self.fadd(&t, &shift, ty);
+        let e = self.exp(&ts, ty);
+        let up = self.float(8f64.exp(), ty);
+        let down = self.float((-8f64).exp(), ty);
+        let one = self.float(1.0, ty);
+        let back = self.select(&tiny, &down, &one, ty);
+        let back = self.select(&big, &up, &back, ty);
+        let e = self.fmul(&e, &back, ty);
+        let inf = self.float(f64::INFINITY, ty);
+        let hi = self.float(88.72, ty);
+        let lo = self.float(-103.9, ty);
+        let over = self.fcmp("ogt", &t, &hi, ty);
+        let under = self.fcmp("olt", &t, &lo, ty);
+        let mag = self.select(&over, &inf, &e, ty);
+        let mag = self.select(&under, &zero, &mag, ty);
+        // y an integer, and odd (exact in floats: every f32 of magnitude ≥ 2²⁴ is even).
+        let ry = self.rounding("roundeven", y, ty);
+        let integral = self.fcmp("oeq", &ry, y, ty);
+        let half = self.float(0.5, ty);
+        let hy = self.fmul(y, &half, ty);
+        let fh = self.rounding("floor", &hy, ty);
+        let neg_two = self.float(-2.0, ty);
+        let rem = self.fma(&fh, &neg_two, y, ty);
+        let odd_rem = self.fcmp("oeq", &rem, &one, ty);
+        let odd = self.assign(format!("arith.andi {integral}, {odd_rem} : {}", bool_type_like(ty)));
+        let signed = self.copysign(&mag, x, ty);
+        let r = self.select(&odd, &signed, &mag, ty);
+        let nan = self.float(f64::NAN, ty);
+        let negative = self.fcmp("olt", x, &zero, ty);
+        let not_integral = self.fcmp("une", &ry, y, ty);
+        let bad = self.assign(format!("arith.andi {negative}, {not_integral} : {}", bool_type_like(ty)));
+        let r = self.select(&bad, &nan, &r, ty);
+        let either_nan = self.fcmp("uno", x, y, ty);
+        let r = self.select(&either_nan, &nan, &r, ty);
+        let y_zero = self.fcmp("oeq", y, &zero, ty);
+        let x_one = self.fcmp("oeq", x, &one, ty);
+        let trivial = self.assign(format!("arith.ori {y_zero}, {x_one} : {}", bool_type_like(ty)));
+        self.select(&trivial, &one, &r, ty)
     }
 
     /// `1 / (1 + e^{−x})`.

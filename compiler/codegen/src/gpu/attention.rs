@@ -73,11 +73,11 @@ pub fn emit(
     let mut b = cx.body();
     let sh_k = shared(&mut b, bk * d, ty);
     let sh_v = shared(&mut b, bk * dv, ty);
-    let (sk_ty, sv_ty) = (shared_type(bk * d, ty), shared_type(bk * dv, ty));
+    let (sk_ty, sv_ty) = (shared_type(&b, bk * d, ty), shared_type(&b, bk * dv, ty));
     let qp = private(&mut b, d, ty);
     let ap = private(&mut b, dv, ty);
     let sp = private(&mut b, bk, ty);
-    let (qp_ty, ap_ty, sp_ty) = (private_type(d, ty), private_type(dv, ty), private_type(bk, ty));
+    let (qp_ty, ap_ty, sp_ty) = (private_type(&b, d, ty), private_type(&b, dv, ty), private_type(&b, bk, ty));
     let tid = b.assign("gpu.thread_id x");
     let bx = b.assign("gpu.block_id x");
     let by = b.assign("gpu.block_id y");

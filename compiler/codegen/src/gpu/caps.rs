@@ -3,11 +3,74 @@
 
 use kiln_ir::DType;
 
+/// How a target's kernels leave MLIR's `gpu` dialect. The kernel text differs only where the
+/// lowerings disagree on spelling (the entry point's workgroup size, where workgroup and
+/// per-invocation arrays live: see [`GpuFlavor`]); the plans and the arithmetic are the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuLowering {
+    /// `convert-gpu-to-spirv`, serialized to SPIR-V words (Vulkan).
+    Spirv,
+    /// `convert-gpu-to-nvvm`, then LLVM's NVPTX backend to PTX (CUDA).
+    Nvvm(NvvmTarget),
+}
+
+/// An NVIDIA architecture the NVPTX backend compiles for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NvvmTarget {
+    /// Compute capability, `[9, 0]` for `sm_90`.
+    pub compute_capability: [u32; 2],
+    /// The PTX ISA version the modules declare, `[7, 8]`: the lowest that has the
+    /// architecture, so the oldest driver that knows the GPU accepts the modules.
+    pub ptx_version: [u32; 2],
+}
+
+impl NvvmTarget {
+    /// The architectures `--target cuda:ARCH` accepts, oldest first.
+    pub const ARCHES: [&'static str; 4] = ["sm_80", "sm_86", "sm_89", "sm_90"];
+
+    /// The target for `sm_XY` (one of [`NvvmTarget::ARCHES`]).
+    pub fn by_arch(arch: &str) -> Option<NvvmTarget> {
+        let (cc, ptx) = match arch {
+            "sm_80" => ([8, 0], [7, 0]),
+            "sm_86" => ([8, 6], [7, 1]),
+            "sm_89" => ([8, 9], [7, 8]),
+            "sm_90" => ([9, 0], [7, 8]),
+            _ => return None,
+        };
+        Some(NvvmTarget { compute_capability: cc, ptx_version: ptx })
+    }
+
+    /// `sm_90`.
+    pub fn arch(&self) -> String {
+        format!("sm_{}{}", self.compute_capability[0], self.compute_capability[1])
+    }
+
+    /// `8.0`, as manifests and PTX headers write it.
+    pub fn ptx(&self) -> String {
+        format!("{}.{}", self.ptx_version[0], self.ptx_version[1])
+    }
+}
+
+/// How kernel text spells what its lowering reads differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GpuFlavor {
+    /// `spirv.entry_point_abi`; workgroup arrays as `memref.alloc` in memory space 3 and
+    /// per-invocation arrays as `memref.alloca` in space 6 (SPIR-V's `Workgroup` and `Function`
+    /// storage classes).
+    Spirv,
+    /// `known_block_size`; workgroup arrays as workgroup attributions of the `gpu.func` (PTX
+    /// `.shared` variables) and per-invocation arrays as `memref.alloca` in the private address
+    /// space (registers once LLVM promotes them).
+    Nvvm,
+}
+
 /// The capabilities of a GPU target that kernel plans and code depend on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GpuCaps {
-    /// The target's name in messages and manifests (`vulkan`).
+    /// The target's name in messages and manifests (`vulkan`, `cuda:sm_90`).
     pub name: &'static str,
+    /// How kernels are lowered and serialized.
+    pub lowering: GpuLowering,
     /// Most invocations in one workgroup.
     pub max_workgroup_invocations: u32,
     /// Most invocations along each workgroup axis.
@@ -46,6 +109,7 @@ impl GpuCaps {
     pub fn vulkan() -> GpuCaps {
         GpuCaps {
             name: "vulkan",
+            lowering: GpuLowering::Spirv,
             max_workgroup_invocations: 256,
             max_workgroup_size: [256, 256, 64],
             max_workgroup_count: [65535, 65535, 65535],
@@ -60,6 +124,48 @@ impl GpuCaps {
             buffer_align: 256,
             max_bindings: 32,
             max_binding_bytes: 1 << 27,
+        }
+    }
+
+    /// An NVIDIA GPU of `target`'s architecture through CUDA: 1024 threads per block, 48 KiB of
+    /// static shared memory (the most a kernel may declare without opting in to more), warps
+    /// of 32, device allocations aligned to 256 bytes, and no binding limits worth the name
+    /// (kernel parameters are plain pointers; 4 KiB of them is 512). bf16 tensors are refused
+    /// until the kernels compute on them; f64 has no exp, log, tanh, erf, sin, cos or pow
+    /// (those would need NVIDIA's libdevice, which the compiler does not link).
+    pub fn cuda(target: NvvmTarget) -> GpuCaps {
+        let name = match target.compute_capability {
+            [8, 0] => "cuda:sm_80",
+            [8, 6] => "cuda:sm_86",
+            [8, 9] => "cuda:sm_89",
+            [9, 0] => "cuda:sm_90",
+            _ => "cuda",
+        };
+        GpuCaps {
+            name,
+            lowering: GpuLowering::Nvvm(target),
+            max_workgroup_invocations: 1024,
+            max_workgroup_size: [1024, 1024, 64],
+            max_workgroup_count: [i32::MAX as u32, 65535, 65535],
+            max_shared_bytes: 48 * 1024,
+            subgroup_size: Some(32),
+            f16: true,
+            bf16: false,
+            f64: true,
+            i64: true,
+            i8: true,
+            f64_transcendentals: false,
+            buffer_align: 256,
+            max_bindings: 512,
+            max_binding_bytes: u64::MAX,
+        }
+    }
+
+    /// How kernel text for this target is spelled.
+    pub fn flavor(&self) -> GpuFlavor {
+        match self.lowering {
+            GpuLowering::Spirv => GpuFlavor::Spirv,
+            GpuLowering::Nvvm(_) => GpuFlavor::Nvvm,
         }
     }
 

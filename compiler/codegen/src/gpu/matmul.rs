@@ -49,7 +49,7 @@ pub fn emit(
     let mut b = cx.body();
     let sh_a = shared(&mut b, tm * tk, ty);
     let sh_b = shared(&mut b, tk * tn, ty);
-    let (sa, sb) = (shared_type(tm * tk, ty), shared_type(tk * tn, ty));
+    let (sa, sb) = (shared_type(&b, tm * tk, ty), shared_type(&b, tk * tn, ty));
     let tx = b.assign("gpu.thread_id x");
     let ty_ = b.assign("gpu.thread_id y");
     let bx = b.assign("gpu.block_id x");

@@ -93,7 +93,7 @@ pub fn emit_softmax(
     b.line(format!("scf.yield {sum} : {ty}"));
     b.close("");
     let total = tree(&mut b, &r.sh, r.group, &r.tid, &s, ty, Combine::Add);
-    let denom = if log { b.assign(format!("math.log {total} : {ty}")) } else { total };
+    let denom = if log { b.log(&total, ty) } else { total };
 
     let n = b.index(len);
     let g = b.index(r.group as usize);

@@ -2,12 +2,24 @@
 //! invocation numbers, shared and private arrays, and a workgroup reduction tree.
 
 use super::plan::GpuPlan;
+use super::GpuFlavor;
 use crate::mlir_text::Body;
 
-/// Workgroup memory (SPIR-V `Workgroup` storage class after `map-memref-spirv-storage-class`).
-const SHARED_SPACE: u32 = 3;
-/// Per-invocation memory (SPIR-V `Function` storage class).
-const PRIVATE_SPACE: u32 = 6;
+/// Workgroup memory on SPIR-V (the `Workgroup` storage class after
+/// `map-memref-spirv-storage-class`).
+const SPIRV_SHARED_SPACE: &str = "3";
+/// Per-invocation memory on SPIR-V (the `Function` storage class).
+const SPIRV_PRIVATE_SPACE: &str = "6";
+/// Workgroup memory on NVVM (PTX `.shared`).
+const NVVM_SHARED_SPACE: &str = "#gpu.address_space<workgroup>";
+/// Per-invocation memory on NVVM (a stack array LLVM promotes to registers).
+const NVVM_PRIVATE_SPACE: &str = "#gpu.address_space<private>";
+
+/// The flavor a body is written in; bodies made outside a `GpuCtx` (unit tests of emitters)
+/// are SPIR-V's.
+fn flavor(b: &Body) -> GpuFlavor {
+    b.gpu().unwrap_or(GpuFlavor::Spirv)
+}
 
 /// `gpu.module @{symbol}` holding the kernel `gpu.func @{symbol}` with arguments `%a0…`
 /// (`memrefs`, in binding order) and the plan's workgroup size as its entry-point ABI; the
@@ -28,8 +40,20 @@ pub(crate) fn module(symbol: &str, memrefs: &[String], plan: &GpuPlan, body: Bod
         }
     }
     let [x, y, z] = plan.launch.workgroup;
+    let (workgroup, abi) = match flavor(&body) {
+        GpuFlavor::Spirv => (
+            String::new(),
+            format!("spirv.entry_point_abi = #spirv.entry_point_abi<workgroup_size = [{x}, {y}, {z}]>"),
+        ),
+        GpuFlavor::Nvvm => {
+            let arrays: Vec<String> = body.attributions().iter().map(|(n, t)| format!("{n} : {t}")).collect();
+            let workgroup =
+                if arrays.is_empty() { String::new() } else { format!(" workgroup({})", arrays.join(", ")) };
+            (workgroup, format!("known_block_size = array<i32: {x}, {y}, {z}>"))
+        }
+    };
     format!(
-        "// plan: {}\ngpu.module @{symbol} {{\n  gpu.func @{symbol}({}) kernel attributes {{spirv.entry_point_abi = #spirv.entry_point_abi<workgroup_size = [{x}, {y}, {z}]>}} {{\n{}    gpu.return\n  }}\n}}\n",
+        "// plan: {}\ngpu.module @{symbol} {{\n  gpu.func @{symbol}({}){workgroup} kernel attributes {{{abi}}} {{\n{}    gpu.return\n  }}\n}}\n",
         plan.describe(),
         params.join(", "),
         indent(&body.finish()),
@@ -80,24 +104,38 @@ pub(crate) fn clamp(b: &mut Body, i: &str, n: usize) -> String {
     b.assign(format!("arith.minui {i}, {last} : index"))
 }
 
-/// The type of a workgroup array of `len` values of `ty`.
-pub(crate) fn shared_type(len: usize, ty: &str) -> String {
-    format!("memref<{}x{ty}, {SHARED_SPACE}>", len.max(1))
+/// The type of a workgroup array of `len` values of `ty` in `b`'s flavor.
+pub(crate) fn shared_type(b: &Body, len: usize, ty: &str) -> String {
+    let space = match flavor(b) {
+        GpuFlavor::Spirv => SPIRV_SHARED_SPACE,
+        GpuFlavor::Nvvm => NVVM_SHARED_SPACE,
+    };
+    format!("memref<{}x{ty}, {space}>", len.max(1))
 }
 
-/// Allocates a workgroup array of `len` values of `ty`.
+/// A workgroup array of `len` values of `ty`: allocated in the body on SPIR-V, an attribution
+/// of the kernel function on NVVM.
 pub(crate) fn shared(b: &mut Body, len: usize, ty: &str) -> String {
-    b.assign(format!("memref.alloc() : {}", shared_type(len, ty)))
+    let t = shared_type(b, len, ty);
+    match flavor(b) {
+        GpuFlavor::Spirv => b.assign(format!("memref.alloc() : {t}")),
+        GpuFlavor::Nvvm => b.attribution(t),
+    }
 }
 
-/// The type of a per-invocation array of `len` values of `ty`.
-pub(crate) fn private_type(len: usize, ty: &str) -> String {
-    format!("memref<{}x{ty}, {PRIVATE_SPACE}>", len.max(1))
+/// The type of a per-invocation array of `len` values of `ty` in `b`'s flavor.
+pub(crate) fn private_type(b: &Body, len: usize, ty: &str) -> String {
+    let space = match flavor(b) {
+        GpuFlavor::Spirv => SPIRV_PRIVATE_SPACE,
+        GpuFlavor::Nvvm => NVVM_PRIVATE_SPACE,
+    };
+    format!("memref<{}x{ty}, {space}>", len.max(1))
 }
 
 /// Allocates a per-invocation array of `len` values of `ty`.
 pub(crate) fn private(b: &mut Body, len: usize, ty: &str) -> String {
-    b.assign(format!("memref.alloca() : {}", private_type(len, ty)))
+    let t = private_type(b, len, ty);
+    b.assign(format!("memref.alloca() : {t}"))
 }
 
 /// How two partial results combine in a [`tree`] (float or integer, by the value's type).
@@ -138,7 +176,7 @@ pub(crate) fn tree(
     ty: &str,
     op: Combine,
 ) -> String {
-    let sty = shared_type(group as usize, ty);
+    let sty = shared_type(b, group as usize, ty);
     b.line(format!("memref.store {value}, {sh}[{tid}] : {sty}"));
     b.line("gpu.barrier");
     let mut stride = group / 2;

@@ -6,7 +6,6 @@
 use super::{GpuCaps, GpuKernel};
 use crate::context::{capture_diagnostics, context, run_pass_pipeline, verify};
 use crate::CodegenError;
-use melior::ir::attribute::{ArrayAttribute, AttributeLike, StringAttribute};
 use melior::ir::block::BlockLike;
 use melior::ir::operation::OperationLike;
 use melior::ir::Module;
@@ -84,7 +83,7 @@ pub fn compile(kernels: &[GpuKernel], caps: &GpuCaps) -> Result<Vec<SpirvModule>
     let mut op = module.body().first_operation();
     while let Some(o) = op {
         if o.name().as_string_ref().as_str() == Ok("spirv.module") {
-            let name = sym_name(&o);
+            let name = super::sym_name(&o);
             let symbol = name.strip_prefix("__spv__").unwrap_or(&name).to_string();
             converted.push((symbol, o.to_string()));
         }
@@ -107,31 +106,7 @@ pub fn compile(kernels: &[GpuKernel], caps: &GpuCaps) -> Result<Vec<SpirvModule>
     let (binary, diagnostics) = capture_diagnostics(&context, || Module::parse(&context, &wrapped));
     let mut binary = binary.ok_or(CodegenError::MlirParse { diagnostics })?;
     run_pass_pipeline(&context, &mut binary, "builtin.module(gpu-module-to-binary)")?;
-    let mut words: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut op = binary.body().first_operation();
-    while let Some(o) = op {
-        if o.name().as_string_ref().as_str() == Ok("gpu.binary") {
-            let name = sym_name(&o);
-            let objects = o
-                .attribute("objects")
-                .ok()
-                .and_then(|a| ArrayAttribute::try_from(a).ok())
-                .and_then(|a| a.element(0).ok())
-                .ok_or_else(|| CodegenError::Unsupported(format!("kernel `{name}`: no serialized SPIR-V")))?;
-            // SAFETY: `objects` is a live attribute of `binary`, which outlives this call, and
-            // the returned string reference points into the attribute's storage.
-            let bytes = unsafe {
-                let raw = objects.to_raw();
-                if !mlir_sys::mlirAttributeIsAGPUObjectAttr(raw) {
-                    return Err(CodegenError::Unsupported(format!("kernel `{name}`: not a GPU object")));
-                }
-                let s = mlir_sys::mlirGPUObjectAttrGetObject(raw);
-                std::slice::from_raw_parts(s.data as *const u8, s.length).to_vec()
-            };
-            words.push((name, bytes));
-        }
-        op = o.next_in_block();
-    }
+    let words = super::binary_objects(&binary)?;
     for (k, text) in kernels.iter().zip(texts) {
         let bytes = words.iter().find(|(s, _)| *s == k.symbol).map(|(_, w)| w.clone()).ok_or_else(|| {
             CodegenError::Unsupported(format!("kernel `{}`: serialization produced no binary", k.symbol))
@@ -150,15 +125,6 @@ pub fn compile(kernels: &[GpuKernel], caps: &GpuCaps) -> Result<Vec<SpirvModule>
         });
     }
     Ok(out)
-}
-
-/// An operation's `sym_name`, or `""`.
-fn sym_name<'c: 'a, 'a>(op: &impl OperationLike<'c, 'a>) -> String {
-    op.attribute("sym_name")
-        .ok()
-        .and_then(|a| StringAttribute::try_from(a).ok())
-        .map(|s| s.value().to_string())
-        .unwrap_or_default()
 }
 
 /// The capabilities in a `spirv.module ... requires #spirv.vce<v1.3, [A, B], [..]>` header.

@@ -374,7 +374,7 @@ fn apply(b: &mut Body, op: &Op, vals: &[(String, DType)], dtype: DType) -> Resul
                     UnaryOp::Neg => b.fneg(x, ty),
                     UnaryOp::Abs => b.fabs(x, ty),
                     UnaryOp::Exp => b.exp(x, ty),
-                    UnaryOp::Log => b.assign(format!("math.log {x} : {ty}")),
+                    UnaryOp::Log => b.log(x, ty),
                     UnaryOp::Sqrt => b.sqrt(x, ty),
                     UnaryOp::Rsqrt => b.rsqrt(x, ty),
                     UnaryOp::Recip => {
@@ -383,8 +383,8 @@ fn apply(b: &mut Body, op: &Op, vals: &[(String, DType)], dtype: DType) -> Resul
                     }
                     UnaryOp::Tanh => b.tanh(x, ty),
                     UnaryOp::Erf => b.erf(x, ty),
-                    UnaryOp::Sin => b.assign(format!("math.sin {x} : {ty}")),
-                    UnaryOp::Cos => b.assign(format!("math.cos {x} : {ty}")),
+                    UnaryOp::Sin => b.sin(x, ty),
+                    UnaryOp::Cos => b.cos(x, ty),
                     UnaryOp::Sigmoid => b.sigmoid(x, ty),
                     UnaryOp::Relu => {
                         let zero = b.float(0.0, ty);
@@ -412,7 +412,7 @@ fn apply(b: &mut Body, op: &Op, vals: &[(String, DType)], dtype: DType) -> Resul
                     BinaryOp::Sub => b.fsub(x, y, ty),
                     BinaryOp::Mul => b.fmul(x, y, ty),
                     BinaryOp::Div => b.fdiv(x, y, ty),
-                    BinaryOp::Pow => b.assign(format!("math.powf {x}, {y} : {ty}")),
+                    BinaryOp::Pow => b.powf(x, y, ty),
                     BinaryOp::Max => b.fmax(x, y, ty),
                     BinaryOp::Min => b.fmin(x, y, ty),
                 }

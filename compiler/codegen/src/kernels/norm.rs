@@ -92,7 +92,7 @@ fn softmax_along(b: &mut Body, ct: &ComputeType, ops: &[Operand; 2], log: bool) 
     let s = reduce(b, Combine::Add, &sum.unwrap_or(zero.clone()), vty);
     let ety = ct.elem;
     if log {
-        let ls = b.assign(format!("math.log {s} : {ety}"));
+        let ls = b.log(&s, ety);
         let lss = b.splat(&ls, vty);
         row_loop(b, n, ct.lanes, 4, None, &mut |b, pos, part, _| {
             let at = addr(b, &xo, pos, xs);
@@ -179,7 +179,7 @@ fn softmax_across(b: &mut Body, ct: &ComputeType, ops: &[Operand; 2], axis: usiz
     for_close(b, &[s], &inits);
     let s = res[0].clone();
     let ls = if log {
-        b.assign(format!("math.log {s} : {vty}"))
+        b.log(&s, vty)
     } else {
         let onev = b.float(1.0, vty);
         b.fdiv(&onev, &s, vty)
