@@ -97,6 +97,9 @@ pub struct GpuCaps {
     pub max_bindings: usize,
     /// Largest byte range one binding may cover.
     pub max_binding_bytes: u64,
+    /// Most elements one buffer may hold: kernels compute indices in 32 bits (half the
+    /// registers and none of the 64-bit division sequences of 64-bit indices).
+    pub max_buffer_elements: u64,
 }
 
 impl GpuCaps {
@@ -124,6 +127,7 @@ impl GpuCaps {
             buffer_align: 256,
             max_bindings: 32,
             max_binding_bytes: 1 << 27,
+            max_buffer_elements: i32::MAX as u64,
         }
     }
 
@@ -158,6 +162,7 @@ impl GpuCaps {
             buffer_align: 256,
             max_bindings: 512,
             max_binding_bytes: u64::MAX,
+            max_buffer_elements: i32::MAX as u64,
         }
     }
 

@@ -24,7 +24,7 @@ pub struct PtxModule {
 /// already LLVM intrinsic calls in the kernel text ([`crate::mlir_text::Body::rounding`]).
 pub fn lowering_pipeline() -> &'static str {
     "builtin.module(gpu.module(canonicalize,cse,convert-scf-to-cf,convert-math-to-llvm,\
-convert-gpu-to-nvvm{use-bare-ptr-memref-call-conv=1},canonicalize,cse),reconcile-unrealized-casts)"
+convert-gpu-to-nvvm{index-bitwidth=32 use-bare-ptr-memref-call-conv=1},canonicalize,cse),reconcile-unrealized-casts)"
 }
 
 /// The `#nvvm.target` attribute for `target`.

@@ -87,6 +87,13 @@ fn check_limits(
                 o.dtype, caps.name
             )));
         }
+        let elements = (b.bytes() / o.dtype.size_bytes().max(1)) as u64;
+        if elements > caps.max_buffer_elements {
+            return Err(CodegenError::Unsupported(format!(
+                "a buffer of {elements} elements on the {} target, whose kernels index at most {} elements",
+                caps.name, caps.max_buffer_elements
+            )));
+        }
         if bytes <= caps.max_binding_bytes {
             bindings += 1;
             continue;
