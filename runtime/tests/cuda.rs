@@ -2,9 +2,14 @@
 //! comes before the driver is touched (anywhere, with exact messages), and, on a machine with an
 //! NVIDIA GPU, exact results of hand-written PTX kernels, replays, event-timed profiles and the
 //! device refusals. Tests that run kernels print `skipped: no CUDA device (…)` and return when
-//! there is none.
+//! there is none; on such a machine `device_tests_pass_on_a_fake_driver` runs them again in a
+//! child process whose `libcuda.so.1` is `tests/data/fake_cuda.c` (host memory, the two PTX
+//! kernels computed on the CPU), so the backend's driver calls are exercised everywhere.
 
 mod common;
+
+use std::path::Path;
+use std::process::Command;
 
 use common::cuda::*;
 use common::{x_data, N};
@@ -337,4 +342,62 @@ fn cubins_are_used_only_on_their_exact_architecture() {
     artifact.edit(|m| cuda_target(m).compute_capability = first.compute_capability);
     let e = load_err(&artifact);
     assert!(e.starts_with("module 0 of kernels.cubin: the driver refused it on cuda:0 ("), "{e}");
+}
+
+/// The tests that need a CUDA device.
+const DEVICE_TESTS: [&str; 6] = [
+    "devices_list_cuda_after_vulkan_or_say_why",
+    "chain_runs_exactly_and_replays",
+    "profile_times_each_step_with_events",
+    "device_refusals_name_the_device",
+    "modules_and_kernels_are_checked_by_the_driver",
+    "cubins_are_used_only_on_their_exact_architecture",
+];
+
+/// Set in the child process that runs the device tests on the fake driver.
+const FAKE_ENV: &str = "KILN_TEST_FAKE_CUDA";
+
+/// Without a CUDA device, runs the device tests again in a child process whose `libcuda.so.1`
+/// is the fake driver of `tests/data/fake_cuda.c`: every driver call the backend makes, its
+/// pointers, parameter arrays, graph capture and replay, events and error paths then run here,
+/// and the fake refuses what a real driver would (no current context, a copy during capture,
+/// a pointer outside its allocation). It proves the calls are made right, not that real PTX
+/// runs: the device tests do that on a real GPU.
+#[test]
+fn device_tests_pass_on_a_fake_driver() {
+    if std::env::var_os(FAKE_ENV).is_some() {
+        return; // the child itself
+    }
+    if unavailable().is_none() {
+        return eprintln!("skipped: a real CUDA device runs the device tests");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lib = dir.path().join("libcuda.so.1");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fake_cuda.c");
+    let status = match Command::new("cc")
+        .args(["-std=c11", "-shared", "-fPIC", "-O1", "-Wall", "-Wextra", "-Werror", "-o"])
+        .arg(&lib)
+        .arg(&source)
+        .status()
+    {
+        Ok(status) => status,
+        Err(e) => return eprintln!("skipped: cc not found ({e})"),
+    };
+    assert!(status.success(), "cc failed on {}", source.display());
+    // cudarc tries libcuda.so before libcuda.so.1: both names lead to the fake.
+    std::fs::copy(&lib, dir.path().join("libcuda.so")).unwrap();
+    let mut paths = vec![dir.path().to_path_buf()];
+    paths.extend(std::env::var_os("LD_LIBRARY_PATH").iter().flat_map(std::env::split_paths));
+    let library_path = std::env::join_paths(paths).unwrap();
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "--nocapture", "--test-threads", "1"])
+        .args(DEVICE_TESTS)
+        .env("LD_LIBRARY_PATH", library_path)
+        .env(FAKE_ENV, "1")
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the device tests failed on the fake driver:\n{text}");
+    assert!(!text.contains("skipped"), "a device test skipped on the fake driver:\n{text}");
+    assert!(text.contains(&format!("test result: ok. {} passed", DEVICE_TESTS.len())), "{text}");
 }
