@@ -316,12 +316,7 @@ fn cubins_are_used_only_on_their_exact_architecture() {
     if !ready() {
         return;
     }
-    let listed = kiln_runtime::devices();
-    let Some(DeviceInfo::Cuda(first)) =
-        listed.devices.iter().find(|d| matches!(d, DeviceInfo::Cuda(_))).cloned()
-    else {
-        unreachable!("ready() found a CUDA device")
-    };
+    let Some(first) = first_device() else { unreachable!("ready() found a CUDA device") };
     // kernels.cubin holds two bare ELF headers, no valid cubin: when the device is not exactly
     // the target's architecture the loader must take the PTX (and run), when it is, the cubin
     // (and be refused by the driver).
@@ -344,14 +339,48 @@ fn cubins_are_used_only_on_their_exact_architecture() {
     assert!(e.starts_with("module 0 of kernels.cubin: the driver refused it on cuda:0 ("), "{e}");
 }
 
+/// On an sm_90 device (an H100 or H200), the committed cubins run and the PTX is not even
+/// compiled: the artifact's PTX is broken on purpose.
+#[test]
+fn sm90_cubins_run_instead_of_the_ptx() {
+    if !ready() {
+        return;
+    }
+    let Some(first) = first_device() else { unreachable!("ready() found a CUDA device") };
+    if first.compute_capability != [9, 0] {
+        return eprintln!("skipped: the committed cubins are for sm_90, cuda:0 is {}", first.arch());
+    }
+    let broken = |name: &str, op: &str| module(name, op).replace("st.global.f32", "st.global.nonsense");
+    let mut artifact =
+        CudaArtifact::new(chain_manifest(), &[broken("add", "add.rn.f32"), broken("mul", "mul.rn.f32")]);
+    std::fs::write(artifact.file(CUBIN_FILE), SM90_CUBINS.concat()).unwrap();
+    let add = SM90_CUBINS[0].len() as u64;
+    artifact.edit(|m| {
+        let target = cuda_target(m);
+        target.compute_capability = [9, 0];
+        target.cubins = vec![
+            ModuleRange { offset: 0, bytes: add },
+            ModuleRange { offset: add, bytes: SM90_CUBINS[1].len() as u64 },
+        ];
+    });
+    artifact.refresh_digests();
+    let mut model = load(&artifact, None).unwrap();
+    let x = x_data();
+    assert_eq!(run(&mut model, &x), chain_expected(&x));
+    // The same artifact for another architecture takes the (broken) PTX and is refused.
+    artifact.edit(|m| cuda_target(m).compute_capability = [8, 0]);
+    assert!(load_err(&artifact).starts_with("module 0 of kernels.ptx: the driver refused it"));
+}
+
 /// The tests that need a CUDA device.
-const DEVICE_TESTS: [&str; 6] = [
+const DEVICE_TESTS: [&str; 7] = [
     "devices_list_cuda_after_vulkan_or_say_why",
     "chain_runs_exactly_and_replays",
     "profile_times_each_step_with_events",
     "device_refusals_name_the_device",
     "modules_and_kernels_are_checked_by_the_driver",
     "cubins_are_used_only_on_their_exact_architecture",
+    "sm90_cubins_run_instead_of_the_ptx",
 ];
 
 /// Set in the child process that runs the device tests on the fake driver.

@@ -18,6 +18,19 @@ pub fn module(name: &str, op: &str) -> String {
     text.replace("NAME", name).replace("OP", op)
 }
 
+/// `tests/data/{add,mul}_sm90.cubin`: `binop.ptx` instantiated as in [`CudaArtifact::chain`] and
+/// assembled by `ptxas -arch=sm_90` (CUDA 12.9), for the test that runs cubins on sm_90.
+pub const SM90_CUBINS: [&[u8]; 2] =
+    [include_bytes!("../data/add_sm90.cubin"), include_bytes!("../data/mul_sm90.cubin")];
+
+/// The first CUDA device, when there is one.
+pub fn first_device() -> Option<kiln_runtime::CudaDeviceInfo> {
+    kiln_runtime::devices().devices.into_iter().find_map(|d| match d {
+        kiln_runtime::DeviceInfo::Cuda(c) => Some(c),
+        kiln_runtime::DeviceInfo::Cpu { .. } | kiln_runtime::DeviceInfo::Vulkan(_) => None,
+    })
+}
+
 /// Why the tests that run kernels cannot run here, if they cannot.
 pub fn unavailable() -> Option<String> {
     let listed = kiln_runtime::devices();
