@@ -205,7 +205,7 @@ pub(crate) struct CudaBackend {
     inputs: Vec<(sys::CUdeviceptr, usize)>,
     outputs: Vec<(sys::CUdeviceptr, usize)>,
     launches: Vec<Launch>,
-    /// Whether the graph was used for plain runs (false: no step to capture).
+    /// Whether plain runs replay the captured graph (false only when there is no step).
     graphed: bool,
     /// Set when a run failed half-way (e.g. an illegal address, which poisons the context):
     /// later runs refuse.
@@ -464,9 +464,22 @@ fn load_module(
     target: &CudaTarget,
     label: &str,
 ) -> Result<sys::CUmodule, RuntimeError> {
-    let (file, image) = match (&module.cubin, exact) {
-        (Some(cubin), true) => (CUBIN_FILE, cubin.as_slice()),
-        (Some(_) | None, _) => (PTX_FILE, module.ptx.as_slice()),
+    // A cubin is copied into 8-byte words: the driver reads ELF headers in place, and an
+    // artifact's byte range promises no alignment.
+    let words: Vec<u64>;
+    let (file, image): (&'static str, *const c_void) = match (&module.cubin, exact) {
+        (Some(cubin), true) => {
+            words = cubin
+                .chunks(8)
+                .map(|chunk| {
+                    let mut word = [0u8; 8];
+                    word[..chunk.len()].copy_from_slice(chunk);
+                    u64::from_ne_bytes(word)
+                })
+                .collect();
+            (CUBIN_FILE, words.as_ptr().cast())
+        }
+        (Some(_) | None, _) => (PTX_FILE, module.ptx.as_ptr().cast()),
     };
     let mut log = vec![0u8; LOG_BYTES];
     let mut options =
@@ -474,12 +487,13 @@ fn load_module(
     // Option values are pointer-sized words: the buffer's address, then its size as an integer.
     let mut values = [log.as_mut_ptr().cast::<c_void>(), ptr::without_provenance_mut::<c_void>(LOG_BYTES)];
     let mut handle = ptr::null_mut();
-    // SAFETY: `image` is a NUL-terminated PTX text or a cubin ELF image, alive for the call; the
-    // two options name a writable buffer of LOG_BYTES bytes that outlives the call.
+    // SAFETY: `image` is a NUL-terminated PTX text or a cubin ELF image (checked by the plan),
+    // alive for the call; the two options name a writable buffer of LOG_BYTES bytes that
+    // outlives the call.
     let result = unsafe {
         sys::cuModuleLoadDataEx(
             &mut handle,
-            image.as_ptr().cast(),
+            image,
             options.len() as c_uint,
             options.as_mut_ptr(),
             values.as_mut_ptr(),
