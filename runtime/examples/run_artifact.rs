@@ -9,7 +9,8 @@
 //! Inputs not given as raw little-endian files are filled deterministically: f32 with the ramp
 //! `(i % 32) / 16 - 1` (as `examples/c/run_model.c` does), other dtypes with zeros. Prints each
 //! output's name, dtype, shape and first values, and with `--profile` the per-step table.
-//! `--device` picks `cpu`, `vulkan` or `vulkan:N`; `--device list` prints this machine's devices.
+//! `--device` picks `cpu`, `vulkan`, `vulkan:N`, `cuda` or `cuda:N`; `--device list` prints this
+//! machine's devices.
 //! Exit status: 0, 1 on a runtime error, 2 on bad usage.
 
 use std::collections::HashMap;
@@ -95,6 +96,9 @@ fn run(args: &Args) -> Result<(), String> {
         }
         if let Some(reason) = listed.vulkan_unavailable {
             println!("(no Vulkan device: {reason})");
+        }
+        if let Some(reason) = listed.cuda_unavailable {
+            println!("(no CUDA device: {reason})");
         }
         return Ok(());
     }

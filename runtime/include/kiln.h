@@ -2,8 +2,8 @@
  * kiln.h: the C interface of the Kiln runtime (libkiln_runtime.so).
  *
  * Loads a compiled model, an artifact directory NAME.kiln/ written by the Kiln compiler, and
- * runs it on the CPU (native kernels) or on a Vulkan device (SPIR-V kernels), whichever the
- * model was compiled for. The model checks everything at load (format version, target CPU or
+ * runs it on the CPU (native kernels), on a Vulkan device (SPIR-V kernels) or on a CUDA device
+ * (PTX or cubin kernels, through the NVIDIA driver), whichever the model was compiled for. The model checks everything at load (format version, target CPU or
  * device, file sizes and checksums, weights, kernels), so a run only fails on a bad call.
  *
  *     KilnModel *m = kiln_model_load("mlp.kiln");
@@ -16,12 +16,14 @@
  * kiln_last_error() then describes the failure. Nothing aborts the process: internal panics
  * are caught and reported the same way.
  *
- * Devices: kiln_device_count and kiln_device_name list "cpu" and "vulkan:0", "vulkan:1"...;
- * kiln_model_load_on picks one. A CPU model runs only on "cpu", a Vulkan model only on a
- * Vulkan device; asking for the other kind is an error.
+ * Devices: kiln_device_count and kiln_device_name list "cpu", "vulkan:0", "vulkan:1"... and
+ * "cuda:0", "cuda:1"...; kiln_model_load_on picks one. A CPU model runs only on "cpu", a Vulkan
+ * model only on a Vulkan device, a CUDA model only on a CUDA device; asking for another kind
+ * is an error. libcuda.so.1 is opened when first needed: a machine without it runs CPU and
+ * Vulkan models as usual (see kiln_cuda_unavailable_reason).
  *
  * Threads: a CPU model runs its steps on its own worker threads (see
- * kiln_model_load_with_threads); a Vulkan model submits from the calling thread.
+ * kiln_model_load_with_threads); a Vulkan or CUDA model submits from the calling thread.
  * One model may be used from any thread, but by one thread at a time: it owns one scratch
  * arena. Load one model per concurrent caller (the weights file's pages are shared).
  *
@@ -50,25 +52,31 @@ KilnModel *kiln_model_load(const char *dir);
 KilnModel *kiln_model_load_with_threads(const char *dir, size_t threads);
 
 /* Loads `dir` on `device`: "cpu", "vulkan" (the first discrete or integrated GPU, else any
- * Vulkan device) or "vulkan:N"; NULL means the kind of device the model was compiled for.
+ * Vulkan device), "vulkan:N", "cuda" (CUDA device 0) or "cuda:N"; NULL means the kind of device
+ * the model was compiled for.
  * `threads` is as for kiln_model_load_with_threads (CPU models only). Returns NULL on error,
  * e.g. a device that does not exist or cannot run the model (see kiln_last_error). */
 KilnModel *kiln_model_load_on(const char *dir, const char *device, size_t threads);
 
-/* Number of devices: the CPU (index 0), then each Vulkan device. Listed once per process. */
+/* Number of devices: the CPU (index 0), then each Vulkan device, then each CUDA device. Listed
+ * once per process. */
 size_t kiln_device_count(void);
 
-/* The selector of device `i` ("cpu", "vulkan:0", ...) for kiln_model_load_on, or NULL if `i`
+/* The selector of device `i` ("cpu", "vulkan:0", "cuda:0", ...) for kiln_model_load_on, or NULL if `i`
  * is out of range. Static string. */
 const char *kiln_device_name(size_t i);
 
-/* One line describing device `i` (name, type, Vulkan version, subgroup size, limits), or NULL
- * if `i` is out of range. Static string. */
+/* One line describing device `i` (name, type, Vulkan version and subgroup size, or CUDA
+ * architecture, and limits), or NULL if `i` is out of range. Static string. */
 const char *kiln_device_description(size_t i);
 
 /* Why no Vulkan device is listed (no loader, no driver, ...), or "" when Vulkan is usable.
  * Static string. */
 const char *kiln_vulkan_unavailable_reason(void);
+
+/* Why no CUDA device is listed (no libcuda.so.1, a driver too old, no device, ...), or "" when
+ * CUDA is usable. Static string. */
+const char *kiln_cuda_unavailable_reason(void);
 
 /* The message of this thread's last failed call ("" if none failed). The string stays valid
  * until the next failing call on the same thread. */

@@ -108,8 +108,8 @@ pub unsafe extern "C" fn kiln_model_load_with_threads(dir: *const c_char, thread
     unsafe { kiln_model_load_on(dir, ptr::null(), threads) }
 }
 
-/// Loads the artifact directory `dir` on `device` (`"cpu"`, `"vulkan"`, `"vulkan:N"`; NULL: the
-/// kind of device the artifact was compiled for) with `threads` worker threads for a CPU model
+/// Loads the artifact directory `dir` on `device` (`"cpu"`, `"vulkan"`, `"vulkan:N"`, `"cuda"`,
+/// `"cuda:N"`; NULL: the kind of device the artifact was compiled for) with `threads` worker threads for a CPU model
 /// (0: the default). Returns NULL on error; see `kiln_last_error`.
 ///
 /// # Safety
@@ -149,6 +149,8 @@ struct CDevices {
     devices: Vec<(CString, CString)>,
     /// Why Vulkan cannot be used, or "".
     vulkan_unavailable: CString,
+    /// Why CUDA cannot be used, or "".
+    cuda_unavailable: CString,
 }
 
 fn c_devices() -> &'static CDevices {
@@ -159,24 +161,27 @@ fn c_devices() -> &'static CDevices {
         CDevices {
             devices: listed.devices.iter().map(|d| (c(d.id()), c(d.to_string()))).collect(),
             vulkan_unavailable: c(listed.vulkan_unavailable.unwrap_or_default()),
+            cuda_unavailable: c(listed.cuda_unavailable.unwrap_or_default()),
         }
     })
 }
 
-/// Number of devices models can be loaded on: the CPU, then each Vulkan device.
+/// Number of devices models can be loaded on: the CPU, then each Vulkan device, then each CUDA
+/// device.
 #[no_mangle]
 pub extern "C" fn kiln_device_count() -> usize {
     guard(0, || Ok(c_devices().devices.len()))
 }
 
-/// The selector of device `i` (`"cpu"`, `"vulkan:0"`…), for `kiln_model_load_on`; NULL if out of
+/// The selector of device `i` (`"cpu"`, `"vulkan:0"`, `"cuda:0"`…), for `kiln_model_load_on`; NULL if out of
 /// range. Static string.
 #[no_mangle]
 pub extern "C" fn kiln_device_name(i: usize) -> *const c_char {
     guard(ptr::null(), || device_at(i).map(|d| d.0.as_ptr()))
 }
 
-/// One line describing device `i` (name, type, Vulkan version, limits); NULL if out of range.
+/// One line describing device `i` (name, type or architecture, version, limits); NULL if out of
+/// range.
 /// Static string.
 #[no_mangle]
 pub extern "C" fn kiln_device_description(i: usize) -> *const c_char {
@@ -188,6 +193,13 @@ pub extern "C" fn kiln_device_description(i: usize) -> *const c_char {
 #[no_mangle]
 pub extern "C" fn kiln_vulkan_unavailable_reason() -> *const c_char {
     guard(ptr::null(), || Ok(c_devices().vulkan_unavailable.as_ptr()))
+}
+
+/// Why no CUDA device is listed (no `libcuda.so.1`, a driver too old, no device…), or "" when
+/// CUDA is usable. Static string.
+#[no_mangle]
+pub extern "C" fn kiln_cuda_unavailable_reason() -> *const c_char {
+    guard(ptr::null(), || Ok(c_devices().cuda_unavailable.as_ptr()))
 }
 
 fn device_at(i: usize) -> Result<&'static (CString, CString), String> {

@@ -250,6 +250,38 @@ pub enum RuntimeError {
         /// The `VkResult`.
         result: String,
     },
+    /// A CUDA driver call failed while loading or running a model.
+    #[error("CUDA call {call} failed on {device}: {result}")]
+    CudaCall {
+        /// The driver function, e.g. `cuLaunchKernel`.
+        call: &'static str,
+        /// The device, e.g. `cuda:0 (NVIDIA H200)`.
+        device: String,
+        /// The `CUresult`'s name and the driver's description of it.
+        result: String,
+    },
+    /// The CUDA device's compute capability is lower than the one the artifact was compiled
+    /// for, so its PTX (and cubins) cannot run there.
+    #[error("this artifact was compiled for {compiled}; CUDA device {device} is {found}: recompile with --target cuda:{found}")]
+    CudaArch {
+        /// The target's architecture, e.g. `sm_90`.
+        compiled: String,
+        /// The device's ordinal and name, e.g. `0 (NVIDIA A100-SXM4-80GB)`.
+        device: String,
+        /// The device's architecture, e.g. `sm_80`.
+        found: String,
+    },
+    /// A module of `kernels.ptx` or `kernels.cubin` is malformed, contradicts the manifest, or
+    /// was refused by the driver (the message then holds the JIT's error log).
+    #[error("module {module} of {file}: {message}")]
+    CudaModule {
+        /// `kernels.ptx` or `kernels.cubin`.
+        file: &'static str,
+        /// Index in `Manifest::modules`.
+        module: usize,
+        /// What is wrong.
+        message: String,
+    },
     /// The device selector is malformed or matches no device of this machine.
     #[error("no device matches {selector:?}: {problem}")]
     NoDevice {

@@ -2,12 +2,14 @@
 //!
 //! An artifact is a directory `NAME.kiln/` holding `manifest.ron` ([`Manifest`]), the kernels
 //! and `weights.safetensors`. A CPU artifact's kernels are `kernels.so` (one entry symbol per
-//! step); a Vulkan artifact's are SPIR-V compute shaders in `kernels.spv`. [`Model::load`]
-//! checks it all once — format version, target machine or device, file sizes and crc32s,
-//! weights, arena ranges, symbols or entry points — so [`Model::run`] only binds buffers and
-//! runs kernels: on the CPU, splitting each step's outer loop across the model's threads; on
-//! Vulkan, replaying a command buffer recorded at load. [`Options::device`] and [`devices`]
-//! select and list devices. [`Model::from_parts`] does the same for a JIT's in-memory CPU
+//! step); a Vulkan artifact's are SPIR-V compute shaders in `kernels.spv`; a CUDA artifact's
+//! are PTX modules in `kernels.ptx` (and, optionally, cubins in `kernels.cubin`).
+//! [`Model::load`] checks it all once — format version, target machine or device, file sizes
+//! and crc32s, weights, arena ranges, symbols or entry points — so [`Model::run`] only binds
+//! buffers and runs kernels: on the CPU, splitting each step's outer loop across the model's
+//! threads; on Vulkan, replaying a command buffer recorded at load; on CUDA, replaying a CUDA
+//! graph captured at load (the NVIDIA driver is opened at run time, so this crate builds and
+//! runs without CUDA). [`Options::device`] and [`devices`] select and list devices. [`Model::from_parts`] does the same for a JIT's in-memory CPU
 //! kernels. The C ABI (`capi`, header `include/kiln.h`) wraps the same calls.
 //!
 //! ```no_run
@@ -38,7 +40,7 @@ mod target;
 mod tensor;
 mod weights;
 
-pub use device::{devices, DeviceInfo, Devices, VulkanDeviceInfo};
+pub use device::{devices, CudaDeviceInfo, DeviceInfo, Devices, VulkanDeviceInfo};
 pub use error::RuntimeError;
 pub use kernels::{KernelFn, KernelSource, SharedLibrary};
 pub use manifest::{

@@ -1,6 +1,7 @@
 //! `Model`: a loaded artifact, checked once at load so that a run only binds buffers and runs
 //! kernels. It owns the weights and a device backend (`device/`): the host CPU for a CPU
-//! artifact, a Vulkan device for a Vulkan one; both sit behind the same calls.
+//! artifact, a Vulkan device for a Vulkan one, a CUDA device for a CUDA one; all sit behind the
+//! same calls.
 
 use std::fs::File;
 use std::path::Path;
@@ -9,13 +10,15 @@ use std::time::{Duration, Instant};
 use memmap2::Mmap;
 use serde::Deserialize;
 
-use crate::device::{self, host::HostBackend, vulkan::VulkanBackend, Backend, DeviceInfo, Selection};
+use crate::device::{
+    self, cuda::CudaBackend, host::HostBackend, vulkan::VulkanBackend, Backend, DeviceInfo, Selection,
+};
 use crate::error::RuntimeError;
 use crate::exec;
 use crate::kernels::{KernelSource, SharedLibrary};
 use crate::manifest::{
-    shape_str, FileDigest, Manifest, Target, TensorSpec, KERNELS_FILE, MANIFEST_FILE, PTX_FILE, SPIRV_FILE,
-    WEIGHTS_FILE,
+    shape_str, FileDigest, Manifest, Target, TensorSpec, CUBIN_FILE, KERNELS_FILE, MANIFEST_FILE, PTX_FILE,
+    SPIRV_FILE, WEIGHTS_FILE,
 };
 use crate::profile::Profile;
 use crate::target;
@@ -27,11 +30,12 @@ use crate::ARTIFACT_FORMAT_VERSION;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Options {
     /// Worker threads of a CPU model; `None` reads `KILN_THREADS`, else uses every available
-    /// core. A Vulkan model runs on one host thread and ignores it.
+    /// core. A Vulkan or CUDA model runs on one host thread and ignores it.
     pub threads: Option<usize>,
     /// The device: `"cpu"`, `"vulkan"` (the first discrete or integrated GPU, else any Vulkan
-    /// device) or `"vulkan:N"` (the N-th of [`crate::devices`]); `None` takes the kind the
-    /// artifact was compiled for. A device of the other kind is an error.
+    /// device), `"vulkan:N"` (the N-th Vulkan device of [`crate::devices`]), `"cuda"` (CUDA
+    /// device 0) or `"cuda:N"` (the driver's device N); `None` takes the kind the artifact was
+    /// compiled for. A device of another kind than the artifact's target is an error.
     pub device: Option<String>,
 }
 
@@ -40,7 +44,9 @@ pub struct Options {
 /// Runs take `&mut self` because every run uses the model's one arena: a run can never race
 /// another on the intermediates, and the borrow checker says so instead of a lock. To serve
 /// requests in parallel, load one `Model` per worker (the weights file is mapped, so its pages
-/// are shared between them); each run is already parallel inside.
+/// are shared between them); each run is already parallel inside. A GPU model (Vulkan or CUDA)
+/// owns its device buffers the same way: one arena, the weights uploaded once, and buffers for
+/// the inputs and outputs that each run copies in and out.
 pub struct Model {
     manifest: Manifest,
     /// Declared before `weights`: host launches point into the weights.
@@ -89,6 +95,8 @@ impl Model {
         }
         let mut weights_map = None;
         let mut spirv = None;
+        let mut ptx = None;
+        let mut cubin = None;
         for digest in &manifest.files {
             let plain = Path::new(&digest.name).file_name().is_some_and(|n| n == digest.name.as_str());
             if !plain {
@@ -105,8 +113,11 @@ impl Model {
             } else {
                 let bytes = std::fs::read(&path).map_err(|e| RuntimeError::io(&path, e))?;
                 check_digest(digest, &bytes)?;
-                if digest.name == SPIRV_FILE {
-                    spirv = Some(bytes);
+                match digest.name.as_str() {
+                    SPIRV_FILE => spirv = Some(bytes),
+                    PTX_FILE => ptx = Some(bytes),
+                    CUBIN_FILE => cubin = Some(bytes),
+                    _ => {}
                 }
             }
         }
@@ -126,8 +137,11 @@ impl Model {
                 let backend = VulkanBackend::load(&manifest, &spirv, &weights, index)?;
                 Ok(Model { manifest, backend: Backend::Vulkan(Box::new(backend)), weights })
             }
-            Selection::Cuda(_) => {
-                Err(RuntimeError::CudaUnavailable { reason: "this runtime has no CUDA backend".to_string() })
+            Selection::Cuda(index) => {
+                let ptx = ptx.ok_or_else(|| RuntimeError::NoDigest { file: PTX_FILE.to_string() })?;
+                check_specs(&manifest)?;
+                let backend = CudaBackend::load(&manifest, &ptx, cubin.as_deref(), &weights, index)?;
+                Ok(Model { manifest, backend: Backend::Cuda(Box::new(backend)), weights })
             }
         }
     }
@@ -211,7 +225,7 @@ impl Model {
         &self.manifest
     }
 
-    /// Host worker threads each run uses (1 for a Vulkan model: the thread that submits).
+    /// Host worker threads each run uses (1 for a Vulkan or CUDA model: the thread that submits).
     pub fn threads(&self) -> usize {
         self.backend.threads()
     }

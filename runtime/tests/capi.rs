@@ -80,12 +80,21 @@ fn c_abi_lists_and_selects_devices() {
     assert!(kiln_device_name(count).is_null());
     assert_eq!(last_error(), format!("device {count} does not exist: this machine has {count} devices"));
     assert!(kiln_device_description(count).is_null());
-    let reason = c_str(kiln_vulkan_unavailable_reason());
-    // Either Vulkan devices are listed, or the reason why none is.
-    assert_eq!(count == 1, !reason.is_empty(), "{count} devices, reason {reason:?}");
-    for i in 1..count {
-        assert_eq!(c_str(kiln_device_name(i)), format!("vulkan:{}", i - 1));
-        assert!(c_str(kiln_device_description(i)).starts_with(&format!("vulkan:{}  ", i - 1)));
+    // The Vulkan devices follow the CPU, the CUDA devices follow them; of each kind, either
+    // devices are listed or the reason why none is.
+    let names: Vec<String> = (1..count).map(|i| c_str(kiln_device_name(i))).collect();
+    let vulkan = names.iter().take_while(|n| n.starts_with("vulkan:")).count();
+    let cuda = names.len() - vulkan;
+    for (kind, listed, reason) in [
+        ("vulkan", vulkan, c_str(kiln_vulkan_unavailable_reason())),
+        ("cuda", cuda, c_str(kiln_cuda_unavailable_reason())),
+    ] {
+        assert_eq!(listed == 0, !reason.is_empty(), "{listed} {kind} devices, reason {reason:?}");
+    }
+    for (i, name) in names.iter().enumerate() {
+        let expected = if i < vulkan { format!("vulkan:{i}") } else { format!("cuda:{}", i - vulkan) };
+        assert_eq!(*name, expected);
+        assert!(c_str(kiln_device_description(i + 1)).starts_with(&format!("{expected}  ")));
     }
 
     let toy = Toy::new();

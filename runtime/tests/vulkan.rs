@@ -162,7 +162,7 @@ fn devices_are_listed_and_selected() {
         .iter()
         .filter_map(|d| match d {
             DeviceInfo::Vulkan(v) => Some(v),
-            DeviceInfo::Cpu { .. } => None,
+            DeviceInfo::Cpu { .. } | DeviceInfo::Cuda(_) => None,
         })
         .collect();
     assert!(!vulkan.is_empty() && listed.vulkan_unavailable.is_none(), "{listed:?}");

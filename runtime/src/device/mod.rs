@@ -1,6 +1,7 @@
-//! Devices a model runs on: the host CPU (`host.rs`, native kernels from `kernels.so`) and
-//! Vulkan devices (`vulkan/`, SPIR-V compute shaders). The artifact's target decides which one
-//! a model needs; `Options::device` picks among the machine's devices of that kind.
+//! Devices a model runs on: the host CPU (`host.rs`, native kernels from `kernels.so`), Vulkan
+//! devices (`vulkan/`, SPIR-V compute shaders) and CUDA devices (`cuda/`, PTX or cubin kernels
+//! through the NVIDIA driver). The artifact's target decides which kind a model needs;
+//! `Options::device` picks among the machine's devices of that kind.
 
 use std::fmt;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use crate::error::RuntimeError;
 use crate::manifest::Target;
 use crate::tensor::TensorRef;
 
+pub(crate) mod cuda;
 pub(crate) mod host;
 pub(crate) mod vulkan;
 
@@ -22,6 +24,34 @@ pub enum DeviceInfo {
     },
     /// A Vulkan physical device.
     Vulkan(VulkanDeviceInfo),
+    /// A CUDA device, driven through the NVIDIA driver API.
+    Cuda(CudaDeviceInfo),
+}
+
+/// A CUDA device's identity and the limits artifacts are checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CudaDeviceInfo {
+    /// The driver's ordinal: selected with `"cuda:INDEX"`.
+    pub index: usize,
+    /// The driver's name for it, e.g. `NVIDIA H200`.
+    pub name: String,
+    /// `[major, minor]`, e.g. `[9, 0]` for `sm_90`.
+    pub compute_capability: [u32; 2],
+    /// Total device memory, in bytes.
+    pub memory_bytes: u64,
+    /// Streaming multiprocessors.
+    pub multiprocessors: u32,
+    /// Static shared memory a block may use, in bytes (`MAX_SHARED_MEMORY_PER_BLOCK`).
+    pub max_shared_bytes_per_block: u32,
+    /// Threads a block may have (`MAX_THREADS_PER_BLOCK`).
+    pub max_threads_per_block: u32,
+}
+
+impl CudaDeviceInfo {
+    /// The architecture's name, `sm_90`, as `CudaTarget::arch` writes it.
+    pub fn arch(&self) -> String {
+        format!("sm_{}{}", self.compute_capability[0], self.compute_capability[1])
+    }
 }
 
 /// A Vulkan physical device's identity and the limits artifacts are checked against.
@@ -46,18 +76,21 @@ pub struct VulkanDeviceInfo {
 }
 
 impl DeviceInfo {
-    /// The selector that picks this device: `"cpu"` or `"vulkan:N"`.
+    /// The selector that picks this device: `"cpu"`, `"vulkan:N"` or `"cuda:N"`.
     pub fn id(&self) -> String {
         match self {
             DeviceInfo::Cpu { .. } => "cpu".to_string(),
             DeviceInfo::Vulkan(v) => format!("vulkan:{}", v.index),
+            DeviceInfo::Cuda(c) => format!("cuda:{}", c.index),
         }
     }
 }
 
 impl fmt::Display for DeviceInfo {
     /// One line: `cpu  host CPU, 2 threads` or `vulkan:0  llvmpipe (…)  CPU (software), Vulkan
-    /// 1.3.230, subgroup 8, shared memory 32768 B, 1024 invocations per workgroup`.
+    /// 1.3.230, subgroup 8, shared memory 32768 B, 1024 invocations per workgroup` or
+    /// `cuda:0  NVIDIA H200  sm_90, 132 multiprocessors, memory 143 GiB, shared memory 49152 B,
+    /// 1024 threads per block`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DeviceInfo::Cpu { threads } => write!(f, "cpu  host CPU, {threads} threads"),
@@ -73,27 +106,40 @@ impl fmt::Display for DeviceInfo {
                 v.max_workgroup_invocations,
                 if v.compute { "" } else { " (no compute queue: unusable)" }
             ),
+            DeviceInfo::Cuda(c) => write!(
+                f,
+                "cuda:{}  {}  {}, {} multiprocessors, memory {} GiB, shared memory {} B, {} threads per block",
+                c.index,
+                c.name,
+                c.arch(),
+                c.multiprocessors,
+                c.memory_bytes >> 30,
+                c.max_shared_bytes_per_block,
+                c.max_threads_per_block
+            ),
         }
     }
 }
 
-/// The devices of this machine: the CPU first, then each Vulkan device, and why Vulkan cannot be
-/// used when it cannot.
+/// The devices of this machine: the CPU first, then each Vulkan device, then each CUDA device,
+/// and why Vulkan or CUDA cannot be used when it cannot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Devices {
     /// Usable devices and their limits.
     pub devices: Vec<DeviceInfo>,
     /// Why no Vulkan device is listed (no loader, no instance, no device), if none is.
     pub vulkan_unavailable: Option<String>,
+    /// Why no CUDA device is listed (no `libcuda.so.1`, a driver too old, no device), if none
+    /// is.
+    pub cuda_unavailable: Option<String>,
 }
 
 /// Lists this machine's devices. Never fails: a missing Vulkan is reported in
-/// [`Devices::vulkan_unavailable`].
+/// [`Devices::vulkan_unavailable`], a missing CUDA in [`Devices::cuda_unavailable`].
 pub fn devices() -> Devices {
-    devices_with(None)
+    devices_with(None, None)
 }
 
-/// [`devices`] with another Vulkan loader (tests point it at a missing library).
 /// Checks a step's arena argument: it lies inside the arena of `arena_bytes` and starts at a
 /// multiple of `align`; `misaligned` says which alignment was missed (the CPU's 64 bytes, the
 /// Vulkan target's `buffer_align`). Both devices rely on this before binding the range.
@@ -116,10 +162,15 @@ pub(crate) fn check_arena_range(
     Err(RuntimeError::ArenaRange { step: step.to_string(), offset, end, arena_bytes, problem })
 }
 
-pub(crate) fn devices_with(library: Option<&std::ffi::OsStr>) -> Devices {
+/// [`devices`] with another Vulkan loader and another CUDA driver library (tests point them at
+/// missing files).
+pub(crate) fn devices_with(
+    vulkan_library: Option<&std::ffi::OsStr>,
+    cuda_library: Option<&std::ffi::OsStr>,
+) -> Devices {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut devices = vec![DeviceInfo::Cpu { threads }];
-    let vulkan_unavailable = match vulkan::list(library) {
+    let vulkan_unavailable = match vulkan::list(vulkan_library) {
         Ok(found) if found.is_empty() => Some("the Vulkan loader reports no physical device".to_string()),
         Ok(found) => {
             devices.extend(found.into_iter().map(DeviceInfo::Vulkan));
@@ -128,7 +179,16 @@ pub(crate) fn devices_with(library: Option<&std::ffi::OsStr>) -> Devices {
         Err(RuntimeError::VulkanUnavailable { reason }) => Some(reason),
         Err(other) => Some(other.to_string()),
     };
-    Devices { devices, vulkan_unavailable }
+    let cuda_unavailable = match cuda::list(cuda_library) {
+        Ok(found) if found.is_empty() => Some("the CUDA driver reports no device".to_string()),
+        Ok(found) => {
+            devices.extend(found.into_iter().map(DeviceInfo::Cuda));
+            None
+        }
+        Err(RuntimeError::CudaUnavailable { reason }) => Some(reason),
+        Err(other) => Some(other.to_string()),
+    };
+    Devices { devices, vulkan_unavailable, cuda_unavailable }
 }
 
 /// Which device a model runs on, from `Options::device` and the artifact's target.
@@ -208,11 +268,13 @@ pub(crate) fn select(target: &Target, selector: Option<&str>) -> Result<Selectio
 pub(crate) enum Backend {
     Host(host::HostBackend),
     Vulkan(Box<vulkan::VulkanBackend>),
+    Cuda(Box<cuda::CudaBackend>),
 }
 
 impl Backend {
     /// Runs every step once. Inputs and outputs have been checked against the manifest; step
-    /// times are pushed to `times` when given (wall times on the host, GPU timestamps on Vulkan).
+    /// times are pushed to `times` when given (wall times on the host, GPU timestamps on Vulkan,
+    /// CUDA events on CUDA).
     pub fn execute(
         &mut self,
         inputs: &[TensorRef],
@@ -222,14 +284,15 @@ impl Backend {
         match self {
             Backend::Host(host) => host.execute(inputs, outputs, times),
             Backend::Vulkan(gpu) => gpu.execute(inputs, outputs, times),
+            Backend::Cuda(gpu) => gpu.execute(inputs, outputs, times),
         }
     }
 
-    /// Host threads each run uses (1 on Vulkan: the thread that submits and waits).
+    /// Host threads each run uses (1 on a GPU: the thread that submits and waits).
     pub fn threads(&self) -> usize {
         match self {
             Backend::Host(host) => host.threads(),
-            Backend::Vulkan(_) => 1,
+            Backend::Vulkan(_) | Backend::Cuda(_) => 1,
         }
     }
 
@@ -238,6 +301,7 @@ impl Backend {
         match self {
             Backend::Host(host) => DeviceInfo::Cpu { threads: host.threads() },
             Backend::Vulkan(gpu) => DeviceInfo::Vulkan(gpu.info().clone()),
+            Backend::Cuda(gpu) => DeviceInfo::Cuda(gpu.info().clone()),
         }
     }
 }
@@ -308,10 +372,35 @@ mod tests {
 
     #[test]
     fn a_missing_loader_is_a_reason_not_a_failure() {
-        let listed = devices_with(Some(std::ffi::OsStr::new("/nonexistent/libvulkan.so.1")));
+        let listed = devices_with(
+            Some(std::ffi::OsStr::new("/nonexistent/libvulkan.so.1")),
+            Some(std::ffi::OsStr::new("/nonexistent/libcuda.so.1")),
+        );
         assert!(matches!(listed.devices[..], [DeviceInfo::Cpu { .. }]), "{listed:?}");
         let reason = listed.vulkan_unavailable.unwrap();
         assert!(reason.starts_with("cannot load the Vulkan loader (libvulkan.so.1): "), "{reason}");
+        let reason = listed.cuda_unavailable.unwrap();
+        assert!(reason.starts_with("cannot load /nonexistent/libcuda.so.1: "), "{reason}");
         assert_eq!(listed.devices[0].id(), "cpu");
+    }
+
+    #[test]
+    fn cuda_devices_are_named_and_described() {
+        let info = CudaDeviceInfo {
+            index: 1,
+            name: "NVIDIA H200".into(),
+            compute_capability: [9, 0],
+            memory_bytes: 150_000_000_000,
+            multiprocessors: 132,
+            max_shared_bytes_per_block: 49152,
+            max_threads_per_block: 1024,
+        };
+        let device = DeviceInfo::Cuda(info);
+        assert_eq!(device.id(), "cuda:1");
+        assert_eq!(
+            device.to_string(),
+            "cuda:1  NVIDIA H200  sm_90, 132 multiprocessors, memory 139 GiB, shared memory 49152 B, \
+             1024 threads per block"
+        );
     }
 }

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod cuda;
 pub mod gpu;
 
 use std::path::{Path, PathBuf};

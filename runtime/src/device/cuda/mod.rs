@@ -1,0 +1,627 @@
+//! A CUDA device running the artifact's PTX (or cubin) kernels through the NVIDIA driver API.
+//!
+//! Load checks every manifest number first, before the driver is touched (`plan.rs`), then the
+//! target against the device (`check.rs`), and creates everything once: the device's primary
+//! context and a stream, one arena, one buffer holding every weight a step uses (uploaded
+//! once), a buffer per input and output, each module loaded once (its cubin when the device's
+//! compute capability is exactly the target's, else its PTX through the driver's JIT), each
+//! step's function and parameter array, one event per step boundary, and the launch sequence
+//! captured into a CUDA graph. A run copies the inputs in, replays the graph, copies the
+//! outputs out and waits; a profiled run launches step by step between events instead.
+//!
+//! The graph is captured at load because a model is hundreds of small launches: replaying one
+//! graph costs one driver call per run instead of one per step, and it changes nothing else
+//! (same kernels, pointers and order). Profiled runs do not use it, so that events can sit
+//! between the steps.
+
+mod check;
+mod driver;
+mod plan;
+
+use std::ffi::{c_int, c_uint, c_void, OsStr};
+use std::ptr;
+use std::time::Duration;
+
+use cudarc::driver::sys;
+
+use self::check::DeviceCaps;
+use self::driver::check as cu;
+use self::plan::{Plan, Region};
+use crate::device::CudaDeviceInfo;
+use crate::error::RuntimeError;
+use crate::manifest::{CudaTarget, Manifest, Target, CUBIN_FILE, PTX_FILE};
+use crate::tensor::TensorRef;
+use crate::weights::WeightStore;
+
+/// Bytes of the JIT's error log kept for a refused module.
+const LOG_BYTES: usize = 16 * 1024;
+
+/// The CUDA devices of this machine. `library` replaces `libcuda.so.1` for the probe only
+/// (tests point it at a missing file); the driver itself is always cudarc's.
+pub(crate) fn list(library: Option<&OsStr>) -> Result<Vec<CudaDeviceInfo>, RuntimeError> {
+    if let Some(library) = library {
+        driver::probe(Some(library)).map_err(|reason| RuntimeError::CudaUnavailable { reason })?;
+    }
+    driver::init()?;
+    (0..driver::device_count()?).map(|i| driver::read_caps(i).map(|(_, caps)| caps.info)).collect()
+}
+
+/// Picks device `index` (the first when `None`) and reads its limits.
+fn choose(index: Option<usize>) -> Result<(sys::CUdevice, DeviceCaps), RuntimeError> {
+    let count = driver::device_count()?;
+    if count == 0 {
+        return Err(RuntimeError::CudaUnavailable { reason: "the CUDA driver reports no device".into() });
+    }
+    let index = index.unwrap_or(0);
+    if index >= count {
+        let listed: Vec<String> =
+            (0..count).map(|i| driver::read_caps(i).map(|(_, caps)| caps.label)).collect::<Result<_, _>>()?;
+        return Err(RuntimeError::NoDevice {
+            selector: format!("cuda:{index}"),
+            problem: format!("this machine has {}", listed.join(", ")),
+        });
+    }
+    driver::read_caps(index)
+}
+
+/// Every driver object a model owns, released together (in dependency order) when a load fails
+/// half-way or the model is dropped.
+struct Owned {
+    device: sys::CUdevice,
+    /// The device's primary context, retained once.
+    context: sys::CUcontext,
+    stream: sys::CUstream,
+    memory: Vec<sys::CUdeviceptr>,
+    modules: Vec<sys::CUmodule>,
+    events: Vec<sys::CUevent>,
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+}
+
+impl Owned {
+    /// Retains `device`'s primary context and makes it current on this thread.
+    fn new(device: sys::CUdevice, label: &str) -> Result<Owned, RuntimeError> {
+        let mut context = ptr::null_mut();
+        // SAFETY: writes one handle for a device the driver listed.
+        cu("cuDevicePrimaryCtxRetain", label, unsafe {
+            sys::cuDevicePrimaryCtxRetain(&mut context, device)
+        })?;
+        let owned = Owned {
+            device,
+            context,
+            stream: ptr::null_mut(),
+            memory: Vec::new(),
+            modules: Vec::new(),
+            events: Vec::new(),
+            graph: ptr::null_mut(),
+            exec: ptr::null_mut(),
+        };
+        owned.make_current(label)?;
+        Ok(owned)
+    }
+
+    /// Makes the model's context current on the calling thread (a model may move between
+    /// threads; every driver call below needs its context current).
+    fn make_current(&self, label: &str) -> Result<(), RuntimeError> {
+        // SAFETY: the context is retained for as long as `self` lives.
+        cu("cuCtxSetCurrent", label, unsafe { sys::cuCtxSetCurrent(self.context) })
+    }
+
+    /// Allocates `bytes` of device memory for `what`; running out is `RuntimeError::Alloc`.
+    fn alloc(&mut self, bytes: u64, what: &str, label: &str) -> Result<sys::CUdeviceptr, RuntimeError> {
+        let size = usize::try_from(bytes)
+            .map_err(|_| RuntimeError::Alloc { what: format!("{what} on {label}"), bytes })?;
+        let mut pointer: sys::CUdeviceptr = 0;
+        // SAFETY: writes one device pointer; the context is current.
+        match unsafe { sys::cuMemAlloc_v2(&mut pointer, size) } {
+            sys::CUresult::CUDA_SUCCESS => {
+                self.memory.push(pointer);
+                Ok(pointer)
+            }
+            sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                Err(RuntimeError::Alloc { what: format!("{what} on {label}"), bytes })
+            }
+            other => cu("cuMemAlloc", label, other).map(|()| 0),
+        }
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        // SAFETY: every handle was created in this context and is destroyed once, here. Waiting
+        // for the stream first means no queued work still uses them; the graph goes before the
+        // modules its kernels live in, memory before the stream, the context last. Failures
+        // (e.g. after a sticky launch error) cannot be acted on and are ignored.
+        unsafe {
+            let _ = sys::cuCtxSetCurrent(self.context);
+            if !self.stream.is_null() {
+                let _ = sys::cuStreamSynchronize(self.stream);
+            }
+            if !self.exec.is_null() {
+                let _ = sys::cuGraphExecDestroy(self.exec);
+            }
+            if !self.graph.is_null() {
+                let _ = sys::cuGraphDestroy(self.graph);
+            }
+            self.events.drain(..).for_each(|e| {
+                let _ = sys::cuEventDestroy_v2(e);
+            });
+            self.modules.drain(..).for_each(|m| {
+                let _ = sys::cuModuleUnload(m);
+            });
+            self.memory.drain(..).for_each(|p| {
+                let _ = sys::cuMemFree_v2(p);
+            });
+            if !self.stream.is_null() {
+                let _ = sys::cuStreamDestroy_v2(self.stream);
+            }
+            let _ = sys::cuCtxSetCurrent(ptr::null_mut());
+            let _ = sys::cuDevicePrimaryCtxRelease_v2(self.device);
+        }
+    }
+}
+
+/// One step, ready to launch: its function, shape and parameter array, all fixed at load.
+struct Launch {
+    label: String,
+    function: sys::CUfunction,
+    grid: [u32; 3],
+    block: [u32; 3],
+    /// The device pointers, one per argument (the bare-pointer calling convention).
+    _values: Box<[sys::CUdeviceptr]>,
+    /// `kernelParams`: pointers to each of `_values` (a boxed slice never moves its elements).
+    params: Box<[*mut c_void]>,
+}
+
+impl Launch {
+    /// Queues the kernel on `stream`.
+    fn launch(&self, stream: sys::CUstream, device: &str) -> Result<(), RuntimeError> {
+        let params = if self.params.is_empty() { ptr::null_mut() } else { self.params.as_ptr().cast_mut() };
+        let [gx, gy, gz] = self.grid;
+        let [bx, by, bz] = self.block;
+        // SAFETY: the function lives in a module the model owns; `params` holds one pointer per
+        // kernel parameter, each to an 8-byte device pointer into a buffer the model owns and
+        // that the plan checked covers the argument; the driver copies the values at launch.
+        // Kernels use static shared memory only, hence 0 dynamic bytes.
+        let result = unsafe {
+            sys::cuLaunchKernel(self.function, gx, gy, gz, bx, by, bz, 0, stream, params, ptr::null_mut())
+        };
+        cu("cuLaunchKernel", device, result).map_err(|e| match e {
+            RuntimeError::CudaCall { call, device, result } => {
+                RuntimeError::CudaCall { call, device, result: format!("{result} in step {:?}", self.label) }
+            }
+            other => other,
+        })
+    }
+}
+
+/// A CUDA artifact loaded on one device.
+pub(crate) struct CudaBackend {
+    /// Declared first so it drops first: nothing else holds a driver object.
+    owned: Owned,
+    info: CudaDeviceInfo,
+    label: String,
+    /// Device copies of the inputs and outputs, with their sizes.
+    inputs: Vec<(sys::CUdeviceptr, usize)>,
+    outputs: Vec<(sys::CUdeviceptr, usize)>,
+    launches: Vec<Launch>,
+    /// Whether plain runs replay the captured graph (false only when there is no step).
+    graphed: bool,
+    /// Set when a run failed half-way (e.g. an illegal address, which poisons the context):
+    /// later runs refuse.
+    broken: Option<String>,
+}
+
+// SAFETY: the driver handles and device pointers are plain values usable from any thread once
+// the model's context is current there, which every entry point (`execute`, drop) makes sure
+// of; runs take `&mut self`, so no two threads drive the stream at once, and `&self` methods
+// only read host data (`info`).
+unsafe impl Send for CudaBackend {}
+// SAFETY: see `Send`: shared references never reach a driver handle.
+unsafe impl Sync for CudaBackend {}
+
+impl CudaBackend {
+    /// Loads a CUDA manifest: `ptx` is `kernels.ptx` and `cubin` `kernels.cubin` when the
+    /// artifact lists it (digests checked), `index` the selected device (`None`: the first).
+    pub fn load(
+        manifest: &Manifest,
+        ptx: &[u8],
+        cubin: Option<&[u8]>,
+        weights: &WeightStore,
+        index: Option<usize>,
+    ) -> Result<CudaBackend, RuntimeError> {
+        let target = match &manifest.target {
+            Target::Cuda(target) => target,
+            Target::Cpu(cpu) => {
+                return Err(RuntimeError::WrongDevice {
+                    artifact: format!("a CPU artifact (compiled for {})", cpu.triple),
+                    device: "cuda".into(),
+                    fix: "run it on \"cpu\"".into(),
+                })
+            }
+            Target::Vulkan(v) => {
+                return Err(RuntimeError::WrongDevice {
+                    artifact: format!("a Vulkan artifact (SPIR-V {})", v.spirv_version),
+                    device: "cuda".into(),
+                    fix: "run it on \"vulkan\"".into(),
+                })
+            }
+        };
+        // Everything the files and the manifest alone decide, before the driver is touched.
+        let plan = plan::plan(manifest, target, ptx, cubin, weights)?;
+
+        driver::init()?;
+        let (device, caps) = choose(index)?;
+        check::check_target(target, &caps)?;
+        for step in &plan.steps {
+            check::check_launch(step, &caps)?;
+        }
+        let label = caps.label.clone();
+        let mut owned = Owned::new(device, &label)?;
+        let mut stream = ptr::null_mut();
+        let flags = sys::CUstream_flags::CU_STREAM_NON_BLOCKING as c_uint;
+        // SAFETY: writes one handle; the context is current.
+        cu("cuStreamCreate", &label, unsafe { sys::cuStreamCreate(&mut stream, flags) })?;
+        owned.stream = stream;
+
+        // Every load-time transfer goes on the model's stream: it is non-blocking, so work on
+        // the legacy default stream (where the synchronous cuMemset/cuMemcpy run) would not be
+        // ordered before its kernels.
+        let arena = owned.alloc(plan.arena_bytes, "arena", &label)?;
+        let arena_len = plan.arena_bytes as usize;
+        // SAFETY: the arena holds `arena_bytes` bytes. Zeroed so that a run never reads what
+        // another process left in the memory.
+        cu("cuMemsetD8Async", &label, unsafe { sys::cuMemsetD8Async(arena, 0, arena_len, stream) })?;
+        let weight_buf = owned.alloc(plan.weights_bytes, "weights", &label)?;
+        upload_weights(&plan, weights, weight_buf, stream, &label)?;
+        let mut inputs = Vec::with_capacity(plan.inputs.len());
+        for (spec, &bytes) in manifest.inputs.iter().zip(&plan.inputs) {
+            let what = format!("input {:?}", spec.name);
+            inputs.push((owned.alloc(bytes.max(1), &what, &label)?, bytes as usize));
+        }
+        let mut outputs = Vec::with_capacity(plan.outputs.len());
+        for (spec, &bytes) in manifest.outputs.iter().zip(&plan.outputs) {
+            let what = format!("output {:?}", spec.name);
+            outputs.push((owned.alloc(bytes.max(1), &what, &label)?, bytes as usize));
+        }
+
+        let exact = caps.info.compute_capability == target.compute_capability;
+        for (i, module) in plan.modules.iter().enumerate() {
+            let handle = load_module(i, module, exact, target, &label)?;
+            owned.modules.push(handle);
+        }
+
+        let pointer = |region: Region, offset: u64| match region {
+            Region::Arena => arena + offset,
+            Region::Weights => weight_buf + offset,
+            Region::Input(i) => inputs[i].0 + offset,
+            Region::Output(i) => outputs[i].0 + offset,
+        };
+        let mut launches = Vec::with_capacity(plan.steps.len());
+        for step in &plan.steps {
+            let module = owned.modules.get(step.module).copied().ok_or_else(|| {
+                RuntimeError::invalid(format!(
+                    "step {:?} uses module {}, which is not loaded",
+                    step.label, step.module
+                ))
+            })?;
+            let function = function(module, step, target, &caps)?;
+            let values: Box<[sys::CUdeviceptr]> =
+                step.args.iter().map(|a| pointer(a.region, a.offset)).collect();
+            let params = values.iter().map(|v| ptr::from_ref(v).cast_mut().cast::<c_void>()).collect();
+            launches.push(Launch {
+                label: step.label.clone(),
+                function,
+                grid: step.grid,
+                block: step.block,
+                _values: values,
+                params,
+            });
+        }
+
+        for _ in 0..=launches.len() {
+            let mut event = ptr::null_mut();
+            let flags = sys::CUevent_flags::CU_EVENT_DEFAULT as c_uint;
+            // SAFETY: writes one handle; the context is current.
+            cu("cuEventCreate", &label, unsafe { sys::cuEventCreate(&mut event, flags) })?;
+            owned.events.push(event);
+        }
+        // SAFETY: the stream is the model's own; the uploads finish before capture begins.
+        cu("cuStreamSynchronize", &label, unsafe { sys::cuStreamSynchronize(stream) })?;
+        let graphed = capture(&mut owned, &launches, &label)?;
+
+        Ok(CudaBackend { owned, info: caps.info, label, inputs, outputs, launches, graphed, broken: None })
+    }
+
+    /// The device.
+    pub fn info(&self) -> &CudaDeviceInfo {
+        &self.info
+    }
+
+    /// Copies the inputs in, replays the graph (or, with `times`, launches each step between
+    /// two events and pushes each step's time), copies the outputs out and waits.
+    pub fn execute(
+        &mut self,
+        inputs: &[TensorRef],
+        outputs: &mut [&mut [u8]],
+        times: Option<&mut Vec<Duration>>,
+    ) -> Result<(), RuntimeError> {
+        if let Some(reason) = &self.broken {
+            return Err(RuntimeError::CudaCall {
+                call: "cuLaunchKernel",
+                device: self.label.clone(),
+                result: format!("an earlier run failed ({reason}); load the model again"),
+            });
+        }
+        self.owned.make_current(&self.label)?;
+        let timed = times.is_some();
+        let queued = self.queue(inputs, outputs, timed);
+        // Wait even when queueing failed half-way: copies into `outputs` may be in flight.
+        // SAFETY: the stream is the model's own.
+        let waited =
+            cu("cuStreamSynchronize", &self.label, unsafe { sys::cuStreamSynchronize(self.owned.stream) });
+        if let Err(e) = queued.and(waited) {
+            self.broken = Some(e.to_string());
+            return Err(e);
+        }
+        if let Some(times) = times {
+            for pair in self.owned.events.windows(2) {
+                let mut ms: f32 = 0.0;
+                // SAFETY: both events were recorded on the stream just synchronized.
+                let result = unsafe { sys::cuEventElapsedTime(&mut ms, pair[0], pair[1]) };
+                cu("cuEventElapsedTime", &self.label, result)?;
+                // A NaN or infinite reading (never expected) becomes zero rather than a panic.
+                times.push(Duration::try_from_secs_f64(f64::from(ms) / 1e3).unwrap_or_default());
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues the input copies, the steps and the output copies on the stream.
+    fn queue(
+        &self,
+        inputs: &[TensorRef],
+        outputs: &mut [&mut [u8]],
+        timed: bool,
+    ) -> Result<(), RuntimeError> {
+        let (stream, label) = (self.owned.stream, self.label.as_str());
+        for (input, &(pointer, bytes)) in inputs.iter().zip(&self.inputs) {
+            debug_assert_eq!(input.bytes.len(), bytes);
+            if bytes > 0 {
+                // SAFETY: the model checked each input's length against its spec, which is the
+                // device buffer's size; the driver has consumed the host bytes when this returns
+                // (pageable memory is staged).
+                let result =
+                    unsafe { sys::cuMemcpyHtoDAsync_v2(pointer, input.bytes.as_ptr().cast(), bytes, stream) };
+                cu("cuMemcpyHtoDAsync", label, result)?;
+            }
+        }
+        if timed {
+            let events = &self.owned.events;
+            // SAFETY: events and stream belong to this context.
+            cu("cuEventRecord", label, unsafe { sys::cuEventRecord(events[0], stream) })?;
+            for (launch, &after) in self.launches.iter().zip(&events[1..]) {
+                launch.launch(stream, label)?;
+                // SAFETY: as above.
+                cu("cuEventRecord", label, unsafe { sys::cuEventRecord(after, stream) })?;
+            }
+        } else if self.graphed {
+            // SAFETY: the executable graph was instantiated in this context from launches whose
+            // buffers the model still owns.
+            cu("cuGraphLaunch", label, unsafe { sys::cuGraphLaunch(self.owned.exec, stream) })?;
+        } else {
+            for launch in &self.launches {
+                launch.launch(stream, label)?;
+            }
+        }
+        for (output, &(pointer, bytes)) in outputs.iter_mut().zip(&self.outputs) {
+            debug_assert_eq!(output.len(), bytes);
+            if bytes > 0 {
+                // SAFETY: the model checked each output's length against its spec; the caller's
+                // buffer stays borrowed until `execute` has synchronized the stream.
+                let result =
+                    unsafe { sys::cuMemcpyDtoHAsync_v2(output.as_mut_ptr().cast(), pointer, bytes, stream) };
+                cu("cuMemcpyDtoHAsync", label, result)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Queues a copy of each planned weight into the weights buffer on `stream` (once, at load; the
+/// caller synchronizes before anything runs).
+fn upload_weights(
+    plan: &Plan,
+    weights: &WeightStore,
+    buffer: sys::CUdeviceptr,
+    stream: sys::CUstream,
+    label: &str,
+) -> Result<(), RuntimeError> {
+    for (name, offset) in &plan.weights {
+        let view = weights
+            .get(name)
+            .ok_or_else(|| RuntimeError::MissingWeight { step: "(upload)".into(), name: name.clone() })?;
+        if view.bytes.is_empty() {
+            continue;
+        }
+        let (dst, src, len) = (buffer + offset, view.bytes.as_ptr().cast(), view.bytes.len());
+        // SAFETY: the plan placed the weight's bytes at `offset` inside `weights_bytes`, the
+        // buffer's size; the host bytes are the mapped weights file, which the model keeps
+        // (and pageable sources are staged before the call returns anyway).
+        let result = unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src, len, stream) };
+        cu("cuMemcpyHtoDAsync", label, result)?;
+    }
+    Ok(())
+}
+
+/// Loads module `i`: its cubin when there is one and the device is exactly the target's
+/// architecture (a cubin runs only there), else its PTX, which the driver JIT-compiles for the
+/// device. A refusal carries the JIT's error log.
+fn load_module(
+    i: usize,
+    module: &plan::ModulePlan,
+    exact: bool,
+    target: &CudaTarget,
+    label: &str,
+) -> Result<sys::CUmodule, RuntimeError> {
+    // A cubin is copied into 8-byte words: the driver reads ELF headers in place, and an
+    // artifact's byte range promises no alignment.
+    let words: Vec<u64>;
+    let (file, image): (&'static str, *const c_void) = match (&module.cubin, exact) {
+        (Some(cubin), true) => {
+            words = cubin
+                .chunks(8)
+                .map(|chunk| {
+                    let mut word = [0u8; 8];
+                    word[..chunk.len()].copy_from_slice(chunk);
+                    u64::from_ne_bytes(word)
+                })
+                .collect();
+            (CUBIN_FILE, words.as_ptr().cast())
+        }
+        (Some(_) | None, _) => (PTX_FILE, module.ptx.as_ptr().cast()),
+    };
+    let mut log = vec![0u8; LOG_BYTES];
+    let mut options =
+        [sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER, sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES];
+    // Option values are pointer-sized words: the buffer's address, then its size as an integer.
+    let mut values = [log.as_mut_ptr().cast::<c_void>(), ptr::without_provenance_mut::<c_void>(LOG_BYTES)];
+    let mut handle = ptr::null_mut();
+    // SAFETY: `image` is a NUL-terminated PTX text or a cubin ELF image (checked by the plan),
+    // alive for the call; the two options name a writable buffer of LOG_BYTES bytes that
+    // outlives the call.
+    let result = unsafe {
+        sys::cuModuleLoadDataEx(
+            &mut handle,
+            image,
+            options.len() as c_uint,
+            options.as_mut_ptr(),
+            values.as_mut_ptr(),
+        )
+    };
+    if result == sys::CUresult::CUDA_SUCCESS {
+        return Ok(handle);
+    }
+    let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+    let log = String::from_utf8_lossy(&log[..end]).trim().to_string();
+    let mut message = match result {
+        sys::CUresult::CUDA_ERROR_UNSUPPORTED_PTX_VERSION => {
+            let driver = driver::driver_version().map_or("this driver".to_string(), |(major, minor)| {
+                format!("this driver (CUDA {major}.{minor})")
+            });
+            format!(
+                "{driver} does not accept PTX ISA {} ({}): update the NVIDIA driver",
+                target.ptx_version,
+                driver::describe(result)
+            )
+        }
+        other => format!("the driver refused it on {label}: {}", driver::describe(other)),
+    };
+    if !log.is_empty() {
+        message = format!("{message}; JIT log:\n{log}");
+    }
+    Err(RuntimeError::CudaModule { file, module: i, message })
+}
+
+/// Step `step`'s kernel in `module`, checked against what the step launches: a kernel whose
+/// register use caps its block size below the step's block would fail at every run, and one
+/// using more static shared memory than the target declares contradicts the manifest.
+fn function(
+    module: sys::CUmodule,
+    step: &plan::StepPlan,
+    target: &CudaTarget,
+    caps: &DeviceCaps,
+) -> Result<sys::CUfunction, RuntimeError> {
+    let mut function = ptr::null_mut();
+    // SAFETY: writes one handle; the module is loaded and the name NUL-terminated.
+    let result = unsafe { sys::cuModuleGetFunction(&mut function, module, step.symbol.as_ptr()) };
+    match result {
+        sys::CUresult::CUDA_SUCCESS => {}
+        sys::CUresult::CUDA_ERROR_NOT_FOUND => {
+            return Err(RuntimeError::CudaModule {
+                file: PTX_FILE,
+                module: step.module,
+                message: format!(
+                    "step {:?} uses kernel {:?}, which the module does not define",
+                    step.label, step.symbol
+                ),
+            })
+        }
+        other => cu("cuModuleGetFunction", &caps.label, other)?,
+    }
+    let attribute = |attribute: sys::CUfunction_attribute| -> Result<u64, RuntimeError> {
+        let mut value: c_int = 0;
+        // SAFETY: writes one int for a valid function and attribute.
+        let result = unsafe { sys::cuFuncGetAttribute(&mut value, attribute, function) };
+        cu("cuFuncGetAttribute", &caps.label, result)?;
+        Ok(u64::try_from(value).unwrap_or(0))
+    };
+    let name = step.symbol.to_string_lossy();
+    let max_threads = attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?;
+    let threads = step.block.iter().map(|&n| u64::from(n)).product::<u64>();
+    if threads > max_threads {
+        return Err(RuntimeError::DeviceLacks {
+            need: format!("step {:?} to run {threads} threads per block", step.label),
+            device: caps.label.clone(),
+            has: format!("runs kernel {name:?} with at most {max_threads} (its register use)"),
+        });
+    }
+    let shared = attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)?;
+    if shared > u64::from(target.max_shared_bytes) {
+        return Err(RuntimeError::CudaModule {
+            file: PTX_FILE,
+            module: step.module,
+            message: format!(
+                "kernel {name:?} uses {shared} bytes of static shared memory, more than the target's \
+                 max_shared_bytes {}",
+                target.max_shared_bytes
+            ),
+        });
+    }
+    Ok(function)
+}
+
+/// Captures the launch sequence into a graph and instantiates it; false when there is nothing
+/// to capture.
+fn capture(owned: &mut Owned, launches: &[Launch], label: &str) -> Result<bool, RuntimeError> {
+    if launches.is_empty() {
+        return Ok(false);
+    }
+    let stream = owned.stream;
+    let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+    // SAFETY: the stream is the model's own and idle apart from the synchronous uploads.
+    cu("cuStreamBeginCapture", label, unsafe { sys::cuStreamBeginCapture_v2(stream, mode) })?;
+    let launched = launches.iter().try_for_each(|launch| launch.launch(stream, label));
+    let mut graph = ptr::null_mut();
+    // SAFETY: ends the capture begun above (also after a failed launch, so the stream leaves
+    // capture mode); writes one handle.
+    let ended = cu("cuStreamEndCapture", label, unsafe { sys::cuStreamEndCapture(stream, &mut graph) });
+    owned.graph = graph;
+    launched?;
+    ended?;
+    let mut exec = ptr::null_mut();
+    // SAFETY: `graph` is the captured graph; writes one handle.
+    cu("cuGraphInstantiate", label, unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) })?;
+    owned.exec = exec;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_can_move_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<CudaBackend>();
+    }
+
+    #[test]
+    fn listing_without_a_driver_says_why() {
+        let e = list(Some(OsStr::new("/nonexistent/libcuda.so.1"))).unwrap_err();
+        assert!(
+            matches!(&e, RuntimeError::CudaUnavailable { reason } if reason.starts_with("cannot load /nonexistent/libcuda.so.1: ")),
+            "{e}"
+        );
+    }
+}

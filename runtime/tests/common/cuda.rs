@@ -1,0 +1,190 @@
+//! Small CUDA artifacts for the tests: hand-written PTX (`tests/data/binop.ptx`, instantiated
+//! as an `add` and a `mul` module), the toy weights, and a manifest with true digests. Nothing
+//! here needs a GPU; `ready()` says whether the tests that run kernels can, and prints
+//! `skipped: no CUDA device (…)` when they cannot.
+
+use std::path::{Path, PathBuf};
+
+use kiln_runtime::{
+    BufRef, CudaTarget, DType, Dispatch, FileDigest, Manifest, ModuleRange, Step, Target, TensorSpec,
+    ARTIFACT_FORMAT_VERSION, CUBIN_FILE, MANIFEST_FILE, PTX_FILE, WEIGHTS_FILE,
+};
+
+use super::{c_data, w_data, weights_file, N};
+
+/// `binop.ptx` with kernel `name` computing `op` (`add.rn.f32`, `mul.rn.f32`).
+pub fn module(name: &str, op: &str) -> String {
+    let text = include_str!("../data/binop.ptx");
+    text.replace("NAME", name).replace("OP", op)
+}
+
+/// `tests/data/{add,mul}_sm90.cubin`: `binop.ptx` instantiated as in [`CudaArtifact::chain`] and
+/// assembled by `ptxas -arch=sm_90` (CUDA 12.9), for the test that runs cubins on sm_90.
+pub const SM90_CUBINS: [&[u8]; 2] =
+    [include_bytes!("../data/add_sm90.cubin"), include_bytes!("../data/mul_sm90.cubin")];
+
+/// The first CUDA device, when there is one.
+pub fn first_device() -> Option<kiln_runtime::CudaDeviceInfo> {
+    kiln_runtime::devices().devices.into_iter().find_map(|d| match d {
+        kiln_runtime::DeviceInfo::Cuda(c) => Some(c),
+        kiln_runtime::DeviceInfo::Cpu { .. } | kiln_runtime::DeviceInfo::Vulkan(_) => None,
+    })
+}
+
+/// Why the tests that run kernels cannot run here, if they cannot.
+pub fn unavailable() -> Option<String> {
+    let listed = kiln_runtime::devices();
+    if let Some(reason) = listed.cuda_unavailable {
+        return Some(reason);
+    }
+    let any = listed.devices.iter().any(|d| matches!(d, kiln_runtime::DeviceInfo::Cuda(_)));
+    (!any).then(|| "none is listed".to_string())
+}
+
+/// True when a CUDA device can run the test; otherwise prints why it is skipped.
+pub fn ready() -> bool {
+    match unavailable() {
+        None => true,
+        Some(reason) => {
+            eprintln!("skipped: no CUDA device ({reason})");
+            false
+        }
+    }
+}
+
+pub fn target() -> CudaTarget {
+    CudaTarget {
+        compute_capability: [8, 0],
+        ptx_version: "7.0".into(),
+        buffer_align: 256,
+        max_workgroup_invocations: 256,
+        max_shared_bytes: 0,
+        cubins: vec![],
+    }
+}
+
+pub fn step(symbol: &str, label: &str, module: u32, args: Vec<BufRef>) -> Step {
+    Step {
+        symbol: symbol.into(),
+        label: label.into(),
+        args,
+        dispatch: Dispatch::Gpu { module, grid: [4, 1, 1], workgroup: [256, 1, 1] },
+        flops: N as u64,
+        bytes: 3 * 4 * N as u64,
+    }
+}
+
+/// The arena offset of t: a nonzero multiple of 256.
+pub const T_OFFSET: u64 = 256;
+pub const PLANE: u64 = (N * 4) as u64;
+
+/// The chain model, x f32 [1024] → y: t = x·w (module 1, `mul`, into the arena), y = t + c
+/// (module 0, `add`).
+pub fn chain_manifest() -> Manifest {
+    let spec = |name: &str| TensorSpec { name: name.into(), dtype: DType::F32, shape: vec![N as u64] };
+    let t = || BufRef::Arena { offset: T_OFFSET, bytes: PLANE };
+    Manifest {
+        format_version: ARTIFACT_FORMAT_VERSION,
+        model: "cuda-chain".into(),
+        kiln_version: "0.1.0".into(),
+        target: Target::Cuda(target()),
+        inputs: vec![spec("x")],
+        index_bounds: Vec::new(),
+        outputs: vec![spec("y")],
+        arena_bytes: T_OFFSET + PLANE,
+        files: Vec::new(),
+        modules: Vec::new(),
+        steps: vec![
+            step(
+                "mul",
+                "k0 mul [1024]",
+                1,
+                vec![BufRef::Input { index: 0 }, BufRef::Weight { name: "w".into(), bytes: PLANE }, t()],
+            ),
+            step(
+                "add",
+                "k1 add [1024]",
+                0,
+                vec![t(), BufRef::Weight { name: "c".into(), bytes: PLANE }, BufRef::Output { index: 0 }],
+            ),
+        ],
+    }
+}
+
+/// y as the chain model computes it (separate IEEE multiply and add, as on the GPU).
+pub fn chain_expected(x: &[f32]) -> Vec<f32> {
+    let (w, c) = (w_data(), c_data());
+    x.iter().zip(&w).zip(&c).map(|((x, w), c)| x * w + c).collect()
+}
+
+/// A CUDA artifact in a temporary directory.
+pub struct CudaArtifact {
+    pub dir: tempfile::TempDir,
+    pub manifest: Manifest,
+}
+
+impl CudaArtifact {
+    /// Writes `kernels.ptx` from `modules` (one after another), the toy weights and the
+    /// manifest with its module ranges and true digests.
+    pub fn new(mut manifest: Manifest, modules: &[String]) -> CudaArtifact {
+        let mut ptx = Vec::new();
+        manifest.modules = modules
+            .iter()
+            .map(|text| {
+                let range = ModuleRange { offset: ptx.len() as u64, bytes: text.len() as u64 };
+                ptx.extend_from_slice(text.as_bytes());
+                range
+            })
+            .collect();
+        let dir = tempfile::Builder::new().suffix(".kiln").tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(PTX_FILE), &ptx).expect("write kernels.ptx");
+        std::fs::write(dir.path().join(WEIGHTS_FILE), weights_file()).expect("write weights");
+        let mut artifact = CudaArtifact { dir, manifest };
+        artifact.refresh_digests();
+        artifact
+    }
+
+    /// The chain model with modules 0 = add, 1 = mul.
+    pub fn chain() -> CudaArtifact {
+        CudaArtifact::new(chain_manifest(), &[module("add", "add.rn.f32"), module("mul", "mul.rn.f32")])
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Records the sizes and crc32s of the files present (`kernels.cubin` when written) and
+    /// rewrites the manifest.
+    pub fn refresh_digests(&mut self) {
+        self.manifest.files = [PTX_FILE, CUBIN_FILE, WEIGHTS_FILE]
+            .iter()
+            .filter(|name| self.file(name).exists())
+            .map(|name| FileDigest::of(*name, &std::fs::read(self.file(name)).expect("read artifact file")))
+            .collect();
+        self.write_manifest();
+    }
+
+    /// Edits the manifest and rewrites it (digests untouched).
+    pub fn edit(&mut self, f: impl FnOnce(&mut Manifest)) {
+        f(&mut self.manifest);
+        self.write_manifest();
+    }
+
+    pub fn write_manifest(&self) {
+        let text = self.manifest.to_ron().expect("manifest to RON");
+        std::fs::write(self.file(MANIFEST_FILE), text).expect("write manifest");
+    }
+}
+
+/// The target of a CUDA manifest.
+pub fn cuda_target(m: &mut Manifest) -> &mut CudaTarget {
+    match &mut m.target {
+        Target::Cuda(c) => c,
+        Target::Cpu(cpu) => panic!("a CUDA artifact, not a CPU one for {}", cpu.triple),
+        Target::Vulkan(v) => panic!("a CUDA artifact, not a Vulkan one (SPIR-V {})", v.spirv_version),
+    }
+}
