@@ -279,7 +279,7 @@ pub struct RunArgs {
     pub output: Option<PathBuf>,
 }
 
-/// `kiln run --device list`: this machine's devices, and why Vulkan is missing if it is.
+/// `kiln run --device list`: this machine's devices, and why Vulkan or CUDA is missing if it is.
 fn list_devices() {
     let found = kiln_runtime::devices();
     for d in &found.devices {
@@ -287,6 +287,9 @@ fn list_devices() {
     }
     if let Some(reason) = &found.vulkan_unavailable {
         println!("(no Vulkan device: {reason})");
+    }
+    if let Some(reason) = &found.cuda_unavailable {
+        println!("(no CUDA device: {reason})");
     }
 }
 

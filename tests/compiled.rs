@@ -19,6 +19,8 @@ enum Device {
     Cpu,
     /// The first Vulkan device.
     Vulkan,
+    /// CUDA device 0, with kernels compiled for its own architecture.
+    Cuda,
 }
 
 /// Why the Vulkan half of the suite cannot run here, if it cannot.
@@ -31,17 +33,42 @@ fn vulkan_missing() -> Option<String> {
     }
 }
 
+/// The architecture of CUDA device 0 as `--target cuda:ARCH` names it (the newest Kiln
+/// compiles for that the device runs), or why the CUDA half of the suite cannot run here.
+fn cuda_arch() -> Result<&'static str, String> {
+    let found = kiln_runtime::devices();
+    let device = found.devices.iter().find_map(|d| match d {
+        kiln_runtime::DeviceInfo::Cuda(c) => Some(c.clone()),
+        _ => None,
+    });
+    let Some(device) = device else {
+        return Err(found.cuda_unavailable.unwrap_or_else(|| "no CUDA device".into()));
+    };
+    let [major, minor] = device.compute_capability;
+    kiln_codegen::gpu::NvvmTarget::ARCHES
+        .iter()
+        .rev()
+        .find(|arch| {
+            let t = kiln_codegen::gpu::NvvmTarget::by_arch(arch).expect("a known architecture");
+            t.compute_capability <= [major, minor]
+        })
+        .copied()
+        .ok_or_else(|| format!("CUDA device 0 is sm_{major}{minor}, older than every target (sm_80 and up)"))
+}
+
 /// Whether `device` can run here; prints why not (a visible skip) when it cannot.
 fn available(device: Device, test: &str) -> bool {
-    match device {
-        Device::Cpu => true,
-        Device::Vulkan => match vulkan_missing() {
-            None => true,
-            Some(reason) => {
-                eprintln!("skipped: {test}: no Vulkan device ({reason})");
-                false
-            }
-        },
+    let missing = match device {
+        Device::Cpu => None,
+        Device::Vulkan => vulkan_missing().map(|r| format!("no Vulkan device ({r})")),
+        Device::Cuda => cuda_arch().err().map(|r| format!("no CUDA device ({r})")),
+    };
+    match missing {
+        None => true,
+        Some(reason) => {
+            eprintln!("skipped: {test}: {reason}");
+            false
+        }
     }
 }
 
@@ -55,6 +82,14 @@ fn build_for(device: Device, g: &Graph, params: &HashMap<String, Tensor>, dir: &
         }
         Device::Vulkan => {
             build_vulkan(g, params, dir);
+        }
+        Device::Cuda => {
+            let arch = cuda_arch().unwrap_or_else(|e| panic!("{e}"));
+            let (caps, _) = cuda_caps(arch);
+            let s = kiln_sched::schedule_aligned(g, caps.buffer_align).expect("schedules");
+            let ptxas = kiln_codegen::gpu::ptxas::Ptxas::find();
+            kiln_codegen::build_cuda_artifact(&g.name, &s, params, &caps, ptxas.as_ref(), dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", g.name));
         }
     }
 }
@@ -260,6 +295,13 @@ fn every_op_family_runs_on_vulkan_like_the_interpreter() {
     }
 }
 
+#[test]
+fn every_op_family_runs_on_cuda_like_the_interpreter() {
+    if available(Device::Cuda, "op families") {
+        op_families(Device::Cuda);
+    }
+}
+
 fn shipped(model: &str, set: &[&str]) -> Graph {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(model);
     let ov: Vec<kiln_lower::Override> = set.iter().map(|s| kiln_lower::Override::parse(s).unwrap()).collect();
@@ -287,6 +329,13 @@ fn shipped_models_compile_like_the_interpreter() {
 fn shipped_models_run_on_vulkan_like_the_interpreter() {
     if available(Device::Vulkan, "shipped models") {
         shipped_models(Device::Vulkan);
+    }
+}
+
+#[test]
+fn shipped_models_run_on_cuda_like_the_interpreter() {
+    if available(Device::Cuda, "shipped models") {
+        shipped_models(Device::Cuda);
     }
 }
 
@@ -368,6 +417,18 @@ proptest! {
         if vulkan_missing().is_none() {
             let g = random_graph(&ops);
             check_graph(&g, 3, 1e-4, Device::Vulkan);
+        }
+    }
+
+    #[test]
+    fn random_graphs_run_on_cuda_like_the_interpreter(ops in prop::collection::vec((0u8..10, 0u8..20, 0u8..20), 1..10)) {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            available(Device::Cuda, "random graphs");
+        });
+        if cuda_arch().is_ok() {
+            let g = random_graph(&ops);
+            check_graph(&g, 3, 1e-4, Device::Cuda);
         }
     }
 }
@@ -890,6 +951,20 @@ fn cli_compiles_and_inspects_for_cuda() {
     assert!(gpu.contains("known_block_size = array<i32:") && !gpu.contains("spirv"), "{gpu}");
     let nvvm = kiln(&["inspect", "models/mlp.ron", "--stage", "nvvm"]);
     assert!(String::from_utf8_lossy(&nvvm.stdout).contains("nvvm.read.ptx.sreg.tid.x"));
+
+    // Without a CUDA device the artifact is refused with the reason; with one, it runs.
+    let run = kiln(&["run", art.to_str().unwrap(), "--seed", "0"]);
+    match cuda_arch() {
+        Err(_) => {
+            assert_eq!(run.status.code(), Some(1));
+            let err = String::from_utf8_lossy(&run.stderr).into_owned();
+            assert!(err.contains("CUDA is not available: "), "{err}");
+        }
+        Ok(_) => assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr)),
+    }
+    let list = kiln(&["run", "--device", "list"]);
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(list.contains("cuda:0") || list.contains("(no CUDA device: "), "{list}");
 
     let bad = kiln(&["compile", "models/mlp.ron", "--target", "cuda:sm_70", "-o", art.to_str().unwrap()]);
     assert_eq!(bad.status.code(), Some(2));

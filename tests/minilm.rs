@@ -192,6 +192,18 @@ fn minilm_on_vulkan_matches_sentence_transformers() {
     compiled_matches(test, "vulkan");
 }
 
+#[test]
+fn minilm_on_cuda_matches_sentence_transformers() {
+    let test = "minilm_on_cuda_matches_sentence_transformers";
+    let found = kiln_runtime::devices();
+    if !found.devices.iter().any(|d| matches!(d, kiln_runtime::DeviceInfo::Cuda(_))) {
+        let why = found.cuda_unavailable.unwrap_or_else(|| "no CUDA device".into());
+        skip(test, &format!("no CUDA device ({why})"));
+        return;
+    }
+    compiled_matches(test, "cuda");
+}
+
 /// `kiln compile --target TARGET` with the real checkpoint, `kiln run` on the golden inputs,
 /// then the embeddings against sentence-transformers'.
 fn compiled_matches(test: &str, target: &str) {
