@@ -450,6 +450,7 @@ pub struct EvalArgs {
     pub seed: u64,
     pub output: Option<PathBuf>,
     pub save_params: Option<PathBuf>,
+    pub save_inputs: Option<PathBuf>,
     pub set: Vec<String>,
 }
 
@@ -476,6 +477,13 @@ pub fn eval(a: &EvalArgs) -> Result<(), Failure> {
     if let Some(p) = &a.save_params {
         let mut list: Vec<(String, Tensor)> = params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         list.sort_by(|x, y| x.0.cmp(&y.0));
+        kiln_ir::tensor_io::write_safetensors(p, &list).map_err(|e| user(e.to_string()))?;
+    }
+    if let Some(p) = &a.save_inputs {
+        let list: Vec<(String, Tensor)> = specs
+            .iter()
+            .filter_map(|(name, _, _)| inputs.get(name).map(|t| (name.clone(), t.clone())))
+            .collect();
         kiln_ir::tensor_io::write_safetensors(p, &list).map_err(|e| user(e.to_string()))?;
     }
     let bindings = kiln_ir::Bindings { inputs, params };

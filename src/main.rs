@@ -69,6 +69,10 @@ enum Command {
         /// Also write the parameters used (initialized or loaded) to a .safetensors file.
         #[arg(long, value_name = "FILE")]
         save_params: Option<PathBuf>,
+        /// Also write the inputs used (given or filled in from the seed) to a .safetensors
+        /// file, which `--input` takes back (`kiln run ART --input FILE`).
+        #[arg(long, value_name = "FILE")]
+        save_inputs: Option<PathBuf>,
         #[arg(long = "set", value_name = "NAME=VALUE")]
         set: Vec<String>,
     },
@@ -178,18 +182,27 @@ fn main() -> ExitCode {
         Command::Inspect { model, stage, format, set, origins, explain, target } => {
             commands::inspect(&model, stage, format, &set, origins, explain, target.as_deref())
         }
-        Command::Eval { model, inputs, weights, init_missing, seed, output, save_params, set } => {
-            commands::eval(&commands::EvalArgs {
-                model,
-                inputs,
-                weights,
-                init_missing,
-                seed,
-                output,
-                save_params,
-                set,
-            })
-        }
+        Command::Eval {
+            model,
+            inputs,
+            weights,
+            init_missing,
+            seed,
+            output,
+            save_params,
+            save_inputs,
+            set,
+        } => commands::eval(&commands::EvalArgs {
+            model,
+            inputs,
+            weights,
+            init_missing,
+            seed,
+            output,
+            save_params,
+            save_inputs,
+            set,
+        }),
         Command::Compile { model, output, target, weights, init_missing, seed, set } => {
             native::compile(&native::CompileArgs { model, output, target, weights, init_missing, seed, set })
         }

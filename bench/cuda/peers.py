@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""PyTorch on the same NVIDIA GPU, for scripts/gpu_check.sh: the shapes Kiln's CUDA check pack
+times, through torch.matmul (cuBLAS), scaled_dot_product_attention, and a MiniLM-L6-sized
+BertModel (random weights; the time does not depend on them) in eager mode and under
+torch.compile. Every time is the median of CUDA-event timings after warm-up.
+
+Usage: peers.py --json OUT.json [--repeats N] [--skip-compile]
+Needs torch with CUDA, and transformers for the BERT rows (skipped, saying so, without it).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+
+def timed(fn, repeats, warmup=5):
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--json", required=True)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--skip-compile", action="store_true")
+    a = p.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    if not torch.cuda.is_available():
+        print("peers: torch sees no CUDA device", file=sys.stderr)
+        return 1
+    dev = torch.device("cuda")
+    rows = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    # matmul 4096³ in f32 (TF32 off: the same precision as Kiln's f32 product), and with TF32.
+    n = 4096
+    x = torch.randn(n, n, device=dev, generator=g)
+    y = torch.randn(n, n, device=dev, generator=g)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows["matmul_f32_ms"] = timed(lambda: torch.matmul(x, y), a.repeats)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rows["matmul_tf32_ms"] = timed(lambda: torch.matmul(x, y), a.repeats)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    del x, y
+
+    # attention [4, 12, 2048, 64]: f32 (the kernel torch picks for f32) and bf16 (flash).
+    q, k, v = (torch.randn(4, 12, 2048, 64, device=dev, generator=g) for _ in range(3))
+    rows["attention_f32_ms"] = timed(lambda: F.scaled_dot_product_attention(q, k, v, scale=0.125), a.repeats)
+    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            rows["attention_bf16_flash_ms"] = timed(
+                lambda: F.scaled_dot_product_attention(qb, kb, vb, scale=0.125), a.repeats
+            )
+    except Exception as e:  # noqa: BLE001
+        rows["attention_bf16_flash_error"] = str(e)
+    del q, k, v, qb, kb, vb
+
+    # A MiniLM-L6-sized BERT encoder, f32, seq 128.
+    try:
+        from transformers import BertConfig, BertModel
+    except ImportError:
+        rows["bert_error"] = "transformers is not installed"
+        BertModel = None
+    if BertModel is not None:
+        config = BertConfig(
+            vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+            intermediate_size=1536, max_position_embeddings=512, type_vocab_size=2,
+            attn_implementation="sdpa",
+        )
+        model = BertModel(config).to(dev).eval()
+        compiled = None if a.skip_compile else torch.compile(model)
+        for b in (1, 8, 64):
+            ids = torch.randint(0, 30522, (b, 128), device=dev, generator=g)
+            mask = torch.ones(b, 128, dtype=torch.long, device=dev)
+            with torch.no_grad():
+                rows[f"bert_b{b}_eager_ms"] = timed(lambda: model(input_ids=ids, attention_mask=mask), a.repeats)
+                if compiled is not None:
+                    start = time.time()
+                    compiled(input_ids=ids, attention_mask=mask)
+                    rows[f"bert_b{b}_compile_seconds"] = time.time() - start
+                    rows[f"bert_b{b}_compile_ms"] = timed(
+                        lambda: compiled(input_ids=ids, attention_mask=mask), a.repeats
+                    )
+    with open(a.json, "w") as f:
+        json.dump(rows, f, indent=1)
+    for key, value in rows.items():
+        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Joins the CUDA check's results into one Markdown table (scripts/gpu_check.sh calls it):
+Kiln's times from check_pack's JSON lines, PyTorch's from peers.py's JSON, and the goals of the
+CUDA target (matmul ≥ 0.8× cuBLAS in f32, attention ≥ 1.0× SDPA, MiniLM b64 ≤ 0.9×
+torch.compile; a ratio is Kiln's speed over the peer's, above 1 is faster).
+
+Usage: report.py KILN_BENCH.jsonl TORCH.json [CONFORMANCE.jsonl]
+"""
+
+import json
+import sys
+
+
+def main():
+    kiln = {}
+    with open(sys.argv[1]) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                kiln[r["name"]] = r
+    with open(sys.argv[2]) as f:
+        torch = json.load(f)
+
+    def k(name):
+        r = kiln.get(name)
+        return r["median_ms"] if r and r.get("problem") is None else None
+
+    def cell(v):
+        return "–" if v is None else f"{v:.3f}"
+
+    def ratio(kiln_ms, peer_ms):
+        return "–" if kiln_ms is None or peer_ms is None else f"{peer_ms / kiln_ms:.2f}×"
+
+    print(f"GPU: {torch.get('device', '?')}, torch {torch.get('torch', '?')}\n")
+    print("| workload | Kiln (ms) | peer | peer (ms) | Kiln speed / peer | goal |")
+    print("|---|---|---|---|---|---|")
+    rows = [
+        ("matmul 4096³ f32", k("matmul"), "torch.matmul, TF32 off (cuBLAS f32)", torch.get("matmul_f32_ms"), "≥ 0.8×"),
+        ("matmul 4096³ f32", k("matmul"), "torch.matmul, TF32 on", torch.get("matmul_tf32_ms"), ""),
+        ("attention 4×12×2048×64 f32", k("attention"), "SDPA f32", torch.get("attention_f32_ms"), "≥ 1.0×"),
+        ("attention 4×12×2048×64 f32", k("attention"), "SDPA bf16 flash", torch.get("attention_bf16_flash_ms"), ""),
+    ]
+    for b in (1, 8, 64):
+        goal = "≥ 1.11× (≤ 0.9× time)" if b == 64 else ""
+        rows.append((f"MiniLM-L6 b{b}×128 f32", k(f"minilm_b{b}"), "BertModel eager", torch.get(f"bert_b{b}_eager_ms"), ""))
+        rows.append((f"MiniLM-L6 b{b}×128 f32", k(f"minilm_b{b}"), "BertModel torch.compile", torch.get(f"bert_b{b}_compile_ms"), goal))
+    for name, kiln_ms, peer, peer_ms, goal in rows:
+        print(f"| {name} | {cell(kiln_ms)} | {peer} | {cell(peer_ms)} | {ratio(kiln_ms, peer_ms)} | {goal} |")
+    if len(sys.argv) > 3:
+        print("\n| model (conformance) | result | max error |")
+        print("|---|---|---|")
+        with open(sys.argv[3]) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    verdict = "ok" if r["passed"] else f"FAIL {r.get('problem') or ''}"
+                    err = "–" if r["max_error"] is None else f"{r['max_error']:.1e}"
+                    print(f"| {r['name']} | {verdict} | {err} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,336 @@
+//! Runs a GPU check pack with nothing but kiln-runtime: the half of `scripts/gpu_check.sh` that
+//! runs on the GPU machine, which needs no compiler, no LLVM and no network.
+//!
+//! ```text
+//! cargo run -p kiln-runtime --release --example check_pack -- PACK [--device D] [--repeats N]
+//!     [--tolerance T] [--json FILE]
+//! ```
+//!
+//! `PACK` holds artifact directories (`NAME.kiln/`), each possibly with:
+//! * `inputs.safetensors`: the inputs to run it on (`kiln eval --save-inputs`); without it,
+//!   f32 inputs are a ramp and integer inputs zeros;
+//! * `expected.safetensors`: the reference interpreter's outputs on those inputs (`kiln eval
+//!   -o`), compared within `T·(1 + |ref|)` (default 1e-4);
+//! * `weights.header` instead of `weights.safetensors`: only the weights file's safetensors
+//!   header; the data is synthesized here (f32 uniform in ±0.05 from a fixed generator, other
+//!   dtypes zero) and the manifest's digest of the weights file rewritten to match. For speed
+//!   checks of large models, whose values do not change the time, at a fraction of the bytes.
+//!
+//! Every artifact is loaded on `--device` (default: its own kind), run once and compared, then
+//! timed: three warm-up runs, then `--repeats` runs (default 50) with the median reported, and
+//! the per-kind profile. One line per artifact on stdout, a JSON record per artifact to `--json`.
+//! Exit status: 0 when every comparison holds, 1 when one fails or an artifact cannot run, 2 on
+//! bad usage.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use kiln_runtime::{DType, FileDigest, Manifest, Model, Options, TensorRef, WEIGHTS_FILE};
+
+const USAGE: &str = "usage: check_pack PACK [--device D] [--repeats N] [--tolerance T] [--json FILE]";
+
+struct Args {
+    pack: PathBuf,
+    device: Option<String>,
+    repeats: usize,
+    tolerance: f64,
+    json: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = std::env::args().skip(1);
+    let mut parsed = Args { pack: PathBuf::new(), device: None, repeats: 50, tolerance: 1e-4, json: None };
+    while let Some(arg) = args.next() {
+        let mut value = |flag: &str| args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match arg.as_str() {
+            "--device" => parsed.device = Some(value("--device")?),
+            "--repeats" => {
+                parsed.repeats = value("--repeats")?.parse().map_err(|_| "--repeats takes a number")?
+            }
+            "--tolerance" => {
+                parsed.tolerance = value("--tolerance")?.parse().map_err(|_| "--tolerance takes a number")?
+            }
+            "--json" => parsed.json = Some(PathBuf::from(value("--json")?)),
+            flag if flag.starts_with("--") => return Err(format!("unknown option {flag}")),
+            pack if parsed.pack.as_os_str().is_empty() => parsed.pack = PathBuf::from(pack),
+            extra => return Err(format!("unexpected argument {extra:?}")),
+        }
+    }
+    if parsed.pack.as_os_str().is_empty() {
+        return Err("no pack given".into());
+    }
+    Ok(parsed)
+}
+
+/// What checking one artifact found.
+struct Outcome {
+    name: String,
+    /// `None` when there was nothing to compare with.
+    max_error: Option<f64>,
+    passed: bool,
+    median: Duration,
+    kinds: Vec<(String, Duration)>,
+    problem: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("check_pack: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut dirs: Vec<PathBuf> = match std::fs::read_dir(&args.pack) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir() && p.extension().is_some_and(|x| x == "kiln"))
+            .collect(),
+        Err(e) => {
+            eprintln!("check_pack: {}: {e}", args.pack.display());
+            return ExitCode::from(2);
+        }
+    };
+    dirs.sort();
+    let mut outcomes = Vec::new();
+    for dir in &dirs {
+        let name = dir.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let outcome = check(dir, &name, &args).unwrap_or_else(|problem| Outcome {
+            name: name.clone(),
+            max_error: None,
+            passed: false,
+            median: Duration::ZERO,
+            kinds: Vec::new(),
+            problem: Some(problem),
+        });
+        print_line(&outcome);
+        outcomes.push(outcome);
+    }
+    if let Some(path) = &args.json {
+        let lines: Vec<String> = outcomes.iter().map(json).collect();
+        if let Err(e) = std::fs::write(path, lines.join("\n") + "\n") {
+            eprintln!("check_pack: {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    }
+    if outcomes.iter().all(|o| o.passed) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn print_line(o: &Outcome) {
+    let verdict = match (&o.problem, o.passed, o.max_error) {
+        (Some(p), _, _) => format!("FAIL  {p}"),
+        (None, true, Some(e)) => format!("ok    max error {e:.2e}"),
+        (None, true, None) => "ok    (timing only)".to_string(),
+        (None, false, e) => format!("FAIL  max error {:.2e}", e.unwrap_or(f64::NAN)),
+    };
+    println!("{:<28} {:>10.3} ms  {verdict}", o.name, o.median.as_secs_f64() * 1e3);
+    for (kind, t) in &o.kinds {
+        println!("    {kind:<24} {:>10.3} ms", t.as_secs_f64() * 1e3);
+    }
+}
+
+fn json(o: &Outcome) -> String {
+    let kinds: Vec<String> = o
+        .kinds
+        .iter()
+        .map(|(k, t)| format!("{{\"kind\": {k:?}, \"ms\": {:.6}}}", t.as_secs_f64() * 1e3))
+        .collect();
+    format!(
+        "{{\"name\": {:?}, \"passed\": {}, \"max_error\": {}, \"median_ms\": {:.6}, \"kinds\": [{}], \"problem\": {}}}",
+        o.name,
+        o.passed,
+        o.max_error.map_or("null".to_string(), |e| if e.is_finite() { format!("{e:e}") } else { "null".into() }),
+        o.median.as_secs_f64() * 1e3,
+        kinds.join(", "),
+        o.problem.as_ref().map_or("null".to_string(), |p| format!("{p:?}"))
+    )
+}
+
+/// Loads, compares and times one artifact.
+fn check(dir: &Path, name: &str, args: &Args) -> Result<Outcome, String> {
+    synthesize_weights(dir)?;
+    let options = Options { threads: None, device: args.device.clone() };
+    let mut model = Model::load_with(dir, &options).map_err(|e| e.to_string())?;
+    let given = read_tensors(&dir.join("inputs.safetensors"))?;
+    let mut owned: Vec<(String, DType, Vec<u64>, Vec<u8>)> = Vec::new();
+    for spec in model.inputs() {
+        let bytes = match given.iter().find(|(n, ..)| *n == spec.name) {
+            Some((_, _, _, b)) => b.clone(),
+            None => stand_in(spec.dtype, spec.elements().unwrap_or(0) as usize),
+        };
+        owned.push((spec.name.clone(), spec.dtype, spec.shape.clone(), bytes));
+    }
+    let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
+    let outputs = model.run(&refs).map_err(|e| e.to_string())?;
+    let expected = read_tensors(&dir.join("expected.safetensors"))?;
+    let mut max_error = None;
+    let mut passed = true;
+    for out in &outputs {
+        let Some((_, dtype, _, want)) = expected.iter().find(|(n, ..)| n == out.name()) else { continue };
+        let (got, want) = (as_f64(out.dtype(), out.bytes()), as_f64(*dtype, want));
+        if got.len() != want.len() {
+            return Err(format!(
+                "output `{}` has {} values, the reference {}",
+                out.name(),
+                got.len(),
+                want.len()
+            ));
+        }
+        for (g, w) in got.iter().zip(&want) {
+            let same_special = (g.is_nan() && w.is_nan()) || g == w;
+            let e = if same_special { 0.0 } else { (g - w).abs() / (1.0 + w.abs()) };
+            let e = if e.is_nan() { f64::INFINITY } else { e };
+            max_error = Some(max_error.map_or(e, |m: f64| m.max(e)));
+            passed &= e <= args.tolerance;
+        }
+    }
+    for _ in 0..3 {
+        model.run(&refs).map_err(|e| e.to_string())?;
+    }
+    let mut times = Vec::with_capacity(args.repeats.max(1));
+    for _ in 0..args.repeats.max(1) {
+        let start = Instant::now();
+        model.run(&refs).map_err(|e| e.to_string())?;
+        times.push(start.elapsed());
+    }
+    times.sort();
+    let median = times[times.len() / 2];
+    let (_, profile) = model.run_profiled(&refs, args.repeats.clamp(1, 20)).map_err(|e| e.to_string())?;
+    let kinds = profile.by_kind().into_iter().map(|k| (k.kind, k.time)).collect();
+    Ok(Outcome { name: name.to_string(), max_error, passed, median, kinds, problem: None })
+}
+
+/// An input nobody gave: a ramp for floats, zeros (valid indices) for integers and booleans.
+fn stand_in(dtype: DType, n: usize) -> Vec<u8> {
+    match dtype {
+        DType::F32 => (0..n).flat_map(|i| ((i % 32) as f32 / 16.0 - 1.0).to_le_bytes()).collect(),
+        DType::F64 | DType::F16 | DType::BF16 | DType::I32 | DType::I64 | DType::Bool => {
+            vec![0; n * dtype.size_bytes()]
+        }
+    }
+}
+
+/// The tensors of a safetensors file as (name, dtype, shape, bytes); none when it is missing.
+fn read_tensors(path: &Path) -> Result<Vec<(String, DType, Vec<u64>, Vec<u8>)>, String> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file =
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (name, view) in file.tensors() {
+        let dtype = dtype_of(view.dtype())
+            .ok_or_else(|| format!("{}: `{name}` has an unsupported dtype", path.display()))?;
+        out.push((name, dtype, view.shape().iter().map(|&d| d as u64).collect(), view.data().to_vec()));
+    }
+    Ok(out)
+}
+
+fn dtype_of(d: safetensors::Dtype) -> Option<DType> {
+    Some(match d {
+        safetensors::Dtype::F32 => DType::F32,
+        safetensors::Dtype::F64 => DType::F64,
+        safetensors::Dtype::F16 => DType::F16,
+        safetensors::Dtype::BF16 => DType::BF16,
+        safetensors::Dtype::I32 => DType::I32,
+        safetensors::Dtype::I64 => DType::I64,
+        safetensors::Dtype::BOOL | safetensors::Dtype::U8 => DType::Bool,
+        _ => return None,
+    })
+}
+
+/// Values as f64 for comparison.
+fn as_f64(dtype: DType, bytes: &[u8]) -> Vec<f64> {
+    match dtype {
+        DType::F32 => {
+            bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect()
+        }
+        DType::F64 => {
+            bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
+        }
+        DType::I32 => {
+            bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect()
+        }
+        DType::I64 => {
+            bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f64).collect()
+        }
+        DType::Bool => bytes.iter().map(|&b| b as f64).collect(),
+        DType::F16 => bytes.chunks_exact(2).map(|c| f16_to_f64(u16::from_le_bytes([c[0], c[1]]))).collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16) as f64)
+            .collect(),
+    }
+}
+
+fn f16_to_f64(h: u16) -> f64 {
+    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+    let exp = (h >> 10) & 0x1f;
+    let frac = (h & 0x3ff) as f64;
+    sign * match exp {
+        0 => frac * 2f64.powi(-24),
+        31 if frac == 0.0 => f64::INFINITY,
+        31 => f64::NAN,
+        e => (1.0 + frac / 1024.0) * 2f64.powi(e as i32 - 15),
+    }
+}
+
+/// Writes `weights.safetensors` from `weights.header` (its safetensors header alone), with
+/// synthesized values, and rewrites the manifest's digest of it. Nothing to do without a header
+/// or when the weights are already there.
+fn synthesize_weights(dir: &Path) -> Result<(), String> {
+    let header_path = dir.join("weights.header");
+    let weights_path = dir.join(WEIGHTS_FILE);
+    if !header_path.exists() || weights_path.exists() {
+        return Ok(());
+    }
+    let header = std::fs::read(&header_path).map_err(|e| format!("{}: {e}", header_path.display()))?;
+    let manifest_path = dir.join(kiln_runtime::MANIFEST_FILE);
+    let text =
+        std::fs::read_to_string(&manifest_path).map_err(|e| format!("{}: {e}", manifest_path.display()))?;
+    let mut manifest = Manifest::from_ron(&text).map_err(|e| e.to_string())?;
+    // The manifest still records the whole file's size: header and data.
+    let size = manifest
+        .files
+        .iter()
+        .find(|f| f.name == WEIGHTS_FILE)
+        .map(|f| f.bytes as usize)
+        .ok_or_else(|| format!("{}: no digest of {WEIGHTS_FILE}", manifest_path.display()))?;
+    let mut file = header;
+    file.resize(size.max(file.len()), 0);
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(&file)
+        .map_err(|e| format!("{}: {e}", header_path.display()))?;
+    let start = file.len() - metadata.tensors().values().map(|i| i.data_offsets.1).max().unwrap_or(0);
+    let mut tensors: Vec<(String, &safetensors::tensor::TensorInfo)> =
+        metadata.tensors().into_iter().collect();
+    tensors.sort_by_key(|(_, info)| info.data_offsets.0);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for (_, info) in &tensors {
+        if info.dtype != safetensors::Dtype::F32 {
+            continue;
+        }
+        for chunk in file[start + info.data_offsets.0..start + info.data_offsets.1].chunks_exact_mut(4) {
+            // xorshift64*: a fixed, cheap stream of values uniform in ±0.05.
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let r = state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+            let v = (r as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
+            chunk.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    for f in &mut manifest.files {
+        if f.name == WEIGHTS_FILE {
+            *f = FileDigest::of(WEIGHTS_FILE, &file);
+        }
+    }
+    std::fs::write(&weights_path, &file).map_err(|e| format!("{}: {e}", weights_path.display()))?;
+    let text = manifest.to_ron().map_err(|e| e.to_string())?;
+    std::fs::write(&manifest_path, text).map_err(|e| format!("{}: {e}", manifest_path.display()))
+}

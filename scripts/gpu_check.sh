@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# The CUDA target's check on a machine with an NVIDIA GPU: every shipped model on CUDA against
+# the reference interpreter, the MiniLM golden check, and Kiln's CUDA kernels and MiniLM timed
+# against PyTorch (eager and torch.compile) on the same GPU, in one run.
+#
+#   scripts/gpu_check.sh              on a machine with the GPU, the build toolchain (`make deps`)
+#                                     and PyTorch: builds, runs tests/compiled.rs's CUDA half and
+#                                     the MiniLM golden check on the GPU, then packs and runs the
+#                                     pack below. Results in target/gpu_check/results/.
+#   scripts/gpu_check.sh pack [DIR]   here, with the toolchain and no GPU: compiles a check pack
+#                                     into DIR (default target/gpu_check/pack, about 30 MB):
+#                                     the runtime-only checker (runtime/examples/check_pack.rs),
+#                                     CUDA artifacts of every shipped model (small configs, with
+#                                     inputs and the interpreter's outputs) and the benchmark
+#                                     artifacts (weights synthesized on the GPU machine).
+#   scripts/gpu_check.sh run [DIR]    on the GPU machine, which needs neither Rust nor LLVM:
+#                                     runs the pack and PyTorch (bench/cuda/peers.py), writes
+#                                     results.md and the JSON beside it into ${OUT:-DIR/results}.
+#
+# KILN_CUDA_ARCH (default sm_90) is the architecture the pack is compiled for. To try the
+# pack's plumbing on a machine without a GPU: KILN_PACK_TARGET=host for `pack` and
+# KILN_CHECK_DEVICE=cpu for `run`.
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+DIR_ARG="${2:+$(realpath -m "$2")}"
+REPO="$(dirname "$SCRIPT_DIR")"
+ARCH="${KILN_CUDA_ARCH:-sm_90}"
+PACK_TARGET="${KILN_PACK_TARGET:-cuda:$ARCH}"
+DEVICE="${KILN_CHECK_DEVICE:-cuda}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
+
+say() { echo "== gpu_check: $*" >&2; }
+
+# name | spec | overrides: every shipped model, at sizes that keep the pack small.
+CONFORMANCE=(
+    "mlp|models/mlp.ron|"
+    "lstm|models/lstm.ron|"
+    "resnet_block|models/resnet_block.ron|"
+    "bert_encoder|models/bert_encoder.ron|--set vocab=2000 --set layers=2"
+    "seed_transformer|models/seed_transformer.ron|--set layers=2 --set d_model=256 --set d_ff=1024"
+    "gpt2|models/gpt2.ron|--set vocab=2000 --set layers=2 --set d=256 --set heads=4 --set ctx=256"
+)
+# name | spec | overrides: the benchmarks (weights are synthesized on the GPU machine).
+BENCH=(
+    "matmul|bench/cuda/matmul.ron|"
+    "attention|bench/cuda/attention.ron|"
+    "minilm_b1|models/bert_encoder.ron|--set batch=1"
+    "minilm_b8|models/bert_encoder.ron|--set batch=8"
+    "minilm_b64|models/bert_encoder.ron|--set batch=64"
+)
+
+pack() {
+    local dir="$1" kiln="$TARGET_DIR/release/kiln"
+    cd "$REPO"
+    say "building kiln and the checker (release)"
+    cargo build --release --bin kiln >&2
+    cargo build --release -p kiln-runtime --example check_pack >&2
+    KILN_PTXAS="$(scripts/fetch_ptxas.sh)"
+    export KILN_PTXAS
+    rm -rf "$dir"
+    mkdir -p "$dir/bin" "$dir/conformance" "$dir/bench"
+    cp "$TARGET_DIR/release/examples/check_pack" "$dir/bin/"
+    cp bench/cuda/peers.py bench/cuda/report.py "$dir/"
+    cp scripts/gpu_check.sh "$dir/"
+    local entry name spec set art
+    for entry in "${CONFORMANCE[@]}"; do
+        IFS='|' read -r name spec set <<<"$entry"
+        art="$dir/conformance/$name.kiln"
+        say "conformance: $name ($spec $set)"
+        # shellcheck disable=SC2086
+        "$kiln" compile "$spec" $set --seed 0 --target "$PACK_TARGET" -o "$art" >&2
+        # shellcheck disable=SC2086
+        "$kiln" eval "$spec" $set --seed 0 --save-inputs "$art/inputs.safetensors" \
+            -o "$art/expected.safetensors" >/dev/null
+    done
+    for entry in "${BENCH[@]}"; do
+        IFS='|' read -r name spec set <<<"$entry"
+        art="$dir/bench/$name.kiln"
+        say "benchmark: $name ($spec $set)"
+        # shellcheck disable=SC2086
+        "$kiln" compile "$spec" $set --seed 0 --target "$PACK_TARGET" -o "$art" >&2
+        # Keep only the weights file's header: the GPU machine synthesizes the values.
+        python3 - "$art/weights.safetensors" "$art/weights.header" <<'EOF'
+import struct, sys
+with open(sys.argv[1], "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    header = f.read(n)
+with open(sys.argv[2], "wb") as f:
+    f.write(struct.pack("<Q", n) + header)
+EOF
+        rm "$art/weights.safetensors"
+    done
+    say "pack: $(du -sh "$dir" | cut -f1) in $dir"
+}
+
+run_pack() {
+    local dir="$1" out="${OUT:-$1/results}"
+    mkdir -p "$out"
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/gpu: /' >&2
+    say "conformance: every shipped model on CUDA against the interpreter"
+    local status=0
+    "$dir/bin/check_pack" "$dir/conformance" --device "$DEVICE" --repeats 10 --json "$out/conformance.jsonl" \
+        | tee "$out/conformance.txt" || status=1
+    say "Kiln benchmarks"
+    "$dir/bin/check_pack" "$dir/bench" --device "$DEVICE" --repeats 30 --json "$out/kiln_bench.jsonl" \
+        | tee "$out/kiln_bench.txt" || status=1
+    say "PyTorch on the same GPU"
+    if python3 "$dir/peers.py" --json "$out/torch.json" --repeats 30 | tee "$out/torch.txt"; then
+        python3 "$dir/report.py" "$out/kiln_bench.jsonl" "$out/torch.json" "$out/conformance.jsonl" \
+            | tee "$out/results.md"
+    else
+        say "PyTorch did not run: no peer comparison"
+        status=1
+    fi
+    return $status
+}
+
+case "${1:-all}" in
+    pack) pack "${DIR_ARG:-$TARGET_DIR/gpu_check/pack}" ;;
+    run) run_pack "${DIR_ARG:-$SCRIPT_DIR}" ;;
+    all)
+        cd "$REPO"
+        start=$(date +%s)
+        scripts/fetch_minilm.sh >/dev/null
+        KILN_PTXAS="$(scripts/fetch_ptxas.sh)"
+        export KILN_PTXAS
+        say "the conformance suite and the MiniLM golden check on CUDA"
+        cargo nextest run --release --test compiled --test minilm -E 'test(/cuda/)' --no-fail-fast
+        pack "$TARGET_DIR/gpu_check/pack"
+        OUT="$TARGET_DIR/gpu_check/results" run_pack "$TARGET_DIR/gpu_check/pack"
+        say "done in $(($(date +%s) - start)) s"
+        ;;
+    *)
+        echo "usage: scripts/gpu_check.sh [all | pack [DIR] | run [DIR]]" >&2
+        exit 2
+        ;;
+esac
