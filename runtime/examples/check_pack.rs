@@ -63,6 +63,9 @@ fn parse_args() -> Result<Args, String> {
     Ok(parsed)
 }
 
+/// A named tensor as a safetensors file holds it: name, dtype, shape, little-endian bytes.
+type Named = (String, DType, Vec<u64>, Vec<u8>);
+
 /// What checking one artifact found.
 struct Outcome {
     name: String,
@@ -157,7 +160,7 @@ fn check(dir: &Path, name: &str, args: &Args) -> Result<Outcome, String> {
     let options = Options { threads: None, device: args.device.clone() };
     let mut model = Model::load_with(dir, &options).map_err(|e| e.to_string())?;
     let given = read_tensors(&dir.join("inputs.safetensors"))?;
-    let mut owned: Vec<(String, DType, Vec<u64>, Vec<u8>)> = Vec::new();
+    let mut owned: Vec<Named> = Vec::new();
     for spec in model.inputs() {
         let bytes = match given.iter().find(|(n, ..)| *n == spec.name) {
             Some((_, _, _, b)) => b.clone(),
@@ -216,7 +219,7 @@ fn stand_in(dtype: DType, n: usize) -> Vec<u8> {
 }
 
 /// The tensors of a safetensors file as (name, dtype, shape, bytes); none when it is missing.
-fn read_tensors(path: &Path) -> Result<Vec<(String, DType, Vec<u64>, Vec<u8>)>, String> {
+fn read_tensors(path: &Path) -> Result<Vec<Named>, String> {
     if !path.exists() {
         return Ok(Vec::new());
     }
