@@ -122,11 +122,13 @@ pub fn inspect(
     origins: bool,
     explain: bool,
     target: Option<&str>,
+    precision: Option<&str>,
 ) -> Result<(), Failure> {
     let gpu_stage = matches!(stage, Stage::Gpu | Stage::Spirv | Stage::Nvvm | Stage::Ptx);
-    if target.is_some() && !gpu_stage {
+    if (target.is_some() || precision.is_some()) && !gpu_stage {
         return Err(Failure::Usage(
-            "--target chooses the GPU target of `--stage gpu`, `spirv`, `nvvm` or `ptx`".into(),
+            "--target and --precision choose the GPU target of `--stage gpu`, `spirv`, `nvvm` or `ptx`"
+                .into(),
         ));
     }
     if explain && stage != Stage::Opt {
@@ -185,7 +187,7 @@ pub fn inspect(
             // What `kiln compile` builds: its weight-only nodes become stored parameters.
             kiln_ir::fold_weights_without_values(&mut g);
             if gpu_stage {
-                return print_gpu(&g, stage, target);
+                return print_gpu(&g, stage, target, precision);
             }
             let sched = kiln_sched::schedule(&g).map_err(|e| user(e.to_string()))?;
             if stage == Stage::Kernels {
@@ -216,12 +218,18 @@ pub fn inspect(
 /// in MLIR's `spirv` dialect, the form it was serialized from), `--stage nvvm` (the CUDA
 /// kernels in the NVVM/LLVM dialects) or `--stage ptx` (their PTX, each module headed by what
 /// `ptxas` reports when it is found).
-fn print_gpu(g: &kiln_ir::Graph, stage: Stage, target: Option<&str>) -> Result<(), Failure> {
+fn print_gpu(
+    g: &kiln_ir::Graph,
+    stage: Stage,
+    target: Option<&str>,
+    precision: Option<&str>,
+) -> Result<(), Failure> {
     let default = match stage {
         Stage::Nvvm | Stage::Ptx => "cuda",
         _ => "vulkan",
     };
-    let caps = match crate::native::target_by_name(target.unwrap_or(default))? {
+    let chosen = crate::native::target_by_name(target.unwrap_or(default))?;
+    let caps = match crate::native::with_precision(chosen, precision)? {
         crate::native::CompileTarget::Vulkan(caps) | crate::native::CompileTarget::Cuda(caps) => caps,
         crate::native::CompileTarget::Cpu(_) => {
             return Err(Failure::Usage(

@@ -46,6 +46,9 @@ enum Command {
         /// `sm_86`, `sm_89`, `sm_90`). Default: `vulkan` for `gpu`, `cuda` for `nvvm` and `ptx`.
         #[arg(long)]
         target: Option<String>,
+        /// With a GPU stage: the precision of f32 products, `f32` or `tf32` (as `kiln compile`).
+        #[arg(long, value_name = "f32|tf32")]
+        precision: Option<String>,
     },
     /// Run a model with the reference interpreter.
     Eval {
@@ -88,6 +91,13 @@ enum Command {
         /// which every newer GPU runs; a cubin too when `ptxas` is found).
         #[arg(long, default_value = "host")]
         target: String,
+        /// The precision of f32 matrix products: `f32` (default; every product in f32) or
+        /// `tf32` (CUDA: on tensor cores, operands rounded to TF32's 10 mantissa bits).
+        #[arg(long, value_name = "f32|tf32")]
+        precision: Option<String>,
+        /// Print each GPU kernel's plan (tiles, tensor cores or not, launch) and why.
+        #[arg(long)]
+        explain: bool,
         /// Parameters by checkpoint name (.safetensors); without it, parameters are initialized.
         #[arg(long, value_name = "FILE")]
         weights: Option<PathBuf>,
@@ -179,8 +189,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { model, set } => commands::check(&model, &set),
-        Command::Inspect { model, stage, format, set, origins, explain, target } => {
-            commands::inspect(&model, stage, format, &set, origins, explain, target.as_deref())
+        Command::Inspect { model, stage, format, set, origins, explain, target, precision } => {
+            commands::inspect(
+                &model,
+                stage,
+                format,
+                &set,
+                origins,
+                explain,
+                target.as_deref(),
+                precision.as_deref(),
+            )
         }
         Command::Eval {
             model,
@@ -203,8 +222,18 @@ fn main() -> ExitCode {
             save_inputs,
             set,
         }),
-        Command::Compile { model, output, target, weights, init_missing, seed, set } => {
-            native::compile(&native::CompileArgs { model, output, target, weights, init_missing, seed, set })
+        Command::Compile { model, output, target, precision, explain, weights, init_missing, seed, set } => {
+            native::compile(&native::CompileArgs {
+                model,
+                output,
+                target,
+                precision,
+                explain,
+                weights,
+                init_missing,
+                seed,
+                set,
+            })
         }
         Command::Run {
             model,

@@ -17,6 +17,8 @@ pub struct CompileArgs {
     pub model: PathBuf,
     pub output: PathBuf,
     pub target: String,
+    pub precision: Option<String>,
+    pub explain: bool,
     pub weights: Option<PathBuf>,
     pub init_missing: bool,
     pub seed: u64,
@@ -49,6 +51,22 @@ pub(crate) fn target_by_name(name: &str) -> Result<CompileTarget, Failure> {
             NvvmTarget::ARCHES.join("|")
         ))
     })
+}
+
+/// `target` with f32 products at `precision` (`f32`, the default, or `tf32`: tensor cores on
+/// CUDA, refused elsewhere).
+pub(crate) fn with_precision(
+    target: CompileTarget,
+    precision: Option<&str>,
+) -> Result<CompileTarget, Failure> {
+    match (precision, target) {
+        (None | Some("f32"), t) => Ok(t),
+        (Some("tf32"), CompileTarget::Cuda(caps)) => Ok(CompileTarget::Cuda(caps.with_tf32())),
+        (Some("tf32"), CompileTarget::Cpu(_) | CompileTarget::Vulkan(_)) => Err(Failure::Usage(
+            "--precision tf32 uses NVIDIA tensor cores: it needs --target cuda[:ARCH]".into(),
+        )),
+        (Some(other), _) => Err(Failure::Usage(format!("unknown precision `{other}` (known: f32, tf32)"))),
+    }
 }
 
 /// The CUDA target for architecture `arch` (`sm_90`).
@@ -111,9 +129,11 @@ pub(crate) fn refuse_empty_tensors(g: &Graph) -> Result<(), Failure> {
     }
 }
 
-/// What building an artifact reports: its manifest and the time each part took.
+/// What building an artifact reports: its manifest, the time each part took, and for a GPU
+/// target each distinct kernel's plan (`kiln compile --explain`).
 struct BuildReport {
     manifest: kiln_runtime::Manifest,
+    plans: Vec<(String, String)>,
     emit: std::time::Duration,
     compile: std::time::Duration,
     write: std::time::Duration,
@@ -126,7 +146,7 @@ impl BuildReport {
         compile: std::time::Duration,
         write: std::time::Duration,
     ) -> BuildReport {
-        BuildReport { manifest, emit, compile, write }
+        BuildReport { manifest, plans: Vec::new(), emit, compile, write }
     }
 }
 
@@ -148,14 +168,18 @@ fn build(
             let s = kiln_sched::schedule_aligned(g, caps.buffer_align).map_err(|e| user(e.to_string()))?;
             let b = kiln_codegen::build_vulkan_artifact(&g.name, &s, params, caps, out)
                 .map_err(|e| user(e.to_string()))?;
-            Ok(BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time))
+            let mut report = BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time);
+            report.plans = b.program.kernels.iter().map(|k| (k.symbol.clone(), k.plan.describe())).collect();
+            Ok(report)
         }
         CompileTarget::Cuda(caps) => {
             let s = kiln_sched::schedule_aligned(g, caps.buffer_align).map_err(|e| user(e.to_string()))?;
             let ptxas = Ptxas::find();
             let b = kiln_codegen::build_cuda_artifact(&g.name, &s, params, caps, ptxas.as_ref(), out)
                 .map_err(|e| user(e.to_string()))?;
-            Ok(BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time))
+            let mut report = BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time);
+            report.plans = b.program.kernels.iter().map(|k| (k.symbol.clone(), k.plan.describe())).collect();
+            Ok(report)
         }
     }
 }
@@ -225,7 +249,7 @@ fn build_in_place(
 }
 
 pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
-    let target = target_by_name(&a.target)?;
+    let target = with_precision(target_by_name(&a.target)?, a.precision.as_deref())?;
     let start = Instant::now();
     let (g, params) = prepare(&a.model, &a.set, a.weights.as_deref(), a.seed, a.init_missing)?;
     let front = start.elapsed();
@@ -246,6 +270,9 @@ pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
         m.steps.len(),
         bytes(m.arena_bytes)
     );
+    if a.explain {
+        explain(&target, &built);
+    }
     println!(
         "time: {:.0} ms (front end + optimizer {:.0} ms, kernels {:.0} ms, {lowering} {:.0} ms, write {:.0} ms)",
         start.elapsed().as_secs_f64() * 1e3,
@@ -255,6 +282,27 @@ pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
         built.write.as_secs_f64() * 1e3
     );
     Ok(())
+}
+
+/// `kiln compile --explain`: the precision chosen for f32 products and why, then each distinct
+/// GPU kernel's plan.
+fn explain(target: &CompileTarget, built: &BuildReport) {
+    let why = match target {
+        CompileTarget::Cpu(_) => {
+            "f32 products: f32 FMAs on the CPU's vector units (`kiln inspect --stage kernels` shows each kernel's loops)"
+        }
+        CompileTarget::Vulkan(_) => "f32 products: f32 FMAs (portable Vulkan has no tensor-core products)",
+        CompileTarget::Cuda(caps) => match caps.tensor_cores {
+            Some(kiln_codegen::gpu::MmaPrecision::Tf32) => {
+                "f32 products: on tensor cores, operands rounded to TF32 (10 mantissa bits), f32 accumulators: --precision tf32 asked for it"
+            }
+            None => "f32 products: f32 FMAs, f32 accuracy (--precision tf32 puts them on tensor cores)",
+        },
+    };
+    println!("{why}");
+    for (symbol, plan) in &built.plans {
+        println!("  {symbol}: {plan}");
+    }
 }
 
 fn bytes(n: u64) -> String {

@@ -21,6 +21,8 @@ enum Device {
     Vulkan,
     /// CUDA device 0, with kernels compiled for its own architecture.
     Cuda,
+    /// CUDA device 0 with f32 products on tensor cores (`--precision tf32`).
+    CudaTf32,
 }
 
 /// Why the Vulkan half of the suite cannot run here, if it cannot.
@@ -61,7 +63,7 @@ fn available(device: Device, test: &str) -> bool {
     let missing = match device {
         Device::Cpu => None,
         Device::Vulkan => vulkan_missing().map(|r| format!("no Vulkan device ({r})")),
-        Device::Cuda => cuda_arch().err().map(|r| format!("no CUDA device ({r})")),
+        Device::Cuda | Device::CudaTf32 => cuda_arch().err().map(|r| format!("no CUDA device ({r})")),
     };
     match missing {
         None => true,
@@ -83,9 +85,10 @@ fn build_for(device: Device, g: &Graph, params: &HashMap<String, Tensor>, dir: &
         Device::Vulkan => {
             build_vulkan(g, params, dir);
         }
-        Device::Cuda => {
+        Device::Cuda | Device::CudaTf32 => {
             let arch = cuda_arch().unwrap_or_else(|e| panic!("{e}"));
             let (caps, _) = cuda_caps(arch);
+            let caps = if device == Device::CudaTf32 { caps.with_tf32() } else { caps };
             let s = kiln_sched::schedule_aligned(g, caps.buffer_align).expect("schedules");
             let ptxas = kiln_codegen::gpu::ptxas::Ptxas::find();
             kiln_codegen::build_cuda_artifact(&g.name, &s, params, &caps, ptxas.as_ref(), dir)
@@ -302,6 +305,19 @@ fn every_op_family_runs_on_cuda_like_the_interpreter() {
     }
 }
 
+/// TF32 keeps 10 of f32's 23 mantissa bits in products' operands (accumulation stays f32):
+/// its stated tolerance here is 1e-2·(1 + |ref|).
+#[test]
+fn every_op_family_runs_on_cuda_tensor_cores_within_tf32_tolerance() {
+    if available(Device::CudaTf32, "op families on tensor cores") {
+        for (name, inputs, body) in OP_CASES {
+            let g = op_case(name, inputs, body);
+            check_graph(&g, 1, 1e-2, Device::CudaTf32);
+            check_graph(&optimized(&g), 2, 1e-2, Device::CudaTf32);
+        }
+    }
+}
+
 fn shipped(model: &str, set: &[&str]) -> Graph {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(model);
     let ov: Vec<kiln_lower::Override> = set.iter().map(|s| kiln_lower::Override::parse(s).unwrap()).collect();
@@ -336,6 +352,22 @@ fn shipped_models_run_on_vulkan_like_the_interpreter() {
 fn shipped_models_run_on_cuda_like_the_interpreter() {
     if available(Device::Cuda, "shipped models") {
         shipped_models(Device::Cuda);
+    }
+}
+
+#[test]
+fn shipped_models_run_on_cuda_tensor_cores_within_tf32_tolerance() {
+    if available(Device::CudaTf32, "shipped models on tensor cores") {
+        for model in [
+            "mlp.ron",
+            "bert_encoder.ron",
+            "seed_transformer.ron",
+            "resnet_block.ron",
+            "lstm.ron",
+            "gpt2.ron",
+        ] {
+            check_graph(&optimized(&shipped(model, &[])), 0, 1e-2, Device::CudaTf32);
+        }
     }
 }
 
@@ -620,6 +652,55 @@ fn cli_compiles_inspects_and_runs_for_vulkan() {
     assert_eq!(wrong.status.code(), Some(1), "{}", String::from_utf8_lossy(&wrong.stderr));
 }
 
+/// The tensor-core matmul's bookkeeping (which fragment element each lane loads from the
+/// shared tiles, and where each accumulator lands) checked on the Vulkan device: the same plan
+/// rendered for SPIR-V, with `mma.sync` emulated by each warp through shared memory from the
+/// same fragment tables. What only an NVIDIA GPU can check is that the hardware's fragments
+/// are the tables'.
+#[test]
+fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
+    if !available(Device::Vulkan, "tensor-core bookkeeping") {
+        return;
+    }
+    let mut caps = kiln_codegen::gpu::GpuCaps::vulkan();
+    caps.tensor_cores = Some(kiln_codegen::gpu::MmaPrecision::Tf32);
+    caps.subgroup_size = Some(32);
+    let mut graphs = vec![
+        optimized(&shipped("mlp.ron", &[])),
+        optimized(&shipped("bert_encoder.ron", &["layers=1", "seq=32"])),
+    ];
+    let (name, inputs, body) = OP_CASES.iter().find(|(n, _, _)| *n == "matmul").expect("a matmul case");
+    graphs.push(op_case(name, inputs, body));
+    for g in &graphs {
+        let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
+        let inputs = kiln_ir::seeded_inputs(g, 0);
+        let want =
+            kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
+        let s = kiln_sched::schedule_aligned(g, caps.buffer_align).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let built = kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, &caps, dir.path()).unwrap();
+        assert!(
+            built
+                .program
+                .kernels
+                .iter()
+                .any(|k| matches!(k.plan.work, kiln_codegen::gpu::Work::MatmulTensorCores { .. })),
+            "{}: no tensor-core plan",
+            g.name
+        );
+        let got = run_artifact(dir.path(), &inputs, &g.name);
+        for ((out, w), gv) in want.iter().zip(&got) {
+            for (i, (a, b)) in w.to_f64_vec().iter().zip(gv).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-2 * (1.0 + a.abs()),
+                    "{} `{out}`[{i}]: interpreter {a}, emulated tf32 {b}",
+                    g.name
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn weights_larger_than_a_binding_are_bound_in_pieces() {
     // A target whose bindings cover 4 KiB: the 6 KiB table and the 8 KiB matrix are stored as
@@ -879,8 +960,10 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
     {
         graphs.push(optimized(&shipped(model, &[])));
     }
-    for arch in ["sm_80", "sm_90"] {
+    for (arch, tf32) in [("sm_80", false), ("sm_90", false), ("sm_80", true), ("sm_90", true)] {
         let (caps, target) = cuda_caps(arch);
+        let caps = if tf32 { caps.with_tf32() } else { caps };
+        let arch_label = if tf32 { format!("{arch} with tf32 tensor cores") } else { arch.to_string() };
         let (mut kernels, mut spilling) = (0, Vec::new());
         for g in &graphs {
             let s = kiln_sched::schedule_aligned(g, caps.buffer_align).expect("schedules");
@@ -888,6 +971,11 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
             let modules = kiln_codegen::gpu::nvvm::compile(&program.kernels, &target)
                 .unwrap_or_else(|e| panic!("{} for {arch}: {e}", g.name));
             assert_eq!(modules.len(), program.kernels.len());
+            if tf32 && g.name == "matmul" {
+                assert!(modules
+                    .iter()
+                    .any(|m| m.ptx.contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32")));
+            }
             for m in &modules {
                 assert!(m.ptx.contains(&format!(".target {arch}")), "{}: {}", g.name, m.ptx);
                 let assembled = ptxas
@@ -906,7 +994,7 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
                 kernels += 1;
             }
         }
-        eprintln!("{arch}: {kernels} kernels assembled by ptxas; {} spill registers", spilling.len());
+        eprintln!("{arch_label}: {kernels} kernels assembled by ptxas; {} spill registers", spilling.len());
         for s in &spilling {
             eprintln!("  spills: {s}");
         }
@@ -974,6 +1062,43 @@ fn cli_compiles_and_inspects_for_cuda() {
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );
+    // TF32 tensor cores only when asked for, said by --explain and recorded in the manifest.
+    assert_eq!(target.precision, "f32");
+    let tf32 = dir.path().join("mlp-tf32.kiln");
+    let out = kiln(&[
+        "compile",
+        "models/mlp.ron",
+        "--target",
+        "cuda:sm_80",
+        "--precision",
+        "tf32",
+        "--explain",
+        "-o",
+        tf32.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("f32 products: on tensor cores, operands rounded to TF32"), "{said}");
+    assert!(said.contains("  k0: matmul on tensor cores: [1] 8×784·784×256"), "{said}");
+    let manifest =
+        kiln_runtime::Manifest::from_ron(&std::fs::read_to_string(tf32.join("manifest.ron")).unwrap())
+            .unwrap();
+    let kiln_runtime::Target::Cuda(t) = &manifest.target else { panic!("{:?}", manifest.target) };
+    assert_eq!(t.precision, "tf32");
+    let bad = kiln(&[
+        "compile",
+        "models/mlp.ron",
+        "--target",
+        "vulkan",
+        "--precision",
+        "tf32",
+        "-o",
+        art.to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr)
+        .contains("--precision tf32 uses NVIDIA tensor cores: it needs --target cuda[:ARCH]"));
+
     let bad = kiln(&["inspect", "models/mlp.ron", "--stage", "spirv", "--target", "cuda"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("`--stage spirv` is the Vulkan target's"));
 }

@@ -94,6 +94,10 @@ pub struct CudaTarget {
     /// Where each module's cubin lies in [`CUBIN_FILE`], in the order of
     /// [`Manifest::modules`]; empty when the artifact holds PTX only.
     pub cubins: Vec<ModuleRange>,
+    /// The precision of f32 matrix products: `"f32"` (every product in f32) or `"tf32"` (on
+    /// tensor cores with operands rounded to TF32). Informational: the kernels are what they
+    /// are; this says what was chosen.
+    pub precision: String,
 }
 
 impl CudaTarget {

@@ -341,6 +341,7 @@ pub fn build_cuda_artifact(
             max_workgroup_invocations: kernels.iter().map(|k| k.plan.launch.invocations()).max().unwrap_or(1),
             max_shared_bytes: kernels.iter().map(|k| k.plan.shared_bytes).max().unwrap_or(0),
             cubins,
+            precision: caps.tensor_cores.map_or("f32", |p| p.name()).to_string(),
         }),
         inputs: s.inputs.iter().map(tensor_spec).collect(),
         index_bounds: s.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),

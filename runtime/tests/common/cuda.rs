@@ -54,6 +54,7 @@ pub fn ready() -> bool {
 
 pub fn target() -> CudaTarget {
     CudaTarget {
+        precision: "f32".into(),
         compute_capability: [8, 0],
         ptx_version: "7.0".into(),
         buffer_align: 256,

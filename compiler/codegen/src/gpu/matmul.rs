@@ -8,7 +8,7 @@
 
 use super::plan::{GpuPlan, Work};
 use super::skeleton::{clamp, module, offset_at, shared, shared_type, unravel};
-use super::{GpuCtx, GpuKernel};
+use super::{GpuCtx, GpuFlavor, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
 use crate::kernels::matmul::activate;
 use crate::kernels::View;
@@ -37,14 +37,30 @@ pub fn emit(
     let (m, n, k) = (out.shape[r - 2], out.shape[r - 1], a.shape[r - 1]);
     let batch: usize = batch_shape.iter().product();
     let reg_bytes = if ty == "f64" { 8 } else { 4 };
-    let plan = GpuPlan::matmul(batch, m, n, k, reg_bytes, cx.caps)?;
-    let Work::Matmul { tile, thread, .. } = plan.work else {
-        return Err(CodegenError::Unsupported("a matmul plan that is not one".into()));
+    let tensor_cores = match (ty, cx.caps.tensor_cores) {
+        ("f32", Some(precision)) => GpuPlan::matmul_tensor_cores(batch, m, n, k, precision, cx.caps)?,
+        _ => None,
+    };
+    let plan = match tensor_cores {
+        Some(plan) => plan,
+        None => GpuPlan::matmul(batch, m, n, k, reg_bytes, cx.caps)?,
+    };
+    let (tile, inner) = match plan.work {
+        Work::Matmul { tile, thread, .. } => {
+            let [wx, wy, _] = plan.launch.workgroup.map(|w| w as usize);
+            (tile, Inner::Simt { rm: thread[0] as usize, rn: thread[1] as usize, wx, wy })
+        }
+        Work::MatmulTensorCores { tile, warps, .. } => {
+            let (wm, wn) = (warps[0] as usize, warps[1] as usize);
+            let sub = [tile[0] as usize / wm / MMA_M, tile[1] as usize / wn / MMA_N];
+            (tile, Inner::Tf32 { warps: [wm, wn], sub })
+        }
+        Work::Elements { .. } | Work::Rows { .. } | Work::Attention { .. } => {
+            return Err(CodegenError::Unsupported("a matmul plan that is not one".into()))
+        }
     };
     let [tm, tn, tk] = tile.map(|t| t as usize);
-    let [rm, rn] = thread.map(|t| t as usize);
-    let [wx, wy, _] = plan.launch.workgroup.map(|w| w as usize);
-    let inv = wx * wy;
+    let inv = plan.launch.invocations() as usize;
 
     let mut b = cx.body();
     let sh_a = shared(&mut b, tm * tk, ty);
@@ -55,7 +71,7 @@ pub fn emit(
     let bx = b.assign("gpu.block_id x");
     let by = b.assign("gpu.block_id y");
     let bz = b.assign("gpu.block_id z");
-    let wxc = b.index(wx);
+    let wxc = b.index(plan.launch.workgroup[0] as usize);
     let lin = b.assign(format!("arith.muli {ty_}, {wxc} : index"));
     let lin = b.assign(format!("arith.addi {lin}, {tx} : index"));
     let bidx = unravel(&mut b, &bz, batch_shape);
@@ -73,8 +89,13 @@ pub fn emit(
     let row0 = b.assign(format!("arith.muli {by}, {tmc} : index"));
     let col0 = b.assign(format!("arith.muli {bx}, {tnc} : index"));
     let zero = b.float(0.0, ty);
+    // Where each warp's fragments lie in the tile (tensor cores only).
+    let lanes = match inner {
+        Inner::Tf32 { warps, sub } => Some(Lanes::new(&mut b, &lin, warps, sub)),
+        Inner::Simt { .. } => None,
+    };
     // The accumulators are loop-carried values (registers on every device), not an array.
-    let nacc = rm * rn;
+    let nacc = inner.accumulators();
     let types = vec![ty; nacc].join(", ");
 
     let c0 = b.index(0);
@@ -132,6 +153,229 @@ pub fn emit(
     tile_load(&mut b, a, "%a0", &a_base, &sh_a, &sa, tm, tk, (&row0, "%k0"), (m, k));
     tile_load(&mut b, bv, "%a1", &b_base, &sh_b, &sb, tk, tn, ("%k0", &col0), (k, n));
     b.line("gpu.barrier");
+    let next = match (inner, &lanes) {
+        (Inner::Simt { rm, rn, wx, wy }, _) => {
+            simt_step(&mut b, &SimtStep { rm, rn, wx, wy, tk, tn }, &tx, &ty_, (&sh_a, &sa), (&sh_b, &sb), ty)
+        }
+        (Inner::Tf32 { sub, .. }, Some(l)) => mma_step(&mut b, l, sub, tk, tn, (&sh_a, &sa), (&sh_b, &sb)),
+        (Inner::Tf32 { .. }, None) => {
+            return Err(CodegenError::Unsupported("tensor-core lanes missing".into()))
+        }
+    };
+    b.line("gpu.barrier");
+    b.line(format!("scf.yield {} : {types}", next.join(", ")));
+    b.close("");
+
+    // Epilogue: bias, activation, store what lies inside the result.
+    let or = out.rank();
+    let bias_arg = "%a2";
+    let out_arg = if bias.is_some() { "%a3" } else { "%a2" };
+    for acc in 0..nacc {
+        {
+            let (r_in, c_in) = inner.position(&mut b, acc, &tx, &ty_, lanes.as_ref());
+            let row = b.assign(format!("arith.addi {row0}, {r_in} : index"));
+            let col = b.assign(format!("arith.addi {col0}, {c_in} : index"));
+            let mc = b.index(m);
+            let nc = b.index(n);
+            let okr = b.assign(format!("arith.cmpi ult, {row}, {mc} : index"));
+            let okc = b.assign(format!("arith.cmpi ult, {col}, {nc} : index"));
+            let ok = b.assign(format!("arith.andi {okr}, {okc} : i1"));
+            b.open(format!("scf.if {ok}"));
+            let mut v = format!("%acc#{acc}");
+            if let (Some(cv), Some(cb)) = (bias, &c_base) {
+                let rk = cv.rank();
+                let at = offset_at(
+                    &mut b,
+                    0,
+                    &[(Some(&row), cv.strides[rk - 2]), (Some(&col), cv.strides[rk - 1])],
+                );
+                let at = b.assign(format!("arith.addi {cb}, {at} : index"));
+                let x = load(&mut b, bias_arg, cv, &at);
+                v = b.fadd(&v, &x, ty);
+            }
+            let v = activate(&mut b, act, &v, ty);
+            let at =
+                offset_at(&mut b, 0, &[(Some(&row), out.strides[or - 2]), (Some(&col), out.strides[or - 1])]);
+            let at = b.assign(format!("arith.addi {o_base}, {at} : index"));
+            store(&mut b, &v, out_arg, out, &at);
+            b.close("");
+        }
+    }
+    let mut memrefs = vec![a.memref(), bv.memref()];
+    memrefs.extend(bias.map(View::memref));
+    memrefs.push(out.memref());
+    let flops = (2 * batch * m * n * k) as u64;
+    let bytes = ((a.numel() + bv.numel() + out.numel()) * dtype.size_bytes()) as u64;
+    Ok(GpuKernel { symbol: symbol.into(), mlir: module(symbol, &memrefs, &plan, b), plan, flops, bytes })
+}
+
+/// Rows and columns of an MMA tile: `m16n8k8`.
+const MMA_M: usize = 16;
+const MMA_N: usize = 8;
+const MMA_K: usize = 8;
+
+/// How a workgroup computes its tile between the shared-memory loads.
+#[derive(Clone, Copy)]
+enum Inner {
+    /// Each invocation `(x, y)` of a `wx × wy` workgroup accumulates `rm × rn` results with FMAs.
+    Simt { rm: usize, rn: usize, wx: usize, wy: usize },
+    /// Each warp of `warps[0] × warps[1]` computes `sub[0] × sub[1]` `m16n8k8` products on
+    /// tensor cores with TF32 operands.
+    Tf32 { warps: [usize; 2], sub: [usize; 2] },
+}
+
+impl Inner {
+    /// Accumulators per invocation.
+    fn accumulators(self) -> usize {
+        match self {
+            Inner::Simt { rm, rn, .. } => rm * rn,
+            Inner::Tf32 { sub, .. } => sub[0] * sub[1] * C_FRAGMENT.len(),
+        }
+    }
+
+    /// The tile row and column of accumulator `acc` of this invocation.
+    fn position(
+        self,
+        b: &mut Body,
+        acc: usize,
+        tx: &str,
+        ty: &str,
+        lanes: Option<&Lanes>,
+    ) -> (String, String) {
+        match (self, lanes) {
+            (Inner::Simt { rn, wx, wy, .. }, _) => {
+                let (i, j) = (acc / rn, acc % rn);
+                let ic = b.index(i * wy);
+                let jc = b.index(j * wx);
+                let row = b.assign(format!("arith.addi {ty}, {ic} : index"));
+                let col = b.assign(format!("arith.addi {tx}, {jc} : index"));
+                (row, col)
+            }
+            (Inner::Tf32 { sub, .. }, Some(l)) => {
+                let per = C_FRAGMENT.len();
+                let (tile, e) = (acc / per, acc % per);
+                let (i, j) = (tile / sub[1], tile % sub[1]);
+                let (dr, dc) = C_FRAGMENT[e];
+                let row = l.at(b, &l.warp_row, i * MMA_M + dr, &l.group, 1);
+                let col = l.at(b, &l.warp_col, j * MMA_N + dc, &l.in_group, 2);
+                (row, col)
+            }
+            (Inner::Tf32 { .. }, None) => (tx.to_string(), ty.to_string()),
+        }
+    }
+}
+
+/// Where the fragments of `mma.sync.m16n8k8` with TF32 operands lie (PTX ISA, "Matrix
+/// Fragments for mma.m16n8k8", `.tf32`): lane `l` of the warp has `group = l / 4` and
+/// `in_group = l % 4`. Each entry is `(row, column)` offsets added to `(group, in_group)` for A
+/// (16×8, row-major) and C (16×8, where the column is `2·in_group + offset`), and to
+/// `(in_group, group)` for B (8×8).
+const A_FRAGMENT: [(usize, usize); 4] = [(0, 0), (8, 0), (0, 4), (8, 4)];
+const B_FRAGMENT: [(usize, usize); 2] = [(0, 0), (4, 0)];
+const C_FRAGMENT: [(usize, usize); 4] = [(0, 0), (0, 1), (8, 0), (8, 1)];
+
+/// A warp lane's coordinates, computed once per kernel.
+struct Lanes {
+    /// `lane / 4` and `lane % 4`.
+    group: String,
+    in_group: String,
+    /// The first row and column of this warp's block of the tile.
+    warp_row: String,
+    warp_col: String,
+    /// Where a lane emulates `mma.sync` (SPIR-V, for checking the fragment bookkeeping on any
+    /// Vulkan device): its warp's slices of two shared scratch arrays (a 16×8 A and an 8×8 B
+    /// per warp), and their types.
+    emulation: Option<Emulation>,
+}
+
+struct Emulation {
+    a_base: String,
+    b_base: String,
+    scratch_a: String,
+    scratch_b: String,
+    a_type: String,
+    b_type: String,
+}
+
+impl Lanes {
+    fn new(b: &mut Body, lin: &str, warps: [usize; 2], sub: [usize; 2]) -> Lanes {
+        let emulate = b.gpu() != Some(GpuFlavor::Nvvm);
+        let count = warps[0] * warps[1];
+        let scratch = emulate.then(|| {
+            let a = shared(b, count * MMA_M * MMA_K, "f32");
+            let bb = shared(b, count * MMA_K * MMA_N, "f32");
+            (
+                a,
+                bb,
+                shared_type(b, count * MMA_M * MMA_K, "f32"),
+                shared_type(b, count * MMA_K * MMA_N, "f32"),
+            )
+        });
+        let c32 = b.index(32);
+        let lane = b.assign(format!("arith.remui {lin}, {c32} : index"));
+        let warp = b.assign(format!("arith.divui {lin}, {c32} : index"));
+        let c4 = b.index(4);
+        let group = b.assign(format!("arith.divui {lane}, {c4} : index"));
+        let in_group = b.assign(format!("arith.remui {lane}, {c4} : index"));
+        let wn = b.index(warps[1]);
+        let wr = b.assign(format!("arith.divui {warp}, {wn} : index"));
+        let wc = b.assign(format!("arith.remui {warp}, {wn} : index"));
+        let rows = b.index(sub[0] * MMA_M);
+        let cols = b.index(sub[1] * MMA_N);
+        let warp_row = b.assign(format!("arith.muli {wr}, {rows} : index"));
+        let warp_col = b.assign(format!("arith.muli {wc}, {cols} : index"));
+        let emulation = scratch.map(|(scratch_a, scratch_b, a_type, b_type)| {
+            let ca = b.index(MMA_M * MMA_K);
+            let cb = b.index(MMA_K * MMA_N);
+            let a_base = b.assign(format!("arith.muli {warp}, {ca} : index"));
+            let b_base = b.assign(format!("arith.muli {warp}, {cb} : index"));
+            Emulation { a_base, b_base, scratch_a, scratch_b, a_type, b_type }
+        });
+        Lanes { group, in_group, warp_row, warp_col, emulation }
+    }
+
+    /// `base + offset + scale·lane_part`.
+    fn at(&self, b: &mut Body, base: &str, offset: usize, lane_part: &str, scale: usize) -> String {
+        let part = if scale == 1 {
+            lane_part.to_string()
+        } else {
+            let s = b.index(scale);
+            b.assign(format!("arith.muli {lane_part}, {s} : index"))
+        };
+        let o = b.index(offset);
+        let x = b.assign(format!("arith.addi {base}, {o} : index"));
+        b.assign(format!("arith.addi {x}, {part} : index"))
+    }
+}
+
+/// The sizes the SIMT inner product needs.
+struct SimtStep {
+    rm: usize,
+    rn: usize,
+    wx: usize,
+    wy: usize,
+    tk: usize,
+    tn: usize,
+}
+
+/// One k tile on the SIMT path: for each k of the tile, every invocation multiplies its `rm` A
+/// values by its `rn` B values into its accumulators `%p…` (carried as `%o…`). Returns the
+/// accumulators after the tile.
+fn simt_step(
+    b: &mut Body,
+    st: &SimtStep,
+    tx: &str,
+    ty_: &str,
+    (sh_a, sa): (&str, &str),
+    (sh_b, sb): (&str, &str),
+    ty: &str,
+) -> Vec<String> {
+    let SimtStep { rm, rn, wx, wy, tk, tn } = *st;
+    let nacc = rm * rn;
+    let types = vec![ty; nacc].join(", ");
+    let c0 = b.index(0);
+    let tkc = b.index(tk);
+    let tnc = b.index(tn);
     let c1 = b.index(1);
     let carried: Vec<String> = (0..nacc).map(|i| format!("%p{i} = %o{i}")).collect();
     b.open(format!(
@@ -141,7 +385,7 @@ pub fn emit(
     // Invocation (x, y) owns rows y + i·wy and columns x + j·wx of the tile: neighbouring
     // invocations touch neighbouring columns (coalesced on a GPU, one vector on a CPU device),
     // and a row of invocations reads the same A element.
-    let (my_row, my_col) = (ty_.clone(), tx.clone());
+    let (my_row, my_col) = (ty_.to_string(), tx.to_string());
     let a_vals: Vec<String> = (0..rm)
         .map(|i| {
             let ic = b.index(i * wy);
@@ -169,53 +413,179 @@ pub fn emit(
     }
     b.line(format!("scf.yield {} : {types}", next.join(", ")));
     b.close("");
-    b.line("gpu.barrier");
-    let stepped: Vec<String> = (0..nacc).map(|i| format!("%step#{i}")).collect();
-    b.line(format!("scf.yield {} : {types}", stepped.join(", ")));
-    b.close("");
+    (0..nacc).map(|i| format!("%step#{i}")).collect()
+}
 
-    // Epilogue: bias, activation, store what lies inside the result.
-    let or = out.rank();
-    let bias_arg = "%a2";
-    let out_arg = if bias.is_some() { "%a3" } else { "%a2" };
-    for i in 0..rm {
-        for j in 0..rn {
-            let ic = b.index(i * wy);
-            let jc = b.index(j * wx);
-            let row = b.assign(format!("arith.addi {row0}, {my_row} : index"));
-            let row = b.assign(format!("arith.addi {row}, {ic} : index"));
-            let col = b.assign(format!("arith.addi {col0}, {my_col} : index"));
-            let col = b.assign(format!("arith.addi {col}, {jc} : index"));
-            let mc = b.index(m);
-            let nc = b.index(n);
-            let okr = b.assign(format!("arith.cmpi ult, {row}, {mc} : index"));
-            let okc = b.assign(format!("arith.cmpi ult, {col}, {nc} : index"));
-            let ok = b.assign(format!("arith.andi {okr}, {okc} : i1"));
-            b.open(format!("scf.if {ok}"));
-            let mut v = format!("%acc#{}", i * rn + j);
-            if let (Some(cv), Some(cb)) = (bias, &c_base) {
-                let rk = cv.rank();
-                let at = offset_at(
-                    &mut b,
-                    0,
-                    &[(Some(&row), cv.strides[rk - 2]), (Some(&col), cv.strides[rk - 1])],
-                );
-                let at = b.assign(format!("arith.addi {cb}, {at} : index"));
-                let x = load(&mut b, bias_arg, cv, &at);
-                v = b.fadd(&v, &x, ty);
+/// One k tile on tensor cores: for each k step of 8, every warp loads its A fragments (one per
+/// 16-row block) and B fragments (one per 8-column block) from shared memory, rounds them to
+/// TF32, and runs `sub[0] × sub[1]` `mma.sync` products into its accumulators (carried as
+/// `%o…`, 4 per product). Returns the accumulators after the tile.
+fn mma_step(
+    b: &mut Body,
+    l: &Lanes,
+    sub: [usize; 2],
+    tk: usize,
+    tn: usize,
+    (sh_a, sa): (&str, &str),
+    (sh_b, sb): (&str, &str),
+) -> Vec<String> {
+    let per = C_FRAGMENT.len();
+    let mut acc: Vec<String> = (0..sub[0] * sub[1] * per).map(|i| format!("%o{i}")).collect();
+    let tf32 = |b: &mut Body, x: &str| match &l.emulation {
+        None => b.assign(format!("llvm.call_intrinsic \"llvm.nvvm.f2tf32.rna\"({x}) : (f32) -> i32")),
+        // cvt.rna.tf32.f32: round the 13 dropped mantissa bits to nearest, ties away from zero.
+        Some(_) => {
+            let bits = b.assign(format!("arith.bitcast {x} : f32 to i32"));
+            let half = b.int(0x1000, "i32");
+            let up = b.assign(format!("arith.addi {bits}, {half} : i32"));
+            let mask = b.int(0xFFFF_E000u32 as i32 as i64, "i32");
+            b.assign(format!("arith.andi {up}, {mask} : i32"))
+        }
+    };
+    for kk in (0..tk).step_by(MMA_K) {
+        let a_frags: Vec<Vec<String>> = (0..sub[0])
+            .map(|i| {
+                A_FRAGMENT
+                    .iter()
+                    .map(|&(dr, dc)| {
+                        let row = l.at(b, &l.warp_row, i * MMA_M + dr, &l.group, 1);
+                        let col = b.index(kk + dc);
+                        let col = b.assign(format!("arith.addi {col}, {} : index", l.in_group));
+                        let tkc = b.index(tk);
+                        let at = b.assign(format!("arith.muli {row}, {tkc} : index"));
+                        let at = b.assign(format!("arith.addi {at}, {col} : index"));
+                        let x = b.assign(format!("memref.load {sh_a}[{at}] : {sa}"));
+                        tf32(b, &x)
+                    })
+                    .collect()
+            })
+            .collect();
+        let b_frags: Vec<Vec<String>> = (0..sub[1])
+            .map(|j| {
+                B_FRAGMENT
+                    .iter()
+                    .map(|&(dr, dc)| {
+                        let row = b.index(kk + dr);
+                        let row = b.assign(format!("arith.addi {row}, {} : index", l.in_group));
+                        let col = l.at(b, &l.warp_col, j * MMA_N + dc, &l.group, 1);
+                        let tnc = b.index(tn);
+                        let at = b.assign(format!("arith.muli {row}, {tnc} : index"));
+                        let at = b.assign(format!("arith.addi {at}, {col} : index"));
+                        let x = b.assign(format!("memref.load {sh_b}[{at}] : {sb}"));
+                        tf32(b, &x)
+                    })
+                    .collect()
+            })
+            .collect();
+        for i in 0..sub[0] {
+            for j in 0..sub[1] {
+                let base = (i * sub[1] + j) * per;
+                let c = &acc[base..base + per];
+                if let Some(em) = &l.emulation {
+                    let d = emulate_mma(b, l, em, &a_frags[i], &b_frags[j], c);
+                    acc[base..base + per].clone_from_slice(&d);
+                    continue;
+                }
+                let r = b.assign(format!(
+                    "nvvm.mma.sync A[{}] B[{}] C[{}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, multiplicandAPtxType = #nvvm.mma_type<tf32>, multiplicandBPtxType = #nvvm.mma_type<tf32>, shape = #nvvm.shape<m = 16, n = 8, k = 8>}} : (i32, i32, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
+                    a_frags[i].join(", "),
+                    b_frags[j].join(", "),
+                    c.join(", ")
+                ));
+                for e in 0..per {
+                    acc[base + e] =
+                        b.assign(format!("llvm.extractvalue {r}[{e}] : !llvm.struct<(f32, f32, f32, f32)>"));
+                }
             }
-            let v = activate(&mut b, act, &v, ty);
-            let at =
-                offset_at(&mut b, 0, &[(Some(&row), out.strides[or - 2]), (Some(&col), out.strides[or - 1])]);
-            let at = b.assign(format!("arith.addi {o_base}, {at} : index"));
-            store(&mut b, &v, out_arg, out, &at);
-            b.close("");
         }
     }
-    let mut memrefs = vec![a.memref(), bv.memref()];
-    memrefs.extend(bias.map(View::memref));
-    memrefs.push(out.memref());
-    let flops = (2 * batch * m * n * k) as u64;
-    let bytes = ((a.numel() + bv.numel() + out.numel()) * dtype.size_bytes()) as u64;
-    Ok(GpuKernel { symbol: symbol.into(), mlir: module(symbol, &memrefs, &plan, b), plan, flops, bytes })
+    acc
+}
+
+/// `mma.sync.m16n8k8` with TF32 operands, emulated by one warp through shared memory: each
+/// lane stores its A and B fragment elements where the fragment tables put them, then computes
+/// its four C elements from the whole 16×8 and 8×8 operands. Every lane of the workgroup runs
+/// it, so its barriers are uniform.
+fn emulate_mma(
+    b: &mut Body,
+    l: &Lanes,
+    em: &Emulation,
+    a: &[String],
+    bf: &[String],
+    c: &[String],
+) -> Vec<String> {
+    let at = |b: &mut Body, base: &str, row: &str, stride: usize, col: &str| {
+        let s = b.index(stride);
+        let r = b.assign(format!("arith.muli {row}, {s} : index"));
+        let r = b.assign(format!("arith.addi {base}, {r} : index"));
+        b.assign(format!("arith.addi {r}, {col} : index"))
+    };
+    let plus = |b: &mut Body, x: &str, d: usize| {
+        let dc = b.index(d);
+        b.assign(format!("arith.addi {x}, {dc} : index"))
+    };
+    for (x, &(dr, dc)) in a.iter().zip(&A_FRAGMENT) {
+        let row = plus(b, &l.group, dr);
+        let col = plus(b, &l.in_group, dc);
+        let i = at(b, &em.a_base, &row, MMA_K, &col);
+        let v = b.assign(format!("arith.bitcast {x} : i32 to f32"));
+        b.line(format!("memref.store {v}, {}[{i}] : {}", em.scratch_a, em.a_type));
+    }
+    for (x, &(dr, dc)) in bf.iter().zip(&B_FRAGMENT) {
+        let row = plus(b, &l.in_group, dr);
+        let col = plus(b, &l.group, dc);
+        let i = at(b, &em.b_base, &row, MMA_N, &col);
+        let v = b.assign(format!("arith.bitcast {x} : i32 to f32"));
+        b.line(format!("memref.store {v}, {}[{i}] : {}", em.scratch_b, em.b_type));
+    }
+    b.line("gpu.barrier");
+    let mut out = Vec::with_capacity(c.len());
+    for (old, &(dr, dc)) in c.iter().zip(&C_FRAGMENT) {
+        let row = plus(b, &l.group, dr);
+        let two = b.index(2);
+        let col = b.assign(format!("arith.muli {}, {two} : index", l.in_group));
+        let col = plus(b, &col, dc);
+        let mut sum = old.clone();
+        for kk in 0..MMA_K {
+            let k = b.index(kk);
+            let ia = at(b, &em.a_base, &row, MMA_K, &k);
+            let ib = at(b, &em.b_base, &k, MMA_N, &col);
+            let x = b.assign(format!("memref.load {}[{ia}] : {}", em.scratch_a, em.a_type));
+            let y = b.assign(format!("memref.load {}[{ib}] : {}", em.scratch_b, em.b_type));
+            sum = b.fma(&x, &y, &sum, "f32");
+        }
+        out.push(sum);
+    }
+    b.line("gpu.barrier");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every element of A (16×8), B (8×8) and C (16×8) belongs to exactly one lane and one
+    /// fragment slot, as the PTX layout requires: a slip in the tables would show here, not as
+    /// wrong numbers on a GPU.
+    #[test]
+    fn tf32_fragments_cover_each_matrix_once() {
+        let mut a = [[0u8; 8]; 16];
+        let mut bm = [[0u8; 8]; 8];
+        let mut c = [[0u8; 8]; 16];
+        for lane in 0..32 {
+            let (g, t) = (lane / 4, lane % 4);
+            for &(dr, dc) in &A_FRAGMENT {
+                a[g + dr][t + dc] += 1;
+            }
+            for &(dr, dc) in &B_FRAGMENT {
+                bm[t + dr][g + dc] += 1;
+            }
+            for &(dr, dc) in &C_FRAGMENT {
+                c[g + dr][2 * t + dc] += 1;
+            }
+        }
+        assert!(a.iter().flatten().all(|&n| n == 1), "{a:?}");
+        assert!(bm.iter().flatten().all(|&n| n == 1), "{bm:?}");
+        assert!(c.iter().flatten().all(|&n| n == 1), "{c:?}");
+    }
 }

@@ -30,7 +30,7 @@ use melior::ir::block::BlockLike;
 use melior::ir::operation::OperationLike;
 use melior::ir::Module;
 pub use nvvm::PtxModule;
-pub use plan::{GpuPlan, Launch, Work};
+pub use plan::{GpuPlan, Launch, MmaPrecision, Work};
 pub use program::{kernels, GpuProgram};
 pub use spirv::SpirvModule;
 

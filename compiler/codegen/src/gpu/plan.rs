@@ -35,10 +35,38 @@ pub enum Work {
     /// block of the result, stepping over k by `tile[2]` with both operand tiles in shared
     /// memory; each invocation accumulates a `thread[0]×thread[1]` block in registers.
     Matmul { batch: usize, m: usize, n: usize, k: usize, tile: [u32; 3], thread: [u32; 2] },
+    /// The same tiled product on tensor cores: the workgroup's `warps[0]×warps[1]` warps each
+    /// own a `tile[0]/warps[0] × tile[1]/warps[1]` block of the tile, made of `shape`-sized
+    /// warp-wide matrix products (`mma.sync`) whose operands are rounded to `precision`.
+    MatmulTensorCores {
+        batch: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        tile: [u32; 3],
+        warps: [u32; 2],
+        shape: [u32; 3],
+        precision: MmaPrecision,
+    },
     /// Flash attention: one workgroup per block of `block_q` queries (one invocation each),
     /// keys and values in tiles of `block_k` rows through shared memory, an online softmax in
     /// registers; no `sq × sk` buffer exists.
     Attention { batch: usize, sq: usize, sk: usize, d: usize, dv: usize, block_q: u32, block_k: u32 },
+}
+
+/// The operand precision of a tensor-core product (accumulation is always f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MmaPrecision {
+    /// f32 operands rounded to TF32 (10 mantissa bits, f32's range): `m16n8k8`.
+    Tf32,
+}
+
+impl MmaPrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            MmaPrecision::Tf32 => "tf32",
+        }
+    }
 }
 
 /// A kernel's plan: its division of work, the dispatch it needs and its shared memory.
@@ -148,6 +176,44 @@ impl GpuPlan {
         Err(too_big(format!("a product on the {} target: no tile fits its workgroup limits", caps.name)))
     }
 
+    /// A tiled product on tensor cores, when the target has them for `precision`: 64×64×16
+    /// tiles, 2×2 warps of 32×32 (2×4 `m16n8k8` products each, 32 f32 accumulators per
+    /// invocation).
+    pub fn matmul_tensor_cores(
+        batch: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        precision: MmaPrecision,
+        caps: &GpuCaps,
+    ) -> Result<Option<GpuPlan>, CodegenError> {
+        if caps.tensor_cores != Some(precision) || caps.subgroup_size != Some(32) {
+            return Ok(None);
+        }
+        let (tile, warps) = ([64u32, 64, 16], [2u32, 2]);
+        let shape = match precision {
+            MmaPrecision::Tf32 => [16u32, 8, 8],
+        };
+        let shared = (tile[0] * tile[2] + tile[2] * tile[1]) as usize * 4;
+        if shared > caps.max_shared_bytes as usize
+            || 32 * warps[0] * warps[1] > caps.max_workgroup_invocations
+        {
+            return Ok(None);
+        }
+        let grid = [n.div_ceil(tile[1] as usize).max(1), m.div_ceil(tile[0] as usize).max(1), batch.max(1)];
+        if grid.iter().zip(&caps.max_workgroup_count).any(|(&g, &max)| g > max as usize) {
+            return Err(too_big(format!(
+                "a [{batch}] × {m}×{k}·{k}×{n} product on the {} target (grid {grid:?})",
+                caps.name
+            )));
+        }
+        Ok(Some(GpuPlan {
+            work: Work::MatmulTensorCores { batch, m, n, k, tile, warps, shape, precision },
+            launch: Launch { grid: grid.map(|g| g as u32), workgroup: [32 * warps[0] * warps[1], 1, 1] },
+            shared_bytes: shared as u32,
+        }))
+    }
+
     /// Flash attention: 64 queries per workgroup (fewer for short sequences), and key tiles as
     /// long as half the shared memory allows (at most 32 rows).
     pub fn attention(
@@ -195,6 +261,10 @@ impl GpuPlan {
             Work::Matmul { batch, m, n, k, tile, thread } => format!(
                 "matmul: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory, {}×{} per invocation",
                 tile[0], tile[1], tile[2], thread[0], thread[1]
+            ),
+            Work::MatmulTensorCores { batch, m, n, k, tile, warps, shape, precision } => format!(
+                "matmul on tensor cores: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory, {}×{} warps, mma.sync m{}n{}k{} on {} operands, f32 accumulators",
+                tile[0], tile[1], tile[2], warps[0], warps[1], shape[0], shape[1], shape[2], precision.name()
             ),
             Work::Attention { batch, sq, sk, d, dv, block_q, block_k } => format!(
                 "attention: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {block_q} queries per workgroup, key tiles of {block_k} in shared memory, online softmax"

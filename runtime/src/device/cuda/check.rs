@@ -102,6 +102,7 @@ pub(crate) mod tests {
 
     pub(crate) fn target(major: u32, minor: u32) -> CudaTarget {
         CudaTarget {
+            precision: "f32".into(),
             compute_capability: [major, minor],
             ptx_version: "7.0".into(),
             buffer_align: 256,
