@@ -8,7 +8,7 @@
 #                                     the MiniLM golden check on the GPU, then packs and runs the
 #                                     pack below. Results in target/gpu_check/results/.
 #   scripts/gpu_check.sh pack [DIR]   here, with the toolchain and no GPU: compiles a check pack
-#                                     into DIR (default target/gpu_check/pack, about 30 MB):
+#                                     into DIR (default target/gpu_check/pack, about 50 MB):
 #                                     the runtime-only checker (runtime/examples/check_pack.rs),
 #                                     CUDA artifacts of every shipped model (small configs, with
 #                                     inputs and the interpreter's outputs) and the benchmark
@@ -37,18 +37,32 @@ CONFORMANCE=(
     "mlp|models/mlp.ron|"
     "lstm|models/lstm.ron|"
     "resnet_block|models/resnet_block.ron|"
-    "bert_encoder|models/bert_encoder.ron|--set vocab=2000 --set layers=2"
+    "bert_encoder|models/bert_encoder.ron|--set vocab=1000 --set layers=2 --set max_positions=128"
     "seed_transformer|models/seed_transformer.ron|--set layers=2 --set d_model=256 --set d_ff=1024"
     "gpt2|models/gpt2.ron|--set vocab=2000 --set layers=2 --set d=256 --set heads=4 --set ctx=256"
 )
-# name | spec | overrides: the benchmarks (weights are synthesized on the GPU machine).
+# The same on tensor cores (--precision tf32), checked at TF32's stated tolerance.
+CONFORMANCE_TF32=(
+    "mlp|models/mlp.ron|"
+    "bert_encoder|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128"
+    "gpt2|models/gpt2.ron|--set vocab=1000 --set layers=1 --set d=128 --set heads=4 --set ctx=128"
+)
+# name | spec | overrides: the benchmarks (weights are synthesized on the GPU machine); a
+# `_tf32` name compiles with --precision tf32.
 BENCH=(
     "matmul|bench/cuda/matmul.ron|"
+    "matmul_tf32|bench/cuda/matmul.ron|"
     "attention|bench/cuda/attention.ron|"
     "minilm_b1|models/bert_encoder.ron|--set batch=1"
     "minilm_b8|models/bert_encoder.ron|--set batch=8"
     "minilm_b64|models/bert_encoder.ron|--set batch=64"
+    "minilm_b64_tf32|models/bert_encoder.ron|--set batch=64"
 )
+
+# `--precision tf32` for a name ending in _tf32 (CUDA packs only).
+precision_of() {
+    if [[ "$1" == *_tf32 && "$PACK_TARGET" == cuda* ]]; then echo "--precision tf32"; fi
+}
 
 pack() {
     local dir="$1" kiln="$TARGET_DIR/release/kiln"
@@ -59,7 +73,7 @@ pack() {
     KILN_PTXAS="$(scripts/fetch_ptxas.sh)"
     export KILN_PTXAS
     rm -rf "$dir"
-    mkdir -p "$dir/bin" "$dir/conformance" "$dir/bench"
+    mkdir -p "$dir/bin" "$dir/conformance" "$dir/conformance_tf32" "$dir/bench"
     cp "$TARGET_DIR/release/examples/check_pack" "$dir/bin/"
     cp bench/cuda/peers.py bench/cuda/report.py "$dir/"
     cp scripts/gpu_check.sh "$dir/"
@@ -74,12 +88,24 @@ pack() {
         "$kiln" eval "$spec" $set --seed 0 --save-inputs "$art/inputs.safetensors" \
             -o "$art/expected.safetensors" >/dev/null
     done
+    if [[ "$PACK_TARGET" == cuda* ]]; then
+        for entry in "${CONFORMANCE_TF32[@]}"; do
+            IFS='|' read -r name spec set <<<"$entry"
+            art="$dir/conformance_tf32/$name.kiln"
+            say "conformance on tensor cores: $name ($spec $set)"
+            # shellcheck disable=SC2086
+            "$kiln" compile "$spec" $set --seed 0 --target "$PACK_TARGET" --precision tf32 -o "$art" >&2
+            # shellcheck disable=SC2086
+            "$kiln" eval "$spec" $set --seed 0 --save-inputs "$art/inputs.safetensors" \
+                -o "$art/expected.safetensors" >/dev/null
+        done
+    fi
     for entry in "${BENCH[@]}"; do
         IFS='|' read -r name spec set <<<"$entry"
         art="$dir/bench/$name.kiln"
         say "benchmark: $name ($spec $set)"
         # shellcheck disable=SC2086
-        "$kiln" compile "$spec" $set --seed 0 --target "$PACK_TARGET" -o "$art" >&2
+        "$kiln" compile "$spec" $set $(precision_of "$name") --seed 0 --target "$PACK_TARGET" -o "$art" >&2
         # Keep only the weights file's header: the GPU machine synthesizes the values.
         python3 - "$art/weights.safetensors" "$art/weights.header" <<'EOF'
 import struct, sys
@@ -102,12 +128,17 @@ run_pack() {
     local status=0
     "$dir/bin/check_pack" "$dir/conformance" --device "$DEVICE" --repeats 10 --json "$out/conformance.jsonl" \
         | tee "$out/conformance.txt" || status=1
+    if compgen -G "$dir/conformance_tf32/*.kiln" >/dev/null; then
+        say "conformance on tensor cores (TF32, tolerance 1e-2)"
+        "$dir/bin/check_pack" "$dir/conformance_tf32" --device "$DEVICE" --repeats 10 --tolerance 1e-2 \
+            --json "$out/conformance_tf32.jsonl" | tee "$out/conformance_tf32.txt" || status=1
+    fi
     say "Kiln benchmarks"
     "$dir/bin/check_pack" "$dir/bench" --device "$DEVICE" --repeats 30 --json "$out/kiln_bench.jsonl" \
         | tee "$out/kiln_bench.txt" || status=1
     say "PyTorch on the same GPU"
     if python3 "$dir/peers.py" --json "$out/torch.json" --repeats 30 | tee "$out/torch.txt"; then
-        python3 "$dir/report.py" "$out/kiln_bench.jsonl" "$out/torch.json" "$out/conformance.jsonl" \
+        python3 "$dir/report.py" "$out/kiln_bench.jsonl" "$out/torch.json" "$out"/conformance*.jsonl \
             | tee "$out/results.md"
     else
         say "PyTorch did not run: no peer comparison"

@@ -4,7 +4,7 @@ Kiln's times from check_pack's JSON lines, PyTorch's from peers.py's JSON, and t
 CUDA target (matmul ≥ 0.8× cuBLAS in f32, attention ≥ 1.0× SDPA, MiniLM b64 ≤ 0.9×
 torch.compile; a ratio is Kiln's speed over the peer's, above 1 is faster).
 
-Usage: report.py KILN_BENCH.jsonl TORCH.json [CONFORMANCE.jsonl]
+Usage: report.py KILN_BENCH.jsonl TORCH.json [CONFORMANCE.jsonl…]
 """
 
 import json
@@ -36,20 +36,21 @@ def main():
     print("|---|---|---|---|---|---|")
     rows = [
         ("matmul 4096³ f32", k("matmul"), "torch.matmul, TF32 off (cuBLAS f32)", torch.get("matmul_f32_ms"), "≥ 0.8×"),
-        ("matmul 4096³ f32", k("matmul"), "torch.matmul, TF32 on", torch.get("matmul_tf32_ms"), ""),
+        ("matmul 4096³ TF32", k("matmul_tf32"), "torch.matmul, TF32 on", torch.get("matmul_tf32_ms"), ""),
         ("attention 4×12×2048×64 f32", k("attention"), "SDPA f32", torch.get("attention_f32_ms"), "≥ 1.0×"),
         ("attention 4×12×2048×64 f32", k("attention"), "SDPA bf16 flash", torch.get("attention_bf16_flash_ms"), ""),
     ]
+    rows.append(("MiniLM-L6 b64×128 TF32", k("minilm_b64_tf32"), "BertModel torch.compile (f32)", torch.get("bert_b64_compile_ms"), ""))
     for b in (1, 8, 64):
         goal = "≥ 1.11× (≤ 0.9× time)" if b == 64 else ""
         rows.append((f"MiniLM-L6 b{b}×128 f32", k(f"minilm_b{b}"), "BertModel eager", torch.get(f"bert_b{b}_eager_ms"), ""))
         rows.append((f"MiniLM-L6 b{b}×128 f32", k(f"minilm_b{b}"), "BertModel torch.compile", torch.get(f"bert_b{b}_compile_ms"), goal))
     for name, kiln_ms, peer, peer_ms, goal in rows:
         print(f"| {name} | {cell(kiln_ms)} | {peer} | {cell(peer_ms)} | {ratio(kiln_ms, peer_ms)} | {goal} |")
-    if len(sys.argv) > 3:
-        print("\n| model (conformance) | result | max error |")
+    for path in sys.argv[3:]:
+        print(f"\n| model ({path.rsplit('/', 1)[-1].split('.')[0]}) | result | max error |")
         print("|---|---|---|")
-        with open(sys.argv[3]) as f:
+        with open(path) as f:
             for line in f:
                 if line.strip():
                     r = json.loads(line)
