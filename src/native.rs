@@ -296,7 +296,7 @@ fn explain(target: &CompileTarget, built: &BuildReport) {
             Some(kiln_codegen::gpu::MmaPrecision::Tf32) => {
                 "f32 products: on tensor cores, operands rounded to TF32 (10 mantissa bits), f32 accumulators: --precision tf32 asked for it"
             }
-            None => "f32 products: f32 FMAs, f32 accuracy (--precision tf32 puts them on tensor cores)",
+            None => "f32 products: f32 FMAs, f32 accuracy (--precision tf32 puts them on tensor cores); f16 products: on tensor cores (TF32 holds f16 exactly)",
         },
     };
     println!("{why}");

@@ -663,6 +663,7 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
         return;
     }
     let mut caps = kiln_codegen::gpu::GpuCaps::vulkan();
+    caps.mma = Some(kiln_codegen::gpu::MmaPrecision::Tf32);
     caps.tensor_cores = Some(kiln_codegen::gpu::MmaPrecision::Tf32);
     caps.subgroup_size = Some(32);
     let mut graphs = vec![

@@ -97,8 +97,11 @@ pub struct GpuCaps {
     pub max_bindings: usize,
     /// Largest byte range one binding may cover.
     pub max_binding_bytes: u64,
-    /// The tensor-core products f32 matmuls may use, when the user allowed their precision
-    /// (`--precision tf32`); `None` keeps every product in f32.
+    /// The tensor-core products the target has (`None`: no tensor cores).
+    pub mma: Option<super::plan::MmaPrecision>,
+    /// Whether f32 products may round their operands to the tensor cores' precision
+    /// (`--precision tf32`). Products whose operands that precision holds exactly (f16) use
+    /// tensor cores without it.
     pub tensor_cores: Option<super::plan::MmaPrecision>,
     /// Most elements one buffer may hold: kernels compute indices in 32 bits (half the
     /// registers and none of the 64-bit division sequences of 64-bit indices).
@@ -130,6 +133,7 @@ impl GpuCaps {
             buffer_align: 256,
             max_bindings: 32,
             max_binding_bytes: 1 << 27,
+            mma: None,
             tensor_cores: None,
             max_buffer_elements: i32::MAX as u64,
         }
@@ -166,6 +170,7 @@ impl GpuCaps {
             buffer_align: 256,
             max_bindings: 512,
             max_binding_bytes: u64::MAX,
+            mma: Some(super::plan::MmaPrecision::Tf32),
             tensor_cores: None,
             max_buffer_elements: i32::MAX as u64,
         }
@@ -174,7 +179,7 @@ impl GpuCaps {
     /// These caps with f32 products on tensor cores at TF32 precision, where the target has
     /// them (NVIDIA sm_80 and later); unchanged elsewhere.
     pub fn with_tf32(mut self) -> GpuCaps {
-        if let GpuLowering::Nvvm(_) = self.lowering {
+        if self.mma == Some(super::plan::MmaPrecision::Tf32) {
             self.tensor_cores = Some(super::plan::MmaPrecision::Tf32);
         }
         self

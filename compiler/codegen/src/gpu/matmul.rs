@@ -37,9 +37,17 @@ pub fn emit(
     let (m, n, k) = (out.shape[r - 2], out.shape[r - 1], a.shape[r - 1]);
     let batch: usize = batch_shape.iter().product();
     let reg_bytes = if ty == "f64" { 8 } else { 4 };
-    let tensor_cores = match (ty, cx.caps.tensor_cores) {
-        ("f32", Some(precision)) => GpuPlan::matmul_tensor_cores(batch, m, n, k, precision, cx.caps)?,
+    // Tensor cores when the operands fit their precision exactly (f16 in TF32), or the user
+    // allowed rounding f32 operands to it (`--precision tf32`).
+    let exact = [a.dtype, bv.dtype].iter().all(|d| matches!(d, kiln_ir::DType::F16));
+    let allowed = match (cx.caps.mma, cx.caps.tensor_cores) {
+        (Some(hw), Some(asked)) if hw == asked && (ty == "f32") => Some(hw),
+        (Some(hw), _) if exact => Some(hw),
         _ => None,
+    };
+    let tensor_cores = match allowed {
+        Some(precision) => GpuPlan::matmul_tensor_cores(batch, m, n, k, precision, cx.caps)?,
+        None => None,
     };
     let plan = match tensor_cores {
         Some(plan) => plan,

@@ -178,7 +178,7 @@ impl GpuPlan {
 
     /// A tiled product on tensor cores, when the target has them for `precision`: 64×64×16
     /// tiles, 2×2 warps of 32×32 (2×4 `m16n8k8` products each, 32 f32 accumulators per
-    /// invocation).
+    /// invocation). The caller decides whether the operands may be rounded to `precision`.
     pub fn matmul_tensor_cores(
         batch: usize,
         m: usize,
@@ -187,7 +187,7 @@ impl GpuPlan {
         precision: MmaPrecision,
         caps: &GpuCaps,
     ) -> Result<Option<GpuPlan>, CodegenError> {
-        if caps.tensor_cores != Some(precision) || caps.subgroup_size != Some(32) {
+        if caps.mma != Some(precision) || caps.subgroup_size != Some(32) {
             return Ok(None);
         }
         let (tile, warps) = ([64u32, 64, 16], [2u32, 2]);
