@@ -11,7 +11,9 @@ mod training;
 
 pub use config::CValue;
 pub use lower::{MAX_EXPANSION, MAX_NESTING};
-pub use training::{LossKind, TrainingPlan};
+pub use training::{
+    cross_entropy, mse, training_graph, LossKind, TrainingError, TrainingGraph, TrainingPlan,
+};
 
 use kiln_ir::{verify, Graph};
 use kiln_spec::{Diagnostic, Diagnostics, FileId, Library, Model, Sources, Span};
