@@ -17,6 +17,7 @@ pub mod check;
 mod emit;
 mod fused;
 mod rules;
+mod window;
 
 use crate::dtype::TensorType;
 use crate::graph::{Graph, NodeId};
