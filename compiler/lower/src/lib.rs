@@ -7,10 +7,12 @@
 mod config;
 mod lower;
 mod ops;
+mod optim;
 mod training;
 
 pub use config::CValue;
 pub use lower::{MAX_EXPANSION, MAX_NESTING};
+pub use optim::{train_step, update, Optimizer, TrainStep};
 pub use training::{
     cross_entropy, mse, training_graph, LossKind, TrainingError, TrainingGraph, TrainingPlan,
 };

@@ -1,7 +1,7 @@
 //! The optional training section: [`check`] makes sure the loss reads tensors of fitting
 //! shapes and the optimizer's hyper-parameters are in range; [`training_graph`] builds the
 //! loss from primitives on the lowered graph and appends its gradients (`kiln_ir::autodiff`).
-//! The optimizer's update and the schedule are not in the graph yet.
+//! The optimizer's update is in `optim.rs`; schedules are not in the graph yet.
 
 use crate::lower::{Lowerer, Operand};
 use crate::{CValue, Lowered};
@@ -215,6 +215,8 @@ pub enum TrainingError {
          dropped it; list `{0}` among the outputs"
     )]
     Dropped(String),
+    #[error("optimizer: {0}")]
+    Optimizer(String),
     #[error(transparent)]
     Grad(#[from] GradError),
     #[error("internal error while building the loss: {0}")]
