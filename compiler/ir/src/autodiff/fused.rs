@@ -64,8 +64,8 @@ pub(super) fn norm(e: &mut Emit, kind: NormKind, eps: f64, add: bool, s: &Site) 
     let gx = xhat_back(e, kind, ghat, xhat, r)?;
     let mut out = Vec::with_capacity(x.len());
     if add {
-        for i in 0..2 {
-            out.push(if s.wants[i] { Some(e.unbroadcast(gx, &e.shape(x[i]))?) } else { None });
+        for (&xi, &want) in x.iter().zip(s.wants).take(2) {
+            out.push(if want { Some(e.unbroadcast(gx, &e.shape(xi))?) } else { None });
         }
     } else {
         out.push(if s.wants[0] { Some(gx) } else { None });

@@ -59,8 +59,8 @@ impl Window {
     /// The tap's view of the padded input `xp`: `[N, C, OH, OW]`.
     fn read(&self, e: &mut Emit, xp: NodeId, tap: [usize; 2]) -> R {
         let mut v = xp;
-        for k in 0..2 {
-            let (start, end, step) = self.range(k, tap[k]);
+        for (k, &t) in tap.iter().enumerate() {
+            let (start, end, step) = self.range(k, t);
             v = e.slice(v, 2 + k, start, end, step)?;
         }
         Ok(v)
