@@ -176,3 +176,84 @@ fn a_loss_on_a_value_no_output_needs_is_an_error() {
     let text = CE.split("    training:").next().unwrap().to_string() + ")\n";
     assert_eq!(training_graph(&lower_str(&text)).unwrap_err(), TrainingError::NoTraining);
 }
+
+/// Every shipped model at small sizes, in f64: the gradient of a weighted sum of its float
+/// outputs with respect to every parameter (each has a nonzero one), against central differences on three elements of
+/// each parameter (its first, middle and last).
+#[test]
+fn every_shipped_model_differentiates_like_central_differences() {
+    let models: [(&str, &[&str]); 6] = [
+        ("mlp.ron", &["batch=2", "in=5", "hidden1=4", "hidden2=3", "classes=3"]),
+        ("lstm.ron", &["batch=2", "steps=3", "features=3", "hidden=4", "classes=3"]),
+        ("resnet_block.ron", &["batch=1", "size=6", "width=2", "blocks=1", "classes=3"]),
+        (
+            "bert_encoder.ron",
+            &["vocab=11", "hidden=8", "layers=2", "heads=2", "ffn=12", "max_positions=6", "batch=2", "seq=5"],
+        ),
+        ("gpt2.ron", &["vocab=11", "ctx=6", "d=8", "heads=2", "layers=2", "batch=1", "seq=5"]),
+        (
+            "seed_transformer.ron",
+            &["input_dim=11", "d_model=8", "heads=2", "layers=1", "d_ff=12", "batch=1", "seq=4"],
+        ),
+    ];
+    for (model, sets) in models {
+        let l = lower_file(model, sets);
+        let mut g = widen_to_f64(&l.graph).unwrap();
+        let ys: Vec<_> = g.outputs.iter().map(|(_, n)| *n).filter(|&n| g.ty(n).dtype.is_float()).collect();
+        let mut loss = None;
+        for (k, y) in ys.into_iter().enumerate() {
+            let shape = g.ty(y).shape.clone();
+            let n: usize = shape.iter().product();
+            let w = (0..n as u64).map(|i| kiln_ir::rng::uniform(4, k as u64, i) - 0.5).collect();
+            let w = g.add(Op::Const { value: Tensor::from_f64(shape.clone(), w).unwrap() }, &[]).unwrap();
+            let prod = g.add(Op::Binary(kiln_ir::BinaryOp::Mul), &[y, w]).unwrap();
+            let axes = (0..shape.len()).collect();
+            let s = g.add(Op::Reduce { op: kiln_ir::ReduceOp::Sum, axes, keepdims: false }, &[prod]).unwrap();
+            loss = Some(match loss {
+                Some(l) => g.add(Op::Binary(kiln_ir::BinaryOp::Add), &[l, s]).unwrap(),
+                None => s,
+            });
+        }
+        let loss = loss.unwrap();
+        g.outputs = vec![("loss".into(), loss)];
+        let params = g.params();
+        let grads = kiln_ir::grad(&mut g, loss, &params).unwrap_or_else(|e| panic!("{model}: {e}"));
+        for (name, id) in &grads {
+            g.add_output(format!("grad.{name}"), *id);
+        }
+        kiln_ir::verify(&g).unwrap_or_else(|e| panic!("{model}: {e}"));
+        let mut b = Bindings { inputs: kiln_ir::seeded_inputs(&g, 5), ..Bindings::default() };
+        b.params = bind_params(&g, None, 0, true).unwrap();
+        let out = eval(&g, &b).unwrap_or_else(|e| panic!("{model}: {e}"));
+        let loss_at = |b: &Bindings| eval(&g, b).unwrap()[0].1.to_f64_vec()[0];
+        let nonzero = grads
+            .iter()
+            .filter(|(n, _)| output(&out, &format!("grad.{n}")).to_f64_vec().iter().any(|&v| v != 0.0));
+        eprintln!("{model}: {} parameters, {} with a nonzero gradient", grads.len(), nonzero.count());
+        for (name, _) in &grads {
+            let analytic = output(&out, &format!("grad.{name}")).to_f64_vec();
+            assert!(analytic.iter().all(|v| v.is_finite()), "{model}: {name}");
+            assert!(analytic.iter().any(|&v| v != 0.0), "{model}: {name} has a zero gradient");
+            let base = b.params[name].clone();
+            let len = analytic.len();
+            let mut elements = vec![0, len / 2, len - 1];
+            elements.dedup();
+            for i in elements {
+                let h = 1e-6;
+                let mut at = |d: f64| {
+                    let mut v = base.to_f64_vec();
+                    v[i] += d;
+                    let mut b2 = b.clone();
+                    b2.params.insert(name.clone(), Tensor::from_f64(base.shape.clone(), v).unwrap());
+                    loss_at(&b2)
+                };
+                let numeric = (at(h) - at(-h)) / (2.0 * h);
+                let a = analytic[i];
+                assert!(
+                    (a - numeric).abs() <= 1e-5 * (1.0 + numeric.abs()),
+                    "{model}: d loss / d {name}[{i}]: autodiff {a}, central differences {numeric}"
+                );
+            }
+        }
+    }
+}
