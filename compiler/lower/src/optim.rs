@@ -4,9 +4,10 @@
 //! The IR has no persistent state yet, so a train step takes the optimizer's state as graph
 //! inputs and returns the new state as outputs, under the checkpoint names a training run
 //! will save (`optim.step`, `optim.m.NAME`, `optim.v.NAME`, `optim.momentum.NAME`); the
-//! step count lives in the graph, so bias corrections need no recompilation. The learning
-//! rate is constant: schedules are not in the graph yet.
+//! step count lives in the graph, so bias corrections and the learning rate of a schedule
+//! (`schedule.rs`) need no recompilation.
 
+use crate::schedule::{learning_rate, Schedule};
 use crate::training::{training_graph, TrainingError, TrainingPlan};
 use crate::Lowered;
 use kiln_ir::{BinaryOp, CompareOp, DType, Graph, InferError, NodeId, Op, UnaryOp};
@@ -57,6 +58,13 @@ impl Optimizer {
         }
     }
 
+    /// The base learning rate (what a schedule scales).
+    pub fn lr(&self) -> f64 {
+        match self {
+            Optimizer::Sgd { lr, .. } | Optimizer::Adam { lr, .. } => *lr,
+        }
+    }
+
     /// The names of each parameter's state, in the order [`update`] takes and returns it.
     pub fn state_names(&self) -> &'static [&'static str] {
         match self {
@@ -69,8 +77,8 @@ impl Optimizer {
 
 /// Appends one step of `opt` for one parameter: its new value and new state, from the
 /// parameter `p`, its gradient, its state (in [`Optimizer::state_names`] order, zeros before
-/// the first step) and `step`, the number of steps taken before this one (a scalar of `p`'s
-/// dtype).
+/// the first step), `step`, the number of steps taken before this one, and `lr`, this step's
+/// learning rate (both scalars of `p`'s dtype; `opt`'s own `lr` is not read).
 pub fn update(
     g: &mut Graph,
     opt: &Optimizer,
@@ -78,10 +86,11 @@ pub fn update(
     grad: NodeId,
     state: &[NodeId],
     step: NodeId,
+    lr: NodeId,
 ) -> Result<(NodeId, Vec<NodeId>), InferError> {
     let mut b = Build { g, like: p };
     match *opt {
-        Optimizer::Sgd { lr, momentum, dampening, nesterov, weight_decay } => {
+        Optimizer::Sgd { momentum, dampening, nesterov, weight_decay, .. } => {
             let mut d = grad;
             if weight_decay != 0.0 {
                 let wd = b.scale(p, weight_decay)?;
@@ -104,14 +113,18 @@ pub fn update(
                     buf
                 };
             }
-            let delta = b.scale(d, lr)?;
+            let delta = b.bin(BinaryOp::Mul, d, lr)?;
             Ok((b.bin(BinaryOp::Sub, p, delta)?, new_state))
         }
-        Optimizer::Adam { lr, beta1, beta2, eps, weight_decay, decoupled } => {
+        Optimizer::Adam { beta1, beta2, eps, weight_decay, decoupled, .. } => {
             let (mut p0, mut d) = (p, grad);
             if weight_decay != 0.0 {
                 if decoupled {
-                    p0 = b.scale(p, 1.0 - lr * weight_decay)?;
+                    // p · (1 − lr · wd)
+                    let lw = b.scale(lr, weight_decay)?;
+                    let one = b.scalar(1.0)?;
+                    let keep = b.bin(BinaryOp::Sub, one, lw)?;
+                    p0 = b.bin(BinaryOp::Mul, p, keep)?;
                 } else {
                     let wd = b.scale(p, weight_decay)?;
                     d = b.bin(BinaryOp::Add, d, wd)?;
@@ -129,8 +142,7 @@ pub fn update(
             let t = b.bin(BinaryOp::Add, step, one)?;
             let bc1 = b.one_minus_pow(beta1, t)?;
             let bc2 = b.one_minus_pow(beta2, t)?;
-            let lr_n = b.scalar(lr)?;
-            let step_size = b.bin(BinaryOp::Div, lr_n, bc1)?;
+            let step_size = b.bin(BinaryOp::Div, lr, bc1)?;
             let sv = b.g.add(Op::Unary(UnaryOp::Sqrt), &[v])?;
             let sbc2 = b.g.add(Op::Unary(UnaryOp::Sqrt), &[bc2])?;
             let denom = b.bin(BinaryOp::Div, sv, sbc2)?;
@@ -175,25 +187,31 @@ impl Build<'_> {
 /// A train step as one graph.
 ///
 /// Inputs: the model's, then `optim.step` (an f32 scalar: the steps taken so far) and each
-/// parameter's state `optim.KIND.NAME` (zeros at the start). Outputs: `loss`, each
-/// parameter's new value `param.NAME`, its new state under its input's name, and
-/// `optim.step` plus one. Feeding the outputs back as the next step's parameters and state
+/// parameter's state `optim.KIND.NAME` (zeros at the start). Outputs: `loss`, `optim.lr`
+/// (this step's learning rate under the schedule, f64), each parameter's new value
+/// `param.NAME`, its new state under its input's name, and `optim.step` plus one. Feeding the outputs back as the next step's parameters and state
 /// is one optimizer step per call.
 #[derive(Clone, Debug)]
 pub struct TrainStep {
     pub graph: Graph,
     pub optimizer: Optimizer,
+    pub schedule: Schedule,
 }
 
 pub fn train_step(lowered: &Lowered) -> Result<TrainStep, TrainingError> {
     let plan = lowered.training.as_ref().ok_or(TrainingError::NoTraining)?;
     let opt = Optimizer::from_plan(plan)?;
+    let schedule = Schedule::from_plan(plan)?;
     let t = training_graph(lowered)?;
     let mut g = t.graph;
     g.outputs = vec![("loss".into(), t.loss)];
     let step = g.add(Op::Input { name: "optim.step".into(), dtype: DType::F32, shape: vec![] }, &[])?;
+    let lr64 = learning_rate(&mut g, opt.lr(), &schedule, step, DType::F64)?;
+    g.add_output("optim.lr", lr64);
     let params: Vec<NodeId> = g.params();
     let mut outputs = Vec::new();
+    // The step count and the learning rate in each parameter dtype, made once.
+    let mut scalars: std::collections::HashMap<DType, (NodeId, NodeId)> = std::collections::HashMap::new();
     for (p, (name, grad)) in params.into_iter().zip(&t.gradients) {
         let ty = g.ty(p).clone();
         let mut state = Vec::new();
@@ -202,8 +220,18 @@ pub fn train_step(lowered: &Lowered) -> Result<TrainStep, TrainingError> {
                 Op::Input { name: format!("optim.{kind}.{name}"), dtype: ty.dtype, shape: ty.shape.clone() };
             state.push(g.add(op, &[])?);
         }
-        let step_p = if ty.dtype == DType::F32 { step } else { g.add(Op::Cast { to: ty.dtype }, &[step])? };
-        let (np, ns) = update(&mut g, &opt, p, *grad, &state, step_p)?;
+        let (step_p, lr_p) = match scalars.get(&ty.dtype) {
+            Some(&pair) => pair,
+            None => {
+                let step_p =
+                    if ty.dtype == DType::F32 { step } else { g.add(Op::Cast { to: ty.dtype }, &[step])? };
+                let lr_p =
+                    if ty.dtype == DType::F64 { lr64 } else { g.add(Op::Cast { to: ty.dtype }, &[lr64])? };
+                scalars.insert(ty.dtype, (step_p, lr_p));
+                (step_p, lr_p)
+            }
+        };
+        let (np, ns) = update(&mut g, &opt, p, *grad, &state, step_p, lr_p)?;
         outputs.push((format!("param.{name}"), np));
         for (kind, s) in opt.state_names().iter().zip(ns) {
             outputs.push((format!("optim.{kind}.{name}"), s));
@@ -213,5 +241,5 @@ pub fn train_step(lowered: &Lowered) -> Result<TrainStep, TrainingError> {
     let next = g.add(Op::Binary(BinaryOp::Add), &[step, one])?;
     g.outputs.extend(outputs);
     g.add_output("optim.step", next);
-    Ok(TrainStep { graph: g, optimizer: opt })
+    Ok(TrainStep { graph: g, optimizer: opt, schedule })
 }

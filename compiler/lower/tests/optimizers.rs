@@ -1,9 +1,10 @@
 //! The optimizer updates in the graph: one step against values worked by hand, ten steps of
 //! a train step graph (forward, MSE loss, gradients, update) against a transcription of
-//! `torch.optim`'s update loops, and the shipped MLP's loss falling under Adam.
+//! `torch.optim`'s update loops, with and without a schedule, the schedules' formulas, and
+//! the shipped MLP's loss falling under its Adam and cosine schedule.
 
 use kiln_ir::{bind_params, eval, Bindings, Buffer, DType, Graph, Op, Tensor};
-use kiln_lower::{train_step, update, Lowered, Optimizer, TrainingError};
+use kiln_lower::{learning_rate, train_step, update, Lowered, Optimizer, Schedule, TrainingError};
 use std::collections::HashMap;
 
 fn lower_str(text: &str) -> Lowered {
@@ -28,13 +29,15 @@ fn one_step(opt: &Optimizer, p: &[f64], grad: &[f64]) -> Vec<f64> {
     let n = p.len();
     let mut g = Graph::new("step");
     let (pn, gn, step) = (input(&mut g, "p", &[n]), input(&mut g, "g", &[n]), input(&mut g, "step", &[]));
+    let lr = input(&mut g, "lr", &[]);
     let state: Vec<_> = opt.state_names().iter().map(|k| input(&mut g, k, &[n])).collect();
-    let (np, _) = update(&mut g, opt, pn, gn, &state, step).unwrap();
+    let (np, _) = update(&mut g, opt, pn, gn, &state, step, lr).unwrap();
     g.add_output("p", np);
     let mut b = Bindings::default();
     b.inputs.insert("p".into(), t64(p));
     b.inputs.insert("g".into(), t64(grad));
     b.inputs.insert("step".into(), scalar64(0.0));
+    b.inputs.insert("lr".into(), scalar64(opt.lr()));
     for k in opt.state_names() {
         b.inputs.insert(k.to_string(), t64(&vec![0.0; n]));
     }
@@ -85,16 +88,17 @@ fn one_step_by_hand() {
 }
 
 /// `torch.optim`'s single-tensor update loops, transcribed, on the gradient of
-/// `mean((w − t)²)`, for `steps` steps. Returns the parameter after each step.
-fn reference(opt: &Optimizer, w0: &[f64], t: &[f64], steps: usize) -> Vec<Vec<f64>> {
+/// `mean((w − t)²)`, one step per learning rate of `lrs`. Returns the parameter after each
+/// step.
+fn reference(opt: &Optimizer, w0: &[f64], t: &[f64], lrs: &[f64]) -> Vec<Vec<f64>> {
     let n = w0.len();
     let mut p = w0.to_vec();
     let (mut buf, mut m, mut v): (Option<Vec<f64>>, Vec<f64>, Vec<f64>) = (None, vec![0.0; n], vec![0.0; n]);
     let mut out = Vec::new();
-    for step in 1..=steps {
+    for (step, &lr) in (1..).zip(lrs) {
         let grad: Vec<f64> = p.iter().zip(t).map(|(w, t)| 2.0 * (w - t) / n as f64).collect();
         match *opt {
-            Optimizer::Sgd { lr, momentum, dampening, nesterov, weight_decay } => {
+            Optimizer::Sgd { momentum, dampening, nesterov, weight_decay, .. } => {
                 let mut d: Vec<f64> = grad.iter().zip(&p).map(|(g, p)| g + weight_decay * p).collect();
                 if momentum != 0.0 {
                     let b = match buf.take() {
@@ -112,7 +116,7 @@ fn reference(opt: &Optimizer, w0: &[f64], t: &[f64], steps: usize) -> Vec<Vec<f6
                 }
                 p = p.iter().zip(&d).map(|(p, d)| p - lr * d).collect();
             }
-            Optimizer::Adam { lr, beta1, beta2, eps, weight_decay, decoupled } => {
+            Optimizer::Adam { beta1, beta2, eps, weight_decay, decoupled, .. } => {
                 let mut g = grad.clone();
                 if decoupled {
                     p.iter_mut().for_each(|p| *p *= 1.0 - lr * weight_decay);
@@ -123,8 +127,8 @@ fn reference(opt: &Optimizer, w0: &[f64], t: &[f64], steps: usize) -> Vec<Vec<f6
                     m[i] += (g[i] - m[i]) * (1.0 - beta1);
                     v[i] = v[i] * beta2 + (1.0 - beta2) * g[i] * g[i];
                 }
-                let bc1 = 1.0 - beta1.powi(step as i32);
-                let bc2 = 1.0 - beta2.powi(step as i32);
+                let bc1 = 1.0 - beta1.powi(step);
+                let bc2 = 1.0 - beta2.powi(step);
                 let step_size = lr / bc1;
                 for i in 0..n {
                     let denom = v[i].sqrt() / bc2.sqrt() + eps;
@@ -143,7 +147,7 @@ Model(
     inputs: { "t": (f64, [4]) },
     body: [ Let("p", Mul(Param(name: "w", shape: [4], dtype: f64, init: Normal(std: 1.0)), 1.0)) ],
     outputs: ["p"],
-    training: Training(loss: Mse(pred: "p", target: "t"), optimizer: OPT),
+    training: Training(loss: Mse(pred: "p", target: "t"), optimizer: OPT SCHEDULE),
 )
 "#;
 
@@ -160,13 +164,13 @@ fn ten_steps_match_torch_optim() {
     ];
     let target = [0.5, -1.0, 2.0, 0.0];
     for opt_text in optimizers {
-        let l = lower_str(&QUADRATIC.replace("OPT", opt_text));
+        let l = lower_str(&QUADRATIC.replace("OPT", opt_text).replace("SCHEDULE", ""));
         let step = train_step(&l).unwrap_or_else(|e| panic!("{opt_text}: {e}"));
         let g = &step.graph;
         kiln_ir::verify(g).unwrap();
         let mut params = bind_params(g, None, 3, true).unwrap();
         let w0 = params["w"].to_f64_vec();
-        let want = reference(&step.optimizer, &w0, &target, 10);
+        let want = reference(&step.optimizer, &w0, &target, &[step.optimizer.lr(); 10]);
         let mut state: HashMap<String, Tensor> =
             step.optimizer.state_names().iter().map(|k| (format!("optim.{k}.w"), t64(&[0.0; 4]))).collect();
         let mut count = Tensor::from_f32(vec![], vec![0.0]).unwrap();
@@ -195,7 +199,7 @@ fn ten_steps_match_torch_optim() {
 }
 
 #[test]
-fn the_mlp_learns_a_batch_under_adam() {
+fn the_mlp_learns_a_batch_under_adam_and_its_schedule() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/mlp.ron");
     let sets = ["batch=8", "in=12", "hidden1=16", "hidden2=16", "classes=4"];
     let overrides: Vec<_> = sets.iter().map(|s| kiln_lower::Override::parse(s).unwrap()).collect();
@@ -232,17 +236,113 @@ fn the_mlp_learns_a_batch_under_adam() {
             }
         }
     }
-    // Adam at the model's lr of 1e-3 on one batch: the loss falls at every step.
+    // Adam at the model's lr of 1e-3 under its cosine schedule, whose warm-up starts at 0:
+    // the first step changes nothing, then the loss on the batch falls at every step.
     assert!(losses.iter().all(|l| l.is_finite()));
-    assert!(losses.windows(2).all(|w| w[1] < w[0]), "{losses:?}");
-    assert!(losses[29] < 0.95 * losses[0], "{losses:?}");
+    assert_eq!(losses[0], losses[1]);
+    assert!(losses[1..].windows(2).all(|w| w[1] < w[0]), "{losses:?}");
+    assert!(losses[29] < 0.99 * losses[0], "{losses:?}");
 }
 
 #[test]
 fn optimizers_not_in_the_graph_yet_are_errors() {
-    let e = train_step(&lower_str(&QUADRATIC.replace("OPT", "RmsProp()"))).unwrap_err();
+    let e =
+        train_step(&lower_str(&QUADRATIC.replace("OPT", "RmsProp()").replace("SCHEDULE", ""))).unwrap_err();
     assert!(matches!(e, TrainingError::Optimizer(_)), "{e}");
     assert!(e.to_string().contains("RmsProp"), "{e}");
-    let e = train_step(&lower_str(&QUADRATIC.replace("OPT", "Sgd(nesterov: true)"))).unwrap_err();
+    let e = train_step(&lower_str(&QUADRATIC.replace("OPT", "Sgd(nesterov: true)").replace("SCHEDULE", "")))
+        .unwrap_err();
     assert!(e.to_string().contains("Nesterov"), "{e}");
+}
+
+/// The schedules' formulas, written out: warm-up from 0, then linear, cosine down to
+/// `min_lr`, or steps of `gamma`.
+fn schedule_by_hand(lr: f64, s: &Schedule, step: f64) -> f64 {
+    let warm = |w: f64| step < w;
+    match *s {
+        Schedule::Constant => lr,
+        Schedule::Linear { warmup, .. } if warm(warmup) => lr * step / warmup,
+        Schedule::Linear { warmup, total } => lr * ((total - step) / (total - warmup)).max(0.0),
+        Schedule::Cosine { warmup, .. } if warm(warmup) => lr * step / warmup,
+        Schedule::Cosine { warmup, total, min_lr } => {
+            let progress = ((step - warmup) / (total - warmup)).min(1.0);
+            min_lr + (lr - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+        Schedule::Step { step_size, gamma } => lr * gamma.powi((step / step_size).floor() as i32),
+    }
+}
+
+#[test]
+fn schedules_follow_their_formulas() {
+    let schedules = [
+        Schedule::Constant,
+        Schedule::Linear { warmup: 3.0, total: 10.0 },
+        Schedule::Linear { warmup: 0.0, total: 4.0 },
+        Schedule::Cosine { warmup: 2.0, total: 9.0, min_lr: 0.01 },
+        Schedule::Cosine { warmup: 0.0, total: 5.0, min_lr: 0.0 },
+        Schedule::Step { step_size: 3.0, gamma: 0.5 },
+    ];
+    for s in &schedules {
+        let mut g = Graph::new("lr");
+        let step = g.add(Op::Input { name: "step".into(), dtype: DType::F32, shape: vec![] }, &[]).unwrap();
+        let lr = learning_rate(&mut g, 0.1, s, step, DType::F64).unwrap();
+        g.add_output("lr", lr);
+        for k in [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 9.0, 10.0, 12.0] {
+            let mut b = Bindings::default();
+            b.inputs.insert("step".into(), Tensor::from_f32(vec![], vec![k as f32]).unwrap());
+            let got = eval(&g, &b).unwrap()[0].1.to_f64_vec()[0];
+            let want = schedule_by_hand(0.1, s, k);
+            assert!((got - want).abs() < 1e-15, "{s:?} at step {k}: {got} vs {want}");
+        }
+    }
+}
+
+#[test]
+fn ten_steps_under_a_schedule_match_torch_optim() {
+    let cases = [
+        (
+            "Sgd(lr: 0.2, momentum: 0.5)",
+            "Linear(warmup: 2, total: 8)",
+            Schedule::Linear { warmup: 2.0, total: 8.0 },
+        ),
+        (
+            "AdamW(lr: 0.05, weight_decay: 0.1)",
+            "Cosine(warmup: 3, total: 10, min_lr: 0.001)",
+            Schedule::Cosine { warmup: 3.0, total: 10.0, min_lr: 0.001 },
+        ),
+        ("Adam(lr: 0.05)", "Step(step_size: 4, gamma: 0.5)", Schedule::Step { step_size: 4.0, gamma: 0.5 }),
+    ];
+    let target = [0.5, -1.0, 2.0, 0.0];
+    for (opt_text, schedule_text, schedule) in cases {
+        let text =
+            QUADRATIC.replace("OPT", opt_text).replace("SCHEDULE", &format!(", schedule: {schedule_text}"));
+        let step = train_step(&lower_str(&text)).unwrap();
+        assert_eq!(step.schedule, schedule);
+        let g = &step.graph;
+        let mut params = bind_params(g, None, 3, true).unwrap();
+        let lrs: Vec<f64> =
+            (0..10).map(|k| schedule_by_hand(step.optimizer.lr(), &schedule, k as f64)).collect();
+        let want = reference(&step.optimizer, &params["w"].to_f64_vec(), &target, &lrs);
+        let mut state: HashMap<String, Tensor> =
+            step.optimizer.state_names().iter().map(|k| (format!("optim.{k}.w"), t64(&[0.0; 4]))).collect();
+        for (k, want) in want.iter().enumerate() {
+            let mut b = Bindings { params: params.clone(), ..Bindings::default() };
+            b.inputs.insert("t".into(), t64(&target));
+            b.inputs.insert("optim.step".into(), Tensor::from_f32(vec![], vec![k as f32]).unwrap());
+            b.inputs.extend(state.clone());
+            let out = eval(g, &b).unwrap();
+            let get = |n: &str| out.iter().find(|(o, _)| o == n).unwrap().1.clone();
+            assert!((get("optim.lr").to_f64_vec()[0] - lrs[k]).abs() < 1e-15, "{schedule_text} at {k}");
+            let w = get("param.w");
+            close(&w.to_f64_vec(), want, 1e-12);
+            if k == 0 && schedule_text.starts_with("Linear") {
+                // A warm-up starts at 0: the first step leaves the parameter alone.
+                assert_eq!(w.to_f64_vec(), params["w"].to_f64_vec());
+            }
+            params.insert("w".into(), w);
+            for name in state.clone().keys() {
+                state.insert(name.clone(), get(name));
+            }
+        }
+    }
 }

@@ -240,7 +240,7 @@ fn every_shipped_model_differentiates_like_central_differences() {
             elements.dedup();
             for i in elements {
                 let h = 1e-6;
-                let mut at = |d: f64| {
+                let at = |d: f64| {
                     let mut v = base.to_f64_vec();
                     v[i] += d;
                     let mut b2 = b.clone();
