@@ -62,25 +62,19 @@ pub(super) fn vjp(e: &mut Emit, s: &Site) -> Grads {
         // The result is bool: nothing flows through a comparison.
         Op::Compare(_) => Ok(vec![None, None]),
         Op::Where => {
-            let a = want(
-                s,
-                1,
-                |e| {
-                    let g = e.mask(x[0], gy)?;
-                    e.unbroadcast(g, &e.shape(x[1]))
-                },
-                e,
-            )?;
-            let b = want(
-                s,
-                2,
-                |e| {
-                    let z = e.scalar(0.0, gy)?;
-                    let g = e.select(x[0], z, gy)?;
-                    e.unbroadcast(g, &e.shape(x[2]))
-                },
-                e,
-            )?;
+            let a = if s.wants[1] {
+                let g = e.mask(x[0], gy)?;
+                Some(e.unbroadcast(g, &e.shape(x[1]))?)
+            } else {
+                None
+            };
+            let b = if s.wants[2] {
+                let z = e.scalar(0.0, gy)?;
+                let g = e.select(x[0], z, gy)?;
+                Some(e.unbroadcast(g, &e.shape(x[2]))?)
+            } else {
+                None
+            };
             Ok(vec![None, a, b])
         }
         // Only float → float casts carry a gradient (the sweep never asks for the others).
@@ -135,20 +129,6 @@ pub(super) fn vjp(e: &mut Emit, s: &Site) -> Grads {
         Op::Gelu { approx } => Ok(vec![Some(fused::gelu(e, *approx, x[0], gy)?)]),
         Op::Attention { scale, causal, .. } => fused::attention(e, *scale, *causal, s),
         Op::MatMulEpilogue { activation, .. } => fused::matmul_epilogue(e, *activation, s),
-    }
-}
-
-/// `f(e)` when operand `i` wants a gradient, else `None`.
-fn want(
-    s: &Site,
-    i: usize,
-    f: impl FnOnce(&mut Emit) -> Result<NodeId, InferError>,
-    e: &mut Emit,
-) -> Result<Option<NodeId>, InferError> {
-    if s.wants[i] {
-        f(e).map(Some)
-    } else {
-        Ok(None)
     }
 }
 
