@@ -152,7 +152,7 @@ Model(
 "#;
 
 #[test]
-fn ten_steps_match_torch_optim() {
+fn ten_steps_match_the_torch_optim_update_loops() {
     let optimizers = [
         "Sgd(lr: 0.1)",
         "Sgd(lr: 0.1, momentum: 0.9, dampening: 0.1, weight_decay: 0.01)",
@@ -298,7 +298,7 @@ fn schedules_follow_their_formulas() {
 }
 
 #[test]
-fn ten_steps_under_a_schedule_match_torch_optim() {
+fn ten_steps_under_a_schedule_match_the_torch_optim_update_loops() {
     let cases = [
         (
             "Sgd(lr: 0.2, momentum: 0.5)",
