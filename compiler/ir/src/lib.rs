@@ -4,9 +4,10 @@
 //! [`infer`] holds the typing rules, [`verify`] re-checks a whole graph, [`print`] renders it
 //! as text, DOT or JSON, and [`interp`] is the reference interpreter every later stage is
 //! tested against. [`seeded_input`] makes the deterministic stand-ins for inputs a run is not
-//! given.
+//! given. [`autodiff`] appends the reverse-mode gradient of a loss to a graph.
 
 pub mod alloc;
+pub mod autodiff;
 mod dtype;
 mod fold;
 mod graph;
@@ -23,6 +24,7 @@ mod verify;
 mod weights;
 
 pub use alloc::AllocError;
+pub use autodiff::{grad, GradError};
 pub use dtype::{fmt_shape, numel, strides, DType, Shape, TensorType};
 pub use fold::{fold_weights, fold_weights_without_values, Folded};
 pub use graph::{Graph, Node, NodeId, Origin};

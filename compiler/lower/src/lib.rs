@@ -7,11 +7,17 @@
 mod config;
 mod lower;
 mod ops;
+mod optim;
+mod schedule;
 mod training;
 
 pub use config::CValue;
 pub use lower::{MAX_EXPANSION, MAX_NESTING};
-pub use training::{LossKind, TrainingPlan};
+pub use optim::{train_step, update, Optimizer, TrainStep};
+pub use schedule::{learning_rate, Schedule};
+pub use training::{
+    cross_entropy, mse, training_graph, LossKind, TrainingError, TrainingGraph, TrainingPlan,
+};
 
 use kiln_ir::{verify, Graph};
 use kiln_spec::{Diagnostic, Diagnostics, FileId, Library, Model, Sources, Span};

@@ -1,8 +1,13 @@
-//! Checks the optional training section: the loss reads tensors of fitting shapes and the
-//! optimizer's hyper-parameters are in range. Training itself runs in a later stage.
+//! The optional training section: [`check`] makes sure the loss reads tensors of fitting
+//! shapes and the optimizer's hyper-parameters are in range; [`training_graph`] builds the
+//! loss from primitives on the lowered graph and appends its gradients (`kiln_ir::autodiff`).
+//! The optimizer's update is in `optim.rs`; schedules are not in the graph yet.
 
 use crate::lower::{Lowerer, Operand};
-use crate::CValue;
+use crate::{CValue, Lowered};
+use kiln_ir::{
+    grad, BinaryOp, CompareOp, GradError, Graph, InferError, NodeId, Op, ReduceOp, TensorType, UnaryOp,
+};
 use kiln_spec::{Diagnostic, Ident, Loss, Training};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -18,6 +23,9 @@ pub struct TrainingPlan {
     pub optimizer: String,
     pub hyper: Vec<(String, f64)>,
     pub schedule: Option<(String, Vec<(String, f64)>)>,
+    /// The graph nodes the loss reads, in the order of the [`LossKind`]'s fields (logits
+    /// and labels, or prediction and target), as bound when the body was lowered.
+    pub reads: [NodeId; 2],
 }
 
 /// Names the training section reads (so an input used only as labels is not "unused").
@@ -28,9 +36,9 @@ pub fn names_used(t: &Training) -> Vec<String> {
     }
 }
 
-fn tensor_type(l: &mut Lowerer, name: &Ident) -> Option<kiln_ir::TensorType> {
+fn tensor_type(l: &mut Lowerer, name: &Ident) -> Option<(NodeId, TensorType)> {
     match l.top_binding(&name.name) {
-        Some((Some(Operand::Node(n)), _)) => Some(l.graph.ty(n).clone()),
+        Some((Some(Operand::Node(n)), _)) => Some((n, l.graph.ty(n).clone())),
         Some(_) => {
             l.diags.push(
                 Diagnostic::error(format!("`{}` is not a tensor", name.name))
@@ -46,10 +54,10 @@ fn tensor_type(l: &mut Lowerer, name: &Ident) -> Option<kiln_ir::TensorType> {
 }
 
 pub fn check(l: &mut Lowerer, t: &Training) -> Option<TrainingPlan> {
-    let loss = match &t.loss {
+    let (loss, reads) = match &t.loss {
         Loss::CrossEntropy { logits, labels, label_smoothing, span } => {
             let (lt, yt) = (tensor_type(l, logits), tensor_type(l, labels));
-            let (lt, yt) = (lt?, yt?);
+            let ((ln, lt), (yn, yt)) = (lt?, yt?);
             let ok_shape = lt.rank() >= 1 && yt.shape.as_slice() == &lt.shape[..lt.rank() - 1];
             if !lt.dtype.is_float() || !yt.dtype.is_int() || !ok_shape {
                 l.diags.push(
@@ -71,15 +79,16 @@ pub fn check(l: &mut Lowerer, t: &Training) -> Option<TrainingPlan> {
                 );
                 return None;
             }
-            LossKind::CrossEntropy {
+            let kind = LossKind::CrossEntropy {
                 logits: logits.name.clone(),
                 labels: labels.name.clone(),
                 label_smoothing: ls,
-            }
+            };
+            (kind, [ln, yn])
         }
         Loss::Mse { pred, target, span } => {
             let (pt, tt) = (tensor_type(l, pred), tensor_type(l, target));
-            let (pt, tt) = (pt?, tt?);
+            let ((pn, pt), (tn, tt)) = (pt?, tt?);
             if pt != tt || !pt.dtype.is_float() {
                 l.diags.push(
                     Diagnostic::error(format!(
@@ -91,7 +100,7 @@ pub fn check(l: &mut Lowerer, t: &Training) -> Option<TrainingPlan> {
                 );
                 return None;
             }
-            LossKind::Mse { pred: pred.name.clone(), target: target.name.clone() }
+            (LossKind::Mse { pred: pred.name.clone(), target: target.name.clone() }, [pn, tn])
         }
     };
     let mut hyper = Vec::new();
@@ -144,7 +153,7 @@ pub fn check(l: &mut Lowerer, t: &Training) -> Option<TrainingPlan> {
     if hyper_errors {
         return None;
     }
-    Some(TrainingPlan { loss, optimizer: t.optimizer.kind.clone(), hyper, schedule })
+    Some(TrainingPlan { loss, optimizer: t.optimizer.kind.clone(), hyper, schedule, reads })
 }
 
 /// A schedule's arguments with their defaults; `total` and `step_size` are required.
@@ -194,4 +203,125 @@ fn schedule(l: &mut Lowerer, s: &kiln_spec::Schedule) -> Option<(String, Vec<(St
         }
     }
     Some((s.kind.clone(), args))
+}
+
+/// Why a training graph could not be built.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TrainingError {
+    #[error("the model has no training section")]
+    NoTraining,
+    #[error(
+        "the loss reads `{0}`, which no output of the model depends on, so the lowered graph \
+         dropped it; list `{0}` among the outputs"
+    )]
+    Dropped(String),
+    #[error("optimizer: {0}")]
+    Optimizer(String),
+    #[error(transparent)]
+    Grad(#[from] GradError),
+    #[error("internal error while building the loss: {0}")]
+    Infer(#[from] InferError),
+}
+
+/// A model's forward graph with its loss and the loss's gradients appended.
+#[derive(Clone, Debug)]
+pub struct TrainingGraph {
+    /// Outputs: the model's own, then `loss`, then `grad.NAME` for every parameter.
+    pub graph: Graph,
+    pub loss: NodeId,
+    /// The gradient of every parameter, by checkpoint name, in the graph's parameter order.
+    pub gradients: Vec<(String, NodeId)>,
+}
+
+/// Builds the training graph of a lowered model: the training section's loss from
+/// primitives, on the forward graph, and the gradient of every parameter by reverse-mode
+/// autodiff. Nothing is optimized: the result is the primitive graph the optimizer takes.
+pub fn training_graph(lowered: &Lowered) -> Result<TrainingGraph, TrainingError> {
+    let plan = lowered.training.as_ref().ok_or(TrainingError::NoTraining)?;
+    let mut g = lowered.graph.clone();
+    let names = match &plan.loss {
+        LossKind::CrossEntropy { logits, labels, .. } => [logits, labels],
+        LossKind::Mse { pred, target } => [pred, target],
+    };
+    // A value no output depends on was removed after lowering (node ids are stable, and
+    // nothing has been added since, so a missing id is exactly that).
+    for (&n, name) in plan.reads.iter().zip(names) {
+        if !g.raw().contains_node(n) {
+            return Err(TrainingError::Dropped(name.clone()));
+        }
+    }
+    let [a, b] = plan.reads;
+    let loss = match &plan.loss {
+        LossKind::CrossEntropy { label_smoothing, .. } => cross_entropy(&mut g, a, b, *label_smoothing)?,
+        LossKind::Mse { .. } => mse(&mut g, a, b)?,
+    };
+    let params = g.params();
+    let gradients = grad(&mut g, loss, &params)?;
+    g.add_output("loss", loss);
+    for (name, n) in &gradients {
+        g.add_output(format!("grad.{name}"), *n);
+    }
+    Ok(TrainingGraph { graph: g, loss, gradients })
+}
+
+/// The mean over every axis (a scalar stays as it is).
+fn mean_all(g: &mut Graph, x: NodeId) -> Result<NodeId, InferError> {
+    let axes: Vec<usize> = (0..g.ty(x).rank()).collect();
+    if axes.is_empty() {
+        return Ok(x);
+    }
+    g.add(Op::Reduce { op: ReduceOp::Mean, axes, keepdims: false }, &[x])
+}
+
+fn scalar(g: &mut Graph, value: f64, like: NodeId) -> Result<NodeId, InferError> {
+    let dtype = g.ty(like).dtype;
+    g.add(Op::Full { value, dtype, shape: vec![] }, &[])
+}
+
+/// Cross-entropy of `logits` `[…, C]` against integer `labels` `[…]`, averaged over every
+/// position, as PyTorch's `F.cross_entropy(…, label_smoothing=ε)` with classes on the last
+/// axis: each position's loss is `(1 − ε)·nll + ε·smooth` with `nll = −log p[label]` and
+/// `smooth = −Σ log p / C`. The label's log-probability is selected (not multiplied by a
+/// one-hot row), so a class at −inf that is not the label leaves the loss finite without
+/// smoothing, as in PyTorch. A label outside `0..C` selects nothing and contributes 0 to
+/// `nll` (PyTorch raises an error).
+pub fn cross_entropy(
+    g: &mut Graph,
+    logits: NodeId,
+    labels: NodeId,
+    label_smoothing: f64,
+) -> Result<NodeId, InferError> {
+    let (lt, yt) = (g.ty(logits).clone(), g.ty(labels).clone());
+    let last = lt.rank().saturating_sub(1);
+    let classes = lt.shape.last().copied().unwrap_or(1);
+    let logp = g.add(Op::LogSoftmax { axis: last }, &[logits])?;
+    let mut column = yt.shape.clone();
+    column.push(1);
+    let labels = g.add(Op::Reshape { shape: column }, &[labels])?;
+    let iota = g.add(Op::Iota { dtype: yt.dtype, shape: vec![classes], axis: 0 }, &[])?;
+    let hit = g.add(Op::Compare(CompareOp::Eq), &[labels, iota])?;
+    let zero = scalar(g, 0.0, logits)?;
+    let picked = g.add(Op::Where, &[hit, logp, zero])?;
+    let sum_last = |g: &mut Graph, x: NodeId| {
+        g.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![last], keepdims: false }, &[x])
+    };
+    let picked = sum_last(g, picked)?;
+    let mut per = g.add(Op::Unary(UnaryOp::Neg), &[picked])?;
+    if label_smoothing != 0.0 {
+        let keep = scalar(g, 1.0 - label_smoothing, logits)?;
+        let spread = scalar(g, -label_smoothing / classes as f64, logits)?;
+        let nll = g.add(Op::Binary(BinaryOp::Mul), &[per, keep])?;
+        let total = sum_last(g, logp)?;
+        let smooth = g.add(Op::Binary(BinaryOp::Mul), &[total, spread])?;
+        per = g.add(Op::Binary(BinaryOp::Add), &[nll, smooth])?;
+    }
+    mean_all(g, per)
+}
+
+/// Mean squared error `mean((pred − target)²)` over every element, as PyTorch's
+/// `F.mse_loss`.
+pub fn mse(g: &mut Graph, pred: NodeId, target: NodeId) -> Result<NodeId, InferError> {
+    let d = g.add(Op::Binary(BinaryOp::Sub), &[pred, target])?;
+    let sq = g.add(Op::Binary(BinaryOp::Mul), &[d, d])?;
+    mean_all(g, sq)
 }

@@ -1,0 +1,245 @@
+//! Optimizer updates as graph ops, with PyTorch's semantics: SGD (momentum, dampening,
+//! Nesterov, weight decay), Adam and AdamW.
+//!
+//! The IR has no persistent state yet, so a train step takes the optimizer's state as graph
+//! inputs and returns the new state as outputs, under the checkpoint names a training run
+//! will save (`optim.step`, `optim.m.NAME`, `optim.v.NAME`, `optim.momentum.NAME`); the
+//! step count lives in the graph, so bias corrections and the learning rate of a schedule
+//! (`schedule.rs`) need no recompilation.
+
+use crate::schedule::{learning_rate, Schedule};
+use crate::training::{training_graph, TrainingError, TrainingPlan};
+use crate::Lowered;
+use kiln_ir::{BinaryOp, CompareOp, DType, Graph, InferError, NodeId, Op, UnaryOp};
+
+/// An optimizer with every hyper-parameter resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Optimizer {
+    /// `torch.optim.SGD`.
+    Sgd { lr: f64, momentum: f64, dampening: f64, nesterov: bool, weight_decay: f64 },
+    /// `torch.optim.Adam` (weight decay added to the gradient) or, when `decoupled`,
+    /// `torch.optim.AdamW` (weight decay applied to the parameter).
+    Adam { lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64, decoupled: bool },
+}
+
+impl Optimizer {
+    /// The optimizer of a checked training section.
+    pub fn from_plan(plan: &TrainingPlan) -> Result<Optimizer, TrainingError> {
+        let h = |k: &str| plan.hyper.iter().find(|(n, _)| n == k).map(|(_, v)| *v).unwrap_or(0.0);
+        let adam = |decoupled| Optimizer::Adam {
+            lr: h("lr"),
+            beta1: h("beta1"),
+            beta2: h("beta2"),
+            eps: h("eps"),
+            weight_decay: h("weight_decay"),
+            decoupled,
+        };
+        match plan.optimizer.as_str() {
+            "Sgd" => {
+                let (momentum, dampening, nesterov) = (h("momentum"), h("dampening"), h("nesterov") != 0.0);
+                if nesterov && (momentum <= 0.0 || dampening != 0.0) {
+                    return Err(TrainingError::Optimizer(
+                        "Nesterov momentum needs a momentum above 0 and no dampening (as in PyTorch)".into(),
+                    ));
+                }
+                Ok(Optimizer::Sgd {
+                    lr: h("lr"),
+                    momentum,
+                    dampening,
+                    nesterov,
+                    weight_decay: h("weight_decay"),
+                })
+            }
+            "Adam" => Ok(adam(false)),
+            "AdamW" => Ok(adam(true)),
+            other => Err(TrainingError::Optimizer(format!(
+                "{other} is not in the graph yet (Sgd, Adam and AdamW are)"
+            ))),
+        }
+    }
+
+    /// The base learning rate (what a schedule scales).
+    pub fn lr(&self) -> f64 {
+        match self {
+            Optimizer::Sgd { lr, .. } | Optimizer::Adam { lr, .. } => *lr,
+        }
+    }
+
+    /// The names of each parameter's state, in the order [`update`] takes and returns it.
+    pub fn state_names(&self) -> &'static [&'static str] {
+        match self {
+            Optimizer::Sgd { momentum, .. } if *momentum == 0.0 => &[],
+            Optimizer::Sgd { .. } => &["momentum"],
+            Optimizer::Adam { .. } => &["m", "v"],
+        }
+    }
+}
+
+/// Appends one step of `opt` for one parameter: its new value and new state, from the
+/// parameter `p`, its gradient, its state (in [`Optimizer::state_names`] order, zeros before
+/// the first step), `step`, the number of steps taken before this one, and `lr`, this step's
+/// learning rate (both scalars of `p`'s dtype; `opt`'s own `lr` is not read).
+pub fn update(
+    g: &mut Graph,
+    opt: &Optimizer,
+    p: NodeId,
+    grad: NodeId,
+    state: &[NodeId],
+    step: NodeId,
+    lr: NodeId,
+) -> Result<(NodeId, Vec<NodeId>), InferError> {
+    let mut b = Build { g, like: p };
+    match *opt {
+        Optimizer::Sgd { momentum, dampening, nesterov, weight_decay, .. } => {
+            let mut d = grad;
+            if weight_decay != 0.0 {
+                let wd = b.scale(p, weight_decay)?;
+                d = b.bin(BinaryOp::Add, d, wd)?;
+            }
+            let mut new_state = Vec::new();
+            if momentum != 0.0 {
+                // PyTorch starts the buffer at the first gradient itself, undamped.
+                let decayed = b.scale(state[0], momentum)?;
+                let damped = b.scale(d, 1.0 - dampening)?;
+                let later = b.bin(BinaryOp::Add, decayed, damped)?;
+                let zero = b.scalar(0.0)?;
+                let first = b.g.add(Op::Compare(CompareOp::Eq), &[step, zero])?;
+                let buf = b.g.add(Op::Where, &[first, d, later])?;
+                new_state.push(buf);
+                d = if nesterov {
+                    let mb = b.scale(buf, momentum)?;
+                    b.bin(BinaryOp::Add, d, mb)?
+                } else {
+                    buf
+                };
+            }
+            let delta = b.bin(BinaryOp::Mul, d, lr)?;
+            Ok((b.bin(BinaryOp::Sub, p, delta)?, new_state))
+        }
+        Optimizer::Adam { beta1, beta2, eps, weight_decay, decoupled, .. } => {
+            let (mut p0, mut d) = (p, grad);
+            if weight_decay != 0.0 {
+                if decoupled {
+                    // p · (1 − lr · wd)
+                    let lw = b.scale(lr, weight_decay)?;
+                    let one = b.scalar(1.0)?;
+                    let keep = b.bin(BinaryOp::Sub, one, lw)?;
+                    p0 = b.bin(BinaryOp::Mul, p, keep)?;
+                } else {
+                    let wd = b.scale(p, weight_decay)?;
+                    d = b.bin(BinaryOp::Add, d, wd)?;
+                }
+            }
+            let m0 = b.scale(state[0], beta1)?;
+            let m1 = b.scale(d, 1.0 - beta1)?;
+            let m = b.bin(BinaryOp::Add, m0, m1)?;
+            let v0 = b.scale(state[1], beta2)?;
+            let d2 = b.bin(BinaryOp::Mul, d, d)?;
+            let v1 = b.scale(d2, 1.0 - beta2)?;
+            let v = b.bin(BinaryOp::Add, v0, v1)?;
+            // t = step + 1; step size lr / (1 − β₁ᵗ); denominator √v / √(1 − β₂ᵗ) + eps.
+            let one = b.scalar(1.0)?;
+            let t = b.bin(BinaryOp::Add, step, one)?;
+            let bc1 = b.one_minus_pow(beta1, t)?;
+            let bc2 = b.one_minus_pow(beta2, t)?;
+            let step_size = b.bin(BinaryOp::Div, lr, bc1)?;
+            let sv = b.g.add(Op::Unary(UnaryOp::Sqrt), &[v])?;
+            let sbc2 = b.g.add(Op::Unary(UnaryOp::Sqrt), &[bc2])?;
+            let denom = b.bin(BinaryOp::Div, sv, sbc2)?;
+            let eps_n = b.scalar(eps)?;
+            let denom = b.bin(BinaryOp::Add, denom, eps_n)?;
+            let ratio = b.bin(BinaryOp::Div, m, denom)?;
+            let delta = b.bin(BinaryOp::Mul, ratio, step_size)?;
+            Ok((b.bin(BinaryOp::Sub, p0, delta)?, vec![m, v]))
+        }
+    }
+}
+
+/// Appends ops in the dtype of one parameter.
+struct Build<'g> {
+    g: &'g mut Graph,
+    like: NodeId,
+}
+
+impl Build<'_> {
+    fn scalar(&mut self, value: f64) -> Result<NodeId, InferError> {
+        let dtype = self.g.ty(self.like).dtype;
+        self.g.add(Op::Full { value, dtype, shape: vec![] }, &[])
+    }
+
+    fn bin(&mut self, op: BinaryOp, a: NodeId, b: NodeId) -> Result<NodeId, InferError> {
+        self.g.add(Op::Binary(op), &[a, b])
+    }
+
+    fn scale(&mut self, x: NodeId, c: f64) -> Result<NodeId, InferError> {
+        let s = self.scalar(c)?;
+        self.bin(BinaryOp::Mul, x, s)
+    }
+
+    /// `1 − beta^t`.
+    fn one_minus_pow(&mut self, beta: f64, t: NodeId) -> Result<NodeId, InferError> {
+        let (one, b) = (self.scalar(1.0)?, self.scalar(beta)?);
+        let p = self.bin(BinaryOp::Pow, b, t)?;
+        self.bin(BinaryOp::Sub, one, p)
+    }
+}
+
+/// A train step as one graph.
+///
+/// Inputs: the model's, then `optim.step` (an f32 scalar: the steps taken so far) and each
+/// parameter's state `optim.KIND.NAME` (zeros at the start). Outputs: `loss`, `optim.lr`
+/// (this step's learning rate under the schedule, f64), each parameter's new value
+/// `param.NAME`, its new state under its input's name, and `optim.step` plus one. Feeding the outputs back as the next step's parameters and state
+/// is one optimizer step per call.
+#[derive(Clone, Debug)]
+pub struct TrainStep {
+    pub graph: Graph,
+    pub optimizer: Optimizer,
+    pub schedule: Schedule,
+}
+
+pub fn train_step(lowered: &Lowered) -> Result<TrainStep, TrainingError> {
+    let plan = lowered.training.as_ref().ok_or(TrainingError::NoTraining)?;
+    let opt = Optimizer::from_plan(plan)?;
+    let schedule = Schedule::from_plan(plan)?;
+    let t = training_graph(lowered)?;
+    let mut g = t.graph;
+    g.outputs = vec![("loss".into(), t.loss)];
+    let step = g.add(Op::Input { name: "optim.step".into(), dtype: DType::F32, shape: vec![] }, &[])?;
+    let lr64 = learning_rate(&mut g, opt.lr(), &schedule, step, DType::F64)?;
+    g.add_output("optim.lr", lr64);
+    let params: Vec<NodeId> = g.params();
+    let mut outputs = Vec::new();
+    // The step count and the learning rate in each parameter dtype, made once.
+    let mut scalars: std::collections::HashMap<DType, (NodeId, NodeId)> = std::collections::HashMap::new();
+    for (p, (name, grad)) in params.into_iter().zip(&t.gradients) {
+        let ty = g.ty(p).clone();
+        let mut state = Vec::new();
+        for kind in opt.state_names() {
+            let op =
+                Op::Input { name: format!("optim.{kind}.{name}"), dtype: ty.dtype, shape: ty.shape.clone() };
+            state.push(g.add(op, &[])?);
+        }
+        let (step_p, lr_p) = match scalars.get(&ty.dtype) {
+            Some(&pair) => pair,
+            None => {
+                let step_p =
+                    if ty.dtype == DType::F32 { step } else { g.add(Op::Cast { to: ty.dtype }, &[step])? };
+                let lr_p =
+                    if ty.dtype == DType::F64 { lr64 } else { g.add(Op::Cast { to: ty.dtype }, &[lr64])? };
+                scalars.insert(ty.dtype, (step_p, lr_p));
+                (step_p, lr_p)
+            }
+        };
+        let (np, ns) = update(&mut g, &opt, p, *grad, &state, step_p, lr_p)?;
+        outputs.push((format!("param.{name}"), np));
+        for (kind, s) in opt.state_names().iter().zip(ns) {
+            outputs.push((format!("optim.{kind}.{name}"), s));
+        }
+    }
+    let one = g.add(Op::Full { value: 1.0, dtype: DType::F32, shape: vec![] }, &[])?;
+    let next = g.add(Op::Binary(BinaryOp::Add), &[step, one])?;
+    g.outputs.extend(outputs);
+    g.add_output("optim.step", next);
+    Ok(TrainStep { graph: g, optimizer: opt, schedule })
+}

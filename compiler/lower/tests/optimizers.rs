@@ -1,0 +1,348 @@
+//! The optimizer updates in the graph: one step against values worked by hand, ten steps of
+//! a train step graph (forward, MSE loss, gradients, update) against a transcription of
+//! `torch.optim`'s update loops, with and without a schedule, the schedules' formulas, and
+//! the shipped MLP's loss falling under its Adam and cosine schedule.
+
+use kiln_ir::{bind_params, eval, Bindings, Buffer, DType, Graph, Op, Tensor};
+use kiln_lower::{learning_rate, train_step, update, Lowered, Optimizer, Schedule, TrainingError};
+use std::collections::HashMap;
+
+fn lower_str(text: &str) -> Lowered {
+    let (sources, r) = kiln_lower::load_str("optim.ron", text, &[]);
+    r.unwrap_or_else(|d| panic!("{}", d.render(&sources)))
+}
+
+fn t64(v: &[f64]) -> Tensor {
+    Tensor::from_f64(vec![v.len()], v.to_vec()).unwrap()
+}
+
+fn scalar64(v: f64) -> Tensor {
+    Tensor::from_f64(vec![], vec![v]).unwrap()
+}
+
+fn input(g: &mut Graph, name: &str, shape: &[usize]) -> kiln_ir::NodeId {
+    g.add(Op::Input { name: name.into(), dtype: DType::F64, shape: shape.to_vec() }, &[]).unwrap()
+}
+
+/// One step of `opt` from zero state at step 0, on parameter `p` with gradient `grad`.
+fn one_step(opt: &Optimizer, p: &[f64], grad: &[f64]) -> Vec<f64> {
+    let n = p.len();
+    let mut g = Graph::new("step");
+    let (pn, gn, step) = (input(&mut g, "p", &[n]), input(&mut g, "g", &[n]), input(&mut g, "step", &[]));
+    let lr = input(&mut g, "lr", &[]);
+    let state: Vec<_> = opt.state_names().iter().map(|k| input(&mut g, k, &[n])).collect();
+    let (np, _) = update(&mut g, opt, pn, gn, &state, step, lr).unwrap();
+    g.add_output("p", np);
+    let mut b = Bindings::default();
+    b.inputs.insert("p".into(), t64(p));
+    b.inputs.insert("g".into(), t64(grad));
+    b.inputs.insert("step".into(), scalar64(0.0));
+    b.inputs.insert("lr".into(), scalar64(opt.lr()));
+    for k in opt.state_names() {
+        b.inputs.insert(k.to_string(), t64(&vec![0.0; n]));
+    }
+    eval(&g, &b).unwrap()[0].1.to_f64_vec()
+}
+
+#[track_caller]
+fn close(got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len());
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * (1.0 + b.abs()),
+            "element {i}: got {a}, want {b} ({got:?} vs {want:?})"
+        );
+    }
+}
+
+#[test]
+fn one_step_by_hand() {
+    let (p, grad) = ([1.0, -2.0, 0.5], [0.5, 0.1, -1.0]);
+    let sgd = |momentum, nesterov| Optimizer::Sgd {
+        lr: 0.1,
+        momentum,
+        dampening: 0.0,
+        nesterov,
+        weight_decay: 0.01,
+    };
+    // d = g + 0.01·p = [0.51, 0.08, −0.995]; the first momentum buffer is d itself.
+    close(&one_step(&sgd(0.0, false), &p, &grad), &[0.949, -2.008, 0.5995], 1e-14);
+    close(&one_step(&sgd(0.9, false), &p, &grad), &[0.949, -2.008, 0.5995], 1e-14);
+    // Nesterov: d + 0.9·buf = 1.9·d.
+    close(&one_step(&sgd(0.9, true), &p, &grad), &[0.9031, -2.0152, 0.68905], 1e-14);
+    // Adam's first step is lr·g / (|g| + eps) after bias correction: about lr·sign(g).
+    let adam = |weight_decay, decoupled| Optimizer::Adam {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay,
+        decoupled,
+    };
+    let step1 = |p: f64, g: f64| p - 1e-3 * g / (g.abs() + 1e-8);
+    let want: Vec<f64> = p.iter().zip(&grad).map(|(&p, &g)| step1(p, g)).collect();
+    close(&one_step(&adam(0.0, false), &p, &grad), &want, 1e-14);
+    // AdamW shrinks the parameter by lr·wd first and leaves the gradient alone.
+    let want: Vec<f64> = p.iter().zip(&grad).map(|(&p, &g)| step1(p * (1.0 - 1e-3 * 0.1), g)).collect();
+    close(&one_step(&adam(0.1, true), &p, &grad), &want, 1e-14);
+}
+
+/// `torch.optim`'s single-tensor update loops, transcribed, on the gradient of
+/// `mean((w − t)²)`, one step per learning rate of `lrs`. Returns the parameter after each
+/// step.
+fn reference(opt: &Optimizer, w0: &[f64], t: &[f64], lrs: &[f64]) -> Vec<Vec<f64>> {
+    let n = w0.len();
+    let mut p = w0.to_vec();
+    let (mut buf, mut m, mut v): (Option<Vec<f64>>, Vec<f64>, Vec<f64>) = (None, vec![0.0; n], vec![0.0; n]);
+    let mut out = Vec::new();
+    for (step, &lr) in (1..).zip(lrs) {
+        let grad: Vec<f64> = p.iter().zip(t).map(|(w, t)| 2.0 * (w - t) / n as f64).collect();
+        match *opt {
+            Optimizer::Sgd { momentum, dampening, nesterov, weight_decay, .. } => {
+                let mut d: Vec<f64> = grad.iter().zip(&p).map(|(g, p)| g + weight_decay * p).collect();
+                if momentum != 0.0 {
+                    let b = match buf.take() {
+                        None => d.clone(),
+                        Some(b) => {
+                            b.iter().zip(&d).map(|(b, d)| momentum * b + (1.0 - dampening) * d).collect()
+                        }
+                    };
+                    d = if nesterov {
+                        d.iter().zip(&b).map(|(d, b)| d + momentum * b).collect()
+                    } else {
+                        b.clone()
+                    };
+                    buf = Some(b);
+                }
+                p = p.iter().zip(&d).map(|(p, d)| p - lr * d).collect();
+            }
+            Optimizer::Adam { beta1, beta2, eps, weight_decay, decoupled, .. } => {
+                let mut g = grad.clone();
+                if decoupled {
+                    p.iter_mut().for_each(|p| *p *= 1.0 - lr * weight_decay);
+                } else {
+                    g = g.iter().zip(&p).map(|(g, p)| g + weight_decay * p).collect();
+                }
+                for i in 0..n {
+                    m[i] += (g[i] - m[i]) * (1.0 - beta1);
+                    v[i] = v[i] * beta2 + (1.0 - beta2) * g[i] * g[i];
+                }
+                let bc1 = 1.0 - beta1.powi(step);
+                let bc2 = 1.0 - beta2.powi(step);
+                let step_size = lr / bc1;
+                for i in 0..n {
+                    let denom = v[i].sqrt() / bc2.sqrt() + eps;
+                    p[i] -= step_size * m[i] / denom;
+                }
+            }
+        }
+        out.push(p.clone());
+    }
+    out
+}
+
+const QUADRATIC: &str = r#"
+Model(
+    name: "quadratic",
+    inputs: { "t": (f64, [4]) },
+    body: [ Let("p", Mul(Param(name: "w", shape: [4], dtype: f64, init: Normal(std: 1.0)), 1.0)) ],
+    outputs: ["p"],
+    training: Training(loss: Mse(pred: "p", target: "t"), optimizer: OPT SCHEDULE),
+)
+"#;
+
+#[test]
+fn ten_steps_match_the_torch_optim_update_loops() {
+    let optimizers = [
+        "Sgd(lr: 0.1)",
+        "Sgd(lr: 0.1, momentum: 0.9, dampening: 0.1, weight_decay: 0.01)",
+        "Sgd(lr: 0.05, momentum: 0.8, nesterov: true, weight_decay: 0.1)",
+        "Adam(lr: 0.05)",
+        "Adam(lr: 0.05, beta1: 0.8, beta2: 0.99, eps: 1e-6, weight_decay: 0.1)",
+        "AdamW(lr: 0.05, weight_decay: 0.1)",
+        "AdamW(lr: 0.05)",
+    ];
+    let target = [0.5, -1.0, 2.0, 0.0];
+    for opt_text in optimizers {
+        let l = lower_str(&QUADRATIC.replace("OPT", opt_text).replace("SCHEDULE", ""));
+        let step = train_step(&l).unwrap_or_else(|e| panic!("{opt_text}: {e}"));
+        let g = &step.graph;
+        kiln_ir::verify(g).unwrap();
+        let mut params = bind_params(g, None, 3, true).unwrap();
+        let w0 = params["w"].to_f64_vec();
+        let want = reference(&step.optimizer, &w0, &target, &[step.optimizer.lr(); 10]);
+        let mut state: HashMap<String, Tensor> =
+            step.optimizer.state_names().iter().map(|k| (format!("optim.{k}.w"), t64(&[0.0; 4]))).collect();
+        let mut count = Tensor::from_f32(vec![], vec![0.0]).unwrap();
+        let mut losses = Vec::new();
+        for (i, want) in want.iter().enumerate() {
+            let mut b = Bindings { params: params.clone(), ..Bindings::default() };
+            b.inputs.insert("t".into(), t64(&target));
+            b.inputs.insert("optim.step".into(), count.clone());
+            b.inputs.extend(state.clone());
+            let out = eval(g, &b).unwrap_or_else(|e| panic!("{opt_text}: {e}"));
+            let get = |n: &str| {
+                out.iter().find(|(k, _)| k == n).unwrap_or_else(|| panic!("no output {n}")).1.clone()
+            };
+            losses.push(get("loss").to_f64_vec()[0]);
+            let w = get("param.w");
+            close(&w.to_f64_vec(), want, 1e-12);
+            params.insert("w".into(), w);
+            for k in state.clone().keys() {
+                state.insert(k.clone(), get(k));
+            }
+            count = get("optim.step");
+            assert_eq!(count.to_f64_vec(), [(i + 1) as f64]);
+        }
+        assert!(losses[9] < losses[0], "{opt_text}: the loss did not fall: {losses:?}");
+    }
+}
+
+#[test]
+fn the_mlp_learns_a_batch_under_adam_and_its_schedule() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/mlp.ron");
+    let sets = ["batch=8", "in=12", "hidden1=16", "hidden2=16", "classes=4"];
+    let overrides: Vec<_> = sets.iter().map(|s| kiln_lower::Override::parse(s).unwrap()).collect();
+    let (sources, r) = kiln_lower::load(&path, &overrides);
+    let l = r.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    let step = train_step(&l).unwrap();
+    let g = &step.graph;
+    let mut params = bind_params(g, None, 0, true).unwrap();
+    let mut b = Bindings::default();
+    let image: Vec<f32> = (0..96u64).map(|i| kiln_ir::rng::normal(1, 2, i) as f32).collect();
+    b.inputs.insert("image".into(), Tensor::from_f32(vec![8, 12], image).unwrap());
+    b.inputs.insert("label".into(), Tensor::new(vec![8], Buffer::I64(vec![0, 1, 2, 3, 3, 2, 1, 0])).unwrap());
+    b.inputs.insert("optim.step".into(), Tensor::from_f32(vec![], vec![0.0]).unwrap());
+    for &i in &g.inputs {
+        if let Op::Input { name, dtype, shape } = &g.node(i).op {
+            if name.starts_with("optim.") && name != "optim.step" {
+                b.inputs.insert(name.clone(), Tensor::full(*dtype, shape.clone(), 0.0));
+            }
+        }
+    }
+    let mut losses = Vec::new();
+    for _ in 0..30 {
+        b.params = params.clone();
+        let out = eval(g, &b).unwrap();
+        for (name, t) in out {
+            match name.strip_prefix("param.") {
+                Some(p) => {
+                    params.insert(p.to_string(), t);
+                }
+                None if name == "loss" => losses.push(t.to_f64_vec()[0]),
+                None => {
+                    b.inputs.insert(name, t);
+                }
+            }
+        }
+    }
+    // Adam at the model's lr of 1e-3 under its cosine schedule, whose warm-up starts at 0:
+    // the first step changes nothing, then the loss on the batch falls at every step.
+    assert!(losses.iter().all(|l| l.is_finite()));
+    assert_eq!(losses[0], losses[1]);
+    assert!(losses[1..].windows(2).all(|w| w[1] < w[0]), "{losses:?}");
+    assert!(losses[29] < 0.99 * losses[0], "{losses:?}");
+}
+
+#[test]
+fn optimizers_not_in_the_graph_yet_are_errors() {
+    let e =
+        train_step(&lower_str(&QUADRATIC.replace("OPT", "RmsProp()").replace("SCHEDULE", ""))).unwrap_err();
+    assert!(matches!(e, TrainingError::Optimizer(_)), "{e}");
+    assert!(e.to_string().contains("RmsProp"), "{e}");
+    let e = train_step(&lower_str(&QUADRATIC.replace("OPT", "Sgd(nesterov: true)").replace("SCHEDULE", "")))
+        .unwrap_err();
+    assert!(e.to_string().contains("Nesterov"), "{e}");
+}
+
+/// The schedules' formulas, written out: warm-up from 0, then linear, cosine down to
+/// `min_lr`, or steps of `gamma`.
+fn schedule_by_hand(lr: f64, s: &Schedule, step: f64) -> f64 {
+    let warm = |w: f64| step < w;
+    match *s {
+        Schedule::Constant => lr,
+        Schedule::Linear { warmup, .. } if warm(warmup) => lr * step / warmup,
+        Schedule::Linear { warmup, total } => lr * ((total - step) / (total - warmup)).max(0.0),
+        Schedule::Cosine { warmup, .. } if warm(warmup) => lr * step / warmup,
+        Schedule::Cosine { warmup, total, min_lr } => {
+            let progress = ((step - warmup) / (total - warmup)).min(1.0);
+            min_lr + (lr - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+        Schedule::Step { step_size, gamma } => lr * gamma.powi((step / step_size).floor() as i32),
+    }
+}
+
+#[test]
+fn schedules_follow_their_formulas() {
+    let schedules = [
+        Schedule::Constant,
+        Schedule::Linear { warmup: 3.0, total: 10.0 },
+        Schedule::Linear { warmup: 0.0, total: 4.0 },
+        Schedule::Cosine { warmup: 2.0, total: 9.0, min_lr: 0.01 },
+        Schedule::Cosine { warmup: 0.0, total: 5.0, min_lr: 0.0 },
+        Schedule::Step { step_size: 3.0, gamma: 0.5 },
+    ];
+    for s in &schedules {
+        let mut g = Graph::new("lr");
+        let step = g.add(Op::Input { name: "step".into(), dtype: DType::F32, shape: vec![] }, &[]).unwrap();
+        let lr = learning_rate(&mut g, 0.1, s, step, DType::F64).unwrap();
+        g.add_output("lr", lr);
+        for k in [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 9.0, 10.0, 12.0] {
+            let mut b = Bindings::default();
+            b.inputs.insert("step".into(), Tensor::from_f32(vec![], vec![k as f32]).unwrap());
+            let got = eval(&g, &b).unwrap()[0].1.to_f64_vec()[0];
+            let want = schedule_by_hand(0.1, s, k);
+            assert!((got - want).abs() < 1e-15, "{s:?} at step {k}: {got} vs {want}");
+        }
+    }
+}
+
+#[test]
+fn ten_steps_under_a_schedule_match_the_torch_optim_update_loops() {
+    let cases = [
+        (
+            "Sgd(lr: 0.2, momentum: 0.5)",
+            "Linear(warmup: 2, total: 8)",
+            Schedule::Linear { warmup: 2.0, total: 8.0 },
+        ),
+        (
+            "AdamW(lr: 0.05, weight_decay: 0.1)",
+            "Cosine(warmup: 3, total: 10, min_lr: 0.001)",
+            Schedule::Cosine { warmup: 3.0, total: 10.0, min_lr: 0.001 },
+        ),
+        ("Adam(lr: 0.05)", "Step(step_size: 4, gamma: 0.5)", Schedule::Step { step_size: 4.0, gamma: 0.5 }),
+    ];
+    let target = [0.5, -1.0, 2.0, 0.0];
+    for (opt_text, schedule_text, schedule) in cases {
+        let text =
+            QUADRATIC.replace("OPT", opt_text).replace("SCHEDULE", &format!(", schedule: {schedule_text}"));
+        let step = train_step(&lower_str(&text)).unwrap();
+        assert_eq!(step.schedule, schedule);
+        let g = &step.graph;
+        let mut params = bind_params(g, None, 3, true).unwrap();
+        let lrs: Vec<f64> =
+            (0..10).map(|k| schedule_by_hand(step.optimizer.lr(), &schedule, k as f64)).collect();
+        let want = reference(&step.optimizer, &params["w"].to_f64_vec(), &target, &lrs);
+        let mut state: HashMap<String, Tensor> =
+            step.optimizer.state_names().iter().map(|k| (format!("optim.{k}.w"), t64(&[0.0; 4]))).collect();
+        for (k, want) in want.iter().enumerate() {
+            let mut b = Bindings { params: params.clone(), ..Bindings::default() };
+            b.inputs.insert("t".into(), t64(&target));
+            b.inputs.insert("optim.step".into(), Tensor::from_f32(vec![], vec![k as f32]).unwrap());
+            b.inputs.extend(state.clone());
+            let out = eval(g, &b).unwrap();
+            let get = |n: &str| out.iter().find(|(o, _)| o == n).unwrap().1.clone();
+            assert!((get("optim.lr").to_f64_vec()[0] - lrs[k]).abs() < 1e-15, "{schedule_text} at {k}");
+            let w = get("param.w");
+            close(&w.to_f64_vec(), want, 1e-12);
+            if k == 0 && schedule_text.starts_with("Linear") {
+                // A warm-up starts at 0: the first step leaves the parameter alone.
+                assert_eq!(w.to_f64_vec(), params["w"].to_f64_vec());
+            }
+            params.insert("w".into(), w);
+            for name in state.clone().keys() {
+                state.insert(name.clone(), get(name));
+            }
+        }
+    }
+}
