@@ -302,6 +302,7 @@ pub fn vulkan_target(m: &mut Manifest) -> &mut VulkanTarget {
     match &mut m.target {
         Target::Vulkan(v) => v,
         Target::Cpu(cpu) => panic!("a Vulkan artifact, not a CPU one for {}", cpu.triple),
+        Target::Cuda(cuda) => panic!("a Vulkan artifact, not a CUDA one for {}", cuda.arch()),
     }
 }
 
