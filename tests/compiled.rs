@@ -1003,3 +1003,40 @@ fn mutate_manifest(m: &mut kiln_runtime::Manifest, kind: u8, a: u64, b: u64) {
         }
     }
 }
+
+/// Float → int casts of ±inf, NaN and values outside the integer type saturate (NaN → 0) on
+/// every target exactly as the interpreter documents, including at 2³¹ and 2⁶³, where the
+/// integer type's MAX is not a float.
+#[test]
+fn float_to_int_casts_of_inf_nan_and_out_of_range_values_match_the_interpreter() {
+    let g = lower(
+        "casts",
+        r#"Model(name: "casts", config: {}, inputs: { "x": (f32, [12]) },
+           body: [ Let("a", Cast(x: "x", to: i32)), Let("b", Cast(x: "x", to: i64)) ],
+           outputs: ["a", "b"])"#,
+    );
+    let x = vec![
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        3e9,
+        -3e9,
+        2_147_483_520.0,
+        2_147_483_648.0,
+        -2_147_483_648.0,
+        -2.7,
+        2.7,
+        1e19,
+        -1e19,
+    ];
+    let inputs = HashMap::from([("x".to_string(), Tensor::new(vec![12], kiln_ir::Buffer::F32(x)).unwrap())]);
+    let params = HashMap::new();
+    let want = kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
+    let want: Vec<Vec<f64>> = want.iter().map(|(_, t)| t.to_f64_vec()).collect();
+    assert_eq!(want[0][..3], [i32::MAX as f64, i32::MIN as f64, 0.0], "the interpreter saturates");
+    for device in [Device::Cpu, Device::Vulkan] {
+        if available(device, "float to int casts") {
+            assert_eq!(run_compiled(&g, &params, &inputs, device), want, "{device:?}");
+        }
+    }
+}
