@@ -556,7 +556,10 @@ pub(crate) fn write_outputs(out: &Path, outputs: &[(String, Tensor)]) -> Result<
                     )));
                 }
                 if outputs[..i].iter().any(|(other, _)| other == name) {
-                    return Err(user(format!("two outputs are named {name:?}: they cannot both be written to `{}`", out.display())));
+                    return Err(user(format!(
+                        "two outputs are named {name:?}: they cannot both be written to `{}`",
+                        out.display()
+                    )));
                 }
             }
             std::fs::create_dir_all(out)

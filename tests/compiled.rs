@@ -790,8 +790,10 @@ fn out_of_range_gather_indices_are_the_interpreters_error_on_every_path() {
         kiln_ir::eval(&g, &kiln_ir::Bindings { inputs, params: params.clone() })
     };
     let good = ids([0, 1, 2, 3, 4, 0]);
-    let cases = [(ids([0, 1, 2, 3, 7, 4]), "gather index 7 at position [1, 1] of the indices is out of range"),
-        (ids([0, -1, 2, 3, 4, 0]), "gather index -1 at position [0, 1] of the indices is out of range")];
+    let cases = [
+        (ids([0, 1, 2, 3, 7, 4]), "gather index 7 at position [1, 1] of the indices is out of range"),
+        (ids([0, -1, 2, 3, 4, 0]), "gather index -1 at position [0, 1] of the indices is out of range"),
+    ];
     for (bad, words) in &cases {
         let err = eval(bad.clone()).unwrap_err().to_string();
         assert!(err.contains(words) && err.ends_with("for axis 0 of extent 5"), "interpreter: {err}");
@@ -807,9 +809,9 @@ fn out_of_range_gather_indices_are_the_interpreters_error_on_every_path() {
         let mut model = Model::load_with(dir.path(), &Options::default()).unwrap();
         let run = |model: &mut Model, t: &Tensor| {
             let bytes = t.data.to_le_bytes();
-            model.run(&[TensorRef::new("ids", kiln_runtime::DType::I32, &[2, 3], &bytes)]).map(|o| {
-                o[0].as_f32().unwrap().iter().map(|&x| f64::from(x)).collect::<Vec<f64>>()
-            })
+            model
+                .run(&[TensorRef::new("ids", kiln_runtime::DType::I32, &[2, 3], &bytes)])
+                .map(|o| o[0].as_f32().unwrap().iter().map(|&x| f64::from(x)).collect::<Vec<f64>>())
         };
         assert_eq!(run(&mut model, &good).unwrap(), want, "{device:?}");
         for (bad, words) in &cases {
@@ -838,7 +840,8 @@ fn out_of_range_gather_indices_are_the_interpreters_error_on_every_path() {
         }
     }
 
-    // The CLI: `kiln eval` and `kiln run` refuse the same input with exit status 1.
+    // The CLI: `kiln eval`, `kiln run` of the artifact and of the spec (compiled in memory)
+    // refuse the same input with exit status 1.
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("gather_ids.ron");
     std::fs::write(&spec, GATHER_SPEC).unwrap();
@@ -849,7 +852,11 @@ fn out_of_range_gather_indices_are_the_interpreters_error_on_every_path() {
     let input = format!("ids={npy}");
     let compiled = kiln(&["compile", spec, "-o", art]);
     assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
-    for args in [vec!["eval", spec, "--input", &input], vec!["run", art, "--input", &input]] {
+    for args in [
+        vec!["eval", spec, "--input", &input],
+        vec!["run", art, "--input", &input],
+        vec!["run", spec, "--input", &input],
+    ] {
         let out = kiln(&args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
@@ -919,7 +926,8 @@ fn mutated_manifests_of_a_compiled_artifact_run_correctly_or_are_refused() {
 fn mutate_manifest(m: &mut kiln_runtime::Manifest, kind: u8, a: u64, b: u64) {
     use kiln_runtime::{BufRef, DType, Dispatch};
     const NUMBERS: [u64; 8] = [0, 1, 4, 64, 4096, u32::MAX as u64, u64::MAX, 1 << 40];
-    let pick = |n: usize, salt: u64| ((a ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15)) % n.max(1) as u64) as usize;
+    let pick =
+        |n: usize, salt: u64| ((a ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15)) % n.max(1) as u64) as usize;
     let value = |old: u64| match b % 3 {
         0 => NUMBERS[(b / 3 % NUMBERS.len() as u64) as usize],
         1 => old.wrapping_add(1 + b % 64),
@@ -937,7 +945,9 @@ fn mutate_manifest(m: &mut kiln_runtime::Manifest, kind: u8, a: u64, b: u64) {
         }
         2 => {
             step.args[arg] = match step.args[arg].clone() {
-                BufRef::Arena { offset, bytes } if b % 2 == 0 => BufRef::Arena { offset: value(offset), bytes },
+                BufRef::Arena { offset, bytes } if b.is_multiple_of(2) => {
+                    BufRef::Arena { offset: value(offset), bytes }
+                }
                 BufRef::Arena { offset, bytes } => BufRef::Arena { offset, bytes: value(bytes) },
                 BufRef::Weight { name, bytes } => BufRef::Weight { name, bytes: value(bytes) },
                 BufRef::Input { index } => BufRef::Input { index: value(u64::from(index)) as u32 },
@@ -946,7 +956,7 @@ fn mutate_manifest(m: &mut kiln_runtime::Manifest, kind: u8, a: u64, b: u64) {
         }
         3 => {
             if let Dispatch::Cpu { range, grain } = step.dispatch {
-                step.dispatch = if b % 2 == 0 {
+                step.dispatch = if b.is_multiple_of(2) {
                     Dispatch::Cpu { range: value(range), grain }
                 } else {
                     Dispatch::Cpu { range, grain: value(grain) }
@@ -954,7 +964,8 @@ fn mutate_manifest(m: &mut kiln_runtime::Manifest, kind: u8, a: u64, b: u64) {
             }
         }
         4 => {
-            let symbols = ["abort", "exit", "free", "kiln_k0", "kiln_k1", "kiln_k999", "kiln_contract", "malloc"];
+            let symbols =
+                ["abort", "exit", "free", "kiln_k0", "kiln_k1", "kiln_k999", "kiln_contract", "malloc"];
             step.symbol = symbols[pick(symbols.len(), 5)].into();
         }
         5 => {
@@ -975,7 +986,7 @@ fn mutate_manifest(m: &mut kiln_runtime::Manifest, kind: u8, a: u64, b: u64) {
         8 => {
             let names = ["../e", "/tmp/e", "e", "y", "ids", "x", "a\u{0}b", "a\u{202E}b", ""];
             let name = names[pick(names.len(), 10)].to_string();
-            if b % 2 == 0 {
+            if b.is_multiple_of(2) {
                 let o = pick(m.outputs.len(), 11);
                 m.outputs[o].name = name;
             } else {
@@ -984,7 +995,7 @@ fn mutate_manifest(m: &mut kiln_runtime::Manifest, kind: u8, a: u64, b: u64) {
             }
         }
         9 => {
-            if b % 2 == 0 {
+            if b.is_multiple_of(2) {
                 step.args.remove(arg);
             } else {
                 let other = pick(step.args.len(), 13);
@@ -994,7 +1005,7 @@ fn mutate_manifest(m: &mut kiln_runtime::Manifest, kind: u8, a: u64, b: u64) {
         10 => {
             let i = pick(m.index_bounds.len(), 14);
             if let Some(bound) = m.index_bounds.get_mut(i) {
-                *bound = if b % 2 == 0 { None } else { Some(value(bound.unwrap_or(5))) };
+                *bound = if b.is_multiple_of(2) { None } else { Some(value(bound.unwrap_or(5))) };
             }
         }
         _ => {
@@ -1031,7 +1042,8 @@ fn float_to_int_casts_of_inf_nan_and_out_of_range_values_match_the_interpreter()
     ];
     let inputs = HashMap::from([("x".to_string(), Tensor::new(vec![12], kiln_ir::Buffer::F32(x)).unwrap())]);
     let params = HashMap::new();
-    let want = kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
+    let want =
+        kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
     let want: Vec<Vec<f64>> = want.iter().map(|(_, t)| t.to_f64_vec()).collect();
     assert_eq!(want[0][..3], [i32::MAX as f64, i32::MIN as f64, 0.0], "the interpreter saturates");
     for device in [Device::Cpu, Device::Vulkan] {

@@ -59,7 +59,8 @@ impl SharedLibrary {
     pub unsafe fn from_bytes(bytes: &[u8], origin: &Path) -> Result<SharedLibrary, RuntimeError> {
         let fail = |message: String| RuntimeError::LoadKernels { path: origin.to_path_buf(), message };
         check_elf(bytes).map_err(|problem| fail(format!("not a whole shared object: {problem}")))?;
-        let memory = sealed_file(bytes).map_err(|e| fail(format!("cannot hold the checked kernels in memory: {e}")))?;
+        let memory = sealed_file(bytes)
+            .map_err(|e| fail(format!("cannot hold the checked kernels in memory: {e}")))?;
         let name = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&memory)));
         // SAFETY: the caller vouches for the bytes (see above).
         let library = unsafe { libloading::Library::new(&name) }.map_err(|e| fail(e.to_string()))?;
@@ -101,7 +102,8 @@ fn check_elf(bytes: &[u8]) -> Result<(), String> {
         return Err(format!("its program headers are {phentsize} bytes (56 expected)"));
     }
     for i in 0..phnum {
-        let at = usize::try_from(phoff + i * phentsize).map_err(|_| "its program headers lie past the end")?;
+        let at =
+            usize::try_from(phoff + i * phentsize).map_err(|_| "its program headers lie past the end")?;
         let segment = (|| Some((word(at + 8, 8)?, word(at + 32, 8)?)))();
         let (offset, size) = segment.ok_or(format!("program header {i} lies past the end of the file"))?;
         let end = offset.checked_add(size).ok_or(format!("segment {i} overflows"))?;
@@ -120,7 +122,9 @@ fn sealed_file(bytes: &[u8]) -> std::io::Result<std::fs::File> {
     use std::io::Write;
     use std::os::fd::FromRawFd;
     // SAFETY: a valid NUL-terminated name and flags; the returned descriptor is checked.
-    let fd = unsafe { libc::memfd_create(c"kiln-kernels.so".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd = unsafe {
+        libc::memfd_create(c"kiln-kernels.so".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }

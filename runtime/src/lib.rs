@@ -42,8 +42,9 @@ pub use device::{devices, DeviceInfo, Devices, VulkanDeviceInfo};
 pub use error::RuntimeError;
 pub use kernels::{KernelFn, KernelSource, SharedLibrary};
 pub use manifest::{
-    is_bidi_control, is_kernel_entry, name_problem, BufRef, CudaTarget, DType, Dispatch, FileDigest, Manifest,
-    ModuleRange, Step, Target, TargetInfo, TensorSpec, VulkanTarget, CONTRACT_SYMBOL, CUBIN_FILE, KERNELS_FILE, MANIFEST_FILE, PTX_FILE, SPIRV_FILE, WEIGHTS_FILE,
+    is_bidi_control, is_kernel_entry, name_problem, BufRef, CudaTarget, DType, Dispatch, FileDigest,
+    Manifest, ModuleRange, Step, Target, TargetInfo, TensorSpec, VulkanTarget, CONTRACT_SYMBOL, CUBIN_FILE,
+    KERNELS_FILE, MANIFEST_FILE, PTX_FILE, SPIRV_FILE, WEIGHTS_FILE,
 };
 pub use model::{Model, Options};
 pub use profile::{KindProfile, Profile, StepProfile};

@@ -344,7 +344,8 @@ impl Manifest {
         let start = body_and_line.rfind('\n').map_or(0, |i| i + 1);
         let (body, line) = text.split_at(start);
         let hex = line.strip_prefix(DIGEST_PREFIX).and_then(|l| l.strip_suffix('\n')).ok_or_else(no_line)?;
-        let well_formed = hex.len() == 8 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let well_formed =
+            hex.len() == 8 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         let expected = u32::from_str_radix(hex, 16).ok().filter(|_| well_formed).ok_or_else(no_line)?;
         let found = crc32fast::hash(body.as_bytes());
         if found != expected {

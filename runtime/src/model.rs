@@ -14,8 +14,8 @@ use crate::error::RuntimeError;
 use crate::exec;
 use crate::kernels::{KernelSource, SharedLibrary};
 use crate::manifest::{
-    is_kernel_entry, name_problem, shape_str, DType, FileDigest, Manifest, Target, TensorSpec, CONTRACT_SYMBOL, KERNELS_FILE, MANIFEST_FILE, PTX_FILE, SPIRV_FILE,
-    WEIGHTS_FILE,
+    is_kernel_entry, name_problem, shape_str, DType, FileDigest, Manifest, Target, TensorSpec,
+    CONTRACT_SYMBOL, KERNELS_FILE, MANIFEST_FILE, PTX_FILE, SPIRV_FILE, WEIGHTS_FILE,
 };
 use crate::profile::Profile;
 use crate::target;
@@ -129,7 +129,8 @@ impl Model {
         let weights = WeightStore::from_map(map, weights_path.display().to_string())?;
         match selection {
             Selection::Cpu => {
-                let bytes = native.ok_or_else(|| RuntimeError::NoDigest { file: KERNELS_FILE.to_string() })?;
+                let bytes =
+                    native.ok_or_else(|| RuntimeError::NoDigest { file: KERNELS_FILE.to_string() })?;
                 // Everything the manifest alone can contradict is refused before any code loads.
                 check_specs(&manifest)?;
                 check_steps(&manifest)?;
@@ -455,11 +456,17 @@ fn check_index_input(spec: &TensorSpec, bound: u64, bytes: &[u8]) -> Result<(), 
         let mut at = Vec::with_capacity(spec.shape.len());
         let mut rest = position as u64;
         for &d in spec.shape.iter().rev() {
-            at.push(if d == 0 { 0 } else { rest % d });
-            rest = if d == 0 { 0 } else { rest / d };
+            // A tensor with an element has no zero extent; `unwrap_or(0)` only keeps this total.
+            at.push(rest.checked_rem(d).unwrap_or(0));
+            rest = rest.checked_div(d).unwrap_or(0);
         }
         at.reverse();
-        Err(RuntimeError::GatherIndex { input: spec.name.clone(), index, position: shape_str(&at), extent: bound })
+        Err(RuntimeError::GatherIndex {
+            input: spec.name.clone(),
+            index,
+            position: shape_str(&at),
+            extent: bound,
+        })
     };
     let in_range = |v: i64| u64::try_from(v).is_ok_and(|v| v < bound);
     match spec.dtype {

@@ -414,15 +414,22 @@ fn the_manifest_is_covered_by_its_digest_line() {
     );
     // No digest line, a malformed one, or bytes after it.
     let body = text.rsplit_once("// crc32:").unwrap().0.to_string();
-    let no_line = "manifest.ron is damaged: its last line is not the digest `// crc32: xxxxxxxx` the compiler \
+    let no_line =
+        "manifest.ron is damaged: its last line is not the digest `// crc32: xxxxxxxx` the compiler \
                    writes; recompile or copy the artifact again";
-    for damaged in [body.clone(), format!("{body}// crc32: 0x12\n"), format!("{text}\n"), format!("{text}()\n")] {
+    for damaged in
+        [body.clone(), format!("{body}// crc32: 0x12\n"), format!("{text}\n"), format!("{text}()\n")]
+    {
         std::fs::write(toy.file(MANIFEST_FILE), damaged).unwrap();
         assert_eq!(load_err(&toy), no_line);
     }
     // A manifest of an older format, which had no digest line, is refused by its version.
-    std::fs::write(toy.file(MANIFEST_FILE), body.replacen("format_version: 4", "format_version: 3", 1)).unwrap();
-    assert_eq!(load_err(&toy), "artifact format version 3, this runtime reads version 4: recompile the model");
+    std::fs::write(toy.file(MANIFEST_FILE), body.replacen("format_version: 4", "format_version: 3", 1))
+        .unwrap();
+    assert_eq!(
+        load_err(&toy),
+        "artifact format version 3, this runtime reads version 4: recompile the model"
+    );
 }
 
 #[test]
@@ -483,15 +490,30 @@ fn steps_out_of_order_and_truncated_kernels_are_refused() {
     std::fs::write(toy.file(KERNELS_FILE), &bytes[..bytes.len() / 3]).unwrap();
     toy.refresh_digests();
     let err = load_err(&toy);
-    assert!(err.starts_with(&format!("cannot load {}: not a whole shared object: segment ", toy.file(KERNELS_FILE).display())), "{err}");
-    assert!(err.ends_with(&format!("extends past the end of the file ({} bytes): it is truncated", bytes.len() / 3)), "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "cannot load {}: not a whole shared object: segment ",
+            toy.file(KERNELS_FILE).display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.ends_with(&format!(
+            "extends past the end of the file ({} bytes): it is truncated",
+            bytes.len() / 3
+        )),
+        "{err}"
+    );
     // Not an ELF file at all.
     let mut toy = Toy::new();
     std::fs::write(toy.file(KERNELS_FILE), b"#!/bin/sh\nexit 1\n").unwrap();
     toy.refresh_digests();
     assert_eq!(
         load_err(&toy),
-        format!("cannot load {}: not a whole shared object: it is not a 64-bit little-endian ELF file", toy.file(KERNELS_FILE).display())
+        format!(
+            "cannot load {}: not a whole shared object: it is not a 64-bit little-endian ELF file",
+            toy.file(KERNELS_FILE).display()
+        )
     );
 }
 

@@ -68,7 +68,11 @@ pub fn toy_source() -> String {
 
 /// `source` plus the `kiln_contract` constant of `manifest`.
 pub fn with_contract(source: &str, manifest: &Manifest) -> String {
-    format!("{source}\nconst unsigned long long {} = {:#x}ULL;\n", kiln_runtime::CONTRACT_SYMBOL, manifest.contract())
+    format!(
+        "{source}\nconst unsigned long long {} = {:#x}ULL;\n",
+        kiln_runtime::CONTRACT_SYMBOL,
+        manifest.contract()
+    )
 }
 
 /// Compiles C source into a shared object, as the compiler's backend would emit one.
