@@ -66,8 +66,7 @@ impl Model {
     pub fn load_with(dir: impl AsRef<Path>, options: &Options) -> Result<Model, RuntimeError> {
         let dir = dir.as_ref();
         let manifest_path = dir.join(MANIFEST_FILE);
-        let text =
-            std::fs::read_to_string(&manifest_path).map_err(|e| RuntimeError::io(&manifest_path, e))?;
+        let text = read_manifest(&manifest_path)?;
         // The digest line first, so nothing of a damaged manifest is believed; but a manifest
         // of another format version (which may predate the line) is refused by its version.
         let text = match Manifest::split_digest(&text) {
@@ -352,6 +351,26 @@ impl std::fmt::Debug for Model {
             .field("weights", &self.weights.len())
             .finish_non_exhaustive()
     }
+}
+
+/// The most bytes a manifest may have: the largest shipped model's is about 200 KiB; a file
+/// far larger is not a manifest, and reading it whole would only exhaust memory.
+const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+
+/// Reads `manifest.ron`, refusing one over [`MAX_MANIFEST_BYTES`] before reading it.
+fn read_manifest(path: &Path) -> Result<String, RuntimeError> {
+    use std::io::Read;
+    let file = File::open(path).map_err(|e| RuntimeError::io(path, e))?;
+    let mut text = String::new();
+    // One byte past the limit tells a file at the limit from a larger one (even a device or
+    // a growing file, whose metadata would not say).
+    file.take(MAX_MANIFEST_BYTES + 1).read_to_string(&mut text).map_err(|e| RuntimeError::io(path, e))?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(RuntimeError::ManifestDigest {
+            problem: format!("it is larger than {MAX_MANIFEST_BYTES} bytes, which no manifest is"),
+        });
+    }
+    Ok(text)
 }
 
 fn check_version(found: u32) -> Result<(), RuntimeError> {

@@ -696,3 +696,15 @@ fn mutate(m: &mut Manifest, next: &mut impl FnMut(usize) -> usize) {
         }
     }
 }
+
+#[test]
+fn a_manifest_larger_than_any_manifest_is_refused_before_it_is_read_whole() {
+    let toy = Toy::new();
+    let file = std::fs::File::create(toy.file(MANIFEST_FILE)).unwrap();
+    file.set_len((64 << 20) + 1).unwrap();
+    assert_eq!(
+        load_err(&toy),
+        "manifest.ron is damaged: it is larger than 67108864 bytes, which no manifest is; recompile or copy the \
+         artifact again"
+    );
+}
