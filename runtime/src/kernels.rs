@@ -121,10 +121,18 @@ fn check_elf(bytes: &[u8]) -> Result<(), String> {
 fn sealed_file(bytes: &[u8]) -> std::io::Result<std::fs::File> {
     use std::io::Write;
     use std::os::fd::FromRawFd;
-    // SAFETY: a valid NUL-terminated name and flags; the returned descriptor is checked.
-    let fd = unsafe {
-        libc::memfd_create(c"kiln-kernels.so".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+    let create = |flags: libc::c_uint| {
+        // SAFETY: a valid NUL-terminated name and flags; the returned descriptor is checked.
+        unsafe { libc::memfd_create(c"kiln-kernels.so".as_ptr(), flags) }
     };
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    // Ask for an executable memfd explicitly: kernels with `vm.memfd_noexec` set refuse to map
+    // code from one created without `MFD_EXEC`; kernels older than 6.3 do not know the flag
+    // (EINVAL) and allow execution anyway.
+    let mut fd = create(flags | libc::MFD_EXEC);
+    if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        fd = create(flags);
+    }
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
