@@ -37,7 +37,8 @@ pub struct Manifest {
     pub inputs: Vec<TensorSpec>,
     /// For each input (same order; empty when none is known), the bound stand-in values must
     /// stay below when the input indexes a table, so `kiln run` fills a missing input as
-    /// `kiln eval` does. Informational: the kernels never rely on it.
+    /// `kiln eval` does; and every run refuses an input value outside `0..bound` (negative ones
+    /// included) before any kernel runs, with the interpreter's gather error, on every device.
     pub index_bounds: Vec<Option<u64>>,
     /// Graph outputs, in the order they are returned.
     pub outputs: Vec<TensorSpec>,
