@@ -1052,3 +1052,33 @@ fn float_to_int_casts_of_inf_nan_and_out_of_range_values_match_the_interpreter()
         }
     }
 }
+
+/// `kiln check` (kiln-spec) and the runtime refuse the same tensor names, for the same reason.
+#[test]
+fn the_front_end_and_the_runtime_agree_on_tensor_names() {
+    let long = "n".repeat(201);
+    for name in [
+        "ids",
+        "x.1",
+        "a-b",
+        "",
+        ".",
+        "..",
+        "../x",
+        "/abs",
+        "a\\b",
+        "a\0b",
+        "a\nb",
+        "a\u{7f}b",
+        "a\u{202E}b",
+        "a\u{2066}b",
+        "a\u{200F}b",
+        "logits",
+        "é",
+        &long,
+    ] {
+        assert_eq!(kiln_spec::name_problem(name), kiln_runtime::name_problem(name), "{name:?}");
+    }
+    assert_eq!(kiln_runtime::name_problem("ids"), None);
+    assert_eq!(kiln_runtime::name_problem(&long), Some("is longer than 200 bytes"));
+}

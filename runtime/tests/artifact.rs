@@ -435,7 +435,8 @@ fn the_manifest_is_covered_by_its_digest_line() {
 #[test]
 fn a_manifest_the_kernels_were_not_compiled_for_is_refused() {
     // Each edit passes every structural check: only the contract can tell.
-    let edits: [(&str, fn(&mut Manifest)); 6] = [
+    type Edit = (&'static str, fn(&mut Manifest));
+    let edits: [Edit; 6] = [
         ("range", |m| m.steps[0].dispatch = Dispatch::Cpu { range: 63, grain: 4 }),
         ("shape", |m| m.inputs[1].shape = vec![32]),
         ("arena offset", |m| m.steps[1].args[2] = BufRef::Arena { offset: 64, bytes: 4096 }),
