@@ -633,6 +633,24 @@ pub(crate) fn write_outputs(out: &Path, outputs: &[(String, Tensor)]) -> Result<
             })?
         }
         _ => {
+            // Each output becomes `NAME.npy` in the folder: a name that is not one plain file
+            // name (`../x`, `/abs`, NUL, control or bidi characters), or two outputs of one name,
+            // would write elsewhere or overwrite. `kiln check` and the runtime refuse such names
+            // already; this is the last line, before anything is written.
+            for (i, (name, _)) in outputs.iter().enumerate() {
+                if let Some(problem) = kiln_runtime::name_problem(name) {
+                    return Err(user(format!(
+                        "output name {name:?} {problem}: it cannot be written as a file in `{}`",
+                        out.display()
+                    )));
+                }
+                if outputs[..i].iter().any(|(other, _)| other == name) {
+                    return Err(user(format!(
+                        "two outputs are named {name:?}: they cannot both be written to `{}`",
+                        out.display()
+                    )));
+                }
+            }
             std::fs::create_dir_all(out)
                 .map_err(|e| user(format!("cannot create `{}`: {e}", out.display())))?;
             for (name, t) in outputs {

@@ -1129,3 +1129,318 @@ fn cuda_refuses_what_it_cannot_run_naming_the_op_and_the_target() {
         }
     }
 }
+
+// ---------------------------------------------------------------------- bad data, bad artifacts
+
+const GATHER_SPEC: &str = r#"Model(name: "gather_ids", config: {}, inputs: { "ids": (i32, [2, 3]) },
+   body: [
+       Let("table", Param(shape: [5, 4], init: Normal(std: 1.0))),
+       Let("e", Gather(table: "table", indices: "ids")),
+   ],
+   outputs: ["e"])"#;
+
+fn ids(values: [i32; 6]) -> Tensor {
+    Tensor::new(vec![2, 3], kiln_ir::Buffer::I32(values.to_vec())).unwrap()
+}
+
+#[test]
+fn out_of_range_gather_indices_are_the_interpreters_error_on_every_path() {
+    let g = lower("gather_ids", GATHER_SPEC);
+    let params = kiln_ir::bind_params(&g, None, 5, false).unwrap();
+    let eval = |t: Tensor| {
+        let inputs = HashMap::from([("ids".to_string(), t)]);
+        kiln_ir::eval(&g, &kiln_ir::Bindings { inputs, params: params.clone() })
+    };
+    let good = ids([0, 1, 2, 3, 4, 0]);
+    let cases = [
+        (ids([0, 1, 2, 3, 7, 4]), "gather index 7 at position [1, 1] of the indices is out of range"),
+        (ids([0, -1, 2, 3, 4, 0]), "gather index -1 at position [0, 1] of the indices is out of range"),
+    ];
+    for (bad, words) in &cases {
+        let err = eval(bad.clone()).unwrap_err().to_string();
+        assert!(err.contains(words) && err.ends_with("for axis 0 of extent 5"), "interpreter: {err}");
+    }
+    let want: Vec<f64> = eval(good.clone()).unwrap()[0].1.to_f64_vec();
+
+    for device in [Device::Cpu, Device::Vulkan] {
+        if !available(device, "out-of-range gather") {
+            continue;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        build_for(device, &g, &params, dir.path());
+        let mut model = Model::load_with(dir.path(), &Options::default()).unwrap();
+        let run = |model: &mut Model, t: &Tensor| {
+            let bytes = t.data.to_le_bytes();
+            model
+                .run(&[TensorRef::new("ids", kiln_runtime::DType::I32, &[2, 3], &bytes)])
+                .map(|o| o[0].as_f32().unwrap().iter().map(|&x| f64::from(x)).collect::<Vec<f64>>())
+        };
+        assert_eq!(run(&mut model, &good).unwrap(), want, "{device:?}");
+        for (bad, words) in &cases {
+            let err = run(&mut model, bad).unwrap_err().to_string();
+            assert_eq!(err, format!("input \"ids\": {words} for a table of extent 5"), "{device:?}");
+        }
+        // The model is still good after refusing.
+        assert_eq!(run(&mut model, &good).unwrap(), want, "{device:?}");
+
+        // The C ABI reports the runtime's error.
+        let c_dir = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
+        // SAFETY: the handle comes from the API and is freed once; the buffers have the sizes
+        // the model declares (i32 [2, 3] in, f32 [2, 3, 4] out).
+        unsafe {
+            use kiln_runtime::capi::*;
+            let m = kiln_model_load_on(c_dir.as_ptr(), std::ptr::null(), 1);
+            assert!(!m.is_null());
+            let values = [0i32, 1, 2, 3, 7, 4];
+            let mut out = [0f32; 24];
+            let inputs = [values.as_ptr().cast::<std::ffi::c_void>()];
+            let outputs = [out.as_mut_ptr().cast::<std::ffi::c_void>()];
+            assert_eq!(kiln_model_run(m, inputs.as_ptr(), outputs.as_ptr()), 1);
+            let message = std::ffi::CStr::from_ptr(kiln_last_error()).to_string_lossy().into_owned();
+            assert_eq!(message, format!("input \"ids\": {} for a table of extent 5", cases[0].1));
+            kiln_model_free(m);
+        }
+    }
+
+    // The CLI: `kiln eval`, `kiln run` of the artifact and of the spec (compiled in memory)
+    // refuse the same input with exit status 1.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("gather_ids.ron");
+    std::fs::write(&spec, GATHER_SPEC).unwrap();
+    let npy = dir.path().join("ids.npy");
+    kiln_ir::tensor_io::write_npy(&npy, &cases[0].0).unwrap();
+    let art = dir.path().join("gather_ids.kiln");
+    let (spec, npy, art) = (spec.to_str().unwrap(), npy.to_str().unwrap(), art.to_str().unwrap());
+    let input = format!("ids={npy}");
+    let compiled = kiln(&["compile", spec, "-o", art]);
+    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    for args in [
+        vec!["eval", spec, "--input", &input],
+        vec!["run", art, "--input", &input],
+        vec!["run", spec, "--input", &input],
+    ] {
+        let out = kiln(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(cases[0].1), "{args:?}: {err}");
+    }
+}
+
+/// Random edits of a real compiled artifact's manifest (numbers, names, symbols, shapes,
+/// offsets, sizes, ranges, step order, dtypes), written back with a fresh digest line as a
+/// careful forger would. Each load runs in this process, so a crash fails the test binary:
+/// every case must either load and give exactly the unedited outputs or be refused with a
+/// message. 64 cases (a few seconds).
+#[test]
+fn mutated_manifests_of_a_compiled_artifact_run_correctly_or_are_refused() {
+    let g = optimized(&lower(
+        "mutants",
+        r#"Model(name: "mutants", config: {}, inputs: { "ids": (i32, [2, 3]), "x": (f32, [2, 3, 4]) },
+           body: [
+               Let("table", Param(shape: [5, 4], init: Normal(std: 1.0))),
+               Let("e", Add(Gather(table: "table", indices: "ids"), "x")),
+               Let("w", Param(shape: [4, 8], init: Normal(std: 0.5))),
+               Let("y", Softmax(x: MatMul(Relu("e"), "w"), axis: -1)),
+           ],
+           outputs: ["e", "y"])"#,
+    ));
+    let params = kiln_ir::bind_params(&g, None, 6, false).unwrap();
+    let base = tempfile::tempdir().unwrap();
+    build_for(Device::Cpu, &g, &params, base.path());
+    let inputs = kiln_ir::seeded_inputs(&g, 6);
+    let want = run_artifact(base.path(), &inputs, "mutants");
+    let text = std::fs::read_to_string(base.path().join(kiln_runtime::MANIFEST_FILE)).unwrap();
+    let body = kiln_runtime::Manifest::split_digest(&text).unwrap();
+    let manifest = kiln_runtime::Manifest::from_ron(body).unwrap();
+
+    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases: 64,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    });
+    let (refused, ran) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+    runner
+        .run(&(0u8..12, any::<u64>(), any::<u64>()), |(kind, a, b)| {
+            let mut m = manifest.clone();
+            mutate_manifest(&mut m, kind, a, b);
+            let dir = tempfile::tempdir().unwrap();
+            for f in [kiln_runtime::KERNELS_FILE, kiln_runtime::WEIGHTS_FILE] {
+                std::fs::copy(base.path().join(f), dir.path().join(f)).unwrap();
+            }
+            std::fs::write(dir.path().join(kiln_runtime::MANIFEST_FILE), m.to_ron().unwrap()).unwrap();
+            match Model::load_with(dir.path(), &Options { threads: Some(2), ..Options::default() }) {
+                Err(e) => {
+                    prop_assert!(!e.to_string().is_empty());
+                    refused.set(refused.get() + 1);
+                }
+                Ok(_) => {
+                    prop_assert_eq!(run_artifact(dir.path(), &inputs, "mutant"), want.clone(), "{:?}", m);
+                    ran.set(ran.get() + 1);
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert!(refused.get() >= 48, "{} refused, {} ran", refused.get(), ran.get());
+}
+
+/// Edit number `kind` of `m`, at places and to values picked by `a` and `b`.
+fn mutate_manifest(m: &mut kiln_runtime::Manifest, kind: u8, a: u64, b: u64) {
+    use kiln_runtime::{BufRef, DType, Dispatch};
+    const NUMBERS: [u64; 8] = [0, 1, 4, 64, 4096, u32::MAX as u64, u64::MAX, 1 << 40];
+    let pick =
+        |n: usize, salt: u64| ((a ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15)) % n.max(1) as u64) as usize;
+    let value = |old: u64| match b % 3 {
+        0 => NUMBERS[(b / 3 % NUMBERS.len() as u64) as usize],
+        1 => old.wrapping_add(1 + b % 64),
+        _ => old.wrapping_sub(1 + b % 64),
+    };
+    let s = pick(m.steps.len(), 1);
+    let step = &mut m.steps[s];
+    let arg = pick(step.args.len(), 2);
+    match kind {
+        0 => m.arena_bytes = value(m.arena_bytes),
+        1 => {
+            let i = pick(m.inputs.len(), 3);
+            let d = pick(m.inputs[i].shape.len(), 4);
+            m.inputs[i].shape[d] = value(m.inputs[i].shape[d]);
+        }
+        2 => {
+            step.args[arg] = match step.args[arg].clone() {
+                BufRef::Arena { offset, bytes } if b.is_multiple_of(2) => {
+                    BufRef::Arena { offset: value(offset), bytes }
+                }
+                BufRef::Arena { offset, bytes } => BufRef::Arena { offset, bytes: value(bytes) },
+                BufRef::Weight { name, bytes } => BufRef::Weight { name, bytes: value(bytes) },
+                BufRef::Input { index } => BufRef::Input { index: value(u64::from(index)) as u32 },
+                BufRef::Output { index } => BufRef::Output { index: value(u64::from(index)) as u32 },
+            }
+        }
+        3 => {
+            if let Dispatch::Cpu { range, grain } = step.dispatch {
+                step.dispatch = if b.is_multiple_of(2) {
+                    Dispatch::Cpu { range: value(range), grain }
+                } else {
+                    Dispatch::Cpu { range, grain: value(grain) }
+                };
+            }
+        }
+        4 => {
+            let symbols =
+                ["abort", "exit", "free", "kiln_k0", "kiln_k1", "kiln_k999", "kiln_contract", "malloc"];
+            step.symbol = symbols[pick(symbols.len(), 5)].into();
+        }
+        5 => {
+            let other = pick(m.steps.len(), 6);
+            m.steps.swap(s, other);
+        }
+        6 => {
+            // Swap two steps but keep the labels in place, so only the contract can tell.
+            let other = pick(m.steps.len(), 7);
+            let labels: Vec<String> = m.steps.iter().map(|st| st.label.clone()).collect();
+            m.steps.swap(s, other);
+            m.steps.iter_mut().zip(labels).for_each(|(st, l)| st.label = l);
+        }
+        7 => {
+            let i = pick(m.inputs.len(), 8);
+            m.inputs[i].dtype = DType::ALL[pick(DType::ALL.len(), 9)];
+        }
+        8 => {
+            let names = ["../e", "/tmp/e", "e", "y", "ids", "x", "a\u{0}b", "a\u{202E}b", ""];
+            let name = names[pick(names.len(), 10)].to_string();
+            if b.is_multiple_of(2) {
+                let o = pick(m.outputs.len(), 11);
+                m.outputs[o].name = name;
+            } else {
+                let i = pick(m.inputs.len(), 12);
+                m.inputs[i].name = name;
+            }
+        }
+        9 => {
+            if b.is_multiple_of(2) {
+                step.args.remove(arg);
+            } else {
+                let other = pick(step.args.len(), 13);
+                step.args.swap(arg, other);
+            }
+        }
+        10 => {
+            let i = pick(m.index_bounds.len(), 14);
+            if let Some(bound) = m.index_bounds.get_mut(i) {
+                *bound = if b.is_multiple_of(2) { None } else { Some(value(bound.unwrap_or(5))) };
+            }
+        }
+        _ => {
+            let f = pick(m.files.len(), 15);
+            m.files[f].crc32 ^= (b as u32) | 1;
+        }
+    }
+}
+
+/// Float → int casts of ±inf, NaN and values outside the integer type saturate (NaN → 0) on
+/// every target exactly as the interpreter documents, including at 2³¹ and 2⁶³, where the
+/// integer type's MAX is not a float.
+#[test]
+fn float_to_int_casts_of_inf_nan_and_out_of_range_values_match_the_interpreter() {
+    let g = lower(
+        "casts",
+        r#"Model(name: "casts", config: {}, inputs: { "x": (f32, [12]) },
+           body: [ Let("a", Cast(x: "x", to: i32)), Let("b", Cast(x: "x", to: i64)) ],
+           outputs: ["a", "b"])"#,
+    );
+    let x = vec![
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        3e9,
+        -3e9,
+        2_147_483_520.0,
+        2_147_483_648.0,
+        -2_147_483_648.0,
+        -2.7,
+        2.7,
+        1e19,
+        -1e19,
+    ];
+    let inputs = HashMap::from([("x".to_string(), Tensor::new(vec![12], kiln_ir::Buffer::F32(x)).unwrap())]);
+    let params = HashMap::new();
+    let want =
+        kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
+    let want: Vec<Vec<f64>> = want.iter().map(|(_, t)| t.to_f64_vec()).collect();
+    assert_eq!(want[0][..3], [i32::MAX as f64, i32::MIN as f64, 0.0], "the interpreter saturates");
+    for device in [Device::Cpu, Device::Vulkan] {
+        if available(device, "float to int casts") {
+            assert_eq!(run_compiled(&g, &params, &inputs, device), want, "{device:?}");
+        }
+    }
+}
+
+/// `kiln check` (kiln-spec) and the runtime refuse the same tensor names, for the same reason.
+#[test]
+fn the_front_end_and_the_runtime_agree_on_tensor_names() {
+    let long = "n".repeat(201);
+    for name in [
+        "ids",
+        "x.1",
+        "a-b",
+        "",
+        ".",
+        "..",
+        "../x",
+        "/abs",
+        "a\\b",
+        "a\0b",
+        "a\nb",
+        "a\u{7f}b",
+        "a\u{202E}b",
+        "a\u{2066}b",
+        "a\u{200F}b",
+        "logits",
+        "é",
+        &long,
+    ] {
+        assert_eq!(kiln_spec::name_problem(name), kiln_runtime::name_problem(name), "{name:?}");
+    }
+    assert_eq!(kiln_runtime::name_problem("ids"), None);
+    assert_eq!(kiln_runtime::name_problem(&long), Some("is longer than 200 bytes"));
+}

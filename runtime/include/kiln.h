@@ -3,8 +3,18 @@
  *
  * Loads a compiled model, an artifact directory NAME.kiln/ written by the Kiln compiler, and
  * runs it on the CPU (native kernels), on a Vulkan device (SPIR-V kernels) or on a CUDA device
- * (PTX or cubin kernels, through the NVIDIA driver), whichever the model was compiled for. The model checks everything at load (format version, target CPU or
- * device, file sizes and checksums, weights, kernels), so a run only fails on a bad call.
+ * (PTX or cubin kernels, through the NVIDIA driver), whichever the model was compiled for. The
+ * model checks everything at load (format version, target CPU or device, the manifest's own
+ * checksum, file sizes and checksums, every shape, offset, size and kernel symbol of the
+ * manifest against the arena, the weights and the kernels it was compiled with), so a damaged
+ * or hand-edited artifact is refused with a message, and a run only fails on a bad call or bad
+ * input data (e.g. a gather index outside its table).
+ *
+ * Trust: a CPU artifact CONTAINS NATIVE CODE (kernels.so), loaded into this process and run
+ * with its privileges, and a GPU artifact's kernels run on the device with access to its
+ * memory. Loading an artifact is trusting it exactly as much as dlopen-ing a shared library
+ * from the same source: the checks above catch damage and mistakes, they are not a sandbox.
+ * Load only artifacts you would run as programs.
  *
  *     KilnModel *m = kiln_model_load("mlp.kiln");
  *     if (!m) { fprintf(stderr, "%s\n", kiln_last_error()); return 1; }
@@ -25,7 +35,9 @@
  * Threads: a CPU model runs its steps on its own worker threads (see
  * kiln_model_load_with_threads); a Vulkan or CUDA model submits from the calling thread.
  * One model may be used from any thread, but by one thread at a time: it owns one scratch
- * arena. Load one model per concurrent caller (the weights file's pages are shared).
+ * arena. Load one model per concurrent caller (the weights file's pages are shared). A call
+ * of kiln_model_run on a model another thread is running returns nonzero ("already running")
+ * without touching either call's buffers.
  *
  * Tensors are dense, row-major, little-endian; dtypes are named "f32", "f64", "f16", "bf16",
  * "i32", "i64" and "bool" (one byte per element). Buffers are best aligned to their element
@@ -111,7 +123,7 @@ size_t kiln_model_output_bytes(const KilnModel *model, size_t i);
  * `outputs[i]` to a caller-allocated buffer of kiln_model_output_bytes(model, i) bytes that
  * receives output i; both arrays are in the model's order. Inputs are only read. Output
  * buffers must not overlap each other or the inputs. Returns 0 on success, nonzero on error
- * (see kiln_last_error). */
+ * (see kiln_last_error), including when another thread is running the same model. */
 int kiln_model_run(KilnModel *model, const void *const *inputs, void *const *outputs);
 
 #ifdef __cplusplus

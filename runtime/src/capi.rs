@@ -15,7 +15,11 @@ use crate::tensor::TensorRef;
 /// A loaded model with its names and shapes in C form, kept so returned pointers stay valid
 /// until `kiln_model_free`.
 pub struct KilnModel {
-    model: Model,
+    /// Reached only by the caller that set `busy` (see [`RunGuard`]), so two threads calling
+    /// `kiln_model_run` on one handle get an error instead of sharing the arena.
+    model: std::cell::UnsafeCell<Model>,
+    /// Set for the duration of a run.
+    busy: std::sync::atomic::AtomicBool,
     inputs: Vec<CSpec>,
     outputs: Vec<CSpec>,
 }
@@ -139,7 +143,8 @@ pub unsafe extern "C" fn kiln_model_load_on(
         let model = Model::load_with(dir, &options).map_err(|e| e.to_string())?;
         let inputs = model.inputs().iter().map(c_spec).collect::<Result<_, _>>()?;
         let outputs = model.outputs().iter().map(c_spec).collect::<Result<_, _>>()?;
-        Ok(Box::into_raw(Box::new(KilnModel { model, inputs, outputs })))
+        let (model, busy) = (std::cell::UnsafeCell::new(model), std::sync::atomic::AtomicBool::new(false));
+        Ok(Box::into_raw(Box::new(KilnModel { model, busy, inputs, outputs })))
     })
 }
 
@@ -379,8 +384,7 @@ pub unsafe extern "C" fn kiln_model_run(
     outputs: *const *mut c_void,
 ) -> c_int {
     guard(1, || {
-        // SAFETY: NULL or live and unshared (caller's contract).
-        let m = unsafe { model.as_mut() }.ok_or_else(|| "model is NULL".to_string())?;
+        let m = model_ref(model)?;
         let input_ptrs = pointer_array(inputs, m.inputs.len(), "inputs")?;
         let output_ptrs = pointer_array(outputs.cast::<*const c_void>(), m.outputs.len(), "outputs")?;
         let mut refs = Vec::with_capacity(m.inputs.len());
@@ -395,9 +399,38 @@ pub unsafe extern "C" fn kiln_model_run(
             // buffer of this call (caller's contract).
             bufs.push(unsafe { byte_slice_mut(p.cast_mut(), spec.bytes) });
         }
-        m.model.run_into(&refs, &mut bufs).map_err(|e| e.to_string())?;
+        let _running = RunGuard::acquire(m)?;
+        // SAFETY: `RunGuard` holds `busy`, so this is the only reference to the model until it
+        // is dropped at the end of this closure (a concurrent caller fails to acquire it).
+        let inner = unsafe { &mut *m.model.get() };
+        inner.run_into(&refs, &mut bufs).map_err(|e| e.to_string())?;
         Ok(0)
     })
+}
+
+/// Holds a model's `busy` flag for one run. The C contract forbids running one handle from two
+/// threads at once; this turns that misuse into an error status instead of two runs sharing
+/// one arena (wrong outputs) or aliasing the model.
+struct RunGuard<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> RunGuard<'a> {
+    fn acquire(m: &'a KilnModel) -> Result<RunGuard<'a>, String> {
+        use std::sync::atomic::Ordering;
+        m.busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .map(|_| RunGuard(&m.busy))
+            .map_err(|_| {
+                "the model is already running on another thread: one handle runs one call at a time \
+                 (load one model per thread)"
+                    .to_string()
+            })
+    }
+}
+
+impl Drop for RunGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// Reads `count` non-NULL pointers from a C array.

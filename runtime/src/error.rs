@@ -31,6 +31,19 @@ pub enum RuntimeError {
         /// The parser's message, with its position.
         message: String,
     },
+    /// `manifest.ron` lacks its digest line or does not match it.
+    #[error("manifest.ron is damaged: {problem}; recompile or copy the artifact again")]
+    ManifestDigest {
+        /// What is wrong with the digest line.
+        problem: String,
+    },
+    /// The manifest is not the one `kernels.so` was compiled with (its contract digest, see
+    /// [`crate::Manifest::contract`], differs from the one the native code carries).
+    #[error("manifest.ron does not describe the kernels in kernels.so ({problem}): the manifest was edited or belongs to another build; recompile the model")]
+    Contract {
+        /// What differs.
+        problem: String,
+    },
     /// The artifact was written for another format version.
     #[error("artifact format version {found}, this runtime reads version {expected}: recompile the model")]
     FormatVersion {
@@ -215,6 +228,19 @@ pub enum RuntimeError {
         expected: String,
         /// The caller's shape.
         got: String,
+    },
+    /// An index input holds a value outside the table it indexes; the interpreter's
+    /// `gather` refuses the same value with the same words.
+    #[error("input {input:?}: gather index {index} at position {position} of the indices is out of range for a table of extent {extent}")]
+    GatherIndex {
+        /// The input's name.
+        input: String,
+        /// The value found.
+        index: i64,
+        /// Its position in the input, e.g. `[0, 3]`.
+        position: String,
+        /// The smallest extent of the tables it indexes (the manifest's `index_bounds`).
+        extent: u64,
     },
     /// A buffer's length does not match its tensor's shape and dtype.
     #[error("{kind} {name:?} needs {expected} bytes, got {got}")]

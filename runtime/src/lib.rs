@@ -44,8 +44,9 @@ pub use device::{devices, CudaDeviceInfo, DeviceInfo, Devices, VulkanDeviceInfo}
 pub use error::RuntimeError;
 pub use kernels::{KernelFn, KernelSource, SharedLibrary};
 pub use manifest::{
-    BufRef, CudaTarget, DType, Dispatch, FileDigest, Manifest, ModuleRange, Step, Target, TargetInfo,
-    TensorSpec, VulkanTarget, CUBIN_FILE, KERNELS_FILE, MANIFEST_FILE, PTX_FILE, SPIRV_FILE, WEIGHTS_FILE,
+    is_bidi_control, is_kernel_entry, name_problem, BufRef, CudaTarget, DType, Dispatch, FileDigest,
+    Manifest, ModuleRange, Step, Target, TargetInfo, TensorSpec, VulkanTarget, CONTRACT_SYMBOL, CUBIN_FILE,
+    KERNELS_FILE, MANIFEST_FILE, PTX_FILE, SPIRV_FILE, WEIGHTS_FILE,
 };
 pub use model::{Model, Options};
 pub use profile::{KindProfile, Profile, StepProfile};
@@ -53,4 +54,4 @@ pub use tensor::{Tensor, TensorRef};
 pub use weights::{WeightStore, WeightView};
 
 /// The artifact format version this runtime reads and the compiler writes.
-pub const ARTIFACT_FORMAT_VERSION: u32 = 3;
+pub const ARTIFACT_FORMAT_VERSION: u32 = 4;

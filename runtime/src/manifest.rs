@@ -37,7 +37,8 @@ pub struct Manifest {
     pub inputs: Vec<TensorSpec>,
     /// For each input (same order; empty when none is known), the bound stand-in values must
     /// stay below when the input indexes a table, so `kiln run` fills a missing input as
-    /// `kiln eval` does. Informational: the kernels never rely on it.
+    /// `kiln eval` does; and every run refuses an input value outside `0..bound` (negative ones
+    /// included) before any kernel runs, with the interpreter's gather error, on every device.
     pub index_bounds: Vec<Option<u64>>,
     /// Graph outputs, in the order they are returned.
     pub outputs: Vec<TensorSpec>,
@@ -322,11 +323,269 @@ impl Manifest {
     }
 
     /// Writes the manifest as pretty RON, the form `manifest.ron` holds. Nesting stops at depth
-    /// 3, so each shape and each step's argument list stays on one line.
+    /// 3, so each shape and each step's argument list stays on one line. The last line is the
+    /// digest comment [`Manifest::split_digest`] checks (`// crc32: 1a2b3c4d`), so the
+    /// manifest is covered by a checksum like the files it lists.
     pub fn to_ron(&self) -> Result<String, RuntimeError> {
-        ron::ser::to_string_pretty(self, ron::ser::PrettyConfig::default().depth_limit(3))
-            .map_err(|e| RuntimeError::ManifestSyntax { message: e.to_string() })
+        let mut text = ron::ser::to_string_pretty(self, ron::ser::PrettyConfig::default().depth_limit(3))
+            .map_err(|e| RuntimeError::ManifestSyntax { message: e.to_string() })?;
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        let crc = crc32fast::hash(text.as_bytes());
+        text.push_str(&format!("{DIGEST_PREFIX}{crc:08x}\n"));
+        Ok(text)
     }
+
+    /// Checks the digest line that ends `manifest.ron` text and returns the text before it.
+    /// The line is `// crc32: ` and eight lowercase hex digits (the crc32 of every byte before
+    /// the line), then a newline; anything else after it is refused, so no byte of a manifest
+    /// escapes the check.
+    pub fn split_digest(text: &str) -> Result<&str, RuntimeError> {
+        let no_line = || RuntimeError::ManifestDigest {
+            problem: "its last line is not the digest `// crc32: xxxxxxxx` the compiler writes".into(),
+        };
+        let body_and_line = text.strip_suffix('\n').ok_or_else(no_line)?;
+        let start = body_and_line.rfind('\n').map_or(0, |i| i + 1);
+        let (body, line) = text.split_at(start);
+        let hex = line.strip_prefix(DIGEST_PREFIX).and_then(|l| l.strip_suffix('\n')).ok_or_else(no_line)?;
+        let well_formed =
+            hex.len() == 8 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let expected = u32::from_str_radix(hex, 16).ok().filter(|_| well_formed).ok_or_else(no_line)?;
+        let found = crc32fast::hash(body.as_bytes());
+        if found != expected {
+            return Err(RuntimeError::ManifestDigest {
+                problem: format!(
+                    "its text has crc32 {found:#010x}, its digest line says {expected:#010x}: it was edited or damaged"
+                ),
+            });
+        }
+        Ok(body)
+    }
+
+    /// A 64-bit digest of everything in the manifest that the kernels were compiled against:
+    /// every field but [`Manifest::files`] (which records the kernels file itself and so cannot
+    /// be known when it is built). The compiler embeds it in `kernels.so` as the data symbol
+    /// [`CONTRACT_SYMBOL`]; the runtime recomputes it at load and refuses a manifest whose
+    /// digest differs, so a shape, offset, size, range, symbol or step order that is not the
+    /// one the native code was generated for can never reach that code.
+    ///
+    /// The encoding is written out field by field (FNV-1a 64 over little-endian numbers and
+    /// length-prefixed strings and lists), so it does not depend on a serializer's formatting;
+    /// the exhaustive destructuring makes a new manifest field a compile error here until it
+    /// is covered.
+    pub fn contract(&self) -> u64 {
+        let Manifest {
+            format_version,
+            model,
+            kiln_version,
+            target,
+            inputs,
+            index_bounds,
+            outputs,
+            arena_bytes,
+            files: _,
+            modules,
+            steps,
+        } = self;
+        let mut h = Fnv::new();
+        h.u64(u64::from(*format_version));
+        h.str(model);
+        h.str(kiln_version);
+        match target {
+            Target::Cpu(TargetInfo { triple, cpu, features }) => {
+                h.u64(0);
+                h.str(triple);
+                h.str(cpu);
+                h.str(features);
+            }
+            Target::Vulkan(VulkanTarget {
+                spirv_version,
+                capabilities,
+                buffer_align,
+                max_workgroup_invocations,
+                max_shared_bytes,
+                subgroup_size,
+            }) => {
+                h.u64(1);
+                h.str(spirv_version);
+                h.u64(capabilities.len() as u64);
+                capabilities.iter().for_each(|c| h.str(c));
+                h.u64(*buffer_align);
+                h.u64(u64::from(*max_workgroup_invocations));
+                h.u64(u64::from(*max_shared_bytes));
+                h.opt(subgroup_size.map(u64::from));
+            }
+            Target::Cuda(CudaTarget {
+                compute_capability,
+                ptx_version,
+                buffer_align,
+                max_workgroup_invocations,
+                max_shared_bytes,
+                cubins,
+                precision,
+            }) => {
+                h.u64(2);
+                h.str(precision);
+                compute_capability.iter().for_each(|&c| h.u64(u64::from(c)));
+                h.str(ptx_version);
+                h.u64(*buffer_align);
+                h.u64(u64::from(*max_workgroup_invocations));
+                h.u64(u64::from(*max_shared_bytes));
+                h.ranges(cubins);
+            }
+        }
+        for specs in [inputs, outputs] {
+            h.u64(specs.len() as u64);
+            for TensorSpec { name, dtype, shape } in specs {
+                h.str(name);
+                h.str(dtype.name());
+                h.u64(shape.len() as u64);
+                shape.iter().for_each(|&d| h.u64(d));
+            }
+        }
+        h.u64(index_bounds.len() as u64);
+        index_bounds.iter().for_each(|&b| h.opt(b));
+        h.u64(*arena_bytes);
+        h.ranges(modules);
+        h.u64(steps.len() as u64);
+        for Step { symbol, label, args, dispatch, flops, bytes } in steps {
+            h.str(symbol);
+            h.str(label);
+            h.u64(args.len() as u64);
+            for arg in args {
+                match arg {
+                    BufRef::Arena { offset, bytes } => {
+                        h.u64(0);
+                        h.u64(*offset);
+                        h.u64(*bytes);
+                    }
+                    BufRef::Weight { name, bytes } => {
+                        h.u64(1);
+                        h.str(name);
+                        h.u64(*bytes);
+                    }
+                    BufRef::Input { index } => {
+                        h.u64(2);
+                        h.u64(u64::from(*index));
+                    }
+                    BufRef::Output { index } => {
+                        h.u64(3);
+                        h.u64(u64::from(*index));
+                    }
+                }
+            }
+            match dispatch {
+                Dispatch::Cpu { range, grain } => {
+                    h.u64(0);
+                    h.u64(*range);
+                    h.u64(*grain);
+                }
+                Dispatch::Gpu { module, grid, workgroup } => {
+                    h.u64(1);
+                    h.u64(u64::from(*module));
+                    grid.iter().chain(workgroup).for_each(|&g| h.u64(u64::from(g)));
+                }
+            }
+            h.u64(*flops);
+            h.u64(*bytes);
+        }
+        h.0
+    }
+}
+
+/// The start of the digest line that ends `manifest.ron`.
+const DIGEST_PREFIX: &str = "// crc32: ";
+
+/// The data symbol of `kernels.so` holding [`Manifest::contract`] of the manifest the kernels
+/// were compiled with (a little-endian `u64` on the target).
+pub const CONTRACT_SYMBOL: &str = "kiln_contract";
+
+/// Whether `symbol` has the form of a kernel entry the compiler writes: `kiln_k` and a decimal
+/// kernel number (`kiln_k12`). A manifest naming anything else (`abort`, `free`, a libc
+/// function reachable through the library's dependencies) is refused before any lookup.
+pub fn is_kernel_entry(symbol: &str) -> bool {
+    symbol
+        .strip_prefix("kiln_k")
+        .is_some_and(|n| !n.is_empty() && n.len() <= 10 && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// FNV-1a, 64 bits: the contract digest's hash (a guard against damage and hand edits, not
+/// an adversary: an artifact is native code, trusted like a shared library).
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+
+    fn str(&mut self, s: &str) {
+        self.u64(s.len() as u64);
+        self.bytes(s.as_bytes());
+    }
+
+    fn opt(&mut self, v: Option<u64>) {
+        match v {
+            None => self.u64(0),
+            Some(v) => {
+                self.u64(1);
+                self.u64(v);
+            }
+        }
+    }
+
+    fn ranges(&mut self, ranges: &[ModuleRange]) {
+        self.u64(ranges.len() as u64);
+        for ModuleRange { offset, bytes } in ranges {
+            self.u64(*offset);
+            self.u64(*bytes);
+        }
+    }
+}
+
+/// Why a tensor name cannot name a file inside an output folder, if it cannot: names become
+/// `NAME.npy` files under `kiln eval -o`/`kiln run -o` and C strings in the C ABI, so a name
+/// must be one plain path component that prints as itself.
+pub fn name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        return Some("is empty");
+    }
+    if name == "." || name == ".." {
+        return Some("is a relative directory");
+    }
+    if name.contains(['/', '\\']) {
+        return Some("contains a path separator");
+    }
+    if name.contains('\0') {
+        return Some("contains a NUL character");
+    }
+    if name.chars().any(char::is_control) {
+        return Some("contains a control character");
+    }
+    if name.chars().any(is_bidi_control) {
+        return Some("contains a bidirectional-text control character");
+    }
+    if name.len() > 200 {
+        return Some("is longer than 200 bytes");
+    }
+    None
+}
+
+/// Unicode's explicit bidirectional formatting characters (which make a name display as
+/// another: "Trojan Source").
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// `"[2, 3]"`, the way errors and the profile print a shape.

@@ -17,8 +17,8 @@ use crate::error::RuntimeError;
 use crate::exec;
 use crate::kernels::{KernelSource, SharedLibrary};
 use crate::manifest::{
-    shape_str, FileDigest, Manifest, Target, TensorSpec, CUBIN_FILE, KERNELS_FILE, MANIFEST_FILE, PTX_FILE,
-    SPIRV_FILE, WEIGHTS_FILE,
+    is_kernel_entry, name_problem, shape_str, DType, FileDigest, Manifest, Target, TensorSpec,
+    CONTRACT_SYMBOL, CUBIN_FILE, KERNELS_FILE, MANIFEST_FILE, PTX_FILE, SPIRV_FILE, WEIGHTS_FILE,
 };
 use crate::profile::Profile;
 use crate::target;
@@ -72,12 +72,22 @@ impl Model {
     pub fn load_with(dir: impl AsRef<Path>, options: &Options) -> Result<Model, RuntimeError> {
         let dir = dir.as_ref();
         let manifest_path = dir.join(MANIFEST_FILE);
-        let text =
-            std::fs::read_to_string(&manifest_path).map_err(|e| RuntimeError::io(&manifest_path, e))?;
+        let text = read_manifest(&manifest_path)?;
+        // The digest line first, so nothing of a damaged manifest is believed; but a manifest
+        // of another format version (which may predate the line) is refused by its version.
+        let text = match Manifest::split_digest(&text) {
+            Ok(body) => body,
+            Err(e) => {
+                if let Ok(probe) = ron::from_str::<VersionProbe>(&text) {
+                    check_version(probe.format_version)?;
+                }
+                return Err(e);
+            }
+        };
         let probe: VersionProbe =
-            ron::from_str(&text).map_err(|e| RuntimeError::ManifestSyntax { message: e.to_string() })?;
+            ron::from_str(text).map_err(|e| RuntimeError::ManifestSyntax { message: e.to_string() })?;
         check_version(probe.format_version)?;
-        let manifest = Manifest::from_ron(&text)?;
+        let manifest = Manifest::from_ron(text)?;
         let selection = device::select(&manifest.target, options.device.as_deref())?;
         let kernels_file = match &manifest.target {
             Target::Cpu(_) => {
@@ -97,6 +107,7 @@ impl Model {
         let mut spirv = None;
         let mut ptx = None;
         let mut cubin = None;
+        let mut native = None;
         for digest in &manifest.files {
             let plain = Path::new(&digest.name).file_name().is_some_and(|n| n == digest.name.as_str());
             if !plain {
@@ -117,6 +128,7 @@ impl Model {
                     SPIRV_FILE => spirv = Some(bytes),
                     PTX_FILE => ptx = Some(bytes),
                     CUBIN_FILE => cubin = Some(bytes),
+                    KERNELS_FILE => native = Some(bytes),
                     _ => {}
                 }
             }
@@ -126,14 +138,34 @@ impl Model {
         let weights = WeightStore::from_map(map, weights_path.display().to_string())?;
         match selection {
             Selection::Cpu => {
-                // SAFETY: the file is the artifact's kernels.so, verified against the manifest's
-                // crc32; trusting an artifact's code is what loading a compiled model means.
-                let kernels = unsafe { SharedLibrary::open(dir.join(KERNELS_FILE)) }?;
-                Model::from_parts(manifest, Box::new(kernels), weights, options)
+                let bytes =
+                    native.ok_or_else(|| RuntimeError::NoDigest { file: KERNELS_FILE.to_string() })?;
+                // Everything the manifest alone can contradict is refused before any code loads.
+                check_specs(&manifest)?;
+                check_steps(&manifest)?;
+                // SAFETY: the bytes are the artifact's kernels.so as read once and verified
+                // against the manifest's size and crc32 (they are what loads: no second read of
+                // the file); trusting an artifact's code is what loading a compiled model means.
+                let kernels = unsafe { SharedLibrary::from_bytes(&bytes, &dir.join(KERNELS_FILE)) }?;
+                let embedded = kernels.data_u64(CONTRACT_SYMBOL);
+                // Structural checks (arena, weights, symbols) come first for their precise
+                // messages; nothing runs before the contract is checked just below.
+                let model = Model::from_parts(manifest, Box::new(kernels), weights, options)?;
+                let expected = model.manifest.contract();
+                match embedded {
+                    Some(found) if found == expected => Ok(model),
+                    Some(found) => Err(RuntimeError::Contract {
+                        problem: format!("contract digest {expected:016x}, the kernels carry {found:016x}"),
+                    }),
+                    None => Err(RuntimeError::Contract {
+                        problem: format!("kernels.so exports no {CONTRACT_SYMBOL}"),
+                    }),
+                }
             }
             Selection::Vulkan(index) => {
                 let spirv = spirv.ok_or_else(|| RuntimeError::NoDigest { file: SPIRV_FILE.to_string() })?;
                 check_specs(&manifest)?;
+                check_steps(&manifest)?;
                 let backend = VulkanBackend::load(&manifest, &spirv, &weights, index)?;
                 Ok(Model { manifest, backend: Backend::Vulkan(Box::new(backend)), weights })
             }
@@ -167,6 +199,7 @@ impl Model {
         }
         target::check(&manifest.target)?;
         check_specs(&manifest)?;
+        check_steps(&manifest)?;
         let env = std::env::var_os("KILN_THREADS").map(|v| v.to_string_lossy().into_owned());
         let available = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = exec::resolve_threads(options.threads, env, available)?;
@@ -312,6 +345,9 @@ impl Model {
                 let (name, got) = (spec.name.clone(), input.bytes.len() as u64);
                 return Err(RuntimeError::BufferSize { kind: "input", name, expected, got });
             }
+            if let Some(&Some(bound)) = self.manifest.index_bounds.get(index) {
+                check_index_input(spec, bound, input.bytes)?;
+            }
         }
         Ok(())
     }
@@ -328,6 +364,26 @@ impl std::fmt::Debug for Model {
             .field("weights", &self.weights.len())
             .finish_non_exhaustive()
     }
+}
+
+/// The most bytes a manifest may have: the largest shipped model's is about 200 KiB; a file
+/// far larger is not a manifest, and reading it whole would only exhaust memory.
+const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+
+/// Reads `manifest.ron`, refusing one over [`MAX_MANIFEST_BYTES`] before reading it.
+fn read_manifest(path: &Path) -> Result<String, RuntimeError> {
+    use std::io::Read;
+    let file = File::open(path).map_err(|e| RuntimeError::io(path, e))?;
+    let mut text = String::new();
+    // One byte past the limit tells a file at the limit from a larger one (even a device or
+    // a growing file, whose metadata would not say).
+    file.take(MAX_MANIFEST_BYTES + 1).read_to_string(&mut text).map_err(|e| RuntimeError::io(path, e))?;
+    if text.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(RuntimeError::ManifestDigest {
+            problem: format!("it is larger than {MAX_MANIFEST_BYTES} bytes, which no manifest is"),
+        });
+    }
+    Ok(text)
 }
 
 fn check_version(found: u32) -> Result<(), RuntimeError> {
@@ -361,8 +417,23 @@ fn check_specs(manifest: &Manifest) -> Result<(), RuntimeError> {
     }
     for (kind, specs) in [("input", &manifest.inputs), ("output", &manifest.outputs)] {
         for (i, spec) in specs.iter().enumerate() {
+            // Names become files under `kiln run -o` and C strings: one plain path component.
+            if let Some(problem) = name_problem(&spec.name) {
+                return Err(RuntimeError::invalid(format!("{kind} name {:?} {problem}", spec.name)));
+            }
             if specs[..i].iter().any(|s| s.name == spec.name) {
                 return Err(RuntimeError::invalid(format!("two {kind}s are named {:?}", spec.name)));
+            }
+            if kind == "input" && manifest.index_bounds.get(i).is_some_and(Option::is_some) {
+                match spec.dtype {
+                    DType::I32 | DType::I64 => {}
+                    DType::F32 | DType::F64 | DType::F16 | DType::BF16 | DType::Bool => {
+                        return Err(RuntimeError::invalid(format!(
+                            "input {:?} has an index bound but dtype {} (gather indices are i32 or i64)",
+                            spec.name, spec.dtype
+                        )))
+                    }
+                }
             }
             if spec.byte_len().and_then(|n| usize::try_from(n).ok()).is_none() {
                 return Err(RuntimeError::invalid(format!(
@@ -372,6 +443,86 @@ fn check_specs(manifest: &Manifest) -> Result<(), RuntimeError> {
                 )));
             }
         }
+    }
+    Ok(())
+}
+
+/// Steps must be in the compiler's order (step `i` is labelled `k{i} …`), so a reordered
+/// manifest cannot make a step read an intermediate before the step that writes it; and a CPU
+/// step must name a kernel entry of the form the compiler writes ([`is_kernel_entry`]), so a
+/// manifest can never make the runtime call `abort`, `exit` or `free`.
+fn check_steps(manifest: &Manifest) -> Result<(), RuntimeError> {
+    for (i, step) in manifest.steps.iter().enumerate() {
+        let numbered = step
+            .label
+            .strip_prefix(&format!("k{i}"))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(' '));
+        if !numbered {
+            return Err(RuntimeError::invalid(format!(
+                "step {i} is labelled {:?}, not \"k{i} …\": the steps are out of order or were edited",
+                step.label
+            )));
+        }
+        match manifest.target {
+            Target::Cpu(_) => {
+                if !is_kernel_entry(&step.symbol) {
+                    return Err(RuntimeError::invalid(format!(
+                        "step {:?} names symbol {:?}, which is not a kernel entry (kiln_k<N>)",
+                        step.label, step.symbol
+                    )));
+                }
+            }
+            // GPU entry points are looked up in the step's own module, never in the process.
+            Target::Vulkan(_) | Target::Cuda(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Every element of an index input must lie in `0..bound`, the smallest extent of the tables
+/// it indexes (the manifest's `index_bounds`): the interpreter refuses anything else,
+/// negative values included, and so does every compiled path, before any kernel runs. The
+/// check is one pass over the index inputs (token ids: small next to the run).
+fn check_index_input(spec: &TensorSpec, bound: u64, bytes: &[u8]) -> Result<(), RuntimeError> {
+    let bad = |position: usize, index: i64| {
+        let mut at = Vec::with_capacity(spec.shape.len());
+        let mut rest = position as u64;
+        for &d in spec.shape.iter().rev() {
+            // A tensor with an element has no zero extent; `unwrap_or(0)` only keeps this total.
+            at.push(rest.checked_rem(d).unwrap_or(0));
+            rest = rest.checked_div(d).unwrap_or(0);
+        }
+        at.reverse();
+        Err(RuntimeError::GatherIndex {
+            input: spec.name.clone(),
+            index,
+            position: shape_str(&at),
+            extent: bound,
+        })
+    };
+    let in_range = |v: i64| u64::try_from(v).is_ok_and(|v| v < bound);
+    match spec.dtype {
+        DType::I32 => {
+            for (i, chunk) in bytes.chunks_exact(4).enumerate() {
+                let v = i64::from(i32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]));
+                if !in_range(v) {
+                    return bad(i, v);
+                }
+            }
+        }
+        DType::I64 => {
+            for (i, chunk) in bytes.chunks_exact(8).enumerate() {
+                let mut word = [0u8; 8];
+                word.copy_from_slice(chunk);
+                let v = i64::from_le_bytes(word);
+                if !in_range(v) {
+                    return bad(i, v);
+                }
+            }
+        }
+        // Gather takes integer indices only, so the compiler records no bound for these; a
+        // manifest that does is refused at load (`check_specs`).
+        DType::F32 | DType::F64 | DType::F16 | DType::BF16 | DType::Bool => {}
     }
     Ok(())
 }
@@ -414,7 +565,7 @@ mod tests {
         let err = check_version(probe.format_version).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "artifact format version 7, this runtime reads version 3: recompile the model"
+            "artifact format version 7, this runtime reads version 4: recompile the model"
         );
     }
 }

@@ -54,9 +54,18 @@ fn threads_split_steps_and_agree_with_one_thread() {
     let (x, scale) = (x_data(), scale_data());
     let single = run_toy(&mut load(&toy, 1).unwrap(), &x, &scale).unwrap();
 
-    let mut model = load(&toy, 2).unwrap();
-    assert_eq!(model.threads(), 2);
+    // The kernels are loaded from the file (not from the checked in-memory copy `load` uses),
+    // so that the counter below reads the same instance of the library as the model's.
     let kernels_path = toy.file(KERNELS_FILE);
+    let by_path = |manifest: &Manifest| {
+        // SAFETY: the toy's own kernels.so.
+        let kernels = unsafe { kiln_runtime::SharedLibrary::open(&kernels_path) }.unwrap();
+        let weights = WeightStore::open(toy.file(WEIGHTS_FILE)).unwrap();
+        let options = Options { threads: Some(2), ..Options::default() };
+        Model::from_parts(manifest.clone(), Box::new(kernels), weights, &options).unwrap()
+    };
+    let mut model = by_path(&toy.manifest);
+    assert_eq!(model.threads(), 2);
     let calls = || {
         // SAFETY: the toy's kernels.so, already loaded by the model (same path, same instance).
         let lib = unsafe { libloading::Library::new(&kernels_path) }.unwrap();
@@ -73,15 +82,13 @@ fn threads_split_steps_and_agree_with_one_thread() {
     assert_eq!(calls() - before, 3 * 8);
 
     // A grain of the whole range runs each step in one call.
-    let mut toy = toy;
-    toy.edit(|m| {
-        m.steps.iter_mut().for_each(|s| {
-            if let Dispatch::Cpu { grain, .. } = &mut s.dispatch {
-                *grain = 64;
-            }
-        })
+    let mut manifest = toy.manifest.clone();
+    manifest.steps.iter_mut().for_each(|s| {
+        if let Dispatch::Cpu { grain, .. } = &mut s.dispatch {
+            *grain = 64;
+        }
     });
-    let mut model = load(&toy, 2).unwrap();
+    let mut model = by_path(&manifest);
     let before = calls();
     assert_eq!(run_toy(&mut model, &x, &scale).unwrap(), single);
     assert_eq!(calls() - before, 1);
@@ -180,7 +187,7 @@ unsafe extern "C" fn scale_rows(bufs: *const *mut u8, begin: i64, end: i64) {
 
 impl KernelSource for RustKernels {
     fn lookup(&self, symbol: &str) -> Option<KernelFn> {
-        (symbol == "scale_rows").then_some(scale_rows as KernelFn)
+        (symbol == "kiln_k0").then_some(scale_rows as KernelFn)
     }
 }
 
@@ -191,8 +198,8 @@ fn from_parts_runs_in_memory_kernels_and_weights() {
     manifest.outputs = vec![kiln_runtime::TensorSpec { name: "y".into(), dtype: DType::F32, shape: vec![8] }];
     manifest.arena_bytes = 0;
     manifest.steps = vec![kiln_runtime::Step {
-        symbol: "scale_rows".into(),
-        label: "triple".into(),
+        symbol: "kiln_k0".into(),
+        label: "k0 triple".into(),
         args: vec![BufRef::Weight { name: "w".into(), bytes: 32 }, BufRef::Output { index: 0 }],
         dispatch: kiln_runtime::Dispatch::Cpu { range: 8, grain: 1 },
         flops: 8,
@@ -210,10 +217,10 @@ fn from_parts_runs_in_memory_kernels_and_weights() {
     let out = model.run(&[]).unwrap();
     assert_eq!(out[0].as_f32().unwrap(), w.iter().map(|v| v * 3.0).collect::<Vec<_>>());
 
-    manifest.steps[0].symbol = "nope".into();
+    manifest.steps[0].symbol = "kiln_k7".into();
     let weights = WeightStore::from_owned(vec![("w".into(), DType::F32, vec![8], f32_bytes(&w))]).unwrap();
     let err = Model::from_parts(manifest, Box::new(RustKernels), weights, &Options::default()).unwrap_err();
-    assert_eq!(err.to_string(), "step \"triple\": symbol \"nope\" is not in the kernels");
+    assert_eq!(err.to_string(), "step \"k0 triple\": symbol \"kiln_k7\" is not in the kernels");
 }
 
 #[test]
@@ -222,7 +229,7 @@ fn refuses_another_format_version() {
     toy.edit(|m| m.format_version = 7);
     assert_eq!(
         load_err(&toy),
-        "artifact format version 7, this runtime reads version 3: recompile the model"
+        "artifact format version 7, this runtime reads version 4: recompile the model"
     );
 }
 
@@ -292,7 +299,9 @@ fn refuses_missing_and_corrupt_files() {
     assert_eq!(load_err(&toy), "invalid manifest: \"../x.bin\" in files is not a file name");
 
     let toy = Toy::new();
-    std::fs::write(toy.file(MANIFEST_FILE), "(format_version: 1, model: )").unwrap();
+    let body = "(format_version: 4, model: )\n";
+    let text = format!("{body}// crc32: {:08x}\n", crc32fast::hash(body.as_bytes()));
+    std::fs::write(toy.file(MANIFEST_FILE), text).unwrap();
     assert!(load_err(&toy).starts_with("manifest.ron is not a valid manifest: 1:"));
 }
 
@@ -342,8 +351,19 @@ fn refuses_bad_buffer_references() {
 #[test]
 fn refuses_missing_symbols_and_bad_steps() {
     let mut toy = Toy::new();
-    toy.edit(|m| m.steps[2].symbol = "k_gelu".into());
-    assert_eq!(load_err(&toy), "step \"k2 out [64,16]\": symbol \"k_gelu\" is not in the kernels");
+    toy.edit(|m| m.steps[2].symbol = "kiln_k9".into());
+    assert_eq!(load_err(&toy), "step \"k2 out [64,16]\": symbol \"kiln_k9\" is not in the kernels");
+    // Only kernel entries of the compiler's form are looked up: never a libc function.
+    for symbol in ["abort", "exit", "free", "kiln_contract", "kiln_k", "kiln_k1x"] {
+        let mut toy = Toy::new();
+        toy.edit(|m| m.steps[2].symbol = symbol.into());
+        assert_eq!(
+            load_err(&toy),
+            format!(
+                "invalid manifest: step \"k2 out [64,16]\" names symbol {symbol:?}, which is not a kernel entry (kiln_k<N>)"
+            )
+        );
+    }
 
     let mut toy = Toy::new();
     toy.edit(|m| m.steps[0].dispatch = Dispatch::Cpu { range: 64, grain: 0 });
@@ -373,4 +393,319 @@ fn cpu_target(m: &mut Manifest) -> &mut kiln_runtime::TargetInfo {
         kiln_runtime::Target::Cpu(cpu) => cpu,
         other => panic!("the toy artifact is a CPU one, not {other:?}"),
     }
+}
+
+#[test]
+fn the_manifest_is_covered_by_its_digest_line() {
+    let toy = Toy::new();
+    let text = std::fs::read_to_string(toy.file(MANIFEST_FILE)).unwrap();
+    let last = text.lines().last().unwrap();
+    assert!(last.starts_with("// crc32: ") && last.len() == 18, "{last}");
+
+    // One edited number, digest left as it was.
+    let edited = text.replacen("arena_bytes: 8192", "arena_bytes: 8193", 1);
+    assert_ne!(edited, text);
+    std::fs::write(toy.file(MANIFEST_FILE), &edited).unwrap();
+    let err = load_err(&toy);
+    assert!(
+        err.starts_with("manifest.ron is damaged: its text has crc32 0x")
+            && err.ends_with("it was edited or damaged; recompile or copy the artifact again"),
+        "{err}"
+    );
+    // No digest line, a malformed one, or bytes after it.
+    let body = text.rsplit_once("// crc32:").unwrap().0.to_string();
+    let no_line =
+        "manifest.ron is damaged: its last line is not the digest `// crc32: xxxxxxxx` the compiler \
+                   writes; recompile or copy the artifact again";
+    for damaged in
+        [body.clone(), format!("{body}// crc32: 0x12\n"), format!("{text}\n"), format!("{text}()\n")]
+    {
+        std::fs::write(toy.file(MANIFEST_FILE), damaged).unwrap();
+        assert_eq!(load_err(&toy), no_line);
+    }
+    // A manifest of an older format, which had no digest line, is refused by its version.
+    std::fs::write(toy.file(MANIFEST_FILE), body.replacen("format_version: 4", "format_version: 3", 1))
+        .unwrap();
+    assert_eq!(
+        load_err(&toy),
+        "artifact format version 3, this runtime reads version 4: recompile the model"
+    );
+}
+
+#[test]
+fn a_manifest_the_kernels_were_not_compiled_for_is_refused() {
+    // Each edit passes every structural check: only the contract can tell.
+    type Edit = (&'static str, fn(&mut Manifest));
+    let edits: [Edit; 6] = [
+        ("range", |m| m.steps[0].dispatch = Dispatch::Cpu { range: 63, grain: 4 }),
+        ("shape", |m| m.inputs[1].shape = vec![32]),
+        ("arena offset", |m| m.steps[1].args[2] = BufRef::Arena { offset: 64, bytes: 4096 }),
+        ("swapped symbols", |m| m.steps.swap(0, 1)),
+        ("swapped arguments", |m| m.steps[1].args.swap(0, 1)),
+        ("profile numbers", |m| m.steps[3].flops += 1),
+    ];
+    for (what, edit) in edits {
+        let mut toy = Toy::new();
+        toy.edit(|m| {
+            edit(m);
+            // Keep the labels in order, so the step-order check does not fire first.
+            for (i, s) in m.steps.iter_mut().enumerate() {
+                let rest = s.label.split_once(' ').map_or("", |(_, r)| r).to_string();
+                s.label = format!("k{i} {rest}");
+            }
+        });
+        let err = load_err(&toy);
+        assert!(
+            err.starts_with("manifest.ron does not describe the kernels in kernels.so (contract digest ")
+                && err.ends_with("the manifest was edited or belongs to another build; recompile the model"),
+            "{what}: {err}"
+        );
+    }
+    // Kernels that carry no contract at all.
+    let dir = tempfile::tempdir().unwrap();
+    let so = dir.path().join(KERNELS_FILE);
+    compile_shared(KERNELS_C, &so);
+    let mut toy = Toy::new();
+    std::fs::copy(&so, toy.file(KERNELS_FILE)).unwrap();
+    toy.refresh_digests();
+    assert_eq!(
+        load_err(&toy),
+        "manifest.ron does not describe the kernels in kernels.so (kernels.so exports no kiln_contract): the \
+         manifest was edited or belongs to another build; recompile the model"
+    );
+}
+
+#[test]
+fn steps_out_of_order_and_truncated_kernels_are_refused() {
+    let mut toy = Toy::new();
+    toy.edit(|m| m.steps.swap(1, 2));
+    assert_eq!(
+        load_err(&toy),
+        "invalid manifest: step 1 is labelled \"k2 out [64,16]\", not \"k1 …\": the steps are out of order or \
+         were edited"
+    );
+    // A truncated kernels.so whose digest was updated to match: the loader reads it once into
+    // memory, so the dynamic loader refuses it with a message (never SIGBUS).
+    let mut toy = Toy::new();
+    let bytes = std::fs::read(toy.file(KERNELS_FILE)).unwrap();
+    std::fs::write(toy.file(KERNELS_FILE), &bytes[..bytes.len() / 3]).unwrap();
+    toy.refresh_digests();
+    let err = load_err(&toy);
+    assert!(
+        err.starts_with(&format!(
+            "cannot load {}: not a whole shared object: segment ",
+            toy.file(KERNELS_FILE).display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.ends_with(&format!(
+            "extends past the end of the file ({} bytes): it is truncated",
+            bytes.len() / 3
+        )),
+        "{err}"
+    );
+    // Not an ELF file at all.
+    let mut toy = Toy::new();
+    std::fs::write(toy.file(KERNELS_FILE), b"#!/bin/sh\nexit 1\n").unwrap();
+    toy.refresh_digests();
+    assert_eq!(
+        load_err(&toy),
+        format!(
+            "cannot load {}: not a whole shared object: it is not a 64-bit little-endian ELF file",
+            toy.file(KERNELS_FILE).display()
+        )
+    );
+}
+
+#[test]
+fn tensor_names_that_are_not_plain_file_names_are_refused() {
+    for (name, problem) in [
+        ("../x", "contains a path separator"),
+        ("/etc/passwd", "contains a path separator"),
+        ("..", "is a relative directory"),
+        ("", "is empty"),
+        ("a\0b", "contains a NUL character"),
+        ("a\nb", "contains a control character"),
+        ("a\u{202E}b", "contains a bidirectional-text control character"),
+    ] {
+        let mut toy = Toy::new();
+        toy.edit(|m| m.outputs[0].name = name.into());
+        assert_eq!(load_err(&toy), format!("invalid manifest: output name {name:?} {problem}"));
+        let mut toy = Toy::new();
+        toy.edit(|m| m.inputs[1].name = name.into());
+        assert_eq!(load_err(&toy), format!("invalid manifest: input name {name:?} {problem}"));
+    }
+}
+
+#[test]
+fn index_inputs_outside_their_table_are_refused_before_any_kernel_runs() {
+    // `scale` (i32 [64]) given an index bound of 3, loaded in memory (no contract to match).
+    let toy = Toy::new();
+    let mut manifest = toy.manifest.clone();
+    manifest.index_bounds = vec![None, Some(3)];
+    let load_bounded = |manifest: &Manifest| {
+        // SAFETY: the toy's own kernels.so.
+        let kernels = unsafe { kiln_runtime::SharedLibrary::open(toy.file(KERNELS_FILE)) }.unwrap();
+        let weights = WeightStore::open(toy.file(WEIGHTS_FILE)).unwrap();
+        Model::from_parts(manifest.clone(), Box::new(kernels), weights, &Options::default())
+    };
+    let mut model = load_bounded(&manifest).unwrap();
+    let x = x_data();
+    let scale: Vec<i32> = (0..ROWS as i32).map(|i| i % 3).collect();
+    assert_eq!(run_toy(&mut model, &x, &scale).unwrap(), expected(&x, &scale));
+    for (at, bad) in [(5usize, 3i32), (9, -1), (63, i32::MIN)] {
+        let mut scale = scale.clone();
+        scale[at] = bad;
+        let err = run_toy(&mut model, &x, &scale).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "input \"scale\": gather index {bad} at position [{at}] of the indices is out of range for a \
+                 table of extent 3"
+            )
+        );
+    }
+    // A bound on a float input cannot come from the compiler.
+    manifest.index_bounds = vec![Some(3), None];
+    assert_eq!(
+        load_bounded(&manifest).unwrap_err().to_string(),
+        "invalid manifest: input \"x\" has an index bound but dtype f32 (gather indices are i32 or i64)"
+    );
+}
+
+/// Random edits of the toy manifest (numbers, names, symbols, shapes, offsets, step order,
+/// dtypes), each written with a fresh digest line as a careful forger would: every load either
+/// fails with an error or runs and gives exactly the unedited results. Each case runs in this
+/// process, so a crash fails the test binary. Deterministic (a fixed LCG), 150 cases.
+#[test]
+fn mutated_toy_manifests_load_and_run_correctly_or_are_refused() {
+    let (x, scale) = (x_data(), scale_data());
+    let want = expected(&x, &scale);
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: usize| {
+        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((rng >> 33) as usize) % n.max(1)
+    };
+    let base = Toy::new();
+    let (mut refused, mut ran) = (0, 0);
+    for case in 0..150 {
+        let mut m = base.manifest.clone();
+        mutate(&mut m, &mut next);
+        let text = m.to_ron().unwrap();
+        std::fs::write(base.file(MANIFEST_FILE), text).unwrap();
+        match load(&base, 1) {
+            Err(e) => {
+                assert!(!e.to_string().is_empty(), "case {case}");
+                refused += 1;
+            }
+            Ok(mut model) => {
+                assert_eq!(run_toy(&mut model, &x, &scale).unwrap(), want, "case {case}: {m:?}");
+                ran += 1;
+            }
+        }
+    }
+    assert!(refused > 120, "{refused} refused, {ran} ran");
+}
+
+/// One random edit of `m` (see the test above).
+fn mutate(m: &mut Manifest, next: &mut impl FnMut(usize) -> usize) {
+    const NUMBERS: [u64; 9] = [0, 1, 3, 63, 64, 4096, 8192, u32::MAX as u64, u64::MAX];
+    let number = |next: &mut dyn FnMut(usize) -> usize, old: u64| match next(3) {
+        0 => NUMBERS[next(NUMBERS.len())],
+        1 => old.wrapping_add(1),
+        _ => old.wrapping_sub(64),
+    };
+    let s = next(m.steps.len());
+    match next(14) {
+        0 => m.arena_bytes = number(next, m.arena_bytes),
+        1 => {
+            let i = next(m.inputs.len());
+            let d = next(m.inputs[i].shape.len());
+            m.inputs[i].shape[d] = number(next, m.inputs[i].shape[d]);
+        }
+        2 => {
+            let o = next(m.outputs.len());
+            m.outputs[o].shape.push(1 + next(3) as u64);
+        }
+        3 => {
+            let a = next(m.steps[s].args.len());
+            m.steps[s].args[a] = match m.steps[s].args[a].clone() {
+                BufRef::Arena { offset, bytes } => {
+                    if next(2) == 0 {
+                        BufRef::Arena { offset: number(next, offset), bytes }
+                    } else {
+                        BufRef::Arena { offset, bytes: number(next, bytes) }
+                    }
+                }
+                BufRef::Weight { name, bytes } => BufRef::Weight { name, bytes: number(next, bytes) },
+                BufRef::Input { index } => BufRef::Input { index: number(next, u64::from(index)) as u32 },
+                BufRef::Output { index } => BufRef::Output { index: number(next, u64::from(index)) as u32 },
+            }
+        }
+        4 => {
+            if let Dispatch::Cpu { range, grain } = m.steps[s].dispatch {
+                m.steps[s].dispatch = if next(2) == 0 {
+                    Dispatch::Cpu { range: number(next, range), grain }
+                } else {
+                    Dispatch::Cpu { range, grain: number(next, grain) }
+                };
+            }
+        }
+        5 => {
+            m.steps[s].symbol =
+                ["abort", "exit", "free", "kiln_k0", "kiln_k3", "kiln_k99", "kiln_contract"][next(7)].into()
+        }
+        6 => {
+            let other = next(m.steps.len());
+            m.steps.swap(s, other);
+        }
+        7 => {
+            let other = next(m.steps.len());
+            let labels: Vec<String> = m.steps.iter().map(|st| st.label.clone()).collect();
+            m.steps.swap(s, other);
+            for (st, label) in m.steps.iter_mut().zip(labels) {
+                st.label = label;
+            }
+        }
+        8 => {
+            let i = next(m.inputs.len());
+            m.inputs[i].dtype = DType::ALL[next(DType::ALL.len())];
+        }
+        9 => {
+            let names = ["../y", "/tmp/y", "y", "s", "x", "scale", "a\u{0}b", "a\u{202E}b"];
+            let name = names[next(names.len())].to_string();
+            if next(2) == 0 {
+                m.outputs[next(2)].name = name;
+            } else {
+                m.inputs[next(2)].name = name;
+            }
+        }
+        10 => {
+            let a = next(m.steps[s].args.len());
+            m.steps[s].args.remove(a);
+        }
+        11 => {
+            let a = next(m.steps[s].args.len());
+            let b = next(m.steps[s].args.len());
+            m.steps[s].args.swap(a, b);
+        }
+        12 => m.index_bounds = vec![None, Some(number(next, 3))],
+        _ => {
+            let f = next(m.files.len());
+            m.files[f].bytes = number(next, m.files[f].bytes);
+        }
+    }
+}
+
+#[test]
+fn a_manifest_larger_than_any_manifest_is_refused_before_it_is_read_whole() {
+    let toy = Toy::new();
+    let file = std::fs::File::create(toy.file(MANIFEST_FILE)).unwrap();
+    file.set_len((64 << 20) + 1).unwrap();
+    assert_eq!(
+        load_err(&toy),
+        "manifest.ron is damaged: it is larger than 67108864 bytes, which no manifest is; recompile or copy the \
+         artifact again"
+    );
 }

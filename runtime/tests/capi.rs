@@ -337,3 +337,80 @@ fn run_artifact_example() {
     let out = Command::new(&exe).arg("--bogus").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A one-step model whose kernel stores 1 into its output `entered`, then waits until its input
+/// `gate` is nonzero: a run that is provably in progress while the test calls again.
+const GATE_C: &str = r#"
+#include <stdint.h>
+void kiln_k0(void **b, int64_t begin, int64_t end) {
+    const int32_t *gate = b[0];
+    int32_t *entered = b[1];
+    (void)begin; (void)end;
+    __atomic_store_n(entered, 1, __ATOMIC_RELEASE);
+    while (__atomic_load_n(gate, __ATOMIC_ACQUIRE) == 0) {}
+}
+"#;
+
+#[test]
+fn a_model_run_from_two_threads_at_once_is_an_error() {
+    use kiln_runtime::{BufRef, DType, Dispatch, Step, TensorSpec};
+    use std::sync::atomic::{AtomicI32, Ordering};
+    let mut manifest = toy_manifest();
+    let spec = |name: &str| TensorSpec { name: name.into(), dtype: DType::I32, shape: vec![1] };
+    manifest.inputs = vec![spec("gate")];
+    manifest.outputs = vec![spec("entered")];
+    manifest.arena_bytes = 0;
+    manifest.steps = vec![Step {
+        symbol: "kiln_k0".into(),
+        label: "k0 gate [1]".into(),
+        args: vec![BufRef::Input { index: 0 }, BufRef::Output { index: 0 }],
+        dispatch: Dispatch::Cpu { range: 1, grain: 1 },
+        flops: 0,
+        bytes: 8,
+    }];
+    let toy = Toy::custom(manifest, GATE_C);
+    let dir = CString::new(toy.path().to_str().unwrap()).unwrap();
+    // SAFETY: the model is loaded, shared with one scoped thread that ends before it is freed,
+    // and given buffers of the sizes it declares (atomics, since the kernel and this thread
+    // touch them concurrently).
+    unsafe {
+        let model = kiln_model_load_with_threads(dir.as_ptr(), 1);
+        assert!(!model.is_null(), "{}", last_error());
+        let (gate, entered) = (AtomicI32::new(0), AtomicI32::new(0));
+        let (gate_ptr, entered_ptr) = (gate.as_ptr() as usize, entered.as_ptr() as usize);
+        let model_addr = model as usize;
+        std::thread::scope(|scope| {
+            let first = scope.spawn(move || {
+                let inputs = [gate_ptr as *const c_void];
+                let outputs = [entered_ptr as *mut c_void];
+                let status = kiln_model_run(model_addr as *mut KilnModel, inputs.as_ptr(), outputs.as_ptr());
+                (status, last_error())
+            });
+            while entered.load(Ordering::Acquire) == 0 {
+                std::thread::yield_now();
+            }
+            // The first run is inside its kernel: a second one must be refused, untouched.
+            let other_gate = 1i32;
+            let mut other_out = 7i32;
+            let inputs = [&other_gate as *const i32 as *const c_void];
+            let outputs = [&mut other_out as *mut i32 as *mut c_void];
+            assert_eq!(kiln_model_run(model, inputs.as_ptr(), outputs.as_ptr()), 1);
+            assert_eq!(
+                last_error(),
+                "the model is already running on another thread: one handle runs one call at a time \
+                 (load one model per thread)"
+            );
+            assert_eq!(other_out, 7, "the refused call wrote its output");
+            gate.store(1, Ordering::Release);
+            let (status, message) = first.join().unwrap();
+            assert_eq!(status, 0, "{message}");
+        });
+        // Free again: the next run succeeds.
+        let mut out = 0i32;
+        let inputs = [&gate as *const AtomicI32 as *const c_void];
+        let outputs = [&mut out as *mut i32 as *mut c_void];
+        assert_eq!(kiln_model_run(model, inputs.as_ptr(), outputs.as_ptr()), 0, "{}", last_error());
+        assert_eq!(out, 1);
+        kiln_model_free(model);
+    }
+}

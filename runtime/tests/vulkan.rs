@@ -288,6 +288,7 @@ fn refuses_bad_entry_points_and_capabilities() {
     a.edit(|m| {
         let mut extra = m.steps[0].clone();
         extra.args.push(BufRef::Output { index: 1 });
+        extra.label = format!("k{} mul again", m.steps.len());
         m.steps.push(extra);
     });
     assert!(load_err(&a).contains("passes 4 buffers to entry point \"mul\" of module 0, another step 3"));

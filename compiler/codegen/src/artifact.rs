@@ -111,12 +111,6 @@ pub fn build_artifact(
     let t0 = Instant::now();
     let program = program::kernels(s, target)?;
     let t1 = Instant::now();
-    let compiled = build::compile(&program.kernels, target)?;
-    let t2 = Instant::now();
-
-    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    let so = dir.join(KERNELS_FILE);
-    build::link_shared(&compiled.object, target, &so)?;
 
     // Every step's arguments; the weights they name are the ones stored. A weight that only
     // feeds matmuls as B is stored packed, and not as written.
@@ -147,15 +141,7 @@ pub fn build_artifact(
             bytes: k.bytes,
         });
     }
-    let wpath = dir.join(WEIGHTS_FILE);
-    kiln_ir::tensor_io::write_safetensors(&wpath, &stored.weights).map_err(|e| io_err(&wpath, e))?;
-
-    let digest = |name: &str| -> Result<FileDigest, CodegenError> {
-        let path = dir.join(name);
-        let data = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
-        Ok(FileDigest::of(name, &data))
-    };
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         format_version: ARTIFACT_FORMAT_VERSION,
         model: model.to_string(),
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -168,10 +154,27 @@ pub fn build_artifact(
         index_bounds: s.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
         outputs: s.outputs.iter().map(tensor_spec).collect(),
         arena_bytes: s.arena_bytes as u64,
-        files: vec![digest(KERNELS_FILE)?, digest(WEIGHTS_FILE)?],
+        // Filled in below, once the files exist (the contract digest leaves them out).
+        files: Vec::new(),
         modules: Vec::new(),
         steps,
     };
+    // The kernels carry the digest of the manifest they were compiled for, so the runtime
+    // refuses any other manifest (an edited shape, offset or symbol) before running them.
+    let compiled = build::compile_with_contract(&program.kernels, target, Some(manifest.contract()))?;
+    let t2 = Instant::now();
+
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let so = dir.join(KERNELS_FILE);
+    build::link_shared(&compiled.object, target, &so)?;
+    let wpath = dir.join(WEIGHTS_FILE);
+    kiln_ir::tensor_io::write_safetensors(&wpath, &stored.weights).map_err(|e| io_err(&wpath, e))?;
+    let digest = |name: &str| -> Result<FileDigest, CodegenError> {
+        let path = dir.join(name);
+        let data = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
+        Ok(FileDigest::of(name, &data))
+    };
+    manifest.files = vec![digest(KERNELS_FILE)?, digest(WEIGHTS_FILE)?];
     let text = manifest.to_ron().map_err(|e| CodegenError::Artifact(e.to_string()))?;
     let mpath = dir.join(MANIFEST_FILE);
     std::fs::write(&mpath, text).map_err(|e| io_err(&mpath, e))?;

@@ -86,6 +86,18 @@ pub struct Compiled {
 
 /// Lowers, translates, optimizes and emits `kernels` for `target`.
 pub fn compile(kernels: &[Kernel], target: &dyn Target) -> Result<Compiled, CodegenError> {
+    compile_with_contract(kernels, target, None)
+}
+
+/// [`compile`], and when `contract` is given, exports it as the constant `u64`
+/// [`kiln_runtime::CONTRACT_SYMBOL`]: the digest of the manifest the kernels are compiled for
+/// ([`kiln_runtime::Manifest::contract`]), which the runtime compares with the manifest it
+/// loads, so an edited manifest never reaches this code.
+pub fn compile_with_contract(
+    kernels: &[Kernel],
+    target: &dyn Target,
+    contract: Option<u64>,
+) -> Result<Compiled, CodegenError> {
     let mlir = module_text(kernels);
     let context = context();
     let mut module = parse_module(&context, &mlir)?;
@@ -96,6 +108,13 @@ pub fn compile(kernels: &[Kernel], target: &dyn Target) -> Result<Compiled, Code
     let llvm = LlvmContext::create();
     let llvm_module = translate_to_llvm(&context, &module, &llvm)?;
     add_entries(&llvm, &llvm_module, kernels)?;
+    if let Some(contract) = contract {
+        let i64t = llvm.i64_type();
+        let global = llvm_module.add_global(i64t, None, kiln_runtime::CONTRACT_SYMBOL);
+        global.set_initializer(&i64t.const_int(contract, false));
+        global.set_constant(true);
+        global.set_linkage(Linkage::External);
+    }
     let triple = TargetTriple::create(target.triple());
     llvm_module.set_triple(&triple);
     llvm_module.set_data_layout(&machine.get_target_data().get_data_layout());

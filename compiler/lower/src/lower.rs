@@ -807,7 +807,23 @@ impl<'a> Lowerer<'a> {
                 self.diags.push(d);
                 return None;
             }
-            config.insert(k.name.clone(), self.cvalue(e)?);
+            let value = self.cvalue(e)?;
+            // The std norms add `eps` under a square root, as the fused norm ops do: a negative
+            // or infinite one makes every output NaN or zero, so it is refused with the ops'
+            // words (`LayerNorm(eps: …)`), at the caller's value.
+            if qualified.starts_with("std.") && k.name == "eps" {
+                let eps = match value {
+                    CValue::Float(f) => Some(f),
+                    CValue::Int(i) => Some(i as f64),
+                    CValue::Bool(_) => None,
+                };
+                if let Some(eps) = eps.filter(|x| !(x.is_finite() && *x >= 0.0)) {
+                    let msg = format!("`eps` must be a finite non-negative number, but it is {eps}");
+                    self.diags.push(Diagnostic::error(msg).at(e.span, "invalid eps"));
+                    return None;
+                }
+            }
+            config.insert(k.name.clone(), value);
         }
         let scope_seg = match &c.scope {
             Some(s) => Some(self.template(s)?),

@@ -242,3 +242,37 @@ fn explanations_show_the_library_line_and_the_model_line_that_called_it() {
     let text = kiln_opt::explanations_to_text(&r.explanations);
     assert!(text.contains("(called at "), "{text}");
 }
+
+#[test]
+fn a_10000_op_elementwise_chain_optimizes_without_overflowing_the_stack() {
+    use kiln_ir::{BinaryOp, DType, UnaryOp};
+    let mut g = Graph::new("chain");
+    let x = g.add(Op::Input { name: "x".into(), dtype: DType::F32, shape: vec![4] }, &[]).expect("input");
+    let mut v = x;
+    for i in 0..10_000 {
+        let (op, operands) = match i % 3 {
+            0 => (Op::Unary(UnaryOp::Tanh), vec![v]),
+            1 => (Op::Binary(BinaryOp::Add), vec![v, x]),
+            _ => (Op::Unary(UnaryOp::Neg), vec![v]),
+        };
+        v = g.add(op, &operands).expect("elementwise op");
+    }
+    g.add_output("y", v);
+    // On a thread with a small stack (the default of spawned threads is 2 MiB): a recursion
+    // over the chain's depth anywhere in the optimizer would overflow it.
+    let worker = std::thread::Builder::new().stack_size(1 << 20);
+    let (before, after) = worker
+        .spawn(move || {
+            let (opt, _) = optimize(&g, &Options::default()).expect("optimizes");
+            let b = bindings(&g, 3);
+            let want = kiln_ir::eval(&g, &b).expect("original evaluates");
+            let got = kiln_ir::eval(&opt, &b).expect("optimized evaluates");
+            (want[0].1.to_f64_vec(), got[0].1.to_f64_vec())
+        })
+        .expect("spawn")
+        .join()
+        .expect("the optimizer ran to the end");
+    for (a, b) in before.iter().zip(&after) {
+        assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{a} vs {b}");
+    }
+}

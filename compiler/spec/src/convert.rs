@@ -134,6 +134,20 @@ impl Converter {
     /// Refuses a config name that config expressions read as a constant or an operator
     /// (`pi`, `inf`, `true`, `and`, …): the entry could never be read, so defining it is a
     /// mistake rather than a redefinition.
+    /// Whether an input or output name can name a file: `kiln eval -o`/`kiln run -o` write
+    /// `NAME.npy` into the output folder, and the compiled model's C ABI hands the name out as
+    /// a C string, so a name must be one plain path component that prints as itself. The
+    /// runtime refuses the same names in a manifest (`kiln_runtime::name_problem`).
+    fn file_name(&mut self, name: &Ident, kind: &str) -> bool {
+        let Some(problem) = name_problem(&name.name) else { return true };
+        self.diags.push(
+            Diagnostic::error(format!("{kind} name {:?} {problem}", name.name))
+                .at(name.span, "not a plain name")
+                .note(format!("{kind} names become file names (NAME.npy) under `-o`: use letters, digits, `_`, `-` or `.`")),
+        );
+        false
+    }
+
     fn reserved(&mut self, name: &Ident, what: &str) -> bool {
         if !crate::cexpr::RESERVED.contains(&name.name.as_str()) {
             return false;
@@ -253,9 +267,20 @@ impl Converter {
             self.expected(v, "a map `{\"name\": (dtype, [shape]), …}`");
             return vec![];
         };
-        let mut out = Vec::new();
+        let mut out: Vec<InputDecl> = Vec::new();
         for (k, val) in entries {
             let Some(name) = self.name(k, "an input name string") else { continue };
+            if !self.file_name(&name, "input") {
+                continue;
+            }
+            if let Some(prev) = out.iter().find(|i| i.name.name == name.name) {
+                self.diags.push(
+                    Diagnostic::error(format!("input `{}` is declared twice", name.name))
+                        .at(name.span, "declared again here")
+                        .with_related(prev.name.span, "first declared here"),
+                );
+                continue;
+            }
             match &val.kind {
                 Kind::Tuple(None, parts) if parts.len() == 2 => {
                     if let (Some(dtype), Some(shape)) = (self.dtype(&parts[0]), self.shape(&parts[1])) {
@@ -272,15 +297,17 @@ impl Converter {
         match &v.kind {
             Kind::List(items) => items
                 .iter()
-                .filter_map(|i| self.name(i, "an output name"))
-                .map(|n| OutputDecl { name: n.clone(), value: n })
+                .filter_map(|i| {
+                    let n = self.name(i, "an output name")?;
+                    self.file_name(&n, "output").then(|| OutputDecl { name: n.clone(), value: n })
+                })
                 .collect(),
             Kind::Map(entries) => entries
                 .iter()
                 .filter_map(|(k, val)| {
                     let name = self.name(k, "an output name")?;
                     let value = self.name(val, "the name of the tensor to output")?;
-                    Some(OutputDecl { name, value })
+                    self.file_name(&name, "output").then_some(OutputDecl { name, value })
                 })
                 .collect(),
             _ => {
@@ -893,4 +920,33 @@ fn inner_span(v: &Value) -> Span {
     } else {
         v.span
     }
+}
+
+/// Why `name` cannot be an input or output name, if it cannot: the rules of
+/// `kiln_runtime::name_problem` (kept equal; `tests/compiled.rs` checks both on the same list).
+pub fn name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        return Some("is empty");
+    }
+    if name == "." || name == ".." {
+        return Some("is a relative directory");
+    }
+    if name.contains(['/', '\\']) {
+        return Some("contains a path separator");
+    }
+    if name.contains('\0') {
+        return Some("contains a NUL character");
+    }
+    if name.chars().any(char::is_control) {
+        return Some("contains a control character");
+    }
+    if name.chars().any(|c| {
+        matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    }) {
+        return Some("contains a bidirectional-text control character");
+    }
+    if name.len() > 200 {
+        return Some("is longer than 200 bytes");
+    }
+    None
 }

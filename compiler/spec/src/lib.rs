@@ -15,6 +15,7 @@ pub mod syntax;
 
 pub use ast::*;
 pub use cexpr::{parse_cexpr, CExpr, SpannedCExpr};
+pub use convert::name_problem;
 pub use diag::{Diagnostic, Diagnostics, Severity};
 pub use source::{FileId, Location, SourceFile, Sources, Span};
 pub use suggest::closest;

@@ -28,26 +28,26 @@ pub const KERNELS_C: &str = r#"
 
 static int64_t calls;
 
-void k_mul(void **b, int64_t begin, int64_t end) {
+void kiln_k0(void **b, int64_t begin, int64_t end) {
     const float *x = b[0], *w = b[1];
     float *t = b[2];
     __atomic_add_fetch(&calls, 1, __ATOMIC_RELAXED);
     for (int64_t i = begin * COLS; i < end * COLS; i++) t[i] = x[i] * w[i];
 }
 
-void k_add(void **b, int64_t begin, int64_t end) {
+void kiln_k1(void **b, int64_t begin, int64_t end) {
     const float *t = b[0], *c = b[1];
     float *u = b[2];
     for (int64_t i = begin * COLS; i < end * COLS; i++) u[i] = t[i] + c[i];
 }
 
-void k_out(void **b, int64_t begin, int64_t end) {
+void kiln_k2(void **b, int64_t begin, int64_t end) {
     const float *u = b[0], *x = b[1];
     float *y = b[2];
     for (int64_t i = begin * COLS; i < end * COLS; i++) y[i] = u[i] * 2.0f + x[i];
 }
 
-void k_rowsum(void **b, int64_t begin, int64_t end) {
+void kiln_k3(void **b, int64_t begin, int64_t end) {
     const float *t = b[0];
     const int32_t *scale = b[1];
     float *s = b[2];
@@ -60,6 +60,21 @@ void k_rowsum(void **b, int64_t begin, int64_t end) {
 
 int64_t toy_calls_of_k_mul(void) { return __atomic_load_n(&calls, __ATOMIC_RELAXED); }
 "#;
+
+/// The toy kernels with the contract digest of [`toy_manifest`], exported as the compiler
+/// exports it, so that the toy artifact loads as a compiled one does.
+pub fn toy_source() -> String {
+    with_contract(KERNELS_C, &toy_manifest())
+}
+
+/// `source` plus the `kiln_contract` constant of `manifest`.
+pub fn with_contract(source: &str, manifest: &Manifest) -> String {
+    format!(
+        "{source}\nconst unsigned long long {} = {:#x}ULL;\n",
+        kiln_runtime::CONTRACT_SYMBOL,
+        manifest.contract()
+    )
+}
 
 /// Compiles C source into a shared object, as the compiler's backend would emit one.
 pub fn compile_shared(source: &str, out: &Path) {
@@ -82,7 +97,7 @@ pub fn toy_kernels() -> &'static [u8] {
     BYTES.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
         let so = dir.path().join(KERNELS_FILE);
-        compile_shared(KERNELS_C, &so);
+        compile_shared(&toy_source(), &so);
         std::fs::read(&so).expect("read kernels")
     })
 }
@@ -171,17 +186,17 @@ pub fn toy_manifest() -> Manifest {
         files: Vec::new(),
         modules: Vec::new(),
         steps: vec![
-            step("k_mul", "k0 mul [64,16]", vec![BufRef::Input { index: 0 }, w(), t()], 4, N as u64),
-            step("k_add", "k1 add [64,16]", vec![t(), c(), u()], 4, N as u64),
+            step("kiln_k0", "k0 mul [64,16]", vec![BufRef::Input { index: 0 }, w(), t()], 4, N as u64),
+            step("kiln_k1", "k1 add [64,16]", vec![t(), c(), u()], 4, N as u64),
             step(
-                "k_out",
+                "kiln_k2",
                 "k2 out [64,16]",
                 vec![u(), BufRef::Input { index: 0 }, BufRef::Output { index: 0 }],
                 4,
                 2 * N as u64,
             ),
             step(
-                "k_rowsum",
+                "kiln_k3",
                 "k3 rowsum [64]",
                 vec![t(), BufRef::Input { index: 1 }, BufRef::Output { index: 1 }],
                 8,
@@ -204,6 +219,17 @@ impl Toy {
         std::fs::write(dir.path().join(KERNELS_FILE), toy_kernels()).expect("write kernels");
         std::fs::write(dir.path().join(WEIGHTS_FILE), weights_file()).expect("write weights");
         let mut toy = Toy { dir, manifest: toy_manifest() };
+        toy.refresh_digests();
+        toy
+    }
+
+    /// An artifact of `manifest` whose kernels are `source` (C) compiled with the manifest's
+    /// contract, and the toy's weights.
+    pub fn custom(manifest: Manifest, source: &str) -> Toy {
+        let dir = tempfile::Builder::new().suffix(".kiln").tempdir().expect("tempdir");
+        compile_shared(&with_contract(source, &manifest), &dir.path().join(KERNELS_FILE));
+        std::fs::write(dir.path().join(WEIGHTS_FILE), weights_file()).expect("write weights");
+        let mut toy = Toy { dir, manifest };
         toy.refresh_digests();
         toy
     }

@@ -341,20 +341,23 @@ pub(crate) fn convert(b: &mut Body, x: &str, from: DType, to: DType) -> String {
             b.assign(format!("{op} {x} : {rf} to {rt}"))
         }
         _ => {
-            // float → int: clamp into range, NaN → 0, then truncate toward zero.
-            let (lo, hi) = if rt == "i32" {
-                (i32::MIN as f64, i32::MAX as f64)
-            } else {
-                (i64::MIN as f64, i64::MAX as f64)
-            };
-            let lo = b.float(lo, rf);
-            let hi = b.float(hi, rf);
-            let c = b.fmax(x, &lo, rf);
-            let c = b.fmin(&c, &hi, rf);
-            let is_nan = b.assign(format!("arith.cmpf uno, {x}, {x} : {rf}"));
+            // float → int as the interpreter's `as`: truncate toward zero, saturating (±inf and
+            // out-of-range values give MIN/MAX), NaN → 0. The integer type's MAX is not a float
+            // (2³¹ − 1 and 2⁶³ − 1 round up to 2³¹ and 2⁶³, which `fptosi` cannot convert), so
+            // values at or above 2ᵇⁱᵗˢ⁻¹ select MAX instead of being clamped to it; MIN (−2ᵇⁱᵗˢ⁻¹)
+            // is exact and clamping to it is enough. `fptosi` only ever sees a value in range.
+            let (bits, max) = if rt == "i32" { (31, i64::from(i32::MAX)) } else { (63, i64::MAX) };
+            let lo = b.float(-(2f64.powi(bits)), rf);
+            let limit = b.float(2f64.powi(bits), rf);
             let zero = b.float(0.0, rf);
-            let c = b.select(&is_nan, &zero, &c, rf);
-            b.assign(format!("arith.fptosi {c} : {rf} to {rt}"))
+            let too_big = b.assign(format!("arith.cmpf oge, {x}, {limit} : {rf}"));
+            let is_nan = b.assign(format!("arith.cmpf uno, {x}, {x} : {rf}"));
+            let no_value = b.assign(format!("arith.ori {too_big}, {is_nan} : i1"));
+            let c = b.fmax(x, &lo, rf);
+            let c = b.select(&no_value, &zero, &c, rf);
+            let i = b.assign(format!("arith.fptosi {c} : {rf} to {rt}"));
+            let max = b.int(max, rt);
+            b.select(&too_big, &max, &i, rt)
         }
     };
     match to {
