@@ -1444,3 +1444,181 @@ fn the_front_end_and_the_runtime_agree_on_tensor_names() {
     assert_eq!(kiln_runtime::name_problem("ids"), None);
     assert_eq!(kiln_runtime::name_problem(&long), Some("is longer than 200 bytes"));
 }
+
+// ------------------------------------------------------------------ fuzzing past the front end
+
+/// Pieces spliced into small models: tokens, ops, odd numbers, names.
+const SPEC_FRAGMENTS: &[&str] = &[
+    "(",
+    ")",
+    "[",
+    "]",
+    ",",
+    "\"x\"",
+    "\"y\"",
+    "-1",
+    "0",
+    "1e30",
+    "-0.0",
+    "0.5",
+    "2",
+    "65536",
+    "Add(\"x\", \"x\")",
+    "Mul(\"x\", 0.0)",
+    "Div(\"x\", 0.0)",
+    "Log(\"x\")",
+    "Exp(Mul(\"x\", 100.0))",
+    "Transpose(\"x\")",
+    "Sum(x: \"x\", axes: [0])",
+    "Softmax(x: \"x\", axis: 0)",
+    "MatMul(\"x\", \"x\")",
+    "Reshape(\"x\", [-1])",
+    "Cast(x: \"x\", to: i32)",
+    "Cast(x: \"x\", to: f16)",
+    "f64",
+    "i64",
+    "bool",
+];
+
+/// The small models the mutations start from (each lowers and compiles as written).
+const SEED_SPECS: &[&str] = &[
+    r#"Model(name: "a", config: { "n": 4 }, inputs: { "x": (f32, ["n", "n"]) }, body: [Let("y", Softmax(x: Add(MatMul("x", "x"), 1.0), axis: 1))], outputs: ["y"])"#,
+    r#"Model(name: "b", config: {}, inputs: { "x": (f32, [3, 5]), "y": (f32, [5]) }, body: [Let("z", Tanh(Mul("x", "y"))), Let("w", Sum(x: "z", axes: [1]))], outputs: ["z", "w"])"#,
+    r#"Model(name: "c", config: { "k": 2 }, inputs: { "x": (f32, [2, 4, 6, 6]) }, body: [Let("p", MaxPool2d(x: "x", kernel: ["k", "k"], stride: [2, 2])), Let("q", LayerNorm(x: "p", eps: 1e-5))], outputs: ["q"])"#,
+];
+
+/// Lowers `text`; when it lowers, optimizes, schedules, compiles for this CPU, loads and runs
+/// it on seeded inputs. Any step may refuse with an error; none may panic.
+fn through_the_whole_pipeline(text: &str) {
+    let (_, lowered) = kiln_lower::load_str("fuzz.ron", text, &[]);
+    let Ok(l) = lowered else { return };
+    let Ok((g, _)) = kiln_opt::optimize(&l.graph, &kiln_opt::Options::default()) else { return };
+    if g.node_ids().any(|id| g.ty(id).numel() == 0 || g.ty(id).numel() > 1 << 20) {
+        return;
+    }
+    let Ok(params) = kiln_ir::bind_params(&g, None, 0, false) else { return };
+    let Ok(s) = kiln_sched::schedule(&g) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    if kiln_codegen::build_artifact(&g.name, &s, &params, &kiln_codegen::CpuTarget::host(), dir.path())
+        .is_err()
+    {
+        return;
+    }
+    let Ok(mut model) = Model::load_with(dir.path(), &Options { threads: Some(2), ..Options::default() })
+    else {
+        return;
+    };
+    let inputs = kiln_ir::seeded_inputs(&g, 0);
+    let owned: Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> = model
+        .inputs()
+        .iter()
+        .filter_map(|spec| {
+            inputs
+                .get(&spec.name)
+                .map(|t| (spec.name.clone(), spec.dtype, spec.shape.clone(), t.data.to_le_bytes()))
+        })
+        .collect();
+    let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
+    let _ = model.run(&refs);
+}
+
+/// Arguments the CLI fuzz draws from: every subcommand, its flags, and values good and bad.
+const CLI_WORDS: &[&str] = &[
+    "check",
+    "inspect",
+    "eval",
+    "compile",
+    "run",
+    "--stage",
+    "ir",
+    "opt",
+    "kernels",
+    "gpu",
+    "ptx",
+    "spirv",
+    "--format",
+    "json",
+    "dot",
+    "--set",
+    "batch=0",
+    "batch=-1",
+    "layers=99999999999",
+    "hidden=3",
+    "--seed",
+    "-5",
+    "18446744073709551615",
+    "--target",
+    "cuda:sm_1",
+    "vulkan",
+    "riscv",
+    "--precision",
+    "tf32",
+    "f64",
+    "--device",
+    "cuda:7",
+    "list",
+    "--threads",
+    "0",
+    "100000",
+    "--repeats",
+    "-o",
+    "/nonexistent/x",
+    "--input",
+    "x=missing.npy",
+    "models/mlp.ron",
+    "models/lstm.ron",
+    "/dev/null",
+    "--explain",
+    "--origins",
+    "--weights",
+    "--init-missing",
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: std::env::var("KILN_FUZZ_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(24), .. ProptestConfig::default() })]
+
+    /// Mutated small models go through lowering, the optimizer, the scheduler, code generation
+    /// and the runtime: each stage may refuse, none may panic.
+    #[test]
+    fn mutated_specs_never_panic_anywhere_in_the_pipeline(
+        seed in 0usize..SEED_SPECS.len(),
+        edits in prop::collection::vec((0usize..10_000, 0usize..12, 0usize..SPEC_FRAGMENTS.len(), 0u8..3), 0..4),
+    ) {
+        let mut text = SEED_SPECS[seed].to_string();
+        for (at, len, frag, kind) in edits {
+            let at = at % (text.len() + 1);
+            let end = (at + len).min(text.len());
+            match kind {
+                0 => text.replace_range(at..end, ""),
+                1 => text.insert_str(at, SPEC_FRAGMENTS[frag]),
+                _ => text.replace_range(at..end, SPEC_FRAGMENTS[frag]),
+            }
+        }
+        through_the_whole_pipeline(&text);
+    }
+
+    /// Random argument lists: kiln answers with exit 0, 1 (an error it explains) or 2 (usage),
+    /// never a panic or a signal.
+    #[test]
+    fn cli_argument_combinations_never_panic(words in prop::collection::vec(0usize..CLI_WORDS.len(), 1..7)) {
+        let args: Vec<&str> = words.iter().map(|&w| CLI_WORDS[w]).collect();
+        // In a scratch folder holding copies of the models it names, so no combination can
+        // write over the repository's files.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("models")).unwrap();
+        for m in ["mlp.ron", "lstm.ron"] {
+            let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(m);
+            std::fs::copy(from, dir.path().join("models").join(m)).unwrap();
+        }
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .current_dir(dir.path())
+            .env("KILN_CACHE", dir.path())
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run kiln");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        prop_assert!(matches!(out.status.code(), Some(0..=2)), "kiln {}: {:?}\n{stderr}", args.join(" "), out.status);
+        prop_assert!(!stderr.contains("panicked"), "kiln {}: {stderr}", args.join(" "));
+    }
+}
