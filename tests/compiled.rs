@@ -995,7 +995,10 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
                 kernels += 1;
             }
         }
-        eprintln!("{arch_label}: {kernels} kernels assembled by ptxas; {} of them spill registers", spilling.len());
+        eprintln!(
+            "{arch_label}: {kernels} kernels assembled by ptxas; {} of them spill registers",
+            spilling.len()
+        );
         for s in &spilling {
             eprintln!("  spills: {s}");
         }
