@@ -485,19 +485,19 @@ fn mma_step(
                     .collect()
             })
             .collect();
-        for i in 0..sub[0] {
-            for j in 0..sub[1] {
+        for (i, af) in a_frags.iter().enumerate() {
+            for (j, bf) in b_frags.iter().enumerate() {
                 let base = (i * sub[1] + j) * per;
                 let c = &acc[base..base + per];
                 if let Some(em) = &l.emulation {
-                    let d = emulate_mma(b, l, em, &a_frags[i], &b_frags[j], c);
+                    let d = emulate_mma(b, l, em, af, bf, c);
                     acc[base..base + per].clone_from_slice(&d);
                     continue;
                 }
                 let r = b.assign(format!(
                     "nvvm.mma.sync A[{}] B[{}] C[{}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, multiplicandAPtxType = #nvvm.mma_type<tf32>, multiplicandBPtxType = #nvvm.mma_type<tf32>, shape = #nvvm.shape<m = 16, n = 8, k = 8>}} : (i32, i32, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
-                    a_frags[i].join(", "),
-                    b_frags[j].join(", "),
+                    af.join(", "),
+                    bf.join(", "),
                     c.join(", ")
                 ));
                 for e in 0..per {
