@@ -114,6 +114,13 @@ fn summary(l: &Lowered) -> String {
 
 // ------------------------------------------------------------------ inspect
 
+/// The GPU target and product precision of `inspect --stage gpu|spirv|nvvm|ptx`.
+#[derive(Clone, Copy, Default)]
+pub struct GpuChoice<'a> {
+    pub target: Option<&'a str>,
+    pub precision: Option<&'a str>,
+}
+
 pub fn inspect(
     model: &Path,
     stage: Stage,
@@ -121,9 +128,9 @@ pub fn inspect(
     set: &[String],
     origins: bool,
     explain: bool,
-    target: Option<&str>,
-    precision: Option<&str>,
+    gpu: GpuChoice,
 ) -> Result<(), Failure> {
+    let GpuChoice { target, precision } = gpu;
     let gpu_stage = matches!(stage, Stage::Gpu | Stage::Spirv | Stage::Nvvm | Stage::Ptx);
     if (target.is_some() || precision.is_some()) && !gpu_stage {
         return Err(Failure::Usage(
