@@ -190,16 +190,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { model, set } => commands::check(&model, &set),
         Command::Inspect { model, stage, format, set, origins, explain, target, precision } => {
-            commands::inspect(
-                &model,
-                stage,
-                format,
-                &set,
-                origins,
-                explain,
-                target.as_deref(),
-                precision.as_deref(),
-            )
+            let gpu = commands::GpuChoice { target: target.as_deref(), precision: precision.as_deref() };
+            commands::inspect(&model, stage, format, &set, origins, explain, gpu)
         }
         Command::Eval {
             model,
