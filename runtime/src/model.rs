@@ -172,6 +172,7 @@ impl Model {
             Selection::Cuda(index) => {
                 let ptx = ptx.ok_or_else(|| RuntimeError::NoDigest { file: PTX_FILE.to_string() })?;
                 check_specs(&manifest)?;
+                check_steps(&manifest)?;
                 let backend = CudaBackend::load(&manifest, &ptx, cubin.as_deref(), &weights, index)?;
                 Ok(Model { manifest, backend: Backend::Cuda(Box::new(backend)), weights })
             }
