@@ -1019,6 +1019,8 @@ fn cli_compiles_and_inspects_for_cuda() {
     let kiln_runtime::Target::Cuda(target) = &manifest.target else { panic!("{:?}", manifest.target) };
     assert_eq!(target.compute_capability, [9, 0]);
     let ptx = std::fs::read_to_string(art.join(kiln_runtime::PTX_FILE)).unwrap();
+    // The PTX ends with the digest of the manifest it was compiled for.
+    assert_eq!(kiln_runtime::ptx_contract(ptx.as_bytes()), Some(manifest.contract()));
     for step in &manifest.steps {
         let kiln_runtime::Dispatch::Gpu { module, .. } = step.dispatch else { panic!("{step:?}") };
         let range = &manifest.modules[module as usize];

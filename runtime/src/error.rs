@@ -37,10 +37,13 @@ pub enum RuntimeError {
         /// What is wrong with the digest line.
         problem: String,
     },
-    /// The manifest is not the one `kernels.so` was compiled with (its contract digest, see
-    /// [`crate::Manifest::contract`], differs from the one the native code carries).
-    #[error("manifest.ron does not describe the kernels in kernels.so ({problem}): the manifest was edited or belongs to another build; recompile the model")]
+    /// The manifest is not the one the kernels were compiled with (its contract digest, see
+    /// [`crate::Manifest::contract`], differs from the one `kernels.so` or `kernels.ptx`
+    /// carries).
+    #[error("manifest.ron does not describe the kernels in {file} ({problem}): the manifest was edited or belongs to another build; recompile the model")]
     Contract {
+        /// The kernels file.
+        file: &'static str,
         /// What differs.
         problem: String,
     },

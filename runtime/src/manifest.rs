@@ -501,6 +501,29 @@ const DIGEST_PREFIX: &str = "// crc32: ";
 /// were compiled with (a little-endian `u64` on the target).
 pub const CONTRACT_SYMBOL: &str = "kiln_contract";
 
+/// The line that ends a CUDA artifact's `kernels.ptx`, after the last module (outside every
+/// module's range): `// kiln_contract ` and [`Manifest::contract`] of the manifest the modules
+/// were compiled with, as 16 hex digits. PTX kernels take bare pointers, so nothing in the
+/// modules says how large a buffer is: without this, an edited arena range could send a
+/// kernel past its buffer.
+pub const PTX_CONTRACT_PREFIX: &str = "// kiln_contract ";
+
+/// The contract line for `contract` (see [`PTX_CONTRACT_PREFIX`]).
+pub fn ptx_contract_line(contract: u64) -> String {
+    format!("{PTX_CONTRACT_PREFIX}{contract:016x}\n")
+}
+
+/// The contract digest a `kernels.ptx` ends with, if its last line is a contract line.
+pub fn ptx_contract(ptx: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(ptx.strip_suffix(b"\n")?).ok()?;
+    let last = text.rsplit('\n').next()?;
+    let hex = last.strip_prefix(PTX_CONTRACT_PREFIX)?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
 /// Whether `symbol` has the form of a kernel entry the compiler writes: `kiln_k` and a decimal
 /// kernel number (`kiln_k12`). A manifest naming anything else (`abort`, `free`, a libc
 /// function reachable through the library's dependencies) is refused before any lookup.

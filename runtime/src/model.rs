@@ -155,9 +155,11 @@ impl Model {
                 match embedded {
                     Some(found) if found == expected => Ok(model),
                     Some(found) => Err(RuntimeError::Contract {
+                        file: KERNELS_FILE,
                         problem: format!("contract digest {expected:016x}, the kernels carry {found:016x}"),
                     }),
                     None => Err(RuntimeError::Contract {
+                        file: KERNELS_FILE,
                         problem: format!("kernels.so exports no {CONTRACT_SYMBOL}"),
                     }),
                 }

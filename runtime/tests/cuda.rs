@@ -155,15 +155,36 @@ fn manifest_errors_come_before_the_driver() {
 
     // A module range past the end of kernels.ptx.
     let mut artifact = CudaArtifact::chain();
-    artifact.edit(|m| m.modules[1].bytes += 1);
+    artifact.edit(|m| m.modules[1].bytes += 1000);
     let (start, len) = (artifact.manifest.modules[1].offset, artifact.manifest.modules[1].bytes);
+    let file_len = std::fs::metadata(artifact.file(PTX_FILE)).unwrap().len();
     assert_eq!(
         load_err(&artifact),
         format!(
-            "module 1 of kernels.ptx: bytes {start}..{} lie outside kernels.ptx ({} bytes)",
-            start + len,
-            start + len - 1
+            "module 1 of kernels.ptx: bytes {start}..{} lie outside kernels.ptx ({file_len} bytes)",
+            start + len
         )
+    );
+
+    // A hand-edited manifest (here an arena range) that the modules were not compiled for, or
+    // PTX without its contract line, is refused before the driver: the kernels' pointer
+    // parameters carry no sizes the runtime could check instead.
+    let mut artifact = CudaArtifact::chain();
+    artifact.edit_by_hand(|m| m.arena_bytes += 256);
+    let err = load_err(&artifact);
+    assert!(
+        err.starts_with("manifest.ron does not describe the kernels in kernels.ptx (contract digest "),
+        "{err}"
+    );
+    let mut artifact = CudaArtifact::chain();
+    let ptx = std::fs::read_to_string(artifact.file(PTX_FILE)).unwrap();
+    let cut = ptx.trim_end().rfind('\n').unwrap() + 1;
+    std::fs::write(artifact.file(PTX_FILE), &ptx[..cut]).unwrap();
+    artifact.refresh_digests();
+    assert_eq!(
+        load_err(&artifact),
+        "manifest.ron does not describe the kernels in kernels.ptx (kernels.ptx does not end with a kiln_contract \
+         line): the manifest was edited or belongs to another build; recompile the model"
     );
 
     // Cubins must be ELF images (the driver would read anything else as text past its end).

@@ -315,25 +315,17 @@ pub fn build_cuda_artifact(
     let t2 = Instant::now();
 
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    let (ptx, ranges) = concatenate(modules.iter().map(|m| m.ptx.as_bytes()));
-    let ptx_path = dir.join(PTX_FILE);
-    std::fs::write(&ptx_path, &ptx).map_err(|e| io_err(&ptx_path, e))?;
-    let mut files = vec![FileDigest::of(PTX_FILE, &ptx)];
+    let (mut ptx, ranges) = concatenate(modules.iter().map(|m| m.ptx.as_bytes()));
     let mut cubins = Vec::new();
+    let mut cubin_blob = None;
     if let Some(assembled) = &assembled {
         let (blob, r) = concatenate(assembled.iter().map(|a| a.cubin.as_slice()));
-        let path = dir.join(CUBIN_FILE);
-        std::fs::write(&path, &blob).map_err(|e| io_err(&path, e))?;
-        files.push(FileDigest::of(CUBIN_FILE, &blob));
         cubins = r;
+        cubin_blob = Some(blob);
     }
     let (steps, stored) = gpu_steps(s, params, &program)?;
-    let wpath = dir.join(WEIGHTS_FILE);
-    kiln_ir::tensor_io::write_safetensors(&wpath, &stored.weights).map_err(|e| io_err(&wpath, e))?;
-    let wdata = std::fs::read(&wpath).map_err(|e| io_err(&wpath, e))?;
-    files.push(FileDigest::of(WEIGHTS_FILE, &wdata));
     let kernels = &program.kernels;
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         format_version: ARTIFACT_FORMAT_VERSION,
         model: model.to_string(),
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -350,10 +342,28 @@ pub fn build_cuda_artifact(
         index_bounds: s.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
         outputs: s.outputs.iter().map(tensor_spec).collect(),
         arena_bytes: s.arena_bytes as u64,
-        files,
+        // Filled in below, once the files exist (the contract digest leaves them out).
+        files: Vec::new(),
         modules: ranges,
         steps,
     };
+    // kernels.ptx ends, after its last module, with the digest of the manifest its modules
+    // were compiled for: their bare-pointer parameters say nothing of buffer sizes, so the
+    // runtime refuses any other manifest.
+    ptx.extend_from_slice(kiln_runtime::ptx_contract_line(manifest.contract()).as_bytes());
+    let ptx_path = dir.join(PTX_FILE);
+    std::fs::write(&ptx_path, &ptx).map_err(|e| io_err(&ptx_path, e))?;
+    let mut files = vec![FileDigest::of(PTX_FILE, &ptx)];
+    if let Some(blob) = &cubin_blob {
+        let path = dir.join(CUBIN_FILE);
+        std::fs::write(&path, blob).map_err(|e| io_err(&path, e))?;
+        files.push(FileDigest::of(CUBIN_FILE, blob));
+    }
+    let wpath = dir.join(WEIGHTS_FILE);
+    kiln_ir::tensor_io::write_safetensors(&wpath, &stored.weights).map_err(|e| io_err(&wpath, e))?;
+    let wdata = std::fs::read(&wpath).map_err(|e| io_err(&wpath, e))?;
+    files.push(FileDigest::of(WEIGHTS_FILE, &wdata));
+    manifest.files = files;
     let text = manifest.to_ron().map_err(|e| CodegenError::Artifact(e.to_string()))?;
     let mpath = dir.join(MANIFEST_FILE);
     std::fs::write(&mpath, text).map_err(|e| io_err(&mpath, e))?;

@@ -141,8 +141,28 @@ impl CudaArtifact {
         std::fs::write(dir.path().join(PTX_FILE), &ptx).expect("write kernels.ptx");
         std::fs::write(dir.path().join(WEIGHTS_FILE), weights_file()).expect("write weights");
         let mut artifact = CudaArtifact { dir, manifest };
+        artifact.stamp();
         artifact.refresh_digests();
         artifact
+    }
+
+    /// Ends `kernels.ptx` with the contract line of the current manifest (replacing any), as
+    /// the compiler does, and records the file's new digest if the manifest lists it.
+    pub fn stamp(&mut self) {
+        let Ok(mut ptx) = std::fs::read(self.file(PTX_FILE)) else { return };
+        if kiln_runtime::ptx_contract(&ptx).is_some() {
+            let text = String::from_utf8(ptx).expect("PTX text");
+            let body = text.trim_end_matches('\n');
+            let cut = body.rfind('\n').map_or(0, |i| i + 1);
+            ptx = text[..cut].as_bytes().to_vec();
+        }
+        ptx.extend_from_slice(kiln_runtime::ptx_contract_line(self.manifest.contract()).as_bytes());
+        std::fs::write(self.file(PTX_FILE), &ptx).expect("write kernels.ptx");
+        for f in &mut self.manifest.files {
+            if f.name == PTX_FILE {
+                *f = FileDigest::of(PTX_FILE, &ptx);
+            }
+        }
     }
 
     /// The chain model with modules 0 = add, 1 = mul.
@@ -169,8 +189,16 @@ impl CudaArtifact {
         self.write_manifest();
     }
 
-    /// Edits the manifest and rewrites it (digests untouched).
+    /// Edits the manifest and rewrites it, with `kernels.ptx` stamped for it as a compiler
+    /// would have (other digests untouched), so the edit meets the checks behind the contract.
     pub fn edit(&mut self, f: impl FnOnce(&mut Manifest)) {
+        f(&mut self.manifest);
+        self.stamp();
+        self.write_manifest();
+    }
+
+    /// Edits the manifest and rewrites it, leaving `kernels.ptx` as compiled: a hand edit.
+    pub fn edit_by_hand(&mut self, f: impl FnOnce(&mut Manifest)) {
         f(&mut self.manifest);
         self.write_manifest();
     }
