@@ -44,10 +44,10 @@ pub use device::{devices, CudaDeviceInfo, DeviceInfo, Devices, VulkanDeviceInfo}
 pub use error::RuntimeError;
 pub use kernels::{KernelFn, KernelSource, SharedLibrary};
 pub use manifest::{
-    is_bidi_control, is_kernel_entry, name_problem, ptx_contract, ptx_contract_line, BufRef, CudaTarget,
-    DType, Dispatch, FileDigest, Manifest, ModuleRange, Step, Target, TargetInfo, TensorSpec, VulkanTarget,
-    CONTRACT_SYMBOL, CUBIN_FILE, KERNELS_FILE, MANIFEST_FILE, PTX_CONTRACT_PREFIX, PTX_FILE, SPIRV_FILE,
-    WEIGHTS_FILE,
+    is_bidi_control, is_kernel_entry, name_problem, ptx_contract, ptx_contract_line, spirv_contract,
+    spirv_contract_trailer, BufRef, CudaTarget, DType, Dispatch, FileDigest, Manifest, ModuleRange, Step,
+    Target, TargetInfo, TensorSpec, VulkanTarget, CONTRACT_SYMBOL, CUBIN_FILE, KERNELS_FILE, MANIFEST_FILE,
+    PTX_CONTRACT_PREFIX, PTX_FILE, SPIRV_FILE, WEIGHTS_FILE,
 };
 pub use model::{Model, Options};
 pub use profile::{KindProfile, Profile, StepProfile};

@@ -524,6 +524,32 @@ pub fn ptx_contract(ptx: &[u8]) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
+/// The 16 bytes that end a Vulkan artifact's `kernels.spv`, after its last module (outside
+/// every module's range): `kilncntr` and [`Manifest::contract`] of the manifest the modules
+/// were compiled with, little-endian. The bindings' sizes are checked against the SPIR-V, but
+/// which step runs which kernel on which buffers is the manifest's word alone: this ties it
+/// to the build.
+pub fn spirv_contract_trailer(contract: u64) -> [u8; 16] {
+    let mut t = [0u8; 16];
+    t[..8].copy_from_slice(SPIRV_CONTRACT_MAGIC);
+    t[8..].copy_from_slice(&contract.to_le_bytes());
+    t
+}
+
+/// The first half of [`spirv_contract_trailer`].
+const SPIRV_CONTRACT_MAGIC: &[u8; 8] = b"kilncntr";
+
+/// The contract digest a `kernels.spv` ends with, if it ends with a contract trailer.
+pub fn spirv_contract(spirv: &[u8]) -> Option<u64> {
+    let tail = spirv.len().checked_sub(16).map(|at| &spirv[at..])?;
+    if &tail[..8] != SPIRV_CONTRACT_MAGIC {
+        return None;
+    }
+    let mut digest = [0u8; 8];
+    digest.copy_from_slice(&tail[8..]);
+    Some(u64::from_le_bytes(digest))
+}
+
 /// Whether `symbol` has the form of a kernel entry the compiler writes: `kiln_k` and a decimal
 /// kernel number (`kiln_k12`). A manifest naming anything else (`abort`, `free`, a libc
 /// function reachable through the library's dependencies) is refused before any lookup.

@@ -214,14 +214,28 @@ fn refuses_bad_modules() {
     }
     let spv_len = std::fs::metadata(GpuArtifact::chain().file(SPIRV_FILE)).unwrap().len();
     let mut a = GpuArtifact::chain();
-    a.edit(|m| m.modules[2].bytes += 4);
+    a.edit(|m| m.modules[2].bytes += 64);
     assert_eq!(
         load_err(&a),
         format!(
             "SPIR-V module 2 of kernels.spv: bytes {}..{} lie outside kernels.spv ({spv_len} bytes)",
             a.manifest.modules[2].offset,
-            spv_len + 4
+            a.manifest.modules[2].offset + a.manifest.modules[2].bytes
         )
+    );
+    // Two steps swapped and relabelled in order: structurally sound, but not what the modules
+    // were compiled for.
+    let mut a = GpuArtifact::chain();
+    a.edit_by_hand(|m| {
+        m.steps.swap(0, 1);
+        let (l0, l1) = (m.steps[0].label.clone(), m.steps[1].label.clone());
+        m.steps[0].label = l1;
+        m.steps[1].label = l0;
+    });
+    let err = load_err(&a);
+    assert!(
+        err.starts_with("manifest.ron does not describe the kernels in kernels.spv (contract digest "),
+        "{err}"
     );
     let mut a = GpuArtifact::chain();
     a.edit(|m| m.modules[1].offset += 2);

@@ -227,15 +227,12 @@ pub fn build_vulkan_artifact(
             }
         }
     }
-    let spv = dir.join(SPIRV_FILE);
-    std::fs::write(&spv, &blob).map_err(|e| io_err(&spv, e))?;
-
     let (steps, stored) = gpu_steps(s, params, &program)?;
     let wpath = dir.join(WEIGHTS_FILE);
     kiln_ir::tensor_io::write_safetensors(&wpath, &stored.weights).map_err(|e| io_err(&wpath, e))?;
     let wdata = std::fs::read(&wpath).map_err(|e| io_err(&wpath, e))?;
     let kernels = &program.kernels;
-    let manifest = Manifest {
+    let mut manifest = Manifest {
         format_version: ARTIFACT_FORMAT_VERSION,
         model: model.to_string(),
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -251,10 +248,17 @@ pub fn build_vulkan_artifact(
         index_bounds: s.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
         outputs: s.outputs.iter().map(tensor_spec).collect(),
         arena_bytes: s.arena_bytes as u64,
-        files: vec![FileDigest::of(SPIRV_FILE, &blob), FileDigest::of(WEIGHTS_FILE, &wdata)],
+        // Filled in below, once kernels.spv exists (the contract digest leaves them out).
+        files: Vec::new(),
         modules: ranges,
         steps,
     };
+    // kernels.spv ends, after its last module, with the digest of the manifest its modules were
+    // compiled for, so the runtime refuses any other step order or buffer assignment.
+    blob.extend_from_slice(&kiln_runtime::spirv_contract_trailer(manifest.contract()));
+    let spv = dir.join(SPIRV_FILE);
+    std::fs::write(&spv, &blob).map_err(|e| io_err(&spv, e))?;
+    manifest.files = vec![FileDigest::of(SPIRV_FILE, &blob), FileDigest::of(WEIGHTS_FILE, &wdata)];
     let text = manifest.to_ron().map_err(|e| CodegenError::Artifact(e.to_string()))?;
     let mpath = dir.join(MANIFEST_FILE);
     std::fs::write(&mpath, text).map_err(|e| io_err(&mpath, e))?;

@@ -258,8 +258,25 @@ impl GpuArtifact {
         std::fs::write(dir.path().join(SPIRV_FILE), &spv).expect("write kernels.spv");
         std::fs::write(dir.path().join(WEIGHTS_FILE), gpu_weights()).expect("write weights");
         let mut artifact = GpuArtifact { dir, manifest };
+        artifact.stamp();
         artifact.refresh_digests();
         artifact
+    }
+
+    /// Ends `kernels.spv` with the contract trailer of the current manifest (replacing any), as
+    /// the compiler does, and records the file's new digest if the manifest lists it.
+    pub fn stamp(&mut self) {
+        let Ok(mut spv) = std::fs::read(self.file(SPIRV_FILE)) else { return };
+        if kiln_runtime::spirv_contract(&spv).is_some() {
+            spv.truncate(spv.len() - 16);
+        }
+        spv.extend_from_slice(&kiln_runtime::spirv_contract_trailer(self.manifest.contract()));
+        std::fs::write(self.file(SPIRV_FILE), &spv).expect("write kernels.spv");
+        for f in &mut self.manifest.files {
+            if f.name == SPIRV_FILE {
+                *f = FileDigest::of(SPIRV_FILE, &spv);
+            }
+        }
     }
 
     pub fn chain() -> GpuArtifact {
@@ -286,7 +303,16 @@ impl GpuArtifact {
         self.write_manifest();
     }
 
+    /// Edits the manifest and rewrites it, with `kernels.spv` stamped for it as a compiler
+    /// would have (other digests untouched), so the edit meets the checks behind the contract.
     pub fn edit(&mut self, f: impl FnOnce(&mut Manifest)) {
+        f(&mut self.manifest);
+        self.stamp();
+        self.write_manifest();
+    }
+
+    /// Edits the manifest and rewrites it, leaving `kernels.spv` as compiled: a hand edit.
+    pub fn edit_by_hand(&mut self, f: impl FnOnce(&mut Manifest)) {
         f(&mut self.manifest);
         self.write_manifest();
     }

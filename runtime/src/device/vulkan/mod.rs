@@ -180,6 +180,24 @@ impl VulkanBackend {
         let label = caps.label.clone();
         let enabled = check::check_target(target, caps)?;
         let plan = plan::plan(manifest, target, spirv, weights, caps)?;
+        // The structure is sound (precise messages above); now that the modules were compiled
+        // for exactly this manifest (its step order and buffer assignments are its word alone).
+        let expected = manifest.contract();
+        match crate::manifest::spirv_contract(spirv) {
+            Some(found) if found == expected => {}
+            Some(found) => {
+                return Err(RuntimeError::Contract {
+                    file: crate::manifest::SPIRV_FILE,
+                    problem: format!("contract digest {expected:016x}, the kernels carry {found:016x}"),
+                })
+            }
+            None => {
+                return Err(RuntimeError::Contract {
+                    file: crate::manifest::SPIRV_FILE,
+                    problem: "kernels.spv does not end with a contract trailer".into(),
+                })
+            }
+        }
 
         let gpu = Gpu::new(&instance, &physical, &enabled)?;
         let device = gpu.device.clone();
@@ -399,6 +417,8 @@ mod tests {
         let w: Vec<f32> = (0..1024).map(|i| i as f32 * 0.5 - 7.0).collect();
         let w_bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
         let weights = WeightStore::from_owned(vec![("w".into(), DType::F32, vec![1024], w_bytes)]).unwrap();
+        let mut spirv = spirv;
+        spirv.extend_from_slice(&crate::manifest::spirv_contract_trailer(manifest.contract()));
         let mut backend = match VulkanBackend::load_staged(&manifest, &spirv, &weights, None, true) {
             Ok(backend) => backend,
             Err(RuntimeError::VulkanUnavailable { reason }) => {
