@@ -154,7 +154,7 @@ impl CudaArtifact {
             let text = String::from_utf8(ptx).expect("PTX text");
             let body = text.trim_end_matches('\n');
             let cut = body.rfind('\n').map_or(0, |i| i + 1);
-            ptx = text[..cut].as_bytes().to_vec();
+            ptx = text.as_bytes()[..cut].to_vec();
         }
         ptx.extend_from_slice(kiln_runtime::ptx_contract_line(self.manifest.contract()).as_bytes());
         std::fs::write(self.file(PTX_FILE), &ptx).expect("write kernels.ptx");
