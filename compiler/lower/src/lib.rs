@@ -13,10 +13,10 @@ mod training;
 
 pub use config::CValue;
 pub use lower::{MAX_EXPANSION, MAX_NESTING};
-pub use optim::{train_step, update, Optimizer, TrainStep};
+pub use optim::{clip_grad_norm, train_step, update, Optimizer, TrainStep};
 pub use schedule::{learning_rate, Schedule};
 pub use training::{
-    cross_entropy, mse, training_graph, LossKind, TrainingError, TrainingGraph, TrainingPlan,
+    cross_entropy, mse, training_graph, LossKind, TrainingError, TrainingGraph, TrainingPlan, MAX_ACCUMULATE,
 };
 
 use kiln_ir::{verify, Graph};

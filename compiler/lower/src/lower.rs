@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 /// Bounds that keep a mistaken config from unrolling without end.
 const MAX_REPEAT: usize = 100_000;
-const MAX_NODES: usize = 2_000_000;
+pub(crate) const MAX_NODES: usize = 2_000_000;
 /// The expansion budget: statements run, repeat iterations and module calls entered, counted
 /// over the whole model after every `Repeat` is unrolled and every `Call` inlined. Nodes
 /// alone do not bound the work: nested `Repeat`s whose bodies add no op, or modules that call

@@ -1,16 +1,19 @@
 //! Optimizer updates as graph ops, with PyTorch's semantics: SGD (momentum, dampening,
-//! Nesterov, weight decay), Adam and AdamW.
+//! Nesterov, weight decay), Adam, AdamW and RMSprop (momentum, centered, weight decay), and
+//! global-norm gradient clipping (`torch.nn.utils.clip_grad_norm_`).
 //!
 //! The IR has no persistent state yet, so a train step takes the optimizer's state as graph
 //! inputs and returns the new state as outputs, under the checkpoint names a training run
-//! will save (`optim.step`, `optim.m.NAME`, `optim.v.NAME`, `optim.momentum.NAME`); the
-//! step count lives in the graph, so bias corrections and the learning rate of a schedule
-//! (`schedule.rs`) need no recompilation.
+//! will save (`optim.step`, `optim.m.NAME`, `optim.v.NAME`, `optim.momentum.NAME`,
+//! `optim.square_avg.NAME`, `optim.grad_avg.NAME`); the step count lives in the graph, so
+//! bias corrections and the learning rate of a schedule (`schedule.rs`) need no
+//! recompilation.
 
 use crate::schedule::{learning_rate, Schedule};
 use crate::training::{training_graph, TrainingError, TrainingPlan};
 use crate::Lowered;
-use kiln_ir::{BinaryOp, CompareOp, DType, Graph, InferError, NodeId, Op, UnaryOp};
+use kiln_ir::{BinaryOp, CompareOp, DType, Graph, InferError, NodeId, Op, ReduceOp, UnaryOp};
+use std::collections::HashMap;
 
 /// An optimizer with every hyper-parameter resolved.
 #[derive(Clone, Debug, PartialEq)]
@@ -20,6 +23,8 @@ pub enum Optimizer {
     /// `torch.optim.Adam` (weight decay added to the gradient) or, when `decoupled`,
     /// `torch.optim.AdamW` (weight decay applied to the parameter).
     Adam { lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64, decoupled: bool },
+    /// `torch.optim.RMSprop`.
+    RmsProp { lr: f64, alpha: f64, eps: f64, weight_decay: f64, momentum: f64, centered: bool },
 }
 
 impl Optimizer {
@@ -52,8 +57,16 @@ impl Optimizer {
             }
             "Adam" => Ok(adam(false)),
             "AdamW" => Ok(adam(true)),
+            "RmsProp" => Ok(Optimizer::RmsProp {
+                lr: h("lr"),
+                alpha: h("alpha"),
+                eps: h("eps"),
+                weight_decay: h("weight_decay"),
+                momentum: h("momentum"),
+                centered: h("centered") != 0.0,
+            }),
             other => Err(TrainingError::Optimizer(format!(
-                "{other} is not in the graph yet (Sgd, Adam and AdamW are)"
+                "{other} is not in the graph yet (Sgd, Adam, AdamW and RmsProp are)"
             ))),
         }
     }
@@ -61,7 +74,7 @@ impl Optimizer {
     /// The base learning rate (what a schedule scales).
     pub fn lr(&self) -> f64 {
         match self {
-            Optimizer::Sgd { lr, .. } | Optimizer::Adam { lr, .. } => *lr,
+            Optimizer::Sgd { lr, .. } | Optimizer::Adam { lr, .. } | Optimizer::RmsProp { lr, .. } => *lr,
         }
     }
 
@@ -71,6 +84,12 @@ impl Optimizer {
             Optimizer::Sgd { momentum, .. } if *momentum == 0.0 => &[],
             Optimizer::Sgd { .. } => &["momentum"],
             Optimizer::Adam { .. } => &["m", "v"],
+            Optimizer::RmsProp { momentum, centered, .. } => match (centered, *momentum != 0.0) {
+                (false, false) => &["square_avg"],
+                (true, false) => &["square_avg", "grad_avg"],
+                (false, true) => &["square_avg", "momentum"],
+                (true, true) => &["square_avg", "grad_avg", "momentum"],
+            },
         }
     }
 }
@@ -152,7 +171,98 @@ pub fn update(
             let delta = b.bin(BinaryOp::Mul, ratio, step_size)?;
             Ok((b.bin(BinaryOp::Sub, p0, delta)?, vec![m, v]))
         }
+        Optimizer::RmsProp { alpha, eps, weight_decay, momentum, centered, .. } => {
+            let mut d = grad;
+            if weight_decay != 0.0 {
+                let wd = b.scale(p, weight_decay)?;
+                d = b.bin(BinaryOp::Add, d, wd)?;
+            }
+            // square_avg = α·square_avg + (1 − α)·d²
+            let s0 = b.scale(state[0], alpha)?;
+            let d2 = b.bin(BinaryOp::Mul, d, d)?;
+            let s1 = b.scale(d2, 1.0 - alpha)?;
+            let square_avg = b.bin(BinaryOp::Add, s0, s1)?;
+            let mut new_state = vec![square_avg];
+            let avg = if centered {
+                // The variance estimate: square_avg − grad_avg², grad_avg the mean gradient.
+                let a0 = b.scale(state[1], alpha)?;
+                let a1 = b.scale(d, 1.0 - alpha)?;
+                let grad_avg = b.bin(BinaryOp::Add, a0, a1)?;
+                new_state.push(grad_avg);
+                let ga2 = b.bin(BinaryOp::Mul, grad_avg, grad_avg)?;
+                let var = b.bin(BinaryOp::Sub, square_avg, ga2)?;
+                b.g.add(Op::Unary(UnaryOp::Sqrt), &[var])?
+            } else {
+                b.g.add(Op::Unary(UnaryOp::Sqrt), &[square_avg])?
+            };
+            let eps_n = b.scalar(eps)?;
+            let avg = b.bin(BinaryOp::Add, avg, eps_n)?;
+            let mut ratio = b.bin(BinaryOp::Div, d, avg)?;
+            if momentum != 0.0 {
+                // Unlike SGD's, this buffer starts at zero: the first step is lr·d/avg.
+                let kept = b.scale(state[new_state.len()], momentum)?;
+                ratio = b.bin(BinaryOp::Add, kept, ratio)?;
+                new_state.push(ratio);
+            }
+            let delta = b.bin(BinaryOp::Mul, ratio, lr)?;
+            Ok((b.bin(BinaryOp::Sub, p, delta)?, new_state))
+        }
     }
+}
+
+/// Appends global-norm gradient clipping, `torch.nn.utils.clip_grad_norm_(params, max_norm)`
+/// with its defaults (2-norm, non-finite norms not an error): the norm of all `grads` taken
+/// as one vector, and each gradient times `min(1, max_norm / (norm + 1e-6))`. Returns the
+/// norm (an f64 scalar) and the clipped gradients.
+///
+/// PyTorch takes each gradient's norm in its dtype, then the norm of those norms; here each
+/// gradient's sum of squares, in its dtype, is summed in f64 and the root taken once: the
+/// same value without rounding a root and squaring it again. Like PyTorch, the coefficient
+/// multiplies even when it is 1 (a no-op) and a NaN or infinite norm spreads to every
+/// gradient.
+pub fn clip_grad_norm(
+    g: &mut Graph,
+    grads: &[NodeId],
+    max_norm: f64,
+) -> Result<(NodeId, Vec<NodeId>), InferError> {
+    let f64_scalar =
+        |g: &mut Graph, value: f64| g.add(Op::Full { value, dtype: DType::F64, shape: vec![] }, &[]);
+    let mut total = f64_scalar(g, 0.0)?;
+    for &d in grads {
+        let sq = g.add(Op::Binary(BinaryOp::Mul), &[d, d])?;
+        let axes: Vec<usize> = (0..g.ty(d).rank()).collect();
+        let mut s = if axes.is_empty() {
+            sq
+        } else {
+            g.add(Op::Reduce { op: ReduceOp::Sum, axes, keepdims: false }, &[sq])?
+        };
+        if g.ty(s).dtype != DType::F64 {
+            s = g.add(Op::Cast { to: DType::F64 }, &[s])?;
+        }
+        total = g.add(Op::Binary(BinaryOp::Add), &[total, s])?;
+    }
+    let norm = g.add(Op::Unary(UnaryOp::Sqrt), &[total])?;
+    let eps = f64_scalar(g, 1e-6)?;
+    let denom = g.add(Op::Binary(BinaryOp::Add), &[norm, eps])?;
+    let max = f64_scalar(g, max_norm)?;
+    let coef = g.add(Op::Binary(BinaryOp::Div), &[max, denom])?;
+    let one = f64_scalar(g, 1.0)?;
+    let coef = g.add(Op::Binary(BinaryOp::Min), &[coef, one])?;
+    let mut in_dtype: HashMap<DType, NodeId> = HashMap::from([(DType::F64, coef)]);
+    let mut clipped = Vec::with_capacity(grads.len());
+    for &d in grads {
+        let dtype = g.ty(d).dtype;
+        let c = match in_dtype.get(&dtype) {
+            Some(&c) => c,
+            None => {
+                let c = g.add(Op::Cast { to: dtype }, &[coef])?;
+                in_dtype.insert(dtype, c);
+                c
+            }
+        };
+        clipped.push(g.add(Op::Binary(BinaryOp::Mul), &[d, c])?);
+    }
+    Ok((norm, clipped))
 }
 
 /// Appends ops in the dtype of one parameter.
@@ -186,11 +296,15 @@ impl Build<'_> {
 
 /// A train step as one graph.
 ///
-/// Inputs: the model's, then `optim.step` (an f32 scalar: the steps taken so far) and each
-/// parameter's state `optim.KIND.NAME` (zeros at the start). Outputs: `loss`, `optim.lr`
-/// (this step's learning rate under the schedule, f64), each parameter's new value
-/// `param.NAME`, its new state under its input's name, and `optim.step` plus one. Feeding the outputs back as the next step's parameters and state
-/// is one optimizer step per call.
+/// Inputs: the model's (each with a leading axis of K micro-batches under `accumulate: K`,
+/// see [`training_graph`]), then `optim.step` (an f32 scalar: the optimizer steps taken so
+/// far) and each parameter's state `optim.KIND.NAME` (zeros at the start). Outputs: `loss`,
+/// `optim.lr` (this step's learning rate under the schedule, f64), `optim.grad_norm` (the
+/// gradients' global 2-norm before clipping, f64, only under `clip_grad_norm`), each
+/// parameter's new value `param.NAME`, its new state under its input's name, and
+/// `optim.step` plus one. Feeding the outputs back as the next step's parameters and state
+/// is one optimizer step per call. The order is PyTorch's: gradients (averaged over the
+/// micro-batches), clipping, then the update.
 #[derive(Clone, Debug)]
 pub struct TrainStep {
     pub graph: Graph,
@@ -209,10 +323,16 @@ pub fn train_step(lowered: &Lowered) -> Result<TrainStep, TrainingError> {
     let lr64 = learning_rate(&mut g, opt.lr(), &schedule, step, DType::F64)?;
     g.add_output("optim.lr", lr64);
     let params: Vec<NodeId> = g.params();
+    let mut grads: Vec<NodeId> = t.gradients.iter().map(|(_, d)| *d).collect();
+    if let Some(max_norm) = plan.clip_grad_norm {
+        let (norm, clipped) = clip_grad_norm(&mut g, &grads, max_norm)?;
+        g.add_output("optim.grad_norm", norm);
+        grads = clipped;
+    }
     let mut outputs = Vec::new();
     // The step count and the learning rate in each parameter dtype, made once.
-    let mut scalars: std::collections::HashMap<DType, (NodeId, NodeId)> = std::collections::HashMap::new();
-    for (p, (name, grad)) in params.into_iter().zip(&t.gradients) {
+    let mut scalars: HashMap<DType, (NodeId, NodeId)> = HashMap::new();
+    for ((p, (name, _)), grad) in params.into_iter().zip(&t.gradients).zip(grads) {
         let ty = g.ty(p).clone();
         let mut state = Vec::new();
         for kind in opt.state_names() {
@@ -231,7 +351,7 @@ pub fn train_step(lowered: &Lowered) -> Result<TrainStep, TrainingError> {
                 (step_p, lr_p)
             }
         };
-        let (np, ns) = update(&mut g, &opt, p, *grad, &state, step_p, lr_p)?;
+        let (np, ns) = update(&mut g, &opt, p, grad, &state, step_p, lr_p)?;
         outputs.push((format!("param.{name}"), np));
         for (kind, s) in opt.state_names().iter().zip(ns) {
             outputs.push((format!("optim.{kind}.{name}"), s));

@@ -1,14 +1,17 @@
 //! The optional training section: [`check`] makes sure the loss reads tensors of fitting
 //! shapes and the optimizer's hyper-parameters are in range; [`training_graph`] builds the
 //! loss from primitives on the lowered graph and appends its gradients (`kiln_ir::autodiff`).
-//! The optimizer's update is in `optim.rs`; schedules are not in the graph yet.
+//! With `accumulate`, the graph is unrolled over micro-batches ([`training_graph`]). The
+//! optimizer's update, gradient clipping and the train step are in `optim.rs`, the learning
+//! rate schedules in `schedule.rs`.
 
-use crate::lower::{Lowerer, Operand};
+use crate::lower::{Lowerer, Operand, MAX_NODES};
 use crate::{CValue, Lowered};
 use kiln_ir::{
     grad, BinaryOp, CompareOp, GradError, Graph, InferError, NodeId, Op, ReduceOp, TensorType, UnaryOp,
 };
 use kiln_spec::{Diagnostic, Ident, Loss, Training};
+use std::collections::HashMap;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum LossKind {
@@ -23,6 +26,10 @@ pub struct TrainingPlan {
     pub optimizer: String,
     pub hyper: Vec<(String, f64)>,
     pub schedule: Option<(String, Vec<(String, f64)>)>,
+    /// `max_norm` of global-norm gradient clipping, when the section asks for it.
+    pub clip_grad_norm: Option<f64>,
+    /// Micro-batches per optimizer step (1: no accumulation).
+    pub accumulate: usize,
     /// The graph nodes the loss reads, in the order of the [`LossKind`]'s fields (logits
     /// and labels, or prediction and target), as bound when the body was lowered.
     pub reads: [NodeId; 2],
@@ -111,7 +118,14 @@ pub fn check(l: &mut Lowerer, t: &Training) -> Option<TrainingPlan> {
         }
         "Adam" => &[("lr", 1e-3), ("beta1", 0.9), ("beta2", 0.999), ("eps", 1e-8), ("weight_decay", 0.0)],
         "AdamW" => &[("lr", 1e-3), ("beta1", 0.9), ("beta2", 0.999), ("eps", 1e-8), ("weight_decay", 0.01)],
-        _ => &[("lr", 0.01), ("alpha", 0.99), ("eps", 1e-8), ("momentum", 0.0), ("weight_decay", 0.0)],
+        _ => &[
+            ("lr", 0.01),
+            ("alpha", 0.99),
+            ("eps", 1e-8),
+            ("momentum", 0.0),
+            ("weight_decay", 0.0),
+            ("centered", 0.0),
+        ],
     };
     for (name, default) in defaults {
         let value = match t.optimizer.hyper.iter().find(|(k, _)| k.name == *name) {
@@ -150,10 +164,48 @@ pub fn check(l: &mut Lowerer, t: &Training) -> Option<TrainingPlan> {
         Some(s) => Some(schedule(l, s)?),
         None => None,
     };
+    let clip_grad_norm = match &t.clip_grad_norm {
+        Some(e) => {
+            let v = l.cfloat(e, "`clip_grad_norm`")?;
+            if !(v > 0.0 && v.is_finite()) {
+                l.diags.push(
+                    Diagnostic::error(format!("`clip_grad_norm` must be a finite number > 0, got {v}"))
+                        .at(e.span, "out of range"),
+                );
+                return None;
+            }
+            Some(v)
+        }
+        None => None,
+    };
+    let accumulate = match &t.accumulate {
+        Some(e) => {
+            let k = l.cint(e, "`accumulate`")?;
+            if !(1..=MAX_ACCUMULATE as i64).contains(&k) {
+                l.diags.push(
+                    Diagnostic::error(format!(
+                        "`accumulate` must be a number of micro-batches from 1 to {MAX_ACCUMULATE}, got {k}"
+                    ))
+                    .at(e.span, "out of range"),
+                );
+                return None;
+            }
+            k as usize
+        }
+        None => 1,
+    };
     if hyper_errors {
         return None;
     }
-    Some(TrainingPlan { loss, optimizer: t.optimizer.kind.clone(), hyper, schedule, reads })
+    Some(TrainingPlan {
+        loss,
+        optimizer: t.optimizer.kind.clone(),
+        hyper,
+        schedule,
+        clip_grad_norm,
+        accumulate,
+        reads,
+    })
 }
 
 /// A schedule's arguments with their defaults; `total` and `step_size` are required.
@@ -215,6 +267,11 @@ pub enum TrainingError {
          dropped it; list `{0}` among the outputs"
     )]
     Dropped(String),
+    #[error(
+        "accumulating {accumulate} micro-batches would unroll the model to {nodes} ops, more than \
+         the limit of {limit}; accumulate fewer"
+    )]
+    TooLarge { accumulate: usize, nodes: usize, limit: usize },
     #[error("optimizer: {0}")]
     Optimizer(String),
     #[error(transparent)]
@@ -233,12 +290,22 @@ pub struct TrainingGraph {
     pub gradients: Vec<(String, NodeId)>,
 }
 
+/// The most micro-batches one train step takes (`accumulate`): each is a copy of the
+/// forward graph (and, through autodiff, of its backward graph), so a mistaken count fails
+/// at once instead of building a graph that does not fit in memory.
+pub const MAX_ACCUMULATE: usize = 1024;
+
 /// Builds the training graph of a lowered model: the training section's loss from
 /// primitives, on the forward graph, and the gradient of every parameter by reverse-mode
 /// autodiff. Nothing is optimized: the result is the primitive graph the optimizer takes.
+///
+/// With `accumulate: K` above 1 the forward graph is unrolled over K micro-batches (see
+/// `micro_batches`): every model input and output gains a leading axis of K, `loss` is the
+/// mean of the micro-batches' losses and each gradient the mean of theirs, which for a loss
+/// that is a mean (both losses here) is exactly the loss and gradient of one batch K times
+/// larger.
 pub fn training_graph(lowered: &Lowered) -> Result<TrainingGraph, TrainingError> {
     let plan = lowered.training.as_ref().ok_or(TrainingError::NoTraining)?;
-    let mut g = lowered.graph.clone();
     let names = match &plan.loss {
         LossKind::CrossEntropy { logits, labels, .. } => [logits, labels],
         LossKind::Mse { pred, target } => [pred, target],
@@ -246,14 +313,17 @@ pub fn training_graph(lowered: &Lowered) -> Result<TrainingGraph, TrainingError>
     // A value no output depends on was removed after lowering (node ids are stable, and
     // nothing has been added since, so a missing id is exactly that).
     for (&n, name) in plan.reads.iter().zip(names) {
-        if !g.raw().contains_node(n) {
+        if !lowered.graph.raw().contains_node(n) {
             return Err(TrainingError::Dropped(name.clone()));
         }
     }
-    let [a, b] = plan.reads;
-    let loss = match &plan.loss {
-        LossKind::CrossEntropy { label_smoothing, .. } => cross_entropy(&mut g, a, b, *label_smoothing)?,
-        LossKind::Mse { .. } => mse(&mut g, a, b)?,
+    let (mut g, loss) = if plan.accumulate > 1 {
+        micro_batches(&lowered.graph, plan)?
+    } else {
+        let mut g = lowered.graph.clone();
+        let [a, b] = plan.reads;
+        let loss = plan_loss(&mut g, &plan.loss, a, b)?;
+        (g, loss)
     };
     let params = g.params();
     let gradients = grad(&mut g, loss, &params)?;
@@ -262,6 +332,116 @@ pub fn training_graph(lowered: &Lowered) -> Result<TrainingGraph, TrainingError>
         g.add_output(format!("grad.{name}"), *n);
     }
     Ok(TrainingGraph { graph: g, loss, gradients })
+}
+
+/// The training section's loss of the values `a` and `b` (in [`LossKind`]'s field order).
+fn plan_loss(g: &mut Graph, loss: &LossKind, a: NodeId, b: NodeId) -> Result<NodeId, InferError> {
+    match loss {
+        LossKind::CrossEntropy { label_smoothing, .. } => cross_entropy(g, a, b, *label_smoothing),
+        LossKind::Mse { .. } => mse(g, a, b),
+    }
+}
+
+/// The forward graph `src` unrolled over `plan.accumulate` (K) micro-batches, with the mean
+/// of their losses: gradient accumulation as one graph, so a train step over K micro-batches
+/// is one call, exact, and needs no state between calls.
+///
+/// * Each model input `x` of type `[dims]` becomes `x` of type `[K, dims]`; micro-batch `k`
+///   reads `x[k]`. Splitting a batch of `K·B` rows into `[K, B, …]` (a reshape) gives the
+///   micro-batches PyTorch's loop over `batch.chunk(K)` sees.
+/// * Parameters and constants are shared; every other node is copied once per micro-batch.
+///   A random stream (dropout) is moved on by the elements the micro-batches before drew,
+///   so micro-batches draw different numbers, and with the batch axis leading, micro-batch
+///   `k` draws exactly what rows `k·B…` of the large batch would.
+/// * Each model output `y` becomes `[K, dims]`, stacked the same way.
+/// * The loss is `(1/K)·Σ lossₖ`, so each gradient is `(1/K)·Σ gradₖ`: PyTorch's
+///   `(loss / K).backward()` per micro-batch. Both losses are means over positions, and the
+///   micro-batches have equally many, so this is the loss of the large batch itself (up to
+///   rounding). A model that mixes rows of a batch (batch statistics) would differ, as it does
+///   in PyTorch.
+fn micro_batches(src: &Graph, plan: &TrainingPlan) -> Result<(Graph, NodeId), TrainingError> {
+    let k_count = plan.accumulate;
+    let nodes = src.node_count().saturating_mul(k_count);
+    if nodes > MAX_NODES {
+        return Err(TrainingError::TooLarge { accumulate: k_count, nodes, limit: MAX_NODES });
+    }
+    let mut g = Graph::new(src.name.clone());
+    let copy_meta = |g: &mut Graph, from: NodeId, to: NodeId| {
+        let n = src.node(from);
+        let (name, origin) = (n.name.clone(), n.origin.clone());
+        let m = g.node_mut(to);
+        m.name = name;
+        m.origin = origin;
+    };
+    let order = src.topo_order();
+    // Inputs first, in declaration order, then what every micro-batch shares.
+    let mut stacked = Vec::new();
+    for &i in &src.inputs {
+        if let Op::Input { name, dtype, shape } = &src.node(i).op {
+            let mut outer = vec![k_count];
+            outer.extend_from_slice(shape);
+            let n = g.add(Op::Input { name: name.clone(), dtype: *dtype, shape: outer }, &[])?;
+            copy_meta(&mut g, i, n);
+            stacked.push((i, n, shape.clone()));
+        }
+    }
+    let mut shared: HashMap<NodeId, NodeId> = HashMap::new();
+    for &n in &order {
+        if matches!(src.node(n).op, Op::Param { .. } | Op::Const { .. }) {
+            let m = g.add(src.node(n).op.clone(), &[])?;
+            copy_meta(&mut g, n, m);
+            shared.insert(n, m);
+        }
+    }
+    let mut losses = Vec::with_capacity(k_count);
+    let mut outputs: Vec<Vec<NodeId>> = vec![Vec::with_capacity(k_count); src.outputs.len()];
+    for k in 0..k_count {
+        let mut map = shared.clone();
+        for (i, n, shape) in &stacked {
+            let row = g.add(Op::Slice { axis: 0, start: k, end: k + 1, step: 1 }, &[*n])?;
+            let row = g.add(Op::Reshape { shape: shape.clone() }, &[row])?;
+            map.insert(*i, row);
+        }
+        for &n in &order {
+            if map.contains_key(&n) {
+                continue;
+            }
+            let mut op = src.node(n).op.clone();
+            if let Op::RandomUniform { shape, offset, .. } = &mut op {
+                // Counters: at most 2¹⁰ micro-batches of 2⁴⁰ elements each stay far below
+                // 2⁶⁴; wrapping past it could only repeat numbers, never fail.
+                let drawn = shape.iter().product::<usize>() as u64;
+                *offset = offset.wrapping_add((k as u64).wrapping_mul(drawn));
+            }
+            // A topological order visits a node after its operands, so each is mapped.
+            let operands: Vec<NodeId> = src.operands(n).iter().map(|o| map[o]).collect();
+            let m = g.add(op, &operands)?;
+            copy_meta(&mut g, n, m);
+            map.insert(n, m);
+        }
+        let [a, b] = plan.reads;
+        losses.push(plan_loss(&mut g, &plan.loss, map[&a], map[&b])?);
+        for (slot, (_, n)) in outputs.iter_mut().zip(&src.outputs) {
+            slot.push(map[n]);
+        }
+    }
+    for ((name, _), parts) in src.outputs.iter().zip(outputs) {
+        let mut rows = Vec::with_capacity(parts.len());
+        for p in parts {
+            let mut shape = vec![1];
+            shape.extend_from_slice(&g.ty(p).shape);
+            rows.push(g.add(Op::Reshape { shape }, &[p])?);
+        }
+        let all = g.add(Op::Concat { axis: 0 }, &rows)?;
+        g.add_output(name.clone(), all);
+    }
+    let mut total = losses[0];
+    for &l in &losses[1..] {
+        total = g.add(Op::Binary(BinaryOp::Add), &[total, l])?;
+    }
+    let count = scalar(&mut g, k_count as f64, total)?;
+    let loss = g.add(Op::Binary(BinaryOp::Div), &[total, count])?;
+    Ok((g, loss))
 }
 
 /// The mean over every axis (a scalar stays as it is).

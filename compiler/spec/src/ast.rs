@@ -198,12 +198,17 @@ pub struct CallExpr {
     pub span: Span,
 }
 
-/// The optional training section: parsed and checked now, executed by a later stage.
+/// The optional training section: parsed here, checked by `kiln-lower`, which builds the
+/// train step graph from it.
 #[derive(Clone, Debug)]
 pub struct Training {
     pub loss: Loss,
     pub optimizer: Optimizer,
     pub schedule: Option<Schedule>,
+    /// `clip_grad_norm: max_norm`: clip the gradients' global 2-norm before the update.
+    pub clip_grad_norm: Option<SpannedCExpr>,
+    /// `accumulate: K`: average the gradients of K micro-batches before the update.
+    pub accumulate: Option<SpannedCExpr>,
     pub span: Span,
 }
 

@@ -826,7 +826,12 @@ impl Converter {
     // ---------------------------------------------------------------- training
 
     fn training(&mut self, v: &Value) -> Option<Training> {
-        let f = self.fields(v, "Training", &["loss", "optimizer", "schedule"], &["loss", "optimizer"])?;
+        let f = self.fields(
+            v,
+            "Training",
+            &["loss", "optimizer", "schedule", "clip_grad_norm", "accumulate"],
+            &["loss", "optimizer"],
+        )?;
         let loss = Self::field(&f, "loss").and_then(|l| self.loss(l));
         let optimizer = Self::field(&f, "optimizer").and_then(|o| {
             self.named_hyper(
@@ -835,7 +840,7 @@ impl Converter {
                     ("Sgd", &["lr", "momentum", "dampening", "nesterov", "weight_decay"]),
                     ("Adam", &["lr", "beta1", "beta2", "eps", "weight_decay"]),
                     ("AdamW", &["lr", "beta1", "beta2", "eps", "weight_decay"]),
-                    ("RmsProp", &["lr", "alpha", "eps", "momentum", "weight_decay"]),
+                    ("RmsProp", &["lr", "alpha", "eps", "momentum", "weight_decay", "centered"]),
                 ],
             )
             .map(|(kind, hyper, span)| Optimizer { kind, hyper, span })
@@ -855,7 +860,22 @@ impl Converter {
             ),
             None => None,
         };
-        Some(Training { loss: loss?, optimizer: optimizer?, schedule, span: v.span })
+        let clip_grad_norm = match Self::field(&f, "clip_grad_norm") {
+            Some(x) => Some(self.cexpr(x)?),
+            None => None,
+        };
+        let accumulate = match Self::field(&f, "accumulate") {
+            Some(x) => Some(self.cexpr(x)?),
+            None => None,
+        };
+        Some(Training {
+            loss: loss?,
+            optimizer: optimizer?,
+            schedule,
+            clip_grad_norm,
+            accumulate,
+            span: v.span,
+        })
     }
 
     fn loss(&mut self, v: &Value) -> Option<Loss> {
