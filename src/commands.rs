@@ -106,8 +106,20 @@ fn summary(l: &Lowered) -> String {
             }
             None => String::new(),
         };
-        let _ =
-            writeln!(s, "training: {:?}, optimizer {} ({}){schedule}", t.loss, t.optimizer, hyper.join(", "));
+        let clip =
+            t.clip_grad_norm.map(|m| format!(", gradients clipped to global norm {m}")).unwrap_or_default();
+        let accumulate = if t.accumulate > 1 {
+            format!(", {} micro-batches per step", t.accumulate)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            s,
+            "training: {:?}, optimizer {} ({}){schedule}{clip}{accumulate}",
+            t.loss,
+            t.optimizer,
+            hyper.join(", ")
+        );
     }
     s
 }
