@@ -15,8 +15,17 @@ use std::collections::HashMap;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum LossKind {
-    CrossEntropy { logits: String, labels: String, label_smoothing: f64 },
-    Mse { pred: String, target: String },
+    /// Positions whose label is `ignore_index` count neither in the sum nor in the mean.
+    CrossEntropy {
+        logits: String,
+        labels: String,
+        label_smoothing: f64,
+        ignore_index: i64,
+    },
+    Mse {
+        pred: String,
+        target: String,
+    },
 }
 
 /// The checked training section, with every hyper-parameter resolved to a number.
@@ -62,7 +71,7 @@ fn tensor_type(l: &mut Lowerer, name: &Ident) -> Option<(NodeId, TensorType)> {
 
 pub fn check(l: &mut Lowerer, t: &Training) -> Option<TrainingPlan> {
     let (loss, reads) = match &t.loss {
-        Loss::CrossEntropy { logits, labels, label_smoothing, span } => {
+        Loss::CrossEntropy { logits, labels, label_smoothing, ignore_index, span } => {
             let (lt, yt) = (tensor_type(l, logits), tensor_type(l, labels));
             let ((ln, lt), (yn, yt)) = (lt?, yt?);
             let ok_shape = lt.rank() >= 1 && yt.shape.as_slice() == &lt.shape[..lt.rank() - 1];
@@ -86,10 +95,16 @@ pub fn check(l: &mut Lowerer, t: &Training) -> Option<TrainingPlan> {
                 );
                 return None;
             }
+            // PyTorch's default: a label of -100 marks a position to leave out.
+            let ignore_index = match ignore_index {
+                Some(e) => l.cint(e, "`ignore_index`")?,
+                None => -100,
+            };
             let kind = LossKind::CrossEntropy {
                 logits: logits.name.clone(),
                 labels: labels.name.clone(),
                 label_smoothing: ls,
+                ignore_index,
             };
             (kind, [ln, yn])
         }
@@ -337,7 +352,9 @@ pub fn training_graph(lowered: &Lowered) -> Result<TrainingGraph, TrainingError>
 /// The training section's loss of the values `a` and `b` (in [`LossKind`]'s field order).
 fn plan_loss(g: &mut Graph, loss: &LossKind, a: NodeId, b: NodeId) -> Result<NodeId, InferError> {
     match loss {
-        LossKind::CrossEntropy { label_smoothing, .. } => cross_entropy(g, a, b, *label_smoothing),
+        LossKind::CrossEntropy { label_smoothing, ignore_index, .. } => {
+            cross_entropy(g, a, b, *label_smoothing, *ignore_index)
+        }
         LossKind::Mse { .. } => mse(g, a, b),
     }
 }
@@ -459,7 +476,8 @@ fn scalar(g: &mut Graph, value: f64, like: NodeId) -> Result<NodeId, InferError>
 }
 
 /// Cross-entropy of `logits` `[…, C]` against integer `labels` `[…]`, averaged over every
-/// position, as PyTorch's `F.cross_entropy(…, label_smoothing=ε)` with classes on the last
+/// position whose label is not `ignore_index`, as PyTorch's `F.cross_entropy(…,
+/// label_smoothing=ε, ignore_index=…)` with classes on the last
 /// axis: each position's loss is `(1 − ε)·nll + ε·smooth` with `nll = −log p[label]` and
 /// `smooth = −Σ log p / C`. The label's log-probability is selected (not multiplied by a
 /// one-hot row), so a class at −inf that is not the label leaves the loss finite without
@@ -470,6 +488,7 @@ pub fn cross_entropy(
     logits: NodeId,
     labels: NodeId,
     label_smoothing: f64,
+    ignore_index: i64,
 ) -> Result<NodeId, InferError> {
     let (lt, yt) = (g.ty(logits).clone(), g.ty(labels).clone());
     let last = lt.rank().saturating_sub(1);
@@ -495,7 +514,23 @@ pub fn cross_entropy(
         let smooth = g.add(Op::Binary(BinaryOp::Mul), &[total, spread])?;
         per = g.add(Op::Binary(BinaryOp::Add), &[nll, smooth])?;
     }
-    mean_all(g, per)
+    // Positions labelled `ignore_index` drop out of the sum and of the count (all of them
+    // ignored: 0/0, NaN, as in PyTorch).
+    let ignored = g.add(Op::Full { value: ignore_index as f64, dtype: yt.dtype, shape: vec![] }, &[])?;
+    let flat_labels = g.add(Op::Reshape { shape: yt.shape.clone() }, &[labels])?;
+    let kept = g.add(Op::Compare(CompareOp::Ne), &[flat_labels, ignored])?;
+    let weight = g.add(Op::Cast { to: lt.dtype }, &[kept])?;
+    let per = g.add(Op::Binary(BinaryOp::Mul), &[per, weight])?;
+    let all = |g: &mut Graph, x: NodeId| {
+        let axes: Vec<usize> = (0..g.ty(x).rank()).collect();
+        if axes.is_empty() {
+            return Ok(x);
+        }
+        g.add(Op::Reduce { op: ReduceOp::Sum, axes, keepdims: false }, &[x])
+    };
+    let total = all(g, per)?;
+    let count = all(g, weight)?;
+    g.add(Op::Binary(BinaryOp::Div), &[total, count])
 }
 
 /// Mean squared error `mean((pred − target)²)` over every element, as PyTorch's

@@ -145,6 +145,38 @@ fn cross_entropy_with_label_smoothing_has_pytorch_semantics() {
     assert!((got - 2f64.ln()).abs() < 1e-15, "{got}");
 }
 
+/// Positions labelled `ignore_index` (PyTorch's default -100, or the spec's) leave the sum and
+/// the count, label smoothing included; their gradients are zero.
+#[test]
+fn cross_entropy_leaves_out_ignored_positions() {
+    for (text, ignore) in [
+        (CE.to_string(), -100i64),
+        (CE.replace("label_smoothing: 0.2", "label_smoothing: 0.2, ignore_index: 3"), 3),
+    ] {
+        let t = training_graph(&lower_str(&text)).unwrap();
+        let mut b = inputs(&t.graph, 5);
+        b.params = bind_params(&t.graph, None, 0, true).unwrap();
+        let labels = vec![1, ignore, 0, 2, ignore, 3.min(ignore.max(0))];
+        b.inputs.insert("y".into(), Tensor::new(vec![2, 3], Buffer::I64(labels.clone())).unwrap());
+        let out = eval(&t.graph, &b).unwrap();
+        let z = output(&out, "z").to_f64_vec();
+        let kept: Vec<usize> = (0..6).filter(|&i| labels[i] != ignore).collect();
+        let zk: Vec<f64> = kept.iter().flat_map(|&i| z[i * 4..i * 4 + 4].to_vec()).collect();
+        let lk: Vec<i64> = kept.iter().map(|&i| labels[i]).collect();
+        let want = cross_entropy_by_hand(&zk, &lk, 4, 0.2);
+        let got = output(&out, "loss").to_f64_vec()[0];
+        assert!((got - want).abs() < 1e-12, "ignore_index {ignore}: loss {got}, by hand {want}");
+        check_gradients(&t.graph, &b, 1e-6);
+    }
+    // Every position ignored: 0/0, as PyTorch.
+    let t = training_graph(&lower_str(CE)).unwrap();
+    let mut b = inputs(&t.graph, 5);
+    b.params = bind_params(&t.graph, None, 0, true).unwrap();
+    b.inputs.insert("y".into(), Tensor::new(vec![2, 3], Buffer::I64(vec![-100; 6])).unwrap());
+    let out = eval(&t.graph, &b).unwrap();
+    assert!(output(&out, "loss").to_f64_vec()[0].is_nan());
+}
+
 #[test]
 fn mse_is_the_mean_of_squared_differences() {
     let text = r#"

@@ -215,7 +215,13 @@ pub struct Training {
 #[derive(Clone, Debug)]
 pub enum Loss {
     /// Cross-entropy of `logits` (classes on the last axis) against integer `labels`.
-    CrossEntropy { logits: Ident, labels: Ident, label_smoothing: Option<SpannedCExpr>, span: Span },
+    CrossEntropy {
+        logits: Ident,
+        labels: Ident,
+        label_smoothing: Option<SpannedCExpr>,
+        ignore_index: Option<SpannedCExpr>,
+        span: Span,
+    },
     /// Mean squared error between `pred` and `target`.
     Mse { pred: Ident, target: Ident, span: Span },
 }

@@ -884,7 +884,7 @@ impl Converter {
                 let f = self.fields(
                     v,
                     "CrossEntropy",
-                    &["logits", "labels", "label_smoothing"],
+                    &["logits", "labels", "label_smoothing", "ignore_index"],
                     &["logits", "labels"],
                 )?;
                 let logits = Self::field(&f, "logits").and_then(|x| self.name(x, "a tensor name"));
@@ -893,7 +893,17 @@ impl Converter {
                     Some(x) => Some(self.cexpr(x)?),
                     None => None,
                 };
-                Some(Loss::CrossEntropy { logits: logits?, labels: labels?, label_smoothing, span: v.span })
+                let ignore_index = match Self::field(&f, "ignore_index") {
+                    Some(x) => Some(self.cexpr(x)?),
+                    None => None,
+                };
+                Some(Loss::CrossEntropy {
+                    logits: logits?,
+                    labels: labels?,
+                    label_smoothing,
+                    ignore_index,
+                    span: v.span,
+                })
             }
             Some("Mse") => {
                 let f = self.fields(v, "Mse", &["pred", "target"], &["pred", "target"])?;
