@@ -69,6 +69,26 @@ pub(crate) fn with_precision(
     }
 }
 
+/// The newest architecture Kiln compiles for that the CUDA device `selector` (`cuda`,
+/// `cuda:N`) runs, so a spec run on the device gets its own code rather than the JIT's
+/// translation of older PTX; the default architecture when the device is not there (loading
+/// then says why).
+fn arch_for(selector: &str) -> String {
+    let index = selector.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()).unwrap_or(0);
+    let found = kiln_runtime::devices();
+    let cc = found.devices.iter().find_map(|d| match d {
+        kiln_runtime::DeviceInfo::Cuda(c) if c.index == index => Some(c.compute_capability),
+        _ => None,
+    });
+    let Some(cc) = cc else { return DEFAULT_CUDA_ARCH.to_string() };
+    NvvmTarget::ARCHES
+        .iter()
+        .rev()
+        .find(|arch| NvvmTarget::by_arch(arch).is_some_and(|t| t.compute_capability <= cc))
+        .map_or(DEFAULT_CUDA_ARCH, |a| *a)
+        .to_string()
+}
+
 /// The CUDA target for architecture `arch` (`sm_90`).
 pub(crate) fn cuda_target(arch: &str) -> Result<GpuCaps, Failure> {
     NvvmTarget::by_arch(arch).map(GpuCaps::cuda).ok_or_else(|| {
@@ -367,9 +387,7 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
         // `cuda:N`), else this CPU.
         let target = match a.device.as_deref() {
             Some(d) if d == "vulkan" || d.starts_with("vulkan:") => CompileTarget::Vulkan(GpuCaps::vulkan()),
-            Some(d) if d == "cuda" || d.starts_with("cuda:") => {
-                CompileTarget::Cuda(cuda_target(DEFAULT_CUDA_ARCH)?)
-            }
+            Some(d) if d == "cuda" || d.starts_with("cuda:") => CompileTarget::Cuda(cuda_target(&arch_for(d))?),
             _ => CompileTarget::Cpu(CpuTarget::host()),
         };
         build(&g, &params, &target, dir.path())?;
