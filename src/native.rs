@@ -387,7 +387,9 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
         // `cuda:N`), else this CPU.
         let target = match a.device.as_deref() {
             Some(d) if d == "vulkan" || d.starts_with("vulkan:") => CompileTarget::Vulkan(GpuCaps::vulkan()),
-            Some(d) if d == "cuda" || d.starts_with("cuda:") => CompileTarget::Cuda(cuda_target(&arch_for(d))?),
+            Some(d) if d == "cuda" || d.starts_with("cuda:") => {
+                CompileTarget::Cuda(cuda_target(&arch_for(d))?)
+            }
             _ => CompileTarget::Cpu(CpuTarget::host()),
         };
         build(&g, &params, &target, dir.path())?;

@@ -1627,3 +1627,20 @@ proptest! {
         prop_assert!(!stderr.contains("panicked"), "kiln {}: {stderr}", args.join(" "));
     }
 }
+
+// ----------------------------------------------------------------------------------- training
+
+/// One train step (forward, loss, backward, clipping, the optimizer's update and schedule) of a
+/// shipped model at small sizes, compiled for this CPU, computes what the interpreter computes.
+/// The parameters are bound at compile time here, as weights: one step, not a training run.
+#[test]
+fn a_train_step_compiles_like_the_interpreter() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mlp.ron");
+    let sets = ["batch=8", "in=12", "hidden1=16", "hidden2=16", "classes=4"];
+    let overrides: Vec<_> = sets.iter().map(|s| kiln_lower::Override::parse(s).unwrap()).collect();
+    let (sources, r) = kiln_lower::load(&path, &overrides);
+    let l = r.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    let step = kiln_lower::train_step(&l).unwrap();
+    check_graph(&step.graph, 4, 1e-4, Device::Cpu);
+    check_graph(&optimized(&step.graph), 5, 1e-4, Device::Cpu);
+}
