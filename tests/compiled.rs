@@ -1630,8 +1630,9 @@ proptest! {
 
 // ----------------------------------------------------------------------------------- training
 
-/// One train step (forward, loss, backward, clipping, the optimizer's update and schedule) of a
-/// shipped model at small sizes, compiled for this CPU, computes what the interpreter computes.
+/// One train step (forward, loss, backward, the optimizer's update and schedule) of a shipped
+/// model at small sizes, compiled for this CPU, Vulkan and CUDA, computes what the interpreter
+/// computes.
 /// The parameters are bound at compile time here, as weights: one step, not a training run.
 #[test]
 fn a_train_step_compiles_like_the_interpreter() {
@@ -1643,4 +1644,10 @@ fn a_train_step_compiles_like_the_interpreter() {
     let step = kiln_lower::train_step(&l).unwrap();
     check_graph(&step.graph, 4, 1e-4, Device::Cpu);
     check_graph(&optimized(&step.graph), 5, 1e-4, Device::Cpu);
+    if available(Device::Vulkan, "a train step on Vulkan") {
+        check_graph(&optimized(&step.graph), 5, 1e-4, Device::Vulkan);
+    }
+    if available(Device::Cuda, "a train step on CUDA") {
+        check_graph(&optimized(&step.graph), 5, 1e-4, Device::Cuda);
+    }
 }

@@ -299,7 +299,8 @@ impl Build<'_> {
 /// Inputs: the model's (each with a leading axis of K micro-batches under `accumulate: K`,
 /// see [`training_graph`]), then `optim.step` (an f32 scalar: the optimizer steps taken so
 /// far) and each parameter's state `optim.KIND.NAME` (zeros at the start). Outputs: `loss`,
-/// `optim.lr` (this step's learning rate under the schedule, f64), `optim.grad_norm` (the
+/// `optim.lr` (this step's learning rate under the schedule, f64 when a parameter is f64,
+/// else f32), `optim.grad_norm` (the
 /// gradients' global 2-norm before clipping, f64, only under `clip_grad_norm`), each
 /// parameter's new value `param.NAME`, its new state under its input's name, and
 /// `optim.step` plus one. Feeding the outputs back as the next step's parameters and state
@@ -320,7 +321,9 @@ pub fn train_step(lowered: &Lowered) -> Result<TrainStep, TrainingError> {
     let mut g = t.graph;
     g.outputs = vec![("loss".into(), t.loss)];
     let step = g.add(Op::Input { name: "optim.step".into(), dtype: DType::F32, shape: vec![] }, &[])?;
-    let lr64 = learning_rate(&mut g, opt.lr(), &schedule, step, DType::F64)?;
+    // The schedule in f64 when a parameter is f64, else in f32 (see `learning_rate`).
+    let wide = if g.params().iter().any(|&p| g.ty(p).dtype == DType::F64) { DType::F64 } else { DType::F32 };
+    let lr64 = learning_rate(&mut g, opt.lr(), &schedule, step, wide)?;
     g.add_output("optim.lr", lr64);
     let params: Vec<NodeId> = g.params();
     let mut grads: Vec<NodeId> = t.gradients.iter().map(|(_, d)| *d).collect();
@@ -345,8 +348,7 @@ pub fn train_step(lowered: &Lowered) -> Result<TrainStep, TrainingError> {
             None => {
                 let step_p =
                     if ty.dtype == DType::F32 { step } else { g.add(Op::Cast { to: ty.dtype }, &[step])? };
-                let lr_p =
-                    if ty.dtype == DType::F64 { lr64 } else { g.add(Op::Cast { to: ty.dtype }, &[lr64])? };
+                let lr_p = if ty.dtype == wide { lr64 } else { g.add(Op::Cast { to: ty.dtype }, &[lr64])? };
                 scalars.insert(ty.dtype, (step_p, lr_p));
                 (step_p, lr_p)
             }

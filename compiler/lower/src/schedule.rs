@@ -43,7 +43,9 @@ impl Schedule {
 }
 
 /// Appends the learning rate of the step after `step` steps (a float scalar) under
-/// `schedule`, computed in f64 and returned as a scalar of `dtype`.
+/// `schedule`, computed in (and returned as a scalar of) the float `dtype`: f64 for f64
+/// parameters, f32 otherwise, which every target computes (GPU targets have no 64-bit cos or
+/// pow), within an ulp of f32 of PyTorch's double-precision schedule.
 pub fn learning_rate(
     g: &mut Graph,
     lr: f64,
@@ -51,8 +53,8 @@ pub fn learning_rate(
     step: NodeId,
     dtype: DType,
 ) -> Result<NodeId, InferError> {
-    let mut b = F64 { g };
-    let s = b.g.add(Op::Cast { to: DType::F64 }, &[step])?;
+    let mut b = Scalars { g, dtype };
+    let s = b.g.add(Op::Cast { to: dtype }, &[step])?;
     let rate = match *schedule {
         Schedule::Constant => b.c(lr)?,
         Schedule::Linear { warmup, total } => {
@@ -86,26 +88,24 @@ pub fn learning_rate(
                 .g
                 .add(Op::Full { value: step_size.round().max(1.0), dtype: DType::I64, shape: vec![] }, &[])?;
             let k = b.bin(BinaryOp::Div, si, size)?;
-            let k = b.g.add(Op::Cast { to: DType::F64 }, &[k])?;
+            let k = b.g.add(Op::Cast { to: dtype }, &[k])?;
             let gamma_n = b.c(gamma)?;
             let decay = b.bin(BinaryOp::Pow, gamma_n, k)?;
             b.scale(decay, lr)?
         }
     };
-    if dtype == DType::F64 {
-        return Ok(rate);
-    }
-    b.g.add(Op::Cast { to: dtype }, &[rate])
+    Ok(rate)
 }
 
-/// Appends f64 scalar arithmetic.
-struct F64<'g> {
+/// Appends scalar arithmetic in one float dtype.
+struct Scalars<'g> {
     g: &'g mut Graph,
+    dtype: DType,
 }
 
-impl F64<'_> {
+impl Scalars<'_> {
     fn c(&mut self, value: f64) -> Result<NodeId, InferError> {
-        self.g.add(Op::Full { value, dtype: DType::F64, shape: vec![] }, &[])
+        self.g.add(Op::Full { value, dtype: self.dtype, shape: vec![] }, &[])
     }
 
     fn bin(&mut self, op: BinaryOp, a: NodeId, b: NodeId) -> Result<NodeId, InferError> {
