@@ -68,8 +68,11 @@ demo: build
 # skipped when cached) for tests/minilm.rs and the sentence_embeddings example; without them
 # those tests skip with a message. scripts/fetch_ptxas.sh fetches NVIDIA's ptxas (one ~40 MB
 # wheel from PyPI, skipped when cached), with which tests/compiled.rs assembles every CUDA kernel.
+# scripts/fetch_digits.sh fetches the handwritten-digits data set (inside the ~9 MB scikit-learn
+# wheel, skipped when cached) that compiler/lower/tests/digits.rs trains the MLP on.
 test: deps
 	scripts/fetch_minilm.sh
+	scripts/fetch_digits.sh
 	ptxas="$$(scripts/fetch_ptxas.sh)"; \
 	export KILN_PTXAS="$$ptxas"; \
 	$(CARGO) build --workspace --all-targets; \

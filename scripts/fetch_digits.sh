@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Fetches the optical-recognition-of-handwritten-digits data set (E. Alpaydin and C. Kaynak,
+# UCI Machine Learning Repository, 1998: 1797 8×8 images with pixels 0..16 and their digit) as
+# scikit-learn ships it, into Kiln's cache, and prints the folder. Idempotent: a complete,
+# verified cache is left alone (no network).
+#
+# Source: the PyPI wheel `scikit-learn==1.9.1` (x86-64, CPython 3.11), which holds the data as
+# `sklearn/datasets/data/digits.csv.gz` and its description with the attribution as
+# `sklearn/datasets/descr/digits.rst`. The only network access is `pip download` of that one
+# wheel; its sha256 (below, the one PyPI publishes) is checked before anything is unpacked.
+#
+# Result, in ${KILN_CACHE:-$HOME/.cache/kiln}/digits/:
+#   digits.csv   1797 rows of 65 integers: 64 pixels, then the digit
+#   digits.rst   the data set's description and attribution, as scikit-learn ships it
+#
+# Usage: scripts/fetch_digits.sh            (KILN_CACHE=/some/dir to use another cache)
+set -euo pipefail
+
+PACKAGE="scikit-learn"
+VERSION="1.9.1"
+WHEEL="scikit_learn-${VERSION}-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl"
+WHEEL_SHA256="52a0703bbc07ad27f560fa63fa68e4c54dd735bfbbf65b4dd3c225dc7547b6df"
+# sha256 of the unpacked, decompressed CSV, so a damaged or replaced cache is noticed.
+CSV_SHA256="6ebb3d2fee246a4e99363262ddf8a00a3c41bee6014c373ed9d9216ba7f651b8"
+
+CACHE="${KILN_CACHE:-$HOME/.cache/kiln}/digits"
+STAMP="$CACHE/.complete"
+
+die() {
+    echo "fetch_digits: error: $*" >&2
+    exit 1
+}
+
+sha256() {
+    sha256sum "$1" | cut -d' ' -f1
+}
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WHEEL_SHA256" && -s "$CACHE/digits.csv" && -s "$CACHE/digits.rst" ]]; then
+    echo "$CACHE"
+    exit 0
+fi
+
+command -v python3 >/dev/null || die "python3 is needed (for pip download)"
+command -v unzip >/dev/null || die "unzip is needed"
+command -v gunzip >/dev/null || die "gunzip is needed"
+command -v sha256sum >/dev/null || die "sha256sum is needed"
+mkdir -p "$CACHE/wheel"
+
+wheel="$CACHE/wheel/$WHEEL"
+if [[ ! -f "$wheel" || "$(sha256 "$wheel")" != "$WHEEL_SHA256" ]]; then
+    rm -f "$wheel"
+    echo "fetch_digits: downloading $PACKAGE==$VERSION (~9 MB) from PyPI" >&2
+    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
+        --platform manylinux_2_28_x86_64 "$PACKAGE==$VERSION" -d "$CACHE/wheel" >&2 ||
+        die "pip download $PACKAGE==$VERSION failed (is PyPI reachable?)"
+fi
+[[ -f "$wheel" ]] || die "pip did not produce $wheel"
+got="$(sha256 "$wheel")"
+if [[ "$got" != "$WHEEL_SHA256" ]]; then
+    rm -f "$wheel"
+    die "$WHEEL has sha256 $got, expected $WHEEL_SHA256 (deleted; run again)"
+fi
+
+tmp="$(mktemp -d "$CACHE/.unpack.XXXXXX")"
+trap 'rm -rf "$tmp"' EXIT
+unzip -q "$wheel" sklearn/datasets/data/digits.csv.gz sklearn/datasets/descr/digits.rst -d "$tmp" ||
+    die "cannot unpack the digits from $wheel"
+gunzip -c "$tmp/sklearn/datasets/data/digits.csv.gz" >"$tmp/digits.csv"
+got="$(sha256 "$tmp/digits.csv")"
+[[ "$got" == "$CSV_SHA256" ]] || die "digits.csv has sha256 $got, expected $CSV_SHA256"
+rm -f "$STAMP"
+mv -f "$tmp/digits.csv" "$CACHE/digits.csv"
+mv -f "$tmp/sklearn/datasets/descr/digits.rst" "$CACHE/digits.rst"
+echo "$WHEEL_SHA256" >"$STAMP"
+echo "fetch_digits: unpacked the digits data set into $CACHE" >&2
+echo "$CACHE"
