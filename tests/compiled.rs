@@ -1167,7 +1167,7 @@ fn out_of_range_gather_indices_are_the_interpreters_error_on_every_path() {
     }
     let want: Vec<f64> = eval(good.clone()).unwrap()[0].1.to_f64_vec();
 
-    for device in [Device::Cpu, Device::Vulkan] {
+    for device in [Device::Cpu, Device::Vulkan, Device::Cuda] {
         if !available(device, "out-of-range gather") {
             continue;
         }
