@@ -33,6 +33,15 @@ def timed(fn, repeats, warmup=5):
     return statistics.median(times)
 
 
+def guarded(rows, key, fn):
+    """Runs one measurement; a failure is recorded as `KEY_error` and the others still run."""
+    try:
+        rows[key] = fn()
+    except Exception as e:  # noqa: BLE001
+        rows[key + "_error"] = f"{type(e).__name__}: {e}"
+        print(f"peers: {key}: {type(e).__name__}: {e}", file=sys.stderr)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--json", required=True)
@@ -55,15 +64,15 @@ def main():
     x = torch.randn(n, n, device=dev, generator=g)
     y = torch.randn(n, n, device=dev, generator=g)
     torch.backends.cuda.matmul.allow_tf32 = False
-    rows["matmul_f32_ms"] = timed(lambda: torch.matmul(x, y), a.repeats)
+    guarded(rows, "matmul_f32_ms", lambda: timed(lambda: torch.matmul(x, y), a.repeats))
     torch.backends.cuda.matmul.allow_tf32 = True
-    rows["matmul_tf32_ms"] = timed(lambda: torch.matmul(x, y), a.repeats)
+    guarded(rows, "matmul_tf32_ms", lambda: timed(lambda: torch.matmul(x, y), a.repeats))
     torch.backends.cuda.matmul.allow_tf32 = False
     del x, y
 
     # attention [4, 12, 2048, 64]: f32 (the kernel torch picks for f32) and bf16 (flash).
     q, k, v = (torch.randn(4, 12, 2048, 64, device=dev, generator=g) for _ in range(3))
-    rows["attention_f32_ms"] = timed(lambda: F.scaled_dot_product_attention(q, k, v, scale=0.125), a.repeats)
+    guarded(rows, "attention_f32_ms", lambda: timed(lambda: F.scaled_dot_product_attention(q, k, v, scale=0.125), a.repeats))
     qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -86,7 +95,6 @@ def main():
         config = BertConfig(
             vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
             intermediate_size=1536, max_position_embeddings=512, type_vocab_size=2,
-            attn_implementation="sdpa",
         )
         model = BertModel(config).to(dev).eval()
         compiled = None if a.skip_compile else torch.compile(model)
@@ -94,14 +102,15 @@ def main():
             ids = torch.randint(0, 30522, (b, 128), device=dev, generator=g)
             mask = torch.ones(b, 128, dtype=torch.long, device=dev)
             with torch.no_grad():
-                rows[f"bert_b{b}_eager_ms"] = timed(lambda: model(input_ids=ids, attention_mask=mask), a.repeats)
+                guarded(rows, f"bert_b{b}_eager_ms",
+                        lambda: timed(lambda: model(input_ids=ids, attention_mask=mask), a.repeats))
                 if compiled is not None:
-                    start = time.time()
-                    compiled(input_ids=ids, attention_mask=mask)
-                    rows[f"bert_b{b}_compile_seconds"] = time.time() - start
-                    rows[f"bert_b{b}_compile_ms"] = timed(
-                        lambda: compiled(input_ids=ids, attention_mask=mask), a.repeats
-                    )
+                    def compile_and_time():
+                        start = time.time()
+                        compiled(input_ids=ids, attention_mask=mask)
+                        rows[f"bert_b{b}_compile_seconds"] = time.time() - start
+                        return timed(lambda: compiled(input_ids=ids, attention_mask=mask), a.repeats)
+                    guarded(rows, f"bert_b{b}_compile_ms", compile_and_time)
     with open(a.json, "w") as f:
         json.dump(rows, f, indent=1)
     for key, value in rows.items():
