@@ -40,26 +40,12 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WHEEL_SHA256" && -s "$CACHE/digits.c
     exit 0
 fi
 
-command -v python3 >/dev/null || die "python3 is needed (for pip download)"
 command -v unzip >/dev/null || die "unzip is needed"
 command -v gunzip >/dev/null || die "gunzip is needed"
-command -v sha256sum >/dev/null || die "sha256sum is needed"
-mkdir -p "$CACHE/wheel"
-
+# shellcheck source=scripts/pinned_wheel.sh
+. "$(dirname "${BASH_SOURCE[0]}")/pinned_wheel.sh"
+fetch_pinned_wheel fetch_digits "$PACKAGE" "$VERSION" "$WHEEL" "$WHEEL_SHA256" "$CACHE/wheel" "~9 MB" --python-version 3.11 --platform manylinux_2_28_x86_64
 wheel="$CACHE/wheel/$WHEEL"
-if [[ ! -f "$wheel" || "$(sha256 "$wheel")" != "$WHEEL_SHA256" ]]; then
-    rm -f "$wheel"
-    echo "fetch_digits: downloading $PACKAGE==$VERSION (~9 MB) from PyPI" >&2
-    python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
-        --platform manylinux_2_28_x86_64 "$PACKAGE==$VERSION" -d "$CACHE/wheel" >&2 ||
-        die "pip download $PACKAGE==$VERSION failed (is PyPI reachable?)"
-fi
-[[ -f "$wheel" ]] || die "pip did not produce $wheel"
-got="$(sha256 "$wheel")"
-if [[ "$got" != "$WHEEL_SHA256" ]]; then
-    rm -f "$wheel"
-    die "$WHEEL has sha256 $got, expected $WHEEL_SHA256 (deleted; run again)"
-fi
 
 tmp="$(mktemp -d "$CACHE/.unpack.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT

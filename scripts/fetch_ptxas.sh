@@ -31,10 +31,6 @@ die() {
     exit 1
 }
 
-sha256() {
-    sha256sum "$1" | cut -d' ' -f1
-}
-
 [[ "$(uname -m)" == "x86_64" ]] || die "the pinned wheel is x86-64's; this machine is $(uname -m)"
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WHEEL_SHA256" && -x "$CACHE/ptxas" ]]; then
@@ -42,25 +38,11 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WHEEL_SHA256" && -x "$CACHE/ptxas" ]
     exit 0
 fi
 
-command -v python3 >/dev/null || die "python3 is needed (for pip download)"
 command -v unzip >/dev/null || die "unzip is needed"
-command -v sha256sum >/dev/null || die "sha256sum is needed"
-mkdir -p "$CACHE/wheel"
-
+# shellcheck source=scripts/pinned_wheel.sh
+. "$(dirname "${BASH_SOURCE[0]}")/pinned_wheel.sh"
+fetch_pinned_wheel fetch_ptxas "$PACKAGE" "$VERSION" "$WHEEL" "$WHEEL_SHA256" "$CACHE/wheel" "~40 MB" --platform manylinux2010_x86_64
 wheel="$CACHE/wheel/$WHEEL"
-if [[ ! -f "$wheel" || "$(sha256 "$wheel")" != "$WHEEL_SHA256" ]]; then
-    rm -f "$wheel"
-    echo "fetch_ptxas: downloading $PACKAGE==$VERSION (~40 MB) from PyPI" >&2
-    python3 -m pip download --quiet --no-deps --only-binary=:all: --platform manylinux2010_x86_64 \
-        "$PACKAGE==$VERSION" -d "$CACHE/wheel" >&2 ||
-        die "pip download $PACKAGE==$VERSION failed (is PyPI reachable?)"
-fi
-[[ -f "$wheel" ]] || die "pip did not produce $wheel"
-got="$(sha256 "$wheel")"
-if [[ "$got" != "$WHEEL_SHA256" ]]; then
-    rm -f "$wheel"
-    die "$WHEEL has sha256 $got, expected $WHEEL_SHA256 (deleted; run again)"
-fi
 
 tmp="$(mktemp -d "$CACHE/.unpack.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT

@@ -501,6 +501,25 @@ const DIGEST_PREFIX: &str = "// crc32: ";
 /// were compiled with (a little-endian `u64` on the target).
 pub const CONTRACT_SYMBOL: &str = "kiln_contract";
 
+impl Manifest {
+    /// Checks the contract digest the kernels in `file` carry (`None`: they carry none, and
+    /// `absent` says how that shows) against this manifest's.
+    pub(crate) fn check_contract(
+        &self,
+        file: &'static str,
+        carried: Option<u64>,
+        absent: &str,
+    ) -> Result<(), RuntimeError> {
+        let expected = self.contract();
+        let problem = match carried {
+            Some(found) if found == expected => return Ok(()),
+            Some(found) => format!("contract digest {expected:016x}, the kernels carry {found:016x}"),
+            None => absent.to_string(),
+        };
+        Err(RuntimeError::Contract { file, problem })
+    }
+}
+
 /// The line that ends a CUDA artifact's `kernels.ptx`, after the last module (outside every
 /// module's range): `// kiln_contract ` and [`Manifest::contract`] of the manifest the modules
 /// were compiled with, as 16 hex digits. PTX kernels take bare pointers, so nothing in the

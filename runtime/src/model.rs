@@ -151,18 +151,9 @@ impl Model {
                 // Structural checks (arena, weights, symbols) come first for their precise
                 // messages; nothing runs before the contract is checked just below.
                 let model = Model::from_parts(manifest, Box::new(kernels), weights, options)?;
-                let expected = model.manifest.contract();
-                match embedded {
-                    Some(found) if found == expected => Ok(model),
-                    Some(found) => Err(RuntimeError::Contract {
-                        file: KERNELS_FILE,
-                        problem: format!("contract digest {expected:016x}, the kernels carry {found:016x}"),
-                    }),
-                    None => Err(RuntimeError::Contract {
-                        file: KERNELS_FILE,
-                        problem: format!("kernels.so exports no {CONTRACT_SYMBOL}"),
-                    }),
-                }
+                let absent = format!("kernels.so exports no {CONTRACT_SYMBOL}");
+                model.manifest.check_contract(KERNELS_FILE, embedded, &absent)?;
+                Ok(model)
             }
             Selection::Vulkan(index) => {
                 let spirv = spirv.ok_or_else(|| RuntimeError::NoDigest { file: SPIRV_FILE.to_string() })?;

@@ -186,10 +186,10 @@ impl Body {
         self.assign(format!("arith.negf {a} : {ty}"))
     }
     pub fn fabs(&mut self, a: &str, ty: &str) -> String {
-        self.rounding("absf", a, ty)
+        self.exact("absf", a, ty)
     }
     pub fn sqrt(&mut self, a: &str, ty: &str) -> String {
-        self.rounding("sqrt", a, ty)
+        self.exact("sqrt", a, ty)
     }
     /// `1 / √a`, exact to the division (no fast reciprocal estimate).
     pub fn rsqrt(&mut self, a: &str, ty: &str) -> String {
@@ -222,7 +222,7 @@ impl Body {
         let x = self.fmax(&x, &lo, ty);
         let log2e = self.float(std::f64::consts::LOG2_E, ty);
         let t = self.fmul(&x, &log2e, ty);
-        let n = self.rounding("roundeven", &t, ty);
+        let n = self.exact("roundeven", &t, ty);
         let coeffs = [
             1.987_569_15e-4,
             1.398_199_95e-3,
@@ -429,7 +429,7 @@ impl Body {
 
     /// `math.{op} x` for `op` one of `sqrt`, `roundeven`, `floor`, `absf`: exact operations
     /// every target has in hardware. See [`Body::hardware`].
-    pub fn rounding(&mut self, op: &str, x: &str, ty: &str) -> String {
+    pub fn exact(&mut self, op: &str, x: &str, ty: &str) -> String {
         let intrinsic = if op == "absf" { "fabs" } else { op };
         self.hardware(&format!("math.{op}"), intrinsic, &[x], ty)
     }
@@ -558,7 +558,7 @@ impl Body {
     fn sin_cos(&mut self, x: &str, shift: f64, ty: &str) -> String {
         let two_over_pi = self.float(std::f64::consts::FRAC_2_PI, ty);
         let t = self.fmul(x, &two_over_pi, ty);
-        let j = self.rounding("roundeven", &t, ty);
+        let j = self.exact("roundeven", &t, ty);
         let mut r = x.to_string();
         for part in [-1.570_312_5, -4.837_512_969_970_703e-4, -7.549_789_954_891_882e-8] {
             let c = self.float(part, ty);
@@ -585,12 +585,12 @@ impl Body {
         let q = self.fadd(&j, &sh, ty);
         let quarter = self.float(0.25, ty);
         let qf = self.fmul(&q, &quarter, ty);
-        let qf = self.rounding("floor", &qf, ty);
+        let qf = self.exact("floor", &qf, ty);
         let neg_four = self.float(-4.0, ty);
         let q = self.fma(&qf, &neg_four, &q, ty);
         let half = self.float(0.5, ty);
         let qh = self.fmul(&q, &half, ty);
-        let qh = self.rounding("floor", &qh, ty);
+        let qh = self.exact("floor", &qh, ty);
         let neg_two = self.float(-2.0, ty);
         let odd = self.fma(&qh, &neg_two, &q, ty);
         let is_odd = self.fcmp("oeq", &odd, &one, ty);
@@ -640,11 +640,11 @@ impl Body {
         let mag = self.select(&over, &inf, &e, ty);
         let mag = self.select(&under, &zero, &mag, ty);
         // y an integer, and odd (exact in floats: every f32 of magnitude ≥ 2²⁴ is even).
-        let ry = self.rounding("roundeven", y, ty);
+        let ry = self.exact("roundeven", y, ty);
         let integral = self.fcmp("oeq", &ry, y, ty);
         let half = self.float(0.5, ty);
         let hy = self.fmul(y, &half, ty);
-        let fh = self.rounding("floor", &hy, ty);
+        let fh = self.exact("floor", &hy, ty);
         let neg_two = self.float(-2.0, ty);
         let rem = self.fma(&fh, &neg_two, y, ty);
         let odd_rem = self.fcmp("oeq", &rem, &one, ty);

@@ -97,10 +97,12 @@ pub fn emit(
     let row0 = b.assign(format!("arith.muli {by}, {tmc} : index"));
     let col0 = b.assign(format!("arith.muli {bx}, {tnc} : index"));
     let zero = b.float(0.0, ty);
-    // Where each warp's fragments lie in the tile (tensor cores only).
-    let lanes = match inner {
-        Inner::Tf32 { warps, sub } => Some(Lanes::new(&mut b, &lin, warps, sub)),
-        Inner::Simt { .. } => None,
+    // With tensor cores, where each warp's fragments lie in the tile.
+    let inner = match inner {
+        Inner::Simt { rm, rn, wx, wy } => Step::Simt { rm, rn, wx, wy },
+        Inner::Tf32 { warps, sub } => {
+            Step::Tf32 { sub, lanes: Box::new(Lanes::new(&mut b, &lin, warps, sub)) }
+        }
     };
     // The accumulators are loop-carried values (registers on every device), not an array.
     let nacc = inner.accumulators();
@@ -161,14 +163,11 @@ pub fn emit(
     tile_load(&mut b, a, "%a0", &a_base, &sh_a, &sa, tm, tk, (&row0, "%k0"), (m, k));
     tile_load(&mut b, bv, "%a1", &b_base, &sh_b, &sb, tk, tn, ("%k0", &col0), (k, n));
     b.line("gpu.barrier");
-    let next = match (inner, &lanes) {
-        (Inner::Simt { rm, rn, wx, wy }, _) => {
+    let next = match &inner {
+        &Step::Simt { rm, rn, wx, wy } => {
             simt_step(&mut b, &SimtStep { rm, rn, wx, wy, tk, tn }, &tx, &ty_, (&sh_a, &sa), (&sh_b, &sb), ty)
         }
-        (Inner::Tf32 { sub, .. }, Some(l)) => mma_step(&mut b, l, sub, tk, tn, (&sh_a, &sa), (&sh_b, &sb)),
-        (Inner::Tf32 { .. }, None) => {
-            return Err(CodegenError::Unsupported("tensor-core lanes missing".into()))
-        }
+        Step::Tf32 { sub, lanes } => mma_step(&mut b, lanes, *sub, tk, tn, (&sh_a, &sa), (&sh_b, &sb)),
     };
     b.line("gpu.barrier");
     b.line(format!("scf.yield {} : {types}", next.join(", ")));
@@ -180,7 +179,7 @@ pub fn emit(
     let out_arg = if bias.is_some() { "%a3" } else { "%a2" };
     for acc in 0..nacc {
         {
-            let (r_in, c_in) = inner.position(&mut b, acc, &tx, &ty_, lanes.as_ref());
+            let (r_in, c_in) = inner.position(&mut b, acc, &tx, &ty_);
             let row = b.assign(format!("arith.addi {row0}, {r_in} : index"));
             let col = b.assign(format!("arith.addi {col0}, {c_in} : index"));
             let mc = b.index(m);
@@ -222,7 +221,7 @@ const MMA_M: usize = 16;
 const MMA_N: usize = 8;
 const MMA_K: usize = 8;
 
-/// How a workgroup computes its tile between the shared-memory loads.
+/// How a workgroup computes its tile between the shared-memory loads, as its plan says.
 #[derive(Clone, Copy)]
 enum Inner {
     /// Each invocation `(x, y)` of a `wx × wy` workgroup accumulates `rm × rn` results with FMAs.
@@ -232,26 +231,25 @@ enum Inner {
     Tf32 { warps: [usize; 2], sub: [usize; 2] },
 }
 
-impl Inner {
+/// [`Inner`] once the kernel's body exists: the tensor-core form knows its lanes.
+enum Step {
+    Simt { rm: usize, rn: usize, wx: usize, wy: usize },
+    Tf32 { sub: [usize; 2], lanes: Box<Lanes> },
+}
+
+impl Step {
     /// Accumulators per invocation.
-    fn accumulators(self) -> usize {
+    fn accumulators(&self) -> usize {
         match self {
-            Inner::Simt { rm, rn, .. } => rm * rn,
-            Inner::Tf32 { sub, .. } => sub[0] * sub[1] * C_FRAGMENT.len(),
+            Step::Simt { rm, rn, .. } => rm * rn,
+            Step::Tf32 { sub, .. } => sub[0] * sub[1] * C_FRAGMENT.len(),
         }
     }
 
     /// The tile row and column of accumulator `acc` of this invocation.
-    fn position(
-        self,
-        b: &mut Body,
-        acc: usize,
-        tx: &str,
-        ty: &str,
-        lanes: Option<&Lanes>,
-    ) -> (String, String) {
-        match (self, lanes) {
-            (Inner::Simt { rn, wx, wy, .. }, _) => {
+    fn position(&self, b: &mut Body, acc: usize, tx: &str, ty: &str) -> (String, String) {
+        match self {
+            &Step::Simt { rn, wx, wy, .. } => {
                 let (i, j) = (acc / rn, acc % rn);
                 let ic = b.index(i * wy);
                 let jc = b.index(j * wx);
@@ -259,7 +257,7 @@ impl Inner {
                 let col = b.assign(format!("arith.addi {tx}, {jc} : index"));
                 (row, col)
             }
-            (Inner::Tf32 { sub, .. }, Some(l)) => {
+            Step::Tf32 { sub, lanes: l } => {
                 let per = C_FRAGMENT.len();
                 let (tile, e) = (acc / per, acc % per);
                 let (i, j) = (tile / sub[1], tile % sub[1]);
@@ -268,7 +266,6 @@ impl Inner {
                 let col = l.at(b, &l.warp_col, j * MMA_N + dc, &l.in_group, 2);
                 (row, col)
             }
-            (Inner::Tf32 { .. }, None) => (tx.to_string(), ty.to_string()),
         }
     }
 }

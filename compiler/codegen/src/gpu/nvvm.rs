@@ -21,7 +21,7 @@ pub struct PtxModule {
 /// The conversion from `gpu.module`s (kernels as `gpu.func`) to NVVM/LLVM dialect modules.
 /// `convert-math-to-llvm` runs before `convert-gpu-to-nvvm`, which would otherwise turn FMAs,
 /// absolute values and sign copies into libdevice calls; square roots and roundings are
-/// already LLVM intrinsic calls in the kernel text ([`crate::mlir_text::Body::rounding`]).
+/// already LLVM intrinsic calls in the kernel text ([`crate::mlir_text::Body::exact`]).
 pub fn lowering_pipeline() -> &'static str {
     "builtin.module(gpu.module(canonicalize,cse,convert-scf-to-cf,convert-math-to-llvm,\
 convert-gpu-to-nvvm{index-bitwidth=32 use-bare-ptr-memref-call-conv=1},canonicalize,cse),reconcile-unrealized-casts)"

@@ -251,22 +251,8 @@ impl CudaBackend {
         // the structure first (for its precise messages), then that the modules were compiled
         // for exactly this manifest (their bare-pointer parameters carry no sizes to check).
         let plan = plan::plan(manifest, target, ptx, cubin, weights)?;
-        let expected = manifest.contract();
-        match crate::manifest::ptx_contract(ptx) {
-            Some(found) if found == expected => {}
-            Some(found) => {
-                return Err(RuntimeError::Contract {
-                    file: PTX_FILE,
-                    problem: format!("contract digest {expected:016x}, the kernels carry {found:016x}"),
-                })
-            }
-            None => {
-                return Err(RuntimeError::Contract {
-                    file: PTX_FILE,
-                    problem: "kernels.ptx does not end with a kiln_contract line".into(),
-                })
-            }
-        }
+        let absent = "kernels.ptx does not end with a kiln_contract line";
+        manifest.check_contract(PTX_FILE, crate::manifest::ptx_contract(ptx), absent)?;
 
         driver::init()?;
         let (device, caps) = choose(index)?;

@@ -182,22 +182,12 @@ impl VulkanBackend {
         let plan = plan::plan(manifest, target, spirv, weights, caps)?;
         // The structure is sound (precise messages above); now that the modules were compiled
         // for exactly this manifest (its step order and buffer assignments are its word alone).
-        let expected = manifest.contract();
-        match crate::manifest::spirv_contract(spirv) {
-            Some(found) if found == expected => {}
-            Some(found) => {
-                return Err(RuntimeError::Contract {
-                    file: crate::manifest::SPIRV_FILE,
-                    problem: format!("contract digest {expected:016x}, the kernels carry {found:016x}"),
-                })
-            }
-            None => {
-                return Err(RuntimeError::Contract {
-                    file: crate::manifest::SPIRV_FILE,
-                    problem: "kernels.spv does not end with a contract trailer".into(),
-                })
-            }
-        }
+        let absent = "kernels.spv does not end with a contract trailer";
+        manifest.check_contract(
+            crate::manifest::SPIRV_FILE,
+            crate::manifest::spirv_contract(spirv),
+            absent,
+        )?;
 
         let gpu = Gpu::new(&instance, &physical, &enabled)?;
         let device = gpu.device.clone();
