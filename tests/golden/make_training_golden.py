@@ -19,7 +19,8 @@ against:
   optimizer, learning-rate scheduler, gradient clipping and accumulation of `OPTIMIZERS`:
   `optimizers.safetensors` holds the initial parameters, the batches (`input.K.NAME`) and per
   case the learning rate, loss and gradient norm of each step and the parameters after steps 1
-  and 10 (`CASE.after1.NAME`, `CASE.after10.NAME`).
+  and 10 (`CASE.after1.NAME`, `CASE.after10.NAME`), and the same from the loop in float64
+  (`CASE.f64.`).
 
 Usage (from anywhere):
 
@@ -420,9 +421,9 @@ def hf_cosine(warmup, total, min_lr, lr):
     return f
 
 
-def train(case, params, batches, changed=None):
-    """Ten steps of one OPTIMIZERS case on the MLP, float32, as a PyTorch training loop
-    (with the optimizer arguments `changed`, for a variant)."""
+def train(case, params, batches, changed=None, double=False):
+    """Ten steps of one OPTIMIZERS case on the MLP, float32 (or float64), as a PyTorch training
+    loop (with the optimizer arguments `changed`, for a variant)."""
     import torch
     import torch.nn.functional as F
 
@@ -430,6 +431,8 @@ def train(case, params, batches, changed=None):
     opt_args = dict(opt_args, **(changed or {}))
     net = modules()["mlp"](**SIZES["mlp"])
     net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in params.items()}, strict=True)
+    dtype = torch.float64 if double else torch.float32
+    net = net.to(dtype)
     opt = getattr(torch.optim, opt_name)(net.parameters(), **opt_args)
     scheduler = None
     if sched is not None:
@@ -445,7 +448,7 @@ def train(case, params, batches, changed=None):
     record = {"lr": [], "loss": [], "grad_norm": []}
     after = {}
     for k, batch in enumerate(batches):
-        x, y = torch.from_numpy(batch["image"].copy()), torch.from_numpy(batch["label"].copy())
+        x, y = torch.from_numpy(batch["image"].copy()).to(dtype), torch.from_numpy(batch["label"].copy())
         opt.zero_grad()
         total = 0.0
         for xc, yc in zip(x.chunk(micro), y.chunk(micro)):
@@ -570,6 +573,12 @@ def main():
     for case in OPTIMIZERS:
         record, after = train(case, params["mlp"], batches)
         trained[case] = after[STEPS]
+        record64, after64 = train(case, params["mlp"], batches, double=True)
+        out[f"{case}.f64.loss"] = np.array(record64["loss"], dtype=np.float64)
+        if record64["grad_norm"]:
+            out[f"{case}.f64.grad_norm"] = np.array(record64["grad_norm"], dtype=np.float64)
+        for step, values in after64.items():
+            out.update({f"{case}.f64.after{step}.{n}": v for n, v in values.items()})
         out[f"{case}.lr"] = np.array(record["lr"], dtype=np.float64)
         out[f"{case}.loss"] = np.array(record["loss"], dtype=np.float32)
         if record["grad_norm"]:

@@ -10,7 +10,8 @@
 //! * `CROSS_ENTROPY`: the MLP's cross-entropy with label smoothing and `ignore_index`.
 //! * `OPTIMIZERS`: ten steps of `torch.optim` (each optimizer, schedule, clipping and
 //!   accumulation) on the MLP: the learning rate, loss and gradient norm of every step, the
-//!   parameters after the first and the tenth.
+//!   parameters after the first and the tenth, in float32 and (Kiln's train step widened)
+//!   float64.
 
 use kiln_ir::autodiff::check::widen_to_f64;
 use kiln_ir::tensor_io::{read_safetensors, write_safetensors};
@@ -321,8 +322,8 @@ fn zeros(dtype: DType, shape: &[usize]) -> Tensor {
 
 /// Ten train steps of the MLP under `training` through the interpreter, each output fed back
 /// as the next step's parameters and state, on the golden batches (split into `micro`
-/// micro-batches of equal size).
-fn train(file: &HashMap<String, Tensor>, training: &str, micro: usize) -> Run {
+/// micro-batches of equal size); in f64 throughout when `wide`.
+fn train(file: &HashMap<String, Tensor>, training: &str, micro: usize, wide: bool) -> Run {
     let mut sets: Vec<String> = MODELS[0].1.iter().map(|s| s.to_string()).collect();
     let batch: usize = 6;
     assert_eq!(sets[0], format!("batch={batch}"));
@@ -331,7 +332,10 @@ fn train(file: &HashMap<String, Tensor>, training: &str, micro: usize) -> Run {
     let text =
         mlp_with_training(&format!(r#"loss: CrossEntropy(logits: "logits", labels: "label"), {training}"#));
     let l = lower_model("mlp", &sets, Some(&text));
-    let g = train_step(&l).unwrap_or_else(|e| panic!("{e}")).graph;
+    let mut g = train_step(&l).unwrap_or_else(|e| panic!("{e}")).graph;
+    if wide {
+        g = widen_to_f64(&g).unwrap();
+    }
     let mut params =
         bind_params(&g, Some(&prefixed(file, "param.")), SEED, false).unwrap_or_else(|e| panic!("{e}"));
     let mut state: HashMap<String, Tensor> = HashMap::new();
@@ -351,6 +355,7 @@ fn train(file: &HashMap<String, Tensor>, training: &str, micro: usize) -> Run {
             let mut shape = vec![micro, t.shape[0] / micro];
             shape.extend_from_slice(&t.shape[1..]);
             let t = if micro == 1 { t.clone() } else { Tensor::new(shape, t.data.clone()).unwrap() };
+            let t = if wide && t.dtype().is_float() { t.cast(DType::F64) } else { t };
             b.inputs.insert(name.into(), t);
         }
         for (name, t) in eval(&g, &b).unwrap_or_else(|e| panic!("step {k}: {e}")) {
@@ -382,6 +387,9 @@ fn train(file: &HashMap<String, Tensor>, training: &str, micro: usize) -> Run {
 const PARAM_TOL: f64 = 1e-5;
 const LOSS_TOL: f64 = 1e-5;
 const LR_TOL: f64 = 1e-6;
+/// The same in f64 on both sides, for every one of them (the widened graph computes the
+/// learning rate in f64 too).
+const TOL_F64: f64 = 1e-12;
 
 #[track_caller]
 fn relative(what: &str, got: &[f64], want: &Tensor, tol: f64) -> f64 {
@@ -405,7 +413,7 @@ fn optimizer_steps_match_torch_optim() {
     ours.sort_unstable();
     assert_eq!(cases, ours, "the golden file's cases are not this test's");
     for &(case, training, micro) in OPTIMIZERS {
-        let run = train(&file, training, micro);
+        let run = train(&file, training, micro, false);
         let lr = relative(&format!("{case}.lr"), &run.lr, &file[&format!("{case}.lr")], LR_TOL);
         let loss = relative(&format!("{case}.loss"), &run.loss, &file[&format!("{case}.loss")], LOSS_TOL);
         let norm = match file.get(&format!("{case}.grad_norm")) {
@@ -415,22 +423,37 @@ fn optimizer_steps_match_torch_optim() {
                 0.0
             }
         };
-        let mut worst = [0.0f64; 2];
-        for (slot, step) in [1, STEPS].into_iter().enumerate() {
-            let want = prefixed(&file, &format!("{case}.after{step}."));
-            assert_eq!(want.len(), run.after[slot].len(), "{case}: parameters");
-            for (name, w) in &want {
-                let e = scaled_error(&format!("{case}.after{step}.{name}"), &run.after[slot][name], w, 1e-6);
-                assert!(
-                    e <= PARAM_TOL,
-                    "{case}: {name} after {step} steps: scaled error {e:.2e} > {PARAM_TOL:.0e}"
-                );
-                worst[slot] = worst[slot].max(e);
-            }
+        let after = compare_parameters(&file, &format!("{case}."), &run, PARAM_TOL);
+        // The same in f64 on both sides: what f32 rounding could hide.
+        let run = train(&file, training, micro, true);
+        let f64_key = |what: &str| format!("{case}.f64.{what}");
+        let loss64 = relative(&f64_key("loss"), &run.loss, &file[&f64_key("loss")], TOL_F64);
+        let lr64 = relative(&format!("{case}.lr (f64)"), &run.lr, &file[&format!("{case}.lr")], TOL_F64);
+        if let Some(want) = file.get(&f64_key("grad_norm")) {
+            relative(&f64_key("grad_norm"), &run.grad_norm, want, TOL_F64);
         }
+        let after64 = compare_parameters(&file, &format!("{case}.f64."), &run, TOL_F64);
         println!(
-            "{case}: parameters after 1 step {:.2e}, after {STEPS} {:.2e}; lr {lr:.2e}, loss {loss:.2e}, grad norm {norm:.2e}",
-            worst[0], worst[1]
+            "{case}: parameters after 1 step {:.2e}, after {STEPS} {:.2e}; lr {lr:.2e}, loss {loss:.2e}, grad norm {norm:.2e}; f64: parameters {:.2e}, {:.2e}, loss {loss64:.2e}, lr {lr64:.2e}",
+            after[0], after[1], after64[0], after64[1]
         );
     }
+}
+
+/// Compares the parameters after the first and the last step with the file's
+/// `PREFIXafter1.NAME` and `PREFIXafter10.NAME`; returns the worst scaled error of each.
+#[track_caller]
+fn compare_parameters(file: &HashMap<String, Tensor>, prefix: &str, run: &Run, tol: f64) -> [f64; 2] {
+    let mut worst = [0.0f64; 2];
+    for (slot, step) in [1, STEPS].into_iter().enumerate() {
+        let want = prefixed(file, &format!("{prefix}after{step}."));
+        assert_eq!(want.len(), run.after[slot].len(), "{prefix}: parameters");
+        for (name, w) in &want {
+            let what = format!("{prefix}after{step}.{name}");
+            let e = scaled_error(&what, &run.after[slot][name], w, 1e-6);
+            assert!(e <= tol, "{what}: scaled error {e:.2e} > {tol:.0e}");
+            worst[slot] = worst[slot].max(e);
+        }
+    }
+    worst
 }
