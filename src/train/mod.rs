@@ -129,22 +129,7 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, Failure> {
         (None, None) => (all, None),
     };
 
-    let params = bind_params(
-        &kiln_lower::train_step(&lowered).map_err(|e| user(e.to_string()))?.graph,
-        a.weights.as_deref(),
-        seed,
-        a.init_missing,
-    )?;
-    let compile_start = Instant::now();
-    let mut stepper = Stepper::new(&lowered, &params, a.device.as_deref(), a.threads)?;
-    eprintln!(
-        "compiled the train step and the forward pass in {:.1} s",
-        compile_start.elapsed().as_secs_f64()
-    );
-
-    let per_step = examples_per_step(&stepper, &specs);
-    let eval_batch =
-        stepper.eval_inputs().first().and_then(|(_, _, s)| s.first().copied()).unwrap_or(1) as usize;
+    let per_step = examples_per_step(&lowered.graph, &plan);
     let batches = train_set.len() / per_step;
     if batches == 0 {
         return Err(user(format!(
@@ -159,6 +144,16 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, Failure> {
             train_set.len()
         );
     }
+
+    let params = bind_params(&lowered.graph, a.weights.as_deref(), seed, a.init_missing)?;
+    let compile_start = Instant::now();
+    let mut stepper = Stepper::new(&lowered, &params, a.device.as_deref(), a.threads)?;
+    eprintln!(
+        "compiled the train step and the forward pass in {:.1} s",
+        compile_start.elapsed().as_secs_f64()
+    );
+    let eval_batch =
+        stepper.eval_inputs().first().and_then(|(_, _, s)| s.first().copied()).unwrap_or(1) as usize;
 
     let mut at = Position {
         model: lowered.graph.name.clone(),
@@ -339,17 +334,11 @@ fn input_specs(g: &kiln_ir::Graph, plan: &TrainingPlan) -> Result<Vec<InputSpec>
         .collect()
 }
 
-/// The examples one train step takes: the batch, times the micro-batches under `accumulate`.
-fn examples_per_step(stepper: &Stepper, specs: &[InputSpec]) -> usize {
-    let inputs = stepper.train_inputs();
-    match (inputs.first(), specs.first()) {
-        (Some((_, _, shape)), Some(spec)) => {
-            let all: u64 = shape.iter().product();
-            let one: usize = spec.example_shape.iter().product();
-            (all as usize / one.max(1)).max(1)
-        }
-        _ => 1,
-    }
+/// The examples one train step takes: the batch (the first input's leading extent), times
+/// the micro-batches under `accumulate`.
+fn examples_per_step(g: &kiln_ir::Graph, plan: &TrainingPlan) -> usize {
+    let batch = g.inputs.first().and_then(|&i| g.ty(i).shape.first().copied()).unwrap_or(1);
+    (batch * plan.accumulate).max(1)
 }
 
 /// The held-out loss (as the training section defines it, over every example) and, for

@@ -98,19 +98,13 @@ impl Stepper {
         Ok(Stepper { train, eval, state, train_data, eval_data, _dirs: [train_dir, eval_dir] })
     }
 
-    /// The data inputs of the train step (name, dtype, shape), in the order [`Stepper::step`]
-    /// takes their bytes.
-    pub fn train_inputs(&self) -> Vec<(&str, DType, &[u64])> {
-        self.train_data.iter().map(|d| (d.name.as_str(), d.dtype, d.shape.as_slice())).collect()
-    }
-
     /// The data inputs of the forward pass, in the order [`Stepper::evaluate`] takes them.
     pub fn eval_inputs(&self) -> Vec<(&str, DType, &[u64])> {
         self.eval_data.iter().map(|d| (d.name.as_str(), d.dtype, d.shape.as_slice())).collect()
     }
 
-    /// One optimizer step on `batch` (the bytes of each train input, in
-    /// [`Stepper::train_inputs`] order): the parameters and state move on.
+    /// One optimizer step on `batch` (the bytes of each model input, in declaration order):
+    /// the parameters and state move on.
     pub fn step(&mut self, batch: &[Vec<u8>]) -> Result<StepStats, Failure> {
         let shapes: Vec<&DataInput> = self.train_data.iter().collect();
         let mut refs: Vec<TensorRef> = shapes
