@@ -2037,3 +2037,74 @@ fn a_small_gpt_learns_the_shipped_text() {
     assert_eq!(eval.len(), 3, "{lines:?}");
     assert!(eval[0] < 256f64.ln() && eval[1] < eval[0] && eval[2] < eval[1], "{lines:?}");
 }
+
+/// The loss, held-out loss and accuracy of an `epoch …` line (without the rate and speed).
+fn epoch_numbers(line: &str) -> &str {
+    line.split(", lr").next().unwrap_or(line)
+}
+
+/// `accumulate: 2` at batch 8 takes 16 examples a step and trains as batch 16 does (the mean
+/// of two micro-batches' gradients is the larger batch's).
+#[test]
+fn kiln_train_accumulates_micro_batches_like_one_larger_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path(), "data.safetensors", &train_data(210, DType::F32));
+    let spec = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mlp.ron")).unwrap();
+    let accumulating = spec.replace("        schedule:", "        accumulate: 2,\n        schedule:");
+    assert_ne!(accumulating, spec);
+    let model = dir.path().join("mlp_accumulate.ron");
+    std::fs::write(&model, accumulating).unwrap();
+    let run = |model: &str, batch: &str| {
+        let out = kiln(&[
+            "train",
+            model,
+            "--set",
+            batch,
+            "--set",
+            "in=4",
+            "--set",
+            "hidden1=8",
+            "--set",
+            "hidden2=8",
+            "--set",
+            "classes=3",
+            "--data",
+            &data,
+            "--holdout",
+            "0.2",
+            "--epochs",
+            "2",
+            "--lr",
+            "0.01",
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (epoch_lines(&out), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (large, _) = run("models/mlp.ron", "batch=16");
+    let (micro, note) = run(model.to_str().unwrap(), "batch=8");
+    assert!(note.contains("note: 168 training examples make 10 batches of 16 an epoch; the last 8 of each epoch's order are left out"), "{note}");
+    assert_eq!(large.len(), 2);
+    for (a, b) in large.iter().zip(&micro) {
+        assert_eq!(epoch_numbers(a), epoch_numbers(b));
+    }
+}
+
+/// `--device vulkan` compiles the train step and the forward pass for Vulkan and trains as
+/// the CPU does.
+#[test]
+fn kiln_train_runs_on_vulkan_like_on_the_cpu() {
+    if !available(Device::Vulkan, "kiln train on Vulkan") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path(), "data.safetensors", &train_data(200, DType::F32));
+    let cpu = train(&["--data", &data, "--holdout", "0.2", "--epochs", "2", "--lr", "0.01"]);
+    let gpu =
+        train(&["--data", &data, "--holdout", "0.2", "--epochs", "2", "--lr", "0.01", "--device", "vulkan"]);
+    assert!(gpu.status.success(), "{}", String::from_utf8_lossy(&gpu.stderr));
+    let (cpu, gpu) = (epoch_lines(&cpu), epoch_lines(&gpu));
+    assert_eq!(cpu.len(), 2);
+    for (a, b) in cpu.iter().zip(&gpu) {
+        assert_eq!(epoch_numbers(a), epoch_numbers(b));
+    }
+}
