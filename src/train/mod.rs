@@ -69,6 +69,7 @@ pub struct TrainArgs {
     /// Worker threads on the CPU (default: `KILN_THREADS`, else every core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Override a config value, e.g. `--set batch=32` (repeatable).
     #[arg(long = "set", value_name = "NAME=VALUE")]
     set: Vec<String>,
 }
