@@ -1929,6 +1929,13 @@ fn kiln_train_refuses_bad_usage_and_bad_data_with_clear_errors() {
         format!("error: tensor `label` of {path} holds 3 at element 3: its values must be in 0..3 (or -100, left out of the loss)\n")
     );
 
+    let none_held = train(&["--data", &good, "--holdout", "0.001"]);
+    assert_eq!(none_held.status.code(), Some(1));
+    assert_eq!(
+        err(&none_held),
+        "error: the held-out set is empty: hold out a larger fraction (--holdout) or give --eval-data with examples\n"
+    );
+
     let few = write_data(dir.path(), "few.safetensors", &train_data(5, DType::F32));
     let out = train(&["--data", &few]);
     assert_eq!(out.status.code(), Some(1));

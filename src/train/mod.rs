@@ -129,6 +129,11 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, Failure> {
         }
         (None, None) => (all, None),
     };
+    if eval_set.as_ref().is_some_and(|s| s.len() == 0) {
+        return Err(user(
+            "the held-out set is empty: hold out a larger fraction (--holdout) or give --eval-data with examples",
+        ));
+    }
 
     let per_step = examples_per_step(&lowered.graph, &plan);
     let batches = train_set.len() / per_step;
@@ -407,7 +412,9 @@ impl Sums {
                 let positions = p.len() / classes;
                 let keep = positions / batch * real;
                 for (row, &label) in p.chunks(classes).zip(target).take(keep) {
-                    if label as i64 == *ignore_index {
+                    // A computed label outside the classes counts as left out, like `ignore_index`
+                    // (labels read from the data were checked when it was read).
+                    if label as i64 == *ignore_index || !(label >= 0.0 && label < classes as f64) {
                         continue;
                     }
                     let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
