@@ -13,7 +13,9 @@ mod training;
 
 pub use config::CValue;
 pub use lower::{MAX_EXPANSION, MAX_NESTING};
-pub use optim::{clip_grad_norm, train_step, update, Optimizer, TrainStep};
+pub use optim::{
+    clip_grad_norm, params_as_inputs, train_step, update, Optimizer, TrainStep, PARAM_INPUT_PREFIX,
+};
 pub use schedule::{learning_rate, Schedule};
 pub use training::{
     cross_entropy, mse, training_graph, LossKind, TrainingError, TrainingGraph, TrainingPlan, MAX_ACCUMULATE,
