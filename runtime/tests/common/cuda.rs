@@ -95,6 +95,7 @@ pub fn chain_manifest() -> Manifest {
         arena_bytes: T_OFFSET + PLANE,
         files: Vec::new(),
         modules: Vec::new(),
+        faults: None,
         steps: vec![
             step(
                 "mul",
