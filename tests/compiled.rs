@@ -1315,6 +1315,18 @@ fn integer_division_by_zero_is_the_interpreters_error_on_cpu_vulkan_and_cuda() {
             }
             // The model is still good after the fault.
             assert_eq!(run(&mut model, &good).unwrap(), want, "{device:?}");
+            // A profiled run (step by step, timed) reports the fault too.
+            let (a, b) = (cases[0].0["a"].data.to_le_bytes(), cases[0].0["b"].data.to_le_bytes());
+            let refs = [
+                TensorRef::new("a", kiln_runtime::DType::I32, &[2, 3], &a),
+                TensorRef::new("b", kiln_runtime::DType::I32, &[3], &b),
+            ];
+            match model.run_profiled(&refs, 2) {
+                Err(kiln_runtime::RuntimeError::NoTimestamps { .. }) => {}
+                Err(e) => assert_eq!(after_node(&e.to_string()), cases[0].1, "{device:?}"),
+                Ok(_) => panic!("{device:?}: a profiled run divided by zero without an error"),
+            }
+            assert_eq!(run(&mut model, &good).unwrap(), want, "{device:?}");
 
             // The C ABI reports the runtime's error.
             let c_dir = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
