@@ -93,21 +93,25 @@ pub(crate) fn can_fault(e: &Expr) -> bool {
     }
 }
 
-/// Reserves the slot for `sites` at the end of the arena (at `align`); returns the faults and
-/// the new arena size. `None` when there is no site: no slot, no change.
+/// Reserves the slot for `sites` at the end of the arena (at `align`) in a schedule of
+/// `kernels` kernels; returns the faults and the bytes the arena grows by. `None` when there is
+/// no site: no slot, no growth.
 pub(crate) fn reserve(
     buffers: &mut Vec<Buffer>,
+    kernels: usize,
     sites: Vec<FaultSite>,
     arena_bytes: usize,
     align: usize,
 ) -> (Option<Faults>, usize) {
     if sites.is_empty() {
-        return (None, arena_bytes);
+        return (None, 0);
     }
     let offset = arena_bytes.next_multiple_of(align);
     let len = 1 + sites.len();
-    // Alive for the whole run: memory planning has placed everything else already.
-    buffers.push(Buffer { storage: Storage::Arena { offset }, dtype: DType::I32, len, live: None });
+    // Alive for the whole run (the runtime reads it after the last kernel), after everything
+    // memory planning placed.
+    let live = Some((0, kernels.saturating_sub(1)));
+    buffers.push(Buffer { storage: Storage::Arena { offset }, dtype: DType::I32, len, live });
     let slot = buffers.len() - 1;
-    (Some(Faults { slot, sites }), offset + len * DType::I32.size_bytes())
+    (Some(Faults { slot, sites }), offset + len * DType::I32.size_bytes() - arena_bytes)
 }

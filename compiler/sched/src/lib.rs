@@ -41,7 +41,8 @@ pub fn schedule_aligned(g: &Graph, align: usize) -> Result<Schedule, SchedError>
     let mut p = partition::partition(g)?;
     let (arena_bytes, arena_bytes_unshared) = memory::plan(&mut p.buffers, &p.kernels, align);
     let sites = faults::renumber(&mut p.kernels, p.fault_sites);
-    let (faults, arena_bytes) = faults::reserve(&mut p.buffers, sites, arena_bytes, align);
+    let (faults, slot_bytes) = faults::reserve(&mut p.buffers, p.kernels.len(), sites, arena_bytes, align);
+    let (arena_bytes, arena_bytes_unshared) = (arena_bytes + slot_bytes, arena_bytes_unshared + slot_bytes);
     let io = |n: &kiln_ir::NodeId| {
         let t = g.ty(*n);
         (t.dtype, t.shape.clone())
