@@ -1231,6 +1231,172 @@ fn out_of_range_gather_indices_are_the_interpreters_error_on_every_path() {
     }
 }
 
+/// Integer divisions: `q` by an input broadcast along rows, and one inside a fused chain whose
+/// divisor is computed (`a - b`, at the output's shape).
+const INT_DIV_SPEC: &str = r#"Model(name: "int_div", config: {}, inputs: { "a": (i32, [2, 3]), "b": (i32, [3]) },
+   body: [
+       Let("q", Div("a", "b")),
+       Let("r", Add(Div(Mul("a", 3), Sub("a", "b")), 7)),
+   ],
+   outputs: ["q", "r"])"#;
+
+/// `(a, b)` as tensors.
+fn int_div_inputs(a: [i32; 6], b: [i32; 3]) -> HashMap<String, Tensor> {
+    HashMap::from([
+        ("a".to_string(), ids(a)),
+        ("b".to_string(), Tensor::new(vec![3], kiln_ir::Buffer::I32(b.to_vec())).unwrap()),
+    ])
+}
+
+/// An error's words after the node or step it names: `(div `q` at …): integer division by
+/// zero (divisor element [1])`.
+fn after_node(err: &str) -> &str {
+    err.find(" (").map_or(err, |at| &err[at + 1..])
+}
+
+#[test]
+fn integer_division_by_zero_is_the_interpreters_error_on_cpu_vulkan_and_cuda() {
+    let g = lower("int_div", INT_DIV_SPEC);
+    let params = HashMap::new();
+    let eval = |inputs: &HashMap<String, Tensor>| {
+        kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() })
+    };
+    let good = int_div_inputs([7, -9, 4, 10, 11, -12], [2, -4, 5]);
+    let cases = [
+        // `q`'s divisor, an input, is zero (element 1, broadcast over both rows).
+        (
+            int_div_inputs([7, -9, 4, 10, 11, -12], [2, 0, 5]),
+            "(div `q` at int_div:3:17): integer division by zero (divisor element [1])",
+        ),
+        // The computed divisor `a - b` is zero at [1, 2].
+        (
+            int_div_inputs([7, -9, 4, 10, 11, 5], [2, -4, 5]),
+            "(div at int_div:4:21): integer division by zero (divisor element [1, 2])",
+        ),
+        // Both: the interpreter's first error is the compiled one too.
+        (
+            int_div_inputs([7, -9, 4, 7, 11, 5], [7, 0, 5]),
+            "(div `q` at int_div:3:17): integer division by zero (divisor element [1])",
+        ),
+    ];
+    for (bad, words) in &cases {
+        let err = eval(bad).unwrap_err().to_string();
+        assert_eq!(after_node(&err), *words, "interpreter: {err}");
+    }
+    let want: Vec<Vec<f64>> = eval(&good).unwrap().iter().map(|(_, t)| t.to_f64_vec()).collect();
+    assert_eq!(want, vec![vec![3.0, 2.0, 0.0, 5.0, -2.0, -2.0], vec![11.0, 12.0, -5.0, 10.0, 9.0, 9.0]]);
+
+    for device in [Device::Cpu, Device::Vulkan, Device::Cuda] {
+        if !available(device, "integer division by zero") {
+            continue;
+        }
+        // As written and optimized (the chain `r` fuses into one kernel either way).
+        for graph in [g.clone(), optimized(&g)] {
+            let dir = tempfile::tempdir().unwrap();
+            build_for(device, &graph, &params, dir.path());
+            let mut model = Model::load_with(dir.path(), &Options::default()).unwrap();
+            let run = |model: &mut Model, inputs: &HashMap<String, Tensor>| {
+                let (a, b) = (inputs["a"].data.to_le_bytes(), inputs["b"].data.to_le_bytes());
+                let refs = [
+                    TensorRef::new("a", kiln_runtime::DType::I32, &[2, 3], &a),
+                    TensorRef::new("b", kiln_runtime::DType::I32, &[3], &b),
+                ];
+                model.run(&refs).map(|outs| {
+                    outs.iter()
+                        .map(|o| o.as_i32().unwrap().iter().map(|&x| f64::from(x)).collect::<Vec<f64>>())
+                        .collect::<Vec<_>>()
+                })
+            };
+            assert_eq!(run(&mut model, &good).unwrap(), want, "{device:?}");
+            for (bad, words) in &cases {
+                let err = run(&mut model, bad).unwrap_err().to_string();
+                assert!(err.starts_with("step \"k"), "{device:?}: {err}");
+                assert_eq!(after_node(&err), *words, "{device:?}: {err}");
+            }
+            // The model is still good after the fault.
+            assert_eq!(run(&mut model, &good).unwrap(), want, "{device:?}");
+            // A profiled run (step by step, timed) reports the fault too.
+            let (a, b) = (cases[0].0["a"].data.to_le_bytes(), cases[0].0["b"].data.to_le_bytes());
+            let refs = [
+                TensorRef::new("a", kiln_runtime::DType::I32, &[2, 3], &a),
+                TensorRef::new("b", kiln_runtime::DType::I32, &[3], &b),
+            ];
+            match model.run_profiled(&refs, 2) {
+                Err(kiln_runtime::RuntimeError::NoTimestamps { .. }) => {}
+                Err(e) => assert_eq!(after_node(&e.to_string()), cases[0].1, "{device:?}"),
+                Ok(_) => panic!("{device:?}: a profiled run divided by zero without an error"),
+            }
+            assert_eq!(run(&mut model, &good).unwrap(), want, "{device:?}");
+
+            // The C ABI reports the runtime's error.
+            let c_dir = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
+            // SAFETY: the handle comes from the API and is freed once; the buffers have the
+            // sizes the model declares (i32 [2, 3] and [3] in, i32 [2, 3] twice out).
+            unsafe {
+                use kiln_runtime::capi::*;
+                let m = kiln_model_load_on(c_dir.as_ptr(), std::ptr::null(), 1);
+                assert!(!m.is_null());
+                let (a, b) = ([7i32, -9, 4, 10, 11, -12], [2i32, 0, 5]);
+                let (mut q, mut r) = ([0i32; 6], [0i32; 6]);
+                let inputs = [a.as_ptr().cast::<std::ffi::c_void>(), b.as_ptr().cast()];
+                let outputs = [q.as_mut_ptr().cast::<std::ffi::c_void>(), r.as_mut_ptr().cast()];
+                assert_eq!(kiln_model_run(m, inputs.as_ptr(), outputs.as_ptr()), 1);
+                let message = std::ffi::CStr::from_ptr(kiln_last_error()).to_string_lossy().into_owned();
+                assert_eq!(after_node(&message), cases[0].1, "{device:?}: {message}");
+                kiln_model_free(m);
+            }
+        }
+    }
+
+    // The Vulkan kernels that record faults are valid SPIR-V, with or without a device.
+    let spirv_dir = tempfile::tempdir().unwrap();
+    let built = build_vulkan(&optimized(&g), &params, spirv_dir.path());
+    assert!(built.modules.iter().any(|m| m.text.contains("spirv.AtomicUMin")));
+    if spirv_val(&built, "integer division by zero").is_none() {
+        eprintln!("skipped: integer division by zero: no spirv-val");
+    }
+
+    // Without a CUDA device, the CUDA kernels still lower to PTX that records the fault with
+    // atomics, and assemble where there is a ptxas.
+    if cuda_arch().is_err() {
+        let (caps, target) = cuda_caps("sm_80");
+        let s = kiln_sched::schedule_aligned(&optimized(&g), caps.buffer_align).expect("schedules");
+        let program = kiln_codegen::gpu::kernels(&s, &caps).unwrap();
+        let modules = kiln_codegen::gpu::nvvm::compile(&program.kernels, &target).unwrap();
+        assert!(modules.iter().any(|m| m.ptx.contains("atom.global") && m.ptx.contains(".min.u32")));
+        if let Some(ptxas) = ptxas("integer division by zero on CUDA") {
+            for m in &modules {
+                ptxas.assemble(&m.ptx, "sm_80").unwrap_or_else(|e| panic!("{}: {e}\n{}", m.symbol, m.ptx));
+            }
+        }
+    }
+
+    // The CLI: `kiln eval`, `kiln run` of the artifact and of the spec (compiled in memory)
+    // fail with the same words and exit status 1.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("int_div.ron");
+    std::fs::write(&spec, INT_DIV_SPEC).unwrap();
+    let (a, b) = (dir.path().join("a.npy"), dir.path().join("b.npy"));
+    kiln_ir::tensor_io::write_npy(&a, &cases[0].0["a"]).unwrap();
+    kiln_ir::tensor_io::write_npy(&b, &cases[0].0["b"]).unwrap();
+    let art = dir.path().join("int_div.kiln");
+    let (spec, art) = (spec.to_str().unwrap(), art.to_str().unwrap());
+    let (a, b) = (format!("a={}", a.display()), format!("b={}", b.display()));
+    let compiled = kiln(&["compile", spec, "-o", art]);
+    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    let words = cases[0].1.replace("int_div:", &format!("{spec}:"));
+    for args in [
+        vec!["eval", spec, "--input", &a, "--input", &b],
+        vec!["run", art, "--input", &a, "--input", &b],
+        vec!["run", spec, "--input", &a, "--input", &b],
+    ] {
+        let out = kiln(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(&words), "{args:?}: {err}");
+    }
+}
+
 /// Random edits of a real compiled artifact's manifest (numbers, names, symbols, shapes,
 /// offsets, sizes, ranges, step order, dtypes), written back with a fresh digest line as a
 /// careful forger would. Each load runs in this process, so a crash fails the test binary:
@@ -1246,8 +1412,9 @@ fn mutated_manifests_of_a_compiled_artifact_run_correctly_or_are_refused() {
                Let("e", Add(Gather(table: "table", indices: "ids"), "x")),
                Let("w", Param(shape: [4, 8], init: Normal(std: 0.5))),
                Let("y", Softmax(x: MatMul(Relu("e"), "w"), axis: -1)),
+               Let("k", Div(Add("ids", 7), Add("ids", 1))),
            ],
-           outputs: ["e", "y"])"#,
+           outputs: ["e", "y", "k"])"#,
     ));
     let params = kiln_ir::bind_params(&g, None, 6, false).unwrap();
     let base = tempfile::tempdir().unwrap();
@@ -1265,7 +1432,7 @@ fn mutated_manifests_of_a_compiled_artifact_run_correctly_or_are_refused() {
     });
     let (refused, ran) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
     runner
-        .run(&(0u8..12, any::<u64>(), any::<u64>()), |(kind, a, b)| {
+        .run(&(0u8..13, any::<u64>(), any::<u64>()), |(kind, a, b)| {
             let mut m = manifest.clone();
             mutate_manifest(&mut m, kind, a, b);
             let dir = tempfile::tempdir().unwrap();
@@ -1373,6 +1540,22 @@ fn mutate_manifest(m: &mut kiln_runtime::Manifest, kind: u8, a: u64, b: u64) {
             let i = pick(m.index_bounds.len(), 14);
             if let Some(bound) = m.index_bounds.get_mut(i) {
                 *bound = if b.is_multiple_of(2) { None } else { Some(value(bound.unwrap_or(5))) };
+            }
+        }
+        11 => {
+            let Some(faults) = m.faults.as_mut() else { panic!("the mutants model divides integers") };
+            let i = pick(faults.sites.len(), 16);
+            match b / 3 % 4 {
+                0 => faults.offset = value(faults.offset),
+                1 => faults.sites[i].step = value(u64::from(faults.sites[i].step)) as u32,
+                2 => {
+                    let shape = &mut faults.sites[i].shape;
+                    let d = pick(shape.len(), 17);
+                    if let Some(dim) = shape.get_mut(d) {
+                        *dim = value(*dim);
+                    }
+                }
+                _ => faults.sites.clear(),
             }
         }
         _ => {

@@ -52,6 +52,51 @@ pub struct Manifest {
     pub modules: Vec<ModuleRange>,
     /// Kernel launches, in execution order.
     pub steps: Vec<Step>,
+    /// The fault words and the ops that report into them; `None` when no kernel can fault.
+    pub faults: Option<Faults>,
+}
+
+/// Where compiled kernels record the faults the interpreter reports as errors (an integer
+/// division by zero), and what each recording site is, so a run that faulted fails with the
+/// interpreter's words. The words are `1 + sites.len()` little-endian `u32`s in the arena:
+/// word 0 the lowest site that faulted (sites are numbered in step order), word `1 + s` the
+/// lowest element at which site `s` faulted; `u32::MAX` is "none". Every step that can fault
+/// passes exactly this range as its last argument; the runtime fills it with `u32::MAX` before
+/// each run and reads it after.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Faults {
+    /// Byte offset of word 0 in the arena (aligned like every arena offset).
+    pub offset: u64,
+    /// The sites, in the order of their numbers.
+    pub sites: Vec<FaultSite>,
+}
+
+/// One op whose compiled code records a fault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultSite {
+    /// What faults there.
+    pub kind: FaultKind,
+    /// The step (index into [`Manifest::steps`]) whose kernel holds the op.
+    pub step: u32,
+    /// The op's name (`div`), and its spec name and position when it has them, which the
+    /// error shows as the interpreter shows a node.
+    pub op: String,
+    /// The spec name bound to the op's value.
+    pub name: Option<String>,
+    /// `file:line:col` of the op in the spec.
+    pub origin: Option<String>,
+    /// The op's result shape: elements are recorded as row-major positions in it.
+    pub shape: Vec<u64>,
+    /// The divisor's shape, which broadcasts to `shape`; the error names the divisor element,
+    /// as the interpreter does.
+    pub divisor: Vec<u64>,
+}
+
+/// The kinds of fault compiled code records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FaultKind {
+    /// An integer division whose divisor was zero (the quotient is 0, the run an error).
+    IntDivByZero,
 }
 
 /// What runs the artifact's kernels, and what they need from it.
@@ -387,6 +432,7 @@ impl Manifest {
             files: _,
             modules,
             steps,
+            faults,
         } = self;
         let mut h = Fnv::new();
         h.u64(u64::from(*format_version));
@@ -489,6 +535,34 @@ impl Manifest {
             }
             h.u64(*flops);
             h.u64(*bytes);
+        }
+        match faults {
+            None => h.u64(0),
+            Some(Faults { offset, sites }) => {
+                h.u64(1);
+                h.u64(*offset);
+                h.u64(sites.len() as u64);
+                for FaultSite { kind, step, op, name, origin, shape, divisor } in sites {
+                    h.u64(match kind {
+                        FaultKind::IntDivByZero => 0,
+                    });
+                    h.u64(u64::from(*step));
+                    h.str(op);
+                    for text in [name, origin] {
+                        match text {
+                            None => h.u64(0),
+                            Some(t) => {
+                                h.u64(1);
+                                h.str(t);
+                            }
+                        }
+                    }
+                    for dims in [shape, divisor] {
+                        h.u64(dims.len() as u64);
+                        dims.iter().for_each(|&d| h.u64(d));
+                    }
+                }
+            }
         }
         h.0
     }
@@ -705,6 +779,18 @@ mod tests {
                 flops: 6,
                 bytes: 36,
             }],
+            faults: Some(Faults {
+                offset: 64,
+                sites: vec![FaultSite {
+                    kind: FaultKind::IntDivByZero,
+                    step: 0,
+                    op: "div".into(),
+                    name: Some("q".into()),
+                    origin: None,
+                    shape: vec![2, 3],
+                    divisor: vec![3],
+                }],
+            }),
         };
         let text = manifest.to_ron().unwrap();
         assert!(text.contains("dtype: bf16"), "{text}");

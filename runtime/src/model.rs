@@ -306,7 +306,9 @@ impl Model {
                 });
             }
         }
-        self.backend.execute(inputs, outputs, times)
+        self.backend.execute(inputs, outputs, times)?;
+        // A kernel that faulted (an integer division by zero) makes the run an error.
+        crate::faults::check_run(&self.manifest, self.backend.fault_words())
     }
 
     /// Checks the inputs against the manifest: names, dtypes, shapes and sizes.
@@ -444,7 +446,8 @@ fn check_specs(manifest: &Manifest) -> Result<(), RuntimeError> {
 /// Steps must be in the compiler's order (step `i` is labelled `k{i} …`), so a reordered
 /// manifest cannot make a step read an intermediate before the step that writes it; and a CPU
 /// step must name a kernel entry of the form the compiler writes ([`is_kernel_entry`]), so a
-/// manifest can never make the runtime call `abort`, `exit` or `free`.
+/// manifest can never make the runtime call `abort`, `exit` or `free`. The fault table is
+/// checked against the steps here too (`faults::check`).
 fn check_steps(manifest: &Manifest) -> Result<(), RuntimeError> {
     for (i, step) in manifest.steps.iter().enumerate() {
         let numbered = step
@@ -470,7 +473,7 @@ fn check_steps(manifest: &Manifest) -> Result<(), RuntimeError> {
             Target::Vulkan(_) | Target::Cuda(_) => {}
         }
     }
-    Ok(())
+    crate::faults::check(manifest)
 }
 
 /// Every element of an index input must lie in `0..bound`, the smallest extent of the tables
@@ -559,7 +562,7 @@ mod tests {
         let err = check_version(probe.format_version).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "artifact format version 7, this runtime reads version 4: recompile the model"
+            "artifact format version 7, this runtime reads version 5: recompile the model"
         );
     }
 }

@@ -132,6 +132,7 @@ pub fn build_artifact(
             };
             args.push(arg);
         }
+        args.extend(fault_arg(s, sk, &mut stored, params)?);
         steps.push(Step {
             symbol: crate::Kernel::entry(&k.symbol),
             label: format!("k{i} {} {}", sk.name(), fmt_shape(&sk.output.view.shape)),
@@ -158,6 +159,7 @@ pub fn build_artifact(
         files: Vec::new(),
         modules: Vec::new(),
         steps,
+        faults: fault_table(s)?,
     };
     // The kernels carry the digest of the manifest they were compiled for, so the runtime
     // refuses any other manifest (an edited shape, offset or symbol) before running them.
@@ -252,6 +254,7 @@ pub fn build_vulkan_artifact(
         files: Vec::new(),
         modules: ranges,
         steps,
+        faults: fault_table(s)?,
     };
     // kernels.spv ends, after its last module, with the digest of the manifest its modules were
     // compiled for, so the runtime refuses any other step order or buffer assignment.
@@ -350,6 +353,7 @@ pub fn build_cuda_artifact(
         files: Vec::new(),
         modules: ranges,
         steps,
+        faults: fault_table(s)?,
     };
     // kernels.ptx ends, after its last module, with the digest of the manifest its modules
     // were compiled for: their bare-pointer parameters say nothing of buffer sizes, so the
@@ -423,6 +427,7 @@ fn gpu_steps(
             }
             args.push(stored.arg(b, params)?);
         }
+        args.extend(fault_arg(s, sk, &mut stored, params)?);
         steps.push(Step {
             symbol: k.symbol.clone(),
             label: format!("k{i} {} {}", sk.name(), fmt_shape(&sk.output.view.shape)),
@@ -437,6 +442,50 @@ fn gpu_steps(
         });
     }
     Ok((steps, stored))
+}
+
+/// The fault words as the last argument of a step whose kernel holds a fault site.
+fn fault_arg(
+    s: &Schedule,
+    sk: &kiln_sched::Kernel,
+    stored: &mut Stored,
+    params: &HashMap<String, Tensor>,
+) -> Result<Option<BufRef>, CodegenError> {
+    match (&s.faults, sk.can_fault()) {
+        (Some(f), true) => Ok(Some(stored.arg(&s.buffers[f.slot], params)?)),
+        (None, true) => Err(CodegenError::Artifact(
+            "a kernel with a fault site in a schedule without a fault slot".into(),
+        )),
+        (_, false) => Ok(None),
+    }
+}
+
+/// The manifest's fault table: where the fault words lie and what each site is.
+fn fault_table(s: &Schedule) -> Result<Option<kiln_runtime::Faults>, CodegenError> {
+    let Some(f) = &s.faults else { return Ok(None) };
+    let offset = match s.buffers[f.slot].storage {
+        Storage::Arena { offset } => offset as u64,
+        Storage::Input { .. } | Storage::Output { .. } | Storage::Weight { .. } | Storage::Const { .. } => {
+            return Err(CodegenError::Artifact("the fault slot is not in the arena".into()))
+        }
+    };
+    let dims = |shape: &[usize]| shape.iter().map(|&d| d as u64).collect::<Vec<u64>>();
+    let sites = f
+        .sites
+        .iter()
+        .map(|site| kiln_runtime::FaultSite {
+            kind: match site.kind {
+                kiln_sched::FaultKind::IntDivByZero => kiln_runtime::FaultKind::IntDivByZero,
+            },
+            step: site.kernel as u32,
+            op: site.op.clone(),
+            name: site.name.clone(),
+            origin: site.origin.clone(),
+            shape: dims(&site.shape),
+            divisor: dims(&site.divisor),
+        })
+        .collect();
+    Ok(Some(kiln_runtime::Faults { offset, sites }))
 }
 
 /// The manifest's description of a graph input or output.

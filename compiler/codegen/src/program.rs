@@ -31,6 +31,23 @@ pub(crate) fn broadcast(s: &Schedule, o: &Operand, shape: &[usize]) -> View {
     view(s, o, o.view.broadcast_to(shape))
 }
 
+/// The fault words `k` takes as its last argument when it holds a fault site (see
+/// `kiln_sched::Faults`), as a flat `i32` view.
+pub(crate) fn fault_slot(s: &Schedule, k: &kiln_sched::Kernel) -> Result<Option<View>, CodegenError> {
+    if !k.can_fault() {
+        return Ok(None);
+    }
+    let faults = s.faults.as_ref().ok_or_else(|| bad("a fault site without a fault slot"))?;
+    let len = s.buffers[faults.slot].len;
+    Ok(Some(View {
+        shape: vec![len],
+        strides: vec![1],
+        offset: 0,
+        dtype: kiln_ir::DType::I32,
+        buffer_len: len,
+    }))
+}
+
 pub(crate) fn bad(what: &str) -> CodegenError {
     CodegenError::Unsupported(format!("scheduled kernel with malformed operands: {what}"))
 }
@@ -164,7 +181,8 @@ fn kernel(
     let op = match &k.op {
         KernelOp::Elementwise(expr) => {
             let inputs: Vec<View> = ins.iter().map(|o| plain(s, o)).collect();
-            return Ok((kernels::elementwise::emit(sym, expr, &inputs, &out)?, None));
+            let slot = fault_slot(s, k)?;
+            return Ok((kernels::elementwise::emit(sym, expr, &inputs, &out, slot.as_ref())?, None));
         }
         KernelOp::Node(op) => op,
     };

@@ -5,12 +5,14 @@
 //! ([`memory`] — liveness, then greedy best-fit). The result is target-independent: code
 //! generation turns each [`Kernel`] into machine code, the runtime runs them in order.
 
+mod faults;
 mod memory;
 mod partition;
 mod plan;
 pub mod print;
 mod view;
 
+pub use faults::{FaultKind, FaultSite, Faults};
 pub use memory::ALIGN;
 pub use plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, Schedule, Storage};
 pub use view::StridedView;
@@ -38,6 +40,9 @@ pub fn schedule_aligned(g: &Graph, align: usize) -> Result<Schedule, SchedError>
     }
     let mut p = partition::partition(g)?;
     let (arena_bytes, arena_bytes_unshared) = memory::plan(&mut p.buffers, &p.kernels, align);
+    let sites = faults::renumber(&mut p.kernels, p.fault_sites);
+    let (faults, slot_bytes) = faults::reserve(&mut p.buffers, p.kernels.len(), sites, arena_bytes, align);
+    let (arena_bytes, arena_bytes_unshared) = (arena_bytes + slot_bytes, arena_bytes_unshared + slot_bytes);
     let io = |n: &kiln_ir::NodeId| {
         let t = g.ty(*n);
         (t.dtype, t.shape.clone())
@@ -77,5 +82,6 @@ pub fn schedule_aligned(g: &Graph, align: usize) -> Result<Schedule, SchedError>
             })
             .collect(),
         arena_bytes_unshared,
+        faults,
     })
 }

@@ -14,10 +14,11 @@
 //! layout (attention's `[b, h, s, d]` result lands as `[b, s, h, d]`), so the transpose — and
 //! usually the reshape after it — cost nothing.
 
+use crate::faults::{FaultKind, FaultSite};
 use crate::plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, Storage};
 use crate::view::StridedView;
 use crate::SchedError;
-use kiln_ir::{DType, Graph, NodeId, Op};
+use kiln_ir::{BinaryOp, DType, Graph, NodeId, Op};
 use std::collections::HashMap;
 
 /// What a node's result is, once scheduled.
@@ -32,6 +33,8 @@ enum Value {
 pub(crate) struct Partition {
     pub buffers: Vec<Buffer>,
     pub kernels: Vec<Kernel>,
+    /// The fault sites the expressions name, in the order they were met.
+    pub fault_sites: Vec<FaultSite>,
 }
 
 struct Builder<'g> {
@@ -43,6 +46,7 @@ struct Builder<'g> {
     outputs: HashMap<NodeId, Vec<usize>>,
     buffers: Vec<Buffer>,
     kernels: Vec<Kernel>,
+    fault_sites: Vec<FaultSite>,
 }
 
 pub(crate) fn partition(g: &Graph) -> Result<Partition, SchedError> {
@@ -55,6 +59,7 @@ pub(crate) fn partition(g: &Graph) -> Result<Partition, SchedError> {
         outputs: HashMap::new(),
         buffers: Vec::new(),
         kernels: Vec::new(),
+        fault_sites: Vec::new(),
     };
     for (i, (_, n)) in g.outputs.iter().enumerate() {
         b.outputs.entry(*n).or_default().push(i);
@@ -63,7 +68,7 @@ pub(crate) fn partition(g: &Graph) -> Result<Partition, SchedError> {
         b.visit(n)?;
     }
     b.finish_outputs()?;
-    Ok(Partition { buffers: b.buffers, kernels: b.kernels })
+    Ok(Partition { buffers: b.buffers, kernels: b.kernels, fault_sites: b.fault_sites })
 }
 
 impl Builder<'_> {
@@ -276,13 +281,36 @@ impl Builder<'_> {
                         args.push(Expr::Operand(push_operand(inputs, Operand { view, ..stored })));
                     }
                 }
-                return Ok(Expr::Apply { op, args, dtype });
+                let fault = self.fault_site(n, &args);
+                return Ok(Expr::Apply { op, args, dtype, fault });
             }
             _ => {}
         }
         let stored = self.operand(n)?;
         let view = stored.view.broadcast_to(shape);
         Ok(Expr::Operand(push_operand(inputs, Operand { view, ..stored })))
+    }
+
+    /// The fault site of elementwise node `n` (with arguments `args`), if its compiled code can
+    /// fault: an integer division whose divisor is not a non-zero constant.
+    fn fault_site(&mut self, n: NodeId, args: &[Expr]) -> Option<usize> {
+        let node = self.g.node(n);
+        let divides = matches!(node.op, Op::Binary(BinaryOp::Div)) && node.ty.dtype.is_int();
+        let constant_divisor = matches!(args.get(1), Some(Expr::Scalar { value, .. }) if *value as i64 != 0);
+        if !divides || constant_divisor {
+            return None;
+        }
+        let divisor = self.g.operands(n).get(1).map(|&d| self.g.ty(d).shape.clone()).unwrap_or_default();
+        self.fault_sites.push(FaultSite {
+            kind: FaultKind::IntDivByZero,
+            kernel: 0,
+            op: node.op.name().to_string(),
+            name: node.name.clone(),
+            origin: node.origin.as_ref().map(ToString::to_string),
+            shape: node.ty.shape.clone(),
+            divisor,
+        });
+        Some(self.fault_sites.len() - 1)
     }
 
     /// A copy of `src` (a view of node `n`'s value) into a fresh contiguous buffer.

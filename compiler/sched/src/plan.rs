@@ -65,8 +65,10 @@ pub enum Expr {
     /// is `rng::uniform(seed, offset, i)`.
     Random { seed: u64, offset: u64, dtype: DType },
     /// An elementwise op (unary, binary, compare, where, cast, gelu) of sub-expressions,
-    /// with its result dtype.
-    Apply { op: Op, args: Vec<Expr>, dtype: DType },
+    /// with its result dtype. `fault` is the op's fault site (an index into
+    /// [`crate::Faults::sites`]) when its compiled code can fault: an integer division whose
+    /// divisor is not a non-zero constant.
+    Apply { op: Op, args: Vec<Expr>, dtype: DType, fault: Option<usize> },
 }
 
 impl Expr {
@@ -119,6 +121,14 @@ pub struct Kernel {
 }
 
 impl Kernel {
+    /// Whether the kernel holds a fault site, and so takes the fault slot as its last argument.
+    pub fn can_fault(&self) -> bool {
+        match &self.op {
+            KernelOp::Elementwise(e) => crate::faults::can_fault(e),
+            KernelOp::Node(_) => false,
+        }
+    }
+
     /// A short name: the op, or `fused(a, b, …)` for an elementwise group.
     pub fn name(&self) -> String {
         match &self.op {
@@ -158,4 +168,7 @@ pub struct Schedule {
     /// table (`kiln_ir::index_bound`), so a run of the compiled model given no inputs draws
     /// what the interpreter draws.
     pub index_bounds: Vec<Option<usize>>,
+    /// The ops whose compiled code can fault and the arena slot they report into; `None` when
+    /// no kernel can fault.
+    pub faults: Option<crate::Faults>,
 }

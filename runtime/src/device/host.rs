@@ -1,6 +1,8 @@
 //! The host CPU: each step resolved once into a launch (kernel pointer, argument array with the
 //! arena and weight pointers filled in, slots for the caller's buffers), run on the model's
-//! thread pool. Moved from `model.rs` when Vulkan arrived; the launch code is unchanged.
+//! thread pool. Moved from `model.rs` when Vulkan arrived; the launch code is unchanged. The
+//! fault words (when a kernel can fault) are filled with "none" before each run and copied out
+//! after it.
 
 use std::time::{Duration, Instant};
 
@@ -23,7 +25,11 @@ pub(crate) struct HostBackend {
     /// Each output's element size: the alignment its buffer needs to be written in place.
     output_align: Vec<usize>,
     /// Owns the memory the launches' arena pointers point into.
-    _arena: AlignedBuf,
+    arena: AlignedBuf,
+    /// Byte offset and number of the fault words in the arena, when a kernel can fault.
+    fault_slot: Option<(usize, usize)>,
+    /// The fault words as the last run left them.
+    fault_words: Vec<u32>,
     /// Keeps the code of every `Launch::kernel` alive: the pointers are private and used only
     /// through `&mut self`, so no kernel can be called after this is dropped with the model.
     _kernels: Box<dyn KernelSource>,
@@ -130,7 +136,34 @@ impl HostBackend {
             launches.push(Launch { kernel, args, slots, range, grain });
         }
         let output_align = manifest.outputs.iter().map(|o| o.dtype.size_bytes()).collect();
-        Ok(HostBackend { launches, threads, pool, output_align, _arena: arena, _kernels: kernels })
+        // `faults::check` put the words 4-byte aligned inside the arena.
+        let fault_slot = manifest.faults.as_ref().map(|f| (f.offset as usize, f.words()));
+        let fault_words = vec![crate::faults::NONE; fault_slot.map_or(0, |(_, n)| n)];
+        Ok(HostBackend {
+            launches,
+            threads,
+            pool,
+            output_align,
+            arena,
+            fault_slot,
+            fault_words,
+            _kernels: kernels,
+        })
+    }
+
+    /// The fault words as the last run left them (empty when no kernel can fault).
+    pub fn fault_words(&self) -> &[u32] {
+        &self.fault_words
+    }
+
+    /// The fault words in the arena.
+    fn arena_fault_words(&mut self) -> Option<&mut [u32]> {
+        let (offset, words) = self.fault_slot?;
+        // SAFETY: the manifest check placed `words` u32s at the 4-byte aligned `offset` inside
+        // the arena this backend owns; no kernel runs while the slice lives (`&mut self`).
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(self.arena.as_mut_ptr().add(offset).cast::<u32>(), words)
+        })
     }
 
     /// Worker threads each run uses.
@@ -177,6 +210,9 @@ impl HostBackend {
             .map(|(buf, copy)| SendPtr(copy.as_mut().map_or(buf.as_mut_ptr(), AlignedBuf::as_mut_ptr)))
             .collect();
 
+        if let Some(words) = self.arena_fault_words() {
+            words.fill(crate::faults::NONE);
+        }
         let (pool, threads) = (self.pool.as_ref(), self.threads);
         let launches = &mut self.launches;
         let mut steps = move || {
@@ -214,6 +250,12 @@ impl HostBackend {
                 buf.copy_from_slice(copy.as_slice());
             }
         }
+        // Every step has returned (the pool joined its tasks): the kernels' atomics are done.
+        let mut words = std::mem::take(&mut self.fault_words);
+        if let Some(recorded) = self.arena_fault_words() {
+            words.copy_from_slice(recorded);
+        }
+        self.fault_words = words;
         Ok(())
     }
 }

@@ -332,6 +332,7 @@ mod tests {
             arena_bytes: 256 + 4096,
             files: vec![],
             modules: vec![ModuleRange { offset: 0, bytes: 56 }, ModuleRange { offset: 56, bytes: 12 }],
+            faults: None,
             steps: vec![
                 step(
                     "k0 mul",
