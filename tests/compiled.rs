@@ -586,6 +586,7 @@ fn vulkan_kernels_are_valid_spirv() {
     {
         graphs.push(optimized(&shipped(model, &[])));
     }
+    graphs.extend(scatter_graphs());
     for g in &graphs {
         let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -961,6 +962,7 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
     {
         graphs.push(optimized(&shipped(model, &[])));
     }
+    graphs.extend(scatter_graphs());
     for (arch, tf32) in [("sm_80", false), ("sm_90", false), ("sm_80", true), ("sm_90", true)] {
         let (caps, target) = cuda_caps(arch);
         let caps = if tf32 { caps.with_tf32() } else { caps };
@@ -1817,6 +1819,118 @@ proptest! {
 }
 
 // ----------------------------------------------------------------------------------- training
+
+/// Graphs around `scatter_add` (not a language op: autodiff makes it, as a gather's table
+/// gradient): repeated rows across a block of columns wider than the CPU's 64, a strided
+/// (transposed) updates view, indices whose axes strides cannot merge (the scheduler copies
+/// them), integers, and the train step of a bag-of-embeddings classifier.
+fn scatter_graphs() -> Vec<Graph> {
+    let input = |g: &mut Graph, name: &str, dtype: DType, shape: &[usize]| {
+        g.add(Op::Input { name: name.into(), dtype, shape: shape.to_vec() }, &[]).unwrap()
+    };
+    let mut graphs = Vec::new();
+    /// A graph `scatter_add(transpose(updates), ids)`.
+    struct Case {
+        name: &'static str,
+        updates: (DType, &'static [usize]),
+        perm: Option<&'static [usize]>,
+        ids: (DType, &'static [usize]),
+        axis: usize,
+        extent: usize,
+    }
+    let cases = [
+        Case {
+            name: "scatter_rows",
+            updates: (DType::F32, &[9, 70]),
+            perm: None,
+            ids: (DType::I64, &[9]),
+            axis: 0,
+            extent: 5,
+        },
+        Case {
+            name: "scatter_strided",
+            updates: (DType::F32, &[2, 3, 4]),
+            perm: Some(&[2, 0, 1]),
+            ids: (DType::I32, &[2]),
+            axis: 1,
+            extent: 3,
+        },
+        Case {
+            name: "scatter_copied",
+            updates: (DType::F32, &[3, 2, 2]),
+            perm: Some(&[0, 2, 1]),
+            ids: (DType::I64, &[2, 2]),
+            axis: 1,
+            extent: 3,
+        },
+        Case {
+            name: "scatter_ints",
+            updates: (DType::I32, &[6, 3]),
+            perm: None,
+            ids: (DType::I32, &[6]),
+            axis: 0,
+            extent: 2,
+        },
+    ];
+    for c in cases {
+        let mut g = Graph::new(c.name);
+        let x = input(&mut g, "updates", c.updates.0, c.updates.1);
+        let ids = input(&mut g, "ids", c.ids.0, c.ids.1);
+        let x = match c.perm {
+            Some(perm) => g.add(Op::Transpose { perm: perm.to_vec() }, &[x]).unwrap(),
+            None => x,
+        };
+        let y = g.add(Op::ScatterAdd { axis: c.axis, extent: c.extent }, &[x, ids]).unwrap();
+        g.add_output("y", y);
+        graphs.push(g);
+    }
+    let spec = r#"Model(
+        name: "bag_of_embeddings",
+        config: { "batch": 4, "seq": 6, "vocab": 13, "dim": 70, "classes": 3 },
+        inputs: { "tokens": (i64, ["batch", "seq"]), "label": (i64, ["batch"]) },
+        use: ["std"],
+        body: [
+            Let("e", Call(fn: "std.embedding", args: ["tokens"], scope: "embed", with: { "num": "vocab", "dim": "dim" })),
+            Let("m", Mean(x: "e", axes: 1)),
+            Let("logits", Call(fn: "std.linear", args: ["m"], scope: "head", with: { "out": "classes" })),
+        ],
+        outputs: ["logits"],
+        training: Training(
+            loss: CrossEntropy(logits: "logits", labels: "label"),
+            optimizer: Adam(lr: 1e-2, beta1: 0.9, beta2: 0.999, eps: 1e-8),
+        ),
+    )"#;
+    let (sources, l) = kiln_lower::load_str("bag_of_embeddings", spec, &[]);
+    let l = l.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    let step = kiln_lower::train_step(&l).unwrap();
+    assert!(
+        step.graph.topo_order().iter().any(|&n| matches!(step.graph.node(n).op, Op::ScatterAdd { .. })),
+        "the embedding's gradient is a scatter_add"
+    );
+    graphs.push(optimized(&step.graph));
+    graphs.push(step.graph);
+    graphs
+}
+
+/// `scatter_add` compiled for this CPU, Vulkan and CUDA computes what the interpreter
+/// computes, in the same order of additions; the embedding train step included.
+#[test]
+fn scatter_add_compiles_like_the_interpreter() {
+    let graphs = scatter_graphs();
+    for g in &graphs {
+        check_graph(g, 6, 1e-5, Device::Cpu);
+    }
+    if available(Device::Vulkan, "scatter_add on Vulkan") {
+        for g in &graphs {
+            check_graph(g, 6, 1e-5, Device::Vulkan);
+        }
+    }
+    if available(Device::Cuda, "scatter_add on CUDA") {
+        for g in &graphs {
+            check_graph(g, 6, 1e-5, Device::Cuda);
+        }
+    }
+}
 
 /// One train step (forward, loss, backward, the optimizer's update and schedule) of a shipped
 /// model at small sizes, compiled for this CPU, Vulkan and CUDA, computes what the interpreter

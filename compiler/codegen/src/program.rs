@@ -240,6 +240,10 @@ fn kernel(
         Op::Gather { axis } => {
             kernels::data::emit_gather(sym, *axis, &plain(s, arg(0)?), &plain(s, arg(1)?), &out)
         }
+        Op::ScatterAdd { axis, extent } => {
+            let (u, i, o) = scatter_views(s, arg(0)?, arg(1)?, &k.output, *axis, *extent)?;
+            kernels::scatter::emit(sym, &u, &i, &o)
+        }
         Op::Concat { axis } => {
             let inputs: Vec<View> = ins.iter().map(|o| plain(s, o)).collect();
             kernels::data::emit_concat(sym, *axis, &inputs, &out)
@@ -342,4 +346,29 @@ pub(crate) fn matmul_views(
         None => None,
     };
     Ok(MatmulViews { a, b, bias, out: out_view, m, k: kd, n })
+}
+
+/// A scatter-add's operands in the emitters' form: updates `[pre, positions, post]`, indices
+/// `[positions]`, the result `[pre, extent, post]` (the scheduler copies an operand whose
+/// strides cannot be merged that way).
+pub(crate) fn scatter_views(
+    s: &Schedule,
+    updates: &Operand,
+    indices: &Operand,
+    out: &Operand,
+    axis: usize,
+    extent: usize,
+) -> Result<(View, View, View), CodegenError> {
+    let shape = &updates.view.shape;
+    let n = indices.view.numel();
+    let k = indices.view.shape.len();
+    if shape.len() < axis + k {
+        return Err(bad("scatter_add updates rank"));
+    }
+    let pre: usize = shape[..axis].iter().product();
+    let post: usize = shape[axis + k..].iter().product();
+    let as_shape = |o: &Operand, dims: &[usize]| {
+        o.view.reshape(dims).map(|v| view(s, o, v)).ok_or_else(|| bad("scatter_add operand layout"))
+    };
+    Ok((as_shape(updates, &[pre, n, post])?, as_shape(indices, &[n])?, as_shape(out, &[pre, extent, post])?))
 }

@@ -283,6 +283,28 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
             shape.extend_from_slice(&table.shape[axis + 1..]);
             TensorType::new(table.dtype, shape)
         }
+        Op::ScatterAdd { axis, extent } => {
+            let (updates, idx) = (t(0), t(1));
+            need(op, idx.dtype.is_int(), "integer indices (and numeric updates)", idx.dtype)?;
+            need(op, updates.dtype != DType::Bool, "numeric updates (and integer indices)", updates.dtype)?;
+            let k = idx.rank();
+            let fits =
+                updates.rank() >= axis.saturating_add(k) && updates.shape[*axis..axis + k] == idx.shape[..];
+            if !fits {
+                return Err(invalid(
+                    op,
+                    format!(
+                        "updates {} do not hold indices {} at axis {axis}",
+                        fmt_shape(&updates.shape),
+                        fmt_shape(&idx.shape)
+                    ),
+                ));
+            }
+            let mut shape = updates.shape[..*axis].to_vec();
+            shape.push(*extent);
+            shape.extend_from_slice(&updates.shape[axis + k..]);
+            TensorType::new(updates.dtype, shape)
+        }
         Op::MatMul => {
             let (a, b) = (t(0), t(1));
             let d = same_dtype(op, a.dtype, b.dtype)?;

@@ -347,6 +347,14 @@ pub enum Op {
     Gather {
         axis: usize,
     },
+    /// `scatter_add(updates, indices)`, the adjoint of `gather` along `axis` into a table of
+    /// `extent` rows: operands `[updates, indices]`, updates shaped `pre ++ indices.shape ++
+    /// post`; the result `pre ++ [extent] ++ post` is zero, then `out[.., indices[p], ..] +=
+    /// updates[.., p, ..]` for each index position `p` in row-major order.
+    ScatterAdd {
+        axis: usize,
+        extent: usize,
+    },
     /// Batched matrix product with numpy rules (1-D operands are promoted and squeezed).
     MatMul,
     /// NCHW input, OIHW weight (`I = C / groups`).
@@ -443,6 +451,7 @@ impl Op {
             Op::Concat { .. } => "concat",
             Op::Pad { .. } => "pad",
             Op::Gather { .. } => "gather",
+            Op::ScatterAdd { .. } => "scatter_add",
             Op::MatMul => "matmul",
             Op::Conv2d { .. } => "conv2d",
             Op::Pool2d { kind, .. } => match kind {
@@ -480,7 +489,12 @@ impl Op {
             | Op::Slice { .. }
             | Op::Pad { .. }
             | Op::Pool2d { .. } => Some(1),
-            Op::Binary(_) | Op::Compare(_) | Op::Gather { .. } | Op::MatMul | Op::Conv2d { .. } => Some(2),
+            Op::Binary(_)
+            | Op::Compare(_)
+            | Op::Gather { .. }
+            | Op::ScatterAdd { .. }
+            | Op::MatMul
+            | Op::Conv2d { .. } => Some(2),
             Op::Where => Some(3),
             Op::Concat { .. } => None,
             Op::Softmax { .. } | Op::LogSoftmax { .. } | Op::Gelu { .. } => Some(1),
@@ -559,6 +573,9 @@ impl Op {
                 ("step", step.to_string()),
             ],
             Op::Concat { axis } | Op::Gather { axis } => vec![("axis", axis.to_string())],
+            Op::ScatterAdd { axis, extent } => {
+                vec![("axis", axis.to_string()), ("extent", extent.to_string())]
+            }
             Op::Pad { pads, value } => {
                 let p: Vec<String> = pads.iter().map(|(a, b)| format!("({a}, {b})")).collect();
                 vec![("pads", format!("[{}]", p.join(", "))), ("value", fmt_f64(*value))]

@@ -116,7 +116,7 @@ pub fn seeded_inputs(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
 }
 
 /// The smallest extent along the gathered axis of the tables that `input` indexes, if it is
-/// the index operand of any `Gather`.
+/// the index operand of any `Gather` (or of a `ScatterAdd`, a gather's gradient).
 fn gather_index_bound(g: &Graph, input: NodeId) -> Option<usize> {
     g.users(input)
         .into_iter()
@@ -125,6 +125,7 @@ fn gather_index_bound(g: &Graph, input: NodeId) -> Option<usize> {
                 let operands = g.operands(u);
                 (operands.get(1) == Some(&input)).then(|| g.ty(operands[0]).shape[axis])
             }
+            Op::ScatterAdd { extent, .. } => (g.operands(u).get(1) == Some(&input)).then_some(extent),
             _ => None,
         })
         .min()

@@ -243,6 +243,40 @@ fn gather_scatters_into_the_table() {
 }
 
 #[test]
+fn scatter_add_gathers_back() {
+    check(Op::ScatterAdd { axis: 0, extent: 5 }, vec![p(&[4, 3]), Arg::Fixed(i64s(&[4], &[1, 3, 1, 4]))]);
+    check(
+        Op::ScatterAdd { axis: 1, extent: 4 },
+        vec![p(&[2, 2, 2, 3]), Arg::Fixed(i64s(&[2, 2], &[0, 3, 3, 2]))],
+    );
+}
+
+/// `⟨gather(t, i), u⟩` and `⟨t, scatter_add(u, i)⟩` in f64, for a table of `table` shape
+/// gathered along `axis` by indices of `idx_shape` drawn from `seed`.
+fn adjoint_sides(table: &[usize], axis: usize, idx_shape: &[usize], seed: u64) -> (f64, f64) {
+    let extent = table[axis];
+    let n: usize = idx_shape.iter().product();
+    let idx: Vec<i64> =
+        (0..n as u64).map(|k| (kiln_ir::rng::uniform(seed, 7, k) * extent as f64) as i64).collect();
+    let idx = i64s(idx_shape, &idx);
+    let t = uniform(table, -1.0, 1.0, seed, 1);
+    let run = |op: Op, args: &[&Tensor]| {
+        let types: Vec<kiln_ir::TensorType> =
+            args.iter().map(|a| kiln_ir::TensorType::new(a.dtype(), a.shape.clone())).collect();
+        let refs: Vec<&kiln_ir::TensorType> = types.iter().collect();
+        let ty = kiln_ir::infer(&op, &refs).unwrap();
+        kiln_ir::eval_op(&op, args, &ty).unwrap()
+    };
+    let y = run(Op::Gather { axis }, &[&t, &idx]);
+    let u = uniform(&y.shape, -1.0, 1.0, seed, 2);
+    let s = run(Op::ScatterAdd { axis, extent }, &[&u, &idx]);
+    assert_eq!(s.shape, t.shape);
+    let dot =
+        |a: &Tensor, b: &Tensor| a.to_f64_vec().iter().zip(b.to_f64_vec()).map(|(x, y)| x * y).sum::<f64>();
+    (dot(&y, &u), dot(&t, &s))
+}
+
+#[test]
 fn matmul_with_promotion_and_batch_broadcasting() {
     let cases: [(&[usize], &[usize]); 7] = [
         (&[2, 3], &[3, 4]),
@@ -413,6 +447,19 @@ proptest! {
         let op = [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min][which];
         let axes: Vec<usize> = (0..shape.len()).filter(|i| mask >> i & 1 == 1).collect();
         check(Op::Reduce { op, axes, keepdims }, vec![p(&shape)]);
+    }
+
+    /// `scatter_add` is the adjoint of `gather`: ⟨gather(t, i), u⟩ = ⟨t, scatter_add(u, i)⟩.
+    #[test]
+    fn scatter_add_is_the_adjoint_of_gather(
+        table in prop::collection::vec(1usize..5, 1..4),
+        axis_pick in 0usize..3,
+        idx_shape in prop::collection::vec(1usize..4, 0..3),
+        seed in any::<u64>(),
+    ) {
+        let axis = axis_pick % table.len();
+        let (lhs, rhs) = adjoint_sides(&table, axis, &idx_shape, seed);
+        prop_assert!((lhs - rhs).abs() <= 1e-12 * (1.0 + lhs.abs()), "{lhs} vs {rhs}");
     }
 }
 

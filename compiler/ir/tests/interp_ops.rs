@@ -681,6 +681,96 @@ fn gather_out_of_range_is_an_error() {
     assert_eq!(e, EvalError::GatherIndex { index: -1, position: vec![1, 0], axis: 1, extent: 2 });
 }
 
+#[test]
+fn scatter_add_sums_repeated_rows_and_zeroes_the_rest() {
+    let updates = t32(&[3, 2], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let idx = ti64(&[3], &[2, 0, 2]);
+    assert_eq!(
+        run(Op::ScatterAdd { axis: 0, extent: 4 }, &[&updates, &idx]),
+        t32(&[4, 2], &[3.0, 4.0, 0.0, 0.0, 6.0, 8.0, 0.0, 0.0])
+    );
+    // axis 1 of integers, a 2-D index array, and a scalar index (the axis reappears).
+    let u = ti32(&[2, 2], &[1, 2, 3, 4]);
+    assert_eq!(
+        run(Op::ScatterAdd { axis: 1, extent: 3 }, &[&u, &ti32(&[2], &[2, 2])]),
+        ti32(&[2, 3], &[0, 0, 3, 0, 0, 7])
+    );
+    let u = t64(&[2, 2, 1], &[1.0, 10.0, 100.0, 1000.0]);
+    assert_eq!(
+        run(Op::ScatterAdd { axis: 0, extent: 2 }, &[&u, &ti64(&[2, 2], &[0, 1, 1, 1])]),
+        t64(&[2, 1], &[1.0, 1110.0])
+    );
+    let u = t32(&[2], &[7.0, 8.0]);
+    assert_eq!(
+        run(Op::ScatterAdd { axis: 1, extent: 3 }, &[&u, &ti64(&[], &[1])]),
+        t32(&[2, 3], &[0.0, 7.0, 0.0, 0.0, 8.0, 0.0])
+    );
+}
+
+#[test]
+fn scatter_add_adds_in_position_order_rounding_each_step() {
+    // f32: (1e8 + 1) rounds back to 1e8, so the row ends at 0, not at 1.
+    let u = t32(&[3], &[1e8, 1.0, -1e8]);
+    assert_eq!(run(Op::ScatterAdd { axis: 0, extent: 1 }, &[&u, &ti32(&[3], &[0, 0, 0])]), t32(&[1], &[0.0]));
+    // f16 and bf16 round after every addition: 2048 + 1 + 1 stays 2048 (a single rounding
+    // of the f32 sum would give 2050); the same at 256 in bf16.
+    let h = tf16(&[3], &[2048.0, 1.0, 1.0]);
+    assert_eq!(
+        run(Op::ScatterAdd { axis: 0, extent: 1 }, &[&h, &ti32(&[3], &[0, 0, 0])]),
+        tf16(&[1], &[2048.0])
+    );
+    let h = tbf16(&[3], &[256.0, 1.0, 1.0]);
+    assert_eq!(
+        run(Op::ScatterAdd { axis: 0, extent: 1 }, &[&h, &ti32(&[3], &[0, 0, 0])]),
+        tbf16(&[1], &[256.0])
+    );
+    // Integers wrap.
+    let i = ti32(&[2], &[i32::MAX, 1]);
+    assert_eq!(
+        run(Op::ScatterAdd { axis: 0, extent: 1 }, &[&i, &ti64(&[2], &[0, 0])]),
+        ti32(&[1], &[i32::MIN])
+    );
+}
+
+#[test]
+fn scatter_add_out_of_range_is_an_error() {
+    let u = t32(&[2, 2], &[1.0, 2.0, 3.0, 4.0]);
+    let e = run_err(Op::ScatterAdd { axis: 0, extent: 3 }, &[&u, &ti64(&[2], &[0, 3])]);
+    assert_eq!(e, EvalError::ScatterIndex { index: 3, position: vec![1], axis: 0, extent: 3 });
+    assert_eq!(
+        e.to_string(),
+        "scatter_add index 3 at position [1] of the indices is out of range for axis 0 of extent 3"
+    );
+    let e = run_err(Op::ScatterAdd { axis: 1, extent: 2 }, &[&u, &ti32(&[2], &[-1, 0])]);
+    assert_eq!(e, EvalError::ScatterIndex { index: -1, position: vec![0], axis: 1, extent: 2 });
+}
+
+#[test]
+fn scatter_add_typing_errors() {
+    let types = |op: &Op, a: TensorType, b: TensorType| infer(op, &[&a, &b]).unwrap_err().to_string();
+    let op = Op::ScatterAdd { axis: 0, extent: 4 };
+    assert_eq!(
+        types(&op, TensorType::new(DType::F32, vec![3, 2]), TensorType::new(DType::F32, vec![3])),
+        "`scatter_add` needs integer indices (and numeric updates) operands, got f32"
+    );
+    assert_eq!(
+        types(&op, TensorType::new(DType::Bool, vec![3, 2]), TensorType::new(DType::I64, vec![3])),
+        "`scatter_add` needs numeric updates (and integer indices) operands, got bool"
+    );
+    assert_eq!(
+        types(&op, TensorType::new(DType::F32, vec![3, 2]), TensorType::new(DType::I64, vec![2])),
+        "`scatter_add`: updates [3, 2] do not hold indices [2] at axis 0"
+    );
+    assert_eq!(
+        types(
+            &Op::ScatterAdd { axis: 2, extent: 4 },
+            TensorType::new(DType::F32, vec![3, 2]),
+            TensorType::new(DType::I64, vec![3])
+        ),
+        "`scatter_add`: updates [3, 2] do not hold indices [3] at axis 2"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // matmul
 

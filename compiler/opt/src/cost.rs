@@ -68,6 +68,8 @@ pub fn flops(op: &Op, inputs: &[&TensorType], out: &TensorType) -> f64 {
         Op::Unary(U::Exp | U::Log | U::Tanh | U::Erf | U::Sin | U::Cos | U::Sigmoid) => 10.0 * n,
         Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::Cast { .. } => n,
         Op::Reduce { .. } => input_n,
+        // One addition per update element.
+        Op::ScatterAdd { .. } => input_n,
         Op::MatMul => matmul(inputs[0]),
         Op::Conv2d { .. } => {
             let w = &inputs[1].shape;

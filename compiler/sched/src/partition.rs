@@ -180,6 +180,20 @@ impl Builder<'_> {
                 let expr = Expr::Random { seed: *seed, offset: *offset, dtype: *dtype };
                 Value::Stored(self.emit(n, KernelOp::Elementwise(expr), vec![], vec![n], &ty.shape))
             }
+            Op::ScatterAdd { axis, .. } => {
+                // The emitters walk the updates as [pre, positions, post] and the indices as
+                // one run; an operand whose strides cannot merge that way is copied first.
+                let (updates, indices) = (self.operand(operands[0])?, self.operand(operands[1])?);
+                let k = indices.view.shape.len();
+                let count = indices.view.numel();
+                let shape = &updates.view.shape;
+                let pre: usize = shape[..(*axis).min(shape.len())].iter().product();
+                let post: usize = shape[(axis + k).min(shape.len())..].iter().product();
+                let updates = self.mergeable(operands[0], updates, &[pre, count, post])?;
+                let indices = self.mergeable(operands[1], indices, &[count])?;
+                let op = KernelOp::Node(node.op.clone());
+                Value::Stored(self.emit(n, op, vec![updates, indices], vec![n], &ty.shape))
+            }
             op => {
                 let mut inputs = Vec::with_capacity(operands.len());
                 for &o in &operands {
@@ -311,6 +325,14 @@ impl Builder<'_> {
             divisor,
         });
         Some(self.fault_sites.len() - 1)
+    }
+
+    /// `src` (a view of node `n`'s value) when strides can express it as `shape`, else a copy.
+    fn mergeable(&mut self, n: NodeId, src: Operand, shape: &[usize]) -> Result<Operand, SchedError> {
+        match src.view.reshape(shape) {
+            Some(_) => Ok(src),
+            None => self.copy_kernel(n, &src),
+        }
     }
 
     /// A copy of `src` (a view of node `n`'s value) into a fresh contiguous buffer.

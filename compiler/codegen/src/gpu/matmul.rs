@@ -63,7 +63,7 @@ pub fn emit(
             let sub = [tile[0] as usize / wm / MMA_M, tile[1] as usize / wn / MMA_N];
             (tile, Inner::Tf32 { warps: [wm, wn], sub })
         }
-        Work::Elements { .. } | Work::Rows { .. } | Work::Attention { .. } => {
+        Work::Elements { .. } | Work::Columns { .. } | Work::Rows { .. } | Work::Attention { .. } => {
             return Err(CodegenError::Unsupported("a matmul plan that is not one".into()))
         }
     };

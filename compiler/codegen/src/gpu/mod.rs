@@ -4,7 +4,7 @@
 //!
 //! The split mirrors the CPU side: kiln-sched's schedule is target-independent; [`program`]
 //! shapes each scheduled kernel's operands (the same views the CPU emitters get) and picks a
-//! [`GpuPlan`]; the emitters ([`elements`], [`rows`], [`matmul`], [`attention`]) render it.
+//! [`GpuPlan`]; the emitters ([`elements`], [`rows`], [`matmul`], [`attention`], [`scatter`]) render it.
 //! A GPU kernel's contract: one `gpu.module @kN` holding `gpu.func @kN(%a0: memref<…>, …)
 //! kernel` whose arguments are its buffers in the step's argument order (inputs, then the
 //! output), bound as storage buffers 0..n of descriptor set 0, with the plan's workgroup size
@@ -19,6 +19,7 @@ pub mod plan;
 pub mod program;
 pub mod ptxas;
 pub mod rows;
+pub mod scatter;
 mod skeleton;
 pub mod spirv;
 

@@ -27,6 +27,10 @@ pub enum Work {
     /// One invocation per output element, `group` per workgroup (elementwise groups, data
     /// movement, convolution, pooling, reductions with many outputs).
     Elements { count: usize, group: u32 },
+    /// One invocation per output column of `rows` elements, `group` per workgroup: it zeroes
+    /// its column, then adds `positions` updates into it in order (scatter-add; no two
+    /// invocations write the same element, so no atomics and a fixed order).
+    Columns { columns: usize, rows: usize, positions: usize, group: u32 },
     /// One workgroup per row of `len` elements: `group` invocations stride over the row and
     /// combine their partial results through a tree in shared memory (softmax, norms, long
     /// reductions).
@@ -107,6 +111,22 @@ impl GpuPlan {
         let grid = fold(count.div_ceil(group as usize), caps)?;
         Ok(GpuPlan {
             work: Work::Elements { count, group },
+            launch: Launch { grid, workgroup: [group, 1, 1] },
+            shared_bytes: 0,
+        })
+    }
+
+    /// One invocation per column of a scatter-add.
+    pub fn columns(
+        columns: usize,
+        rows: usize,
+        positions: usize,
+        caps: &GpuCaps,
+    ) -> Result<GpuPlan, CodegenError> {
+        let group = group_size(columns, 1, caps).max(64.min(caps.max_workgroup_invocations));
+        let grid = fold(columns.div_ceil(group as usize), caps)?;
+        Ok(GpuPlan {
+            work: Work::Columns { columns, rows, positions, group },
             launch: Launch { grid, workgroup: [group, 1, 1] },
             shared_bytes: 0,
         })
@@ -255,6 +275,9 @@ impl GpuPlan {
     pub fn describe(&self) -> String {
         let work = match &self.work {
             Work::Elements { count, group } => format!("elements: {count}, {group} per workgroup"),
+            Work::Columns { columns, rows, positions, group } => format!(
+                "columns: {columns} of {rows} rows, {positions} positions added in order, {group} per workgroup"
+            ),
             Work::Rows { rows, len, group } => {
                 format!("rows: {rows} of {len}, {group} invocations per row, shared-memory tree")
             }

@@ -270,6 +270,10 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, cx: &GpuCtx) -> Result<GpuKernel
                 Ok(data::gather_value(b, *axis, &table, &indices, idx))
             })
         }
+        Op::ScatterAdd { axis, extent } => {
+            let (u, i, o) = crate::program::scatter_views(s, arg(0)?, arg(1)?, &k.output, *axis, *extent)?;
+            super::scatter::emit(sym, &u, &i, &o, cx)
+        }
         Op::Concat { axis } => {
             let inputs: Vec<View> = ins.iter().map(|o| plain(s, o)).collect();
             let bytes = (2 * out.numel() * out.dtype.size_bytes()) as u64;

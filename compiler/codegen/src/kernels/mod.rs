@@ -9,6 +9,7 @@ pub mod matmul;
 pub mod norm;
 pub mod reduce;
 mod rows;
+pub mod scatter;
 mod view;
 
 pub use view::View;

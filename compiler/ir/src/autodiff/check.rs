@@ -43,6 +43,7 @@ pub fn widen_to_f64(g: &Graph) -> Result<Graph, InferError> {
             | Op::Concat { .. }
             | Op::Pad { .. }
             | Op::Gather { .. }
+            | Op::ScatterAdd { .. }
             | Op::MatMul
             | Op::Conv2d { .. }
             | Op::Pool2d { .. }

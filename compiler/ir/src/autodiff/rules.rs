@@ -111,6 +111,8 @@ pub(super) fn vjp(e: &mut Emit, s: &Site) -> Grads {
             Ok(vec![Some(g)])
         }
         Op::Gather { axis } => Ok(vec![Some(gather_table(e, *axis, x[0], x[1], gy)?), None]),
+        // The adjoint of a scatter-add is the gather of the same rows.
+        Op::ScatterAdd { axis, .. } => Ok(vec![Some(e.op(Op::Gather { axis: *axis }, &[gy, x[1]])?), None]),
         Op::MatMul => {
             let (ga, gb) = matmul(e, x[0], x[1], gy, s.wants[0], s.wants[1])?;
             Ok(vec![ga, gb])
@@ -353,8 +355,9 @@ pub(super) fn slice_back(
 }
 
 /// The table's gradient of `gather(table, indices)` along `axis`: a scatter-add of `gy` into
-/// the rows the indices name, written as a one-hot matrix product
-/// `onehot(indices)ᵀ · gy` (a row gathered twice gets both gradients).
+/// the rows the indices name (a row gathered twice gets both gradients, in position order).
+/// It touches only the gathered rows' worth of updates, where a one-hot product would build
+/// an `indices × rows` matrix.
 fn gather_table(
     e: &mut Emit,
     axis: usize,
@@ -362,19 +365,8 @@ fn gather_table(
     idx: NodeId,
     gy: NodeId,
 ) -> Result<NodeId, InferError> {
-    let ts = e.shape(table);
-    let rows = ts[axis];
-    let pre = numel(&ts[..axis]);
-    let post = numel(&ts[axis + 1..]);
-    let n = numel(&e.shape(idx));
-    let flat = e.reshape(idx, &[n, 1])?;
-    let iota = e.op(Op::Iota { dtype: e.dtype(idx), shape: vec![1, rows], axis: 1 }, &[])?;
-    let hit = e.compare(CompareOp::Eq, flat, iota)?;
-    let onehot = e.cast(hit, e.dtype(gy))?;
-    let onehot_t = e.swap_last2(onehot)?;
-    let g3 = e.reshape(gy, &[pre, n, post])?;
-    let gt = e.matmul(onehot_t, g3)?;
-    e.reshape(gt, &ts)
+    let extent = e.shape(table)[axis];
+    e.op(Op::ScatterAdd { axis, extent }, &[gy, idx])
 }
 
 /// Gradients of `matmul(a, b)` with numpy's rules: 1-D operands are promoted to matrices as

@@ -126,6 +126,18 @@ fn gather_typed<T: Copy>(table: &[T], pre: usize, extent: usize, post: usize, id
     dst
 }
 
+/// The indices of a `gather` or `scatter_add` as i64 values.
+fn index_values(op: &'static str, indices: &Tensor) -> Result<Vec<i64>, EvalError> {
+    match &indices.data {
+        Buffer::I32(v) => Ok(v.iter().map(|&i| i as i64).collect()),
+        Buffer::I64(v) => Ok(v.clone()),
+        _ => Err(EvalError::Operands {
+            op,
+            msg: format!("indices must be i32 or i64, got {}", indices.dtype()),
+        }),
+    }
+}
+
 /// `gather(table, indices)` along `axis`. Every index must lie in `0..table.shape[axis]`;
 /// negative indices are not wrapped but rejected like any out-of-range index.
 pub(crate) fn gather(
@@ -135,16 +147,7 @@ pub(crate) fn gather(
     ty: &TensorType,
 ) -> Result<Tensor, EvalError> {
     let extent = table.shape[axis];
-    let raw: Vec<i64> = match &indices.data {
-        Buffer::I32(v) => v.iter().map(|&i| i as i64).collect(),
-        Buffer::I64(v) => v.clone(),
-        _ => {
-            return Err(EvalError::Operands {
-                op: "gather",
-                msg: format!("indices must be i32 or i64, got {}", indices.dtype()),
-            })
-        }
-    };
+    let raw = index_values("gather", indices)?;
     let mut idx = Vec::with_capacity(raw.len());
     for (pos, &i) in raw.iter().enumerate() {
         if i < 0 || i as u64 >= extent as u64 {
@@ -160,5 +163,72 @@ pub(crate) fn gather(
     let pre: usize = table.shape[..axis].iter().product();
     let post: usize = table.shape[axis + 1..].iter().product();
     let data = map_buffer!(&table.data, v => gather_typed(v, pre, extent, post, &idx));
+    Ok(Tensor { shape: ty.shape.clone(), data })
+}
+
+/// `out = 0; out[p, idx[q], c] = add(out[p, idx[q], c], updates[p, q, c])` for every `p`, then
+/// every position `q` in order: each output element sums its updates in position order.
+fn scatter_add_typed<T: Copy>(
+    updates: &[T],
+    (pre, extent, post): (usize, usize, usize),
+    idx: &[usize],
+    zero: T,
+    add: impl Fn(T, T) -> T,
+) -> Vec<T> {
+    let n = idx.len();
+    let mut out = vec![zero; pre * extent * post];
+    for p in 0..pre {
+        for (q, &i) in idx.iter().enumerate() {
+            let src = &updates[(p * n + q) * post..(p * n + q + 1) * post];
+            let dst = &mut out[(p * extent + i) * post..(p * extent + i + 1) * post];
+            for (d, &u) in dst.iter_mut().zip(src) {
+                *d = add(*d, u);
+            }
+        }
+    }
+    out
+}
+
+/// `scatter_add(updates, indices)` along `axis` into `extent` rows, the adjoint of `gather`:
+/// every index must lie in `0..extent` like a gather's. Each addition rounds to the dtype
+/// (f16 and bf16 add in f32 and round back, like a chain of `add`s); integers wrap.
+pub(crate) fn scatter_add(
+    updates: &Tensor,
+    indices: &Tensor,
+    axis: usize,
+    extent: usize,
+    ty: &TensorType,
+) -> Result<Tensor, EvalError> {
+    let raw = index_values("scatter_add", indices)?;
+    let mut idx = Vec::with_capacity(raw.len());
+    for (pos, &i) in raw.iter().enumerate() {
+        if i < 0 || i as u64 >= extent as u64 {
+            return Err(EvalError::ScatterIndex {
+                index: i,
+                position: super::unravel(pos, &indices.shape),
+                axis,
+                extent,
+            });
+        }
+        idx.push(i as usize);
+    }
+    let pre: usize = updates.shape[..axis].iter().product();
+    let post: usize = updates.shape[axis + indices.shape.len()..].iter().product();
+    let dims = (pre, extent, post);
+    let data = match &updates.data {
+        Buffer::F32(v) => Buffer::F32(scatter_add_typed(v, dims, &idx, 0.0, |a, b| a + b)),
+        Buffer::F64(v) => Buffer::F64(scatter_add_typed(v, dims, &idx, 0.0, |a, b| a + b)),
+        Buffer::F16(v) => Buffer::F16(scatter_add_typed(v, dims, &idx, half::f16::ZERO, |a, b| {
+            half::f16::from_f32(a.to_f32() + b.to_f32())
+        })),
+        Buffer::BF16(v) => Buffer::BF16(scatter_add_typed(v, dims, &idx, half::bf16::ZERO, |a, b| {
+            half::bf16::from_f32(a.to_f32() + b.to_f32())
+        })),
+        Buffer::I32(v) => Buffer::I32(scatter_add_typed(v, dims, &idx, 0, i32::wrapping_add)),
+        Buffer::I64(v) => Buffer::I64(scatter_add_typed(v, dims, &idx, 0, i64::wrapping_add)),
+        Buffer::Bool(_) => {
+            return Err(EvalError::Operands { op: "scatter_add", msg: "bool updates have no sum".into() })
+        }
+    };
     Ok(Tensor { shape: ty.shape.clone(), data })
 }

@@ -33,6 +33,10 @@
 //!   divisor (`count_include_pad=False`).
 //! * **gather**: an index outside `0..extent` (negative ones included) is an
 //!   [`EvalError::GatherIndex`].
+//! * **scatter_add** (gather's adjoint): the result starts at zero and each update is added
+//!   to the row its index names, position by position in row-major order, so every element
+//!   sums in a fixed order; each addition rounds to the dtype (f16/bf16 add in f32 and round
+//!   back, integers wrap). An index outside `0..extent` is an [`EvalError::ScatterIndex`].
 //! * **random_uniform**: element `i` is [`rng::uniform`](crate::rng::uniform)`(seed, 0,
 //!   offset + i)` rounded to nearest in the dtype; a value that rounds up to exactly 1.0 is
 //!   replaced by the largest number below 1 of that dtype, so the range stays [0, 1).
@@ -95,6 +99,8 @@ pub enum EvalError {
     IntDivByZero { index: Vec<usize> },
     #[error("gather index {index} at position {} of the indices is out of range for axis {axis} of extent {extent}", fmt_shape(.position))]
     GatherIndex { index: i64, position: Vec<usize>, axis: usize, extent: usize },
+    #[error("scatter_add index {index} at position {} of the indices is out of range for axis {axis} of extent {extent}", fmt_shape(.position))]
+    ScatterIndex { index: i64, position: Vec<usize>, axis: usize, extent: usize },
     #[error("`{op}` over zero elements of {} has no identity", fmt_shape(.shape))]
     EmptyReduction { op: &'static str, shape: Vec<usize> },
     /// A result the system would not give memory for (a shape sized by a huge `--set`).
@@ -220,6 +226,7 @@ pub fn eval_op(op: &Op, args: &[&Tensor], ty: &TensorType) -> Result<Tensor, Eva
         Op::Concat { axis } => layout::concat(args, *axis, ty),
         Op::Pad { pads, value } => Ok(layout::pad(a(0), pads, *value, ty)),
         Op::Gather { axis } => layout::gather(a(0), a(1), *axis, ty),
+        Op::ScatterAdd { axis, extent } => layout::scatter_add(a(0), a(1), *axis, *extent, ty),
         Op::MatMul => linalg::matmul(a(0), a(1), ty),
         Op::Conv2d { stride, padding, dilation, groups } => {
             linalg::conv2d(a(0), a(1), *stride, *padding, *dilation, *groups, ty)
