@@ -2,17 +2,20 @@
 //!
 //! [`schedule`] partitions the graph into kernels ([`partition`](crate) — fused ops, fused
 //! elementwise loops, views instead of copies) and places every scratch buffer in one arena
-//! ([`memory`] — liveness, then greedy best-fit). The result is target-independent: code
+//! ([`memory`] — liveness, then greedy best-fit), after the slots of the graph's persistent
+//! state (`state.rs`), which no scratch buffer shares. The result is target-independent: code
 //! generation turns each [`Kernel`] into machine code, the runtime runs them in order.
 
 mod memory;
 mod partition;
 mod plan;
 pub mod print;
+mod state;
 mod view;
 
 pub use memory::ALIGN;
-pub use plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, Schedule, Storage};
+pub use plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, Schedule, StateSlot, Storage};
+pub use state::state_layout;
 pub use view::StridedView;
 
 use kiln_ir::Graph;
@@ -33,11 +36,23 @@ pub fn schedule(g: &Graph) -> Result<Schedule, SchedError> {
 /// [`schedule`] with every arena offset a multiple of `align` (a power of two, at least
 /// [`ALIGN`]): a GPU target binds each buffer separately, at its device's binding alignment.
 pub fn schedule_aligned(g: &Graph, align: usize) -> Result<Schedule, SchedError> {
+    schedule_with_state(g, align, &state_layout(&g.state, align))
+}
+
+/// [`schedule_aligned`] with the persistent state in the slots of `layout` (made by
+/// [`state_layout`] at the same `align`), which may hold more variables than `g` reads: the
+/// entry points of one artifact (`forward`, `train_step`) share one layout and so one state.
+pub fn schedule_with_state(g: &Graph, align: usize, layout: &[StateSlot]) -> Result<Schedule, SchedError> {
     if !align.is_power_of_two() || align < ALIGN {
         return Err(SchedError::Invalid(format!("arena alignment {align} is not a power of two ≥ {ALIGN}")));
     }
-    let mut p = partition::partition(g)?;
-    let (arena_bytes, arena_bytes_unshared) = memory::plan(&mut p.buffers, &p.kernels, align);
+    if layout.iter().any(|s| !s.offset.is_multiple_of(align)) {
+        return Err(SchedError::Invalid(format!("a state slot is not aligned to {align} bytes")));
+    }
+    state::check_layout(&g.state, layout)?;
+    let mut p = partition::partition(g, layout)?;
+    let base = state::state_bytes(layout, align);
+    let (arena_bytes, arena_bytes_unshared) = memory::plan(&mut p.buffers, &p.kernels, align, base);
     let io = |n: &kiln_ir::NodeId| {
         let t = g.ty(*n);
         (t.dtype, t.shape.clone())
@@ -77,5 +92,6 @@ pub fn schedule_aligned(g: &Graph, align: usize) -> Result<Schedule, SchedError>
             })
             .collect(),
         arena_bytes_unshared,
+        state: layout.to_vec(),
     })
 }

@@ -14,7 +14,7 @@
 //! layout (attention's `[b, h, s, d]` result lands as `[b, s, h, d]`), so the transpose — and
 //! usually the reshape after it — cost nothing.
 
-use crate::plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, Storage};
+use crate::plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, StateSlot, Storage};
 use crate::view::StridedView;
 use crate::SchedError;
 use kiln_ir::{DType, Graph, NodeId, Op};
@@ -34,18 +34,21 @@ pub(crate) struct Partition {
     pub kernels: Vec<Kernel>,
 }
 
-struct Builder<'g> {
-    g: &'g Graph,
+pub(crate) struct Builder<'g> {
+    pub(crate) g: &'g Graph,
     values: HashMap<NodeId, Value>,
     /// Materialized `full`/inline values for non-elementwise users.
     materialized: HashMap<NodeId, Operand>,
     users: HashMap<NodeId, Vec<NodeId>>,
     outputs: HashMap<NodeId, Vec<usize>>,
-    buffers: Vec<Buffer>,
-    kernels: Vec<Kernel>,
+    pub(crate) buffers: Vec<Buffer>,
+    pub(crate) kernels: Vec<Kernel>,
+    /// The state's slots, and the buffers that read a slot's old value (slot, buffer).
+    pub(crate) layout: &'g [StateSlot],
+    pub(crate) state_reads: Vec<(usize, BufferId)>,
 }
 
-pub(crate) fn partition(g: &Graph) -> Result<Partition, SchedError> {
+pub(crate) fn partition<'g>(g: &'g Graph, layout: &'g [StateSlot]) -> Result<Partition, SchedError> {
     let order = g.topo_order();
     let mut b = Builder {
         g,
@@ -55,6 +58,8 @@ pub(crate) fn partition(g: &Graph) -> Result<Partition, SchedError> {
         outputs: HashMap::new(),
         buffers: Vec::new(),
         kernels: Vec::new(),
+        layout,
+        state_reads: Vec::new(),
     };
     for (i, (_, n)) in g.outputs.iter().enumerate() {
         b.outputs.entry(*n).or_default().push(i);
@@ -63,11 +68,12 @@ pub(crate) fn partition(g: &Graph) -> Result<Partition, SchedError> {
         b.visit(n)?;
     }
     b.finish_outputs()?;
+    crate::state::place_updates(&mut b)?;
     Ok(Partition { buffers: b.buffers, kernels: b.kernels })
 }
 
 impl Builder<'_> {
-    fn add_buffer(&mut self, storage: Storage, dtype: DType, len: usize) -> BufferId {
+    pub(crate) fn add_buffer(&mut self, storage: Storage, dtype: DType, len: usize) -> BufferId {
         self.buffers.push(Buffer { storage, dtype, len: len.max(1), live: None });
         self.buffers.len() - 1
     }
@@ -121,7 +127,15 @@ impl Builder<'_> {
                 Value::Stored(Operand { buffer, view: StridedView::contiguous(&ty.shape), dtype: ty.dtype })
             }
             Op::Param { name, .. } => {
-                let buffer = self.add_buffer(Storage::Weight { name: name.clone() }, ty.dtype, ty.numel());
+                let buffer = match self.g.state_var(name) {
+                    Some(_) => {
+                        let index = self.slot_of(name)?;
+                        let buffer = self.add_buffer(Storage::State { index }, ty.dtype, ty.numel());
+                        self.state_reads.push((index, buffer));
+                        buffer
+                    }
+                    None => self.add_buffer(Storage::Weight { name: name.clone() }, ty.dtype, ty.numel()),
+                };
                 Value::Stored(Operand { buffer, view: StridedView::contiguous(&ty.shape), dtype: ty.dtype })
             }
             Op::Const { value } => {
@@ -230,7 +244,7 @@ impl Builder<'_> {
 
     /// The stored operand for node `o`, materializing inline values (`full` constants used by
     /// non-elementwise ops) once.
-    fn operand(&mut self, o: NodeId) -> Result<Operand, SchedError> {
+    pub(crate) fn operand(&mut self, o: NodeId) -> Result<Operand, SchedError> {
         if let Some(s) = self.stored(o) {
             return Ok(s.clone());
         }
@@ -283,6 +297,28 @@ impl Builder<'_> {
         let stored = self.operand(n)?;
         let view = stored.view.broadcast_to(shape);
         Ok(Expr::Operand(push_operand(inputs, Operand { view, ..stored })))
+    }
+
+    /// The slot of state variable `name`.
+    pub(crate) fn slot_of(&self, name: &str) -> Result<usize, SchedError> {
+        self.layout
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| SchedError::Invalid(format!("state `{name}` has no slot in the layout")))
+    }
+
+    /// A copy of `src` into a fresh contiguous arena buffer, as a kernel of its own.
+    pub(crate) fn copy_to_arena(&mut self, src: &Operand) -> Operand {
+        let shape = src.view.shape.clone();
+        let buffer = self.add_buffer(Storage::Arena { offset: 0 }, src.dtype, shape.iter().product());
+        let output = Operand { buffer, view: StridedView::contiguous(&shape), dtype: src.dtype };
+        self.kernels.push(Kernel {
+            op: KernelOp::Elementwise(Expr::Operand(0)),
+            inputs: vec![src.clone()],
+            output: output.clone(),
+            nodes: Vec::new(),
+        });
+        output
     }
 
     /// A copy of `src` (a view of node `n`'s value) into a fresh contiguous buffer.

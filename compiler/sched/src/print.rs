@@ -4,7 +4,7 @@ use crate::plan::{Operand, Schedule, Storage};
 use kiln_ir::fmt_shape;
 use std::fmt::Write;
 
-fn storage(s: &Schedule, o: &Operand) -> String {
+pub(crate) fn storage(s: &Schedule, o: &Operand) -> String {
     let b = &s.buffers[o.buffer];
     match &b.storage {
         Storage::Input { index } => format!("in:{}", s.inputs[*index].0),
@@ -12,6 +12,7 @@ fn storage(s: &Schedule, o: &Operand) -> String {
         Storage::Weight { name } => format!("w:{name}"),
         Storage::Const { name, .. } => format!("const:{name}"),
         Storage::Arena { offset } => format!("arena@{offset}"),
+        Storage::State { index } => format!("state:{}@{}", s.state[*index].name, s.state[*index].offset),
     }
 }
 
