@@ -45,9 +45,10 @@ pub use error::RuntimeError;
 pub use kernels::{KernelFn, KernelSource, SharedLibrary};
 pub use manifest::{
     is_bidi_control, is_kernel_entry, name_problem, ptx_contract, ptx_contract_line, spirv_contract,
-    spirv_contract_trailer, BufRef, CudaTarget, DType, Dispatch, FileDigest, Manifest, ModuleRange, Step,
-    Target, TargetInfo, TensorSpec, VulkanTarget, CONTRACT_SYMBOL, CUBIN_FILE, KERNELS_FILE, MANIFEST_FILE,
-    PTX_CONTRACT_PREFIX, PTX_FILE, SPIRV_FILE, WEIGHTS_FILE,
+    spirv_contract_trailer, BufRef, CudaTarget, DType, Dispatch, Entry, EntryView, FileDigest, Manifest,
+    ModuleRange, StateInit, StateSpec, Step, Target, TargetInfo, TensorSpec, VulkanTarget, CONTRACT_SYMBOL,
+    CUBIN_FILE, FORWARD_ENTRY, KERNELS_FILE, MANIFEST_FILE, PTX_CONTRACT_PREFIX, PTX_FILE, SPIRV_FILE,
+    WEIGHTS_FILE,
 };
 pub use model::{Model, Options};
 pub use profile::{KindProfile, Profile, StepProfile};
@@ -55,4 +56,4 @@ pub use tensor::{Tensor, TensorRef};
 pub use weights::{WeightStore, WeightView};
 
 /// The artifact format version this runtime reads and the compiler writes.
-pub const ARTIFACT_FORMAT_VERSION: u32 = 4;
+pub const ARTIFACT_FORMAT_VERSION: u32 = 5;

@@ -229,7 +229,7 @@ fn refuses_another_format_version() {
     toy.edit(|m| m.format_version = 7);
     assert_eq!(
         load_err(&toy),
-        "artifact format version 7, this runtime reads version 4: recompile the model"
+        "artifact format version 7, this runtime reads version 5: recompile the model"
     );
 }
 
@@ -299,7 +299,7 @@ fn refuses_missing_and_corrupt_files() {
     assert_eq!(load_err(&toy), "invalid manifest: \"../x.bin\" in files is not a file name");
 
     let toy = Toy::new();
-    let body = "(format_version: 4, model: )\n";
+    let body = "(format_version: 5, model: )\n";
     let text = format!("{body}// crc32: {:08x}\n", crc32fast::hash(body.as_bytes()));
     std::fs::write(toy.file(MANIFEST_FILE), text).unwrap();
     assert!(load_err(&toy).starts_with("manifest.ron is not a valid manifest: 1:"));
@@ -424,11 +424,11 @@ fn the_manifest_is_covered_by_its_digest_line() {
         assert_eq!(load_err(&toy), no_line);
     }
     // A manifest of an older format, which had no digest line, is refused by its version.
-    std::fs::write(toy.file(MANIFEST_FILE), body.replacen("format_version: 4", "format_version: 3", 1))
+    std::fs::write(toy.file(MANIFEST_FILE), body.replacen("format_version: 5", "format_version: 4", 1))
         .unwrap();
     assert_eq!(
         load_err(&toy),
-        "artifact format version 3, this runtime reads version 4: recompile the model"
+        "artifact format version 4, this runtime reads version 5: recompile the model"
     );
 }
 

@@ -13,7 +13,9 @@ mod training;
 
 pub use config::CValue;
 pub use lower::{MAX_EXPANSION, MAX_NESTING};
-pub use optim::{clip_grad_norm, train_step, update, Optimizer, TrainStep};
+pub use optim::{
+    clip_grad_norm, declare_forward_state, declare_train_state, train_step, update, Optimizer, TrainStep,
+};
 pub use schedule::{learning_rate, Schedule};
 pub use training::{
     cross_entropy, mse, training_graph, LossKind, TrainingError, TrainingGraph, TrainingPlan, MAX_ACCUMULATE,

@@ -131,6 +131,8 @@ pub fn chain_manifest() -> Manifest {
         index_bounds: Vec::new(),
         files: Vec::new(),
         modules: Vec::new(),
+        state: Vec::new(),
+        entries: Vec::new(),
         steps: vec![
             gpu_step("mul", "k0 mul [64,16]", 0, 16, 64, vec![BufRef::Input { index: 0 }, w(), t()]),
             gpu_step("add", "k1 add [64,16]", 0, 16, 64, vec![t(), c(), u()]),
@@ -168,6 +170,8 @@ pub fn types_manifest() -> Manifest {
         index_bounds: Vec::new(),
         files: Vec::new(),
         modules: Vec::new(),
+        state: Vec::new(),
+        entries: Vec::new(),
         steps: vec![gpu_step(
             "types",
             "k0 types [8]",
@@ -203,6 +207,8 @@ pub fn subgroup_manifest(subgroup_size: u32) -> Manifest {
         index_bounds: Vec::new(),
         files: Vec::new(),
         modules: Vec::new(),
+        state: Vec::new(),
+        entries: Vec::new(),
         steps: vec![gpu_step(
             "subgroup",
             "k0 subgroup_sum [64]",

@@ -391,6 +391,8 @@ mod tests {
             index_bounds: Vec::new(),
             files: Vec::new(),
             modules: vec![ModuleRange { offset: 0, bytes: spirv.len() as u64 }],
+            state: Vec::new(),
+            entries: Vec::new(),
             steps: vec![Step {
                 symbol: "mul".into(),
                 label: "k0 mul".into(),
