@@ -420,6 +420,48 @@ fn explain(target: &CompileTarget, built: &BuildReport) {
     }
 }
 
+/// `kiln inspect M.kiln`: the artifact's target, its entry points with their inputs, outputs
+/// and kernel counts, and its persistent state, from the manifest alone (nothing is loaded).
+pub(crate) fn inspect_artifact(dir: &Path) -> Result<(), Failure> {
+    let path = dir.join(kiln_runtime::MANIFEST_FILE);
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| user(format!("cannot read {}: {e}", path.display())))?;
+    let body = kiln_runtime::Manifest::split_digest(&text).map_err(|e| user(e.to_string()))?;
+    let m = kiln_runtime::Manifest::from_ron(body).map_err(|e| user(e.to_string()))?;
+    let shape = |dtype: kiln_runtime::DType, shape: &[u64]| {
+        let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
+        format!("{dtype}[{}]", dims.join(", "))
+    };
+    println!(
+        "artifact `{}` for {}, format {}, arena {}",
+        m.model,
+        m.target.describe(),
+        m.format_version,
+        bytes(m.arena_bytes)
+    );
+    for e in m.entry_views() {
+        println!("entry {}: {} kernels", e.name, e.steps.len());
+        for t in e.inputs {
+            println!("  input {}: {}", t.name, shape(t.dtype, &t.shape));
+        }
+        for t in e.outputs {
+            println!("  output {}: {}", t.name, shape(t.dtype, &t.shape));
+        }
+    }
+    if !m.state.is_empty() {
+        let total: u64 = m.state.iter().filter_map(|s| s.byte_len()).sum();
+        println!("state: {} tensors, {}", m.state.len(), bytes(total));
+        for s in &m.state {
+            let init = match &s.init {
+                kiln_runtime::StateInit::Zeros => "zeros".to_string(),
+                kiln_runtime::StateInit::Weight { name } => format!("from weight {name}"),
+            };
+            println!("  {}: {} at arena offset {}, {init}", s.name, shape(s.dtype, &s.shape), s.offset);
+        }
+    }
+    Ok(())
+}
+
 fn bytes(n: u64) -> String {
     match n {
         n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),

@@ -1977,3 +1977,52 @@ fn frozen_weights_are_prepacked_and_trained_ones_are_not() {
         0.0,
     );
 }
+
+/// The CLI: `kiln compile --train`, `kiln run --entry`, `kiln inspect` of the artifact, and
+/// the refusals (no training section, a GPU target, `--entry` on a spec or unknown).
+#[test]
+fn the_cli_builds_runs_and_inspects_a_training_artifact() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = small_mlp(dir.path(), "Sgd(lr: 0.1, momentum: 0.9)");
+    let artifact = dir.path().join("mlp.kiln");
+    compile_train(&spec, &artifact);
+    let a = artifact.to_str().unwrap();
+    let (code, stdout, stderr) = kiln_cli(&["run", a, "--entry", "train_step", "--repeats", "2"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("\nloss: f32[] [") && stdout.contains("\noptim.lr: f32[] [0.100000]"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = kiln_cli(&["inspect", a]);
+    assert_eq!(code, Some(0));
+    for line in [
+        "entry forward: 4 kernels\n",
+        "\n  output loss: f32[]\n",
+        "\nstate: 13 tensors, ",
+        "\n  fc1.weight: f32[16, 12] at arena offset 0, from weight fc1.weight\n",
+        "\n  optim.momentum.fc3.bias: f32[4] at arena offset ",
+    ] {
+        assert!(stdout.contains(line), "{line:?} in:\n{stdout}");
+    }
+    let lstm = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/lstm.ron");
+    let out = dir.path().join("x.kiln");
+    let cases: [(Vec<&str>, i32, String); 4] = [
+        (
+            vec!["compile", lstm.to_str().unwrap(), "--train", "-o", out.to_str().unwrap()],
+            1,
+            format!("`kiln compile --train` builds a train step from the spec's training section, and {} has none", lstm.display()),
+        ),
+        (
+            vec!["compile", spec.to_str().unwrap(), "--train", "--target", "vulkan", "-o", out.to_str().unwrap()],
+            2,
+            "--train builds a CPU artifact (host, x86_64, aarch64): the vulkan target keeps no state between runs yet".into(),
+        ),
+        (vec!["run", spec.to_str().unwrap(), "--entry", "train_step"], 2, "--entry train_step runs an entry point of an artifact".into()),
+        (vec!["run", a, "--entry", "nope"], 1, "the model has no entry point \"nope\" (it has forward, train_step)".into()),
+    ];
+    for (args, want, message) in cases {
+        let (code, _, stderr) = kiln_cli(&args);
+        assert_eq!(code, Some(want), "{args:?}: {stderr}");
+        assert!(stderr.contains(&message), "{args:?}: {stderr}");
+    }
+}
