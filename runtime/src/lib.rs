@@ -9,7 +9,10 @@
 //! buffers and runs kernels: on the CPU, splitting each step's outer loop across the model's
 //! threads; on Vulkan, replaying a command buffer recorded at load; on CUDA, replaying a CUDA
 //! graph captured at load (the NVIDIA driver is opened at run time, so this crate builds and
-//! runs without CUDA). [`Options::device`] and [`devices`] select and list devices. [`Model::from_parts`] does the same for a JIT's in-memory CPU
+//! runs without CUDA). A CPU artifact may keep persistent state in its arena and have entry
+//! points besides `forward` ([`Model::run_entry`], [`Model::read_state`],
+//! [`Model::write_state`]: a training artifact's `train_step`). [`Options::device`] and
+//! [`devices`] select and list devices. [`Model::from_parts`] does the same for a JIT's in-memory CPU
 //! kernels. The C ABI (`capi`, header `include/kiln.h`) wraps the same calls.
 //!
 //! ```no_run
