@@ -131,7 +131,7 @@ fn prepare(
 /// model, reading its parameters as state) and `train_step` (forward, loss, backward and the
 /// optimizer's update, with the parameters, optimizer state and step count as persistent
 /// state). Only weights that do not train are folded.
-fn prepare_train(
+pub(crate) fn prepare_train(
     model: &Path,
     set: &[String],
     weights: Option<&Path>,
@@ -162,7 +162,7 @@ fn prepare_train(
 }
 
 /// An artifact's entry points by name, one graph each, `forward` first.
-type Entries = Vec<(&'static str, Graph)>;
+pub(crate) type Entries = Vec<(&'static str, Graph)>;
 
 /// The entry point of a training artifact that runs one optimizer step.
 pub(crate) const TRAIN_ENTRY: &str = "train_step";
@@ -193,7 +193,7 @@ pub(crate) fn refuse_empty_tensors(g: &Graph) -> Result<(), Failure> {
 
 /// What building an artifact reports: its manifest, the time each part took, and for a GPU
 /// target each distinct kernel's plan (`kiln compile --explain`).
-struct BuildReport {
+pub(crate) struct BuildReport {
     manifest: kiln_runtime::Manifest,
     plans: Vec<(String, String)>,
     emit: std::time::Duration,
@@ -281,7 +281,7 @@ fn build(
 /// fresh sibling directory, then moved into place; an artifact already there is moved aside
 /// first and deleted after. A process that has the old artifact loaded keeps running on it
 /// (its mapped files are unlinked, not rewritten), and a failed build leaves it as it was.
-fn build_in_place(
+pub(crate) fn build_in_place(
     entries: &[(&str, Graph)],
     params: &HashMap<String, Tensor>,
     target: &CompileTarget,

@@ -1577,6 +1577,9 @@ const CLI_WORDS: &[&str] = &[
     "--origins",
     "--weights",
     "--init-missing",
+    "--train",
+    "--entry",
+    "train_step",
 ];
 
 proptest! {
