@@ -1940,6 +1940,15 @@ fn frozen_weights_are_prepacked_and_trained_ones_are_not() {
     g.add_output("late", late);
     g.declare_state("trained", kiln_ir::StateInit::Weights, Some("new")).unwrap();
     let params = kiln_ir::bind_params(&g, None, 1, false).unwrap();
+    // The GPU targets keep no state: they refuse the graph before compiling anything.
+    let dir = tempfile::tempdir().unwrap();
+    let caps = kiln_codegen::gpu::GpuCaps::vulkan();
+    let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
+    let err = kiln_codegen::build_vulkan_artifact("mixed", &s, &params, &caps, dir.path()).err().unwrap();
+    assert_eq!(
+        err.to_string(),
+        kiln_codegen::CodegenError::Unsupported("a graph with persistent state (a train-step artifact) on the Vulkan target: state is kept by CPU artifacts only so far; compile for the CPU".into()).to_string()
+    );
     // Initializers of zeros would hide a stale weight: give both values.
     let params: HashMap<String, Tensor> = params
         .into_keys()
