@@ -41,6 +41,9 @@ pub(crate) struct Builder<'g> {
     materialized: HashMap<NodeId, Operand>,
     users: HashMap<NodeId, Vec<NodeId>>,
     outputs: HashMap<NodeId, Vec<usize>>,
+    /// The nodes state variables are updated with: stored, like outputs, never inlined (an
+    /// inlined update would be computed a second time to store it).
+    updates: std::collections::HashSet<NodeId>,
     pub(crate) buffers: Vec<Buffer>,
     pub(crate) kernels: Vec<Kernel>,
     /// The state's slots, and the buffers that read a slot's old value (slot, buffer).
@@ -56,6 +59,7 @@ pub(crate) fn partition<'g>(g: &'g Graph, layout: &'g [StateSlot]) -> Result<Par
         materialized: HashMap::new(),
         users: order.iter().map(|&n| (n, g.users(n))).collect(),
         outputs: HashMap::new(),
+        updates: g.state.iter().filter_map(|v| v.update).collect(),
         buffers: Vec::new(),
         kernels: Vec::new(),
         layout,
@@ -101,7 +105,7 @@ impl Builder<'_> {
         if matches!(node.op, Op::Full { .. }) {
             return true;
         }
-        if !node.op.is_elementwise() || self.outputs.contains_key(&n) {
+        if !node.op.is_elementwise() || self.outputs.contains_key(&n) || self.updates.contains(&n) {
             return false;
         }
         match self.users[&n].as_slice() {

@@ -210,6 +210,28 @@ mod tests {
     }
 
     #[test]
+    fn an_update_another_op_reads_is_computed_once_into_its_slot() {
+        let mut g = Graph::new("reuse");
+        let x = leaf(&mut g, Op::Input { name: "x".into(), dtype: DType::F32, shape: vec![4] });
+        let w = param(&mut g, "w");
+        let w2 = g.add(Op::Binary(BinaryOp::Sub), &[w, x]).unwrap();
+        let y = g.add(Op::Binary(BinaryOp::Mul), &[w2, x]).unwrap();
+        g.add_output("y", y);
+        g.add_output("new_w", w2);
+        g.declare_state("w", StateInit::Weights, Some("new_w")).unwrap();
+        let s = schedule(&g).unwrap();
+        let kernels: Vec<String> = s
+            .kernels
+            .iter()
+            .map(|k| {
+                let ins: Vec<String> = k.inputs.iter().map(|o| crate::print::storage(&s, o)).collect();
+                format!("{}({}) -> {}", k.name(), ins.join(", "), crate::print::storage(&s, &k.output))
+            })
+            .collect();
+        assert_eq!(kernels, ["sub(state:w@0, in:x) -> state:w@0", "mul(state:w@0, in:x) -> out:y"]);
+    }
+
+    #[test]
     fn swapped_state_is_copied_aside_first() {
         let mut g = Graph::new("swap");
         let (a, b) = (param(&mut g, "a"), param(&mut g, "b"));
