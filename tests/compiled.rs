@@ -2016,6 +2016,28 @@ fn the_cli_builds_runs_and_inspects_a_training_artifact() {
     ] {
         assert!(stdout.contains(line), "{line:?} in:\n{stdout}");
     }
+    // Dropout's random numbers are fixed at lowering: the compile says so.
+    let text = std::fs::read_to_string(&spec).unwrap();
+    let text = text.replace("\"classes\": 10 },", "\"classes\": 10, \"training\": true },").replacen(
+        "        Let(\"logits\"",
+        "        Let(\"h\", Call(fn: \"std.dropout\", args: [\"h\"])),\n        Let(\"logits\"",
+        1,
+    );
+    let dropout = dir.path().join("dropout.ron");
+    std::fs::write(&dropout, text).unwrap();
+    let out = dir.path().join("d.kiln");
+    let (code, _, stderr) = kiln_cli(&[
+        "compile",
+        dropout.to_str().unwrap(),
+        "--train",
+        "-o",
+        out.to_str().unwrap(),
+        "--set",
+        "in=12",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.starts_with("warning: the train step draws random numbers (dropout): "), "{stderr}");
+
     let lstm = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/lstm.ron");
     let out = dir.path().join("x.kiln");
     let cases: [(Vec<&str>, i32, String); 4] = [
