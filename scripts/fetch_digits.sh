@@ -12,6 +12,9 @@
 # Result, in ${KILN_CACHE:-$HOME/.cache/kiln}/digits/:
 #   digits.csv   1797 rows of 65 integers: 64 pixels, then the digit
 #   digits.rst   the data set's description and attribution, as scikit-learn ships it
+#   digits.safetensors  the same for `kiln train --data`: `image` f32 [1797, 64] (pixels / 16,
+#                so in [0, 1]) and `label` i64 [1797]; written from digits.csv (Python's
+#                standard library only) when missing
 #
 # Usage: scripts/fetch_digits.sh            (KILN_CACHE=/some/dir to use another cache)
 set -euo pipefail
@@ -35,7 +38,32 @@ sha256() {
     sha256sum "$1" | cut -d' ' -f1
 }
 
+# digits.csv → digits.safetensors (the header, then the f32 images and the i64 labels, all
+# little-endian), through a temporary file and a rename.
+write_safetensors() {
+    local out="$CACHE/digits.safetensors"
+    [[ -s "$out" ]] && return 0
+    command -v python3 >/dev/null || die "python3 is needed to write digits.safetensors"
+    python3 - "$CACHE/digits.csv" "$out.tmp" <<'PY' || die "cannot write $out"
+import json, struct, sys
+rows = [[int(v) for v in line.split(",")] for line in open(sys.argv[1]) if line.strip()]
+assert all(len(r) == 65 for r in rows), "64 pixels and a digit per row"
+n = len(rows)
+image = struct.pack("<%df" % (64 * n), *[v / 16.0 for r in rows for v in r[:64]])
+label = struct.pack("<%dq" % n, *[r[64] for r in rows])
+header = json.dumps({
+    "image": {"dtype": "F32", "shape": [n, 64], "data_offsets": [0, len(image)]},
+    "label": {"dtype": "I64", "shape": [n], "data_offsets": [len(image), len(image) + len(label)]},
+}, separators=(",", ":")).encode()
+header += b" " * (-len(header) % 8)
+with open(sys.argv[2], "wb") as f:
+    f.write(struct.pack("<Q", len(header)) + header + image + label)
+PY
+    mv -f "$out.tmp" "$out"
+}
+
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WHEEL_SHA256" && -s "$CACHE/digits.csv" && -s "$CACHE/digits.rst" ]]; then
+    write_safetensors
     echo "$CACHE"
     exit 0
 fi
@@ -57,6 +85,8 @@ got="$(sha256 "$tmp/digits.csv")"
 rm -f "$STAMP"
 mv -f "$tmp/digits.csv" "$CACHE/digits.csv"
 mv -f "$tmp/sklearn/datasets/descr/digits.rst" "$CACHE/digits.rst"
+rm -f "$CACHE/digits.safetensors"
+write_safetensors
 echo "$WHEEL_SHA256" >"$STAMP"
 echo "fetch_digits: unpacked the digits data set into $CACHE" >&2
 echo "$CACHE"

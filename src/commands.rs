@@ -696,7 +696,10 @@ pub(crate) fn write_outputs(out: &Path, outputs: &[(String, Tensor)]) -> Result<
 /// Writes the file `path` through `write` into a temporary file beside it, then renames it
 /// into place: a failed or interrupted write leaves no half-written file, and an existing
 /// one stays as it was until the new one is complete. The folder must exist.
-fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<(), Failure>) -> Result<(), Failure> {
+pub(crate) fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), Failure>,
+) -> Result<(), Failure> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),

@@ -2,6 +2,7 @@
 
 mod commands;
 mod native;
+mod train;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -158,6 +159,8 @@ enum Command {
         #[arg(short, long, value_name = "OUT")]
         output: Option<PathBuf>,
     },
+    /// Train a model through its training section on data, with the compiled train step.
+    Train(train::TrainArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -272,6 +275,12 @@ fn main() -> ExitCode {
             entry,
             output,
         }),
+        Command::Train(args) => match train::train(&args) {
+            Ok(train::Outcome::Finished) => Ok(()),
+            // 128 + SIGINT, as a shell reports a process that Ctrl-C stopped.
+            Ok(train::Outcome::Interrupted) => return ExitCode::from(130),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

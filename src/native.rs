@@ -706,3 +706,19 @@ fn ir_tensor(t: &kiln_runtime::Tensor) -> Result<Tensor, Failure> {
     Tensor::new(t.shape().iter().map(|&d| d as usize).collect::<Vec<_>>(), data)
         .map_err(|e| user(format!("output `{}`: {e}", t.name())))
 }
+
+/// Compiles a graph built in memory (`kiln train`'s train step and forward pass, whose
+/// parameters are inputs) into the artifact directory `out`, for the kind of device `device`
+/// names as `kiln run --device` does (`cpu` or none: this CPU; `vulkan[:N]`; `cuda[:N]`):
+/// the same optimizer, scheduler and code generators as `kiln compile`, without weights.
+pub(crate) fn compile_graph(g: &Graph, device: Option<&str>, out: &Path) -> Result<(), Failure> {
+    refuse_empty_tensors(g)?;
+    let (g, _) = kiln_opt::optimize(g, &kiln_opt::Options::default()).map_err(|e| user(e.to_string()))?;
+    let target = match device {
+        Some(d) if d == "vulkan" || d.starts_with("vulkan:") => CompileTarget::Vulkan(GpuCaps::vulkan()),
+        Some(d) if d == "cuda" || d.starts_with("cuda:") => CompileTarget::Cuda(cuda_target(&arch_for(d))?),
+        _ => CompileTarget::Cpu(CpuTarget::host()),
+    };
+    build(&[(kiln_runtime::FORWARD_ENTRY, g)], &HashMap::new(), &target, out)?;
+    Ok(())
+}

@@ -1231,6 +1231,172 @@ fn out_of_range_gather_indices_are_the_interpreters_error_on_every_path() {
     }
 }
 
+/// Integer divisions: `q` by an input broadcast along rows, and one inside a fused chain whose
+/// divisor is computed (`a - b`, at the output's shape).
+const INT_DIV_SPEC: &str = r#"Model(name: "int_div", config: {}, inputs: { "a": (i32, [2, 3]), "b": (i32, [3]) },
+   body: [
+       Let("q", Div("a", "b")),
+       Let("r", Add(Div(Mul("a", 3), Sub("a", "b")), 7)),
+   ],
+   outputs: ["q", "r"])"#;
+
+/// `(a, b)` as tensors.
+fn int_div_inputs(a: [i32; 6], b: [i32; 3]) -> HashMap<String, Tensor> {
+    HashMap::from([
+        ("a".to_string(), ids(a)),
+        ("b".to_string(), Tensor::new(vec![3], kiln_ir::Buffer::I32(b.to_vec())).unwrap()),
+    ])
+}
+
+/// An error's words after the node or step it names: `(div `q` at …): integer division by
+/// zero (divisor element [1])`.
+fn after_node(err: &str) -> &str {
+    err.find(" (").map_or(err, |at| &err[at + 1..])
+}
+
+#[test]
+fn integer_division_by_zero_is_the_interpreters_error_on_cpu_vulkan_and_cuda() {
+    let g = lower("int_div", INT_DIV_SPEC);
+    let params = HashMap::new();
+    let eval = |inputs: &HashMap<String, Tensor>| {
+        kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() })
+    };
+    let good = int_div_inputs([7, -9, 4, 10, 11, -12], [2, -4, 5]);
+    let cases = [
+        // `q`'s divisor, an input, is zero (element 1, broadcast over both rows).
+        (
+            int_div_inputs([7, -9, 4, 10, 11, -12], [2, 0, 5]),
+            "(div `q` at int_div:3:17): integer division by zero (divisor element [1])",
+        ),
+        // The computed divisor `a - b` is zero at [1, 2].
+        (
+            int_div_inputs([7, -9, 4, 10, 11, 5], [2, -4, 5]),
+            "(div at int_div:4:21): integer division by zero (divisor element [1, 2])",
+        ),
+        // Both: the interpreter's first error is the compiled one too.
+        (
+            int_div_inputs([7, -9, 4, 7, 11, 5], [7, 0, 5]),
+            "(div `q` at int_div:3:17): integer division by zero (divisor element [1])",
+        ),
+    ];
+    for (bad, words) in &cases {
+        let err = eval(bad).unwrap_err().to_string();
+        assert_eq!(after_node(&err), *words, "interpreter: {err}");
+    }
+    let want: Vec<Vec<f64>> = eval(&good).unwrap().iter().map(|(_, t)| t.to_f64_vec()).collect();
+    assert_eq!(want, vec![vec![3.0, 2.0, 0.0, 5.0, -2.0, -2.0], vec![11.0, 12.0, -5.0, 10.0, 9.0, 9.0]]);
+
+    for device in [Device::Cpu, Device::Vulkan, Device::Cuda] {
+        if !available(device, "integer division by zero") {
+            continue;
+        }
+        // As written and optimized (the chain `r` fuses into one kernel either way).
+        for graph in [g.clone(), optimized(&g)] {
+            let dir = tempfile::tempdir().unwrap();
+            build_for(device, &graph, &params, dir.path());
+            let mut model = Model::load_with(dir.path(), &Options::default()).unwrap();
+            let run = |model: &mut Model, inputs: &HashMap<String, Tensor>| {
+                let (a, b) = (inputs["a"].data.to_le_bytes(), inputs["b"].data.to_le_bytes());
+                let refs = [
+                    TensorRef::new("a", kiln_runtime::DType::I32, &[2, 3], &a),
+                    TensorRef::new("b", kiln_runtime::DType::I32, &[3], &b),
+                ];
+                model.run(&refs).map(|outs| {
+                    outs.iter()
+                        .map(|o| o.as_i32().unwrap().iter().map(|&x| f64::from(x)).collect::<Vec<f64>>())
+                        .collect::<Vec<_>>()
+                })
+            };
+            assert_eq!(run(&mut model, &good).unwrap(), want, "{device:?}");
+            for (bad, words) in &cases {
+                let err = run(&mut model, bad).unwrap_err().to_string();
+                assert!(err.starts_with("step \"k"), "{device:?}: {err}");
+                assert_eq!(after_node(&err), *words, "{device:?}: {err}");
+            }
+            // The model is still good after the fault.
+            assert_eq!(run(&mut model, &good).unwrap(), want, "{device:?}");
+            // A profiled run (step by step, timed) reports the fault too.
+            let (a, b) = (cases[0].0["a"].data.to_le_bytes(), cases[0].0["b"].data.to_le_bytes());
+            let refs = [
+                TensorRef::new("a", kiln_runtime::DType::I32, &[2, 3], &a),
+                TensorRef::new("b", kiln_runtime::DType::I32, &[3], &b),
+            ];
+            match model.run_profiled(&refs, 2) {
+                Err(kiln_runtime::RuntimeError::NoTimestamps { .. }) => {}
+                Err(e) => assert_eq!(after_node(&e.to_string()), cases[0].1, "{device:?}"),
+                Ok(_) => panic!("{device:?}: a profiled run divided by zero without an error"),
+            }
+            assert_eq!(run(&mut model, &good).unwrap(), want, "{device:?}");
+
+            // The C ABI reports the runtime's error.
+            let c_dir = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
+            // SAFETY: the handle comes from the API and is freed once; the buffers have the
+            // sizes the model declares (i32 [2, 3] and [3] in, i32 [2, 3] twice out).
+            unsafe {
+                use kiln_runtime::capi::*;
+                let m = kiln_model_load_on(c_dir.as_ptr(), std::ptr::null(), 1);
+                assert!(!m.is_null());
+                let (a, b) = ([7i32, -9, 4, 10, 11, -12], [2i32, 0, 5]);
+                let (mut q, mut r) = ([0i32; 6], [0i32; 6]);
+                let inputs = [a.as_ptr().cast::<std::ffi::c_void>(), b.as_ptr().cast()];
+                let outputs = [q.as_mut_ptr().cast::<std::ffi::c_void>(), r.as_mut_ptr().cast()];
+                assert_eq!(kiln_model_run(m, inputs.as_ptr(), outputs.as_ptr()), 1);
+                let message = std::ffi::CStr::from_ptr(kiln_last_error()).to_string_lossy().into_owned();
+                assert_eq!(after_node(&message), cases[0].1, "{device:?}: {message}");
+                kiln_model_free(m);
+            }
+        }
+    }
+
+    // The Vulkan kernels that record faults are valid SPIR-V, with or without a device.
+    let spirv_dir = tempfile::tempdir().unwrap();
+    let built = build_vulkan(&optimized(&g), &params, spirv_dir.path());
+    assert!(built.modules.iter().any(|m| m.text.contains("spirv.AtomicUMin")));
+    if spirv_val(&built, "integer division by zero").is_none() {
+        eprintln!("skipped: integer division by zero: no spirv-val");
+    }
+
+    // Without a CUDA device, the CUDA kernels still lower to PTX that records the fault with
+    // atomics, and assemble where there is a ptxas.
+    if cuda_arch().is_err() {
+        let (caps, target) = cuda_caps("sm_80");
+        let s = kiln_sched::schedule_aligned(&optimized(&g), caps.buffer_align).expect("schedules");
+        let program = kiln_codegen::gpu::kernels(&s, &caps).unwrap();
+        let modules = kiln_codegen::gpu::nvvm::compile(&program.kernels, &target).unwrap();
+        assert!(modules.iter().any(|m| m.ptx.contains("atom.global") && m.ptx.contains(".min.u32")));
+        if let Some(ptxas) = ptxas("integer division by zero on CUDA") {
+            for m in &modules {
+                ptxas.assemble(&m.ptx, "sm_80").unwrap_or_else(|e| panic!("{}: {e}\n{}", m.symbol, m.ptx));
+            }
+        }
+    }
+
+    // The CLI: `kiln eval`, `kiln run` of the artifact and of the spec (compiled in memory)
+    // fail with the same words and exit status 1.
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("int_div.ron");
+    std::fs::write(&spec, INT_DIV_SPEC).unwrap();
+    let (a, b) = (dir.path().join("a.npy"), dir.path().join("b.npy"));
+    kiln_ir::tensor_io::write_npy(&a, &cases[0].0["a"]).unwrap();
+    kiln_ir::tensor_io::write_npy(&b, &cases[0].0["b"]).unwrap();
+    let art = dir.path().join("int_div.kiln");
+    let (spec, art) = (spec.to_str().unwrap(), art.to_str().unwrap());
+    let (a, b) = (format!("a={}", a.display()), format!("b={}", b.display()));
+    let compiled = kiln(&["compile", spec, "-o", art]);
+    assert!(compiled.status.success(), "{}", String::from_utf8_lossy(&compiled.stderr));
+    let words = cases[0].1.replace("int_div:", &format!("{spec}:"));
+    for args in [
+        vec!["eval", spec, "--input", &a, "--input", &b],
+        vec!["run", art, "--input", &a, "--input", &b],
+        vec!["run", spec, "--input", &a, "--input", &b],
+    ] {
+        let out = kiln(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(&words), "{args:?}: {err}");
+    }
+}
+
 /// Random edits of a real compiled artifact's manifest (numbers, names, symbols, shapes,
 /// offsets, sizes, ranges, step order, dtypes), written back with a fresh digest line as a
 /// careful forger would. Each load runs in this process, so a crash fails the test binary:
@@ -1246,8 +1412,9 @@ fn mutated_manifests_of_a_compiled_artifact_run_correctly_or_are_refused() {
                Let("e", Add(Gather(table: "table", indices: "ids"), "x")),
                Let("w", Param(shape: [4, 8], init: Normal(std: 0.5))),
                Let("y", Softmax(x: MatMul(Relu("e"), "w"), axis: -1)),
+               Let("k", Div(Add("ids", 7), Add("ids", 1))),
            ],
-           outputs: ["e", "y"])"#,
+           outputs: ["e", "y", "k"])"#,
     ));
     let params = kiln_ir::bind_params(&g, None, 6, false).unwrap();
     let base = tempfile::tempdir().unwrap();
@@ -1265,7 +1432,7 @@ fn mutated_manifests_of_a_compiled_artifact_run_correctly_or_are_refused() {
     });
     let (refused, ran) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
     runner
-        .run(&(0u8..12, any::<u64>(), any::<u64>()), |(kind, a, b)| {
+        .run(&(0u8..13, any::<u64>(), any::<u64>()), |(kind, a, b)| {
             let mut m = manifest.clone();
             mutate_manifest(&mut m, kind, a, b);
             let dir = tempfile::tempdir().unwrap();
@@ -1373,6 +1540,22 @@ fn mutate_manifest(m: &mut kiln_runtime::Manifest, kind: u8, a: u64, b: u64) {
             let i = pick(m.index_bounds.len(), 14);
             if let Some(bound) = m.index_bounds.get_mut(i) {
                 *bound = if b.is_multiple_of(2) { None } else { Some(value(bound.unwrap_or(5))) };
+            }
+        }
+        11 => {
+            let Some(faults) = m.faults.as_mut() else { panic!("the mutants model divides integers") };
+            let i = pick(faults.sites.len(), 16);
+            match b / 3 % 4 {
+                0 => faults.offset = value(faults.offset),
+                1 => faults.sites[i].step = value(u64::from(faults.sites[i].step)) as u32,
+                2 => {
+                    let shape = &mut faults.sites[i].shape;
+                    let d = pick(shape.len(), 17);
+                    if let Some(dim) = shape.get_mut(d) {
+                        *dim = value(*dim);
+                    }
+                }
+                _ => faults.sites.clear(),
             }
         }
         _ => {
@@ -1534,6 +1717,11 @@ const CLI_WORDS: &[&str] = &[
     "eval",
     "compile",
     "run",
+    "train",
+    "--data",
+    "--holdout",
+    "--epochs",
+    "--resume",
     "--stage",
     "ir",
     "opt",
@@ -2058,5 +2246,469 @@ fn the_cli_builds_runs_and_inspects_a_training_artifact() {
         let (code, _, stderr) = kiln_cli(&args);
         assert_eq!(code, Some(want), "{args:?}: {stderr}");
         assert!(stderr.contains(&message), "{args:?}: {stderr}");
+    }
+}
+
+// ------------------------------------------------------------------------------ `kiln train`
+
+/// The small MLP the `kiln train` tests train: 4 features, 3 classes, batches of 8.
+const TRAIN_MLP: [&str; 10] =
+    ["--set", "batch=8", "--set", "in=4", "--set", "hidden1=8", "--set", "hidden2=8", "--set", "classes=3"];
+
+/// `n` examples for [`TRAIN_MLP`]: seeded features in [-1, 1) and as label the index of the
+/// largest of the first three, so there is something to learn.
+fn train_data(n: usize, image: DType) -> Vec<(String, Tensor)> {
+    let x: Vec<f64> = (0..n as u64 * 4).map(|i| 2.0 * kiln_ir::rng::uniform(11, 0, i) - 1.0).collect();
+    let y: Vec<i64> =
+        x.chunks(4).map(|r| (0..3).fold(0, |m, i| if r[i] > r[m] { i } else { m }) as i64).collect();
+    let x = Tensor::from_f64(vec![n, 4], x).unwrap().cast(image);
+    vec![("image".into(), x), ("label".into(), Tensor::new(vec![n], kiln_ir::Buffer::I64(y)).unwrap())]
+}
+
+fn write_data(dir: &Path, name: &str, tensors: &[(String, Tensor)]) -> String {
+    let path = dir.join(name);
+    kiln_ir::tensor_io::write_safetensors(&path, tensors).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn train(extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["train", "models/mlp.ron"];
+    args.extend(TRAIN_MLP);
+    args.extend(extra);
+    kiln(&args)
+}
+
+/// `epoch N/M: …` lines of a run's stdout.
+fn epoch_lines(out: &std::process::Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("epoch "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn kiln_train_learns_the_digits_to_95_percent_in_seconds() {
+    let cache = match std::env::var_os("KILN_CACHE").filter(|v| !v.is_empty()) {
+        Some(c) => std::path::PathBuf::from(c),
+        None => std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln"),
+    };
+    let data = cache.join("digits/digits.safetensors");
+    if !data.is_file() {
+        eprintln!("skipped: kiln_train_learns_the_digits_to_95_percent_in_seconds: no {} (scripts/fetch_digits.sh writes it)", data.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().to_str().unwrap();
+    let start = std::time::Instant::now();
+    let out = kiln(&[
+        "train",
+        "models/mlp.ron",
+        "--set",
+        "batch=32",
+        "--set",
+        "in=64",
+        "--set",
+        "hidden1=128",
+        "--set",
+        "hidden2=64",
+        "--data",
+        data.to_str().unwrap(),
+        "--holdout",
+        "0.2",
+        "--epochs",
+        "20",
+        "--seed",
+        "7",
+        "--out",
+        out_dir,
+    ]);
+    let seconds = start.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("note: 1438 training examples make 44 batches of 32 an epoch; the last 30 of each epoch's order are left out"),
+        "{stderr}"
+    );
+    let lines = epoch_lines(&out);
+    assert_eq!(lines.len(), 20, "{lines:?}");
+    let accuracy: f64 = lines[19]
+        .split("eval accuracy ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no accuracy in {}", lines[19]));
+    eprintln!("kiln train: digits at {accuracy} % held-out accuracy in {seconds:.1} s");
+    assert!(accuracy >= 95.0, "{}", lines.join("\n"));
+    let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().next(), Some("epoch,step,train_loss,eval_loss,eval_accuracy,lr,seconds"));
+    assert_eq!(csv.lines().count(), 21);
+    assert!(csv.lines().nth(20).unwrap().starts_with("20,880,"), "{csv}");
+    let png = std::fs::read(dir.path().join("metrics.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let ckpt = kiln_ir::tensor_io::read_safetensors(dir.path().join("checkpoint.safetensors")).unwrap();
+    let names: Vec<&str> = ckpt.iter().map(|(n, _)| n.as_str()).collect();
+    for name in ["fc1.weight", "fc3.bias", "optim.m.fc1.weight", "optim.v.fc3.bias", "optim.step"] {
+        assert!(names.contains(&name), "{name} in {names:?}");
+    }
+    let step = ckpt.iter().find(|(n, _)| n == "optim.step").unwrap().1.to_f64_vec();
+    assert_eq!(step, [880.0]);
+}
+
+#[test]
+fn kiln_train_resumes_bit_identically() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path(), "data.safetensors", &train_data(200, DType::F32));
+    let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));
+    let common = ["--data", &data, "--holdout", "0.2", "--seed", "5"];
+    let run = |epochs: &str, out: &Path, resume: Option<&Path>| {
+        let mut args: Vec<&str> = common.to_vec();
+        args.extend(["--epochs", epochs, "--out", out.to_str().unwrap()]);
+        if let Some(r) = resume {
+            args.extend(["--resume", r.to_str().unwrap()]);
+        }
+        let out = train(&args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out
+    };
+    let two = run("2", &straight, None);
+    run("1", &split, None);
+    let first = dir.path().join("after-1.safetensors");
+    std::fs::copy(split.join("checkpoint.safetensors"), &first).unwrap();
+    let resumed = run("2", &split, Some(&first));
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming at epoch 2, batch 0 of 20"));
+    assert_eq!(
+        std::fs::read(straight.join("checkpoint.safetensors")).unwrap(),
+        std::fs::read(split.join("checkpoint.safetensors")).unwrap(),
+        "2 epochs straight and 1 + 1 resumed write the same checkpoint"
+    );
+    assert_eq!(epoch_lines(&two)[1].split(", lr").next(), epoch_lines(&resumed)[0].split(", lr").next());
+    // The resumed run's metrics continue the first run's.
+    let csv = std::fs::read_to_string(split.join("metrics.csv")).unwrap();
+    let epochs: Vec<&str> = csv.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+    assert_eq!(epochs, ["1", "2"]);
+
+    // A resumed run keeps its seed, and trains only what is left.
+    let usage =
+        train(&["--data", &data, "--holdout", "0.2", "--seed", "6", "--resume", first.to_str().unwrap()]);
+    assert_eq!(usage.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&usage.stderr),
+        "error: --seed 6 differs from the checkpoint's seed 5: a resumed run keeps its seed\n"
+    );
+    let done =
+        train(&["--data", &data, "--holdout", "0.2", "--epochs", "1", "--resume", first.to_str().unwrap()]);
+    assert!(done.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&done.stdout),
+        "nothing to do: the checkpoint has 1 epochs, --epochs is 1\n"
+    );
+    // Another data set (here another split) is refused.
+    let other =
+        train(&["--data", &data, "--holdout", "0.5", "--epochs", "2", "--resume", first.to_str().unwrap()]);
+    assert_eq!(other.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&other.stderr).contains("is a checkpoint of model `mlp` on 160 training examples; this run is `mlp` on 100: resume with the same model and data"));
+}
+
+/// Ctrl-C (SIGINT) finishes the step, saves a checkpoint mid-epoch and exits with 130; resuming
+/// it to the epoch it stopped in gives the checkpoint an uninterrupted run would have written.
+#[test]
+fn kiln_train_saves_a_checkpoint_on_ctrl_c_and_resumes_from_it() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path(), "data.safetensors", &train_data(4000, DType::F32));
+    let out_dir = dir.path().join("run");
+    let mut args: Vec<&str> = vec!["train", "models/mlp.ron"];
+    args.extend(TRAIN_MLP);
+    args.extend(["--data", &data, "--epochs", "1000", "--out", out_dir.to_str().unwrap()]);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("epoch 1/1000") {
+        line.clear();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "kiln train ended before its first epoch");
+    }
+    // SAFETY: signalling the child this test started, by its id.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    let saved =
+        stderr.lines().find(|l| l.starts_with("interrupted at epoch ")).unwrap_or_else(|| panic!("{stderr}"));
+    let ckpt = out_dir.join("checkpoint.safetensors");
+    assert!(
+        saved.ends_with(&format!("saved {} (continue with --resume {})", ckpt.display(), ckpt.display())),
+        "{saved}"
+    );
+    let epoch: usize = saved["interrupted at epoch ".len()..].split(',').next().unwrap().parse().unwrap();
+    let kept = dir.path().join("interrupted.safetensors");
+    std::fs::copy(&ckpt, &kept).unwrap();
+
+    let finish = |epochs: &str, out: &Path, resume: Option<&Path>| {
+        let mut a: Vec<&str> = vec!["--data", &data, "--epochs", epochs, "--out", out.to_str().unwrap()];
+        if let Some(r) = resume {
+            a.extend(["--resume", r.to_str().unwrap()]);
+        }
+        let o = train(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let e = epoch.to_string();
+    finish(&e, &out_dir, Some(&kept));
+    let straight = dir.path().join("straight");
+    finish(&e, &straight, None);
+    assert_eq!(
+        std::fs::read(&ckpt).unwrap(),
+        std::fs::read(straight.join("checkpoint.safetensors")).unwrap(),
+        "interrupted in epoch {epoch} and resumed = {epoch} epochs straight"
+    );
+}
+
+#[test]
+fn kiln_train_refuses_bad_usage_and_bad_data_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write_data(dir.path(), "good.safetensors", &train_data(50, DType::F32));
+    let err = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+
+    let no_training = kiln(&["train", "models/lstm.ron", "--data", &good]);
+    assert_eq!(no_training.status.code(), Some(1));
+    assert_eq!(
+        err(&no_training),
+        "error: models/lstm.ron has no training section: `kiln train` needs one (docs/spec-language.md, section 7)\n"
+    );
+
+    let mut only_images = train_data(50, DType::F32);
+    only_images.truncate(1);
+    let path = write_data(dir.path(), "images.safetensors", &only_images);
+    let out = train(&["--data", &path]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        err(&out),
+        format!("error: {path} has no tensor `label` for the model's input `label` (it holds: image)\n")
+    );
+
+    let path = write_data(dir.path(), "f64.safetensors", &train_data(50, DType::F64));
+    let out = train(&["--data", &path]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        err(&out),
+        format!("error: tensor `image` of {path} is f64[50, 4]: the model's input `image` takes f32[4] per example, so the tensor must be f32[examples, 4]\n")
+    );
+
+    let mut short = train_data(50, DType::F32);
+    short[1].1 = Tensor::new(vec![49], kiln_ir::Buffer::I64(vec![0; 49])).unwrap();
+    let path = write_data(dir.path(), "short.safetensors", &short);
+    let out = train(&["--data", &path]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        err(&out),
+        format!("error: tensor `label` of {path} has 49 examples but `image` has 50: every input needs one entry per example\n")
+    );
+
+    let mut wild = train_data(50, DType::F32);
+    wild[1].1 = Tensor::new(vec![50], kiln_ir::Buffer::I64((0..50).collect())).unwrap();
+    let path = write_data(dir.path(), "wild.safetensors", &wild);
+    let out = train(&["--data", &path]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        err(&out),
+        format!("error: tensor `label` of {path} holds 3 at element 3: its values must be in 0..3 (or -100, left out of the loss)\n")
+    );
+
+    let none_held = train(&["--data", &good, "--holdout", "0.001"]);
+    assert_eq!(none_held.status.code(), Some(1));
+    assert_eq!(
+        err(&none_held),
+        "error: the held-out set is empty: hold out a larger fraction (--holdout) or give --eval-data with examples\n"
+    );
+
+    let few = write_data(dir.path(), "few.safetensors", &train_data(5, DType::F32));
+    let out = train(&["--data", &few]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        err(&out),
+        "error: 5 training examples are fewer than one batch of 8: give more data or a smaller batch (`--set batch=…`)\n"
+    );
+
+    for (flags, message) in [
+        (
+            &["--holdout", "1.5"][..],
+            "error: --holdout 1.5: the held-out fraction must be above 0 and below 1\n",
+        ),
+        (&["--lr", "0"][..], "error: --lr 0: the learning rate must be a positive number\n"),
+        (&["--epochs", "0"][..], "error: --epochs 0: train at least one epoch\n"),
+        (&["--device", "cuda"][..], "error: --device cuda: `kiln train` runs on `cpu` or `vulkan[:N]`\n"),
+    ] {
+        let mut a = vec!["--data", good.as_str()];
+        a.extend(flags);
+        let out = train(&a);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}");
+        assert_eq!(err(&out), message, "{flags:?}");
+    }
+    let both = train(&["--data", &good, "--holdout", "0.2", "--eval-data", &good]);
+    assert_eq!(both.status.code(), Some(2));
+    assert!(
+        err(&both).contains("'--holdout <FRACTION>' cannot be used with '--eval-data <FILE|DIR>'"),
+        "{}",
+        err(&both)
+    );
+
+    // A folder of NAME.npy files is data too; --eval-data evaluates on its own set.
+    let npy = dir.path().join("npy");
+    std::fs::create_dir(&npy).unwrap();
+    for (name, t) in train_data(48, DType::F32) {
+        kiln_ir::tensor_io::write_npy(npy.join(format!("{name}.npy")), &t).unwrap();
+    }
+    let out = train(&["--data", npy.to_str().unwrap(), "--eval-data", &good, "--lr", "0.01"]);
+    assert!(out.status.success(), "{}", err(&out));
+    let lines = epoch_lines(&out);
+    assert_eq!(lines.len(), 1);
+    assert!(
+        lines[0].starts_with("epoch 1/1: train loss ") && lines[0].contains(", eval accuracy "),
+        "{lines:?}"
+    );
+    // --lr 0.01 under the MLP's linear warm-up over 100 steps: the epoch's last step (step 5,
+    // counting from 0) runs at 5/100 of it.
+    assert!(lines[0].contains(", lr 5.000e-4,"), "{lines:?}");
+}
+
+/// GPT-2 at two small layers learns the text shipped in `examples/tiny_gpt/` byte by byte:
+/// its held-out loss falls from epoch to epoch, below the uniform guess (ln 256).
+#[test]
+fn a_small_gpt_learns_the_shipped_text() {
+    let text =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tiny_gpt/kiln.txt")).unwrap();
+    let (seq, stride) = (32, 8);
+    let starts: Vec<usize> = (0..text.len() - seq).step_by(stride).collect();
+    let window = |offset: usize| -> Tensor {
+        let v: Vec<i64> = starts
+            .iter()
+            .flat_map(|&s| text[s + offset..s + offset + seq].iter().map(|&b| b as i64))
+            .collect();
+        Tensor::new(vec![starts.len(), seq], kiln_ir::Buffer::I64(v)).unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(
+        dir.path(),
+        "text.safetensors",
+        &[("input_ids".into(), window(0)), ("labels".into(), window(1))],
+    );
+    let out = kiln(&[
+        "train",
+        "models/gpt2.ron",
+        "--set",
+        "vocab=256",
+        "--set",
+        "ctx=32",
+        "--set",
+        "d=64",
+        "--set",
+        "heads=4",
+        "--set",
+        "layers=2",
+        "--set",
+        "seq=32",
+        "--set",
+        "batch=16",
+        "--data",
+        &data,
+        "--holdout",
+        "0.1",
+        "--lr",
+        "3e-3",
+        "--epochs",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = epoch_lines(&out);
+    let eval: Vec<f64> = lines
+        .iter()
+        .map(|l| {
+            l.split("eval loss ")
+                .nth(1)
+                .and_then(|s| s.split(',').next())
+                .and_then(|s| s.parse().ok())
+                .unwrap()
+        })
+        .collect();
+    eprintln!("tiny GPT held-out loss by epoch: {eval:?}");
+    assert_eq!(eval.len(), 3, "{lines:?}");
+    assert!(eval[0] < 256f64.ln() && eval[1] < eval[0] && eval[2] < eval[1], "{lines:?}");
+}
+
+/// The loss, held-out loss and accuracy of an `epoch …` line (without the rate and speed).
+fn epoch_numbers(line: &str) -> &str {
+    line.split(", lr").next().unwrap_or(line)
+}
+
+/// `accumulate: 2` at batch 8 takes 16 examples a step and trains as batch 16 does (the mean
+/// of two micro-batches' gradients is the larger batch's).
+#[test]
+fn kiln_train_accumulates_micro_batches_like_one_larger_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path(), "data.safetensors", &train_data(210, DType::F32));
+    let spec = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mlp.ron")).unwrap();
+    let accumulating = spec.replace("        schedule:", "        accumulate: 2,\n        schedule:");
+    assert_ne!(accumulating, spec);
+    let model = dir.path().join("mlp_accumulate.ron");
+    std::fs::write(&model, accumulating).unwrap();
+    let run = |model: &str, batch: &str| {
+        let out = kiln(&[
+            "train",
+            model,
+            "--set",
+            batch,
+            "--set",
+            "in=4",
+            "--set",
+            "hidden1=8",
+            "--set",
+            "hidden2=8",
+            "--set",
+            "classes=3",
+            "--data",
+            &data,
+            "--holdout",
+            "0.2",
+            "--epochs",
+            "2",
+            "--lr",
+            "0.01",
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (epoch_lines(&out), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (large, _) = run("models/mlp.ron", "batch=16");
+    let (micro, note) = run(model.to_str().unwrap(), "batch=8");
+    assert!(note.contains("note: 168 training examples make 10 batches of 16 an epoch; the last 8 of each epoch's order are left out"), "{note}");
+    assert_eq!(large.len(), 2);
+    for (a, b) in large.iter().zip(&micro) {
+        assert_eq!(epoch_numbers(a), epoch_numbers(b));
+    }
+}
+
+/// `--device vulkan` compiles the train step and the forward pass for Vulkan and trains as
+/// the CPU does.
+#[test]
+fn kiln_train_runs_on_vulkan_like_on_the_cpu() {
+    if !available(Device::Vulkan, "kiln train on Vulkan") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = write_data(dir.path(), "data.safetensors", &train_data(200, DType::F32));
+    let cpu = train(&["--data", &data, "--holdout", "0.2", "--epochs", "2", "--lr", "0.01"]);
+    let gpu =
+        train(&["--data", &data, "--holdout", "0.2", "--epochs", "2", "--lr", "0.01", "--device", "vulkan"]);
+    assert!(gpu.status.success(), "{}", String::from_utf8_lossy(&gpu.stderr));
+    let (cpu, gpu) = (epoch_lines(&cpu), epoch_lines(&gpu));
+    assert_eq!(cpu.len(), 2);
+    for (a, b) in cpu.iter().zip(&gpu) {
+        assert_eq!(epoch_numbers(a), epoch_numbers(b));
     }
 }

@@ -123,7 +123,10 @@ size_t kiln_model_output_bytes(const KilnModel *model, size_t i);
  * `outputs[i]` to a caller-allocated buffer of kiln_model_output_bytes(model, i) bytes that
  * receives output i; both arrays are in the model's order. Inputs are only read. Output
  * buffers must not overlap each other or the inputs. Returns 0 on success, nonzero on error
- * (see kiln_last_error), including when another thread is running the same model. */
+ * (see kiln_last_error), including when another thread is running the same model, and when
+ * a kernel faulted (an integer division by zero: the message names the op, its spec position
+ * and the divisor element, as `kiln eval` does; the outputs are then not the model's, and
+ * the model stays usable for the next run). */
 int kiln_model_run(KilnModel *model, const void *const *inputs, void *const *outputs);
 
 #ifdef __cplusplus

@@ -271,6 +271,24 @@ pub enum RuntimeError {
         /// The smallest extent of the tables it indexes (the manifest's `index_bounds`).
         extent: u64,
     },
+    /// A kernel recorded a fault (an integer division by zero): the outputs are not the
+    /// model's. The interpreter refuses the same inputs with the same words; the model stays
+    /// usable for the next run.
+    #[error("step {step:?} ({op}): {fault}")]
+    Fault {
+        /// The step whose kernel faulted (`k3 div [2,3]`).
+        step: String,
+        /// The op as the interpreter names a node: `div \`q\` at model.ron:4:9`.
+        op: String,
+        /// What happened: `integer division by zero (divisor element [1, 2])`.
+        fault: String,
+    },
+    /// The fault words name a site the manifest does not list (damaged kernels or memory).
+    #[error("the kernels recorded fault site {word}, which the manifest does not list")]
+    FaultWord {
+        /// The first-fault word.
+        word: u32,
+    },
     /// A buffer's length does not match its tensor's shape and dtype.
     #[error("{kind} {name:?} needs {expected} bytes, got {got}")]
     BufferSize {

@@ -35,6 +35,7 @@ pub mod capi;
 mod device;
 mod error;
 mod exec;
+mod faults;
 mod kernels;
 mod manifest;
 mod model;
@@ -48,10 +49,10 @@ pub use error::RuntimeError;
 pub use kernels::{KernelFn, KernelSource, SharedLibrary};
 pub use manifest::{
     is_bidi_control, is_kernel_entry, name_problem, ptx_contract, ptx_contract_line, spirv_contract,
-    spirv_contract_trailer, BufRef, CudaTarget, DType, Dispatch, Entry, EntryView, FileDigest, Manifest,
-    ModuleRange, StateInit, StateSpec, Step, Target, TargetInfo, TensorSpec, VulkanTarget, CONTRACT_SYMBOL,
-    CUBIN_FILE, FORWARD_ENTRY, KERNELS_FILE, MANIFEST_FILE, PTX_CONTRACT_PREFIX, PTX_FILE, SPIRV_FILE,
-    WEIGHTS_FILE,
+    spirv_contract_trailer, BufRef, CudaTarget, DType, Dispatch, Entry, EntryView, FaultKind, FaultSite,
+    Faults, FileDigest, Manifest, ModuleRange, StateInit, StateSpec, Step, Target, TargetInfo, TensorSpec,
+    VulkanTarget, CONTRACT_SYMBOL, CUBIN_FILE, FORWARD_ENTRY, KERNELS_FILE, MANIFEST_FILE,
+    PTX_CONTRACT_PREFIX, PTX_FILE, SPIRV_FILE, WEIGHTS_FILE,
 };
 pub use model::{Model, Options};
 pub use profile::{KindProfile, Profile, StepProfile};

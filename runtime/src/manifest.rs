@@ -59,6 +59,9 @@ pub struct Manifest {
     /// Entry points besides the first, `forward` (whose inputs, outputs and steps are the
     /// fields above): each its own steps over the same arena and state (`train_step`).
     pub entries: Vec<Entry>,
+    /// The fault words of `forward` and the ops that report into them; `None` when none of
+    /// its kernels can fault.
+    pub faults: Option<Faults>,
 }
 
 /// The name of the entry point the top-level inputs, outputs and steps of a manifest form.
@@ -105,6 +108,8 @@ pub struct Entry {
     pub outputs: Vec<TensorSpec>,
     /// Its kernel launches, in execution order (labelled `k0 …` from its own first step).
     pub steps: Vec<Step>,
+    /// Its fault words and sites (numbered by its own steps), as [`Manifest::faults`].
+    pub faults: Option<Faults>,
 }
 
 /// An entry point's interface and steps as a manifest holds them (the first, `forward`, in
@@ -121,6 +126,8 @@ pub struct EntryView<'a> {
     pub outputs: &'a [TensorSpec],
     /// Its steps.
     pub steps: &'a [Step],
+    /// Its fault words and sites.
+    pub faults: Option<&'a Faults>,
 }
 
 impl Manifest {
@@ -132,6 +139,7 @@ impl Manifest {
             index_bounds: &self.index_bounds,
             outputs: &self.outputs,
             steps: &self.steps,
+            faults: self.faults.as_ref(),
         };
         std::iter::once(forward)
             .chain(self.entries.iter().map(|e| EntryView {
@@ -140,6 +148,7 @@ impl Manifest {
                 index_bounds: &e.index_bounds,
                 outputs: &e.outputs,
                 steps: &e.steps,
+                faults: e.faults.as_ref(),
             }))
             .collect()
     }
@@ -150,6 +159,49 @@ impl StateSpec {
     pub fn byte_len(&self) -> Option<u64> {
         TensorSpec { name: String::new(), dtype: self.dtype, shape: self.shape.clone() }.byte_len()
     }
+}
+
+/// Where compiled kernels record the faults the interpreter reports as errors (an integer
+/// division by zero), and what each recording site is, so a run that faulted fails with the
+/// interpreter's words. The words are `1 + sites.len()` little-endian `u32`s in the arena:
+/// word 0 the lowest site that faulted (sites are numbered in step order), word `1 + s` the
+/// lowest element at which site `s` faulted; `u32::MAX` is "none". Every step that can fault
+/// passes exactly this range as its last argument; the runtime fills it with `u32::MAX` before
+/// each run and reads it after.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Faults {
+    /// Byte offset of word 0 in the arena (aligned like every arena offset).
+    pub offset: u64,
+    /// The sites, in the order of their numbers.
+    pub sites: Vec<FaultSite>,
+}
+
+/// One op whose compiled code records a fault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultSite {
+    /// What faults there.
+    pub kind: FaultKind,
+    /// The step (index into its entry point's steps) whose kernel holds the op.
+    pub step: u32,
+    /// The op's name (`div`), and its spec name and position when it has them, which the
+    /// error shows as the interpreter shows a node.
+    pub op: String,
+    /// The spec name bound to the op's value.
+    pub name: Option<String>,
+    /// `file:line:col` of the op in the spec.
+    pub origin: Option<String>,
+    /// The op's result shape: elements are recorded as row-major positions in it.
+    pub shape: Vec<u64>,
+    /// The divisor's shape, which broadcasts to `shape`; the error names the divisor element,
+    /// as the interpreter does.
+    pub divisor: Vec<u64>,
+}
+
+/// The kinds of fault compiled code records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FaultKind {
+    /// An integer division whose divisor was zero (the quotient is 0, the run an error).
+    IntDivByZero,
 }
 
 /// What runs the artifact's kernels, and what they need from it.
@@ -487,6 +539,7 @@ impl Manifest {
             steps,
             state,
             entries,
+            faults,
         } = self;
         let mut h = Fnv::new();
         h.u64(u64::from(*format_version));
@@ -555,11 +608,13 @@ impl Manifest {
             }
         }
         h.u64(entries.len() as u64);
-        for Entry { name, inputs, index_bounds, outputs, steps } in entries {
+        for Entry { name, inputs, index_bounds, outputs, steps, faults } in entries {
             h.str(name);
             h.interface(inputs, index_bounds, outputs);
             h.steps(steps);
+            h.faults(faults);
         }
+        h.faults(faults);
         h.0
     }
 }
@@ -742,6 +797,37 @@ impl Fnv {
         }
     }
 
+    fn faults(&mut self, faults: &Option<Faults>) {
+        match faults {
+            None => self.u64(0),
+            Some(Faults { offset, sites }) => {
+                self.u64(1);
+                self.u64(*offset);
+                self.u64(sites.len() as u64);
+                for FaultSite { kind, step, op, name, origin, shape, divisor } in sites {
+                    self.u64(match kind {
+                        FaultKind::IntDivByZero => 0,
+                    });
+                    self.u64(u64::from(*step));
+                    self.str(op);
+                    for text in [name, origin] {
+                        match text {
+                            None => self.u64(0),
+                            Some(t) => {
+                                self.u64(1);
+                                self.str(t);
+                            }
+                        }
+                    }
+                    for dims in [shape, divisor] {
+                        self.u64(dims.len() as u64);
+                        dims.iter().for_each(|&d| self.u64(d));
+                    }
+                }
+            }
+        }
+    }
+
     fn ranges(&mut self, ranges: &[ModuleRange]) {
         self.u64(ranges.len() as u64);
         for ModuleRange { offset, bytes } in ranges {
@@ -836,6 +922,18 @@ mod tests {
                 flops: 6,
                 bytes: 36,
             }],
+            faults: Some(Faults {
+                offset: 64,
+                sites: vec![FaultSite {
+                    kind: FaultKind::IntDivByZero,
+                    step: 0,
+                    op: "div".into(),
+                    name: Some("q".into()),
+                    origin: None,
+                    shape: vec![2, 3],
+                    divisor: vec![3],
+                }],
+            }),
         };
         let text = manifest.to_ron().unwrap();
         assert!(text.contains("dtype: bf16"), "{text}");

@@ -403,7 +403,9 @@ impl Model {
                 });
             }
         }
-        self.backend.execute(entry, inputs, outputs, times)
+        self.backend.execute(entry, inputs, outputs, times)?;
+        // A kernel that faulted (an integer division by zero) makes the run an error.
+        crate::faults::check_run(&view, self.backend.fault_words())
     }
 }
 
@@ -556,10 +558,12 @@ fn check_entry_specs(view: &EntryView<'_>) -> Result<(), RuntimeError> {
 /// Steps must be in the compiler's order (step `i` is labelled `k{i} …`), so a reordered
 /// manifest cannot make a step read an intermediate before the step that writes it; and a CPU
 /// step must name a kernel entry of the form the compiler writes ([`is_kernel_entry`]), so a
-/// manifest can never make the runtime call `abort`, `exit` or `free`.
+/// manifest can never make the runtime call `abort`, `exit` or `free`. The fault table is
+/// checked against the steps here too (`faults::check`).
 fn check_steps(manifest: &Manifest) -> Result<(), RuntimeError> {
     for view in manifest.entry_views() {
         check_entry_steps(manifest, view.steps)?;
+        crate::faults::check(&view, manifest.arena_bytes)?;
     }
     Ok(())
 }

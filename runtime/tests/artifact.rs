@@ -709,3 +709,186 @@ fn a_manifest_larger_than_any_manifest_is_refused_before_it_is_read_whole() {
          artifact again"
     );
 }
+
+/// A kernel dividing `a` by `b` (i32 [64]) into `q` that records a zero divisor in the fault
+/// words (its last argument) as compiled kernels do: atomic minimums of the element and site.
+const DIVIDE_C: &str = r#"
+#include <stdint.h>
+
+static void min_u32(uint32_t *p, uint32_t v) {
+    uint32_t old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (v < old && !__atomic_compare_exchange_n(p, &old, v, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
+}
+
+void kiln_k0(void **b, int64_t begin, int64_t end) {
+    const int32_t *a = b[0], *d = b[1];
+    int32_t *q = b[2];
+    uint32_t *faults = b[3];
+    for (int64_t i = begin; i < end; i++) {
+        if (d[i] == 0) {
+            min_u32(&faults[1], (uint32_t)i);
+            min_u32(&faults[0], 0);
+            q[i] = 0;
+        } else {
+            q[i] = a[i] / d[i];
+        }
+    }
+}
+"#;
+
+/// One integer division of two i32 [64] inputs, with its fault site.
+fn divide_manifest() -> Manifest {
+    let spec =
+        |name: &str| kiln_runtime::TensorSpec { name: name.into(), dtype: DType::I32, shape: vec![64] };
+    Manifest {
+        inputs: vec![spec("a"), spec("b")],
+        outputs: vec![spec("q")],
+        arena_bytes: 8,
+        steps: vec![kiln_runtime::Step {
+            symbol: "kiln_k0".into(),
+            label: "k0 div [64]".into(),
+            args: vec![
+                BufRef::Input { index: 0 },
+                BufRef::Input { index: 1 },
+                BufRef::Output { index: 0 },
+                BufRef::Arena { offset: 0, bytes: 8 },
+            ],
+            dispatch: Dispatch::Cpu { range: 64, grain: 4 },
+            flops: 64,
+            bytes: 768,
+        }],
+        faults: Some(kiln_runtime::Faults {
+            offset: 0,
+            sites: vec![kiln_runtime::FaultSite {
+                kind: kiln_runtime::FaultKind::IntDivByZero,
+                step: 0,
+                op: "div".into(),
+                name: Some("q".into()),
+                origin: Some("m.ron:3:17".into()),
+                shape: vec![64],
+                divisor: vec![64],
+            }],
+        }),
+        ..toy_manifest()
+    }
+}
+
+/// [`divide_manifest`] with a second entry point, `again`, of the same steps and its own fault
+/// table (the same words: entry points never run at the same time).
+fn divide_manifest_with_entry() -> Manifest {
+    let mut m = divide_manifest();
+    m.entries.push(kiln_runtime::Entry {
+        name: "again".into(),
+        inputs: m.inputs.clone(),
+        index_bounds: m.index_bounds.clone(),
+        outputs: m.outputs.clone(),
+        steps: m.steps.clone(),
+        faults: m.faults.clone(),
+    });
+    m
+}
+
+/// Each entry point's run fills and reads its own fault words: a fault in `again` fails that
+/// run with the interpreter's words, and `forward` then runs clean.
+#[test]
+fn a_fault_in_any_entry_point_fails_its_run() {
+    let toy = Toy::custom(divide_manifest_with_entry(), DIVIDE_C);
+    let mut model = load(&toy, 2).unwrap();
+    let a: Vec<i32> = (0..64).map(|i| 100 - 7 * i).collect();
+    let good = vec![3i32; 64];
+    let mut bad = good.clone();
+    bad[5] = 0;
+    fn inputs<'a>(a: &'a [i32], b: &'a [i32]) -> [TensorRef<'a>; 2] {
+        [TensorRef::i32("a", &[64], a), TensorRef::i32("b", &[64], b)]
+    }
+    assert_eq!(
+        model.run_entry("again", &inputs(&a, &bad)).unwrap_err().to_string(),
+        "step \"k0 div [64]\" (div `q` at m.ron:3:17): integer division by zero (divisor element [5])"
+    );
+    let want: Vec<i32> = a.iter().map(|x| x / 3).collect();
+    assert_eq!(model.run(&inputs(&a, &good)).unwrap()[0].as_i32().unwrap(), want);
+    assert_eq!(model.run_entry("again", &inputs(&a, &good)).unwrap()[0].as_i32().unwrap(), want);
+}
+
+#[test]
+fn faults_recorded_by_a_kernel_fail_the_run_and_the_next_run_is_clean() {
+    let toy = Toy::custom(divide_manifest(), DIVIDE_C);
+    let mut model = load(&toy, 4).unwrap();
+    let a: Vec<i32> = (0..64).map(|i| 100 - 7 * i).collect();
+    let good: Vec<i32> = (0..64).map(|i| if i % 2 == 0 { 3 } else { -5 }).collect();
+    let mut bad = good.clone();
+    bad[41] = 0;
+    bad[17] = 0;
+    let mut run = |b: &[i32]| {
+        model
+            .run(&[TensorRef::i32("a", &[64], &a), TensorRef::i32("b", &[64], b)])
+            .map(|o| o[0].as_i32().unwrap().to_vec())
+    };
+    let want: Vec<i32> = a.iter().zip(&good).map(|(x, y)| x / y).collect();
+    assert_eq!(run(&good).unwrap(), want);
+    for _ in 0..3 {
+        let err = run(&bad).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "step \"k0 div [64]\" (div `q` at m.ron:3:17): integer division by zero (divisor element [17])"
+        );
+        assert_eq!(run(&good).unwrap(), want);
+    }
+}
+
+/// An edit of a manifest.
+type Edit = dyn Fn(&mut Manifest);
+
+#[test]
+fn fault_tables_are_checked_at_load() {
+    let refused = |edit: &Edit| {
+        let mut m = divide_manifest();
+        edit(&mut m);
+        let toy = Toy::custom(m, DIVIDE_C);
+        load_err(&toy)
+    };
+    fn site(m: &mut Manifest) -> &mut kiln_runtime::FaultSite {
+        &mut m.faults.as_mut().unwrap().sites[0]
+    }
+    let cases: [(&Edit, &str); 9] = [
+        (&|m| m.faults.as_mut().unwrap().sites.clear(), "fault table of `forward`: 0 sites (the compiler lists 1 to 1048576)"),
+        (&|m| m.faults.as_mut().unwrap().offset = 4, "fault table of `forward`: its 8 bytes at 4 lie outside the arena of 8 bytes"),
+        (
+            &|m| {
+                m.arena_bytes = 16;
+                m.faults.as_mut().unwrap().offset = 2;
+            },
+            "fault table of `forward`: its words start at byte 2, not a multiple of 4",
+        ),
+        (&|m| site(m).step = 1, "fault table of `forward`: site 0 names step 1 (of 1; sites are listed in step order)"),
+        (&|m| site(m).divisor = vec![2, 64], "fault table of `forward`: site 0 has divisor shape [2, 64] that does not broadcast to [64]"),
+        (&|m| site(m).shape = vec![u64::MAX, 2], "fault table of `forward`: site 0 has shape [18446744073709551615, 2] whose size overflows"),
+        (
+            &|m| site(m).name = Some("q\u{202E}".into()),
+            "fault table of `forward`: site 0 has a name or position that is not plain text: \"q\\u{202e}\"",
+        ),
+        (
+            &|m| {
+                m.steps[0].args.pop();
+            },
+            "fault table of `forward`: step \"k0 div [64]\" holds a fault site, but its last argument is not the fault words (arena bytes 0..8)",
+        ),
+        (
+            &|m| {
+                m.arena_bytes = 16;
+                m.steps[0].args[2] = BufRef::Arena { offset: 4, bytes: 8 };
+            },
+            "fault table of `forward`: step \"k0 div [64]\" argument 2 (arena bytes 4..12) overlaps the fault words",
+        ),
+    ];
+    for (edit, words) in cases {
+        assert_eq!(refused(edit), format!("invalid manifest: {words}"));
+    }
+    // Every entry point's table is checked against its own steps.
+    let mut m = divide_manifest_with_entry();
+    m.entries[0].faults.as_mut().unwrap().sites[0].step = 1;
+    assert_eq!(
+        load_err(&Toy::custom(m, DIVIDE_C)),
+        "invalid manifest: fault table of `again`: site 0 names step 1 (of 1; sites are listed in step order)"
+    );
+}

@@ -3,8 +3,9 @@
 //! NVIDIA GPU, exact results of hand-written PTX kernels, replays, event-timed profiles and the
 //! device refusals. Tests that run kernels print `skipped: no CUDA device (…)` and return when
 //! there is none; on such a machine `device_tests_pass_on_a_fake_driver` runs them again in a
-//! child process whose `libcuda.so.1` is `tests/data/fake_cuda.c` (host memory, the two PTX
-//! kernels computed on the CPU), so the backend's driver calls are exercised everywhere.
+//! child process whose `libcuda.so.1` is `tests/data/fake_cuda.c` (host memory, the PTX
+//! kernels of `binop.ptx` and `divide.ptx` computed on the CPU), so the backend's driver calls,
+//! the fault words' fill and read-back included, are exercised everywhere.
 
 mod common;
 
@@ -215,6 +216,35 @@ fn manifest_errors_come_before_the_driver() {
 }
 
 #[test]
+fn faults_fail_the_run_and_the_next_run_is_clean() {
+    if !ready() {
+        return;
+    }
+    let artifact = divide_artifact();
+    let mut model = load(&artifact, None).unwrap();
+    let a: Vec<i32> = (0..N as i32).map(|i| 1000 - 7 * i).collect();
+    let good: Vec<i32> = (0..N as i32).map(|i| if i % 2 == 0 { 3 } else { -5 }).collect();
+    let mut bad = good.clone();
+    bad[700] = 0;
+    bad[300] = 0;
+    let want: Vec<i32> = a.iter().zip(&good).map(|(x, y)| x / y).collect();
+    let mut divide = |b: &[i32], profiled: bool| {
+        let inputs = [TensorRef::i32("a", &SHAPE, &a), TensorRef::i32("b", &SHAPE, b)];
+        let out = if profiled { model.run_profiled(&inputs, 1).map(|(o, _)| o) } else { model.run(&inputs) };
+        out.map(|o| o[0].as_i32().unwrap().to_vec())
+    };
+    assert_eq!(divide(&good, false).unwrap(), want);
+    for profiled in [false, true, false] {
+        let err = divide(&bad, profiled).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "step \"k0 div [1024]\" (div `q` at m.ron:3:17): integer division by zero (divisor element [300])"
+        );
+        assert_eq!(divide(&good, profiled).unwrap(), want);
+    }
+}
+
+#[test]
 fn chain_runs_exactly_and_replays() {
     if !ready() {
         return;
@@ -394,9 +424,10 @@ fn sm90_cubins_run_instead_of_the_ptx() {
 }
 
 /// The tests that need a CUDA device.
-const DEVICE_TESTS: [&str; 7] = [
+const DEVICE_TESTS: [&str; 8] = [
     "devices_list_cuda_after_vulkan_or_say_why",
     "chain_runs_exactly_and_replays",
+    "faults_fail_the_run_and_the_next_run_is_clean",
     "profile_times_each_step_with_events",
     "device_refusals_name_the_device",
     "modules_and_kernels_are_checked_by_the_driver",

@@ -153,7 +153,17 @@ pub fn build_entries(
         )));
     }
     let merged = merge(entries);
-    let program = program::kernels(&merged, target)?;
+    // Each entry point reports into its own fault slot (placed after its own scratch).
+    let words: Vec<Option<usize>> = entries
+        .iter()
+        .flat_map(|(_, e)| {
+            let words = e.faults.as_ref().map(|f| e.buffers[f.slot].len);
+            std::iter::repeat_n(words, e.kernels.len())
+        })
+        .collect();
+    let owner: Vec<&Schedule> =
+        entries.iter().flat_map(|(_, e)| std::iter::repeat_n(*e, e.kernels.len())).collect();
+    let program = program::kernels_with_faults(&merged, target, &words)?;
     let t1 = Instant::now();
 
     // Every step's arguments; the weights they name are the ones stored. A weight that only
@@ -176,6 +186,7 @@ pub fn build_entries(
             };
             args.push(arg);
         }
+        args.extend(fault_arg(owner[i], sk, &mut stored, params)?);
         all_steps.push(Step {
             symbol: crate::Kernel::entry(&k.symbol),
             label: String::new(),
@@ -226,14 +237,18 @@ pub fn build_entries(
         entries: entries[1..]
             .iter()
             .zip(per_entry)
-            .map(|((name, e), steps)| Entry {
-                name: name.to_string(),
-                inputs: e.inputs.iter().map(tensor_spec).collect(),
-                index_bounds: e.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
-                outputs: e.outputs.iter().map(tensor_spec).collect(),
-                steps,
+            .map(|((name, e), steps)| {
+                Ok(Entry {
+                    name: name.to_string(),
+                    inputs: e.inputs.iter().map(tensor_spec).collect(),
+                    index_bounds: e.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
+                    outputs: e.outputs.iter().map(tensor_spec).collect(),
+                    steps,
+                    faults: fault_table(e)?,
+                })
             })
-            .collect(),
+            .collect::<Result<_, CodegenError>>()?,
+        faults: fault_table(s)?,
     };
     // The kernels carry the digest of the manifest they were compiled for, so the runtime
     // refuses any other manifest (an edited shape, offset or symbol) before running them.
@@ -402,6 +417,7 @@ pub fn build_vulkan_artifact(
         steps,
         state: Vec::new(),
         entries: Vec::new(),
+        faults: fault_table(s)?,
     };
     // kernels.spv ends, after its last module, with the digest of the manifest its modules were
     // compiled for, so the runtime refuses any other step order or buffer assignment.
@@ -503,6 +519,7 @@ pub fn build_cuda_artifact(
         steps,
         state: Vec::new(),
         entries: Vec::new(),
+        faults: fault_table(s)?,
     };
     // kernels.ptx ends, after its last module, with the digest of the manifest its modules
     // were compiled for: their bare-pointer parameters say nothing of buffer sizes, so the
@@ -576,6 +593,7 @@ fn gpu_steps(
             }
             args.push(stored.arg(b, params, &s.state)?);
         }
+        args.extend(fault_arg(s, sk, &mut stored, params)?);
         steps.push(Step {
             symbol: k.symbol.clone(),
             label: format!("k{i} {} {}", sk.name(), fmt_shape(&sk.output.view.shape)),
@@ -590,6 +608,54 @@ fn gpu_steps(
         });
     }
     Ok((steps, stored))
+}
+
+/// The fault words as the last argument of a step whose kernel holds a fault site.
+fn fault_arg(
+    s: &Schedule,
+    sk: &kiln_sched::Kernel,
+    stored: &mut Stored,
+    params: &HashMap<String, Tensor>,
+) -> Result<Option<BufRef>, CodegenError> {
+    match (&s.faults, sk.can_fault()) {
+        (Some(f), true) => Ok(Some(stored.arg(&s.buffers[f.slot], params, &s.state)?)),
+        (None, true) => Err(CodegenError::Artifact(
+            "a kernel with a fault site in a schedule without a fault slot".into(),
+        )),
+        (_, false) => Ok(None),
+    }
+}
+
+/// The manifest's fault table: where the fault words lie and what each site is.
+fn fault_table(s: &Schedule) -> Result<Option<kiln_runtime::Faults>, CodegenError> {
+    let Some(f) = &s.faults else { return Ok(None) };
+    let offset = match s.buffers[f.slot].storage {
+        Storage::Arena { offset } => offset as u64,
+        Storage::Input { .. }
+        | Storage::Output { .. }
+        | Storage::Weight { .. }
+        | Storage::Const { .. }
+        | Storage::State { .. } => {
+            return Err(CodegenError::Artifact("the fault slot is not in the arena".into()))
+        }
+    };
+    let dims = |shape: &[usize]| shape.iter().map(|&d| d as u64).collect::<Vec<u64>>();
+    let sites = f
+        .sites
+        .iter()
+        .map(|site| kiln_runtime::FaultSite {
+            kind: match site.kind {
+                kiln_sched::FaultKind::IntDivByZero => kiln_runtime::FaultKind::IntDivByZero,
+            },
+            step: site.kernel as u32,
+            op: site.op.clone(),
+            name: site.name.clone(),
+            origin: site.origin.clone(),
+            shape: dims(&site.shape),
+            divisor: dims(&site.divisor),
+        })
+        .collect();
+    Ok(Some(kiln_runtime::Faults { offset, sites }))
 }
 
 /// The manifest's description of a graph input or output.

@@ -481,8 +481,10 @@ fn scalar(g: &mut Graph, value: f64, like: NodeId) -> Result<NodeId, InferError>
 /// axis: each position's loss is `(1 − ε)·nll + ε·smooth` with `nll = −log p[label]` and
 /// `smooth = −Σ log p / C`. The label's log-probability is selected (not multiplied by a
 /// one-hot row), so a class at −inf that is not the label leaves the loss finite without
-/// smoothing, as in PyTorch. A label outside `0..C` selects nothing and contributes 0 to
-/// `nll` (PyTorch raises an error).
+/// smoothing, as in PyTorch. Each kept position weighs 1 through a gather from a table of
+/// `C` ones (PyTorch's class weights, all 1), so a label outside `0..C` that is not
+/// `ignore_index` is an out-of-range gather, an evaluation error as PyTorch's, not a position
+/// that silently selects nothing.
 pub fn cross_entropy(
     g: &mut Graph,
     logits: NodeId,
@@ -496,9 +498,9 @@ pub fn cross_entropy(
     let logp = g.add(Op::LogSoftmax { axis: last }, &[logits])?;
     let mut column = yt.shape.clone();
     column.push(1);
-    let labels = g.add(Op::Reshape { shape: column }, &[labels])?;
+    let column = g.add(Op::Reshape { shape: column }, &[labels])?;
     let iota = g.add(Op::Iota { dtype: yt.dtype, shape: vec![classes], axis: 0 }, &[])?;
-    let hit = g.add(Op::Compare(CompareOp::Eq), &[labels, iota])?;
+    let hit = g.add(Op::Compare(CompareOp::Eq), &[column, iota])?;
     let zero = scalar(g, 0.0, logits)?;
     let picked = g.add(Op::Where, &[hit, logp, zero])?;
     let sum_last = |g: &mut Graph, x: NodeId| {
@@ -517,9 +519,18 @@ pub fn cross_entropy(
     // Positions labelled `ignore_index` drop out of the sum and of the count (all of them
     // ignored: 0/0, NaN, as in PyTorch).
     let ignored = g.add(Op::Full { value: ignore_index as f64, dtype: yt.dtype, shape: vec![] }, &[])?;
-    let flat_labels = g.add(Op::Reshape { shape: yt.shape.clone() }, &[labels])?;
-    let kept = g.add(Op::Compare(CompareOp::Ne), &[flat_labels, ignored])?;
-    let weight = g.add(Op::Cast { to: lt.dtype }, &[kept])?;
+    let kept = g.add(Op::Compare(CompareOp::Ne), &[labels, ignored])?;
+    // An ignored position reads class 0's weight and then weighs 0.
+    let class_zero = g.add(Op::Full { value: 0.0, dtype: yt.dtype, shape: vec![] }, &[])?;
+    let checked = g.add(Op::Where, &[kept, labels, class_zero])?;
+    let ones = g.add(Op::Full { value: 1.0, dtype: lt.dtype, shape: vec![classes] }, &[])?;
+    let class_weight = g.add(Op::Gather { axis: 0 }, &[ones, checked])?;
+    let origin = g.node(labels).origin.clone();
+    let node = g.node_mut(class_weight);
+    node.name = Some("cross_entropy.labels".into());
+    node.origin = origin;
+    let kept = g.add(Op::Cast { to: lt.dtype }, &[kept])?;
+    let weight = g.add(Op::Binary(BinaryOp::Mul), &[class_weight, kept])?;
     let per = g.add(Op::Binary(BinaryOp::Mul), &[per, weight])?;
     let all = |g: &mut Graph, x: NodeId| {
         let axes: Vec<usize> = (0..g.ty(x).rank()).collect();

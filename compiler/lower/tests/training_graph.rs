@@ -177,6 +177,42 @@ fn cross_entropy_leaves_out_ignored_positions() {
     assert!(output(&out, "loss").to_f64_vec()[0].is_nan());
 }
 
+/// A label outside `0..C` that is not `ignore_index` is an evaluation error naming the
+/// position, as an out-of-range gather (PyTorch raises one too), never a position that
+/// silently adds nothing to the loss.
+#[test]
+fn cross_entropy_label_out_of_range_is_an_evaluation_error() {
+    let with_ignore_3 = CE.replace("label_smoothing: 0.2", "label_smoothing: 0.2, ignore_index: 3");
+    for (text, labels, want) in [
+        (
+            CE,
+            [1, 0, 2, 3, 4, 0],
+            "gather index 4 at position [1, 1] of the indices is out of range for axis 0 of extent 4",
+        ),
+        (
+            CE,
+            [1, -1, 2, -100, 0, 0],
+            "gather index -1 at position [0, 1] of the indices is out of range for axis 0 of extent 4",
+        ),
+        // -100 is only ignored while it is the ignore_index.
+        (
+            &with_ignore_3,
+            [3, 1, 2, -100, 0, 0],
+            "gather index -100 at position [1, 0] of the indices is out of range for axis 0 of extent 4",
+        ),
+    ] {
+        let t = training_graph(&lower_str(text)).unwrap();
+        let mut b = inputs(&t.graph, 4);
+        b.params = bind_params(&t.graph, None, 0, true).unwrap();
+        b.inputs.insert("y".into(), Tensor::new(vec![2, 3], Buffer::I64(labels.to_vec())).unwrap());
+        let err = eval(&t.graph, &b).unwrap_err().to_string();
+        assert!(
+            err.contains("(gather `cross_entropy.labels` at train.ron:4:") && err.ends_with(want),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn mse_is_the_mean_of_squared_differences() {
     let text = r#"

@@ -6,6 +6,7 @@
 //! state (`state.rs`), which no scratch buffer shares. The result is target-independent: code
 //! generation turns each [`Kernel`] into machine code, the runtime runs them in order.
 
+mod faults;
 mod memory;
 mod partition;
 mod plan;
@@ -13,6 +14,7 @@ pub mod print;
 mod state;
 mod view;
 
+pub use faults::{FaultKind, FaultSite, Faults};
 pub use memory::ALIGN;
 pub use plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, Schedule, StateSlot, Storage};
 pub use state::state_layout;
@@ -51,8 +53,12 @@ pub fn schedule_with_state(g: &Graph, align: usize, layout: &[StateSlot]) -> Res
     }
     state::check_layout(&g.state, layout)?;
     let mut p = partition::partition(g, layout)?;
+    // The arena holds the state's slots, then the scratch buffers, then the fault words.
     let base = state::state_bytes(layout, align);
     let (arena_bytes, arena_bytes_unshared) = memory::plan(&mut p.buffers, &p.kernels, align, base);
+    let sites = faults::renumber(&mut p.kernels, p.fault_sites);
+    let (faults, slot_bytes) = faults::reserve(&mut p.buffers, p.kernels.len(), sites, arena_bytes, align);
+    let (arena_bytes, arena_bytes_unshared) = (arena_bytes + slot_bytes, arena_bytes_unshared + slot_bytes);
     let io = |n: &kiln_ir::NodeId| {
         let t = g.ty(*n);
         (t.dtype, t.shape.clone())
@@ -93,5 +99,6 @@ pub fn schedule_with_state(g: &Graph, align: usize, layout: &[StateSlot]) -> Res
             .collect(),
         arena_bytes_unshared,
         state: layout.to_vec(),
+        faults,
     })
 }

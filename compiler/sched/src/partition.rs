@@ -14,10 +14,11 @@
 //! layout (attention's `[b, h, s, d]` result lands as `[b, s, h, d]`), so the transpose — and
 //! usually the reshape after it — cost nothing.
 
+use crate::faults::{FaultKind, FaultSite};
 use crate::plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, StateSlot, Storage};
 use crate::view::StridedView;
 use crate::SchedError;
-use kiln_ir::{DType, Graph, NodeId, Op};
+use kiln_ir::{BinaryOp, DType, Graph, NodeId, Op};
 use std::collections::HashMap;
 
 /// What a node's result is, once scheduled.
@@ -32,6 +33,8 @@ enum Value {
 pub(crate) struct Partition {
     pub buffers: Vec<Buffer>,
     pub kernels: Vec<Kernel>,
+    /// The fault sites the expressions name, in the order they were met.
+    pub fault_sites: Vec<FaultSite>,
 }
 
 pub(crate) struct Builder<'g> {
@@ -49,6 +52,7 @@ pub(crate) struct Builder<'g> {
     /// The state's slots, and the buffers that read a slot's old value (slot, buffer).
     pub(crate) layout: &'g [StateSlot],
     pub(crate) state_reads: Vec<(usize, BufferId)>,
+    fault_sites: Vec<FaultSite>,
 }
 
 pub(crate) fn partition<'g>(g: &'g Graph, layout: &'g [StateSlot]) -> Result<Partition, SchedError> {
@@ -64,6 +68,7 @@ pub(crate) fn partition<'g>(g: &'g Graph, layout: &'g [StateSlot]) -> Result<Par
         kernels: Vec::new(),
         layout,
         state_reads: Vec::new(),
+        fault_sites: Vec::new(),
     };
     for (i, (_, n)) in g.outputs.iter().enumerate() {
         b.outputs.entry(*n).or_default().push(i);
@@ -73,7 +78,7 @@ pub(crate) fn partition<'g>(g: &'g Graph, layout: &'g [StateSlot]) -> Result<Par
     }
     b.finish_outputs()?;
     crate::state::place_updates(&mut b)?;
-    Ok(Partition { buffers: b.buffers, kernels: b.kernels })
+    Ok(Partition { buffers: b.buffers, kernels: b.kernels, fault_sites: b.fault_sites })
 }
 
 impl Builder<'_> {
@@ -294,7 +299,8 @@ impl Builder<'_> {
                         args.push(Expr::Operand(push_operand(inputs, Operand { view, ..stored })));
                     }
                 }
-                return Ok(Expr::Apply { op, args, dtype });
+                let fault = self.fault_site(n, &args);
+                return Ok(Expr::Apply { op, args, dtype, fault });
             }
             _ => {}
         }
@@ -323,6 +329,28 @@ impl Builder<'_> {
             nodes: Vec::new(),
         });
         output
+    }
+
+    /// The fault site of elementwise node `n` (with arguments `args`), if its compiled code can
+    /// fault: an integer division whose divisor is not a non-zero constant.
+    fn fault_site(&mut self, n: NodeId, args: &[Expr]) -> Option<usize> {
+        let node = self.g.node(n);
+        let divides = matches!(node.op, Op::Binary(BinaryOp::Div)) && node.ty.dtype.is_int();
+        let constant_divisor = matches!(args.get(1), Some(Expr::Scalar { value, .. }) if *value as i64 != 0);
+        if !divides || constant_divisor {
+            return None;
+        }
+        let divisor = self.g.operands(n).get(1).map(|&d| self.g.ty(d).shape.clone()).unwrap_or_default();
+        self.fault_sites.push(FaultSite {
+            kind: FaultKind::IntDivByZero,
+            kernel: 0,
+            op: node.op.name().to_string(),
+            name: node.name.clone(),
+            origin: node.origin.as_ref().map(ToString::to_string),
+            shape: node.ty.shape.clone(),
+            divisor,
+        });
+        Some(self.fault_sites.len() - 1)
     }
 
     /// A copy of `src` (a view of node `n`'s value) into a fresh contiguous buffer.

@@ -85,8 +85,10 @@ pub enum Expr {
     /// is `rng::uniform(seed, offset, i)`.
     Random { seed: u64, offset: u64, dtype: DType },
     /// An elementwise op (unary, binary, compare, where, cast, gelu) of sub-expressions,
-    /// with its result dtype.
-    Apply { op: Op, args: Vec<Expr>, dtype: DType },
+    /// with its result dtype. `fault` is the op's fault site (an index into
+    /// [`crate::Faults::sites`]) when its compiled code can fault: an integer division whose
+    /// divisor is not a non-zero constant.
+    Apply { op: Op, args: Vec<Expr>, dtype: DType, fault: Option<usize> },
 }
 
 impl Expr {
@@ -139,6 +141,14 @@ pub struct Kernel {
 }
 
 impl Kernel {
+    /// Whether the kernel holds a fault site, and so takes the fault slot as its last argument.
+    pub fn can_fault(&self) -> bool {
+        match &self.op {
+            KernelOp::Elementwise(e) => crate::faults::can_fault(e),
+            KernelOp::Node(_) => false,
+        }
+    }
+
     /// A short name: the op, or `fused(a, b, …)` for an elementwise group.
     pub fn name(&self) -> String {
         match &self.op {
@@ -181,4 +191,7 @@ pub struct Schedule {
     /// The persistent state's slots (the same for every entry point over that state);
     /// empty for a graph without state.
     pub state: Vec<StateSlot>,
+    /// The ops whose compiled code can fault and the arena slot they report into; `None` when
+    /// no kernel can fault.
+    pub faults: Option<crate::Faults>,
 }

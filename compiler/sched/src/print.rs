@@ -5,8 +5,11 @@ use kiln_ir::fmt_shape;
 use std::fmt::Write;
 
 pub(crate) fn storage(s: &Schedule, o: &Operand) -> String {
-    let b = &s.buffers[o.buffer];
-    match &b.storage {
+    buffer_storage(s, o.buffer)
+}
+
+fn buffer_storage(s: &Schedule, b: usize) -> String {
+    match &s.buffers[b].storage {
         Storage::Input { index } => format!("in:{}", s.inputs[*index].0),
         Storage::Output { index } => format!("out:{}", s.outputs[*index].0),
         Storage::Weight { name } => format!("w:{name}"),
@@ -48,6 +51,16 @@ pub fn to_text(s: &Schedule) -> String {
             }
         }
         out.push('\n');
+    }
+    if let Some(f) = &s.faults {
+        let sites: Vec<String> = f.sites.iter().map(|site| format!("k{} {}", site.kernel, site.op)).collect();
+        let _ = writeln!(
+            out,
+            "  faults {} ({} words): {}",
+            buffer_storage(s, f.slot),
+            f.words(),
+            sites.join(", ")
+        );
     }
     out.push_str("}\n");
     out

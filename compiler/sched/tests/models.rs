@@ -73,3 +73,53 @@ fn bert_layer_is_one_kernel_per_fused_op_with_views_for_heads() {
     // Reuse: six layers of activations fit in far less than the sum of all intermediates.
     assert!(s.arena_bytes * 4 < s.arena_bytes_unshared, "{text}");
 }
+
+/// Integer divisions whose divisor can be zero are fault sites, numbered in step order, with
+/// the fault words reserved after every other arena buffer; a constant non-zero divisor is
+/// none.
+#[test]
+fn integer_divisions_are_fault_sites_in_step_order() {
+    let text = r#"Model(name: "divs", config: {}, inputs: { "a": (i32, [2, 3]), "b": (i32, [3]) },
+       body: [
+           Let("q", Div("a", "b")),
+           Let("h", Div(Mul("q", "q"), 2)),
+           Let("r", Add(Div(Mul("a", 3), Sub("a", "b")), Div("h", Add("b", 1)))),
+       ],
+       outputs: ["r", "h"])"#;
+    let (_, lowered) = kiln_lower::load_str("divs", text, &[]);
+    let s = schedule(&lowered.unwrap_or_else(|_| panic!("divs lowers")).graph).unwrap();
+    check(&s);
+    assert!(s.arena_bytes <= s.arena_bytes_unshared);
+    assert_eq!(
+        kiln_sched::print::to_text(&s),
+        "# 4 kernels, arena 80 bytes (144 without reuse), 7 buffers
+schedule divs {
+  k0 div (i32[2, 3] in:a, i32[2, 3] in:b strides=[0, 1]) -> i32[2, 3] arena@0
+  k1 elementwise×2 (i32[2, 3] arena@0) -> i32[2, 3] out:h  = div(mul(%0, %0), 2.0)
+  k2 add (i32[3] in:b) -> i32[3] arena@0
+  k3 elementwise×5 (i32[2, 3] in:a, i32[2, 3] in:b strides=[0, 1], i32[2, 3] out:h, i32[2, 3] arena@0 strides=[0, 1]) -> i32[2, 3] out:r  = add(div(mul(%0, 3.0), sub(%0, %1)), div(%2, %3))
+  faults arena@64 (4 words): k0 div, k3 div, k3 div
+}
+"
+    );
+    let faults = s.faults.as_ref().expect("fault sites");
+    let sites: Vec<String> = faults
+        .sites
+        .iter()
+        .map(|f| {
+            let at = f.origin.as_deref().unwrap_or("?");
+            format!("k{} {} at {at}: {:?} by {:?}", f.kernel, f.op, f.shape, f.divisor)
+        })
+        .collect();
+    assert_eq!(
+        sites,
+        [
+            "k0 div at divs:3:21: [2, 3] by [3]",
+            "k3 div at divs:5:25: [2, 3] by [2, 3]",
+            "k3 div at divs:5:58: [2, 3] by [3]",
+        ]
+    );
+    // Only the kernels with a site take the fault words.
+    let faulting: Vec<bool> = s.kernels.iter().map(kiln_sched::Kernel::can_fault).collect();
+    assert_eq!(faulting, vec![true, false, false, true]);
+}

@@ -1,6 +1,8 @@
 //! The host CPU: each step resolved once into a launch (kernel pointer, argument array with the
 //! arena and weight pointers filled in, slots for the caller's buffers), run on the model's
-//! thread pool. Moved from `model.rs` when Vulkan arrived; the launch code is unchanged.
+//! thread pool. Moved from `model.rs` when Vulkan arrived; the launch code is unchanged. The
+//! fault words (when a kernel can fault) are filled with "none" before each run and copied out
+//! after it.
 
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,11 @@ pub(crate) struct HostBackend {
     /// Owns the memory the launches' arena pointers point into; the persistent state lives in
     /// its slots between runs.
     arena: AlignedBuf,
+    /// For each entry point, the byte offset and number of its fault words in the arena, when
+    /// one of its kernels can fault.
+    fault_slots: Vec<Option<(usize, usize)>>,
+    /// The fault words as the last run left them.
+    fault_words: Vec<u32>,
     /// Keeps the code of every `Launch::kernel` alive: the pointers are private and used only
     /// through `&mut self`, so no kernel can be called after this is dropped with the model.
     _kernels: Box<dyn KernelSource>,
@@ -138,12 +145,36 @@ impl HostBackend {
             }
             all.push(launches);
         }
-        let output_align = manifest
-            .entry_views()
-            .iter()
-            .map(|e| e.outputs.iter().map(|o| o.dtype.size_bytes()).collect())
-            .collect();
-        Ok(HostBackend { launches: all, threads, pool, output_align, arena, _kernels: kernels })
+        let views = manifest.entry_views();
+        let output_align =
+            views.iter().map(|e| e.outputs.iter().map(|o| o.dtype.size_bytes()).collect()).collect();
+        // `faults::check` put each entry point's words 4-byte aligned inside the arena.
+        let fault_slots = views.iter().map(|e| e.faults.map(|f| (f.offset as usize, f.words()))).collect();
+        Ok(HostBackend {
+            launches: all,
+            threads,
+            pool,
+            output_align,
+            arena,
+            fault_slots,
+            fault_words: Vec::new(),
+            _kernels: kernels,
+        })
+    }
+
+    /// The fault words as the last run left them (empty when none of its kernels can fault).
+    pub fn fault_words(&self) -> &[u32] {
+        &self.fault_words
+    }
+
+    /// Entry point `entry`'s fault words in the arena.
+    fn arena_fault_words(&mut self, entry: usize) -> Option<&mut [u32]> {
+        let (offset, words) = self.fault_slots.get(entry).copied().flatten()?;
+        // SAFETY: the manifest check placed `words` u32s at the 4-byte aligned `offset` inside
+        // the arena this backend owns; no kernel runs while the slice lives (`&mut self`).
+        Some(unsafe {
+            std::slice::from_raw_parts_mut(self.arena.as_mut_ptr().add(offset).cast::<u32>(), words)
+        })
     }
 
     /// Worker threads each run uses.
@@ -201,6 +232,9 @@ impl HostBackend {
             .map(|(buf, copy)| SendPtr(copy.as_mut().map_or(buf.as_mut_ptr(), AlignedBuf::as_mut_ptr)))
             .collect();
 
+        if let Some(words) = self.arena_fault_words(entry) {
+            words.fill(crate::faults::NONE);
+        }
         let (pool, threads) = (self.pool.as_ref(), self.threads);
         let launches = &mut self.launches[entry];
         let mut steps = move || {
@@ -238,6 +272,13 @@ impl HostBackend {
                 buf.copy_from_slice(copy.as_slice());
             }
         }
+        // Every step has returned (the pool joined its tasks): the kernels' atomics are done.
+        let mut words = std::mem::take(&mut self.fault_words);
+        words.clear();
+        if let Some(recorded) = self.arena_fault_words(entry) {
+            words.extend_from_slice(recorded);
+        }
+        self.fault_words = words;
         Ok(())
     }
 }

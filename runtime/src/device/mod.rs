@@ -309,6 +309,15 @@ impl Backend {
         }
     }
 
+    /// The fault words as the last run left them (empty when no kernel can fault).
+    pub fn fault_words(&self) -> &[u32] {
+        match self {
+            Backend::Host(host) => host.fault_words(),
+            Backend::Vulkan(gpu) => gpu.fault_words(),
+            Backend::Cuda(gpu) => gpu.fault_words(),
+        }
+    }
+
     /// Host threads each run uses (1 on a GPU: the thread that submits and waits).
     pub fn threads(&self) -> usize {
         match self {

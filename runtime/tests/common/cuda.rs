@@ -97,6 +97,7 @@ pub fn chain_manifest() -> Manifest {
         modules: Vec::new(),
         state: Vec::new(),
         entries: Vec::new(),
+        faults: None,
         steps: vec![
             step(
                 "mul",
@@ -112,6 +113,39 @@ pub fn chain_manifest() -> Manifest {
             ),
         ],
     }
+}
+
+/// The division model, a i32 [1024] / b i32 [1024] → q (`tests/data/divide.ptx`), whose one
+/// step records zero divisors in the fault words at arena offset 0.
+pub fn divide_artifact() -> CudaArtifact {
+    let spec = |name: &str| TensorSpec { name: name.into(), dtype: DType::I32, shape: vec![N as u64] };
+    let words = BufRef::Arena { offset: 0, bytes: 8 };
+    let manifest = Manifest {
+        model: "cuda-divide".into(),
+        inputs: vec![spec("a"), spec("b")],
+        outputs: vec![spec("q")],
+        arena_bytes: 8,
+        faults: Some(kiln_runtime::Faults {
+            offset: 0,
+            sites: vec![kiln_runtime::FaultSite {
+                kind: kiln_runtime::FaultKind::IntDivByZero,
+                step: 0,
+                op: "div".into(),
+                name: Some("q".into()),
+                origin: Some("m.ron:3:17".into()),
+                shape: vec![N as u64],
+                divisor: vec![N as u64],
+            }],
+        }),
+        steps: vec![step(
+            "div",
+            "k0 div [1024]",
+            0,
+            vec![BufRef::Input { index: 0 }, BufRef::Input { index: 1 }, BufRef::Output { index: 0 }, words],
+        )],
+        ..chain_manifest()
+    };
+    CudaArtifact::new(manifest, &[include_str!("../data/divide.ptx").to_string()])
 }
 
 /// y as the chain model computes it (separate IEEE multiply and add, as on the GPU).

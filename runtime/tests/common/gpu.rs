@@ -133,6 +133,7 @@ pub fn chain_manifest() -> Manifest {
         modules: Vec::new(),
         state: Vec::new(),
         entries: Vec::new(),
+        faults: None,
         steps: vec![
             gpu_step("mul", "k0 mul [64,16]", 0, 16, 64, vec![BufRef::Input { index: 0 }, w(), t()]),
             gpu_step("add", "k1 add [64,16]", 0, 16, 64, vec![t(), c(), u()]),
@@ -172,6 +173,7 @@ pub fn types_manifest() -> Manifest {
         modules: Vec::new(),
         state: Vec::new(),
         entries: Vec::new(),
+        faults: None,
         steps: vec![gpu_step(
             "types",
             "k0 types [8]",
@@ -209,6 +211,7 @@ pub fn subgroup_manifest(subgroup_size: u32) -> Manifest {
         modules: Vec::new(),
         state: Vec::new(),
         entries: Vec::new(),
+        faults: None,
         steps: vec![gpu_step(
             "subgroup",
             "k0 subgroup_sum [64]",

@@ -187,6 +187,7 @@ pub fn toy_manifest() -> Manifest {
         modules: Vec::new(),
         state: Vec::new(),
         entries: Vec::new(),
+        faults: None,
         steps: vec![
             step("kiln_k0", "k0 mul [64,16]", vec![BufRef::Input { index: 0 }, w(), t()], 4, N as u64),
             step("kiln_k1", "k1 add [64,16]", vec![t(), c(), u()], 4, N as u64),

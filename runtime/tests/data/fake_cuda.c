@@ -1,13 +1,14 @@
 /*
  * A fake NVIDIA driver (libcuda.so.1) for tests/cuda.rs on machines without a GPU: one device
  * ("Kiln fake CUDA device", sm_90) whose memory is host memory and whose "kernels" are the two
- * kernels of tests/data/binop.ptx (add and mul of 1024 f32 elements), run on the CPU. It
+ * kernels of tests/data/binop.ptx (add and mul of 1024 f32 elements) and the one of
+ * tests/data/divide.ptx (i32 division recording zero divisors in fault words), run on the CPU. It
  * implements exactly the entry points the runtime's CUDA backend calls, and checks what a real
  * driver would refuse or what would corrupt memory there:
  *
  *  - a call that needs a context without the model's context current on the calling thread;
  *  - a launch whose parameters are not three device pointers each covering 4096 bytes of one
- *    allocation, a launch with dynamic shared memory or `extra`, a grid and block that do not
+ *    allocation (and, for `div`, a fourth covering its 8 bytes of fault words), a launch with dynamic shared memory or `extra`, a grid and block that do not
  *    cover the 1024 elements;
  *  - a copy or memset while the stream is being captured into a graph;
  *  - a module image that is neither NUL-terminated PTX text nor an ELF cubin (a cubin is
@@ -52,12 +53,12 @@ static __thread void *current;
 struct alloc { uint64_t base, size; };
 static struct alloc allocs[MAX_ALLOCS];
 
-enum op { ADD, MUL };
-struct module { int ops[2]; /* add, mul present */ };
+enum op { ADD, MUL, DIV };
+struct module { int ops[3]; /* add, mul, div present */ };
 struct function { enum op op; };
-static struct function functions[2] = { { ADD }, { MUL } };
+static struct function functions[3] = { { ADD }, { MUL }, { DIV } };
 
-struct node { struct function *f; CUdeviceptr a, b, c; unsigned grid, block; };
+struct node { struct function *f; CUdeviceptr a, b, c, faults; unsigned grid, block; };
 struct stream { int capturing; };
 struct graph { int count; struct node nodes[MAX_NODES]; };
 static struct graph *capture_into;
@@ -172,6 +173,21 @@ CUresult cuStreamEndCapture(void *s, void **graph) {
 }
 
 static CUresult run(const struct node *n) {
+    if (n->f->op == DIV) {
+        const int32_t *a = (const int32_t *)(uintptr_t)n->a, *b = (const int32_t *)(uintptr_t)n->b;
+        int32_t *q = (int32_t *)(uintptr_t)n->c;
+        uint32_t *faults = (uint32_t *)(uintptr_t)n->faults;
+        for (unsigned i = 0; i < n->grid * n->block && i < N; i++) {
+            if (b[i] == 0) {
+                q[i] = 0;
+                if (i < faults[1]) faults[1] = i;
+                faults[0] = 0;
+            } else {
+                q[i] = a[i] / b[i];
+            }
+        }
+        return SUCCESS;
+    }
     const float *a = (const float *)(uintptr_t)n->a, *b = (const float *)(uintptr_t)n->b;
     float *c = (float *)(uintptr_t)n->c;
     for (unsigned i = 0; i < n->grid * n->block && i < N; i++) c[i] = n->f->op == ADD ? a[i] + b[i] : a[i] * b[i];
@@ -285,6 +301,7 @@ CUresult cuModuleLoadDataEx(void **module, const void *image, unsigned n, int *o
         for (uint64_t i = 0; i + 10 <= end; i++) {
             if (memcmp(text + i, ".text.add", 10) == 0) m->ops[ADD] = 1;
             if (memcmp(text + i, ".text.mul", 10) == 0) m->ops[MUL] = 1;
+            if (memcmp(text + i, ".text.div", 10) == 0) m->ops[DIV] = 1;
         }
         *module = m;
         return SUCCESS;
@@ -296,6 +313,7 @@ CUresult cuModuleLoadDataEx(void **module, const void *image, unsigned n, int *o
     }
     m->ops[ADD] = strstr(text, ".entry add(") != NULL;
     m->ops[MUL] = strstr(text, ".entry mul(") != NULL;
+    m->ops[DIV] = strstr(text, ".entry div(") != NULL;
     *module = m;
     return SUCCESS;
 }
@@ -305,6 +323,7 @@ CUresult cuModuleGetFunction(void **f, void *module, const char *name) {
     if (!m) return INVALID_HANDLE;
     if (strcmp(name, "add") == 0 && m->ops[ADD]) *f = &functions[ADD];
     else if (strcmp(name, "mul") == 0 && m->ops[MUL]) *f = &functions[MUL];
+    else if (strcmp(name, "div") == 0 && m->ops[DIV]) *f = &functions[DIV];
     else return NOT_FOUND;
     return SUCCESS;
 }
@@ -323,8 +342,12 @@ CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned
     NEED_CONTEXT();
     if (!f || !s || !params || extra != NULL || shared != 0) return INVALID_VALUE;
     if (gy != 1 || gz != 1 || by != 1 || bz != 1 || (uint64_t)gx * bx < N) return INVALID_VALUE;
-    struct node n = { f, *(CUdeviceptr *)params[0], *(CUdeviceptr *)params[1], *(CUdeviceptr *)params[2], gx, bx };
+    struct node n = { f, *(CUdeviceptr *)params[0], *(CUdeviceptr *)params[1], *(CUdeviceptr *)params[2], 0, gx, bx };
     if (!inside(n.a, 4 * N) || !inside(n.b, 4 * N) || !inside(n.c, 4 * N)) return INVALID_VALUE;
+    if (n.f->op == DIV) {
+        n.faults = *(CUdeviceptr *)params[3];
+        if (!inside(n.faults, 8)) return INVALID_VALUE;
+    }
     if (((struct stream *)s)->capturing) {
         if (!capture_into || capture_into->count == MAX_NODES) return INVALID_VALUE;
         capture_into->nodes[capture_into->count++] = n;

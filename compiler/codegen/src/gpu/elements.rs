@@ -6,7 +6,7 @@
 use super::plan::GpuPlan;
 use super::skeleton::{module, open_below, unravel, workgroup_number};
 use super::{GpuCtx, GpuKernel};
-use crate::kernels::elementwise::{coalesce, eval, store, Ctx};
+use crate::kernels::elementwise::{coalesce, eval, store, Ctx, FaultSlot};
 use crate::kernels::View;
 use crate::mlir_text::Body;
 use crate::CodegenError;
@@ -48,13 +48,15 @@ pub(crate) fn per_element(
 }
 
 /// The fused elementwise kernel for `expr` over `inputs` (views at the output's shape) into
-/// `out`. Axes every view walks in the same order are merged first, so an invocation finds its
+/// `out`, with `slot` (the fault words) as its last argument when `expr` holds a fault site.
+/// Axes every view walks in the same order are merged first, so an invocation finds its
 /// operands with as few divisions as the layouts allow.
 pub fn emit_elementwise(
     symbol: &str,
     expr: &Expr,
     inputs: &[View],
     out: &View,
+    slot: Option<&View>,
     cx: &GpuCtx,
 ) -> Result<GpuKernel, CodegenError> {
     let mut all: Vec<View> = inputs.to_vec();
@@ -68,13 +70,22 @@ pub fn emit_elementwise(
     let idx = unravel(&mut b, &i, &merged);
     let at: Vec<String> = views.iter().map(|v| v.index_expr(&mut b, &idx)).collect();
     let args: Vec<String> = (0..views.len()).map(|k| format!("%a{k}")).collect();
-    let mut ctx =
-        Ctx { inputs: &views[..views.len() - 1], args: &args, idx: &at, lin: &i, out_shape: &out.shape };
+    let slot_arg = format!("%a{}", views.len());
+    let fault = slot.map(|v| FaultSlot { arg: &slot_arg, memref: v.memref() });
+    let mut ctx = Ctx {
+        inputs: &views[..views.len() - 1],
+        args: &args,
+        idx: &at,
+        lin: &i,
+        out_shape: &out.shape,
+        fault,
+    };
     let (value, _) = eval(&mut b, &mut ctx, expr)?;
     let o = views.len() - 1;
     store(&mut b, &value, &args[o], &views[o], &at[o]);
     b.close("");
-    let memrefs: Vec<String> = all.iter().map(View::memref).collect();
+    let mut memrefs: Vec<String> = all.iter().map(View::memref).collect();
+    memrefs.extend(slot.map(View::memref));
     let flops = (count * expr.op_count().max(1)) as u64;
     let bytes = all.iter().map(|v| v.numel() * v.dtype.size_bytes()).sum::<usize>() as u64;
     Ok(GpuKernel { symbol: symbol.into(), mlir: module(symbol, &memrefs, &plan, b), plan, flops, bytes })

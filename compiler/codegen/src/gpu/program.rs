@@ -8,7 +8,7 @@ use super::elements::{emit_elementwise, per_element};
 use super::{attention, matmul, rows, GpuCaps, GpuCtx, GpuKernel};
 use crate::kernels::{conv, data, reduce, View};
 use crate::mlir_text::Split;
-use crate::program::{bad, broadcast, matmul_views, plain};
+use crate::program::{bad, broadcast, fault_slot, matmul_views, plain};
 use crate::CodegenError;
 use kiln_ir::{Activation, BinaryOp, DType, NormKind, Op, ReduceOp, UnaryOp};
 use kiln_sched::{Expr, KernelOp, Schedule};
@@ -112,6 +112,10 @@ fn check_limits(
         bindings += split.pieces();
         splits.push((j, split));
     }
+    // The fault words, a binding of their own.
+    if k.can_fault() {
+        bindings += 1;
+    }
     if bindings > caps.max_bindings {
         return Err(CodegenError::Unsupported(format!(
             "a kernel of {bindings} bindings on the {} target, which binds at most {}",
@@ -125,7 +129,7 @@ fn check_limits(
 fn f64_transcendental(e: &Expr) -> Option<&'static str> {
     match e {
         Expr::Operand(_) | Expr::Scalar { .. } | Expr::Iota { .. } | Expr::Random { .. } => None,
-        Expr::Apply { op, args, dtype } => {
+        Expr::Apply { op, args, dtype, .. } => {
             let here = match (op, dtype) {
                 (Op::Unary(u), DType::F64) => match u {
                     UnaryOp::Exp
@@ -172,7 +176,8 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, cx: &GpuCtx) -> Result<GpuKernel
                 no_f64(what, DType::F64, caps)?;
             }
             let inputs: Vec<View> = ins.iter().map(|o| plain(s, o)).collect();
-            return emit_elementwise(sym, expr, &inputs, &out, cx);
+            let slot = fault_slot(s, k)?;
+            return emit_elementwise(sym, expr, &inputs, &out, slot.as_ref(), cx);
         }
         KernelOp::Node(op) => op,
     };

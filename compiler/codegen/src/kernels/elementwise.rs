@@ -5,6 +5,11 @@
 //! vectorizes; the math helpers of [`crate::mlir_text`] are plain arithmetic, so `exp`, `erf`
 //! and `tanh` vectorize too. Values are computed in registers in their own type, except f16
 //! and bf16, which are computed in f32 and rounded after every op (as the interpreter does).
+//!
+//! An integer division whose divisor can be zero is a fault site (`kiln_sched::Faults`): it
+//! still gives 0 there, and records the fault in the slot the kernel then takes as its last
+//! argument (atomic unsigned minimums of the site and of the element, in a branch taken only
+//! on a zero divisor). Kernels without a site are unchanged.
 
 use super::View;
 use crate::mlir_text::Body;
@@ -118,8 +123,15 @@ pub(crate) fn coalesce(views: &[View]) -> Vec<View> {
 }
 
 /// Emits the kernel for `expr` over `inputs` (broadcast to the output's shape) into `out`.
-/// Arguments: the inputs in order, then the output.
-pub fn emit(symbol: &str, expr: &Expr, inputs: &[View], out: &View) -> Result<Kernel, CodegenError> {
+/// Arguments: the inputs in order, then the output, then `slot` (the schedule's fault words)
+/// when `expr` holds a fault site.
+pub fn emit(
+    symbol: &str,
+    expr: &Expr,
+    inputs: &[View],
+    out: &View,
+    slot: Option<&View>,
+) -> Result<Kernel, CodegenError> {
     let positional = matches!(expr, Expr::Iota { .. });
     let mut all: Vec<View> = inputs.to_vec();
     all.push(out.clone());
@@ -194,8 +206,16 @@ pub fn emit(symbol: &str, expr: &Expr, inputs: &[View], out: &View) -> Result<Ke
         })
         .collect();
     let lin = b.assign(format!("arith.addi {lin0}, %j : index"));
-    let mut ctx =
-        Ctx { inputs: &views[..views.len() - 1], args: &args, idx: &idx, lin: &lin, out_shape: &out.shape };
+    let slot_arg = format!("%a{}", views.len());
+    let fault = slot.map(|v| FaultSlot { arg: &slot_arg, memref: v.memref() });
+    let mut ctx = Ctx {
+        inputs: &views[..views.len() - 1],
+        args: &args,
+        idx: &idx,
+        lin: &lin,
+        out_shape: &out.shape,
+        fault,
+    };
     let value = eval(&mut b, &mut ctx, expr)?;
     let o = views.len() - 1;
     store(&mut b, &value.0, &args[o], &views[o], &idx[o]);
@@ -203,7 +223,11 @@ pub fn emit(symbol: &str, expr: &Expr, inputs: &[View], out: &View) -> Result<Ke
     b.close("");
     b.line("return");
 
-    let params: Vec<String> = views.iter().zip(&args).map(|(v, a)| format!("{a}: {}", v.memref())).collect();
+    let mut params: Vec<String> =
+        views.iter().zip(&args).map(|(v, a)| format!("{a}: {}", v.memref())).collect();
+    if let Some(v) = slot {
+        params.push(format!("{slot_arg}: {}", v.memref()));
+    }
     let mlir = format!(
         "func.func @{symbol}({}, %begin: index, %end: index) {{\n{}}}\n",
         params.join(", "),
@@ -223,6 +247,57 @@ pub(crate) struct Ctx<'a> {
     /// Row-major position of the element in the output.
     pub lin: &'a str,
     pub out_shape: &'a [usize],
+    /// Where fault sites record, when the kernel has any.
+    pub fault: Option<FaultSlot<'a>>,
+}
+
+/// The fault words a kernel with fault sites takes as its last argument.
+pub(crate) struct FaultSlot<'a> {
+    /// The argument's SSA name.
+    pub arg: &'a str,
+    /// Its type (`memref<Nxi32>`).
+    pub memref: String,
+}
+
+/// Records a fault at `site` for the current element when `divisor` (of register type `ty`)
+/// is zero: word `1 + site` keeps the lowest faulting element, word 0 the lowest faulting
+/// site (see `kiln_sched::Faults`).
+fn record_zero_divisor(
+    b: &mut Body,
+    c: &Ctx,
+    site: usize,
+    divisor: &str,
+    ty: &str,
+) -> Result<(), CodegenError> {
+    let slot = c.fault.as_ref().ok_or_else(|| {
+        CodegenError::Unsupported("an elementwise kernel with a fault site but no fault slot".into())
+    })?;
+    let zero = b.int(0, ty);
+    let hit = b.assign(format!("arith.cmpi eq, {divisor}, {zero} : {ty}"));
+    b.open(format!("scf.if {hit}"));
+    // GPU indices are 32 bits already; a CPU element past u32::MAX is saturated (the runtime
+    // then reports no element).
+    let lin = match b.gpu() {
+        Some(_) => c.lin.to_string(),
+        None => {
+            let max = b.index(u32::MAX as usize);
+            b.assign(format!("arith.minui {}, {max} : index", c.lin))
+        }
+    };
+    let element = b.assign(format!("arith.index_cast {lin} : index to i32"));
+    let word = b.index(1 + site);
+    b.assign(format!(
+        "memref.atomic_rmw minu {element}, {}[{word}] : (i32, {}) -> i32",
+        slot.arg, slot.memref
+    ));
+    let number = b.int(site as i64, "i32");
+    let first = b.index(0);
+    b.assign(format!(
+        "memref.atomic_rmw minu {number}, {}[{first}] : (i32, {}) -> i32",
+        slot.arg, slot.memref
+    ));
+    b.close("");
+    Ok(())
 }
 
 /// Evaluates `e` for the current element; returns the register value and its dtype.
@@ -263,10 +338,13 @@ pub(crate) fn eval(b: &mut Body, c: &mut Ctx, e: &Expr) -> Result<(String, DType
             };
             (v, *dtype)
         }
-        Expr::Apply { op, args, dtype } => {
+        Expr::Apply { op, args, dtype, fault } => {
             let mut vals = Vec::with_capacity(args.len());
             for a in args {
                 vals.push(eval(b, c, a)?);
+            }
+            if let (Some(site), Some((divisor, d))) = (fault, vals.get(1)) {
+                record_zero_divisor(b, c, *site, divisor, reg_type(*d))?;
             }
             (apply(b, op, &vals, *dtype)?, *dtype)
         }
@@ -425,8 +503,9 @@ fn apply(b: &mut Body, op: &Op, vals: &[(String, DType)], dtype: DType) -> Resul
                     BinaryOp::Sub => b.assign(format!("arith.subi {x}, {y} : {ty}")),
                     BinaryOp::Mul => b.assign(format!("arith.muli {x}, {y} : {ty}")),
                     BinaryOp::Div => {
-                        // Never trap: a zero divisor gives 0 (the interpreter reports an error),
-                        // MIN / -1 wraps to MIN like `wrapping_div`.
+                        // Never trap: a zero divisor gives 0 (and is recorded at the op's fault
+                        // site, see `record_zero_divisor`), MIN / -1 wraps to MIN like
+                        // `wrapping_div`.
                         let zero = b.int(0, ty);
                         let one = b.int(1, ty);
                         let minus = b.int(-1, ty);

@@ -205,6 +205,10 @@ pub(crate) struct CudaBackend {
     inputs: Vec<(sys::CUdeviceptr, usize)>,
     outputs: Vec<(sys::CUdeviceptr, usize)>,
     launches: Vec<Launch>,
+    /// The fault words in the arena and their size, when a kernel can fault.
+    faults: Option<(sys::CUdeviceptr, usize)>,
+    /// The fault words as the last run left them.
+    fault_words: Vec<u32>,
     /// Whether plain runs replay the captured graph (false only when there is no step).
     graphed: bool,
     /// Set when a run failed half-way (e.g. an illegal address, which poisons the context):
@@ -334,12 +338,31 @@ impl CudaBackend {
         cu("cuStreamSynchronize", &label, unsafe { sys::cuStreamSynchronize(stream) })?;
         let graphed = capture(&mut owned, &launches, &label)?;
 
-        Ok(CudaBackend { owned, info: caps.info, label, inputs, outputs, launches, graphed, broken: None })
+        // `faults::check` placed the words inside the arena.
+        let faults = manifest.faults.as_ref().map(|f| (arena + f.offset, f.bytes() as usize));
+        let fault_words = vec![crate::faults::NONE; manifest.faults.as_ref().map_or(0, |f| f.words())];
+        Ok(CudaBackend {
+            owned,
+            info: caps.info,
+            label,
+            inputs,
+            outputs,
+            launches,
+            faults,
+            fault_words,
+            graphed,
+            broken: None,
+        })
     }
 
     /// The device.
     pub fn info(&self) -> &CudaDeviceInfo {
         &self.info
+    }
+
+    /// The fault words as the last run left them (empty when no kernel can fault).
+    pub fn fault_words(&self) -> &[u32] {
+        &self.fault_words
     }
 
     /// Copies the inputs in, replays the graph (or, with `times`, launches each step between
@@ -359,7 +382,9 @@ impl CudaBackend {
         }
         self.owned.make_current(&self.label)?;
         let timed = times.is_some();
-        let queued = self.queue(inputs, outputs, timed);
+        let mut words = std::mem::take(&mut self.fault_words);
+        let queued = self.queue(inputs, outputs, &mut words, timed);
+        self.fault_words = words;
         // Wait even when queueing failed half-way: copies into `outputs` may be in flight.
         // SAFETY: the stream is the model's own.
         let waited =
@@ -381,14 +406,22 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Queues the input copies, the steps and the output copies on the stream.
+    /// Queues the input copies, the fault words' fill, the steps, and the copies of the outputs
+    /// and of the fault words (into `fault_words`) on the stream.
     fn queue(
         &self,
         inputs: &[TensorRef],
         outputs: &mut [&mut [u8]],
+        fault_words: &mut [u32],
         timed: bool,
     ) -> Result<(), RuntimeError> {
         let (stream, label) = (self.owned.stream, self.label.as_str());
+        if let Some((pointer, bytes)) = self.faults {
+            // SAFETY: the words lie inside the model's arena; every byte 0xFF is `u32::MAX`,
+            // "no fault", in every word.
+            let result = unsafe { sys::cuMemsetD8Async(pointer, 0xFF, bytes, stream) };
+            cu("cuMemsetD8Async", label, result)?;
+        }
         for (input, &(pointer, bytes)) in inputs.iter().zip(&self.inputs) {
             debug_assert_eq!(input.bytes.len(), bytes);
             if bytes > 0 {
@@ -427,6 +460,14 @@ impl CudaBackend {
                     unsafe { sys::cuMemcpyDtoHAsync_v2(output.as_mut_ptr().cast(), pointer, bytes, stream) };
                 cu("cuMemcpyDtoHAsync", label, result)?;
             }
+        }
+        if let Some((pointer, bytes)) = self.faults {
+            debug_assert_eq!(fault_words.len() * 4, bytes);
+            // SAFETY: `fault_words` holds `bytes` bytes and stays borrowed until `execute` has
+            // synchronized the stream; the words lie inside the arena.
+            let result =
+                unsafe { sys::cuMemcpyDtoHAsync_v2(fault_words.as_mut_ptr().cast(), pointer, bytes, stream) };
+            cu("cuMemcpyDtoHAsync", label, result)?;
         }
         Ok(())
     }

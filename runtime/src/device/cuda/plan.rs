@@ -334,6 +334,7 @@ mod tests {
             modules: vec![ModuleRange { offset: 0, bytes: 56 }, ModuleRange { offset: 56, bytes: 12 }],
             state: Vec::new(),
             entries: Vec::new(),
+            faults: None,
             steps: vec![
                 step(
                     "k0 mul",

@@ -129,6 +129,10 @@ pub(crate) struct VulkanBackend {
     timing: Result<Timing, String>,
     fence: vk::Fence,
     steps: usize,
+    /// Where the run's copy of the fault words lies in the io buffer, when a kernel can fault.
+    faults: Option<u64>,
+    /// The fault words as the last run left them.
+    fault_words: Vec<u32>,
     /// Whether the weights went through a staging buffer.
     #[cfg(test)]
     staged: bool,
@@ -197,12 +201,19 @@ impl VulkanBackend {
 
         let storage = vk::BufferUsageFlags::STORAGE_BUFFER;
         let dst = vk::BufferUsageFlags::TRANSFER_DST;
-        let arena =
-            memory::buffer(&mut owned, &props, &label, plan.arena_size, storage | dst, Placement::Device)?;
+        let src = vk::BufferUsageFlags::TRANSFER_SRC;
+        let arena = memory::buffer(
+            &mut owned,
+            &props,
+            &label,
+            plan.arena_size,
+            storage | dst | src,
+            Placement::Device,
+        )?;
         let weights_placement = if force_staging { Placement::Device } else { Placement::DeviceMappable };
         let weight_buf =
             memory::buffer(&mut owned, &props, &label, plan.weights_size, storage | dst, weights_placement)?;
-        let io = memory::buffer(&mut owned, &props, &label, plan.io_size, storage, Placement::Host)?;
+        let io = memory::buffer(&mut owned, &props, &label, plan.io_size, storage | dst, Placement::Host)?;
         let io_map =
             io.mapped.ok_or_else(|| vk_err("vkMapMemory", &label, vk::Result::ERROR_MEMORY_MAP_FAILED))?;
 
@@ -235,7 +246,8 @@ impl VulkanBackend {
             owned.free(staging);
         }
 
-        record::record_run(&device, run_cb, &plan, &pipelines, &sets, None, &label)?;
+        let moved = (arena.buffer, io.buffer);
+        record::record_run(&device, run_cb, &plan, &pipelines, &sets, None, moved, &label)?;
         let timing = match caps.compute_queue {
             Some((_, bits)) if bits > 0 && caps.timestamp_period > 0.0 => {
                 let info = vk::QueryPoolCreateInfo::default()
@@ -245,7 +257,7 @@ impl VulkanBackend {
                 let pool = unsafe { device.create_query_pool(&info, None) }
                     .map_err(|e| vk_err("vkCreateQueryPool", &label, e))?;
                 owned.query_pools.push(pool);
-                record::record_run(&device, profile_cb, &plan, &pipelines, &sets, Some(pool), &label)?;
+                record::record_run(&device, profile_cb, &plan, &pipelines, &sets, Some(pool), moved, &label)?;
                 let mask = if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 };
                 Ok(Timing { cb: profile_cb, pool, period: f64::from(caps.timestamp_period), mask })
             }
@@ -268,6 +280,8 @@ impl VulkanBackend {
             timing,
             fence,
             steps: plan.steps.len(),
+            faults: plan.faults.map(|f| f.io),
+            fault_words: vec![crate::faults::NONE; plan.faults.map_or(0, |f| f.bytes as usize / 4)],
             broken: None,
         })
     }
@@ -275,6 +289,11 @@ impl VulkanBackend {
     /// The device.
     pub fn info(&self) -> &VulkanDeviceInfo {
         &self.info
+    }
+
+    /// The fault words as the last run left them (empty when no kernel can fault).
+    pub fn fault_words(&self) -> &[u32] {
+        &self.fault_words
     }
 
     /// Copies the inputs in, replays the recorded command buffer, copies the outputs out. With
@@ -315,6 +334,15 @@ impl VulkanBackend {
             // SAFETY: as for the inputs; the run's fence has signaled and its last barrier made
             // the shader writes visible to the host.
             unsafe { memory::read(self.io, offset, output) };
+        }
+        if let Some(offset) = self.faults {
+            let mut bytes = vec![0u8; self.fault_words.len() * 4];
+            // SAFETY: `plan` placed the words' copy at `offset` of the io buffer; the run's last
+            // barrier made the copy visible to the host.
+            unsafe { memory::read(self.io, offset, &mut bytes) };
+            for (word, b) in self.fault_words.iter_mut().zip(bytes.chunks_exact(4)) {
+                *word = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
         }
         if let (Some(times), Ok(timing)) = (times, &self.timing) {
             let mut ticks = vec![0u64; self.steps + 1];
@@ -393,6 +421,7 @@ mod tests {
             modules: vec![ModuleRange { offset: 0, bytes: spirv.len() as u64 }],
             state: Vec::new(),
             entries: Vec::new(),
+            faults: None,
             steps: vec![Step {
                 symbol: "mul".into(),
                 label: "k0 mul".into(),

@@ -63,6 +63,18 @@ pub(crate) struct Plan {
     pub inputs: Vec<(u64, u64)>,
     pub outputs: Vec<(u64, u64)>,
     pub io_size: u64,
+    /// The fault words, when a kernel can fault: filled at the start of each run, copied into
+    /// the io buffer at its end.
+    pub faults: Option<FaultWords>,
+}
+
+/// Where the fault words lie in the arena and where a run's copy of them lands in the io
+/// buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FaultWords {
+    pub arena: u64,
+    pub io: u64,
+    pub bytes: u64,
 }
 
 /// Slack after every buffer's last byte, so a range rounded up to 4 bytes (and at least 4, as
@@ -163,6 +175,14 @@ pub(crate) fn plan(
         let bytes = spec.byte_len().ok_or_else(|| too_big("outputs"))?;
         outputs.push((place(&mut io_end, bytes, "inputs and outputs")?, bytes));
     }
+    // The fault words' copy follows the outputs (`faults::check` placed them in the arena).
+    let faults = match &manifest.faults {
+        Some(f) => {
+            let bytes = f.bytes();
+            Some(FaultWords { arena: f.offset, io: place(&mut io_end, bytes, "inputs and outputs")?, bytes })
+        }
+        None => None,
+    };
 
     let mut pipelines: Vec<PipelineKey> = Vec::new();
     let mut pipeline_of: HashMap<(usize, String), usize> = HashMap::new();
@@ -319,6 +339,7 @@ pub(crate) fn plan(
         inputs,
         outputs,
         io_size: slack(io_end, "inputs and outputs")?,
+        faults,
     })
 }
 

@@ -1,12 +1,14 @@
 //! Command buffers, recorded once at load: the run (per step: bind pipeline, bind set, dispatch,
 //! barrier) and, when the queue has timestamps, the same run with a timestamp after each step.
-//! A run only submits one of them; nothing is recorded per run.
+//! A run only submits one of them; nothing is recorded per run. When a kernel can fault, the
+//! run also fills the fault words before the first step and copies them into the io buffer
+//! after the last, so the host reads them with the outputs.
 
 use ash::vk;
 
 use super::memory::Owned;
 use super::pipelines::Pipeline;
-use super::plan::Plan;
+use super::plan::{FaultWords, Plan};
 use super::vk_err;
 use crate::error::RuntimeError;
 
@@ -63,7 +65,9 @@ pub(crate) fn command_buffers(
 }
 
 /// Records the model's steps into `cb`; with `timestamps`, query 0 is written before the first
-/// step and query i + 1 after step i.
+/// step and query i + 1 after step i. `buffers` are the arena and the io buffer, between which
+/// the fault words move.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn record_run(
     device: &ash::Device,
     cb: vk::CommandBuffer,
@@ -71,6 +75,7 @@ pub(crate) fn record_run(
     pipelines: &[Pipeline],
     sets: &[vk::DescriptorSet],
     timestamps: Option<vk::QueryPool>,
+    buffers: (vk::Buffer, vk::Buffer),
     label: &str,
 ) -> Result<(), RuntimeError> {
     let begin = vk::CommandBufferBeginInfo::default();
@@ -81,6 +86,9 @@ pub(crate) fn record_run(
         if let Some(pool) = timestamps {
             device.cmd_reset_query_pool(cb, pool, 0, plan.steps.len() as u32 + 1);
             device.cmd_write_timestamp(cb, vk::PipelineStageFlags::TOP_OF_PIPE, pool, 0);
+        }
+        if let Some(words) = plan.faults {
+            clear_faults(device, cb, buffers.0, words);
         }
         for (i, (step, &set)) in plan.steps.iter().zip(sets).enumerate() {
             let pipeline = &pipelines[step.pipeline];
@@ -100,13 +108,17 @@ pub(crate) fn record_run(
                 device.cmd_write_timestamp(cb, vk::PipelineStageFlags::BOTTOM_OF_PIPE, pool, i as u32 + 1);
             }
         }
-        // The outputs are read by the host once the run's fence signals.
+        if let Some(words) = plan.faults {
+            copy_faults(device, cb, buffers, words);
+        }
+        // The outputs (and the fault words' copy) are read by the host once the run's fence
+        // signals.
         let to_host = vk::MemoryBarrier::default()
-            .src_access_mask(vk::AccessFlags::SHADER_WRITE)
+            .src_access_mask(vk::AccessFlags::SHADER_WRITE | vk::AccessFlags::TRANSFER_WRITE)
             .dst_access_mask(vk::AccessFlags::HOST_READ);
         device.cmd_pipeline_barrier(
             cb,
-            vk::PipelineStageFlags::COMPUTE_SHADER,
+            vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::TRANSFER,
             vk::PipelineStageFlags::HOST,
             vk::DependencyFlags::empty(),
             &[to_host],
@@ -115,6 +127,54 @@ pub(crate) fn record_run(
         );
         device.end_command_buffer(cb).map_err(|e| vk_err("vkEndCommandBuffer", label, e))
     }
+}
+
+/// Fills the fault words with "none" (`u32::MAX`) after the previous run's last reads and
+/// writes of them; the first step's barrier orders the fill before the kernels.
+///
+/// # Safety
+/// `cb` is recording and `arena` holds the words' range.
+unsafe fn clear_faults(device: &ash::Device, cb: vk::CommandBuffer, arena: vk::Buffer, words: FaultWords) {
+    let before = vk::MemoryBarrier::default()
+        .src_access_mask(vk::AccessFlags::SHADER_WRITE | vk::AccessFlags::TRANSFER_READ)
+        .dst_access_mask(vk::AccessFlags::TRANSFER_WRITE);
+    device.cmd_pipeline_barrier(
+        cb,
+        vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::TRANSFER,
+        vk::PipelineStageFlags::TRANSFER,
+        vk::DependencyFlags::empty(),
+        &[before],
+        &[],
+        &[],
+    );
+    device.cmd_fill_buffer(cb, arena, words.arena, words.bytes, crate::faults::NONE);
+}
+
+/// Copies the fault words from the arena into the io buffer once the last step has written
+/// them.
+///
+/// # Safety
+/// `cb` is recording; the arena and the io buffer hold the words' ranges.
+unsafe fn copy_faults(
+    device: &ash::Device,
+    cb: vk::CommandBuffer,
+    (arena, io): (vk::Buffer, vk::Buffer),
+    words: FaultWords,
+) {
+    let written = vk::MemoryBarrier::default()
+        .src_access_mask(vk::AccessFlags::SHADER_WRITE)
+        .dst_access_mask(vk::AccessFlags::TRANSFER_READ);
+    device.cmd_pipeline_barrier(
+        cb,
+        vk::PipelineStageFlags::COMPUTE_SHADER,
+        vk::PipelineStageFlags::TRANSFER,
+        vk::DependencyFlags::empty(),
+        &[written],
+        &[],
+        &[],
+    );
+    let region = vk::BufferCopy::default().src_offset(words.arena).dst_offset(words.io).size(words.bytes);
+    device.cmd_copy_buffer(cb, arena, io, &[region]);
 }
 
 /// Records the one-time upload: the weights from `staging` (when the weights' memory is not
