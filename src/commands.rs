@@ -143,6 +143,16 @@ pub fn inspect(
     gpu: GpuChoice,
 ) -> Result<(), Failure> {
     let GpuChoice { target, precision } = gpu;
+    if model.is_dir() || model.extension().is_some_and(|e| e == "kiln") {
+        // An artifact is shown as a whole: its target, entry points and state.
+        if stage != Stage::Ir || format != Format::Text || !set.is_empty() || target.is_some() {
+            return Err(Failure::Usage(
+                "an artifact is inspected as a whole: --stage, --format, --set and --target apply to a spec"
+                    .into(),
+            ));
+        }
+        return crate::native::inspect_artifact(model);
+    }
     let gpu_stage = matches!(stage, Stage::Gpu | Stage::Spirv | Stage::Nvvm | Stage::Ptx);
     if (target.is_some() || precision.is_some()) && !gpu_stage {
         return Err(Failure::Usage(

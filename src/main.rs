@@ -99,6 +99,10 @@ enum Command {
         /// Print each GPU kernel's plan (tiles, tensor cores or not, launch) and why.
         #[arg(long)]
         explain: bool,
+        /// Build a training artifact (CPU targets): entry points `forward` and `train_step`
+        /// over persistent parameters and optimizer state, from the spec's training section.
+        #[arg(long)]
+        train: bool,
         /// Parameters by checkpoint name (.safetensors); without it, parameters are initialized.
         #[arg(long, value_name = "FILE")]
         weights: Option<PathBuf>,
@@ -147,6 +151,10 @@ enum Command {
         /// Runs to time (the median is reported).
         #[arg(long, default_value_t = 10)]
         repeats: usize,
+        /// The artifact's entry point to run (`forward` by default; `train_step` in an artifact
+        /// built with `kiln compile --train`, each run one optimizer step).
+        #[arg(long, value_name = "NAME")]
+        entry: Option<String>,
         /// Write outputs: a .safetensors file, a .npy file (one output), or a folder.
         #[arg(short, long, value_name = "OUT")]
         output: Option<PathBuf>,
@@ -217,19 +225,29 @@ fn main() -> ExitCode {
             save_inputs,
             set,
         }),
-        Command::Compile { model, output, target, precision, explain, weights, init_missing, seed, set } => {
-            native::compile(&native::CompileArgs {
-                model,
-                output,
-                target,
-                precision,
-                explain,
-                weights,
-                init_missing,
-                seed,
-                set,
-            })
-        }
+        Command::Compile {
+            model,
+            output,
+            target,
+            precision,
+            explain,
+            train,
+            weights,
+            init_missing,
+            seed,
+            set,
+        } => native::compile(&native::CompileArgs {
+            model,
+            output,
+            target,
+            precision,
+            explain,
+            train,
+            weights,
+            init_missing,
+            seed,
+            set,
+        }),
         Command::Run {
             model,
             inputs,
@@ -241,6 +259,7 @@ fn main() -> ExitCode {
             device,
             profile,
             repeats,
+            entry,
             output,
         } => native::run(&native::RunArgs {
             model: model.unwrap_or_default(),
@@ -253,6 +272,7 @@ fn main() -> ExitCode {
             device,
             profile,
             repeats,
+            entry,
             output,
         }),
         Command::Train(args) => match train::train(&args) {

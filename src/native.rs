@@ -19,6 +19,8 @@ pub struct CompileArgs {
     pub target: String,
     pub precision: Option<String>,
     pub explain: bool,
+    /// Build the two entry points `forward` and `train_step` over persistent state.
+    pub train: bool,
     pub weights: Option<PathBuf>,
     pub init_missing: bool,
     pub seed: u64,
@@ -125,6 +127,51 @@ fn prepare(
     Ok((g, params))
 }
 
+/// The graphs of a training artifact, optimized, with their parameters bound: `forward` (the
+/// model, reading its parameters as state) and `train_step` (forward, loss, backward and the
+/// optimizer's update, with the parameters, optimizer state and step count as persistent
+/// state). Only weights that do not train are folded.
+pub(crate) fn prepare_train(
+    model: &Path,
+    set: &[String],
+    weights: Option<&Path>,
+    seed: u64,
+    init_missing: bool,
+) -> Result<(Entries, HashMap<String, Tensor>), Failure> {
+    let l = load(model, &with_seed(set, seed))?;
+    if l.training.is_none() {
+        return Err(user(format!(
+            "`kiln compile --train` builds a train step from the spec's training section, and {} has none",
+            model.display()
+        )));
+    }
+    refuse_empty_tensors(&l.graph)?;
+    let step = kiln_lower::train_step(&l).map_err(|e| user(e.to_string()))?;
+    let (mut forward, _) =
+        kiln_opt::optimize(&l.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
+    let (mut train, _) =
+        kiln_opt::optimize(&step.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
+    if train.node_ids().any(|n| matches!(train.node(n).op, kiln_ir::Op::RandomUniform { .. })) {
+        eprintln!(
+            "warning: the train step draws random numbers (dropout): their seed and offset are fixed when the spec is lowered, so every step draws the same ones (the artifact keeps no random-number offset in its state yet)"
+        );
+    }
+    let mut params = bind_params(&forward, weights, seed, init_missing)?;
+    let state_err = |e: kiln_ir::StateError| user(format!("declaring the training state: {e}"));
+    kiln_lower::declare_forward_state(&mut forward).map_err(state_err)?;
+    kiln_lower::declare_train_state(&mut train, &step.optimizer).map_err(state_err)?;
+    for g in [&mut forward, &mut train] {
+        kiln_ir::fold_weights(g, &mut params).map_err(|e| user(format!("folding weights: {e}")))?;
+    }
+    Ok((vec![(kiln_runtime::FORWARD_ENTRY, forward), (TRAIN_ENTRY, train)], params))
+}
+
+/// An artifact's entry points by name, one graph each, `forward` first.
+pub(crate) type Entries = Vec<(&'static str, Graph)>;
+
+/// The entry point of a training artifact that runs one optimizer step.
+pub(crate) const TRAIN_ENTRY: &str = "train_step";
+
 /// Refuses a graph with a tensor of zero elements (`--set batch=0`) before native code is
 /// generated: the kernel emitters and the runtime do not handle empty tensors yet (a matmul
 /// emitter asserts, a convolution kernel reads out of bounds). The interpreter does, so the
@@ -151,7 +198,7 @@ pub(crate) fn refuse_empty_tensors(g: &Graph) -> Result<(), Failure> {
 
 /// What building an artifact reports: its manifest, the time each part took, and for a GPU
 /// target each distinct kernel's plan (`kiln compile --explain`).
-struct BuildReport {
+pub(crate) struct BuildReport {
     manifest: kiln_runtime::Manifest,
     plans: Vec<(String, String)>,
     emit: std::time::Duration,
@@ -170,17 +217,48 @@ impl BuildReport {
     }
 }
 
-/// Schedules and compiles `g` for `target` into the artifact directory `out`.
+/// Schedules and compiles the entry points `entries` (`forward` first; one graph each) for
+/// `target` into the artifact directory `out`. Several entry points share one arena and the
+/// union of their state, on a CPU target only.
 fn build(
-    g: &Graph,
+    entries: &[(&str, Graph)],
     params: &HashMap<String, Tensor>,
     target: &CompileTarget,
     out: &Path,
 ) -> Result<BuildReport, Failure> {
+    let g = match entries {
+        [(_, g)] => g,
+        _ => match target {
+            CompileTarget::Cpu(_) => &entries[0].1,
+            CompileTarget::Vulkan(_) | CompileTarget::Cuda(_) => {
+                return Err(user(
+                    "a training artifact (--train) is built for CPU targets only: the GPU targets keep no state between runs yet",
+                ))
+            }
+        },
+    };
     match target {
         CompileTarget::Cpu(cpu) => {
-            let s = kiln_sched::schedule(g).map_err(|e| user(e.to_string()))?;
-            let b = kiln_codegen::build_artifact(&g.name, &s, params, cpu, out)
+            // The state of every entry point, each variable once, in the order first declared.
+            let mut state: Vec<kiln_ir::StateVar> = Vec::new();
+            for (_, e) in entries {
+                for v in &e.state {
+                    if !state.iter().any(|s| s.name == v.name) {
+                        state.push(v.clone());
+                    }
+                }
+            }
+            let layout = kiln_sched::state_layout(&state, kiln_sched::ALIGN);
+            let schedules = entries
+                .iter()
+                .map(|(name, e)| {
+                    kiln_sched::schedule_with_state(e, kiln_sched::ALIGN, &layout)
+                        .map(|s| (*name, s))
+                        .map_err(|e| user(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, Failure>>()?;
+            let refs: Vec<(&str, &kiln_sched::Schedule)> = schedules.iter().map(|(n, s)| (*n, s)).collect();
+            let b = kiln_codegen::build_entries(&g.name, &refs, params, cpu, out)
                 .map_err(|e| user(e.to_string()))?;
             Ok(BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time))
         }
@@ -208,8 +286,8 @@ fn build(
 /// fresh sibling directory, then moved into place; an artifact already there is moved aside
 /// first and deleted after. A process that has the old artifact loaded keeps running on it
 /// (its mapped files are unlinked, not rewritten), and a failed build leaves it as it was.
-fn build_in_place(
-    g: &Graph,
+pub(crate) fn build_in_place(
+    entries: &[(&str, Graph)],
     params: &HashMap<String, Tensor>,
     target: &CompileTarget,
     out: &Path,
@@ -243,7 +321,7 @@ fn build_in_place(
         .prefix(&format!(".{}.", name.to_string_lossy()))
         .tempdir_in(&parent)
         .map_err(|e| user(format!("cannot create a directory beside {}: {e}", out.display())))?;
-    let report = build(g, params, target, staging.path())?;
+    let report = build(entries, params, target, staging.path())?;
     let old = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
     let had_old = out.exists();
     if had_old {
@@ -271,9 +349,20 @@ fn build_in_place(
 pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
     let target = with_precision(target_by_name(&a.target)?, a.precision.as_deref())?;
     let start = Instant::now();
-    let (g, params) = prepare(&a.model, &a.set, a.weights.as_deref(), a.seed, a.init_missing)?;
+    if a.train && !matches!(target, CompileTarget::Cpu(_)) {
+        return Err(Failure::Usage(format!(
+            "--train builds a CPU artifact (host, x86_64, aarch64): the {} target keeps no state between runs yet",
+            a.target
+        )));
+    }
+    let (entries, params) = if a.train {
+        prepare_train(&a.model, &a.set, a.weights.as_deref(), a.seed, a.init_missing)?
+    } else {
+        let (g, params) = prepare(&a.model, &a.set, a.weights.as_deref(), a.seed, a.init_missing)?;
+        (vec![(kiln_runtime::FORWARD_ENTRY, g)], params)
+    };
     let front = start.elapsed();
-    let built = build_in_place(&g, &params, &target, &a.output)?;
+    let built = build_in_place(&entries, &params, &target, &a.output)?;
     let m = &built.manifest;
     let (name, lowering) = match &target {
         CompileTarget::Cpu(cpu) => (format!("{} ({})", cpu.name(), cpu.cpu()), "MLIR+LLVM"),
@@ -287,9 +376,20 @@ pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
         "compiled `{}` for {name} into {}: {} kernels, arena {}",
         m.model,
         a.output.display(),
-        m.steps.len(),
+        m.steps.len() + m.entries.iter().map(|e| e.steps.len()).sum::<usize>(),
         bytes(m.arena_bytes)
     );
+    if !m.entries.is_empty() || !m.state.is_empty() {
+        let entries: Vec<String> =
+            m.entry_views().iter().map(|e| format!("{} ({} kernels)", e.name, e.steps.len())).collect();
+        let state_bytes: u64 = m.state.iter().filter_map(|s| s.byte_len()).sum();
+        println!(
+            "entry points: {}; state: {} tensors, {}",
+            entries.join(", "),
+            m.state.len(),
+            bytes(state_bytes)
+        );
+    }
     if a.explain {
         explain(&target, &built);
     }
@@ -325,6 +425,48 @@ fn explain(target: &CompileTarget, built: &BuildReport) {
     }
 }
 
+/// `kiln inspect M.kiln`: the artifact's target, its entry points with their inputs, outputs
+/// and kernel counts, and its persistent state, from the manifest alone (nothing is loaded).
+pub(crate) fn inspect_artifact(dir: &Path) -> Result<(), Failure> {
+    let path = dir.join(kiln_runtime::MANIFEST_FILE);
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| user(format!("cannot read {}: {e}", path.display())))?;
+    let body = kiln_runtime::Manifest::split_digest(&text).map_err(|e| user(e.to_string()))?;
+    let m = kiln_runtime::Manifest::from_ron(body).map_err(|e| user(e.to_string()))?;
+    let shape = |dtype: kiln_runtime::DType, shape: &[u64]| {
+        let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
+        format!("{dtype}[{}]", dims.join(", "))
+    };
+    println!(
+        "artifact `{}` for {}, format {}, arena {}",
+        m.model,
+        m.target.describe(),
+        m.format_version,
+        bytes(m.arena_bytes)
+    );
+    for e in m.entry_views() {
+        println!("entry {}: {} kernels", e.name, e.steps.len());
+        for t in e.inputs {
+            println!("  input {}: {}", t.name, shape(t.dtype, &t.shape));
+        }
+        for t in e.outputs {
+            println!("  output {}: {}", t.name, shape(t.dtype, &t.shape));
+        }
+    }
+    if !m.state.is_empty() {
+        let total: u64 = m.state.iter().filter_map(|s| s.byte_len()).sum();
+        println!("state: {} tensors, {}", m.state.len(), bytes(total));
+        for s in &m.state {
+            let init = match &s.init {
+                kiln_runtime::StateInit::Zeros => "zeros".to_string(),
+                kiln_runtime::StateInit::Weight { name } => format!("from weight {name}"),
+            };
+            println!("  {}: {} at arena offset {}, {init}", s.name, shape(s.dtype, &s.shape), s.offset);
+        }
+    }
+    Ok(())
+}
+
 fn bytes(n: u64) -> String {
     match n {
         n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
@@ -344,6 +486,8 @@ pub struct RunArgs {
     pub device: Option<String>,
     pub profile: bool,
     pub repeats: usize,
+    /// The entry point to run (`forward` when `None`).
+    pub entry: Option<String>,
     pub output: Option<PathBuf>,
 }
 
@@ -374,6 +518,15 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
     if is_artifact {
         ignored_by_artifact(a)?;
     }
+    let entry = a.entry.as_deref().unwrap_or(kiln_runtime::FORWARD_ENTRY);
+    if !is_artifact && entry != kiln_runtime::FORWARD_ENTRY {
+        return Err(Failure::Usage(format!(
+            "--entry {entry} runs an entry point of an artifact: build one with `kiln compile --train -o M.kiln` first"
+        )));
+    }
+    if a.profile && entry != kiln_runtime::FORWARD_ENTRY {
+        return Err(Failure::Usage("--profile times the `forward` entry point only".into()));
+    }
     // A model spec is compiled for this machine into a private directory first.
     let _scratch;
     let (mut model, graph) = if is_artifact {
@@ -392,23 +545,30 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
             }
             _ => CompileTarget::Cpu(CpuTarget::host()),
         };
-        build(&g, &params, &target, dir.path())?;
+        let entries = [(kiln_runtime::FORWARD_ENTRY, g)];
+        build(&entries, &params, &target, dir.path())?;
+        let [(_, g)] = entries;
         eprintln!("compiled in {:.0} ms", start.elapsed().as_secs_f64() * 1e3);
         let m = Model::load_with(dir.path(), &options).map_err(|e| user(e.to_string()))?;
         _scratch = dir;
         (m, Some(g))
     };
-    let specs: Vec<(String, DType, Vec<usize>)> = model
-        .inputs()
+    let entry_inputs = model.entry_inputs(entry).map_err(|e| user(e.to_string()))?.to_vec();
+    let entry_bounds: Vec<Option<u64>> = model
+        .manifest()
+        .entry_views()
+        .iter()
+        .find(|e| e.name == entry)
+        .map(|e| e.index_bounds.to_vec())
+        .unwrap_or_default();
+    let specs: Vec<(String, DType, Vec<usize>)> = entry_inputs
         .iter()
         .map(|t| (t.name.clone(), ir_dtype(t.dtype), t.shape.iter().map(|&d| d as usize).collect()))
         .collect();
     // Stand-ins for missing inputs: the artifact says which index a table, and how far.
     let bounds: Vec<Option<usize>> = match &graph {
         Some(g) => specs.iter().map(|(name, _, _)| kiln_ir::index_bound(g, name)).collect(),
-        None => {
-            model.manifest().index_bounds.iter().map(|b| b.and_then(|b| usize::try_from(b).ok())).collect()
-        }
+        None => entry_bounds.iter().map(|b| b.and_then(|b| usize::try_from(b).ok())).collect(),
     };
     let inputs = fill_inputs(&bounds, &specs, &a.inputs, a.seed)?;
     let owned: Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> = specs
@@ -439,7 +599,7 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
         let mut outputs = Vec::new();
         for _ in 0..repeats {
             let start = Instant::now();
-            outputs = model.run(&refs).map_err(|e| user(e.to_string()))?;
+            outputs = model.run_entry(entry, &refs).map_err(|e| user(e.to_string()))?;
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
         times.sort_by(f64::total_cmp);
@@ -559,6 +719,6 @@ pub(crate) fn compile_graph(g: &Graph, device: Option<&str>, out: &Path) -> Resu
         Some(d) if d == "cuda" || d.starts_with("cuda:") => CompileTarget::Cuda(cuda_target(&arch_for(d))?),
         _ => CompileTarget::Cpu(CpuTarget::host()),
     };
-    build(&g, &HashMap::new(), &target, out)?;
+    build(&[(kiln_runtime::FORWARD_ENTRY, g)], &HashMap::new(), &target, out)?;
     Ok(())
 }

@@ -1767,6 +1767,9 @@ const CLI_WORDS: &[&str] = &[
     "--origins",
     "--weights",
     "--init-missing",
+    "--train",
+    "--entry",
+    "train_step",
 ];
 
 proptest! {
@@ -1951,6 +1954,412 @@ fn a_train_step_compiles_like_the_interpreter() {
     }
     if available(Device::Cuda, "a train step on CUDA") {
         check_graph(&optimized(&step.graph), 5, 1e-4, Device::Cuda);
+    }
+}
+
+// --------------------------------------------------------------------------- persistent state
+
+/// `models/mlp.ron` at small sizes with its training section's optimizer replaced by
+/// `optimizer` and no schedule, written into `dir`; returns its path and the `--set` overrides.
+fn small_mlp(dir: &Path, optimizer: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mlp.ron")).unwrap();
+    let start = text.find("        optimizer:").expect("mlp.ron has an optimizer line");
+    let end = text[start..].find("    ),\n)").map(|e| start + e).expect("mlp.ron ends its training section");
+    let text = format!("{}        optimizer: {optimizer},\n{}", &text[..start], &text[end..]);
+    let path = dir.join("mlp.ron");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const SMALL_MLP: [&str; 6] = ["batch=8", "in=12", "hidden1=16", "hidden2=16", "classes=4", "seed=0"];
+
+/// Runs the `kiln` binary; returns (exit code, stdout, stderr).
+fn kiln_cli(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("run kiln");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+/// `kiln compile SPEC --train` at the small sizes into `out`.
+fn compile_train(spec: &Path, out: &Path) {
+    let (spec, out) = (spec.to_str().unwrap(), out.to_str().unwrap());
+    let mut args = vec!["compile", spec, "--train", "-o", out];
+    for s in &SMALL_MLP[..5] {
+        args.extend(["--set", s]);
+    }
+    let (code, stdout, stderr) = kiln_cli(&args);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("entry points: forward ("), "{stdout}");
+}
+
+/// The spec lowered as `kiln compile` lowers it (its overrides and the seed).
+fn lowered(spec: &Path) -> kiln_lower::Lowered {
+    let overrides: Vec<_> = SMALL_MLP.iter().map(|s| kiln_lower::Override::parse(s).unwrap()).collect();
+    let (sources, r) = kiln_lower::load(spec, &overrides);
+    r.unwrap_or_else(|d| panic!("{}", d.render(&sources)))
+}
+
+/// The runtime's tensors for `inputs`, in the order `specs` lists them.
+fn runtime_inputs(
+    specs: &[kiln_runtime::TensorSpec],
+    inputs: &HashMap<String, Tensor>,
+) -> Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> {
+    specs
+        .iter()
+        .map(|s| (s.name.clone(), s.dtype, s.shape.clone(), inputs[&s.name].data.to_le_bytes()))
+        .collect()
+}
+
+fn refs(owned: &[(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)]) -> Vec<TensorRef<'_>> {
+    owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect()
+}
+
+fn f32_values(t: &kiln_runtime::Tensor) -> Vec<f64> {
+    t.as_f32().unwrap_or_else(|| panic!("{} is f32", t.name())).iter().map(|&x| x as f64).collect()
+}
+
+fn assert_close(what: &str, want: &[f64], got: &[f64], tol: f64) {
+    assert_eq!(want.len(), got.len(), "{what}: length");
+    for (i, (a, b)) in want.iter().zip(got).enumerate() {
+        assert!(
+            a == b || (a - b).abs() <= tol * (1.0 + a.abs()),
+            "{what}[{i}]: interpreter {a}, compiled {b}"
+        );
+    }
+}
+
+/// N train steps of the compiled training artifact (`kiln compile --train`, state updated in
+/// place in its arena) against N interpreter steps of the stateful train-step graph, for Adam
+/// and SGD with momentum: every step's loss and learning rate, then every state tensor, within
+/// 1e-5·(1 + |ref|); then `forward` computes with the trained parameters.
+#[test]
+fn a_training_artifact_trains_like_the_interpreter() {
+    for optimizer in ["Adam(lr: 0.01)", "Sgd(lr: 0.1, momentum: 0.9)"] {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = small_mlp(dir.path(), optimizer);
+        let artifact = dir.path().join("mlp.kiln");
+        compile_train(&spec, &artifact);
+        let l = lowered(&spec);
+        let step = kiln_lower::train_step(&l).unwrap();
+        let mut g = step.graph.clone();
+        kiln_lower::declare_train_state(&mut g, &step.optimizer).unwrap();
+        let params = kiln_ir::bind_params(&l.graph, None, 0, false).unwrap();
+        let mut state = kiln_ir::initial_state(&g, &params).unwrap();
+
+        let mut model =
+            Model::load_with(&artifact, &Options { threads: Some(2), ..Options::default() }).unwrap();
+        assert_eq!(model.entries(), ["forward", "train_step"]);
+        let mut names = model.state_names();
+        names.sort();
+        let mut want_names: Vec<String> = state.keys().cloned().collect();
+        want_names.sort();
+        assert_eq!(names, want_names, "{optimizer}");
+        for k in 0..4 {
+            let inputs = kiln_ir::seeded_inputs(&g, 10 + k);
+            let want = kiln_ir::eval_step(&g, inputs.clone(), &HashMap::new(), &mut state).unwrap();
+            let owned = runtime_inputs(model.entry_inputs("train_step").unwrap(), &inputs);
+            let got = model.run_entry("train_step", &refs(&owned)).unwrap();
+            assert_eq!(got.len(), want.len());
+            for ((name, w), t) in want.iter().zip(&got) {
+                assert_eq!(name, t.name());
+                assert_close(
+                    &format!("{optimizer} step {k} `{name}`"),
+                    &w.to_f64_vec(),
+                    &f32_values(t),
+                    1e-5,
+                );
+            }
+        }
+        for (name, value) in &state {
+            let got = model.read_state(name).unwrap();
+            assert_close(
+                &format!("{optimizer} state `{name}`"),
+                &value.to_f64_vec(),
+                &f32_values(&got),
+                1e-5,
+            );
+        }
+        assert_eq!(model.read_state("optim.step").unwrap().as_f32().unwrap(), [4.0]);
+
+        // `forward` reads the trained parameters, which moved the outputs.
+        let x = kiln_ir::seeded_inputs(&l.graph, 99);
+        let trained: HashMap<String, Tensor> =
+            params.keys().map(|name| (name.clone(), state[name].clone())).collect();
+        let want =
+            kiln_ir::eval(&l.graph, &kiln_ir::Bindings { inputs: x.clone(), params: trained }).unwrap();
+        let before =
+            kiln_ir::eval(&l.graph, &kiln_ir::Bindings { inputs: x.clone(), params: params.clone() })
+                .unwrap();
+        let owned = runtime_inputs(model.entry_inputs("forward").unwrap(), &x);
+        let got = model.run_entry("forward", &refs(&owned)).unwrap();
+        for (((name, w), t), (_, b)) in want.iter().zip(&got).zip(&before) {
+            assert_close(
+                &format!("{optimizer} trained forward `{name}`"),
+                &w.to_f64_vec(),
+                &f32_values(t),
+                1e-5,
+            );
+            let moved = w.to_f64_vec().iter().zip(b.to_f64_vec()).any(|(a, b)| (a - b).abs() > 1e-3);
+            assert!(moved, "{optimizer}: training did not move `{name}`");
+        }
+        // `run` is `forward`.
+        assert_eq!(model.run(&refs(&owned)).unwrap()[0].bytes(), got[0].bytes());
+    }
+}
+
+/// The state survives from run to run of one model; `read_state`/`write_state` save and
+/// restore it (a resumed run repeats the steps exactly), and each refuses what does not fit.
+#[test]
+fn training_state_survives_runs_and_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = small_mlp(dir.path(), "Adam(lr: 0.01)");
+    let artifact = dir.path().join("mlp.kiln");
+    compile_train(&spec, &artifact);
+    let l = lowered(&spec);
+    let mut model = Model::load_with(&artifact, &Options { threads: Some(2), ..Options::default() }).unwrap();
+    let saved: Vec<(String, kiln_runtime::Tensor)> =
+        model.state_names().into_iter().map(|n| (n.clone(), model.read_state(&n).unwrap())).collect();
+    let inputs = kiln_ir::seeded_inputs(&kiln_lower::train_step(&l).unwrap().graph, 3);
+    let owned = runtime_inputs(model.entry_inputs("train_step").unwrap(), &inputs);
+    let first: Vec<Vec<u8>> =
+        (0..3).map(|_| model.run_entry("train_step", &refs(&owned)).unwrap()[0].bytes().to_vec()).collect();
+    assert_ne!(first[0], first[2], "the loss moves as the state trains");
+    assert_eq!(model.read_state("optim.step").unwrap().as_f32().unwrap(), [3.0]);
+    for (name, t) in &saved {
+        model.write_state(name, &TensorRef::new(name, t.dtype(), t.shape(), t.bytes())).unwrap();
+        assert_eq!(model.read_state(name).unwrap().bytes(), t.bytes(), "{name}");
+    }
+    let again: Vec<Vec<u8>> =
+        (0..3).map(|_| model.run_entry("train_step", &refs(&owned)).unwrap()[0].bytes().to_vec()).collect();
+    assert_eq!(again, first, "restored state repeats the same steps");
+
+    let zero = [0.0f32; 3];
+    assert_eq!(
+        model.write_state("optim.step", &TensorRef::f32("x", &[3], &zero)).unwrap_err().to_string(),
+        "state \"optim.step\" is f32[], the value given is f32[3] (12 bytes)"
+    );
+    assert_eq!(
+        model.read_state("nope").unwrap_err().to_string(),
+        format!("the model keeps no state \"nope\" (it keeps {})", model.state_names().join(", "))
+    );
+    assert_eq!(
+        model.run_entry("backward", &[]).unwrap_err().to_string(),
+        "the model has no entry point \"backward\" (it has forward, train_step)"
+    );
+}
+
+/// Damaged state tables and entry lists of a training artifact are refused at load, each with
+/// its reason (the manifest rewritten with a fresh digest line, as a careful forger would).
+#[test]
+fn a_bad_state_table_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = small_mlp(dir.path(), "Sgd(lr: 0.1, momentum: 0.9)");
+    let artifact = dir.path().join("mlp.kiln");
+    compile_train(&spec, &artifact);
+    let text = std::fs::read_to_string(artifact.join(kiln_runtime::MANIFEST_FILE)).unwrap();
+    let manifest =
+        kiln_runtime::Manifest::from_ron(kiln_runtime::Manifest::split_digest(&text).unwrap()).unwrap();
+    let (s0, s1) = (manifest.state[0].name.clone(), manifest.state[1].name.clone());
+    let arena = manifest.arena_bytes;
+    type Edit = Box<dyn Fn(&mut kiln_runtime::Manifest)>;
+    let cases: Vec<(Edit, String)> = vec![
+        (
+            Box::new(|m| m.state[0].offset += 8),
+            format!("state {s0:?} at arena offset 8 is not 64-byte aligned"),
+        ),
+        (
+            Box::new(move |m| m.state[0].offset = arena),
+            format!(
+                "state {s0:?} at arena offset {arena} ({} bytes) lies outside the arena of {arena} bytes",
+                manifest.state[0].byte_len().unwrap()
+            ),
+        ),
+        (
+            Box::new(|m| m.state[1].offset = m.state[0].offset),
+            format!("state {s1:?} and {s0:?} overlap in the arena"),
+        ),
+        (Box::new(|m| m.state[1].name = m.state[0].name.clone()), format!("state {s0:?} is declared twice")),
+        (
+            Box::new(|m| m.state[0].init = kiln_runtime::StateInit::Weight { name: "nope".into() }),
+            format!("state {s0:?} starts from weight \"nope\", which the weights file lacks"),
+        ),
+        (Box::new(|m| m.state[0].dtype = kiln_runtime::DType::I32), format!("state {s0:?} is i32")),
+        (Box::new(|m| m.entries[0].name = "forward".into()), "two entry points are named \"forward\"".into()),
+        (
+            Box::new(|m| m.entries[0].name = "a/b".into()),
+            "entry point name \"a/b\" contains a path separator".into(),
+        ),
+        (
+            Box::new(|m| {
+                let slot = m.state[0].offset;
+                m.entries[0].steps[0].args[0] = kiln_runtime::BufRef::Arena { offset: slot, bytes: 1 << 30 };
+            }),
+            "straddle a state slot".into(),
+        ),
+    ];
+    for (edit, message) in cases {
+        let mut m = manifest.clone();
+        edit(&mut m);
+        let bad = tempfile::tempdir().unwrap();
+        for f in [kiln_runtime::KERNELS_FILE, kiln_runtime::WEIGHTS_FILE] {
+            std::fs::copy(artifact.join(f), bad.path().join(f)).unwrap();
+        }
+        std::fs::write(bad.path().join(kiln_runtime::MANIFEST_FILE), m.to_ron().unwrap()).unwrap();
+        let err = Model::load(bad.path()).unwrap_err().to_string();
+        assert!(err.starts_with("invalid manifest: ") && err.contains(&message), "{message}: {err}");
+    }
+}
+
+/// In a graph with state, weights that do not train are still stored packed for the matmul
+/// micro-kernel, and the trained one is not (it lives in its state slot); two runs update it,
+/// through a copy at the end of the run since a kernel after the update reads the old value.
+#[test]
+fn frozen_weights_are_prepacked_and_trained_ones_are_not() {
+    let mut g = Graph::new("mixed");
+    let x = g.add(Op::Input { name: "x".into(), dtype: DType::F32, shape: vec![4, 8] }, &[]).unwrap();
+    let param = |g: &mut Graph, name: &str| {
+        let op = Op::Param {
+            name: name.into(),
+            dtype: DType::F32,
+            shape: vec![8, 16],
+            init: kiln_ir::Init::Zeros,
+        };
+        g.add(op, &[]).unwrap()
+    };
+    let (wf, wt) = (param(&mut g, "frozen"), param(&mut g, "trained"));
+    let (a, b) = (g.add(Op::MatMul, &[x, wf]).unwrap(), g.add(Op::MatMul, &[x, wt]).unwrap());
+    let y = g.add(Op::Binary(kiln_ir::BinaryOp::Add), &[a, b]).unwrap();
+    let half = g.add(Op::Full { value: 0.5, dtype: DType::F32, shape: vec![] }, &[]).unwrap();
+    let decayed = g.add(Op::Binary(kiln_ir::BinaryOp::Mul), &[wt, half]).unwrap();
+    // Read after the update's kernel: the update goes through a copy at the end.
+    let late =
+        g.add(Op::Reduce { op: kiln_ir::ReduceOp::Sum, axes: vec![0, 1], keepdims: false }, &[wt]).unwrap();
+    g.add_output("y", y);
+    g.add_output("new", decayed);
+    g.add_output("late", late);
+    g.declare_state("trained", kiln_ir::StateInit::Weights, Some("new")).unwrap();
+    let params = kiln_ir::bind_params(&g, None, 1, false).unwrap();
+    // The GPU targets keep no state: they refuse the graph before compiling anything.
+    let dir = tempfile::tempdir().unwrap();
+    let caps = kiln_codegen::gpu::GpuCaps::vulkan();
+    let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
+    let err = kiln_codegen::build_vulkan_artifact("mixed", &s, &params, &caps, dir.path()).err().unwrap();
+    assert_eq!(
+        err.to_string(),
+        kiln_codegen::CodegenError::Unsupported("a graph with persistent state (a train-step artifact) on the Vulkan target: state is kept by CPU artifacts only so far; compile for the CPU".into()).to_string()
+    );
+    // Initializers of zeros would hide a stale weight: give both values.
+    let params: HashMap<String, Tensor> = params
+        .into_keys()
+        .enumerate()
+        .map(|(i, n)| {
+            let v = (0..128).map(|j| ((j * 7 + i * 3) % 11) as f32 * 0.1 - 0.5).collect();
+            (n, Tensor::from_f32(vec![8, 16], v).unwrap())
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    build_for(Device::Cpu, &g, &params, dir.path());
+    let weights = kiln_runtime::WeightStore::open(dir.path().join(kiln_runtime::WEIGHTS_FILE)).unwrap();
+    let mut names: Vec<&str> = weights.names();
+    names.sort();
+    assert!(names.iter().any(|n| n.starts_with("frozen@panels")), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("trained@") || *n == "frozen"), "{names:?}");
+    assert!(names.contains(&"trained"), "{names:?}");
+
+    let inputs = kiln_ir::seeded_inputs(&g, 2);
+    let frozen = HashMap::from([("frozen".to_string(), params["frozen"].clone())]);
+    let mut state = kiln_ir::initial_state(&g, &params).unwrap();
+    let mut model =
+        Model::load_with(dir.path(), &Options { threads: Some(2), ..Options::default() }).unwrap();
+    let last = &model.manifest().steps.last().unwrap().label;
+    assert!(last.contains(" copy "), "the update is copied into its slot at the end: {last}");
+    let owned = runtime_inputs(model.inputs(), &inputs);
+    for run in 0..2 {
+        let want = kiln_ir::eval_step(&g, inputs.clone(), &frozen, &mut state).unwrap();
+        let got = model.run(&refs(&owned)).unwrap();
+        for ((name, w), t) in want.iter().zip(&got) {
+            assert_close(&format!("run {run} `{name}`"), &w.to_f64_vec(), &f32_values(t), 1e-5);
+        }
+    }
+    assert_close(
+        "trained",
+        &state["trained"].to_f64_vec(),
+        &f32_values(&model.read_state("trained").unwrap()),
+        0.0,
+    );
+}
+
+/// The CLI: `kiln compile --train`, `kiln run --entry`, `kiln inspect` of the artifact, and
+/// the refusals (no training section, a GPU target, `--entry` on a spec or unknown).
+#[test]
+fn the_cli_builds_runs_and_inspects_a_training_artifact() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = small_mlp(dir.path(), "Sgd(lr: 0.1, momentum: 0.9)");
+    let artifact = dir.path().join("mlp.kiln");
+    compile_train(&spec, &artifact);
+    let a = artifact.to_str().unwrap();
+    let (code, stdout, stderr) = kiln_cli(&["run", a, "--entry", "train_step", "--repeats", "2"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stdout.contains("\nloss: f32[] [") && stdout.contains("\noptim.lr: f32[] [0.100000]"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = kiln_cli(&["inspect", a]);
+    assert_eq!(code, Some(0));
+    for line in [
+        "entry forward: 4 kernels\n",
+        "\n  output loss: f32[]\n",
+        "\nstate: 13 tensors, ",
+        "\n  fc1.weight: f32[16, 12] at arena offset 0, from weight fc1.weight\n",
+        "\n  optim.momentum.fc3.bias: f32[4] at arena offset ",
+    ] {
+        assert!(stdout.contains(line), "{line:?} in:\n{stdout}");
+    }
+    // Dropout's random numbers are fixed at lowering: the compile says so.
+    let text = std::fs::read_to_string(&spec).unwrap();
+    let text = text.replace("\"classes\": 10 },", "\"classes\": 10, \"training\": true },").replacen(
+        "        Let(\"logits\"",
+        "        Let(\"h\", Call(fn: \"std.dropout\", args: [\"h\"])),\n        Let(\"logits\"",
+        1,
+    );
+    let dropout = dir.path().join("dropout.ron");
+    std::fs::write(&dropout, text).unwrap();
+    let out = dir.path().join("d.kiln");
+    let (code, _, stderr) = kiln_cli(&[
+        "compile",
+        dropout.to_str().unwrap(),
+        "--train",
+        "-o",
+        out.to_str().unwrap(),
+        "--set",
+        "in=12",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.starts_with("warning: the train step draws random numbers (dropout): "), "{stderr}");
+
+    let lstm = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/lstm.ron");
+    let out = dir.path().join("x.kiln");
+    let cases: [(Vec<&str>, i32, String); 4] = [
+        (
+            vec!["compile", lstm.to_str().unwrap(), "--train", "-o", out.to_str().unwrap()],
+            1,
+            format!("`kiln compile --train` builds a train step from the spec's training section, and {} has none", lstm.display()),
+        ),
+        (
+            vec!["compile", spec.to_str().unwrap(), "--train", "--target", "vulkan", "-o", out.to_str().unwrap()],
+            2,
+            "--train builds a CPU artifact (host, x86_64, aarch64): the vulkan target keeps no state between runs yet".into(),
+        ),
+        (vec!["run", spec.to_str().unwrap(), "--entry", "train_step"], 2, "--entry train_step runs an entry point of an artifact".into()),
+        (vec!["run", a, "--entry", "nope"], 1, "the model has no entry point \"nope\" (it has forward, train_step)".into()),
+    ];
+    for (args, want, message) in cases {
+        let (code, _, stderr) = kiln_cli(&args);
+        assert_eq!(code, Some(want), "{args:?}: {stderr}");
+        assert!(stderr.contains(&message), "{args:?}: {stderr}");
     }
 }
 

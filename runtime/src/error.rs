@@ -212,6 +212,32 @@ pub enum RuntimeError {
         /// The caller's name.
         got: String,
     },
+    /// `run_entry` named an entry point the model does not have.
+    #[error("the model has no entry point {entry:?} (it has {known})")]
+    UnknownEntry {
+        /// The name asked for.
+        entry: String,
+        /// The entry points it has.
+        known: String,
+    },
+    /// `read_state` or `write_state` named a state tensor the model does not keep.
+    #[error("the model keeps no state {name:?} ({known})")]
+    UnknownState {
+        /// The name asked for.
+        name: String,
+        /// The state it keeps.
+        known: String,
+    },
+    /// `write_state` was given a tensor that does not fit the state's slot.
+    #[error("state {name:?} is {expected}, the value given is {got}")]
+    StateValue {
+        /// The state's name.
+        name: String,
+        /// Its dtype and shape.
+        expected: String,
+        /// The value's dtype and shape (or size).
+        got: String,
+    },
     /// An input has another dtype than the manifest's.
     #[error("input {name:?} must be {expected}, got {got}")]
     InputDtype {

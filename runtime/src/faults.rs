@@ -8,7 +8,7 @@
 //! first fault, so the model stays usable for the next run.
 
 use crate::error::RuntimeError;
-use crate::manifest::{is_bidi_control, shape_str, BufRef, FaultKind, FaultSite, Faults, Manifest};
+use crate::manifest::{is_bidi_control, shape_str, BufRef, EntryView, FaultKind, FaultSite, Faults};
 
 /// A fault word that holds nothing: no site faulted, or site `s` at no element.
 pub(crate) const NONE: u32 = u32::MAX;
@@ -28,23 +28,23 @@ impl Faults {
     }
 }
 
-/// Checks the fault table against the rest of the manifest: the words lie inside the arena;
-/// each site names an existing step, in step order, whose kernel takes exactly the words as its
-/// last argument; no other argument of any step touches them; each site's shapes are ones the
-/// error can be computed from, and its words print as themselves.
-pub(crate) fn check(manifest: &Manifest) -> Result<(), RuntimeError> {
-    let Some(faults) = &manifest.faults else {
+/// Checks an entry point's fault table against its steps and the arena (`arena_bytes`): the
+/// words lie inside the arena; each site names an existing step, in step order, whose kernel
+/// takes exactly the words as its last argument; no other argument of any step touches them;
+/// each site's shapes are ones the error can be computed from, and its words print as
+/// themselves.
+pub(crate) fn check(view: &EntryView<'_>, arena_bytes: u64) -> Result<(), RuntimeError> {
+    let Some(faults) = view.faults else {
         return Ok(());
     };
-    let bad = |what: String| RuntimeError::invalid(format!("fault table: {what}"));
+    let bad = |what: String| RuntimeError::invalid(format!("fault table of `{}`: {what}", view.name));
     if faults.sites.is_empty() || faults.sites.len() > MAX_SITES {
         return Err(bad(format!("{} sites (the compiler lists 1 to {MAX_SITES})", faults.sites.len())));
     }
     let (start, bytes) = (faults.offset, faults.bytes());
-    let Some(end) = start.checked_add(bytes).filter(|&e| e <= manifest.arena_bytes) else {
+    let Some(end) = start.checked_add(bytes).filter(|&e| e <= arena_bytes) else {
         return Err(bad(format!(
-            "its {bytes} bytes at {start} lie outside the arena of {} bytes",
-            manifest.arena_bytes
+            "its {bytes} bytes at {start} lie outside the arena of {arena_bytes} bytes"
         )));
     };
     if !start.is_multiple_of(4) {
@@ -52,11 +52,11 @@ pub(crate) fn check(manifest: &Manifest) -> Result<(), RuntimeError> {
     }
     let mut previous = 0;
     for (i, site) in faults.sites.iter().enumerate() {
-        check_site(i, site, manifest.steps.len(), previous).map_err(|w| bad(format!("site {i} {w}")))?;
+        check_site(i, site, view.steps.len(), previous).map_err(|w| bad(format!("site {i} {w}")))?;
         previous = site.step;
     }
     let the_words = BufRef::Arena { offset: start, bytes };
-    for (s, step) in manifest.steps.iter().enumerate() {
+    for (s, step) in view.steps.iter().enumerate() {
         let faults_here = faults.sites.iter().any(|site| site.step as usize == s);
         let own = if faults_here { step.args.len().checked_sub(1) } else { None };
         if faults_here && step.args.last() != Some(&the_words) {
@@ -110,10 +110,11 @@ fn check_site(i: usize, site: &FaultSite, steps: usize, previous: u32) -> Result
     Ok(())
 }
 
-/// The run's error, if the fault words a run left (`words`, one per [`Faults::words`]) hold a
-/// fault: the first faulting site, with the divisor element when the element word holds one.
-pub(crate) fn check_run(manifest: &Manifest, words: &[u32]) -> Result<(), RuntimeError> {
-    let Some(faults) = &manifest.faults else {
+/// The run's error, if the fault words a run of entry point `view` left (`words`, one per
+/// [`Faults::words`]) hold a fault: the first faulting site, with the divisor element when the
+/// element word holds one.
+pub(crate) fn check_run(view: &EntryView<'_>, words: &[u32]) -> Result<(), RuntimeError> {
+    let Some(faults) = view.faults else {
         return Ok(());
     };
     let first = words.first().copied().unwrap_or(NONE);
@@ -136,7 +137,7 @@ pub(crate) fn check_run(manifest: &Manifest, words: &[u32]) -> Result<(), Runtim
         },
     };
     let step =
-        manifest.steps.get(site.step as usize).map_or_else(|| format!("{}", site.step), |s| s.label.clone());
+        view.steps.get(site.step as usize).map_or_else(|| format!("{}", site.step), |s| s.label.clone());
     Err(RuntimeError::Fault { step, op: what, fault })
 }
 

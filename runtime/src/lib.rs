@@ -9,7 +9,10 @@
 //! buffers and runs kernels: on the CPU, splitting each step's outer loop across the model's
 //! threads; on Vulkan, replaying a command buffer recorded at load; on CUDA, replaying a CUDA
 //! graph captured at load (the NVIDIA driver is opened at run time, so this crate builds and
-//! runs without CUDA). [`Options::device`] and [`devices`] select and list devices. [`Model::from_parts`] does the same for a JIT's in-memory CPU
+//! runs without CUDA). A CPU artifact may keep persistent state in its arena and have entry
+//! points besides `forward` ([`Model::run_entry`], [`Model::read_state`],
+//! [`Model::write_state`]: a training artifact's `train_step`). [`Options::device`] and
+//! [`devices`] select and list devices. [`Model::from_parts`] does the same for a JIT's in-memory CPU
 //! kernels. The C ABI (`capi`, header `include/kiln.h`) wraps the same calls.
 //!
 //! ```no_run
@@ -46,9 +49,10 @@ pub use error::RuntimeError;
 pub use kernels::{KernelFn, KernelSource, SharedLibrary};
 pub use manifest::{
     is_bidi_control, is_kernel_entry, name_problem, ptx_contract, ptx_contract_line, spirv_contract,
-    spirv_contract_trailer, BufRef, CudaTarget, DType, Dispatch, FaultKind, FaultSite, Faults, FileDigest,
-    Manifest, ModuleRange, Step, Target, TargetInfo, TensorSpec, VulkanTarget, CONTRACT_SYMBOL, CUBIN_FILE,
-    KERNELS_FILE, MANIFEST_FILE, PTX_CONTRACT_PREFIX, PTX_FILE, SPIRV_FILE, WEIGHTS_FILE,
+    spirv_contract_trailer, BufRef, CudaTarget, DType, Dispatch, Entry, EntryView, FaultKind, FaultSite,
+    Faults, FileDigest, Manifest, ModuleRange, StateInit, StateSpec, Step, Target, TargetInfo, TensorSpec,
+    VulkanTarget, CONTRACT_SYMBOL, CUBIN_FILE, FORWARD_ENTRY, KERNELS_FILE, MANIFEST_FILE,
+    PTX_CONTRACT_PREFIX, PTX_FILE, SPIRV_FILE, WEIGHTS_FILE,
 };
 pub use model::{Model, Options};
 pub use profile::{KindProfile, Profile, StepProfile};

@@ -52,8 +52,113 @@ pub struct Manifest {
     pub modules: Vec<ModuleRange>,
     /// Kernel launches, in execution order.
     pub steps: Vec<Step>,
-    /// The fault words and the ops that report into them; `None` when no kernel can fault.
+    /// Persistent state: tensors kept in the arena from one run to the next (a train step's
+    /// parameters and optimizer state), read and written by the steps in place; empty for a
+    /// model that keeps nothing between runs.
+    pub state: Vec<StateSpec>,
+    /// Entry points besides the first, `forward` (whose inputs, outputs and steps are the
+    /// fields above): each its own steps over the same arena and state (`train_step`).
+    pub entries: Vec<Entry>,
+    /// The fault words of `forward` and the ops that report into them; `None` when none of
+    /// its kernels can fault.
     pub faults: Option<Faults>,
+}
+
+/// The name of the entry point the top-level inputs, outputs and steps of a manifest form.
+pub const FORWARD_ENTRY: &str = "forward";
+
+/// One persistent tensor: a slot of the arena that no scratch buffer shares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateSpec {
+    /// The name `read_state` and `write_state` take (a checkpoint name).
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Static shape, outermost first.
+    pub shape: Vec<u64>,
+    /// Byte offset of its slot in the arena (aligned as every arena offset).
+    pub offset: u64,
+    /// Its value when the model is loaded.
+    pub init: StateInit,
+}
+
+/// Where a state slot's value comes from at load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StateInit {
+    /// Zeros (optimizer moments, the step count).
+    Zeros,
+    /// A tensor of `weights.safetensors` of the slot's size (a parameter's initial value).
+    Weight {
+        /// Its name in the weights file.
+        name: String,
+    },
+}
+
+/// An entry point besides `forward`: its own interface and steps, over the model's arena and
+/// state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The name callers pass to `Model::run_entry`.
+    pub name: String,
+    /// Its inputs, in the order callers pass them.
+    pub inputs: Vec<TensorSpec>,
+    /// As [`Manifest::index_bounds`], for these inputs.
+    pub index_bounds: Vec<Option<u64>>,
+    /// Its outputs, in the order they are returned.
+    pub outputs: Vec<TensorSpec>,
+    /// Its kernel launches, in execution order (labelled `k0 …` from its own first step).
+    pub steps: Vec<Step>,
+    /// Its fault words and sites (numbered by its own steps), as [`Manifest::faults`].
+    pub faults: Option<Faults>,
+}
+
+/// An entry point's interface and steps as a manifest holds them (the first, `forward`, in
+/// the manifest's own fields; the others in [`Manifest::entries`]).
+#[derive(Debug, Clone, Copy)]
+pub struct EntryView<'a> {
+    /// The entry point's name.
+    pub name: &'a str,
+    /// Its inputs.
+    pub inputs: &'a [TensorSpec],
+    /// The index bound of each input (or none at all).
+    pub index_bounds: &'a [Option<u64>],
+    /// Its outputs.
+    pub outputs: &'a [TensorSpec],
+    /// Its steps.
+    pub steps: &'a [Step],
+    /// Its fault words and sites.
+    pub faults: Option<&'a Faults>,
+}
+
+impl Manifest {
+    /// Every entry point, `forward` first.
+    pub fn entry_views(&self) -> Vec<EntryView<'_>> {
+        let forward = EntryView {
+            name: FORWARD_ENTRY,
+            inputs: &self.inputs,
+            index_bounds: &self.index_bounds,
+            outputs: &self.outputs,
+            steps: &self.steps,
+            faults: self.faults.as_ref(),
+        };
+        std::iter::once(forward)
+            .chain(self.entries.iter().map(|e| EntryView {
+                name: &e.name,
+                inputs: &e.inputs,
+                index_bounds: &e.index_bounds,
+                outputs: &e.outputs,
+                steps: &e.steps,
+                faults: e.faults.as_ref(),
+            }))
+            .collect()
+    }
+}
+
+impl StateSpec {
+    /// Size of the slot's tensor in bytes, or `None` if it overflows `u64`.
+    pub fn byte_len(&self) -> Option<u64> {
+        TensorSpec { name: String::new(), dtype: self.dtype, shape: self.shape.clone() }.byte_len()
+    }
 }
 
 /// Where compiled kernels record the faults the interpreter reports as errors (an integer
@@ -76,7 +181,7 @@ pub struct Faults {
 pub struct FaultSite {
     /// What faults there.
     pub kind: FaultKind,
-    /// The step (index into [`Manifest::steps`]) whose kernel holds the op.
+    /// The step (index into its entry point's steps) whose kernel holds the op.
     pub step: u32,
     /// The op's name (`div`), and its spec name and position when it has them, which the
     /// error shows as the interpreter shows a node.
@@ -432,6 +537,8 @@ impl Manifest {
             files: _,
             modules,
             steps,
+            state,
+            entries,
             faults,
         } = self;
         let mut h = Fnv::new();
@@ -481,89 +588,33 @@ impl Manifest {
                 h.ranges(cubins);
             }
         }
-        for specs in [inputs, outputs] {
-            h.u64(specs.len() as u64);
-            for TensorSpec { name, dtype, shape } in specs {
-                h.str(name);
-                h.str(dtype.name());
-                h.u64(shape.len() as u64);
-                shape.iter().for_each(|&d| h.u64(d));
-            }
-        }
-        h.u64(index_bounds.len() as u64);
-        index_bounds.iter().for_each(|&b| h.opt(b));
+        h.interface(inputs, index_bounds, outputs);
         h.u64(*arena_bytes);
         h.ranges(modules);
-        h.u64(steps.len() as u64);
-        for Step { symbol, label, args, dispatch, flops, bytes } in steps {
-            h.str(symbol);
-            h.str(label);
-            h.u64(args.len() as u64);
-            for arg in args {
-                match arg {
-                    BufRef::Arena { offset, bytes } => {
-                        h.u64(0);
-                        h.u64(*offset);
-                        h.u64(*bytes);
-                    }
-                    BufRef::Weight { name, bytes } => {
-                        h.u64(1);
-                        h.str(name);
-                        h.u64(*bytes);
-                    }
-                    BufRef::Input { index } => {
-                        h.u64(2);
-                        h.u64(u64::from(*index));
-                    }
-                    BufRef::Output { index } => {
-                        h.u64(3);
-                        h.u64(u64::from(*index));
-                    }
-                }
-            }
-            match dispatch {
-                Dispatch::Cpu { range, grain } => {
-                    h.u64(0);
-                    h.u64(*range);
-                    h.u64(*grain);
-                }
-                Dispatch::Gpu { module, grid, workgroup } => {
+        h.steps(steps);
+        h.u64(state.len() as u64);
+        for StateSpec { name, dtype, shape, offset, init } in state {
+            h.str(name);
+            h.str(dtype.name());
+            h.u64(shape.len() as u64);
+            shape.iter().for_each(|&d| h.u64(d));
+            h.u64(*offset);
+            match init {
+                StateInit::Zeros => h.u64(0),
+                StateInit::Weight { name } => {
                     h.u64(1);
-                    h.u64(u64::from(*module));
-                    grid.iter().chain(workgroup).for_each(|&g| h.u64(u64::from(g)));
-                }
-            }
-            h.u64(*flops);
-            h.u64(*bytes);
-        }
-        match faults {
-            None => h.u64(0),
-            Some(Faults { offset, sites }) => {
-                h.u64(1);
-                h.u64(*offset);
-                h.u64(sites.len() as u64);
-                for FaultSite { kind, step, op, name, origin, shape, divisor } in sites {
-                    h.u64(match kind {
-                        FaultKind::IntDivByZero => 0,
-                    });
-                    h.u64(u64::from(*step));
-                    h.str(op);
-                    for text in [name, origin] {
-                        match text {
-                            None => h.u64(0),
-                            Some(t) => {
-                                h.u64(1);
-                                h.str(t);
-                            }
-                        }
-                    }
-                    for dims in [shape, divisor] {
-                        h.u64(dims.len() as u64);
-                        dims.iter().for_each(|&d| h.u64(d));
-                    }
+                    h.str(name);
                 }
             }
         }
+        h.u64(entries.len() as u64);
+        for Entry { name, inputs, index_bounds, outputs, steps, faults } in entries {
+            h.str(name);
+            h.interface(inputs, index_bounds, outputs);
+            h.steps(steps);
+            h.faults(faults);
+        }
+        h.faults(faults);
         h.0
     }
 }
@@ -687,6 +738,96 @@ impl Fnv {
         }
     }
 
+    fn interface(&mut self, inputs: &[TensorSpec], index_bounds: &[Option<u64>], outputs: &[TensorSpec]) {
+        for specs in [inputs, outputs] {
+            self.u64(specs.len() as u64);
+            for TensorSpec { name, dtype, shape } in specs {
+                self.str(name);
+                self.str(dtype.name());
+                self.u64(shape.len() as u64);
+                shape.iter().for_each(|&d| self.u64(d));
+            }
+        }
+        self.u64(index_bounds.len() as u64);
+        index_bounds.iter().for_each(|&b| self.opt(b));
+    }
+
+    fn steps(&mut self, steps: &[Step]) {
+        self.u64(steps.len() as u64);
+        for Step { symbol, label, args, dispatch, flops, bytes } in steps {
+            self.str(symbol);
+            self.str(label);
+            self.u64(args.len() as u64);
+            for arg in args {
+                match arg {
+                    BufRef::Arena { offset, bytes } => {
+                        self.u64(0);
+                        self.u64(*offset);
+                        self.u64(*bytes);
+                    }
+                    BufRef::Weight { name, bytes } => {
+                        self.u64(1);
+                        self.str(name);
+                        self.u64(*bytes);
+                    }
+                    BufRef::Input { index } => {
+                        self.u64(2);
+                        self.u64(u64::from(*index));
+                    }
+                    BufRef::Output { index } => {
+                        self.u64(3);
+                        self.u64(u64::from(*index));
+                    }
+                }
+            }
+            match dispatch {
+                Dispatch::Cpu { range, grain } => {
+                    self.u64(0);
+                    self.u64(*range);
+                    self.u64(*grain);
+                }
+                Dispatch::Gpu { module, grid, workgroup } => {
+                    self.u64(1);
+                    self.u64(u64::from(*module));
+                    grid.iter().chain(workgroup).for_each(|&g| self.u64(u64::from(g)));
+                }
+            }
+            self.u64(*flops);
+            self.u64(*bytes);
+        }
+    }
+
+    fn faults(&mut self, faults: &Option<Faults>) {
+        match faults {
+            None => self.u64(0),
+            Some(Faults { offset, sites }) => {
+                self.u64(1);
+                self.u64(*offset);
+                self.u64(sites.len() as u64);
+                for FaultSite { kind, step, op, name, origin, shape, divisor } in sites {
+                    self.u64(match kind {
+                        FaultKind::IntDivByZero => 0,
+                    });
+                    self.u64(u64::from(*step));
+                    self.str(op);
+                    for text in [name, origin] {
+                        match text {
+                            None => self.u64(0),
+                            Some(t) => {
+                                self.u64(1);
+                                self.str(t);
+                            }
+                        }
+                    }
+                    for dims in [shape, divisor] {
+                        self.u64(dims.len() as u64);
+                        dims.iter().for_each(|&d| self.u64(d));
+                    }
+                }
+            }
+        }
+    }
+
     fn ranges(&mut self, ranges: &[ModuleRange]) {
         self.u64(ranges.len() as u64);
         for ModuleRange { offset, bytes } in ranges {
@@ -766,6 +907,8 @@ mod tests {
             arena_bytes: 128,
             files: vec![FileDigest::of(KERNELS_FILE, b"abc")],
             modules: vec![],
+            state: Vec::new(),
+            entries: Vec::new(),
             steps: vec![Step {
                 symbol: "k0".into(),
                 label: "k0 add [2,3]".into(),

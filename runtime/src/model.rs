@@ -17,8 +17,9 @@ use crate::error::RuntimeError;
 use crate::exec;
 use crate::kernels::{KernelSource, SharedLibrary};
 use crate::manifest::{
-    is_kernel_entry, name_problem, shape_str, DType, FileDigest, Manifest, Target, TensorSpec,
-    CONTRACT_SYMBOL, CUBIN_FILE, KERNELS_FILE, MANIFEST_FILE, PTX_FILE, SPIRV_FILE, WEIGHTS_FILE,
+    is_kernel_entry, name_problem, shape_str, DType, EntryView, FileDigest, Manifest, StateInit, StateSpec,
+    Target, TensorSpec, CONTRACT_SYMBOL, CUBIN_FILE, FORWARD_ENTRY, KERNELS_FILE, MANIFEST_FILE, PTX_FILE,
+    SPIRV_FILE, WEIGHTS_FILE,
 };
 use crate::profile::Profile;
 use crate::target;
@@ -157,6 +158,7 @@ impl Model {
             }
             Selection::Vulkan(index) => {
                 let spirv = spirv.ok_or_else(|| RuntimeError::NoDigest { file: SPIRV_FILE.to_string() })?;
+                refuse_state_on_gpu(&manifest)?;
                 check_specs(&manifest)?;
                 check_steps(&manifest)?;
                 let backend = VulkanBackend::load(&manifest, &spirv, &weights, index)?;
@@ -164,6 +166,7 @@ impl Model {
             }
             Selection::Cuda(index) => {
                 let ptx = ptx.ok_or_else(|| RuntimeError::NoDigest { file: PTX_FILE.to_string() })?;
+                refuse_state_on_gpu(&manifest)?;
                 check_specs(&manifest)?;
                 check_steps(&manifest)?;
                 let backend = CudaBackend::load(&manifest, &ptx, cubin.as_deref(), &weights, index)?;
@@ -194,24 +197,116 @@ impl Model {
         target::check(&manifest.target)?;
         check_specs(&manifest)?;
         check_steps(&manifest)?;
+        check_state(&manifest, &weights)?;
         let env = std::env::var_os("KILN_THREADS").map(|v| v.to_string_lossy().into_owned());
         let available = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = exec::resolve_threads(options.threads, env, available)?;
-        let host = HostBackend::new(&manifest, kernels, &weights, threads)?;
+        let mut host = HostBackend::new(&manifest, kernels, &weights, threads)?;
+        // The state starts from its recorded values (the arena is zeroed: `Zeros` is done).
+        for s in &manifest.state {
+            if let StateInit::Weight { name } = &s.init {
+                let value = weights.get(name).ok_or_else(|| state_weight_missing(s, name))?;
+                host.arena_mut()[slot_range(s)].copy_from_slice(value.bytes);
+            }
+        }
         Ok(Model { manifest, backend: Backend::Host(host), weights })
     }
 
-    /// Runs the model on `inputs` (in manifest order) and returns the outputs in manifest order.
+    /// Runs the model on `inputs` (in manifest order) and returns the outputs in manifest order:
+    /// the first entry point, `forward`.
     pub fn run(&mut self, inputs: &[TensorRef]) -> Result<Vec<Tensor>, RuntimeError> {
         let mut outputs = self.new_outputs()?;
         self.run_outputs(inputs, &mut outputs, None)?;
         Ok(outputs)
     }
 
+    /// The entry points, `forward` first (a train-step artifact adds `train_step`).
+    pub fn entries(&self) -> Vec<String> {
+        self.manifest.entry_views().iter().map(|e| e.name.to_string()).collect()
+    }
+
+    /// Runs entry point `entry` on `inputs` (in the order [`Model::entry_inputs`] gives) and
+    /// returns its outputs. Every entry point reads and updates the model's one state.
+    pub fn run_entry(&mut self, entry: &str, inputs: &[TensorRef]) -> Result<Vec<Tensor>, RuntimeError> {
+        let index = self.entry_index(entry)?;
+        let view = self.manifest.entry_views()[index];
+        let mut outputs: Vec<Tensor> = view.outputs.iter().map(Tensor::zeroed).collect::<Result<_, _>>()?;
+        let mut bufs: Vec<&mut [u8]> = outputs.iter_mut().map(Tensor::bytes_mut).collect();
+        self.execute(index, inputs, &mut bufs, None)?;
+        Ok(outputs)
+    }
+
+    /// The inputs of entry point `entry`, in the order [`Model::run_entry`] takes them.
+    pub fn entry_inputs(&self, entry: &str) -> Result<&[TensorSpec], RuntimeError> {
+        let index = self.entry_index(entry)?;
+        Ok(self.manifest.entry_views()[index].inputs)
+    }
+
+    /// The outputs of entry point `entry`, in the order [`Model::run_entry`] returns them.
+    pub fn entry_outputs(&self, entry: &str) -> Result<&[TensorSpec], RuntimeError> {
+        let index = self.entry_index(entry)?;
+        Ok(self.manifest.entry_views()[index].outputs)
+    }
+
+    /// The names of the persistent state, in the manifest's order.
+    pub fn state_names(&self) -> Vec<String> {
+        self.manifest.state.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// The persistent state's tensors as the manifest declares them.
+    pub fn state(&self) -> &[StateSpec] {
+        &self.manifest.state
+    }
+
+    /// A copy of state tensor `name`'s current value (to save a checkpoint).
+    pub fn read_state(&self, name: &str) -> Result<Tensor, RuntimeError> {
+        let s = self.state_spec(name)?;
+        let arena = self.backend.arena().ok_or_else(|| RuntimeError::invalid("state on a GPU"))?;
+        let spec = TensorSpec { name: s.name.clone(), dtype: s.dtype, shape: s.shape.clone() };
+        let mut t = Tensor::zeroed(&spec)?;
+        t.bytes_mut().copy_from_slice(&arena[slot_range(s)]);
+        Ok(t)
+    }
+
+    /// Sets state tensor `name` (to resume from a checkpoint); `value` must have its dtype and
+    /// shape (its name is not compared).
+    pub fn write_state(&mut self, name: &str, value: &TensorRef) -> Result<(), RuntimeError> {
+        let s = self.state_spec(name)?.clone();
+        let fits = value.dtype == s.dtype
+            && value.shape == s.shape.as_slice()
+            && Some(value.bytes.len() as u64) == s.byte_len();
+        if !fits {
+            return Err(RuntimeError::StateValue {
+                name: s.name.clone(),
+                expected: format!("{}{}", s.dtype, shape_str(&s.shape)),
+                got: format!("{}{} ({} bytes)", value.dtype, shape_str(value.shape), value.bytes.len()),
+            });
+        }
+        let arena = self.backend.arena_mut().ok_or_else(|| RuntimeError::invalid("state on a GPU"))?;
+        arena[slot_range(&s)].copy_from_slice(value.bytes);
+        Ok(())
+    }
+
+    fn state_spec(&self, name: &str) -> Result<&StateSpec, RuntimeError> {
+        self.manifest.state.iter().find(|s| s.name == name).ok_or_else(|| RuntimeError::UnknownState {
+            name: name.to_string(),
+            known: match self.state_names() {
+                names if names.is_empty() => "it keeps none".to_string(),
+                names => format!("it keeps {}", names.join(", ")),
+            },
+        })
+    }
+
+    fn entry_index(&self, entry: &str) -> Result<usize, RuntimeError> {
+        self.manifest.entry_views().iter().position(|e| e.name == entry).ok_or_else(|| {
+            RuntimeError::UnknownEntry { entry: entry.to_string(), known: self.entries().join(", ") }
+        })
+    }
+
     /// Runs the model writing into caller-provided output buffers (manifest order, each exactly
     /// the output's byte size). Misaligned buffers are written through an aligned copy.
     pub fn run_into(&mut self, inputs: &[TensorRef], outputs: &mut [&mut [u8]]) -> Result<(), RuntimeError> {
-        self.execute(inputs, outputs, None)
+        self.execute(0, inputs, outputs, None)
     }
 
     /// Runs the model `repeats` times (at least once), timing every step, and returns the last
@@ -283,18 +378,20 @@ impl Model {
         times: Option<&mut Vec<Duration>>,
     ) -> Result<(), RuntimeError> {
         let mut bufs: Vec<&mut [u8]> = outputs.iter_mut().map(Tensor::bytes_mut).collect();
-        self.execute(inputs, &mut bufs, times)
+        self.execute(0, inputs, &mut bufs, times)
     }
 
     fn execute(
         &mut self,
+        entry: usize,
         inputs: &[TensorRef],
         outputs: &mut [&mut [u8]],
         times: Option<&mut Vec<Duration>>,
     ) -> Result<(), RuntimeError> {
-        self.check_inputs(inputs)?;
-        check_count("output", self.manifest.outputs.len(), outputs.len())?;
-        for (spec, buf) in self.manifest.outputs.iter().zip(outputs.iter()) {
+        let view = self.manifest.entry_views()[entry];
+        check_inputs(&view, inputs)?;
+        check_count("output", view.outputs.len(), outputs.len())?;
+        for (spec, buf) in view.outputs.iter().zip(outputs.iter()) {
             let expected = spec.byte_len().unwrap_or(u64::MAX);
             if buf.len() as u64 != expected {
                 let name = spec.name.clone();
@@ -306,47 +403,47 @@ impl Model {
                 });
             }
         }
-        self.backend.execute(inputs, outputs, times)?;
+        self.backend.execute(entry, inputs, outputs, times)?;
         // A kernel that faulted (an integer division by zero) makes the run an error.
-        crate::faults::check_run(&self.manifest, self.backend.fault_words())
+        crate::faults::check_run(&view, self.backend.fault_words())
     }
+}
 
-    /// Checks the inputs against the manifest: names, dtypes, shapes and sizes.
-    fn check_inputs(&self, inputs: &[TensorRef]) -> Result<(), RuntimeError> {
-        check_count("input", self.manifest.inputs.len(), inputs.len())?;
-        for (index, (spec, input)) in self.manifest.inputs.iter().zip(inputs).enumerate() {
-            if input.name != spec.name {
-                return Err(RuntimeError::InputName {
-                    index,
-                    expected: spec.name.clone(),
-                    got: input.name.to_string(),
-                });
-            }
-            if input.dtype != spec.dtype {
-                return Err(RuntimeError::InputDtype {
-                    name: spec.name.clone(),
-                    expected: spec.dtype,
-                    got: input.dtype,
-                });
-            }
-            if input.shape != spec.shape.as_slice() {
-                return Err(RuntimeError::InputShape {
-                    name: spec.name.clone(),
-                    expected: shape_str(&spec.shape),
-                    got: shape_str(input.shape),
-                });
-            }
-            let expected = spec.byte_len().unwrap_or(u64::MAX);
-            if input.bytes.len() as u64 != expected {
-                let (name, got) = (spec.name.clone(), input.bytes.len() as u64);
-                return Err(RuntimeError::BufferSize { kind: "input", name, expected, got });
-            }
-            if let Some(&Some(bound)) = self.manifest.index_bounds.get(index) {
-                check_index_input(spec, bound, input.bytes)?;
-            }
+/// Checks the inputs against an entry point's: names, dtypes, shapes and sizes.
+fn check_inputs(view: &EntryView<'_>, inputs: &[TensorRef]) -> Result<(), RuntimeError> {
+    check_count("input", view.inputs.len(), inputs.len())?;
+    for (index, (spec, input)) in view.inputs.iter().zip(inputs).enumerate() {
+        if input.name != spec.name {
+            return Err(RuntimeError::InputName {
+                index,
+                expected: spec.name.clone(),
+                got: input.name.to_string(),
+            });
         }
-        Ok(())
+        if input.dtype != spec.dtype {
+            return Err(RuntimeError::InputDtype {
+                name: spec.name.clone(),
+                expected: spec.dtype,
+                got: input.dtype,
+            });
+        }
+        if input.shape != spec.shape.as_slice() {
+            return Err(RuntimeError::InputShape {
+                name: spec.name.clone(),
+                expected: shape_str(&spec.shape),
+                got: shape_str(input.shape),
+            });
+        }
+        let expected = spec.byte_len().unwrap_or(u64::MAX);
+        if input.bytes.len() as u64 != expected {
+            let (name, got) = (spec.name.clone(), input.bytes.len() as u64);
+            return Err(RuntimeError::BufferSize { kind: "input", name, expected, got });
+        }
+        if let Some(&Some(bound)) = view.index_bounds.get(index) {
+            check_index_input(spec, bound, input.bytes)?;
+        }
     }
+    Ok(())
 }
 
 impl std::fmt::Debug for Model {
@@ -402,16 +499,31 @@ fn check_digest(digest: &FileDigest, contents: &[u8]) -> Result<(), RuntimeError
     Ok(())
 }
 
-/// Inputs and outputs must have distinct names and sizes that fit in memory.
+/// Entry points must have distinct plain names; each entry's inputs and outputs distinct names
+/// and sizes that fit in memory.
 fn check_specs(manifest: &Manifest) -> Result<(), RuntimeError> {
-    let bounds = manifest.index_bounds.len();
-    if bounds != 0 && bounds != manifest.inputs.len() {
+    let views = manifest.entry_views();
+    for (i, view) in views.iter().enumerate() {
+        if let Some(problem) = name_problem(view.name) {
+            return Err(RuntimeError::invalid(format!("entry point name {:?} {problem}", view.name)));
+        }
+        if views[..i].iter().any(|v| v.name == view.name) {
+            return Err(RuntimeError::invalid(format!("two entry points are named {:?}", view.name)));
+        }
+        check_entry_specs(view)?;
+    }
+    Ok(())
+}
+
+fn check_entry_specs(view: &EntryView<'_>) -> Result<(), RuntimeError> {
+    let bounds = view.index_bounds.len();
+    if bounds != 0 && bounds != view.inputs.len() {
         return Err(RuntimeError::invalid(format!(
             "{bounds} index bounds for {} inputs (there must be one per input, or none)",
-            manifest.inputs.len()
+            view.inputs.len()
         )));
     }
-    for (kind, specs) in [("input", &manifest.inputs), ("output", &manifest.outputs)] {
+    for (kind, specs) in [("input", view.inputs), ("output", view.outputs)] {
         for (i, spec) in specs.iter().enumerate() {
             // Names become files under `kiln run -o` and C strings: one plain path component.
             if let Some(problem) = name_problem(&spec.name) {
@@ -420,7 +532,7 @@ fn check_specs(manifest: &Manifest) -> Result<(), RuntimeError> {
             if specs[..i].iter().any(|s| s.name == spec.name) {
                 return Err(RuntimeError::invalid(format!("two {kind}s are named {:?}", spec.name)));
             }
-            if kind == "input" && manifest.index_bounds.get(i).is_some_and(Option::is_some) {
+            if kind == "input" && view.index_bounds.get(i).is_some_and(Option::is_some) {
                 match spec.dtype {
                     DType::I32 | DType::I64 => {}
                     DType::F32 | DType::F64 | DType::F16 | DType::BF16 | DType::Bool => {
@@ -449,7 +561,15 @@ fn check_specs(manifest: &Manifest) -> Result<(), RuntimeError> {
 /// manifest can never make the runtime call `abort`, `exit` or `free`. The fault table is
 /// checked against the steps here too (`faults::check`).
 fn check_steps(manifest: &Manifest) -> Result<(), RuntimeError> {
-    for (i, step) in manifest.steps.iter().enumerate() {
+    for view in manifest.entry_views() {
+        check_entry_steps(manifest, view.steps)?;
+        crate::faults::check(&view, manifest.arena_bytes)?;
+    }
+    Ok(())
+}
+
+fn check_entry_steps(manifest: &Manifest, steps: &[crate::manifest::Step]) -> Result<(), RuntimeError> {
+    for (i, step) in steps.iter().enumerate() {
         let numbered = step
             .label
             .strip_prefix(&format!("k{i}"))
@@ -473,7 +593,102 @@ fn check_steps(manifest: &Manifest) -> Result<(), RuntimeError> {
             Target::Vulkan(_) | Target::Cuda(_) => {}
         }
     }
-    crate::faults::check(manifest)
+    Ok(())
+}
+
+/// The bytes of the arena that state `s` occupies (its range was checked at load).
+fn slot_range(s: &StateSpec) -> std::ops::Range<usize> {
+    let start = s.offset as usize;
+    start..start + s.byte_len().unwrap_or(0) as usize
+}
+
+fn state_weight_missing(s: &StateSpec, name: &str) -> RuntimeError {
+    RuntimeError::invalid(format!(
+        "state {:?} starts from weight {name:?}, which the weights file lacks",
+        s.name
+    ))
+}
+
+/// A GPU model keeps no state and has one entry point: its arena lives on the device, and
+/// reading and writing state there is not built yet. Train-step artifacts are compiled for
+/// the CPU.
+fn refuse_state_on_gpu(manifest: &Manifest) -> Result<(), RuntimeError> {
+    if manifest.state.is_empty() && manifest.entries.is_empty() {
+        return Ok(());
+    }
+    Err(RuntimeError::invalid(format!(
+        "a {} artifact with persistent state or entry points besides `{FORWARD_ENTRY}`: only CPU artifacts keep state",
+        manifest.target.describe()
+    )))
+}
+
+/// The state table must fit the arena: plain distinct names, sizes that fit in memory, slots
+/// 64-byte aligned inside the arena and apart from each other, initial weights of the slot's
+/// dtype and size; and every step's arena range must lie inside one slot or outside them all,
+/// so no scratch buffer ever shares a slot's bytes.
+fn check_state(manifest: &Manifest, weights: &WeightStore) -> Result<(), RuntimeError> {
+    let mut slots: Vec<(u64, u64, &str)> = Vec::with_capacity(manifest.state.len());
+    for (i, s) in manifest.state.iter().enumerate() {
+        let bad = |problem: String| RuntimeError::invalid(format!("state {:?} {problem}", s.name));
+        if let Some(problem) = name_problem(&s.name) {
+            return Err(bad(problem.to_string()));
+        }
+        if manifest.state[..i].iter().any(|o| o.name == s.name) {
+            return Err(bad("is declared twice".into()));
+        }
+        let bytes = s
+            .byte_len()
+            .filter(|&b| usize::try_from(b).is_ok())
+            .ok_or_else(|| bad(format!("of shape {} is too large for this machine", shape_str(&s.shape))))?;
+        let end = s.offset.checked_add(bytes).filter(|&e| e <= manifest.arena_bytes).ok_or_else(|| {
+            bad(format!(
+                "at arena offset {} ({bytes} bytes) lies outside the arena of {} bytes",
+                s.offset, manifest.arena_bytes
+            ))
+        })?;
+        if !s.offset.is_multiple_of(crate::buffer::ALIGN as u64) {
+            return Err(bad(format!("at arena offset {} is not 64-byte aligned", s.offset)));
+        }
+        if let StateInit::Weight { name } = &s.init {
+            let w = weights.get(name).ok_or_else(|| state_weight_missing(s, name))?;
+            if w.dtype != s.dtype || w.bytes.len() as u64 != bytes {
+                return Err(bad(format!(
+                    "is {}{} but starts from weight {name:?}, {}{}",
+                    s.dtype,
+                    shape_str(&s.shape),
+                    w.dtype,
+                    shape_str(w.shape)
+                )));
+            }
+        }
+        slots.push((s.offset, end, &s.name));
+    }
+    slots.sort_unstable();
+    for pair in slots.windows(2) {
+        if pair[1].0 < pair[0].1 {
+            return Err(RuntimeError::invalid(format!(
+                "state {:?} and {:?} overlap in the arena",
+                pair[0].2, pair[1].2
+            )));
+        }
+    }
+    for view in manifest.entry_views() {
+        for step in view.steps {
+            for arg in &step.args {
+                let crate::manifest::BufRef::Arena { offset, bytes } = arg else { continue };
+                let end = offset.saturating_add(*bytes);
+                let inside = slots.iter().any(|&(s, e, _)| s <= *offset && end <= e);
+                let apart = slots.iter().all(|&(s, e, _)| end <= s || e <= *offset);
+                if !(inside || apart) {
+                    return Err(RuntimeError::invalid(format!(
+                        "step {:?} of entry point {:?} reads or writes arena bytes {offset}..{end}, which straddle a state slot",
+                        step.label, view.name
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Every element of an index input must lie in `0..bound`, the smallest extent of the tables

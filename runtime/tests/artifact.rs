@@ -424,11 +424,11 @@ fn the_manifest_is_covered_by_its_digest_line() {
         assert_eq!(load_err(&toy), no_line);
     }
     // A manifest of an older format, which had no digest line, is refused by its version.
-    std::fs::write(toy.file(MANIFEST_FILE), body.replacen("format_version: 5", "format_version: 3", 1))
+    std::fs::write(toy.file(MANIFEST_FILE), body.replacen("format_version: 5", "format_version: 4", 1))
         .unwrap();
     assert_eq!(
         load_err(&toy),
-        "artifact format version 3, this runtime reads version 5: recompile the model"
+        "artifact format version 4, this runtime reads version 5: recompile the model"
     );
 }
 
@@ -773,6 +773,43 @@ fn divide_manifest() -> Manifest {
     }
 }
 
+/// [`divide_manifest`] with a second entry point, `again`, of the same steps and its own fault
+/// table (the same words: entry points never run at the same time).
+fn divide_manifest_with_entry() -> Manifest {
+    let mut m = divide_manifest();
+    m.entries.push(kiln_runtime::Entry {
+        name: "again".into(),
+        inputs: m.inputs.clone(),
+        index_bounds: m.index_bounds.clone(),
+        outputs: m.outputs.clone(),
+        steps: m.steps.clone(),
+        faults: m.faults.clone(),
+    });
+    m
+}
+
+/// Each entry point's run fills and reads its own fault words: a fault in `again` fails that
+/// run with the interpreter's words, and `forward` then runs clean.
+#[test]
+fn a_fault_in_any_entry_point_fails_its_run() {
+    let toy = Toy::custom(divide_manifest_with_entry(), DIVIDE_C);
+    let mut model = load(&toy, 2).unwrap();
+    let a: Vec<i32> = (0..64).map(|i| 100 - 7 * i).collect();
+    let good = vec![3i32; 64];
+    let mut bad = good.clone();
+    bad[5] = 0;
+    fn inputs<'a>(a: &'a [i32], b: &'a [i32]) -> [TensorRef<'a>; 2] {
+        [TensorRef::i32("a", &[64], a), TensorRef::i32("b", &[64], b)]
+    }
+    assert_eq!(
+        model.run_entry("again", &inputs(&a, &bad)).unwrap_err().to_string(),
+        "step \"k0 div [64]\" (div `q` at m.ron:3:17): integer division by zero (divisor element [5])"
+    );
+    let want: Vec<i32> = a.iter().map(|x| x / 3).collect();
+    assert_eq!(model.run(&inputs(&a, &good)).unwrap()[0].as_i32().unwrap(), want);
+    assert_eq!(model.run_entry("again", &inputs(&a, &good)).unwrap()[0].as_i32().unwrap(), want);
+}
+
 #[test]
 fn faults_recorded_by_a_kernel_fail_the_run_and_the_next_run_is_clean() {
     let toy = Toy::custom(divide_manifest(), DIVIDE_C);
@@ -814,37 +851,44 @@ fn fault_tables_are_checked_at_load() {
         &mut m.faults.as_mut().unwrap().sites[0]
     }
     let cases: [(&Edit, &str); 9] = [
-        (&|m| m.faults.as_mut().unwrap().sites.clear(), "fault table: 0 sites (the compiler lists 1 to 1048576)"),
-        (&|m| m.faults.as_mut().unwrap().offset = 4, "fault table: its 8 bytes at 4 lie outside the arena of 8 bytes"),
+        (&|m| m.faults.as_mut().unwrap().sites.clear(), "fault table of `forward`: 0 sites (the compiler lists 1 to 1048576)"),
+        (&|m| m.faults.as_mut().unwrap().offset = 4, "fault table of `forward`: its 8 bytes at 4 lie outside the arena of 8 bytes"),
         (
             &|m| {
                 m.arena_bytes = 16;
                 m.faults.as_mut().unwrap().offset = 2;
             },
-            "fault table: its words start at byte 2, not a multiple of 4",
+            "fault table of `forward`: its words start at byte 2, not a multiple of 4",
         ),
-        (&|m| site(m).step = 1, "fault table: site 0 names step 1 (of 1; sites are listed in step order)"),
-        (&|m| site(m).divisor = vec![2, 64], "fault table: site 0 has divisor shape [2, 64] that does not broadcast to [64]"),
-        (&|m| site(m).shape = vec![u64::MAX, 2], "fault table: site 0 has shape [18446744073709551615, 2] whose size overflows"),
+        (&|m| site(m).step = 1, "fault table of `forward`: site 0 names step 1 (of 1; sites are listed in step order)"),
+        (&|m| site(m).divisor = vec![2, 64], "fault table of `forward`: site 0 has divisor shape [2, 64] that does not broadcast to [64]"),
+        (&|m| site(m).shape = vec![u64::MAX, 2], "fault table of `forward`: site 0 has shape [18446744073709551615, 2] whose size overflows"),
         (
             &|m| site(m).name = Some("q\u{202E}".into()),
-            "fault table: site 0 has a name or position that is not plain text: \"q\\u{202e}\"",
+            "fault table of `forward`: site 0 has a name or position that is not plain text: \"q\\u{202e}\"",
         ),
         (
             &|m| {
                 m.steps[0].args.pop();
             },
-            "fault table: step \"k0 div [64]\" holds a fault site, but its last argument is not the fault words (arena bytes 0..8)",
+            "fault table of `forward`: step \"k0 div [64]\" holds a fault site, but its last argument is not the fault words (arena bytes 0..8)",
         ),
         (
             &|m| {
                 m.arena_bytes = 16;
                 m.steps[0].args[2] = BufRef::Arena { offset: 4, bytes: 8 };
             },
-            "fault table: step \"k0 div [64]\" argument 2 (arena bytes 4..12) overlaps the fault words",
+            "fault table of `forward`: step \"k0 div [64]\" argument 2 (arena bytes 4..12) overlaps the fault words",
         ),
     ];
     for (edit, words) in cases {
         assert_eq!(refused(edit), format!("invalid manifest: {words}"));
     }
+    // Every entry point's table is checked against its own steps.
+    let mut m = divide_manifest_with_entry();
+    m.entries[0].faults.as_mut().unwrap().sites[0].step = 1;
+    assert_eq!(
+        load_err(&Toy::custom(m, DIVIDE_C)),
+        "invalid manifest: fault table of `again`: site 0 names step 1 (of 1; sites are listed in step order)"
+    );
 }

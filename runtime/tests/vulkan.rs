@@ -382,6 +382,24 @@ fn refuses_bad_buffer_references() {
     if !ready() {
         return;
     }
+    // Persistent state and extra entry points are CPU-only (`docs/training.md`).
+    let mut a = GpuArtifact::chain();
+    a.edit(|m| {
+        m.state.push(kiln_runtime::StateSpec {
+            name: "w".into(),
+            dtype: DType::F32,
+            shape: vec![4],
+            offset: 0,
+            init: kiln_runtime::StateInit::Zeros,
+        })
+    });
+    assert!(
+        load_err(&a).ends_with(
+            "with persistent state or entry points besides `forward`: only CPU artifacts keep state"
+        ),
+        "{}",
+        load_err(&a)
+    );
     let mut a = GpuArtifact::chain();
     a.edit(|m| m.steps[1].args[2] = BufRef::Arena { offset: U_OFFSET, bytes: PLANE + 4 });
     assert_eq!(

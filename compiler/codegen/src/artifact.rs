@@ -1,17 +1,22 @@
 //! Writing an artifact: `OUT.kiln/` with `manifest.ron`, `kernels.so` and
 //! `weights.safetensors`, in the format kiln-runtime reads (its `manifest` module is the
 //! contract; this is the only writer).
+//!
+//! A CPU artifact may hold several entry points over one arena and one persistent state
+//! ([`build_entries`]: `forward` and `train_step`): their schedules share the state's slots,
+//! their kernels are compiled into one `kernels.so` (each distinct kernel once), and the
+//! state's initial values that come from the weights are stored with them.
 
 use crate::gpu::ptxas::{Assembled, Ptxas};
 use crate::gpu::{self, GpuCaps, GpuLowering, GpuProgram, PtxModule, SpirvModule};
 use crate::{build, program, CodegenError, Compiled, Target};
 use kiln_ir::{fmt_shape, DType, Tensor};
 use kiln_runtime::{
-    BufRef, CudaTarget, Dispatch, FileDigest, Manifest, ModuleRange, Step, TargetInfo, TensorSpec,
-    VulkanTarget, ARTIFACT_FORMAT_VERSION, CUBIN_FILE, KERNELS_FILE, MANIFEST_FILE, PTX_FILE, SPIRV_FILE,
-    WEIGHTS_FILE,
+    BufRef, CudaTarget, Dispatch, Entry, FileDigest, Manifest, ModuleRange, StateSpec, Step, TargetInfo,
+    TensorSpec, VulkanTarget, ARTIFACT_FORMAT_VERSION, CUBIN_FILE, KERNELS_FILE, MANIFEST_FILE, PTX_FILE,
+    SPIRV_FILE, WEIGHTS_FILE,
 };
-use kiln_sched::{Schedule, Storage};
+use kiln_sched::{Schedule, StateSlot, Storage};
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -80,11 +85,12 @@ impl Stored {
     }
 
     /// The argument for buffer `b` as the kernel reads it: the caller's input or output, a
-    /// range of the arena, or a weight stored as written.
+    /// range of the arena (scratch, or a slot of `state`), or a weight stored as written.
     fn arg(
         &mut self,
         b: &kiln_sched::Buffer,
         params: &HashMap<String, Tensor>,
+        state: &[StateSlot],
     ) -> Result<BufRef, CodegenError> {
         let bytes = b.bytes() as u64;
         Ok(match &b.storage {
@@ -95,6 +101,14 @@ impl Stored {
                 BufRef::Weight { name: name.clone(), bytes }
             }
             Storage::Arena { offset } => BufRef::Arena { offset: *offset as u64, bytes },
+            Storage::State { index } => {
+                let slot = state.get(*index).ok_or_else(|| {
+                    CodegenError::Artifact(format!(
+                        "a buffer names state slot {index}, which is not in the layout"
+                    ))
+                })?;
+                BufRef::Arena { offset: slot.offset as u64, bytes }
+            }
         })
     }
 }
@@ -108,19 +122,59 @@ pub fn build_artifact(
     target: &dyn Target,
     dir: &Path,
 ) -> Result<Built, CodegenError> {
+    build_entries(model, &[(kiln_runtime::FORWARD_ENTRY, s)], params, target, dir)
+}
+
+/// Compiles the entry points `entries` (name and schedule, `forward` first) for `target` into
+/// one artifact in `dir`. Their schedules must share one state layout
+/// (`kiln_sched::schedule_with_state`); `params` holds every parameter, including the initial
+/// value of each state variable that starts from the weights.
+pub fn build_entries(
+    model: &str,
+    entries: &[(&str, &Schedule)],
+    params: &HashMap<String, Tensor>,
+    target: &dyn Target,
+    dir: &Path,
+) -> Result<Built, CodegenError> {
     let t0 = Instant::now();
-    let program = program::kernels(s, target)?;
+    let (first_name, first) =
+        *entries.first().ok_or_else(|| CodegenError::Artifact("no entry point to build".into()))?;
+    if first_name != kiln_runtime::FORWARD_ENTRY {
+        return Err(CodegenError::Artifact(format!(
+            "the first entry point is `{first_name}`, not `{}`",
+            kiln_runtime::FORWARD_ENTRY
+        )));
+    }
+    if let Some((name, _)) =
+        entries.iter().find(|(_, e)| e.state != first.state || e.arena_align != first.arena_align)
+    {
+        return Err(CodegenError::Artifact(format!(
+            "entry point `{name}` has another state layout than `{first_name}`"
+        )));
+    }
+    let merged = merge(entries);
+    // Each entry point reports into its own fault slot (placed after its own scratch).
+    let words: Vec<Option<usize>> = entries
+        .iter()
+        .flat_map(|(_, e)| {
+            let words = e.faults.as_ref().map(|f| e.buffers[f.slot].len);
+            std::iter::repeat_n(words, e.kernels.len())
+        })
+        .collect();
+    let owner: Vec<&Schedule> =
+        entries.iter().flat_map(|(_, e)| std::iter::repeat_n(*e, e.kernels.len())).collect();
+    let program = program::kernels_with_faults(&merged, target, &words)?;
     let t1 = Instant::now();
 
     // Every step's arguments; the weights they name are the ones stored. A weight that only
     // feeds matmuls as B is stored packed, and not as written.
     let mut stored = Stored::default();
-    let mut steps = Vec::with_capacity(s.kernels.len());
-    for (i, (&ki, sk)) in program.step_kernel.iter().zip(&s.kernels).enumerate() {
+    let mut all_steps = Vec::with_capacity(merged.kernels.len());
+    for (i, (&ki, sk)) in program.step_kernel.iter().zip(&merged.kernels).enumerate() {
         let k = &program.kernels[ki];
         let mut args = Vec::with_capacity(sk.inputs.len() + 1);
         for (j, o) in sk.inputs.iter().chain(std::iter::once(&sk.output)).enumerate() {
-            let b = &s.buffers[o.buffer];
+            let b = &merged.buffers[o.buffer];
             let packed = program.step_packed_b[i].filter(|_| j == 1);
             let arg = match (&b.storage, packed) {
                 (Storage::Weight { .. } | Storage::Const { .. }, Some(w)) => {
@@ -128,20 +182,40 @@ pub fn build_artifact(
                     stored.add(&w.name, || w.pack(constant(b, params)?))?;
                     BufRef::Weight { name: w.name.clone(), bytes: (w.panels.len() * 4) as u64 }
                 }
-                _ => stored.arg(b, params)?,
+                _ => stored.arg(b, params, &merged.state)?,
             };
             args.push(arg);
         }
-        args.extend(fault_arg(s, sk, &mut stored, params)?);
-        steps.push(Step {
+        args.extend(fault_arg(owner[i], sk, &mut stored, params)?);
+        all_steps.push(Step {
             symbol: crate::Kernel::entry(&k.symbol),
-            label: format!("k{i} {} {}", sk.name(), fmt_shape(&sk.output.view.shape)),
+            label: String::new(),
             args,
             dispatch: Dispatch::Cpu { range: k.range as u64, grain: k.grain.max(1) as u64 },
             flops: k.flops,
             bytes: k.bytes,
         });
     }
+    // Each entry's steps, labelled from its own first step.
+    let mut rest = all_steps.into_iter();
+    let mut per_entry: Vec<Vec<Step>> = Vec::with_capacity(entries.len());
+    for (_, e) in entries {
+        let steps: Vec<Step> = rest
+            .by_ref()
+            .take(e.kernels.len())
+            .zip(&e.kernels)
+            .enumerate()
+            .map(|(i, (step, sk))| Step {
+                label: format!("k{i} {} {}", sk.name(), fmt_shape(&sk.output.view.shape)),
+                ..step
+            })
+            .collect();
+        per_entry.push(steps);
+    }
+    let state = state_table(&first.state, params, &mut stored)?;
+    let mut per_entry = per_entry.into_iter();
+    let steps = per_entry.next().unwrap_or_default();
+    let s = first;
     let mut manifest = Manifest {
         format_version: ARTIFACT_FORMAT_VERSION,
         model: model.to_string(),
@@ -154,11 +228,26 @@ pub fn build_artifact(
         inputs: s.inputs.iter().map(tensor_spec).collect(),
         index_bounds: s.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
         outputs: s.outputs.iter().map(tensor_spec).collect(),
-        arena_bytes: s.arena_bytes as u64,
+        arena_bytes: entries.iter().map(|(_, e)| e.arena_bytes).max().unwrap_or(0) as u64,
         // Filled in below, once the files exist (the contract digest leaves them out).
         files: Vec::new(),
         modules: Vec::new(),
         steps,
+        state,
+        entries: entries[1..]
+            .iter()
+            .zip(per_entry)
+            .map(|((name, e), steps)| {
+                Ok(Entry {
+                    name: name.to_string(),
+                    inputs: e.inputs.iter().map(tensor_spec).collect(),
+                    index_bounds: e.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
+                    outputs: e.outputs.iter().map(tensor_spec).collect(),
+                    steps,
+                    faults: fault_table(e)?,
+                })
+            })
+            .collect::<Result<_, CodegenError>>()?,
         faults: fault_table(s)?,
     };
     // The kernels carry the digest of the manifest they were compiled for, so the runtime
@@ -182,6 +271,77 @@ pub fn build_artifact(
     std::fs::write(&mpath, text).map_err(|e| io_err(&mpath, e))?;
     let t3 = Instant::now();
     Ok(Built { manifest, compiled, emit_time: t1 - t0, compile_time: t2 - t1, write_time: t3 - t2 })
+}
+
+/// The entries' schedules as one, for compiling their kernels together: buffers and kernels
+/// one entry's after another's (operands renumbered), the first entry's interface. Arena
+/// offsets stay as planned: entry points never run at once, so their scratch may overlap.
+fn merge(entries: &[(&str, &Schedule)]) -> Schedule {
+    let mut merged = entries[0].1.clone();
+    for (_, e) in &entries[1..] {
+        let base = merged.buffers.len();
+        merged.buffers.extend(e.buffers.iter().cloned());
+        merged.kernels.extend(e.kernels.iter().map(|k| {
+            let mut k = k.clone();
+            for o in k.inputs.iter_mut().chain(std::iter::once(&mut k.output)) {
+                o.buffer += base;
+            }
+            k
+        }));
+    }
+    merged
+}
+
+/// The manifest's state table; each slot that starts from the weights has its value stored
+/// under its own name.
+fn state_table(
+    slots: &[StateSlot],
+    params: &HashMap<String, Tensor>,
+    stored: &mut Stored,
+) -> Result<Vec<StateSpec>, CodegenError> {
+    slots
+        .iter()
+        .map(|slot| {
+            let init = match slot.init {
+                kiln_ir::StateInit::Zeros => kiln_runtime::StateInit::Zeros,
+                kiln_ir::StateInit::Weights => {
+                    let value = params.get(&slot.name).ok_or_else(|| {
+                        CodegenError::Artifact(format!("no value for state `{}` to start from", slot.name))
+                    })?;
+                    if value.dtype() != slot.dtype || value.shape != slot.shape {
+                        return Err(CodegenError::Artifact(format!(
+                            "state `{}` is {}{} but its value is {}{}",
+                            slot.name,
+                            slot.dtype,
+                            fmt_shape(&slot.shape),
+                            value.dtype(),
+                            fmt_shape(&value.shape)
+                        )));
+                    }
+                    stored.add(&slot.name, || Ok(value.clone()))?;
+                    kiln_runtime::StateInit::Weight { name: slot.name.clone() }
+                }
+            };
+            Ok(StateSpec {
+                name: slot.name.clone(),
+                dtype: runtime_dtype(slot.dtype),
+                shape: slot.shape.iter().map(|&d| d as u64).collect(),
+                offset: slot.offset as u64,
+                init,
+            })
+        })
+        .collect()
+}
+
+/// GPU artifacts keep no state yet: the runtime's GPU backends have no way to read or write
+/// the device arena between runs.
+fn refuse_state(s: &Schedule, target: &str) -> Result<(), CodegenError> {
+    if s.state.is_empty() {
+        return Ok(());
+    }
+    Err(CodegenError::Unsupported(format!(
+        "a graph with persistent state (a train-step artifact) on the {target} target: state is kept by CPU artifacts only so far; compile for the CPU"
+    )))
 }
 
 /// What building a Vulkan artifact produced, and how long each part took.
@@ -210,6 +370,7 @@ pub fn build_vulkan_artifact(
     caps: &GpuCaps,
     dir: &Path,
 ) -> Result<BuiltGpu, CodegenError> {
+    refuse_state(s, "Vulkan")?;
     let t0 = Instant::now();
     let program = gpu::kernels(s, caps)?;
     let t1 = Instant::now();
@@ -254,6 +415,8 @@ pub fn build_vulkan_artifact(
         files: Vec::new(),
         modules: ranges,
         steps,
+        state: Vec::new(),
+        entries: Vec::new(),
         faults: fault_table(s)?,
     };
     // kernels.spv ends, after its last module, with the digest of the manifest its modules were
@@ -309,6 +472,7 @@ pub fn build_cuda_artifact(
             return Err(CodegenError::Unsupported(format!("a CUDA artifact for the {} target", caps.name)))
         }
     };
+    refuse_state(s, "CUDA")?;
     let t0 = Instant::now();
     let program = gpu::kernels(s, caps)?;
     let t1 = Instant::now();
@@ -353,6 +517,8 @@ pub fn build_cuda_artifact(
         files: Vec::new(),
         modules: ranges,
         steps,
+        state: Vec::new(),
+        entries: Vec::new(),
         faults: fault_table(s)?,
     };
     // kernels.ptx ends, after its last module, with the digest of the manifest its modules
@@ -425,7 +591,7 @@ fn gpu_steps(
                 }
                 continue;
             }
-            args.push(stored.arg(b, params)?);
+            args.push(stored.arg(b, params, &s.state)?);
         }
         args.extend(fault_arg(s, sk, &mut stored, params)?);
         steps.push(Step {
@@ -452,7 +618,7 @@ fn fault_arg(
     params: &HashMap<String, Tensor>,
 ) -> Result<Option<BufRef>, CodegenError> {
     match (&s.faults, sk.can_fault()) {
-        (Some(f), true) => Ok(Some(stored.arg(&s.buffers[f.slot], params)?)),
+        (Some(f), true) => Ok(Some(stored.arg(&s.buffers[f.slot], params, &s.state)?)),
         (None, true) => Err(CodegenError::Artifact(
             "a kernel with a fault site in a schedule without a fault slot".into(),
         )),
@@ -465,7 +631,11 @@ fn fault_table(s: &Schedule) -> Result<Option<kiln_runtime::Faults>, CodegenErro
     let Some(f) = &s.faults else { return Ok(None) };
     let offset = match s.buffers[f.slot].storage {
         Storage::Arena { offset } => offset as u64,
-        Storage::Input { .. } | Storage::Output { .. } | Storage::Weight { .. } | Storage::Const { .. } => {
+        Storage::Input { .. }
+        | Storage::Output { .. }
+        | Storage::Weight { .. }
+        | Storage::Const { .. }
+        | Storage::State { .. } => {
             return Err(CodegenError::Artifact("the fault slot is not in the arena".into()))
         }
     };

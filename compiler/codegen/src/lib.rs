@@ -28,7 +28,9 @@ pub mod program;
 mod smoke;
 pub mod target;
 
-pub use artifact::{build_artifact, build_cuda_artifact, build_vulkan_artifact, Built, BuiltCuda, BuiltGpu};
+pub use artifact::{
+    build_artifact, build_cuda_artifact, build_entries, build_vulkan_artifact, Built, BuiltCuda, BuiltGpu,
+};
 pub use build::{compile, link_shared, Compiled};
 pub use context::{context, run_pass_pipeline, verify};
 pub use error::CodegenError;

@@ -34,11 +34,20 @@ pub(crate) fn broadcast(s: &Schedule, o: &Operand, shape: &[usize]) -> View {
 /// The fault words `k` takes as its last argument when it holds a fault site (see
 /// `kiln_sched::Faults`), as a flat `i32` view.
 pub(crate) fn fault_slot(s: &Schedule, k: &kiln_sched::Kernel) -> Result<Option<View>, CodegenError> {
+    fault_view(fault_words(s), k)
+}
+
+/// The number of fault words of `s`, when it has a fault slot.
+fn fault_words(s: &Schedule) -> Option<usize> {
+    s.faults.as_ref().map(|f| s.buffers[f.slot].len)
+}
+
+/// The fault words' view for `k`, given the slot's length in words (`None`: no slot).
+fn fault_view(words: Option<usize>, k: &kiln_sched::Kernel) -> Result<Option<View>, CodegenError> {
     if !k.can_fault() {
         return Ok(None);
     }
-    let faults = s.faults.as_ref().ok_or_else(|| bad("a fault site without a fault slot"))?;
-    let len = s.buffers[faults.slot].len;
+    let len = words.ok_or_else(|| bad("a fault site without a fault slot"))?;
     Ok(Some(View {
         shape: vec![len],
         strides: vec![1],
@@ -107,13 +116,23 @@ impl PackedWeight {
 /// Generates every kernel of `s` for `target`. Kernels whose MLIR is the same (the layers of
 /// a transformer) are compiled once and shared by their steps.
 pub fn kernels(s: &Schedule, target: &dyn Target) -> Result<Program, CodegenError> {
+    kernels_with_faults(s, target, &vec![fault_words(s); s.kernels.len()])
+}
+
+/// As [`kernels`], for a schedule whose kernels report into different fault slots (the entry
+/// points of one artifact, one after another): `words[i]` is the length of kernel `i`'s slot.
+pub(crate) fn kernels_with_faults(
+    s: &Schedule,
+    target: &dyn Target,
+    words: &[Option<usize>],
+) -> Result<Program, CodegenError> {
     let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     let mut kernels = Vec::new();
     let mut step_kernel = Vec::with_capacity(s.kernels.len());
     let mut packed: Vec<PackedWeight> = Vec::new();
     let mut step_packed_b = Vec::with_capacity(s.kernels.len());
     for (i, k) in s.kernels.iter().enumerate() {
-        let (mut made, pack) = kernel(s, PROVISIONAL, k, target)?;
+        let (mut made, pack) = kernel(s, PROVISIONAL, k, words.get(i).copied().flatten(), target)?;
         step_packed_b.push(pack.map(|w| intern(&mut packed, s, w)));
         let index = match seen.get(&made.mlir) {
             Some(&j) => j,
@@ -174,6 +193,7 @@ fn kernel(
     s: &Schedule,
     sym: &str,
     k: &kiln_sched::Kernel,
+    fault_words: Option<usize>,
     target: &dyn Target,
 ) -> Result<(Kernel, Option<Unnamed>), CodegenError> {
     let out = plain(s, &k.output);
@@ -181,7 +201,7 @@ fn kernel(
     let op = match &k.op {
         KernelOp::Elementwise(expr) => {
             let inputs: Vec<View> = ins.iter().map(|o| plain(s, o)).collect();
-            let slot = fault_slot(s, k)?;
+            let slot = fault_view(fault_words, k)?;
             return Ok((kernels::elementwise::emit(sym, expr, &inputs, &out, slot.as_ref())?, None));
         }
         KernelOp::Node(op) => op,

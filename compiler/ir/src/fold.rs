@@ -8,6 +8,9 @@
 //! that is not weight-only (or a graph output, or a view) reads it, and its result is no
 //! larger than the parameters and constants it is computed from (folding must not turn a
 //! broadcast into stored copies).
+//!
+//! Persistent state (`Graph::state`: parameters that train) is never folded: its value
+//! changes from one run to the next.
 
 use crate::graph::{Graph, NodeId};
 use crate::interp::{eval_op, EvalError};
@@ -28,7 +31,8 @@ pub struct Folded {
 /// its value added to `params` (the graph alone no longer says what it holds: its
 /// initializer is a placeholder); nodes left without users are removed.
 pub fn fold_weights(g: &mut Graph, params: &mut HashMap<String, Tensor>) -> Result<Folded, EvalError> {
-    let folds = foldable(g, |name| params.contains_key(name));
+    // State changes from run to run: it is never a weight to fold.
+    let folds = foldable(g, |name| params.contains_key(name) && g.state_var(name).is_none());
     let mut values: HashMap<NodeId, Tensor> = HashMap::new();
     let mut folded = Folded::default();
     for (n, sources) in folds {
@@ -51,7 +55,7 @@ pub fn fold_weights(g: &mut Graph, params: &mut HashMap<String, Tensor>) -> Resu
 pub fn fold_weights_without_values(g: &mut Graph) -> Folded {
     let params: BTreeSet<String> = g.params().into_iter().map(|n| leaf_name(&g.node(n).op)).collect();
     let mut folded = Folded::default();
-    for (n, sources) in foldable(g, |_| true) {
+    for (n, sources) in foldable(g, |name| g.state_var(name).is_none()) {
         make_param(g, n, &sources, &mut folded, |name| params.contains(name));
     }
     if !folded.params.is_empty() {
@@ -263,6 +267,31 @@ mod tests {
         assert_eq!(fold_weights(&mut g, &mut p).unwrap(), Folded::default());
         assert_eq!(g.node_count(), count);
         assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn trained_weights_are_not_folded_and_frozen_ones_still_are() {
+        let build = || {
+            let mut g = Graph::new("mixed");
+            let x = input(&mut g, "x", &[3, 4]);
+            let (frozen, trained) = (param(&mut g, "frozen", &[4, 5]), param(&mut g, "trained", &[4, 5]));
+            let (f2, t2) = (
+                g.add(Op::Binary(BinaryOp::Mul), &[frozen, frozen]).unwrap(),
+                g.add(Op::Binary(BinaryOp::Mul), &[trained, trained]).unwrap(),
+            );
+            let w = g.add(Op::Binary(BinaryOp::Add), &[f2, t2]).unwrap();
+            let y = g.add(Op::MatMul, &[x, w]).unwrap();
+            g.add_output("y", y);
+            g.declare_state("trained", crate::StateInit::Weights, None).unwrap();
+            g
+        };
+        let mut g = build();
+        let mut p = params(&[("frozen", &[4, 5]), ("trained", &[4, 5])]);
+        let folded = fold_weights(&mut g, &mut p).unwrap();
+        assert_eq!(folded.params, [("folded.mul(frozen)#0".to_string(), "mul".to_string())]);
+        assert_eq!(ops(&g), ["add", "input", "matmul", "mul", "param", "param"]);
+        let mut without = build();
+        assert_eq!(fold_weights_without_values(&mut without), folded);
     }
 
     #[test]

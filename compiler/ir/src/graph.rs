@@ -7,6 +7,7 @@
 use crate::dtype::TensorType;
 use crate::infer::{infer, InferError};
 use crate::op::Op;
+use crate::state::StateVar;
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
@@ -55,6 +56,9 @@ pub struct Graph {
     pub inputs: Vec<NodeId>,
     /// Named graph outputs in declaration order.
     pub outputs: Vec<(String, NodeId)>,
+    /// Persistent state, read through parameters of the same names and updated at the end of
+    /// a run (`state.rs`); empty for a plain function of its inputs.
+    pub state: Vec<StateVar>,
 }
 
 impl Graph {
@@ -164,10 +168,12 @@ impl Graph {
         self.topo_order().len() != self.g.node_count()
     }
 
-    /// Removes every node that no output depends on. Returns how many were removed.
+    /// Removes every node that no output or state update depends on. Returns how many were
+    /// removed.
     pub fn remove_dead(&mut self) -> usize {
         let mut live = std::collections::HashSet::new();
         let mut stack: Vec<NodeId> = self.outputs.iter().map(|(_, n)| *n).collect();
+        stack.extend(self.state.iter().filter_map(|s| s.update));
         stack.extend(self.inputs.iter().copied());
         while let Some(n) = stack.pop() {
             if live.insert(n) {

@@ -4,7 +4,8 @@
 //! [`infer`] holds the typing rules, [`verify`] re-checks a whole graph, [`print`] renders it
 //! as text, DOT or JSON, and [`interp`] is the reference interpreter every later stage is
 //! tested against. [`seeded_input`] makes the deterministic stand-ins for inputs a run is not
-//! given. [`autodiff`] appends the reverse-mode gradient of a loss to a graph.
+//! given. A graph may keep persistent state between runs (`Graph::state`, [`eval_step`]).
+//! [`autodiff`] appends the reverse-mode gradient of a loss to a graph.
 
 pub mod alloc;
 pub mod autodiff;
@@ -18,6 +19,7 @@ mod op;
 pub mod print;
 pub mod rng;
 mod seeded;
+mod state;
 mod tensor;
 pub mod tensor_io;
 mod verify;
@@ -35,6 +37,7 @@ pub use op::{
     fmt_f64, Activation, BinaryOp, CompareOp, GeluApprox, Init, NormKind, Op, PoolKind, ReduceOp, UnaryOp,
 };
 pub use seeded::{index_bound, seeded_input, seeded_input_bounded, seeded_inputs, InputFill, SeededInput};
+pub use state::{eval_step, initial_state, StateError, StateInit, StateVar};
 pub use tensor::{Buffer, ShapeMismatch, Tensor};
 pub use verify::{verify, VerifyError};
 pub use weights::{

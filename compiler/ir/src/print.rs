@@ -21,7 +21,8 @@ pub struct TextOptions {
 }
 
 /// The stable text form, one node per line:
-/// `%3 = matmul(%1, %2) : f32[2, 4]  # name`.
+/// `%3 = matmul(%1, %2) : f32[2, 4]  # name`, then the outputs and the state
+/// (`state NAME : TYPE = zeros|weights <- %N`, the update when it has one).
 pub fn to_text(g: &Graph, opts: TextOptions) -> String {
     let (order, num) = numbering(g);
     let mut s = String::new();
@@ -54,6 +55,15 @@ pub fn to_text(g: &Graph, opts: TextOptions) -> String {
     }
     for (name, id) in &g.outputs {
         let _ = writeln!(s, "  output {name} = %{}", num[id]);
+    }
+    for v in &g.state {
+        let _ = write!(s, "  state {} : {} = {}", v.name, v.ty, v.init.name());
+        match v.update {
+            Some(u) => {
+                let _ = writeln!(s, " <- %{}", num[&u]);
+            }
+            None => s.push('\n'),
+        }
     }
     s.push_str("}\n");
     s

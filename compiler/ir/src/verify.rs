@@ -14,10 +14,13 @@ pub enum VerifyError {
     DanglingOutput(String),
     #[error("two outputs are both named `{0}`")]
     DuplicateOutput(String),
+    #[error("state: {0}")]
+    State(String),
 }
 
 /// Checks that the graph is acyclic, every node's type matches inference, operand positions
-/// are dense, and outputs are unique and present. Reports the first problem.
+/// are dense, outputs are unique and present, and the state table fits the graph (names
+/// unique, reads and updates of the state's type). Reports the first problem.
 pub fn verify(g: &Graph) -> Result<(), VerifyError> {
     if g.has_cycle() {
         return Err(VerifyError::Cycle);
@@ -32,6 +35,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
             return Err(VerifyError::DuplicateOutput(name.clone()));
         }
     }
+    crate::state::check(g).map_err(VerifyError::State)?;
     for id in g.node_ids() {
         let node = g.node(id);
         let fail = |msg: String| VerifyError::Node { node: id.index(), op: node.op.name(), msg };

@@ -2,17 +2,20 @@
 //! Nesterov, weight decay), Adam, AdamW and RMSprop (momentum, centered, weight decay), and
 //! global-norm gradient clipping (`torch.nn.utils.clip_grad_norm_`).
 //!
-//! The IR has no persistent state yet, so a train step takes the optimizer's state as graph
-//! inputs and returns the new state as outputs, under the checkpoint names a training run
-//! will save (`optim.step`, `optim.m.NAME`, `optim.v.NAME`, `optim.momentum.NAME`,
-//! `optim.square_avg.NAME`, `optim.grad_avg.NAME`); the step count lives in the graph, so
-//! bias corrections and the learning rate of a schedule (`schedule.rs`) need no
-//! recompilation.
+//! A train step takes the optimizer's state as graph inputs and returns the new state as
+//! outputs, under the checkpoint names a training run saves (`optim.step`, `optim.m.NAME`,
+//! `optim.v.NAME`, `optim.momentum.NAME`, `optim.square_avg.NAME`, `optim.grad_avg.NAME`);
+//! the step count lives in the graph, so bias corrections and the learning rate of a schedule
+//! (`schedule.rs`) need no recompilation. [`declare_train_state`] turns those inputs and
+//! outputs, and the parameters with their `param.NAME` outputs, into the graph's persistent
+//! state (`kiln_ir::StateVar`), updated in place by a compiled train step.
 
 use crate::schedule::{learning_rate, Schedule};
 use crate::training::{training_graph, TrainingError, TrainingPlan};
 use crate::Lowered;
-use kiln_ir::{BinaryOp, CompareOp, DType, Graph, InferError, NodeId, Op, ReduceOp, UnaryOp};
+use kiln_ir::{
+    BinaryOp, CompareOp, DType, Graph, InferError, NodeId, Op, ReduceOp, StateError, StateInit, UnaryOp,
+};
 use std::collections::HashMap;
 
 /// An optimizer with every hyper-parameter resolved.
@@ -366,6 +369,19 @@ pub fn train_step(lowered: &Lowered) -> Result<TrainStep, TrainingError> {
     Ok(TrainStep { graph: g, optimizer: opt, schedule })
 }
 
+/// The parameters' names in `g`, in topological order, each once.
+fn param_names(g: &Graph) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for p in g.params() {
+        if let Op::Param { name, .. } = &g.node(p).op {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+    }
+    names
+}
+
 /// The prefix of a parameter's name when [`params_as_inputs`] makes it an input: the name a
 /// train step gives the parameter's new value, so that output feeds the next step's input.
 pub const PARAM_INPUT_PREFIX: &str = "param.";
@@ -386,6 +402,35 @@ pub fn params_as_inputs(g: &mut Graph) -> Vec<String> {
         g.inputs.push(id);
     }
     names
+}
+
+/// Declares the persistent state of a train step's graph (as [`train_step`] built it, or its
+/// optimized form, which keeps the names): each parameter, starting from the weights and
+/// updated by its output `param.NAME`; then `optim.step` and each parameter's optimizer state
+/// `optim.KIND.NAME`, starting from zeros and updated by the output of the same name. Those
+/// inputs and outputs leave the interface; `loss`, `optim.lr` and `optim.grad_norm` remain.
+pub fn declare_train_state(g: &mut Graph, opt: &Optimizer) -> Result<(), StateError> {
+    let names = param_names(g);
+    for name in &names {
+        g.declare_state(name, StateInit::Weights, Some(&format!("param.{name}")))?;
+    }
+    g.declare_state("optim.step", StateInit::Zeros, Some("optim.step"))?;
+    for name in &names {
+        for kind in opt.state_names() {
+            let state = format!("optim.{kind}.{name}");
+            g.declare_state(&state, StateInit::Zeros, Some(&state))?;
+        }
+    }
+    Ok(())
+}
+
+/// Declares the parameters of a model's forward graph persistent state that it only reads, so
+/// a forward entry point beside a train step computes with the trained values.
+pub fn declare_forward_state(g: &mut Graph) -> Result<(), StateError> {
+    for name in param_names(g) {
+        g.declare_state(&name, StateInit::Weights, None)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

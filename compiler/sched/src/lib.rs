@@ -2,7 +2,8 @@
 //!
 //! [`schedule`] partitions the graph into kernels ([`partition`](crate) — fused ops, fused
 //! elementwise loops, views instead of copies) and places every scratch buffer in one arena
-//! ([`memory`] — liveness, then greedy best-fit). The result is target-independent: code
+//! ([`memory`] — liveness, then greedy best-fit), after the slots of the graph's persistent
+//! state (`state.rs`), which no scratch buffer shares. The result is target-independent: code
 //! generation turns each [`Kernel`] into machine code, the runtime runs them in order.
 
 mod faults;
@@ -10,11 +11,13 @@ mod memory;
 mod partition;
 mod plan;
 pub mod print;
+mod state;
 mod view;
 
 pub use faults::{FaultKind, FaultSite, Faults};
 pub use memory::ALIGN;
-pub use plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, Schedule, Storage};
+pub use plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, Schedule, StateSlot, Storage};
+pub use state::state_layout;
 pub use view::StridedView;
 
 use kiln_ir::Graph;
@@ -35,11 +38,24 @@ pub fn schedule(g: &Graph) -> Result<Schedule, SchedError> {
 /// [`schedule`] with every arena offset a multiple of `align` (a power of two, at least
 /// [`ALIGN`]): a GPU target binds each buffer separately, at its device's binding alignment.
 pub fn schedule_aligned(g: &Graph, align: usize) -> Result<Schedule, SchedError> {
+    schedule_with_state(g, align, &state_layout(&g.state, align))
+}
+
+/// [`schedule_aligned`] with the persistent state in the slots of `layout` (made by
+/// [`state_layout`] at the same `align`), which may hold more variables than `g` reads: the
+/// entry points of one artifact (`forward`, `train_step`) share one layout and so one state.
+pub fn schedule_with_state(g: &Graph, align: usize, layout: &[StateSlot]) -> Result<Schedule, SchedError> {
     if !align.is_power_of_two() || align < ALIGN {
         return Err(SchedError::Invalid(format!("arena alignment {align} is not a power of two ≥ {ALIGN}")));
     }
-    let mut p = partition::partition(g)?;
-    let (arena_bytes, arena_bytes_unshared) = memory::plan(&mut p.buffers, &p.kernels, align);
+    if layout.iter().any(|s| !s.offset.is_multiple_of(align)) {
+        return Err(SchedError::Invalid(format!("a state slot is not aligned to {align} bytes")));
+    }
+    state::check_layout(&g.state, layout)?;
+    let mut p = partition::partition(g, layout)?;
+    // The arena holds the state's slots, then the scratch buffers, then the fault words.
+    let base = state::state_bytes(layout, align);
+    let (arena_bytes, arena_bytes_unshared) = memory::plan(&mut p.buffers, &p.kernels, align, base);
     let sites = faults::renumber(&mut p.kernels, p.fault_sites);
     let (faults, slot_bytes) = faults::reserve(&mut p.buffers, p.kernels.len(), sites, arena_bytes, align);
     let (arena_bytes, arena_bytes_unshared) = (arena_bytes + slot_bytes, arena_bytes_unshared + slot_bytes);
@@ -82,6 +98,7 @@ pub fn schedule_aligned(g: &Graph, align: usize) -> Result<Schedule, SchedError>
             })
             .collect(),
         arena_bytes_unshared,
+        state: layout.to_vec(),
         faults,
     })
 }

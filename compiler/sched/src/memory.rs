@@ -13,9 +13,10 @@ use crate::plan::{Buffer, Kernel, Storage};
 /// so offsets must meet the device's binding alignment.
 pub const ALIGN: usize = 64;
 
-/// Fills in `live` for every arena buffer and places them at multiples of `align`; returns
-/// (arena bytes with reuse, arena bytes without).
-pub(crate) fn plan(buffers: &mut [Buffer], kernels: &[Kernel], align: usize) -> (usize, usize) {
+/// Fills in `live` for every arena buffer and places them at multiples of `align`, from
+/// `base` on (the persistent state's slots lie below it and are never shared); returns
+/// (arena bytes with reuse, arena bytes without), both counting the slots.
+pub(crate) fn plan(buffers: &mut [Buffer], kernels: &[Kernel], align: usize, base: usize) -> (usize, usize) {
     for (k, kernel) in kernels.iter().enumerate() {
         for o in kernel.inputs.iter().chain(std::iter::once(&kernel.output)) {
             let b = &mut buffers[o.buffer];
@@ -32,6 +33,7 @@ pub(crate) fn plan(buffers: &mut [Buffer], kernels: &[Kernel], align: usize) -> 
     let mut placed: Vec<(usize, usize, (usize, usize))> = Vec::new(); // (offset, size, live)
     let mut arena = 0;
     let mut unshared = 0;
+    debug_assert!(base.is_multiple_of(align));
     for i in order {
         let size = buffers[i].bytes().next_multiple_of(align);
         let live = buffers[i].live.expect("filtered on live");
@@ -49,9 +51,9 @@ pub(crate) fn plan(buffers: &mut [Buffer], kernels: &[Kernel], align: usize) -> 
             }
             offset = offset.max(end);
         }
-        buffers[i].storage = Storage::Arena { offset };
+        buffers[i].storage = Storage::Arena { offset: base + offset };
         placed.push((offset, size, live));
         arena = arena.max(offset + size);
     }
-    (arena, unshared)
+    (base + arena, base + unshared)
 }

@@ -15,7 +15,7 @@
 //! usually the reshape after it — cost nothing.
 
 use crate::faults::{FaultKind, FaultSite};
-use crate::plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, Storage};
+use crate::plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, StateSlot, Storage};
 use crate::view::StridedView;
 use crate::SchedError;
 use kiln_ir::{BinaryOp, DType, Graph, NodeId, Op};
@@ -37,19 +37,25 @@ pub(crate) struct Partition {
     pub fault_sites: Vec<FaultSite>,
 }
 
-struct Builder<'g> {
-    g: &'g Graph,
+pub(crate) struct Builder<'g> {
+    pub(crate) g: &'g Graph,
     values: HashMap<NodeId, Value>,
     /// Materialized `full`/inline values for non-elementwise users.
     materialized: HashMap<NodeId, Operand>,
     users: HashMap<NodeId, Vec<NodeId>>,
     outputs: HashMap<NodeId, Vec<usize>>,
-    buffers: Vec<Buffer>,
-    kernels: Vec<Kernel>,
+    /// The nodes state variables are updated with: stored, like outputs, never inlined (an
+    /// inlined update would be computed a second time to store it).
+    updates: std::collections::HashSet<NodeId>,
+    pub(crate) buffers: Vec<Buffer>,
+    pub(crate) kernels: Vec<Kernel>,
+    /// The state's slots, and the buffers that read a slot's old value (slot, buffer).
+    pub(crate) layout: &'g [StateSlot],
+    pub(crate) state_reads: Vec<(usize, BufferId)>,
     fault_sites: Vec<FaultSite>,
 }
 
-pub(crate) fn partition(g: &Graph) -> Result<Partition, SchedError> {
+pub(crate) fn partition<'g>(g: &'g Graph, layout: &'g [StateSlot]) -> Result<Partition, SchedError> {
     let order = g.topo_order();
     let mut b = Builder {
         g,
@@ -57,8 +63,11 @@ pub(crate) fn partition(g: &Graph) -> Result<Partition, SchedError> {
         materialized: HashMap::new(),
         users: order.iter().map(|&n| (n, g.users(n))).collect(),
         outputs: HashMap::new(),
+        updates: g.state.iter().filter_map(|v| v.update).collect(),
         buffers: Vec::new(),
         kernels: Vec::new(),
+        layout,
+        state_reads: Vec::new(),
         fault_sites: Vec::new(),
     };
     for (i, (_, n)) in g.outputs.iter().enumerate() {
@@ -68,11 +77,12 @@ pub(crate) fn partition(g: &Graph) -> Result<Partition, SchedError> {
         b.visit(n)?;
     }
     b.finish_outputs()?;
+    crate::state::place_updates(&mut b)?;
     Ok(Partition { buffers: b.buffers, kernels: b.kernels, fault_sites: b.fault_sites })
 }
 
 impl Builder<'_> {
-    fn add_buffer(&mut self, storage: Storage, dtype: DType, len: usize) -> BufferId {
+    pub(crate) fn add_buffer(&mut self, storage: Storage, dtype: DType, len: usize) -> BufferId {
         self.buffers.push(Buffer { storage, dtype, len: len.max(1), live: None });
         self.buffers.len() - 1
     }
@@ -100,7 +110,7 @@ impl Builder<'_> {
         if matches!(node.op, Op::Full { .. }) {
             return true;
         }
-        if !node.op.is_elementwise() || self.outputs.contains_key(&n) {
+        if !node.op.is_elementwise() || self.outputs.contains_key(&n) || self.updates.contains(&n) {
             return false;
         }
         match self.users[&n].as_slice() {
@@ -126,7 +136,15 @@ impl Builder<'_> {
                 Value::Stored(Operand { buffer, view: StridedView::contiguous(&ty.shape), dtype: ty.dtype })
             }
             Op::Param { name, .. } => {
-                let buffer = self.add_buffer(Storage::Weight { name: name.clone() }, ty.dtype, ty.numel());
+                let buffer = match self.g.state_var(name) {
+                    Some(_) => {
+                        let index = self.slot_of(name)?;
+                        let buffer = self.add_buffer(Storage::State { index }, ty.dtype, ty.numel());
+                        self.state_reads.push((index, buffer));
+                        buffer
+                    }
+                    None => self.add_buffer(Storage::Weight { name: name.clone() }, ty.dtype, ty.numel()),
+                };
                 Value::Stored(Operand { buffer, view: StridedView::contiguous(&ty.shape), dtype: ty.dtype })
             }
             Op::Const { value } => {
@@ -249,7 +267,7 @@ impl Builder<'_> {
 
     /// The stored operand for node `o`, materializing inline values (`full` constants used by
     /// non-elementwise ops) once.
-    fn operand(&mut self, o: NodeId) -> Result<Operand, SchedError> {
+    pub(crate) fn operand(&mut self, o: NodeId) -> Result<Operand, SchedError> {
         if let Some(s) = self.stored(o) {
             return Ok(s.clone());
         }
@@ -303,6 +321,28 @@ impl Builder<'_> {
         let stored = self.operand(n)?;
         let view = stored.view.broadcast_to(shape);
         Ok(Expr::Operand(push_operand(inputs, Operand { view, ..stored })))
+    }
+
+    /// The slot of state variable `name`.
+    pub(crate) fn slot_of(&self, name: &str) -> Result<usize, SchedError> {
+        self.layout
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| SchedError::Invalid(format!("state `{name}` has no slot in the layout")))
+    }
+
+    /// A copy of `src` into a fresh contiguous arena buffer, as a kernel of its own.
+    pub(crate) fn copy_to_arena(&mut self, src: &Operand) -> Operand {
+        let shape = src.view.shape.clone();
+        let buffer = self.add_buffer(Storage::Arena { offset: 0 }, src.dtype, shape.iter().product());
+        let output = Operand { buffer, view: StridedView::contiguous(&shape), dtype: src.dtype };
+        self.kernels.push(Kernel {
+            op: KernelOp::Elementwise(Expr::Operand(0)),
+            inputs: vec![src.clone()],
+            output: output.clone(),
+            nodes: Vec::new(),
+        });
+        output
     }
 
     /// The fault site of elementwise node `n` (with arguments `args`), if its compiled code can

@@ -1,7 +1,7 @@
 //! The schedule's data: buffers, kernels and the fused elementwise expressions.
 
 use crate::view::StridedView;
-use kiln_ir::{DType, NodeId, Op, Tensor};
+use kiln_ir::{DType, NodeId, Op, StateInit, Tensor};
 use serde::Serialize;
 
 /// Index into [`Schedule::buffers`].
@@ -24,6 +24,26 @@ pub enum Storage {
     },
     /// Scratch memory at `offset` of the arena (aligned to the schedule's alignment, 64 bytes on a CPU).
     Arena { offset: usize },
+    /// Persistent state: slot `index` of [`Schedule::state`], kept from one run to the next.
+    State { index: usize },
+}
+
+/// A state variable's slot: where in the arena it lives and where its first value comes from.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StateSlot {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Byte offset from the arena's start (the slots come first; scratch never reuses them).
+    pub offset: usize,
+    #[serde(skip)]
+    pub init: StateInit,
+}
+
+impl StateSlot {
+    pub fn bytes(&self) -> usize {
+        self.shape.iter().product::<usize>().max(1) * self.dtype.size_bytes()
+    }
 }
 
 /// One buffer: a flat array of `len` elements of `dtype`.
@@ -33,7 +53,7 @@ pub struct Buffer {
     pub dtype: DType,
     pub len: usize,
     /// Kernels (indices into [`Schedule::kernels`]) that first write and last read it;
-    /// `None` for buffers that outlive the run (inputs, outputs, weights).
+    /// `None` for buffers that outlive the run (inputs, outputs, weights, state).
     pub live: Option<(usize, usize)>,
 }
 
@@ -168,6 +188,9 @@ pub struct Schedule {
     /// table (`kiln_ir::index_bound`), so a run of the compiled model given no inputs draws
     /// what the interpreter draws.
     pub index_bounds: Vec<Option<usize>>,
+    /// The persistent state's slots (the same for every entry point over that state);
+    /// empty for a graph without state.
+    pub state: Vec<StateSlot>,
     /// The ops whose compiled code can fault and the arena slot they report into; `None` when
     /// no kernel can fault.
     pub faults: Option<crate::Faults>,

@@ -4,7 +4,7 @@ use crate::plan::{Operand, Schedule, Storage};
 use kiln_ir::fmt_shape;
 use std::fmt::Write;
 
-fn storage(s: &Schedule, o: &Operand) -> String {
+pub(crate) fn storage(s: &Schedule, o: &Operand) -> String {
     buffer_storage(s, o.buffer)
 }
 
@@ -15,6 +15,7 @@ fn buffer_storage(s: &Schedule, b: usize) -> String {
         Storage::Weight { name } => format!("w:{name}"),
         Storage::Const { name, .. } => format!("const:{name}"),
         Storage::Arena { offset } => format!("arena@{offset}"),
+        Storage::State { index } => format!("state:{}@{}", s.state[*index].name, s.state[*index].offset),
     }
 }
 

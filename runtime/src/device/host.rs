@@ -19,15 +19,19 @@ use crate::weights::WeightStore;
 
 /// A CPU artifact's steps, ready to call.
 pub(crate) struct HostBackend {
-    launches: Vec<Launch>,
+    /// Each entry point's launches (`forward` first), all over the one arena.
+    launches: Vec<Vec<Launch>>,
     threads: usize,
     pool: Option<ThreadPool>,
-    /// Each output's element size: the alignment its buffer needs to be written in place.
-    output_align: Vec<usize>,
-    /// Owns the memory the launches' arena pointers point into.
+    /// For each entry point, each output's element size: the alignment its buffer needs to
+    /// be written in place.
+    output_align: Vec<Vec<usize>>,
+    /// Owns the memory the launches' arena pointers point into; the persistent state lives in
+    /// its slots between runs.
     arena: AlignedBuf,
-    /// Byte offset and number of the fault words in the arena, when a kernel can fault.
-    fault_slot: Option<(usize, usize)>,
+    /// For each entry point, the byte offset and number of its fault words in the arena, when
+    /// one of its kernels can fault.
+    fault_slots: Vec<Option<(usize, usize)>>,
     /// The fault words as the last run left them.
     fault_words: Vec<u32>,
     /// Keeps the code of every `Launch::kernel` alive: the pointers are private and used only
@@ -64,101 +68,108 @@ impl HostBackend {
         let mut arena = AlignedBuf::zeroed(manifest.arena_bytes, "arena")?;
         let arena_base = arena.as_mut_ptr();
 
-        let mut launches = Vec::with_capacity(manifest.steps.len());
-        for step in &manifest.steps {
-            let at = &step.label;
-            let (range, grain) = match step.dispatch {
-                Dispatch::Cpu { range, grain } => (range, grain),
-                Dispatch::Gpu { .. } => {
-                    return Err(RuntimeError::invalid(format!(
-                        "step {at:?} is a GPU dispatch in a CPU artifact"
-                    )))
-                }
-            };
-            if grain == 0 {
-                return Err(RuntimeError::invalid(format!(
-                    "step {at:?} has grain 0 (it must be at least 1)"
-                )));
-            }
-            if i64::try_from(range).is_err() {
-                return Err(RuntimeError::invalid(format!("step {at:?} has range {range} (over i64::MAX)")));
-            }
-            let mut args = Vec::with_capacity(step.args.len());
-            let mut slots = Vec::new();
-            for arg in &step.args {
-                let ptr = match arg {
-                    BufRef::Arena { offset, bytes } => {
-                        super::check_arena_range(
-                            at,
-                            *offset,
-                            *bytes,
-                            manifest.arena_bytes,
-                            crate::buffer::ALIGN as u64,
-                            "not 64-byte aligned",
-                        )?;
-                        // SAFETY: offset <= arena_bytes, checked above, so the result stays
-                        // inside the allocation (or one past its end for an empty range).
-                        unsafe { arena_base.add(*offset as usize) }
-                    }
-                    BufRef::Weight { name, bytes } => {
-                        let view = weights.get(name).ok_or_else(|| RuntimeError::MissingWeight {
-                            step: at.clone(),
-                            name: name.clone(),
-                        })?;
-                        if view.bytes.len() as u64 != *bytes {
-                            return Err(RuntimeError::WeightSize {
-                                step: at.clone(),
-                                name: name.clone(),
-                                expected: *bytes,
-                                found: view.bytes.len() as u64,
-                            });
-                        }
-                        // Kernels only read weights (the mapped file is read-only).
-                        view.bytes.as_ptr().cast_mut()
-                    }
-                    BufRef::Input { index } => {
-                        let i = check_index(at, "input", *index, manifest.inputs.len())?;
-                        slots.push((args.len(), Slot::Input(i)));
-                        std::ptr::null_mut()
-                    }
-                    BufRef::Output { index } => {
-                        let i = check_index(at, "output", *index, manifest.outputs.len())?;
-                        slots.push((args.len(), Slot::Output(i)));
-                        std::ptr::null_mut()
+        let mut all = Vec::new();
+        for entry in manifest.entry_views() {
+            let mut launches = Vec::with_capacity(entry.steps.len());
+            for step in entry.steps {
+                let at = &step.label;
+                let (range, grain) = match step.dispatch {
+                    Dispatch::Cpu { range, grain } => (range, grain),
+                    Dispatch::Gpu { .. } => {
+                        return Err(RuntimeError::invalid(format!(
+                            "step {at:?} is a GPU dispatch in a CPU artifact"
+                        )))
                     }
                 };
-                args.push(SendPtr(ptr));
+                if grain == 0 {
+                    return Err(RuntimeError::invalid(format!(
+                        "step {at:?} has grain 0 (it must be at least 1)"
+                    )));
+                }
+                if i64::try_from(range).is_err() {
+                    return Err(RuntimeError::invalid(format!(
+                        "step {at:?} has range {range} (over i64::MAX)"
+                    )));
+                }
+                let mut args = Vec::with_capacity(step.args.len());
+                let mut slots = Vec::new();
+                for arg in &step.args {
+                    let ptr = match arg {
+                        BufRef::Arena { offset, bytes } => {
+                            super::check_arena_range(
+                                at,
+                                *offset,
+                                *bytes,
+                                manifest.arena_bytes,
+                                crate::buffer::ALIGN as u64,
+                                "not 64-byte aligned",
+                            )?;
+                            // SAFETY: offset <= arena_bytes, checked above, so the result stays
+                            // inside the allocation (or one past its end for an empty range).
+                            unsafe { arena_base.add(*offset as usize) }
+                        }
+                        BufRef::Weight { name, bytes } => {
+                            let view = weights.get(name).ok_or_else(|| RuntimeError::MissingWeight {
+                                step: at.clone(),
+                                name: name.clone(),
+                            })?;
+                            if view.bytes.len() as u64 != *bytes {
+                                return Err(RuntimeError::WeightSize {
+                                    step: at.clone(),
+                                    name: name.clone(),
+                                    expected: *bytes,
+                                    found: view.bytes.len() as u64,
+                                });
+                            }
+                            // Kernels only read weights (the mapped file is read-only).
+                            view.bytes.as_ptr().cast_mut()
+                        }
+                        BufRef::Input { index } => {
+                            let i = check_index(at, "input", *index, entry.inputs.len())?;
+                            slots.push((args.len(), Slot::Input(i)));
+                            std::ptr::null_mut()
+                        }
+                        BufRef::Output { index } => {
+                            let i = check_index(at, "output", *index, entry.outputs.len())?;
+                            slots.push((args.len(), Slot::Output(i)));
+                            std::ptr::null_mut()
+                        }
+                    };
+                    args.push(SendPtr(ptr));
+                }
+                let kernel = kernels.lookup(&step.symbol).ok_or_else(|| RuntimeError::MissingSymbol {
+                    step: at.clone(),
+                    symbol: step.symbol.clone(),
+                })?;
+                launches.push(Launch { kernel, args, slots, range, grain });
             }
-            let kernel = kernels.lookup(&step.symbol).ok_or_else(|| RuntimeError::MissingSymbol {
-                step: at.clone(),
-                symbol: step.symbol.clone(),
-            })?;
-            launches.push(Launch { kernel, args, slots, range, grain });
+            all.push(launches);
         }
-        let output_align = manifest.outputs.iter().map(|o| o.dtype.size_bytes()).collect();
-        // `faults::check` put the words 4-byte aligned inside the arena.
-        let fault_slot = manifest.faults.as_ref().map(|f| (f.offset as usize, f.words()));
-        let fault_words = vec![crate::faults::NONE; fault_slot.map_or(0, |(_, n)| n)];
+        let views = manifest.entry_views();
+        let output_align =
+            views.iter().map(|e| e.outputs.iter().map(|o| o.dtype.size_bytes()).collect()).collect();
+        // `faults::check` put each entry point's words 4-byte aligned inside the arena.
+        let fault_slots = views.iter().map(|e| e.faults.map(|f| (f.offset as usize, f.words()))).collect();
         Ok(HostBackend {
-            launches,
+            launches: all,
             threads,
             pool,
             output_align,
             arena,
-            fault_slot,
-            fault_words,
+            fault_slots,
+            fault_words: Vec::new(),
             _kernels: kernels,
         })
     }
 
-    /// The fault words as the last run left them (empty when no kernel can fault).
+    /// The fault words as the last run left them (empty when none of its kernels can fault).
     pub fn fault_words(&self) -> &[u32] {
         &self.fault_words
     }
 
-    /// The fault words in the arena.
-    fn arena_fault_words(&mut self) -> Option<&mut [u32]> {
-        let (offset, words) = self.fault_slot?;
+    /// Entry point `entry`'s fault words in the arena.
+    fn arena_fault_words(&mut self, entry: usize) -> Option<&mut [u32]> {
+        let (offset, words) = self.fault_slots.get(entry).copied().flatten()?;
         // SAFETY: the manifest check placed `words` u32s at the 4-byte aligned `offset` inside
         // the arena this backend owns; no kernel runs while the slice lives (`&mut self`).
         Some(unsafe {
@@ -171,10 +182,21 @@ impl HostBackend {
         self.threads
     }
 
-    /// Runs the steps on checked inputs and outputs, copying misaligned ones through aligned
-    /// buffers.
+    /// The arena, whose state slots hold the persistent state between runs.
+    pub fn arena(&self) -> &[u8] {
+        self.arena.as_slice()
+    }
+
+    /// The arena, to write state into between runs.
+    pub fn arena_mut(&mut self) -> &mut [u8] {
+        self.arena.as_mut_slice()
+    }
+
+    /// Runs entry point `entry`'s steps on checked inputs and outputs, copying misaligned ones
+    /// through aligned buffers.
     pub fn execute(
         &mut self,
+        entry: usize,
         inputs: &[TensorRef],
         outputs: &mut [&mut [u8]],
         mut times: Option<&mut Vec<Duration>>,
@@ -196,7 +218,7 @@ impl HostBackend {
             })
             .collect();
         let mut realigned_outputs = Vec::with_capacity(outputs.len());
-        for (buf, &align) in outputs.iter().zip(&self.output_align) {
+        for (buf, &align) in outputs.iter().zip(&self.output_align[entry]) {
             let aligned = (buf.as_ptr() as usize).is_multiple_of(align);
             realigned_outputs.push(if aligned {
                 None
@@ -210,11 +232,11 @@ impl HostBackend {
             .map(|(buf, copy)| SendPtr(copy.as_mut().map_or(buf.as_mut_ptr(), AlignedBuf::as_mut_ptr)))
             .collect();
 
-        if let Some(words) = self.arena_fault_words() {
+        if let Some(words) = self.arena_fault_words(entry) {
             words.fill(crate::faults::NONE);
         }
         let (pool, threads) = (self.pool.as_ref(), self.threads);
-        let launches = &mut self.launches;
+        let launches = &mut self.launches[entry];
         let mut steps = move || {
             for launch in launches.iter_mut() {
                 for &(arg, slot) in &launch.slots {
@@ -252,8 +274,9 @@ impl HostBackend {
         }
         // Every step has returned (the pool joined its tasks): the kernels' atomics are done.
         let mut words = std::mem::take(&mut self.fault_words);
-        if let Some(recorded) = self.arena_fault_words() {
-            words.copy_from_slice(recorded);
+        words.clear();
+        if let Some(recorded) = self.arena_fault_words(entry) {
+            words.extend_from_slice(recorded);
         }
         self.fault_words = words;
         Ok(())

@@ -272,19 +272,40 @@ pub(crate) enum Backend {
 }
 
 impl Backend {
-    /// Runs every step once. Inputs and outputs have been checked against the manifest; step
-    /// times are pushed to `times` when given (wall times on the host, GPU timestamps on Vulkan,
-    /// CUDA events on CUDA).
+    /// Runs every step of entry point `entry` (an index into `Manifest::entry_views`) once.
+    /// Inputs and outputs have been checked against the manifest; step times are pushed to
+    /// `times` when given (wall times on the host, GPU timestamps on Vulkan, CUDA events on
+    /// CUDA). GPU models have the one entry `forward` (loading refuses others).
     pub fn execute(
         &mut self,
+        entry: usize,
         inputs: &[TensorRef],
         outputs: &mut [&mut [u8]],
         times: Option<&mut Vec<Duration>>,
     ) -> Result<(), RuntimeError> {
         match self {
-            Backend::Host(host) => host.execute(inputs, outputs, times),
-            Backend::Vulkan(gpu) => gpu.execute(inputs, outputs, times),
-            Backend::Cuda(gpu) => gpu.execute(inputs, outputs, times),
+            Backend::Host(host) => host.execute(entry, inputs, outputs, times),
+            Backend::Vulkan(gpu) if entry == 0 => gpu.execute(inputs, outputs, times),
+            Backend::Cuda(gpu) if entry == 0 => gpu.execute(inputs, outputs, times),
+            Backend::Vulkan(_) | Backend::Cuda(_) => {
+                Err(RuntimeError::invalid("a GPU model has only the entry point `forward`"))
+            }
+        }
+    }
+
+    /// The arena holding the persistent state, on a device whose arena the host can reach.
+    pub fn arena(&self) -> Option<&[u8]> {
+        match self {
+            Backend::Host(host) => Some(host.arena()),
+            Backend::Vulkan(_) | Backend::Cuda(_) => None,
+        }
+    }
+
+    /// The same, to write state into.
+    pub fn arena_mut(&mut self) -> Option<&mut [u8]> {
+        match self {
+            Backend::Host(host) => Some(host.arena_mut()),
+            Backend::Vulkan(_) | Backend::Cuda(_) => None,
         }
     }
 

@@ -95,6 +95,8 @@ pub fn chain_manifest() -> Manifest {
         arena_bytes: T_OFFSET + PLANE,
         files: Vec::new(),
         modules: Vec::new(),
+        state: Vec::new(),
+        entries: Vec::new(),
         faults: None,
         steps: vec![
             step(

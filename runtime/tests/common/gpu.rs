@@ -131,6 +131,8 @@ pub fn chain_manifest() -> Manifest {
         index_bounds: Vec::new(),
         files: Vec::new(),
         modules: Vec::new(),
+        state: Vec::new(),
+        entries: Vec::new(),
         faults: None,
         steps: vec![
             gpu_step("mul", "k0 mul [64,16]", 0, 16, 64, vec![BufRef::Input { index: 0 }, w(), t()]),
@@ -169,6 +171,8 @@ pub fn types_manifest() -> Manifest {
         index_bounds: Vec::new(),
         files: Vec::new(),
         modules: Vec::new(),
+        state: Vec::new(),
+        entries: Vec::new(),
         faults: None,
         steps: vec![gpu_step(
             "types",
@@ -205,6 +209,8 @@ pub fn subgroup_manifest(subgroup_size: u32) -> Manifest {
         index_bounds: Vec::new(),
         files: Vec::new(),
         modules: Vec::new(),
+        state: Vec::new(),
+        entries: Vec::new(),
         faults: None,
         steps: vec![gpu_step(
             "subgroup",

@@ -185,6 +185,8 @@ pub fn toy_manifest() -> Manifest {
         index_bounds: Vec::new(),
         files: Vec::new(),
         modules: Vec::new(),
+        state: Vec::new(),
+        entries: Vec::new(),
         faults: None,
         steps: vec![
             step("kiln_k0", "k0 mul [64,16]", vec![BufRef::Input { index: 0 }, w(), t()], 4, N as u64),

@@ -332,6 +332,8 @@ mod tests {
             arena_bytes: 256 + 4096,
             files: vec![],
             modules: vec![ModuleRange { offset: 0, bytes: 56 }, ModuleRange { offset: 56, bytes: 12 }],
+            state: Vec::new(),
+            entries: Vec::new(),
             faults: None,
             steps: vec![
                 step(

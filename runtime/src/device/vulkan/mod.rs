@@ -419,6 +419,8 @@ mod tests {
             index_bounds: Vec::new(),
             files: Vec::new(),
             modules: vec![ModuleRange { offset: 0, bytes: spirv.len() as u64 }],
+            state: Vec::new(),
+            entries: Vec::new(),
             faults: None,
             steps: vec![Step {
                 symbol: "mul".into(),
