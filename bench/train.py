@@ -358,18 +358,22 @@ def section(results):
     lines = [
         BEGIN,
         "",
-        f"Measured {results['date']} by `bench/train.py` (raw numbers: `bench/out/train.json`), "
+        f"Last run {results['date']} by `bench/train.py` (raw numbers: `bench/out/train.json`), "
         f"load average {' '.join(results['loadavg_start'])} at the start and "
         f"{' '.join(results['loadavg_end'])} at the end; torch {results['versions']['torch']}, "
         f"Kiln {results['versions']['kiln_commit']}. Do not edit between the markers.",
         "",
-        "| case | PyTorch eager ms | torch.compile ms | Kiln ms | Kiln / faster peer | peak RSS MiB: eager / compile / Kiln | loss check (3 steps, rel. Δ vs eager) |",
-        "|---|---|---|---|---|---|---|",
+        "| case | PyTorch eager ms | torch.compile ms | Kiln ms | Kiln / faster peer | peak RSS MiB: eager / compile / Kiln | others' load, cores: eager / compile / Kiln | loss check (3 steps, rel. Δ vs eager) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    rounds = []
     for case, r in results["cases"].items():
         sy = r.get("systems", {})
         med = [sy.get(s, {}).get("median_ms") for s in SYSTEMS]
         rss = [sy.get(s, {}).get("peak_rss_mib") for s in SYSTEMS]
+        others = [sy.get(s, {}).get("others_cores") for s in SYSTEMS]
+        rounds.append(f"- {names.get(case, case)} (run started {r.get('measured', results['date'])}): " + "; ".join(
+            f"{s} " + ", ".join(ms(x.get("median_ms")) for x in sy.get(s, {}).get("rounds", [])) for s in SYSTEMS))
         ratio = r.get("kiln_vs_faster_peer")
         chk = r.get("check", {})
         checks = []
@@ -379,9 +383,10 @@ def section(results):
                           + (f"{c['max_rel_diff']:.1e}" if "max_rel_diff" in c else "—") + ("" if c.get("ok") else " **failed**"))
         lines.append(
             f"| {names.get(case, case)} | {ms(med[0])} | {ms(med[1])} | {ms(med[2])} | "
-            f"{'—' if ratio is None else f'{ratio:.2f}×'} | {' / '.join('—' if x is None else f'{x:.0f}' for x in rss)} | {'; '.join(checks)} |"
+            f"{'—' if ratio is None else f'{ratio:.2f}×'} | {' / '.join('—' if x is None else f'{x:.0f}' for x in rss)} | "
+            f"{' / '.join('—' if x is None else f'{x:.2f}' for x in others)} | {'; '.join(checks)} |"
         )
-    lines += ["", END]
+    lines += ["", "Each round's median (ms), in round order; the table keeps each system's lowest:", "", *rounds, "", END]
     return "\n".join(lines)
 
 
@@ -414,9 +419,12 @@ def main():
                             "tolerance": TOLERANCE, "seed": SEED},
                "cases": {}}
     only = [a for a in sys.argv[1:] if a in CASES]
+    if only and out.exists():  # rerunning some cases keeps the others' last results
+        results["cases"] = json.loads(out.read_text())["cases"]
     for case in only or CASES:
         print(f"== {case}", flush=True)
         results["cases"][case] = run_case(case)
+        results["cases"][case]["measured"] = f"{started.strftime('%Y-%m-%d %H:%M UTC')}, load average {' '.join(results['loadavg_start'])}"
         r = results["cases"][case]
         if r.get("status") != "ok":
             print(f"  {r.get('status')}: {str(r.get('error', ''))[-600:]}", flush=True)
