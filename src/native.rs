@@ -672,7 +672,8 @@ fn ignored_by_artifact(a: &RunArgs) -> Result<(), Failure> {
     )))
 }
 
-fn ir_dtype(d: kiln_runtime::DType) -> DType {
+/// The interpreter's name for a runtime dtype.
+pub(crate) fn ir_dtype(d: kiln_runtime::DType) -> DType {
     match d {
         kiln_runtime::DType::F32 => DType::F32,
         kiln_runtime::DType::F64 => DType::F64,

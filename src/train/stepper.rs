@@ -7,7 +7,7 @@
 //! artifacts keep state themselves, it is the one place to change.
 
 use crate::commands::{user, Failure};
-use crate::native::compile_graph;
+use crate::native::{compile_graph, ir_dtype};
 use kiln_codegen::artifact::runtime_dtype;
 use kiln_ir::{DType, Graph, NodeId, Op, Tensor};
 use kiln_lower::{params_as_inputs, train_step, Lowered, PARAM_INPUT_PREFIX};
@@ -245,17 +245,5 @@ pub fn to_f64(dtype: DType, b: &[u8]) -> Vec<f64> {
         DType::I32 => each(b, |a| i32::from_le_bytes(a) as f64),
         DType::I64 => each(b, |a| i64::from_le_bytes(a) as f64),
         DType::Bool => b.iter().map(|&x| if x != 0 { 1.0 } else { 0.0 }).collect(),
-    }
-}
-
-pub fn ir_dtype(d: kiln_runtime::DType) -> DType {
-    match d {
-        kiln_runtime::DType::F32 => DType::F32,
-        kiln_runtime::DType::F64 => DType::F64,
-        kiln_runtime::DType::F16 => DType::F16,
-        kiln_runtime::DType::BF16 => DType::BF16,
-        kiln_runtime::DType::I32 => DType::I32,
-        kiln_runtime::DType::I64 => DType::I64,
-        kiln_runtime::DType::Bool => DType::Bool,
     }
 }
