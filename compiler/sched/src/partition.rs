@@ -331,8 +331,9 @@ impl Builder<'_> {
             .ok_or_else(|| SchedError::Invalid(format!("state `{name}` has no slot in the layout")))
     }
 
-    /// A copy of `src` into a fresh contiguous arena buffer, as a kernel of its own.
-    pub(crate) fn copy_to_arena(&mut self, src: &Operand) -> Operand {
+    /// A copy of `src` into a fresh contiguous arena buffer, as a kernel of its own that
+    /// stands for `nodes`.
+    pub(crate) fn copy_to_arena(&mut self, src: &Operand, nodes: Vec<NodeId>) -> Operand {
         let shape = src.view.shape.clone();
         let buffer = self.add_buffer(Storage::Arena { offset: 0 }, src.dtype, shape.iter().product());
         let output = Operand { buffer, view: StridedView::contiguous(&shape), dtype: src.dtype };
@@ -340,7 +341,7 @@ impl Builder<'_> {
             op: KernelOp::Elementwise(Expr::Operand(0)),
             inputs: vec![src.clone()],
             output: output.clone(),
-            nodes: Vec::new(),
+            nodes,
         });
         output
     }
@@ -377,16 +378,7 @@ impl Builder<'_> {
 
     /// A copy of `src` (a view of node `n`'s value) into a fresh contiguous buffer.
     fn copy_kernel(&mut self, n: NodeId, src: &Operand) -> Result<Operand, SchedError> {
-        let shape = src.view.shape.clone();
-        let buffer = self.add_buffer(Storage::Arena { offset: 0 }, src.dtype, shape.iter().product());
-        let output = Operand { buffer, view: StridedView::contiguous(&shape), dtype: src.dtype };
-        self.kernels.push(Kernel {
-            op: KernelOp::Elementwise(Expr::Operand(0)),
-            inputs: vec![src.clone()],
-            output: output.clone(),
-            nodes: vec![n],
-        });
-        Ok(output)
+        Ok(self.copy_to_arena(src, vec![n]))
     }
 
     /// Every graph output must end up in its own caller buffer: outputs that are views,

@@ -95,7 +95,7 @@ pub(crate) fn place_updates(b: &mut Builder<'_>) -> Result<(), SchedError> {
     let mut sources = Vec::with_capacity(copies.len());
     for (index, src) in copies {
         let old_state = b.state_reads.iter().any(|(i, buf)| *buf == src.buffer && taken_old.contains(i));
-        let src = if old_state { b.copy_to_arena(&src) } else { src };
+        let src = if old_state { b.copy_to_arena(&src, Vec::new()) } else { src };
         sources.push((index, src));
     }
     for (index, src) in sources {
