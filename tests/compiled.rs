@@ -259,6 +259,18 @@ const OP_CASES: &[(&str, &str, &str)] = &[
            Let("u", MatMul("v", "c")),"#,
     ),
     (
+        // Products at sizes that take every tile plan: whole 128×128 and 64×64 tiles (no
+        // bounds checks), a transposed A and B, a broadcast batch with a bias, ragged edges in
+        // every dimension and a k shorter than one tile.
+        "matmul_tiles",
+        r#"{ "p": (f32, [512, 64]), "q": (f32, [64, 512]), "ta": (f32, [64, 512]), "a3": (f32, [2, 128, 64]), "bt": (f32, [96, 64]), "c": (f32, [96]), "e": (f32, [130, 20]), "f": (f32, [20, 132]), "g": (f32, [3, 70]), "h": (f32, [70, 5]) }"#,
+        r#"Let("x", MatMul("p", "q")),
+           Let("y", MatMul(Transpose("ta"), "q")),
+           Let("z", Add(MatMul("a3", Transpose("bt")), "c")),
+           Let("w", Gelu(MatMul("e", "f"))),
+           Let("u", MatMul("g", "h")),"#,
+    ),
+    (
         "attention",
         r#"{ "q": (f32, [2, 3, 10, 8]), "k": (f32, [2, 3, 12, 8]), "v": (f32, [2, 3, 12, 8]), "m": (f32, [2, 1, 1, 12]), "w": (f32, [1, 2, 70, 136]) }"#,
         r#"Let("a", Attention(q: "q", k: "k", v: "v", scale: 0.35)),
@@ -671,8 +683,10 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
         optimized(&shipped("mlp.ron", &[])),
         optimized(&shipped("bert_encoder.ron", &["layers=1", "seq=32"])),
     ];
-    let (name, inputs, body) = OP_CASES.iter().find(|(n, _, _)| *n == "matmul").expect("a matmul case");
-    graphs.push(op_case(name, inputs, body));
+    for case in ["matmul", "matmul_tiles"] {
+        let (name, inputs, body) = OP_CASES.iter().find(|(n, _, _)| *n == case).expect("a matmul case");
+        graphs.push(op_case(name, inputs, body));
+    }
     for g in &graphs {
         let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
         let inputs = kiln_ir::seeded_inputs(g, 0);

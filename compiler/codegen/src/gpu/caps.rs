@@ -106,6 +106,9 @@ pub struct GpuCaps {
     /// Most elements one buffer may hold: kernels compute indices in 32 bits (half the
     /// registers and none of the 64-bit division sequences of 64-bit indices).
     pub max_buffer_elements: u64,
+    /// Workgroups the device runs at once, roughly (its multiprocessors or compute units):
+    /// below that many, a product's plan prefers smaller tiles that keep every unit busy.
+    pub parallel_units: u32,
 }
 
 impl GpuCaps {
@@ -136,6 +139,7 @@ impl GpuCaps {
             mma: None,
             tensor_cores: None,
             max_buffer_elements: i32::MAX as u64,
+            parallel_units: 16,
         }
     }
 
@@ -173,6 +177,14 @@ impl GpuCaps {
             mma: Some(super::plan::MmaPrecision::Tf32),
             tensor_cores: None,
             max_buffer_elements: i32::MAX as u64,
+            // The multiprocessors of the architecture's data-centre or largest part (A100,
+            // RTX 3090 class, RTX 4090 class, H100/H200).
+            parallel_units: match target.compute_capability {
+                [8, 0] => 108,
+                [8, 6] => 84,
+                [8, 9] => 128,
+                _ => 132,
+            },
         }
     }
 

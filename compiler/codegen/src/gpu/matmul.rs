@@ -1,12 +1,15 @@
 //! Tiled matrix products with their epilogue (bias, activation). Each workgroup computes one
-//! `tile_m × tile_n` block of one batch index's result: it walks k in steps of `tile_k`,
-//! loading an A tile and a B tile into shared memory together (each invocation a few elements,
-//! zero past the edges), then each invocation accumulates `thread_m × thread_n` results in
-//! private registers, strided across the tile so neighbouring invocations own neighbouring
-//! columns. Operands are strided views, so transposed and batch-broadcast operands
-//! need no copy.
+//! `tile_m × tile_n` block of one batch index's result. It walks k in steps of `tile_k`: every
+//! invocation reads a few elements of the next A and B tiles from memory (runs of 4 as one
+//! vector where the layout allows; nothing past the edges), and with two stages it does so
+//! while the workgroup multiplies the current tiles, which lie in the other half of shared
+//! memory, so one barrier per step suffices. The inner step is either SIMT FMAs (each
+//! invocation a `thread_m × thread_n` block of accumulators in registers, in runs of adjacent
+//! rows and columns read as vectors) or tensor-core `mma.sync` products per warp. Operands are
+//! strided views, so transposed and batch-broadcast operands need no copy; where the product's
+//! sizes are multiples of the tile, no bounds are checked at all.
 
-use super::plan::{GpuPlan, Work};
+use super::plan::{matmul_layouts, GpuPlan, SharedLayout, Work};
 use super::skeleton::{clamp, module, offset_at, shared, shared_type, unravel};
 use super::{GpuCtx, GpuFlavor, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
@@ -14,7 +17,7 @@ use crate::kernels::matmul::activate;
 use crate::kernels::View;
 use crate::mlir_text::Body;
 use crate::CodegenError;
-use kiln_ir::Activation;
+use kiln_ir::{Activation, DType};
 
 /// `out = activation(a · b + bias)` for `a` `[B…, M, K]`, `b` `[B…, K, N]`, `bias` and `out`
 /// `[B…, M, N]`. Arguments: a, b, [bias], out.
@@ -39,7 +42,7 @@ pub fn emit(
     let reg_bytes = if ty == "f64" { 8 } else { 4 };
     // Tensor cores when the operands fit their precision exactly (f16 in TF32), or the user
     // allowed rounding f32 operands to it (`--precision tf32`).
-    let exact = [a.dtype, bv.dtype].iter().all(|d| matches!(d, kiln_ir::DType::F16));
+    let exact = [a.dtype, bv.dtype].iter().all(|d| matches!(d, DType::F16));
     let allowed = match (cx.caps.mma, cx.caps.tensor_cores) {
         (Some(hw), Some(asked)) if hw == asked && (ty == "f32") => Some(hw),
         (Some(hw), _) if exact => Some(hw),
@@ -53,27 +56,35 @@ pub fn emit(
         Some(plan) => plan,
         None => GpuPlan::matmul(batch, m, n, k, reg_bytes, cx.caps)?,
     };
-    let (tile, inner) = match plan.work {
-        Work::Matmul { tile, thread, .. } => {
+    let (tile, inner, stages) = match plan.work {
+        Work::Matmul { tile, thread, vector, stages, .. } => {
             let [wx, wy, _] = plan.launch.workgroup.map(|w| w as usize);
-            (tile, Inner::Simt { rm: thread[0] as usize, rn: thread[1] as usize, wx, wy })
+            let (rm, rn, v) = (thread[0] as usize, thread[1] as usize, vector as usize);
+            (tile, Inner::Simt { rm, rn, wx, wy, vec: v }, stages as usize)
         }
-        Work::MatmulTensorCores { tile, warps, .. } => {
+        Work::MatmulTensorCores { tile, warps, stages, .. } => {
             let (wm, wn) = (warps[0] as usize, warps[1] as usize);
             let sub = [tile[0] as usize / wm / MMA_M, tile[1] as usize / wn / MMA_N];
-            (tile, Inner::Tf32 { warps: [wm, wn], sub })
+            (tile, Inner::Tf32 { warps: [wm, wn], sub }, stages as usize)
         }
         Work::Elements { .. } | Work::Columns { .. } | Work::Rows { .. } | Work::Attention { .. } => {
             return Err(CodegenError::Unsupported("a matmul plan that is not one".into()))
         }
     };
     let [tm, tn, tk] = tile.map(|t| t as usize);
+    let tensor = matches!(inner, Inner::Tf32 { .. });
+    let [la, lb] = matmul_layouts(tile, tensor);
     let inv = plan.launch.invocations() as usize;
+    let nvvm = cx.caps.flavor() == GpuFlavor::Nvvm;
+    // Shared memory holds register values (f32 for half inputs); vectors of 4 only for 4-byte
+    // ones, and only where the device reads them as one access (NVVM).
+    let vectors = nvvm && ty == "f32";
 
     let mut b = cx.body();
-    let sh_a = shared(&mut b, tm * tk, ty);
-    let sh_b = shared(&mut b, tk * tn, ty);
-    let (sa, sb) = (shared_type(&b, tm * tk, ty), shared_type(&b, tk * tn, ty));
+    let sh_a = shared(&mut b, stages * la.len, ty);
+    let sh_b = shared(&mut b, stages * lb.len, ty);
+    let sa = shared_type(&b, stages * la.len, ty);
+    let sb = shared_type(&b, stages * lb.len, ty);
     let tx = b.assign("gpu.thread_id x");
     let ty_ = b.assign("gpu.thread_id y");
     let bx = b.assign("gpu.block_id x");
@@ -99,77 +110,74 @@ pub fn emit(
     let zero = b.float(0.0, ty);
     // With tensor cores, where each warp's fragments lie in the tile.
     let inner = match inner {
-        Inner::Simt { rm, rn, wx, wy } => Step::Simt { rm, rn, wx, wy },
+        Inner::Simt { rm, rn, wx, wy, vec } => {
+            let vc = b.index(vec);
+            let my_row = b.assign(format!("arith.muli {ty_}, {vc} : index"));
+            let my_col = b.assign(format!("arith.muli {tx}, {vc} : index"));
+            Step::Simt { rm, rn, wx, wy, vec, my_row, my_col }
+        }
         Inner::Tf32 { warps, sub } => {
             Step::Tf32 { sub, lanes: Box::new(Lanes::new(&mut b, &lin, warps, sub)) }
         }
     };
+    let tile_a = OperandTile::new(&b, a, "%a0", a_base, (tm, tk), (m, k), la, inv, vectors);
+    let tile_b = OperandTile::new(&b, bv, "%a1", b_base, (tk, tn), (k, n), lb, inv, vectors);
+    // TF32 operands are rounded once, as they enter shared memory.
+    let round = if tensor { Some(if nvvm { Rounding::Tf32Nvvm } else { Rounding::Tf32Bits }) } else { None };
+    let mem_a = SharedArray { name: &sh_a, ty: &sa, vectors };
+    let mem_b = SharedArray { name: &sh_b, ty: &sb, vectors };
     // The accumulators are loop-carried values (registers on every device), not an array.
     let nacc = inner.accumulators();
     let types = vec![ty; nacc].join(", ");
 
+    let tiles = k.div_ceil(tk).max(1);
     let c0 = b.index(0);
-    let kc = b.index(k);
+    let c1 = b.index(1);
+    let tiles_c = b.index(tiles);
     let tkc = b.index(tk);
+    if stages == 2 {
+        let fa = tile_a.fetch(&mut b, &lin, (&row0, &c0), &zero, ty);
+        let fb = tile_b.fetch(&mut b, &lin, (&c0, &col0), &zero, ty);
+        tile_a.deposit(&mut b, &fa, &mem_a, &c0, round, ty);
+        tile_b.deposit(&mut b, &fb, &mem_b, &c0, round, ty);
+        b.line("gpu.barrier");
+    }
     let carried: Vec<String> = (0..nacc).map(|i| format!("%o{i} = {zero}")).collect();
     b.open(format!(
-        "%acc:{nacc} = scf.for %k0 = {c0} to {kc} step {tkc} iter_args({}) -> ({types})",
+        "%acc:{nacc} = scf.for %t = {c0} to {tiles_c} step {c1} iter_args({}) -> ({types})",
         carried.join(", ")
     ));
-    // Cooperative tile loads: element l of a tile is loaded by invocation l mod inv.
-    let tile_load = |b: &mut Body,
-                     v: &View,
-                     arg: &str,
-                     base: &str,
-                     sh: &str,
-                     sty: &str,
-                     rows: usize,
-                     cols: usize,
-                     origin: (&str, &str),
-                     extent: (usize, usize)| {
-        let total = rows * cols;
-        for t in 0..total.div_ceil(inv) {
-            let off = b.index(t * inv);
-            let l = b.assign(format!("arith.addi {lin}, {off} : index"));
-            let guard = (t + 1) * inv > total;
-            if guard {
-                let tot = b.index(total);
-                let ok = b.assign(format!("arith.cmpi ult, {l}, {tot} : index"));
-                b.open(format!("scf.if {ok}"));
-            }
-            let cc = b.index(cols);
-            let rr = b.assign(format!("arith.divui {l}, {cc} : index"));
-            let col = b.assign(format!("arith.remui {l}, {cc} : index"));
-            let gr = b.assign(format!("arith.addi {}, {rr} : index", origin.0));
-            let gc = b.assign(format!("arith.addi {}, {col} : index", origin.1));
-            let er = b.index(extent.0);
-            let ec = b.index(extent.1);
-            let okr = b.assign(format!("arith.cmpi ult, {gr}, {er} : index"));
-            let okc = b.assign(format!("arith.cmpi ult, {gc}, {ec} : index"));
-            let ok = b.assign(format!("arith.andi {okr}, {okc} : i1"));
-            let gr = clamp(b, &gr, extent.0);
-            let gc = clamp(b, &gc, extent.1);
-            let rk = v.rank();
-            let at = offset_at(b, 0, &[(Some(&gr), v.strides[rk - 2]), (Some(&gc), v.strides[rk - 1])]);
-            let at = b.assign(format!("arith.addi {base}, {at} : index"));
-            let x = load(b, arg, v, &at);
-            let x = b.select(&ok, &x, &zero, ty);
-            b.line(format!("memref.store {x}, {sh}[{l}] : {sty}"));
-            if guard {
-                b.close("");
-            }
-        }
+    let k0 = b.assign(format!("arith.muli %t, {tkc} : index"));
+    let next = if stages == 2 {
+        // Read the next k tile (the last one again at the end: always in bounds) into
+        // registers, multiply the current one, then store the next into the other stage.
+        let c2 = b.index(2);
+        let parity = b.assign(format!("arith.remui %t, {c2} : index"));
+        let (la_len, lb_len) = (b.index(la.len), b.index(lb.len));
+        let cur_a = b.assign(format!("arith.muli {parity}, {la_len} : index"));
+        let cur_b = b.assign(format!("arith.muli {parity}, {lb_len} : index"));
+        let nxt_a = b.assign(format!("arith.subi {la_len}, {cur_a} : index"));
+        let nxt_b = b.assign(format!("arith.subi {lb_len}, {cur_b} : index"));
+        let kn = b.assign(format!("arith.addi {k0}, {tkc} : index"));
+        let last = b.index((tiles - 1) * tk);
+        let kn = b.assign(format!("arith.minui {kn}, {last} : index"));
+        let fa = tile_a.fetch(&mut b, &lin, (&row0, &kn), &zero, ty);
+        let fb = tile_b.fetch(&mut b, &lin, (&kn, &col0), &zero, ty);
+        let next = inner.step(&mut b, (&mem_a, &cur_a, la), (&mem_b, &cur_b, lb), tk, ty);
+        tile_a.deposit(&mut b, &fa, &mem_a, &nxt_a, round, ty);
+        tile_b.deposit(&mut b, &fb, &mem_b, &nxt_b, round, ty);
+        b.line("gpu.barrier");
+        next
+    } else {
+        let fa = tile_a.fetch(&mut b, &lin, (&row0, &k0), &zero, ty);
+        let fb = tile_b.fetch(&mut b, &lin, (&k0, &col0), &zero, ty);
+        tile_a.deposit(&mut b, &fa, &mem_a, &c0, round, ty);
+        tile_b.deposit(&mut b, &fb, &mem_b, &c0, round, ty);
+        b.line("gpu.barrier");
+        let next = inner.step(&mut b, (&mem_a, &c0, la), (&mem_b, &c0, lb), tk, ty);
+        b.line("gpu.barrier");
+        next
     };
-    tile_load(&mut b, a, "%a0", &a_base, &sh_a, &sa, tm, tk, (&row0, "%k0"), (m, k));
-    tile_load(&mut b, bv, "%a1", &b_base, &sh_b, &sb, tk, tn, ("%k0", &col0), (k, n));
-    b.line("gpu.barrier");
-    let next = match &inner {
-        &Step::Simt { rm, rn, wx, wy } => {
-            simt_step(&mut b, &SimtStep { rm, rn, wx, wy, tk, tn }, &tx, &ty_, (&sh_a, &sa), (&sh_b, &sb), ty)
-        }
-        Step::Tf32 { sub, lanes } => mma_step(&mut b, lanes, *sub, tk, tn, (&sh_a, &sa), (&sh_b, &sb)),
-    };
-    b.line("gpu.barrier");
     b.line(format!("scf.yield {} : {types}", next.join(", ")));
     b.close("");
 
@@ -177,36 +185,69 @@ pub fn emit(
     let or = out.rank();
     let bias_arg = "%a2";
     let out_arg = if bias.is_some() { "%a3" } else { "%a2" };
-    for acc in 0..nacc {
+    let exact_tiles = m % tm == 0 && n % tn == 0;
+    // Runs of 4 adjacent columns stored as one vector where the result allows.
+    let run = match &inner {
+        Step::Simt { vec: 4, .. }
+            if vectors
+                && exact_tiles
+                && out.dtype == DType::F32
+                && b.split_of(out_arg).is_none()
+                && aligned_by_4(out, or - 1) =>
         {
-            let (r_in, c_in) = inner.position(&mut b, acc, &tx, &ty_);
-            let row = b.assign(format!("arith.addi {row0}, {r_in} : index"));
-            let col = b.assign(format!("arith.addi {col0}, {c_in} : index"));
+            4
+        }
+        Step::Simt { .. } | Step::Tf32 { .. } => 1,
+    };
+    let mut acc = 0;
+    while acc < nacc {
+        let (r_in, c_in) = inner.position(&mut b, acc, &tx, &ty_);
+        let row = b.assign(format!("arith.addi {row0}, {r_in} : index"));
+        let col = b.assign(format!("arith.addi {col0}, {c_in} : index"));
+        if !exact_tiles {
             let mc = b.index(m);
             let nc = b.index(n);
             let okr = b.assign(format!("arith.cmpi ult, {row}, {mc} : index"));
             let okc = b.assign(format!("arith.cmpi ult, {col}, {nc} : index"));
             let ok = b.assign(format!("arith.andi {okr}, {okc} : i1"));
             b.open(format!("scf.if {ok}"));
-            let mut v = format!("%acc#{acc}");
+        }
+        let mut values = Vec::with_capacity(run);
+        for e in 0..run {
+            let col_e = if e == 0 {
+                col.clone()
+            } else {
+                let ec = b.index(e);
+                b.assign(format!("arith.addi {col}, {ec} : index"))
+            };
+            let mut v = format!("%acc#{}", acc + e);
             if let (Some(cv), Some(cb)) = (bias, &c_base) {
                 let rk = cv.rank();
                 let at = offset_at(
                     &mut b,
                     0,
-                    &[(Some(&row), cv.strides[rk - 2]), (Some(&col), cv.strides[rk - 1])],
+                    &[(Some(&row), cv.strides[rk - 2]), (Some(&col_e), cv.strides[rk - 1])],
                 );
                 let at = b.assign(format!("arith.addi {cb}, {at} : index"));
                 let x = load(&mut b, bias_arg, cv, &at);
                 v = b.fadd(&v, &x, ty);
             }
-            let v = activate(&mut b, act, &v, ty);
-            let at =
-                offset_at(&mut b, 0, &[(Some(&row), out.strides[or - 2]), (Some(&col), out.strides[or - 1])]);
-            let at = b.assign(format!("arith.addi {o_base}, {at} : index"));
-            store(&mut b, &v, out_arg, out, &at);
+            values.push(activate(&mut b, act, &v, ty));
+        }
+        let at =
+            offset_at(&mut b, 0, &[(Some(&row), out.strides[or - 2]), (Some(&col), out.strides[or - 1])]);
+        let at = b.assign(format!("arith.addi {o_base}, {at} : index"));
+        if run == 1 {
+            store(&mut b, &values[0], out_arg, out, &at);
+        } else {
+            let vt = format!("vector<{run}x{ty}>");
+            let v = b.assign(format!("vector.from_elements {} : {vt}", values.join(", ")));
+            b.line(format!("vector.store {v}, {out_arg}[{at}] {{alignment = 16}} : {}, {vt}", out.memref()));
+        }
+        if !exact_tiles {
             b.close("");
         }
+        acc += run;
     }
     let mut memrefs = vec![a.memref(), bv.memref()];
     memrefs.extend(bias.map(View::memref));
@@ -214,6 +255,239 @@ pub fn emit(
     let flops = (2 * batch * m * n * k) as u64;
     let bytes = ((a.numel() + bv.numel() + out.numel()) * dtype.size_bytes()) as u64;
     Ok(GpuKernel { symbol: symbol.into(), mlir: module(symbol, &memrefs, &plan, b), plan, flops, bytes })
+}
+
+/// Whether every element offset of `v` that starts a run of 4 along `axis` (stride 1) is a
+/// multiple of 4: its offset and every other stride are, and the axis's extent is.
+fn aligned_by_4(v: &View, axis: usize) -> bool {
+    v.strides[axis] == 1
+        && v.shape[axis].is_multiple_of(4)
+        && v.offset.is_multiple_of(4)
+        && v.strides.iter().enumerate().all(|(i, s)| i == axis || s % 4 == 0 || v.shape[i] == 1)
+}
+
+/// One workgroup array with its type, and whether runs of 4 are read as one vector.
+struct SharedArray<'a> {
+    name: &'a str,
+    ty: &'a str,
+    vectors: bool,
+}
+
+impl SharedArray<'_> {
+    /// `count` adjacent values from `at` (a multiple of 4 when `count` is 4).
+    fn read(&self, b: &mut Body, at: &str, count: usize, ty: &str) -> Vec<String> {
+        if count == 4 && self.vectors {
+            let vt = format!("vector<4x{ty}>");
+            let v =
+                b.assign(format!("vector.load {}[{at}] {{alignment = 16}} : {}, {vt}", self.name, self.ty));
+            return (0..4).map(|e| b.assign(format!("vector.extract {v}[{e}] : {ty} from {vt}"))).collect();
+        }
+        (0..count)
+            .map(|e| {
+                let i = plus(b, at, e);
+                b.assign(format!("memref.load {}[{i}] : {}", self.name, self.ty))
+            })
+            .collect()
+    }
+
+    /// Stores adjacent `values` from `at` (a multiple of 4 when there are 4).
+    fn write(&self, b: &mut Body, at: &str, values: &[String], ty: &str) {
+        if values.len() == 4 && self.vectors {
+            let vt = format!("vector<4x{ty}>");
+            let v = b.assign(format!("vector.from_elements {} : {vt}", values.join(", ")));
+            b.line(format!("vector.store {v}, {}[{at}] {{alignment = 16}} : {}, {vt}", self.name, self.ty));
+            return;
+        }
+        for (e, x) in values.iter().enumerate() {
+            let i = plus(b, at, e);
+            b.line(format!("memref.store {x}, {}[{i}] : {}", self.name, self.ty));
+        }
+    }
+}
+
+/// `x + d` (no op for 0).
+fn plus(b: &mut Body, x: &str, d: usize) -> String {
+    if d == 0 {
+        return x.to_string();
+    }
+    let dc = b.index(d);
+    b.assign(format!("arith.addi {x}, {dc} : index"))
+}
+
+/// How operand values are rounded as they enter shared memory.
+#[derive(Clone, Copy)]
+enum Rounding {
+    /// `cvt.rna.tf32.f32`.
+    Tf32Nvvm,
+    /// The same rounding written out (round the 13 dropped mantissa bits to nearest, ties
+    /// away from zero), for devices without the instruction.
+    Tf32Bits,
+}
+
+impl Rounding {
+    fn apply(self, b: &mut Body, x: &str) -> String {
+        let bits = match self {
+            Rounding::Tf32Nvvm => {
+                b.assign(format!("llvm.call_intrinsic \"llvm.nvvm.f2tf32.rna\"({x}) : (f32) -> i32"))
+            }
+            Rounding::Tf32Bits => {
+                let bits = b.assign(format!("arith.bitcast {x} : f32 to i32"));
+                let half = b.int(0x1000, "i32");
+                let up = b.assign(format!("arith.addi {bits}, {half} : i32"));
+                let mask = b.int(0xFFFF_E000u32 as i32 as i64, "i32");
+                b.assign(format!("arith.andi {up}, {mask} : i32"))
+            }
+        };
+        b.assign(format!("arith.bitcast {bits} : i32 to f32"))
+    }
+}
+
+/// One operand's tile as the workgroup reads it from memory: `rows × cols` elements of the
+/// view (rows and columns of the operand) from an origin that moves with k. Invocation `l`
+/// reads runs `l, l + inv, …` of `run` elements, adjacent along the view's contiguous axis so
+/// that neighbouring invocations read neighbouring addresses.
+struct OperandTile<'a> {
+    view: &'a View,
+    arg: &'static str,
+    base: String,
+    rows: usize,
+    cols: usize,
+    extent: (usize, usize),
+    layout: SharedLayout,
+    /// Whether runs go along columns (else rows).
+    along_cols: bool,
+    run: usize,
+    /// Whether the tile never crosses the operand's edges (its sizes divide the extents).
+    exact: bool,
+    inv: usize,
+}
+
+/// The values one invocation read: per run, its tile row and column and the values.
+struct Fetched {
+    runs: Vec<(String, String, Vec<String>)>,
+}
+
+impl<'a> OperandTile<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        b: &Body,
+        view: &'a View,
+        arg: &'static str,
+        base: String,
+        (rows, cols): (usize, usize),
+        extent: (usize, usize),
+        layout: SharedLayout,
+        inv: usize,
+        vectors: bool,
+    ) -> OperandTile<'a> {
+        let rk = view.rank();
+        let along_cols = view.strides[rk - 1] == 1 || view.strides[rk - 2] != 1;
+        let axis = if along_cols { rk - 1 } else { rk - 2 };
+        let exact = extent.0.is_multiple_of(rows) && extent.1.is_multiple_of(cols);
+        let along = if along_cols { cols } else { rows };
+        let run = if vectors
+            && exact
+            && view.dtype == DType::F32
+            && along % 4 == 0
+            && (rows * cols / 4) % inv == 0
+            && b.split_of(arg).is_none()
+            && aligned_by_4(view, axis)
+        {
+            4
+        } else {
+            1
+        };
+        OperandTile { view, arg, base, rows, cols, extent, layout, along_cols, run, exact, inv }
+    }
+
+    /// Reads this invocation's runs of the tile at `origin` (operand row, column) into
+    /// registers: zero past the operand's edges.
+    fn fetch(&self, b: &mut Body, lin: &str, origin: (&str, &str), zero: &str, ty: &str) -> Fetched {
+        let runs_total = self.rows * self.cols / self.run;
+        let per_line = if self.along_cols { self.cols } else { self.rows } / self.run;
+        let rk = self.view.rank();
+        let (rs, cs) = (self.view.strides[rk - 2], self.view.strides[rk - 1]);
+        let mut runs = Vec::new();
+        for t in 0..runs_total.div_ceil(self.inv) {
+            let l = plus(b, lin, t * self.inv);
+            // Past the last run (when the tile is not a multiple of the workgroup), read the
+            // last one again: the same value lands in the same place.
+            let l = if (t + 1) * self.inv > runs_total { clamp(b, &l, runs_total) } else { l };
+            let pl = b.index(per_line);
+            let line = b.assign(format!("arith.divui {l}, {pl} : index"));
+            let within = b.assign(format!("arith.remui {l}, {pl} : index"));
+            let within = if self.run == 1 {
+                within
+            } else {
+                let rc = b.index(self.run);
+                b.assign(format!("arith.muli {within}, {rc} : index"))
+            };
+            let (r, c) = if self.along_cols { (line, within) } else { (within, line) };
+            let gr = b.assign(format!("arith.addi {}, {r} : index", origin.0));
+            let gc = b.assign(format!("arith.addi {}, {c} : index", origin.1));
+            let values = if self.exact {
+                let at = offset_at(b, 0, &[(Some(&gr), rs), (Some(&gc), cs)]);
+                let at = b.assign(format!("arith.addi {}, {at} : index", self.base));
+                if self.run == 4 {
+                    let vt = format!("vector<4x{ty}>");
+                    let v = b.assign(format!(
+                        "vector.load {}[{at}] {{alignment = 16}} : {}, {vt}",
+                        self.arg,
+                        self.view.memref()
+                    ));
+                    (0..4).map(|e| b.assign(format!("vector.extract {v}[{e}] : {ty} from {vt}"))).collect()
+                } else {
+                    vec![load(b, self.arg, self.view, &at)]
+                }
+            } else {
+                let er = b.index(self.extent.0);
+                let ec = b.index(self.extent.1);
+                let okr = b.assign(format!("arith.cmpi ult, {gr}, {er} : index"));
+                let okc = b.assign(format!("arith.cmpi ult, {gc}, {ec} : index"));
+                let ok = b.assign(format!("arith.andi {okr}, {okc} : i1"));
+                let gr = clamp(b, &gr, self.extent.0);
+                let gc = clamp(b, &gc, self.extent.1);
+                let at = offset_at(b, 0, &[(Some(&gr), rs), (Some(&gc), cs)]);
+                let at = b.assign(format!("arith.addi {}, {at} : index", self.base));
+                let x = load(b, self.arg, self.view, &at);
+                vec![b.select(&ok, &x, zero, ty)]
+            };
+            runs.push((r, c, values));
+        }
+        Fetched { runs }
+    }
+
+    /// Stores fetched runs into the stage that starts at `stage` of `mem`, rounded as asked.
+    fn deposit(
+        &self,
+        b: &mut Body,
+        f: &Fetched,
+        mem: &SharedArray,
+        stage: &str,
+        round: Option<Rounding>,
+        ty: &str,
+    ) {
+        let SharedLayout { row, col, .. } = self.layout;
+        for (r, c, values) in &f.runs {
+            let values: Vec<String> = match round {
+                Some(rounding) => values.iter().map(|x| rounding.apply(b, x)).collect(),
+                None => values.clone(),
+            };
+            let at = offset_at(b, 0, &[(Some(r), row), (Some(c), col)]);
+            let at = b.assign(format!("arith.addi {stage}, {at} : index"));
+            // A run is adjacent in shared memory too when its axis has stride 1 there.
+            let adjacent = if self.along_cols { col == 1 } else { row == 1 };
+            if adjacent {
+                mem.write(b, &at, &values, ty);
+            } else {
+                let step = if self.along_cols { col } else { row };
+                for (e, x) in values.iter().enumerate() {
+                    let i = plus(b, &at, e * step);
+                    mem.write(b, &i, std::slice::from_ref(x), ty);
+                }
+            }
+        }
+    }
 }
 
 /// Rows and columns of an MMA tile: `m16n8k8`.
@@ -224,16 +498,18 @@ const MMA_K: usize = 8;
 /// How a workgroup computes its tile between the shared-memory loads, as its plan says.
 #[derive(Clone, Copy)]
 enum Inner {
-    /// Each invocation `(x, y)` of a `wx × wy` workgroup accumulates `rm × rn` results with FMAs.
-    Simt { rm: usize, rn: usize, wx: usize, wy: usize },
+    /// Each invocation `(x, y)` of a `wx × wy` workgroup accumulates `rm × rn` results with
+    /// FMAs, in runs of `vec` adjacent rows and columns.
+    Simt { rm: usize, rn: usize, wx: usize, wy: usize, vec: usize },
     /// Each warp of `warps[0] × warps[1]` computes `sub[0] × sub[1]` `m16n8k8` products on
     /// tensor cores with TF32 operands.
     Tf32 { warps: [usize; 2], sub: [usize; 2] },
 }
 
-/// [`Inner`] once the kernel's body exists: the tensor-core form knows its lanes.
+/// [`Inner`] once the kernel's body exists: the SIMT form knows where its runs start, the
+/// tensor-core form its lanes.
 enum Step {
-    Simt { rm: usize, rn: usize, wx: usize, wy: usize },
+    Simt { rm: usize, rn: usize, wx: usize, wy: usize, vec: usize, my_row: String, my_col: String },
     Tf32 { sub: [usize; 2], lanes: Box<Lanes> },
 }
 
@@ -246,15 +522,15 @@ impl Step {
         }
     }
 
-    /// The tile row and column of accumulator `acc` of this invocation.
-    fn position(&self, b: &mut Body, acc: usize, tx: &str, ty: &str) -> (String, String) {
+    /// The tile row and column of accumulator `acc` of this invocation. SIMT accumulator
+    /// `i·rn + j` is row `i` and column `j` of the invocation's block; its run `i / vec`
+    /// starts `vec·wy` rows after the previous one.
+    fn position(&self, b: &mut Body, acc: usize, _tx: &str, _ty: &str) -> (String, String) {
         match self {
-            &Step::Simt { rn, wx, wy, .. } => {
+            Step::Simt { rn, wx, wy, vec, my_row, my_col, .. } => {
                 let (i, j) = (acc / rn, acc % rn);
-                let ic = b.index(i * wy);
-                let jc = b.index(j * wx);
-                let row = b.assign(format!("arith.addi {ty}, {ic} : index"));
-                let col = b.assign(format!("arith.addi {tx}, {jc} : index"));
+                let row = plus(b, my_row, (i / vec) * vec * wy + i % vec);
+                let col = plus(b, my_col, (j / vec) * vec * wx + j % vec);
                 (row, col)
             }
             Step::Tf32 { sub, lanes: l } => {
@@ -266,6 +542,25 @@ impl Step {
                 let col = l.at(b, &l.warp_col, j * MMA_N + dc, &l.in_group, 2);
                 (row, col)
             }
+        }
+    }
+
+    /// One k tile from the stages at the given offsets: returns the accumulators after it
+    /// (carried in as `%o…`).
+    fn step(
+        &self,
+        b: &mut Body,
+        a: (&SharedArray, &str, SharedLayout),
+        bb: (&SharedArray, &str, SharedLayout),
+        tk: usize,
+        ty: &str,
+    ) -> Vec<String> {
+        match self {
+            Step::Simt { rm, rn, wx, wy, vec, my_row, my_col } => {
+                let st = SimtStep { rm: *rm, rn: *rn, wx: *wx, wy: *wy, vec: *vec, tk };
+                simt_step(b, &st, (my_row, my_col), a, bb, ty)
+            }
+            Step::Tf32 { sub, lanes } => mma_step(b, lanes, *sub, tk, a, bb),
         }
     }
 }
@@ -359,93 +654,76 @@ struct SimtStep {
     rn: usize,
     wx: usize,
     wy: usize,
+    vec: usize,
     tk: usize,
-    tn: usize,
 }
 
-/// One k tile on the SIMT path: for each k of the tile, every invocation multiplies its `rm` A
-/// values by its `rn` B values into its accumulators `%p…` (carried as `%o…`). Returns the
-/// accumulators after the tile.
+/// One k tile on the SIMT path, unrolled: for each k of the tile, every invocation reads its
+/// `rm` A values (A is k-major in shared memory) and `rn` B values in runs of `vec`, and
+/// multiplies them into its accumulators.
 fn simt_step(
     b: &mut Body,
     st: &SimtStep,
-    tx: &str,
-    ty_: &str,
-    (sh_a, sa): (&str, &str),
-    (sh_b, sb): (&str, &str),
+    (my_row, my_col): (&str, &str),
+    (ma, sa, la): (&SharedArray, &str, SharedLayout),
+    (mb, sb, lb): (&SharedArray, &str, SharedLayout),
     ty: &str,
 ) -> Vec<String> {
-    let SimtStep { rm, rn, wx, wy, tk, tn } = *st;
-    let nacc = rm * rn;
-    let types = vec![ty; nacc].join(", ");
-    let c0 = b.index(0);
-    let tkc = b.index(tk);
-    let tnc = b.index(tn);
-    let c1 = b.index(1);
-    let carried: Vec<String> = (0..nacc).map(|i| format!("%p{i} = %o{i}")).collect();
-    b.open(format!(
-        "%step:{nacc} = scf.for %kk = {c0} to {tkc} step {c1} iter_args({}) -> ({types})",
-        carried.join(", ")
-    ));
-    // Invocation (x, y) owns rows y + i·wy and columns x + j·wx of the tile: neighbouring
-    // invocations touch neighbouring columns (coalesced on a GPU, one vector on a CPU device),
-    // and a row of invocations reads the same A element.
-    let (my_row, my_col) = (ty_.to_string(), tx.to_string());
-    let a_vals: Vec<String> = (0..rm)
-        .map(|i| {
-            let ic = b.index(i * wy);
-            let row = b.assign(format!("arith.addi {my_row}, {ic} : index"));
-            let at = b.assign(format!("arith.muli {row}, {tkc} : index"));
-            let at = b.assign(format!("arith.addi {at}, %kk : index"));
-            b.assign(format!("memref.load {sh_a}[{at}] : {sa}"))
-        })
-        .collect();
-    let b_vals: Vec<String> = (0..rn)
-        .map(|j| {
-            let jc = b.index(j * wx);
-            let col = b.assign(format!("arith.addi {my_col}, {jc} : index"));
-            let at = b.assign(format!("arith.muli %kk, {tnc} : index"));
-            let at = b.assign(format!("arith.addi {at}, {col} : index"));
-            b.assign(format!("memref.load {sh_b}[{at}] : {sb}"))
-        })
-        .collect();
-    let mut next = Vec::with_capacity(nacc);
-    for av in &a_vals {
-        for bw in &b_vals {
-            let old = format!("%p{}", next.len());
-            next.push(b.fma(av, bw, &old, ty));
+    let SimtStep { rm, rn, wx, wy, vec, tk } = *st;
+    let mut acc: Vec<String> = (0..rm * rn).map(|i| format!("%o{i}")).collect();
+    let a0 = b.assign(format!("arith.addi {sa}, {my_row} : index"));
+    let b0 = b.assign(format!("arith.addi {sb}, {my_col} : index"));
+    for kk in 0..tk {
+        let a_vals: Vec<String> = (0..rm / vec)
+            .flat_map(|i| {
+                let at = plus(b, &a0, kk * la.col + i * vec * wy * la.row);
+                ma.read(b, &at, vec, ty)
+            })
+            .collect();
+        let b_vals: Vec<String> = (0..rn / vec)
+            .flat_map(|j| {
+                let at = plus(b, &b0, kk * lb.row + j * vec * wx * lb.col);
+                mb.read(b, &at, vec, ty)
+            })
+            .collect();
+        for (i, av) in a_vals.iter().enumerate() {
+            for (j, bw) in b_vals.iter().enumerate() {
+                let x = &mut acc[i * rn + j];
+                *x = b.fma(av, bw, x, ty);
+            }
         }
     }
-    b.line(format!("scf.yield {} : {types}", next.join(", ")));
-    b.close("");
-    (0..nacc).map(|i| format!("%step#{i}")).collect()
+    acc
 }
 
 /// One k tile on tensor cores: for each k step of 8, every warp loads its A fragments (one per
-/// 16-row block) and B fragments (one per 8-column block) from shared memory, rounds them to
-/// TF32, and runs `sub[0] × sub[1]` `mma.sync` products into its accumulators (carried as
-/// `%o…`, 4 per product). Returns the accumulators after the tile.
+/// 16-row block) and B fragments (one per 8-column block) from shared memory, where they were
+/// stored already rounded to TF32, and runs `sub[0] × sub[1]` `mma.sync` products into its
+/// accumulators (carried as `%o…`, 4 per product). Returns the accumulators after the tile.
 fn mma_step(
     b: &mut Body,
     l: &Lanes,
     sub: [usize; 2],
     tk: usize,
-    tn: usize,
-    (sh_a, sa): (&str, &str),
-    (sh_b, sb): (&str, &str),
+    (ma, sa, la): (&SharedArray, &str, SharedLayout),
+    (mb, sb, lb): (&SharedArray, &str, SharedLayout),
 ) -> Vec<String> {
     let per = C_FRAGMENT.len();
     let mut acc: Vec<String> = (0..sub[0] * sub[1] * per).map(|i| format!("%o{i}")).collect();
-    let tf32 = |b: &mut Body, x: &str| match &l.emulation {
-        None => b.assign(format!("llvm.call_intrinsic \"llvm.nvvm.f2tf32.rna\"({x}) : (f32) -> i32")),
-        // cvt.rna.tf32.f32: round the 13 dropped mantissa bits to nearest, ties away from zero.
-        Some(_) => {
-            let bits = b.assign(format!("arith.bitcast {x} : f32 to i32"));
-            let half = b.int(0x1000, "i32");
-            let up = b.assign(format!("arith.addi {bits}, {half} : i32"));
-            let mask = b.int(0xFFFF_E000u32 as i32 as i64, "i32");
-            b.assign(format!("arith.andi {up}, {mask} : i32"))
-        }
+    let bits = |b: &mut Body, mem: &SharedArray, at: &str| {
+        let x = b.assign(format!("memref.load {}[{at}] : {}", mem.name, mem.ty));
+        b.assign(format!("arith.bitcast {x} : f32 to i32"))
+    };
+    // A fragment (row, col) of the warp's block at `a_lane + row·la.row + col`.
+    let a_lane = {
+        let r = l.at(b, &l.warp_row, 0, &l.group, 1);
+        let at = offset_at(b, 0, &[(Some(&r), la.row), (Some(&l.in_group), la.col)]);
+        b.assign(format!("arith.addi {sa}, {at} : index"))
+    };
+    let b_lane = {
+        let c = l.at(b, &l.warp_col, 0, &l.group, 1);
+        let at = offset_at(b, 0, &[(Some(&l.in_group), lb.row), (Some(&c), lb.col)]);
+        b.assign(format!("arith.addi {sb}, {at} : index"))
     };
     for kk in (0..tk).step_by(MMA_K) {
         let a_frags: Vec<Vec<String>> = (0..sub[0])
@@ -453,14 +731,8 @@ fn mma_step(
                 A_FRAGMENT
                     .iter()
                     .map(|&(dr, dc)| {
-                        let row = l.at(b, &l.warp_row, i * MMA_M + dr, &l.group, 1);
-                        let col = b.index(kk + dc);
-                        let col = b.assign(format!("arith.addi {col}, {} : index", l.in_group));
-                        let tkc = b.index(tk);
-                        let at = b.assign(format!("arith.muli {row}, {tkc} : index"));
-                        let at = b.assign(format!("arith.addi {at}, {col} : index"));
-                        let x = b.assign(format!("memref.load {sh_a}[{at}] : {sa}"));
-                        tf32(b, &x)
+                        let at = plus(b, &a_lane, (i * MMA_M + dr) * la.row + (kk + dc) * la.col);
+                        bits(b, ma, &at)
                     })
                     .collect()
             })
@@ -470,14 +742,8 @@ fn mma_step(
                 B_FRAGMENT
                     .iter()
                     .map(|&(dr, dc)| {
-                        let row = b.index(kk + dr);
-                        let row = b.assign(format!("arith.addi {row}, {} : index", l.in_group));
-                        let col = l.at(b, &l.warp_col, j * MMA_N + dc, &l.group, 1);
-                        let tnc = b.index(tn);
-                        let at = b.assign(format!("arith.muli {row}, {tnc} : index"));
-                        let at = b.assign(format!("arith.addi {at}, {col} : index"));
-                        let x = b.assign(format!("memref.load {sh_b}[{at}] : {sb}"));
-                        tf32(b, &x)
+                        let at = plus(b, &b_lane, (kk + dr) * lb.row + (j * MMA_N + dc) * lb.col);
+                        bits(b, mb, &at)
                     })
                     .collect()
             })

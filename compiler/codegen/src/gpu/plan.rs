@@ -37,8 +37,19 @@ pub enum Work {
     Rows { rows: usize, len: usize, group: u32 },
     /// A tiled product `[batch] × (m×k · k×n)`: each workgroup computes a `tile[0]×tile[1]`
     /// block of the result, stepping over k by `tile[2]` with both operand tiles in shared
-    /// memory; each invocation accumulates a `thread[0]×thread[1]` block in registers.
-    Matmul { batch: usize, m: usize, n: usize, k: usize, tile: [u32; 3], thread: [u32; 2] },
+    /// memory; each invocation accumulates a `thread[0]×thread[1]` block in registers, made of
+    /// runs of `vector` adjacent rows and columns (read from shared memory as one vector each).
+    /// With 2 `stages` the next k tile is read from memory while the current one is multiplied.
+    Matmul {
+        batch: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        tile: [u32; 3],
+        thread: [u32; 2],
+        vector: u32,
+        stages: u32,
+    },
     /// The same tiled product on tensor cores: the workgroup's `warps[0]×warps[1]` warps each
     /// own a `tile[0]/warps[0] × tile[1]/warps[1]` block of the tile, made of `shape`-sized
     /// warp-wide matrix products (`mma.sync`) whose operands are rounded to `precision`.
@@ -51,6 +62,7 @@ pub enum Work {
         warps: [u32; 2],
         shape: [u32; 3],
         precision: MmaPrecision,
+        stages: u32,
     },
     /// Flash attention: one workgroup per block of `block_q` queries (one invocation each),
     /// keys and values in tiles of `block_k` rows through shared memory, an online softmax in
@@ -153,8 +165,10 @@ impl GpuPlan {
         })
     }
 
-    /// A tiled product. Large products take 64×64 tiles of 4×4 per invocation; products with
-    /// few rows (a batch-1 projection) take 16-row tiles so fewer invocations idle.
+    /// A tiled product. Candidates go from 128×128 tiles of 8×8 per invocation down to 16×16
+    /// tiles of 1×1 (16-row tiles for products with few rows, such as a batch-1 projection);
+    /// the first one the target's limits allow with the least estimated time wins (see
+    /// [`matmul_cost`]). Two stages when both fit in shared memory.
     pub fn matmul(
         batch: usize,
         m: usize,
@@ -163,42 +177,55 @@ impl GpuPlan {
         reg_bytes: usize,
         caps: &GpuCaps,
     ) -> Result<GpuPlan, CodegenError> {
-        let candidates: [([u32; 3], [u32; 2]); 3] = if m >= 64 {
-            [([64, 64, 16], [4, 4]), ([32, 32, 8], [2, 2]), ([16, 16, 8], [1, 1])]
+        // (tile, per-invocation block, vector run)
+        let candidates: &[([u32; 3], [u32; 2], u32)] = if m >= 64 {
+            &[
+                ([128, 128, 8], [8, 8], 4),
+                ([64, 64, 16], [4, 4], 4),
+                ([32, 32, 8], [2, 2], 1),
+                ([16, 16, 8], [1, 1], 1),
+            ]
         } else {
-            [([16, 64, 16], [1, 4]), ([16, 32, 8], [1, 2]), ([16, 16, 8], [1, 1])]
+            &[([16, 64, 16], [1, 4], 1), ([16, 32, 8], [1, 2], 1), ([16, 16, 8], [1, 1], 1)]
         };
-        for (tile, thread) in candidates {
+        let mut best: Option<(usize, GpuPlan)> = None;
+        for &(tile, thread, vector) in candidates {
             let workgroup = [tile[1] / thread[1], tile[0] / thread[0], 1];
             let invocations = workgroup[0] * workgroup[1];
-            let shared = (tile[0] * tile[2] + tile[2] * tile[1]) as usize * reg_bytes;
+            let [la, lb] = matmul_layouts(tile, false);
+            let stage_bytes = (la.len + lb.len) * reg_bytes;
             if invocations > caps.max_workgroup_invocations
                 || workgroup[0] > caps.max_workgroup_size[0]
                 || workgroup[1] > caps.max_workgroup_size[1]
-                || shared > caps.max_shared_bytes as usize
+                || stage_bytes > caps.max_shared_bytes as usize
             {
                 continue;
             }
-            let grid =
-                [n.div_ceil(tile[1] as usize).max(1), m.div_ceil(tile[0] as usize).max(1), batch.max(1)];
-            if grid.iter().zip(&caps.max_workgroup_count).any(|(&g, &max)| g > max as usize) {
-                return Err(too_big(format!(
-                    "a [{batch}] × {m}×{k}·{k}×{n} product on the {} target (grid {grid:?})",
-                    caps.name
-                )));
+            let stages = if 2 * stage_bytes <= caps.max_shared_bytes as usize { 2 } else { 1 };
+            let grid = matmul_grid(batch, m, n, k, tile, caps)?;
+            let cost = matmul_cost(grid, tile, thread, k, caps);
+            if best.as_ref().is_some_and(|(c, _)| *c <= cost) {
+                continue;
             }
-            return Ok(GpuPlan {
-                work: Work::Matmul { batch, m, n, k, tile, thread },
-                launch: Launch { grid: grid.map(|g| g as u32), workgroup },
-                shared_bytes: shared as u32,
-            });
+            let plan = GpuPlan {
+                work: Work::Matmul { batch, m, n, k, tile, thread, vector, stages },
+                launch: Launch { grid, workgroup },
+                shared_bytes: (stages as usize * stage_bytes) as u32,
+            };
+            best = Some((cost, plan));
         }
-        Err(too_big(format!("a product on the {} target: no tile fits its workgroup limits", caps.name)))
+        best.map(|(_, p)| p).ok_or_else(|| {
+            too_big(format!("a product on the {} target: no tile fits its workgroup limits", caps.name))
+        })
     }
 
-    /// A tiled product on tensor cores, when the target has them for `precision`: 64×64×16
-    /// tiles, 2×2 warps of 32×32 (2×4 `m16n8k8` products each, 32 f32 accumulators per
-    /// invocation). The caller decides whether the operands may be rounded to `precision`.
+    /// A tiled product on tensor cores, when the target has them for `precision`: 128×128×16
+    /// tiles of 2×4 warps (4×4 `m16n8k8` products each, 64 f32 accumulators per invocation)
+    /// when the product has enough tiles to fill the device, else 64×64×16 tiles of 2×2 warps
+    /// (2×4 products each); two stages when they fit in shared memory. Where the target
+    /// emulates the products (SPIR-V, to check the fragment bookkeeping), their scratch
+    /// arrays count against shared memory too. The caller decides whether the operands may be
+    /// rounded to `precision`.
     pub fn matmul_tensor_cores(
         batch: usize,
         m: usize,
@@ -210,28 +237,37 @@ impl GpuPlan {
         if caps.mma != Some(precision) || caps.subgroup_size != Some(32) {
             return Ok(None);
         }
-        let (tile, warps) = ([64u32, 64, 16], [2u32, 2]);
         let shape = match precision {
             MmaPrecision::Tf32 => [16u32, 8, 8],
         };
-        let shared = (tile[0] * tile[2] + tile[2] * tile[1]) as usize * 4;
-        if shared > caps.max_shared_bytes as usize
-            || 32 * warps[0] * warps[1] > caps.max_workgroup_invocations
-        {
-            return Ok(None);
+        let candidates: [([u32; 3], [u32; 2]); 2] = [([128, 128, 16], [2, 4]), ([64, 64, 16], [2, 2])];
+        for (i, &(tile, warps)) in candidates.iter().enumerate() {
+            let count = warps[0] * warps[1];
+            let [la, lb] = matmul_layouts(tile, true);
+            let stage_bytes = (la.len + lb.len) * 4;
+            let scratch = match caps.lowering {
+                super::GpuLowering::Spirv => {
+                    (count * (shape[0] * shape[2] + shape[2] * shape[1])) as usize * 4
+                }
+                super::GpuLowering::Nvvm(_) => 0,
+            };
+            let grid = matmul_grid(batch, m, n, k, tile, caps)?;
+            let last = i + 1 == candidates.len();
+            let fills = grid.iter().map(|&g| g as usize).product::<usize>() >= caps.parallel_units as usize;
+            if stage_bytes + scratch > caps.max_shared_bytes as usize
+                || 32 * count > caps.max_workgroup_invocations
+                || (!fills && !last)
+            {
+                continue;
+            }
+            let stages = if 2 * stage_bytes + scratch <= caps.max_shared_bytes as usize { 2 } else { 1 };
+            return Ok(Some(GpuPlan {
+                work: Work::MatmulTensorCores { batch, m, n, k, tile, warps, shape, precision, stages },
+                launch: Launch { grid, workgroup: [32 * count, 1, 1] },
+                shared_bytes: (stages as usize * stage_bytes + scratch) as u32,
+            }));
         }
-        let grid = [n.div_ceil(tile[1] as usize).max(1), m.div_ceil(tile[0] as usize).max(1), batch.max(1)];
-        if grid.iter().zip(&caps.max_workgroup_count).any(|(&g, &max)| g > max as usize) {
-            return Err(too_big(format!(
-                "a [{batch}] × {m}×{k}·{k}×{n} product on the {} target (grid {grid:?})",
-                caps.name
-            )));
-        }
-        Ok(Some(GpuPlan {
-            work: Work::MatmulTensorCores { batch, m, n, k, tile, warps, shape, precision },
-            launch: Launch { grid: grid.map(|g| g as u32), workgroup: [32 * warps[0] * warps[1], 1, 1] },
-            shared_bytes: shared as u32,
-        }))
+        Ok(None)
     }
 
     /// Flash attention: 64 queries per workgroup (fewer for short sequences), and key tiles as
@@ -281,12 +317,12 @@ impl GpuPlan {
             Work::Rows { rows, len, group } => {
                 format!("rows: {rows} of {len}, {group} invocations per row, shared-memory tree")
             }
-            Work::Matmul { batch, m, n, k, tile, thread } => format!(
-                "matmul: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory, {}×{} per invocation",
+            Work::Matmul { batch, m, n, k, tile, thread, vector, stages } => format!(
+                "matmul: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory ({stages} stages), {}×{} per invocation in runs of {vector}",
                 tile[0], tile[1], tile[2], thread[0], thread[1]
             ),
-            Work::MatmulTensorCores { batch, m, n, k, tile, warps, shape, precision } => format!(
-                "matmul on tensor cores: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory, {}×{} warps, mma.sync m{}n{}k{} on {} operands, f32 accumulators",
+            Work::MatmulTensorCores { batch, m, n, k, tile, warps, shape, precision, stages } => format!(
+                "matmul on tensor cores: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory ({stages} stages), {}×{} warps, mma.sync m{}n{}k{} on {} operands, f32 accumulators",
                 tile[0], tile[1], tile[2], warps[0], warps[1], shape[0], shape[1], shape[2], precision.name()
             ),
             Work::Attention { batch, sq, sk, d, dv, block_q, block_k } => format!(
@@ -300,6 +336,68 @@ impl GpuPlan {
             self.shared_bytes
         )
     }
+}
+
+/// Where a product's operand tile lies in one shared-memory stage: element `(r, c)` of the
+/// tile (rows and columns of the operand) at `r·row + c·col`, `len` values in all. The
+/// padding keeps the reads of an inner step free of bank conflicts and 16-byte aligned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedLayout {
+    pub row: usize,
+    pub col: usize,
+    pub len: usize,
+}
+
+/// The shared layouts of a product's A tile (`tile[0]×tile[2]`) and B tile
+/// (`tile[2]×tile[1]`). On tensor cores A is row-major with rows of `tile[2] + 4` (a warp's
+/// fragment reads of 8 rows × 4 columns then fall in 32 different banks) and B row-major with
+/// rows of `tile[1] + 8` (4 rows × 8 columns, likewise). On the SIMT path A is stored
+/// transposed (k-major, rows of `tile[0] + 4`) so an invocation reads its run of rows as one
+/// vector, and B row-major with rows of `tile[1] + 4`.
+pub fn matmul_layouts(tile: [u32; 3], tensor_cores: bool) -> [SharedLayout; 2] {
+    let [tm, tn, tk] = tile.map(|t| t as usize);
+    if tensor_cores {
+        [
+            SharedLayout { row: tk + 4, col: 1, len: tm * (tk + 4) },
+            SharedLayout { row: tn + 8, col: 1, len: tk * (tn + 8) },
+        ]
+    } else {
+        [
+            SharedLayout { row: 1, col: tm + 4, len: tk * (tm + 4) },
+            SharedLayout { row: tn + 4, col: 1, len: tk * (tn + 4) },
+        ]
+    }
+}
+
+/// The grid of a tiled product: columns of tiles, rows of tiles, batch.
+fn matmul_grid(
+    batch: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    tile: [u32; 3],
+    caps: &GpuCaps,
+) -> Result<[u32; 3], CodegenError> {
+    let grid = [n.div_ceil(tile[1] as usize).max(1), m.div_ceil(tile[0] as usize).max(1), batch.max(1)];
+    if grid.iter().zip(&caps.max_workgroup_count).any(|(&g, &max)| g > max as usize) {
+        return Err(too_big(format!(
+            "a [{batch}] × {m}×{k}·{k}×{n} product on the {} target (grid {grid:?})",
+            caps.name
+        )));
+    }
+    Ok(grid.map(|g| g as u32))
+}
+
+/// A SIMT product's estimated time, in arbitrary units: the waves of workgroups the device
+/// runs one after another (`parallel_units` at a time) times one workgroup's shared-memory
+/// reads, which bound the inner loop (an `rm×rn` block does `rm·rn` FMAs per `rm + rn`
+/// reads).
+fn matmul_cost(grid: [u32; 3], tile: [u32; 3], thread: [u32; 2], k: usize, caps: &GpuCaps) -> usize {
+    let workgroups: usize = grid.iter().map(|&g| g as usize).product();
+    let waves = workgroups.div_ceil(caps.parallel_units.max(1) as usize);
+    let fmas = tile[0] as usize * tile[1] as usize * k;
+    let (rm, rn) = (thread[0] as usize, thread[1] as usize);
+    waves * fmas * (rm + rn) / (rm * rn)
 }
 
 #[cfg(test)]
@@ -325,18 +423,56 @@ mod tests {
     }
 
     #[test]
-    fn matmul_tiles_follow_the_row_count() {
+    fn matmul_tiles_follow_the_product_and_the_device() {
         let caps = GpuCaps::vulkan();
         let big = GpuPlan::matmul(1, 512, 768, 768, 4, &caps).unwrap();
         assert_eq!(
             big.work,
-            Work::Matmul { batch: 1, m: 512, n: 768, k: 768, tile: [64, 64, 16], thread: [4, 4] }
+            Work::Matmul {
+                batch: 1,
+                m: 512,
+                n: 768,
+                k: 768,
+                tile: [128, 128, 8],
+                thread: [8, 8],
+                vector: 4,
+                stages: 2
+            }
         );
-        assert_eq!(big.launch.grid, [12, 8, 1]);
+        assert_eq!(big.launch.grid, [6, 4, 1]);
         assert_eq!(big.launch.workgroup, [16, 16, 1]);
+        assert_eq!(big.shared_bytes, 2 * (8 * 132 + 8 * 132) * 4);
+        // Too few 128×128 tiles to keep a large GPU busy: 64×64 ones.
+        let cuda = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90").unwrap());
+        let mid = GpuPlan::matmul(1, 512, 768, 768, 4, &cuda).unwrap();
+        assert!(matches!(mid.work, Work::Matmul { tile: [64, 64, 16], thread: [4, 4], .. }), "{mid:?}");
         let thin = GpuPlan::matmul(2, 1, 100, 10, 4, &caps).unwrap();
         assert_eq!(thin.launch.workgroup, [16, 16, 1]);
-        assert_eq!(thin.launch.grid, [2, 1, 2]);
+        assert_eq!(thin.launch.grid, [7, 1, 2]);
+    }
+
+    #[test]
+    fn tensor_core_tiles_fill_the_device_and_fit_shared_memory() {
+        let cuda = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90").unwrap());
+        let big =
+            GpuPlan::matmul_tensor_cores(1, 4096, 4096, 4096, MmaPrecision::Tf32, &cuda).unwrap().unwrap();
+        assert!(
+            matches!(
+                big.work,
+                Work::MatmulTensorCores { tile: [128, 128, 16], warps: [2, 4], stages: 2, .. }
+            ),
+            "{big:?}"
+        );
+        assert_eq!(big.shared_bytes, 2 * (128 * 20 + 16 * 136) * 4);
+        let small =
+            GpuPlan::matmul_tensor_cores(1, 128, 384, 384, MmaPrecision::Tf32, &cuda).unwrap().unwrap();
+        assert!(matches!(small.work, Work::MatmulTensorCores { tile: [64, 64, 16], .. }), "{small:?}");
+        // Emulated on SPIR-V, the scratch arrays count too.
+        let mut vk = GpuCaps::vulkan();
+        vk.mma = Some(MmaPrecision::Tf32);
+        vk.subgroup_size = Some(32);
+        let p = GpuPlan::matmul_tensor_cores(1, 4096, 4096, 4096, MmaPrecision::Tf32, &vk).unwrap().unwrap();
+        assert!(p.shared_bytes <= vk.max_shared_bytes, "{p:?}");
     }
 
     #[test]

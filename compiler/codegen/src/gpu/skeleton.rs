@@ -46,7 +46,12 @@ pub(crate) fn module(symbol: &str, memrefs: &[String], plan: &GpuPlan, body: Bod
             format!("spirv.entry_point_abi = #spirv.entry_point_abi<workgroup_size = [{x}, {y}, {z}]>"),
         ),
         GpuFlavor::Nvvm => {
-            let arrays: Vec<String> = body.attributions().iter().map(|(n, t)| format!("{n} : {t}")).collect();
+            // 16-byte aligned, so runs of 4 f32 values move as one vector access.
+            let arrays: Vec<String> = body
+                .attributions()
+                .iter()
+                .map(|(n, t)| format!("{n} : {t} {{llvm.align = 16 : i64}}"))
+                .collect();
             let workgroup =
                 if arrays.is_empty() { String::new() } else { format!(" workgroup({})", arrays.join(", ")) };
             (workgroup, format!("known_block_size = array<i32: {x}, {y}, {z}>"))
