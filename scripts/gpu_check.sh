@@ -40,12 +40,14 @@ CONFORMANCE=(
     "bert_encoder|models/bert_encoder.ron|--set vocab=1000 --set layers=2 --set max_positions=128"
     "seed_transformer|models/seed_transformer.ron|--set layers=2 --set d_model=256 --set d_ff=1024"
     "gpt2|models/gpt2.ron|--set vocab=2000 --set layers=2 --set d=256 --set heads=4 --set ctx=256"
+    "matmul_shapes|bench/cuda/matmul_shapes.ron|"
 )
 # The same on tensor cores (--precision tf32), checked at TF32's stated tolerance.
 CONFORMANCE_TF32=(
     "mlp|models/mlp.ron|"
     "bert_encoder|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128"
     "gpt2|models/gpt2.ron|--set vocab=1000 --set layers=1 --set d=128 --set heads=4 --set ctx=128"
+    "matmul_shapes|bench/cuda/matmul_shapes.ron|"
 )
 # name | spec | overrides: the benchmarks (weights are synthesized on the GPU machine); a
 # `_tf32` name compiles with --precision tf32.

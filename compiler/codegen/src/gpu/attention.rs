@@ -4,13 +4,15 @@
 //! its query row, its output row and the tile's scores in private arrays and an online softmax
 //! (running max `m`, running sum `l`): per tile, the row is rescaled by `exp(m − m_new)` once.
 //!
-//! Scores are formed as the interpreter forms them (dot product over d in order, times
-//! `scale`, plus the mask). Hidden keys (causal, or past the end) are −inf. A row whose scores
+//! Scores are formed in the interpreter's order (dot product over d in order, with fused
+//! multiply-adds, times `scale`, plus the mask). Hidden keys (causal, or past the end) are −inf. A row whose scores
 //! are all −inf ends as 0/0 = NaN, as the interpreter's does.
 
 use super::plan::{GpuPlan, Work};
-use super::skeleton::{clamp, module, offset_at, private, private_type, shared, shared_type, unravel};
-use super::{GpuCtx, GpuKernel};
+use super::skeleton::{
+    clamp, module, offset_at, private, private_type, shared, shared_type, unravel, SharedArray,
+};
+use super::{GpuCtx, GpuFlavor, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
 use crate::kernels::View;
 use crate::mlir_text::Body;
@@ -70,6 +72,8 @@ pub fn emit(
     };
     let (bq, bk) = (block_q as usize, block_k as usize);
 
+    // Runs of 4 f32 values as one shared-memory access where the device has them (NVVM).
+    let vectors = cx.caps.flavor() == GpuFlavor::Nvvm && ty == "f32";
     let mut b = cx.body();
     let sh_k = shared(&mut b, bk * d, ty);
     let sh_v = shared(&mut b, bk * dv, ty);
@@ -141,82 +145,131 @@ pub fn emit(
     tile(&mut b, v, "%a2", &v_base, &sh_v, &sv_ty, dv, &dvc);
     b.line("gpu.barrier");
 
-    // Scores of this tile, and their max.
-    b.open(format!("%tmax = scf.for %jj = {c0} to {bkc} step {c1} iter_args(%mx = {neg_inf}) -> ({ty})"));
-    let kbase = b.assign(format!("arith.muli %jj, {dc} : index"));
-    // The dot product over d, in order from 0 (as the interpreter sums it).
-    let dot = if d <= UNROLL_MAX {
-        let mut s = zero.clone();
-        for dd in 0..d {
-            let c = b.index(dd);
-            let qv = b.assign(format!("memref.load {qp}[{c}] : {qp_ty}"));
-            let at = b.assign(format!("arith.addi {kbase}, {c} : index"));
-            let kv = b.assign(format!("memref.load {sh_k}[{at}] : {sk_ty}"));
-            let prod = b.fmul(&qv, &kv, ty);
-            s = b.fadd(&s, &prod, ty);
+    let sc = b.float(scale, ty);
+    // The score of key `jj` of the tile for this invocation's query: the dot product over d
+    // in order from 0, times `scale`, plus the mask; −inf where the key is hidden.
+    let score_of = |b: &mut Body, dot: &str, jj: &str| {
+        let mut score = b.fmul(dot, &sc, ty);
+        let j = b.assign(format!("arith.addi %kt, {jj} : index"));
+        let jc = clamp(b, &j, sk);
+        if let (Some(mv), Some(mb)) = (mask, &m_base) {
+            let off = offset_at(b, 0, &[(Some(&ic), mv.strides[r - 2]), (Some(&jc), mv.strides[r - 1])]);
+            let at = b.assign(format!("arith.addi {mb}, {off} : index"));
+            let mval = load(b, "%a3", mv, &at);
+            score = b.fadd(&score, &mval, ty);
         }
-        s
+        let mut hidden = b.assign(format!("arith.cmpi uge, {j}, {skc} : index"));
+        if causal {
+            let future = b.assign(format!("arith.cmpi ugt, {j}, {i} : index"));
+            hidden = b.assign(format!("arith.ori {hidden}, {future} : i1"));
+        }
+        b.select(&hidden, &neg_inf, &score, ty)
+    };
+    // Online softmax: rescale by exp(m − m_new) once per tile.
+    let rescale = |b: &mut Body, tmax: &str| {
+        let m_new = b.fmax("%m", tmax, ty);
+        let dead = b.fcmp("oeq", &m_new, &neg_inf, ty);
+        let shift = b.fsub("%m", &m_new, ty);
+        let corr = b.exp(&shift, ty);
+        let corr = b.select(&dead, &one, &corr, ty);
+        each(b, dv, "%da", &mut |b, da| {
+            let o = b.assign(format!("memref.load {ap}[{da}] : {ap_ty}"));
+            let o = b.fmul(&o, &corr, ty);
+            b.line(format!("memref.store {o}, {ap}[{da}] : {ap_ty}"));
+        });
+        (m_new, dead, corr)
+    };
+    let (m_new, corr, lt) = if d <= UNROLL_MAX && dv <= UNROLL_MAX {
+        // The whole tile unrolled: the scores stay in registers, and each key and value row is
+        // read from shared memory in runs of 4 (one vector access each on NVVM; every
+        // invocation reads the same address, a broadcast).
+        let mem_k = SharedArray { name: &sh_k, ty: &sk_ty, vectors: vectors && d % 4 == 0 };
+        let mem_v = SharedArray { name: &sh_v, ty: &sv_ty, vectors: vectors && dv % 4 == 0 };
+        let q_row: Vec<String> = (0..d)
+            .map(|dd| {
+                let c = b.index(dd);
+                b.assign(format!("memref.load {qp}[{c}] : {qp_ty}"))
+            })
+            .collect();
+        let mut scores = Vec::with_capacity(bk);
+        let mut tmax = neg_inf.clone();
+        for jj in 0..bk {
+            let mut s = zero.clone();
+            for d0 in (0..d).step_by(4) {
+                let at = b.index(jj * d + d0);
+                let kv = mem_k.read(&mut b, &at, 4.min(d - d0), ty);
+                for (e, x) in kv.iter().enumerate() {
+                    s = b.fma(&q_row[d0 + e], x, &s, ty);
+                }
+            }
+            let jc = b.index(jj);
+            let score = score_of(&mut b, &s, &jc);
+            tmax = b.fmax(&tmax, &score, ty);
+            scores.push(score);
+        }
+        let (m_new, dead, corr) = rescale(&mut b, &tmax);
+        let mut out_row: Vec<String> = (0..dv)
+            .map(|dd| {
+                let c = b.index(dd);
+                b.assign(format!("memref.load {ap}[{c}] : {ap_ty}"))
+            })
+            .collect();
+        let mut lt = zero.clone();
+        for (jj, s) in scores.iter().enumerate() {
+            let dlt = b.fsub(s, &m_new, ty);
+            let p = b.exp(&dlt, ty);
+            let p = b.select(&dead, &zero, &p, ty);
+            for d0 in (0..dv).step_by(4) {
+                let at = b.index(jj * dv + d0);
+                let vv = mem_v.read(&mut b, &at, 4.min(dv - d0), ty);
+                for (e, x) in vv.iter().enumerate() {
+                    out_row[d0 + e] = b.fma(&p, x, &out_row[d0 + e], ty);
+                }
+            }
+            lt = b.fadd(&lt, &p, ty);
+        }
+        for (dd, o) in out_row.iter().enumerate() {
+            let c = b.index(dd);
+            b.line(format!("memref.store {o}, {ap}[{c}] : {ap_ty}"));
+        }
+        (m_new, corr, lt)
     } else {
+        // Scores of this tile, and their max.
+        b.open(format!("%tmax = scf.for %jj = {c0} to {bkc} step {c1} iter_args(%mx = {neg_inf}) -> ({ty})"));
+        let kbase = b.assign(format!("arith.muli %jj, {dc} : index"));
         b.open(format!("%dot = scf.for %dd = {c0} to {dc} step {c1} iter_args(%s = {zero}) -> ({ty})"));
         let qv = b.assign(format!("memref.load {qp}[%dd] : {qp_ty}"));
         let at = b.assign(format!("arith.addi {kbase}, %dd : index"));
         let kv = b.assign(format!("memref.load {sh_k}[{at}] : {sk_ty}"));
-        let prod = b.fmul(&qv, &kv, ty);
-        let s = b.fadd("%s", &prod, ty);
+        let s = b.fma(&qv, &kv, "%s", ty);
         b.line(format!("scf.yield {s} : {ty}"));
         b.close("");
-        "%dot".to_string()
+        let score = score_of(&mut b, "%dot", "%jj");
+        b.line(format!("memref.store {score}, {sp}[%jj] : {sp_ty}"));
+        let mx = b.fmax("%mx", &score, ty);
+        b.line(format!("scf.yield {mx} : {ty}"));
+        b.close("");
+        let (m_new, dead, corr) = rescale(&mut b, "%tmax");
+        b.open(format!("%lt = scf.for %jj = {c0} to {bkc} step {c1} iter_args(%ls = {zero}) -> ({ty})"));
+        let s = b.assign(format!("memref.load {sp}[%jj] : {sp_ty}"));
+        let dlt = b.fsub(&s, &m_new, ty);
+        let p = b.exp(&dlt, ty);
+        let p = b.select(&dead, &zero, &p, ty);
+        let vbase = b.assign(format!("arith.muli %jj, {dvc} : index"));
+        each(&mut b, dv, "%dd", &mut |b, dd| {
+            let at = b.assign(format!("arith.addi {vbase}, {dd} : index"));
+            let vv = b.assign(format!("memref.load {sh_v}[{at}] : {sv_ty}"));
+            let o = b.assign(format!("memref.load {ap}[{dd}] : {ap_ty}"));
+            let o = b.fma(&p, &vv, &o, ty);
+            b.line(format!("memref.store {o}, {ap}[{dd}] : {ap_ty}"));
+        });
+        let ls = b.fadd("%ls", &p, ty);
+        b.line(format!("scf.yield {ls} : {ty}"));
+        b.close("");
+        (m_new, corr, "%lt".to_string())
     };
-    let sc = b.float(scale, ty);
-    let mut score = b.fmul(&dot, &sc, ty);
-    let j = b.assign("arith.addi %kt, %jj : index");
-    let jc = clamp(&mut b, &j, sk);
-    if let (Some(mv), Some(mb)) = (mask, &m_base) {
-        let off = offset_at(&mut b, 0, &[(Some(&ic), mv.strides[r - 2]), (Some(&jc), mv.strides[r - 1])]);
-        let at = b.assign(format!("arith.addi {mb}, {off} : index"));
-        let mval = load(&mut b, "%a3", mv, &at);
-        score = b.fadd(&score, &mval, ty);
-    }
-    let mut hidden = b.assign(format!("arith.cmpi uge, {j}, {skc} : index"));
-    if causal {
-        let future = b.assign(format!("arith.cmpi ugt, {j}, {i} : index"));
-        hidden = b.assign(format!("arith.ori {hidden}, {future} : i1"));
-    }
-    let score = b.select(&hidden, &neg_inf, &score, ty);
-    b.line(format!("memref.store {score}, {sp}[%jj] : {sp_ty}"));
-    let mx = b.fmax("%mx", &score, ty);
-    b.line(format!("scf.yield {mx} : {ty}"));
-    b.close("");
-
-    // Online softmax: rescale by exp(m − m_new) once, then add this tile's weights.
-    let m_new = b.fmax("%m", "%tmax", ty);
-    let dead = b.fcmp("oeq", &m_new, &neg_inf, ty);
-    let shift = b.fsub("%m", &m_new, ty);
-    let corr = b.exp(&shift, ty);
-    let corr = b.select(&dead, &one, &corr, ty);
-    each(&mut b, dv, "%da", &mut |b, da| {
-        let o = b.assign(format!("memref.load {ap}[{da}] : {ap_ty}"));
-        let o = b.fmul(&o, &corr, ty);
-        b.line(format!("memref.store {o}, {ap}[{da}] : {ap_ty}"));
-    });
-    b.open(format!("%lt = scf.for %jj = {c0} to {bkc} step {c1} iter_args(%ls = {zero}) -> ({ty})"));
-    let s = b.assign(format!("memref.load {sp}[%jj] : {sp_ty}"));
-    let dlt = b.fsub(&s, &m_new, ty);
-    let p = b.exp(&dlt, ty);
-    let p = b.select(&dead, &zero, &p, ty);
-    let vbase = b.assign(format!("arith.muli %jj, {dvc} : index"));
-    each(&mut b, dv, "%dd", &mut |b, dd| {
-        let at = b.assign(format!("arith.addi {vbase}, {dd} : index"));
-        let vv = b.assign(format!("memref.load {sh_v}[{at}] : {sv_ty}"));
-        let o = b.assign(format!("memref.load {ap}[{dd}] : {ap_ty}"));
-        let o = b.fma(&p, &vv, &o, ty);
-        b.line(format!("memref.store {o}, {ap}[{dd}] : {ap_ty}"));
-    });
-    let ls = b.fadd("%ls", &p, ty);
-    b.line(format!("scf.yield {ls} : {ty}"));
-    b.close("");
     let l_old = b.fmul("%l", &corr, ty);
-    let l_new = b.fadd(&l_old, "%lt", ty);
+    let l_new = b.fadd(&l_old, &lt, ty);
     b.line("gpu.barrier");
     b.line(format!("scf.yield {m_new}, {l_new} : {ty}, {ty}"));
     b.close("");

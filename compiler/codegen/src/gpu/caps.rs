@@ -109,6 +109,10 @@ pub struct GpuCaps {
     /// Workgroups the device runs at once, roughly (its multiprocessors or compute units):
     /// below that many, a product's plan prefers smaller tiles that keep every unit busy.
     pub parallel_units: u32,
+    /// 32-bit registers one invocation may hold before the device spills them to memory or
+    /// runs fewer invocations at once: a product's per-invocation accumulators take at most
+    /// half of them (the rest hold operands and addresses).
+    pub registers: u32,
 }
 
 impl GpuCaps {
@@ -140,6 +144,9 @@ impl GpuCaps {
             tensor_cores: None,
             max_buffer_elements: i32::MAX as u64,
             parallel_units: 16,
+            // What a portable kernel can count on (CPU implementations such as lavapipe keep
+            // every invocation's live values in memory across a barrier, mobile GPUs have few).
+            registers: 64,
         }
     }
 
@@ -185,6 +192,7 @@ impl GpuCaps {
                 [8, 9] => 128,
                 _ => 132,
             },
+            registers: 255,
         }
     }
 

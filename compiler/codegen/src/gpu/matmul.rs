@@ -10,7 +10,7 @@
 //! sizes are multiples of the tile, no bounds are checked at all.
 
 use super::plan::{matmul_layouts, GpuPlan, SharedLayout, Work};
-use super::skeleton::{clamp, module, offset_at, shared, shared_type, unravel};
+use super::skeleton::{clamp, module, offset_at, plus, shared, shared_type, unravel, SharedArray};
 use super::{GpuCtx, GpuFlavor, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
 use crate::kernels::matmul::activate;
@@ -264,54 +264,6 @@ fn aligned_by_4(v: &View, axis: usize) -> bool {
         && v.shape[axis].is_multiple_of(4)
         && v.offset.is_multiple_of(4)
         && v.strides.iter().enumerate().all(|(i, s)| i == axis || s % 4 == 0 || v.shape[i] == 1)
-}
-
-/// One workgroup array with its type, and whether runs of 4 are read as one vector.
-struct SharedArray<'a> {
-    name: &'a str,
-    ty: &'a str,
-    vectors: bool,
-}
-
-impl SharedArray<'_> {
-    /// `count` adjacent values from `at` (a multiple of 4 when `count` is 4).
-    fn read(&self, b: &mut Body, at: &str, count: usize, ty: &str) -> Vec<String> {
-        if count == 4 && self.vectors {
-            let vt = format!("vector<4x{ty}>");
-            let v =
-                b.assign(format!("vector.load {}[{at}] {{alignment = 16}} : {}, {vt}", self.name, self.ty));
-            return (0..4).map(|e| b.assign(format!("vector.extract {v}[{e}] : {ty} from {vt}"))).collect();
-        }
-        (0..count)
-            .map(|e| {
-                let i = plus(b, at, e);
-                b.assign(format!("memref.load {}[{i}] : {}", self.name, self.ty))
-            })
-            .collect()
-    }
-
-    /// Stores adjacent `values` from `at` (a multiple of 4 when there are 4).
-    fn write(&self, b: &mut Body, at: &str, values: &[String], ty: &str) {
-        if values.len() == 4 && self.vectors {
-            let vt = format!("vector<4x{ty}>");
-            let v = b.assign(format!("vector.from_elements {} : {vt}", values.join(", ")));
-            b.line(format!("vector.store {v}, {}[{at}] {{alignment = 16}} : {}, {vt}", self.name, self.ty));
-            return;
-        }
-        for (e, x) in values.iter().enumerate() {
-            let i = plus(b, at, e);
-            b.line(format!("memref.store {x}, {}[{i}] : {}", self.name, self.ty));
-        }
-    }
-}
-
-/// `x + d` (no op for 0).
-fn plus(b: &mut Body, x: &str, d: usize) -> String {
-    if d == 0 {
-        return x.to_string();
-    }
-    let dc = b.index(d);
-    b.assign(format!("arith.addi {x}, {dc} : index"))
 }
 
 /// How operand values are rounded as they enter shared memory.

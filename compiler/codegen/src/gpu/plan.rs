@@ -167,8 +167,9 @@ impl GpuPlan {
 
     /// A tiled product. Candidates go from 128×128 tiles of 8×8 per invocation down to 16×16
     /// tiles of 1×1 (16-row tiles for products with few rows, such as a batch-1 projection);
-    /// the first one the target's limits allow with the least estimated time wins (see
-    /// [`matmul_cost`]). Two stages when both fit in shared memory.
+    /// of those the target's limits allow (workgroup size, shared memory, registers for the
+    /// accumulators), the first with the least estimated time wins (see [`matmul_cost`]). Two
+    /// stages when both fit in shared memory.
     pub fn matmul(
         batch: usize,
         m: usize,
@@ -194,7 +195,8 @@ impl GpuPlan {
             let invocations = workgroup[0] * workgroup[1];
             let [la, lb] = matmul_layouts(tile, false);
             let stage_bytes = (la.len + lb.len) * reg_bytes;
-            if invocations > caps.max_workgroup_invocations
+            if (thread[0] * thread[1]) as usize * reg_bytes / 4 > caps.registers as usize / 2
+                || invocations > caps.max_workgroup_invocations
                 || workgroup[0] > caps.max_workgroup_size[0]
                 || workgroup[1] > caps.max_workgroup_size[1]
                 || stage_bytes > caps.max_shared_bytes as usize
@@ -254,7 +256,10 @@ impl GpuPlan {
             let grid = matmul_grid(batch, m, n, k, tile, caps)?;
             let last = i + 1 == candidates.len();
             let fills = grid.iter().map(|&g| g as usize).product::<usize>() >= caps.parallel_units as usize;
+            // Each lane holds 4 f32 accumulators per m16n8k8 product of its warp's block.
+            let accumulators = (tile[0] * tile[1] / (32 * count)) as usize;
             if stage_bytes + scratch > caps.max_shared_bytes as usize
+                || accumulators > caps.registers as usize / 2
                 || 32 * count > caps.max_workgroup_invocations
                 || (!fills && !last)
             {
@@ -426,6 +431,7 @@ mod tests {
     fn matmul_tiles_follow_the_product_and_the_device() {
         let caps = GpuCaps::vulkan();
         let big = GpuPlan::matmul(1, 512, 768, 768, 4, &caps).unwrap();
+        // A portable Vulkan device has registers for 4×4 accumulators, not 8×8.
         assert_eq!(
             big.work,
             Work::Matmul {
@@ -433,17 +439,21 @@ mod tests {
                 m: 512,
                 n: 768,
                 k: 768,
-                tile: [128, 128, 8],
-                thread: [8, 8],
+                tile: [64, 64, 16],
+                thread: [4, 4],
                 vector: 4,
                 stages: 2
             }
         );
-        assert_eq!(big.launch.grid, [6, 4, 1]);
+        assert_eq!(big.launch.grid, [12, 8, 1]);
         assert_eq!(big.launch.workgroup, [16, 16, 1]);
-        assert_eq!(big.shared_bytes, 2 * (8 * 132 + 8 * 132) * 4);
-        // Too few 128×128 tiles to keep a large GPU busy: 64×64 ones.
+        assert_eq!(big.shared_bytes, 2 * (16 * 68 + 16 * 68) * 4);
+        // A large GPU takes 128×128 tiles where there are enough of them to keep it busy, and
+        // 64×64 ones where there are not.
         let cuda = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90").unwrap());
+        let large = GpuPlan::matmul(1, 4096, 4096, 4096, 4, &cuda).unwrap();
+        assert!(matches!(large.work, Work::Matmul { tile: [128, 128, 8], thread: [8, 8], .. }), "{large:?}");
+        assert_eq!(large.shared_bytes, 2 * (8 * 132 + 8 * 132) * 4);
         let mid = GpuPlan::matmul(1, 512, 768, 768, 4, &cuda).unwrap();
         assert!(matches!(mid.work, Work::Matmul { tile: [64, 64, 16], thread: [4, 4], .. }), "{mid:?}");
         let thin = GpuPlan::matmul(2, 1, 100, 10, 4, &caps).unwrap();

@@ -236,3 +236,51 @@ pub(crate) fn step(b: &mut Body, base: &str, i: &str, stride: usize) -> String {
         }
     }
 }
+
+/// One workgroup array with its type, and whether runs of 4 are read as one vector.
+pub(crate) struct SharedArray<'a> {
+    pub name: &'a str,
+    pub ty: &'a str,
+    pub vectors: bool,
+}
+
+impl SharedArray<'_> {
+    /// `count` adjacent values from `at` (a multiple of 4 when `count` is 4).
+    pub fn read(&self, b: &mut Body, at: &str, count: usize, ty: &str) -> Vec<String> {
+        if count == 4 && self.vectors {
+            let vt = format!("vector<4x{ty}>");
+            let v =
+                b.assign(format!("vector.load {}[{at}] {{alignment = 16}} : {}, {vt}", self.name, self.ty));
+            return (0..4).map(|e| b.assign(format!("vector.extract {v}[{e}] : {ty} from {vt}"))).collect();
+        }
+        (0..count)
+            .map(|e| {
+                let i = plus(b, at, e);
+                b.assign(format!("memref.load {}[{i}] : {}", self.name, self.ty))
+            })
+            .collect()
+    }
+
+    /// Stores adjacent `values` from `at` (a multiple of 4 when there are 4).
+    pub fn write(&self, b: &mut Body, at: &str, values: &[String], ty: &str) {
+        if values.len() == 4 && self.vectors {
+            let vt = format!("vector<4x{ty}>");
+            let v = b.assign(format!("vector.from_elements {} : {vt}", values.join(", ")));
+            b.line(format!("vector.store {v}, {}[{at}] {{alignment = 16}} : {}, {vt}", self.name, self.ty));
+            return;
+        }
+        for (e, x) in values.iter().enumerate() {
+            let i = plus(b, at, e);
+            b.line(format!("memref.store {x}, {}[{i}] : {}", self.name, self.ty));
+        }
+    }
+}
+
+/// `x + d` (no op for 0).
+pub(crate) fn plus(b: &mut Body, x: &str, d: usize) -> String {
+    if d == 0 {
+        return x.to_string();
+    }
+    let dc = b.index(d);
+    b.assign(format!("arith.addi {x}, {dc} : index"))
+}
