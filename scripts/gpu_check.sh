@@ -37,17 +37,17 @@ CONFORMANCE=(
     "mlp|models/mlp.ron|"
     "lstm|models/lstm.ron|"
     "resnet_block|models/resnet_block.ron|"
-    "bert_encoder|models/bert_encoder.ron|--set vocab=1000 --set layers=2 --set max_positions=128"
+    "bert_encoder|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128"
     "seed_transformer|models/seed_transformer.ron|--set layers=2 --set d_model=256 --set d_ff=1024"
     "gpt2|models/gpt2.ron|--set vocab=2000 --set layers=2 --set d=256 --set heads=4 --set ctx=256"
-    "matmul_shapes|bench/cuda/matmul_shapes.ron|"
+    "matmul_shapes|tests/gpu_check/matmul_shapes.ron|"
 )
 # The same on tensor cores (--precision tf32), checked at TF32's stated tolerance.
 CONFORMANCE_TF32=(
     "mlp|models/mlp.ron|"
     "bert_encoder|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128"
     "gpt2|models/gpt2.ron|--set vocab=1000 --set layers=1 --set d=128 --set heads=4 --set ctx=128"
-    "matmul_shapes|bench/cuda/matmul_shapes.ron|"
+    "matmul_shapes|tests/gpu_check/matmul_shapes.ron|"
 )
 # name | spec | overrides: the benchmarks (weights are synthesized on the GPU machine); a
 # `_tf32` name compiles with --precision tf32.
@@ -90,6 +90,20 @@ pack() {
         "$kiln" eval "$spec" $set --seed 0 --save-inputs "$art/inputs.safetensors" \
             -o "$art/expected.safetensors" >/dev/null
     done
+    # A run that must fail: an integer division by zero, with the interpreter's words.
+    art="$dir/conformance/int_div_zero.kiln"
+    say "conformance: int_div_zero (tests/gpu_check/int_div.ron, a zero divisor)"
+    "$kiln" compile tests/gpu_check/int_div.ron --target "$PACK_TARGET" -o "$art" >&2
+    python3 - "$art/inputs.safetensors" <<'EOF'
+import json, struct, sys
+a, b = [7, -9, 4, 10, 11, -12], [2, 0, 5]
+header = json.dumps({"a": {"dtype": "I32", "shape": [2, 3], "data_offsets": [0, 24]},
+                     "b": {"dtype": "I32", "shape": [3], "data_offsets": [24, 36]}}).encode()
+header += b" " * (-len(header) % 8)
+with open(sys.argv[1], "wb") as f:
+    f.write(struct.pack("<Q", len(header)) + header + struct.pack("<9i", *a, *b))
+EOF
+    echo "integer division by zero (divisor element [1])" >"$art/expected_error.txt"
     if [[ "$PACK_TARGET" == cuda* ]]; then
         for entry in "${CONFORMANCE_TF32[@]}"; do
             IFS='|' read -r name spec set <<<"$entry"

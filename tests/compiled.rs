@@ -687,7 +687,14 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
         let (name, inputs, body) = OP_CASES.iter().find(|(n, _, _)| *n == case).expect("a matmul case");
         graphs.push(op_case(name, inputs, body));
     }
-    for g in &graphs {
+    let mut runs: Vec<(&Graph, kiln_codegen::gpu::GpuCaps, [u32; 2])> =
+        graphs.iter().map(|g| (g, caps.clone(), [64, 64])).collect();
+    // The large GPUs' plan (128×128 tiles of 2×4 warps, 4×4 products each): with their
+    // registers and a device too small for the 64×64 tiles to fill, as for the product of
+    // `matmul_tiles` 512 × 512.
+    let large = kiln_codegen::gpu::GpuCaps { registers: 255, parallel_units: 1, ..caps.clone() };
+    runs.push((&graphs[3], large, [128, 128]));
+    for (g, caps, tile) in runs {
         let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
         let inputs = kiln_ir::seeded_inputs(g, 0);
         let want =
@@ -700,8 +707,8 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
                 .program
                 .kernels
                 .iter()
-                .any(|k| matches!(k.plan.work, kiln_codegen::gpu::Work::MatmulTensorCores { .. })),
-            "{}: no tensor-core plan",
+                .any(|k| matches!(k.plan.work, kiln_codegen::gpu::Work::MatmulTensorCores { tile: [m, n, _], .. } if [m, n] == tile)),
+            "{}: no tensor-core plan with {tile:?} tiles",
             g.name
         );
         let got = run_artifact(dir.path(), &inputs, &g.name);

@@ -11,6 +11,8 @@
 //!   f32 inputs are a ramp and integer inputs zeros;
 //! * `expected.safetensors`: the reference interpreter's outputs on those inputs (`kiln eval
 //!   -o`), compared within `T·(1 + |ref|)` (default 1e-4);
+//! * `expected_error.txt`: instead of outputs, the words the run must fail with (a fault such
+//!   as an integer division by zero); the run is tried twice, and both must fail with them;
 //! * `weights.header` instead of `weights.safetensors`: only the weights file's safetensors
 //!   header; the data is synthesized here (f32 uniform in ±0.05 from a fixed generator, other
 //!   dtypes zero) and the manifest's digest of the weights file rewritten to match. For speed
@@ -128,6 +130,7 @@ fn print_line(o: &Outcome) {
     let verdict = match (&o.problem, o.passed, o.max_error) {
         (Some(p), _, _) => format!("FAIL  {p}"),
         (None, true, Some(e)) => format!("ok    max error {e:.2e}"),
+        (None, true, None) if o.median.is_zero() => "ok    (failed as expected)".to_string(),
         (None, true, None) => "ok    (timing only)".to_string(),
         (None, false, e) => format!("FAIL  max error {:.2e}", e.unwrap_or(f64::NAN)),
     };
@@ -169,6 +172,26 @@ fn check(dir: &Path, name: &str, args: &Args) -> Result<Outcome, String> {
         owned.push((spec.name.clone(), spec.dtype, spec.shape.clone(), bytes));
     }
     let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
+    if let Ok(words) = std::fs::read_to_string(dir.join("expected_error.txt")) {
+        let words = words.trim();
+        for attempt in ["first", "second"] {
+            match model.run(&refs) {
+                Ok(_) => {
+                    return Err(format!("the {attempt} run succeeded; expected it to fail with `{words}`"))
+                }
+                Err(e) if e.to_string().contains(words) => {}
+                Err(e) => return Err(format!("the {attempt} run failed with `{e}`, expected `{words}`")),
+            }
+        }
+        return Ok(Outcome {
+            name: name.to_string(),
+            max_error: None,
+            passed: true,
+            median: Duration::ZERO,
+            kinds: Vec::new(),
+            problem: None,
+        });
+    }
     let outputs = model.run(&refs).map_err(|e| e.to_string())?;
     let expected = read_tensors(&dir.join("expected.safetensors"))?;
     let mut max_error = None;

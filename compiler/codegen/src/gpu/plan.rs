@@ -223,8 +223,8 @@ impl GpuPlan {
 
     /// A tiled product on tensor cores, when the target has them for `precision`: 128×128×16
     /// tiles of 2×4 warps (4×4 `m16n8k8` products each, 64 f32 accumulators per invocation)
-    /// when the product has enough tiles to fill the device, else 64×64×16 tiles of 2×2 warps
-    /// (2×4 products each); two stages when they fit in shared memory. Where the target
+    /// or 64×64×16 tiles of 2×2 warps (2×4 products each), whichever [`matmul_cost`] estimates
+    /// faster; two stages when they fit in shared memory. Where the target
     /// emulates the products (SPIR-V, to check the fragment bookkeeping), their scratch
     /// arrays count against shared memory too. The caller decides whether the operands may be
     /// rounded to `precision`.
@@ -243,7 +243,8 @@ impl GpuPlan {
             MmaPrecision::Tf32 => [16u32, 8, 8],
         };
         let candidates: [([u32; 3], [u32; 2]); 2] = [([128, 128, 16], [2, 4]), ([64, 64, 16], [2, 2])];
-        for (i, &(tile, warps)) in candidates.iter().enumerate() {
+        let mut best: Option<(usize, GpuPlan)> = None;
+        for &(tile, warps) in &candidates {
             let count = warps[0] * warps[1];
             let [la, lb] = matmul_layouts(tile, true);
             let stage_bytes = (la.len + lb.len) * 4;
@@ -253,26 +254,31 @@ impl GpuPlan {
                 }
                 super::GpuLowering::Nvvm(_) => 0,
             };
-            let grid = matmul_grid(batch, m, n, k, tile, caps)?;
-            let last = i + 1 == candidates.len();
-            let fills = grid.iter().map(|&g| g as usize).product::<usize>() >= caps.parallel_units as usize;
             // Each lane holds 4 f32 accumulators per m16n8k8 product of its warp's block.
             let accumulators = (tile[0] * tile[1] / (32 * count)) as usize;
             if stage_bytes + scratch > caps.max_shared_bytes as usize
                 || accumulators > caps.registers as usize / 2
                 || 32 * count > caps.max_workgroup_invocations
-                || (!fills && !last)
             {
                 continue;
             }
+            let grid = matmul_grid(batch, m, n, k, tile, caps)?;
+            // A warp's block of `a × b` products reads `a + b` fragments per k step: time in
+            // waves of workgroups times a workgroup's fragment reads, as for SIMT blocks.
+            let block = [tile[0] / warps[0] / shape[0], tile[1] / warps[1] / shape[1]];
+            let cost = matmul_cost(grid, tile, block, k, caps);
+            if best.as_ref().is_some_and(|(c, _)| *c <= cost) {
+                continue;
+            }
             let stages = if 2 * stage_bytes + scratch <= caps.max_shared_bytes as usize { 2 } else { 1 };
-            return Ok(Some(GpuPlan {
+            let plan = GpuPlan {
                 work: Work::MatmulTensorCores { batch, m, n, k, tile, warps, shape, precision, stages },
                 launch: Launch { grid, workgroup: [32 * count, 1, 1] },
                 shared_bytes: (stages as usize * stage_bytes + scratch) as u32,
-            }));
+            };
+            best = Some((cost, plan));
         }
-        Ok(None)
+        Ok(best.map(|(_, p)| p))
     }
 
     /// Flash attention: 64 queries per workgroup (fewer for short sequences), and key tiles as
