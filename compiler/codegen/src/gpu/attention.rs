@@ -10,7 +10,7 @@
 
 use super::plan::{GpuPlan, Work};
 use super::skeleton::{
-    clamp, module, offset_at, private, private_type, shared, shared_type, unravel, SharedArray,
+    clamp, module, offset_at, plus, private, private_type, shared, shared_type, unravel, SharedArray,
 };
 use super::{GpuCtx, GpuFlavor, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
@@ -21,6 +21,9 @@ use crate::CodegenError;
 /// Head sizes up to this are unrolled, so the query and output rows stay in registers (a
 /// private array indexed by a loop variable lives in memory on most devices).
 const UNROLL_MAX: usize = 128;
+
+/// Keys whose scores an invocation forms side by side (independent FMA chains).
+const KEYS_AT_ONCE: usize = 4;
 
 /// Runs `body` for every position `0..n` along a head row: unrolled with constant indices when
 /// `n` is small enough, else as an `scf.for` over `name`.
@@ -180,59 +183,65 @@ pub fn emit(
         (m_new, dead, corr)
     };
     let (m_new, corr, lt) = if d <= UNROLL_MAX && dv <= UNROLL_MAX {
-        // The whole tile unrolled: the scores stay in registers, and each key and value row is
-        // read from shared memory in runs of 4 (one vector access each on NVVM; every
-        // invocation reads the same address, a broadcast).
+        // Rows unrolled: the query and output rows stay in registers, each key and value row
+        // is read from shared memory in runs of 4 (one vector access each on NVVM; every
+        // invocation reads the same address, a broadcast), and `KEYS_AT_ONCE` keys' dot
+        // products are formed side by side so their FMA chains overlap.
         let mem_k = SharedArray { name: &sh_k, ty: &sk_ty, vectors: vectors && d % 4 == 0 };
         let mem_v = SharedArray { name: &sh_v, ty: &sv_ty, vectors: vectors && dv % 4 == 0 };
+        let at_once = if bk % KEYS_AT_ONCE == 0 { KEYS_AT_ONCE } else { 1 };
+        let step = b.index(at_once);
+        b.open(format!(
+            "%tmax = scf.for %jj = {c0} to {bkc} step {step} iter_args(%mx = {neg_inf}) -> ({ty})"
+        ));
         let q_row: Vec<String> = (0..d)
             .map(|dd| {
                 let c = b.index(dd);
                 b.assign(format!("memref.load {qp}[{c}] : {qp_ty}"))
             })
             .collect();
-        let mut scores = Vec::with_capacity(bk);
-        let mut tmax = neg_inf.clone();
-        for jj in 0..bk {
-            let mut s = zero.clone();
-            for d0 in (0..d).step_by(4) {
-                let at = b.index(jj * d + d0);
+        let keys: Vec<String> = (0..at_once).map(|u| plus(&mut b, "%jj", u)).collect();
+        let rows: Vec<String> =
+            keys.iter().map(|j| b.assign(format!("arith.muli {j}, {dc} : index"))).collect();
+        let mut dots = vec![zero.clone(); at_once];
+        for d0 in (0..d).step_by(4) {
+            for (u, row) in rows.iter().enumerate() {
+                let at = plus(&mut b, row, d0);
                 let kv = mem_k.read(&mut b, &at, 4.min(d - d0), ty);
                 for (e, x) in kv.iter().enumerate() {
-                    s = b.fma(&q_row[d0 + e], x, &s, ty);
+                    dots[u] = b.fma(&q_row[d0 + e], x, &dots[u], ty);
                 }
             }
-            let jc = b.index(jj);
-            let score = score_of(&mut b, &s, &jc);
-            tmax = b.fmax(&tmax, &score, ty);
-            scores.push(score);
         }
-        let (m_new, dead, corr) = rescale(&mut b, &tmax);
-        let mut out_row: Vec<String> = (0..dv)
-            .map(|dd| {
-                let c = b.index(dd);
-                b.assign(format!("memref.load {ap}[{c}] : {ap_ty}"))
-            })
-            .collect();
-        let mut lt = zero.clone();
-        for (jj, s) in scores.iter().enumerate() {
-            let dlt = b.fsub(s, &m_new, ty);
-            let p = b.exp(&dlt, ty);
-            let p = b.select(&dead, &zero, &p, ty);
-            for d0 in (0..dv).step_by(4) {
-                let at = b.index(jj * dv + d0);
-                let vv = mem_v.read(&mut b, &at, 4.min(dv - d0), ty);
-                for (e, x) in vv.iter().enumerate() {
-                    out_row[d0 + e] = b.fma(&p, x, &out_row[d0 + e], ty);
-                }
+        let mut mx = "%mx".to_string();
+        for (dot, j) in dots.iter().zip(&keys) {
+            let score = score_of(&mut b, dot, j);
+            b.line(format!("memref.store {score}, {sp}[{j}] : {sp_ty}"));
+            mx = b.fmax(&mx, &score, ty);
+        }
+        b.line(format!("scf.yield {mx} : {ty}"));
+        b.close("");
+        let (m_new, dead, corr) = rescale(&mut b, "%tmax");
+        b.open(format!("%lt = scf.for %jj = {c0} to {bkc} step {c1} iter_args(%ls = {zero}) -> ({ty})"));
+        let s = b.assign(format!("memref.load {sp}[%jj] : {sp_ty}"));
+        let dlt = b.fsub(&s, &m_new, ty);
+        let p = b.exp(&dlt, ty);
+        let p = b.select(&dead, &zero, &p, ty);
+        let vrow = b.assign(format!("arith.muli %jj, {dvc} : index"));
+        for d0 in (0..dv).step_by(4) {
+            let at = plus(&mut b, &vrow, d0);
+            let vv = mem_v.read(&mut b, &at, 4.min(dv - d0), ty);
+            for (e, x) in vv.iter().enumerate() {
+                let c = b.index(d0 + e);
+                let o = b.assign(format!("memref.load {ap}[{c}] : {ap_ty}"));
+                let o = b.fma(&p, x, &o, ty);
+                b.line(format!("memref.store {o}, {ap}[{c}] : {ap_ty}"));
             }
-            lt = b.fadd(&lt, &p, ty);
         }
-        for (dd, o) in out_row.iter().enumerate() {
-            let c = b.index(dd);
-            b.line(format!("memref.store {o}, {ap}[{c}] : {ap_ty}"));
-        }
-        (m_new, corr, lt)
+        let ls = b.fadd("%ls", &p, ty);
+        b.line(format!("scf.yield {ls} : {ty}"));
+        b.close("");
+        (m_new, corr, "%lt".to_string())
     } else {
         // Scores of this tile, and their max.
         b.open(format!("%tmax = scf.for %jj = {c0} to {bkc} step {c1} iter_args(%mx = {neg_inf}) -> ({ty})"));

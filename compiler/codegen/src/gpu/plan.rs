@@ -91,6 +91,11 @@ pub struct GpuPlan {
     pub work: Work,
     pub launch: Launch,
     pub shared_bytes: u32,
+    /// Workgroups each multiprocessor should hold at once: on NVVM the kernel is compiled
+    /// for it (`.minnctapersm`, which bounds the registers per invocation), so a register-hungry
+    /// kernel still overlaps one workgroup's memory waits with another's arithmetic. 1: no
+    /// bound.
+    pub resident: u32,
 }
 
 fn too_big(what: String) -> CodegenError {
@@ -125,6 +130,7 @@ impl GpuPlan {
             work: Work::Elements { count, group },
             launch: Launch { grid, workgroup: [group, 1, 1] },
             shared_bytes: 0,
+            resident: 1,
         })
     }
 
@@ -141,6 +147,7 @@ impl GpuPlan {
             work: Work::Columns { columns, rows, positions, group },
             launch: Launch { grid, workgroup: [group, 1, 1] },
             shared_bytes: 0,
+            resident: 1,
         })
     }
 
@@ -162,6 +169,7 @@ impl GpuPlan {
             work: Work::Rows { rows, len, group },
             launch: Launch { grid, workgroup: [group, 1, 1] },
             shared_bytes: (group as usize * reg_bytes * arrays) as u32,
+            resident: 1,
         })
     }
 
@@ -181,7 +189,7 @@ impl GpuPlan {
         // (tile, per-invocation block, vector run)
         let candidates: &[([u32; 3], [u32; 2], u32)] = if m >= 64 {
             &[
-                ([128, 128, 8], [8, 8], 4),
+                ([128, 128, 16], [8, 8], 4),
                 ([64, 64, 16], [4, 4], 4),
                 ([32, 32, 8], [2, 2], 1),
                 ([16, 16, 8], [1, 1], 1),
@@ -209,10 +217,13 @@ impl GpuPlan {
             if best.as_ref().is_some_and(|(c, _)| *c <= cost) {
                 continue;
             }
+            // Two workgroups of 8×8 blocks per multiprocessor: at most 128 registers each.
+            let resident = if thread[0] * thread[1] >= 64 { 2 } else { 1 };
             let plan = GpuPlan {
                 work: Work::Matmul { batch, m, n, k, tile, thread, vector, stages },
                 launch: Launch { grid, workgroup },
                 shared_bytes: (stages as usize * stage_bytes) as u32,
+                resident,
             };
             best = Some((cost, plan));
         }
@@ -275,6 +286,7 @@ impl GpuPlan {
                 work: Work::MatmulTensorCores { batch, m, n, k, tile, warps, shape, precision, stages },
                 launch: Launch { grid, workgroup: [32 * count, 1, 1] },
                 shared_bytes: (stages as usize * stage_bytes + scratch) as u32,
+                resident: 1,
             };
             best = Some((cost, plan));
         }
@@ -315,6 +327,7 @@ impl GpuPlan {
             work: Work::Attention { batch, sq, sk, d, dv, block_q, block_k },
             launch: Launch { grid: [grid[0] as u32, grid[1] as u32, 1], workgroup: [block_q, 1, 1] },
             shared_bytes: (block_k as usize * row_bytes) as u32,
+            resident: 1,
         })
     }
 
@@ -342,8 +355,12 @@ impl GpuPlan {
         };
         let [gx, gy, gz] = self.launch.grid;
         let [wx, wy, wz] = self.launch.workgroup;
+        let resident = match self.resident {
+            0 | 1 => String::new(),
+            r => format!(", {r} workgroups per multiprocessor"),
+        };
         format!(
-            "{work}; grid [{gx}, {gy}, {gz}], workgroup [{wx}, {wy}, {wz}], shared {} B",
+            "{work}; grid [{gx}, {gy}, {gz}], workgroup [{wx}, {wy}, {wz}], shared {} B{resident}",
             self.shared_bytes
         )
     }
@@ -458,8 +475,9 @@ mod tests {
         // 64×64 ones where there are not.
         let cuda = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90").unwrap());
         let large = GpuPlan::matmul(1, 4096, 4096, 4096, 4, &cuda).unwrap();
-        assert!(matches!(large.work, Work::Matmul { tile: [128, 128, 8], thread: [8, 8], .. }), "{large:?}");
-        assert_eq!(large.shared_bytes, 2 * (8 * 132 + 8 * 132) * 4);
+        assert!(matches!(large.work, Work::Matmul { tile: [128, 128, 16], thread: [8, 8], .. }), "{large:?}");
+        assert_eq!(large.shared_bytes, 2 * (16 * 132 + 16 * 132) * 4);
+        assert_eq!(large.resident, 2);
         let mid = GpuPlan::matmul(1, 512, 768, 768, 4, &cuda).unwrap();
         assert!(matches!(mid.work, Work::Matmul { tile: [64, 64, 16], thread: [4, 4], .. }), "{mid:?}");
         let thin = GpuPlan::matmul(2, 1, 100, 10, 4, &caps).unwrap();

@@ -54,7 +54,12 @@ pub(crate) fn module(symbol: &str, memrefs: &[String], plan: &GpuPlan, body: Bod
                 .collect();
             let workgroup =
                 if arrays.is_empty() { String::new() } else { format!(" workgroup({})", arrays.join(", ")) };
-            (workgroup, format!("known_block_size = array<i32: {x}, {y}, {z}>"))
+            let resident = if plan.resident > 1 {
+                format!(", nvvm.maxntid = array<i32: {x}, {y}, {z}>, nvvm.minctasm = {} : i32", plan.resident)
+            } else {
+                String::new()
+            };
+            (workgroup, format!("known_block_size = array<i32: {x}, {y}, {z}>{resident}"))
         }
     };
     format!(
