@@ -8,10 +8,12 @@
 //! multiply-adds, times `scale`, plus the mask). Hidden keys (causal, or past the end) are −inf. A row whose scores
 //! are all −inf ends as 0/0 = NaN, as the interpreter's does.
 
+use super::plan::SharedLayout;
 use super::plan::{GpuPlan, Work};
 use super::skeleton::{
     clamp, module, offset_at, plus, private, private_type, shared, shared_type, unravel, SharedArray,
 };
+use super::tiles::OperandTile;
 use super::{GpuCtx, GpuFlavor, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
 use crate::kernels::View;
@@ -120,32 +122,23 @@ pub fn emit(
     });
     each(&mut b, dv, "%da", &mut |b, da| b.line(format!("memref.store {zero}, {ap}[{da}] : {ap_ty}")));
 
+    let mem_k = SharedArray { name: &sh_k, ty: &sk_ty, vectors: vectors && d % 4 == 0 };
+    let mem_v = SharedArray { name: &sh_v, ty: &sv_ty, vectors: vectors && dv % 4 == 0 };
+    let layout_k = SharedLayout { row: d, col: 1, len: bk * d };
+    let layout_v = SharedLayout { row: dv, col: 1, len: bk * dv };
+    let tile_k = OperandTile::new(&b, k, "%a1", k_base.clone(), (bk, d), (sk, d), layout_k, bq, vectors);
+    let tile_v = OperandTile::new(&b, v, "%a2", v_base.clone(), (bk, dv), (sk, dv), layout_v, bq, vectors);
     let skc = b.index(sk);
     let bkc = b.index(bk);
-    let bqs = b.index(bq);
     b.open(format!(
         "%ml:2 = scf.for %kt = {c0} to {skc} step {bkc} iter_args(%m = {neg_inf}, %l = {zero}) -> ({ty}, {ty})"
     ));
-    // The workgroup loads the tile's keys and values (zeros past the end).
-    let tile =
-        |b: &mut Body, w: &View, arg: &str, wb: &str, sh: &str, sty: &str, width: usize, width_c: &str| {
-            let total = b.index(bk * width);
-            let t = b.fresh("t");
-            b.open(format!("scf.for {t} = {tid} to {total} step {bqs}"));
-            let rr = b.assign(format!("arith.divui {t}, {width_c} : index"));
-            let cc = b.assign(format!("arith.remui {t}, {width_c} : index"));
-            let j = b.assign(format!("arith.addi %kt, {rr} : index"));
-            let inside = b.assign(format!("arith.cmpi ult, {j}, {skc} : index"));
-            let jc = clamp(b, &j, sk);
-            let off = offset_at(b, 0, &[(Some(&jc), w.strides[r - 2]), (Some(&cc), w.strides[r - 1])]);
-            let at = b.assign(format!("arith.addi {wb}, {off} : index"));
-            let x = load(b, arg, w, &at);
-            let x = b.select(&inside, &x, &zero, ty);
-            b.line(format!("memref.store {x}, {sh}[{t}] : {sty}"));
-            b.close("");
-        };
-    tile(&mut b, k, "%a1", &k_base, &sh_k, &sk_ty, d, &dc);
-    tile(&mut b, v, "%a2", &v_base, &sh_v, &sv_ty, dv, &dvc);
+    // The workgroup loads the tile's keys and values (zeros past the end): every read first,
+    // then every store, so the reads overlap.
+    let fk = tile_k.fetch(&mut b, &tid, ("%kt", &c0), &zero, ty);
+    let fv = tile_v.fetch(&mut b, &tid, ("%kt", &c0), &zero, ty);
+    tile_k.deposit(&mut b, &fk, &mem_k, &c0, None, ty);
+    tile_v.deposit(&mut b, &fv, &mem_v, &c0, None, ty);
     b.line("gpu.barrier");
 
     let sc = b.float(scale, ty);
@@ -187,8 +180,6 @@ pub fn emit(
         // is read from shared memory in runs of 4 (one vector access each on NVVM; every
         // invocation reads the same address, a broadcast), and `KEYS_AT_ONCE` keys' dot
         // products are formed side by side so their FMA chains overlap.
-        let mem_k = SharedArray { name: &sh_k, ty: &sk_ty, vectors: vectors && d % 4 == 0 };
-        let mem_v = SharedArray { name: &sh_v, ty: &sv_ty, vectors: vectors && dv % 4 == 0 };
         let at_once = if bk % KEYS_AT_ONCE == 0 { KEYS_AT_ONCE } else { 1 };
         let step = b.index(at_once);
         b.open(format!(

@@ -22,6 +22,7 @@ pub mod rows;
 pub mod scatter;
 mod skeleton;
 pub mod spirv;
+mod tiles;
 
 use crate::mlir_text::{Body, Split};
 use crate::CodegenError;

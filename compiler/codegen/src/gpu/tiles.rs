@@ -1,0 +1,198 @@
+//! Operand tiles that a workgroup reads cooperatively from memory into shared memory, for
+//! the products and attention: each invocation reads a few runs of adjacent elements (one
+//! vector access per run of 4 where the layout allows, no bounds checks where the tile never
+//! crosses the operand's edges), then stores them where the kernel's shared layout puts them,
+//! rounded as the kernel asks. Reading and storing are separate steps so that a kernel can
+//! read the next tile while it computes on the current one.
+
+use super::plan::SharedLayout;
+use super::skeleton::{clamp, offset_at, plus, SharedArray};
+use crate::kernels::elementwise::load;
+use crate::kernels::View;
+use crate::mlir_text::Body;
+use kiln_ir::DType;
+
+/// Whether every element offset of `v` that starts a run of 4 along `axis` (stride 1) is a
+/// multiple of 4: its offset and every other stride are, and the axis's extent is.
+pub(crate) fn aligned_by_4(v: &View, axis: usize) -> bool {
+    v.strides[axis] == 1
+        && v.shape[axis].is_multiple_of(4)
+        && v.offset.is_multiple_of(4)
+        && v.strides.iter().enumerate().all(|(i, s)| i == axis || s % 4 == 0 || v.shape[i] == 1)
+}
+
+/// How operand values are rounded as they enter shared memory.
+#[derive(Clone, Copy)]
+pub(crate) enum Rounding {
+    /// `cvt.rna.tf32.f32`.
+    Tf32Nvvm,
+    /// The same rounding written out (round the 13 dropped mantissa bits to nearest, ties
+    /// away from zero), for devices without the instruction.
+    Tf32Bits,
+}
+
+impl Rounding {
+    pub fn apply(self, b: &mut Body, x: &str) -> String {
+        let bits = match self {
+            Rounding::Tf32Nvvm => {
+                b.assign(format!("llvm.call_intrinsic \"llvm.nvvm.f2tf32.rna\"({x}) : (f32) -> i32"))
+            }
+            Rounding::Tf32Bits => {
+                let bits = b.assign(format!("arith.bitcast {x} : f32 to i32"));
+                let half = b.int(0x1000, "i32");
+                let up = b.assign(format!("arith.addi {bits}, {half} : i32"));
+                let mask = b.int(0xFFFF_E000u32 as i32 as i64, "i32");
+                b.assign(format!("arith.andi {up}, {mask} : i32"))
+            }
+        };
+        b.assign(format!("arith.bitcast {bits} : i32 to f32"))
+    }
+}
+
+/// One operand's tile as the workgroup reads it from memory: `rows × cols` elements of the
+/// view (rows and columns of the operand) from an origin that moves with k. Invocation `l`
+/// reads runs `l, l + inv, …` of `run` elements, adjacent along the view's contiguous axis so
+/// that neighbouring invocations read neighbouring addresses.
+pub(crate) struct OperandTile<'a> {
+    view: &'a View,
+    arg: &'static str,
+    base: String,
+    rows: usize,
+    cols: usize,
+    extent: (usize, usize),
+    layout: SharedLayout,
+    /// Whether runs go along columns (else rows).
+    along_cols: bool,
+    run: usize,
+    /// Whether the tile never crosses the operand's edges (its sizes divide the extents).
+    exact: bool,
+    inv: usize,
+}
+
+/// The values one invocation read: per run, its tile row and column and the values.
+pub(crate) struct Fetched {
+    runs: Vec<(String, String, Vec<String>)>,
+}
+
+impl<'a> OperandTile<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        b: &Body,
+        view: &'a View,
+        arg: &'static str,
+        base: String,
+        (rows, cols): (usize, usize),
+        extent: (usize, usize),
+        layout: SharedLayout,
+        inv: usize,
+        vectors: bool,
+    ) -> OperandTile<'a> {
+        let rk = view.rank();
+        let along_cols = view.strides[rk - 1] == 1 || view.strides[rk - 2] != 1;
+        let axis = if along_cols { rk - 1 } else { rk - 2 };
+        let exact = extent.0.is_multiple_of(rows) && extent.1.is_multiple_of(cols);
+        let along = if along_cols { cols } else { rows };
+        let run = if vectors
+            && exact
+            && view.dtype == DType::F32
+            && along % 4 == 0
+            && (rows * cols / 4) % inv == 0
+            && b.split_of(arg).is_none()
+            && aligned_by_4(view, axis)
+        {
+            4
+        } else {
+            1
+        };
+        OperandTile { view, arg, base, rows, cols, extent, layout, along_cols, run, exact, inv }
+    }
+
+    /// Reads this invocation's runs of the tile at `origin` (operand row, column) into
+    /// registers: zero past the operand's edges.
+    pub fn fetch(&self, b: &mut Body, lin: &str, origin: (&str, &str), zero: &str, ty: &str) -> Fetched {
+        let runs_total = self.rows * self.cols / self.run;
+        let per_line = if self.along_cols { self.cols } else { self.rows } / self.run;
+        let rk = self.view.rank();
+        let (rs, cs) = (self.view.strides[rk - 2], self.view.strides[rk - 1]);
+        let mut runs = Vec::new();
+        for t in 0..runs_total.div_ceil(self.inv) {
+            let l = plus(b, lin, t * self.inv);
+            // Past the last run (when the tile is not a multiple of the workgroup), read the
+            // last one again: the same value lands in the same place.
+            let l = if (t + 1) * self.inv > runs_total { clamp(b, &l, runs_total) } else { l };
+            let pl = b.index(per_line);
+            let line = b.assign(format!("arith.divui {l}, {pl} : index"));
+            let within = b.assign(format!("arith.remui {l}, {pl} : index"));
+            let within = if self.run == 1 {
+                within
+            } else {
+                let rc = b.index(self.run);
+                b.assign(format!("arith.muli {within}, {rc} : index"))
+            };
+            let (r, c) = if self.along_cols { (line, within) } else { (within, line) };
+            let gr = b.assign(format!("arith.addi {}, {r} : index", origin.0));
+            let gc = b.assign(format!("arith.addi {}, {c} : index", origin.1));
+            let values = if self.exact {
+                let at = offset_at(b, 0, &[(Some(&gr), rs), (Some(&gc), cs)]);
+                let at = b.assign(format!("arith.addi {}, {at} : index", self.base));
+                if self.run == 4 {
+                    let vt = format!("vector<4x{ty}>");
+                    let v = b.assign(format!(
+                        "vector.load {}[{at}] {{alignment = 16}} : {}, {vt}",
+                        self.arg,
+                        self.view.memref()
+                    ));
+                    (0..4).map(|e| b.assign(format!("vector.extract {v}[{e}] : {ty} from {vt}"))).collect()
+                } else {
+                    vec![load(b, self.arg, self.view, &at)]
+                }
+            } else {
+                let er = b.index(self.extent.0);
+                let ec = b.index(self.extent.1);
+                let okr = b.assign(format!("arith.cmpi ult, {gr}, {er} : index"));
+                let okc = b.assign(format!("arith.cmpi ult, {gc}, {ec} : index"));
+                let ok = b.assign(format!("arith.andi {okr}, {okc} : i1"));
+                let gr = clamp(b, &gr, self.extent.0);
+                let gc = clamp(b, &gc, self.extent.1);
+                let at = offset_at(b, 0, &[(Some(&gr), rs), (Some(&gc), cs)]);
+                let at = b.assign(format!("arith.addi {}, {at} : index", self.base));
+                let x = load(b, self.arg, self.view, &at);
+                vec![b.select(&ok, &x, zero, ty)]
+            };
+            runs.push((r, c, values));
+        }
+        Fetched { runs }
+    }
+
+    /// Stores fetched runs into the stage that starts at `stage` of `mem`, rounded as asked.
+    pub fn deposit(
+        &self,
+        b: &mut Body,
+        f: &Fetched,
+        mem: &SharedArray,
+        stage: &str,
+        round: Option<Rounding>,
+        ty: &str,
+    ) {
+        let SharedLayout { row, col, .. } = self.layout;
+        for (r, c, values) in &f.runs {
+            let values: Vec<String> = match round {
+                Some(rounding) => values.iter().map(|x| rounding.apply(b, x)).collect(),
+                None => values.clone(),
+            };
+            let at = offset_at(b, 0, &[(Some(r), row), (Some(c), col)]);
+            let at = b.assign(format!("arith.addi {stage}, {at} : index"));
+            // A run is adjacent in shared memory too when its axis has stride 1 there.
+            let adjacent = if self.along_cols { col == 1 } else { row == 1 };
+            if adjacent {
+                mem.write(b, &at, &values, ty);
+            } else {
+                let step = if self.along_cols { col } else { row };
+                for (e, x) in values.iter().enumerate() {
+                    let i = plus(b, &at, e * step);
+                    mem.write(b, &i, std::slice::from_ref(x), ty);
+                }
+            }
+        }
+    }
+}
