@@ -183,6 +183,17 @@ fn specialized_dynamic_sizes_lower_to_the_static_graph() {
             d.0[0].message
         );
     }
+    // Any `--set` of a symbol, and bounds at the ends of i64: diagnostics, never a panic.
+    for value in EXTREME_VALUES {
+        front_end_with(
+            &cases[1].0,
+            &[set("layers=1"), Override { name: "seq".into(), value: value.to_string() }],
+        );
+    }
+    for bounds in ["min: 1, max: 9223372036854775807, hint: 1", "min: 9223372036854775807, max: 9223372036854775807, hint: 9223372036854775807, multiple_of: 9223372036854775807"] {
+        let text = with_dynamic(&gpt2, r#""seq": 64,"#, &format!(r#""seq": Dyn({bounds}), "s2": "seq * seq + 1 - (0 - seq) // 2","#));
+        front_end_with(&text, &[set("layers=1")]);
+    }
     // GPT-2's learned positions cover `ctx` = 1024 of them: a longer maximum is refused.
     let long = with_dynamic(&gpt2, r#""seq": 64,"#, r#""seq": Dyn(min: 1, max: 2048, hint: 64),"#);
     let (sources, r) = kiln_lower::load_str("m.ron", &long, &[set("layers=1")]);
@@ -704,6 +715,9 @@ const FRAGMENTS: &[&str] = &[
     "'",
     "\\u{110000}",
     "Let(\"x\", \"x\")",
+    "Dyn(min: 1, max: 64, hint: 8, multiple_of: 4)",
+    "Dyn(min: -9223372036854775808, max: 9223372036854775807, hint: 0, multiple_of: 0)",
+    "\"seq * 9223372036854775807 // 3 % 2\"",
     "𝕜",
     "\u{0}",
 ];
