@@ -129,6 +129,114 @@ fn overrides_change_the_graph_and_bad_overrides_are_errors() {
     assert!(msg.contains("--set layer: the model has no config `layer` (did you mean `layers`?)"), "{msg}");
 }
 
+/// `text` with one static config entry made a `Dyn` one (the shipped models stay static: their
+/// tests, benchmarks and README commands load them without `--set`).
+fn with_dynamic(text: &str, entry: &str, decl: &str) -> String {
+    assert!(text.contains(entry), "`{entry}` is not in the model");
+    text.replacen(entry, decl, 1)
+}
+
+/// A dynamic batch and sequence length specialized by `--set` give exactly the graph of the
+/// model written with those sizes; left unspecialized, the load fails with one diagnostic.
+#[test]
+fn specialized_dynamic_sizes_lower_to_the_static_graph() {
+    let set = |s: &str| Override::parse(s).expect("name=value");
+    let bert = std::fs::read_to_string("models/bert_encoder.ron").expect("model");
+    let gpt2 = std::fs::read_to_string("models/gpt2.ron").expect("model");
+    let cases = [
+        (
+            with_dynamic(
+                &bert,
+                r#""batch": 1, "seq": 128,"#,
+                r#""batch": Dyn(min: 1, max: 64, hint: 1), "seq": Dyn(min: 1, max: "max_positions", hint: 128),"#,
+            ),
+            &bert,
+        ),
+        (
+            with_dynamic(
+                &gpt2,
+                r#""batch": 1, "seq": 64,"#,
+                r#""batch": Dyn(min: 1, max: 16, hint: 1), "seq": Dyn(min: 8, max: "ctx", hint: 64, multiple_of: 8),"#,
+            ),
+            &gpt2,
+        ),
+    ];
+    for (dynamic, static_text) in &cases {
+        for (batch, seq) in [(1, 8), (2, 64), (3, 512)] {
+            let overrides = [set("layers=1"), set(&format!("batch={batch}")), set(&format!("seq={seq}"))];
+            let (sources, r) = kiln_lower::load_str("m.ron", dynamic, &overrides);
+            let lowered = r.unwrap_or_else(|d| panic!("batch={batch} seq={seq}:\n{}", d.render(&sources)));
+            let (_, r) = kiln_lower::load_str("m.ron", static_text, &overrides);
+            let expected = r.expect("the static model lowers");
+            assert_eq!(
+                kiln_ir::print::to_text(&lowered.graph, Default::default()),
+                kiln_ir::print::to_text(&expected.graph, Default::default()),
+                "batch={batch} seq={seq}"
+            );
+        }
+        let (sources, r) = kiln_lower::load_str("m.ron", dynamic, &[set("layers=1")]);
+        let d = r.expect_err("unspecialized");
+        assert_eq!(d.0.len(), 1, "{}", d.render(&sources));
+        assert!(
+            d.0[0].message.starts_with("dynamic sizes `batch` and `seq` are not specialized"),
+            "{}",
+            d.0[0].message
+        );
+    }
+    // Any `--set` of a symbol, and bounds at the ends of i64: diagnostics, never a panic.
+    for value in EXTREME_VALUES {
+        front_end_with(
+            &cases[1].0,
+            &[set("layers=1"), Override { name: "seq".into(), value: value.to_string() }],
+        );
+    }
+    for bounds in ["min: 1, max: 9223372036854775807, hint: 1", "min: 9223372036854775807, max: 9223372036854775807, hint: 9223372036854775807, multiple_of: 9223372036854775807"] {
+        let text = with_dynamic(&gpt2, r#""seq": 64,"#, &format!(r#""seq": Dyn({bounds}), "s2": "seq * seq + 1 - (0 - seq) // 2","#));
+        front_end_with(&text, &[set("layers=1")]);
+    }
+    // GPT-2's learned positions cover `ctx` = 1024 of them: a longer maximum is refused.
+    let long = with_dynamic(&gpt2, r#""seq": 64,"#, r#""seq": Dyn(min: 1, max: 2048, hint: 64),"#);
+    let (sources, r) = kiln_lower::load_str("m.ron", &long, &[set("layers=1")]);
+    let msg = r.expect_err("too long").render(&sources);
+    assert!(
+        msg.contains(
+            "error: the slice bound `seq` reaches 2048 for the dynamic size `seq` in its bounds, past the axis's 1024 entries"
+        ),
+        "{msg}"
+    );
+}
+
+/// `--set` of a symbol is checked against its declaration, with one exact message each.
+#[test]
+fn specializing_outside_a_symbols_bounds_is_an_error() {
+    let text = r#"Model(
+    name: "m",
+    config: { "seq": Dyn(min: 8, max: 512, hint: 128, multiple_of: 8) },
+    inputs: { "x": (f32, ["seq"]) },
+    body: [ Let("y", Relu("x")) ],
+    outputs: ["y"],
+)"#;
+    for (value, want) in [
+        ("1024", "--set seq=1024: `seq` is declared from 8 to 512, and 1024 is outside"),
+        ("0", "--set seq=0: `seq` is declared from 8 to 512, and 0 is outside"),
+        ("100", "--set seq=100: `seq` is declared a multiple of 8, and 100 is not"),
+        ("1.5", "--set seq=1.5: `seq` is a size, so its value must be an integer, not 1.5"),
+        ("true", "--set seq=true: `seq` is a size, so its value must be an integer, not true"),
+    ] {
+        let (sources, r) =
+            kiln_lower::load_str("m.ron", text, &[Override { name: "seq".into(), value: value.into() }]);
+        let d = r.expect_err(value);
+        assert_eq!(d.0.len(), 1, "{}", d.render(&sources));
+        assert_eq!(d.0[0].message, want);
+        let rendered = d.render(&sources);
+        assert!(rendered.contains("m.ron:3:22"), "{rendered}");
+        assert!(rendered.contains("`seq` takes 8..=512, a multiple of 8"), "{rendered}");
+    }
+    let (_, r) = kiln_lower::load_str("m.ron", text, &[Override { name: "seq".into(), value: "64".into() }]);
+    let g = r.expect("64 is inside the bounds").graph;
+    assert_eq!(g.ty(g.outputs[0].1).shape, vec![64]);
+}
+
 /// Modules that call each other 300 deep (each a different module, so no cycle): lowering
 /// refuses past its nesting limit instead of overflowing the stack (this runs on a test
 /// thread's 2 MiB stack).
@@ -607,6 +715,9 @@ const FRAGMENTS: &[&str] = &[
     "'",
     "\\u{110000}",
     "Let(\"x\", \"x\")",
+    "Dyn(min: 1, max: 64, hint: 8, multiple_of: 4)",
+    "Dyn(min: -9223372036854775808, max: 9223372036854775807, hint: 0, multiple_of: 0)",
+    "\"seq * 9223372036854775807 // 3 % 2\"",
     "𝕜",
     "\u{0}",
 ];
@@ -654,6 +765,37 @@ proptest::proptest! {
             .map(|&(n, v)| Override { name: names[n % names.len()].clone(), value: EXTREME_VALUES[v].to_string() })
             .collect();
         front_end_with(&text, &overrides);
+    }
+
+    /// Any value a symbol admits specializes it: the model lowers, and an entry computed
+    /// from it (`seq * 2`, `seq / m`) takes its static value.
+    #[test]
+    fn specializing_within_the_bounds_always_lowers(
+        multiple in 1i64..9,
+        lo in 1i64..40,
+        width in 0i64..40,
+        hint_at in 0i64..40,
+        pick in 0i64..40,
+    ) {
+        let (min, max) = (lo * multiple, (lo + width) * multiple);
+        let hint = (lo + hint_at % (width + 1)) * multiple;
+        let value = (lo + pick % (width + 1)) * multiple;
+        let text = format!(
+            r#"Model(
+    name: "m",
+    config: {{ "seq": Dyn(min: {min}, max: {max}, hint: {hint}, multiple_of: {multiple}), "tokens": "seq * 2", "rows": "seq / {multiple}" }},
+    inputs: {{ "x": (f32, ["seq", 2]) }},
+    body: [ Let("y", Reshape("x", ["tokens"])), Let("z", Reshape("x", ["rows", "2 * {multiple}"])) ],
+    outputs: ["y", "z"],
+)"#
+        );
+        let (sources, r) = kiln_lower::load_str("m.ron", &text, &[Override { name: "seq".into(), value: value.to_string() }]);
+        let g = r.unwrap_or_else(|d| panic!("seq={value}:\n{}", d.render(&sources))).graph;
+        proptest::prop_assert_eq!(&g.ty(g.outputs[0].1).shape, &vec![2 * value as usize]);
+        proptest::prop_assert_eq!(&g.ty(g.outputs[1].1).shape, &vec![(value / multiple) as usize, 2 * multiple as usize]);
+        // One past the maximum is refused.
+        let (_, r) = kiln_lower::load_str("m.ron", &text, &[Override { name: "seq".into(), value: (max + multiple).to_string() }]);
+        proptest::prop_assert!(r.is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod lower;
 mod ops;
 mod optim;
 mod schedule;
+mod symbols;
 mod training;
 
 pub use config::CValue;
@@ -165,6 +166,17 @@ fn lower_file(
 /// What lowering produces besides the spec itself: graph, config, training plan, warnings.
 type LowerResult = Result<(Graph, Vec<(String, CValue)>, Option<TrainingPlan>, Vec<Diagnostic>), Diagnostics>;
 
+/// The model's config after overrides: every entry's value (a dynamic one at its hint), in a
+/// map and in declaration order, and what is dynamic.
+struct ResolvedConfig {
+    values: HashMap<String, CValue>,
+    ordered: Vec<(String, CValue)>,
+    /// The range of every dynamic entry: the symbols and the entries computed from them.
+    dynamic: HashMap<String, symbols::Range>,
+    /// The `Dyn` entries `--set` did not specialize, in declaration order.
+    symbols: Vec<symbols::Symbol>,
+}
+
 /// Evaluates the model's config (entries may refer to each other; cycles are errors), with
 /// overrides applied first.
 fn resolve_config(
@@ -173,8 +185,8 @@ fn resolve_config(
     libs: &[Library],
     overrides: &[Override],
     diags: &mut Vec<Diagnostic>,
-) -> (HashMap<String, CValue>, Vec<(String, CValue)>) {
-    let mut exprs: Vec<(&str, &kiln_spec::SpannedCExpr, Span)> = Vec::new();
+) -> ResolvedConfig {
+    let mut exprs: Vec<(&str, &kiln_spec::ConfigValue, Span)> = Vec::new();
     for e in &model.config {
         exprs.push((&e.name.name, &e.value, e.name.span));
     }
@@ -186,6 +198,7 @@ fn resolve_config(
         }
     }
     let mut values: HashMap<String, CValue> = HashMap::new();
+    let mut set: HashMap<String, (CValue, &str)> = HashMap::new();
     for o in overrides {
         let known =
             exprs.iter().any(|(n, ..)| *n == o.name) || BUILTIN_CONFIG.iter().any(|(n, _)| *n == o.name);
@@ -206,6 +219,11 @@ fn resolve_config(
                 "--set {}={}: NaN is not a valid config value",
                 o.name, o.value
             ))),
+            // Entries of the spec take their override as they are resolved (a symbol's is
+            // checked against its bounds); a built-in takes it now.
+            Some(v) if exprs.iter().any(|(n, ..)| *n == o.name) => {
+                set.insert(o.name.clone(), (v, &o.value));
+            }
             Some(v) => {
                 values.insert(o.name.clone(), v);
             }
@@ -218,6 +236,9 @@ fn resolve_config(
     let mut resolver = ConfigResolver {
         exprs: &exprs,
         values,
+        set,
+        dynamic: HashMap::new(),
+        symbols: Vec::new(),
         stack: Vec::new(),
         failed: Default::default(),
         diags,
@@ -226,7 +247,9 @@ fn resolve_config(
     for (n, ..) in &exprs {
         resolver.visit(n);
     }
-    let mut values = resolver.values;
+    let (mut values, dynamic) = (resolver.values, resolver.dynamic);
+    let mut symbols = resolver.symbols;
+    symbols.sort_by_key(|s| exprs.iter().position(|(n, ..)| *n == s.name));
     for (k, v) in BUILTIN_CONFIG {
         values.entry(k.to_string()).or_insert(*v);
     }
@@ -237,7 +260,7 @@ fn resolve_config(
         .chain(BUILTIN_CONFIG.iter().map(|(n, _)| n.to_string()))
         .filter_map(|n| values.get(&n).map(|v| (n, *v)))
         .collect();
-    (values, ordered)
+    ResolvedConfig { values, ordered, dynamic, symbols }
 }
 
 /// The built-in config entries have one meaning each, so a value of another kind is an
@@ -246,7 +269,7 @@ fn resolve_config(
 /// an unsigned seed; a negative, fractional or NaN one would be silently converted).
 fn check_builtins(
     values: &HashMap<String, CValue>,
-    exprs: &[(&str, &kiln_spec::SpannedCExpr, Span)],
+    exprs: &[(&str, &kiln_spec::ConfigValue, Span)],
     diags: &mut Vec<Diagnostic>,
 ) {
     let training = match values.get("training") {
@@ -261,7 +284,7 @@ fn check_builtins(
     for (name, msg) in [training, seed].into_iter().flatten() {
         let d = Diagnostic::error(msg.clone());
         diags.push(match exprs.iter().find(|(n, ..)| *n == name) {
-            Some((_, e, _)) => d.at(e.span, msg),
+            Some((_, e, _)) => d.at(e.span(), msg),
             None => d.note(format!("set by `--set {name}=…`")),
         });
     }
@@ -270,8 +293,12 @@ fn check_builtins(
 /// Depth-first evaluation of config entries that refer to each other, reporting each cycle
 /// once.
 struct ConfigResolver<'m, 'd> {
-    exprs: &'m [(&'m str, &'m kiln_spec::SpannedCExpr, Span)],
+    exprs: &'m [(&'m str, &'m kiln_spec::ConfigValue, Span)],
     values: HashMap<String, CValue>,
+    /// `--set` values of the spec's entries, with their text.
+    set: HashMap<String, (CValue, &'m str)>,
+    dynamic: HashMap<String, symbols::Range>,
+    symbols: Vec<symbols::Symbol>,
     stack: Vec<&'m str>,
     failed: std::collections::HashSet<&'m str>,
     diags: &'d mut Vec<Diagnostic>,
@@ -284,6 +311,10 @@ impl<'m> ConfigResolver<'m, '_> {
             return;
         }
         let Some(&(n, e, span)) = self.exprs.iter().find(|(n, ..)| *n == name) else { return };
+        if let (Some((v, _)), kiln_spec::ConfigValue::Expr(_)) = (self.set.get(n), e) {
+            self.values.insert(n.to_string(), *v);
+            return;
+        }
         if let Some(pos) = self.stack.iter().position(|s| *s == n) {
             let chain = self.stack[pos..].to_vec();
             self.diags.push(
@@ -295,7 +326,7 @@ impl<'m> ConfigResolver<'m, '_> {
         }
         self.stack.push(n);
         let mut deps = Vec::new();
-        e.expr.names(&mut deps);
+        e.names(&mut deps);
         for d in &deps {
             self.visit(d);
         }
@@ -307,21 +338,100 @@ impl<'m> ConfigResolver<'m, '_> {
         let builtins: HashMap<String, CValue> =
             BUILTIN_CONFIG.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         let env = config::ConfigEnv { frames: vec![&self.values, &builtins] };
+        let e = match e {
+            kiln_spec::ConfigValue::Expr(e) => e,
+            kiln_spec::ConfigValue::Dyn(d) => {
+                // The bounds read static entries only: a snapshot of them is their scope.
+                let values = self.values.clone();
+                let env = config::ConfigEnv { frames: vec![&values, &builtins] };
+                match self.symbol(n, d, &deps, &env) {
+                    Some(v) => {
+                        self.values.insert(n.to_string(), CValue::Int(v));
+                    }
+                    None => {
+                        self.failed.insert(n);
+                    }
+                }
+                return;
+            }
+        };
+        // An entry computed from symbols is dynamic too: its range is derived, and its value
+        // at the symbols' hints is what the body is checked with.
+        if deps.iter().any(|d| self.dynamic.contains_key(d)) {
+            let lookup = |d: &str| self.dynamic.get(d).cloned();
+            match symbols::range(&e.expr, &env, &config::NoShapes, &lookup) {
+                Ok(Some(r)) => {
+                    self.dynamic.insert(n.to_string(), r);
+                }
+                Ok(None) => {}
+                Err(msg) => {
+                    self.failed.insert(n);
+                    self.diags.push(self.bad_expression(e, &msg));
+                    return;
+                }
+            }
+        }
         match config::eval(&e.expr, &env, &config::NoShapes) {
             Ok(v) => {
                 self.values.insert(n.to_string(), v);
             }
             Err(msg) => {
                 self.failed.insert(n);
-                self.diags.push(
-                    Diagnostic::error(format!(
-                        "bad config expression `{}`: {msg}",
-                        kiln_spec::cexpr::abbreviate(self.sources.snippet(e.span).trim_matches('"'), 80)
-                    ))
-                    .at(e.span, msg),
-                )
+                self.diags.push(self.bad_expression(e, &msg))
             }
         }
+    }
+
+    fn bad_expression(&self, e: &kiln_spec::SpannedCExpr, msg: &str) -> Diagnostic {
+        Diagnostic::error(format!(
+            "bad config expression `{}`: {msg}",
+            kiln_spec::cexpr::abbreviate(self.sources.snippet(e.span).trim_matches('"'), 80)
+        ))
+        .at(e.span, msg)
+    }
+
+    /// A `Dyn` entry: its bounds checked, then its `--set` value checked against them (the
+    /// static value it specializes to), or the symbol recorded with its hint as the value.
+    fn symbol(
+        &mut self,
+        n: &str,
+        d: &kiln_spec::DynDecl,
+        deps: &[String],
+        env: &config::ConfigEnv,
+    ) -> Option<i64> {
+        if let Some(dep) = deps.iter().find(|d| self.dynamic.contains_key(*d)) {
+            let at = d.fields().find(|e| {
+                let mut names = Vec::new();
+                e.expr.names(&mut names);
+                names.contains(dep)
+            });
+            let msg = format!("the bounds of `{n}` must be static, but they read the dynamic `{dep}`");
+            self.diags
+                .push(Diagnostic::error(msg).at(at.map_or(d.span, |e| e.span), format!("reads `{dep}`")));
+            return None;
+        }
+        let symbol = match symbols::declare(n, d, env) {
+            Ok(s) => s,
+            Err(diags) => {
+                self.diags.extend(diags);
+                return None;
+            }
+        };
+        if let Some(&(v, text)) = self.set.get(n) {
+            return match symbols::specialize(&symbol, text, v) {
+                Ok(i) => Some(i),
+                Err(msg) => {
+                    self.diags.push(
+                        Diagnostic::error(msg).at(d.span, format!("`{n}` takes {}", symbol.describe())),
+                    );
+                    None
+                }
+            };
+        }
+        self.dynamic.insert(n.to_string(), symbols::Range::of(&symbol));
+        let hint = symbol.hint;
+        self.symbols.push(symbol);
+        Some(hint)
     }
 }
 
@@ -333,7 +443,8 @@ fn lower_model(
     mut diags: Vec<Diagnostic>,
 ) -> LowerResult {
     let mut config_diags = Vec::new();
-    let (global, config) = resolve_config(sources, model, libs, overrides, &mut config_diags);
+    let ResolvedConfig { values: global, ordered: config, dynamic, symbols } =
+        resolve_config(sources, model, libs, overrides, &mut config_diags);
     // A broken config would only cause follow-on errors in the body: stop here.
     if config_diags.iter().any(Diagnostic::is_error) {
         diags.extend(config_diags);
@@ -350,6 +461,7 @@ fn lower_model(
         }
     }
     let mut l = Lowerer::new(sources, &model.name.name, global, &table);
+    l.dynamic = dynamic;
     l.declare_inputs(&model.inputs);
     l.stmts(&model.body);
     if l.stopped() {
@@ -382,6 +494,8 @@ fn lower_model(
     let training = model.training.as_ref().and_then(|t| training::check(&mut l, t));
     // `diags` holds what conversion recovered from; the lowering adds its own.
     diags.append(&mut l.diags);
+    // The body was only checked at the symbols' hints: no graph without static sizes.
+    diags.extend(symbols::unspecialized(&symbols));
     if diags.iter().any(Diagnostic::is_error) {
         diags.sort_by_key(|d| d.span.as_ref().map(|(s, _)| (s.file, s.start)));
         return Err(Diagnostics(diags));

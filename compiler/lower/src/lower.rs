@@ -6,6 +6,7 @@
 //! so one run reports every independent mistake.
 
 use crate::config::{self, CValue, ConfigEnv, ShapeLookup};
+use crate::symbols::{self, Range};
 use kiln_ir::{DType, Graph, InferError, NodeId, Op, Origin};
 use kiln_spec::*;
 use std::collections::HashMap;
@@ -54,6 +55,8 @@ struct Binding {
 struct Frame {
     tensors: HashMap<String, Binding>,
     config: HashMap<String, CValue>,
+    /// The ranges of this frame's config names that depend on dynamic sizes.
+    dynamic: HashMap<String, Range>,
     /// Which library the code of this frame belongs to ("" for the model), for resolving calls.
     namespace: String,
 }
@@ -68,6 +71,9 @@ pub struct Lowerer<'a> {
     pub graph: Graph,
     pub diags: Vec<Diagnostic>,
     pub global: HashMap<String, CValue>,
+    /// The ranges of the global config entries that are dynamic (`global` holds their
+    /// values at the hints).
+    pub dynamic: HashMap<String, Range>,
     modules: &'a ModuleTable<'a>,
     frames: Vec<Frame>,
     scope: Vec<String>,
@@ -115,7 +121,13 @@ impl<'a> Lowerer<'a> {
             diags: Vec::new(),
             global,
             modules,
-            frames: vec![Frame { tensors: HashMap::new(), config: HashMap::new(), namespace: String::new() }],
+            frames: vec![Frame {
+                tensors: HashMap::new(),
+                config: HashMap::new(),
+                dynamic: HashMap::new(),
+                namespace: String::new(),
+            }],
+            dynamic: HashMap::new(),
             scope: Vec::new(),
             params: HashMap::new(),
             def_span: HashMap::new(),
@@ -160,8 +172,124 @@ impl<'a> Lowerer<'a> {
 
     // ------------------------------------------------------------ config
 
+    /// The range of a config expression over dynamic sizes (`None`: it is static), and the
+    /// error when it is not a size expression.
+    fn range_of(&self, e: &CExpr) -> Result<Option<Range>, String> {
+        if self.dynamic.is_empty() {
+            return Ok(None);
+        }
+        let frame = self.frame();
+        // A frame's own name hides a global one, dynamic or not.
+        let lookup = |n: &str| match frame.config.contains_key(n) {
+            true => frame.dynamic.get(n).cloned(),
+            false => self.dynamic.get(n).cloned(),
+        };
+        let env = ConfigEnv { frames: vec![&frame.config, &self.global] };
+        symbols::range(e, &env, self, &lookup)
+    }
+
+    /// The range of `e` (reported like a bad config expression when it has none).
+    pub fn range(&mut self, e: &SpannedCExpr) -> Option<Option<Range>> {
+        match self.range_of(&e.expr) {
+            Ok(r) => Some(r),
+            Err(msg) => {
+                self.bad_config(e, &msg);
+                None
+            }
+        }
+    }
+
+    fn bad_config(&mut self, e: &SpannedCExpr, msg: &str) {
+        self.diags.push(
+            Diagnostic::error(format!(
+                "bad config expression `{}`: {msg}",
+                kiln_spec::cexpr::abbreviate(self.sources.snippet(e.span).trim_matches('"'), 80)
+            ))
+            .at(e.span, msg),
+        );
+    }
+
+    /// Refuses an expression that reads a dynamic size where the value must be static (a
+    /// weight's shape, a repeat count, an `If` condition), naming it and its declaration.
+    pub fn require_static(&mut self, e: &SpannedCExpr, what: &str) -> Option<()> {
+        if self.dynamic.is_empty() {
+            return Some(());
+        }
+        let mut read = Vec::new();
+        e.expr.names(&mut read);
+        let frame = self.frame();
+        let mut found: Vec<(String, Span)> = Vec::new();
+        for n in &read {
+            let r = match frame.config.contains_key(n) {
+                true => frame.dynamic.get(n),
+                false => self.dynamic.get(n),
+            };
+            for s in r.map(|r| r.symbols.as_slice()).unwrap_or_default() {
+                if !found.iter().any(|(f, _)| *f == s.0) {
+                    found.push(s.clone());
+                }
+            }
+        }
+        if found.is_empty() {
+            return Some(());
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        let noun = if found.len() == 1 { "size" } else { "sizes" };
+        let mut d = Diagnostic::error(format!(
+            "{what} must be static, but `{}` depends on the dynamic {noun} {}",
+            kiln_spec::cexpr::abbreviate(self.sources.snippet(e.span).trim_matches('"'), 80),
+            symbols::names(&found)
+        ))
+        .at(e.span, "dynamic here");
+        for (n, span) in &found {
+            d = d.with_related(*span, format!("`{n}` is declared dynamic here"));
+        }
+        if let Some((name, call_span)) = self.call_stack.last().cloned() {
+            d = d.with_related(call_span, format!("in this call of `{name}`"));
+        }
+        self.diags.push(d);
+        None
+    }
+
+    /// A slice bound that depends on dynamic sizes must stay inside the axis for every value
+    /// they take: a learned position table shorter than the longest sequence is an error at
+    /// the slice, not a silent clamp at some lengths. Only a parameter's axes are known to
+    /// be static here; other tensors wait for shapes with symbols (docs/dynamic-shapes.md).
+    pub fn check_dynamic_bound(
+        &mut self,
+        e: &SpannedCExpr,
+        extent: i64,
+        x: NodeId,
+        span: Span,
+    ) -> Option<()> {
+        let Some(r) = self.range(e)? else { return Some(()) };
+        if r.max <= extent || !matches!(self.graph.node(x).op, Op::Param { .. }) {
+            return Some(());
+        }
+        let mut d = Diagnostic::error(format!(
+            "the slice bound `{}` reaches {} for {} in its bounds, past the axis's {extent} entries",
+            kiln_spec::cexpr::abbreviate(self.sources.snippet(e.span).trim_matches('"'), 80),
+            r.max,
+            r.names()
+        ))
+        .at(span, format!("slices {extent} entries"));
+        if let Some(def) = self.def_span.get(&x).copied() {
+            d = d.with_related(def, format!("{extent} entries here"));
+        }
+        for (n, s) in &r.symbols {
+            d = d.with_related(*s, format!("`{n}` is declared dynamic here"));
+        }
+        if let Some((name, call_span)) = self.call_stack.last().cloned() {
+            d = d.with_related(call_span, format!("in this call of `{name}`"));
+        }
+        self.diags.push(d);
+        None
+    }
+
     /// Evaluates a config expression in the current frame, reporting errors at its span.
     pub fn cvalue(&mut self, e: &SpannedCExpr) -> CResult {
+        // An expression over dynamic sizes must be a size expression.
+        self.range(e)?;
         let result = {
             let env = ConfigEnv { frames: vec![&self.frame().config, &self.global] };
             config::eval(&e.expr, &env, &*self)
@@ -169,13 +297,7 @@ impl<'a> Lowerer<'a> {
         match result {
             Ok(v) => Some(v),
             Err(msg) => {
-                self.diags.push(
-                    Diagnostic::error(format!(
-                        "bad config expression `{}`: {msg}",
-                        kiln_spec::cexpr::abbreviate(self.sources.snippet(e.span).trim_matches('"'), 80)
-                    ))
-                    .at(e.span, msg),
-                );
+                self.bad_config(e, &msg);
                 None
             }
         }
@@ -453,6 +575,9 @@ impl<'a> Lowerer<'a> {
                 }
             }
             Stmt::Repeat { n, index, body, span } => {
+                if self.require_static(n, "a repeat count").is_none() {
+                    return;
+                }
                 let Some(count) = self.cextent(n, "the repeat count") else { return };
                 if count > MAX_REPEAT {
                     self.error(
@@ -463,6 +588,7 @@ impl<'a> Lowerer<'a> {
                     return;
                 }
                 let shadowed = self.frame().config.get(&index.name).copied();
+                let shadowed_range = self.frame_mut().dynamic.remove(&index.name);
                 self.repeat_stack.push(*span);
                 for i in 0..count {
                     if !self.expand(*span) {
@@ -476,6 +602,9 @@ impl<'a> Lowerer<'a> {
                     Some(v) => self.frame_mut().config.insert(index.name.clone(), v),
                     None => self.frame_mut().config.remove(&index.name),
                 };
+                if let Some(r) = shadowed_range {
+                    self.frame_mut().dynamic.insert(index.name.clone(), r);
+                }
             }
         }
     }
@@ -535,6 +664,7 @@ impl<'a> Lowerer<'a> {
                 }
             }
             Expr::If { cond, then, otherwise, .. } => {
+                self.require_static(cond, "an `If` condition")?;
                 if self.cbool(cond, "an `If` condition")? {
                     self.expr_named(then, let_name)
                 } else {
@@ -679,6 +809,13 @@ impl<'a> Lowerer<'a> {
             }
         };
         let full = if self.scope.is_empty() { leaf } else { format!("{}.{}", self.scope.join("."), leaf) };
+        if let ShapeExpr::Dims(dims, _) = &p.shape {
+            let what = format!("the shape of parameter `{full}`");
+            let dynamic = dims.iter().filter(|d| self.require_static(d, &what).is_none()).count();
+            if dynamic > 0 {
+                return None;
+            }
+        }
         let shape = self.static_shape(&p.shape);
         let dtype = match &p.dtype {
             Some((d, s)) => self.dtype(d, *s),
@@ -791,6 +928,7 @@ impl<'a> Lowerer<'a> {
             args.push(self.operand(a));
         }
         let mut config = HashMap::new();
+        let mut dynamic = HashMap::new();
         for (k, e) in &c.with {
             if !module.config.iter().any(|(n, _)| n.name == k.name) {
                 let names: Vec<&str> = module.config.iter().map(|(n, _)| n.name.as_str()).collect();
@@ -824,6 +962,9 @@ impl<'a> Lowerer<'a> {
                 }
             }
             config.insert(k.name.clone(), value);
+            if let Ok(Some(r)) = self.range_of(&e.expr) {
+                dynamic.insert(k.name.clone(), r);
+            }
         }
         let scope_seg = match &c.scope {
             Some(s) => Some(self.template(s)?),
@@ -833,7 +974,7 @@ impl<'a> Lowerer<'a> {
             return None;
         }
         // Enter the module.
-        let mut frame = Frame { tensors: HashMap::new(), config: HashMap::new(), namespace };
+        let mut frame = Frame { tensors: HashMap::new(), config: HashMap::new(), dynamic, namespace };
         for (name, a) in module.args.iter().zip(&args) {
             frame.tensors.insert(name.name.clone(), Binding { value: *a, span: name.span });
         }
@@ -842,7 +983,13 @@ impl<'a> Lowerer<'a> {
         for (name, default) in &module.config {
             let v = match (config.get(&name.name), default) {
                 (Some(v), _) => Some(*v),
-                (None, Some(d)) => self.cvalue(d),
+                (None, Some(d)) => {
+                    let v = self.cvalue(d);
+                    if let Ok(Some(r)) = self.range_of(&d.expr) {
+                        self.frame_mut().dynamic.insert(name.name.clone(), r);
+                    }
+                    v
+                }
                 (None, None) => {
                     self.diags.push(
                         Diagnostic::error(format!(

@@ -434,6 +434,9 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             let axis = axis_of(l, config_arg(call, 1)?, shape.len())?;
             let extent = shape[axis] as i64;
             let norm = |v: i64| if v < 0 { (v + extent).max(0) } else { v.min(extent) };
+            for bound in [config_arg(call, 2), config_arg(call, 3)].into_iter().flatten() {
+                l.check_dynamic_bound(bound, extent, x, span)?;
+            }
             let start = match config_arg(call, 2) {
                 Some(e) => norm(l.cint(e, "`start`")?),
                 None => 0,

@@ -31,11 +31,61 @@ pub struct Library {
     pub modules: Vec<ModuleDef>,
 }
 
-/// `"name": value` in a config map: a number, a bool, or an expression string.
+/// `"name": value` in a config map: a number, a bool, an expression string, or a dynamic
+/// size `Dyn(min: …, max: …, hint: …)`.
 #[derive(Clone, Debug)]
 pub struct ConfigEntry {
     pub name: Ident,
-    pub value: SpannedCExpr,
+    pub value: ConfigValue,
+}
+
+#[derive(Clone, Debug)]
+pub enum ConfigValue {
+    /// A value or an expression over other entries.
+    Expr(SpannedCExpr),
+    /// A size that varies from run to run within bounds (batch, sequence length).
+    Dyn(Box<DynDecl>),
+}
+
+impl ConfigValue {
+    /// The config names the value reads: an expression's names, or a `Dyn`'s bounds' names.
+    pub fn names(&self, out: &mut Vec<String>) {
+        match self {
+            ConfigValue::Expr(e) => e.expr.names(out),
+            ConfigValue::Dyn(d) => {
+                for e in d.fields() {
+                    e.expr.names(out);
+                }
+            }
+        }
+    }
+
+    pub fn span(&self) -> Span {
+        match self {
+            ConfigValue::Expr(e) => e.span,
+            ConfigValue::Dyn(d) => d.span,
+        }
+    }
+}
+
+/// `Dyn(min: 1, max: 512, hint: 128, multiple_of: 8)`: a bounded size symbol. The bounds are
+/// config expressions over static entries; the lowering checks and evaluates them.
+#[derive(Clone, Debug)]
+pub struct DynDecl {
+    pub min: SpannedCExpr,
+    pub max: SpannedCExpr,
+    /// The typical value: what the cost model plans for.
+    pub hint: SpannedCExpr,
+    /// Every value is a multiple of this (none: any integer).
+    pub multiple_of: Option<SpannedCExpr>,
+    pub span: Span,
+}
+
+impl DynDecl {
+    /// The bound expressions, in the order they are written in the docs.
+    pub fn fields(&self) -> impl Iterator<Item = &SpannedCExpr> {
+        [&self.min, &self.max, &self.hint].into_iter().chain(self.multiple_of.as_ref())
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -123,6 +123,14 @@ impl Converter {
                     return None;
                 }
             },
+            _ if v.head().is_some_and(|h| h.name == "Dyn") => {
+                self.error(
+                    v.span,
+                    "`Dyn` declares a dynamic size: it is only allowed as the value of a config entry",
+                    "not a config entry",
+                );
+                return None;
+            }
             _ => {
                 self.expected(v, "a number, a bool or an expression string");
                 return None;
@@ -170,7 +178,11 @@ impl Converter {
         };
         let mut out: Vec<ConfigEntry> = Vec::new();
         for (k, val) in entries {
-            let (Some(name), Some(value)) = (self.name(k, "a config name string"), self.cexpr(val)) else {
+            let value = match val.head() {
+                Some(h) if h.name == "Dyn" => self.dyn_decl(val).map(|d| ConfigValue::Dyn(Box::new(d))),
+                _ => self.cexpr(val).map(ConfigValue::Expr),
+            };
+            let (Some(name), Some(value)) = (self.name(k, "a config name string"), value) else {
                 continue;
             };
             if self.reserved(&name, "a config name") {
@@ -187,6 +199,20 @@ impl Converter {
             out.push(ConfigEntry { name, value });
         }
         out
+    }
+
+    /// `Dyn(min: …, max: …, hint: …[, multiple_of: …])`, each a config expression.
+    fn dyn_decl(&mut self, v: &Value) -> Option<DynDecl> {
+        const FIELDS: &[&str] = &["min", "max", "hint", "multiple_of"];
+        let f = self.fields(v, "Dyn", FIELDS, &["min", "max", "hint"])?;
+        let mut get = |name: &str| Self::field(&f, name).map(|e| self.cexpr(e));
+        // Every field is converted, so each bad one is reported.
+        let (min, max, hint, multiple_of) = (get("min"), get("max"), get("hint"), get("multiple_of"));
+        let multiple_of = match multiple_of {
+            Some(e) => Some(e?),
+            None => None,
+        };
+        Some(DynDecl { min: min??, max: max??, hint: hint??, multiple_of, span: v.span })
     }
 
     fn dtype(&mut self, v: &Value) -> Option<(String, Span)> {
