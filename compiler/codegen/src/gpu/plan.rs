@@ -327,8 +327,7 @@ impl GpuPlan {
             work: Work::Attention { batch, sq, sk, d, dv, block_q, block_k },
             launch: Launch { grid: [grid[0] as u32, grid[1] as u32, 1], workgroup: [block_q, 1, 1] },
             shared_bytes: (block_k as usize * row_bytes) as u32,
-            // Six workgroups of query rows per multiprocessor: at most 170 registers each.
-            resident: 6,
+            resident: 1,
         })
     }
 
