@@ -151,11 +151,6 @@ pub(crate) fn prepare_train(
         kiln_opt::optimize(&l.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
     let (mut train, _) =
         kiln_opt::optimize(&step.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
-    if train.node_ids().any(|n| matches!(train.node(n).op, kiln_ir::Op::RandomUniform { .. })) {
-        eprintln!(
-            "warning: the train step draws random numbers (dropout): their seed and offset are fixed when the spec is lowered, so every step draws the same ones (the artifact keeps no random-number offset in its state yet)"
-        );
-    }
     let mut params = bind_params(&forward, weights, seed, init_missing)?;
     let state_err = |e: kiln_ir::StateError| user(format!("declaring the training state: {e}"));
     kiln_lower::declare_forward_state(&mut forward).map_err(state_err)?;

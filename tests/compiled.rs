@@ -1978,6 +1978,39 @@ fn a_train_step_compiles_like_the_interpreter() {
     }
 }
 
+/// A train step with dropout at step 3: its mask is drawn from counter `3 × span` on, on the
+/// CPU and the GPU targets as in the interpreter.
+#[test]
+fn a_dropout_train_step_draws_the_steps_mask_like_the_interpreter() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = with_dropout(&small_mlp(dir.path(), "Sgd(lr: 0.1)"));
+    let step = kiln_lower::train_step(&lowered(&spec)).unwrap();
+    let g = optimized(&step.graph);
+    let params = kiln_ir::bind_params(&g, None, 3, false).unwrap();
+    let mut inputs = kiln_ir::seeded_inputs(&g, 3);
+    let mut devices = vec![Device::Cpu];
+    if available(Device::Vulkan, "a dropout train step on Vulkan") {
+        devices.push(Device::Vulkan);
+    }
+    if available(Device::Cuda, "a dropout train step on CUDA") {
+        devices.push(Device::Cuda);
+    }
+    let mut losses = vec![];
+    for count in [0.0, 3.0] {
+        inputs.insert("optim.step".into(), Tensor::from_f32(vec![], vec![count]).unwrap());
+        let want =
+            kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
+        losses.push(want[0].1.to_f64_vec());
+        for &device in &devices {
+            let got = run_compiled(&g, &params, &inputs, device);
+            for ((name, w), gv) in want.iter().zip(&got) {
+                assert_close(&format!("step {count} on {device:?} `{name}`"), &w.to_f64_vec(), gv, 1e-4);
+            }
+        }
+    }
+    assert_ne!(losses[0], losses[1], "steps 0 and 3 draw different masks");
+}
+
 // --------------------------------------------------------------------------- persistent state
 
 /// `models/mlp.ron` at small sizes with its training section's optimizer replaced by
@@ -1988,6 +2021,21 @@ fn small_mlp(dir: &Path, optimizer: &str) -> std::path::PathBuf {
     let end = text[start..].find("    ),\n)").map(|e| start + e).expect("mlp.ron ends its training section");
     let text = format!("{}        optimizer: {optimizer},\n{}", &text[..start], &text[end..]);
     let path = dir.join("mlp.ron");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The spec at `spec` with dropout (std's, p = 0.5) after its second hidden layer and the
+/// config `training` on, written beside it as `dropout.ron`.
+fn with_dropout(spec: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(spec).unwrap();
+    let text = text.replace("\"classes\": 10 },", "\"classes\": 10, \"training\": true },").replacen(
+        "        Let(\"logits\"",
+        "        Let(\"h\", Call(fn: \"std.dropout\", args: [\"h\"])),\n        Let(\"logits\"",
+        1,
+    );
+    assert!(text.contains("std.dropout") && text.contains("\"training\": true"), "{text}");
+    let path = spec.with_file_name("dropout.ron");
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -2054,13 +2102,18 @@ fn assert_close(what: &str, want: &[f64], got: &[f64], tol: f64) {
 
 /// N train steps of the compiled training artifact (`kiln compile --train`, state updated in
 /// place in its arena) against N interpreter steps of the stateful train-step graph, for Adam
-/// and SGD with momentum: every step's loss and learning rate, then every state tensor, within
-/// 1e-5·(1 + |ref|); then `forward` computes with the trained parameters.
+/// and SGD with momentum, and Adam with dropout (a new mask each step, from `optim.step`):
+/// every step's loss and learning rate, then every state tensor, within 1e-5·(1 + |ref|); then
+/// `forward` computes with the trained parameters.
 #[test]
 fn a_training_artifact_trains_like_the_interpreter() {
-    for optimizer in ["Adam(lr: 0.01)", "Sgd(lr: 0.1, momentum: 0.9)"] {
+    for (optimizer, dropout) in
+        [("Adam(lr: 0.01)", false), ("Sgd(lr: 0.1, momentum: 0.9)", false), ("Adam(lr: 0.01)", true)]
+    {
         let dir = tempfile::tempdir().unwrap();
         let spec = small_mlp(dir.path(), optimizer);
+        let spec = if dropout { with_dropout(&spec) } else { spec };
+        let optimizer = if dropout { format!("{optimizer} with dropout") } else { optimizer.to_string() };
         let artifact = dir.path().join("mlp.kiln");
         compile_train(&spec, &artifact);
         let l = lowered(&spec);
@@ -2339,15 +2392,8 @@ fn the_cli_builds_runs_and_inspects_a_training_artifact() {
     ] {
         assert!(stdout.contains(line), "{line:?} in:\n{stdout}");
     }
-    // Dropout's random numbers are fixed at lowering: the compile says so.
-    let text = std::fs::read_to_string(&spec).unwrap();
-    let text = text.replace("\"classes\": 10 },", "\"classes\": 10, \"training\": true },").replacen(
-        "        Let(\"logits\"",
-        "        Let(\"h\", Call(fn: \"std.dropout\", args: [\"h\"])),\n        Let(\"logits\"",
-        1,
-    );
-    let dropout = dir.path().join("dropout.ron");
-    std::fs::write(&dropout, text).unwrap();
+    // Dropout draws a new mask each step (its counters follow `optim.step`): no warning.
+    let dropout = with_dropout(&spec);
     let out = dir.path().join("d.kiln");
     let (code, _, stderr) = kiln_cli(&[
         "compile",
@@ -2359,7 +2405,7 @@ fn the_cli_builds_runs_and_inspects_a_training_artifact() {
         "in=12",
     ]);
     assert_eq!(code, Some(0), "{stderr}");
-    assert!(stderr.starts_with("warning: the train step draws random numbers (dropout): "), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
 
     let lstm = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/lstm.ron");
     let out = dir.path().join("x.kiln");

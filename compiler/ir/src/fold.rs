@@ -255,7 +255,10 @@ mod tests {
         let nb = g.add(Op::Unary(crate::UnaryOp::Neg), &[bb]).unwrap();
         let y = g.add(Op::Binary(BinaryOp::Add), &[y, nb]).unwrap();
         // Random numbers are not weights; nor is a parameter the bindings lack.
-        let r = g.add(Op::RandomUniform { dtype: DType::F32, shape: vec![3, 5], seed: 1, offset: 0 }, &[]);
+        let r = g.add(
+            Op::RandomUniform { dtype: DType::F32, shape: vec![3, 5], seed: 1, offset: 0, base: false },
+            &[],
+        );
         let r = g.add(Op::Unary(crate::UnaryOp::Exp), &[r.unwrap()]).unwrap();
         let y = g.add(Op::Binary(BinaryOp::Add), &[y, r]).unwrap();
         let unbound = param(&mut g, "unbound", &[3, 5]);

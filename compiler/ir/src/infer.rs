@@ -122,8 +122,11 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
             need(op, *dtype != DType::Bool, "numeric", *dtype)?;
             TensorType::new(*dtype, shape.clone())
         }
-        Op::RandomUniform { dtype, shape, .. } => {
+        Op::RandomUniform { dtype, shape, base, .. } => {
             need(op, dtype.is_float(), "floating-point", *dtype)?;
+            if *base && (t(0).dtype != DType::I64 || t(0).rank() != 0) {
+                return Err(invalid(op, format!("the counter base must be an i64 scalar, not {}", t(0))));
+            }
             TensorType::new(*dtype, shape.clone())
         }
         Op::Unary(u) => {

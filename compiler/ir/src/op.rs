@@ -295,12 +295,16 @@ pub enum Op {
         axis: usize,
     },
     /// Counter-based uniform random numbers in [0, 1): element `i` is a pure function of
-    /// (seed, offset + i), so a graph evaluates the same way every time.
+    /// (seed, offset + i), so a graph evaluates the same way every time. With `base`, operand
+    /// 0 (an i64 scalar, taken as u64) is added to every counter: a train step passes a
+    /// multiple of its step count, so each step draws new numbers and step `t` always draws
+    /// the same ones.
     RandomUniform {
         dtype: DType,
         shape: Shape,
         seed: u64,
         offset: u64,
+        base: bool,
     },
     Unary(UnaryOp),
     Binary(BinaryOp),
@@ -474,12 +478,10 @@ impl Op {
     /// those flags imply.
     pub fn arity(&self) -> Option<usize> {
         match self {
-            Op::Input { .. }
-            | Op::Param { .. }
-            | Op::Const { .. }
-            | Op::Full { .. }
-            | Op::Iota { .. }
-            | Op::RandomUniform { .. } => Some(0),
+            Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Full { .. } | Op::Iota { .. } => {
+                Some(0)
+            }
+            Op::RandomUniform { base, .. } => Some(usize::from(*base)),
             Op::Unary(_)
             | Op::Cast { .. }
             | Op::Reduce { .. }
@@ -555,8 +557,12 @@ impl Op {
             Op::Const { value } => vec![("value", value.summary(8))],
             Op::Full { value, .. } => vec![("value", fmt_f64(*value))],
             Op::Iota { axis, .. } => vec![("axis", axis.to_string())],
-            Op::RandomUniform { seed, offset, .. } => {
-                vec![("seed", seed.to_string()), ("offset", offset.to_string())]
+            Op::RandomUniform { seed, offset, base, .. } => {
+                let mut attrs = vec![("seed", seed.to_string()), ("offset", offset.to_string())];
+                if *base {
+                    attrs.push(("base", "operand 0".to_string()));
+                }
+                attrs
             }
             Op::Unary(_) | Op::Binary(_) | Op::Compare(_) | Op::Where | Op::MatMul => vec![],
             Op::Cast { to } => vec![("to", to.to_string())],

@@ -1064,7 +1064,9 @@ fn iota_counts_along_axis() {
 
 #[test]
 fn random_uniform_is_deterministic() {
-    let r = |dtype, offset| run(Op::RandomUniform { dtype, shape: vec![2, 2], seed: 7, offset }, &[]);
+    let r = |dtype, offset| {
+        run(Op::RandomUniform { dtype, shape: vec![2, 2], seed: 7, offset, base: false }, &[])
+    };
     let a = r(DType::F64, 10);
     let want: Vec<f64> = (10..14).map(|i| kiln_ir::rng::uniform(7, 0, i)).collect();
     assert_eq!(a, t64(&[2, 2], &want));
@@ -1075,16 +1077,35 @@ fn random_uniform_is_deterministic() {
     assert_eq!(f32s(&f), want.iter().map(|&x| x as f32).collect::<Vec<_>>().as_slice());
     assert_ne!(
         r(DType::F64, 10),
-        run(Op::RandomUniform { dtype: DType::F64, shape: vec![2, 2], seed: 8, offset: 10 }, &[])
+        run(
+            Op::RandomUniform { dtype: DType::F64, shape: vec![2, 2], seed: 8, offset: 10, base: false },
+            &[]
+        )
     );
     // every dtype stays in [0, 1)
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        let big = run(Op::RandomUniform { dtype, shape: vec![4096], seed: 1, offset: 0 }, &[]);
+        let big = run(Op::RandomUniform { dtype, shape: vec![4096], seed: 1, offset: 0, base: false }, &[]);
         let v = big.to_f64_vec();
         assert!(v.iter().all(|&x| (0.0..1.0).contains(&x)), "{dtype}");
         let mean = v.iter().sum::<f64>() / v.len() as f64;
         assert!((mean - 0.5).abs() < 0.03, "{dtype}: mean {mean}");
     }
+}
+
+#[test]
+fn random_uniform_adds_its_base_to_the_counter() {
+    let op = Op::RandomUniform { dtype: DType::F64, shape: vec![3], seed: 7, offset: 10, base: true };
+    let at = |base: i64| run(op.clone(), &[&ti64(&[], &[base])]);
+    let want = |from: u64| (from..from + 3).map(|i| kiln_ir::rng::uniform(7, 0, i)).collect::<Vec<_>>();
+    assert_eq!(at(0), t64(&[3], &want(10)));
+    assert_eq!(at(5), t64(&[3], &want(15)), "base 5 draws from counter offset + 5");
+    // A negative base is its two's complement: the counter wraps, as generated code's does.
+    assert_eq!(at(-10), t64(&[3], &want(0)));
+    let ty = TensorType::new(DType::F64, vec![3]);
+    let e = eval_op(&op, &[&ti32(&[], &[1])], &ty).unwrap_err();
+    assert_eq!(e.to_string(), "`random_uniform`: the counter base must be an i64 scalar, not i32[]");
+    let e = eval_op(&op, &[&ti64(&[2], &[1, 2])], &ty).unwrap_err();
+    assert_eq!(e.to_string(), "`random_uniform`: the counter base must be an i64 scalar, not i64[2]");
 }
 
 // ---------------------------------------------------------------------------------------

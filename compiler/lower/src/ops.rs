@@ -629,7 +629,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
                 None => 0,
             };
             let dtype = dtype_arg(l, call, 3, DType::F32)?;
-            one(l.add(Op::RandomUniform { dtype, shape, seed, offset }, &[], span, &[])?)
+            one(l.add(Op::RandomUniform { dtype, shape, seed, offset, base: false }, &[], span, &[])?)
         }
         _ if call.sig.family == kiln_spec::ops::Family::Fused => lower_fused(l, call),
         other => unreachable!("op `{other}` is in the catalog but has no lowering"),

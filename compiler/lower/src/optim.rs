@@ -324,6 +324,7 @@ pub fn train_step(lowered: &Lowered) -> Result<TrainStep, TrainingError> {
     let mut g = t.graph;
     g.outputs = vec![("loss".into(), t.loss)];
     let step = g.add(Op::Input { name: "optim.step".into(), dtype: DType::F32, shape: vec![] }, &[])?;
+    draw_anew_each_step(&mut g, step)?;
     // The schedule in f64 when a parameter is f64, else in f32 (see `learning_rate`).
     let wide = if g.params().iter().any(|&p| g.ty(p).dtype == DType::F64) { DType::F64 } else { DType::F32 };
     let lr64 = learning_rate(&mut g, opt.lr(), &schedule, step, wide)?;
@@ -367,6 +368,33 @@ pub fn train_step(lowered: &Lowered) -> Result<TrainStep, TrainingError> {
     g.outputs.extend(outputs);
     g.add_output("optim.step", next);
     Ok(TrainStep { graph: g, optimizer: opt, schedule })
+}
+
+/// Makes every `random_uniform` of a train step (dropout masks) draw from counter
+/// `optim.step × span` on, its own offset added, where `span` (the largest `offset + numel`
+/// of them) covers every op's counters: two steps never draw the same numbers, and step `t`
+/// draws the same ones wherever it runs, a resumed run included, since the step count is
+/// state that checkpoints save. Without this, a dropout mask fixed at lowering would be the
+/// same at every step.
+fn draw_anew_each_step(g: &mut Graph, step: NodeId) -> Result<(), TrainingError> {
+    let mut draws = Vec::new();
+    for n in g.node_ids() {
+        if let Op::RandomUniform { shape, offset, base: false, .. } = &g.node(n).op {
+            draws.push((n, offset.saturating_add(shape.iter().product::<usize>() as u64)));
+        }
+    }
+    let Some(span) = draws.iter().map(|&(_, end)| end).max() else { return Ok(()) };
+    let count = g.add(Op::Cast { to: DType::I64 }, &[step])?;
+    let span = g.add(Op::Full { value: span as f64, dtype: DType::I64, shape: vec![] }, &[])?;
+    let base = g.add(Op::Binary(BinaryOp::Mul), &[count, span])?;
+    for (n, _) in draws {
+        if let Op::RandomUniform { base: reads_base, .. } = &mut g.node_mut(n).op {
+            *reads_base = true;
+        }
+        // Operand 0 (the edge weight is the operand's position).
+        g.raw_mut().add_edge(base, n, 0);
+    }
+    Ok(())
 }
 
 /// The parameters' names in `g`, in topological order, each once.

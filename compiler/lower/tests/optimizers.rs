@@ -529,6 +529,41 @@ Model(
 )
 "#;
 
+/// A train step's dropout draws from counter `optim.step × span` on, so consecutive steps draw
+/// different masks and a step count always draws the same one (a resumed run's included).
+#[test]
+fn each_train_step_draws_a_new_dropout_mask() {
+    let text = MICRO.replace("LOSS", "Mse(pred: \"pred\", target: \"t\")").replace("OPT", "Sgd(lr: 0.1)");
+    let (sources, r) = kiln_lower::load_str("micro.ron", &text.replace(", TAIL", ""), &[]);
+    let lowered = r.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    let mut g = train_step(&lowered).unwrap().graph;
+    let draws: Vec<_> = g.node_ids().filter(|&n| matches!(g.node(n).op, Op::RandomUniform { .. })).collect();
+    let [draw] = draws[..] else { panic!("one dropout: {draws:?}") };
+    let Op::RandomUniform { seed, offset, base: true, .. } = g.node(draw).op else {
+        panic!("the train step's draw reads a counter base: {:?}", g.node(draw).op)
+    };
+    // The base is optim.step (cast to i64) times the 6 × 4 counters the mask uses.
+    let base = g.operands(draw)[0];
+    assert_eq!(g.ty(base).to_string(), "i64[]");
+    g.outputs = vec![("u".into(), draw)];
+    kiln_ir::verify(&g).unwrap();
+    let at = |step: f32| {
+        let params = bind_params(&g, None, 5, true).unwrap();
+        let mut b = Bindings { inputs: kiln_ir::seeded_inputs(&g, 5), params };
+        b.inputs.insert("optim.step".into(), Tensor::from_f32(vec![], vec![step]).unwrap());
+        eval(&g, &b).unwrap().remove(0).1.to_f64_vec()
+    };
+    let want = |step: u64| {
+        (0..24).map(|i| kiln_ir::rng::uniform(seed, 0, offset + 24 * step + i)).collect::<Vec<_>>()
+    };
+    let want32 = |step: u64| want(step).iter().map(|&u| f64::from(u as f32)).collect::<Vec<_>>();
+    assert_eq!(at(0.0), want32(0), "step 0 draws what the spec's own op draws");
+    assert_eq!(at(1.0), want32(1));
+    assert_eq!(at(7.0), want32(7));
+    assert_ne!(at(0.0), at(1.0), "consecutive steps draw different masks");
+    assert_eq!(at(3.0), at(3.0), "a step count always draws the same mask");
+}
+
 #[test]
 fn k_micro_batches_make_the_step_of_a_batch_k_times_larger() {
     let cases = [

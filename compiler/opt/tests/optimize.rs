@@ -1,7 +1,7 @@
 //! The optimizer on data: variant files that must fuse, the shipped models' fusion counts, and
 //! interpreter(original) ≈ interpreter(optimized) everywhere.
 
-use kiln_ir::{Bindings, Graph, Op};
+use kiln_ir::{Bindings, Graph, NodeId, Op};
 use kiln_lower::Override;
 use kiln_opt::{optimize, Options, Report};
 use std::path::Path;
@@ -105,6 +105,37 @@ fn bert_has_one_attention_per_layer_and_2l_plus_1_norms() {
             assert_same_outputs(&g, &opt, 1e-4, "bert_encoder");
         }
     }
+}
+
+/// The weight gradients of a BERT train step (`x [B, S, d] · W [d, e]`'s is `Σ_b x[b]ᵀ·gy[b]`
+/// as autodiff writes it) become one product each over the merged batch and sequence axes:
+/// no sum of products is left, and the step computes what it computed before.
+#[test]
+fn a_bert_train_step_takes_each_weight_gradient_as_one_product() {
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/train/bert2_tokcls.ron");
+    let set =
+        ["layers=1", "batch=2", "seq=8", "hidden=16", "heads=2", "ffn=32", "vocab=40", "max_positions=16"];
+    let ov: Vec<Override> = set.iter().map(|s| Override::parse(s).expect("name=value")).collect();
+    let (sources, r) = kiln_lower::load(&spec, &ov);
+    let lowered = r.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    let step = kiln_lower::train_step(&lowered).expect("a train step").graph;
+    let sums_of_products = |g: &Graph| {
+        g.node_ids()
+            .filter(|&n| matches!(g.node(n).op, Op::Reduce { op: kiln_ir::ReduceOp::Sum, .. }))
+            .filter(|&n| {
+                let p = g.operands(n)[0];
+                let batched = |x: &NodeId| g.ty(*x).rank() == g.ty(p).rank();
+                g.node(p).op == Op::MatMul && g.operands(p).iter().all(batched)
+            })
+            .count()
+    };
+    // One per linear layer of rank-3 activations: q, k, v, the attention's output, the FFN's
+    // two and the head.
+    assert_eq!(sums_of_products(&step), 7);
+    let (opt, r) = optimize(&step, &Options::default()).expect("optimizes");
+    assert_eq!(sums_of_products(&opt), 0, "{:?}", r.op_counts);
+    assert!(r.rules_fired.get("batch-sum-matmul").is_some_and(|&n| n >= 7), "{:?}", r.rules_fired);
+    assert_same_outputs(&step, &opt, 1e-4, "bert train step");
 }
 
 #[test]

@@ -194,9 +194,17 @@ impl Builder<'_> {
                 let expr = Expr::Iota { axis: *axis, dtype: *dtype };
                 Value::Stored(self.emit(n, KernelOp::Elementwise(expr), vec![], vec![n], &ty.shape))
             }
-            Op::RandomUniform { seed, offset, dtype, .. } => {
-                let expr = Expr::Random { seed: *seed, offset: *offset, dtype: *dtype };
-                Value::Stored(self.emit(n, KernelOp::Elementwise(expr), vec![], vec![n], &ty.shape))
+            Op::RandomUniform { seed, offset, dtype, base, .. } => {
+                // The counter base, when there is one, is a scalar read by every element.
+                let inputs = if *base {
+                    let stored = self.operand(operands[0])?;
+                    vec![Operand { view: stored.view.broadcast_to(&ty.shape), ..stored }]
+                } else {
+                    vec![]
+                };
+                let base = (!inputs.is_empty()).then_some(0);
+                let expr = Expr::Random { seed: *seed, offset: *offset, base, dtype: *dtype };
+                Value::Stored(self.emit(n, KernelOp::Elementwise(expr), inputs, vec![n], &ty.shape))
             }
             Op::ScatterAdd { axis, .. } => {
                 // The emitters walk the updates as [pre, positions, post] and the indices as

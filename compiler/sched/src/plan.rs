@@ -82,8 +82,9 @@ pub enum Expr {
     /// The output element's index along `axis`, as `dtype` (an `iota` kernel).
     Iota { axis: usize, dtype: DType },
     /// Counter-based uniform random numbers: the output element at row-major position `i`
-    /// is `rng::uniform(seed, offset, i)`.
-    Random { seed: u64, offset: u64, dtype: DType },
+    /// is `rng::uniform(seed, 0, offset + base + i)`, `base` the i64 value of the kernel's
+    /// input operand at that index (a scalar broadcast to the output) when there is one.
+    Random { seed: u64, offset: u64, base: Option<usize>, dtype: DType },
     /// An elementwise op (unary, binary, compare, where, cast, gelu) of sub-expressions,
     /// with its result dtype. `fault` is the op's fault site (an index into
     /// [`crate::Faults::sites`]) when its compiled code can fault: an integer division whose
@@ -107,7 +108,8 @@ impl Expr {
             Expr::Operand(i) => format!("%{i}"),
             Expr::Scalar { value, .. } => kiln_ir::fmt_f64(*value),
             Expr::Iota { axis, .. } => format!("iota({axis})"),
-            Expr::Random { seed, offset, .. } => format!("random({seed}, {offset})"),
+            Expr::Random { seed, offset, base: None, .. } => format!("random({seed}, {offset})"),
+            Expr::Random { seed, offset, base: Some(i), .. } => format!("random({seed}, {offset} + %{i})"),
             Expr::Apply { op, args, .. } => {
                 let a: Vec<String> = args.iter().map(Expr::render).collect();
                 let name = match op {

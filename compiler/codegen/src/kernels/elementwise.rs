@@ -317,8 +317,15 @@ pub(crate) fn eval(b: &mut Body, c: &mut Ctx, e: &Expr) -> Result<(String, DType
             let i64v = b.assign(format!("arith.index_cast {i} : index to i64"));
             (convert(b, &i64v, DType::I64, *dtype), *dtype)
         }
-        Expr::Random { seed, offset, dtype } => {
-            let u = random(b, *seed, *offset, c.lin);
+        Expr::Random { seed, offset, base, dtype } => {
+            let base = match base {
+                Some(i) => {
+                    let v = &c.inputs[*i];
+                    Some(load(b, &c.args[*i], v, &c.idx[*i]))
+                }
+                None => None,
+            };
+            let u = random(b, *seed, *offset, base.as_deref(), c.lin);
             let v = convert(b, &u, DType::F64, *dtype);
             // Rounding to a narrower float can reach 1.0: keep the largest value below it,
             // as the interpreter does.
@@ -362,14 +369,18 @@ pub(crate) fn constant(b: &mut Body, v: f64, d: DType) -> String {
     }
 }
 
-/// `kiln_ir::rng::uniform(seed, 0, offset + lin)` as f64, the interpreter's `random_uniform`
+/// `kiln_ir::rng::uniform(seed, 0, offset + base + lin)` as f64 (`base` an i64 register, when the op has one), the interpreter's `random_uniform`
 /// (the stream key is folded at compile time).
-fn random(b: &mut Body, seed: u64, offset: u64, lin: &str) -> String {
+fn random(b: &mut Body, seed: u64, offset: u64, base: Option<&str>, lin: &str) -> String {
     use kiln_ir::rng::GOLDEN;
     let key = kiln_ir::rng::key(seed, 0);
     let i = b.assign(format!("arith.index_cast {lin} : index to i64"));
     let off = b.int(offset as i64, "i64");
-    let i = b.assign(format!("arith.addi {i}, {off} : i64"));
+    let mut i = b.assign(format!("arith.addi {i}, {off} : i64"));
+    if let Some(base) = base {
+        // The counter base (an i64 read from the kernel's input): wraps as the interpreter's.
+        i = b.assign(format!("arith.addi {i}, {base} : i64"));
+    }
     let one = b.int(1, "i64");
     let golden = b.int(GOLDEN as i64, "i64");
     let i1 = b.assign(format!("arith.addi {i}, {one} : i64"));

@@ -27,8 +27,8 @@ pub fn widen_to_f64(g: &Graph) -> Result<Graph, InferError> {
             Op::Const { value } => Op::Const { value: value.cast(wide(value.dtype())) },
             Op::Full { value, dtype, shape } => Op::Full { value, dtype: wide(dtype), shape },
             Op::Iota { dtype, shape, axis } => Op::Iota { dtype: wide(dtype), shape, axis },
-            Op::RandomUniform { dtype, shape, seed, offset } => {
-                Op::RandomUniform { dtype: wide(dtype), shape, seed, offset }
+            Op::RandomUniform { dtype, shape, seed, offset, base } => {
+                Op::RandomUniform { dtype: wide(dtype), shape, seed, offset, base }
             }
             Op::Cast { to } => Op::Cast { to: wide(to) },
             op @ (Op::Unary(_)

@@ -51,12 +51,11 @@ pub(super) fn vjp(e: &mut Emit, s: &Site) -> Grads {
     let (x, y, gy) = (s.x, s.y, s.gy);
     match s.op {
         // Leaves have no operands.
-        Op::Input { .. }
-        | Op::Param { .. }
-        | Op::Const { .. }
-        | Op::Full { .. }
-        | Op::Iota { .. }
-        | Op::RandomUniform { .. } => Ok(vec![]),
+        Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Full { .. } | Op::Iota { .. } => {
+            Ok(vec![])
+        }
+        // Nothing flows into a counter (an integer).
+        Op::RandomUniform { base, .. } => Ok(vec![None; usize::from(*base)]),
         Op::Unary(u) => Ok(vec![Some(unary(e, *u, x[0], y, gy)?)]),
         Op::Binary(b) => binary(e, *b, x[0], x[1], y, gy, s.wants),
         // The result is bool: nothing flows through a comparison.

@@ -38,8 +38,10 @@
 //!   sums in a fixed order; each addition rounds to the dtype (f16/bf16 add in f32 and round
 //!   back, integers wrap). An index outside `0..extent` is an [`EvalError::ScatterIndex`].
 //! * **random_uniform**: element `i` is [`rng::uniform`](crate::rng::uniform)`(seed, 0,
-//!   offset + i)` rounded to nearest in the dtype; a value that rounds up to exactly 1.0 is
-//!   replaced by the largest number below 1 of that dtype, so the range stays [0, 1).
+//!   offset + base + i)` rounded to nearest in the dtype (`base`: the i64 scalar operand
+//!   taken as u64 when the op has one, else 0; the counter wraps); a value that rounds up to
+//!   exactly 1.0 is replaced by the largest number below 1 of that dtype, so the range stays
+//!   [0, 1).
 //! * **iota**: the index along `axis`; **full** and **pad** convert their value like a cast
 //!   from f64.
 //! * **Fused ops** (softmax, log_softmax, layer_norm, rms_norm, gelu, attention, add_norm,
@@ -210,8 +212,14 @@ pub fn eval_op(op: &Op, args: &[&Tensor], ty: &TensorType) -> Result<Tensor, Eva
         }
         Op::Full { value, dtype, shape } => Ok(source::full(*value, *dtype, shape)),
         Op::Iota { dtype, shape, axis } => Ok(source::iota(*dtype, shape, *axis)),
-        Op::RandomUniform { dtype, shape, seed, offset } => {
-            Ok(source::random_uniform(*dtype, shape, *seed, *offset))
+        Op::RandomUniform { dtype, shape, seed, offset, base } => {
+            // The base (an i64 scalar, `infer` checked) is taken as u64: counters wrap, never
+            // fail.
+            let base = match args.first().map(|t| &t.data) {
+                Some(crate::tensor::Buffer::I64(v)) if *base => v.first().copied().unwrap_or(0) as u64,
+                _ => 0,
+            };
+            Ok(source::random_uniform(*dtype, shape, *seed, offset.wrapping_add(base)))
         }
         Op::Unary(u) => elementwise::unary(*u, a(0)),
         Op::Binary(b) => elementwise::binary(*b, a(0), a(1), ty),

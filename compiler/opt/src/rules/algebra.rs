@@ -18,6 +18,7 @@ pub fn rules() -> Vec<Rule> {
         FnRule::rule("pow2-to-mul", pow2_to_mul),
         FnRule::rule("matmul-hoist-scale", matmul_hoist_scale),
         FnRule::rule("matmul-reassociate", matmul_reassociate),
+        FnRule::rule("batch-sum-matmul", batch_sum_matmul),
         FnRule::rule("transpose-matmul", transpose_matmul),
         FnRule::rule("matmul-of-transposes", matmul_of_transposes),
         FnRule::rule("pow-to-root", pow_to_root),
@@ -227,6 +228,52 @@ fn matmul_reassociate(g: &KGraph, id: Id) -> Vec<New> {
             if matrices(&[l, b, c]) {
                 out.push(New::node(Op::MatMul, vec![New::over(Op::MatMul, &[l, b]), New::Class(c)]));
             }
+        }
+    }
+    out
+}
+
+/// Σ_b a[b] @ b[b] = a′ @ b′, the sum over every batch axis of a batched product as one
+/// product whose contraction runs over the batch axes too: with `a: [B…, m, k]` and
+/// `b: [B…, k, n]`, `a′ = reshape(transpose(a, [m, B…, k]), [m, ΠB·k])` and
+/// `b′ = reshape(b, [ΠB·k, n])`. This is the weight gradient of `x [B, S, d] · W [d, e]`
+/// (`Σ_b x[b]ᵀ · gy[b]`): one `(d × B·S) · (B·S × e)` product instead of B small ones and a
+/// `B × d × e` sum. With `transpose-transpose`, `a = x[b]ᵀ` becomes the view `transpose(x,
+/// [2, 0, 1])`, whose merge of `B` and `S` the scheduler expresses by strides (no copy).
+/// Both operands must have every batch axis (a broadcast operand is another identity), the
+/// sum must cover exactly the batch axes; `keepdims` reshapes the product back.
+fn batch_sum_matmul(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        let Op::Reduce { op: kiln_ir::ReduceOp::Sum, axes, keepdims } = n.ir() else { continue };
+        let r = ty(g, n.children[0]).rank();
+        let batch = r.saturating_sub(2);
+        // Reduction axes are sorted and unique (`infer`), so this is "exactly the batch axes".
+        if batch == 0 || *axes != (0..batch).collect::<Vec<_>>() {
+            continue;
+        }
+        for m in nodes(g, n.children[0]) {
+            if m.ir() != &Op::MatMul {
+                continue;
+            }
+            let (a, b) = (m.children[0], m.children[1]);
+            let (sa, sb) = (&ty(g, a).shape, &ty(g, b).shape);
+            if sa.len() != r || sb.len() != r || sa[..batch] != sb[..batch] {
+                continue;
+            }
+            let (rows, k, cols) = (sa[batch], sa[batch + 1], sb[batch + 1]);
+            let depth = sa[..batch].iter().product::<usize>() * k;
+            let mut perm = vec![batch];
+            perm.extend(0..batch);
+            perm.push(batch + 1);
+            let a2 = New::node(Op::Reshape { shape: vec![rows, depth] }, vec![permuted(a, perm)]);
+            let b2 = New::over(Op::Reshape { shape: vec![depth, cols] }, &[b]);
+            let product = New::node(Op::MatMul, vec![a2, b2]);
+            out.push(if *keepdims {
+                New::node(Op::Reshape { shape: ty(g, id).shape.clone() }, vec![product])
+            } else {
+                product
+            });
         }
     }
     out
