@@ -146,9 +146,22 @@ pub(crate) fn prepare_train(
         )));
     }
     refuse_empty_tensors(&l.graph)?;
-    let step = kiln_lower::train_step(&l).map_err(|e| user(e.to_string()))?;
+    train_entries(&l, &l.graph, |forward| bind_params(forward, weights, seed, init_missing))
+}
+
+/// The two entry points of a training artifact for the lowered model `l`: `forward` computes
+/// the graph `forward` (the model's own, or another one over its parameters, as `kiln train`'s
+/// evaluation), `train_step` the training section's step. Both are optimized, `bind` gives
+/// the parameters' values from the optimized forward graph, the state is declared, and only
+/// weights that do not train are folded.
+pub(crate) fn train_entries(
+    l: &kiln_lower::Lowered,
+    forward: &Graph,
+    bind: impl FnOnce(&Graph) -> Result<HashMap<String, Tensor>, Failure>,
+) -> Result<(Entries, HashMap<String, Tensor>), Failure> {
+    let step = kiln_lower::train_step(l).map_err(|e| user(e.to_string()))?;
     let (mut forward, _) =
-        kiln_opt::optimize(&l.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
+        kiln_opt::optimize(forward, &folding_options()).map_err(|e| user(e.to_string()))?;
     let (mut train, _) =
         kiln_opt::optimize(&step.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
     if train.node_ids().any(|n| matches!(train.node(n).op, kiln_ir::Op::RandomUniform { .. })) {
@@ -156,7 +169,7 @@ pub(crate) fn prepare_train(
             "warning: the train step draws random numbers (dropout): their seed and offset are fixed when the spec is lowered, so every step draws the same ones (the artifact keeps no random-number offset in its state yet)"
         );
     }
-    let mut params = bind_params(&forward, weights, seed, init_missing)?;
+    let mut params = bind(&forward)?;
     let state_err = |e: kiln_ir::StateError| user(format!("declaring the training state: {e}"));
     kiln_lower::declare_forward_state(&mut forward).map_err(state_err)?;
     kiln_lower::declare_train_state(&mut train, &step.optimizer).map_err(state_err)?;
@@ -708,18 +721,39 @@ fn ir_tensor(t: &kiln_runtime::Tensor) -> Result<Tensor, Failure> {
         .map_err(|e| user(format!("output `{}`: {e}", t.name())))
 }
 
-/// Compiles a graph built in memory (`kiln train`'s train step and forward pass, whose
-/// parameters are inputs) into the artifact directory `out`, for the kind of device `device`
-/// names as `kiln run --device` does (`cpu` or none: this CPU; `vulkan[:N]`; `cuda[:N]`):
-/// the same optimizer, scheduler and code generators as `kiln compile`, without weights.
-pub(crate) fn compile_graph(g: &Graph, device: Option<&str>, out: &Path) -> Result<(), Failure> {
-    refuse_empty_tensors(g)?;
-    let (g, _) = kiln_opt::optimize(g, &kiln_opt::Options::default()).map_err(|e| user(e.to_string()))?;
-    let target = match device {
+/// The target that runs on the kind of device `device` names as `kiln run --device` does
+/// (`cpu` or none: this CPU; `vulkan[:N]`; `cuda[:N]`).
+fn target_for_device(device: Option<&str>) -> Result<CompileTarget, Failure> {
+    Ok(match device {
         Some(d) if d == "vulkan" || d.starts_with("vulkan:") => CompileTarget::Vulkan(GpuCaps::vulkan()),
         Some(d) if d == "cuda" || d.starts_with("cuda:") => CompileTarget::Cuda(cuda_target(&arch_for(d))?),
         _ => CompileTarget::Cpu(CpuTarget::host()),
-    };
-    build(&[(kiln_runtime::FORWARD_ENTRY, g)], &HashMap::new(), &target, out)?;
+    })
+}
+
+/// Compiles a graph built in memory (`kiln train`'s train step and forward pass on a GPU,
+/// whose parameters are inputs) into the artifact directory `out`, for the kind of device
+/// `device` names: the same optimizer, scheduler and code generators as `kiln compile`,
+/// without weights.
+pub(crate) fn compile_graph(g: &Graph, device: Option<&str>, out: &Path) -> Result<(), Failure> {
+    refuse_empty_tensors(g)?;
+    let (g, _) = kiln_opt::optimize(g, &kiln_opt::Options::default()).map_err(|e| user(e.to_string()))?;
+    build(&[(kiln_runtime::FORWARD_ENTRY, g)], &HashMap::new(), &target_for_device(device)?, out)?;
+    Ok(())
+}
+
+/// Compiles entry points prepared in memory (`kiln train`'s training artifact,
+/// [`train_entries`]) with the values `params` into the artifact directory `out`, for the
+/// kind of device `device` names.
+pub(crate) fn compile_entries(
+    entries: &[(&str, Graph)],
+    params: &HashMap<String, Tensor>,
+    device: Option<&str>,
+    out: &Path,
+) -> Result<(), Failure> {
+    for (_, g) in entries {
+        refuse_empty_tensors(g)?;
+    }
+    build(entries, params, &target_for_device(device)?, out)?;
     Ok(())
 }

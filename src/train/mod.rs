@@ -270,7 +270,7 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, Failure> {
         at.loss_sum = 0.0;
         if let Some(out) = &a.out {
             metrics::write(out, &rows)?;
-            checkpoint::write(&out.join(CHECKPOINT), &stepper.state(), &at)?;
+            checkpoint::write(&out.join(CHECKPOINT), &stepper.state()?, &at)?;
         }
     }
     bar.finish_and_clear();
@@ -460,7 +460,7 @@ fn interrupted(a: &TrainArgs, stepper: &Stepper, at: &Position) -> Result<Outcom
     match &a.out {
         Some(out) => {
             let path = out.join(CHECKPOINT);
-            checkpoint::write(&path, &stepper.state(), at)?;
+            checkpoint::write(&path, &stepper.state()?, at)?;
             eprintln!(
                 "interrupted at epoch {}, batch {}: saved {} (continue with --resume {})",
                 at.epoch + 1,
