@@ -309,6 +309,19 @@ impl Model {
         self.execute(0, inputs, outputs, None)
     }
 
+    /// Runs entry point `entry` writing into caller-provided output buffers (in the order
+    /// [`Model::entry_outputs`] gives, each exactly the output's byte size), as
+    /// [`Model::run_into`] does for `forward`.
+    pub fn run_entry_into(
+        &mut self,
+        entry: &str,
+        inputs: &[TensorRef],
+        outputs: &mut [&mut [u8]],
+    ) -> Result<(), RuntimeError> {
+        let index = self.entry_index(entry)?;
+        self.execute(index, inputs, outputs, None)
+    }
+
     /// Runs the model `repeats` times (at least once), timing every step, and returns the last
     /// run's outputs with the median times.
     pub fn run_profiled(
