@@ -759,8 +759,8 @@ pub unsafe extern "C" fn kiln_model_read_state(
             return Err("out is NULL".into());
         }
         let _using = RunGuard::acquire(m)?;
-        // SAFETY: `RunGuard` holds `busy`: no run changes the state meanwhile.
-        let inner = unsafe { &*m.model.get() };
+        // SAFETY: `RunGuard` holds `busy`, so this is the only reference to the model.
+        let inner = unsafe { &mut *m.model.get() };
         let value = inner.read_state(&spec.spec.name).map_err(|e| e.to_string())?;
         // SAFETY: out is non-NULL and writable for `bytes` bytes, the value's size (checked).
         unsafe { byte_slice_mut(out, bytes) }.copy_from_slice(value.bytes());

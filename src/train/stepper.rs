@@ -207,8 +207,8 @@ impl Stepper {
     }
 
     /// The parameters (by checkpoint name) and the optimizer state (`optim.…`).
-    pub fn state(&self) -> Result<Vec<Raw>, Failure> {
-        match &self.run {
+    pub fn state(&mut self) -> Result<Vec<Raw>, Failure> {
+        match &mut self.run {
             Run::InPlace(model) => model
                 .state_names()
                 .iter()
