@@ -230,9 +230,34 @@ impl BuildReport {
     }
 }
 
+/// Schedules every entry point of `entries` at `align` over one state layout: the union of
+/// their state, each variable once, in the order first declared.
+fn schedule_entries<'a>(
+    entries: &'a [(&str, Graph)],
+    align: usize,
+) -> Result<Vec<(&'a str, kiln_sched::Schedule)>, Failure> {
+    let mut state: Vec<kiln_ir::StateVar> = Vec::new();
+    for (_, e) in entries {
+        for v in &e.state {
+            if !state.iter().any(|s| s.name == v.name) {
+                state.push(v.clone());
+            }
+        }
+    }
+    let layout = kiln_sched::state_layout(&state, align);
+    entries
+        .iter()
+        .map(|(name, e)| {
+            kiln_sched::schedule_with_state(e, align, &layout)
+                .map(|s| (*name, s))
+                .map_err(|e| user(e.to_string()))
+        })
+        .collect()
+}
+
 /// Schedules and compiles the entry points `entries` (`forward` first; one graph each) for
 /// `target` into the artifact directory `out`. Several entry points share one arena and the
-/// union of their state, on a CPU target only.
+/// union of their state, on a CPU or Vulkan target.
 fn build(
     entries: &[(&str, Graph)],
     params: &HashMap<String, Tensor>,
@@ -242,42 +267,26 @@ fn build(
     let g = match entries {
         [(_, g)] => g,
         _ => match target {
-            CompileTarget::Cpu(_) => &entries[0].1,
-            CompileTarget::Vulkan(_) | CompileTarget::Cuda(_) => {
+            CompileTarget::Cpu(_) | CompileTarget::Vulkan(_) => &entries[0].1,
+            CompileTarget::Cuda(_) => {
                 return Err(user(
-                    "a training artifact (--train) is built for CPU targets only: the GPU targets keep no state between runs yet",
+                    "a training artifact (--train) is built for CPU and Vulkan targets only: the CUDA target keeps no state between runs yet",
                 ))
             }
         },
     };
     match target {
         CompileTarget::Cpu(cpu) => {
-            // The state of every entry point, each variable once, in the order first declared.
-            let mut state: Vec<kiln_ir::StateVar> = Vec::new();
-            for (_, e) in entries {
-                for v in &e.state {
-                    if !state.iter().any(|s| s.name == v.name) {
-                        state.push(v.clone());
-                    }
-                }
-            }
-            let layout = kiln_sched::state_layout(&state, kiln_sched::ALIGN);
-            let schedules = entries
-                .iter()
-                .map(|(name, e)| {
-                    kiln_sched::schedule_with_state(e, kiln_sched::ALIGN, &layout)
-                        .map(|s| (*name, s))
-                        .map_err(|e| user(e.to_string()))
-                })
-                .collect::<Result<Vec<_>, Failure>>()?;
+            let schedules = schedule_entries(entries, kiln_sched::ALIGN)?;
             let refs: Vec<(&str, &kiln_sched::Schedule)> = schedules.iter().map(|(n, s)| (*n, s)).collect();
             let b = kiln_codegen::build_entries(&g.name, &refs, params, cpu, out)
                 .map_err(|e| user(e.to_string()))?;
             Ok(BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time))
         }
         CompileTarget::Vulkan(caps) => {
-            let s = kiln_sched::schedule_aligned(g, caps.buffer_align).map_err(|e| user(e.to_string()))?;
-            let b = kiln_codegen::build_vulkan_artifact(&g.name, &s, params, caps, out)
+            let schedules = schedule_entries(entries, caps.buffer_align)?;
+            let refs: Vec<(&str, &kiln_sched::Schedule)> = schedules.iter().map(|(n, s)| (*n, s)).collect();
+            let b = kiln_codegen::build_vulkan_entries(&g.name, &refs, params, caps, out)
                 .map_err(|e| user(e.to_string()))?;
             let mut report = BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time);
             report.plans = b.program.kernels.iter().map(|k| (k.symbol.clone(), k.plan.describe())).collect();
@@ -362,9 +371,9 @@ pub(crate) fn build_in_place(
 pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
     let target = with_precision(target_by_name(&a.target)?, a.precision.as_deref())?;
     let start = Instant::now();
-    if a.train && !matches!(target, CompileTarget::Cpu(_)) {
+    if a.train && matches!(target, CompileTarget::Cuda(_)) {
         return Err(Failure::Usage(format!(
-            "--train builds a CPU artifact (host, x86_64, aarch64): the {} target keeps no state between runs yet",
+            "--train builds a CPU or Vulkan artifact (host, x86_64, aarch64, vulkan): the {} target keeps no state between runs yet",
             a.target
         )));
     }
@@ -729,17 +738,6 @@ fn target_for_device(device: Option<&str>) -> Result<CompileTarget, Failure> {
         Some(d) if d == "cuda" || d.starts_with("cuda:") => CompileTarget::Cuda(cuda_target(&arch_for(d))?),
         _ => CompileTarget::Cpu(CpuTarget::host()),
     })
-}
-
-/// Compiles a graph built in memory (`kiln train`'s train step and forward pass on a GPU,
-/// whose parameters are inputs) into the artifact directory `out`, for the kind of device
-/// `device` names: the same optimizer, scheduler and code generators as `kiln compile`,
-/// without weights.
-pub(crate) fn compile_graph(g: &Graph, device: Option<&str>, out: &Path) -> Result<(), Failure> {
-    refuse_empty_tensors(g)?;
-    let (g, _) = kiln_opt::optimize(g, &kiln_opt::Options::default()).map_err(|e| user(e.to_string()))?;
-    build(&[(kiln_runtime::FORWARD_ENTRY, g)], &HashMap::new(), &target_for_device(device)?, out)?;
-    Ok(())
 }
 
 /// Compiles entry points prepared in memory (`kiln train`'s training artifact,
