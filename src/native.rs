@@ -146,12 +146,25 @@ pub(crate) fn prepare_train(
         )));
     }
     refuse_empty_tensors(&l.graph)?;
-    let step = kiln_lower::train_step(&l).map_err(|e| user(e.to_string()))?;
+    train_entries(&l, &l.graph, |forward| bind_params(forward, weights, seed, init_missing))
+}
+
+/// The two entry points of a training artifact for the lowered model `l`: `forward` computes
+/// the graph `forward` (the model's own, or another one over its parameters, as `kiln train`'s
+/// evaluation), `train_step` the training section's step. Both are optimized, `bind` gives
+/// the parameters' values from the optimized forward graph, the state is declared, and only
+/// weights that do not train are folded.
+pub(crate) fn train_entries(
+    l: &kiln_lower::Lowered,
+    forward: &Graph,
+    bind: impl FnOnce(&Graph) -> Result<HashMap<String, Tensor>, Failure>,
+) -> Result<(Entries, HashMap<String, Tensor>), Failure> {
+    let step = kiln_lower::train_step(l).map_err(|e| user(e.to_string()))?;
     let (mut forward, _) =
-        kiln_opt::optimize(&l.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
+        kiln_opt::optimize(forward, &folding_options()).map_err(|e| user(e.to_string()))?;
     let (mut train, _) =
         kiln_opt::optimize(&step.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
-    let mut params = bind_params(&forward, weights, seed, init_missing)?;
+    let mut params = bind(&forward)?;
     let state_err = |e: kiln_ir::StateError| user(format!("declaring the training state: {e}"));
     kiln_lower::declare_forward_state(&mut forward).map_err(state_err)?;
     kiln_lower::declare_train_state(&mut train, &step.optimizer).map_err(state_err)?;
@@ -212,9 +225,34 @@ impl BuildReport {
     }
 }
 
+/// Schedules every entry point of `entries` at `align` over one state layout: the union of
+/// their state, each variable once, in the order first declared.
+fn schedule_entries<'a>(
+    entries: &'a [(&str, Graph)],
+    align: usize,
+) -> Result<Vec<(&'a str, kiln_sched::Schedule)>, Failure> {
+    let mut state: Vec<kiln_ir::StateVar> = Vec::new();
+    for (_, e) in entries {
+        for v in &e.state {
+            if !state.iter().any(|s| s.name == v.name) {
+                state.push(v.clone());
+            }
+        }
+    }
+    let layout = kiln_sched::state_layout(&state, align);
+    entries
+        .iter()
+        .map(|(name, e)| {
+            kiln_sched::schedule_with_state(e, align, &layout)
+                .map(|s| (*name, s))
+                .map_err(|e| user(e.to_string()))
+        })
+        .collect()
+}
+
 /// Schedules and compiles the entry points `entries` (`forward` first; one graph each) for
 /// `target` into the artifact directory `out`. Several entry points share one arena and the
-/// union of their state, on a CPU target only.
+/// union of their state, on a CPU or Vulkan target.
 fn build(
     entries: &[(&str, Graph)],
     params: &HashMap<String, Tensor>,
@@ -224,42 +262,26 @@ fn build(
     let g = match entries {
         [(_, g)] => g,
         _ => match target {
-            CompileTarget::Cpu(_) => &entries[0].1,
-            CompileTarget::Vulkan(_) | CompileTarget::Cuda(_) => {
+            CompileTarget::Cpu(_) | CompileTarget::Vulkan(_) => &entries[0].1,
+            CompileTarget::Cuda(_) => {
                 return Err(user(
-                    "a training artifact (--train) is built for CPU targets only: the GPU targets keep no state between runs yet",
+                    "a training artifact (--train) is built for CPU and Vulkan targets only: the CUDA target keeps no state between runs yet",
                 ))
             }
         },
     };
     match target {
         CompileTarget::Cpu(cpu) => {
-            // The state of every entry point, each variable once, in the order first declared.
-            let mut state: Vec<kiln_ir::StateVar> = Vec::new();
-            for (_, e) in entries {
-                for v in &e.state {
-                    if !state.iter().any(|s| s.name == v.name) {
-                        state.push(v.clone());
-                    }
-                }
-            }
-            let layout = kiln_sched::state_layout(&state, kiln_sched::ALIGN);
-            let schedules = entries
-                .iter()
-                .map(|(name, e)| {
-                    kiln_sched::schedule_with_state(e, kiln_sched::ALIGN, &layout)
-                        .map(|s| (*name, s))
-                        .map_err(|e| user(e.to_string()))
-                })
-                .collect::<Result<Vec<_>, Failure>>()?;
+            let schedules = schedule_entries(entries, kiln_sched::ALIGN)?;
             let refs: Vec<(&str, &kiln_sched::Schedule)> = schedules.iter().map(|(n, s)| (*n, s)).collect();
             let b = kiln_codegen::build_entries(&g.name, &refs, params, cpu, out)
                 .map_err(|e| user(e.to_string()))?;
             Ok(BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time))
         }
         CompileTarget::Vulkan(caps) => {
-            let s = kiln_sched::schedule_aligned(g, caps.buffer_align).map_err(|e| user(e.to_string()))?;
-            let b = kiln_codegen::build_vulkan_artifact(&g.name, &s, params, caps, out)
+            let schedules = schedule_entries(entries, caps.buffer_align)?;
+            let refs: Vec<(&str, &kiln_sched::Schedule)> = schedules.iter().map(|(n, s)| (*n, s)).collect();
+            let b = kiln_codegen::build_vulkan_entries(&g.name, &refs, params, caps, out)
                 .map_err(|e| user(e.to_string()))?;
             let mut report = BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time);
             report.plans = b.program.kernels.iter().map(|k| (k.symbol.clone(), k.plan.describe())).collect();
@@ -344,9 +366,9 @@ pub(crate) fn build_in_place(
 pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
     let target = with_precision(target_by_name(&a.target)?, a.precision.as_deref())?;
     let start = Instant::now();
-    if a.train && !matches!(target, CompileTarget::Cpu(_)) {
+    if a.train && matches!(target, CompileTarget::Cuda(_)) {
         return Err(Failure::Usage(format!(
-            "--train builds a CPU artifact (host, x86_64, aarch64): the {} target keeps no state between runs yet",
+            "--train builds a CPU or Vulkan artifact (host, x86_64, aarch64, vulkan): the {} target keeps no state between runs yet",
             a.target
         )));
     }
@@ -703,18 +725,28 @@ fn ir_tensor(t: &kiln_runtime::Tensor) -> Result<Tensor, Failure> {
         .map_err(|e| user(format!("output `{}`: {e}", t.name())))
 }
 
-/// Compiles a graph built in memory (`kiln train`'s train step and forward pass, whose
-/// parameters are inputs) into the artifact directory `out`, for the kind of device `device`
-/// names as `kiln run --device` does (`cpu` or none: this CPU; `vulkan[:N]`; `cuda[:N]`):
-/// the same optimizer, scheduler and code generators as `kiln compile`, without weights.
-pub(crate) fn compile_graph(g: &Graph, device: Option<&str>, out: &Path) -> Result<(), Failure> {
-    refuse_empty_tensors(g)?;
-    let (g, _) = kiln_opt::optimize(g, &kiln_opt::Options::default()).map_err(|e| user(e.to_string()))?;
-    let target = match device {
+/// The target that runs on the kind of device `device` names as `kiln run --device` does
+/// (`cpu` or none: this CPU; `vulkan[:N]`; `cuda[:N]`).
+fn target_for_device(device: Option<&str>) -> Result<CompileTarget, Failure> {
+    Ok(match device {
         Some(d) if d == "vulkan" || d.starts_with("vulkan:") => CompileTarget::Vulkan(GpuCaps::vulkan()),
         Some(d) if d == "cuda" || d.starts_with("cuda:") => CompileTarget::Cuda(cuda_target(&arch_for(d))?),
         _ => CompileTarget::Cpu(CpuTarget::host()),
-    };
-    build(&[(kiln_runtime::FORWARD_ENTRY, g)], &HashMap::new(), &target, out)?;
+    })
+}
+
+/// Compiles entry points prepared in memory (`kiln train`'s training artifact,
+/// [`train_entries`]) with the values `params` into the artifact directory `out`, for the
+/// kind of device `device` names.
+pub(crate) fn compile_entries(
+    entries: &[(&str, Graph)],
+    params: &HashMap<String, Tensor>,
+    device: Option<&str>,
+    out: &Path,
+) -> Result<(), Failure> {
+    for (_, g) in entries {
+        refuse_empty_tensors(g)?;
+    }
+    build(entries, params, &target_for_device(device)?, out)?;
     Ok(())
 }

@@ -2054,8 +2054,13 @@ fn kiln_cli(args: &[&str]) -> (Option<i32>, String, String) {
 
 /// `kiln compile SPEC --train` at the small sizes into `out`.
 fn compile_train(spec: &Path, out: &Path) {
+    compile_train_for(spec, out, "host");
+}
+
+/// [`compile_train`] for `--target target`.
+fn compile_train_for(spec: &Path, out: &Path, target: &str) {
     let (spec, out) = (spec.to_str().unwrap(), out.to_str().unwrap());
-    let mut args = vec!["compile", spec, "--train", "-o", out];
+    let mut args = vec!["compile", spec, "--train", "--target", target, "-o", out];
     for s in &SMALL_MLP[..5] {
         args.extend(["--set", s]);
     }
@@ -2107,6 +2112,23 @@ fn assert_close(what: &str, want: &[f64], got: &[f64], tol: f64) {
 /// `forward` computes with the trained parameters.
 #[test]
 fn a_training_artifact_trains_like_the_interpreter() {
+    trains_like_the_interpreter(Device::Cpu);
+}
+
+/// The same on Vulkan: the state stays in the device arena, `read_state` copies it out.
+#[test]
+fn a_vulkan_training_artifact_trains_like_the_interpreter() {
+    if available(Device::Vulkan, "a Vulkan training artifact") {
+        trains_like_the_interpreter(Device::Vulkan);
+    }
+}
+
+fn trains_like_the_interpreter(device: Device) {
+    let (target, selector) = match device {
+        Device::Cpu => ("host", None),
+        Device::Vulkan => ("vulkan", Some("vulkan".to_string())),
+        Device::Cuda | Device::CudaTf32 => panic!("CUDA artifacts keep no state"),
+    };
     for (optimizer, dropout) in
         [("Adam(lr: 0.01)", false), ("Sgd(lr: 0.1, momentum: 0.9)", false), ("Adam(lr: 0.01)", true)]
     {
@@ -2115,7 +2137,7 @@ fn a_training_artifact_trains_like_the_interpreter() {
         let spec = if dropout { with_dropout(&spec) } else { spec };
         let optimizer = if dropout { format!("{optimizer} with dropout") } else { optimizer.to_string() };
         let artifact = dir.path().join("mlp.kiln");
-        compile_train(&spec, &artifact);
+        compile_train_for(&spec, &artifact, target);
         let l = lowered(&spec);
         let step = kiln_lower::train_step(&l).unwrap();
         let mut g = step.graph.clone();
@@ -2124,7 +2146,7 @@ fn a_training_artifact_trains_like_the_interpreter() {
         let mut state = kiln_ir::initial_state(&g, &params).unwrap();
 
         let mut model =
-            Model::load_with(&artifact, &Options { threads: Some(2), ..Options::default() }).unwrap();
+            Model::load_with(&artifact, &Options { threads: Some(2), device: selector.clone() }).unwrap();
         assert_eq!(model.entries(), ["forward", "train_step"]);
         let mut names = model.state_names();
         names.sort();
@@ -2316,14 +2338,14 @@ fn frozen_weights_are_prepacked_and_trained_ones_are_not() {
     g.add_output("late", late);
     g.declare_state("trained", kiln_ir::StateInit::Weights, Some("new")).unwrap();
     let params = kiln_ir::bind_params(&g, None, 1, false).unwrap();
-    // The GPU targets keep no state: they refuse the graph before compiling anything.
+    // The CUDA target keeps no state: it refuses the graph before compiling anything.
     let dir = tempfile::tempdir().unwrap();
-    let caps = kiln_codegen::gpu::GpuCaps::vulkan();
+    let (caps, _) = cuda_caps("sm_80");
     let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
-    let err = kiln_codegen::build_vulkan_artifact("mixed", &s, &params, &caps, dir.path()).err().unwrap();
+    let err = kiln_codegen::build_cuda_artifact("mixed", &s, &params, &caps, None, dir.path()).err().unwrap();
     assert_eq!(
         err.to_string(),
-        kiln_codegen::CodegenError::Unsupported("a graph with persistent state (a train-step artifact) on the Vulkan target: state is kept by CPU artifacts only so far; compile for the CPU".into()).to_string()
+        kiln_codegen::CodegenError::Unsupported("a graph with persistent state (a train-step artifact) on the CUDA target: state is kept by CPU and Vulkan artifacts only so far; compile for one of those".into()).to_string()
     );
     // Initializers of zeros would hide a stale weight: give both values.
     let params: HashMap<String, Tensor> = params
@@ -2416,9 +2438,9 @@ fn the_cli_builds_runs_and_inspects_a_training_artifact() {
             format!("`kiln compile --train` builds a train step from the spec's training section, and {} has none", lstm.display()),
         ),
         (
-            vec!["compile", spec.to_str().unwrap(), "--train", "--target", "vulkan", "-o", out.to_str().unwrap()],
+            vec!["compile", spec.to_str().unwrap(), "--train", "--target", "cuda", "-o", out.to_str().unwrap()],
             2,
-            "--train builds a CPU artifact (host, x86_64, aarch64): the vulkan target keeps no state between runs yet".into(),
+            "--train builds a CPU or Vulkan artifact (host, x86_64, aarch64, vulkan): the cuda target keeps no state between runs yet".into(),
         ),
         (vec!["run", spec.to_str().unwrap(), "--entry", "train_step"], 2, "--entry train_step runs an entry point of an artifact".into()),
         (vec!["run", a, "--entry", "nope"], 1, "the model has no entry point \"nope\" (it has forward, train_step)".into()),

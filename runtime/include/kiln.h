@@ -39,6 +39,20 @@
  * of kiln_model_run on a model another thread is running returns nonzero ("already running")
  * without touching either call's buffers.
  *
+ * Training artifacts (kiln compile --train): besides "forward", which kiln_model_run runs,
+ * an artifact may have more entry points ("train_step": one optimizer step) over persistent
+ * state kept in the model between calls (the parameters, the optimizer's moments, the step
+ * count). kiln_model_entry_count and kiln_model_entry_name list them (entry point 0 is
+ * "forward"); kiln_model_entry_input_* and _output_* describe each one's tensors as
+ * kiln_model_input_* and _output_* describe forward's; kiln_model_run_entry runs one by name.
+ * kiln_model_state_count, _name, _shape, _dtype and _bytes list the state, and
+ * kiln_model_read_state and kiln_model_write_state copy one tensor out of or into the model
+ * (to save and resume a checkpoint). A state read or write on a model another thread is
+ * running fails as a second run does.
+ *
+ *     kiln_model_run_entry(m, "train_step", batch, outputs);   // loss, learning rate
+ *     kiln_model_read_state(m, "fc1.weight", buf, kiln_model_state_bytes(m, i));
+ *
  * Tensors are dense, row-major, little-endian; dtypes are named "f32", "f64", "f16", "bf16",
  * "i32", "i64" and "bool" (one byte per element). Buffers are best aligned to their element
  * size; misaligned ones are copied, which costs time but is correct.
@@ -128,6 +142,55 @@ size_t kiln_model_output_bytes(const KilnModel *model, size_t i);
  * and the divisor element, as `kiln eval` does; the outputs are then not the model's, and
  * the model stays usable for the next run). */
 int kiln_model_run(KilnModel *model, const void *const *inputs, void *const *outputs);
+
+/* Number of entry points: 1 ("forward") for a plain artifact, 2 ("forward", "train_step")
+ * for a training artifact. */
+size_t kiln_model_entry_count(const KilnModel *model);
+
+/* Name of entry point `e` (0 is "forward"), or NULL if `e` is out of range. Valid until
+ * kiln_model_free. */
+const char *kiln_model_entry_name(const KilnModel *model, size_t e);
+
+/* The inputs and outputs of entry point `e`, as kiln_model_input_* and _output_* give
+ * forward's (which are those of entry point 0): counts (0 if `e` is out of range), names,
+ * shapes, dtypes (NULL if out of range) and byte sizes (0 if out of range). */
+size_t kiln_model_entry_input_count(const KilnModel *model, size_t e);
+size_t kiln_model_entry_output_count(const KilnModel *model, size_t e);
+const char *kiln_model_entry_input_name(const KilnModel *model, size_t e, size_t i);
+const char *kiln_model_entry_output_name(const KilnModel *model, size_t e, size_t i);
+const int64_t *kiln_model_entry_input_shape(const KilnModel *model, size_t e, size_t i, size_t *rank);
+const int64_t *kiln_model_entry_output_shape(const KilnModel *model, size_t e, size_t i, size_t *rank);
+const char *kiln_model_entry_input_dtype(const KilnModel *model, size_t e, size_t i);
+const char *kiln_model_entry_output_dtype(const KilnModel *model, size_t e, size_t i);
+size_t kiln_model_entry_input_bytes(const KilnModel *model, size_t e, size_t i);
+size_t kiln_model_entry_output_bytes(const KilnModel *model, size_t e, size_t i);
+
+/* Runs the entry point named `entry` ("forward", "train_step", ...) as kiln_model_run runs
+ * forward, with that entry point's inputs and outputs in its order. Every entry point reads
+ * and updates the model's one state. Returns 0, or nonzero (see kiln_last_error), e.g. for a
+ * name the model does not have. */
+int kiln_model_run_entry(KilnModel *model, const char *entry, const void *const *inputs,
+                         void *const *outputs);
+
+/* Number of persistent state tensors (0 for a plain artifact). */
+size_t kiln_model_state_count(const KilnModel *model);
+
+/* Name, shape (`*rank` extents), dtype and byte size of state tensor `i`; NULL (or 0) if `i`
+ * is out of range. Names and shapes are valid until kiln_model_free. */
+const char *kiln_model_state_name(const KilnModel *model, size_t i);
+const int64_t *kiln_model_state_shape(const KilnModel *model, size_t i, size_t *rank);
+const char *kiln_model_state_dtype(const KilnModel *model, size_t i);
+size_t kiln_model_state_bytes(const KilnModel *model, size_t i);
+
+/* Copies the current value of state tensor `name` into `out`, whose size `bytes` must be the
+ * tensor's (kiln_model_state_bytes). Returns 0, or nonzero (see kiln_last_error): an unknown
+ * name, another size, a NULL pointer, or a model another thread is running. */
+int kiln_model_read_state(KilnModel *model, const char *name, void *out, size_t bytes);
+
+/* Sets state tensor `name` from `value` (`bytes` bytes, exactly the tensor's size, in its
+ * dtype); the next run of any entry point computes with it. Returns 0, or nonzero as
+ * kiln_model_read_state. */
+int kiln_model_write_state(KilnModel *model, const char *name, const void *value, size_t bytes);
 
 #ifdef __cplusplus
 }

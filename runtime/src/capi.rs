@@ -1,6 +1,8 @@
 //! The C ABI (`libkiln_runtime.so`, declared in `include/kiln.h`): a model handle, its input and
-//! output descriptions, and `kiln_model_run`. Errors and panics never cross the boundary: each
-//! function returns NULL or nonzero and leaves a message for `kiln_last_error`.
+//! output descriptions, and `kiln_model_run`; a training artifact's entry points
+//! (`kiln_model_run_entry`) and persistent state (`kiln_model_read_state`, `_write_state`).
+//! Errors and panics never cross the boundary: each function returns NULL or nonzero and
+//! leaves a message for `kiln_last_error`.
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -18,8 +20,17 @@ pub struct KilnModel {
     /// Reached only by the caller that set `busy` (see [`RunGuard`]), so two threads calling
     /// `kiln_model_run` on one handle get an error instead of sharing the arena.
     model: std::cell::UnsafeCell<Model>,
-    /// Set for the duration of a run.
+    /// Set for the duration of a run, or of a state read or write.
     busy: std::sync::atomic::AtomicBool,
+    /// The entry points, `forward` first.
+    entries: Vec<CEntry>,
+    /// The persistent state, in the manifest's order.
+    state: Vec<CSpec>,
+}
+
+/// An entry point's name and interface in C form.
+struct CEntry {
+    name: CString,
     inputs: Vec<CSpec>,
     outputs: Vec<CSpec>,
 }
@@ -94,10 +105,43 @@ fn model_ref<'a>(model: *const KilnModel) -> Result<&'a KilnModel, String> {
     unsafe { model.as_ref() }.ok_or_else(|| "model is NULL".to_string())
 }
 
-fn spec_at<'a>(model: *const KilnModel, i: usize, outputs: bool) -> Result<&'a CSpec, String> {
+fn entry_at<'a>(model: *const KilnModel, entry: usize) -> Result<&'a CEntry, String> {
     let m = model_ref(model)?;
-    let (kind, specs) = if outputs { ("output", &m.outputs) } else { ("input", &m.inputs) };
-    specs.get(i).ok_or_else(|| format!("{kind} {i} does not exist: the model has {} {kind}s", specs.len()))
+    m.entries.get(entry).ok_or_else(|| {
+        format!("entry point {entry} does not exist: the model has {} entry points", m.entries.len())
+    })
+}
+
+/// Input or output `i` of entry point `entry` (0: `forward`).
+fn spec_at<'a>(model: *const KilnModel, entry: usize, i: usize, outputs: bool) -> Result<&'a CSpec, String> {
+    let e = entry_at(model, entry)?;
+    let (kind, specs) = if outputs { ("output", &e.outputs) } else { ("input", &e.inputs) };
+    specs.get(i).ok_or_else(|| match entry {
+        0 => format!("{kind} {i} does not exist: the model has {} {kind}s", specs.len()),
+        _ => format!(
+            "{kind} {i} of entry point `{}` does not exist: it has {} {kind}s",
+            e.name.to_string_lossy(),
+            specs.len()
+        ),
+    })
+}
+
+/// State tensor `i`.
+fn state_at<'a>(model: *const KilnModel, i: usize) -> Result<&'a CSpec, String> {
+    let m = model_ref(model)?;
+    m.state.get(i).ok_or_else(|| match m.state.len() {
+        0 => format!("state {i} does not exist: the model keeps no state"),
+        n => format!("state {i} does not exist: the model keeps {n} state tensors"),
+    })
+}
+
+/// A C string argument that must be there.
+fn c_arg<'a>(text: *const c_char, what: &str) -> Result<&'a str, String> {
+    if text.is_null() {
+        return Err(format!("{what} is NULL"));
+    }
+    // SAFETY: non-NULL and NUL-terminated by the caller's contract.
+    unsafe { CStr::from_ptr(text) }.to_str().map_err(|_| format!("{what} is not UTF-8"))
 }
 
 /// Loads the artifact directory `dir` with `threads` worker threads (0: `KILN_THREADS`, else
@@ -141,10 +185,25 @@ pub unsafe extern "C" fn kiln_model_load_on(
         };
         let options = Options { threads: (threads > 0).then_some(threads), device };
         let model = Model::load_with(dir, &options).map_err(|e| e.to_string())?;
-        let inputs = model.inputs().iter().map(c_spec).collect::<Result<_, _>>()?;
-        let outputs = model.outputs().iter().map(c_spec).collect::<Result<_, _>>()?;
+        let entries = model
+            .manifest()
+            .entry_views()
+            .iter()
+            .map(|e| {
+                let name =
+                    CString::new(e.name).map_err(|_| format!("entry point {:?} contains NUL", e.name))?;
+                let inputs = e.inputs.iter().map(c_spec).collect::<Result<_, _>>()?;
+                let outputs = e.outputs.iter().map(c_spec).collect::<Result<_, _>>()?;
+                Ok(CEntry { name, inputs, outputs })
+            })
+            .collect::<Result<_, String>>()?;
+        let state = model
+            .state()
+            .iter()
+            .map(|s| c_spec(&TensorSpec { name: s.name.clone(), dtype: s.dtype, shape: s.shape.clone() }))
+            .collect::<Result<_, _>>()?;
         let (model, busy) = (std::cell::UnsafeCell::new(model), std::sync::atomic::AtomicBool::new(false));
-        Ok(Box::into_raw(Box::new(KilnModel { model, busy, inputs, outputs })))
+        Ok(Box::into_raw(Box::new(KilnModel { model, busy, entries, state })))
     })
 }
 
@@ -256,7 +315,7 @@ pub unsafe extern "C" fn kiln_model_free(model: *mut KilnModel) {
 /// `model` must be NULL or a live model.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_model_input_count(model: *const KilnModel) -> usize {
-    guard(0, || Ok(model_ref(model)?.inputs.len()))
+    guard(0, || Ok(entry_at(model, 0)?.inputs.len()))
 }
 
 /// Number of outputs (0 if `model` is NULL).
@@ -266,7 +325,7 @@ pub unsafe extern "C" fn kiln_model_input_count(model: *const KilnModel) -> usiz
 /// `model` must be NULL or a live model.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_model_output_count(model: *const KilnModel) -> usize {
-    guard(0, || Ok(model_ref(model)?.outputs.len()))
+    guard(0, || Ok(entry_at(model, 0)?.outputs.len()))
 }
 
 /// Name of input `i`, or NULL if out of range. Valid until the model is freed.
@@ -276,7 +335,7 @@ pub unsafe extern "C" fn kiln_model_output_count(model: *const KilnModel) -> usi
 /// `model` must be NULL or a live model.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_model_input_name(model: *const KilnModel, i: usize) -> *const c_char {
-    guard(ptr::null(), || Ok(spec_at(model, i, false)?.name.as_ptr()))
+    guard(ptr::null(), || Ok(spec_at(model, 0, i, false)?.name.as_ptr()))
 }
 
 /// Name of output `i`, or NULL if out of range. Valid until the model is freed.
@@ -286,12 +345,12 @@ pub unsafe extern "C" fn kiln_model_input_name(model: *const KilnModel, i: usize
 /// `model` must be NULL or a live model.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_model_output_name(model: *const KilnModel, i: usize) -> *const c_char {
-    guard(ptr::null(), || Ok(spec_at(model, i, true)?.name.as_ptr()))
+    guard(ptr::null(), || Ok(spec_at(model, 0, i, true)?.name.as_ptr()))
 }
 
-fn shape_out(model: *const KilnModel, i: usize, rank: *mut usize, outputs: bool) -> *const i64 {
+fn shape_out(spec: impl FnOnce() -> Result<&'static CSpec, String>, rank: *mut usize) -> *const i64 {
     guard(ptr::null(), || {
-        let spec = spec_at(model, i, outputs)?;
+        let spec = spec()?;
         if !rank.is_null() {
             // SAFETY: non-NULL, and points to a size_t by the caller's contract.
             unsafe { *rank = spec.shape.len() };
@@ -311,7 +370,7 @@ pub unsafe extern "C" fn kiln_model_input_shape(
     i: usize,
     rank: *mut usize,
 ) -> *const i64 {
-    shape_out(model, i, rank, false)
+    shape_out(|| spec_at(model, 0, i, false), rank)
 }
 
 /// Shape of output `i` (`*rank` extents), or NULL if out of range. Valid until the model is freed.
@@ -325,7 +384,7 @@ pub unsafe extern "C" fn kiln_model_output_shape(
     i: usize,
     rank: *mut usize,
 ) -> *const i64 {
-    shape_out(model, i, rank, true)
+    shape_out(|| spec_at(model, 0, i, true), rank)
 }
 
 /// Dtype name of input `i` ("f32", "i64", "bool"…), or NULL if out of range. Static string.
@@ -335,7 +394,7 @@ pub unsafe extern "C" fn kiln_model_output_shape(
 /// `model` must be NULL or a live model.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_model_input_dtype(model: *const KilnModel, i: usize) -> *const c_char {
-    guard(ptr::null(), || Ok(c_dtype(spec_at(model, i, false)?.dtype).as_ptr()))
+    guard(ptr::null(), || Ok(c_dtype(spec_at(model, 0, i, false)?.dtype).as_ptr()))
 }
 
 /// Dtype name of output `i`, or NULL if out of range. Static string.
@@ -345,7 +404,7 @@ pub unsafe extern "C" fn kiln_model_input_dtype(model: *const KilnModel, i: usiz
 /// `model` must be NULL or a live model.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_model_output_dtype(model: *const KilnModel, i: usize) -> *const c_char {
-    guard(ptr::null(), || Ok(c_dtype(spec_at(model, i, true)?.dtype).as_ptr()))
+    guard(ptr::null(), || Ok(c_dtype(spec_at(model, 0, i, true)?.dtype).as_ptr()))
 }
 
 /// Byte size of input `i` (0 if out of range).
@@ -355,7 +414,7 @@ pub unsafe extern "C" fn kiln_model_output_dtype(model: *const KilnModel, i: usi
 /// `model` must be NULL or a live model.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_model_input_bytes(model: *const KilnModel, i: usize) -> usize {
-    guard(0, || Ok(spec_at(model, i, false)?.bytes))
+    guard(0, || Ok(spec_at(model, 0, i, false)?.bytes))
 }
 
 /// Byte size of output `i` (0 if out of range): the buffer `kiln_model_run` writes.
@@ -365,7 +424,7 @@ pub unsafe extern "C" fn kiln_model_input_bytes(model: *const KilnModel, i: usiz
 /// `model` must be NULL or a live model.
 #[no_mangle]
 pub unsafe extern "C" fn kiln_model_output_bytes(model: *const KilnModel, i: usize) -> usize {
-    guard(0, || Ok(spec_at(model, i, true)?.bytes))
+    guard(0, || Ok(spec_at(model, 0, i, true)?.bytes))
 }
 
 /// Runs the model: `inputs[i]` holds input i's bytes, `outputs[i]` receives output i's, both in
@@ -383,18 +442,44 @@ pub unsafe extern "C" fn kiln_model_run(
     inputs: *const *const c_void,
     outputs: *const *mut c_void,
 ) -> c_int {
+    // SAFETY: the same contract, for entry point 0.
+    unsafe { run_entry_at(model, None, inputs, outputs) }
+}
+
+/// Runs entry point `entry` (`None`: `forward`) of `model` on C buffers.
+///
+/// # Safety
+///
+/// As [`kiln_model_run`], with the entry point's inputs and outputs.
+unsafe fn run_entry_at(
+    model: *mut KilnModel,
+    entry: Option<*const c_char>,
+    inputs: *const *const c_void,
+    outputs: *const *mut c_void,
+) -> c_int {
     guard(1, || {
         let m = model_ref(model)?;
-        let input_ptrs = pointer_array(inputs, m.inputs.len(), "inputs")?;
-        let output_ptrs = pointer_array(outputs.cast::<*const c_void>(), m.outputs.len(), "outputs")?;
-        let mut refs = Vec::with_capacity(m.inputs.len());
-        for (spec, &p) in m.inputs.iter().zip(&input_ptrs) {
+        let index = match entry {
+            None => 0,
+            Some(name) => {
+                let name = c_arg(name, "entry")?;
+                m.entries.iter().position(|e| e.name.to_bytes() == name.as_bytes()).ok_or_else(|| {
+                    let known: Vec<_> = m.entries.iter().map(|e| e.name.to_string_lossy()).collect();
+                    format!("the model has no entry point {name:?}: it has {}", known.join(", "))
+                })?
+            }
+        };
+        let e = &m.entries[index];
+        let input_ptrs = pointer_array(inputs, e.inputs.len(), "inputs")?;
+        let output_ptrs = pointer_array(outputs.cast::<*const c_void>(), e.outputs.len(), "outputs")?;
+        let mut refs = Vec::with_capacity(e.inputs.len());
+        for (spec, &p) in e.inputs.iter().zip(&input_ptrs) {
             // SAFETY: p is non-NULL and points to spec.bytes readable bytes (caller's contract).
             let bytes = unsafe { byte_slice(p, spec.bytes) };
             refs.push(TensorRef::new(&spec.spec.name, spec.dtype, &spec.spec.shape, bytes));
         }
-        let mut bufs = Vec::with_capacity(m.outputs.len());
-        for (spec, &p) in m.outputs.iter().zip(&output_ptrs) {
+        let mut bufs = Vec::with_capacity(e.outputs.len());
+        for (spec, &p) in e.outputs.iter().zip(&output_ptrs) {
             // SAFETY: p is non-NULL, points to spec.bytes writable bytes, and overlaps no other
             // buffer of this call (caller's contract).
             bufs.push(unsafe { byte_slice_mut(p.cast_mut(), spec.bytes) });
@@ -403,7 +488,313 @@ pub unsafe extern "C" fn kiln_model_run(
         // SAFETY: `RunGuard` holds `busy`, so this is the only reference to the model until it
         // is dropped at the end of this closure (a concurrent caller fails to acquire it).
         let inner = unsafe { &mut *m.model.get() };
-        inner.run_into(&refs, &mut bufs).map_err(|e| e.to_string())?;
+        let name = e.name.to_string_lossy();
+        inner.run_entry_into(&name, &refs, &mut bufs).map_err(|e| e.to_string())?;
+        Ok(0)
+    })
+}
+
+/// Number of entry points (0 if `model` is NULL): 1 (`forward`) for a plain artifact, 2
+/// (`forward`, `train_step`) for a training artifact.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_entry_count(model: *const KilnModel) -> usize {
+    guard(0, || Ok(model_ref(model)?.entries.len()))
+}
+
+/// Name of entry point `e` (0: `forward`), or NULL if out of range. Valid until the model is
+/// freed.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_entry_name(model: *const KilnModel, e: usize) -> *const c_char {
+    guard(ptr::null(), || Ok(entry_at(model, e)?.name.as_ptr()))
+}
+
+/// Number of inputs of entry point `e` (0 if it does not exist).
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_entry_input_count(model: *const KilnModel, e: usize) -> usize {
+    guard(0, || Ok(entry_at(model, e)?.inputs.len()))
+}
+
+/// Number of outputs of entry point `e` (0 if it does not exist).
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_entry_output_count(model: *const KilnModel, e: usize) -> usize {
+    guard(0, || Ok(entry_at(model, e)?.outputs.len()))
+}
+
+/// Name of input `i` of entry point `e`, or NULL if out of range. Valid until the model is
+/// freed.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_entry_input_name(
+    model: *const KilnModel,
+    e: usize,
+    i: usize,
+) -> *const c_char {
+    guard(ptr::null(), || Ok(spec_at(model, e, i, false)?.name.as_ptr()))
+}
+
+/// Name of output `i` of entry point `e`, or NULL if out of range. Valid until the model is
+/// freed.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_entry_output_name(
+    model: *const KilnModel,
+    e: usize,
+    i: usize,
+) -> *const c_char {
+    guard(ptr::null(), || Ok(spec_at(model, e, i, true)?.name.as_ptr()))
+}
+
+/// Shape of input `i` of entry point `e` (`*rank` extents), or NULL if out of range.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model; `rank` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_entry_input_shape(
+    model: *const KilnModel,
+    e: usize,
+    i: usize,
+    rank: *mut usize,
+) -> *const i64 {
+    shape_out(|| spec_at(model, e, i, false), rank)
+}
+
+/// Shape of output `i` of entry point `e` (`*rank` extents), or NULL if out of range.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model; `rank` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_entry_output_shape(
+    model: *const KilnModel,
+    e: usize,
+    i: usize,
+    rank: *mut usize,
+) -> *const i64 {
+    shape_out(|| spec_at(model, e, i, true), rank)
+}
+
+/// Dtype name of input `i` of entry point `e`, or NULL if out of range. Static string.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_entry_input_dtype(
+    model: *const KilnModel,
+    e: usize,
+    i: usize,
+) -> *const c_char {
+    guard(ptr::null(), || Ok(c_dtype(spec_at(model, e, i, false)?.dtype).as_ptr()))
+}
+
+/// Dtype name of output `i` of entry point `e`, or NULL if out of range. Static string.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_entry_output_dtype(
+    model: *const KilnModel,
+    e: usize,
+    i: usize,
+) -> *const c_char {
+    guard(ptr::null(), || Ok(c_dtype(spec_at(model, e, i, true)?.dtype).as_ptr()))
+}
+
+/// Byte size of input `i` of entry point `e` (0 if out of range).
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_entry_input_bytes(model: *const KilnModel, e: usize, i: usize) -> usize {
+    guard(0, || Ok(spec_at(model, e, i, false)?.bytes))
+}
+
+/// Byte size of output `i` of entry point `e` (0 if out of range).
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_entry_output_bytes(model: *const KilnModel, e: usize, i: usize) -> usize {
+    guard(0, || Ok(spec_at(model, e, i, true)?.bytes))
+}
+
+/// Runs the entry point named `entry` (`"forward"`, `"train_step"`…) as [`kiln_model_run`]
+/// runs `forward`: its inputs and outputs in the order the `kiln_model_entry_*` functions give.
+/// Returns 0, or nonzero with `kiln_last_error` set.
+///
+/// # Safety
+///
+/// As [`kiln_model_run`]; `entry` NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_run_entry(
+    model: *mut KilnModel,
+    entry: *const c_char,
+    inputs: *const *const c_void,
+    outputs: *const *mut c_void,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    unsafe { run_entry_at(model, Some(entry), inputs, outputs) }
+}
+
+/// Number of persistent state tensors (0 for a plain artifact, or if `model` is NULL).
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_state_count(model: *const KilnModel) -> usize {
+    guard(0, || Ok(model_ref(model)?.state.len()))
+}
+
+/// Name of state tensor `i` (what `kiln_model_read_state` takes), or NULL if out of range.
+/// Valid until the model is freed.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_state_name(model: *const KilnModel, i: usize) -> *const c_char {
+    guard(ptr::null(), || Ok(state_at(model, i)?.name.as_ptr()))
+}
+
+/// Shape of state tensor `i` (`*rank` extents), or NULL if out of range.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model; `rank` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_state_shape(
+    model: *const KilnModel,
+    i: usize,
+    rank: *mut usize,
+) -> *const i64 {
+    shape_out(|| state_at(model, i), rank)
+}
+
+/// Dtype name of state tensor `i`, or NULL if out of range. Static string.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_state_dtype(model: *const KilnModel, i: usize) -> *const c_char {
+    guard(ptr::null(), || Ok(c_dtype(state_at(model, i)?.dtype).as_ptr()))
+}
+
+/// Byte size of state tensor `i` (0 if out of range).
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_state_bytes(model: *const KilnModel, i: usize) -> usize {
+    guard(0, || Ok(state_at(model, i)?.bytes))
+}
+
+/// The state tensor named `name` and its C buffer's size, which must be the tensor's.
+fn sized_state(m: &KilnModel, name: *const c_char, bytes: usize) -> Result<&CSpec, String> {
+    let name = c_arg(name, "name")?;
+    let spec = m.state.iter().find(|s| s.name.to_bytes() == name.as_bytes()).ok_or_else(|| {
+        let known: Vec<_> = m.state.iter().map(|s| s.name.to_string_lossy()).collect();
+        match known.is_empty() {
+            true => format!("the model has no state {name:?}: it keeps none"),
+            false => format!("the model has no state {name:?}: it keeps {}", known.join(", ")),
+        }
+    })?;
+    if bytes != spec.bytes {
+        return Err(format!(
+            "state {name:?} is {}{}, {} bytes; the buffer has {bytes}",
+            spec.dtype,
+            crate::manifest::shape_str(&spec.spec.shape),
+            spec.bytes
+        ));
+    }
+    Ok(spec)
+}
+
+/// Copies state tensor `name`'s current value into `out` (`bytes` bytes, exactly the
+/// tensor's size), e.g. to save a checkpoint. Returns 0, or nonzero with `kiln_last_error` set.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model; `name` NULL or a NUL-terminated string; `out` NULL or
+/// writable for `bytes` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_read_state(
+    model: *mut KilnModel,
+    name: *const c_char,
+    out: *mut c_void,
+    bytes: usize,
+) -> c_int {
+    guard(1, || {
+        let m = model_ref(model)?;
+        let spec = sized_state(m, name, bytes)?;
+        if out.is_null() {
+            return Err("out is NULL".into());
+        }
+        let _using = RunGuard::acquire(m)?;
+        // SAFETY: `RunGuard` holds `busy`, so this is the only reference to the model.
+        let inner = unsafe { &mut *m.model.get() };
+        let value = inner.read_state(&spec.spec.name).map_err(|e| e.to_string())?;
+        // SAFETY: out is non-NULL and writable for `bytes` bytes, the value's size (checked).
+        unsafe { byte_slice_mut(out, bytes) }.copy_from_slice(value.bytes());
+        Ok(0)
+    })
+}
+
+/// Sets state tensor `name` from `value` (`bytes` bytes, exactly the tensor's size, in its
+/// dtype), e.g. to resume from a checkpoint. Returns 0, or nonzero with `kiln_last_error` set.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model; `name` NULL or a NUL-terminated string; `value` NULL
+/// or readable for `bytes` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_write_state(
+    model: *mut KilnModel,
+    name: *const c_char,
+    value: *const c_void,
+    bytes: usize,
+) -> c_int {
+    guard(1, || {
+        let m = model_ref(model)?;
+        let spec = sized_state(m, name, bytes)?;
+        if value.is_null() {
+            return Err("value is NULL".into());
+        }
+        // SAFETY: value is non-NULL and readable for `bytes` bytes (caller's contract).
+        let data = unsafe { byte_slice(value, bytes) };
+        let value = TensorRef::new(&spec.spec.name, spec.dtype, &spec.spec.shape, data);
+        let _using = RunGuard::acquire(m)?;
+        // SAFETY: `RunGuard` holds `busy`, so this is the only reference to the model.
+        let inner = unsafe { &mut *m.model.get() };
+        inner.write_state(&spec.spec.name, &value).map_err(|e| e.to_string())?;
         Ok(0)
     })
 }

@@ -158,15 +158,15 @@ impl Model {
             }
             Selection::Vulkan(index) => {
                 let spirv = spirv.ok_or_else(|| RuntimeError::NoDigest { file: SPIRV_FILE.to_string() })?;
-                refuse_state_on_gpu(&manifest)?;
                 check_specs(&manifest)?;
                 check_steps(&manifest)?;
+                check_state(&manifest, &weights)?;
                 let backend = VulkanBackend::load(&manifest, &spirv, &weights, index)?;
                 Ok(Model { manifest, backend: Backend::Vulkan(Box::new(backend)), weights })
             }
             Selection::Cuda(index) => {
                 let ptx = ptx.ok_or_else(|| RuntimeError::NoDigest { file: PTX_FILE.to_string() })?;
-                refuse_state_on_gpu(&manifest)?;
+                refuse_state_on_cuda(&manifest)?;
                 check_specs(&manifest)?;
                 check_steps(&manifest)?;
                 let backend = CudaBackend::load(&manifest, &ptx, cubin.as_deref(), &weights, index)?;
@@ -258,13 +258,14 @@ impl Model {
         &self.manifest.state
     }
 
-    /// A copy of state tensor `name`'s current value (to save a checkpoint).
-    pub fn read_state(&self, name: &str) -> Result<Tensor, RuntimeError> {
+    /// A copy of state tensor `name`'s current value (to save a checkpoint). On a GPU this
+    /// copies the state from the device, so it takes the model as a run does.
+    pub fn read_state(&mut self, name: &str) -> Result<Tensor, RuntimeError> {
         let s = self.state_spec(name)?;
-        let arena = self.backend.arena().ok_or_else(|| RuntimeError::invalid("state on a GPU"))?;
         let spec = TensorSpec { name: s.name.clone(), dtype: s.dtype, shape: s.shape.clone() };
+        let range = slot_range(s);
         let mut t = Tensor::zeroed(&spec)?;
-        t.bytes_mut().copy_from_slice(&arena[slot_range(s)]);
+        self.backend.read_state(range, t.bytes_mut())?;
         Ok(t)
     }
 
@@ -282,9 +283,7 @@ impl Model {
                 got: format!("{}{} ({} bytes)", value.dtype, shape_str(value.shape), value.bytes.len()),
             });
         }
-        let arena = self.backend.arena_mut().ok_or_else(|| RuntimeError::invalid("state on a GPU"))?;
-        arena[slot_range(&s)].copy_from_slice(value.bytes);
-        Ok(())
+        self.backend.write_state(slot_range(&s), value.bytes)
     }
 
     fn state_spec(&self, name: &str) -> Result<&StateSpec, RuntimeError> {
@@ -307,6 +306,19 @@ impl Model {
     /// the output's byte size). Misaligned buffers are written through an aligned copy.
     pub fn run_into(&mut self, inputs: &[TensorRef], outputs: &mut [&mut [u8]]) -> Result<(), RuntimeError> {
         self.execute(0, inputs, outputs, None)
+    }
+
+    /// Runs entry point `entry` writing into caller-provided output buffers (in the order
+    /// [`Model::entry_outputs`] gives, each exactly the output's byte size), as
+    /// [`Model::run_into`] does for `forward`.
+    pub fn run_entry_into(
+        &mut self,
+        entry: &str,
+        inputs: &[TensorRef],
+        outputs: &mut [&mut [u8]],
+    ) -> Result<(), RuntimeError> {
+        let index = self.entry_index(entry)?;
+        self.execute(index, inputs, outputs, None)
     }
 
     /// Runs the model `repeats` times (at least once), timing every step, and returns the last
@@ -609,15 +621,14 @@ fn state_weight_missing(s: &StateSpec, name: &str) -> RuntimeError {
     ))
 }
 
-/// A GPU model keeps no state and has one entry point: its arena lives on the device, and
-/// reading and writing state there is not built yet. Train-step artifacts are compiled for
-/// the CPU.
-fn refuse_state_on_gpu(manifest: &Manifest) -> Result<(), RuntimeError> {
+/// A CUDA model keeps no state and has one entry point: reading and writing its device arena
+/// is not built yet (Vulkan models keep state; CPU ones too).
+fn refuse_state_on_cuda(manifest: &Manifest) -> Result<(), RuntimeError> {
     if manifest.state.is_empty() && manifest.entries.is_empty() {
         return Ok(());
     }
     Err(RuntimeError::invalid(format!(
-        "a {} artifact with persistent state or entry points besides `{FORWARD_ENTRY}`: only CPU artifacts keep state",
+        "a {} artifact with persistent state or entry points besides `{FORWARD_ENTRY}`: only CPU and Vulkan artifacts keep state",
         manifest.target.describe()
     )))
 }

@@ -152,6 +152,201 @@ fn c_abi_runs_a_vulkan_model() {
     }
 }
 
+/// A stateful artifact: `forward` computes `y = acc + x` from its state `acc` (starting from
+/// the weight `c`); `accumulate` adds `x` into `acc` in place, then computes the same `y`.
+const STATE_C: &str = r#"
+#include <stdint.h>
+#define COLS 16
+void kiln_k0(void **b, int64_t begin, int64_t end) {
+    const float *x = b[0], *acc = b[1];
+    float *y = b[2];
+    for (int64_t i = begin * COLS; i < end * COLS; i++) y[i] = acc[i] + x[i];
+}
+void kiln_k1(void **b, int64_t begin, int64_t end) {
+    const float *x = b[0];
+    float *acc = b[1];
+    for (int64_t i = begin * COLS; i < end * COLS; i++) acc[i] += x[i];
+}
+"#;
+
+fn state_manifest() -> kiln_runtime::Manifest {
+    use kiln_runtime::{BufRef, DType, Dispatch, Step, TensorSpec};
+    let plane = (N * 4) as u64;
+    let spec = |name: &str| TensorSpec {
+        name: name.into(),
+        dtype: DType::F32,
+        shape: vec![ROWS as u64, COLS as u64],
+    };
+    let slot = || BufRef::Arena { offset: 0, bytes: plane };
+    let step = |symbol: &str, label: &str, args: Vec<BufRef>| Step {
+        symbol: symbol.into(),
+        label: label.into(),
+        args,
+        dispatch: Dispatch::Cpu { range: ROWS as u64, grain: 4 },
+        flops: N as u64,
+        bytes: 3 * plane,
+    };
+    let sum = |label: &str| {
+        step("kiln_k0", label, vec![BufRef::Input { index: 0 }, slot(), BufRef::Output { index: 0 }])
+    };
+    kiln_runtime::Manifest {
+        inputs: vec![spec("x")],
+        outputs: vec![spec("y")],
+        arena_bytes: plane,
+        index_bounds: Vec::new(),
+        state: vec![kiln_runtime::StateSpec {
+            name: "acc".into(),
+            dtype: DType::F32,
+            shape: vec![ROWS as u64, COLS as u64],
+            offset: 0,
+            init: kiln_runtime::StateInit::Weight { name: "c".into() },
+        }],
+        entries: vec![kiln_runtime::Entry {
+            name: "accumulate".into(),
+            inputs: vec![spec("x")],
+            index_bounds: Vec::new(),
+            outputs: vec![spec("y")],
+            steps: vec![
+                step("kiln_k1", "k0 accumulate [64,16]", vec![BufRef::Input { index: 0 }, slot()]),
+                sum("k1 sum [64,16]"),
+            ],
+            faults: None,
+        }],
+        faults: None,
+        steps: vec![sum("k0 sum [64,16]")],
+        ..toy_manifest()
+    }
+}
+
+#[test]
+fn c_abi_runs_entry_points_and_reads_and_writes_state() {
+    let toy = Toy::custom(state_manifest(), STATE_C);
+    let dir = CString::new(toy.path().to_str().unwrap()).unwrap();
+    let (x, c) = (x_data(), c_data());
+    let plus = |a: &[f32], b: &[f32]| -> Vec<f32> { a.iter().zip(b).map(|(a, b)| a + b).collect() };
+    // SAFETY: every pointer below comes from the API or from live Rust buffers of the sizes
+    // given (wrong sizes are passed only where the call must refuse them before any access);
+    // the models are freed once.
+    unsafe {
+        let model = kiln_model_load_with_threads(dir.as_ptr(), 2);
+        assert!(!model.is_null(), "{}", last_error());
+        assert_eq!(kiln_model_entry_count(model), 2);
+        assert_eq!(c_str(kiln_model_entry_name(model, 0)), "forward");
+        assert_eq!(c_str(kiln_model_entry_name(model, 1)), "accumulate");
+        assert!(kiln_model_entry_name(model, 2).is_null());
+        assert_eq!(last_error(), "entry point 2 does not exist: the model has 2 entry points");
+        assert_eq!((kiln_model_entry_input_count(model, 1), kiln_model_entry_output_count(model, 1)), (1, 1));
+        assert_eq!(kiln_model_entry_input_count(model, 2), 0);
+        assert_eq!(c_str(kiln_model_entry_input_name(model, 1, 0)), "x");
+        assert_eq!(c_str(kiln_model_entry_output_name(model, 1, 0)), "y");
+        assert_eq!(c_str(kiln_model_entry_input_dtype(model, 1, 0)), "f32");
+        assert_eq!(c_str(kiln_model_entry_output_dtype(model, 0, 0)), "f32");
+        let mut rank = 0usize;
+        let shape = kiln_model_entry_output_shape(model, 1, 0, &mut rank);
+        assert_eq!(std::slice::from_raw_parts(shape, rank), &[ROWS as i64, COLS as i64]);
+        assert_eq!(kiln_model_entry_input_bytes(model, 1, 0), N * 4);
+        assert_eq!(kiln_model_entry_output_bytes(model, 1, 0), N * 4);
+        assert!(kiln_model_entry_output_name(model, 1, 1).is_null());
+        assert_eq!(last_error(), "output 1 of entry point `accumulate` does not exist: it has 1 outputs");
+        assert!(kiln_model_entry_input_shape(model, 1, 3, &mut rank).is_null());
+        assert_eq!(last_error(), "input 3 of entry point `accumulate` does not exist: it has 1 inputs");
+
+        assert_eq!(kiln_model_state_count(model), 1);
+        assert_eq!(c_str(kiln_model_state_name(model, 0)), "acc");
+        assert_eq!(c_str(kiln_model_state_dtype(model, 0)), "f32");
+        let shape = kiln_model_state_shape(model, 0, &mut rank);
+        assert_eq!(std::slice::from_raw_parts(shape, rank), &[ROWS as i64, COLS as i64]);
+        assert_eq!(kiln_model_state_bytes(model, 0), N * 4);
+        assert!(kiln_model_state_name(model, 1).is_null());
+        assert_eq!(last_error(), "state 1 does not exist: the model keeps 1 state tensors");
+
+        // The state starts from its weight; each `accumulate` run adds x into it in place, and
+        // `forward` computes with what it holds.
+        let mut acc = vec![0f32; N];
+        let read = |acc: &mut Vec<f32>| {
+            kiln_model_read_state(model, c"acc".as_ptr(), acc.as_mut_ptr().cast(), N * 4)
+        };
+        assert_eq!(read(&mut acc), 0, "{}", last_error());
+        assert_eq!(acc, c);
+        let mut y = vec![0f32; N];
+        let inputs = [x.as_ptr() as *const c_void];
+        let outputs = [y.as_mut_ptr() as *mut c_void];
+        let mut want = c.clone();
+        for _ in 0..2 {
+            assert_eq!(
+                kiln_model_run_entry(model, c"accumulate".as_ptr(), inputs.as_ptr(), outputs.as_ptr()),
+                0,
+                "{}",
+                last_error()
+            );
+            want = plus(&want, &x);
+            assert_eq!(y, plus(&want, &x));
+        }
+        assert_eq!(read(&mut acc), 0, "{}", last_error());
+        assert_eq!(acc, want);
+        assert_eq!(kiln_model_run(model, inputs.as_ptr(), outputs.as_ptr()), 0, "{}", last_error());
+        assert_eq!(y, plus(&want, &x));
+        assert_eq!(kiln_model_run_entry(model, c"forward".as_ptr(), inputs.as_ptr(), outputs.as_ptr()), 0);
+        assert_eq!(y, plus(&want, &x));
+        let zeros = vec![0f32; N];
+        assert_eq!(
+            kiln_model_write_state(model, c"acc".as_ptr(), zeros.as_ptr().cast(), N * 4),
+            0,
+            "{}",
+            last_error()
+        );
+        assert_eq!(kiln_model_run(model, inputs.as_ptr(), outputs.as_ptr()), 0, "{}", last_error());
+        assert_eq!(y, x);
+
+        // Misuse fails with its words and changes nothing.
+        let run_entry = |entry: *const std::ffi::c_char, inputs: *const *const c_void| {
+            assert_ne!(kiln_model_run_entry(model, entry, inputs, outputs.as_ptr()), 0);
+            last_error()
+        };
+        assert_eq!(
+            run_entry(c"train_step".as_ptr(), inputs.as_ptr()),
+            "the model has no entry point \"train_step\": it has forward, accumulate"
+        );
+        assert_eq!(run_entry(std::ptr::null(), inputs.as_ptr()), "entry is NULL");
+        assert_eq!(run_entry(c"accumulate".as_ptr(), std::ptr::null()), "inputs is NULL, the model has 1");
+        let mut buf = vec![0f32; N];
+        let out = buf.as_mut_ptr().cast::<c_void>();
+        assert_ne!(kiln_model_read_state(model, c"acc".as_ptr(), out, N * 4 - 1), 0);
+        assert_eq!(last_error(), "state \"acc\" is f32[64, 16], 4096 bytes; the buffer has 4095");
+        assert_ne!(kiln_model_write_state(model, c"acc".as_ptr(), x.as_ptr().cast(), N * 4 + 4), 0);
+        assert_eq!(last_error(), "state \"acc\" is f32[64, 16], 4096 bytes; the buffer has 4100");
+        assert_ne!(kiln_model_read_state(model, c"bias".as_ptr(), out, N * 4), 0);
+        assert_eq!(last_error(), "the model has no state \"bias\": it keeps acc");
+        assert_ne!(kiln_model_read_state(model, std::ptr::null(), out, N * 4), 0);
+        assert_eq!(last_error(), "name is NULL");
+        assert_ne!(kiln_model_read_state(model, c"acc".as_ptr(), std::ptr::null_mut(), N * 4), 0);
+        assert_eq!(last_error(), "out is NULL");
+        assert_ne!(kiln_model_write_state(model, c"acc".as_ptr(), std::ptr::null(), N * 4), 0);
+        assert_eq!(last_error(), "value is NULL");
+        assert_ne!(
+            kiln_model_write_state(std::ptr::null_mut(), c"acc".as_ptr(), x.as_ptr().cast(), N * 4),
+            0
+        );
+        assert_eq!(last_error(), "model is NULL");
+        assert_eq!(read(&mut acc), 0, "{}", last_error());
+        assert_eq!(acc, zeros);
+        kiln_model_free(model);
+
+        // A plain artifact has one entry point and keeps no state.
+        let plain = Toy::new();
+        let dir = CString::new(plain.path().to_str().unwrap()).unwrap();
+        let model = kiln_model_load_with_threads(dir.as_ptr(), 2);
+        assert!(!model.is_null(), "{}", last_error());
+        assert_eq!((kiln_model_entry_count(model), kiln_model_state_count(model)), (1, 0));
+        assert_eq!(c_str(kiln_model_entry_name(model, 0)), "forward");
+        assert!(kiln_model_state_name(model, 0).is_null());
+        assert_eq!(last_error(), "state 0 does not exist: the model keeps no state");
+        assert_ne!(kiln_model_read_state(model, c"acc".as_ptr(), out, N * 4), 0);
+        assert_eq!(last_error(), "the model has no state \"acc\": it keeps none");
+        kiln_model_free(model);
+    }
+}
+
 /// The profile directory (`target/debug`) of this test binary, where cargo puts the cdylib and
 /// the examples.
 fn profile_dir() -> PathBuf {

@@ -382,23 +382,20 @@ fn refuses_bad_buffer_references() {
     if !ready() {
         return;
     }
-    // Persistent state and extra entry points are CPU-only (`docs/training.md`).
+    // The state table is checked as on the CPU: a slot inside a step's scratch range is refused.
     let mut a = GpuArtifact::chain();
     a.edit(|m| {
         m.state.push(kiln_runtime::StateSpec {
             name: "w".into(),
             dtype: DType::F32,
             shape: vec![4],
-            offset: 0,
+            offset: T_OFFSET,
             init: kiln_runtime::StateInit::Zeros,
         })
     });
-    assert!(
-        load_err(&a).ends_with(
-            "with persistent state or entry points besides `forward`: only CPU artifacts keep state"
-        ),
-        "{}",
-        load_err(&a)
+    assert_eq!(
+        load_err(&a),
+        "invalid manifest: step \"k0 mul [64,16]\" of entry point \"forward\" reads or writes arena bytes 256..4352, which straddle a state slot"
     );
     let mut a = GpuArtifact::chain();
     a.edit(|m| m.steps[1].args[2] = BufRef::Arena { offset: U_OFFSET, bytes: PLANE + 4 });
@@ -466,6 +463,74 @@ fn refuses_bad_buffer_references() {
         load_err(&a),
         "step \"k1 add [64,16]\" uses weight \"c\", which the weights file does not hold"
     );
+}
+
+/// A Vulkan model keeps its persistent state in the device arena: `forward` computes
+/// `y = x + acc` from the slot `acc` (starting from the weight `c`), `accumulate` adds `x` into
+/// it in place and computes the same; `read_state` and `write_state` copy a slot out and in.
+#[test]
+fn state_stays_in_the_device_arena_across_entry_points() {
+    if !ready() {
+        return;
+    }
+    let spec = |name: &str| kiln_runtime::TensorSpec {
+        name: name.into(),
+        dtype: DType::F32,
+        shape: X_SHAPE.to_vec(),
+    };
+    let acc = || BufRef::Arena { offset: 0, bytes: PLANE };
+    let (x, y) = (|| BufRef::Input { index: 0 }, || BufRef::Output { index: 0 });
+    let mut m = chain_manifest();
+    m.inputs = vec![spec("x")];
+    m.outputs = vec![spec("y")];
+    m.arena_bytes = PLANE;
+    m.state = vec![kiln_runtime::StateSpec {
+        name: "acc".into(),
+        dtype: DType::F32,
+        shape: X_SHAPE.to_vec(),
+        offset: 0,
+        init: kiln_runtime::StateInit::Weight { name: "c".into() },
+    }];
+    m.steps = vec![gpu_step("add", "k0 sum [64,16]", 0, 16, 64, vec![x(), acc(), y()])];
+    m.entries = vec![kiln_runtime::Entry {
+        name: "accumulate".into(),
+        inputs: m.inputs.clone(),
+        index_bounds: Vec::new(),
+        outputs: m.outputs.clone(),
+        steps: vec![
+            gpu_step("add", "k0 accumulate [64,16]", 0, 16, 64, vec![x(), acc(), acc()]),
+            gpu_step("add", "k1 sum [64,16]", 0, 16, 64, vec![x(), acc(), y()]),
+        ],
+        faults: None,
+    }];
+    let a = GpuArtifact::new(m, &["muladd"]);
+    let mut model = load(&a, Some("vulkan")).unwrap();
+    assert_eq!(model.entries(), ["forward", "accumulate"]);
+    let xs = x_data();
+    let plus = |a: &[f32], b: &[f32]| -> Vec<f32> { a.iter().zip(b).map(|(a, b)| a + b).collect() };
+    let read = |model: &mut Model| model.read_state("acc").unwrap().as_f32().unwrap().to_vec();
+    let mut want = common::c_data();
+    assert_eq!(read(&mut model), want);
+    let input = [TensorRef::f32("x", &X_SHAPE, &xs)];
+    for _ in 0..3 {
+        let out = model.run_entry("accumulate", &input).unwrap();
+        want = plus(&want, &xs);
+        assert_eq!(out[0].as_f32().unwrap(), plus(&want, &xs));
+    }
+    assert_eq!(read(&mut model), want);
+    assert_eq!(model.run(&input).unwrap()[0].as_f32().unwrap(), plus(&want, &xs));
+    let zeros = vec![0f32; N];
+    model.write_state("acc", &TensorRef::f32("acc", &X_SHAPE, &zeros)).unwrap();
+    assert_eq!(read(&mut model), zeros);
+    assert_eq!(model.run(&input).unwrap()[0].as_f32().unwrap(), xs);
+    assert_eq!(
+        model.write_state("acc", &TensorRef::f32("acc", &[1024], &zeros)).unwrap_err().to_string(),
+        "state \"acc\" is f32[64, 16], the value given is f32[1024] (4096 bytes)"
+    );
+    assert_eq!(model.run_entry("accumulate", &input).unwrap()[0].as_f32().unwrap(), plus(&xs, &xs));
+    // The timed run of an entry point times its own steps.
+    let (_, profile) = model.run_profiled(&input, 1).unwrap();
+    assert_eq!(profile.steps.len(), 1);
 }
 
 #[test]

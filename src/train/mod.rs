@@ -242,7 +242,7 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, Failure> {
             bar.set_message(format!("loss {:.4}  {rate:.0} examples/s", stats.loss));
             if INTERRUPTED.load(Ordering::SeqCst) {
                 bar.abandon();
-                return interrupted(a, &stepper, &at);
+                return interrupted(a, &mut stepper, &at);
             }
         }
         let rate =
@@ -270,7 +270,7 @@ pub fn train(a: &TrainArgs) -> Result<Outcome, Failure> {
         at.loss_sum = 0.0;
         if let Some(out) = &a.out {
             metrics::write(out, &rows)?;
-            checkpoint::write(&out.join(CHECKPOINT), &stepper.state(), &at)?;
+            checkpoint::write(&out.join(CHECKPOINT), &stepper.state()?, &at)?;
         }
     }
     bar.finish_and_clear();
@@ -456,11 +456,11 @@ fn earlier_rows(out: &Path, epoch: usize) -> Vec<metrics::Row> {
 }
 
 /// Ctrl-C: saves a checkpoint of where training stands (with `--out`) and says how to go on.
-fn interrupted(a: &TrainArgs, stepper: &Stepper, at: &Position) -> Result<Outcome, Failure> {
+fn interrupted(a: &TrainArgs, stepper: &mut Stepper, at: &Position) -> Result<Outcome, Failure> {
     match &a.out {
         Some(out) => {
             let path = out.join(CHECKPOINT);
-            checkpoint::write(&path, &stepper.state(), at)?;
+            checkpoint::write(&path, &stepper.state()?, at)?;
             eprintln!(
                 "interrupted at epoch {}, batch {}: saved {} (continue with --resume {})",
                 at.epoch + 1,

@@ -1,17 +1,18 @@
 //! The compiled train step and forward pass, and the state they run on.
 //!
-//! Artifacts hold no state yet, so both graphs are compiled with their parameters as inputs
-//! (`kiln_lower::params_as_inputs`): the train step reads the parameters, the optimizer state
-//! and `optim.step`, and returns their next values under the same names; the [`Stepper`]
-//! keeps them as bytes between calls and feeds them back. Only this type knows that; when
-//! artifacts keep state themselves, it is the one place to change.
+//! `kiln train` compiles one training artifact for its device (`native::train_entries`, as
+//! `kiln compile --train` does, with evaluation's forward graph as its `forward`): its
+//! `train_step` entry point takes a batch and updates the parameters, the optimizer state and
+//! `optim.step` in place in the artifact's arena (the CPU's, or the Vulkan device's);
+//! `forward` computes with them; checkpoints copy them out and back (`Model::read_state`,
+//! `write_state`).
 
 use crate::commands::{user, Failure};
-use crate::native::{compile_graph, ir_dtype};
+use crate::native::{compile_entries, ir_dtype, train_entries, TRAIN_ENTRY};
 use kiln_codegen::artifact::runtime_dtype;
 use kiln_ir::{DType, Graph, NodeId, Op, Tensor};
-use kiln_lower::{params_as_inputs, train_step, Lowered, PARAM_INPUT_PREFIX};
-use kiln_runtime::{Model, Options, TensorRef};
+use kiln_lower::Lowered;
+use kiln_runtime::{Model, Options, TensorRef, TensorSpec, FORWARD_ENTRY};
 use std::collections::HashMap;
 
 /// A named tensor as the runtime holds it: dtype, shape and little-endian bytes.
@@ -30,23 +31,22 @@ pub struct StepStats {
     pub lr: f64,
 }
 
-/// The data inputs of a compiled graph: name, dtype and full shape.
+/// A data input of a compiled graph: name, dtype, full shape, and which of the model's inputs
+/// (the batch's tensors, in declaration order) it takes.
 struct DataInput {
     name: String,
     dtype: DType,
     shape: Vec<u64>,
+    column: usize,
 }
 
 pub struct Stepper {
-    train: Model,
-    eval: Model,
-    /// Parameters (under `param.NAME`) and optimizer state (`optim.…`): the train step's
-    /// inputs that its outputs of the same names replace.
-    state: Vec<Raw>,
+    /// The training artifact, which holds the parameters and optimizer state between steps.
+    model: Model,
     train_data: Vec<DataInput>,
     eval_data: Vec<DataInput>,
-    /// The artifacts' directories, removed when the stepper goes.
-    _dirs: [tempfile::TempDir; 2],
+    /// The artifact's directory, removed when the stepper goes.
+    _dir: tempfile::TempDir,
 }
 
 /// The names of the evaluation graph's outputs: the loss's first operand (logits or the
@@ -55,50 +55,30 @@ pub const EVAL_PRED: &str = "pred";
 pub const EVAL_TARGET: &str = "target";
 
 impl Stepper {
-    /// Compiles `lowered`'s train step and its forward pass for `device` (`None`: this CPU),
-    /// starting from the parameters `params` (by checkpoint name) and zero optimizer state.
+    /// Compiles `lowered`'s train step and its forward pass for `device` (`None` or `cpu`:
+    /// this CPU; `vulkan[:N]`), starting from the parameters `params` (by checkpoint name) and
+    /// zero optimizer state.
     pub fn new(
         lowered: &Lowered,
         params: &HashMap<String, Tensor>,
         device: Option<&str>,
         threads: Option<usize>,
     ) -> Result<Stepper, Failure> {
-        let step = train_step(lowered).map_err(|e| user(e.to_string()))?;
-        let mut g = step.graph;
-        params_as_inputs(&mut g);
-        let mut state = Vec::new();
-        let mut train_data = Vec::new();
-        for (name, dtype, shape) in inputs_of(&g) {
-            if let Some(p) = name.strip_prefix(PARAM_INPUT_PREFIX) {
-                let t = params
-                    .get(p)
-                    .ok_or_else(|| user(format!("internal error: no value for parameter `{p}`")))?;
-                state.push(Raw { name, dtype, shape, bytes: t.data.to_le_bytes() });
-            } else if name.starts_with("optim.") {
-                let bytes = vec![0u8; dtype.size_bytes() * shape.iter().product::<u64>() as usize];
-                state.push(Raw { name, dtype, shape, bytes });
-            } else {
-                train_data.push(DataInput { name, dtype, shape });
-            }
-        }
-        let eval_graph = eval_graph(lowered)?;
-        let eval_data = inputs_of(&eval_graph)
-            .into_iter()
-            .filter(|(n, _, _)| !n.starts_with(PARAM_INPUT_PREFIX))
-            .map(|(name, dtype, shape)| DataInput { name, dtype, shape })
-            .collect();
         let options = Options { threads, device: device.map(str::to_string) };
-        let scratch =
-            || tempfile::tempdir().map_err(|e| user(format!("cannot create a scratch directory: {e}")));
-        let (train_dir, eval_dir) = (scratch()?, scratch()?);
-        compile_graph(&g, device, train_dir.path())?;
-        compile_graph(&eval_graph, device, eval_dir.path())?;
-        let train = Model::load_with(train_dir.path(), &options).map_err(|e| user(e.to_string()))?;
-        let eval = Model::load_with(eval_dir.path(), &options).map_err(|e| user(e.to_string()))?;
-        Ok(Stepper { train, eval, state, train_data, eval_data, _dirs: [train_dir, eval_dir] })
+        let columns = input_names(&lowered.graph);
+        let dir = scratch()?;
+        let (entries, values) = train_entries(lowered, &eval_graph(lowered)?, |_| Ok(params.clone()))?;
+        compile_entries(&entries, &values, device, dir.path())?;
+        let model = Model::load_with(dir.path(), &options).map_err(|e| user(e.to_string()))?;
+        let data = |entry: &str| -> Result<Vec<DataInput>, Failure> {
+            let specs = model.entry_inputs(entry).map_err(|e| user(e.to_string()))?;
+            specs.iter().map(|s| data_input(s, &columns)).collect()
+        };
+        let (train_data, eval_data) = (data(TRAIN_ENTRY)?, data(FORWARD_ENTRY)?);
+        Ok(Stepper { model, train_data, eval_data, _dir: dir })
     }
 
-    /// The data inputs of the forward pass, in the order [`Stepper::evaluate`] takes them.
+    /// The data inputs of the forward pass: name, dtype and shape.
     pub fn eval_inputs(&self) -> Vec<(&str, DType, &[u64])> {
         self.eval_data.iter().map(|d| (d.name.as_str(), d.dtype, d.shape.as_slice())).collect()
     }
@@ -106,48 +86,24 @@ impl Stepper {
     /// One optimizer step on `batch` (the bytes of each model input, in declaration order):
     /// the parameters and state move on.
     pub fn step(&mut self, batch: &[Vec<u8>]) -> Result<StepStats, Failure> {
-        let shapes: Vec<&DataInput> = self.train_data.iter().collect();
-        let mut refs: Vec<TensorRef> = shapes
-            .iter()
-            .zip(batch)
-            .map(|(d, b)| TensorRef::new(&d.name, runtime_dtype(d.dtype), &d.shape, b))
-            .collect();
-        refs.extend(
-            self.state.iter().map(|s| TensorRef::new(&s.name, runtime_dtype(s.dtype), &s.shape, &s.bytes)),
-        );
-        let outputs = self.train.run(&refs).map_err(|e| user(e.to_string()))?;
+        let refs = data_refs(&self.train_data, batch)?;
+        let outputs = self.model.run_entry(TRAIN_ENTRY, &refs).map_err(|e| user(e.to_string()))?;
         let (mut loss, mut lr) = (f64::NAN, f64::NAN);
         for out in outputs {
             match out.name() {
                 "loss" => loss = scalar(&out),
                 "optim.lr" => lr = scalar(&out),
-                name => {
-                    if let Some(slot) = self.state.iter_mut().find(|s| s.name == name) {
-                        slot.bytes.clear();
-                        slot.bytes.extend_from_slice(out.bytes());
-                    }
-                }
+                _ => {}
             }
         }
         Ok(StepStats { loss, lr })
     }
 
-    /// The forward pass on `batch` (bytes in [`Stepper::eval_inputs`] order) with the
-    /// current parameters: its outputs [`EVAL_PRED`] and maybe [`EVAL_TARGET`].
+    /// The forward pass on `batch` (the bytes of each model input, in declaration order)
+    /// with the current parameters: its outputs [`EVAL_PRED`] and maybe [`EVAL_TARGET`].
     pub fn evaluate(&mut self, batch: &[Vec<u8>]) -> Result<Vec<Raw>, Failure> {
-        let mut refs: Vec<TensorRef> = self
-            .eval_data
-            .iter()
-            .zip(batch)
-            .map(|(d, b)| TensorRef::new(&d.name, runtime_dtype(d.dtype), &d.shape, b))
-            .collect();
-        refs.extend(
-            self.state
-                .iter()
-                .filter(|s| s.name.starts_with(PARAM_INPUT_PREFIX))
-                .map(|s| TensorRef::new(&s.name, runtime_dtype(s.dtype), &s.shape, &s.bytes)),
-        );
-        let outputs = self.eval.run(&refs).map_err(|e| user(e.to_string()))?;
+        let refs = data_refs(&self.eval_data, batch)?;
+        let outputs = self.model.run_entry(FORWARD_ENTRY, &refs).map_err(|e| user(e.to_string()))?;
         Ok(outputs
             .iter()
             .map(|t| Raw {
@@ -159,14 +115,19 @@ impl Stepper {
             .collect())
     }
 
-    /// The parameters (by checkpoint name) and the optimizer state (`optim.…`), in the train
-    /// step's input order.
-    pub fn state(&self) -> Vec<Raw> {
-        self.state
+    /// The parameters (by checkpoint name) and the optimizer state (`optim.…`).
+    pub fn state(&mut self) -> Result<Vec<Raw>, Failure> {
+        self.model
+            .state_names()
             .iter()
-            .map(|s| {
-                let name = s.name.strip_prefix(PARAM_INPUT_PREFIX).unwrap_or(&s.name).to_string();
-                Raw { name, ..s.clone() }
+            .map(|name| {
+                let t = self.model.read_state(name).map_err(|e| user(e.to_string()))?;
+                Ok(Raw {
+                    name: name.clone(),
+                    dtype: ir_dtype(t.dtype()),
+                    shape: t.shape().to_vec(),
+                    bytes: t.bytes().to_vec(),
+                })
             })
             .collect()
     }
@@ -174,27 +135,71 @@ impl Stepper {
     /// Replaces the parameters and optimizer state with `saved` (as [`Stepper::state`] gives
     /// them). Every one must be there with its dtype and shape.
     pub fn set_state(&mut self, saved: &[Raw], from: &str) -> Result<(), Failure> {
-        for slot in &mut self.state {
-            let name = slot.name.strip_prefix(PARAM_INPUT_PREFIX).unwrap_or(&slot.name);
-            let Some(t) = saved.iter().find(|t| t.name == name) else {
+        for spec in self.model.state().to_vec() {
+            let name = &spec.name;
+            let Some(t) = saved.iter().find(|t| t.name == *name) else {
                 return Err(user(format!(
                     "{from} has no tensor `{name}`: it is not a checkpoint of this model"
                 )));
             };
-            if t.dtype != slot.dtype || t.shape != slot.shape {
+            let (dtype, shape) = (ir_dtype(spec.dtype), &spec.shape);
+            if t.dtype != dtype || t.shape != *shape {
                 return Err(user(format!(
-                    "tensor `{name}` of {from} is {}{:?}, the model's is {}{:?}: it is not a checkpoint of this model as configured",
-                    t.dtype, t.shape, slot.dtype, slot.shape
+                    "tensor `{name}` of {from} is {}{:?}, the model's is {dtype}{shape:?}: it is not a checkpoint of this model as configured",
+                    t.dtype, t.shape
                 )));
             }
-            slot.bytes.clone_from(&t.bytes);
+        }
+        for t in saved {
+            if self.model.state().iter().any(|s| s.name == t.name) {
+                let value = TensorRef::new(&t.name, runtime_dtype(t.dtype), &t.shape, &t.bytes);
+                self.model.write_state(&t.name, &value).map_err(|e| user(e.to_string()))?;
+            }
         }
         Ok(())
     }
 }
 
-/// The forward graph that evaluation runs: the model with the loss's operands as outputs and
-/// its parameters as inputs.
+fn scratch() -> Result<tempfile::TempDir, Failure> {
+    tempfile::tempdir().map_err(|e| user(format!("cannot create a scratch directory: {e}")))
+}
+
+/// The batch's tensors that `inputs` take, as the runtime's references.
+fn data_refs<'a>(inputs: &'a [DataInput], batch: &'a [Vec<u8>]) -> Result<Vec<TensorRef<'a>>, Failure> {
+    inputs
+        .iter()
+        .map(|d| {
+            let bytes = batch
+                .get(d.column)
+                .ok_or_else(|| user(format!("internal error: no data for input `{}`", d.name)))?;
+            Ok(TensorRef::new(&d.name, runtime_dtype(d.dtype), &d.shape, bytes))
+        })
+        .collect()
+}
+
+/// An entry point's input as a [`DataInput`] of the model input of its name.
+fn data_input(spec: &TensorSpec, columns: &[String]) -> Result<DataInput, Failure> {
+    Ok(DataInput {
+        name: spec.name.clone(),
+        dtype: ir_dtype(spec.dtype),
+        shape: spec.shape.clone(),
+        column: column_of(&spec.name, columns)?,
+    })
+}
+
+fn column_of(name: &str, columns: &[String]) -> Result<usize, Failure> {
+    columns
+        .iter()
+        .position(|c| c == name)
+        .ok_or_else(|| user(format!("internal error: the compiled step takes `{name}`, not a model input")))
+}
+
+/// The model's input names in declaration order: the order of a batch's tensors.
+fn input_names(g: &Graph) -> Vec<String> {
+    inputs_of(g).into_iter().map(|(name, _, _)| name).collect()
+}
+
+/// The forward graph that evaluation runs: the model with the loss's operands as outputs.
 fn eval_graph(lowered: &Lowered) -> Result<Graph, Failure> {
     let plan = lowered.training.as_ref().ok_or_else(|| user("the model has no training section"))?;
     let mut g = lowered.graph.clone();
@@ -206,7 +211,6 @@ fn eval_graph(lowered: &Lowered) -> Result<Graph, Failure> {
     }
     g.outputs = outputs;
     g.remove_dead();
-    params_as_inputs(&mut g);
     Ok(g)
 }
 

@@ -137,21 +137,7 @@ pub fn build_entries(
     dir: &Path,
 ) -> Result<Built, CodegenError> {
     let t0 = Instant::now();
-    let (first_name, first) =
-        *entries.first().ok_or_else(|| CodegenError::Artifact("no entry point to build".into()))?;
-    if first_name != kiln_runtime::FORWARD_ENTRY {
-        return Err(CodegenError::Artifact(format!(
-            "the first entry point is `{first_name}`, not `{}`",
-            kiln_runtime::FORWARD_ENTRY
-        )));
-    }
-    if let Some((name, _)) =
-        entries.iter().find(|(_, e)| e.state != first.state || e.arena_align != first.arena_align)
-    {
-        return Err(CodegenError::Artifact(format!(
-            "entry point `{name}` has another state layout than `{first_name}`"
-        )));
-    }
+    let first = first_entry(entries)?;
     let merged = merge(entries);
     // Each entry point reports into its own fault slot (placed after its own scratch).
     let words: Vec<Option<usize>> = entries
@@ -273,6 +259,27 @@ pub fn build_entries(
     Ok(Built { manifest, compiled, emit_time: t1 - t0, compile_time: t2 - t1, write_time: t3 - t2 })
 }
 
+/// The first entry point's schedule, once the entry points are checked: `forward` first, and
+/// every one over the same state layout and arena alignment.
+fn first_entry<'a>(entries: &[(&str, &'a Schedule)]) -> Result<&'a Schedule, CodegenError> {
+    let (first_name, first) =
+        *entries.first().ok_or_else(|| CodegenError::Artifact("no entry point to build".into()))?;
+    if first_name != kiln_runtime::FORWARD_ENTRY {
+        return Err(CodegenError::Artifact(format!(
+            "the first entry point is `{first_name}`, not `{}`",
+            kiln_runtime::FORWARD_ENTRY
+        )));
+    }
+    if let Some((name, _)) =
+        entries.iter().find(|(_, e)| e.state != first.state || e.arena_align != first.arena_align)
+    {
+        return Err(CodegenError::Artifact(format!(
+            "entry point `{name}` has another state layout than `{first_name}`"
+        )));
+    }
+    Ok(first)
+}
+
 /// The entries' schedules as one, for compiling their kernels together: buffers and kernels
 /// one entry's after another's (operands renumbered), the first entry's interface. Arena
 /// offsets stay as planned: entry points never run at once, so their scratch may overlap.
@@ -333,14 +340,14 @@ fn state_table(
         .collect()
 }
 
-/// GPU artifacts keep no state yet: the runtime's GPU backends have no way to read or write
-/// the device arena between runs.
+/// CUDA artifacts keep no state yet: the CUDA runtime has no way to read or write its device
+/// arena between runs.
 fn refuse_state(s: &Schedule, target: &str) -> Result<(), CodegenError> {
     if s.state.is_empty() {
         return Ok(());
     }
     Err(CodegenError::Unsupported(format!(
-        "a graph with persistent state (a train-step artifact) on the {target} target: state is kept by CPU artifacts only so far; compile for the CPU"
+        "a graph with persistent state (a train-step artifact) on the {target} target: state is kept by CPU and Vulkan artifacts only so far; compile for one of those"
     )))
 }
 
@@ -370,9 +377,32 @@ pub fn build_vulkan_artifact(
     caps: &GpuCaps,
     dir: &Path,
 ) -> Result<BuiltGpu, CodegenError> {
-    refuse_state(s, "Vulkan")?;
+    build_vulkan_entries(model, &[(kiln_runtime::FORWARD_ENTRY, s)], params, caps, dir)
+}
+
+/// [`build_vulkan_artifact`] for several entry points over one state (`forward` first,
+/// scheduled with `kiln_sched::schedule_with_state` at `caps.buffer_align` over one layout), as
+/// [`build_entries`] does for the CPU. Each entry point's kernels are numbered after the ones
+/// before it, so every module's symbol is distinct.
+pub fn build_vulkan_entries(
+    model: &str,
+    entries: &[(&str, &Schedule)],
+    params: &HashMap<String, Tensor>,
+    caps: &GpuCaps,
+    dir: &Path,
+) -> Result<BuiltGpu, CodegenError> {
     let t0 = Instant::now();
-    let program = gpu::kernels(s, caps)?;
+    let first = first_entry(entries)?;
+    let mut program = GpuProgram { kernels: Vec::new(), step_kernel: Vec::new(), step_splits: Vec::new() };
+    let mut parts = Vec::with_capacity(entries.len());
+    for (_, e) in entries {
+        let part = gpu::program::kernels_numbered(e, caps, program.step_kernel.len())?;
+        let base = program.kernels.len();
+        program.step_kernel.extend(part.step_kernel.iter().map(|k| k + base));
+        program.step_splits.extend(part.step_splits.iter().cloned());
+        program.kernels.extend(part.kernels.iter().cloned());
+        parts.push((base, part));
+    }
     let t1 = Instant::now();
     let modules = gpu::spirv::compile(&program.kernels, caps)?;
     let t2 = Instant::now();
@@ -390,11 +420,19 @@ pub fn build_vulkan_artifact(
             }
         }
     }
-    let (steps, stored) = gpu_steps(s, params, &program)?;
+    let mut stored = Stored::default();
+    let mut per_entry = Vec::with_capacity(entries.len());
+    for ((_, e), (base, part)) in entries.iter().zip(&parts) {
+        per_entry.push(gpu_steps(e, params, part, *base, &mut stored)?);
+    }
+    let state = state_table(&first.state, params, &mut stored)?;
     let wpath = dir.join(WEIGHTS_FILE);
     kiln_ir::tensor_io::write_safetensors(&wpath, &stored.weights).map_err(|e| io_err(&wpath, e))?;
     let wdata = std::fs::read(&wpath).map_err(|e| io_err(&wpath, e))?;
     let kernels = &program.kernels;
+    let mut per_entry = per_entry.into_iter();
+    let steps = per_entry.next().unwrap_or_default();
+    let s = first;
     let mut manifest = Manifest {
         format_version: ARTIFACT_FORMAT_VERSION,
         model: model.to_string(),
@@ -410,13 +448,26 @@ pub fn build_vulkan_artifact(
         inputs: s.inputs.iter().map(tensor_spec).collect(),
         index_bounds: s.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
         outputs: s.outputs.iter().map(tensor_spec).collect(),
-        arena_bytes: s.arena_bytes as u64,
+        arena_bytes: entries.iter().map(|(_, e)| e.arena_bytes).max().unwrap_or(0) as u64,
         // Filled in below, once kernels.spv exists (the contract digest leaves them out).
         files: Vec::new(),
         modules: ranges,
         steps,
-        state: Vec::new(),
-        entries: Vec::new(),
+        state,
+        entries: entries[1..]
+            .iter()
+            .zip(per_entry)
+            .map(|((name, e), steps)| {
+                Ok(Entry {
+                    name: name.to_string(),
+                    inputs: e.inputs.iter().map(tensor_spec).collect(),
+                    index_bounds: e.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
+                    outputs: e.outputs.iter().map(tensor_spec).collect(),
+                    steps,
+                    faults: fault_table(e)?,
+                })
+            })
+            .collect::<Result<_, CodegenError>>()?,
         faults: fault_table(s)?,
     };
     // kernels.spv ends, after its last module, with the digest of the manifest its modules were
@@ -494,7 +545,8 @@ pub fn build_cuda_artifact(
         cubins = r;
         cubin_blob = Some(blob);
     }
-    let (steps, stored) = gpu_steps(s, params, &program)?;
+    let mut stored = Stored::default();
+    let steps = gpu_steps(s, params, &program, 0, &mut stored)?;
     let kernels = &program.kernels;
     let mut manifest = Manifest {
         format_version: ARTIFACT_FORMAT_VERSION,
@@ -570,8 +622,9 @@ fn gpu_steps(
     s: &Schedule,
     params: &HashMap<String, Tensor>,
     program: &GpuProgram,
-) -> Result<(Vec<Step>, Stored), CodegenError> {
-    let mut stored = Stored::default();
+    first_module: usize,
+    stored: &mut Stored,
+) -> Result<Vec<Step>, CodegenError> {
     let mut steps = Vec::with_capacity(s.kernels.len());
     for (i, (&ki, sk)) in program.step_kernel.iter().zip(&s.kernels).enumerate() {
         let k = &program.kernels[ki];
@@ -593,13 +646,13 @@ fn gpu_steps(
             }
             args.push(stored.arg(b, params, &s.state)?);
         }
-        args.extend(fault_arg(s, sk, &mut stored, params)?);
+        args.extend(fault_arg(s, sk, stored, params)?);
         steps.push(Step {
             symbol: k.symbol.clone(),
             label: format!("k{i} {} {}", sk.name(), fmt_shape(&sk.output.view.shape)),
             args,
             dispatch: Dispatch::Gpu {
-                module: ki as u32,
+                module: (first_module + ki) as u32,
                 grid: k.plan.launch.grid,
                 workgroup: k.plan.launch.workgroup,
             },
@@ -607,7 +660,7 @@ fn gpu_steps(
             bytes: k.bytes,
         });
     }
-    Ok((steps, stored))
+    Ok(steps)
 }
 
 /// The fault words as the last argument of a step whose kernel holds a fault site.

@@ -29,7 +29,8 @@ mod smoke;
 pub mod target;
 
 pub use artifact::{
-    build_artifact, build_cuda_artifact, build_entries, build_vulkan_artifact, Built, BuiltCuda, BuiltGpu,
+    build_artifact, build_cuda_artifact, build_entries, build_vulkan_artifact, build_vulkan_entries, Built,
+    BuiltCuda, BuiltGpu,
 };
 pub use build::{compile, link_shared, Compiled};
 pub use context::{context, run_pass_pipeline, verify};

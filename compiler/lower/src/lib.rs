@@ -15,8 +15,7 @@ mod training;
 pub use config::CValue;
 pub use lower::{MAX_EXPANSION, MAX_NESTING};
 pub use optim::{
-    clip_grad_norm, declare_forward_state, declare_train_state, params_as_inputs, train_step, update,
-    Optimizer, TrainStep, PARAM_INPUT_PREFIX,
+    clip_grad_norm, declare_forward_state, declare_train_state, train_step, update, Optimizer, TrainStep,
 };
 pub use schedule::{learning_rate, Schedule};
 pub use training::{

@@ -410,28 +410,6 @@ fn param_names(g: &Graph) -> Vec<String> {
     names
 }
 
-/// The prefix of a parameter's name when [`params_as_inputs`] makes it an input: the name a
-/// train step gives the parameter's new value, so that output feeds the next step's input.
-pub const PARAM_INPUT_PREFIX: &str = "param.";
-
-/// Turns every parameter of `g` into a graph input of the same type named `param.NAME`,
-/// appended to the inputs in the graph's parameter order, and returns the parameters'
-/// checkpoint names in that order. A graph compiled this way carries no weights: a train
-/// step's outputs `param.NAME` are its next inputs, and a forward graph runs on whatever
-/// parameters the caller holds, so the values live outside the compiled code.
-pub fn params_as_inputs(g: &mut Graph) -> Vec<String> {
-    let mut names = Vec::new();
-    for id in g.params() {
-        let node = g.node_mut(id);
-        let Op::Param { name, dtype, shape, .. } = &node.op else { continue };
-        names.push(name.clone());
-        node.op =
-            Op::Input { name: format!("{PARAM_INPUT_PREFIX}{name}"), dtype: *dtype, shape: shape.clone() };
-        g.inputs.push(id);
-    }
-    names
-}
-
 /// Declares the persistent state of a train step's graph (as [`train_step`] built it, or its
 /// optimized form, which keeps the names): each parameter, starting from the weights and
 /// updated by its output `param.NAME`; then `optim.step` and each parameter's optimizer state
@@ -464,7 +442,7 @@ pub fn declare_forward_state(g: &mut Graph) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_ir::{bind_params, eval, verify, Bindings, Tensor};
+    use kiln_ir::verify;
 
     const LINEAR: &str = r#"Model(
         name: "lin",
@@ -477,50 +455,25 @@ mod tests {
     )"#;
 
     #[test]
-    fn params_become_inputs_that_the_step_outputs_feed() {
+    fn a_train_steps_state_is_its_parameters_then_the_step_count_then_the_moments() {
         let (sources, lowered) = crate::load_str("lin.ron", LINEAR, &[]);
         let lowered = lowered.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
         let step = train_step(&lowered).expect("a train step");
-        let values = bind_params(&step.graph, None, 3, true).expect("initial parameters");
         let mut g = step.graph.clone();
-        let names = params_as_inputs(&mut g);
-        assert_eq!(names, ["fc.weight", "fc.bias"]);
-        assert!(g.params().is_empty());
+        declare_train_state(&mut g, &step.optimizer).expect("the state declared");
         verify(&g).expect("a valid graph");
-        let inputs: Vec<String> = g
+        let names: Vec<&str> = g.state.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["fc.weight", "fc.bias", "optim.step"]);
+        let outputs: Vec<&str> = g.outputs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(outputs, ["loss", "optim.lr"]);
+        let inputs: Vec<&str> = g
             .inputs
             .iter()
             .map(|&i| match &g.node(i).op {
-                Op::Input { name, .. } => name.clone(),
+                Op::Input { name, .. } => name.as_str(),
                 other => panic!("input {other:?}"),
             })
             .collect();
-        assert_eq!(inputs, ["x", "y", "optim.step", "param.fc.weight", "param.fc.bias"]);
-        // Every `param.NAME` input has an output of the same name and type to feed it.
-        for name in &names {
-            let input = g.inputs.iter().find(
-                |&&i| matches!(&g.node(i).op, Op::Input { name: n, .. } if *n == format!("param.{name}")),
-            );
-            let output = g.outputs.iter().find(|(n, _)| *n == format!("param.{name}"));
-            let (Some(&i), Some(&(_, o))) = (input, output) else { panic!("{name}: no input or output") };
-            assert_eq!(g.ty(i), g.ty(o));
-        }
-        // The same numbers as the graph with parameters.
-        let x = Tensor::from_f32(vec![2, 3], vec![1.0, 2.0, 3.0, -1.0, 0.5, 0.0]).expect("x");
-        let y = Tensor::from_f32(vec![2, 2], vec![0.5, -0.5, 1.0, 2.0]).expect("y");
-        let stepn = Tensor::from_f32(vec![], vec![0.0]).expect("step");
-        let mut with_params = Bindings { params: values.clone(), ..Bindings::default() };
-        with_params.inputs.extend([("x".into(), x), ("y".into(), y), ("optim.step".into(), stepn)]);
-        let mut with_inputs = Bindings { inputs: with_params.inputs.clone(), ..Bindings::default() };
-        for (name, t) in &values {
-            with_inputs.inputs.insert(format!("param.{name}"), t.clone());
-        }
-        let a = eval(&step.graph, &with_params).expect("with parameters");
-        let b = eval(&g, &with_inputs).expect("with inputs");
-        assert_eq!(a.len(), b.len());
-        for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
-            assert_eq!(na, nb);
-            assert_eq!(ta.to_f64_vec(), tb.to_f64_vec(), "{na}");
-        }
+        assert_eq!(inputs, ["x", "y"]);
     }
 }

@@ -275,7 +275,7 @@ impl Backend {
     /// Runs every step of entry point `entry` (an index into `Manifest::entry_views`) once.
     /// Inputs and outputs have been checked against the manifest; step times are pushed to
     /// `times` when given (wall times on the host, GPU timestamps on Vulkan, CUDA events on
-    /// CUDA). GPU models have the one entry `forward` (loading refuses others).
+    /// CUDA). CUDA models have the one entry `forward` (loading refuses others).
     pub fn execute(
         &mut self,
         entry: usize,
@@ -285,27 +285,33 @@ impl Backend {
     ) -> Result<(), RuntimeError> {
         match self {
             Backend::Host(host) => host.execute(entry, inputs, outputs, times),
-            Backend::Vulkan(gpu) if entry == 0 => gpu.execute(inputs, outputs, times),
+            Backend::Vulkan(gpu) => gpu.execute(entry, inputs, outputs, times),
             Backend::Cuda(gpu) if entry == 0 => gpu.execute(inputs, outputs, times),
-            Backend::Vulkan(_) | Backend::Cuda(_) => {
-                Err(RuntimeError::invalid("a GPU model has only the entry point `forward`"))
+            Backend::Cuda(_) => Err(RuntimeError::invalid("a CUDA model has only the entry point `forward`")),
+        }
+    }
+
+    /// Copies the arena bytes `range` (a state slot, checked at load) into `out`.
+    pub fn read_state(&mut self, range: std::ops::Range<usize>, out: &mut [u8]) -> Result<(), RuntimeError> {
+        match self {
+            Backend::Host(host) => {
+                out.copy_from_slice(&host.arena()[range]);
+                Ok(())
             }
+            Backend::Vulkan(gpu) => gpu.read_state(range, out),
+            Backend::Cuda(_) => Err(RuntimeError::invalid("a CUDA model keeps no state")),
         }
     }
 
-    /// The arena holding the persistent state, on a device whose arena the host can reach.
-    pub fn arena(&self) -> Option<&[u8]> {
+    /// Writes `value` into the arena bytes `range` (a state slot, checked at load).
+    pub fn write_state(&mut self, range: std::ops::Range<usize>, value: &[u8]) -> Result<(), RuntimeError> {
         match self {
-            Backend::Host(host) => Some(host.arena()),
-            Backend::Vulkan(_) | Backend::Cuda(_) => None,
-        }
-    }
-
-    /// The same, to write state into.
-    pub fn arena_mut(&mut self) -> Option<&mut [u8]> {
-        match self {
-            Backend::Host(host) => Some(host.arena_mut()),
-            Backend::Vulkan(_) | Backend::Cuda(_) => None,
+            Backend::Host(host) => {
+                host.arena_mut()[range].copy_from_slice(value);
+                Ok(())
+            }
+            Backend::Vulkan(gpu) => gpu.write_state(range, value),
+            Backend::Cuda(_) => Err(RuntimeError::invalid("a CUDA model keeps no state")),
         }
     }
 

@@ -29,6 +29,12 @@ const PROVISIONAL: &str = "kiln_k";
 /// Generates every kernel of `s` for the GPU target `caps`. Kernels whose text is the same (the
 /// layers of a transformer) are kept once and shared by their steps.
 pub fn kernels(s: &Schedule, caps: &GpuCaps) -> Result<GpuProgram, CodegenError> {
+    kernels_numbered(s, caps, 0)
+}
+
+/// [`kernels`], naming each distinct kernel after its step's index plus `first`: the entry
+/// points of one artifact number their kernels apart, so their modules' symbols never clash.
+pub fn kernels_numbered(s: &Schedule, caps: &GpuCaps, first: usize) -> Result<GpuProgram, CodegenError> {
     if !s.arena_align.is_multiple_of(caps.buffer_align) {
         return Err(CodegenError::Unsupported(format!(
             "a schedule whose arena is aligned to {} bytes on the {} target, which binds buffers at multiples of {} (schedule with kiln_sched::schedule_aligned)",
@@ -54,7 +60,7 @@ pub fn kernels(s: &Schedule, caps: &GpuCaps) -> Result<GpuProgram, CodegenError>
             Some(&j) => j,
             None => {
                 seen.insert(made.mlir.clone(), kernels.len());
-                let sym = crate::program::symbol(i);
+                let sym = crate::program::symbol(first + i);
                 made.mlir = made.mlir.replace(&format!("@{PROVISIONAL}"), &format!("@{sym}"));
                 made.symbol = sym;
                 kernels.push(made);

@@ -1,9 +1,11 @@
 //! A Vulkan device running SPIR-V compute kernels. Load checks the artifact against the device
 //! (`check.rs`) and every manifest number against the files (`plan.rs`), then creates all the
 //! objects once: one device-local arena, the weights uploaded once, a mapped buffer for inputs
-//! and outputs, a pipeline per entry point, a descriptor set per step, and command buffers
-//! recorded once (`record.rs`). A run copies the inputs in, submits, waits, copies the outputs
-//! out.
+//! and outputs, a pipeline per shader entry point, a descriptor set per step, and command
+//! buffers recorded once (`record.rs`), a run's per entry point of the artifact. A run copies
+//! the inputs in, submits, waits, copies the outputs out. Persistent state lives in the
+//! arena's first bytes; a mapped state buffer and two recorded copies move it to and from the
+//! host (at load, and for `read_state`/`write_state`).
 
 mod check;
 mod instance;
@@ -113,6 +115,26 @@ struct Timing {
     mask: u64,
 }
 
+/// One entry point, recorded.
+struct EntryRun {
+    inputs: Vec<(u64, u64)>,
+    outputs: Vec<(u64, u64)>,
+    run_cb: vk::CommandBuffer,
+    timing: Result<Timing, String>,
+    steps: usize,
+    /// Where the run's copy of the fault words lies in the io buffer, when a kernel can fault,
+    /// and how many bytes they take.
+    faults: Option<(u64, u64)>,
+}
+
+/// The persistent state's way to the host: a mapped buffer of the slots' bytes and the two
+/// recorded copies between it and the arena.
+struct StateBuffer {
+    map: Mapped,
+    down: vk::CommandBuffer,
+    up: vk::CommandBuffer,
+}
+
 /// A Vulkan artifact loaded on one device.
 pub(crate) struct VulkanBackend {
     /// Declared first so it drops first: it waits for the device, then destroys every object
@@ -123,14 +145,9 @@ pub(crate) struct VulkanBackend {
     info: VulkanDeviceInfo,
     label: String,
     io: Mapped,
-    inputs: Vec<(u64, u64)>,
-    outputs: Vec<(u64, u64)>,
-    run_cb: vk::CommandBuffer,
-    timing: Result<Timing, String>,
+    entries: Vec<EntryRun>,
+    state: Option<StateBuffer>,
     fence: vk::Fence,
-    steps: usize,
-    /// Where the run's copy of the fault words lies in the io buffer, when a kernel can fault.
-    faults: Option<u64>,
     /// The fault words as the last run left them.
     fault_words: Vec<u32>,
     /// Whether the weights went through a staging buffer.
@@ -142,7 +159,8 @@ pub(crate) struct VulkanBackend {
 
 impl VulkanBackend {
     /// Loads a checked manifest's Vulkan side: `spirv` is `kernels.spv` (its digest checked),
-    /// `index` the selected device (`None`: the default choice).
+    /// `index` the selected device (`None`: the default choice). The state starts from its
+    /// recorded values (its table checked by the model).
     pub fn load(
         manifest: &Manifest,
         spirv: &[u8],
@@ -225,21 +243,18 @@ impl VulkanBackend {
             Region::Weights => weight_buf.buffer,
             Region::Io => io.buffer,
         };
-        let sets = pipelines::descriptor_sets(&device, &mut owned, &plan, &pipelines, buffer_of, &label)?;
 
-        let cbs = record::command_buffers(&device, &mut owned, gpu.queue_family, 3, &label)?;
-        let (upload_cb, run_cb, profile_cb) = match cbs[..] {
-            [a, b, c] => (a, b, c),
-            _ => return Err(vk_err("vkAllocateCommandBuffers", &label, vk::Result::ERROR_UNKNOWN)),
-        };
+        // The upload, then per entry point a run and a timed run, then the state's two copies.
+        let count = 1 + 2 * plan.entries.len() as u32 + 2;
+        let cbs = record::command_buffers(&device, &mut owned, gpu.queue_family, count, &label)?;
         let fence_info = vk::FenceCreateInfo::default();
         // SAFETY: a valid create info for a live device.
         let fence = unsafe { device.create_fence(&fence_info, None) }
             .map_err(|e| vk_err("vkCreateFence", &label, e))?;
         owned.fences.push(fence);
         let copy = staging.map(|s| (s.buffer, weight_buf.buffer, plan.weights_size));
-        record::record_upload(&device, upload_cb, copy, (arena.buffer, arena.size), &label)?;
-        record::submit_and_wait(&device, gpu.queue, upload_cb, fence, &label)?;
+        record::record_upload(&device, cbs[0], copy, (arena.buffer, arena.size), &label)?;
+        record::submit_and_wait(&device, gpu.queue, cbs[0], fence, &label)?;
         #[cfg(test)]
         let staged = staging.is_some();
         if let Some(staging) = staging {
@@ -247,22 +262,79 @@ impl VulkanBackend {
         }
 
         let moved = (arena.buffer, io.buffer);
-        record::record_run(&device, run_cb, &plan, &pipelines, &sets, None, moved, &label)?;
-        let timing = match caps.compute_queue {
-            Some((_, bits)) if bits > 0 && caps.timestamp_period > 0.0 => {
-                let info = vk::QueryPoolCreateInfo::default()
-                    .query_type(vk::QueryType::TIMESTAMP)
-                    .query_count(plan.steps.len() as u32 + 1);
-                // SAFETY: a valid create info for a live device.
-                let pool = unsafe { device.create_query_pool(&info, None) }
-                    .map_err(|e| vk_err("vkCreateQueryPool", &label, e))?;
-                owned.query_pools.push(pool);
-                record::record_run(&device, profile_cb, &plan, &pipelines, &sets, Some(pool), moved, &label)?;
-                let mask = if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 };
-                Ok(Timing { cb: profile_cb, pool, period: f64::from(caps.timestamp_period), mask })
+        let mut entries = Vec::with_capacity(plan.entries.len());
+        for (e, entry) in plan.entries.iter().enumerate() {
+            let (run_cb, profile_cb) = (cbs[1 + 2 * e], cbs[2 + 2 * e]);
+            let sets =
+                pipelines::descriptor_sets(&device, &mut owned, &entry.steps, &pipelines, buffer_of, &label)?;
+            record::record_run(&device, run_cb, entry, &pipelines, &sets, None, moved, &label)?;
+            let timing = match caps.compute_queue {
+                Some((_, bits)) if bits > 0 && caps.timestamp_period > 0.0 => {
+                    let info = vk::QueryPoolCreateInfo::default()
+                        .query_type(vk::QueryType::TIMESTAMP)
+                        .query_count(entry.steps.len() as u32 + 1);
+                    // SAFETY: a valid create info for a live device.
+                    let pool = unsafe { device.create_query_pool(&info, None) }
+                        .map_err(|e| vk_err("vkCreateQueryPool", &label, e))?;
+                    owned.query_pools.push(pool);
+                    record::record_run(
+                        &device,
+                        profile_cb,
+                        entry,
+                        &pipelines,
+                        &sets,
+                        Some(pool),
+                        moved,
+                        &label,
+                    )?;
+                    let mask = if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 };
+                    Ok(Timing { cb: profile_cb, pool, period: f64::from(caps.timestamp_period), mask })
+                }
+                Some((_, 0)) => {
+                    Err("its compute queue has no timestamps (timestampValidBits is 0)".to_string())
+                }
+                _ => Err("it reports no timestamp period".to_string()),
+            };
+            entries.push(EntryRun {
+                inputs: entry.inputs.clone(),
+                outputs: entry.outputs.clone(),
+                run_cb,
+                timing,
+                steps: entry.steps.len(),
+                faults: entry.faults.map(|f| (f.io, f.bytes)),
+            });
+        }
+
+        let state = match plan.state_bytes {
+            0 => None,
+            bytes => {
+                let buf = memory::buffer(&mut owned, &props, &label, bytes, src | dst, Placement::Host)?;
+                let map = buf
+                    .mapped
+                    .ok_or_else(|| vk_err("vkMapMemory", &label, vk::Result::ERROR_MEMORY_MAP_FAILED))?;
+                let (down, up) = (cbs[cbs.len() - 2], cbs[cbs.len() - 1]);
+                let both = (arena.buffer, buf.buffer);
+                record::record_state_copy(&device, down, record::StateCopy::Down, both, bytes, &label)?;
+                record::record_state_copy(&device, up, record::StateCopy::Up, both, bytes, &label)?;
+                // The slots' first values: zeros, and the weights the table names.
+                // SAFETY: the buffer holds `bytes` mapped bytes; nothing uses it yet.
+                unsafe { memory::write(map, 0, &vec![0u8; bytes as usize]) };
+                for s in &manifest.state {
+                    if let crate::manifest::StateInit::Weight { name } = &s.init {
+                        let value = weights.get(name).ok_or_else(|| {
+                            RuntimeError::invalid(format!(
+                                "state {:?} starts from weight {name:?}, which the weights file lacks",
+                                s.name
+                            ))
+                        })?;
+                        // SAFETY: the slot lies inside the first `bytes` bytes (plan) and the
+                        // value has its size (`model::check_state`).
+                        unsafe { memory::write(map, s.offset, value.bytes) };
+                    }
+                }
+                record::submit_and_wait(&device, gpu.queue, up, fence, &label)?;
+                Some(StateBuffer { map, down, up })
             }
-            Some((_, 0)) => Err("its compute queue has no timestamps (timestampValidBits is 0)".to_string()),
-            _ => Err("it reports no timestamp period".to_string()),
         };
 
         Ok(VulkanBackend {
@@ -274,14 +346,10 @@ impl VulkanBackend {
             info: physical.info.clone(),
             label,
             io: io_map,
-            inputs: plan.inputs.clone(),
-            outputs: plan.outputs.clone(),
-            run_cb,
-            timing,
+            entries,
+            state,
             fence,
-            steps: plan.steps.len(),
-            faults: plan.faults.map(|f| f.io),
-            fault_words: vec![crate::faults::NONE; plan.faults.map_or(0, |f| f.bytes as usize / 4)],
+            fault_words: Vec::new(),
             broken: None,
         })
     }
@@ -296,60 +364,78 @@ impl VulkanBackend {
         &self.fault_words
     }
 
-    /// Copies the inputs in, replays the recorded command buffer, copies the outputs out. With
-    /// `times`, replays the timestamped one and pushes each step's GPU time.
-    pub fn execute(
-        &mut self,
-        inputs: &[TensorRef],
-        outputs: &mut [&mut [u8]],
-        times: Option<&mut Vec<Duration>>,
-    ) -> Result<(), RuntimeError> {
-        if let Some(reason) = &self.broken {
-            return Err(RuntimeError::VulkanCall {
+    /// Refuses to submit once a submission failed half-way.
+    fn check_usable(&self) -> Result<(), RuntimeError> {
+        match &self.broken {
+            Some(reason) => Err(RuntimeError::VulkanCall {
                 call: "vkQueueSubmit",
                 device: self.label.clone(),
                 result: format!("an earlier run failed ({reason}); load the model again"),
-            });
+            }),
+            None => Ok(()),
         }
-        let cb = match (&times, &self.timing) {
-            (None, _) => self.run_cb,
-            (Some(_), Ok(timing)) => timing.cb,
-            (Some(_), Err(reason)) => {
-                return Err(RuntimeError::NoTimestamps { device: self.label.clone(), reason: reason.clone() })
-            }
-        };
-        for (input, &(offset, bytes)) in inputs.iter().zip(&self.inputs) {
-            // SAFETY: the model checked each input's length against its spec, whose size `plan`
-            // placed at `offset` inside the mapped io buffer; no submission is pending.
-            debug_assert_eq!(input.bytes.len() as u64, bytes);
-            unsafe { memory::write(self.io, offset, input.bytes) };
-        }
+    }
+
+    /// Submits `cb` and waits; a failure marks the model unusable.
+    fn submit(&mut self, cb: vk::CommandBuffer) -> Result<(), RuntimeError> {
         let device = &self.gpu.device;
         if let Err(e) = record::submit_and_wait(device, self.gpu.queue, cb, self.fence, &self.label) {
             self.broken = Some(e.to_string());
             return Err(e);
         }
-        for (output, &(offset, bytes)) in outputs.iter_mut().zip(&self.outputs) {
+        Ok(())
+    }
+
+    /// Copies the inputs in, replays entry point `entry`'s recorded command buffer, copies the
+    /// outputs out. With `times`, replays the timestamped one and pushes each step's GPU time.
+    pub fn execute(
+        &mut self,
+        entry: usize,
+        inputs: &[TensorRef],
+        outputs: &mut [&mut [u8]],
+        times: Option<&mut Vec<Duration>>,
+    ) -> Result<(), RuntimeError> {
+        self.check_usable()?;
+        let run = self
+            .entries
+            .get(entry)
+            .ok_or_else(|| RuntimeError::invalid(format!("entry point {entry} does not exist")))?;
+        let cb = match (&times, &run.timing) {
+            (None, _) => run.run_cb,
+            (Some(_), Ok(timing)) => timing.cb,
+            (Some(_), Err(reason)) => {
+                return Err(RuntimeError::NoTimestamps { device: self.label.clone(), reason: reason.clone() })
+            }
+        };
+        for (input, &(offset, bytes)) in inputs.iter().zip(&run.inputs) {
+            // SAFETY: the model checked each input's length against its spec, whose size `plan`
+            // placed at `offset` inside the mapped io buffer; no submission is pending.
+            debug_assert_eq!(input.bytes.len() as u64, bytes);
+            unsafe { memory::write(self.io, offset, input.bytes) };
+        }
+        self.submit(cb)?;
+        let run = &self.entries[entry];
+        for (output, &(offset, bytes)) in outputs.iter_mut().zip(&run.outputs) {
             debug_assert_eq!(output.len() as u64, bytes);
             // SAFETY: as for the inputs; the run's fence has signaled and its last barrier made
             // the shader writes visible to the host.
             unsafe { memory::read(self.io, offset, output) };
         }
-        if let Some(offset) = self.faults {
-            let mut bytes = vec![0u8; self.fault_words.len() * 4];
+        self.fault_words.clear();
+        if let Some((offset, len)) = run.faults {
+            let mut bytes = vec![0u8; len as usize];
             // SAFETY: `plan` placed the words' copy at `offset` of the io buffer; the run's last
             // barrier made the copy visible to the host.
             unsafe { memory::read(self.io, offset, &mut bytes) };
-            for (word, b) in self.fault_words.iter_mut().zip(bytes.chunks_exact(4)) {
-                *word = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
+            self.fault_words
+                .extend(bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
         }
-        if let (Some(times), Ok(timing)) = (times, &self.timing) {
-            let mut ticks = vec![0u64; self.steps + 1];
+        if let (Some(times), Ok(timing)) = (times, &run.timing) {
+            let mut ticks = vec![0u64; run.steps + 1];
             // SAFETY: the pool has steps + 1 queries, all written by the submission just waited
             // for.
             unsafe {
-                device.get_query_pool_results(
+                self.gpu.device.get_query_pool_results(
                     timing.pool,
                     0,
                     &mut ticks,
@@ -363,6 +449,31 @@ impl VulkanBackend {
             }
         }
         Ok(())
+    }
+
+    /// Copies the arena bytes `range` (inside the state's slots) into `out`.
+    pub fn read_state(&mut self, range: std::ops::Range<usize>, out: &mut [u8]) -> Result<(), RuntimeError> {
+        self.check_usable()?;
+        let state = self.state.as_ref().ok_or_else(|| RuntimeError::invalid("the model keeps no state"))?;
+        let (map, down) = (state.map, state.down);
+        self.submit(down)?;
+        // SAFETY: the range lies in a slot, inside the mapped state buffer (plan); the copy's
+        // fence has signaled and its barrier made it visible to the host.
+        unsafe { memory::read(map, range.start as u64, out) };
+        Ok(())
+    }
+
+    /// Writes `value` into the arena bytes `range` (inside the state's slots), leaving the
+    /// other slots as they are.
+    pub fn write_state(&mut self, range: std::ops::Range<usize>, value: &[u8]) -> Result<(), RuntimeError> {
+        self.check_usable()?;
+        let state = self.state.as_ref().ok_or_else(|| RuntimeError::invalid("the model keeps no state"))?;
+        let (map, down, up) = (state.map, state.down, state.up);
+        // The other slots' current values first, so the copy up writes them back unchanged.
+        self.submit(down)?;
+        // SAFETY: as in `read_state`; no submission is pending.
+        unsafe { memory::write(map, range.start as u64, value) };
+        self.submit(up)
     }
 }
 
@@ -452,7 +563,7 @@ mod tests {
         let x_bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut t = vec![0u8; 4096];
         let inputs = [crate::TensorRef::new("x", DType::F32, &[1024], &x_bytes)];
-        backend.execute(&inputs, &mut [&mut t], None).unwrap();
+        backend.execute(0, &inputs, &mut [&mut t], None).unwrap();
         let expected: Vec<u8> = x.iter().zip(&w).flat_map(|(x, w)| (x * w).to_le_bytes()).collect();
         assert_eq!(t, expected);
         // lavapipe's device memory is mappable: without forcing, the weights are written in place.

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use ash::vk;
 
 use super::memory::Owned;
-use super::plan::{Plan, Region};
+use super::plan::{Plan, Region, StepPlan};
 use super::vk_err;
 use crate::error::RuntimeError;
 
@@ -97,37 +97,35 @@ pub(crate) fn pipelines(
     Ok(out)
 }
 
-/// One descriptor set per step, each binding written with its buffer, offset and range.
+/// One descriptor set per step of an entry point, each binding written with its buffer, offset and range.
 pub(crate) fn descriptor_sets(
     device: &ash::Device,
     owned: &mut Owned,
-    plan: &Plan,
+    steps: &[StepPlan],
     pipelines: &[Pipeline],
     buffers: impl Fn(Region) -> vk::Buffer,
     label: &str,
 ) -> Result<Vec<vk::DescriptorSet>, RuntimeError> {
-    let total: usize = plan.steps.iter().map(|s| s.bindings.len()).sum();
+    let total: usize = steps.iter().map(|s| s.bindings.len()).sum();
     // A pool size of 0 descriptors is invalid; a model of argument-less steps asks for one.
     let sizes = [vk::DescriptorPoolSize::default()
         .ty(vk::DescriptorType::STORAGE_BUFFER)
         .descriptor_count(total.max(1) as u32)];
-    let info =
-        vk::DescriptorPoolCreateInfo::default().max_sets(plan.steps.len().max(1) as u32).pool_sizes(&sizes);
+    let info = vk::DescriptorPoolCreateInfo::default().max_sets(steps.len().max(1) as u32).pool_sizes(&sizes);
     // SAFETY: a valid create info for a live device.
     let pool = unsafe { device.create_descriptor_pool(&info, None) }
         .map_err(|e| vk_err("vkCreateDescriptorPool", label, e))?;
     owned.descriptor_pools.push(pool);
-    if plan.steps.is_empty() {
+    if steps.is_empty() {
         return Ok(Vec::new());
     }
     let set_layouts: Vec<vk::DescriptorSetLayout> =
-        plan.steps.iter().map(|s| pipelines[s.pipeline].set_layout).collect();
+        steps.iter().map(|s| pipelines[s.pipeline].set_layout).collect();
     let info = vk::DescriptorSetAllocateInfo::default().descriptor_pool(pool).set_layouts(&set_layouts);
     // SAFETY: the pool has room for one set per step and every layout is live.
     let sets = unsafe { device.allocate_descriptor_sets(&info) }
         .map_err(|e| vk_err("vkAllocateDescriptorSets", label, e))?;
-    let infos: Vec<Vec<vk::DescriptorBufferInfo>> = plan
-        .steps
+    let infos: Vec<Vec<vk::DescriptorBufferInfo>> = steps
         .iter()
         .map(|step| {
             step.bindings

@@ -8,7 +8,7 @@ use std::ffi::CString;
 use super::check::{self, DeviceCaps};
 use super::spirv;
 use crate::error::RuntimeError;
-use crate::manifest::{BufRef, Dispatch, Manifest, VulkanTarget};
+use crate::manifest::{BufRef, Dispatch, EntryView, Manifest, VulkanTarget};
 use crate::model::check_index;
 use crate::weights::WeightStore;
 
@@ -53,16 +53,26 @@ pub(crate) struct Plan {
     /// The words of each module of `kernels.spv`.
     pub modules: Vec<Vec<u32>>,
     pub pipelines: Vec<PipelineKey>,
-    pub steps: Vec<StepPlan>,
+    /// Each entry point's steps and io layout, `forward` first.
+    pub entries: Vec<EntryPlan>,
     /// Bytes to allocate for the arena (the manifest's size plus slack for 4-byte ranges).
     pub arena_size: u64,
     /// Each referenced weight and its offset in the weights buffer.
     pub weights: Vec<(String, u64)>,
     pub weights_size: u64,
+    /// The io buffer's size: the largest entry point's (entry points never run at once).
+    pub io_size: u64,
+    /// The bytes from the arena's start that hold the persistent state's slots (0: none).
+    pub state_bytes: u64,
+}
+
+/// One entry point as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EntryPlan {
+    pub steps: Vec<StepPlan>,
     /// `(offset, bytes)` of each input and output in the io buffer.
     pub inputs: Vec<(u64, u64)>,
     pub outputs: Vec<(u64, u64)>,
-    pub io_size: u64,
     /// The fault words, when a kernel can fault: filled at the start of each run, copied into
     /// the io buffer at its end.
     pub faults: Option<FaultWords>,
@@ -158,52 +168,59 @@ pub(crate) fn plan(
     let mut weight_offsets: HashMap<String, u64> = HashMap::new();
     let mut weight_list = Vec::new();
     let mut weights_end = 0u64;
-    // Inputs and outputs: one after another in the io buffer.
-    let mut io_end = 0u64;
+    let mut io_size = 0u64;
+    let mut pipelines: Vec<PipelineKey> = Vec::new();
+    let mut pipeline_of: HashMap<(usize, String), usize> = HashMap::new();
+    let mut entries = Vec::new();
     let place = |end: &mut u64, bytes: u64, what: &str| -> Result<u64, RuntimeError> {
         let at = align_up(*end, align).ok_or_else(|| too_big(what))?;
         *end = at.checked_add(range_of(bytes)).ok_or_else(|| too_big(what))?;
         Ok(at)
     };
-    let mut inputs = Vec::with_capacity(manifest.inputs.len());
-    for spec in &manifest.inputs {
-        let bytes = spec.byte_len().ok_or_else(|| too_big("inputs"))?;
-        inputs.push((place(&mut io_end, bytes, "inputs and outputs")?, bytes));
-    }
-    let mut outputs = Vec::with_capacity(manifest.outputs.len());
-    for spec in &manifest.outputs {
-        let bytes = spec.byte_len().ok_or_else(|| too_big("outputs"))?;
-        outputs.push((place(&mut io_end, bytes, "inputs and outputs")?, bytes));
-    }
-    // The fault words' copy follows the outputs (`faults::check` placed them in the arena).
-    let faults = match &manifest.faults {
-        Some(f) => {
-            let bytes = f.bytes();
-            Some(FaultWords { arena: f.offset, io: place(&mut io_end, bytes, "inputs and outputs")?, bytes })
+    for view in manifest.entry_views() {
+        // Inputs and outputs: one after another in the io buffer.
+        let mut io_end = 0u64;
+        let mut inputs = Vec::with_capacity(view.inputs.len());
+        for spec in view.inputs {
+            let bytes = spec.byte_len().ok_or_else(|| too_big("inputs"))?;
+            inputs.push((place(&mut io_end, bytes, "inputs and outputs")?, bytes));
         }
-        None => None,
-    };
-
-    let mut pipelines: Vec<PipelineKey> = Vec::new();
-    let mut pipeline_of: HashMap<(usize, String), usize> = HashMap::new();
-    let mut steps = Vec::with_capacity(manifest.steps.len());
-    for step in &manifest.steps {
-        let at = &step.label;
-        let (module, grid, workgroup) = match step.dispatch {
-            Dispatch::Gpu { module, grid, workgroup } => (module as usize, grid, workgroup),
-            Dispatch::Cpu { .. } => {
-                return Err(RuntimeError::invalid(format!(
-                    "step {at:?} is a CPU dispatch in a Vulkan artifact"
-                )))
+        let mut outputs = Vec::with_capacity(view.outputs.len());
+        for spec in view.outputs {
+            let bytes = spec.byte_len().ok_or_else(|| too_big("outputs"))?;
+            outputs.push((place(&mut io_end, bytes, "inputs and outputs")?, bytes));
+        }
+        // The fault words' copy follows the outputs (`faults::check` placed them in the arena).
+        let faults = match view.faults {
+            Some(f) => {
+                let bytes = f.bytes();
+                Some(FaultWords {
+                    arena: f.offset,
+                    io: place(&mut io_end, bytes, "inputs and outputs")?,
+                    bytes,
+                })
             }
+            None => None,
         };
-        let info = infos.get(module).ok_or_else(|| {
-            RuntimeError::invalid(format!(
-                "step {at:?} uses module {module}, but the manifest has {} modules",
-                manifest.modules.len()
-            ))
-        })?;
-        let entry = info.entries.get(&step.symbol).ok_or_else(|| {
+
+        let mut steps = Vec::with_capacity(view.steps.len());
+        for step in view.steps {
+            let at = &step.label;
+            let (module, grid, workgroup) = match step.dispatch {
+                Dispatch::Gpu { module, grid, workgroup } => (module as usize, grid, workgroup),
+                Dispatch::Cpu { .. } => {
+                    return Err(RuntimeError::invalid(format!(
+                        "step {at:?} is a CPU dispatch in a Vulkan artifact"
+                    )))
+                }
+            };
+            let info = infos.get(module).ok_or_else(|| {
+                RuntimeError::invalid(format!(
+                    "step {at:?} uses module {module}, but the manifest has {} modules",
+                    manifest.modules.len()
+                ))
+            })?;
+            let entry = info.entries.get(&step.symbol).ok_or_else(|| {
             let mut names: Vec<&str> = info.entries.keys().map(String::as_str).collect();
             names.sort_unstable();
             RuntimeError::Spirv {
@@ -215,144 +232,158 @@ pub(crate) fn plan(
                 ),
             }
         })?;
-        match entry.local_size {
-            Some(size) if size == workgroup => {}
-            Some(size) => {
-                return Err(RuntimeError::Spirv {
-                    module,
-                    message: format!(
+            match entry.local_size {
+                Some(size) if size == workgroup => {}
+                Some(size) => {
+                    return Err(RuntimeError::Spirv {
+                        module,
+                        message: format!(
                     "entry point {:?} has LocalSize {size:?}, but step {at:?} says workgroup {workgroup:?}",
                     step.symbol
                 ),
-                })
-            }
-            None => {
-                return Err(RuntimeError::Spirv {
-                    module,
-                    message: format!(
+                    })
+                }
+                None => {
+                    return Err(RuntimeError::Spirv {
+                        module,
+                        message: format!(
                         "entry point {:?} has no literal LocalSize execution mode nor WorkgroupSize built-in",
                         step.symbol
                     ),
-                })
+                    })
+                }
             }
-        }
-        if let Some(shared) = entry.shared_bytes.filter(|&n| n > u64::from(target.max_shared_bytes)) {
-            return Err(RuntimeError::Spirv {
-                module,
-                message: format!(
-                    "entry point {:?} uses {shared} bytes of workgroup memory, more than the target's \
+            if let Some(shared) = entry.shared_bytes.filter(|&n| n > u64::from(target.max_shared_bytes)) {
+                return Err(RuntimeError::Spirv {
+                    module,
+                    message: format!(
+                        "entry point {:?} uses {shared} bytes of workgroup memory, more than the target's \
                      max_shared_bytes {}",
-                    step.symbol, target.max_shared_bytes
-                ),
-            });
-        }
-        check::check_launch(step, grid, workgroup, target, caps)?;
+                        step.symbol, target.max_shared_bytes
+                    ),
+                });
+            }
+            check::check_launch(step, grid, workgroup, target, caps)?;
 
-        let key = (module, step.symbol.clone());
-        let pipeline = match pipeline_of.get(&key) {
-            Some(&p) if pipelines[p].bindings == step.args.len() => p,
-            Some(&p) => {
-                return Err(RuntimeError::invalid(format!(
+            let key = (module, step.symbol.clone());
+            let pipeline = match pipeline_of.get(&key) {
+                Some(&p) if pipelines[p].bindings == step.args.len() => p,
+                Some(&p) => {
+                    return Err(RuntimeError::invalid(format!(
                     "step {at:?} passes {} buffers to entry point {:?} of module {module}, another step {}",
                     step.args.len(),
                     step.symbol,
                     pipelines[p].bindings
                 )))
-            }
-            None => {
-                let entry = CString::new(step.symbol.clone()).map_err(|_| {
-                    RuntimeError::invalid(format!(
-                        "step {at:?}: entry point name {:?} contains NUL",
-                        step.symbol
-                    ))
-                })?;
-                pipelines.push(PipelineKey { module, entry, bindings: step.args.len() });
-                pipeline_of.insert(key, pipelines.len() - 1);
-                pipelines.len() - 1
-            }
-        };
-
-        let mut bindings = Vec::with_capacity(step.args.len());
-        let mut bound = Vec::with_capacity(step.args.len());
-        for (arg, buf) in step.args.iter().enumerate() {
-            let binding = match buf {
-                BufRef::Arena { offset, bytes } => {
-                    crate::device::check_arena_range(
-                        at,
-                        *offset,
-                        *bytes,
-                        manifest.arena_bytes,
-                        align,
-                        "not a multiple of the target's buffer_align",
-                    )?;
-                    Binding { region: Region::Arena, offset: *offset, range: range_of(*bytes) }
                 }
-                BufRef::Weight { name, bytes } => {
-                    let view = weights.get(name).ok_or_else(|| RuntimeError::MissingWeight {
-                        step: at.clone(),
-                        name: name.clone(),
+                None => {
+                    let entry = CString::new(step.symbol.clone()).map_err(|_| {
+                        RuntimeError::invalid(format!(
+                            "step {at:?}: entry point name {:?} contains NUL",
+                            step.symbol
+                        ))
                     })?;
-                    let found = view.bytes.len() as u64;
-                    if found != *bytes {
-                        return Err(RuntimeError::WeightSize {
-                            step: at.clone(),
-                            name: name.clone(),
-                            expected: *bytes,
-                            found,
-                        });
-                    }
-                    let offset = match weight_offsets.get(name) {
-                        Some(&offset) => offset,
-                        None => {
-                            let offset = place(&mut weights_end, found, "weights")?;
-                            weight_offsets.insert(name.clone(), offset);
-                            weight_list.push((name.clone(), offset));
-                            offset
-                        }
-                    };
-                    Binding { region: Region::Weights, offset, range: range_of(found) }
-                }
-                BufRef::Input { index } => {
-                    let i = check_index(at, "input", *index, manifest.inputs.len())?;
-                    Binding { region: Region::Io, offset: inputs[i].0, range: range_of(inputs[i].1) }
-                }
-                BufRef::Output { index } => {
-                    let i = check_index(at, "output", *index, manifest.outputs.len())?;
-                    Binding { region: Region::Io, offset: outputs[i].0, range: range_of(outputs[i].1) }
+                    pipelines.push(PipelineKey { module, entry, bindings: step.args.len() });
+                    pipeline_of.insert(key, pipelines.len() - 1);
+                    pipelines.len() - 1
                 }
             };
-            check::check_range(step, arg, binding.range, caps)?;
-            bindings.push(binding);
-            bound.push(bytes_of(buf, weights, manifest));
+
+            let mut bindings = Vec::with_capacity(step.args.len());
+            let mut bound = Vec::with_capacity(step.args.len());
+            for (arg, buf) in step.args.iter().enumerate() {
+                let binding = match buf {
+                    BufRef::Arena { offset, bytes } => {
+                        crate::device::check_arena_range(
+                            at,
+                            *offset,
+                            *bytes,
+                            manifest.arena_bytes,
+                            align,
+                            "not a multiple of the target's buffer_align",
+                        )?;
+                        Binding { region: Region::Arena, offset: *offset, range: range_of(*bytes) }
+                    }
+                    BufRef::Weight { name, bytes } => {
+                        let view = weights.get(name).ok_or_else(|| RuntimeError::MissingWeight {
+                            step: at.clone(),
+                            name: name.clone(),
+                        })?;
+                        let found = view.bytes.len() as u64;
+                        if found != *bytes {
+                            return Err(RuntimeError::WeightSize {
+                                step: at.clone(),
+                                name: name.clone(),
+                                expected: *bytes,
+                                found,
+                            });
+                        }
+                        let offset = match weight_offsets.get(name) {
+                            Some(&offset) => offset,
+                            None => {
+                                let offset = place(&mut weights_end, found, "weights")?;
+                                weight_offsets.insert(name.clone(), offset);
+                                weight_list.push((name.clone(), offset));
+                                offset
+                            }
+                        };
+                        Binding { region: Region::Weights, offset, range: range_of(found) }
+                    }
+                    BufRef::Input { index } => {
+                        let i = check_index(at, "input", *index, view.inputs.len())?;
+                        Binding { region: Region::Io, offset: inputs[i].0, range: range_of(inputs[i].1) }
+                    }
+                    BufRef::Output { index } => {
+                        let i = check_index(at, "output", *index, view.outputs.len())?;
+                        Binding { region: Region::Io, offset: outputs[i].0, range: range_of(outputs[i].1) }
+                    }
+                };
+                check::check_range(step, arg, binding.range, caps)?;
+                bindings.push(binding);
+                bound.push(bytes_of(buf, weights, &view));
+            }
+            check_buffers(module, &step.symbol, at, &entry.buffers, &bound)?;
+            steps.push(StepPlan { pipeline, grid, bindings });
         }
-        check_buffers(module, &step.symbol, at, &entry.buffers, &bound)?;
-        steps.push(StepPlan { pipeline, grid, bindings });
+        io_size = io_size.max(io_end);
+        entries.push(EntryPlan { steps, inputs, outputs, faults });
+    }
+    // The state's slots were checked against the arena (`model::check_state`).
+    let state_bytes = manifest
+        .state
+        .iter()
+        .map(|s| s.offset.saturating_add(s.byte_len().unwrap_or(u64::MAX)))
+        .max()
+        .unwrap_or(0);
+    if state_bytes > manifest.arena_bytes {
+        return Err(RuntimeError::invalid(format!(
+            "the state's slots end at byte {state_bytes}, past the arena of {} bytes",
+            manifest.arena_bytes
+        )));
     }
     let slack = |end: u64, what: &str| end.checked_add(SLACK).ok_or_else(|| too_big(what));
     Ok(Plan {
         modules,
         pipelines,
-        steps,
+        entries,
         arena_size: slack(manifest.arena_bytes, "arena bytes")?,
         weights: weight_list,
         weights_size: slack(weights_end, "weights")?,
-        inputs,
-        outputs,
-        io_size: slack(io_end, "inputs and outputs")?,
-        faults,
+        io_size: slack(io_size, "inputs and outputs")?,
+        state_bytes,
     })
 }
 
 /// The bytes a checked argument holds (the manifest's, which the loop above checked).
-fn bytes_of(buf: &BufRef, weights: &WeightStore, manifest: &Manifest) -> u64 {
+fn bytes_of(buf: &BufRef, weights: &WeightStore, view: &EntryView<'_>) -> u64 {
     let spec_bytes = |specs: &[crate::manifest::TensorSpec], index: u32| {
         specs.get(index as usize).and_then(|s| s.byte_len()).unwrap_or(0)
     };
     match buf {
         BufRef::Arena { bytes, .. } => *bytes,
         BufRef::Weight { name, .. } => weights.get(name).map_or(0, |w| w.bytes.len() as u64),
-        BufRef::Input { index } => spec_bytes(&manifest.inputs, *index),
-        BufRef::Output { index } => spec_bytes(&manifest.outputs, *index),
+        BufRef::Input { index } => spec_bytes(view.inputs, *index),
+        BufRef::Output { index } => spec_bytes(view.outputs, *index),
     }
 }
 

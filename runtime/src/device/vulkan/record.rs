@@ -8,7 +8,7 @@ use ash::vk;
 
 use super::memory::Owned;
 use super::pipelines::Pipeline;
-use super::plan::{FaultWords, Plan};
+use super::plan::{EntryPlan, FaultWords};
 use super::vk_err;
 use crate::error::RuntimeError;
 
@@ -64,14 +64,14 @@ pub(crate) fn command_buffers(
         .map_err(|e| vk_err("vkAllocateCommandBuffers", label, e))
 }
 
-/// Records the model's steps into `cb`; with `timestamps`, query 0 is written before the first
+/// Records an entry point's steps into `cb`; with `timestamps`, query 0 is written before the first
 /// step and query i + 1 after step i. `buffers` are the arena and the io buffer, between which
 /// the fault words move.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn record_run(
     device: &ash::Device,
     cb: vk::CommandBuffer,
-    plan: &Plan,
+    plan: &EntryPlan,
     pipelines: &[Pipeline],
     sets: &[vk::DescriptorSet],
     timestamps: Option<vk::QueryPool>,
@@ -195,6 +195,69 @@ pub(crate) fn record_upload(
             device.cmd_copy_buffer(cb, from, to, &[vk::BufferCopy::default().size(size)]);
         }
         device.cmd_fill_buffer(cb, arena.0, 0, arena.1 / 4 * 4, 0);
+        device.end_command_buffer(cb).map_err(|e| vk_err("vkEndCommandBuffer", label, e))
+    }
+}
+
+/// Which way a state copy goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StateCopy {
+    /// From the arena's state slots into the host-visible state buffer (to read state).
+    Down,
+    /// From the state buffer into the arena's slots (to write state, and at load).
+    Up,
+}
+
+/// Records the copy of the arena's first `bytes` bytes (the state's slots) to or from the
+/// host-visible `state` buffer, ordered after every earlier kernel, host write and copy, and
+/// before every later kernel (whose first barrier waits on transfers) and host read.
+pub(crate) fn record_state_copy(
+    device: &ash::Device,
+    cb: vk::CommandBuffer,
+    way: StateCopy,
+    (arena, state): (vk::Buffer, vk::Buffer),
+    bytes: u64,
+    label: &str,
+) -> Result<(), RuntimeError> {
+    let begin = vk::CommandBufferBeginInfo::default();
+    let before = vk::MemoryBarrier::default()
+        .src_access_mask(
+            vk::AccessFlags::SHADER_WRITE | vk::AccessFlags::HOST_WRITE | vk::AccessFlags::TRANSFER_WRITE,
+        )
+        .dst_access_mask(vk::AccessFlags::TRANSFER_READ | vk::AccessFlags::TRANSFER_WRITE);
+    let after =
+        vk::MemoryBarrier::default().src_access_mask(vk::AccessFlags::TRANSFER_WRITE).dst_access_mask(
+            vk::AccessFlags::HOST_READ | vk::AccessFlags::SHADER_READ | vk::AccessFlags::SHADER_WRITE,
+        );
+    let (from, to) = match way {
+        StateCopy::Down => (arena, state),
+        StateCopy::Up => (state, arena),
+    };
+    // SAFETY: a fresh command buffer of a live pool; both buffers are live, owned by the model,
+    // and hold at least `bytes` bytes (the plan checked the slots against the arena).
+    unsafe {
+        device.begin_command_buffer(cb, &begin).map_err(|e| vk_err("vkBeginCommandBuffer", label, e))?;
+        device.cmd_pipeline_barrier(
+            cb,
+            vk::PipelineStageFlags::COMPUTE_SHADER
+                | vk::PipelineStageFlags::HOST
+                | vk::PipelineStageFlags::TRANSFER,
+            vk::PipelineStageFlags::TRANSFER,
+            vk::DependencyFlags::empty(),
+            &[before],
+            &[],
+            &[],
+        );
+        device.cmd_copy_buffer(cb, from, to, &[vk::BufferCopy::default().size(bytes)]);
+        device.cmd_pipeline_barrier(
+            cb,
+            vk::PipelineStageFlags::TRANSFER,
+            vk::PipelineStageFlags::HOST | vk::PipelineStageFlags::COMPUTE_SHADER,
+            vk::DependencyFlags::empty(),
+            &[after],
+            &[],
+            &[],
+        );
         device.end_command_buffer(cb).map_err(|e| vk_err("vkEndCommandBuffer", label, e))
     }
 }
