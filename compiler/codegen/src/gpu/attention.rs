@@ -175,6 +175,20 @@ pub fn emit(
         });
         (m_new, dead, corr)
     };
+    // The tile's weights `p = exp(score − m_new)` (0 for a row with nothing to see), key `%jj`
+    // by key: `add_row` adds `p` times the key's value row to the output row; the loop yields
+    // the sum of the weights (`%lt`).
+    let weighted = |b: &mut Body, m_new: &str, dead: &str, add_row: &mut dyn FnMut(&mut Body, &str)| {
+        b.open(format!("%lt = scf.for %jj = {c0} to {bkc} step {c1} iter_args(%ls = {zero}) -> ({ty})"));
+        let s = b.assign(format!("memref.load {sp}[%jj] : {sp_ty}"));
+        let dlt = b.fsub(&s, m_new, ty);
+        let p = b.exp(&dlt, ty);
+        let p = b.select(dead, &zero, &p, ty);
+        add_row(b, &p);
+        let ls = b.fadd("%ls", &p, ty);
+        b.line(format!("scf.yield {ls} : {ty}"));
+        b.close("");
+    };
     let (m_new, corr, lt) = if d <= UNROLL_MAX && dv <= UNROLL_MAX {
         // Rows unrolled: the query and output rows stay in registers, each key and value row
         // is read from shared memory in runs of 4 (one vector access each on NVVM; every
@@ -213,25 +227,19 @@ pub fn emit(
         b.line(format!("scf.yield {mx} : {ty}"));
         b.close("");
         let (m_new, dead, corr) = rescale(&mut b, "%tmax");
-        b.open(format!("%lt = scf.for %jj = {c0} to {bkc} step {c1} iter_args(%ls = {zero}) -> ({ty})"));
-        let s = b.assign(format!("memref.load {sp}[%jj] : {sp_ty}"));
-        let dlt = b.fsub(&s, &m_new, ty);
-        let p = b.exp(&dlt, ty);
-        let p = b.select(&dead, &zero, &p, ty);
-        let vrow = b.assign(format!("arith.muli %jj, {dvc} : index"));
-        for d0 in (0..dv).step_by(4) {
-            let at = plus(&mut b, &vrow, d0);
-            let vv = mem_v.read(&mut b, &at, 4.min(dv - d0), ty);
-            for (e, x) in vv.iter().enumerate() {
-                let c = b.index(d0 + e);
-                let o = b.assign(format!("memref.load {ap}[{c}] : {ap_ty}"));
-                let o = b.fma(&p, x, &o, ty);
-                b.line(format!("memref.store {o}, {ap}[{c}] : {ap_ty}"));
+        weighted(&mut b, &m_new, &dead, &mut |b, p| {
+            let vrow = b.assign(format!("arith.muli %jj, {dvc} : index"));
+            for d0 in (0..dv).step_by(4) {
+                let at = plus(b, &vrow, d0);
+                let vv = mem_v.read(b, &at, 4.min(dv - d0), ty);
+                for (e, x) in vv.iter().enumerate() {
+                    let c = b.index(d0 + e);
+                    let o = b.assign(format!("memref.load {ap}[{c}] : {ap_ty}"));
+                    let o = b.fma(p, x, &o, ty);
+                    b.line(format!("memref.store {o}, {ap}[{c}] : {ap_ty}"));
+                }
             }
-        }
-        let ls = b.fadd("%ls", &p, ty);
-        b.line(format!("scf.yield {ls} : {ty}"));
-        b.close("");
+        });
         (m_new, corr, "%lt".to_string())
     } else {
         // Scores of this tile, and their max.
@@ -250,22 +258,16 @@ pub fn emit(
         b.line(format!("scf.yield {mx} : {ty}"));
         b.close("");
         let (m_new, dead, corr) = rescale(&mut b, "%tmax");
-        b.open(format!("%lt = scf.for %jj = {c0} to {bkc} step {c1} iter_args(%ls = {zero}) -> ({ty})"));
-        let s = b.assign(format!("memref.load {sp}[%jj] : {sp_ty}"));
-        let dlt = b.fsub(&s, &m_new, ty);
-        let p = b.exp(&dlt, ty);
-        let p = b.select(&dead, &zero, &p, ty);
-        let vbase = b.assign(format!("arith.muli %jj, {dvc} : index"));
-        each(&mut b, dv, "%dd", &mut |b, dd| {
-            let at = b.assign(format!("arith.addi {vbase}, {dd} : index"));
-            let vv = b.assign(format!("memref.load {sh_v}[{at}] : {sv_ty}"));
-            let o = b.assign(format!("memref.load {ap}[{dd}] : {ap_ty}"));
-            let o = b.fma(&p, &vv, &o, ty);
-            b.line(format!("memref.store {o}, {ap}[{dd}] : {ap_ty}"));
+        weighted(&mut b, &m_new, &dead, &mut |b, p| {
+            let vbase = b.assign(format!("arith.muli %jj, {dvc} : index"));
+            each(b, dv, "%dd", &mut |b, dd| {
+                let at = b.assign(format!("arith.addi {vbase}, {dd} : index"));
+                let vv = b.assign(format!("memref.load {sh_v}[{at}] : {sv_ty}"));
+                let o = b.assign(format!("memref.load {ap}[{dd}] : {ap_ty}"));
+                let o = b.fma(p, &vv, &o, ty);
+                b.line(format!("memref.store {o}, {ap}[{dd}] : {ap_ty}"));
+            });
         });
-        let ls = b.fadd("%ls", &p, ty);
-        b.line(format!("scf.yield {ls} : {ty}"));
-        b.close("");
         (m_new, corr, "%lt".to_string())
     };
     let l_old = b.fmul("%l", &corr, ty);
