@@ -541,9 +541,6 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
             "--entry {entry} runs an entry point of an artifact: build one with `kiln compile --train -o M.kiln` first"
         )));
     }
-    if a.profile && entry != kiln_runtime::FORWARD_ENTRY {
-        return Err(Failure::Usage("--profile times the `forward` entry point only".into()));
-    }
     // A model spec is compiled for this machine into a private directory first.
     let _scratch;
     let (mut model, graph) = if is_artifact {
@@ -608,7 +605,8 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
     let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
     let repeats = a.repeats.max(1);
     let outputs = if a.profile {
-        let (outputs, profile) = model.run_profiled(&refs, repeats).map_err(|e| user(e.to_string()))?;
+        let (outputs, profile) =
+            model.run_entry_profiled(entry, &refs, repeats).map_err(|e| user(e.to_string()))?;
         println!("{profile}");
         outputs
     } else {

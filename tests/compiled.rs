@@ -2403,6 +2403,16 @@ fn the_cli_builds_runs_and_inspects_a_training_artifact() {
         stdout.contains("\nloss: f32[] [") && stdout.contains("\noptim.lr: f32[] [0.100000]"),
         "{stdout}"
     );
+    // `--profile` times the entry point asked for: its steps, one of them the weight update.
+    let (code, stdout, stderr) =
+        kiln_cli(&["run", a, "--entry", "train_step", "--repeats", "1", "--profile"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let steps = |out: &str| {
+        out.lines().find_map(|l| l.strip_prefix("profile: ")?.split(' ').next()?.parse::<usize>().ok())
+    };
+    let (_, forward, _) = kiln_cli(&["run", a, "--repeats", "1", "--profile"]);
+    assert!(steps(&stdout) > steps(&forward) && steps(&forward).is_some(), "{stdout}\n{forward}");
+    assert!(stdout.contains("\nloss: f32[] ["), "{stdout}");
     let (code, stdout, _) = kiln_cli(&["inspect", a]);
     assert_eq!(code, Some(0));
     for line in [

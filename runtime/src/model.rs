@@ -328,19 +328,39 @@ impl Model {
         inputs: &[TensorRef],
         repeats: usize,
     ) -> Result<(Vec<Tensor>, Profile), RuntimeError> {
-        let mut outputs = self.new_outputs()?;
+        self.run_entry_profiled(FORWARD_ENTRY, inputs, repeats)
+    }
+
+    /// [`Model::run_profiled`] for entry point `entry` (a training artifact's `train_step`:
+    /// every run is one more step, so its state moves on).
+    pub fn run_entry_profiled(
+        &mut self,
+        entry: &str,
+        inputs: &[TensorRef],
+        repeats: usize,
+    ) -> Result<(Vec<Tensor>, Profile), RuntimeError> {
+        let index = self.entry_index(entry)?;
+        let view = self.manifest.entry_views()[index];
+        let mut outputs: Vec<Tensor> = view.outputs.iter().map(Tensor::zeroed).collect::<Result<_, _>>()?;
+        let labels: Vec<(String, u64, u64)> =
+            view.steps.iter().map(|s| (s.label.clone(), s.flops, s.bytes)).collect();
         let mut step_times = Vec::new();
         let mut run_times = Vec::new();
         for _ in 0..repeats.max(1) {
-            let mut times = Vec::with_capacity(self.manifest.steps.len());
+            let mut times = Vec::with_capacity(labels.len());
             let start = Instant::now();
-            self.run_outputs(inputs, &mut outputs, Some(&mut times))?;
+            let mut bufs: Vec<&mut [u8]> = outputs.iter_mut().map(Tensor::bytes_mut).collect();
+            self.execute(index, inputs, &mut bufs, Some(&mut times))?;
             run_times.push(start.elapsed());
             step_times.push(times);
         }
-        let labels = self.manifest.steps.iter().map(|s| (s.label.clone(), s.flops, s.bytes));
-        let profile =
-            Profile::from_times(labels, &step_times, run_times, self.manifest.arena_bytes, self.threads());
+        let profile = Profile::from_times(
+            labels.into_iter(),
+            &step_times,
+            run_times,
+            self.manifest.arena_bytes,
+            self.threads(),
+        );
         Ok((outputs, profile))
     }
 
