@@ -238,6 +238,7 @@ impl HostBackend {
         let (pool, threads) = (self.pool.as_ref(), self.threads);
         let launches = &mut self.launches[entry];
         let mut steps = move || {
+            let _flush = exec::FlushDenormals::new();
             for launch in launches.iter_mut() {
                 for &(arg, slot) in &launch.slots {
                     launch.args[arg] = match slot {
