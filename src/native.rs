@@ -252,24 +252,14 @@ fn schedule_entries<'a>(
 
 /// Schedules and compiles the entry points `entries` (`forward` first; one graph each) for
 /// `target` into the artifact directory `out`. Several entry points share one arena and the
-/// union of their state, on a CPU or Vulkan target.
+/// union of their state, on every target.
 fn build(
     entries: &[(&str, Graph)],
     params: &HashMap<String, Tensor>,
     target: &CompileTarget,
     out: &Path,
 ) -> Result<BuildReport, Failure> {
-    let g = match entries {
-        [(_, g)] => g,
-        _ => match target {
-            CompileTarget::Cpu(_) | CompileTarget::Vulkan(_) => &entries[0].1,
-            CompileTarget::Cuda(_) => {
-                return Err(user(
-                    "a training artifact (--train) is built for CPU and Vulkan targets only: the CUDA target keeps no state between runs yet",
-                ))
-            }
-        },
-    };
+    let g = &entries.first().ok_or_else(|| user("no entry point to build"))?.1;
     match target {
         CompileTarget::Cpu(cpu) => {
             let schedules = schedule_entries(entries, kiln_sched::ALIGN)?;
@@ -288,9 +278,10 @@ fn build(
             Ok(report)
         }
         CompileTarget::Cuda(caps) => {
-            let s = kiln_sched::schedule_aligned(g, caps.buffer_align).map_err(|e| user(e.to_string()))?;
+            let schedules = schedule_entries(entries, caps.buffer_align)?;
+            let refs: Vec<(&str, &kiln_sched::Schedule)> = schedules.iter().map(|(n, s)| (*n, s)).collect();
             let ptxas = Ptxas::find();
-            let b = kiln_codegen::build_cuda_artifact(&g.name, &s, params, caps, ptxas.as_ref(), out)
+            let b = kiln_codegen::build_cuda_entries(&g.name, &refs, params, caps, ptxas.as_ref(), out)
                 .map_err(|e| user(e.to_string()))?;
             let mut report = BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time);
             report.plans = b.program.kernels.iter().map(|k| (k.symbol.clone(), k.plan.describe())).collect();
@@ -366,12 +357,6 @@ pub(crate) fn build_in_place(
 pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
     let target = with_precision(target_by_name(&a.target)?, a.precision.as_deref())?;
     let start = Instant::now();
-    if a.train && matches!(target, CompileTarget::Cuda(_)) {
-        return Err(Failure::Usage(format!(
-            "--train builds a CPU or Vulkan artifact (host, x86_64, aarch64, vulkan): the {} target keeps no state between runs yet",
-            a.target
-        )));
-    }
     let (entries, params) = if a.train {
         prepare_train(&a.model, &a.set, a.weights.as_deref(), a.seed, a.init_missing)?
     } else {

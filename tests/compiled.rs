@@ -2338,15 +2338,21 @@ fn frozen_weights_are_prepacked_and_trained_ones_are_not() {
     g.add_output("late", late);
     g.declare_state("trained", kiln_ir::StateInit::Weights, Some("new")).unwrap();
     let params = kiln_ir::bind_params(&g, None, 1, false).unwrap();
-    // The CUDA target keeps no state: it refuses the graph before compiling anything.
+    // The CUDA target keeps the state in its arena too: the slot comes first, stored once as
+    // its initial value, and every step reads and writes it there.
     let dir = tempfile::tempdir().unwrap();
     let (caps, _) = cuda_caps("sm_80");
     let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
-    let err = kiln_codegen::build_cuda_artifact("mixed", &s, &params, &caps, None, dir.path()).err().unwrap();
+    let b = kiln_codegen::build_cuda_artifact("mixed", &s, &params, &caps, None, dir.path()).unwrap();
+    let slot = &b.manifest.state[..];
+    assert_eq!(slot.len(), 1);
     assert_eq!(
-        err.to_string(),
-        kiln_codegen::CodegenError::Unsupported("a graph with persistent state (a train-step artifact) on the CUDA target: state is kept by CPU and Vulkan artifacts only so far; compile for one of those".into()).to_string()
+        (slot[0].name.as_str(), slot[0].offset, &slot[0].init),
+        ("trained", 0, &kiln_runtime::StateInit::Weight { name: "trained".into() })
     );
+    let in_slot =
+        |a: &kiln_runtime::BufRef| matches!(a, kiln_runtime::BufRef::Arena { offset: 0, bytes: 512 });
+    assert!(b.manifest.steps.iter().any(|st| st.args.iter().any(in_slot)), "{:?}", b.manifest.steps);
     // Initializers of zeros would hide a stale weight: give both values.
     let params: HashMap<String, Tensor> = params
         .into_keys()
@@ -2439,18 +2445,42 @@ fn the_cli_builds_runs_and_inspects_a_training_artifact() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(!stderr.contains("warning"), "{stderr}");
 
+    // The same artifact for CUDA: both entry points over the state in its arena, every module
+    // assembled by `ptxas` when there is one; without a CUDA device its load says why, after
+    // every manifest check (state table, entry points, steps) has passed.
+    let cuda = dir.path().join("mlp-cuda.kiln");
+    compile_train_for(&spec, &cuda, "cuda");
+    let text = std::fs::read_to_string(cuda.join(kiln_runtime::MANIFEST_FILE)).unwrap();
+    let m = kiln_runtime::Manifest::from_ron(kiln_runtime::Manifest::split_digest(&text).unwrap()).unwrap();
+    let names: Vec<&str> = m.entry_views().iter().map(|e| e.name).collect();
+    assert_eq!(names, ["forward", "train_step"]);
+    assert_eq!(m.state.len(), 13);
+    assert_eq!((m.state[0].name.as_str(), m.state[0].offset), ("fc1.weight", 0));
+    let kiln_runtime::Target::Cuda(target) = &m.target else { panic!("a CUDA manifest: {:?}", m.target) };
+    if ptxas("the CUDA training artifact through ptxas").is_some() {
+        assert_eq!(target.cubins.len(), m.modules.len());
+        assert!(cuda.join(kiln_runtime::CUBIN_FILE).is_file());
+    }
+    let c = cuda.to_str().unwrap();
+    let (code, stdout, stderr) = kiln_cli(&["run", c, "--entry", "train_step", "--repeats", "2"]);
+    match kiln_runtime::devices().cuda_unavailable {
+        Some(reason) => {
+            assert_eq!(code, Some(1), "{stdout}{stderr}");
+            assert!(stderr.contains(&format!("CUDA is not available: {reason}")), "{stderr}");
+        }
+        None => {
+            assert_eq!(code, Some(0), "{stderr}");
+            assert!(stdout.contains("\noptim.lr: f32[] [0.100000]"), "{stdout}");
+        }
+    }
+
     let lstm = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/lstm.ron");
     let out = dir.path().join("x.kiln");
-    let cases: [(Vec<&str>, i32, String); 4] = [
+    let cases: [(Vec<&str>, i32, String); 3] = [
         (
             vec!["compile", lstm.to_str().unwrap(), "--train", "-o", out.to_str().unwrap()],
             1,
             format!("`kiln compile --train` builds a train step from the spec's training section, and {} has none", lstm.display()),
-        ),
-        (
-            vec!["compile", spec.to_str().unwrap(), "--train", "--target", "cuda", "-o", out.to_str().unwrap()],
-            2,
-            "--train builds a CPU or Vulkan artifact (host, x86_64, aarch64, vulkan): the cuda target keeps no state between runs yet".into(),
         ),
         (vec!["run", spec.to_str().unwrap(), "--entry", "train_step"], 2, "--entry train_step runs an entry point of an artifact".into()),
         (vec!["run", a, "--entry", "nope"], 1, "the model has no entry point \"nope\" (it has forward, train_step)".into()),
@@ -2756,13 +2786,23 @@ fn kiln_train_refuses_bad_usage_and_bad_data_with_clear_errors() {
         ),
         (&["--lr", "0"][..], "error: --lr 0: the learning rate must be a positive number\n"),
         (&["--epochs", "0"][..], "error: --epochs 0: train at least one epoch\n"),
-        (&["--device", "cuda"][..], "error: --device cuda: `kiln train` runs on `cpu` or `vulkan[:N]`\n"),
+        (
+            &["--device", "tpu"][..],
+            "error: --device tpu: `kiln train` runs on `cpu`, `vulkan[:N]` or `cuda[:N]`\n",
+        ),
     ] {
         let mut a = vec!["--data", good.as_str()];
         a.extend(flags);
         let out = train(&a);
         assert_eq!(out.status.code(), Some(2), "{flags:?}");
         assert_eq!(err(&out), message, "{flags:?}");
+    }
+    // CUDA trains the same artifact, compiled for it: without a CUDA device its load says why.
+    if let Some(reason) = kiln_runtime::devices().cuda_unavailable {
+        let out = train(&["--data", &good, "--epochs", "1", "--device", "cuda"]);
+        assert_eq!(out.status.code(), Some(1));
+        let e = err(&out);
+        assert!(e.ends_with(&format!("\nerror: CUDA is not available: {reason}\n")), "{e}");
     }
     let both = train(&["--data", &good, "--holdout", "0.2", "--eval-data", &good]);
     assert_eq!(both.status.code(), Some(2));

@@ -18,8 +18,8 @@ use crate::exec;
 use crate::kernels::{KernelSource, SharedLibrary};
 use crate::manifest::{
     is_kernel_entry, name_problem, shape_str, DType, EntryView, FileDigest, Manifest, StateInit, StateSpec,
-    Target, TensorSpec, CONTRACT_SYMBOL, CUBIN_FILE, FORWARD_ENTRY, KERNELS_FILE, MANIFEST_FILE, PTX_FILE,
-    SPIRV_FILE, WEIGHTS_FILE,
+    Target, TensorSpec, CONTRACT_SYMBOL, CUBIN_FILE, KERNELS_FILE, MANIFEST_FILE, PTX_FILE, SPIRV_FILE,
+    WEIGHTS_FILE,
 };
 use crate::profile::Profile;
 use crate::target;
@@ -166,9 +166,9 @@ impl Model {
             }
             Selection::Cuda(index) => {
                 let ptx = ptx.ok_or_else(|| RuntimeError::NoDigest { file: PTX_FILE.to_string() })?;
-                refuse_state_on_cuda(&manifest)?;
                 check_specs(&manifest)?;
                 check_steps(&manifest)?;
+                check_state(&manifest, &weights)?;
                 let backend = CudaBackend::load(&manifest, &ptx, cubin.as_deref(), &weights, index)?;
                 Ok(Model { manifest, backend: Backend::Cuda(Box::new(backend)), weights })
             }
@@ -639,18 +639,6 @@ fn state_weight_missing(s: &StateSpec, name: &str) -> RuntimeError {
         "state {:?} starts from weight {name:?}, which the weights file lacks",
         s.name
     ))
-}
-
-/// A CUDA model keeps no state and has one entry point: reading and writing its device arena
-/// is not built yet (Vulkan models keep state; CPU ones too).
-fn refuse_state_on_cuda(manifest: &Manifest) -> Result<(), RuntimeError> {
-    if manifest.state.is_empty() && manifest.entries.is_empty() {
-        return Ok(());
-    }
-    Err(RuntimeError::invalid(format!(
-        "a {} artifact with persistent state or entry points besides `{FORWARD_ENTRY}`: only CPU and Vulkan artifacts keep state",
-        manifest.target.describe()
-    )))
 }
 
 /// The state table must fit the arena: plain distinct names, sizes that fit in memory, slots

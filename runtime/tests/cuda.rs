@@ -278,6 +278,86 @@ fn chain_runs_exactly_and_replays() {
     assert_eq!(run(&mut a, &x2), chain_expected(&x2));
 }
 
+/// A CUDA model keeps its persistent state in the device arena, as a training artifact's
+/// `forward` and `train_step` do: `forward` computes `y = x·acc` from the slot `acc` (starting
+/// from the weight `w`), `step` computes `y = x + acc` and then adds `c` into the slot in place;
+/// each entry point replays its own graph, and `read_state`/`write_state` copy the slot out and
+/// in.
+#[test]
+fn state_stays_in_the_device_arena_across_entry_points() {
+    if !ready() {
+        return;
+    }
+    let spec =
+        |name: &str| kiln_runtime::TensorSpec { name: name.into(), dtype: DType::F32, shape: SHAPE.to_vec() };
+    let acc = || BufRef::Arena { offset: 0, bytes: PLANE };
+    let (x, y) = (|| BufRef::Input { index: 0 }, || BufRef::Output { index: 0 });
+    let mut m = chain_manifest();
+    m.arena_bytes = PLANE;
+    m.state = vec![kiln_runtime::StateSpec {
+        name: "acc".into(),
+        dtype: DType::F32,
+        shape: SHAPE.to_vec(),
+        offset: 0,
+        init: kiln_runtime::StateInit::Weight { name: "w".into() },
+    }];
+    m.steps = vec![step("mul", "k0 mul [1024]", 1, vec![x(), acc(), y()])];
+    m.entries = vec![kiln_runtime::Entry {
+        name: "step".into(),
+        inputs: vec![spec("x")],
+        index_bounds: Vec::new(),
+        outputs: vec![spec("sum")],
+        steps: vec![
+            step("add", "k0 add [1024]", 0, vec![x(), acc(), y()]),
+            step(
+                "add",
+                "k1 add [1024]",
+                0,
+                vec![acc(), BufRef::Weight { name: "c".into(), bytes: PLANE }, acc()],
+            ),
+        ],
+        faults: None,
+    }];
+    let artifact = CudaArtifact::new(m, &[module("add", "add.rn.f32"), module("mul", "mul.rn.f32")]);
+    let mut model = load(&artifact, None).unwrap();
+    assert_eq!(model.entries(), ["forward", "step"]);
+    assert_eq!(model.state_names(), ["acc"]);
+    let xs = x_data();
+    let plus = |a: &[f32], b: &[f32]| -> Vec<f32> { a.iter().zip(b).map(|(a, b)| a + b).collect() };
+    let times = |a: &[f32], b: &[f32]| -> Vec<f32> { a.iter().zip(b).map(|(a, b)| a * b).collect() };
+    let read = |model: &mut Model| model.read_state("acc").unwrap().as_f32().unwrap().to_vec();
+    let mut want = common::w_data();
+    assert_eq!(read(&mut model), want);
+    assert_eq!(run(&mut model, &xs), times(&xs, &want));
+    let input = [TensorRef::f32("x", &SHAPE, &xs)];
+    for _ in 0..3 {
+        let out = model.run_entry("step", &input).unwrap();
+        assert_eq!(out[0].name(), "sum");
+        assert_eq!(out[0].as_f32().unwrap(), plus(&xs, &want));
+        want = plus(&want, &common::c_data());
+    }
+    assert_eq!(read(&mut model), want);
+    assert_eq!(run(&mut model, &xs), times(&xs, &want));
+    // A value written in is what the next runs read, and what reading gives back, bit for bit.
+    let written: Vec<f32> = (0..N).map(|i| (i as f32 - 500.0) * 0.125).collect();
+    model.write_state("acc", &TensorRef::f32("acc", &SHAPE, &written)).unwrap();
+    let bytes = model.read_state("acc").unwrap();
+    assert_eq!(bytes.bytes(), common::f32_bytes(&written));
+    assert_eq!(run(&mut model, &xs), times(&xs, &written));
+    assert_eq!(model.run_entry("step", &input).unwrap()[0].as_f32().unwrap(), plus(&xs, &written));
+    assert_eq!(read(&mut model), plus(&written, &common::c_data()));
+    assert_eq!(
+        model.write_state("acc", &TensorRef::f32("acc", &[N as u64, 1], &written)).unwrap_err().to_string(),
+        "state \"acc\" is f32[1024], the value given is f32[1024, 1] (4096 bytes)"
+    );
+    // A profiled run times `forward`'s own steps.
+    let (_, profile) = model.run_profiled(&input, 1).unwrap();
+    assert_eq!(profile.steps.len(), 1);
+    // A fresh load starts again from the artifact's initial values.
+    let mut again = load(&artifact, None).unwrap();
+    assert_eq!(read(&mut again), common::w_data());
+}
+
 #[test]
 fn profile_times_each_step_with_events() {
     if !ready() {
@@ -424,8 +504,9 @@ fn sm90_cubins_run_instead_of_the_ptx() {
 }
 
 /// The tests that need a CUDA device.
-const DEVICE_TESTS: [&str; 8] = [
+const DEVICE_TESTS: [&str; 9] = [
     "devices_list_cuda_after_vulkan_or_say_why",
+    "state_stays_in_the_device_arena_across_entry_points",
     "chain_runs_exactly_and_replays",
     "faults_fail_the_run_and_the_next_run_is_clean",
     "profile_times_each_step_with_events",

@@ -63,7 +63,7 @@ pub struct TrainArgs {
     /// With --weights: initialize parameters the file lacks instead of failing.
     #[arg(long)]
     init_missing: bool,
-    /// Where to train: `cpu` (default) or `vulkan[:N]`.
+    /// Where to train: `cpu` (default), `vulkan[:N]` or `cuda[:N]`.
     #[arg(long, value_name = "DEVICE")]
     device: Option<String>,
     /// Worker threads on the CPU (default: `KILN_THREADS`, else every core).
@@ -302,8 +302,11 @@ fn check_usage(a: &TrainArgs) -> Result<(), Failure> {
         }
     }
     if let Some(d) = &a.device {
-        if !(d == "cpu" || d == "vulkan" || d.starts_with("vulkan:")) {
-            return Err(Failure::Usage(format!("--device {d}: `kiln train` runs on `cpu` or `vulkan[:N]`")));
+        let gpu = |kind: &str| d == kind || d.strip_prefix(kind).is_some_and(|rest| rest.starts_with(':'));
+        if !(d == "cpu" || gpu("vulkan") || gpu("cuda")) {
+            return Err(Failure::Usage(format!(
+                "--device {d}: `kiln train` runs on `cpu`, `vulkan[:N]` or `cuda[:N]`"
+            )));
         }
     }
     Ok(())

@@ -3,7 +3,7 @@
 //! `kiln train` compiles one training artifact for its device (`native::train_entries`, as
 //! `kiln compile --train` does, with evaluation's forward graph as its `forward`): its
 //! `train_step` entry point takes a batch and updates the parameters, the optimizer state and
-//! `optim.step` in place in the artifact's arena (the CPU's, or the Vulkan device's);
+//! `optim.step` in place in the artifact's arena (the CPU's, or the Vulkan or CUDA device's);
 //! `forward` computes with them; checkpoints copy them out and back (`Model::read_state`,
 //! `write_state`).
 
@@ -56,7 +56,7 @@ pub const EVAL_TARGET: &str = "target";
 
 impl Stepper {
     /// Compiles `lowered`'s train step and its forward pass for `device` (`None` or `cpu`:
-    /// this CPU; `vulkan[:N]`), starting from the parameters `params` (by checkpoint name) and
+    /// this CPU; `vulkan[:N]`; `cuda[:N]`), starting from the parameters `params` (by checkpoint name) and
     /// zero optimizer state.
     pub fn new(
         lowered: &Lowered,

@@ -340,17 +340,6 @@ fn state_table(
         .collect()
 }
 
-/// CUDA artifacts keep no state yet: the CUDA runtime has no way to read or write its device
-/// arena between runs.
-fn refuse_state(s: &Schedule, target: &str) -> Result<(), CodegenError> {
-    if s.state.is_empty() {
-        return Ok(());
-    }
-    Err(CodegenError::Unsupported(format!(
-        "a graph with persistent state (a train-step artifact) on the {target} target: state is kept by CPU and Vulkan artifacts only so far; compile for one of those"
-    )))
-}
-
 /// What building a Vulkan artifact produced, and how long each part took.
 pub struct BuiltGpu {
     pub manifest: Manifest,
@@ -393,16 +382,7 @@ pub fn build_vulkan_entries(
 ) -> Result<BuiltGpu, CodegenError> {
     let t0 = Instant::now();
     let first = first_entry(entries)?;
-    let mut program = GpuProgram { kernels: Vec::new(), step_kernel: Vec::new(), step_splits: Vec::new() };
-    let mut parts = Vec::with_capacity(entries.len());
-    for (_, e) in entries {
-        let part = gpu::program::kernels_numbered(e, caps, program.step_kernel.len())?;
-        let base = program.kernels.len();
-        program.step_kernel.extend(part.step_kernel.iter().map(|k| k + base));
-        program.step_splits.extend(part.step_splits.iter().cloned());
-        program.kernels.extend(part.kernels.iter().cloned());
-        parts.push((base, part));
-    }
+    let (program, parts) = gpu_entries(entries, caps)?;
     let t1 = Instant::now();
     let modules = gpu::spirv::compile(&program.kernels, caps)?;
     let t2 = Instant::now();
@@ -454,20 +434,7 @@ pub fn build_vulkan_entries(
         modules: ranges,
         steps,
         state,
-        entries: entries[1..]
-            .iter()
-            .zip(per_entry)
-            .map(|((name, e), steps)| {
-                Ok(Entry {
-                    name: name.to_string(),
-                    inputs: e.inputs.iter().map(tensor_spec).collect(),
-                    index_bounds: e.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
-                    outputs: e.outputs.iter().map(tensor_spec).collect(),
-                    steps,
-                    faults: fault_table(e)?,
-                })
-            })
-            .collect::<Result<_, CodegenError>>()?,
+        entries: entry_table(entries, per_entry)?,
         faults: fault_table(s)?,
     };
     // kernels.spv ends, after its last module, with the digest of the manifest its modules were
@@ -517,15 +484,30 @@ pub fn build_cuda_artifact(
     ptxas: Option<&Ptxas>,
     dir: &Path,
 ) -> Result<BuiltCuda, CodegenError> {
+    build_cuda_entries(model, &[(kiln_runtime::FORWARD_ENTRY, s)], params, caps, ptxas, dir)
+}
+
+/// [`build_cuda_artifact`] for several entry points over one state (`forward` first,
+/// scheduled with `kiln_sched::schedule_with_state` at `caps.buffer_align` over one layout), as
+/// [`build_vulkan_entries`] does: each entry point's kernels are numbered after the ones before
+/// it, and their modules follow one another in `kernels.ptx`.
+pub fn build_cuda_entries(
+    model: &str,
+    entries: &[(&str, &Schedule)],
+    params: &HashMap<String, Tensor>,
+    caps: &GpuCaps,
+    ptxas: Option<&Ptxas>,
+    dir: &Path,
+) -> Result<BuiltCuda, CodegenError> {
     let target = match caps.lowering {
         GpuLowering::Nvvm(target) => target,
         GpuLowering::Spirv => {
             return Err(CodegenError::Unsupported(format!("a CUDA artifact for the {} target", caps.name)))
         }
     };
-    refuse_state(s, "CUDA")?;
     let t0 = Instant::now();
-    let program = gpu::kernels(s, caps)?;
+    let first = first_entry(entries)?;
+    let (program, parts) = gpu_entries(entries, caps)?;
     let t1 = Instant::now();
     let modules = gpu::nvvm::compile(&program.kernels, &target)?;
     let assembled = match ptxas {
@@ -546,7 +528,14 @@ pub fn build_cuda_artifact(
         cubin_blob = Some(blob);
     }
     let mut stored = Stored::default();
-    let steps = gpu_steps(s, params, &program, 0, &mut stored)?;
+    let mut per_entry = Vec::with_capacity(entries.len());
+    for ((_, e), (base, part)) in entries.iter().zip(&parts) {
+        per_entry.push(gpu_steps(e, params, part, *base, &mut stored)?);
+    }
+    let state = state_table(&first.state, params, &mut stored)?;
+    let mut per_entry = per_entry.into_iter();
+    let steps = per_entry.next().unwrap_or_default();
+    let s = first;
     let kernels = &program.kernels;
     let mut manifest = Manifest {
         format_version: ARTIFACT_FORMAT_VERSION,
@@ -564,13 +553,13 @@ pub fn build_cuda_artifact(
         inputs: s.inputs.iter().map(tensor_spec).collect(),
         index_bounds: s.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
         outputs: s.outputs.iter().map(tensor_spec).collect(),
-        arena_bytes: s.arena_bytes as u64,
+        arena_bytes: entries.iter().map(|(_, e)| e.arena_bytes).max().unwrap_or(0) as u64,
         // Filled in below, once the files exist (the contract digest leaves them out).
         files: Vec::new(),
         modules: ranges,
         steps,
-        state: Vec::new(),
-        entries: Vec::new(),
+        state,
+        entries: entry_table(entries, per_entry)?,
         faults: fault_table(s)?,
     };
     // kernels.ptx ends, after its last module, with the digest of the manifest its modules
@@ -603,6 +592,47 @@ pub fn build_cuda_artifact(
         compile_time: t2 - t1,
         write_time: t3 - t2,
     })
+}
+
+/// The GPU kernels of every entry point as one program (each entry point's kernels numbered
+/// after the ones before it, so every module's symbol is distinct), and each entry point's own
+/// program with the index of its first kernel in the whole.
+fn gpu_entries(
+    entries: &[(&str, &Schedule)],
+    caps: &GpuCaps,
+) -> Result<(GpuProgram, Vec<(usize, GpuProgram)>), CodegenError> {
+    let mut program = GpuProgram { kernels: Vec::new(), step_kernel: Vec::new(), step_splits: Vec::new() };
+    let mut parts = Vec::with_capacity(entries.len());
+    for (_, e) in entries {
+        let part = gpu::program::kernels_numbered(e, caps, program.step_kernel.len())?;
+        let base = program.kernels.len();
+        program.step_kernel.extend(part.step_kernel.iter().map(|k| k + base));
+        program.step_splits.extend(part.step_splits.iter().cloned());
+        program.kernels.extend(part.kernels.iter().cloned());
+        parts.push((base, part));
+    }
+    Ok((program, parts))
+}
+
+/// The manifest's `entries`: every entry point after the first, with its steps.
+fn entry_table(
+    entries: &[(&str, &Schedule)],
+    steps: impl Iterator<Item = Vec<Step>>,
+) -> Result<Vec<Entry>, CodegenError> {
+    entries[1..]
+        .iter()
+        .zip(steps)
+        .map(|((name, e), steps)| {
+            Ok(Entry {
+                name: name.to_string(),
+                inputs: e.inputs.iter().map(tensor_spec).collect(),
+                index_bounds: e.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
+                outputs: e.outputs.iter().map(tensor_spec).collect(),
+                steps,
+                faults: fault_table(e)?,
+            })
+        })
+        .collect()
 }
 
 /// The parts one after another, and where each lies.

@@ -6,7 +6,7 @@
 //! - [`build`]: MLIR → LLVM dialect → LLVM IR (inkwell) → O3 → object → shared object;
 //! - [`gpu`]: the GPU kernel layer (plans from target capabilities, `gpu.func` emitters, the
 //!   SPIR-V and NVVM/PTX lowerings) and [`artifact::build_vulkan_artifact`],
-//!   [`artifact::build_cuda_artifact`];
+//!   [`artifact::build_cuda_artifact`] (and `build_cuda_entries` for training artifacts);
 //! - [`loader`]: compiled kernels loaded into this process, for tests and benchmarks;
 //! - [`context`], [`run_pass_pipeline`], [`translate_to_llvm`], [`host_cpu`]: toolchain plumbing,
 //!   and [`jit_smoke`], a check that all of it works in this build.
@@ -29,8 +29,8 @@ mod smoke;
 pub mod target;
 
 pub use artifact::{
-    build_artifact, build_cuda_artifact, build_entries, build_vulkan_artifact, build_vulkan_entries, Built,
-    BuiltCuda, BuiltGpu,
+    build_artifact, build_cuda_artifact, build_cuda_entries, build_entries, build_vulkan_artifact,
+    build_vulkan_entries, Built, BuiltCuda, BuiltGpu,
 };
 pub use build::{compile, link_shared, Compiled};
 pub use context::{context, run_pass_pipeline, verify};

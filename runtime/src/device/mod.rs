@@ -275,7 +275,7 @@ impl Backend {
     /// Runs every step of entry point `entry` (an index into `Manifest::entry_views`) once.
     /// Inputs and outputs have been checked against the manifest; step times are pushed to
     /// `times` when given (wall times on the host, GPU timestamps on Vulkan, CUDA events on
-    /// CUDA). CUDA models have the one entry `forward` (loading refuses others).
+    /// CUDA).
     pub fn execute(
         &mut self,
         entry: usize,
@@ -286,8 +286,7 @@ impl Backend {
         match self {
             Backend::Host(host) => host.execute(entry, inputs, outputs, times),
             Backend::Vulkan(gpu) => gpu.execute(entry, inputs, outputs, times),
-            Backend::Cuda(gpu) if entry == 0 => gpu.execute(inputs, outputs, times),
-            Backend::Cuda(_) => Err(RuntimeError::invalid("a CUDA model has only the entry point `forward`")),
+            Backend::Cuda(gpu) => gpu.execute(entry, inputs, outputs, times),
         }
     }
 
@@ -299,7 +298,7 @@ impl Backend {
                 Ok(())
             }
             Backend::Vulkan(gpu) => gpu.read_state(range, out),
-            Backend::Cuda(_) => Err(RuntimeError::invalid("a CUDA model keeps no state")),
+            Backend::Cuda(gpu) => gpu.read_state(range, out),
         }
     }
 
@@ -311,7 +310,7 @@ impl Backend {
                 Ok(())
             }
             Backend::Vulkan(gpu) => gpu.write_state(range, value),
-            Backend::Cuda(_) => Err(RuntimeError::invalid("a CUDA model keeps no state")),
+            Backend::Cuda(gpu) => gpu.write_state(range, value),
         }
     }
 

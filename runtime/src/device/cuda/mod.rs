@@ -5,9 +5,12 @@
 //! context and a stream, one arena, one buffer holding every weight a step uses (uploaded
 //! once), a buffer per input and output, each module loaded once (its cubin when the device's
 //! compute capability is exactly the target's, else its PTX through the driver's JIT), each
-//! step's function and parameter array, one event per step boundary, and the launch sequence
-//! captured into a CUDA graph. A run copies the inputs in, replays the graph, copies the
-//! outputs out and waits; a profiled run launches step by step between events instead.
+//! step's function and parameter array, one event per step boundary, and each entry point's
+//! launch sequence captured into a CUDA graph of its own. A run copies the inputs in, replays
+//! that entry point's graph, copies the outputs out and waits; a profiled run launches step by
+//! step between events instead. Persistent state lives in the arena's first bytes: its slots
+//! are filled at load and copied to and from the host on the stream for
+//! `read_state`/`write_state`.
 //!
 //! The graph is captured at load because a model is hundreds of small launches: replaying one
 //! graph costs one driver call per run instead of one per step, and it changes nothing else
@@ -29,7 +32,7 @@ use self::driver::check as cu;
 use self::plan::{Plan, Region};
 use crate::device::CudaDeviceInfo;
 use crate::error::RuntimeError;
-use crate::manifest::{CudaTarget, Manifest, Target, CUBIN_FILE, PTX_FILE};
+use crate::manifest::{CudaTarget, Manifest, StateInit, Target, CUBIN_FILE, PTX_FILE};
 use crate::tensor::TensorRef;
 use crate::weights::WeightStore;
 
@@ -74,8 +77,10 @@ struct Owned {
     memory: Vec<sys::CUdeviceptr>,
     modules: Vec<sys::CUmodule>,
     events: Vec<sys::CUevent>,
-    graph: sys::CUgraph,
-    exec: sys::CUgraphExec,
+    /// The captured graphs, one per entry point that has steps.
+    graphs: Vec<sys::CUgraph>,
+    /// Their instantiations, in the same order.
+    execs: Vec<sys::CUgraphExec>,
 }
 
 impl Owned {
@@ -93,8 +98,8 @@ impl Owned {
             memory: Vec::new(),
             modules: Vec::new(),
             events: Vec::new(),
-            graph: ptr::null_mut(),
-            exec: ptr::null_mut(),
+            graphs: Vec::new(),
+            execs: Vec::new(),
         };
         owned.make_current(label)?;
         Ok(owned)
@@ -137,12 +142,12 @@ impl Drop for Owned {
             if !self.stream.is_null() {
                 let _ = sys::cuStreamSynchronize(self.stream);
             }
-            if !self.exec.is_null() {
-                let _ = sys::cuGraphExecDestroy(self.exec);
-            }
-            if !self.graph.is_null() {
-                let _ = sys::cuGraphDestroy(self.graph);
-            }
+            self.execs.drain(..).for_each(|e| {
+                let _ = sys::cuGraphExecDestroy(e);
+            });
+            self.graphs.drain(..).for_each(|g| {
+                let _ = sys::cuGraphDestroy(g);
+            });
             self.events.drain(..).for_each(|e| {
                 let _ = sys::cuEventDestroy_v2(e);
             });
@@ -195,22 +200,30 @@ impl Launch {
     }
 }
 
+/// One entry point, ready to run.
+struct EntryRun {
+    /// Device copies of its inputs and outputs, with their sizes.
+    inputs: Vec<(sys::CUdeviceptr, usize)>,
+    outputs: Vec<(sys::CUdeviceptr, usize)>,
+    launches: Vec<Launch>,
+    /// Its fault words in the arena and their size, when one of its kernels can fault.
+    faults: Option<(sys::CUdeviceptr, usize)>,
+    /// The graph plain runs replay (`None` only when it has no step).
+    exec: Option<sys::CUgraphExec>,
+}
+
 /// A CUDA artifact loaded on one device.
 pub(crate) struct CudaBackend {
     /// Declared first so it drops first: nothing else holds a driver object.
     owned: Owned,
     info: CudaDeviceInfo,
     label: String,
-    /// Device copies of the inputs and outputs, with their sizes.
-    inputs: Vec<(sys::CUdeviceptr, usize)>,
-    outputs: Vec<(sys::CUdeviceptr, usize)>,
-    launches: Vec<Launch>,
-    /// The fault words in the arena and their size, when a kernel can fault.
-    faults: Option<(sys::CUdeviceptr, usize)>,
+    /// Each entry point of the manifest, `forward` first.
+    entries: Vec<EntryRun>,
+    /// The arena's device address (the state's slots are its first bytes).
+    arena: sys::CUdeviceptr,
     /// The fault words as the last run left them.
     fault_words: Vec<u32>,
-    /// Whether plain runs replay the captured graph (false only when there is no step).
-    graphed: bool,
     /// Set when a run failed half-way (e.g. an illegal address, which poisons the context):
     /// later runs refuse.
     broken: Option<String>,
@@ -261,7 +274,7 @@ impl CudaBackend {
         driver::init()?;
         let (device, caps) = choose(index)?;
         check::check_target(target, &caps)?;
-        for step in &plan.steps {
+        for step in plan.entries.iter().flat_map(|e| &e.steps) {
             check::check_launch(step, &caps)?;
         }
         let label = caps.label.clone();
@@ -282,16 +295,7 @@ impl CudaBackend {
         cu("cuMemsetD8Async", &label, unsafe { sys::cuMemsetD8Async(arena, 0, arena_len, stream) })?;
         let weight_buf = owned.alloc(plan.weights_bytes, "weights", &label)?;
         upload_weights(&plan, weights, weight_buf, stream, &label)?;
-        let mut inputs = Vec::with_capacity(plan.inputs.len());
-        for (spec, &bytes) in manifest.inputs.iter().zip(&plan.inputs) {
-            let what = format!("input {:?}", spec.name);
-            inputs.push((owned.alloc(bytes.max(1), &what, &label)?, bytes as usize));
-        }
-        let mut outputs = Vec::with_capacity(plan.outputs.len());
-        for (spec, &bytes) in manifest.outputs.iter().zip(&plan.outputs) {
-            let what = format!("output {:?}", spec.name);
-            outputs.push((owned.alloc(bytes.max(1), &what, &label)?, bytes as usize));
-        }
+        upload_state(manifest, weights, arena, stream, &label)?;
 
         let exact = caps.info.compute_capability == target.compute_capability;
         for (i, module) in plan.modules.iter().enumerate() {
@@ -299,35 +303,52 @@ impl CudaBackend {
             owned.modules.push(handle);
         }
 
-        let pointer = |region: Region, offset: u64| match region {
-            Region::Arena => arena + offset,
-            Region::Weights => weight_buf + offset,
-            Region::Input(i) => inputs[i].0 + offset,
-            Region::Output(i) => outputs[i].0 + offset,
-        };
-        let mut launches = Vec::with_capacity(plan.steps.len());
-        for step in &plan.steps {
-            let module = owned.modules.get(step.module).copied().ok_or_else(|| {
-                RuntimeError::invalid(format!(
-                    "step {:?} uses module {}, which is not loaded",
-                    step.label, step.module
-                ))
-            })?;
-            let function = function(module, step, target, &caps)?;
-            let values: Box<[sys::CUdeviceptr]> =
-                step.args.iter().map(|a| pointer(a.region, a.offset)).collect();
-            let params = values.iter().map(|v| ptr::from_ref(v).cast_mut().cast::<c_void>()).collect();
-            launches.push(Launch {
-                label: step.label.clone(),
-                function,
-                grid: step.grid,
-                block: step.block,
-                _values: values,
-                params,
-            });
+        let mut entries = Vec::with_capacity(plan.entries.len());
+        for (entry, view) in plan.entries.iter().zip(manifest.entry_views()) {
+            let io = |specs: &[crate::manifest::TensorSpec], sizes: &[u64], kind: &str, owned: &mut Owned| {
+                let mut buffers = Vec::with_capacity(sizes.len());
+                for (spec, &bytes) in specs.iter().zip(sizes) {
+                    let what = format!("{kind} {:?} of entry point {:?}", spec.name, view.name);
+                    buffers.push((owned.alloc(bytes.max(1), &what, &label)?, bytes as usize));
+                }
+                Ok::<_, RuntimeError>(buffers)
+            };
+            let inputs = io(view.inputs, &entry.inputs, "input", &mut owned)?;
+            let outputs = io(view.outputs, &entry.outputs, "output", &mut owned)?;
+            let pointer = |region: Region, offset: u64| match region {
+                Region::Arena => arena + offset,
+                Region::Weights => weight_buf + offset,
+                Region::Input(i) => inputs[i].0 + offset,
+                Region::Output(i) => outputs[i].0 + offset,
+            };
+            let mut launches = Vec::with_capacity(entry.steps.len());
+            for step in &entry.steps {
+                let module = owned.modules.get(step.module).copied().ok_or_else(|| {
+                    RuntimeError::invalid(format!(
+                        "step {:?} uses module {}, which is not loaded",
+                        step.label, step.module
+                    ))
+                })?;
+                let function = function(module, step, target, &caps)?;
+                let values: Box<[sys::CUdeviceptr]> =
+                    step.args.iter().map(|a| pointer(a.region, a.offset)).collect();
+                let params = values.iter().map(|v| ptr::from_ref(v).cast_mut().cast::<c_void>()).collect();
+                launches.push(Launch {
+                    label: step.label.clone(),
+                    function,
+                    grid: step.grid,
+                    block: step.block,
+                    _values: values,
+                    params,
+                });
+            }
+            // `faults::check` placed each entry point's words inside the arena.
+            let faults = view.faults.map(|f| (arena + f.offset, f.bytes() as usize));
+            entries.push(EntryRun { inputs, outputs, launches, faults, exec: None });
         }
 
-        for _ in 0..=launches.len() {
+        let most_steps = entries.iter().map(|e| e.launches.len()).max().unwrap_or(0);
+        for _ in 0..=most_steps {
             let mut event = ptr::null_mut();
             let flags = sys::CUevent_flags::CU_EVENT_DEFAULT as c_uint;
             // SAFETY: writes one handle; the context is current.
@@ -336,21 +357,17 @@ impl CudaBackend {
         }
         // SAFETY: the stream is the model's own; the uploads finish before capture begins.
         cu("cuStreamSynchronize", &label, unsafe { sys::cuStreamSynchronize(stream) })?;
-        let graphed = capture(&mut owned, &launches, &label)?;
+        for entry in &mut entries {
+            entry.exec = capture(&mut owned, &entry.launches, &label)?;
+        }
 
-        // `faults::check` placed the words inside the arena.
-        let faults = manifest.faults.as_ref().map(|f| (arena + f.offset, f.bytes() as usize));
-        let fault_words = vec![crate::faults::NONE; manifest.faults.as_ref().map_or(0, |f| f.words())];
         Ok(CudaBackend {
             owned,
             info: caps.info,
             label,
-            inputs,
-            outputs,
-            launches,
-            faults,
-            fault_words,
-            graphed,
+            entries,
+            arena,
+            fault_words: Vec::new(),
             broken: None,
         })
     }
@@ -365,14 +382,9 @@ impl CudaBackend {
         &self.fault_words
     }
 
-    /// Copies the inputs in, replays the graph (or, with `times`, launches each step between
-    /// two events and pushes each step's time), copies the outputs out and waits.
-    pub fn execute(
-        &mut self,
-        inputs: &[TensorRef],
-        outputs: &mut [&mut [u8]],
-        times: Option<&mut Vec<Duration>>,
-    ) -> Result<(), RuntimeError> {
+    /// Refuses to touch the device after a run failed half-way, and makes the model's context
+    /// current on this thread.
+    fn check_usable(&self) -> Result<(), RuntimeError> {
         if let Some(reason) = &self.broken {
             return Err(RuntimeError::CudaCall {
                 call: "cuLaunchKernel",
@@ -380,21 +392,44 @@ impl CudaBackend {
                 result: format!("an earlier run failed ({reason}); load the model again"),
             });
         }
-        self.owned.make_current(&self.label)?;
-        let timed = times.is_some();
-        let mut words = std::mem::take(&mut self.fault_words);
-        let queued = self.queue(inputs, outputs, &mut words, timed);
-        self.fault_words = words;
-        // Wait even when queueing failed half-way: copies into `outputs` may be in flight.
+        self.owned.make_current(&self.label)
+    }
+
+    /// Waits for the stream; a failure now, or `queued`'s, marks the model broken (copies to
+    /// host buffers may have been in flight, and the context may be poisoned).
+    fn finish(&mut self, queued: Result<(), RuntimeError>) -> Result<(), RuntimeError> {
         // SAFETY: the stream is the model's own.
         let waited =
             cu("cuStreamSynchronize", &self.label, unsafe { sys::cuStreamSynchronize(self.owned.stream) });
-        if let Err(e) = queued.and(waited) {
-            self.broken = Some(e.to_string());
-            return Err(e);
-        }
+        queued.and(waited).inspect_err(|e| self.broken = Some(e.to_string()))
+    }
+
+    /// Copies the inputs in, replays entry point `entry`'s graph (or, with `times`, launches
+    /// each step between two events and pushes each step's time), copies the outputs out and
+    /// waits.
+    pub fn execute(
+        &mut self,
+        entry: usize,
+        inputs: &[TensorRef],
+        outputs: &mut [&mut [u8]],
+        times: Option<&mut Vec<Duration>>,
+    ) -> Result<(), RuntimeError> {
+        self.check_usable()?;
+        let run = self
+            .entries
+            .get(entry)
+            .ok_or_else(|| RuntimeError::invalid(format!("entry point {entry} does not exist")))?;
+        let steps = run.launches.len();
+        let timed = times.is_some();
+        let mut words = std::mem::take(&mut self.fault_words);
+        words.clear();
+        words.resize(run.faults.map_or(0, |(_, bytes)| bytes / 4), crate::faults::NONE);
+        let queued = self.queue(run, inputs, outputs, &mut words, timed);
+        self.fault_words = words;
+        // Wait even when queueing failed half-way: copies into `outputs` may be in flight.
+        self.finish(queued)?;
         if let Some(times) = times {
-            for pair in self.owned.events.windows(2) {
+            for pair in self.owned.events[..=steps].windows(2) {
                 let mut ms: f32 = 0.0;
                 // SAFETY: both events were recorded on the stream just synchronized.
                 let result = unsafe { sys::cuEventElapsedTime(&mut ms, pair[0], pair[1]) };
@@ -406,23 +441,24 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Queues the input copies, the fault words' fill, the steps, and the copies of the outputs
-    /// and of the fault words (into `fault_words`) on the stream.
+    /// Queues entry point `run`'s input copies, fault words' fill, steps, and the copies of
+    /// its outputs and of its fault words (into `fault_words`) on the stream.
     fn queue(
         &self,
+        run: &EntryRun,
         inputs: &[TensorRef],
         outputs: &mut [&mut [u8]],
         fault_words: &mut [u32],
         timed: bool,
     ) -> Result<(), RuntimeError> {
         let (stream, label) = (self.owned.stream, self.label.as_str());
-        if let Some((pointer, bytes)) = self.faults {
+        if let Some((pointer, bytes)) = run.faults {
             // SAFETY: the words lie inside the model's arena; every byte 0xFF is `u32::MAX`,
             // "no fault", in every word.
             let result = unsafe { sys::cuMemsetD8Async(pointer, 0xFF, bytes, stream) };
             cu("cuMemsetD8Async", label, result)?;
         }
-        for (input, &(pointer, bytes)) in inputs.iter().zip(&self.inputs) {
+        for (input, &(pointer, bytes)) in inputs.iter().zip(&run.inputs) {
             debug_assert_eq!(input.bytes.len(), bytes);
             if bytes > 0 {
                 // SAFETY: the model checked each input's length against its spec, which is the
@@ -437,21 +473,17 @@ impl CudaBackend {
             let events = &self.owned.events;
             // SAFETY: events and stream belong to this context.
             cu("cuEventRecord", label, unsafe { sys::cuEventRecord(events[0], stream) })?;
-            for (launch, &after) in self.launches.iter().zip(&events[1..]) {
+            for (launch, &after) in run.launches.iter().zip(&events[1..]) {
                 launch.launch(stream, label)?;
                 // SAFETY: as above.
                 cu("cuEventRecord", label, unsafe { sys::cuEventRecord(after, stream) })?;
             }
-        } else if self.graphed {
+        } else if let Some(exec) = run.exec {
             // SAFETY: the executable graph was instantiated in this context from launches whose
             // buffers the model still owns.
-            cu("cuGraphLaunch", label, unsafe { sys::cuGraphLaunch(self.owned.exec, stream) })?;
-        } else {
-            for launch in &self.launches {
-                launch.launch(stream, label)?;
-            }
+            cu("cuGraphLaunch", label, unsafe { sys::cuGraphLaunch(exec, stream) })?;
         }
-        for (output, &(pointer, bytes)) in outputs.iter_mut().zip(&self.outputs) {
+        for (output, &(pointer, bytes)) in outputs.iter_mut().zip(&run.outputs) {
             debug_assert_eq!(output.len(), bytes);
             if bytes > 0 {
                 // SAFETY: the model checked each output's length against its spec; the caller's
@@ -461,7 +493,7 @@ impl CudaBackend {
                 cu("cuMemcpyDtoHAsync", label, result)?;
             }
         }
-        if let Some((pointer, bytes)) = self.faults {
+        if let Some((pointer, bytes)) = run.faults {
             debug_assert_eq!(fault_words.len() * 4, bytes);
             // SAFETY: `fault_words` holds `bytes` bytes and stays borrowed until `execute` has
             // synchronized the stream; the words lie inside the arena.
@@ -471,6 +503,81 @@ impl CudaBackend {
         }
         Ok(())
     }
+
+    /// Copies the arena bytes `range` (inside the state's slots, checked at load) into `out`.
+    pub fn read_state(&mut self, range: std::ops::Range<usize>, out: &mut [u8]) -> Result<(), RuntimeError> {
+        self.check_usable()?;
+        debug_assert_eq!(range.len(), out.len());
+        // SAFETY: the range lies in a slot inside the arena (`model::check_state`) and `out`
+        // holds its bytes; `out` stays borrowed until `finish` has synchronized the stream.
+        let result = unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                out.as_mut_ptr().cast(),
+                self.arena + range.start as u64,
+                out.len(),
+                self.owned.stream,
+            )
+        };
+        let queued = cu("cuMemcpyDtoHAsync", &self.label, result);
+        self.finish(queued)
+    }
+
+    /// Writes `value` into the arena bytes `range` (inside the state's slots, checked at load).
+    pub fn write_state(&mut self, range: std::ops::Range<usize>, value: &[u8]) -> Result<(), RuntimeError> {
+        self.check_usable()?;
+        debug_assert_eq!(range.len(), value.len());
+        // SAFETY: as in `read_state`; the driver has consumed the host bytes when the stream
+        // is synchronized.
+        let result = unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                self.arena + range.start as u64,
+                value.as_ptr().cast(),
+                value.len(),
+                self.owned.stream,
+            )
+        };
+        let queued = cu("cuMemcpyHtoDAsync", &self.label, result);
+        self.finish(queued)
+    }
+}
+
+/// Queues a copy of each state slot's initial weight into its slot of the zeroed arena on
+/// `stream` (once, at load; the caller synchronizes before anything runs).
+fn upload_state(
+    manifest: &Manifest,
+    weights: &WeightStore,
+    arena: sys::CUdeviceptr,
+    stream: sys::CUstream,
+    label: &str,
+) -> Result<(), RuntimeError> {
+    for s in &manifest.state {
+        let name = match &s.init {
+            StateInit::Zeros => continue,
+            StateInit::Weight { name } => name,
+        };
+        let value = weights.get(name).ok_or_else(|| {
+            RuntimeError::invalid(format!(
+                "state {:?} starts from weight {name:?}, which the weights file lacks",
+                s.name
+            ))
+        })?;
+        if value.bytes.is_empty() {
+            continue;
+        }
+        // SAFETY: the slot lies inside the arena and the value has its size
+        // (`model::check_state`); the host bytes are the mapped weights file, which the model
+        // keeps.
+        let result = unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                arena + s.offset,
+                value.bytes.as_ptr().cast(),
+                value.bytes.len(),
+                stream,
+            )
+        };
+        cu("cuMemcpyHtoDAsync", label, result)?;
+    }
+    Ok(())
 }
 
 /// Queues a copy of each planned weight into the weights buffer on `stream` (once, at load; the
@@ -626,11 +733,15 @@ fn function(
     Ok(function)
 }
 
-/// Captures the launch sequence into a graph and instantiates it; false when there is nothing
+/// Captures the launch sequence into a graph and instantiates it; `None` when there is nothing
 /// to capture.
-fn capture(owned: &mut Owned, launches: &[Launch], label: &str) -> Result<bool, RuntimeError> {
+fn capture(
+    owned: &mut Owned,
+    launches: &[Launch],
+    label: &str,
+) -> Result<Option<sys::CUgraphExec>, RuntimeError> {
     if launches.is_empty() {
-        return Ok(false);
+        return Ok(None);
     }
     let stream = owned.stream;
     let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
@@ -641,14 +752,16 @@ fn capture(owned: &mut Owned, launches: &[Launch], label: &str) -> Result<bool, 
     // SAFETY: ends the capture begun above (also after a failed launch, so the stream leaves
     // capture mode); writes one handle.
     let ended = cu("cuStreamEndCapture", label, unsafe { sys::cuStreamEndCapture(stream, &mut graph) });
-    owned.graph = graph;
+    if !graph.is_null() {
+        owned.graphs.push(graph);
+    }
     launched?;
     ended?;
     let mut exec = ptr::null_mut();
     // SAFETY: `graph` is the captured graph; writes one handle.
     cu("cuGraphInstantiate", label, unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) })?;
-    owned.exec = exec;
-    Ok(true)
+    owned.execs.push(exec);
+    Ok(Some(exec))
 }
 
 #[cfg(test)]

@@ -30,9 +30,9 @@ pub(crate) enum Region {
     Arena,
     /// The one buffer holding every weight a step uses.
     Weights,
-    /// The device copy of input `i`.
+    /// The device copy of the entry point's input `i`.
     Input(usize),
-    /// The device copy of output `i`.
+    /// The device copy of the entry point's output `i`.
     Output(usize),
 }
 
@@ -66,14 +66,21 @@ pub(crate) struct ModulePlan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Plan {
     pub modules: Vec<ModulePlan>,
-    pub steps: Vec<StepPlan>,
+    /// Each entry point's launches and io sizes, `forward` first.
+    pub entries: Vec<EntryPlan>,
     /// Bytes to allocate for the arena (the manifest's, at least 1).
     pub arena_bytes: u64,
     /// Each weight a step uses, once, and its offset in the weights buffer.
     pub weights: Vec<(String, u64)>,
     /// Bytes to allocate for the weights buffer (at least 1).
     pub weights_bytes: u64,
-    /// Byte size of each input and output.
+}
+
+/// One entry point: its launches (captured into a graph of its own) and the byte size of each
+/// of its inputs and outputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EntryPlan {
+    pub steps: Vec<StepPlan>,
     pub inputs: Vec<u64>,
     pub outputs: Vec<u64>,
 }
@@ -174,118 +181,119 @@ pub(crate) fn plan(
             })
             .collect()
     };
-    let inputs = sizes(&manifest.inputs, "input")?;
-    let outputs = sizes(&manifest.outputs, "output")?;
-
     let weight_align = align.max(WEIGHT_ALIGN);
     let mut weight_offsets: HashMap<&str, u64> = HashMap::new();
     let mut weight_list = Vec::new();
     let mut weights_end = 0u64;
     let too_big = || RuntimeError::invalid("the weights do not fit in 64-bit offsets");
 
-    let mut steps = Vec::with_capacity(manifest.steps.len());
-    for step in &manifest.steps {
-        let at = &step.label;
-        let (module, grid, block) = match step.dispatch {
-            Dispatch::Gpu { module, grid, workgroup } => (module as usize, grid, workgroup),
-            Dispatch::Cpu { .. } => {
-                return Err(RuntimeError::invalid(format!(
-                    "step {at:?} is a CPU dispatch in a CUDA artifact"
-                )))
-            }
-        };
-        if module >= manifest.modules.len() {
-            return Err(RuntimeError::invalid(format!(
-                "step {at:?} uses module {module}, but the manifest has {} modules",
-                manifest.modules.len()
-            )));
-        }
-        if grid.contains(&0) || block.contains(&0) {
-            return Err(RuntimeError::invalid(format!(
-                "step {at:?} has grid {grid:?} and workgroup {block:?}: every extent must be at least 1"
-            )));
-        }
-        let threads = block.iter().map(|&n| u64::from(n)).product::<u64>();
-        if threads > u64::from(target.max_workgroup_invocations) {
-            return Err(RuntimeError::invalid(format!(
-                "step {at:?} has workgroup {block:?} ({threads} threads), more than the target's \
-                 max_workgroup_invocations {}",
-                target.max_workgroup_invocations
-            )));
-        }
-        if step.args.len() > MAX_ARGS {
-            return Err(RuntimeError::invalid(format!(
-                "step {at:?} passes {} buffers, more than the {MAX_ARGS} pointers that fit in a CUDA \
-                 kernel's 4 KiB of parameters",
-                step.args.len()
-            )));
-        }
-        let symbol = CString::new(step.symbol.clone()).map_err(|_| {
-            RuntimeError::invalid(format!("step {at:?}: kernel name {:?} contains NUL", step.symbol))
-        })?;
-
-        let mut args = Vec::with_capacity(step.args.len());
-        for buf in &step.args {
-            let arg = match buf {
-                BufRef::Arena { offset, bytes } => {
-                    crate::device::check_arena_range(
-                        at,
-                        *offset,
-                        *bytes,
-                        manifest.arena_bytes,
-                        align,
-                        "not a multiple of the target's buffer_align",
-                    )?;
-                    Arg { region: Region::Arena, offset: *offset }
-                }
-                BufRef::Weight { name, bytes } => {
-                    let view = weights.get(name).ok_or_else(|| RuntimeError::MissingWeight {
-                        step: at.clone(),
-                        name: name.clone(),
-                    })?;
-                    let found = view.bytes.len() as u64;
-                    if found != *bytes {
-                        return Err(RuntimeError::WeightSize {
-                            step: at.clone(),
-                            name: name.clone(),
-                            expected: *bytes,
-                            found,
-                        });
-                    }
-                    let offset = match weight_offsets.get(name.as_str()) {
-                        Some(&offset) => offset,
-                        None => {
-                            let offset =
-                                weights_end.checked_next_multiple_of(weight_align).ok_or_else(too_big)?;
-                            weights_end = offset.checked_add(found).ok_or_else(too_big)?;
-                            weight_offsets.insert(name, offset);
-                            weight_list.push((name.clone(), offset));
-                            offset
-                        }
-                    };
-                    Arg { region: Region::Weights, offset }
-                }
-                BufRef::Input { index } => {
-                    let i = check_index(at, "input", *index, manifest.inputs.len())?;
-                    Arg { region: Region::Input(i), offset: 0 }
-                }
-                BufRef::Output { index } => {
-                    let i = check_index(at, "output", *index, manifest.outputs.len())?;
-                    Arg { region: Region::Output(i), offset: 0 }
+    let mut entries = Vec::new();
+    for view in manifest.entry_views() {
+        let inputs = sizes(view.inputs, "input")?;
+        let outputs = sizes(view.outputs, "output")?;
+        let mut steps = Vec::with_capacity(view.steps.len());
+        for step in view.steps {
+            let at = &step.label;
+            let (module, grid, block) = match step.dispatch {
+                Dispatch::Gpu { module, grid, workgroup } => (module as usize, grid, workgroup),
+                Dispatch::Cpu { .. } => {
+                    return Err(RuntimeError::invalid(format!(
+                        "step {at:?} is a CPU dispatch in a CUDA artifact"
+                    )))
                 }
             };
-            args.push(arg);
+            if module >= manifest.modules.len() {
+                return Err(RuntimeError::invalid(format!(
+                    "step {at:?} uses module {module}, but the manifest has {} modules",
+                    manifest.modules.len()
+                )));
+            }
+            if grid.contains(&0) || block.contains(&0) {
+                return Err(RuntimeError::invalid(format!(
+                    "step {at:?} has grid {grid:?} and workgroup {block:?}: every extent must be at least 1"
+                )));
+            }
+            let threads = block.iter().map(|&n| u64::from(n)).product::<u64>();
+            if threads > u64::from(target.max_workgroup_invocations) {
+                return Err(RuntimeError::invalid(format!(
+                    "step {at:?} has workgroup {block:?} ({threads} threads), more than the target's \
+                 max_workgroup_invocations {}",
+                    target.max_workgroup_invocations
+                )));
+            }
+            if step.args.len() > MAX_ARGS {
+                return Err(RuntimeError::invalid(format!(
+                    "step {at:?} passes {} buffers, more than the {MAX_ARGS} pointers that fit in a CUDA \
+                 kernel's 4 KiB of parameters",
+                    step.args.len()
+                )));
+            }
+            let symbol = CString::new(step.symbol.clone()).map_err(|_| {
+                RuntimeError::invalid(format!("step {at:?}: kernel name {:?} contains NUL", step.symbol))
+            })?;
+
+            let mut args = Vec::with_capacity(step.args.len());
+            for buf in &step.args {
+                let arg = match buf {
+                    BufRef::Arena { offset, bytes } => {
+                        crate::device::check_arena_range(
+                            at,
+                            *offset,
+                            *bytes,
+                            manifest.arena_bytes,
+                            align,
+                            "not a multiple of the target's buffer_align",
+                        )?;
+                        Arg { region: Region::Arena, offset: *offset }
+                    }
+                    BufRef::Weight { name, bytes } => {
+                        let view = weights.get(name).ok_or_else(|| RuntimeError::MissingWeight {
+                            step: at.clone(),
+                            name: name.clone(),
+                        })?;
+                        let found = view.bytes.len() as u64;
+                        if found != *bytes {
+                            return Err(RuntimeError::WeightSize {
+                                step: at.clone(),
+                                name: name.clone(),
+                                expected: *bytes,
+                                found,
+                            });
+                        }
+                        let offset = match weight_offsets.get(name.as_str()) {
+                            Some(&offset) => offset,
+                            None => {
+                                let offset =
+                                    weights_end.checked_next_multiple_of(weight_align).ok_or_else(too_big)?;
+                                weights_end = offset.checked_add(found).ok_or_else(too_big)?;
+                                weight_offsets.insert(name, offset);
+                                weight_list.push((name.clone(), offset));
+                                offset
+                            }
+                        };
+                        Arg { region: Region::Weights, offset }
+                    }
+                    BufRef::Input { index } => {
+                        let i = check_index(at, "input", *index, view.inputs.len())?;
+                        Arg { region: Region::Input(i), offset: 0 }
+                    }
+                    BufRef::Output { index } => {
+                        let i = check_index(at, "output", *index, view.outputs.len())?;
+                        Arg { region: Region::Output(i), offset: 0 }
+                    }
+                };
+                args.push(arg);
+            }
+            steps.push(StepPlan { label: at.clone(), module, symbol, grid, block, args });
         }
-        steps.push(StepPlan { label: at.clone(), module, symbol, grid, block, args });
+        entries.push(EntryPlan { steps, inputs, outputs });
     }
     Ok(Plan {
         modules,
-        steps,
+        entries,
         arena_bytes: manifest.arena_bytes.max(1),
         weights: weight_list,
         weights_bytes: weights_end.max(1),
-        inputs,
-        outputs,
     })
 }
 
@@ -375,8 +383,9 @@ mod tests {
         assert_eq!(plan.modules[0].cubin, None);
         assert_eq!(plan.weights, vec![("w".to_string(), 0), ("c".to_string(), 4096)]);
         assert_eq!((plan.weights_bytes, plan.arena_bytes), (8192, 4352));
-        assert_eq!((plan.inputs.clone(), plan.outputs.clone()), (vec![4096], vec![4096]));
-        let first = &plan.steps[0];
+        let forward = &plan.entries[0];
+        assert_eq!((forward.inputs.clone(), forward.outputs.clone()), (vec![4096], vec![4096]));
+        let first = &forward.steps[0];
         assert_eq!(
             (first.module, first.symbol.as_c_str(), first.grid, first.block),
             (1, c"add", [4, 1, 1], [256, 1, 1])
@@ -389,7 +398,7 @@ mod tests {
                 Arg { region: Region::Arena, offset: 256 },
             ]
         );
-        assert_eq!(plan.steps[1].args[2], Arg { region: Region::Output(0), offset: 0 });
+        assert_eq!(forward.steps[1].args[2], Arg { region: Region::Output(0), offset: 0 });
     }
 
     #[test]
