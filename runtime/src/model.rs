@@ -18,8 +18,8 @@ use crate::exec;
 use crate::kernels::{KernelSource, SharedLibrary};
 use crate::manifest::{
     is_kernel_entry, name_problem, shape_str, DType, EntryView, FileDigest, Manifest, StateInit, StateSpec,
-    Target, TensorSpec, CONTRACT_SYMBOL, CUBIN_FILE, KERNELS_FILE, MANIFEST_FILE, PTX_FILE, SPIRV_FILE,
-    WEIGHTS_FILE,
+    Target, TensorSpec, CONTRACT_SYMBOL, CUBIN_FILE, FORWARD_ENTRY, KERNELS_FILE, MANIFEST_FILE, PTX_FILE,
+    SPIRV_FILE, WEIGHTS_FILE,
 };
 use crate::profile::Profile;
 use crate::target;
