@@ -202,7 +202,7 @@ pub fn emit(
     };
     let mut acc = 0;
     while acc < nacc {
-        let (r_in, c_in) = inner.position(&mut b, acc, &tx, &ty_);
+        let (r_in, c_in) = inner.position(&mut b, acc);
         let row = b.assign(format!("arith.addi {row0}, {r_in} : index"));
         let col = b.assign(format!("arith.addi {col0}, {c_in} : index"));
         if !exact_tiles {
@@ -293,7 +293,7 @@ impl Step {
     /// The tile row and column of accumulator `acc` of this invocation. SIMT accumulator
     /// `i·rn + j` is row `i` and column `j` of the invocation's block; its run `i / vec`
     /// starts `vec·wy` rows after the previous one.
-    fn position(&self, b: &mut Body, acc: usize, _tx: &str, _ty: &str) -> (String, String) {
+    fn position(&self, b: &mut Body, acc: usize) -> (String, String) {
         match self {
             Step::Simt { rn, wx, wy, vec, my_row, my_col, .. } => {
                 let (i, j) = (acc / rn, acc % rn);
