@@ -584,6 +584,13 @@ pub(crate) fn fill_inputs(
     given_specs: &[String],
     seed: u64,
 ) -> Result<HashMap<String, Tensor>, Failure> {
+    let given = read_given_inputs(given_specs)?;
+    complete_inputs(index_bounds, specs, given, seed)
+}
+
+/// The inputs given on the command line, by name (`NAME=FILE.npy`, or every tensor of a
+/// .safetensors file); a name given twice is an error.
+pub(crate) fn read_given_inputs(given_specs: &[String]) -> Result<HashMap<String, Tensor>, Failure> {
     let mut given: HashMap<String, Tensor> = HashMap::new();
     // Where each input came from: the same name bound twice (`--input x=a.npy --input
     // x=b.npy`, or a name that a .safetensors file also holds) is an error, not last-wins.
@@ -611,6 +618,17 @@ pub(crate) fn fill_inputs(
             }
         }
     }
+    Ok(given)
+}
+
+/// `given` checked against `specs` (dtype and shape), the missing inputs filled as
+/// [`fill_inputs`] says.
+pub(crate) fn complete_inputs(
+    index_bounds: &[Option<usize>],
+    specs: &[(String, DType, Vec<usize>)],
+    mut given: HashMap<String, Tensor>,
+    seed: u64,
+) -> Result<HashMap<String, Tensor>, Failure> {
     let mut inputs = HashMap::new();
     for (i, (name, dtype, shape)) in specs.iter().enumerate() {
         match given.remove(name) {

@@ -2,13 +2,14 @@
 //! runtime), and the conversions between the interpreter's tensors and the runtime's bytes.
 
 use crate::commands::{
-    bind_params, fill_inputs, folding_options, load, print_outputs, user, write_outputs, Failure,
+    bind_params, complete_inputs, folding_options, load, print_outputs, read_given_inputs, user,
+    write_outputs, Failure,
 };
 use kiln_codegen::gpu::ptxas::Ptxas;
 use kiln_codegen::gpu::{GpuCaps, NvvmTarget};
 use kiln_codegen::{CpuTarget, Target};
 use kiln_ir::{Buffer, DType, Graph, Tensor};
-use kiln_runtime::{Model, Options, TensorRef};
+use kiln_runtime::{Model, Options, TensorRef, TensorSpec};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -446,13 +447,20 @@ pub(crate) fn inspect_artifact(dir: &Path) -> Result<(), Failure> {
         m.format_version,
         bytes(m.arena_bytes)
     );
+    for s in &m.symbols {
+        let multiple = match s.multiple_of {
+            1 => String::new(),
+            n => format!(", a multiple of {n}"),
+        };
+        println!("symbol {}: {}..={}{multiple} (hint {})", s.name, s.min, s.max, s.hint);
+    }
     for e in m.entry_views() {
         println!("entry {}: {} kernels", e.name, e.steps.len());
         for t in e.inputs {
-            println!("  input {}: {}", t.name, shape(t.dtype, &t.shape));
+            println!("  input {}: {}{}", t.name, t.dtype, kiln_runtime::dims_str(&t.shape, &m.symbols));
         }
         for t in e.outputs {
-            println!("  output {}: {}", t.name, shape(t.dtype, &t.shape));
+            println!("  output {}: {}{}", t.name, t.dtype, kiln_runtime::dims_str(&t.shape, &m.symbols));
         }
     }
     if !m.state.is_empty() {
@@ -560,16 +568,34 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
         .find(|e| e.name == entry)
         .map(|e| e.index_bounds.to_vec())
         .unwrap_or_default();
+    let given = read_given_inputs(&a.inputs)?;
+    // Extents set at run time take their values from the inputs given, else the hints.
+    let values = given_symbol_values(model.symbols(), &entry_inputs, &given);
     let specs: Vec<(String, DType, Vec<usize>)> = entry_inputs
         .iter()
-        .map(|t| (t.name.clone(), ir_dtype(t.dtype), t.shape.iter().map(|&d| d as usize).collect()))
-        .collect();
+        .map(|t| {
+            let shape = t
+                .shape
+                .iter()
+                .map(|d| d.at(&values).and_then(|d| usize::try_from(d).ok()))
+                .collect::<Option<Vec<usize>>>()
+                .ok_or_else(|| {
+                    user(format!(
+                        "input `{}` of shape {} has no size at {}",
+                        t.name,
+                        kiln_runtime::dims_str(&t.shape, model.symbols()),
+                        kiln_runtime::binding_str(model.symbols(), &values)
+                    ))
+                })?;
+            Ok((t.name.clone(), ir_dtype(t.dtype), shape))
+        })
+        .collect::<Result<_, Failure>>()?;
     // Stand-ins for missing inputs: the artifact says which index a table, and how far.
     let bounds: Vec<Option<usize>> = match &graph {
         Some(g) => specs.iter().map(|(name, _, _)| kiln_ir::index_bound(g, name)).collect(),
         None => entry_bounds.iter().map(|b| b.and_then(|b| usize::try_from(b).ok())).collect(),
     };
-    let inputs = fill_inputs(&bounds, &specs, &a.inputs, a.seed)?;
+    let inputs = complete_inputs(&bounds, &specs, given, a.seed)?;
     let owned: Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> = specs
         .iter()
         .map(|(name, d, shape)| {
@@ -732,4 +758,26 @@ pub(crate) fn compile_entries(
     }
     build(entries, params, &target_for_device(device)?, out)?;
     Ok(())
+}
+
+/// Each symbol's value from the first given input whose axis is exactly it (the runtime checks
+/// it against the bounds), else its hint: the sizes `kiln run` fills missing inputs at.
+fn given_symbol_values(
+    symbols: &[kiln_runtime::SymbolSpec],
+    specs: &[TensorSpec],
+    given: &std::collections::HashMap<String, kiln_ir::Tensor>,
+) -> Vec<u64> {
+    let mut values: Vec<Option<u64>> = vec![None; symbols.len()];
+    for spec in specs {
+        let Some(t) = given.get(&spec.name) else { continue };
+        if t.shape.len() != spec.shape.len() {
+            continue;
+        }
+        for (dim, &extent) in spec.shape.iter().zip(&t.shape) {
+            if let Some(slot) = dim.symbol().and_then(|s| values.get_mut(s as usize)) {
+                slot.get_or_insert(extent as u64);
+            }
+        }
+    }
+    values.iter().zip(symbols).map(|(v, s)| v.unwrap_or(s.hint)).collect()
 }

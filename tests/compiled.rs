@@ -118,7 +118,8 @@ fn run_artifact(dir: &Path, inputs: &HashMap<String, Tensor>, what: &str) -> Vec
         .inputs()
         .iter()
         .map(|spec| {
-            (spec.name.clone(), spec.dtype, spec.shape.clone(), inputs[&spec.name].data.to_le_bytes())
+            let t = &inputs[&spec.name];
+            (spec.name.clone(), spec.dtype, t.shape.iter().map(|&d| d as u64).collect(), t.data.to_le_bytes())
         })
         .collect();
     let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
@@ -832,7 +833,10 @@ fn recompiling_never_breaks_a_loaded_artifact_and_a_failed_compile_keeps_the_old
         let owned: Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> = m
             .inputs()
             .iter()
-            .map(|s| (s.name.clone(), s.dtype, s.shape.clone(), inputs[&s.name].data.to_le_bytes()))
+            .map(|s| {
+                let t = &inputs[&s.name];
+                (s.name.clone(), s.dtype, t.shape.iter().map(|&d| d as u64).collect(), t.data.to_le_bytes())
+            })
             .collect();
         let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
         m.run(&refs).unwrap().iter().map(|t| t.to_f32_vec()).collect::<Vec<_>>()
@@ -1498,7 +1502,8 @@ fn mutate_manifest(m: &mut kiln_runtime::Manifest, kind: u8, a: u64, b: u64) {
         1 => {
             let i = pick(m.inputs.len(), 3);
             let d = pick(m.inputs[i].shape.len(), 4);
-            m.inputs[i].shape[d] = value(m.inputs[i].shape[d]);
+            let fixed = m.inputs[i].shape[d].fixed().unwrap_or(0);
+            m.inputs[i].shape[d] = kiln_runtime::Dim::Fixed(value(fixed));
         }
         2 => {
             step.args[arg] = match step.args[arg].clone() {
@@ -1512,9 +1517,12 @@ fn mutate_manifest(m: &mut kiln_runtime::Manifest, kind: u8, a: u64, b: u64) {
             }
         }
         3 => {
-            if let Dispatch::Cpu { range, grain } = step.dispatch {
+            if let Dispatch::Cpu { range, grain } = step.dispatch.clone() {
                 step.dispatch = if b.is_multiple_of(2) {
-                    Dispatch::Cpu { range: value(range), grain }
+                    Dispatch::Cpu {
+                        range: kiln_runtime::Dim::Fixed(value(range.fixed().unwrap_or(0))),
+                        grain,
+                    }
                 } else {
                     Dispatch::Cpu { range, grain: value(grain) }
                 };
@@ -1724,9 +1732,14 @@ fn through_the_whole_pipeline(text: &str) {
         .inputs()
         .iter()
         .filter_map(|spec| {
-            inputs
-                .get(&spec.name)
-                .map(|t| (spec.name.clone(), spec.dtype, spec.shape.clone(), t.data.to_le_bytes()))
+            inputs.get(&spec.name).map(|t| {
+                (
+                    spec.name.clone(),
+                    spec.dtype,
+                    t.shape.iter().map(|&d| d as u64).collect(),
+                    t.data.to_le_bytes(),
+                )
+            })
         })
         .collect();
     let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
@@ -2083,7 +2096,10 @@ fn runtime_inputs(
 ) -> Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> {
     specs
         .iter()
-        .map(|s| (s.name.clone(), s.dtype, s.shape.clone(), inputs[&s.name].data.to_le_bytes()))
+        .map(|s| {
+            let t = &inputs[&s.name];
+            (s.name.clone(), s.dtype, t.shape.iter().map(|&d| d as u64).collect(), t.data.to_le_bytes())
+        })
         .collect()
 }
 

@@ -119,9 +119,19 @@ fn run(args: &Args) -> Result<(), String> {
         return Err(format!("--input {unknown:?}: the model has no such input"));
     }
 
+    // Extents set at run time take the symbols' hints (raw byte files carry no shape).
+    let hints = model.manifest().hint_values();
     let mut data = Vec::new();
+    let mut shapes = Vec::new();
     for spec in model.inputs() {
-        let bytes = spec.byte_len().ok_or_else(|| format!("input {:?} is too large", spec.name))? as usize;
+        let shape: Vec<u64> = spec
+            .shape
+            .iter()
+            .map(|d| d.at(&hints))
+            .collect::<Option<_>>()
+            .ok_or_else(|| format!("input {:?} has no shape at the hints", spec.name))?;
+        let bytes =
+            spec.byte_len_at(&hints).ok_or_else(|| format!("input {:?} is too large", spec.name))? as usize;
         let (buffer, source) = match args.files.get(&spec.name) {
             Some(path) => {
                 let buffer = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
@@ -133,12 +143,17 @@ fn run(args: &Args) -> Result<(), String> {
             }
             None => (vec![0; bytes], "zeros".to_string()),
         };
-        println!("input {} {} {:?} ({source})", spec.name, spec.dtype, spec.shape);
+        println!("input {} {} {shape:?} ({source})", spec.name, spec.dtype);
         data.push(buffer);
+        shapes.push(shape);
     }
     let specs = model.inputs().to_vec();
-    let inputs: Vec<TensorRef> =
-        specs.iter().zip(&data).map(|(s, bytes)| TensorRef::new(&s.name, s.dtype, &s.shape, bytes)).collect();
+    let inputs: Vec<TensorRef> = specs
+        .iter()
+        .zip(&data)
+        .zip(&shapes)
+        .map(|((s, bytes), shape)| TensorRef::new(&s.name, s.dtype, shape, bytes))
+        .collect();
 
     let (outputs, profile) = if args.profile {
         let (outputs, profile) = model.run_profiled(&inputs, args.repeats).map_err(|e| e.to_string())?;

@@ -172,6 +172,33 @@ size_t kiln_model_entry_output_bytes(const KilnModel *model, size_t e, size_t i)
 int kiln_model_run_entry(KilnModel *model, const char *entry, const void *const *inputs,
                          void *const *outputs);
 
+/* Sizes set at run time. A model may declare symbols (a batch size, a sequence length): an
+ * input or output extent that depends on one reads -1 in the *_shape functions, and the
+ * *_bytes functions give the size at the symbols' maxima. Such a model runs with
+ * kiln_model_run_shaped (kiln_model_run and _run_entry refuse it). */
+
+/* Number of symbols (0 when every extent is fixed). */
+size_t kiln_model_symbol_count(const KilnModel *model);
+
+/* Symbol `i`: its name (valid until kiln_model_free) and bounds: a run binds a value in
+ * min..=max that is a multiple of `multiple_of`; the kernels were chosen for `hint`. Any out
+ * pointer may be NULL. Returns 0, or nonzero if `i` is out of range. */
+int kiln_model_symbol(const KilnModel *model, size_t i, const char **name, int64_t *min,
+                      int64_t *max, int64_t *hint, int64_t *multiple_of);
+
+/* Runs entry point `entry` (NULL: "forward") with each input's shape: `input_shapes[i]`
+ * points to input i's extents (its rank of them), which bind the symbols, and `inputs[i]` to
+ * the bytes of that shape. Each output is written contiguously at the shape the symbols give
+ * it into `outputs[i]`, a buffer of the output's *_output_bytes (its size at the maxima);
+ * when `output_shapes` is not NULL, `output_shapes[i]` receives output i's extents. A shape
+ * outside the symbols' bounds, or inconsistent between inputs, is refused before anything
+ * runs, with a message naming the input and the axis ("input `input_ids` axis 1 is 600, but
+ * `seq` is at most 512"). Works for models without symbols too. Returns 0, or nonzero (see
+ * kiln_last_error). */
+int kiln_model_run_shaped(KilnModel *model, const char *entry, const void *const *inputs,
+                          const int64_t *const *input_shapes, void *const *outputs,
+                          int64_t *const *output_shapes);
+
 /* Number of persistent state tensors (0 for a plain artifact). */
 size_t kiln_model_state_count(const KilnModel *model);
 

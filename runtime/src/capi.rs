@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 
 use crate::manifest::{DType, TensorSpec};
 use crate::model::{Model, Options};
+use crate::symbols::SymbolSpec;
 use crate::tensor::TensorRef;
 
 /// A loaded model with its names and shapes in C form, kept so returned pointers stay valid
@@ -26,6 +27,10 @@ pub struct KilnModel {
     entries: Vec<CEntry>,
     /// The persistent state, in the manifest's order.
     state: Vec<CSpec>,
+    /// The symbols' names in C form, with their bounds.
+    symbols: Vec<(CString, SymbolSpec)>,
+    /// The symbols as the manifest declares them (to print shapes over them).
+    symbol_specs: Vec<SymbolSpec>,
 }
 
 /// An entry point's name and interface in C form.
@@ -37,8 +42,10 @@ struct CEntry {
 
 struct CSpec {
     name: CString,
+    /// The extents, `-1` where an extent depends on a symbol.
     shape: Vec<i64>,
     dtype: DType,
+    /// The byte size, at the symbols' maxima when it depends on them.
     bytes: usize,
     /// The manifest's spec, to build `TensorRef`s without borrowing the model.
     spec: TensorSpec,
@@ -87,16 +94,20 @@ fn c_dtype(dtype: DType) -> &'static CStr {
     }
 }
 
-fn c_spec(spec: &TensorSpec) -> Result<CSpec, String> {
+/// The C view of `spec`; `maxima` are the symbols' largest values.
+fn c_spec(spec: &TensorSpec, maxima: &[u64]) -> Result<CSpec, String> {
     let name =
         CString::new(spec.name.clone()).map_err(|_| format!("tensor name {:?} contains NUL", spec.name))?;
     let shape = spec
         .shape
         .iter()
-        .map(|&d| i64::try_from(d).map_err(|_| format!("{:?} has an extent over i64::MAX", spec.name)))
+        .map(|d| match d.fixed() {
+            None => Ok(-1),
+            Some(d) => i64::try_from(d).map_err(|_| format!("{:?} has an extent over i64::MAX", spec.name)),
+        })
         .collect::<Result<_, _>>()?;
-    // Model::from_parts already refused sizes that do not fit usize.
-    let bytes = spec.byte_len().and_then(|n| usize::try_from(n).ok()).unwrap_or(usize::MAX);
+    // Model::from_parts already refused sizes (at the maxima) that do not fit usize.
+    let bytes = spec.byte_len_at(maxima).and_then(|n| usize::try_from(n).ok()).unwrap_or(usize::MAX);
     Ok(CSpec { name, shape, dtype: spec.dtype, bytes, spec: spec.clone() })
 }
 
@@ -185,6 +196,16 @@ pub unsafe extern "C" fn kiln_model_load_on(
         };
         let options = Options { threads: (threads > 0).then_some(threads), device };
         let model = Model::load_with(dir, &options).map_err(|e| e.to_string())?;
+        let maxima = model.manifest().max_values();
+        let symbol_specs = model.symbols().to_vec();
+        let symbols = symbol_specs
+            .iter()
+            .map(|s| {
+                let name =
+                    CString::new(s.name.clone()).map_err(|_| format!("symbol {:?} contains NUL", s.name))?;
+                Ok((name, s.clone()))
+            })
+            .collect::<Result<_, String>>()?;
         let entries = model
             .manifest()
             .entry_views()
@@ -192,18 +213,18 @@ pub unsafe extern "C" fn kiln_model_load_on(
             .map(|e| {
                 let name =
                     CString::new(e.name).map_err(|_| format!("entry point {:?} contains NUL", e.name))?;
-                let inputs = e.inputs.iter().map(c_spec).collect::<Result<_, _>>()?;
-                let outputs = e.outputs.iter().map(c_spec).collect::<Result<_, _>>()?;
+                let inputs = e.inputs.iter().map(|s| c_spec(s, &maxima)).collect::<Result<_, _>>()?;
+                let outputs = e.outputs.iter().map(|s| c_spec(s, &maxima)).collect::<Result<_, _>>()?;
                 Ok(CEntry { name, inputs, outputs })
             })
             .collect::<Result<_, String>>()?;
         let state = model
             .state()
             .iter()
-            .map(|s| c_spec(&TensorSpec { name: s.name.clone(), dtype: s.dtype, shape: s.shape.clone() }))
+            .map(|s| c_spec(&TensorSpec::fixed(s.name.clone(), s.dtype, &s.shape), &[]))
             .collect::<Result<_, _>>()?;
         let (model, busy) = (std::cell::UnsafeCell::new(model), std::sync::atomic::AtomicBool::new(false));
-        Ok(Box::into_raw(Box::new(KilnModel { model, busy, entries, state })))
+        Ok(Box::into_raw(Box::new(KilnModel { model, busy, entries, state, symbols, symbol_specs })))
     })
 }
 
@@ -443,7 +464,7 @@ pub unsafe extern "C" fn kiln_model_run(
     outputs: *const *mut c_void,
 ) -> c_int {
     // SAFETY: the same contract, for entry point 0.
-    unsafe { run_entry_at(model, None, inputs, outputs) }
+    unsafe { run_entry_at(model, None, inputs, None, outputs, None) }
 }
 
 /// Runs entry point `entry` (`None`: `forward`) of `model` on C buffers.
@@ -455,7 +476,9 @@ unsafe fn run_entry_at(
     model: *mut KilnModel,
     entry: Option<*const c_char>,
     inputs: *const *const c_void,
+    input_shapes: Option<*const *const i64>,
     outputs: *const *mut c_void,
+    output_shapes: Option<*const *mut i64>,
 ) -> c_int {
     guard(1, || {
         let m = model_ref(model)?;
@@ -472,24 +495,85 @@ unsafe fn run_entry_at(
         let e = &m.entries[index];
         let input_ptrs = pointer_array(inputs, e.inputs.len(), "inputs")?;
         let output_ptrs = pointer_array(outputs.cast::<*const c_void>(), e.outputs.len(), "outputs")?;
+        // Each input's shape: the caller's (`kiln_model_run_shaped`), else the fixed one.
+        let shapes: Vec<Vec<u64>> = match input_shapes {
+            Some(array) => {
+                let ptrs = pointer_array(array.cast::<*const c_void>(), e.inputs.len(), "input_shapes")?;
+                e.inputs
+                    .iter()
+                    .zip(&ptrs)
+                    .map(|(spec, &p)| {
+                        // SAFETY: non-NULL, with one int64_t per axis of the input (caller's contract).
+                        let dims = unsafe { std::slice::from_raw_parts(p.cast::<i64>(), spec.shape.len()) };
+                        dims.iter()
+                            .map(|&d| {
+                                u64::try_from(d).map_err(|_| {
+                                    format!("input {:?} has a negative extent {d}", spec.spec.name)
+                                })
+                            })
+                            .collect::<Result<Vec<u64>, String>>()
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            None => e
+                .inputs
+                .iter()
+                .map(|spec| {
+                    spec.spec.fixed_shape().ok_or_else(|| {
+                        format!(
+                            "input {:?} has extents set at run time ({}): run it with kiln_model_run_shaped",
+                            spec.spec.name,
+                            crate::dims_str(&spec.spec.shape, &m.symbol_specs)
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
         let mut refs = Vec::with_capacity(e.inputs.len());
-        for (spec, &p) in e.inputs.iter().zip(&input_ptrs) {
-            // SAFETY: p is non-NULL and points to spec.bytes readable bytes (caller's contract).
-            let bytes = unsafe { byte_slice(p, spec.bytes) };
-            refs.push(TensorRef::new(&spec.spec.name, spec.dtype, &spec.spec.shape, bytes));
-        }
-        let mut bufs = Vec::with_capacity(e.outputs.len());
-        for (spec, &p) in e.outputs.iter().zip(&output_ptrs) {
-            // SAFETY: p is non-NULL, points to spec.bytes writable bytes, and overlaps no other
-            // buffer of this call (caller's contract).
-            bufs.push(unsafe { byte_slice_mut(p.cast_mut(), spec.bytes) });
+        for ((spec, &p), shape) in e.inputs.iter().zip(&input_ptrs).zip(&shapes) {
+            let len = shape
+                .iter()
+                .try_fold(spec.dtype.size_bytes() as u64, |n, &d| n.checked_mul(d))
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| format!("input {:?} of shape {shape:?} is too large", spec.spec.name))?;
+            // SAFETY: p is non-NULL and points to the bytes of the input at its shape (caller's
+            // contract).
+            let bytes = unsafe { byte_slice(p, len) };
+            refs.push(TensorRef::new(&spec.spec.name, spec.dtype, shape, bytes));
         }
         let _running = RunGuard::acquire(m)?;
         // SAFETY: `RunGuard` holds `busy`, so this is the only reference to the model until it
         // is dropped at the end of this closure (a concurrent caller fails to acquire it).
         let inner = unsafe { &mut *m.model.get() };
         let name = e.name.to_string_lossy();
+        let out_shapes = inner.output_shapes(&name, &refs).map_err(|e| e.to_string())?;
+        let mut bufs = Vec::with_capacity(e.outputs.len());
+        for ((spec, &p), shape) in e.outputs.iter().zip(&output_ptrs).zip(&out_shapes) {
+            let len = shape
+                .iter()
+                .try_fold(spec.dtype.size_bytes() as u64, |n, &d| n.checked_mul(d))
+                .and_then(|n| usize::try_from(n).ok())
+                .filter(|&n| n <= spec.bytes)
+                .ok_or_else(|| {
+                    format!(
+                        "output {:?} at shape {shape:?} needs more than the {} bytes of its buffer",
+                        spec.spec.name, spec.bytes
+                    )
+                })?;
+            // SAFETY: p is non-NULL, points to spec.bytes >= len writable bytes, and overlaps no
+            // other buffer of this call (caller's contract).
+            bufs.push(unsafe { byte_slice_mut(p.cast_mut(), len) });
+        }
         inner.run_entry_into(&name, &refs, &mut bufs).map_err(|e| e.to_string())?;
+        if let Some(array) = output_shapes {
+            let ptrs = pointer_array(array.cast::<*const c_void>(), e.outputs.len(), "output_shapes")?;
+            for (&p, shape) in ptrs.iter().zip(&out_shapes) {
+                // SAFETY: non-NULL and writable for the output's rank (caller's contract).
+                let out = unsafe { std::slice::from_raw_parts_mut(p.cast::<i64>().cast_mut(), shape.len()) };
+                // Extents are at most the symbols' maxima, which fit i64 (checked at load).
+                out.iter_mut().zip(shape).for_each(|(o, &d)| *o = d as i64);
+            }
+        }
         Ok(0)
     })
 }
@@ -659,7 +743,90 @@ pub unsafe extern "C" fn kiln_model_run_entry(
     outputs: *const *mut c_void,
 ) -> c_int {
     // SAFETY: the caller's contract.
-    unsafe { run_entry_at(model, Some(entry), inputs, outputs) }
+    unsafe { run_entry_at(model, Some(entry), inputs, None, outputs, None) }
+}
+
+/// Runs entry point `entry` (NULL: `forward`) of a model whose extents may depend on symbols
+/// (`kiln_model_symbol`): `input_shapes[i]` holds input i's extents (as many as its rank),
+/// which bind the symbols; `output_shapes[i]`, when `output_shapes` is not NULL, receives
+/// output i's extents at them. Each output is written contiguously at that shape into
+/// `outputs[i]`, which must hold the output's `kiln_model_*output_bytes` (its size at the
+/// symbols' maxima). A shape outside the symbols' bounds, or inconsistent between inputs, is
+/// refused before anything runs, with an error naming the input and the axis. Returns 0, or
+/// nonzero with `kiln_last_error` set.
+///
+/// # Safety
+///
+/// As [`kiln_model_run_entry`]; `input_shapes` must hold one pointer per input to its rank of
+/// `int64_t`s, and each input buffer the bytes of its shape; `output_shapes` NULL or one
+/// pointer per output to its rank of writable `int64_t`s.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_run_shaped(
+    model: *mut KilnModel,
+    entry: *const c_char,
+    inputs: *const *const c_void,
+    input_shapes: *const *const i64,
+    outputs: *const *mut c_void,
+    output_shapes: *const *mut i64,
+) -> c_int {
+    let entry = (!entry.is_null()).then_some(entry);
+    if input_shapes.is_null() {
+        set_error("input_shapes is NULL");
+        return 1;
+    }
+    let output_shapes = (!output_shapes.is_null()).then_some(output_shapes);
+    // SAFETY: the caller's contract.
+    unsafe { run_entry_at(model, entry, inputs, Some(input_shapes), outputs, output_shapes) }
+}
+
+/// Number of symbols: sizes each run binds from its inputs' shapes (0 when every extent is
+/// fixed, or if `model` is NULL).
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_symbol_count(model: *const KilnModel) -> usize {
+    guard(0, || Ok(model_ref(model)?.symbols.len()))
+}
+
+/// Symbol `i`: its name (valid until the model is freed) and bounds (a run binds a value in
+/// `min..=max`, a multiple of `multiple_of`; the kernels were chosen for `hint`). Any out
+/// pointer may be NULL. Returns 0, or nonzero with `kiln_last_error` set.
+///
+/// # Safety
+///
+/// `model` must be NULL or a live model; each out pointer NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_symbol(
+    model: *const KilnModel,
+    i: usize,
+    name: *mut *const c_char,
+    min: *mut i64,
+    max: *mut i64,
+    hint: *mut i64,
+    multiple_of: *mut i64,
+) -> c_int {
+    guard(1, || {
+        let m = model_ref(model)?;
+        let (c_name, spec) = m
+            .symbols
+            .get(i)
+            .ok_or_else(|| format!("symbol {i} does not exist: the model has {}", m.symbols.len()))?;
+        if !name.is_null() {
+            // SAFETY: non-NULL and writable by the caller's contract.
+            unsafe { *name = c_name.as_ptr() };
+        }
+        for (out, v) in [(min, spec.min), (max, spec.max), (hint, spec.hint), (multiple_of, spec.multiple_of)]
+        {
+            if !out.is_null() {
+                // SAFETY: non-NULL and writable by the caller's contract; the loader checked
+                // that every bound fits i64.
+                unsafe { *out = v as i64 };
+            }
+        }
+        Ok(0)
+    })
 }
 
 /// Number of persistent state tensors (0 for a plain artifact, or if `model` is NULL).
@@ -731,7 +898,7 @@ fn sized_state(m: &KilnModel, name: *const c_char, bytes: usize) -> Result<&CSpe
         return Err(format!(
             "state {name:?} is {}{}, {} bytes; the buffer has {bytes}",
             spec.dtype,
-            crate::manifest::shape_str(&spec.spec.shape),
+            crate::dims_str(&spec.spec.shape, &[]),
             spec.bytes
         ));
     }
@@ -790,7 +957,8 @@ pub unsafe extern "C" fn kiln_model_write_state(
         }
         // SAFETY: value is non-NULL and readable for `bytes` bytes (caller's contract).
         let data = unsafe { byte_slice(value, bytes) };
-        let value = TensorRef::new(&spec.spec.name, spec.dtype, &spec.spec.shape, data);
+        let shape = spec.spec.fixed_shape().unwrap_or_default();
+        let value = TensorRef::new(&spec.spec.name, spec.dtype, &shape, data);
         let _using = RunGuard::acquire(m)?;
         // SAFETY: `RunGuard` holds `busy`, so this is the only reference to the model.
         let inner = unsafe { &mut *m.model.get() };

@@ -258,6 +258,19 @@ pub enum RuntimeError {
         /// The caller's shape.
         got: String,
     },
+    /// An input's extent along one axis contradicts a symbol's bounds or the value another
+    /// input bound it to.
+    #[error("input `{input}` axis {axis} is {got}, but {problem}")]
+    InputExtent {
+        /// The input's name.
+        input: String,
+        /// The axis, outermost first.
+        axis: usize,
+        /// The caller's extent.
+        got: u64,
+        /// What it should be and why (`` `seq` is at most 512 ``).
+        problem: String,
+    },
     /// An index input holds a value outside the table it indexes; the interpreter's
     /// `gather` refuses the same value with the same words.
     #[error("input {input:?}: gather index {index} at position {position} of the indices is out of range for a table of extent {extent}")]

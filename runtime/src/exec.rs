@@ -54,6 +54,7 @@ pub(crate) fn chunks(range: u64, grain: u64, threads: usize) -> Vec<(u64, u64)> 
 pub(crate) unsafe fn launch(
     kernel: KernelFn,
     args: &[SendPtr],
+    syms: &[i64],
     range: u64,
     grain: u64,
     pool: Option<&ThreadPool>,
@@ -61,9 +62,10 @@ pub(crate) unsafe fn launch(
 ) {
     // SendPtr is repr(transparent) over `*mut u8`, so the slice is the kernel's pointer array.
     let bufs = SendPtr(args.as_ptr() as *mut u8);
+    let syms = SendPtr(syms.as_ptr() as *mut u8);
     let call = |(begin, end): (u64, u64)| {
-        // SAFETY: guaranteed by the caller; begin and end fit i64 (range was checked at load).
-        unsafe { kernel(bufs.get() as *const *mut u8, begin as i64, end as i64) }
+        // SAFETY: guaranteed by the caller; begin and end fit i64 (the caller checked range).
+        unsafe { kernel(bufs.get() as *const *mut u8, syms.get() as *const i64, begin as i64, end as i64) }
     };
     let parts = chunks(range, grain, threads);
     match pool {

@@ -5,9 +5,11 @@ use std::path::{Path, PathBuf};
 
 use crate::error::RuntimeError;
 
-/// A kernel entry: `bufs` points to the step's argument pointers in order; the call computes
-/// iterations `[begin, end)` of the kernel's outer parallel loop.
-pub type KernelFn = unsafe extern "C" fn(bufs: *const *mut u8, begin: i64, end: i64);
+/// A kernel entry: `bufs` points to the step's argument pointers in order, `syms` to the run's
+/// symbol values (one `i64` per symbol of the manifest, in its order; read only by kernels
+/// whose extents depend on them); the call computes iterations `[begin, end)` of the kernel's
+/// outer parallel loop.
+pub type KernelFn = unsafe extern "C" fn(bufs: *const *mut u8, syms: *const i64, begin: i64, end: i64);
 
 /// Resolves entry symbols to kernels. A [`crate::Model`] owns its source and calls the
 /// functions it returned only while it holds the source, so an implementation keeps the code

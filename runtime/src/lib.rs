@@ -15,6 +15,12 @@
 //! [`devices`] select and list devices. [`Model::from_parts`] does the same for a JIT's in-memory CPU
 //! kernels. The C ABI (`capi`, header `include/kiln.h`) wraps the same calls.
 //!
+//! A manifest may declare symbols ([`SymbolSpec`]: a batch size, a sequence length, with
+//! bounds): extents of its inputs, outputs and CPU step ranges are then sizes over them
+//! ([`Dim`]). Each run binds the symbols from its inputs' shapes and refuses a shape outside
+//! the bounds or inconsistent between inputs, naming the input and the axis; outputs come back
+//! at the bound shapes.
+//!
 //! ```no_run
 //! use kiln_runtime::{Model, TensorRef};
 //!
@@ -40,6 +46,7 @@ mod kernels;
 mod manifest;
 mod model;
 mod profile;
+mod symbols;
 mod target;
 mod tensor;
 mod weights;
@@ -56,8 +63,9 @@ pub use manifest::{
 };
 pub use model::{Model, Options};
 pub use profile::{KindProfile, Profile, StepProfile};
+pub use symbols::{binding_str, dims_str, Dim, Size, SizeFactor, SizeTerm, SymbolSpec};
 pub use tensor::{Tensor, TensorRef};
 pub use weights::{WeightStore, WeightView};
 
 /// The artifact format version this runtime reads and the compiler writes.
-pub const ARTIFACT_FORMAT_VERSION: u32 = 5;
+pub const ARTIFACT_FORMAT_VERSION: u32 = 6;

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::RuntimeError;
+use crate::symbols::{Dim, SizeFactor, SizeTerm, SymbolSpec};
 
 /// The manifest's file name inside an artifact directory.
 pub const MANIFEST_FILE: &str = "manifest.ron";
@@ -33,6 +34,10 @@ pub struct Manifest {
     pub kiln_version: String,
     /// The machine the kernels were compiled for.
     pub target: Target,
+    /// Sizes each run binds from its inputs' shapes (a batch size, a sequence length), which
+    /// the extents of inputs, outputs and step ranges may be written over; empty for a model
+    /// whose shapes are all fixed.
+    pub symbols: Vec<SymbolSpec>,
     /// Graph inputs, in the order callers pass them.
     pub inputs: Vec<TensorSpec>,
     /// For each input (same order; empty when none is known), the bound stand-in values must
@@ -157,7 +162,8 @@ impl Manifest {
 impl StateSpec {
     /// Size of the slot's tensor in bytes, or `None` if it overflows `u64`.
     pub fn byte_len(&self) -> Option<u64> {
-        TensorSpec { name: String::new(), dtype: self.dtype, shape: self.shape.clone() }.byte_len()
+        let elements = self.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d))?;
+        elements.checked_mul(self.dtype.size_bytes() as u64)
     }
 }
 
@@ -298,15 +304,15 @@ pub struct TargetInfo {
     pub features: String,
 }
 
-/// A graph input or output: its name, element type and static shape.
+/// A graph input or output: its name, element type and shape.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorSpec {
     /// The name callers use.
     pub name: String,
     /// Element type.
     pub dtype: DType,
-    /// Static shape, outermost first.
-    pub shape: Vec<u64>,
+    /// Shape, outermost first: each extent fixed or a size over [`Manifest::symbols`].
+    pub shape: Vec<Dim>,
 }
 
 /// Element types a Kiln artifact can hold.
@@ -362,11 +368,12 @@ pub struct Step {
 /// How one step is launched; it matches the artifact's [`Target`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Dispatch {
-    /// `kiln_{symbol}(bufs, begin, end)` over `[0, range)`, split into tasks of at least `grain`
-    /// iterations (`range <= grain` runs on one thread).
+    /// `kiln_{symbol}(bufs, syms, begin, end)` over `[0, range)`, split into tasks of at least
+    /// `grain` iterations (`range <= grain` runs on one thread); `syms` points to the run's
+    /// symbol values, in the order of [`Manifest::symbols`].
     Cpu {
-        /// Iterations of the kernel's outer parallel loop.
-        range: u64,
+        /// Iterations of the kernel's outer parallel loop (at the run's symbol values).
+        range: Dim,
         /// Minimum iterations per task (at least 1).
         grain: u64,
     },
@@ -447,14 +454,35 @@ impl std::fmt::Display for DType {
 }
 
 impl TensorSpec {
-    /// Number of elements, or `None` if it overflows `u64`.
-    pub fn elements(&self) -> Option<u64> {
-        self.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d))
+    /// A spec whose every extent is fixed.
+    pub fn fixed(name: impl Into<String>, dtype: DType, shape: &[u64]) -> TensorSpec {
+        TensorSpec { name: name.into(), dtype, shape: shape.iter().map(|&d| Dim::Fixed(d)).collect() }
     }
 
-    /// Size of the tensor in bytes, or `None` if it overflows `u64`.
-    pub fn byte_len(&self) -> Option<u64> {
-        self.elements()?.checked_mul(self.dtype.size_bytes() as u64)
+    /// The shape when every extent is fixed.
+    pub fn fixed_shape(&self) -> Option<Vec<u64>> {
+        self.shape.iter().map(Dim::fixed).collect()
+    }
+
+    /// Number of elements at symbol values `values` (see [`Manifest::symbols`]), or `None` if
+    /// an extent has no value there or the product overflows `u64`.
+    pub fn elements_at(&self, values: &[u64]) -> Option<u64> {
+        self.shape.iter().try_fold(1u64, |n, d| n.checked_mul(d.at(values)?))
+    }
+
+    /// Size of the tensor in bytes at symbol values `values`, as [`TensorSpec::elements_at`].
+    pub fn byte_len_at(&self, values: &[u64]) -> Option<u64> {
+        self.elements_at(values)?.checked_mul(self.dtype.size_bytes() as u64)
+    }
+}
+
+impl Dispatch {
+    /// A CPU step's range.
+    pub fn range_dim(&self) -> Option<&Dim> {
+        match self {
+            Dispatch::Cpu { range, .. } => Some(range),
+            Dispatch::Gpu { .. } => None,
+        }
     }
 }
 
@@ -466,6 +494,16 @@ impl FileDigest {
 }
 
 impl Manifest {
+    /// Every symbol at its largest value: the run whose buffers are the largest.
+    pub fn max_values(&self) -> Vec<u64> {
+        self.symbols.iter().map(|s| s.max).collect()
+    }
+
+    /// Every symbol at its hint.
+    pub fn hint_values(&self) -> Vec<u64> {
+        self.symbols.iter().map(|s| s.hint).collect()
+    }
+
     /// Parses `manifest.ron` text. Only the syntax is checked here; [`crate::Model`] checks
     /// the content against the files and the machine.
     pub fn from_ron(text: &str) -> Result<Manifest, RuntimeError> {
@@ -530,6 +568,7 @@ impl Manifest {
             model,
             kiln_version,
             target,
+            symbols,
             inputs,
             index_bounds,
             outputs,
@@ -587,6 +626,11 @@ impl Manifest {
                 h.u64(u64::from(*max_shared_bytes));
                 h.ranges(cubins);
             }
+        }
+        h.u64(symbols.len() as u64);
+        for SymbolSpec { name, min, max, hint, multiple_of } in symbols {
+            h.str(name);
+            [min, max, hint, multiple_of].into_iter().for_each(|&v| h.u64(v));
         }
         h.interface(inputs, index_bounds, outputs);
         h.u64(*arena_bytes);
@@ -745,7 +789,7 @@ impl Fnv {
                 self.str(name);
                 self.str(dtype.name());
                 self.u64(shape.len() as u64);
-                shape.iter().for_each(|&d| self.u64(d));
+                shape.iter().for_each(|d| self.dim(d));
             }
         }
         self.u64(index_bounds.len() as u64);
@@ -783,7 +827,7 @@ impl Fnv {
             match dispatch {
                 Dispatch::Cpu { range, grain } => {
                     self.u64(0);
-                    self.u64(*range);
+                    self.dim(range);
                     self.u64(*grain);
                 }
                 Dispatch::Gpu { module, grid, workgroup } => {
@@ -794,6 +838,40 @@ impl Fnv {
             }
             self.u64(*flops);
             self.u64(*bytes);
+        }
+    }
+
+    fn dim(&mut self, dim: &Dim) {
+        match dim {
+            Dim::Fixed(d) => {
+                self.u64(0);
+                self.u64(*d);
+            }
+            Dim::Size(terms) => {
+                self.u64(1);
+                self.size(terms);
+            }
+        }
+    }
+
+    fn size(&mut self, terms: &[SizeTerm]) {
+        self.u64(terms.len() as u64);
+        for SizeTerm { coeff, factors } in terms {
+            self.bytes(&coeff.to_le_bytes());
+            self.u64(factors.len() as u64);
+            for f in factors {
+                match f {
+                    SizeFactor::Sym(i) => {
+                        self.u64(0);
+                        self.u64(u64::from(*i));
+                    }
+                    SizeFactor::FloorDiv(inner, d) => {
+                        self.u64(1);
+                        self.size(inner);
+                        self.u64(*d);
+                    }
+                }
+            }
         }
     }
 
@@ -894,6 +972,7 @@ mod tests {
     fn manifest_round_trips_through_ron() {
         let manifest = Manifest {
             format_version: crate::ARTIFACT_FORMAT_VERSION,
+            symbols: Vec::new(),
             model: "m".into(),
             kiln_version: "0.1.0".into(),
             target: Target::Cpu(TargetInfo {
@@ -901,9 +980,9 @@ mod tests {
                 cpu: "znver3".into(),
                 features: "+avx2".into(),
             }),
-            inputs: vec![TensorSpec { name: "x".into(), dtype: DType::BF16, shape: vec![2, 3] }],
+            inputs: vec![TensorSpec::fixed("x", DType::BF16, &[2, 3])],
             index_bounds: vec![Some(7)],
-            outputs: vec![TensorSpec { name: "y".into(), dtype: DType::Bool, shape: vec![] }],
+            outputs: vec![TensorSpec::fixed("y", DType::Bool, &[])],
             arena_bytes: 128,
             files: vec![FileDigest::of(KERNELS_FILE, b"abc")],
             modules: vec![],
@@ -918,7 +997,7 @@ mod tests {
                     BufRef::Arena { offset: 64, bytes: 64 },
                     BufRef::Output { index: 0 },
                 ],
-                dispatch: Dispatch::Cpu { range: 2, grain: 1 },
+                dispatch: Dispatch::Cpu { range: Dim::Fixed(2), grain: 1 },
                 flops: 6,
                 bytes: 36,
             }],
@@ -943,12 +1022,13 @@ mod tests {
 
     #[test]
     fn sizes() {
-        let spec = TensorSpec { name: "x".into(), dtype: DType::F16, shape: vec![3, 5] };
-        assert_eq!(spec.byte_len(), Some(30));
-        let scalar = TensorSpec { name: "s".into(), dtype: DType::I64, shape: vec![] };
-        assert_eq!(scalar.byte_len(), Some(8));
-        let huge = TensorSpec { name: "h".into(), dtype: DType::F32, shape: vec![u64::MAX, 2] };
-        assert_eq!(huge.byte_len(), None);
+        let spec = TensorSpec::fixed("x", DType::F16, &[3, 5]);
+        assert_eq!(spec.byte_len_at(&[]), Some(30));
+        assert_eq!(spec.fixed_shape(), Some(vec![3, 5]));
+        let scalar = TensorSpec::fixed("s", DType::I64, &[]);
+        assert_eq!(scalar.byte_len_at(&[]), Some(8));
+        let huge = TensorSpec::fixed("h", DType::F32, &[u64::MAX, 2]);
+        assert_eq!(huge.byte_len_at(&[]), None);
         assert_eq!(shape_str(&[2, 3]), "[2, 3]");
     }
 }

@@ -22,6 +22,7 @@ use crate::manifest::{
     SPIRV_FILE, WEIGHTS_FILE,
 };
 use crate::profile::Profile;
+use crate::symbols::{self, dims_str, SymbolSpec};
 use crate::target;
 use crate::tensor::{Tensor, TensorRef};
 use crate::weights::WeightStore;
@@ -161,6 +162,7 @@ impl Model {
                 check_specs(&manifest)?;
                 check_steps(&manifest)?;
                 check_state(&manifest, &weights)?;
+                check_fixed_shapes(&manifest, "vulkan")?;
                 let backend = VulkanBackend::load(&manifest, &spirv, &weights, index)?;
                 Ok(Model { manifest, backend: Backend::Vulkan(Box::new(backend)), weights })
             }
@@ -169,6 +171,7 @@ impl Model {
                 check_specs(&manifest)?;
                 check_steps(&manifest)?;
                 check_state(&manifest, &weights)?;
+                check_fixed_shapes(&manifest, "cuda")?;
                 let backend = CudaBackend::load(&manifest, &ptx, cubin.as_deref(), &weights, index)?;
                 Ok(Model { manifest, backend: Backend::Cuda(Box::new(backend)), weights })
             }
@@ -214,10 +217,9 @@ impl Model {
 
     /// Runs the model on `inputs` (in manifest order) and returns the outputs in manifest order:
     /// the first entry point, `forward`.
+    /// With symbols, the outputs come back at the shapes the inputs bind.
     pub fn run(&mut self, inputs: &[TensorRef]) -> Result<Vec<Tensor>, RuntimeError> {
-        let mut outputs = self.new_outputs()?;
-        self.run_outputs(inputs, &mut outputs, None)?;
-        Ok(outputs)
+        self.run_entry(FORWARD_ENTRY, inputs)
     }
 
     /// The entry points, `forward` first (a train-step artifact adds `train_step`).
@@ -229,10 +231,10 @@ impl Model {
     /// returns its outputs. Every entry point reads and updates the model's one state.
     pub fn run_entry(&mut self, entry: &str, inputs: &[TensorRef]) -> Result<Vec<Tensor>, RuntimeError> {
         let index = self.entry_index(entry)?;
-        let view = self.manifest.entry_views()[index];
-        let mut outputs: Vec<Tensor> = view.outputs.iter().map(Tensor::zeroed).collect::<Result<_, _>>()?;
+        let values = self.bind(index, inputs)?;
+        let mut outputs = self.new_outputs(index, &values)?;
         let mut bufs: Vec<&mut [u8]> = outputs.iter_mut().map(Tensor::bytes_mut).collect();
-        self.execute(index, inputs, &mut bufs, None)?;
+        self.execute(index, &values, inputs, &mut bufs, None)?;
         Ok(outputs)
     }
 
@@ -262,9 +264,9 @@ impl Model {
     /// copies the state from the device, so it takes the model as a run does.
     pub fn read_state(&mut self, name: &str) -> Result<Tensor, RuntimeError> {
         let s = self.state_spec(name)?;
-        let spec = TensorSpec { name: s.name.clone(), dtype: s.dtype, shape: s.shape.clone() };
+        let spec = TensorSpec::fixed(s.name.clone(), s.dtype, &s.shape);
         let range = slot_range(s);
-        let mut t = Tensor::zeroed(&spec)?;
+        let mut t = Tensor::zeroed(&spec, s.shape.clone())?;
         self.backend.read_state(range, t.bytes_mut())?;
         Ok(t)
     }
@@ -303,9 +305,10 @@ impl Model {
     }
 
     /// Runs the model writing into caller-provided output buffers (manifest order, each exactly
-    /// the output's byte size). Misaligned buffers are written through an aligned copy.
+    /// the output's byte size at the shapes the inputs bind, [`Model::output_shapes`]).
+    /// Misaligned buffers are written through an aligned copy.
     pub fn run_into(&mut self, inputs: &[TensorRef], outputs: &mut [&mut [u8]]) -> Result<(), RuntimeError> {
-        self.execute(0, inputs, outputs, None)
+        self.run_entry_into(FORWARD_ENTRY, inputs, outputs)
     }
 
     /// Runs entry point `entry` writing into caller-provided output buffers (in the order
@@ -318,7 +321,17 @@ impl Model {
         outputs: &mut [&mut [u8]],
     ) -> Result<(), RuntimeError> {
         let index = self.entry_index(entry)?;
-        self.execute(index, inputs, outputs, None)
+        let values = self.bind(index, inputs)?;
+        self.execute(index, &values, inputs, outputs, None)
+    }
+
+    /// The shapes entry point `entry` returns for `inputs`: its outputs' shapes at the symbol
+    /// values the inputs bind (the inputs are checked as a run checks them).
+    pub fn output_shapes(&self, entry: &str, inputs: &[TensorRef]) -> Result<Vec<Vec<u64>>, RuntimeError> {
+        let index = self.entry_index(entry)?;
+        let values = self.bind(index, inputs)?;
+        let view = self.manifest.entry_views()[index];
+        view.outputs.iter().map(|o| symbols::shape_at(o, &values, &self.manifest.symbols)).collect()
     }
 
     /// Runs the model `repeats` times (at least once), timing every step, and returns the last
@@ -341,7 +354,8 @@ impl Model {
     ) -> Result<(Vec<Tensor>, Profile), RuntimeError> {
         let index = self.entry_index(entry)?;
         let view = self.manifest.entry_views()[index];
-        let mut outputs: Vec<Tensor> = view.outputs.iter().map(Tensor::zeroed).collect::<Result<_, _>>()?;
+        let values = self.bind(index, inputs)?;
+        let mut outputs = self.new_outputs(index, &values)?;
         let labels: Vec<(String, u64, u64)> =
             view.steps.iter().map(|s| (s.label.clone(), s.flops, s.bytes)).collect();
         let mut step_times = Vec::new();
@@ -350,7 +364,7 @@ impl Model {
             let mut times = Vec::with_capacity(labels.len());
             let start = Instant::now();
             let mut bufs: Vec<&mut [u8]> = outputs.iter_mut().map(Tensor::bytes_mut).collect();
-            self.execute(index, inputs, &mut bufs, Some(&mut times))?;
+            self.execute(index, &values, inputs, &mut bufs, Some(&mut times))?;
             run_times.push(start.elapsed());
             step_times.push(times);
         }
@@ -362,6 +376,11 @@ impl Model {
             self.threads(),
         );
         Ok((outputs, profile))
+    }
+
+    /// The sizes each run binds from its inputs' shapes (empty when every shape is fixed).
+    pub fn symbols(&self) -> &[SymbolSpec] {
+        &self.manifest.symbols
     }
 
     /// The graph inputs, in the order `run` takes them.
@@ -399,32 +418,33 @@ impl Model {
         &self.weights
     }
 
-    fn new_outputs(&self) -> Result<Vec<Tensor>, RuntimeError> {
-        self.manifest.outputs.iter().map(Tensor::zeroed).collect()
+    /// Checks `inputs` against entry point `entry` and returns the symbol values they bind.
+    fn bind(&self, entry: usize, inputs: &[TensorRef]) -> Result<Vec<u64>, RuntimeError> {
+        check_inputs(&self.manifest.symbols, &self.manifest.entry_views()[entry], inputs)
     }
 
-    fn run_outputs(
-        &mut self,
-        inputs: &[TensorRef],
-        outputs: &mut [Tensor],
-        times: Option<&mut Vec<Duration>>,
-    ) -> Result<(), RuntimeError> {
-        let mut bufs: Vec<&mut [u8]> = outputs.iter_mut().map(Tensor::bytes_mut).collect();
-        self.execute(0, inputs, &mut bufs, times)
+    /// Zeroed outputs of entry point `entry` at symbol values `values`.
+    fn new_outputs(&self, entry: usize, values: &[u64]) -> Result<Vec<Tensor>, RuntimeError> {
+        let view = self.manifest.entry_views()[entry];
+        view.outputs
+            .iter()
+            .map(|o| Tensor::zeroed(o, symbols::shape_at(o, values, &self.manifest.symbols)?))
+            .collect()
     }
 
+    /// Runs entry point `entry` on inputs that bound symbol values `values`.
     fn execute(
         &mut self,
         entry: usize,
+        values: &[u64],
         inputs: &[TensorRef],
         outputs: &mut [&mut [u8]],
         times: Option<&mut Vec<Duration>>,
     ) -> Result<(), RuntimeError> {
         let view = self.manifest.entry_views()[entry];
-        check_inputs(&view, inputs)?;
         check_count("output", view.outputs.len(), outputs.len())?;
         for (spec, buf) in view.outputs.iter().zip(outputs.iter()) {
-            let expected = spec.byte_len().unwrap_or(u64::MAX);
+            let expected = spec.byte_len_at(values).unwrap_or(u64::MAX);
             if buf.len() as u64 != expected {
                 let name = spec.name.clone();
                 return Err(RuntimeError::BufferSize {
@@ -435,14 +455,19 @@ impl Model {
                 });
             }
         }
-        self.backend.execute(entry, inputs, outputs, times)?;
+        self.backend.execute(entry, values, inputs, outputs, times)?;
         // A kernel that faulted (an integer division by zero) makes the run an error.
         crate::faults::check_run(&view, self.backend.fault_words())
     }
 }
 
-/// Checks the inputs against an entry point's: names, dtypes, shapes and sizes.
-fn check_inputs(view: &EntryView<'_>, inputs: &[TensorRef]) -> Result<(), RuntimeError> {
+/// Checks the inputs against an entry point's (names, dtypes, shapes, sizes and index bounds)
+/// and returns the symbol values their shapes bind.
+fn check_inputs(
+    symbols: &[SymbolSpec],
+    view: &EntryView<'_>,
+    inputs: &[TensorRef],
+) -> Result<Vec<u64>, RuntimeError> {
     check_count("input", view.inputs.len(), inputs.len())?;
     for (index, (spec, input)) in view.inputs.iter().zip(inputs).enumerate() {
         if input.name != spec.name {
@@ -459,23 +484,20 @@ fn check_inputs(view: &EntryView<'_>, inputs: &[TensorRef]) -> Result<(), Runtim
                 got: input.dtype,
             });
         }
-        if input.shape != spec.shape.as_slice() {
-            return Err(RuntimeError::InputShape {
-                name: spec.name.clone(),
-                expected: shape_str(&spec.shape),
-                got: shape_str(input.shape),
-            });
-        }
-        let expected = spec.byte_len().unwrap_or(u64::MAX);
+    }
+    let shapes: Vec<&[u64]> = inputs.iter().map(|i| i.shape).collect();
+    let values = symbols::bind(symbols, view.inputs, &shapes)?;
+    for (index, (spec, input)) in view.inputs.iter().zip(inputs).enumerate() {
+        let expected = spec.byte_len_at(&values).unwrap_or(u64::MAX);
         if input.bytes.len() as u64 != expected {
             let (name, got) = (spec.name.clone(), input.bytes.len() as u64);
             return Err(RuntimeError::BufferSize { kind: "input", name, expected, got });
         }
         if let Some(&Some(bound)) = view.index_bounds.get(index) {
-            check_index_input(spec, bound, input.bytes)?;
+            check_index_input(spec, input.shape, bound, input.bytes)?;
         }
     }
-    Ok(())
+    Ok(values)
 }
 
 impl std::fmt::Debug for Model {
@@ -535,6 +557,8 @@ fn check_digest(digest: &FileDigest, contents: &[u8]) -> Result<(), RuntimeError
 /// and sizes that fit in memory.
 fn check_specs(manifest: &Manifest) -> Result<(), RuntimeError> {
     let views = manifest.entry_views();
+    symbols::check(&manifest.symbols, &views)?;
+    let maxima = manifest.max_values();
     for (i, view) in views.iter().enumerate() {
         if let Some(problem) = name_problem(view.name) {
             return Err(RuntimeError::invalid(format!("entry point name {:?} {problem}", view.name)));
@@ -542,12 +566,16 @@ fn check_specs(manifest: &Manifest) -> Result<(), RuntimeError> {
         if views[..i].iter().any(|v| v.name == view.name) {
             return Err(RuntimeError::invalid(format!("two entry points are named {:?}", view.name)));
         }
-        check_entry_specs(view)?;
+        check_entry_specs(view, &manifest.symbols, &maxima)?;
     }
     Ok(())
 }
 
-fn check_entry_specs(view: &EntryView<'_>) -> Result<(), RuntimeError> {
+fn check_entry_specs(
+    view: &EntryView<'_>,
+    symbols: &[SymbolSpec],
+    maxima: &[u64],
+) -> Result<(), RuntimeError> {
     let bounds = view.index_bounds.len();
     if bounds != 0 && bounds != view.inputs.len() {
         return Err(RuntimeError::invalid(format!(
@@ -575,16 +603,32 @@ fn check_entry_specs(view: &EntryView<'_>) -> Result<(), RuntimeError> {
                     }
                 }
             }
-            if spec.byte_len().and_then(|n| usize::try_from(n).ok()).is_none() {
+            // At the symbols' maxima: the largest buffer any run can need.
+            if spec.byte_len_at(maxima).and_then(|n| usize::try_from(n).ok()).is_none() {
                 return Err(RuntimeError::invalid(format!(
                     "{kind} {:?} of shape {} is too large for this machine",
                     spec.name,
-                    shape_str(&spec.shape)
+                    dims_str(&spec.shape, symbols)
                 )));
             }
         }
     }
     Ok(())
+}
+
+/// A GPU backend records its launches once, at fixed shapes: a manifest with symbols runs on
+/// the CPU only so far.
+fn check_fixed_shapes(manifest: &Manifest, device: &str) -> Result<(), RuntimeError> {
+    if manifest.symbols.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = manifest.symbols.iter().map(|s| s.name.as_str()).collect();
+    Err(RuntimeError::WrongDevice {
+        artifact: format!("an artifact with sizes set at run time ({})", names.join(", ")),
+        device: device.to_string(),
+        fix: "such artifacts run on the CPU so far; compile with `--set NAME=VALUE` for each to fix them"
+            .into(),
+    })
 }
 
 /// Steps must be in the compiler's order (step `i` is labelled `k{i} …`), so a reordered
@@ -714,11 +758,11 @@ fn check_state(manifest: &Manifest, weights: &WeightStore) -> Result<(), Runtime
 /// it indexes (the manifest's `index_bounds`): the interpreter refuses anything else,
 /// negative values included, and so does every compiled path, before any kernel runs. The
 /// check is one pass over the index inputs (token ids: small next to the run).
-fn check_index_input(spec: &TensorSpec, bound: u64, bytes: &[u8]) -> Result<(), RuntimeError> {
+fn check_index_input(spec: &TensorSpec, shape: &[u64], bound: u64, bytes: &[u8]) -> Result<(), RuntimeError> {
     let bad = |position: usize, index: i64| {
-        let mut at = Vec::with_capacity(spec.shape.len());
+        let mut at = Vec::with_capacity(shape.len());
         let mut rest = position as u64;
-        for &d in spec.shape.iter().rev() {
+        for &d in shape.iter().rev() {
             // A tensor with an element has no zero extent; `unwrap_or(0)` only keeps this total.
             at.push(rest.checked_rem(d).unwrap_or(0));
             rest = rest.checked_div(d).unwrap_or(0);
@@ -796,7 +840,7 @@ mod tests {
         let err = check_version(probe.format_version).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "artifact format version 7, this runtime reads version 5: recompile the model"
+            "artifact format version 7, this runtime reads version 6: recompile the model"
         );
     }
 }

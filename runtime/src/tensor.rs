@@ -56,13 +56,15 @@ pub struct Tensor {
 }
 
 impl Tensor {
-    /// A zeroed tensor of the spec's dtype and shape.
-    pub(crate) fn zeroed(spec: &TensorSpec) -> Result<Tensor, RuntimeError> {
-        let bytes = spec
-            .byte_len()
+    /// A zeroed tensor named as `spec`, of its dtype and of shape `shape` (the spec's shape at
+    /// the run's symbol values).
+    pub(crate) fn zeroed(spec: &TensorSpec, shape: Vec<u64>) -> Result<Tensor, RuntimeError> {
+        let bytes = shape
+            .iter()
+            .try_fold(spec.dtype.size_bytes() as u64, |n, &d| n.checked_mul(d))
             .ok_or_else(|| RuntimeError::invalid(format!("output {:?} is too large", spec.name)))?;
         let data = AlignedBuf::zeroed(bytes, &format!("output {:?}", spec.name))?;
-        Ok(Tensor { name: spec.name.clone(), dtype: spec.dtype, shape: spec.shape.clone(), data })
+        Ok(Tensor { name: spec.name.clone(), dtype: spec.dtype, shape, data })
     }
 
     /// The output's name.
@@ -176,7 +178,7 @@ mod tests {
 
     fn tensor(dtype: DType, bytes: &[u8]) -> Tensor {
         let n = (bytes.len() / dtype.size_bytes()) as u64;
-        let mut t = Tensor::zeroed(&TensorSpec { name: "t".into(), dtype, shape: vec![n] }).unwrap();
+        let mut t = Tensor::zeroed(&TensorSpec::fixed("t", dtype, &[n]), vec![n]).unwrap();
         t.bytes_mut().copy_from_slice(bytes);
         t
     }

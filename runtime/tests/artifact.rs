@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use kiln_runtime::{
-    BufRef, DType, Dispatch, KernelFn, KernelSource, Manifest, Model, Options, RuntimeError, TensorRef,
+    BufRef, DType, Dim, Dispatch, KernelFn, KernelSource, Manifest, Model, Options, RuntimeError, TensorRef,
     WeightStore, KERNELS_FILE, MANIFEST_FILE, WEIGHTS_FILE,
 };
 
@@ -174,7 +174,7 @@ fn profile_has_one_entry_per_step() {
 /// Kernels written in Rust, standing in for a JIT's engine.
 struct RustKernels;
 
-unsafe extern "C" fn scale_rows(bufs: *const *mut u8, begin: i64, end: i64) {
+unsafe extern "C" fn scale_rows(bufs: *const *mut u8, _syms: *const i64, begin: i64, end: i64) {
     // SAFETY: the manifest below passes [weight f32 [8], output f32 [8]]; chunks are disjoint.
     unsafe {
         let w = *bufs.add(0) as *const f32;
@@ -195,13 +195,13 @@ impl KernelSource for RustKernels {
 fn from_parts_runs_in_memory_kernels_and_weights() {
     let mut manifest: Manifest = toy_manifest();
     manifest.inputs.clear();
-    manifest.outputs = vec![kiln_runtime::TensorSpec { name: "y".into(), dtype: DType::F32, shape: vec![8] }];
+    manifest.outputs = vec![kiln_runtime::TensorSpec::fixed("y", DType::F32, &[8])];
     manifest.arena_bytes = 0;
     manifest.steps = vec![kiln_runtime::Step {
         symbol: "kiln_k0".into(),
         label: "k0 triple".into(),
         args: vec![BufRef::Weight { name: "w".into(), bytes: 32 }, BufRef::Output { index: 0 }],
-        dispatch: kiln_runtime::Dispatch::Cpu { range: 8, grain: 1 },
+        dispatch: kiln_runtime::Dispatch::Cpu { range: kiln_runtime::Dim::Fixed(8), grain: 1 },
         flops: 8,
         bytes: 64,
     }];
@@ -229,7 +229,7 @@ fn refuses_another_format_version() {
     toy.edit(|m| m.format_version = 7);
     assert_eq!(
         load_err(&toy),
-        "artifact format version 7, this runtime reads version 5: recompile the model"
+        "artifact format version 7, this runtime reads version 6: recompile the model"
     );
 }
 
@@ -366,7 +366,7 @@ fn refuses_missing_symbols_and_bad_steps() {
     }
 
     let mut toy = Toy::new();
-    toy.edit(|m| m.steps[0].dispatch = Dispatch::Cpu { range: 64, grain: 0 });
+    toy.edit(|m| m.steps[0].dispatch = Dispatch::Cpu { range: kiln_runtime::Dim::Fixed(64), grain: 0 });
     assert!(load_err(&toy).contains("grain 0"));
 
     let mut toy = Toy::new();
@@ -424,11 +424,11 @@ fn the_manifest_is_covered_by_its_digest_line() {
         assert_eq!(load_err(&toy), no_line);
     }
     // A manifest of an older format, which had no digest line, is refused by its version.
-    std::fs::write(toy.file(MANIFEST_FILE), body.replacen("format_version: 5", "format_version: 4", 1))
+    std::fs::write(toy.file(MANIFEST_FILE), body.replacen("format_version: 6", "format_version: 4", 1))
         .unwrap();
     assert_eq!(
         load_err(&toy),
-        "artifact format version 4, this runtime reads version 5: recompile the model"
+        "artifact format version 4, this runtime reads version 6: recompile the model"
     );
 }
 
@@ -437,8 +437,8 @@ fn a_manifest_the_kernels_were_not_compiled_for_is_refused() {
     // Each edit passes every structural check: only the contract can tell.
     type Edit = (&'static str, fn(&mut Manifest));
     let edits: [Edit; 6] = [
-        ("range", |m| m.steps[0].dispatch = Dispatch::Cpu { range: 63, grain: 4 }),
-        ("shape", |m| m.inputs[1].shape = vec![32]),
+        ("range", |m| m.steps[0].dispatch = Dispatch::Cpu { range: kiln_runtime::Dim::Fixed(63), grain: 4 }),
+        ("shape", |m| m.inputs[1].shape = vec![Dim::Fixed(32)]),
         ("arena offset", |m| m.steps[1].args[2] = BufRef::Arena { offset: 64, bytes: 4096 }),
         ("swapped symbols", |m| m.steps.swap(0, 1)),
         ("swapped arguments", |m| m.steps[1].args.swap(0, 1)),
@@ -622,11 +622,11 @@ fn mutate(m: &mut Manifest, next: &mut impl FnMut(usize) -> usize) {
         1 => {
             let i = next(m.inputs.len());
             let d = next(m.inputs[i].shape.len());
-            m.inputs[i].shape[d] = number(next, m.inputs[i].shape[d]);
+            m.inputs[i].shape[d] = Dim::Fixed(number(next, m.inputs[i].shape[d].fixed().unwrap_or(0)));
         }
         2 => {
             let o = next(m.outputs.len());
-            m.outputs[o].shape.push(1 + next(3) as u64);
+            m.outputs[o].shape.push(Dim::Fixed(1 + next(3) as u64));
         }
         3 => {
             let a = next(m.steps[s].args.len());
@@ -644,9 +644,9 @@ fn mutate(m: &mut Manifest, next: &mut impl FnMut(usize) -> usize) {
             }
         }
         4 => {
-            if let Dispatch::Cpu { range, grain } = m.steps[s].dispatch {
+            if let Dispatch::Cpu { range, grain } = m.steps[s].dispatch.clone() {
                 m.steps[s].dispatch = if next(2) == 0 {
-                    Dispatch::Cpu { range: number(next, range), grain }
+                    Dispatch::Cpu { range: Dim::Fixed(number(next, range.fixed().unwrap_or(0))), grain }
                 } else {
                     Dispatch::Cpu { range, grain: number(next, grain) }
                 };
@@ -720,7 +720,7 @@ static void min_u32(uint32_t *p, uint32_t v) {
     while (v < old && !__atomic_compare_exchange_n(p, &old, v, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
 }
 
-void kiln_k0(void **b, int64_t begin, int64_t end) {
+void kiln_k0(void **b, const int64_t *syms, int64_t begin, int64_t end) {
     const int32_t *a = b[0], *d = b[1];
     int32_t *q = b[2];
     uint32_t *faults = b[3];
@@ -738,8 +738,7 @@ void kiln_k0(void **b, int64_t begin, int64_t end) {
 
 /// One integer division of two i32 [64] inputs, with its fault site.
 fn divide_manifest() -> Manifest {
-    let spec =
-        |name: &str| kiln_runtime::TensorSpec { name: name.into(), dtype: DType::I32, shape: vec![64] };
+    let spec = |name: &str| kiln_runtime::TensorSpec::fixed(name, DType::I32, &[64]);
     Manifest {
         inputs: vec![spec("a"), spec("b")],
         outputs: vec![spec("q")],
@@ -753,7 +752,7 @@ fn divide_manifest() -> Manifest {
                 BufRef::Output { index: 0 },
                 BufRef::Arena { offset: 0, bytes: 8 },
             ],
-            dispatch: Dispatch::Cpu { range: 64, grain: 4 },
+            dispatch: Dispatch::Cpu { range: kiln_runtime::Dim::Fixed(64), grain: 4 },
             flops: 64,
             bytes: 768,
         }],
@@ -891,4 +890,104 @@ fn fault_tables_are_checked_at_load() {
         load_err(&Toy::custom(m, DIVIDE_C)),
         "invalid manifest: fault table of `again`: site 0 names step 1 (of 1; sites are listed in step order)"
     );
+}
+
+fn run_rows(model: &mut Model, rows: usize) -> Result<(Vec<f32>, Vec<f32>), RuntimeError> {
+    let x = &x_data()[..rows * COLS];
+    let shape = [rows as u64, COLS as u64];
+    let out = model.run(&[TensorRef::f32("x", &shape, x)])?;
+    assert_eq!(out[0].shape(), &shape[..]);
+    assert_eq!(out[1].shape(), &[rows as u64][..]);
+    Ok((out[0].as_f32().expect("f32").to_vec(), out[1].to_f32_vec()))
+}
+
+#[test]
+fn a_model_with_symbols_runs_at_every_size_within_its_bounds() {
+    let toy = Toy::custom(dynamic_manifest(), DYNAMIC_C);
+    for threads in [1, 2] {
+        let mut model = load(&toy, threads).unwrap();
+        assert_eq!(model.symbols()[0].name, "rows");
+        // 1, a size below and at the hint, an odd one, and the maximum; the same model, one
+        // after another, reusing its arena.
+        for rows in [1, 7, 8, 33, ROWS, 2] {
+            let x = &x_data()[..rows * COLS];
+            assert_eq!(run_rows(&mut model, rows).unwrap(), dynamic_expected(x, rows), "{rows} rows");
+        }
+        // Caller buffers are sized at the shapes the inputs bind.
+        let (x, shape) = (&x_data()[..3 * COLS], [3u64, COLS as u64]);
+        let inputs = [TensorRef::f32("x", &shape, x)];
+        let shapes = model.output_shapes("forward", &inputs).unwrap();
+        assert_eq!(shapes, [vec![3, COLS as u64], vec![3]]);
+        let (mut y, mut s) = (vec![0u8; 3 * COLS * 4], vec![0u8; 3 * 4]);
+        model.run_into(&inputs, &mut [&mut y, &mut s]).unwrap();
+        let (ey, es) = dynamic_expected(x, 3);
+        assert_eq!((y, s), (f32_bytes(&ey), f32_bytes(&es)));
+        let mut short = vec![0u8; 4 * COLS * 4];
+        let err = model.run_into(&inputs, &mut [&mut short, &mut [0u8; 12]]).unwrap_err();
+        assert_eq!(err.to_string(), "output \"y\" needs 192 bytes, got 256");
+    }
+}
+
+#[test]
+fn a_model_with_symbols_refuses_shapes_outside_its_bounds_by_input_and_axis() {
+    let toy = Toy::custom(dynamic_manifest(), DYNAMIC_C);
+    let mut model = load(&toy, 1).unwrap();
+    let x = vec![0.5f32; (ROWS + 1) * COLS];
+    let run = |model: &mut Model, shape: &[u64]| {
+        let n = shape.iter().product::<u64>() as usize;
+        model.run(&[TensorRef::f32("x", shape, &x[..n])]).unwrap_err().to_string()
+    };
+    assert_eq!(run(&mut model, &[65, 16]), "input `x` axis 0 is 65, but `rows` is at most 64");
+    assert_eq!(run(&mut model, &[0, 16]), "input `x` axis 0 is 0, but `rows` is at least 1");
+    assert_eq!(run(&mut model, &[8, 15]), "input `x` axis 1 is 15, but it is fixed at 16");
+    assert_eq!(run(&mut model, &[8]), "input \"x\" must have shape [rows, 16], got [8]");
+    // A buffer that does not hold the shape it claims.
+    let err = model.run(&[TensorRef::f32("x", &[8, 16], &x[..100])]).unwrap_err();
+    assert_eq!(err.to_string(), "input \"x\" needs 512 bytes, got 400");
+    // The refusals left the model as it was.
+    assert_eq!(run_rows(&mut model, 5).unwrap(), dynamic_expected(&x_data()[..5 * COLS], 5));
+}
+
+#[test]
+fn a_manifest_whose_symbols_cannot_be_bound_is_refused_at_load() {
+    type Case = (&'static str, fn(&mut Manifest), &'static str);
+    let cases: [Case; 4] = [
+        (
+            "unbound",
+            |m| {
+                m.symbols.push(kiln_runtime::SymbolSpec {
+                    name: "cols".into(),
+                    min: 1,
+                    max: 4,
+                    hint: 2,
+                    multiple_of: 1,
+                });
+                m.outputs[1].shape = vec![Dim::Size(vec![kiln_runtime::SizeTerm {
+                    coeff: 1,
+                    factors: vec![kiln_runtime::SizeFactor::Sym(1)],
+                }])];
+            },
+            "invalid manifest: entry point \"forward\" reads symbol \"cols\", but no axis of its inputs is exactly it, so no run could bind it",
+        ),
+        (
+            "undeclared",
+            |m| m.symbols.clear(),
+            "invalid manifest: entry point \"forward\" reads symbol 0, but the manifest declares 0",
+        ),
+        (
+            "bounds",
+            |m| m.symbols[0].hint = 80,
+            "invalid manifest: symbol \"rows\" has bounds min 1 ≤ hint 80 ≤ max 64 (multiple of 1) that do not hold or do not fit i64",
+        ),
+        (
+            "too large",
+            |m| m.symbols[0].max = 1 << 62,
+            "invalid manifest: input \"x\" of shape [rows, 16] is too large for this machine",
+        ),
+    ];
+    for (what, edit, expected) in cases {
+        let mut toy = Toy::custom(dynamic_manifest(), DYNAMIC_C);
+        toy.edit(edit);
+        assert_eq!(load_err(&toy), expected, "{what}");
+    }
 }

@@ -157,12 +157,12 @@ fn c_abi_runs_a_vulkan_model() {
 const STATE_C: &str = r#"
 #include <stdint.h>
 #define COLS 16
-void kiln_k0(void **b, int64_t begin, int64_t end) {
+void kiln_k0(void **b, const int64_t *syms, int64_t begin, int64_t end) {
     const float *x = b[0], *acc = b[1];
     float *y = b[2];
     for (int64_t i = begin * COLS; i < end * COLS; i++) y[i] = acc[i] + x[i];
 }
-void kiln_k1(void **b, int64_t begin, int64_t end) {
+void kiln_k1(void **b, const int64_t *syms, int64_t begin, int64_t end) {
     const float *x = b[0];
     float *acc = b[1];
     for (int64_t i = begin * COLS; i < end * COLS; i++) acc[i] += x[i];
@@ -172,17 +172,13 @@ void kiln_k1(void **b, int64_t begin, int64_t end) {
 fn state_manifest() -> kiln_runtime::Manifest {
     use kiln_runtime::{BufRef, DType, Dispatch, Step, TensorSpec};
     let plane = (N * 4) as u64;
-    let spec = |name: &str| TensorSpec {
-        name: name.into(),
-        dtype: DType::F32,
-        shape: vec![ROWS as u64, COLS as u64],
-    };
+    let spec = |name: &str| TensorSpec::fixed(name, DType::F32, &[ROWS as u64, COLS as u64]);
     let slot = || BufRef::Arena { offset: 0, bytes: plane };
     let step = |symbol: &str, label: &str, args: Vec<BufRef>| Step {
         symbol: symbol.into(),
         label: label.into(),
         args,
-        dispatch: Dispatch::Cpu { range: ROWS as u64, grain: 4 },
+        dispatch: Dispatch::Cpu { range: kiln_runtime::Dim::Fixed(ROWS as u64), grain: 4 },
         flops: N as u64,
         bytes: 3 * plane,
     };
@@ -537,7 +533,7 @@ fn run_artifact_example() {
 /// `gate` is nonzero: a run that is provably in progress while the test calls again.
 const GATE_C: &str = r#"
 #include <stdint.h>
-void kiln_k0(void **b, int64_t begin, int64_t end) {
+void kiln_k0(void **b, const int64_t *syms, int64_t begin, int64_t end) {
     const int32_t *gate = b[0];
     int32_t *entered = b[1];
     (void)begin; (void)end;
@@ -551,7 +547,7 @@ fn a_model_run_from_two_threads_at_once_is_an_error() {
     use kiln_runtime::{BufRef, DType, Dispatch, Step, TensorSpec};
     use std::sync::atomic::{AtomicI32, Ordering};
     let mut manifest = toy_manifest();
-    let spec = |name: &str| TensorSpec { name: name.into(), dtype: DType::I32, shape: vec![1] };
+    let spec = |name: &str| TensorSpec::fixed(name, DType::I32, &[1]);
     manifest.inputs = vec![spec("gate")];
     manifest.outputs = vec![spec("entered")];
     manifest.arena_bytes = 0;
@@ -559,7 +555,7 @@ fn a_model_run_from_two_threads_at_once_is_an_error() {
         symbol: "kiln_k0".into(),
         label: "k0 gate [1]".into(),
         args: vec![BufRef::Input { index: 0 }, BufRef::Output { index: 0 }],
-        dispatch: Dispatch::Cpu { range: 1, grain: 1 },
+        dispatch: Dispatch::Cpu { range: kiln_runtime::Dim::Fixed(1), grain: 1 },
         flops: 0,
         bytes: 8,
     }];
@@ -606,6 +602,86 @@ fn a_model_run_from_two_threads_at_once_is_an_error() {
         let outputs = [&mut out as *mut i32 as *mut c_void];
         assert_eq!(kiln_model_run(model, inputs.as_ptr(), outputs.as_ptr()), 0, "{}", last_error());
         assert_eq!(out, 1);
+        kiln_model_free(model);
+    }
+}
+
+#[test]
+fn c_abi_runs_a_model_with_symbols_at_the_shapes_given() {
+    let toy = Toy::custom(dynamic_manifest(), DYNAMIC_C);
+    let dir = CString::new(toy.path().to_str().unwrap()).unwrap();
+    // SAFETY: every pointer below comes from the API or from live Rust buffers of at least the
+    // sizes the API reports; the model is freed once, at the end.
+    unsafe {
+        let model = kiln_model_load_with_threads(dir.as_ptr(), 2);
+        assert!(!model.is_null(), "{}", last_error());
+        assert_eq!(kiln_model_symbol_count(model), 1);
+        let (mut name, mut min, mut max, mut hint, mut multiple) = (std::ptr::null(), 0i64, 0i64, 0i64, 0i64);
+        let found = kiln_model_symbol(model, 0, &mut name, &mut min, &mut max, &mut hint, &mut multiple);
+        assert_eq!(found, 0, "{}", last_error());
+        assert_eq!((c_str(name), min, max, hint, multiple), ("rows".to_string(), 1, ROWS as i64, 8, 1));
+        assert_ne!(kiln_model_symbol(model, 1, &mut name, &mut min, &mut max, &mut hint, &mut multiple), 0);
+        assert_eq!(last_error(), "symbol 1 does not exist: the model has 1");
+        // Extents set at run time read -1; sizes are at the symbols' maxima.
+        let mut rank = 0usize;
+        let shape = kiln_model_input_shape(model, 0, &mut rank);
+        assert_eq!(std::slice::from_raw_parts(shape, rank), &[-1, COLS as i64]);
+        assert_eq!(kiln_model_output_bytes(model, 0), N * 4);
+        assert_eq!(kiln_model_output_bytes(model, 1), ROWS * 4);
+
+        // One row more than the maximum, so the refused shape below still describes live bytes.
+        let x: Vec<f32> = x_data().into_iter().chain(std::iter::repeat_n(0.0, COLS)).collect();
+        let mut y = vec![0f32; N];
+        let mut s = vec![0f32; ROWS];
+        let inputs = [x.as_ptr() as *const c_void];
+        let outputs = [y.as_mut_ptr() as *mut c_void, s.as_mut_ptr() as *mut c_void];
+        assert_ne!(kiln_model_run(model, inputs.as_ptr(), outputs.as_ptr()), 0);
+        assert_eq!(
+            last_error(),
+            "input \"x\" has extents set at run time ([rows, 16]): run it with kiln_model_run_shaped"
+        );
+        for rows in [1usize, 5, ROWS] {
+            let x_shape = [rows as i64, COLS as i64];
+            let input_shapes = [x_shape.as_ptr()];
+            let (mut y_shape, mut s_shape) = ([0i64; 2], [0i64; 1]);
+            let output_shapes = [y_shape.as_mut_ptr(), s_shape.as_mut_ptr()];
+            let status = kiln_model_run_shaped(
+                model,
+                std::ptr::null(),
+                inputs.as_ptr(),
+                input_shapes.as_ptr(),
+                outputs.as_ptr(),
+                output_shapes.as_ptr(),
+            );
+            assert_eq!(status, 0, "{}", last_error());
+            assert_eq!((y_shape, s_shape), ([rows as i64, COLS as i64], [rows as i64]));
+            let (ey, es) = dynamic_expected(&x[..rows * COLS], rows);
+            assert_eq!((&y[..rows * COLS], &s[..rows]), (&ey[..], &es[..]), "{rows} rows");
+        }
+        let too_many = [ROWS as i64 + 1, COLS as i64];
+        let shapes = [too_many.as_ptr()];
+        let status = kiln_model_run_shaped(
+            model,
+            c"forward".as_ptr(),
+            inputs.as_ptr(),
+            shapes.as_ptr(),
+            outputs.as_ptr(),
+            std::ptr::null(),
+        );
+        assert_ne!(status, 0);
+        assert_eq!(last_error(), "input `x` axis 0 is 65, but `rows` is at most 64");
+        let negative = [-1i64, COLS as i64];
+        let shapes = [negative.as_ptr()];
+        let status = kiln_model_run_shaped(
+            model,
+            std::ptr::null(),
+            inputs.as_ptr(),
+            shapes.as_ptr(),
+            outputs.as_ptr(),
+            std::ptr::null(),
+        );
+        assert_ne!(status, 0);
+        assert_eq!(last_error(), "input \"x\" has a negative extent -1");
         kiln_model_free(model);
     }
 }

@@ -111,7 +111,7 @@ fn manifest_errors_come_before_the_driver() {
             "invalid manifest: step \"k1 add [1024]\" uses module 2, but the manifest has 2 modules",
         ),
         (
-            Box::new(|m| m.steps[0].dispatch = Dispatch::Cpu { range: 1024, grain: 64 }),
+            Box::new(|m| m.steps[0].dispatch = Dispatch::Cpu { range: kiln_runtime::Dim::Fixed(1024), grain: 64 }),
             "invalid manifest: step \"k0 mul [1024]\" is a CPU dispatch in a CUDA artifact",
         ),
         (
@@ -288,8 +288,7 @@ fn state_stays_in_the_device_arena_across_entry_points() {
     if !ready() {
         return;
     }
-    let spec =
-        |name: &str| kiln_runtime::TensorSpec { name: name.into(), dtype: DType::F32, shape: SHAPE.to_vec() };
+    let spec = |name: &str| kiln_runtime::TensorSpec::fixed(name, DType::F32, &SHAPE);
     let acc = || BufRef::Arena { offset: 0, bytes: PLANE };
     let (x, y) = (|| BufRef::Input { index: 0 }, || BufRef::Output { index: 0 });
     let mut m = chain_manifest();

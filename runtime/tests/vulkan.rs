@@ -370,7 +370,7 @@ fn refuses_launches_the_device_cannot_run() {
         load_err(&a)
     );
     let mut a = GpuArtifact::chain();
-    a.edit(|m| m.steps[0].dispatch = Dispatch::Cpu { range: 64, grain: 1 });
+    a.edit(|m| m.steps[0].dispatch = Dispatch::Cpu { range: kiln_runtime::Dim::Fixed(64), grain: 1 });
     assert_eq!(
         load_err(&a),
         "invalid manifest: step \"k0 mul [64,16]\" is a CPU dispatch in a Vulkan artifact"
@@ -446,11 +446,27 @@ fn refuses_bad_buffer_references() {
          buffers"
     );
     let mut a = GpuArtifact::types();
-    a.edit(|m| m.outputs[2].shape = vec![7]);
+    a.edit(|m| m.outputs[2].shape = vec![kiln_runtime::Dim::Fixed(7)]);
     assert_eq!(
         load_err(&a),
         "SPIR-V module 0 of kernels.spv: entry point \"types\" declares binding 5 of 8 bytes, but step \"k0 types [8]\" \
          binds 7 bytes there"
+    );
+    // Sizes set at run time run on the CPU only, so far.
+    let mut a = GpuArtifact::chain();
+    a.edit(|m| {
+        m.symbols.push(kiln_runtime::SymbolSpec {
+            name: "batch".into(),
+            min: 1,
+            max: 8,
+            hint: 4,
+            multiple_of: 1,
+        })
+    });
+    assert_eq!(
+        load_err(&a),
+        "an artifact with sizes set at run time (batch) cannot run on device vulkan: such artifacts run on the CPU \
+         so far; compile with `--set NAME=VALUE` for each to fix them"
     );
     // A weights file that lost a tensor, with matching digests.
     let mut a = GpuArtifact::chain();
@@ -473,11 +489,7 @@ fn state_stays_in_the_device_arena_across_entry_points() {
     if !ready() {
         return;
     }
-    let spec = |name: &str| kiln_runtime::TensorSpec {
-        name: name.into(),
-        dtype: DType::F32,
-        shape: X_SHAPE.to_vec(),
-    };
+    let spec = |name: &str| kiln_runtime::TensorSpec::fixed(name, DType::F32, &X_SHAPE);
     let acc = || BufRef::Arena { offset: 0, bytes: PLANE };
     let (x, y) = (|| BufRef::Input { index: 0 }, || BufRef::Output { index: 0 });
     let mut m = chain_manifest();

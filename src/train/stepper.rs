@@ -182,7 +182,12 @@ fn data_input(spec: &TensorSpec, columns: &[String]) -> Result<DataInput, Failur
     Ok(DataInput {
         name: spec.name.clone(),
         dtype: ir_dtype(spec.dtype),
-        shape: spec.shape.clone(),
+        shape: spec.fixed_shape().ok_or_else(|| {
+            user(format!(
+                "internal error: the compiled step's input `{}` has extents set at run time; training takes fixed shapes",
+                spec.name
+            ))
+        })?,
         column: column_of(&spec.name, columns)?,
     })
 }

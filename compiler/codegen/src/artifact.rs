@@ -12,7 +12,7 @@ use crate::gpu::{self, GpuCaps, GpuLowering, GpuProgram, PtxModule, SpirvModule}
 use crate::{build, program, CodegenError, Compiled, Target};
 use kiln_ir::{fmt_shape, DType, Tensor};
 use kiln_runtime::{
-    BufRef, CudaTarget, Dispatch, Entry, FileDigest, Manifest, ModuleRange, StateSpec, Step, TargetInfo,
+    BufRef, CudaTarget, Dim, Dispatch, Entry, FileDigest, Manifest, ModuleRange, StateSpec, Step, TargetInfo,
     TensorSpec, VulkanTarget, ARTIFACT_FORMAT_VERSION, CUBIN_FILE, KERNELS_FILE, MANIFEST_FILE, PTX_FILE,
     SPIRV_FILE, WEIGHTS_FILE,
 };
@@ -177,7 +177,7 @@ pub fn build_entries(
             symbol: crate::Kernel::entry(&k.symbol),
             label: String::new(),
             args,
-            dispatch: Dispatch::Cpu { range: k.range as u64, grain: k.grain.max(1) as u64 },
+            dispatch: Dispatch::Cpu { range: Dim::Fixed(k.range as u64), grain: k.grain.max(1) as u64 },
             flops: k.flops,
             bytes: k.bytes,
         });
@@ -206,6 +206,8 @@ pub fn build_entries(
         format_version: ARTIFACT_FORMAT_VERSION,
         model: model.to_string(),
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        // The scheduler gives code generation static shapes only, so far.
+        symbols: Vec::new(),
         target: kiln_runtime::Target::Cpu(TargetInfo {
             triple: target.triple().to_string(),
             cpu: target.cpu().to_string(),
@@ -417,6 +419,8 @@ pub fn build_vulkan_entries(
         format_version: ARTIFACT_FORMAT_VERSION,
         model: model.to_string(),
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        // The scheduler gives code generation static shapes only, so far.
+        symbols: Vec::new(),
         target: kiln_runtime::Target::Vulkan(VulkanTarget {
             spirv_version: gpu::spirv::SPIRV_VERSION.to_string(),
             capabilities,
@@ -541,6 +545,8 @@ pub fn build_cuda_entries(
         format_version: ARTIFACT_FORMAT_VERSION,
         model: model.to_string(),
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        // The scheduler gives code generation static shapes only, so far.
+        symbols: Vec::new(),
         target: kiln_runtime::Target::Cuda(CudaTarget {
             compute_capability: target.compute_capability,
             ptx_version: target.ptx(),
@@ -746,7 +752,7 @@ fn tensor_spec((name, d, shape): &(String, DType, Vec<usize>)) -> TensorSpec {
     TensorSpec {
         name: name.clone(),
         dtype: runtime_dtype(*d),
-        shape: shape.iter().map(|&x| x as u64).collect(),
+        shape: shape.iter().map(|&x| Dim::Fixed(x as u64)).collect(),
     }
 }
 

@@ -131,8 +131,9 @@ pub fn compile_with_contract(
     Ok(Compiled { mlir, llvm_ir, object })
 }
 
-/// Adds `void kiln_{symbol}(void **bufs, i64 begin, i64 end)` for every kernel: it loads the
-/// buffer pointers and calls the kernel, which becomes internal (and is inlined into it).
+/// Adds `void kiln_{symbol}(void **bufs, const i64 *syms, i64 begin, i64 end)` for every
+/// kernel: it loads the buffer pointers and calls the kernel, which becomes internal (and is
+/// inlined into it). `syms` holds the run's symbol values; kernels of static shapes ignore it.
 fn add_entries<'l>(
     llvm: &'l LlvmContext,
     module: &LlvmModule<'l>,
@@ -140,7 +141,7 @@ fn add_entries<'l>(
 ) -> Result<(), CodegenError> {
     let ptr = llvm.ptr_type(AddressSpace::default());
     let i64t = llvm.i64_type();
-    let entry_type = llvm.void_type().fn_type(&[ptr.into(), i64t.into(), i64t.into()], false);
+    let entry_type = llvm.void_type().fn_type(&[ptr.into(), ptr.into(), i64t.into(), i64t.into()], false);
     let builder = llvm.create_builder();
     let err = |e: inkwell::builder::BuilderError| CodegenError::Llvm(e.to_string());
     for k in kernels {
@@ -154,7 +155,7 @@ fn add_entries<'l>(
         let entry = module.add_function(&Kernel::entry(&k.symbol), entry_type, None);
         let block = llvm.append_basic_block(entry, "entry");
         builder.position_at_end(block);
-        let bufs = entry.get_nth_param(0).expect("entry has 3 params").into_pointer_value();
+        let bufs = entry.get_nth_param(0).expect("entry has 4 params").into_pointer_value();
         let mut args = Vec::with_capacity(n);
         for i in 0..n - 2 {
             // SAFETY (of the generated code): the runtime passes one pointer per buffer argument.
@@ -163,8 +164,8 @@ fn add_entries<'l>(
             let p = builder.build_load(ptr, slot, "buf").map_err(err)?;
             args.push(p.into());
         }
-        args.push(entry.get_nth_param(1).expect("begin").into());
-        args.push(entry.get_nth_param(2).expect("end").into());
+        args.push(entry.get_nth_param(2).expect("begin").into());
+        args.push(entry.get_nth_param(3).expect("end").into());
         builder.build_call(inner, &args, "").map_err(err)?;
         builder.build_return(None).map_err(err)?;
     }

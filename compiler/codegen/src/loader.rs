@@ -3,8 +3,8 @@
 
 use crate::{build, kernel::Kernel, target::Target, CodegenError};
 
-/// A kernel entry as the runtime calls it.
-pub type EntryFn = unsafe extern "C" fn(*const *mut u8, i64, i64);
+/// A kernel entry as the runtime calls it: buffers, symbol values, begin, end.
+pub type EntryFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
 
 /// Kernels compiled for the host, linked into a private shared object and loaded.
 pub struct KernelLibrary {
@@ -43,7 +43,8 @@ impl KernelLibrary {
         Ok(*f)
     }
 
-    /// Runs kernel `symbol` over `[begin, end)` of its range.
+    /// Runs kernel `symbol` over `[begin, end)` of its range (kernels of static shapes: no
+    /// symbol values).
     ///
     /// # Safety
     /// `bufs` must hold one pointer per kernel argument, each to a buffer of the argument's
@@ -56,7 +57,8 @@ impl KernelLibrary {
         end: usize,
     ) -> Result<(), CodegenError> {
         let f = self.entry(symbol)?;
-        f(bufs.as_ptr(), begin as i64, end as i64);
+        let no_symbols: [i64; 0] = [];
+        f(bufs.as_ptr(), no_symbols.as_ptr(), begin as i64, end as i64);
         Ok(())
     }
 }

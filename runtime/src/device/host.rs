@@ -14,6 +14,7 @@ use crate::exec::{self, SendPtr};
 use crate::kernels::{KernelFn, KernelSource};
 use crate::manifest::{BufRef, Dispatch, Manifest};
 use crate::model::check_index;
+use crate::symbols::{Dim, SymbolSpec};
 use crate::tensor::TensorRef;
 use crate::weights::WeightStore;
 
@@ -23,6 +24,8 @@ pub(crate) struct HostBackend {
     launches: Vec<Vec<Launch>>,
     threads: usize,
     pool: Option<ThreadPool>,
+    /// The manifest's symbols, to name them in errors.
+    symbols: Vec<SymbolSpec>,
     /// For each entry point, each output's element size: the alignment its buffer needs to
     /// be written in place.
     output_align: Vec<Vec<usize>>,
@@ -45,8 +48,11 @@ struct Launch {
     kernel: KernelFn,
     args: Vec<SendPtr>,
     slots: Vec<(usize, Slot)>,
-    range: u64,
+    /// Iterations of the outer loop, at the run's symbol values.
+    range: Dim,
     grain: u64,
+    /// The step's label, for the error of a range with no value at a run's symbols.
+    label: String,
 }
 
 #[derive(Clone, Copy)]
@@ -65,6 +71,7 @@ impl HostBackend {
         threads: usize,
     ) -> Result<HostBackend, RuntimeError> {
         let pool = exec::pool(threads)?;
+        let (maxima, hints) = (manifest.max_values(), manifest.hint_values());
         let mut arena = AlignedBuf::zeroed(manifest.arena_bytes, "arena")?;
         let arena_base = arena.as_mut_ptr();
 
@@ -73,8 +80,8 @@ impl HostBackend {
             let mut launches = Vec::with_capacity(entry.steps.len());
             for step in entry.steps {
                 let at = &step.label;
-                let (range, grain) = match step.dispatch {
-                    Dispatch::Cpu { range, grain } => (range, grain),
+                let (range, grain) = match &step.dispatch {
+                    Dispatch::Cpu { range, grain } => (range.clone(), *grain),
                     Dispatch::Gpu { .. } => {
                         return Err(RuntimeError::invalid(format!(
                             "step {at:?} is a GPU dispatch in a CPU artifact"
@@ -86,10 +93,13 @@ impl HostBackend {
                         "step {at:?} has grain 0 (it must be at least 1)"
                     )));
                 }
-                if i64::try_from(range).is_err() {
-                    return Err(RuntimeError::invalid(format!(
-                        "step {at:?} has range {range} (over i64::MAX)"
-                    )));
+                for (values, which) in [(&maxima, "maxima"), (&hints, "hints")] {
+                    if range_at(&range, values).is_none() {
+                        return Err(RuntimeError::invalid(format!(
+                            "step {at:?} has range {} at the symbols' {which}: negative or over i64::MAX",
+                            range.display(&manifest.symbols)
+                        )));
+                    }
                 }
                 let mut args = Vec::with_capacity(step.args.len());
                 let mut slots = Vec::new();
@@ -141,7 +151,7 @@ impl HostBackend {
                     step: at.clone(),
                     symbol: step.symbol.clone(),
                 })?;
-                launches.push(Launch { kernel, args, slots, range, grain });
+                launches.push(Launch { kernel, args, slots, range, grain, label: at.clone() });
             }
             all.push(launches);
         }
@@ -154,6 +164,7 @@ impl HostBackend {
             launches: all,
             threads,
             pool,
+            symbols: manifest.symbols.clone(),
             output_align,
             arena,
             fault_slots,
@@ -197,6 +208,7 @@ impl HostBackend {
     pub fn execute(
         &mut self,
         entry: usize,
+        values: &[u64],
         inputs: &[TensorRef],
         outputs: &mut [&mut [u8]],
         mut times: Option<&mut Vec<Duration>>,
@@ -232,6 +244,20 @@ impl HostBackend {
             .map(|(buf, copy)| SendPtr(copy.as_mut().map_or(buf.as_mut_ptr(), AlignedBuf::as_mut_ptr)))
             .collect();
 
+        let ranges = self.launches[entry]
+            .iter()
+            .map(|l| {
+                range_at(&l.range, values).ok_or_else(|| {
+                    RuntimeError::invalid(format!(
+                        "step {:?} has no range at {}",
+                        l.label,
+                        crate::symbols::binding_str(&self.symbols, values)
+                    ))
+                })
+            })
+            .collect::<Result<Vec<u64>, _>>()?;
+        // The binding checked every value against the symbols' maxima, which fit i64.
+        let syms: Vec<i64> = values.iter().map(|&v| v as i64).collect();
         if let Some(words) = self.arena_fault_words(entry) {
             words.fill(crate::faults::NONE);
         }
@@ -239,7 +265,7 @@ impl HostBackend {
         let launches = &mut self.launches[entry];
         let mut steps = move || {
             let _flush = exec::FlushDenormals::new();
-            for launch in launches.iter_mut() {
+            for (launch, &range) in launches.iter_mut().zip(&ranges) {
                 for &(arg, slot) in &launch.slots {
                     launch.args[arg] = match slot {
                         Slot::Input(i) => input_ptrs[i],
@@ -253,7 +279,7 @@ impl HostBackend {
                 // `self._kernels` keeps the code loaded. The kernel's contract (ranges, disjoint
                 // writes) is the artifact's, checked at compile.
                 unsafe {
-                    exec::launch(launch.kernel, &launch.args, launch.range, launch.grain, pool, threads)
+                    exec::launch(launch.kernel, &launch.args, &syms, range, launch.grain, pool, threads)
                 };
                 if let Some(times) = times.as_deref_mut() {
                     times.push(start.elapsed());
@@ -282,4 +308,9 @@ impl HostBackend {
         self.fault_words = words;
         Ok(())
     }
+}
+
+/// A range at symbol values `values`, when it has one that a kernel's `i64` can hold.
+fn range_at(range: &Dim, values: &[u64]) -> Option<u64> {
+    range.at(values).filter(|&r| i64::try_from(r).is_ok())
 }

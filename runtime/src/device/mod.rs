@@ -279,12 +279,14 @@ impl Backend {
     pub fn execute(
         &mut self,
         entry: usize,
+        values: &[u64],
         inputs: &[TensorRef],
         outputs: &mut [&mut [u8]],
         times: Option<&mut Vec<Duration>>,
     ) -> Result<(), RuntimeError> {
         match self {
-            Backend::Host(host) => host.execute(entry, inputs, outputs, times),
+            Backend::Host(host) => host.execute(entry, values, inputs, outputs, times),
+            // A GPU model has no symbols (refused at load), so `values` is empty.
             Backend::Vulkan(gpu) => gpu.execute(entry, inputs, outputs, times),
             Backend::Cuda(gpu) => gpu.execute(entry, inputs, outputs, times),
         }

@@ -82,10 +82,11 @@ pub const PLANE: u64 = (N * 4) as u64;
 /// The chain model, x f32 [1024] → y: t = x·w (module 1, `mul`, into the arena), y = t + c
 /// (module 0, `add`).
 pub fn chain_manifest() -> Manifest {
-    let spec = |name: &str| TensorSpec { name: name.into(), dtype: DType::F32, shape: vec![N as u64] };
+    let spec = |name: &str| TensorSpec::fixed(name, DType::F32, &[N as u64]);
     let t = || BufRef::Arena { offset: T_OFFSET, bytes: PLANE };
     Manifest {
         format_version: ARTIFACT_FORMAT_VERSION,
+        symbols: Vec::new(),
         model: "cuda-chain".into(),
         kiln_version: "0.1.0".into(),
         target: Target::Cuda(target()),
@@ -118,7 +119,7 @@ pub fn chain_manifest() -> Manifest {
 /// The division model, a i32 [1024] / b i32 [1024] → q (`tests/data/divide.ptx`), whose one
 /// step records zero divisors in the fault words at arena offset 0.
 pub fn divide_artifact() -> CudaArtifact {
-    let spec = |name: &str| TensorSpec { name: name.into(), dtype: DType::I32, shape: vec![N as u64] };
+    let spec = |name: &str| TensorSpec::fixed(name, DType::I32, &[N as u64]);
     let words = BufRef::Arena { offset: 0, bytes: 8 };
     let manifest = Manifest {
         model: "cuda-divide".into(),

@@ -116,17 +116,15 @@ pub fn chain_manifest() -> Manifest {
     let u = || BufRef::Arena { offset: U_OFFSET, bytes: PLANE };
     Manifest {
         format_version: ARTIFACT_FORMAT_VERSION,
+        symbols: Vec::new(),
         model: "chain".into(),
         kiln_version: "0.1.0".into(),
         target: Target::Vulkan(target(&["Shader"])),
         inputs: vec![
-            TensorSpec { name: "x".into(), dtype: DType::F32, shape: vec![64, 16] },
-            TensorSpec { name: "r".into(), dtype: DType::F32, shape: vec![256] },
+            TensorSpec::fixed("x", DType::F32, &[64, 16]),
+            TensorSpec::fixed("r", DType::F32, &[256]),
         ],
-        outputs: vec![
-            TensorSpec { name: "y".into(), dtype: DType::F32, shape: vec![64, 16] },
-            TensorSpec { name: "s".into(), dtype: DType::F32, shape: vec![] },
-        ],
+        outputs: vec![TensorSpec::fixed("y", DType::F32, &[64, 16]), TensorSpec::fixed("s", DType::F32, &[])],
         arena_bytes: U_OFFSET + PLANE,
         index_bounds: Vec::new(),
         files: Vec::new(),
@@ -159,9 +157,10 @@ pub fn chain_manifest() -> Manifest {
 
 /// The types model: ao = 3a + k (i64), bo = b² + 0.5 (f64), flags = b > 1 (bool).
 pub fn types_manifest() -> Manifest {
-    let spec = |name: &str, dtype| TensorSpec { name: name.into(), dtype, shape: vec![8] };
+    let spec = |name: &str, dtype| TensorSpec::fixed(name, dtype, &[8]);
     Manifest {
         format_version: ARTIFACT_FORMAT_VERSION,
+        symbols: Vec::new(),
         model: "types".into(),
         kiln_version: "0.1.0".into(),
         target: Target::Vulkan(target(&["Shader", "Int64", "Float64", "Int8", "StorageBuffer8BitAccess"])),
@@ -195,11 +194,12 @@ pub fn types_manifest() -> Manifest {
 /// The subgroup model: y[i] = the sum of x over i's subgroup (subgroupAdd), for a target that
 /// relies on subgroups of `subgroup_size`.
 pub fn subgroup_manifest(subgroup_size: u32) -> Manifest {
-    let spec = |name: &str| TensorSpec { name: name.into(), dtype: DType::F32, shape: vec![64] };
+    let spec = |name: &str| TensorSpec::fixed(name, DType::F32, &[64]);
     let mut target = target(&["Shader", "GroupNonUniform", "GroupNonUniformArithmetic"]);
     target.subgroup_size = Some(subgroup_size);
     Manifest {
         format_version: ARTIFACT_FORMAT_VERSION,
+        symbols: Vec::new(),
         model: "subgroup".into(),
         kiln_version: "0.1.0".into(),
         target: Target::Vulkan(target),

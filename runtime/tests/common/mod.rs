@@ -28,26 +28,26 @@ pub const KERNELS_C: &str = r#"
 
 static int64_t calls;
 
-void kiln_k0(void **b, int64_t begin, int64_t end) {
+void kiln_k0(void **b, const int64_t *syms, int64_t begin, int64_t end) {
     const float *x = b[0], *w = b[1];
     float *t = b[2];
     __atomic_add_fetch(&calls, 1, __ATOMIC_RELAXED);
     for (int64_t i = begin * COLS; i < end * COLS; i++) t[i] = x[i] * w[i];
 }
 
-void kiln_k1(void **b, int64_t begin, int64_t end) {
+void kiln_k1(void **b, const int64_t *syms, int64_t begin, int64_t end) {
     const float *t = b[0], *c = b[1];
     float *u = b[2];
     for (int64_t i = begin * COLS; i < end * COLS; i++) u[i] = t[i] + c[i];
 }
 
-void kiln_k2(void **b, int64_t begin, int64_t end) {
+void kiln_k2(void **b, const int64_t *syms, int64_t begin, int64_t end) {
     const float *u = b[0], *x = b[1];
     float *y = b[2];
     for (int64_t i = begin * COLS; i < end * COLS; i++) y[i] = u[i] * 2.0f + x[i];
 }
 
-void kiln_k3(void **b, int64_t begin, int64_t end) {
+void kiln_k3(void **b, const int64_t *syms, int64_t begin, int64_t end) {
     const float *t = b[0];
     const int32_t *scale = b[1];
     float *s = b[2];
@@ -160,7 +160,7 @@ pub fn toy_manifest() -> Manifest {
         symbol: symbol.into(),
         label: label.into(),
         args,
-        dispatch: Dispatch::Cpu { range: ROWS as u64, grain },
+        dispatch: Dispatch::Cpu { range: kiln_runtime::Dim::Fixed(ROWS as u64), grain },
         flops,
         bytes: 3 * plane,
     };
@@ -170,16 +170,17 @@ pub fn toy_manifest() -> Manifest {
     let u = || BufRef::Arena { offset: plane, bytes: plane };
     Manifest {
         format_version: ARTIFACT_FORMAT_VERSION,
+        symbols: Vec::new(),
         model: "toy".into(),
         kiln_version: "0.1.0".into(),
         target: Target::Cpu(host_target()),
         inputs: vec![
-            TensorSpec { name: "x".into(), dtype: DType::F32, shape: vec![ROWS as u64, COLS as u64] },
-            TensorSpec { name: "scale".into(), dtype: DType::I32, shape: vec![ROWS as u64] },
+            TensorSpec::fixed("x", DType::F32, &[ROWS as u64, COLS as u64]),
+            TensorSpec::fixed("scale", DType::I32, &[ROWS as u64]),
         ],
         outputs: vec![
-            TensorSpec { name: "y".into(), dtype: DType::F32, shape: vec![ROWS as u64, COLS as u64] },
-            TensorSpec { name: "s".into(), dtype: DType::F32, shape: vec![ROWS as u64] },
+            TensorSpec::fixed("y", DType::F32, &[ROWS as u64, COLS as u64]),
+            TensorSpec::fixed("s", DType::F32, &[ROWS as u64]),
         ],
         arena_bytes: 2 * plane,
         index_bounds: Vec::new(),
@@ -264,4 +265,99 @@ impl Toy {
         let text = self.manifest.to_ron().expect("manifest to RON");
         std::fs::write(self.file(MANIFEST_FILE), text).expect("write manifest");
     }
+}
+
+/// Kernels of a model whose row count is the symbol `rows` (1..=64): `syms[0]` is its value.
+pub const DYNAMIC_C: &str = r#"
+#include <stdint.h>
+#define COLS 16
+
+void kiln_k0(void **b, const int64_t *syms, int64_t begin, int64_t end) {
+    const float *x = b[0], *w = b[1];
+    float *t = b[2];
+    for (int64_t i = begin * COLS; i < end * COLS; i++) t[i] = x[i] * w[i];
+}
+
+/* Over 16 * rows elements. */
+void kiln_k1(void **b, const int64_t *syms, int64_t begin, int64_t end) {
+    const float *t = b[0];
+    float *y = b[1];
+    float rows = (float)syms[0];
+    for (int64_t i = begin; i < end; i++) y[i] = t[i] * 2.0f + rows;
+}
+
+void kiln_k2(void **b, const int64_t *syms, int64_t begin, int64_t end) {
+    const float *t = b[0];
+    float *s = b[1];
+    for (int64_t r = begin; r < end; r++) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < COLS; j++) acc += t[r * COLS + j];
+        s[r] = acc * (float)syms[0];
+    }
+}
+"#;
+
+/// `rows` as an extent.
+pub fn rows_dim() -> kiln_runtime::Dim {
+    kiln_runtime::Dim::Size(vec![kiln_runtime::SizeTerm {
+        coeff: 1,
+        factors: vec![kiln_runtime::SizeFactor::Sym(0)],
+    }])
+}
+
+/// A model with one symbol, `rows` in 1..=64 (hint 8): `x` f32[rows, 16] gives
+/// `y = x * w * 2 + rows` f32[rows, 16] and `s` f32[rows], each row's sum of `x * w` times
+/// `rows`. Its intermediate lies in an arena planned for 64 rows; the middle step's range is
+/// the compound size `16*rows`.
+pub fn dynamic_manifest() -> Manifest {
+    use kiln_runtime::{Dim, SizeFactor, SizeTerm, SymbolSpec};
+    let plane = (N * 4) as u64;
+    let step = |symbol: &str, label: &str, args: Vec<BufRef>, range: Dim| Step {
+        symbol: symbol.into(),
+        label: label.into(),
+        args,
+        dispatch: Dispatch::Cpu { range, grain: 2 },
+        flops: 0,
+        bytes: 0,
+    };
+    let elements = Dim::Size(vec![SizeTerm { coeff: COLS as i64, factors: vec![SizeFactor::Sym(0)] }]);
+    let t = || BufRef::Arena { offset: 0, bytes: plane };
+    let spec = |name: &str, shape: Vec<Dim>| TensorSpec { name: name.into(), dtype: DType::F32, shape };
+    Manifest {
+        format_version: ARTIFACT_FORMAT_VERSION,
+        symbols: vec![SymbolSpec { name: "rows".into(), min: 1, max: ROWS as u64, hint: 8, multiple_of: 1 }],
+        model: "rows".into(),
+        kiln_version: "0.1.0".into(),
+        target: Target::Cpu(host_target()),
+        inputs: vec![spec("x", vec![rows_dim(), Dim::Fixed(COLS as u64)])],
+        outputs: vec![spec("y", vec![rows_dim(), Dim::Fixed(COLS as u64)]), spec("s", vec![rows_dim()])],
+        arena_bytes: plane,
+        index_bounds: Vec::new(),
+        files: Vec::new(),
+        modules: Vec::new(),
+        state: Vec::new(),
+        entries: Vec::new(),
+        faults: None,
+        steps: vec![
+            step(
+                "kiln_k0",
+                "k0 mul [rows,16]",
+                vec![BufRef::Input { index: 0 }, BufRef::Weight { name: "w".into(), bytes: plane }, t()],
+                rows_dim(),
+            ),
+            step("kiln_k1", "k1 out [rows,16]", vec![t(), BufRef::Output { index: 0 }], elements),
+            step("kiln_k2", "k2 rowsum [rows]", vec![t(), BufRef::Output { index: 1 }], rows_dim()),
+        ],
+    }
+}
+
+/// The outputs of [`dynamic_manifest`]'s model at `rows` rows of `x`, in the kernels' order.
+pub fn dynamic_expected(x: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>) {
+    let w = w_data();
+    let t: Vec<f32> = x.iter().zip(&w).map(|(a, b)| a * b).collect();
+    let y = t.iter().map(|t| t * 2.0 + rows as f32).collect();
+    let s = (0..rows)
+        .map(|r| t[r * COLS..(r + 1) * COLS].iter().fold(0.0f32, |acc, v| acc + v) * rows as f32)
+        .collect();
+    (y, s)
 }

@@ -69,7 +69,7 @@ impl Pool {
         let (b, e) = (t * range / self.threads, (t + 1) * range / self.threads);
         // SAFETY: the caller of `run` passes buffers as long as the kernel's arguments and keeps
         // them alive until every chunk is done; chunks write disjoint parts.
-        unsafe { entry(ptrs, b as i64, e as i64) };
+        unsafe { entry(ptrs, [0i64; 0].as_ptr(), b as i64, e as i64) };
     }
 
     fn serve(&self, t: usize) {

@@ -175,7 +175,7 @@ pub(crate) fn plan(
         specs
             .iter()
             .map(|spec| {
-                spec.byte_len().ok_or_else(|| {
+                spec.byte_len_at(&[]).ok_or_else(|| {
                     RuntimeError::invalid(format!("{kind} {:?} does not fit in 64-bit sizes", spec.name))
                 })
             })
@@ -328,9 +328,10 @@ mod tests {
 
     /// Two modules, two steps: t = x·w in the arena, y = t + c.
     fn manifest() -> Manifest {
-        let spec = |name: &str| TensorSpec { name: name.into(), dtype: DType::F32, shape: vec![1024] };
+        let spec = |name: &str| TensorSpec::fixed(name, DType::F32, &[1024]);
         Manifest {
             format_version: crate::ARTIFACT_FORMAT_VERSION,
+            symbols: Vec::new(),
             model: "chain".into(),
             kiln_version: "0.1.0".into(),
             target: Target::Cuda(target(8, 0)),
@@ -419,7 +420,7 @@ mod tests {
             "invalid manifest: step \"k1 add\" uses module 2, but the manifest has 2 modules"
         );
         let mut m = manifest();
-        m.steps[0].dispatch = Dispatch::Cpu { range: 1024, grain: 64 };
+        m.steps[0].dispatch = Dispatch::Cpu { range: crate::Dim::Fixed(1024), grain: 64 };
         assert_eq!(err(&m), "invalid manifest: step \"k0 mul\" is a CPU dispatch in a CUDA artifact");
     }
 

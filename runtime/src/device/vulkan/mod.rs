@@ -511,9 +511,10 @@ mod tests {
             Ok(bytes) => bytes,
             Err(reason) => return eprintln!("skipped: {reason}"),
         };
-        let spec = |name: &str| TensorSpec { name: name.into(), dtype: DType::F32, shape: vec![1024] };
+        let spec = |name: &str| TensorSpec::fixed(name, DType::F32, &[1024]);
         let manifest = Manifest {
             format_version: crate::ARTIFACT_FORMAT_VERSION,
+            symbols: Vec::new(),
             model: "staged".into(),
             kiln_version: "0.1.0".into(),
             target: Target::Vulkan(VulkanTarget {

@@ -182,12 +182,12 @@ pub(crate) fn plan(
         let mut io_end = 0u64;
         let mut inputs = Vec::with_capacity(view.inputs.len());
         for spec in view.inputs {
-            let bytes = spec.byte_len().ok_or_else(|| too_big("inputs"))?;
+            let bytes = spec.byte_len_at(&[]).ok_or_else(|| too_big("inputs"))?;
             inputs.push((place(&mut io_end, bytes, "inputs and outputs")?, bytes));
         }
         let mut outputs = Vec::with_capacity(view.outputs.len());
         for spec in view.outputs {
-            let bytes = spec.byte_len().ok_or_else(|| too_big("outputs"))?;
+            let bytes = spec.byte_len_at(&[]).ok_or_else(|| too_big("outputs"))?;
             outputs.push((place(&mut io_end, bytes, "inputs and outputs")?, bytes));
         }
         // The fault words' copy follows the outputs (`faults::check` placed them in the arena).
@@ -377,7 +377,7 @@ pub(crate) fn plan(
 /// The bytes a checked argument holds (the manifest's, which the loop above checked).
 fn bytes_of(buf: &BufRef, weights: &WeightStore, view: &EntryView<'_>) -> u64 {
     let spec_bytes = |specs: &[crate::manifest::TensorSpec], index: u32| {
-        specs.get(index as usize).and_then(|s| s.byte_len()).unwrap_or(0)
+        specs.get(index as usize).and_then(|s| s.byte_len_at(&[])).unwrap_or(0)
     };
     match buf {
         BufRef::Arena { bytes, .. } => *bytes,
