@@ -49,6 +49,12 @@ CONFORMANCE_TF32=(
     "gpt2|models/gpt2.ron|--set vocab=1000 --set layers=1 --set d=128 --set heads=4 --set ctx=128"
     "matmul_shapes|tests/gpu_check/matmul_shapes.ron|"
 )
+# name | spec | overrides: training artifacts (`--train`), whose `train_step` runs three times
+# on the GPU and is compared with the same spec's step compiled for this CPU (last outputs and
+# every state tensor).
+TRAIN=(
+    "mlp_train|models/mlp.ron|"
+)
 # name | spec | overrides: the benchmarks (weights are synthesized on the GPU machine); a
 # `_tf32` name compiles with --precision tf32.
 BENCH=(
@@ -104,6 +110,25 @@ with open(sys.argv[1], "wb") as f:
     f.write(struct.pack("<Q", len(header)) + header + struct.pack("<9i", *a, *b))
 EOF
     echo "integer division by zero (divisor element [1])" >"$art/expected_error.txt"
+    local host_dir
+    host_dir="$(mktemp -d)"
+    for entry in "${TRAIN[@]}"; do
+        IFS='|' read -r name spec set <<<"$entry"
+        art="$dir/conformance/$name.kiln"
+        say "training: $name ($spec $set), recorded on this CPU"
+        # shellcheck disable=SC2086
+        "$kiln" compile "$spec" $set --train --seed 0 --target "$PACK_TARGET" -o "$art" >&2
+        # shellcheck disable=SC2086
+        "$kiln" compile "$spec" $set --train --seed 0 --target host -o "$host_dir/$name.kiln" >&2
+        echo 3 >"$art/train_steps.txt"
+        echo 3 >"$host_dir/$name.kiln/train_steps.txt"
+    done
+    "$dir/bin/check_pack" "$host_dir" --device cpu --repeats 1 --record >&2
+    for entry in "${TRAIN[@]}"; do
+        IFS='|' read -r name _ _ <<<"$entry"
+        cp "$host_dir/$name.kiln/expected.safetensors" "$dir/conformance/$name.kiln/"
+    done
+    rm -rf "$host_dir"
     if [[ "$PACK_TARGET" == cuda* ]]; then
         for entry in "${CONFORMANCE_TF32[@]}"; do
             IFS='|' read -r name spec set <<<"$entry"

@@ -2139,11 +2139,21 @@ fn a_vulkan_training_artifact_trains_like_the_interpreter() {
     }
 }
 
+#[test]
+fn a_cuda_training_artifact_trains_like_the_interpreter() {
+    if available(Device::Cuda, "a CUDA training artifact") {
+        trains_like_the_interpreter(Device::Cuda);
+    }
+}
+
 fn trains_like_the_interpreter(device: Device) {
     let (target, selector) = match device {
-        Device::Cpu => ("host", None),
-        Device::Vulkan => ("vulkan", Some("vulkan".to_string())),
-        Device::Cuda | Device::CudaTf32 => panic!("CUDA artifacts keep no state"),
+        Device::Cpu => ("host".to_string(), None),
+        Device::Vulkan => ("vulkan".to_string(), Some("vulkan".to_string())),
+        Device::Cuda => {
+            (format!("cuda:{}", cuda_arch().expect("checked by available")), Some("cuda".to_string()))
+        }
+        Device::CudaTf32 => panic!("training artifacts are checked in f32"),
     };
     for (optimizer, dropout) in
         [("Adam(lr: 0.01)", false), ("Sgd(lr: 0.1, momentum: 0.9)", false), ("Adam(lr: 0.01)", true)]
@@ -2153,7 +2163,7 @@ fn trains_like_the_interpreter(device: Device) {
         let spec = if dropout { with_dropout(&spec) } else { spec };
         let optimizer = if dropout { format!("{optimizer} with dropout") } else { optimizer.to_string() };
         let artifact = dir.path().join("mlp.kiln");
-        compile_train_for(&spec, &artifact, target);
+        compile_train_for(&spec, &artifact, &target);
         let l = lowered(&spec);
         let step = kiln_lower::train_step(&l).unwrap();
         let mut g = step.graph.clone();

@@ -13,6 +13,12 @@
 //!   -o`), compared within `T·(1 + |ref|)` (default 1e-4);
 //! * `expected_error.txt`: instead of outputs, the words the run must fail with (a fault such
 //!   as an integer division by zero); the run is tried twice, and both must fail with them;
+//! * `train_steps.txt`: a training artifact: its `train_step` entry point runs that many
+//!   times on `inputs.safetensors` (its inputs, one batch for every step), and the last step's
+//!   outputs and then every state tensor (named `state:NAME` in `expected.safetensors`) are
+//!   compared; with `--record`, this run writes `expected.safetensors` instead (the pack
+//!   records it from the same spec compiled for the host CPU, whose training artifacts match
+//!   the interpreter's train step to 1e-5 in `tests/compiled.rs`). The time is a train step's;
 //! * `weights.header` instead of `weights.safetensors`: only the weights file's safetensors
 //!   header; the data is synthesized here (f32 uniform in ±0.05 from a fixed generator, other
 //!   dtypes zero) and the manifest's digest of the weights file rewritten to match. For speed
@@ -30,7 +36,8 @@ use std::time::{Duration, Instant};
 
 use kiln_runtime::{DType, FileDigest, Manifest, Model, Options, TensorRef, WEIGHTS_FILE};
 
-const USAGE: &str = "usage: check_pack PACK [--device D] [--repeats N] [--tolerance T] [--json FILE]";
+const USAGE: &str =
+    "usage: check_pack PACK [--device D] [--repeats N] [--tolerance T] [--json FILE] [--record]";
 
 struct Args {
     pack: PathBuf,
@@ -38,11 +45,14 @@ struct Args {
     repeats: usize,
     tolerance: f64,
     json: Option<PathBuf>,
+    /// Write training artifacts' `expected.safetensors` from this run instead of comparing.
+    record: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
-    let mut parsed = Args { pack: PathBuf::new(), device: None, repeats: 50, tolerance: 1e-4, json: None };
+    let mut parsed =
+        Args { pack: PathBuf::new(), device: None, repeats: 50, tolerance: 1e-4, json: None, record: false };
     while let Some(arg) = args.next() {
         let mut value = |flag: &str| args.next().ok_or_else(|| format!("{flag} needs a value"));
         match arg.as_str() {
@@ -54,6 +64,7 @@ fn parse_args() -> Result<Args, String> {
                 parsed.tolerance = value("--tolerance")?.parse().map_err(|_| "--tolerance takes a number")?
             }
             "--json" => parsed.json = Some(PathBuf::from(value("--json")?)),
+            "--record" => parsed.record = true,
             flag if flag.starts_with("--") => return Err(format!("unknown option {flag}")),
             pack if parsed.pack.as_os_str().is_empty() => parsed.pack = PathBuf::from(pack),
             extra => return Err(format!("unexpected argument {extra:?}")),
@@ -166,8 +177,10 @@ fn check(dir: &Path, name: &str, args: &Args) -> Result<Outcome, String> {
     let options = Options { threads: None, device: args.device.clone() };
     let mut model = Model::load_with(dir, &options).map_err(|e| e.to_string())?;
     let given = read_tensors(&dir.join("inputs.safetensors"))?;
+    let training = std::fs::read_to_string(dir.join("train_steps.txt")).ok();
+    let entry = if training.is_some() { "train_step" } else { kiln_runtime::FORWARD_ENTRY };
     let mut owned: Vec<Named> = Vec::new();
-    for spec in model.inputs() {
+    for spec in model.entry_inputs(entry).map_err(|e| e.to_string())? {
         // GPU artifacts have fixed shapes (the loader refuses symbols on a GPU).
         let shape =
             spec.fixed_shape().ok_or_else(|| format!("input {:?} has extents set at run time", spec.name))?;
@@ -178,6 +191,13 @@ fn check(dir: &Path, name: &str, args: &Args) -> Result<Outcome, String> {
         owned.push((spec.name.clone(), spec.dtype, shape, bytes));
     }
     let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
+    if let Some(steps) = training {
+        let steps: usize = steps
+            .trim()
+            .parse()
+            .map_err(|_| format!("train_steps.txt holds {:?}, not a count", steps.trim()))?;
+        return check_training(&mut model, dir, name, args, &refs, steps);
+    }
     if let Ok(words) = std::fs::read_to_string(dir.join("expected_error.txt")) {
         let words = words.trim();
         for attempt in ["first", "second"] {
@@ -201,27 +221,11 @@ fn check(dir: &Path, name: &str, args: &Args) -> Result<Outcome, String> {
     }
     let outputs = model.run(&refs).map_err(|e| e.to_string())?;
     let expected = read_tensors(&dir.join("expected.safetensors"))?;
-    let mut max_error = None;
-    let mut passed = true;
-    for out in &outputs {
-        let Some((_, dtype, _, want)) = expected.iter().find(|(n, ..)| n == out.name()) else { continue };
-        let (got, want) = (as_f64(out.dtype(), out.bytes()), as_f64(*dtype, want));
-        if got.len() != want.len() {
-            return Err(format!(
-                "output `{}` has {} values, the reference {}",
-                out.name(),
-                got.len(),
-                want.len()
-            ));
-        }
-        for (g, w) in got.iter().zip(&want) {
-            let same_special = (g.is_nan() && w.is_nan()) || g == w;
-            let e = if same_special { 0.0 } else { (g - w).abs() / (1.0 + w.abs()) };
-            let e = if e.is_nan() { f64::INFINITY } else { e };
-            max_error = Some(max_error.map_or(e, |m: f64| m.max(e)));
-            passed &= e <= args.tolerance;
-        }
-    }
+    let got: Vec<Named> = outputs
+        .iter()
+        .map(|o| (o.name().to_string(), o.dtype(), o.shape().to_vec(), o.bytes().to_vec()))
+        .collect();
+    let (max_error, passed) = compare(&got, &expected, args.tolerance)?;
     for _ in 0..3 {
         model.run(&refs).map_err(|e| e.to_string())?;
     }
@@ -244,6 +248,108 @@ fn check(dir: &Path, name: &str, args: &Args) -> Result<Outcome, String> {
         problem: None,
         failed_as_expected: false,
     })
+}
+
+/// Runs a training artifact's `train_step` `steps` times, then compares (or with `--record`
+/// writes) the last step's outputs and the state, and times further steps.
+fn check_training(
+    model: &mut Model,
+    dir: &Path,
+    name: &str,
+    args: &Args,
+    refs: &[TensorRef],
+    steps: usize,
+) -> Result<Outcome, String> {
+    let mut last = Vec::new();
+    for _ in 0..steps.max(1) {
+        last = model.run_entry("train_step", refs).map_err(|e| e.to_string())?;
+    }
+    let mut got: Vec<Named> = last
+        .iter()
+        .map(|o| (o.name().to_string(), o.dtype(), o.shape().to_vec(), o.bytes().to_vec()))
+        .collect();
+    for state in model.state_names() {
+        let t = model.read_state(&state).map_err(|e| e.to_string())?;
+        got.push((format!("state:{state}"), t.dtype(), t.shape().to_vec(), t.bytes().to_vec()));
+    }
+    let expected_path = dir.join("expected.safetensors");
+    let (max_error, passed) = if args.record {
+        write_tensors(&expected_path, &got)?;
+        (None, true)
+    } else {
+        let expected = read_tensors(&expected_path)?;
+        if expected.is_empty() {
+            return Err("a training artifact without expected.safetensors: nothing to compare".into());
+        }
+        let missing: Vec<&str> =
+            got.iter().map(|(n, ..)| n.as_str()).filter(|n| !expected.iter().any(|(e, ..)| e == n)).collect();
+        if !missing.is_empty() {
+            return Err(format!("expected.safetensors lacks {}", missing.join(", ")));
+        }
+        compare(&got, &expected, args.tolerance)?
+    };
+    let mut times = Vec::with_capacity(args.repeats.max(1));
+    for _ in 0..args.repeats.max(1) {
+        let start = Instant::now();
+        model.run_entry("train_step", refs).map_err(|e| e.to_string())?;
+        times.push(start.elapsed());
+    }
+    times.sort();
+    Ok(Outcome {
+        name: name.to_string(),
+        max_error,
+        passed,
+        median: times[times.len() / 2],
+        kinds: Vec::new(),
+        problem: None,
+        failed_as_expected: false,
+    })
+}
+
+/// The largest error of `got` against the tensors of `expected` of the same names, relative as
+/// `|g − w| / (1 + |w|)`, and whether it is within `tolerance`.
+fn compare(got: &[Named], expected: &[Named], tolerance: f64) -> Result<(Option<f64>, bool), String> {
+    let mut max_error = None;
+    let mut passed = true;
+    for (name, dtype, _, bytes) in got {
+        let Some((_, want_dtype, _, want)) = expected.iter().find(|(n, ..)| n == name) else { continue };
+        let (got, want) = (as_f64(*dtype, bytes), as_f64(*want_dtype, want));
+        if got.len() != want.len() {
+            return Err(format!("`{name}` has {} values, the reference {}", got.len(), want.len()));
+        }
+        for (g, w) in got.iter().zip(&want) {
+            let same_special = (g.is_nan() && w.is_nan()) || g == w;
+            let e = if same_special { 0.0 } else { (g - w).abs() / (1.0 + w.abs()) };
+            let e = if e.is_nan() { f64::INFINITY } else { e };
+            max_error = Some(max_error.map_or(e, |m: f64| m.max(e)));
+            passed &= e <= tolerance;
+        }
+    }
+    Ok((max_error, passed))
+}
+
+/// Writes tensors as a safetensors file.
+fn write_tensors(path: &Path, tensors: &[Named]) -> Result<(), String> {
+    let views = tensors
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            let dtype = match dtype {
+                DType::F32 => safetensors::Dtype::F32,
+                DType::F64 => safetensors::Dtype::F64,
+                DType::F16 => safetensors::Dtype::F16,
+                DType::BF16 => safetensors::Dtype::BF16,
+                DType::I32 => safetensors::Dtype::I32,
+                DType::I64 => safetensors::Dtype::I64,
+                DType::Bool => safetensors::Dtype::BOOL,
+            };
+            let shape = shape.iter().map(|&d| d as usize).collect();
+            safetensors::tensor::TensorView::new(dtype, shape, bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| format!("`{name}`: {e}"))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| e.to_string())?;
+    std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// An input nobody gave: a ramp for floats, zeros (valid indices) for integers and booleans.
