@@ -162,6 +162,84 @@ pub(crate) fn check_arena_range(
     Err(RuntimeError::ArenaRange { step: step.to_string(), offset, end, arena_bytes, problem })
 }
 
+/// A GPU step's module index, grid and workgroup, refusing a CPU dispatch and a module the
+/// manifest does not have; `device` names the artifact's kind in the error.
+pub(crate) fn gpu_dispatch(
+    step: &crate::manifest::Step,
+    modules: usize,
+    device: &str,
+) -> Result<(usize, [u32; 3], [u32; 3]), RuntimeError> {
+    let at = &step.label;
+    let (module, grid, workgroup) = match step.dispatch {
+        crate::manifest::Dispatch::Gpu { module, grid, workgroup } => (module as usize, grid, workgroup),
+        crate::manifest::Dispatch::Cpu { .. } => {
+            return Err(RuntimeError::invalid(format!(
+                "step {at:?} is a CPU dispatch in a {device} artifact"
+            )))
+        }
+    };
+    if module >= modules {
+        return Err(RuntimeError::invalid(format!(
+            "step {at:?} uses module {module}, but the manifest has {modules} modules"
+        )));
+    }
+    Ok((module, grid, workgroup))
+}
+
+/// Where a GPU backend puts the weights its steps read, in its one weights buffer: each
+/// distinct weight once, in the order the steps first read it, at a multiple of `align`,
+/// taking `padded(bytes)` bytes (Vulkan rounds a binding up to 4 bytes).
+pub(crate) struct WeightLayout {
+    align: u64,
+    padded: fn(u64) -> u64,
+    offsets: std::collections::HashMap<String, u64>,
+    list: Vec<(String, u64)>,
+    end: u64,
+}
+
+impl WeightLayout {
+    pub(crate) fn new(align: u64, padded: fn(u64) -> u64) -> WeightLayout {
+        WeightLayout { align, padded, offsets: Default::default(), list: Vec::new(), end: 0 }
+    }
+
+    /// The offset and size of weight `name`, which step `step` reads as `expected` bytes: it
+    /// must be in `weights` at that size.
+    pub(crate) fn place(
+        &mut self,
+        step: &str,
+        name: &str,
+        expected: u64,
+        weights: &crate::weights::WeightStore,
+    ) -> Result<(u64, u64), RuntimeError> {
+        let view = weights
+            .get(name)
+            .ok_or_else(|| RuntimeError::MissingWeight { step: step.to_string(), name: name.to_string() })?;
+        let found = view.bytes.len() as u64;
+        if found != expected {
+            return Err(RuntimeError::WeightSize {
+                step: step.to_string(),
+                name: name.to_string(),
+                expected,
+                found,
+            });
+        }
+        if let Some(&offset) = self.offsets.get(name) {
+            return Ok((offset, found));
+        }
+        let too_big = || RuntimeError::invalid("the weights do not fit in 64-bit offsets");
+        let offset = self.end.checked_next_multiple_of(self.align).ok_or_else(too_big)?;
+        self.end = offset.checked_add((self.padded)(found)).ok_or_else(too_big)?;
+        self.offsets.insert(name.to_string(), offset);
+        self.list.push((name.to_string(), offset));
+        Ok((offset, found))
+    }
+
+    /// Each weight with its offset, in placement order, and the bytes they span.
+    pub(crate) fn finish(self) -> (Vec<(String, u64)>, u64) {
+        (self.list, self.end)
+    }
+}
+
 /// [`devices`] with another Vulkan loader and another CUDA driver library (tests point them at
 /// missing files).
 pub(crate) fn devices_with(

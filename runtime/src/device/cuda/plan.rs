@@ -4,11 +4,10 @@
 //! offset. A machine without CUDA therefore reports a malformed artifact exactly as one with a
 //! GPU does, and a run only launches what this accepted.
 
-use std::collections::HashMap;
 use std::ffi::CString;
 
 use crate::error::RuntimeError;
-use crate::manifest::{BufRef, CudaTarget, Dispatch, Manifest, ModuleRange, CUBIN_FILE, PTX_FILE};
+use crate::manifest::{BufRef, CudaTarget, Manifest, ModuleRange, CUBIN_FILE, PTX_FILE};
 use crate::model::check_index;
 use crate::weights::WeightStore;
 
@@ -181,11 +180,7 @@ pub(crate) fn plan(
             })
             .collect()
     };
-    let weight_align = align.max(WEIGHT_ALIGN);
-    let mut weight_offsets: HashMap<&str, u64> = HashMap::new();
-    let mut weight_list = Vec::new();
-    let mut weights_end = 0u64;
-    let too_big = || RuntimeError::invalid("the weights do not fit in 64-bit offsets");
+    let mut weight_layout = crate::device::WeightLayout::new(align.max(WEIGHT_ALIGN), |bytes| bytes);
 
     let mut entries = Vec::new();
     for view in manifest.entry_views() {
@@ -194,20 +189,7 @@ pub(crate) fn plan(
         let mut steps = Vec::with_capacity(view.steps.len());
         for step in view.steps {
             let at = &step.label;
-            let (module, grid, block) = match step.dispatch {
-                Dispatch::Gpu { module, grid, workgroup } => (module as usize, grid, workgroup),
-                Dispatch::Cpu { .. } => {
-                    return Err(RuntimeError::invalid(format!(
-                        "step {at:?} is a CPU dispatch in a CUDA artifact"
-                    )))
-                }
-            };
-            if module >= manifest.modules.len() {
-                return Err(RuntimeError::invalid(format!(
-                    "step {at:?} uses module {module}, but the manifest has {} modules",
-                    manifest.modules.len()
-                )));
-            }
+            let (module, grid, block) = crate::device::gpu_dispatch(step, manifest.modules.len(), "CUDA")?;
             if grid.contains(&0) || block.contains(&0) {
                 return Err(RuntimeError::invalid(format!(
                     "step {at:?} has grid {grid:?} and workgroup {block:?}: every extent must be at least 1"
@@ -247,30 +229,7 @@ pub(crate) fn plan(
                         Arg { region: Region::Arena, offset: *offset }
                     }
                     BufRef::Weight { name, bytes } => {
-                        let view = weights.get(name).ok_or_else(|| RuntimeError::MissingWeight {
-                            step: at.clone(),
-                            name: name.clone(),
-                        })?;
-                        let found = view.bytes.len() as u64;
-                        if found != *bytes {
-                            return Err(RuntimeError::WeightSize {
-                                step: at.clone(),
-                                name: name.clone(),
-                                expected: *bytes,
-                                found,
-                            });
-                        }
-                        let offset = match weight_offsets.get(name.as_str()) {
-                            Some(&offset) => offset,
-                            None => {
-                                let offset =
-                                    weights_end.checked_next_multiple_of(weight_align).ok_or_else(too_big)?;
-                                weights_end = offset.checked_add(found).ok_or_else(too_big)?;
-                                weight_offsets.insert(name, offset);
-                                weight_list.push((name.clone(), offset));
-                                offset
-                            }
-                        };
+                        let (offset, _) = weight_layout.place(at, name, *bytes, weights)?;
                         Arg { region: Region::Weights, offset }
                     }
                     BufRef::Input { index } => {
@@ -288,6 +247,7 @@ pub(crate) fn plan(
         }
         entries.push(EntryPlan { steps, inputs, outputs });
     }
+    let (weight_list, weights_end) = weight_layout.finish();
     Ok(Plan {
         modules,
         entries,
@@ -301,7 +261,7 @@ pub(crate) fn plan(
 mod tests {
     use super::*;
     use crate::device::cuda::check::tests::target;
-    use crate::manifest::{DType, Step, Target, TensorSpec};
+    use crate::manifest::{DType, Dispatch, Step, Target, TensorSpec};
 
     const PTX: &[u8] = b".version 7.0\n.target sm_80\n.address_size 64\n// module 0\n// module 1\n";
 

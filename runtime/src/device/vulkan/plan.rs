@@ -8,7 +8,7 @@ use std::ffi::CString;
 use super::check::{self, DeviceCaps};
 use super::spirv;
 use crate::error::RuntimeError;
-use crate::manifest::{BufRef, Dispatch, EntryView, Manifest, VulkanTarget};
+use crate::manifest::{BufRef, EntryView, Manifest, VulkanTarget};
 use crate::model::check_index;
 use crate::weights::WeightStore;
 
@@ -165,9 +165,7 @@ pub(crate) fn plan(
     }
 
     // Weights: each referenced once, at a buffer_align multiple of one buffer.
-    let mut weight_offsets: HashMap<String, u64> = HashMap::new();
-    let mut weight_list = Vec::new();
-    let mut weights_end = 0u64;
+    let mut weight_layout = crate::device::WeightLayout::new(align, range_of);
     let mut io_size = 0u64;
     let mut pipelines: Vec<PipelineKey> = Vec::new();
     let mut pipeline_of: HashMap<(usize, String), usize> = HashMap::new();
@@ -206,20 +204,8 @@ pub(crate) fn plan(
         let mut steps = Vec::with_capacity(view.steps.len());
         for step in view.steps {
             let at = &step.label;
-            let (module, grid, workgroup) = match step.dispatch {
-                Dispatch::Gpu { module, grid, workgroup } => (module as usize, grid, workgroup),
-                Dispatch::Cpu { .. } => {
-                    return Err(RuntimeError::invalid(format!(
-                        "step {at:?} is a CPU dispatch in a Vulkan artifact"
-                    )))
-                }
-            };
-            let info = infos.get(module).ok_or_else(|| {
-                RuntimeError::invalid(format!(
-                    "step {at:?} uses module {module}, but the manifest has {} modules",
-                    manifest.modules.len()
-                ))
-            })?;
+            let (module, grid, workgroup) = crate::device::gpu_dispatch(step, infos.len(), "Vulkan")?;
+            let info = &infos[module];
             let entry = info.entries.get(&step.symbol).ok_or_else(|| {
             let mut names: Vec<&str> = info.entries.keys().map(String::as_str).collect();
             names.sort_unstable();
@@ -305,28 +291,7 @@ pub(crate) fn plan(
                         Binding { region: Region::Arena, offset: *offset, range: range_of(*bytes) }
                     }
                     BufRef::Weight { name, bytes } => {
-                        let view = weights.get(name).ok_or_else(|| RuntimeError::MissingWeight {
-                            step: at.clone(),
-                            name: name.clone(),
-                        })?;
-                        let found = view.bytes.len() as u64;
-                        if found != *bytes {
-                            return Err(RuntimeError::WeightSize {
-                                step: at.clone(),
-                                name: name.clone(),
-                                expected: *bytes,
-                                found,
-                            });
-                        }
-                        let offset = match weight_offsets.get(name) {
-                            Some(&offset) => offset,
-                            None => {
-                                let offset = place(&mut weights_end, found, "weights")?;
-                                weight_offsets.insert(name.clone(), offset);
-                                weight_list.push((name.clone(), offset));
-                                offset
-                            }
-                        };
+                        let (offset, found) = weight_layout.place(at, name, *bytes, weights)?;
                         Binding { region: Region::Weights, offset, range: range_of(found) }
                     }
                     BufRef::Input { index } => {
@@ -362,6 +327,7 @@ pub(crate) fn plan(
         )));
     }
     let slack = |end: u64, what: &str| end.checked_add(SLACK).ok_or_else(|| too_big(what));
+    let (weight_list, weights_end) = weight_layout.finish();
     Ok(Plan {
         modules,
         pipelines,
