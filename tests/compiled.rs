@@ -208,7 +208,7 @@ const OP_CASES: &[(&str, &str, &str)] = &[
     ),
     (
         "reduce",
-        r#"{ "x": (f32, [4, 6, 8]), "y": (f32, [3, 20, 30]), "n": (i64, [2, 300]) }"#,
+        r#"{ "x": (f32, [4, 6, 8]), "y": (f32, [3, 20, 30]), "n": (i64, [2, 300]), "w": (f32, [5, 7, 300]) }"#,
         r#"Let("a", Sum(x: "x", axes: [2])),
            Let("b", Mean(x: "x", axes: [0, 2])),
            Let("c", ReduceMax(x: "x", axes: [1], keepdims: true)),
@@ -217,7 +217,10 @@ const OP_CASES: &[(&str, &str, &str)] = &[
            Let("f", Mean(x: Transpose(x: "y", perm: [2, 0, 1]), axes: [0, 2], keepdims: true)),
            Let("g", ReduceMax(x: "y", axes: [0, 2])),
            Let("h", ReduceMin(x: "y", axes: [0, 1])),
-           Let("i", Sum(x: "n", axes: [1])),"#,
+           Let("i", Sum(x: "n", axes: [1])),
+           Let("j", Sum(x: "w", axes: [0, 1])),
+           Let("k", Mean(x: Slice(x: "w", axis: 2, start: 3, end: 250), axes: [1])),
+           Let("l", ReduceMax(x: Transpose(x: "w", perm: [1, 0, 2]), axes: [0], keepdims: true)),"#,
     ),
     (
         "layout",

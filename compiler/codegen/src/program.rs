@@ -57,6 +57,15 @@ fn fault_view(words: Option<usize>, k: &kiln_sched::Kernel) -> Result<Option<Vie
     }))
 }
 
+/// Whether two operands address the same elements of the same memory: the same view of one
+/// buffer, or of two buffers with one storage (a state slot read through one buffer and
+/// updated through another, an arena range handed from a dying input to the output).
+fn same_elements(s: &Schedule, a: &Operand, b: &Operand) -> bool {
+    a.dtype == b.dtype
+        && a.view == b.view
+        && (a.buffer == b.buffer || s.buffers[a.buffer].storage == s.buffers[b.buffer].storage)
+}
+
 pub(crate) fn bad(what: &str) -> CodegenError {
     CodegenError::Unsupported(format!("scheduled kernel with malformed operands: {what}"))
 }
@@ -201,8 +210,10 @@ fn kernel(
     let op = match &k.op {
         KernelOp::Elementwise(expr) => {
             let inputs: Vec<View> = ins.iter().map(|o| plain(s, o)).collect();
+            let in_place = ins.iter().position(|o| same_elements(s, o, &k.output));
             let slot = fault_view(fault_words, k)?;
-            return Ok((kernels::elementwise::emit(sym, expr, &inputs, &out, slot.as_ref())?, None));
+            let made = kernels::elementwise::emit(sym, expr, &inputs, &out, in_place, slot.as_ref())?;
+            return Ok((made, None));
         }
         KernelOp::Node(op) => op,
     };
@@ -256,7 +267,9 @@ fn kernel(
                 target,
             )
         }
-        Op::Reduce { op: r, axes, .. } => kernels::reduce::emit(sym, *r, axes, &plain(s, arg(0)?), &out),
+        Op::Reduce { op: r, axes, .. } => {
+            kernels::reduce::emit(sym, *r, axes, &plain(s, arg(0)?), &out, target)
+        }
         Op::Gather { axis } => {
             kernels::data::emit_gather(sym, *axis, &plain(s, arg(0)?), &plain(s, arg(1)?), &out)
         }

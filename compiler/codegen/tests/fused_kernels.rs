@@ -1,13 +1,14 @@
-//! Generated fused kernels (`kernels::attention`, `kernels::norm`) against the reference
-//! interpreter (`kiln_ir::eval_op`) on the same data.
+//! Generated kernels with vector plans (`kernels::attention`, `kernels::norm`, the column plan
+//! of `kernels::reduce`) against the reference interpreter (`kiln_ir::eval_op`) on the same
+//! data.
 //!
 //! Operands are laid out in bigger buffers when a case asks for strided views (head-split
 //! q/k/v, an output written into `[batch, seq, heads, D]`), every kernel runs its range in two
 //! chunks (as threads would), and the buffer around a strided output must stay untouched.
 
-use kiln_codegen::kernels::{attention, norm, View};
+use kiln_codegen::kernels::{attention, norm, reduce, View};
 use kiln_codegen::{CpuTarget, Kernel, KernelLibrary};
-use kiln_ir::{eval_op, strides, Buffer, DType, NormKind, Op, Tensor, TensorType};
+use kiln_ir::{eval_op, strides, Buffer, DType, NormKind, Op, ReduceOp, Tensor, TensorType};
 use proptest::prelude::*;
 
 /// What an output buffer holds outside the view, to catch stray writes.
@@ -735,6 +736,68 @@ fn attn_strategy() -> impl Strategy<Value = AttnCase> {
             },
             ..AttnCase::new(batch, heads, sq, sk, d, dv)
         })
+}
+
+// ------------------------------------------------------------------------------- reductions
+
+/// `op` of x (laid out by `xv`) over `axes` into a contiguous output without the reduced axes;
+/// the kernel must take the column plan.
+fn columns_case(sym: &str, op: ReduceOp, axes: &[usize], xv: View) -> (Kernel, Vec<Operand>, Tensor) {
+    let shape = xv.shape.clone();
+    let dtype = xv.dtype;
+    let x = Operand::random(xv, 5 + axes.len() as u64 + shape.iter().sum::<usize>() as u64);
+    let kept: Vec<usize> = (0..shape.len()).filter(|a| !axes.contains(a)).map(|a| shape[a]).collect();
+    let out = Operand::output(View::contiguous(&kept, dtype));
+    let r = Op::Reduce { op, axes: axes.to_vec(), keepdims: false };
+    let want = eval_op(&r, &[&x.tensor(&shape)], &TensorType::new(dtype, kept)).expect("reference");
+    let k = reduce::emit(sym, op, axes, &x.view, &out.view, &host()).expect("emit");
+    assert!(k.mlir.contains("// plan: columns"), "{sym} does not take the column plan:\n{}", k.mlir);
+    (k, vec![x, out], want)
+}
+
+#[test]
+fn reductions_over_rows_walk_columns_in_vectors() {
+    let ops = [ReduceOp::Sum, ReduceOp::Mean, ReduceOp::Max, ReduceOp::Min];
+    let mut cases = Vec::new();
+    for (j, &dtype) in [DType::F32, DType::F64].iter().enumerate() {
+        // A bias gradient; columns in whole blocks and a partial last one (300 = 4·64 + 44 with
+        // 16 lanes); fewer columns than lanes; a kept axis between two reduced ones.
+        let shapes: [(&[usize], &[usize]); 5] = [
+            (&[256, 384], &[0]),
+            (&[5, 7, 300], &[0, 1]),
+            (&[5, 7, 300], &[1]),
+            (&[40, 9], &[0]),
+            (&[2, 3, 4, 33], &[0, 2]),
+        ];
+        for (i, (shape, axes)) in shapes.into_iter().enumerate() {
+            for (o, &op) in ops.iter().enumerate() {
+                let sym = format!("rc_{i}_{j}_{o}");
+                cases.push(columns_case(&sym, op, axes, View::contiguous(shape, dtype)));
+            }
+        }
+        // Columns 3..253 of rows 300 apart (a slice), and rows in the other order (a transpose
+        // of the leading axes).
+        let sliced =
+            View { shape: vec![6, 250], strides: vec![300, 1], offset: 3, dtype, buffer_len: 6 * 300 + 3 };
+        cases.push(columns_case(&format!("rc_s_{j}"), ReduceOp::Sum, &[0], sliced));
+        let swapped = permuted(&[4, 5, 70], &[1, 0, 2], dtype, 2, 3);
+        cases.push(columns_case(&format!("rc_t_{j}"), ReduceOp::Mean, &[0], swapped));
+    }
+    run_cases(cases);
+}
+
+#[test]
+fn reductions_of_the_last_axis_keep_the_element_loop() {
+    let host = host();
+    let x = View::contiguous(&[8, 300], DType::F32);
+    assert_eq!(reduce::Columns::choose(&[1], &x, &host), None);
+    assert_eq!(reduce::Columns::choose(&[], &x, &host), None);
+    assert_eq!(reduce::Columns::choose(&[0], &View::contiguous(&[8, 300], DType::I32), &host), None);
+    assert_eq!(reduce::Columns::choose(&[0], &View::contiguous(&[8, 1], DType::F32), &host), None);
+    let transposed = permuted(&[8, 300], &[1, 0], DType::F32, 0, 0);
+    assert_eq!(reduce::Columns::choose(&[0], &transposed, &host), None);
+    let plan = reduce::Columns::choose(&[0], &x, &host).expect("a column plan");
+    assert_eq!((plan.vectors, plan.width()), (4, 4 * plan.lanes));
 }
 
 proptest! {

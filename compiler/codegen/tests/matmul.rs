@@ -419,6 +419,32 @@ fn f32_batches_and_strided_views() {
     run(&cases);
 }
 
+/// a transposed (`xᵀ·dy`, a weight gradient): a is copied in whole `lanes × lanes` squares by
+/// in-register transposes, the rows and K columns past the last square one by one; over several
+/// K blocks (the last one shorter) and row blocks, with the 4-lane transpose on x86-64.
+#[test]
+fn f32_transposed_a() {
+    let a_transposed = |m, k, n| {
+        let mut c = Case::new(m, k, n);
+        c.a.transposed = true;
+        c
+    };
+    let mut cases = vec![
+        a_transposed(70, 600, 50),
+        a_transposed(200, 1030, 33),
+        a_transposed(16, 16, 16),
+        a_transposed(15, 40, 9),
+        a_transposed(33, 17, 100).bias(Bias::Column).act(Activation::Relu),
+        a_transposed(40, 70, 30).batch(&[2]),
+    ];
+    let mut c = a_transposed(37, 90, 21);
+    c.a = Layout { transposed: true, pad: 3, offset: 2, ..Layout::default() };
+    cases.push(c);
+    run(&cases);
+    #[cfg(target_arch = "x86_64")]
+    run_on(&CpuTarget::x86_64(), &cases);
+}
+
 #[test]
 fn other_dtypes() {
     let mut cases = vec![];

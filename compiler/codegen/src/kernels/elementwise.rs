@@ -125,13 +125,27 @@ pub(crate) fn coalesce(views: &[View]) -> Vec<View> {
 /// Emits the kernel for `expr` over `inputs` (broadcast to the output's shape) into `out`.
 /// Arguments: the inputs in order, then the output, then `slot` (the schedule's fault words)
 /// when `expr` holds a fault site.
+///
+/// `in_place` names the input that is the output itself (the same buffer and view: an
+/// optimizer's update written over the state it reads). The kernel then stores through that
+/// input's argument, so LLVM sees each element read and written at one address and vectorizes
+/// the loop; through two arguments, its runtime overlap check would fail and leave the scalar
+/// loop running.
 pub fn emit(
     symbol: &str,
     expr: &Expr,
     inputs: &[View],
     out: &View,
+    in_place: Option<usize>,
     slot: Option<&View>,
 ) -> Result<Kernel, CodegenError> {
+    if let Some(i) = in_place {
+        if inputs.get(i) != Some(out) {
+            return Err(CodegenError::Unsupported(format!(
+                "elementwise kernel written in place over input {i}, whose view is not the output's"
+            )));
+        }
+    }
     let positional = matches!(expr, Expr::Iota { .. });
     let mut all: Vec<View> = inputs.to_vec();
     all.push(out.clone());
@@ -217,7 +231,7 @@ pub fn emit(
         fault,
     };
     let value = eval(&mut b, &mut ctx, expr)?;
-    let o = views.len() - 1;
+    let o = in_place.unwrap_or(views.len() - 1);
     store(&mut b, &value.0, &args[o], &views[o], &idx[o]);
     b.close("");
     b.close("");

@@ -686,37 +686,126 @@ impl<'p> Tiled<'p> {
     }
 
     /// Copies rows `[ic, ie)`, columns `[pc, pc+kc)` of a to `ap`, row `i` at `(i − ic)·kc_max`.
+    /// A transposed a (unit stride along M: the activations of a weight gradient, `xᵀ·dy`) is
+    /// copied in `lanes × lanes` squares, `lanes` vector loads along M transposed in registers
+    /// into `lanes` row pieces, and only the rows and columns past the last whole square one
+    /// element at a time.
     #[allow(clippy::too_many_arguments)]
     fn pack_a_block(&self, b: &mut Body, ap: &str, g: &Group, ic: &str, ie: &str, pc: &str, kc: usize) {
+        let p = self.p;
+        let (sam, sak) = (p.a.strides[p.lead], p.a.strides[p.lead + 1]);
+        let l = self.lanes;
+        if !(sam == 1 && sak != 1 && l.is_power_of_two() && l >= 2 && kc >= l) {
+            self.pack_a_rows(b, ap, g, ic, ie, ic, pc, 0, kc);
+            return;
+        }
+        let lc = b.index(l);
+        let rows = b.assign(format!("arith.subi {ie}, {ic} : index"));
+        let squares = b.assign(format!("arith.divui {rows}, {lc} : index"));
+        let covered = b.assign(format!("arith.muli {squares}, {lc} : index"));
+        let mid = b.assign(format!("arith.addi {ic}, {covered} : index"));
+        let main = kc / l * l;
+        // A row's last partial vector is stored whole and spills zeros into the next row's
+        // first elements: each row's tail goes before anything later rows hold.
+        if main < kc {
+            self.pack_a_rows(b, ap, g, ic, &mid, ic, pc, main, kc);
+        }
+        self.pack_a_transposed(b, ap, g, ic, &mid, pc, main);
+        self.pack_a_rows(b, ap, g, &mid, ie, ic, pc, 0, kc);
+    }
+
+    /// Copies rows `[lo, hi)` of a (`hi − lo` a multiple of lanes), columns `[pc, pc+k_hi)`
+    /// (`k_hi` a multiple of lanes), of an a with unit stride along M, by in-register transposes.
+    #[allow(clippy::too_many_arguments)]
+    fn pack_a_transposed(
+        &self,
+        b: &mut Body,
+        ap: &str,
+        g: &Group,
+        lo: &str,
+        hi: &str,
+        pc: &str,
+        k_hi: usize,
+    ) {
+        let p = self.p;
+        let sak = p.a.strides[p.lead + 1];
+        let l = self.lanes;
+        let am = p.a.memref();
+        let vty = self.vty.clone();
+        let zero = b.index(0);
+        let lc = b.index(l);
+        let kcmax = b.index(self.kc);
+        let start = add_scaled(b, &g.a0, pc, sak);
+        let i = b.fresh("iq");
+        b.open(format!("scf.for {i} = {lo} to {hi} step {lc}"));
+        let src = b.assign(format!("arith.addi {start}, {i} : index"));
+        let hic = b.index(k_hi);
+        let k = b.fresh("kq");
+        b.open(format!("scf.for {k} = {zero} to {hic} step {lc}"));
+        let srck = add_scaled(b, &src, &k, sak);
+        let cols: Vec<String> = (0..l)
+            .map(|t| {
+                let c = b.index(t * sak);
+                let at = b.assign(format!("arith.addi {srck}, {c} : index"));
+                b.assign(format!("vector.load %a[{at}] : {am}, {vty}"))
+            })
+            .collect();
+        let rows = b.transpose(&cols, &vty);
+        for (t, y) in rows.iter().enumerate() {
+            let tc = b.index(t);
+            let r = b.assign(format!("arith.addi {i}, {tc} : index"));
+            let r = b.assign(format!("arith.subi {r}, {lo} : index"));
+            let d = b.assign(format!("arith.muli {r}, {kcmax} : index"));
+            let d = b.assign(format!("arith.addi {d}, {k} : index"));
+            b.line(format!("vector.store {y}, {ap}[{d}] : {}, {vty}", self.ap_ty));
+        }
+        b.close("");
+        b.close("");
+    }
+
+    /// Copies rows `[lo, hi)`, columns `[pc + k_lo, pc + k_hi)` of a to `ap` element by element
+    /// along K (a vector at a time), row `i` at `(i − ic)·kc_max + k`.
+    #[allow(clippy::too_many_arguments)]
+    fn pack_a_rows(
+        &self,
+        b: &mut Body,
+        ap: &str,
+        g: &Group,
+        lo: &str,
+        hi: &str,
+        ic: &str,
+        pc: &str,
+        k_lo: usize,
+        k_hi: usize,
+    ) {
         let p = self.p;
         let (sam, sak) = (p.a.strides[p.lead], p.a.strides[p.lead + 1]);
         let am = p.a.memref();
         let (l, vty) = (self.lanes, self.vty.clone());
         let one = b.index(1);
-        let zero = b.index(0);
         let kcmax = b.index(self.kc);
         let start = add_scaled(b, &g.a0, pc, sak);
         let i = b.fresh("ia");
-        b.open(format!("scf.for {i} = {ic} to {ie} step {one}"));
+        b.open(format!("scf.for {i} = {lo} to {hi} step {one}"));
         let src = add_scaled(b, &start, &i, sam);
         let rel = b.assign(format!("arith.subi {i}, {ic} : index"));
         let dst = b.assign(format!("arith.muli {rel}, {kcmax} : index"));
-        let main = kc / l * l;
-        if main > 0 {
-            let hi = b.index(main);
+        let main = k_lo + (k_hi - k_lo) / l * l;
+        if main > k_lo {
+            let (from, to) = (b.index(k_lo), b.index(main));
             let lc = b.index(l);
             let k = b.fresh("ka");
-            b.open(format!("scf.for {k} = {zero} to {hi} step {lc}"));
+            b.open(format!("scf.for {k} = {from} to {to} step {lc}"));
             let s = add_scaled(b, &src, &k, sak);
             let x = self.load_vec(b, "%a", &am, &s, sak, 0, None);
             let d = b.assign(format!("arith.addi {dst}, {k} : index"));
             b.line(format!("vector.store {x}, {ap}[{d}] : {}, {vty}", self.ap_ty));
             b.close("");
         }
-        if main < kc {
+        if main < k_hi {
             let mc = b.index(main);
             let s = add_scaled(b, &src, &mc, sak);
-            let valid = b.index(kc - main);
+            let valid = b.index(k_hi - main);
             let x = self.load_vec(b, "%a", &am, &s, sak, 0, Some(&valid));
             let d = b.assign(format!("arith.addi {dst}, {mc} : index"));
             b.line(format!("vector.store {x}, {ap}[{d}] : {}, {vty}", self.ap_ty));

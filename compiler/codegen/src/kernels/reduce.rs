@@ -3,12 +3,17 @@
 //! The range walks output elements; reduced axes become nested loops carrying the accumulator,
 //! innermost the reduced axis with the smallest stride. Float sums allow reassociation, so LLVM
 //! vectorizes a contiguous innermost reduction.
+//!
+//! A float reduction that keeps a contiguous last axis (a bias gradient, the sum of
+//! `[rows, columns]` over its rows) takes the [`Columns`] plan instead: per element, the loop
+//! above would walk one column at the row stride, a cache line per element.
 
 use super::elementwise::{constant, load, reg_type, store};
+use super::norm::{self, for_close, for_open, ComputeType, Count, Operand, Part};
 use super::rows::wrap;
 use super::View;
-use crate::mlir_text::Body;
-use crate::{CodegenError, Kernel};
+use crate::mlir_text::{bool_type_like, Body};
+use crate::{CodegenError, Kernel, Target};
 use kiln_ir::{DType, ReduceOp};
 
 /// `out = reduce(x, axes)`; `out` has the kept axes (with or without extent-1 placeholders).
@@ -19,6 +24,7 @@ pub fn emit(
     axes: &[usize],
     x: &View,
     out: &View,
+    target: &dyn Target,
 ) -> Result<Kernel, CodegenError> {
     let dtype = x.dtype;
     if dtype == DType::Bool {
@@ -31,6 +37,9 @@ pub fn emit(
         return Err(CodegenError::Unsupported("a reduction into a strided output".into()));
     }
     let n_out: usize = (0..x.rank()).filter(|a| !axes.contains(a)).map(|a| x.shape[a]).product();
+    if let Some(plan) = Columns::choose(axes, x, target) {
+        return plan.emit(symbol, op, axes, x, out, n_out, target);
+    }
 
     let mut b = Body::new();
     let c1 = b.index(1);
@@ -125,4 +134,198 @@ pub(crate) fn reduce_at(b: &mut Body, op: ReduceOp, axes: &[usize], x: &View, r:
         value = b.fdiv(&value, &n, ty);
     }
     value
+}
+
+/// The plan of a reduction that keeps its contiguous last axis: each range iteration owns a
+/// block of `vectors × lanes` adjacent output columns (of one index of the other kept axes),
+/// carries one accumulator vector per `lanes` columns through the loops over the reduced axes,
+/// and stores them once. Every load is a unit-stride vector of one row; the last block of a
+/// row that is not whole is read and written under lane masks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Columns {
+    /// Lanes per vector (the target's register width in the element type).
+    pub lanes: usize,
+    /// Accumulator vectors per block: enough independent additions to hide their latency.
+    pub vectors: usize,
+}
+
+impl Columns {
+    /// Accumulators per block at most.
+    const VECTORS: usize = 4;
+
+    /// The plan for reducing `x` over `axes` on `target`, when it applies: a float dtype, at
+    /// least one reduced axis, and a kept last axis of stride 1 with two or more columns.
+    pub fn choose(axes: &[usize], x: &View, target: &dyn Target) -> Option<Columns> {
+        let last = x.rank().checked_sub(1)?;
+        let columns = x.shape[last];
+        let reduces = axes.iter().any(|&a| x.shape[a] > 1);
+        if !matches!(x.dtype, DType::F32 | DType::F64) || !reduces || axes.contains(&last) {
+            return None;
+        }
+        if x.strides[last] != 1 || columns < 2 {
+            return None;
+        }
+        let lanes = ComputeType::of(&[x], target, "reduction").ok()?.lanes;
+        Some(Columns { lanes, vectors: columns.div_ceil(lanes).clamp(1, Self::VECTORS) })
+    }
+
+    /// Columns per block.
+    pub fn width(&self) -> usize {
+        self.lanes * self.vectors
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &self,
+        symbol: &str,
+        op: ReduceOp,
+        axes: &[usize],
+        x: &View,
+        out: &View,
+        n_out: usize,
+        target: &dyn Target,
+    ) -> Result<Kernel, CodegenError> {
+        let ct = ComputeType::of(&[x, out], target, "reduction")?;
+        let vty = format!("vector<{}x{}>", self.lanes, ct.elem);
+        let last = x.rank() - 1;
+        let columns = x.shape[last];
+        let width = self.width();
+        let blocks = columns.div_ceil(width);
+        let outer: Vec<usize> = (0..last).filter(|a| !axes.contains(a)).collect();
+        let mut reduced: Vec<usize> = axes.iter().copied().filter(|&a| x.shape[a] > 1).collect();
+        reduced.sort_by_key(|&a| std::cmp::Reverse(x.strides[a]));
+        let count: usize = axes.iter().map(|&a| x.shape[a]).product();
+        let xo = Operand::new("%a0", x);
+        let oo =
+            Operand { name: "%a1".into(), memref: out.memref(), shape: vec![], strides: vec![], offset: 0 };
+
+        let mut b = Body::new();
+        b.line(format!(
+            "// plan: columns of {columns} in {blocks} block(s) of {} × {} lanes",
+            self.vectors, self.lanes
+        ));
+        let it = norm::open_range(&mut b);
+        let nb = b.index(blocks);
+        let row = b.assign(format!("arith.divui {it}, {nb} : index"));
+        let blk = b.assign(format!("arith.remui {it}, {nb} : index"));
+        let w = b.index(width);
+        let c0 = b.assign(format!("arith.muli {blk}, {w} : index"));
+        // x's offset at this index of the outer kept axes, and the block's first column.
+        let dims: Vec<usize> = outer.iter().map(|&a| x.shape[a]).collect();
+        let outer_x = Operand {
+            strides: outer.iter().map(|&a| x.strides[a]).collect(),
+            shape: dims.clone(),
+            ..xo.clone()
+        };
+        let at = norm::offsets(&mut b, &row, &dims, &[&outer_x]);
+        let xbase = b.assign(format!("arith.addi {}, {c0} : index", at.offsets[0]));
+        let ncols = b.index(columns);
+        let orow = norm::scale(&mut b, &row, columns);
+        let ooff = b.index(out.offset);
+        let obase = b.assign(format!("arith.addi {ooff}, {orow} : index"));
+        let obase = b.assign(format!("arith.addi {obase}, {c0} : index"));
+        let left = b.assign(format!("arith.subi {ncols}, {c0} : index"));
+        if columns.is_multiple_of(width) {
+            self.block(&mut b, op, &xo, &oo, &xbase, &obase, &reduced, count, &vty, None);
+        } else {
+            let whole = b.assign(format!("arith.cmpi uge, {left}, {w} : index"));
+            b.open(format!("scf.if {whole}"));
+            self.block(&mut b, op, &xo, &oo, &xbase, &obase, &reduced, count, &vty, None);
+            b.close("");
+            b.open("else");
+            self.block(&mut b, op, &xo, &oo, &xbase, &obase, &reduced, count, &vty, Some(&left));
+            b.close("");
+        }
+        norm::close_range(&mut b);
+        let mlir = norm::func_text(symbol, &[xo, oo], b);
+        let range = n_out.div_ceil(columns) * blocks;
+        let bytes = ((x.numel() + n_out) * x.dtype.size_bytes()) as u64;
+        Ok(Kernel {
+            symbol: symbol.into(),
+            mlir,
+            range,
+            grain: Kernel::grain_for(range, bytes),
+            flops: x.numel() as u64,
+            bytes,
+        })
+    }
+
+    /// One block of columns from `xbase` (x) and `obase` (out); `left`, the columns left in the
+    /// row, when the block is the partial last one.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        b: &mut Body,
+        op: ReduceOp,
+        x: &Operand,
+        out: &Operand,
+        xbase: &str,
+        obase: &str,
+        reduced: &[usize],
+        count: usize,
+        vty: &str,
+        left: Option<&str>,
+    ) {
+        let (pad, float) = match op {
+            ReduceOp::Sum | ReduceOp::Mean => (0.0, "addf"),
+            ReduceOp::Max => (f64::NEG_INFINITY, "maximumf"),
+            ReduceOp::Min => (f64::INFINITY, "minimumf"),
+        };
+        // Lanes valid in vector v of a partial block: clamp(left − v·lanes, 0, lanes).
+        let parts: Vec<Option<(String, String)>> = (0..self.vectors)
+            .map(|v| {
+                left.map(|left| {
+                    let (zero, full) = (b.index(0), b.index(self.lanes));
+                    let before = b.index(v * self.lanes);
+                    let n = b.assign(format!("arith.subi {left}, {before} : index"));
+                    let n = b.assign(format!("arith.maxsi {n}, {zero} : index"));
+                    let n = b.assign(format!("arith.minsi {n}, {full} : index"));
+                    let mask = b.assign(format!("vector.create_mask {n} : {}", bool_type_like(vty)));
+                    (mask, n)
+                })
+            })
+            .collect();
+        let part = |v: usize| parts[v].as_ref().map(|(mask, n)| Part { mask, count: Count::Dynamic(n) });
+        let init = b.float(pad, vty);
+        let inits: Vec<(String, String)> =
+            (0..self.vectors).map(|_| (init.clone(), vty.to_string())).collect();
+        let (c0, c1) = (b.index(0), b.index(1));
+        let mut offset = xbase.to_string();
+        let mut loops = Vec::new();
+        let mut accs: Vec<String> = inits.iter().map(|(v, _)| v.clone()).collect();
+        for &a in reduced {
+            let n = b.index(x.shape[a]);
+            let carried: Vec<(String, String)> = accs.iter().map(|v| (v.clone(), vty.to_string())).collect();
+            let (iv, args, results) = for_open(b, &c0, &n, &c1, &carried);
+            offset = norm::addr(b, &offset, &iv, x.strides[a]);
+            accs = args;
+            loops.push(results);
+        }
+        let mut next = Vec::with_capacity(self.vectors);
+        for (v, acc) in accs.iter().enumerate() {
+            let lane0 = b.index(v * self.lanes);
+            let at = b.assign(format!("arith.addi {offset}, {lane0} : index"));
+            let value = norm::load(b, x, &at, 1, vty, part(v).as_ref(), pad);
+            next.push(match op {
+                ReduceOp::Sum | ReduceOp::Mean => b.fadd(acc, &value, vty),
+                ReduceOp::Max | ReduceOp::Min => b.assign(format!("arith.{float} {acc}, {value} : {vty}")),
+            });
+        }
+        let mut sums = next;
+        for results in loops.into_iter().rev() {
+            for_close(b, &sums, &inits);
+            sums = results;
+        }
+        for (v, sum) in sums.iter().enumerate() {
+            let value = if op == ReduceOp::Mean {
+                let n = b.float(count as f64, vty);
+                b.fdiv(sum, &n, vty)
+            } else {
+                sum.clone()
+            };
+            let lane0 = b.index(v * self.lanes);
+            let at = b.assign(format!("arith.addi {obase}, {lane0} : index"));
+            norm::store(b, &value, out, &at, 1, vty, part(v).as_ref());
+        }
+    }
 }
