@@ -22,6 +22,7 @@ unpadded (min cosine ≥ MIN_COSINE), before its loops are timed.
 
     bench/.venv/bin/python bench/embed.py            # everything, then the doc section
     bench/.venv/bin/python bench/embed.py --no-doc   # embed.json only
+    bench/.venv/bin/python bench/embed.py --doc-only # the doc section again from embed.json
     bench/.venv/bin/python bench/embed.py worker SYSTEM MODE   # one system (prints RESULT {json})
 
 Environment: BENCH_EMBED_REPEATS (timed loops per run, 3), BENCH_EMBED_ROUNDS (rounds, each
@@ -119,6 +120,16 @@ def embed_loop(run, tok, texts, batch):
         ids, types, mask = arrays(tok.encode_batch([texts[i] for i in idx]))
         out[idx] = pool(run(ids, types, mask), mask)
     return out
+
+
+def padded_tokens(tok, texts, batch):
+    """Tokens `embed_loop` runs, padding included (batch × longest, summed over its batches)."""
+    lengths = [len(e.ids) for e in tok.encode_batch(texts)]
+    if batch == 1:
+        return sum(lengths)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    chunks = [order[i : i + batch] for i in range(0, len(order), batch)]
+    return sum(len(c) * max(lengths[i] for i in c) for c in chunks)
 
 
 def cosine_check(got):
@@ -250,6 +261,8 @@ def peer(system, mode):
 
     def loop():
         return embed_loop(run, tok, texts, batch)
+
+    res["padded_tokens"] = padded_tokens(tok, texts, batch)
 
     res["check"] = cosine_check(loop())
     if not res["check"]["ok"]:
@@ -387,7 +400,7 @@ def section(res):
         f"({tokens.get('total', '?')} tokens, {tokens.get('min', '?')}–{tokens.get('max', '?')} per sentence, "
         f"median {tokens.get('median', '?')}). Each time is one loop over all of them: tokenize, run, mean-pool, "
         f"normalize, input order; the median of {res['settings']['repeats']} loops after a warm-up, the best of "
-        f"{res['settings']['rounds']} rounds. Every system's embeddings matched PyTorch's (each sentence alone, "
+        f"{res['settings']['rounds']} round(s). Every system's embeddings matched PyTorch's (each sentence alone, "
         f"unpadded) to a cosine ≥ {MIN_COSINE} before it was timed.",
         "",
     ]
@@ -399,19 +412,21 @@ def section(res):
         best = min(peers)[0] if peers else None
         what = "one sentence at a time, unpadded" if batch == 1 else f"batches of {batch}, sorted by length"
         lines += [f"#### {mode}: {what}", "",
-                  "| system | median s | min s | sentences/s | vs best peer | medians per round | set-up | min cosine |",
-                  "|---|---:|---:|---:|---:|---|---|---:|"]
+                  "| system | median s | min s | sentences/s | vs best peer | medians per round | tokens run "
+                  "(padding included) | set-up | 1 − min cosine | others' CPU |",
+                  "|---|---:|---:|---:|---:|---|---:|---|---:|---:|"]
         for s in SYSTEMS:
             r = kept.get(s, {})
             t = r.get("timing")
             if r.get("status") != "ok" or not t:
-                lines.append(f"| {NAMES[s]} | {r.get('status', 'missing')} | | | | | | |")
+                lines.append(f"| {NAMES[s]} | {r.get('status', 'missing')} | | | | | | | | |")
                 continue
             ratio = f"{t['median_s'] / best:.2f}×" if best else "–"
             rounds = " / ".join("–" if x is None else f"{x:.2f}" for x in r.get("round_medians_s", []))
             lines.append(
                 f"| {NAMES[s]} | {t['median_s']:.2f} | {t['min_s']:.2f} | {prep.get('sentences', 512) / t['median_s']:.0f} "
-                f"| {ratio} | {rounds} | {r.get('setup', '')} | {r['check']['min_cosine']:.6f} |"
+                f"| {ratio} | {rounds} | {r.get('padded_tokens') or '–'} | {r.get('setup', '')} "
+                f"| {1 - r['check']['min_cosine']:.1e} | {max(t.get('others_cores') or [0]):.2f} |"
             )
         lines.append("")
     lines.append(END)
@@ -431,5 +446,7 @@ def write_doc(res):
 if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "worker":
         worker(sys.argv[2], sys.argv[3])
+    elif "--doc-only" in sys.argv:
+        write_doc(json.loads(RESULTS.read_text()))
     else:
         main()
