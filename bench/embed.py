@@ -410,7 +410,7 @@ def section(res):
             continue
         peers = [(r["timing"]["median_s"], s) for s, r in kept.items() if s != "kiln" and r["status"] == "ok"]
         best = min(peers)[0] if peers else None
-        what = "one sentence at a time, unpadded" if batch == 1 else f"batches of {batch}, sorted by length"
+        what = "one sentence at a time (batch 1)" if batch == 1 else f"batches of {batch}, sorted by length"
         lines += [f"#### {mode}: {what}", "",
                   "| system | median s | min s | sentences/s | vs best peer | medians per round | tokens run "
                   "(padding included) | set-up | 1 − min cosine | others' CPU |",
