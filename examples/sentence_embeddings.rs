@@ -6,39 +6,61 @@
 //! cargo run --release --example sentence_embeddings         # a built-in list of sentences
 //! cargo run --release --example sentence_embeddings -- "A cat sleeps." "A kitten naps."
 //! printf 'one\ntwo\n' | cargo run --release --example sentence_embeddings -- --json
+//! cargo run --release --example sentence_embeddings -- --batch 1 --repeats 5 < sentences.txt
 //! ```
 //!
+//! The `embed` path (the default), the way embedding services run a model:
+//!
 //! 1. The `tokenizers` crate reads the cached `tokenizer.json` and turns each sentence into
-//!    WordPiece ids, truncated and padded to the model's sequence length (`--seq`, 128).
-//! 2. `models/bert_encoder.ron` is lowered with `batch` = the number of sentences, optimized,
-//!    scheduled and compiled for this machine with the checkpoint's own weights, bound by their
-//!    names (`kiln_ir::bind_params_with_warnings`). The artifact is cached next to the weights
-//!    and reused while the spec, the weights' digest, batch, sequence length and this program
-//!    stay the same.
-//! 3. `kiln_runtime::Model` runs it; the output is `last_hidden_state` [batch, seq, 384].
+//!    WordPiece ids, truncated to `--seq` tokens (128) and not padded.
+//! 2. `kiln_runtime::batching::plan` sorts the sentences by token count and cuts them into
+//!    batches of at most `--batch` sentences (32) and `--tokens` padded tokens; each batch is
+//!    padded only to its own longest sentence, rounded up to `--multiple-of` (8; 1 at
+//!    `--batch 1`, so a sentence alone runs unpadded).
+//! 3. Each batch runs the encoder at its own shape, with an attention mask that hides its
+//!    padding; the output is `last_hidden_state` [batch, padded length, 384].
 //! 4. The pooling is all-MiniLM-L6-v2's (sentence-transformers' `Pooling` + `Normalize`), done
 //!    here, not in the model spec: the mean of the token vectors the attention mask keeps, then
-//!    L2 normalization. The cosine similarity of two embeddings is then their dot product.
+//!    L2 normalization. The embeddings are put back in input order.
 //!
-//! Output: a table of cosine similarities, or with `--json` `{"embeddings": [[…384…], …]}` in
-//! input order. Sentences come from the arguments, else one per line from stdin when it is not
-//! a terminal, else a built-in list. `tests/minilm.rs` checks the same pipeline against
-//! sentence-transformers.
+//! `--padded` runs the fixed-shape path instead: every sentence padded to `--seq`, one batch.
+//! Both give the same embeddings to 1e-5 (`tests/minilm.rs`): mean pooling ignores padding.
+//!
+//! Until the runtime accepts symbolic batch and sequence sizes (`docs/dynamic-shapes.md`), every
+//! distinct (batch, padded length) is its own compiled artifact: `models/bert_encoder.ron`
+//! lowered with `--set batch=B --set seq=L`, optimized, compiled for this machine with the
+//! checkpoint's weights bound by their names (`kiln_ir::bind_params_with_warnings`), and cached
+//! next to the weights in `artifact/bB-sL/`, reused while the spec, the weights' digest, the
+//! shape and this program stay the same (at most [`CACHE_SLOTS`] shapes are kept, the least
+//! recently used dropped first). Rounding lengths up to a multiple of 8 keeps the number of
+//! shapes, and so of compilations, small; the first embedding of a new shape pays its compile.
+//!
+//! Output: a table of cosine similarities, or with `--json` `{"embeddings": [[…384…], …],
+//! "timing": {…}}` in input order. `--repeats N` embeds the sentences N more times once every
+//! shape is compiled and loaded, and reports the wall time of each of those loops (tokenizing,
+//! planning, running, pooling, restoring the order; compile and load excluded, reported
+//! separately). Sentences come from the arguments, else one per line from stdin when it is not
+//! a terminal, else a built-in list. `tests/minilm.rs` checks the pipeline against
+//! sentence-transformers and the `embed` path against the padded one.
 
 use clap::Parser;
-use kiln_runtime::{FileDigest, Model, TensorRef};
+use kiln_runtime::batching::{self, Limits};
+use kiln_runtime::{FileDigest, Model, Options, TensorRef};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use std::time::{Duration, Instant};
+use tokenizers::{Tokenizer, TruncationParams};
 
 const SPEC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/bert_encoder.ron");
 const STD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/std.ron");
 const OUTPUT: &str = "last_hidden_state";
 /// The model's `max_positions`: longer sequences have no position embedding.
 const MAX_SEQ: usize = 512;
+/// Compiled shapes kept in the cache (each holds a copy of the weights, ~87 MiB).
+pub const CACHE_SLOTS: usize = 64;
 /// Row labels of the similarity table are cut to this many characters.
 const LABEL: usize = 28;
 
@@ -59,13 +81,34 @@ struct Args {
     /// Sentences to embed (default: one per line from stdin when it is not a terminal, else a
     /// built-in list).
     sentences: Vec<String>,
-    /// Print `{"embeddings": [[...], ...]}` (unit vectors, input order) instead of the table.
+    /// Print `{"embeddings": [[...], ...], "timing": {...}}` (unit vectors, input order)
+    /// instead of the table.
     #[arg(long)]
     json: bool,
-    /// Tokens per sentence, [CLS] and [SEP] included: longer ones are truncated, shorter padded.
+    /// Most tokens per sentence, [CLS] and [SEP] included: longer ones are truncated (with
+    /// `--padded`, shorter ones are padded to it).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(2..=MAX_SEQ as u64))]
     seq: u64,
-    /// Compile into a temporary directory instead of reusing the cached artifact.
+    /// Most sentences per batch (1: each sentence runs alone, unpadded).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch: u64,
+    /// Most padded tokens per batch (batch × padded length; default `--batch` × `--seq`).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
+    tokens: Option<u64>,
+    /// Padded lengths are rounded up to a multiple of this (default 8, or 1 at `--batch 1`).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_SEQ as u64))]
+    multiple_of: Option<u64>,
+    /// Pad every sentence to `--seq` and run them as one batch (the fixed-shape path).
+    #[arg(long, conflicts_with_all = ["batch", "tokens", "multiple_of"])]
+    padded: bool,
+    /// Embed the sentences this many more times once every shape is ready, and report the
+    /// wall time of each loop.
+    #[arg(long, default_value_t = 0)]
+    repeats: u32,
+    /// Worker threads (default: `KILN_THREADS`, else every core).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    threads: Option<u64>,
+    /// Compile into temporary directories instead of reusing the cached artifacts.
     #[arg(long)]
     no_cache: bool,
 }
@@ -83,64 +126,63 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> Result<(), String> {
     let seq = args.seq as usize;
     let cache = cache_dir()?;
-    let weights = cache.join("model.safetensors");
-    let tokenizer_file = cache.join("tokenizer.json");
-    for f in [&weights, &tokenizer_file] {
-        if !f.is_file() {
-            return Err(format!(
-                "all-MiniLM-L6-v2 is not cached ({} does not exist): run scripts/fetch_minilm.sh first",
-                f.display()
-            ));
-        }
-    }
     let sentences = sentences(args)?;
-
-    let start = Instant::now();
-    let (ids, mask) = tokenize(&tokenizer_file, &sentences, seq)?;
-    let tokenized = start.elapsed();
-
-    let start = Instant::now();
-    let (mut model, _scratch) = compiled_model(&cache, &weights, sentences.len(), seq, args.no_cache)?;
-    let prepared = start.elapsed();
-
-    let start = Instant::now();
-    let shape = [sentences.len() as u64, seq as u64];
-    let types = vec![0i64; ids.len()];
-    let outputs = model
-        .run(&[
-            TensorRef::i64("input_ids", &shape, &ids),
-            TensorRef::i64("token_type_ids", &shape, &types),
-            TensorRef::i64("attention_mask", &shape, &mask),
-        ])
-        .map_err(|e| format!("running the model: {e}"))?;
-    let ran = start.elapsed();
-    let hidden = outputs
-        .iter()
-        .find(|t| t.name() == OUTPUT)
-        .ok_or_else(|| format!("the model has no output `{OUTPUT}`"))?;
-    let hidden_dim = match hidden.shape() {
-        [b, s, h] if *b as usize == sentences.len() && *s as usize == seq => *h as usize,
-        other => {
-            return Err(format!(
-                "`{OUTPUT}` has shape {other:?}, expected [{}, {seq}, hidden]",
-                sentences.len()
-            ))
-        }
+    let mut encoder = Encoder::new(&cache, !args.no_cache, args.threads.map(|t| t as usize))?;
+    let how = if args.padded {
+        How::Padded { seq }
+    } else {
+        let max_batch = args.batch as usize;
+        let multiple_of = args.multiple_of.map_or(if max_batch == 1 { 1 } else { 8 }, |m| m as usize);
+        let tokens = args.tokens.map_or(max_batch * seq.next_multiple_of(multiple_of), |t| t as usize);
+        How::Embed { seq, limits: Limits { tokens, max_batch, multiple_of } }
     };
-    let values =
-        hidden.as_f32().ok_or_else(|| format!("`{OUTPUT}` is {:?}, expected f32", hidden.dtype()))?;
-    let embeddings = mean_pool_normalize(values, &mask, seq, hidden_dim);
+
+    let start = Instant::now();
+    let mut embeddings = encoder.run(&sentences, &how)?;
+    let first = start.elapsed();
+    let prepare = encoder.prepare_time();
+    let mut loops = Vec::with_capacity(args.repeats as usize);
+    for _ in 0..args.repeats {
+        let start = Instant::now();
+        embeddings = encoder.run(&sentences, &how)?;
+        loops.push(start.elapsed());
+    }
     eprintln!(
-        "tokenized in {:.1} ms, model ready in {:.0} ms, ran {} sentences in {:.1} ms on {} threads",
-        ms(tokenized),
-        ms(prepared),
+        "{} sentences in {} shape(s) ({} compiled, {} loaded from the cache, {:.1} s), first pass {:.1} ms \
+         ({:.1} ms without compiling and loading), on {} threads",
         sentences.len(),
-        ms(ran),
-        model.threads()
+        encoder.shapes().len(),
+        encoder.compiled,
+        encoder.loaded,
+        prepare.as_secs_f64(),
+        ms(first),
+        ms(first.saturating_sub(prepare)),
+        encoder.threads()
     );
+    if !loops.is_empty() {
+        let mut sorted: Vec<f64> = loops.iter().map(|&d| ms(d)).collect();
+        sorted.sort_by(f64::total_cmp);
+        eprintln!(
+            "embedding loop: median {:.1} ms, min {:.1} ms over {} repeats",
+            sorted[sorted.len() / 2],
+            sorted[0],
+            sorted.len()
+        );
+    }
 
     let text = if args.json {
-        format!("{}\n", serde_json::json!({ "embeddings": embeddings }))
+        let timing = serde_json::json!({
+            "sentences": sentences.len(),
+            "threads": encoder.threads(),
+            "shapes": encoder.shapes(),
+            "compiled": encoder.compiled,
+            "loaded": encoder.loaded,
+            "padded_tokens": encoder.padded_tokens,
+            "prepare_s": prepare.as_secs_f64(),
+            "first_pass_s": first.as_secs_f64(),
+            "loops_s": loops.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+        });
+        format!("{}\n", serde_json::json!({ "embeddings": embeddings, "timing": timing }))
     } else {
         similarity_table(&sentences, &embeddings)
     };
@@ -154,7 +196,7 @@ fn run(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-fn ms(d: std::time::Duration) -> f64 {
+fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
@@ -185,82 +227,296 @@ fn sentences(args: &Args) -> Result<Vec<String>, String> {
     Ok(BUILT_IN.iter().map(|s| s.to_string()).collect())
 }
 
-/// Token ids and attention masks, row-major [sentences, seq], from `tokenizer.json`.
-fn tokenize(file: &Path, sentences: &[String], seq: usize) -> Result<(Vec<i64>, Vec<i64>), String> {
-    let mut tokenizer = Tokenizer::from_file(file)
-        .map_err(|e| format!("cannot read the tokenizer {}: {e}", file.display()))?;
-    tokenizer
-        .with_truncation(Some(TruncationParams { max_length: seq, ..TruncationParams::default() }))
-        .map_err(|e| format!("tokenizer truncation: {e}"))?;
-    let pad_id = tokenizer.token_to_id("[PAD]").ok_or("the tokenizer has no [PAD] token")?;
-    tokenizer.with_padding(Some(PaddingParams {
-        strategy: PaddingStrategy::Fixed(seq),
-        pad_id,
-        pad_token: "[PAD]".into(),
-        ..PaddingParams::default()
-    }));
-    let encodings =
-        tokenizer.encode_batch(sentences.to_vec(), true).map_err(|e| format!("tokenizing: {e}"))?;
-    let (mut ids, mut mask) =
-        (Vec::with_capacity(sentences.len() * seq), Vec::with_capacity(sentences.len() * seq));
-    for (i, e) in encodings.iter().enumerate() {
-        if e.get_ids().len() != seq {
-            return Err(format!(
-                "sentence {i} has {} tokens after padding, expected {seq}",
-                e.get_ids().len()
-            ));
-        }
-        if !e.get_overflowing().is_empty() {
-            eprintln!(
-                "note: sentence {i} is longer than {seq} tokens and was truncated (--seq sets the length)"
-            );
-        }
-        ids.extend(e.get_ids().iter().map(|&x| i64::from(x)));
-        mask.extend(e.get_attention_mask().iter().map(|&x| i64::from(x)));
-    }
-    Ok((ids, mask))
+/// How sentences are batched.
+#[derive(Clone, Copy, Debug)]
+pub enum How {
+    /// The `embed` path: truncated to `seq` tokens, length-sorted batches within `limits`,
+    /// each padded to its own length.
+    Embed {
+        /// Most tokens per sentence.
+        seq: usize,
+        /// What one batch may hold.
+        limits: Limits,
+    },
+    /// Every sentence truncated and padded to `seq` tokens, all in one batch.
+    Padded {
+        /// Tokens per sentence.
+        seq: usize,
+    },
 }
 
-/// The compiled encoder for `batch` sentences of `seq` tokens: the cached artifact when its key
-/// matches, else freshly compiled into the cache, or with `no_cache` into a temporary directory
-/// (returned too: it must outlive the model, which maps its files).
-fn compiled_model(
-    cache: &Path,
-    weights: &Path,
-    batch: usize,
-    seq: usize,
-    no_cache: bool,
-) -> Result<(Model, Option<tempfile::TempDir>), String> {
-    if no_cache {
-        let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
-        compile(weights, batch, seq, dir.path())?;
-        let model = Model::load(dir.path()).map_err(|e| format!("loading the compiled model: {e}"))?;
-        return Ok((model, Some(dir)));
-    }
-    let bytes = std::fs::read(weights).map_err(|e| format!("cannot read {}: {e}", weights.display()))?;
-    let key = artifact_key(&bytes, batch, seq)?;
-    drop(bytes);
-    let slot = cache.join("artifact");
-    let dir = slot.join("bert_encoder.kiln");
-    let key_file = slot.join("key.txt");
-    if std::fs::read_to_string(&key_file).is_ok_and(|k| k == key) {
-        match Model::load(&dir) {
-            Ok(m) => return Ok((m, None)),
-            Err(e) => eprintln!("note: the cached artifact does not load ({e}); compiling again"),
-        }
-    }
-    // One slot: an artifact holds a copy of the weights (~87 MiB), so keep only the latest.
-    let _ = std::fs::remove_file(&key_file);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&slot).map_err(|e| format!("cannot create {}: {e}", slot.display()))?;
-    compile(weights, batch, seq, &dir)?;
-    std::fs::write(&key_file, &key).map_err(|e| format!("cannot write {}: {e}", key_file.display()))?;
-    let model =
-        Model::load(&dir).map_err(|e| format!("loading the compiled model {}: {e}", dir.display()))?;
-    Ok((model, None))
+/// A loaded artifact and the temporary directory it lives in (without the cache): the model
+/// maps its files, so the directory must outlive it.
+struct Loaded {
+    model: Model,
+    _dir: Option<tempfile::TempDir>,
 }
 
-/// What the cached artifact must have been built from: the spec and the standard library, the
+/// The tokenizer and one compiled encoder per (batch, padded length) seen so far.
+pub struct Encoder {
+    tokenizer: Tokenizer,
+    pad_id: u32,
+    weights: PathBuf,
+    /// `None`: compile into temporary directories.
+    cache: Option<PathBuf>,
+    options: Options,
+    models: HashMap<(usize, usize), Loaded>,
+    /// Shapes compiled and shapes loaded from the cache, and the time both took.
+    pub compiled: usize,
+    /// See `compiled`.
+    pub loaded: usize,
+    /// Tokens the last run computed, padding included (batch × padded length, summed).
+    pub padded_tokens: usize,
+    prepare: Duration,
+}
+
+impl Encoder {
+    /// The tokenizer and weights from `dir` (`tokenizer.json`, `model.safetensors`); compiled
+    /// artifacts cached in `dir/artifact/` when `use_cache`.
+    pub fn new(dir: &Path, use_cache: bool, threads: Option<usize>) -> Result<Encoder, String> {
+        let weights = dir.join("model.safetensors");
+        let tokenizer_file = dir.join("tokenizer.json");
+        for f in [&weights, &tokenizer_file] {
+            if !f.is_file() {
+                return Err(format!(
+                    "all-MiniLM-L6-v2 is not cached ({} does not exist): run scripts/fetch_minilm.sh first",
+                    f.display()
+                ));
+            }
+        }
+        let mut tokenizer = Tokenizer::from_file(&tokenizer_file)
+            .map_err(|e| format!("cannot read the tokenizer {}: {e}", tokenizer_file.display()))?;
+        // Padding is the plan's business, not the tokenizer's.
+        tokenizer.with_padding(None);
+        let pad_id = tokenizer.token_to_id("[PAD]").ok_or("the tokenizer has no [PAD] token")?;
+        Ok(Encoder {
+            tokenizer,
+            pad_id,
+            weights,
+            cache: use_cache.then(|| dir.join("artifact")),
+            options: Options { threads, device: None },
+            models: HashMap::new(),
+            compiled: 0,
+            loaded: 0,
+            padded_tokens: 0,
+            prepare: Duration::ZERO,
+        })
+    }
+
+    /// The (batch, padded length) of every artifact compiled or loaded so far, sorted.
+    pub fn shapes(&self) -> Vec<(usize, usize)> {
+        let mut s: Vec<_> = self.models.keys().copied().collect();
+        s.sort_unstable();
+        s
+    }
+
+    /// Time spent compiling and loading artifacts so far.
+    pub fn prepare_time(&self) -> Duration {
+        self.prepare
+    }
+
+    /// Worker threads of the models (of a fresh one before any is loaded).
+    pub fn threads(&self) -> usize {
+        self.models.values().next().map_or_else(
+            || {
+                self.options
+                    .threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            },
+            |l| l.model.threads(),
+        )
+    }
+
+    /// Unit-length embeddings of `sentences`, in input order.
+    pub fn run(&mut self, sentences: &[String], how: &How) -> Result<Vec<Vec<f32>>, String> {
+        match *how {
+            How::Embed { seq, limits } => self.embed(sentences, seq, &limits),
+            How::Padded { seq } => self.embed_padded(sentences, seq),
+        }
+    }
+
+    /// The `embed` path: tokenize without padding, plan length-sorted batches, run each at its
+    /// own padded length, pool, restore the input order.
+    pub fn embed(
+        &mut self,
+        sentences: &[String],
+        seq: usize,
+        limits: &Limits,
+    ) -> Result<Vec<Vec<f32>>, String> {
+        let tokens = self.tokenize(sentences, seq)?;
+        let lengths: Vec<usize> = tokens.iter().map(Vec::len).collect();
+        let plan = batching::plan(&lengths, limits).map_err(|e| format!("planning batches: {e}"))?;
+        let mut pooled = Vec::with_capacity(sentences.len());
+        self.padded_tokens = plan.batches.iter().map(batching::Batch::padded_tokens).sum();
+        for batch in &plan.batches {
+            let rows: Vec<&[u32]> = batch.indices.iter().map(|&i| tokens[i].as_slice()).collect();
+            pooled.extend(self.run_batch(&rows, batch.padded_len)?);
+        }
+        Ok(plan.restore(&pooled))
+    }
+
+    /// The fixed-shape path: every sentence truncated and padded to `seq`, one batch.
+    pub fn embed_padded(&mut self, sentences: &[String], seq: usize) -> Result<Vec<Vec<f32>>, String> {
+        if sentences.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tokens = self.tokenize(sentences, seq)?;
+        let rows: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+        self.padded_tokens = rows.len() * seq;
+        self.run_batch(&rows, seq)
+    }
+
+    /// WordPiece ids of each sentence, [CLS] … [SEP], truncated to `seq`, unpadded.
+    fn tokenize(&mut self, sentences: &[String], seq: usize) -> Result<Vec<Vec<u32>>, String> {
+        self.tokenizer
+            .with_truncation(Some(TruncationParams { max_length: seq, ..TruncationParams::default() }))
+            .map_err(|e| format!("tokenizer truncation: {e}"))?;
+        let encodings =
+            self.tokenizer.encode_batch(sentences.to_vec(), true).map_err(|e| format!("tokenizing: {e}"))?;
+        Ok(encodings
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                if !e.get_overflowing().is_empty() {
+                    eprintln!("note: sentence {i} is longer than {seq} tokens and was truncated (--seq sets the length)");
+                }
+                e.get_ids().to_vec()
+            })
+            .collect())
+    }
+
+    /// Runs one batch padded to `len` tokens and returns its pooled, normalized embeddings.
+    fn run_batch(&mut self, rows: &[&[u32]], len: usize) -> Result<Vec<Vec<f32>>, String> {
+        let batch = rows.len();
+        let (mut ids, mut mask) = (vec![i64::from(self.pad_id); batch * len], vec![0i64; batch * len]);
+        for (r, row) in rows.iter().enumerate() {
+            if row.len() > len {
+                return Err(format!(
+                    "a sentence of {} tokens does not fit a batch padded to {len}",
+                    row.len()
+                ));
+            }
+            for (t, &id) in row.iter().enumerate() {
+                ids[r * len + t] = i64::from(id);
+                mask[r * len + t] = 1;
+            }
+        }
+        let types = vec![0i64; ids.len()];
+        let shape = [batch as u64, len as u64];
+        let model = self.model(batch, len)?;
+        let outputs = model
+            .run(&[
+                TensorRef::i64("input_ids", &shape, &ids),
+                TensorRef::i64("token_type_ids", &shape, &types),
+                TensorRef::i64("attention_mask", &shape, &mask),
+            ])
+            .map_err(|e| format!("running the model: {e}"))?;
+        let hidden = outputs
+            .iter()
+            .find(|t| t.name() == OUTPUT)
+            .ok_or_else(|| format!("the model has no output `{OUTPUT}`"))?;
+        let hidden_dim = match hidden.shape() {
+            [b, s, h] if *b as usize == batch && *s as usize == len => *h as usize,
+            other => {
+                return Err(format!("`{OUTPUT}` has shape {other:?}, expected [{batch}, {len}, hidden]"))
+            }
+        };
+        let values =
+            hidden.as_f32().ok_or_else(|| format!("`{OUTPUT}` is {:?}, expected f32", hidden.dtype()))?;
+        Ok(mean_pool_normalize(values, &mask, len, hidden_dim))
+    }
+
+    /// The encoder for `batch` sentences of `seq` tokens: already loaded, else the cached
+    /// artifact when its key matches, else freshly compiled (into the cache, or into a
+    /// temporary directory).
+    fn model(&mut self, batch: usize, seq: usize) -> Result<&mut Model, String> {
+        if !self.models.contains_key(&(batch, seq)) {
+            let start = Instant::now();
+            let loaded = self.load_or_compile(batch, seq)?;
+            self.prepare += start.elapsed();
+            self.models.insert((batch, seq), loaded);
+        }
+        match self.models.get_mut(&(batch, seq)) {
+            Some(l) => Ok(&mut l.model),
+            None => Err(format!("the model for batch {batch}, seq {seq} was not kept")),
+        }
+    }
+
+    fn load_or_compile(&mut self, batch: usize, seq: usize) -> Result<Loaded, String> {
+        let Some(cache) = self.cache.clone() else {
+            let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+            compile(&self.weights, batch, seq, dir.path())?;
+            self.compiled += 1;
+            let model = Model::load_with(dir.path(), &self.options)
+                .map_err(|e| format!("loading the compiled model: {e}"))?;
+            return Ok(Loaded { model, _dir: Some(dir) });
+        };
+        let bytes = std::fs::read(&self.weights)
+            .map_err(|e| format!("cannot read {}: {e}", self.weights.display()))?;
+        let key = artifact_key(&bytes, batch, seq)?;
+        drop(bytes);
+        let slot = cache.join(format!("b{batch}-s{seq}"));
+        let dir = slot.join("bert_encoder.kiln");
+        let key_file = slot.join("key.txt");
+        if std::fs::read_to_string(&key_file).is_ok_and(|k| k == key) {
+            match Model::load_with(&dir, &self.options) {
+                Ok(model) => {
+                    touch(&key_file);
+                    self.loaded += 1;
+                    return Ok(Loaded { model, _dir: None });
+                }
+                Err(e) => eprintln!(
+                    "note: the cached artifact {} does not load ({e}); compiling again",
+                    dir.display()
+                ),
+            }
+        }
+        let _ = std::fs::remove_file(&key_file);
+        let _ = std::fs::remove_dir_all(&dir);
+        prune(&cache, CACHE_SLOTS - 1);
+        std::fs::create_dir_all(&slot).map_err(|e| format!("cannot create {}: {e}", slot.display()))?;
+        compile(&self.weights, batch, seq, &dir)?;
+        self.compiled += 1;
+        std::fs::write(&key_file, &key).map_err(|e| format!("cannot write {}: {e}", key_file.display()))?;
+        let model = Model::load_with(&dir, &self.options)
+            .map_err(|e| format!("loading the compiled model {}: {e}", dir.display()))?;
+        Ok(Loaded { model, _dir: None })
+    }
+}
+
+/// Marks a cache slot as just used (its key file's mtime orders the slots for [`prune`]).
+fn touch(file: &Path) {
+    if let Ok(f) = std::fs::File::options().append(true).open(file) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+}
+
+/// Deletes the least recently used shape slots of `cache` beyond `keep`, and the single slot of
+/// earlier versions of this example (`artifact/key.txt` and `artifact/bert_encoder.kiln`).
+fn prune(cache: &Path, keep: usize) {
+    let _ = std::fs::remove_file(cache.join("key.txt"));
+    let _ = std::fs::remove_dir_all(cache.join("bert_encoder.kiln"));
+    let Ok(entries) = std::fs::read_dir(cache) else { return };
+    let mut slots: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with('b') && n.contains("-s")))
+        .map(|e| {
+            let used = std::fs::metadata(e.path().join("key.txt"))
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            (used, e.path())
+        })
+        .collect();
+    if slots.len() <= keep {
+        return;
+    }
+    slots.sort();
+    for (_, path) in &slots[..slots.len() - keep] {
+        let _ = std::fs::remove_dir_all(path);
+    }
+}
+
+/// What a cached artifact must have been built from: the spec and the standard library, the
 /// weights (size and crc32), batch and sequence length, and this program (its size and mtime
 /// change with every rebuild, so a changed compiler never reuses an old artifact).
 fn artifact_key(weights: &[u8], batch: usize, seq: usize) -> Result<String, String> {
@@ -306,7 +562,7 @@ fn compile(weights: &Path, batch: usize, seq: usize, dir: &Path) -> Result<(), S
     let built = kiln_codegen::build_artifact(&graph.name, &schedule, &params, &target, dir)
         .map_err(|e| format!("compiling: {e}"))?;
     eprintln!(
-        "compiled {} for this machine ({} kernels) in {:.1} s into {}",
+        "compiled {} at batch {batch}, seq {seq} for this machine ({} kernels) in {:.1} s into {}",
         SPEC.rsplit('/').next().unwrap_or(SPEC),
         built.manifest.steps.len(),
         start.elapsed().as_secs_f64(),

@@ -11,10 +11,19 @@
 //! max |Δ| ≤ 1e-4: once through the reference interpreter on the lowered graph and once through
 //! `kiln compile` + `kiln run`. No Python is needed.
 //!
+//! `minilm_embed_matches_the_padded_path` runs `examples/sentence_embeddings.rs` itself (compiled
+//! into this test as a module): its `embed` path (length-sorted batches, each padded to its own
+//! length; batch 1 unpadded) must give the padded-to-128 path's embeddings to 1e-5, and the
+//! padded path sentence-transformers' to 1e-4, from the sentences' text.
+//!
 //! The weights (~87 MiB) are not in the repository: `scripts/fetch_minilm.sh` puts them in
 //! `${KILN_CACHE:-$HOME/.cache/kiln}/minilm/`. Without them the tests say so and pass.
 
 mod common;
+/// The example's `Encoder`, so the test runs the same code users do.
+#[allow(dead_code)]
+#[path = "../examples/sentence_embeddings.rs"]
+mod example;
 
 use common::{read_tensors, root, run_kiln};
 use kiln_ir::{Buffer, Tensor};
@@ -252,4 +261,84 @@ fn compiled_matches(test: &str, target: &str) {
     let err = max_abs_error(target, &sentence_embeddings(&hidden, &mask), &expected());
     std::fs::remove_dir_all(&tmp).ok();
     assert!(err <= TOLERANCE, "{target}: max |kiln - sentence-transformers| = {err:e} > {TOLERANCE:e}");
+}
+
+/// The 16 sentences of `tests/golden/make_minilm_golden.py`, whose token ids are in
+/// `inputs.safetensors` and sentence-transformers' embeddings in `expected.safetensors`.
+const SENTENCES: [&str; BATCH] = [
+    "Hello!",
+    "The cat sits on the mat.",
+    "A cat is sitting on a rug.",
+    "Stock markets fell sharply on Tuesday after the central bank raised interest rates.",
+    "The weather is lovely today.",
+    "It is sunny and warm outside this afternoon.",
+    "Kiln compiles declarative model specifications into native code.",
+    "How do I bake sourdough bread at home?",
+    "Neural networks learn representations from data.",
+    "Deep learning models are trained on large datasets to learn useful features.",
+    "OK",
+    "Quantum computers use qubits, which can exist in superpositions of states, to perform \
+     certain computations much faster than classical machines.",
+    "The old lighthouse stood at the edge of the cliff for more than two hundred years, guiding \
+     fishing boats and merchant ships through fog, storms and long winter nights. When the keeper \
+     retired, the village raised money to automate the lamp, and today visitors climb its spiral \
+     staircase to look out over the grey water and the distant islands.",
+    "In the beginning the committee met every Thursday morning in the small room above the library \
+     to discuss the budget, the schedule for the summer festival, the repairs to the bridge over \
+     the river, the complaints about parking near the market square, the proposal to plant trees \
+     along the main road, the new rules for recycling glass and paper, and the question of whether \
+     the town should finally buy a second snow plough before the next winter, which everyone agreed \
+     would be long and cold, although nobody could say exactly how long or how cold it would turn \
+     out to be, and so the discussion went on late into the afternoon without any decision at all.",
+    "Café naïve résumé — Ünïcödé, accents & punctuation: 3.14159!? 🙂 東京",
+    "I love pizza.",
+];
+
+/// Max |a − b| over two sets of embeddings of the same sentences.
+fn max_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
+    assert_eq!(a.len(), b.len(), "one embedding per sentence");
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (f64::from(*p) - f64::from(*q)).abs()))
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn minilm_embed_matches_the_padded_path() {
+    let test = "minilm_embed_matches_the_padded_path";
+    let Some(weights) = cached_weights(test) else { return };
+    let dir = weights.parent().expect("the weights are in a folder");
+    if !dir.join("tokenizer.json").is_file() {
+        skip(
+            test,
+            &format!("{} does not exist; run scripts/fetch_minilm.sh", dir.join("tokenizer.json").display()),
+        );
+        return;
+    }
+    let sentences: Vec<String> = SENTENCES.iter().map(|s| s.to_string()).collect();
+    let mut encoder = example::Encoder::new(dir, false, Some(2)).unwrap_or_else(|e| panic!("{e}"));
+
+    let padded = encoder.embed_padded(&sentences, SEQ).unwrap_or_else(|e| panic!("{e}"));
+    let want: Vec<Vec<f32>> =
+        expected().data.to_f64_vec().chunks(HIDDEN).map(|r| r.iter().map(|&x| x as f32).collect()).collect();
+    let err = max_difference(&padded, &want);
+    assert!(err <= TOLERANCE, "padded path: max |kiln - sentence-transformers| = {err:e} > {TOLERANCE:e}");
+
+    // Lengths 3 4 6 8 | 9 9 10 11 | 14 16 16 17 23 30 | 68 128 (128: truncated): eight at 16
+    // (max_batch), six at 32 (adding 68, padded to 72, would make 7 × 72 > 256 tokens), two at 128.
+    let limits = kiln_runtime::batching::Limits { tokens: 256, max_batch: 8, multiple_of: 8 };
+    let batched = encoder.embed(&sentences, SEQ, &limits).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(encoder.shapes(), [(2, 128), (6, 32), (8, 16), (16, 128)], "compiled shapes");
+    let err = max_difference(&batched, &padded);
+    eprintln!("embed in length-sorted batches: max |embed - padded| = {err:.3e}");
+    assert!(err <= 1e-5, "embed in batches: max |embed - padded| = {err:e} > 1e-5");
+
+    // Batch 1 without rounding: "OK" (3 tokens) and the 30-token sentence, each at its length.
+    let pair = [sentences[10].clone(), sentences[11].clone()];
+    let single = kiln_runtime::batching::Limits { tokens: SEQ, max_batch: 1, multiple_of: 1 };
+    let alone = encoder.embed(&pair, SEQ, &single).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(encoder.shapes(), [(1, 3), (1, 30), (2, 128), (6, 32), (8, 16), (16, 128)], "compiled shapes");
+    let err = max_difference(&alone, &[padded[10].clone(), padded[11].clone()]);
+    eprintln!("embed one at a time, unpadded: max |embed - padded| = {err:.3e}");
+    assert!(err <= 1e-5, "embed at batch 1: max |embed - padded| = {err:e} > 1e-5");
 }

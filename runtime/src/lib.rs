@@ -36,6 +36,7 @@
 
 #![warn(missing_docs)]
 
+pub mod batching;
 mod buffer;
 pub mod capi;
 mod device;
