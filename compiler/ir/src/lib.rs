@@ -19,6 +19,7 @@ mod op;
 pub mod print;
 pub mod rng;
 mod seeded;
+pub mod size;
 mod state;
 mod tensor;
 pub mod tensor_io;
@@ -37,6 +38,7 @@ pub use op::{
     fmt_f64, Activation, BinaryOp, CompareOp, GeluApprox, Init, NormKind, Op, PoolKind, ReduceOp, UnaryOp,
 };
 pub use seeded::{index_bound, seeded_input, seeded_input_bounded, seeded_inputs, InputFill, SeededInput};
+pub use size::{Range, SizeError, SizeExpr, Sym, SymbolDecl};
 pub use state::{eval_step, initial_state, StateError, StateInit, StateVar};
 pub use tensor::{Buffer, ShapeMismatch, Tensor};
 pub use verify::{verify, VerifyError};
