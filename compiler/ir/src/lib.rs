@@ -28,10 +28,12 @@ mod weights;
 
 pub use alloc::AllocError;
 pub use autodiff::{grad, GradError};
-pub use dtype::{fmt_shape, numel, strides, DType, Shape, TensorType};
+pub use dtype::{
+    dims, fmt_shape, numel, numel_dim, static_dims, strides, DType, Dim, IntoShape, Shape, TensorType,
+};
 pub use fold::{fold_weights, fold_weights_without_values, Folded};
-pub use graph::{Graph, Node, NodeId, Origin};
-pub use infer::{broadcast_shapes, infer, matmul_shape, InferError};
+pub use graph::{Graph, Node, NodeId, Origin, SpecializeError, Unspecialized};
+pub use infer::{broadcast_shapes, infer, infer_with, matmul_shape, InferError};
 pub use init::{fans, init_param};
 pub use interp::{eval, eval_op, Bindings, EvalError};
 pub use op::{

@@ -103,6 +103,8 @@ pub struct SizeExpr {
 pub enum SizeError {
     #[error("size arithmetic overflows")]
     Overflow,
+    #[error("the extent {0} is negative")]
+    Negative(i64),
     #[error("`{0}` is divided by {1}: a size is only divided by a positive constant")]
     BadDivisor(String, i64),
     #[error("`{0}` is not provably divisible by {1}")]

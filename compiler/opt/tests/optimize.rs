@@ -278,7 +278,9 @@ fn explanations_show_the_library_line_and_the_model_line_that_called_it() {
 fn a_10000_op_elementwise_chain_optimizes_without_overflowing_the_stack() {
     use kiln_ir::{BinaryOp, DType, UnaryOp};
     let mut g = Graph::new("chain");
-    let x = g.add(Op::Input { name: "x".into(), dtype: DType::F32, shape: vec![4] }, &[]).expect("input");
+    let x = g
+        .add(Op::Input { name: "x".into(), dtype: DType::F32, shape: kiln_ir::dims(&[4]) }, &[])
+        .expect("input");
     let mut v = x;
     for i in 0..10_000 {
         let (op, operands) = match i % 3 {

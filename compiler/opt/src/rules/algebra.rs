@@ -261,12 +261,12 @@ fn batch_sum_matmul(g: &KGraph, id: Id) -> Vec<New> {
             if sa.len() != r || sb.len() != r || sa[..batch] != sb[..batch] {
                 continue;
             }
-            let (rows, k, cols) = (sa[batch], sa[batch + 1], sb[batch + 1]);
-            let depth = sa[..batch].iter().product::<usize>() * k;
+            let (rows, k, cols) = (sa[batch].clone(), &sa[batch + 1], sb[batch + 1].clone());
+            let Ok(depth) = kiln_ir::numel_dim(&sa[..batch]).and_then(|p| p.mul(k)) else { continue };
             let mut perm = vec![batch];
             perm.extend(0..batch);
             perm.push(batch + 1);
-            let a2 = New::node(Op::Reshape { shape: vec![rows, depth] }, vec![permuted(a, perm)]);
+            let a2 = New::node(Op::Reshape { shape: vec![rows, depth.clone()] }, vec![permuted(a, perm)]);
             let b2 = New::over(Op::Reshape { shape: vec![depth, cols] }, &[b]);
             let product = New::node(Op::MatMul, vec![a2, b2]);
             out.push(if *keepdims {
@@ -474,7 +474,7 @@ fn scale_through_view(g: &KGraph, id: Id) -> Vec<New> {
             if matches!(n.ir(), Op::Reshape { .. }) && elementwise {
                 continue;
             }
-            let scale = New::constant(k, &TensorType::new(ty(g, c).dtype, vec![]));
+            let scale = New::constant(k, &TensorType::new(ty(g, c).dtype, kiln_ir::Shape::new()));
             out.push(New::node(Op::Binary(B::Mul), vec![New::over(n.ir().clone(), &[x]), scale]));
         }
     }

@@ -419,7 +419,7 @@ fn scores(g: &KGraph, id: Id, masked: bool, causal: bool) -> Vec<Scores> {
             }
         } else if !masked && ty(g, n.children[0]).dtype == kiln_ir::DType::Bool {
             // where(keep, s, −inf) = s + where(keep, 0, −inf): a boolean mask becomes additive.
-            let zero = kiln_ir::TensorType::new(ty(g, n.children[1]).dtype, vec![]);
+            let zero = kiln_ir::TensorType::new(ty(g, n.children[1]).dtype, kiln_ir::Shape::new());
             let additive = New::node(
                 Op::Where,
                 vec![New::Class(n.children[0]), New::constant(0.0, &zero), New::Class(n.children[2])],
