@@ -274,6 +274,11 @@ impl TensorType {
         TensorType { dtype: self.dtype, shape }
     }
 
+    /// Whether the type holds exactly one element (every extent a static 1), symbolic or not.
+    pub fn is_single(&self) -> bool {
+        self.shape.iter().all(|d| *d == Dim::Const(1))
+    }
+
     /// Whether every extent is a constant.
     pub fn is_static(&self) -> bool {
         self.shape.iter().all(Dim::is_static)

@@ -78,7 +78,7 @@ fn is_square_of(g: &KGraph, id: Id, x: Id) -> bool {
 
 /// The scalar constant of a class (a splat of one element), if any.
 fn scalar(g: &KGraph, id: Id) -> Option<f64> {
-    (ty(g, id).numel() == 1).then(|| konst(g, id)).flatten()
+    ty(g, id).is_single().then(|| konst(g, id)).flatten()
 }
 
 /// `1 / √(v + eps)` written as rsqrt(v + eps) (for multiplication) or the class under a sqrt
