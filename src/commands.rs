@@ -500,11 +500,13 @@ pub fn eval(a: &EvalArgs) -> Result<(), Failure> {
     }
     let l = load(&a.model, &set)?;
     let g = &l.graph;
+    // Inputs not given are filled at the symbols' hints.
+    let hints: Vec<i64> = g.symbols.iter().map(|s| s.hint).collect();
     let specs: Vec<(String, DType, Vec<usize>)> = g
         .inputs
         .iter()
         .filter_map(|&i| match &g.node(i).op {
-            Op::Input { name, dtype, shape } => Some((name.clone(), *dtype, shape.clone())),
+            Op::Input { name, dtype, .. } => Some((name.clone(), *dtype, g.ty(i).at(&hints).static_shape())),
             _ => None,
         })
         .collect();

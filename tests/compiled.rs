@@ -392,7 +392,7 @@ fn random_graph(ops: &[(u8, u8, u8)]) -> Graph {
     let mut g = Graph::new("random");
     let shape = vec![3, 4, 5];
     let input = |g: &mut Graph, name: &str, shape: Vec<usize>| {
-        g.add(Op::Input { name: name.into(), dtype: DType::F32, shape }, &[]).unwrap()
+        g.add(Op::Input { name: name.into(), dtype: DType::F32, shape: kiln_ir::dims(&shape) }, &[]).unwrap()
     };
     let mut pool =
         vec![input(&mut g, "x", shape.clone()), input(&mut g, "y", vec![4, 1]), input(&mut g, "z", vec![5])];
@@ -1866,7 +1866,7 @@ proptest! {
 /// them), integers, and the train step of a bag-of-embeddings classifier.
 fn scatter_graphs() -> Vec<Graph> {
     let input = |g: &mut Graph, name: &str, dtype: DType, shape: &[usize]| {
-        g.add(Op::Input { name: name.into(), dtype, shape: shape.to_vec() }, &[]).unwrap()
+        g.add(Op::Input { name: name.into(), dtype, shape: kiln_ir::dims(shape) }, &[]).unwrap()
     };
     let mut graphs = Vec::new();
     /// A graph `scatter_add(transpose(updates), ids)`.
@@ -2344,12 +2344,13 @@ fn a_bad_state_table_is_refused_at_load() {
 #[test]
 fn frozen_weights_are_prepacked_and_trained_ones_are_not() {
     let mut g = Graph::new("mixed");
-    let x = g.add(Op::Input { name: "x".into(), dtype: DType::F32, shape: vec![4, 8] }, &[]).unwrap();
+    let x =
+        g.add(Op::Input { name: "x".into(), dtype: DType::F32, shape: kiln_ir::dims(&[4, 8]) }, &[]).unwrap();
     let param = |g: &mut Graph, name: &str| {
         let op = Op::Param {
             name: name.into(),
             dtype: DType::F32,
-            shape: vec![8, 16],
+            shape: kiln_ir::dims(&[8, 16]),
             init: kiln_ir::Init::Zeros,
         };
         g.add(op, &[]).unwrap()
@@ -2357,7 +2358,7 @@ fn frozen_weights_are_prepacked_and_trained_ones_are_not() {
     let (wf, wt) = (param(&mut g, "frozen"), param(&mut g, "trained"));
     let (a, b) = (g.add(Op::MatMul, &[x, wf]).unwrap(), g.add(Op::MatMul, &[x, wt]).unwrap());
     let y = g.add(Op::Binary(kiln_ir::BinaryOp::Add), &[a, b]).unwrap();
-    let half = g.add(Op::Full { value: 0.5, dtype: DType::F32, shape: vec![] }, &[]).unwrap();
+    let half = g.add(Op::Full { value: 0.5, dtype: DType::F32, shape: kiln_ir::dims(&[]) }, &[]).unwrap();
     let decayed = g.add(Op::Binary(kiln_ir::BinaryOp::Mul), &[wt, half]).unwrap();
     // Read after the update's kernel: the update goes through a copy at the end.
     let late =

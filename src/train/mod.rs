@@ -317,7 +317,7 @@ fn check_usage(a: &TrainArgs) -> Result<(), Failure> {
 fn input_specs(g: &kiln_ir::Graph, plan: &TrainingPlan) -> Result<Vec<InputSpec>, Failure> {
     let labels_input = match (&plan.loss, &g.node(plan.reads[1]).op) {
         (LossKind::CrossEntropy { ignore_index, .. }, Op::Input { name, .. }) => {
-            let classes = g.ty(plan.reads[0]).shape.last().copied().unwrap_or(0);
+            let classes = g.ty(plan.reads[0]).static_shape().last().copied().unwrap_or(0);
             Some((name.clone(), classes, *ignore_index))
         }
         _ => None,
@@ -325,7 +325,7 @@ fn input_specs(g: &kiln_ir::Graph, plan: &TrainingPlan) -> Result<Vec<InputSpec>
     g.inputs
         .iter()
         .filter_map(|&i| match &g.node(i).op {
-            Op::Input { name, dtype, shape } => Some((name, dtype, shape)),
+            Op::Input { name, dtype, .. } => Some((name, dtype, g.ty(i).static_shape())),
             _ => None,
         })
         .map(|(name, dtype, shape)| {
@@ -346,7 +346,7 @@ fn input_specs(g: &kiln_ir::Graph, plan: &TrainingPlan) -> Result<Vec<InputSpec>
 /// The examples one train step takes: the batch (the first input's leading extent), times
 /// the micro-batches under `accumulate`.
 fn examples_per_step(g: &kiln_ir::Graph, plan: &TrainingPlan) -> usize {
-    let batch = g.inputs.first().and_then(|&i| g.ty(i).shape.first().copied()).unwrap_or(1);
+    let batch = g.inputs.first().and_then(|&i| g.ty(i).static_shape().first().copied()).unwrap_or(1);
     (batch * plan.accumulate).max(1)
 }
 

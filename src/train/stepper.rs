@@ -223,8 +223,8 @@ fn inputs_of(g: &Graph) -> Vec<(String, DType, Vec<u64>)> {
     g.inputs
         .iter()
         .filter_map(|&i| match &g.node(i).op {
-            Op::Input { name, dtype, shape } => {
-                Some((name.clone(), *dtype, shape.iter().map(|&d| d as u64).collect()))
+            Op::Input { name, dtype, .. } => {
+                Some((name.clone(), *dtype, g.ty(i).static_shape().iter().map(|&d| d as u64).collect()))
             }
             _ => None,
         })

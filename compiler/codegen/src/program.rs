@@ -361,8 +361,13 @@ pub(crate) fn matmul_views(
     let av = if a.view.shape.len() == 1 { a.view.unsqueeze(0) } else { a.view.clone() };
     let bv = if b.view.shape.len() == 1 { b.view.unsqueeze(1) } else { b.view.clone() };
     let (ar, br) = (av.shape.len(), bv.shape.len());
-    let batch = kiln_ir::broadcast_shapes("matmul", &av.shape[..ar - 2], &bv.shape[..br - 2])
-        .map_err(|e| bad(&e.to_string()))?;
+    let batch = kiln_ir::broadcast_shapes(
+        "matmul",
+        &kiln_ir::dims(&av.shape[..ar - 2]),
+        &kiln_ir::dims(&bv.shape[..br - 2]),
+    )
+    .map_err(|e| bad(&e.to_string()))?;
+    let batch: Vec<usize> = batch.iter().map(kiln_ir::Dim::fixed).collect();
     let (m, kd, n) = (av.shape[ar - 2], av.shape[ar - 1], bv.shape[br - 1]);
     let shape_of = |x: usize, y: usize| {
         let mut s = batch.clone();

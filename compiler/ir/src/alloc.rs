@@ -61,7 +61,7 @@ pub fn try_vec<T>(n: usize, bytes: u128, what: impl FnOnce() -> String) -> Resul
 /// then of that size (kernels allocate with the ordinary, aborting allocator; this check is
 /// what turns an impossible size into an error first).
 pub fn check(ty: &TensorType, what: impl FnOnce() -> String) -> Result<(), AllocError> {
-    let bytes = bytes_of(ty.dtype, &ty.shape);
+    let bytes = bytes_of(ty.dtype, &ty.static_shape());
     let Ok(n) = usize::try_from(bytes) else {
         return Err(AllocError { bytes, what: what(), reason: "more than the address space".into() });
     };

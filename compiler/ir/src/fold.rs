@@ -173,11 +173,17 @@ mod tests {
     use crate::DType;
 
     fn input(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
-        g.add(Op::Input { name: name.into(), dtype: DType::F32, shape: shape.into() }, &[]).unwrap()
+        g.add(Op::Input { name: name.into(), dtype: DType::F32, shape: crate::dtype::dims(shape) }, &[])
+            .unwrap()
     }
 
     fn param(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
-        let op = Op::Param { name: name.into(), dtype: DType::F32, shape: shape.into(), init: Init::Zeros };
+        let op = Op::Param {
+            name: name.into(),
+            dtype: DType::F32,
+            shape: crate::dtype::dims(shape),
+            init: Init::Zeros,
+        };
         g.add(op, &[]).unwrap()
     }
 
@@ -251,12 +257,18 @@ mod tests {
         let y = g.add(Op::MatMul, &[x, wt]).unwrap();
         // A bias broadcast and then negated would be stored 3 times larger: kept.
         let b = param(&mut g, "b", &[5]);
-        let bb = g.add(Op::BroadcastTo { shape: vec![3, 5] }, &[b]).unwrap();
+        let bb = g.add(Op::BroadcastTo { shape: crate::dtype::dims(&[3, 5]) }, &[b]).unwrap();
         let nb = g.add(Op::Unary(crate::UnaryOp::Neg), &[bb]).unwrap();
         let y = g.add(Op::Binary(BinaryOp::Add), &[y, nb]).unwrap();
         // Random numbers are not weights; nor is a parameter the bindings lack.
         let r = g.add(
-            Op::RandomUniform { dtype: DType::F32, shape: vec![3, 5], seed: 1, offset: 0, base: false },
+            Op::RandomUniform {
+                dtype: DType::F32,
+                shape: crate::dtype::dims(&[3, 5]),
+                seed: 1,
+                offset: 0,
+                base: false,
+            },
             &[],
         );
         let r = g.add(Op::Unary(crate::UnaryOp::Exp), &[r.unwrap()]).unwrap();
@@ -302,7 +314,9 @@ mod tests {
         let mut g = Graph::new("shared");
         let x = input(&mut g, "x", &[2, 3]);
         let w = param(&mut g, "w", &[2, 3]);
-        let c = g.add(Op::Full { value: 2.0, dtype: DType::F32, shape: vec![2, 3] }, &[]).unwrap();
+        let c = g
+            .add(Op::Full { value: 2.0, dtype: DType::F32, shape: crate::dtype::dims(&[2, 3]) }, &[])
+            .unwrap();
         let s = g.add(Op::Binary(BinaryOp::Mul), &[w, c]).unwrap();
         let y = g.add(Op::Binary(BinaryOp::Add), &[x, s]).unwrap();
         g.add_output("y", y);

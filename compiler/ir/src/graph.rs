@@ -4,9 +4,11 @@
 //! its operands' types; [`Graph::add`] enforces it and [`verify`](crate::verify) re-checks it.
 //! Operand order is the edge weight, so `operands(n)[i]` is the op's `i`-th argument.
 
+use crate::dtype::Dim;
 use crate::dtype::TensorType;
-use crate::infer::{infer, InferError};
+use crate::infer::{infer_with, InferError};
 use crate::op::Op;
+use crate::size::SymbolDecl;
 use crate::state::StateVar;
 use petgraph::stable_graph::{NodeIndex, StableDiGraph};
 use petgraph::visit::EdgeRef;
@@ -59,6 +61,51 @@ pub struct Graph {
     /// Persistent state, read through parameters of the same names and updated at the end of
     /// a run (`state.rs`); empty for a plain function of its inputs.
     pub state: Vec<StateVar>,
+    /// The symbols that size its dynamic extents (`Dim::Sym` reads symbol `i` as
+    /// `symbols[i]`); empty for a static graph.
+    pub symbols: Vec<SymbolDecl>,
+}
+
+/// Why a graph cannot be specialized to the values given for its symbols.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecializeError {
+    #[error("the graph has {expected} symbol(s), but {got} value(s) were given")]
+    Count { expected: usize, got: usize },
+    #[error("`{name}` is {value}, but it takes {}", describe(.decl))]
+    OutOfBounds { name: String, value: i64, decl: SymbolDecl },
+    #[error("at {0}")]
+    Size(String),
+    #[error("the specialized graph is invalid: {0}")]
+    Invalid(#[from] crate::verify::VerifyError),
+}
+
+/// `1..=512` or `8..=512, a multiple of 8`.
+pub fn describe(d: &SymbolDecl) -> String {
+    match d.multiple_of {
+        1 => format!("{}..={}", d.min, d.max),
+        m => format!("{}..={}, a multiple of {m}", d.min, d.max),
+    }
+}
+
+/// A graph that still has symbols where a stage needs static shapes (the scheduler and the
+/// code generators).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "{} not specialized: compiling needs static shapes; specialize with `--set NAME=VALUE` ({})",
+    unspecialized_names(.0),
+    .0.iter().map(|s| format!("--set {}={}", s.name, s.hint)).collect::<Vec<_>>().join(" ")
+)]
+pub struct Unspecialized(pub Vec<SymbolDecl>);
+
+fn unspecialized_names(symbols: &[SymbolDecl]) -> String {
+    let quoted: Vec<String> = symbols.iter().map(|s| format!("`{}`", s.name)).collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => {
+            format!("the dynamic sizes {} and {last} are", rest.join(", "))
+        }
+        Some((last, _)) => format!("the dynamic size {last} is"),
+        None => "a symbolic extent is".to_string(),
+    }
 }
 
 impl Graph {
@@ -69,7 +116,7 @@ impl Graph {
     /// Adds `op` applied to `operands`, inferring and checking its type.
     pub fn add(&mut self, op: Op, operands: &[NodeId]) -> Result<NodeId, InferError> {
         let types: Vec<&TensorType> = operands.iter().map(|&o| &self.g[o].ty).collect();
-        let ty = infer(&op, &types)?;
+        let ty = infer_with(&op, &types, &self.symbols)?;
         let is_input = matches!(op, Op::Input { .. });
         let id = self.g.add_node(Node { op, ty, name: None, origin: None });
         for (i, &o) in operands.iter().enumerate() {
@@ -185,6 +232,59 @@ impl Graph {
             self.g.remove_node(n);
         }
         dead.len()
+    }
+
+    /// Whether no extent reads a symbol (types, attributes and state).
+    pub fn is_static(&self) -> bool {
+        self.symbols.is_empty()
+            && self.g.node_weights().all(|n| n.ty.is_static() && n.op.dims().iter().all(Dim::is_static))
+            && self.state.iter().all(|s| s.ty.is_static())
+    }
+
+    /// The check before every stage that needs static shapes: an error naming the symbols
+    /// (with the `--set` that specializes them) when the graph has any.
+    pub fn require_static(&self) -> Result<(), Unspecialized> {
+        if self.is_static() {
+            Ok(())
+        } else {
+            Err(Unspecialized(self.symbols.clone()))
+        }
+    }
+
+    /// The static graph for one value of each symbol (`values[i]` for `symbols[i]`, each
+    /// inside its bounds): every extent evaluated, the types re-inferred and verified. It is
+    /// the graph `--set` gives for the same values.
+    pub fn specialize(&self, values: &[i64]) -> Result<Graph, SpecializeError> {
+        if values.len() != self.symbols.len() {
+            return Err(SpecializeError::Count { expected: self.symbols.len(), got: values.len() });
+        }
+        for (d, &v) in self.symbols.iter().zip(values) {
+            if !d.admits(v) {
+                return Err(SpecializeError::OutOfBounds { name: d.name.clone(), value: v, decl: d.clone() });
+            }
+        }
+        let at: Vec<Option<i64>> = values.iter().map(|&v| Some(v)).collect();
+        let subst = |d: &mut Dim| -> Result<(), SpecializeError> {
+            if let Dim::Sym(e) = d {
+                let e = e.substitute(&at).map_err(|err| SpecializeError::Size(err.to_string()))?;
+                *d = Dim::from_expr(e).map_err(|err| SpecializeError::Size(err.to_string()))?;
+            }
+            Ok(())
+        };
+        let mut out = self.clone();
+        out.symbols.clear();
+        for n in out.g.node_weights_mut() {
+            for d in n.op.dims_mut().into_iter().chain(n.ty.shape.iter_mut()) {
+                subst(d)?;
+            }
+        }
+        for s in &mut out.state {
+            for d in &mut s.ty.shape {
+                subst(d)?;
+            }
+        }
+        crate::verify::verify(&out)?;
+        Ok(out)
     }
 
     /// Direct access for passes that rewire edges; callers must re-run the verifier.

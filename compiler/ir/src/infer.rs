@@ -2,9 +2,15 @@
 //!
 //! This is the single source of typing rules; the lowering reports these errors at the spec
 //! position of the op, and the verifier re-runs them over whole graphs.
+//!
+//! Extents may be sizes over the graph's symbols. Two of them agree when their normal forms
+//! are equal ([`SizeExpr`](crate::SizeExpr)); when they are not and either is symbolic, the
+//! rule cannot prove what it needs and says so ([`InferError::Unproven`]). Nothing is proved
+//! by trying values.
 
-use crate::dtype::{fmt_shape, numel, DType, Shape, TensorType};
+use crate::dtype::{fmt_shape, numel_dim, static_dims, DType, Dim, Shape, TensorType};
 use crate::op::{BinaryOp, Op, UnaryOp};
+use crate::size::SymbolDecl;
 
 /// Why an op cannot be applied to operands of the given types.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -19,24 +25,53 @@ pub enum InferError {
     DTypeKind { op: &'static str, expected: &'static str, got: DType },
     #[error("`{op}`: {msg}")]
     Invalid { op: &'static str, msg: String },
+    #[error("`{op}`: cannot prove that {what} are equal: {left} vs {right}")]
+    Unproven { op: &'static str, what: String, left: Dim, right: Dim },
+}
+
+/// Whether `a` and `b` are the same extent: `Ok(false)` when both are constants that differ
+/// (the caller's own error), [`InferError::Unproven`] when a symbolic one differs in normal
+/// form.
+fn same_dim(op: &'static str, what: impl Fn() -> String, a: &Dim, b: &Dim) -> Result<bool, InferError> {
+    match (a, b) {
+        _ if a == b => Ok(true),
+        (Dim::Const(_), Dim::Const(_)) => Ok(false),
+        _ => Err(InferError::Unproven { op, what: what(), left: a.clone(), right: b.clone() }),
+    }
+}
+
+/// An error of [`matmul_shape`] as the error of `op`.
+fn rename(op: &Op, e: InferError) -> InferError {
+    match e {
+        InferError::Invalid { msg, .. } => invalid(op, msg),
+        InferError::Unproven { what, left, right, .. } => {
+            InferError::Unproven { op: op.name(), what, left, right }
+        }
+        other => other,
+    }
+}
+
+fn size_error(op: &Op, e: crate::size::SizeError) -> InferError {
+    invalid(op, e.to_string())
 }
 
 fn invalid(op: &Op, msg: impl Into<String>) -> InferError {
     InferError::Invalid { op: op.name(), msg: msg.into() }
 }
 
-/// Numpy broadcasting of two shapes.
-pub fn broadcast_shapes(op: &'static str, a: &[usize], b: &[usize]) -> Result<Shape, InferError> {
+/// Numpy broadcasting of two shapes: equal extents, or a static 1 against any.
+pub fn broadcast_shapes(op: &'static str, a: &[Dim], b: &[Dim]) -> Result<Shape, InferError> {
     let rank = a.len().max(b.len());
-    let mut out = vec![0; rank];
+    let one = Dim::Const(1);
+    let mut out = Vec::with_capacity(rank);
     for i in 0..rank {
-        let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
-        let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
-        out[i] = match (da, db) {
-            (x, y) if x == y => x,
-            (1, y) => y,
-            (x, 1) => x,
-            (x, y) => {
+        let da = if i + a.len() >= rank { &a[i + a.len() - rank] } else { &one };
+        let db = if i + b.len() >= rank { &b[i + b.len() - rank] } else { &one };
+        out.push(match (da, db) {
+            (x, y) if x == y => x.clone(),
+            (Dim::Const(1), y) => y.clone(),
+            (x, Dim::Const(1)) => x.clone(),
+            (&Dim::Const(x), &Dim::Const(y)) => {
                 return Err(InferError::Broadcast {
                     op,
                     lhs: a.to_vec(),
@@ -46,7 +81,15 @@ pub fn broadcast_shapes(op: &'static str, a: &[usize], b: &[usize]) -> Result<Sh
                     b: y,
                 })
             }
-        };
+            (x, y) => {
+                return Err(InferError::Unproven {
+                    op,
+                    what: format!("axis {i} of {} and {}", fmt_shape(a), fmt_shape(b)),
+                    left: x.clone(),
+                    right: y.clone(),
+                })
+            }
+        });
     }
     Ok(out)
 }
@@ -91,16 +134,46 @@ fn window_out(
     }
 }
 
+/// The extents of `ty`, which must be static from axis `from` on (a window op's spatial
+/// axes and channels); the axes before it are 0 in the result.
+fn static_axes(op: &Op, ty: &TensorType, from: usize) -> Result<Vec<usize>, InferError> {
+    let mut out = vec![0; from];
+    for d in &ty.shape[from..] {
+        match d {
+            Dim::Const(c) => out.push(*c),
+            Dim::Sym(_) => {
+                return Err(invalid(
+                    op,
+                    format!("needs static extents from axis {from} on, got {}", fmt_shape(&ty.shape)),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The result type of `op` applied to operands of `types`.
 pub fn infer(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferError> {
-    let ty = infer_unchecked(op, types)?;
-    if ty.numel() > crate::dtype::MAX_ELEMENTS {
-        return Err(invalid(op, format!("the result {} has more than 2^40 elements", fmt_shape(&ty.shape))));
+    infer_with(op, types, &[])
+}
+
+/// [`infer`] in a graph with `symbols`, whose bounds prove a slice's symbolic bounds in range
+/// (a symbol not declared there is unbounded). A symbolic result is checked against the
+/// element limit when the graph is specialized.
+pub fn infer_with(op: &Op, types: &[&TensorType], symbols: &[SymbolDecl]) -> Result<TensorType, InferError> {
+    let ty = infer_unchecked(op, types, symbols)?;
+    if let Some(s) = static_dims(&ty.shape) {
+        if crate::dtype::numel(&s) > crate::dtype::MAX_ELEMENTS {
+            return Err(invalid(
+                op,
+                format!("the result {} has more than 2^40 elements", fmt_shape(&ty.shape)),
+            ));
+        }
     }
     Ok(ty)
 }
 
-fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferError> {
+fn infer_unchecked(op: &Op, types: &[&TensorType], symbols: &[SymbolDecl]) -> Result<TensorType, InferError> {
     if let Some(n) = op.arity() {
         if types.len() != n {
             return Err(InferError::Arity { op: op.name(), expected: n, got: types.len() });
@@ -113,7 +186,7 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
         Op::Input { dtype, shape, .. } | Op::Param { dtype, shape, .. } => {
             TensorType::new(*dtype, shape.clone())
         }
-        Op::Const { value } => TensorType::new(value.dtype(), value.shape.clone()),
+        Op::Const { value } => TensorType::new(value.dtype(), value.shape.as_slice()),
         Op::Full { dtype, shape, .. } => TensorType::new(*dtype, shape.clone()),
         Op::Iota { dtype, shape, axis } => {
             if *axis >= shape.len() {
@@ -175,23 +248,29 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
             }
             let shape = (0..s.len())
                 .filter_map(|i| match (axes.contains(&i), keepdims) {
-                    (false, _) => Some(s[i]),
-                    (true, true) => Some(1),
+                    (false, _) => Some(s[i].clone()),
+                    (true, true) => Some(Dim::Const(1)),
                     (true, false) => None,
                 })
                 .collect::<Shape>();
             TensorType::new(d, shape)
         }
         Op::Reshape { shape } => {
-            if numel(shape) != t(0).numel() {
+            let (from, to) = (
+                numel_dim(&t(0).shape).map_err(|e| size_error(op, e))?,
+                numel_dim(shape).map_err(|e| size_error(op, e))?,
+            );
+            let what =
+                || format!("the element counts of {} and {}", fmt_shape(&t(0).shape), fmt_shape(shape));
+            if !same_dim(op.name(), what, &from, &to)? {
                 return Err(invalid(
                     op,
                     format!(
                         "cannot reshape {} ({} elements) to {} ({} elements)",
                         fmt_shape(&t(0).shape),
-                        t(0).numel(),
+                        from,
                         fmt_shape(shape),
-                        numel(shape)
+                        to
                     ),
                 ));
             }
@@ -212,7 +291,7 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
                     ),
                 ));
             }
-            TensorType::new(t(0).dtype, perm.iter().map(|&p| s[p]).collect::<Shape>())
+            TensorType::new(t(0).dtype, perm.iter().map(|&p| s[p].clone()).collect::<Shape>())
         }
         Op::BroadcastTo { shape } => {
             let b = broadcast_shapes(op.name(), &t(0).shape, shape)?;
@@ -226,17 +305,31 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
         }
         Op::Slice { axis, start, end, step } => {
             let s = &t(0).shape;
-            if *axis >= s.len() || *step == 0 || start > end || *end > s[*axis] {
-                return Err(invalid(
+            let out_of_range = || {
+                invalid(
                     op,
                     format!(
                         "slice {start}..{end} step {step} on axis {axis} is out of range for {}",
                         fmt_shape(s)
                     ),
-                ));
+                )
+            };
+            if *axis >= s.len() || *step == 0 {
+                return Err(out_of_range());
             }
+            // `0 ≤ start ≤ end ≤ extent` for every binding within the bounds.
+            let nonneg = |d: &Dim| match d {
+                Dim::Const(_) => true,
+                Dim::Sym(_) => d.range(symbols).min >= 0,
+            };
+            let ordered = |lo: &Dim, hi: &Dim| hi.sub(lo).is_ok_and(|d| nonneg(&d));
+            if !(nonneg(start) && ordered(start, end) && ordered(end, &s[*axis])) {
+                return Err(out_of_range());
+            }
+            let len =
+                end.sub(start).and_then(|d| d.add(&Dim::Const(step - 1))).and_then(|d| d.floor_div(*step));
             let mut shape = s.clone();
-            shape[*axis] = (end - start).div_ceil(*step);
+            shape[*axis] = len.map_err(|e| size_error(op, e))?;
             TensorType::new(t(0).dtype, shape)
         }
         Op::Concat { axis } => {
@@ -247,8 +340,19 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
             let mut shape = first.shape.clone();
             for other in &types[1..] {
                 same_dtype(op, first.dtype, other.dtype)?;
-                let compatible = other.rank() == first.rank()
-                    && (0..first.rank()).all(|i| i == *axis || other.shape[i] == first.shape[i]);
+                let mut compatible = other.rank() == first.rank();
+                for i in 0..first.rank() {
+                    if compatible && i != *axis {
+                        let what = || {
+                            format!(
+                                "axis {i} of the concatenated {} and {}",
+                                fmt_shape(&first.shape),
+                                fmt_shape(&other.shape)
+                            )
+                        };
+                        compatible = same_dim(op.name(), what, &first.shape[i], &other.shape[i])?;
+                    }
+                }
                 if !compatible {
                     return Err(invalid(
                         op,
@@ -259,7 +363,7 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
                         ),
                     ));
                 }
-                shape[*axis] = shape[*axis].saturating_add(other.shape[*axis]);
+                shape[*axis] = shape[*axis].add(&other.shape[*axis]).map_err(|e| size_error(op, e))?;
             }
             TensorType::new(first.dtype, shape)
         }
@@ -271,8 +375,9 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
             let shape = s
                 .iter()
                 .zip(pads)
-                .map(|(d, (a, b))| d.saturating_add(*a).saturating_add(*b))
-                .collect::<Shape>();
+                .map(|(d, (a, b))| d.add(&Dim::Const(a.saturating_add(*b))))
+                .collect::<Result<Shape, _>>()
+                .map_err(|e| size_error(op, e))?;
             TensorType::new(t(0).dtype, shape)
         }
         Op::Gather { axis } => {
@@ -291,8 +396,19 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
             need(op, idx.dtype.is_int(), "integer indices (and numeric updates)", idx.dtype)?;
             need(op, updates.dtype != DType::Bool, "numeric updates (and integer indices)", updates.dtype)?;
             let k = idx.rank();
-            let fits =
-                updates.rank() >= axis.saturating_add(k) && updates.shape[*axis..axis + k] == idx.shape[..];
+            let mut fits = updates.rank() >= axis.saturating_add(k);
+            for i in 0..k {
+                if fits {
+                    let what = || {
+                        format!(
+                            "the index axes of updates {} and indices {}",
+                            fmt_shape(&updates.shape),
+                            fmt_shape(&idx.shape)
+                        )
+                    };
+                    fits = same_dim(op.name(), what, &updates.shape[axis + i], &idx.shape[i])?;
+                }
+            }
             if !fits {
                 return Err(invalid(
                     op,
@@ -304,7 +420,7 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
                 ));
             }
             let mut shape = updates.shape[..*axis].to_vec();
-            shape.push(*extent);
+            shape.push(Dim::Const(*extent));
             shape.extend_from_slice(&updates.shape[axis + k..]);
             TensorType::new(updates.dtype, shape)
         }
@@ -312,7 +428,7 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
             let (a, b) = (t(0), t(1));
             let d = same_dtype(op, a.dtype, b.dtype)?;
             need(op, d != DType::Bool, "numeric", d)?;
-            matmul_shape(&a.shape, &b.shape).map(|s| TensorType::new(d, s)).map_err(|m| invalid(op, m))?
+            matmul_shape(&a.shape, &b.shape).map(|s| TensorType::new(d, s)).map_err(|e| rename(op, e))?
         }
         Op::Conv2d { stride, padding, dilation, groups } => {
             let (x, w) = (t(0), t(1));
@@ -328,20 +444,22 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
                     ),
                 ));
             }
+            let xs = static_axes(op, x, 1)?;
+            let ws = static_axes(op, w, 0)?;
             let g = *groups;
-            if g == 0 || x.shape[1] % g != 0 || w.shape[0] % g != 0 || w.shape[1] * g != x.shape[1] {
+            if g == 0 || xs[1] % g != 0 || ws[0] % g != 0 || ws[1] * g != xs[1] {
                 return Err(invalid(
                     op,
                     format!(
                         "input channels {} and weight {} do not agree with groups {g}",
-                        x.shape[1],
+                        xs[1],
                         fmt_shape(&w.shape)
                     ),
                 ));
             }
-            let h = window_out(op, x.shape[2], w.shape[2], stride[0], padding[0], dilation[0])?;
-            let wd = window_out(op, x.shape[3], w.shape[3], stride[1], padding[1], dilation[1])?;
-            TensorType::new(d, vec![x.shape[0], w.shape[0], h, wd])
+            let h = window_out(op, xs[2], ws[2], stride[0], padding[0], dilation[0])?;
+            let wd = window_out(op, xs[3], ws[3], stride[1], padding[1], dilation[1])?;
+            TensorType::new(d, vec![x.shape[0].clone(), Dim::Const(ws[0]), Dim::Const(h), Dim::Const(wd)])
         }
         Op::Pool2d { kernel, stride, padding, .. } => {
             let x = t(0);
@@ -352,9 +470,13 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
             if padding[0].saturating_mul(2) > kernel[0] || padding[1].saturating_mul(2) > kernel[1] {
                 return Err(invalid(op, "padding must be at most half the kernel"));
             }
-            let h = window_out(op, x.shape[2], kernel[0], stride[0], padding[0], 1)?;
-            let w = window_out(op, x.shape[3], kernel[1], stride[1], padding[1], 1)?;
-            TensorType::new(x.dtype, vec![x.shape[0], x.shape[1], h, w])
+            let xs = static_axes(op, x, 2)?;
+            let h = window_out(op, xs[2], kernel[0], stride[0], padding[0], 1)?;
+            let w = window_out(op, xs[3], kernel[1], stride[1], padding[1], 1)?;
+            TensorType::new(
+                x.dtype,
+                vec![x.shape[0].clone(), x.shape[1].clone(), Dim::Const(h), Dim::Const(w)],
+            )
         }
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
             let x = t(0);
@@ -387,11 +509,11 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
             let (a, b) = (t(0), t(1));
             let d = same_dtype(op, a.dtype, b.dtype)?;
             need(op, d.is_float(), "floating-point", d)?;
-            let shape = matmul_shape(&a.shape, &b.shape).map_err(|m| invalid(op, m))?;
+            let shape = matmul_shape(&a.shape, &b.shape).map_err(|e| rename(op, e))?;
             if *bias {
                 let c = t(2);
                 same_dtype(op, d, c.dtype)?;
-                if broadcast_shapes(op.name(), &c.shape, &shape).ok().as_ref() != Some(&shape) {
+                if bias_mismatch(op, &c.shape, &shape)? {
                     return Err(invalid(
                         op,
                         format!(
@@ -409,13 +531,15 @@ fn infer_unchecked(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferEr
 
 /// Checks the scale and shift operands of a normalization over the last axis of `shape`: each
 /// must have the dtype `d` and the shape `[shape[-1]]`. Also checks the rank is at least 1.
-fn norm_params(op: &Op, shape: &[usize], d: DType, params: &[&TensorType]) -> Result<(), InferError> {
-    let Some(&last) = shape.last() else {
+fn norm_params(op: &Op, shape: &[Dim], d: DType, params: &[&TensorType]) -> Result<(), InferError> {
+    let Some(last) = shape.last() else {
         return Err(invalid(op, "normalizes over the last axis, but the operand is a scalar"));
     };
     for (p, what) in params.iter().zip(["gamma", "beta"]) {
         same_dtype(op, d, p.dtype)?;
-        if p.shape != [last] {
+        let axes = || format!("the last axis of {} and the {what} {}", fmt_shape(shape), fmt_shape(&p.shape));
+        let fits = p.rank() == 1 && same_dim(op.name(), axes, &p.shape[0], last)?;
+        if !fits {
             return Err(invalid(
                 op,
                 format!(
@@ -442,16 +566,21 @@ fn attention_type(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferErr
         return Err(invalid(op, format!("q, k and v need one rank of at least 2, got {}", shapes())));
     }
     let r = q.rank();
-    if q.shape[..r - 2] != k.shape[..r - 2] || q.shape[..r - 2] != v.shape[..r - 2] {
-        return Err(invalid(op, format!("the batch axes of q, k and v differ: {}", shapes())));
+    for i in 0..r - 2 {
+        let what = || format!("batch axis {i} of {}", shapes());
+        if !same_dim(op.name(), what, &q.shape[i], &k.shape[i])?
+            || !same_dim(op.name(), what, &q.shape[i], &v.shape[i])?
+        {
+            return Err(invalid(op, format!("the batch axes of q, k and v differ: {}", shapes())));
+        }
     }
-    let (sq, dq) = (q.shape[r - 2], q.shape[r - 1]);
-    let (sk, dk) = (k.shape[r - 2], k.shape[r - 1]);
-    let (sv, dv) = (v.shape[r - 2], v.shape[r - 1]);
-    if dq != dk {
+    let (sq, dq) = (&q.shape[r - 2], &q.shape[r - 1]);
+    let (sk, dk) = (&k.shape[r - 2], &k.shape[r - 1]);
+    let (sv, dv) = (&v.shape[r - 2], &v.shape[r - 1]);
+    if !same_dim(op.name(), || format!("the last axes of q and k ({})", shapes()), dq, dk)? {
         return Err(invalid(op, format!("q and k differ in their last axis ({dq} vs {dk}): {}", shapes())));
     }
-    if sk != sv {
+    if !same_dim(op.name(), || format!("the sequence axes of k and v ({})", shapes()), sk, sv)? {
         return Err(invalid(
             op,
             format!("k and v differ in their sequence axis ({sk} vs {sv}): {}", shapes()),
@@ -460,8 +589,8 @@ fn attention_type(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferErr
     if let Some(m) = types.get(3) {
         same_dtype(op, d, m.dtype)?;
         let mut scores = q.shape[..r - 2].to_vec();
-        scores.extend([sq, sk]);
-        if broadcast_shapes(op.name(), &m.shape, &scores).ok().as_ref() != Some(&scores) {
+        scores.extend([sq.clone(), sk.clone()]);
+        if bias_mismatch(op, &m.shape, &scores)? {
             return Err(invalid(
                 op,
                 format!(
@@ -475,30 +604,55 @@ fn attention_type(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferErr
         }
     }
     let mut shape = q.shape[..r - 1].to_vec();
-    shape.push(dv);
+    shape.push(dv.clone());
     Ok(TensorType::new(d, shape))
 }
 
-/// Numpy `matmul` result shape, or a message saying why the shapes do not multiply.
-pub fn matmul_shape(a: &[usize], b: &[usize]) -> Result<Shape, String> {
+/// Whether a bias (or mask) of `bias` fails to broadcast to `shape` (static extents that
+/// differ); an extent that may or may not agree is unproven.
+fn bias_mismatch(op: &Op, bias: &[Dim], shape: &[Dim]) -> Result<bool, InferError> {
+    match broadcast_shapes(op.name(), bias, shape) {
+        Ok(b) => Ok(b != shape),
+        Err(e @ InferError::Unproven { .. }) => Err(e),
+        Err(_) => Ok(true),
+    }
+}
+
+/// Numpy `matmul` result shape. The inner extents must be provably equal.
+pub fn matmul_shape(a: &[Dim], b: &[Dim]) -> Result<Shape, InferError> {
+    let fail = |msg: String| InferError::Invalid { op: "matmul", msg };
     if a.is_empty() || b.is_empty() {
-        return Err("operands must have rank ≥ 1".into());
+        return Err(fail("operands must have rank ≥ 1".into()));
     }
-    let a2: Shape = if a.len() == 1 { vec![1, a[0]] } else { a.to_vec() };
-    let b2: Shape = if b.len() == 1 { vec![b[0], 1] } else { b.to_vec() };
-    let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
-    let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
-    if k != k2 {
-        return Err(format!("inner dimensions differ: {} · {} ({k} vs {k2})", fmt_shape(a), fmt_shape(b)));
+    let a2: Shape = if a.len() == 1 { vec![Dim::Const(1), a[0].clone()] } else { a.to_vec() };
+    let b2: Shape = if b.len() == 1 { vec![b[0].clone(), Dim::Const(1)] } else { b.to_vec() };
+    let (m, k) = (&a2[a2.len() - 2], &a2[a2.len() - 1]);
+    let (k2, n) = (&b2[b2.len() - 2], &b2[b2.len() - 1]);
+    let what = || format!("the inner dimensions of {} · {}", fmt_shape(a), fmt_shape(b));
+    if !same_dim("matmul", what, k, k2)? {
+        return Err(fail(format!(
+            "inner dimensions differ: {} · {} ({k} vs {k2})",
+            fmt_shape(a),
+            fmt_shape(b)
+        )));
     }
-    let batch = broadcast_shapes("matmul", &a2[..a2.len() - 2], &b2[..b2.len() - 2])
-        .map_err(|_| format!("batch dimensions of {} and {} do not broadcast", fmt_shape(a), fmt_shape(b)))?;
+    let batch = match broadcast_shapes("matmul", &a2[..a2.len() - 2], &b2[..b2.len() - 2]) {
+        Ok(batch) => batch,
+        Err(e @ InferError::Unproven { .. }) => return Err(e),
+        Err(_) => {
+            return Err(fail(format!(
+                "batch dimensions of {} and {} do not broadcast",
+                fmt_shape(a),
+                fmt_shape(b)
+            )))
+        }
+    };
     let mut out = batch;
     if a.len() > 1 {
-        out.push(m);
+        out.push(m.clone());
     }
     if b.len() > 1 {
-        out.push(n);
+        out.push(n.clone());
     }
     Ok(out)
 }

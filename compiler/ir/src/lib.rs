@@ -19,6 +19,7 @@ mod op;
 pub mod print;
 pub mod rng;
 mod seeded;
+pub mod size;
 mod state;
 mod tensor;
 pub mod tensor_io;
@@ -27,16 +28,19 @@ mod weights;
 
 pub use alloc::AllocError;
 pub use autodiff::{grad, GradError};
-pub use dtype::{fmt_shape, numel, strides, DType, Shape, TensorType};
+pub use dtype::{
+    dims, fmt_shape, numel, numel_dim, static_dims, strides, DType, Dim, IntoShape, Shape, TensorType,
+};
 pub use fold::{fold_weights, fold_weights_without_values, Folded};
-pub use graph::{Graph, Node, NodeId, Origin};
-pub use infer::{broadcast_shapes, infer, matmul_shape, InferError};
+pub use graph::{Graph, Node, NodeId, Origin, SpecializeError, Unspecialized};
+pub use infer::{broadcast_shapes, infer, infer_with, matmul_shape, InferError};
 pub use init::{fans, init_param};
 pub use interp::{eval, eval_op, Bindings, EvalError};
 pub use op::{
     fmt_f64, Activation, BinaryOp, CompareOp, GeluApprox, Init, NormKind, Op, PoolKind, ReduceOp, UnaryOp,
 };
 pub use seeded::{index_bound, seeded_input, seeded_input_bounded, seeded_inputs, InputFill, SeededInput};
+pub use size::{Range, SizeError, SizeExpr, Sym, SymbolDecl};
 pub use state::{eval_step, initial_state, StateError, StateInit, StateVar};
 pub use tensor::{Buffer, ShapeMismatch, Tensor};
 pub use verify::{verify, VerifyError};

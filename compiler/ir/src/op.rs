@@ -5,7 +5,7 @@
 //! e-graph language all match on it exhaustively: adding an op makes rustc list every place
 //! that has to learn about it.
 
-use crate::dtype::{DType, Shape};
+use crate::dtype::{DType, Dim, Shape};
 use crate::tensor::Tensor;
 use serde::Serialize;
 use std::fmt;
@@ -334,8 +334,8 @@ pub enum Op {
     /// Elements `start, start+step, … < end` along `axis`.
     Slice {
         axis: usize,
-        start: usize,
-        end: usize,
+        start: Dim,
+        end: Dim,
         step: usize,
     },
     Concat {
@@ -545,10 +545,58 @@ impl Op {
         self.arity() == Some(0)
     }
 
+    /// The extents among the attributes (shapes of sources, reshape and broadcast targets,
+    /// slice bounds), the ones a symbol can size.
+    pub fn dims(&self) -> Vec<Dim> {
+        if let Op::Const { .. } = self {
+            return vec![];
+        }
+        self.clone().dims_mut().into_iter().map(|d| d.clone()).collect()
+    }
+
+    /// The extents among the attributes, to substitute symbols in.
+    pub fn dims_mut(&mut self) -> Vec<&mut Dim> {
+        match self {
+            Op::Input { shape, .. }
+            | Op::Param { shape, .. }
+            | Op::Full { shape, .. }
+            | Op::Iota { shape, .. }
+            | Op::RandomUniform { shape, .. }
+            | Op::Reshape { shape }
+            | Op::BroadcastTo { shape } => shape.iter_mut().collect(),
+            Op::Slice { start, end, .. } => vec![start, end],
+            Op::Const { .. }
+            | Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Compare(_)
+            | Op::Where
+            | Op::Cast { .. }
+            | Op::Reduce { .. }
+            | Op::Transpose { .. }
+            | Op::Concat { .. }
+            | Op::Pad { .. }
+            | Op::Gather { .. }
+            | Op::ScatterAdd { .. }
+            | Op::MatMul
+            | Op::Conv2d { .. }
+            | Op::Pool2d { .. }
+            | Op::Softmax { .. }
+            | Op::LogSoftmax { .. }
+            | Op::LayerNorm { .. }
+            | Op::RmsNorm { .. }
+            | Op::Gelu { .. }
+            | Op::Attention { .. }
+            | Op::AddNorm { .. }
+            | Op::MatMulEpilogue { .. } => vec![],
+        }
+    }
+
     /// The op's attributes as `key = value` pairs, for the printers.
     pub fn attrs(&self) -> Vec<(&'static str, String)> {
         use crate::dtype::fmt_shape;
-        let list = |v: &[usize]| fmt_shape(v);
+        fn list<T: fmt::Display>(v: &[T]) -> String {
+            fmt_shape(v)
+        }
         match self {
             Op::Input { name, .. } => vec![("name", format!("{name:?}"))],
             Op::Param { name, init, .. } => {

@@ -27,6 +27,9 @@ pub fn to_text(g: &Graph, opts: TextOptions) -> String {
     let (order, num) = numbering(g);
     let mut s = String::new();
     let _ = writeln!(s, "graph {} {{", g.name);
+    for d in &g.symbols {
+        let _ = writeln!(s, "  symbol {} : {}, hint {}", d.name, crate::graph::describe(d), d.hint);
+    }
     for &id in &order {
         let n = g.node(id);
         let args: Vec<String> = g.operands(id).iter().map(|o| format!("%{}", num[o])).collect();

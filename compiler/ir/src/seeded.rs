@@ -105,8 +105,8 @@ pub fn seeded_inputs(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
     g.inputs
         .iter()
         .filter_map(|&i| match &g.node(i).op {
-            Op::Input { name, dtype, shape } => Some(
-                fill(name, *dtype, shape, gather_index_bound(g, i), seed)
+            Op::Input { name, dtype, .. } => Some(
+                fill(name, *dtype, &g.ty(i).static_shape(), gather_index_bound(g, i), seed)
                     .map(|s| (name.clone(), s.tensor))
                     .unwrap_or_else(|e| panic!("seeded_inputs: {e}")),
             ),
@@ -123,7 +123,7 @@ fn gather_index_bound(g: &Graph, input: NodeId) -> Option<usize> {
         .filter_map(|u| match g.node(u).op {
             Op::Gather { axis } => {
                 let operands = g.operands(u);
-                (operands.get(1) == Some(&input)).then(|| g.ty(operands[0]).shape[axis])
+                (operands.get(1) == Some(&input)).then(|| g.ty(operands[0]).shape[axis].as_const()).flatten()
             }
             Op::ScatterAdd { extent, .. } => (g.operands(u).get(1) == Some(&input)).then_some(extent),
             _ => None,
@@ -181,7 +181,8 @@ mod tests {
     fn graph() -> Graph {
         let mut g = Graph::new("seeded");
         let mut input = |name: &str, dtype: DType, shape: &[usize]| {
-            g.add(Op::Input { name: name.into(), dtype, shape: shape.to_vec() }, &[]).expect("an input")
+            g.add(Op::Input { name: name.into(), dtype, shape: crate::dtype::dims(shape) }, &[])
+                .expect("an input")
         };
         let table = input("table", DType::F32, &[5, 4]);
         let ids = input("ids", DType::I64, &[2, 3]);

@@ -187,7 +187,7 @@ pub fn initial_state(
                     .get(&s.name)
                     .cloned()
                     .ok_or_else(|| StateError::Unbound { name: s.name.clone() })?,
-                StateInit::Zeros => Tensor::full(s.ty.dtype, s.ty.shape.clone(), 0.0),
+                StateInit::Zeros => Tensor::full(s.ty.dtype, s.ty.static_shape(), 0.0),
             };
             Ok((s.name.clone(), value))
         })
@@ -232,16 +232,30 @@ mod tests {
     /// `w ← w − 0.5·x`, `n ← n + 1`, output `y = w·x`: the smallest train step.
     fn counter() -> Graph {
         let mut g = Graph::new("counter");
-        let x = g.add(Op::Input { name: "x".into(), dtype: DType::F32, shape: vec![2] }, &[]).unwrap();
-        let n = g.add(Op::Input { name: "n".into(), dtype: DType::F32, shape: vec![] }, &[]).unwrap();
+        let x = g
+            .add(Op::Input { name: "x".into(), dtype: DType::F32, shape: crate::dtype::dims(&[2]) }, &[])
+            .unwrap();
+        let n = g
+            .add(Op::Input { name: "n".into(), dtype: DType::F32, shape: crate::dtype::dims(&[]) }, &[])
+            .unwrap();
         let w = g
-            .add(Op::Param { name: "w".into(), dtype: DType::F32, shape: vec![2], init: Init::Zeros }, &[])
+            .add(
+                Op::Param {
+                    name: "w".into(),
+                    dtype: DType::F32,
+                    shape: crate::dtype::dims(&[2]),
+                    init: Init::Zeros,
+                },
+                &[],
+            )
             .unwrap();
         let y = g.add(Op::Binary(BinaryOp::Mul), &[w, x]).unwrap();
-        let half = g.add(Op::Full { value: 0.5, dtype: DType::F32, shape: vec![] }, &[]).unwrap();
+        let half =
+            g.add(Op::Full { value: 0.5, dtype: DType::F32, shape: crate::dtype::dims(&[]) }, &[]).unwrap();
         let d = g.add(Op::Binary(BinaryOp::Mul), &[x, half]).unwrap();
         let w2 = g.add(Op::Binary(BinaryOp::Sub), &[w, d]).unwrap();
-        let one = g.add(Op::Full { value: 1.0, dtype: DType::F32, shape: vec![] }, &[]).unwrap();
+        let one =
+            g.add(Op::Full { value: 1.0, dtype: DType::F32, shape: crate::dtype::dims(&[]) }, &[]).unwrap();
         let n2 = g.add(Op::Binary(BinaryOp::Add), &[n, one]).unwrap();
         g.add_output("y", y);
         g.add_output("param.w", w2);

@@ -1,7 +1,10 @@
 //! Dense, row-major tensors: the values the interpreter computes and that weights files hold.
 
 use crate::alloc::{try_vec, AllocError};
-use crate::dtype::{fmt_shape, numel, DType, Shape};
+use crate::dtype::{fmt_shape, numel, DType};
+
+/// A tensor's static extents.
+type Shape = Vec<usize>;
 use half::{bf16, f16};
 use serde::Serialize;
 use std::fmt;

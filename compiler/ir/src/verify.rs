@@ -1,7 +1,8 @@
 //! The verifier: re-checks the graph invariants after any stage that changed the graph.
 
+use crate::dtype::Dim;
 use crate::graph::{Graph, NodeId};
-use crate::infer::infer;
+use crate::infer::infer_with;
 
 /// One broken invariant, naming the node.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -16,6 +17,42 @@ pub enum VerifyError {
     DuplicateOutput(String),
     #[error("state: {0}")]
     State(String),
+    #[error("symbols: {0}")]
+    Symbols(String),
+}
+
+/// Each symbol's declaration holds, names are unique, and every extent reads only declared
+/// symbols, by their declared names.
+fn check_symbols(g: &Graph) -> Result<(), String> {
+    let mut names = std::collections::HashSet::new();
+    for d in &g.symbols {
+        d.check()?;
+        if !names.insert(&d.name) {
+            return Err(format!("`{}` is declared twice", d.name));
+        }
+    }
+    let declared = |dim: &Dim| -> Result<(), String> {
+        let Dim::Sym(e) = dim else { return Ok(()) };
+        for s in e.symbols() {
+            match g.symbols.get(s.index as usize) {
+                Some(d) if *d.name == *s.name => {}
+                _ => {
+                    return Err(format!(
+                        "the extent {e} reads symbol {} (`{}`), which is not declared",
+                        s.index, s.name
+                    ))
+                }
+            }
+        }
+        Ok(())
+    };
+    for id in g.node_ids() {
+        let n = g.node(id);
+        for d in n.op.dims().iter().chain(&n.ty.shape) {
+            declared(d).map_err(|m| format!("node %{}: {m}", id.index()))?;
+        }
+    }
+    g.state.iter().flat_map(|s| &s.ty.shape).try_for_each(declared)
 }
 
 /// Checks that the graph is acyclic, every node's type matches inference, operand positions
@@ -36,6 +73,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
         }
     }
     crate::state::check(g).map_err(VerifyError::State)?;
+    check_symbols(g).map_err(VerifyError::Symbols)?;
     for id in g.node_ids() {
         let node = g.node(id);
         let fail = |msg: String| VerifyError::Node { node: id.index(), op: node.op.name(), msg };
@@ -47,7 +85,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyError> {
             return Err(fail(format!("operand positions {positions:?} are not 0..{}", positions.len())));
         }
         let types: Vec<_> = operands.iter().map(|&o| g.ty(o)).collect();
-        match infer(&node.op, &types) {
+        match infer_with(&node.op, &types, &g.symbols) {
             Ok(ty) if ty == node.ty => {}
             Ok(ty) => return Err(fail(format!("recorded type {} but inference gives {ty}", node.ty))),
             Err(e) => return Err(fail(e.to_string())),

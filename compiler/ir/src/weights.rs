@@ -272,7 +272,7 @@ pub fn bind_params_with_warnings(
             }
             None if err.unallocated.is_some() => {}
             None if weights.is_none() || init_missing => {
-                match init_param(name, init, ty.dtype, &ty.shape, seed) {
+                match init_param(name, init, ty.dtype, &ty.static_shape(), seed) {
                     Ok(t) => {
                         out.insert(name.to_string(), t);
                         initialized.push(name);

@@ -38,8 +38,11 @@ fn uniform(shape: &[usize], lo: f64, hi: f64, seed: u64, stream: u64) -> Tensor 
 }
 
 fn param(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
-    g.add(Op::Param { name: name.into(), dtype: DType::F64, shape: shape.to_vec(), init: Init::Zeros }, &[])
-        .unwrap()
+    g.add(
+        Op::Param { name: name.into(), dtype: DType::F64, shape: kiln_ir::dims(shape), init: Init::Zeros },
+        &[],
+    )
+    .unwrap()
 }
 
 fn konst(g: &mut Graph, t: Tensor) -> NodeId {
@@ -50,7 +53,7 @@ fn konst(g: &mut Graph, t: Tensor) -> NodeId {
 /// to `y` is `w`, so every element of `y` is checked with a different weight.
 fn weighted_sum(g: &mut Graph, y: NodeId, seed: u64) -> NodeId {
     let ty = g.ty(y).clone();
-    let w = uniform(&ty.shape, -1.0, 1.0, seed, 99).cast(ty.dtype);
+    let w = uniform(&ty.static_shape(), -1.0, 1.0, seed, 99).cast(ty.dtype);
     let w = konst(g, w);
     let prod = g.add(Op::Binary(BinaryOp::Mul), &[y, w]).unwrap();
     let axes: Vec<usize> = (0..ty.rank()).collect();
@@ -221,13 +224,13 @@ fn reduce_max_splits_ties_evenly() {
 
 #[test]
 fn layout_ops() {
-    check(Op::Reshape { shape: vec![6, 4] }, vec![p(&[2, 3, 4])]);
+    check(Op::Reshape { shape: kiln_ir::dims(&[6, 4]) }, vec![p(&[2, 3, 4])]);
     check(Op::Transpose { perm: vec![2, 0, 1] }, vec![p(&[2, 3, 4])]);
-    check(Op::BroadcastTo { shape: vec![2, 3, 4] }, vec![p(&[3, 1])]);
+    check(Op::BroadcastTo { shape: kiln_ir::dims(&[2, 3, 4]) }, vec![p(&[3, 1])]);
     for (axis, start, end, step) in
         [(1, 1, 7, 2), (1, 0, 7, 3), (0, 1, 3, 1), (1, 2, 6, 4), (1, 3, 3, 1), (1, 6, 7, 5)]
     {
-        check(Op::Slice { axis, start, end, step }, vec![p(&[3, 7])]);
+        check(Op::Slice { axis, start: start.into(), end: end.into(), step }, vec![p(&[3, 7])]);
     }
     check(Op::Concat { axis: 1 }, vec![p(&[2, 1]), p(&[2, 3]), p(&[2, 2])]);
     check(Op::Concat { axis: 0 }, vec![p(&[1, 2]), Arg::Fixed(uniform(&[2, 2], 0.0, 1.0, 1, 1)), p(&[3, 2])]);
@@ -485,7 +488,7 @@ fn mlp_gradients_match_central_differences() {
     let logp = g.add(Op::LogSoftmax { axis: 1 }, &[z]).unwrap();
     // One-hot labels from integer labels through iota and a comparison (not differentiable).
     let labels = konst(&mut g, i64s(&[4, 1], &[0, 2, 1, 2]));
-    let classes = g.add(Op::Iota { dtype: DType::I64, shape: vec![1, 3], axis: 1 }, &[]).unwrap();
+    let classes = g.add(Op::Iota { dtype: DType::I64, shape: kiln_ir::dims(&[1, 3]), axis: 1 }, &[]).unwrap();
     let hit = g.add(Op::Compare(CompareOp::Eq), &[labels, classes]).unwrap();
     let onehot = g.add(Op::Cast { to: DType::F64 }, &[hit]).unwrap();
     let picked = g.add(Op::Binary(BinaryOp::Mul), &[logp, onehot]).unwrap();
@@ -531,7 +534,7 @@ fn attention_block_gradients_match_central_differences() {
     let h = add(&mut g, Op::LayerNorm { eps: 1e-5, affine: true }, &[x, ps[0], ps[1]]);
     let split = |g: &mut Graph, w: NodeId| {
         let t = add(g, Op::MatMul, &[h, w]);
-        let t = add(g, Op::Reshape { shape: vec![batch, seq, heads, dh] }, &[t]);
+        let t = add(g, Op::Reshape { shape: kiln_ir::dims(&[batch, seq, heads, dh]) }, &[t]);
         add(g, Op::Transpose { perm: vec![0, 2, 1, 3] }, &[t])
     };
     let (q, k, v) = (split(&mut g, ps[2]), split(&mut g, ps[3]), split(&mut g, ps[4]));
@@ -541,7 +544,7 @@ fn attention_block_gradients_match_central_differences() {
         &[q, k, v],
     );
     let a = add(&mut g, Op::Transpose { perm: vec![0, 2, 1, 3] }, &[a]);
-    let a = add(&mut g, Op::Reshape { shape: vec![batch, seq, d] }, &[a]);
+    let a = add(&mut g, Op::Reshape { shape: kiln_ir::dims(&[batch, seq, d]) }, &[a]);
     let a = add(&mut g, Op::MatMul, &[a, ps[5]]);
     let r = add(&mut g, Op::Binary(BinaryOp::Add), &[x, a]);
     let f = add(
@@ -564,7 +567,7 @@ fn nothing_flows_through_comparisons_indices_and_integers() {
     // are constants to the gradient, which is the mask.
     let mut g = Graph::new("nondiff");
     let x = param(&mut g, "x", &[5]);
-    let zero = g.add(Op::Full { value: 0.0, dtype: DType::F64, shape: vec![] }, &[]).unwrap();
+    let zero = g.add(Op::Full { value: 0.0, dtype: DType::F64, shape: kiln_ir::dims(&[]) }, &[]).unwrap();
     let gt = g.add(Op::Compare(CompareOp::Gt), &[x, zero]).unwrap();
     let m = g.add(Op::Cast { to: DType::F64 }, &[gt]).unwrap();
     let xm = g.add(Op::Binary(BinaryOp::Mul), &[x, m]).unwrap();
@@ -587,7 +590,10 @@ fn a_parameter_the_loss_does_not_read_gets_zeros() {
     let loss = g.add(Op::Reduce { op: ReduceOp::Sum, axes: vec![0], keepdims: false }, &[x]).unwrap();
     let grads = grad(&mut g, loss, &[x, unused]).unwrap();
     assert_eq!(grads.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["x", "unused"]);
-    assert_eq!(g.node(grads[1].1).op, Op::Full { value: 0.0, dtype: DType::F64, shape: vec![3, 2] });
+    assert_eq!(
+        g.node(grads[1].1).op,
+        Op::Full { value: 0.0, dtype: DType::F64, shape: kiln_ir::dims(&[3, 2]) }
+    );
 }
 
 #[test]

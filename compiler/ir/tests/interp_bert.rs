@@ -22,13 +22,13 @@ impl B {
         self.g.add(op, args).unwrap_or_else(|e| panic!("{e}"))
     }
     fn param(&mut self, name: &str, shape: &[usize], init: Init) -> NodeId {
-        self.add(Op::Param { name: name.into(), dtype: DType::F32, shape: shape.to_vec(), init }, &[])
+        self.add(Op::Param { name: name.into(), dtype: DType::F32, shape: kiln_ir::dims(shape), init }, &[])
     }
     fn bin(&mut self, op: BinaryOp, a: NodeId, b: NodeId) -> NodeId {
         self.add(Op::Binary(op), &[a, b])
     }
     fn scalar(&mut self, v: f64) -> NodeId {
-        self.add(Op::Full { value: v, dtype: DType::F32, shape: vec![] }, &[])
+        self.add(Op::Full { value: v, dtype: DType::F32, shape: kiln_ir::dims(&[]) }, &[])
     }
     fn linear(&mut self, x: NodeId, name: &str, i: usize, o: usize) -> NodeId {
         let w = self.param(&format!("{name}.weight"), &[i, o], Init::Normal { mean: 0.0, std: 0.02 });
@@ -51,7 +51,7 @@ impl B {
         self.bin(BinaryOp::Add, y, beta)
     }
     fn heads(&mut self, x: NodeId, perm: Vec<usize>) -> NodeId {
-        let r = self.add(Op::Reshape { shape: vec![1, SEQ, HEADS, HEAD] }, &[x]);
+        let r = self.add(Op::Reshape { shape: kiln_ir::dims(&[1, SEQ, HEADS, HEAD]) }, &[x]);
         self.add(Op::Transpose { perm }, &[r])
     }
     fn softmax(&mut self, x: NodeId) -> NodeId {
@@ -75,7 +75,8 @@ impl B {
 
 fn bert() -> Graph {
     let mut b = B { g: Graph::new("bert") };
-    let ids = b.add(Op::Input { name: "ids".into(), dtype: DType::I64, shape: vec![1, SEQ] }, &[]);
+    let ids =
+        b.add(Op::Input { name: "ids".into(), dtype: DType::I64, shape: kiln_ir::dims(&[1, SEQ]) }, &[]);
     let emb = b.param("emb.word", &[VOCAB, HIDDEN], Init::Normal { mean: 0.0, std: 0.02 });
     let pos = b.param("emb.pos", &[SEQ, HIDDEN], Init::Normal { mean: 0.0, std: 0.02 });
     let e = b.add(Op::Gather { axis: 0 }, &[emb, ids]);
@@ -95,7 +96,7 @@ fn bert() -> Graph {
         let a = b.softmax(s);
         let ctx = b.add(Op::MatMul, &[a, v]);
         let ctx = b.add(Op::Transpose { perm: vec![0, 2, 1, 3] }, &[ctx]);
-        let ctx = b.add(Op::Reshape { shape: vec![1, SEQ, HIDDEN] }, &[ctx]);
+        let ctx = b.add(Op::Reshape { shape: kiln_ir::dims(&[1, SEQ, HIDDEN]) }, &[ctx]);
         let o = b.linear(ctx, &format!("{p}.o"), HIDDEN, HIDDEN);
         let r = b.bin(BinaryOp::Add, o, x);
         let h = b.layer_norm(r, &format!("{p}.ln1"));

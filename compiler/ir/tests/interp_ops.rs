@@ -2,8 +2,8 @@
 
 use half::{bf16, f16};
 use kiln_ir::{
-    eval, eval_op, infer, BinaryOp, Bindings, Buffer, CompareOp, DType, EvalError, Graph, Init, Op, PoolKind,
-    ReduceOp, Tensor, TensorType, UnaryOp,
+    eval, eval_op, infer, BinaryOp, Bindings, Buffer, CompareOp, DType, Dim, EvalError, Graph, Init, Op,
+    PoolKind, ReduceOp, Tensor, TensorType, UnaryOp,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -40,7 +40,7 @@ fn ty_of(op: &Op, args: &[&Tensor]) -> TensorType {
 fn run(op: Op, args: &[&Tensor]) -> Tensor {
     let ty = ty_of(&op, args);
     let out = eval_op(&op, args, &ty).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(out.shape, ty.shape, "result shape");
+    assert_eq!(out.shape, ty.static_shape(), "result shape");
     assert_eq!(out.dtype(), ty.dtype, "result dtype");
     assert_eq!(out.data.len(), ty.numel());
     out
@@ -520,10 +520,13 @@ fn reduce_empty() {
 #[test]
 fn reshape_keeps_order() {
     let x = arange32(&[2, 3]);
-    assert_eq!(run(Op::Reshape { shape: vec![3, 2] }, &[&x]), arange32(&[3, 2]));
-    assert_eq!(run(Op::Reshape { shape: vec![6] }, &[&x]), arange32(&[6]));
-    assert_eq!(run(Op::Reshape { shape: vec![] }, &[&tb(&[1, 1], &[true])]), tb(&[], &[true]));
-    assert_eq!(run(Op::Reshape { shape: vec![2, 1] }, &[&ti64(&[2], &[4, 5])]), ti64(&[2, 1], &[4, 5]));
+    assert_eq!(run(Op::Reshape { shape: kiln_ir::dims(&[3, 2]) }, &[&x]), arange32(&[3, 2]));
+    assert_eq!(run(Op::Reshape { shape: kiln_ir::dims(&[6]) }, &[&x]), arange32(&[6]));
+    assert_eq!(run(Op::Reshape { shape: kiln_ir::dims(&[]) }, &[&tb(&[1, 1], &[true])]), tb(&[], &[true]));
+    assert_eq!(
+        run(Op::Reshape { shape: kiln_ir::dims(&[2, 1]) }, &[&ti64(&[2], &[4, 5])]),
+        ti64(&[2, 1], &[4, 5])
+    );
 }
 
 #[test]
@@ -581,16 +584,19 @@ fn transpose_rank_4_matches_reference() {
 fn broadcast_to() {
     let row = t32(&[3], &[1.0, 2.0, 3.0]);
     assert_eq!(
-        run(Op::BroadcastTo { shape: vec![2, 3] }, &[&row]),
+        run(Op::BroadcastTo { shape: kiln_ir::dims(&[2, 3]) }, &[&row]),
         t32(&[2, 3], &[1.0, 2.0, 3.0, 1.0, 2.0, 3.0])
     );
     let col = ti32(&[2, 1], &[1, 2]);
-    assert_eq!(run(Op::BroadcastTo { shape: vec![2, 3] }, &[&col]), ti32(&[2, 3], &[1, 1, 1, 2, 2, 2]));
+    assert_eq!(
+        run(Op::BroadcastTo { shape: kiln_ir::dims(&[2, 3]) }, &[&col]),
+        ti32(&[2, 3], &[1, 1, 1, 2, 2, 2])
+    );
     let s = tb(&[], &[true]);
-    assert_eq!(run(Op::BroadcastTo { shape: vec![2, 2] }, &[&s]), tb(&[2, 2], &[true; 4]));
+    assert_eq!(run(Op::BroadcastTo { shape: kiln_ir::dims(&[2, 2]) }, &[&s]), tb(&[2, 2], &[true; 4]));
     let m = t32(&[2, 1, 2], &[1.0, 2.0, 3.0, 4.0]);
     assert_eq!(
-        run(Op::BroadcastTo { shape: vec![2, 2, 2] }, &[&m]),
+        run(Op::BroadcastTo { shape: kiln_ir::dims(&[2, 2, 2]) }, &[&m]),
         t32(&[2, 2, 2], &[1.0, 2.0, 1.0, 2.0, 3.0, 4.0, 3.0, 4.0])
     );
 }
@@ -598,7 +604,9 @@ fn broadcast_to() {
 #[test]
 fn slice_with_step() {
     let x = arange32(&[10]);
-    let s = |t: &Tensor, axis, start, end, step| run(Op::Slice { axis, start, end, step }, &[t]);
+    let s = |t: &Tensor, axis, start: usize, end: usize, step| {
+        run(Op::Slice { axis, start: start.into(), end: end.into(), step }, &[t])
+    };
     assert_eq!(s(&x, 0, 1, 8, 3), t32(&[3], &[1.0, 4.0, 7.0]));
     assert_eq!(s(&x, 0, 0, 10, 4), t32(&[3], &[0.0, 4.0, 8.0]));
     assert_eq!(s(&x, 0, 3, 3, 1), t32(&[0], &[]));
@@ -1044,18 +1052,27 @@ fn pool2d_max_and_avg() {
 fn const_and_full() {
     let v = ti32(&[2], &[3, 4]);
     assert_eq!(run(Op::Const { value: v.clone() }, &[]), v);
-    assert_eq!(run(Op::Full { value: 1.5, dtype: DType::F32, shape: vec![2] }, &[]), t32(&[2], &[1.5, 1.5]));
     assert_eq!(
-        run(Op::Full { value: -2.7, dtype: DType::I32, shape: vec![1, 2] }, &[]),
+        run(Op::Full { value: 1.5, dtype: DType::F32, shape: kiln_ir::dims(&[2]) }, &[]),
+        t32(&[2], &[1.5, 1.5])
+    );
+    assert_eq!(
+        run(Op::Full { value: -2.7, dtype: DType::I32, shape: kiln_ir::dims(&[1, 2]) }, &[]),
         ti32(&[1, 2], &[-2, -2])
     );
-    assert_eq!(run(Op::Full { value: 0.5, dtype: DType::Bool, shape: vec![] }, &[]), tb(&[], &[true]));
-    assert_eq!(run(Op::Full { value: 0.1, dtype: DType::BF16, shape: vec![1] }, &[]), tbf16(&[1], &[0.1]));
+    assert_eq!(
+        run(Op::Full { value: 0.5, dtype: DType::Bool, shape: kiln_ir::dims(&[]) }, &[]),
+        tb(&[], &[true])
+    );
+    assert_eq!(
+        run(Op::Full { value: 0.1, dtype: DType::BF16, shape: kiln_ir::dims(&[1]) }, &[]),
+        tbf16(&[1], &[0.1])
+    );
 }
 
 #[test]
 fn iota_counts_along_axis() {
-    let i = |dtype, shape: &[usize], axis| run(Op::Iota { dtype, shape: shape.to_vec(), axis }, &[]);
+    let i = |dtype, shape: &[usize], axis| run(Op::Iota { dtype, shape: kiln_ir::dims(shape), axis }, &[]);
     assert_eq!(i(DType::I64, &[2, 3], 0), ti64(&[2, 3], &[0, 0, 0, 1, 1, 1]));
     assert_eq!(i(DType::I32, &[2, 3], 1), ti32(&[2, 3], &[0, 1, 2, 0, 1, 2]));
     assert_eq!(i(DType::F32, &[2, 2, 2], 1), t32(&[2, 2, 2], &[0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]));
@@ -1065,7 +1082,7 @@ fn iota_counts_along_axis() {
 #[test]
 fn random_uniform_is_deterministic() {
     let r = |dtype, offset| {
-        run(Op::RandomUniform { dtype, shape: vec![2, 2], seed: 7, offset, base: false }, &[])
+        run(Op::RandomUniform { dtype, shape: kiln_ir::dims(&[2, 2]), seed: 7, offset, base: false }, &[])
     };
     let a = r(DType::F64, 10);
     let want: Vec<f64> = (10..14).map(|i| kiln_ir::rng::uniform(7, 0, i)).collect();
@@ -1078,13 +1095,22 @@ fn random_uniform_is_deterministic() {
     assert_ne!(
         r(DType::F64, 10),
         run(
-            Op::RandomUniform { dtype: DType::F64, shape: vec![2, 2], seed: 8, offset: 10, base: false },
+            Op::RandomUniform {
+                dtype: DType::F64,
+                shape: kiln_ir::dims(&[2, 2]),
+                seed: 8,
+                offset: 10,
+                base: false
+            },
             &[]
         )
     );
     // every dtype stays in [0, 1)
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        let big = run(Op::RandomUniform { dtype, shape: vec![4096], seed: 1, offset: 0, base: false }, &[]);
+        let big = run(
+            Op::RandomUniform { dtype, shape: kiln_ir::dims(&[4096]), seed: 1, offset: 0, base: false },
+            &[],
+        );
         let v = big.to_f64_vec();
         assert!(v.iter().all(|&x| (0.0..1.0).contains(&x)), "{dtype}");
         let mean = v.iter().sum::<f64>() / v.len() as f64;
@@ -1094,7 +1120,8 @@ fn random_uniform_is_deterministic() {
 
 #[test]
 fn random_uniform_adds_its_base_to_the_counter() {
-    let op = Op::RandomUniform { dtype: DType::F64, shape: vec![3], seed: 7, offset: 10, base: true };
+    let op =
+        Op::RandomUniform { dtype: DType::F64, shape: kiln_ir::dims(&[3]), seed: 7, offset: 10, base: true };
     let at = |base: i64| run(op.clone(), &[&ti64(&[], &[base])]);
     let want = |from: u64| (from..from + 3).map(|i| kiln_ir::rng::uniform(7, 0, i)).collect::<Vec<_>>();
     assert_eq!(at(0), t64(&[3], &want(10)));
@@ -1127,7 +1154,7 @@ fn eval_op_rejects_bad_operands() {
     let broken = Tensor { shape: vec![3], data: Buffer::F32(vec![1.0]) };
     let e = eval_op(&Op::Unary(UnaryOp::Neg), &[&broken], &wrong).unwrap_err();
     assert_eq!(e.to_string(), "operand 0 of `neg`: 1 elements do not fill shape [3]");
-    let input = Op::Input { name: "x".into(), dtype: DType::F32, shape: vec![2] };
+    let input = Op::Input { name: "x".into(), dtype: DType::F32, shape: kiln_ir::dims(&[2]) };
     assert_eq!(
         eval_op(&input, &[], &ty).unwrap_err().to_string(),
         "input `x` is read from the bindings; evaluate the graph with `eval`"
@@ -1138,12 +1165,15 @@ fn eval_op_rejects_bad_operands() {
 // eval over graphs
 
 fn input(g: &mut Graph, name: &str, dtype: DType, shape: &[usize]) -> kiln_ir::NodeId {
-    g.add(Op::Input { name: name.into(), dtype, shape: shape.to_vec() }, &[]).unwrap()
+    g.add(Op::Input { name: name.into(), dtype, shape: kiln_ir::dims(shape) }, &[]).unwrap()
 }
 
 fn param(g: &mut Graph, name: &str, shape: &[usize]) -> kiln_ir::NodeId {
-    g.add(Op::Param { name: name.into(), dtype: DType::F32, shape: shape.to_vec(), init: Init::Zeros }, &[])
-        .unwrap()
+    g.add(
+        Op::Param { name: name.into(), dtype: DType::F32, shape: kiln_ir::dims(shape), init: Init::Zeros },
+        &[],
+    )
+    .unwrap()
 }
 
 #[test]
@@ -1239,7 +1269,7 @@ fn eval_errors_name_the_node() {
     // integer division by zero inside a graph
     let mut g = Graph::new("g");
     let a = input(&mut g, "a", DType::I32, &[2]);
-    let z = g.add(Op::Full { value: 0.0, dtype: DType::I32, shape: vec![] }, &[]).unwrap();
+    let z = g.add(Op::Full { value: 0.0, dtype: DType::I32, shape: kiln_ir::dims(&[]) }, &[]).unwrap();
     let d = g.add(Op::Binary(BinaryOp::Div), &[a, z]).unwrap();
     g.add_output("d", d);
     let mut b = Bindings::default();
@@ -1292,7 +1322,7 @@ fn a_result_too_large_to_allocate_is_an_error_with_its_size() {
         return;
     }
     // 2^40 f64 elements (8 TiB): the largest tensor the IR allows, more than any test machine.
-    let op = Op::Full { value: 1.0, dtype: DType::F64, shape: vec![1 << 20, 1 << 20] };
+    let op = Op::Full { value: 1.0, dtype: DType::F64, shape: kiln_ir::dims(&[1 << 20, 1 << 20]) };
     let e = run_err(op.clone(), &[]);
     let msg = e.to_string();
     assert!(matches!(e, EvalError::OutOfMemory(ref a) if a.bytes == 1 << 43), "{msg}");
@@ -1336,4 +1366,230 @@ fn a_zero_stride_or_dilation_is_a_typing_error() {
         let e = infer(&op, &[&types[0], &types[1]]).expect_err("zero");
         assert!(e.to_string().contains("must be at least 1"), "{e}");
     }
+}
+
+// ---- Symbolic sizes: typing, printing, specialization and binding from the inputs ----
+
+/// `batch` in 1..=16 (hint 2) and `seq` in 8..=512, a multiple of 8 (hint 128).
+fn symbolic_graph() -> (Graph, kiln_ir::SizeExpr, kiln_ir::SizeExpr) {
+    let mut g = Graph::new("dyn");
+    g.symbols = vec![
+        kiln_ir::SymbolDecl { name: "batch".into(), min: 1, max: 16, hint: 2, multiple_of: 1 },
+        kiln_ir::SymbolDecl { name: "seq".into(), min: 8, max: 512, hint: 128, multiple_of: 8 },
+    ];
+    (g, kiln_ir::SizeExpr::symbol(0, "batch"), kiln_ir::SizeExpr::symbol(1, "seq"))
+}
+
+fn sym(e: &kiln_ir::SizeExpr) -> Dim {
+    Dim::Sym(e.clone())
+}
+
+/// ids `i64[batch, seq]` and a mask `f32[batch, seq]` → embeddings of the ids, summed with
+/// the first `seq` rows of a position table, times the mask, flattened to `[batch*seq, 4]`.
+fn embed(g: &mut Graph, b: &kiln_ir::SizeExpr, s: &kiln_ir::SizeExpr) -> kiln_ir::NodeId {
+    let ids = g
+        .add(Op::Input { name: "input_ids".into(), dtype: DType::I64, shape: vec![sym(b), sym(s)] }, &[])
+        .unwrap();
+    let mask = g
+        .add(Op::Input { name: "attention_mask".into(), dtype: DType::F32, shape: vec![sym(b), sym(s)] }, &[])
+        .unwrap();
+    let init = kiln_ir::Init::Normal { mean: 0.0, std: 1.0 };
+    let table = g
+        .add(
+            Op::Param {
+                name: "wte".into(),
+                dtype: DType::F32,
+                shape: kiln_ir::dims(&[10, 4]),
+                init: init.clone(),
+            },
+            &[],
+        )
+        .unwrap();
+    let pos = g
+        .add(Op::Param { name: "wpe".into(), dtype: DType::F32, shape: kiln_ir::dims(&[512, 4]), init }, &[])
+        .unwrap();
+    let x = g.add(Op::Gather { axis: 0 }, &[table, ids]).unwrap();
+    let p = g.add(Op::Slice { axis: 0, start: Dim::Const(0), end: sym(s), step: 1 }, &[pos]).unwrap();
+    let x = g.add(Op::Binary(BinaryOp::Add), &[x, p]).unwrap();
+    let m = g.add(Op::Reshape { shape: vec![sym(b), sym(s), Dim::Const(1)] }, &[mask]).unwrap();
+    let x = g.add(Op::Binary(BinaryOp::Mul), &[x, m]).unwrap();
+    let rows = b.mul(s).unwrap();
+    g.add(Op::Reshape { shape: vec![sym(&rows), Dim::Const(4)] }, &[x]).unwrap()
+}
+
+#[test]
+fn symbolic_graphs_print_their_symbols_and_extents_by_name() {
+    let (mut g, b, s) = symbolic_graph();
+    let y = embed(&mut g, &b, &s);
+    g.add_output("y", y);
+    kiln_ir::verify(&g).unwrap();
+    assert_eq!(
+        kiln_ir::print::to_text(&g, Default::default()),
+        "graph dyn {
+  symbol batch : 1..=16, hint 2
+  symbol seq : 8..=512, a multiple of 8, hint 128
+  %0 = input {name = \"input_ids\"} : i64[batch, seq]
+  %1 = input {name = \"attention_mask\"} : f32[batch, seq]
+  %2 = param {name = \"wte\", init = normal(0, 1)} : f32[10, 4]
+  %3 = param {name = \"wpe\", init = normal(0, 1)} : f32[512, 4]
+  %4 = gather(%2, %0) {axis = 0} : f32[batch, seq, 4]
+  %5 = slice(%3) {axis = 0, start = 0, end = seq, step = 1} : f32[seq, 4]
+  %6 = add(%4, %5) : f32[batch, seq, 4]
+  %7 = reshape(%1) {shape = [batch, seq, 1]} : f32[batch, seq, 1]
+  %8 = mul(%6, %7) : f32[batch, seq, 4]
+  %9 = reshape(%8) {shape = [batch*seq, 4]} : f32[batch*seq, 4]
+  output y = %9
+}
+"
+    );
+    assert!(!g.is_static());
+    assert_eq!(
+        g.require_static().unwrap_err().to_string(),
+        "the dynamic sizes `batch` and `seq` are not specialized: compiling needs static shapes; \
+         specialize with `--set NAME=VALUE` (--set batch=2 --set seq=128)"
+    );
+}
+
+#[test]
+fn unproven_extents_are_typing_errors_naming_both_sizes() {
+    let (_, b, s) = symbolic_graph();
+    let t = |shape: Vec<Dim>| TensorType { dtype: DType::F32, shape };
+    let err = |op: Op, types: &[TensorType]| {
+        let refs: Vec<&TensorType> = types.iter().collect();
+        kiln_ir::infer(&op, &refs).unwrap_err().to_string()
+    };
+    assert_eq!(
+        err(Op::MatMul, &[t(vec![Dim::Const(2), sym(&s)]), t(vec![sym(&b), Dim::Const(3)])]),
+        "`matmul`: cannot prove that the inner dimensions of [2, seq] · [batch, 3] are equal: seq vs batch"
+    );
+    assert_eq!(
+        err(Op::Binary(BinaryOp::Add), &[t(vec![sym(&s)]), t(vec![sym(&b)])]),
+        "`add`: cannot prove that axis 0 of [seq] and [batch] are equal: seq vs batch"
+    );
+    let two_s = s.scale(2).unwrap();
+    assert_eq!(
+        err(Op::Reshape { shape: vec![sym(&two_s)] }, &[t(vec![sym(&b), sym(&s)])]),
+        "`reshape`: cannot prove that the element counts of [batch, seq] and [2*seq] are equal: batch*seq vs 2*seq"
+    );
+    assert_eq!(
+        err(Op::Concat { axis: 1 }, &[t(vec![sym(&b), Dim::Const(2)]), t(vec![sym(&s), Dim::Const(2)])]),
+        "`concat`: cannot prove that axis 0 of the concatenated [batch, 2] and [seq, 2] are equal: batch vs seq"
+    );
+    // Equal normal forms agree however they were written.
+    let ok =
+        kiln_ir::infer(&Op::Reshape { shape: vec![sym(&s.mul(&b).unwrap())] }, &[&t(vec![sym(&b), sym(&s)])]);
+    assert_eq!(ok.map(|t| t.to_string()), Ok("f32[batch*seq]".to_string()));
+}
+
+#[test]
+fn symbolic_slices_are_checked_against_the_bounds() {
+    let (mut g, _, s) = symbolic_graph();
+    let short = g
+        .add(Op::Input { name: "t".into(), dtype: DType::F32, shape: kiln_ir::dims(&[256, 4]) }, &[])
+        .unwrap();
+    let e = g.add(Op::Slice { axis: 0, start: Dim::Const(0), end: sym(&s), step: 1 }, &[short]).unwrap_err();
+    assert_eq!(e.to_string(), "`slice`: slice 0..seq step 1 on axis 0 is out of range for [256, 4]");
+    let long = g
+        .add(Op::Input { name: "u".into(), dtype: DType::F32, shape: kiln_ir::dims(&[512, 4]) }, &[])
+        .unwrap();
+    let ty = g
+        .add(Op::Slice { axis: 0, start: Dim::Const(2), end: sym(&s), step: 2 }, &[long])
+        .map(|n| g.ty(n).to_string());
+    assert_eq!(ty, Ok("f32[(seq + 1)//2 - 1, 4]".to_string()));
+    // Interval arithmetic cannot see that `seq//2 <= seq`, so that slice is refused.
+    let half = s.floor_div(2).unwrap();
+    let e = g.add(Op::Slice { axis: 0, start: sym(&half), end: sym(&s), step: 2 }, &[long]).unwrap_err();
+    assert_eq!(e.to_string(), "`slice`: slice seq//2..seq step 2 on axis 0 is out of range for [512, 4]");
+}
+
+/// The same graph built with static extents, as `--set` gives it.
+fn static_embed(batch: usize, seq: usize) -> Graph {
+    let mut g = Graph::new("dyn");
+    let (b, s) = (kiln_ir::SizeExpr::constant(batch as i64), kiln_ir::SizeExpr::constant(seq as i64));
+    let y = embed_static(&mut g, &b, &s);
+    g.add_output("y", y);
+    g
+}
+
+fn embed_static(g: &mut Graph, b: &kiln_ir::SizeExpr, s: &kiln_ir::SizeExpr) -> kiln_ir::NodeId {
+    // `embed` with constants: each extent goes through `Dim::from_expr`, so it is a `Const`.
+    let c = |e: &kiln_ir::SizeExpr| Dim::from_expr(e.clone()).unwrap();
+    let ids = g
+        .add(Op::Input { name: "input_ids".into(), dtype: DType::I64, shape: vec![c(b), c(s)] }, &[])
+        .unwrap();
+    let mask = g
+        .add(Op::Input { name: "attention_mask".into(), dtype: DType::F32, shape: vec![c(b), c(s)] }, &[])
+        .unwrap();
+    let init = kiln_ir::Init::Normal { mean: 0.0, std: 1.0 };
+    let table = g
+        .add(
+            Op::Param {
+                name: "wte".into(),
+                dtype: DType::F32,
+                shape: kiln_ir::dims(&[10, 4]),
+                init: init.clone(),
+            },
+            &[],
+        )
+        .unwrap();
+    let pos = g
+        .add(Op::Param { name: "wpe".into(), dtype: DType::F32, shape: kiln_ir::dims(&[512, 4]), init }, &[])
+        .unwrap();
+    let x = g.add(Op::Gather { axis: 0 }, &[table, ids]).unwrap();
+    let p = g.add(Op::Slice { axis: 0, start: Dim::Const(0), end: c(s), step: 1 }, &[pos]).unwrap();
+    let x = g.add(Op::Binary(BinaryOp::Add), &[x, p]).unwrap();
+    let m = g.add(Op::Reshape { shape: vec![c(b), c(s), Dim::Const(1)] }, &[mask]).unwrap();
+    let x = g.add(Op::Binary(BinaryOp::Mul), &[x, m]).unwrap();
+    g.add(Op::Reshape { shape: vec![c(&b.mul(s).unwrap()), Dim::Const(4)] }, &[x]).unwrap()
+}
+
+#[test]
+fn specializing_gives_the_static_graph() {
+    let (mut g, b, s) = symbolic_graph();
+    let y = embed(&mut g, &b, &s);
+    g.add_output("y", y);
+    for (batch, seq) in [(1, 8), (2, 128), (16, 512), (3, 40)] {
+        let spec = g.specialize(&[batch as i64, seq as i64]).unwrap();
+        assert!(spec.is_static());
+        let text = |g: &Graph| kiln_ir::print::to_text(g, Default::default());
+        assert_eq!(text(&spec), text(&static_embed(batch, seq)), "batch {batch}, seq {seq}");
+    }
+    let err = |v: &[i64]| g.specialize(v).unwrap_err().to_string();
+    assert_eq!(err(&[2, 100]), "`seq` is 100, but it takes 8..=512, a multiple of 8");
+    assert_eq!(err(&[0, 8]), "`batch` is 0, but it takes 1..=16");
+    assert_eq!(err(&[2]), "the graph has 2 symbol(s), but 1 value(s) were given");
+}
+
+#[test]
+fn the_interpreter_binds_symbols_from_the_inputs() {
+    let (mut g, b, s) = symbolic_graph();
+    let y = embed(&mut g, &b, &s);
+    g.add_output("y", y);
+    let params = kiln_ir::bind_params(&g, None, 3, true).unwrap();
+    let bind = |ids: &[usize], mask: &[usize]| {
+        let n: usize = ids.iter().product();
+        let ids_t = Tensor::new(ids.to_vec(), Buffer::I64((0..n as i64).map(|i| i % 10).collect())).unwrap();
+        let m: usize = mask.iter().product();
+        let mask_t =
+            Tensor::new(mask.to_vec(), Buffer::F32((0..m).map(|i| (i % 3) as f32).collect())).unwrap();
+        Bindings {
+            inputs: [("input_ids".to_string(), ids_t), ("attention_mask".to_string(), mask_t)].into(),
+            params: params.clone(),
+        }
+    };
+    for (batch, seq) in [(1, 8), (2, 128), (16, 512)] {
+        let inputs = bind(&[batch, seq], &[batch, seq]);
+        let got = eval(&g, &inputs).unwrap();
+        let want = eval(&static_embed(batch, seq), &inputs).unwrap();
+        assert_eq!(got, want, "batch {batch}, seq {seq}");
+        assert_eq!(got[0].1.shape, vec![batch * seq, 4]);
+    }
+    let err = |ids: &[usize], mask: &[usize]| eval(&g, &bind(ids, mask)).unwrap_err().to_string();
+    assert_eq!(err(&[1, 600], &[1, 600]), "input `input_ids` axis 1 is 600, but `seq` is at most 512");
+    assert_eq!(err(&[1, 100], &[1, 100]), "input `input_ids` axis 1 is 100, but `seq` is a multiple of 8");
+    assert_eq!(err(&[1, 0], &[1, 0]), "input `input_ids` axis 1 is 0, but `seq` is at least 8");
+    assert_eq!(
+        err(&[1, 128], &[1, 64]),
+        "input `attention_mask` axis 1 is 64, but `seq` is 128 (from input `input_ids` axis 1)"
+    );
 }

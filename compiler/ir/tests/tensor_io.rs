@@ -182,7 +182,7 @@ fn graph(params: &[(&str, &[usize])]) -> Graph {
                 Op::Param {
                     name: name.to_string(),
                     dtype: DType::F32,
-                    shape: shape.to_vec(),
+                    shape: kiln_ir::dims(shape),
                     init: Init::Normal { mean: 0.0, std: 1.0 },
                 },
                 &[],

@@ -99,7 +99,7 @@ pub struct Lowerer<'a> {
 impl<'a> ShapeLookup for Lowerer<'a> {
     fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
         match self.frames.last()?.tensors.get(name)?.value? {
-            Operand::Node(n) => Some(self.graph.ty(n).shape.clone()),
+            Operand::Node(n) => Some(self.graph.ty(n).static_shape()),
             Operand::Number(_) | Operand::Bool(_) => Some(vec![]),
         }
     }
@@ -462,7 +462,7 @@ impl<'a> Lowerer<'a> {
                 self.bind(&inp.name, None);
                 continue;
             };
-            let op = Op::Input { name: inp.name.name.clone(), dtype, shape };
+            let op = Op::Input { name: inp.name.name.clone(), dtype, shape: kiln_ir::dims(&shape) };
             match self.graph.add_at(op, &[], Some(self.origin(inp.name.span))) {
                 Ok(n) => {
                     self.def_span.insert(n, inp.name.span);
@@ -841,7 +841,12 @@ impl<'a> Lowerer<'a> {
             );
             return None;
         }
-        let n = self.add(Op::Param { name: full.clone(), dtype, shape, init }, &[], p.span, &[])?;
+        let n = self.add(
+            Op::Param { name: full.clone(), dtype, shape: kiln_ir::dims(&shape), init },
+            &[],
+            p.span,
+            &[],
+        )?;
         self.params.insert(full, (n, p.span));
         Some(n)
     }

@@ -235,8 +235,9 @@ fn lower_fused(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             let (nodes, scale, causal) = (nodes?, scale?, causal?);
             let q = nodes[0]?;
             // 1/√d, with d the last axis of q (a scalar q is left to the typing rule).
-            let scale =
-                scale.unwrap_or_else(|| l.graph.ty(q).shape.last().map_or(1.0, |&d| 1.0 / (d as f64).sqrt()));
+            let scale = scale.unwrap_or_else(|| {
+                l.graph.ty(q).static_shape().last().map_or(1.0, |&d| 1.0 / (d as f64).sqrt())
+            });
             let masked = nodes[3].is_some();
             let operands: Vec<NodeId> = nodes.into_iter().flatten().collect();
             one(l.add(Op::Attention { scale, causal, masked }, &operands, span, &given_exprs(call, &idx))?)
@@ -378,7 +379,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             } else {
                 dims.iter().map(|&d| d as usize).collect()
             };
-            one(l.add(Op::Reshape { shape }, &[x], span, &[tensor_arg(call, 0)])?)
+            one(l.add(Op::Reshape { shape: kiln_ir::dims(&shape) }, &[x], span, &[tensor_arg(call, 0)])?)
         }
         "Transpose" => {
             let x = node_arg(l, call, 0)?;
@@ -402,7 +403,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
         }
         "Unsqueeze" | "Squeeze" => {
             let x = node_arg(l, call, 0)?;
-            let mut shape = l.graph.ty(x).shape.clone();
+            let mut shape = l.graph.ty(x).static_shape();
             let e = config_arg(call, 1)?;
             if name == "Unsqueeze" {
                 let a = axis_of(l, e, shape.len() + 1)?;
@@ -421,16 +422,21 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
                 }
                 shape.remove(a);
             }
-            one(l.add(Op::Reshape { shape }, &[x], span, &[tensor_arg(call, 0)])?)
+            one(l.add(Op::Reshape { shape: kiln_ir::dims(&shape) }, &[x], span, &[tensor_arg(call, 0)])?)
         }
         "BroadcastTo" => {
             let x = node_arg(l, call, 0)?;
-            let shape = shape_arg(l, call, 1, false)?.into_iter().map(|d| d as usize).collect();
-            one(l.add(Op::BroadcastTo { shape }, &[x], span, &[tensor_arg(call, 0)])?)
+            let shape: Vec<usize> = shape_arg(l, call, 1, false)?.into_iter().map(|d| d as usize).collect();
+            one(l.add(
+                Op::BroadcastTo { shape: kiln_ir::dims(&shape) },
+                &[x],
+                span,
+                &[tensor_arg(call, 0)],
+            )?)
         }
         "Slice" => {
             let x = node_arg(l, call, 0)?;
-            let shape = l.graph.ty(x).shape.clone();
+            let shape = l.graph.ty(x).static_shape();
             let axis = axis_of(l, config_arg(call, 1)?, shape.len())?;
             let extent = shape[axis] as i64;
             let norm = |v: i64| if v < 0 { (v + extent).max(0) } else { v.min(extent) };
@@ -458,7 +464,12 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             }
             let end = end.max(start);
             one(l.add(
-                Op::Slice { axis, start: start as usize, end: end as usize, step: step as usize },
+                Op::Slice {
+                    axis,
+                    start: (start as usize).into(),
+                    end: (end as usize).into(),
+                    step: step as usize,
+                },
                 &[x],
                 span,
                 &[tensor_arg(call, 0)],
@@ -479,7 +490,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
         }
         "Split" => {
             let x = node_arg(l, call, 0)?;
-            let shape = l.graph.ty(x).shape.clone();
+            let shape = l.graph.ty(x).static_shape();
             let axis = axis_of(l, config_arg(call, 1)?, shape.len())?;
             let sizes_arg = call.args[2].as_ref()?;
             let raw = ints(l, sizes_arg)?;
@@ -507,7 +518,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             let mut start = 0;
             for s in sizes {
                 let n = l.add(
-                    Op::Slice { axis, start, end: start + s, step: 1 },
+                    Op::Slice { axis, start: start.into(), end: (start + s).into(), step: 1 },
                     &[x],
                     span,
                     &[tensor_arg(call, 0)],
@@ -562,13 +573,13 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             let shape: Vec<usize> = shape_arg(l, call, 0, false)?.into_iter().map(|d| d as usize).collect();
             let axis = axis_of(l, config_arg(call, 1)?, shape.len())?;
             let dtype = dtype_arg(l, call, 2, DType::I64)?;
-            one(l.add(Op::Iota { dtype, shape, axis }, &[], span, &[])?)
+            one(l.add(Op::Iota { dtype, shape: kiln_ir::dims(&shape), axis }, &[], span, &[])?)
         }
         "Full" => {
             let shape: Vec<usize> = shape_arg(l, call, 0, false)?.into_iter().map(|d| d as usize).collect();
             let value = l.cfloat(config_arg(call, 1)?, "the fill value")?;
             let dtype = dtype_arg(l, call, 2, DType::F32)?;
-            one(l.add(Op::Full { value, dtype, shape }, &[], span, &[])?)
+            one(l.add(Op::Full { value, dtype, shape: kiln_ir::dims(&shape) }, &[], span, &[])?)
         }
         "Const" => {
             let Some(Arg::Values(shape, values, _)) = &call.args[0] else { return None };
@@ -629,7 +640,12 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
                 None => 0,
             };
             let dtype = dtype_arg(l, call, 3, DType::F32)?;
-            one(l.add(Op::RandomUniform { dtype, shape, seed, offset, base: false }, &[], span, &[])?)
+            one(l.add(
+                Op::RandomUniform { dtype, shape: kiln_ir::dims(&shape), seed, offset, base: false },
+                &[],
+                span,
+                &[],
+            )?)
         }
         _ if call.sig.family == kiln_spec::ops::Family::Fused => lower_fused(l, call),
         other => unreachable!("op `{other}` is in the catalog but has no lowering"),

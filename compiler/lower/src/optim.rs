@@ -379,7 +379,8 @@ pub fn train_step(lowered: &Lowered) -> Result<TrainStep, TrainingError> {
 fn draw_anew_each_step(g: &mut Graph, step: NodeId) -> Result<(), TrainingError> {
     let mut draws = Vec::new();
     for n in g.node_ids() {
-        if let Op::RandomUniform { shape, offset, base: false, .. } = &g.node(n).op {
+        if let Op::RandomUniform { offset, base: false, .. } = &g.node(n).op {
+            let shape = g.ty(n).static_shape();
             draws.push((n, offset.saturating_add(shape.iter().product::<usize>() as u64)));
         }
     }

@@ -395,7 +395,7 @@ fn micro_batches(src: &Graph, plan: &TrainingPlan) -> Result<(Graph, NodeId), Tr
     let mut stacked = Vec::new();
     for &i in &src.inputs {
         if let Op::Input { name, dtype, shape } = &src.node(i).op {
-            let mut outer = vec![k_count];
+            let mut outer = vec![kiln_ir::Dim::Const(k_count)];
             outer.extend_from_slice(shape);
             let n = g.add(Op::Input { name: name.clone(), dtype: *dtype, shape: outer }, &[])?;
             copy_meta(&mut g, i, n);
@@ -415,7 +415,7 @@ fn micro_batches(src: &Graph, plan: &TrainingPlan) -> Result<(Graph, NodeId), Tr
     for k in 0..k_count {
         let mut map = shared.clone();
         for (i, n, shape) in &stacked {
-            let row = g.add(Op::Slice { axis: 0, start: k, end: k + 1, step: 1 }, &[*n])?;
+            let row = g.add(Op::Slice { axis: 0, start: k.into(), end: (k + 1).into(), step: 1 }, &[*n])?;
             let row = g.add(Op::Reshape { shape: shape.clone() }, &[row])?;
             map.insert(*i, row);
         }
@@ -424,10 +424,10 @@ fn micro_batches(src: &Graph, plan: &TrainingPlan) -> Result<(Graph, NodeId), Tr
                 continue;
             }
             let mut op = src.node(n).op.clone();
-            if let Op::RandomUniform { shape, offset, .. } = &mut op {
+            let drawn = src.ty(n).numel() as u64;
+            if let Op::RandomUniform { offset, .. } = &mut op {
                 // Counters: at most 2¹⁰ micro-batches of 2⁴⁰ elements each stay far below
                 // 2⁶⁴; wrapping past it could only repeat numbers, never fail.
-                let drawn = shape.iter().product::<usize>() as u64;
                 *offset = offset.wrapping_add((k as u64).wrapping_mul(drawn));
             }
             // A topological order visits a node after its operands, so each is mapped.
@@ -446,8 +446,8 @@ fn micro_batches(src: &Graph, plan: &TrainingPlan) -> Result<(Graph, NodeId), Tr
         let mut rows = Vec::with_capacity(parts.len());
         for p in parts {
             let mut shape = vec![1];
-            shape.extend_from_slice(&g.ty(p).shape);
-            rows.push(g.add(Op::Reshape { shape }, &[p])?);
+            shape.extend_from_slice(&g.ty(p).static_shape());
+            rows.push(g.add(Op::Reshape { shape: kiln_ir::dims(&shape) }, &[p])?);
         }
         let all = g.add(Op::Concat { axis: 0 }, &rows)?;
         g.add_output(name.clone(), all);
@@ -472,7 +472,7 @@ fn mean_all(g: &mut Graph, x: NodeId) -> Result<NodeId, InferError> {
 
 fn scalar(g: &mut Graph, value: f64, like: NodeId) -> Result<NodeId, InferError> {
     let dtype = g.ty(like).dtype;
-    g.add(Op::Full { value, dtype, shape: vec![] }, &[])
+    g.add(Op::Full { value, dtype, shape: kiln_ir::dims(&[]) }, &[])
 }
 
 /// Cross-entropy of `logits` `[…, C]` against integer `labels` `[…]`, averaged over every
@@ -494,12 +494,12 @@ pub fn cross_entropy(
 ) -> Result<NodeId, InferError> {
     let (lt, yt) = (g.ty(logits).clone(), g.ty(labels).clone());
     let last = lt.rank().saturating_sub(1);
-    let classes = lt.shape.last().copied().unwrap_or(1);
+    let classes = lt.static_shape().last().copied().unwrap_or(1);
     let logp = g.add(Op::LogSoftmax { axis: last }, &[logits])?;
-    let mut column = yt.shape.clone();
+    let mut column = yt.static_shape();
     column.push(1);
-    let column = g.add(Op::Reshape { shape: column }, &[labels])?;
-    let iota = g.add(Op::Iota { dtype: yt.dtype, shape: vec![classes], axis: 0 }, &[])?;
+    let column = g.add(Op::Reshape { shape: kiln_ir::dims(&column) }, &[labels])?;
+    let iota = g.add(Op::Iota { dtype: yt.dtype, shape: kiln_ir::dims(&[classes]), axis: 0 }, &[])?;
     let hit = g.add(Op::Compare(CompareOp::Eq), &[column, iota])?;
     let zero = scalar(g, 0.0, logits)?;
     let picked = g.add(Op::Where, &[hit, logp, zero])?;
@@ -518,12 +518,13 @@ pub fn cross_entropy(
     }
     // Positions labelled `ignore_index` drop out of the sum and of the count (all of them
     // ignored: 0/0, NaN, as in PyTorch).
-    let ignored = g.add(Op::Full { value: ignore_index as f64, dtype: yt.dtype, shape: vec![] }, &[])?;
+    let ignored =
+        g.add(Op::Full { value: ignore_index as f64, dtype: yt.dtype, shape: kiln_ir::dims(&[]) }, &[])?;
     let kept = g.add(Op::Compare(CompareOp::Ne), &[labels, ignored])?;
     // An ignored position reads class 0's weight and then weighs 0.
-    let class_zero = g.add(Op::Full { value: 0.0, dtype: yt.dtype, shape: vec![] }, &[])?;
+    let class_zero = g.add(Op::Full { value: 0.0, dtype: yt.dtype, shape: kiln_ir::dims(&[]) }, &[])?;
     let checked = g.add(Op::Where, &[kept, labels, class_zero])?;
-    let ones = g.add(Op::Full { value: 1.0, dtype: lt.dtype, shape: vec![classes] }, &[])?;
+    let ones = g.add(Op::Full { value: 1.0, dtype: lt.dtype, shape: kiln_ir::dims(&[classes]) }, &[])?;
     let class_weight = g.add(Op::Gather { axis: 0 }, &[ones, checked])?;
     let origin = g.node(labels).origin.clone();
     let node = g.node_mut(class_weight);

@@ -89,9 +89,9 @@ fn the_mlp_learns_the_digits_to_95_percent() {
     let mut params = bind_params(g, None, SEED, true).expect("initial parameters");
     let mut state: HashMap<String, Tensor> = HashMap::new();
     for &i in &g.inputs {
-        if let Op::Input { name, dtype, shape } = &g.node(i).op {
+        if let Op::Input { name, dtype, .. } = &g.node(i).op {
             if name.starts_with("optim.") && name != "optim.step" {
-                state.insert(name.clone(), Tensor::full(*dtype, shape.clone(), 0.0));
+                state.insert(name.clone(), Tensor::full(*dtype, g.ty(i).static_shape(), 0.0));
             }
         }
     }

@@ -26,7 +26,7 @@ fn scalar64(v: f64) -> Tensor {
 }
 
 fn input(g: &mut Graph, name: &str, shape: &[usize]) -> kiln_ir::NodeId {
-    g.add(Op::Input { name: name.into(), dtype: DType::F64, shape: shape.to_vec() }, &[]).unwrap()
+    g.add(Op::Input { name: name.into(), dtype: DType::F64, shape: kiln_ir::dims(shape) }, &[]).unwrap()
 }
 
 /// One step of `opt` from zero state at step 0, on parameter `p` with gradient `grad`.
@@ -285,7 +285,10 @@ fn the_mlp_learns_a_batch_under_adam_and_its_schedule() {
     for &i in &g.inputs {
         if let Op::Input { name, dtype, shape } = &g.node(i).op {
             if name.starts_with("optim.") && name != "optim.step" {
-                b.inputs.insert(name.clone(), Tensor::full(*dtype, shape.clone(), 0.0));
+                b.inputs.insert(
+                    name.clone(),
+                    Tensor::full(*dtype, kiln_ir::static_dims(shape).expect("static"), 0.0),
+                );
             }
         }
     }
@@ -380,7 +383,9 @@ fn schedules_follow_their_formulas() {
     ];
     for s in &schedules {
         let mut g = Graph::new("lr");
-        let step = g.add(Op::Input { name: "step".into(), dtype: DType::F32, shape: vec![] }, &[]).unwrap();
+        let step = g
+            .add(Op::Input { name: "step".into(), dtype: DType::F32, shape: kiln_ir::dims(&[]) }, &[])
+            .unwrap();
         let lr = learning_rate(&mut g, 0.1, s, step, DType::F64).unwrap();
         g.add_output("lr", lr);
         for k in [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 9.0, 10.0, 12.0] {
@@ -630,7 +635,10 @@ fn k_micro_batches_make_the_step_of_a_batch_k_times_larger() {
             for &i in &g.inputs {
                 if let Op::Input { name, dtype, shape } = &g.node(i).op {
                     if name.starts_with("optim.") && name != "optim.step" {
-                        b.inputs.insert(name.clone(), Tensor::full(*dtype, shape.clone(), 0.0));
+                        b.inputs.insert(
+                            name.clone(),
+                            Tensor::full(*dtype, kiln_ir::static_dims(shape).expect("static"), 0.0),
+                        );
                     }
                 }
             }

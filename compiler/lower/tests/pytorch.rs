@@ -340,7 +340,7 @@ fn train(file: &HashMap<String, Tensor>, training: &str, micro: usize, wide: boo
     for &i in &g.inputs {
         let Op::Input { name, dtype, shape } = &g.node(i).op else { unreachable!("inputs are inputs") };
         if name.starts_with("optim.") {
-            state.insert(name.clone(), zeros(*dtype, shape));
+            state.insert(name.clone(), zeros(*dtype, &kiln_ir::static_dims(shape).expect("static")));
         }
     }
     let mut run =

@@ -1,6 +1,8 @@
 //! What the e-graph knows about each e-class: its type and, when it is one, its constant.
 //!
-//! Rules use the type to check their conditions (same shapes, reduction over the last axis)
+//! Rules use the type to check their conditions (same shapes, reduction over the last axis;
+//! extents compare by their normal forms, so a rule whose condition is unproven for a
+//! symbolic extent does not fire)
 //! and the constant to recognize scales and epsilons; constant folding adds the folded value
 //! to the class so every rule sees literals however the spec computed them.
 
@@ -21,6 +23,21 @@ pub struct Meta {
 #[derive(Default)]
 pub struct Facts {
     pub created: Vec<(KNode, egg::Symbol)>,
+    /// The graph's symbols: their bounds prove symbolic slice bounds, their hints are where
+    /// costs are estimated.
+    pub symbols: Vec<kiln_ir::SymbolDecl>,
+}
+
+impl Facts {
+    /// The analysis of a graph with `symbols`.
+    pub fn new(symbols: &[kiln_ir::SymbolDecl]) -> Facts {
+        Facts { created: vec![], symbols: symbols.to_vec() }
+    }
+
+    /// Each symbol's hint, in order.
+    pub fn hints(&self) -> Vec<i64> {
+        self.symbols.iter().map(|s| s.hint).collect()
+    }
 }
 
 pub type KGraph = EGraph<KNode, Facts>;
@@ -86,7 +103,7 @@ impl egg::Analysis<KNode> for Facts {
     fn make(egraph: &mut KGraph, enode: &KNode, _id: Id) -> Meta {
         let types: Vec<&TensorType> = enode.children.iter().map(|c| &egraph[*c].data.ty).collect();
         // Rules only add nodes they have type-checked, so inference cannot fail here.
-        let ty = kiln_ir::infer(enode.ir(), &types)
+        let ty = kiln_ir::infer_with(enode.ir(), &types, &egraph.analysis.symbols)
             .unwrap_or_else(|e| panic!("a rule built an ill-typed `{}`: {e}", enode.ir().name()));
         let konst = Facts::constant(egraph, enode, &ty);
         Meta { ty, konst }

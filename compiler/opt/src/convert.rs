@@ -55,6 +55,7 @@ pub fn from_egraph(
     choice: &HashMap<Id, KNode>,
 ) -> Result<(Graph, HashMap<NodeId, Id>), kiln_ir::InferError> {
     let mut g = Graph::new(name);
+    g.symbols = egraph.analysis.symbols.clone();
     let mut built: HashMap<Id, NodeId> = HashMap::new();
     // Inputs first and in their original order, so the graph's interface is unchanged.
     let mut order: Vec<Id> = loaded.inputs.iter().map(|i| egraph.find(*i)).collect();

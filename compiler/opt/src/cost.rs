@@ -58,11 +58,14 @@ impl TargetCost {
 }
 
 /// Floating-point work of one node, counting a transcendental as several flops.
+///
+/// The types are static: a symbolic graph is costed at its symbols' hints
+/// ([`TensorType::at`]).
 pub fn flops(op: &Op, inputs: &[&TensorType], out: &TensorType) -> f64 {
     let n = out.numel() as f64;
     let input_n = inputs.first().map(|t| t.numel() as f64).unwrap_or(0.0);
     // A product of k-long dot products: 2·k flops per output element.
-    let matmul = |a: &TensorType| 2.0 * n * a.shape.last().copied().unwrap_or(1) as f64;
+    let matmul = |a: &TensorType| 2.0 * n * a.static_shape().last().copied().unwrap_or(1) as f64;
     use kiln_ir::UnaryOp as U;
     match op {
         Op::Unary(U::Exp | U::Log | U::Tanh | U::Erf | U::Sin | U::Cos | U::Sigmoid) => 10.0 * n,
@@ -72,7 +75,7 @@ pub fn flops(op: &Op, inputs: &[&TensorType], out: &TensorType) -> f64 {
         Op::ScatterAdd { .. } => input_n,
         Op::MatMul => matmul(inputs[0]),
         Op::Conv2d { .. } => {
-            let w = &inputs[1].shape;
+            let w = &inputs[1].static_shape();
             2.0 * n * (w[1] * w[2] * w[3]) as f64
         }
         Op::Pool2d { kernel, .. } => n * (kernel[0] * kernel[1]) as f64,
@@ -81,9 +84,9 @@ pub fn flops(op: &Op, inputs: &[&TensorType], out: &TensorType) -> f64 {
         Op::Gelu { .. } => 20.0 * n,
         Op::Attention { .. } => {
             let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
-            let sk = k.shape[k.rank() - 2] as f64;
-            let d = q.shape[q.rank() - 1] as f64;
-            let dv = v.shape[v.rank() - 1] as f64;
+            let sk = k.static_shape()[k.rank() - 2] as f64;
+            let d = q.static_shape()[q.rank() - 1] as f64;
+            let dv = v.static_shape()[v.rank() - 1] as f64;
             let rows = (q.numel() as f64) / d;
             rows * sk * (2.0 * d + 2.0 * dv + 14.0)
         }
@@ -99,8 +102,9 @@ pub fn is_run_invariant(op: &Op) -> bool {
 }
 
 /// The estimated time of a whole graph: the sum of its nodes (weight-only nodes free when the
-/// target folds them).
+/// target folds them), with every symbol at its hint.
 pub fn graph_time(g: &kiln_ir::Graph, target: &TargetCost) -> f64 {
+    let hints: Vec<i64> = g.symbols.iter().map(|s| s.hint).collect();
     let mut weight_only: std::collections::HashMap<kiln_ir::NodeId, bool> = Default::default();
     let mut total = 0.0;
     for id in g.topo_order() {
@@ -111,8 +115,9 @@ pub fn graph_time(g: &kiln_ir::Graph, target: &TargetCost) -> f64 {
         if folded && target.folds_weights {
             continue;
         }
-        let types: Vec<&TensorType> = operands.iter().map(|o| g.ty(*o)).collect();
-        total += target.node_time(op, &types, g.ty(id));
+        let types: Vec<TensorType> = operands.iter().map(|o| g.ty(*o).at(&hints)).collect();
+        let types: Vec<&TensorType> = types.iter().collect();
+        total += target.node_time(op, &types, &g.ty(id).at(&hints));
     }
     total
 }

@@ -121,6 +121,7 @@ impl Dense {
         }
         let mut d = Dense { ids, class_nodes, node_class, child_start, children, own: vec![], parents, uses };
         let weight_only = if target.folds_weights { d.weight_only(&ops) } else { vec![false; classes] };
+        let hints = egraph.analysis.hints();
         d.own = ops
             .iter()
             .enumerate()
@@ -131,9 +132,14 @@ impl Dense {
                 let folded = target.folds_weights
                     && is_run_invariant(node.ir())
                     && kids.iter().all(|c| weight_only[*c as usize]);
-                match kiln_ir::infer(node.ir(), &types) {
+                match kiln_ir::infer_with(node.ir(), &types, &egraph.analysis.symbols) {
                     Ok(_) if folded => PER_NODE,
-                    Ok(t) => target.node_time(node.ir(), &types, &t) + PER_NODE,
+                    Ok(t) => {
+                        // Costs at the symbols' hints.
+                        let at: Vec<kiln_ir::TensorType> = types.iter().map(|t| t.at(&hints)).collect();
+                        let at: Vec<&kiln_ir::TensorType> = at.iter().collect();
+                        target.node_time(node.ir(), &at, &t.at(&hints)) + PER_NODE
+                    }
                     Err(_) => f64::INFINITY,
                 }
             })

@@ -78,7 +78,7 @@ pub fn stages() -> Vec<(&'static str, Vec<rules::Rule>)> {
 /// Optimizes a graph; see the crate docs.
 pub fn optimize(g: &Graph, opts: &Options) -> Result<(Graph, Report), OptError> {
     let start = Instant::now();
-    let mut egraph = KGraph::default();
+    let mut egraph = KGraph::new(Facts::new(&g.symbols));
     let loaded = convert::to_egraph(g, &mut egraph);
     let mut report = Report::new(g, &opts.target);
     for (name, rules) in stages() {

@@ -278,7 +278,9 @@ fn explanations_show_the_library_line_and_the_model_line_that_called_it() {
 fn a_10000_op_elementwise_chain_optimizes_without_overflowing_the_stack() {
     use kiln_ir::{BinaryOp, DType, UnaryOp};
     let mut g = Graph::new("chain");
-    let x = g.add(Op::Input { name: "x".into(), dtype: DType::F32, shape: vec![4] }, &[]).expect("input");
+    let x = g
+        .add(Op::Input { name: "x".into(), dtype: DType::F32, shape: kiln_ir::dims(&[4]) }, &[])
+        .expect("input");
     let mut v = x;
     for i in 0..10_000 {
         let (op, operands) = match i % 3 {
@@ -305,5 +307,37 @@ fn a_10000_op_elementwise_chain_optimizes_without_overflowing_the_stack() {
         .expect("the optimizer ran to the end");
     for (a, b) in before.iter().zip(&after) {
         assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{a} vs {b}");
+    }
+}
+
+/// A softmax written in primitives over `f32[batch, seq, 8]` with symbolic batch and seq: it
+/// fuses (the rule's shape conditions hold by normal form), the optimized graph keeps the
+/// symbols, and both specialize to graphs that compute the same at 1, the hints and the maxima.
+#[test]
+fn a_symbolic_softmax_fuses_and_specializes_like_the_original() {
+    use kiln_ir::{BinaryOp, DType, Dim, ReduceOp, SizeExpr, SymbolDecl, UnaryOp};
+    let mut g = Graph::new("dyn_softmax");
+    g.symbols = vec![
+        SymbolDecl { name: "batch".into(), min: 1, max: 4, hint: 2, multiple_of: 1 },
+        SymbolDecl { name: "seq".into(), min: 1, max: 64, hint: 16, multiple_of: 1 },
+    ];
+    let (b, s) = (Dim::Sym(SizeExpr::symbol(0, "batch")), Dim::Sym(SizeExpr::symbol(1, "seq")));
+    let x = g
+        .add(Op::Input { name: "x".into(), dtype: DType::F32, shape: vec![b, s, Dim::Const(8)] }, &[])
+        .unwrap();
+    let red = |op| Op::Reduce { op, axes: vec![2], keepdims: true };
+    let m = g.add(red(ReduceOp::Max), &[x]).unwrap();
+    let d = g.add(Op::Binary(BinaryOp::Sub), &[x, m]).unwrap();
+    let e = g.add(Op::Unary(UnaryOp::Exp), &[d]).unwrap();
+    let sum = g.add(red(ReduceOp::Sum), &[e]).unwrap();
+    let y = g.add(Op::Binary(BinaryOp::Div), &[e, sum]).unwrap();
+    g.add_output("y", y);
+    let (out, r) = optimize(&g, &Options::default()).expect("optimizes");
+    assert_eq!(count(&r, "softmax"), 1, "{:?}", r.op_counts);
+    assert_eq!(out.symbols, g.symbols);
+    assert_eq!(out.ty(out.outputs[0].1).to_string(), "f32[batch, seq, 8]");
+    for values in [[1, 1], [2, 16], [4, 64]] {
+        let (before, after) = (g.specialize(&values).unwrap(), out.specialize(&values).unwrap());
+        assert_same_outputs(&before, &after, 1e-6, &format!("softmax at {values:?}"));
     }
 }

@@ -8,7 +8,10 @@ use kiln_opt::{KGraph, KNode};
 #[test]
 fn patterns_match_ops_and_attribute_wildcards() {
     let mut g = KGraph::default();
-    let x = g.add(KNode::new(Op::Input { name: "x".into(), dtype: DType::F32, shape: vec![2, 3] }, vec![]));
+    let x = g.add(KNode::new(
+        Op::Input { name: "x".into(), dtype: DType::F32, shape: kiln_ir::dims(&[2, 3]) },
+        vec![],
+    ));
     let sq = g.add(KNode::new(Op::Binary(kiln_ir::BinaryOp::Mul), vec![x, x]));
     let sum = g.add(KNode::new(Op::Reduce { op: ReduceOp::Sum, axes: vec![1], keepdims: true }, vec![sq]));
     g.rebuild();

@@ -37,18 +37,18 @@ impl Builder {
         let op = Op::Param {
             name: name.into(),
             dtype: DType::F64,
-            shape: shape.to_vec(),
+            shape: kiln_ir::dims(shape),
             init: kiln_ir::Init::Normal { mean: 0.0, std: 1.0 },
         };
         self.g.add(op, &[]).expect("param")
     }
     fn input(&mut self, name: &str, shape: &[usize]) -> NodeId {
         self.g
-            .add(Op::Input { name: name.into(), dtype: DType::F64, shape: shape.to_vec() }, &[])
+            .add(Op::Input { name: name.into(), dtype: DType::F64, shape: kiln_ir::dims(shape) }, &[])
             .expect("input")
     }
     fn c(&mut self, v: f64) -> NodeId {
-        self.g.add(Op::Full { value: v, dtype: DType::F64, shape: vec![] }, &[]).expect("const")
+        self.g.add(Op::Full { value: v, dtype: DType::F64, shape: kiln_ir::dims(&[]) }, &[]).expect("const")
     }
     fn op(&mut self, op: Op, args: &[NodeId]) -> NodeId {
         self.g.add(op, args).unwrap_or_else(|e| panic!("builder made an ill-typed node: {e}"))
@@ -185,7 +185,8 @@ fn check_with(g: &Graph, opts: &Options) -> Result<(), TestCaseError> {
     let params = kiln_ir::bind_params(g, None, 5, false).map_err(|e| TestCaseError::fail(e.to_string()))?;
     let mut b = Bindings { params, ..Bindings::default() };
     for &i in &g.inputs {
-        let Op::Input { name, shape, .. } = &g.node(i).op else { continue };
+        let Op::Input { name, .. } = &g.node(i).op else { continue };
+        let shape = g.ty(i).static_shape();
         let n: usize = shape.iter().product();
         let v = (0..n as u64).map(|k| kiln_ir::rng::normal(11, kiln_ir::rng::stream_of(name), k)).collect();
         b.inputs.insert(name.clone(), Tensor::from_f64(shape.clone(), v).expect("sized"));
@@ -264,7 +265,7 @@ fn algebra_graph(seed: u64) -> Graph {
             }
             5 => {
                 let s = b.g.ty(a).shape.clone();
-                let flat = b.op(Op::Reshape { shape: vec![s.iter().product()] }, &[a]);
+                let flat = b.op(Op::Reshape { shape: kiln_ir::dims(&[b.g.ty(a).numel()]) }, &[a]);
                 b.op(Op::Reshape { shape: s }, &[flat])
             }
             6 => {
@@ -284,7 +285,7 @@ fn algebra_graph(seed: u64) -> Graph {
                 let s = b.g.ty(a).shape.clone();
                 b.op(
                     Op::BroadcastTo {
-                        shape: s.iter().take(rank - 1).copied().chain([s[rank - 1]]).collect(),
+                        shape: s.iter().take(rank - 1).cloned().chain([s[rank - 1].clone()]).collect(),
                     },
                     &[r],
                 )
@@ -447,8 +448,8 @@ fn fusion_graph(seed: u64) -> Graph {
                 scores = b.bin(B::Add, scores, mask);
             }
             if b.dice.coin() {
-                let i0 = b.op(Op::Iota { dtype: DType::I64, shape: vec![s, s], axis: 0 }, &[]);
-                let i1 = b.op(Op::Iota { dtype: DType::I64, shape: vec![s, s], axis: 1 }, &[]);
+                let i0 = b.op(Op::Iota { dtype: DType::I64, shape: kiln_ir::dims(&[s, s]), axis: 0 }, &[]);
+                let i1 = b.op(Op::Iota { dtype: DType::I64, shape: kiln_ir::dims(&[s, s]), axis: 1 }, &[]);
                 let cond = b.op(Op::Compare(CompareOp::Ge), &[i0, i1]);
                 let ninf = b.c(f64::NEG_INFINITY);
                 scores = b.op(Op::Where, &[cond, scores, ninf]);
@@ -647,7 +648,7 @@ fn power_graph(seed: u64) -> Graph {
             0 | 1 => {
                 let e = b.dice.pick(&[0.5, -0.5, -1.0, 1.0, 2.0, 3.0, -0.49, 0.25, -2.0]);
                 let shape: Vec<usize> = b.dice.pick(&[&[][..], &[4][..], &[1, 1, 1, 1][..]]).to_vec();
-                let k = b.op(Op::Full { value: e, dtype: DType::F64, shape }, &[]);
+                let k = b.op(Op::Full { value: e, dtype: DType::F64, shape: kiln_ir::dims(&shape) }, &[]);
                 b.bin(B::Pow, base, k)
             }
             2 => {
@@ -694,7 +695,7 @@ fn scaled_product_graph(seed: u64) -> Graph {
             2 => {
                 let x = b.input(name, &[lead.iter().product::<usize>() * rows * cols]);
                 let s = b.scaled(x, k);
-                b.op(Op::Reshape { shape: [lead.as_slice(), &[rows, cols]].concat() }, &[s])
+                b.op(Op::Reshape { shape: kiln_ir::dims(&[lead.as_slice(), &[rows, cols]].concat()) }, &[s])
             }
             _ => b.input(name, &[lead.as_slice(), &[rows, cols]].concat()),
         }

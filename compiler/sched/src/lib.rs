@@ -28,6 +28,9 @@ use thiserror::Error;
 pub enum SchedError {
     #[error("cannot schedule the graph: {0}")]
     Invalid(String),
+    /// The graph still has symbols: scheduling needs static shapes.
+    #[error(transparent)]
+    Unspecialized(#[from] kiln_ir::Unspecialized),
 }
 
 /// Partitions `g` into kernels and plans its memory (arena offsets aligned to [`ALIGN`]).
@@ -38,6 +41,7 @@ pub fn schedule(g: &Graph) -> Result<Schedule, SchedError> {
 /// [`schedule`] with every arena offset a multiple of `align` (a power of two, at least
 /// [`ALIGN`]): a GPU target binds each buffer separately, at its device's binding alignment.
 pub fn schedule_aligned(g: &Graph, align: usize) -> Result<Schedule, SchedError> {
+    g.require_static()?;
     schedule_with_state(g, align, &state_layout(&g.state, align))
 }
 
@@ -45,6 +49,8 @@ pub fn schedule_aligned(g: &Graph, align: usize) -> Result<Schedule, SchedError>
 /// [`state_layout`] at the same `align`), which may hold more variables than `g` reads: the
 /// entry points of one artifact (`forward`, `train_step`) share one layout and so one state.
 pub fn schedule_with_state(g: &Graph, align: usize, layout: &[StateSlot]) -> Result<Schedule, SchedError> {
+    // Everything below reads static shapes (`TensorType::static_shape`).
+    g.require_static()?;
     if !align.is_power_of_two() || align < ALIGN {
         return Err(SchedError::Invalid(format!("arena alignment {align} is not a power of two ≥ {ALIGN}")));
     }
@@ -61,7 +67,7 @@ pub fn schedule_with_state(g: &Graph, align: usize, layout: &[StateSlot]) -> Res
     let (arena_bytes, arena_bytes_unshared) = (arena_bytes + slot_bytes, arena_bytes_unshared + slot_bytes);
     let io = |n: &kiln_ir::NodeId| {
         let t = g.ty(*n);
-        (t.dtype, t.shape.clone())
+        (t.dtype, t.static_shape())
     };
     Ok(Schedule {
         graph: g.name.clone(),

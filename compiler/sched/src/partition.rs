@@ -117,7 +117,7 @@ impl Builder<'_> {
             [u] => {
                 let user = self.g.node(*u);
                 let uses = self.g.operands(*u).iter().filter(|&&o| o == n).count();
-                user.op.is_elementwise() && uses == 1 && user.ty.shape == node.ty.shape
+                user.op.is_elementwise() && uses == 1 && user.ty.static_shape() == node.ty.static_shape()
             }
             _ => false,
         }
@@ -133,7 +133,11 @@ impl Builder<'_> {
                     SchedError::Invalid(format!("input node {} is not listed as a graph input", n.index()))
                 })?;
                 let buffer = self.add_buffer(Storage::Input { index }, ty.dtype, ty.numel());
-                Value::Stored(Operand { buffer, view: StridedView::contiguous(&ty.shape), dtype: ty.dtype })
+                Value::Stored(Operand {
+                    buffer,
+                    view: StridedView::contiguous(&ty.static_shape()),
+                    dtype: ty.dtype,
+                })
             }
             Op::Param { name, .. } => {
                 let buffer = match self.g.state_var(name) {
@@ -145,13 +149,21 @@ impl Builder<'_> {
                     }
                     None => self.add_buffer(Storage::Weight { name: name.clone() }, ty.dtype, ty.numel()),
                 };
-                Value::Stored(Operand { buffer, view: StridedView::contiguous(&ty.shape), dtype: ty.dtype })
+                Value::Stored(Operand {
+                    buffer,
+                    view: StridedView::contiguous(&ty.static_shape()),
+                    dtype: ty.dtype,
+                })
             }
             Op::Const { value } => {
                 let name = format!("kiln.const.{}", n.index());
                 let storage = Storage::Const { name, value: value.clone() };
                 let buffer = self.add_buffer(storage, ty.dtype, ty.numel());
-                Value::Stored(Operand { buffer, view: StridedView::contiguous(&ty.shape), dtype: ty.dtype })
+                Value::Stored(Operand {
+                    buffer,
+                    view: StridedView::contiguous(&ty.static_shape()),
+                    dtype: ty.dtype,
+                })
             }
             Op::Full { .. } => Value::Inline,
             Op::Transpose { perm } => {
@@ -160,13 +172,17 @@ impl Builder<'_> {
             }
             Op::Slice { axis, start, end, step } => {
                 let src = self.operand(operands[0])?;
-                Value::Stored(Operand { view: src.view.slice(*axis, *start, *end, *step), ..src })
+                Value::Stored(Operand {
+                    view: src.view.slice(*axis, start.fixed(), end.fixed(), *step),
+                    ..src
+                })
             }
-            Op::BroadcastTo { shape } => {
+            Op::BroadcastTo { .. } => {
                 let src = self.operand(operands[0])?;
-                Value::Stored(Operand { view: src.view.broadcast_to(shape), ..src })
+                Value::Stored(Operand { view: src.view.broadcast_to(&ty.static_shape()), ..src })
             }
-            Op::Reshape { shape } => {
+            Op::Reshape { .. } => {
+                let shape = &ty.static_shape();
                 let src = self.operand(operands[0])?;
                 let src = match src.view.reshape(shape) {
                     Some(view) => Operand { view, ..src },
@@ -186,25 +202,31 @@ impl Builder<'_> {
                 } else {
                     let mut inputs = Vec::new();
                     let mut nodes = Vec::new();
-                    let expr = self.expr(n, &ty.shape, &mut inputs, &mut nodes)?;
-                    Value::Stored(self.emit(n, KernelOp::Elementwise(expr), inputs, nodes, &ty.shape))
+                    let expr = self.expr(n, &ty.static_shape(), &mut inputs, &mut nodes)?;
+                    Value::Stored(self.emit(
+                        n,
+                        KernelOp::Elementwise(expr),
+                        inputs,
+                        nodes,
+                        &ty.static_shape(),
+                    ))
                 }
             }
             Op::Iota { axis, dtype, .. } => {
                 let expr = Expr::Iota { axis: *axis, dtype: *dtype };
-                Value::Stored(self.emit(n, KernelOp::Elementwise(expr), vec![], vec![n], &ty.shape))
+                Value::Stored(self.emit(n, KernelOp::Elementwise(expr), vec![], vec![n], &ty.static_shape()))
             }
             Op::RandomUniform { seed, offset, dtype, base, .. } => {
                 // The counter base, when there is one, is a scalar read by every element.
                 let inputs = if *base {
                     let stored = self.operand(operands[0])?;
-                    vec![Operand { view: stored.view.broadcast_to(&ty.shape), ..stored }]
+                    vec![Operand { view: stored.view.broadcast_to(&ty.static_shape()), ..stored }]
                 } else {
                     vec![]
                 };
                 let base = (!inputs.is_empty()).then_some(0);
                 let expr = Expr::Random { seed: *seed, offset: *offset, base, dtype: *dtype };
-                Value::Stored(self.emit(n, KernelOp::Elementwise(expr), inputs, vec![n], &ty.shape))
+                Value::Stored(self.emit(n, KernelOp::Elementwise(expr), inputs, vec![n], &ty.static_shape()))
             }
             Op::ScatterAdd { axis, .. } => {
                 // The emitters walk the updates as [pre, positions, post] and the indices as
@@ -218,14 +240,14 @@ impl Builder<'_> {
                 let updates = self.mergeable(operands[0], updates, &[pre, count, post])?;
                 let indices = self.mergeable(operands[1], indices, &[count])?;
                 let op = KernelOp::Node(node.op.clone());
-                Value::Stored(self.emit(n, op, vec![updates, indices], vec![n], &ty.shape))
+                Value::Stored(self.emit(n, op, vec![updates, indices], vec![n], &ty.static_shape()))
             }
             op => {
                 let mut inputs = Vec::with_capacity(operands.len());
                 for &o in &operands {
                     inputs.push(self.operand(o)?);
                 }
-                Value::Stored(self.emit(n, KernelOp::Node(op.clone()), inputs, vec![n], &ty.shape))
+                Value::Stored(self.emit(n, KernelOp::Node(op.clone()), inputs, vec![n], &ty.static_shape()))
             }
         };
         self.values.insert(n, value);
@@ -282,7 +304,7 @@ impl Builder<'_> {
         if let Some(m) = self.materialized.get(&o) {
             return Ok(m.clone());
         }
-        let shape = self.g.ty(o).shape.clone();
+        let shape = self.g.ty(o).static_shape();
         let mut inputs = Vec::new();
         let mut nodes = Vec::new();
         let expr = self.expr(o, &shape, &mut inputs, &mut nodes)?;
@@ -363,14 +385,14 @@ impl Builder<'_> {
         if !divides || constant_divisor {
             return None;
         }
-        let divisor = self.g.operands(n).get(1).map(|&d| self.g.ty(d).shape.clone()).unwrap_or_default();
+        let divisor = self.g.operands(n).get(1).map(|&d| self.g.ty(d).static_shape()).unwrap_or_default();
         self.fault_sites.push(FaultSite {
             kind: FaultKind::IntDivByZero,
             kernel: 0,
             op: node.op.name().to_string(),
             name: node.name.clone(),
             origin: node.origin.as_ref().map(ToString::to_string),
-            shape: node.ty.shape.clone(),
+            shape: node.ty.static_shape(),
             divisor,
         });
         Some(self.fault_sites.len() - 1)
@@ -400,7 +422,7 @@ impl Builder<'_> {
             if in_place {
                 continue;
             }
-            let shape = self.g.ty(n).shape.clone();
+            let shape = self.g.ty(n).static_shape();
             let buffer = self.add_buffer(Storage::Output { index }, src.dtype, shape.iter().product());
             let output = Operand { buffer, view: StridedView::contiguous(&shape), dtype: src.dtype };
             self.kernels.push(Kernel {

@@ -25,7 +25,7 @@ pub fn state_layout(state: &[StateVar], align: usize) -> Vec<StateSlot> {
             let slot = StateSlot {
                 name: v.name.clone(),
                 dtype: v.ty.dtype,
-                shape: v.ty.shape.clone(),
+                shape: v.ty.static_shape(),
                 offset,
                 init: v.init,
             };
@@ -44,7 +44,7 @@ pub(crate) fn state_bytes(layout: &[StateSlot], align: usize) -> usize {
 pub(crate) fn check_layout(state: &[StateVar], layout: &[StateSlot]) -> Result<(), SchedError> {
     for v in state {
         match layout.iter().find(|s| s.name == v.name) {
-            Some(s) if s.dtype == v.ty.dtype && s.shape == v.ty.shape => {}
+            Some(s) if s.dtype == v.ty.dtype && s.shape == v.ty.static_shape() => {}
             Some(s) => {
                 return Err(SchedError::Invalid(format!(
                     "state `{}` is {} but its slot holds {}{}",
@@ -157,14 +157,17 @@ mod tests {
     }
 
     fn param(g: &mut Graph, name: &str) -> NodeId {
-        leaf(g, Op::Param { name: name.into(), dtype: DType::F32, shape: vec![4], init: Init::Zeros })
+        leaf(
+            g,
+            Op::Param { name: name.into(), dtype: DType::F32, shape: kiln_ir::dims(&[4]), init: Init::Zeros },
+        )
     }
 
     /// `y = w·x`, `w ← w − x`, and with `late_read` an output `s = sum(w)` computed after
     /// the update's kernel.
     fn step(late_read: bool) -> Schedule {
         let mut g = Graph::new("step");
-        let x = leaf(&mut g, Op::Input { name: "x".into(), dtype: DType::F32, shape: vec![4] });
+        let x = leaf(&mut g, Op::Input { name: "x".into(), dtype: DType::F32, shape: kiln_ir::dims(&[4]) });
         let w = param(&mut g, "w");
         let y = g.add(Op::Binary(BinaryOp::Mul), &[w, x]).unwrap();
         let w2 = g.add(Op::Binary(BinaryOp::Sub), &[w, x]).unwrap();
@@ -212,7 +215,7 @@ mod tests {
     #[test]
     fn an_update_another_op_reads_is_computed_once_into_its_slot() {
         let mut g = Graph::new("reuse");
-        let x = leaf(&mut g, Op::Input { name: "x".into(), dtype: DType::F32, shape: vec![4] });
+        let x = leaf(&mut g, Op::Input { name: "x".into(), dtype: DType::F32, shape: kiln_ir::dims(&[4]) });
         let w = param(&mut g, "w");
         let w2 = g.add(Op::Binary(BinaryOp::Sub), &[w, x]).unwrap();
         let y = g.add(Op::Binary(BinaryOp::Mul), &[w2, x]).unwrap();

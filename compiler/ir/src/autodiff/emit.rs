@@ -5,7 +5,7 @@
 //! Helpers that would be identities (a reshape to the same shape, a transpose by the
 //! identity) return their operand, so the backward graph has no no-op nodes.
 
-use crate::dtype::{DType, Shape, TensorType};
+use crate::dtype::{dims, DType, Dim, TensorType};
 use crate::graph::{Graph, NodeId};
 use crate::infer::InferError;
 use crate::op::{BinaryOp, CompareOp, Op, ReduceOp, UnaryOp};
@@ -26,8 +26,9 @@ impl Emit<'_> {
         self.g.ty(n).clone()
     }
 
-    pub fn shape(&self, n: NodeId) -> Shape {
-        self.g.ty(n).shape.clone()
+    /// The static shape (autodiff runs on static graphs only, `grad` checks).
+    pub fn shape(&self, n: NodeId) -> Vec<usize> {
+        self.g.ty(n).static_shape()
     }
 
     pub fn dtype(&self, n: NodeId) -> DType {
@@ -37,11 +38,11 @@ impl Emit<'_> {
     /// A scalar of `n`'s dtype, which broadcasts against anything.
     pub fn scalar(&mut self, value: f64, like: NodeId) -> R {
         let dtype = self.dtype(like);
-        self.op(Op::Full { value, dtype, shape: vec![] }, &[])
+        self.op(Op::Full { value, dtype, shape: crate::dtype::dims(&[]) }, &[])
     }
 
     pub fn full(&mut self, value: f64, dtype: DType, shape: &[usize]) -> R {
-        self.op(Op::Full { value, dtype, shape: shape.to_vec() }, &[])
+        self.op(Op::Full { value, dtype, shape: dims(shape) }, &[])
     }
 
     pub fn unary(&mut self, u: UnaryOp, x: NodeId) -> R {
@@ -132,10 +133,10 @@ impl Emit<'_> {
     }
 
     pub fn reshape(&mut self, x: NodeId, shape: &[usize]) -> R {
-        if self.g.ty(x).shape == shape {
+        if self.g.ty(x).shape == dims(shape) {
             return Ok(x);
         }
-        self.op(Op::Reshape { shape: shape.to_vec() }, &[x])
+        self.op(Op::Reshape { shape: dims(shape) }, &[x])
     }
 
     pub fn transpose(&mut self, x: NodeId, perm: &[usize]) -> R {
@@ -154,17 +155,17 @@ impl Emit<'_> {
     }
 
     pub fn broadcast_to(&mut self, x: NodeId, shape: &[usize]) -> R {
-        if self.g.ty(x).shape == shape {
+        if self.g.ty(x).shape == dims(shape) {
             return Ok(x);
         }
-        self.op(Op::BroadcastTo { shape: shape.to_vec() }, &[x])
+        self.op(Op::BroadcastTo { shape: dims(shape) }, &[x])
     }
 
     pub fn slice(&mut self, x: NodeId, axis: usize, start: usize, end: usize, step: usize) -> R {
-        if start == 0 && step == 1 && end == self.g.ty(x).shape[axis] {
+        if start == 0 && step == 1 && self.g.ty(x).shape[axis] == end {
             return Ok(x);
         }
-        self.op(Op::Slice { axis, start, end, step }, &[x])
+        self.op(Op::Slice { axis, start: Dim::Const(start), end: Dim::Const(end), step }, &[x])
     }
 
     /// Zero padding of `(before, after)` along `axis` only.
@@ -199,7 +200,7 @@ impl Emit<'_> {
     /// Reshapes a reduction's result (or its gradient) to the operand's rank with the reduced
     /// `axes` kept as extent 1, then broadcasts it to the operand's `shape`.
     pub fn expand_reduced(&mut self, y: NodeId, shape: &[usize], axes: &[usize]) -> R {
-        let kept: Shape =
+        let kept: Vec<usize> =
             shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
         let r = self.reshape(y, &kept)?;
         self.broadcast_to(r, shape)

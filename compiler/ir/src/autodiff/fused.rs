@@ -160,8 +160,8 @@ pub(super) fn attention(e: &mut Emit, scale: f64, causal: bool, s: &Site) -> Gra
     if causal {
         let ss = e.shape(scores);
         let (sq, sk) = (ss[r - 2], ss[r - 1]);
-        let i = e.op(Op::Iota { dtype: DType::I64, shape: vec![sq, sk], axis: 0 }, &[])?;
-        let j = e.op(Op::Iota { dtype: DType::I64, shape: vec![sq, sk], axis: 1 }, &[])?;
+        let i = e.op(Op::Iota { dtype: DType::I64, shape: crate::dtype::dims(&[sq, sk]), axis: 0 }, &[])?;
+        let j = e.op(Op::Iota { dtype: DType::I64, shape: crate::dtype::dims(&[sq, sk]), axis: 1 }, &[])?;
         let hidden = e.compare(CompareOp::Gt, j, i)?;
         let ninf = e.scalar(f64::NEG_INFINITY, scores)?;
         scores = e.select(hidden, ninf, scores)?;

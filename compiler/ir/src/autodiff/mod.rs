@@ -30,6 +30,8 @@ use std::collections::{HashMap, HashSet};
 /// Why the backward of a graph could not be built.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum GradError {
+    #[error(transparent)]
+    Symbolic(#[from] crate::graph::Unspecialized),
     #[error("the loss must be a floating-point value of one element, got {0}")]
     Loss(TensorType),
     #[error("node %{node} (`{op}`) is not a parameter; gradients are taken with respect to parameters")]
@@ -51,6 +53,7 @@ fn name_suffix(name: &Option<String>) -> String {
 /// A parameter the loss does not depend on gets a gradient of zeros. The graph's outputs
 /// are left as they are: the caller decides which gradients become outputs.
 pub fn grad(g: &mut Graph, loss: NodeId, params: &[NodeId]) -> Result<Vec<(String, NodeId)>, GradError> {
+    g.require_static()?;
     let lt = g.ty(loss).clone();
     if !lt.dtype.is_float() || lt.numel() != 1 {
         return Err(GradError::Loss(lt));
@@ -66,7 +69,7 @@ pub fn grad(g: &mut Graph, loss: NodeId, params: &[NodeId]) -> Result<Vec<(Strin
     let needs: HashSet<NodeId> = order.iter().copied().collect();
     let mut adjoint: HashMap<NodeId, NodeId> = HashMap::new();
     let mut e = Emit { g };
-    let seed = e.full(1.0, lt.dtype, &lt.shape).map_err(|err| internal(loss, "loss", err))?;
+    let seed = e.full(1.0, lt.dtype, &lt.static_shape()).map_err(|err| internal(loss, "loss", err))?;
     adjoint.insert(loss, seed);
     for &n in order.iter().rev() {
         let Some(&gy) = adjoint.get(&n) else { continue };
@@ -115,7 +118,7 @@ pub fn grad(g: &mut Graph, loss: NodeId, params: &[NodeId]) -> Result<Vec<(Strin
             Some(&a) => a,
             None => {
                 let t = e.ty(p);
-                e.full(0.0, t.dtype, &t.shape).map_err(|err| internal(p, "param", err))?
+                e.full(0.0, t.dtype, &t.static_shape()).map_err(|err| internal(p, "param", err))?
             }
         };
         out.push((name, gp));

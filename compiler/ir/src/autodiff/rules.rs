@@ -89,7 +89,8 @@ pub(super) fn vjp(e: &mut Emit, s: &Site) -> Grads {
         }
         Op::BroadcastTo { .. } => Ok(vec![Some(e.unbroadcast(gy, &e.shape(x[0]))?)]),
         Op::Slice { axis, start, end, step } => {
-            Ok(vec![Some(slice_back(e, gy, &e.shape(x[0]), *axis, *start, *end, *step)?)])
+            let (start, end) = (static_extent(start)?, static_extent(end)?);
+            Ok(vec![Some(slice_back(e, gy, &e.shape(x[0]), *axis, start, end, *step)?)])
         }
         Op::Concat { axis } => {
             let mut off = 0;
@@ -382,7 +383,12 @@ pub(super) fn matmul(
     let a2s = if sa.len() == 1 { vec![1, sa[0]] } else { sa.clone() };
     let b2s = if sb.len() == 1 { vec![sb[0], 1] } else { sb.clone() };
     let (m, n) = (a2s[a2s.len() - 2], b2s[b2s.len() - 1]);
-    let mut y2s = crate::infer::broadcast_shapes("matmul", &a2s[..a2s.len() - 2], &b2s[..b2s.len() - 2])?;
+    let batch = crate::infer::broadcast_shapes(
+        "matmul",
+        &crate::dtype::dims(&a2s[..a2s.len() - 2]),
+        &crate::dtype::dims(&b2s[..b2s.len() - 2]),
+    )?;
+    let mut y2s: Vec<usize> = batch.iter().map(static_extent).collect::<Result<_, _>>()?;
     y2s.extend([m, n]);
     let gy2 = e.reshape(gy, &y2s)?;
     let ga = if want_a {
@@ -404,4 +410,9 @@ pub(super) fn matmul(
         None
     };
     Ok((ga, gb))
+}
+
+/// An extent of a static graph (autodiff refuses symbolic graphs before it starts).
+fn static_extent(d: &crate::dtype::Dim) -> Result<usize, InferError> {
+    d.as_const().ok_or_else(|| InferError::Invalid { op: "grad", msg: format!("the extent {d} is symbolic") })
 }

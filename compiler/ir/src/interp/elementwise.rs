@@ -8,7 +8,8 @@
 
 use super::elem::{broadcast_strides, cast_slice, narrow_like, widen_f32, Elem, Int, Real, Walk, PAR_MIN};
 use super::EvalError;
-use crate::dtype::{DType, TensorType};
+use crate::dtype::DType;
+use crate::interp::StaticType;
 use crate::op::{BinaryOp, CompareOp, UnaryOp};
 use crate::tensor::{Buffer, Tensor};
 use rayon::prelude::*;
@@ -160,7 +161,7 @@ fn binary_int<I: Int>(
     })
 }
 
-pub(crate) fn binary(op: BinaryOp, a: &Tensor, b: &Tensor, ty: &TensorType) -> Result<Tensor, EvalError> {
+pub(crate) fn binary(op: BinaryOp, a: &Tensor, b: &Tensor, ty: &StaticType) -> Result<Tensor, EvalError> {
     let (ash, bsh, out) = (&a.shape[..], &b.shape[..], &ty.shape[..]);
     let data = match (&a.data, &b.data) {
         (Buffer::F32(x), Buffer::F32(y)) => Buffer::F32(binary_real(op, x, ash, y, bsh, out)),
@@ -197,7 +198,7 @@ fn compare_typed<T: Elem>(
 
 /// Comparisons follow IEEE (any comparison with NaN is false except `ne`); bool orders
 /// `false < true`.
-pub(crate) fn compare(op: CompareOp, a: &Tensor, b: &Tensor, ty: &TensorType) -> Result<Tensor, EvalError> {
+pub(crate) fn compare(op: CompareOp, a: &Tensor, b: &Tensor, ty: &StaticType) -> Result<Tensor, EvalError> {
     let (ash, bsh, out) = (&a.shape[..], &b.shape[..], &ty.shape[..]);
     let v = match (&a.data, &b.data) {
         (Buffer::F32(x), Buffer::F32(y)) => compare_typed(op, x, ash, y, bsh, out),
@@ -242,7 +243,7 @@ fn where_typed<T: Copy>(
 }
 
 /// `where(cond, a, b)` with all three broadcast.
-pub(crate) fn select(c: &Tensor, a: &Tensor, b: &Tensor, ty: &TensorType) -> Result<Tensor, EvalError> {
+pub(crate) fn select(c: &Tensor, a: &Tensor, b: &Tensor, ty: &StaticType) -> Result<Tensor, EvalError> {
     let Buffer::Bool(cond) = &c.data else {
         return Err(EvalError::Operands {
             op: "where",

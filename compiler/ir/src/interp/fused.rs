@@ -40,7 +40,8 @@ use super::elem::{broadcast_strides, narrow_like, widen_f32, Real, PAR_MIN};
 use super::elementwise::zip_broadcast;
 use super::linalg::{matmul_slices, MatElem};
 use super::{unravel, EvalError};
-use crate::dtype::{numel, DType, TensorType};
+use crate::dtype::{numel, DType};
+use crate::interp::StaticType;
 use crate::op::{Activation, GeluApprox, NormKind};
 use crate::tensor::{Buffer, Tensor};
 use rayon::prelude::*;
@@ -89,7 +90,7 @@ fn not_defined(op: &'static str, args: &[&Tensor]) -> EvalError {
 }
 
 /// Runs `k` in the compute type of the operands' (common) dtype and wraps the result.
-fn apply(k: &impl Kernel, op: &'static str, args: &[&Tensor], ty: &TensorType) -> Result<Tensor, EvalError> {
+fn apply(k: &impl Kernel, op: &'static str, args: &[&Tensor], ty: &StaticType) -> Result<Tensor, EvalError> {
     fn typed<'a, F: Float>(args: &[&'a Tensor]) -> Option<Vec<&'a [F]>> {
         args.iter().map(|a| F::slice(&a.data)).collect()
     }
@@ -174,7 +175,7 @@ fn softmax_block<F: Float>(x: &[F], y: &mut [F], inner: usize, log: bool) {
 }
 
 /// `softmax` (or `log_softmax` when `log`) along `axis`.
-pub(crate) fn softmax(x: &Tensor, axis: usize, log: bool, ty: &TensorType) -> Result<Tensor, EvalError> {
+pub(crate) fn softmax(x: &Tensor, axis: usize, log: bool, ty: &StaticType) -> Result<Tensor, EvalError> {
     let op = if log { "log_softmax" } else { "softmax" };
     apply(&SoftmaxK { shape: &x.shape, axis, log }, op, &[x], ty)
 }
@@ -251,7 +252,7 @@ pub(crate) fn norm(
     kind: NormKind,
     eps: f64,
     add: bool,
-    ty: &TensorType,
+    ty: &StaticType,
 ) -> Result<Tensor, EvalError> {
     let op = match (add, kind) {
         (true, _) => "add_norm",
@@ -309,7 +310,7 @@ impl Kernel for GeluK {
     }
 }
 
-pub(crate) fn gelu(x: &Tensor, approx: GeluApprox, ty: &TensorType) -> Result<Tensor, EvalError> {
+pub(crate) fn gelu(x: &Tensor, approx: GeluApprox, ty: &StaticType) -> Result<Tensor, EvalError> {
     apply(&GeluK(approx), "gelu", &[x], ty)
 }
 
@@ -420,7 +421,7 @@ pub(crate) fn attention(
     args: &[&Tensor],
     scale: f64,
     causal: bool,
-    ty: &TensorType,
+    ty: &StaticType,
 ) -> Result<Tensor, EvalError> {
     let k = AttentionK {
         q: &args[0].shape,
@@ -460,7 +461,7 @@ impl Kernel for EpilogueK<'_> {
 pub(crate) fn matmul_epilogue(
     args: &[&Tensor],
     act: Activation,
-    ty: &TensorType,
+    ty: &StaticType,
 ) -> Result<Tensor, EvalError> {
     let k = EpilogueK {
         a: &args[0].shape,

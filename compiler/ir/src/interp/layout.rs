@@ -3,29 +3,30 @@
 
 use super::elem::{broadcast_strides, map_buffer, strided_copy, Elem, Walk};
 use super::EvalError;
-use crate::dtype::{numel, strides, TensorType};
+use crate::dtype::{numel, strides};
+use crate::interp::StaticType;
 use crate::tensor::{Buffer, Tensor};
 
-pub(crate) fn reshape(x: &Tensor, ty: &TensorType) -> Tensor {
+pub(crate) fn reshape(x: &Tensor, ty: &StaticType) -> Tensor {
     Tensor { shape: ty.shape.clone(), data: x.data.clone() }
 }
 
 /// `out.shape[i] = in.shape[perm[i]]`.
-pub(crate) fn transpose(x: &Tensor, perm: &[usize], ty: &TensorType) -> Tensor {
+pub(crate) fn transpose(x: &Tensor, perm: &[usize], ty: &StaticType) -> Tensor {
     let st = strides(&x.shape);
     let s: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
     let data = map_buffer!(&x.data, v => strided_copy(v, 0, &ty.shape, s.clone()));
     Tensor { shape: ty.shape.clone(), data }
 }
 
-pub(crate) fn broadcast_to(x: &Tensor, ty: &TensorType) -> Tensor {
+pub(crate) fn broadcast_to(x: &Tensor, ty: &StaticType) -> Tensor {
     let s = broadcast_strides(&x.shape, &ty.shape);
     let data = map_buffer!(&x.data, v => strided_copy(v, 0, &ty.shape, s.clone()));
     Tensor { shape: ty.shape.clone(), data }
 }
 
 /// Elements `start, start + step, … < end` along `axis`.
-pub(crate) fn slice(x: &Tensor, axis: usize, start: usize, step: usize, ty: &TensorType) -> Tensor {
+pub(crate) fn slice(x: &Tensor, axis: usize, start: usize, step: usize, ty: &StaticType) -> Tensor {
     let mut s = strides(&x.shape);
     let base = start * s[axis];
     s[axis] *= step;
@@ -47,7 +48,7 @@ fn concat_typed<T: Copy>(parts: &[(&[T], usize)], outer: usize, total: usize) ->
     dst
 }
 
-pub(crate) fn concat(xs: &[&Tensor], axis: usize, ty: &TensorType) -> Result<Tensor, EvalError> {
+pub(crate) fn concat(xs: &[&Tensor], axis: usize, ty: &StaticType) -> Result<Tensor, EvalError> {
     let outer: usize = ty.shape[..axis].iter().product();
     let chunk = |t: &Tensor| numel(&t.shape[axis..]);
     macro_rules! parts {
@@ -110,7 +111,7 @@ fn pad_typed<T: Elem>(
 }
 
 /// Pads with `value` converted to the dtype like a `full` (ints truncate, bool is `!= 0`).
-pub(crate) fn pad(x: &Tensor, pads: &[(usize, usize)], value: f64, ty: &TensorType) -> Tensor {
+pub(crate) fn pad(x: &Tensor, pads: &[(usize, usize)], value: f64, ty: &StaticType) -> Tensor {
     let data = map_buffer!(&x.data, v => pad_typed(v, &x.shape, pads, value, &ty.shape));
     Tensor { shape: ty.shape.clone(), data }
 }
@@ -144,7 +145,7 @@ pub(crate) fn gather(
     table: &Tensor,
     indices: &Tensor,
     axis: usize,
-    ty: &TensorType,
+    ty: &StaticType,
 ) -> Result<Tensor, EvalError> {
     let extent = table.shape[axis];
     let raw = index_values("gather", indices)?;
@@ -197,7 +198,7 @@ pub(crate) fn scatter_add(
     indices: &Tensor,
     axis: usize,
     extent: usize,
-    ty: &TensorType,
+    ty: &StaticType,
 ) -> Result<Tensor, EvalError> {
     let raw = index_values("scatter_add", indices)?;
     let mut idx = Vec::with_capacity(raw.len());

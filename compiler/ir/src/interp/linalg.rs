@@ -8,7 +8,8 @@
 
 use super::elem::{broadcast_strides, narrow_like, widen_f32, Int, Real};
 use super::EvalError;
-use crate::dtype::{numel, TensorType};
+use crate::dtype::numel;
+use crate::interp::StaticType;
 use crate::op::PoolKind;
 use crate::tensor::{Buffer, Tensor};
 use rayon::prelude::*;
@@ -162,7 +163,7 @@ pub(crate) fn matmul_slices<T: MatElem>(a: &[T], ash: &[usize], b: &[T], bsh: &[
 
 /// numpy `matmul`: 1-D operands are promoted (`[k]` → `[1, k]` on the left, `[k, 1]` on the
 /// right) and the added axis removed from the result; batch axes broadcast.
-pub(crate) fn matmul(a: &Tensor, b: &Tensor, ty: &TensorType) -> Result<Tensor, EvalError> {
+pub(crate) fn matmul(a: &Tensor, b: &Tensor, ty: &StaticType) -> Result<Tensor, EvalError> {
     let p = plan(&a.shape, &b.shape);
     let data = match (&a.data, &b.data) {
         (Buffer::F32(x), Buffer::F32(y)) => Buffer::F32(matmul_typed(x, y, &p)),
@@ -273,7 +274,7 @@ pub(crate) fn conv2d(
     padding: [usize; 2],
     dilation: [usize; 2],
     groups: usize,
-    ty: &TensorType,
+    ty: &StaticType,
 ) -> Result<Tensor, EvalError> {
     let ax = [0, 1].map(|i| Axis {
         size: x.shape[2 + i],
@@ -355,7 +356,7 @@ pub(crate) fn pool2d(
     kernel: [usize; 2],
     stride: [usize; 2],
     padding: [usize; 2],
-    ty: &TensorType,
+    ty: &StaticType,
 ) -> Result<Tensor, EvalError> {
     let ax = [0, 1].map(|i| Axis {
         size: x.shape[2 + i],

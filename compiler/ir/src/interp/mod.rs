@@ -53,6 +53,7 @@
 //! and frees each intermediate as soon as its last user has run. Results are deterministic:
 //! every output element is computed in a fixed order whatever the number of threads.
 
+mod bind;
 mod elem;
 mod elementwise;
 mod fused;
@@ -105,6 +106,11 @@ pub enum EvalError {
     ScatterIndex { index: i64, position: Vec<usize>, axis: usize, extent: usize },
     #[error("`{op}` over zero elements of {} has no identity", fmt_shape(.shape))]
     EmptyReduction { op: &'static str, shape: Vec<usize> },
+    /// Inputs whose extents do not bind the graph's symbols (`bind.rs`).
+    #[error("{0}")]
+    Symbol(String),
+    #[error(transparent)]
+    Specialize(#[from] crate::graph::SpecializeError),
     /// A result the system would not give memory for (a shape sized by a huge `--set`).
     #[error(transparent)]
     OutOfMemory(#[from] crate::alloc::AllocError),
@@ -164,6 +170,20 @@ pub(crate) fn unravel(mut pos: usize, shape: &[usize]) -> Vec<usize> {
     idx
 }
 
+/// A node's result type with the static extents the kernels read (the interpreter runs
+/// specialized graphs only).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct StaticType {
+    pub dtype: crate::dtype::DType,
+    pub shape: Vec<usize>,
+}
+
+impl StaticType {
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+}
+
 fn type_of(t: &Tensor) -> TensorType {
     TensorType::new(t.dtype(), t.shape.clone())
 }
@@ -193,9 +213,11 @@ pub fn eval_op(op: &Op, args: &[&Tensor], ty: &TensorType) -> Result<Tensor, Eva
     }
     // The result's memory is asked for before the kernel runs, so a size the system refuses
     // is an error naming it rather than an abort inside the kernel.
-    crate::alloc::check(ty, || {
-        crate::alloc::describe(&format!("the result of `{}`,", op.name()), ty.dtype, &ty.shape)
+    crate::alloc::check(&inferred, || {
+        crate::alloc::describe(&format!("the result of `{}`,", op.name()), ty.dtype, &inferred.static_shape())
     })?;
+    // The operands are tensors, so the inferred type, which equals `ty`, is static.
+    let ty = &StaticType { dtype: inferred.dtype, shape: inferred.static_shape() };
     let a = |i: usize| args[i];
     match op {
         Op::Input { name, .. } => Err(EvalError::Unbound { kind: "input", name: name.clone() }),
@@ -210,16 +232,16 @@ pub fn eval_op(op: &Op, args: &[&Tensor], ty: &TensorType) -> Result<Tensor, Eva
             }
             Ok(value.clone())
         }
-        Op::Full { value, dtype, shape } => Ok(source::full(*value, *dtype, shape)),
-        Op::Iota { dtype, shape, axis } => Ok(source::iota(*dtype, shape, *axis)),
-        Op::RandomUniform { dtype, shape, seed, offset, base } => {
+        Op::Full { value, dtype, .. } => Ok(source::full(*value, *dtype, &ty.shape)),
+        Op::Iota { dtype, axis, .. } => Ok(source::iota(*dtype, &ty.shape, *axis)),
+        Op::RandomUniform { dtype, seed, offset, base, .. } => {
             // The base (an i64 scalar, `infer` checked) is taken as u64: counters wrap, never
             // fail.
             let base = match args.first().map(|t| &t.data) {
                 Some(crate::tensor::Buffer::I64(v)) if *base => v.first().copied().unwrap_or(0) as u64,
                 _ => 0,
             };
-            Ok(source::random_uniform(*dtype, shape, *seed, offset.wrapping_add(base)))
+            Ok(source::random_uniform(*dtype, &ty.shape, *seed, offset.wrapping_add(base)))
         }
         Op::Unary(u) => elementwise::unary(*u, a(0)),
         Op::Binary(b) => elementwise::binary(*b, a(0), a(1), ty),
@@ -230,7 +252,13 @@ pub fn eval_op(op: &Op, args: &[&Tensor], ty: &TensorType) -> Result<Tensor, Eva
         Op::Reshape { .. } => Ok(layout::reshape(a(0), ty)),
         Op::Transpose { perm } => Ok(layout::transpose(a(0), perm, ty)),
         Op::BroadcastTo { .. } => Ok(layout::broadcast_to(a(0), ty)),
-        Op::Slice { axis, start, step, .. } => Ok(layout::slice(a(0), *axis, *start, *step, ty)),
+        Op::Slice { axis, start, step, .. } => match start.as_const() {
+            Some(start) => Ok(layout::slice(a(0), *axis, start, *step, ty)),
+            None => Err(EvalError::Operands {
+                op: op.name(),
+                msg: format!("the slice starts at the symbolic {start}"),
+            }),
+        },
         Op::Concat { axis } => layout::concat(args, *axis, ty),
         Op::Pad { pads, value } => Ok(layout::pad(a(0), pads, *value, ty)),
         Op::Gather { axis } => layout::gather(a(0), a(1), *axis, ty),
@@ -303,7 +331,18 @@ fn check_bindings(g: &Graph, b: &Bindings) -> Result<(), EvalError> {
 /// computation. Bound tensors are borrowed, not copied. Nodes that no output depends on are
 /// skipped, and each intermediate is dropped as soon as its last user has run, so peak memory
 /// is the live working set rather than the whole graph.
+///
+/// A graph with symbols is first specialized to the values its inputs' extents give
+/// (`bind.rs`).
 pub fn eval(g: &Graph, b: &Bindings) -> Result<Vec<(String, Tensor)>, EvalError> {
+    if g.symbols.is_empty() {
+        return eval_static(g, b);
+    }
+    let values = bind::symbols(g, b)?;
+    eval_static(&g.specialize(&values)?, b)
+}
+
+fn eval_static(g: &Graph, b: &Bindings) -> Result<Vec<(String, Tensor)>, EvalError> {
     check_bindings(g, b)?;
     let order = g.topo_order();
     // Nodes some output depends on.

@@ -11,7 +11,8 @@
 
 use super::elem::{strided_copy, Elem, Int, Real, PAR_MIN};
 use super::EvalError;
-use crate::dtype::{strides, TensorType};
+use crate::dtype::strides;
+use crate::interp::StaticType;
 use crate::op::ReduceOp;
 use crate::tensor::{Buffer, Tensor};
 use rayon::prelude::*;
@@ -95,7 +96,7 @@ fn reduce_int<I: Int>(
     })
 }
 
-pub(crate) fn reduce(op: ReduceOp, axes: &[usize], x: &Tensor, ty: &TensorType) -> Result<Tensor, EvalError> {
+pub(crate) fn reduce(op: ReduceOp, axes: &[usize], x: &Tensor, ty: &StaticType) -> Result<Tensor, EvalError> {
     let name = crate::op::Op::Reduce { op, axes: vec![], keepdims: false }.name();
     let n_out = ty.numel();
     let red: usize = axes.iter().map(|&a| x.shape[a]).product();

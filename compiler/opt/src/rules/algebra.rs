@@ -135,15 +135,14 @@ fn scalar_reassociate(g: &KGraph, id: Id) -> Vec<New> {
     for n in nodes(g, id) {
         let Op::Binary(b @ (B::Mul | B::Add)) = n.ir() else { continue };
         let Some(kb) = konst(g, n.children[1]) else { continue };
-        if ty(g, n.children[1]).numel() != 1 {
+        if !ty(g, n.children[1]).is_single() {
             continue;
         }
         for inner in nodes(g, n.children[0]) {
             if inner.ir() != n.ir() {
                 continue;
             }
-            let (Some(ka), true) = (konst(g, inner.children[1]), ty(g, inner.children[1]).numel() == 1)
-            else {
+            let (Some(ka), true) = (konst(g, inner.children[1]), ty(g, inner.children[1]).is_single()) else {
                 continue;
             };
             let c = if *b == B::Mul { ka * kb } else { ka + kb };
@@ -185,7 +184,7 @@ fn matmul_hoist_scale(g: &KGraph, id: Id) -> Vec<New> {
             for m in nodes(g, n.children[side]) {
                 let Op::Binary(B::Mul) = m.ir() else { continue };
                 let Some(c) = konst(g, m.children[1]) else { continue };
-                if ty(g, m.children[1]).numel() != 1 || same(g, m.children[0], n.children[side]) {
+                if !ty(g, m.children[1]).is_single() || same(g, m.children[0], n.children[side]) {
                     continue;
                 }
                 let mut operands = n.children.clone();
@@ -261,12 +260,12 @@ fn batch_sum_matmul(g: &KGraph, id: Id) -> Vec<New> {
             if sa.len() != r || sb.len() != r || sa[..batch] != sb[..batch] {
                 continue;
             }
-            let (rows, k, cols) = (sa[batch], sa[batch + 1], sb[batch + 1]);
-            let depth = sa[..batch].iter().product::<usize>() * k;
+            let (rows, k, cols) = (sa[batch].clone(), &sa[batch + 1], sb[batch + 1].clone());
+            let Ok(depth) = kiln_ir::numel_dim(&sa[..batch]).and_then(|p| p.mul(k)) else { continue };
             let mut perm = vec![batch];
             perm.extend(0..batch);
             perm.push(batch + 1);
-            let a2 = New::node(Op::Reshape { shape: vec![rows, depth] }, vec![permuted(a, perm)]);
+            let a2 = New::node(Op::Reshape { shape: vec![rows, depth.clone()] }, vec![permuted(a, perm)]);
             let b2 = New::over(Op::Reshape { shape: vec![depth, cols] }, &[b]);
             let product = New::node(Op::MatMul, vec![a2, b2]);
             out.push(if *keepdims {
@@ -463,7 +462,7 @@ fn scale_through_view(g: &KGraph, id: Id) -> Vec<New> {
                 continue;
             }
             let (x, c) = (m.children[0], m.children[1]);
-            let (Some(k), 1) = (konst(g, c), ty(g, c).numel()) else { continue };
+            let (Some(k), true) = (konst(g, c), ty(g, c).is_single()) else { continue };
             if ty(g, x) != ty(g, scaled) || konst(g, x).is_some() {
                 continue;
             }
@@ -474,7 +473,7 @@ fn scale_through_view(g: &KGraph, id: Id) -> Vec<New> {
             if matches!(n.ir(), Op::Reshape { .. }) && elementwise {
                 continue;
             }
-            let scale = New::constant(k, &TensorType::new(ty(g, c).dtype, vec![]));
+            let scale = New::constant(k, &TensorType::new(ty(g, c).dtype, kiln_ir::Shape::new()));
             out.push(New::node(Op::Binary(B::Mul), vec![New::over(n.ir().clone(), &[x]), scale]));
         }
     }

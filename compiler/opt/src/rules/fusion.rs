@@ -78,7 +78,7 @@ fn is_square_of(g: &KGraph, id: Id, x: Id) -> bool {
 
 /// The scalar constant of a class (a splat of one element), if any.
 fn scalar(g: &KGraph, id: Id) -> Option<f64> {
-    (ty(g, id).numel() == 1).then(|| konst(g, id)).flatten()
+    ty(g, id).is_single().then(|| konst(g, id)).flatten()
 }
 
 /// `1 / √(v + eps)` written as rsqrt(v + eps) (for multiplication) or the class under a sqrt
@@ -419,7 +419,7 @@ fn scores(g: &KGraph, id: Id, masked: bool, causal: bool) -> Vec<Scores> {
             }
         } else if !masked && ty(g, n.children[0]).dtype == kiln_ir::DType::Bool {
             // where(keep, s, −inf) = s + where(keep, 0, −inf): a boolean mask becomes additive.
-            let zero = kiln_ir::TensorType::new(ty(g, n.children[1]).dtype, vec![]);
+            let zero = kiln_ir::TensorType::new(ty(g, n.children[1]).dtype, kiln_ir::Shape::new());
             let additive = New::node(
                 Op::Where,
                 vec![New::Class(n.children[0]), New::constant(0.0, &zero), New::Class(n.children[2])],

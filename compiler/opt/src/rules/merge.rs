@@ -91,11 +91,12 @@ pub fn merge_shared_inputs(egraph: &mut KGraph) -> usize {
             }
         }
         let out_axis = ty(egraph, wide).rank() - 1;
-        let mut start = 0;
+        let mut start = kiln_ir::Dim::Const(0);
         for m in &members {
-            let width = ty(egraph, m.class).shape[out_axis];
-            let slice = Op::Slice { axis: out_axis, start, end: start + width, step: 1 };
-            start += width;
+            let width = &ty(egraph, m.class).shape[out_axis];
+            let Ok(end) = start.add(width) else { break };
+            let slice = Op::Slice { axis: out_axis, start: start.clone(), end: end.clone(), step: 1 };
+            start = end;
             let Some(id) = New::over(slice.clone(), &[wide]).build(egraph) else { continue };
             if ty(egraph, id) != ty(egraph, m.class) {
                 continue;

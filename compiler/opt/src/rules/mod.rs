@@ -45,7 +45,7 @@ impl New {
             New::Node(op, children) => {
                 let ids: Vec<Id> = children.iter().map(|c| c.build(egraph)).collect::<Option<_>>()?;
                 let types: Vec<&TensorType> = ids.iter().map(|c| &egraph[*c].data.ty).collect();
-                kiln_ir::infer(op, &types).ok()?;
+                kiln_ir::infer_with(op, &types, &egraph.analysis.symbols).ok()?;
                 Some(egraph.add(KNode::new(op.clone(), ids)))
             }
         }
