@@ -531,9 +531,7 @@ unsafe fn run_entry_at(
         };
         let mut refs = Vec::with_capacity(e.inputs.len());
         for ((spec, &p), shape) in e.inputs.iter().zip(&input_ptrs).zip(&shapes) {
-            let len = shape
-                .iter()
-                .try_fold(spec.dtype.size_bytes() as u64, |n, &d| n.checked_mul(d))
+            let len = crate::manifest::shape_bytes(spec.dtype, shape)
                 .and_then(|n| usize::try_from(n).ok())
                 .ok_or_else(|| format!("input {:?} of shape {shape:?} is too large", spec.spec.name))?;
             // SAFETY: p is non-NULL and points to the bytes of the input at its shape (caller's
@@ -549,9 +547,7 @@ unsafe fn run_entry_at(
         let out_shapes = inner.output_shapes(&name, &refs).map_err(|e| e.to_string())?;
         let mut bufs = Vec::with_capacity(e.outputs.len());
         for ((spec, &p), shape) in e.outputs.iter().zip(&output_ptrs).zip(&out_shapes) {
-            let len = shape
-                .iter()
-                .try_fold(spec.dtype.size_bytes() as u64, |n, &d| n.checked_mul(d))
+            let len = crate::manifest::shape_bytes(spec.dtype, shape)
                 .and_then(|n| usize::try_from(n).ok())
                 .filter(|&n| n <= spec.bytes)
                 .ok_or_else(|| {

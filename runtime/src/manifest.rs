@@ -162,8 +162,7 @@ impl Manifest {
 impl StateSpec {
     /// Size of the slot's tensor in bytes, or `None` if it overflows `u64`.
     pub fn byte_len(&self) -> Option<u64> {
-        let elements = self.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d))?;
-        elements.checked_mul(self.dtype.size_bytes() as u64)
+        shape_bytes(self.dtype, &self.shape)
     }
 }
 
@@ -947,6 +946,11 @@ pub fn name_problem(name: &str) -> Option<&'static str> {
 /// another: "Trojan Source").
 pub fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Bytes of a `dtype` tensor of `shape`, or `None` if that overflows `u64`.
+pub(crate) fn shape_bytes(dtype: DType, shape: &[u64]) -> Option<u64> {
+    shape.iter().try_fold(dtype.size_bytes() as u64, |n, &d| n.checked_mul(d))
 }
 
 /// `"[2, 3]"`, the way errors and the profile print a shape.

@@ -59,9 +59,7 @@ impl Tensor {
     /// A zeroed tensor named as `spec`, of its dtype and of shape `shape` (the spec's shape at
     /// the run's symbol values).
     pub(crate) fn zeroed(spec: &TensorSpec, shape: Vec<u64>) -> Result<Tensor, RuntimeError> {
-        let bytes = shape
-            .iter()
-            .try_fold(spec.dtype.size_bytes() as u64, |n, &d| n.checked_mul(d))
+        let bytes = crate::manifest::shape_bytes(spec.dtype, &shape)
             .ok_or_else(|| RuntimeError::invalid(format!("output {:?} is too large", spec.name)))?;
         let data = AlignedBuf::zeroed(bytes, &format!("output {:?}", spec.name))?;
         Ok(Tensor { name: spec.name.clone(), dtype: spec.dtype, shape, data })
