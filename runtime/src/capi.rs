@@ -14,6 +14,7 @@ use crate::manifest::{DType, TensorSpec};
 use crate::model::{Model, Options};
 use crate::symbols::SymbolSpec;
 use crate::tensor::TensorRef;
+use crate::RuntimeError;
 
 /// A loaded model with its names and shapes in C form, kept so returned pointers stay valid
 /// until `kiln_model_free`.
@@ -467,6 +468,15 @@ pub unsafe extern "C" fn kiln_model_run(
     unsafe { run_entry_at(model, None, inputs, None, outputs, None) }
 }
 
+/// An error of a run through the C ABI, as the message `kiln_last_error` will give.
+struct Message(String);
+
+impl From<RuntimeError> for Message {
+    fn from(e: RuntimeError) -> Message {
+        Message(e.to_string())
+    }
+}
+
 /// Runs entry point `entry` (`None`: `forward`) of `model` on C buffers.
 ///
 /// # Safety
@@ -544,23 +554,26 @@ unsafe fn run_entry_at(
         // is dropped at the end of this closure (a concurrent caller fails to acquire it).
         let inner = unsafe { &mut *m.model.get() };
         let name = e.name.to_string_lossy();
-        let out_shapes = inner.output_shapes(&name, &refs).map_err(|e| e.to_string())?;
-        let mut bufs = Vec::with_capacity(e.outputs.len());
-        for ((spec, &p), shape) in e.outputs.iter().zip(&output_ptrs).zip(&out_shapes) {
-            let len = crate::manifest::shape_bytes(spec.dtype, shape)
-                .and_then(|n| usize::try_from(n).ok())
-                .filter(|&n| n <= spec.bytes)
-                .ok_or_else(|| {
-                    format!(
-                        "output {:?} at shape {shape:?} needs more than the {} bytes of its buffer",
-                        spec.spec.name, spec.bytes
-                    )
-                })?;
-            // SAFETY: p is non-NULL, points to spec.bytes >= len writable bytes, and overlaps no
-            // other buffer of this call (caller's contract).
-            bufs.push(unsafe { byte_slice_mut(p.cast_mut(), len) });
-        }
-        inner.run_entry_into(&name, &refs, &mut bufs).map_err(|e| e.to_string())?;
+        let out_shapes = inner
+            .run_entry_shaped(&name, &refs, |shapes| {
+                let mut bufs = Vec::with_capacity(e.outputs.len());
+                for ((spec, &p), shape) in e.outputs.iter().zip(&output_ptrs).zip(shapes) {
+                    let len = crate::manifest::shape_bytes(spec.dtype, shape)
+                        .and_then(|n| usize::try_from(n).ok())
+                        .filter(|&n| n <= spec.bytes)
+                        .ok_or_else(|| {
+                            Message(format!(
+                                "output {:?} at shape {shape:?} needs more than the {} bytes of its buffer",
+                                spec.spec.name, spec.bytes
+                            ))
+                        })?;
+                    // SAFETY: p is non-NULL, points to spec.bytes >= len writable bytes, and
+                    // overlaps no other buffer of this call (caller's contract).
+                    bufs.push(unsafe { byte_slice_mut(p.cast_mut(), len) });
+                }
+                Ok(bufs)
+            })
+            .map_err(|Message(m)| m)?;
         if let Some(array) = output_shapes {
             let ptrs = pointer_array(array.cast::<*const c_void>(), e.outputs.len(), "output_shapes")?;
             for (&p, shape) in ptrs.iter().zip(&out_shapes) {

@@ -325,13 +325,36 @@ impl Model {
         self.execute(index, &values, inputs, outputs, None)
     }
 
+    /// Runs entry point `entry` checking and binding its inputs once: `outputs` is given the
+    /// output shapes at the values the inputs bind and returns the buffers to write (each
+    /// exactly its shape's byte size). Returns those shapes. For callers that size or place
+    /// output buffers per run (the C ABI's `kiln_model_run_shaped`) without binding twice.
+    pub fn run_entry_shaped<'o, E: From<RuntimeError>>(
+        &mut self,
+        entry: &str,
+        inputs: &[TensorRef],
+        outputs: impl FnOnce(&[Vec<u64>]) -> Result<Vec<&'o mut [u8]>, E>,
+    ) -> Result<Vec<Vec<u64>>, E> {
+        let index = self.entry_index(entry)?;
+        let values = self.bind(index, inputs)?;
+        let shapes = self.shapes_at(index, &values)?;
+        let mut buffers = outputs(&shapes)?;
+        self.execute(index, &values, inputs, &mut buffers, None)?;
+        Ok(shapes)
+    }
+
     /// The shapes entry point `entry` returns for `inputs`: its outputs' shapes at the symbol
     /// values the inputs bind (the inputs are checked as a run checks them).
     pub fn output_shapes(&self, entry: &str, inputs: &[TensorRef]) -> Result<Vec<Vec<u64>>, RuntimeError> {
         let index = self.entry_index(entry)?;
         let values = self.bind(index, inputs)?;
-        let view = self.manifest.entry_views()[index];
-        view.outputs.iter().map(|o| symbols::shape_at(o, &values, &self.manifest.symbols)).collect()
+        self.shapes_at(index, &values)
+    }
+
+    /// The output shapes of entry point `entry` at symbol values `values`.
+    fn shapes_at(&self, entry: usize, values: &[u64]) -> Result<Vec<Vec<u64>>, RuntimeError> {
+        let view = self.manifest.entry_views()[entry];
+        view.outputs.iter().map(|o| symbols::shape_at(o, values, &self.manifest.symbols)).collect()
     }
 
     /// Runs the model `repeats` times (at least once), timing every step, and returns the last
