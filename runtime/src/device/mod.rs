@@ -240,6 +240,46 @@ impl WeightLayout {
     }
 }
 
+/// A GPU step's buffer argument, checked against the manifest and placed: an arena range
+/// inside the arena at a multiple of the target's `buffer_align`, a weight at its offset in
+/// the one weights buffer (its size as found), or an input or output the entry point has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GpuArg {
+    Arena { offset: u64, bytes: u64 },
+    Weight { offset: u64, bytes: u64 },
+    Input(usize),
+    Output(usize),
+}
+
+impl WeightLayout {
+    /// Resolves argument `buf` of step `step` of an entry point with `io.0` inputs and `io.1`
+    /// outputs, placing a weight it reads; `arena` is the arena's bytes and its alignment.
+    pub(crate) fn resolve(
+        &mut self,
+        step: &str,
+        buf: &crate::manifest::BufRef,
+        arena: (u64, u64),
+        weights: &crate::weights::WeightStore,
+        io: (usize, usize),
+    ) -> Result<GpuArg, RuntimeError> {
+        use crate::manifest::BufRef;
+        use crate::model::check_index;
+        Ok(match buf {
+            BufRef::Arena { offset, bytes } => {
+                let misaligned = "not a multiple of the target's buffer_align";
+                check_arena_range(step, *offset, *bytes, arena.0, arena.1, misaligned)?;
+                GpuArg::Arena { offset: *offset, bytes: *bytes }
+            }
+            BufRef::Weight { name, bytes } => {
+                let (offset, found) = self.place(step, name, *bytes, weights)?;
+                GpuArg::Weight { offset, bytes: found }
+            }
+            BufRef::Input { index } => GpuArg::Input(check_index(step, "input", *index, io.0)?),
+            BufRef::Output { index } => GpuArg::Output(check_index(step, "output", *index, io.1)?),
+        })
+    }
+}
+
 /// [`devices`] with another Vulkan loader and another CUDA driver library (tests point them at
 /// missing files).
 pub(crate) fn devices_with(

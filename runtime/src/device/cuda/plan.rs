@@ -6,9 +6,9 @@
 
 use std::ffi::CString;
 
+use crate::device::GpuArg;
 use crate::error::RuntimeError;
-use crate::manifest::{BufRef, CudaTarget, Manifest, ModuleRange, CUBIN_FILE, PTX_FILE};
-use crate::model::check_index;
+use crate::manifest::{CudaTarget, Manifest, ModuleRange, CUBIN_FILE, PTX_FILE};
 use crate::weights::WeightStore;
 
 /// The most pointer arguments a kernel takes: CUDA's classic 4 KiB of kernel parameters, 8 bytes
@@ -216,30 +216,12 @@ pub(crate) fn plan(
 
             let mut args = Vec::with_capacity(step.args.len());
             for buf in &step.args {
-                let arg = match buf {
-                    BufRef::Arena { offset, bytes } => {
-                        crate::device::check_arena_range(
-                            at,
-                            *offset,
-                            *bytes,
-                            manifest.arena_bytes,
-                            align,
-                            "not a multiple of the target's buffer_align",
-                        )?;
-                        Arg { region: Region::Arena, offset: *offset }
-                    }
-                    BufRef::Weight { name, bytes } => {
-                        let (offset, _) = weight_layout.place(at, name, *bytes, weights)?;
-                        Arg { region: Region::Weights, offset }
-                    }
-                    BufRef::Input { index } => {
-                        let i = check_index(at, "input", *index, view.inputs.len())?;
-                        Arg { region: Region::Input(i), offset: 0 }
-                    }
-                    BufRef::Output { index } => {
-                        let i = check_index(at, "output", *index, view.outputs.len())?;
-                        Arg { region: Region::Output(i), offset: 0 }
-                    }
+                let io = (view.inputs.len(), view.outputs.len());
+                let arg = match weight_layout.resolve(at, buf, (manifest.arena_bytes, align), weights, io)? {
+                    GpuArg::Arena { offset, .. } => Arg { region: Region::Arena, offset },
+                    GpuArg::Weight { offset, .. } => Arg { region: Region::Weights, offset },
+                    GpuArg::Input(i) => Arg { region: Region::Input(i), offset: 0 },
+                    GpuArg::Output(i) => Arg { region: Region::Output(i), offset: 0 },
                 };
                 args.push(arg);
             }
@@ -261,7 +243,7 @@ pub(crate) fn plan(
 mod tests {
     use super::*;
     use crate::device::cuda::check::tests::target;
-    use crate::manifest::{DType, Dispatch, Step, Target, TensorSpec};
+    use crate::manifest::{BufRef, DType, Dispatch, Step, Target, TensorSpec};
 
     const PTX: &[u8] = b".version 7.0\n.target sm_80\n.address_size 64\n// module 0\n// module 1\n";
 

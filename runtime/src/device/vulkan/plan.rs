@@ -7,9 +7,9 @@ use std::ffi::CString;
 
 use super::check::{self, DeviceCaps};
 use super::spirv;
+use crate::device::GpuArg;
 use crate::error::RuntimeError;
 use crate::manifest::{BufRef, EntryView, Manifest, VulkanTarget};
-use crate::model::check_index;
 use crate::weights::WeightStore;
 
 /// The one buffer a binding points into.
@@ -278,31 +278,24 @@ pub(crate) fn plan(
             let mut bindings = Vec::with_capacity(step.args.len());
             let mut bound = Vec::with_capacity(step.args.len());
             for (arg, buf) in step.args.iter().enumerate() {
-                let binding = match buf {
-                    BufRef::Arena { offset, bytes } => {
-                        crate::device::check_arena_range(
-                            at,
-                            *offset,
-                            *bytes,
-                            manifest.arena_bytes,
-                            align,
-                            "not a multiple of the target's buffer_align",
-                        )?;
-                        Binding { region: Region::Arena, offset: *offset, range: range_of(*bytes) }
-                    }
-                    BufRef::Weight { name, bytes } => {
-                        let (offset, found) = weight_layout.place(at, name, *bytes, weights)?;
-                        Binding { region: Region::Weights, offset, range: range_of(found) }
-                    }
-                    BufRef::Input { index } => {
-                        let i = check_index(at, "input", *index, view.inputs.len())?;
-                        Binding { region: Region::Io, offset: inputs[i].0, range: range_of(inputs[i].1) }
-                    }
-                    BufRef::Output { index } => {
-                        let i = check_index(at, "output", *index, view.outputs.len())?;
-                        Binding { region: Region::Io, offset: outputs[i].0, range: range_of(outputs[i].1) }
-                    }
-                };
+                let io = (view.inputs.len(), view.outputs.len());
+                let binding =
+                    match weight_layout.resolve(at, buf, (manifest.arena_bytes, align), weights, io)? {
+                        GpuArg::Arena { offset, bytes } => {
+                            Binding { region: Region::Arena, offset, range: range_of(bytes) }
+                        }
+                        GpuArg::Weight { offset, bytes } => {
+                            Binding { region: Region::Weights, offset, range: range_of(bytes) }
+                        }
+                        GpuArg::Input(i) => {
+                            Binding { region: Region::Io, offset: inputs[i].0, range: range_of(inputs[i].1) }
+                        }
+                        GpuArg::Output(i) => Binding {
+                            region: Region::Io,
+                            offset: outputs[i].0,
+                            range: range_of(outputs[i].1),
+                        },
+                    };
                 check::check_range(step, arg, binding.range, caps)?;
                 bindings.push(binding);
                 bound.push(bytes_of(buf, weights, &view));
