@@ -137,7 +137,7 @@ fn with_dynamic(text: &str, entry: &str, decl: &str) -> String {
 }
 
 /// A dynamic batch and sequence length specialized by `--set` give exactly the graph of the
-/// model written with those sizes; left unspecialized, the load fails with one diagnostic.
+/// model written with those sizes.
 #[test]
 fn specialized_dynamic_sizes_lower_to_the_static_graph() {
     let set = |s: &str| Override::parse(s).expect("name=value");
@@ -174,14 +174,6 @@ fn specialized_dynamic_sizes_lower_to_the_static_graph() {
                 "batch={batch} seq={seq}"
             );
         }
-        let (sources, r) = kiln_lower::load_str("m.ron", dynamic, &[set("layers=1")]);
-        let d = r.expect_err("unspecialized");
-        assert_eq!(d.0.len(), 1, "{}", d.render(&sources));
-        assert!(
-            d.0[0].message.starts_with("dynamic sizes `batch` and `seq` are not specialized"),
-            "{}",
-            d.0[0].message
-        );
     }
     // Any `--set` of a symbol, and bounds at the ends of i64: diagnostics, never a panic.
     for value in EXTREME_VALUES {
@@ -204,6 +196,67 @@ fn specialized_dynamic_sizes_lower_to_the_static_graph() {
         ),
         "{msg}"
     );
+}
+
+/// BERT and GPT-2 with a dynamic batch and sequence length, at small sizes: each model's
+/// text and the `--set`s that make it small.
+fn small_dynamic_models() -> [(&'static str, String, [&'static str; 6]); 2] {
+    let bert = std::fs::read_to_string("models/bert_encoder.ron").expect("model");
+    let gpt2 = std::fs::read_to_string("models/gpt2.ron").expect("model");
+    [
+        (
+            "bert_encoder",
+            with_dynamic(
+                &bert,
+                r#""batch": 1, "seq": 128,"#,
+                r#""batch": Dyn(min: 1, max: 4, hint: 2), "seq": Dyn(min: 1, max: "max_positions", hint: 16),"#,
+            ),
+            ["layers=1", "hidden=32", "heads=2", "ffn=64", "vocab=50", "max_positions=64"],
+        ),
+        (
+            "gpt2",
+            with_dynamic(
+                &gpt2,
+                r#""batch": 1, "seq": 64,"#,
+                r#""batch": Dyn(min: 1, max: 4, hint: 2), "seq": Dyn(min: 8, max: "ctx", hint: 16, multiple_of: 8),"#,
+            ),
+            ["layers=1", "d=32", "heads=2", "vocab=50", "ctx=64", "eps=1e-5"],
+        ),
+    ]
+}
+
+/// Left unspecialized, the symbols become the graph's: the symbolic IR and its optimized
+/// graph print as their snapshots, and specializing either at a binding gives exactly the
+/// graph `--set` gives for it (the optimized one: the optimized `--set` graph's text).
+#[test]
+fn dynamic_models_lower_to_symbolic_graphs_that_specialize_to_the_static_ones() {
+    let set = |s: &str| Override::parse(s).expect("name=value");
+    for (name, text, small) in small_dynamic_models() {
+        let small: Vec<Override> = small.iter().map(|s| set(s)).collect();
+        let (sources, r) = kiln_lower::load_str("m.ron", &text, &small);
+        let lowered = r.unwrap_or_else(|d| panic!("{name}:\n{}", d.render(&sources)));
+        let g = &lowered.graph;
+        let names: Vec<&str> = g.symbols.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["batch", "seq"], "{name}");
+        insta::assert_snapshot!(format!("ir_{name}_dynamic"), kiln_ir::print::to_text(g, Default::default()));
+        let (opt, _) = kiln_opt::optimize(g, &kiln_opt::Options::default()).expect("optimizes");
+        insta::assert_snapshot!(
+            format!("opt_{name}_dynamic"),
+            kiln_ir::print::to_text(&opt, Default::default())
+        );
+        for (batch, seq) in [(1, 8), (2, 16), (3, 64)] {
+            let mut sets = small.clone();
+            sets.extend([set(&format!("batch={batch}")), set(&format!("seq={seq}"))]);
+            let (_, r) = kiln_lower::load_str("m.ron", &text, &sets);
+            let expected = r.expect("the specialized model lowers").graph;
+            let at = g.specialize(&[batch, seq]).expect("specializes");
+            assert_eq!(
+                kiln_ir::print::to_text(&at, Default::default()),
+                kiln_ir::print::to_text(&expected, Default::default()),
+                "{name} batch={batch} seq={seq}"
+            );
+        }
+    }
 }
 
 /// `--set` of a symbol is checked against its declaration, with one exact message each.

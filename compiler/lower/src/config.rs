@@ -50,9 +50,16 @@ impl CValue {
     }
 }
 
-/// Answers `dim(x, axis)` and `rank(x)`: the static shape of a tensor bound to a name.
+/// Answers `dim(x, axis)` and `rank(x)`: the shape of a tensor bound to a name, each extent
+/// at the symbols' hints (what a config value is checked with).
 pub trait ShapeLookup {
     fn shape_of(&self, name: &str) -> Option<Vec<usize>>;
+
+    /// The range and size of axis `axis` of `name` when that extent is symbolic (a negative
+    /// axis counts from the end); `None` when it is static or there is no such axis.
+    fn dynamic_dim(&self, _name: &str, _axis: i64) -> Option<(crate::symbols::Range, kiln_ir::SizeExpr)> {
+        None
+    }
 }
 
 /// Where config names are looked up: innermost first.

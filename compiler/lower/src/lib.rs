@@ -37,8 +37,25 @@ pub struct Lowered {
     /// The resolved config, in declaration order (after overrides).
     pub config: Vec<(String, CValue)>,
     pub training: Option<TrainingPlan>,
+    /// The config entries computed from dynamic sizes, in declaration order (the symbols
+    /// themselves are `graph.symbols`).
+    pub derived: Vec<DerivedSize>,
     /// Warnings (unused inputs, …); errors stop lowering instead.
     pub warnings: Vec<Diagnostic>,
+}
+
+/// A config entry computed from the symbols (`"tokens": "batch * seq"`): the extent it is,
+/// and the values it takes within their bounds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DerivedSize {
+    pub name: String,
+    /// Its size over the graph's symbols, or why it is no extent the graph can hold
+    /// (`min(seq, 100)`; an error only where it is used as one).
+    pub size: Result<kiln_ir::SizeExpr, String>,
+    pub min: i64,
+    pub max: i64,
+    /// Every value is a multiple of this.
+    pub multiple: i64,
 }
 
 /// A `--set name=value` override.
@@ -158,12 +175,16 @@ fn lower_file(
         fatal.extend(diags);
         return Err(Diagnostics(fatal));
     }
-    let (graph, config, training, warnings) = lower_model(sources, &model, &libs, overrides, diags)?;
-    Ok(Lowered { spec: model, graph, config, training, warnings })
+    let (graph, config, derived, training, warnings) = lower_model(sources, &model, &libs, overrides, diags)?;
+    Ok(Lowered { spec: model, graph, config, derived, training, warnings })
 }
 
-/// What lowering produces besides the spec itself: graph, config, training plan, warnings.
-type LowerResult = Result<(Graph, Vec<(String, CValue)>, Option<TrainingPlan>, Vec<Diagnostic>), Diagnostics>;
+/// What lowering produces besides the spec itself: graph, config, derived sizes, training
+/// plan, warnings.
+type LowerResult = Result<
+    (Graph, Vec<(String, CValue)>, Vec<DerivedSize>, Option<TrainingPlan>, Vec<Diagnostic>),
+    Diagnostics,
+>;
 
 /// The model's config after overrides: every entry's value (a dynamic one at its hint), in a
 /// map and in declaration order, and what is dynamic.
@@ -172,6 +193,9 @@ struct ResolvedConfig {
     ordered: Vec<(String, CValue)>,
     /// The range of every dynamic entry: the symbols and the entries computed from them.
     dynamic: HashMap<String, symbols::Range>,
+    /// The size of every dynamic entry over the graph's symbols (an error where the entry is
+    /// no extent the graph can hold, reported only where one is used as an extent).
+    sizes: HashMap<String, Result<kiln_ir::SizeExpr, String>>,
     /// The `Dyn` entries `--set` did not specialize, in declaration order.
     symbols: Vec<symbols::Symbol>,
 }
@@ -232,10 +256,20 @@ fn resolve_config(
             ))),
         }
     }
+    // A symbol's index in the graph is its place among the `Dyn` entries `--set` leaves.
+    let mut sym_index = HashMap::new();
+    for (n, e, _) in &exprs {
+        if matches!(e, kiln_spec::ConfigValue::Dyn(_)) && !set.contains_key(*n) {
+            let i = u32::try_from(sym_index.len()).unwrap_or(u32::MAX);
+            sym_index.insert(n.to_string(), i);
+        }
+    }
     let mut resolver = ConfigResolver {
         exprs: &exprs,
         values,
         set,
+        sym_index,
+        sizes: HashMap::new(),
         dynamic: HashMap::new(),
         symbols: Vec::new(),
         stack: Vec::new(),
@@ -246,7 +280,7 @@ fn resolve_config(
     for (n, ..) in &exprs {
         resolver.visit(n);
     }
-    let (mut values, dynamic) = (resolver.values, resolver.dynamic);
+    let (mut values, dynamic, sizes) = (resolver.values, resolver.dynamic, resolver.sizes);
     let mut symbols = resolver.symbols;
     symbols.sort_by_key(|s| exprs.iter().position(|(n, ..)| *n == s.name));
     for (k, v) in BUILTIN_CONFIG {
@@ -259,7 +293,7 @@ fn resolve_config(
         .chain(BUILTIN_CONFIG.iter().map(|(n, _)| n.to_string()))
         .filter_map(|n| values.get(&n).map(|v| (n, *v)))
         .collect();
-    ResolvedConfig { values, ordered, dynamic, symbols }
+    ResolvedConfig { values, ordered, dynamic, sizes, symbols }
 }
 
 /// The built-in config entries have one meaning each, so a value of another kind is an
@@ -296,6 +330,9 @@ struct ConfigResolver<'m, 'd> {
     values: HashMap<String, CValue>,
     /// `--set` values of the spec's entries, with their text.
     set: HashMap<String, (CValue, &'m str)>,
+    /// Each symbol's index in the graph, by name.
+    sym_index: HashMap<String, u32>,
+    sizes: HashMap<String, Result<kiln_ir::SizeExpr, String>>,
     dynamic: HashMap<String, symbols::Range>,
     symbols: Vec<symbols::Symbol>,
     stack: Vec<&'m str>,
@@ -361,6 +398,13 @@ impl<'m> ConfigResolver<'m, '_> {
             match symbols::range(&e.expr, &env, &config::NoShapes, &lookup) {
                 Ok(Some(r)) => {
                     self.dynamic.insert(n.to_string(), r);
+                    let size_of = |d: &str| self.sizes.get(d).cloned();
+                    let size = match symbols::size(&e.expr, &env, &config::NoShapes, &size_of) {
+                        Ok(Some(s)) => Ok(s),
+                        Ok(None) => Err(format!("`{}` is not a size", e.expr)),
+                        Err(msg) => Err(msg),
+                    };
+                    self.sizes.insert(n.to_string(), size);
                 }
                 Ok(None) => {}
                 Err(msg) => {
@@ -428,6 +472,8 @@ impl<'m> ConfigResolver<'m, '_> {
             };
         }
         self.dynamic.insert(n.to_string(), symbols::Range::of(&symbol));
+        let index = self.sym_index.get(n).copied().unwrap_or(u32::MAX);
+        self.sizes.insert(n.to_string(), Ok(kiln_ir::SizeExpr::symbol(index, n)));
         let hint = symbol.hint;
         self.symbols.push(symbol);
         Some(hint)
@@ -442,7 +488,7 @@ fn lower_model(
     mut diags: Vec<Diagnostic>,
 ) -> LowerResult {
     let mut config_diags = Vec::new();
-    let ResolvedConfig { values: global, ordered: config, dynamic, symbols } =
+    let ResolvedConfig { values: global, ordered: config, dynamic, sizes, symbols } =
         resolve_config(sources, model, libs, overrides, &mut config_diags);
     // A broken config would only cause follow-on errors in the body: stop here.
     if config_diags.iter().any(Diagnostic::is_error) {
@@ -460,7 +506,19 @@ fn lower_model(
         }
     }
     let mut l = Lowerer::new(sources, &model.name.name, global, &table);
+    l.graph.symbols = symbols.iter().map(symbols::Symbol::decl).collect();
+    l.symbol_spans = symbols.iter().map(|s| (s.name.clone(), s.span)).collect();
+    let derived: Vec<DerivedSize> = config
+        .iter()
+        .filter(|(n, _)| !symbols.iter().any(|s| s.name == *n))
+        .filter_map(|(n, _)| {
+            let r = dynamic.get(n)?;
+            let size = sizes.get(n).cloned().unwrap_or_else(|| Err(format!("`{n}` is not a size")));
+            Some(DerivedSize { name: n.clone(), size, min: r.min, max: r.max, multiple: r.multiple })
+        })
+        .collect();
     l.dynamic = dynamic;
+    l.sizes = sizes;
     l.declare_inputs(&model.inputs);
     l.stmts(&model.body);
     if l.stopped() {
@@ -493,8 +551,6 @@ fn lower_model(
     let training = model.training.as_ref().and_then(|t| training::check(&mut l, t));
     // `diags` holds what conversion recovered from; the lowering adds its own.
     diags.append(&mut l.diags);
-    // The body was only checked at the symbols' hints: no graph without static sizes.
-    diags.extend(symbols::unspecialized(&symbols));
     if diags.iter().any(Diagnostic::is_error) {
         diags.sort_by_key(|d| d.span.as_ref().map(|(s, _)| (s.file, s.start)));
         return Err(Diagnostics(diags));
@@ -517,5 +573,5 @@ fn lower_model(
             "internal error: the lowered graph fails verification: {e}"
         ))]));
     }
-    Ok((graph, config, training, warnings))
+    Ok((graph, config, derived, training, warnings))
 }

@@ -7,7 +7,7 @@
 
 use crate::config::{self, CValue, ConfigEnv, ShapeLookup};
 use crate::symbols::{self, Range};
-use kiln_ir::{DType, Graph, InferError, NodeId, Op, Origin};
+use kiln_ir::{DType, Dim, Graph, InferError, NodeId, Op, Origin, SizeExpr};
 use kiln_spec::*;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -57,6 +57,8 @@ struct Frame {
     config: HashMap<String, CValue>,
     /// The ranges of this frame's config names that depend on dynamic sizes.
     dynamic: HashMap<String, Range>,
+    /// Their sizes over the graph's symbols (see `Lowerer::sizes`).
+    sizes: HashMap<String, Result<SizeExpr, String>>,
     /// Which library the code of this frame belongs to ("" for the model), for resolving calls.
     namespace: String,
 }
@@ -74,6 +76,10 @@ pub struct Lowerer<'a> {
     /// The ranges of the global config entries that are dynamic (`global` holds their
     /// values at the hints).
     pub dynamic: HashMap<String, Range>,
+    /// The sizes of the global dynamic entries over the graph's symbols.
+    pub sizes: HashMap<String, Result<SizeExpr, String>>,
+    /// Each graph symbol's name and declaration, by index.
+    pub symbol_spans: Vec<(String, Span)>,
     modules: &'a ModuleTable<'a>,
     frames: Vec<Frame>,
     scope: Vec<String>,
@@ -98,10 +104,20 @@ pub struct Lowerer<'a> {
 
 impl<'a> ShapeLookup for Lowerer<'a> {
     fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        match self.frames.last()?.tensors.get(name)?.value? {
-            Operand::Node(n) => Some(self.graph.ty(n).static_shape()),
-            Operand::Number(_) | Operand::Bool(_) => Some(vec![]),
-        }
+        let hints: Vec<i64> = self.graph.symbols.iter().map(|s| s.hint).collect();
+        Some(self.dims_of(name)?.iter().map(|d| d.eval(&hints).unwrap_or(0)).collect())
+    }
+
+    fn dynamic_dim(&self, name: &str, axis: i64) -> Option<(Range, SizeExpr)> {
+        let dims = self.dims_of(name)?;
+        let rank = i64::try_from(dims.len()).ok()?;
+        let a = usize::try_from(if axis < 0 { axis + rank } else { axis }).ok()?;
+        let Dim::Sym(e) = dims.get(a)? else { return None };
+        let r = e.range(&self.graph.symbols);
+        let mut symbols: Vec<(String, Span)> =
+            e.symbols().iter().filter_map(|s| self.symbol_spans.get(s.index as usize).cloned()).collect();
+        symbols.sort_by(|a, b| a.0.cmp(&b.0));
+        Some((Range { min: r.min, max: r.max, multiple: r.multiple, symbols }, e.clone()))
     }
 }
 
@@ -125,9 +141,12 @@ impl<'a> Lowerer<'a> {
                 tensors: HashMap::new(),
                 config: HashMap::new(),
                 dynamic: HashMap::new(),
+                sizes: HashMap::new(),
                 namespace: String::new(),
             }],
             dynamic: HashMap::new(),
+            sizes: HashMap::new(),
+            symbol_spans: Vec::new(),
             scope: Vec::new(),
             params: HashMap::new(),
             def_span: HashMap::new(),
@@ -175,7 +194,7 @@ impl<'a> Lowerer<'a> {
     /// The range of a config expression over dynamic sizes (`None`: it is static), and the
     /// error when it is not a size expression.
     fn range_of(&self, e: &CExpr) -> Result<Option<Range>, String> {
-        if self.dynamic.is_empty() {
+        if self.graph.symbols.is_empty() {
             return Ok(None);
         }
         let frame = self.frame();
@@ -186,6 +205,29 @@ impl<'a> Lowerer<'a> {
         };
         let env = ConfigEnv { frames: vec![&frame.config, &self.global] };
         symbols::range(e, &env, self, &lookup)
+    }
+
+    /// The size `e` is over the graph's symbols (`None`: it is static), the twin of
+    /// [`Self::range_of`].
+    fn size_of(&self, e: &CExpr) -> Result<Option<SizeExpr>, String> {
+        if self.graph.symbols.is_empty() {
+            return Ok(None);
+        }
+        let frame = self.frame();
+        let lookup = |n: &str| match frame.config.contains_key(n) {
+            true => frame.sizes.get(n).cloned(),
+            false => self.sizes.get(n).cloned(),
+        };
+        let env = ConfigEnv { frames: vec![&frame.config, &self.global] };
+        symbols::size(e, &env, self, &lookup)
+    }
+
+    /// The tensors bound to `name` in the current frame: its extents.
+    fn dims_of(&self, name: &str) -> Option<Vec<Dim>> {
+        match self.frames.last()?.tensors.get(name)?.value? {
+            Operand::Node(n) => Some(self.graph.ty(n).shape.clone()),
+            Operand::Number(_) | Operand::Bool(_) => Some(vec![]),
+        }
     }
 
     /// The range of `e` (reported like a bad config expression when it has none).
@@ -212,19 +254,36 @@ impl<'a> Lowerer<'a> {
     /// Refuses an expression that reads a dynamic size where the value must be static (a
     /// weight's shape, a repeat count, an `If` condition), naming it and its declaration.
     pub fn require_static(&mut self, e: &SpannedCExpr, what: &str) -> Option<()> {
-        if self.dynamic.is_empty() {
+        if self.graph.symbols.is_empty() {
             return Some(());
         }
         let mut read = Vec::new();
         e.expr.names(&mut read);
         let frame = self.frame();
-        let mut found: Vec<(String, Span)> = Vec::new();
-        for n in &read {
-            let r = match frame.config.contains_key(n) {
-                true => frame.dynamic.get(n),
-                false => self.dynamic.get(n),
+        let mut ranges: Vec<Range> = read
+            .iter()
+            .filter_map(|n| match frame.config.contains_key(n) {
+                true => frame.dynamic.get(n).cloned(),
+                false => self.dynamic.get(n).cloned(),
+            })
+            .collect();
+        // `dim(x, a)` of a symbolic axis is dynamic too.
+        let mut dims = Vec::new();
+        dim_calls(&e.expr, &mut dims);
+        let env = ConfigEnv { frames: vec![&frame.config, &self.global] };
+        for args in dims {
+            let one = |a: &[CExpr]| match a {
+                [CExpr::Name(t), axis] => match config::eval(axis, &env, self) {
+                    Ok(CValue::Int(axis)) => self.dynamic_dim(t, axis).map(|(r, _)| r),
+                    _ => None,
+                },
+                _ => None,
             };
-            for s in r.map(|r| r.symbols.as_slice()).unwrap_or_default() {
+            ranges.extend(one(args));
+        }
+        let mut found: Vec<(String, Span)> = Vec::new();
+        for r in &ranges {
+            for s in &r.symbols {
                 if !found.iter().any(|(f, _)| *f == s.0) {
                     found.push(s.clone());
                 }
@@ -251,10 +310,10 @@ impl<'a> Lowerer<'a> {
         None
     }
 
-    /// A slice bound that depends on dynamic sizes must stay inside the axis for every value
-    /// they take: a learned position table shorter than the longest sequence is an error at
-    /// the slice, not a silent clamp at some lengths. Only a parameter's axes are known to
-    /// be static here; other tensors wait for shapes with symbols (docs/dynamic-shapes.md).
+    /// A slice bound that depends on dynamic sizes must stay inside a static axis for every
+    /// value they take: a learned position table shorter than the longest sequence is an
+    /// error at the slice, not a silent clamp at some lengths. (A symbolic axis is left to
+    /// shape inference, which proves the bound with the symbols' ranges.)
     pub fn check_dynamic_bound(
         &mut self,
         e: &SpannedCExpr,
@@ -263,7 +322,7 @@ impl<'a> Lowerer<'a> {
         span: Span,
     ) -> Option<()> {
         let Some(r) = self.range(e)? else { return Some(()) };
-        if r.max <= extent || !matches!(self.graph.node(x).op, Op::Param { .. }) {
+        if r.max <= extent {
             return Some(());
         }
         let mut d = Diagnostic::error(format!(
@@ -286,8 +345,19 @@ impl<'a> Lowerer<'a> {
         None
     }
 
-    /// Evaluates a config expression in the current frame, reporting errors at its span.
+    /// Evaluates a config expression in the current frame, reporting errors at its span. The
+    /// graph holds the value as a constant, so it must be static: dynamic sizes go through
+    /// [`Self::extent`] and [`Self::dynamic_cvalue`].
     pub fn cvalue(&mut self, e: &SpannedCExpr) -> CResult {
+        if self.range(e)?.is_some() {
+            self.require_static(e, "this value")?;
+        }
+        self.dynamic_cvalue(e)
+    }
+
+    /// [`Self::cvalue`] for a value that may be dynamic (a module's config argument): a
+    /// dynamic one is its value at the symbols' hints, and its range and size travel beside it.
+    fn dynamic_cvalue(&mut self, e: &SpannedCExpr) -> CResult {
         // An expression over dynamic sizes must be a size expression.
         self.range(e)?;
         let result = {
@@ -348,11 +418,44 @@ impl<'a> Lowerer<'a> {
         Some(i as usize)
     }
 
-    /// Evaluates a shape; `allow_infer` lets one extent be -1 (for reshape).
-    pub fn shape(&mut self, s: &ShapeExpr, allow_infer: bool) -> Option<Vec<i64>> {
+    /// A config expression as a graph extent or slice bound: a static integer, or a size
+    /// over the graph's symbols when it reads one (its range checked not to go negative).
+    /// `Err` carries a static value (which may be negative: the caller's rules apply to it).
+    pub fn size_value(&mut self, e: &SpannedCExpr, what: &str) -> Option<Result<Dim, i64>> {
+        let Some(r) = self.range(e)? else { return self.cint(e, what).map(Err) };
+        let size = match self.size_of(&e.expr) {
+            Ok(Some(s)) => s,
+            Ok(None) => return self.cint(e, what).map(Err),
+            Err(msg) => {
+                self.bad_config(e, &msg);
+                return None;
+            }
+        };
+        if r.min < 0 {
+            let msg = format!(
+                "{what} must not be negative, but `{}` reaches {} for {} in its bounds",
+                kiln_spec::cexpr::abbreviate(self.sources.snippet(e.span).trim_matches('"'), 80),
+                r.min,
+                r.names()
+            );
+            self.error(e.span, msg, "negative for some values");
+            return None;
+        }
+        match Dim::from_expr(size) {
+            Ok(d) => Some(Ok(d)),
+            Err(err) => {
+                self.bad_config(e, &err.to_string());
+                None
+            }
+        }
+    }
+
+    /// Evaluates a shape, each extent a constant or a size over the symbols; with
+    /// `allow_infer` one extent may be -1 (for reshape), given as `None`.
+    pub fn shape_with(&mut self, s: &ShapeExpr, allow_infer: bool) -> Option<Vec<Option<Dim>>> {
         match s {
-            ShapeExpr::Of(name, span) => match self.shape_of(&name.name) {
-                Some(sh) => Some(sh.into_iter().map(|d| d as i64).collect()),
+            ShapeExpr::Of(name, span) => match self.dims_of(&name.name) {
+                Some(sh) => Some(sh.into_iter().map(Some).collect()),
                 None => {
                     self.unknown_name(name, *span);
                     None
@@ -361,21 +464,36 @@ impl<'a> Lowerer<'a> {
             ShapeExpr::Dims(dims, _) => {
                 let mut out = Vec::with_capacity(dims.len());
                 for d in dims {
-                    let v = self.cint(d, "an extent")?;
-                    if v < 0 && !(allow_infer && v == -1) {
-                        let msg = format!("extent must not be negative, but `{}` is {v}", d.expr);
-                        self.error(d.span, msg, "negative extent");
-                        return None;
+                    match self.size_value(d, "an extent")? {
+                        Ok(dim) => out.push(Some(dim)),
+                        Err(-1) if allow_infer => out.push(None),
+                        Err(v) if v < 0 => {
+                            let msg = format!("extent must not be negative, but `{}` is {v}", d.expr);
+                            self.error(d.span, msg, "negative extent");
+                            return None;
+                        }
+                        Err(v) => out.push(Some(Dim::Const(v as usize))),
                     }
-                    out.push(v);
                 }
                 Some(out)
             }
         }
     }
 
-    pub fn static_shape(&mut self, s: &ShapeExpr) -> Option<Vec<usize>> {
-        self.shape(s, false).map(|v| v.into_iter().map(|d| d as usize).collect())
+    /// Evaluates a shape with no extent left to infer.
+    pub fn shape(&mut self, s: &ShapeExpr) -> Option<Vec<Dim>> {
+        self.shape_with(s, false)?.into_iter().collect()
+    }
+
+    /// A shape that must be static (a parameter's): `what` names it in the error.
+    pub fn static_shape(&mut self, s: &ShapeExpr, what: &str) -> Option<Vec<usize>> {
+        let shape = self.shape(s)?;
+        if let Some(fixed) = kiln_ir::static_dims(&shape) {
+            return Some(fixed);
+        }
+        let msg = format!("{what} must be static, but it is {}", kiln_ir::fmt_shape(&shape));
+        self.error(s.span(), msg, "dynamic here");
+        None
     }
 
     pub fn dtype(&mut self, name: &str, span: Span) -> Option<DType> {
@@ -457,12 +575,12 @@ impl<'a> Lowerer<'a> {
     pub fn declare_inputs(&mut self, inputs: &[InputDecl]) {
         for inp in inputs {
             let dtype = self.dtype(&inp.dtype.0, inp.dtype.1);
-            let shape = self.static_shape(&inp.shape);
+            let shape = self.shape(&inp.shape);
             let (Some(dtype), Some(shape)) = (dtype, shape) else {
                 self.bind(&inp.name, None);
                 continue;
             };
-            let op = Op::Input { name: inp.name.name.clone(), dtype, shape: kiln_ir::dims(&shape) };
+            let op = Op::Input { name: inp.name.name.clone(), dtype, shape };
             match self.graph.add_at(op, &[], Some(self.origin(inp.name.span))) {
                 Ok(n) => {
                     self.def_span.insert(n, inp.name.span);
@@ -589,6 +707,7 @@ impl<'a> Lowerer<'a> {
                 }
                 let shadowed = self.frame().config.get(&index.name).copied();
                 let shadowed_range = self.frame_mut().dynamic.remove(&index.name);
+                let shadowed_size = self.frame_mut().sizes.remove(&index.name);
                 self.repeat_stack.push(*span);
                 for i in 0..count {
                     if !self.expand(*span) {
@@ -604,6 +723,9 @@ impl<'a> Lowerer<'a> {
                 };
                 if let Some(r) = shadowed_range {
                     self.frame_mut().dynamic.insert(index.name.clone(), r);
+                }
+                if let Some(size) = shadowed_size {
+                    self.frame_mut().sizes.insert(index.name.clone(), size);
                 }
             }
         }
@@ -765,6 +887,7 @@ impl<'a> Lowerer<'a> {
         let label = match &e {
             InferError::Broadcast { .. } => "shape mismatch",
             InferError::DTypeMismatch { .. } | InferError::DTypeKind { .. } => "dtype mismatch",
+            InferError::Unproven { .. } => "not provably equal",
             _ => "invalid here",
         };
         let mut d = Diagnostic::error(e.to_string()).at(span, label);
@@ -816,7 +939,7 @@ impl<'a> Lowerer<'a> {
                 return None;
             }
         }
-        let shape = self.static_shape(&p.shape);
+        let shape = self.static_shape(&p.shape, &format!("the shape of parameter `{full}`"));
         let dtype = match &p.dtype {
             Some((d, s)) => self.dtype(d, *s),
             None => Some(DType::F32),
@@ -934,6 +1057,7 @@ impl<'a> Lowerer<'a> {
         }
         let mut config = HashMap::new();
         let mut dynamic = HashMap::new();
+        let mut sizes = HashMap::new();
         for (k, e) in &c.with {
             if !module.config.iter().any(|(n, _)| n.name == k.name) {
                 let names: Vec<&str> = module.config.iter().map(|(n, _)| n.name.as_str()).collect();
@@ -950,7 +1074,7 @@ impl<'a> Lowerer<'a> {
                 self.diags.push(d);
                 return None;
             }
-            let value = self.cvalue(e)?;
+            let value = self.dynamic_cvalue(e)?;
             // The std norms add `eps` under a square root, as the fused norm ops do: a negative
             // or infinite one makes every output NaN or zero, so it is refused with the ops'
             // words (`LayerNorm(eps: …)`), at the caller's value.
@@ -969,6 +1093,7 @@ impl<'a> Lowerer<'a> {
             config.insert(k.name.clone(), value);
             if let Ok(Some(r)) = self.range_of(&e.expr) {
                 dynamic.insert(k.name.clone(), r);
+                sizes.insert(k.name.clone(), some_size(self.size_of(&e.expr), &e.expr));
             }
         }
         let scope_seg = match &c.scope {
@@ -979,7 +1104,7 @@ impl<'a> Lowerer<'a> {
             return None;
         }
         // Enter the module.
-        let mut frame = Frame { tensors: HashMap::new(), config: HashMap::new(), dynamic, namespace };
+        let mut frame = Frame { tensors: HashMap::new(), config: HashMap::new(), dynamic, sizes, namespace };
         for (name, a) in module.args.iter().zip(&args) {
             frame.tensors.insert(name.name.clone(), Binding { value: *a, span: name.span });
         }
@@ -989,9 +1114,11 @@ impl<'a> Lowerer<'a> {
             let v = match (config.get(&name.name), default) {
                 (Some(v), _) => Some(*v),
                 (None, Some(d)) => {
-                    let v = self.cvalue(d);
+                    let v = self.dynamic_cvalue(d);
                     if let Ok(Some(r)) = self.range_of(&d.expr) {
+                        let size = some_size(self.size_of(&d.expr), &d.expr);
                         self.frame_mut().dynamic.insert(name.name.clone(), r);
+                        self.frame_mut().sizes.insert(name.name.clone(), size);
                     }
                     v
                 }
@@ -1067,4 +1194,30 @@ impl<'a> Lowerer<'a> {
     pub fn unknown_top_name(&mut self, name: &Ident) {
         self.unknown_name(name, name.span);
     }
+}
+
+/// The argument lists of every `dim(…)` call in `e`.
+fn dim_calls<'e>(e: &'e CExpr, out: &mut Vec<&'e [CExpr]>) {
+    match e {
+        CExpr::Int(_) | CExpr::Float(_) | CExpr::Bool(_) | CExpr::Name(_) => {}
+        CExpr::Neg(x) | CExpr::Not(x) => dim_calls(x, out),
+        CExpr::Bin(_, a, b) => {
+            dim_calls(a, out);
+            dim_calls(b, out);
+        }
+        CExpr::Call(f, args) => {
+            if f == "dim" {
+                out.push(args);
+            }
+            for a in args {
+                dim_calls(a, out);
+            }
+        }
+    }
+}
+
+/// The size of an expression whose range is dynamic (a static result would be a broken
+/// twin, reported as not a size).
+fn some_size(size: Result<Option<SizeExpr>, String>, e: &CExpr) -> Result<SizeExpr, String> {
+    size?.ok_or_else(|| format!("`{e}` is not a size"))
 }

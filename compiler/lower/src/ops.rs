@@ -2,8 +2,8 @@
 
 use crate::lower::{LValue, Lowerer, Operand};
 use kiln_ir::{
-    Activation, BinaryOp, CompareOp, DType, GeluApprox, NodeId, NormKind, Op, PoolKind, ReduceOp, Tensor,
-    UnaryOp,
+    Activation, BinaryOp, CompareOp, DType, Dim, GeluApprox, NodeId, NormKind, Op, PoolKind, ReduceOp,
+    Tensor, UnaryOp,
 };
 use kiln_spec::{Arg, Expr, OpCall, Span, SpannedCExpr};
 
@@ -100,10 +100,44 @@ fn dtype_arg(l: &mut Lowerer, call: &OpCall, i: usize, default: DType) -> Option
     }
 }
 
-fn shape_arg(l: &mut Lowerer, call: &OpCall, i: usize, allow_infer: bool) -> Option<Vec<i64>> {
+/// A shape argument, each extent a constant or a size over the symbols; with `allow_infer`
+/// one may be -1 (`None`).
+fn shape_arg_with(l: &mut Lowerer, call: &OpCall, i: usize, allow_infer: bool) -> Option<Vec<Option<Dim>>> {
     match &call.args[i] {
-        Some(Arg::Shape(s)) => l.shape(s, allow_infer),
+        Some(Arg::Shape(s)) => l.shape_with(s, allow_infer),
         _ => None,
+    }
+}
+
+fn shape_arg(l: &mut Lowerer, call: &OpCall, i: usize) -> Option<Vec<Dim>> {
+    shape_arg_with(l, call, i, false)?.into_iter().collect()
+}
+
+/// The extent a reshape's -1 stands for: the element count of `from` divided by the product
+/// of the `known` extents. Extents equal on both sides cancel first (`[batch, seq, 384]` to
+/// `[batch, seq, 12, -1]`), so the rest must divide as constants.
+fn inferred_extent(from: &[Dim], known: &[Dim]) -> Option<Dim> {
+    let mut rest: Vec<Dim> = from.to_vec();
+    let mut divisor: usize = 1;
+    for k in known {
+        match (k, rest.iter().position(|d| d == k && !d.is_static())) {
+            (_, Some(i)) => {
+                rest.remove(i);
+            }
+            (Dim::Const(c), None) => divisor = divisor.saturating_mul(*c),
+            (Dim::Sym(_), None) => return None,
+        }
+    }
+    let total = kiln_ir::numel_dim(&rest).ok()?;
+    match total {
+        // Saturating: extents from `--set` may multiply past usize (the typing rules then
+        // refuse the shape; a saturated product divides nothing).
+        Dim::Const(t) if divisor != 0 && t.is_multiple_of(divisor) => Some(Dim::Const(t / divisor)),
+        Dim::Const(_) => None,
+        Dim::Sym(e) => {
+            let k = i64::try_from(divisor).ok().filter(|k| *k > 0)?;
+            Dim::from_expr(e.div_exact(k).ok()?).ok()
+        }
     }
 }
 
@@ -235,9 +269,18 @@ fn lower_fused(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             let (nodes, scale, causal) = (nodes?, scale?, causal?);
             let q = nodes[0]?;
             // 1/√d, with d the last axis of q (a scalar q is left to the typing rule).
-            let scale = scale.unwrap_or_else(|| {
-                l.graph.ty(q).static_shape().last().map_or(1.0, |&d| 1.0 / (d as f64).sqrt())
-            });
+            let scale = match (scale, l.graph.ty(q).shape.last().cloned()) {
+                (Some(s), _) => s,
+                (None, None) => 1.0,
+                (None, Some(Dim::Const(d))) => 1.0 / (d as f64).sqrt(),
+                (None, Some(d)) => {
+                    let msg = format!(
+                        "`Attention` without `scale` takes 1/√d from the last axis of `q`, which must then be static, but it is {d}"
+                    );
+                    l.diags.push(kiln_spec::Diagnostic::error(msg).at(span, "give `scale`"));
+                    return None;
+                }
+            };
             let masked = nodes[3].is_some();
             let operands: Vec<NodeId> = nodes.into_iter().flatten().collect();
             one(l.add(Op::Attention { scale, causal, masked }, &operands, span, &given_exprs(call, &idx))?)
@@ -347,12 +390,8 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
         }
         "Reshape" => {
             let x = node_arg(l, call, 0)?;
-            let dims = shape_arg(l, call, 1, true)?;
-            let total = l.graph.ty(x).numel();
-            // Saturating: extents from `--set` may multiply past usize (the typing rules then
-            // refuse the shape; a saturated product divides nothing).
-            let known = dims.iter().filter(|&&d| d >= 0).fold(1usize, |a, &d| a.saturating_mul(d as usize));
-            let infer = dims.iter().filter(|&&d| d == -1).count();
+            let dims = shape_arg_with(l, call, 1, true)?;
+            let infer = dims.iter().filter(|d| d.is_none()).count();
             let shape_span = match &call.args[1] {
                 Some(Arg::Shape(s)) => s.span(),
                 _ => span,
@@ -364,22 +403,32 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
                 );
                 return None;
             }
-            let shape: Vec<usize> = if infer == 1 {
-                if known == 0 || !total.is_multiple_of(known) {
-                    let from = l.graph.ty(x).clone();
+            let known: Vec<Dim> = dims.iter().flatten().cloned().collect();
+            let shape: Vec<Dim> = if infer == 1 {
+                let from = l.graph.ty(x).clone();
+                let Some(fill) = inferred_extent(&from.shape, &known) else {
+                    let total =
+                        kiln_ir::numel_dim(&from.shape).map_or_else(|e| e.to_string(), |d| d.to_string());
+                    let product = known
+                        .iter()
+                        .try_fold(Dim::Const(1), |a, d| a.mul(d))
+                        .map_or_else(|e| e.to_string(), |d| d.to_string());
+                    let target: Vec<String> =
+                        dims.iter().map(|d| d.as_ref().map_or("-1".to_string(), Dim::to_string)).collect();
                     l.diags.push(
                         kiln_spec::Diagnostic::error(format!(
-                            "cannot reshape {from} to {dims:?}: {total} elements do not divide by {known}"
+                            "cannot reshape {from} to [{}]: {total} elements do not divide by {product}",
+                            target.join(", ")
                         ))
                         .at(shape_span, "no extent fits -1"),
                     );
                     return None;
-                }
-                dims.iter().map(|&d| if d == -1 { total / known } else { d as usize }).collect()
+                };
+                dims.into_iter().map(|d| d.unwrap_or_else(|| fill.clone())).collect()
             } else {
-                dims.iter().map(|&d| d as usize).collect()
+                known
             };
-            one(l.add(Op::Reshape { shape: kiln_ir::dims(&shape) }, &[x], span, &[tensor_arg(call, 0)])?)
+            one(l.add(Op::Reshape { shape }, &[x], span, &[tensor_arg(call, 0)])?)
         }
         "Transpose" => {
             let x = node_arg(l, call, 0)?;
@@ -403,11 +452,11 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
         }
         "Unsqueeze" | "Squeeze" => {
             let x = node_arg(l, call, 0)?;
-            let mut shape = l.graph.ty(x).static_shape();
+            let mut shape = l.graph.ty(x).shape.clone();
             let e = config_arg(call, 1)?;
             if name == "Unsqueeze" {
                 let a = axis_of(l, e, shape.len() + 1)?;
-                shape.insert(a, 1);
+                shape.insert(a, Dim::Const(1));
             } else {
                 let a = axis_of(l, e, shape.len())?;
                 if shape[a] != 1 {
@@ -422,34 +471,30 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
                 }
                 shape.remove(a);
             }
-            one(l.add(Op::Reshape { shape: kiln_ir::dims(&shape) }, &[x], span, &[tensor_arg(call, 0)])?)
+            one(l.add(Op::Reshape { shape }, &[x], span, &[tensor_arg(call, 0)])?)
         }
         "BroadcastTo" => {
             let x = node_arg(l, call, 0)?;
-            let shape: Vec<usize> = shape_arg(l, call, 1, false)?.into_iter().map(|d| d as usize).collect();
-            one(l.add(
-                Op::BroadcastTo { shape: kiln_ir::dims(&shape) },
-                &[x],
-                span,
-                &[tensor_arg(call, 0)],
-            )?)
+            let shape = shape_arg(l, call, 1)?;
+            one(l.add(Op::BroadcastTo { shape }, &[x], span, &[tensor_arg(call, 0)])?)
         }
         "Slice" => {
             let x = node_arg(l, call, 0)?;
-            let shape = l.graph.ty(x).static_shape();
+            let shape = l.graph.ty(x).shape.clone();
             let axis = axis_of(l, config_arg(call, 1)?, shape.len())?;
-            let extent = shape[axis] as i64;
-            let norm = |v: i64| if v < 0 { (v + extent).max(0) } else { v.min(extent) };
-            for bound in [config_arg(call, 2), config_arg(call, 3)].into_iter().flatten() {
-                l.check_dynamic_bound(bound, extent, x, span)?;
+            let extent = shape[axis].clone();
+            if let Dim::Const(c) = extent {
+                for bound in [config_arg(call, 2), config_arg(call, 3)].into_iter().flatten() {
+                    l.check_dynamic_bound(bound, c as i64, x, span)?;
+                }
             }
             let start = match config_arg(call, 2) {
-                Some(e) => norm(l.cint(e, "`start`")?),
-                None => 0,
+                Some(e) => slice_bound(l, e, "`start`", &extent)?,
+                None => Dim::Const(0),
             };
             let end = match config_arg(call, 3) {
-                Some(e) => norm(l.cint(e, "`end`")?),
-                None => extent,
+                Some(e) => slice_bound(l, e, "`end`", &extent)?,
+                None => extent.clone(),
             };
             let step = match config_arg(call, 4) {
                 Some(e) => l.cint(e, "`step`")?,
@@ -462,14 +507,14 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
                 );
                 return None;
             }
-            let end = end.max(start);
+            // A static range that runs backwards is empty; a symbolic one is proved by the
+            // typing rule.
+            let end = match (&start, &end) {
+                (Dim::Const(s), Dim::Const(e)) => Dim::Const(*e.max(s)),
+                _ => end,
+            };
             one(l.add(
-                Op::Slice {
-                    axis,
-                    start: (start as usize).into(),
-                    end: (end as usize).into(),
-                    step: step as usize,
-                },
+                Op::Slice { axis, start, end, step: step as usize },
                 &[x],
                 span,
                 &[tensor_arg(call, 0)],
@@ -490,18 +535,18 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
         }
         "Split" => {
             let x = node_arg(l, call, 0)?;
-            let shape = l.graph.ty(x).static_shape();
+            let shape = l.graph.ty(x).shape.clone();
             let axis = axis_of(l, config_arg(call, 1)?, shape.len())?;
             let sizes_arg = call.args[2].as_ref()?;
             let raw = ints(l, sizes_arg)?;
-            let sizes: Vec<usize> = match (sizes_arg, raw.as_slice()) {
-                (Arg::Config(_), [n]) if *n > 0 && shape[axis].is_multiple_of(*n as usize) => {
-                    vec![shape[axis] / *n as usize; *n as usize]
-                }
-                (Arg::List(..), _)
-                    if raw.iter().all(|&s| s >= 0) && raw.iter().sum::<i64>() == shape[axis] as i64 =>
+            let extent = &shape[axis];
+            let sizes: Vec<Dim> = match (sizes_arg, raw.as_slice(), split_evenly(l, extent, &raw)) {
+                (Arg::Config(_), [n], Some(part)) => vec![part; *n as usize],
+                (Arg::List(..), _, _)
+                    if raw.iter().all(|&s| s >= 0)
+                        && extent.as_const().is_some_and(|e| raw.iter().sum::<i64>() == e as i64) =>
                 {
-                    raw.iter().map(|&s| s as usize).collect()
+                    raw.iter().map(|&s| Dim::Const(s as usize)).collect()
                 }
                 _ => {
                     l.diags.push(
@@ -515,16 +560,17 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
                 }
             };
             let mut out = Vec::new();
-            let mut start = 0;
+            let mut start = Dim::Const(0);
             for s in sizes {
+                let Ok(end) = start.add(&s) else { return None };
                 let n = l.add(
-                    Op::Slice { axis, start: start.into(), end: (start + s).into(), step: 1 },
+                    Op::Slice { axis, start: start.clone(), end: end.clone(), step: 1 },
                     &[x],
                     span,
                     &[tensor_arg(call, 0)],
                 )?;
                 out.push(Operand::Node(n));
-                start += s;
+                start = end;
             }
             Some(LValue::Many(out))
         }
@@ -570,16 +616,16 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             one(l.add(Op::Gather { axis }, &[table, idx], span, &[tensor_arg(call, 0), ie])?)
         }
         "Iota" => {
-            let shape: Vec<usize> = shape_arg(l, call, 0, false)?.into_iter().map(|d| d as usize).collect();
+            let shape = shape_arg(l, call, 0)?;
             let axis = axis_of(l, config_arg(call, 1)?, shape.len())?;
             let dtype = dtype_arg(l, call, 2, DType::I64)?;
-            one(l.add(Op::Iota { dtype, shape: kiln_ir::dims(&shape), axis }, &[], span, &[])?)
+            one(l.add(Op::Iota { dtype, shape, axis }, &[], span, &[])?)
         }
         "Full" => {
-            let shape: Vec<usize> = shape_arg(l, call, 0, false)?.into_iter().map(|d| d as usize).collect();
+            let shape = shape_arg(l, call, 0)?;
             let value = l.cfloat(config_arg(call, 1)?, "the fill value")?;
             let dtype = dtype_arg(l, call, 2, DType::F32)?;
-            one(l.add(Op::Full { value, dtype, shape: kiln_ir::dims(&shape) }, &[], span, &[])?)
+            one(l.add(Op::Full { value, dtype, shape }, &[], span, &[])?)
         }
         "Const" => {
             let Some(Arg::Values(shape, values, _)) = &call.args[0] else { return None };
@@ -630,7 +676,7 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
             one(l.add(Op::Pool2d { kind, kernel, stride, padding }, &[x], span, &[tensor_arg(call, 0)])?)
         }
         "RandomUniform" => {
-            let shape: Vec<usize> = shape_arg(l, call, 0, false)?.into_iter().map(|d| d as usize).collect();
+            let shape = shape_arg(l, call, 0)?;
             let seed = match config_arg(call, 1) {
                 Some(e) => l.cextent(e, "the seed")? as u64,
                 None => l.next_random_seed(),
@@ -640,15 +686,48 @@ pub fn lower_op(l: &mut Lowerer, call: &OpCall) -> Option<LValue> {
                 None => 0,
             };
             let dtype = dtype_arg(l, call, 3, DType::F32)?;
-            one(l.add(
-                Op::RandomUniform { dtype, shape: kiln_ir::dims(&shape), seed, offset, base: false },
-                &[],
-                span,
-                &[],
-            )?)
+            one(l.add(Op::RandomUniform { dtype, shape, seed, offset, base: false }, &[], span, &[])?)
         }
         _ if call.sig.family == kiln_spec::ops::Family::Fused => lower_fused(l, call),
         other => unreachable!("op `{other}` is in the catalog but has no lowering"),
+    }
+}
+
+/// A slice bound: a size over the symbols as it is, a static one normalized against the
+/// extent (negative counts from the end; a static extent clamps it, a symbolic one leaves
+/// the bound for the typing rule to prove).
+fn slice_bound(l: &mut Lowerer, e: &SpannedCExpr, what: &str, extent: &Dim) -> Option<Dim> {
+    match (l.size_value(e, what)?, extent) {
+        (Ok(d), _) => Some(d),
+        (Err(v), Dim::Const(c)) => {
+            let c = *c as i64;
+            Some(Dim::Const(if v < 0 { (v + c).max(0) } else { v.min(c) } as usize))
+        }
+        (Err(v), Dim::Sym(_)) if v >= 0 => Some(Dim::Const(v as usize)),
+        (Err(v), Dim::Sym(_)) => match extent.sub(&Dim::Const(v.unsigned_abs() as usize)) {
+            Ok(d) => Some(d),
+            Err(err) => {
+                l.diags.push(kiln_spec::Diagnostic::error(err.to_string()).at(e.span, "bad bound"));
+                None
+            }
+        },
+    }
+}
+
+/// Each part of `extent` split into `raw = [n]` equal parts, when `n` divides it for every
+/// value of the symbols.
+fn split_evenly(l: &Lowerer, extent: &Dim, raw: &[i64]) -> Option<Dim> {
+    let [n] = raw else { return None };
+    let n = usize::try_from(*n).ok().filter(|n| *n > 0)?;
+    match extent {
+        Dim::Const(e) => e.is_multiple_of(n).then(|| Dim::Const(e / n)),
+        Dim::Sym(s) => {
+            let k = i64::try_from(n).ok()?;
+            if extent.range(&l.graph.symbols).multiple % k != 0 {
+                return None;
+            }
+            Dim::from_expr(s.div_exact(k).or_else(|_| s.floor_div(k)).ok()?).ok()
+        }
     }
 }
 

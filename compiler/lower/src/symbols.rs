@@ -1,12 +1,13 @@
 //! Dynamic sizes: config entries declared `Dyn(min: …, max: …, hint: …[, multiple_of: …])`,
 //! the ranges of config expressions over them, and their specialization by `--set`.
 //!
-//! The graph IR has static shapes only, so a symbol left unspecialized cannot be compiled
-//! yet: the body is lowered with each symbol at its hint, only so that its checks run (a
-//! weight sized by a symbol, a table shorter than a symbol's maximum), and the load then fails
-//! with one diagnostic saying how to specialize (`docs/dynamic-shapes.md`).
+//! A symbol left unspecialized becomes a symbol of the graph: [`range`] bounds what a config
+//! expression over symbols takes (for the checks: a weight sized by a symbol, a table shorter
+//! than a symbol's maximum), and its twin [`size`] builds the extent it is, a `SizeExpr`
+//! over the graph's symbols (`docs/dynamic-shapes.md`).
 
 use crate::config::{self, CValue, ConfigEnv, ShapeLookup};
+use kiln_ir::SizeExpr;
 use kiln_spec::cexpr::BinOp;
 use kiln_spec::{CExpr, Diagnostic, DynDecl, Span, SpannedCExpr};
 
@@ -25,6 +26,17 @@ pub struct Symbol {
 }
 
 impl Symbol {
+    /// The graph's declaration of the symbol.
+    pub fn decl(&self) -> kiln_ir::SymbolDecl {
+        kiln_ir::SymbolDecl {
+            name: self.name.clone(),
+            min: self.min,
+            max: self.max,
+            hint: self.hint,
+            multiple_of: self.multiple_of,
+        }
+    }
+
     /// `1..=512` or `8..=512, a multiple of 8`, for messages.
     pub fn describe(&self) -> String {
         match self.multiple_of {
@@ -305,9 +317,12 @@ pub fn range(
             }
         }
         CExpr::Call(f, args) => {
-            // `dim` and `rank` read tensors, whose shapes are static until the IR has symbols.
-            if f == "dim" || f == "rank" {
+            // `rank` is static; `dim` is dynamic when the tensor's axis is symbolic.
+            if f == "rank" {
                 return Ok(None);
+            }
+            if f == "dim" {
+                return Ok(dynamic_dim(args, env, shapes).map(|(r, _)| r));
             }
             let ranges: Vec<Option<Range>> = args.iter().map(sub).collect::<Result<_, _>>()?;
             let Some(dynamic) = ranges.iter().flatten().next().cloned() else { return Ok(None) };
@@ -343,24 +358,103 @@ fn gcd(a: i64, b: i64) -> i64 {
     i64::try_from(a).unwrap_or(1)
 }
 
-/// The one diagnostic for symbols left unspecialized: the compiler needs static sizes.
-pub fn unspecialized(symbols: &[Symbol]) -> Option<Diagnostic> {
-    let (first, rest) = symbols.split_first()?;
-    let listed: Vec<(String, Span)> = symbols.iter().map(|s| (s.name.clone(), s.span)).collect();
-    let (noun, verb) = if rest.is_empty() { ("size", "is") } else { ("sizes", "are") };
-    let mut d = Diagnostic::error(format!(
-        "dynamic {noun} {} {verb} not specialized: the compiler needs a static value for each",
-        names(&listed)
-    ))
-    .at(first.span, format!("`{}` takes {}", first.name, first.describe()));
-    for s in rest {
-        d = d.with_related(s.span, format!("`{}` takes {}", s.name, s.describe()));
+/// The symbolic axis `dim(x, a)` reads, with its range and size; `None` when it is static
+/// or malformed (evaluation reports the latter).
+fn dynamic_dim(args: &[CExpr], env: &ConfigEnv, shapes: &dyn ShapeLookup) -> Option<(Range, SizeExpr)> {
+    let [CExpr::Name(t), axis] = args else { return None };
+    match config::eval(axis, env, shapes) {
+        Ok(CValue::Int(a)) => shapes.dynamic_dim(t, a),
+        _ => None,
     }
-    let sets: Vec<String> = symbols.iter().map(|s| format!("--set {}={}", s.name, s.hint)).collect();
-    Some(d.note(format!(
-        "specialize with `--set NAME=VALUE` inside the bounds, e.g. `{}` (the hints)",
-        sets.join(" ")
-    )))
+}
+
+/// The twin of [`range`]: the size a config expression over symbols is, as the graph's
+/// extents are written (`None` when it is static). `size_of` gives each dynamic name's size;
+/// `dim(x, a)` of a symbolic axis is that axis's size. Call it on an expression whose
+/// [`range`] is known, so that what is not size arithmetic has been reported already; the
+/// one form the IR cannot hold, a `min` or `max` over symbols, is an error here.
+pub fn size(
+    e: &CExpr,
+    env: &ConfigEnv,
+    shapes: &dyn ShapeLookup,
+    size_of: &dyn Fn(&str) -> Option<Result<SizeExpr, String>>,
+) -> Result<Option<SizeExpr>, String> {
+    let sub = |x: &CExpr| size(x, env, shapes, size_of);
+    let fixed = |x: &CExpr| -> Result<SizeExpr, String> {
+        match config::eval(x, env, shapes)? {
+            CValue::Int(i) => Ok(SizeExpr::constant(i)),
+            v => Err(format!(
+                "`{e}` combines a dynamic size with {v}: a dynamic size only combines with integers"
+            )),
+        }
+    };
+    let arith = |r: Result<SizeExpr, kiln_ir::SizeError>| r.map(Some).map_err(|err| format!("`{e}`: {err}"));
+    match e {
+        CExpr::Int(_) | CExpr::Float(_) | CExpr::Bool(_) => Ok(None),
+        CExpr::Name(n) => size_of(n).transpose(),
+        CExpr::Neg(x) => match sub(x)? {
+            None => Ok(None),
+            Some(s) => arith(s.neg()),
+        },
+        CExpr::Bin(op, a, b) => {
+            let (sa, sb) = match (sub(a)?, sub(b)?) {
+                (None, None) => return Ok(None),
+                (Some(sa), None) => (sa, fixed(b)?),
+                (None, Some(sb)) => (fixed(a)?, sb),
+                (Some(sa), Some(sb)) => (sa, sb),
+            };
+            let divisor = || {
+                sb.as_constant()
+                    .filter(|k| *k > 0)
+                    .ok_or_else(|| format!("`{e}`: a size may only be divided by a positive static integer"))
+            };
+            match op {
+                BinOp::Add => arith(sa.add(&sb)),
+                BinOp::Sub => arith(sa.sub(&sb)),
+                BinOp::Mul => arith(sa.mul(&sb)),
+                // [`range`] proved the quotient exact for every value; when the normal form
+                // cannot show it (`seq / 8` with `seq` a multiple of 8), it is the floor.
+                BinOp::Div => {
+                    let k = divisor()?;
+                    arith(sa.div_exact(k).or_else(|_| sa.floor_div(k)))
+                }
+                BinOp::FloorDiv => arith(sa.floor_div(divisor()?)),
+                // x % k = x - k·(x // k)
+                BinOp::Rem => {
+                    let k = divisor()?;
+                    arith(sa.floor_div(k).and_then(|q| q.scale(k)).and_then(|kq| sa.sub(&kq)))
+                }
+                BinOp::Pow
+                | BinOp::Eq
+                | BinOp::Ne
+                | BinOp::Lt
+                | BinOp::Le
+                | BinOp::Gt
+                | BinOp::Ge
+                | BinOp::And
+                | BinOp::Or => Err(format!("`{e}` is not a size")),
+            }
+        }
+        CExpr::Not(x) => match sub(x)? {
+            None => Ok(None),
+            Some(_) => Err(format!("`{e}` is not a size")),
+        },
+        CExpr::Call(f, args) => {
+            if f == "rank" {
+                return Ok(None);
+            }
+            if f == "dim" {
+                return Ok(dynamic_dim(args, env, shapes).map(|(_, s)| s));
+            }
+            let sizes: Vec<Option<SizeExpr>> = args.iter().map(sub).collect::<Result<_, _>>()?;
+            if sizes.iter().all(Option::is_none) {
+                return Ok(None);
+            }
+            Err(format!(
+                "`{e}` is not an extent the graph can hold: an extent is a sum of products of dynamic sizes, with floor division by a static integer"
+            ))
+        }
+    }
 }
 
 #[cfg(test)]

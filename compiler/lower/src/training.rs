@@ -291,6 +291,9 @@ pub enum TrainingError {
     Optimizer(String),
     #[error(transparent)]
     Grad(#[from] GradError),
+    /// The loss and autodiff build on static shapes: a model with symbols trains specialized.
+    #[error(transparent)]
+    Unspecialized(#[from] kiln_ir::Unspecialized),
     #[error("internal error while building the loss: {0}")]
     Infer(#[from] InferError),
 }
@@ -321,6 +324,7 @@ pub const MAX_ACCUMULATE: usize = 1024;
 /// larger.
 pub fn training_graph(lowered: &Lowered) -> Result<TrainingGraph, TrainingError> {
     let plan = lowered.training.as_ref().ok_or(TrainingError::NoTraining)?;
+    lowered.graph.require_static()?;
     let names = match &plan.loss {
         LossKind::CrossEntropy { logits, labels, .. } => [logits, labels],
         LossKind::Mse { pred, target } => [pred, target],
