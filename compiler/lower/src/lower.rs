@@ -350,7 +350,7 @@ impl<'a> Lowerer<'a> {
     /// [`Self::extent`] and [`Self::dynamic_cvalue`].
     pub fn cvalue(&mut self, e: &SpannedCExpr) -> CResult {
         if self.range(e)?.is_some() {
-            self.require_static(e, "this value")?;
+            self.require_static(e, "a constant of the graph")?;
         }
         self.dynamic_cvalue(e)
     }
