@@ -69,8 +69,29 @@ fn summary(l: &Lowered) -> String {
     let g = &l.graph;
     let mut s = String::new();
     let _ = writeln!(s, "model {}: ok", g.name);
-    let cfg: Vec<String> = l.config.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    // A dynamic entry's value is its hint; it is listed with its range instead.
+    let dynamic =
+        |k: &String| g.symbols.iter().any(|d| d.name == *k) || l.derived.iter().any(|d| d.name == *k);
+    let cfg: Vec<String> =
+        l.config.iter().filter(|(k, _)| !dynamic(k)).map(|(k, v)| format!("{k}={v}")).collect();
     let _ = writeln!(s, "config: {}", cfg.join(" "));
+    if !g.symbols.is_empty() {
+        let _ = writeln!(s, "dynamic sizes:");
+        let within = |min: i64, max: i64, multiple: i64| match multiple {
+            0 | 1 => format!("{min}..={max}"),
+            m => format!("{min}..={max}, a multiple of {m}"),
+        };
+        for d in &g.symbols {
+            let _ = writeln!(s, "  {}: {}, hint {}", d.name, within(d.min, d.max, d.multiple_of), d.hint);
+        }
+        for d in &l.derived {
+            let range = within(d.min, d.max, d.multiple);
+            let _ = match &d.size {
+                Ok(e) => writeln!(s, "  {} = {e}: {range}", d.name),
+                Err(_) => writeln!(s, "  {}: {range} (not an extent the graph can hold)", d.name),
+            };
+        }
+    }
     let _ = writeln!(s, "inputs:");
     for &i in &g.inputs {
         if let Op::Input { name, .. } = &g.node(i).op {

@@ -259,6 +259,72 @@ fn dynamic_models_lower_to_symbolic_graphs_that_specialize_to_the_static_ones() 
     }
 }
 
+/// What `kiln compile` says of a spec whose symbols are left unspecialized: the scheduler's
+/// refusal, naming them and the `--set`s that specialize them. (Kept in one place: as the
+/// CPU back end learns symbolic sizes, this becomes a compiled artifact for some models.)
+const COMPILE_UNSPECIALIZED: &str = "error: the dynamic sizes `batch` and `seq` are not specialized: compiling needs static shapes; specialize with `--set NAME=VALUE` (--set batch=2 --set seq=16)\n";
+
+/// `kiln check` lists the symbols with their ranges and the entries computed from them;
+/// `kiln inspect` prints the symbolic IR and optimized graph; `kiln compile` refuses with
+/// the scheduler's error, exit code 1, no panic.
+#[test]
+fn cli_checks_inspects_and_refuses_to_compile_a_dynamic_spec() {
+    let [(_, text, small), _] = small_dynamic_models();
+    let text = text.replacen(
+        r#""max_positions": 512,"#,
+        r#""max_positions": 512, "tokens": "batch * seq", "half": "seq // 2", "short": "min(seq, 10)","#,
+        1,
+    );
+    let dir = temp_dir("dynamic");
+    let spec = dir.join("bert.ron");
+    std::fs::write(&spec, &text).expect("spec written");
+    let spec = spec.to_str().expect("utf-8 path");
+    let mut args = vec![spec];
+    for s in &small {
+        args.extend(["--set", s]);
+    }
+    let run = |command: &[&str]| kiln(&[command, args.as_slice()].concat());
+    let (code, out, err) = run(&["check"]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert_eq!(
+        out,
+        "model bert_encoder: ok
+config: vocab=50 hidden=32 layers=1 heads=2 ffn=64 max_positions=64 type_vocab=2 eps=1e-12 training=false seed=0
+dynamic sizes:
+  batch: 1..=4, hint 2
+  seq: 1..=64, hint 16
+  tokens = batch*seq: 1..=256
+  half = seq//2: 0..=32
+  short: 1..=10 (not an extent the graph can hold)
+inputs:
+  input_ids: i64[batch, seq]
+  token_type_ids: i64[batch, seq]
+  attention_mask: i64[batch, seq]
+outputs:
+  last_hidden_state: f32[batch, seq, 32]
+parameters: 21 tensors, 12.3K values (0.0 MiB)
+ops (111 nodes): add 18, cast 1, div 6, erf 1, exp 1, full 9, gather 2, matmul 8, mul 9, reduce_max 1, reduce_mean 6, reduce_sum 1, reshape 5, slice 1, sqrt 3, sub 5, transpose 10
+"
+    );
+    let overrides: Vec<Override> = small.iter().map(|s| Override::parse(s).expect("name=value")).collect();
+    let (_, r) = kiln_lower::load_str("m.ron", &text, &overrides);
+    let g = r.expect("lowers").graph;
+    let (code, out, _) = run(&["inspect", "--stage", "ir"]);
+    assert_eq!((code, out), (0, kiln_ir::print::to_text(&g, Default::default())));
+    // As `kiln compile` optimizes: weights folded at compile time.
+    let mut folding = kiln_opt::Options::default();
+    folding.target.folds_weights = true;
+    let (opt, _) = kiln_opt::optimize(&g, &folding).expect("optimizes");
+    let (code, out, _) = run(&["inspect", "--stage", "opt"]);
+    assert_eq!(code, 0);
+    assert!(out.ends_with(&kiln_ir::print::to_text(&opt, Default::default())), "{out}");
+    let artifact = dir.join("bert.kiln");
+    let (code, out, err) = run(&["compile", "-o", artifact.to_str().expect("utf-8 path")]);
+    assert_eq!((code, out.as_str(), err.as_str()), (1, "", COMPILE_UNSPECIALIZED));
+    assert!(!artifact.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `--set` of a symbol is checked against its declaration, with one exact message each.
 #[test]
 fn specializing_outside_a_symbols_bounds_is_an_error() {

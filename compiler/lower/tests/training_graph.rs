@@ -326,3 +326,25 @@ fn every_shipped_model_differentiates_like_central_differences() {
         }
     }
 }
+
+/// The loss and autodiff build on static shapes: a model with symbols is refused by name,
+/// with the `--set`s that specialize it.
+#[test]
+fn a_model_with_symbols_trains_only_specialized() {
+    let lowered = lower_str(
+        r#"Model(
+    name: "m",
+    config: { "batch": Dyn(min: 1, max: 8, hint: 2) },
+    inputs: { "x": (f32, ["batch", 3]), "y": (f32, ["batch", 3]) },
+    body: [ Let("w", Param(shape: [3], init: Ones)), Let("p", Mul("x", "w")) ],
+    outputs: ["p"],
+    training: Training(loss: Mse(pred: "p", target: "y"), optimizer: Sgd(lr: 0.1)),
+)"#,
+    );
+    let err = training_graph(&lowered).expect_err("symbolic");
+    assert!(matches!(err, TrainingError::Unspecialized(_)));
+    assert_eq!(
+        err.to_string(),
+        "the dynamic size `batch` is not specialized: compiling needs static shapes; specialize with `--set NAME=VALUE` (--set batch=2)"
+    );
+}
