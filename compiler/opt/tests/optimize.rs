@@ -341,3 +341,60 @@ fn a_symbolic_softmax_fuses_and_specializes_like_the_original() {
         assert_same_outputs(&before, &after, 1e-6, &format!("softmax at {values:?}"));
     }
 }
+
+/// BERT and GPT-2 with a dynamic batch and sequence length (small): the symbolic graph fuses
+/// exactly as the static one at the hints (attention, the norms, GELU, the matmul epilogues),
+/// the optimized graph keeps the symbols, and specialized at the minima, the hints and the
+/// maxima it computes what the static model lowered with those sizes by `--set` computes.
+#[test]
+fn dynamic_bert_and_gpt2_fuse_like_the_static_ones_and_compute_the_same() {
+    let cases: [(&str, &str, &str, &[&str]); 2] = [
+        (
+            "bert_encoder",
+            r#""batch": 1, "seq": 128,"#,
+            r#""batch": Dyn(min: 1, max: 3, hint: 2), "seq": Dyn(min: 1, max: "max_positions", hint: 8),"#,
+            &["layers=2", "hidden=32", "heads=2", "ffn=64", "vocab=50", "max_positions=24"],
+        ),
+        (
+            "gpt2",
+            r#""batch": 1, "seq": 64,"#,
+            r#""batch": Dyn(min: 1, max: 3, hint: 2), "seq": Dyn(min: 1, max: "ctx", hint: 8),"#,
+            &["layers=2", "d=32", "heads=2", "vocab=50", "ctx=24"],
+        ),
+    ];
+    for (name, entry, decl, small) in cases {
+        let text = std::fs::read_to_string(model(name)).expect("model");
+        assert!(text.contains(entry), "{name}: `{entry}`");
+        let text = text.replacen(entry, decl, 1);
+        let ov: Vec<Override> = small.iter().map(|s| Override::parse(s).expect("name=value")).collect();
+        let (sources, r) = kiln_lower::load_str("m.ron", &text, &ov);
+        let g = r.unwrap_or_else(|d| panic!("{name}:\n{}", d.render(&sources))).graph;
+        let (opt, report) = optimize(&g, &Options::default()).expect("optimizes");
+        assert_eq!(opt.symbols, g.symbols, "{name}");
+        let static_at = |batch: i64, seq: i64| {
+            let (b, s) = (format!("batch={batch}"), format!("seq={seq}"));
+            lower(&model(name), &[small, &[b.as_str(), s.as_str()]].concat())
+        };
+        let (_, at_hints) = optimize(&static_at(2, 8), &Options::default()).expect("optimizes");
+        assert_eq!(report.op_counts, at_hints.op_counts, "{name}: symbolic vs static at the hints");
+        assert_eq!(report.rules_fired, at_hints.rules_fired, "{name}: symbolic vs static at the hints");
+        assert_eq!(count(&report, "attention"), 2, "{name}: {:?}", report.op_counts);
+        assert_eq!(norms(&report), 5, "{name}: {:?}", report.op_counts);
+        for rule in ["fuse-attention", "fuse-layer-norm", "fuse-gelu", "fuse-matmul-bias"] {
+            let fired = report.rules_fired.keys().any(|k| k.starts_with(rule));
+            assert!(fired, "{name}: {rule} did not fire: {:?}", report.rules_fired);
+        }
+        for (batch, seq) in [(1, 1), (2, 8), (3, 24)] {
+            let after = opt.specialize(&[batch, seq]).expect("specializes");
+            // Every value is a number (a NaN on both sides would compare as equal).
+            let outputs = kiln_ir::eval(&after, &bindings(&after, 7)).expect("evaluates");
+            assert!(outputs.iter().all(|(_, t)| t.to_f64_vec().iter().all(|x| x.is_finite())), "{name}");
+            assert_same_outputs(
+                &static_at(batch, seq),
+                &after,
+                1e-4,
+                &format!("{name} at batch {batch}, seq {seq}"),
+            );
+        }
+    }
+}
