@@ -703,6 +703,16 @@ fn slice_bound(l: &mut Lowerer, e: &SpannedCExpr, what: &str, extent: &Dim) -> O
             let c = *c as i64;
             Some(Dim::Const(if v < 0 { (v + c).max(0) } else { v.min(c) } as usize))
         }
+        // Not clamped: a bound past the smallest extent would mean a different slice at
+        // different sizes.
+        (Err(v), Dim::Sym(_)) if v.unsigned_abs() > extent.range(&l.graph.symbols).min.unsigned_abs() => {
+            let smallest = extent.range(&l.graph.symbols).min;
+            let msg = format!(
+                "the slice bound `{v}` is past the dynamic axis `{extent}`, which can be as small as {smallest}: a bound on a dynamic axis is not clamped"
+            );
+            l.diags.push(kiln_spec::Diagnostic::error(msg).at(e.span, format!("{what} past the axis")));
+            None
+        }
         (Err(v), Dim::Sym(_)) if v >= 0 => Some(Dim::Const(v as usize)),
         (Err(v), Dim::Sym(_)) => match extent.sub(&Dim::Const(v.unsigned_abs() as usize)) {
             Ok(d) => Some(d),
