@@ -915,6 +915,19 @@ proptest::proptest! {
         // One past the maximum is refused.
         let (_, r) = kiln_lower::load_str("m.ron", &text, &[Override { name: "seq".into(), value: (max + multiple).to_string() }]);
         proptest::prop_assert!(r.is_err());
+        // Left symbolic, the graph specialized at the value is the `--set` graph. (`rows`
+        // is `seq//m` in the normal form, whose product with `2*m` is not provably `2*seq`:
+        // only the reshape to `tokens` is kept.)
+        let text = text.replace(r#", Let("z", Reshape("x", ["rows", "2 * {multiple}"])) ]"#.replace("{multiple}", &multiple.to_string()).as_str(), r#", Let("z", Concat(xs: ["x", "x"], axis: 0)) ]"#);
+        let (sources, r) = kiln_lower::load_str("m.ron", &text, &[]);
+        let symbolic = r.unwrap_or_else(|d| panic!("symbolic:\n{}", d.render(&sources))).graph;
+        let (_, r) = kiln_lower::load_str("m.ron", &text, &[Override { name: "seq".into(), value: value.to_string() }]);
+        let set = r.expect("the specialized model lowers").graph;
+        let at = symbolic.specialize(&[value]).expect("specializes");
+        proptest::prop_assert_eq!(
+            kiln_ir::print::to_text(&at, Default::default()),
+            kiln_ir::print::to_text(&set, Default::default())
+        );
     }
 
     #[test]
