@@ -222,7 +222,7 @@ impl<'a> Lowerer<'a> {
         symbols::size(e, &env, self, &lookup)
     }
 
-    /// The tensors bound to `name` in the current frame: its extents.
+    /// The extents of the tensor bound to `name` in the current frame.
     fn dims_of(&self, name: &str) -> Option<Vec<Dim>> {
         match self.frames.last()?.tensors.get(name)?.value? {
             Operand::Node(n) => Some(self.graph.ty(n).shape.clone()),
@@ -347,7 +347,7 @@ impl<'a> Lowerer<'a> {
 
     /// Evaluates a config expression in the current frame, reporting errors at its span. The
     /// graph holds the value as a constant, so it must be static: dynamic sizes go through
-    /// [`Self::extent`] and [`Self::dynamic_cvalue`].
+    /// [`Self::size_value`] and [`Self::dynamic_cvalue`].
     pub fn cvalue(&mut self, e: &SpannedCExpr) -> CResult {
         if self.range(e)?.is_some() {
             self.require_static(e, "a constant of the graph")?;

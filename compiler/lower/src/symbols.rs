@@ -496,6 +496,42 @@ mod tests {
         }
     }
 
+    /// The size of an expression over `seq` (symbol 0) and `batch` (symbol 1), printed.
+    fn size_of_text(text: &str) -> Result<Option<String>, String> {
+        let cfg: HashMap<String, CValue> = [("heads".to_string(), CValue::Int(4))].into();
+        let env = ConfigEnv { frames: vec![&cfg] };
+        let size_of = |n: &str| match n {
+            "seq" => Some(Ok(SizeExpr::symbol(0, "seq"))),
+            "batch" => Some(Ok(SizeExpr::symbol(1, "batch"))),
+            _ => None,
+        };
+        let e = kiln_spec::parse_cexpr(text).expect("parses");
+        size(&e, &env, &config::NoShapes, &size_of).map(|s| s.map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn size_arithmetic_builds_normal_forms() {
+        for (text, want) in [
+            ("heads * 2", None),
+            ("seq", Some("seq")),
+            ("seq * 2 + batch * seq - seq", Some("seq + seq*batch")),
+            ("seq * heads / heads", Some("seq")),
+            ("seq / heads", Some("seq//4")),
+            ("(seq + 2 * batch) // 2", Some("batch + seq//2")),
+            ("seq % 4", Some("seq - 4*(seq//4)")),
+            ("-batch", Some("-batch")),
+        ] {
+            assert_eq!(size_of_text(text), Ok(want.map(String::from)), "{text}");
+        }
+        for (text, want) in [
+            ("min(seq, 100)", "`min(seq, 100)` is not an extent the graph can hold: an extent is a sum of products of dynamic sizes, with floor division by a static integer"),
+            ("seq // 0", "`(seq // 0)`: a size may only be divided by a positive static integer"),
+            ("seq * 0.5", "`(seq * 0.5)` combines a dynamic size with 0.5: a dynamic size only combines with integers"),
+        ] {
+            assert_eq!(size_of_text(text), Err(want.to_string()), "{text}");
+        }
+    }
+
     #[test]
     fn what_is_not_a_size_is_an_error() {
         for (text, want) in [
