@@ -65,11 +65,12 @@ fn human(n: usize) -> String {
     }
 }
 
-fn summary(l: &Lowered) -> String {
+/// The `config:` line (static entries) and, for a model with symbols, each symbol with its
+/// range and hint and each entry computed from them with its size and range. A dynamic
+/// entry's value in `Lowered::config` is its hint, so it is listed with its range instead.
+fn config_lines(l: &Lowered) -> String {
     let g = &l.graph;
     let mut s = String::new();
-    let _ = writeln!(s, "model {}: ok", g.name);
-    // A dynamic entry's value is its hint; it is listed with its range instead.
     let dynamic =
         |k: &String| g.symbols.iter().any(|d| d.name == *k) || l.derived.iter().any(|d| d.name == *k);
     let cfg: Vec<String> =
@@ -92,6 +93,14 @@ fn summary(l: &Lowered) -> String {
             };
         }
     }
+    s
+}
+
+fn summary(l: &Lowered) -> String {
+    let g = &l.graph;
+    let mut s = String::new();
+    let _ = writeln!(s, "model {}: ok", g.name);
+    s.push_str(&config_lines(l));
     let _ = writeln!(s, "inputs:");
     for &i in &g.inputs {
         if let Op::Input { name, .. } = &g.node(i).op {
@@ -435,8 +444,7 @@ fn spec_view(l: &Lowered, format: Format) -> Result<String, Failure> {
         }
         Format::Text => {
             let mut s = format!("model {}\n", spec.name.name);
-            let cfg: Vec<String> = l.config.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            let _ = writeln!(s, "config: {}", cfg.join(" "));
+            s.push_str(&config_lines(l));
             let uses: Vec<&str> = spec.uses.iter().map(|u| u.name.as_str()).collect();
             let _ = writeln!(s, "uses: {}", if uses.is_empty() { "-".into() } else { uses.join(", ") });
             for &i in &g.inputs {
