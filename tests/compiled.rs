@@ -603,6 +603,7 @@ fn vulkan_kernels_are_valid_spirv() {
         graphs.push(optimized(&shipped(model, &[])));
     }
     graphs.extend(scatter_graphs());
+    graphs.extend(attention_lse_graphs().into_iter().map(|(g, _)| g));
     for g in &graphs {
         let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -991,6 +992,7 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
         graphs.push(optimized(&shipped(model, &[])));
     }
     graphs.extend(scatter_graphs());
+    graphs.extend(attention_lse_graphs().into_iter().map(|(g, _)| g));
     for (arch, tf32) in [("sm_80", false), ("sm_90", false), ("sm_80", true), ("sm_90", true)] {
         let (caps, target) = cuda_caps(arch);
         let caps = if tf32 { caps.with_tf32() } else { caps };
@@ -1991,6 +1993,132 @@ fn a_train_step_compiles_like_the_interpreter() {
     }
     if available(Device::Cuda, "a train step on CUDA") {
         check_graph(&optimized(&step.graph), 5, 1e-4, Device::Cuda);
+    }
+}
+
+/// Graphs with an `attention` and the `attention_lse` of the same operands, and with the
+/// log-sum-exp alone, each with the kernels it must schedule to (`attention` writing both, or
+/// `attention_lse`): plain, causal, masked (a mask with −inf entries and a row of them) and
+/// both; 11 query rows, so the last row vector of a block is partial.
+fn attention_lse_graphs() -> Vec<(Graph, &'static [&'static str])> {
+    let cases: [(&str, bool, bool, bool); 5] = [
+        ("attention_and_lse", false, false, true),
+        ("causal_attention_and_lse", true, false, true),
+        ("masked_attention_and_lse", false, true, true),
+        ("lse_alone", false, false, false),
+        ("masked_causal_lse_alone", true, true, false),
+    ];
+    let (sq, sk) = (11, 13);
+    // Keys j ≡ i (mod 5) hidden from row i, and every key from row 3.
+    let mask: Vec<f64> = (0..sq * sk)
+        .map(|e| if e / sk == 3 || (e % sk) % 5 == (e / sk) % 5 { f64::NEG_INFINITY } else { 0.0 })
+        .collect();
+    cases
+        .into_iter()
+        .map(|(name, causal, masked, with_attention)| {
+            let mut g = Graph::new(name);
+            let input = |g: &mut Graph, name: &str, shape: &[usize]| {
+                let op = Op::Input { name: name.into(), dtype: DType::F32, shape: kiln_ir::dims(shape) };
+                g.add(op, &[]).unwrap()
+            };
+            let q = input(&mut g, "q", &[2, 2, sq, 8]);
+            let k = input(&mut g, "k", &[2, 2, sk, 8]);
+            let mut scores = vec![q, k];
+            if masked {
+                let value = Tensor::from_f64(vec![1, sq, sk], mask.clone()).unwrap().cast(DType::F32);
+                scores.push(g.add(Op::Const { value }, &[]).unwrap());
+            }
+            let lse = g.add(Op::AttentionLse { scale: 0.35, causal, masked }, &scores).unwrap();
+            let kernels: &[&str] = if with_attention {
+                let v = input(&mut g, "v", &[2, 2, sk, 5]);
+                let mut operands = vec![q, k, v];
+                operands.extend(scores.get(2));
+                let y = g.add(Op::Attention { scale: 0.35, causal, masked }, &operands).unwrap();
+                g.add_output("y", y);
+                &["attention"]
+            } else {
+                &["attention_lse"]
+            };
+            g.add_output("lse", lse);
+            (g, kernels)
+        })
+        .collect()
+}
+
+/// An attention and its log-sum-exp are one kernel writing both; the log-sum-exp alone is a
+/// kernel of its own; either equals the interpreter on the CPU and on Vulkan.
+#[test]
+fn attention_lse_compiles_like_the_interpreter() {
+    for (g, kernels) in attention_lse_graphs() {
+        let s = kiln_sched::schedule(&g).unwrap();
+        let names: Vec<String> = s.kernels.iter().map(|k| k.name()).collect();
+        assert_eq!(names, kernels, "{}", g.name);
+        assert_eq!(s.kernels[0].extra_outputs.len(), usize::from(kernels == ["attention"]), "{}", g.name);
+        check_graph(&g, 7, 1e-5, Device::Cpu);
+        if available(Device::Vulkan, "attention's log-sum-exp on Vulkan") {
+            check_graph(&g, 7, 1e-5, Device::Vulkan);
+        }
+        if available(Device::Cuda, "attention's log-sum-exp on CUDA") {
+            check_graph(&g, 7, 1e-5, Device::Cuda);
+        }
+    }
+}
+
+/// A 2-layer BERT whose layers call the fused `Attention` op: its train step's backward reads
+/// each attention's log-sum-exp, which the forward attention's kernel writes (two attention
+/// kernels with two results each, no `attention_lse` kernel), and the compiled step equals the
+/// interpreter's on the CPU and on Vulkan.
+#[test]
+fn a_fused_attention_train_step_saves_the_log_sum_exp_in_the_forward_kernel() {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/bert_encoder.ron"))
+        .unwrap();
+    let module = r#"    modules: {
+        // Heads split, the fused op, heads merged.
+        "fused_attention": Module(
+            args: ["q", "k", "v", "mask"],
+            body: [
+                Let("q", Transpose(x: Reshape("q", ["dim(q, 0)", "dim(q, 1)", "heads", "dim(q, 2) / heads"]), perm: [0, 2, 1, 3])),
+                Let("k", Transpose(x: Reshape("k", ["dim(k, 0)", "dim(k, 1)", "heads", "dim(k, 2) / heads"]), perm: [0, 2, 1, 3])),
+                Let("v", Transpose(x: Reshape("v", ["dim(v, 0)", "dim(v, 1)", "heads", "dim(v, 2) / heads"]), perm: [0, 2, 1, 3])),
+                Let("ctx", Transpose(x: Attention("q", "k", "v", "mask"), perm: [0, 2, 1, 3])),
+                Let("y", Reshape("ctx", ["dim(ctx, 0)", "dim(ctx, 1)", "dim(ctx, 2) * dim(ctx, 3)"])),
+            ],
+            ret: "y",
+        ),
+"#;
+    let text = text
+        .replacen("    modules: {\n", module, 1)
+        .replacen(
+            r#"Call(fn: "std.attention", args: ["q", "k", "v", "mask"], with: { "heads": "heads" })"#,
+            r#"Call(fn: "fused_attention", args: ["q", "k", "v", "mask"])"#,
+            1,
+        )
+        .replacen(
+            r#""attention_mask": (i64, ["batch", "seq"]),"#,
+            r#""attention_mask": (i64, ["batch", "seq"]), "target": (f32, ["batch", "seq", "hidden"]),"#,
+            1,
+        )
+        .replacen(
+            r#"outputs: { "last_hidden_state": "x" },"#,
+            r#"outputs: { "last_hidden_state": "x" },
+    training: Training(loss: Mse(pred: "x", target: "target"), optimizer: Sgd(lr: 0.1)),"#,
+            1,
+        );
+    assert!(text.contains("fused_attention\", args") && text.contains("Training("), "{text}");
+    let sets =
+        ["vocab=40", "hidden=16", "layers=2", "heads=2", "ffn=32", "max_positions=12", "batch=2", "seq=8"];
+    let overrides: Vec<_> = sets.iter().map(|s| kiln_lower::Override::parse(s).unwrap()).collect();
+    let (sources, r) = kiln_lower::load_str("bert_fused.ron", &text, &overrides);
+    let l = r.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+    let step = optimized(&kiln_lower::train_step(&l).unwrap().graph);
+    let s = kiln_sched::schedule(&step).unwrap();
+    let count = |name: &str, extra: usize| {
+        s.kernels.iter().filter(|k| k.name() == name && k.extra_outputs.len() == extra).count()
+    };
+    assert_eq!((count("attention", 1), count("attention", 0), count("attention_lse", 0)), (2, 0, 0));
+    check_graph(&step, 8, 1e-4, Device::Cpu);
+    if available(Device::Vulkan, "a fused-attention train step on Vulkan") {
+        check_graph(&step, 8, 1e-4, Device::Vulkan);
     }
 }
 

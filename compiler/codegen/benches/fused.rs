@@ -253,9 +253,11 @@ fn attention_bench(target: &CpuTarget, s: usize, budget: Duration) {
     let scale = 1.0 / (D as f64).sqrt();
     let qv = head_split(1, s, D);
     let fused =
-        attention::emit(&format!("attn{s}"), &qv, &qv, &qv, None, scale, false, &qv, target).expect("emit");
-    let causal = attention::emit(&format!("attc{s}"), &qv, &qv, &qv, None, scale, true, &qv, target)
-        .expect("emit causal");
+        attention::emit(&format!("attn{s}"), &qv, &qv, Some((&qv, &qv)), None, scale, false, None, target)
+            .expect("emit");
+    let causal =
+        attention::emit(&format!("attc{s}"), &qv, &qv, Some((&qv, &qv)), None, scale, true, None, target)
+            .expect("emit causal");
     let sv = View::contiguous(&[HEADS, s, s], DType::F32);
     let kernels = vec![
         fused.clone(),
@@ -318,9 +320,18 @@ fn minilm_bench(target: &CpuTarget, budget: Duration) {
             dtype: DType::F32,
             buffer_len: batch * s,
         };
-        let kernel =
-            attention::emit(&format!("mini{batch}"), &qv, &qv, &qv, Some(&mask), scale, false, &qv, target)
-                .expect("emit");
+        let kernel = attention::emit(
+            &format!("mini{batch}"),
+            &qv,
+            &qv,
+            Some((&qv, &qv)),
+            Some(&mask),
+            scale,
+            false,
+            None,
+            target,
+        )
+        .expect("emit");
         let lib = KernelLibrary::build(std::slice::from_ref(&kernel), target).expect("build");
         save_object(&lib, &format!("minilm{batch}"));
         let n = batch * s * HEADS * d;

@@ -159,7 +159,7 @@ pub fn build_entries(
     for (i, (&ki, sk)) in program.step_kernel.iter().zip(&merged.kernels).enumerate() {
         let k = &program.kernels[ki];
         let mut args = Vec::with_capacity(sk.inputs.len() + 1);
-        for (j, o) in sk.inputs.iter().chain(std::iter::once(&sk.output)).enumerate() {
+        for (j, o) in sk.operands().enumerate() {
             let b = &merged.buffers[o.buffer];
             let packed = program.step_packed_b[i].filter(|_| j == 1);
             let arg = match (&b.storage, packed) {
@@ -292,7 +292,7 @@ fn merge(entries: &[(&str, &Schedule)]) -> Schedule {
         merged.buffers.extend(e.buffers.iter().cloned());
         merged.kernels.extend(e.kernels.iter().map(|k| {
             let mut k = k.clone();
-            for o in k.inputs.iter_mut().chain(std::iter::once(&mut k.output)) {
+            for o in k.operands_mut() {
                 o.buffer += base;
             }
             k
@@ -665,7 +665,7 @@ fn gpu_steps(
     for (i, (&ki, sk)) in program.step_kernel.iter().zip(&s.kernels).enumerate() {
         let k = &program.kernels[ki];
         let mut args = Vec::with_capacity(sk.inputs.len() + 1);
-        for (j, o) in sk.inputs.iter().chain(std::iter::once(&sk.output)).enumerate() {
+        for (j, o) in sk.operands().enumerate() {
             let b = &s.buffers[o.buffer];
             // A weight larger than one binding is stored and bound as its pieces.
             if let (Some((_, split)), Storage::Weight { name } | Storage::Const { name, .. }) =

@@ -235,7 +235,31 @@ fn kernel(
             } else {
                 None
             };
-            kernels::attention::emit(sym, &q, &kk, &v, mask.as_ref(), *scale, *causal, &out, target)
+            let lse = k.extra_outputs.first().map(|o| plain(s, o));
+            kernels::attention::emit(
+                sym,
+                &q,
+                &kk,
+                Some((&v, &out)),
+                mask.as_ref(),
+                *scale,
+                *causal,
+                lse.as_ref(),
+                target,
+            )
+        }
+        Op::AttentionLse { scale, causal, masked } => {
+            let (q, kk) = (plain(s, arg(0)?), plain(s, arg(1)?));
+            let mask = if *masked {
+                let mut shape = q.shape.clone();
+                let sk = kk.shape[kk.rank() - 2];
+                let last = shape.len() - 1;
+                shape[last] = sk;
+                Some(broadcast(s, arg(2)?, &shape))
+            } else {
+                None
+            };
+            kernels::attention::emit(sym, &q, &kk, None, mask.as_ref(), *scale, *causal, Some(&out), target)
         }
         Op::Softmax { axis } => {
             kernels::norm::emit_softmax(sym, &plain(s, arg(0)?), *axis, false, &out, target)

@@ -457,6 +457,17 @@ enum Mask {
     },
 }
 
+/// What an attention kernel writes; the checked result is the last one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Written {
+    /// The output.
+    Output,
+    /// The output and, checked, the log-sum-exp of each query row's scores.
+    OutputAndLse,
+    /// The log-sum-exp alone (no v).
+    Lse,
+}
+
 #[derive(Clone, Debug)]
 struct AttnCase {
     batch: usize,
@@ -475,6 +486,7 @@ struct AttnCase {
     /// The reference is the exact answer for these inputs (evaluated in f64) instead of the
     /// interpreter in `dtype`.
     exact_reference: bool,
+    written: Written,
 }
 
 impl AttnCase {
@@ -492,6 +504,7 @@ impl AttnCase {
             k_transposed: false,
             dtype: DType::F32,
             exact_reference: false,
+            written: Written::Output,
         }
     }
 }
@@ -514,12 +527,13 @@ fn attention_case(sym: &str, c: &AttnCase) -> (Kernel, Vec<Operand>, Tensor) {
     let k = Operand::random(kv, seed + 1);
     let v = Operand::random(bhsx(c, c.sk, c.dv, c.head_split, 0), seed + 2);
     let full = [c.batch, c.heads, c.sq, c.sk];
-    let mut tensors = vec![
-        q.tensor(&q.view.shape.clone()),
-        k.tensor(&k.view.shape.clone()),
-        v.tensor(&v.view.shape.clone()),
-    ];
-    let mut ops = vec![q, k, v];
+    let mut tensors = vec![q.tensor(&q.view.shape.clone()), k.tensor(&k.view.shape.clone())];
+    let mut ops = vec![q, k];
+    let with_v = c.written != Written::Lse;
+    if with_v {
+        tensors.push(v.tensor(&v.view.shape.clone()));
+        ops.push(v);
+    }
     let mask = match c.mask {
         Mask::None => None,
         Mask::Full => {
@@ -544,15 +558,29 @@ fn attention_case(sym: &str, c: &AttnCase) -> (Kernel, Vec<Operand>, Tensor) {
             Some((t, Operand::new(view, logical)))
         }
     };
+    let masked = mask.is_some();
     if let Some((t, m)) = mask {
         tensors.push(t);
         ops.push(m);
     }
-    ops.push(Operand::output(bhsx(c, c.sq, c.dv, c.head_split, 2)));
+    if with_v {
+        ops.push(Operand::output(bhsx(c, c.sq, c.dv, c.head_split, 2)));
+    }
     let scale = 1.0 / (c.d.max(1) as f64).sqrt();
-    let op = Op::Attention { scale, causal: c.causal, masked: c.mask != Mask::None };
+    let (op, out_shape) = match c.written {
+        Written::Output => (Op::Attention { scale, causal: c.causal, masked }, vec![c.batch, c.heads, c.sq, c.dv]),
+        Written::OutputAndLse | Written::Lse => {
+            // The statistic of each [b, h] row lies at (b·H + h)·Sq + i, behind one element.
+            let shape = [c.batch, c.heads, c.sq];
+            let view = View { offset: 1, buffer_len: c.batch * c.heads * c.sq + 1, ..View::contiguous(&shape, c.dtype) };
+            ops.push(Operand::output(view));
+            (Op::AttentionLse { scale, causal: c.causal, masked }, shape.to_vec())
+        }
+    };
+    if c.written == Written::OutputAndLse {
+        tensors.remove(2);
+    }
     let refs: Vec<&Tensor> = tensors.iter().collect();
-    let out_shape = vec![c.batch, c.heads, c.sq, c.dv];
     let want = if c.exact_reference {
         let wide: Vec<Tensor> = tensors.iter().map(|t| t.cast(DType::F64)).collect();
         let refs: Vec<&Tensor> = wide.iter().collect();
@@ -560,19 +588,16 @@ fn attention_case(sym: &str, c: &AttnCase) -> (Kernel, Vec<Operand>, Tensor) {
     } else {
         eval_op(&op, &refs, &TensorType::new(c.dtype, out_shape)).expect("reference")
     };
-    let mv = (ops.len() == 5).then(|| &ops[3].view);
-    let kernel = attention::emit(
-        sym,
-        &ops[0].view,
-        &ops[1].view,
-        &ops[2].view,
-        mv,
-        scale,
-        c.causal,
-        &ops[ops.len() - 1].view,
-        &host(),
-    )
-    .expect("emit");
+    let at = |i: usize| &ops[i].view;
+    let mv = masked.then(|| at(2 + usize::from(with_v)));
+    let out_at = 3 + usize::from(masked);
+    let (v_out, lse) = match c.written {
+        Written::Output => (Some((at(2), at(out_at))), None),
+        Written::OutputAndLse => (Some((at(2), at(out_at))), Some(at(out_at + 1))),
+        Written::Lse => (None, Some(at(2 + usize::from(masked)))),
+    };
+    let kernel =
+        attention::emit(sym, &ops[0].view, &ops[1].view, v_out, mv, scale, c.causal, lse, &host()).expect("emit");
     (kernel, ops, want)
 }
 
@@ -714,6 +739,31 @@ fn attention_grouped_blocks() {
     run_cases(cases);
 }
 
+/// The log-sum-exp of each query row, written beside the output or alone, over the plans the
+/// output takes: partial row vectors and tail blocks, causal blocks, masks (rows hidden by
+/// −inf give −inf), head-split rows copied per batch index, grouped blocks, f64.
+#[test]
+fn attention_lse() {
+    let shapes = [(2, 3, 5, 7, 8, 8), (1, 2, 19, 130, 13, 5), (1, 1, 33, 257, 7, 33), (1, 2, 220, 1100, 32, 32)];
+    let mut cases = Vec::new();
+    for (written, w) in [(Written::OutputAndLse, "b"), (Written::Lse, "a")] {
+        for (i, &(b, h, sq, sk, d, dv)) in shapes.iter().enumerate() {
+            for (j, dtype) in [DType::F32, DType::F64].into_iter().enumerate() {
+                let c = AttnCase { dtype, written, ..AttnCase::new(b, h, sq, sk, d, dv) };
+                cases.push(attention_case(&format!("al{w}_{i}_{j}"), &c));
+            }
+        }
+        let causal = AttnCase { causal: true, mask: Mask::Full, written, ..AttnCase::new(2, 2, 21, 21, 8, 8) };
+        cases.push(attention_case(&format!("al{w}_causal"), &causal));
+        let pad = Mask::Padding { pad: 5, value: f64::NEG_INFINITY };
+        let padded = AttnCase { mask: pad, written, ..AttnCase::new(3, 2, 11, 29, 16, 16) };
+        cases.push(attention_case(&format!("al{w}_pad"), &padded));
+        let split = AttnCase { head_split: true, causal: true, written, ..AttnCase::new(2, 5, 33, 33, 60, 60) };
+        cases.push(attention_case(&format!("al{w}_split"), &split));
+    }
+    run_cases(cases);
+}
+
 fn attn_strategy() -> impl Strategy<Value = AttnCase> {
     (
         1usize..3,
@@ -816,6 +866,7 @@ fn other_dtypes_are_unsupported() {
     let err =
         norm::emit_norm("bad", NormKind::Layer, 1e-5, &v, None, None, None, &v, &host()).expect_err("f16");
     assert!(err.to_string().contains("f16"), "{err}");
-    let err = attention::emit("bad", &v, &v, &v, None, 1.0, false, &v, &host()).expect_err("f16");
+    let err =
+        attention::emit("bad", &v, &v, Some((&v, &v)), None, 1.0, false, None, &host()).expect_err("f16");
     assert!(err.to_string().contains("f16"), "{err}");
 }

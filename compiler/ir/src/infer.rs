@@ -504,7 +504,8 @@ fn infer_unchecked(op: &Op, types: &[&TensorType], symbols: &[SymbolDecl]) -> Re
             norm_params(op, &shape, d, &types[2..])?;
             TensorType::new(d, shape)
         }
-        Op::Attention { .. } => attention_type(op, types)?,
+        Op::Attention { .. } => attention_type(op, types, false)?,
+        Op::AttentionLse { .. } => attention_type(op, types, true)?,
         Op::MatMulEpilogue { bias, .. } => {
             let (a, b) = (t(0), t(1));
             let d = same_dtype(op, a.dtype, b.dtype)?;
@@ -555,38 +556,50 @@ fn norm_params(op: &Op, shape: &[Dim], d: DType, params: &[&TensorType]) -> Resu
 
 /// `attention(q, k, v[, mask])`: q `[…, Sq, D]`, k `[…, Sk, D]`, v `[…, Sk, Dv]` with equal
 /// batch axes (no broadcasting among them), the mask broadcasting to `[…, Sq, Sk]`.
-fn attention_type(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferError> {
-    let (q, k, v) = (types[0], types[1], types[2]);
+/// The result of `attention` (`[…, Sq, Dv]`), or with `lse` of `attention_lse` (`[…, Sq]`,
+/// operands `[q, k, (mask)]`: no v).
+fn attention_type(op: &Op, types: &[&TensorType], lse: bool) -> Result<TensorType, InferError> {
+    let (q, k) = (types[0], types[1]);
+    let v = if lse { None } else { Some(types[2]) };
     let d = same_dtype(op, q.dtype, k.dtype)?;
-    same_dtype(op, d, v.dtype)?;
+    if let Some(v) = v {
+        same_dtype(op, d, v.dtype)?;
+    }
     need(op, d.is_float(), "floating-point", d)?;
-    let shapes =
-        || format!("q {}, k {}, v {}", fmt_shape(&q.shape), fmt_shape(&k.shape), fmt_shape(&v.shape));
-    if q.rank() < 2 || k.rank() != q.rank() || v.rank() != q.rank() {
-        return Err(invalid(op, format!("q, k and v need one rank of at least 2, got {}", shapes())));
+    let shapes = || match v {
+        Some(v) => format!("q {}, k {}, v {}", fmt_shape(&q.shape), fmt_shape(&k.shape), fmt_shape(&v.shape)),
+        None => format!("q {}, k {}", fmt_shape(&q.shape), fmt_shape(&k.shape)),
+    };
+    let names = if lse { "q and k" } else { "q, k and v" };
+    if q.rank() < 2 || k.rank() != q.rank() || v.is_some_and(|v| v.rank() != q.rank()) {
+        return Err(invalid(op, format!("{names} need one rank of at least 2, got {}", shapes())));
     }
     let r = q.rank();
     for i in 0..r - 2 {
         let what = || format!("batch axis {i} of {}", shapes());
-        if !same_dim(op.name(), what, &q.shape[i], &k.shape[i])?
-            || !same_dim(op.name(), what, &q.shape[i], &v.shape[i])?
-        {
-            return Err(invalid(op, format!("the batch axes of q, k and v differ: {}", shapes())));
+        let v_differs = match v {
+            Some(v) => !same_dim(op.name(), what, &q.shape[i], &v.shape[i])?,
+            None => false,
+        };
+        if !same_dim(op.name(), what, &q.shape[i], &k.shape[i])? || v_differs {
+            return Err(invalid(op, format!("the batch axes of {names} differ: {}", shapes())));
         }
     }
     let (sq, dq) = (&q.shape[r - 2], &q.shape[r - 1]);
     let (sk, dk) = (&k.shape[r - 2], &k.shape[r - 1]);
-    let (sv, dv) = (&v.shape[r - 2], &v.shape[r - 1]);
     if !same_dim(op.name(), || format!("the last axes of q and k ({})", shapes()), dq, dk)? {
         return Err(invalid(op, format!("q and k differ in their last axis ({dq} vs {dk}): {}", shapes())));
     }
-    if !same_dim(op.name(), || format!("the sequence axes of k and v ({})", shapes()), sk, sv)? {
-        return Err(invalid(
-            op,
-            format!("k and v differ in their sequence axis ({sk} vs {sv}): {}", shapes()),
-        ));
+    if let Some(v) = v {
+        let sv = &v.shape[r - 2];
+        if !same_dim(op.name(), || format!("the sequence axes of k and v ({})", shapes()), sk, sv)? {
+            return Err(invalid(
+                op,
+                format!("k and v differ in their sequence axis ({sk} vs {sv}): {}", shapes()),
+            ));
+        }
     }
-    if let Some(m) = types.get(3) {
+    if let Some(m) = types.get(if lse { 2 } else { 3 }) {
         same_dtype(op, d, m.dtype)?;
         let mut scores = q.shape[..r - 2].to_vec();
         scores.extend([sq.clone(), sk.clone()]);
@@ -604,7 +617,9 @@ fn attention_type(op: &Op, types: &[&TensorType]) -> Result<TensorType, InferErr
         }
     }
     let mut shape = q.shape[..r - 1].to_vec();
-    shape.push(dv.clone());
+    if let Some(v) = v {
+        shape.push(v.shape[r - 1].clone());
+    }
     Ok(TensorType::new(d, shape))
 }
 

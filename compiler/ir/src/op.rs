@@ -412,6 +412,16 @@ pub enum Op {
         causal: bool,
         masked: bool,
     },
+    /// The log-sum-exp of attention's scores per query row, `log Σⱼ exp(s)` with
+    /// `s = q·kᵀ·scale + mask` (causal entries `j > i` left out): the statistic the forward
+    /// attention keeps anyway, from which its backward recomputes the probabilities as
+    /// `exp(s − lse)`. Operands `[q, k]` or `[q, k, mask]` (`masked`) as for [`Op::Attention`];
+    /// the result is `[…, Sq]`.
+    AttentionLse {
+        scale: f64,
+        causal: bool,
+        masked: bool,
+    },
     /// `norm(a + b)` over the last axis, a and b broadcasting; operands `[a, b]`, plus
     /// `[gamma, beta]` (layer) or `[gamma]` (rms) when `affine`.
     AddNorm {
@@ -468,6 +478,7 @@ impl Op {
             Op::RmsNorm { .. } => "rms_norm",
             Op::Gelu { .. } => "gelu",
             Op::Attention { .. } => "attention",
+            Op::AttentionLse { .. } => "attention_lse",
             Op::AddNorm { .. } => "add_norm",
             Op::MatMulEpilogue { .. } => "matmul_epilogue",
         }
@@ -503,6 +514,7 @@ impl Op {
             Op::LayerNorm { affine, .. } => Some(if *affine { 3 } else { 1 }),
             Op::RmsNorm { affine, .. } => Some(if *affine { 2 } else { 1 }),
             Op::Attention { masked, .. } => Some(if *masked { 4 } else { 3 }),
+            Op::AttentionLse { masked, .. } => Some(if *masked { 3 } else { 2 }),
             Op::AddNorm { kind, affine, .. } => Some(
                 2 + match (affine, kind) {
                     (false, _) => 0,
@@ -515,7 +527,7 @@ impl Op {
     }
 
     /// Whether the op is one of the fused ops (softmax, log_softmax, layer_norm, rms_norm,
-    /// gelu, attention, add_norm, matmul_epilogue) that stand for a pattern of primitives.
+    /// gelu, attention, attention_lse, add_norm, matmul_epilogue) that stand for a pattern of primitives.
     pub fn is_fused(&self) -> bool {
         matches!(
             self,
@@ -525,6 +537,7 @@ impl Op {
                 | Op::RmsNorm { .. }
                 | Op::Gelu { .. }
                 | Op::Attention { .. }
+                | Op::AttentionLse { .. }
                 | Op::AddNorm { .. }
                 | Op::MatMulEpilogue { .. }
         )
@@ -586,6 +599,7 @@ impl Op {
             | Op::RmsNorm { .. }
             | Op::Gelu { .. }
             | Op::Attention { .. }
+            | Op::AttentionLse { .. }
             | Op::AddNorm { .. }
             | Op::MatMulEpilogue { .. } => vec![],
         }
@@ -648,7 +662,7 @@ impl Op {
                 vec![("eps", fmt_f64(*eps)), ("affine", affine.to_string())]
             }
             Op::Gelu { approx } => vec![("approx", approx.name().to_string())],
-            Op::Attention { scale, causal, masked } => vec![
+            Op::Attention { scale, causal, masked } | Op::AttentionLse { scale, causal, masked } => vec![
                 ("scale", fmt_f64(*scale)),
                 ("causal", causal.to_string()),
                 ("masked", masked.to_string()),

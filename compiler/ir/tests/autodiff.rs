@@ -397,6 +397,76 @@ fn attention() {
 }
 
 #[test]
+fn attention_lse() {
+    let (q, k) = (&[2, 3, 4][..], &[2, 5, 4][..]);
+    for causal in [false, true] {
+        check(Op::AttentionLse { scale: 0.5, causal, masked: false }, vec![p(q), p(k)]);
+        check(Op::AttentionLse { scale: 0.5, causal, masked: true }, vec![p(q), p(k), p(&[1, 5])]);
+    }
+    check(
+        Op::AttentionLse { scale: 0.7, causal: true, masked: true },
+        vec![p(&[1, 2, 3, 2]), p(&[1, 2, 3, 2]), p(&[1, 1, 3, 3])],
+    );
+}
+
+/// Attention's backward reads the log-sum-exp of its scores (one `attention_lse` of the same
+/// operands and attributes) instead of a second softmax over them.
+#[test]
+fn attention_backward_reads_the_log_sum_exp() {
+    for (causal, masked) in [(false, false), (true, false), (false, true), (true, true)] {
+        let mut g = Graph::new("att");
+        let q = param(&mut g, "q", &[2, 3, 4]);
+        let k = param(&mut g, "k", &[2, 5, 4]);
+        let v = param(&mut g, "v", &[2, 5, 2]);
+        let mut operands = vec![q, k, v];
+        if masked {
+            operands.push(param(&mut g, "mask", &[1, 5]));
+        }
+        let y = g.add(Op::Attention { scale: 0.5, causal, masked }, &operands).unwrap();
+        let loss = weighted_sum(&mut g, y, 3);
+        let grads = grad(&mut g, loss, &operands).unwrap();
+        for (name, id) in &grads {
+            g.add_output(format!("grad.{name}"), *id);
+        }
+        let ops = |want: &dyn Fn(&Op) -> bool| g.node_ids().filter(|&n| want(&g.node(n).op)).count();
+        let lse = Op::AttentionLse { scale: 0.5, causal, masked };
+        assert_eq!(ops(&|o| *o == lse), 1, "causal {causal}, masked {masked}");
+        assert_eq!(ops(&|o| matches!(o, Op::Softmax { .. })), 0);
+        let lse_node = g.node_ids().find(|&n| g.node(n).op == lse).unwrap();
+        assert_eq!(
+            g.operands(lse_node),
+            operands[..2].iter().chain(operands.get(3)).copied().collect::<Vec<_>>()
+        );
+    }
+}
+
+/// `attention_lse` is `log Σ exp` of the scores the primitives form, in f64; `−inf` for a
+/// row that sees no key.
+#[test]
+fn attention_lse_is_the_log_sum_exp_of_the_scores() {
+    let mut g = Graph::new("lse");
+    let q = konst(&mut g, Tensor::from_f64(vec![2, 2], vec![1.0, 0.0, 0.0, 2.0]).unwrap());
+    let k = konst(&mut g, Tensor::from_f64(vec![3, 2], vec![1.0, 1.0, 0.0, 1.0, 2.0, 0.0]).unwrap());
+    let mask = konst(
+        &mut g,
+        Tensor::from_f64(vec![2, 3], vec![0.0, 0.0, 0.0, f64::NEG_INFINITY, f64::NEG_INFINITY, -1.0])
+            .unwrap(),
+    );
+    let lse = g.add(Op::AttentionLse { scale: 0.5, causal: false, masked: true }, &[q, k, mask]).unwrap();
+    let causal = g.add(Op::AttentionLse { scale: 0.5, causal: true, masked: true }, &[q, k, mask]).unwrap();
+    g.add_output("lse", lse);
+    g.add_output("causal", causal);
+    let out = eval(&g, &Bindings::default()).unwrap();
+    // Row 0: scores 0.5·(1, 0, 2), max 1 → 1 + log(e^−0.5 + e^−1 + 1); row 1: (−inf, −inf,
+    // 0 − 1).
+    let row0 = 1.0 + ((-0.5f64).exp() + (-1f64).exp() + 1.0).ln();
+    assert_eq!(out[0].1.to_f64_vec(), vec![row0, -1.0]);
+    assert_eq!(g.ty(lse).static_shape(), vec![2]);
+    // Causal: row 0 sees key 0 only (0.5), row 1 keys 0 and 1, both hidden by the mask.
+    assert_eq!(out[1].1.to_f64_vec(), vec![0.5, f64::NEG_INFINITY]);
+}
+
+#[test]
 fn matmul_epilogue() {
     for activation in Activation::ALL {
         check(Op::MatMulEpilogue { bias: true, activation }, vec![p(&[2, 3]), p(&[3, 4]), p(&[4])]);

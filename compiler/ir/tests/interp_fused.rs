@@ -279,6 +279,8 @@ fn names_arities_flags_and_attrs() {
         (Op::Gelu { approx: GeluApprox::Tanh }, "gelu", 1),
         (Op::Attention { scale: 0.5, causal: true, masked: false }, "attention", 3),
         (Op::Attention { scale: 0.5, causal: false, masked: true }, "attention", 4),
+        (Op::AttentionLse { scale: 0.5, causal: true, masked: false }, "attention_lse", 2),
+        (Op::AttentionLse { scale: 0.5, causal: false, masked: true }, "attention_lse", 3),
         (Op::AddNorm { eps: 1e-5, kind: NormKind::Layer, affine: false }, "add_norm", 2),
         (Op::AddNorm { eps: 1e-5, kind: NormKind::Layer, affine: true }, "add_norm", 4),
         (Op::AddNorm { eps: 1e-5, kind: NormKind::Rms, affine: true }, "add_norm", 3),
@@ -1041,6 +1043,21 @@ fn typing_errors() {
     let e = type_err(att(true), &[q.clone(), k.clone(), v.clone(), ty(DType::Bool, &[7])]);
     assert!(e.contains("operand dtypes differ"), "{e}");
     assert_eq!(type_err(att(true), &[q, k, v]), "`attention` takes 4 operand(s), got 3");
+
+    // The log-sum-exp of the same scores: q and k (no v), the mask, the result [.., Sq].
+    let lse = |masked| Op::AttentionLse { scale: 1.0, causal: false, masked };
+    let e = type_err(lse(false), &[f(&[2, 5, 4]), f(&[1, 7, 4])]);
+    assert_eq!(e, "`attention_lse`: the batch axes of q and k differ: q [2, 5, 4], k [1, 7, 4]");
+    let e = type_err(lse(false), &[f(&[5, 4]), f(&[7, 3])]);
+    assert_eq!(e, "`attention_lse`: q and k differ in their last axis (4 vs 3): q [5, 4], k [7, 3]");
+    let e = type_err(lse(true), &[f(&[2, 5, 4]), f(&[2, 7, 4]), f(&[5, 5])]);
+    assert_eq!(
+        e,
+        "`attention_lse`: the mask [5, 5] does not broadcast to the scores [2, 5, 7] (q [2, 5, 4], k [2, 7, 4])"
+    );
+    assert_eq!(type_err(lse(true), &[f(&[5, 4]), f(&[7, 4])]), "`attention_lse` takes 3 operand(s), got 2");
+    let t = infer(&lse(true), &[&f(&[2, 5, 4]), &f(&[2, 7, 4]), &f(&[1, 7])]).unwrap();
+    assert_eq!(t, f(&[2, 5]));
 
     let mme = |bias| Op::MatMulEpilogue { bias, activation: Activation::None };
     let e = type_err(mme(true), &[f(&[2, 4]), f(&[4, 3]), f(&[2])]);

@@ -90,6 +90,13 @@ pub fn flops(op: &Op, inputs: &[&TensorType], out: &TensorType) -> f64 {
             let rows = (q.numel() as f64) / d;
             rows * sk * (2.0 * d + 2.0 * dv + 14.0)
         }
+        Op::AttentionLse { .. } => {
+            let (q, k) = (inputs[0], inputs[1]);
+            let sk = k.static_shape()[k.rank() - 2] as f64;
+            let d = q.static_shape()[q.rank() - 1] as f64;
+            let rows = (q.numel() as f64) / d;
+            rows * sk * (2.0 * d + 14.0)
+        }
         Op::MatMulEpilogue { .. } => matmul(inputs[0]) + 10.0 * n,
         _ => 0.0,
     }

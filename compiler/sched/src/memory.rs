@@ -18,7 +18,7 @@ pub const ALIGN: usize = 64;
 /// (arena bytes with reuse, arena bytes without), both counting the slots.
 pub(crate) fn plan(buffers: &mut [Buffer], kernels: &[Kernel], align: usize, base: usize) -> (usize, usize) {
     for (k, kernel) in kernels.iter().enumerate() {
-        for o in kernel.inputs.iter().chain(std::iter::once(&kernel.output)) {
+        for o in kernel.operands() {
             let b = &mut buffers[o.buffer];
             if matches!(b.storage, Storage::Arena { .. }) {
                 b.live = Some(match b.live {

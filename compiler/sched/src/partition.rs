@@ -13,6 +13,11 @@
 //! A kernel whose only user is a transpose writes its result straight into the transposed
 //! layout (attention's `[b, h, s, d]` result lands as `[b, s, h, d]`), so the transpose — and
 //! usually the reshape after it — cost nothing.
+//!
+//! An `attention` and the `attention_lse` of the same operands (a train step's forward and
+//! the statistic its backward reads) are one kernel with two results: the log-sum-exp is a
+//! by-product of the attention's online softmax. A log-sum-exp met first waits for its
+//! attention, unless a user needs it before: then it is a kernel of its own.
 
 use crate::faults::{FaultKind, FaultSite};
 use crate::plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, StateSlot, Storage};
@@ -53,6 +58,9 @@ pub(crate) struct Builder<'g> {
     pub(crate) layout: &'g [StateSlot],
     pub(crate) state_reads: Vec<(usize, BufferId)>,
     fault_sites: Vec<FaultSite>,
+    /// `attention_lse` nodes met before the attention they share a kernel with: scheduled
+    /// with it, or alone when a user needs them first.
+    deferred: std::collections::HashSet<NodeId>,
 }
 
 pub(crate) fn partition<'g>(g: &'g Graph, layout: &'g [StateSlot]) -> Result<Partition, SchedError> {
@@ -69,6 +77,7 @@ pub(crate) fn partition<'g>(g: &'g Graph, layout: &'g [StateSlot]) -> Result<Par
         layout,
         state_reads: Vec::new(),
         fault_sites: Vec::new(),
+        deferred: std::collections::HashSet::new(),
     };
     for (i, (_, n)) in g.outputs.iter().enumerate() {
         b.outputs.entry(*n).or_default().push(i);
@@ -124,6 +133,22 @@ impl Builder<'_> {
     }
 
     fn visit(&mut self, n: NodeId) -> Result<(), SchedError> {
+        // Computed already, as a second result of an earlier node's kernel.
+        if self.values.contains_key(&n) {
+            return Ok(());
+        }
+        if let Some((att, lse)) = self.attention_pair(n) {
+            return self.attention_with_lse(att, lse);
+        }
+        if self.waits_for_attention(n) {
+            self.deferred.insert(n);
+            return Ok(());
+        }
+        self.visit_node(n)
+    }
+
+    /// Schedules node `n` on its own.
+    fn visit_node(&mut self, n: NodeId) -> Result<(), SchedError> {
         let node = self.g.node(n);
         let ty = node.ty.clone();
         let operands = self.g.operands(n);
@@ -254,6 +279,63 @@ impl Builder<'_> {
         Ok(())
     }
 
+    /// When `n` is an `attention` or an `attention_lse`, and the other of the two over the same
+    /// operands (q, k, the mask) and attributes is in the graph, not scheduled yet and ready
+    /// (its operands scheduled): the pair `(attention, attention_lse)`.
+    fn attention_pair(&self, n: NodeId) -> Option<(NodeId, NodeId)> {
+        let ops = self.g.operands(n);
+        let (lse_of, is_attention) = match self.g.node(n).op {
+            Op::Attention { scale, causal, masked } => (Op::AttentionLse { scale, causal, masked }, true),
+            Op::AttentionLse { scale, causal, masked } => (Op::Attention { scale, causal, masked }, false),
+            _ => return None,
+        };
+        let scores_operands =
+            |att: &[NodeId]| -> Vec<NodeId> { att[..2].iter().chain(att.get(3)).copied().collect() };
+        let other = self.users[&ops[0]].iter().copied().find(|&u| {
+            let uops = self.g.operands(u);
+            u != n
+                && self.g.node(u).op == lse_of
+                && !self.values.contains_key(&u)
+                && uops.iter().all(|o| self.values.contains_key(o))
+                && if is_attention { scores_operands(&ops) == uops } else { scores_operands(&uops) == ops }
+        })?;
+        Some(if is_attention { (n, other) } else { (other, n) })
+    }
+
+    /// Whether `n` is an `attention_lse` whose attention (same operands and attributes) is not
+    /// scheduled yet: it waits to be computed in that kernel.
+    fn waits_for_attention(&self, n: NodeId) -> bool {
+        let Op::AttentionLse { scale, causal, masked } = self.g.node(n).op else { return false };
+        let ops = self.g.operands(n);
+        let attention = Op::Attention { scale, causal, masked };
+        self.users[&ops[0]].iter().any(|&u| {
+            let uops = self.g.operands(u);
+            self.g.node(u).op == attention
+                && !self.values.contains_key(&u)
+                && uops[..2].iter().chain(uops.get(3)).copied().collect::<Vec<_>>() == ops
+        })
+    }
+
+    /// One attention kernel for node `att` that also writes the log-sum-exp node `lse`.
+    fn attention_with_lse(&mut self, att: NodeId, lse: NodeId) -> Result<(), SchedError> {
+        let mut inputs = Vec::new();
+        for o in self.g.operands(att) {
+            inputs.push(self.operand(o)?);
+        }
+        let op = KernelOp::Node(self.g.node(att).op.clone());
+        let out = self.emit(att, op, inputs, vec![att, lse], &self.g.ty(att).static_shape());
+        let shape = self.g.ty(lse).static_shape();
+        let buffer = self.result_buffer(lse, &shape);
+        let stats = Operand { buffer, view: StridedView::contiguous(&shape), dtype: self.g.ty(lse).dtype };
+        if let Some(k) = self.kernels.last_mut() {
+            k.extra_outputs.push(stats.clone());
+        }
+        self.values.insert(att, Value::Stored(out));
+        self.values.insert(lse, Value::Stored(stats));
+        self.deferred.remove(&lse);
+        Ok(())
+    }
+
     /// Adds a kernel computing node `n` into a fresh buffer and returns its result operand.
     /// When `n`'s only user is a transpose (and `n` is no graph output), the buffer takes the
     /// transposed shape and the kernel writes through the inverse permutation.
@@ -291,7 +373,7 @@ impl Builder<'_> {
             None => (self.result_buffer(n, shape), StridedView::contiguous(shape)),
         };
         let output = Operand { buffer, view, dtype };
-        self.kernels.push(Kernel { op, inputs, output: output.clone(), nodes });
+        self.kernels.push(Kernel { op, inputs, output: output.clone(), extra_outputs: vec![], nodes });
         output
     }
 
@@ -303,6 +385,13 @@ impl Builder<'_> {
         }
         if let Some(m) = self.materialized.get(&o) {
             return Ok(m.clone());
+        }
+        // A log-sum-exp needed before its attention is reached: computed alone after all.
+        if self.deferred.remove(&o) {
+            self.visit_node(o)?;
+            if let Some(s) = self.stored(o) {
+                return Ok(s.clone());
+            }
         }
         let shape = self.g.ty(o).static_shape();
         let mut inputs = Vec::new();
@@ -371,6 +460,7 @@ impl Builder<'_> {
             op: KernelOp::Elementwise(Expr::Operand(0)),
             inputs: vec![src.clone()],
             output: output.clone(),
+            extra_outputs: vec![],
             nodes,
         });
         output
@@ -429,6 +519,7 @@ impl Builder<'_> {
                 op: KernelOp::Elementwise(Expr::Operand(0)),
                 inputs: vec![src],
                 output,
+                extra_outputs: vec![],
                 nodes: vec![n],
             });
         }

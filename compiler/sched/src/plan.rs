@@ -137,12 +137,26 @@ pub struct Kernel {
     pub op: KernelOp,
     pub inputs: Vec<Operand>,
     pub output: Operand,
+    /// Further results the same kernel writes, its arguments after `output`: the log-sum-exp
+    /// of an attention's scores beside its output (`attention_lse` of the same operands, which
+    /// the backward reads). Usually empty.
+    pub extra_outputs: Vec<Operand>,
     /// The IR nodes it computes (for inspection and profiles).
     #[serde(skip)]
     pub nodes: Vec<NodeId>,
 }
 
 impl Kernel {
+    /// Every operand in argument order: the inputs, the output, the extra outputs.
+    pub fn operands(&self) -> impl Iterator<Item = &Operand> {
+        self.inputs.iter().chain(std::iter::once(&self.output)).chain(&self.extra_outputs)
+    }
+
+    /// [`Kernel::operands`], to rewrite.
+    pub fn operands_mut(&mut self) -> impl Iterator<Item = &mut Operand> {
+        self.inputs.iter_mut().chain(std::iter::once(&mut self.output)).chain(&mut self.extra_outputs)
+    }
+
     /// Whether the kernel holds a fault site, and so takes the fault slot as its last argument.
     pub fn can_fault(&self) -> bool {
         match &self.op {

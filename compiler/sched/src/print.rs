@@ -44,7 +44,9 @@ pub fn to_text(s: &Schedule) -> String {
     let _ = writeln!(out, "schedule {} {{", s.graph);
     for (i, k) in s.kernels.iter().enumerate() {
         let ins: Vec<String> = k.inputs.iter().map(|o| operand(s, o)).collect();
-        let _ = write!(out, "  k{i} {} ({}) -> {}", k.name(), ins.join(", "), operand(s, &k.output));
+        let outs: Vec<String> =
+            std::iter::once(&k.output).chain(&k.extra_outputs).map(|o| operand(s, o)).collect();
+        let _ = write!(out, "  k{i} {} ({}) -> {}", k.name(), ins.join(", "), outs.join(", "));
         if let crate::KernelOp::Elementwise(e) = &k.op {
             if e.op_count() > 1 {
                 let _ = write!(out, "  = {}", e.render());

@@ -107,6 +107,7 @@ pub(crate) fn place_updates(b: &mut Builder<'_>) -> Result<(), SchedError> {
             op: KernelOp::Elementwise(Expr::Operand(0)),
             inputs: vec![src],
             output,
+            extra_outputs: vec![],
             nodes: Vec::new(),
         });
     }

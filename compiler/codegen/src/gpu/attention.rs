@@ -7,6 +7,11 @@
 //! Scores are formed in the interpreter's order (dot product over d in order, with fused
 //! multiply-adds, times `scale`, plus the mask). Hidden keys (causal, or past the end) are −inf. A row whose scores
 //! are all −inf ends as 0/0 = NaN, as the interpreter's does.
+//!
+//! The log-sum-exp of each query row's scores, `m + log l` when the walk ends (−inf for a row
+//! with nothing to see), is written beside the output when the schedule asks for it (the
+//! backward recomputes the probabilities from it), or alone: without v the kernel forms the
+//! scores and the running max and sum, and nothing else.
 
 use super::plan::SharedLayout;
 use super::plan::{GpuPlan, Work};
@@ -44,20 +49,26 @@ fn each(b: &mut Body, n: usize, name: &str, body: &mut dyn FnMut(&mut Body, &str
 }
 
 /// Attention of `q` `[B…, Sq, D]`, `k` `[B…, Sk, D]`, `v` `[B…, Sk, Dv]`, optional additive
-/// `mask` `[B…, Sq, Sk]`, into `out` `[B…, Sq, Dv]`. Arguments: q, k, v, [mask], out.
+/// `mask` `[B…, Sq, Sk]`, into `out` `[B…, Sq, Dv]` and, when given, the scores' log-sum-exp
+/// into `lse` `[B…, Sq]`; without `v` and `out`, the log-sum-exp alone. Arguments: q, k, [v],
+/// [mask], [out], [lse].
 #[allow(clippy::too_many_arguments)]
 pub fn emit(
     symbol: &str,
     q: &View,
     k: &View,
-    v: &View,
+    v_out: Option<(&View, &View)>,
     mask: Option<&View>,
     scale: f64,
     causal: bool,
-    out: &View,
+    lse: Option<&View>,
     cx: &GpuCtx,
 ) -> Result<GpuKernel, CodegenError> {
-    let dtype = out.dtype;
+    let (v, out) = (v_out.map(|(v, _)| v), v_out.map(|(_, o)| o));
+    if out.is_none() && lse.is_none() {
+        return Err(CodegenError::Unsupported("an attention kernel with nothing to write".into()));
+    }
+    let dtype = q.dtype;
     if !dtype.is_float() {
         return Err(CodegenError::Unsupported(format!(
             "attention on {dtype} on the {} target",
@@ -69,7 +80,17 @@ pub fn emit(
     let batch_shape = &q.shape[..r - 2];
     let batch: usize = batch_shape.iter().product();
     let (sq, d) = (q.shape[r - 2], q.shape[r - 1]);
-    let (sk, dv) = (k.shape[r - 2], v.shape[r - 1]);
+    let (sk, dv) = (k.shape[r - 2], v.map_or(0, |v| v.shape[r - 1]));
+    // Argument names in order: q, k, then the operands present.
+    let mut next = 2;
+    let mut arg = |present: bool| {
+        present.then(|| {
+            next += 1;
+            format!("%a{}", next - 1)
+        })
+    };
+    let (_, mask_arg, out_arg, lse_arg) =
+        (arg(v.is_some()), arg(mask.is_some()), arg(out.is_some()), arg(lse.is_some()));
     let reg_bytes = if ty == "f64" { 8 } else { 4 };
     let plan = GpuPlan::attention(batch, sq, sk, d, dv, reg_bytes, cx.caps)?;
     let Work::Attention { block_q, block_k, .. } = plan.work else {
@@ -96,8 +117,10 @@ pub fn emit(
             bidx.iter().zip(&w.strides).map(|(i, &s)| (Some(i), s)).collect();
         offset_at(b, w.offset, &parts)
     };
-    let (q_base, k_base, v_base, o_base) =
-        (base(&mut b, q), base(&mut b, k), base(&mut b, v), base(&mut b, out));
+    let (q_base, k_base) = (base(&mut b, q), base(&mut b, k));
+    let v_base = v.map(|v| base(&mut b, v));
+    let o_base = out.map(|o| base(&mut b, o));
+    let l_base = lse.map(|l| base(&mut b, l));
     let m_base = mask.map(|mv| base(&mut b, mv));
     let bqc = b.index(bq);
     let i = b.assign(format!("arith.muli {bx}, {bqc} : index"));
@@ -127,7 +150,13 @@ pub fn emit(
     let layout_k = SharedLayout { row: d, col: 1, len: bk * d };
     let layout_v = SharedLayout { row: dv, col: 1, len: bk * dv };
     let tile_k = OperandTile::new(&b, k, "%a1", k_base.clone(), (bk, d), (sk, d), layout_k, bq, vectors);
-    let tile_v = OperandTile::new(&b, v, "%a2", v_base.clone(), (bk, dv), (sk, dv), layout_v, bq, vectors);
+    // v, when present, is the third argument.
+    let tile_v = match (v, &v_base) {
+        (Some(v), Some(vb)) => {
+            Some(OperandTile::new(&b, v, "%a2", vb.clone(), (bk, dv), (sk, dv), layout_v, bq, vectors))
+        }
+        _ => None,
+    };
     let skc = b.index(sk);
     let bkc = b.index(bk);
     b.open(format!(
@@ -136,9 +165,11 @@ pub fn emit(
     // The workgroup loads the tile's keys and values (zeros past the end): every read first,
     // then every store, so the reads overlap.
     let fk = tile_k.fetch(&mut b, &tid, ("%kt", &c0), &zero, ty);
-    let fv = tile_v.fetch(&mut b, &tid, ("%kt", &c0), &zero, ty);
+    let fv = tile_v.as_ref().map(|t| t.fetch(&mut b, &tid, ("%kt", &c0), &zero, ty));
     tile_k.deposit(&mut b, &fk, &mem_k, &c0, None, ty);
-    tile_v.deposit(&mut b, &fv, &mem_v, &c0, None, ty);
+    if let (Some(t), Some(fv)) = (&tile_v, &fv) {
+        t.deposit(&mut b, fv, &mem_v, &c0, None, ty);
+    }
     b.line("gpu.barrier");
 
     let sc = b.float(scale, ty);
@@ -148,10 +179,10 @@ pub fn emit(
         let mut score = b.fmul(dot, &sc, ty);
         let j = b.assign(format!("arith.addi %kt, {jj} : index"));
         let jc = clamp(b, &j, sk);
-        if let (Some(mv), Some(mb)) = (mask, &m_base) {
+        if let (Some(mv), Some(mb), Some(ma)) = (mask, &m_base, &mask_arg) {
             let off = offset_at(b, 0, &[(Some(&ic), mv.strides[r - 2]), (Some(&jc), mv.strides[r - 1])]);
             let at = b.assign(format!("arith.addi {mb}, {off} : index"));
-            let mval = load(b, "%a3", mv, &at);
+            let mval = load(b, ma, mv, &at);
             score = b.fadd(&score, &mval, ty);
         }
         let mut hidden = b.assign(format!("arith.cmpi uge, {j}, {skc} : index"));
@@ -276,23 +307,34 @@ pub fn emit(
     b.line(format!("scf.yield {m_new}, {l_new} : {ty}, {ty}"));
     b.close("");
 
-    // The output row.
+    // The output row, and the log-sum-exp `m + log l`.
     b.open(format!("scf.if {valid}"));
-    let out_arg = if mask.is_some() { "%a4" } else { "%a3" };
-    each(&mut b, dv, "%da", &mut |b, da| {
-        let da = da.to_string();
-        let o = b.assign(format!("memref.load {ap}[{da}] : {ap_ty}"));
-        let y = b.fdiv(&o, "%ml#1", ty);
-        let off = offset_at(b, 0, &[(Some(&i), out.strides[r - 2]), (Some(&da), out.strides[r - 1])]);
-        let at = b.assign(format!("arith.addi {o_base}, {off} : index"));
-        store(b, &y, out_arg, out, &at);
-    });
+    if let (Some(out), Some(o_base), Some(out_arg)) = (out, &o_base, &out_arg) {
+        each(&mut b, dv, "%da", &mut |b, da| {
+            let da = da.to_string();
+            let o = b.assign(format!("memref.load {ap}[{da}] : {ap_ty}"));
+            let y = b.fdiv(&o, "%ml#1", ty);
+            let off = offset_at(b, 0, &[(Some(&i), out.strides[r - 2]), (Some(&da), out.strides[r - 1])]);
+            let at = b.assign(format!("arith.addi {o_base}, {off} : index"));
+            store(b, &y, out_arg, out, &at);
+        });
+    }
+    if let (Some(lv), Some(l_base), Some(lse_arg)) = (lse, &l_base, &lse_arg) {
+        let log_l = b.log("%ml#1", ty);
+        let y = b.fadd("%ml#0", &log_l, ty);
+        let off = offset_at(&mut b, 0, &[(Some(&i), lv.strides[r - 2])]);
+        let at = b.assign(format!("arith.addi {l_base}, {off} : index"));
+        store(&mut b, &y, lse_arg, lv, &at);
+    }
     b.close("");
 
-    let mut memrefs = vec![q.memref(), k.memref(), v.memref()];
+    let mut memrefs = vec![q.memref(), k.memref()];
+    memrefs.extend(v.map(View::memref));
     memrefs.extend(mask.map(View::memref));
-    memrefs.push(out.memref());
+    memrefs.extend(out.map(View::memref));
+    memrefs.extend(lse.map(View::memref));
     let flops = (2 * batch * sq * sk * (d + dv)) as u64;
-    let bytes = ((q.numel() + k.numel() + v.numel() + out.numel()) * dtype.size_bytes()) as u64;
+    let written = out.map_or(0, View::numel) + lse.map_or(0, View::numel);
+    let bytes = ((q.numel() + k.numel() + v.map_or(0, View::numel) + written) * dtype.size_bytes()) as u64;
     Ok(GpuKernel { symbol: symbol.into(), mlir: module(symbol, &memrefs, &plan, b), plan, flops, bytes })
 }

@@ -81,7 +81,7 @@ fn check_limits(
     k: &kiln_sched::Kernel,
     caps: &GpuCaps,
 ) -> Result<Vec<(usize, Split)>, CodegenError> {
-    let operands: Vec<&kiln_sched::Operand> = k.inputs.iter().chain(std::iter::once(&k.output)).collect();
+    let operands: Vec<&kiln_sched::Operand> = k.operands().collect();
     let mut splits = Vec::new();
     let mut bindings = 0;
     for (j, o) in operands.iter().enumerate() {
@@ -221,7 +221,22 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, cx: &GpuCtx) -> Result<GpuKernel
             } else {
                 None
             };
-            attention::emit(sym, &q, &kk, &v, mask.as_ref(), *scale, *causal, &out, cx)
+            let lse = k.extra_outputs.first().map(|o| plain(s, o));
+            attention::emit(sym, &q, &kk, Some((&v, &out)), mask.as_ref(), *scale, *causal, lse.as_ref(), cx)
+        }
+        Op::AttentionLse { scale, causal, masked } => {
+            float_only(op.name())?;
+            no_f64(op.name(), out.dtype, caps)?;
+            let (q, kk) = (plain(s, arg(0)?), plain(s, arg(1)?));
+            let mask = if *masked {
+                let mut shape = q.shape.clone();
+                let last = shape.len() - 1;
+                shape[last] = kk.shape[kk.rank() - 2];
+                Some(broadcast(s, arg(2)?, &shape))
+            } else {
+                None
+            };
+            attention::emit(sym, &q, &kk, None, mask.as_ref(), *scale, *causal, Some(&out), cx)
         }
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
             float_only(op.name())?;

@@ -42,6 +42,11 @@
 //! heap scratch (once per batch index per call: a call's iterations of one batch index are
 //! consecutive), and every block reads them from there.
 //!
+//! The log-sum-exp of each query row's scores, `m·ln2 + ln l` at the end of the walk (−inf
+//! for a row with nothing to see), is stored beside the output when the schedule asks for it
+//! (the backward recomputes the probabilities from it), one lane at a time; without v and the
+//! output (the statistic alone) Dv is 0, so step 3 and the output rows vanish.
+//!
 //! Causal blocks stop at their last row's diagonal, so tiles above it are never visited (a
 //! causal iteration is one block). A row whose scores are all −inf ends with `l = 0` and gives
 //! `0/0 = NaN`, as the interpreter does. The last group of each batch index runs a second
@@ -76,43 +81,56 @@ const GROUP_SCRATCH_BYTES: usize = 128 << 10;
 const TILE_ACCS: usize = 12;
 
 /// `out = softmax(q·kᵀ·scale + mask, causal) · v` over views `q [B…, Sq, D]`, `k [B…, Sk, D]`,
-/// `v [B…, Sk, Dv]`, `mask [B…, Sq, Sk]` (broadcast axes stride 0), `out [B…, Sq, Dv]`.
-/// Arguments, in order: q, k, v, (mask), out.
+/// `v [B…, Sk, Dv]`, `mask [B…, Sq, Sk]` (broadcast axes stride 0), `out [B…, Sq, Dv]` (`v_out`),
+/// and the scores' log-sum-exp into `lse [B…, Sq]`: both, or either alone. Arguments, in
+/// order: q, k, (v), (mask), (out), (lse).
 #[allow(clippy::too_many_arguments)]
 pub fn emit(
     symbol: &str,
     q: &View,
     k: &View,
-    v: &View,
+    v_out: Option<(&View, &View)>,
     mask: Option<&View>,
     scale: f64,
     causal: bool,
-    out: &View,
+    lse: Option<&View>,
     target: &dyn Target,
 ) -> Result<Kernel, CodegenError> {
-    let mut views = vec![q, k, v];
+    let (v, out) = (v_out.map(|(v, _)| v), v_out.map(|(_, o)| o));
+    let mut views = vec![q, k];
+    views.extend(v);
     views.extend(mask);
-    views.push(out);
+    views.extend(out);
+    views.extend(lse);
     let ct = ComputeType::of(&views, target, "attention")?;
-    let shape = Shape::of(q, k, v, mask, out)?;
+    let shape = Shape::of(q, k, v_out, mask, lse)?;
     let Shape { batch, sq, sk, dv, .. } = shape.clone();
     let nb: usize = batch.iter().product();
-    if sk == 0 && nb * sq * dv > 0 {
+    let written = nb * sq * (dv + usize::from(lse.is_some()));
+    if sk == 0 && written > 0 {
         return Err(CodegenError::Unsupported("attention over zero keys (an empty softmax)".into()));
     }
     let row_bytes = |x: &View| x.strides[x.rank() - 2] * ct.size as usize;
-    let pack_kv = pack_kv_policy(row_bytes(k).max(row_bytes(v)));
+    let pack_kv = pack_kv_policy(row_bytes(k).max(v.map_or(0, row_bytes)));
     let plan = Plan::new(&shape, ct.lanes, causal, ct.size as usize, pack_kv);
     let groups_per_batch = sq.div_ceil(plan.qb * plan.group);
     let tail = plan.tail(&shape, groups_per_batch);
-    let range = if nb * sq * dv == 0 { 0 } else { nb * groups_per_batch };
-    let mut ops = vec![Operand::new("%q", q), Operand::new("%k", k), Operand::new("%v", v)];
-    if let Some(m) = mask {
-        ops.push(Operand::new("%mask", m));
-    }
-    ops.push(Operand::new("%out", out));
+    let range = if written == 0 { 0 } else { nb * groups_per_batch };
+    let mut ops = vec![Operand::new("%q", q), Operand::new("%k", k)];
+    let slot = |ops: &mut Vec<Operand>, name: &str, x: Option<&View>| {
+        x.map(|x| {
+            ops.push(Operand::new(name, x));
+            ops.len() - 1
+        })
+    };
+    let slots = Slots {
+        v: slot(&mut ops, "%v", v),
+        mask: slot(&mut ops, "%mask", mask),
+        out: slot(&mut ops, "%out", out),
+        lse: slot(&mut ops, "%lse", lse),
+    };
     let mut b = Body::new();
-    body(&mut b, &ct, &ops, &shape, &plan, tail.as_ref(), scale, causal, groups_per_batch);
+    body(&mut b, &ct, &ops, &slots, &shape, &plan, tail.as_ref(), scale, causal, groups_per_batch);
     // Scored pairs (i, j): all of them, or those on or below the diagonal.
     let pairs: u64 = if causal {
         (0..sq).map(|i| (i + 1).min(sk) as u64).sum::<u64>() * nb as u64
@@ -134,7 +152,15 @@ pub fn emit(
     })
 }
 
-/// The extents of an attention, checked across its operands.
+/// Where the optional operands are among a kernel's arguments (q and k are 0 and 1).
+struct Slots {
+    v: Option<usize>,
+    mask: Option<usize>,
+    out: Option<usize>,
+    lse: Option<usize>,
+}
+
+/// The extents of an attention, checked across its operands (Dv is 0 without v).
 #[derive(Clone, Debug)]
 struct Shape {
     batch: Vec<usize>,
@@ -145,30 +171,47 @@ struct Shape {
 }
 
 impl Shape {
-    fn of(q: &View, k: &View, v: &View, mask: Option<&View>, out: &View) -> Result<Shape, CodegenError> {
+    fn of(
+        q: &View,
+        k: &View,
+        v_out: Option<(&View, &View)>,
+        mask: Option<&View>,
+        lse: Option<&View>,
+    ) -> Result<Shape, CodegenError> {
         let r = q.rank();
         let bad = || {
             CodegenError::Unsupported(format!(
-                "attention of q {:?}, k {:?}, v {:?}, mask {:?} into {:?}",
+                "attention of q {:?}, k {:?}, v {:?}, mask {:?} into {:?} and {:?}",
                 q.shape,
                 k.shape,
-                v.shape,
+                v_out.map(|(v, _)| &v.shape),
                 mask.map(|m| &m.shape),
-                out.shape
+                v_out.map(|(_, o)| &o.shape),
+                lse.map(|l| &l.shape),
             ))
         };
-        if r < 2 || [k, v, out].iter().any(|x| x.rank() != r) || mask.is_some_and(|m| m.rank() != r) {
+        let wrong_rank = |x: &View| x.rank() != r;
+        if r < 2
+            || k.rank() != r
+            || v_out.is_some_and(|(v, o)| wrong_rank(v) || wrong_rank(o))
+            || mask.is_some_and(wrong_rank)
+            || lse.is_some_and(|l| l.rank() + 1 != r)
+            || (v_out.is_none() && lse.is_none())
+        {
             return Err(bad());
         }
         let batch = q.shape[..r - 2].to_vec();
-        let (sq, d, sk, dv) = (q.shape[r - 2], q.shape[r - 1], k.shape[r - 2], v.shape[r - 1]);
+        let (sq, d, sk) = (q.shape[r - 2], q.shape[r - 1], k.shape[r - 2]);
+        let dv = v_out.map_or(0, |(v, _)| v.shape[r - 1]);
         let fits = |x: &View, want: &[usize]| x.shape[..r - 2] == batch[..] && x.shape[r - 2..] == *want;
         let mask_fits = |m: &View| {
             let mut want = batch.clone();
             want.extend([sq, sk]);
             m.shape.iter().zip(&want).all(|(&a, &w)| a == w || a == 1)
         };
-        if !fits(k, &[sk, d]) || !fits(v, &[sk, dv]) || !fits(out, &[sq, dv]) || !mask.is_none_or(mask_fits) {
+        let v_out_fits = v_out.is_none_or(|(v, o)| fits(v, &[sk, dv]) && fits(o, &[sq, dv]));
+        let lse_fits = lse.is_none_or(|l| l.shape[..r - 2] == batch[..] && l.shape[r - 2] == sq);
+        if !fits(k, &[sk, d]) || !v_out_fits || !mask.is_none_or(mask_fits) || !lse_fits {
             return Err(bad());
         }
         Ok(Shape { batch, sq, d, sk, dv })
@@ -373,15 +416,18 @@ struct Ctx<'a> {
     lanes: usize,
     q: &'a Operand,
     k: &'a Operand,
+    /// v, or k standing in for it when there is none (Dv is 0 then: nothing reads it).
     v: &'a Operand,
     mask: Option<&'a Operand>,
-    out: &'a Operand,
-    /// Element offsets of this iteration's batch index in q, k, v, mask, out.
+    out: Option<&'a Operand>,
+    lse: Option<&'a Operand>,
+    /// Element offsets of this iteration's batch index in q, k, v, mask, out, lse.
     qbase: String,
     kbase: String,
     vbase: String,
     mbase: Option<String>,
     obase: String,
+    lbase: String,
     /// First query row of the block.
     row0: String,
     /// The block's offsets in the q scratch, the O scratch, and the m and l scratch.
@@ -398,6 +444,7 @@ struct Ctx<'a> {
     vd: usize,
     os: usize,
     od: usize,
+    ls: usize,
     msq: usize,
     msk: usize,
 }
@@ -449,6 +496,7 @@ fn body(
     b: &mut Body,
     ct: &ComputeType,
     ops: &[Operand],
+    slots: &Slots,
     shape: &Shape,
     plan: &Plan,
     tail: Option<&Plan>,
@@ -458,8 +506,10 @@ fn body(
 ) {
     let (vty, ety) = (ct.vty.as_str(), ct.elem);
     let Plan { qb, group, lanes, .. } = *plan;
-    let (q, k, v, out) = (&ops[0], &ops[1], &ops[2], &ops[ops.len() - 1]);
-    let mask = (ops.len() == 5).then(|| &ops[3]);
+    let (q, k) = (&ops[0], &ops[1]);
+    let v = slots.v.map_or(k, |i| &ops[i]);
+    let (mask, out, lse) =
+        (slots.mask.map(|i| &ops[i]), slots.out.map(|i| &ops[i]), slots.lse.map(|i| &ops[i]));
     let r = q.rank();
     let (sq, d, sk, dv) = (shape.sq, shape.d, shape.sk, shape.dv);
 
@@ -503,6 +553,8 @@ fn body(
     let row0 = ix_mul(b, &blk, group * qb);
     let sq_last = b.index(sq.saturating_sub(1));
     let (msq, msk) = mask.map(|m| (m.strides[r - 2], m.strides[r - 1])).unwrap_or((0, 0));
+    let (os, od) = out.map(|o| (o.strides[r - 2], o.strides[r - 1])).unwrap_or((0, 0));
+    let at = |slot: Option<usize>| slot.map(|i| offs.offsets[i].clone()).unwrap_or_else(|| c0.clone());
     let cx = Ctx {
         vty,
         lanes,
@@ -511,11 +563,13 @@ fn body(
         v,
         mask,
         out,
+        lse,
         qbase: offs.offsets[0].clone(),
         kbase: offs.offsets[1].clone(),
-        vbase: offs.offsets[2].clone(),
-        mbase: mask.map(|_| offs.offsets[3].clone()),
-        obase: offs.offsets[ops.len() - 1].clone(),
+        vbase: at(slots.v.or(Some(1))),
+        mbase: slots.mask.map(|i| offs.offsets[i].clone()),
+        obase: at(slots.out),
+        lbase: at(slots.lse),
         row0,
         q_at: c0.clone(),
         o_at: c0.clone(),
@@ -527,8 +581,9 @@ fn body(
         kd: k.strides[r - 1],
         vs: v.strides[r - 2],
         vd: v.strides[r - 1],
-        os: out.strides[r - 2],
-        od: out.strides[r - 1],
+        os,
+        od,
+        ls: lse.map_or(0, |l| l.strides[r - 2]),
         msq,
         msk,
     };
@@ -541,7 +596,9 @@ fn body(
             b.open(format!("scf.if {other}"));
             let skc = b.index(sk);
             copy_rows(b, &cx, (cx.k, &cx.kbase, cx.ks, cx.kd), &c0, &skc, d, kp);
-            copy_rows(b, &cx, (cx.v, &cx.vbase, cx.vs, cx.vd), &c0, &skc, dv, vp);
+            if dv > 0 {
+                copy_rows(b, &cx, (cx.v, &cx.vbase, cx.vs, cx.vd), &c0, &skc, dv, vp);
+            }
             b.line(format!("memref.store {bi}, {held}[{c0}] : memref<1xindex>"));
             b.close("");
             Ctx { k: kp, v: vp, kbase: c0.clone(), vbase: c0.clone(), ks: d, kd: 1, vs: dv, vd: 1, ..cx }
@@ -735,8 +792,33 @@ fn group_body(b: &mut Body, cx: &Ctx, plan: &Plan, bufs: &Scratch, shape: &Shape
 
     let (sb, _, _) = for_open(b, &c0, &groupc, &c1, &[]);
     let cx = group_cx.block(b, &sb, qb, d, dv);
-    store_out_transposed(b, &cx, o_buf, l_buf, dv, qb, rv);
+    if cx.out.is_some() {
+        store_out_transposed(b, &cx, o_buf, l_buf, dv, qb, rv);
+    }
+    store_lse(b, &cx, m_buf, l_buf, rv);
     for_close(b, &[], &[]);
+}
+
+/// `lse[row] = m[row]·ln2 + ln l[row]` for the block's rows (`m` is in log₂ units), when the
+/// kernel writes it: each row vector's lanes go to their rows one at a time (the last row
+/// repeated where the vector is partial, the same value written again).
+fn store_lse(b: &mut Body, cx: &Ctx, m_buf: &Operand, l_buf: &Operand, rv: usize) {
+    let Some(lse) = cx.lse else { return };
+    let (vty, lanes) = (cx.vty, cx.lanes);
+    let elem = elem_type(vty);
+    let ln2 = b.float(std::f64::consts::LN_2, vty);
+    for u in 0..rv {
+        let ulane = b.index(u * lanes);
+        let at = ix(b, "addi", &ulane, &cx.ml_at);
+        let m = load(b, m_buf, &at, 1, vty, None, 0.0);
+        let l = load(b, l_buf, &at, 1, vty, None, 0.0);
+        let ln_l = b.log(&l, vty);
+        let y = b.fma(&m, &ln2, &ln_l, vty);
+        for (t, row) in cx.lane_rows(b, &ulane, &cx.lbase, cx.ls).iter().enumerate() {
+            let x = b.assign(format!("vector.extract {y}[{t}] : {elem} from {vty}"));
+            b.line(format!("memref.store {x}, {}[{row}] : {}", lse.name, lse.memref));
+        }
+    }
 }
 
 /// Copies rows `[j0, j0 + n)` of `src` (`(operand, base offset, row stride, column stride)`,
@@ -1008,7 +1090,9 @@ fn store_out_transposed(
         let coff = ix_mul(b, col, cx.od);
         for (orow, x) in orows.iter().zip(&rows) {
             let at = ix(b, "addi", orow, &coff);
-            store(b, x, cx.out, &at, cx.od, vty, p.as_ref());
+            if let Some(out) = cx.out {
+                store(b, x, out, &at, cx.od, vty, p.as_ref());
+            }
         }
     };
     for_lane_chunks(b, dv, lanes, chunk);

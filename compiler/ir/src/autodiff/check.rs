@@ -53,6 +53,7 @@ pub fn widen_to_f64(g: &Graph) -> Result<Graph, InferError> {
             | Op::RmsNorm { .. }
             | Op::Gelu { .. }
             | Op::Attention { .. }
+            | Op::AttentionLse { .. }
             | Op::AddNorm { .. }
             | Op::MatMulEpilogue { .. }) => op,
         };

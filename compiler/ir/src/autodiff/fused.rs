@@ -1,9 +1,10 @@
 //! Gradient rules of the fused ops a spec may call directly (softmax, log-softmax, the norms,
-//! GELU, attention, matmul with epilogue). Each is the closed-form backward of the op's
+//! GELU, attention and its log-sum-exp, matmul with epilogue). Each is the closed-form backward of the op's
 //! primitive form (`interp/fused.rs`), written with primitives; what the backward needs of
-//! the forward (a norm's statistics, attention's probabilities) is recomputed from the
-//! operands rather than saved, so the forward op stays one node. The e-graph sees both and
-//! may share the common parts.
+//! the forward (a norm's statistics) is recomputed from the operands rather than saved, so the
+//! forward op stays one node, and the e-graph may share the common parts. Attention is the
+//! exception: its backward reads the log-sum-exp of the scores (`attention_lse`), a node of
+//! its own that the scheduler computes in the forward attention's kernel.
 
 use super::emit::Emit;
 use super::rules::{self, Grads, Site};
@@ -145,16 +146,86 @@ pub(super) fn gelu(e: &mut Emit, approx: GeluApprox, x: NodeId, gy: NodeId) -> R
     e.mul(gy, d)
 }
 
-/// Attention recomputes its probabilities `p = softmax(q·kᵀ·scale + mask)` (causal entries
-/// `j > i` at −inf), then `gv = pᵀ·gy`, `gp = gy·vᵀ`, `gs = p·(gp − Σ gp·p)`,
-/// `gq = gs·k·scale`, `gk = gsᵀ·q·scale` and the mask gets `gs` summed to its shape.
+/// Attention recomputes its probabilities from the log-sum-exp of its scores, the statistic
+/// its forward kernel writes beside the output (`attention_lse` of the same operands, one node
+/// the scheduler computes with the attention): `p = exp(s − lse)` with
+/// `s = q·kᵀ·scale + mask` (causal entries `j > i` at −inf, so `p = 0` there), no second
+/// reduction over the keys. Then `gv = pᵀ·gy`, `gp = gy·vᵀ` and, since `Σⱼ gpᵢⱼ·pᵢⱼ` is
+/// `Σ_c gyᵢ_c·yᵢ_c`, the row term `Δ = Σ gy·y` from the output instead of the `Sq × Sk`
+/// product: `gs = p·(gp − Δ)`, and [`scores_back`] takes `gs` to q, k and the mask.
 pub(super) fn attention(e: &mut Emit, scale: f64, causal: bool, s: &Site) -> Grads {
-    let (q, k, v, gy) = (s.x[0], s.x[1], s.x[2], s.gy);
+    let (q, k, v, y, gy) = (s.x[0], s.x[1], s.x[2], s.y, s.gy);
+    let mask = s.x.get(3).copied();
+    let r = e.ty(q).rank();
+    let lse_op = Op::AttentionLse { scale, causal, masked: mask.is_some() };
+    let lse = match mask {
+        Some(m) => e.op(lse_op, &[q, k, m])?,
+        None => e.op(lse_op, &[q, k])?,
+    };
+    let p = probabilities(e, q, k, mask, scale, causal, lse)?;
+    let gv = if s.wants[2] {
+        let pt = e.swap_last2(p)?;
+        Some(e.matmul(pt, gy)?)
+    } else {
+        None
+    };
+    let mut out = vec![None, None, gv];
+    if s.x.len() == 4 {
+        out.push(None);
+    }
+    let wants_scores = s.wants[0] || s.wants[1] || s.wants.get(3).copied().unwrap_or(false);
+    if wants_scores {
+        let vt = e.swap_last2(v)?;
+        let gp = e.matmul(gy, vt)?;
+        let gyy = e.mul(gy, y)?;
+        let delta = e.sum(gyy, &[r - 1], true)?;
+        let d = e.sub(gp, delta)?;
+        let gs = e.mul(p, d)?;
+        let (gq, gk, gmask) = scores_back(e, scale, gs, &s.x[..2], mask, s.wants)?;
+        out[0] = gq;
+        out[1] = gk;
+        if s.x.len() == 4 {
+            out[3] = gmask;
+        }
+    }
+    Ok(out)
+}
+
+/// `lse = log Σⱼ exp(s)`: its gradient with respect to the scores is their softmax,
+/// recomputed from the result as `p = exp(s − lse)`, so `gs = p·gy` (gy broadcast along the
+/// keys), then [`scores_back`].
+pub(super) fn attention_lse(e: &mut Emit, scale: f64, causal: bool, s: &Site) -> Grads {
+    let (q, k, lse, gy) = (s.x[0], s.x[1], s.y, s.gy);
+    let mask = s.x.get(2).copied();
+    let p = probabilities(e, q, k, mask, scale, causal, lse)?;
+    let mut col = e.shape(gy);
+    col.push(1);
+    let gy = e.reshape(gy, &col)?;
+    let gs = e.mul(p, gy)?;
+    let (gq, gk, gmask) = scores_back(e, scale, gs, &s.x[..2], mask, s.wants)?;
+    let mut out = vec![gq, gk];
+    if mask.is_some() {
+        out.push(gmask);
+    }
+    Ok(out)
+}
+
+/// `p = exp(s − lse)` for the scores `s = q·kᵀ·scale + mask` (causal entries at −inf), `lse`
+/// `[…, Sq]` broadcast along the keys.
+fn probabilities(
+    e: &mut Emit,
+    q: NodeId,
+    k: NodeId,
+    mask: Option<NodeId>,
+    scale: f64,
+    causal: bool,
+    lse: NodeId,
+) -> R {
     let r = e.ty(q).rank();
     let kt = e.swap_last2(k)?;
     let scores = e.matmul(q, kt)?;
     let mut scores = e.scale(scores, scale)?;
-    if let Some(&mask) = s.x.get(3) {
+    if let Some(mask) = mask {
         scores = e.add(scores, mask)?;
     }
     if causal {
@@ -166,39 +237,44 @@ pub(super) fn attention(e: &mut Emit, scale: f64, causal: bool, s: &Site) -> Gra
         let ninf = e.scalar(f64::NEG_INFINITY, scores)?;
         scores = e.select(hidden, ninf, scores)?;
     }
-    let p = e.op(Op::Softmax { axis: r - 1 }, &[scores])?;
-    let gv = if s.wants[2] {
-        let pt = e.swap_last2(p)?;
-        Some(e.matmul(pt, gy)?)
+    let mut col = e.shape(lse);
+    col.push(1);
+    let lse = e.reshape(lse, &col)?;
+    let d = e.sub(scores, lse)?;
+    e.unary(UnaryOp::Exp, d)
+}
+
+/// The gradients of q, k and the mask (those `wants` asks for: operands 0, 1 and the last)
+/// from the gradient `gs` of the scores `q·kᵀ·scale + mask`: `gq = gs·k·scale`,
+/// `gk = gsᵀ·q·scale`, mask: `gs` summed to its shape.
+#[allow(clippy::type_complexity)]
+fn scores_back(
+    e: &mut Emit,
+    scale: f64,
+    gs: NodeId,
+    qk: &[NodeId],
+    mask: Option<NodeId>,
+    wants: &[bool],
+) -> Result<(Option<NodeId>, Option<NodeId>, Option<NodeId>), InferError> {
+    let (q, k) = (qk[0], qk[1]);
+    let gq = if wants[0] {
+        let g = e.matmul(gs, k)?;
+        Some(e.scale(g, scale)?)
     } else {
         None
     };
-    let wants_scores = s.wants[0] || s.wants[1] || s.wants.get(3).copied().unwrap_or(false);
-    let (mut gq, mut gk, mut gmask) = (None, None, None);
-    if wants_scores {
-        let vt = e.swap_last2(v)?;
-        let gp = e.matmul(gy, vt)?;
-        let gs = softmax(e, r - 1, p, gp)?;
-        if s.wants[0] {
-            let g = e.matmul(gs, k)?;
-            gq = Some(e.scale(g, scale)?);
-        }
-        if s.wants[1] {
-            let gst = e.swap_last2(gs)?;
-            let g = e.matmul(gst, q)?;
-            gk = Some(e.scale(g, scale)?);
-        }
-        if let Some(&mask) = s.x.get(3) {
-            if s.wants[3] {
-                gmask = Some(e.unbroadcast(gs, &e.shape(mask))?);
-            }
-        }
-    }
-    let mut out = vec![gq, gk, gv];
-    if s.x.len() == 4 {
-        out.push(gmask);
-    }
-    Ok(out)
+    let gk = if wants[1] {
+        let gst = e.swap_last2(gs)?;
+        let g = e.matmul(gst, q)?;
+        Some(e.scale(g, scale)?)
+    } else {
+        None
+    };
+    let gmask = match (mask, wants.last()) {
+        (Some(m), Some(true)) => Some(e.unbroadcast(gs, &e.shape(m))?),
+        _ => None,
+    };
+    Ok((gq, gk, gmask))
 }
 
 /// `activation(matmul(a, b) + bias)`: the activation's gradient at the pre-activation `z`

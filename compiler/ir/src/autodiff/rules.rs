@@ -130,6 +130,7 @@ pub(super) fn vjp(e: &mut Emit, s: &Site) -> Grads {
         Op::AddNorm { eps, kind, .. } => fused::norm(e, *kind, *eps, true, s),
         Op::Gelu { approx } => Ok(vec![Some(fused::gelu(e, *approx, x[0], gy)?)]),
         Op::Attention { scale, causal, .. } => fused::attention(e, *scale, *causal, s),
+        Op::AttentionLse { scale, causal, .. } => fused::attention_lse(e, *scale, *causal, s),
         Op::MatMulEpilogue { activation, .. } => fused::matmul_epilogue(e, *activation, s),
     }
 }

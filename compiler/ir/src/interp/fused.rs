@@ -30,6 +30,11 @@
 //!   (`Sk = 0`) and a non-empty result it is an [`EvalError::EmptyReduction`], like the
 //!   primitive form's `reduce_max`. Only one row of scores per thread is ever held (plus a
 //!   transposed copy of k, so the dot products run as contiguous row updates).
+//! * `attention_lse`, per query row: the scores `s` as attention forms them, `m = max s`, then
+//!   `m + log Σ_j exp(s_j − m)` all in f64 (the exponentials and the logarithm too, so an f32
+//!   result is the exact value rounded once: a reference for the kernels, which keep it as a
+//!   by-product of their online softmax); `−inf` for a row whose scores are all −inf (the log
+//!   of an empty sum), NaN when a score is NaN. No keys is an [`EvalError::EmptyReduction`].
 //! * `add_norm`: `s = a + b` (broadcast), then the layer or RMS norm of `s` as above.
 //! * `matmul_epilogue`: `act(matmul(a, b) + bias)`; relu keeps NaN (`x < 0 ? 0 : x`), sigmoid
 //!   is `1 / (1 + exp(−x))`, gelu as above.
@@ -432,6 +437,97 @@ pub(crate) fn attention(
         causal,
     };
     apply(&k, "attention", args, ty)
+}
+
+// ------------------------------------------------------------------------------- attention's log-sum-exp
+
+struct AttentionLseK<'a> {
+    q: &'a [usize],
+    k: &'a [usize],
+    mask: Option<&'a [usize]>,
+    scale: f64,
+    causal: bool,
+}
+
+impl Kernel for AttentionLseK<'_> {
+    fn run<F: Float>(&self, args: &[&[F]]) -> Result<Vec<F>, EvalError> {
+        let (q, k, mask) = (args[0], args[1], args.get(2).copied());
+        let r = self.q.len();
+        let batch = &self.q[..r - 2];
+        let nb = numel(batch);
+        let (sq, d) = (self.q[r - 2], self.q[r - 1]);
+        let sk = self.k[r - 2];
+        let mut out = vec![<F as Real>::ZERO; nb * sq];
+        if out.is_empty() {
+            return Ok(out);
+        }
+        let mut scores_shape = batch.to_vec();
+        scores_shape.extend([sq, sk]);
+        if sk == 0 {
+            return Err(EvalError::EmptyReduction { op: "attention_lse", shape: scores_shape });
+        }
+        let (mask_off, msq, msk) = match self.mask {
+            Some(ms) => {
+                let st = broadcast_strides(ms, &scores_shape);
+                let off: Vec<usize> =
+                    (0..nb).map(|b| unravel(b, batch).iter().zip(&st).map(|(i, s)| i * s).sum()).collect();
+                (off, st[r - 2], st[r - 1])
+            }
+            None => (Vec::new(), 0, 0),
+        };
+        let scale = F::from_f64(self.scale);
+        // One row: the scores of the keys it sees (as attention forms them), then the
+        // log-sum-exp in f64.
+        let row = |s: &mut Vec<F>, idx: usize, o: &mut F| {
+            let (b, i) = (idx / sq, idx % sq);
+            let qi = &q[idx * d..(idx + 1) * d];
+            let seen = if self.causal { (i + 1).min(sk) } else { sk };
+            s.clear();
+            for j in 0..seen {
+                let kj = &k[(b * sk + j) * d..(b * sk + j + 1) * d];
+                let dot = qi.iter().zip(kj).fold(<F as Real>::ZERO, |acc, (&x, &y)| acc + x * y);
+                let mut sj = dot * scale;
+                if let Some(m) = mask {
+                    sj = sj + m[mask_off[b] + i * msq + j * msk];
+                }
+                s.push(sj);
+            }
+            let max = s.iter().fold(F::NEG_INFINITY, |m, &x| m.max_nan(x)).to_f64();
+            *o = F::from_f64(if max == f64::NEG_INFINITY {
+                max
+            } else {
+                max + s.iter().map(|&x| (x.to_f64() - max).exp()).sum::<f64>().ln()
+            });
+        };
+        if nb * sq * sk * d >= PAR_FLOPS {
+            out.par_iter_mut()
+                .enumerate()
+                .for_each_init(|| Vec::with_capacity(sk), |s, (idx, o)| row(s, idx, o));
+        } else {
+            let mut s = Vec::with_capacity(sk);
+            for (idx, o) in out.iter_mut().enumerate() {
+                row(&mut s, idx, o);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `attention_lse(q, k[, mask])` with `scale` and `causal`.
+pub(crate) fn attention_lse(
+    args: &[&Tensor],
+    scale: f64,
+    causal: bool,
+    ty: &StaticType,
+) -> Result<Tensor, EvalError> {
+    let k = AttentionLseK {
+        q: &args[0].shape,
+        k: &args[1].shape,
+        mask: args.get(2).map(|m| m.shape.as_slice()),
+        scale,
+        causal,
+    };
+    apply(&k, "attention_lse", args, ty)
 }
 
 // ------------------------------------------------------------------------------- matmul epilogue

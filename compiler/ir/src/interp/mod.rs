@@ -277,6 +277,7 @@ pub fn eval_op(op: &Op, args: &[&Tensor], ty: &TensorType) -> Result<Tensor, Eva
         Op::AddNorm { eps, kind, .. } => fused::norm(args, *kind, *eps, true, ty),
         Op::Gelu { approx } => fused::gelu(a(0), *approx, ty),
         Op::Attention { scale, causal, .. } => fused::attention(args, *scale, *causal, ty),
+        Op::AttentionLse { scale, causal, .. } => fused::attention_lse(args, *scale, *causal, ty),
         Op::MatMulEpilogue { activation, .. } => fused::matmul_epilogue(args, *activation, ty),
     }
 }
