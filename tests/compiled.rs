@@ -1519,6 +1519,7 @@ fn mutate_manifest(m: &mut kiln_runtime::Manifest, kind: u8, a: u64, b: u64) {
                 BufRef::Weight { name, bytes } => BufRef::Weight { name, bytes: value(bytes) },
                 BufRef::Input { index } => BufRef::Input { index: value(u64::from(index)) as u32 },
                 BufRef::Output { index } => BufRef::Output { index: value(u64::from(index)) as u32 },
+                BufRef::Symbols => BufRef::Input { index: value(0) as u32 },
             }
         }
         3 => {

@@ -69,4 +69,4 @@ pub use tensor::{Tensor, TensorRef};
 pub use weights::{WeightStore, WeightView};
 
 /// The artifact format version this runtime reads and the compiler writes.
-pub const ARTIFACT_FORMAT_VERSION: u32 = 6;
+pub const ARTIFACT_FORMAT_VERSION: u32 = 7;

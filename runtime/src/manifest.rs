@@ -380,8 +380,9 @@ pub enum Dispatch {
     Gpu {
         /// Index into [`Manifest::modules`].
         module: u32,
-        /// Workgroups along x, y, z.
-        grid: [u32; 3],
+        /// Workgroups along x, y, z, at the run's symbol values (fixed when the model has no
+        /// symbols; at most the device's limit at the symbols' maxima).
+        grid: [Dim; 3],
         /// Invocations per workgroup along x, y, z (also fixed in the module).
         workgroup: [u32; 3],
     },
@@ -415,6 +416,10 @@ pub enum BufRef {
         /// Position in [`Manifest::outputs`].
         index: u32,
     },
+    /// The run's symbol values, one `u32` each in the order of [`Manifest::symbols`], for a
+    /// GPU kernel that reads sizes set at run time (a CPU kernel takes them as its `syms`
+    /// argument instead).
+    Symbols,
 }
 
 impl DType {
@@ -476,6 +481,11 @@ impl TensorSpec {
 }
 
 impl Dispatch {
+    /// A GPU dispatch whose grid is the same in every run.
+    pub fn gpu_fixed(module: u32, grid: [u32; 3], workgroup: [u32; 3]) -> Dispatch {
+        Dispatch::Gpu { module, grid: grid.map(|g| Dim::Fixed(u64::from(g))), workgroup }
+    }
+
     /// A CPU step's range.
     pub fn range_dim(&self) -> Option<&Dim> {
         match self {
@@ -821,6 +831,7 @@ impl Fnv {
                         self.u64(3);
                         self.u64(u64::from(*index));
                     }
+                    BufRef::Symbols => self.u64(4),
                 }
             }
             match dispatch {
@@ -832,7 +843,8 @@ impl Fnv {
                 Dispatch::Gpu { module, grid, workgroup } => {
                     self.u64(1);
                     self.u64(u64::from(*module));
-                    grid.iter().chain(workgroup).for_each(|&g| self.u64(u64::from(g)));
+                    grid.iter().for_each(|g| self.dim(g));
+                    workgroup.iter().for_each(|&w| self.u64(u64::from(w)));
                 }
             }
             self.u64(*flops);

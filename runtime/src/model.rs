@@ -162,7 +162,6 @@ impl Model {
                 check_specs(&manifest)?;
                 check_steps(&manifest)?;
                 check_state(&manifest, &weights)?;
-                check_fixed_shapes(&manifest, "vulkan")?;
                 let backend = VulkanBackend::load(&manifest, &spirv, &weights, index)?;
                 Ok(Model { manifest, backend: Backend::Vulkan(Box::new(backend)), weights })
             }
@@ -639,8 +638,8 @@ fn check_entry_specs(
     Ok(())
 }
 
-/// A GPU backend records its launches once, at fixed shapes: a manifest with symbols runs on
-/// the CPU only so far.
+/// The CUDA backend launches at fixed shapes: a manifest with symbols runs on the CPU and on
+/// Vulkan so far.
 fn check_fixed_shapes(manifest: &Manifest, device: &str) -> Result<(), RuntimeError> {
     if manifest.symbols.is_empty() {
         return Ok(());
@@ -649,7 +648,7 @@ fn check_fixed_shapes(manifest: &Manifest, device: &str) -> Result<(), RuntimeEr
     Err(RuntimeError::WrongDevice {
         artifact: format!("an artifact with sizes set at run time ({})", names.join(", ")),
         device: device.to_string(),
-        fix: "such artifacts run on the CPU so far; compile with `--set NAME=VALUE` for each to fix them"
+        fix: "such artifacts run on the CPU and Vulkan so far; compile with `--set NAME=VALUE` for each to fix them"
             .into(),
     })
 }
@@ -690,6 +689,22 @@ fn check_entry_steps(manifest: &Manifest, steps: &[crate::manifest::Step]) -> Re
             }
             // GPU entry points are looked up in the step's own module, never in the process.
             Target::Vulkan(_) | Target::Cuda(_) => {}
+        }
+        // The symbol values as a buffer: for a GPU kernel of a model that has symbols.
+        if step.args.contains(&crate::manifest::BufRef::Symbols) {
+            let problem = match manifest.target {
+                Target::Cpu(_) => Some("a CPU kernel takes them as its `syms` argument"),
+                Target::Vulkan(_) | Target::Cuda(_) if manifest.symbols.is_empty() => {
+                    Some("the manifest declares no symbols")
+                }
+                Target::Vulkan(_) | Target::Cuda(_) => None,
+            };
+            if let Some(problem) = problem {
+                return Err(RuntimeError::invalid(format!(
+                    "step {:?} passes the symbol values as a buffer, but {problem}",
+                    step.label
+                )));
+            }
         }
     }
     Ok(())
@@ -858,12 +873,12 @@ mod tests {
 
     #[test]
     fn future_manifests_are_refused_by_version() {
-        let text = "(format_version: 7, some_new_field: [1, 2], model: \"m\")";
+        let text = "(format_version: 8, some_new_field: [1, 2], model: \"m\")";
         let probe: VersionProbe = ron::from_str(text).unwrap();
         let err = check_version(probe.format_version).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "artifact format version 7, this runtime reads version 6: recompile the model"
+            "artifact format version 8, this runtime reads version 7: recompile the model"
         );
     }
 }

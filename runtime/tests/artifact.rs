@@ -226,10 +226,10 @@ fn from_parts_runs_in_memory_kernels_and_weights() {
 #[test]
 fn refuses_another_format_version() {
     let mut toy = Toy::new();
-    toy.edit(|m| m.format_version = 7);
+    toy.edit(|m| m.format_version = 8);
     assert_eq!(
         load_err(&toy),
-        "artifact format version 7, this runtime reads version 6: recompile the model"
+        "artifact format version 8, this runtime reads version 7: recompile the model"
     );
 }
 
@@ -299,7 +299,7 @@ fn refuses_missing_and_corrupt_files() {
     assert_eq!(load_err(&toy), "invalid manifest: \"../x.bin\" in files is not a file name");
 
     let toy = Toy::new();
-    let body = "(format_version: 5, model: )\n";
+    let body = "(format_version: 7, model: )\n";
     let text = format!("{body}// crc32: {:08x}\n", crc32fast::hash(body.as_bytes()));
     std::fs::write(toy.file(MANIFEST_FILE), text).unwrap();
     assert!(load_err(&toy).starts_with("manifest.ron is not a valid manifest: 1:"));
@@ -373,6 +373,17 @@ fn refuses_missing_symbols_and_bad_steps() {
     toy.edit(|m| m.outputs[1].name = "y".into());
     assert_eq!(load_err(&toy), "invalid manifest: two outputs are named \"y\"");
 
+    // A CPU kernel takes the symbol values as its `syms` argument, never as a buffer.
+    let mut toy = Toy::custom(dynamic_manifest(), DYNAMIC_C);
+    toy.edit(|m| m.steps[0].args.push(BufRef::Symbols));
+    assert_eq!(
+        load_err(&toy),
+        format!(
+            "invalid manifest: step {:?} passes the symbol values as a buffer, but a CPU kernel takes them as its `syms` argument",
+            toy.manifest.steps[0].label
+        )
+    );
+
     let toy = Toy::new();
     let err = Model::load_with(toy.path(), &Options { threads: Some(0), ..Options::default() }).unwrap_err();
     assert_eq!(err.to_string(), "Options::threads must be at least 1");
@@ -424,11 +435,11 @@ fn the_manifest_is_covered_by_its_digest_line() {
         assert_eq!(load_err(&toy), no_line);
     }
     // A manifest of an older format, which had no digest line, is refused by its version.
-    std::fs::write(toy.file(MANIFEST_FILE), body.replacen("format_version: 6", "format_version: 4", 1))
+    std::fs::write(toy.file(MANIFEST_FILE), body.replacen("format_version: 7", "format_version: 4", 1))
         .unwrap();
     assert_eq!(
         load_err(&toy),
-        "artifact format version 4, this runtime reads version 6: recompile the model"
+        "artifact format version 4, this runtime reads version 7: recompile the model"
     );
 }
 
@@ -641,6 +652,7 @@ fn mutate(m: &mut Manifest, next: &mut impl FnMut(usize) -> usize) {
                 BufRef::Weight { name, bytes } => BufRef::Weight { name, bytes: number(next, bytes) },
                 BufRef::Input { index } => BufRef::Input { index: number(next, u64::from(index)) as u32 },
                 BufRef::Output { index } => BufRef::Output { index: number(next, u64::from(index)) as u32 },
+                BufRef::Symbols => BufRef::Input { index: number(next, 0) as u32 },
             }
         }
         4 => {

@@ -107,7 +107,7 @@ fn manifest_errors_come_before_the_driver() {
     type Edit = Box<dyn Fn(&mut kiln_runtime::Manifest)>;
     let cases: Vec<(Edit, &str)> = vec![
         (
-            Box::new(|m| m.steps[1].dispatch = Dispatch::Gpu { module: 2, grid: [4, 1, 1], workgroup: [256, 1, 1] }),
+            Box::new(|m| m.steps[1].dispatch = Dispatch::gpu_fixed(2, [4, 1, 1], [256, 1, 1])),
             "invalid manifest: step \"k1 add [1024]\" uses module 2, but the manifest has 2 modules",
         ),
         (
@@ -143,7 +143,7 @@ fn manifest_errors_come_before_the_driver() {
             "step \"k1 add [1024]\" uses output 3, but the model has 1 outputs",
         ),
         (
-            Box::new(|m| m.steps[0].dispatch = Dispatch::Gpu { module: 1, grid: [2, 1, 1], workgroup: [512, 1, 1] }),
+            Box::new(|m| m.steps[0].dispatch = Dispatch::gpu_fixed(1, [2, 1, 1], [512, 1, 1])),
             "invalid manifest: step \"k0 mul [1024]\" has workgroup [512, 1, 1] (512 threads), more than the \
              target's max_workgroup_invocations 256",
         ),

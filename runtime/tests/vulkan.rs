@@ -202,7 +202,7 @@ fn cpu_artifacts_are_refused_on_vulkan() {
         "{err}"
     );
     let mut toy = toy;
-    toy.edit(|m| m.steps[1].dispatch = Dispatch::Gpu { module: 0, grid: [1, 1, 1], workgroup: [1, 1, 1] });
+    toy.edit(|m| m.steps[1].dispatch = Dispatch::gpu_fixed(0, [1, 1, 1], [1, 1, 1]));
     let err = Model::load_with(toy.path(), &Options::default()).unwrap_err().to_string();
     assert_eq!(err, "invalid manifest: step \"k1 add [64,16]\" is a GPU dispatch in a CPU artifact");
 }
@@ -264,7 +264,7 @@ fn refuses_bad_modules() {
     );
     // A step naming a module that does not exist.
     let mut a = GpuArtifact::chain();
-    a.edit(|m| m.steps[2].dispatch = Dispatch::Gpu { module: 3, grid: [16, 1, 1], workgroup: [64, 1, 1] });
+    a.edit(|m| m.steps[2].dispatch = Dispatch::gpu_fixed(3, [16, 1, 1], [64, 1, 1]));
     assert_eq!(
         load_err(&a),
         "invalid manifest: step \"k2 out [64,16]\" uses module 3, but the manifest has 3 modules"
@@ -291,7 +291,7 @@ fn refuses_bad_entry_points_and_capabilities() {
          have (its GLCompute entry points: add, mul)"
     );
     let mut a = GpuArtifact::chain();
-    a.edit(|m| m.steps[1].dispatch = Dispatch::Gpu { module: 0, grid: [8, 1, 1], workgroup: [128, 1, 1] });
+    a.edit(|m| m.steps[1].dispatch = Dispatch::gpu_fixed(0, [8, 1, 1], [128, 1, 1]));
     assert_eq!(
         load_err(&a),
         "SPIR-V module 0 of kernels.spv: entry point \"add\" has LocalSize [64, 1, 1], but step \"k1 add [64,16]\" \
@@ -328,16 +328,14 @@ fn refuses_launches_the_device_cannot_run() {
         return;
     }
     let mut a = GpuArtifact::chain();
-    a.edit(|m| m.steps[3].dispatch = Dispatch::Gpu { module: 2, grid: [0, 1, 1], workgroup: [64, 1, 1] });
+    a.edit(|m| m.steps[3].dispatch = Dispatch::gpu_fixed(2, [0, 1, 1], [64, 1, 1]));
     assert_eq!(
         load_err(&a),
         "invalid manifest: step \"k3 reduce [256]\" has grid [0, 1, 1] and workgroup [64, 1, 1]: every extent \
          must be at least 1"
     );
     let mut a = GpuArtifact::chain();
-    a.edit(|m| {
-        m.steps[3].dispatch = Dispatch::Gpu { module: 2, grid: [1, 1, u32::MAX], workgroup: [64, 1, 1] }
-    });
+    a.edit(|m| m.steps[3].dispatch = Dispatch::gpu_fixed(2, [1, 1, u32::MAX], [64, 1, 1]));
     assert!(load_err(&a).contains("(maxComputeWorkGroupCount)"), "{}", load_err(&a));
     // More invocations per workgroup than any device allows.
     let mut a = GpuArtifact::chain();
@@ -452,21 +450,21 @@ fn refuses_bad_buffer_references() {
         "SPIR-V module 0 of kernels.spv: entry point \"types\" declares binding 5 of 8 bytes, but step \"k0 types [8]\" \
          binds 7 bytes there"
     );
-    // Sizes set at run time run on the CPU only, so far.
+    // Kernels read sizes as 32-bit words: a symbol that may not fit one is refused.
     let mut a = GpuArtifact::chain();
     a.edit(|m| {
         m.symbols.push(kiln_runtime::SymbolSpec {
             name: "batch".into(),
             min: 1,
-            max: 8,
+            max: 1 << 32,
             hint: 4,
             multiple_of: 1,
         })
     });
     assert_eq!(
         load_err(&a),
-        "an artifact with sizes set at run time (batch) cannot run on device vulkan: such artifacts run on the CPU \
-         so far; compile with `--set NAME=VALUE` for each to fix them"
+        "invalid manifest: symbol `batch` may reach 4294967296, but Vulkan kernels read sizes as 32-bit words \
+         (at most 4294967295)"
     );
     // A weights file that lost a tensor, with matching digests.
     let mut a = GpuArtifact::chain();
@@ -561,4 +559,75 @@ fn wrong_inputs_are_refused_before_the_device() {
     assert_eq!(run_chain(&mut model, &x, &r), chain_expected(&x, &r));
     let _: Vec<Tensor> =
         model.run(&[TensorRef::f32("x", &X_SHAPE, &x), TensorRef::f32("r", &R_SHAPE, &r)]).unwrap();
+}
+
+/// Runs the sized model at `rows` rows: y and the workgroups its second step launched.
+fn run_sized(model: &mut Model, rows: usize) -> (Vec<f32>, i32) {
+    let x = &x_data()[..rows * 16];
+    let out = model.run(&[TensorRef::f32("x", &[rows as u64, 16], x)]).unwrap();
+    assert_eq!(out[0].shape(), &[rows as u64, 16][..]);
+    (out[0].as_f32().unwrap().to_vec(), out[1].as_i32().unwrap()[0])
+}
+
+/// y = x·w + rows over the first `rows` rows, and the grid `ceil(16·rows / 64)`.
+fn sized_expected(rows: usize) -> (Vec<f32>, i32) {
+    let (x, w) = (x_data(), common::w_data());
+    let y = (0..rows * 16).map(|i| x[i] * w[i] + rows as f32).collect();
+    (y, (16 * rows).div_ceil(64) as i32)
+}
+
+#[test]
+fn a_model_with_symbols_runs_at_each_size_with_the_grid_of_that_size() {
+    if !ready() {
+        return;
+    }
+    let artifact = GpuArtifact::new(sized_manifest(), &["sized"]);
+    let mut model = load(&artifact, None).unwrap();
+    assert_eq!(model.symbols()[0].name, "rows");
+    // One recorded command buffer: each run writes its symbol words and grids, and the
+    // kernels see both (NumWorkgroups is the run's grid, not the largest).
+    for rows in [1, 3, 4, 5, 8, 33, 64, 2, 1] {
+        assert_eq!(run_sized(&mut model, rows), sized_expected(rows), "{rows} rows");
+    }
+    // The timed command buffer reads them too.
+    let x = &x_data()[..7 * 16];
+    let (out, profile) = model.run_profiled(&[TensorRef::f32("x", &[7, 16], x)], 2).unwrap();
+    assert_eq!(profile.steps.len(), 2);
+    let expected = sized_expected(7);
+    assert_eq!((out[0].as_f32().unwrap().to_vec(), out[1].as_i32().unwrap()[0]), expected);
+    // Out of bounds: refused before the device, by input and axis; the model is unharmed.
+    let long = vec![0.5f32; 65 * 16];
+    let err = model.run(&[TensorRef::f32("x", &[65, 16], &long)]).unwrap_err();
+    assert_eq!(err.to_string(), "input `x` axis 0 is 65, but `rows` is at most 64");
+    assert_eq!(run_sized(&mut model, 9), sized_expected(9));
+}
+
+#[test]
+fn symbol_words_and_run_time_grids_are_checked_at_load() {
+    if !ready() {
+        return;
+    }
+    // A grid over the device's limit at the symbols' maxima.
+    let mut a = GpuArtifact::new(sized_manifest(), &["sized"]);
+    a.edit(|m| {
+        let Dispatch::Gpu { grid, .. } = &mut m.steps[1].dispatch else { unreachable!() };
+        grid[0] = kiln_runtime::Dim::Size(vec![kiln_runtime::SizeTerm {
+            coeff: 1 << 20,
+            factors: vec![kiln_runtime::SizeFactor::Sym(0)],
+        }]);
+    });
+    let err = load_err(&a);
+    assert!(
+        err.starts_with(
+            "the artifact needs step \"k1 shift [rows,16]\" to launch grid [67108864, 1, 1], but device"
+        ),
+        "{err}"
+    );
+    // The symbol words passed where the manifest declares no symbols.
+    let mut a = GpuArtifact::chain();
+    a.edit(|m| m.steps[0].args.push(BufRef::Symbols));
+    assert_eq!(
+        load_err(&a),
+        "invalid manifest: step \"k0 mul [64,16]\" passes the symbol values as a buffer, but the manifest declares no symbols"
+    );
 }

@@ -687,11 +687,11 @@ fn gpu_steps(
             symbol: k.symbol.clone(),
             label: format!("k{i} {} {}", sk.name(), fmt_shape(&sk.output.view.shape)),
             args,
-            dispatch: Dispatch::Gpu {
-                module: (first_module + ki) as u32,
-                grid: k.plan.launch.grid,
-                workgroup: k.plan.launch.workgroup,
-            },
+            dispatch: Dispatch::gpu_fixed(
+                (first_module + ki) as u32,
+                k.plan.launch.grid,
+                k.plan.launch.workgroup,
+            ),
             flops: k.flops,
             bytes: k.bytes,
         });

@@ -568,11 +568,17 @@ fn attention_case(sym: &str, c: &AttnCase) -> (Kernel, Vec<Operand>, Tensor) {
     }
     let scale = 1.0 / (c.d.max(1) as f64).sqrt();
     let (op, out_shape) = match c.written {
-        Written::Output => (Op::Attention { scale, causal: c.causal, masked }, vec![c.batch, c.heads, c.sq, c.dv]),
+        Written::Output => {
+            (Op::Attention { scale, causal: c.causal, masked }, vec![c.batch, c.heads, c.sq, c.dv])
+        }
         Written::OutputAndLse | Written::Lse => {
             // The statistic of each [b, h] row lies at (b·H + h)·Sq + i, behind one element.
             let shape = [c.batch, c.heads, c.sq];
-            let view = View { offset: 1, buffer_len: c.batch * c.heads * c.sq + 1, ..View::contiguous(&shape, c.dtype) };
+            let view = View {
+                offset: 1,
+                buffer_len: c.batch * c.heads * c.sq + 1,
+                ..View::contiguous(&shape, c.dtype)
+            };
             ops.push(Operand::output(view));
             (Op::AttentionLse { scale, causal: c.causal, masked }, shape.to_vec())
         }
@@ -596,8 +602,8 @@ fn attention_case(sym: &str, c: &AttnCase) -> (Kernel, Vec<Operand>, Tensor) {
         Written::OutputAndLse => (Some((at(2), at(out_at))), Some(at(out_at + 1))),
         Written::Lse => (None, Some(at(2 + usize::from(masked)))),
     };
-    let kernel =
-        attention::emit(sym, &ops[0].view, &ops[1].view, v_out, mv, scale, c.causal, lse, &host()).expect("emit");
+    let kernel = attention::emit(sym, &ops[0].view, &ops[1].view, v_out, mv, scale, c.causal, lse, &host())
+        .expect("emit");
     (kernel, ops, want)
 }
 
@@ -744,7 +750,8 @@ fn attention_grouped_blocks() {
 /// −inf give −inf), head-split rows copied per batch index, grouped blocks, f64.
 #[test]
 fn attention_lse() {
-    let shapes = [(2, 3, 5, 7, 8, 8), (1, 2, 19, 130, 13, 5), (1, 1, 33, 257, 7, 33), (1, 2, 220, 1100, 32, 32)];
+    let shapes =
+        [(2, 3, 5, 7, 8, 8), (1, 2, 19, 130, 13, 5), (1, 1, 33, 257, 7, 33), (1, 2, 220, 1100, 32, 32)];
     let mut cases = Vec::new();
     for (written, w) in [(Written::OutputAndLse, "b"), (Written::Lse, "a")] {
         for (i, &(b, h, sq, sk, d, dv)) in shapes.iter().enumerate() {
@@ -753,12 +760,14 @@ fn attention_lse() {
                 cases.push(attention_case(&format!("al{w}_{i}_{j}"), &c));
             }
         }
-        let causal = AttnCase { causal: true, mask: Mask::Full, written, ..AttnCase::new(2, 2, 21, 21, 8, 8) };
+        let causal =
+            AttnCase { causal: true, mask: Mask::Full, written, ..AttnCase::new(2, 2, 21, 21, 8, 8) };
         cases.push(attention_case(&format!("al{w}_causal"), &causal));
         let pad = Mask::Padding { pad: 5, value: f64::NEG_INFINITY };
         let padded = AttnCase { mask: pad, written, ..AttnCase::new(3, 2, 11, 29, 16, 16) };
         cases.push(attention_case(&format!("al{w}_pad"), &padded));
-        let split = AttnCase { head_split: true, causal: true, written, ..AttnCase::new(2, 5, 33, 33, 60, 60) };
+        let split =
+            AttnCase { head_split: true, causal: true, written, ..AttnCase::new(2, 5, 33, 33, 60, 60) };
         cases.push(attention_case(&format!("al{w}_split"), &split));
     }
     run_cases(cases);

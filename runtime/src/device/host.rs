@@ -144,6 +144,12 @@ impl HostBackend {
                             slots.push((args.len(), Slot::Output(i)));
                             std::ptr::null_mut()
                         }
+                        // `check_steps` refused it: a CPU kernel reads `syms` instead.
+                        BufRef::Symbols => {
+                            return Err(RuntimeError::invalid(format!(
+                                "step {at:?} passes the symbol values as a buffer, but a CPU kernel takes them as its `syms` argument"
+                            )))
+                        }
                     };
                     args.push(SendPtr(ptr));
                 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::error::RuntimeError;
 use crate::manifest::Target;
+use crate::symbols::{Dim, SymbolSpec};
 use crate::tensor::TensorRef;
 
 pub(crate) mod cuda;
@@ -164,14 +165,14 @@ pub(crate) fn check_arena_range(
 
 /// A GPU step's module index, grid and workgroup, refusing a CPU dispatch and a module the
 /// manifest does not have; `device` names the artifact's kind in the error.
-pub(crate) fn gpu_dispatch(
-    step: &crate::manifest::Step,
+pub(crate) fn gpu_dispatch<'s>(
+    step: &'s crate::manifest::Step,
     modules: usize,
     device: &str,
-) -> Result<(usize, [u32; 3], [u32; 3]), RuntimeError> {
+) -> Result<(usize, &'s [Dim; 3], [u32; 3]), RuntimeError> {
     let at = &step.label;
-    let (module, grid, workgroup) = match step.dispatch {
-        crate::manifest::Dispatch::Gpu { module, grid, workgroup } => (module as usize, grid, workgroup),
+    let (module, grid, workgroup) = match &step.dispatch {
+        crate::manifest::Dispatch::Gpu { module, grid, workgroup } => (*module as usize, grid, *workgroup),
         crate::manifest::Dispatch::Cpu { .. } => {
             return Err(RuntimeError::invalid(format!(
                 "step {at:?} is a CPU dispatch in a {device} artifact"
@@ -184,6 +185,46 @@ pub(crate) fn gpu_dispatch(
         )));
     }
     Ok((module, grid, workgroup))
+}
+
+/// A GPU step's grid at symbol values `values` (the run's, or the maxima at load), each extent
+/// a `u32` as launches take it.
+pub(crate) fn grid_at(
+    step: &str,
+    grid: &[Dim; 3],
+    values: &[u64],
+    symbols: &[SymbolSpec],
+) -> Result<[u32; 3], RuntimeError> {
+    let mut out = [0u32; 3];
+    for (o, d) in out.iter_mut().zip(grid) {
+        *o = d.at(values).and_then(|n| u32::try_from(n).ok()).ok_or_else(|| {
+            RuntimeError::invalid(format!(
+                "step {step:?} has grid extent {} at {}: negative or over u32::MAX",
+                d.display(symbols),
+                crate::symbols::binding_str(symbols, values)
+            ))
+        })?;
+    }
+    Ok(out)
+}
+
+/// The run's symbol values as a GPU kernel reads them ([`crate::BufRef::Symbols`]): one
+/// little-endian `u32` each (a GPU model's symbols are bounded by `u32::MAX`, checked at load).
+pub(crate) fn symbol_words(values: &[u64]) -> Vec<u8> {
+    values.iter().flat_map(|&v| (v as u32).to_le_bytes()).collect()
+}
+
+/// Refuses a GPU model whose symbols a kernel could not read as `u32` (see [`symbol_words`]).
+pub(crate) fn check_gpu_symbols(symbols: &[SymbolSpec], device: &str) -> Result<(), RuntimeError> {
+    match symbols.iter().find(|s| s.max > u64::from(u32::MAX)) {
+        Some(s) => Err(RuntimeError::invalid(format!(
+            "symbol `{}` may reach {}, but {device} kernels read sizes as 32-bit words (at most {})",
+            s.name,
+            s.max,
+            u32::MAX
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Where a GPU backend puts the weights its steps read, in its one weights buffer: each
@@ -242,13 +283,15 @@ impl WeightLayout {
 
 /// A GPU step's buffer argument, checked against the manifest and placed: an arena range
 /// inside the arena at a multiple of the target's `buffer_align`, a weight at its offset in
-/// the one weights buffer (its size as found), or an input or output the entry point has.
+/// the one weights buffer (its size as found), an input or output the entry point has, or the
+/// run's symbol values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum GpuArg {
     Arena { offset: u64, bytes: u64 },
     Weight { offset: u64, bytes: u64 },
     Input(usize),
     Output(usize),
+    Symbols,
 }
 
 impl WeightLayout {
@@ -276,6 +319,7 @@ impl WeightLayout {
             }
             BufRef::Input { index } => GpuArg::Input(check_index(step, "input", *index, io.0)?),
             BufRef::Output { index } => GpuArg::Output(check_index(step, "output", *index, io.1)?),
+            BufRef::Symbols => GpuArg::Symbols,
         })
     }
 }
@@ -405,7 +449,7 @@ impl Backend {
         match self {
             Backend::Host(host) => host.execute(entry, values, inputs, outputs, times),
             // A GPU model has no symbols (refused at load), so `values` is empty.
-            Backend::Vulkan(gpu) => gpu.execute(entry, inputs, outputs, times),
+            Backend::Vulkan(gpu) => gpu.execute(entry, values, inputs, outputs, times),
             Backend::Cuda(gpu) => gpu.execute(entry, inputs, outputs, times),
         }
     }

@@ -69,7 +69,7 @@ pub fn step(symbol: &str, label: &str, module: u32, args: Vec<BufRef>) -> Step {
         symbol: symbol.into(),
         label: label.into(),
         args,
-        dispatch: Dispatch::Gpu { module, grid: [4, 1, 1], workgroup: [256, 1, 1] },
+        dispatch: Dispatch::gpu_fixed(module, [4, 1, 1], [256, 1, 1]),
         flops: N as u64,
         bytes: 3 * 4 * N as u64,
     }

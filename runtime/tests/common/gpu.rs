@@ -16,7 +16,7 @@ use kiln_runtime::{
 use super::{c_data, f32_bytes, w_data, N};
 
 /// The committed kernels, by file stem.
-pub const KERNELS: [&str; 5] = ["muladd", "out", "reduce", "types", "subgroup"];
+pub const KERNELS: [&str; 6] = ["muladd", "out", "reduce", "types", "subgroup", "sized"];
 
 /// Assembles `tests/data/NAME.spvasm` for Vulkan 1.1 (SPIR-V 1.3) and validates it.
 fn assemble(name: &str, work: &Path) -> Result<Vec<u8>, String> {
@@ -96,7 +96,7 @@ pub fn gpu_step(
         symbol: symbol.into(),
         label: label.into(),
         args,
-        dispatch: Dispatch::Gpu { module, grid: [grid, 1, 1], workgroup: [workgroup, 1, 1] },
+        dispatch: Dispatch::gpu_fixed(module, [grid, 1, 1], [workgroup, 1, 1]),
         flops: 1024,
         bytes: 12288,
     }
@@ -150,6 +150,73 @@ pub fn chain_manifest() -> Manifest {
                 1,
                 64,
                 vec![BufRef::Input { index: 1 }, BufRef::Output { index: 1 }],
+            ),
+        ],
+    }
+}
+
+/// The sized model, over symbol `rows` (1..=64): t = x·w into the arena (planned at 64 rows),
+/// y = t + rows, and g = the workgroups the second step launched. Both steps read `rows` from
+/// the symbol words and launch `ceil(16·rows / 64)` workgroups of 64 (module `sized`).
+pub fn sized_manifest() -> Manifest {
+    use kiln_runtime::{Dim, SizeFactor, SizeTerm, SymbolSpec};
+    let rows = super::rows_dim();
+    let groups = Dim::Size(vec![SizeTerm {
+        coeff: 1,
+        factors: vec![SizeFactor::FloorDiv(
+            vec![
+                SizeTerm { coeff: 16, factors: vec![SizeFactor::Sym(0)] },
+                SizeTerm { coeff: 63, factors: vec![] },
+            ],
+            64,
+        )],
+    }]);
+    let dispatch =
+        || Dispatch::Gpu { module: 0, grid: [groups.clone(), 1.into(), 1.into()], workgroup: [64, 1, 1] };
+    let t = || BufRef::Arena { offset: 0, bytes: PLANE };
+    let spec = |name: &str| TensorSpec {
+        name: name.into(),
+        dtype: DType::F32,
+        shape: vec![rows.clone(), Dim::Fixed(16)],
+    };
+    let step = |symbol: &str, label: &str, args| Step {
+        symbol: symbol.into(),
+        label: label.into(),
+        args,
+        dispatch: dispatch(),
+        flops: 1024,
+        bytes: 12288,
+    };
+    Manifest {
+        format_version: ARTIFACT_FORMAT_VERSION,
+        symbols: vec![SymbolSpec { name: "rows".into(), min: 1, max: 64, hint: 8, multiple_of: 1 }],
+        model: "sized".into(),
+        kiln_version: "0.1.0".into(),
+        target: Target::Vulkan(target(&["Shader"])),
+        inputs: vec![spec("x")],
+        outputs: vec![spec("y"), TensorSpec::fixed("g", DType::I32, &[1])],
+        arena_bytes: PLANE,
+        index_bounds: Vec::new(),
+        files: Vec::new(),
+        modules: Vec::new(),
+        state: Vec::new(),
+        entries: Vec::new(),
+        faults: None,
+        steps: vec![
+            step(
+                "scale",
+                "k0 scale [rows,16]",
+                vec![
+                    BufRef::Input { index: 0 },
+                    BufRef::Weight { name: "w".into(), bytes: PLANE },
+                    t(),
+                    BufRef::Symbols,
+                ],
+            ),
+            step(
+                "shift",
+                "k1 shift [rows,16]",
+                vec![t(), BufRef::Symbols, BufRef::Output { index: 0 }, BufRef::Output { index: 1 }],
             ),
         ],
     }

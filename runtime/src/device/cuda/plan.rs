@@ -190,6 +190,8 @@ pub(crate) fn plan(
         for step in view.steps {
             let at = &step.label;
             let (module, grid, block) = crate::device::gpu_dispatch(step, manifest.modules.len(), "CUDA")?;
+            // A CUDA model has no symbols yet (`Model::load_with` refuses them): the grid is fixed.
+            let grid = crate::device::grid_at(at, grid, &manifest.max_values(), &manifest.symbols)?;
             if grid.contains(&0) || block.contains(&0) {
                 return Err(RuntimeError::invalid(format!(
                     "step {at:?} has grid {grid:?} and workgroup {block:?}: every extent must be at least 1"
@@ -222,6 +224,11 @@ pub(crate) fn plan(
                     GpuArg::Weight { offset, .. } => Arg { region: Region::Weights, offset },
                     GpuArg::Input(i) => Arg { region: Region::Input(i), offset: 0 },
                     GpuArg::Output(i) => Arg { region: Region::Output(i), offset: 0 },
+                    GpuArg::Symbols => {
+                        return Err(RuntimeError::invalid(format!(
+                            "step {at:?} passes the symbol values, which CUDA kernels do not take yet"
+                        )))
+                    }
                 };
                 args.push(arg);
             }
@@ -262,7 +269,7 @@ mod tests {
             symbol: "add".into(),
             label: label.into(),
             args,
-            dispatch: Dispatch::Gpu { module, grid: [4, 1, 1], workgroup: [256, 1, 1] },
+            dispatch: Dispatch::gpu_fixed(module, [4, 1, 1], [256, 1, 1]),
             flops: 1024,
             bytes: 12288,
         }
@@ -356,7 +363,7 @@ mod tests {
     #[test]
     fn module_indices_and_dispatch_kinds() {
         let mut m = manifest();
-        m.steps[1].dispatch = Dispatch::Gpu { module: 2, grid: [4, 1, 1], workgroup: [256, 1, 1] };
+        m.steps[1].dispatch = Dispatch::gpu_fixed(2, [4, 1, 1], [256, 1, 1]);
         assert_eq!(
             err(&m),
             "invalid manifest: step \"k1 add\" uses module 2, but the manifest has 2 modules"
@@ -369,10 +376,10 @@ mod tests {
     #[test]
     fn launch_extents_and_argument_counts() {
         let mut m = manifest();
-        m.steps[0].dispatch = Dispatch::Gpu { module: 0, grid: [0, 1, 1], workgroup: [256, 1, 1] };
+        m.steps[0].dispatch = Dispatch::gpu_fixed(0, [0, 1, 1], [256, 1, 1]);
         assert!(err(&m).ends_with("every extent must be at least 1"));
         let mut m = manifest();
-        m.steps[0].dispatch = Dispatch::Gpu { module: 0, grid: [1, 1, 1], workgroup: [512, 1, 1] };
+        m.steps[0].dispatch = Dispatch::gpu_fixed(0, [1, 1, 1], [512, 1, 1]);
         assert_eq!(
             err(&m),
             "invalid manifest: step \"k0 mul\" has workgroup [512, 1, 1] (512 threads), more than the target's \

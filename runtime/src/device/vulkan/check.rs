@@ -425,7 +425,7 @@ mod tests {
             symbol: "main".into(),
             label: "k0".into(),
             args: vec![BufRef::Arena { offset: 0, bytes: 4 }; 3],
-            dispatch: Dispatch::Gpu { module: 0, grid: [1, 1, 1], workgroup: [64, 1, 1] },
+            dispatch: Dispatch::gpu_fixed(0, [1, 1, 1], [64, 1, 1]),
             flops: 0,
             bytes: 0,
         };

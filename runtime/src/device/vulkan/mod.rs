@@ -25,6 +25,7 @@ use self::plan::Region;
 use crate::device::VulkanDeviceInfo;
 use crate::error::RuntimeError;
 use crate::manifest::{Manifest, Target};
+use crate::symbols::{Dim, SymbolSpec};
 use crate::tensor::TensorRef;
 use crate::weights::WeightStore;
 
@@ -125,6 +126,8 @@ struct EntryRun {
     /// Where the run's copy of the fault words lies in the io buffer, when a kernel can fault,
     /// and how many bytes they take.
     faults: Option<(u64, u64)>,
+    /// With symbols: where a run writes their values and its grids, and each step's grid.
+    sized: Option<(plan::SizedRun, Vec<[Dim; 3]>)>,
 }
 
 /// The persistent state's way to the host: a mapped buffer of the slots' bytes and the two
@@ -155,6 +158,10 @@ pub(crate) struct VulkanBackend {
     staged: bool,
     /// Set when a submission failed half-way (e.g. the device was lost): later runs refuse.
     broken: Option<String>,
+    /// The manifest's symbols, to name them in errors.
+    symbols: Vec<SymbolSpec>,
+    /// `maxComputeWorkGroupCount`, which a run's grids are checked against.
+    max_grid: [u32; 3],
 }
 
 impl VulkanBackend {
@@ -231,7 +238,16 @@ impl VulkanBackend {
         let weights_placement = if force_staging { Placement::Device } else { Placement::DeviceMappable };
         let weight_buf =
             memory::buffer(&mut owned, &props, &label, plan.weights_size, storage | dst, weights_placement)?;
-        let io = memory::buffer(&mut owned, &props, &label, plan.io_size, storage | dst, Placement::Host)?;
+        // The io buffer also holds a sized run's grids, which the dispatches read.
+        let indirect = vk::BufferUsageFlags::INDIRECT_BUFFER;
+        let io = memory::buffer(
+            &mut owned,
+            &props,
+            &label,
+            plan.io_size,
+            storage | dst | indirect,
+            Placement::Host,
+        )?;
         let io_map =
             io.mapped.ok_or_else(|| vk_err("vkMapMemory", &label, vk::Result::ERROR_MEMORY_MAP_FAILED))?;
 
@@ -302,6 +318,7 @@ impl VulkanBackend {
                 timing,
                 steps: entry.steps.len(),
                 faults: entry.faults.map(|f| (f.io, f.bytes)),
+                sized: entry.sized.map(|run| (run, entry.steps.iter().map(|s| s.grid.clone()).collect())),
             });
         }
 
@@ -351,6 +368,8 @@ impl VulkanBackend {
             fence,
             fault_words: Vec::new(),
             broken: None,
+            symbols: manifest.symbols.clone(),
+            max_grid: caps.max_workgroup_count,
         })
     }
 
@@ -386,11 +405,13 @@ impl VulkanBackend {
         Ok(())
     }
 
-    /// Copies the inputs in, replays entry point `entry`'s recorded command buffer, copies the
-    /// outputs out. With `times`, replays the timestamped one and pushes each step's GPU time.
+    /// Copies the inputs in (and, with symbols, their values `values` and the grids at them),
+    /// replays entry point `entry`'s recorded command buffer, copies the outputs out. With
+    /// `times`, replays the timestamped one and pushes each step's GPU time.
     pub fn execute(
         &mut self,
         entry: usize,
+        values: &[u64],
         inputs: &[TensorRef],
         outputs: &mut [&mut [u8]],
         times: Option<&mut Vec<Duration>>,
@@ -407,16 +428,46 @@ impl VulkanBackend {
                 return Err(RuntimeError::NoTimestamps { device: self.label.clone(), reason: reason.clone() })
             }
         };
+        if let Some((sized, grids)) = &run.sized {
+            let mut words = crate::device::symbol_words(values);
+            debug_assert_eq!(words.len() as u64, sized.bytes);
+            // SAFETY: `plan` placed the symbol words at `sized.symbols`, `sized.bytes` long,
+            // inside the mapped io buffer; no submission is pending.
+            unsafe { memory::write(self.io, sized.symbols, &words) };
+            words.clear();
+            for (i, grid) in grids.iter().enumerate() {
+                let at = format!("k{i}");
+                let g = crate::device::grid_at(&at, grid, values, &self.symbols)?;
+                if let Some(axis) = (0..3).find(|&a| g[a] > self.max_grid[a]) {
+                    return Err(RuntimeError::DeviceLacks {
+                        need: format!(
+                            "step k{i} to launch grid {g:?} at {}",
+                            crate::symbols::binding_str(&self.symbols, values)
+                        ),
+                        device: self.label.clone(),
+                        has: format!(
+                            "allows at most {} workgroups along axis {axis} (maxComputeWorkGroupCount)",
+                            self.max_grid[axis]
+                        ),
+                    });
+                }
+                words.extend(g.iter().flat_map(|n| n.to_le_bytes()));
+            }
+            // SAFETY: `plan` placed one 12-byte command per step at `sized.grids` inside the
+            // mapped io buffer.
+            unsafe { memory::write(self.io, sized.grids, &words) };
+        }
         for (input, &(offset, bytes)) in inputs.iter().zip(&run.inputs) {
-            // SAFETY: the model checked each input's length against its spec, whose size `plan`
-            // placed at `offset` inside the mapped io buffer; no submission is pending.
-            debug_assert_eq!(input.bytes.len() as u64, bytes);
+            // SAFETY: the model checked each input's length against its spec at the bound
+            // values; `plan` placed at `offset` inside the mapped io buffer room for its largest
+            // size; no submission is pending.
+            debug_assert!(input.bytes.len() as u64 <= bytes);
             unsafe { memory::write(self.io, offset, input.bytes) };
         }
         self.submit(cb)?;
         let run = &self.entries[entry];
         for (output, &(offset, bytes)) in outputs.iter_mut().zip(&run.outputs) {
-            debug_assert_eq!(output.len() as u64, bytes);
+            debug_assert!(output.len() as u64 <= bytes);
             // SAFETY: as for the inputs; the run's fence has signaled and its last barrier made
             // the shader writes visible to the host.
             unsafe { memory::read(self.io, offset, output) };
@@ -542,7 +593,7 @@ mod tests {
                     BufRef::Weight { name: "w".into(), bytes: 4096 },
                     BufRef::Output { index: 0 },
                 ],
-                dispatch: Dispatch::Gpu { module: 0, grid: [16, 1, 1], workgroup: [64, 1, 1] },
+                dispatch: Dispatch::gpu_fixed(0, [16, 1, 1], [64, 1, 1]),
                 flops: 1024,
                 bytes: 12288,
             }],
@@ -564,7 +615,7 @@ mod tests {
         let x_bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut t = vec![0u8; 4096];
         let inputs = [crate::TensorRef::new("x", DType::F32, &[1024], &x_bytes)];
-        backend.execute(0, &inputs, &mut [&mut t], None).unwrap();
+        backend.execute(0, &[], &inputs, &mut [&mut t], None).unwrap();
         let expected: Vec<u8> = x.iter().zip(&w).flat_map(|(x, w)| (x * w).to_le_bytes()).collect();
         assert_eq!(t, expected);
         // lavapipe's device memory is mappable: without forcing, the weights are written in place.

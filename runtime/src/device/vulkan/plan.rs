@@ -10,6 +10,7 @@ use super::spirv;
 use crate::device::GpuArg;
 use crate::error::RuntimeError;
 use crate::manifest::{BufRef, EntryView, Manifest, VulkanTarget};
+use crate::symbols::Dim;
 use crate::weights::WeightStore;
 
 /// The one buffer a binding points into.
@@ -43,7 +44,9 @@ pub(crate) struct PipelineKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct StepPlan {
     pub pipeline: usize,
-    pub grid: [u32; 3],
+    /// The grid over the manifest's symbols (fixed when it has none), checked against the
+    /// device at the symbols' maxima.
+    pub grid: [Dim; 3],
     pub bindings: Vec<Binding>,
 }
 
@@ -76,7 +79,24 @@ pub(crate) struct EntryPlan {
     /// The fault words, when a kernel can fault: filled at the start of each run, copied into
     /// the io buffer at its end.
     pub faults: Option<FaultWords>,
+    /// When the model has symbols: where each run writes its values (one `u32` each, the
+    /// [`BufRef::Symbols`] binding) and its steps' grids, which the steps are dispatched from.
+    pub sized: Option<SizedRun>,
 }
+
+/// The io buffer's part of a run whose sizes are set at run time: the symbol words at
+/// `symbols` (`bytes` long) and, at `grids`, one `VkDispatchIndirectCommand` (three `u32`)
+/// per step, in step order. The recorded dispatches read them, so one command buffer serves
+/// every binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SizedRun {
+    pub symbols: u64,
+    pub bytes: u64,
+    pub grids: u64,
+}
+
+/// Bytes of one `VkDispatchIndirectCommand`.
+pub(crate) const INDIRECT_BYTES: u64 = 12;
 
 /// Where the fault words lie in the arena and where a run's copy of them lands in the io
 /// buffer.
@@ -175,17 +195,20 @@ pub(crate) fn plan(
         *end = at.checked_add(range_of(bytes)).ok_or_else(|| too_big(what))?;
         Ok(at)
     };
+    // Buffers are laid out for the largest run, every symbol at its maximum.
+    let maxima = manifest.max_values();
+    crate::device::check_gpu_symbols(&manifest.symbols, "Vulkan")?;
     for view in manifest.entry_views() {
         // Inputs and outputs: one after another in the io buffer.
         let mut io_end = 0u64;
         let mut inputs = Vec::with_capacity(view.inputs.len());
         for spec in view.inputs {
-            let bytes = spec.byte_len_at(&[]).ok_or_else(|| too_big("inputs"))?;
+            let bytes = spec.byte_len_at(&maxima).ok_or_else(|| too_big("inputs"))?;
             inputs.push((place(&mut io_end, bytes, "inputs and outputs")?, bytes));
         }
         let mut outputs = Vec::with_capacity(view.outputs.len());
         for spec in view.outputs {
-            let bytes = spec.byte_len_at(&[]).ok_or_else(|| too_big("outputs"))?;
+            let bytes = spec.byte_len_at(&maxima).ok_or_else(|| too_big("outputs"))?;
             outputs.push((place(&mut io_end, bytes, "inputs and outputs")?, bytes));
         }
         // The fault words' copy follows the outputs (`faults::check` placed them in the arena).
@@ -199,6 +222,20 @@ pub(crate) fn plan(
                 })
             }
             None => None,
+        };
+        // The symbol words, then the grids (4-byte aligned, as indirect dispatches want).
+        let sized = match manifest.symbols.len() {
+            0 => None,
+            n => {
+                let bytes = 4 * n as u64;
+                let symbols = place(&mut io_end, bytes, "inputs and outputs")?;
+                let grids = align_up(io_end, 4).ok_or_else(|| too_big("inputs and outputs"))?;
+                let grid_bytes = INDIRECT_BYTES
+                    .checked_mul(view.steps.len() as u64)
+                    .ok_or_else(|| too_big("inputs and outputs"))?;
+                io_end = grids.checked_add(grid_bytes).ok_or_else(|| too_big("inputs and outputs"))?;
+                Some(SizedRun { symbols, bytes, grids })
+            }
         };
 
         let mut steps = Vec::with_capacity(view.steps.len());
@@ -249,7 +286,9 @@ pub(crate) fn plan(
                     ),
                 });
             }
-            check::check_launch(step, grid, workgroup, target, caps)?;
+            // The largest run's grid (a grid grows with the sizes it is written over).
+            let largest = crate::device::grid_at(at, grid, &maxima, &manifest.symbols)?;
+            check::check_launch(step, largest, workgroup, target, caps)?;
 
             let key = (module, step.symbol.clone());
             let pipeline = match pipeline_of.get(&key) {
@@ -295,16 +334,29 @@ pub(crate) fn plan(
                             offset: outputs[i].0,
                             range: range_of(outputs[i].1),
                         },
+                        // `check_steps` allowed it only in a model with symbols.
+                        GpuArg::Symbols => match sized {
+                            Some(run) => Binding {
+                                region: Region::Io,
+                                offset: run.symbols,
+                                range: range_of(run.bytes),
+                            },
+                            None => {
+                                return Err(RuntimeError::invalid(format!(
+                                "step {at:?} passes the symbol values, but the manifest declares no symbols"
+                            )))
+                            }
+                        },
                     };
                 check::check_range(step, arg, binding.range, caps)?;
                 bindings.push(binding);
-                bound.push(bytes_of(buf, weights, &view));
+                bound.push(bytes_of(buf, weights, &view, &maxima));
             }
             check_buffers(module, &step.symbol, at, &entry.buffers, &bound)?;
-            steps.push(StepPlan { pipeline, grid, bindings });
+            steps.push(StepPlan { pipeline, grid: grid.clone(), bindings });
         }
         io_size = io_size.max(io_end);
-        entries.push(EntryPlan { steps, inputs, outputs, faults });
+        entries.push(EntryPlan { steps, inputs, outputs, faults, sized });
     }
     // The state's slots were checked against the arena (`model::check_state`).
     let state_bytes = manifest
@@ -333,16 +385,18 @@ pub(crate) fn plan(
     })
 }
 
-/// The bytes a checked argument holds (the manifest's, which the loop above checked).
-fn bytes_of(buf: &BufRef, weights: &WeightStore, view: &EntryView<'_>) -> u64 {
+/// The bytes a checked argument holds (the manifest's, which the loop above checked) in the
+/// largest run (`maxima`: every symbol at its maximum).
+fn bytes_of(buf: &BufRef, weights: &WeightStore, view: &EntryView<'_>, maxima: &[u64]) -> u64 {
     let spec_bytes = |specs: &[crate::manifest::TensorSpec], index: u32| {
-        specs.get(index as usize).and_then(|s| s.byte_len_at(&[])).unwrap_or(0)
+        specs.get(index as usize).and_then(|s| s.byte_len_at(maxima)).unwrap_or(0)
     };
     match buf {
         BufRef::Arena { bytes, .. } => *bytes,
         BufRef::Weight { name, .. } => weights.get(name).map_or(0, |w| w.bytes.len() as u64),
         BufRef::Input { index } => spec_bytes(view.inputs, *index),
         BufRef::Output { index } => spec_bytes(view.outputs, *index),
+        BufRef::Symbols => 4 * maxima.len() as u64,
     }
 }
 

@@ -8,7 +8,7 @@ use ash::vk;
 
 use super::memory::Owned;
 use super::pipelines::Pipeline;
-use super::plan::{EntryPlan, FaultWords};
+use super::plan::{EntryPlan, FaultWords, INDIRECT_BYTES};
 use super::vk_err;
 use crate::error::RuntimeError;
 
@@ -102,7 +102,19 @@ pub(crate) fn record_run(
                 &[set],
                 &[],
             );
-            device.cmd_dispatch(cb, step.grid[0], step.grid[1], step.grid[2]);
+            match (plan.sized, step.grid.clone().map(|d| d.fixed().and_then(|n| u32::try_from(n).ok()))) {
+                // Sizes set per run: the grid the run wrote into the io buffer.
+                (Some(sized), _) => {
+                    let at = sized.grids + INDIRECT_BYTES * i as u64;
+                    device.cmd_dispatch_indirect(cb, buffers.1, at);
+                }
+                (None, [Some(x), Some(y), Some(z)]) => device.cmd_dispatch(cb, x, y, z),
+                (None, grid) => {
+                    return Err(RuntimeError::invalid(format!(
+                        "step {i} has grid {grid:?} that no run sets (the manifest declares no symbols)"
+                    )))
+                }
+            }
             if let Some(pool) = timestamps {
                 // Written once every earlier command has finished: step i's end.
                 device.cmd_write_timestamp(cb, vk::PipelineStageFlags::BOTTOM_OF_PIPE, pool, i as u32 + 1);
