@@ -170,7 +170,6 @@ impl Model {
                 check_specs(&manifest)?;
                 check_steps(&manifest)?;
                 check_state(&manifest, &weights)?;
-                check_fixed_shapes(&manifest, "cuda")?;
                 let backend = CudaBackend::load(&manifest, &ptx, cubin.as_deref(), &weights, index)?;
                 Ok(Model { manifest, backend: Backend::Cuda(Box::new(backend)), weights })
             }
@@ -636,21 +635,6 @@ fn check_entry_specs(
         }
     }
     Ok(())
-}
-
-/// The CUDA backend launches at fixed shapes: a manifest with symbols runs on the CPU and on
-/// Vulkan so far.
-fn check_fixed_shapes(manifest: &Manifest, device: &str) -> Result<(), RuntimeError> {
-    if manifest.symbols.is_empty() {
-        return Ok(());
-    }
-    let names: Vec<&str> = manifest.symbols.iter().map(|s| s.name.as_str()).collect();
-    Err(RuntimeError::WrongDevice {
-        artifact: format!("an artifact with sizes set at run time ({})", names.join(", ")),
-        device: device.to_string(),
-        fix: "such artifacts run on the CPU and Vulkan so far; compile with `--set NAME=VALUE` for each to fix them"
-            .into(),
-    })
 }
 
 /// Steps must be in the compiler's order (step `i` is labelled `k{i} …`), so a reordered

@@ -503,8 +503,9 @@ fn sm90_cubins_run_instead_of_the_ptx() {
 }
 
 /// The tests that need a CUDA device.
-const DEVICE_TESTS: [&str; 9] = [
+const DEVICE_TESTS: [&str; 10] = [
     "devices_list_cuda_after_vulkan_or_say_why",
+    "a_model_with_symbols_runs_at_each_size_with_the_grid_of_that_size",
     "state_stays_in_the_device_arena_across_entry_points",
     "chain_runs_exactly_and_replays",
     "faults_fail_the_run_and_the_next_run_is_clean",
@@ -517,6 +518,47 @@ const DEVICE_TESTS: [&str; 9] = [
 
 /// Set in the child process that runs the device tests on the fake driver.
 const FAKE_ENV: &str = "KILN_TEST_FAKE_CUDA";
+
+/// Runs the sized model at `rows` rows: y and the blocks its second step launched.
+fn run_sized(model: &mut Model, rows: usize) -> (Vec<f32>, i32) {
+    let x = &x_data()[..rows * 16];
+    let out = model.run(&[TensorRef::f32("x", &[rows as u64, 16], x)]).unwrap();
+    assert_eq!(out[0].shape(), &[rows as u64, 16][..]);
+    (out[0].as_f32().unwrap().to_vec(), out[1].as_i32().unwrap()[0])
+}
+
+/// y = x·w + rows over the first `rows` rows, and the grid `ceil(16·rows / 64)`.
+fn sized_expected(rows: usize) -> (Vec<f32>, i32) {
+    let (x, w) = (x_data(), common::w_data());
+    let y = (0..rows * 16).map(|i| x[i] * w[i] + rows as f32).collect();
+    (y, (16 * rows).div_ceil(64) as i32)
+}
+
+#[test]
+fn a_model_with_symbols_runs_at_each_size_with_the_grid_of_that_size() {
+    if !ready() {
+        return;
+    }
+    let mut model = load(&sized_artifact(), Some("cuda")).unwrap();
+    assert_eq!(model.symbols()[0].name, "rows");
+    // A graph per binding, captured at its first run: sizes repeated (replays) and more
+    // distinct sizes than an entry point keeps graphs of (the oldest make room).
+    let sizes: Vec<usize> =
+        [1, 3, 4, 5, 8, 33, 64, 2, 1, 64].into_iter().chain(9..=30).chain([1, 3, 64]).collect();
+    for rows in sizes {
+        assert_eq!(run_sized(&mut model, rows), sized_expected(rows), "{rows} rows");
+    }
+    // A timed run launches each step at the run's grid.
+    let x = &x_data()[..7 * 16];
+    let (out, profile) = model.run_profiled(&[TensorRef::f32("x", &[7, 16], x)], 2).unwrap();
+    assert_eq!(profile.steps.len(), 2);
+    assert_eq!((out[0].as_f32().unwrap().to_vec(), out[1].as_i32().unwrap()[0]), sized_expected(7));
+    // Out of bounds: refused before the device, by input and axis; the model is unharmed.
+    let long = vec![0.5f32; 65 * 16];
+    let err = model.run(&[TensorRef::f32("x", &[65, 16], &long)]).unwrap_err();
+    assert_eq!(err.to_string(), "input `x` axis 0 is 65, but `rows` is at most 64");
+    assert_eq!(run_sized(&mut model, 9), sized_expected(9));
+}
 
 /// Without a CUDA device, runs the device tests again in a child process whose `libcuda.so.1`
 /// is the fake driver of `tests/data/fake_cuda.c`: every driver call the backend makes, its

@@ -450,7 +450,7 @@ impl Backend {
             Backend::Host(host) => host.execute(entry, values, inputs, outputs, times),
             // A GPU model has no symbols (refused at load), so `values` is empty.
             Backend::Vulkan(gpu) => gpu.execute(entry, values, inputs, outputs, times),
-            Backend::Cuda(gpu) => gpu.execute(entry, inputs, outputs, times),
+            Backend::Cuda(gpu) => gpu.execute(entry, values, inputs, outputs, times),
         }
     }
 

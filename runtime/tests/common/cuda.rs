@@ -149,6 +149,67 @@ pub fn divide_artifact() -> CudaArtifact {
     CudaArtifact::new(manifest, &[include_str!("../data/divide.ptx").to_string()])
 }
 
+/// The sized model over symbol `rows` (1..=64, `tests/data/sized.ptx`): t = x·w into the
+/// arena (planned at 64 rows), y = t + rows, and g = the blocks the second step launched. Both
+/// steps read `rows` from the symbol words and launch `ceil(16·rows / 64)` blocks of 64.
+pub fn sized_artifact() -> CudaArtifact {
+    use kiln_runtime::{Dim, SizeFactor, SizeTerm, SymbolSpec};
+    let rows = super::rows_dim();
+    let blocks = Dim::Size(vec![SizeTerm {
+        coeff: 1,
+        factors: vec![SizeFactor::FloorDiv(
+            vec![
+                SizeTerm { coeff: 16, factors: vec![SizeFactor::Sym(0)] },
+                SizeTerm { coeff: 63, factors: vec![] },
+            ],
+            64,
+        )],
+    }]);
+    let t = || BufRef::Arena { offset: T_OFFSET, bytes: PLANE };
+    let sized_step = |symbol: &str, label: &str, args| Step {
+        symbol: symbol.into(),
+        label: label.into(),
+        args,
+        dispatch: Dispatch::Gpu {
+            module: 0,
+            grid: [blocks.clone(), 1.into(), 1.into()],
+            workgroup: [64, 1, 1],
+        },
+        flops: N as u64,
+        bytes: 3 * 4 * N as u64,
+    };
+    let spec = |name: &str| TensorSpec {
+        name: name.into(),
+        dtype: DType::F32,
+        shape: vec![rows.clone(), Dim::Fixed(16)],
+    };
+    let manifest = Manifest {
+        symbols: vec![SymbolSpec { name: "rows".into(), min: 1, max: 64, hint: 8, multiple_of: 1 }],
+        model: "cuda-sized".into(),
+        inputs: vec![spec("x")],
+        outputs: vec![spec("y"), TensorSpec::fixed("g", DType::I32, &[1])],
+        steps: vec![
+            sized_step(
+                "scale",
+                "k0 scale [rows,16]",
+                vec![
+                    BufRef::Input { index: 0 },
+                    BufRef::Weight { name: "w".into(), bytes: PLANE },
+                    t(),
+                    BufRef::Symbols,
+                ],
+            ),
+            sized_step(
+                "shift",
+                "k1 shift [rows,16]",
+                vec![t(), BufRef::Symbols, BufRef::Output { index: 0 }, BufRef::Output { index: 1 }],
+            ),
+        ],
+        ..chain_manifest()
+    };
+    CudaArtifact::new(manifest, &[include_str!("../data/sized.ptx").to_string()])
+}
+
 /// y as the chain model computes it (separate IEEE multiply and add, as on the GPU).
 pub fn chain_expected(x: &[f32]) -> Vec<f32> {
     let (w, c) = (w_data(), c_data());

@@ -1,15 +1,18 @@
 /*
  * A fake NVIDIA driver (libcuda.so.1) for tests/cuda.rs on machines without a GPU: one device
  * ("Kiln fake CUDA device", sm_90) whose memory is host memory and whose "kernels" are the two
- * kernels of tests/data/binop.ptx (add and mul of 1024 f32 elements) and the one of
- * tests/data/divide.ptx (i32 division recording zero divisors in fault words), run on the CPU. It
+ * kernels of tests/data/binop.ptx (add and mul of 1024 f32 elements), the one of
+ * tests/data/divide.ptx (i32 division recording zero divisors in fault words) and the two of
+ * tests/data/sized.ptx (scale and shift over rows * 16 elements, `rows` read from the symbol
+ * words when the kernel runs, as a replayed graph reads them on a GPU), run on the CPU. It
  * implements exactly the entry points the runtime's CUDA backend calls, and checks what a real
  * driver would refuse or what would corrupt memory there:
  *
  *  - a call that needs a context without the model's context current on the calling thread;
  *  - a launch whose parameters are not three device pointers each covering 4096 bytes of one
  *    allocation (and, for `div`, a fourth covering its 8 bytes of fault words), a launch with dynamic shared memory or `extra`, a grid and block that do not
- *    cover the 1024 elements;
+ *    cover the 1024 elements; for `scale` and `shift`, four pointers, and when the kernel runs,
+ *    a grid that does not cover the run's rows * 16 elements or a buffer that does not hold them;
  *  - a copy or memset while the stream is being captured into a graph;
  *  - a module image that is neither NUL-terminated PTX text nor an ELF cubin (a cubin is
  *    accepted when its section and program headers lie where its ELF header says, and its
@@ -53,12 +56,14 @@ static __thread void *current;
 struct alloc { uint64_t base, size; };
 static struct alloc allocs[MAX_ALLOCS];
 
-enum op { ADD, MUL, DIV };
-struct module { int ops[3]; /* add, mul, div present */ };
+enum op { ADD, MUL, DIV, SCALE, SHIFT };
+struct module { int ops[5]; /* add, mul, div, scale, shift present */ };
 struct function { enum op op; };
-static struct function functions[3] = { { ADD }, { MUL }, { DIV } };
+static struct function functions[5] = { { ADD }, { MUL }, { DIV }, { SCALE }, { SHIFT } };
 
-struct node { struct function *f; CUdeviceptr a, b, c, faults; unsigned grid, block; };
+/* A launch: its function, pointers (`d` is div's fault words, or the fourth pointer of scale
+ * and shift), grid and block. */
+struct node { struct function *f; CUdeviceptr a, b, c, d; unsigned grid, block; };
 struct stream { int capturing; };
 struct graph { int count; struct node nodes[MAX_NODES]; };
 static struct graph *capture_into;
@@ -172,11 +177,36 @@ CUresult cuStreamEndCapture(void *s, void **graph) {
     return SUCCESS;
 }
 
+static int inside(CUdeviceptr p, uint64_t bytes);
+
+/* The sized kernels: `rows` from the symbol words as the kernel runs. */
+static CUresult run_sized(const struct node *n) {
+    CUdeviceptr syms = n->f->op == SCALE ? n->d : n->b;
+    if (!inside(syms, 4)) return INVALID_VALUE;
+    uint32_t rows = *(const uint32_t *)(uintptr_t)syms;
+    uint64_t count = (uint64_t)rows * 16;
+    if ((uint64_t)n->grid * n->block < count) return INVALID_VALUE;
+    if (n->f->op == SCALE) {
+        if (!inside(n->a, 4 * count) || !inside(n->b, 4 * count) || !inside(n->c, 4 * count)) return INVALID_VALUE;
+        const float *x = (const float *)(uintptr_t)n->a, *w = (const float *)(uintptr_t)n->b;
+        float *t = (float *)(uintptr_t)n->c;
+        for (uint64_t i = 0; i < count; i++) t[i] = x[i] * w[i];
+        return SUCCESS;
+    }
+    if (!inside(n->a, 4 * count) || !inside(n->c, 4 * count) || !inside(n->d, 4)) return INVALID_VALUE;
+    const float *t = (const float *)(uintptr_t)n->a;
+    float *y = (float *)(uintptr_t)n->c;
+    *(int32_t *)(uintptr_t)n->d = (int32_t)n->grid;
+    for (uint64_t i = 0; i < count; i++) y[i] = t[i] + (float)rows;
+    return SUCCESS;
+}
+
 static CUresult run(const struct node *n) {
+    if (n->f->op == SCALE || n->f->op == SHIFT) return run_sized(n);
     if (n->f->op == DIV) {
         const int32_t *a = (const int32_t *)(uintptr_t)n->a, *b = (const int32_t *)(uintptr_t)n->b;
         int32_t *q = (int32_t *)(uintptr_t)n->c;
-        uint32_t *faults = (uint32_t *)(uintptr_t)n->faults;
+        uint32_t *faults = (uint32_t *)(uintptr_t)n->d;
         for (unsigned i = 0; i < n->grid * n->block && i < N; i++) {
             if (b[i] == 0) {
                 q[i] = 0;
@@ -207,7 +237,10 @@ CUresult cuGraphLaunch(void *exec, void *s) {
     NEED_CONTEXT();
     struct graph *g = exec;
     if (!g || !s || ((struct stream *)s)->capturing) return INVALID_VALUE;
-    for (int i = 0; i < g->count; i++) run(&g->nodes[i]);
+    for (int i = 0; i < g->count; i++) {
+        CUresult r = run(&g->nodes[i]);
+        if (r != SUCCESS) return r;
+    }
     return SUCCESS;
 }
 CUresult cuGraphExecDestroy(void *exec) { NEED_CONTEXT(); free(exec); return SUCCESS; }
@@ -302,6 +335,8 @@ CUresult cuModuleLoadDataEx(void **module, const void *image, unsigned n, int *o
             if (memcmp(text + i, ".text.add", 10) == 0) m->ops[ADD] = 1;
             if (memcmp(text + i, ".text.mul", 10) == 0) m->ops[MUL] = 1;
             if (memcmp(text + i, ".text.div", 10) == 0) m->ops[DIV] = 1;
+            if (i + 12 <= end && memcmp(text + i, ".text.scale", 12) == 0) m->ops[SCALE] = 1;
+            if (i + 12 <= end && memcmp(text + i, ".text.shift", 12) == 0) m->ops[SHIFT] = 1;
         }
         *module = m;
         return SUCCESS;
@@ -314,6 +349,8 @@ CUresult cuModuleLoadDataEx(void **module, const void *image, unsigned n, int *o
     m->ops[ADD] = strstr(text, ".entry add(") != NULL;
     m->ops[MUL] = strstr(text, ".entry mul(") != NULL;
     m->ops[DIV] = strstr(text, ".entry div(") != NULL;
+    m->ops[SCALE] = strstr(text, ".entry scale(") != NULL;
+    m->ops[SHIFT] = strstr(text, ".entry shift(") != NULL;
     *module = m;
     return SUCCESS;
 }
@@ -324,6 +361,8 @@ CUresult cuModuleGetFunction(void **f, void *module, const char *name) {
     if (strcmp(name, "add") == 0 && m->ops[ADD]) *f = &functions[ADD];
     else if (strcmp(name, "mul") == 0 && m->ops[MUL]) *f = &functions[MUL];
     else if (strcmp(name, "div") == 0 && m->ops[DIV]) *f = &functions[DIV];
+    else if (strcmp(name, "scale") == 0 && m->ops[SCALE]) *f = &functions[SCALE];
+    else if (strcmp(name, "shift") == 0 && m->ops[SHIFT]) *f = &functions[SHIFT];
     else return NOT_FOUND;
     return SUCCESS;
 }
@@ -341,12 +380,20 @@ CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned
                         unsigned shared, void *s, void **params, void **extra) {
     NEED_CONTEXT();
     if (!f || !s || !params || extra != NULL || shared != 0) return INVALID_VALUE;
-    if (gy != 1 || gz != 1 || by != 1 || bz != 1 || (uint64_t)gx * bx < N) return INVALID_VALUE;
+    if (gy != 1 || gz != 1 || by != 1 || bz != 1) return INVALID_VALUE;
     struct node n = { f, *(CUdeviceptr *)params[0], *(CUdeviceptr *)params[1], *(CUdeviceptr *)params[2], 0, gx, bx };
-    if (!inside(n.a, 4 * N) || !inside(n.b, 4 * N) || !inside(n.c, 4 * N)) return INVALID_VALUE;
+    int sized = n.f->op == SCALE || n.f->op == SHIFT;
+    if (sized) {
+        /* Sizes are known when the kernel runs (the symbol words may not be written yet). */
+        n.d = *(CUdeviceptr *)params[3];
+        if (!inside(n.a, 4) || !inside(n.b, 4) || !inside(n.c, 4) || !inside(n.d, 4)) return INVALID_VALUE;
+    } else {
+        if ((uint64_t)gx * bx < N) return INVALID_VALUE;
+        if (!inside(n.a, 4 * N) || !inside(n.b, 4 * N) || !inside(n.c, 4 * N)) return INVALID_VALUE;
+    }
     if (n.f->op == DIV) {
-        n.faults = *(CUdeviceptr *)params[3];
-        if (!inside(n.faults, 8)) return INVALID_VALUE;
+        n.d = *(CUdeviceptr *)params[3];
+        if (!inside(n.d, 8)) return INVALID_VALUE;
     }
     if (((struct stream *)s)->capturing) {
         if (!capture_into || capture_into->count == MAX_NODES) return INVALID_VALUE;

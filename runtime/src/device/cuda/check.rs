@@ -55,9 +55,9 @@ pub(crate) fn check_launch(step: &StepPlan, caps: &DeviceCaps) -> Result<(), Run
     let lacks =
         |need: String, has: String| RuntimeError::DeviceLacks { need, device: caps.label.clone(), has };
     for axis in 0..3 {
-        if step.grid[axis] > caps.max_grid[axis] {
+        if step.largest[axis] > caps.max_grid[axis] {
             return Err(lacks(
-                format!("step {at:?} to launch grid {:?}", step.grid),
+                format!("step {at:?} to launch grid {:?}", step.largest),
                 format!("allows at most {:?} blocks (MAX_GRID_DIM_X/Y/Z)", caps.max_grid),
             ));
         }
@@ -152,7 +152,8 @@ pub(crate) mod tests {
             label: "k0 add".into(),
             module: 0,
             symbol: c"add".into(),
-            grid,
+            grid: grid.map(|g| u64::from(g).into()),
+            largest: grid,
             block,
             args: vec![],
         };

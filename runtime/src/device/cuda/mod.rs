@@ -33,6 +33,7 @@ use self::plan::{Plan, Region};
 use crate::device::CudaDeviceInfo;
 use crate::error::RuntimeError;
 use crate::manifest::{CudaTarget, Manifest, StateInit, Target, CUBIN_FILE, PTX_FILE};
+use crate::symbols::{Dim, SymbolSpec};
 use crate::tensor::TensorRef;
 use crate::weights::WeightStore;
 
@@ -77,9 +78,8 @@ struct Owned {
     memory: Vec<sys::CUdeviceptr>,
     modules: Vec<sys::CUmodule>,
     events: Vec<sys::CUevent>,
-    /// The captured graphs, one per entry point that has steps.
-    graphs: Vec<sys::CUgraph>,
-    /// Their instantiations, in the same order.
+    /// The instantiated graphs: one per entry point that has steps, or, for a model with
+    /// symbols, one per binding in each entry point's cache.
     execs: Vec<sys::CUgraphExec>,
 }
 
@@ -98,7 +98,6 @@ impl Owned {
             memory: Vec::new(),
             modules: Vec::new(),
             events: Vec::new(),
-            graphs: Vec::new(),
             execs: Vec::new(),
         };
         owned.make_current(label)?;
@@ -145,9 +144,6 @@ impl Drop for Owned {
             self.execs.drain(..).for_each(|e| {
                 let _ = sys::cuGraphExecDestroy(e);
             });
-            self.graphs.drain(..).for_each(|g| {
-                let _ = sys::cuGraphDestroy(g);
-            });
             self.events.drain(..).for_each(|e| {
                 let _ = sys::cuEventDestroy_v2(e);
             });
@@ -166,11 +162,12 @@ impl Drop for Owned {
     }
 }
 
-/// One step, ready to launch: its function, shape and parameter array, all fixed at load.
+/// One step, ready to launch: its function, shape and parameter array, all fixed at load (the
+/// grid as sizes over the symbols, evaluated per run).
 struct Launch {
     label: String,
     function: sys::CUfunction,
-    grid: [u32; 3],
+    grid: [Dim; 3],
     block: [u32; 3],
     /// The device pointers, one per argument (the bare-pointer calling convention).
     _values: Box<[sys::CUdeviceptr]>,
@@ -179,10 +176,10 @@ struct Launch {
 }
 
 impl Launch {
-    /// Queues the kernel on `stream`.
-    fn launch(&self, stream: sys::CUstream, device: &str) -> Result<(), RuntimeError> {
+    /// Queues the kernel on `stream` over `grid` (its grid at the run's symbol values).
+    fn launch(&self, grid: [u32; 3], stream: sys::CUstream, device: &str) -> Result<(), RuntimeError> {
         let params = if self.params.is_empty() { ptr::null_mut() } else { self.params.as_ptr().cast_mut() };
-        let [gx, gy, gz] = self.grid;
+        let [gx, gy, gz] = grid;
         let [bx, by, bz] = self.block;
         // SAFETY: the function lives in a module the model owns; `params` holds one pointer per
         // kernel parameter, each to an 8-byte device pointer into a buffer the model owns and
@@ -208,9 +205,17 @@ struct EntryRun {
     launches: Vec<Launch>,
     /// Its fault words in the arena and their size, when one of its kernels can fault.
     faults: Option<(sys::CUdeviceptr, usize)>,
-    /// The graph plain runs replay (`None` only when it has no step).
+    /// The graph plain runs replay (`None` when it has no step, and for a model with
+    /// symbols, whose graphs are `by_binding`).
     exec: Option<sys::CUgraphExec>,
+    /// A model with symbols: the graphs of the latest bindings, most recent last, at most
+    /// [`GRAPHS_PER_ENTRY`].
+    by_binding: Vec<(Vec<u64>, sys::CUgraphExec)>,
 }
+
+/// The bindings whose graphs an entry point of a model with symbols keeps (a workload of mixed
+/// lengths cycles through a few padded sizes; a graph costs an instantiation to make).
+const GRAPHS_PER_ENTRY: usize = 16;
 
 /// A CUDA artifact loaded on one device.
 pub(crate) struct CudaBackend {
@@ -227,6 +232,13 @@ pub(crate) struct CudaBackend {
     /// Set when a run failed half-way (e.g. an illegal address, which poisons the context):
     /// later runs refuse.
     broken: Option<String>,
+    /// The manifest's symbols, to name them in errors.
+    symbols: Vec<SymbolSpec>,
+    /// Where kernels read the run's symbol values ([`crate::BufRef::Symbols`]), when the model
+    /// has symbols.
+    symbol_words: Option<sys::CUdeviceptr>,
+    /// `MAX_GRID_DIM_X/Y/Z`, which a run's grids are checked against.
+    max_grid: [u32; 3],
 }
 
 // SAFETY: the driver handles and device pointers are plain values usable from any thread once
@@ -294,6 +306,10 @@ impl CudaBackend {
         // another process left in the memory.
         cu("cuMemsetD8Async", &label, unsafe { sys::cuMemsetD8Async(arena, 0, arena_len, stream) })?;
         let weight_buf = owned.alloc(plan.weights_bytes, "weights", &label)?;
+        let symbol_words = match plan.symbol_bytes {
+            0 => None,
+            bytes => Some(owned.alloc(bytes, "symbol values", &label)?),
+        };
         upload_weights(&plan, weights, weight_buf, stream, &label)?;
         upload_state(manifest, weights, arena, stream, &label)?;
 
@@ -320,6 +336,8 @@ impl CudaBackend {
                 Region::Weights => weight_buf + offset,
                 Region::Input(i) => inputs[i].0 + offset,
                 Region::Output(i) => outputs[i].0 + offset,
+                // `plan` made a Symbols argument only in a model with symbols.
+                Region::Symbols => symbol_words.unwrap_or(0) + offset,
             };
             let mut launches = Vec::with_capacity(entry.steps.len());
             for step in &entry.steps {
@@ -336,7 +354,7 @@ impl CudaBackend {
                 launches.push(Launch {
                     label: step.label.clone(),
                     function,
-                    grid: step.grid,
+                    grid: step.grid.clone(),
                     block: step.block,
                     _values: values,
                     params,
@@ -344,7 +362,7 @@ impl CudaBackend {
             }
             // `faults::check` placed each entry point's words inside the arena.
             let faults = view.faults.map(|f| (arena + f.offset, f.bytes() as usize));
-            entries.push(EntryRun { inputs, outputs, launches, faults, exec: None });
+            entries.push(EntryRun { inputs, outputs, launches, faults, exec: None, by_binding: Vec::new() });
         }
 
         let most_steps = entries.iter().map(|e| e.launches.len()).max().unwrap_or(0);
@@ -357,8 +375,12 @@ impl CudaBackend {
         }
         // SAFETY: the stream is the model's own; the uploads finish before capture begins.
         cu("cuStreamSynchronize", &label, unsafe { sys::cuStreamSynchronize(stream) })?;
-        for entry in &mut entries {
-            entry.exec = capture(&mut owned, &entry.launches, &label)?;
+        // A model with symbols captures a graph per binding, at its first run.
+        if manifest.symbols.is_empty() {
+            for entry in &mut entries {
+                let grids: Vec<[u32; 3]> = entry.launches.iter().map(|l| fixed_grid(&l.grid)).collect();
+                entry.exec = capture(&mut owned, &entry.launches, &grids, &label)?;
+            }
         }
 
         Ok(CudaBackend {
@@ -369,6 +391,9 @@ impl CudaBackend {
             arena,
             fault_words: Vec::new(),
             broken: None,
+            symbols: manifest.symbols.clone(),
+            symbol_words,
+            max_grid: caps.max_grid,
         })
     }
 
@@ -410,21 +435,24 @@ impl CudaBackend {
     pub fn execute(
         &mut self,
         entry: usize,
+        values: &[u64],
         inputs: &[TensorRef],
         outputs: &mut [&mut [u8]],
         times: Option<&mut Vec<Duration>>,
     ) -> Result<(), RuntimeError> {
         self.check_usable()?;
-        let run = self
-            .entries
-            .get(entry)
-            .ok_or_else(|| RuntimeError::invalid(format!("entry point {entry} does not exist")))?;
-        let steps = run.launches.len();
+        if entry >= self.entries.len() {
+            return Err(RuntimeError::invalid(format!("entry point {entry} does not exist")));
+        }
         let timed = times.is_some();
+        let (grids, exec) = self.launch_plan(entry, values, timed)?;
+        let run = &self.entries[entry];
+        let steps = run.launches.len();
         let mut words = std::mem::take(&mut self.fault_words);
         words.clear();
         words.resize(run.faults.map_or(0, |(_, bytes)| bytes / 4), crate::faults::NONE);
-        let queued = self.queue(run, inputs, outputs, &mut words, timed);
+        let symbols = self.symbol_words.map(|at| (at, crate::device::symbol_words(values)));
+        let queued = self.queue(run, (&grids, exec, symbols), inputs, outputs, &mut words, timed);
         self.fault_words = words;
         // Wait even when queueing failed half-way: copies into `outputs` may be in flight.
         self.finish(queued)?;
@@ -441,29 +469,96 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Queues entry point `run`'s input copies, fault words' fill, steps, and the copies of
-    /// its outputs and of its fault words (into `fault_words`) on the stream.
+    /// Each step's grid at symbol values `values`, and the graph a plain run of entry point
+    /// `entry` replays there: the entry point's one graph, or for a model with symbols the
+    /// graph of this binding, captured now when it is not among the latest
+    /// [`GRAPHS_PER_ENTRY`] (the oldest is destroyed to make room). A timed run launches step
+    /// by step and needs none.
+    fn launch_plan(
+        &mut self,
+        entry: usize,
+        values: &[u64],
+        timed: bool,
+    ) -> Result<(Vec<[u32; 3]>, Option<sys::CUgraphExec>), RuntimeError> {
+        let run = &self.entries[entry];
+        let mut grids = Vec::with_capacity(run.launches.len());
+        for launch in &run.launches {
+            let grid = crate::device::grid_at(&launch.label, &launch.grid, values, &self.symbols)?;
+            if let Some(axis) = (0..3).find(|&a| grid[a] > self.max_grid[a]) {
+                return Err(RuntimeError::DeviceLacks {
+                    need: format!(
+                        "step {:?} to launch grid {grid:?} at {}",
+                        launch.label,
+                        crate::symbols::binding_str(&self.symbols, values)
+                    ),
+                    device: self.label.clone(),
+                    has: format!(
+                        "allows at most {} blocks along axis {axis} (MAX_GRID_DIM_X/Y/Z)",
+                        self.max_grid[axis]
+                    ),
+                });
+            }
+            grids.push(grid);
+        }
+        if timed || self.symbols.is_empty() {
+            return Ok((grids, run.exec));
+        }
+        let run = &mut self.entries[entry];
+        if let Some(at) = run.by_binding.iter().position(|(v, _)| v == values) {
+            let hit = run.by_binding.remove(at);
+            let exec = hit.1;
+            run.by_binding.push(hit);
+            return Ok((grids, Some(exec)));
+        }
+        if run.by_binding.len() == GRAPHS_PER_ENTRY {
+            let (_, oldest) = run.by_binding.remove(0);
+            self.owned.execs.retain(|&e| e != oldest);
+            // SAFETY: the graph was instantiated in this context; the stream is idle (every run
+            // synchronizes before it returns), so no launch of it is pending.
+            let result = unsafe { sys::cuGraphExecDestroy(oldest) };
+            cu("cuGraphExecDestroy", &self.label, result)?;
+        }
+        let exec = capture(&mut self.owned, &run.launches, &grids, &self.label)?;
+        if let Some(exec) = exec {
+            run.by_binding.push((values.to_vec(), exec));
+        }
+        Ok((grids, exec))
+    }
+
+    /// Queues entry point `run`'s input copies, symbol words, fault words' fill, steps (over
+    /// `grids`, or as graph `exec`), and the copies of its outputs and of its fault words
+    /// (into `fault_words`) on the stream.
+    #[allow(clippy::type_complexity)]
     fn queue(
         &self,
         run: &EntryRun,
+        (grids, exec, symbols): (&[[u32; 3]], Option<sys::CUgraphExec>, Option<(sys::CUdeviceptr, Vec<u8>)>),
         inputs: &[TensorRef],
         outputs: &mut [&mut [u8]],
         fault_words: &mut [u32],
         timed: bool,
     ) -> Result<(), RuntimeError> {
         let (stream, label) = (self.owned.stream, self.label.as_str());
+        if let Some((pointer, words)) = &symbols {
+            // SAFETY: the model's buffer of 4 bytes per symbol, `words` one u32 per symbol; the
+            // driver has consumed the host bytes when this returns (pageable memory is staged).
+            let result =
+                unsafe { sys::cuMemcpyHtoDAsync_v2(*pointer, words.as_ptr().cast(), words.len(), stream) };
+            cu("cuMemcpyHtoDAsync", label, result)?;
+        }
         if let Some((pointer, bytes)) = run.faults {
             // SAFETY: the words lie inside the model's arena; every byte 0xFF is `u32::MAX`,
             // "no fault", in every word.
             let result = unsafe { sys::cuMemsetD8Async(pointer, 0xFF, bytes, stream) };
             cu("cuMemsetD8Async", label, result)?;
         }
-        for (input, &(pointer, bytes)) in inputs.iter().zip(&run.inputs) {
-            debug_assert_eq!(input.bytes.len(), bytes);
+        for (input, &(pointer, room)) in inputs.iter().zip(&run.inputs) {
+            let bytes = input.bytes.len();
+            debug_assert!(bytes <= room);
             if bytes > 0 {
-                // SAFETY: the model checked each input's length against its spec, which is the
-                // device buffer's size; the driver has consumed the host bytes when this returns
-                // (pageable memory is staged).
+                // SAFETY: the model checked each input's length against its spec at the run's
+                // symbol values, and the device buffer holds its largest size; the driver has
+                // consumed the host bytes when this returns (pageable memory is staged).
                 let result =
                     unsafe { sys::cuMemcpyHtoDAsync_v2(pointer, input.bytes.as_ptr().cast(), bytes, stream) };
                 cu("cuMemcpyHtoDAsync", label, result)?;
@@ -473,21 +568,23 @@ impl CudaBackend {
             let events = &self.owned.events;
             // SAFETY: events and stream belong to this context.
             cu("cuEventRecord", label, unsafe { sys::cuEventRecord(events[0], stream) })?;
-            for (launch, &after) in run.launches.iter().zip(&events[1..]) {
-                launch.launch(stream, label)?;
+            for ((launch, &grid), &after) in run.launches.iter().zip(grids).zip(&events[1..]) {
+                launch.launch(grid, stream, label)?;
                 // SAFETY: as above.
                 cu("cuEventRecord", label, unsafe { sys::cuEventRecord(after, stream) })?;
             }
-        } else if let Some(exec) = run.exec {
+        } else if let Some(exec) = exec {
             // SAFETY: the executable graph was instantiated in this context from launches whose
             // buffers the model still owns.
             cu("cuGraphLaunch", label, unsafe { sys::cuGraphLaunch(exec, stream) })?;
         }
-        for (output, &(pointer, bytes)) in outputs.iter_mut().zip(&run.outputs) {
-            debug_assert_eq!(output.len(), bytes);
+        for (output, &(pointer, room)) in outputs.iter_mut().zip(&run.outputs) {
+            let bytes = output.len();
+            debug_assert!(bytes <= room);
             if bytes > 0 {
-                // SAFETY: the model checked each output's length against its spec; the caller's
-                // buffer stays borrowed until `execute` has synchronized the stream.
+                // SAFETY: the model checked each output's length against its spec at the run's
+                // symbol values (the device buffer holds its largest size); the caller's buffer
+                // stays borrowed until `execute` has synchronized the stream.
                 let result =
                     unsafe { sys::cuMemcpyDtoHAsync_v2(output.as_mut_ptr().cast(), pointer, bytes, stream) };
                 cu("cuMemcpyDtoHAsync", label, result)?;
@@ -738,6 +835,7 @@ fn function(
 fn capture(
     owned: &mut Owned,
     launches: &[Launch],
+    grids: &[[u32; 3]],
     label: &str,
 ) -> Result<Option<sys::CUgraphExec>, RuntimeError> {
     if launches.is_empty() {
@@ -747,21 +845,30 @@ fn capture(
     let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
     // SAFETY: the stream is the model's own and idle apart from the synchronous uploads.
     cu("cuStreamBeginCapture", label, unsafe { sys::cuStreamBeginCapture_v2(stream, mode) })?;
-    let launched = launches.iter().try_for_each(|launch| launch.launch(stream, label));
+    let launched =
+        launches.iter().zip(grids).try_for_each(|(launch, &grid)| launch.launch(grid, stream, label));
     let mut graph = ptr::null_mut();
     // SAFETY: ends the capture begun above (also after a failed launch, so the stream leaves
     // capture mode); writes one handle.
     let ended = cu("cuStreamEndCapture", label, unsafe { sys::cuStreamEndCapture(stream, &mut graph) });
+    let instantiated = launched.and(ended).and_then(|()| {
+        let mut exec = ptr::null_mut();
+        // SAFETY: `graph` is the captured graph; writes one handle.
+        cu("cuGraphInstantiate", label, unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) })?;
+        owned.execs.push(exec);
+        Ok(Some(exec))
+    });
     if !graph.is_null() {
-        owned.graphs.push(graph);
+        // SAFETY: the graph was captured here and is used by nothing but its instantiation,
+        // which is independent of it.
+        let _ = unsafe { sys::cuGraphDestroy(graph) };
     }
-    launched?;
-    ended?;
-    let mut exec = ptr::null_mut();
-    // SAFETY: `graph` is the captured graph; writes one handle.
-    cu("cuGraphInstantiate", label, unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) })?;
-    owned.execs.push(exec);
-    Ok(Some(exec))
+    instantiated
+}
+
+/// A grid that is the same in every run (the model has no symbols: `plan` evaluated it).
+fn fixed_grid(grid: &[Dim; 3]) -> [u32; 3] {
+    grid.clone().map(|d| d.fixed().and_then(|n| u32::try_from(n).ok()).unwrap_or(0))
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::ffi::CString;
 use crate::device::GpuArg;
 use crate::error::RuntimeError;
 use crate::manifest::{CudaTarget, Manifest, ModuleRange, CUBIN_FILE, PTX_FILE};
+use crate::symbols::Dim;
 use crate::weights::WeightStore;
 
 /// The most pointer arguments a kernel takes: CUDA's classic 4 KiB of kernel parameters, 8 bytes
@@ -33,6 +34,8 @@ pub(crate) enum Region {
     Input(usize),
     /// The device copy of the entry point's output `i`.
     Output(usize),
+    /// The run's symbol values, one `u32` each ([`crate::BufRef::Symbols`]).
+    Symbols,
 }
 
 /// One kernel parameter: the device pointer `offset` bytes into `region`.
@@ -48,7 +51,11 @@ pub(crate) struct StepPlan {
     pub label: String,
     pub module: usize,
     pub symbol: CString,
-    pub grid: [u32; 3],
+    /// The grid over the manifest's symbols (fixed when it has none).
+    pub grid: [Dim; 3],
+    /// The grid at the symbols' maxima (the grid itself when fixed): the largest launch,
+    /// which the device's limits are checked against.
+    pub largest: [u32; 3],
     pub block: [u32; 3],
     pub args: Vec<Arg>,
 }
@@ -73,10 +80,12 @@ pub(crate) struct Plan {
     pub weights: Vec<(String, u64)>,
     /// Bytes to allocate for the weights buffer (at least 1).
     pub weights_bytes: u64,
+    /// Bytes of the run's symbol words (4 per symbol; 0 when the model has none).
+    pub symbol_bytes: u64,
 }
 
 /// One entry point: its launches (captured into a graph of its own) and the byte size of each
-/// of its inputs and outputs.
+/// of its inputs and outputs in the largest run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct EntryPlan {
     pub steps: Vec<StepPlan>,
@@ -170,11 +179,14 @@ pub(crate) fn plan(
         modules.push(ModulePlan { ptx, cubin });
     }
 
+    // Buffers hold the largest run, every symbol at its maximum.
+    crate::device::check_gpu_symbols(&manifest.symbols, "CUDA")?;
+    let maxima = manifest.max_values();
     let sizes = |specs: &[crate::manifest::TensorSpec], kind: &str| -> Result<Vec<u64>, RuntimeError> {
         specs
             .iter()
             .map(|spec| {
-                spec.byte_len_at(&[]).ok_or_else(|| {
+                spec.byte_len_at(&maxima).ok_or_else(|| {
                     RuntimeError::invalid(format!("{kind} {:?} does not fit in 64-bit sizes", spec.name))
                 })
             })
@@ -190,11 +202,10 @@ pub(crate) fn plan(
         for step in view.steps {
             let at = &step.label;
             let (module, grid, block) = crate::device::gpu_dispatch(step, manifest.modules.len(), "CUDA")?;
-            // A CUDA model has no symbols yet (`Model::load_with` refuses them): the grid is fixed.
-            let grid = crate::device::grid_at(at, grid, &manifest.max_values(), &manifest.symbols)?;
-            if grid.contains(&0) || block.contains(&0) {
+            let largest = crate::device::grid_at(at, grid, &maxima, &manifest.symbols)?;
+            if largest.contains(&0) || block.contains(&0) {
                 return Err(RuntimeError::invalid(format!(
-                    "step {at:?} has grid {grid:?} and workgroup {block:?}: every extent must be at least 1"
+                    "step {at:?} has grid {largest:?} and workgroup {block:?}: every extent must be at least 1"
                 )));
             }
             let threads = block.iter().map(|&n| u64::from(n)).product::<u64>();
@@ -224,15 +235,20 @@ pub(crate) fn plan(
                     GpuArg::Weight { offset, .. } => Arg { region: Region::Weights, offset },
                     GpuArg::Input(i) => Arg { region: Region::Input(i), offset: 0 },
                     GpuArg::Output(i) => Arg { region: Region::Output(i), offset: 0 },
-                    GpuArg::Symbols => {
-                        return Err(RuntimeError::invalid(format!(
-                            "step {at:?} passes the symbol values, which CUDA kernels do not take yet"
-                        )))
-                    }
+                    // `check_steps` allowed it only in a model with symbols.
+                    GpuArg::Symbols => Arg { region: Region::Symbols, offset: 0 },
                 };
                 args.push(arg);
             }
-            steps.push(StepPlan { label: at.clone(), module, symbol, grid, block, args });
+            steps.push(StepPlan {
+                label: at.clone(),
+                module,
+                symbol,
+                grid: grid.clone(),
+                largest,
+                block,
+                args,
+            });
         }
         entries.push(EntryPlan { steps, inputs, outputs });
     }
@@ -243,6 +259,7 @@ pub(crate) fn plan(
         arena_bytes: manifest.arena_bytes.max(1),
         weights: weight_list,
         weights_bytes: weights_end.max(1),
+        symbol_bytes: 4 * manifest.symbols.len() as u64,
     })
 }
 
@@ -337,7 +354,7 @@ mod tests {
         assert_eq!((forward.inputs.clone(), forward.outputs.clone()), (vec![4096], vec![4096]));
         let first = &forward.steps[0];
         assert_eq!(
-            (first.module, first.symbol.as_c_str(), first.grid, first.block),
+            (first.module, first.symbol.as_c_str(), first.largest, first.block),
             (1, c"add", [4, 1, 1], [256, 1, 1])
         );
         assert_eq!(
