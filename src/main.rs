@@ -22,7 +22,8 @@ enum Command {
     Check {
         /// The model spec (.ron).
         model: PathBuf,
-        /// Override a config value, e.g. `--set layers=2` (repeatable).
+        /// Override a config value, e.g. `--set layers=2` (repeatable); a size may be made
+        /// dynamic: `--set 'seq=Dyn(min: 1, max: 512, hint: 128)'`.
         #[arg(long = "set", value_name = "NAME=VALUE")]
         set: Vec<String>,
     },

@@ -356,6 +356,62 @@ fn specializing_outside_a_symbols_bounds_is_an_error() {
     assert_eq!(g.ty(g.outputs[0].1).shape, vec![64]);
 }
 
+/// `--set NAME=Dyn(…)` makes a static entry of a shipped model dynamic: the graph is the one
+/// of the model written with that `Dyn`, and bad bounds are errors that point into the
+/// `--set` text.
+#[test]
+fn set_makes_a_static_size_dynamic() {
+    let set = |s: &str| Override::parse(s).expect("name=value");
+    let small = ["layers=2", "vocab=40", "hidden=16", "heads=2", "ffn=32", "max_positions=64"];
+    let dynamic = ["batch=Dyn(min: 1, max: 8, hint: 2)", "seq=Dyn(min: 1, max: \"max_positions\", hint: 16)"];
+    let overrides: Vec<Override> = small.iter().chain(&dynamic).map(|s| set(s)).collect();
+    let (sources, r) = kiln_lower::load(Path::new("models/bert_encoder.ron"), &overrides);
+    let g = r.unwrap_or_else(|d| panic!("{}", d.render(&sources))).graph;
+    let names: Vec<&str> = g.symbols.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["batch", "seq"]);
+    assert_eq!((g.symbols[1].min, g.symbols[1].max, g.symbols[1].hint), (1, 64, 16));
+    // The same graph as the model written with those declarations.
+    let text = std::fs::read_to_string("models/bert_encoder.ron").expect("model");
+    let text = with_dynamic(
+        &text,
+        r#""batch": 1, "seq": 128,"#,
+        r#""batch": Dyn(min: 1, max: 8, hint: 2), "seq": Dyn(min: 1, max: "max_positions", hint: 16),"#,
+    );
+    let small_sets: Vec<Override> = small.iter().map(|s| set(s)).collect();
+    let (sources, r) = kiln_lower::load_str("models/bert_encoder.ron", &text, &small_sets);
+    let written = r.unwrap_or_else(|d| panic!("{}", d.render(&sources))).graph;
+    let print = |g: &kiln_ir::Graph| kiln_ir::print::to_text(g, Default::default());
+    assert_eq!(print(&g), print(&written));
+
+    // Errors, each pointing into the `--set` text where it can.
+    let err = |value: &str| {
+        let overrides = [set(&format!("seq={value}"))];
+        let (sources, r) = kiln_lower::load(Path::new("models/bert_encoder.ron"), &overrides);
+        r.expect_err(value).render(&sources)
+    };
+    assert_eq!(
+        err("Dyn(min: 1, max: 5)"),
+        "error: `Dyn` is missing the field `hint`\n  ┌─ --set seq:1:1\n  │\n1 │ Dyn(min: 1, max: 5)\n  │ ^^^^^^^^^^^^^^^^^^^ needs `hint: …`\n\n"
+    );
+    assert_eq!(
+        err("Dynamic"),
+        "error: a dynamic size is written `Dyn(min: …, max: …, hint: …[, multiple_of: …])`\n  ┌─ --set seq:1:1\n  │\n1 │ Dynamic\n  │ ^^^^^^^ not a `Dyn(…)`\n\n"
+    );
+    let long = err("Dyn(min: 1, max: 1024, hint: 128)");
+    assert!(
+        long.starts_with("error: the slice bound `len` reaches 1024 for the dynamic size `seq` in its bounds, past the axis's 512 entries")
+            && long.contains("┌─ --set seq:1:1")
+            && long.contains("`seq` is declared dynamic here"),
+        "{long}"
+    );
+    let (sources, r) =
+        kiln_lower::load(Path::new("models/bert_encoder.ron"), &[set("seed=Dyn(min: 1, max: 2, hint: 1)")]);
+    assert_eq!(
+        r.expect_err("seed").render(&sources),
+        "error: --set seed=Dyn(…): the built-in config `seed` cannot be a dynamic size\n\n"
+    );
+}
+
 /// Modules that call each other 300 deep (each a different module, so no cycle): lowering
 /// refuses past its nesting limit instead of overflowing the stack (this runs on a test
 /// thread's 2 MiB stack).

@@ -133,7 +133,7 @@ fn lower_file(
     dir: Option<&Path>,
     overrides: &[Override],
 ) -> Result<Lowered, Diagnostics> {
-    let (model, diags) = kiln_spec::parse_model(sources, file)?;
+    let (mut model, diags) = kiln_spec::parse_model(sources, file)?;
     // Libraries that do not parse stop the run; the model's own recovered errors wait for
     // the lowering to add its findings.
     let mut fatal = Vec::new();
@@ -171,12 +171,60 @@ fn lower_file(
             }
         }
     }
+    let overrides = dynamic_overrides(sources, &mut model, &libs, overrides, &mut fatal);
     if !fatal.is_empty() {
         fatal.extend(diags);
         return Err(Diagnostics(fatal));
     }
-    let (graph, config, derived, training, warnings) = lower_model(sources, &model, &libs, overrides, diags)?;
+    let (graph, config, derived, training, warnings) =
+        lower_model(sources, &model, &libs, &overrides, diags)?;
     Ok(Lowered { spec: model, graph, config, derived, training, warnings })
+}
+
+/// Applies the overrides that make a config entry dynamic (`--set seq=Dyn(min: 1, max: 512,
+/// hint: 128)`): the entry, the model's or a library's, becomes that `Dyn` (its bounds read
+/// from a source of their own, `--set seq`, so their errors point there). Returns the other
+/// overrides; a `Dyn` for a built-in entry or one that does not parse is an error in `diags`.
+fn dynamic_overrides(
+    sources: &mut Sources,
+    model: &mut Model,
+    libs: &[Library],
+    overrides: &[Override],
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<Override> {
+    let mut rest = Vec::new();
+    for o in overrides {
+        if !o.value.starts_with("Dyn") {
+            rest.push(o.clone());
+            continue;
+        }
+        if BUILTIN_CONFIG.iter().any(|(n, _)| *n == o.name) {
+            diags.push(Diagnostic::error(format!(
+                "--set {}=Dyn(…): the built-in config `{}` cannot be a dynamic size",
+                o.name, o.name
+            )));
+            continue;
+        }
+        let id = sources.add(format!("--set {}", o.name), o.value.clone());
+        let decl = match kiln_spec::parse_dyn(sources, id) {
+            Ok(d) => d,
+            Err(e) => {
+                diags.extend(e.0);
+                continue;
+            }
+        };
+        let value = kiln_spec::ConfigValue::Dyn(Box::new(decl));
+        if let Some(entry) = model.config.iter_mut().find(|e| e.name.name == o.name) {
+            entry.value = value;
+        } else if let Some(entry) = libs.iter().flat_map(|l| &l.config).find(|e| e.name.name == o.name) {
+            // A library's entry: the model's own entry of that name shadows it.
+            model.config.push(kiln_spec::ConfigEntry { name: entry.name.clone(), value });
+        } else {
+            // Not an entry: reported by name with the other unknown `--set`s.
+            rest.push(o.clone());
+        }
+    }
+    rest
 }
 
 /// What lowering produces besides the spec itself: graph, config, derived sizes, training

@@ -202,7 +202,7 @@ impl Converter {
     }
 
     /// `Dyn(min: …, max: …, hint: …[, multiple_of: …])`, each a config expression.
-    fn dyn_decl(&mut self, v: &Value) -> Option<DynDecl> {
+    pub(crate) fn dyn_decl(&mut self, v: &Value) -> Option<DynDecl> {
         const FIELDS: &[&str] = &["min", "max", "hint", "multiple_of"];
         let f = self.fields(v, "Dyn", FIELDS, &["min", "max", "hint"])?;
         let mut get = |name: &str| Self::field(&f, name).map(|e| self.cexpr(e));

@@ -69,6 +69,23 @@ pub fn parse_model(sources: &Sources, file: FileId) -> Result<(Model, Vec<Diagno
     }
 }
 
+/// Parses a dynamic size given on the command line (`--set seq=Dyn(min: 1, max: 512, hint:
+/// 128)`), held as its own source file so its errors point into it.
+pub fn parse_dyn(sources: &Sources, file: FileId) -> Result<DynDecl, Diagnostics> {
+    let value = parse_value(file, &sources.get(file).text)?;
+    let mut c = convert::Converter::default();
+    if value.head().is_none_or(|h| h.name != "Dyn") {
+        return Err(Diagnostics(vec![Diagnostic::error(
+            "a dynamic size is written `Dyn(min: …, max: …, hint: …[, multiple_of: …])`",
+        )
+        .at(value.span, "not a `Dyn(…)`")]));
+    }
+    match c.dyn_decl(&value) {
+        Some(d) if !c.diags.iter().any(Diagnostic::is_error) => Ok(d),
+        _ => Err(Diagnostics(c.diags)),
+    }
+}
+
 /// Parses and checks the form of a library file.
 pub fn parse_library(sources: &Sources, file: FileId) -> Result<Library, Diagnostics> {
     let value = parse_value(file, &sources.get(file).text)?;
