@@ -26,14 +26,17 @@
 //! `--padded` runs the fixed-shape path instead: every sentence padded to `--seq`, one batch.
 //! Both give the same embeddings to 1e-5 (`tests/minilm.rs`): mean pooling ignores padding.
 //!
-//! Until the runtime accepts symbolic batch and sequence sizes (`docs/dynamic-shapes.md`), every
-//! distinct (batch, padded length) is its own compiled artifact: `models/bert_encoder.ron`
-//! lowered with `--set batch=B --set seq=L`, optimized, compiled for this machine with the
-//! checkpoint's weights bound by their names (`kiln_ir::bind_params_with_warnings`), and cached
-//! next to the weights in `artifact/bB-sL/`, reused while the spec, the weights' digest, the
-//! shape and this program stay the same (at most [`CACHE_SLOTS`] shapes are kept, the least
-//! recently used dropped first). Rounding lengths up to a multiple of 8 keeps the number of
-//! shapes, and so of compilations, small; the first embedding of a new shape pays its compile.
+//! One compiled artifact serves every batch: `models/bert_encoder.ron` lowered with `batch` and
+//! `seq` made dynamic sizes (`--set 'batch=Dyn(min: 1, max: B, hint: B)' --set 'seq=Dyn(min: 1,
+//! max: S, hint: …)'`, B the most sentences per batch, S the most tokens per sentence),
+//! optimized, compiled for this machine with the checkpoint's weights bound by their names
+//! (`kiln_ir::bind_params_with_warnings`), and cached next to the weights in `artifact/dB-sS/`,
+//! reused while the spec, the weights' digest, the bounds and this program stay the same (at
+//! most [`CACHE_SLOTS`] artifacts are kept, the least recently used dropped first). A batch
+//! past the bounds (`--padded` with more sentences than `--batch`) compiles one with wider
+//! bounds. `--per-shape` compiles each distinct (batch, padded length) as an artifact of its
+//! own instead (`--set batch=B --set seq=L`, cached in `artifact/bB-sL/`): the static
+//! artifacts the dynamic one is measured against.
 //!
 //! Output: a table of cosine similarities, or with `--json` `{"embeddings": [[…384…], …],
 //! "timing": {…}}` in input order. `--repeats N` embeds the sentences N more times once every
@@ -46,7 +49,6 @@
 use clap::Parser;
 use kiln_runtime::batching::{self, Limits};
 use kiln_runtime::{FileDigest, Model, Options, TensorRef};
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -111,6 +113,9 @@ struct Args {
     /// Compile into temporary directories instead of reusing the cached artifacts.
     #[arg(long)]
     no_cache: bool,
+    /// Compile one artifact per (batch, padded length) instead of one for every size.
+    #[arg(long)]
+    per_shape: bool,
 }
 
 fn main() -> ExitCode {
@@ -127,7 +132,8 @@ fn run(args: &Args) -> Result<(), String> {
     let seq = args.seq as usize;
     let cache = cache_dir()?;
     let sentences = sentences(args)?;
-    let mut encoder = Encoder::new(&cache, !args.no_cache, args.threads.map(|t| t as usize))?;
+    let sizes = if args.per_shape { Sizes::PerShape } else { Sizes::Dynamic };
+    let mut encoder = Encoder::new(&cache, !args.no_cache, args.threads.map(|t| t as usize), sizes)?;
     let how = if args.padded {
         How::Padded { seq }
     } else {
@@ -148,10 +154,11 @@ fn run(args: &Args) -> Result<(), String> {
         loops.push(start.elapsed());
     }
     eprintln!(
-        "{} sentences in {} shape(s) ({} compiled, {} loaded from the cache, {:.1} s), first pass {:.1} ms \
-         ({:.1} ms without compiling and loading), on {} threads",
+        "{} sentences in {} shape(s) run by {} artifact(s) ({} compiled, {} loaded from the cache, {:.1} s), \
+         first pass {:.1} ms ({:.1} ms without compiling and loading), on {} threads",
         sentences.len(),
         encoder.shapes().len(),
+        encoder.artifacts().len(),
         encoder.compiled,
         encoder.loaded,
         prepare.as_secs_f64(),
@@ -175,6 +182,7 @@ fn run(args: &Args) -> Result<(), String> {
             "sentences": sentences.len(),
             "threads": encoder.threads(),
             "shapes": encoder.shapes(),
+            "artifacts": encoder.artifacts().iter().map(|c| format!("{c:?}")).collect::<Vec<_>>(),
             "compiled": encoder.compiled,
             "loaded": encoder.loaded,
             "padded_tokens": encoder.padded_tokens,
@@ -245,6 +253,53 @@ pub enum How {
     },
 }
 
+/// How batches of different shapes are compiled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sizes {
+    /// One artifact whose batch and sequence length are set per run, within bounds.
+    Dynamic,
+    /// One artifact per (batch, padded length).
+    PerShape,
+}
+
+/// What an artifact was compiled for: one shape, or every shape within bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Compiled {
+    /// `batch` sentences of `seq` tokens.
+    Shape { batch: usize, seq: usize },
+    /// 1 to `batch` sentences of 1 to `seq` tokens.
+    Bounds { batch: usize, seq: usize },
+}
+
+impl Compiled {
+    /// Whether the artifact runs `batch` sentences of `seq` tokens.
+    fn runs(self, batch: usize, seq: usize) -> bool {
+        match self {
+            Compiled::Shape { batch: b, seq: s } => (b, s) == (batch, seq),
+            Compiled::Bounds { batch: b, seq: s } => batch <= b && seq <= s,
+        }
+    }
+
+    /// The `--set`s that lower the spec for it.
+    fn overrides(self) -> Vec<String> {
+        match self {
+            Compiled::Shape { batch, seq } => vec![format!("batch={batch}"), format!("seq={seq}")],
+            Compiled::Bounds { batch, seq } => vec![
+                format!("batch=Dyn(min: 1, max: {batch}, hint: {batch})"),
+                format!("seq=Dyn(min: 1, max: {seq}, hint: {})", seq.min(128)),
+            ],
+        }
+    }
+
+    /// Its folder in the cache.
+    fn slot(self) -> String {
+        match self {
+            Compiled::Shape { batch, seq } => format!("b{batch}-s{seq}"),
+            Compiled::Bounds { batch, seq } => format!("d{batch}-s{seq}"),
+        }
+    }
+}
+
 /// A loaded artifact and the temporary directory it lives in (without the cache): the model
 /// maps its files, so the directory must outlive it.
 struct Loaded {
@@ -252,7 +307,8 @@ struct Loaded {
     _dir: Option<tempfile::TempDir>,
 }
 
-/// The tokenizer and one compiled encoder per (batch, padded length) seen so far.
+/// The tokenizer and the encoders compiled so far: one for every size within bounds, or one
+/// per (batch, padded length).
 pub struct Encoder {
     tokenizer: Tokenizer,
     pad_id: u32,
@@ -260,7 +316,12 @@ pub struct Encoder {
     /// `None`: compile into temporary directories.
     cache: Option<PathBuf>,
     options: Options,
-    models: HashMap<(usize, usize), Loaded>,
+    sizes: Sizes,
+    /// The bounds a new dynamic artifact gets (widened by a batch past them).
+    bounds: (usize, usize),
+    models: Vec<(Compiled, Loaded)>,
+    /// Every (batch, padded length) run so far.
+    shapes: std::collections::BTreeSet<(usize, usize)>,
     /// Shapes compiled and shapes loaded from the cache, and the time both took.
     pub compiled: usize,
     /// See `compiled`.
@@ -272,8 +333,9 @@ pub struct Encoder {
 
 impl Encoder {
     /// The tokenizer and weights from `dir` (`tokenizer.json`, `model.safetensors`); compiled
-    /// artifacts cached in `dir/artifact/` when `use_cache`.
-    pub fn new(dir: &Path, use_cache: bool, threads: Option<usize>) -> Result<Encoder, String> {
+    /// artifacts cached in `dir/artifact/` when `use_cache`, one per shape or one for every size
+    /// (`sizes`).
+    pub fn new(dir: &Path, use_cache: bool, threads: Option<usize>, sizes: Sizes) -> Result<Encoder, String> {
         let weights = dir.join("model.safetensors");
         let tokenizer_file = dir.join("tokenizer.json");
         for f in [&weights, &tokenizer_file] {
@@ -295,7 +357,10 @@ impl Encoder {
             weights,
             cache: use_cache.then(|| dir.join("artifact")),
             options: Options { threads, device: None },
-            models: HashMap::new(),
+            sizes,
+            bounds: (1, 1),
+            models: Vec::new(),
+            shapes: Default::default(),
             compiled: 0,
             loaded: 0,
             padded_tokens: 0,
@@ -303,11 +368,16 @@ impl Encoder {
         })
     }
 
-    /// The (batch, padded length) of every artifact compiled or loaded so far, sorted.
+    /// Every (batch, padded length) run so far, sorted.
     pub fn shapes(&self) -> Vec<(usize, usize)> {
-        let mut s: Vec<_> = self.models.keys().copied().collect();
-        s.sort_unstable();
-        s
+        self.shapes.iter().copied().collect()
+    }
+
+    /// What each artifact compiled or loaded so far was compiled for, sorted.
+    pub fn artifacts(&self) -> Vec<Compiled> {
+        let mut a: Vec<Compiled> = self.models.iter().map(|(c, _)| *c).collect();
+        a.sort_unstable();
+        a
     }
 
     /// Time spent compiling and loading artifacts so far.
@@ -317,7 +387,7 @@ impl Encoder {
 
     /// Worker threads of the models (of a fresh one before any is loaded).
     pub fn threads(&self) -> usize {
-        self.models.values().next().map_or_else(
+        self.models.first().map(|(_, l)| l).map_or_else(
             || {
                 self.options
                     .threads
@@ -330,7 +400,11 @@ impl Encoder {
     /// Unit-length embeddings of `sentences`, in input order.
     pub fn run(&mut self, sentences: &[String], how: &How) -> Result<Vec<Vec<f32>>, String> {
         match *how {
-            How::Embed { seq, limits } => self.embed(sentences, seq, &limits),
+            How::Embed { seq, limits } => {
+                // The bounds every batch of the plan fits.
+                self.bounds = (self.bounds.0.max(limits.max_batch), self.bounds.1.max(seq));
+                self.embed(sentences, seq, &limits)
+            }
             How::Padded { seq } => self.embed_padded(sentences, seq),
         }
     }
@@ -426,26 +500,34 @@ impl Encoder {
         Ok(mean_pool_normalize(values, &mask, len, hidden_dim))
     }
 
-    /// The encoder for `batch` sentences of `seq` tokens: already loaded, else the cached
-    /// artifact when its key matches, else freshly compiled (into the cache, or into a
-    /// temporary directory).
+    /// The encoder for `batch` sentences of `seq` tokens: one already loaded that runs them,
+    /// else the cached artifact when its key matches, else freshly compiled (into the cache, or
+    /// into a temporary directory).
     fn model(&mut self, batch: usize, seq: usize) -> Result<&mut Model, String> {
-        if !self.models.contains_key(&(batch, seq)) {
-            let start = Instant::now();
-            let loaded = self.load_or_compile(batch, seq)?;
-            self.prepare += start.elapsed();
-            self.models.insert((batch, seq), loaded);
-        }
-        match self.models.get_mut(&(batch, seq)) {
-            Some(l) => Ok(&mut l.model),
-            None => Err(format!("the model for batch {batch}, seq {seq} was not kept")),
-        }
+        self.shapes.insert((batch, seq));
+        let at = match self.models.iter().position(|(c, _)| c.runs(batch, seq)) {
+            Some(at) => at,
+            None => {
+                let compiled = match self.sizes {
+                    Sizes::PerShape => Compiled::Shape { batch, seq },
+                    Sizes::Dynamic => {
+                        Compiled::Bounds { batch: self.bounds.0.max(batch), seq: self.bounds.1.max(seq) }
+                    }
+                };
+                let start = Instant::now();
+                let loaded = self.load_or_compile(compiled)?;
+                self.prepare += start.elapsed();
+                self.models.push((compiled, loaded));
+                self.models.len() - 1
+            }
+        };
+        Ok(&mut self.models[at].1.model)
     }
 
-    fn load_or_compile(&mut self, batch: usize, seq: usize) -> Result<Loaded, String> {
+    fn load_or_compile(&mut self, compiled: Compiled) -> Result<Loaded, String> {
         let Some(cache) = self.cache.clone() else {
             let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
-            compile(&self.weights, batch, seq, dir.path())?;
+            compile(&self.weights, compiled, dir.path())?;
             self.compiled += 1;
             let model = Model::load_with(dir.path(), &self.options)
                 .map_err(|e| format!("loading the compiled model: {e}"))?;
@@ -453,9 +535,9 @@ impl Encoder {
         };
         let bytes = std::fs::read(&self.weights)
             .map_err(|e| format!("cannot read {}: {e}", self.weights.display()))?;
-        let key = artifact_key(&bytes, batch, seq)?;
+        let key = artifact_key(&bytes, compiled)?;
         drop(bytes);
-        let slot = cache.join(format!("b{batch}-s{seq}"));
+        let slot = cache.join(compiled.slot());
         let dir = slot.join("bert_encoder.kiln");
         let key_file = slot.join("key.txt");
         if std::fs::read_to_string(&key_file).is_ok_and(|k| k == key) {
@@ -475,7 +557,7 @@ impl Encoder {
         let _ = std::fs::remove_dir_all(&dir);
         prune(&cache, CACHE_SLOTS - 1);
         std::fs::create_dir_all(&slot).map_err(|e| format!("cannot create {}: {e}", slot.display()))?;
-        compile(&self.weights, batch, seq, &dir)?;
+        compile(&self.weights, compiled, &dir)?;
         self.compiled += 1;
         std::fs::write(&key_file, &key).map_err(|e| format!("cannot write {}: {e}", key_file.display()))?;
         let model = Model::load_with(&dir, &self.options)
@@ -499,7 +581,11 @@ fn prune(cache: &Path, keep: usize) {
     let Ok(entries) = std::fs::read_dir(cache) else { return };
     let mut slots: Vec<(std::time::SystemTime, PathBuf)> = entries
         .flatten()
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with('b') && n.contains("-s")))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| (n.starts_with('b') || n.starts_with('d')) && n.contains("-s"))
+        })
         .map(|e| {
             let used = std::fs::metadata(e.path().join("key.txt"))
                 .and_then(|m| m.modified())
@@ -517,9 +603,9 @@ fn prune(cache: &Path, keep: usize) {
 }
 
 /// What a cached artifact must have been built from: the spec and the standard library, the
-/// weights (size and crc32), batch and sequence length, and this program (its size and mtime
-/// change with every rebuild, so a changed compiler never reuses an old artifact).
-fn artifact_key(weights: &[u8], batch: usize, seq: usize) -> Result<String, String> {
+/// weights (size and crc32), the shape or bounds, and this program (its size and mtime change
+/// with every rebuild, so a changed compiler never reuses an old artifact).
+fn artifact_key(weights: &[u8], compiled: Compiled) -> Result<String, String> {
     let text = |p: &str| std::fs::read(p).map_err(|e| format!("cannot read {p}: {e}"));
     let spec = FileDigest::of("spec", &[text(SPEC)?, text(STD)?].concat());
     let w = FileDigest::of("weights", weights);
@@ -531,7 +617,7 @@ fn artifact_key(weights: &[u8], batch: usize, seq: usize) -> Result<String, Stri
         })
         .unwrap_or_default();
     Ok(format!(
-        "spec {:08x}\nweights {} {:08x}\nbatch {batch}\nseq {seq}\ncompiler {exe}\nformat {}\n",
+        "spec {:08x}\nweights {} {:08x}\nsizes {compiled:?}\ncompiler {exe}\nformat {}\n",
         spec.crc32,
         w.bytes,
         w.crc32,
@@ -541,9 +627,10 @@ fn artifact_key(weights: &[u8], batch: usize, seq: usize) -> Result<String, Stri
 
 /// Lowers, optimizes, binds the checkpoint's weights by name, schedules and compiles the encoder
 /// for this machine into `dir`.
-fn compile(weights: &Path, batch: usize, seq: usize, dir: &Path) -> Result<(), String> {
+fn compile(weights: &Path, compiled: Compiled, dir: &Path) -> Result<(), String> {
     let start = Instant::now();
-    let overrides = [format!("batch={batch}"), format!("seq={seq}")]
+    let overrides = compiled
+        .overrides()
         .iter()
         .map(|s| kiln_lower::Override::parse(s).map_err(|e| format!("--set {s}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
@@ -561,10 +648,15 @@ fn compile(weights: &Path, batch: usize, seq: usize, dir: &Path) -> Result<(), S
     let target = kiln_codegen::CpuTarget::host();
     let built = kiln_codegen::build_artifact(&graph.name, &schedule, &params, &target, dir)
         .map_err(|e| format!("compiling: {e}"))?;
+    let sizes = match compiled {
+        Compiled::Shape { batch, seq } => format!("at batch {batch}, seq {seq}"),
+        Compiled::Bounds { batch, seq } => format!("for batches of 1 to {batch} and 1 to {seq} tokens"),
+    };
     eprintln!(
-        "compiled {} at batch {batch}, seq {seq} for this machine ({} kernels) in {:.1} s into {}",
+        "compiled {} {sizes} for this machine ({} kernels, arena {:.1} MiB) in {:.1} s into {}",
         SPEC.rsplit('/').next().unwrap_or(SPEC),
         built.manifest.steps.len(),
+        built.manifest.arena_bytes as f64 / (1 << 20) as f64,
         start.elapsed().as_secs_f64(),
         dir.display()
     );

@@ -316,7 +316,8 @@ fn minilm_embed_matches_the_padded_path() {
         return;
     }
     let sentences: Vec<String> = SENTENCES.iter().map(|s| s.to_string()).collect();
-    let mut encoder = example::Encoder::new(dir, false, Some(2)).unwrap_or_else(|e| panic!("{e}"));
+    let mut encoder = example::Encoder::new(dir, false, Some(2), example::Sizes::PerShape)
+        .unwrap_or_else(|e| panic!("{e}"));
 
     let padded = encoder.embed_padded(&sentences, SEQ).unwrap_or_else(|e| panic!("{e}"));
     let want: Vec<Vec<f32>> =
@@ -341,4 +342,56 @@ fn minilm_embed_matches_the_padded_path() {
     let err = max_difference(&alone, &[padded[10].clone(), padded[11].clone()]);
     eprintln!("embed one at a time, unpadded: max |embed - padded| = {err:.3e}");
     assert!(err <= 1e-5, "embed at batch 1: max |embed - padded| = {err:e} > 1e-5");
+}
+
+/// The `embed` path through one artifact compiled for every size (batch and sequence length
+/// set per run): every batch of the plan, and then each sentence alone at its exact length,
+/// run by that one artifact, and the embeddings match sentence-transformers'.
+#[test]
+fn minilm_one_dynamic_artifact_embeds_at_true_lengths() {
+    let test = "minilm_one_dynamic_artifact_embeds_at_true_lengths";
+    let Some(weights) = cached_weights(test) else { return };
+    let dir = weights.parent().expect("the weights are in a folder");
+    if !dir.join("tokenizer.json").is_file() {
+        skip(
+            test,
+            &format!("{} does not exist; run scripts/fetch_minilm.sh", dir.join("tokenizer.json").display()),
+        );
+        return;
+    }
+    let sentences: Vec<String> = SENTENCES.iter().map(|s| s.to_string()).collect();
+    let mut encoder =
+        example::Encoder::new(dir, false, Some(2), example::Sizes::Dynamic).unwrap_or_else(|e| panic!("{e}"));
+    let want: Vec<Vec<f32>> =
+        expected().data.to_f64_vec().chunks(HIDDEN).map(|r| r.iter().map(|&x| x as f32).collect()).collect();
+
+    let how = example::How::Embed {
+        seq: SEQ,
+        limits: kiln_runtime::batching::Limits { tokens: 256, max_batch: 8, multiple_of: 8 },
+    };
+    let batched = encoder.run(&sentences, &how).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(encoder.shapes(), [(2, 128), (6, 32), (8, 16)], "shapes run");
+    assert_eq!(encoder.artifacts(), [example::Compiled::Bounds { batch: 8, seq: SEQ }], "one artifact");
+    let err = max_difference(&batched, &want);
+    eprintln!("one dynamic artifact, length-sorted batches: max |kiln - sentence-transformers| = {err:.3e}");
+    assert!(err <= TOLERANCE, "dynamic embed: max |kiln - sentence-transformers| = {err:e} > {TOLERANCE:e}");
+
+    // Each sentence alone at its exact length, through the same artifact.
+    let alone = example::How::Embed {
+        seq: SEQ,
+        limits: kiln_runtime::batching::Limits { tokens: SEQ, max_batch: 1, multiple_of: 1 },
+    };
+    let single = encoder.run(&sentences, &alone).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(encoder.artifacts(), [example::Compiled::Bounds { batch: 8, seq: SEQ }], "still one artifact");
+    assert!(
+        encoder.shapes().contains(&(1, 3)) && encoder.shapes().contains(&(1, 30)),
+        "{:?}",
+        encoder.shapes()
+    );
+    let err = max_difference(&single, &want);
+    eprintln!("one dynamic artifact, one sentence at a time, unpadded: max |kiln - sentence-transformers| = {err:.3e}");
+    assert!(
+        err <= TOLERANCE,
+        "dynamic embed at batch 1: max |kiln - sentence-transformers| = {err:e} > {TOLERANCE:e}"
+    );
 }
