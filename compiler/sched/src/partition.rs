@@ -96,6 +96,12 @@ impl Builder<'_> {
         self.buffers.len() - 1
     }
 
+    /// The symbols' maxima: the values at which views over symbols are grouped for a reshape
+    /// (`StridedView::reshape_at`, which proves what it groups).
+    fn probe(&self) -> Vec<i64> {
+        self.g.symbols.iter().map(|d| d.max).collect()
+    }
+
     /// The elements of `shape` at the symbols' maxima: what a buffer of it holds.
     pub(crate) fn max_len(&self, shape: &[Dim]) -> Result<usize, SchedError> {
         let n = crate::view::product(shape).map_err(size_error)?;
@@ -207,7 +213,7 @@ impl Builder<'_> {
             Op::Reshape { .. } => {
                 let shape = &ty.shape;
                 let src = self.operand(operands[0])?;
-                let src = match src.view.reshape(shape) {
+                let src = match src.view.reshape_at(shape, &self.probe()) {
                     Some(view) => Operand { view, ..src },
                     None => {
                         let copy = self.copy_kernel(operands[0], &src)?;
@@ -496,7 +502,7 @@ impl Builder<'_> {
 
     /// `src` (a view of node `n`'s value) when strides can express it as `shape`, else a copy.
     fn mergeable(&mut self, n: NodeId, src: Operand, shape: &[Dim]) -> Result<Operand, SchedError> {
-        match src.view.reshape(shape) {
+        match src.view.reshape_at(shape, &self.probe()) {
             Some(_) => Ok(src),
             None => self.copy_kernel(n, &src),
         }

@@ -118,9 +118,16 @@ impl StridedView {
 
     /// The same elements in row-major order under `shape`, when strides can express it
     /// (always for dense views; for others when each group of merged axes is itself dense).
-    /// A view with symbols that is not dense is not split or merged: `None`, and the caller
-    /// copies it first.
+    /// A view with symbols that is not dense needs [`StridedView::reshape_at`]; here it gives
+    /// `None`, and the caller copies it first.
     pub fn reshape(&self, shape: &[Dim]) -> Option<StridedView> {
+        self.reshape_at(shape, &[])
+    }
+
+    /// [`StridedView::reshape`], grouping the axes of a view with symbols by their extents at
+    /// `probe` (a value for every symbol): each group found is then proved in normal form (equal
+    /// products, dense strides), so a probe only chooses, it never makes a wrong view.
+    pub fn reshape_at(&self, shape: &[Dim], probe: &[i64]) -> Option<StridedView> {
         if self.is_dense() {
             return Some(StridedView {
                 shape: shape.to_vec(),
@@ -128,10 +135,8 @@ impl StridedView {
                 offset: self.offset.clone(),
             });
         }
-        let (old_shape, old_strides, offset) = self.as_static()?;
-        let shape = fixed(shape)?;
-        let strides = reshape_strides(&old_shape, &old_strides, &shape)?;
-        Some(StridedView { shape: kiln_ir::dims(&shape), strides: kiln_ir::dims(&strides), offset: Dim::Const(offset) })
+        let strides = reshape_strides(&self.shape, &self.strides, shape, probe)?;
+        Some(StridedView { shape: shape.to_vec(), strides, offset: self.offset.clone() })
     }
 
     /// [`StridedView::reshape`] to a static shape.
@@ -160,46 +165,51 @@ impl StridedView {
     }
 }
 
-/// The strides of a static, non-dense view (`shape`, `strides`) reshaped to `new`, when
-/// each group of merged axes is itself dense.
-fn reshape_strides(shape: &[usize], strides: &[usize], new: &[usize]) -> Option<Vec<usize>> {
-    let old: Vec<(usize, usize)> =
-        shape.iter().copied().zip(strides.iter().copied()).filter(|&(d, _)| d != 1).collect();
-    let shape = new;
-    let mut strides = vec![0; shape.len()];
+/// The strides of a non-dense view (`shape`, `strides`) reshaped to `new`, when each group
+/// of merged axes is itself dense. Groups are found by the extents' values at `probe` and
+/// then proved in normal form.
+fn reshape_strides(shape: &[Dim], strides: &[Dim], new: &[Dim], probe: &[i64]) -> Option<Vec<Dim>> {
+    let val = |d: &Dim| d.eval(probe);
+    let old: Vec<(Dim, Dim)> =
+        shape.iter().cloned().zip(strides.iter().cloned()).filter(|(d, _)| *d != 1).collect();
+    let mut out = vec![Dim::Const(0); new.len()];
     let (mut i, mut j) = (0, 0);
-    while i < old.len() && j < shape.len() {
-        if shape[j] == 1 {
+    while i < old.len() && j < new.len() {
+        if new[j] == 1 {
             j += 1;
             continue;
         }
         let (mut ni, mut nj) = (i, j);
-        let (mut op, mut np) = (old[i].0, shape[j]);
+        let (mut op, mut np) = (val(&old[i].0)?, val(&new[j])?);
         while op != np {
             if np < op {
                 nj += 1;
-                np *= *shape.get(nj)?;
+                np = np.checked_mul(val(new.get(nj)?)?)?;
             } else {
                 ni += 1;
-                op *= old.get(ni)?.0;
+                op = op.checked_mul(val(&old.get(ni)?.0)?)?;
             }
         }
+        let old_dims: Vec<Dim> = old[i..=ni].iter().map(|(d, _)| d.clone()).collect();
+        if product(&old_dims).ok()? != product(&new[j..=nj]).ok()? {
+            return None;
+        }
         for k in i..ni {
-            if old[k].1 != old[k + 1].1 * old[k + 1].0 {
+            if old[k].1 != old[k + 1].1.mul(&old[k + 1].0).ok()? {
                 return None;
             }
         }
-        strides[nj] = old[ni].1;
+        out[nj] = old[ni].1.clone();
         for k in (j..nj).rev() {
-            strides[k] = strides[k + 1] * shape[k + 1];
+            out[k] = out[k + 1].mul(&new[k + 1]).ok()?;
         }
         i = ni + 1;
         j = nj + 1;
     }
-    if i < old.len() || shape[j..].iter().any(|&d| d != 1) {
+    if i < old.len() || new[j..].iter().any(|d| *d != 1) {
         return None;
     }
-    Some(strides)
+    Some(out)
 }
 
 #[cfg(test)]
@@ -257,7 +267,15 @@ mod tests {
         let t = heads.transpose(&[0, 2, 1, 3]);
         assert!(!t.is_dense() && !t.is_static());
         // A transposed symbolic view is not merged: the caller copies it.
-        assert!(t.reshape(&[batch.clone(), Dim::Const(2), seq.mul(&Dim::Const(4)).unwrap()]).is_none());
+        let merged = [batch.clone(), Dim::Const(2), seq.mul(&Dim::Const(4)).unwrap()];
+        assert!(t.reshape_at(&merged, &[5, 2]).is_none());
+        // A slice of the last axis splits into heads, proved for every value of the symbols.
+        let half = v.slice(2, &Dim::Const(4), &Dim::Const(8), 1).unwrap();
+        let split = [batch.clone(), seq.clone(), Dim::Const(2), Dim::Const(2)];
+        assert!(half.reshape(&split).is_none(), "grouping a symbolic view needs a probe");
+        let heads2 = half.reshape_at(&split, &[5, 2]).unwrap();
+        assert_eq!(heads2.strides[0], seq.mul(&Dim::Const(8)).unwrap());
+        assert_eq!(heads2.strides[1..], kiln_ir::dims(&[8, 2, 1])[..]);
         let back = t.transpose(&[0, 2, 1, 3]).reshape(&[batch, seq, Dim::Const(8)]).unwrap();
         assert_eq!(back, v);
         // At batch 2, seq 3: the last element is 2*3*8 - 1.
