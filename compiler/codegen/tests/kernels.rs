@@ -239,13 +239,47 @@ mod symbolic {
         compiled_matches_interpreter(&g, 1e-6);
     }
 
-    /// A matmul with a run-time M is refused by name, with what needs a static extent.
+    /// Matrix products with a run-time row count and static weights: plain, and with a bias
+    /// and GELU fused.
     #[test]
-    fn a_matmul_over_a_run_time_row_count_is_refused_by_name() {
+    fn matmuls_over_run_time_rows_compile_once_for_every_binding() {
         let (mut g, b, s) = graph("dyn_matmul");
         let x = input(&mut g, "x", DType::F32, vec![b, s, Dim::Const(8)]);
-        let w = param(&mut g, "w", &[8, 4]);
+        let w = param(&mut g, "w", &[8, 12]);
         let y = g.add(Op::MatMul, &[x, w]).unwrap();
+        g.add_output("y", y);
+        let bias = param(&mut g, "bias", &[12]);
+        let act = kiln_ir::Activation::Gelu(kiln_ir::GeluApprox::Erf);
+        let z = g.add(Op::MatMulEpilogue { bias: true, activation: act }, &[x, w, bias]).unwrap();
+        g.add_output("z", z);
+        compiled_matches_interpreter(&g, 1e-4);
+    }
+
+    /// Attention over `[batch, 2, seq, 4]` heads with run-time query and key lengths: with an
+    /// additive mask over the keys, and causal with its log-sum-exp as a second result.
+    #[test]
+    fn attention_over_run_time_lengths_compiles_once_for_every_binding() {
+        let (mut g, b, s) = graph("dyn_attention");
+        let heads = |b: &Dim, s: &Dim| vec![b.clone(), Dim::Const(2), s.clone(), Dim::Const(4)];
+        let q = input(&mut g, "q", DType::F32, heads(&b, &s));
+        let k = input(&mut g, "k", DType::F32, heads(&b, &s));
+        let v = input(&mut g, "v", DType::F32, heads(&b, &s));
+        let mask = input(&mut g, "mask", DType::F32, vec![b.clone(), Dim::Const(1), Dim::Const(1), s.clone()]);
+        let masked = g.add(Op::Attention { scale: 0.5, causal: false, masked: true }, &[q, k, v, mask]).unwrap();
+        g.add_output("masked", masked);
+        let causal = g.add(Op::Attention { scale: 0.5, causal: true, masked: false }, &[q, k, v]).unwrap();
+        g.add_output("causal", causal);
+        let lse = g.add(Op::AttentionLse { scale: 0.5, causal: true, masked: false }, &[q, k]).unwrap();
+        g.add_output("lse", lse);
+        compiled_matches_interpreter(&g, 1e-4);
+    }
+
+    /// An op whose emitter still needs static extents is refused by name, saying what needs them.
+    #[test]
+    fn a_concat_over_run_time_sizes_is_refused_by_name() {
+        let (mut g, b, s) = graph("dyn_concat");
+        let x = input(&mut g, "x", DType::F32, vec![b, s, Dim::Const(8)]);
+        let y = g.add(Op::Concat { axis: 2 }, &[x, x]).unwrap();
         g.add_output("y", y);
         let params = kiln_ir::bind_params(&g, None, 7, false).unwrap();
         let s = kiln_sched::schedule(&g).expect("schedules");
@@ -255,8 +289,8 @@ mod symbolic {
             .expect("refused");
         assert_eq!(
             err.to_string(),
-            "cannot compile `matmul` with run-time sizes for the CPU: its row tiles over [batch, seq, 4] \
-             are planned at compile time (specialize the sizes with --set)"
+            "cannot compile `concat` with run-time sizes for the CPU: its index arithmetic over \
+             [batch, seq, 16] uses static extents (specialize the sizes with --set)"
         );
     }
 }

@@ -13,15 +13,20 @@
 //! so one kernel serves every run, and the step's dispatch range is `rows` times what one row
 //! takes, a size the runtime evaluates at the run's symbol values (`Dispatch::Cpu::range`).
 //!
-//! A kernel that needs a symbolic extent anywhere else (a row length, a matmul's M tiles, a
-//! copy whose strides do not chain) is refused by name ([`CodegenError::Symbolic`]).
+//! Matrix products with a run-time row count and attention with run-time query and key
+//! lengths have emitters of their own ([`matmul`], [`attention`]) that read sizes from `%syms`
+//! like the elementwise loops. A kernel that needs a symbolic extent anywhere else (a row
+//! length, a reduction's axes) is refused by name ([`CodegenError::Symbolic`]).
+
+mod attention;
+mod matmul;
 
 use crate::kernels::elementwise::{convert, eval, store, Ctx, FaultSlot};
 use crate::kernels::{self, View};
 use crate::mlir_text::Body;
 use crate::program::{bad, same_elements};
 use crate::{CodegenError, Kernel, Target};
-use kiln_ir::{DType, Dim, NormKind, Op, SizeExpr, TermFactor};
+use kiln_ir::{Activation, DType, Dim, NormKind, Op, SizeExpr, TermFactor};
 use kiln_sched::{Expr, KernelOp, Operand, Schedule, StridedView};
 
 /// The argument a kernel that reads the run's symbol values takes them in (before `%begin`).
@@ -35,7 +40,7 @@ struct Rows {
 }
 
 /// The refusal of a kernel over symbolic extents.
-fn refuse(k: &kiln_sched::Kernel, why: impl Into<String>) -> CodegenError {
+pub(super) fn refuse(k: &kiln_sched::Kernel, why: impl Into<String>) -> CodegenError {
     CodegenError::Symbolic { kernel: k.name(), why: why.into() }
 }
 
@@ -191,13 +196,20 @@ pub(crate) fn kernel(
             let made = kernels::data::emit_gather(sym, 0, &table, &iv, &ov)?;
             return finish(k, made, &all);
         }
+        Op::MatMul => return matmul::emit(s, sym, k, None, Activation::None),
+        Op::MatMulEpilogue { bias, activation } => {
+            let b = if *bias { Some(arg(2)?) } else { None };
+            return matmul::emit(s, sym, k, b, *activation);
+        }
+        Op::Attention { scale, causal, masked } => {
+            let mask = if *masked { Some(arg(3)?) } else { None };
+            return attention::emit(s, sym, k, *scale, *causal, mask, true);
+        }
+        Op::AttentionLse { scale, causal, masked } => {
+            let mask = if *masked { Some(arg(2)?) } else { None };
+            return attention::emit(s, sym, k, *scale, *causal, mask, false);
+        }
         // Ops whose emitters read symbolic extents inside the kernel, or that never see them.
-        Op::MatMul | Op::MatMulEpilogue { .. } => {
-            return Err(refuse(k, format!("its row tiles over {shape_text} are planned at compile time")))
-        }
-        Op::Attention { .. } | Op::AttentionLse { .. } => {
-            return Err(refuse(k, format!("its query and key blocks over {shape_text} are planned at compile time")))
-        }
         Op::Reduce { .. } => return Err(refuse(k, format!("its reduced axes of {shape_text} are walked with static extents"))),
         Op::Concat { .. } | Op::Pad { .. } | Op::ScatterAdd { .. } => {
             return Err(refuse(k, format!("its index arithmetic over {shape_text} uses static extents")))
@@ -238,7 +250,7 @@ fn finish(k: &kiln_sched::Kernel, made: Kernel, rows: &Rows) -> Result<(Kernel, 
 
 /// `d` as an `index` value: a constant, or its normal form evaluated on the run's symbol values
 /// (loaded from [`SYMS_ARG`], which holds `n_syms` of them).
-fn size_value(b: &mut Body, d: &Dim, n_syms: usize) -> String {
+pub(super) fn size_value(b: &mut Body, d: &Dim, n_syms: usize) -> String {
     match d {
         Dim::Const(c) => b.index(*c),
         Dim::Sym(e) => size_expr_value(b, e, n_syms),
@@ -440,4 +452,71 @@ fn elementwise(
         bytes: bytes as u64,
     };
     Ok((made, range))
+}
+
+/// A view's extents, strides and offset as `index` values: constants, or computed from
+/// `%syms` (emitted where the caller stands, before its loops).
+pub(super) struct Walk {
+    pub extents: Vec<String>,
+    pub strides: Vec<String>,
+    pub offset: String,
+}
+
+pub(super) fn walk(b: &mut Body, v: &StridedView, n_syms: usize) -> Walk {
+    Walk {
+        extents: v.shape.iter().map(|d| size_value(b, d, n_syms)).collect(),
+        strides: v.strides.iter().map(|d| size_value(b, d, n_syms)).collect(),
+        offset: size_value(b, &v.offset, n_syms),
+    }
+}
+
+/// Splits the flat row number `r` into indices over axes `0..n` of `extents` (row-major;
+/// axis 0's extent is never read).
+pub(super) fn unravel(b: &mut Body, r: &str, extents: &[String], n: usize) -> Vec<String> {
+    let mut idx = vec![String::new(); n];
+    let mut rem = r.to_string();
+    for a in (0..n).rev() {
+        if a == 0 {
+            idx[0] = rem.clone();
+        } else {
+            idx[a] = b.assign(format!("arith.remui {rem}, {} : index", extents[a]));
+            rem = b.assign(format!("arith.divui {rem}, {} : index", extents[a]));
+        }
+    }
+    idx
+}
+
+/// `offset + Σ idx[a]·strides[a]` over the indices given.
+pub(super) fn address(b: &mut Body, w: &Walk, idx: &[String]) -> String {
+    let mut acc = w.offset.clone();
+    for (i, s) in idx.iter().zip(&w.strides) {
+        let t = b.assign(format!("arith.muli {i}, {s} : index"));
+        acc = b.assign(format!("arith.addi {acc}, {t} : index"));
+    }
+    acc
+}
+
+/// `base + i·stride`.
+pub(super) fn step(b: &mut Body, base: &str, i: &str, stride: &str) -> String {
+    let t = b.assign(format!("arith.muli {i}, {stride} : index"));
+    b.assign(format!("arith.addi {base}, {t} : index"))
+}
+
+/// The emitters' flat view of an operand's buffer (its memref type and dtype; addressing is
+/// done by the caller).
+pub(super) fn buffer_view(s: &Schedule, o: &Operand) -> View {
+    View { shape: vec![], strides: vec![], offset: 0, dtype: o.dtype, buffer_len: s.buffers[o.buffer].len }
+}
+
+/// The function text: `params` (`%a0: memref<…>`, …) then `%syms` and the range bounds.
+pub(super) fn func(sym: &str, mut params: Vec<String>, n_syms: usize, body: Body) -> String {
+    params.push(format!("{SYMS_ARG}: memref<{n_syms}xi64>"));
+    format!("func.func @{sym}({}, %begin: index, %end: index) {{\n{}}}\n", params.join(", "), body.finish())
+}
+
+/// A size at the symbols' hints (costs) and at their maxima (the range the kernel is sized for).
+pub(super) fn at_hints_and_maxima(s: &Schedule, d: &Dim) -> (usize, usize) {
+    let hints: Vec<i64> = s.symbols.iter().map(|x| x.hint).collect();
+    let maxima: Vec<i64> = s.symbols.iter().map(|x| x.max).collect();
+    (d.eval(&hints).unwrap_or(0), d.eval(&maxima).unwrap_or(0))
 }
