@@ -207,10 +207,13 @@ mod symbolic {
         compiled_matches_interpreter(&g, 1e-5);
     }
 
-    /// Softmax and layer norm over a static last axis, with a run-time row count.
+    /// Softmax and norms over a static last axis, with a run-time row count: rows the static
+    /// emitters walk, and rows split at run time (an operand broadcast over the batch, a
+    /// transposed one).
     #[test]
     fn softmax_and_layer_norm_rows_compile_once_for_every_binding() {
         let (mut g, b, s) = graph("dyn_rows");
+        let s2 = s.clone();
         let x = input(&mut g, "x", DType::F32, vec![b, s, Dim::Const(16)]);
         let sm = g.add(Op::Softmax { axis: 2 }, &[x]).unwrap();
         g.add_output("softmax", sm);
@@ -218,6 +221,18 @@ mod symbolic {
         let beta = param(&mut g, "beta", &[16]);
         let ln = g.add(Op::LayerNorm { eps: 1e-5, affine: true }, &[x, gamma, beta]).unwrap();
         g.add_output("norm", ln);
+        // A second operand broadcast over the batch: its rows split at run time.
+        let p = input(&mut g, "p", DType::F32, vec![s2.clone(), Dim::Const(16)]);
+        let kind = kiln_ir::NormKind::Layer;
+        let an = g.add(Op::AddNorm { eps: 1e-5, kind, affine: true }, &[x, p, gamma, beta]).unwrap();
+        g.add_output("add_norm", an);
+        let rms = kiln_ir::NormKind::Rms;
+        let rn = g.add(Op::AddNorm { eps: 1e-6, kind: rms, affine: true }, &[x, p, gamma]).unwrap();
+        g.add_output("add_rms_norm", rn);
+        // A transposed operand: rows that do not chain.
+        let t = g.add(Op::Transpose { perm: vec![1, 0, 2] }, &[x]).unwrap();
+        let tn = g.add(Op::RmsNorm { eps: 1e-6, affine: false }, &[t]).unwrap();
+        g.add_output("transposed_norm", tn);
         compiled_matches_interpreter(&g, 1e-5);
     }
 

@@ -20,6 +20,7 @@
 
 mod attention;
 mod matmul;
+mod norm;
 
 use crate::kernels::elementwise::{convert, eval, store, Ctx, FaultSlot};
 use crate::kernels::{self, View};
@@ -142,7 +143,7 @@ pub(crate) fn kernel(
         KernelOp::Elementwise(expr) => return elementwise(s, sym, k, expr, slot),
         KernelOp::Node(op) => op,
     };
-    let out = row(&k.output, "the result")?;
+    let out_row = row(&k.output, "the result");
     let arg = |n: usize| k.inputs.get(n).ok_or_else(|| bad(op.name()));
     let last_static = out_shape.last().is_some_and(Dim::is_static);
     let made = match op {
@@ -150,6 +151,7 @@ pub(crate) fn kernel(
             if *axis + 1 != out_shape.len() || !last_static {
                 return Err(refuse(k, format!("a softmax along axis {axis} of {shape_text}: only along a static last axis")));
             }
+            let out = out_row?;
             let x = row(arg(0)?, "the operand")?;
             let log = matches!(op, Op::LogSoftmax { .. });
             kernels::norm::emit_softmax(sym, &x, x.rank() - 1, log, &out, target)?
@@ -159,7 +161,10 @@ pub(crate) fn kernel(
                 return Err(refuse(k, format!("a norm over the symbolic last axis of {shape_text}")));
             }
             let kind = if matches!(op, Op::LayerNorm { .. }) { NormKind::Layer } else { NormKind::Rms };
-            let x = row(arg(0)?, "the operand")?;
+            // Rows the static emitter can walk, else the run-time row split.
+            let (Ok(out), Ok(x)) = (out_row, row(arg(0)?, "the operand")) else {
+                return norm::emit(s, sym, k, kind, *eps, false);
+            };
             let gamma = if *affine { Some(fixed(arg(1)?, "gamma")?) } else { None };
             let beta = if *affine && kind == NormKind::Layer { Some(fixed(arg(2)?, "beta")?) } else { None };
             kernels::norm::emit_norm(sym, kind, *eps, &x, None, gamma.as_ref(), beta.as_ref(), &out, target)?
@@ -169,8 +174,11 @@ pub(crate) fn kernel(
                 return Err(refuse(k, format!("a norm over the symbolic last axis of {shape_text}")));
             }
             let broadcast = |o: &Operand| Operand { view: o.view.broadcast_to(out_shape), ..o.clone() };
-            let a = row(&broadcast(arg(0)?), "operand 0")?;
-            let b = row(&broadcast(arg(1)?), "operand 1")?;
+            let (Ok(out), Ok(a), Ok(b)) =
+                (out_row, row(&broadcast(arg(0)?), "operand 0"), row(&broadcast(arg(1)?), "operand 1"))
+            else {
+                return norm::emit(s, sym, k, *kind, *eps, true);
+            };
             let gamma = if *affine { Some(fixed(arg(2)?, "gamma")?) } else { None };
             let beta = if *affine && *kind == NormKind::Layer { Some(fixed(arg(3)?, "beta")?) } else { None };
             kernels::norm::emit_norm(sym, *kind, *eps, &a, Some(&b), gamma.as_ref(), beta.as_ref(), &out, target)?
