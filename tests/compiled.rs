@@ -395,8 +395,9 @@ fn dynamic_bert_and_gpt2_compile_once_and_match_the_interpreter_at_every_size() 
         build_for(Device::Cpu, &g, &params, dir.path());
         for values in bindings {
             let inputs = kiln_ir::seeded_inputs(&g.specialize(&values).unwrap(), values[1] as u64);
-            let want = kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() })
-                .unwrap_or_else(|e| panic!("{model} at {values:?}: {e}"));
+            let want =
+                kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() })
+                    .unwrap_or_else(|e| panic!("{model} at {values:?}: {e}"));
             let got = run_artifact(dir.path(), &inputs, model);
             for ((name, w), gv) in want.iter().zip(&got) {
                 let wv = w.to_f64_vec();

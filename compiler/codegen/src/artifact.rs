@@ -782,7 +782,9 @@ fn runtime_size(e: &kiln_ir::SizeExpr) -> Result<kiln_runtime::Size, CodegenErro
                         kiln_ir::TermFactor::Sym(s) => kiln_runtime::SizeFactor::Sym(s.index),
                         kiln_ir::TermFactor::FloorDiv(inner, k) => kiln_runtime::SizeFactor::FloorDiv(
                             runtime_size(inner)?,
-                            u64::try_from(k).map_err(|_| CodegenError::Artifact(format!("the size {e} divides by {k}")))?,
+                            u64::try_from(k).map_err(|_| {
+                                CodegenError::Artifact(format!("the size {e} divides by {k}"))
+                            })?,
                         ),
                     })
                 })
@@ -795,7 +797,8 @@ fn runtime_size(e: &kiln_ir::SizeExpr) -> Result<kiln_runtime::Size, CodegenErro
 /// A symbol's bounds as the manifest writes them.
 fn symbol_spec(d: &kiln_ir::SymbolDecl) -> Result<kiln_runtime::SymbolSpec, CodegenError> {
     let u = |v: i64| {
-        u64::try_from(v).map_err(|_| CodegenError::Artifact(format!("symbol `{}` has a negative bound {v}", d.name)))
+        u64::try_from(v)
+            .map_err(|_| CodegenError::Artifact(format!("symbol `{}` has a negative bound {v}", d.name)))
     };
     Ok(kiln_runtime::SymbolSpec {
         name: d.name.clone(),

@@ -80,7 +80,9 @@ pub enum CodegenError {
     #[error("cannot compile {0}")]
     Unsupported(String),
     /// A kernel over symbolic extents that code generation cannot take at run time yet.
-    #[error("cannot compile `{kernel}` with run-time sizes for the CPU: {why} (specialize the sizes with --set)")]
+    #[error(
+        "cannot compile `{kernel}` with run-time sizes for the CPU: {why} (specialize the sizes with --set)"
+    )]
     Symbolic {
         /// The kernel's name (`matmul`, `elementwise×3`).
         kernel: String,

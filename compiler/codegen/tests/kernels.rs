@@ -148,15 +148,17 @@ mod symbolic {
         let s = kiln_sched::schedule(g).expect("a symbolic graph schedules");
         assert_eq!(s.symbols.len(), 2);
         let dir = temp_dir(&g.name);
-        let built = kiln_codegen::build_artifact(&g.name, &s, &params, &kiln_codegen::CpuTarget::host(), &dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", g.name));
+        let built =
+            kiln_codegen::build_artifact(&g.name, &s, &params, &kiln_codegen::CpuTarget::host(), &dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", g.name));
         assert_eq!(built.manifest.symbols.len(), 2, "the manifest records the symbols");
         let mut model = Model::load(&dir).unwrap_or_else(|e| panic!("{}: {e}", g.name));
         for values in BINDINGS {
             let at = g.specialize(&values).expect("specializes");
             let inputs = kiln_ir::seeded_inputs(&at, 11 + values[1] as u64);
-            let want = kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() })
-                .unwrap_or_else(|e| panic!("{} at {values:?}: {e}", g.name));
+            let want =
+                kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() })
+                    .unwrap_or_else(|e| panic!("{} at {values:?}: {e}", g.name));
             let owned: Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> = model
                 .inputs()
                 .iter()
@@ -197,7 +199,10 @@ mod symbolic {
         let y = input(&mut g, "y", DType::F32, vec![s.clone(), Dim::Const(8)]);
         let m = g.add(Op::Binary(BinaryOp::Mul), &[x, y]).unwrap();
         let one = g
-            .add(Op::Full { value: 1.0, dtype: DType::F32, shape: vec![b.clone(), s.clone(), Dim::Const(8)] }, &[])
+            .add(
+                Op::Full { value: 1.0, dtype: DType::F32, shape: vec![b.clone(), s.clone(), Dim::Const(8)] },
+                &[],
+            )
             .unwrap();
         let a = g.add(Op::Binary(BinaryOp::Add), &[m, one]).unwrap();
         let t = g.add(Op::Unary(UnaryOp::Tanh), &[a]).unwrap();
@@ -279,8 +284,10 @@ mod symbolic {
         let q = input(&mut g, "q", DType::F32, heads(&b, &s));
         let k = input(&mut g, "k", DType::F32, heads(&b, &s));
         let v = input(&mut g, "v", DType::F32, heads(&b, &s));
-        let mask = input(&mut g, "mask", DType::F32, vec![b.clone(), Dim::Const(1), Dim::Const(1), s.clone()]);
-        let masked = g.add(Op::Attention { scale: 0.5, causal: false, masked: true }, &[q, k, v, mask]).unwrap();
+        let mask =
+            input(&mut g, "mask", DType::F32, vec![b.clone(), Dim::Const(1), Dim::Const(1), s.clone()]);
+        let masked =
+            g.add(Op::Attention { scale: 0.5, causal: false, masked: true }, &[q, k, v, mask]).unwrap();
         g.add_output("masked", masked);
         let causal = g.add(Op::Attention { scale: 0.5, causal: true, masked: false }, &[q, k, v]).unwrap();
         g.add_output("causal", causal);

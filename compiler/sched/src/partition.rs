@@ -218,7 +218,11 @@ impl Builder<'_> {
                     None => {
                         let copy = self.copy_kernel(operands[0], &src)?;
                         let view = copy.view.reshape(shape).ok_or_else(|| {
-                            SchedError::Invalid(format!("reshape of node {} to {}", n.index(), kiln_ir::fmt_shape(shape)))
+                            SchedError::Invalid(format!(
+                                "reshape of node {} to {}",
+                                n.index(),
+                                kiln_ir::fmt_shape(shape)
+                            ))
                         })?;
                         Operand { view, ..copy }
                     }

@@ -24,13 +24,7 @@ pub fn state_layout(state: &[StateVar], align: usize) -> Vec<StateSlot> {
             // A symbolic state variable gets an empty slot here; scheduling refuses it by name.
             let shape = kiln_ir::static_dims(&v.ty.shape).unwrap_or_default();
             let bytes = shape.iter().product::<usize>().max(1) * v.ty.dtype.size_bytes();
-            let slot = StateSlot {
-                name: v.name.clone(),
-                dtype: v.ty.dtype,
-                shape,
-                offset,
-                init: v.init,
-            };
+            let slot = StateSlot { name: v.name.clone(), dtype: v.ty.dtype, shape, offset, init: v.init };
             offset += bytes.next_multiple_of(align);
             slot
         })

@@ -35,7 +35,8 @@ pub(super) fn emit(
         _ => return Err(bad("attention")),
     };
     let v = if with_v { Some(ins.get(2).ok_or_else(|| bad("attention"))?) } else { None };
-    let (out, lse) = if with_v { (Some(&k.output), k.extra_outputs.first()) } else { (None, Some(&k.output)) };
+    let (out, lse) =
+        if with_v { (Some(&k.output), k.extra_outputs.first()) } else { (None, Some(&k.output)) };
     let all: Vec<&Operand> = ins.iter().chain([&k.output]).chain(&k.extra_outputs).collect();
     if all.iter().any(|o| o.dtype != DType::F32) {
         return Err(refuse(k, "only f32 attention takes run-time lengths"));
@@ -44,10 +45,11 @@ pub(super) fn emit(
     if r < 2 || kk.view.shape.len() != r || v.is_some_and(|v| v.view.shape.len() != r) {
         return Err(bad("attention operand ranks"));
     }
-    let (d, dv) = match (q.view.shape[r - 1].as_const(), v.map_or(Some(0), |v| v.view.shape[r - 1].as_const())) {
-        (Some(d), Some(dv)) => (d, dv),
-        _ => return Err(refuse(k, "the head dimensions must be static")),
-    };
+    let (d, dv) =
+        match (q.view.shape[r - 1].as_const(), v.map_or(Some(0), |v| v.view.shape[r - 1].as_const())) {
+            (Some(d), Some(dv)) => (d, dv),
+            _ => return Err(refuse(k, "the head dimensions must be static")),
+        };
     // The mask as the scores' shape [B…, Sq, Sk].
     let mut scores_shape = q.view.shape.clone();
     scores_shape[r - 1] = kk.view.shape[r - 2].clone();
@@ -182,7 +184,13 @@ pub(super) fn emit(
     let (sk_hint, _) = at_hints_and_maxima(s, &kk.view.shape[r - 2]);
     let flops = (rows_hint * sk_hint * (2 * d + 2 * dv + 24)) as u64;
     let bytes = (4 * rows_hint * (d + dv + 2 * sk_hint)) as u64;
-    let made =
-        Kernel { symbol: sym.into(), mlir, range: rows_max, grain: Kernel::grain_for(rows_max, flops), flops, bytes };
+    let made = Kernel {
+        symbol: sym.into(),
+        mlir,
+        range: rows_max,
+        grain: Kernel::grain_for(rows_max, flops),
+        flops,
+        bytes,
+    };
     Ok((made, rows))
 }

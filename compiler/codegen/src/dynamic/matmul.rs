@@ -117,7 +117,13 @@ pub(super) fn emit(
     let (rows_hint, rows_max) = at_hints_and_maxima(s, &rows);
     let flops = (2 * rows_hint * kd * n) as u64;
     let bytes = (4 * (rows_hint * (kd + n) + kd * n)) as u64;
-    let made =
-        Kernel { symbol: sym.into(), mlir, range: rows_max, grain: Kernel::grain_for(rows_max, flops), flops, bytes };
+    let made = Kernel {
+        symbol: sym.into(),
+        mlir,
+        range: rows_max,
+        grain: Kernel::grain_for(rows_max, flops),
+        flops,
+        bytes,
+    };
     Ok((made, rows))
 }

@@ -74,7 +74,13 @@ fn pinned(s: &Schedule, o: &Operand, v: &StridedView, rows: &Rows) -> Option<Vie
         shape.push(d.as_const()?);
     }
     let strides: Vec<usize> = v.strides.iter().map(Dim::as_const).collect::<Option<_>>()?;
-    Some(View { shape, strides, offset: v.offset.as_const()?, dtype: o.dtype, buffer_len: s.buffers[o.buffer].len })
+    Some(View {
+        shape,
+        strides,
+        offset: v.offset.as_const()?,
+        dtype: o.dtype,
+        buffer_len: s.buffers[o.buffer].len,
+    })
 }
 
 /// The number of leading axes of `shape` that hold every symbolic extent (0 for a static one).
@@ -87,7 +93,9 @@ fn rows_of(s: &Schedule, shape: &[Dim], p: usize) -> Result<Rows, CodegenError> 
     let count = kiln_sched::product(&shape[..p]).map_err(|e| bad(&e.to_string()))?;
     let max = match &count {
         Dim::Const(c) => *c,
-        Dim::Sym(e) => usize::try_from(e.range(&s.symbols).max).map_err(|_| bad("a row count without a maximum"))?,
+        Dim::Sym(e) => {
+            usize::try_from(e.range(&s.symbols).max).map_err(|_| bad("a row count without a maximum"))?
+        }
     };
     Ok(Rows { count, max })
 }
@@ -149,7 +157,10 @@ pub(crate) fn kernel(
     let made = match op {
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
             if *axis + 1 != out_shape.len() || !last_static {
-                return Err(refuse(k, format!("a softmax along axis {axis} of {shape_text}: only along a static last axis")));
+                return Err(refuse(
+                    k,
+                    format!("a softmax along axis {axis} of {shape_text}: only along a static last axis"),
+                ));
             }
             let out = out_row?;
             let x = row(arg(0)?, "the operand")?;
@@ -181,7 +192,17 @@ pub(crate) fn kernel(
             };
             let gamma = if *affine { Some(fixed(arg(2)?, "gamma")?) } else { None };
             let beta = if *affine && *kind == NormKind::Layer { Some(fixed(arg(3)?, "beta")?) } else { None };
-            kernels::norm::emit_norm(sym, *kind, *eps, &a, Some(&b), gamma.as_ref(), beta.as_ref(), &out, target)?
+            kernels::norm::emit_norm(
+                sym,
+                *kind,
+                *eps,
+                &a,
+                Some(&b),
+                gamma.as_ref(),
+                beta.as_ref(),
+                &out,
+                target,
+            )?
         }
         Op::Gather { axis } => {
             let (table, indices) = (arg(0)?, arg(1)?);
@@ -218,7 +239,9 @@ pub(crate) fn kernel(
             return attention::emit(s, sym, k, *scale, *causal, mask, false);
         }
         // Ops whose emitters read symbolic extents inside the kernel, or that never see them.
-        Op::Reduce { .. } => return Err(refuse(k, format!("its reduced axes of {shape_text} are walked with static extents"))),
+        Op::Reduce { .. } => {
+            return Err(refuse(k, format!("its reduced axes of {shape_text} are walked with static extents")))
+        }
         Op::Concat { .. } | Op::Pad { .. } | Op::ScatterAdd { .. } => {
             return Err(refuse(k, format!("its index arithmetic over {shape_text} uses static extents")))
         }
@@ -249,7 +272,10 @@ pub(crate) fn kernel(
 /// maximum times what one row takes, so the run's range is `rows.count` times that.
 fn finish(k: &kiln_sched::Kernel, made: Kernel, rows: &Rows) -> Result<(Kernel, Dim), CodegenError> {
     if rows.max == 0 || !made.range.is_multiple_of(rows.max) {
-        return Err(refuse(k, format!("its range {} is not a multiple of its {} rows", made.range, rows.max)));
+        return Err(refuse(
+            k,
+            format!("its range {} is not a multiple of its {} rows", made.range, rows.max),
+        ));
     }
     let per_row = made.range / rows.max;
     let range = rows.count.mul(&Dim::Const(per_row)).map_err(|e| bad(&e.to_string()))?;
@@ -308,7 +334,8 @@ fn coalesce_sym(views: &[StridedView]) -> Vec<StridedView> {
         .collect();
     let mut k = 0;
     while k + 1 < out[0].shape.len() {
-        let chains = out.iter().all(|v| v.strides[k + 1].mul(&v.shape[k + 1]).is_ok_and(|m| m == v.strides[k]));
+        let chains =
+            out.iter().all(|v| v.strides[k + 1].mul(&v.shape[k + 1]).is_ok_and(|m| m == v.strides[k]));
         let merged: Option<Vec<Dim>> = out.iter().map(|v| v.shape[k].mul(&v.shape[k + 1]).ok()).collect();
         match (chains, merged) {
             (true, Some(merged)) => {
@@ -369,7 +396,13 @@ fn elementwise(
     // The emitters' views: the buffer (memref type) and dtype; addressing is done here.
     let flat: Vec<View> = operands
         .iter()
-        .map(|o| View { shape: vec![], strides: vec![], offset: 0, dtype: o.dtype, buffer_len: s.buffers[o.buffer].len })
+        .map(|o| View {
+            shape: vec![],
+            strides: vec![],
+            offset: 0,
+            dtype: o.dtype,
+            buffer_len: s.buffers[o.buffer].len,
+        })
         .collect();
 
     let mut b = Body::new();
@@ -439,12 +472,14 @@ fn elementwise(
     b.close("");
     b.line("return");
 
-    let mut params: Vec<String> = flat.iter().zip(&args).map(|(v, a)| format!("{a}: {}", v.memref())).collect();
+    let mut params: Vec<String> =
+        flat.iter().zip(&args).map(|(v, a)| format!("{a}: {}", v.memref())).collect();
     if let Some(v) = slot {
         params.push(format!("{slot_arg}: {}", v.memref()));
     }
     params.push(format!("{SYMS_ARG}: memref<{n_syms}xi64>"));
-    let mlir = format!("func.func @{sym}({}, %begin: index, %end: index) {{\n{}}}\n", params.join(", "), b.finish());
+    let mlir =
+        format!("func.func @{sym}({}, %begin: index, %end: index) {{\n{}}}\n", params.join(", "), b.finish());
     // Costs at the hints (the manifest's `flops`/`bytes` are), the range at the maxima.
     let hints: Vec<i64> = s.symbols.iter().map(|d| d.hint).collect();
     let maxima: Vec<i64> = s.symbols.iter().map(|d| d.max).collect();

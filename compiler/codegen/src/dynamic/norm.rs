@@ -41,7 +41,8 @@ pub(super) fn emit(
         return Err(bad("norm operands"));
     }
     // The row operands broadcast to the result; gamma and beta are `[n]`.
-    let row_views: Vec<_> = k.inputs[..rows_in].iter().map(|o| o.view.broadcast_to(&out.view.shape)).collect();
+    let row_views: Vec<_> =
+        k.inputs[..rows_in].iter().map(|o| o.view.broadcast_to(&out.view.shape)).collect();
     let params = &k.inputs[rows_in..];
     if params.iter().any(|p| p.view.shape != [n] || !p.view.is_static()) {
         return Err(refuse(k, "gamma and beta must be static vectors of the row length"));
@@ -142,7 +143,13 @@ pub(super) fn emit(
     let (rows_hint, rows_max) = at_hints_and_maxima(s, &rows);
     let flops = (8 * rows_hint * n) as u64;
     let bytes = (4 * rows_hint * n * (rows_in + 1)) as u64;
-    let made =
-        Kernel { symbol: sym.into(), mlir, range: rows_max, grain: Kernel::grain_for(rows_max, flops), flops, bytes };
+    let made = Kernel {
+        symbol: sym.into(),
+        mlir,
+        range: rows_max,
+        grain: Kernel::grain_for(rows_max, flops),
+        flops,
+        bytes,
+    };
     Ok((made, rows))
 }
