@@ -376,8 +376,16 @@ pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
             _ => (m.target.describe(), "MLIR→PTX"),
         },
     };
+    // With dynamic sizes the arena is planned once, at their maxima.
+    let at = match m.symbols.as_slice() {
+        [] => String::new(),
+        syms => {
+            let maxima: Vec<String> = syms.iter().map(|s| format!("{} = {}", s.name, s.max)).collect();
+            format!(" (at {})", maxima.join(", "))
+        }
+    };
     println!(
-        "compiled `{}` for {name} into {}: {} kernels, arena {}",
+        "compiled `{}` for {name} into {}: {} kernels, arena {}{at}",
         m.model,
         a.output.display(),
         m.steps.len() + m.entries.iter().map(|e| e.steps.len()).sum::<usize>(),

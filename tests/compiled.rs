@@ -357,6 +357,62 @@ fn shipped_models_compile_like_the_interpreter() {
     shipped_models(Device::Cpu);
 }
 
+/// Small BERT and GPT-2 with a dynamic batch and sequence length (as `tests/specs.rs` makes
+/// them), compiled once for the CPU: at batch and sequence 1 (GPT-2's smallest sequence is 8),
+/// the hints, sizes that are no multiple of any tile and the maxima, every output matches the
+/// interpreter on the same inputs.
+#[test]
+fn dynamic_bert_and_gpt2_compile_once_and_match_the_interpreter_at_every_size() {
+    let cases = [
+        (
+            "bert_encoder.ron",
+            r#""batch": 1, "seq": 128,"#,
+            r#""batch": Dyn(min: 1, max: 4, hint: 2), "seq": Dyn(min: 1, max: "max_positions", hint: 16),"#,
+            vec!["layers=1", "hidden=32", "heads=2", "ffn=64", "vocab=50", "max_positions=64"],
+            vec![[1, 1], [2, 16], [3, 13], [4, 64]],
+        ),
+        (
+            "gpt2.ron",
+            r#""batch": 1, "seq": 64,"#,
+            r#""batch": Dyn(min: 1, max: 4, hint: 2), "seq": Dyn(min: 8, max: "ctx", hint: 16, multiple_of: 8),"#,
+            vec!["layers=1", "d=32", "heads=2", "vocab=50", "ctx=64", "eps=1e-5"],
+            vec![[1, 8], [2, 16], [3, 40], [4, 64]],
+        ),
+    ];
+    for (model, entry, decl, small, bindings) in cases {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(model);
+        let text = std::fs::read_to_string(path).unwrap().replacen(entry, decl, 1);
+        let ov: Vec<kiln_lower::Override> =
+            small.iter().map(|s| kiln_lower::Override::parse(s).unwrap()).collect();
+        let (sources, l) = kiln_lower::load_str(model, &text, &ov);
+        let g = match l {
+            Ok(l) => optimized(&l.graph),
+            Err(d) => panic!("{}", d.render(&sources)),
+        };
+        assert_eq!(g.symbols.len(), 2, "{model} is symbolic");
+        let params = kiln_ir::bind_params(&g, None, 0, false).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        build_for(Device::Cpu, &g, &params, dir.path());
+        for values in bindings {
+            let inputs = kiln_ir::seeded_inputs(&g.specialize(&values).unwrap(), values[1] as u64);
+            let want =
+                kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() })
+                    .unwrap_or_else(|e| panic!("{model} at {values:?}: {e}"));
+            let got = run_artifact(dir.path(), &inputs, model);
+            for ((name, w), gv) in want.iter().zip(&got) {
+                let wv = w.to_f64_vec();
+                assert_eq!(wv.len(), gv.len(), "{model} at {values:?}: `{name}` length");
+                for (i, (a, b)) in wv.iter().zip(gv).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+                        "{model} at {values:?}: `{name}`[{i}]: interpreter {a}, compiled {b}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn shipped_models_run_on_vulkan_like_the_interpreter() {
     if available(Device::Vulkan, "shipped models") {

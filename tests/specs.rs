@@ -259,16 +259,13 @@ fn dynamic_models_lower_to_symbolic_graphs_that_specialize_to_the_static_ones() 
     }
 }
 
-/// What `kiln compile` says of a spec whose symbols are left unspecialized: the scheduler's
-/// refusal, naming them and the `--set`s that specialize them. (Kept in one place: as the
-/// CPU back end learns symbolic sizes, this becomes a compiled artifact for some models.)
-const COMPILE_UNSPECIALIZED: &str = "error: the dynamic sizes `batch` and `seq` are not specialized: compiling needs static shapes; specialize with `--set NAME=VALUE` (--set batch=2 --set seq=16)\n";
-
 /// `kiln check` lists the symbols with their ranges and the entries computed from them;
-/// `kiln inspect` prints the symbolic IR and optimized graph; `kiln compile` refuses with
-/// the scheduler's error, exit code 1, no panic.
+/// `kiln inspect` prints the symbolic IR and optimized graph; `kiln compile` builds one CPU
+/// artifact for every size within the bounds (its arena at the maxima), `kiln inspect` of it
+/// lists the symbols and the shapes over them, and `kiln run` runs it (its inputs filled at
+/// the hints).
 #[test]
-fn cli_checks_inspects_and_refuses_to_compile_a_dynamic_spec() {
+fn cli_checks_inspects_compiles_and_runs_a_dynamic_spec() {
     let [(_, text, small), _] = small_dynamic_models();
     let text = text.replacen(
         r#""max_positions": 512,"#,
@@ -319,9 +316,23 @@ ops (111 nodes): add 18, cast 1, div 6, erf 1, exp 1, full 9, gather 2, matmul 8
     assert_eq!(code, 0);
     assert!(out.ends_with(&kiln_ir::print::to_text(&opt, Default::default())), "{out}");
     let artifact = dir.join("bert.kiln");
-    let (code, out, err) = run(&["compile", "-o", artifact.to_str().expect("utf-8 path")]);
-    assert_eq!((code, out.as_str(), err.as_str()), (1, "", COMPILE_UNSPECIALIZED));
-    assert!(!artifact.exists());
+    let art = artifact.to_str().expect("utf-8 path");
+    let (code, out, err) = run(&["compile", "-o", art]);
+    assert_eq!((code, err.as_str()), (0, ""), "{out}");
+    assert!(out.starts_with("compiled `bert_encoder` for "), "{out}");
+    assert!(out.contains("(at batch = 4, seq = 64)\n"), "the arena is planned at the maxima: {out}");
+    let (code, out, err) = kiln(&["inspect", art]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    for line in [
+        "symbol batch: 1..=4 (hint 2)\n",
+        "symbol seq: 1..=64 (hint 16)\n",
+        "  input input_ids: i64[batch, seq]\n",
+        "  output last_hidden_state: f32[batch, seq, 32]\n",
+    ] {
+        assert!(out.contains(line), "`{}` in:\n{out}", line.trim_end());
+    }
+    let (code, _, err) = kiln(&["run", art]);
+    assert_eq!((code, err.as_str()), (0, ""), "runs at the hints");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -177,7 +177,13 @@ pub fn build_entries(
             symbol: crate::Kernel::entry(&k.symbol),
             label: String::new(),
             args,
-            dispatch: Dispatch::Cpu { range: Dim::Fixed(k.range as u64), grain: k.grain.max(1) as u64 },
+            dispatch: Dispatch::Cpu {
+                range: match &program.step_range[i] {
+                    Some(range) => runtime_dim(range)?,
+                    None => Dim::Fixed(k.range as u64),
+                },
+                grain: k.grain.max(1) as u64,
+            },
             flops: k.flops,
             bytes: k.bytes,
         });
@@ -206,16 +212,15 @@ pub fn build_entries(
         format_version: ARTIFACT_FORMAT_VERSION,
         model: model.to_string(),
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
-        // The scheduler gives code generation static shapes only, so far.
-        symbols: Vec::new(),
+        symbols: s.symbols.iter().map(symbol_spec).collect::<Result<_, _>>()?,
         target: kiln_runtime::Target::Cpu(TargetInfo {
             triple: target.triple().to_string(),
             cpu: target.cpu().to_string(),
             features: target.features().to_string(),
         }),
-        inputs: s.inputs.iter().map(tensor_spec).collect(),
+        inputs: s.inputs.iter().map(tensor_spec).collect::<Result<_, _>>()?,
         index_bounds: s.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
-        outputs: s.outputs.iter().map(tensor_spec).collect(),
+        outputs: s.outputs.iter().map(tensor_spec).collect::<Result<_, _>>()?,
         arena_bytes: entries.iter().map(|(_, e)| e.arena_bytes).max().unwrap_or(0) as u64,
         // Filled in below, once the files exist (the contract digest leaves them out).
         files: Vec::new(),
@@ -228,9 +233,9 @@ pub fn build_entries(
             .map(|((name, e), steps)| {
                 Ok(Entry {
                     name: name.to_string(),
-                    inputs: e.inputs.iter().map(tensor_spec).collect(),
+                    inputs: e.inputs.iter().map(tensor_spec).collect::<Result<_, _>>()?,
                     index_bounds: e.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
-                    outputs: e.outputs.iter().map(tensor_spec).collect(),
+                    outputs: e.outputs.iter().map(tensor_spec).collect::<Result<_, _>>()?,
                     steps,
                     faults: fault_table(e)?,
                 })
@@ -382,6 +387,7 @@ pub fn build_vulkan_entries(
     caps: &GpuCaps,
     dir: &Path,
 ) -> Result<BuiltGpu, CodegenError> {
+    require_static("Vulkan", entries)?;
     let t0 = Instant::now();
     let first = first_entry(entries)?;
     let (program, parts) = gpu_entries(entries, caps)?;
@@ -429,9 +435,9 @@ pub fn build_vulkan_entries(
             max_shared_bytes: kernels.iter().map(|k| k.plan.shared_bytes).max().unwrap_or(0),
             subgroup_size: None,
         }),
-        inputs: s.inputs.iter().map(tensor_spec).collect(),
+        inputs: s.inputs.iter().map(tensor_spec).collect::<Result<_, _>>()?,
         index_bounds: s.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
-        outputs: s.outputs.iter().map(tensor_spec).collect(),
+        outputs: s.outputs.iter().map(tensor_spec).collect::<Result<_, _>>()?,
         arena_bytes: entries.iter().map(|(_, e)| e.arena_bytes).max().unwrap_or(0) as u64,
         // Filled in below, once kernels.spv exists (the contract digest leaves them out).
         files: Vec::new(),
@@ -503,6 +509,7 @@ pub fn build_cuda_entries(
     ptxas: Option<&Ptxas>,
     dir: &Path,
 ) -> Result<BuiltCuda, CodegenError> {
+    require_static("CUDA", entries)?;
     let target = match caps.lowering {
         GpuLowering::Nvvm(target) => target,
         GpuLowering::Spirv => {
@@ -556,9 +563,9 @@ pub fn build_cuda_entries(
             cubins,
             precision: caps.tensor_cores.map_or("f32", |p| p.name()).to_string(),
         }),
-        inputs: s.inputs.iter().map(tensor_spec).collect(),
+        inputs: s.inputs.iter().map(tensor_spec).collect::<Result<_, _>>()?,
         index_bounds: s.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
-        outputs: s.outputs.iter().map(tensor_spec).collect(),
+        outputs: s.outputs.iter().map(tensor_spec).collect::<Result<_, _>>()?,
         arena_bytes: entries.iter().map(|(_, e)| e.arena_bytes).max().unwrap_or(0) as u64,
         // Filled in below, once the files exist (the contract digest leaves them out).
         files: Vec::new(),
@@ -631,9 +638,9 @@ fn entry_table(
         .map(|((name, e), steps)| {
             Ok(Entry {
                 name: name.to_string(),
-                inputs: e.inputs.iter().map(tensor_spec).collect(),
+                inputs: e.inputs.iter().map(tensor_spec).collect::<Result<_, _>>()?,
                 index_bounds: e.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
-                outputs: e.outputs.iter().map(tensor_spec).collect(),
+                outputs: e.outputs.iter().map(tensor_spec).collect::<Result<_, _>>()?,
                 steps,
                 faults: fault_table(e)?,
             })
@@ -748,11 +755,68 @@ fn fault_table(s: &Schedule) -> Result<Option<kiln_runtime::Faults>, CodegenErro
 }
 
 /// The manifest's description of a graph input or output.
-fn tensor_spec((name, d, shape): &(String, DType, Vec<usize>)) -> TensorSpec {
-    TensorSpec {
+fn tensor_spec((name, d, shape): &(String, DType, kiln_ir::Shape)) -> Result<TensorSpec, CodegenError> {
+    Ok(TensorSpec {
         name: name.clone(),
         dtype: runtime_dtype(*d),
-        shape: shape.iter().map(|&x| Dim::Fixed(x as u64)).collect(),
+        shape: shape.iter().map(runtime_dim).collect::<Result<_, _>>()?,
+    })
+}
+
+/// An extent as the manifest writes it: fixed, or the normal form's terms.
+fn runtime_dim(d: &kiln_ir::Dim) -> Result<Dim, CodegenError> {
+    Ok(match d {
+        kiln_ir::Dim::Const(c) => Dim::Fixed(*c as u64),
+        kiln_ir::Dim::Sym(e) => Dim::Size(runtime_size(e)?),
+    })
+}
+
+fn runtime_size(e: &kiln_ir::SizeExpr) -> Result<kiln_runtime::Size, CodegenError> {
+    e.terms()
+        .into_iter()
+        .map(|(coeff, factors)| {
+            let factors = factors
+                .into_iter()
+                .map(|f| {
+                    Ok(match f {
+                        kiln_ir::TermFactor::Sym(s) => kiln_runtime::SizeFactor::Sym(s.index),
+                        kiln_ir::TermFactor::FloorDiv(inner, k) => kiln_runtime::SizeFactor::FloorDiv(
+                            runtime_size(inner)?,
+                            u64::try_from(k).map_err(|_| {
+                                CodegenError::Artifact(format!("the size {e} divides by {k}"))
+                            })?,
+                        ),
+                    })
+                })
+                .collect::<Result<_, CodegenError>>()?;
+            Ok(kiln_runtime::SizeTerm { coeff, factors })
+        })
+        .collect()
+}
+
+/// A symbol's bounds as the manifest writes them.
+fn symbol_spec(d: &kiln_ir::SymbolDecl) -> Result<kiln_runtime::SymbolSpec, CodegenError> {
+    let u = |v: i64| {
+        u64::try_from(v)
+            .map_err(|_| CodegenError::Artifact(format!("symbol `{}` has a negative bound {v}", d.name)))
+    };
+    Ok(kiln_runtime::SymbolSpec {
+        name: d.name.clone(),
+        min: u(d.min)?,
+        max: u(d.max)?,
+        hint: u(d.hint)?,
+        multiple_of: u(d.multiple_of)?,
+    })
+}
+
+/// Refuses a schedule with symbols for a GPU target, by name: its grids are fixed.
+fn require_static(target: &'static str, entries: &[(&str, &Schedule)]) -> Result<(), CodegenError> {
+    match entries.iter().find(|(_, e)| !e.symbols.is_empty()) {
+        Some((_, e)) => {
+            let names: Vec<String> = e.symbols.iter().map(|d| format!("`{}`", d.name)).collect();
+            Err(CodegenError::SymbolicTarget { target, symbols: names.join(", ") })
+        }
+        None => Ok(()),
     }
 }
 

@@ -133,7 +133,9 @@ pub fn compile_with_contract(
 
 /// Adds `void kiln_{symbol}(void **bufs, const i64 *syms, i64 begin, i64 end)` for every
 /// kernel: it loads the buffer pointers and calls the kernel, which becomes internal (and is
-/// inlined into it). `syms` holds the run's symbol values; kernels of static shapes ignore it.
+/// inlined into it). `syms` holds the run's symbol values: a kernel over symbolic extents
+/// takes it as its last argument before `begin` (`crate::dynamic::SYMS_ARG`); kernels of
+/// static shapes ignore it.
 fn add_entries<'l>(
     llvm: &'l LlvmContext,
     module: &LlvmModule<'l>,
@@ -156,13 +158,21 @@ fn add_entries<'l>(
         let block = llvm.append_basic_block(entry, "entry");
         builder.position_at_end(block);
         let bufs = entry.get_nth_param(0).expect("entry has 4 params").into_pointer_value();
+        let takes_syms = k.mlir.contains(&format!("{}: ", crate::dynamic::SYMS_ARG));
+        if takes_syms && n < 3 {
+            return Err(CodegenError::Llvm(format!("kernel `{}` lacks its syms argument", k.symbol)));
+        }
+        let buffers = n - 2 - usize::from(takes_syms);
         let mut args = Vec::with_capacity(n);
-        for i in 0..n - 2 {
+        for i in 0..buffers {
             // SAFETY (of the generated code): the runtime passes one pointer per buffer argument.
             let slot = unsafe { builder.build_gep(ptr, bufs, &[i64t.const_int(i as u64, false)], "slot") }
                 .map_err(err)?;
             let p = builder.build_load(ptr, slot, "buf").map_err(err)?;
             args.push(p.into());
+        }
+        if takes_syms {
+            args.push(entry.get_nth_param(1).expect("syms").into());
         }
         args.push(entry.get_nth_param(2).expect("begin").into());
         args.push(entry.get_nth_param(3).expect("end").into());

@@ -79,6 +79,23 @@ pub enum CodegenError {
     /// A graph cannot be compiled (an op or dtype without a kernel).
     #[error("cannot compile {0}")]
     Unsupported(String),
+    /// A kernel over symbolic extents that code generation cannot take at run time yet.
+    #[error(
+        "cannot compile `{kernel}` with run-time sizes for the CPU: {why} (specialize the sizes with --set)"
+    )]
+    Symbolic {
+        /// The kernel's name (`matmul`, `elementwise×3`).
+        kernel: String,
+        /// What needs a static extent.
+        why: String,
+    },
+    /// A target that does not take run-time sizes yet.
+    #[error("the {target} target cannot compile a graph with dynamic sizes yet ({symbols}); specialize them with --set")]
+    SymbolicTarget {
+        target: &'static str,
+        /// The symbols, by name.
+        symbols: String,
+    },
     /// Writing the artifact failed.
     #[error("cannot write the artifact: {0}")]
     Artifact(String),

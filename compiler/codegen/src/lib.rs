@@ -17,6 +17,7 @@
 pub mod artifact;
 pub mod build;
 mod context;
+mod dynamic;
 mod error;
 pub mod gpu;
 pub mod kernel;

@@ -5,7 +5,7 @@
 use crate::kernels::matmul::Panels;
 use crate::kernels::{self, View};
 use crate::{CodegenError, Kernel, Target};
-use kiln_ir::{Activation, Buffer, NormKind, Op, Tensor};
+use kiln_ir::{Activation, Buffer, Dim, NormKind, Op, Tensor};
 use kiln_sched::{BufferId, KernelOp, Operand, Schedule, Storage, StridedView};
 
 /// The MLIR symbol of scheduled kernel `i`.
@@ -13,11 +13,14 @@ pub fn symbol(i: usize) -> String {
     format!("k{i}")
 }
 
+/// The emitters' view of a static scheduled view. Kernels with a symbolic operand never get
+/// here: [`kernel`] sends them to [`crate::dynamic`] first, and the GPU targets refuse a
+/// schedule with symbols before emitting anything.
 pub(crate) fn view(s: &Schedule, o: &Operand, v: StridedView) -> View {
     View {
-        shape: v.shape,
-        strides: v.strides,
-        offset: v.offset,
+        shape: v.shape.iter().map(Dim::fixed).collect(),
+        strides: v.strides.iter().map(Dim::fixed).collect(),
+        offset: v.offset.fixed(),
         dtype: o.dtype,
         buffer_len: s.buffers[o.buffer].len,
     }
@@ -28,7 +31,7 @@ pub(crate) fn plain(s: &Schedule, o: &Operand) -> View {
 }
 
 pub(crate) fn broadcast(s: &Schedule, o: &Operand, shape: &[usize]) -> View {
-    view(s, o, o.view.broadcast_to(shape))
+    view(s, o, o.view.broadcast_to_static(shape))
 }
 
 /// The fault words `k` takes as its last argument when it holds a fault site (see
@@ -60,7 +63,7 @@ fn fault_view(words: Option<usize>, k: &kiln_sched::Kernel) -> Result<Option<Vie
 /// Whether two operands address the same elements of the same memory: the same view of one
 /// buffer, or of two buffers with one storage (a state slot read through one buffer and
 /// updated through another, an arena range handed from a dying input to the output).
-fn same_elements(s: &Schedule, a: &Operand, b: &Operand) -> bool {
+pub(crate) fn same_elements(s: &Schedule, a: &Operand, b: &Operand) -> bool {
     a.dtype == b.dtype
         && a.view == b.view
         && (a.buffer == b.buffer || s.buffers[a.buffer].storage == s.buffers[b.buffer].storage)
@@ -84,6 +87,9 @@ pub struct Program {
     /// For each scheduled kernel, the packed weight (index into `packed`) it reads in place
     /// of its B operand (input 1), if any.
     pub step_packed_b: Vec<Option<usize>>,
+    /// For each scheduled kernel, its range when it depends on the symbols (the kernel's own
+    /// `range` is then the range at their maxima); `None` for a static range.
+    pub step_range: Vec<Option<Dim>>,
 }
 
 /// A constant matmul operand (a parameter or literal) that the artifact stores in the
@@ -140,8 +146,17 @@ pub(crate) fn kernels_with_faults(
     let mut step_kernel = Vec::with_capacity(s.kernels.len());
     let mut packed: Vec<PackedWeight> = Vec::new();
     let mut step_packed_b = Vec::with_capacity(s.kernels.len());
+    let mut step_range = Vec::with_capacity(s.kernels.len());
     for (i, k) in s.kernels.iter().enumerate() {
-        let (mut made, pack) = kernel(s, PROVISIONAL, k, words.get(i).copied().flatten(), target)?;
+        let (mut made, pack, range) = if k.operands().all(|o| o.view.is_static()) {
+            let (made, pack) = kernel(s, PROVISIONAL, k, words.get(i).copied().flatten(), target)?;
+            (made, pack, None)
+        } else {
+            let slot = fault_view(words.get(i).copied().flatten(), k)?;
+            let (made, range) = crate::dynamic::kernel(s, PROVISIONAL, k, slot.as_ref(), target)?;
+            (made, None, Some(range))
+        };
+        step_range.push(range);
         step_packed_b.push(pack.map(|w| intern(&mut packed, s, w)));
         let index = match seen.get(&made.mlir) {
             Some(&j) => j,
@@ -156,7 +171,7 @@ pub(crate) fn kernels_with_faults(
         };
         step_kernel.push(index);
     }
-    Ok(Program { kernels, step_kernel, packed, step_packed_b })
+    Ok(Program { kernels, step_kernel, packed, step_packed_b, step_range })
 }
 
 /// The index of `w` in `packed`, added (and named) if it is new.
@@ -385,23 +400,20 @@ pub(crate) fn matmul_views(
     let av = if a.view.shape.len() == 1 { a.view.unsqueeze(0) } else { a.view.clone() };
     let bv = if b.view.shape.len() == 1 { b.view.unsqueeze(1) } else { b.view.clone() };
     let (ar, br) = (av.shape.len(), bv.shape.len());
-    let batch = kiln_ir::broadcast_shapes(
-        "matmul",
-        &kiln_ir::dims(&av.shape[..ar - 2]),
-        &kiln_ir::dims(&bv.shape[..br - 2]),
-    )
-    .map_err(|e| bad(&e.to_string()))?;
-    let batch: Vec<usize> = batch.iter().map(kiln_ir::Dim::fixed).collect();
-    let (m, kd, n) = (av.shape[ar - 2], av.shape[ar - 1], bv.shape[br - 1]);
+    let batch = kiln_ir::broadcast_shapes("matmul", &av.shape[..ar - 2], &bv.shape[..br - 2])
+        .map_err(|e| bad(&e.to_string()))?;
+    let batch: Vec<usize> = batch.iter().map(Dim::fixed).collect();
+    let (m, kd, n) = (av.shape[ar - 2].fixed(), av.shape[ar - 1].fixed(), bv.shape[br - 1].fixed());
     let shape_of = |x: usize, y: usize| {
         let mut s = batch.clone();
         s.extend([x, y]);
         s
     };
     let out_shape = shape_of(m, n);
-    let a = view(s, a, av.broadcast_to(&shape_of(m, kd)));
-    let b = view(s, b, bv.broadcast_to(&shape_of(kd, n)));
-    let to_kernel_shape = |v: &StridedView| v.reshape(&out_shape).ok_or_else(|| bad("matmul result layout"));
+    let a = view(s, a, av.broadcast_to_static(&shape_of(m, kd)));
+    let b = view(s, b, bv.broadcast_to_static(&shape_of(kd, n)));
+    let to_kernel_shape =
+        |v: &StridedView| v.reshape_static(&out_shape).ok_or_else(|| bad("matmul result layout"));
     let out_view = view(s, out, to_kernel_shape(&out.view)?);
     let bias = match bias {
         Some(bo) => Some(view(s, bo, to_kernel_shape(&bo.view.broadcast_to(&out.view.shape))?)),
@@ -421,8 +433,8 @@ pub(crate) fn scatter_views(
     axis: usize,
     extent: usize,
 ) -> Result<(View, View, View), CodegenError> {
-    let shape = &updates.view.shape;
-    let n = indices.view.numel();
+    let shape: Vec<usize> = updates.view.shape.iter().map(Dim::fixed).collect();
+    let n: usize = indices.view.shape.iter().map(Dim::fixed).product();
     let k = indices.view.shape.len();
     if shape.len() < axis + k {
         return Err(bad("scatter_add updates rank"));
@@ -430,7 +442,7 @@ pub(crate) fn scatter_views(
     let pre: usize = shape[..axis].iter().product();
     let post: usize = shape[axis + k..].iter().product();
     let as_shape = |o: &Operand, dims: &[usize]| {
-        o.view.reshape(dims).map(|v| view(s, o, v)).ok_or_else(|| bad("scatter_add operand layout"))
+        o.view.reshape_static(dims).map(|v| view(s, o, v)).ok_or_else(|| bad("scatter_add operand layout"))
     };
     Ok((as_shape(updates, &[pre, n, post])?, as_shape(indices, &[n])?, as_shape(out, &[pre, extent, post])?))
 }

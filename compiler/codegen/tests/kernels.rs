@@ -104,3 +104,215 @@ fn math_approximations_match_libm() {
     assert!(gelu[0].is_nan(), "gelu(NaN) = {}", gelu[0]);
     assert_eq!(&gelu[3..6], &[0.0, 1e4, 0.0], "gelu(-1e4), gelu(1e4), gelu(-0)");
 }
+
+// ---- Symbolic sizes: one artifact for every binding within bounds ----
+
+mod symbolic {
+    use kiln_ir::{BinaryOp, DType, Dim, Graph, NodeId, Op, SizeExpr, SymbolDecl, Tensor, UnaryOp};
+    use kiln_runtime::{Model, TensorRef};
+
+    /// `batch` in 1..=3 (hint 2) and `seq` in 1..=20 (hint 8): the bindings below include both
+    /// minima, the hints, the maxima and sizes that are no multiple of any tile.
+    fn graph(name: &str) -> (Graph, Dim, Dim) {
+        let mut g = Graph::new(name);
+        g.symbols = vec![
+            SymbolDecl { name: "batch".into(), min: 1, max: 3, hint: 2, multiple_of: 1 },
+            SymbolDecl { name: "seq".into(), min: 1, max: 20, hint: 8, multiple_of: 1 },
+        ];
+        (g, Dim::Sym(SizeExpr::symbol(0, "batch")), Dim::Sym(SizeExpr::symbol(1, "seq")))
+    }
+
+    const BINDINGS: [[i64; 2]; 5] = [[1, 1], [2, 8], [3, 20], [2, 7], [3, 13]];
+
+    fn input(g: &mut Graph, name: &str, dtype: DType, shape: Vec<Dim>) -> NodeId {
+        g.add(Op::Input { name: name.into(), dtype, shape }, &[]).unwrap()
+    }
+
+    fn param(g: &mut Graph, name: &str, shape: &[usize]) -> NodeId {
+        let init = kiln_ir::Init::Normal { mean: 0.0, std: 1.0 };
+        g.add(Op::Param { name: name.into(), dtype: DType::F32, shape: kiln_ir::dims(shape), init }, &[])
+            .unwrap()
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("kiln-symbolic-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// Compiles `g` once (symbolic), then at every binding runs the artifact and the
+    /// interpreter on the same inputs and compares every output.
+    fn compiled_matches_interpreter(g: &Graph, tol: f64) {
+        kiln_ir::verify(g).unwrap();
+        let params = kiln_ir::bind_params(g, None, 7, false).unwrap();
+        let s = kiln_sched::schedule(g).expect("a symbolic graph schedules");
+        assert_eq!(s.symbols.len(), 2);
+        let dir = temp_dir(&g.name);
+        let built =
+            kiln_codegen::build_artifact(&g.name, &s, &params, &kiln_codegen::CpuTarget::host(), &dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", g.name));
+        assert_eq!(built.manifest.symbols.len(), 2, "the manifest records the symbols");
+        let mut model = Model::load(&dir).unwrap_or_else(|e| panic!("{}: {e}", g.name));
+        for values in BINDINGS {
+            let at = g.specialize(&values).expect("specializes");
+            let inputs = kiln_ir::seeded_inputs(&at, 11 + values[1] as u64);
+            let want =
+                kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() })
+                    .unwrap_or_else(|e| panic!("{} at {values:?}: {e}", g.name));
+            let owned: Vec<(String, kiln_runtime::DType, Vec<u64>, Vec<u8>)> = model
+                .inputs()
+                .iter()
+                .map(|spec| {
+                    let t: &Tensor = &inputs[&spec.name];
+                    let shape = t.shape.iter().map(|&d| d as u64).collect();
+                    (spec.name.clone(), spec.dtype, shape, t.data.to_le_bytes())
+                })
+                .collect();
+            let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
+            let got = model.run(&refs).unwrap_or_else(|e| panic!("{} at {values:?}: {e}", g.name));
+            assert_eq!(got.len(), want.len());
+            for ((name, w), t) in want.iter().zip(&got) {
+                let wv = w.to_f64_vec();
+                let shape: Vec<u64> = w.shape.iter().map(|&d| d as u64).collect();
+                assert_eq!(t.shape(), shape.as_slice(), "{} at {values:?}: `{name}` shape", g.name);
+                let gv: Vec<f64> = t.as_f32().expect("f32 outputs").iter().map(|&x| x as f64).collect();
+                assert_eq!(wv.len(), gv.len());
+                for (i, (a, b)) in wv.iter().zip(&gv).enumerate() {
+                    assert!(
+                        (a - b).abs() <= tol * (1.0 + a.abs()),
+                        "{} at {values:?}: `{name}`[{i}]: interpreter {a}, compiled {b}",
+                        g.name
+                    );
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A fused chain over `[batch, seq, 8]` with an operand broadcast over the batch (the row
+    /// index splits at run time), and a transposed copy as a second output (a layout copy
+    /// whose strides are sizes over the symbols).
+    #[test]
+    fn an_elementwise_chain_and_a_layout_copy_compile_once_for_every_binding() {
+        let (mut g, b, s) = graph("dyn_elementwise");
+        let x = input(&mut g, "x", DType::F32, vec![b.clone(), s.clone(), Dim::Const(8)]);
+        let y = input(&mut g, "y", DType::F32, vec![s.clone(), Dim::Const(8)]);
+        let m = g.add(Op::Binary(BinaryOp::Mul), &[x, y]).unwrap();
+        let one = g
+            .add(
+                Op::Full { value: 1.0, dtype: DType::F32, shape: vec![b.clone(), s.clone(), Dim::Const(8)] },
+                &[],
+            )
+            .unwrap();
+        let a = g.add(Op::Binary(BinaryOp::Add), &[m, one]).unwrap();
+        let t = g.add(Op::Unary(UnaryOp::Tanh), &[a]).unwrap();
+        g.add_output("y", t);
+        let tr = g.add(Op::Transpose { perm: vec![1, 0, 2] }, &[t]).unwrap();
+        g.add_output("t", tr);
+        compiled_matches_interpreter(&g, 1e-5);
+    }
+
+    /// Softmax and norms over a static last axis, with a run-time row count: rows the static
+    /// emitters walk, and rows split at run time (an operand broadcast over the batch, a
+    /// transposed one).
+    #[test]
+    fn softmax_and_layer_norm_rows_compile_once_for_every_binding() {
+        let (mut g, b, s) = graph("dyn_rows");
+        let s2 = s.clone();
+        let x = input(&mut g, "x", DType::F32, vec![b, s, Dim::Const(16)]);
+        let sm = g.add(Op::Softmax { axis: 2 }, &[x]).unwrap();
+        g.add_output("softmax", sm);
+        let gamma = param(&mut g, "gamma", &[16]);
+        let beta = param(&mut g, "beta", &[16]);
+        let ln = g.add(Op::LayerNorm { eps: 1e-5, affine: true }, &[x, gamma, beta]).unwrap();
+        g.add_output("norm", ln);
+        // A second operand broadcast over the batch: its rows split at run time.
+        let p = input(&mut g, "p", DType::F32, vec![s2.clone(), Dim::Const(16)]);
+        let kind = kiln_ir::NormKind::Layer;
+        let an = g.add(Op::AddNorm { eps: 1e-5, kind, affine: true }, &[x, p, gamma, beta]).unwrap();
+        g.add_output("add_norm", an);
+        let rms = kiln_ir::NormKind::Rms;
+        let rn = g.add(Op::AddNorm { eps: 1e-6, kind: rms, affine: true }, &[x, p, gamma]).unwrap();
+        g.add_output("add_rms_norm", rn);
+        // A transposed operand: rows that do not chain.
+        let t = g.add(Op::Transpose { perm: vec![1, 0, 2] }, &[x]).unwrap();
+        let tn = g.add(Op::RmsNorm { eps: 1e-6, affine: false }, &[t]).unwrap();
+        g.add_output("transposed_norm", tn);
+        compiled_matches_interpreter(&g, 1e-5);
+    }
+
+    /// An embedding lookup of `i64[batch, seq]` ids plus the first `seq` rows of a position
+    /// table (a slice whose end is a symbol), scaled by a mask broadcast along the features.
+    #[test]
+    fn an_embedding_lookup_compiles_once_for_every_binding() {
+        let (mut g, b, s) = graph("dyn_embed");
+        let ids = input(&mut g, "input_ids", DType::I64, vec![b.clone(), s.clone()]);
+        let mask = input(&mut g, "mask", DType::F32, vec![b.clone(), s.clone()]);
+        let table = param(&mut g, "wte", &[10, 8]);
+        let pos = param(&mut g, "wpe", &[20, 8]);
+        let x = g.add(Op::Gather { axis: 0 }, &[table, ids]).unwrap();
+        let p = g.add(Op::Slice { axis: 0, start: Dim::Const(0), end: s.clone(), step: 1 }, &[pos]).unwrap();
+        let x = g.add(Op::Binary(BinaryOp::Add), &[x, p]).unwrap();
+        let m = g.add(Op::Reshape { shape: vec![b, s, Dim::Const(1)] }, &[mask]).unwrap();
+        let x = g.add(Op::Binary(BinaryOp::Mul), &[x, m]).unwrap();
+        g.add_output("x", x);
+        compiled_matches_interpreter(&g, 1e-6);
+    }
+
+    /// Matrix products with a run-time row count and static weights: plain, and with a bias
+    /// and GELU fused.
+    #[test]
+    fn matmuls_over_run_time_rows_compile_once_for_every_binding() {
+        let (mut g, b, s) = graph("dyn_matmul");
+        let x = input(&mut g, "x", DType::F32, vec![b, s, Dim::Const(8)]);
+        let w = param(&mut g, "w", &[8, 12]);
+        let y = g.add(Op::MatMul, &[x, w]).unwrap();
+        g.add_output("y", y);
+        let bias = param(&mut g, "bias", &[12]);
+        let act = kiln_ir::Activation::Gelu(kiln_ir::GeluApprox::Erf);
+        let z = g.add(Op::MatMulEpilogue { bias: true, activation: act }, &[x, w, bias]).unwrap();
+        g.add_output("z", z);
+        compiled_matches_interpreter(&g, 1e-4);
+    }
+
+    /// Attention over `[batch, 2, seq, 4]` heads with run-time query and key lengths: with an
+    /// additive mask over the keys, and causal with its log-sum-exp as a second result.
+    #[test]
+    fn attention_over_run_time_lengths_compiles_once_for_every_binding() {
+        let (mut g, b, s) = graph("dyn_attention");
+        let heads = |b: &Dim, s: &Dim| vec![b.clone(), Dim::Const(2), s.clone(), Dim::Const(4)];
+        let q = input(&mut g, "q", DType::F32, heads(&b, &s));
+        let k = input(&mut g, "k", DType::F32, heads(&b, &s));
+        let v = input(&mut g, "v", DType::F32, heads(&b, &s));
+        let mask =
+            input(&mut g, "mask", DType::F32, vec![b.clone(), Dim::Const(1), Dim::Const(1), s.clone()]);
+        let masked =
+            g.add(Op::Attention { scale: 0.5, causal: false, masked: true }, &[q, k, v, mask]).unwrap();
+        g.add_output("masked", masked);
+        let causal = g.add(Op::Attention { scale: 0.5, causal: true, masked: false }, &[q, k, v]).unwrap();
+        g.add_output("causal", causal);
+        let lse = g.add(Op::AttentionLse { scale: 0.5, causal: true, masked: false }, &[q, k]).unwrap();
+        g.add_output("lse", lse);
+        compiled_matches_interpreter(&g, 1e-4);
+    }
+
+    /// An op whose emitter still needs static extents is refused by name, saying what needs them.
+    #[test]
+    fn a_concat_over_run_time_sizes_is_refused_by_name() {
+        let (mut g, b, s) = graph("dyn_concat");
+        let x = input(&mut g, "x", DType::F32, vec![b, s, Dim::Const(8)]);
+        let y = g.add(Op::Concat { axis: 2 }, &[x, x]).unwrap();
+        g.add_output("y", y);
+        let params = kiln_ir::bind_params(&g, None, 7, false).unwrap();
+        let s = kiln_sched::schedule(&g).expect("schedules");
+        let dir = temp_dir("refused");
+        let err = kiln_codegen::build_artifact(&g.name, &s, &params, &kiln_codegen::CpuTarget::host(), &dir)
+            .err()
+            .expect("refused");
+        assert_eq!(
+            err.to_string(),
+            "cannot compile `concat` with run-time sizes for the CPU: its index arithmetic over \
+             [batch, seq, 16] uses static extents (specialize the sizes with --set)"
+        );
+    }
+}

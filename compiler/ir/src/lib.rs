@@ -40,7 +40,7 @@ pub use op::{
     fmt_f64, Activation, BinaryOp, CompareOp, GeluApprox, Init, NormKind, Op, PoolKind, ReduceOp, UnaryOp,
 };
 pub use seeded::{index_bound, seeded_input, seeded_input_bounded, seeded_inputs, InputFill, SeededInput};
-pub use size::{Range, SizeError, SizeExpr, Sym, SymbolDecl};
+pub use size::{Range, SizeError, SizeExpr, Sym, SymbolDecl, TermFactor};
 pub use state::{eval_step, initial_state, StateError, StateInit, StateVar};
 pub use tensor::{Buffer, ShapeMismatch, Tensor};
 pub use verify::{verify, VerifyError};

@@ -89,6 +89,14 @@ enum Factor {
     FloorDiv(Box<SizeExpr>, i64),
 }
 
+/// One factor of a term of [`SizeExpr::terms`]: a symbol, or a size floor-divided by a
+/// constant (at least 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TermFactor<'a> {
+    Sym(&'a Sym),
+    FloorDiv(&'a SizeExpr, i64),
+}
+
 /// A sorted product of factors; the empty product is 1.
 type Monomial = Vec<Factor>;
 
@@ -144,6 +152,24 @@ impl SizeExpr {
             },
             _ => None,
         }
+    }
+
+    /// The normal form written out, for a consumer that stores it (an artifact's manifest):
+    /// each term's coefficient and factors, in the form's order.
+    pub fn terms(&self) -> Vec<(i64, Vec<TermFactor<'_>>)> {
+        self.terms
+            .iter()
+            .map(|(m, &c)| {
+                let factors = m
+                    .iter()
+                    .map(|f| match f {
+                        Factor::Sym(s) => TermFactor::Sym(s),
+                        Factor::FloorDiv(e, k) => TermFactor::FloorDiv(e, *k),
+                    })
+                    .collect();
+                (c, factors)
+            })
+            .collect()
     }
 
     /// Every symbol the size reads, each once, by index.

@@ -18,7 +18,7 @@ pub use faults::{FaultKind, FaultSite, Faults};
 pub use memory::ALIGN;
 pub use plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, Schedule, StateSlot, Storage};
 pub use state::state_layout;
-pub use view::StridedView;
+pub use view::{product, row_major, StridedView};
 
 use kiln_ir::Graph;
 use thiserror::Error;
@@ -28,9 +28,9 @@ use thiserror::Error;
 pub enum SchedError {
     #[error("cannot schedule the graph: {0}")]
     Invalid(String),
-    /// The graph still has symbols: scheduling needs static shapes.
-    #[error(transparent)]
-    Unspecialized(#[from] kiln_ir::Unspecialized),
+    /// A state variable whose shape reads a symbol: its slot must be the same in every run.
+    #[error("cannot schedule the graph: state `{name}` is {ty}; state needs a static shape")]
+    SymbolicState { name: String, ty: String },
 }
 
 /// Partitions `g` into kernels and plans its memory (arena offsets aligned to [`ALIGN`]).
@@ -41,7 +41,7 @@ pub fn schedule(g: &Graph) -> Result<Schedule, SchedError> {
 /// [`schedule`] with every arena offset a multiple of `align` (a power of two, at least
 /// [`ALIGN`]): a GPU target binds each buffer separately, at its device's binding alignment.
 pub fn schedule_aligned(g: &Graph, align: usize) -> Result<Schedule, SchedError> {
-    g.require_static()?;
+    require_static_state(g)?;
     schedule_with_state(g, align, &state_layout(&g.state, align))
 }
 
@@ -49,8 +49,10 @@ pub fn schedule_aligned(g: &Graph, align: usize) -> Result<Schedule, SchedError>
 /// [`state_layout`] at the same `align`), which may hold more variables than `g` reads: the
 /// entry points of one artifact (`forward`, `train_step`) share one layout and so one state.
 pub fn schedule_with_state(g: &Graph, align: usize, layout: &[StateSlot]) -> Result<Schedule, SchedError> {
-    // Everything below reads static shapes (`TensorType::static_shape`).
-    g.require_static()?;
+    // Extents may read the graph's symbols: views and ranges are sizes over them, and every
+    // buffer is planned at its size at the maxima (`Builder::max_len`), so one plan serves
+    // every run. Only the state's slots must be static.
+    require_static_state(g)?;
     if !align.is_power_of_two() || align < ALIGN {
         return Err(SchedError::Invalid(format!("arena alignment {align} is not a power of two ≥ {ALIGN}")));
     }
@@ -67,10 +69,11 @@ pub fn schedule_with_state(g: &Graph, align: usize, layout: &[StateSlot]) -> Res
     let (arena_bytes, arena_bytes_unshared) = (arena_bytes + slot_bytes, arena_bytes_unshared + slot_bytes);
     let io = |n: &kiln_ir::NodeId| {
         let t = g.ty(*n);
-        (t.dtype, t.static_shape())
+        (t.dtype, t.shape.clone())
     };
     Ok(Schedule {
         graph: g.name.clone(),
+        symbols: g.symbols.clone(),
         inputs: g
             .inputs
             .iter()
@@ -107,4 +110,12 @@ pub fn schedule_with_state(g: &Graph, align: usize, layout: &[StateSlot]) -> Res
         state: layout.to_vec(),
         faults,
     })
+}
+
+/// Refuses a state variable with a symbolic shape, by name.
+fn require_static_state(g: &Graph) -> Result<(), SchedError> {
+    match g.state.iter().find(|v| !v.ty.is_static()) {
+        Some(v) => Err(SchedError::SymbolicState { name: v.name.clone(), ty: v.ty.to_string() }),
+        None => Ok(()),
+    }
 }

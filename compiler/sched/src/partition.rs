@@ -23,7 +23,7 @@ use crate::faults::{FaultKind, FaultSite};
 use crate::plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, StateSlot, Storage};
 use crate::view::StridedView;
 use crate::SchedError;
-use kiln_ir::{BinaryOp, DType, Graph, NodeId, Op};
+use kiln_ir::{BinaryOp, DType, Dim, Graph, NodeId, Op, SizeError};
 use std::collections::HashMap;
 
 /// What a node's result is, once scheduled.
@@ -96,15 +96,31 @@ impl Builder<'_> {
         self.buffers.len() - 1
     }
 
+    /// The symbols' maxima: the values at which views over symbols are grouped for a reshape
+    /// (`StridedView::reshape_at`, which proves what it groups).
+    fn probe(&self) -> Vec<i64> {
+        self.g.symbols.iter().map(|d| d.max).collect()
+    }
+
+    /// The elements of `shape` at the symbols' maxima: what a buffer of it holds.
+    pub(crate) fn max_len(&self, shape: &[Dim]) -> Result<usize, SchedError> {
+        let n = crate::view::product(shape).map_err(size_error)?;
+        match n {
+            Dim::Const(c) => Ok(c),
+            Dim::Sym(e) => usize::try_from(e.range(&self.g.symbols).max)
+                .map_err(|_| SchedError::Invalid(format!("the extent {e} has no positive maximum"))),
+        }
+    }
+
     /// A fresh result buffer for node `n`: the caller's output buffer when `n` is a graph
     /// output (its first listing), else arena scratch.
-    fn result_buffer(&mut self, n: NodeId, shape: &[usize]) -> BufferId {
+    fn result_buffer(&mut self, n: NodeId, shape: &[Dim]) -> Result<BufferId, SchedError> {
         let dtype = self.g.ty(n).dtype;
-        let len = shape.iter().product();
-        match self.outputs.get_mut(&n).and_then(|list| (!list.is_empty()).then(|| list.remove(0))) {
+        let len = self.max_len(shape)?;
+        Ok(match self.outputs.get_mut(&n).and_then(|list| (!list.is_empty()).then(|| list.remove(0))) {
             Some(index) => self.add_buffer(Storage::Output { index }, dtype, len),
             None => self.add_buffer(Storage::Arena { offset: 0 }, dtype, len),
-        }
+        })
     }
 
     fn stored(&self, n: NodeId) -> Option<&Operand> {
@@ -126,7 +142,7 @@ impl Builder<'_> {
             [u] => {
                 let user = self.g.node(*u);
                 let uses = self.g.operands(*u).iter().filter(|&&o| o == n).count();
-                user.op.is_elementwise() && uses == 1 && user.ty.static_shape() == node.ty.static_shape()
+                user.op.is_elementwise() && uses == 1 && user.ty.shape == node.ty.shape
             }
             _ => false,
         }
@@ -152,17 +168,15 @@ impl Builder<'_> {
         let node = self.g.node(n);
         let ty = node.ty.clone();
         let operands = self.g.operands(n);
+        // Weights, constants and state are static (the lowering refuses a symbol there).
         let value = match &node.op {
             Op::Input { .. } => {
                 let index = self.g.inputs.iter().position(|&i| i == n).ok_or_else(|| {
                     SchedError::Invalid(format!("input node {} is not listed as a graph input", n.index()))
                 })?;
-                let buffer = self.add_buffer(Storage::Input { index }, ty.dtype, ty.numel());
-                Value::Stored(Operand {
-                    buffer,
-                    view: StridedView::contiguous(&ty.static_shape()),
-                    dtype: ty.dtype,
-                })
+                let len = self.max_len(&ty.shape)?;
+                let buffer = self.add_buffer(Storage::Input { index }, ty.dtype, len);
+                Value::Stored(Operand { buffer, view: contiguous(&ty.shape)?, dtype: ty.dtype })
             }
             Op::Param { name, .. } => {
                 let buffer = match self.g.state_var(name) {
@@ -174,21 +188,13 @@ impl Builder<'_> {
                     }
                     None => self.add_buffer(Storage::Weight { name: name.clone() }, ty.dtype, ty.numel()),
                 };
-                Value::Stored(Operand {
-                    buffer,
-                    view: StridedView::contiguous(&ty.static_shape()),
-                    dtype: ty.dtype,
-                })
+                Value::Stored(Operand { buffer, view: contiguous(&ty.shape)?, dtype: ty.dtype })
             }
             Op::Const { value } => {
                 let name = format!("kiln.const.{}", n.index());
                 let storage = Storage::Const { name, value: value.clone() };
                 let buffer = self.add_buffer(storage, ty.dtype, ty.numel());
-                Value::Stored(Operand {
-                    buffer,
-                    view: StridedView::contiguous(&ty.static_shape()),
-                    dtype: ty.dtype,
-                })
+                Value::Stored(Operand { buffer, view: contiguous(&ty.shape)?, dtype: ty.dtype })
             }
             Op::Full { .. } => Value::Inline,
             Op::Transpose { perm } => {
@@ -197,24 +203,26 @@ impl Builder<'_> {
             }
             Op::Slice { axis, start, end, step } => {
                 let src = self.operand(operands[0])?;
-                Value::Stored(Operand {
-                    view: src.view.slice(*axis, start.fixed(), end.fixed(), *step),
-                    ..src
-                })
+                let view = src.view.slice(*axis, start, end, *step).map_err(size_error)?;
+                Value::Stored(Operand { view, ..src })
             }
             Op::BroadcastTo { .. } => {
                 let src = self.operand(operands[0])?;
-                Value::Stored(Operand { view: src.view.broadcast_to(&ty.static_shape()), ..src })
+                Value::Stored(Operand { view: src.view.broadcast_to(&ty.shape), ..src })
             }
             Op::Reshape { .. } => {
-                let shape = &ty.static_shape();
+                let shape = &ty.shape;
                 let src = self.operand(operands[0])?;
-                let src = match src.view.reshape(shape) {
+                let src = match src.view.reshape_at(shape, &self.probe()) {
                     Some(view) => Operand { view, ..src },
                     None => {
                         let copy = self.copy_kernel(operands[0], &src)?;
                         let view = copy.view.reshape(shape).ok_or_else(|| {
-                            SchedError::Invalid(format!("reshape of node {} to {shape:?}", n.index()))
+                            SchedError::Invalid(format!(
+                                "reshape of node {} to {}",
+                                n.index(),
+                                kiln_ir::fmt_shape(shape)
+                            ))
                         })?;
                         Operand { view, ..copy }
                     }
@@ -227,52 +235,46 @@ impl Builder<'_> {
                 } else {
                     let mut inputs = Vec::new();
                     let mut nodes = Vec::new();
-                    let expr = self.expr(n, &ty.static_shape(), &mut inputs, &mut nodes)?;
-                    Value::Stored(self.emit(
-                        n,
-                        KernelOp::Elementwise(expr),
-                        inputs,
-                        nodes,
-                        &ty.static_shape(),
-                    ))
+                    let expr = self.expr(n, &ty.shape, &mut inputs, &mut nodes)?;
+                    Value::Stored(self.emit(n, KernelOp::Elementwise(expr), inputs, nodes, &ty.shape)?)
                 }
             }
             Op::Iota { axis, dtype, .. } => {
                 let expr = Expr::Iota { axis: *axis, dtype: *dtype };
-                Value::Stored(self.emit(n, KernelOp::Elementwise(expr), vec![], vec![n], &ty.static_shape()))
+                Value::Stored(self.emit(n, KernelOp::Elementwise(expr), vec![], vec![n], &ty.shape)?)
             }
             Op::RandomUniform { seed, offset, dtype, base, .. } => {
                 // The counter base, when there is one, is a scalar read by every element.
                 let inputs = if *base {
                     let stored = self.operand(operands[0])?;
-                    vec![Operand { view: stored.view.broadcast_to(&ty.static_shape()), ..stored }]
+                    vec![Operand { view: stored.view.broadcast_to(&ty.shape), ..stored }]
                 } else {
                     vec![]
                 };
                 let base = (!inputs.is_empty()).then_some(0);
                 let expr = Expr::Random { seed: *seed, offset: *offset, base, dtype: *dtype };
-                Value::Stored(self.emit(n, KernelOp::Elementwise(expr), inputs, vec![n], &ty.static_shape()))
+                Value::Stored(self.emit(n, KernelOp::Elementwise(expr), inputs, vec![n], &ty.shape)?)
             }
             Op::ScatterAdd { axis, .. } => {
                 // The emitters walk the updates as [pre, positions, post] and the indices as
                 // one run; an operand whose strides cannot merge that way is copied first.
                 let (updates, indices) = (self.operand(operands[0])?, self.operand(operands[1])?);
                 let k = indices.view.shape.len();
-                let count = indices.view.numel();
+                let count = indices.view.numel().map_err(size_error)?;
                 let shape = &updates.view.shape;
-                let pre: usize = shape[..(*axis).min(shape.len())].iter().product();
-                let post: usize = shape[(axis + k).min(shape.len())..].iter().product();
-                let updates = self.mergeable(operands[0], updates, &[pre, count, post])?;
+                let pre = crate::view::product(&shape[..(*axis).min(shape.len())]).map_err(size_error)?;
+                let post = crate::view::product(&shape[(axis + k).min(shape.len())..]).map_err(size_error)?;
+                let updates = self.mergeable(operands[0], updates, &[pre, count.clone(), post])?;
                 let indices = self.mergeable(operands[1], indices, &[count])?;
                 let op = KernelOp::Node(node.op.clone());
-                Value::Stored(self.emit(n, op, vec![updates, indices], vec![n], &ty.static_shape()))
+                Value::Stored(self.emit(n, op, vec![updates, indices], vec![n], &ty.shape)?)
             }
             op => {
                 let mut inputs = Vec::with_capacity(operands.len());
                 for &o in &operands {
                     inputs.push(self.operand(o)?);
                 }
-                Value::Stored(self.emit(n, KernelOp::Node(op.clone()), inputs, vec![n], &ty.static_shape()))
+                Value::Stored(self.emit(n, KernelOp::Node(op.clone()), inputs, vec![n], &ty.shape)?)
             }
         };
         self.values.insert(n, value);
@@ -323,10 +325,10 @@ impl Builder<'_> {
             inputs.push(self.operand(o)?);
         }
         let op = KernelOp::Node(self.g.node(att).op.clone());
-        let out = self.emit(att, op, inputs, vec![att, lse], &self.g.ty(att).static_shape());
-        let shape = self.g.ty(lse).static_shape();
-        let buffer = self.result_buffer(lse, &shape);
-        let stats = Operand { buffer, view: StridedView::contiguous(&shape), dtype: self.g.ty(lse).dtype };
+        let out = self.emit(att, op, inputs, vec![att, lse], &self.g.ty(att).shape.clone())?;
+        let shape = self.g.ty(lse).shape.clone();
+        let buffer = self.result_buffer(lse, &shape)?;
+        let stats = Operand { buffer, view: contiguous(&shape)?, dtype: self.g.ty(lse).dtype };
         if let Some(k) = self.kernels.last_mut() {
             k.extra_outputs.push(stats.clone());
         }
@@ -345,8 +347,8 @@ impl Builder<'_> {
         op: KernelOp,
         inputs: Vec<Operand>,
         nodes: Vec<NodeId>,
-        shape: &[usize],
-    ) -> Operand {
+        shape: &[Dim],
+    ) -> Result<Operand, SchedError> {
         let dtype = self.g.ty(n).dtype;
         let transposed_user = match self.users[&n].as_slice() {
             [u] if !self.outputs.contains_key(&n) && matches!(op, KernelOp::Node(Op::Attention { .. })) => {
@@ -359,22 +361,22 @@ impl Builder<'_> {
         };
         let (buffer, view) = match transposed_user {
             Some(perm) => {
-                let stored: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
-                let buffer = self.result_buffer(n, &stored);
+                let stored: Vec<Dim> = perm.iter().map(|&p| shape[p].clone()).collect();
+                let buffer = self.result_buffer(n, &stored)?;
                 // Stored layout is `stored` row-major; element i of `n` sits at the position
                 // whose transposed index is perm⁻¹ applied to i.
-                let row = kiln_ir::strides(&stored);
-                let mut strides = vec![0; shape.len()];
+                let row = crate::view::row_major(&stored).map_err(size_error)?;
+                let mut strides = vec![Dim::Const(0); shape.len()];
                 for (k, &p) in perm.iter().enumerate() {
-                    strides[p] = row[k];
+                    strides[p] = row[k].clone();
                 }
-                (buffer, StridedView { shape: shape.to_vec(), strides, offset: 0 })
+                (buffer, StridedView { shape: shape.to_vec(), strides, offset: Dim::Const(0) })
             }
-            None => (self.result_buffer(n, shape), StridedView::contiguous(shape)),
+            None => (self.result_buffer(n, shape)?, contiguous(shape)?),
         };
         let output = Operand { buffer, view, dtype };
         self.kernels.push(Kernel { op, inputs, output: output.clone(), extra_outputs: vec![], nodes });
-        output
+        Ok(output)
     }
 
     /// The stored operand for node `o`, materializing inline values (`full` constants used by
@@ -393,11 +395,11 @@ impl Builder<'_> {
                 return Ok(s.clone());
             }
         }
-        let shape = self.g.ty(o).static_shape();
+        let shape = self.g.ty(o).shape.clone();
         let mut inputs = Vec::new();
         let mut nodes = Vec::new();
         let expr = self.expr(o, &shape, &mut inputs, &mut nodes)?;
-        let out = self.emit(o, KernelOp::Elementwise(expr), inputs, nodes, &shape);
+        let out = self.emit(o, KernelOp::Elementwise(expr), inputs, nodes, &shape)?;
         self.materialized.insert(o, out.clone());
         Ok(out)
     }
@@ -407,7 +409,7 @@ impl Builder<'_> {
     fn expr(
         &mut self,
         n: NodeId,
-        shape: &[usize],
+        shape: &[Dim],
         inputs: &mut Vec<Operand>,
         nodes: &mut Vec<NodeId>,
     ) -> Result<Expr, SchedError> {
@@ -432,7 +434,7 @@ impl Builder<'_> {
                         args.push(Expr::Operand(push_operand(inputs, Operand { view, ..stored })));
                     }
                 }
-                let fault = self.fault_site(n, &args);
+                let fault = self.fault_site(n, &args)?;
                 return Ok(Expr::Apply { op, args, dtype, fault });
             }
             _ => {}
@@ -452,10 +454,11 @@ impl Builder<'_> {
 
     /// A copy of `src` into a fresh contiguous arena buffer, as a kernel of its own that
     /// stands for `nodes`.
-    pub(crate) fn copy_to_arena(&mut self, src: &Operand, nodes: Vec<NodeId>) -> Operand {
+    pub(crate) fn copy_to_arena(&mut self, src: &Operand, nodes: Vec<NodeId>) -> Result<Operand, SchedError> {
         let shape = src.view.shape.clone();
-        let buffer = self.add_buffer(Storage::Arena { offset: 0 }, src.dtype, shape.iter().product());
-        let output = Operand { buffer, view: StridedView::contiguous(&shape), dtype: src.dtype };
+        let len = self.max_len(&shape)?;
+        let buffer = self.add_buffer(Storage::Arena { offset: 0 }, src.dtype, len);
+        let output = Operand { buffer, view: contiguous(&shape)?, dtype: src.dtype };
         self.kernels.push(Kernel {
             op: KernelOp::Elementwise(Expr::Operand(0)),
             inputs: vec![src.clone()],
@@ -463,34 +466,47 @@ impl Builder<'_> {
             extra_outputs: vec![],
             nodes,
         });
-        output
+        Ok(output)
     }
 
     /// The fault site of elementwise node `n` (with arguments `args`), if its compiled code can
     /// fault: an integer division whose divisor is not a non-zero constant.
-    fn fault_site(&mut self, n: NodeId, args: &[Expr]) -> Option<usize> {
+    fn fault_site(&mut self, n: NodeId, args: &[Expr]) -> Result<Option<usize>, SchedError> {
         let node = self.g.node(n);
         let divides = matches!(node.op, Op::Binary(BinaryOp::Div)) && node.ty.dtype.is_int();
         let constant_divisor = matches!(args.get(1), Some(Expr::Scalar { value, .. }) if *value as i64 != 0);
         if !divides || constant_divisor {
-            return None;
+            return Ok(None);
         }
-        let divisor = self.g.operands(n).get(1).map(|&d| self.g.ty(d).static_shape()).unwrap_or_default();
+        // A fault reports its element as a position in a static shape.
+        let static_shape = |t: &kiln_ir::TensorType| {
+            kiln_ir::static_dims(&t.shape).ok_or_else(|| {
+                SchedError::Invalid(format!(
+                    "an integer division by a value that may be zero, over the symbolic shape {t}: \
+                     its fault reports need static shapes"
+                ))
+            })
+        };
+        let shape = static_shape(&node.ty)?;
+        let divisor = match self.g.operands(n).get(1) {
+            Some(&d) => static_shape(self.g.ty(d))?,
+            None => Vec::new(),
+        };
         self.fault_sites.push(FaultSite {
             kind: FaultKind::IntDivByZero,
             kernel: 0,
             op: node.op.name().to_string(),
             name: node.name.clone(),
             origin: node.origin.as_ref().map(ToString::to_string),
-            shape: node.ty.static_shape(),
+            shape,
             divisor,
         });
-        Some(self.fault_sites.len() - 1)
+        Ok(Some(self.fault_sites.len() - 1))
     }
 
     /// `src` (a view of node `n`'s value) when strides can express it as `shape`, else a copy.
-    fn mergeable(&mut self, n: NodeId, src: Operand, shape: &[usize]) -> Result<Operand, SchedError> {
-        match src.view.reshape(shape) {
+    fn mergeable(&mut self, n: NodeId, src: Operand, shape: &[Dim]) -> Result<Operand, SchedError> {
+        match src.view.reshape_at(shape, &self.probe()) {
             Some(_) => Ok(src),
             None => self.copy_kernel(n, &src),
         }
@@ -498,7 +514,7 @@ impl Builder<'_> {
 
     /// A copy of `src` (a view of node `n`'s value) into a fresh contiguous buffer.
     fn copy_kernel(&mut self, n: NodeId, src: &Operand) -> Result<Operand, SchedError> {
-        Ok(self.copy_to_arena(src, vec![n]))
+        self.copy_to_arena(src, vec![n])
     }
 
     /// Every graph output must end up in its own caller buffer: outputs that are views,
@@ -508,13 +524,14 @@ impl Builder<'_> {
             let n = *n;
             let src = self.operand(n)?;
             let in_place = matches!(self.buffers[src.buffer].storage, Storage::Output { index: i } if i == index)
-                && src.view == StridedView::contiguous(&src.view.shape);
+                && src.view == contiguous(&src.view.shape)?;
             if in_place {
                 continue;
             }
-            let shape = self.g.ty(n).static_shape();
-            let buffer = self.add_buffer(Storage::Output { index }, src.dtype, shape.iter().product());
-            let output = Operand { buffer, view: StridedView::contiguous(&shape), dtype: src.dtype };
+            let shape = self.g.ty(n).shape.clone();
+            let len = self.max_len(&shape)?;
+            let buffer = self.add_buffer(Storage::Output { index }, src.dtype, len);
+            let output = Operand { buffer, view: contiguous(&shape)?, dtype: src.dtype };
             self.kernels.push(Kernel {
                 op: KernelOp::Elementwise(Expr::Operand(0)),
                 inputs: vec![src],
@@ -525,6 +542,16 @@ impl Builder<'_> {
         }
         Ok(())
     }
+}
+
+/// The row-major view of a whole buffer of `shape`.
+fn contiguous(shape: &[Dim]) -> Result<StridedView, SchedError> {
+    StridedView::contiguous_dims(shape).map_err(size_error)
+}
+
+/// A size that cannot be computed (its arithmetic overflows): the graph cannot be scheduled.
+pub(crate) fn size_error(e: SizeError) -> SchedError {
+    SchedError::Invalid(format!("a view's size: {e}"))
 }
 
 /// Adds `o` to a kernel's operands unless the same view is there already; returns its index.

@@ -1,7 +1,7 @@
 //! The schedule's data: buffers, kernels and the fused elementwise expressions.
 
 use crate::view::StridedView;
-use kiln_ir::{DType, NodeId, Op, StateInit, Tensor};
+use kiln_ir::{DType, NodeId, Op, Shape, StateInit, SymbolDecl, Tensor};
 use serde::Serialize;
 
 /// Index into [`Schedule::buffers`].
@@ -51,6 +51,8 @@ impl StateSlot {
 pub struct Buffer {
     pub storage: Storage,
     pub dtype: DType,
+    /// Elements, at the symbols' maxima when the shape is symbolic: the arena holds every
+    /// buffer at its largest, so one plan serves every run.
     pub len: usize,
     /// Kernels (indices into [`Schedule::kernels`]) that first write and last read it;
     /// `None` for buffers that outlive the run (inputs, outputs, weights, state).
@@ -190,11 +192,16 @@ impl Kernel {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Schedule {
     pub graph: String,
-    pub inputs: Vec<(String, DType, Vec<usize>)>,
-    pub outputs: Vec<(String, DType, Vec<usize>)>,
+    /// The graph's symbols (empty for a static graph): views, input and output shapes and
+    /// kernel ranges are sizes over them, bound at run time.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub symbols: Vec<SymbolDecl>,
+    pub inputs: Vec<(String, DType, Shape)>,
+    pub outputs: Vec<(String, DType, Shape)>,
     pub buffers: Vec<Buffer>,
     pub kernels: Vec<Kernel>,
-    /// Bytes of scratch memory all arena buffers need at once, after reuse.
+    /// Bytes of scratch memory all arena buffers need at once, after reuse (at the symbols'
+    /// maxima: the plan is one for every run).
     pub arena_bytes: usize,
     /// Bytes the arena buffers would need without reuse.
     pub arena_bytes_unshared: usize,

@@ -21,14 +21,10 @@ pub fn state_layout(state: &[StateVar], align: usize) -> Vec<StateSlot> {
     state
         .iter()
         .map(|v| {
-            let bytes = v.ty.numel().max(1) * v.ty.dtype.size_bytes();
-            let slot = StateSlot {
-                name: v.name.clone(),
-                dtype: v.ty.dtype,
-                shape: v.ty.static_shape(),
-                offset,
-                init: v.init,
-            };
+            // A symbolic state variable gets an empty slot here; scheduling refuses it by name.
+            let shape = kiln_ir::static_dims(&v.ty.shape).unwrap_or_default();
+            let bytes = shape.iter().product::<usize>().max(1) * v.ty.dtype.size_bytes();
+            let slot = StateSlot { name: v.name.clone(), dtype: v.ty.dtype, shape, offset, init: v.init };
             offset += bytes.next_multiple_of(align);
             slot
         })
@@ -95,7 +91,7 @@ pub(crate) fn place_updates(b: &mut Builder<'_>) -> Result<(), SchedError> {
     let mut sources = Vec::with_capacity(copies.len());
     for (index, src) in copies {
         let old_state = b.state_reads.iter().any(|(i, buf)| *buf == src.buffer && taken_old.contains(i));
-        let src = if old_state { b.copy_to_arena(&src, Vec::new()) } else { src };
+        let src = if old_state { b.copy_to_arena(&src, Vec::new())? } else { src };
         sources.push((index, src));
     }
     for (index, src) in sources {

@@ -13,6 +13,11 @@ fn scheduled(model: &str) -> Schedule {
 
 /// Arena buffers alive at the same time never overlap, and every view stays inside its buffer.
 fn check(s: &Schedule) {
+    check_at(s, &[]);
+}
+
+/// [`check`] with the symbols at `values` (every buffer holds its size at the maxima).
+fn check_at(s: &Schedule, values: &[i64]) {
     let arena: Vec<(usize, usize, (usize, usize))> = s
         .buffers
         .iter()
@@ -33,7 +38,8 @@ fn check(s: &Schedule) {
     }
     for k in &s.kernels {
         for o in k.inputs.iter().chain([&k.output]) {
-            assert!(o.view.extent() <= s.buffers[o.buffer].len, "{o:?} overruns its buffer");
+            let extent = o.view.extent_at(values).expect("every symbol has a value");
+            assert!(extent <= s.buffers[o.buffer].len, "{o:?} overruns its buffer");
         }
     }
     for (i, _) in s.outputs.iter().enumerate() {
@@ -122,4 +128,58 @@ schedule divs {
     // Only the kernels with a site take the fault words.
     let faulting: Vec<bool> = s.kernels.iter().map(kiln_sched::Kernel::can_fault).collect();
     assert_eq!(faulting, vec![true, false, false, true]);
+}
+
+/// BERT and GPT-2 with a dynamic batch and sequence length (as `tests/specs.rs` makes them):
+/// the symbolic graphs schedule into the same kernels as the static ones at the hints, every
+/// view stays inside its buffer at the minima, the hints and the maxima, and the arena is the
+/// one of the static graph at the maxima.
+#[test]
+fn dynamic_bert_and_gpt2_schedule_with_one_plan_at_the_maxima() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+    let cases = [
+        (
+            "bert_encoder.ron",
+            r#""batch": 1, "seq": 128,"#,
+            r#""batch": Dyn(min: 1, max: 4, hint: 2), "seq": Dyn(min: 1, max: "max_positions", hint: 16),"#,
+            ["layers=1", "hidden=32", "heads=2", "ffn=64", "vocab=50", "max_positions=64"],
+        ),
+        (
+            "gpt2.ron",
+            r#""batch": 1, "seq": 64,"#,
+            r#""batch": Dyn(min: 1, max: 4, hint: 2), "seq": Dyn(min: 8, max: "ctx", hint: 16, multiple_of: 8),"#,
+            ["layers=1", "d=32", "heads=2", "vocab=50", "ctx=64", "eps=1e-5"],
+        ),
+    ];
+    for (model, entry, decl, small) in cases {
+        let text = std::fs::read_to_string(root.join(model)).expect("model");
+        assert!(text.contains(entry), "{model}");
+        let text = text.replacen(entry, decl, 1);
+        let sets: Vec<kiln_lower::Override> =
+            small.iter().map(|s| kiln_lower::Override::parse(s).expect("name=value")).collect();
+        let (_, lowered) = kiln_lower::load_str(model, &text, &sets);
+        let g = lowered.unwrap_or_else(|_| panic!("{model} lowers")).graph;
+        let (g, _) = kiln_opt::optimize(&g, &kiln_opt::Options::default()).unwrap();
+        let s = schedule(&g).unwrap_or_else(|e| panic!("{model}: {e}"));
+        let lo: Vec<i64> = g.symbols.iter().map(|d| d.min).collect();
+        let hint: Vec<i64> = g.symbols.iter().map(|d| d.hint).collect();
+        let hi: Vec<i64> = g.symbols.iter().map(|d| d.max).collect();
+        for values in [&lo, &hint, &hi] {
+            check_at(&s, values);
+        }
+        let at_hint = schedule(&g.specialize(&hint).unwrap()).unwrap();
+        let names = |s: &Schedule| s.kernels.iter().map(|k| k.name()).collect::<Vec<_>>();
+        assert_eq!(names(&s), names(&at_hint), "{model}: the same kernels as at the hints");
+        let at_max = schedule(&g.specialize(&hi).unwrap()).unwrap();
+        let lens = |s: &Schedule| s.buffers.iter().map(|b| b.len).collect::<Vec<_>>();
+        assert_eq!(lens(&s), lens(&at_max), "{model}: every buffer holds its size at the maxima");
+        assert_eq!(s.arena_bytes, at_max.arena_bytes, "{model}: the arena is planned at the maxima");
+        let symbolic: Vec<String> = s
+            .kernels
+            .iter()
+            .filter(|k| k.operands().any(|o| !o.view.is_static()))
+            .map(|k| k.name())
+            .collect();
+        eprintln!("{model}: kernels over symbolic extents: {symbolic:?}");
+    }
 }

@@ -35,6 +35,11 @@ pub fn kernels(s: &Schedule, caps: &GpuCaps) -> Result<GpuProgram, CodegenError>
 /// [`kernels`], naming each distinct kernel after its step's index plus `first`: the entry
 /// points of one artifact number their kernels apart, so their modules' symbols never clash.
 pub fn kernels_numbered(s: &Schedule, caps: &GpuCaps, first: usize) -> Result<GpuProgram, CodegenError> {
+    // Grids are fixed at compile time: no GPU kernel reads the run's sizes yet.
+    if !s.symbols.is_empty() {
+        let names: Vec<String> = s.symbols.iter().map(|d| format!("`{}`", d.name)).collect();
+        return Err(CodegenError::SymbolicTarget { target: caps.name, symbols: names.join(", ") });
+    }
     if !s.arena_align.is_multiple_of(caps.buffer_align) {
         return Err(CodegenError::Unsupported(format!(
             "a schedule whose arena is aligned to {} bytes on the {} target, which binds buffers at multiples of {} (schedule with kiln_sched::schedule_aligned)",

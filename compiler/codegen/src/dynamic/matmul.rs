@@ -1,0 +1,129 @@
+//! `activation(a · b + bias)` with a run-time row count: K and N are static (B is a weight or
+//! another static operand), the rows of a and of the result (every axis but the last, batch
+//! axes included) are known at run time only.
+//!
+//! One range iteration is one row: the result row starts as the bias (or zero), each of the K
+//! steps adds `a[r, k] · b[k, :]` to it (a unit-stride loop over N that LLVM vectorizes when the
+//! strides are 1), and the activation runs over the finished row. This is the plain
+//! row-by-row product, not the register-tiled micro-kernel of `kernels::matmul`, whose tiles
+//! and edge rows are planned for a static M.
+
+use super::{address, at_hints_and_maxima, buffer_view, func, refuse, step, unravel, walk};
+use crate::kernels::elementwise::{load, store};
+use crate::kernels::matmul::activate;
+use crate::mlir_text::Body;
+use crate::program::bad;
+use crate::{CodegenError, Kernel};
+use kiln_ir::{Activation, DType, Dim};
+use kiln_sched::{Operand, Schedule};
+
+/// Emits matmul kernel `k` (operands a, b, then `bias` when there is one) over symbolic rows.
+pub(super) fn emit(
+    s: &Schedule,
+    sym: &str,
+    k: &kiln_sched::Kernel,
+    bias: Option<&Operand>,
+    act: Activation,
+) -> Result<(Kernel, Dim), CodegenError> {
+    let (a, b) = match k.inputs.as_slice() {
+        [a, b, ..] => (a, b),
+        _ => return Err(bad("matmul")),
+    };
+    let out = &k.output;
+    let ops: Vec<&Operand> = [a, b].into_iter().chain(bias).chain([out]).collect();
+    if ops.iter().any(|o| o.dtype != DType::F32) {
+        return Err(refuse(k, "only f32 products take a run-time row count"));
+    }
+    let (ar, rank) = (a.view.shape.len(), out.view.shape.len());
+    if b.view.shape.len() != 2 || ar < 2 || ar != rank || !b.view.is_static() {
+        return Err(refuse(
+            k,
+            format!(
+                "a run-time row count needs a static 2-D B and a rows×K A, not {} · {}",
+                kiln_ir::fmt_shape(&a.view.shape),
+                kiln_ir::fmt_shape(&b.view.shape)
+            ),
+        ));
+    }
+    let (kd, n) = match (a.view.shape[ar - 1].as_const(), b.view.shape[1].as_const()) {
+        (Some(kd), Some(n)) => (kd, n),
+        _ => return Err(refuse(k, "K and N must be static")),
+    };
+    if out.view.shape[rank - 1] != n || a.view.shape[..ar - 1] != out.view.shape[..rank - 1] {
+        return Err(bad("matmul result shape"));
+    }
+    let bias_view = bias.map(|o| o.view.broadcast_to(&out.view.shape));
+    let rows = kiln_sched::product(&out.view.shape[..rank - 1]).map_err(|e| bad(&e.to_string()))?;
+    let n_syms = s.symbols.len().max(1);
+
+    let mut bd = Body::new();
+    let c0 = bd.index(0);
+    let c1 = bd.index(1);
+    let kc = bd.index(kd);
+    let nc = bd.index(n);
+    let wa = walk(&mut bd, &a.view, n_syms);
+    let wb = walk(&mut bd, &b.view, n_syms);
+    let wo = walk(&mut bd, &out.view, n_syms);
+    let wbias = bias_view.as_ref().map(|v| walk(&mut bd, v, n_syms));
+    let views: Vec<_> = ops.iter().map(|o| buffer_view(s, o)).collect();
+    let args: Vec<String> = (0..ops.len()).map(|i| format!("%a{i}")).collect();
+    let (va, vb, vo) = (&views[0], &views[1], &views[views.len() - 1]);
+    let (aa, ab, ao) = (&args[0], &args[1], &args[args.len() - 1]);
+
+    bd.open(format!("scf.for %r = %begin to %end step {c1}"));
+    let idx = unravel(&mut bd, "%r", &wo.extents, rank - 1);
+    let a_row = address(&mut bd, &wa, &idx);
+    let o_row = address(&mut bd, &wo, &idx);
+    let bias_row = wbias.as_ref().map(|w| address(&mut bd, w, &idx));
+    // The row starts as the bias, or zero.
+    bd.open(format!("scf.for %n = {c0} to {nc} step {c1}"));
+    let at_o = step(&mut bd, &o_row, "%n", &wo.strides[rank - 1]);
+    let init = match (&wbias, &bias_row) {
+        (Some(w), Some(row)) => {
+            let at = step(&mut bd, row, "%n", &w.strides[rank - 1]);
+            load(&mut bd, &args[2], &views[2], &at)
+        }
+        _ => bd.float(0.0, "f32"),
+    };
+    store(&mut bd, &init, ao, vo, &at_o);
+    bd.close("");
+    // Row += a[r, k] · b[k, :], k by k.
+    bd.open(format!("scf.for %k = {c0} to {kc} step {c1}"));
+    let at_a = step(&mut bd, &a_row, "%k", &wa.strides[ar - 1]);
+    let x = load(&mut bd, aa, va, &at_a);
+    let b_row = step(&mut bd, &wb.offset, "%k", &wb.strides[0]);
+    bd.open(format!("scf.for %n = {c0} to {nc} step {c1}"));
+    let at_b = step(&mut bd, &b_row, "%n", &wb.strides[1]);
+    let w = load(&mut bd, ab, vb, &at_b);
+    let at_o = step(&mut bd, &o_row, "%n", &wo.strides[rank - 1]);
+    let acc = load(&mut bd, ao, vo, &at_o);
+    let sum = bd.fma(&x, &w, &acc, "f32");
+    store(&mut bd, &sum, ao, vo, &at_o);
+    bd.close("");
+    bd.close("");
+    if act != Activation::None {
+        bd.open(format!("scf.for %n = {c0} to {nc} step {c1}"));
+        let at_o = step(&mut bd, &o_row, "%n", &wo.strides[rank - 1]);
+        let v = load(&mut bd, ao, vo, &at_o);
+        let y = activate(&mut bd, act, &v, "f32");
+        store(&mut bd, &y, ao, vo, &at_o);
+        bd.close("");
+    }
+    bd.close("");
+    bd.line("return");
+
+    let params: Vec<String> = views.iter().zip(&args).map(|(v, a)| format!("{a}: {}", v.memref())).collect();
+    let mlir = func(sym, params, n_syms, bd);
+    let (rows_hint, rows_max) = at_hints_and_maxima(s, &rows);
+    let flops = (2 * rows_hint * kd * n) as u64;
+    let bytes = (4 * (rows_hint * (kd + n) + kd * n)) as u64;
+    let made = Kernel {
+        symbol: sym.into(),
+        mlir,
+        range: rows_max,
+        grain: Kernel::grain_for(rows_max, flops),
+        flops,
+        bytes,
+    };
+    Ok((made, rows))
+}
