@@ -65,14 +65,15 @@ pub fn fold_weights_without_values(g: &mut Graph) -> Folded {
 }
 
 /// The nodes to fold, in topological order, each with the leaves (parameters for which
-/// `bound` holds, and constants) it is computed from.
+/// `bound` holds, and constants) it is computed from. A value whose size is set at run time
+/// (a `Full` of `[batch, hidden]`) is no leaf and is never folded: a parameter has one size.
 fn foldable(g: &Graph, bound: impl Fn(&str) -> bool) -> Vec<(NodeId, BTreeSet<NodeId>)> {
     let order = g.topo_order();
     let mut sources: HashMap<NodeId, BTreeSet<NodeId>> = HashMap::new();
     for &n in &order {
         let leaf = match &g.node(n).op {
             Op::Param { name, .. } => bound(name),
-            Op::Const { .. } | Op::Full { .. } | Op::Iota { .. } => true,
+            Op::Const { .. } | Op::Full { .. } | Op::Iota { .. } => g.ty(n).is_static(),
             Op::Input { .. } | Op::RandomUniform { .. } => false,
             _ => {
                 let operands = g.operands(n);
@@ -92,7 +93,7 @@ fn foldable(g: &Graph, bound: impl Fn(&str) -> bool) -> Vec<(NodeId, BTreeSet<No
         .into_iter()
         .filter(|n| {
             let op = &g.node(*n).op;
-            let computes = !op.is_leaf() && !is_view(op) && sources.contains_key(n);
+            let computes = !op.is_leaf() && !is_view(op) && sources.contains_key(n) && g.ty(*n).is_static();
             let read_outside = outputs.contains(n)
                 || g.users(*n).iter().any(|u| !sources.contains_key(u) || is_view(&g.node(*u).op));
             let source_elems: usize = sources.get(n).map_or(0, |s| s.iter().map(|l| g.ty(*l).numel()).sum());
@@ -224,6 +225,34 @@ mod tests {
         assert_eq!(folded.params[0].0, "folded.mul(wq,wk)#0");
         assert_eq!(ops(&g), ["input", "matmul", "param"]);
         assert_eq!(run(&g, &p, &[("x", &[3, 4])]), before);
+    }
+
+    /// A value sized at run time (an LSTM's zero state `[batch, 4]`) is neither folded nor a
+    /// leaf of a fold: a parameter has one size. A static one beside it still folds.
+    #[test]
+    fn values_sized_at_run_time_are_not_folded() {
+        use crate::dtype::Dim;
+        let mut g = Graph::new("state");
+        g.symbols = vec![crate::SymbolDecl { name: "batch".into(), min: 1, max: 8, hint: 2, multiple_of: 1 }];
+        let batch = Dim::Sym(crate::SizeExpr::symbol(0, "batch"));
+        let x = g
+            .add(
+                Op::Input { name: "x".into(), dtype: DType::F32, shape: vec![batch.clone(), Dim::Const(4)] },
+                &[],
+            )
+            .unwrap();
+        let zeros = Op::Full { dtype: DType::F32, shape: vec![batch, Dim::Const(4)], value: 0.0 };
+        let h = g.add(zeros, &[]).unwrap();
+        let w = param(&mut g, "w", &[4, 4]);
+        let hw = g.add(Op::MatMul, &[h, w]).unwrap();
+        let w2 = g.add(Op::Binary(BinaryOp::Mul), &[w, w]).unwrap();
+        let xw = g.add(Op::MatMul, &[x, w2]).unwrap();
+        let y = g.add(Op::Binary(BinaryOp::Add), &[hw, xw]).unwrap();
+        g.add_output("y", y);
+        let mut p = params(&[("w", &[4, 4])]);
+        let folded = fold_weights(&mut g, &mut p).unwrap();
+        assert_eq!(folded.params, [("folded.mul(w)#0".to_string(), "mul".to_string())]);
+        assert_eq!(ops(&g), ["add", "full", "input", "matmul", "matmul", "param", "param"]);
     }
 
     #[test]
