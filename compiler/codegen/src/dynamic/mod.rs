@@ -223,7 +223,7 @@ pub(crate) fn kernel(
                 .and_then(|v| pinned(s, &k.output, &v, &all))
                 .ok_or_else(|| not_rows("the result"))?;
             let made = kernels::data::emit_gather(sym, 0, &table, &iv, &ov)?;
-            return finish(k, made, &all);
+            return finish(s, k, made, &all);
         }
         Op::MatMul => return matmul::emit(s, sym, k, None, Activation::None),
         Op::MatMulEpilogue { bias, activation } => {
@@ -265,12 +265,17 @@ pub(crate) fn kernel(
         | Op::Slice { .. }
         | Op::Gelu { .. } => return Err(bad(&format!("`{}` scheduled as a kernel of its own", op.name()))),
     };
-    finish(k, made, &rows)
+    finish(s, k, made, &rows)
 }
 
 /// The kernel and its range over the symbols: the emitted range at the maxima is the rows'
 /// maximum times what one row takes, so the run's range is `rows.count` times that.
-fn finish(k: &kiln_sched::Kernel, made: Kernel, rows: &Rows) -> Result<(Kernel, Dim), CodegenError> {
+fn finish(
+    s: &Schedule,
+    k: &kiln_sched::Kernel,
+    made: Kernel,
+    rows: &Rows,
+) -> Result<(Kernel, Dim), CodegenError> {
     if rows.max == 0 || !made.range.is_multiple_of(rows.max) {
         return Err(refuse(
             k,
@@ -279,6 +284,10 @@ fn finish(k: &kiln_sched::Kernel, made: Kernel, rows: &Rows) -> Result<(Kernel, 
     }
     let per_row = made.range / rows.max;
     let range = rows.count.mul(&Dim::Const(per_row)).map_err(|e| bad(&e.to_string()))?;
+    // The emitter costed the rows' maximum; the manifest's costs are at the hints.
+    let (hint, _) = at_hints_and_maxima(s, &rows.count);
+    let at_hint = |x: u64| (x as u128 * hint as u128 / rows.max as u128) as u64;
+    let made = Kernel { flops: at_hint(made.flops), bytes: at_hint(made.bytes), ..made };
     Ok((made, range))
 }
 
