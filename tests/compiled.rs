@@ -413,6 +413,76 @@ fn dynamic_bert_and_gpt2_compile_once_and_match_the_interpreter_at_every_size() 
     }
 }
 
+/// The other shipped models with a batch (and a sequence length), made dynamic by `--set
+/// NAME=Dyn(…)` and compiled once for the CPU, match the interpreter at 1, sizes in between and
+/// the maxima; the one whose convolutions need static extents is refused by name.
+#[test]
+fn shipped_models_made_dynamic_by_set_match_the_interpreter_at_every_size() {
+    let cases: [(&str, Vec<&str>, Vec<Vec<i64>>); 3] = [
+        ("mlp.ron", vec!["batch=Dyn(min: 1, max: 64, hint: 8)"], vec![vec![1], vec![13], vec![64]]),
+        ("lstm.ron", vec!["batch=Dyn(min: 1, max: 8, hint: 4)", "steps=5"], vec![vec![1], vec![3], vec![8]]),
+        (
+            "seed_transformer.ron",
+            vec![
+                "batch=Dyn(min: 1, max: 4, hint: 2)",
+                "seq=Dyn(min: 1, max: 64, hint: 32)",
+                "layers=1",
+                "d_model=32",
+                "heads=2",
+                "d_ff=64",
+                "input_dim=50",
+            ],
+            vec![vec![1, 1], vec![2, 32], vec![3, 17], vec![4, 64]],
+        ),
+    ];
+    for (model, sets, bindings) in cases {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(model);
+        let ov: Vec<kiln_lower::Override> =
+            sets.iter().map(|s| kiln_lower::Override::parse(s).unwrap()).collect();
+        let (sources, l) = kiln_lower::load(&path, &ov);
+        let g = match l {
+            Ok(l) => optimized(&l.graph),
+            Err(d) => panic!("{}", d.render(&sources)),
+        };
+        assert_eq!(g.symbols.len(), bindings[0].len(), "{model} is symbolic");
+        let params = kiln_ir::bind_params(&g, None, 0, false).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        build_for(Device::Cpu, &g, &params, dir.path());
+        for values in bindings {
+            let inputs = kiln_ir::seeded_inputs(&g.specialize(&values).unwrap(), values[0] as u64);
+            let want =
+                kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() })
+                    .unwrap_or_else(|e| panic!("{model} at {values:?}: {e}"));
+            let got = run_artifact(dir.path(), &inputs, model);
+            for ((name, w), gv) in want.iter().zip(&got) {
+                let wv = w.to_f64_vec();
+                assert_eq!(wv.len(), gv.len(), "{model} at {values:?}: `{name}` length");
+                for (i, (a, b)) in wv.iter().zip(gv).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+                        "{model} at {values:?}: `{name}`[{i}]: interpreter {a}, compiled {b}"
+                    );
+                }
+            }
+        }
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/resnet_block.ron");
+    let ov = [kiln_lower::Override::parse("batch=Dyn(min: 1, max: 4, hint: 2)").unwrap()];
+    let (_, l) = kiln_lower::load(&path, &ov);
+    let g = optimized(&l.unwrap().graph);
+    let params = kiln_ir::bind_params(&g, None, 0, false).unwrap();
+    let s = kiln_sched::schedule(&g).expect("schedules");
+    let dir = tempfile::tempdir().unwrap();
+    let built =
+        kiln_codegen::build_artifact(&g.name, &s, &params, &kiln_codegen::CpuTarget::host(), dir.path());
+    let Err(err) = built.map(|_| ()) else { panic!("convolutions over a dynamic batch compiled") };
+    let err = err.to_string();
+    assert!(
+        err.starts_with("cannot compile `conv2d` with run-time sizes for the CPU: its windows over [batch, "),
+        "{err}"
+    );
+}
+
 #[test]
 fn shipped_models_run_on_vulkan_like_the_interpreter() {
     if available(Device::Vulkan, "shipped models") {

@@ -242,6 +242,20 @@ pub(crate) fn kernel(
         Op::Reduce { .. } => {
             return Err(refuse(k, format!("its reduced axes of {shape_text} are walked with static extents")))
         }
+        // Joined or padded along static axes after the symbolic ones: row form, the axis
+        // counted from the one leading axis of rows.
+        Op::Concat { axis } if *axis >= p => {
+            let out = out_row?;
+            let inputs: Vec<View> =
+                k.inputs.iter().map(|o| row(o, "an operand")).collect::<Result<_, _>>()?;
+            kernels::data::emit_concat(sym, axis + 1 - p, &inputs, &out)?
+        }
+        Op::Pad { pads, value } if pads.iter().take(p).all(|&(a, b)| (a, b) == (0, 0)) => {
+            let out = out_row?;
+            let mut row_pads = vec![(0, 0)];
+            row_pads.extend(pads.iter().skip(p).copied());
+            kernels::data::emit_pad(sym, &row_pads, *value, &row(arg(0)?, "the operand")?, &out)?
+        }
         Op::Concat { .. } | Op::Pad { .. } | Op::ScatterAdd { .. } => {
             return Err(refuse(k, format!("its index arithmetic over {shape_text} uses static extents")))
         }
