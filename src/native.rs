@@ -211,6 +211,8 @@ pub(crate) fn refuse_empty_tensors(g: &Graph) -> Result<(), Failure> {
 pub(crate) struct BuildReport {
     manifest: kiln_runtime::Manifest,
     plans: Vec<(String, String)>,
+    /// With dynamic sizes, the arena the same plan takes at their hints.
+    arena_at_hints: Option<usize>,
     emit: std::time::Duration,
     compile: std::time::Duration,
     write: std::time::Duration,
@@ -223,7 +225,7 @@ impl BuildReport {
         compile: std::time::Duration,
         write: std::time::Duration,
     ) -> BuildReport {
-        BuildReport { manifest, plans: Vec::new(), emit, compile, write }
+        BuildReport { manifest, plans: Vec::new(), arena_at_hints: None, emit, compile, write }
     }
 }
 
@@ -268,7 +270,9 @@ fn build(
             let refs: Vec<(&str, &kiln_sched::Schedule)> = schedules.iter().map(|(n, s)| (*n, s)).collect();
             let b = kiln_codegen::build_entries(&g.name, &refs, params, cpu, out)
                 .map_err(|e| user(e.to_string()))?;
-            Ok(BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time))
+            let mut report = BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time);
+            report.arena_at_hints = schedules.iter().filter_map(|(_, s)| s.arena_bytes_at_hints).max();
+            Ok(report)
         }
         CompileTarget::Vulkan(caps) => {
             let schedules = schedule_entries(entries, caps.buffer_align)?;
@@ -381,7 +385,11 @@ pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
         [] => String::new(),
         syms => {
             let maxima: Vec<String> = syms.iter().map(|s| format!("{} = {}", s.name, s.max)).collect();
-            format!(" (at {})", maxima.join(", "))
+            let hints = match built.arena_at_hints {
+                Some(b) => format!("; {} at the hints", bytes(b as u64)),
+                None => String::new(),
+            };
+            format!(" (at {}{hints})", maxima.join(", "))
         }
     };
     println!(

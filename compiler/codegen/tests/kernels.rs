@@ -296,6 +296,47 @@ mod symbolic {
         compiled_matches_interpreter(&g, 1e-4);
     }
 
+    /// Reductions over static trailing axes with run-time rows: a sum over the last axis, a
+    /// mean keeping it as 1, a max over the last two.
+    #[test]
+    fn reductions_over_static_trailing_axes_compile_once_for_every_binding() {
+        let (mut g, b, s) = graph("dyn_reduce");
+        let x = input(&mut g, "x", DType::F32, vec![b.clone(), s.clone(), Dim::Const(16)]);
+        let sum =
+            g.add(Op::Reduce { op: kiln_ir::ReduceOp::Sum, axes: vec![2], keepdims: false }, &[x]).unwrap();
+        g.add_output("sum", sum);
+        let mean =
+            g.add(Op::Reduce { op: kiln_ir::ReduceOp::Mean, axes: vec![2], keepdims: true }, &[x]).unwrap();
+        g.add_output("mean", mean);
+        let y = input(&mut g, "y", DType::F32, vec![b, s, Dim::Const(3), Dim::Const(5)]);
+        let max = g
+            .add(Op::Reduce { op: kiln_ir::ReduceOp::Max, axes: vec![2, 3], keepdims: false }, &[y])
+            .unwrap();
+        g.add_output("max", max);
+        compiled_matches_interpreter(&g, 1e-5);
+    }
+
+    /// A mean over the sequence (pooling) reduces a symbolic axis: refused by name.
+    #[test]
+    fn a_mean_over_a_run_time_axis_is_refused_by_name() {
+        let (mut g, b, s) = graph("dyn_pool");
+        let x = input(&mut g, "x", DType::F32, vec![b, s, Dim::Const(8)]);
+        let y =
+            g.add(Op::Reduce { op: kiln_ir::ReduceOp::Mean, axes: vec![1], keepdims: false }, &[x]).unwrap();
+        g.add_output("y", y);
+        let params = kiln_ir::bind_params(&g, None, 7, false).unwrap();
+        let s = kiln_sched::schedule(&g).expect("schedules");
+        let dir = temp_dir("refused_pool");
+        let err = kiln_codegen::build_artifact(&g.name, &s, &params, &kiln_codegen::CpuTarget::host(), &dir)
+            .err()
+            .expect("refused");
+        assert_eq!(
+            err.to_string(),
+            "cannot compile `reduce_mean` with run-time sizes for the CPU: a reduction over axes [1] of \
+             [batch, seq, 8]: only over static trailing axes, with run-time rows (specialize the sizes with --set)"
+        );
+    }
+
     /// `concat` along a static axis after the symbolic ones runs on the row form, at every size.
     #[test]
     fn a_concat_along_a_static_axis_joins_rows_of_run_time_count() {

@@ -64,9 +64,11 @@ pub fn schedule_with_state(g: &Graph, align: usize, layout: &[StateSlot]) -> Res
     // The arena holds the state's slots, then the scratch buffers, then the fault words.
     let base = state::state_bytes(layout, align);
     let (arena_bytes, arena_bytes_unshared) = memory::plan(&mut p.buffers, &p.kernels, align, base);
+    let arena_at_hints = arena_at_hints(g, &p, align, base);
     let sites = faults::renumber(&mut p.kernels, p.fault_sites);
     let (faults, slot_bytes) = faults::reserve(&mut p.buffers, p.kernels.len(), sites, arena_bytes, align);
     let (arena_bytes, arena_bytes_unshared) = (arena_bytes + slot_bytes, arena_bytes_unshared + slot_bytes);
+    let arena_bytes_at_hints = arena_at_hints.map(|b| b + slot_bytes);
     let io = |n: &kiln_ir::NodeId| {
         let t = g.ty(*n);
         (t.dtype, t.shape.clone())
@@ -97,6 +99,7 @@ pub fn schedule_with_state(g: &Graph, align: usize, layout: &[StateSlot]) -> Res
         buffers: p.buffers,
         kernels: p.kernels,
         arena_bytes,
+        arena_bytes_at_hints,
         arena_align: align,
         index_bounds: g
             .inputs
@@ -118,4 +121,20 @@ fn require_static_state(g: &Graph) -> Result<(), SchedError> {
         Some(v) => Err(SchedError::SymbolicState { name: v.name.clone(), ty: v.ty.to_string() }),
         None => Ok(()),
     }
+}
+
+/// The arena the same kernels would need with every buffer at its size at the symbols' hints
+/// (planned again at those sizes; the schedule itself keeps the plan at the maxima). `None`
+/// for a static graph.
+fn arena_at_hints(g: &Graph, p: &partition::Partition, align: usize, base: usize) -> Option<usize> {
+    if g.symbols.is_empty() {
+        return None;
+    }
+    let hints: Vec<i64> = g.symbols.iter().map(|d| d.hint).collect();
+    let mut buffers = p.buffers.clone();
+    for (b, size) in buffers.iter_mut().zip(&p.sizes) {
+        b.len = size.eval(&hints)?.max(1);
+        b.live = None;
+    }
+    Some(memory::plan(&mut buffers, &p.kernels, align, base).0)
 }

@@ -37,6 +37,9 @@ enum Value {
 
 pub(crate) struct Partition {
     pub buffers: Vec<Buffer>,
+    /// Each buffer's element count as a size over the symbols (`buffers[i].len` is its value
+    /// at the maxima); shorter than `buffers` when buffers are added after partitioning.
+    pub sizes: Vec<Dim>,
     pub kernels: Vec<Kernel>,
     /// The fault sites the expressions name, in the order they were met.
     pub fault_sites: Vec<FaultSite>,
@@ -53,6 +56,8 @@ pub(crate) struct Builder<'g> {
     /// inlined update would be computed a second time to store it).
     updates: std::collections::HashSet<NodeId>,
     pub(crate) buffers: Vec<Buffer>,
+    /// [`Partition::sizes`].
+    sizes: Vec<Dim>,
     pub(crate) kernels: Vec<Kernel>,
     /// The state's slots, and the buffers that read a slot's old value (slot, buffer).
     pub(crate) layout: &'g [StateSlot],
@@ -73,6 +78,7 @@ pub(crate) fn partition<'g>(g: &'g Graph, layout: &'g [StateSlot]) -> Result<Par
         outputs: HashMap::new(),
         updates: g.state.iter().filter_map(|v| v.update).collect(),
         buffers: Vec::new(),
+        sizes: Vec::new(),
         kernels: Vec::new(),
         layout,
         state_reads: Vec::new(),
@@ -87,13 +93,23 @@ pub(crate) fn partition<'g>(g: &'g Graph, layout: &'g [StateSlot]) -> Result<Par
     }
     b.finish_outputs()?;
     crate::state::place_updates(&mut b)?;
-    Ok(Partition { buffers: b.buffers, kernels: b.kernels, fault_sites: b.fault_sites })
+    Ok(Partition { buffers: b.buffers, sizes: b.sizes, kernels: b.kernels, fault_sites: b.fault_sites })
 }
 
 impl Builder<'_> {
     pub(crate) fn add_buffer(&mut self, storage: Storage, dtype: DType, len: usize) -> BufferId {
         self.buffers.push(Buffer { storage, dtype, len: len.max(1), live: None });
+        self.sizes.resize(self.buffers.len() - 1, Dim::Const(1));
+        self.sizes.push(Dim::Const(len.max(1)));
         self.buffers.len() - 1
+    }
+
+    /// A buffer of `shape`'s elements: `len` at the symbols' maxima, its size kept.
+    fn add_shaped(&mut self, storage: Storage, dtype: DType, shape: &[Dim]) -> Result<BufferId, SchedError> {
+        let len = self.max_len(shape)?;
+        let id = self.add_buffer(storage, dtype, len);
+        self.sizes[id] = crate::view::product(shape).map_err(size_error)?;
+        Ok(id)
     }
 
     /// The symbols' maxima: the values at which views over symbols are grouped for a reshape
@@ -116,11 +132,10 @@ impl Builder<'_> {
     /// output (its first listing), else arena scratch.
     fn result_buffer(&mut self, n: NodeId, shape: &[Dim]) -> Result<BufferId, SchedError> {
         let dtype = self.g.ty(n).dtype;
-        let len = self.max_len(shape)?;
-        Ok(match self.outputs.get_mut(&n).and_then(|list| (!list.is_empty()).then(|| list.remove(0))) {
-            Some(index) => self.add_buffer(Storage::Output { index }, dtype, len),
-            None => self.add_buffer(Storage::Arena { offset: 0 }, dtype, len),
-        })
+        match self.outputs.get_mut(&n).and_then(|list| (!list.is_empty()).then(|| list.remove(0))) {
+            Some(index) => self.add_shaped(Storage::Output { index }, dtype, shape),
+            None => self.add_shaped(Storage::Arena { offset: 0 }, dtype, shape),
+        }
     }
 
     fn stored(&self, n: NodeId) -> Option<&Operand> {
@@ -174,8 +189,7 @@ impl Builder<'_> {
                 let index = self.g.inputs.iter().position(|&i| i == n).ok_or_else(|| {
                     SchedError::Invalid(format!("input node {} is not listed as a graph input", n.index()))
                 })?;
-                let len = self.max_len(&ty.shape)?;
-                let buffer = self.add_buffer(Storage::Input { index }, ty.dtype, len);
+                let buffer = self.add_shaped(Storage::Input { index }, ty.dtype, &ty.shape)?;
                 Value::Stored(Operand { buffer, view: contiguous(&ty.shape)?, dtype: ty.dtype })
             }
             Op::Param { name, .. } => {
@@ -456,8 +470,7 @@ impl Builder<'_> {
     /// stands for `nodes`.
     pub(crate) fn copy_to_arena(&mut self, src: &Operand, nodes: Vec<NodeId>) -> Result<Operand, SchedError> {
         let shape = src.view.shape.clone();
-        let len = self.max_len(&shape)?;
-        let buffer = self.add_buffer(Storage::Arena { offset: 0 }, src.dtype, len);
+        let buffer = self.add_shaped(Storage::Arena { offset: 0 }, src.dtype, &shape)?;
         let output = Operand { buffer, view: contiguous(&shape)?, dtype: src.dtype };
         self.kernels.push(Kernel {
             op: KernelOp::Elementwise(Expr::Operand(0)),
@@ -529,8 +542,7 @@ impl Builder<'_> {
                 continue;
             }
             let shape = self.g.ty(n).shape.clone();
-            let len = self.max_len(&shape)?;
-            let buffer = self.add_buffer(Storage::Output { index }, src.dtype, len);
+            let buffer = self.add_shaped(Storage::Output { index }, src.dtype, &shape)?;
             let output = Operand { buffer, view: contiguous(&shape)?, dtype: src.dtype };
             self.kernels.push(Kernel {
                 op: KernelOp::Elementwise(Expr::Operand(0)),

@@ -203,6 +203,10 @@ pub struct Schedule {
     /// Bytes of scratch memory all arena buffers need at once, after reuse (at the symbols'
     /// maxima: the plan is one for every run).
     pub arena_bytes: usize,
+    /// For a graph with symbols, the arena the same plan would take with every buffer at its
+    /// size at the hints (what a typical run touches); `None` for a static graph.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arena_bytes_at_hints: Option<usize>,
     /// Bytes the arena buffers would need without reuse.
     pub arena_bytes_unshared: usize,
     /// Every arena offset is a multiple of this (a power of two).

@@ -33,9 +33,14 @@ fn operand(s: &Schedule, o: &Operand) -> String {
 /// The schedule as text: one line per kernel, then the arena summary.
 pub fn to_text(s: &Schedule) -> String {
     let mut out = String::new();
+    // With symbols, the arena is planned at their maxima; the hints' arena follows.
+    let at_hints = match s.arena_bytes_at_hints {
+        Some(b) => format!(" at the maxima, {b} bytes at the hints"),
+        None => String::new(),
+    };
     let _ = writeln!(
         out,
-        "# {} kernels, arena {} bytes ({} without reuse), {} buffers",
+        "# {} kernels, arena {} bytes{at_hints} ({} without reuse), {} buffers",
         s.kernels.len(),
         s.arena_bytes,
         s.arena_bytes_unshared,

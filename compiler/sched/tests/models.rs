@@ -174,6 +174,13 @@ fn dynamic_bert_and_gpt2_schedule_with_one_plan_at_the_maxima() {
         let lens = |s: &Schedule| s.buffers.iter().map(|b| b.len).collect::<Vec<_>>();
         assert_eq!(lens(&s), lens(&at_max), "{model}: every buffer holds its size at the maxima");
         assert_eq!(s.arena_bytes, at_max.arena_bytes, "{model}: the arena is planned at the maxima");
+        assert_eq!(s.arena_bytes_at_hints, Some(at_hint.arena_bytes), "{model}: the arena at the hints");
+        assert!(kiln_sched::print::to_text(&s).starts_with(&format!(
+            "# {} kernels, arena {} bytes at the maxima, {} bytes at the hints",
+            s.kernels.len(),
+            s.arena_bytes,
+            at_hint.arena_bytes
+        )));
         let symbolic: Vec<String> = s
             .kernels
             .iter()

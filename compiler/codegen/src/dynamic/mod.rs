@@ -15,8 +15,9 @@
 //!
 //! Matrix products with a run-time row count and attention with run-time query and key
 //! lengths have emitters of their own ([`matmul`], [`attention`]) that read sizes from `%syms`
-//! like the elementwise loops. A kernel that needs a symbolic extent anywhere else (a row
-//! length, a reduction's axes) is refused by name ([`CodegenError::Symbolic`]).
+//! like the elementwise loops, and so do norms whose operands the row form cannot merge
+//! ([`norm`]). A kernel that needs a symbolic extent anywhere else (a row length, a reduced
+//! symbolic axis) is refused by name ([`CodegenError::Symbolic`]).
 
 mod attention;
 mod matmul;
@@ -239,8 +240,34 @@ pub(crate) fn kernel(
             return attention::emit(s, sym, k, *scale, *causal, mask, false);
         }
         // Ops whose emitters read symbolic extents inside the kernel, or that never see them.
-        Op::Reduce { .. } => {
-            return Err(refuse(k, format!("its reduced axes of {shape_text} are walked with static extents")))
+        Op::Reduce { op: how, axes, .. } => {
+            // Over static trailing axes: every kept axis merges into the rows.
+            let x = arg(0)?;
+            let rank = x.view.shape.len();
+            let q = rank.saturating_sub(axes.len());
+            let trailing = q > 0
+                && axes.iter().all(|&a| a >= q && a < rank)
+                && (q..rank).all(|a| axes.contains(&a))
+                && symbolic_prefix(&x.view.shape) <= q;
+            if !trailing {
+                return Err(refuse(
+                    k,
+                    format!(
+                        "a reduction over axes {axes:?} of {}: only over static trailing axes, with run-time rows",
+                        kiln_ir::fmt_shape(&x.view.shape)
+                    ),
+                ));
+            }
+            let all = rows_of(s, &x.view.shape, q)?;
+            let xv = merge_leading(&x.view, q)
+                .and_then(|v| pinned(s, x, &v, &all))
+                .ok_or_else(|| not_rows("the operand"))?;
+            let ov = merge_leading(&k.output.view, q)
+                .and_then(|v| pinned(s, &k.output, &v, &all))
+                .ok_or_else(|| not_rows("the result"))?;
+            let reduced: Vec<usize> = (1..=axes.len()).collect();
+            let made = kernels::reduce::emit(sym, *how, &reduced, &xv, &ov, target)?;
+            return finish(s, k, made, &all);
         }
         // Joined or padded along static axes after the symbolic ones: row form, the axis
         // counted from the one leading axis of rows.
