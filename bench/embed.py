@@ -12,13 +12,10 @@ Two modes, each a loop over all 512 sentences that returns unit-length embedding
 
 Systems: PyTorch eager (transformers' BertModel, the loop sentence-transformers' `encode` runs),
 ONNX Runtime and OpenVINO on one ONNX export with dynamic batch and sequence axes, the same loop;
-Kiln through `examples/sentence_embeddings.rs` (its `embed` path: one compiled artifact for every
-batch and length, token-sorted batches padded to a multiple of 8, a sentence alone unpadded;
-compile and load are outside the timed loop and reported apart). Two more Kiln runs measure the
-cost of sizes set at run time against artifacts compiled per shape, at the same shapes (lengths
-rounded up to a multiple of 8 in both): `kiln-static` (`--per-shape`, one artifact per (batch,
-padded length)) and, online, `kiln-same` (the one artifact at those rounded lengths); offline
-`kiln` itself runs those shapes. Every loop
+Kiln through `examples/sentence_embeddings.rs` (its `embed` path: token-sorted batches padded to
+a multiple of 8, one compiled artifact per (batch, padded length); compile and load are outside
+the timed loop and reported apart), and the same plan through the one artifact compiled for
+every size (`--dynamic`, `kiln-dynamic`): the cost of sizes set at run time at the same shapes. Every loop
 includes tokenization (the same tokenizer.json through the `tokenizers` library everywhere,
 TOKENIZERS_PARALLELISM=false) and pooling. All run on THREADS threads, each system in its own
 process; every system's embeddings are checked against PyTorch's, one sentence at a time and
@@ -51,12 +48,11 @@ CORPUS = Path(__file__).resolve().with_name("embed_corpus.txt")
 MAX_TOKENS = 256
 MODES = {"online": 1, "offline": 32}
 PEERS = ["torch", "onnxruntime", "openvino"]
-# The Kiln runs of each mode: as users run it, then the same shapes through per-shape artifacts
-# (and online, through the one artifact at those shapes).
-KILNS = {"online": ["kiln", "kiln-same", "kiln-static"], "offline": ["kiln", "kiln-static"]}
-SYSTEMS = PEERS + ["kiln", "kiln-same", "kiln-static"]
+# Kiln with an artifact per shape, and the same plan through one artifact for every size.
+KILNS = ["kiln", "kiln-dynamic"]
+SYSTEMS = PEERS + KILNS
 NAMES = {"torch": "PyTorch eager", "onnxruntime": "ONNX Runtime", "openvino": "OpenVINO", "kiln": "**Kiln**",
-         "kiln-same": "Kiln, lengths rounded up to 8", "kiln-static": "Kiln, an artifact per shape"}
+         "kiln-dynamic": "Kiln, one artifact for every size"}
 MIN_COSINE = 0.9999
 REPEATS = int(os.environ.get("BENCH_EMBED_REPEATS", "3"))
 ROUNDS = int(os.environ.get("BENCH_EMBED_ROUNDS", "2"))
@@ -285,19 +281,16 @@ def kiln_bin():
 
 def kiln(system, mode):
     """examples/sentence_embeddings.rs's `embed`: its first pass compiles (or loads from the
-    cache) what the plan needs; the REPEATS loops after it are timed by the example. `kiln` runs
-    one artifact for every size (online: each sentence at its exact length); `kiln-same` and
-    `kiln-static` round lengths up to a multiple of 8, through that one artifact or through one
-    artifact per shape (137 exact lengths would be as many artifacts; rounded, 26)."""
+    cache) what the plan needs; the REPEATS loops after it are timed by the example. Lengths are
+    rounded up to a multiple of 8 at batch 1 too (an artifact per exact length would be 137 of
+    them here; rounded, 26); `kiln-dynamic` runs the same plan through one artifact."""
     import numpy as np
 
     batch = MODES[mode]
-    cmd = [kiln_bin(), "--json", "--seq", str(MAX_TOKENS), "--batch", str(batch),
+    cmd = [kiln_bin(), "--json", "--seq", str(MAX_TOKENS), "--batch", str(batch), "--multiple-of", "8",
            "--threads", str(THREADS), "--repeats", str(REPEATS)]
-    if system != "kiln" or batch > 1:
-        cmd += ["--multiple-of", "8"]
-    if system == "kiln-static":
-        cmd += ["--per-shape"]
+    if system == "kiln-dynamic":
+        cmd += ["--dynamic"]
     t = time.perf_counter()
     with Contention(children=True) as c:
         p = subprocess.run(cmd, input=CORPUS.read_text(), capture_output=True, text=True)
@@ -372,7 +365,7 @@ def main():
     res["prepare"] = prep
     if prep["status"] == "ok":
         for mode in MODES:
-            systems = PEERS + KILNS[mode]
+            systems = SYSTEMS
             runs = {s: [] for s in systems}
             for rnd in range(ROUNDS):
                 for system in systems if rnd % 2 == 0 else systems[::-1]:
@@ -431,7 +424,7 @@ def section(res):
                   "| system | median s | min s | sentences/s | vs best peer | medians per round | tokens run "
                   "(padding included) | set-up | 1 − min cosine | others' CPU |",
                   "|---|---:|---:|---:|---:|---|---:|---|---:|---:|"]
-        for s in PEERS + KILNS[mode]:
+        for s in SYSTEMS:
             r = kept.get(s, {})
             t = r.get("timing")
             if r.get("status") != "ok" or not t:
@@ -446,10 +439,9 @@ def section(res):
             )
         lines.append("")
         # Sizes set at run time against artifacts compiled per shape, at the same shapes.
-        same = kept.get("kiln-same" if mode == "online" else "kiln", {})
-        static = kept.get("kiln-static", {})
-        if same.get("status") == "ok" and static.get("status") == "ok":
-            ratio = same["timing"]["median_s"] / static["timing"]["median_s"]
+        dynamic, static = kept.get("kiln-dynamic", {}), kept.get("kiln", {})
+        if dynamic.get("status") == "ok" and static.get("status") == "ok":
+            ratio = dynamic["timing"]["median_s"] / static["timing"]["median_s"]
             lines += [f"One artifact for every size ÷ one artifact per shape, at the same shapes: **{ratio:.3f}×** "
                       f"(goal ≤ 1.03×).", ""]
     lines.append(END)

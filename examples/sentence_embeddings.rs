@@ -26,17 +26,21 @@
 //! `--padded` runs the fixed-shape path instead: every sentence padded to `--seq`, one batch.
 //! Both give the same embeddings to 1e-5 (`tests/minilm.rs`): mean pooling ignores padding.
 //!
-//! One compiled artifact serves every batch: `models/bert_encoder.ron` lowered with `batch` and
+//! Each distinct (batch, padded length) is its own compiled artifact: `models/bert_encoder.ron`
+//! lowered with `--set batch=B --set seq=L`, optimized, compiled for this machine with the
+//! checkpoint's weights bound by their names (`kiln_ir::bind_params_with_warnings`), and cached
+//! next to the weights in `artifact/bB-sL/`, reused while the spec, the weights' digest, the
+//! shape and this program stay the same (at most [`CACHE_SLOTS`] artifacts are kept, the least
+//! recently used dropped first). Rounding lengths up to a multiple of 8 keeps the number of
+//! shapes, and so of compilations, small; the first embedding of a new shape pays its compile.
+//!
+//! `--dynamic` compiles one artifact for every batch instead: the spec lowered with `batch` and
 //! `seq` made dynamic sizes (`--set 'batch=Dyn(min: 1, max: B, hint: B)' --set 'seq=Dyn(min: 1,
-//! max: S, hint: …)'`, B the most sentences per batch, S the most tokens per sentence),
-//! optimized, compiled for this machine with the checkpoint's weights bound by their names
-//! (`kiln_ir::bind_params_with_warnings`), and cached next to the weights in `artifact/dB-sS/`,
-//! reused while the spec, the weights' digest, the bounds and this program stay the same (at
-//! most [`CACHE_SLOTS`] artifacts are kept, the least recently used dropped first). A batch
-//! past the bounds (`--padded` with more sentences than `--batch`) compiles one with wider
-//! bounds. `--per-shape` compiles each distinct (batch, padded length) as an artifact of its
-//! own instead (`--set batch=B --set seq=L`, cached in `artifact/bB-sL/`): the static
-//! artifacts the dynamic one is measured against.
+//! max: S, hint: …)'`, B the most sentences per batch, S the most tokens per sentence), cached
+//! in `artifact/dB-sS/`; a batch past the bounds (`--padded` with more sentences than
+//! `--batch`) compiles one with wider bounds. It runs every length with no compile, but its
+//! matrix products and attention are not yet the tiled kernels of the per-shape artifacts
+//! (`docs/dynamic-shapes.md`, step 6), so it is the slower of the two today.
 //!
 //! Output: a table of cosine similarities, or with `--json` `{"embeddings": [[…384…], …],
 //! "timing": {…}}` in input order. `--repeats N` embeds the sentences N more times once every
@@ -113,9 +117,10 @@ struct Args {
     /// Compile into temporary directories instead of reusing the cached artifacts.
     #[arg(long)]
     no_cache: bool,
-    /// Compile one artifact per (batch, padded length) instead of one for every size.
+    /// Compile one artifact for every batch and length instead of one per (batch, padded
+    /// length).
     #[arg(long)]
-    per_shape: bool,
+    dynamic: bool,
 }
 
 fn main() -> ExitCode {
@@ -132,7 +137,7 @@ fn run(args: &Args) -> Result<(), String> {
     let seq = args.seq as usize;
     let cache = cache_dir()?;
     let sentences = sentences(args)?;
-    let sizes = if args.per_shape { Sizes::PerShape } else { Sizes::Dynamic };
+    let sizes = if args.dynamic { Sizes::Dynamic } else { Sizes::PerShape };
     let mut encoder = Encoder::new(&cache, !args.no_cache, args.threads.map(|t| t as usize), sizes)?;
     let how = if args.padded {
         How::Padded { seq }
