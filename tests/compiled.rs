@@ -418,7 +418,9 @@ fn dynamic_bert_and_gpt2_compile_once_and_match_the_interpreter_at_every_size() 
 /// the maxima; the one whose convolutions need static extents is refused by name.
 #[test]
 fn shipped_models_made_dynamic_by_set_match_the_interpreter_at_every_size() {
-    let cases: [(&str, Vec<&str>, Vec<Vec<i64>>); 3] = [
+    // (model, its `--set`s, the symbol values to run at)
+    type Case = (&'static str, Vec<&'static str>, Vec<Vec<i64>>);
+    let cases: [Case; 3] = [
         ("mlp.ron", vec!["batch=Dyn(min: 1, max: 64, hint: 8)"], vec![vec![1], vec![13], vec![64]]),
         ("lstm.ron", vec!["batch=Dyn(min: 1, max: 8, hint: 4)", "steps=5"], vec![vec![1], vec![3], vec![8]]),
         (
