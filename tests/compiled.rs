@@ -390,24 +390,31 @@ fn dynamic_bert_and_gpt2_compile_once_and_match_the_interpreter_at_every_size() 
             Err(d) => panic!("{}", d.render(&sources)),
         };
         assert_eq!(g.symbols.len(), 2, "{model} is symbolic");
-        let params = kiln_ir::bind_params(&g, None, 0, false).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        build_for(Device::Cpu, &g, &params, dir.path());
-        for values in bindings {
-            let inputs = kiln_ir::seeded_inputs(&g.specialize(&values).unwrap(), values[1] as u64);
-            let want =
-                kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() })
-                    .unwrap_or_else(|e| panic!("{model} at {values:?}: {e}"));
-            let got = run_artifact(dir.path(), &inputs, model);
-            for ((name, w), gv) in want.iter().zip(&got) {
-                let wv = w.to_f64_vec();
-                assert_eq!(wv.len(), gv.len(), "{model} at {values:?}: `{name}` length");
-                for (i, (a, b)) in wv.iter().zip(gv).enumerate() {
-                    assert!(
-                        (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
-                        "{model} at {values:?}: `{name}`[{i}]: interpreter {a}, compiled {b}"
-                    );
-                }
+        compiles_once_like_the_interpreter(&g, model, &bindings);
+    }
+}
+
+/// Compiles symbolic graph `g` once for the CPU and runs it at each binding of `bindings`
+/// against the interpreter on the same seeded inputs, within 1e-4·(1 + |ref|).
+fn compiles_once_like_the_interpreter(g: &Graph, model: &str, bindings: &[impl AsRef<[i64]>]) {
+    let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    build_for(Device::Cpu, g, &params, dir.path());
+    for values in bindings {
+        let values = values.as_ref();
+        let seed = values.iter().map(|&v| v as u64).sum();
+        let inputs = kiln_ir::seeded_inputs(&g.specialize(values).unwrap(), seed);
+        let want = kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() })
+            .unwrap_or_else(|e| panic!("{model} at {values:?}: {e}"));
+        let got = run_artifact(dir.path(), &inputs, model);
+        for ((name, w), gv) in want.iter().zip(&got) {
+            let wv = w.to_f64_vec();
+            assert_eq!(wv.len(), gv.len(), "{model} at {values:?}: `{name}` length");
+            for (i, (a, b)) in wv.iter().zip(gv).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+                    "{model} at {values:?}: `{name}`[{i}]: interpreter {a}, compiled {b}"
+                );
             }
         }
     }
@@ -447,26 +454,7 @@ fn shipped_models_made_dynamic_by_set_match_the_interpreter_at_every_size() {
             Err(d) => panic!("{}", d.render(&sources)),
         };
         assert_eq!(g.symbols.len(), bindings[0].len(), "{model} is symbolic");
-        let params = kiln_ir::bind_params(&g, None, 0, false).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        build_for(Device::Cpu, &g, &params, dir.path());
-        for values in bindings {
-            let inputs = kiln_ir::seeded_inputs(&g.specialize(&values).unwrap(), values[0] as u64);
-            let want =
-                kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() })
-                    .unwrap_or_else(|e| panic!("{model} at {values:?}: {e}"));
-            let got = run_artifact(dir.path(), &inputs, model);
-            for ((name, w), gv) in want.iter().zip(&got) {
-                let wv = w.to_f64_vec();
-                assert_eq!(wv.len(), gv.len(), "{model} at {values:?}: `{name}` length");
-                for (i, (a, b)) in wv.iter().zip(gv).enumerate() {
-                    assert!(
-                        (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
-                        "{model} at {values:?}: `{name}`[{i}]: interpreter {a}, compiled {b}"
-                    );
-                }
-            }
-        }
+        compiles_once_like_the_interpreter(&g, model, &bindings);
     }
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/resnet_block.ron");
     let ov = [kiln_lower::Override::parse("batch=Dyn(min: 1, max: 4, hint: 2)").unwrap()];

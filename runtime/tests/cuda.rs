@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::cuda::*;
-use common::{x_data, N};
+use common::{run_sized, sized_expected, x_data, N};
 use kiln_runtime::{
     BufRef, DType, DeviceInfo, Dispatch, Model, ModuleRange, Options, RuntimeError, TensorRef, CUBIN_FILE,
     PTX_FILE,
@@ -518,21 +518,6 @@ const DEVICE_TESTS: [&str; 10] = [
 
 /// Set in the child process that runs the device tests on the fake driver.
 const FAKE_ENV: &str = "KILN_TEST_FAKE_CUDA";
-
-/// Runs the sized model at `rows` rows: y and the blocks its second step launched.
-fn run_sized(model: &mut Model, rows: usize) -> (Vec<f32>, i32) {
-    let x = &x_data()[..rows * 16];
-    let out = model.run(&[TensorRef::f32("x", &[rows as u64, 16], x)]).unwrap();
-    assert_eq!(out[0].shape(), &[rows as u64, 16][..]);
-    (out[0].as_f32().unwrap().to_vec(), out[1].as_i32().unwrap()[0])
-}
-
-/// y = x·w + rows over the first `rows` rows, and the grid `ceil(16·rows / 64)`.
-fn sized_expected(rows: usize) -> (Vec<f32>, i32) {
-    let (x, w) = (x_data(), common::w_data());
-    let y = (0..rows * 16).map(|i| x[i] * w[i] + rows as f32).collect();
-    (y, (16 * rows).div_ceil(64) as i32)
-}
 
 #[test]
 fn a_model_with_symbols_runs_at_each_size_with_the_grid_of_that_size() {

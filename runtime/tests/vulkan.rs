@@ -5,7 +5,7 @@
 mod common;
 
 use common::gpu::*;
-use common::{x_data, Toy, N};
+use common::{run_sized, sized_expected, x_data, Toy, N};
 use kiln_runtime::{
     BufRef, DType, DeviceInfo, Dispatch, Model, Options, RuntimeError, Tensor, TensorRef, SPIRV_FILE,
     WEIGHTS_FILE,
@@ -559,21 +559,6 @@ fn wrong_inputs_are_refused_before_the_device() {
     assert_eq!(run_chain(&mut model, &x, &r), chain_expected(&x, &r));
     let _: Vec<Tensor> =
         model.run(&[TensorRef::f32("x", &X_SHAPE, &x), TensorRef::f32("r", &R_SHAPE, &r)]).unwrap();
-}
-
-/// Runs the sized model at `rows` rows: y and the workgroups its second step launched.
-fn run_sized(model: &mut Model, rows: usize) -> (Vec<f32>, i32) {
-    let x = &x_data()[..rows * 16];
-    let out = model.run(&[TensorRef::f32("x", &[rows as u64, 16], x)]).unwrap();
-    assert_eq!(out[0].shape(), &[rows as u64, 16][..]);
-    (out[0].as_f32().unwrap().to_vec(), out[1].as_i32().unwrap()[0])
-}
-
-/// y = x·w + rows over the first `rows` rows, and the grid `ceil(16·rows / 64)`.
-fn sized_expected(rows: usize) -> (Vec<f32>, i32) {
-    let (x, w) = (x_data(), common::w_data());
-    let y = (0..rows * 16).map(|i| x[i] * w[i] + rows as f32).collect();
-    (y, (16 * rows).div_ceil(64) as i32)
 }
 
 #[test]

@@ -153,18 +153,9 @@ pub fn divide_artifact() -> CudaArtifact {
 /// arena (planned at 64 rows), y = t + rows, and g = the blocks the second step launched. Both
 /// steps read `rows` from the symbol words and launch `ceil(16·rows / 64)` blocks of 64.
 pub fn sized_artifact() -> CudaArtifact {
-    use kiln_runtime::{Dim, SizeFactor, SizeTerm, SymbolSpec};
+    use kiln_runtime::{Dim, SymbolSpec};
     let rows = super::rows_dim();
-    let blocks = Dim::Size(vec![SizeTerm {
-        coeff: 1,
-        factors: vec![SizeFactor::FloorDiv(
-            vec![
-                SizeTerm { coeff: 16, factors: vec![SizeFactor::Sym(0)] },
-                SizeTerm { coeff: 63, factors: vec![] },
-            ],
-            64,
-        )],
-    }]);
+    let blocks = super::sized_grid();
     let t = || BufRef::Arena { offset: T_OFFSET, bytes: PLANE };
     let sized_step = |symbol: &str, label: &str, args| Step {
         symbol: symbol.into(),

@@ -159,18 +159,9 @@ pub fn chain_manifest() -> Manifest {
 /// y = t + rows, and g = the workgroups the second step launched. Both steps read `rows` from
 /// the symbol words and launch `ceil(16·rows / 64)` workgroups of 64 (module `sized`).
 pub fn sized_manifest() -> Manifest {
-    use kiln_runtime::{Dim, SizeFactor, SizeTerm, SymbolSpec};
+    use kiln_runtime::{Dim, SymbolSpec};
     let rows = super::rows_dim();
-    let groups = Dim::Size(vec![SizeTerm {
-        coeff: 1,
-        factors: vec![SizeFactor::FloorDiv(
-            vec![
-                SizeTerm { coeff: 16, factors: vec![SizeFactor::Sym(0)] },
-                SizeTerm { coeff: 63, factors: vec![] },
-            ],
-            64,
-        )],
-    }]);
+    let groups = super::sized_grid();
     let dispatch =
         || Dispatch::Gpu { module: 0, grid: [groups.clone(), 1.into(), 1.into()], workgroup: [64, 1, 1] };
     let t = || BufRef::Arena { offset: 0, bytes: PLANE };

@@ -298,6 +298,38 @@ void kiln_k2(void **b, const int64_t *syms, int64_t begin, int64_t end) {
 "#;
 
 /// `rows` as an extent.
+/// The grid of the sized GPU test models (`tests/data/sized.*`): `ceil(16·rows / 64)`
+/// workgroups (CUDA blocks) of 64, written as `(16·rows + 63)//64`.
+pub fn sized_grid() -> kiln_runtime::Dim {
+    use kiln_runtime::{SizeFactor, SizeTerm};
+    kiln_runtime::Dim::Size(vec![SizeTerm {
+        coeff: 1,
+        factors: vec![SizeFactor::FloorDiv(
+            vec![
+                SizeTerm { coeff: 16, factors: vec![SizeFactor::Sym(0)] },
+                SizeTerm { coeff: 63, factors: vec![] },
+            ],
+            64,
+        )],
+    }])
+}
+
+/// Runs a sized GPU test model at `rows` rows: y and the workgroups its second step launched.
+pub fn run_sized(model: &mut kiln_runtime::Model, rows: usize) -> (Vec<f32>, i32) {
+    let x = &x_data()[..rows * 16];
+    let out = model.run(&[kiln_runtime::TensorRef::f32("x", &[rows as u64, 16], x)]).unwrap();
+    assert_eq!(out[0].shape(), &[rows as u64, 16][..]);
+    (out[0].as_f32().unwrap().to_vec(), out[1].as_i32().unwrap()[0])
+}
+
+/// What a sized GPU test model computes at `rows` rows: y = x·w + rows over the first `rows`
+/// rows, and the grid `ceil(16·rows / 64)`.
+pub fn sized_expected(rows: usize) -> (Vec<f32>, i32) {
+    let (x, w) = (x_data(), w_data());
+    let y = (0..rows * 16).map(|i| x[i] * w[i] + rows as f32).collect();
+    (y, (16 * rows).div_ceil(64) as i32)
+}
+
 pub fn rows_dim() -> kiln_runtime::Dim {
     kiln_runtime::Dim::Size(vec![kiln_runtime::SizeTerm {
         coeff: 1,
