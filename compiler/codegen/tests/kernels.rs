@@ -264,7 +264,7 @@ mod symbolic {
     #[test]
     fn matmuls_over_run_time_rows_compile_once_for_every_binding() {
         let (mut g, b, s) = graph("dyn_matmul");
-        let x = input(&mut g, "x", DType::F32, vec![b, s, Dim::Const(8)]);
+        let x = input(&mut g, "x", DType::F32, vec![b.clone(), s.clone(), Dim::Const(8)]);
         let w = param(&mut g, "w", &[8, 12]);
         let y = g.add(Op::MatMul, &[x, w]).unwrap();
         g.add_output("y", y);
@@ -272,6 +272,17 @@ mod symbolic {
         let act = kiln_ir::Activation::Gelu(kiln_ir::GeluApprox::Erf);
         let z = g.add(Op::MatMulEpilogue { bias: true, activation: act }, &[x, w, bias]).unwrap();
         g.add_output("z", z);
+        // A transposed weight (PyTorch's `Linear` layout) over K = 37: dot products over
+        // contiguous runs, two vectors of 16 and a tail of 5, with a bias and an activation.
+        let u = input(&mut g, "u", DType::F32, vec![b, s, Dim::Const(37)]);
+        let wt = param(&mut g, "wt", &[6, 37]);
+        let wt = g.add(Op::Transpose { perm: vec![1, 0] }, &[wt]).unwrap();
+        let bias6 = param(&mut g, "bias6", &[6]);
+        let relu = kiln_ir::Activation::Relu;
+        let v = g.add(Op::MatMulEpilogue { bias: true, activation: relu }, &[u, wt, bias6]).unwrap();
+        g.add_output("v", v);
+        let plain = g.add(Op::MatMul, &[u, wt]).unwrap();
+        g.add_output("plain", plain);
         compiled_matches_interpreter(&g, 1e-4);
     }
 

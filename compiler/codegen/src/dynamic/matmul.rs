@@ -2,11 +2,14 @@
 //! another static operand), the rows of a and of the result (every axis but the last, batch
 //! axes included) are known at run time only.
 //!
-//! One range iteration is one row: the result row starts as the bias (or zero), each of the K
-//! steps adds `a[r, k] · b[k, :]` to it (a unit-stride loop over N that LLVM vectorizes when the
-//! strides are 1), and the activation runs over the finished row. This is the plain
-//! row-by-row product, not the register-tiled micro-kernel of `kernels::matmul`, whose tiles
-//! and edge rows are planned for a static M.
+//! One range iteration is one row. When the row of a and each column of B are contiguous (B a
+//! transposed weight, PyTorch's `Linear` layout, as in every shipped model), each result is a
+//! dot product over K in vectors of [`LANES`] (one vector accumulator, reduced at the end, then
+//! the K tail one by one), plus the bias, then the activation. Otherwise the result row starts
+//! as the bias (or zero), each of the K steps adds `a[r, k] · b[k, :]` to it (a unit-stride loop
+//! over N that LLVM vectorizes when the strides are 1), and the activation runs over the
+//! finished row. Both are row-by-row products, not the register-tiled micro-kernel of
+//! `kernels::matmul`, whose tiles and edge rows are planned for a static M.
 
 use super::{address, at_hints_and_maxima, buffer_view, func, refuse, step, unravel, walk};
 use crate::kernels::elementwise::{load, store};
@@ -16,6 +19,9 @@ use crate::program::bad;
 use crate::{CodegenError, Kernel};
 use kiln_ir::{Activation, DType, Dim};
 use kiln_sched::{Operand, Schedule};
+
+/// Lanes of the dot products over K.
+const LANES: usize = 16;
 
 /// Emits matmul kernel `k` (operands a, b, then `bias` when there is one) over symbolic rows.
 pub(super) fn emit(
@@ -75,6 +81,50 @@ pub(super) fn emit(
     let a_row = address(&mut bd, &wa, &idx);
     let o_row = address(&mut bd, &wo, &idx);
     let bias_row = wbias.as_ref().map(|w| address(&mut bd, w, &idx));
+    let contiguous_k =
+        a.view.strides[ar - 1].as_const() == Some(1) && b.view.strides[0].as_const() == Some(1);
+    if contiguous_k {
+        // result[n] = bias[n] + Σ_k a[r, k]·b[k, n]: a dot product of two contiguous runs.
+        let (vty, full) = (format!("vector<{LANES}xf32>"), kd / LANES * LANES);
+        let (fullc, lanes) = (bd.index(full), bd.index(LANES));
+        let zero_v = bd.float(0.0, &vty);
+        bd.open(format!("scf.for %n = {c0} to {nc} step {c1}"));
+        let b_col = step(&mut bd, &wb.offset, "%n", &wb.strides[1]);
+        bd.open(format!(
+            "%dv = scf.for %k = {c0} to {fullc} step {lanes} iter_args(%acc = {zero_v}) -> ({vty})"
+        ));
+        let at_a = bd.assign(format!("arith.addi {a_row}, %k : index"));
+        let xa = bd.assign(format!("vector.load {aa}[{at_a}] : {}, {vty}", va.memref()));
+        let at_b = bd.assign(format!("arith.addi {b_col}, %k : index"));
+        let xb = bd.assign(format!("vector.load {ab}[{at_b}] : {}, {vty}", vb.memref()));
+        let f = bd.fma(&xa, &xb, "%acc", &vty);
+        bd.line(format!("scf.yield {f} : {vty}"));
+        bd.close("");
+        let head = bd.assign(format!("vector.reduction <add>, %dv : {vty} into f32"));
+        bd.open(format!("%dt = scf.for %k = {fullc} to {kc} step {c1} iter_args(%t = {head}) -> (f32)"));
+        let at_a = bd.assign(format!("arith.addi {a_row}, %k : index"));
+        let x = load(&mut bd, aa, va, &at_a);
+        let at_b = bd.assign(format!("arith.addi {b_col}, %k : index"));
+        let w = load(&mut bd, ab, vb, &at_b);
+        let f = bd.fma(&x, &w, "%t", "f32");
+        bd.line(format!("scf.yield {f} : f32"));
+        bd.close("");
+        let mut y = "%dt".to_string();
+        if let (Some(w), Some(row)) = (&wbias, &bias_row) {
+            let at = step(&mut bd, row, "%n", &w.strides[rank - 1]);
+            let bv = load(&mut bd, &args[2], &views[2], &at);
+            y = bd.assign(format!("arith.addf {y}, {bv} : f32"));
+        }
+        if act != Activation::None {
+            y = activate(&mut bd, act, &y, "f32");
+        }
+        let at_o = step(&mut bd, &o_row, "%n", &wo.strides[rank - 1]);
+        store(&mut bd, &y, ao, vo, &at_o);
+        bd.close("");
+        bd.close("");
+        bd.line("return");
+        return finish(s, sym, bd, (&views, &args), (&rows, kd, n));
+    }
     // The row starts as the bias, or zero.
     bd.open(format!("scf.for %n = {c0} to {nc} step {c1}"));
     let at_o = step(&mut bd, &o_row, "%n", &wo.strides[rank - 1]);
@@ -111,10 +161,22 @@ pub(super) fn emit(
     }
     bd.close("");
     bd.line("return");
+    finish(s, sym, bd, (&views, &args), (&rows, kd, n))
+}
 
-    let params: Vec<String> = views.iter().zip(&args).map(|(v, a)| format!("{a}: {}", v.memref())).collect();
+/// The kernel around body `bd` (arguments `views` named `args`), over `rows` rows of a
+/// `K × N` product, with its costs at the hints and its range at the maxima.
+fn finish(
+    s: &Schedule,
+    sym: &str,
+    bd: Body,
+    (views, args): (&[crate::kernels::View], &[String]),
+    (rows, kd, n): (&Dim, usize, usize),
+) -> Result<(Kernel, Dim), CodegenError> {
+    let n_syms = s.symbols.len().max(1);
+    let params: Vec<String> = views.iter().zip(args).map(|(v, a)| format!("{a}: {}", v.memref())).collect();
     let mlir = func(sym, params, n_syms, bd);
-    let (rows_hint, rows_max) = at_hints_and_maxima(s, &rows);
+    let (rows_hint, rows_max) = at_hints_and_maxima(s, rows);
     let flops = (2 * rows_hint * kd * n) as u64;
     let bytes = (4 * (rows_hint * (kd + n) + kd * n)) as u64;
     let made = Kernel {
@@ -125,5 +187,5 @@ pub(super) fn emit(
         flops,
         bytes,
     };
-    Ok((made, rows))
+    Ok((made, rows.clone()))
 }
