@@ -304,6 +304,20 @@ mod symbolic {
         g.add_output("causal", causal);
         let lse = g.add(Op::AttentionLse { scale: 0.5, causal: true, masked: false }, &[q, k]).unwrap();
         g.add_output("lse", lse);
+        // A head size of 32: the dot products and the weighted values in vectors of 16.
+        let wide = |b: &Dim, s: &Dim| vec![b.clone(), Dim::Const(2), s.clone(), Dim::Const(32)];
+        let (q32, k32, v32) = (
+            input(&mut g, "q32", DType::F32, wide(&b, &s)),
+            input(&mut g, "k32", DType::F32, wide(&b, &s)),
+            input(&mut g, "v32", DType::F32, wide(&b, &s)),
+        );
+        let wide_masked = g
+            .add(Op::Attention { scale: 0.25, causal: false, masked: true }, &[q32, k32, v32, mask])
+            .unwrap();
+        g.add_output("wide_masked", wide_masked);
+        let wide_causal =
+            g.add(Op::Attention { scale: 0.25, causal: true, masked: false }, &[q32, k32, v32]).unwrap();
+        g.add_output("wide_causal", wide_causal);
         compiled_matches_interpreter(&g, 1e-4);
     }
 

@@ -17,6 +17,10 @@ use crate::{CodegenError, Kernel};
 use kiln_ir::{DType, Dim};
 use kiln_sched::{Operand, Schedule};
 
+/// Lanes of the vector loops over the head size, used when it is a multiple of them and the
+/// rows are contiguous.
+const LANES: usize = 16;
+
 /// Emits attention kernel `k`: inputs q, k, (v when `with_v`), then `mask` when there is one;
 /// results: the attention (when `with_v`) and the log-sum-exp (its extra result, or its only
 /// one for an `attention_lse`).
@@ -91,9 +95,33 @@ pub(super) fn emit(
         sk.clone()
     };
     let (qa, ka) = (arg_of(q), arg_of(kk));
+    let unit = |v: &kiln_sched::StridedView| v.strides[r - 1].as_const() == Some(1);
+    let vty = format!("vector<{LANES}xf32>");
+    // Dot products over the head size in vectors, when q and k rows are contiguous.
+    let vector_dot = d % LANES == 0 && unit(&q.view) && unit(&kk.view);
     // The score of key `j`: q·k[j]·scale (+ mask).
     let score = |b: &mut Body, j: &str| -> String {
         let k_row = step(b, &k_base, j, &wk.strides[r - 2]);
+        if vector_dot {
+            let mut acc = b.float(0.0, &vty);
+            for c in 0..d / LANES {
+                let off = b.index(c * LANES);
+                let at_q = b.assign(format!("arith.addi {q_row}, {off} : index"));
+                let at_k = b.assign(format!("arith.addi {k_row}, {off} : index"));
+                let x = b.assign(format!("vector.load {}[{at_q}] : {}, {vty}", args[qa], views[qa].memref()));
+                let y = b.assign(format!("vector.load {}[{at_k}] : {}, {vty}", args[ka], views[ka].memref()));
+                acc = b.fma(&x, &y, &acc, &vty);
+            }
+            let dot = b.assign(format!("vector.reduction <add>, {acc} : {vty} into f32"));
+            let mut sc = b.fmul(&dot, &scale_c, "f32");
+            if let (Some(w), Some(row), Some(m)) = (&wm, &m_row, mask) {
+                let at = step(b, row, j, &w.strides[r - 1]);
+                let ma = arg_of(m);
+                let mv = load(b, &args[ma], &views[ma], &at);
+                sc = b.fadd(&sc, &mv, "f32");
+            }
+            return sc;
+        }
         let zero = b.float(0.0, "f32");
         let acc = b.fresh("dot");
         let res = b.fresh("dots");
@@ -148,14 +176,29 @@ pub(super) fn emit(
         let wv = wv.as_ref().ok_or_else(|| bad("attention values"))?;
         let va = arg_of(vo);
         let v_row = step(&mut b, vb, "%j", &wv.strides[r - 2]);
-        b.open(format!("scf.for %e = {c0} to {dvc} step {c1}"));
-        let at_v = step(&mut b, &v_row, "%e", &wv.strides[r - 1]);
-        let x = load(&mut b, &args[va], &views[va], &at_v);
-        let at_o = step(&mut b, row, "%e", &w.strides[r - 1]);
-        let o = load(&mut b, &args[*oa], &views[*oa], &at_o);
-        let y = b.fma(&p, &x, &o, "f32");
-        store(&mut b, &y, &args[*oa], &views[*oa], &at_o);
-        b.close("");
+        if dv % LANES == 0 && unit(&vo.view) && out.is_some_and(|o| unit(&o.view)) {
+            // o[e..e+16] += p · v[j, e..e+16], in vectors.
+            let pv = b.assign(format!("vector.broadcast {p} : f32 to {vty}"));
+            for c in 0..dv / LANES {
+                let off = b.index(c * LANES);
+                let at_v = b.assign(format!("arith.addi {v_row}, {off} : index"));
+                let at_o = b.assign(format!("arith.addi {row}, {off} : index"));
+                let (vm, om) = (views[va].memref(), views[*oa].memref());
+                let x = b.assign(format!("vector.load {}[{at_v}] : {vm}, {vty}", args[va]));
+                let o = b.assign(format!("vector.load {}[{at_o}] : {om}, {vty}", args[*oa]));
+                let y = b.fma(&pv, &x, &o, &vty);
+                b.line(format!("vector.store {y}, {}[{at_o}] : {om}, {vty}", args[*oa]));
+            }
+        } else {
+            b.open(format!("scf.for %e = {c0} to {dvc} step {c1}"));
+            let at_v = step(&mut b, &v_row, "%e", &wv.strides[r - 1]);
+            let x = load(&mut b, &args[va], &views[va], &at_v);
+            let at_o = step(&mut b, row, "%e", &w.strides[r - 1]);
+            let o = load(&mut b, &args[*oa], &views[*oa], &at_o);
+            let y = b.fma(&p, &x, &o, "f32");
+            store(&mut b, &y, &args[*oa], &views[*oa], &at_o);
+            b.close("");
+        }
     }
     let next = b.fadd(&acc, &p, "f32");
     b.line(format!("scf.yield {next} : f32"));
