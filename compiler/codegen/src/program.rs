@@ -153,8 +153,8 @@ pub(crate) fn kernels_with_faults(
             (made, pack, None)
         } else {
             let slot = fault_view(words.get(i).copied().flatten(), k)?;
-            let (made, range) = crate::dynamic::kernel(s, PROVISIONAL, k, slot.as_ref(), target)?;
-            (made, None, Some(range))
+            let (made, range, pack) = crate::dynamic::kernel(s, PROVISIONAL, k, slot.as_ref(), target)?;
+            (made, pack, Some(range))
         };
         step_range.push(range);
         step_packed_b.push(pack.map(|w| intern(&mut packed, s, w)));
@@ -205,12 +205,12 @@ fn intern(packed: &mut Vec<PackedWeight>, s: &Schedule, w: Unnamed) -> usize {
 }
 
 /// A [`PackedWeight`] before it has a name.
-struct Unnamed {
-    source: BufferId,
-    offset: usize,
-    sk: usize,
-    sn: usize,
-    panels: Panels,
+pub(crate) struct Unnamed {
+    pub source: BufferId,
+    pub offset: usize,
+    pub sk: usize,
+    pub sn: usize,
+    pub panels: Panels,
 }
 
 fn kernel(

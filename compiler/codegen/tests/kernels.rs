@@ -259,8 +259,8 @@ mod symbolic {
         compiled_matches_interpreter(&g, 1e-6);
     }
 
-    /// Matrix products with a run-time row count and static weights: plain, and with a bias
-    /// and GELU fused.
+    /// Matrix products with a run-time row count and a static B: plain, with a bias and an
+    /// activation fused, over several K blocks, and with B an input.
     #[test]
     fn matmuls_over_run_time_rows_compile_once_for_every_binding() {
         let (mut g, b, s) = graph("dyn_matmul");
@@ -274,7 +274,7 @@ mod symbolic {
         g.add_output("z", z);
         // A transposed weight (PyTorch's `Linear` layout) over K = 37: dot products over
         // contiguous runs, two vectors of 16 and a tail of 5, with a bias and an activation.
-        let u = input(&mut g, "u", DType::F32, vec![b, s, Dim::Const(37)]);
+        let u = input(&mut g, "u", DType::F32, vec![b.clone(), s.clone(), Dim::Const(37)]);
         let wt = param(&mut g, "wt", &[6, 37]);
         let wt = g.add(Op::Transpose { perm: vec![1, 0] }, &[wt]).unwrap();
         let bias6 = param(&mut g, "bias6", &[6]);
@@ -283,11 +283,29 @@ mod symbolic {
         g.add_output("v", v);
         let plain = g.add(Op::MatMul, &[u, wt]).unwrap();
         g.add_output("plain", plain);
+        // K = 600 is three K blocks of the tiled product (C reread between them, the last
+        // row tile partial at most sizes), N = 20 a partial panel.
+        let long = input(&mut g, "long", DType::F32, vec![b.clone(), s.clone(), Dim::Const(600)]);
+        let w600 = param(&mut g, "w600", &[600, 20]);
+        let bias20 = param(&mut g, "bias20", &[20]);
+        let tanh = kiln_ir::Activation::Tanh;
+        let deep = g.add(Op::MatMulEpilogue { bias: true, activation: tanh }, &[long, w600, bias20]).unwrap();
+        g.add_output("deep", deep);
+        // B an input, not a weight: packed per call rather than at compile time.
+        let bm = input(&mut g, "bm", DType::F32, vec![Dim::Const(8), Dim::Const(40)]);
+        let by_input = g.add(Op::MatMul, &[x, bm]).unwrap();
+        g.add_output("by_input", by_input);
+        // Rows that do not merge into one run-time axis (`[seq, batch]` over a `[batch, seq]`
+        // layout): the row-by-row product.
+        let xt = g.add(Op::Transpose { perm: vec![1, 0, 2] }, &[x]).unwrap();
+        let crossed = g.add(Op::MatMul, &[xt, w]).unwrap();
+        g.add_output("crossed", crossed);
         compiled_matches_interpreter(&g, 1e-4);
     }
 
     /// Attention over `[batch, 2, seq, 4]` heads with run-time query and key lengths: with an
-    /// additive mask over the keys, and causal with its log-sum-exp as a second result.
+    /// additive mask over the keys, and causal with its log-sum-exp as a second result; at a
+    /// head size of 32; and with a q the flash kernel cannot walk.
     #[test]
     fn attention_over_run_time_lengths_compiles_once_for_every_binding() {
         let (mut g, b, s) = graph("dyn_attention");
@@ -318,6 +336,12 @@ mod symbolic {
         let wide_causal =
             g.add(Op::Attention { scale: 0.25, causal: true, masked: false }, &[q32, k32, v32]).unwrap();
         g.add_output("wide_causal", wide_causal);
+        // q with a run-time stride along its last axis (a transposed `[batch, 2, 4, seq]`):
+        // one query row per iteration instead of the flash kernel's blocks.
+        let qt = input(&mut g, "qt", DType::F32, vec![b.clone(), Dim::Const(2), Dim::Const(4), s.clone()]);
+        let qt = g.add(Op::Transpose { perm: vec![0, 1, 3, 2] }, &[qt]).unwrap();
+        let strided = g.add(Op::Attention { scale: 0.5, causal: true, masked: false }, &[qt, k, v]).unwrap();
+        g.add_output("strided", strided);
         compiled_matches_interpreter(&g, 1e-4);
     }
 

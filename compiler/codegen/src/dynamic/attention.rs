@@ -1,21 +1,26 @@
 //! Attention with run-time query and key lengths (and batch axes): `softmax(q·kᵀ·scale +
 //! mask) · v` per query row, the keys a causal row sees (`j ≤ i`) counted at run time.
 //!
-//! One range iteration is one query row: a first pass over the keys finds the largest score,
-//! a second adds `exp(score − max) · v[j]` into the result row and sums the weights, and the
-//! row is divided by the sum; the log-sum-exp (`max + ln sum`) is written when the kernel has
-//! that result. Scores are recomputed in the second pass rather than stored, so the kernel
-//! needs no scratch sized by the key length. This is the plain two-pass form, not the blocked
-//! online softmax of `kernels::attention`, whose blocks are planned for static lengths.
+//! When every operand's last two axes have static strides (the layouts the shipped models
+//! produce), this is the flash kernel of `kernels::attention` told the run's lengths
+//! ([`kernels::attention::emit_run`]): its blocks and key tiles planned for the hinted
+//! lengths, its batch offsets computed from the run's symbol values.
+//!
+//! Otherwise one range iteration is one query row: a first pass over the keys finds the
+//! largest score, a second adds `exp(score − max) · v[j]` into the result row and sums the
+//! weights, and the row is divided by the sum; the log-sum-exp (`max + ln sum`) is written
+//! when the kernel has that result. Scores are recomputed in the second pass rather than
+//! stored, so the kernel needs no scratch sized by the key length.
 
-use super::{address, at_hints_and_maxima, buffer_view, func, refuse, step, unravel, walk};
+use super::{address, at_hints_and_maxima, buffer_view, func, refuse, step, unravel, walk, SYMS_ARG};
+use crate::kernels::attention::{self as flash, RunLengths, RunValues};
 use crate::kernels::elementwise::{load, store};
 use crate::kernels::View;
 use crate::mlir_text::Body;
 use crate::program::bad;
-use crate::{CodegenError, Kernel};
+use crate::{CodegenError, Kernel, Target};
 use kiln_ir::{DType, Dim};
-use kiln_sched::{Operand, Schedule};
+use kiln_sched::{Operand, Schedule, StridedView};
 
 /// Lanes of the vector loops over the head size, used when it is a multiple of them and the
 /// rows are contiguous.
@@ -24,6 +29,7 @@ const LANES: usize = 16;
 /// Emits attention kernel `k`: inputs q, k, (v when `with_v`), then `mask` when there is one;
 /// results: the attention (when `with_v`) and the log-sum-exp (its extra result, or its only
 /// one for an `attention_lse`).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn emit(
     s: &Schedule,
     sym: &str,
@@ -32,6 +38,7 @@ pub(super) fn emit(
     causal: bool,
     mask: Option<&Operand>,
     with_v: bool,
+    target: &dyn Target,
 ) -> Result<(Kernel, Dim), CodegenError> {
     let ins = &k.inputs;
     let (q, kk) = match ins.as_slice() {
@@ -58,6 +65,16 @@ pub(super) fn emit(
     let mut scores_shape = q.view.shape.clone();
     scores_shape[r - 1] = kk.view.shape[r - 2].clone();
     let mask_view = mask.map(|m| m.view.broadcast_to(&scores_shape));
+    // The operands in the kernel's argument order, the mask as the scores' shape.
+    let mut ordered: Vec<StridedView> = vec![q.view.clone(), kk.view.clone()];
+    ordered.extend(v.map(|v| v.view.clone()));
+    ordered.extend(mask_view.clone());
+    ordered.extend(out.map(|o| o.view.clone()));
+    ordered.extend(lse.map(|o| o.view.clone()));
+    if let Some(made) = emit_flash(s, sym, &all, &ordered, (scale, causal), (with_v, mask.is_some()), target)?
+    {
+        return Ok(made);
+    }
     let rows = kiln_sched::product(&q.view.shape[..r - 1]).map_err(|e| bad(&e.to_string()))?;
     let n_syms = s.symbols.len().max(1);
 
@@ -236,4 +253,77 @@ pub(super) fn emit(
         bytes,
     };
     Ok((made, rows))
+}
+
+/// The flash kernel over the run's lengths, when the last two axes of every operand (`views`,
+/// in argument order, of `ops`' buffers) have static strides; `None` otherwise.
+fn emit_flash(
+    s: &Schedule,
+    sym: &str,
+    ops: &[&Operand],
+    views: &[StridedView],
+    (scale, causal): (f64, bool),
+    (with_v, masked): (bool, bool),
+    target: &dyn Target,
+) -> Result<Option<(Kernel, Dim)>, CodegenError> {
+    let r = views[0].shape.len();
+    let maxima: Vec<i64> = s.symbols.iter().map(|x| x.max).collect();
+    let at_max = |d: &Dim| d.eval(&maxima);
+    // Each operand at the largest extents; its trailing axes (one for the log-sum-exp) static.
+    let mut pinned = Vec::with_capacity(views.len());
+    for (o, v) in ops.iter().zip(views) {
+        let trailing = v.shape.len() + 2 - r;
+        let fixed = v.strides[v.strides.len() - trailing..].iter().all(Dim::is_static);
+        let shape: Option<Vec<usize>> = v.shape.iter().map(at_max).collect();
+        let strides: Option<Vec<usize>> = v.strides.iter().map(at_max).collect();
+        let (Some(shape), Some(strides), Some(offset), true) = (shape, strides, at_max(&v.offset), fixed)
+        else {
+            return Ok(None);
+        };
+        pinned.push(View { shape, strides, offset, dtype: o.dtype, buffer_len: s.buffers[o.buffer].len });
+    }
+    let n_syms = s.symbols.len().max(1);
+    let hint = |d: &Dim| at_hints_and_maxima(s, d).0;
+    let plan = (hint(&views[0].shape[r - 2]), hint(&views[1].shape[r - 2]));
+    let values = |bd: &mut Body| {
+        let walks: Vec<_> = views.iter().map(|v| walk(bd, v, n_syms)).collect();
+        RunValues {
+            sq: walks[0].extents[r - 2].clone(),
+            sk: walks[1].extents[r - 2].clone(),
+            batch: walks[0].extents[..r - 2].to_vec(),
+            offsets: walks.iter().map(|w| w.offset.clone()).collect(),
+            batch_strides: walks.iter().map(|w| w.strides[..r - 2].to_vec()).collect(),
+        }
+    };
+    let run = RunLengths { values: &values, param: format!("{SYMS_ARG}: memref<{n_syms}xi64>"), plan };
+    let (q, kk) = (&pinned[0], &pinned[1]);
+    let mut next = 2;
+    let mut take = |present: bool| {
+        present.then(|| {
+            next += 1;
+            &pinned[next - 1]
+        })
+    };
+    let v = take(with_v);
+    let mask = take(masked);
+    let out = take(with_v);
+    let has_lse = pinned.len() > 2 + 2 * usize::from(with_v) + usize::from(masked);
+    let lse = take(has_lse);
+    let v_out = v.zip(out);
+    let (made, rows) = flash::emit_run(sym, q, kk, v_out, mask, scale, causal, lse, target, &run)?;
+    // The run's range: batch · ⌈Sq / rows⌉; the costs at the hints.
+    let dim = |e: Result<Dim, kiln_ir::SizeError>| e.map_err(|e| bad(&e.to_string()));
+    let batch = dim(kiln_sched::product(&views[0].shape[..r - 2]))?;
+    let groups = dim(views[0].shape[r - 2].add(&Dim::Const(rows - 1)))?;
+    let range = dim(batch.mul(&dim(groups.floor_div(rows))?))?;
+    let scaled =
+        |x: u64, at_hint: usize, at_max: usize| (x as u128 * at_hint as u128 / at_max.max(1) as u128) as u64;
+    let (q_hint, q_max) = at_hints_and_maxima(s, &dim(kiln_sched::product(&views[0].shape[..r - 1]))?);
+    let (k_hint, k_max) = at_hints_and_maxima(s, &views[1].shape[r - 2]);
+    let made = Kernel {
+        flops: scaled(scaled(made.flops, q_hint, q_max), k_hint, k_max),
+        bytes: scaled(made.bytes, q_hint, q_max),
+        ..made
+    };
+    Ok(Some((made, range)))
 }

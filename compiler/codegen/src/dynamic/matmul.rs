@@ -2,35 +2,45 @@
 //! another static operand), the rows of a and of the result (every axis but the last, batch
 //! axes included) are known at run time only.
 //!
-//! One range iteration is one row. When the row of a and each column of B are contiguous (B a
-//! transposed weight, PyTorch's `Linear` layout, as in every shipped model), each result is a
-//! dot product over K in vectors of [`LANES`] (one vector accumulator, reduced at the end, then
-//! the K tail one by one), plus the bias, then the activation. Otherwise the result row starts
-//! as the bias (or zero), each of the K steps adds `a[r, k] · b[k, :]` to it (a unit-stride loop
-//! over N that LLVM vectorizes when the strides are 1), and the activation runs over the
-//! finished row. Both are row-by-row products, not the register-tiled micro-kernel of
-//! `kernels::matmul`, whose tiles and edge rows are planned for a static M.
+//! When a, the result and the bias walk as rows of static extents (the row form of
+//! [`super`]), the product is the register-tiled micro-kernel of `kernels::matmul` over the
+//! largest row count, told the run's count ([`kernels::matmul::emit_run_rows`]): whole row
+//! tiles as in a static product, one tile for the rows left over, and a constant B read from
+//! panels packed at compile time. The range is `column blocks × ⌈rows / tile rows⌉`.
+//!
+//! Otherwise one range iteration is one row. When the row of a and each column of B are
+//! contiguous (B a transposed weight, PyTorch's `Linear` layout), each result is a dot product
+//! over K in vectors of [`LANES`] (one vector accumulator, reduced at the end, then the K tail
+//! one by one), plus the bias, then the activation. Otherwise the result row starts as the
+//! bias (or zero), each of the K steps adds `a[r, k] · b[k, :]` to it (a unit-stride loop over
+//! N that LLVM vectorizes when the strides are 1), and the activation runs over the finished
+//! row.
 
-use super::{address, at_hints_and_maxima, buffer_view, func, refuse, step, unravel, walk};
+use super::{
+    address, at_hints_and_maxima, buffer_view, func, refuse, row_view, rows_of, size_value, static_view,
+    step, unravel, walk, SYMS_ARG,
+};
 use crate::kernels::elementwise::{load, store};
-use crate::kernels::matmul::activate;
+use crate::kernels::matmul::{self as tiled, activate, Panels, RunRows};
 use crate::mlir_text::Body;
-use crate::program::bad;
-use crate::{CodegenError, Kernel};
+use crate::program::{bad, Unnamed};
+use crate::{CodegenError, Kernel, Target};
 use kiln_ir::{Activation, DType, Dim};
-use kiln_sched::{Operand, Schedule};
+use kiln_sched::{Operand, Schedule, Storage};
 
 /// Lanes of the dot products over K.
 const LANES: usize = 16;
 
-/// Emits matmul kernel `k` (operands a, b, then `bias` when there is one) over symbolic rows.
+/// Emits matmul kernel `k` (operands a, b, then `bias` when there is one) over symbolic rows;
+/// returns it, its range over the symbols, and B packed when the kernel reads it so.
 pub(super) fn emit(
     s: &Schedule,
     sym: &str,
     k: &kiln_sched::Kernel,
     bias: Option<&Operand>,
     act: Activation,
-) -> Result<(Kernel, Dim), CodegenError> {
+    target: &dyn Target,
+) -> Result<(Kernel, Dim, Option<Unnamed>), CodegenError> {
     let (a, b) = match k.inputs.as_slice() {
         [a, b, ..] => (a, b),
         _ => return Err(bad("matmul")),
@@ -58,7 +68,74 @@ pub(super) fn emit(
     if out.view.shape[rank - 1] != n || a.view.shape[..ar - 1] != out.view.shape[..rank - 1] {
         return Err(bad("matmul result shape"));
     }
-    let bias_view = bias.map(|o| o.view.broadcast_to(&out.view.shape));
+    let bias = bias.map(|o| Operand { view: o.view.broadcast_to(&out.view.shape), ..o.clone() });
+    if let Some(made) = emit_tiled(s, sym, [a, b, out], bias.as_ref(), act, (kd, n), target)? {
+        return Ok(made);
+    }
+    let (made, range) = emit_rows(s, sym, [a, b, out], bias.as_ref(), act, (kd, n))?;
+    Ok((made, range, None))
+}
+
+/// The micro-kernel over the run's rows, when a, the result and the bias have row forms;
+/// `None` when one of them does not.
+fn emit_tiled(
+    s: &Schedule,
+    sym: &str,
+    [a, b, out]: [&Operand; 3],
+    bias: Option<&Operand>,
+    act: Activation,
+    (kd, n): (usize, usize),
+    target: &dyn Target,
+) -> Result<Option<(Kernel, Dim, Option<Unnamed>)>, CodegenError> {
+    let lead = out.view.shape.len() - 1;
+    let rows = rows_of(s, &out.view.shape, lead)?;
+    let (Some(av), Some(ov), Some(bv)) =
+        (row_view(s, a, lead, &rows), row_view(s, out, lead, &rows), static_view(s, b))
+    else {
+        return Ok(None);
+    };
+    let cv = match bias.map(|o| row_view(s, o, lead, &rows)) {
+        Some(None) => return Ok(None),
+        Some(Some(v)) => Some(v),
+        None => None,
+    };
+    let constant = matches!(s.buffers[b.buffer].storage, Storage::Weight { .. } | Storage::Const { .. });
+    let panels = (constant && Panels::applies(DType::F32, kd, n)).then(|| Panels::for_target(kd, n, target));
+    let n_syms = s.symbols.len().max(1);
+    let (hint, _) = at_hints_and_maxima(s, &rows.count);
+    let count = rows.count.clone();
+    let value = move |bd: &mut Body| size_value(bd, &count, n_syms);
+    let run = RunRows { value: &value, param: format!("{SYMS_ARG}: memref<{n_syms}xi64>"), plan: hint };
+    let (made, tiling) = tiled::emit_run_rows(sym, &av, &bv, panels, cv.as_ref(), act, &ov, target, &run)?;
+    let dim = |e: Result<Dim, kiln_ir::SizeError>| e.map_err(|e| bad(&e.to_string()));
+    let tiles = dim(rows.count.add(&Dim::Const(tiling.row_tile - 1)))?;
+    let tiles = dim(tiles.floor_div(tiling.row_tile))?;
+    let range = dim(tiles.mul(&Dim::Const(tiling.column_blocks)))?;
+    let pack = panels.map(|panels| Unnamed {
+        source: b.buffer,
+        offset: bv.offset,
+        sk: bv.strides[0],
+        sn: bv.strides[1],
+        panels,
+    });
+    // The emitter costed the largest row count; the manifest's costs are at the hints.
+    let made =
+        Kernel { flops: (2 * hint * kd * n) as u64, bytes: (4 * (hint * (kd + n) + kd * n)) as u64, ..made };
+    Ok(Some((made, range, pack)))
+}
+
+/// The row-by-row product (see the module's doc).
+fn emit_rows(
+    s: &Schedule,
+    sym: &str,
+    [a, b, out]: [&Operand; 3],
+    bias: Option<&Operand>,
+    act: Activation,
+    (kd, n): (usize, usize),
+) -> Result<(Kernel, Dim), CodegenError> {
+    let (ar, rank) = (a.view.shape.len(), out.view.shape.len());
+    let ops: Vec<&Operand> = [a, b].into_iter().chain(bias).chain([out]).collect();
+    let bias_view = bias.map(|o| o.view.clone());
     let rows = kiln_sched::product(&out.view.shape[..rank - 1]).map_err(|e| bad(&e.to_string()))?;
     let n_syms = s.symbols.len().max(1);
 

@@ -26,7 +26,7 @@ mod norm;
 use crate::kernels::elementwise::{convert, eval, store, Ctx, FaultSlot};
 use crate::kernels::{self, View};
 use crate::mlir_text::Body;
-use crate::program::{bad, same_elements};
+use crate::program::{bad, same_elements, Unnamed};
 use crate::{CodegenError, Kernel, Target};
 use kiln_ir::{Activation, DType, Dim, NormKind, Op, SizeExpr, TermFactor};
 use kiln_sched::{Expr, KernelOp, Operand, Schedule, StridedView};
@@ -120,8 +120,30 @@ fn static_view(s: &Schedule, o: &Operand) -> Option<View> {
 }
 
 /// Emits kernel `k` of `s`, some of whose operands read symbols; returns it (its `range` at
-/// the symbols' maxima) and its range as a size over the symbols.
+/// the symbols' maxima), its range as a size over the symbols, and the weight it reads packed
+/// (a matrix product's constant B) when there is one.
 pub(crate) fn kernel(
+    s: &Schedule,
+    sym: &str,
+    k: &kiln_sched::Kernel,
+    slot: Option<&View>,
+    target: &dyn Target,
+) -> Result<(Kernel, Dim, Option<Unnamed>), CodegenError> {
+    match &k.op {
+        KernelOp::Node(Op::MatMul) => matmul::emit(s, sym, k, None, Activation::None, target),
+        KernelOp::Node(Op::MatMulEpilogue { bias, activation }) => {
+            let b = if *bias { Some(k.inputs.get(2).ok_or_else(|| bad("matmul"))?) } else { None };
+            matmul::emit(s, sym, k, b, *activation, target)
+        }
+        _ => {
+            let (made, range) = unpacked(s, sym, k, slot, target)?;
+            Ok((made, range, None))
+        }
+    }
+}
+
+/// [`kernel`] for every kernel but the matrix products.
+fn unpacked(
     s: &Schedule,
     sym: &str,
     k: &kiln_sched::Kernel,
@@ -226,18 +248,14 @@ pub(crate) fn kernel(
             let made = kernels::data::emit_gather(sym, 0, &table, &iv, &ov)?;
             return finish(s, k, made, &all);
         }
-        Op::MatMul => return matmul::emit(s, sym, k, None, Activation::None),
-        Op::MatMulEpilogue { bias, activation } => {
-            let b = if *bias { Some(arg(2)?) } else { None };
-            return matmul::emit(s, sym, k, b, *activation);
-        }
+        Op::MatMul | Op::MatMulEpilogue { .. } => return Err(bad("a matrix product outside `matmul::emit`")),
         Op::Attention { scale, causal, masked } => {
             let mask = if *masked { Some(arg(3)?) } else { None };
-            return attention::emit(s, sym, k, *scale, *causal, mask, true);
+            return attention::emit(s, sym, k, *scale, *causal, mask, true, target);
         }
         Op::AttentionLse { scale, causal, masked } => {
             let mask = if *masked { Some(arg(2)?) } else { None };
-            return attention::emit(s, sym, k, *scale, *causal, mask, false);
+            return attention::emit(s, sym, k, *scale, *causal, mask, false, target);
         }
         // Ops whose emitters read symbolic extents inside the kernel, or that never see them.
         Op::Reduce { op: how, axes, .. } => {

@@ -54,7 +54,7 @@
 //! an `scf.if` on the group number; a last vector that is partial is completed by repeating
 //! the last row (same values written twice).
 
-use super::norm::{close_range, for_close, for_open, func_text, load, offsets, open_range, store};
+use super::norm::{close_range, for_close, for_open, func_text, load, offsets, open_range, store, Offsets};
 use super::norm::{ComputeType, Count, Operand, Part};
 use super::View;
 use crate::mlir_text::{bool_type_like, elem_type, Body};
@@ -96,6 +96,65 @@ pub fn emit(
     lse: Option<&View>,
     target: &dyn Target,
 ) -> Result<Kernel, CodegenError> {
+    let (made, _) = emit_with(symbol, [q, k], v_out, mask, (scale, causal), lse, target, None)?;
+    Ok(made)
+}
+
+/// Extents of an attention known only at run time (`docs/dynamic-shapes.md`): the views given
+/// to [`emit_run`] are at the largest extents, and the kernel reads the run's on entry.
+pub struct RunLengths<'a> {
+    /// Emits the run's extents and batch offsets at the top of the body.
+    pub values: &'a dyn Fn(&mut Body) -> RunValues,
+    /// The extra parameter `values` reads (the run's symbol values), before `%begin`.
+    pub param: String,
+    /// The Sq and Sk the blocks and tiles are planned for (the symbols' hints).
+    pub plan: (usize, usize),
+}
+
+/// A run's extents as `index` values.
+pub struct RunValues {
+    pub sq: String,
+    pub sk: String,
+    /// The extent of each batch axis.
+    pub batch: Vec<String>,
+    /// For each argument in order (q, k, then v, mask, out, lse as present): its element offset
+    /// and the strides of its batch axes.
+    pub offsets: Vec<String>,
+    pub batch_strides: Vec<Vec<String>>,
+}
+
+/// [`emit`] over run-time lengths and batch extents (see [`RunLengths`]): the same blocks and
+/// key tiles, planned for the hinted lengths; the last block of each batch index completes
+/// its rows by repeating the last one, and the last key tile is as long as the keys left.
+/// Returns the kernel (its range at the largest extents) and the query rows one range
+/// iteration covers: the run's range is `batch · ⌈Sq / rows⌉`.
+#[allow(clippy::too_many_arguments)]
+pub fn emit_run(
+    symbol: &str,
+    q: &View,
+    k: &View,
+    v_out: Option<(&View, &View)>,
+    mask: Option<&View>,
+    scale: f64,
+    causal: bool,
+    lse: Option<&View>,
+    target: &dyn Target,
+    run: &RunLengths<'_>,
+) -> Result<(Kernel, usize), CodegenError> {
+    emit_with(symbol, [q, k], v_out, mask, (scale, causal), lse, target, Some(run))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn emit_with(
+    symbol: &str,
+    [q, k]: [&View; 2],
+    v_out: Option<(&View, &View)>,
+    mask: Option<&View>,
+    (scale, causal): (f64, bool),
+    lse: Option<&View>,
+    target: &dyn Target,
+    run: Option<&RunLengths<'_>>,
+) -> Result<(Kernel, usize), CodegenError> {
     let (v, out) = (v_out.map(|(v, _)| v), v_out.map(|(_, o)| o));
     let mut views = vec![q, k];
     views.extend(v);
@@ -112,9 +171,16 @@ pub fn emit(
     }
     let row_bytes = |x: &View| x.strides[x.rank() - 2] * ct.size as usize;
     let pack_kv = pack_kv_policy(row_bytes(k).max(v.map_or(0, row_bytes)));
-    let plan = Plan::new(&shape, ct.lanes, causal, ct.size as usize, pack_kv);
+    let planned = match run {
+        None => shape.clone(),
+        Some(r) => {
+            Shape { sq: r.plan.0.clamp(1, sq.max(1)), sk: r.plan.1.clamp(1, sk.max(1)), ..shape.clone() }
+        }
+    };
+    let plan = Plan::new(&planned, ct.lanes, causal, ct.size as usize, pack_kv);
     let groups_per_batch = sq.div_ceil(plan.qb * plan.group);
-    let tail = plan.tail(&shape, groups_per_batch);
+    // Over run-time lengths the last group's rows are not known: it repeats its last row.
+    let tail = if run.is_some() { None } else { plan.tail(&shape, groups_per_batch) };
     let range = if written == 0 { 0 } else { nb * groups_per_batch };
     let mut ops = vec![Operand::new("%q", q), Operand::new("%k", k)];
     let slot = |ops: &mut Vec<Operand>, name: &str, x: Option<&View>| {
@@ -130,7 +196,12 @@ pub fn emit(
         lse: slot(&mut ops, "%lse", lse),
     };
     let mut b = Body::new();
-    body(&mut b, &ct, &ops, &slots, &shape, &plan, tail.as_ref(), scale, causal, groups_per_batch);
+    let values = run.map(|r| (r.values)(&mut b));
+    let extents = match &values {
+        None => Extents::Fixed(groups_per_batch),
+        Some(v) => Extents::Run(v),
+    };
+    body(&mut b, &ct, &ops, &slots, &shape, &plan, tail.as_ref(), (scale, causal), &extents);
     // Scored pairs (i, j): all of them, or those on or below the diagonal.
     let pairs: u64 = if causal {
         (0..sq).map(|i| (i + 1).min(sk) as u64).sum::<u64>() * nb as u64
@@ -142,14 +213,33 @@ pub fn emit(
         o.shape.iter().zip(&o.strides).map(|(&n, &s)| if s == 0 { 1 } else { n }).product::<usize>() as u64
     };
     let bytes = ops.iter().map(distinct).sum::<u64>() * ct.size;
-    Ok(Kernel {
-        symbol: symbol.into(),
-        mlir: func_text(symbol, &ops, b),
-        range,
-        grain: Kernel::grain_for(range, flops),
-        flops,
-        bytes,
-    })
+    let mlir = match run {
+        None => func_text(symbol, &ops, b),
+        Some(r) => {
+            let mut args: Vec<String> = ops.iter().map(|o| format!("{}: {}", o.name, o.memref)).collect();
+            args.push(r.param.clone());
+            format!(
+                "func.func @{symbol}({}, %begin: index, %end: index) {{\n{}  return\n}}\n",
+                args.join(", "),
+                b.finish()
+            )
+        }
+    };
+    let made =
+        Kernel { symbol: symbol.into(), mlir, range, grain: Kernel::grain_for(range, flops), flops, bytes };
+    Ok((made, plan.qb * plan.group))
+}
+
+/// The extents [`body`] walks: static (the groups per batch index), or the run's.
+enum Extents<'a> {
+    Fixed(usize),
+    Run(&'a RunValues),
+}
+
+/// The query and key extents a group reads, as `index` values.
+struct Lens {
+    sq_last: String,
+    sk: String,
 }
 
 /// Where the optional operands are among a kernel's arguments (q and k are 0 and 1).
@@ -500,9 +590,8 @@ fn body(
     shape: &Shape,
     plan: &Plan,
     tail: Option<&Plan>,
-    scale: f64,
-    causal: bool,
-    groups_per_batch: usize,
+    (scale, causal): (f64, bool),
+    extents: &Extents,
 ) {
     let (vty, ety) = (ct.vty.as_str(), ct.elem);
     let Plan { qb, group, lanes, .. } = *plan;
@@ -512,6 +601,17 @@ fn body(
         (slots.mask.map(|i| &ops[i]), slots.out.map(|i| &ops[i]), slots.lse.map(|i| &ops[i]));
     let r = q.rank();
     let (sq, d, sk, dv) = (shape.sq, shape.d, shape.sk, shape.dv);
+    let c1 = b.index(1);
+    // Groups per batch index, and the lengths: constants, or the run's.
+    let (groups, lens) = match extents {
+        Extents::Fixed(n) => (b.index(*n), Lens { sq_last: b.index(sq.saturating_sub(1)), sk: b.index(sk) }),
+        Extents::Run(v) => {
+            let rows = b.index(plan.qb * plan.group);
+            let n = ix(b, "ceildivui", &v.sq, &rows);
+            let sq1 = ix(b, "maxui", &v.sq, &c1);
+            (ix(b, "maxui", &n, &c1), Lens { sq_last: ix(b, "subi", &sq1, &c1), sk: v.sk.clone() })
+        }
+    };
 
     // Scores and probabilities key-major (`S[j][row]`), q and O transposed (`Q[d][row]`,
     // `O[c][row]`): rows in lanes everywhere. Sized for the larger of the two plans.
@@ -539,19 +639,24 @@ fn body(
 
     let it = open_range(b);
     // Batch offsets of every operand, and the group number (the last "axis").
-    let mut dims = shape.batch.clone();
-    dims.push(groups_per_batch);
-    let with_block = |o: &Operand| -> Operand {
-        let mut strides = o.strides[..r - 2].to_vec();
-        strides.push(0);
-        Operand { strides, ..o.clone() }
+    let offs = match extents {
+        Extents::Fixed(n) => {
+            let mut dims = shape.batch.clone();
+            dims.push(*n);
+            let with_block = |o: &Operand| -> Operand {
+                let mut strides = o.strides[..r - 2].to_vec();
+                strides.push(0);
+                Operand { strides, ..o.clone() }
+            };
+            let bops: Vec<Operand> = ops.iter().map(with_block).collect();
+            let brefs: Vec<&Operand> = bops.iter().collect();
+            offsets(b, &it, &dims, &brefs)
+        }
+        Extents::Run(v) => run_offsets(b, &it, v, &groups),
     };
-    let bops: Vec<Operand> = ops.iter().map(with_block).collect();
-    let brefs: Vec<&Operand> = bops.iter().collect();
-    let offs = offsets(b, &it, &dims, &brefs);
     let blk = offs.indices.last().cloned().unwrap_or_default();
     let row0 = ix_mul(b, &blk, group * qb);
-    let sq_last = b.index(sq.saturating_sub(1));
+    let sq_last = lens.sq_last.clone();
     let (msq, msk) = mask.map(|m| (m.strides[r - 2], m.strides[r - 1])).unwrap_or((0, 0));
     let (os, od) = out.map(|o| (o.strides[r - 2], o.strides[r - 1])).unwrap_or((0, 0));
     let at = |slot: Option<usize>| slot.map(|i| offs.offsets[i].clone()).unwrap_or_else(|| c0.clone());
@@ -589,15 +694,13 @@ fn body(
     };
     let cx = match &packed {
         Some((kp, vp, held)) => {
-            let gpb = b.index(groups_per_batch);
-            let bi = ix(b, "divui", &it, &gpb);
+            let bi = ix(b, "divui", &it, &groups);
             let prev = b.assign(format!("memref.load {held}[{c0}] : memref<1xindex>"));
             let other = b.assign(format!("arith.cmpi ne, {bi}, {prev} : index"));
             b.open(format!("scf.if {other}"));
-            let skc = b.index(sk);
-            copy_rows(b, &cx, (cx.k, &cx.kbase, cx.ks, cx.kd), &c0, &skc, d, kp);
+            copy_rows(b, &cx, (cx.k, &cx.kbase, cx.ks, cx.kd), &c0, &lens.sk, d, kp);
             if dv > 0 {
-                copy_rows(b, &cx, (cx.v, &cx.vbase, cx.vs, cx.vd), &c0, &skc, dv, vp);
+                copy_rows(b, &cx, (cx.v, &cx.vbase, cx.vs, cx.vd), &c0, &lens.sk, dv, vp);
             }
             b.line(format!("memref.store {bi}, {held}[{c0}] : memref<1xindex>"));
             b.close("");
@@ -606,16 +709,16 @@ fn body(
         None => cx,
     };
     match tail {
-        None => group_body(b, &cx, plan, &bufs, shape, scale, causal),
+        None => group_body(b, &cx, plan, &bufs, shape, &lens, scale, causal),
         Some(t) => {
             // The last group of each batch index holds the rows left over, in the tail's blocks.
-            let last = b.index(groups_per_batch - 1);
+            let last = ix(b, "subi", &groups, &c1);
             let is_last = b.assign(format!("arith.cmpi eq, {blk}, {last} : index"));
             b.open(format!("scf.if {is_last}"));
-            group_body(b, &cx, t, &bufs, shape, scale, causal);
+            group_body(b, &cx, t, &bufs, shape, &lens, scale, causal);
             b.close("");
             b.open("else");
-            group_body(b, &cx, plan, &bufs, shape, scale, causal);
+            group_body(b, &cx, plan, &bufs, shape, &lens, scale, causal);
             b.close("");
         }
     }
@@ -628,10 +731,20 @@ fn body(
 
 /// One group of blocks of `plan`, from the query rows starting at `cx.row0`: q rows into
 /// scratch, the walk over the key tiles, and the output rows.
-fn group_body(b: &mut Body, cx: &Ctx, plan: &Plan, bufs: &Scratch, shape: &Shape, scale: f64, causal: bool) {
+#[allow(clippy::too_many_arguments)]
+fn group_body(
+    b: &mut Body,
+    cx: &Ctx,
+    plan: &Plan,
+    bufs: &Scratch,
+    shape: &Shape,
+    lens: &Lens,
+    scale: f64,
+    causal: bool,
+) {
     let (vty, lanes) = (cx.vty, plan.lanes);
     let Plan { qb, group, rv, kt: ktile, ks: kstep, .. } = *plan;
-    let (sq, d, sk, dv) = (shape.sq, shape.d, shape.sk, shape.dv);
+    let (d, dv) = (shape.d, shape.dv);
     let Scratch { s: s_buf, q: q_buf, o: o_buf, m: m_buf, l: l_buf } = bufs;
     let c0 = b.index(0);
     let c1 = b.index(1);
@@ -641,8 +754,11 @@ fn group_body(b: &mut Body, cx: &Ctx, plan: &Plan, bufs: &Scratch, shape: &Shape
         let rr = b.index(group * qb - 1);
         cx.row_of(b, &rr)
     };
-    let sk_c = b.index(sk);
-    let sk_last = b.index(sk.saturating_sub(1));
+    let sk_c = lens.sk.clone();
+    let sk_last = {
+        let sk1 = ix(b, "maxui", &sk_c, &c1);
+        ix(b, "subi", &sk1, &c1)
+    };
     let kend = if causal {
         let e = ix_add(b, &last_row, 1);
         ix(b, "minui", &e, &sk_c)
@@ -681,7 +797,7 @@ fn group_body(b: &mut Body, cx: &Ctx, plan: &Plan, bufs: &Scratch, shape: &Shape
     let (sb, _, _) = for_open(b, &c0, &groupc, &c1, &[]);
     let group_cx = cx.clone();
     let cx = cx.block(b, &sb, qb, d, dv);
-    let rowv = if causal { causal_rows(b, &cx, rv, sq) } else { Vec::new() };
+    let rowv = if causal { causal_rows(b, &cx, rv) } else { Vec::new() };
 
     // 1. Scores, `kstep` keys at a time: whole groups without bounds tests, then the tile's
     //    last, partial group (zero or one of them) with its keys past the end hidden.
@@ -1099,14 +1215,46 @@ fn store_out_transposed(
     for_close(b, &[], &[]);
 }
 
+/// [`offsets`] over the run's batch extents and the `groups` per batch index: the indices of
+/// iteration `it`, and each operand's element offset.
+fn run_offsets(b: &mut Body, it: &str, v: &RunValues, groups: &str) -> Offsets {
+    let mut extents = v.batch.clone();
+    extents.push(groups.to_string());
+    let mut indices = vec![String::new(); extents.len()];
+    let mut rem = it.to_string();
+    for k in (0..extents.len()).rev() {
+        if k == 0 {
+            indices[k] = rem.clone();
+        } else {
+            indices[k] = ix(b, "remui", &rem, &extents[k]);
+            rem = ix(b, "divui", &rem, &extents[k]);
+        }
+    }
+    let offsets = v
+        .offsets
+        .iter()
+        .zip(&v.batch_strides)
+        .map(|(off, strides)| {
+            let mut acc = off.clone();
+            for (i, st) in indices.iter().zip(strides) {
+                let t = ix(b, "muli", i, st);
+                acc = ix(b, "addi", &acc, &t);
+            }
+            acc
+        })
+        .collect();
+    Offsets { indices, offsets }
+}
+
 /// The clamped query rows of each of the block's row vectors, as i32 lanes (for the causal
 /// test).
-fn causal_rows(b: &mut Body, cx: &Ctx, rv: usize, sq: usize) -> Vec<String> {
+fn causal_rows(b: &mut Body, cx: &Ctx, rv: usize) -> Vec<String> {
     let lanes = cx.lanes;
     let ity = format!("vector<{lanes}xi32>");
     let r0 = b.assign(format!("arith.index_cast {} : index to i32", cx.row0));
     let r0 = b.assign(format!("vector.broadcast {r0} : i32 to {ity}"));
-    let lastv = b.assign(format!("arith.constant dense<{}> : {ity}", sq.saturating_sub(1)));
+    let last = b.assign(format!("arith.index_cast {} : index to i32", cx.sq_last));
+    let lastv = b.assign(format!("vector.broadcast {last} : i32 to {ity}"));
     (0..rv)
         .map(|u| {
             let iota: Vec<String> = (u * lanes..(u + 1) * lanes).map(|x| x.to_string()).collect();

@@ -49,7 +49,7 @@ pub fn emit(
     target: &dyn Target,
 ) -> Result<Kernel, CodegenError> {
     let p = Problem::new(a, b, bias, activation, out)?;
-    emit_problem(symbol, &p, None, target)
+    emit_problem(symbol, &p, None, target, None)
 }
 
 /// [`emit`] for a B stored ahead of time in `panels` (see [`Panels`]): the kernel reads the
@@ -81,7 +81,72 @@ pub fn emit_prepacked(
     if p.m == 0 {
         return Err(unsupported("no rows".into()));
     }
-    emit_problem(symbol, &p, Some(panels), target)
+    emit_problem(symbol, &p, Some(panels), target, None)
+}
+
+/// A row count M known only at run time (`docs/dynamic-shapes.md`): the operands' views are
+/// sized for the largest M, and the kernel computes the run's M on entry.
+pub struct RunRows<'a> {
+    /// Emits the run's M as an `index` value at the top of the body.
+    pub value: &'a dyn Fn(&mut Body) -> String,
+    /// The extra parameter `value` reads (the run's symbol values), before `%begin`.
+    pub param: String,
+    /// The M the layout choices are made for (the symbols' hints), as a static kernel at that
+    /// M would make them.
+    pub plan: usize,
+}
+
+/// How [`emit_run_rows`] split its range: `column_blocks × ⌈M / row_tile⌉` iterations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowTiling {
+    pub column_blocks: usize,
+    pub row_tile: usize,
+}
+
+/// [`emit`] (or [`emit_prepacked`] with `panels`) for 2-D operands whose M is known only at run
+/// time: `a [M_max, K]`, `out [M_max, N]` and the bias are views at the largest M. The f32
+/// micro-kernel runs unchanged on whole row tiles; the last, partial tile computes a whole
+/// tile with its missing rows reading the last valid one, and stores only the valid rows. The
+/// kernel's range at the largest M is returned with the tiling it decomposes into, from which
+/// the caller writes the run's range.
+#[allow(clippy::too_many_arguments)]
+pub fn emit_run_rows(
+    symbol: &str,
+    a: &View,
+    b: &View,
+    panels: Option<Panels>,
+    bias: Option<&View>,
+    activation: Activation,
+    out: &View,
+    target: &dyn Target,
+    rows: &RunRows<'_>,
+) -> Result<(Kernel, RowTiling), CodegenError> {
+    let unsupported = |msg: String| CodegenError::Unsupported(format!("matmul over run-time rows: {msg}"));
+    if [a, b, out].into_iter().chain(bias).any(|v| v.rank() != 2) || out.dtype != DType::F32 {
+        return Err(unsupported("only 2-D f32 operands".into()));
+    }
+    let b = match panels {
+        Some(panels) => {
+            if panels != Panels::for_target(panels.k, panels.n, target) {
+                return Err(unsupported(format!("{panels:?} is not the layout of this target")));
+            }
+            View {
+                shape: vec![panels.k, panels.n],
+                strides: vec![panels.nr, 1],
+                offset: 0,
+                dtype: DType::F32,
+                buffer_len: panels.len(),
+            }
+        }
+        None => b.clone(),
+    };
+    let p = Problem::new(a, &b, bias, activation, out)?;
+    if p.m == 0 || p.k == 0 || p.n == 0 {
+        return Err(unsupported("an empty product".into()));
+    }
+    let tiled = Tiled::new(&p, panels.is_some(), target, Some(rows));
+    let tiling = RowTiling { column_blocks: tiled.nbn, row_tile: tiled.mr };
+    Ok((emit_problem(symbol, &p, panels, target, Some(rows))?, tiling))
 }
 
 /// The layout a constant B (a weight) is stored in when it is packed at compile time: panel
@@ -141,9 +206,12 @@ fn emit_problem(
     p: &Problem,
     packed: Option<Panels>,
     target: &dyn Target,
+    run: Option<&RunRows<'_>>,
 ) -> Result<Kernel, CodegenError> {
     let (text, range, grain) = if p.dtype == DType::F32 && p.k > 0 && p.m > 0 && p.n > 0 {
-        Tiled::new(p, packed.is_some(), target).emit()
+        Tiled::new(p, packed.is_some(), target, run).emit()
+    } else if run.is_some() {
+        return Err(CodegenError::Unsupported("matmul over run-time rows: not an f32 product".into()));
     } else {
         p.emit_scalar()
     };
@@ -152,6 +220,9 @@ fn emit_problem(
         args.push(format!("%bias: {}", c.memref()));
     }
     args.push(format!("%out: {}", p.out.memref()));
+    if let Some(r) = run {
+        args.push(r.param.clone());
+    }
     let mlir = format!("func.func @{symbol}({}, %begin: index, %end: index) {{\n{text}}}\n", args.join(", "));
     let (bn, m, n, k) = (p.batch as u64, p.m as u64, p.n as u64, p.k as u64);
     let flops = 2 * bn * m * n * k;
@@ -421,9 +492,9 @@ fn truncate_bf16(b: &mut Body, x: &str) -> String {
 /// Whether a is copied into contiguous blocks first: when K is strided, or when there are many
 /// rows far apart (each micro-kernel row stream then costs a TLB entry, and rows 4 KiB apart
 /// alias in L1 sets; measured +3% on 4096³, neutral on 1024³, a loss on 128-row products).
-fn pack_a_policy(p: &Problem) -> bool {
+fn pack_a_policy(p: &Problem, m: usize) -> bool {
     let (sam, sak) = (p.a.strides[p.lead], p.a.strides[p.lead + 1]);
-    sak != 1 || (sam >= 1024 && p.m >= 256)
+    sak != 1 || (sam >= 1024 && m >= 256)
 }
 
 /// `base + i·stride` as index arithmetic (nothing emitted for stride 0, no multiply for 1).
@@ -494,6 +565,8 @@ struct Tiled<'p> {
     /// (`ap_ty`), and the micro-kernel reads it from there.
     pack_a: bool,
     ap_ty: String,
+    /// The run-time M, when M is not `p.m` (then the largest M).
+    run: Option<&'p RunRows<'p>>,
 }
 
 /// Per-group SSA values: the batch's operand offsets and the column block.
@@ -515,7 +588,7 @@ impl<'p> Tiled<'p> {
     /// Vectors per tile row.
     const NV: usize = 2;
 
-    fn new(p: &'p Problem, prepacked: bool, target: &dyn Target) -> Tiled<'p> {
+    fn new(p: &'p Problem, prepacked: bool, target: &dyn Target, run: Option<&'p RunRows<'p>>) -> Tiled<'p> {
         let lanes = target.f32_lanes().max(1);
         let regs = target.vector_registers().max(8);
         let nv = Self::NV;
@@ -524,13 +597,14 @@ impl<'p> Tiled<'p> {
         let mc = MC_TARGET.div_ceil(mr) * mr;
         let kblocks = p.k.div_ceil(KC_MAX);
         let kc = p.k.div_ceil(kblocks);
-        let nb_target = if p.m * p.batch >= ROWS_LARGE { NB_LARGE } else { NB_SMALL };
+        let m_plan = run.map_or(p.m, |r| r.plan.clamp(1, p.m));
+        let nb_target = if m_plan * p.batch >= ROWS_LARGE { NB_LARGE } else { NB_SMALL };
         let nbn = p.n.div_ceil(nb_target);
         let nb = p.n.div_ceil(nbn).div_ceil(nr) * nr;
         let nbn = p.n.div_ceil(nb);
         let vty = format!("vector<{lanes}xf32>");
         let bp_ty = if prepacked { p.b.memref() } else { format!("memref<{}xf32>", kc * nb) };
-        let pack_a = pack_a_policy(p);
+        let pack_a = pack_a_policy(p, m_plan);
         let ap_ty = format!("memref<{}xf32>", mc * kc + lanes);
         Tiled {
             p,
@@ -549,6 +623,7 @@ impl<'p> Tiled<'p> {
             prepacked,
             pack_a,
             ap_ty,
+            run,
         }
     }
 
@@ -567,7 +642,16 @@ impl<'p> Tiled<'p> {
         let ap = self
             .pack_a
             .then(|| b.assign(format!("memref.alloc() {{alignment = 64 : i64}} : {}", self.ap_ty)));
-        let mt = b.index(self.mt);
+        // Row tiles per column block, and M: constants, or the run's.
+        let (mt, mcount) = match self.run {
+            None => (b.index(self.mt), b.index(p.m)),
+            Some(run) => {
+                let m = (run.value)(&mut b);
+                let (mrc, c1) = (b.index(self.mr), b.index(1));
+                let mt = b.assign(format!("arith.ceildivui {m}, {mrc} : index"));
+                (b.assign(format!("arith.maxui {mt}, {c1} : index")), m)
+            }
+        };
         let g0 = b.assign(format!("arith.divui %begin, {mt} : index"));
         let gend = b.assign(format!("arith.ceildivui %end, {mt} : index"));
         let g = b.fresh("g");
@@ -591,7 +675,6 @@ impl<'p> Tiled<'p> {
         let mrc = b.index(self.mr);
         let r0 = b.assign(format!("arith.muli {lo}, {mrc} : index"));
         let r1 = b.assign(format!("arith.muli {hi}, {mrc} : index"));
-        let mcount = b.index(p.m);
         let r1 = b.assign(format!("arith.minui {r1}, {mcount} : index"));
         let nbc = b.index(self.nb);
         let n0 = b.assign(format!("arith.muli {nbi}, {nbc} : index"));
@@ -664,11 +747,17 @@ impl<'p> Tiled<'p> {
             b.open(format!("scf.for {t} = {zero} to {tiles} step {one}"));
             let row = b.assign(format!("arith.muli {t}, {mrc} : index"));
             let row = b.assign(format!("arith.addi {ic}, {row} : index"));
-            self.tile(b, bp, g, &ic, &row, self.mr, panel, valid, pc, kc, mode);
+            self.tile(b, bp, g, &ic, (&row, None), self.mr, panel, valid, pc, kc, mode);
             b.close("");
-            if edge_rows != 0 {
+            if self.run.is_some() {
+                // A run-time tail: a whole tile over the rows that are there.
                 b.open(format!("scf.if {has_tail}"));
-                self.tile(b, bp, g, &ic, &tail_row, edge_rows, panel, valid, pc, kc, mode);
+                let there = b.assign(format!("arith.subi {ie}, {tail_row} : index"));
+                self.tile(b, bp, g, &ic, (&tail_row, Some(&there)), self.mr, panel, valid, pc, kc, mode);
+                b.close("");
+            } else if edge_rows != 0 {
+                b.open(format!("scf.if {has_tail}"));
+                self.tile(b, bp, g, &ic, (&tail_row, None), edge_rows, panel, valid, pc, kc, mode);
                 b.close("");
             }
         };
@@ -1059,7 +1148,9 @@ impl<'p> Tiled<'p> {
         b.assign(format!("vector.create_mask {n} : {}", self.mask_ty()))
     }
 
-    /// One `mr × nr` micro-tile of C at `row`, panel `panel` (`valid` columns of it when given).
+    /// One `mr × nr` micro-tile of C at row `row.0`, panel `panel` (`valid` columns of it when
+    /// given). With `row.1`, only that many rows are there: the others read the last of them
+    /// (so nothing is read out of bounds) and are not stored.
     #[allow(clippy::too_many_arguments)]
     fn tile(
         &self,
@@ -1067,7 +1158,7 @@ impl<'p> Tiled<'p> {
         bp: &str,
         g: &Group,
         ic: &str,
-        row: &str,
+        (row, there): (&str, Option<&str>),
         mr: usize,
         panel: &str,
         valid: Option<&str>,
@@ -1085,26 +1176,41 @@ impl<'p> Tiled<'p> {
         let col = b.assign(format!("arith.addi {}, {col} : index", g.n0));
         // Row r of the tile: its a offset (at k = pc) and out offset (at the panel's column).
         // Packed, row i of the block starts at (i − ic)·kc_max of the scratch.
-        let (amem, am, a_start, a_row, sam, sak) = match &g.ap {
-            Some(ap) => {
-                let rel = b.assign(format!("arith.subi {row}, {ic} : index"));
-                (ap.clone(), self.ap_ty.clone(), b.index(0), rel, self.kc, 1)
-            }
+        let (amem, am, a_start, a_from, sam, sak) = match &g.ap {
+            Some(ap) => (ap.clone(), self.ap_ty.clone(), b.index(0), Some(ic), self.kc, 1),
             None => {
                 let (sam, sak) = (p.a.strides[lead], p.a.strides[lead + 1]);
                 let start = add_scaled(b, &g.a0, pc, sak);
-                ("%a".to_string(), p.a.memref(), start, row.to_string(), sam, sak)
+                ("%a".to_string(), p.a.memref(), start, None, sam, sak)
             }
         };
+        // Row r of the tile, clamped to the last row there when rows are missing.
+        let last = there.map(|n| {
+            let c1 = b.index(1);
+            let end = b.assign(format!("arith.addi {row}, {n} : index"));
+            b.assign(format!("arith.subi {end}, {c1} : index"))
+        });
+        let rows: Vec<String> = (0..mr)
+            .map(|r| {
+                let rc = b.index(r);
+                let i = b.assign(format!("arith.addi {row}, {rc} : index"));
+                match (&last, r) {
+                    (Some(last), 1..) => b.assign(format!("arith.minui {i}, {last} : index")),
+                    _ => i,
+                }
+            })
+            .collect();
         let mut arows = Vec::with_capacity(mr);
         let mut orows = Vec::with_capacity(mr);
         let ocol = add_scaled(b, &g.o0, &col, son);
-        for r in 0..mr {
-            let rc = b.index(r);
-            let i = b.assign(format!("arith.addi {a_row}, {rc} : index"));
-            arows.push(add_scaled(b, &a_start, &i, sam));
-            let i = b.assign(format!("arith.addi {row}, {rc} : index"));
-            orows.push(add_scaled(b, &ocol, &i, som));
+        for i in &rows {
+            // Packed, row i of the block starts at (i − ic)·kc_max of the scratch.
+            let ia = match a_from {
+                Some(ic) => b.assign(format!("arith.subi {i}, {ic} : index")),
+                None => i.clone(),
+            };
+            arows.push(add_scaled(b, &a_start, &ia, sam));
+            orows.push(add_scaled(b, &ocol, i, som));
         }
         // C is read after the k loop (into accumulators that start at zero), so the prefetch
         // issued here has the whole loop to bring its lines in.
@@ -1196,10 +1302,8 @@ impl<'p> Tiled<'p> {
                 let (scm, scn) = (c.strides[lead], c.strides[lead + 1]);
                 let cm = c.memref();
                 let ccol = add_scaled(b, c0, &col, scn);
-                for r in 0..mr {
-                    let rc = b.index(r);
-                    let i = b.assign(format!("arith.addi {row}, {rc} : index"));
-                    let crow = add_scaled(b, &ccol, &i, scm);
+                for (r, i) in rows.iter().enumerate() {
+                    let crow = add_scaled(b, &ccol, i, scm);
                     for v in 0..nv {
                         let x = self.load_vec(b, "%bias", &cm, &crow, scn, v, valid);
                         let j = r * nv + v;
@@ -1212,8 +1316,20 @@ impl<'p> Tiled<'p> {
             }
         }
         for (r, o) in orows.iter().enumerate() {
+            let guarded = match there {
+                Some(n) if r > 0 => {
+                    let rc = b.index(r);
+                    let inside = b.assign(format!("arith.cmpi ult, {rc}, {n} : index"));
+                    b.open(format!("scf.if {inside}"));
+                    true
+                }
+                _ => false,
+            };
             for v in 0..nv {
                 self.store_vec(b, &acc[r * nv + v], o, son, v, valid);
+            }
+            if guarded {
+                b.close("");
             }
         }
     }
