@@ -26,21 +26,20 @@
 //! `--padded` runs the fixed-shape path instead: every sentence padded to `--seq`, one batch.
 //! Both give the same embeddings to 1e-5 (`tests/minilm.rs`): mean pooling ignores padding.
 //!
-//! Each distinct (batch, padded length) is its own compiled artifact: `models/bert_encoder.ron`
-//! lowered with `--set batch=B --set seq=L`, optimized, compiled for this machine with the
-//! checkpoint's weights bound by their names (`kiln_ir::bind_params_with_warnings`), and cached
-//! next to the weights in `artifact/bB-sL/`, reused while the spec, the weights' digest, the
-//! shape and this program stay the same (at most [`CACHE_SLOTS`] artifacts are kept, the least
-//! recently used dropped first). Rounding lengths up to a multiple of 8 keeps the number of
-//! shapes, and so of compilations, small; the first embedding of a new shape pays its compile.
+//! One artifact serves every batch: `models/bert_encoder.ron` lowered with `batch` and `seq`
+//! made dynamic sizes (`--set 'batch=Dyn(min: 1, max: B, hint: B)' --set 'seq=Dyn(min: 1, max:
+//! S, hint: …)'`, B the most sentences per batch, S the most tokens per sentence), optimized,
+//! compiled for this machine with the checkpoint's weights bound by their names
+//! (`kiln_ir::bind_params_with_warnings`), and cached next to the weights in
+//! `artifact/dB-sS/`, reused while the spec, the weights' digest, the bounds and this program
+//! stay the same; a batch past the bounds (`--padded` with more sentences than `--batch`)
+//! compiles one with wider bounds. Every batch runs at its own shape with no compile, through
+//! the same tiled kernels a fixed-shape artifact uses (`docs/dynamic-shapes.md`).
 //!
-//! `--dynamic` compiles one artifact for every batch instead: the spec lowered with `batch` and
-//! `seq` made dynamic sizes (`--set 'batch=Dyn(min: 1, max: B, hint: B)' --set 'seq=Dyn(min: 1,
-//! max: S, hint: …)'`, B the most sentences per batch, S the most tokens per sentence), cached
-//! in `artifact/dB-sS/`; a batch past the bounds (`--padded` with more sentences than
-//! `--batch`) compiles one with wider bounds. It runs every length with no compile, but its
-//! matrix products and attention are not yet the tiled kernels of the per-shape artifacts
-//! (`docs/dynamic-shapes.md`, step 6), so it is the slower of the two today.
+//! `--per-shape` compiles one artifact per distinct (batch, padded length) instead, lowered
+//! with `--set batch=B --set seq=L` and cached in `artifact/bB-sL/` (at most [`CACHE_SLOTS`]
+//! kept, the least recently used dropped first); the first embedding of a new shape pays its
+//! compile.
 //!
 //! Output: a table of cosine similarities, or with `--json` `{"embeddings": [[…384…], …],
 //! "timing": {…}}` in input order. `--repeats N` embeds the sentences N more times once every
@@ -117,10 +116,10 @@ struct Args {
     /// Compile into temporary directories instead of reusing the cached artifacts.
     #[arg(long)]
     no_cache: bool,
-    /// Compile one artifact for every batch and length instead of one per (batch, padded
-    /// length).
+    /// Compile one artifact per (batch, padded length) instead of one for every batch and
+    /// length.
     #[arg(long)]
-    dynamic: bool,
+    per_shape: bool,
 }
 
 fn main() -> ExitCode {
@@ -137,7 +136,7 @@ fn run(args: &Args) -> Result<(), String> {
     let seq = args.seq as usize;
     let cache = cache_dir()?;
     let sentences = sentences(args)?;
-    let sizes = if args.dynamic { Sizes::Dynamic } else { Sizes::PerShape };
+    let sizes = if args.per_shape { Sizes::PerShape } else { Sizes::Dynamic };
     let mut encoder = Encoder::new(&cache, !args.no_cache, args.threads.map(|t| t as usize), sizes)?;
     let how = if args.padded {
         How::Padded { seq }

@@ -1,0 +1,168 @@
+"""One artifact for every batch and length against an artifact compiled for one shape, at the
+same shapes: the cost of sizes set at run time (issue 17: within 3 %).
+
+The MiniLM-L6 encoder (`models/bert_encoder.ron`: 6 layers, hidden 384, 12 heads; random
+parameters from `--seed 0`, which do not change the time) is compiled once with `batch` and
+`seq` dynamic (1..=32, hint 8; 1..=256, hint 128) and once per shape below with `--set`. At
+each shape both run the same inputs through `kiln run --repeats N` (the median of N runs after
+a warm-up), alternating, the order reversed every other round; each keeps its best median.
+Uses only the `kiln` binary and Python's standard library.
+
+    python3 bench/dynamic.py            # everything, then the doc section
+    python3 bench/dynamic.py --no-doc   # bench/out/dynamic.json only
+    python3 bench/dynamic.py --doc-only # the doc section again from dynamic.json
+
+Environment: KILN_BIN (default target/release/kiln), BENCH_DYNAMIC_REPEATS (runs per
+measurement, 20), BENCH_DYNAMIC_ROUNDS (3).
+"""
+
+import datetime
+import json
+import os
+import random
+import re
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+OUT = BENCH / "out"
+WORK = OUT / "dynamic"
+DOC = REPO / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- dynamic:begin (written by bench/dynamic.py) -->", "<!-- dynamic:end -->"
+SPEC = REPO / "models" / "bert_encoder.ron"
+THREADS = 2
+BOUNDS = {"batch": (1, 32, 8), "seq": (1, 256, 128)}
+# A short query alone, a sentence at the hint, the hints, a batch of short sentences, the maxima.
+SHAPES = [(1, 9), (1, 128), (8, 128), (32, 24), (32, 256)]
+REPEATS = int(os.environ.get("BENCH_DYNAMIC_REPEATS", "20"))
+ROUNDS = int(os.environ.get("BENCH_DYNAMIC_ROUNDS", "3"))
+GOAL = 1.03
+VOCAB = 30522
+
+
+def kiln_bin():
+    return os.environ.get("KILN_BIN") or str(REPO / "target" / "release" / "kiln")
+
+
+def write_npy(path, shape, values):
+    """An i64 array as a version 1.0 .npy file."""
+    header = f"{{'descr': '<i8', 'fortran_order': False, 'shape': ({', '.join(map(str, shape))},), }}"
+    pad = 64 - (10 + len(header) + 1) % 64
+    header = header + " " * pad + "\n"
+    with open(path, "wb") as f:
+        f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode("latin1"))
+        f.write(struct.pack(f"<{len(values)}q", *values))
+
+
+def inputs(batch, seq):
+    """Token ids drawn with a fixed seed, one segment, no padding: `--input` arguments."""
+    rng = random.Random(batch * 1000 + seq)
+    n = batch * seq
+    args = []
+    for name, values in (("input_ids", [rng.randrange(VOCAB) for _ in range(n)]),
+                         ("token_type_ids", [0] * n), ("attention_mask", [1] * n)):
+        path = WORK / f"{name}_b{batch}_s{seq}.npy"
+        write_npy(path, (batch, seq), values)
+        args += ["--input", f"{name}={path}"]
+    return args
+
+
+def compile_artifact(out, sets):
+    cmd = [kiln_bin(), "compile", str(SPEC), "--seed", "0", "-o", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return time.perf_counter() - t
+
+
+def median_ms(artifact, args):
+    cmd = [kiln_bin(), "run", str(artifact), "--threads", str(THREADS), "--repeats", str(REPEATS), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    m = re.search(r"latency: median ([0-9.]+) ms", p.stdout + p.stderr)
+    if p.returncode != 0 or not m:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
+    return float(m.group(1))
+
+
+def measure():
+    WORK.mkdir(parents=True, exist_ok=True)
+    start = os.getloadavg()
+    t0 = time.perf_counter()
+    dyn = WORK / "dynamic.kiln"
+    sets = [f"{k}=Dyn(min: {lo}, max: {hi}, hint: {h})" for k, (lo, hi, h) in BOUNDS.items()]
+    compile_s = {"dynamic": compile_artifact(dyn, sets)}
+    rows = []
+    for batch, seq in SHAPES:
+        static = WORK / f"b{batch}-s{seq}.kiln"
+        compile_s[f"{batch}x{seq}"] = compile_artifact(static, [f"batch={batch}", f"seq={seq}"])
+        args = inputs(batch, seq)
+        runs = {"static": [], "dynamic": []}
+        for r in range(ROUNDS):
+            order = [("static", static), ("dynamic", dyn)]
+            for name, artifact in order if r % 2 == 0 else reversed(order):
+                runs[name].append(median_ms(artifact, args))
+        best = {k: min(v) for k, v in runs.items()}
+        rows.append({"batch": batch, "seq": seq, "rounds_ms": runs, "best_ms": best,
+                     "ratio": best["dynamic"] / best["static"]})
+        print(f"{batch}x{seq}: static {best['static']:.2f} ms, dynamic {best['dynamic']:.2f} ms, "
+              f"{best['dynamic'] / best['static']:.3f}x", flush=True)
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "wall_s": time.perf_counter() - t0, "loadavg_start": start, "loadavg_end": os.getloadavg(),
+            "threads": THREADS, "repeats": REPEATS, "rounds": ROUNDS, "bounds": BOUNDS,
+            "compile_s": compile_s, "rows": rows}
+
+
+def section(res):
+    lo = lambda x: " / ".join(f"{v:.2f}" for v in x)  # noqa: E731
+    b, s = res["bounds"]["batch"], res["bounds"]["seq"]
+    lines = [
+        BEGIN,
+        f"Generated by `bench/dynamic.py` (`bench/run`) on {res['date']} in {res['wall_s'] / 60:.0f} min; rerun it "
+        "to refresh (raw numbers: `bench/out/dynamic.json`). Do not edit between the markers.",
+        "",
+        f"MiniLM-L6 (`models/bert_encoder.ron`), {res['threads']} threads. One artifact with `batch` in "
+        f"{b[0]}..={b[1]} (hint {b[2]}) and `seq` in {s[0]}..={s[1]} (hint {s[2]}) against one compiled at each "
+        f"shape, the same inputs; each time the median of {res['repeats']} runs, the best of {res['rounds']} "
+        f"alternating rounds. Load average at the start {lo(res['loadavg_start'])}, at the end "
+        f"{lo(res['loadavg_end'])}.",
+        "",
+        f"| batch × seq | per shape ms | one artifact ms | ratio | goal ≤ {GOAL:.2f}× |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in res["rows"]:
+        ok = "holds" if r["ratio"] <= GOAL else "not yet"
+        lines.append(f"| {r['batch']} × {r['seq']} | {r['best_ms']['static']:.2f} | {r['best_ms']['dynamic']:.2f} "
+                     f"| {r['ratio']:.3f}× | {ok} |")
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def write_doc(res):
+    text = DOC.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{DOC}: markers `{BEGIN}` / `{END}` not found")
+    head, rest = text.split(BEGIN, 1)
+    DOC.write_text(head + section(res) + rest.split(END, 1)[1])
+    print(f"wrote {DOC} (between the dynamic markers)")
+
+
+def main():
+    path = OUT / "dynamic.json"
+    if "--doc-only" in sys.argv:
+        write_doc(json.loads(path.read_text()))
+        return
+    res = measure()
+    OUT.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1))
+    print(f"wrote {path}")
+    if "--no-doc" not in sys.argv:
+        write_doc(res)
+
+
+if __name__ == "__main__":
+    main()
