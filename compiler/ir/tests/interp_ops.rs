@@ -1475,6 +1475,13 @@ fn unproven_extents_are_typing_errors_naming_both_sizes() {
         err(Op::Concat { axis: 1 }, &[t(vec![sym(&b), Dim::Const(2)]), t(vec![sym(&s), Dim::Const(2)])]),
         "`concat`: cannot prove that axis 0 of the concatenated [batch, 2] and [seq, 2] are equal: batch vs seq"
     );
+    // Windows walk static images: only the batch of a convolution may be a run-time size.
+    let conv = Op::Conv2d { stride: [1, 1], padding: [1, 1], dilation: [1, 1], groups: 1 };
+    let x = t(vec![sym(&b), Dim::Const(3), sym(&s), Dim::Const(8)]);
+    assert_eq!(
+        err(conv, &[x, t(kiln_ir::dims(&[4, 3, 3, 3]))]),
+        "`conv2d`: needs static extents from axis 1 on, got [batch, 3, seq, 8]"
+    );
     // Equal normal forms agree however they were written.
     let ok =
         kiln_ir::infer(&Op::Reshape { shape: vec![sym(&s.mul(&b).unwrap())] }, &[&t(vec![sym(&b), sym(&s)])]);

@@ -304,8 +304,22 @@ fn unpacked(
         Op::Concat { .. } | Op::Pad { .. } | Op::ScatterAdd { .. } => {
             return Err(refuse(k, format!("its index arithmetic over {shape_text} uses static extents")))
         }
+        // Over a run-time batch alone (the leading axis; channels and the image static): the
+        // batch is the row form's one leading axis, which the static emitters never read.
+        Op::Conv2d { stride, padding, dilation, groups } if p == 1 => {
+            let x = row(arg(0)?, "the input")?;
+            let w = fixed(arg(1)?, "the weight")?;
+            kernels::conv::emit_conv2d(sym, *stride, *padding, *dilation, *groups, &x, &w, &out_row?)?
+        }
+        Op::Pool2d { kind, kernel, stride, padding } if p == 1 => {
+            let x = row(arg(0)?, "the input")?;
+            kernels::conv::emit_pool2d(sym, *kind, *kernel, *stride, *padding, &x, &out_row?)?
+        }
         Op::Conv2d { .. } | Op::Pool2d { .. } => {
-            return Err(refuse(k, format!("its windows over {shape_text} need static extents")))
+            return Err(refuse(
+                k,
+                format!("its windows over {shape_text} need static extents past the batch"),
+            ))
         }
         Op::Input { .. }
         | Op::Param { .. }
