@@ -13,7 +13,7 @@ Two modes, each a loop over all 512 sentences that returns unit-length embedding
 Systems: PyTorch eager (transformers' BertModel, the loop sentence-transformers' `encode` runs),
 ONNX Runtime and OpenVINO on one ONNX export with dynamic batch and sequence axes, the same loop;
 Kiln through `examples/sentence_embeddings.rs` (its `embed` path: token-sorted batches, each
-sentence alone and unpadded online, batches padded to a multiple of 8 offline, through the one
+sentence alone online, each batch padded to its longest sentence offline, through the one
 artifact compiled for every batch and length; compile and load are outside the timed loop and
 reported apart), and, as `kiln-per-shape`, with one artifact compiled per (batch, padded
 length) (`--per-shape`, lengths padded to a multiple of 8 in both modes, which keeps the
@@ -284,7 +284,7 @@ def kiln_bin():
 def kiln(system, mode):
     """examples/sentence_embeddings.rs's `embed`: its first pass compiles (or loads from the
     cache) what the plan needs; the REPEATS loops after it are timed by the example. `kiln` runs
-    its defaults (one artifact; batch 1 unpadded, batches padded to a multiple of 8);
+    its defaults (one artifact; batches padded to their longest sentence);
     `kiln-per-shape` rounds lengths up to a multiple of 8 at batch 1 too (an artifact per exact
     length would be 137 of them here; rounded, 26)."""
     import numpy as np

@@ -15,8 +15,9 @@
 //!    WordPiece ids, truncated to `--seq` tokens (128) and not padded.
 //! 2. `kiln_runtime::batching::plan` sorts the sentences by token count and cuts them into
 //!    batches of at most `--batch` sentences (32) and `--tokens` padded tokens; each batch is
-//!    padded only to its own longest sentence, rounded up to `--multiple-of` (8; 1 at
-//!    `--batch 1`, so a sentence alone runs unpadded).
+//!    padded only to its own longest sentence, rounded up to `--multiple-of` (1: not rounded;
+//!    8 with `--per-shape` at batches above 1, which bounds the number of artifacts compiled).
+//!    A sentence alone runs unpadded.
 //! 3. Each batch runs the encoder at its own shape, with an attention mask that hides its
 //!    padding; the output is `last_hidden_state` [batch, padded length, 384].
 //! 4. The pooling is all-MiniLM-L6-v2's (sentence-transformers' `Pooling` + `Normalize`), done
@@ -100,7 +101,8 @@ struct Args {
     /// Most padded tokens per batch (batch × padded length; default `--batch` × `--seq`).
     #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
     tokens: Option<u64>,
-    /// Padded lengths are rounded up to a multiple of this (default 8, or 1 at `--batch 1`).
+    /// Padded lengths are rounded up to a multiple of this (default 1; 8 with `--per-shape`
+    /// when `--batch` is above 1).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_SEQ as u64))]
     multiple_of: Option<u64>,
     /// Pad every sentence to `--seq` and run them as one batch (the fixed-shape path).
@@ -142,7 +144,8 @@ fn run(args: &Args) -> Result<(), String> {
         How::Padded { seq }
     } else {
         let max_batch = args.batch as usize;
-        let multiple_of = args.multiple_of.map_or(if max_batch == 1 { 1 } else { 8 }, |m| m as usize);
+        let rounded = args.per_shape && max_batch > 1;
+        let multiple_of = args.multiple_of.map_or(if rounded { 8 } else { 1 }, |m| m as usize);
         let tokens = args.tokens.map_or(max_batch * seq.next_multiple_of(multiple_of), |t| t as usize);
         How::Embed { seq, limits: Limits { tokens, max_batch, multiple_of } }
     };
