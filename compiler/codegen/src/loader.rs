@@ -56,9 +56,24 @@ impl KernelLibrary {
         begin: usize,
         end: usize,
     ) -> Result<(), CodegenError> {
+        self.call_with_symbols(symbol, bufs, &[], begin, end)
+    }
+
+    /// [`KernelLibrary::call`] for a kernel over run-time sizes, given the run's symbol values.
+    ///
+    /// # Safety
+    /// As for [`KernelLibrary::call`], with buffers sized for these values, and `syms` holding
+    /// every symbol the kernel reads.
+    pub unsafe fn call_with_symbols(
+        &self,
+        symbol: &str,
+        bufs: &[*mut u8],
+        syms: &[i64],
+        begin: usize,
+        end: usize,
+    ) -> Result<(), CodegenError> {
         let f = self.entry(symbol)?;
-        let no_symbols: [i64; 0] = [];
-        f(bufs.as_ptr(), no_symbols.as_ptr(), begin as i64, end as i64);
+        f(bufs.as_ptr(), syms.as_ptr(), begin as i64, end as i64);
         Ok(())
     }
 }

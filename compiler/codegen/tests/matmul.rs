@@ -43,6 +43,9 @@ struct Case {
     act: Activation,
     /// B is a constant stored ahead of time in the micro-kernel's panel layout.
     prepacked: bool,
+    /// M is the largest row count; the kernel is told this many at run time
+    /// (`matmul::emit_run_rows`), and only these rows are computed.
+    run_rows: Option<usize>,
 }
 
 impl Case {
@@ -59,7 +62,13 @@ impl Case {
             bias: Bias::None,
             act: Activation::None,
             prepacked: false,
+            run_rows: None,
         }
+    }
+    /// The kernel is compiled for `self.m` rows and run with `rows` of them.
+    fn run_rows(mut self, rows: usize) -> Case {
+        self.run_rows = Some(rows);
+        self
     }
     /// B packed at compile time (a weight shared by every batch index).
     fn prepacked(mut self) -> Case {
@@ -231,11 +240,28 @@ fn prepare(symbol: &str, case: &Case, target: &CpuTarget) -> Prepared {
     let out = view(&case.batch, case.m, case.n, d, case.out);
     let bias = bias_view(case);
     let panels = case.prepacked.then(|| matmul::Panels::for_target(case.k, case.n, target));
-    let kernel = match panels {
-        Some(pn) => matmul::emit_prepacked(symbol, &a, pn, bias.as_ref(), case.act, &out, target),
-        None => matmul::emit(symbol, &a, &b, bias.as_ref(), case.act, &out, target),
-    }
-    .unwrap_or_else(|e| panic!("{case:?}: {e}"));
+    let made = match (panels, case.run_rows) {
+        (_, Some(rows)) => {
+            // The run's row count from the first of the run's sizes, as the compiler's kernels read it.
+            let value = |b: &mut kiln_codegen::mlir_text::Body| {
+                let c0 = b.index(0);
+                let raw = b.assign(format!("memref.load %syms[{c0}] : memref<1xi64>"));
+                b.assign(format!("arith.index_cast {raw} : i64 to index"))
+            };
+            let run =
+                matmul::RunRows { value: &value, param: "%syms: memref<1xi64>".into(), plan: case.m / 2 };
+            matmul::emit_run_rows(symbol, &a, &b, panels, bias.as_ref(), case.act, &out, target, &run).map(
+                |(mut k, tiling)| {
+                    // The range at the run's rows.
+                    k.range = tiling.column_blocks * rows.div_ceil(tiling.row_tile);
+                    k
+                },
+            )
+        }
+        (Some(pn), None) => matmul::emit_prepacked(symbol, &a, pn, bias.as_ref(), case.act, &out, target),
+        (None, None) => matmul::emit(symbol, &a, &b, bias.as_ref(), case.act, &out, target),
+    };
+    let kernel = made.unwrap_or_else(|e| panic!("{case:?}: {e}"));
     let views = [Some(a), Some(b), bias, Some(out)].into_iter().flatten().collect();
     Prepared { case: case.clone(), kernel, views, panels }
 }
@@ -272,9 +298,12 @@ fn check(lib: &KernelLibrary, p: &Prepared) {
     if let Some(buf) = &mut packed {
         ptrs[1] = buf.ptr();
     }
+    let syms: Vec<i64> = case.run_rows.iter().map(|&rows| rows as i64).collect();
     let r = p.kernel.range;
-    for (lo, hi) in [(0, r / 3), (r / 3, 2 * r / 3), (2 * r / 3, r)] {
-        unsafe { lib.call(&p.kernel.symbol, &ptrs, lo, hi).unwrap() };
+    // Over run-time rows, the whole range in one call too (every column block joined).
+    let whole = case.run_rows.map(|_| (0, r));
+    for (lo, hi) in whole.into_iter().chain([(0, r / 3), (r / 3, 2 * r / 3), (2 * r / 3, r)]) {
+        unsafe { lib.call_with_symbols(&p.kernel.symbol, &ptrs, &syms, lo, hi).unwrap() };
     }
     let (av, bv, ov) = (&p.views[0], &p.views[1], &p.views[n_in]);
     let cv = (case.bias != Bias::None).then(|| &p.views[2]);
@@ -287,7 +316,7 @@ fn check(lib: &KernelLibrary, p: &Prepared) {
         _ => 1e-9,
     };
     let mut shape = case.batch.clone();
-    shape.extend([case.m, case.n]);
+    shape.extend([case.run_rows.unwrap_or(case.m), case.n]);
     for idx in indices(&shape) {
         let mut first = idx.clone();
         first[lead + 1] = 0;
@@ -376,6 +405,22 @@ fn f32_large_paths() {
         Case::new(130, 40, 1050).batch(&[4]).bt().bias(Bias::Column),
         Case::new(257, 1024, 33).bt().act(Activation::Gelu(GeluApprox::Tanh)),
     ]);
+}
+
+/// Products over a run-time row count: views for the largest M, the run's M read on entry;
+/// whole row tiles, the rows left over in a tile of their own count (at least 4), one to
+/// several column blocks, a prepacked and a per-call packed B, K blocks, and rows past the run
+/// untouched.
+#[test]
+fn f32_run_time_rows() {
+    let mut cases = vec![];
+    for rows in [1, 9, 12, 23, 37, 60] {
+        cases.push(Case::new(60, 40, 70).prepacked().bias(Bias::Column).act(Activation::Relu).run_rows(rows));
+        cases.push(Case::new(60, 300, 900).prepacked().bt().bias(Bias::Column).run_rows(rows));
+        cases.push(Case::new(60, 20, 33).bias(Bias::Full).act(Activation::Tanh).run_rows(rows));
+    }
+    cases.push(Case::new(600, 64, 48).prepacked().run_rows(517));
+    run(&cases);
 }
 
 /// Baseline x86-64 (SSE2, 4 lanes): other tile sizes and the generic in-register transpose.

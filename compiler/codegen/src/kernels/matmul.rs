@@ -32,6 +32,9 @@ const NB_SMALL: usize = 256;
 /// a (each column block streams all of it); the packed block then lives in L3.
 const NB_LARGE: usize = 1024;
 const ROWS_LARGE: usize = 512;
+/// The fewest rows a tile over a run-time row tail computes: fewer rows than this are as slow
+/// (their accumulators wait on FMA latency), so they run in this many, the rest not stored.
+const TAIL_MIN_ROWS: usize = 4;
 /// Rows per cache block of a (a multiple of MR is used).
 const MC_TARGET: usize = 96;
 /// Unroll of the micro-kernel's k loop.
@@ -105,10 +108,10 @@ pub struct RowTiling {
 
 /// [`emit`] (or [`emit_prepacked`] with `panels`) for 2-D operands whose M is known only at run
 /// time: `a [M_max, K]`, `out [M_max, N]` and the bias are views at the largest M. The f32
-/// micro-kernel runs unchanged on whole row tiles; the last, partial tile computes a whole
-/// tile with its missing rows reading the last valid one, and stores only the valid rows. The
-/// kernel's range at the largest M is returned with the tiling it decomposes into, from which
-/// the caller writes the run's range.
+/// micro-kernel runs unchanged on whole row tiles; the rows left over, fewer than a tile, run
+/// as a tile of exactly that many rows (at least [`TAIL_MIN_ROWS`], the rows past the run
+/// reading its last row and not stored). The kernel's range at the largest M is returned
+/// with the tiling it decomposes into, from which the caller writes the run's range.
 #[allow(clippy::too_many_arguments)]
 pub fn emit_run_rows(
     symbol: &str,
@@ -598,6 +601,8 @@ impl<'p> Tiled<'p> {
         let kblocks = p.k.div_ceil(KC_MAX);
         let kc = p.k.div_ceil(kblocks);
         let m_plan = run.map_or(p.m, |r| r.plan.clamp(1, p.m));
+        // Column blocks as a static product of the planned rows would have them: wide ones
+        // for many rows (fewer passes over a), more of them for few (work for every thread).
         let nb_target = if m_plan * p.batch >= ROWS_LARGE { NB_LARGE } else { NB_SMALL };
         let nbn = p.n.div_ceil(nb_target);
         let nb = p.n.div_ceil(nbn).div_ceil(nr) * nr;
@@ -664,18 +669,38 @@ impl<'p> Tiled<'p> {
         let hi = b.assign(format!("arith.subi {hi}, {gbase} : index"));
         let nonempty = b.assign(format!("arith.cmpi ult, {lo}, {hi} : index"));
         b.open(format!("scf.if {nonempty}"));
-        let nbn = b.index(self.nbn);
-        let bt = b.assign(format!("arith.divui {g}, {nbn} : index"));
-        let nbi = b.assign(format!("arith.remui {g}, {nbn} : index"));
-        let lead = p.lead;
-        let a0 = p.a.leading_offset_expr(&mut b, &bt, lead);
-        let b0 = p.b.leading_offset_expr(&mut b, &bt, lead);
-        let c0 = p.bias.as_ref().map(|c| c.leading_offset_expr(&mut b, &bt, lead));
-        let o0 = p.out.leading_offset_expr(&mut b, &bt, lead);
         let mrc = b.index(self.mr);
         let r0 = b.assign(format!("arith.muli {lo}, {mrc} : index"));
         let r1 = b.assign(format!("arith.muli {hi}, {mrc} : index"));
         let r1 = b.assign(format!("arith.minui {r1}, {mcount} : index"));
+        self.group(&mut b, &bp, ap.clone(), &g, (&r0, &r1));
+        b.close("");
+        b.close("");
+        if !self.prepacked {
+            b.line(format!("memref.dealloc {bp} : {}", self.bp_ty));
+        }
+        if let Some(ap) = &ap {
+            b.line(format!("memref.dealloc {ap} : {}", self.ap_ty));
+        }
+        b.line("return");
+        // A chunk packs its column block once: give each task at least a few row tiles.
+        let grain = Kernel::grain_for(range, flops);
+        let grain = if self.prepacked { grain } else { grain.max(4.min(self.mt)) };
+        (b.finish(), range, grain)
+    }
+
+    /// Rows `[r0, r1)` of group `g` (batch index · column blocks + column block): every K block
+    /// over them.
+    fn group(&self, b: &mut Body, bp: &str, ap: Option<String>, g: &str, (r0, r1): (&str, &str)) {
+        let p = self.p;
+        let nbn = b.index(self.nbn);
+        let bt = b.assign(format!("arith.divui {g}, {nbn} : index"));
+        let nbi = b.assign(format!("arith.remui {g}, {nbn} : index"));
+        let lead = p.lead;
+        let a0 = p.a.leading_offset_expr(b, &bt, lead);
+        let b0 = p.b.leading_offset_expr(b, &bt, lead);
+        let c0 = p.bias.as_ref().map(|c| c.leading_offset_expr(b, &bt, lead));
+        let o0 = p.out.leading_offset_expr(b, &bt, lead);
         let nbc = b.index(self.nb);
         let n0 = b.assign(format!("arith.muli {nbi}, {nbc} : index"));
         let ncount = b.index(p.n);
@@ -684,39 +709,27 @@ impl<'p> Tiled<'p> {
         let nrc = b.index(self.nr);
         let full_panels = b.assign(format!("arith.divui {ncols}, {nrc} : index"));
         let rem = b.assign(format!("arith.remui {ncols}, {nrc} : index"));
+        let (r0, r1) = (r0.to_string(), r1.to_string());
         let grp = Group { a0, b0, c0, o0, n0, r0, r1, full_panels, rem, ap };
         let last_kc = p.k - (self.kblocks - 1) * self.kc;
         if self.kblocks == 1 {
             let pc = b.index(0);
-            self.kblock(&mut b, &bp, &grp, &pc, last_kc, Block::Only);
+            self.kblock(b, bp, &grp, &pc, last_kc, Block::Only);
         } else {
             let pc = b.index(0);
-            self.kblock(&mut b, &bp, &grp, &pc, self.kc, Block::First);
+            self.kblock(b, bp, &grp, &pc, self.kc, Block::First);
             if self.kblocks > 2 {
                 let lo = b.index(self.kc);
                 let hi = b.index((self.kblocks - 1) * self.kc);
                 let step = b.index(self.kc);
                 let pc = b.fresh("pc");
                 b.open(format!("scf.for {pc} = {lo} to {hi} step {step}"));
-                self.kblock(&mut b, &bp, &grp, &pc, self.kc, Block::Middle);
+                self.kblock(b, bp, &grp, &pc, self.kc, Block::Middle);
                 b.close("");
             }
             let pc = b.index((self.kblocks - 1) * self.kc);
-            self.kblock(&mut b, &bp, &grp, &pc, last_kc, Block::Last);
+            self.kblock(b, bp, &grp, &pc, last_kc, Block::Last);
         }
-        b.close("");
-        b.close("");
-        if !self.prepacked {
-            b.line(format!("memref.dealloc {bp} : {}", self.bp_ty));
-        }
-        if let Some(ap) = &grp.ap {
-            b.line(format!("memref.dealloc {ap} : {}", self.ap_ty));
-        }
-        b.line("return");
-        // A chunk packs its column block once: give each task at least a few row tiles.
-        let grain = Kernel::grain_for(range, flops);
-        let grain = if self.prepacked { grain } else { grain.max(4.min(self.mt)) };
-        (b.finish(), range, grain)
     }
 
     /// One K block of the group: pack B rows `[pc, pc+kc)`, then every (row tile, panel).
@@ -750,10 +763,29 @@ impl<'p> Tiled<'p> {
             self.tile(b, bp, g, &ic, (&row, None), self.mr, panel, valid, pc, kc, mode);
             b.close("");
             if self.run.is_some() {
-                // A run-time tail: a whole tile over the rows that are there.
+                // A run-time tail of t < mr rows: a tile of exactly t rows, or of TAIL_MIN_ROWS
+                // for fewer, its rows past t reading row t − 1 and not stored. (A tile of one or
+                // two rows waits on its few accumulators' FMA latency: four cost the same.)
                 b.open(format!("scf.if {has_tail}"));
-                let there = b.assign(format!("arith.subi {ie}, {tail_row} : index"));
-                self.tile(b, bp, g, &ic, (&tail_row, Some(&there)), self.mr, panel, valid, pc, kc, mode);
+                let t = b.assign(format!("arith.subi {ie}, {tail_row} : index"));
+                let sizes: Vec<usize> = (TAIL_MIN_ROWS.min(self.mr - 1).max(1)..self.mr).collect();
+                let mut open = 0;
+                for (i, &size) in sizes.iter().enumerate() {
+                    if i + 1 < sizes.len() {
+                        let cap = b.index(size);
+                        let fits = b.assign(format!("arith.cmpi ule, {t}, {cap} : index"));
+                        b.open(format!("scf.if {fits}"));
+                        self.tile(b, bp, g, &ic, (&tail_row, Some(&t)), size, panel, valid, pc, kc, mode);
+                        b.close("");
+                        b.open("else");
+                        open += 1;
+                    } else {
+                        self.tile(b, bp, g, &ic, (&tail_row, Some(&t)), size, panel, valid, pc, kc, mode);
+                    }
+                }
+                for _ in 0..open {
+                    b.close("");
+                }
                 b.close("");
             } else if edge_rows != 0 {
                 b.open(format!("scf.if {has_tail}"));
@@ -1150,7 +1182,7 @@ impl<'p> Tiled<'p> {
 
     /// One `mr × nr` micro-tile of C at row `row.0`, panel `panel` (`valid` columns of it when
     /// given). With `row.1`, only that many rows are there: the others read the last of them
-    /// (so nothing is read out of bounds) and are not stored.
+    /// (so nothing is read past the rows) and are not stored.
     #[allow(clippy::too_many_arguments)]
     fn tile(
         &self,
