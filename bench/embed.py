@@ -445,8 +445,9 @@ def section(res):
         dynamic, static = kept.get("kiln", {}), kept.get("kiln-per-shape", {})
         if mode == "offline" and dynamic.get("status") == "ok" and static.get("status") == "ok":
             ratio = dynamic["timing"]["median_s"] / static["timing"]["median_s"]
-            lines += [f"One artifact for every size ÷ one artifact per shape, the same batches: **{ratio:.3f}×** "
-                      "(`bench/dynamic.py` compares them shape by shape).", ""]
+            lines += [f"One artifact for every size ÷ one artifact per shape, the same batches of sentences (padded to "
+                      f"their longest sentence, and to a multiple of 8 per shape): **{ratio:.3f}×** "
+                      "(`bench/dynamic.py` compares the two at the same shapes).", ""]
     lines.append(END)
     return "\n".join(lines)
 

@@ -377,8 +377,23 @@ impl Model {
         let view = self.manifest.entry_views()[index];
         let values = self.bind(index, inputs)?;
         let mut outputs = self.new_outputs(index, &values)?;
-        let labels: Vec<(String, u64, u64)> =
-            view.steps.iter().map(|s| (s.label.clone(), s.flops, s.bytes)).collect();
+        // The manifest's costs are at the symbols' hints: a step over a run-time range is
+        // costed in proportion to its range at this run's sizes.
+        let hints: Vec<u64> = self.manifest.symbols.iter().map(|s| s.hint).collect();
+        let labels: Vec<(String, u64, u64)> = view
+            .steps
+            .iter()
+            .map(|s| {
+                let at = |d: &symbols::Dim| (d.at(&values), d.at(&hints));
+                let ratio = match s.dispatch.range_dim().map(at) {
+                    Some((Some(run), Some(hint))) if hint > 0 => Some((run, hint)),
+                    _ => None,
+                };
+                let cost =
+                    |x: u64| ratio.map_or(x, |(run, hint)| (x as u128 * run as u128 / hint as u128) as u64);
+                (s.label.clone(), cost(s.flops), cost(s.bytes))
+            })
+            .collect();
         let mut step_times = Vec::new();
         let mut run_times = Vec::new();
         for _ in 0..repeats.max(1) {

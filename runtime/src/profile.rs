@@ -28,9 +28,10 @@ pub struct StepProfile {
     pub time: Duration,
     /// Fraction of the summed step times, in `[0, 1]`.
     pub share: f64,
-    /// Estimated floating-point operations of the step.
+    /// Estimated floating-point operations of the step (over run-time sizes, the manifest's
+    /// estimate at the hints scaled by the step's range at the run's sizes).
     pub flops: u64,
-    /// Estimated bytes moved by the step.
+    /// Estimated bytes moved by the step (scaled as `flops`).
     pub bytes: u64,
 }
 

@@ -345,6 +345,32 @@ mod symbolic {
         compiled_matches_interpreter(&g, 1e-4);
     }
 
+    /// `--profile` over run-time sizes: the manifest costs a step at the hints, the profile at
+    /// the run's sizes (a row kernel's flops scale with its rows).
+    #[test]
+    fn profiles_cost_a_step_at_the_runs_sizes() {
+        let (mut g, b, s) = graph("dyn_profile");
+        let x = input(&mut g, "x", DType::F32, vec![b, s, Dim::Const(16)]);
+        let sm = g.add(Op::Softmax { axis: 2 }, &[x]).unwrap();
+        g.add_output("softmax", sm);
+        let params = kiln_ir::bind_params(&g, None, 7, false).unwrap();
+        let sched = kiln_sched::schedule(&g).unwrap();
+        let dir = temp_dir(&g.name);
+        let built =
+            kiln_codegen::build_artifact(&g.name, &sched, &params, &kiln_codegen::CpuTarget::host(), &dir)
+                .unwrap();
+        let at_hints: u64 = built.manifest.steps.iter().map(|st| st.flops).sum();
+        let mut model = Model::load(&dir).unwrap();
+        let flops = |model: &mut Model, batch: u64, seq: u64| {
+            let x = vec![0.5f32; (batch * seq * 16) as usize];
+            let (_, profile) = model.run_profiled(&[TensorRef::f32("x", &[batch, seq, 16], &x)], 1).unwrap();
+            profile.steps.iter().map(|st| st.flops).sum::<u64>()
+        };
+        assert_eq!(flops(&mut model, 2, 8), at_hints, "at the hints (2 × 8)");
+        assert_eq!(flops(&mut model, 3, 20) * 16, at_hints * 60, "at 3 × 20 rows");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Reductions over static trailing axes with run-time rows: a sum over the last axis, a
     /// mean keeping it as 1, a max over the last two.
     #[test]
