@@ -13,6 +13,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 OUT = BENCH / "out"
+DOC = REPO / "docs" / "benchmarks.md"
 CACHE = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "minilm"
 
 SEQ = 128
@@ -215,3 +216,14 @@ def check(output, reference):
 def emit(obj):
     """The one line a worker prints for the orchestrator."""
     print("RESULT " + json.dumps(obj), flush=True)
+
+
+def write_section(text, begin, end, what):
+    """Puts `text` (which starts with marker `begin` and ends with `end`) in docs/benchmarks.md
+    in place of what stands between those markers."""
+    doc = DOC.read_text()
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{DOC}: markers `{begin}` / `{end}` not found")
+    head, rest = doc.split(begin, 1)
+    DOC.write_text(head + text + rest.split(end, 1)[1])
+    print(f"wrote {os.path.relpath(DOC, REPO)} (between the {what} markers)")

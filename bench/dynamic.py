@@ -27,16 +27,13 @@ import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
-OUT = BENCH / "out"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import OUT, REPO, THREADS, write_section  # noqa: E402
+
 WORK = OUT / "dynamic"
-DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- dynamic:begin (written by bench/dynamic.py) -->", "<!-- dynamic:end -->"
 SPEC = REPO / "models" / "bert_encoder.ron"
-THREADS = 2
 # The dynamic artifacts, as the embedding example compiles them: (name, batch and seq bounds as
 # (min, max, hint)), and the shapes each is timed at.
 ARTIFACTS = [
@@ -146,12 +143,7 @@ def section(res):
 
 
 def write_doc(res):
-    text = DOC.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{DOC}: markers `{BEGIN}` / `{END}` not found")
-    head, rest = text.split(BEGIN, 1)
-    DOC.write_text(head + section(res) + rest.split(END, 1)[1])
-    print(f"wrote {DOC} (between the dynamic markers)")
+    write_section(section(res), BEGIN, END, "dynamic")
 
 
 def main():

@@ -44,7 +44,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CACHE, OUT, REPO, THREADS, Contention, bert_model, emit  # noqa: E402
+from common import CACHE, OUT, REPO, THREADS, Contention, bert_model, emit, write_section  # noqa: E402
 
 CORPUS = Path(__file__).resolve().with_name("embed_corpus.txt")
 MAX_TOKENS = 256
@@ -62,7 +62,6 @@ OPSET = 18
 ONNX = OUT / "minilm_dynamic.onnx"
 REFERENCE = OUT / "embed_reference.npy"
 RESULTS = OUT / "embed.json"
-DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- embed:begin (written by bench/embed.py) -->", "<!-- embed:end -->"
 INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -453,13 +452,7 @@ def section(res):
 
 
 def write_doc(res):
-    text = DOC.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{DOC}: markers `{BEGIN}` / `{END}` not found")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    DOC.write_text(head + section(res) + tail)
-    print(f"wrote {DOC} (between the embed markers)")
+    write_section(section(res), BEGIN, END, "embed")
 
 
 if __name__ == "__main__":

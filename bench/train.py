@@ -40,10 +40,9 @@ from pathlib import Path
 os.environ.setdefault("BENCH_ATTEMPTS", "1")
 os.environ.setdefault("BENCH_QUIET_WAIT_S", "10")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OUT, REPO, THREADS, Contention, make_inputs, wait_quiet  # noqa: E402
+from common import OUT, REPO, THREADS, Contention, make_inputs, wait_quiet, write_section  # noqa: E402
 
 WORK = OUT / "train"
-DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- train:begin (written by bench/train.py) -->", "<!-- train:end -->"
 ROUNDS = int(os.environ.get("BENCH_TRAIN_ROUNDS", "3"))
 CHECK_STEPS = 3
@@ -391,15 +390,7 @@ def section(results):
 
 
 def write_doc(results):
-    text = DOC.read_text()
-    new = section(results)
-    if BEGIN in text and END in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + new + text[b:]
-    else:
-        raise SystemExit(f"{DOC}: markers {BEGIN} / {END} not found")
-    DOC.write_text(text)
-    print(f"wrote {os.path.relpath(DOC, REPO)} (between the train markers)")
+    write_section(section(results), BEGIN, END, "train")
 
 
 def main():

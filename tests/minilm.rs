@@ -75,6 +75,19 @@ fn cached_weights(test: &str) -> Option<PathBuf> {
     }
 }
 
+/// The cached weights' folder when it holds the tokenizer too (the `embed` path needs both);
+/// `None`, with the test's skip reported, otherwise.
+fn cached_model_dir(test: &str) -> Option<PathBuf> {
+    let dir = cached_weights(test)?.parent().expect("the weights are in a folder").to_path_buf();
+    let tokenizer = dir.join("tokenizer.json");
+    if tokenizer.is_file() {
+        Some(dir)
+    } else {
+        skip(test, &format!("{} does not exist; run scripts/fetch_minilm.sh", tokenizer.display()));
+        None
+    }
+}
+
 /// Checks that meta.json, this file and the stored files agree.
 fn check_meta() {
     let path = root().join(GOLDEN).join("meta.json");
@@ -306,17 +319,9 @@ fn max_difference(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
 #[test]
 fn minilm_embed_matches_the_padded_path() {
     let test = "minilm_embed_matches_the_padded_path";
-    let Some(weights) = cached_weights(test) else { return };
-    let dir = weights.parent().expect("the weights are in a folder");
-    if !dir.join("tokenizer.json").is_file() {
-        skip(
-            test,
-            &format!("{} does not exist; run scripts/fetch_minilm.sh", dir.join("tokenizer.json").display()),
-        );
-        return;
-    }
+    let Some(dir) = cached_model_dir(test) else { return };
     let sentences: Vec<String> = SENTENCES.iter().map(|s| s.to_string()).collect();
-    let mut encoder = example::Encoder::new(dir, false, Some(2), example::Sizes::PerShape)
+    let mut encoder = example::Encoder::new(&dir, false, Some(2), example::Sizes::PerShape)
         .unwrap_or_else(|e| panic!("{e}"));
 
     let padded = encoder.embed_padded(&sentences, SEQ).unwrap_or_else(|e| panic!("{e}"));
@@ -350,18 +355,10 @@ fn minilm_embed_matches_the_padded_path() {
 #[test]
 fn minilm_one_dynamic_artifact_embeds_at_true_lengths() {
     let test = "minilm_one_dynamic_artifact_embeds_at_true_lengths";
-    let Some(weights) = cached_weights(test) else { return };
-    let dir = weights.parent().expect("the weights are in a folder");
-    if !dir.join("tokenizer.json").is_file() {
-        skip(
-            test,
-            &format!("{} does not exist; run scripts/fetch_minilm.sh", dir.join("tokenizer.json").display()),
-        );
-        return;
-    }
+    let Some(dir) = cached_model_dir(test) else { return };
     let sentences: Vec<String> = SENTENCES.iter().map(|s| s.to_string()).collect();
-    let mut encoder =
-        example::Encoder::new(dir, false, Some(2), example::Sizes::Dynamic).unwrap_or_else(|e| panic!("{e}"));
+    let mut encoder = example::Encoder::new(&dir, false, Some(2), example::Sizes::Dynamic)
+        .unwrap_or_else(|e| panic!("{e}"));
     let want: Vec<Vec<f32>> =
         expected().data.to_f64_vec().chunks(HIDDEN).map(|r| r.iter().map(|&x| x as f32).collect()).collect();
 

@@ -12,7 +12,7 @@
 //! when the kernel has that result. Scores are recomputed in the second pass rather than
 //! stored, so the kernel needs no scratch sized by the key length.
 
-use super::{address, at_hints_and_maxima, buffer_view, func, refuse, step, unravel, walk, SYMS_ARG};
+use super::{address, at_hints_and_maxima, buffer_view, refuse, row_kernel, step, unravel, walk, SYMS_ARG};
 use crate::kernels::attention::{self as flash, RunLengths, RunValues};
 use crate::kernels::elementwise::{load, store};
 use crate::kernels::View;
@@ -71,8 +71,8 @@ pub(super) fn emit(
     ordered.extend(mask_view.clone());
     ordered.extend(out.map(|o| o.view.clone()));
     ordered.extend(lse.map(|o| o.view.clone()));
-    if let Some(made) = emit_flash(s, sym, &all, &ordered, (scale, causal), (with_v, mask.is_some()), target)?
-    {
+    let present = (with_v, mask.is_some(), lse.is_some());
+    if let Some(made) = emit_flash(s, sym, &all, &ordered, (scale, causal), present, target)? {
         return Ok(made);
     }
     let rows = kiln_sched::product(&q.view.shape[..r - 1]).map_err(|e| bad(&e.to_string()))?;
@@ -238,21 +238,12 @@ pub(super) fn emit(
     b.close("");
     b.line("return");
 
-    let params: Vec<String> = views.iter().zip(&args).map(|(v, a)| format!("{a}: {}", v.memref())).collect();
-    let mlir = func(sym, params, n_syms, b);
-    let (rows_hint, rows_max) = at_hints_and_maxima(s, &rows);
     let (sk_hint, _) = at_hints_and_maxima(s, &kk.view.shape[r - 2]);
-    let flops = (rows_hint * sk_hint * (2 * d + 2 * dv + 24)) as u64;
-    let bytes = (4 * rows_hint * (d + dv + 2 * sk_hint)) as u64;
-    let made = Kernel {
-        symbol: sym.into(),
-        mlir,
-        range: rows_max,
-        grain: Kernel::grain_for(rows_max, flops),
-        flops,
-        bytes,
+    let costs = |rows_hint: usize| {
+        let flops = (rows_hint * sk_hint * (2 * d + 2 * dv + 24)) as u64;
+        (flops, (4 * rows_hint * (d + dv + 2 * sk_hint)) as u64)
     };
-    Ok((made, rows))
+    Ok(row_kernel(s, sym, (&views, &args), b, &rows, costs))
 }
 
 /// The flash kernel over the run's lengths, when the last two axes of every operand (`views`,
@@ -263,7 +254,7 @@ fn emit_flash(
     ops: &[&Operand],
     views: &[StridedView],
     (scale, causal): (f64, bool),
-    (with_v, masked): (bool, bool),
+    (with_v, masked, with_lse): (bool, bool, bool),
     target: &dyn Target,
 ) -> Result<Option<(Kernel, Dim)>, CodegenError> {
     let r = views[0].shape.len();
@@ -296,19 +287,14 @@ fn emit_flash(
         }
     };
     let run = RunLengths { values: &values, param: format!("{SYMS_ARG}: memref<{n_syms}xi64>"), plan };
+    // In argument order: q, k, then v, the mask, the result and the log-sum-exp as present.
     let (q, kk) = (&pinned[0], &pinned[1]);
-    let mut next = 2;
-    let mut take = |present: bool| {
-        present.then(|| {
-            next += 1;
-            &pinned[next - 1]
-        })
-    };
+    let mut rest = pinned[2..].iter();
+    let mut take = |present: bool| if present { rest.next() } else { None };
     let v = take(with_v);
     let mask = take(masked);
     let out = take(with_v);
-    let has_lse = pinned.len() > 2 + 2 * usize::from(with_v) + usize::from(masked);
-    let lse = take(has_lse);
+    let lse = take(with_lse);
     let v_out = v.zip(out);
     let (made, rows) = flash::emit_run(sym, q, kk, v_out, mask, scale, causal, lse, target, &run)?;
     // The run's range: batch · ⌈Sq / rows⌉; the costs at the hints.

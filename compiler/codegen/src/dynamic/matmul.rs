@@ -17,11 +17,12 @@
 //! row.
 
 use super::{
-    address, at_hints_and_maxima, buffer_view, func, refuse, row_view, rows_of, size_value, static_view,
-    step, unravel, walk, SYMS_ARG,
+    address, at_hints_and_maxima, buffer_view, refuse, row_kernel, row_view, rows_of, size_value,
+    static_view, step, unravel, walk, SYMS_ARG,
 };
 use crate::kernels::elementwise::{load, store};
 use crate::kernels::matmul::{self as tiled, activate, Panels, RunRows};
+use crate::kernels::View;
 use crate::mlir_text::Body;
 use crate::program::{bad, Unnamed};
 use crate::{CodegenError, Kernel, Target};
@@ -200,7 +201,7 @@ fn emit_rows(
         bd.close("");
         bd.close("");
         bd.line("return");
-        return finish(s, sym, bd, (&views, &args), (&rows, kd, n));
+        return Ok(finish(s, sym, bd, (&views, &args), (&rows, kd, n)));
     }
     // The row starts as the bias, or zero.
     bd.open(format!("scf.for %n = {c0} to {nc} step {c1}"));
@@ -238,31 +239,18 @@ fn emit_rows(
     }
     bd.close("");
     bd.line("return");
-    finish(s, sym, bd, (&views, &args), (&rows, kd, n))
+    Ok(finish(s, sym, bd, (&views, &args), (&rows, kd, n)))
 }
 
-/// The kernel around body `bd` (arguments `views` named `args`), over `rows` rows of a
-/// `K × N` product, with its costs at the hints and its range at the maxima.
+/// The kernel around body `bd` over `rows` rows of a `K × N` product.
 fn finish(
     s: &Schedule,
     sym: &str,
     bd: Body,
-    (views, args): (&[crate::kernels::View], &[String]),
+    ops: (&[View], &[String]),
     (rows, kd, n): (&Dim, usize, usize),
-) -> Result<(Kernel, Dim), CodegenError> {
-    let n_syms = s.symbols.len().max(1);
-    let params: Vec<String> = views.iter().zip(args).map(|(v, a)| format!("{a}: {}", v.memref())).collect();
-    let mlir = func(sym, params, n_syms, bd);
-    let (rows_hint, rows_max) = at_hints_and_maxima(s, rows);
-    let flops = (2 * rows_hint * kd * n) as u64;
-    let bytes = (4 * (rows_hint * (kd + n) + kd * n)) as u64;
-    let made = Kernel {
-        symbol: sym.into(),
-        mlir,
-        range: rows_max,
-        grain: Kernel::grain_for(rows_max, flops),
-        flops,
-        bytes,
-    };
-    Ok((made, rows.clone()))
+) -> (Kernel, Dim) {
+    row_kernel(s, sym, ops, bd, rows, |hint| {
+        ((2 * hint * kd * n) as u64, (4 * (hint * (kd + n) + kd * n)) as u64)
+    })
 }

@@ -639,6 +639,33 @@ pub(super) fn func(sym: &str, mut params: Vec<String>, n_syms: usize, body: Body
     format!("func.func @{sym}({}, %begin: index, %end: index) {{\n{}}}\n", params.join(", "), body.finish())
 }
 
+/// A kernel of the run-time-row emitters: body `bd` over arguments `args` (with the memrefs of
+/// `views`), one range iteration per row of `rows`; its range at the maxima, and its costs
+/// `costs(rows at the hints)` (flops, bytes).
+pub(super) fn row_kernel(
+    s: &Schedule,
+    sym: &str,
+    (views, args): (&[View], &[String]),
+    bd: Body,
+    rows: &Dim,
+    costs: impl FnOnce(usize) -> (u64, u64),
+) -> (Kernel, Dim) {
+    let n_syms = s.symbols.len().max(1);
+    let params: Vec<String> = views.iter().zip(args).map(|(v, a)| format!("{a}: {}", v.memref())).collect();
+    let mlir = func(sym, params, n_syms, bd);
+    let (rows_hint, rows_max) = at_hints_and_maxima(s, rows);
+    let (flops, bytes) = costs(rows_hint);
+    let made = Kernel {
+        symbol: sym.into(),
+        mlir,
+        range: rows_max,
+        grain: Kernel::grain_for(rows_max, flops),
+        flops,
+        bytes,
+    };
+    (made, rows.clone())
+}
+
 /// A size at the symbols' hints (costs) and at their maxima (the range the kernel is sized for).
 pub(super) fn at_hints_and_maxima(s: &Schedule, d: &Dim) -> (usize, usize) {
     let hints: Vec<i64> = s.symbols.iter().map(|x| x.hint).collect();

@@ -7,7 +7,7 @@
 //! then (layer) centred while the squares are summed, then scaled (and shifted) in a last pass,
 //! in the interpreter's order of operations. Scalar loops; the static emitter is the fast path.
 
-use super::{address, at_hints_and_maxima, buffer_view, func, refuse, step, unravel, walk};
+use super::{address, buffer_view, refuse, row_kernel, step, unravel, walk};
 use crate::kernels::elementwise::{load, store};
 use crate::kernels::View;
 use crate::mlir_text::Body;
@@ -138,18 +138,6 @@ pub(super) fn emit(
     b.close("");
     b.line("return");
 
-    let params: Vec<String> = views.iter().zip(&args).map(|(v, a)| format!("{a}: {}", v.memref())).collect();
-    let mlir = func(sym, params, n_syms, b);
-    let (rows_hint, rows_max) = at_hints_and_maxima(s, &rows);
-    let flops = (8 * rows_hint * n) as u64;
-    let bytes = (4 * rows_hint * n * (rows_in + 1)) as u64;
-    let made = Kernel {
-        symbol: sym.into(),
-        mlir,
-        range: rows_max,
-        grain: Kernel::grain_for(rows_max, flops),
-        flops,
-        bytes,
-    };
-    Ok((made, rows))
+    let costs = |hint: usize| ((8 * hint * n) as u64, (4 * hint * n * (rows_in + 1)) as u64);
+    Ok(row_kernel(s, sym, (&views, &args), b, &rows, costs))
 }

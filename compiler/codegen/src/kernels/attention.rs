@@ -54,7 +54,9 @@
 //! an `scf.if` on the group number; a last vector that is partial is completed by repeating
 //! the last row (same values written twice).
 
-use super::norm::{close_range, for_close, for_open, func_text, load, offsets, open_range, store, Offsets};
+use super::norm::{
+    close_range, for_close, for_open, func_text_with, load, offsets, open_range, store, Offsets,
+};
 use super::norm::{ComputeType, Count, Operand, Part};
 use super::View;
 use crate::mlir_text::{bool_type_like, elem_type, Body};
@@ -213,18 +215,7 @@ fn emit_with(
         o.shape.iter().zip(&o.strides).map(|(&n, &s)| if s == 0 { 1 } else { n }).product::<usize>() as u64
     };
     let bytes = ops.iter().map(distinct).sum::<u64>() * ct.size;
-    let mlir = match run {
-        None => func_text(symbol, &ops, b),
-        Some(r) => {
-            let mut args: Vec<String> = ops.iter().map(|o| format!("{}: {}", o.name, o.memref)).collect();
-            args.push(r.param.clone());
-            format!(
-                "func.func @{symbol}({}, %begin: index, %end: index) {{\n{}  return\n}}\n",
-                args.join(", "),
-                b.finish()
-            )
-        }
-    };
+    let mlir = func_text_with(symbol, &ops, run.map(|r| r.param.as_str()), b);
     let made =
         Kernel { symbol: symbol.into(), mlir, range, grain: Kernel::grain_for(range, flops), flops, bytes };
     Ok((made, plan.qb * plan.group))

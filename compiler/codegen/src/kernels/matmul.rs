@@ -52,7 +52,7 @@ pub fn emit(
     target: &dyn Target,
 ) -> Result<Kernel, CodegenError> {
     let p = Problem::new(a, b, bias, activation, out)?;
-    emit_problem(symbol, &p, None, target, None)
+    Ok(emit_problem(symbol, &p, None, target))
 }
 
 /// [`emit`] for a B stored ahead of time in `panels` (see [`Panels`]): the kernel reads the
@@ -84,7 +84,7 @@ pub fn emit_prepacked(
     if p.m == 0 {
         return Err(unsupported("no rows".into()));
     }
-    emit_problem(symbol, &p, Some(panels), target, None)
+    Ok(emit_problem(symbol, &p, Some(panels), target))
 }
 
 /// A row count M known only at run time (`docs/dynamic-shapes.md`): the operands' views are
@@ -149,7 +149,7 @@ pub fn emit_run_rows(
     }
     let tiled = Tiled::new(&p, panels.is_some(), target, Some(rows));
     let tiling = RowTiling { column_blocks: tiled.nbn, row_tile: tiled.mr };
-    Ok((emit_problem(symbol, &p, panels, target, Some(rows))?, tiling))
+    Ok((function(symbol, &p, Some(rows), tiled.emit()), tiling))
 }
 
 /// The layout a constant B (a weight) is stored in when it is packed at compile time: panel
@@ -204,20 +204,23 @@ impl Panels {
     }
 }
 
-fn emit_problem(
-    symbol: &str,
-    p: &Problem,
-    packed: Option<Panels>,
-    target: &dyn Target,
-    run: Option<&RunRows<'_>>,
-) -> Result<Kernel, CodegenError> {
-    let (text, range, grain) = if p.dtype == DType::F32 && p.k > 0 && p.m > 0 && p.n > 0 {
-        Tiled::new(p, packed.is_some(), target, run).emit()
-    } else if run.is_some() {
-        return Err(CodegenError::Unsupported("matmul over run-time rows: not an f32 product".into()));
+fn emit_problem(symbol: &str, p: &Problem, packed: Option<Panels>, target: &dyn Target) -> Kernel {
+    let body = if p.dtype == DType::F32 && p.k > 0 && p.m > 0 && p.n > 0 {
+        Tiled::new(p, packed.is_some(), target, None).emit()
     } else {
         p.emit_scalar()
     };
+    function(symbol, p, None, body)
+}
+
+/// The kernel around `body` (its text, range and grain): a, b, (bias), out, then the run's
+/// symbol values when `run` gives the row count.
+fn function(
+    symbol: &str,
+    p: &Problem,
+    run: Option<&RunRows<'_>>,
+    (text, range, grain): (String, usize, usize),
+) -> Kernel {
     let mut args = vec![format!("%a: {}", p.a.memref()), format!("%b: {}", p.b.memref())];
     if let Some(c) = &p.bias {
         args.push(format!("%bias: {}", c.memref()));
@@ -231,7 +234,7 @@ fn emit_problem(
     let flops = 2 * bn * m * n * k;
     let elem = p.dtype.size_bytes() as u64;
     let bytes = (distinct(&p.a) + distinct(&p.b) + distinct(&p.out)) as u64 * elem;
-    Ok(Kernel { symbol: symbol.into(), mlir, range, grain: grain.max(1), flops, bytes })
+    Kernel { symbol: symbol.into(), mlir, range, grain: grain.max(1), flops, bytes }
 }
 
 /// The checked operands, every view brought to the output's rank and batch shape.
@@ -1206,8 +1209,8 @@ impl<'p> Tiled<'p> {
         let nrc = b.index(nr);
         let col = b.assign(format!("arith.muli {panel}, {nrc} : index"));
         let col = b.assign(format!("arith.addi {}, {col} : index", g.n0));
-        // Row r of the tile: its a offset (at k = pc) and out offset (at the panel's column).
-        // Packed, row i of the block starts at (i − ic)·kc_max of the scratch.
+        // Where a's rows are read: in place from k = pc, or from the packed block, whose row i
+        // starts at (i − ic)·kc_max.
         let (amem, am, a_start, a_from, sam, sak) = match &g.ap {
             Some(ap) => (ap.clone(), self.ap_ty.clone(), b.index(0), Some(ic), self.kc, 1),
             None => {
@@ -1235,8 +1238,8 @@ impl<'p> Tiled<'p> {
         let mut arows = Vec::with_capacity(mr);
         let mut orows = Vec::with_capacity(mr);
         let ocol = add_scaled(b, &g.o0, &col, son);
+        // Each row's a offset, and its out offset at the panel's column.
         for i in &rows {
-            // Packed, row i of the block starts at (i − ic)·kc_max of the scratch.
             let ia = match a_from {
                 Some(ic) => b.assign(format!("arith.subi {i}, {ic} : index")),
                 None => i.clone(),

@@ -422,7 +422,14 @@ impl Operand {
 
 /// The `func.func` text of a kernel over `ops` (in argument order) with body `b`.
 pub(super) fn func_text(symbol: &str, ops: &[Operand], b: Body) -> String {
-    let args: Vec<String> = ops.iter().map(|o| format!("{}: {}", o.name, o.memref)).collect();
+    func_text_with(symbol, ops, None, b)
+}
+
+/// [`func_text`] with one more parameter after the operands (a kernel over run-time sizes
+/// takes their values there).
+pub(super) fn func_text_with(symbol: &str, ops: &[Operand], extra: Option<&str>, b: Body) -> String {
+    let mut args: Vec<String> = ops.iter().map(|o| format!("{}: {}", o.name, o.memref)).collect();
+    args.extend(extra.map(str::to_string));
     format!(
         "func.func @{symbol}({}, %begin: index, %end: index) {{\n{}  return\n}}\n",
         args.join(", "),
