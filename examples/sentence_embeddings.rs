@@ -122,6 +122,9 @@ struct Args {
     /// length.
     #[arg(long)]
     per_shape: bool,
+    /// Where the encoder runs: `cpu` (this machine), `vulkan` or `cuda[:ARCH]` (default sm_80).
+    #[arg(long, default_value = "cpu")]
+    target: String,
 }
 
 fn main() -> ExitCode {
@@ -139,7 +142,8 @@ fn run(args: &Args) -> Result<(), String> {
     let cache = cache_dir()?;
     let sentences = sentences(args)?;
     let sizes = if args.per_shape { Sizes::PerShape } else { Sizes::Dynamic };
-    let mut encoder = Encoder::new(&cache, !args.no_cache, args.threads.map(|t| t as usize), sizes)?;
+    let mut encoder = Encoder::new(&cache, !args.no_cache, args.threads.map(|t| t as usize), sizes)?
+        .on(Device::parse(&args.target)?);
     let how = if args.padded {
         How::Padded { seq }
     } else {
@@ -307,6 +311,46 @@ impl Compiled {
     }
 }
 
+/// Where the encoder is compiled for and runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// This machine's CPU.
+    Cpu,
+    /// The first Vulkan device.
+    Vulkan,
+    /// CUDA device 0, with kernels for this architecture (`sm_80`, `sm_90`).
+    Cuda(String),
+}
+
+impl Device {
+    /// `cpu`, `vulkan`, `cuda` or `cuda:ARCH`.
+    pub fn parse(name: &str) -> Result<Device, String> {
+        match name {
+            "cpu" => Ok(Device::Cpu),
+            "vulkan" => Ok(Device::Vulkan),
+            "cuda" => Ok(Device::Cuda("sm_80".into())),
+            other => match other.strip_prefix("cuda:") {
+                Some(arch) if kiln_codegen::gpu::NvvmTarget::by_arch(arch).is_some() => {
+                    Ok(Device::Cuda(arch.into()))
+                }
+                _ => Err(format!(
+                    "unknown target `{name}` (known: cpu, vulkan, cuda, cuda:{})",
+                    kiln_codegen::gpu::NvvmTarget::ARCHES.join("|")
+                )),
+            },
+        }
+    }
+
+    /// Its name in cache folders.
+    fn slot(&self) -> String {
+        match self {
+            Device::Cpu => String::new(),
+            Device::Vulkan => "-vulkan".into(),
+            Device::Cuda(arch) => format!("-cuda-{arch}"),
+        }
+    }
+}
+
 /// A loaded artifact and the temporary directory it lives in (without the cache): the model
 /// maps its files, so the directory must outlive it.
 struct Loaded {
@@ -324,6 +368,7 @@ pub struct Encoder {
     cache: Option<PathBuf>,
     options: Options,
     sizes: Sizes,
+    device: Device,
     /// The bounds a new dynamic artifact gets (widened by a batch past them).
     bounds: (usize, usize),
     models: Vec<(Compiled, Loaded)>,
@@ -365,6 +410,7 @@ impl Encoder {
             cache: use_cache.then(|| dir.join("artifact")),
             options: Options { threads, device: None },
             sizes,
+            device: Device::Cpu,
             bounds: (1, 1),
             models: Vec::new(),
             shapes: Default::default(),
@@ -373,6 +419,11 @@ impl Encoder {
             padded_tokens: 0,
             prepare: Duration::ZERO,
         })
+    }
+
+    /// The same encoder compiled for and run on `device`.
+    pub fn on(self, device: Device) -> Encoder {
+        Encoder { device, ..self }
     }
 
     /// Every (batch, padded length) run so far, sorted.
@@ -534,7 +585,7 @@ impl Encoder {
     fn load_or_compile(&mut self, compiled: Compiled) -> Result<Loaded, String> {
         let Some(cache) = self.cache.clone() else {
             let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
-            compile(&self.weights, compiled, dir.path())?;
+            compile(&self.weights, compiled, &self.device, dir.path())?;
             self.compiled += 1;
             let model = Model::load_with(dir.path(), &self.options)
                 .map_err(|e| format!("loading the compiled model: {e}"))?;
@@ -542,9 +593,9 @@ impl Encoder {
         };
         let bytes = std::fs::read(&self.weights)
             .map_err(|e| format!("cannot read {}: {e}", self.weights.display()))?;
-        let key = artifact_key(&bytes, compiled)?;
+        let key = artifact_key(&bytes, compiled, &self.device)?;
         drop(bytes);
-        let slot = cache.join(compiled.slot());
+        let slot = cache.join(format!("{}{}", compiled.slot(), self.device.slot()));
         let dir = slot.join("bert_encoder.kiln");
         let key_file = slot.join("key.txt");
         if std::fs::read_to_string(&key_file).is_ok_and(|k| k == key) {
@@ -564,7 +615,7 @@ impl Encoder {
         let _ = std::fs::remove_dir_all(&dir);
         prune(&cache, CACHE_SLOTS - 1);
         std::fs::create_dir_all(&slot).map_err(|e| format!("cannot create {}: {e}", slot.display()))?;
-        compile(&self.weights, compiled, &dir)?;
+        compile(&self.weights, compiled, &self.device, &dir)?;
         self.compiled += 1;
         std::fs::write(&key_file, &key).map_err(|e| format!("cannot write {}: {e}", key_file.display()))?;
         let model = Model::load_with(&dir, &self.options)
@@ -612,7 +663,7 @@ fn prune(cache: &Path, keep: usize) {
 /// What a cached artifact must have been built from: the spec and the standard library, the
 /// weights (size and crc32), the shape or bounds, and this program (its size and mtime change
 /// with every rebuild, so a changed compiler never reuses an old artifact).
-fn artifact_key(weights: &[u8], compiled: Compiled) -> Result<String, String> {
+fn artifact_key(weights: &[u8], compiled: Compiled, device: &Device) -> Result<String, String> {
     let text = |p: &str| std::fs::read(p).map_err(|e| format!("cannot read {p}: {e}"));
     let spec = FileDigest::of("spec", &[text(SPEC)?, text(STD)?].concat());
     let w = FileDigest::of("weights", weights);
@@ -624,7 +675,7 @@ fn artifact_key(weights: &[u8], compiled: Compiled) -> Result<String, String> {
         })
         .unwrap_or_default();
     Ok(format!(
-        "spec {:08x}\nweights {} {:08x}\nsizes {compiled:?}\ncompiler {exe}\nformat {}\n",
+        "spec {:08x}\nweights {} {:08x}\nsizes {compiled:?}\ndevice {device:?}\ncompiler {exe}\nformat {}\n",
         spec.crc32,
         w.bytes,
         w.crc32,
@@ -633,8 +684,8 @@ fn artifact_key(weights: &[u8], compiled: Compiled) -> Result<String, String> {
 }
 
 /// Lowers, optimizes, binds the checkpoint's weights by name, schedules and compiles the encoder
-/// for this machine into `dir`.
-fn compile(weights: &Path, compiled: Compiled, dir: &Path) -> Result<(), String> {
+/// for `device` into `dir`.
+fn compile(weights: &Path, compiled: Compiled, device: &Device, dir: &Path) -> Result<(), String> {
     let start = Instant::now();
     let overrides = compiled
         .overrides()
@@ -651,19 +702,50 @@ fn compile(weights: &Path, compiled: Compiled, dir: &Path) -> Result<(), String>
     if !warning.is_empty() {
         eprintln!("note: {warning}");
     }
-    let schedule = kiln_sched::schedule(&graph).map_err(|e| format!("scheduling: {e}"))?;
-    let target = kiln_codegen::CpuTarget::host();
-    let built = kiln_codegen::build_artifact(&graph.name, &schedule, &params, &target, dir)
-        .map_err(|e| format!("compiling: {e}"))?;
+    let compiling = |e: kiln_codegen::CodegenError| format!("compiling: {e}");
+    let scheduling = |e: kiln_sched::SchedError| format!("scheduling: {e}");
+    let (manifest, place) = match device {
+        Device::Cpu => {
+            let schedule = kiln_sched::schedule(&graph).map_err(scheduling)?;
+            let target = kiln_codegen::CpuTarget::host();
+            let built = kiln_codegen::build_artifact(&graph.name, &schedule, &params, &target, dir)
+                .map_err(compiling)?;
+            (built.manifest, "this machine".to_string())
+        }
+        Device::Vulkan => {
+            let caps = kiln_codegen::gpu::GpuCaps::vulkan();
+            let schedule = kiln_sched::schedule_aligned(&graph, caps.buffer_align).map_err(scheduling)?;
+            let built = kiln_codegen::build_vulkan_artifact(&graph.name, &schedule, &params, &caps, dir)
+                .map_err(compiling)?;
+            (built.manifest, "Vulkan".to_string())
+        }
+        Device::Cuda(arch) => {
+            let target =
+                kiln_codegen::gpu::NvvmTarget::by_arch(arch).ok_or_else(|| format!("no target {arch}"))?;
+            let caps = kiln_codegen::gpu::GpuCaps::cuda(target);
+            let schedule = kiln_sched::schedule_aligned(&graph, caps.buffer_align).map_err(scheduling)?;
+            let ptxas = kiln_codegen::gpu::ptxas::Ptxas::find();
+            let built = kiln_codegen::build_cuda_artifact(
+                &graph.name,
+                &schedule,
+                &params,
+                &caps,
+                ptxas.as_ref(),
+                dir,
+            )
+            .map_err(compiling)?;
+            (built.manifest, format!("CUDA {arch}"))
+        }
+    };
     let sizes = match compiled {
         Compiled::Shape { batch, seq } => format!("at batch {batch}, seq {seq}"),
         Compiled::Bounds { batch, seq } => format!("for batches of 1 to {batch} and 1 to {seq} tokens"),
     };
     eprintln!(
-        "compiled {} {sizes} for this machine ({} kernels, arena {:.1} MiB) in {:.1} s into {}",
+        "compiled {} {sizes} for {place} ({} kernels, arena {:.1} MiB) in {:.1} s into {}",
         SPEC.rsplit('/').next().unwrap_or(SPEC),
-        built.manifest.steps.len(),
-        built.manifest.arena_bytes as f64 / (1 << 20) as f64,
+        manifest.steps.len(),
+        manifest.arena_bytes as f64 / (1 << 20) as f64,
         start.elapsed().as_secs_f64(),
         dir.display()
     );

@@ -280,6 +280,7 @@ fn build(
             let b = kiln_codegen::build_vulkan_entries(&g.name, &refs, params, caps, out)
                 .map_err(|e| user(e.to_string()))?;
             let mut report = BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time);
+            report.arena_at_hints = schedules.iter().filter_map(|(_, s)| s.arena_bytes_at_hints).max();
             report.plans = b.program.kernels.iter().map(|k| (k.symbol.clone(), k.plan.describe())).collect();
             Ok(report)
         }
@@ -290,6 +291,7 @@ fn build(
             let b = kiln_codegen::build_cuda_entries(&g.name, &refs, params, caps, ptxas.as_ref(), out)
                 .map_err(|e| user(e.to_string()))?;
             let mut report = BuildReport::new(b.manifest, b.emit_time, b.compile_time, b.write_time);
+            report.arena_at_hints = schedules.iter().filter_map(|(_, s)| s.arena_bytes_at_hints).max();
             report.plans = b.program.kernels.iter().map(|k| (k.symbol.clone(), k.plan.describe())).collect();
             Ok(report)
         }

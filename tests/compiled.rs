@@ -363,6 +363,26 @@ fn shipped_models_compile_like_the_interpreter() {
 /// interpreter on the same inputs.
 #[test]
 fn dynamic_bert_and_gpt2_compile_once_and_match_the_interpreter_at_every_size() {
+    dynamic_bert_and_gpt2(Device::Cpu);
+}
+
+/// The same on Vulkan: one artifact whose kernels read the run's sizes and whose grids follow
+/// them.
+#[test]
+fn dynamic_bert_and_gpt2_run_on_vulkan_like_the_interpreter_at_every_size() {
+    if available(Device::Vulkan, "dynamic BERT and GPT-2") {
+        dynamic_bert_and_gpt2(Device::Vulkan);
+    }
+}
+
+#[test]
+fn dynamic_bert_and_gpt2_run_on_cuda_like_the_interpreter_at_every_size() {
+    if available(Device::Cuda, "dynamic BERT and GPT-2") {
+        dynamic_bert_and_gpt2(Device::Cuda);
+    }
+}
+
+fn dynamic_bert_and_gpt2(device: Device) {
     let cases = [
         (
             "bert_encoder.ron",
@@ -390,16 +410,21 @@ fn dynamic_bert_and_gpt2_compile_once_and_match_the_interpreter_at_every_size() 
             Err(d) => panic!("{}", d.render(&sources)),
         };
         assert_eq!(g.symbols.len(), 2, "{model} is symbolic");
-        compiles_once_like_the_interpreter(&g, model, &bindings);
+        compiles_once_like_the_interpreter(&g, model, &bindings, device);
     }
 }
 
-/// Compiles symbolic graph `g` once for the CPU and runs it at each binding of `bindings`
+/// Compiles symbolic graph `g` once for `device` and runs it at each binding of `bindings`
 /// against the interpreter on the same seeded inputs, within 1e-4·(1 + |ref|).
-fn compiles_once_like_the_interpreter(g: &Graph, model: &str, bindings: &[impl AsRef<[i64]>]) {
+fn compiles_once_like_the_interpreter(
+    g: &Graph,
+    model: &str,
+    bindings: &[impl AsRef<[i64]>],
+    device: Device,
+) {
     let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    build_for(Device::Cpu, g, &params, dir.path());
+    build_for(device, g, &params, dir.path());
     for values in bindings {
         let values = values.as_ref();
         let seed = values.iter().map(|&v| v as u64).sum();
@@ -425,6 +450,24 @@ fn compiles_once_like_the_interpreter(g: &Graph, model: &str, bindings: &[impl A
 /// the maxima.
 #[test]
 fn shipped_models_made_dynamic_by_set_match_the_interpreter_at_every_size() {
+    shipped_models_made_dynamic(Device::Cpu);
+}
+
+#[test]
+fn shipped_models_made_dynamic_run_on_vulkan_like_the_interpreter_at_every_size() {
+    if available(Device::Vulkan, "shipped models made dynamic") {
+        shipped_models_made_dynamic(Device::Vulkan);
+    }
+}
+
+#[test]
+fn shipped_models_made_dynamic_run_on_cuda_like_the_interpreter_at_every_size() {
+    if available(Device::Cuda, "shipped models made dynamic") {
+        shipped_models_made_dynamic(Device::Cuda);
+    }
+}
+
+fn shipped_models_made_dynamic(device: Device) {
     // (model, its `--set`s, the symbol values to run at)
     type Case = (&'static str, Vec<&'static str>, Vec<Vec<i64>>);
     let cases: [Case; 4] = [
@@ -455,7 +498,7 @@ fn shipped_models_made_dynamic_by_set_match_the_interpreter_at_every_size() {
             Err(d) => panic!("{}", d.render(&sources)),
         };
         assert_eq!(g.symbols.len(), bindings[0].len(), "{model} is symbolic");
-        compiles_once_like_the_interpreter(&g, model, &bindings);
+        compiles_once_like_the_interpreter(&g, model, &bindings, device);
     }
 }
 

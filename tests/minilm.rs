@@ -354,11 +354,40 @@ fn minilm_embed_matches_the_padded_path() {
 /// run by that one artifact, and the embeddings match sentence-transformers'.
 #[test]
 fn minilm_one_dynamic_artifact_embeds_at_true_lengths() {
-    let test = "minilm_one_dynamic_artifact_embeds_at_true_lengths";
+    one_dynamic_artifact("minilm_one_dynamic_artifact_embeds_at_true_lengths", example::Device::Cpu);
+}
+
+/// The same through one Vulkan artifact, whose kernels read the run's sizes.
+#[test]
+fn minilm_one_dynamic_vulkan_artifact_embeds_at_true_lengths() {
+    let test = "minilm_one_dynamic_vulkan_artifact_embeds_at_true_lengths";
+    let found = kiln_runtime::devices();
+    if !found.devices.iter().any(|d| matches!(d, kiln_runtime::DeviceInfo::Vulkan(_))) {
+        let why = found.vulkan_unavailable.unwrap_or_else(|| "no Vulkan device with a compute queue".into());
+        skip(test, &format!("no Vulkan device ({why})"));
+        return;
+    }
+    one_dynamic_artifact(test, example::Device::Vulkan);
+}
+
+#[test]
+fn minilm_one_dynamic_cuda_artifact_embeds_at_true_lengths() {
+    let test = "minilm_one_dynamic_cuda_artifact_embeds_at_true_lengths";
+    let found = kiln_runtime::devices();
+    if !found.devices.iter().any(|d| matches!(d, kiln_runtime::DeviceInfo::Cuda(_))) {
+        let why = found.cuda_unavailable.unwrap_or_else(|| "no CUDA device".into());
+        skip(test, &format!("no CUDA device ({why})"));
+        return;
+    }
+    one_dynamic_artifact(test, example::Device::Cuda("sm_80".into()));
+}
+
+fn one_dynamic_artifact(test: &str, device: example::Device) {
     let Some(dir) = cached_model_dir(test) else { return };
     let sentences: Vec<String> = SENTENCES.iter().map(|s| s.to_string()).collect();
     let mut encoder = example::Encoder::new(&dir, false, Some(2), example::Sizes::Dynamic)
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}"))
+        .on(device);
     let want: Vec<Vec<f32>> =
         expected().data.to_f64_vec().chunks(HIDDEN).map(|r| r.iter().map(|&x| x as f32).collect()).collect();
 

@@ -387,7 +387,6 @@ pub fn build_vulkan_entries(
     caps: &GpuCaps,
     dir: &Path,
 ) -> Result<BuiltGpu, CodegenError> {
-    require_static("Vulkan", entries)?;
     let t0 = Instant::now();
     let first = first_entry(entries)?;
     let (program, parts) = gpu_entries(entries, caps)?;
@@ -425,8 +424,7 @@ pub fn build_vulkan_entries(
         format_version: ARTIFACT_FORMAT_VERSION,
         model: model.to_string(),
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
-        // The scheduler gives code generation static shapes only, so far.
-        symbols: Vec::new(),
+        symbols: s.symbols.iter().map(symbol_spec).collect::<Result<_, _>>()?,
         target: kiln_runtime::Target::Vulkan(VulkanTarget {
             spirv_version: gpu::spirv::SPIRV_VERSION.to_string(),
             capabilities,
@@ -509,7 +507,6 @@ pub fn build_cuda_entries(
     ptxas: Option<&Ptxas>,
     dir: &Path,
 ) -> Result<BuiltCuda, CodegenError> {
-    require_static("CUDA", entries)?;
     let target = match caps.lowering {
         GpuLowering::Nvvm(target) => target,
         GpuLowering::Spirv => {
@@ -552,8 +549,7 @@ pub fn build_cuda_entries(
         format_version: ARTIFACT_FORMAT_VERSION,
         model: model.to_string(),
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
-        // The scheduler gives code generation static shapes only, so far.
-        symbols: Vec::new(),
+        symbols: s.symbols.iter().map(symbol_spec).collect::<Result<_, _>>()?,
         target: kiln_runtime::Target::Cuda(CudaTarget {
             compute_capability: target.compute_capability,
             ptx_version: target.ptx(),
@@ -690,15 +686,22 @@ fn gpu_steps(
             args.push(stored.arg(b, params, &s.state)?);
         }
         args.extend(fault_arg(s, sk, stored, params)?);
+        let module = (first_module + ki) as u32;
+        let dispatch = match &k.run_grid {
+            // A kernel over run-time sizes reads them last, and launches the run's grid.
+            Some(grid) => {
+                args.push(BufRef::Symbols);
+                let [x, y, z] = grid;
+                let grid = [runtime_dim(x)?, runtime_dim(y)?, runtime_dim(z)?];
+                Dispatch::Gpu { module, grid, workgroup: k.plan.launch.workgroup }
+            }
+            None => Dispatch::gpu_fixed(module, k.plan.launch.grid, k.plan.launch.workgroup),
+        };
         steps.push(Step {
             symbol: k.symbol.clone(),
             label: format!("k{i} {} {}", sk.name(), fmt_shape(&sk.output.view.shape)),
             args,
-            dispatch: Dispatch::gpu_fixed(
-                (first_module + ki) as u32,
-                k.plan.launch.grid,
-                k.plan.launch.workgroup,
-            ),
+            dispatch,
             flops: k.flops,
             bytes: k.bytes,
         });
@@ -807,17 +810,6 @@ fn symbol_spec(d: &kiln_ir::SymbolDecl) -> Result<kiln_runtime::SymbolSpec, Code
         hint: u(d.hint)?,
         multiple_of: u(d.multiple_of)?,
     })
-}
-
-/// Refuses a schedule with symbols for a GPU target, by name: its grids are fixed.
-fn require_static(target: &'static str, entries: &[(&str, &Schedule)]) -> Result<(), CodegenError> {
-    match entries.iter().find(|(_, e)| !e.symbols.is_empty()) {
-        Some((_, e)) => {
-            let names: Vec<String> = e.symbols.iter().map(|d| format!("`{}`", d.name)).collect();
-            Err(CodegenError::SymbolicTarget { target, symbols: names.join(", ") })
-        }
-        None => Ok(()),
-    }
 }
 
 /// Elements `start..start + len` of `t`, as a 1-D tensor.

@@ -81,20 +81,15 @@ pub enum CodegenError {
     Unsupported(String),
     /// A kernel over symbolic extents that code generation cannot take at run time yet.
     #[error(
-        "cannot compile `{kernel}` with run-time sizes for the CPU: {why} (specialize the sizes with --set)"
+        "cannot compile `{kernel}` with run-time sizes for {target}: {why} (specialize the sizes with --set)"
     )]
     Symbolic {
         /// The kernel's name (`matmul`, `elementwise×3`).
         kernel: String,
+        /// Where: `the CPU`, `the Vulkan target`.
+        target: String,
         /// What needs a static extent.
         why: String,
-    },
-    /// A target that does not take run-time sizes yet.
-    #[error("the {target} target cannot compile a graph with dynamic sizes yet ({symbols}); specialize them with --set")]
-    SymbolicTarget {
-        target: &'static str,
-        /// The symbols, by name.
-        symbols: String,
     },
     /// Writing the artifact failed.
     #[error("cannot write the artifact: {0}")]

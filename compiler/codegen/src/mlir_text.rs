@@ -22,6 +22,8 @@ pub struct Body {
     gpu: Option<GpuFlavor>,
     /// Workgroup arrays declared as attributions of the kernel function: (name, type).
     attributions: Vec<(String, String)>,
+    /// How many symbol values a GPU kernel reads from its `%syms` argument, once it reads any.
+    symbols: Option<usize>,
 }
 
 /// A read-only buffer larger than one binding may cover, bound as consecutive pieces of
@@ -54,6 +56,7 @@ impl Body {
             splits: Vec::new(),
             gpu: None,
             attributions: Vec::new(),
+            symbols: None,
         }
     }
 
@@ -74,6 +77,17 @@ impl Body {
     /// The GPU lowering this body is written for, if it is a GPU kernel's.
     pub fn gpu(&self) -> Option<GpuFlavor> {
         self.gpu
+    }
+
+    /// Records that the kernel reads the run's `n` symbol values (a GPU kernel then takes them
+    /// as its last argument, `%syms`).
+    pub fn read_symbols(&mut self, n: usize) {
+        self.symbols = Some(n);
+    }
+
+    /// The number of symbol values the kernel reads, when it reads any.
+    pub fn symbols(&self) -> Option<usize> {
+        self.symbols
     }
 
     /// Declares a workgroup array of type `ty` as an attribution of the kernel function and

@@ -140,8 +140,9 @@ mod symbolic {
         dir
     }
 
-    /// Compiles `g` once (symbolic), then at every binding runs the artifact and the
-    /// interpreter on the same inputs and compares every output.
+    /// Compiles `g` once (symbolic) for the CPU and for Vulkan, then at every binding runs each
+    /// artifact (Vulkan where a device exists) and the interpreter on the same inputs and
+    /// compares every output. The CUDA artifact is built too (PTX, no device needed).
     fn compiled_matches_interpreter(g: &Graph, tol: f64) {
         kiln_ir::verify(g).unwrap();
         let params = kiln_ir::bind_params(g, None, 7, false).unwrap();
@@ -152,7 +153,40 @@ mod symbolic {
             kiln_codegen::build_artifact(&g.name, &s, &params, &kiln_codegen::CpuTarget::host(), &dir)
                 .unwrap_or_else(|e| panic!("{}: {e}", g.name));
         assert_eq!(built.manifest.symbols.len(), 2, "the manifest records the symbols");
-        let mut model = Model::load(&dir).unwrap_or_else(|e| panic!("{}: {e}", g.name));
+        runs_like_interpreter(g, &params, &dir, tol);
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let caps = kiln_codegen::gpu::GpuCaps::vulkan();
+        let s = kiln_sched::schedule_aligned(g, caps.buffer_align).expect("schedules");
+        let vdir = temp_dir(&format!("{}-vulkan", g.name));
+        let built = kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, &caps, &vdir)
+            .unwrap_or_else(|e| panic!("{} for Vulkan: {e}", g.name));
+        assert_eq!(built.manifest.symbols.len(), 2, "the Vulkan manifest records the symbols");
+        if kiln_runtime::devices().devices.iter().any(|d| matches!(d, kiln_runtime::DeviceInfo::Vulkan(_))) {
+            runs_like_interpreter(g, &params, &vdir, tol.max(1e-5));
+        } else {
+            eprintln!("skipped: {} on Vulkan: no Vulkan device", g.name);
+        }
+        let _ = std::fs::remove_dir_all(&vdir);
+
+        let target = kiln_codegen::gpu::NvvmTarget::by_arch("sm_90").expect("sm_90");
+        let caps = kiln_codegen::gpu::GpuCaps::cuda(target);
+        let s = kiln_sched::schedule_aligned(g, caps.buffer_align).expect("schedules");
+        let cdir = temp_dir(&format!("{}-cuda", g.name));
+        let built = kiln_codegen::build_cuda_artifact(&g.name, &s, &params, &caps, None, &cdir)
+            .unwrap_or_else(|e| panic!("{} for CUDA: {e}", g.name));
+        assert_eq!(built.manifest.symbols.len(), 2, "the CUDA manifest records the symbols");
+        let _ = std::fs::remove_dir_all(&cdir);
+    }
+
+    /// Runs the artifact in `dir` at every binding and compares it with the interpreter.
+    fn runs_like_interpreter(
+        g: &Graph,
+        params: &std::collections::HashMap<String, Tensor>,
+        dir: &std::path::Path,
+        tol: f64,
+    ) {
+        let mut model = Model::load(dir).unwrap_or_else(|e| panic!("{}: {e}", g.name));
         for values in BINDINGS {
             let at = g.specialize(&values).expect("specializes");
             let inputs = kiln_ir::seeded_inputs(&at, 11 + values[1] as u64);
@@ -186,7 +220,6 @@ mod symbolic {
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A fused chain over `[batch, seq, 8]` with an operand broadcast over the batch (the row
@@ -441,6 +474,16 @@ mod symbolic {
             err.to_string(),
             "cannot compile `concat` with run-time sizes for the CPU: its index arithmetic over \
              [batch, 2*seq, 8] uses static extents (specialize the sizes with --set)"
+        );
+        // The GPU targets refuse it the same way, by their name.
+        let caps = kiln_codegen::gpu::GpuCaps::vulkan();
+        let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).expect("schedules");
+        let err =
+            kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, &caps, &dir).err().expect("refused");
+        assert_eq!(
+            err.to_string(),
+            "cannot compile `concat` with run-time sizes for the vulkan target: its index arithmetic \
+             over [batch, 2*seq, 8] uses static extents (specialize the sizes with --set)"
         );
     }
 }

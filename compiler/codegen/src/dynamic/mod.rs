@@ -36,19 +36,24 @@ pub const SYMS_ARG: &str = "%syms";
 
 /// A kernel's leading run-time extent: its size over the symbols and its maximum.
 #[derive(Clone, Debug)]
-struct Rows {
-    count: Dim,
-    max: usize,
+pub(crate) struct Rows {
+    pub count: Dim,
+    pub max: usize,
 }
 
 /// The refusal of a kernel over symbolic extents.
-pub(super) fn refuse(k: &kiln_sched::Kernel, why: impl Into<String>) -> CodegenError {
-    CodegenError::Symbolic { kernel: k.name(), why: why.into() }
+pub(crate) fn refuse(k: &kiln_sched::Kernel, why: impl Into<String>) -> CodegenError {
+    refuse_on(k, "the CPU", why)
+}
+
+/// The refusal of a kernel over symbolic extents for `target` (`the CPU`, `the Vulkan target`).
+pub(crate) fn refuse_on(k: &kiln_sched::Kernel, target: &str, why: impl Into<String>) -> CodegenError {
+    CodegenError::Symbolic { kernel: k.name(), target: target.into(), why: why.into() }
 }
 
 /// Axes `0..p` of `v` merged into one (their extents multiplied), when its strides chain
 /// through them (extent-1 axes aside); `None` when they do not.
-fn merge_leading(v: &StridedView, p: usize) -> Option<StridedView> {
+pub(crate) fn merge_leading(v: &StridedView, p: usize) -> Option<StridedView> {
     let real: Vec<usize> = (0..p).filter(|&k| v.shape[k] != 1).collect();
     for w in real.windows(2) {
         if v.strides[w[0]] != v.strides[w[1]].mul(&v.shape[w[1]]).ok()? {
@@ -69,7 +74,7 @@ fn merge_leading(v: &StridedView, p: usize) -> Option<StridedView> {
 
 /// The emitters' view of a row-form view: axis 0 at the rows' maximum, everything else
 /// static (`None` when something else reads a symbol).
-fn pinned(s: &Schedule, o: &Operand, v: &StridedView, rows: &Rows) -> Option<View> {
+pub(crate) fn pinned(s: &Schedule, o: &Operand, v: &StridedView, rows: &Rows) -> Option<View> {
     let mut shape = vec![rows.max];
     for d in &v.shape[1..] {
         shape.push(d.as_const()?);
@@ -85,12 +90,12 @@ fn pinned(s: &Schedule, o: &Operand, v: &StridedView, rows: &Rows) -> Option<Vie
 }
 
 /// The number of leading axes of `shape` that hold every symbolic extent (0 for a static one).
-fn symbolic_prefix(shape: &[Dim]) -> usize {
+pub(crate) fn symbolic_prefix(shape: &[Dim]) -> usize {
     shape.iter().rposition(|d| !d.is_static()).map_or(0, |k| k + 1)
 }
 
 /// The rows of `shape`'s first `p` axes: their product and its maximum.
-fn rows_of(s: &Schedule, shape: &[Dim], p: usize) -> Result<Rows, CodegenError> {
+pub(crate) fn rows_of(s: &Schedule, shape: &[Dim], p: usize) -> Result<Rows, CodegenError> {
     let count = kiln_sched::product(&shape[..p]).map_err(|e| bad(&e.to_string()))?;
     let max = match &count {
         Dim::Const(c) => *c,
@@ -103,7 +108,7 @@ fn rows_of(s: &Schedule, shape: &[Dim], p: usize) -> Result<Rows, CodegenError> 
 
 /// Operand `o` in row form over its first `p` axes (a unit axis appended when nothing is
 /// left after them, so every row form has a row).
-fn row_view(s: &Schedule, o: &Operand, p: usize, rows: &Rows) -> Option<View> {
+pub(crate) fn row_view(s: &Schedule, o: &Operand, p: usize, rows: &Rows) -> Option<View> {
     let merged = merge_leading(&o.view, p)?;
     let mut v = pinned(s, o, &merged, rows)?;
     if v.shape.len() == 1 {
@@ -114,7 +119,7 @@ fn row_view(s: &Schedule, o: &Operand, p: usize, rows: &Rows) -> Option<View> {
 }
 
 /// A static operand's view (weights, norm parameters), or `None` when it reads a symbol.
-fn static_view(s: &Schedule, o: &Operand) -> Option<View> {
+pub(crate) fn static_view(s: &Schedule, o: &Operand) -> Option<View> {
     let (shape, strides, offset) = o.view.as_static()?;
     Some(View { shape, strides, offset, dtype: o.dtype, buffer_len: s.buffers[o.buffer].len })
 }
@@ -365,8 +370,9 @@ fn finish(
 }
 
 /// `d` as an `index` value: a constant, or its normal form evaluated on the run's symbol values
-/// (loaded from [`SYMS_ARG`], which holds `n_syms` of them).
-pub(super) fn size_value(b: &mut Body, d: &Dim, n_syms: usize) -> String {
+/// (loaded from [`SYMS_ARG`], which holds `n_syms` of them: `i64` on the CPU, `u32` words in a
+/// GPU kernel, which then takes `%syms` as its last argument).
+pub(crate) fn size_value(b: &mut Body, d: &Dim, n_syms: usize) -> String {
     match d {
         Dim::Const(c) => b.index(*c),
         Dim::Sym(e) => size_expr_value(b, e, n_syms),
@@ -381,8 +387,14 @@ fn size_expr_value(b: &mut Body, e: &SizeExpr, n_syms: usize) -> String {
             let v = match f {
                 TermFactor::Sym(sym) => {
                     let i = b.index(sym.index as usize);
-                    let raw = b.assign(format!("memref.load {SYMS_ARG}[{i}] : memref<{n_syms}xi64>"));
-                    b.assign(format!("arith.index_cast {raw} : i64 to index"))
+                    if b.gpu().is_some() {
+                        b.read_symbols(n_syms);
+                        let raw = b.assign(format!("memref.load {SYMS_ARG}[{i}] : memref<{n_syms}xi32>"));
+                        b.assign(format!("arith.index_castui {raw} : i32 to index"))
+                    } else {
+                        let raw = b.assign(format!("memref.load {SYMS_ARG}[{i}] : memref<{n_syms}xi64>"));
+                        b.assign(format!("arith.index_cast {raw} : i64 to index"))
+                    }
                 }
                 TermFactor::FloorDiv(inner, k) => {
                     let x = size_expr_value(b, inner, n_syms);
@@ -403,7 +415,7 @@ fn size_expr_value(b: &mut Body, e: &SizeExpr, n_syms: usize) -> String {
 
 /// Drops extent-1 axes and merges adjacent axes every view walks as one (the normal forms
 /// prove `stride[k] = stride[k+1] · extent[k+1]`), as the static emitter's `coalesce` does.
-fn coalesce_sym(views: &[StridedView]) -> Vec<StridedView> {
+pub(crate) fn coalesce_sym(views: &[StridedView]) -> Vec<StridedView> {
     let shape = &views[0].shape;
     let keep: Vec<usize> = (0..shape.len()).filter(|&k| shape[k] != 1).collect();
     let mut out: Vec<StridedView> = views
@@ -581,13 +593,14 @@ fn elementwise(
 
 /// A view's extents, strides and offset as `index` values: constants, or computed from
 /// `%syms` (emitted where the caller stands, before its loops).
-pub(super) struct Walk {
+#[derive(Clone)]
+pub(crate) struct Walk {
     pub extents: Vec<String>,
     pub strides: Vec<String>,
     pub offset: String,
 }
 
-pub(super) fn walk(b: &mut Body, v: &StridedView, n_syms: usize) -> Walk {
+pub(crate) fn walk(b: &mut Body, v: &StridedView, n_syms: usize) -> Walk {
     Walk {
         extents: v.shape.iter().map(|d| size_value(b, d, n_syms)).collect(),
         strides: v.strides.iter().map(|d| size_value(b, d, n_syms)).collect(),
@@ -597,7 +610,7 @@ pub(super) fn walk(b: &mut Body, v: &StridedView, n_syms: usize) -> Walk {
 
 /// Splits the flat row number `r` into indices over axes `0..n` of `extents` (row-major;
 /// axis 0's extent is never read).
-pub(super) fn unravel(b: &mut Body, r: &str, extents: &[String], n: usize) -> Vec<String> {
+pub(crate) fn unravel(b: &mut Body, r: &str, extents: &[String], n: usize) -> Vec<String> {
     let mut idx = vec![String::new(); n];
     let mut rem = r.to_string();
     for a in (0..n).rev() {
@@ -612,7 +625,7 @@ pub(super) fn unravel(b: &mut Body, r: &str, extents: &[String], n: usize) -> Ve
 }
 
 /// `offset + Σ idx[a]·strides[a]` over the indices given.
-pub(super) fn address(b: &mut Body, w: &Walk, idx: &[String]) -> String {
+pub(crate) fn address(b: &mut Body, w: &Walk, idx: &[String]) -> String {
     let mut acc = w.offset.clone();
     for (i, s) in idx.iter().zip(&w.strides) {
         let t = b.assign(format!("arith.muli {i}, {s} : index"));
@@ -622,14 +635,14 @@ pub(super) fn address(b: &mut Body, w: &Walk, idx: &[String]) -> String {
 }
 
 /// `base + i·stride`.
-pub(super) fn step(b: &mut Body, base: &str, i: &str, stride: &str) -> String {
+pub(crate) fn step(b: &mut Body, base: &str, i: &str, stride: &str) -> String {
     let t = b.assign(format!("arith.muli {i}, {stride} : index"));
     b.assign(format!("arith.addi {base}, {t} : index"))
 }
 
 /// The emitters' flat view of an operand's buffer (its memref type and dtype; addressing is
 /// done by the caller).
-pub(super) fn buffer_view(s: &Schedule, o: &Operand) -> View {
+pub(crate) fn buffer_view(s: &Schedule, o: &Operand) -> View {
     View { shape: vec![], strides: vec![], offset: 0, dtype: o.dtype, buffer_len: s.buffers[o.buffer].len }
 }
 
@@ -667,7 +680,7 @@ pub(super) fn row_kernel(
 }
 
 /// A size at the symbols' hints (costs) and at their maxima (the range the kernel is sized for).
-pub(super) fn at_hints_and_maxima(s: &Schedule, d: &Dim) -> (usize, usize) {
+pub(crate) fn at_hints_and_maxima(s: &Schedule, d: &Dim) -> (usize, usize) {
     let hints: Vec<i64> = s.symbols.iter().map(|x| x.hint).collect();
     let maxima: Vec<i64> = s.symbols.iter().map(|x| x.max).collect();
     (d.eval(&hints).unwrap_or(0), d.eval(&maxima).unwrap_or(0))

@@ -19,11 +19,14 @@ use super::skeleton::{
     clamp, module, offset_at, plus, private, private_type, shared, shared_type, unravel, SharedArray,
 };
 use super::tiles::OperandTile;
-use super::{GpuCtx, GpuFlavor, GpuKernel};
+use super::{ceil_div, GpuCtx, GpuFlavor, GpuKernel};
+use crate::dynamic::{self, size_value};
 use crate::kernels::elementwise::{load, reg_type, store};
 use crate::kernels::View;
 use crate::mlir_text::Body;
 use crate::CodegenError;
+use kiln_ir::Dim;
+use kiln_sched::StridedView;
 
 /// Head sizes up to this are unrolled, so the query and output rows stay in registers (a
 /// private array indexed by a loop variable lives in memory on most devices).
@@ -48,6 +51,20 @@ fn each(b: &mut Body, n: usize, name: &str, body: &mut dyn FnMut(&mut Body, &str
     }
 }
 
+/// Attention over run-time sizes: the batch extents and the query and key lengths are sizes over
+/// the symbols, and so are the operands' batch strides and offsets (their last two axes'
+/// strides are static). The views given to [`emit_run`] are at the maxima; these are the sizes
+/// the kernel reads from `%syms`.
+pub struct RunSizes<'a> {
+    pub n_syms: usize,
+    pub batch: &'a [Dim],
+    pub sq: &'a Dim,
+    pub sk: &'a Dim,
+    /// The symbolic views of q, k, v, the mask, the output and the log-sum-exp (the ones
+    /// present), whose batch strides and offsets the kernel computes.
+    pub views: [Option<&'a StridedView>; 6],
+}
+
 /// Attention of `q` `[B…, Sq, D]`, `k` `[B…, Sk, D]`, `v` `[B…, Sk, Dv]`, optional additive
 /// `mask` `[B…, Sq, Sk]`, into `out` `[B…, Sq, Dv]` and, when given, the scores' log-sum-exp
 /// into `lse` `[B…, Sq]`; without `v` and `out`, the log-sum-exp alone. Arguments: q, k, [v],
@@ -63,6 +80,23 @@ pub fn emit(
     causal: bool,
     lse: Option<&View>,
     cx: &GpuCtx,
+) -> Result<GpuKernel, CodegenError> {
+    emit_run(symbol, q, k, v_out, mask, scale, causal, lse, cx, None)
+}
+
+/// [`emit`], over the run's sizes when `run` is given (`q`…`lse` then hold the maxima).
+#[allow(clippy::too_many_arguments)]
+pub fn emit_run(
+    symbol: &str,
+    q: &View,
+    k: &View,
+    v_out: Option<(&View, &View)>,
+    mask: Option<&View>,
+    scale: f64,
+    causal: bool,
+    lse: Option<&View>,
+    cx: &GpuCtx,
+    run: Option<&RunSizes>,
 ) -> Result<GpuKernel, CodegenError> {
     let (v, out) = (v_out.map(|(v, _)| v), v_out.map(|(_, o)| o));
     if out.is_none() && lse.is_none() {
@@ -111,23 +145,53 @@ pub fn emit(
     let tid = b.assign("gpu.thread_id x");
     let bx = b.assign("gpu.block_id x");
     let by = b.assign("gpu.block_id y");
-    let bidx = unravel(&mut b, &by, batch_shape);
-    let base = |b: &mut Body, w: &View| {
-        let parts: Vec<(Option<&String>, usize)> =
-            bidx.iter().zip(&w.strides).map(|(i, &s)| (Some(i), s)).collect();
-        offset_at(b, w.offset, &parts)
+    // Each operand's offset at this workgroup's batch index.
+    let (q_base, k_base, v_base, m_base, o_base, l_base) = match run {
+        None => {
+            let bidx = unravel(&mut b, &by, batch_shape);
+            let base = |b: &mut Body, w: &View| {
+                let parts: Vec<(Option<&String>, usize)> =
+                    bidx.iter().zip(&w.strides).map(|(i, &s)| (Some(i), s)).collect();
+                offset_at(b, w.offset, &parts)
+            };
+            let (q_base, k_base) = (base(&mut b, q), base(&mut b, k));
+            let v_base = v.map(|v| base(&mut b, v));
+            let m_base = mask.map(|mv| base(&mut b, mv));
+            let o_base = out.map(|o| base(&mut b, o));
+            let l_base = lse.map(|l| base(&mut b, l));
+            (q_base, k_base, v_base, m_base, o_base, l_base)
+        }
+        Some(run) => {
+            let nb = run.batch.len();
+            let extents: Vec<String> = run.batch.iter().map(|d| size_value(&mut b, d, run.n_syms)).collect();
+            let bidx = dynamic::unravel(&mut b, &by, &extents, nb);
+            let bases: Vec<Option<String>> = run
+                .views
+                .iter()
+                .map(|w| {
+                    w.map(|w| {
+                        let walked = dynamic::walk(&mut b, w, run.n_syms);
+                        dynamic::address(&mut b, &walked, &bidx)
+                    })
+                })
+                .collect();
+            let (q_base, k_base) = (bases[0].clone(), bases[1].clone());
+            let (v_base, m_base, o_base, l_base) =
+                (bases[2].clone(), bases[3].clone(), bases[4].clone(), bases[5].clone());
+            let missing = || CodegenError::Unsupported("attention over run-time sizes without q or k".into());
+            (q_base.ok_or_else(missing)?, k_base.ok_or_else(missing)?, v_base, m_base, o_base, l_base)
+        }
     };
-    let (q_base, k_base) = (base(&mut b, q), base(&mut b, k));
-    let v_base = v.map(|v| base(&mut b, v));
-    let o_base = out.map(|o| base(&mut b, o));
-    let l_base = lse.map(|l| base(&mut b, l));
-    let m_base = mask.map(|mv| base(&mut b, mv));
+    // The run's query and key lengths (the views' extents are their maxima).
+    let (sq_run, sk_run) = match run {
+        Some(run) => (size_value(&mut b, run.sq, run.n_syms), size_value(&mut b, run.sk, run.n_syms)),
+        None => (b.index(sq), b.index(sk)),
+    };
     let bqc = b.index(bq);
     let i = b.assign(format!("arith.muli {bx}, {bqc} : index"));
     let i = b.assign(format!("arith.addi {i}, {tid} : index"));
     let ic = clamp(&mut b, &i, sq);
-    let sqc = b.index(sq);
-    let valid = b.assign(format!("arith.cmpi ult, {i}, {sqc} : index"));
+    let valid = b.assign(format!("arith.cmpi ult, {i}, {sq_run} : index"));
     let (c0, c1) = (b.index(0), b.index(1));
     let zero = b.float(0.0, ty);
     let one = b.float(1.0, ty);
@@ -149,15 +213,18 @@ pub fn emit(
     let mem_v = SharedArray { name: &sh_v, ty: &sv_ty, vectors: vectors && dv % 4 == 0 };
     let layout_k = SharedLayout { row: d, col: 1, len: bk * d };
     let layout_v = SharedLayout { row: dv, col: 1, len: bk * dv };
-    let tile_k = OperandTile::new(&b, k, "%a1", k_base.clone(), (bk, d), (sk, d), layout_k, bq, vectors);
+    let run_keys = run.map(|_| sk_run.clone());
+    let tile_k = OperandTile::new(&b, k, "%a1", k_base.clone(), (bk, d), (sk, d), layout_k, bq, vectors)
+        .with_run_rows(run_keys.clone());
     // v, when present, is the third argument.
     let tile_v = match (v, &v_base) {
-        (Some(v), Some(vb)) => {
-            Some(OperandTile::new(&b, v, "%a2", vb.clone(), (bk, dv), (sk, dv), layout_v, bq, vectors))
-        }
+        (Some(v), Some(vb)) => Some(
+            OperandTile::new(&b, v, "%a2", vb.clone(), (bk, dv), (sk, dv), layout_v, bq, vectors)
+                .with_run_rows(run_keys.clone()),
+        ),
         _ => None,
     };
-    let skc = b.index(sk);
+    let skc = sk_run.clone();
     let bkc = b.index(bk);
     b.open(format!(
         "%ml:2 = scf.for %kt = {c0} to {skc} step {bkc} iter_args(%m = {neg_inf}, %l = {zero}) -> ({ty}, {ty})"
@@ -336,5 +403,21 @@ pub fn emit(
     let flops = (2 * batch * sq * sk * (d + dv)) as u64;
     let written = out.map_or(0, View::numel) + lse.map_or(0, View::numel);
     let bytes = ((q.numel() + k.numel() + v.map_or(0, View::numel) + written) * dtype.size_bytes()) as u64;
-    Ok(GpuKernel { symbol: symbol.into(), mlir: module(symbol, &memrefs, &plan, b), plan, flops, bytes })
+    // Over run-time sizes: blocks of the run's queries along x, its batch along y.
+    let run_grid = match run {
+        Some(run) => {
+            let batch =
+                kiln_sched::product(run.batch).map_err(|e| CodegenError::Unsupported(e.to_string()))?;
+            Some([ceil_div(run.sq, bq)?, batch, Dim::Const(1)])
+        }
+        None => None,
+    };
+    Ok(GpuKernel {
+        symbol: symbol.into(),
+        mlir: module(symbol, &memrefs, &plan, b),
+        plan,
+        flops,
+        bytes,
+        run_grid,
+    })
 }

@@ -4,7 +4,7 @@
 //! differs, a loop nest there and the invocation number here.
 
 use super::plan::GpuPlan;
-use super::skeleton::{module, open_below, unravel, workgroup_number};
+use super::skeleton::{module, unravel, workgroup_number};
 use super::{GpuCtx, GpuKernel};
 use crate::kernels::elementwise::{coalesce, eval, store, Ctx, FaultSlot};
 use crate::kernels::View;
@@ -12,16 +12,27 @@ use crate::mlir_text::Body;
 use crate::CodegenError;
 use kiln_sched::Expr;
 
-/// The invocation's element number, under an `scf.if` that skips numbers past `count` (close
-/// with `b.close("")`).
-fn open_element(b: &mut Body, plan: &GpuPlan, count: usize) -> String {
+/// The invocation's element number, under an `scf.if` that skips numbers past `count` (at
+/// the run's rows in row form; close with `b.close("")`).
+fn open_element(b: &mut Body, plan: &GpuPlan, count: usize, cx: &GpuCtx) -> Result<String, CodegenError> {
     let wg = workgroup_number(b, plan);
     let tid = b.assign("gpu.thread_id x");
     let g = b.index(plan.launch.workgroup[0] as usize);
     let base = b.assign(format!("arith.muli {wg}, {g} : index"));
     let i = b.assign(format!("arith.addi {base}, {tid} : index"));
-    open_below(b, &i, count);
-    i
+    let n = cx.count_value(b, count)?;
+    let ok = b.assign(format!("arith.cmpi ult, {i}, {n} : index"));
+    b.open(format!("scf.if {ok}"));
+    Ok(i)
+}
+
+/// A one-invocation-per-element plan's grid at the run's rows (row form), else `None`.
+fn element_grid(
+    plan: &GpuPlan,
+    count: usize,
+    cx: &GpuCtx,
+) -> Result<Option<[kiln_ir::Dim; 3]>, CodegenError> {
+    cx.run_grid(plan, count, plan.launch.workgroup[0] as usize)
 }
 
 /// A kernel computing each element of `out` (the last of `memrefs`) with `value`, given the
@@ -38,13 +49,21 @@ pub(crate) fn per_element(
     let count = out.numel();
     let plan = GpuPlan::elements(count, cx.caps)?;
     let mut b = cx.body();
-    let i = open_element(&mut b, &plan, count);
+    let i = open_element(&mut b, &plan, count, cx)?;
     let idx = unravel(&mut b, &i, &out.shape);
     let v = value(&mut b, &idx, &i)?;
     let at = out.index_expr(&mut b, &idx);
     store(&mut b, &v, &format!("%a{}", memrefs.len() - 1), out, &at);
     b.close("");
-    Ok(GpuKernel { symbol: symbol.into(), mlir: module(symbol, memrefs, &plan, b), plan, flops, bytes })
+    let run_grid = element_grid(&plan, count, cx)?;
+    Ok(GpuKernel {
+        symbol: symbol.into(),
+        mlir: module(symbol, memrefs, &plan, b),
+        plan,
+        flops,
+        bytes,
+        run_grid,
+    })
 }
 
 /// The fused elementwise kernel for `expr` over `inputs` (views at the output's shape) into
@@ -65,7 +84,7 @@ pub fn emit_elementwise(
     let count = out.numel();
     let plan = GpuPlan::elements(count, cx.caps)?;
     let mut b = cx.body();
-    let i = open_element(&mut b, &plan, count);
+    let i = open_element(&mut b, &plan, count, cx)?;
     let merged = views[0].shape.clone();
     let idx = unravel(&mut b, &i, &merged);
     let at: Vec<String> = views.iter().map(|v| v.index_expr(&mut b, &idx)).collect();
@@ -88,5 +107,13 @@ pub fn emit_elementwise(
     memrefs.extend(slot.map(View::memref));
     let flops = (count * expr.op_count().max(1)) as u64;
     let bytes = all.iter().map(|v| v.numel() * v.dtype.size_bytes()).sum::<usize>() as u64;
-    Ok(GpuKernel { symbol: symbol.into(), mlir: module(symbol, &memrefs, &plan, b), plan, flops, bytes })
+    let run_grid = element_grid(&plan, count, cx)?;
+    Ok(GpuKernel {
+        symbol: symbol.into(),
+        mlir: module(symbol, &memrefs, &plan, b),
+        plan,
+        flops,
+        bytes,
+        run_grid,
+    })
 }

@@ -12,13 +12,13 @@
 use super::plan::{matmul_layouts, GpuPlan, SharedLayout, Work};
 use super::skeleton::{module, offset_at, plus, shared, shared_type, unravel, SharedArray};
 use super::tiles::{aligned_by_4, OperandTile, Rounding};
-use super::{GpuCtx, GpuFlavor, GpuKernel};
+use super::{ceil_div, GpuCtx, GpuFlavor, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
 use crate::kernels::matmul::activate;
 use crate::kernels::View;
 use crate::mlir_text::Body;
 use crate::CodegenError;
-use kiln_ir::{Activation, DType};
+use kiln_ir::{Activation, DType, Dim};
 
 /// `out = activation(a · b + bias)` for `a` `[B…, M, K]`, `b` `[B…, K, N]`, `bias` and `out`
 /// `[B…, M, N]`. Arguments: a, b, [bias], out.
@@ -121,7 +121,13 @@ pub fn emit(
             Step::Tf32 { sub, lanes: Box::new(Lanes::new(&mut b, &lin, warps, sub)) }
         }
     };
-    let tile_a = OperandTile::new(&b, a, "%a0", a_base, (tm, tk), (m, k), la, inv, vectors);
+    // In row form, the run's rows (m is their maximum).
+    let run_m = match cx.run {
+        Some(_) => Some(cx.count_value(&mut b, m)?),
+        None => None,
+    };
+    let tile_a = OperandTile::new(&b, a, "%a0", a_base, (tm, tk), (m, k), la, inv, vectors)
+        .with_run_rows(run_m.clone());
     let tile_b = OperandTile::new(&b, bv, "%a1", b_base, (tk, tn), (k, n), lb, inv, vectors);
     // TF32 operands are rounded once, as they enter shared memory.
     let round = if tensor { Some(if nvvm { Rounding::Tf32Nvvm } else { Rounding::Tf32Bits }) } else { None };
@@ -186,7 +192,7 @@ pub fn emit(
     let or = out.rank();
     let bias_arg = "%a2";
     let out_arg = if bias.is_some() { "%a3" } else { "%a2" };
-    let exact_tiles = m % tm == 0 && n % tn == 0;
+    let exact_tiles = m % tm == 0 && n % tn == 0 && run_m.is_none();
     // Runs of 4 adjacent columns stored as one vector where the result allows.
     let run = match &inner {
         Step::Simt { vec: 4, .. }
@@ -206,7 +212,10 @@ pub fn emit(
         let row = b.assign(format!("arith.addi {row0}, {r_in} : index"));
         let col = b.assign(format!("arith.addi {col0}, {c_in} : index"));
         if !exact_tiles {
-            let mc = b.index(m);
+            let mc = match &run_m {
+                Some(v) => v.clone(),
+                None => b.index(m),
+            };
             let nc = b.index(n);
             let okr = b.assign(format!("arith.cmpi ult, {row}, {mc} : index"));
             let okc = b.assign(format!("arith.cmpi ult, {col}, {nc} : index"));
@@ -255,7 +264,22 @@ pub fn emit(
     memrefs.push(out.memref());
     let flops = (2 * batch * m * n * k) as u64;
     let bytes = ((a.numel() + bv.numel() + out.numel()) * dtype.size_bytes()) as u64;
-    Ok(GpuKernel { symbol: symbol.into(), mlir: module(symbol, &memrefs, &plan, b), plan, flops, bytes })
+    // In row form, as many row tiles as the run's rows need.
+    let run_grid = match cx.at_run(m)? {
+        Some(rows) => {
+            let [x, _, z] = plan.launch.grid;
+            Some([Dim::Const(x as usize), ceil_div(&rows, tm)?, Dim::Const(z as usize)])
+        }
+        None => None,
+    };
+    Ok(GpuKernel {
+        symbol: symbol.into(),
+        mlir: module(symbol, &memrefs, &plan, b),
+        plan,
+        flops,
+        bytes,
+        run_grid,
+    })
 }
 
 /// Rows and columns of an MMA tile: `m16n8k8`.

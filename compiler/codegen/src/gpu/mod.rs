@@ -12,6 +12,7 @@
 
 pub mod attention;
 mod caps;
+mod dynamic;
 pub mod elements;
 pub mod matmul;
 pub mod nvvm;
@@ -27,6 +28,7 @@ mod tiles;
 use crate::mlir_text::{Body, Split};
 use crate::CodegenError;
 pub use caps::{GpuCaps, GpuFlavor, GpuLowering, NvvmTarget};
+use kiln_ir::Dim;
 use melior::ir::attribute::{ArrayAttribute, AttributeLike, StringAttribute};
 use melior::ir::block::BlockLike;
 use melior::ir::operation::OperationLike;
@@ -36,17 +38,88 @@ pub use plan::{GpuPlan, Launch, MmaPrecision, Work};
 pub use program::{kernels, GpuProgram};
 pub use spirv::SpirvModule;
 
-/// What an emitter needs beyond the kernel's operands: the target, and which arguments are
-/// bound in pieces because they are larger than one binding may cover.
+/// What an emitter needs beyond the kernel's operands: the target, which arguments are
+/// bound in pieces because they are larger than one binding may cover, and, in a kernel over
+/// run-time sizes put in row form, the run's rows.
 pub struct GpuCtx<'a> {
     pub caps: &'a GpuCaps,
     pub splits: Vec<(String, Split)>,
+    pub run: Option<RunRows>,
+}
+
+/// The rows of a kernel in *row form* (`docs/dynamic-shapes.md`, step 6): its operands' leading
+/// axes merged into one of `count` rows, a size over the symbols, which the emitter sees at its
+/// maximum `max`. Every count the emitter derives from the rows (elements, rows, the product's
+/// m) is a multiple of `max`; at run time it is that many times `count`, read from the kernel's
+/// `%syms` argument (`n_syms` values).
+#[derive(Clone, Debug)]
+pub struct RunRows {
+    pub count: Dim,
+    pub max: usize,
+    pub n_syms: usize,
 }
 
 impl GpuCtx<'_> {
     /// A fresh body for the kernel's text, knowing the split arguments.
     pub fn body(&self) -> Body {
         Body::for_gpu(self.splits.clone(), self.caps.flavor())
+    }
+
+    /// `n`, a count derived from the rows at their maximum, at the run's rows: `None` outside
+    /// row form.
+    pub(crate) fn at_run(&self, n: usize) -> Result<Option<Dim>, CodegenError> {
+        let Some(run) = &self.run else { return Ok(None) };
+        if run.max == 0 || !n.is_multiple_of(run.max) {
+            return Err(CodegenError::Unsupported(format!(
+                "a count of {n} in a kernel over {} rows at most",
+                run.max
+            )));
+        }
+        let d =
+            run.count.mul(&Dim::Const(n / run.max)).map_err(|e| CodegenError::Unsupported(e.to_string()))?;
+        Ok(Some(d))
+    }
+
+    /// `n` as an `index` value in `b`: the constant, or (in row form) its size at the run's rows.
+    pub(crate) fn count_value(&self, b: &mut Body, n: usize) -> Result<String, CodegenError> {
+        match (self.at_run(n)?, &self.run) {
+            (Some(d), Some(run)) => Ok(crate::dynamic::size_value(b, &d, run.n_syms)),
+            _ => Ok(b.index(n)),
+        }
+    }
+
+    /// The grid of a plan with `per_group` of `count` units (derived from the rows at their
+    /// maximum) per workgroup, folded as [`GpuPlan`] does, at the run's rows; `None` outside
+    /// row form.
+    pub(crate) fn run_grid(
+        &self,
+        plan: &GpuPlan,
+        count: usize,
+        per_group: usize,
+    ) -> Result<Option<[Dim; 3]>, CodegenError> {
+        match self.at_run(count)? {
+            Some(n) => Ok(Some(fold_run(&ceil_div(&n, per_group)?, plan.launch.grid)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// `⌈n / d⌉` as a size.
+pub(crate) fn ceil_div(n: &Dim, d: usize) -> Result<Dim, CodegenError> {
+    n.add(&Dim::Const(d.max(1) - 1))
+        .and_then(|m| m.floor_div(d.max(1)))
+        .map_err(|e| CodegenError::Unsupported(e.to_string()))
+}
+
+/// `n` workgroups (a size) in a grid folded at the maximum as `fixed` (`[x, y, 1]`): the same
+/// x when the maximum needed a second axis (the kernel numbers workgroups `y·x + x` with that
+/// x), else `[n, 1, 1]`.
+pub(crate) fn fold_run(n: &Dim, fixed: [u32; 3]) -> Result<[Dim; 3], CodegenError> {
+    if fixed[1] <= 1 {
+        Ok([n.clone(), Dim::Const(1), Dim::Const(1)])
+    } else {
+        let x = fixed[0] as usize;
+        Ok([Dim::Const(x), ceil_div(n, x)?, Dim::Const(1)])
     }
 }
 
@@ -63,6 +136,9 @@ pub struct GpuKernel {
     pub flops: u64,
     /// Estimated bytes the whole kernel reads and writes.
     pub bytes: u64,
+    /// For a kernel over run-time sizes, its grid at the run's symbol values (the plan's is at
+    /// their maxima); such a kernel takes the values as its last argument, `%syms`.
+    pub run_grid: Option<[Dim; 3]>,
 }
 
 /// The serialized object of every `gpu.binary` in `module` (what `gpu-module-to-binary`

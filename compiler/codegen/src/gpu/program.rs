@@ -35,11 +35,6 @@ pub fn kernels(s: &Schedule, caps: &GpuCaps) -> Result<GpuProgram, CodegenError>
 /// [`kernels`], naming each distinct kernel after its step's index plus `first`: the entry
 /// points of one artifact number their kernels apart, so their modules' symbols never clash.
 pub fn kernels_numbered(s: &Schedule, caps: &GpuCaps, first: usize) -> Result<GpuProgram, CodegenError> {
-    // Grids are fixed at compile time: no GPU kernel reads the run's sizes yet.
-    if !s.symbols.is_empty() {
-        let names: Vec<String> = s.symbols.iter().map(|d| format!("`{}`", d.name)).collect();
-        return Err(CodegenError::SymbolicTarget { target: caps.name, symbols: names.join(", ") });
-    }
     if !s.arena_align.is_multiple_of(caps.buffer_align) {
         return Err(CodegenError::Unsupported(format!(
             "a schedule whose arena is aligned to {} bytes on the {} target, which binds buffers at multiples of {} (schedule with kiln_sched::schedule_aligned)",
@@ -57,9 +52,20 @@ pub fn kernels_numbered(s: &Schedule, caps: &GpuCaps, first: usize) -> Result<Gp
             other => other,
         };
         let splits = check_limits(s, k, caps).map_err(in_context)?;
-        let cx =
-            GpuCtx { caps, splits: splits.iter().map(|(j, sp)| (format!("%a{j}"), sp.clone())).collect() };
-        let mut made = kernel(s, k, &cx).map_err(in_context)?;
+        let cx = GpuCtx {
+            caps,
+            splits: splits.iter().map(|(j, sp)| (format!("%a{j}"), sp.clone())).collect(),
+            run: None,
+        };
+        let symbolic = k.operands().any(|o| !o.view.is_static());
+        let mut made =
+            if symbolic { super::dynamic::kernel(s, PROVISIONAL, k, &cx) } else { kernel(s, k, &cx) }
+                .map_err(in_context)?;
+        // A grid over the run's sizes is printed above the plan (and tells kernels apart).
+        if let Some(grid) = &made.run_grid {
+            made.mlir =
+                format!("// grid at run time: [{}, {}, {}]\n{}", grid[0], grid[1], grid[2], made.mlir);
+        }
         step_splits.push(splits);
         let index = match seen.get(&made.mlir) {
             Some(&j) => j,
@@ -123,8 +129,11 @@ fn check_limits(
         bindings += split.pieces();
         splits.push((j, split));
     }
-    // The fault words, a binding of their own.
+    // The fault words, and the run's symbol values, bindings of their own.
     if k.can_fault() {
+        bindings += 1;
+    }
+    if k.operands().any(|o| !o.view.is_static()) {
         bindings += 1;
     }
     if bindings > caps.max_bindings {

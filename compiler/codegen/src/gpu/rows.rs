@@ -7,27 +7,31 @@
 
 use super::plan::{GpuPlan, Work};
 use super::skeleton::{module, offset_at, shared, step, tree, unravel, workgroup_number, Combine};
-use super::{GpuCaps, GpuCtx, GpuKernel};
+use super::{GpuCtx, GpuKernel};
+use crate::dynamic;
 use crate::kernels::elementwise::{constant, load, reg_type, store};
 use crate::kernels::View;
 use crate::mlir_text::Body;
 use crate::CodegenError;
-use kiln_ir::{DType, NormKind, ReduceOp};
+use kiln_ir::{DType, Dim, NormKind, ReduceOp};
+use kiln_sched::StridedView;
 
 /// What every row kernel starts with: its plan, the workgroup's row (under an `scf.if` that
 /// skips rows past the end; close with `b.close("")`), the invocation number, the group size
 /// and the shared array for the trees.
 struct Row {
     plan: GpuPlan,
+    /// The grid at the run's rows, in row form.
+    run_grid: Option<[kiln_ir::Dim; 3]>,
     row: String,
     tid: String,
     group: u32,
     sh: String,
 }
 
-fn open_row(b: &mut Body, rows: usize, len: usize, ty: &str, caps: &GpuCaps) -> Result<Row, CodegenError> {
+fn open_row(b: &mut Body, rows: usize, len: usize, ty: &str, cx: &GpuCtx) -> Result<Row, CodegenError> {
     let bytes = if ty == "f64" { 8 } else { 4 };
-    let plan = GpuPlan::rows(rows, len, bytes, 1, caps)?;
+    let plan = GpuPlan::rows(rows, len, bytes, 1, cx.caps)?;
     let Work::Rows { group, .. } = plan.work else {
         return Err(CodegenError::Unsupported("a row plan that is not one".into()));
     };
@@ -35,10 +39,11 @@ fn open_row(b: &mut Body, rows: usize, len: usize, ty: &str, caps: &GpuCaps) -> 
     let row = workgroup_number(b, &plan);
     let tid = b.assign("gpu.thread_id x");
     // The condition is the same for the whole workgroup, so barriers inside stay uniform.
-    let n = b.index(rows);
+    let n = cx.count_value(b, rows)?;
     let ok = b.assign(format!("arith.cmpi ult, {row}, {n} : index"));
     b.open(format!("scf.if {ok}"));
-    Ok(Row { plan, row, tid, group, sh })
+    let run_grid = cx.run_grid(&plan, rows, 1)?;
+    Ok(Row { plan, run_grid, row, tid, group, sh })
 }
 
 /// Opens `scf.for j = tid to len step group` carrying an accumulator that starts at `init`;
@@ -66,7 +71,7 @@ pub fn emit_softmax(
     let outer: Vec<usize> = (0..x.rank()).filter(|&k| k != axis).collect();
     let outer_shape: Vec<usize> = outer.iter().map(|&k| x.shape[k]).collect();
     let mut b = cx.body();
-    let r = open_row(&mut b, rows, len, ty, cx.caps)?;
+    let r = open_row(&mut b, rows, len, ty, cx)?;
     let oidx = unravel(&mut b, &r.row, &outer_shape);
     let parts = |v: &View| -> Vec<(Option<&String>, usize)> {
         outer.iter().zip(&oidx).map(|(&k, i)| (Some(i), v.strides[k])).collect()
@@ -121,6 +126,7 @@ pub fn emit_softmax(
         plan: r.plan,
         flops,
         bytes,
+        run_grid: r.run_grid,
     })
 }
 
@@ -138,9 +144,57 @@ pub fn emit_norm(
     out: &View,
     cx: &GpuCtx,
 ) -> Result<GpuKernel, CodegenError> {
+    let mut views: Vec<View> = vec![a.clone()];
+    views.extend(b_in.cloned());
+    views.push(out.clone());
+    let len = out.shape.last().copied().unwrap_or(1);
+    norm(symbol, kind, eps, (&views, len), gamma, beta, None, cx)
+}
+
+/// The leading axes of a norm over run-time sizes whose operands do not merge into rows:
+/// their extents, and each operand's symbolic view (a, [b], out), from which the kernel
+/// computes where a row starts.
+pub struct RunLead<'a> {
+    pub extents: &'a [Dim],
+    pub views: &'a [StridedView],
+    pub n_syms: usize,
+}
+
+/// [`emit_norm`] over run-time leading axes: `operands` (a, [b], out: the buffers, with static
+/// strides along the last axis, of `len` elements) are addressed through `lead`; `cx` holds the
+/// rows (their product).
+#[allow(clippy::too_many_arguments)]
+pub fn emit_norm_run(
+    symbol: &str,
+    kind: NormKind,
+    eps: f64,
+    operands: (&[View], usize),
+    gamma: Option<&View>,
+    beta: Option<&View>,
+    lead: &RunLead,
+    cx: &GpuCtx,
+) -> Result<GpuKernel, CodegenError> {
+    norm(symbol, kind, eps, operands, gamma, beta, Some(lead), cx)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn norm(
+    symbol: &str,
+    kind: NormKind,
+    eps: f64,
+    (operands, len): (&[View], usize),
+    gamma: Option<&View>,
+    beta: Option<&View>,
+    run_lead: Option<&RunLead>,
+    cx: &GpuCtx,
+) -> Result<GpuKernel, CodegenError> {
+    let (a, out) = match operands {
+        [a, .., out] if operands.len() <= 3 => (a, out),
+        _ => return Err(CodegenError::Unsupported("a norm of other than one or two operands".into())),
+    };
+    let b_in = if operands.len() == 3 { Some(&operands[1]) } else { None };
     let ty = reg_type(out.dtype);
     let rank = out.rank();
-    let len = out.shape.last().copied().unwrap_or(1);
     let rows = out.numel() / len.max(1);
     let lead = &out.shape[..rank.saturating_sub(1)];
     // Arguments in order, with their names.
@@ -156,16 +210,35 @@ pub fn emit_norm(
     });
     let out_arg = format!("%a{}", views.len());
     let mut b = cx.body();
-    let r = open_row(&mut b, rows, len, ty, cx.caps)?;
-    let idx = unravel(&mut b, &r.row, lead);
-    let base = |b: &mut Body, v: &View| {
-        let parts: Vec<(Option<&String>, usize)> =
-            idx.iter().zip(&v.strides).map(|(i, &s)| (Some(i), s)).collect();
-        offset_at(b, v.offset, &parts)
+    let r = open_row(&mut b, rows, len, ty, cx)?;
+    // Where each operand's row starts: from the static strides, or the run's.
+    let starts: Vec<String> = match run_lead {
+        None => {
+            let idx = unravel(&mut b, &r.row, lead);
+            operands
+                .iter()
+                .map(|v| {
+                    let parts: Vec<(Option<&String>, usize)> =
+                        idx.iter().zip(&v.strides).map(|(i, &s)| (Some(i), s)).collect();
+                    offset_at(&mut b, v.offset, &parts)
+                })
+                .collect()
+        }
+        Some(run) => {
+            let extents: Vec<String> =
+                run.extents.iter().map(|d| dynamic::size_value(&mut b, d, run.n_syms)).collect();
+            let idx = dynamic::unravel(&mut b, &r.row, &extents, extents.len());
+            run.views
+                .iter()
+                .map(|v| {
+                    let w = dynamic::walk(&mut b, v, run.n_syms);
+                    dynamic::address(&mut b, &w, &idx)
+                })
+                .collect()
+        }
     };
-    let a_base = base(&mut b, a);
-    let b_base = b_in.map(|v| base(&mut b, v));
-    let o_base = base(&mut b, out);
+    let (a_base, o_base) = (starts[0].clone(), starts[starts.len() - 1].clone());
+    let b_base = b_in.map(|_| starts[1].clone());
     let last = |v: &View| v.strides.last().copied().unwrap_or(0);
     // x[j]: a[j] (+ b[j]), rounded like the interpreter's sum in the tensor's type.
     let x_at = |b: &mut Body, j: &str| -> String {
@@ -258,6 +331,7 @@ pub fn emit_norm(
         plan: r.plan,
         flops,
         bytes,
+        run_grid: r.run_grid,
     })
 }
 
@@ -286,7 +360,7 @@ pub fn emit_reduce(
     let outputs: usize = kept_shape.iter().product();
     let count: usize = red_shape.iter().product();
     let mut b = cx.body();
-    let r = open_row(&mut b, outputs, count, ty, cx.caps)?;
+    let r = open_row(&mut b, outputs, count, ty, cx)?;
     let kidx = unravel(&mut b, &r.row, &kept_shape);
     let parts: Vec<(Option<&String>, usize)> =
         kept.iter().zip(&kidx).map(|(&a, i)| (Some(i), x.strides[a])).collect();
@@ -335,5 +409,6 @@ pub fn emit_reduce(
         plan: r.plan,
         flops,
         bytes,
+        run_grid: r.run_grid,
     })
 }

@@ -43,5 +43,6 @@ pub fn emit(
         plan,
         flops: (pre * n * post) as u64,
         bytes,
+        run_grid: None,
     })
 }

@@ -24,7 +24,8 @@ fn flavor(b: &Body) -> GpuFlavor {
 /// `gpu.module @{symbol}` holding the kernel `gpu.func @{symbol}` with arguments `%a0…`
 /// (`memrefs`, in binding order) and the plan's workgroup size as its entry-point ABI; the
 /// plan is written above it as a comment.
-/// An argument bound in pieces becomes one parameter per piece (`%aN_0`, `%aN_1`, …).
+/// An argument bound in pieces becomes one parameter per piece (`%aN_0`, `%aN_1`, …). A body
+/// that reads the run's symbol values takes them last, as `%syms` (one `u32` each).
 pub(crate) fn module(symbol: &str, memrefs: &[String], plan: &GpuPlan, body: Body) -> String {
     let mut params: Vec<String> = Vec::with_capacity(memrefs.len());
     for (i, m) in memrefs.iter().enumerate() {
@@ -38,6 +39,9 @@ pub(crate) fn module(symbol: &str, memrefs: &[String], plan: &GpuPlan, body: Bod
                 }
             }
         }
+    }
+    if let Some(n) = body.symbols() {
+        params.push(format!("{}: memref<{n}xi32>", crate::dynamic::SYMS_ARG));
     }
     let [x, y, z] = plan.launch.workgroup;
     let (workgroup, abi) = match flavor(&body) {

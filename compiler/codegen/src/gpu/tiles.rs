@@ -67,6 +67,9 @@ pub(crate) struct OperandTile<'a> {
     /// Whether the tile never crosses the operand's edges (its sizes divide the extents).
     exact: bool,
     inv: usize,
+    /// The operand's row count at run time (an `index` value), when it is set by the run:
+    /// rows from it to `extent.0` read as zero.
+    run_rows: Option<String>,
 }
 
 /// The values one invocation read: per run, its tile row and column and the values.
@@ -104,7 +107,29 @@ impl<'a> OperandTile<'a> {
         } else {
             1
         };
-        OperandTile { view, arg, base, rows, cols, extent, layout, along_cols, run, exact, inv }
+        OperandTile {
+            view,
+            arg,
+            base,
+            rows,
+            cols,
+            extent,
+            layout,
+            along_cols,
+            run,
+            exact,
+            inv,
+            run_rows: None,
+        }
+    }
+
+    /// The same tile over an operand whose rows past `rows` (an `index` value, at most
+    /// `extent.0`) are not the run's: they read as zero, as past the edge.
+    pub fn with_run_rows(self, rows: Option<String>) -> OperandTile<'a> {
+        match rows {
+            Some(r) => OperandTile { exact: false, run: 1, run_rows: Some(r), ..self },
+            None => self,
+        }
     }
 
     /// Reads this invocation's runs of the tile at `origin` (operand row, column) into
@@ -147,7 +172,10 @@ impl<'a> OperandTile<'a> {
                     vec![load(b, self.arg, self.view, &at)]
                 }
             } else {
-                let er = b.index(self.extent.0);
+                let er = match &self.run_rows {
+                    Some(r) => r.clone(),
+                    None => b.index(self.extent.0),
+                };
                 let ec = b.index(self.extent.1);
                 let okr = b.assign(format!("arith.cmpi ult, {gr}, {er} : index"));
                 let okc = b.assign(format!("arith.cmpi ult, {gc}, {ec} : index"));
