@@ -1,5 +1,5 @@
 """One artifact for every batch and length against an artifact compiled for one shape, at the
-same shapes: the cost of sizes set at run time (issue 17: within 3 %).
+same shapes: the cost of sizes set at run time (the goal: within 3 %).
 
 The MiniLM-L6 encoder (`models/bert_encoder.ron`: 6 layers, hidden 384, 12 heads; random
 parameters from `--seed 0`, which do not change the time) is compiled with `batch` and `seq`

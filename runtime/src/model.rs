@@ -378,15 +378,22 @@ impl Model {
         let values = self.bind(index, inputs)?;
         let mut outputs = self.new_outputs(index, &values)?;
         // The manifest's costs are at the symbols' hints: a step over a run-time range is
-        // costed in proportion to its range at this run's sizes.
+        // costed in proportion to its range (a GPU step's, its grid) at this run's sizes.
         let hints: Vec<u64> = self.manifest.symbols.iter().map(|s| s.hint).collect();
         let labels: Vec<(String, u64, u64)> = view
             .steps
             .iter()
             .map(|s| {
-                let at = |d: &symbols::Dim| (d.at(&values), d.at(&hints));
-                let ratio = match s.dispatch.range_dim().map(at) {
-                    Some((Some(run), Some(hint))) if hint > 0 => Some((run, hint)),
+                let work = |at: &[u64]| -> Option<u64> {
+                    match &s.dispatch {
+                        crate::manifest::Dispatch::Cpu { range, .. } => range.at(at),
+                        crate::manifest::Dispatch::Gpu { grid, .. } => {
+                            grid.iter().try_fold(1u64, |acc, d| d.at(at).map(|g| acc.saturating_mul(g)))
+                        }
+                    }
+                };
+                let ratio = match (work(&values), work(&hints)) {
+                    (Some(run), Some(hint)) if hint > 0 && run != hint => Some((run, hint)),
                     _ => None,
                 };
                 let cost =

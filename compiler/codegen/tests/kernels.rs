@@ -402,6 +402,19 @@ mod symbolic {
         assert_eq!(flops(&mut model, 2, 8), at_hints, "at the hints (2 × 8)");
         assert_eq!(flops(&mut model, 3, 20) * 16, at_hints * 60, "at 3 × 20 rows");
         let _ = std::fs::remove_dir_all(&dir);
+        // On a GPU, in proportion to the grid: one workgroup per row here.
+        if !kiln_runtime::devices().devices.iter().any(|d| matches!(d, kiln_runtime::DeviceInfo::Vulkan(_))) {
+            eprintln!("skipped: a profile on Vulkan: no Vulkan device");
+            return;
+        }
+        let caps = kiln_codegen::gpu::GpuCaps::vulkan();
+        let sched = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
+        let built = kiln_codegen::build_vulkan_artifact(&g.name, &sched, &params, &caps, &dir).unwrap();
+        let at_hints: u64 = built.manifest.steps.iter().map(|st| st.flops).sum();
+        let mut model = Model::load(&dir).unwrap();
+        assert_eq!(flops(&mut model, 2, 8), at_hints, "at the hints (2 × 8), on Vulkan");
+        assert_eq!(flops(&mut model, 3, 20) * 16, at_hints * 60, "at 3 × 20 rows, on Vulkan");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Reductions over static trailing axes with run-time rows: a sum over the last axis, a
