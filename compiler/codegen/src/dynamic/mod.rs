@@ -202,7 +202,7 @@ fn unpacked(
             let kind = if matches!(op, Op::LayerNorm { .. }) { NormKind::Layer } else { NormKind::Rms };
             // Rows the static emitter can walk, else the run-time row split.
             let (Ok(out), Ok(x)) = (out_row, row(arg(0)?, "the operand")) else {
-                return norm::emit(s, sym, k, kind, *eps, false);
+                return norm::emit(s, sym, k, kind, *eps, false, target);
             };
             let gamma = if *affine { Some(fixed(arg(1)?, "gamma")?) } else { None };
             let beta = if *affine && kind == NormKind::Layer { Some(fixed(arg(2)?, "beta")?) } else { None };
@@ -216,7 +216,7 @@ fn unpacked(
             let (Ok(out), Ok(a), Ok(b)) =
                 (out_row, row(&broadcast(arg(0)?), "operand 0"), row(&broadcast(arg(1)?), "operand 1"))
             else {
-                return norm::emit(s, sym, k, *kind, *eps, true);
+                return norm::emit(s, sym, k, *kind, *eps, true, target);
             };
             let gamma = if *affine { Some(fixed(arg(2)?, "gamma")?) } else { None };
             let beta = if *affine && *kind == NormKind::Layer { Some(fixed(arg(3)?, "beta")?) } else { None };
@@ -589,6 +589,47 @@ fn elementwise(
         bytes: bytes as u64,
     };
     Ok((made, range))
+}
+
+/// The leading axes of a row kernel whose operands do not merge into rows: their extents and
+/// each row operand's symbolic view, from which the kernel finds where a row starts at run
+/// time (with the run's `n_syms` symbol values).
+pub(crate) struct RunLead<'a> {
+    pub extents: &'a [Dim],
+    pub views: &'a [StridedView],
+    pub n_syms: usize,
+}
+
+impl RunLead<'_> {
+    /// Each view's run-time walk, emitted where `b` stands (before the row loop).
+    pub(crate) fn walks(&self, b: &mut Body) -> (Vec<String>, Vec<Walk>) {
+        let extents = self.extents.iter().map(|d| size_value(b, d, self.n_syms)).collect();
+        (extents, self.views.iter().map(|v| walk(b, v, self.n_syms)).collect())
+    }
+
+    /// Where each view's row `row` starts, given [`RunLead::walks`].
+    pub(crate) fn starts(
+        &self,
+        b: &mut Body,
+        row: &str,
+        (extents, walks): &(Vec<String>, Vec<Walk>),
+    ) -> Vec<String> {
+        let idx = unravel(b, row, extents, extents.len());
+        walks.iter().map(|w| address(b, w, &idx)).collect()
+    }
+}
+
+/// An operand's view for an emitter that addresses it through a [`RunLead`]: the buffer (its
+/// memref type and dtype), its extents at the maxima, and its strides where they are static
+/// (0 elsewhere, never read).
+pub(crate) fn at_maxima(s: &Schedule, o: &Operand, v: &StridedView) -> View {
+    let maxima: Vec<i64> = s.symbols.iter().map(|d| d.max).collect();
+    View {
+        shape: v.shape.iter().map(|d| d.eval(&maxima).unwrap_or(0)).collect(),
+        strides: v.strides.iter().map(|d| d.as_const().unwrap_or(0)).collect(),
+        offset: 0,
+        ..buffer_view(s, o)
+    }
 }
 
 /// A view's extents, strides and offset as `index` values: constants, or computed from

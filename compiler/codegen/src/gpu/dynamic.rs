@@ -23,8 +23,8 @@ use super::plan::GpuPlan;
 use super::skeleton::{module, workgroup_number};
 use super::{attention, ceil_div, fold_run, matmul, rows, GpuCtx, GpuKernel, RunRows};
 use crate::dynamic::{
-    address, at_hints_and_maxima, buffer_view, coalesce_sym, merge_leading, pinned, refuse_on, row_view,
-    rows_of, size_value, static_view, symbolic_prefix, unravel, walk, Rows,
+    address, at_hints_and_maxima, at_maxima, buffer_view, coalesce_sym, merge_leading, pinned, refuse_on,
+    row_view, rows_of, size_value, static_view, symbolic_prefix, unravel, walk, Rows,
 };
 use crate::kernels::elementwise::{convert, eval, load, store, Ctx};
 use crate::kernels::{conv, data, reduce, View};
@@ -164,8 +164,11 @@ pub(crate) fn kernel(
                     let views: Vec<StridedView> = summed.into_iter().chain([k.output.view.clone()]).collect();
                     let flat: Vec<View> =
                         operands.iter().chain([&k.output]).map(|o| at_maxima(s, o, &o.view)).collect();
-                    let lead =
-                        rows::RunLead { extents: &out_shape[..out_shape.len() - 1], views: &views, n_syms };
+                    let lead = crate::dynamic::RunLead {
+                        extents: &out_shape[..out_shape.len() - 1],
+                        views: &views,
+                        n_syms,
+                    };
                     let len = out_shape.last().and_then(Dim::as_const).unwrap_or(1);
                     rows::emit_norm_run(
                         sym,
@@ -329,19 +332,6 @@ fn at_hints(s: &Schedule, made: GpuKernel, rows: &Rows) -> Result<GpuKernel, Cod
     let (hint, _) = at_hints_and_maxima(s, &rows.count);
     let scale = |x: u64| (x as u128 * hint as u128 / rows.max.max(1) as u128) as u64;
     Ok(GpuKernel { flops: scale(made.flops), bytes: scale(made.bytes), ..made })
-}
-
-/// An operand's view for the emitters when the kernel addresses it itself: the buffer (its
-/// memref type and dtype), its extents at the maxima, and its strides where they are static
-/// (0 elsewhere, never read).
-fn at_maxima(s: &Schedule, o: &Operand, v: &StridedView) -> View {
-    let maxima: Vec<i64> = s.symbols.iter().map(|d| d.max).collect();
-    View {
-        shape: v.shape.iter().map(|d| d.eval(&maxima).unwrap_or(0)).collect(),
-        strides: v.strides.iter().map(|d| d.as_const().unwrap_or(0)).collect(),
-        offset: 0,
-        ..buffer_view(s, o)
-    }
 }
 
 /// Attention over run-time batch and lengths: the static flash kernel with its batch offsets,

@@ -8,13 +8,12 @@
 use super::plan::{GpuPlan, Work};
 use super::skeleton::{module, offset_at, shared, step, tree, unravel, workgroup_number, Combine};
 use super::{GpuCtx, GpuKernel};
-use crate::dynamic;
+use crate::dynamic::RunLead;
 use crate::kernels::elementwise::{constant, load, reg_type, store};
 use crate::kernels::View;
 use crate::mlir_text::Body;
 use crate::CodegenError;
-use kiln_ir::{DType, Dim, NormKind, ReduceOp};
-use kiln_sched::StridedView;
+use kiln_ir::{DType, NormKind, ReduceOp};
 
 /// What every row kernel starts with: its plan, the workgroup's row (under an `scf.if` that
 /// skips rows past the end; close with `b.close("")`), the invocation number, the group size
@@ -151,20 +150,11 @@ pub fn emit_norm(
     norm(symbol, kind, eps, (&views, len), gamma, beta, None, cx)
 }
 
-/// The leading axes of a norm over run-time sizes whose operands do not merge into rows:
-/// their extents, and each operand's symbolic view (a, [b], out), from which the kernel
-/// computes where a row starts.
-pub struct RunLead<'a> {
-    pub extents: &'a [Dim],
-    pub views: &'a [StridedView],
-    pub n_syms: usize,
-}
-
 /// [`emit_norm`] over run-time leading axes: `operands` (a, [b], out: the buffers, with static
 /// strides along the last axis, of `len` elements) are addressed through `lead`; `cx` holds the
 /// rows (their product).
 #[allow(clippy::too_many_arguments)]
-pub fn emit_norm_run(
+pub(crate) fn emit_norm_run(
     symbol: &str,
     kind: NormKind,
     eps: f64,
@@ -225,16 +215,8 @@ fn norm(
                 .collect()
         }
         Some(run) => {
-            let extents: Vec<String> =
-                run.extents.iter().map(|d| dynamic::size_value(&mut b, d, run.n_syms)).collect();
-            let idx = dynamic::unravel(&mut b, &r.row, &extents, extents.len());
-            run.views
-                .iter()
-                .map(|v| {
-                    let w = dynamic::walk(&mut b, v, run.n_syms);
-                    dynamic::address(&mut b, &w, &idx)
-                })
-                .collect()
+            let walked = run.walks(&mut b);
+            run.starts(&mut b, &r.row, &walked)
         }
     };
     let (a_base, o_base) = (starts[0].clone(), starts[starts.len() - 1].clone());

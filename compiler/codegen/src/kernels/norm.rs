@@ -218,6 +218,26 @@ pub fn emit_norm(
     out: &View,
     target: &dyn Target,
 ) -> Result<Kernel, CodegenError> {
+    emit_norm_run(symbol, kind, eps, a, b, gamma, beta, out, target, None)
+}
+
+/// [`emit_norm`] whose rows start where `lead` says at run time (operands whose leading axes do
+/// not merge into rows: a position table broadcast over a run-time batch); a, b and out are
+/// then the views at the maxima with a static last stride, and the kernel takes the run's
+/// symbol values after its operands.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn emit_norm_run(
+    symbol: &str,
+    kind: NormKind,
+    eps: f64,
+    a: &View,
+    b: Option<&View>,
+    gamma: Option<&View>,
+    beta: Option<&View>,
+    out: &View,
+    target: &dyn Target,
+    lead: Option<&crate::dynamic::RunLead>,
+) -> Result<Kernel, CodegenError> {
     let what = match (b.is_some(), kind) {
         (true, _) => "add_norm",
         (false, NormKind::Layer) => "layer_norm",
@@ -261,12 +281,17 @@ pub fn emit_norm(
 
     let mut body = Body::new();
     let bd = &mut body;
+    // Where a row starts: from static strides, or computed from the run's sizes.
+    let walked = lead.map(|l| l.walks(bd));
     let it = open_range(bd);
     let row_ops: Vec<&Operand> = [Some(0), bi, Some(oi)].into_iter().flatten().map(|i| &ops[i]).collect();
-    let offs = offsets(bd, &it, &out.shape[..r - 1], &row_ops);
-    let ao = offs.offsets[0].clone();
-    let bo = bi.map(|_| offs.offsets[1].clone());
-    let oo = offs.offsets[offs.offsets.len() - 1].clone();
+    let starts = match (lead, &walked) {
+        (Some(l), Some(w)) => l.starts(bd, &it, w),
+        _ => offsets(bd, &it, &out.shape[..r - 1], &row_ops).offsets,
+    };
+    let ao = starts[0].clone();
+    let bo = bi.map(|_| starts[1].clone());
+    let oo = starts[starts.len() - 1].clone();
     // The row element `a + b` at `pos`; lanes outside `part` are 0.
     let sum_at = |bd: &mut Body, pos: &str, part: Option<&Part>| -> String {
         let at = addr(bd, &ao, pos, stride(0));
@@ -349,9 +374,10 @@ pub fn emit_norm(
         o.shape.iter().zip(&o.strides).map(|(&d, &s)| if s == 0 { 1 } else { d }).product::<usize>() as u64
     };
     let bytes = ops.iter().map(distinct).sum::<u64>() * ct.size;
+    let syms = lead.map(|l| format!("{}: memref<{}xi64>", crate::dynamic::SYMS_ARG, l.n_syms));
     Ok(Kernel {
         symbol: symbol.into(),
-        mlir: func_text(symbol, &ops, body),
+        mlir: func_text_with(symbol, &ops, syms.as_deref(), body),
         range: rows,
         grain: Kernel::grain_for(rows, flops),
         flops,
