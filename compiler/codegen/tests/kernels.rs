@@ -242,6 +242,12 @@ mod symbolic {
         g.add_output("y", t);
         let tr = g.add(Op::Transpose { perm: vec![1, 0, 2] }, &[t]).unwrap();
         g.add_output("t", tr);
+        // One contiguous run of up to 3·20·300 elements, cut into chunks of 4096 at run time
+        // (2·7·300 = 4200 is a chunk and a tail).
+        let w = input(&mut g, "w", DType::F32, vec![b.clone(), s.clone(), Dim::Const(300)]);
+        let w2 = g.add(Op::Binary(BinaryOp::Mul), &[w, w]).unwrap();
+        let e = g.add(Op::Unary(UnaryOp::Exp), &[w2]).unwrap();
+        g.add_output("e", e);
         compiled_matches_interpreter(&g, 1e-5);
     }
 

@@ -23,7 +23,7 @@ mod attention;
 mod matmul;
 mod norm;
 
-use crate::kernels::elementwise::{convert, eval, store, Ctx, FaultSlot};
+use crate::kernels::elementwise::{convert, eval, store, Ctx, FaultSlot, CHUNK};
 use crate::kernels::{self, View};
 use crate::mlir_text::Body;
 use crate::program::{bad, same_elements, Unnamed};
@@ -485,7 +485,15 @@ fn elementwise(
         coalesce_sym(&all)
     };
     let rank = views[0].shape.len();
-    let range = kiln_sched::product(&views[0].shape[..rank - 1]).map_err(|e| bad(&e.to_string()))?;
+    // One contiguous run is cut into chunks, one per range iteration, as a static kernel's is
+    // (so the threads share it); otherwise one row per range iteration.
+    let chunked = rank == 1;
+    let range = if chunked {
+        views[0].shape[0].add(&Dim::Const(CHUNK - 1)).and_then(|n| n.floor_div(CHUNK))
+    } else {
+        kiln_sched::product(&views[0].shape[..rank - 1])
+    }
+    .map_err(|e| bad(&e.to_string()))?;
     let operands: Vec<&Operand> = k.inputs.iter().chain([&k.output]).collect();
     // The emitters' views: the buffer (memref type) and dtype; addressing is done here.
     let flat: Vec<View> = operands
@@ -508,7 +516,7 @@ fn elementwise(
         views.iter().map(|v| v.strides.iter().map(|d| size_value(&mut b, d, n_syms)).collect()).collect();
     let offsets: Vec<String> = views.iter().map(|v| size_value(&mut b, &v.offset, n_syms)).collect();
     b.open(format!("scf.for %r = %begin to %end step {c1}"));
-    // The row's index along every axis but the last.
+    // The row's index along every axis but the last (a chunk's first element, chunked).
     let mut idx = vec![String::new(); rank];
     let mut rem = "%r".to_string();
     for a in (0..rank - 1).rev() {
@@ -519,6 +527,17 @@ fn elementwise(
             rem = b.assign(format!("arith.divui {rem}, {} : index", extents[a]));
         }
     }
+    let (start, inner, lin0) = if chunked {
+        let chunk = b.index(CHUNK);
+        let start = b.assign(format!("arith.muli %r, {chunk} : index"));
+        let left = b.assign(format!("arith.subi {}, {start} : index", extents[0]));
+        let count = b.assign(format!("arith.minui {left}, {chunk} : index"));
+        (Some(start.clone()), count, start)
+    } else {
+        let inner = extents[rank - 1].clone();
+        let lin0 = b.assign(format!("arith.muli %r, {inner} : index"));
+        (None, inner, lin0)
+    };
     let bases: Vec<String> = (0..views.len())
         .map(|i| {
             let mut acc = offsets[i].clone();
@@ -526,13 +545,18 @@ fn elementwise(
                 let t = b.assign(format!("arith.muli {}, {} : index", idx[a], strides[i][a]));
                 acc = b.assign(format!("arith.addi {acc}, {t} : index"));
             }
+            if let Some(start) = &start {
+                let t = b.assign(format!("arith.muli {start}, {} : index", strides[i][0]));
+                acc = b.assign(format!("arith.addi {acc}, {t} : index"));
+            }
             acc
         })
         .collect();
-    let inner = extents[rank - 1].clone();
-    let lin0 = b.assign(format!("arith.muli %r, {inner} : index"));
     b.open(format!("scf.for %j = {c0} to {inner} step {c1}"));
-    idx[rank - 1] = "%j".to_string();
+    idx[rank - 1] = match &start {
+        Some(start) => b.assign(format!("arith.addi {start}, %j : index")),
+        None => "%j".to_string(),
+    };
     let at: Vec<String> = (0..views.len())
         .map(|i| {
             let t = b.assign(format!("arith.muli %j, {} : index", strides[i][rank - 1]));

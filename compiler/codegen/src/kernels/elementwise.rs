@@ -18,7 +18,7 @@ use kiln_ir::{BinaryOp, CompareOp, DType, GeluApprox, Op, UnaryOp};
 use kiln_sched::Expr;
 
 /// Elements per range iteration when the whole kernel is one contiguous run.
-const CHUNK: usize = 4096;
+pub(crate) const CHUNK: usize = 4096;
 
 /// The register type a dtype is computed in.
 pub(crate) fn reg_type(d: DType) -> &'static str {
