@@ -15,7 +15,9 @@ library.
     python3 bench/dynamic.py --doc-only # the doc section again from dynamic.json
 
 Environment: KILN_BIN (default target/release/kiln), BENCH_DYNAMIC_REPEATS (runs per
-measurement, 20), BENCH_DYNAMIC_ROUNDS (3).
+measurement, 20), BENCH_DYNAMIC_ROUNDS (3), BENCH_DYNAMIC_TARGET (`--target` of every
+compile: unset for this CPU; `vulkan` or `cuda:sm_90` time the GPU artifacts instead, into
+`bench/out/dynamic-TARGET.json`, printed, not written into the docs).
 """
 
 import datetime
@@ -41,6 +43,7 @@ ARTIFACTS = [
     ("offline", {"batch": (1, 32, 32), "seq": (1, 256, 128)}, [(32, 24), (32, 64), (32, 128), (8, 128), (32, 256)]),
 ]
 REPEATS = int(os.environ.get("BENCH_DYNAMIC_REPEATS", "20"))
+TARGET = os.environ.get("BENCH_DYNAMIC_TARGET", "")
 ROUNDS = int(os.environ.get("BENCH_DYNAMIC_ROUNDS", "3"))
 GOAL = 1.03
 VOCAB = 30522
@@ -75,6 +78,8 @@ def inputs(batch, seq):
 
 def compile_artifact(out, sets):
     cmd = [kiln_bin(), "compile", str(SPEC), "--seed", "0", "-o", str(out)]
+    if TARGET:
+        cmd += ["--target", TARGET]
     for s in sets:
         cmd += ["--set", s]
     t = time.perf_counter()
@@ -115,7 +120,8 @@ def measure():
             print(f"{name} {batch}x{seq}: static {best['static']:.2f} ms, dynamic {best['dynamic']:.2f} ms, "
                   f"{best['dynamic'] / best['static']:.3f}x", flush=True)
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "wall_s": time.perf_counter() - t0, "loadavg_start": start, "loadavg_end": os.getloadavg(),
+            "target": TARGET or "cpu", "wall_s": time.perf_counter() - t0,
+            "loadavg_start": start, "loadavg_end": os.getloadavg(),
             "threads": THREADS, "repeats": REPEATS, "rounds": ROUNDS, "compile_s": compile_s, "rows": rows}
 
 
@@ -147,7 +153,7 @@ def write_doc(res):
 
 
 def main():
-    path = OUT / "dynamic.json"
+    path = OUT / (f"dynamic-{TARGET.replace(':', '-')}.json" if TARGET else "dynamic.json")
     if "--doc-only" in sys.argv:
         write_doc(json.loads(path.read_text()))
         return
@@ -155,7 +161,9 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1))
     print(f"wrote {path}")
-    if "--no-doc" not in sys.argv:
+    if TARGET:
+        print(section(res))
+    elif "--no-doc" not in sys.argv:
         write_doc(res)
 
 

@@ -41,6 +41,9 @@ CONFORMANCE=(
     "seed_transformer|models/seed_transformer.ron|--set layers=2 --set d_model=256 --set d_ff=1024"
     "gpt2|models/gpt2.ron|--set vocab=2000 --set layers=2 --set d=256 --set heads=4 --set ctx=256"
     "matmul_shapes|tests/gpu_check/matmul_shapes.ron|"
+    # One artifact for every batch and length, run at sizes no tile divides (the hints).
+    "bert_dynamic|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set batch=Dyn(min:1,max:4,hint:3) --set seq=Dyn(min:1,max:128,hint:37)"
+    "gpt2_dynamic|models/gpt2.ron|--set vocab=2000 --set layers=2 --set d=256 --set heads=4 --set ctx=256 --set batch=Dyn(min:1,max:4,hint:1) --set seq=Dyn(min:8,max:256,hint:200,multiple_of:8)"
 )
 # The same on tensor cores (--precision tf32), checked at TF32's stated tolerance.
 CONFORMANCE_TF32=(

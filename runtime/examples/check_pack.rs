@@ -180,13 +180,18 @@ fn check(dir: &Path, name: &str, args: &Args) -> Result<Outcome, String> {
     let training = std::fs::read_to_string(dir.join("train_steps.txt")).ok();
     let entry = if training.is_some() { "train_step" } else { kiln_runtime::FORWARD_ENTRY };
     let mut owned: Vec<Named> = Vec::new();
+    // Sizes set at run time are bound from the inputs given (`kiln eval --save-inputs` wrote
+    // them at the sizes it evaluated); an input not given is a stand-in at the hints.
+    let hints: Vec<u64> = model.symbols().iter().map(|s| s.hint).collect();
     for spec in model.entry_inputs(entry).map_err(|e| e.to_string())? {
-        // GPU artifacts have fixed shapes (the loader refuses symbols on a GPU).
-        let shape =
-            spec.fixed_shape().ok_or_else(|| format!("input {:?} has extents set at run time", spec.name))?;
-        let bytes = match given.iter().find(|(n, ..)| *n == spec.name) {
-            Some((_, _, _, b)) => b.clone(),
-            None => stand_in(spec.dtype, spec.elements_at(&[]).unwrap_or(0) as usize),
+        let (shape, bytes) = match given.iter().find(|(n, ..)| *n == spec.name) {
+            Some((_, _, shape, b)) => (shape.clone(), b.clone()),
+            None => {
+                let shape: Option<Vec<u64>> = spec.shape.iter().map(|d| d.at(&hints)).collect();
+                let shape =
+                    shape.ok_or_else(|| format!("input {:?} has no shape at the hints", spec.name))?;
+                (shape, stand_in(spec.dtype, spec.elements_at(&hints).unwrap_or(0) as usize))
+            }
         };
         owned.push((spec.name.clone(), spec.dtype, shape, bytes));
     }
