@@ -37,6 +37,10 @@
 //! compiles one with wider bounds. Every batch runs at its own shape with no compile, through
 //! the same tiled kernels a fixed-shape artifact uses (`docs/dynamic-shapes.md`).
 //!
+//! `--target vulkan` or `--target cuda[:ARCH]` compiles the encoder for a GPU instead of this
+//! CPU (one artifact for every batch and length there too, cached in `artifact/dB-sS-vulkan/`
+//! or `…-cuda-ARCH/`), and runs it on the first such device.
+//!
 //! `--per-shape` compiles one artifact per distinct (batch, padded length) instead, lowered
 //! with `--set batch=B --set seq=L` and cached in `artifact/bB-sL/` (at most [`CACHE_SLOTS`]
 //! kept, the least recently used dropped first); the first embedding of a new shape pays its
