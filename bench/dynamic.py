@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import statistics
 import struct
 import subprocess
 import sys
@@ -137,13 +138,20 @@ def section(res):
         f"median of {res['repeats']} runs, the best of {res['rounds']} alternating rounds. Load average at the start "
         f"{lo(res['loadavg_start'])}, at the end {lo(res['loadavg_end'])}.",
         "",
-        f"| one artifact (bounds) | batch × seq | per shape ms | one artifact ms | ratio | goal ≤ {GOAL:.2f}× |",
-        "|---|---|---:|---:|---:|---|",
+        "The ratio is of the best rounds; the ratio of the rounds' medians beside it is less moved by one fast or "
+        "slow round. The goal holds where both are within it.",
+        "",
+        f"| one artifact (bounds) | batch × seq | per shape ms | one artifact ms | ratio | ratio of medians "
+        f"| goal ≤ {GOAL:.2f}× |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for r in res["rows"]:
-        ok = "holds" if r["ratio"] <= GOAL else "not yet"
+        med = {k: statistics.median(v) for k, v in r["rounds_ms"].items()}
+        ratio_med = med["dynamic"] / med["static"]
+        ok = "holds" if max(r["ratio"], ratio_med) <= GOAL else "not yet"
         lines.append(f"| {r['artifact']} ({bounds(r['bounds'])}) | {r['batch']} × {r['seq']} "
-                     f"| {r['best_ms']['static']:.2f} | {r['best_ms']['dynamic']:.2f} | {r['ratio']:.3f}× | {ok} |")
+                     f"| {r['best_ms']['static']:.2f} | {r['best_ms']['dynamic']:.2f} | {r['ratio']:.3f}× "
+                     f"| {ratio_med:.3f}× | {ok} |")
     lines += ["", END]
     return "\n".join(lines)
 
