@@ -152,6 +152,10 @@ enum Command {
         /// Runs to time (the median is reported).
         #[arg(long, default_value_t = 10)]
         repeats: usize,
+        /// Time another artifact on the same inputs, one run of each in turn, and report both
+        /// medians and their ratio (both see the same machine, run by run).
+        #[arg(long, value_name = "OTHER.kiln", conflicts_with = "profile")]
+        against: Option<PathBuf>,
         /// The artifact's entry point to run (`forward` by default; `train_step` in an artifact
         /// built with `kiln compile --train`, each run one optimizer step).
         #[arg(long, value_name = "NAME")]
@@ -260,6 +264,7 @@ fn main() -> ExitCode {
             device,
             profile,
             repeats,
+            against,
             entry,
             output,
         } => native::run(&native::RunArgs {
@@ -273,6 +278,7 @@ fn main() -> ExitCode {
             device,
             profile,
             repeats,
+            against,
             entry,
             output,
         }),

@@ -515,6 +515,8 @@ pub struct RunArgs {
     pub device: Option<String>,
     pub profile: bool,
     pub repeats: usize,
+    /// Another artifact to time on the same inputs, alternating with this one.
+    pub against: Option<PathBuf>,
     /// The entry point to run (`forward` when `None`).
     pub entry: Option<String>,
     pub output: Option<PathBuf>,
@@ -634,6 +636,18 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
         .collect::<Result<_, Failure>>()?;
     let refs: Vec<TensorRef> = owned.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
     let repeats = a.repeats.max(1);
+    if let Some(other) = &a.against {
+        let outputs = time_against(&mut model, other, &options, entry, &refs, repeats)?;
+        let outputs: Vec<(String, Tensor)> = outputs
+            .iter()
+            .map(|t| Ok((t.name().to_string(), ir_tensor(t)?)))
+            .collect::<Result<_, Failure>>()?;
+        print_outputs(&outputs);
+        if let Some(out) = &a.output {
+            write_outputs(out, &outputs)?;
+        }
+        return Ok(());
+    }
     let outputs = if a.profile {
         let (outputs, profile) =
             model.run_entry_profiled(entry, &refs, repeats).map_err(|e| user(e.to_string()))?;
@@ -666,6 +680,57 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
         write_outputs(out, &outputs)?;
     }
     Ok(())
+}
+
+/// `kiln run A --against B`: B loaded beside A, both run on the same inputs one run each in
+/// turn (B first every other time) after a warm-up run each, so slow and fast moments of the
+/// machine fall on both alike; prints each one's median and min and B's median ÷ A's. Returns
+/// A's outputs.
+fn time_against(
+    model: &mut Model,
+    other: &Path,
+    options: &Options,
+    entry: &str,
+    refs: &[TensorRef],
+    repeats: usize,
+) -> Result<Vec<kiln_runtime::Tensor>, Failure> {
+    let mut b = Model::load_with(other, options).map_err(|e| user(format!("{}: {e}", other.display())))?;
+    let same = |m: &Model| -> Result<Vec<(String, kiln_runtime::DType)>, Failure> {
+        let inputs = m.entry_inputs(entry).map_err(|e| user(e.to_string()))?;
+        Ok(inputs.iter().map(|t| (t.name.clone(), t.dtype)).collect())
+    };
+    if same(model)? != same(&b)? {
+        return Err(user(format!(
+            "--against {}: its `{entry}` takes other inputs than this model's",
+            other.display()
+        )));
+    }
+    let mut outputs = model.run_entry(entry, refs).map_err(|e| user(e.to_string()))?;
+    b.run_entry(entry, refs).map_err(|e| user(format!("{}: {e}", other.display())))?;
+    let (mut ta, mut tb) = (Vec::with_capacity(repeats), Vec::with_capacity(repeats));
+    for i in 0..repeats {
+        for first in [i % 2 == 0, i % 2 != 0] {
+            let start = Instant::now();
+            if first {
+                outputs = model.run_entry(entry, refs).map_err(|e| user(e.to_string()))?;
+                ta.push(start.elapsed().as_secs_f64() * 1e3);
+            } else {
+                b.run_entry(entry, refs).map_err(|e| user(format!("{}: {e}", other.display())))?;
+                tb.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    ta.sort_by(f64::total_cmp);
+    tb.sort_by(f64::total_cmp);
+    let (ma, mb) = (ta[ta.len() / 2], tb[tb.len() / 2]);
+    println!("latency: median {ma:.3} ms, min {:.3} ms over {repeats} runs", ta[0]);
+    println!(
+        "against {}: median {mb:.3} ms, min {:.3} ms over {repeats} runs, taking turns; median ratio {:.3}",
+        other.display(),
+        tb[0],
+        mb / ma
+    );
+    Ok(outputs)
 }
 
 /// The most worker threads `kiln run` starts: 1024. More threads than cores only add

@@ -345,6 +345,48 @@ note: input `attention_mask` not given: filled with a random mask keeping 80 % o
         )
     );
     assert!(out.contains("last_hidden_state: f32[2, 16, 32] "), "runs at the hints: {out}");
+    // Timed against an artifact compiled for the hints' shape, run by run on the same inputs.
+    let fixed = dir.join("bert_fixed.kiln");
+    let fixed = fixed.to_str().expect("utf-8 path");
+    let (code, out, err) = kiln(&[
+        "compile",
+        spec,
+        "--set",
+        "layers=1",
+        "--set",
+        "hidden=32",
+        "--set",
+        "heads=2",
+        "--set",
+        "ffn=64",
+        "--set",
+        "vocab=50",
+        "--set",
+        "max_positions=64",
+        "--set",
+        "batch=2",
+        "--set",
+        "seq=16",
+        "-o",
+        fixed,
+    ]);
+    assert_eq!((code, err.as_str()), (0, ""), "{out}");
+    let (code, out, _) = kiln(&["run", art, "--against", fixed, "--repeats", "3"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("against {fixed}: median ")), "{out}");
+    assert!(out.contains(" over 3 runs, taking turns; median ratio "), "{out}");
+    assert!(out.contains("last_hidden_state: f32[2, 16, 32] "), "{out}");
+    // At a size the fixed artifact does not take, the run says which input and why.
+    let ids = dir.join("ids.npy");
+    let t = kiln_ir::Tensor::new(vec![1usize, 5], kiln_ir::Buffer::I64(vec![3; 5])).expect("a tensor");
+    kiln_ir::tensor_io::write_npy(&ids, &t).expect("npy written");
+    let ids = format!("input_ids={}", ids.to_str().expect("utf-8 path"));
+    let (code, _, err) = kiln(&["run", art, "--against", fixed, "--input", &ids]);
+    assert_eq!(code, 1);
+    assert!(
+        err.ends_with(&format!("error: {fixed}: input \"input_ids\" must have shape [2, 16], got [1, 5]\n")),
+        "{err}"
+    );
     // One Vulkan artifact for every size too; it runs at the hints where a device exists.
     let vulkan = dir.join("bert_vulkan.kiln");
     let vart = vulkan.to_str().expect("utf-8 path");
