@@ -474,14 +474,7 @@ fn elementwise(
     let plan = GpuPlan::elements(count_max, cx.caps)?;
 
     let mut b = cx.body();
-    let wg = workgroup_number(&mut b, &plan);
-    let tid = b.assign("gpu.thread_id x");
-    let g = b.index(plan.launch.workgroup[0] as usize);
-    let first = b.assign(format!("arith.muli {wg}, {g} : index"));
-    let i = b.assign(format!("arith.addi {first}, {tid} : index"));
-    let n = size_value(&mut b, &count, n_syms);
-    let ok = b.assign(format!("arith.cmpi ult, {i}, {n} : index"));
-    b.open(format!("scf.if {ok}"));
+    let i = open_run_element(&mut b, &plan, &count, n_syms);
     let walks: Vec<_> = views.iter().map(|v| walk(&mut b, v, n_syms)).collect();
     let idx = unravel(&mut b, &i, &walks[0].extents, rank);
     let at: Vec<String> = walks.iter().map(|w| address(&mut b, w, &idx)).collect();
