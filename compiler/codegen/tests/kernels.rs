@@ -153,7 +153,7 @@ mod symbolic {
             kiln_codegen::build_artifact(&g.name, &s, &params, &kiln_codegen::CpuTarget::host(), &dir)
                 .unwrap_or_else(|e| panic!("{}: {e}", g.name));
         assert_eq!(built.manifest.symbols.len(), 2, "the manifest records the symbols");
-        runs_like_interpreter(g, &params, &dir, tol);
+        runs_like_interpreter(g, &params, &dir, tol, &BINDINGS);
         let _ = std::fs::remove_dir_all(&dir);
 
         let caps = kiln_codegen::gpu::GpuCaps::vulkan();
@@ -163,7 +163,7 @@ mod symbolic {
             .unwrap_or_else(|e| panic!("{} for Vulkan: {e}", g.name));
         assert_eq!(built.manifest.symbols.len(), 2, "the Vulkan manifest records the symbols");
         if kiln_runtime::devices().devices.iter().any(|d| matches!(d, kiln_runtime::DeviceInfo::Vulkan(_))) {
-            runs_like_interpreter(g, &params, &vdir, tol);
+            runs_like_interpreter(g, &params, &vdir, tol, &BINDINGS);
         } else {
             eprintln!("skipped: {} on Vulkan: no Vulkan device", g.name);
         }
@@ -179,15 +179,16 @@ mod symbolic {
         let _ = std::fs::remove_dir_all(&cdir);
     }
 
-    /// Runs the artifact in `dir` at every binding and compares it with the interpreter.
+    /// Runs the artifact in `dir` at each of `bindings` and compares it with the interpreter.
     fn runs_like_interpreter(
         g: &Graph,
         params: &std::collections::HashMap<String, Tensor>,
         dir: &std::path::Path,
         tol: f64,
+        bindings: &[[i64; 2]],
     ) {
         let mut model = Model::load(dir).unwrap_or_else(|e| panic!("{}: {e}", g.name));
-        for values in BINDINGS {
+        for &values in bindings {
             let at = g.specialize(&values).expect("specializes");
             let inputs = kiln_ir::seeded_inputs(&at, 11 + values[1] as u64);
             let want =
@@ -382,6 +383,45 @@ mod symbolic {
         let strided = g.add(Op::Attention { scale: 0.5, causal: true, masked: false }, &[qt, k, v]).unwrap();
         g.add_output("strided", strided);
         compiled_matches_interpreter(&g, 1e-4);
+    }
+
+    /// The CPU's flash attention planned for a hinted length runs a query shorter than one
+    /// block of three row vectors as a single block of just its vectors: planned for
+    /// 40 rows (blocks of three vectors of 16 on AVX-512) and for 64 (blocks of two), at
+    /// lengths of one, two, three and more vectors, masked and causal with its log-sum-exp.
+    #[test]
+    fn attention_runs_short_queries_in_one_block_of_their_vectors() {
+        for hint in [40, 64] {
+            let name = format!("dyn_short_attention_{hint}");
+            let mut g = Graph::new(&name);
+            g.symbols = vec![
+                SymbolDecl { name: "batch".into(), min: 1, max: 2, hint: 1, multiple_of: 1 },
+                SymbolDecl { name: "seq".into(), min: 1, max: 70, hint, multiple_of: 1 },
+            ];
+            let (b, s) = (Dim::Sym(SizeExpr::symbol(0, "batch")), Dim::Sym(SizeExpr::symbol(1, "seq")));
+            let heads = vec![b.clone(), Dim::Const(3), s.clone(), Dim::Const(32)];
+            let q = input(&mut g, "q", DType::F32, heads.clone());
+            let k = input(&mut g, "k", DType::F32, heads.clone());
+            let v = input(&mut g, "v", DType::F32, heads);
+            let mask = input(&mut g, "mask", DType::F32, vec![b, Dim::Const(1), Dim::Const(1), s]);
+            let masked =
+                g.add(Op::Attention { scale: 0.2, causal: false, masked: true }, &[q, k, v, mask]).unwrap();
+            g.add_output("masked", masked);
+            let causal =
+                g.add(Op::Attention { scale: 0.2, causal: true, masked: false }, &[q, k, v]).unwrap();
+            g.add_output("causal", causal);
+            let lse = g.add(Op::AttentionLse { scale: 0.2, causal: true, masked: false }, &[q, k]).unwrap();
+            g.add_output("lse", lse);
+            kiln_ir::verify(&g).unwrap();
+            let params = kiln_ir::bind_params(&g, None, 7, false).unwrap();
+            let sched = kiln_sched::schedule(&g).expect("schedules");
+            let dir = temp_dir(&name);
+            kiln_codegen::build_artifact(&name, &sched, &params, &kiln_codegen::CpuTarget::host(), &dir)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let bindings = [[1, 1], [2, 9], [1, 16], [2, 17], [1, 33], [2, 40], [1, 48], [2, 49], [1, 70]];
+            runs_like_interpreter(&g, &params, &dir, 1e-4, &bindings);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 
     /// `--profile` over run-time sizes: the manifest costs a step at the hints, the profile at

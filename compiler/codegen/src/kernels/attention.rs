@@ -52,7 +52,10 @@
 //! `0/0 = NaN`, as the interpreter does. The last group of each batch index runs a second
 //! plan, blocks of fewer row vectors that cover just the vectors left ([`Plan::tail`]), under
 //! an `scf.if` on the group number; a last vector that is partial is completed by repeating
-//! the last row (same values written twice).
+//! the last row (same values written twice). Over run-time lengths ([`emit_run`]) there is no
+//! tail plan; instead a run whose query rows are at most [`ROW_VECTORS`] vectors runs one
+//! block of exactly its vectors ([`Plan::short`]), chosen under an `scf.if` on the run's
+//! vector count.
 
 use super::norm::{
     close_range, for_close, for_open, func_text_with, load, offsets, open_range, store, Offsets,
@@ -183,6 +186,7 @@ fn emit_with(
     let groups_per_batch = sq.div_ceil(plan.qb * plan.group);
     // Over run-time lengths the last group's rows are not known: it repeats its last row.
     let tail = if run.is_some() { None } else { plan.tail(&shape, groups_per_batch) };
+    let short = if run.is_some() { plan.short(&planned, sq.div_ceil(plan.lanes)) } else { Vec::new() };
     let range = if written == 0 { 0 } else { nb * groups_per_batch };
     let mut ops = vec![Operand::new("%q", q), Operand::new("%k", k)];
     let slot = |ops: &mut Vec<Operand>, name: &str, x: Option<&View>| {
@@ -203,7 +207,8 @@ fn emit_with(
         None => Extents::Fixed(groups_per_batch),
         Some(v) => Extents::Run(v),
     };
-    body(&mut b, &ct, &ops, &slots, &shape, &plan, tail.as_ref(), (scale, causal), &extents);
+    let plans = Plans { main: &plan, tail: tail.as_ref(), short: &short };
+    body(&mut b, &ct, &ops, &slots, &shape, &plans, (scale, causal), &extents);
     // Scored pairs (i, j): all of them, or those on or below the diagonal.
     let pairs: u64 = if causal {
         (0..sq).map(|i| (i + 1).min(sk) as u64).sum::<u64>() * nb as u64
@@ -239,6 +244,16 @@ struct Slots {
     mask: Option<usize>,
     out: Option<usize>,
     lse: Option<usize>,
+}
+
+/// The plans a kernel runs: `main` for every group, except the last group of each batch index
+/// when there is a `tail`; over run-time lengths, a `short` plan (one block of exactly `rv`
+/// row vectors, indexed by `rv − 1`) for a run whose query rows are `rv ≤` [`ROW_VECTORS`]
+/// vectors, where `main` would compute more vectors or take more iterations.
+struct Plans<'a> {
+    main: &'a Plan,
+    tail: Option<&'a Plan>,
+    short: &'a [Option<Plan>],
 }
 
 /// The extents of an attention, checked across its operands (Dv is 0 without v).
@@ -352,6 +367,20 @@ impl Plan {
             first += count;
         }
         Plan { qb: rv * lanes, group, rv, kt: key_tile(shape.sk, ks), ks, pv_cols, lanes, pack_kv }
+    }
+
+    /// The single-block plans of runs whose query rows fit `rv ≤` [`ROW_VECTORS`] vectors (index
+    /// `rv − 1`), over run-time lengths of at most `most` vectors: `None` where this plan
+    /// already computes exactly one block of `rv` vectors, or no run has `rv` vectors. At MiniLM's shape planned for seq 128 (blocks of two vectors), a
+    /// 40-token query runs one block of three vectors instead of two blocks of two (64 rows
+    /// for 40). The key tiles stay those planned for `shape`.
+    fn short(&self, shape: &Shape, most: usize) -> Vec<Option<Plan>> {
+        (1..=ROW_VECTORS)
+            .map(|rv| {
+                let same = rv == self.rv && self.group == 1;
+                (!same && rv <= most).then(|| Plan::of(shape, self.lanes, rv, 1, self.pack_kv))
+            })
+            .collect()
     }
 
     /// The plan of the last group of each batch index when its rows would leave whole row
@@ -579,11 +608,11 @@ fn body(
     ops: &[Operand],
     slots: &Slots,
     shape: &Shape,
-    plan: &Plan,
-    tail: Option<&Plan>,
+    plans: &Plans,
     (scale, causal): (f64, bool),
     extents: &Extents,
 ) {
+    let Plans { main: plan, tail, .. } = *plans;
     let (vty, ety) = (ct.vty.as_str(), ct.elem);
     let Plan { qb, group, lanes, .. } = *plan;
     let (q, k) = (&ops[0], &ops[1]);
@@ -606,8 +635,9 @@ fn body(
 
     // Scores and probabilities key-major (`S[j][row]`), q and O transposed (`Q[d][row]`,
     // `O[c][row]`): rows in lanes everywhere. Sized for the larger of the two plans.
-    let plans: Vec<&Plan> = std::iter::once(plan).chain(tail).collect();
-    let most = |f: &dyn Fn(&Plan) -> usize| plans.iter().map(|p| f(p)).max().unwrap_or(0);
+    let plans_all: Vec<&Plan> =
+        std::iter::once(plan).chain(tail).chain(plans.short.iter().flatten()).collect();
+    let most = |f: &dyn Fn(&Plan) -> usize| plans_all.iter().map(|p| f(p)).max().unwrap_or(0);
     let bufs = Scratch {
         s: scratch(b, "%S", most(&|p| p.kt * p.qb), ety),
         q: scratch(b, "%Q", most(&|p| p.group * d * p.qb), ety),
@@ -699,9 +729,33 @@ fn body(
         }
         None => cx,
     };
-    match tail {
-        None => group_body(b, &cx, plan, &bufs, shape, &lens, scale, causal),
-        Some(t) => {
+    match (tail, extents) {
+        (None, Extents::Run(v)) if plans.short.iter().any(Option::is_some) => {
+            // Over run-time lengths: a run whose rows fit one block of `rv` vectors runs that
+            // block in its batch index's first group (the other groups have nothing to do).
+            let lanes_c = b.index(lanes);
+            let vectors = ix(b, "ceildivui", &v.sq, &lanes_c);
+            let first = b.assign(format!("arith.cmpi eq, {blk}, {c0} : index"));
+            let mut open = 0;
+            for (i, p) in plans.short.iter().enumerate() {
+                let Some(p) = p else { continue };
+                let rv = b.index(i + 1);
+                let fits = b.assign(format!("arith.cmpi eq, {vectors}, {rv} : index"));
+                b.open(format!("scf.if {fits}"));
+                b.open(format!("scf.if {first}"));
+                group_body(b, &cx, p, &bufs, shape, &lens, scale, causal);
+                b.close("");
+                b.close("");
+                b.open("else");
+                open += 1;
+            }
+            group_body(b, &cx, plan, &bufs, shape, &lens, scale, causal);
+            for _ in 0..open {
+                b.close("");
+            }
+        }
+        (None, _) => group_body(b, &cx, plan, &bufs, shape, &lens, scale, causal),
+        (Some(t), _) => {
             // The last group of each batch index holds the rows left over, in the tail's blocks.
             let last = ix(b, "subi", &groups, &c1);
             let is_last = b.assign(format!("arith.cmpi eq, {blk}, {last} : index"));
@@ -1287,6 +1341,30 @@ mod tests {
         // A partial last vector counts as a vector.
         assert_eq!(plans(19, 19, false), (3, 1, None));
         assert_eq!(plans(33, 33, false), (3, 1, Some((2, 1))));
+    }
+
+    #[test]
+    fn runs_of_up_to_three_vectors_get_one_block_of_their_vectors() {
+        let short = |hint: usize, max: usize, causal: bool| {
+            let s = shape(hint, hint, 32);
+            let plan = Plan::new(&s, 16, causal, 4, false);
+            let rvs: Vec<Option<(usize, usize, usize)>> = plan
+                .short(&s, max.div_ceil(16))
+                .iter()
+                .map(|p| p.as_ref().map(|p| (p.rv, p.group, p.qb)))
+                .collect();
+            (plan.rv, rvs)
+        };
+        // MiniLM planned for seq 128 in 16 lanes: blocks of two vectors; one and three get their own.
+        assert_eq!(short(128, 256, false), (2, vec![Some((1, 1, 16)), None, Some((3, 1, 48))]));
+        // Planned for seq 40 (one block of three): one and two vectors get theirs.
+        assert_eq!(short(40, 70, true), (3, vec![Some((1, 1, 16)), Some((2, 1, 32)), None]));
+        // Keys past the cached share, groups of four blocks of three: even three vectors are one
+        // block, not a group of four.
+        assert_eq!(short(2048, 2048, false), (3, vec![Some((1, 1, 16)), Some((2, 1, 32)), Some((3, 1, 48))]));
+        // No run is longer than one vector: nothing but that.
+        assert_eq!(short(8, 16, false), (1, vec![None, None, None]));
+        assert_eq!(short(8, 20, false), (1, vec![None, Some((2, 1, 32)), None]));
     }
 
     #[test]
