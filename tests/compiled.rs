@@ -1120,8 +1120,9 @@ fn cuda_caps(arch: &str) -> (kiln_codegen::gpu::GpuCaps, kiln_codegen::gpu::Nvvm
     (kiln_codegen::gpu::GpuCaps::cuda(target), target)
 }
 
-/// Every kernel of every op family and shipped model, lowered to PTX for sm_80 and sm_90 and
-/// assembled by `ptxas`: an error fails the test, spills are reported.
+/// Every kernel of every op family and shipped model (static, and with its batch and sequence
+/// set at run time), lowered to PTX for sm_80 and sm_90 and assembled by `ptxas`: an error
+/// fails the test, spills are reported.
 #[test]
 fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
     let Some(ptxas) = ptxas("CUDA kernels through ptxas") else { return };
@@ -1135,6 +1136,21 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
         ["mlp.ron", "bert_encoder.ron", "seed_transformer.ron", "resnet_block.ron", "lstm.ron", "gpt2.ron"]
     {
         graphs.push(optimized(&shipped(model, &[])));
+    }
+    // The shipped models with a batch and sequence length known at run time: kernels that read
+    // the run's sizes from their last argument and guard by them.
+    let dynamic = ["batch=Dyn(min: 1, max: 32, hint: 8)", "seq=Dyn(min: 1, max: 128, hint: 64)"];
+    for (model, sets) in [
+        ("mlp.ron", &dynamic[..1]),
+        ("lstm.ron", &dynamic[..1]),
+        ("resnet_block.ron", &dynamic[..1]),
+        ("bert_encoder.ron", &dynamic[..]),
+        ("seed_transformer.ron", &dynamic[..]),
+        ("gpt2.ron", &dynamic[..]),
+    ] {
+        let g = optimized(&shipped(model, sets));
+        assert!(!g.symbols.is_empty(), "{model} made dynamic");
+        graphs.push(g);
     }
     graphs.extend(scatter_graphs());
     graphs.extend(attention_lse_graphs().into_iter().map(|(g, _)| g));
