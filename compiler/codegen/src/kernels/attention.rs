@@ -371,9 +371,10 @@ impl Plan {
 
     /// The single-block plans of runs whose query rows fit `rv ≤` [`ROW_VECTORS`] vectors (index
     /// `rv − 1`), over run-time lengths of at most `most` vectors: `None` where this plan
-    /// already computes exactly one block of `rv` vectors, or no run has `rv` vectors. At MiniLM's shape planned for seq 128 (blocks of two vectors), a
-    /// 40-token query runs one block of three vectors instead of two blocks of two (64 rows
-    /// for 40). The key tiles stay those planned for `shape`.
+    /// already computes exactly one block of `rv` vectors, or no run has `rv` vectors. At
+    /// MiniLM's shape planned for seq 128 (blocks of two vectors), a 40-token query runs one
+    /// block of three vectors instead of two blocks of two (64 rows for 40). The key tiles
+    /// stay those planned for `shape`.
     fn short(&self, shape: &Shape, most: usize) -> Vec<Option<Plan>> {
         (1..=ROW_VECTORS)
             .map(|rv| {
@@ -634,7 +635,7 @@ fn body(
     };
 
     // Scores and probabilities key-major (`S[j][row]`), q and O transposed (`Q[d][row]`,
-    // `O[c][row]`): rows in lanes everywhere. Sized for the larger of the two plans.
+    // `O[c][row]`): rows in lanes everywhere. Sized for the largest of the plans.
     let plans_all: Vec<&Plan> =
         std::iter::once(plan).chain(tail).chain(plans.short.iter().flatten()).collect();
     let most = |f: &dyn Fn(&Plan) -> usize| plans_all.iter().map(|p| f(p)).max().unwrap_or(0);
