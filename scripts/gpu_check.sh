@@ -64,6 +64,7 @@ BENCH=(
     "matmul|bench/cuda/matmul.ron|"
     "matmul_tf32|bench/cuda/matmul.ron|"
     "attention|bench/cuda/attention.ron|"
+    "attention_tf32|bench/cuda/attention.ron|"
     "minilm_b1|models/bert_encoder.ron|--set batch=1"
     "minilm_b8|models/bert_encoder.ron|--set batch=8"
     "minilm_b64|models/bert_encoder.ron|--set batch=64"

@@ -426,8 +426,8 @@ pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// `kiln compile --explain`: the precision chosen for f32 products and why, then each distinct
-/// GPU kernel's plan.
+/// `kiln compile --explain`: the precision chosen for f32 products and attention and why, then
+/// each distinct GPU kernel's plan.
 fn explain(target: &CompileTarget, built: &BuildReport) {
     let why = match target {
         CompileTarget::Cpu(_) => {
@@ -436,9 +436,9 @@ fn explain(target: &CompileTarget, built: &BuildReport) {
         CompileTarget::Vulkan(_) => "f32 products: f32 FMAs (portable Vulkan has no tensor-core products)",
         CompileTarget::Cuda(caps) => match caps.tensor_cores {
             Some(kiln_codegen::gpu::MmaPrecision::Tf32) => {
-                "f32 products: on tensor cores, operands rounded to TF32 (10 mantissa bits), f32 accumulators: --precision tf32 asked for it"
+                "f32 products: on tensor cores, operands rounded to TF32 (10 mantissa bits), f32 accumulators: --precision tf32 asked for it; attention likewise (queries, keys, weights and values rounded to TF32) where its heads are multiples of 8 up to 128"
             }
-            None => "f32 products: f32 FMAs, f32 accuracy (--precision tf32 puts them on tensor cores); f16 products: on tensor cores (TF32 holds f16 exactly)",
+            None => "f32 products: f32 FMAs, f32 accuracy (--precision tf32 puts them and attention on tensor cores); f16 products: on tensor cores (TF32 holds f16 exactly)",
         },
     };
     println!("{why}");

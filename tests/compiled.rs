@@ -874,6 +874,123 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
     }
 }
 
+/// Tensor-core flash attention (`Work::AttentionTensorCores`): the same plans rendered for
+/// SPIR-V with `mma.sync` emulated per warp from the fragment tables and the quads' shuffles
+/// through shared memory, run on Vulkan: every fragment read and write, the online softmax
+/// on the products' accumulator layout, the weights' round trip through shared memory, both
+/// stage counts, partial query blocks and key tiles, masks with hidden rows, causal
+/// attention, the log-sum-exp alone and beside the output, and lengths set at run time, all
+/// against the interpreter within TF32's tolerance.
+#[test]
+fn tensor_core_attention_bookkeeping_holds_on_vulkan_with_emulated_mma() {
+    if !available(Device::Vulkan, "tensor-core attention bookkeeping") {
+        return;
+    }
+    let caps = kiln_codegen::gpu::GpuCaps {
+        mma: Some(kiln_codegen::gpu::MmaPrecision::Tf32),
+        tensor_cores: Some(kiln_codegen::gpu::MmaPrecision::Tf32),
+        subgroup_size: Some(32),
+        registers: 255,
+        ..kiln_codegen::gpu::GpuCaps::vulkan()
+    };
+    let (name, inputs, body) =
+        OP_CASES.iter().find(|(n, _, _)| *n == "attention").expect("the attention case");
+    let small_shared = kiln_codegen::gpu::GpuCaps { max_shared_bytes: 5 * 1024, ..caps.clone() };
+    let at = |values: &[&[i64]]| values.iter().map(|v| v.to_vec()).collect::<Vec<Vec<i64>>>();
+    // (graph, caps, the stage count its tensor-core attention must have, run-time sizes)
+    let mut graphs: Vec<(Graph, kiln_codegen::gpu::GpuCaps, u32, Vec<Vec<i64>>)> = vec![
+        (op_case(name, inputs, body), caps.clone(), 2, vec![]),
+        // Shared memory for one stage of 16 keys only.
+        (op_case(name, inputs, body), small_shared, 1, vec![]),
+        // 70 queries are two workgroups of 4 warps, 75 keys three tiles, the last partial;
+        // value rows longer than the query rows.
+        (
+            op_case(
+                "attention_heads",
+                r#"{ "q": (f32, [1, 2, 70, 16]), "k": (f32, [1, 2, 75, 16]), "v": (f32, [1, 2, 75, 24]), "m": (f32, [1, 1, 70, 75]) }"#,
+                r#"Let("a", Attention(q: "q", k: "k", v: "v", mask: "m", scale: 0.25)),
+                   Let("c", Attention(q: "q", k: "q", v: "q", causal: true, scale: 0.25)),"#,
+            ),
+            caps.clone(),
+            2,
+            vec![],
+        ),
+        (
+            optimized(&shipped(
+                "bert_encoder.ron",
+                &["layers=1", "seq=32", "hidden=64", "heads=4", "ffn=128", "vocab=500"],
+            )),
+            caps.clone(),
+            2,
+            vec![],
+        ),
+        (
+            optimized(&shipped(
+                "gpt2.ron",
+                &["layers=1", "seq=20", "d=32", "heads=2", "vocab=300", "ctx=64"],
+            )),
+            caps.clone(),
+            2,
+            vec![],
+        ),
+        (
+            optimized(&shipped(
+                "seed_transformer.ron",
+                &[
+                    "batch=Dyn(min: 1, max: 4, hint: 2)",
+                    "seq=Dyn(min: 1, max: 64, hint: 32)",
+                    "layers=1",
+                    "d_model=32",
+                    "heads=2",
+                    "d_ff=64",
+                    "input_dim=50",
+                ],
+            )),
+            caps.clone(),
+            2,
+            at(&[&[1, 1], &[3, 17], &[4, 64]]),
+        ),
+    ];
+    graphs.extend(attention_lse_graphs_with(8).into_iter().map(|(g, _)| (g, caps.clone(), 2, vec![])));
+    for (g, caps, stages, bindings) in &graphs {
+        let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
+        let s = kiln_sched::schedule_aligned(g, caps.buffer_align).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let built = kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, caps, dir.path())
+            .unwrap_or_else(|e| panic!("{}: {e}", g.name));
+        assert!(
+            built.program.kernels.iter().any(|k| matches!(
+                k.plan.work,
+                kiln_codegen::gpu::Work::AttentionTensorCores { stages: n, .. } if n == *stages
+            )),
+            "{}: no attention on tensor cores in {stages} stages",
+            g.name
+        );
+        let runs: Vec<Vec<i64>> = if bindings.is_empty() { vec![vec![]] } else { bindings.clone() };
+        for values in runs {
+            let shaped = if values.is_empty() { g.clone() } else { g.specialize(&values).unwrap() };
+            let inputs = kiln_ir::seeded_inputs(&shaped, 3);
+            let want =
+                kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() })
+                    .unwrap();
+            let got = run_artifact(dir.path(), &inputs, &g.name);
+            for ((out, w), gv) in want.iter().zip(&got) {
+                let wv = w.to_f64_vec();
+                assert_eq!(wv.len(), gv.len(), "{} at {values:?}: `{out}` length", g.name);
+                for (i, (a, b)) in wv.iter().zip(gv).enumerate() {
+                    let same =
+                        (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-2 * (1.0 + a.abs());
+                    assert!(
+                        same,
+                        "{} at {values:?} `{out}`[{i}]: interpreter {a}, emulated tf32 {b}",
+                        g.name
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn weights_larger_than_a_binding_are_bound_in_pieces() {
     // A target whose bindings cover 4 KiB: the 6 KiB table and the 8 KiB matrix are stored as
@@ -1154,6 +1271,7 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
     }
     graphs.extend(scatter_graphs());
     graphs.extend(attention_lse_graphs().into_iter().map(|(g, _)| g));
+    graphs.extend(attention_lse_graphs_with(8).into_iter().map(|(g, _)| g));
     for (arch, tf32) in [("sm_80", false), ("sm_90", false), ("sm_80", true), ("sm_90", true)] {
         let (caps, target) = cuda_caps(arch);
         let caps = if tf32 { caps.with_tf32() } else { caps };
@@ -1169,6 +1287,13 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
                 assert!(modules
                     .iter()
                     .any(|m| m.ptx.contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32")));
+            }
+            // Attention on tensor cores: products, and the quads' butterfly shuffles.
+            if tf32 && g.name == "attention" {
+                assert!(modules
+                    .iter()
+                    .any(|m| m.ptx.contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32")
+                        && m.ptx.contains("shfl.sync.bfly")));
             }
             for m in &modules {
                 assert!(m.ptx.contains(&format!(".target {arch}")), "{}: {}", g.name, m.ptx);
@@ -2163,6 +2288,11 @@ fn a_train_step_compiles_like_the_interpreter() {
 /// `attention_lse`): plain, causal, masked (a mask with −inf entries and a row of them) and
 /// both; 11 query rows, so the last row vector of a block is partial.
 fn attention_lse_graphs() -> Vec<(Graph, &'static [&'static str])> {
+    attention_lse_graphs_with(5)
+}
+
+/// [`attention_lse_graphs`] with value rows of `dv`.
+fn attention_lse_graphs_with(dv: usize) -> Vec<(Graph, &'static [&'static str])> {
     let cases: [(&str, bool, bool, bool); 5] = [
         ("attention_and_lse", false, false, true),
         ("causal_attention_and_lse", true, false, true),
@@ -2192,7 +2322,7 @@ fn attention_lse_graphs() -> Vec<(Graph, &'static [&'static str])> {
             }
             let lse = g.add(Op::AttentionLse { scale: 0.35, causal, masked }, &scores).unwrap();
             let kernels: &[&str] = if with_attention {
-                let v = input(&mut g, "v", &[2, 2, sk, 5]);
+                let v = input(&mut g, "v", &[2, 2, sk, dv]);
                 let mut operands = vec![q, k, v];
                 operands.extend(scores.get(2));
                 let y = g.add(Op::Attention { scale: 0.35, causal, masked }, &operands).unwrap();

@@ -51,6 +51,8 @@ def main():
         ("matmul 4096³ TF32", "matmul_tf32", "torch.matmul, TF32 on", "matmul_tf32_ms", ""),
         ("attention 4×12×2048×64 f32", "attention", "SDPA f32", "attention_f32_ms", "≥ 1.0×"),
         ("attention 4×12×2048×64 f32", "attention", "SDPA bf16 flash", "attention_bf16_flash_ms", ""),
+        ("attention 4×12×2048×64 TF32", "attention_tf32", "SDPA f32", "attention_f32_ms", ""),
+        ("attention 4×12×2048×64 TF32", "attention_tf32", "SDPA bf16 flash", "attention_bf16_flash_ms", ""),
         ("MiniLM-L6 b64×128 TF32", "minilm_b64_tf32", "BertModel torch.compile (f32)", "bert_b64_compile_ms", ""),
     ]
     for b in (1, 8, 64):

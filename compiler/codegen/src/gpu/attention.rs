@@ -125,25 +125,18 @@ pub fn emit_run(
     };
     let (_, mask_arg, out_arg, lse_arg) =
         (arg(v.is_some()), arg(mask.is_some()), arg(out.is_some()), arg(lse.is_some()));
-    let reg_bytes = if ty == "f64" { 8 } else { 4 };
-    let plan = GpuPlan::attention(batch, sq, sk, d, dv, reg_bytes, cx.caps)?;
-    let Work::Attention { block_q, block_k, .. } = plan.work else {
-        return Err(CodegenError::Unsupported("an attention plan that is not one".into()));
+    // Tensor cores only where the user allowed rounding to their precision (`--precision
+    // tf32`): the weights are rounded too, so no operand type makes the products exact.
+    let tensor_cores = match super::mma::tensor_core_precision(false, ty, cx.caps) {
+        Some(precision) => GpuPlan::attention_tensor_cores(batch, sq, sk, d, dv, precision, cx.caps)?,
+        None => None,
     };
-    let (bq, bk) = (block_q as usize, block_k as usize);
-
-    // Runs of 4 f32 values as one shared-memory access where the device has them (NVVM).
-    let vectors = cx.caps.flavor() == GpuFlavor::Nvvm && ty == "f32";
+    let reg_bytes = if ty == "f64" { 8 } else { 4 };
+    let plan = match tensor_cores {
+        Some(plan) => plan,
+        None => GpuPlan::attention(batch, sq, sk, d, dv, reg_bytes, cx.caps)?,
+    };
     let mut b = cx.body();
-    let sh_k = shared(&mut b, bk * d, ty);
-    let sh_v = shared(&mut b, bk * dv, ty);
-    let (sk_ty, sv_ty) = (shared_type(&b, bk * d, ty), shared_type(&b, bk * dv, ty));
-    let qp = private(&mut b, d, ty);
-    let ap = private(&mut b, dv, ty);
-    let sp = private(&mut b, bk, ty);
-    let (qp_ty, ap_ty, sp_ty) = (private_type(&b, d, ty), private_type(&b, dv, ty), private_type(&b, bk, ty));
-    let tid = b.assign("gpu.thread_id x");
-    let bx = b.assign("gpu.block_id x");
     let by = b.assign("gpu.block_id y");
     // Each operand's offset at this workgroup's batch index.
     let (q_base, k_base, v_base, m_base, o_base, l_base) = match run {
@@ -187,10 +180,155 @@ pub fn emit_run(
         Some(run) => (size_value(&mut b, run.sq, run.n_syms), size_value(&mut b, run.sk, run.n_syms)),
         None => (b.index(sq), b.index(sk)),
     };
+    let ops = Operands {
+        q,
+        k,
+        v,
+        mask,
+        out,
+        lse,
+        mask_arg,
+        out_arg,
+        lse_arg,
+        q_base,
+        k_base,
+        v_base,
+        m_base,
+        o_base,
+        l_base,
+        sq_run,
+        sk_run,
+        run_lengths: run.is_some(),
+        scale,
+        causal,
+        ty,
+    };
+    let block_q = match plan.work {
+        Work::Attention { block_q, block_k, .. } => {
+            simt(&mut b, &ops, block_q as usize, block_k as usize, cx);
+            block_q as usize
+        }
+        Work::AttentionTensorCores { warps, block_k, stages, .. } => {
+            let shape = super::attention_mma::Shape {
+                warps: warps as usize,
+                block_k: block_k as usize,
+                stages: stages as usize,
+            };
+            super::attention_mma::body(&mut b, &ops, shape, cx);
+            16 * warps as usize
+        }
+        Work::Elements { .. }
+        | Work::Columns { .. }
+        | Work::Rows { .. }
+        | Work::Matmul { .. }
+        | Work::MatmulTensorCores { .. } => {
+            return Err(CodegenError::Unsupported("an attention plan that is not one".into()))
+        }
+    };
+
+    let mut memrefs = vec![q.memref(), k.memref()];
+    memrefs.extend(v.map(View::memref));
+    memrefs.extend(mask.map(View::memref));
+    memrefs.extend(out.map(View::memref));
+    memrefs.extend(lse.map(View::memref));
+    let flops = (2 * batch * sq * sk * (d + dv)) as u64;
+    let written = out.map_or(0, View::numel) + lse.map_or(0, View::numel);
+    let bytes = ((q.numel() + k.numel() + v.map_or(0, View::numel) + written) * dtype.size_bytes()) as u64;
+    // Over run-time sizes: blocks of the run's queries along x, its batch along y.
+    let run_grid = match run {
+        Some(run) => {
+            let batch =
+                kiln_sched::product(run.batch).map_err(|e| CodegenError::Unsupported(e.to_string()))?;
+            Some([ceil_div(run.sq, block_q)?, batch, Dim::Const(1)])
+        }
+        None => None,
+    };
+    Ok(GpuKernel {
+        symbol: symbol.into(),
+        mlir: module(symbol, &memrefs, &plan, b),
+        plan,
+        flops,
+        bytes,
+        run_grid,
+    })
+}
+
+/// What both attention bodies read: the operands (at the maxima over run-time sizes), their
+/// argument names, this workgroup's offsets into them, and the run's query and key lengths.
+pub(crate) struct Operands<'a> {
+    pub q: &'a View,
+    pub k: &'a View,
+    pub v: Option<&'a View>,
+    pub mask: Option<&'a View>,
+    pub out: Option<&'a View>,
+    pub lse: Option<&'a View>,
+    pub mask_arg: Option<String>,
+    pub out_arg: Option<String>,
+    pub lse_arg: Option<String>,
+    pub q_base: String,
+    pub k_base: String,
+    pub v_base: Option<String>,
+    pub m_base: Option<String>,
+    pub o_base: Option<String>,
+    pub l_base: Option<String>,
+    /// The run's query and key lengths (`index` values; constants without run-time sizes).
+    pub sq_run: String,
+    pub sk_run: String,
+    /// Whether the lengths are the run's, so key tiles past them read as zero.
+    pub run_lengths: bool,
+    pub scale: f64,
+    pub causal: bool,
+    /// The register type (f32 for half operands).
+    pub ty: &'static str,
+}
+
+/// The plan's body with one query per invocation: `bq` queries per workgroup, key tiles of
+/// `bk`.
+fn simt(b: &mut Body, o: &Operands, bq: usize, bk: usize, cx: &GpuCtx) {
+    let Operands {
+        q,
+        k,
+        v,
+        mask,
+        out,
+        lse,
+        mask_arg,
+        out_arg,
+        lse_arg,
+        q_base,
+        k_base,
+        v_base,
+        m_base,
+        o_base,
+        l_base,
+        sq_run,
+        sk_run,
+        run_lengths,
+        scale,
+        causal,
+        ty,
+    } = o;
+    let (scale, causal, ty) = (*scale, *causal, *ty);
+    let (q, k) = (*q, *k);
+    let (v, mask, out, lse) = (*v, *mask, *out, *lse);
+    let r = q.rank();
+    let (sq, d) = (q.shape[r - 2], q.shape[r - 1]);
+    let (sk, dv) = (k.shape[r - 2], v.map_or(0, |v| v.shape[r - 1]));
+    // Runs of 4 f32 values as one shared-memory access where the device has them (NVVM).
+    let vectors = cx.caps.flavor() == GpuFlavor::Nvvm && ty == "f32";
+    let sh_k = shared(b, bk * d, ty);
+    let sh_v = shared(b, bk * dv, ty);
+    let (sk_ty, sv_ty) = (shared_type(b, bk * d, ty), shared_type(b, bk * dv, ty));
+    let qp = private(b, d, ty);
+    let ap = private(b, dv, ty);
+    let sp = private(b, bk, ty);
+    let (qp_ty, ap_ty, sp_ty) = (private_type(b, d, ty), private_type(b, dv, ty), private_type(b, bk, ty));
+    let tid = b.assign("gpu.thread_id x");
+    let bx = b.assign("gpu.block_id x");
     let bqc = b.index(bq);
     let i = b.assign(format!("arith.muli {bx}, {bqc} : index"));
     let i = b.assign(format!("arith.addi {i}, {tid} : index"));
-    let ic = clamp(&mut b, &i, sq);
+    let ic = clamp(b, &i, sq);
     let valid = b.assign(format!("arith.cmpi ult, {i}, {sq_run} : index"));
     let (c0, c1) = (b.index(0), b.index(1));
     let zero = b.float(0.0, ty);
@@ -200,26 +338,26 @@ pub fn emit_run(
     // This invocation's query row, and a zero output row.
     let dc = b.index(d);
     let dvc = b.index(dv);
-    each(&mut b, d, "%dq", &mut |b, dq| {
+    each(b, d, "%dq", &mut |b, dq| {
         let dq = dq.to_string();
         let row = offset_at(b, 0, &[(Some(&ic), q.strides[r - 2]), (Some(&dq), q.strides[r - 1])]);
         let at = b.assign(format!("arith.addi {q_base}, {row} : index"));
         let x = load(b, "%a0", q, &at);
         b.line(format!("memref.store {x}, {qp}[{dq}] : {qp_ty}"));
     });
-    each(&mut b, dv, "%da", &mut |b, da| b.line(format!("memref.store {zero}, {ap}[{da}] : {ap_ty}")));
+    each(b, dv, "%da", &mut |b, da| b.line(format!("memref.store {zero}, {ap}[{da}] : {ap_ty}")));
 
     let mem_k = SharedArray { name: &sh_k, ty: &sk_ty, vectors: vectors && d % 4 == 0 };
     let mem_v = SharedArray { name: &sh_v, ty: &sv_ty, vectors: vectors && dv % 4 == 0 };
     let layout_k = SharedLayout { row: d, col: 1, len: bk * d };
     let layout_v = SharedLayout { row: dv, col: 1, len: bk * dv };
-    let run_keys = run.map(|_| sk_run.clone());
-    let tile_k = OperandTile::new(&b, k, "%a1", k_base.clone(), (bk, d), (sk, d), layout_k, bq, vectors)
+    let run_keys = run_lengths.then(|| sk_run.clone());
+    let tile_k = OperandTile::new(b, k, "%a1", k_base.clone(), (bk, d), (sk, d), layout_k, bq, vectors)
         .with_run_rows(run_keys.clone());
     // v, when present, is the third argument.
     let tile_v = match (v, &v_base) {
         (Some(v), Some(vb)) => Some(
-            OperandTile::new(&b, v, "%a2", vb.clone(), (bk, dv), (sk, dv), layout_v, bq, vectors)
+            OperandTile::new(b, v, "%a2", vb.clone(), (bk, dv), (sk, dv), layout_v, bq, vectors)
                 .with_run_rows(run_keys.clone()),
         ),
         _ => None,
@@ -231,11 +369,11 @@ pub fn emit_run(
     ));
     // The workgroup loads the tile's keys and values (zeros past the end): every read first,
     // then every store, so the reads overlap.
-    let fk = tile_k.fetch(&mut b, &tid, ("%kt", &c0), &zero, ty);
-    let fv = tile_v.as_ref().map(|t| t.fetch(&mut b, &tid, ("%kt", &c0), &zero, ty));
-    tile_k.deposit(&mut b, &fk, &mem_k, &c0, None, ty);
+    let fk = tile_k.fetch(b, &tid, ("%kt", &c0), &zero, ty);
+    let fv = tile_v.as_ref().map(|t| t.fetch(b, &tid, ("%kt", &c0), &zero, ty));
+    tile_k.deposit(b, &fk, &mem_k, &c0, None, ty);
     if let (Some(t), Some(fv)) = (&tile_v, &fv) {
-        t.deposit(&mut b, fv, &mem_v, &c0, None, ty);
+        t.deposit(b, fv, &mem_v, &c0, None, ty);
     }
     b.line("gpu.barrier");
 
@@ -292,7 +430,7 @@ pub fn emit_run(
         // is read from shared memory in runs of 4 (one vector access each on NVVM; every
         // invocation reads the same address, a broadcast), and `KEYS_AT_ONCE` keys' dot
         // products are formed side by side so their FMA chains overlap.
-        let at_once = if bk % KEYS_AT_ONCE == 0 { KEYS_AT_ONCE } else { 1 };
+        let at_once = if bk.is_multiple_of(KEYS_AT_ONCE) { KEYS_AT_ONCE } else { 1 };
         let step = b.index(at_once);
         b.open(format!(
             "%tmax = scf.for %jj = {c0} to {bkc} step {step} iter_args(%mx = {neg_inf}) -> ({ty})"
@@ -303,14 +441,14 @@ pub fn emit_run(
                 b.assign(format!("memref.load {qp}[{c}] : {qp_ty}"))
             })
             .collect();
-        let keys: Vec<String> = (0..at_once).map(|u| plus(&mut b, "%jj", u)).collect();
+        let keys: Vec<String> = (0..at_once).map(|u| plus(b, "%jj", u)).collect();
         let rows: Vec<String> =
             keys.iter().map(|j| b.assign(format!("arith.muli {j}, {dc} : index"))).collect();
         let mut dots = vec![zero.clone(); at_once];
         for d0 in (0..d).step_by(4) {
             for (u, row) in rows.iter().enumerate() {
-                let at = plus(&mut b, row, d0);
-                let kv = mem_k.read(&mut b, &at, 4.min(d - d0), ty);
+                let at = plus(b, row, d0);
+                let kv = mem_k.read(b, &at, 4.min(d - d0), ty);
                 for (e, x) in kv.iter().enumerate() {
                     dots[u] = b.fma(&q_row[d0 + e], x, &dots[u], ty);
                 }
@@ -318,14 +456,14 @@ pub fn emit_run(
         }
         let mut mx = "%mx".to_string();
         for (dot, j) in dots.iter().zip(&keys) {
-            let score = score_of(&mut b, dot, j);
+            let score = score_of(b, dot, j);
             b.line(format!("memref.store {score}, {sp}[{j}] : {sp_ty}"));
             mx = b.fmax(&mx, &score, ty);
         }
         b.line(format!("scf.yield {mx} : {ty}"));
         b.close("");
-        let (m_new, dead, corr) = rescale(&mut b, "%tmax");
-        weighted(&mut b, &m_new, &dead, &mut |b, p| {
+        let (m_new, dead, corr) = rescale(b, "%tmax");
+        weighted(b, &m_new, &dead, &mut |b, p| {
             let vrow = b.assign(format!("arith.muli %jj, {dvc} : index"));
             for d0 in (0..dv).step_by(4) {
                 let at = plus(b, &vrow, d0);
@@ -350,13 +488,13 @@ pub fn emit_run(
         let s = b.fma(&qv, &kv, "%s", ty);
         b.line(format!("scf.yield {s} : {ty}"));
         b.close("");
-        let score = score_of(&mut b, "%dot", "%jj");
+        let score = score_of(b, "%dot", "%jj");
         b.line(format!("memref.store {score}, {sp}[%jj] : {sp_ty}"));
         let mx = b.fmax("%mx", &score, ty);
         b.line(format!("scf.yield {mx} : {ty}"));
         b.close("");
-        let (m_new, dead, corr) = rescale(&mut b, "%tmax");
-        weighted(&mut b, &m_new, &dead, &mut |b, p| {
+        let (m_new, dead, corr) = rescale(b, "%tmax");
+        weighted(b, &m_new, &dead, &mut |b, p| {
             let vbase = b.assign(format!("arith.muli %jj, {dvc} : index"));
             each(b, dv, "%dd", &mut |b, dd| {
                 let at = b.assign(format!("arith.addi {vbase}, {dd} : index"));
@@ -377,7 +515,7 @@ pub fn emit_run(
     // The output row, and the log-sum-exp `m + log l`.
     b.open(format!("scf.if {valid}"));
     if let (Some(out), Some(o_base), Some(out_arg)) = (out, &o_base, &out_arg) {
-        each(&mut b, dv, "%da", &mut |b, da| {
+        each(b, dv, "%da", &mut |b, da| {
             let da = da.to_string();
             let o = b.assign(format!("memref.load {ap}[{da}] : {ap_ty}"));
             let y = b.fdiv(&o, "%ml#1", ty);
@@ -389,35 +527,9 @@ pub fn emit_run(
     if let (Some(lv), Some(l_base), Some(lse_arg)) = (lse, &l_base, &lse_arg) {
         let log_l = b.log("%ml#1", ty);
         let y = b.fadd("%ml#0", &log_l, ty);
-        let off = offset_at(&mut b, 0, &[(Some(&i), lv.strides[r - 2])]);
+        let off = offset_at(b, 0, &[(Some(&i), lv.strides[r - 2])]);
         let at = b.assign(format!("arith.addi {l_base}, {off} : index"));
-        store(&mut b, &y, lse_arg, lv, &at);
+        store(b, &y, lse_arg, lv, &at);
     }
     b.close("");
-
-    let mut memrefs = vec![q.memref(), k.memref()];
-    memrefs.extend(v.map(View::memref));
-    memrefs.extend(mask.map(View::memref));
-    memrefs.extend(out.map(View::memref));
-    memrefs.extend(lse.map(View::memref));
-    let flops = (2 * batch * sq * sk * (d + dv)) as u64;
-    let written = out.map_or(0, View::numel) + lse.map_or(0, View::numel);
-    let bytes = ((q.numel() + k.numel() + v.map_or(0, View::numel) + written) * dtype.size_bytes()) as u64;
-    // Over run-time sizes: blocks of the run's queries along x, its batch along y.
-    let run_grid = match run {
-        Some(run) => {
-            let batch =
-                kiln_sched::product(run.batch).map_err(|e| CodegenError::Unsupported(e.to_string()))?;
-            Some([ceil_div(run.sq, bq)?, batch, Dim::Const(1)])
-        }
-        None => None,
-    };
-    Ok(GpuKernel {
-        symbol: symbol.into(),
-        mlir: module(symbol, &memrefs, &plan, b),
-        plan,
-        flops,
-        bytes,
-        run_grid,
-    })
 }

@@ -11,10 +11,12 @@
 //! as its entry-point ABI; the dispatch is the plan's [`Launch`].
 
 pub mod attention;
+mod attention_mma;
 mod caps;
 mod dynamic;
 pub mod elements;
 pub mod matmul;
+mod mma;
 pub mod nvvm;
 pub mod plan;
 pub mod program;

@@ -68,6 +68,24 @@ pub enum Work {
     /// keys and values in tiles of `block_k` rows through shared memory, an online softmax in
     /// registers; no `sq × sk` buffer exists.
     Attention { batch: usize, sq: usize, sk: usize, d: usize, dv: usize, block_q: u32, block_k: u32 },
+    /// Flash attention on tensor cores: one workgroup per block of `16·warps` queries, each
+    /// warp 16 of them. The warp forms its 16 × `block_k` scores with `shape`-sized products
+    /// (`mma.sync`) of its queries (held as fragments for the whole walk) and the key tile,
+    /// runs the online softmax on them in registers, and adds the weights times the value tile
+    /// with products again; operands rounded to `precision`, f32 accumulators. With 2 `stages`
+    /// the next key and value tiles are read from memory while the current ones are used.
+    AttentionTensorCores {
+        batch: usize,
+        sq: usize,
+        sk: usize,
+        d: usize,
+        dv: usize,
+        warps: u32,
+        block_k: u32,
+        shape: [u32; 3],
+        precision: MmaPrecision,
+        stages: u32,
+    },
 }
 
 /// The operand precision of a tensor-core product (accumulation is always f32).
@@ -331,6 +349,88 @@ impl GpuPlan {
         })
     }
 
+    /// Flash attention on tensor cores, when the target has them for `precision` and the head
+    /// sizes are multiples of the products' k (8) up to [`ATTENTION_MMA_MAX_HEAD`]: 4 warps
+    /// of 16 queries per workgroup (fewer for short sequences), and the longest key tile with
+    /// the most stages that fits in shared memory with the warps' weights (on SPIR-V, the
+    /// emulation's scratch arrays too). The caller decides whether the operands may be rounded
+    /// to `precision`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_tensor_cores(
+        batch: usize,
+        sq: usize,
+        sk: usize,
+        d: usize,
+        dv: usize,
+        precision: MmaPrecision,
+        caps: &GpuCaps,
+    ) -> Result<Option<GpuPlan>, CodegenError> {
+        if caps.mma != Some(precision) || caps.subgroup_size != Some(32) {
+            return Ok(None);
+        }
+        let shape = match precision {
+            MmaPrecision::Tf32 => [16u32, 8, 8],
+        };
+        let k = shape[2] as usize;
+        if d == 0
+            || !d.is_multiple_of(k)
+            || !dv.is_multiple_of(k)
+            || d > ATTENTION_MMA_MAX_HEAD
+            || dv > ATTENTION_MMA_MAX_HEAD
+        {
+            return Ok(None);
+        }
+        let warps = (sq.div_ceil(shape[0] as usize).next_power_of_two() as u32).clamp(1, 4);
+        if 32 * warps > caps.max_workgroup_invocations {
+            return Ok(None);
+        }
+        for (block_k, stages) in [(32u32, 2u32), (32, 1), (16, 2), (16, 1), (8, 1)] {
+            let layout = attention_layouts(d, dv, block_k as usize, warps as usize);
+            // Per lane: the query fragments, the output accumulators and the tile's scores.
+            if (d + dv + block_k as usize) / 2 > caps.registers as usize {
+                continue;
+            }
+            let scratch = match caps.lowering {
+                // The emulated products' operands, and the quads' partial row results.
+                super::GpuLowering::Spirv => (warps * (16 * 8 + 8 * 8) + 32 * warps * 2) as usize * 4,
+                super::GpuLowering::Nvvm(_) => 0,
+            };
+            let bytes =
+                (stages as usize * (layout.keys.len + layout.values.len) + layout.weights.len) * 4 + scratch;
+            if bytes > caps.max_shared_bytes as usize {
+                continue;
+            }
+            let block_q = 16 * warps as usize;
+            let grid = [sq.div_ceil(block_q).max(1), batch.max(1)];
+            if grid[0] > caps.max_workgroup_count[0] as usize
+                || grid[1] > caps.max_workgroup_count[1] as usize
+            {
+                return Err(too_big(format!(
+                    "attention over {batch} heads of {sq} queries on the {} target",
+                    caps.name
+                )));
+            }
+            return Ok(Some(GpuPlan {
+                work: Work::AttentionTensorCores {
+                    batch,
+                    sq,
+                    sk,
+                    d,
+                    dv,
+                    warps,
+                    block_k,
+                    shape,
+                    precision,
+                    stages,
+                },
+                launch: Launch { grid: [grid[0] as u32, grid[1] as u32, 1], workgroup: [32 * warps, 1, 1] },
+                shared_bytes: bytes as u32,
+                resident: 1,
+            }));
+        }
+        Ok(None)
+    }
+
     /// One line describing the plan, for `kiln inspect --stage gpu`.
     pub fn describe(&self) -> String {
         let work = match &self.work {
@@ -351,6 +451,10 @@ impl GpuPlan {
             ),
             Work::Attention { batch, sq, sk, d, dv, block_q, block_k } => format!(
                 "attention: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {block_q} queries per workgroup, key tiles of {block_k} in shared memory, online softmax"
+            ),
+            Work::AttentionTensorCores { batch, sq, sk, d, dv, warps, block_k, shape, precision, stages } => format!(
+                "attention on tensor cores: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {warps} warps of 16 queries per workgroup, key tiles of {block_k} in shared memory ({stages} stages), mma.sync m{}n{}k{} on {} operands, f32 accumulators, online softmax",
+                shape[0], shape[1], shape[2], precision.name()
             ),
         };
         let [gx, gy, gz] = self.launch.grid;
@@ -394,6 +498,39 @@ pub fn matmul_layouts(tile: [u32; 3], tensor_cores: bool) -> [SharedLayout; 2] {
             SharedLayout { row: 1, col: tm + 4, len: tk * (tm + 4) },
             SharedLayout { row: tn + 4, col: 1, len: tk * (tn + 4) },
         ]
+    }
+}
+
+/// The largest head (query and value row) the tensor-core attention holds in registers: each
+/// lane keeps a quarter of its warp's 16 query rows and 16 output rows.
+pub const ATTENTION_MMA_MAX_HEAD: usize = 128;
+
+/// Where the tensor-core attention keeps its tiles in shared memory (one stage each of keys
+/// and values; the weights once per warp).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionLayouts {
+    /// Key `j`, element `e` at `j·(d + 4) + e`: the score products read it as their B operand
+    /// (8 keys × 4 elements per fragment read), which then falls in 32 different banks.
+    pub keys: SharedLayout,
+    /// Key `j`, element `e` at `j·(dv + 8) + e`: the value products' B operand (4 keys × 8
+    /// elements per read), conflict-free likewise.
+    pub values: SharedLayout,
+    /// A warp's 16 × `block_k` weights, query `r` and key `j` at `r·(block_k + 4) + j` from the
+    /// warp's start: written in the scores' accumulator layout, read back as the value
+    /// products' A operand.
+    pub weights: SharedLayout,
+}
+
+/// The shared layouts of tensor-core attention with `warps` warps and key tiles of `block_k`.
+pub fn attention_layouts(d: usize, dv: usize, block_k: usize, warps: usize) -> AttentionLayouts {
+    AttentionLayouts {
+        keys: SharedLayout { row: d + 4, col: 1, len: block_k * (d + 4) },
+        values: SharedLayout { row: dv + 8, col: 1, len: if dv == 0 { 0 } else { block_k * (dv + 8) } },
+        weights: SharedLayout {
+            row: block_k + 4,
+            col: 1,
+            len: if dv == 0 { 0 } else { warps * 16 * (block_k + 4) },
+        },
     }
 }
 
@@ -507,6 +644,41 @@ mod tests {
         vk.subgroup_size = Some(32);
         let p = GpuPlan::matmul_tensor_cores(1, 4096, 4096, 4096, MmaPrecision::Tf32, &vk).unwrap().unwrap();
         assert!(p.shared_bytes <= vk.max_shared_bytes, "{p:?}");
+    }
+
+    #[test]
+    fn tensor_core_attention_takes_the_longest_key_tiles_that_fit() {
+        let cuda = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90").unwrap());
+        let tf32 = MmaPrecision::Tf32;
+        let p = GpuPlan::attention_tensor_cores(48, 2048, 2048, 64, 64, tf32, &cuda).unwrap().unwrap();
+        assert!(
+            matches!(
+                p.work,
+                Work::AttentionTensorCores { warps: 4, block_k: 32, stages: 2, shape: [16, 8, 8], .. }
+            ),
+            "{p:?}"
+        );
+        assert_eq!(p.launch.grid, [32, 48, 1]);
+        assert_eq!(p.launch.workgroup, [128, 1, 1]);
+        // Two stages of keys (rows of 68) and values (rows of 72), and 4 warps' weights.
+        assert_eq!(p.shared_bytes, (2 * (32 * 68 + 32 * 72) + 4 * 16 * 36) * 4);
+        // A head of 128 leaves room for one stage only; a short sequence takes fewer warps.
+        let wide = GpuPlan::attention_tensor_cores(12, 20, 128, 128, 128, tf32, &cuda).unwrap().unwrap();
+        assert!(
+            matches!(wide.work, Work::AttentionTensorCores { warps: 2, block_k: 32, stages: 1, .. }),
+            "{wide:?}"
+        );
+        assert!(wide.shared_bytes <= cuda.max_shared_bytes);
+        // Heads the products cannot tile, heads too long for the registers, and targets without
+        // tensor cores keep the one-query-per-invocation kernel.
+        for (d, dv) in [(12, 64), (64, 20), (136, 64), (64, 0)] {
+            let p = GpuPlan::attention_tensor_cores(1, 64, 64, d, dv, tf32, &cuda).unwrap();
+            assert_eq!(p.is_some(), (d, dv) == (64, 0), "d {d}, dv {dv}: {p:?}");
+        }
+        assert_eq!(
+            GpuPlan::attention_tensor_cores(1, 64, 64, 64, 64, tf32, &GpuCaps::vulkan()).unwrap(),
+            None
+        );
     }
 
     #[test]

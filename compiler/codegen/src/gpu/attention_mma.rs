@@ -1,0 +1,430 @@
+//! Flash attention on tensor cores: each warp of the workgroup owns 16 queries. It holds their
+//! rows as `mma.sync` A fragments (rounded to TF32 once) for the whole walk over the keys; per
+//! key tile it forms its 16 × `block_k` scores with products against the key tile (the B
+//! operand, straight from shared memory), runs the online softmax on the scores where the
+//! products left them (each lane holds two query rows, four lanes a row, so a row's max
+//! takes two butterfly shuffles), writes the weights to its slice of shared memory, and reads
+//! them back as A fragments for the products with the value tile, accumulating the output rows
+//! in the products' f32 accumulators. Each lane keeps its part of the row sums; the four lanes
+//! of a row add theirs only at the end. The output is divided by the sum once, as in the
+//! one-query-per-invocation kernel.
+//!
+//! On SPIR-V the products are emulated per warp ([`super::mma`]) and the shuffles go through
+//! shared memory, so the same bookkeeping runs, and is checked, on any Vulkan device.
+
+use super::attention::Operands;
+use super::mma::{mma, Lanes, A_FRAGMENT, B_FRAGMENT, C_FRAGMENT, MMA_K, MMA_M, MMA_N};
+use super::plan::attention_layouts;
+use super::skeleton::{clamp, offset_at, plus, shared, shared_type, SharedArray};
+use super::tiles::{OperandTile, Rounding};
+use super::{GpuCtx, GpuFlavor};
+use crate::kernels::elementwise::{load, store};
+use crate::mlir_text::Body;
+
+/// The plan's numbers the body is written from.
+pub(crate) struct Shape {
+    /// Warps per workgroup, 16 queries each.
+    pub warps: usize,
+    /// Keys per tile.
+    pub block_k: usize,
+    /// Shared-memory stages of the key and value tiles (2: the next tile is read from memory
+    /// while the current one is used).
+    pub stages: usize,
+}
+
+/// How a quad's four partial results combine.
+#[derive(Clone, Copy)]
+enum Combine {
+    Max,
+    Add,
+}
+
+/// The kernel body (operands as [`Operands`] describes; f32 registers).
+pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
+    let Shape { warps, block_k: bk, stages } = shape;
+    let ty = "f32";
+    let (q, k) = (o.q, o.k);
+    let r = q.rank();
+    let (sq, d) = (q.shape[r - 2], q.shape[r - 1]);
+    let (sk, dv) = (k.shape[r - 2], o.v.map_or(0, |v| v.shape[r - 1]));
+    let nvvm = cx.caps.flavor() == GpuFlavor::Nvvm;
+    let round = if nvvm { Rounding::Tf32Nvvm } else { Rounding::Tf32Bits };
+    let lay = attention_layouts(d, dv, bk, warps);
+    let inv = 32 * warps;
+
+    let sh_k = shared(b, stages * lay.keys.len, ty);
+    let sk_ty = shared_type(b, stages * lay.keys.len, ty);
+    let sh_v = shared(b, stages * lay.values.len, ty);
+    let sv_ty = shared_type(b, stages * lay.values.len, ty);
+    let sh_w = shared(b, lay.weights.len, ty);
+    let sw_ty = shared_type(b, lay.weights.len, ty);
+    let quad_scratch = (!nvvm).then(|| (shared(b, inv * 2, ty), shared_type(b, inv * 2, ty)));
+    let lin = b.assign("gpu.thread_id x");
+    let bx = b.assign("gpu.block_id x");
+    let l = Lanes::new(b, &lin, [warps, 1], [1, 1]);
+    let quads = Quads { scratch: quad_scratch, lin: lin.clone(), in_group: l.in_group.clone() };
+    let (c0, c1) = (b.index(0), b.index(1));
+    let zero = b.float(0.0, ty);
+    let one = b.float(1.0, ty);
+    let neg_inf = b.float(f64::NEG_INFINITY, ty);
+
+    // This lane's first accumulator column (`2·in_group` of each 8).
+    let two = b.index(2);
+    let two_t = b.assign(format!("arith.muli {}, {two} : index", l.in_group));
+    // This lane's two query rows (`group` and `group + 8` of its warp's 16), clamped for reads.
+    let bqc = b.index(MMA_M * warps);
+    let first = b.assign(format!("arith.muli {bx}, {bqc} : index"));
+    let first = b.assign(format!("arith.addi {first}, {} : index", l.warp_row));
+    let rows = [l.at(b, &first, 0, &l.group, 1), l.at(b, &first, 8, &l.group, 1)];
+    let rows_c = [clamp(b, &rows[0], sq), clamp(b, &rows[1], sq)];
+
+    // The warp's queries as A fragments, one per 8 columns of the head.
+    let q_frags: Vec<Vec<String>> = (0..d / MMA_K)
+        .map(|kk| {
+            A_FRAGMENT
+                .iter()
+                .map(|&(dr, dc)| {
+                    let col = l.at(b, &c0, kk * MMA_K + dc, &l.in_group, 1);
+                    let at = offset_at(
+                        b,
+                        0,
+                        &[(Some(&rows_c[dr / 8]), q.strides[r - 2]), (Some(&col), q.strides[r - 1])],
+                    );
+                    let at = b.assign(format!("arith.addi {}, {at} : index", o.q_base));
+                    let x = load(b, "%a0", q, &at);
+                    let x = round.apply(b, &x);
+                    b.assign(format!("arith.bitcast {x} : f32 to i32"))
+                })
+                .collect()
+        })
+        .collect();
+
+    // The key and value tiles as the workgroup reads them (zeros past the run's keys).
+    let vectors = nvvm;
+    let run_keys = o.run_lengths.then(|| o.sk_run.clone());
+    let tile_k = OperandTile::new(b, k, "%a1", o.k_base.clone(), (bk, d), (sk, d), lay.keys, inv, vectors)
+        .with_run_rows(run_keys.clone());
+    let tile_v = match (o.v, &o.v_base) {
+        (Some(v), Some(vb)) if dv > 0 => Some(
+            OperandTile::new(b, v, "%a2", vb.clone(), (bk, dv), (sk, dv), lay.values, inv, vectors)
+                .with_run_rows(run_keys),
+        ),
+        _ => None,
+    };
+    let mem_k = SharedArray { name: &sh_k, ty: &sk_ty, vectors };
+    let mem_v = SharedArray { name: &sh_v, ty: &sv_ty, vectors };
+
+    // The start of the last key tile, where the two-stage walk reads "the next tile" at the end
+    // (always in bounds; a tile whose keys all lie past the run's reads zeros).
+    let bkc = b.index(bk);
+    let last = if o.run_lengths {
+        let bk1 = b.index(bk - 1);
+        let n = b.assign(format!("arith.addi {}, {bk1} : index", o.sk_run));
+        let n = b.assign(format!("arith.divui {n}, {bkc} : index"));
+        let n = b.assign(format!("arith.maxui {n}, {c1} : index"));
+        let n = b.assign(format!("arith.subi {n}, {c1} : index"));
+        b.assign(format!("arith.muli {n}, {bkc} : index"))
+    } else {
+        b.index((sk.div_ceil(bk).max(1) - 1) * bk)
+    };
+    if stages == 2 {
+        let fk = tile_k.fetch(b, &lin, (&c0, &c0), &zero, ty);
+        let fv = tile_v.as_ref().map(|t| t.fetch(b, &lin, (&c0, &c0), &zero, ty));
+        tile_k.deposit(b, &fk, &mem_k, &c0, Some(round), ty);
+        if let (Some(t), Some(fv)) = (&tile_v, &fv) {
+            t.deposit(b, fv, &mem_v, &c0, Some(round), ty);
+        }
+        b.line("gpu.barrier");
+    }
+
+    // Carried over the key tiles: each row's running max and this lane's part of its sum, and
+    // the output accumulators (4 per 8 columns of the value row).
+    let n_out = dv / MMA_N * C_FRAGMENT.len();
+    let types = vec![ty; 4 + n_out].join(", ");
+    let mut carried = vec![
+        format!("%fm0 = {neg_inf}"),
+        format!("%fm1 = {neg_inf}"),
+        format!("%fl0 = {zero}"),
+        format!("%fl1 = {zero}"),
+    ];
+    carried.extend((0..n_out).map(|i| format!("%fo{i} = {zero}")));
+    b.open(format!(
+        "%fa:{} = scf.for %fk = {c0} to {} step {bkc} iter_args({}) -> ({types})",
+        4 + n_out,
+        o.sk_run,
+        carried.join(", ")
+    ));
+    let (cur_k, cur_v, next) = if stages == 2 {
+        // Read the next tiles into registers now; store them into the other stage after this
+        // tile's products.
+        let c2 = b.index(2);
+        let t = b.assign(format!("arith.divui %fk, {bkc} : index"));
+        let parity = b.assign(format!("arith.remui {t}, {c2} : index"));
+        let (lk, lv) = (b.index(lay.keys.len), b.index(lay.values.len));
+        let cur_k = b.assign(format!("arith.muli {parity}, {lk} : index"));
+        let cur_v = b.assign(format!("arith.muli {parity}, {lv} : index"));
+        let nxt_k = b.assign(format!("arith.subi {lk}, {cur_k} : index"));
+        let nxt_v = b.assign(format!("arith.subi {lv}, {cur_v} : index"));
+        let kn = b.assign(format!("arith.addi %fk, {bkc} : index"));
+        let kn = b.assign(format!("arith.minui {kn}, {last} : index"));
+        let fk = tile_k.fetch(b, &lin, (&kn, &c0), &zero, ty);
+        let fv = tile_v.as_ref().map(|t| t.fetch(b, &lin, (&kn, &c0), &zero, ty));
+        (cur_k, cur_v, Some((fk, fv, nxt_k, nxt_v)))
+    } else {
+        let fk = tile_k.fetch(b, &lin, ("%fk", &c0), &zero, ty);
+        let fv = tile_v.as_ref().map(|t| t.fetch(b, &lin, ("%fk", &c0), &zero, ty));
+        tile_k.deposit(b, &fk, &mem_k, &c0, Some(round), ty);
+        if let (Some(t), Some(fv)) = (&tile_v, &fv) {
+            t.deposit(b, fv, &mem_v, &c0, Some(round), ty);
+        }
+        b.line("gpu.barrier");
+        (c0.clone(), c0.clone(), None)
+    };
+    let bits = |b: &mut Body, name: &str, mem_ty: &str, at: &str| {
+        let x = b.assign(format!("memref.load {name}[{at}] : {mem_ty}"));
+        b.assign(format!("arith.bitcast {x} : f32 to i32"))
+    };
+
+    // Scores: key `n` of the tile is column `n` of the B operand, its element `e` row `e`.
+    let k_lane = offset_at(b, 0, &[(Some(&l.group), lay.keys.row), (Some(&l.in_group), 1)]);
+    let k_lane = b.assign(format!("arith.addi {cur_k}, {k_lane} : index"));
+    let mut scores: Vec<Vec<String>> = Vec::with_capacity(bk / MMA_N);
+    for nb in 0..bk / MMA_N {
+        let mut c = vec![zero.clone(); C_FRAGMENT.len()];
+        for (kk, af) in q_frags.iter().enumerate() {
+            let bf: Vec<String> = B_FRAGMENT
+                .iter()
+                .map(|&(dr, dc)| {
+                    let at = plus(b, &k_lane, (nb * MMA_N + dc) * lay.keys.row + kk * MMA_K + dr);
+                    bits(b, &sh_k, &sk_ty, &at)
+                })
+                .collect();
+            c = mma(b, &l, af, &bf, &c);
+        }
+        scores.push(c);
+    }
+
+    // Scale, mask, hide; the tile's max per row, over the quad.
+    let sc = b.float(o.scale, ty);
+    let j_lane = b.assign(format!("arith.addi %fk, {two_t} : index"));
+    let mut tmax = [neg_inf.clone(), neg_inf.clone()];
+    for (nb, c) in scores.iter_mut().enumerate() {
+        for (e, s) in c.iter_mut().enumerate() {
+            let (dr, dc) = C_FRAGMENT[e];
+            let half = dr / 8;
+            let j = plus(b, &j_lane, nb * MMA_N + dc);
+            let mut score = b.fmul(s, &sc, ty);
+            if let (Some(mv), Some(mb), Some(ma)) = (o.mask, &o.m_base, &o.mask_arg) {
+                let jc = clamp(b, &j, sk);
+                let off = offset_at(
+                    b,
+                    0,
+                    &[(Some(&rows_c[half]), mv.strides[r - 2]), (Some(&jc), mv.strides[r - 1])],
+                );
+                let at = b.assign(format!("arith.addi {mb}, {off} : index"));
+                let m = load(b, ma, mv, &at);
+                score = b.fadd(&score, &m, ty);
+            }
+            let mut hidden = b.assign(format!("arith.cmpi uge, {j}, {} : index", o.sk_run));
+            if o.causal {
+                let future = b.assign(format!("arith.cmpi ugt, {j}, {} : index", rows[half]));
+                hidden = b.assign(format!("arith.ori {hidden}, {future} : i1"));
+            }
+            *s = b.select(&hidden, &neg_inf, &score, ty);
+            tmax[half] = b.fmax(&tmax[half], s, ty);
+        }
+    }
+    let tmax = quads.reduce(b, &tmax, Combine::Max);
+
+    // Online softmax: rescale the output rows by exp(m − m_new) once; the weights
+    // `p = exp(score − m_new)` (0 for a row with nothing to see) into this lane's sums.
+    let mut m_new = Vec::with_capacity(2);
+    let mut dead = Vec::with_capacity(2);
+    let mut corr = Vec::with_capacity(2);
+    for (half, t) in tmax.iter().enumerate() {
+        let m_old = format!("%fm{half}");
+        let m = b.fmax(&m_old, t, ty);
+        let gone = b.fcmp("oeq", &m, &neg_inf, ty);
+        let shift = b.fsub(&m_old, &m, ty);
+        let c = b.exp(&shift, ty);
+        corr.push(b.select(&gone, &one, &c, ty));
+        m_new.push(m);
+        dead.push(gone);
+    }
+    let mut sums = [b.fmul("%fl0", &corr[0], ty), b.fmul("%fl1", &corr[1], ty)];
+    let mut outs: Vec<String> = (0..n_out)
+        .map(|i| {
+            let half = C_FRAGMENT[i % C_FRAGMENT.len()].0 / 8;
+            b.fmul(&format!("%fo{i}"), &corr[half], ty)
+        })
+        .collect();
+    let mut weights: Vec<Vec<String>> = Vec::with_capacity(scores.len());
+    for c in &scores {
+        let mut w = Vec::with_capacity(c.len());
+        for (e, s) in c.iter().enumerate() {
+            let half = C_FRAGMENT[e].0 / 8;
+            let x = b.fsub(s, &m_new[half], ty);
+            let p = b.exp(&x, ty);
+            let p = b.select(&dead[half], &zero, &p, ty);
+            sums[half] = b.fadd(&sums[half], &p, ty);
+            w.push(p);
+        }
+        weights.push(w);
+    }
+
+    if dv > 0 {
+        // The weights through the warp's slice of shared memory: written where the score
+        // products left them, read back as the value products' A operand.
+        let wr = lay.weights.row;
+        let warp_w = b.index(wr);
+        let warp_w = b.assign(format!("arith.muli {}, {warp_w} : index", l.warp_row));
+        let w_write = offset_at(b, 0, &[(Some(&l.group), wr), (Some(&two_t), 1)]);
+        let w_write = b.assign(format!("arith.addi {warp_w}, {w_write} : index"));
+        for (nb, w) in weights.iter().enumerate() {
+            for (e, p) in w.iter().enumerate() {
+                let (dr, dc) = C_FRAGMENT[e];
+                let p = round.apply(b, p);
+                let at = plus(b, &w_write, dr * wr + nb * MMA_N + dc);
+                b.line(format!("memref.store {p}, {sh_w}[{at}] : {sw_ty}"));
+            }
+        }
+        b.line("gpu.barrier");
+        let w_read = offset_at(b, 0, &[(Some(&l.group), wr), (Some(&l.in_group), 1)]);
+        let w_read = b.assign(format!("arith.addi {warp_w}, {w_read} : index"));
+        let v_lane = offset_at(b, 0, &[(Some(&l.in_group), lay.values.row), (Some(&l.group), 1)]);
+        let v_lane = b.assign(format!("arith.addi {cur_v}, {v_lane} : index"));
+        for kk in 0..bk / MMA_K {
+            let af: Vec<String> = A_FRAGMENT
+                .iter()
+                .map(|&(dr, dc)| {
+                    let at = plus(b, &w_read, dr * wr + kk * MMA_K + dc);
+                    bits(b, &sh_w, &sw_ty, &at)
+                })
+                .collect();
+            for nb in 0..dv / MMA_N {
+                let bf: Vec<String> = B_FRAGMENT
+                    .iter()
+                    .map(|&(dr, dc)| {
+                        let at = plus(b, &v_lane, (kk * MMA_K + dr) * lay.values.row + nb * MMA_N + dc);
+                        bits(b, &sh_v, &sv_ty, &at)
+                    })
+                    .collect();
+                let base = nb * C_FRAGMENT.len();
+                let d = mma(b, &l, &af, &bf, &outs[base..base + C_FRAGMENT.len()]);
+                outs[base..base + C_FRAGMENT.len()].clone_from_slice(&d);
+            }
+        }
+    }
+    match next {
+        Some((fk, fv, nxt_k, nxt_v)) => {
+            tile_k.deposit(b, &fk, &mem_k, &nxt_k, Some(round), ty);
+            if let (Some(t), Some(fv)) = (&tile_v, &fv) {
+                t.deposit(b, fv, &mem_v, &nxt_v, Some(round), ty);
+            }
+            b.line("gpu.barrier");
+        }
+        None => b.line("gpu.barrier"),
+    }
+    let mut yielded = vec![m_new[0].clone(), m_new[1].clone(), sums[0].clone(), sums[1].clone()];
+    yielded.extend(outs);
+    b.line(format!("scf.yield {} : {types}", yielded.join(", ")));
+    b.close("");
+
+    // Each row's sum over its quad; the output rows divided by it, and the log-sum-exp.
+    let partial = ["%fa#2".to_string(), "%fa#3".to_string()];
+    let sums = quads.reduce(b, &partial, Combine::Add);
+    for (half, row) in rows.iter().enumerate() {
+        let valid = b.assign(format!("arith.cmpi ult, {row}, {} : index", o.sq_run));
+        b.open(format!("scf.if {valid}"));
+        if let (Some(out), Some(o_base), Some(out_arg)) = (o.out, &o.o_base, &o.out_arg) {
+            for nb in 0..dv / MMA_N {
+                for (e, &(dr, dc)) in C_FRAGMENT.iter().enumerate() {
+                    if dr / 8 != half {
+                        continue;
+                    }
+                    let x = format!("%fa#{}", 4 + nb * C_FRAGMENT.len() + e);
+                    let y = b.fdiv(&x, &sums[half], ty);
+                    let col = plus(b, &two_t, nb * MMA_N + dc);
+                    let off =
+                        offset_at(b, 0, &[(Some(row), out.strides[r - 2]), (Some(&col), out.strides[r - 1])]);
+                    let at = b.assign(format!("arith.addi {o_base}, {off} : index"));
+                    store(b, &y, out_arg, out, &at);
+                }
+            }
+        }
+        if let (Some(lv), Some(l_base), Some(lse_arg)) = (o.lse, &o.l_base, &o.lse_arg) {
+            let first_lane = b.assign(format!("arith.cmpi eq, {}, {c0} : index", l.in_group));
+            b.open(format!("scf.if {first_lane}"));
+            let log_l = b.log(&sums[half], ty);
+            let y = b.fadd(&format!("%fa#{half}"), &log_l, ty);
+            let off = offset_at(b, 0, &[(Some(row), lv.strides[r - 2])]);
+            let at = b.assign(format!("arith.addi {l_base}, {off} : index"));
+            store(b, &y, lse_arg, lv, &at);
+            b.close("");
+        }
+        b.close("");
+    }
+}
+
+/// How the four lanes of a quad (one query row's lanes) combine their values: butterfly
+/// shuffles on NVVM; on SPIR-V, through shared memory (every lane stores, then reads its
+/// quad's four), in the same order, so both give every lane the same `(x0 ⊕ x1) ⊕ (x2 ⊕ x3)`.
+struct Quads {
+    /// SPIR-V's scratch array (two values per invocation) and its type; `None` on NVVM.
+    scratch: Option<(String, String)>,
+    lin: String,
+    in_group: String,
+}
+
+impl Quads {
+    /// Each of `values` (at most two) combined over the quad.
+    fn reduce(&self, b: &mut Body, values: &[String], how: Combine) -> Vec<String> {
+        let ty = "f32";
+        let combine = |b: &mut Body, x: &str, y: &str| match how {
+            Combine::Max => b.fmax(x, y, ty),
+            Combine::Add => b.fadd(x, y, ty),
+        };
+        match &self.scratch {
+            None => {
+                let all = b.int(-1, "i32");
+                let clamp = b.int(31, "i32");
+                let mut out = values.to_vec();
+                for offset in [1, 2] {
+                    let off = b.int(offset, "i32");
+                    for x in out.iter_mut() {
+                        let y =
+                            b.assign(format!("nvvm.shfl.sync bfly {all}, {x}, {off}, {clamp} : f32 -> f32"));
+                        *x = combine(b, x, &y);
+                    }
+                }
+                out
+            }
+            Some((scratch, st)) => {
+                let two = b.index(2);
+                let mine = b.assign(format!("arith.muli {}, {two} : index", self.lin));
+                for (i, x) in values.iter().enumerate() {
+                    let at = plus(b, &mine, i);
+                    b.line(format!("memref.store {x}, {scratch}[{at}] : {st}"));
+                }
+                b.line("gpu.barrier");
+                let quad = b.assign(format!("arith.subi {}, {} : index", self.lin, self.in_group));
+                let quad = b.assign(format!("arith.muli {quad}, {two} : index"));
+                let out = (0..values.len())
+                    .map(|i| {
+                        let v: Vec<String> = (0..4)
+                            .map(|lane| {
+                                let at = plus(b, &quad, lane * 2 + i);
+                                b.assign(format!("memref.load {scratch}[{at}] : {st}"))
+                            })
+                            .collect();
+                        let lo = combine(b, &v[0], &v[1]);
+                        let hi = combine(b, &v[2], &v[3]);
+                        combine(b, &lo, &hi)
+                    })
+                    .collect();
+                b.line("gpu.barrier");
+                out
+            }
+        }
+    }
+}
