@@ -32,25 +32,38 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
 
 say() { echo "== gpu_check: $*" >&2; }
 
-# name | spec | overrides: every shipped model, at sizes that keep the pack small.
+# name | spec | overrides: every shipped model, at sizes that keep the pack small (a device
+# call carries at most 64 MiB with the repository: `pack` says the pack's size).
 CONFORMANCE=(
     "mlp|models/mlp.ron|"
     "lstm|models/lstm.ron|"
     "resnet_block|models/resnet_block.ron|"
     "bert_encoder|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128"
-    "seed_transformer|models/seed_transformer.ron|--set layers=2 --set d_model=256 --set d_ff=1024"
-    "gpt2|models/gpt2.ron|--set vocab=2000 --set layers=2 --set d=256 --set heads=4 --set ctx=256"
+    "seed_transformer|models/seed_transformer.ron|--set layers=1 --set d_model=128 --set heads=4 --set d_ff=512"
+    "gpt2|models/gpt2.ron|--set vocab=2000 --set layers=1 --set d=256 --set heads=4 --set ctx=256"
     "matmul_shapes|tests/gpu_check/matmul_shapes.ron|"
     # One artifact for every batch and length, run at sizes no tile divides (the hints).
-    "bert_dynamic|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set batch=Dyn(min:1,max:4,hint:3) --set seq=Dyn(min:1,max:128,hint:37)"
-    "gpt2_dynamic|models/gpt2.ron|--set vocab=2000 --set layers=2 --set d=256 --set heads=4 --set ctx=256 --set batch=Dyn(min:1,max:4,hint:1) --set seq=Dyn(min:8,max:256,hint:200,multiple_of:8)"
+    "bert_dynamic|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set hidden=128 --set heads=4 --set ffn=512 --set batch=Dyn(min:1,max:4,hint:3) --set seq=Dyn(min:1,max:128,hint:37)"
+    "gpt2_dynamic|models/gpt2.ron|--set vocab=2000 --set layers=1 --set d=128 --set heads=4 --set ctx=256 --set batch=Dyn(min:1,max:4,hint:1) --set seq=Dyn(min:8,max:256,hint:200,multiple_of:8)"
 )
-# The same on tensor cores (--precision tf32), checked at TF32's stated tolerance.
+# On tensor cores: with operands rounded to TF32 (--precision tf32), checked at TF32's stated
+# tolerance, and split in two TF32 parts (--precision tf32x3), checked at f32's. Heads of 32,
+# so attention runs on tensor cores too.
 CONFORMANCE_TF32=(
     "mlp|models/mlp.ron|"
-    "bert_encoder|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128"
+    "bert_encoder|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set hidden=128 --set heads=4 --set ffn=512"
     "gpt2|models/gpt2.ron|--set vocab=1000 --set layers=1 --set d=128 --set heads=4 --set ctx=128"
-    "matmul_shapes|tests/gpu_check/matmul_shapes.ron|"
+    # Tensor-core plans take 64×64 tiles here, as at the default m (the large tiles need
+    # outputs too big for the pack; the emulated Vulkan test runs them).
+    "matmul_shapes|tests/gpu_check/matmul_shapes.ron|--set m=1152"
+)
+CONFORMANCE_TF32X3=(
+    "mlp|models/mlp.ron|"
+    "bert_encoder|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set hidden=128 --set heads=4 --set ffn=512"
+    "gpt2|models/gpt2.ron|--set vocab=1000 --set layers=1 --set d=128 --set heads=4 --set ctx=128"
+    # Tensor-core plans take 64×64 tiles here, as at the default m (the large tiles need
+    # outputs too big for the pack; the emulated Vulkan test runs them).
+    "matmul_shapes|tests/gpu_check/matmul_shapes.ron|--set m=1152"
 )
 # name | spec | overrides: training artifacts (`--train`), whose `train_step` runs three times
 # on the GPU and is compared with the same spec's step compiled for this CPU (last outputs and
@@ -65,15 +78,22 @@ BENCH=(
     "matmul_tf32|bench/cuda/matmul.ron|"
     "attention|bench/cuda/attention.ron|"
     "attention_tf32|bench/cuda/attention.ron|"
+    "matmul_tf32x3|bench/cuda/matmul.ron|"
+    "attention_tf32x3|bench/cuda/attention.ron|"
     "minilm_b1|models/bert_encoder.ron|--set batch=1"
     "minilm_b8|models/bert_encoder.ron|--set batch=8"
     "minilm_b64|models/bert_encoder.ron|--set batch=64"
     "minilm_b64_tf32|models/bert_encoder.ron|--set batch=64"
+    "minilm_b64_tf32x3|models/bert_encoder.ron|--set batch=64"
 )
 
-# `--precision tf32` for a name ending in _tf32 (CUDA packs only).
+# `--precision tf32` (or `tf32x3`) for a name ending in _tf32 (or _tf32x3; CUDA packs only).
 precision_of() {
-    if [[ "$1" == *_tf32 && "$PACK_TARGET" == cuda* ]]; then echo "--precision tf32"; fi
+    if [[ "$PACK_TARGET" != cuda* ]]; then return; fi
+    case "$1" in
+        *_tf32) echo "--precision tf32" ;;
+        *_tf32x3) echo "--precision tf32x3" ;;
+    esac
 }
 
 pack() {
@@ -85,7 +105,7 @@ pack() {
     KILN_PTXAS="$(scripts/fetch_ptxas.sh)"
     export KILN_PTXAS
     rm -rf "$dir"
-    mkdir -p "$dir/bin" "$dir/conformance" "$dir/conformance_tf32" "$dir/bench"
+    mkdir -p "$dir/bin" "$dir/conformance" "$dir/conformance_tf32" "$dir/conformance_tf32x3" "$dir/bench"
     cp "$TARGET_DIR/release/examples/check_pack" "$dir/bin/"
     cp bench/cuda/peers.py bench/cuda/report.py "$dir/"
     cp scripts/gpu_check.sh "$dir/"
@@ -134,15 +154,19 @@ EOF
     done
     rm -rf "$host_dir"
     if [[ "$PACK_TARGET" == cuda* ]]; then
-        for entry in "${CONFORMANCE_TF32[@]}"; do
-            IFS='|' read -r name spec set <<<"$entry"
-            art="$dir/conformance_tf32/$name.kiln"
-            say "conformance on tensor cores: $name ($spec $set)"
-            # shellcheck disable=SC2086
-            "$kiln" compile "$spec" $set --seed 0 --target "$PACK_TARGET" --precision tf32 -o "$art" >&2
-            # shellcheck disable=SC2086
-            "$kiln" eval "$spec" $set --seed 0 --save-inputs "$art/inputs.safetensors" \
-                -o "$art/expected.safetensors" >/dev/null
+        local precision entries
+        for precision in tf32 tf32x3; do
+            if [[ "$precision" == tf32 ]]; then entries=("${CONFORMANCE_TF32[@]}"); else entries=("${CONFORMANCE_TF32X3[@]}"); fi
+            for entry in "${entries[@]}"; do
+                IFS='|' read -r name spec set <<<"$entry"
+                art="$dir/conformance_$precision/$name.kiln"
+                say "conformance on tensor cores ($precision): $name ($spec $set)"
+                # shellcheck disable=SC2086
+                "$kiln" compile "$spec" $set --seed 0 --target "$PACK_TARGET" --precision "$precision" -o "$art" >&2
+                # shellcheck disable=SC2086
+                "$kiln" eval "$spec" $set --seed 0 --save-inputs "$art/inputs.safetensors" \
+                    -o "$art/expected.safetensors" >/dev/null
+            done
         done
     fi
     for entry in "${BENCH[@]}"; do
@@ -177,6 +201,11 @@ run_pack() {
         say "conformance on tensor cores (TF32, tolerance 1e-2)"
         "$dir/bin/check_pack" "$dir/conformance_tf32" --device "$DEVICE" --repeats 10 --tolerance 1e-2 \
             --json "$out/conformance_tf32.jsonl" | tee "$out/conformance_tf32.txt" || status=1
+    fi
+    if compgen -G "$dir/conformance_tf32x3/*.kiln" >/dev/null; then
+        say "conformance on tensor cores (TF32×3, f32's tolerance 1e-4)"
+        "$dir/bin/check_pack" "$dir/conformance_tf32x3" --device "$DEVICE" --repeats 10 \
+            --json "$out/conformance_tf32x3.jsonl" | tee "$out/conformance_tf32x3.txt" || status=1
     fi
     say "Kiln benchmarks"
     "$dir/bin/check_pack" "$dir/bench" --device "$DEVICE" --repeats 30 --json "$out/kiln_bench.jsonl" \

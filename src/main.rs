@@ -48,8 +48,9 @@ enum Command {
         /// `sm_86`, `sm_89`, `sm_90`). Default: `vulkan` for `gpu`, `cuda` for `nvvm` and `ptx`.
         #[arg(long)]
         target: Option<String>,
-        /// With a GPU stage: the precision of f32 products, `f32` or `tf32` (as `kiln compile`).
-        #[arg(long, value_name = "f32|tf32")]
+        /// With a GPU stage: the precision of f32 products, `f32`, `tf32` or `tf32x3` (as `kiln
+        /// compile`).
+        #[arg(long, value_name = "f32|tf32|tf32x3")]
         precision: Option<String>,
     },
     /// Run a model with the reference interpreter.
@@ -93,9 +94,11 @@ enum Command {
         /// which every newer GPU runs; a cubin too when `ptxas` is found).
         #[arg(long, default_value = "host")]
         target: String,
-        /// The precision of f32 matrix products: `f32` (default; every product in f32) or
-        /// `tf32` (CUDA: on tensor cores, operands rounded to TF32's 10 mantissa bits).
-        #[arg(long, value_name = "f32|tf32")]
+        /// The precision of f32 matrix products and attention: `f32` (default; every product
+        /// in f32), `tf32` (CUDA: on tensor cores, operands rounded to TF32's 10 mantissa bits)
+        /// or `tf32x3` (CUDA: on tensor cores, operands split into two TF32 parts, three
+        /// products each; close to f32 accuracy).
+        #[arg(long, value_name = "f32|tf32|tf32x3")]
         precision: Option<String>,
         /// Print each GPU kernel's plan (tiles, tensor cores or not, launch) and why.
         #[arg(long)]

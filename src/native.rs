@@ -6,7 +6,7 @@ use crate::commands::{
     write_outputs, Failure,
 };
 use kiln_codegen::gpu::ptxas::Ptxas;
-use kiln_codegen::gpu::{GpuCaps, NvvmTarget};
+use kiln_codegen::gpu::{GpuCaps, MmaPrecision, NvvmTarget};
 use kiln_codegen::{CpuTarget, Target};
 use kiln_ir::{Buffer, DType, Graph, Tensor};
 use kiln_runtime::{Model, Options, TensorRef, TensorSpec};
@@ -56,19 +56,26 @@ pub(crate) fn target_by_name(name: &str) -> Result<CompileTarget, Failure> {
     })
 }
 
-/// `target` with f32 products at `precision` (`f32`, the default, or `tf32`: tensor cores on
-/// CUDA, refused elsewhere).
+/// `target` with f32 products at `precision` (`f32`, the default; `tf32` or `tf32x3`: tensor
+/// cores on CUDA, refused elsewhere).
 pub(crate) fn with_precision(
     target: CompileTarget,
     precision: Option<&str>,
 ) -> Result<CompileTarget, Failure> {
     match (precision, target) {
         (None | Some("f32"), t) => Ok(t),
-        (Some("tf32"), CompileTarget::Cuda(caps)) => Ok(CompileTarget::Cuda(caps.with_tf32())),
-        (Some("tf32"), CompileTarget::Cpu(_) | CompileTarget::Vulkan(_)) => Err(Failure::Usage(
-            "--precision tf32 uses NVIDIA tensor cores: it needs --target cuda[:ARCH]".into(),
-        )),
-        (Some(other), _) => Err(Failure::Usage(format!("unknown precision `{other}` (known: f32, tf32)"))),
+        (Some(name @ ("tf32" | "tf32x3")), CompileTarget::Cuda(caps)) => {
+            let precision = if name == "tf32" { MmaPrecision::Tf32 } else { MmaPrecision::Tf32x3 };
+            Ok(CompileTarget::Cuda(caps.with_tensor_cores(precision)))
+        }
+        (Some(name @ ("tf32" | "tf32x3")), CompileTarget::Cpu(_) | CompileTarget::Vulkan(_)) => {
+            Err(Failure::Usage(format!(
+                "--precision {name} uses NVIDIA tensor cores: it needs --target cuda[:ARCH]"
+            )))
+        }
+        (Some(other), _) => {
+            Err(Failure::Usage(format!("unknown precision `{other}` (known: f32, tf32, tf32x3)")))
+        }
     }
 }
 
@@ -435,10 +442,13 @@ fn explain(target: &CompileTarget, built: &BuildReport) {
         }
         CompileTarget::Vulkan(_) => "f32 products: f32 FMAs (portable Vulkan has no tensor-core products)",
         CompileTarget::Cuda(caps) => match caps.tensor_cores {
-            Some(kiln_codegen::gpu::MmaPrecision::Tf32) => {
+            Some(MmaPrecision::Tf32) => {
                 "f32 products: on tensor cores, operands rounded to TF32 (10 mantissa bits), f32 accumulators: --precision tf32 asked for it; attention likewise (queries, keys, weights and values rounded to TF32) where its heads are multiples of 8 up to 128"
             }
-            None => "f32 products: f32 FMAs, f32 accuracy (--precision tf32 puts them and attention on tensor cores); f16 products: on tensor cores (TF32 holds f16 exactly)",
+            Some(MmaPrecision::Tf32x3) => {
+                "f32 products: on tensor cores, each operand split into a TF32 high and low part, three products (close to f32 accuracy), f32 accumulators: --precision tf32x3 asked for it; attention likewise where its heads are multiples of 8 up to 128"
+            }
+            None => "f32 products: f32 FMAs, f32 accuracy (--precision tf32 or tf32x3 puts them and attention on tensor cores); f16 products: on tensor cores (TF32 holds f16 exactly)",
         },
     };
     println!("{why}");

@@ -23,6 +23,9 @@ enum Device {
     Cuda,
     /// CUDA device 0 with f32 products on tensor cores (`--precision tf32`).
     CudaTf32,
+    /// CUDA device 0 with f32 products and attention on tensor cores, operands split in two
+    /// TF32 parts (`--precision tf32x3`).
+    CudaTf32x3,
 }
 
 /// Why the Vulkan half of the suite cannot run here, if it cannot.
@@ -63,7 +66,9 @@ fn available(device: Device, test: &str) -> bool {
     let missing = match device {
         Device::Cpu => None,
         Device::Vulkan => vulkan_missing().map(|r| format!("no Vulkan device ({r})")),
-        Device::Cuda | Device::CudaTf32 => cuda_arch().err().map(|r| format!("no CUDA device ({r})")),
+        Device::Cuda | Device::CudaTf32 | Device::CudaTf32x3 => {
+            cuda_arch().err().map(|r| format!("no CUDA device ({r})"))
+        }
     };
     match missing {
         None => true,
@@ -85,10 +90,14 @@ fn build_for(device: Device, g: &Graph, params: &HashMap<String, Tensor>, dir: &
         Device::Vulkan => {
             build_vulkan(g, params, dir);
         }
-        Device::Cuda | Device::CudaTf32 => {
+        Device::Cuda | Device::CudaTf32 | Device::CudaTf32x3 => {
             let arch = cuda_arch().unwrap_or_else(|e| panic!("{e}"));
             let (caps, _) = cuda_caps(arch);
-            let caps = if device == Device::CudaTf32 { caps.with_tf32() } else { caps };
+            let caps = match device {
+                Device::CudaTf32 => caps.with_tf32(),
+                Device::CudaTf32x3 => caps.with_tensor_cores(kiln_codegen::gpu::MmaPrecision::Tf32x3),
+                Device::Cpu | Device::Vulkan | Device::Cuda => caps,
+            };
             let s = kiln_sched::schedule_aligned(g, caps.buffer_align).expect("schedules");
             let ptxas = kiln_codegen::gpu::ptxas::Ptxas::find();
             kiln_codegen::build_cuda_artifact(&g.name, &s, params, &caps, ptxas.as_ref(), dir)
@@ -532,6 +541,27 @@ fn shipped_models_run_on_cuda_tensor_cores_within_tf32_tolerance() {
     }
 }
 
+/// With operands split in two TF32 parts (`--precision tf32x3`), products and attention on
+/// tensor cores keep f32's tolerance, 1e-4·(1 + |ref|), on every shipped model and op family.
+#[test]
+fn shipped_models_run_on_cuda_tf32x3_tensor_cores_within_f32_tolerance() {
+    if available(Device::CudaTf32x3, "shipped models on tensor cores with split operands") {
+        for model in [
+            "mlp.ron",
+            "bert_encoder.ron",
+            "seed_transformer.ron",
+            "resnet_block.ron",
+            "lstm.ron",
+            "gpt2.ron",
+        ] {
+            check_graph(&optimized(&shipped(model, &[])), 0, 1e-4, Device::CudaTf32x3);
+        }
+        for (name, inputs, body) in OP_CASES {
+            check_graph(&optimized(&op_case(name, inputs, body)), 2, 1e-4, Device::CudaTf32x3);
+        }
+    }
+}
+
 /// A random graph of elementwise ops, broadcasts, transposes and reductions over f32 inputs.
 fn random_graph(ops: &[(u8, u8, u8)]) -> Graph {
     let mut g = Graph::new("random");
@@ -837,14 +867,26 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
         let (name, inputs, body) = OP_CASES.iter().find(|(n, _, _)| *n == case).expect("a matmul case");
         graphs.push(op_case(name, inputs, body));
     }
-    let mut runs: Vec<(&Graph, kiln_codegen::gpu::GpuCaps, [u32; 2])> =
-        graphs.iter().map(|g| (g, caps.clone(), [64, 64])).collect();
+    // (graph, caps, tile, tolerance): TF32's stated 1e-2·(1 + |ref|); split in two TF32 parts
+    // (`tf32x3`), within f32's.
+    let mut runs: Vec<(&Graph, kiln_codegen::gpu::GpuCaps, [u32; 2], f64)> =
+        graphs.iter().map(|g| (g, caps.clone(), [64, 64], 1e-2)).collect();
     // The large GPUs' plan (128×128 tiles of 2×4 warps, 4×4 products each): with their
     // registers and a device too small for the 64×64 tiles to fill, as for the product of
     // `matmul_tiles` 512 × 512.
     let large = kiln_codegen::gpu::GpuCaps { registers: 255, parallel_units: 1, ..caps.clone() };
-    runs.push((&graphs[3], large, [128, 128]));
-    for (g, caps, tile) in runs {
+    runs.push((&graphs[3], large.clone(), [128, 128], 1e-2));
+    let x3 =
+        |c: &kiln_codegen::gpu::GpuCaps| c.clone().with_tensor_cores(kiln_codegen::gpu::MmaPrecision::Tf32x3);
+    // Split operands: a batched product with a transposed B and a bias, and a ragged one.
+    let split = op_case(
+        "matmul_split",
+        r#"{ "a3": (f32, [2, 128, 64]), "bt": (f32, [96, 64]), "c": (f32, [96]), "g": (f32, [3, 70]), "h": (f32, [70, 5]) }"#,
+        r#"Let("z", Add(MatMul("a3", Transpose("bt")), "c")),
+           Let("u", MatMul("g", "h")),"#,
+    );
+    runs.push((&split, x3(&caps), [64, 64], 1e-5));
+    for (g, caps, tile, tolerance) in runs {
         let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
         let inputs = kiln_ir::seeded_inputs(g, 0);
         let want =
@@ -865,9 +907,10 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
         for ((out, w), gv) in want.iter().zip(&got) {
             for (i, (a, b)) in w.to_f64_vec().iter().zip(gv).enumerate() {
                 assert!(
-                    (a - b).abs() <= 1e-2 * (1.0 + a.abs()),
-                    "{} `{out}`[{i}]: interpreter {a}, emulated tf32 {b}",
-                    g.name
+                    (a - b).abs() <= tolerance * (1.0 + a.abs()),
+                    "{} `{out}`[{i}]: interpreter {a}, emulated {:?} {b}",
+                    g.name,
+                    caps.tensor_cores
                 );
             }
         }
@@ -952,7 +995,16 @@ fn tensor_core_attention_bookkeeping_holds_on_vulkan_with_emulated_mma() {
         ),
     ];
     graphs.extend(attention_lse_graphs_with(8).into_iter().map(|(g, _)| (g, caps.clone(), 2, vec![])));
-    for (g, caps, stages, bindings) in &graphs {
+    // TF32's stated tolerance; then the same bookkeeping with operands split in two TF32 parts
+    // (`tf32x3`), within f32's.
+    let mut runs: Vec<_> =
+        graphs.iter().map(|(g, c, n, at)| (g.clone(), c.clone(), *n, at.clone(), 1e-2)).collect();
+    let x3 = caps.clone().with_tensor_cores(kiln_codegen::gpu::MmaPrecision::Tf32x3);
+    for (g, c, n, at) in [&graphs[0], &graphs[1], &graphs[8], &graphs[9]] {
+        let c = kiln_codegen::gpu::GpuCaps { tensor_cores: x3.tensor_cores, ..c.clone() };
+        runs.push((g.clone(), c, *n, at.clone(), 1e-5));
+    }
+    for (g, caps, stages, bindings, tolerance) in &runs {
         let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
         let s = kiln_sched::schedule_aligned(g, caps.buffer_align).unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -979,11 +1031,11 @@ fn tensor_core_attention_bookkeeping_holds_on_vulkan_with_emulated_mma() {
                 assert_eq!(wv.len(), gv.len(), "{} at {values:?}: `{out}` length", g.name);
                 for (i, (a, b)) in wv.iter().zip(gv).enumerate() {
                     let same =
-                        (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-2 * (1.0 + a.abs());
+                        (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= tolerance * (1.0 + a.abs());
                     assert!(
                         same,
-                        "{} at {values:?} `{out}`[{i}]: interpreter {a}, emulated tf32 {b}",
-                        g.name
+                        "{} at {values:?} `{out}`[{i}]: interpreter {a}, emulated {:?} {b}",
+                        g.name, caps.tensor_cores
                     );
                 }
             }
@@ -1272,10 +1324,25 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
     graphs.extend(scatter_graphs());
     graphs.extend(attention_lse_graphs().into_iter().map(|(g, _)| g));
     graphs.extend(attention_lse_graphs_with(8).into_iter().map(|(g, _)| g));
-    for (arch, tf32) in [("sm_80", false), ("sm_90", false), ("sm_80", true), ("sm_90", true)] {
+    let (tf32, tf32x3) = (kiln_codegen::gpu::MmaPrecision::Tf32, kiln_codegen::gpu::MmaPrecision::Tf32x3);
+    for (arch, precision) in [
+        ("sm_80", None),
+        ("sm_90", None),
+        ("sm_80", Some(tf32)),
+        ("sm_90", Some(tf32)),
+        ("sm_80", Some(tf32x3)),
+        ("sm_90", Some(tf32x3)),
+    ] {
         let (caps, target) = cuda_caps(arch);
-        let caps = if tf32 { caps.with_tf32() } else { caps };
-        let arch_label = if tf32 { format!("{arch} with tf32 tensor cores") } else { arch.to_string() };
+        let caps = match precision {
+            Some(p) => caps.with_tensor_cores(p),
+            None => caps,
+        };
+        let arch_label = match precision {
+            Some(p) => format!("{arch} with {} tensor cores", p.name()),
+            None => arch.to_string(),
+        };
+        let tf32 = precision.is_some();
         let (mut kernels, mut spilling) = (0, Vec::new());
         for g in &graphs {
             let s = kiln_sched::schedule_aligned(g, caps.buffer_align).expect("schedules");
@@ -1422,6 +1489,41 @@ fn cli_compiles_and_inspects_for_cuda() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr)
         .contains("--precision tf32 uses NVIDIA tensor cores: it needs --target cuda[:ARCH]"));
+    // Operands split in two TF32 parts, attention included, likewise.
+    let x3 = dir.path().join("attention-tf32x3.kiln");
+    let out = kiln(&[
+        "compile",
+        "bench/cuda/attention.ron",
+        "--set",
+        "seq=64",
+        "--target",
+        "cuda:sm_90",
+        "--precision",
+        "tf32x3",
+        "--explain",
+        "-o",
+        x3.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("each operand split into a TF32 high and low part, three products"), "{said}");
+    assert!(
+        said.contains("  k0: attention on tensor cores: 48 × 64 queries × 64 keys (d 64, dv 64), 4 warps of 16 queries per workgroup")
+            && said.contains("mma.sync m16n8k8 on f32 operands split into two tf32 parts (3 products each)"),
+        "{said}"
+    );
+    let manifest =
+        kiln_runtime::Manifest::from_ron(&std::fs::read_to_string(x3.join("manifest.ron")).unwrap()).unwrap();
+    let kiln_runtime::Target::Cuda(t) = &manifest.target else { panic!("{:?}", manifest.target) };
+    assert_eq!(t.precision, "tf32x3");
+    let bad = kiln(&["compile", "models/mlp.ron", "--precision", "tf32x3", "-o", art.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr)
+        .contains("--precision tf32x3 uses NVIDIA tensor cores: it needs --target cuda[:ARCH]"));
+    let bad = kiln(&["compile", "models/mlp.ron", "--precision", "bf16", "-o", art.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("unknown precision `bf16` (known: f32, tf32, tf32x3)")
+    );
 
     let bad = kiln(&["inspect", "models/mlp.ron", "--stage", "spirv", "--target", "cuda"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("`--stage spirv` is the Vulkan target's"));
@@ -2576,7 +2678,7 @@ fn trains_like_the_interpreter(device: Device) {
         Device::Cuda => {
             (format!("cuda:{}", cuda_arch().expect("checked by available")), Some("cuda".to_string()))
         }
-        Device::CudaTf32 => panic!("training artifacts are checked in f32"),
+        Device::CudaTf32 | Device::CudaTf32x3 => panic!("training artifacts are checked in f32"),
     };
     for (optimizer, dropout) in
         [("Adam(lr: 0.01)", false), ("Sgd(lr: 0.1, momentum: 0.9)", false), ("Adam(lr: 0.01)", true)]

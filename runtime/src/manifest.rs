@@ -250,9 +250,10 @@ pub struct CudaTarget {
     /// Where each module's cubin lies in [`CUBIN_FILE`], in the order of
     /// [`Manifest::modules`]; empty when the artifact holds PTX only.
     pub cubins: Vec<ModuleRange>,
-    /// The precision of f32 matrix products: `"f32"` (every product in f32) or `"tf32"` (on
-    /// tensor cores with operands rounded to TF32). Informational: the kernels are what they
-    /// are; this says what was chosen.
+    /// The precision of f32 matrix products and attention: `"f32"` (every product in f32),
+    /// `"tf32"` (on tensor cores with operands rounded to TF32) or `"tf32x3"` (on tensor cores
+    /// with operands split into two TF32 parts, three products each). Informational: the
+    /// kernels are what they are; this says what was chosen.
     pub precision: String,
 }
 

@@ -208,11 +208,12 @@ pub fn emit_run(
             simt(&mut b, &ops, block_q as usize, block_k as usize, cx);
             block_q as usize
         }
-        Work::AttentionTensorCores { warps, block_k, stages, .. } => {
+        Work::AttentionTensorCores { warps, block_k, stages, precision, .. } => {
             let shape = super::attention_mma::Shape {
                 warps: warps as usize,
                 block_k: block_k as usize,
                 stages: stages as usize,
+                precision,
             };
             super::attention_mma::body(&mut b, &ops, shape, cx);
             16 * warps as usize

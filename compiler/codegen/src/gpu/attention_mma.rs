@@ -13,10 +13,10 @@
 //! shared memory, so the same bookkeeping runs, and is checked, on any Vulkan device.
 
 use super::attention::Operands;
-use super::mma::{mma, Lanes, A_FRAGMENT, B_FRAGMENT, C_FRAGMENT, MMA_K, MMA_M, MMA_N};
-use super::plan::attention_layouts;
+use super::mma::{mma_parts, Lanes, Part, Parts, A_FRAGMENT, B_FRAGMENT, C_FRAGMENT, MMA_K, MMA_M, MMA_N};
+use super::plan::{attention_layouts, MmaPrecision};
 use super::skeleton::{clamp, offset_at, plus, shared, shared_type, SharedArray};
-use super::tiles::{OperandTile, Rounding};
+use super::tiles::OperandTile;
 use super::{GpuCtx, GpuFlavor};
 use crate::kernels::elementwise::{load, store};
 use crate::mlir_text::Body;
@@ -30,6 +30,8 @@ pub(crate) struct Shape {
     /// Shared-memory stages of the key and value tiles (2: the next tile is read from memory
     /// while the current one is used).
     pub stages: usize,
+    /// The products' operand precision.
+    pub precision: MmaPrecision,
 }
 
 /// How a quad's four partial results combine.
@@ -41,14 +43,15 @@ enum Combine {
 
 /// The kernel body (operands as [`Operands`] describes; f32 registers).
 pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
-    let Shape { warps, block_k: bk, stages } = shape;
+    let Shape { warps, block_k: bk, stages, precision } = shape;
     let ty = "f32";
     let (q, k) = (o.q, o.k);
     let r = q.rank();
     let (sq, d) = (q.shape[r - 2], q.shape[r - 1]);
     let (sk, dv) = (k.shape[r - 2], o.v.map_or(0, |v| v.shape[r - 1]));
     let nvvm = cx.caps.flavor() == GpuFlavor::Nvvm;
-    let round = if nvvm { Rounding::Tf32Nvvm } else { Rounding::Tf32Bits };
+    let ops = Parts::new(precision, cx.caps.flavor());
+    let round = ops.on_entry();
     let lay = attention_layouts(d, dv, bk, warps);
     let inv = 32 * warps;
 
@@ -79,7 +82,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let rows_c = [clamp(b, &rows[0], sq), clamp(b, &rows[1], sq)];
 
     // The warp's queries as A fragments, one per 8 columns of the head.
-    let q_frags: Vec<Vec<String>> = (0..d / MMA_K)
+    let q_frags: Vec<Vec<Part>> = (0..d / MMA_K)
         .map(|kk| {
             A_FRAGMENT
                 .iter()
@@ -92,8 +95,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
                     );
                     let at = b.assign(format!("arith.addi {}, {at} : index", o.q_base));
                     let x = load(b, "%a0", q, &at);
-                    let x = round.apply(b, &x);
-                    b.assign(format!("arith.bitcast {x} : f32 to i32"))
+                    ops.fresh(b, &x)
                 })
                 .collect()
         })
@@ -130,9 +132,9 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     if stages == 2 {
         let fk = tile_k.fetch(b, &lin, (&c0, &c0), &zero, ty);
         let fv = tile_v.as_ref().map(|t| t.fetch(b, &lin, (&c0, &c0), &zero, ty));
-        tile_k.deposit(b, &fk, &mem_k, &c0, Some(round), ty);
+        tile_k.deposit(b, &fk, &mem_k, &c0, round, ty);
         if let (Some(t), Some(fv)) = (&tile_v, &fv) {
-            t.deposit(b, fv, &mem_v, &c0, Some(round), ty);
+            t.deposit(b, fv, &mem_v, &c0, round, ty);
         }
         b.line("gpu.barrier");
     }
@@ -173,16 +175,16 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     } else {
         let fk = tile_k.fetch(b, &lin, ("%fk", &c0), &zero, ty);
         let fv = tile_v.as_ref().map(|t| t.fetch(b, &lin, ("%fk", &c0), &zero, ty));
-        tile_k.deposit(b, &fk, &mem_k, &c0, Some(round), ty);
+        tile_k.deposit(b, &fk, &mem_k, &c0, round, ty);
         if let (Some(t), Some(fv)) = (&tile_v, &fv) {
-            t.deposit(b, fv, &mem_v, &c0, Some(round), ty);
+            t.deposit(b, fv, &mem_v, &c0, round, ty);
         }
         b.line("gpu.barrier");
         (c0.clone(), c0.clone(), None)
     };
     let bits = |b: &mut Body, name: &str, mem_ty: &str, at: &str| {
         let x = b.assign(format!("memref.load {name}[{at}] : {mem_ty}"));
-        b.assign(format!("arith.bitcast {x} : f32 to i32"))
+        ops.stored(b, &x)
     };
 
     // Scores: key `n` of the tile is column `n` of the B operand, its element `e` row `e`.
@@ -192,14 +194,14 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     for nb in 0..bk / MMA_N {
         let mut c = vec![zero.clone(); C_FRAGMENT.len()];
         for (kk, af) in q_frags.iter().enumerate() {
-            let bf: Vec<String> = B_FRAGMENT
+            let bf: Vec<Part> = B_FRAGMENT
                 .iter()
                 .map(|&(dr, dc)| {
                     let at = plus(b, &k_lane, (nb * MMA_N + dc) * lay.keys.row + kk * MMA_K + dr);
                     bits(b, &sh_k, &sk_ty, &at)
                 })
                 .collect();
-            c = mma(b, &l, af, &bf, &c);
+            c = mma_parts(b, &l, af, &bf, &c);
         }
         scores.push(c);
     }
@@ -283,7 +285,10 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         for (nb, w) in weights.iter().enumerate() {
             for (e, p) in w.iter().enumerate() {
                 let (dr, dc) = C_FRAGMENT[e];
-                let p = round.apply(b, p);
+                let p = match round {
+                    Some(r) => r.apply(b, p),
+                    None => p.clone(),
+                };
                 let at = plus(b, &w_write, dr * wr + nb * MMA_N + dc);
                 b.line(format!("memref.store {p}, {sh_w}[{at}] : {sw_ty}"));
             }
@@ -294,7 +299,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         let v_lane = offset_at(b, 0, &[(Some(&l.in_group), lay.values.row), (Some(&l.group), 1)]);
         let v_lane = b.assign(format!("arith.addi {cur_v}, {v_lane} : index"));
         for kk in 0..bk / MMA_K {
-            let af: Vec<String> = A_FRAGMENT
+            let af: Vec<Part> = A_FRAGMENT
                 .iter()
                 .map(|&(dr, dc)| {
                     let at = plus(b, &w_read, dr * wr + kk * MMA_K + dc);
@@ -302,7 +307,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
                 })
                 .collect();
             for nb in 0..dv / MMA_N {
-                let bf: Vec<String> = B_FRAGMENT
+                let bf: Vec<Part> = B_FRAGMENT
                     .iter()
                     .map(|&(dr, dc)| {
                         let at = plus(b, &v_lane, (kk * MMA_K + dr) * lay.values.row + nb * MMA_N + dc);
@@ -310,16 +315,16 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
                     })
                     .collect();
                 let base = nb * C_FRAGMENT.len();
-                let d = mma(b, &l, &af, &bf, &outs[base..base + C_FRAGMENT.len()]);
+                let d = mma_parts(b, &l, &af, &bf, &outs[base..base + C_FRAGMENT.len()]);
                 outs[base..base + C_FRAGMENT.len()].clone_from_slice(&d);
             }
         }
     }
     match next {
         Some((fk, fv, nxt_k, nxt_v)) => {
-            tile_k.deposit(b, &fk, &mem_k, &nxt_k, Some(round), ty);
+            tile_k.deposit(b, &fk, &mem_k, &nxt_k, round, ty);
             if let (Some(t), Some(fv)) = (&tile_v, &fv) {
-                t.deposit(b, fv, &mem_v, &nxt_v, Some(round), ty);
+                t.deposit(b, fv, &mem_v, &nxt_v, round, ty);
             }
             b.line("gpu.barrier");
         }

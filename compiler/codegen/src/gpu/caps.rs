@@ -198,9 +198,15 @@ impl GpuCaps {
 
     /// These caps with f32 products on tensor cores at TF32 precision, where the target has
     /// them (NVIDIA sm_80 and later); unchanged elsewhere.
-    pub fn with_tf32(mut self) -> GpuCaps {
-        if self.mma == Some(super::plan::MmaPrecision::Tf32) {
-            self.tensor_cores = Some(super::plan::MmaPrecision::Tf32);
+    pub fn with_tf32(self) -> GpuCaps {
+        self.with_tensor_cores(super::plan::MmaPrecision::Tf32)
+    }
+
+    /// These caps with f32 products (and attention) on tensor cores at `precision`, where the
+    /// target's tensor cores run it; unchanged elsewhere.
+    pub fn with_tensor_cores(mut self, precision: super::plan::MmaPrecision) -> GpuCaps {
+        if self.mma.is_some_and(|hw| precision.runs_on(hw)) {
+            self.tensor_cores = Some(precision);
         }
         self
     }

@@ -10,11 +10,12 @@
 //! sizes are multiples of the tile, no bounds are checked at all.
 
 use super::mma::{
-    mma, tensor_core_precision, Lanes, A_FRAGMENT, B_FRAGMENT, C_FRAGMENT, MMA_K, MMA_M, MMA_N,
+    mma_parts, tensor_core_precision, Lanes, Part, Parts, A_FRAGMENT, B_FRAGMENT, C_FRAGMENT, MMA_K, MMA_M,
+    MMA_N,
 };
-use super::plan::{matmul_layouts, GpuPlan, SharedLayout, Work};
+use super::plan::{matmul_layouts, GpuPlan, MmaPrecision, SharedLayout, Work};
 use super::skeleton::{module, offset_at, plus, shared, shared_type, unravel, SharedArray};
-use super::tiles::{aligned_by_4, OperandTile, Rounding};
+use super::tiles::{aligned_by_4, OperandTile};
 use super::{ceil_div, GpuCtx, GpuFlavor, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
 use crate::kernels::matmul::activate;
@@ -45,7 +46,7 @@ pub fn emit(
     let batch: usize = batch_shape.iter().product();
     let reg_bytes = if ty == "f64" { 8 } else { 4 };
     // Tensor cores when the operands fit their precision exactly (f16 in TF32), or the user
-    // allowed rounding f32 operands to it (`--precision tf32`).
+    // allowed rounding f32 operands to it (`--precision tf32`, or splitting them: `tf32x3`).
     let exact = [a.dtype, bv.dtype].iter().all(|d| matches!(d, DType::F16));
     let allowed = tensor_core_precision(exact, ty, cx.caps);
     let tensor_cores = match allowed {
@@ -62,10 +63,10 @@ pub fn emit(
             let (rm, rn, v) = (thread[0] as usize, thread[1] as usize, vector as usize);
             (tile, Inner::Simt { rm, rn, wx, wy, vec: v }, stages as usize)
         }
-        Work::MatmulTensorCores { tile, warps, stages, .. } => {
+        Work::MatmulTensorCores { tile, warps, stages, precision, .. } => {
             let (wm, wn) = (warps[0] as usize, warps[1] as usize);
             let sub = [tile[0] as usize / wm / MMA_M, tile[1] as usize / wn / MMA_N];
-            (tile, Inner::Tf32 { warps: [wm, wn], sub }, stages as usize)
+            (tile, Inner::Tf32 { warps: [wm, wn], sub, precision }, stages as usize)
         }
         Work::Elements { .. }
         | Work::Columns { .. }
@@ -120,9 +121,11 @@ pub fn emit(
             let my_col = b.assign(format!("arith.muli {tx}, {vc} : index"));
             Step::Simt { rm, rn, wx, wy, vec, my_row, my_col }
         }
-        Inner::Tf32 { warps, sub } => {
-            Step::Tf32 { sub, lanes: Box::new(Lanes::new(&mut b, &lin, warps, sub)) }
-        }
+        Inner::Tf32 { warps, sub, precision } => Step::Tf32 {
+            sub,
+            lanes: Box::new(Lanes::new(&mut b, &lin, warps, sub)),
+            parts: Parts::new(precision, cx.caps.flavor()),
+        },
     };
     // In row form, the run's rows (m is their maximum).
     let run_m = match cx.run {
@@ -132,8 +135,12 @@ pub fn emit(
     let tile_a = OperandTile::new(&b, a, "%a0", a_base, (tm, tk), (m, k), la, inv, vectors)
         .with_run_rows(run_m.clone());
     let tile_b = OperandTile::new(&b, bv, "%a1", b_base, (tk, tn), (k, n), lb, inv, vectors);
-    // TF32 operands are rounded once, as they enter shared memory.
-    let round = if tensor { Some(if nvvm { Rounding::Tf32Nvvm } else { Rounding::Tf32Bits }) } else { None };
+    // TF32 operands are rounded once, as they enter shared memory (TF32×3 ones split as they
+    // are read from it).
+    let round = match &inner {
+        Step::Tf32 { parts, .. } => parts.on_entry(),
+        Step::Simt { .. } => None,
+    };
     let mem_a = SharedArray { name: &sh_a, ty: &sa, vectors };
     let mem_b = SharedArray { name: &sh_b, ty: &sb, vectors };
     // The accumulators are loop-carried values (registers on every device), not an array.
@@ -292,15 +299,15 @@ enum Inner {
     /// FMAs, in runs of `vec` adjacent rows and columns.
     Simt { rm: usize, rn: usize, wx: usize, wy: usize, vec: usize },
     /// Each warp of `warps[0] × warps[1]` computes `sub[0] × sub[1]` `m16n8k8` products on
-    /// tensor cores with TF32 operands.
-    Tf32 { warps: [usize; 2], sub: [usize; 2] },
+    /// tensor cores with TF32 operands (split in two at TF32×3).
+    Tf32 { warps: [usize; 2], sub: [usize; 2], precision: MmaPrecision },
 }
 
 /// [`Inner`] once the kernel's body exists: the SIMT form knows where its runs start, the
 /// tensor-core form its lanes.
 enum Step {
     Simt { rm: usize, rn: usize, wx: usize, wy: usize, vec: usize, my_row: String, my_col: String },
-    Tf32 { sub: [usize; 2], lanes: Box<Lanes> },
+    Tf32 { sub: [usize; 2], lanes: Box<Lanes>, parts: Parts },
 }
 
 impl Step {
@@ -323,7 +330,7 @@ impl Step {
                 let col = plus(b, my_col, (j / vec) * vec * wx + j % vec);
                 (row, col)
             }
-            Step::Tf32 { sub, lanes: l } => {
+            Step::Tf32 { sub, lanes: l, .. } => {
                 let per = C_FRAGMENT.len();
                 let (tile, e) = (acc / per, acc % per);
                 let (i, j) = (tile / sub[1], tile % sub[1]);
@@ -350,7 +357,7 @@ impl Step {
                 let st = SimtStep { rm: *rm, rn: *rn, wx: *wx, wy: *wy, vec: *vec, tk };
                 simt_step(b, &st, (my_row, my_col), a, bb, ty)
             }
-            Step::Tf32 { sub, lanes } => mma_step(b, lanes, *sub, tk, a, bb),
+            Step::Tf32 { sub, lanes, parts } => mma_step(b, lanes, *parts, *sub, tk, a, bb),
         }
     }
 }
@@ -410,6 +417,7 @@ fn simt_step(
 fn mma_step(
     b: &mut Body,
     l: &Lanes,
+    ops: Parts,
     sub: [usize; 2],
     tk: usize,
     (ma, sa, la): (&SharedArray, &str, SharedLayout),
@@ -419,7 +427,7 @@ fn mma_step(
     let mut acc: Vec<String> = (0..sub[0] * sub[1] * per).map(|i| format!("%o{i}")).collect();
     let bits = |b: &mut Body, mem: &SharedArray, at: &str| {
         let x = b.assign(format!("memref.load {}[{at}] : {}", mem.name, mem.ty));
-        b.assign(format!("arith.bitcast {x} : f32 to i32"))
+        ops.stored(b, &x)
     };
     // A fragment (row, col) of the warp's block at `a_lane + row·la.row + col`.
     let a_lane = {
@@ -433,7 +441,7 @@ fn mma_step(
         b.assign(format!("arith.addi {sb}, {at} : index"))
     };
     for kk in (0..tk).step_by(MMA_K) {
-        let a_frags: Vec<Vec<String>> = (0..sub[0])
+        let a_frags: Vec<Vec<Part>> = (0..sub[0])
             .map(|i| {
                 A_FRAGMENT
                     .iter()
@@ -444,7 +452,7 @@ fn mma_step(
                     .collect()
             })
             .collect();
-        let b_frags: Vec<Vec<String>> = (0..sub[1])
+        let b_frags: Vec<Vec<Part>> = (0..sub[1])
             .map(|j| {
                 B_FRAGMENT
                     .iter()
@@ -458,7 +466,7 @@ fn mma_step(
         for (i, af) in a_frags.iter().enumerate() {
             for (j, bf) in b_frags.iter().enumerate() {
                 let base = (i * sub[1] + j) * per;
-                let d = mma(b, l, af, bf, &acc[base..base + per]);
+                let d = mma_parts(b, l, af, bf, &acc[base..base + per]);
                 acc[base..base + per].clone_from_slice(&d);
             }
         }

@@ -6,6 +6,7 @@
 
 use super::plan::MmaPrecision;
 use super::skeleton::{shared, shared_type};
+use super::tiles::Rounding;
 use super::{GpuCaps, GpuFlavor};
 use crate::mlir_text::Body;
 
@@ -18,10 +19,89 @@ pub(crate) const MMA_K: usize = 8;
 /// operands fit it exactly (`exact`: f16 in TF32), or the user allowed rounding f32 to it.
 pub(crate) fn tensor_core_precision(exact: bool, ty: &str, caps: &GpuCaps) -> Option<MmaPrecision> {
     match (caps.mma, caps.tensor_cores) {
-        (Some(hw), Some(asked)) if hw == asked && ty == "f32" => Some(hw),
+        (Some(hw), Some(asked)) if asked.runs_on(hw) && ty == "f32" => Some(asked),
         (Some(hw), _) if exact => Some(hw),
         _ => None,
     }
+}
+
+/// One operand element of a product as the tensor cores take it: TF32 bits (`i32`), and at
+/// [`MmaPrecision::Tf32x3`] the low part's bits too.
+#[derive(Clone)]
+pub(crate) struct Part {
+    pub hi: String,
+    pub lo: Option<String>,
+}
+
+/// How a kernel turns f32 values into [`Part`]s: at TF32 its shared tiles already hold rounded
+/// values (rounded once as they enter), so a read is a bit cast; at TF32×3 they hold f32 values,
+/// split as they are read.
+#[derive(Clone, Copy)]
+pub(crate) struct Parts {
+    pub precision: MmaPrecision,
+    pub rounding: Rounding,
+}
+
+impl Parts {
+    pub fn new(precision: MmaPrecision, flavor: GpuFlavor) -> Parts {
+        let rounding = match flavor {
+            GpuFlavor::Nvvm => Rounding::Tf32Nvvm,
+            GpuFlavor::Spirv => Rounding::Tf32Bits,
+        };
+        Parts { precision, rounding }
+    }
+
+    /// The rounding a value gets as it enters shared memory: TF32's, or none at TF32×3.
+    pub fn on_entry(&self) -> Option<Rounding> {
+        match self.precision {
+            MmaPrecision::Tf32 => Some(self.rounding),
+            MmaPrecision::Tf32x3 => None,
+        }
+    }
+
+    /// A value as it was stored in shared memory ([`Parts::on_entry`]).
+    pub fn stored(&self, b: &mut Body, x: &str) -> Part {
+        match self.precision {
+            MmaPrecision::Tf32 => Part { hi: b.assign(format!("arith.bitcast {x} : f32 to i32")), lo: None },
+            MmaPrecision::Tf32x3 => self.split(b, x),
+        }
+    }
+
+    /// An f32 value straight from memory: rounded, or split.
+    pub fn fresh(&self, b: &mut Body, x: &str) -> Part {
+        match self.precision {
+            MmaPrecision::Tf32 => {
+                let r = self.rounding.apply(b, x);
+                Part { hi: b.assign(format!("arith.bitcast {r} : f32 to i32")), lo: None }
+            }
+            MmaPrecision::Tf32x3 => self.split(b, x),
+        }
+    }
+
+    /// `hi = tf32(x)`, `lo = tf32(x − hi)` (the difference is exact in f32).
+    fn split(&self, b: &mut Body, x: &str) -> Part {
+        let hi = self.rounding.apply(b, x);
+        let rest = b.fsub(x, &hi, "f32");
+        let lo = self.rounding.apply(b, &rest);
+        Part {
+            hi: b.assign(format!("arith.bitcast {hi} : f32 to i32")),
+            lo: Some(b.assign(format!("arith.bitcast {lo} : f32 to i32"))),
+        }
+    }
+}
+
+/// `d = a·b + c` for one `m16n8k8` product of the warp from operand [`Part`]s: one tensor-core
+/// product, or at TF32×3 three (the small terms first, so they are not lost to the large).
+pub(crate) fn mma_parts(b: &mut Body, l: &Lanes, a: &[Part], bf: &[Part], c: &[String]) -> Vec<String> {
+    let his = |p: &[Part]| p.iter().map(|x| x.hi.clone()).collect::<Vec<_>>();
+    let los = |p: &[Part]| p.iter().map(|x| x.lo.clone()).collect::<Option<Vec<_>>>();
+    let (a_hi, b_hi) = (his(a), his(bf));
+    let mut acc = c.to_vec();
+    if let (Some(a_lo), Some(b_lo)) = (los(a), los(bf)) {
+        acc = mma(b, l, &a_lo, &b_hi, &acc);
+        acc = mma(b, l, &a_hi, &b_lo, &acc);
+    }
+    mma(b, l, &a_hi, &b_hi, &acc)
 }
 
 /// Where the fragments of `mma.sync.m16n8k8` with TF32 operands lie (PTX ISA, "Matrix

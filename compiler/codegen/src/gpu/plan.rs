@@ -93,12 +93,42 @@ pub enum Work {
 pub enum MmaPrecision {
     /// f32 operands rounded to TF32 (10 mantissa bits, f32's range): `m16n8k8`.
     Tf32,
+    /// f32 operands split into a TF32 high part and a TF32 low part (what the high part left,
+    /// rounded), multiplied as three TF32 products (low·high, high·low, high·high; the
+    /// low·low term is below f32's rounding): close to f32 accuracy on TF32 tensor cores.
+    Tf32x3,
 }
 
 impl MmaPrecision {
+    /// As `--precision` and manifests spell it.
     pub fn name(self) -> &'static str {
         match self {
             MmaPrecision::Tf32 => "tf32",
+            MmaPrecision::Tf32x3 => "tf32x3",
+        }
+    }
+
+    /// Whether a target whose tensor cores take `hardware` operands runs products at this
+    /// precision.
+    pub fn runs_on(self, hardware: MmaPrecision) -> bool {
+        match self {
+            MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => hardware == MmaPrecision::Tf32,
+        }
+    }
+
+    /// Registers one operand element takes (its parts).
+    pub fn parts(self) -> usize {
+        match self {
+            MmaPrecision::Tf32 => 1,
+            MmaPrecision::Tf32x3 => 2,
+        }
+    }
+
+    /// How the plans describe the operands.
+    fn operands(self) -> &'static str {
+        match self {
+            MmaPrecision::Tf32 => "tf32 operands",
+            MmaPrecision::Tf32x3 => "f32 operands split into two tf32 parts (3 products each)",
         }
     }
 }
@@ -265,11 +295,11 @@ impl GpuPlan {
         precision: MmaPrecision,
         caps: &GpuCaps,
     ) -> Result<Option<GpuPlan>, CodegenError> {
-        if caps.mma != Some(precision) || caps.subgroup_size != Some(32) {
+        if !caps.mma.is_some_and(|hw| precision.runs_on(hw)) || caps.subgroup_size != Some(32) {
             return Ok(None);
         }
         let shape = match precision {
-            MmaPrecision::Tf32 => [16u32, 8, 8],
+            MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => [16u32, 8, 8],
         };
         let candidates: [([u32; 3], [u32; 2]); 2] = [([128, 128, 16], [2, 4]), ([64, 64, 16], [2, 2])];
         let mut best: Option<(usize, GpuPlan)> = None;
@@ -365,11 +395,11 @@ impl GpuPlan {
         precision: MmaPrecision,
         caps: &GpuCaps,
     ) -> Result<Option<GpuPlan>, CodegenError> {
-        if caps.mma != Some(precision) || caps.subgroup_size != Some(32) {
+        if !caps.mma.is_some_and(|hw| precision.runs_on(hw)) || caps.subgroup_size != Some(32) {
             return Ok(None);
         }
         let shape = match precision {
-            MmaPrecision::Tf32 => [16u32, 8, 8],
+            MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => [16u32, 8, 8],
         };
         let k = shape[2] as usize;
         if d == 0
@@ -386,8 +416,9 @@ impl GpuPlan {
         }
         for (block_k, stages) in [(32u32, 2u32), (32, 1), (16, 2), (16, 1), (8, 1)] {
             let layout = attention_layouts(d, dv, block_k as usize, warps as usize);
-            // Per lane: the query fragments, the output accumulators and the tile's scores.
-            if (d + dv + block_k as usize) / 2 > caps.registers as usize {
+            // Per lane: the query fragments (in parts), the output accumulators and the tile's
+            // scores.
+            if (d * precision.parts() + dv + block_k as usize) / 2 > caps.registers as usize {
                 continue;
             }
             let scratch = match caps.lowering {
@@ -446,15 +477,15 @@ impl GpuPlan {
                 tile[0], tile[1], tile[2], thread[0], thread[1]
             ),
             Work::MatmulTensorCores { batch, m, n, k, tile, warps, shape, precision, stages } => format!(
-                "matmul on tensor cores: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory ({stages} stages), {}×{} warps, mma.sync m{}n{}k{} on {} operands, f32 accumulators",
-                tile[0], tile[1], tile[2], warps[0], warps[1], shape[0], shape[1], shape[2], precision.name()
+                "matmul on tensor cores: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory ({stages} stages), {}×{} warps, mma.sync m{}n{}k{} on {}, f32 accumulators",
+                tile[0], tile[1], tile[2], warps[0], warps[1], shape[0], shape[1], shape[2], precision.operands()
             ),
             Work::Attention { batch, sq, sk, d, dv, block_q, block_k } => format!(
                 "attention: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {block_q} queries per workgroup, key tiles of {block_k} in shared memory, online softmax"
             ),
             Work::AttentionTensorCores { batch, sq, sk, d, dv, warps, block_k, shape, precision, stages } => format!(
-                "attention on tensor cores: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {warps} warps of 16 queries per workgroup, key tiles of {block_k} in shared memory ({stages} stages), mma.sync m{}n{}k{} on {} operands, f32 accumulators, online softmax",
-                shape[0], shape[1], shape[2], precision.name()
+                "attention on tensor cores: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {warps} warps of 16 queries per workgroup, key tiles of {block_k} in shared memory ({stages} stages), mma.sync m{}n{}k{} on {}, f32 accumulators, online softmax",
+                shape[0], shape[1], shape[2], precision.operands()
             ),
         };
         let [gx, gy, gz] = self.launch.grid;
