@@ -283,6 +283,19 @@ pub(crate) struct Operands<'a> {
     pub ty: &'static str,
 }
 
+/// How far along the keys workgroup `bx` of `block_q` queries walks: the run's keys, and with
+/// causal attention no further than its last query (the keys past it are hidden from every
+/// query of the workgroup, so their tiles would add nothing).
+pub(crate) fn keys_to_visit(b: &mut Body, o: &Operands, bx: &str, block_q: usize) -> String {
+    if !o.causal {
+        return o.sk_run.clone();
+    }
+    let (c1, bqc) = (b.index(1), b.index(block_q));
+    let next = b.assign(format!("arith.addi {bx}, {c1} : index"));
+    let end = b.assign(format!("arith.muli {next}, {bqc} : index"));
+    b.assign(format!("arith.minui {end}, {} : index", o.sk_run))
+}
+
 /// The plan's body with one query per invocation: `bq` queries per workgroup, key tiles of
 /// `bk`.
 fn simt(b: &mut Body, o: &Operands, bq: usize, bk: usize, cx: &GpuCtx) {
@@ -365,8 +378,9 @@ fn simt(b: &mut Body, o: &Operands, bq: usize, bk: usize, cx: &GpuCtx) {
     };
     let skc = sk_run.clone();
     let bkc = b.index(bk);
+    let kend = keys_to_visit(b, o, &bx, bq);
     b.open(format!(
-        "%ml:2 = scf.for %kt = {c0} to {skc} step {bkc} iter_args(%m = {neg_inf}, %l = {zero}) -> ({ty}, {ty})"
+        "%ml:2 = scf.for %kt = {c0} to {kend} step {bkc} iter_args(%m = {neg_inf}, %l = {zero}) -> ({ty}, {ty})"
     ));
     // The workgroup loads the tile's keys and values (zeros past the end): every read first,
     // then every store, so the reads overlap.

@@ -12,7 +12,7 @@
 //! On SPIR-V the products are emulated per warp ([`super::mma`]) and the shuffles go through
 //! shared memory, so the same bookkeeping runs, and is checked, on any Vulkan device.
 
-use super::attention::Operands;
+use super::attention::{keys_to_visit, Operands};
 use super::mma::{mma_parts, Lanes, Part, Parts, A_FRAGMENT, B_FRAGMENT, C_FRAGMENT, MMA_K, MMA_M, MMA_N};
 use super::plan::{attention_layouts, MmaPrecision};
 use super::skeleton::{clamp, offset_at, plus, shared, shared_type, SharedArray};
@@ -150,10 +150,10 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         format!("%fl1 = {zero}"),
     ];
     carried.extend((0..n_out).map(|i| format!("%fo{i} = {zero}")));
+    let kend = keys_to_visit(b, o, &bx, MMA_M * warps);
     b.open(format!(
-        "%fa:{} = scf.for %fk = {c0} to {} step {bkc} iter_args({}) -> ({types})",
+        "%fa:{} = scf.for %fk = {c0} to {kend} step {bkc} iter_args({}) -> ({types})",
         4 + n_out,
-        o.sk_run,
         carried.join(", ")
     ));
     let (cur_k, cur_v, next) = if stages == 2 {
