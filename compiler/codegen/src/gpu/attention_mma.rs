@@ -1,13 +1,13 @@
 //! Flash attention on tensor cores: each warp of the workgroup owns 16 queries. It holds their
-//! rows as `mma.sync` A fragments (rounded to TF32 once) for the whole walk over the keys; per
-//! key tile it forms its 16 × `block_k` scores with products against the key tile (the B
-//! operand, straight from shared memory), runs the online softmax on the scores where the
-//! products left them (each lane holds two query rows, four lanes a row, so a row's max
-//! takes two butterfly shuffles), writes the weights to its slice of shared memory, and reads
-//! them back as A fragments for the products with the value tile, accumulating the output rows
-//! in the products' f32 accumulators. Each lane keeps its part of the row sums; the four lanes
-//! of a row add theirs only at the end. The output is divided by the sum once, as in the
-//! one-query-per-invocation kernel.
+//! rows as `mma.sync` A fragments (rounded to TF32, or split in two TF32 parts at TF32×3, once)
+//! for the whole walk over the keys; per key tile it forms its 16 × `block_k` scores with
+//! products against the key tile (the B operand, straight from shared memory), runs the online
+//! softmax on the scores where the products left them (each lane holds two query rows, four
+//! lanes a row, so a row's max takes two butterfly shuffles), writes the weights to its slice
+//! of shared memory, and reads them back as A fragments for the products with the value tile,
+//! accumulating the output rows in the products' f32 accumulators. Each lane keeps its part of
+//! the row sums; the four lanes of a row add theirs only at the end. The output is divided by
+//! the sum once, as in the one-query-per-invocation kernel.
 //!
 //! On SPIR-V the products are emulated per warp ([`super::mma`]) and the shuffles go through
 //! shared memory, so the same bookkeeping runs, and is checked, on any Vulkan device.

@@ -2,7 +2,8 @@
 //! the products and attention: where each lane's fragment elements lie, the lane coordinates
 //! a kernel computes once, and the product itself, written as the NVVM instruction or, on
 //! SPIR-V, emulated by the warp through shared memory so the fragment bookkeeping can be
-//! checked on any Vulkan device.
+//! checked on any Vulkan device; and how f32 values become operands, rounded to TF32 or split
+//! in a high and a low TF32 part whose three products keep close to f32 accuracy.
 
 use super::plan::MmaPrecision;
 use super::skeleton::{shared, shared_type};

@@ -146,6 +146,17 @@ pub struct GpuPlan {
     pub resident: u32,
 }
 
+/// The `m × n × k` of one warp-wide product at `precision`, where the target's tensor cores run
+/// it (and its warps are 32 lanes, as the fragment tables assume).
+fn mma_shape(precision: MmaPrecision, caps: &GpuCaps) -> Option<[u32; 3]> {
+    if !caps.mma.is_some_and(|hw| precision.runs_on(hw)) || caps.subgroup_size != Some(32) {
+        return None;
+    }
+    Some(match precision {
+        MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => [16, 8, 8],
+    })
+}
+
 fn too_big(what: String) -> CodegenError {
     CodegenError::Unsupported(what)
 }
@@ -295,12 +306,7 @@ impl GpuPlan {
         precision: MmaPrecision,
         caps: &GpuCaps,
     ) -> Result<Option<GpuPlan>, CodegenError> {
-        if !caps.mma.is_some_and(|hw| precision.runs_on(hw)) || caps.subgroup_size != Some(32) {
-            return Ok(None);
-        }
-        let shape = match precision {
-            MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => [16u32, 8, 8],
-        };
+        let Some(shape) = mma_shape(precision, caps) else { return Ok(None) };
         let candidates: [([u32; 3], [u32; 2]); 2] = [([128, 128, 16], [2, 4]), ([64, 64, 16], [2, 2])];
         let mut best: Option<(usize, GpuPlan)> = None;
         for &(tile, warps) in &candidates {
@@ -395,12 +401,7 @@ impl GpuPlan {
         precision: MmaPrecision,
         caps: &GpuCaps,
     ) -> Result<Option<GpuPlan>, CodegenError> {
-        if !caps.mma.is_some_and(|hw| precision.runs_on(hw)) || caps.subgroup_size != Some(32) {
-            return Ok(None);
-        }
-        let shape = match precision {
-            MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => [16u32, 8, 8],
-        };
+        let Some(shape) = mma_shape(precision, caps) else { return Ok(None) };
         let k = shape[2] as usize;
         if d == 0
             || !d.is_multiple_of(k)
