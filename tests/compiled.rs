@@ -343,6 +343,10 @@ fn every_op_family_runs_on_cuda_tensor_cores_within_tf32_tolerance() {
     }
 }
 
+/// Every shipped model's spec, in `models/`.
+const SHIPPED: [&str; 6] =
+    ["mlp.ron", "bert_encoder.ron", "seed_transformer.ron", "resnet_block.ron", "lstm.ron", "gpt2.ron"];
+
 fn shipped(model: &str, set: &[&str]) -> Graph {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(model);
     let ov: Vec<kiln_lower::Override> = set.iter().map(|s| kiln_lower::Override::parse(s).unwrap()).collect();
@@ -354,9 +358,7 @@ fn shipped(model: &str, set: &[&str]) -> Graph {
 }
 
 fn shipped_models(device: Device) {
-    for model in
-        ["mlp.ron", "bert_encoder.ron", "seed_transformer.ron", "resnet_block.ron", "lstm.ron", "gpt2.ron"]
-    {
+    for model in SHIPPED {
         check_graph(&optimized(&shipped(model, &[])), 0, 1e-4, device);
     }
 }
@@ -528,14 +530,7 @@ fn shipped_models_run_on_cuda_like_the_interpreter() {
 #[test]
 fn shipped_models_run_on_cuda_tensor_cores_within_tf32_tolerance() {
     if available(Device::CudaTf32, "shipped models on tensor cores") {
-        for model in [
-            "mlp.ron",
-            "bert_encoder.ron",
-            "seed_transformer.ron",
-            "resnet_block.ron",
-            "lstm.ron",
-            "gpt2.ron",
-        ] {
+        for model in SHIPPED {
             check_graph(&optimized(&shipped(model, &[])), 0, 1e-2, Device::CudaTf32);
         }
     }
@@ -546,14 +541,7 @@ fn shipped_models_run_on_cuda_tensor_cores_within_tf32_tolerance() {
 #[test]
 fn shipped_models_run_on_cuda_tf32x3_tensor_cores_within_f32_tolerance() {
     if available(Device::CudaTf32x3, "shipped models on tensor cores with split operands") {
-        for model in [
-            "mlp.ron",
-            "bert_encoder.ron",
-            "seed_transformer.ron",
-            "resnet_block.ron",
-            "lstm.ron",
-            "gpt2.ron",
-        ] {
+        for model in SHIPPED {
             check_graph(&optimized(&shipped(model, &[])), 0, 1e-4, Device::CudaTf32x3);
         }
         for (name, inputs, body) in OP_CASES {
@@ -772,9 +760,7 @@ fn vulkan_kernels_are_valid_spirv() {
         graphs.push(optimized(&g));
         graphs.push(g);
     }
-    for model in
-        ["mlp.ron", "bert_encoder.ron", "seed_transformer.ron", "resnet_block.ron", "lstm.ron", "gpt2.ron"]
-    {
+    for model in SHIPPED {
         graphs.push(optimized(&shipped(model, &[])));
     }
     graphs.extend(scatter_graphs());
@@ -1301,9 +1287,7 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
         graphs.push(optimized(&g));
         graphs.push(g);
     }
-    for model in
-        ["mlp.ron", "bert_encoder.ron", "seed_transformer.ron", "resnet_block.ron", "lstm.ron", "gpt2.ron"]
-    {
+    for model in SHIPPED {
         graphs.push(optimized(&shipped(model, &[])));
     }
     // The shipped models with a batch and sequence length known at run time: kernels that read

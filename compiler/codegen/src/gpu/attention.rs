@@ -299,32 +299,30 @@ pub(crate) fn keys_to_visit(b: &mut Body, o: &Operands, bx: &str, block_q: usize
 /// The plan's body with one query per invocation: `bq` queries per workgroup, key tiles of
 /// `bk`.
 fn simt(b: &mut Body, o: &Operands, bq: usize, bk: usize, cx: &GpuCtx) {
-    let Operands {
+    // Views, flags and the register type by value; argument names and offsets by reference.
+    let &Operands {
         q,
         k,
         v,
         mask,
         out,
         lse,
-        mask_arg,
-        out_arg,
-        lse_arg,
-        q_base,
-        k_base,
-        v_base,
-        m_base,
-        o_base,
-        l_base,
-        sq_run,
-        sk_run,
+        ref mask_arg,
+        ref out_arg,
+        ref lse_arg,
+        ref q_base,
+        ref k_base,
+        ref v_base,
+        ref m_base,
+        ref o_base,
+        ref l_base,
+        ref sq_run,
+        ref sk_run,
         run_lengths,
         scale,
         causal,
         ty,
     } = o;
-    let (scale, causal, ty) = (*scale, *causal, *ty);
-    let (q, k) = (*q, *k);
-    let (v, mask, out, lse) = (*v, *mask, *out, *lse);
     let r = q.rank();
     let (sq, d) = (q.shape[r - 2], q.shape[r - 1]);
     let (sk, dv) = (k.shape[r - 2], v.map_or(0, |v| v.shape[r - 1]));

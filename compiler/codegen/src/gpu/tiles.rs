@@ -21,7 +21,8 @@ pub(crate) fn aligned_by_4(v: &View, axis: usize) -> bool {
         && v.strides.iter().enumerate().all(|(i, s)| i == axis || s % 4 == 0 || v.shape[i] == 1)
 }
 
-/// How operand values are rounded as they enter shared memory.
+/// How operand values are rounded to TF32: as they enter shared memory, or as tensor-core
+/// operands are formed from f32 values (`mma::Parts`).
 #[derive(Clone, Copy)]
 pub(crate) enum Rounding {
     /// `cvt.rna.tf32.f32`.
