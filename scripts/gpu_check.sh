@@ -65,6 +65,12 @@ CONFORMANCE_TF32X3=(
     # outputs too big for the pack; the emulated Vulkan test runs them).
     "matmul_shapes|tests/gpu_check/matmul_shapes.ron|--set m=1152"
 )
+# 16-bit tensors on the tensor cores' f16 and bf16 products (the bf16 twin is the f16 spec with
+# its dtype renamed), checked at their stated tolerances (1e-2 and 5e-2).
+CONFORMANCE_HALF=(
+    "half_block_f16|tests/gpu_check/half_block.ron|"
+    "half_block_bf16|tests/gpu_check/half_block.ron|"
+)
 # name | spec | overrides: training artifacts (`--train`), whose `train_step` runs three times
 # on the GPU and is compared with the same spec's step compiled for this CPU (last outputs and
 # every state tensor).
@@ -72,7 +78,8 @@ TRAIN=(
     "mlp_train|models/mlp.ron|"
 )
 # name | spec | overrides: the benchmarks (weights are synthesized on the GPU machine); a
-# `_tf32` name compiles with --precision tf32.
+# `_tf32` name compiles with --precision tf32, an `_f16` or `_bf16` one has its f32 tensors in
+# that dtype.
 BENCH=(
     "matmul|bench/cuda/matmul.ron|"
     "matmul_tf32|bench/cuda/matmul.ron|"
@@ -80,6 +87,10 @@ BENCH=(
     "attention_tf32|bench/cuda/attention.ron|"
     "matmul_tf32x3|bench/cuda/matmul.ron|"
     "attention_tf32x3|bench/cuda/attention.ron|"
+    "matmul_f16|bench/cuda/matmul.ron|"
+    "matmul_bf16|bench/cuda/matmul.ron|"
+    "attention_f16|bench/cuda/attention.ron|"
+    "attention_bf16|bench/cuda/attention.ron|"
     "minilm_b1|models/bert_encoder.ron|--set batch=1"
     "minilm_b8|models/bert_encoder.ron|--set batch=8"
     "minilm_b64|models/bert_encoder.ron|--set batch=64"
@@ -96,8 +107,22 @@ precision_of() {
     esac
 }
 
+# SPEC itself, or for a NAME ending in _f16 or _bf16 a copy in SCRATCH with its f32 and f16
+# tensors in that dtype.
+spec_for() {
+    local name="$1" spec="$2" scratch="$3" dtype
+    case "$name" in
+        *_bf16) dtype=bf16 ;;
+        *_f16) dtype=f16 ;;
+        *) echo "$spec"; return ;;
+    esac
+    sed -E "s/\b(f32|f16)\b/$dtype/g" "$spec" >"$scratch/$name.ron"
+    echo "$scratch/$name.ron"
+}
+
 pack() {
-    local dir="$1" kiln="$TARGET_DIR/release/kiln"
+    local dir="$1" kiln="$TARGET_DIR/release/kiln" scratch
+    scratch="$(mktemp -d)"
     cd "$REPO"
     say "building kiln and the checker (release)"
     cargo build --release --bin kiln >&2
@@ -105,7 +130,8 @@ pack() {
     KILN_PTXAS="$(scripts/fetch_ptxas.sh)"
     export KILN_PTXAS
     rm -rf "$dir"
-    mkdir -p "$dir/bin" "$dir/conformance" "$dir/conformance_tf32" "$dir/conformance_tf32x3" "$dir/bench"
+    mkdir -p "$dir/bin" "$dir/conformance" "$dir/conformance_tf32" "$dir/conformance_tf32x3" \
+        "$dir/conformance_f16" "$dir/conformance_bf16" "$dir/bench"
     cp "$TARGET_DIR/release/examples/check_pack" "$dir/bin/"
     cp bench/cuda/peers.py bench/cuda/report.py "$dir/"
     cp scripts/gpu_check.sh "$dir/"
@@ -169,9 +195,24 @@ EOF
             done
         done
     fi
+    for entry in "${CONFORMANCE_HALF[@]}"; do
+        IFS='|' read -r name spec set <<<"$entry"
+        if [[ "$PACK_TARGET" != cuda* ]]; then continue; fi
+        spec="$(spec_for "$name" "$spec" "$scratch")"
+        art="$dir/conformance_${name##*_}/$name.kiln"
+        say "conformance in ${name##*_}: $name ($spec $set)"
+        # shellcheck disable=SC2086
+        "$kiln" compile "$spec" $set --seed 0 --target "$PACK_TARGET" -o "$art" >&2
+        # shellcheck disable=SC2086
+        "$kiln" eval "$spec" $set --seed 0 --save-inputs "$art/inputs.safetensors" \
+            -o "$art/expected.safetensors" >/dev/null
+    done
     for entry in "${BENCH[@]}"; do
         IFS='|' read -r name spec set <<<"$entry"
         art="$dir/bench/$name.kiln"
+        # 16-bit attention and bf16 tensors compile for CUDA only.
+        if [[ "$PACK_TARGET" != cuda* && "$name" == *f16 ]]; then continue; fi
+        spec="$(spec_for "$name" "$spec" "$scratch")"
         say "benchmark: $name ($spec $set)"
         # shellcheck disable=SC2086
         "$kiln" compile "$spec" $set $(precision_of "$name") --seed 0 --target "$PACK_TARGET" -o "$art" >&2
@@ -186,6 +227,7 @@ with open(sys.argv[2], "wb") as f:
 EOF
         rm "$art/weights.safetensors"
     done
+    rm -rf "$scratch"
     say "pack: $(du -sh "$dir" | cut -f1) in $dir"
 }
 
@@ -207,6 +249,15 @@ run_pack() {
         "$dir/bin/check_pack" "$dir/conformance_tf32x3" --device "$DEVICE" --repeats 10 \
             --json "$out/conformance_tf32x3.jsonl" | tee "$out/conformance_tf32x3.txt" || status=1
     fi
+    local dtype tolerance
+    for dtype in f16 bf16; do
+        if compgen -G "$dir/conformance_$dtype/*.kiln" >/dev/null; then
+            if [[ "$dtype" == f16 ]]; then tolerance=1e-2; else tolerance=5e-2; fi
+            say "conformance in $dtype (tolerance $tolerance)"
+            "$dir/bin/check_pack" "$dir/conformance_$dtype" --device "$DEVICE" --repeats 10 --tolerance "$tolerance" \
+                --json "$out/conformance_$dtype.jsonl" | tee "$out/conformance_$dtype.txt" || status=1
+        fi
+    done
     say "Kiln benchmarks"
     "$dir/bin/check_pack" "$dir/bench" --device "$DEVICE" --repeats 30 --json "$out/kiln_bench.jsonl" \
         | tee "$out/kiln_bench.txt" || status=1

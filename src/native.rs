@@ -438,18 +438,28 @@ pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
 fn explain(target: &CompileTarget, built: &BuildReport) {
     let why = match target {
         CompileTarget::Cpu(_) => {
-            "f32 products: f32 FMAs on the CPU's vector units (`kiln inspect --stage kernels` shows each kernel's loops)"
+            "f32 products: f32 FMAs on the CPU's vector units (`kiln inspect --stage kernels` shows each kernel's loops)".to_string()
         }
-        CompileTarget::Vulkan(_) => "f32 products: f32 FMAs (portable Vulkan has no tensor-core products)",
-        CompileTarget::Cuda(caps) => match caps.tensor_cores {
-            Some(MmaPrecision::Tf32) => {
-                "f32 products: on tensor cores, operands rounded to TF32 (10 mantissa bits), f32 accumulators: --precision tf32 asked for it; attention likewise (queries, keys, weights and values rounded to TF32) where its heads are multiples of 8 up to 128"
-            }
-            Some(MmaPrecision::Tf32x3) => {
-                "f32 products: on tensor cores, each operand split into a TF32 high and low part, three products (close to f32 accuracy), f32 accumulators: --precision tf32x3 asked for it; attention likewise where its heads are multiples of 8 up to 128"
-            }
-            None => "f32 products: f32 FMAs, f32 accuracy (--precision tf32 or tf32x3 puts them and attention on tensor cores); f16 products: on tensor cores (TF32 holds f16 exactly)",
-        },
+        CompileTarget::Vulkan(_) => {
+            "f32 products: f32 FMAs (portable Vulkan has no tensor-core products)".to_string()
+        }
+        CompileTarget::Cuda(caps) => {
+            let f32_products = match caps.tensor_cores {
+                Some(MmaPrecision::Tf32) => {
+                    "f32 products: on tensor cores, operands rounded to TF32 (10 mantissa bits), f32 accumulators: --precision tf32 asked for it; attention likewise (queries, keys, weights and values rounded to TF32) where its heads are multiples of 8 up to 128".to_string()
+                }
+                Some(MmaPrecision::Tf32x3) => {
+                    "f32 products: on tensor cores, each operand split into a TF32 high and low part, three products (close to f32 accuracy), f32 accumulators: --precision tf32x3 asked for it; attention likewise where its heads are multiples of 8 up to 128".to_string()
+                }
+                Some(p @ (MmaPrecision::F16 | MmaPrecision::Bf16)) => {
+                    format!("f32 products: on tensor cores, operands rounded to {}, f32 accumulators", p.name())
+                }
+                None => "f32 products: f32 FMAs, f32 accuracy (--precision tf32 or tf32x3 puts them and attention on tensor cores)".to_string(),
+            };
+            format!(
+                "{f32_products}\nf16 and bf16 products: on tensor cores at the tensors' own precision (mma.sync m16n8k16), f32 accumulators; attention likewise (its weights rounded to that precision) where its heads are multiples of 16 up to 128"
+            )
+        }
     };
     println!("{why}");
     for (symbol, plan) in &built.plans {

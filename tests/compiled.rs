@@ -330,6 +330,54 @@ fn every_op_family_runs_on_cuda_like_the_interpreter() {
     }
 }
 
+/// The op families with their f32 tensors in `dtype` (`f16`, `bf16`), named `NAME_DTYPE`, and
+/// attention whose heads the 16-bit tensor-core products tile (multiples of 16).
+fn half_op_cases(dtype: &str) -> Vec<Graph> {
+    let mut graphs: Vec<Graph> = OP_CASES
+        .iter()
+        .map(|(name, inputs, body)| {
+            let body =
+                body.replace("init: Normal(std: 0.3)", &format!("init: Normal(std: 0.3), dtype: {dtype}"));
+            op_case(&format!("{name}_{dtype}"), &inputs.replace("(f32,", &format!("({dtype},")), &body)
+        })
+        .collect();
+    graphs.push(op_case(
+        &format!("attention_heads_{dtype}"),
+        &format!(
+            r#"{{ "q": ({dtype}, [1, 2, 70, 16]), "k": ({dtype}, [1, 2, 75, 16]), "v": ({dtype}, [1, 2, 75, 32]), "m": ({dtype}, [1, 1, 70, 75]) }}"#
+        ),
+        r#"Let("a", Attention(q: "q", k: "k", v: "v", mask: "m", scale: 0.25)),
+           Let("c", Attention(q: "q", k: "q", v: "q", causal: true, scale: 0.25)),"#,
+    ));
+    graphs
+}
+
+/// 16-bit results differ from the interpreter's by their own rounding (f16 keeps 11 bits,
+/// bf16 8) where sums are formed in another order: 2e-3·(1 + |ref|) for f16 on Vulkan. On
+/// tensor cores attention rounds its weights to the tensors' precision too: stated
+/// tolerances 1e-2·(1 + |ref|) for f16 and 5e-2·(1 + |ref|) for bf16.
+fn half_op_families(dtype: &str, tolerance: f64, device: Device) {
+    for g in half_op_cases(dtype) {
+        check_graph(&g, 1, tolerance, device);
+        check_graph(&optimized(&g), 2, tolerance, device);
+    }
+}
+
+#[test]
+fn every_op_family_runs_on_vulkan_in_f16_like_the_interpreter() {
+    if available(Device::Vulkan, "f16 op families") {
+        half_op_families("f16", 2e-3, Device::Vulkan);
+    }
+}
+
+#[test]
+fn every_op_family_runs_on_cuda_in_f16_and_bf16_on_tensor_cores_within_their_tolerance() {
+    if available(Device::Cuda, "f16 and bf16 op families") {
+        half_op_families("f16", 1e-2, Device::Cuda);
+        half_op_families("bf16", 5e-2, Device::Cuda);
+    }
+}
+
 /// TF32 keeps 10 of f32's 23 mantissa bits in products' operands (accumulation stays f32):
 /// its stated tolerance here is 1e-2·(1 + |ref|).
 #[test]
@@ -855,13 +903,15 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
     }
     // (graph, caps, tile, tolerance): TF32's stated 1e-2·(1 + |ref|); split in two TF32 parts
     // (`tf32x3`), within f32's.
-    let mut runs: Vec<(&Graph, kiln_codegen::gpu::GpuCaps, [u32; 2], f64)> =
-        graphs.iter().map(|g| (g, caps.clone(), [64, 64], 1e-2)).collect();
+    // (graph, caps, tile, tolerance, the precision its f32 inputs are rounded to first)
+    type Run<'a> = (&'a Graph, kiln_codegen::gpu::GpuCaps, [u32; 2], f64, Option<DType>);
+    let mut runs: Vec<Run> =
+        graphs.iter().map(|g| (g, caps.clone(), [64, 64], 1e-2, None)).collect();
     // The large GPUs' plan (128×128 tiles of 2×4 warps, 4×4 products each): with their
     // registers and a device too small for the 64×64 tiles to fill, as for the product of
     // `matmul_tiles` 512 × 512.
     let large = kiln_codegen::gpu::GpuCaps { registers: 255, parallel_units: 1, ..caps.clone() };
-    runs.push((&graphs[3], large.clone(), [128, 128], 1e-2));
+    runs.push((&graphs[3], large.clone(), [128, 128], 1e-2, None));
     let x3 =
         |c: &kiln_codegen::gpu::GpuCaps| c.clone().with_tensor_cores(kiln_codegen::gpu::MmaPrecision::Tf32x3);
     // Split operands: a batched product with a transposed B and a bias, and a ragged one.
@@ -871,22 +921,51 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
         r#"Let("z", Add(MatMul("a3", Transpose("bt")), "c")),
            Let("u", MatMul("g", "h")),"#,
     );
-    runs.push((&split, x3(&caps), [64, 64], 1e-5));
-    for (g, caps, tile, tolerance) in runs {
+    runs.push((&split, x3(&caps), [64, 64], 1e-5, None));
+    // f32 operands rounded to f16 or bf16 as they enter shared memory (bf16's rounding written
+    // out in integer arithmetic, as on devices without bf16), multiplied as `m16n8k16`
+    // fragments: against inputs already at that precision, within f32's rounding (the
+    // fragments exactly), and against f32 inputs, within what the rounding may change.
+    let half = |c: &kiln_codegen::gpu::GpuCaps, p| c.clone().with_tensor_cores(p);
+    let (f16, bf16) = (kiln_codegen::gpu::MmaPrecision::F16, kiln_codegen::gpu::MmaPrecision::Bf16);
+    runs.push((&split, half(&caps, f16), [64, 64], 1e-5, Some(DType::F16)));
+    runs.push((&split, half(&caps, bf16), [64, 64], 1e-5, Some(DType::BF16)));
+    runs.push((&split, half(&caps, f16), [64, 64], 2e-2, None));
+    runs.push((&split, half(&caps, bf16), [64, 64], 1.5e-1, None));
+    let f16_graphs: Vec<Graph> = ["matmul", "matmul_tiles"]
+        .iter()
+        .map(|case| {
+            let (name, inputs, body) = OP_CASES.iter().find(|(n, _, _)| n == case).expect("a matmul case");
+            op_case(&format!("{name}_f16"), &inputs.replace("(f32,", "(f16,"), body)
+        })
+        .collect();
+    for g in &f16_graphs {
+        runs.push((g, caps.clone(), [64, 64], 2e-3, None));
+    }
+    runs.push((&f16_graphs[1], large.clone(), [128, 128], 2e-3, None));
+    for (g, caps, tile, tolerance, rounded) in runs {
         let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
-        let inputs = kiln_ir::seeded_inputs(g, 0);
+        let mut inputs = kiln_ir::seeded_inputs(g, 0);
+        if let Some(d) = rounded {
+            inputs.values_mut().for_each(|t| *t = t.cast(d).cast(DType::F32));
+        }
         let want =
             kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
         let s = kiln_sched::schedule_aligned(g, caps.buffer_align).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let built = kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, &caps, dir.path()).unwrap();
+        // f16 tensors take f16 products whatever f32 ones may take.
+        let want_precision = match g.name.ends_with("_f16") {
+            true => Some(kiln_codegen::gpu::MmaPrecision::F16),
+            false => caps.tensor_cores,
+        };
         assert!(
             built
                 .program
                 .kernels
                 .iter()
-                .any(|k| matches!(k.plan.work, kiln_codegen::gpu::Work::MatmulTensorCores { tile: [m, n, _], .. } if [m, n] == tile)),
-            "{}: no tensor-core plan with {tile:?} tiles",
+                .any(|k| matches!(k.plan.work, kiln_codegen::gpu::Work::MatmulTensorCores { tile: [m, n, _], precision, .. } if [m, n] == tile && Some(precision) == want_precision)),
+            "{}: no tensor-core plan with {tile:?} tiles at {want_precision:?}",
             g.name
         );
         let got = run_artifact(dir.path(), &inputs, &g.name);
@@ -990,18 +1069,42 @@ fn tensor_core_attention_bookkeeping_holds_on_vulkan_with_emulated_mma() {
         let c = kiln_codegen::gpu::GpuCaps { tensor_cores: x3.tensor_cores, ..c.clone() };
         runs.push((g.clone(), c, *n, at.clone(), 1e-5));
     }
+    // `m16n8k16` products: f32 operands and weights rounded to bf16 (the rounding written out
+    // in integer arithmetic) or f16, over the graphs whose heads are multiples of 16.
+    for (precision, tolerance) in
+        [(kiln_codegen::gpu::MmaPrecision::Bf16, 3e-2), (kiln_codegen::gpu::MmaPrecision::F16, 1e-2)]
+    {
+        let c = caps.clone().with_tensor_cores(precision);
+        for (g, _, n, at) in &graphs[2..6] {
+            runs.push((g.clone(), c.clone(), *n, at.clone(), tolerance));
+        }
+    }
+    // f16 tensors: f16 products whatever f32 ones take, weights rounded to f16; the result's
+    // own rounding and the weights' bound the difference.
+    let f16_heads = op_case(
+        "attention_heads_f16",
+        r#"{ "q": (f16, [1, 2, 70, 16]), "k": (f16, [1, 2, 75, 16]), "v": (f16, [1, 2, 75, 32]), "m": (f16, [1, 1, 70, 75]) }"#,
+        r#"Let("a", Attention(q: "q", k: "k", v: "v", mask: "m", scale: 0.25)),
+           Let("c", Attention(q: "q", k: "q", v: "q", causal: true, scale: 0.25)),"#,
+    );
+    runs.push((f16_heads, caps.clone(), 2, vec![], 5e-3));
     for (g, caps, stages, bindings, tolerance) in &runs {
         let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
         let s = kiln_sched::schedule_aligned(g, caps.buffer_align).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let built = kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, caps, dir.path())
             .unwrap_or_else(|e| panic!("{}: {e}", g.name));
+        let want_precision = match g.name.ends_with("_f16") {
+            true => Some(kiln_codegen::gpu::MmaPrecision::F16),
+            false => caps.tensor_cores,
+        };
         assert!(
             built.program.kernels.iter().any(|k| matches!(
                 k.plan.work,
-                kiln_codegen::gpu::Work::AttentionTensorCores { stages: n, .. } if n == *stages
+                kiln_codegen::gpu::Work::AttentionTensorCores { stages: n, precision, .. }
+                    if n == *stages && Some(precision) == want_precision
             )),
-            "{}: no attention on tensor cores in {stages} stages",
+            "{}: no attention on tensor cores in {stages} stages at {want_precision:?}",
             g.name
         );
         let runs: Vec<Vec<i64>> = if bindings.is_empty() { vec![vec![]] } else { bindings.clone() };
@@ -1327,8 +1430,13 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
             None => arch.to_string(),
         };
         let tf32 = precision.is_some();
+        // 16-bit tensors take tensor cores whatever f32 products take: once per architecture.
+        let halves = match precision {
+            None => [half_op_cases("f16"), half_op_cases("bf16")].concat(),
+            Some(_) => Vec::new(),
+        };
         let (mut kernels, mut spilling) = (0, Vec::new());
-        for g in &graphs {
+        for g in graphs.iter().chain(&halves) {
             let s = kiln_sched::schedule_aligned(g, caps.buffer_align).expect("schedules");
             let program = kiln_codegen::gpu::kernels(&s, &caps).unwrap_or_else(|e| panic!("{}: {e}", g.name));
             let modules = kiln_codegen::gpu::nvvm::compile(&program.kernels, &target)
@@ -1345,6 +1453,12 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
                     .iter()
                     .any(|m| m.ptx.contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32")
                         && m.ptx.contains("shfl.sync.bfly")));
+            }
+            for dtype in ["f16", "bf16"] {
+                if [format!("matmul_{dtype}"), format!("attention_heads_{dtype}")].contains(&g.name) {
+                    let mma = format!("mma.sync.aligned.m16n8k16.row.col.f32.{dtype}.{dtype}.f32");
+                    assert!(modules.iter().any(|m| m.ptx.contains(&mma)), "{}: no {mma}", g.name);
+                }
             }
             for m in &modules {
                 assert!(m.ptx.contains(&format!(".target {arch}")), "{}: {}", g.name, m.ptx);
@@ -1454,6 +1568,10 @@ fn cli_compiles_and_inspects_for_cuda() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.contains("f32 products: on tensor cores, operands rounded to TF32"), "{said}");
+    assert!(
+        said.contains("\nf16 and bf16 products: on tensor cores at the tensors' own precision"),
+        "{said}"
+    );
     assert!(said.contains("  k0: matmul on tensor cores: [1] 8×784·784×256"), "{said}");
     let manifest =
         kiln_runtime::Manifest::from_ron(&std::fs::read_to_string(tf32.join("manifest.ron")).unwrap())
@@ -1517,9 +1635,9 @@ fn cli_compiles_and_inspects_for_cuda() {
 fn cuda_refuses_what_it_cannot_run_naming_the_op_and_the_target() {
     let cases = [
         (
-            r#"{ "x": (bf16, [4, 8]) }"#,
-            r#"Let("y", Add("x", "x")),"#,
-            "cannot compile bf16 tensors on the cuda:sm_90 target (kernel k0 add)",
+            r#"{ "a": (i32, [4, 8]), "b": (i32, [8, 4]) }"#,
+            r#"Let("y", MatMul("a", "b")),"#,
+            "cannot compile `matmul` on i32 on the cuda:sm_90 target (kernel k0 matmul)",
         ),
         (
             r#"{ "x": (f64, [4, 8]) }"#,
@@ -1537,6 +1655,12 @@ fn cuda_refuses_what_it_cannot_run_naming_the_op_and_the_target() {
             Err(e) => assert_eq!(e.to_string(), want),
         }
     }
+    // What Vulkan refuses, CUDA compiles: bf16 tensors, stored as such.
+    let g = op_case("bf16", r#"{ "x": (bf16, [4, 8]) }"#, r#"Let("y", Add("x", "x")),"#);
+    let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    kiln_codegen::build_cuda_artifact(&g.name, &s, &HashMap::new(), &caps, None, dir.path())
+        .unwrap_or_else(|e| panic!("bf16 for CUDA: {e}"));
 }
 
 // ---------------------------------------------------------------------- bad data, bad artifacts

@@ -68,22 +68,29 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = True
     guarded(rows, "matmul_tf32_ms", lambda: timed(lambda: torch.matmul(x, y), a.repeats))
     torch.backends.cuda.matmul.allow_tf32 = False
+    # and in f16 and bf16 (cuBLAS on tensor cores, f32 accumulation).
+    for name, dtype in (("f16", torch.float16), ("bf16", torch.bfloat16)):
+        xh, yh = x.to(dtype), y.to(dtype)
+        guarded(rows, f"matmul_{name}_ms", lambda: timed(lambda: torch.matmul(xh, yh), a.repeats))
+        del xh, yh
     del x, y
 
-    # attention [4, 12, 2048, 64]: f32 (the kernel torch picks for f32) and bf16 (flash).
+    # attention [4, 12, 2048, 64]: f32 (the kernel torch picks for f32), bf16 and f16 (flash).
     q, k, v = (torch.randn(4, 12, 2048, 64, device=dev, generator=g) for _ in range(3))
     guarded(rows, "attention_f32_ms", lambda: timed(lambda: F.scaled_dot_product_attention(q, k, v, scale=0.125), a.repeats))
-    qb, kb, vb = (t.to(torch.bfloat16) for t in (q, k, v))
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    for name, dtype in (("bf16", torch.bfloat16), ("f16", torch.float16)):
+        qh, kh, vh = (t.to(dtype) for t in (q, k, v))
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            rows["attention_bf16_flash_ms"] = timed(
-                lambda: F.scaled_dot_product_attention(qb, kb, vb, scale=0.125), a.repeats
-            )
-    except Exception as e:  # noqa: BLE001
-        rows["attention_bf16_flash_error"] = str(e)
-    del q, k, v, qb, kb, vb
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                rows[f"attention_{name}_flash_ms"] = timed(
+                    lambda: F.scaled_dot_product_attention(qh, kh, vh, scale=0.125), a.repeats
+                )
+        except Exception as e:  # noqa: BLE001
+            rows[f"attention_{name}_flash_error"] = str(e)
+        del qh, kh, vh
+    del q, k, v
 
     # A MiniLM-L6-sized BERT encoder, f32, seq 128.
     try:

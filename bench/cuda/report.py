@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Joins the CUDA check's results into one Markdown table (scripts/gpu_check.sh calls it):
 Kiln's times from check_pack's JSON lines, PyTorch's from peers.py's JSON, and the goals of the
-CUDA target (matmul ≥ 0.8× cuBLAS in f32, attention ≥ 1.0× SDPA, MiniLM b64 ≤ 0.9×
+CUDA target (matmul ≥ 0.8× cuBLAS in the same precision, attention ≥ 1.0× SDPA, MiniLM b64 ≤ 0.9×
 torch.compile; a ratio is Kiln's speed over the peer's, above 1 is faster).
 
 PyTorch's times are of tensors that stay on the GPU, so the ratio uses Kiln's GPU time: the sum
@@ -57,6 +57,10 @@ def main():
         ("matmul 4096³ TF32×3", "matmul_tf32x3", "torch.matmul, TF32 off (cuBLAS f32)", "matmul_f32_ms", ""),
         ("attention 4×12×2048×64 TF32×3", "attention_tf32x3", "SDPA f32", "attention_f32_ms", ""),
         ("MiniLM-L6 b64×128 TF32×3", "minilm_b64_tf32x3", "BertModel torch.compile (f32)", "bert_b64_compile_ms", ""),
+        ("matmul 4096³ f16", "matmul_f16", "torch.matmul f16 (cuBLAS)", "matmul_f16_ms", "≥ 0.8×"),
+        ("matmul 4096³ bf16", "matmul_bf16", "torch.matmul bf16 (cuBLAS)", "matmul_bf16_ms", "≥ 0.8×"),
+        ("attention 4×12×2048×64 f16", "attention_f16", "SDPA f16 flash", "attention_f16_flash_ms", "≥ 1.0×"),
+        ("attention 4×12×2048×64 bf16", "attention_bf16", "SDPA bf16 flash", "attention_bf16_flash_ms", "≥ 1.0×"),
     ]
     for b in (1, 8, 64):
         goal = "≥ 1.11× (≤ 0.9× time)" if b == 64 else ""

@@ -359,12 +359,27 @@ fn write_tensors(path: &Path, tensors: &[Named]) -> Result<(), String> {
 
 /// An input nobody gave: a ramp for floats, zeros (valid indices) for integers and booleans.
 fn stand_in(dtype: DType, n: usize) -> Vec<u8> {
+    let ramp = (0..n).map(|i| (i % 32) as f32 / 16.0 - 1.0);
     match dtype {
-        DType::F32 => (0..n).flat_map(|i| ((i % 32) as f32 / 16.0 - 1.0).to_le_bytes()).collect(),
-        DType::F64 | DType::F16 | DType::BF16 | DType::I32 | DType::I64 | DType::Bool => {
-            vec![0; n * dtype.size_bytes()]
-        }
+        DType::F32 => ramp.flat_map(f32::to_le_bytes).collect(),
+        DType::F64 => ramp.flat_map(|v| f64::from(v).to_le_bytes()).collect(),
+        DType::F16 => ramp.flat_map(|v| f16_bits(v).to_le_bytes()).collect(),
+        // The ramp's values have few significant bits: bf16 is the f32's high half, exactly.
+        DType::BF16 => ramp.flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect(),
+        DType::I32 | DType::I64 | DType::Bool => vec![0; n * dtype.size_bytes()],
     }
+}
+
+/// The f16 bits of `v`, which f16 holds exactly: zero, or a normal number with at most 11
+/// significant bits and an exponent f16 has (the ramp's values).
+fn f16_bits(v: f32) -> u16 {
+    if v == 0.0 {
+        return 0;
+    }
+    let b = v.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let exponent = (((b >> 23) & 0xff) as i32 - 127 + 15) as u16;
+    sign | (exponent << 10) | ((b >> 13) & 0x3ff) as u16
 }
 
 /// The tensors of a safetensors file as (name, dtype, shape, bytes); none when it is missing.

@@ -125,12 +125,17 @@ pub fn emit_run(
     };
     let (_, mask_arg, out_arg, lse_arg) =
         (arg(v.is_some()), arg(mask.is_some()), arg(out.is_some()), arg(lse.is_some()));
-    // Tensor cores only where the user allowed rounding to their precision (`--precision
-    // tf32`): the weights are rounded too, so no operand type makes the products exact.
-    let tensor_cores = match super::mma::tensor_core_precision(false, ty, cx.caps) {
-        Some(precision) => GpuPlan::attention_tensor_cores(batch, sq, sk, d, dv, precision, cx.caps)?,
+    // Tensor cores for f16 and bf16 tensors at their precision, and for f32 ones where the
+    // user allowed rounding to TF32 (`--precision tf32` or `tf32x3`). The weights are
+    // rounded to the precision too: for 16-bit tensors, as any 16-bit flash attention does.
+    let mut dtypes = vec![q.dtype, k.dtype];
+    dtypes.extend(v.map(|v| v.dtype));
+    let allowed = super::mma::tensor_core_precision(&dtypes, cx.caps);
+    let tensor_cores = match allowed {
+        Some((precision, _)) => GpuPlan::attention_tensor_cores(batch, sq, sk, d, dv, precision, cx.caps)?,
         None => None,
     };
+    let exact = allowed.is_some_and(|(_, exact)| exact);
     let reg_bytes = if ty == "f64" { 8 } else { 4 };
     let plan = match tensor_cores {
         Some(plan) => plan,
@@ -214,6 +219,7 @@ pub fn emit_run(
                 block_k: block_k as usize,
                 stages: stages as usize,
                 precision,
+                exact,
             };
             super::attention_mma::body(&mut b, &ops, shape, cx);
             16 * warps as usize

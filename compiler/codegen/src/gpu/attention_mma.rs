@@ -13,7 +13,7 @@
 //! shared memory, so the same bookkeeping runs, and is checked, on any Vulkan device.
 
 use super::attention::{keys_to_visit, Operands};
-use super::mma::{mma_parts, Lanes, Part, Parts, A_FRAGMENT, B_FRAGMENT, C_FRAGMENT, MMA_K, MMA_M, MMA_N};
+use super::mma::{mma_parts, Lanes, Part, Parts, C_FRAGMENT, MMA_M, MMA_N};
 use super::plan::{attention_layouts, MmaPrecision};
 use super::skeleton::{clamp, offset_at, plus, shared, shared_type, SharedArray};
 use super::tiles::OperandTile;
@@ -32,6 +32,8 @@ pub(crate) struct Shape {
     pub stages: usize,
     /// The products' operand precision.
     pub precision: MmaPrecision,
+    /// Whether q, k and v are exact at it (f16 and bf16 tensors).
+    pub exact: bool,
 }
 
 /// How a quad's four partial results combine.
@@ -43,14 +45,14 @@ enum Combine {
 
 /// The kernel body (operands as [`Operands`] describes; f32 registers).
 pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
-    let Shape { warps, block_k: bk, stages, precision } = shape;
+    let Shape { warps, block_k: bk, stages, precision, exact } = shape;
     let ty = "f32";
     let (q, k) = (o.q, o.k);
     let r = q.rank();
     let (sq, d) = (q.shape[r - 2], q.shape[r - 1]);
     let (sk, dv) = (k.shape[r - 2], o.v.map_or(0, |v| v.shape[r - 1]));
     let nvvm = cx.caps.flavor() == GpuFlavor::Nvvm;
-    let ops = Parts::new(precision, cx.caps.flavor());
+    let ops = Parts::new(precision, cx.caps.flavor(), exact);
     let round = ops.on_entry();
     let lay = attention_layouts(d, dv, bk, warps);
     let inv = 32 * warps;
@@ -64,7 +66,9 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let quad_scratch = (!nvvm).then(|| (shared(b, inv * 2, ty), shared_type(b, inv * 2, ty)));
     let lin = b.assign("gpu.thread_id x");
     let bx = b.assign("gpu.block_id x");
-    let l = Lanes::new(b, &lin, [warps, 1], [1, 1]);
+    let l = Lanes::new(b, &lin, [warps, 1], [1, 1], precision);
+    let frag = l.frag;
+    let k_lane = l.k_lane(b);
     let quads = Quads { scratch: quad_scratch, lin: lin.clone(), in_group: l.in_group.clone() };
     let (c0, c1) = (b.index(0), b.index(1));
     let zero = b.float(0.0, ty);
@@ -81,13 +85,13 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let rows = [l.at(b, &first, 0, &l.group, 1), l.at(b, &first, 8, &l.group, 1)];
     let rows_c = [clamp(b, &rows[0], sq), clamp(b, &rows[1], sq)];
 
-    // The warp's queries as A fragments, one per 8 columns of the head.
-    let q_frags: Vec<Vec<Part>> = (0..d / MMA_K)
+    // The warp's queries as A fragments, one per k columns of the head.
+    let q_frags: Vec<Vec<Part>> = (0..d / frag.k)
         .map(|kk| {
-            A_FRAGMENT
+            frag.a
                 .iter()
                 .map(|&(dr, dc)| {
-                    let col = l.at(b, &c0, kk * MMA_K + dc, &l.in_group, 1);
+                    let col = plus(b, &k_lane, kk * frag.k + dc);
                     let at = offset_at(
                         b,
                         0,
@@ -188,16 +192,17 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     };
 
     // Scores: key `n` of the tile is column `n` of the B operand, its element `e` row `e`.
-    let k_lane = offset_at(b, 0, &[(Some(&l.group), lay.keys.row), (Some(&l.in_group), 1)]);
-    let k_lane = b.assign(format!("arith.addi {cur_k}, {k_lane} : index"));
+    let key_lane = offset_at(b, 0, &[(Some(&l.group), lay.keys.row), (Some(&k_lane), 1)]);
+    let key_lane = b.assign(format!("arith.addi {cur_k}, {key_lane} : index"));
     let mut scores: Vec<Vec<String>> = Vec::with_capacity(bk / MMA_N);
     for nb in 0..bk / MMA_N {
         let mut c = vec![zero.clone(); C_FRAGMENT.len()];
         for (kk, af) in q_frags.iter().enumerate() {
-            let bf: Vec<Part> = B_FRAGMENT
+            let bf: Vec<Part> = frag
+                .b
                 .iter()
                 .map(|&(dr, dc)| {
-                    let at = plus(b, &k_lane, (nb * MMA_N + dc) * lay.keys.row + kk * MMA_K + dr);
+                    let at = plus(b, &key_lane, (nb * MMA_N + dc) * lay.keys.row + kk * frag.k + dr);
                     bits(b, &sh_k, &sk_ty, &at)
                 })
                 .collect();
@@ -285,7 +290,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         for (nb, w) in weights.iter().enumerate() {
             for (e, p) in w.iter().enumerate() {
                 let (dr, dc) = C_FRAGMENT[e];
-                let p = match round {
+                let p = match ops.computed() {
                     Some(r) => r.apply(b, p),
                     None => p.clone(),
                 };
@@ -294,23 +299,25 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
             }
         }
         b.line("gpu.barrier");
-        let w_read = offset_at(b, 0, &[(Some(&l.group), wr), (Some(&l.in_group), 1)]);
+        let w_read = offset_at(b, 0, &[(Some(&l.group), wr), (Some(&k_lane), 1)]);
         let w_read = b.assign(format!("arith.addi {warp_w}, {w_read} : index"));
-        let v_lane = offset_at(b, 0, &[(Some(&l.in_group), lay.values.row), (Some(&l.group), 1)]);
+        let v_lane = offset_at(b, 0, &[(Some(&k_lane), lay.values.row), (Some(&l.group), 1)]);
         let v_lane = b.assign(format!("arith.addi {cur_v}, {v_lane} : index"));
-        for kk in 0..bk / MMA_K {
-            let af: Vec<Part> = A_FRAGMENT
+        for kk in 0..bk / frag.k {
+            let af: Vec<Part> = frag
+                .a
                 .iter()
                 .map(|&(dr, dc)| {
-                    let at = plus(b, &w_read, dr * wr + kk * MMA_K + dc);
+                    let at = plus(b, &w_read, dr * wr + kk * frag.k + dc);
                     bits(b, &sh_w, &sw_ty, &at)
                 })
                 .collect();
             for nb in 0..dv / MMA_N {
-                let bf: Vec<Part> = B_FRAGMENT
+                let bf: Vec<Part> = frag
+                    .b
                     .iter()
                     .map(|&(dr, dc)| {
-                        let at = plus(b, &v_lane, (kk * MMA_K + dr) * lay.values.row + nb * MMA_N + dc);
+                        let at = plus(b, &v_lane, (kk * frag.k + dr) * lay.values.row + nb * MMA_N + dc);
                         bits(b, &sh_v, &sv_ty, &at)
                     })
                     .collect();

@@ -100,8 +100,8 @@ pub struct GpuCaps {
     /// The tensor-core products the target has (`None`: no tensor cores).
     pub mma: Option<super::plan::MmaPrecision>,
     /// Whether f32 products may round their operands to the tensor cores' precision
-    /// (`--precision tf32`). Products whose operands that precision holds exactly (f16) use
-    /// tensor cores without it.
+    /// (`--precision tf32`). Products of f16 and bf16 tensors use tensor cores at their own
+    /// precision without it.
     pub tensor_cores: Option<super::plan::MmaPrecision>,
     /// Most elements one buffer may hold: kernels compute indices in 32 bits (half the
     /// registers and none of the 64-bit division sequences of 64-bit indices).
@@ -153,9 +153,10 @@ impl GpuCaps {
     /// An NVIDIA GPU of `target`'s architecture through CUDA: 1024 threads per block, 48 KiB of
     /// static shared memory (the most a kernel may declare without opting in to more), warps
     /// of 32, device allocations aligned to 256 bytes, and no binding limits worth the name
-    /// (kernel parameters are plain pointers; 4 KiB of them is 512). bf16 tensors are refused
-    /// until the kernels compute on them; f64 has no exp, log, tanh, erf, sin, cos or pow
-    /// (those would need NVIDIA's libdevice, which the compiler does not link).
+    /// (kernel parameters are plain pointers; 4 KiB of them is 512). bf16 tensors are stored as
+    /// such and computed on in f32, as f16 ones are (sm_80 converts both in one instruction);
+    /// f64 has no exp, log, tanh, erf, sin, cos or pow (those would need NVIDIA's libdevice,
+    /// which the compiler does not link).
     pub fn cuda(target: NvvmTarget) -> GpuCaps {
         let name = match target.compute_capability {
             [8, 0] => "cuda:sm_80",
@@ -173,7 +174,7 @@ impl GpuCaps {
             max_shared_bytes: 48 * 1024,
             subgroup_size: Some(32),
             f16: true,
-            bf16: false,
+            bf16: true,
             f64: true,
             i64: true,
             i8: true,

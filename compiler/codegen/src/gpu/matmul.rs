@@ -9,10 +9,7 @@
 //! strided views, so transposed and batch-broadcast operands need no copy; where the product's
 //! sizes are multiples of the tile, no bounds are checked at all.
 
-use super::mma::{
-    mma_parts, tensor_core_precision, Lanes, Part, Parts, A_FRAGMENT, B_FRAGMENT, C_FRAGMENT, MMA_K, MMA_M,
-    MMA_N,
-};
+use super::mma::{mma_parts, tensor_core_precision, Lanes, Part, Parts, C_FRAGMENT, MMA_M, MMA_N};
 use super::plan::{matmul_layouts, GpuPlan, MmaPrecision, SharedLayout, Work};
 use super::skeleton::{module, offset_at, plus, shared, shared_type, unravel, SharedArray};
 use super::tiles::{aligned_by_4, OperandTile};
@@ -45,14 +42,14 @@ pub fn emit(
     let (m, n, k) = (out.shape[r - 2], out.shape[r - 1], a.shape[r - 1]);
     let batch: usize = batch_shape.iter().product();
     let reg_bytes = if ty == "f64" { 8 } else { 4 };
-    // Tensor cores when the operands fit their precision exactly (f16 in TF32), or the user
-    // allowed rounding f32 operands to it (`--precision tf32`, or splitting them: `tf32x3`).
-    let exact = [a.dtype, bv.dtype].iter().all(|d| matches!(d, DType::F16));
-    let allowed = tensor_core_precision(exact, ty, cx.caps);
+    // Tensor cores for f16 and bf16 operands at their precision, and for f32 ones where the
+    // user allowed rounding them (`--precision tf32`, or splitting them: `tf32x3`).
+    let allowed = tensor_core_precision(&[a.dtype, bv.dtype], cx.caps);
     let tensor_cores = match allowed {
-        Some(precision) => GpuPlan::matmul_tensor_cores(batch, m, n, k, precision, cx.caps)?,
+        Some((precision, _)) => GpuPlan::matmul_tensor_cores(batch, m, n, k, precision, cx.caps)?,
         None => None,
     };
+    let exact = allowed.is_some_and(|(_, exact)| exact);
     let plan = match tensor_cores {
         Some(plan) => plan,
         None => GpuPlan::matmul(batch, m, n, k, reg_bytes, cx.caps)?,
@@ -66,7 +63,7 @@ pub fn emit(
         Work::MatmulTensorCores { tile, warps, stages, precision, .. } => {
             let (wm, wn) = (warps[0] as usize, warps[1] as usize);
             let sub = [tile[0] as usize / wm / MMA_M, tile[1] as usize / wn / MMA_N];
-            (tile, Inner::Tf32 { warps: [wm, wn], sub, precision }, stages as usize)
+            (tile, Inner::TensorCores { warps: [wm, wn], sub, precision }, stages as usize)
         }
         Work::Elements { .. }
         | Work::Columns { .. }
@@ -77,7 +74,7 @@ pub fn emit(
         }
     };
     let [tm, tn, tk] = tile.map(|t| t as usize);
-    let tensor = matches!(inner, Inner::Tf32 { .. });
+    let tensor = matches!(inner, Inner::TensorCores { .. });
     let [la, lb] = matmul_layouts(tile, tensor);
     let inv = plan.launch.invocations() as usize;
     let nvvm = cx.caps.flavor() == GpuFlavor::Nvvm;
@@ -121,10 +118,10 @@ pub fn emit(
             let my_col = b.assign(format!("arith.muli {tx}, {vc} : index"));
             Step::Simt { rm, rn, wx, wy, vec, my_row, my_col }
         }
-        Inner::Tf32 { warps, sub, precision } => Step::Tf32 {
+        Inner::TensorCores { warps, sub, precision } => Step::TensorCores {
             sub,
-            lanes: Box::new(Lanes::new(&mut b, &lin, warps, sub)),
-            parts: Parts::new(precision, cx.caps.flavor()),
+            lanes: Box::new(Lanes::new(&mut b, &lin, warps, sub, precision)),
+            parts: Parts::new(precision, cx.caps.flavor(), exact),
         },
     };
     // In row form, the run's rows (m is their maximum).
@@ -135,10 +132,10 @@ pub fn emit(
     let tile_a = OperandTile::new(&b, a, "%a0", a_base, (tm, tk), (m, k), la, inv, vectors)
         .with_run_rows(run_m.clone());
     let tile_b = OperandTile::new(&b, bv, "%a1", b_base, (tk, tn), (k, n), lb, inv, vectors);
-    // TF32 operands are rounded once, as they enter shared memory (TF32×3 ones split as they
-    // are read from it).
+    // Operands are rounded to the tensor cores' precision once, as they enter shared memory
+    // (unless exact at it; TF32×3 ones split as they are read from it).
     let round = match &inner {
-        Step::Tf32 { parts, .. } => parts.on_entry(),
+        Step::TensorCores { parts, .. } => parts.on_entry(),
         Step::Simt { .. } => None,
     };
     let mem_a = SharedArray { name: &sh_a, ty: &sa, vectors };
@@ -214,7 +211,7 @@ pub fn emit(
         {
             4
         }
-        Step::Simt { .. } | Step::Tf32 { .. } => 1,
+        Step::Simt { .. } | Step::TensorCores { .. } => 1,
     };
     let mut acc = 0;
     while acc < nacc {
@@ -298,16 +295,16 @@ enum Inner {
     /// Each invocation `(x, y)` of a `wx × wy` workgroup accumulates `rm × rn` results with
     /// FMAs, in runs of `vec` adjacent rows and columns.
     Simt { rm: usize, rn: usize, wx: usize, wy: usize, vec: usize },
-    /// Each warp of `warps[0] × warps[1]` computes `sub[0] × sub[1]` `m16n8k8` products on
-    /// tensor cores with TF32 operands (split in two at TF32×3).
-    Tf32 { warps: [usize; 2], sub: [usize; 2], precision: MmaPrecision },
+    /// Each warp of `warps[0] × warps[1]` computes `sub[0] × sub[1]` `m16n8` products on
+    /// tensor cores with operands of `precision`.
+    TensorCores { warps: [usize; 2], sub: [usize; 2], precision: MmaPrecision },
 }
 
 /// [`Inner`] once the kernel's body exists: the SIMT form knows where its runs start, the
 /// tensor-core form its lanes.
 enum Step {
     Simt { rm: usize, rn: usize, wx: usize, wy: usize, vec: usize, my_row: String, my_col: String },
-    Tf32 { sub: [usize; 2], lanes: Box<Lanes>, parts: Parts },
+    TensorCores { sub: [usize; 2], lanes: Box<Lanes>, parts: Parts },
 }
 
 impl Step {
@@ -315,7 +312,7 @@ impl Step {
     fn accumulators(&self) -> usize {
         match self {
             Step::Simt { rm, rn, .. } => rm * rn,
-            Step::Tf32 { sub, .. } => sub[0] * sub[1] * C_FRAGMENT.len(),
+            Step::TensorCores { sub, .. } => sub[0] * sub[1] * C_FRAGMENT.len(),
         }
     }
 
@@ -330,7 +327,7 @@ impl Step {
                 let col = plus(b, my_col, (j / vec) * vec * wx + j % vec);
                 (row, col)
             }
-            Step::Tf32 { sub, lanes: l, .. } => {
+            Step::TensorCores { sub, lanes: l, .. } => {
                 let per = C_FRAGMENT.len();
                 let (tile, e) = (acc / per, acc % per);
                 let (i, j) = (tile / sub[1], tile % sub[1]);
@@ -357,7 +354,7 @@ impl Step {
                 let st = SimtStep { rm: *rm, rn: *rn, wx: *wx, wy: *wy, vec: *vec, tk };
                 simt_step(b, &st, (my_row, my_col), a, bb, ty)
             }
-            Step::Tf32 { sub, lanes, parts } => mma_step(b, lanes, *parts, *sub, tk, a, bb),
+            Step::TensorCores { sub, lanes, parts } => mma_step(b, lanes, *parts, *sub, tk, a, bb),
         }
     }
 }
@@ -410,9 +407,10 @@ fn simt_step(
     acc
 }
 
-/// One k tile on tensor cores: for each k step of 8, every warp loads its A fragments (one per
-/// 16-row block) and B fragments (one per 8-column block) from shared memory, where they were
-/// stored already rounded to TF32, and runs `sub[0] × sub[1]` `mma.sync` products into its
+/// One k tile on tensor cores: for each k step of the products (8 or 16), every warp loads its
+/// A fragments (one per 16-row block) and B fragments (one per 8-column block) from shared
+/// memory, where they were stored already at the products' precision (or are split as they
+/// are read), and runs `sub[0] × sub[1]` `mma.sync` products into its
 /// accumulators (carried as `%o…`, 4 per product). Returns the accumulators after the tile.
 fn mma_step(
     b: &mut Body,
@@ -429,21 +427,23 @@ fn mma_step(
         let x = b.assign(format!("memref.load {}[{at}] : {}", mem.name, mem.ty));
         ops.stored(b, &x)
     };
+    let frag = l.frag;
     // A fragment (row, col) of the warp's block at `a_lane + row·la.row + col`.
+    let k_lane = l.k_lane(b);
     let a_lane = {
         let r = l.at(b, &l.warp_row, 0, &l.group, 1);
-        let at = offset_at(b, 0, &[(Some(&r), la.row), (Some(&l.in_group), la.col)]);
+        let at = offset_at(b, 0, &[(Some(&r), la.row), (Some(&k_lane), la.col)]);
         b.assign(format!("arith.addi {sa}, {at} : index"))
     };
     let b_lane = {
         let c = l.at(b, &l.warp_col, 0, &l.group, 1);
-        let at = offset_at(b, 0, &[(Some(&l.in_group), lb.row), (Some(&c), lb.col)]);
+        let at = offset_at(b, 0, &[(Some(&k_lane), lb.row), (Some(&c), lb.col)]);
         b.assign(format!("arith.addi {sb}, {at} : index"))
     };
-    for kk in (0..tk).step_by(MMA_K) {
+    for kk in (0..tk).step_by(frag.k) {
         let a_frags: Vec<Vec<Part>> = (0..sub[0])
             .map(|i| {
-                A_FRAGMENT
+                frag.a
                     .iter()
                     .map(|&(dr, dc)| {
                         let at = plus(b, &a_lane, (i * MMA_M + dr) * la.row + (kk + dc) * la.col);
@@ -454,7 +454,7 @@ fn mma_step(
             .collect();
         let b_frags: Vec<Vec<Part>> = (0..sub[1])
             .map(|j| {
-                B_FRAGMENT
+                frag.b
                     .iter()
                     .map(|&(dr, dc)| {
                         let at = plus(b, &b_lane, (kk + dr) * lb.row + (j * MMA_N + dc) * lb.col);

@@ -1,81 +1,158 @@
-//! Warp-wide matrix products on tensor cores (`mma.sync.m16n8k8` with TF32 operands), shared by
-//! the products and attention: where each lane's fragment elements lie, the lane coordinates
-//! a kernel computes once, and the product itself, written as the NVVM instruction or, on
-//! SPIR-V, emulated by the warp through shared memory so the fragment bookkeeping can be
-//! checked on any Vulkan device; and how f32 values become operands, rounded to TF32 or split
-//! in a high and a low TF32 part whose three products keep close to f32 accuracy.
+//! Warp-wide matrix products on tensor cores, shared by the products and attention:
+//! `mma.sync.m16n8k8` with TF32 operands and `mma.sync.m16n8k16` with f16 or bf16 ones, f32
+//! accumulators in both. Here are where each lane's fragment elements lie, the lane
+//! coordinates a kernel computes once, and the product itself, written as the NVVM instruction
+//! or, on SPIR-V, emulated by the warp through shared memory so the fragment bookkeeping can
+//! be checked on any Vulkan device; and how f32 values become operands: rounded to TF32, f16 or
+//! bf16, or split in a high and a low TF32 part whose three products keep close to f32
+//! accuracy.
 
 use super::plan::MmaPrecision;
 use super::skeleton::{shared, shared_type};
 use super::tiles::Rounding;
 use super::{GpuCaps, GpuFlavor};
 use crate::mlir_text::Body;
+use kiln_ir::DType;
 
-/// Rows and columns of an MMA tile: `m16n8k8`.
+/// Rows and columns of every product's accumulator tile: `m16n8`.
 pub(crate) const MMA_M: usize = 16;
 pub(crate) const MMA_N: usize = 8;
-pub(crate) const MMA_K: usize = 8;
 
-/// Whether attention and products may run on tensor cores, and at which precision: where the
-/// operands fit it exactly (`exact`: f16 in TF32), or the user allowed rounding f32 to it.
-pub(crate) fn tensor_core_precision(exact: bool, ty: &str, caps: &GpuCaps) -> Option<MmaPrecision> {
-    match (caps.mma, caps.tensor_cores) {
-        (Some(hw), Some(asked)) if asked.runs_on(hw) && ty == "f32" => Some(asked),
-        (Some(hw), _) if exact => Some(hw),
-        _ => None,
+/// Whether attention and products whose operands are of `operands` may run on tensor cores,
+/// and at which precision: f16 and bf16 operands at their own precision (they fit it exactly),
+/// f32 ones where the user allowed rounding them (`--precision tf32` or `tf32x3`). The flag
+/// says whether the operands are exact at the precision, so nothing needs rounding as they
+/// enter.
+pub(crate) fn tensor_core_precision(operands: &[DType], caps: &GpuCaps) -> Option<(MmaPrecision, bool)> {
+    let hw = caps.mma?;
+    let all = |d: DType| operands.iter().all(|&o| o == d);
+    let (precision, exact) = if all(DType::F16) {
+        (MmaPrecision::F16, true)
+    } else if all(DType::BF16) {
+        (MmaPrecision::Bf16, true)
+    } else if all(DType::F32) {
+        (caps.tensor_cores?, false)
+    } else {
+        return None;
+    };
+    precision.runs_on(hw).then_some((precision, exact))
+}
+
+/// Where one lane's operand elements of one product lie (PTX ISA, "Matrix Fragments for
+/// mma.m16n8k8" with `.tf32`, and for `mma.m16n8k16` with `.f16`/`.bf16`): lane `l` of the warp
+/// has `group = l / 4` and `in_group = l % 4`. Each entry of `a` is a `(row, column)` offset
+/// added to `(group, lane_k·in_group)` in A (16 × k, row-major); each entry of `b` is added to
+/// `(lane_k·in_group, group)` in B (k × 8). 16-bit operands come two to a register: entries
+/// `2i` and `2i + 1` share one, the first in its low half.
+pub(crate) struct Fragments {
+    /// The product's k.
+    pub k: usize,
+    /// Columns of A (rows of B) between the first elements of neighbouring lanes of a group.
+    pub lane_k: usize,
+    pub a: &'static [(usize, usize)],
+    pub b: &'static [(usize, usize)],
+}
+
+/// `m16n8k8` with TF32 operands: one per register.
+pub(crate) const TF32_FRAGMENTS: Fragments =
+    Fragments { k: 8, lane_k: 1, a: &[(0, 0), (8, 0), (0, 4), (8, 4)], b: &[(0, 0), (4, 0)] };
+
+/// `m16n8k16` with f16 or bf16 operands: two per register.
+pub(crate) const HALF_FRAGMENTS: Fragments = Fragments {
+    k: 16,
+    lane_k: 2,
+    a: &[(0, 0), (0, 1), (8, 0), (8, 1), (0, 8), (0, 9), (8, 8), (8, 9)],
+    b: &[(0, 0), (1, 0), (8, 0), (9, 0)],
+};
+
+/// Where the accumulators lie (the same for every precision): added to `(group,
+/// 2·in_group)` of C (16 × 8).
+pub(crate) const C_FRAGMENT: [(usize, usize); 4] = [(0, 0), (0, 1), (8, 0), (8, 1)];
+
+/// The fragments of `precision`'s products.
+pub(crate) fn fragments(precision: MmaPrecision) -> &'static Fragments {
+    match precision {
+        MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => &TF32_FRAGMENTS,
+        MmaPrecision::F16 | MmaPrecision::Bf16 => &HALF_FRAGMENTS,
     }
 }
 
-/// One operand element of a product as the tensor cores take it: TF32 bits (`i32`), and at
-/// [`MmaPrecision::Tf32x3`] the low part's bits too.
+/// One operand element of a product as the tensor cores take it: TF32 bits (`i32`, and at
+/// [`MmaPrecision::Tf32x3`] the low part's bits too), an `f16`, or bf16 bits (`i16`).
 #[derive(Clone)]
 pub(crate) struct Part {
     pub hi: String,
     pub lo: Option<String>,
 }
 
-/// How a kernel turns f32 values into [`Part`]s: at TF32 its shared tiles already hold rounded
-/// values (rounded once as they enter), so a read is a bit cast; at TF32×3 they hold f32 values,
-/// split as they are read.
+/// How a kernel turns f32 values into [`Part`]s. Shared tiles hold f32 values: at TF32, f16
+/// and bf16 already rounded to the precision (once, as they enter, unless the operands are
+/// exact at it), so a read is a conversion that loses nothing; at TF32×3 unrounded, split as
+/// they are read.
 #[derive(Clone, Copy)]
 pub(crate) struct Parts {
     pub precision: MmaPrecision,
     pub rounding: Rounding,
+    /// Whether the operands are exact at the precision (f16 and bf16 tensors).
+    pub exact: bool,
 }
 
 impl Parts {
-    pub fn new(precision: MmaPrecision, flavor: GpuFlavor) -> Parts {
-        let rounding = match flavor {
-            GpuFlavor::Nvvm => Rounding::Tf32Nvvm,
-            GpuFlavor::Spirv => Rounding::Tf32Bits,
+    pub fn new(precision: MmaPrecision, flavor: GpuFlavor, exact: bool) -> Parts {
+        let nvvm = flavor == GpuFlavor::Nvvm;
+        let rounding = match precision {
+            MmaPrecision::Tf32 | MmaPrecision::Tf32x3 if nvvm => Rounding::Tf32Nvvm,
+            MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => Rounding::Tf32Bits,
+            MmaPrecision::F16 => Rounding::F16,
+            MmaPrecision::Bf16 if nvvm => Rounding::Bf16Nvvm,
+            MmaPrecision::Bf16 => Rounding::Bf16Bits,
         };
-        Parts { precision, rounding }
+        Parts { precision, rounding, exact }
     }
 
-    /// The rounding a value gets as it enters shared memory: TF32's, or none at TF32×3.
+    /// The rounding an operand gets as it enters shared memory: none where the operands are
+    /// exact or split (TF32×3).
     pub fn on_entry(&self) -> Option<Rounding> {
+        if self.exact {
+            return None;
+        }
+        self.computed()
+    }
+
+    /// The rounding a value computed in the kernel (attention's weights) gets before it is
+    /// stored as an operand: the precision's, or none at TF32×3 (split as it is read).
+    pub fn computed(&self) -> Option<Rounding> {
         match self.precision {
-            MmaPrecision::Tf32 => Some(self.rounding),
+            MmaPrecision::Tf32 | MmaPrecision::F16 | MmaPrecision::Bf16 => Some(self.rounding),
             MmaPrecision::Tf32x3 => None,
         }
     }
 
-    /// A value as it was stored in shared memory ([`Parts::on_entry`]).
+    /// A value as it was stored in shared memory ([`Parts::on_entry`], [`Parts::computed`]).
     pub fn stored(&self, b: &mut Body, x: &str) -> Part {
-        match self.precision {
-            MmaPrecision::Tf32 => Part { hi: b.assign(format!("arith.bitcast {x} : f32 to i32")), lo: None },
-            MmaPrecision::Tf32x3 => self.split(b, x),
-        }
+        let hi = match self.precision {
+            MmaPrecision::Tf32 => b.assign(format!("arith.bitcast {x} : f32 to i32")),
+            MmaPrecision::Tf32x3 => return self.split(b, x),
+            MmaPrecision::F16 => b.assign(format!("arith.truncf {x} : f32 to f16")),
+            // The value has bf16's precision already: its bits are the high half of the f32's.
+            MmaPrecision::Bf16 => {
+                let bits = b.assign(format!("arith.bitcast {x} : f32 to i32"));
+                let c16 = b.int(16, "i32");
+                let high = b.assign(format!("arith.shrui {bits}, {c16} : i32"));
+                b.assign(format!("arith.trunci {high} : i32 to i16"))
+            }
+        };
+        Part { hi, lo: None }
     }
 
-    /// An f32 value straight from memory: rounded, or split.
+    /// An f32 value straight from memory: rounded (unless exact), or split.
     pub fn fresh(&self, b: &mut Body, x: &str) -> Part {
-        match self.precision {
-            MmaPrecision::Tf32 => {
-                let r = self.rounding.apply(b, x);
-                Part { hi: b.assign(format!("arith.bitcast {r} : f32 to i32")), lo: None }
+        match self.on_entry() {
+            Some(rounding) => {
+                let r = rounding.apply(b, x);
+                self.stored(b, &r)
             }
-            MmaPrecision::Tf32x3 => self.split(b, x),
+            None => self.stored(b, x),
         }
     }
 
@@ -91,7 +168,7 @@ impl Parts {
     }
 }
 
-/// `d = a·b + c` for one `m16n8k8` product of the warp from operand [`Part`]s: one tensor-core
+/// `d = a·b + c` for one product of the warp from operand [`Part`]s: one tensor-core
 /// product, or at TF32×3 three (the small terms first, so they are not lost to the large).
 pub(crate) fn mma_parts(b: &mut Body, l: &Lanes, a: &[Part], bf: &[Part], c: &[String]) -> Vec<String> {
     let his = |p: &[Part]| p.iter().map(|x| x.hi.clone()).collect::<Vec<_>>();
@@ -105,16 +182,7 @@ pub(crate) fn mma_parts(b: &mut Body, l: &Lanes, a: &[Part], bf: &[Part], c: &[S
     mma(b, l, &a_hi, &b_hi, &acc)
 }
 
-/// Where the fragments of `mma.sync.m16n8k8` with TF32 operands lie (PTX ISA, "Matrix
-/// Fragments for mma.m16n8k8", `.tf32`): lane `l` of the warp has `group = l / 4` and
-/// `in_group = l % 4`. Each entry is `(row, column)` offsets added to `(group, in_group)` for A
-/// (16×8, row-major) and C (16×8, where the column is `2·in_group + offset`), and to
-/// `(in_group, group)` for B (8×8).
-pub(crate) const A_FRAGMENT: [(usize, usize); 4] = [(0, 0), (8, 0), (0, 4), (8, 4)];
-pub(crate) const B_FRAGMENT: [(usize, usize); 2] = [(0, 0), (4, 0)];
-pub(crate) const C_FRAGMENT: [(usize, usize); 4] = [(0, 0), (0, 1), (8, 0), (8, 1)];
-
-/// A warp lane's coordinates, computed once per kernel.
+/// A warp lane's coordinates, computed once per kernel, and the products it takes part in.
 pub(crate) struct Lanes {
     /// `lane / 4` and `lane % 4`.
     pub group: String,
@@ -122,9 +190,12 @@ pub(crate) struct Lanes {
     /// The first row and column of this warp's block of the tile.
     pub warp_row: String,
     pub warp_col: String,
+    /// The operand precision of the warp's products, and where their fragments lie.
+    pub precision: MmaPrecision,
+    pub frag: &'static Fragments,
     /// Where a lane emulates `mma.sync` (SPIR-V, for checking the fragment bookkeeping on any
-    /// Vulkan device): its warp's slices of two shared scratch arrays (a 16×8 A and an 8×8 B
-    /// per warp), and their types.
+    /// Vulkan device): its warp's slices of two shared scratch arrays (a 16 × k A and a k × 8
+    /// B per warp), and their types.
     pub emulation: Option<Emulation>,
 }
 
@@ -138,18 +209,21 @@ pub(crate) struct Emulation {
 }
 
 impl Lanes {
-    pub fn new(b: &mut Body, lin: &str, warps: [usize; 2], sub: [usize; 2]) -> Lanes {
+    pub fn new(
+        b: &mut Body,
+        lin: &str,
+        warps: [usize; 2],
+        sub: [usize; 2],
+        precision: MmaPrecision,
+    ) -> Lanes {
+        let frag = fragments(precision);
         let emulate = b.gpu() != Some(GpuFlavor::Nvvm);
         let count = warps[0] * warps[1];
+        let (a_len, b_len) = (MMA_M * frag.k, frag.k * MMA_N);
         let scratch = emulate.then(|| {
-            let a = shared(b, count * MMA_M * MMA_K, "f32");
-            let bb = shared(b, count * MMA_K * MMA_N, "f32");
-            (
-                a,
-                bb,
-                shared_type(b, count * MMA_M * MMA_K, "f32"),
-                shared_type(b, count * MMA_K * MMA_N, "f32"),
-            )
+            let a = shared(b, count * a_len, "f32");
+            let bb = shared(b, count * b_len, "f32");
+            (a, bb, shared_type(b, count * a_len, "f32"), shared_type(b, count * b_len, "f32"))
         });
         let c32 = b.index(32);
         let lane = b.assign(format!("arith.remui {lin}, {c32} : index"));
@@ -165,13 +239,13 @@ impl Lanes {
         let warp_row = b.assign(format!("arith.muli {wr}, {rows} : index"));
         let warp_col = b.assign(format!("arith.muli {wc}, {cols} : index"));
         let emulation = scratch.map(|(scratch_a, scratch_b, a_type, b_type)| {
-            let ca = b.index(MMA_M * MMA_K);
-            let cb = b.index(MMA_K * MMA_N);
+            let ca = b.index(a_len);
+            let cb = b.index(b_len);
             let a_base = b.assign(format!("arith.muli {warp}, {ca} : index"));
             let b_base = b.assign(format!("arith.muli {warp}, {cb} : index"));
             Emulation { a_base, b_base, scratch_a, scratch_b, a_type, b_type }
         });
-        Lanes { group, in_group, warp_row, warp_col, emulation }
+        Lanes { group, in_group, warp_row, warp_col, precision, frag, emulation }
     }
 
     /// `base + offset + scale·lane_part`.
@@ -186,16 +260,30 @@ impl Lanes {
         let x = b.assign(format!("arith.addi {base}, {o} : index"));
         b.assign(format!("arith.addi {x}, {part} : index"))
     }
+
+    /// This lane's first column of A (row of B) in a product: `lane_k·in_group`.
+    pub fn k_lane(&self, b: &mut Body) -> String {
+        let c0 = b.index(0);
+        self.at(b, &c0, 0, &self.in_group, self.frag.lane_k)
+    }
 }
 
-/// `d = a·b + c` for one `m16n8k8` product of the warp: `a` (4) and `b` (2) are fragment
-/// elements as TF32 bits (`i32`), `c` the 4 accumulators of this lane. Returns the 4 new ones.
+/// `d = a·b + c` for one product of the warp: `a` and `b` are this lane's fragment elements
+/// ([`Part::hi`]s, as [`Lanes::frag`] places them), `c` its 4 accumulators. Returns the 4 new
+/// ones.
 pub(crate) fn mma(b: &mut Body, l: &Lanes, a: &[String], bf: &[String], c: &[String]) -> Vec<String> {
     if let Some(em) = &l.emulation {
         return emulate_mma(b, l, em, a, bf, c);
     }
+    // Operand registers, the PTX type and the register type of the intrinsic.
+    let (a, bf, ptx, reg) = match l.precision {
+        MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => (a.to_vec(), bf.to_vec(), "tf32", "i32"),
+        MmaPrecision::F16 => (pack_f16(b, a), pack_f16(b, bf), "f16", "vector<2xf16>"),
+        MmaPrecision::Bf16 => (pack_bf16(b, a), pack_bf16(b, bf), "bf16", "i32"),
+    };
+    let k = l.frag.k;
     let r = b.assign(format!(
-        "nvvm.mma.sync A[{}] B[{}] C[{}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, multiplicandAPtxType = #nvvm.mma_type<tf32>, multiplicandBPtxType = #nvvm.mma_type<tf32>, shape = #nvvm.shape<m = 16, n = 8, k = 8>}} : (i32, i32, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
+        "nvvm.mma.sync A[{}] B[{}] C[{}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, multiplicandAPtxType = #nvvm.mma_type<{ptx}>, multiplicandBPtxType = #nvvm.mma_type<{ptx}>, shape = #nvvm.shape<m = 16, n = 8, k = {k}>}} : ({reg}, {reg}, f32) -> !llvm.struct<(f32, f32, f32, f32)>",
         a.join(", "),
         bf.join(", "),
         c.join(", ")
@@ -205,10 +293,43 @@ pub(crate) fn mma(b: &mut Body, l: &Lanes, a: &[String], bf: &[String], c: &[Str
         .collect()
 }
 
-/// `mma.sync.m16n8k8` with TF32 operands, emulated by one warp through shared memory: each
-/// lane stores its A and B fragment elements where the fragment tables put them, then computes
-/// its four C elements from the whole 16×8 and 8×8 operands. Every lane of the workgroup runs
-/// it, so its barriers are uniform.
+/// Pairs of `f16` elements as the `.f16x2` registers of a fragment.
+fn pack_f16(b: &mut Body, xs: &[String]) -> Vec<String> {
+    xs.chunks(2).map(|p| b.assign(format!("vector.from_elements {} : vector<2xf16>", p.join(", ")))).collect()
+}
+
+/// Pairs of bf16 bits (`i16`) as the `.bf16x2` registers of a fragment: the first in the low
+/// half.
+fn pack_bf16(b: &mut Body, xs: &[String]) -> Vec<String> {
+    let c16 = b.int(16, "i32");
+    xs.chunks(2)
+        .map(|p| {
+            let lo = b.assign(format!("arith.extui {} : i16 to i32", p[0]));
+            let hi = b.assign(format!("arith.extui {} : i16 to i32", p[1]));
+            let hi = b.assign(format!("arith.shli {hi}, {c16} : i32"));
+            b.assign(format!("arith.ori {hi}, {lo} : i32"))
+        })
+        .collect()
+}
+
+/// A fragment element as the f32 it stands for, for the emulation.
+fn unpack(b: &mut Body, precision: MmaPrecision, x: &str) -> String {
+    match precision {
+        MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => b.assign(format!("arith.bitcast {x} : i32 to f32")),
+        MmaPrecision::F16 => b.assign(format!("arith.extf {x} : f16 to f32")),
+        MmaPrecision::Bf16 => {
+            let w = b.assign(format!("arith.extui {x} : i16 to i32"));
+            let c16 = b.int(16, "i32");
+            let w = b.assign(format!("arith.shli {w}, {c16} : i32"));
+            b.assign(format!("arith.bitcast {w} : i32 to f32"))
+        }
+    }
+}
+
+/// One product emulated by one warp through shared memory: each lane stores its A and B
+/// fragment elements where the fragment tables put them, then computes its four C elements
+/// from the whole 16 × k and k × 8 operands. Every lane of the workgroup runs it, so its
+/// barriers are uniform.
 fn emulate_mma(
     b: &mut Body,
     l: &Lanes,
@@ -227,18 +348,20 @@ fn emulate_mma(
         let dc = b.index(d);
         b.assign(format!("arith.addi {x}, {dc} : index"))
     };
-    for (x, &(dr, dc)) in a.iter().zip(&A_FRAGMENT) {
+    let frag = l.frag;
+    let k_lane = l.k_lane(b);
+    for (x, &(dr, dc)) in a.iter().zip(frag.a) {
         let row = plus(b, &l.group, dr);
-        let col = plus(b, &l.in_group, dc);
-        let i = at(b, &em.a_base, &row, MMA_K, &col);
-        let v = b.assign(format!("arith.bitcast {x} : i32 to f32"));
+        let col = plus(b, &k_lane, dc);
+        let i = at(b, &em.a_base, &row, frag.k, &col);
+        let v = unpack(b, l.precision, x);
         b.line(format!("memref.store {v}, {}[{i}] : {}", em.scratch_a, em.a_type));
     }
-    for (x, &(dr, dc)) in bf.iter().zip(&B_FRAGMENT) {
-        let row = plus(b, &l.in_group, dr);
+    for (x, &(dr, dc)) in bf.iter().zip(frag.b) {
+        let row = plus(b, &k_lane, dr);
         let col = plus(b, &l.group, dc);
         let i = at(b, &em.b_base, &row, MMA_N, &col);
-        let v = b.assign(format!("arith.bitcast {x} : i32 to f32"));
+        let v = unpack(b, l.precision, x);
         b.line(format!("memref.store {v}, {}[{i}] : {}", em.scratch_b, em.b_type));
     }
     b.line("gpu.barrier");
@@ -249,9 +372,9 @@ fn emulate_mma(
         let col = b.assign(format!("arith.muli {}, {two} : index", l.in_group));
         let col = plus(b, &col, dc);
         let mut sum = old.clone();
-        for kk in 0..MMA_K {
+        for kk in 0..frag.k {
             let k = b.index(kk);
-            let ia = at(b, &em.a_base, &row, MMA_K, &k);
+            let ia = at(b, &em.a_base, &row, frag.k, &k);
             let ib = at(b, &em.b_base, &k, MMA_N, &col);
             let x = b.assign(format!("memref.load {}[{ia}] : {}", em.scratch_a, em.a_type));
             let y = b.assign(format!("memref.load {}[{ib}] : {}", em.scratch_b, em.b_type));
@@ -267,28 +390,42 @@ fn emulate_mma(
 mod tests {
     use super::*;
 
-    /// Every element of A (16×8), B (8×8) and C (16×8) belongs to exactly one lane and one
-    /// fragment slot, as the PTX layout requires: a slip in the tables would show here, not as
-    /// wrong numbers on a GPU.
+    /// Every element of A (16 × k), B (k × 8) and C (16 × 8) belongs to exactly one lane and
+    /// one fragment slot, as the PTX layouts require, for both shapes: a slip in the tables
+    /// would show here, not as wrong numbers on a GPU. 16-bit pairs are adjacent along k.
     #[test]
-    fn tf32_fragments_cover_each_matrix_once() {
-        let mut a = [[0u8; 8]; 16];
-        let mut bm = [[0u8; 8]; 8];
-        let mut c = [[0u8; 8]; 16];
-        for lane in 0..32 {
-            let (g, t) = (lane / 4, lane % 4);
-            for &(dr, dc) in &A_FRAGMENT {
-                a[g + dr][t + dc] += 1;
+    fn fragments_cover_each_matrix_once() {
+        for frag in [&TF32_FRAGMENTS, &HALF_FRAGMENTS] {
+            let k = frag.k;
+            let mut a = [[0u8; 16]; 16];
+            let mut bm = [[0u8; 8]; 16];
+            let mut c = [[0u8; 8]; 16];
+            for lane in 0..32 {
+                let (g, t) = (lane / 4, lane % 4);
+                for &(dr, dc) in frag.a {
+                    a[g + dr][frag.lane_k * t + dc] += 1;
+                }
+                for &(dr, dc) in frag.b {
+                    bm[frag.lane_k * t + dr][g + dc] += 1;
+                }
+                for &(dr, dc) in &C_FRAGMENT {
+                    c[g + dr][2 * t + dc] += 1;
+                }
             }
-            for &(dr, dc) in &B_FRAGMENT {
-                bm[t + dr][g + dc] += 1;
-            }
-            for &(dr, dc) in &C_FRAGMENT {
-                c[g + dr][2 * t + dc] += 1;
+            assert!(
+                a.iter().all(|r| r[..k].iter().all(|&n| n == 1) && r[k..].iter().all(|&n| n == 0)),
+                "{a:?}"
+            );
+            assert!(bm[..k].iter().flatten().all(|&n| n == 1) && bm[k..].iter().flatten().all(|&n| n == 0));
+            assert!(c.iter().flatten().all(|&n| n == 1), "{c:?}");
+            if frag.lane_k == 2 {
+                for p in frag.a.chunks(2) {
+                    assert_eq!((p[0].0, p[0].1 + 1), p[1]);
+                }
+                for p in frag.b.chunks(2) {
+                    assert_eq!((p[0].0 + 1, p[0].1), p[1]);
+                }
             }
         }
-        assert!(a.iter().flatten().all(|&n| n == 1), "{a:?}");
-        assert!(bm.iter().flatten().all(|&n| n == 1), "{bm:?}");
-        assert!(c.iter().flatten().all(|&n| n == 1), "{c:?}");
     }
 }

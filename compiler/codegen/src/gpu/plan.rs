@@ -97,6 +97,10 @@ pub enum MmaPrecision {
     /// rounded), multiplied as three TF32 products (low·high, high·low, high·high; the
     /// low·low term is below f32's rounding): close to f32 accuracy on TF32 tensor cores.
     Tf32x3,
+    /// f16 operands (f16 tensors, exact at it): `m16n8k16`.
+    F16,
+    /// bf16 operands (bf16 tensors, exact at it): `m16n8k16`.
+    Bf16,
 }
 
 impl MmaPrecision {
@@ -105,21 +109,25 @@ impl MmaPrecision {
         match self {
             MmaPrecision::Tf32 => "tf32",
             MmaPrecision::Tf32x3 => "tf32x3",
+            MmaPrecision::F16 => "f16",
+            MmaPrecision::Bf16 => "bf16",
         }
     }
 
     /// Whether a target whose tensor cores take `hardware` operands runs products at this
-    /// precision.
+    /// precision (those that take TF32, NVIDIA's since sm_80, take f16 and bf16 too).
     pub fn runs_on(self, hardware: MmaPrecision) -> bool {
         match self {
-            MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => hardware == MmaPrecision::Tf32,
+            MmaPrecision::Tf32 | MmaPrecision::Tf32x3 | MmaPrecision::F16 | MmaPrecision::Bf16 => {
+                hardware == MmaPrecision::Tf32
+            }
         }
     }
 
-    /// Registers one operand element takes (its parts).
+    /// Registers one operand element takes at most (its parts; 16-bit ones take half).
     pub fn parts(self) -> usize {
         match self {
-            MmaPrecision::Tf32 => 1,
+            MmaPrecision::Tf32 | MmaPrecision::F16 | MmaPrecision::Bf16 => 1,
             MmaPrecision::Tf32x3 => 2,
         }
     }
@@ -129,6 +137,8 @@ impl MmaPrecision {
         match self {
             MmaPrecision::Tf32 => "tf32 operands",
             MmaPrecision::Tf32x3 => "f32 operands split into two tf32 parts (3 products each)",
+            MmaPrecision::F16 => "f16 operands",
+            MmaPrecision::Bf16 => "bf16 operands",
         }
     }
 }
@@ -154,6 +164,7 @@ fn mma_shape(precision: MmaPrecision, caps: &GpuCaps) -> Option<[u32; 3]> {
     }
     Some(match precision {
         MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => [16, 8, 8],
+        MmaPrecision::F16 | MmaPrecision::Bf16 => [16, 8, 16],
     })
 }
 
@@ -292,7 +303,7 @@ impl GpuPlan {
     }
 
     /// A tiled product on tensor cores, when the target has them for `precision`: 128×128×16
-    /// tiles of 2×4 warps (4×4 `m16n8k8` products each, 64 f32 accumulators per invocation)
+    /// tiles of 2×4 warps (4×4 `m16n8` products each, 64 f32 accumulators per invocation)
     /// or 64×64×16 tiles of 2×2 warps (2×4 products each), whichever [`matmul_cost`] estimates
     /// faster; two stages when they fit in shared memory. Where the target
     /// emulates the products (SPIR-V, to check the fragment bookkeeping), their scratch
@@ -319,7 +330,7 @@ impl GpuPlan {
                 }
                 super::GpuLowering::Nvvm(_) => 0,
             };
-            // Each lane holds 4 f32 accumulators per m16n8k8 product of its warp's block.
+            // Each lane holds 4 f32 accumulators per m16n8 product of its warp's block.
             let accumulators = (tile[0] * tile[1] / (32 * count)) as usize;
             if stage_bytes + scratch > caps.max_shared_bytes as usize
                 || accumulators > caps.registers as usize / 2
@@ -386,7 +397,7 @@ impl GpuPlan {
     }
 
     /// Flash attention on tensor cores, when the target has them for `precision` and the head
-    /// sizes are multiples of the products' k (8) up to [`ATTENTION_MMA_MAX_HEAD`]: 4 warps
+    /// sizes are multiples of the products' k (8, or 16 for 16-bit operands) up to [`ATTENTION_MMA_MAX_HEAD`]: 4 warps
     /// of 16 queries per workgroup (fewer for short sequences), and the longest key tile with
     /// the most stages that fits in shared memory with the warps' weights (on SPIR-V, the
     /// emulation's scratch arrays too). The caller decides whether the operands may be rounded
@@ -416,6 +427,10 @@ impl GpuPlan {
             return Ok(None);
         }
         for (block_k, stages) in [(32u32, 2u32), (32, 1), (16, 2), (16, 1), (8, 1)] {
+            // The key tile is the k of the products with the value tile.
+            if !(block_k as usize).is_multiple_of(k) {
+                continue;
+            }
             let layout = attention_layouts(d, dv, block_k as usize, warps as usize);
             // Per lane: the query fragments (in parts), the output accumulators and the tile's
             // scores.
@@ -424,7 +439,9 @@ impl GpuPlan {
             }
             let scratch = match caps.lowering {
                 // The emulated products' operands, and the quads' partial row results.
-                super::GpuLowering::Spirv => (warps * (16 * 8 + 8 * 8) + 32 * warps * 2) as usize * 4,
+                super::GpuLowering::Spirv => {
+                    (warps * (shape[0] * shape[2] + shape[2] * shape[1]) + 32 * warps * 2) as usize * 4
+                }
                 super::GpuLowering::Nvvm(_) => 0,
             };
             let bytes =

@@ -21,8 +21,8 @@ pub(crate) fn aligned_by_4(v: &View, axis: usize) -> bool {
         && v.strides.iter().enumerate().all(|(i, s)| i == axis || s % 4 == 0 || v.shape[i] == 1)
 }
 
-/// How operand values are rounded to TF32: as they enter shared memory, or as tensor-core
-/// operands are formed from f32 values (`mma::Parts`).
+/// How f32 values are rounded to a tensor-core precision (and kept as f32): as operands
+/// enter shared memory, or as tensor-core operands are formed from f32 values (`mma::Parts`).
 #[derive(Clone, Copy)]
 pub(crate) enum Rounding {
     /// `cvt.rna.tf32.f32`.
@@ -30,6 +30,13 @@ pub(crate) enum Rounding {
     /// The same rounding written out (round the 13 dropped mantissa bits to nearest, ties
     /// away from zero), for devices without the instruction.
     Tf32Bits,
+    /// To the nearest f16, ties to even (one conversion each way on every device).
+    F16,
+    /// To the nearest bf16, ties to even: `cvt.rn.bf16.f32` and back.
+    Bf16Nvvm,
+    /// The same rounding written out (add `0x7FFF` plus the lowest kept bit, drop the low 16
+    /// bits; NaNs stay NaNs), for devices without bf16.
+    Bf16Bits,
 }
 
 impl Rounding {
@@ -44,6 +51,29 @@ impl Rounding {
                 let up = b.assign(format!("arith.addi {bits}, {half} : i32"));
                 let mask = b.int(0xFFFF_E000u32 as i32 as i64, "i32");
                 b.assign(format!("arith.andi {up}, {mask} : i32"))
+            }
+            Rounding::F16 | Rounding::Bf16Nvvm => {
+                let t = if matches!(self, Rounding::F16) { "f16" } else { "bf16" };
+                let h = b.assign(format!("arith.truncf {x} : f32 to {t}"));
+                return b.assign(format!("arith.extf {h} : {t} to f32"));
+            }
+            Rounding::Bf16Bits => {
+                let bits = b.assign(format!("arith.bitcast {x} : f32 to i32"));
+                let c16 = b.int(16, "i32");
+                let one = b.int(1, "i32");
+                let kept = b.assign(format!("arith.shrui {bits}, {c16} : i32"));
+                let lowest = b.assign(format!("arith.andi {kept}, {one} : i32"));
+                let half = b.int(0x7FFF, "i32");
+                let up = b.assign(format!("arith.addi {bits}, {half} : i32"));
+                let up = b.assign(format!("arith.addi {up}, {lowest} : i32"));
+                let mask = b.int(0xFFFF_0000u32 as i32 as i64, "i32");
+                let rounded = b.assign(format!("arith.andi {up}, {mask} : i32"));
+                // A NaN keeps its sign and becomes a quiet NaN (the sum could carry it to ±∞).
+                let quiet = b.int(0x0040_0000, "i32");
+                let nan = b.assign(format!("arith.ori {bits}, {quiet} : i32"));
+                let nan = b.assign(format!("arith.andi {nan}, {mask} : i32"));
+                let is_nan = b.assign(format!("arith.cmpf uno, {x}, {x} : f32"));
+                b.assign(format!("arith.select {is_nan}, {nan}, {rounded} : i32"))
             }
         };
         b.assign(format!("arith.bitcast {bits} : i32 to f32"))
