@@ -905,8 +905,7 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
     // (`tf32x3`), within f32's.
     // (graph, caps, tile, tolerance, the precision its f32 inputs are rounded to first)
     type Run<'a> = (&'a Graph, kiln_codegen::gpu::GpuCaps, [u32; 2], f64, Option<DType>);
-    let mut runs: Vec<Run> =
-        graphs.iter().map(|g| (g, caps.clone(), [64, 64], 1e-2, None)).collect();
+    let mut runs: Vec<Run> = graphs.iter().map(|g| (g, caps.clone(), [64, 64], 1e-2, None)).collect();
     // The large GPUs' plan (128×128 tiles of 2×4 warps, 4×4 products each): with their
     // registers and a device too small for the 64×64 tiles to fill, as for the product of
     // `matmul_tiles` 512 × 512.

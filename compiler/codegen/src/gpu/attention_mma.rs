@@ -13,7 +13,7 @@
 //! shared memory, so the same bookkeeping runs, and is checked, on any Vulkan device.
 
 use super::attention::{keys_to_visit, Operands};
-use super::mma::{mma_parts, Lanes, Part, Parts, C_FRAGMENT, MMA_M, MMA_N};
+use super::mma::{mma_parts, Fragment, Lanes, Parts, C_FRAGMENT, MMA_M, MMA_N};
 use super::plan::{attention_layouts, MmaPrecision};
 use super::skeleton::{clamp, offset_at, plus, shared, shared_type, SharedArray};
 use super::tiles::OperandTile;
@@ -53,16 +53,21 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let (sk, dv) = (k.shape[r - 2], o.v.map_or(0, |v| v.shape[r - 1]));
     let nvvm = cx.caps.flavor() == GpuFlavor::Nvvm;
     let ops = Parts::new(precision, cx.caps.flavor(), exact);
-    let round = ops.on_entry();
-    let lay = attention_layouts(d, dv, bk, warps);
+    let round = Some(&ops);
+    let lay = attention_layouts(d, dv, bk, warps, precision);
     let inv = 32 * warps;
 
-    let sh_k = shared(b, stages * lay.keys.len, ty);
-    let sk_ty = shared_type(b, stages * lay.keys.len, ty);
-    let sh_v = shared(b, stages * lay.values.len, ty);
-    let sv_ty = shared_type(b, stages * lay.values.len, ty);
-    let sh_w = shared(b, lay.weights.len, ty);
-    let sw_ty = shared_type(b, lay.weights.len, ty);
+    // Keys and values as the products take them; TF32 weights as f32 values (16-bit ones
+    // stay in registers).
+    let elem = ops.shared_elem();
+    let sh_k = shared(b, stages * lay.keys.len, elem);
+    let sk_ty = shared_type(b, stages * lay.keys.len, elem);
+    let sh_v = shared(b, stages * lay.values.len, elem);
+    let sv_ty = shared_type(b, stages * lay.values.len, elem);
+    let weights_shared = (lay.weights.len > 0).then(|| {
+        let name = shared(b, lay.weights.len, ty);
+        (name, shared_type(b, lay.weights.len, ty))
+    });
     let quad_scratch = (!nvvm).then(|| (shared(b, inv * 2, ty), shared_type(b, inv * 2, ty)));
     let lin = b.assign("gpu.thread_id x");
     let bx = b.assign("gpu.block_id x");
@@ -86,9 +91,10 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let rows_c = [clamp(b, &rows[0], sq), clamp(b, &rows[1], sq)];
 
     // The warp's queries as A fragments, one per k columns of the head.
-    let q_frags: Vec<Vec<Part>> = (0..d / frag.k)
+    let q_frags: Vec<Fragment> = (0..d / frag.k)
         .map(|kk| {
-            frag.a
+            let parts = frag
+                .a
                 .iter()
                 .map(|&(dr, dc)| {
                     let col = plus(b, &k_lane, kk * frag.k + dc);
@@ -101,7 +107,8 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
                     let x = load(b, "%a0", q, &at);
                     ops.fresh(b, &x)
                 })
-                .collect()
+                .collect();
+            Fragment::Elements(parts)
         })
         .collect();
 
@@ -186,26 +193,18 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         b.line("gpu.barrier");
         (c0.clone(), c0.clone(), None)
     };
-    let bits = |b: &mut Body, name: &str, mem_ty: &str, at: &str| {
-        let x = b.assign(format!("memref.load {name}[{at}] : {mem_ty}"));
-        ops.stored(b, &x)
-    };
-
     // Scores: key `n` of the tile is column `n` of the B operand, its element `e` row `e`.
-    let key_lane = offset_at(b, 0, &[(Some(&l.group), lay.keys.row), (Some(&k_lane), 1)]);
+    let (kr, kc) = (lay.keys.row, lay.keys.col);
+    let key_lane = offset_at(b, 0, &[(Some(&l.group), kr), (Some(&k_lane), kc)]);
     let key_lane = b.assign(format!("arith.addi {cur_k}, {key_lane} : index"));
     let mut scores: Vec<Vec<String>> = Vec::with_capacity(bk / MMA_N);
     for nb in 0..bk / MMA_N {
         let mut c = vec![zero.clone(); C_FRAGMENT.len()];
         for (kk, af) in q_frags.iter().enumerate() {
-            let bf: Vec<Part> = frag
-                .b
-                .iter()
-                .map(|&(dr, dc)| {
-                    let at = plus(b, &key_lane, (nb * MMA_N + dc) * lay.keys.row + kk * frag.k + dr);
-                    bits(b, &sh_k, &sk_ty, &at)
-                })
-                .collect();
+            let mut at = |b: &mut Body, dr: usize, dc: usize| {
+                plus(b, &key_lane, (nb * MMA_N + dc) * kr + (kk * frag.k + dr) * kc)
+            };
+            let bf = l.read(b, &ops, &mem_k, frag.b, kc == 1, &mut at);
             c = mma_parts(b, &l, af, &bf, &c);
         }
         scores.push(c);
@@ -280,49 +279,66 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     }
 
     if dv > 0 {
-        // The weights through the warp's slice of shared memory: written where the score
-        // products left them, read back as the value products' A operand.
-        let wr = lay.weights.row;
-        let warp_w = b.index(wr);
-        let warp_w = b.assign(format!("arith.muli {}, {warp_w} : index", l.warp_row));
-        let w_write = offset_at(b, 0, &[(Some(&l.group), wr), (Some(&two_t), 1)]);
-        let w_write = b.assign(format!("arith.addi {warp_w}, {w_write} : index"));
-        for (nb, w) in weights.iter().enumerate() {
-            for (e, p) in w.iter().enumerate() {
-                let (dr, dc) = C_FRAGMENT[e];
-                let p = match ops.computed() {
-                    Some(r) => r.apply(b, p),
-                    None => p.clone(),
-                };
-                let at = plus(b, &w_write, dr * wr + nb * MMA_N + dc);
-                b.line(format!("memref.store {p}, {sh_w}[{at}] : {sw_ty}"));
-            }
-        }
-        b.line("gpu.barrier");
-        let w_read = offset_at(b, 0, &[(Some(&l.group), wr), (Some(&k_lane), 1)]);
-        let w_read = b.assign(format!("arith.addi {warp_w}, {w_read} : index"));
-        let v_lane = offset_at(b, 0, &[(Some(&k_lane), lay.values.row), (Some(&l.group), 1)]);
-        let v_lane = b.assign(format!("arith.addi {cur_v}, {v_lane} : index"));
-        for kk in 0..bk / frag.k {
-            let af: Vec<Part> = frag
-                .a
-                .iter()
-                .map(|&(dr, dc)| {
-                    let at = plus(b, &w_read, dr * wr + kk * frag.k + dc);
-                    bits(b, &sh_w, &sw_ty, &at)
+        // The weights as the value products' A operand, one fragment per k keys.
+        let w_frags: Vec<Fragment> = match &weights_shared {
+            // 16-bit products: the scores' accumulators lie where the A fragments want them,
+            // so the weights stay in registers ([`weight_of`]).
+            None => (0..bk / frag.k)
+                .map(|kk| {
+                    let parts = frag
+                        .a
+                        .iter()
+                        .map(|&(dr, dc)| {
+                            let (nb, e) = weight_of(kk, (dr, dc), frag.k);
+                            ops.computed(b, &weights[nb][e])
+                        })
+                        .collect();
+                    Fragment::Elements(parts)
                 })
-                .collect();
-            for nb in 0..dv / MMA_N {
-                let bf: Vec<Part> = frag
-                    .b
-                    .iter()
-                    .map(|&(dr, dc)| {
-                        let at = plus(b, &v_lane, (kk * frag.k + dr) * lay.values.row + nb * MMA_N + dc);
-                        bits(b, &sh_v, &sv_ty, &at)
+                .collect(),
+            // TF32: through the warp's slice of shared memory, written where the score
+            // products left them, read back in the A fragments' places.
+            Some((sh_w, sw_ty)) => {
+                let wr = lay.weights.row;
+                let warp_w = b.index(wr);
+                let warp_w = b.assign(format!("arith.muli {}, {warp_w} : index", l.warp_row));
+                let w_write = offset_at(b, 0, &[(Some(&l.group), wr), (Some(&two_t), 1)]);
+                let w_write = b.assign(format!("arith.addi {warp_w}, {w_write} : index"));
+                for (nb, w) in weights.iter().enumerate() {
+                    for (e, p) in w.iter().enumerate() {
+                        let (dr, dc) = C_FRAGMENT[e];
+                        let p = match ops.computed_rounding() {
+                            Some(r) => r.apply(b, p),
+                            None => p.clone(),
+                        };
+                        let at = plus(b, &w_write, dr * wr + nb * MMA_N + dc);
+                        b.line(format!("memref.store {p}, {sh_w}[{at}] : {sw_ty}"));
+                    }
+                }
+                b.line("gpu.barrier");
+                let mem_w = SharedArray { name: sh_w, ty: sw_ty, vectors: false };
+                let w_read = offset_at(b, 0, &[(Some(&l.group), wr), (Some(&k_lane), 1)]);
+                let w_read = b.assign(format!("arith.addi {warp_w}, {w_read} : index"));
+                (0..bk / frag.k)
+                    .map(|kk| {
+                        let mut at =
+                            |b: &mut Body, dr: usize, dc: usize| plus(b, &w_read, dr * wr + kk * frag.k + dc);
+                        l.read(b, &ops, &mem_w, frag.a, true, &mut at)
                     })
-                    .collect();
+                    .collect()
+            }
+        };
+        let (vr, vc) = (lay.values.row, lay.values.col);
+        let v_lane = offset_at(b, 0, &[(Some(&k_lane), vr), (Some(&l.group), vc)]);
+        let v_lane = b.assign(format!("arith.addi {cur_v}, {v_lane} : index"));
+        for (kk, af) in w_frags.iter().enumerate() {
+            for nb in 0..dv / MMA_N {
+                let mut at = |b: &mut Body, dr: usize, dc: usize| {
+                    plus(b, &v_lane, (kk * frag.k + dr) * vr + (nb * MMA_N + dc) * vc)
+                };
+                let bf = l.read(b, &ops, &mem_v, frag.b, vr == 1, &mut at);
                 let base = nb * C_FRAGMENT.len();
-                let d = mma_parts(b, &l, &af, &bf, &outs[base..base + C_FRAGMENT.len()]);
+                let d = mma_parts(b, &l, af, &bf, &outs[base..base + C_FRAGMENT.len()]);
                 outs[base..base + C_FRAGMENT.len()].clone_from_slice(&d);
             }
         }
@@ -376,6 +392,20 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         }
         b.close("");
     }
+}
+
+/// Which score accumulator holds the weight that entry `(dr, dc)` of a 16-bit A fragment
+/// wants in k block `kk` (keys `k·kk …`): the 8-key block `nb` and its accumulator `e`. A lane's
+/// A elements lie at `(group + dr, 2·in_group + dc)` and its accumulators at `(group + r,
+/// 2·in_group + c)` of each 8-key block, so key column `dc` of the k block is column `dc mod 8`
+/// of block `k·kk / 8 + dc / 8`.
+fn weight_of(kk: usize, (dr, dc): (usize, usize), k: usize) -> (usize, usize) {
+    let nb = kk * k / MMA_N + dc / MMA_N;
+    let e = C_FRAGMENT
+        .iter()
+        .position(|&c| c == (dr, dc % MMA_N))
+        .expect("every 16-bit A fragment element is a score accumulator (see the test)");
+    (nb, e)
 }
 
 /// How the four lanes of a quad (one query row's lanes) combine their values: butterfly
@@ -437,6 +467,27 @@ impl Quads {
                 b.line("gpu.barrier");
                 out
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::mma::HALF_FRAGMENTS;
+
+    /// The scores' accumulators hold every weight the 16-bit value products read, each once
+    /// per k block: the register path needs no shared memory.
+    #[test]
+    fn sixteen_bit_weights_are_score_accumulators() {
+        for kk in 0..2 {
+            let mut seen = std::collections::HashSet::new();
+            for &entry in HALF_FRAGMENTS.a {
+                let (nb, e) = weight_of(kk, entry, HALF_FRAGMENTS.k);
+                assert!(nb == 2 * kk || nb == 2 * kk + 1);
+                assert!(seen.insert((nb, e)), "{entry:?}");
+            }
+            assert_eq!(seen.len(), 8);
         }
     }
 }

@@ -9,7 +9,7 @@
 //! strided views, so transposed and batch-broadcast operands need no copy; where the product's
 //! sizes are multiples of the tile, no bounds are checked at all.
 
-use super::mma::{mma_parts, tensor_core_precision, Lanes, Part, Parts, C_FRAGMENT, MMA_M, MMA_N};
+use super::mma::{mma_parts, tensor_core_precision, Fragment, Lanes, Parts, C_FRAGMENT, MMA_M, MMA_N};
 use super::plan::{matmul_layouts, GpuPlan, MmaPrecision, SharedLayout, Work};
 use super::skeleton::{module, offset_at, plus, shared, shared_type, unravel, SharedArray};
 use super::tiles::{aligned_by_4, OperandTile};
@@ -74,19 +74,25 @@ pub fn emit(
         }
     };
     let [tm, tn, tk] = tile.map(|t| t as usize);
-    let tensor = matches!(inner, Inner::TensorCores { .. });
-    let [la, lb] = matmul_layouts(tile, tensor);
+    // How tensor-core operands enter and leave the shared tiles.
+    let parts = match inner {
+        Inner::TensorCores { precision, .. } => Some(Parts::new(precision, cx.caps.flavor(), exact)),
+        Inner::Simt { .. } => None,
+    };
+    let [la, lb] = matmul_layouts(tile, parts.map(|p| p.precision));
     let inv = plan.launch.invocations() as usize;
     let nvvm = cx.caps.flavor() == GpuFlavor::Nvvm;
-    // Shared memory holds register values (f32 for half inputs); vectors of 4 only for 4-byte
-    // ones, and only where the device reads them as one access (NVVM).
+    // Vectors of 4 only for 4-byte register values, and only where the device reads them as
+    // one access (NVVM).
     let vectors = nvvm && ty == "f32";
+    // Shared tiles hold register values, or tensor-core operands as the products take them.
+    let elem = parts.as_ref().map_or(ty, Parts::shared_elem);
 
     let mut b = cx.body();
-    let sh_a = shared(&mut b, stages * la.len, ty);
-    let sh_b = shared(&mut b, stages * lb.len, ty);
-    let sa = shared_type(&b, stages * la.len, ty);
-    let sb = shared_type(&b, stages * lb.len, ty);
+    let sh_a = shared(&mut b, stages * la.len, elem);
+    let sh_b = shared(&mut b, stages * lb.len, elem);
+    let sa = shared_type(&b, stages * la.len, elem);
+    let sb = shared_type(&b, stages * lb.len, elem);
     let tx = b.assign("gpu.thread_id x");
     let ty_ = b.assign("gpu.thread_id y");
     let bx = b.assign("gpu.block_id x");
@@ -122,6 +128,7 @@ pub fn emit(
             sub,
             lanes: Box::new(Lanes::new(&mut b, &lin, warps, sub, precision)),
             parts: Parts::new(precision, cx.caps.flavor(), exact),
+            adjacent: [la.col == 1, lb.row == 1],
         },
     };
     // In row form, the run's rows (m is their maximum).
@@ -132,12 +139,9 @@ pub fn emit(
     let tile_a = OperandTile::new(&b, a, "%a0", a_base, (tm, tk), (m, k), la, inv, vectors)
         .with_run_rows(run_m.clone());
     let tile_b = OperandTile::new(&b, bv, "%a1", b_base, (tk, tn), (k, n), lb, inv, vectors);
-    // Operands are rounded to the tensor cores' precision once, as they enter shared memory
-    // (unless exact at it; TF32×3 ones split as they are read from it).
-    let round = match &inner {
-        Step::TensorCores { parts, .. } => parts.on_entry(),
-        Step::Simt { .. } => None,
-    };
+    // Operands take the tensor cores' precision once, as they enter shared memory (TF32×3
+    // ones are split as they are read from it).
+    let round = parts.as_ref();
     let mem_a = SharedArray { name: &sh_a, ty: &sa, vectors };
     let mem_b = SharedArray { name: &sh_b, ty: &sb, vectors };
     // The accumulators are loop-carried values (registers on every device), not an array.
@@ -303,8 +307,23 @@ enum Inner {
 /// [`Inner`] once the kernel's body exists: the SIMT form knows where its runs start, the
 /// tensor-core form its lanes.
 enum Step {
-    Simt { rm: usize, rn: usize, wx: usize, wy: usize, vec: usize, my_row: String, my_col: String },
-    TensorCores { sub: [usize; 2], lanes: Box<Lanes>, parts: Parts },
+    Simt {
+        rm: usize,
+        rn: usize,
+        wx: usize,
+        wy: usize,
+        vec: usize,
+        my_row: String,
+        my_col: String,
+    },
+    /// `adjacent`: whether a 16-bit register's pair lies next to each other in the A and the B
+    /// tile.
+    TensorCores {
+        sub: [usize; 2],
+        lanes: Box<Lanes>,
+        parts: Parts,
+        adjacent: [bool; 2],
+    },
 }
 
 impl Step {
@@ -354,7 +373,9 @@ impl Step {
                 let st = SimtStep { rm: *rm, rn: *rn, wx: *wx, wy: *wy, vec: *vec, tk };
                 simt_step(b, &st, (my_row, my_col), a, bb, ty)
             }
-            Step::TensorCores { sub, lanes, parts } => mma_step(b, lanes, *parts, *sub, tk, a, bb),
+            Step::TensorCores { sub, lanes, parts, adjacent } => {
+                mma_step(b, lanes, *parts, (*sub, *adjacent), tk, a, bb)
+            }
         }
     }
 }
@@ -416,19 +437,15 @@ fn mma_step(
     b: &mut Body,
     l: &Lanes,
     ops: Parts,
-    sub: [usize; 2],
+    (sub, adjacent): ([usize; 2], [bool; 2]),
     tk: usize,
     (ma, sa, la): (&SharedArray, &str, SharedLayout),
     (mb, sb, lb): (&SharedArray, &str, SharedLayout),
 ) -> Vec<String> {
     let per = C_FRAGMENT.len();
     let mut acc: Vec<String> = (0..sub[0] * sub[1] * per).map(|i| format!("%o{i}")).collect();
-    let bits = |b: &mut Body, mem: &SharedArray, at: &str| {
-        let x = b.assign(format!("memref.load {}[{at}] : {}", mem.name, mem.ty));
-        ops.stored(b, &x)
-    };
     let frag = l.frag;
-    // A fragment (row, col) of the warp's block at `a_lane + row·la.row + col`.
+    // A fragment (row, col) of the warp's block at `a_lane + row·la.row + col·la.col`.
     let k_lane = l.k_lane(b);
     let a_lane = {
         let r = l.at(b, &l.warp_row, 0, &l.group, 1);
@@ -441,26 +458,20 @@ fn mma_step(
         b.assign(format!("arith.addi {sb}, {at} : index"))
     };
     for kk in (0..tk).step_by(frag.k) {
-        let a_frags: Vec<Vec<Part>> = (0..sub[0])
+        let a_frags: Vec<Fragment> = (0..sub[0])
             .map(|i| {
-                frag.a
-                    .iter()
-                    .map(|&(dr, dc)| {
-                        let at = plus(b, &a_lane, (i * MMA_M + dr) * la.row + (kk + dc) * la.col);
-                        bits(b, ma, &at)
-                    })
-                    .collect()
+                let mut at = |b: &mut Body, dr: usize, dc: usize| {
+                    plus(b, &a_lane, (i * MMA_M + dr) * la.row + (kk + dc) * la.col)
+                };
+                l.read(b, &ops, ma, frag.a, adjacent[0], &mut at)
             })
             .collect();
-        let b_frags: Vec<Vec<Part>> = (0..sub[1])
+        let b_frags: Vec<Fragment> = (0..sub[1])
             .map(|j| {
-                frag.b
-                    .iter()
-                    .map(|&(dr, dc)| {
-                        let at = plus(b, &b_lane, (kk + dr) * lb.row + (j * MMA_N + dc) * lb.col);
-                        bits(b, mb, &at)
-                    })
-                    .collect()
+                let mut at = |b: &mut Body, dr: usize, dc: usize| {
+                    plus(b, &b_lane, (kk + dr) * lb.row + (j * MMA_N + dc) * lb.col)
+                };
+                l.read(b, &ops, mb, frag.b, adjacent[1], &mut at)
             })
             .collect();
         for (i, af) in a_frags.iter().enumerate() {

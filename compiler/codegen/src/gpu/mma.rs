@@ -8,7 +8,7 @@
 //! accuracy.
 
 use super::plan::MmaPrecision;
-use super::skeleton::{shared, shared_type};
+use super::skeleton::{shared, shared_type, SharedArray};
 use super::tiles::Rounding;
 use super::{GpuCaps, GpuFlavor};
 use crate::mlir_text::Body;
@@ -85,10 +85,17 @@ pub(crate) struct Part {
     pub lo: Option<String>,
 }
 
-/// How a kernel turns f32 values into [`Part`]s. Shared tiles hold f32 values: at TF32, f16
-/// and bf16 already rounded to the precision (once, as they enter, unless the operands are
-/// exact at it), so a read is a conversion that loses nothing; at TF32×3 unrounded, split as
-/// they are read.
+/// This lane's share of one operand of a product: its elements, or its registers already
+/// packed where 16-bit elements were read from shared memory two at a time (on NVVM).
+pub(crate) enum Fragment {
+    Elements(Vec<Part>),
+    Registers(Vec<String>),
+}
+
+/// How a kernel turns values into [`Part`]s. Shared tiles hold TF32 operands as f32 values,
+/// rounded once as they enter (unless exact at TF32) or, at TF32×3, unrounded and split as
+/// they are read; 16-bit operands as 16-bit values (`f16`, or bf16 bits as `i16`), so a read
+/// is the operand itself.
 #[derive(Clone, Copy)]
 pub(crate) struct Parts {
     pub precision: MmaPrecision,
@@ -110,49 +117,79 @@ impl Parts {
         Parts { precision, rounding, exact }
     }
 
-    /// The rounding an operand gets as it enters shared memory: none where the operands are
-    /// exact or split (TF32×3).
-    pub fn on_entry(&self) -> Option<Rounding> {
-        if self.exact {
-            return None;
+    /// The element type of the shared tiles that hold operands.
+    pub fn shared_elem(&self) -> &'static str {
+        match self.precision {
+            MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => "f32",
+            MmaPrecision::F16 => "f16",
+            MmaPrecision::Bf16 => "i16",
         }
-        self.computed()
     }
 
-    /// The rounding a value computed in the kernel (attention's weights) gets before it is
-    /// stored as an operand: the precision's, or none at TF32×3 (split as it is read).
-    pub fn computed(&self) -> Option<Rounding> {
+    /// An f32 operand value as it enters a shared tile: rounded to TF32 (unless exact), kept
+    /// (TF32×3), or converted to 16 bits.
+    pub fn entering(&self, b: &mut Body, x: &str) -> String {
+        match self.precision {
+            MmaPrecision::Tf32 if !self.exact => self.rounding.apply(b, x),
+            MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => x.to_string(),
+            MmaPrecision::F16 | MmaPrecision::Bf16 => self.half(b, x, !self.exact),
+        }
+    }
+
+    /// An operand element read from a shared tile ([`Parts::entering`]).
+    pub fn stored(&self, b: &mut Body, x: &str) -> Part {
+        match self.precision {
+            MmaPrecision::Tf32 => Part { hi: b.assign(format!("arith.bitcast {x} : f32 to i32")), lo: None },
+            MmaPrecision::Tf32x3 => self.split(b, x),
+            MmaPrecision::F16 | MmaPrecision::Bf16 => Part { hi: x.to_string(), lo: None },
+        }
+    }
+
+    /// An f32 operand value straight from memory: rounded (unless exact), or split.
+    pub fn fresh(&self, b: &mut Body, x: &str) -> Part {
+        match self.precision {
+            MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => {
+                let v = self.entering(b, x);
+                self.stored(b, &v)
+            }
+            MmaPrecision::F16 | MmaPrecision::Bf16 => Part { hi: self.half(b, x, !self.exact), lo: None },
+        }
+    }
+
+    /// An f32 value the kernel computed (attention's weights), as an operand: rounded to the
+    /// precision, or split.
+    pub fn computed(&self, b: &mut Body, x: &str) -> Part {
+        match self.precision {
+            MmaPrecision::Tf32 => {
+                let r = self.rounding.apply(b, x);
+                self.stored(b, &r)
+            }
+            MmaPrecision::Tf32x3 => self.split(b, x),
+            MmaPrecision::F16 | MmaPrecision::Bf16 => Part { hi: self.half(b, x, true), lo: None },
+        }
+    }
+
+    /// The rounding a computed value gets before it is stored as f32 in a shared tile (TF32
+    /// attention's weights): TF32's, or none at TF32×3 (split as it is read).
+    pub fn computed_rounding(&self) -> Option<Rounding> {
         match self.precision {
             MmaPrecision::Tf32 | MmaPrecision::F16 | MmaPrecision::Bf16 => Some(self.rounding),
             MmaPrecision::Tf32x3 => None,
         }
     }
 
-    /// A value as it was stored in shared memory ([`Parts::on_entry`], [`Parts::computed`]).
-    pub fn stored(&self, b: &mut Body, x: &str) -> Part {
-        let hi = match self.precision {
-            MmaPrecision::Tf32 => b.assign(format!("arith.bitcast {x} : f32 to i32")),
-            MmaPrecision::Tf32x3 => return self.split(b, x),
+    /// An f32 value as a 16-bit operand: an `f16` (to nearest, ties to even), or bf16 bits
+    /// (`i16`: the high half of the f32, after rounding it to bf16 unless it is exact).
+    fn half(&self, b: &mut Body, x: &str, round: bool) -> String {
+        match self.precision {
             MmaPrecision::F16 => b.assign(format!("arith.truncf {x} : f32 to f16")),
-            // The value has bf16's precision already: its bits are the high half of the f32's.
-            MmaPrecision::Bf16 => {
+            MmaPrecision::Bf16 | MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => {
+                let x = if round { self.rounding.apply(b, x) } else { x.to_string() };
                 let bits = b.assign(format!("arith.bitcast {x} : f32 to i32"));
                 let c16 = b.int(16, "i32");
                 let high = b.assign(format!("arith.shrui {bits}, {c16} : i32"));
                 b.assign(format!("arith.trunci {high} : i32 to i16"))
             }
-        };
-        Part { hi, lo: None }
-    }
-
-    /// An f32 value straight from memory: rounded (unless exact), or split.
-    pub fn fresh(&self, b: &mut Body, x: &str) -> Part {
-        match self.on_entry() {
-            Some(rounding) => {
-                let r = rounding.apply(b, x);
-                self.stored(b, &r)
-            }
-            None => self.stored(b, x),
         }
     }
 
@@ -168,18 +205,24 @@ impl Parts {
     }
 }
 
-/// `d = a·b + c` for one product of the warp from operand [`Part`]s: one tensor-core
+/// `d = a·b + c` for one product of the warp from operand fragments: one tensor-core
 /// product, or at TF32×3 three (the small terms first, so they are not lost to the large).
-pub(crate) fn mma_parts(b: &mut Body, l: &Lanes, a: &[Part], bf: &[Part], c: &[String]) -> Vec<String> {
-    let his = |p: &[Part]| p.iter().map(|x| x.hi.clone()).collect::<Vec<_>>();
-    let los = |p: &[Part]| p.iter().map(|x| x.lo.clone()).collect::<Option<Vec<_>>>();
-    let (a_hi, b_hi) = (his(a), his(bf));
-    let mut acc = c.to_vec();
-    if let (Some(a_lo), Some(b_lo)) = (los(a), los(bf)) {
-        acc = mma(b, l, &a_lo, &b_hi, &acc);
-        acc = mma(b, l, &a_hi, &b_lo, &acc);
+pub(crate) fn mma_parts(b: &mut Body, l: &Lanes, a: &Fragment, bf: &Fragment, c: &[String]) -> Vec<String> {
+    if let (Fragment::Elements(a), Fragment::Elements(bf)) = (a, bf) {
+        let part = |p: &[Part], lo: bool| {
+            let x: Option<Vec<String>> =
+                p.iter().map(|x| if lo { x.lo.clone() } else { Some(x.hi.clone()) }).collect();
+            x.map(|x| Fragment::Elements(x.into_iter().map(|hi| Part { hi, lo: None }).collect()))
+        };
+        if let (Some(a_lo), Some(b_lo), Some(a_hi), Some(b_hi)) =
+            (part(a, true), part(bf, true), part(a, false), part(bf, false))
+        {
+            let acc = mma(b, l, &a_lo, &b_hi, c);
+            let acc = mma(b, l, &a_hi, &b_lo, &acc);
+            return mma(b, l, &a_hi, &b_hi, &acc);
+        }
     }
-    mma(b, l, &a_hi, &b_hi, &acc)
+    mma(b, l, a, bf, c)
 }
 
 /// A warp lane's coordinates, computed once per kernel, and the products it takes part in.
@@ -261,6 +304,51 @@ impl Lanes {
         b.assign(format!("arith.addi {x}, {part} : index"))
     }
 
+    /// Reads this lane's fragment of one operand from a shared tile, whose element at table
+    /// entry `(dr, dc)` lies at `at(b, dr, dc)`. Where a register's two 16-bit elements lie
+    /// next to each other there (`adjacent`) and the products are not emulated, each pair is
+    /// read as one 32-bit word.
+    pub fn read(
+        &self,
+        b: &mut Body,
+        ops: &Parts,
+        mem: &SharedArray,
+        table: &[(usize, usize)],
+        adjacent: bool,
+        at: &mut dyn FnMut(&mut Body, usize, usize) -> String,
+    ) -> Fragment {
+        if adjacent && self.precision.paired() && self.emulation.is_none() {
+            let elem = ops.shared_elem();
+            let registers = table
+                .chunks(2)
+                .map(|pair| {
+                    let i = at(b, pair[0].0, pair[0].1);
+                    let v = b.assign(format!(
+                        "vector.load {}[{i}] {{alignment = 4}} : {}, vector<2x{elem}>",
+                        mem.name, mem.ty
+                    ));
+                    match self.precision {
+                        MmaPrecision::Bf16 => {
+                            let w = b.assign(format!("vector.bitcast {v} : vector<2xi16> to vector<1xi32>"));
+                            b.assign(format!("vector.extract {w}[0] : i32 from vector<1xi32>"))
+                        }
+                        MmaPrecision::F16 | MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => v,
+                    }
+                })
+                .collect();
+            return Fragment::Registers(registers);
+        }
+        let parts = table
+            .iter()
+            .map(|&(dr, dc)| {
+                let i = at(b, dr, dc);
+                let x = b.assign(format!("memref.load {}[{i}] : {}", mem.name, mem.ty));
+                ops.stored(b, &x)
+            })
+            .collect();
+        Fragment::Elements(parts)
+    }
+
     /// This lane's first column of A (row of B) in a product: `lane_k·in_group`.
     pub fn k_lane(&self, b: &mut Body) -> String {
         let c0 = b.index(0);
@@ -268,18 +356,30 @@ impl Lanes {
     }
 }
 
-/// `d = a·b + c` for one product of the warp: `a` and `b` are this lane's fragment elements
-/// ([`Part::hi`]s, as [`Lanes::frag`] places them), `c` its 4 accumulators. Returns the 4 new
-/// ones.
-pub(crate) fn mma(b: &mut Body, l: &Lanes, a: &[String], bf: &[String], c: &[String]) -> Vec<String> {
+/// `d = a·b + c` for one product of the warp: `a` and `b` are this lane's fragments (their
+/// elements placed as [`Lanes::frag`] says), `c` its 4 accumulators. Returns the 4 new ones.
+pub(crate) fn mma(b: &mut Body, l: &Lanes, a: &Fragment, bf: &Fragment, c: &[String]) -> Vec<String> {
     if let Some(em) = &l.emulation {
-        return emulate_mma(b, l, em, a, bf, c);
+        let (a, bf) = (elements(b, l.precision, a), elements(b, l.precision, bf));
+        return emulate_mma(b, l, em, &a, &bf, c);
     }
     // Operand registers, the PTX type and the register type of the intrinsic.
-    let (a, bf, ptx, reg) = match l.precision {
-        MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => (a.to_vec(), bf.to_vec(), "tf32", "i32"),
-        MmaPrecision::F16 => (pack_f16(b, a), pack_f16(b, bf), "f16", "vector<2xf16>"),
-        MmaPrecision::Bf16 => (pack_bf16(b, a), pack_bf16(b, bf), "bf16", "i32"),
+    let registers = |b: &mut Body, f: &Fragment| match f {
+        Fragment::Registers(r) => r.clone(),
+        Fragment::Elements(e) => {
+            let his: Vec<String> = e.iter().map(|p| p.hi.clone()).collect();
+            match l.precision {
+                MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => his,
+                MmaPrecision::F16 => pack_f16(b, &his),
+                MmaPrecision::Bf16 => pack_bf16(b, &his),
+            }
+        }
+    };
+    let (a, bf) = (registers(b, a), registers(b, bf));
+    let (ptx, reg) = match l.precision {
+        MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => ("tf32", "i32"),
+        MmaPrecision::F16 => ("f16", "vector<2xf16>"),
+        MmaPrecision::Bf16 => ("bf16", "i32"),
     };
     let k = l.frag.k;
     let r = b.assign(format!(
@@ -310,6 +410,29 @@ fn pack_bf16(b: &mut Body, xs: &[String]) -> Vec<String> {
             b.assign(format!("arith.ori {hi}, {lo} : i32"))
         })
         .collect()
+}
+
+/// A fragment's elements ([`Part::hi`]s), unpacked from its registers where it was read as
+/// registers.
+fn elements(b: &mut Body, precision: MmaPrecision, f: &Fragment) -> Vec<String> {
+    match f {
+        Fragment::Elements(e) => e.iter().map(|p| p.hi.clone()).collect(),
+        Fragment::Registers(r) => r
+            .iter()
+            .flat_map(|x| match precision {
+                MmaPrecision::F16 => (0..2)
+                    .map(|e| b.assign(format!("vector.extract {x}[{e}] : f16 from vector<2xf16>")))
+                    .collect::<Vec<_>>(),
+                MmaPrecision::Bf16 => {
+                    let c16 = b.int(16, "i32");
+                    let lo = b.assign(format!("arith.trunci {x} : i32 to i16"));
+                    let hi = b.assign(format!("arith.shrui {x}, {c16} : i32"));
+                    vec![lo, b.assign(format!("arith.trunci {hi} : i32 to i16"))]
+                }
+                MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => vec![x.clone()],
+            })
+            .collect(),
+    }
 }
 
 /// A fragment element as the f32 it stands for, for the emulation.

@@ -132,6 +132,21 @@ impl MmaPrecision {
         }
     }
 
+    /// Bytes one operand element takes in shared memory: f32 values for the TF32 precisions
+    /// (rounded, or split as they are read), 16-bit ones as they are.
+    pub fn shared_bytes(self) -> usize {
+        match self {
+            MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => 4,
+            MmaPrecision::F16 | MmaPrecision::Bf16 => 2,
+        }
+    }
+
+    /// Whether two operand elements share a register (16-bit ones), so that a fragment's
+    /// pairs lie next to each other along k.
+    pub fn paired(self) -> bool {
+        self.shared_bytes() == 2
+    }
+
     /// How the plans describe the operands.
     fn operands(self) -> &'static str {
         match self {
@@ -271,7 +286,7 @@ impl GpuPlan {
         for &(tile, thread, vector) in candidates {
             let workgroup = [tile[1] / thread[1], tile[0] / thread[0], 1];
             let invocations = workgroup[0] * workgroup[1];
-            let [la, lb] = matmul_layouts(tile, false);
+            let [la, lb] = matmul_layouts(tile, None);
             let stage_bytes = (la.len + lb.len) * reg_bytes;
             if (thread[0] * thread[1]) as usize * reg_bytes / 4 > caps.registers as usize / 2
                 || invocations > caps.max_workgroup_invocations
@@ -322,8 +337,8 @@ impl GpuPlan {
         let mut best: Option<(usize, GpuPlan)> = None;
         for &(tile, warps) in &candidates {
             let count = warps[0] * warps[1];
-            let [la, lb] = matmul_layouts(tile, true);
-            let stage_bytes = (la.len + lb.len) * 4;
+            let [la, lb] = matmul_layouts(tile, Some(precision));
+            let stage_bytes = (la.len + lb.len) * precision.shared_bytes();
             let scratch = match caps.lowering {
                 super::GpuLowering::Spirv => {
                     (count * (shape[0] * shape[2] + shape[2] * shape[1])) as usize * 4
@@ -431,7 +446,7 @@ impl GpuPlan {
             if !(block_k as usize).is_multiple_of(k) {
                 continue;
             }
-            let layout = attention_layouts(d, dv, block_k as usize, warps as usize);
+            let layout = attention_layouts(d, dv, block_k as usize, warps as usize, precision);
             // Per lane: the query fragments (in parts), the output accumulators and the tile's
             // scores.
             if (d * precision.parts() + dv + block_k as usize) / 2 > caps.registers as usize {
@@ -444,8 +459,9 @@ impl GpuPlan {
                 }
                 super::GpuLowering::Nvvm(_) => 0,
             };
-            let bytes =
-                (stages as usize * (layout.keys.len + layout.values.len) + layout.weights.len) * 4 + scratch;
+            let bytes = (stages as usize * (layout.keys.len + layout.values.len) + layout.weights.len)
+                * precision.shared_bytes()
+                + scratch;
             if bytes > caps.max_shared_bytes as usize {
                 continue;
             }
@@ -530,23 +546,29 @@ pub struct SharedLayout {
 }
 
 /// The shared layouts of a product's A tile (`tile[0]×tile[2]`) and B tile
-/// (`tile[2]×tile[1]`). On tensor cores A is row-major with rows of `tile[2] + 4` (a warp's
-/// fragment reads of 8 rows × 4 columns then fall in 32 different banks) and B row-major with
-/// rows of `tile[1] + 8` (4 rows × 8 columns, likewise). On the SIMT path A is stored
+/// (`tile[2]×tile[1]`), in elements. On TF32 tensor cores A is row-major with rows of
+/// `tile[2] + 4` (a warp's fragment reads of 8 rows × 4 columns then fall in 32 different
+/// banks) and B row-major with rows of `tile[1] + 8` (4 rows × 8 columns, likewise). With
+/// 16-bit operands both keep k adjacent, so a register's pair is one 32-bit word: A row-major
+/// and B transposed (column-major), each row or column `tile[2] + 8` elements, where a warp's
+/// reads of 8 rows × 4 words fall in 32 different banks. On the SIMT path A is stored
 /// transposed (k-major, rows of `tile[0] + 4`) so an invocation reads its run of rows as one
 /// vector, and B row-major with rows of `tile[1] + 4`.
-pub fn matmul_layouts(tile: [u32; 3], tensor_cores: bool) -> [SharedLayout; 2] {
+pub fn matmul_layouts(tile: [u32; 3], tensor_cores: Option<MmaPrecision>) -> [SharedLayout; 2] {
     let [tm, tn, tk] = tile.map(|t| t as usize);
-    if tensor_cores {
-        [
+    match tensor_cores {
+        Some(p) if p.paired() => [
+            SharedLayout { row: tk + 8, col: 1, len: tm * (tk + 8) },
+            SharedLayout { row: 1, col: tk + 8, len: tn * (tk + 8) },
+        ],
+        Some(_) => [
             SharedLayout { row: tk + 4, col: 1, len: tm * (tk + 4) },
             SharedLayout { row: tn + 8, col: 1, len: tk * (tn + 8) },
-        ]
-    } else {
-        [
+        ],
+        None => [
             SharedLayout { row: 1, col: tm + 4, len: tk * (tm + 4) },
             SharedLayout { row: tn + 4, col: 1, len: tk * (tn + 4) },
-        ]
+        ],
     }
 }
 
@@ -554,32 +576,46 @@ pub fn matmul_layouts(tile: [u32; 3], tensor_cores: bool) -> [SharedLayout; 2] {
 /// lane keeps a quarter of its warp's 16 query rows and 16 output rows.
 pub const ATTENTION_MMA_MAX_HEAD: usize = 128;
 
-/// Where the tensor-core attention keeps its tiles in shared memory (one stage each of keys
-/// and values; the weights once per warp).
+/// Where the tensor-core attention keeps its tiles in shared memory, in elements (one stage
+/// each of keys and values; the weights once per warp).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionLayouts {
     /// Key `j`, element `e` at `j·(d + 4) + e`: the score products read it as their B operand
-    /// (8 keys × 4 elements per fragment read), which then falls in 32 different banks.
+    /// (8 keys × 4 elements per fragment read), which then falls in 32 different banks. With
+    /// 16-bit operands `j·(d + 8) + e`: 8 keys × 4 words, likewise.
     pub keys: SharedLayout,
     /// Key `j`, element `e` at `j·(dv + 8) + e`: the value products' B operand (4 keys × 8
-    /// elements per read), conflict-free likewise.
+    /// elements per read), conflict-free likewise. With 16-bit operands transposed, at
+    /// `e·(block_k + 8) + j`, so a register's pair of keys is one word.
     pub values: SharedLayout,
     /// A warp's 16 × `block_k` weights, query `r` and key `j` at `r·(block_k + 4) + j` from the
     /// warp's start: written in the scores' accumulator layout, read back as the value
-    /// products' A operand.
+    /// products' A operand. 16-bit weights need none: the scores' accumulators are where the
+    /// `m16n8k16` A fragments want them, so they stay in registers.
     pub weights: SharedLayout,
 }
 
-/// The shared layouts of tensor-core attention with `warps` warps and key tiles of `block_k`.
-pub fn attention_layouts(d: usize, dv: usize, block_k: usize, warps: usize) -> AttentionLayouts {
+/// The shared layouts of tensor-core attention with `warps` warps and key tiles of `block_k`,
+/// at `precision`.
+pub fn attention_layouts(
+    d: usize,
+    dv: usize,
+    block_k: usize,
+    warps: usize,
+    precision: MmaPrecision,
+) -> AttentionLayouts {
+    let values = |len| if dv == 0 { 0 } else { len };
+    if precision.paired() {
+        return AttentionLayouts {
+            keys: SharedLayout { row: d + 8, col: 1, len: block_k * (d + 8) },
+            values: SharedLayout { row: 1, col: block_k + 8, len: values(dv * (block_k + 8)) },
+            weights: SharedLayout { row: 0, col: 0, len: 0 },
+        };
+    }
     AttentionLayouts {
         keys: SharedLayout { row: d + 4, col: 1, len: block_k * (d + 4) },
-        values: SharedLayout { row: dv + 8, col: 1, len: if dv == 0 { 0 } else { block_k * (dv + 8) } },
-        weights: SharedLayout {
-            row: block_k + 4,
-            col: 1,
-            len: if dv == 0 { 0 } else { warps * 16 * (block_k + 4) },
-        },
+        values: SharedLayout { row: dv + 8, col: 1, len: values(block_k * (dv + 8)) },
+        weights: SharedLayout { row: block_k + 4, col: 1, len: values(warps * 16 * (block_k + 4)) },
     }
 }
 

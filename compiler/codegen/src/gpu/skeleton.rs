@@ -270,12 +270,16 @@ impl SharedArray<'_> {
             .collect()
     }
 
-    /// Stores adjacent `values` from `at` (a multiple of 4 when there are 4).
+    /// Stores adjacent `values` of type `ty` from `at` (a multiple of 4 when there are 4).
     pub fn write(&self, b: &mut Body, at: &str, values: &[String], ty: &str) {
         if values.len() == 4 && self.vectors {
             let vt = format!("vector<4x{ty}>");
+            let align = if matches!(ty, "f16" | "i16") { 8 } else { 16 };
             let v = b.assign(format!("vector.from_elements {} : {vt}", values.join(", ")));
-            b.line(format!("vector.store {v}, {}[{at}] {{alignment = 16}} : {}, {vt}", self.name, self.ty));
+            b.line(format!(
+                "vector.store {v}, {}[{at}] {{alignment = {align}}} : {}, {vt}",
+                self.name, self.ty
+            ));
             return;
         }
         for (e, x) in values.iter().enumerate() {

@@ -5,6 +5,7 @@
 //! rounded as the kernel asks. Reading and storing are separate steps so that a kernel can
 //! read the next tile while it computes on the current one.
 
+use super::mma::Parts;
 use super::plan::SharedLayout;
 use super::skeleton::{clamp, offset_at, plus, SharedArray};
 use crate::kernels::elementwise::load;
@@ -21,8 +22,8 @@ pub(crate) fn aligned_by_4(v: &View, axis: usize) -> bool {
         && v.strides.iter().enumerate().all(|(i, s)| i == axis || s % 4 == 0 || v.shape[i] == 1)
 }
 
-/// How f32 values are rounded to a tensor-core precision (and kept as f32): as operands
-/// enter shared memory, or as tensor-core operands are formed from f32 values (`mma::Parts`).
+/// How f32 values are rounded to a tensor-core precision (and kept as f32), as tensor-core
+/// operands are formed from f32 values (`mma::Parts`).
 #[derive(Clone, Copy)]
 pub(crate) enum Rounding {
     /// `cvt.rna.tf32.f32`.
@@ -128,7 +129,7 @@ impl<'a> OperandTile<'a> {
         let along = if along_cols { cols } else { rows };
         let run = if vectors
             && exact
-            && view.dtype == DType::F32
+            && matches!(view.dtype, DType::F32 | DType::F16 | DType::BF16)
             && along % 4 == 0
             && (rows * cols / 4) % inv == 0
             && b.split_of(arg).is_none()
@@ -192,13 +193,26 @@ impl<'a> OperandTile<'a> {
                 let at = offset_at(b, 0, &[(Some(&gr), rs), (Some(&gc), cs)]);
                 let at = b.assign(format!("arith.addi {}, {at} : index", self.base));
                 if self.run == 4 {
-                    let vt = format!("vector<4x{ty}>");
+                    // Four elements as one access (8 bytes of a 16-bit operand, 16 of f32),
+                    // each then in its register type.
+                    let elem = self.view.elem();
+                    let vt = format!("vector<4x{elem}>");
+                    let align = 4 * self.view.dtype.size_bytes();
                     let v = b.assign(format!(
-                        "vector.load {}[{at}] {{alignment = 16}} : {}, {vt}",
+                        "vector.load {}[{at}] {{alignment = {align}}} : {}, {vt}",
                         self.arg,
                         self.view.memref()
                     ));
-                    (0..4).map(|e| b.assign(format!("vector.extract {v}[{e}] : {ty} from {vt}"))).collect()
+                    (0..4)
+                        .map(|e| {
+                            let x = b.assign(format!("vector.extract {v}[{e}] : {elem} from {vt}"));
+                            if elem == ty {
+                                x
+                            } else {
+                                b.assign(format!("arith.extf {x} : {elem} to {ty}"))
+                            }
+                        })
+                        .collect()
                 } else {
                     vec![load(b, self.arg, self.view, &at)]
                 }
@@ -223,20 +237,25 @@ impl<'a> OperandTile<'a> {
         Fetched { runs }
     }
 
-    /// Stores fetched runs into the stage that starts at `stage` of `mem`, rounded as asked.
+    /// Stores fetched runs (register values of type `ty`) into the stage that starts at
+    /// `stage` of `mem`; tensor-core operands (`operands`) as they enter its tiles.
     pub fn deposit(
         &self,
         b: &mut Body,
         f: &Fetched,
         mem: &SharedArray,
         stage: &str,
-        round: Option<Rounding>,
+        operands: Option<&Parts>,
         ty: &str,
     ) {
         let SharedLayout { row, col, .. } = self.layout;
+        let ty = match operands {
+            Some(ops) => ops.shared_elem(),
+            None => ty,
+        };
         for (r, c, values) in &f.runs {
-            let values: Vec<String> = match round {
-                Some(rounding) => values.iter().map(|x| rounding.apply(b, x)).collect(),
+            let values: Vec<String> = match operands {
+                Some(ops) => values.iter().map(|x| ops.entering(b, x)).collect(),
                 None => values.clone(),
             };
             let at = offset_at(b, 0, &[(Some(r), row), (Some(c), col)]);
