@@ -1577,6 +1577,7 @@ fn cli_compiles_and_inspects_for_cuda() {
             .unwrap();
     let kiln_runtime::Target::Cuda(t) = &manifest.target else { panic!("{:?}", manifest.target) };
     assert_eq!(t.precision, "tf32");
+    assert_eq!(t.tensor_cores, ["tf32"]);
     let bad = kiln(&[
         "compile",
         "models/mlp.ron",
@@ -1617,10 +1618,38 @@ fn cli_compiles_and_inspects_for_cuda() {
         kiln_runtime::Manifest::from_ron(&std::fs::read_to_string(x3.join("manifest.ron")).unwrap()).unwrap();
     let kiln_runtime::Target::Cuda(t) = &manifest.target else { panic!("{:?}", manifest.target) };
     assert_eq!(t.precision, "tf32x3");
+    assert_eq!(t.tensor_cores, ["tf32x3"]);
     let bad = kiln(&["compile", "models/mlp.ron", "--precision", "tf32x3", "-o", art.to_str().unwrap()]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr)
         .contains("--precision tf32x3 uses NVIDIA tensor cores: it needs --target cuda[:ARCH]"));
+    // 16-bit tensors take tensor cores at their own precision with no flag; the manifest and
+    // the compile line say so, f32 products beside them staying f32.
+    let half = dir.path().join("half_block_bf16.kiln");
+    let spec = dir.path().join("half_block_bf16.ron");
+    let text = std::fs::read_to_string("tests/gpu_check/half_block.ron").unwrap().replace("f16", "bf16");
+    std::fs::write(&spec, text).unwrap();
+    let out = kiln(&[
+        "compile",
+        spec.to_str().unwrap(),
+        "--target",
+        "cuda:sm_90",
+        "--explain",
+        "-o",
+        half.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("compiled `half_block` for cuda (sm_90, PTX 7.8, tensor cores: bf16)"), "{said}");
+    assert!(
+        said.contains("key tiles of 32 in shared memory (2 stages), mma.sync m16n8k16 on bf16 operands"),
+        "{said}"
+    );
+    let manifest =
+        kiln_runtime::Manifest::from_ron(&std::fs::read_to_string(half.join("manifest.ron")).unwrap())
+            .unwrap();
+    let kiln_runtime::Target::Cuda(t) = &manifest.target else { panic!("{:?}", manifest.target) };
+    assert_eq!((t.precision.as_str(), t.tensor_cores.as_slice()), ("f32", &["bf16".to_string()][..]));
     let bad = kiln(&["compile", "models/mlp.ron", "--precision", "bf16", "-o", art.to_str().unwrap()]);
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("unknown precision `bf16` (known: f32, tf32, tf32x3)")

@@ -227,7 +227,15 @@ impl Target {
         match self {
             Target::Cpu(cpu) => format!("{} ({})", cpu.triple, cpu.cpu),
             Target::Vulkan(v) => format!("vulkan (SPIR-V {})", v.spirv_version),
-            Target::Cuda(c) => format!("cuda ({}, PTX {})", c.arch(), c.ptx_version),
+            Target::Cuda(c) if c.tensor_cores.is_empty() => {
+                format!("cuda ({}, PTX {})", c.arch(), c.ptx_version)
+            }
+            Target::Cuda(c) => format!(
+                "cuda ({}, PTX {}, tensor cores: {})",
+                c.arch(),
+                c.ptx_version,
+                c.tensor_cores.join(", ")
+            ),
         }
     }
 }
@@ -255,6 +263,12 @@ pub struct CudaTarget {
     /// with operands split into two TF32 parts, three products each). Informational: the
     /// kernels are what they are; this says what was chosen.
     pub precision: String,
+    /// The operand precisions of the kernels that run on tensor cores, each once, in kernel
+    /// order: `"tf32"` or `"tf32x3"` for f32 products as `precision` asked, `"f16"` and
+    /// `"bf16"` for products and attention of 16-bit tensors. Empty when no kernel does.
+    /// Informational, like `precision`.
+    #[serde(default)]
+    pub tensor_cores: Vec<String>,
 }
 
 impl CudaTarget {
@@ -626,9 +640,15 @@ impl Manifest {
                 max_shared_bytes,
                 cubins,
                 precision,
+                tensor_cores,
             }) => {
                 h.u64(2);
                 h.str(precision);
+                // Only where there are any, so artifacts from before the field keep their digest.
+                if !tensor_cores.is_empty() {
+                    h.u64(tensor_cores.len() as u64);
+                    tensor_cores.iter().for_each(|t| h.str(t));
+                }
                 compute_capability.iter().for_each(|&c| h.u64(u64::from(c)));
                 h.str(ptx_version);
                 h.u64(*buffer_align);

@@ -8,7 +8,7 @@
 //! state's initial values that come from the weights are stored with them.
 
 use crate::gpu::ptxas::{Assembled, Ptxas};
-use crate::gpu::{self, GpuCaps, GpuLowering, GpuProgram, PtxModule, SpirvModule};
+use crate::gpu::{self, GpuCaps, GpuKernel, GpuLowering, GpuProgram, PtxModule, SpirvModule, Work};
 use crate::{build, program, CodegenError, Compiled, Target};
 use kiln_ir::{fmt_shape, DType, Tensor};
 use kiln_runtime::{
@@ -558,6 +558,7 @@ pub fn build_cuda_entries(
             max_shared_bytes: kernels.iter().map(|k| k.plan.shared_bytes).max().unwrap_or(0),
             cubins,
             precision: caps.tensor_cores.map_or("f32", |p| p.name()).to_string(),
+            tensor_cores: tensor_core_precisions(kernels),
         }),
         inputs: s.inputs.iter().map(tensor_spec).collect::<Result<_, _>>()?,
         index_bounds: s.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),
@@ -624,6 +625,27 @@ fn gpu_entries(
 }
 
 /// The manifest's `entries`: every entry point after the first, with its steps.
+/// The operand precisions of the kernels on tensor cores, each once, in kernel order.
+fn tensor_core_precisions(kernels: &[GpuKernel]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for k in kernels {
+        let precision = match k.plan.work {
+            Work::MatmulTensorCores { precision, .. } | Work::AttentionTensorCores { precision, .. } => {
+                precision
+            }
+            Work::Elements { .. }
+            | Work::Columns { .. }
+            | Work::Rows { .. }
+            | Work::Matmul { .. }
+            | Work::Attention { .. } => continue,
+        };
+        if !names.iter().any(|n| n == precision.name()) {
+            names.push(precision.name().to_string());
+        }
+    }
+    names
+}
+
 fn entry_table(
     entries: &[(&str, &Schedule)],
     steps: impl Iterator<Item = Vec<Step>>,

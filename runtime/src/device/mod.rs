@@ -532,6 +532,7 @@ mod tests {
     fn cuda() -> Target {
         Target::Cuda(CudaTarget {
             precision: "f32".into(),
+            tensor_cores: Vec::new(),
             compute_capability: [9, 0],
             ptx_version: "8.0".into(),
             buffer_align: 256,

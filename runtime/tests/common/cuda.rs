@@ -55,6 +55,7 @@ pub fn ready() -> bool {
 pub fn target() -> CudaTarget {
     CudaTarget {
         precision: "f32".into(),
+        tensor_cores: Vec::new(),
         compute_capability: [8, 0],
         ptx_version: "7.0".into(),
         buffer_align: 256,

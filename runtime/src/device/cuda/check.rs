@@ -103,6 +103,7 @@ pub(crate) mod tests {
     pub(crate) fn target(major: u32, minor: u32) -> CudaTarget {
         CudaTarget {
             precision: "f32".into(),
+            tensor_cores: Vec::new(),
             compute_capability: [major, minor],
             ptx_version: "7.0".into(),
             buffer_align: 256,
