@@ -319,7 +319,7 @@ impl GpuPlan {
 
     /// A tiled product on tensor cores, when the target has them for `precision`: 128×128×16
     /// tiles of 2×4 warps (4×4 `m16n8` products each, 64 f32 accumulators per invocation)
-    /// or 64×64×16 tiles of 2×2 warps (2×4 products each), whichever [`matmul_cost`] estimates
+    /// or 64×64×16 tiles of 2×2 warps (2×4 products each), k 32 for 16-bit operands, whichever [`matmul_cost`] estimates
     /// faster; two stages when they fit in shared memory. Where the target
     /// emulates the products (SPIR-V, to check the fragment bookkeeping), their scratch
     /// arrays count against shared memory too. The caller decides whether the operands may be
@@ -333,7 +333,10 @@ impl GpuPlan {
         caps: &GpuCaps,
     ) -> Result<Option<GpuPlan>, CodegenError> {
         let Some(shape) = mma_shape(precision, caps) else { return Ok(None) };
-        let candidates: [([u32; 3], [u32; 2]); 2] = [([128, 128, 16], [2, 4]), ([64, 64, 16], [2, 2])];
+        // 16-bit tiles take twice the k (two `m16n8k16` steps per barrier) in the bytes of
+        // a TF32 tile.
+        let tk = if precision.paired() { 32 } else { 16 };
+        let candidates: [([u32; 3], [u32; 2]); 2] = [([128, 128, tk], [2, 4]), ([64, 64, tk], [2, 2])];
         let mut best: Option<(usize, GpuPlan)> = None;
         for &(tile, warps) in &candidates {
             let count = warps[0] * warps[1];
