@@ -981,6 +981,79 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
     }
 }
 
+/// Operands rounded to f16 or bf16 as they enter a tensor-core product's shared tiles are
+/// rounded exactly as `half` rounds (to nearest, ties to even; NaNs stay NaNs): a product with
+/// the identity returns each operand as the tensor cores saw it. Checked bit for bit on
+/// Vulkan, where bf16's rounding is written out in integer arithmetic, over random values, ties
+/// both ways, values that carry into the exponent, and NaN.
+#[test]
+fn operands_rounded_for_16_bit_tensor_cores_round_to_nearest_even() {
+    if !available(Device::Vulkan, "16-bit operand rounding") {
+        return;
+    }
+    let g = op_case(
+        "round_through_identity",
+        r#"{ "x": (f32, [64, 64]), "eye": (f32, [64, 64]) }"#,
+        r#"Let("y", MatMul("x", "eye")),"#,
+    );
+    let mut values: Vec<f32> =
+        kiln_ir::seeded_inputs(&g, 5)["x"].to_f64_vec().iter().map(|&v| v as f32).collect();
+    // Exact ties below and above an even and an odd kept bit (bf16 keeps 16 bits of the f32,
+    // f16 13 fewer mantissa bits), a value that rounds up into the next exponent, NaN.
+    let special = [
+        0x3F80_8000u32,
+        0x3F81_8000,
+        0xBF80_8000,
+        0xBF81_8000,
+        0x3F80_1000,
+        0x3F80_3000,
+        0x3FFF_FFFF,
+        0x4000_7FFF,
+        0x46FF_F000,
+        0x7FC0_0000,
+        0x3F80_0FFF,
+        0x3F80_1001,
+    ];
+    for (i, bits) in special.iter().enumerate() {
+        values[i * 64 + 3] = f32::from_bits(*bits);
+    }
+    let eye: Vec<f32> = (0..64 * 64).map(|i| if i / 64 == i % 64 { 1.0 } else { 0.0 }).collect();
+    let inputs: HashMap<String, Tensor> = [
+        ("x".to_string(), Tensor::from_f32(vec![64, 64], values.clone()).unwrap()),
+        ("eye".to_string(), Tensor::from_f32(vec![64, 64], eye).unwrap()),
+    ]
+    .into_iter()
+    .collect();
+    let caps = kiln_codegen::gpu::GpuCaps {
+        mma: Some(kiln_codegen::gpu::MmaPrecision::Tf32),
+        subgroup_size: Some(32),
+        ..kiln_codegen::gpu::GpuCaps::vulkan()
+    };
+    let f16 = |v: f32| half::f16::from_f32(v).to_f64();
+    let bf16 = |v: f32| half::bf16::from_f32(v).to_f64();
+    let cases: [(kiln_codegen::gpu::MmaPrecision, &dyn Fn(f32) -> f64); 2] =
+        [(kiln_codegen::gpu::MmaPrecision::F16, &f16), (kiln_codegen::gpu::MmaPrecision::Bf16, &bf16)];
+    for (precision, round) in cases {
+        let caps = caps.clone().with_tensor_cores(precision);
+        let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let built =
+            kiln_codegen::build_vulkan_artifact(&g.name, &s, &HashMap::new(), &caps, dir.path()).unwrap();
+        assert!(built.program.kernels.iter().any(|k| matches!(
+            k.plan.work,
+            kiln_codegen::gpu::Work::MatmulTensorCores { precision: p, .. } if p == precision
+        )));
+        let got = run_artifact(dir.path(), &inputs, &g.name);
+        for (i, (&v, &y)) in values.iter().zip(&got[0]).enumerate() {
+            // A NaN's row is NaN throughout (NaN · 0 in every other column's sum).
+            let nan_row = values[i / 64 * 64..][..64].iter().any(|x| x.is_nan());
+            let want = if nan_row { f64::NAN } else { round(v) };
+            let same = (want.is_nan() && y.is_nan()) || want == y;
+            assert!(same, "{precision:?} [{i}]: {v:e} ({:#010x}) became {y:e}, not {want:e}", v.to_bits());
+        }
+    }
+}
+
 /// Tensor-core flash attention (`Work::AttentionTensorCores`): the same plans rendered for
 /// SPIR-V with `mma.sync` emulated per warp from the fragment tables and the quads' shuffles
 /// through shared memory, run on Vulkan: every fragment read and write, the online softmax
