@@ -120,6 +120,18 @@ spec_for() {
     echo "$scratch/$name.ron"
 }
 
+# Compiles SPEC with the overrides SET (and any further compile flags) into the artifact ART
+# for the pack's target, beside its inputs and the interpreter's outputs. Uses pack's $kiln.
+conformance_artifact() {
+    local art="$1" spec="$2" set="$3"
+    shift 3
+    # shellcheck disable=SC2086
+    "$kiln" compile "$spec" $set --seed 0 --target "$PACK_TARGET" "$@" -o "$art" >&2
+    # shellcheck disable=SC2086
+    "$kiln" eval "$spec" $set --seed 0 --save-inputs "$art/inputs.safetensors" \
+        -o "$art/expected.safetensors" >/dev/null
+}
+
 pack() {
     local dir="$1" kiln="$TARGET_DIR/release/kiln" scratch
     scratch="$(mktemp -d)"
@@ -140,11 +152,7 @@ pack() {
         IFS='|' read -r name spec set <<<"$entry"
         art="$dir/conformance/$name.kiln"
         say "conformance: $name ($spec $set)"
-        # shellcheck disable=SC2086
-        "$kiln" compile "$spec" $set --seed 0 --target "$PACK_TARGET" -o "$art" >&2
-        # shellcheck disable=SC2086
-        "$kiln" eval "$spec" $set --seed 0 --save-inputs "$art/inputs.safetensors" \
-            -o "$art/expected.safetensors" >/dev/null
+        conformance_artifact "$art" "$spec" "$set"
     done
     # A run that must fail: an integer division by zero, with the interpreter's words.
     art="$dir/conformance/int_div_zero.kiln"
@@ -187,11 +195,7 @@ EOF
                 IFS='|' read -r name spec set <<<"$entry"
                 art="$dir/conformance_$precision/$name.kiln"
                 say "conformance on tensor cores ($precision): $name ($spec $set)"
-                # shellcheck disable=SC2086
-                "$kiln" compile "$spec" $set --seed 0 --target "$PACK_TARGET" --precision "$precision" -o "$art" >&2
-                # shellcheck disable=SC2086
-                "$kiln" eval "$spec" $set --seed 0 --save-inputs "$art/inputs.safetensors" \
-                    -o "$art/expected.safetensors" >/dev/null
+                conformance_artifact "$art" "$spec" "$set" --precision "$precision"
             done
         done
     fi
@@ -201,11 +205,7 @@ EOF
         spec="$(spec_for "$name" "$spec" "$scratch")"
         art="$dir/conformance_${name##*_}/$name.kiln"
         say "conformance in ${name##*_}: $name ($spec $set)"
-        # shellcheck disable=SC2086
-        "$kiln" compile "$spec" $set --seed 0 --target "$PACK_TARGET" -o "$art" >&2
-        # shellcheck disable=SC2086
-        "$kiln" eval "$spec" $set --seed 0 --save-inputs "$art/inputs.safetensors" \
-            -o "$art/expected.safetensors" >/dev/null
+        conformance_artifact "$art" "$spec" "$set"
     done
     for entry in "${BENCH[@]}"; do
         IFS='|' read -r name spec set <<<"$entry"
