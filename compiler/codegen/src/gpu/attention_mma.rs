@@ -53,7 +53,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let (sk, dv) = (k.shape[r - 2], o.v.map_or(0, |v| v.shape[r - 1]));
     let nvvm = cx.caps.flavor() == GpuFlavor::Nvvm;
     let ops = Parts::new(precision, cx.caps.flavor(), exact);
-    let round = Some(&ops);
+    let entering = Some(&ops);
     let lay = attention_layouts(d, dv, bk, warps, precision);
     let inv = 32 * warps;
 
@@ -143,9 +143,9 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     if stages == 2 {
         let fk = tile_k.fetch(b, &lin, (&c0, &c0), &zero, ty);
         let fv = tile_v.as_ref().map(|t| t.fetch(b, &lin, (&c0, &c0), &zero, ty));
-        tile_k.deposit(b, &fk, &mem_k, &c0, round, ty);
+        tile_k.deposit(b, &fk, &mem_k, &c0, entering, ty);
         if let (Some(t), Some(fv)) = (&tile_v, &fv) {
-            t.deposit(b, fv, &mem_v, &c0, round, ty);
+            t.deposit(b, fv, &mem_v, &c0, entering, ty);
         }
         b.line("gpu.barrier");
     }
@@ -186,9 +186,9 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     } else {
         let fk = tile_k.fetch(b, &lin, ("%fk", &c0), &zero, ty);
         let fv = tile_v.as_ref().map(|t| t.fetch(b, &lin, ("%fk", &c0), &zero, ty));
-        tile_k.deposit(b, &fk, &mem_k, &c0, round, ty);
+        tile_k.deposit(b, &fk, &mem_k, &c0, entering, ty);
         if let (Some(t), Some(fv)) = (&tile_v, &fv) {
-            t.deposit(b, fv, &mem_v, &c0, round, ty);
+            t.deposit(b, fv, &mem_v, &c0, entering, ty);
         }
         b.line("gpu.barrier");
         (c0.clone(), c0.clone(), None)
@@ -345,9 +345,9 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     }
     match next {
         Some((fk, fv, nxt_k, nxt_v)) => {
-            tile_k.deposit(b, &fk, &mem_k, &nxt_k, round, ty);
+            tile_k.deposit(b, &fk, &mem_k, &nxt_k, entering, ty);
             if let (Some(t), Some(fv)) = (&tile_v, &fv) {
-                t.deposit(b, fv, &mem_v, &nxt_v, round, ty);
+                t.deposit(b, fv, &mem_v, &nxt_v, entering, ty);
             }
             b.line("gpu.barrier");
         }

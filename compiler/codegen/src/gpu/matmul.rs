@@ -10,7 +10,7 @@
 //! sizes are multiples of the tile, no bounds are checked at all.
 
 use super::mma::{mma_parts, tensor_core_precision, Fragment, Lanes, Parts, C_FRAGMENT, MMA_M, MMA_N};
-use super::plan::{matmul_layouts, GpuPlan, MmaPrecision, SharedLayout, Work};
+use super::plan::{matmul_layouts, GpuPlan, SharedLayout, Work};
 use super::skeleton::{module, offset_at, plus, shared, shared_type, unravel, SharedArray};
 use super::tiles::{aligned_by_4, OperandTile};
 use super::{ceil_div, GpuCtx, GpuFlavor, GpuKernel};
@@ -63,7 +63,8 @@ pub fn emit(
         Work::MatmulTensorCores { tile, warps, stages, precision, .. } => {
             let (wm, wn) = (warps[0] as usize, warps[1] as usize);
             let sub = [tile[0] as usize / wm / MMA_M, tile[1] as usize / wn / MMA_N];
-            (tile, Inner::TensorCores { warps: [wm, wn], sub, precision }, stages as usize)
+            let parts = Parts::new(precision, cx.caps.flavor(), exact);
+            (tile, Inner::TensorCores { warps: [wm, wn], sub, parts }, stages as usize)
         }
         Work::Elements { .. }
         | Work::Columns { .. }
@@ -76,7 +77,7 @@ pub fn emit(
     let [tm, tn, tk] = tile.map(|t| t as usize);
     // How tensor-core operands enter and leave the shared tiles.
     let parts = match inner {
-        Inner::TensorCores { precision, .. } => Some(Parts::new(precision, cx.caps.flavor(), exact)),
+        Inner::TensorCores { parts, .. } => Some(parts),
         Inner::Simt { .. } => None,
     };
     let [la, lb] = matmul_layouts(tile, parts.map(|p| p.precision));
@@ -124,10 +125,10 @@ pub fn emit(
             let my_col = b.assign(format!("arith.muli {tx}, {vc} : index"));
             Step::Simt { rm, rn, wx, wy, vec, my_row, my_col }
         }
-        Inner::TensorCores { warps, sub, precision } => Step::TensorCores {
+        Inner::TensorCores { warps, sub, parts } => Step::TensorCores {
             sub,
-            lanes: Box::new(Lanes::new(&mut b, &lin, warps, sub, precision)),
-            parts: Parts::new(precision, cx.caps.flavor(), exact),
+            lanes: Box::new(Lanes::new(&mut b, &lin, warps, sub, parts.precision)),
+            parts,
             adjacent: [la.col == 1, lb.row == 1],
         },
     };
@@ -141,7 +142,7 @@ pub fn emit(
     let tile_b = OperandTile::new(&b, bv, "%a1", b_base, (tk, tn), (k, n), lb, inv, vectors);
     // Operands take the tensor cores' precision once, as they enter shared memory (TF32×3
     // ones are split as they are read from it).
-    let round = parts.as_ref();
+    let entering = parts.as_ref();
     let mem_a = SharedArray { name: &sh_a, ty: &sa, vectors };
     let mem_b = SharedArray { name: &sh_b, ty: &sb, vectors };
     // The accumulators are loop-carried values (registers on every device), not an array.
@@ -156,8 +157,8 @@ pub fn emit(
     if stages == 2 {
         let fa = tile_a.fetch(&mut b, &lin, (&row0, &c0), &zero, ty);
         let fb = tile_b.fetch(&mut b, &lin, (&c0, &col0), &zero, ty);
-        tile_a.deposit(&mut b, &fa, &mem_a, &c0, round, ty);
-        tile_b.deposit(&mut b, &fb, &mem_b, &c0, round, ty);
+        tile_a.deposit(&mut b, &fa, &mem_a, &c0, entering, ty);
+        tile_b.deposit(&mut b, &fb, &mem_b, &c0, entering, ty);
         b.line("gpu.barrier");
     }
     let carried: Vec<String> = (0..nacc).map(|i| format!("%o{i} = {zero}")).collect();
@@ -182,15 +183,15 @@ pub fn emit(
         let fa = tile_a.fetch(&mut b, &lin, (&row0, &kn), &zero, ty);
         let fb = tile_b.fetch(&mut b, &lin, (&kn, &col0), &zero, ty);
         let next = inner.step(&mut b, (&mem_a, &cur_a, la), (&mem_b, &cur_b, lb), tk, ty);
-        tile_a.deposit(&mut b, &fa, &mem_a, &nxt_a, round, ty);
-        tile_b.deposit(&mut b, &fb, &mem_b, &nxt_b, round, ty);
+        tile_a.deposit(&mut b, &fa, &mem_a, &nxt_a, entering, ty);
+        tile_b.deposit(&mut b, &fb, &mem_b, &nxt_b, entering, ty);
         b.line("gpu.barrier");
         next
     } else {
         let fa = tile_a.fetch(&mut b, &lin, (&row0, &k0), &zero, ty);
         let fb = tile_b.fetch(&mut b, &lin, (&k0, &col0), &zero, ty);
-        tile_a.deposit(&mut b, &fa, &mem_a, &c0, round, ty);
-        tile_b.deposit(&mut b, &fb, &mem_b, &c0, round, ty);
+        tile_a.deposit(&mut b, &fa, &mem_a, &c0, entering, ty);
+        tile_b.deposit(&mut b, &fb, &mem_b, &c0, entering, ty);
         b.line("gpu.barrier");
         let next = inner.step(&mut b, (&mem_a, &c0, la), (&mem_b, &c0, lb), tk, ty);
         b.line("gpu.barrier");
@@ -300,8 +301,8 @@ enum Inner {
     /// FMAs, in runs of `vec` adjacent rows and columns.
     Simt { rm: usize, rn: usize, wx: usize, wy: usize, vec: usize },
     /// Each warp of `warps[0] × warps[1]` computes `sub[0] × sub[1]` `m16n8` products on
-    /// tensor cores with operands of `precision`.
-    TensorCores { warps: [usize; 2], sub: [usize; 2], precision: MmaPrecision },
+    /// tensor cores with operands as `parts` forms them.
+    TensorCores { warps: [usize; 2], sub: [usize; 2], parts: Parts },
 }
 
 /// [`Inner`] once the kernel's body exists: the SIMT form knows where its runs start, the

@@ -93,7 +93,7 @@ pub(crate) enum Fragment {
 }
 
 /// How a kernel turns values into [`Part`]s. Shared tiles hold TF32 operands as f32 values,
-/// rounded once as they enter (unless exact at TF32) or, at TF32×3, unrounded and split as
+/// rounded once as they enter or, at TF32×3, unrounded and split as
 /// they are read; 16-bit operands as 16-bit values (`f16`, or bf16 bits as `i16`), so a read
 /// is the operand itself.
 #[derive(Clone, Copy)]
@@ -126,12 +126,12 @@ impl Parts {
         }
     }
 
-    /// An f32 operand value as it enters a shared tile: rounded to TF32 (unless exact), kept
-    /// (TF32×3), or converted to 16 bits.
+    /// An f32 operand value as it enters a shared tile: rounded to TF32, kept (TF32×3), or
+    /// converted to 16 bits (rounded unless exact).
     pub fn entering(&self, b: &mut Body, x: &str) -> String {
         match self.precision {
-            MmaPrecision::Tf32 if !self.exact => self.rounding.apply(b, x),
-            MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => x.to_string(),
+            MmaPrecision::Tf32 => self.rounding.apply(b, x),
+            MmaPrecision::Tf32x3 => x.to_string(),
             MmaPrecision::F16 | MmaPrecision::Bf16 => self.half(b, x, !self.exact),
         }
     }
@@ -208,21 +208,24 @@ impl Parts {
 /// `d = a·b + c` for one product of the warp from operand fragments: one tensor-core
 /// product, or at TF32×3 three (the small terms first, so they are not lost to the large).
 pub(crate) fn mma_parts(b: &mut Body, l: &Lanes, a: &Fragment, bf: &Fragment, c: &[String]) -> Vec<String> {
-    if let (Fragment::Elements(a), Fragment::Elements(bf)) = (a, bf) {
-        let part = |p: &[Part], lo: bool| {
-            let x: Option<Vec<String>> =
-                p.iter().map(|x| if lo { x.lo.clone() } else { Some(x.hi.clone()) }).collect();
-            x.map(|x| Fragment::Elements(x.into_iter().map(|hi| Part { hi, lo: None }).collect()))
-        };
-        if let (Some(a_lo), Some(b_lo), Some(a_hi), Some(b_hi)) =
-            (part(a, true), part(bf, true), part(a, false), part(bf, false))
-        {
+    // The high and the low parts as fragments of their own, where every element has both.
+    let split = |f: &Fragment| match f {
+        Fragment::Elements(p) => {
+            let lo = p.iter().map(|x| x.lo.clone()).collect::<Option<Vec<String>>>()?;
+            let whole =
+                |v: Vec<String>| Fragment::Elements(v.into_iter().map(|hi| Part { hi, lo: None }).collect());
+            Some((whole(p.iter().map(|x| x.hi.clone()).collect()), whole(lo)))
+        }
+        Fragment::Registers(_) => None,
+    };
+    match (split(a), split(bf)) {
+        (Some((a_hi, a_lo)), Some((b_hi, b_lo))) => {
             let acc = mma(b, l, &a_lo, &b_hi, c);
             let acc = mma(b, l, &a_hi, &b_lo, &acc);
-            return mma(b, l, &a_hi, &b_hi, &acc);
+            mma(b, l, &a_hi, &b_hi, &acc)
         }
+        _ => mma(b, l, a, bf, c),
     }
-    mma(b, l, a, bf, c)
 }
 
 /// A warp lane's coordinates, computed once per kernel, and the products it takes part in.
@@ -360,8 +363,7 @@ impl Lanes {
 /// elements placed as [`Lanes::frag`] says), `c` its 4 accumulators. Returns the 4 new ones.
 pub(crate) fn mma(b: &mut Body, l: &Lanes, a: &Fragment, bf: &Fragment, c: &[String]) -> Vec<String> {
     if let Some(em) = &l.emulation {
-        let (a, bf) = (elements(b, l.precision, a), elements(b, l.precision, bf));
-        return emulate_mma(b, l, em, &a, &bf, c);
+        return emulate_mma(b, l, em, &elements(a), &elements(bf), c);
     }
     // Operand registers, the PTX type and the register type of the intrinsic.
     let registers = |b: &mut Body, f: &Fragment| match f {
@@ -412,26 +414,12 @@ fn pack_bf16(b: &mut Body, xs: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// A fragment's elements ([`Part::hi`]s), unpacked from its registers where it was read as
-/// registers.
-fn elements(b: &mut Body, precision: MmaPrecision, f: &Fragment) -> Vec<String> {
+/// A fragment's elements ([`Part::hi`]s), for the emulation. Only [`Lanes::read`] forms
+/// registers, and never where the products are emulated.
+fn elements(f: &Fragment) -> Vec<String> {
     match f {
         Fragment::Elements(e) => e.iter().map(|p| p.hi.clone()).collect(),
-        Fragment::Registers(r) => r
-            .iter()
-            .flat_map(|x| match precision {
-                MmaPrecision::F16 => (0..2)
-                    .map(|e| b.assign(format!("vector.extract {x}[{e}] : f16 from vector<2xf16>")))
-                    .collect::<Vec<_>>(),
-                MmaPrecision::Bf16 => {
-                    let c16 = b.int(16, "i32");
-                    let lo = b.assign(format!("arith.trunci {x} : i32 to i16"));
-                    let hi = b.assign(format!("arith.shrui {x}, {c16} : i32"));
-                    vec![lo, b.assign(format!("arith.trunci {hi} : i32 to i16"))]
-                }
-                MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => vec![x.clone()],
-            })
-            .collect(),
+        Fragment::Registers(_) => unreachable!("emulated products read their fragments as elements"),
     }
 }
 

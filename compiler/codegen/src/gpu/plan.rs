@@ -319,11 +319,11 @@ impl GpuPlan {
 
     /// A tiled product on tensor cores, when the target has them for `precision`: 128×128×16
     /// tiles of 2×4 warps (4×4 `m16n8` products each, 64 f32 accumulators per invocation)
-    /// or 64×64×16 tiles of 2×2 warps (2×4 products each), k 32 for 16-bit operands, whichever [`matmul_cost`] estimates
-    /// faster; two stages when they fit in shared memory. Where the target
-    /// emulates the products (SPIR-V, to check the fragment bookkeeping), their scratch
-    /// arrays count against shared memory too. The caller decides whether the operands may be
-    /// rounded to `precision`.
+    /// or 64×64×16 tiles of 2×2 warps (2×4 products each), k 32 for 16-bit operands,
+    /// whichever [`matmul_cost`] estimates faster; two stages when they fit in shared memory.
+    /// Where the target emulates the products (SPIR-V, to check the fragment bookkeeping),
+    /// their scratch arrays count against shared memory too. The caller decides whether the
+    /// operands may be rounded to `precision`.
     pub fn matmul_tensor_cores(
         batch: usize,
         m: usize,
@@ -415,11 +415,11 @@ impl GpuPlan {
     }
 
     /// Flash attention on tensor cores, when the target has them for `precision` and the head
-    /// sizes are multiples of the products' k (8, or 16 for 16-bit operands) up to [`ATTENTION_MMA_MAX_HEAD`]: 4 warps
-    /// of 16 queries per workgroup (fewer for short sequences), and the longest key tile with
-    /// the most stages that fits in shared memory with the warps' weights (on SPIR-V, the
-    /// emulation's scratch arrays too). The caller decides whether the operands may be rounded
-    /// to `precision`.
+    /// sizes are multiples of the products' k (8, or 16 for 16-bit operands) up to
+    /// [`ATTENTION_MMA_MAX_HEAD`]: 4 warps of 16 queries per workgroup (fewer for short
+    /// sequences), and the longest key tile with the most stages that fits in shared memory
+    /// with the warps' weights (on SPIR-V, the emulation's scratch arrays too). The caller
+    /// decides whether the operands may be rounded to `precision`.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_tensor_cores(
         batch: usize,

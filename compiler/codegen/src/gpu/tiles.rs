@@ -8,7 +8,7 @@
 use super::mma::Parts;
 use super::plan::SharedLayout;
 use super::skeleton::{clamp, offset_at, plus, SharedArray};
-use crate::kernels::elementwise::load;
+use crate::kernels::elementwise::{load, to_reg};
 use crate::kernels::View;
 use crate::mlir_text::Body;
 use kiln_ir::DType;
@@ -206,11 +206,7 @@ impl<'a> OperandTile<'a> {
                     (0..4)
                         .map(|e| {
                             let x = b.assign(format!("vector.extract {v}[{e}] : {elem} from {vt}"));
-                            if elem == ty {
-                                x
-                            } else {
-                                b.assign(format!("arith.extf {x} : {elem} to {ty}"))
-                            }
+                            to_reg(b, &x, self.view.dtype)
                         })
                         .collect()
                 } else {

@@ -63,7 +63,8 @@ pub(crate) fn load(b: &mut Body, arg: &str, v: &View, idx: &str) -> String {
     to_reg(b, &x, v.dtype)
 }
 
-fn to_reg(b: &mut Body, x: &str, d: DType) -> String {
+/// A loaded element of dtype `d` in its register type ([`reg_type`]).
+pub(crate) fn to_reg(b: &mut Body, x: &str, d: DType) -> String {
     match d {
         DType::Bool => b.assign(format!("arith.trunci {x} : i8 to i1")),
         DType::F16 => b.assign(format!("arith.extf {x} : f16 to f32")),
