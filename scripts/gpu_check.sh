@@ -56,6 +56,9 @@ CONFORMANCE_TF32=(
     # Tensor-core plans take 64×64 tiles here, as at the default m (the large tiles need
     # outputs too big for the pack; the emulated Vulkan test runs them).
     "matmul_shapes|tests/gpu_check/matmul_shapes.ron|--set m=1152"
+    # 128×128 tiles in 4 stages of dynamic shared memory, copied asynchronously (results
+    # reduced to row sums and column maxima).
+    "large_tiles|tests/gpu_check/large_tiles.ron|"
 )
 CONFORMANCE_TF32X3=(
     "mlp|models/mlp.ron|"
@@ -70,6 +73,9 @@ CONFORMANCE_TF32X3=(
 CONFORMANCE_HALF=(
     "half_block_f16|tests/gpu_check/half_block.ron|"
     "half_block_bf16|tests/gpu_check/half_block.ron|"
+    # 128×128 tiles in 4 stages of dynamic shared memory, copied asynchronously, read with
+    # `ldmatrix` (B transposed as it is read).
+    "large_tiles_f16|tests/gpu_check/large_tiles.ron|--set k=128"
 )
 # name | spec | overrides: training artifacts (`--train`), whose `train_step` runs three times
 # on the GPU and is compared with the same spec's step compiled for this CPU (last outputs and

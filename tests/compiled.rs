@@ -938,6 +938,25 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
         runs.push((g, caps.clone(), [64, 64], 2e-3, None));
     }
     runs.push((&f16_graphs[1], large.clone(), [128, 128], 2e-3, None));
+    // Operand tiles copied asynchronously (emulated: read and stored at once) through a ring
+    // of 3 stages, each reused several times over k = 160: both operands copied, A copied
+    // and a transposed B through registers, a transposed A through registers and B copied;
+    // within f32's stated 1e-4·(1 + |ref|) with operands split in two TF32 parts (a tile in
+    // the wrong stage is far off), at TF32 (rounded in place once copied), and f16 tensors
+    // (2 stages).
+    let asynch = kiln_codegen::gpu::GpuCaps { async_copies: true, ..caps.clone() };
+    let ring_spec = (
+        r#"{ "p": (f32, [64, 160]), "q": (f32, [160, 64]), "ta": (f32, [160, 64]), "bt": (f32, [64, 160]) }"#,
+        r#"Let("x", MatMul("p", "q")),
+           Let("y", MatMul(Transpose("ta"), "q")),
+           Let("z", MatMul("p", Transpose("bt"))),"#,
+    );
+    let ring = op_case("matmul_ring", ring_spec.0, ring_spec.1);
+    let ring_f16 = op_case("matmul_ring_f16", &ring_spec.0.replace("f32", "f16"), ring_spec.1);
+    runs.push((&ring, x3(&asynch), [64, 64], 1e-4, None));
+    // TF32's rounding alone grows with k: 3e-2·(1 + |ref|) at k = 160 (1e-2 held to k = 64).
+    runs.push((&ring, asynch.clone(), [64, 64], 3e-2, None));
+    runs.push((&ring_f16, asynch.clone(), [64, 64], 2e-3, None));
     for (g, caps, tile, tolerance, rounded) in runs {
         let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
         let inputs = kiln_ir::seeded_inputs(g, 0);
@@ -962,9 +981,10 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
                 .program
                 .kernels
                 .iter()
-                .any(|k| matches!(k.plan.work, kiln_codegen::gpu::Work::MatmulTensorCores { tile: [m, n, _], precision, .. } if [m, n] == tile && Some(precision) == want_precision)),
-            "{}: no tensor-core plan with {tile:?} tiles at {want_precision:?}",
-            g.name
+                .any(|k| matches!(k.plan.work, kiln_codegen::gpu::Work::MatmulTensorCores { tile: [m, n, _], precision, async_copies, stages, .. } if [m, n] == tile && Some(precision) == want_precision && async_copies == caps.async_copies && (stages == 3 || !async_copies || precision == kiln_codegen::gpu::MmaPrecision::F16))),
+            "{}: no tensor-core plan with {tile:?} tiles at {want_precision:?} (async copies: {})",
+            g.name,
+            caps.async_copies
         );
         let got = run_artifact(dir.path(), &inputs, &g.name);
         for ((out, w), gv) in want.iter().zip(&got) {
@@ -981,12 +1001,14 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
 }
 
 /// Operands rounded to f16 or bf16 as they enter a tensor-core product's shared tiles are
-/// rounded exactly as `half` rounds (to nearest, ties to even; NaNs stay NaNs): a product with
-/// the identity returns each operand as the tensor cores saw it. Checked bit for bit on
-/// Vulkan, where bf16's rounding is written out in integer arithmetic, over random values, ties
-/// both ways, values that carry into the exponent, and NaN.
+/// rounded exactly as `half` rounds (to nearest, ties to even; NaNs stay NaNs), and f32 ones
+/// copied asynchronously into them, then rounded in place to TF32, as `cvt.rna.tf32.f32`
+/// rounds (to nearest, ties away from zero): a product with the identity returns each
+/// operand as the tensor cores saw it. Checked bit for bit on Vulkan, where bf16's and TF32's
+/// roundings are written out in integer arithmetic, over random values, ties both ways,
+/// values that carry into the exponent, and NaN.
 #[test]
-fn operands_rounded_for_16_bit_tensor_cores_round_to_nearest_even() {
+fn operands_rounded_for_tensor_cores_round_as_the_hardware_does() {
     if !available(Device::Vulkan, "16-bit operand rounding") {
         return;
     }
@@ -1030,17 +1052,30 @@ fn operands_rounded_for_16_bit_tensor_cores_round_to_nearest_even() {
     };
     let f16 = |v: f32| half::f16::from_f32(v).to_f64();
     let bf16 = |v: f32| half::bf16::from_f32(v).to_f64();
-    let cases: [(kiln_codegen::gpu::MmaPrecision, &dyn Fn(f32) -> f64); 2] =
-        [(kiln_codegen::gpu::MmaPrecision::F16, &f16), (kiln_codegen::gpu::MmaPrecision::Bf16, &bf16)];
-    for (precision, round) in cases {
-        let caps = caps.clone().with_tensor_cores(precision);
+    // TF32 (`cvt.rna`: to nearest, ties away from zero), rounded in place after an
+    // asynchronous copy brought the f32 bytes into shared memory.
+    let tf32 = |v: f32| {
+        if v.is_nan() {
+            return f64::NAN;
+        }
+        f32::from_bits(v.to_bits().wrapping_add(0x1000) & 0xFFFF_E000) as f64
+    };
+    // (precision, the rounding, whether the operands are copied asynchronously)
+    type Case<'a> = (kiln_codegen::gpu::MmaPrecision, &'a dyn Fn(f32) -> f64, bool);
+    let cases: [Case; 3] = [
+        (kiln_codegen::gpu::MmaPrecision::F16, &f16, false),
+        (kiln_codegen::gpu::MmaPrecision::Bf16, &bf16, false),
+        (kiln_codegen::gpu::MmaPrecision::Tf32, &tf32, true),
+    ];
+    for (precision, round, async_copies) in cases {
+        let caps = kiln_codegen::gpu::GpuCaps { async_copies, ..caps.clone() }.with_tensor_cores(precision);
         let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let built =
             kiln_codegen::build_vulkan_artifact(&g.name, &s, &HashMap::new(), &caps, dir.path()).unwrap();
         assert!(built.program.kernels.iter().any(|k| matches!(
             k.plan.work,
-            kiln_codegen::gpu::Work::MatmulTensorCores { precision: p, .. } if p == precision
+            kiln_codegen::gpu::Work::MatmulTensorCores { precision: p, async_copies: a, .. } if p == precision && a == async_copies
         )));
         let got = run_artifact(dir.path(), &inputs, &g.name);
         for (i, (&v, &y)) in values.iter().zip(&got[0]).enumerate() {
@@ -1154,6 +1189,23 @@ fn tensor_core_attention_bookkeeping_holds_on_vulkan_with_emulated_mma() {
     // own rounding and the weights' bound the difference.
     let f16_heads = half_op_cases("f16").into_iter().find(|g| g.name == "attention_heads_f16");
     runs.push((f16_heads.expect("16-bit attention heads"), caps.clone(), 2, vec![], 5e-3));
+    // Key and value tiles copied asynchronously (emulated: read and stored at once) through 3
+    // stages: 32 queries over 5 whole key tiles, and causal self-attention over 96, where
+    // the workgroups visit different counts of tiles (2 stages at TF32, 3 in f16); at TF32,
+    // split in two TF32 parts within f32's stated 1e-4, and f16 tensors (16-bit keys and
+    // values read as `ldmatrix` would hand them out).
+    let asynch = kiln_codegen::gpu::GpuCaps { async_copies: true, ..caps.clone() };
+    let ring_spec = (
+        r#"{ "q": (f32, [1, 2, 32, 16]), "k": (f32, [1, 2, 160, 16]), "v": (f32, [1, 2, 160, 32]), "s": (f32, [1, 2, 96, 32]) }"#,
+        r#"Let("a", Attention(q: "q", k: "k", v: "v", scale: 0.25)),
+           Let("c", Attention(q: "s", k: "s", v: "s", causal: true, scale: 0.2)),"#,
+    );
+    let ring = op_case("attention_ring", ring_spec.0, ring_spec.1);
+    let ring_f16 = op_case("attention_ring_f16", &ring_spec.0.replace("f32", "f16"), ring_spec.1);
+    let x3_async = kiln_codegen::gpu::GpuCaps { tensor_cores: x3.tensor_cores, ..asynch.clone() };
+    runs.push((ring.clone(), asynch.clone(), 3, vec![], 1e-2));
+    runs.push((ring, x3_async, 3, vec![], 1e-4));
+    runs.push((ring_f16, asynch, 3, vec![], 5e-3));
     for (g, caps, stages, bindings, tolerance) in &runs {
         let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
         let s = kiln_sched::schedule_aligned(g, caps.buffer_align).unwrap();
@@ -1167,11 +1219,12 @@ fn tensor_core_attention_bookkeeping_holds_on_vulkan_with_emulated_mma() {
         assert!(
             built.program.kernels.iter().any(|k| matches!(
                 k.plan.work,
-                kiln_codegen::gpu::Work::AttentionTensorCores { stages: n, precision, .. }
-                    if n == *stages && Some(precision) == want_precision
+                kiln_codegen::gpu::Work::AttentionTensorCores { stages: n, precision, async_copies, .. }
+                    if n == *stages && Some(precision) == want_precision && async_copies == caps.async_copies
             )),
-            "{}: no attention on tensor cores in {stages} stages at {want_precision:?}",
-            g.name
+            "{}: no attention on tensor cores in {stages} stages at {want_precision:?} (async copies: {})",
+            g.name,
+            caps.async_copies
         );
         let runs: Vec<Vec<i64>> = if bindings.is_empty() { vec![vec![]] } else { bindings.clone() };
         for values in runs {
@@ -1709,7 +1762,9 @@ fn cli_compiles_and_inspects_for_cuda() {
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.contains("compiled `half_block` for cuda (sm_90, PTX 7.8, tensor cores: bf16)"), "{said}");
     assert!(
-        said.contains("key tiles of 32 in shared memory (2 stages), mma.sync m16n8k16 on bf16 operands"),
+        said.contains(
+            "key tiles of 32 in shared memory (3 stages, async copies), mma.sync m16n8k16 on bf16 operands"
+        ),
         "{said}"
     );
     let manifest =

@@ -253,7 +253,8 @@ pub struct CudaTarget {
     pub buffer_align: u64,
     /// The most threads any kernel's block has.
     pub max_workgroup_invocations: u32,
-    /// The most static shared memory any kernel uses, in bytes.
+    /// The most shared memory any kernel uses, static or dynamic (a step's
+    /// `Dispatch::Gpu::dynamic_shared_bytes`), in bytes.
     pub max_shared_bytes: u32,
     /// Where each module's cubin lies in [`CUBIN_FILE`], in the order of
     /// [`Manifest::modules`]; empty when the artifact holds PTX only.
@@ -400,7 +401,19 @@ pub enum Dispatch {
         grid: [Dim; 3],
         /// Invocations per workgroup along x, y, z (also fixed in the module).
         workgroup: [u32; 3],
+        /// Bytes of dynamic shared memory the launch passes (the runtime first opts the
+        /// function in to them): CUDA gives a block more than 48 KiB of shared memory only
+        /// this way. 0: the kernel's shared memory is all static. CUDA only; a Vulkan
+        /// artifact never has it (Vulkan has no dynamic shared memory). Written only when
+        /// non-zero, so manifests from before the field read as 0 and keep their digest.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        dynamic_shared_bytes: u32,
     },
+}
+
+/// `skip_serializing_if` for counts that are left out of the manifest at 0.
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Where a kernel argument points.
@@ -496,9 +509,14 @@ impl TensorSpec {
 }
 
 impl Dispatch {
-    /// A GPU dispatch whose grid is the same in every run.
+    /// A GPU dispatch whose grid is the same in every run, with static shared memory only.
     pub fn gpu_fixed(module: u32, grid: [u32; 3], workgroup: [u32; 3]) -> Dispatch {
-        Dispatch::Gpu { module, grid: grid.map(|g| Dim::Fixed(u64::from(g))), workgroup }
+        Dispatch::Gpu {
+            module,
+            grid: grid.map(|g| Dim::Fixed(u64::from(g))),
+            workgroup,
+            dynamic_shared_bytes: 0,
+        }
     }
 
     /// A CPU step's range.
@@ -861,11 +879,16 @@ impl Fnv {
                     self.dim(range);
                     self.u64(*grain);
                 }
-                Dispatch::Gpu { module, grid, workgroup } => {
+                Dispatch::Gpu { module, grid, workgroup, dynamic_shared_bytes } => {
                     self.u64(1);
                     self.u64(u64::from(*module));
                     grid.iter().for_each(|g| self.dim(g));
                     workgroup.iter().for_each(|&w| self.u64(u64::from(w)));
+                    // Only where there are any, so artifacts from before the field keep their
+                    // digest.
+                    if *dynamic_shared_bytes != 0 {
+                        self.u64(u64::from(*dynamic_shared_bytes));
+                    }
                 }
             }
             self.u64(*flops);
@@ -1055,6 +1078,64 @@ mod tests {
         assert!(text.contains("dtype: bf16"), "{text}");
         assert_eq!(Manifest::from_ron(&text).unwrap(), manifest);
         assert_eq!(manifest.files[0].crc32, 0x352441c2);
+    }
+
+    /// A CUDA manifest of one GPU step, with static shared memory only.
+    fn cuda_manifest() -> Manifest {
+        Manifest {
+            format_version: crate::ARTIFACT_FORMAT_VERSION,
+            symbols: Vec::new(),
+            model: "m".into(),
+            kiln_version: "0.1.0".into(),
+            target: Target::Cuda(CudaTarget {
+                compute_capability: [9, 0],
+                ptx_version: "8.0".into(),
+                buffer_align: 256,
+                max_workgroup_invocations: 256,
+                max_shared_bytes: 1024,
+                cubins: Vec::new(),
+                precision: "f32".into(),
+                tensor_cores: Vec::new(),
+            }),
+            inputs: vec![TensorSpec::fixed("x", DType::F32, &[1024])],
+            index_bounds: vec![None],
+            outputs: vec![TensorSpec::fixed("y", DType::F32, &[1024])],
+            arena_bytes: 0,
+            files: Vec::new(),
+            modules: vec![ModuleRange { offset: 0, bytes: 64 }],
+            state: Vec::new(),
+            entries: Vec::new(),
+            steps: vec![Step {
+                symbol: "k0".into(),
+                label: "k0 neg [1024]".into(),
+                args: vec![BufRef::Input { index: 0 }, BufRef::Output { index: 0 }],
+                dispatch: Dispatch::gpu_fixed(0, [4, 1, 1], [256, 1, 1]),
+                flops: 1024,
+                bytes: 8192,
+            }],
+            faults: None,
+        }
+    }
+
+    #[test]
+    fn dynamic_shared_memory_is_written_only_when_used() {
+        let mut manifest = cuda_manifest();
+        let text = manifest.to_ron().unwrap();
+        assert!(!text.contains("dynamic_shared_bytes"), "{text}");
+        assert_eq!(Manifest::from_ron(&text).unwrap(), manifest);
+        // The digest of a step without dynamic shared memory is the one manifests written
+        // before the field had, so the kernels compiled against them still load.
+        let before = manifest.contract();
+        assert_eq!(before, 0xd665_c0d5_5d71_6d5d, "{before:#x}");
+
+        let Dispatch::Gpu { dynamic_shared_bytes, .. } = &mut manifest.steps[0].dispatch else {
+            unreachable!()
+        };
+        *dynamic_shared_bytes = 81920;
+        let text = manifest.to_ron().unwrap();
+        assert!(text.contains("dynamic_shared_bytes: 81920"), "{text}");
+        assert_eq!(Manifest::from_ron(&text).unwrap(), manifest);
+        assert_ne!(manifest.contract(), before);
     }
 
     #[test]

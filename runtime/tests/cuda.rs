@@ -143,6 +143,14 @@ fn manifest_errors_come_before_the_driver() {
             "step \"k1 add [1024]\" uses output 3, but the model has 1 outputs",
         ),
         (
+            Box::new(|m| {
+                let Dispatch::Gpu { dynamic_shared_bytes, .. } = &mut m.steps[1].dispatch else { unreachable!() };
+                *dynamic_shared_bytes = 1;
+            }),
+            "invalid manifest: step \"k1 add [1024]\" passes 1 bytes of dynamic shared memory, more than the \
+             target's max_shared_bytes 0",
+        ),
+        (
             Box::new(|m| m.steps[0].dispatch = Dispatch::gpu_fixed(1, [2, 1, 1], [512, 1, 1])),
             "invalid manifest: step \"k0 mul [1024]\" has workgroup [512, 1, 1] (512 threads), more than the \
              target's max_workgroup_invocations 256",
@@ -412,11 +420,61 @@ fn device_refusals_name_the_device() {
     let e = load(&artifact, Some(&format!("cuda:{count}"))).unwrap_err().to_string();
     assert!(e.starts_with(&format!("no device matches \"cuda:{count}\": this machine has cuda:0 (")), "{e}");
 
-    // More shared memory than the device offers per block.
+    // More shared memory than the device offers per block, even opted in.
     let mut artifact = CudaArtifact::chain();
-    artifact.edit(|m| cuda_target(m).max_shared_bytes = first.max_shared_bytes_per_block + 1);
+    let most = first.max_shared_bytes_per_block.max(first.max_shared_bytes_per_block_optin);
+    artifact.edit(|m| cuda_target(m).max_shared_bytes = most + 1);
     let e = load_err(&artifact);
     assert!(e.contains("bytes of shared memory per block, but device cuda:0 ("), "{e}");
+    assert!(e.ends_with("(MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)"), "{e}");
+}
+
+/// A step past the static 48 KiB of shared memory passes the rest as dynamic shared memory:
+/// its function is opted in at load (once, though two steps launch it), and the bytes go with
+/// every launch, captured into the graph and launched step by step when profiled. The
+/// kernels ignore the memory; the driver (a real one, or the fake, which refuses a launch
+/// past what its function was opted in to) checks it.
+#[test]
+fn dynamic_shared_memory_is_opted_in_and_passed() {
+    if !ready() {
+        return;
+    }
+    const BYTES: u32 = 64 * 1024;
+    let first = first_device().unwrap();
+    if first.max_shared_bytes_per_block_optin < BYTES {
+        return eprintln!(
+            "skipped: cuda:0 opts blocks in to {} bytes only",
+            first.max_shared_bytes_per_block_optin
+        );
+    }
+    let dynamic = |module: u32, bytes: u32| Dispatch::Gpu {
+        module,
+        grid: [4, 1, 1].map(kiln_runtime::Dim::Fixed),
+        workgroup: [256, 1, 1],
+        dynamic_shared_bytes: bytes,
+    };
+    let mut artifact = CudaArtifact::chain();
+    artifact.edit(|m| {
+        cuda_target(m).max_shared_bytes = BYTES;
+        m.steps[0].dispatch = dynamic(1, BYTES);
+        // `mul` again, over its own output, with less dynamic shared memory: y = x·w·w + c.
+        let mut again = m.steps[0].clone();
+        again.args[0] = again.args[2].clone();
+        again.dispatch = dynamic(1, BYTES / 2);
+        m.steps.insert(1, again);
+        for (i, step) in m.steps.iter_mut().enumerate() {
+            step.label = format!("k{i} {}", step.label.split_once(' ').unwrap().1);
+        }
+    });
+    let mut model = load(&artifact, None).unwrap();
+    let (x, w, c) = (x_data(), common::w_data(), common::c_data());
+    let expected: Vec<f32> = x.iter().zip(&w).zip(&c).map(|((x, w), c)| x * w * w + c).collect();
+    for _ in 0..2 {
+        assert_eq!(run(&mut model, &x), expected);
+    }
+    let (out, profile) = model.run_profiled(&[TensorRef::f32("x", &SHAPE, &x)], 1).unwrap();
+    assert_eq!(profile.steps.len(), 3);
+    assert_eq!(out[0].as_f32().unwrap(), &expected[..]);
 }
 
 #[test]
@@ -503,7 +561,7 @@ fn sm90_cubins_run_instead_of_the_ptx() {
 }
 
 /// The tests that need a CUDA device.
-const DEVICE_TESTS: [&str; 10] = [
+const DEVICE_TESTS: [&str; 11] = [
     "devices_list_cuda_after_vulkan_or_say_why",
     "a_model_with_symbols_runs_at_each_size_with_the_grid_of_that_size",
     "state_stays_in_the_device_arena_across_entry_points",
@@ -514,6 +572,7 @@ const DEVICE_TESTS: [&str; 10] = [
     "modules_and_kernels_are_checked_by_the_driver",
     "cubins_are_used_only_on_their_exact_architecture",
     "sm90_cubins_run_instead_of_the_ptx",
+    "dynamic_shared_memory_is_opted_in_and_passed",
 ];
 
 /// Set in the child process that runs the device tests on the fake driver.

@@ -357,6 +357,17 @@ fn refuses_launches_the_device_cannot_run() {
         "SPIR-V module 2 of kernels.spv: entry point \"reduce\" uses 256 bytes of workgroup memory, more than the \
          target's max_shared_bytes 255"
     );
+    // Dynamic shared memory is a CUDA launch's: a Vulkan dispatch has none to pass.
+    let mut a = GpuArtifact::chain();
+    a.edit(|m| {
+        let Dispatch::Gpu { dynamic_shared_bytes, .. } = &mut m.steps[3].dispatch else { unreachable!() };
+        *dynamic_shared_bytes = 256;
+    });
+    assert_eq!(
+        load_err(&a),
+        "invalid manifest: step \"k3 reduce [256]\" passes 256 bytes of dynamic shared memory, which Vulkan does \
+         not have (a CUDA artifact's field)"
+    );
     let mut a = GpuArtifact::chain();
     a.edit(|m| vulkan_target(m).buffer_align = 1);
     assert!(load_err(&a).contains("needs storage-buffer offsets aligned to"), "{}", load_err(&a));

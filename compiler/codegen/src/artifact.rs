@@ -8,7 +8,9 @@
 //! state's initial values that come from the weights are stored with them.
 
 use crate::gpu::ptxas::{Assembled, Ptxas};
-use crate::gpu::{self, GpuCaps, GpuKernel, GpuLowering, GpuProgram, PtxModule, SpirvModule, Work};
+use crate::gpu::{
+    self, GpuCaps, GpuFlavor, GpuKernel, GpuLowering, GpuProgram, PtxModule, SpirvModule, Work,
+};
 use crate::{build, program, CodegenError, Compiled, Target};
 use kiln_ir::{fmt_shape, DType, Tensor};
 use kiln_runtime::{
@@ -410,7 +412,7 @@ pub fn build_vulkan_entries(
     let mut stored = Stored::default();
     let mut per_entry = Vec::with_capacity(entries.len());
     for ((_, e), (base, part)) in entries.iter().zip(&parts) {
-        per_entry.push(gpu_steps(e, params, part, *base, &mut stored)?);
+        per_entry.push(gpu_steps(e, params, part, *base, caps.flavor(), &mut stored)?);
     }
     let state = state_table(&first.state, params, &mut stored)?;
     let wpath = dir.join(WEIGHTS_FILE);
@@ -538,7 +540,7 @@ pub fn build_cuda_entries(
     let mut stored = Stored::default();
     let mut per_entry = Vec::with_capacity(entries.len());
     for ((_, e), (base, part)) in entries.iter().zip(&parts) {
-        per_entry.push(gpu_steps(e, params, part, *base, &mut stored)?);
+        per_entry.push(gpu_steps(e, params, part, *base, caps.flavor(), &mut stored)?);
     }
     let state = state_table(&first.state, params, &mut stored)?;
     let mut per_entry = per_entry.into_iter();
@@ -678,12 +680,14 @@ fn concatenate<'a>(parts: impl Iterator<Item = &'a [u8]>) -> (Vec<u8>, Vec<Modul
 }
 
 /// The steps of a GPU program (one per scheduled kernel, launching its kernel's module with its
-/// plan's grid) and the weights they bind; a weight bound in pieces is stored as its pieces.
+/// plan's grid and, on CUDA (`flavor`), its dynamic shared memory) and the weights they bind; a
+/// weight bound in pieces is stored as its pieces.
 fn gpu_steps(
     s: &Schedule,
     params: &HashMap<String, Tensor>,
     program: &GpuProgram,
     first_module: usize,
+    flavor: GpuFlavor,
     stored: &mut Stored,
 ) -> Result<Vec<Step>, CodegenError> {
     let mut steps = Vec::with_capacity(s.kernels.len());
@@ -709,16 +713,23 @@ fn gpu_steps(
         }
         args.extend(fault_arg(s, sk, stored, params)?);
         let module = (first_module + ki) as u32;
-        let dispatch = match &k.run_grid {
+        let grid = match &k.run_grid {
             // A kernel over run-time sizes reads them last, and launches the run's grid.
             Some(grid) => {
                 args.push(BufRef::Symbols);
                 let [x, y, z] = grid;
-                let grid = [runtime_dim(x)?, runtime_dim(y)?, runtime_dim(z)?];
-                Dispatch::Gpu { module, grid, workgroup: k.plan.launch.workgroup }
+                [runtime_dim(x)?, runtime_dim(y)?, runtime_dim(z)?]
             }
-            None => Dispatch::gpu_fixed(module, k.plan.launch.grid, k.plan.launch.workgroup),
+            None => k.plan.launch.grid.map(|g| Dim::Fixed(u64::from(g))),
         };
+        // Only a CUDA kernel takes shared memory past the static limit as dynamic shared
+        // memory; SPIR-V declares every workgroup array in the module.
+        let dynamic_shared_bytes = match flavor {
+            GpuFlavor::Nvvm => k.plan.dynamic_shared_bytes(),
+            GpuFlavor::Spirv => 0,
+        };
+        let dispatch =
+            Dispatch::Gpu { module, grid, workgroup: k.plan.launch.workgroup, dynamic_shared_bytes };
         steps.push(Step {
             symbol: k.symbol.clone(),
             label: format!("k{i} {} {}", sk.name(), fmt_shape(&sk.output.view.shape)),

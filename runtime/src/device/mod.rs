@@ -44,6 +44,10 @@ pub struct CudaDeviceInfo {
     pub multiprocessors: u32,
     /// Static shared memory a block may use, in bytes (`MAX_SHARED_MEMORY_PER_BLOCK`).
     pub max_shared_bytes_per_block: u32,
+    /// Shared memory a block may use once its function opts in to dynamic shared memory, in
+    /// bytes (`MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`; at least the static limit on any device
+    /// this runs on, e.g. 227 KiB on sm_90).
+    pub max_shared_bytes_per_block_optin: u32,
     /// Threads a block may have (`MAX_THREADS_PER_BLOCK`).
     pub max_threads_per_block: u32,
 }
@@ -163,16 +167,28 @@ pub(crate) fn check_arena_range(
     Err(RuntimeError::ArenaRange { step: step.to_string(), offset, end, arena_bytes, problem })
 }
 
-/// A GPU step's module index, grid and workgroup, refusing a CPU dispatch and a module the
-/// manifest does not have; `device` names the artifact's kind in the error.
+/// A GPU step's dispatch, its module index checked.
+pub(crate) struct GpuDispatch<'s> {
+    pub module: usize,
+    pub grid: &'s [Dim; 3],
+    pub workgroup: [u32; 3],
+    /// Bytes of dynamic shared memory the launch passes (CUDA only).
+    pub dynamic_shared_bytes: u32,
+}
+
+/// A GPU step's module index, grid, workgroup and dynamic shared memory, refusing a CPU
+/// dispatch and a module the manifest does not have; `device` names the artifact's kind in the
+/// error.
 pub(crate) fn gpu_dispatch<'s>(
     step: &'s crate::manifest::Step,
     modules: usize,
     device: &str,
-) -> Result<(usize, &'s [Dim; 3], [u32; 3]), RuntimeError> {
+) -> Result<GpuDispatch<'s>, RuntimeError> {
     let at = &step.label;
-    let (module, grid, workgroup) = match &step.dispatch {
-        crate::manifest::Dispatch::Gpu { module, grid, workgroup } => (*module as usize, grid, *workgroup),
+    let (module, grid, workgroup, dynamic_shared_bytes) = match &step.dispatch {
+        crate::manifest::Dispatch::Gpu { module, grid, workgroup, dynamic_shared_bytes } => {
+            (*module as usize, grid, *workgroup, *dynamic_shared_bytes)
+        }
         crate::manifest::Dispatch::Cpu { .. } => {
             return Err(RuntimeError::invalid(format!(
                 "step {at:?} is a CPU dispatch in a {device} artifact"
@@ -184,7 +200,7 @@ pub(crate) fn gpu_dispatch<'s>(
             "step {at:?} uses module {module}, but the manifest has {modules} modules"
         )));
     }
-    Ok((module, grid, workgroup))
+    Ok(GpuDispatch { module, grid, workgroup, dynamic_shared_bytes })
 }
 
 /// A GPU step's grid at symbol values `values` (the run's, or the maxima at load), each extent
@@ -594,6 +610,7 @@ mod tests {
             memory_bytes: 150_000_000_000,
             multiprocessors: 132,
             max_shared_bytes_per_block: 49152,
+            max_shared_bytes_per_block_optin: 232448,
             max_threads_per_block: 1024,
         };
         let device = DeviceInfo::Cuda(info);

@@ -166,6 +166,7 @@ pub fn sized_artifact() -> CudaArtifact {
             module: 0,
             grid: [blocks.clone(), 1.into(), 1.into()],
             workgroup: [64, 1, 1],
+            dynamic_shared_bytes: 0,
         },
         flops: N as u64,
         bytes: 3 * 4 * N as u64,

@@ -162,8 +162,12 @@ pub fn sized_manifest() -> Manifest {
     use kiln_runtime::{Dim, SymbolSpec};
     let rows = super::rows_dim();
     let groups = super::sized_grid();
-    let dispatch =
-        || Dispatch::Gpu { module: 0, grid: [groups.clone(), 1.into(), 1.into()], workgroup: [64, 1, 1] };
+    let dispatch = || Dispatch::Gpu {
+        module: 0,
+        grid: [groups.clone(), 1.into(), 1.into()],
+        workgroup: [64, 1, 1],
+        dynamic_shared_bytes: 0,
+    };
     let t = || BufRef::Arena { offset: 0, bytes: PLANE };
     let spec = |name: &str| TensorSpec {
         name: name.into(),

@@ -10,8 +10,9 @@
  *
  *  - a call that needs a context without the model's context current on the calling thread;
  *  - a launch whose parameters are not three device pointers each covering 4096 bytes of one
- *    allocation (and, for `div`, a fourth covering its 8 bytes of fault words), a launch with dynamic shared memory or `extra`, a grid and block that do not
- *    cover the 1024 elements; for `scale` and `shift`, four pointers, and when the kernel runs,
+ *    allocation (and, for `div`, a fourth covering its 8 bytes of fault words), a launch with
+ *    more dynamic shared memory than its function allows (48 KiB, or what cuFuncSetAttribute
+ *    opted it in to) or with `extra`, a grid and block that do not cover the 1024 elements; for `scale` and `shift`, four pointers, and when the kernel runs,
  *    a grid that does not cover the run's rows * 16 elements or a buffer that does not hold them;
  *  - a copy or memset while the stream is being captured into a graph;
  *  - a module image that is neither NUL-terminated PTX text nor an ELF cubin (a cubin is
@@ -57,9 +58,10 @@ struct alloc { uint64_t base, size; };
 static struct alloc allocs[MAX_ALLOCS];
 
 enum op { ADD, MUL, DIV, SCALE, SHIFT };
-struct module { int ops[5]; /* add, mul, div, scale, shift present */ };
-struct function { enum op op; };
-static struct function functions[5] = { { ADD }, { MUL }, { DIV }, { SCALE }, { SHIFT } };
+/* A function belongs to its module, as a real driver's does: its dynamic shared memory limit
+ * (MAX_DYNAMIC_SHARED_SIZE_BYTES) starts at 48 KiB in every module loaded. */
+struct function { enum op op; int max_dynamic_shared; };
+struct module { int ops[5]; /* add, mul, div, scale, shift present */ struct function functions[5]; };
 
 /* A launch: its function, pointers (`d` is div's fault words, or the fourth pointer of scale
  * and shift), grid and block. */
@@ -121,6 +123,7 @@ CUresult cuDeviceGetAttribute(int *v, int attribute, CUdevice d) {
     case 5: *v = 2147483647; break;          /* MAX_GRID_DIM_X */
     case 6: case 7: *v = 65535; break;       /* MAX_GRID_DIM_Y, Z */
     case 8: *v = 49152; break;               /* MAX_SHARED_MEMORY_PER_BLOCK */
+    case 97: *v = 232448; break;             /* MAX_SHARED_MEMORY_PER_BLOCK_OPTIN */
     case 16: *v = 4; break;                  /* MULTIPROCESSOR_COUNT */
     case 75: *v = 9; break;                  /* COMPUTE_CAPABILITY_MAJOR */
     case 76: *v = 0; break;                  /* COMPUTE_CAPABILITY_MINOR */
@@ -314,6 +317,7 @@ CUresult cuModuleLoadDataEx(void **module, const void *image, unsigned n, int *o
     const char *text = image;
     struct module *m = calloc(1, sizeof(struct module));
     if (!m) return OUT_OF_MEMORY;
+    for (int i = 0; i < 5; i++) m->functions[i] = (struct function){ (enum op)i, 49152 };
     if (memcmp(text, "\x7f" "ELF", 4) == 0) {
         /* The image's extent from its 64-bit ELF header: the section and program headers. */
         uint64_t shoff, phoff;
@@ -358,11 +362,11 @@ CUresult cuModuleGetFunction(void **f, void *module, const char *name) {
     NEED_CONTEXT();
     struct module *m = module;
     if (!m) return INVALID_HANDLE;
-    if (strcmp(name, "add") == 0 && m->ops[ADD]) *f = &functions[ADD];
-    else if (strcmp(name, "mul") == 0 && m->ops[MUL]) *f = &functions[MUL];
-    else if (strcmp(name, "div") == 0 && m->ops[DIV]) *f = &functions[DIV];
-    else if (strcmp(name, "scale") == 0 && m->ops[SCALE]) *f = &functions[SCALE];
-    else if (strcmp(name, "shift") == 0 && m->ops[SHIFT]) *f = &functions[SHIFT];
+    if (strcmp(name, "add") == 0 && m->ops[ADD]) *f = &m->functions[ADD];
+    else if (strcmp(name, "mul") == 0 && m->ops[MUL]) *f = &m->functions[MUL];
+    else if (strcmp(name, "div") == 0 && m->ops[DIV]) *f = &m->functions[DIV];
+    else if (strcmp(name, "scale") == 0 && m->ops[SCALE]) *f = &m->functions[SCALE];
+    else if (strcmp(name, "shift") == 0 && m->ops[SHIFT]) *f = &m->functions[SHIFT];
     else return NOT_FOUND;
     return SUCCESS;
 }
@@ -375,11 +379,21 @@ CUresult cuFuncGetAttribute(int *v, int attribute, void *f) {
     else return INVALID_VALUE;
     return SUCCESS;
 }
+CUresult cuFuncSetAttribute(void *f, int attribute, int value) {
+    NEED_CONTEXT();
+    if (!f) return INVALID_HANDLE;
+    /* MAX_DYNAMIC_SHARED_SIZE_BYTES, within the opt-in limit (the kernels have no static
+     * shared memory). */
+    if (attribute != 8 || value < 0 || value > 232448) return INVALID_VALUE;
+    ((struct function *)f)->max_dynamic_shared = value;
+    return SUCCESS;
+}
 
 CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                         unsigned shared, void *s, void **params, void **extra) {
     NEED_CONTEXT();
-    if (!f || !s || !params || extra != NULL || shared != 0) return INVALID_VALUE;
+    if (!f || !s || !params || extra != NULL) return INVALID_VALUE;
+    if (shared > (unsigned)((struct function *)f)->max_dynamic_shared) return INVALID_VALUE;
     if (gy != 1 || gz != 1 || by != 1 || bz != 1) return INVALID_VALUE;
     struct node n = { f, *(CUdeviceptr *)params[0], *(CUdeviceptr *)params[1], *(CUdeviceptr *)params[2], 0, gx, bx };
     int sized = n.f->op == SCALE || n.f->op == SHIFT;

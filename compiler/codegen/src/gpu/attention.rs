@@ -213,13 +213,14 @@ pub fn emit_run(
             simt(&mut b, &ops, block_q as usize, block_k as usize, cx);
             block_q as usize
         }
-        Work::AttentionTensorCores { warps, block_k, stages, precision, .. } => {
+        Work::AttentionTensorCores { warps, block_k, stages, precision, async_copies, .. } => {
             let shape = super::attention_mma::Shape {
                 warps: warps as usize,
                 block_k: block_k as usize,
                 stages: stages as usize,
                 precision,
                 exact,
+                async_copies,
             };
             super::attention_mma::body(&mut b, &ops, shape, cx);
             16 * warps as usize

@@ -9,14 +9,17 @@
 //! the row sums; the four lanes of a row add theirs only at the end. The output is divided by
 //! the sum once, as in the one-query-per-invocation kernel.
 //!
-//! On SPIR-V the products are emulated per warp ([`super::mma`]) and the shuffles go through
-//! shared memory, so the same bookkeeping runs, and is checked, on any Vulkan device.
+//! With async copies the key and value tiles are copied up to two tiles ahead (3 stages) with
+//! `cp.async`; 16-bit keys and values are read with `ldmatrix`. On SPIR-V the products are
+//! emulated per warp ([`super::mma`]), the shuffles go through shared memory, the copies are
+//! plain reads and writes and `ldmatrix` the reads it stands for, so the same bookkeeping runs,
+//! and is checked, on any Vulkan device.
 
 use super::attention::{keys_to_visit, Operands};
-use super::mma::{mma_parts, Fragment, Lanes, Parts, C_FRAGMENT, MMA_M, MMA_N};
+use super::mma::{eight, joined, mma_parts, Fragment, Lanes, Parts, C_FRAGMENT, MMA_M, MMA_N};
 use super::plan::{attention_layouts, MmaPrecision};
 use super::skeleton::{clamp, offset_at, plus, shared, shared_type, SharedArray};
-use super::tiles::OperandTile;
+use super::tiles::{shared_pointer, CopyPointers, OperandTile, Pipeline};
 use super::{GpuCtx, GpuFlavor};
 use crate::kernels::elementwise::{load, store};
 use crate::mlir_text::Body;
@@ -34,6 +37,8 @@ pub(crate) struct Shape {
     pub precision: MmaPrecision,
     /// Whether q, k and v are exact at it (f16 and bf16 tensors).
     pub exact: bool,
+    /// Whether tiles that allow it are copied asynchronously.
+    pub async_copies: bool,
 }
 
 /// How a quad's four partial results combine.
@@ -45,7 +50,7 @@ enum Combine {
 
 /// The kernel body (operands as [`Operands`] describes; f32 registers).
 pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
-    let Shape { warps, block_k: bk, stages, precision, exact } = shape;
+    let Shape { warps, block_k: bk, stages, precision, exact, async_copies } = shape;
     let ty = "f32";
     let (q, k) = (o.q, o.k);
     let r = q.rank();
@@ -140,14 +145,55 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     } else {
         b.index((sk.div_ceil(bk).max(1) - 1) * bk)
     };
-    if stages == 2 {
-        let fk = tile_k.fetch(b, &lin, (&c0, &c0), &zero, ty);
-        let fv = tile_v.as_ref().map(|t| t.fetch(b, &lin, (&c0, &c0), &zero, ty));
-        tile_k.deposit(b, &fk, &mem_k, &c0, entering, ty);
-        if let (Some(t), Some(fv)) = (&tile_v, &fv) {
-            t.deposit(b, fv, &mem_v, &c0, entering, ty);
+    // Which tiles are copied asynchronously, and the pipeline they go through.
+    let elem_bytes = if precision.paired() { 2 } else { 4 };
+    let copies = match async_copies {
+        true => [tile_k.async_run(b, elem_bytes), tile_v.as_ref().and_then(|t| t.async_run(b, elem_bytes))],
+        false => [None, None],
+    };
+    let pointers: [Option<CopyPointers>; 2] = match nvvm {
+        true => [
+            copies[0].map(|_| tile_k.pointers(b, &mem_k)),
+            copies[1].and(tile_v.as_ref()).map(|t| t.pointers(b, &mem_v)),
+        ],
+        false => [None, None],
+    };
+    let pipe = Pipeline {
+        tiles: [Some(&tile_k), tile_v.as_ref()],
+        mems: [&mem_k, &mem_v],
+        copies,
+        pointers: &pointers,
+        parts: Some(&ops),
+        lin: &lin,
+    };
+    let copying = pipe.copying();
+    // On NVVM, where 16-bit fragments are read with `ldmatrix`: the key and value tiles'
+    // pointers.
+    let matrix_ptrs =
+        (nvvm && precision.paired()).then(|| [shared_pointer(b, &mem_k), shared_pointer(b, &mem_v)]);
+    let origins = |k0: &str| [(k0.to_string(), c0.clone()), (k0.to_string(), c0.clone())];
+    let kend = keys_to_visit(b, o, &bx, MMA_M * warps);
+    if stages >= 2 {
+        // The first `stages − 1` tiles (the last one again past the end), each into its
+        // stage; copied ones only where they are visited (one group each, empty or not).
+        for s in 0..stages - 1 {
+            let k_s = b.index(s * bk);
+            let k_s = b.assign(format!("arith.minui {k_s}, {last} : index"));
+            let at = [b.index(s * lay.keys.len), b.index(s * lay.values.len)];
+            pipe.stage(b, &origins(&k_s), [&at[0], &at[1]], &zero, ty, entering);
+            if copying {
+                let real = b.assign(format!("arith.cmpi ult, {k_s}, {kend} : index"));
+                b.open(format!("scf.if {real}"));
+                pipe.copy(b, &origins(&k_s), [&at[0], &at[1]]);
+                b.close("");
+                if nvvm {
+                    b.line("nvvm.cp.async.commit.group");
+                }
+            }
         }
-        b.line("gpu.barrier");
+        if !copying {
+            b.line("gpu.barrier");
+        }
     }
 
     // Carried over the key tiles: each row's running max and this lane's part of its sum, and
@@ -161,28 +207,58 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         format!("%fl1 = {zero}"),
     ];
     carried.extend((0..n_out).map(|i| format!("%fo{i} = {zero}")));
-    let kend = keys_to_visit(b, o, &bx, MMA_M * warps);
     b.open(format!(
         "%fa:{} = scf.for %fk = {c0} to {kend} step {bkc} iter_args({}) -> ({types})",
         4 + n_out,
         carried.join(", ")
     ));
-    let (cur_k, cur_v, next) = if stages == 2 {
-        // Read the next tiles into registers now; store them into the other stage after this
-        // tile's products.
-        let c2 = b.index(2);
+    let (cur_k, cur_v, next) = if stages >= 2 {
+        // Tile t is in stage t mod S once this invocation's copies of it landed and, after
+        // the barrier, everyone's; then stage (t − 1) mod S is free for tile t + S − 1:
+        // copied where it is visited, or read into registers now and stored after this
+        // tile's products (the last tile again past the end, into a stage no one reads).
         let t = b.assign(format!("arith.divui %fk, {bkc} : index"));
-        let parity = b.assign(format!("arith.remui {t}, {c2} : index"));
+        let sc = b.index(stages);
+        let cur = b.assign(format!("arith.remui {t}, {sc} : index"));
         let (lk, lv) = (b.index(lay.keys.len), b.index(lay.values.len));
-        let cur_k = b.assign(format!("arith.muli {parity}, {lk} : index"));
-        let cur_v = b.assign(format!("arith.muli {parity}, {lv} : index"));
-        let nxt_k = b.assign(format!("arith.subi {lk}, {cur_k} : index"));
-        let nxt_v = b.assign(format!("arith.subi {lv}, {cur_v} : index"));
-        let kn = b.assign(format!("arith.addi %fk, {bkc} : index"));
-        let kn = b.assign(format!("arith.minui {kn}, {last} : index"));
-        let fk = tile_k.fetch(b, &lin, (&kn, &c0), &zero, ty);
-        let fv = tile_v.as_ref().map(|t| t.fetch(b, &lin, (&kn, &c0), &zero, ty));
-        (cur_k, cur_v, Some((fk, fv, nxt_k, nxt_v)))
+        let cur_k = b.assign(format!("arith.muli {cur}, {lk} : index"));
+        let cur_v = b.assign(format!("arith.muli {cur}, {lv} : index"));
+        let (nxt_k, nxt_v) = if stages == 2 {
+            // The other stage.
+            (
+                b.assign(format!("arith.subi {lk}, {cur_k} : index")),
+                b.assign(format!("arith.subi {lv}, {cur_v} : index")),
+            )
+        } else {
+            let ahead = b.index(stages - 1);
+            let nt = b.assign(format!("arith.addi {t}, {ahead} : index"));
+            let nxt = b.assign(format!("arith.remui {nt}, {sc} : index"));
+            (
+                b.assign(format!("arith.muli {nxt}, {lk} : index")),
+                b.assign(format!("arith.muli {nxt}, {lv} : index")),
+            )
+        };
+        if nvvm && copying {
+            b.line(format!("nvvm.cp.async.wait.group {}", stages - 2));
+        }
+        if copying {
+            pipe.round(b, [&cur_k, &cur_v]);
+            b.line("gpu.barrier");
+        }
+        let ahead = b.index((stages - 1) * bk);
+        let kn = b.assign(format!("arith.addi %fk, {ahead} : index"));
+        let clamped = b.assign(format!("arith.minui {kn}, {last} : index"));
+        let fetched = pipe.fetch(b, &origins(&clamped), &zero, ty);
+        if copying {
+            let real = b.assign(format!("arith.cmpi ult, {kn}, {kend} : index"));
+            b.open(format!("scf.if {real}"));
+            pipe.copy(b, &origins(&kn), [&nxt_k, &nxt_v]);
+            b.close("");
+            if nvvm {
+                b.line("nvvm.cp.async.commit.group");
+            }
+        }
+        (cur_k, cur_v, Some((fetched, nxt_k, nxt_v)))
     } else {
         let fk = tile_k.fetch(b, &lin, ("%fk", &c0), &zero, ty);
         let fv = tile_v.as_ref().map(|t| t.fetch(b, &lin, ("%fk", &c0), &zero, ty));
@@ -197,17 +273,45 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let (kr, kc) = (lay.keys.row, lay.keys.col);
     let key_lane = offset_at(b, 0, &[(Some(&l.group), kr), (Some(&k_lane), kc)]);
     let key_lane = b.assign(format!("arith.addi {cur_k}, {key_lane} : index"));
-    let mut scores: Vec<Vec<String>> = Vec::with_capacity(bk / MMA_N);
-    for nb in 0..bk / MMA_N {
-        let mut c = vec![zero.clone(); C_FRAGMENT.len()];
-        for (kk, af) in q_frags.iter().enumerate() {
-            let mut at = |b: &mut Body, dr: usize, dc: usize| {
-                plus(b, &key_lane, (nb * MMA_N + dc) * kr + (kk * frag.k + dr) * kc)
-            };
-            let bf = l.read(b, &ops, &mem_k, frag.b, kc == 1, &mut at);
-            c = mma_parts(b, &l, af, &bf, &c);
+    let mut scores: Vec<Vec<String>> = vec![vec![zero.clone(); C_FRAGMENT.len()]; bk / MMA_N];
+    if precision.paired() && (bk / MMA_N).is_multiple_of(2) {
+        // 16-bit keys through `ldmatrix`: lane `8j + i` names key `i` (+ 8 for `j / 2`) of
+        // the pair of 8-key blocks, elements from 8 × (`j % 2`) of the k block; the keys' rows
+        // are the B operand's columns.
+        for nb in (0..bk / MMA_N).step_by(2) {
+            for (kk, af) in q_frags.iter().enumerate() {
+                let mut row_at = |b: &mut Body, i: &str, h: &str, q: &str| {
+                    let key = plus(b, i, nb * MMA_N);
+                    let key = eight(b, &key, q);
+                    let e = b.index(kk * frag.k);
+                    let e = eight(b, &e, h);
+                    let at = offset_at(b, 0, &[(Some(&key), kr), (Some(&e), kc)]);
+                    b.assign(format!("arith.addi {cur_k}, {at} : index"))
+                };
+                let m = l.ldmatrix(
+                    b,
+                    &ops,
+                    &mem_k,
+                    matrix_ptrs.as_ref().map(|p| p[0].as_str()),
+                    false,
+                    &mut row_at,
+                );
+                for (half, pair) in m.chunks(2).enumerate() {
+                    let c = &scores[nb + half];
+                    scores[nb + half] = mma_parts(b, &l, af, &joined(pair), c);
+                }
+            }
         }
-        scores.push(c);
+    } else {
+        for (nb, c) in scores.iter_mut().enumerate() {
+            for (kk, af) in q_frags.iter().enumerate() {
+                let mut at = |b: &mut Body, dr: usize, dc: usize| {
+                    plus(b, &key_lane, (nb * MMA_N + dc) * kr + (kk * frag.k + dr) * kc)
+                };
+                let bf = l.read(b, &ops, &mem_k, frag.b, kc == 1, &mut at);
+                *c = mma_parts(b, &l, af, &bf, c);
+            }
+        }
     }
 
     // Scale, mask, hide; the tile's max per row, over the quad.
@@ -332,6 +436,29 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         let v_lane = offset_at(b, 0, &[(Some(&k_lane), vr), (Some(&l.group), vc)]);
         let v_lane = b.assign(format!("arith.addi {cur_v}, {v_lane} : index"));
         for (kk, af) in w_frags.iter().enumerate() {
+            if precision.paired() {
+                // 16-bit values through `ldmatrix`, transposed: lane `8j + i` names key `i`
+                // (+ 8 for `j % 2`) of the k block, elements from 8 × (`j / 2`) of the pair of
+                // 8-element blocks.
+                for nb in (0..dv / MMA_N).step_by(2) {
+                    let mut row_at = |b: &mut Body, i: &str, h: &str, q: &str| {
+                        let key = plus(b, i, kk * frag.k);
+                        let key = eight(b, &key, h);
+                        let e = b.index(nb * MMA_N);
+                        let e = eight(b, &e, q);
+                        let at = offset_at(b, 0, &[(Some(&key), vr), (Some(&e), vc)]);
+                        b.assign(format!("arith.addi {cur_v}, {at} : index"))
+                    };
+                    let ptr = matrix_ptrs.as_ref().map(|p| p[1].as_str());
+                    let m = l.ldmatrix(b, &ops, &mem_v, ptr, true, &mut row_at);
+                    for (half, pair) in m.chunks(2).enumerate() {
+                        let base = (nb + half) * C_FRAGMENT.len();
+                        let d = mma_parts(b, &l, af, &joined(pair), &outs[base..base + C_FRAGMENT.len()]);
+                        outs[base..base + C_FRAGMENT.len()].clone_from_slice(&d);
+                    }
+                }
+                continue;
+            }
             for nb in 0..dv / MMA_N {
                 let mut at = |b: &mut Body, dr: usize, dc: usize| {
                     plus(b, &v_lane, (kk * frag.k + dr) * vr + (nb * MMA_N + dc) * vc)
@@ -344,12 +471,12 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         }
     }
     match next {
-        Some((fk, fv, nxt_k, nxt_v)) => {
-            tile_k.deposit(b, &fk, &mem_k, &nxt_k, entering, ty);
-            if let (Some(t), Some(fv)) = (&tile_v, &fv) {
-                t.deposit(b, fv, &mem_v, &nxt_v, entering, ty);
+        Some((fetched, nxt_k, nxt_v)) => {
+            pipe.deposit(b, &fetched, [&nxt_k, &nxt_v], ty, entering);
+            // Without copies to wait for, the barrier closes the iteration instead.
+            if !copying {
+                b.line("gpu.barrier");
             }
-            b.line("gpu.barrier");
         }
         None => b.line("gpu.barrier"),
     }
@@ -357,6 +484,10 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     yielded.extend(outs);
     b.line(format!("scf.yield {} : {types}", yielded.join(", ")));
     b.close("");
+    if nvvm && copying {
+        // Only copies of tiles no one reads can be pending here; none may outlive the kernel.
+        b.line("nvvm.cp.async.wait.group 0");
+    }
 
     // Each row's sum over its quad; the output rows divided by it, and the log-sum-exp.
     let partial = ["%fa#2".to_string(), "%fa#3".to_string()];

@@ -113,6 +113,16 @@ pub struct GpuCaps {
     /// runs fewer invocations at once: a product's per-invocation accumulators take at most
     /// half of them (the rest hold operands and addresses).
     pub registers: u32,
+    /// Whether a kernel can copy global memory to shared memory asynchronously (`cp.async`,
+    /// NVIDIA sm_80 and later), so that several operand tiles are in flight while it computes
+    /// without holding them in registers. Elsewhere such copies are emulated as plain reads
+    /// and writes (for checking a kernel's stage bookkeeping on any Vulkan device).
+    pub async_copies: bool,
+    /// Shared memory a workgroup may have when it asks for more than `max_shared_bytes` at
+    /// launch (CUDA's opt-in dynamic shared memory); no more than `max_shared_bytes` where
+    /// there is no such thing. Only plans with async copies take it: their deeper pipelines
+    /// are what needs the room.
+    pub max_dynamic_shared_bytes: u32,
 }
 
 impl GpuCaps {
@@ -147,6 +157,8 @@ impl GpuCaps {
             // What a portable kernel can count on (CPU implementations such as lavapipe keep
             // every invocation's live values in memory across a barrier, mobile GPUs have few).
             registers: 64,
+            async_copies: false,
+            max_dynamic_shared_bytes: 32 * 1024,
         }
     }
 
@@ -194,6 +206,13 @@ impl GpuCaps {
                 _ => 132,
             },
             registers: 255,
+            async_copies: true,
+            // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN of the same parts: 163, 99, 99 and 227 KiB.
+            max_dynamic_shared_bytes: match target.compute_capability {
+                [8, 0] => 166_912,
+                [8, 6] | [8, 9] => 101_376,
+                _ => 232_448,
+            },
         }
     }
 

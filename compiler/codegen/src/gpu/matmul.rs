@@ -3,16 +3,22 @@
 //! invocation reads a few elements of the next A and B tiles from memory (runs of 4 as one
 //! vector where the layout allows; nothing past the edges), and with two stages it does so
 //! while the workgroup multiplies the current tiles, which lie in the other half of shared
-//! memory, so one barrier per step suffices. The inner step is either SIMT FMAs (each
+//! memory, so one barrier per step suffices. Tensor-core products with async copies keep up to
+//! four stages: tiles that allow it are copied `stages − 1` tiles ahead with `cp.async`
+//! (through a ring of stages, one group of copies per step), the others still one tile ahead
+//! through registers. The inner step is either SIMT FMAs (each
 //! invocation a `thread_m × thread_n` block of accumulators in registers, in runs of adjacent
-//! rows and columns read as vectors) or tensor-core `mma.sync` products per warp. Operands are
+//! rows and columns read as vectors) or tensor-core `mma.sync` products per warp, 16-bit
+//! fragments read with `ldmatrix`. Operands are
 //! strided views, so transposed and batch-broadcast operands need no copy; where the product's
 //! sizes are multiples of the tile, no bounds are checked at all.
 
-use super::mma::{mma_parts, tensor_core_precision, Fragment, Lanes, Parts, C_FRAGMENT, MMA_M, MMA_N};
+use super::mma::{
+    eight, joined, mma_parts, tensor_core_precision, Fragment, Lanes, Parts, C_FRAGMENT, MMA_M, MMA_N,
+};
 use super::plan::{matmul_layouts, GpuPlan, SharedLayout, Work};
 use super::skeleton::{module, offset_at, plus, shared, shared_type, unravel, SharedArray};
-use super::tiles::{aligned_by_4, OperandTile};
+use super::tiles::{aligned_by_4, shared_pointer, CopyPointers, OperandTile, Pipeline};
 use super::{ceil_div, GpuCtx, GpuFlavor, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
 use crate::kernels::matmul::activate;
@@ -54,17 +60,17 @@ pub fn emit(
         Some(plan) => plan,
         None => GpuPlan::matmul(batch, m, n, k, reg_bytes, cx.caps)?,
     };
-    let (tile, inner, stages) = match plan.work {
+    let (tile, inner, stages, async_copies) = match plan.work {
         Work::Matmul { tile, thread, vector, stages, .. } => {
             let [wx, wy, _] = plan.launch.workgroup.map(|w| w as usize);
             let (rm, rn, v) = (thread[0] as usize, thread[1] as usize, vector as usize);
-            (tile, Inner::Simt { rm, rn, wx, wy, vec: v }, stages as usize)
+            (tile, Inner::Simt { rm, rn, wx, wy, vec: v }, stages as usize, false)
         }
-        Work::MatmulTensorCores { tile, warps, stages, precision, .. } => {
+        Work::MatmulTensorCores { tile, warps, stages, precision, async_copies, .. } => {
             let (wm, wn) = (warps[0] as usize, warps[1] as usize);
             let sub = [tile[0] as usize / wm / MMA_M, tile[1] as usize / wn / MMA_N];
             let parts = Parts::new(precision, cx.caps.flavor(), exact);
-            (tile, Inner::TensorCores { warps: [wm, wn], sub, parts }, stages as usize)
+            (tile, Inner::TensorCores { warps: [wm, wn], sub, parts }, stages as usize, async_copies)
         }
         Work::Elements { .. }
         | Work::Columns { .. }
@@ -80,7 +86,9 @@ pub fn emit(
         Inner::TensorCores { parts, .. } => Some(parts),
         Inner::Simt { .. } => None,
     };
-    let [la, lb] = matmul_layouts(tile, parts.map(|p| p.precision));
+    // 16-bit B tiles lie as B does in memory where its rows are contiguous.
+    let b_row_major = bv.strides[r - 1] == 1;
+    let [la, lb] = matmul_layouts(tile, parts.map(|p| p.precision), b_row_major);
     let inv = plan.launch.invocations() as usize;
     let nvvm = cx.caps.flavor() == GpuFlavor::Nvvm;
     // Vectors of 4 only for 4-byte register values, and only where the device reads them as
@@ -125,12 +133,23 @@ pub fn emit(
             let my_col = b.assign(format!("arith.muli {tx}, {vc} : index"));
             Step::Simt { rm, rn, wx, wy, vec, my_row, my_col }
         }
-        Inner::TensorCores { warps, sub, parts } => Step::TensorCores {
-            sub,
-            lanes: Box::new(Lanes::new(&mut b, &lin, warps, sub, parts.precision)),
-            parts,
-            adjacent: [la.col == 1, lb.row == 1],
-        },
+        Inner::TensorCores { warps, sub, parts } => {
+            // 16-bit fragments come through `ldmatrix` (emulated off NVVM), four 8 × 8
+            // matrices at a time: one A fragment, or B fragments of two neighbouring columns.
+            let matrices = parts.precision.paired() && sub[1] % 2 == 0;
+            let pointers = (matrices && nvvm).then(|| {
+                let a = shared_pointer(&mut b, &SharedArray { name: &sh_a, ty: &sa, vectors });
+                let bp = shared_pointer(&mut b, &SharedArray { name: &sh_b, ty: &sb, vectors });
+                [a, bp]
+            });
+            Step::TensorCores {
+                sub,
+                lanes: Box::new(Lanes::new(&mut b, &lin, warps, sub, parts.precision)),
+                parts,
+                adjacent: [la.col == 1, lb.row == 1],
+                matrices: matrices.then_some(Matrices { pointers }),
+            }
+        }
     };
     // In row form, the run's rows (m is their maximum).
     let run_m = match cx.run {
@@ -154,12 +173,47 @@ pub fn emit(
     let c1 = b.index(1);
     let tiles_c = b.index(tiles);
     let tkc = b.index(tk);
-    if stages == 2 {
-        let fa = tile_a.fetch(&mut b, &lin, (&row0, &c0), &zero, ty);
-        let fb = tile_b.fetch(&mut b, &lin, (&c0, &col0), &zero, ty);
-        tile_a.deposit(&mut b, &fa, &mem_a, &c0, entering, ty);
-        tile_b.deposit(&mut b, &fb, &mem_b, &c0, entering, ty);
-        b.line("gpu.barrier");
+    // Which operand tiles are copied asynchronously (elements per copy), and where from.
+    let copies: [Option<usize>; 2] = match (&parts, async_copies) {
+        (Some(ops), true) => {
+            let bytes = if ops.precision.paired() { 2 } else { 4 };
+            [tile_a.async_run(&b, bytes), tile_b.async_run(&b, bytes)]
+        }
+        _ => [None, None],
+    };
+    let copying = copies.iter().any(Option::is_some);
+    let pointers: [Option<CopyPointers>; 2] = match nvvm {
+        true => [(copies[0], &tile_a, &mem_a), (copies[1], &tile_b, &mem_b)]
+            .map(|(c, t, mem)| c.map(|_| t.pointers(&mut b, mem))),
+        false => [None, None],
+    };
+    let pipe = Pipeline {
+        tiles: [Some(&tile_a), Some(&tile_b)],
+        mems: [&mem_a, &mem_b],
+        copies,
+        pointers: &pointers,
+        parts: parts.as_ref(),
+        lin: &lin,
+    };
+    // Where the A and the B tile at k `k0` start.
+    let origins = |k0: &str| [(row0.clone(), k0.to_string()), (k0.to_string(), col0.clone())];
+    if stages >= 2 {
+        // The first `stages − 1` k tiles, each into its stage (one group of copies each, empty
+        // past the last tile, so that every iteration waits for the same count).
+        for s in 0..stages - 1 {
+            if s < tiles {
+                let k_s = b.index(s * tk);
+                let at = [b.index(s * la.len), b.index(s * lb.len)];
+                pipe.copy(&mut b, &origins(&k_s), [&at[0], &at[1]]);
+                pipe.stage(&mut b, &origins(&k_s), [&at[0], &at[1]], &zero, ty, entering);
+            }
+            if nvvm && copying {
+                b.line("nvvm.cp.async.commit.group");
+            }
+        }
+        if !copying {
+            b.line("gpu.barrier");
+        }
     }
     let carried: Vec<String> = (0..nacc).map(|i| format!("%o{i} = {zero}")).collect();
     b.open(format!(
@@ -167,25 +221,61 @@ pub fn emit(
         carried.join(", ")
     ));
     let k0 = b.assign(format!("arith.muli %t, {tkc} : index"));
-    let next = if stages == 2 {
-        // Read the next k tile (the last one again at the end: always in bounds) into
-        // registers, multiply the current one, then store the next into the other stage.
-        let c2 = b.index(2);
-        let parity = b.assign(format!("arith.remui %t, {c2} : index"));
+    let next = if stages >= 2 {
+        // Tile t is in stage t mod S once this invocation's copies of it landed (at most S − 2
+        // younger groups pending) and, after the barrier, everyone's: then no one reads stage
+        // (t − 1) mod S any more, and tile t + S − 1 goes there: copied, or read into registers
+        // now and stored after the products (the last tile again past the end, into a stage no
+        // one reads again).
+        let sc = b.index(stages);
+        let cur = b.assign(format!("arith.remui %t, {sc} : index"));
         let (la_len, lb_len) = (b.index(la.len), b.index(lb.len));
-        let cur_a = b.assign(format!("arith.muli {parity}, {la_len} : index"));
-        let cur_b = b.assign(format!("arith.muli {parity}, {lb_len} : index"));
-        let nxt_a = b.assign(format!("arith.subi {la_len}, {cur_a} : index"));
-        let nxt_b = b.assign(format!("arith.subi {lb_len}, {cur_b} : index"));
-        let kn = b.assign(format!("arith.addi {k0}, {tkc} : index"));
+        let cur_a = b.assign(format!("arith.muli {cur}, {la_len} : index"));
+        let cur_b = b.assign(format!("arith.muli {cur}, {lb_len} : index"));
+        let (nxt_a, nxt_b) = if stages == 2 {
+            // The other stage.
+            (
+                b.assign(format!("arith.subi {la_len}, {cur_a} : index")),
+                b.assign(format!("arith.subi {lb_len}, {cur_b} : index")),
+            )
+        } else {
+            let ahead = b.index(stages - 1);
+            let nt = b.assign(format!("arith.addi %t, {ahead} : index"));
+            let nxt = b.assign(format!("arith.remui {nt}, {sc} : index"));
+            (
+                b.assign(format!("arith.muli {nxt}, {la_len} : index")),
+                b.assign(format!("arith.muli {nxt}, {lb_len} : index")),
+            )
+        };
+        if nvvm && copying {
+            b.line(format!("nvvm.cp.async.wait.group {}", stages - 2));
+        }
+        if copying {
+            pipe.round(&mut b, [&cur_a, &cur_b]);
+            b.line("gpu.barrier");
+        }
+        let ahead = b.index((stages - 1) * tk);
+        let kn = b.assign(format!("arith.addi {k0}, {ahead} : index"));
         let last = b.index((tiles - 1) * tk);
-        let kn = b.assign(format!("arith.minui {kn}, {last} : index"));
-        let fa = tile_a.fetch(&mut b, &lin, (&row0, &kn), &zero, ty);
-        let fb = tile_b.fetch(&mut b, &lin, (&kn, &col0), &zero, ty);
+        let clamped = b.assign(format!("arith.minui {kn}, {last} : index"));
+        let fetched = pipe.fetch(&mut b, &origins(&clamped), &zero, ty);
+        if copying {
+            let end = b.index(tiles * tk);
+            let real = b.assign(format!("arith.cmpi ult, {kn}, {end} : index"));
+            b.open(format!("scf.if {real}"));
+            pipe.copy(&mut b, &origins(&kn), [&nxt_a, &nxt_b]);
+            b.close("");
+            if nvvm {
+                b.line("nvvm.cp.async.commit.group");
+            }
+        }
         let next = inner.step(&mut b, (&mem_a, &cur_a, la), (&mem_b, &cur_b, lb), tk, ty);
-        tile_a.deposit(&mut b, &fa, &mem_a, &nxt_a, entering, ty);
-        tile_b.deposit(&mut b, &fb, &mem_b, &nxt_b, entering, ty);
-        b.line("gpu.barrier");
+        pipe.deposit(&mut b, &fetched, [&nxt_a, &nxt_b], ty, entering);
+        if !copying {
+            // Without copies to wait for, the barrier closes the iteration instead (tile t + 1
+            // stored, tile t no longer read).
+            b.line("gpu.barrier");
+        }
         next
     } else {
         let fa = tile_a.fetch(&mut b, &lin, (&row0, &k0), &zero, ty);
@@ -199,6 +289,10 @@ pub fn emit(
     };
     b.line(format!("scf.yield {} : {types}", next.join(", ")));
     b.close("");
+    if nvvm && copying {
+        // Only empty groups can be pending here; none may outlive the kernel.
+        b.line("nvvm.cp.async.wait.group 0");
+    }
 
     // Epilogue: bias, activation, store what lies inside the result.
     let or = out.rank();
@@ -318,13 +412,19 @@ enum Step {
         my_col: String,
     },
     /// `adjacent`: whether a 16-bit register's pair lies next to each other in the A and the B
-    /// tile.
+    /// tile; `matrices`: where 16-bit fragments are read with `ldmatrix` instead.
     TensorCores {
         sub: [usize; 2],
         lanes: Box<Lanes>,
         parts: Parts,
         adjacent: [bool; 2],
+        matrices: Option<Matrices>,
     },
+}
+
+/// The shared tiles' pointers `ldmatrix` reads from (NVVM; `None` where it is emulated).
+struct Matrices {
+    pointers: Option<[String; 2]>,
 }
 
 impl Step {
@@ -374,8 +474,8 @@ impl Step {
                 let st = SimtStep { rm: *rm, rn: *rn, wx: *wx, wy: *wy, vec: *vec, tk };
                 simt_step(b, &st, (my_row, my_col), a, bb, ty)
             }
-            Step::TensorCores { sub, lanes, parts, adjacent } => {
-                mma_step(b, lanes, *parts, (*sub, *adjacent), tk, a, bb)
+            Step::TensorCores { sub, lanes, parts, adjacent, matrices } => {
+                mma_step(b, lanes, *parts, (*sub, *adjacent, matrices.as_ref()), tk, a, bb)
             }
         }
     }
@@ -438,7 +538,7 @@ fn mma_step(
     b: &mut Body,
     l: &Lanes,
     ops: Parts,
-    (sub, adjacent): ([usize; 2], [bool; 2]),
+    (sub, adjacent, matrices): ([usize; 2], [bool; 2], Option<&Matrices>),
     tk: usize,
     (ma, sa, la): (&SharedArray, &str, SharedLayout),
     (mb, sb, lb): (&SharedArray, &str, SharedLayout),
@@ -459,6 +559,17 @@ fn mma_step(
         b.assign(format!("arith.addi {sb}, {at} : index"))
     };
     for kk in (0..tk).step_by(frag.k) {
+        if let Some(mx) = matrices {
+            let (a_frags, b_frags) = matrix_fragments(b, l, &ops, mx, (sub, kk), (ma, sa, la), (mb, sb, lb));
+            for (i, af) in a_frags.iter().enumerate() {
+                for (j, bf) in b_frags.iter().enumerate() {
+                    let base = (i * sub[1] + j) * per;
+                    let d = mma_parts(b, l, af, bf, &acc[base..base + per]);
+                    acc[base..base + per].clone_from_slice(&d);
+                }
+            }
+            continue;
+        }
         let a_frags: Vec<Fragment> = (0..sub[0])
             .map(|i| {
                 let mut at = |b: &mut Body, dr: usize, dc: usize| {
@@ -484,4 +595,61 @@ fn mma_step(
         }
     }
     acc
+}
+
+/// The warp's 16-bit A fragments (one `ldmatrix` each: rows 0–7 and 8–15 of its 16-row block
+/// at k 0–7 and 8–15) and B fragments (one `ldmatrix` per two 8-column blocks: k 0–7 and 8–15
+/// of each, read transposed from a row-major B) at k step `kk` of the stages at `sa` and `sb`.
+/// Lane `8j + i` names row `i` of matrix `j`; `j % 2` and `j / 2` pick the block.
+#[allow(clippy::type_complexity)]
+fn matrix_fragments(
+    b: &mut Body,
+    l: &Lanes,
+    ops: &Parts,
+    mx: &Matrices,
+    (sub, kk): ([usize; 2], usize),
+    (ma, sa, la): (&SharedArray, &str, SharedLayout),
+    (mb, sb, lb): (&SharedArray, &str, SharedLayout),
+) -> (Vec<Fragment>, Vec<Fragment>) {
+    let [pa, pb] = match &mx.pointers {
+        Some([a, bp]) => [Some(a.as_str()), Some(bp.as_str())],
+        None => [None, None],
+    };
+    let a_frags = (0..sub[0])
+        .map(|i| {
+            let mut row_at = |b: &mut Body, r: &str, h: &str, q: &str| {
+                let row = plus(b, &l.warp_row, i * MMA_M);
+                let row = b.assign(format!("arith.addi {row}, {r} : index"));
+                let row = eight(b, &row, h);
+                let c0 = b.index(kk);
+                let col = eight(b, &c0, q);
+                let at = offset_at(b, 0, &[(Some(&row), la.row), (Some(&col), la.col)]);
+                b.assign(format!("arith.addi {sa}, {at} : index"))
+            };
+            joined(&l.ldmatrix(b, ops, ma, pa, false, &mut row_at))
+        })
+        .collect();
+    // A row-major B holds 8 columns of a k row adjacent: read transposed. A transposed one
+    // holds 8 k of a column adjacent: its rows are B's columns.
+    let trans = lb.col == 1;
+    let mut b_frags = Vec::with_capacity(sub[1]);
+    for jp in (0..sub[1]).step_by(2) {
+        let mut row_at = |b: &mut Body, r: &str, h: &str, q: &str| {
+            let col = plus(b, &l.warp_col, jp * MMA_N);
+            let k0 = b.index(kk);
+            let (k, n) = if trans {
+                let k = b.assign(format!("arith.addi {k0}, {r} : index"));
+                (eight(b, &k, h), eight(b, &col, q))
+            } else {
+                let n = b.assign(format!("arith.addi {col}, {r} : index"));
+                (eight(b, &k0, h), eight(b, &n, q))
+            };
+            let at = offset_at(b, 0, &[(Some(&k), lb.row), (Some(&n), lb.col)]);
+            b.assign(format!("arith.addi {sb}, {at} : index"))
+        };
+        let m = l.ldmatrix(b, ops, mb, pb, trans, &mut row_at);
+        b_frags.push(joined(&m[0..2]));
+        b_frags.push(joined(&m[2..4]));
+    }
+    (a_frags, b_frags)
 }

@@ -136,6 +136,25 @@ impl Parts {
         }
     }
 
+    /// An f32 operand value as a raw copy of its bytes leaves it in a shared tile (what
+    /// [`Parts::entering`] gives, except that TF32 operands are not yet rounded: see
+    /// [`Parts::copy_rounding`]). Only operands whose shared elements are their own bytes are
+    /// copied so: f32 ones, and 16-bit ones of 16-bit tensors.
+    pub fn copied(&self, b: &mut Body, x: &str) -> String {
+        match self.precision {
+            MmaPrecision::Tf32 => x.to_string(),
+            MmaPrecision::Tf32x3 | MmaPrecision::F16 | MmaPrecision::Bf16 => self.entering(b, x),
+        }
+    }
+
+    /// The rounding copied operands get in place once they landed ([`Parts::copied`]).
+    pub fn copy_rounding(&self) -> Option<Rounding> {
+        match self.precision {
+            MmaPrecision::Tf32 => Some(self.rounding),
+            MmaPrecision::Tf32x3 | MmaPrecision::F16 | MmaPrecision::Bf16 => None,
+        }
+    }
+
     /// An operand element read from a shared tile ([`Parts::entering`]).
     pub fn stored(&self, b: &mut Body, x: &str) -> Part {
         match self.precision {
@@ -230,6 +249,8 @@ pub(crate) fn mma_parts(b: &mut Body, l: &Lanes, a: &Fragment, bf: &Fragment, c:
 
 /// A warp lane's coordinates, computed once per kernel, and the products it takes part in.
 pub(crate) struct Lanes {
+    /// The lane's number in its warp.
+    pub lane: String,
     /// `lane / 4` and `lane % 4`.
     pub group: String,
     pub in_group: String,
@@ -291,7 +312,7 @@ impl Lanes {
             let b_base = b.assign(format!("arith.muli {warp}, {cb} : index"));
             Emulation { a_base, b_base, scratch_a, scratch_b, a_type, b_type }
         });
-        Lanes { group, in_group, warp_row, warp_col, precision, frag, emulation }
+        Lanes { lane, group, in_group, warp_row, warp_col, precision, frag, emulation }
     }
 
     /// `base + offset + scale·lane_part`.
@@ -350,6 +371,76 @@ impl Lanes {
             })
             .collect();
         Fragment::Elements(parts)
+    }
+
+    /// Four 8 × 8 matrices of 16-bit elements read as `ldmatrix.sync.aligned.m8n8.x4` reads
+    /// them: lane `8j + i` names row `i` of matrix `j`, which starts at `row_at(b, i, j % 2,
+    /// j / 2)` in `mem` (8 adjacent elements, 16-byte aligned), and each lane receives one
+    /// register per matrix: the elements at its row `lane / 4`, columns `2·(lane % 4)` and the
+    /// next; with `trans`, of the transposed matrix (rows `2·(lane % 4)` and the next, column
+    /// `lane / 4`). One fragment per matrix, in order. On NVVM the instruction itself, from
+    /// `shared`, the array's pointer; where the products are emulated, each lane reads what
+    /// the instruction would hand it, from the rows the other lanes would name.
+    pub fn ldmatrix(
+        &self,
+        b: &mut Body,
+        ops: &Parts,
+        mem: &SharedArray,
+        shared: Option<&str>,
+        trans: bool,
+        row_at: &mut dyn FnMut(&mut Body, &str, &str, &str) -> String,
+    ) -> Vec<Fragment> {
+        match (shared, &self.emulation) {
+            (Some(ptr), None) => {
+                let (c8, c16, c2) = (b.index(8), b.index(16), b.index(2));
+                let i = b.assign(format!("arith.remui {}, {c8} : index", self.lane));
+                let j = b.assign(format!("arith.divui {}, {c8} : index", self.lane));
+                let h = b.assign(format!("arith.remui {j}, {c2} : index"));
+                let q = b.assign(format!("arith.divui {}, {c16} : index", self.lane));
+                let at = row_at(b, &i, &h, &q);
+                let at = b.assign(format!("arith.index_cast {at} : index to i32"));
+                let elem = ops.shared_elem();
+                let p = b.assign(format!(
+                    "llvm.getelementptr {ptr}[{at}] : (!llvm.ptr<3>, i32) -> !llvm.ptr<3>, {elem}"
+                ));
+                let layout = if trans { "col" } else { "row" };
+                let st = "!llvm.struct<(i32, i32, i32, i32)>";
+                let r = b.assign(format!(
+                    "nvvm.ldmatrix {p} {{num = 4 : i32, layout = #nvvm.mma_layout<{layout}>, shape = #nvvm.ld_st_matrix_shape<m = 8, n = 8>, eltType = #nvvm.ld_st_matrix_elt_type<b16>}} : (!llvm.ptr<3>) -> {st}"
+                ));
+                (0..4)
+                    .map(|m| {
+                        let w = b.assign(format!("llvm.extractvalue {r}[{m}] : {st}"));
+                        let reg = match self.precision {
+                            MmaPrecision::F16 => b.assign(format!("llvm.bitcast {w} : i32 to vector<2xf16>")),
+                            MmaPrecision::Bf16 | MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => w,
+                        };
+                        Fragment::Registers(vec![reg])
+                    })
+                    .collect()
+            }
+            _ => (0..4)
+                .map(|m| {
+                    let (h, q) = (b.index(m % 2), b.index(m / 2));
+                    let parts = (0..2)
+                        .map(|e| {
+                            let at = if trans {
+                                let c0 = b.index(0);
+                                let r = self.at(b, &c0, e, &self.in_group, 2);
+                                let start = row_at(b, &r, &h, &q);
+                                b.assign(format!("arith.addi {start}, {} : index", self.group))
+                            } else {
+                                let start = row_at(b, &self.group, &h, &q);
+                                self.at(b, &start, e, &self.in_group, 2)
+                            };
+                            let x = b.assign(format!("memref.load {}[{at}] : {}", mem.name, mem.ty));
+                            ops.stored(b, &x)
+                        })
+                        .collect();
+                    Fragment::Elements(parts)
+                })
+                .collect(),
+        }
     }
 
     /// This lane's first column of A (row of B) in a product: `lane_k·in_group`.
@@ -412,6 +503,37 @@ fn pack_bf16(b: &mut Body, xs: &[String]) -> Vec<String> {
             b.assign(format!("arith.ori {hi}, {lo} : i32"))
         })
         .collect()
+}
+
+/// `x + 8·h` for a lane part `h` (`ldmatrix` addressing: which matrix a lane names a row of).
+pub(crate) fn eight(b: &mut Body, x: &str, h: &str) -> String {
+    let c8 = b.index(8);
+    let t = b.assign(format!("arith.muli {h}, {c8} : index"));
+    b.assign(format!("arith.addi {x}, {t} : index"))
+}
+
+/// One fragment of the registers or elements of `parts`, in order (they are all of one kind).
+pub(crate) fn joined(parts: &[Fragment]) -> Fragment {
+    match parts.first() {
+        Some(Fragment::Registers(_)) => Fragment::Registers(
+            parts
+                .iter()
+                .flat_map(|f| match f {
+                    Fragment::Registers(r) => r.clone(),
+                    Fragment::Elements(_) => unreachable!("ldmatrix gives one kind of fragment"),
+                })
+                .collect(),
+        ),
+        _ => Fragment::Elements(
+            parts
+                .iter()
+                .flat_map(|f| match f {
+                    Fragment::Elements(e) => e.clone(),
+                    Fragment::Registers(_) => unreachable!("ldmatrix gives one kind of fragment"),
+                })
+                .collect(),
+        ),
+    }
 }
 
 /// A fragment's elements ([`Part::hi`]s), for the emulation. Only [`Lanes::read`] forms

@@ -63,6 +63,9 @@ pub enum Work {
         shape: [u32; 3],
         precision: MmaPrecision,
         stages: u32,
+        /// Whether operand tiles that allow it are copied to shared memory asynchronously, up
+        /// to `stages − 1` tiles ahead (the others go through registers, one tile ahead).
+        async_copies: bool,
     },
     /// Flash attention: one workgroup per block of `block_q` queries (one invocation each),
     /// keys and values in tiles of `block_k` rows through shared memory, an online softmax in
@@ -85,6 +88,9 @@ pub enum Work {
         shape: [u32; 3],
         precision: MmaPrecision,
         stages: u32,
+        /// Whether key and value tiles that allow it are copied to shared memory
+        /// asynchronously, `stages − 1` tiles ahead.
+        async_copies: bool,
     },
 }
 
@@ -206,7 +212,22 @@ fn group_size(want: usize, min: u32, caps: &GpuCaps) -> u32 {
     (want.max(1).next_power_of_two() as u32).clamp(min.min(cap), cap)
 }
 
+/// The most shared memory a CUDA kernel may declare statically; a kernel whose plan needs
+/// more takes all of it as dynamic shared memory, which the launch sizes (after the runtime
+/// opts the function in to it).
+pub const NVVM_STATIC_SHARED_BYTES: u32 = 48 * 1024;
+
 impl GpuPlan {
+    /// The dynamic shared memory a CUDA launch of this plan's kernel needs: all of its shared
+    /// memory when that is more than [`NVVM_STATIC_SHARED_BYTES`], else none (static arrays).
+    pub fn dynamic_shared_bytes(&self) -> u32 {
+        if self.shared_bytes > NVVM_STATIC_SHARED_BYTES {
+            self.shared_bytes
+        } else {
+            0
+        }
+    }
+
     /// One invocation per element of `count`.
     pub fn elements(count: usize, caps: &GpuCaps) -> Result<GpuPlan, CodegenError> {
         let group = group_size(count, 1, caps).max(64.min(caps.max_workgroup_invocations));
@@ -286,7 +307,7 @@ impl GpuPlan {
         for &(tile, thread, vector) in candidates {
             let workgroup = [tile[1] / thread[1], tile[0] / thread[0], 1];
             let invocations = workgroup[0] * workgroup[1];
-            let [la, lb] = matmul_layouts(tile, None);
+            let [la, lb] = matmul_layouts(tile, None, false);
             let stage_bytes = (la.len + lb.len) * reg_bytes;
             if (thread[0] * thread[1]) as usize * reg_bytes / 4 > caps.registers as usize / 2
                 || invocations > caps.max_workgroup_invocations
@@ -320,10 +341,13 @@ impl GpuPlan {
     /// A tiled product on tensor cores, when the target has them for `precision`: 128×128×16
     /// tiles of 2×4 warps (4×4 `m16n8` products each, 64 f32 accumulators per invocation)
     /// or 64×64×16 tiles of 2×2 warps (2×4 products each), k 32 for 16-bit operands,
-    /// whichever [`matmul_cost`] estimates faster; two stages when they fit in shared memory.
-    /// Where the target emulates the products (SPIR-V, to check the fragment bookkeeping),
-    /// their scratch arrays count against shared memory too. The caller decides whether the
-    /// operands may be rounded to `precision`.
+    /// whichever [`matmul_cost`] estimates faster. With async copies (where A's or B's tiles
+    /// are whole, the only ones copied so), as many stages (up to 4,
+    /// and no more than there are k tiles, but at least 2) as fit in half the dynamic shared
+    /// memory (two workgroups per multiprocessor) or in the static; else two stages when they
+    /// fit in shared memory. Where the target emulates the products (SPIR-V, to check the
+    /// fragment bookkeeping), their scratch arrays count against shared memory too. The caller
+    /// decides whether the operands may be rounded to `precision`.
     pub fn matmul_tensor_cores(
         batch: usize,
         m: usize,
@@ -340,7 +364,7 @@ impl GpuPlan {
         let mut best: Option<(usize, GpuPlan)> = None;
         for &(tile, warps) in &candidates {
             let count = warps[0] * warps[1];
-            let [la, lb] = matmul_layouts(tile, Some(precision));
+            let [la, lb] = matmul_layouts(tile, Some(precision), false);
             let stage_bytes = (la.len + lb.len) * precision.shared_bytes();
             let scratch = match caps.lowering {
                 super::GpuLowering::Spirv => {
@@ -364,9 +388,33 @@ impl GpuPlan {
             if best.as_ref().is_some_and(|(c, _)| *c <= cost) {
                 continue;
             }
-            let stages = if 2 * stage_bytes + scratch <= caps.max_shared_bytes as usize { 2 } else { 1 };
+            let fits = |stages: usize, room: u32| stages * stage_bytes + scratch <= room as usize;
+            // Only whole tiles are copied: where neither operand's are, stages stay two.
+            let [tm, tn, tk] = tile.map(|t| t as usize);
+            let whole = k.is_multiple_of(tk) && (m.is_multiple_of(tm) || n.is_multiple_of(tn));
+            let async_copies = caps.async_copies && whole && fits(2, caps.max_shared_bytes);
+            let stages = if async_copies {
+                let room = caps.max_shared_bytes.max(caps.max_dynamic_shared_bytes / 2);
+                let most = k.div_ceil(tile[2] as usize).clamp(2, 4);
+                (2..=most).rev().find(|&s| fits(s, room)).unwrap_or(2) as u32
+            } else if fits(2, caps.max_shared_bytes) {
+                2
+            } else {
+                1
+            };
             let plan = GpuPlan {
-                work: Work::MatmulTensorCores { batch, m, n, k, tile, warps, shape, precision, stages },
+                work: Work::MatmulTensorCores {
+                    batch,
+                    m,
+                    n,
+                    k,
+                    tile,
+                    warps,
+                    shape,
+                    precision,
+                    stages,
+                    async_copies,
+                },
                 launch: Launch { grid, workgroup: [32 * count, 1, 1] },
                 shared_bytes: (stages as usize * stage_bytes + scratch) as u32,
                 resident: 1,
@@ -444,7 +492,14 @@ impl GpuPlan {
         if 32 * warps > caps.max_workgroup_invocations {
             return Ok(None);
         }
-        for (block_k, stages) in [(32u32, 2u32), (32, 1), (16, 2), (16, 1), (8, 1)] {
+        // With async copies a third stage where it fits the static shared memory (attention
+        // keeps several workgroups per multiprocessor rather than deeper pipelines).
+        let options: &[(u32, u32)] = if caps.async_copies {
+            &[(32, 3), (32, 2), (32, 1), (16, 3), (16, 2), (16, 1), (8, 1)]
+        } else {
+            &[(32, 2), (32, 1), (16, 2), (16, 1), (8, 1)]
+        };
+        for &(block_k, stages) in options {
             // The key tile is the k of the products with the value tile.
             if !(block_k as usize).is_multiple_of(k) {
                 continue;
@@ -490,6 +545,7 @@ impl GpuPlan {
                     shape,
                     precision,
                     stages,
+                    async_copies: caps.async_copies && stages >= 2,
                 },
                 launch: Launch { grid: [grid[0] as u32, grid[1] as u32, 1], workgroup: [32 * warps, 1, 1] },
                 shared_bytes: bytes as u32,
@@ -513,17 +569,23 @@ impl GpuPlan {
                 "matmul: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory ({stages} stages), {}×{} per invocation in runs of {vector}",
                 tile[0], tile[1], tile[2], thread[0], thread[1]
             ),
-            Work::MatmulTensorCores { batch, m, n, k, tile, warps, shape, precision, stages } => format!(
-                "matmul on tensor cores: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory ({stages} stages), {}×{} warps, mma.sync m{}n{}k{} on {}, f32 accumulators",
-                tile[0], tile[1], tile[2], warps[0], warps[1], shape[0], shape[1], shape[2], precision.operands()
-            ),
+            Work::MatmulTensorCores { batch, m, n, k, tile, warps, shape, precision, stages, async_copies } => {
+                let copies = if *async_copies { ", async copies" } else { "" };
+                format!(
+                    "matmul on tensor cores: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory ({stages} stages{copies}), {}×{} warps, mma.sync m{}n{}k{} on {}, f32 accumulators",
+                    tile[0], tile[1], tile[2], warps[0], warps[1], shape[0], shape[1], shape[2], precision.operands()
+                )
+            }
             Work::Attention { batch, sq, sk, d, dv, block_q, block_k } => format!(
                 "attention: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {block_q} queries per workgroup, key tiles of {block_k} in shared memory, online softmax"
             ),
-            Work::AttentionTensorCores { batch, sq, sk, d, dv, warps, block_k, shape, precision, stages } => format!(
-                "attention on tensor cores: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {warps} warps of 16 queries per workgroup, key tiles of {block_k} in shared memory ({stages} stages), mma.sync m{}n{}k{} on {}, f32 accumulators, online softmax",
-                shape[0], shape[1], shape[2], precision.operands()
-            ),
+            Work::AttentionTensorCores { batch, sq, sk, d, dv, warps, block_k, shape, precision, stages, async_copies } => {
+                let copies = if *async_copies { ", async copies" } else { "" };
+                format!(
+                    "attention on tensor cores: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {warps} warps of 16 queries per workgroup, key tiles of {block_k} in shared memory ({stages} stages{copies}), mma.sync m{}n{}k{} on {}, f32 accumulators, online softmax",
+                    shape[0], shape[1], shape[2], precision.operands()
+                )
+            }
         };
         let [gx, gy, gz] = self.launch.grid;
         let [wx, wy, wz] = self.launch.workgroup;
@@ -552,14 +614,24 @@ pub struct SharedLayout {
 /// (`tile[2]×tile[1]`), in elements. On TF32 tensor cores A is row-major with rows of
 /// `tile[2] + 4` (a warp's fragment reads of 8 rows × 4 columns then fall in 32 different
 /// banks) and B row-major with rows of `tile[1] + 8` (4 rows × 8 columns, likewise). With
-/// 16-bit operands both keep k adjacent, so a register's pair is one 32-bit word: A row-major
-/// and B transposed (column-major), each row or column `tile[2] + 8` elements, where a warp's
-/// reads of 8 rows × 4 words fall in 32 different banks. On the SIMT path A is stored
-/// transposed (k-major, rows of `tile[0] + 4`) so an invocation reads its run of rows as one
-/// vector, and B row-major with rows of `tile[1] + 4`.
-pub fn matmul_layouts(tile: [u32; 3], tensor_cores: Option<MmaPrecision>) -> [SharedLayout; 2] {
+/// 16-bit operands (read with `ldmatrix`, 8 rows of 16 bytes at a time) A is row-major with
+/// rows of `tile[2] + 8`, and B as it lies in memory: row-major with rows of `tile[1] + 8`
+/// where its rows are contiguous (`b_row_major`, read transposed), else transposed
+/// (column-major), each column `tile[2] + 8`; either way 8 rows of 16 bytes fall in 32
+/// different banks. The transposed B is the larger, so plans size B's stages by it. On the
+/// SIMT path A is stored transposed (k-major, rows of `tile[0] + 4`) so an invocation reads
+/// its run of rows as one vector, and B row-major with rows of `tile[1] + 4`.
+pub fn matmul_layouts(
+    tile: [u32; 3],
+    tensor_cores: Option<MmaPrecision>,
+    b_row_major: bool,
+) -> [SharedLayout; 2] {
     let [tm, tn, tk] = tile.map(|t| t as usize);
     match tensor_cores {
+        Some(p) if p.paired() && b_row_major => [
+            SharedLayout { row: tk + 8, col: 1, len: tm * (tk + 8) },
+            SharedLayout { row: tn + 8, col: 1, len: tk * (tn + 8) },
+        ],
         Some(p) if p.paired() => [
             SharedLayout { row: tk + 8, col: 1, len: tm * (tk + 8) },
             SharedLayout { row: 1, col: tk + 8, len: tn * (tk + 8) },
@@ -588,8 +660,8 @@ pub struct AttentionLayouts {
     /// 16-bit operands `j·(d + 8) + e`: 8 keys × 4 words, likewise.
     pub keys: SharedLayout,
     /// Key `j`, element `e` at `j·(dv + 8) + e`: the value products' B operand (4 keys × 8
-    /// elements per read), conflict-free likewise. With 16-bit operands transposed, at
-    /// `e·(block_k + 8) + j`, so a register's pair of keys is one word.
+    /// elements per read), conflict-free likewise; 16-bit values are read transposed with
+    /// `ldmatrix` (8 keys of 16 bytes, in 32 different banks).
     pub values: SharedLayout,
     /// A warp's 16 × `block_k` weights, query `r` and key `j` at `r·(block_k + 4) + j` from the
     /// warp's start: written in the scores' accumulator layout, read back as the value
@@ -611,7 +683,7 @@ pub fn attention_layouts(
     if precision.paired() {
         return AttentionLayouts {
             keys: SharedLayout { row: d + 8, col: 1, len: block_k * (d + 8) },
-            values: SharedLayout { row: 1, col: block_k + 8, len: values(dv * (block_k + 8)) },
+            values: SharedLayout { row: dv + 8, col: 1, len: values(block_k * (dv + 8)) },
             weights: SharedLayout { row: 0, col: 0, len: 0 },
         };
     }
@@ -718,11 +790,11 @@ mod tests {
         assert!(
             matches!(
                 big.work,
-                Work::MatmulTensorCores { tile: [128, 128, 16], warps: [2, 4], stages: 2, .. }
+                Work::MatmulTensorCores { tile: [128, 128, 16], warps: [2, 4], stages: 4, .. }
             ),
             "{big:?}"
         );
-        assert_eq!(big.shared_bytes, 2 * (128 * 20 + 16 * 136) * 4);
+        assert_eq!(big.shared_bytes, 4 * (128 * 20 + 16 * 136) * 4);
         let small =
             GpuPlan::matmul_tensor_cores(1, 128, 384, 384, MmaPrecision::Tf32, &cuda).unwrap().unwrap();
         assert!(matches!(small.work, Work::MatmulTensorCores { tile: [64, 64, 16], .. }), "{small:?}");
@@ -732,6 +804,46 @@ mod tests {
         vk.subgroup_size = Some(32);
         let p = GpuPlan::matmul_tensor_cores(1, 4096, 4096, 4096, MmaPrecision::Tf32, &vk).unwrap().unwrap();
         assert!(p.shared_bytes <= vk.max_shared_bytes, "{p:?}");
+    }
+
+    #[test]
+    fn async_copies_deepen_the_pipeline_into_dynamic_shared_memory() {
+        let cuda = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90").unwrap());
+        let f16 =
+            GpuPlan::matmul_tensor_cores(1, 4096, 4096, 4096, MmaPrecision::F16, &cuda).unwrap().unwrap();
+        assert!(
+            matches!(
+                f16.work,
+                Work::MatmulTensorCores { tile: [128, 128, 32], stages: 4, async_copies: true, .. }
+            ),
+            "{f16:?}"
+        );
+        // Four stages of A and B, rows of 40 16-bit elements: past the static 48 KiB, so all
+        // of it is dynamic; two workgroups still fit a multiprocessor.
+        assert_eq!(f16.shared_bytes, 4 * (128 * 40 + 128 * 40) * 2);
+        assert_eq!(f16.dynamic_shared_bytes(), f16.shared_bytes);
+        assert!(2 * f16.shared_bytes <= cuda.max_dynamic_shared_bytes);
+        // No more stages than k tiles; small tiles stay static.
+        let short =
+            GpuPlan::matmul_tensor_cores(1, 128, 384, 48, MmaPrecision::Tf32, &cuda).unwrap().unwrap();
+        assert!(
+            matches!(short.work, Work::MatmulTensorCores { stages: 3, tile: [64, 64, 16], .. }),
+            "{short:?}"
+        );
+        assert_eq!(short.dynamic_shared_bytes(), 0);
+        // An sm_86 part has less to give: the stages fit half of its 99 KiB.
+        let ampere = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_86").unwrap());
+        let p =
+            GpuPlan::matmul_tensor_cores(1, 4096, 4096, 4096, MmaPrecision::F16, &ampere).unwrap().unwrap();
+        assert!(matches!(p.work, Work::MatmulTensorCores { stages: 2, .. }), "{p:?}");
+        // Emulated on SPIR-V, within the static shared memory with the scratch arrays.
+        let mut vk = GpuCaps::vulkan();
+        vk.mma = Some(MmaPrecision::Tf32);
+        vk.subgroup_size = Some(32);
+        vk.async_copies = true;
+        let e = GpuPlan::matmul_tensor_cores(1, 512, 512, 512, MmaPrecision::Tf32, &vk).unwrap().unwrap();
+        assert!(matches!(e.work, Work::MatmulTensorCores { stages: 3, async_copies: true, .. }), "{e:?}");
+        assert!(e.shared_bytes <= vk.max_shared_bytes);
     }
 
     #[test]

@@ -44,11 +44,32 @@ pub(crate) fn module(symbol: &str, memrefs: &[String], plan: &GpuPlan, body: Bod
         params.push(format!("{}: memref<{n}xi32>", crate::dynamic::SYMS_ARG));
     }
     let [x, y, z] = plan.launch.workgroup;
+    let mut prelude = String::new();
     let (workgroup, abi) = match flavor(&body) {
         GpuFlavor::Spirv => (
             String::new(),
             format!("spirv.entry_point_abi = #spirv.entry_point_abi<workgroup_size = [{x}, {y}, {z}]>"),
         ),
+        GpuFlavor::Nvvm if plan.dynamic_shared_bytes() > 0 => {
+            // Past the static limit every array is a view of the launch's dynamic shared
+            // memory, each at a 16-byte aligned offset.
+            let mut views =
+                format!("{DYNAMIC_SHARED} = gpu.dynamic_shared_memory : memref<?xi8, {NVVM_SHARED_SPACE}>\n");
+            let mut at = 0usize;
+            for (i, (n, t)) in body.attributions().iter().enumerate() {
+                views.push_str(&format!(
+                    "%dyn_at{i} = arith.constant {at} : index\n{n} = memref.view {DYNAMIC_SHARED}[%dyn_at{i}][] : memref<?xi8, {NVVM_SHARED_SPACE}> to {t}\n"
+                ));
+                at += memref_bytes(t).next_multiple_of(16);
+            }
+            debug_assert!(
+                at <= plan.dynamic_shared_bytes() as usize,
+                "{at} B of arrays in {}",
+                plan.describe()
+            );
+            prelude = views;
+            (String::new(), format!("known_block_size = array<i32: {x}, {y}, {z}>{}", resident(plan)))
+        }
         GpuFlavor::Nvvm => {
             // 16-byte aligned, so runs of 4 f32 values move as one vector access.
             let arrays: Vec<String> = body
@@ -58,20 +79,43 @@ pub(crate) fn module(symbol: &str, memrefs: &[String], plan: &GpuPlan, body: Bod
                 .collect();
             let workgroup =
                 if arrays.is_empty() { String::new() } else { format!(" workgroup({})", arrays.join(", ")) };
-            let resident = if plan.resident > 1 {
-                format!(", nvvm.maxntid = array<i32: {x}, {y}, {z}>, nvvm.minctasm = {} : i32", plan.resident)
-            } else {
-                String::new()
-            };
-            (workgroup, format!("known_block_size = array<i32: {x}, {y}, {z}>{resident}"))
+            (workgroup, format!("known_block_size = array<i32: {x}, {y}, {z}>{}", resident(plan)))
         }
     };
     format!(
         "// plan: {}\ngpu.module @{symbol} {{\n  gpu.func @{symbol}({}){workgroup} kernel attributes {{{abi}}} {{\n{}    gpu.return\n  }}\n}}\n",
         plan.describe(),
         params.join(", "),
-        indent(&body.finish()),
+        indent(&(prelude + &body.finish())),
     )
+}
+
+/// The name of a CUDA kernel's dynamic shared memory, of which its arrays are views.
+const DYNAMIC_SHARED: &str = "%dyn_shared";
+
+/// The NVVM attributes that bound a kernel's registers so that `plan.resident` workgroups fit
+/// on a multiprocessor (none for one).
+fn resident(plan: &GpuPlan) -> String {
+    let [x, y, z] = plan.launch.workgroup;
+    if plan.resident > 1 {
+        format!(", nvvm.maxntid = array<i32: {x}, {y}, {z}>, nvvm.minctasm = {} : i32", plan.resident)
+    } else {
+        String::new()
+    }
+}
+
+/// Bytes of a one-dimensional memref type, `memref<NxT, …>`.
+fn memref_bytes(t: &str) -> usize {
+    let inner = t.trim_start_matches("memref<");
+    let dims = inner.split(',').next().unwrap_or("");
+    let (len, elem) = dims.split_once('x').unwrap_or(("0", "f32"));
+    let size = match elem.trim().trim_end_matches('>') {
+        "f64" | "i64" => 8,
+        "f16" | "bf16" | "i16" => 2,
+        "i8" | "i1" => 1,
+        _ => 4,
+    };
+    len.trim().parse::<usize>().unwrap_or(0) * size
 }
 
 /// The body one level deeper (inside the `gpu.func`).

@@ -16,10 +16,122 @@ use kiln_ir::DType;
 /// Whether every element offset of `v` that starts a run of 4 along `axis` (stride 1) is a
 /// multiple of 4: its offset and every other stride are, and the axis's extent is.
 pub(crate) fn aligned_by_4(v: &View, axis: usize) -> bool {
+    aligned_by(v, axis, 4)
+}
+
+/// [`aligned_by_4`] for runs of `n`.
+fn aligned_by(v: &View, axis: usize, n: usize) -> bool {
     v.strides[axis] == 1
-        && v.shape[axis].is_multiple_of(4)
-        && v.offset.is_multiple_of(4)
-        && v.strides.iter().enumerate().all(|(i, s)| i == axis || s % 4 == 0 || v.shape[i] == 1)
+        && v.shape[axis].is_multiple_of(n)
+        && v.offset.is_multiple_of(n)
+        && v.strides.iter().enumerate().all(|(i, s)| i == axis || s % n == 0 || v.shape[i] == 1)
+}
+
+/// Bytes one asynchronous copy moves (`cp.async.cg` copies 16).
+const ASYNC_COPY_BYTES: usize = 16;
+
+/// Where the asynchronous copies of a kernel's operand tiles read and write: the operand's
+/// global pointer and its shared array's pointer, as LLVM pointers (NVVM only: the memrefs'
+/// descriptors, whose aligned pointer is field 1).
+pub(crate) struct CopyPointers {
+    global: String,
+    shared: String,
+}
+
+/// Operand tiles on their way into a kernel's shared stages: each either copied (elements
+/// per copy, [`OperandTile::async_run`]; asynchronously where there are pointers) or read
+/// into registers and stored.
+pub(crate) struct Pipeline<'p, 'v> {
+    pub tiles: [Option<&'p OperandTile<'v>>; 2],
+    pub mems: [&'p SharedArray<'p>; 2],
+    pub copies: [Option<usize>; 2],
+    pub pointers: &'p [Option<CopyPointers>; 2],
+    /// How tensor-core operands enter the tiles (`None`: register values as they are).
+    pub parts: Option<&'p Parts>,
+    pub lin: &'p str,
+}
+
+/// Where each tile of a [`Pipeline`] starts: operand row and column.
+pub(crate) type Origins = [(String, String); 2];
+
+impl Pipeline<'_, '_> {
+    /// Copies the copied tiles at `origins` into the stages at `at`.
+    pub fn copy(&self, b: &mut Body, origins: &Origins, at: [&str; 2]) {
+        let Some(ops) = self.parts else { return };
+        let each = self.tiles.iter().zip(self.copies).zip(self.mems).zip(self.pointers).zip(origins).zip(at);
+        for (((((tile, copy), mem), pointers), (row, col)), at) in each {
+            if let (Some(tile), Some(run)) = (tile, copy) {
+                tile.copy(b, self.lin, (row, col), (mem, at), run, pointers.as_ref(), ops);
+            }
+        }
+    }
+
+    /// Reads the other tiles at `origins` into registers.
+    pub fn fetch(&self, b: &mut Body, origins: &Origins, zero: &str, ty: &str) -> [Option<Fetched>; 2] {
+        let mut fetched = [None, None];
+        for ((slot, (tile, copy)), (row, col)) in
+            fetched.iter_mut().zip(self.tiles.iter().zip(self.copies)).zip(origins)
+        {
+            if let (Some(tile), None) = (tile, copy) {
+                *slot = Some(tile.fetch(b, self.lin, (row, col), zero, ty));
+            }
+        }
+        fetched
+    }
+
+    /// Stores what [`Pipeline::fetch`] read into the stages at `at`.
+    pub fn deposit(
+        &self,
+        b: &mut Body,
+        fetched: &[Option<Fetched>; 2],
+        at: [&str; 2],
+        ty: &str,
+        entering: Option<&Parts>,
+    ) {
+        for (((tile, f), mem), at) in self.tiles.iter().zip(fetched).zip(self.mems).zip(at) {
+            if let (Some(tile), Some(f)) = (tile, f) {
+                tile.deposit(b, f, mem, at, entering, ty);
+            }
+        }
+    }
+
+    /// Reads the other tiles at `origins` and stores them into the stages at `at` at once.
+    #[allow(clippy::too_many_arguments)]
+    pub fn stage(
+        &self,
+        b: &mut Body,
+        origins: &Origins,
+        at: [&str; 2],
+        zero: &str,
+        ty: &str,
+        entering: Option<&Parts>,
+    ) {
+        let fetched = self.fetch(b, origins, zero, ty);
+        self.deposit(b, &fetched, at, ty, entering);
+    }
+
+    /// Rounds in place what this invocation copied into the stages at `at`, where the
+    /// operands need it ([`Parts::copy_rounding`]).
+    pub fn round(&self, b: &mut Body, at: [&str; 2]) {
+        let Some(rounding) = self.parts.and_then(Parts::copy_rounding) else { return };
+        for (((tile, copy), mem), at) in self.tiles.iter().zip(self.copies).zip(self.mems).zip(at) {
+            if let (Some(tile), Some(run)) = (tile, copy) {
+                tile.round_copied(b, self.lin, (mem, at), run, rounding);
+            }
+        }
+    }
+
+    /// Whether any tile is copied.
+    pub fn copying(&self) -> bool {
+        self.copies.iter().any(Option::is_some)
+    }
+}
+
+/// The pointer to the first element of shared array `mem`, as an LLVM pointer (NVVM only).
+pub(crate) fn shared_pointer(b: &mut Body, mem: &SharedArray) -> String {
+    let s = "!llvm.struct<(ptr<3>, ptr<3>, i32, array<1 x i32>, array<1 x i32>)>";
+    let sd = b.assign(format!("builtin.unrealized_conversion_cast {} : {} to {s}", mem.name, mem.ty));
+    b.assign(format!("llvm.extractvalue {sd}[1] : {s}"))
 }
 
 /// How f32 values are rounded to a tensor-core precision (and kept as f32), as tensor-core
@@ -164,29 +276,163 @@ impl<'a> OperandTile<'a> {
         }
     }
 
+    /// The tile row and column where this invocation's `t`-th run of `run` elements starts.
+    fn run_start(&self, b: &mut Body, lin: &str, t: usize, run: usize) -> (String, String) {
+        let runs_total = self.rows * self.cols / run;
+        let per_line = if self.along_cols { self.cols } else { self.rows } / run;
+        let l = plus(b, lin, t * self.inv);
+        // Past the last run (when the tile is not a multiple of the workgroup), read the
+        // last one again: the same value lands in the same place.
+        let l = if (t + 1) * self.inv > runs_total { clamp(b, &l, runs_total) } else { l };
+        let pl = b.index(per_line);
+        let line = b.assign(format!("arith.divui {l}, {pl} : index"));
+        let within = b.assign(format!("arith.remui {l}, {pl} : index"));
+        let within = if run == 1 {
+            within
+        } else {
+            let rc = b.index(run);
+            b.assign(format!("arith.muli {within}, {rc} : index"))
+        };
+        if self.along_cols {
+            (line, within)
+        } else {
+            (within, line)
+        }
+    }
+
+    /// The element offset in the operand of tile element `(r, c)` of the tile at `origin`.
+    fn global_at(&self, b: &mut Body, origin: (&str, &str), r: &str, c: &str) -> String {
+        let rk = self.view.rank();
+        let (rs, cs) = (self.view.strides[rk - 2], self.view.strides[rk - 1]);
+        let gr = b.assign(format!("arith.addi {}, {r} : index", origin.0));
+        let gc = b.assign(format!("arith.addi {}, {c} : index", origin.1));
+        let at = offset_at(b, 0, &[(Some(&gr), rs), (Some(&gc), cs)]);
+        b.assign(format!("arith.addi {}, {at} : index", self.base))
+    }
+
+    /// The offset in shared memory of tile element `(r, c)` in the stage at `stage`.
+    fn shared_at(&self, b: &mut Body, stage: &str, r: &str, c: &str) -> String {
+        let SharedLayout { row, col, .. } = self.layout;
+        let (r, c) = (r.to_owned(), c.to_owned());
+        let at = offset_at(b, 0, &[(Some(&r), row), (Some(&c), col)]);
+        b.assign(format!("arith.addi {stage}, {at} : index"))
+    }
+
+    /// The pointers this tile's asynchronous copies read from and write to (NVVM only).
+    pub fn pointers(&self, b: &mut Body, mem: &SharedArray) -> CopyPointers {
+        let g = "!llvm.struct<(ptr, ptr, i32, array<1 x i32>, array<1 x i32>)>";
+        let memref = self.view.memref();
+        let gd = b.assign(format!("builtin.unrealized_conversion_cast {} : {memref} to {g}", self.arg));
+        let gp = b.assign(format!("llvm.extractvalue {gd}[1] : {g}"));
+        let global = b.assign(format!("llvm.addrspacecast {gp} : !llvm.ptr to !llvm.ptr<1>"));
+        let shared = shared_pointer(b, mem);
+        CopyPointers { global, shared }
+    }
+
+    /// Elements per asynchronous copy of this tile (16 bytes of them), where it may be copied
+    /// so, as raw bytes: a whole tile (no edges, no rows set by the run) of an argument bound
+    /// whole, shared elements of the operand's own size, runs along an axis contiguous both
+    /// in memory and in the shared layout, and every run 16-byte aligned at both ends.
+    pub fn async_run(&self, b: &Body, shared_elem_bytes: usize) -> Option<usize> {
+        let size = self.view.dtype.size_bytes();
+        let run = ASYNC_COPY_BYTES / size;
+        let rk = self.view.rank();
+        let axis = if self.along_cols { rk - 1 } else { rk - 2 };
+        let along = if self.along_cols { self.cols } else { self.rows };
+        let SharedLayout { row, col, len } = self.layout;
+        let (step, other) = if self.along_cols { (col, row) } else { (row, col) };
+        let ok = self.exact
+            && self.run_rows.is_none()
+            && b.split_of(self.arg).is_none()
+            && matches!(self.view.dtype, DType::F32 | DType::F16 | DType::BF16)
+            && size == shared_elem_bytes
+            && along.is_multiple_of(run)
+            && (self.rows * self.cols / run).is_multiple_of(self.inv)
+            && aligned_by(self.view, axis, run)
+            && step == 1
+            && other.is_multiple_of(run)
+            && len.is_multiple_of(run);
+        ok.then_some(run)
+    }
+
+    /// Copies this invocation's runs of the tile at `origin` into the stage at `stage` of
+    /// `mem`, `run` elements at a time ([`OperandTile::async_run`]): with `cp.async` where
+    /// there are `pointers` (the copies land later: wait for them), else (emulated) read and
+    /// stored at once, each value as a raw copy leaves it (`Parts::copied`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn copy(
+        &self,
+        b: &mut Body,
+        lin: &str,
+        origin: (&str, &str),
+        (mem, stage): (&SharedArray, &str),
+        run: usize,
+        pointers: Option<&CopyPointers>,
+        operands: &Parts,
+    ) {
+        for t in 0..self.rows * self.cols / run / self.inv {
+            let (r, c) = self.run_start(b, lin, t, run);
+            let src = self.global_at(b, origin, &r, &c);
+            let dst = self.shared_at(b, stage, &r, &c);
+            match pointers {
+                Some(p) => {
+                    let src = b.assign(format!("arith.index_cast {src} : index to i32"));
+                    let dst = b.assign(format!("arith.index_cast {dst} : index to i32"));
+                    let (ge, se) = (self.view.elem(), operands.shared_elem());
+                    let from = b.assign(format!(
+                        "llvm.getelementptr {}[{src}] : (!llvm.ptr<1>, i32) -> !llvm.ptr<1>, {ge}",
+                        p.global
+                    ));
+                    let to = b.assign(format!(
+                        "llvm.getelementptr {}[{dst}] : (!llvm.ptr<3>, i32) -> !llvm.ptr<3>, {se}",
+                        p.shared
+                    ));
+                    b.line(format!(
+                        "nvvm.cp.async.shared.global {to}, {from}, {ASYNC_COPY_BYTES}, cache = cg : !llvm.ptr<3>, !llvm.ptr<1>"
+                    ));
+                }
+                None => {
+                    let values: Vec<String> = (0..run)
+                        .map(|e| {
+                            let at = plus(b, &src, e);
+                            let x = load(b, self.arg, self.view, &at);
+                            operands.copied(b, &x)
+                        })
+                        .collect();
+                    mem.write(b, &dst, &values, operands.shared_elem());
+                }
+            }
+        }
+    }
+
+    /// Rounds in place the elements this invocation copied into the stage at `stage` (after
+    /// its copies landed): raw f32 values become TF32 operands.
+    pub fn round_copied(
+        &self,
+        b: &mut Body,
+        lin: &str,
+        (mem, stage): (&SharedArray, &str),
+        run: usize,
+        rounding: Rounding,
+    ) {
+        for t in 0..self.rows * self.cols / run / self.inv {
+            let (r, c) = self.run_start(b, lin, t, run);
+            let at = self.shared_at(b, stage, &r, &c);
+            let values: Vec<String> =
+                mem.read(b, &at, run, "f32").iter().map(|x| rounding.apply(b, x)).collect();
+            mem.write(b, &at, &values, "f32");
+        }
+    }
+
     /// Reads this invocation's runs of the tile at `origin` (operand row, column) into
     /// registers: zero past the operand's edges.
     pub fn fetch(&self, b: &mut Body, lin: &str, origin: (&str, &str), zero: &str, ty: &str) -> Fetched {
         let runs_total = self.rows * self.cols / self.run;
-        let per_line = if self.along_cols { self.cols } else { self.rows } / self.run;
         let rk = self.view.rank();
         let (rs, cs) = (self.view.strides[rk - 2], self.view.strides[rk - 1]);
         let mut runs = Vec::new();
         for t in 0..runs_total.div_ceil(self.inv) {
-            let l = plus(b, lin, t * self.inv);
-            // Past the last run (when the tile is not a multiple of the workgroup), read the
-            // last one again: the same value lands in the same place.
-            let l = if (t + 1) * self.inv > runs_total { clamp(b, &l, runs_total) } else { l };
-            let pl = b.index(per_line);
-            let line = b.assign(format!("arith.divui {l}, {pl} : index"));
-            let within = b.assign(format!("arith.remui {l}, {pl} : index"));
-            let within = if self.run == 1 {
-                within
-            } else {
-                let rc = b.index(self.run);
-                b.assign(format!("arith.muli {within}, {rc} : index"))
-            };
-            let (r, c) = if self.along_cols { (line, within) } else { (within, line) };
+            let (r, c) = self.run_start(b, lin, t, self.run);
             let gr = b.assign(format!("arith.addi {}, {r} : index", origin.0));
             let gc = b.assign(format!("arith.addi {}, {c} : index", origin.1));
             let values = if self.exact {

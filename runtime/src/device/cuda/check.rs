@@ -21,7 +21,8 @@ pub(crate) struct DeviceCaps {
 
 /// Checks the target against the device: a lower compute capability cannot run the PTX (the
 /// driver JIT-compiles PTX only forward), and the target's largest block and shared memory must
-/// fit the device's per-block limits.
+/// fit the device's per-block limits. Shared memory past the static limit is dynamic shared
+/// memory, which a function may be opted in to up to `MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`.
 pub(crate) fn check_target(target: &CudaTarget, caps: &DeviceCaps) -> Result<(), RuntimeError> {
     let info = &caps.info;
     if info.compute_capability < target.compute_capability {
@@ -40,10 +41,23 @@ pub(crate) fn check_target(target: &CudaTarget, caps: &DeviceCaps) -> Result<(),
         ));
     }
     if target.max_shared_bytes > info.max_shared_bytes_per_block {
-        return Err(lacks(
-            format!("{} bytes of shared memory per block", target.max_shared_bytes),
-            format!("has {} (MAX_SHARED_MEMORY_PER_BLOCK)", info.max_shared_bytes_per_block),
-        ));
+        let need = format!("{} bytes of shared memory per block", target.max_shared_bytes);
+        // A device whose opt-in limit is no more than the static one offers nothing past it.
+        if info.max_shared_bytes_per_block_optin <= info.max_shared_bytes_per_block {
+            return Err(lacks(
+                need,
+                format!("has {} (MAX_SHARED_MEMORY_PER_BLOCK)", info.max_shared_bytes_per_block),
+            ));
+        }
+        if target.max_shared_bytes > info.max_shared_bytes_per_block_optin {
+            return Err(lacks(
+                need,
+                format!(
+                    "has {} even opted in (MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)",
+                    info.max_shared_bytes_per_block_optin
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -82,7 +96,8 @@ pub(crate) fn check_launch(step: &StepPlan, caps: &DeviceCaps) -> Result<(), Run
 pub(crate) mod tests {
     use super::*;
 
-    /// A device like an A100: sm_80, 48 KiB of static shared memory per block.
+    /// A device like an A100: sm_80, 48 KiB of static shared memory per block, 163 KiB opted
+    /// in.
     pub(crate) fn a100_like() -> DeviceCaps {
         DeviceCaps {
             label: "cuda:0 (NVIDIA A100-SXM4-80GB)".into(),
@@ -93,6 +108,7 @@ pub(crate) mod tests {
                 memory_bytes: 80 << 30,
                 multiprocessors: 108,
                 max_shared_bytes_per_block: 49152,
+                max_shared_bytes_per_block_optin: 166912,
                 max_threads_per_block: 1024,
             },
             max_block: [1024, 1024, 64],
@@ -128,7 +144,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn block_and_shared_memory_limits() {
+    fn blocks_fit_the_thread_limit() {
         let caps = a100_like();
         let mut big = target(8, 0);
         big.max_workgroup_invocations = 2048;
@@ -137,13 +153,33 @@ pub(crate) mod tests {
             "the artifact needs blocks of 2048 threads, but device cuda:0 (NVIDIA A100-SXM4-80GB) allows at \
              most 1024 (MAX_THREADS_PER_BLOCK)"
         );
+    }
+
+    #[test]
+    fn shared_memory_past_the_static_limit_needs_the_opt_in_limit() {
+        let mut caps = a100_like();
         let mut shared = target(8, 0);
+        // Static shared memory up to the limit, and dynamic shared memory up to the opt-in one.
+        for bytes in [49152, 49153, 65536, 166912] {
+            shared.max_shared_bytes = bytes;
+            check_target(&shared, &caps).unwrap();
+        }
+        shared.max_shared_bytes = 166913;
+        assert_eq!(
+            check_target(&shared, &caps).unwrap_err().to_string(),
+            "the artifact needs 166913 bytes of shared memory per block, but device cuda:0 \
+             (NVIDIA A100-SXM4-80GB) has 166912 even opted in (MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)"
+        );
+        // A device that offers nothing past the static limit refuses as before.
+        caps.info.max_shared_bytes_per_block_optin = 49152;
         shared.max_shared_bytes = 65536;
         assert_eq!(
             check_target(&shared, &caps).unwrap_err().to_string(),
             "the artifact needs 65536 bytes of shared memory per block, but device cuda:0 \
              (NVIDIA A100-SXM4-80GB) has 49152 (MAX_SHARED_MEMORY_PER_BLOCK)"
         );
+        shared.max_shared_bytes = 49152;
+        check_target(&shared, &caps).unwrap();
     }
 
     #[test]
@@ -156,6 +192,7 @@ pub(crate) mod tests {
             grid: grid.map(|g| u64::from(g).into()),
             largest: grid,
             block,
+            dynamic_shared_bytes: 0,
             args: vec![],
         };
         check_launch(&step([4, 1, 1], [256, 1, 1]), &caps).unwrap();

@@ -5,12 +5,12 @@
 //! context and a stream, one arena, one buffer holding every weight a step uses (uploaded
 //! once), a buffer per input and output, each module loaded once (its cubin when the device's
 //! compute capability is exactly the target's, else its PTX through the driver's JIT), each
-//! step's function and parameter array, one event per step boundary, and each entry point's
-//! launch sequence captured into a CUDA graph of its own. A run copies the inputs in, replays
-//! that entry point's graph, copies the outputs out and waits; a profiled run launches step by
-//! step between events instead. Persistent state lives in the arena's first bytes: its slots
-//! are filled at load and copied to and from the host on the stream for
-//! `read_state`/`write_state`.
+//! step's function (opted in to the dynamic shared memory its launches pass) and parameter
+//! array, one event per step boundary, and each entry point's launch sequence captured into a
+//! CUDA graph of its own. A run copies the inputs in, replays that entry point's graph, copies
+//! the outputs out and waits; a profiled run launches step by step between events instead.
+//! Persistent state lives in the arena's first bytes: its slots are filled at load and copied
+//! to and from the host on the stream for `read_state`/`write_state`.
 //!
 //! The graph is captured at load because a model is hundreds of small launches: replaying one
 //! graph costs one driver call per run instead of one per step, and it changes nothing else
@@ -21,6 +21,7 @@ mod check;
 mod driver;
 mod plan;
 
+use std::collections::HashMap;
 use std::ffi::{c_int, c_uint, c_void, OsStr};
 use std::ptr;
 use std::time::Duration;
@@ -169,6 +170,9 @@ struct Launch {
     function: sys::CUfunction,
     grid: [Dim; 3],
     block: [u32; 3],
+    /// `sharedMemBytes`: the dynamic shared memory the kernel takes (0 when all of its shared
+    /// memory is static), which the function was opted in to at load.
+    dynamic_shared_bytes: u32,
     /// The device pointers, one per argument (the bare-pointer calling convention).
     _values: Box<[sys::CUdeviceptr]>,
     /// `kernelParams`: pointers to each of `_values` (a boxed slice never moves its elements).
@@ -184,9 +188,11 @@ impl Launch {
         // SAFETY: the function lives in a module the model owns; `params` holds one pointer per
         // kernel parameter, each to an 8-byte device pointer into a buffer the model owns and
         // that the plan checked covers the argument; the driver copies the values at launch.
-        // Kernels use static shared memory only, hence 0 dynamic bytes.
+        // The dynamic shared memory is at most what the function was opted in to at load (a
+        // captured graph records it with the launch).
+        let (function, shared) = (self.function, self.dynamic_shared_bytes);
         let result = unsafe {
-            sys::cuLaunchKernel(self.function, gx, gy, gz, bx, by, bz, 0, stream, params, ptr::null_mut())
+            sys::cuLaunchKernel(function, gx, gy, gz, bx, by, bz, shared, stream, params, ptr::null_mut())
         };
         cu("cuLaunchKernel", device, result).map_err(|e| match e {
             RuntimeError::CudaCall { call, device, result } => {
@@ -319,6 +325,9 @@ impl CudaBackend {
             owned.modules.push(handle);
         }
 
+        // The dynamic shared memory each function is opted in to so far: the most any of its
+        // steps passes (entry points share kernels).
+        let mut opted: HashMap<sys::CUfunction, u32> = HashMap::new();
         let mut entries = Vec::with_capacity(plan.entries.len());
         for (entry, view) in plan.entries.iter().zip(manifest.entry_views()) {
             let io = |specs: &[crate::manifest::TensorSpec], sizes: &[u64], kind: &str, owned: &mut Owned| {
@@ -348,6 +357,11 @@ impl CudaBackend {
                     ))
                 })?;
                 let function = function(module, step, target, &caps)?;
+                let bytes = step.dynamic_shared_bytes;
+                if bytes > 0 && opted.get(&function).is_none_or(|&had| had < bytes) {
+                    opt_in(function, step, &caps.label)?;
+                    opted.insert(function, bytes);
+                }
                 let values: Box<[sys::CUdeviceptr]> =
                     step.args.iter().map(|a| pointer(a.region, a.offset)).collect();
                 let params = values.iter().map(|v| ptr::from_ref(v).cast_mut().cast::<c_void>()).collect();
@@ -356,6 +370,7 @@ impl CudaBackend {
                     function,
                     grid: step.grid.clone(),
                     block: step.block,
+                    dynamic_shared_bytes: step.dynamic_shared_bytes,
                     _values: values,
                     params,
                 });
@@ -828,6 +843,35 @@ fn function(
         });
     }
     Ok(function)
+}
+
+/// Opts step `step`'s kernel in to the dynamic shared memory its launches pass: past 48 KiB
+/// a launch is refused unless the function's `MAX_DYNAMIC_SHARED_SIZE_BYTES` allows it. The
+/// driver refuses more than the device's opt-in limit less the kernel's static shared memory.
+fn opt_in(function: sys::CUfunction, step: &plan::StepPlan, device: &str) -> Result<(), RuntimeError> {
+    let bytes = step.dynamic_shared_bytes;
+    let attribute = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+    let value = c_int::try_from(bytes).map_err(|_| {
+        RuntimeError::invalid(format!(
+            "step {:?} passes {bytes} bytes of dynamic shared memory, more than a launch can",
+            step.label
+        ))
+    })?;
+    // SAFETY: sets one attribute of a function of a module the model owns; the context is
+    // current.
+    let result = unsafe { sys::cuFuncSetAttribute(function, attribute, value) };
+    cu("cuFuncSetAttribute", device, result).map_err(|e| match e {
+        RuntimeError::CudaCall { call, device, result } => RuntimeError::CudaCall {
+            call,
+            device,
+            result: format!(
+                "{result} opting kernel {:?} of step {:?} in to {bytes} bytes of dynamic shared memory \
+                 (MAX_DYNAMIC_SHARED_SIZE_BYTES)",
+                step.symbol, step.label
+            ),
+        },
+        other => other,
+    })
 }
 
 /// Captures the launch sequence into a graph and instantiates it; `None` when there is nothing

@@ -1,7 +1,7 @@
 //! Every manifest number of a CUDA artifact checked, and turned into a plan before the driver
 //! is touched: module byte ranges in `kernels.ptx` and `kernels.cubin`, dispatch kinds, module
-//! indices, launch extents against the target, argument counts, and each argument's buffer and
-//! offset. A machine without CUDA therefore reports a malformed artifact exactly as one with a
+//! indices, launch extents and dynamic shared memory against the target, argument counts, and
+//! each argument's buffer and offset. A machine without CUDA therefore reports a malformed artifact exactly as one with a
 //! GPU does, and a run only launches what this accepted.
 
 use std::ffi::CString;
@@ -57,6 +57,9 @@ pub(crate) struct StepPlan {
     /// which the device's limits are checked against.
     pub largest: [u32; 3],
     pub block: [u32; 3],
+    /// Bytes of dynamic shared memory each launch passes (0: static shared memory only); the
+    /// function is opted in to them at load.
+    pub dynamic_shared_bytes: u32,
     pub args: Vec<Arg>,
 }
 
@@ -201,7 +204,8 @@ pub(crate) fn plan(
         let mut steps = Vec::with_capacity(view.steps.len());
         for step in view.steps {
             let at = &step.label;
-            let (module, grid, block) = crate::device::gpu_dispatch(step, manifest.modules.len(), "CUDA")?;
+            let crate::device::GpuDispatch { module, grid, workgroup: block, dynamic_shared_bytes } =
+                crate::device::gpu_dispatch(step, manifest.modules.len(), "CUDA")?;
             let largest = crate::device::grid_at(at, grid, &maxima, &manifest.symbols)?;
             if largest.contains(&0) || block.contains(&0) {
                 return Err(RuntimeError::invalid(format!(
@@ -214,6 +218,15 @@ pub(crate) fn plan(
                     "step {at:?} has workgroup {block:?} ({threads} threads), more than the target's \
                  max_workgroup_invocations {}",
                     target.max_workgroup_invocations
+                )));
+            }
+            // The target's figure is what the device is checked against, so no launch may ask
+            // for more.
+            if dynamic_shared_bytes > target.max_shared_bytes {
+                return Err(RuntimeError::invalid(format!(
+                    "step {at:?} passes {dynamic_shared_bytes} bytes of dynamic shared memory, more than the \
+                 target's max_shared_bytes {}",
+                    target.max_shared_bytes
                 )));
             }
             if step.args.len() > MAX_ARGS {
@@ -247,6 +260,7 @@ pub(crate) fn plan(
                 grid: grid.clone(),
                 largest,
                 block,
+                dynamic_shared_bytes,
                 args,
             });
         }
@@ -354,8 +368,8 @@ mod tests {
         assert_eq!((forward.inputs.clone(), forward.outputs.clone()), (vec![4096], vec![4096]));
         let first = &forward.steps[0];
         assert_eq!(
-            (first.module, first.symbol.as_c_str(), first.largest, first.block),
-            (1, c"add", [4, 1, 1], [256, 1, 1])
+            (first.module, first.symbol.as_c_str(), first.largest, first.block, first.dynamic_shared_bytes),
+            (1, c"add", [4, 1, 1], [256, 1, 1], 0)
         );
         assert_eq!(
             first.args,
@@ -401,6 +415,26 @@ mod tests {
             err(&m),
             "invalid manifest: step \"k0 mul\" has workgroup [512, 1, 1] (512 threads), more than the target's \
              max_workgroup_invocations 256"
+        );
+        // Dynamic shared memory within the target's max_shared_bytes is carried to the launch.
+        let mut m = manifest();
+        let Target::Cuda(t) = &mut m.target else { unreachable!() };
+        t.max_shared_bytes = 65536;
+        let dynamic = |bytes| Dispatch::Gpu {
+            module: 0,
+            grid: [4, 1, 1].map(crate::Dim::Fixed),
+            workgroup: [256, 1, 1],
+            dynamic_shared_bytes: bytes,
+        };
+        m.steps[1].dispatch = dynamic(65536);
+        let plan = plan_of(&m, None).unwrap();
+        let steps = &plan.entries[0].steps;
+        assert_eq!((steps[0].dynamic_shared_bytes, steps[1].dynamic_shared_bytes), (0, 65536));
+        m.steps[1].dispatch = dynamic(65537);
+        assert_eq!(
+            err(&m),
+            "invalid manifest: step \"k1 add\" passes 65537 bytes of dynamic shared memory, more than the \
+             target's max_shared_bytes 65536"
         );
         let mut m = manifest();
         m.steps[0].args = vec![BufRef::Input { index: 0 }; MAX_ARGS + 1];

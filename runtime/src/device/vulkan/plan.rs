@@ -1,6 +1,7 @@
 //! Every manifest number of a Vulkan artifact checked, and turned into a plan before any
 //! Vulkan object exists: module byte ranges, entry points and their workgroup sizes, launch
-//! limits, and each binding's buffer, offset and range. A run only replays what this accepted.
+//! limits (and no dynamic shared memory), and each binding's buffer, offset and range. A run
+//! only replays what this accepted.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -241,7 +242,16 @@ pub(crate) fn plan(
         let mut steps = Vec::with_capacity(view.steps.len());
         for step in view.steps {
             let at = &step.label;
-            let (module, grid, workgroup) = crate::device::gpu_dispatch(step, infos.len(), "Vulkan")?;
+            let crate::device::GpuDispatch { module, grid, workgroup, dynamic_shared_bytes } =
+                crate::device::gpu_dispatch(step, infos.len(), "Vulkan")?;
+            // Workgroup memory is declared in the module, sized once: there is nothing a
+            // dispatch could pass.
+            if dynamic_shared_bytes != 0 {
+                return Err(RuntimeError::invalid(format!(
+                    "step {at:?} passes {dynamic_shared_bytes} bytes of dynamic shared memory, which Vulkan \
+                     does not have (a CUDA artifact's field)"
+                )));
+            }
             let info = &infos[module];
             let entry = info.entries.get(&step.symbol).ok_or_else(|| {
             let mut names: Vec<&str> = info.entries.keys().map(String::as_str).collect();
