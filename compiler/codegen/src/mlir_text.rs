@@ -20,8 +20,8 @@ pub struct Body {
     splits: Vec<(String, Split)>,
     /// The GPU lowering a kernel body is written for; `None` for CPU kernels.
     gpu: Option<GpuFlavor>,
-    /// Workgroup arrays declared as attributions of the kernel function: (name, type).
-    attributions: Vec<(String, String)>,
+    /// Workgroup arrays declared as attributions of the kernel function.
+    attributions: Vec<Attribution>,
     /// How many symbol values a GPU kernel reads from its `%syms` argument, once it reads any.
     symbols: Option<usize>,
 }
@@ -45,6 +45,14 @@ impl Split {
     pub fn len_of(&self, k: usize) -> usize {
         (self.buffer_len - k * self.piece_len).min(self.piece_len)
     }
+}
+
+/// A workgroup array of a GPU kernel: its name, memref type and size in bytes.
+#[derive(Clone, Debug)]
+pub struct Attribution {
+    pub name: String,
+    pub ty: String,
+    pub bytes: usize,
 }
 
 impl Body {
@@ -90,16 +98,16 @@ impl Body {
         self.symbols
     }
 
-    /// Declares a workgroup array of type `ty` as an attribution of the kernel function and
-    /// returns its name.
-    pub fn attribution(&mut self, ty: String) -> String {
+    /// Declares a workgroup array of type `ty` (`bytes` long) as an attribution of the kernel
+    /// function and returns its name.
+    pub fn attribution(&mut self, ty: String, bytes: usize) -> String {
         let name = self.fresh("wg");
-        self.attributions.push((name.clone(), ty));
+        self.attributions.push(Attribution { name: name.clone(), ty, bytes });
         name
     }
 
     /// The workgroup attributions declared so far.
-    pub fn attributions(&self) -> &[(String, String)] {
+    pub fn attributions(&self) -> &[Attribution] {
         &self.attributions
     }
 

@@ -19,7 +19,7 @@ use super::attention::{keys_to_visit, Operands};
 use super::mma::{eight, joined, mma_parts, Fragment, Lanes, Parts, C_FRAGMENT, MMA_M, MMA_N};
 use super::plan::{attention_layouts, MmaPrecision};
 use super::skeleton::{clamp, offset_at, plus, shared, shared_type, SharedArray};
-use super::tiles::{shared_pointer, CopyPointers, OperandTile, Pipeline};
+use super::tiles::{shared_pointer, OperandTile, Pipeline};
 use super::{GpuCtx, GpuFlavor};
 use crate::kernels::elementwise::{load, store};
 use crate::mlir_text::Body;
@@ -145,55 +145,30 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     } else {
         b.index((sk.div_ceil(bk).max(1) - 1) * bk)
     };
-    // Which tiles are copied asynchronously, and the pipeline they go through.
-    let elem_bytes = if precision.paired() { 2 } else { 4 };
-    let copies = match async_copies {
-        true => [tile_k.async_run(b, elem_bytes), tile_v.as_ref().and_then(|t| t.async_run(b, elem_bytes))],
-        false => [None, None],
-    };
-    let pointers: [Option<CopyPointers>; 2] = match nvvm {
-        true => [
-            copies[0].map(|_| tile_k.pointers(b, &mem_k)),
-            copies[1].and(tile_v.as_ref()).map(|t| t.pointers(b, &mem_v)),
-        ],
-        false => [None, None],
-    };
-    let pipe = Pipeline {
-        tiles: [Some(&tile_k), tile_v.as_ref()],
-        mems: [&mem_k, &mem_v],
-        copies,
-        pointers: &pointers,
-        parts: Some(&ops),
-        lin: &lin,
-    };
-    let copying = pipe.copying();
+    let lens = [lay.keys.len, lay.values.len];
+    let tiles = [Some(&tile_k), tile_v.as_ref()];
+    let pipe = Pipeline::new(b, tiles, [&mem_k, &mem_v], lens, stages, Some(&ops), async_copies, &lin);
     // On NVVM, where 16-bit fragments are read with `ldmatrix`: the key and value tiles'
     // pointers.
     let matrix_ptrs =
         (nvvm && precision.paired()).then(|| [shared_pointer(b, &mem_k), shared_pointer(b, &mem_v)]);
     let origins = |k0: &str| [(k0.to_string(), c0.clone()), (k0.to_string(), c0.clone())];
     let kend = keys_to_visit(b, o, &bx, MMA_M * warps);
+    // Whether the tile at `k0` is visited: only those are copied.
+    let visited = |b: &mut Body, k0: &str| {
+        pipe.copying().then(|| b.assign(format!("arith.cmpi ult, {k0}, {kend} : index")))
+    };
     if stages >= 2 {
         // The first `stages − 1` tiles (the last one again past the end), each into its
-        // stage; copied ones only where they are visited (one group each, empty or not).
+        // stage.
         for s in 0..stages - 1 {
             let k_s = b.index(s * bk);
-            let k_s = b.assign(format!("arith.minui {k_s}, {last} : index"));
-            let at = [b.index(s * lay.keys.len), b.index(s * lay.values.len)];
-            pipe.stage(b, &origins(&k_s), [&at[0], &at[1]], &zero, ty, entering);
-            if copying {
-                let real = b.assign(format!("arith.cmpi ult, {k_s}, {kend} : index"));
-                b.open(format!("scf.if {real}"));
-                pipe.copy(b, &origins(&k_s), [&at[0], &at[1]]);
-                b.close("");
-                if nvvm {
-                    b.line("nvvm.cp.async.commit.group");
-                }
-            }
+            let clamped = b.assign(format!("arith.minui {k_s}, {last} : index"));
+            let real = visited(b, &clamped);
+            let at = origins(&clamped);
+            pipe.fill(b, s, (&at, &at), real.as_deref(), &zero, ty);
         }
-        if !copying {
-            b.line("gpu.barrier");
-        }
+        pipe.filled(b);
     }
 
     // Carried over the key tiles: each row's running max and this lane's part of its sum, and
@@ -213,52 +188,16 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         carried.join(", ")
     ));
     let (cur_k, cur_v, next) = if stages >= 2 {
-        // Tile t is in stage t mod S once this invocation's copies of it landed and, after
-        // the barrier, everyone's; then stage (t − 1) mod S is free for tile t + S − 1:
-        // copied where it is visited, or read into registers now and stored after this
-        // tile's products (the last tile again past the end, into a stage no one reads).
+        // Tile t + S − 1 (the last one again past the end for the registers' tiles, into a
+        // stage no one reads; copied only where it is visited).
         let t = b.assign(format!("arith.divui %fk, {bkc} : index"));
-        let sc = b.index(stages);
-        let cur = b.assign(format!("arith.remui {t}, {sc} : index"));
-        let (lk, lv) = (b.index(lay.keys.len), b.index(lay.values.len));
-        let cur_k = b.assign(format!("arith.muli {cur}, {lk} : index"));
-        let cur_v = b.assign(format!("arith.muli {cur}, {lv} : index"));
-        let (nxt_k, nxt_v) = if stages == 2 {
-            // The other stage.
-            (
-                b.assign(format!("arith.subi {lk}, {cur_k} : index")),
-                b.assign(format!("arith.subi {lv}, {cur_v} : index")),
-            )
-        } else {
-            let ahead = b.index(stages - 1);
-            let nt = b.assign(format!("arith.addi {t}, {ahead} : index"));
-            let nxt = b.assign(format!("arith.remui {nt}, {sc} : index"));
-            (
-                b.assign(format!("arith.muli {nxt}, {lk} : index")),
-                b.assign(format!("arith.muli {nxt}, {lv} : index")),
-            )
-        };
-        if nvvm && copying {
-            b.line(format!("nvvm.cp.async.wait.group {}", stages - 2));
-        }
-        if copying {
-            pipe.round(b, [&cur_k, &cur_v]);
-            b.line("gpu.barrier");
-        }
+        let ([cur_k, cur_v], next) = pipe.arrive(b, &t);
         let ahead = b.index((stages - 1) * bk);
         let kn = b.assign(format!("arith.addi %fk, {ahead} : index"));
         let clamped = b.assign(format!("arith.minui {kn}, {last} : index"));
-        let fetched = pipe.fetch(b, &origins(&clamped), &zero, ty);
-        if copying {
-            let real = b.assign(format!("arith.cmpi ult, {kn}, {kend} : index"));
-            b.open(format!("scf.if {real}"));
-            pipe.copy(b, &origins(&kn), [&nxt_k, &nxt_v]);
-            b.close("");
-            if nvvm {
-                b.line("nvvm.cp.async.commit.group");
-            }
-        }
-        (cur_k, cur_v, Some((fetched, nxt_k, nxt_v)))
+        let real = visited(b, &kn);
+        let fetched = pipe.ahead(b, (&origins(&clamped), &origins(&kn)), real.as_deref(), &next, &zero, ty);
+        (cur_k, cur_v, Some((fetched, next)))
     } else {
         let fk = tile_k.fetch(b, &lin, ("%fk", &c0), &zero, ty);
         let fv = tile_v.as_ref().map(|t| t.fetch(b, &lin, ("%fk", &c0), &zero, ty));
@@ -471,23 +410,14 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         }
     }
     match next {
-        Some((fetched, nxt_k, nxt_v)) => {
-            pipe.deposit(b, &fetched, [&nxt_k, &nxt_v], ty, entering);
-            // Without copies to wait for, the barrier closes the iteration instead.
-            if !copying {
-                b.line("gpu.barrier");
-            }
-        }
+        Some((fetched, next)) => pipe.close(b, &fetched, &next, ty),
         None => b.line("gpu.barrier"),
     }
     let mut yielded = vec![m_new[0].clone(), m_new[1].clone(), sums[0].clone(), sums[1].clone()];
     yielded.extend(outs);
     b.line(format!("scf.yield {} : {types}", yielded.join(", ")));
     b.close("");
-    if nvvm && copying {
-        // Only copies of tiles no one reads can be pending here; none may outlive the kernel.
-        b.line("nvvm.cp.async.wait.group 0");
-    }
+    pipe.drain(b);
 
     // Each row's sum over its quad; the output rows divided by it, and the log-sum-exp.
     let partial = ["%fa#2".to_string(), "%fa#3".to_string()];

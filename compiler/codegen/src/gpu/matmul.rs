@@ -18,7 +18,7 @@ use super::mma::{
 };
 use super::plan::{matmul_layouts, GpuPlan, SharedLayout, Work};
 use super::skeleton::{module, offset_at, plus, shared, shared_type, unravel, SharedArray};
-use super::tiles::{aligned_by_4, shared_pointer, CopyPointers, OperandTile, Pipeline};
+use super::tiles::{aligned_by_4, shared_pointer, OperandTile, Pipeline};
 use super::{ceil_div, GpuCtx, GpuFlavor, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
 use crate::kernels::matmul::activate;
@@ -173,47 +173,26 @@ pub fn emit(
     let c1 = b.index(1);
     let tiles_c = b.index(tiles);
     let tkc = b.index(tk);
-    // Which operand tiles are copied asynchronously (elements per copy), and where from.
-    let copies: [Option<usize>; 2] = match (&parts, async_copies) {
-        (Some(ops), true) => {
-            let bytes = if ops.precision.paired() { 2 } else { 4 };
-            [tile_a.async_run(&b, bytes), tile_b.async_run(&b, bytes)]
-        }
-        _ => [None, None],
-    };
-    let copying = copies.iter().any(Option::is_some);
-    let pointers: [Option<CopyPointers>; 2] = match nvvm {
-        true => [(copies[0], &tile_a, &mem_a), (copies[1], &tile_b, &mem_b)]
-            .map(|(c, t, mem)| c.map(|_| t.pointers(&mut b, mem))),
-        false => [None, None],
-    };
-    let pipe = Pipeline {
-        tiles: [Some(&tile_a), Some(&tile_b)],
-        mems: [&mem_a, &mem_b],
-        copies,
-        pointers: &pointers,
-        parts: parts.as_ref(),
-        lin: &lin,
-    };
+    let pipe = Pipeline::new(
+        &mut b,
+        [Some(&tile_a), Some(&tile_b)],
+        [&mem_a, &mem_b],
+        [la.len, lb.len],
+        stages,
+        parts.as_ref(),
+        async_copies,
+        &lin,
+    );
     // Where the A and the B tile at k `k0` start.
     let origins = |k0: &str| [(row0.clone(), k0.to_string()), (k0.to_string(), col0.clone())];
     if stages >= 2 {
-        // The first `stages − 1` k tiles, each into its stage (one group of copies each, empty
-        // past the last tile, so that every iteration waits for the same count).
+        // The first `stages − 1` k tiles, each into its stage (the last one again past the
+        // end, into a stage no one reads).
         for s in 0..stages - 1 {
-            if s < tiles {
-                let k_s = b.index(s * tk);
-                let at = [b.index(s * la.len), b.index(s * lb.len)];
-                pipe.copy(&mut b, &origins(&k_s), [&at[0], &at[1]]);
-                pipe.stage(&mut b, &origins(&k_s), [&at[0], &at[1]], &zero, ty, entering);
-            }
-            if nvvm && copying {
-                b.line("nvvm.cp.async.commit.group");
-            }
+            let k_s = origins(&b.index(s.min(tiles - 1) * tk));
+            pipe.fill(&mut b, s, (&k_s, &k_s), None, &zero, ty);
         }
-        if !copying {
-            b.line("gpu.barrier");
-        }
+        pipe.filled(&mut b);
     }
     let carried: Vec<String> = (0..nacc).map(|i| format!("%o{i} = {zero}")).collect();
     b.open(format!(
@@ -222,61 +201,22 @@ pub fn emit(
     ));
     let k0 = b.assign(format!("arith.muli %t, {tkc} : index"));
     let next = if stages >= 2 {
-        // Tile t is in stage t mod S once this invocation's copies of it landed (at most S − 2
-        // younger groups pending) and, after the barrier, everyone's: then no one reads stage
-        // (t − 1) mod S any more, and tile t + S − 1 goes there: copied, or read into registers
-        // now and stored after the products (the last tile again past the end, into a stage no
-        // one reads again).
-        let sc = b.index(stages);
-        let cur = b.assign(format!("arith.remui %t, {sc} : index"));
-        let (la_len, lb_len) = (b.index(la.len), b.index(lb.len));
-        let cur_a = b.assign(format!("arith.muli {cur}, {la_len} : index"));
-        let cur_b = b.assign(format!("arith.muli {cur}, {lb_len} : index"));
-        let (nxt_a, nxt_b) = if stages == 2 {
-            // The other stage.
-            (
-                b.assign(format!("arith.subi {la_len}, {cur_a} : index")),
-                b.assign(format!("arith.subi {lb_len}, {cur_b} : index")),
-            )
-        } else {
-            let ahead = b.index(stages - 1);
-            let nt = b.assign(format!("arith.addi %t, {ahead} : index"));
-            let nxt = b.assign(format!("arith.remui {nt}, {sc} : index"));
-            (
-                b.assign(format!("arith.muli {nxt}, {la_len} : index")),
-                b.assign(format!("arith.muli {nxt}, {lb_len} : index")),
-            )
-        };
-        if nvvm && copying {
-            b.line(format!("nvvm.cp.async.wait.group {}", stages - 2));
-        }
-        if copying {
-            pipe.round(&mut b, [&cur_a, &cur_b]);
-            b.line("gpu.barrier");
-        }
+        // Tile t + S − 1 (the last one again past the end for the registers' tiles, into a
+        // stage no one reads again; copied only where it exists).
+        let (here, next) = pipe.arrive(&mut b, "%t");
         let ahead = b.index((stages - 1) * tk);
         let kn = b.assign(format!("arith.addi {k0}, {ahead} : index"));
         let last = b.index((tiles - 1) * tk);
         let clamped = b.assign(format!("arith.minui {kn}, {last} : index"));
-        let fetched = pipe.fetch(&mut b, &origins(&clamped), &zero, ty);
-        if copying {
+        let real = pipe.copying().then(|| {
             let end = b.index(tiles * tk);
-            let real = b.assign(format!("arith.cmpi ult, {kn}, {end} : index"));
-            b.open(format!("scf.if {real}"));
-            pipe.copy(&mut b, &origins(&kn), [&nxt_a, &nxt_b]);
-            b.close("");
-            if nvvm {
-                b.line("nvvm.cp.async.commit.group");
-            }
-        }
-        let next = inner.step(&mut b, (&mem_a, &cur_a, la), (&mem_b, &cur_b, lb), tk, ty);
-        pipe.deposit(&mut b, &fetched, [&nxt_a, &nxt_b], ty, entering);
-        if !copying {
-            // Without copies to wait for, the barrier closes the iteration instead (tile t + 1
-            // stored, tile t no longer read).
-            b.line("gpu.barrier");
-        }
-        next
+            b.assign(format!("arith.cmpi ult, {kn}, {end} : index"))
+        });
+        let fetched =
+            pipe.ahead(&mut b, (&origins(&clamped), &origins(&kn)), real.as_deref(), &next, &zero, ty);
+        let next_acc = inner.step(&mut b, (&mem_a, &here[0], la), (&mem_b, &here[1], lb), tk, ty);
+        pipe.close(&mut b, &fetched, &next, ty);
+        next_acc
     } else {
         let fa = tile_a.fetch(&mut b, &lin, (&row0, &k0), &zero, ty);
         let fb = tile_b.fetch(&mut b, &lin, (&k0, &col0), &zero, ty);
@@ -289,10 +229,7 @@ pub fn emit(
     };
     b.line(format!("scf.yield {} : {types}", next.join(", ")));
     b.close("");
-    if nvvm && copying {
-        // Only empty groups can be pending here; none may outlive the kernel.
-        b.line("nvvm.cp.async.wait.group 0");
-    }
+    pipe.drain(&mut b);
 
     // Epilogue: bias, activation, store what lies inside the result.
     let or = out.rank();

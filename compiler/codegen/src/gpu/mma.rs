@@ -512,27 +512,21 @@ pub(crate) fn eight(b: &mut Body, x: &str, h: &str) -> String {
     b.assign(format!("arith.addi {x}, {t} : index"))
 }
 
-/// One fragment of the registers or elements of `parts`, in order (they are all of one kind).
+/// One fragment of the registers or elements of `parts`, in order (`ldmatrix` gives them all
+/// of one kind).
 pub(crate) fn joined(parts: &[Fragment]) -> Fragment {
-    match parts.first() {
-        Some(Fragment::Registers(_)) => Fragment::Registers(
-            parts
-                .iter()
-                .flat_map(|f| match f {
-                    Fragment::Registers(r) => r.clone(),
-                    Fragment::Elements(_) => unreachable!("ldmatrix gives one kind of fragment"),
-                })
-                .collect(),
-        ),
-        _ => Fragment::Elements(
-            parts
-                .iter()
-                .flat_map(|f| match f {
-                    Fragment::Elements(e) => e.clone(),
-                    Fragment::Registers(_) => unreachable!("ldmatrix gives one kind of fragment"),
-                })
-                .collect(),
-        ),
+    let (mut registers, mut elements) = (Vec::new(), Vec::new());
+    for f in parts {
+        match f {
+            Fragment::Registers(r) => registers.extend_from_slice(r),
+            Fragment::Elements(e) => elements.extend_from_slice(e),
+        }
+    }
+    debug_assert!(registers.is_empty() || elements.is_empty(), "fragments of two kinds");
+    if elements.is_empty() {
+        Fragment::Registers(registers)
+    } else {
+        Fragment::Elements(elements)
     }
 }
 

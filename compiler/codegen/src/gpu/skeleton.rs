@@ -56,11 +56,12 @@ pub(crate) fn module(symbol: &str, memrefs: &[String], plan: &GpuPlan, body: Bod
             let mut views =
                 format!("{DYNAMIC_SHARED} = gpu.dynamic_shared_memory : memref<?xi8, {NVVM_SHARED_SPACE}>\n");
             let mut at = 0usize;
-            for (i, (n, t)) in body.attributions().iter().enumerate() {
+            for (i, a) in body.attributions().iter().enumerate() {
                 views.push_str(&format!(
-                    "%dyn_at{i} = arith.constant {at} : index\n{n} = memref.view {DYNAMIC_SHARED}[%dyn_at{i}][] : memref<?xi8, {NVVM_SHARED_SPACE}> to {t}\n"
+                    "%dyn_at{i} = arith.constant {at} : index\n{} = memref.view {DYNAMIC_SHARED}[%dyn_at{i}][] : memref<?xi8, {NVVM_SHARED_SPACE}> to {}\n",
+                    a.name, a.ty
                 ));
-                at += memref_bytes(t).next_multiple_of(16);
+                at += a.bytes.next_multiple_of(16);
             }
             debug_assert!(
                 at <= plan.dynamic_shared_bytes() as usize,
@@ -75,7 +76,7 @@ pub(crate) fn module(symbol: &str, memrefs: &[String], plan: &GpuPlan, body: Bod
             let arrays: Vec<String> = body
                 .attributions()
                 .iter()
-                .map(|(n, t)| format!("{n} : {t} {{llvm.align = 16 : i64}}"))
+                .map(|a| format!("{} : {} {{llvm.align = 16 : i64}}", a.name, a.ty))
                 .collect();
             let workgroup =
                 if arrays.is_empty() { String::new() } else { format!(" workgroup({})", arrays.join(", ")) };
@@ -102,20 +103,6 @@ fn resident(plan: &GpuPlan) -> String {
     } else {
         String::new()
     }
-}
-
-/// Bytes of a one-dimensional memref type, `memref<NxT, …>`.
-fn memref_bytes(t: &str) -> usize {
-    let inner = t.trim_start_matches("memref<");
-    let dims = inner.split(',').next().unwrap_or("");
-    let (len, elem) = dims.split_once('x').unwrap_or(("0", "f32"));
-    let size = match elem.trim().trim_end_matches('>') {
-        "f64" | "i64" => 8,
-        "f16" | "bf16" | "i16" => 2,
-        "i8" | "i1" => 1,
-        _ => 4,
-    };
-    len.trim().parse::<usize>().unwrap_or(0) * size
 }
 
 /// The body one level deeper (inside the `gpu.func`).
@@ -177,7 +164,17 @@ pub(crate) fn shared(b: &mut Body, len: usize, ty: &str) -> String {
     let t = shared_type(b, len, ty);
     match flavor(b) {
         GpuFlavor::Spirv => b.assign(format!("memref.alloc() : {t}")),
-        GpuFlavor::Nvvm => b.attribution(t),
+        GpuFlavor::Nvvm => b.attribution(t, len.max(1) * scalar_bytes(ty)),
+    }
+}
+
+/// Bytes of one value of scalar type `ty` (`f32`, `i16`, …).
+fn scalar_bytes(ty: &str) -> usize {
+    match ty {
+        "f64" | "i64" => 8,
+        "f16" | "bf16" | "i16" => 2,
+        "i8" | "i1" => 1,
+        _ => 4,
     }
 }
 

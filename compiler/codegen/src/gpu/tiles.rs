@@ -8,6 +8,7 @@
 use super::mma::Parts;
 use super::plan::SharedLayout;
 use super::skeleton::{clamp, offset_at, plus, SharedArray};
+use super::GpuFlavor;
 use crate::kernels::elementwise::{load, to_reg};
 use crate::kernels::View;
 use crate::mlir_text::Body;
@@ -38,36 +39,175 @@ pub(crate) struct CopyPointers {
     shared: String,
 }
 
-/// Operand tiles on their way into a kernel's shared stages: each either copied (elements
-/// per copy, [`OperandTile::async_run`]; asynchronously where there are pointers) or read
-/// into registers and stored.
+/// Two operand tiles on their way into a kernel's ring of `stages` shared stages: each either
+/// copied (elements per copy, [`OperandTile::async_run`]; with `cp.async` on NVVM, emulated as
+/// plain reads and writes elsewhere) or read into registers one tile ahead and stored after the
+/// step's work. Tile t lies in stage t mod S; a step waits for its own copies of tile t, rounds
+/// them where the operands need it, and a barrier publishes everyone's: then no one reads
+/// stage (t − 1) mod S any more, and tile t + S − 1 goes there. Every fill and step commits one
+/// group of copies (empty past the end), so each step waits for the same count. Without
+/// copies the barrier closes the step instead (the next tile stored, this one no longer read).
 pub(crate) struct Pipeline<'p, 'v> {
-    pub tiles: [Option<&'p OperandTile<'v>>; 2],
-    pub mems: [&'p SharedArray<'p>; 2],
-    pub copies: [Option<usize>; 2],
-    pub pointers: &'p [Option<CopyPointers>; 2],
+    tiles: [Option<&'p OperandTile<'v>>; 2],
+    mems: [&'p SharedArray<'p>; 2],
+    /// Elements of one stage of each array.
+    lens: [usize; 2],
+    stages: usize,
+    copies: [Option<usize>; 2],
+    pointers: [Option<CopyPointers>; 2],
     /// How tensor-core operands enter the tiles (`None`: register values as they are).
-    pub parts: Option<&'p Parts>,
-    pub lin: &'p str,
+    parts: Option<&'p Parts>,
+    nvvm: bool,
+    lin: &'p str,
 }
 
 /// Where each tile of a [`Pipeline`] starts: operand row and column.
 pub(crate) type Origins = [(String, String); 2];
 
-impl Pipeline<'_, '_> {
-    /// Copies the copied tiles at `origins` into the stages at `at`.
-    pub fn copy(&self, b: &mut Body, origins: &Origins, at: [&str; 2]) {
-        let Some(ops) = self.parts else { return };
-        let each = self.tiles.iter().zip(self.copies).zip(self.mems).zip(self.pointers).zip(origins).zip(at);
+impl<'p, 'v> Pipeline<'p, 'v> {
+    /// The pipeline of `tiles` into `mems` (stages of `lens` elements); tiles that allow it are
+    /// copied where `async_copies` (tensor-core operands only).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        b: &mut Body,
+        tiles: [Option<&'p OperandTile<'v>>; 2],
+        mems: [&'p SharedArray<'p>; 2],
+        lens: [usize; 2],
+        stages: usize,
+        parts: Option<&'p Parts>,
+        async_copies: bool,
+        lin: &'p str,
+    ) -> Pipeline<'p, 'v> {
+        let nvvm = b.gpu() == Some(GpuFlavor::Nvvm);
+        let copies = match parts {
+            Some(ops) if async_copies => {
+                tiles.map(|t| t.and_then(|t| t.async_run(b, ops.precision.shared_bytes())))
+            }
+            _ => [None, None],
+        };
+        let mut pointers = [None, None];
+        for ((p, (tile, copy)), mem) in pointers.iter_mut().zip(tiles.iter().zip(copies)).zip(mems) {
+            if let (Some(tile), Some(_), true) = (tile, copy, nvvm) {
+                *p = Some(tile.pointers(b, mem));
+            }
+        }
+        Pipeline { tiles, mems, lens, stages, copies, pointers, parts, nvvm, lin }
+    }
+
+    /// Whether any tile is copied.
+    pub fn copying(&self) -> bool {
+        self.copies.iter().any(Option::is_some)
+    }
+
+    /// Fills stage `s` before the walk: the copied tiles at `origins` where `real` holds
+    /// (always without it; issued first, so they are on their way soonest), committed as a
+    /// group, then the registers' tiles at `clamped`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fill(
+        &self,
+        b: &mut Body,
+        s: usize,
+        (clamped, origins): (&Origins, &Origins),
+        real: Option<&str>,
+        zero: &str,
+        ty: &str,
+    ) {
+        let at = self.lens.map(|len| b.index(s * len));
+        let at = [at[0].as_str(), at[1].as_str()];
+        self.copy_where(b, origins, real, at);
+        let fetched = self.fetch(b, clamped, zero, ty);
+        self.deposit(b, &fetched, at, ty);
+    }
+
+    /// After the fills: without copies, the barrier that publishes them.
+    pub fn filled(&self, b: &mut Body) {
+        if !self.copying() {
+            b.line("gpu.barrier");
+        }
+    }
+
+    /// Opens step `t`: returns the offsets of tile t's stage in each array and of the stage
+    /// tile t + S − 1 goes to (the other one, with two), after waiting for this invocation's
+    /// copies of tile t, rounding them, and the barrier that publishes everyone's.
+    pub fn arrive(&self, b: &mut Body, t: &str) -> ([String; 2], [String; 2]) {
+        let sc = b.index(self.stages);
+        let cur = b.assign(format!("arith.remui {t}, {sc} : index"));
+        let lens = self.lens.map(|len| b.index(len));
+        let here = [0, 1].map(|i| b.assign(format!("arith.muli {cur}, {} : index", lens[i])));
+        let next = if self.stages == 2 {
+            [0, 1].map(|i| b.assign(format!("arith.subi {}, {} : index", lens[i], here[i])))
+        } else {
+            let ahead = b.index(self.stages - 1);
+            let nt = b.assign(format!("arith.addi {t}, {ahead} : index"));
+            let nxt = b.assign(format!("arith.remui {nt}, {sc} : index"));
+            [0, 1].map(|i| b.assign(format!("arith.muli {nxt}, {} : index", lens[i])))
+        };
+        if self.copying() {
+            if self.nvvm {
+                b.line(format!("nvvm.cp.async.wait.group {}", self.stages - 2));
+            }
+            self.round(b, [&here[0], &here[1]]);
+            b.line("gpu.barrier");
+        }
+        (here, next)
+    }
+
+    /// Sends tile t + S − 1 on its way into the stages at `next`: the registers' tiles read
+    /// at `clamped` (stored by [`Pipeline::close`]), the copied ones issued at `origins` where
+    /// `real` holds (always without it); commits the group.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ahead(
+        &self,
+        b: &mut Body,
+        (clamped, origins): (&Origins, &Origins),
+        real: Option<&str>,
+        next: &[String; 2],
+        zero: &str,
+        ty: &str,
+    ) -> [Option<Fetched>; 2] {
+        let fetched = self.fetch(b, clamped, zero, ty);
+        self.copy_where(b, origins, real, [&next[0], &next[1]]);
+        fetched
+    }
+
+    /// Closes a step: stores what [`Pipeline::ahead`] read into the stages at `next`, and
+    /// without copies the barrier.
+    pub fn close(&self, b: &mut Body, fetched: &[Option<Fetched>; 2], next: &[String; 2], ty: &str) {
+        self.deposit(b, fetched, [&next[0], &next[1]], ty);
+        self.filled(b);
+    }
+
+    /// After the walk: no copy may outlive the kernel (only those of tiles no one reads can
+    /// be pending).
+    pub fn drain(&self, b: &mut Body) {
+        if self.nvvm && self.copying() {
+            b.line("nvvm.cp.async.wait.group 0");
+        }
+    }
+
+    /// Copies the copied tiles at `origins` into the stages at `at` where `real` holds, and
+    /// commits the group.
+    fn copy_where(&self, b: &mut Body, origins: &Origins, real: Option<&str>, at: [&str; 2]) {
+        let Some(ops) = self.parts.filter(|_| self.copying()) else { return };
+        if let Some(real) = real {
+            b.open(format!("scf.if {real}"));
+        }
+        let each = self.tiles.iter().zip(self.copies).zip(self.mems).zip(&self.pointers).zip(origins).zip(at);
         for (((((tile, copy), mem), pointers), (row, col)), at) in each {
             if let (Some(tile), Some(run)) = (tile, copy) {
                 tile.copy(b, self.lin, (row, col), (mem, at), run, pointers.as_ref(), ops);
             }
         }
+        if real.is_some() {
+            b.close("");
+        }
+        if self.nvvm {
+            b.line("nvvm.cp.async.commit.group");
+        }
     }
 
-    /// Reads the other tiles at `origins` into registers.
-    pub fn fetch(&self, b: &mut Body, origins: &Origins, zero: &str, ty: &str) -> [Option<Fetched>; 2] {
+    /// Reads the registers' tiles at `origins`.
+    fn fetch(&self, b: &mut Body, origins: &Origins, zero: &str, ty: &str) -> [Option<Fetched>; 2] {
         let mut fetched = [None, None];
         for ((slot, (tile, copy)), (row, col)) in
             fetched.iter_mut().zip(self.tiles.iter().zip(self.copies)).zip(origins)
@@ -80,50 +220,23 @@ impl Pipeline<'_, '_> {
     }
 
     /// Stores what [`Pipeline::fetch`] read into the stages at `at`.
-    pub fn deposit(
-        &self,
-        b: &mut Body,
-        fetched: &[Option<Fetched>; 2],
-        at: [&str; 2],
-        ty: &str,
-        entering: Option<&Parts>,
-    ) {
+    fn deposit(&self, b: &mut Body, fetched: &[Option<Fetched>; 2], at: [&str; 2], ty: &str) {
         for (((tile, f), mem), at) in self.tiles.iter().zip(fetched).zip(self.mems).zip(at) {
             if let (Some(tile), Some(f)) = (tile, f) {
-                tile.deposit(b, f, mem, at, entering, ty);
+                tile.deposit(b, f, mem, at, self.parts, ty);
             }
         }
     }
 
-    /// Reads the other tiles at `origins` and stores them into the stages at `at` at once.
-    #[allow(clippy::too_many_arguments)]
-    pub fn stage(
-        &self,
-        b: &mut Body,
-        origins: &Origins,
-        at: [&str; 2],
-        zero: &str,
-        ty: &str,
-        entering: Option<&Parts>,
-    ) {
-        let fetched = self.fetch(b, origins, zero, ty);
-        self.deposit(b, &fetched, at, ty, entering);
-    }
-
     /// Rounds in place what this invocation copied into the stages at `at`, where the
     /// operands need it ([`Parts::copy_rounding`]).
-    pub fn round(&self, b: &mut Body, at: [&str; 2]) {
+    fn round(&self, b: &mut Body, at: [&str; 2]) {
         let Some(rounding) = self.parts.and_then(Parts::copy_rounding) else { return };
         for (((tile, copy), mem), at) in self.tiles.iter().zip(self.copies).zip(self.mems).zip(at) {
             if let (Some(tile), Some(run)) = (tile, copy) {
                 tile.round_copied(b, self.lin, (mem, at), run, rounding);
             }
         }
-    }
-
-    /// Whether any tile is copied.
-    pub fn copying(&self) -> bool {
-        self.copies.iter().any(Option::is_some)
     }
 }
 
