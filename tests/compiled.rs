@@ -263,6 +263,23 @@ const OP_CASES: &[(&str, &str, &str)] = &[
            Let("g", AddNorm(a: "x", b: "r", eps: 1e-5)),"#,
     ),
     (
+        // Rows held in registers whole (128 of 32 × 4), with a ragged last slot (100, 384 of
+        // 128 × 3), and rows read again on each pass (3000); integer sums over a row.
+        "rows",
+        r#"{ "x": (f32, [3, 100]), "r": (f32, [3, 100]), "y": (f32, [2, 384]), "s": (f32, [2, 128]), "z": (f32, [2, 3000]), "n": (i32, [3, 500]) }"#,
+        r#"Let("a", Softmax(x: "x", axis: 1)),
+           Let("b", LogSoftmax(x: "y", axis: 1)),
+           Let("c", Softmax(x: "s", axis: 1)),
+           Let("d", LayerNorm(x: "y", eps: 1e-5)),
+           Let("e", RmsNorm(x: "x", eps: 1e-6)),
+           Let("f", AddNorm(a: "x", b: "r", eps: 1e-5)),
+           Let("g", Softmax(x: "z", axis: 1)),
+           Let("h", LayerNorm(x: "z", eps: 1e-5)),
+           Let("i", Sum(x: "n", axes: [1])),
+           Let("j", ReduceMax(x: "z", axes: [1])),
+           Let("k", Mean(x: "y", axes: [1])),"#,
+    ),
+    (
         "matmul",
         r#"{ "a": (f32, [2, 7, 12]), "b": (f32, [12, 5]), "c": (f32, [2, 12, 5]), "v": (f32, [12]), "bt": (f32, [5, 12]) }"#,
         r#"Let("x", MatMul("a", "b")),
@@ -327,6 +344,45 @@ fn every_op_family_runs_on_vulkan_like_the_interpreter() {
 fn every_op_family_runs_on_cuda_like_the_interpreter() {
     if available(Device::Cuda, "op families") {
         op_families(Device::Cuda);
+    }
+}
+
+/// The row kernels' warp shuffles (CUDA's plans for softmax, norms and long reductions),
+/// checked on the Vulkan device: the same plans rendered for SPIR-V, each shuffle emulated
+/// through shared memory, so the lanes' and warps' bookkeeping around them runs here.
+#[test]
+fn row_warp_shuffles_hold_on_vulkan_with_emulated_shuffles() {
+    if !available(Device::Vulkan, "row warp shuffles") {
+        return;
+    }
+    let caps = kiln_codegen::gpu::GpuCaps { subgroup_size: Some(32), ..kiln_codegen::gpu::GpuCaps::vulkan() };
+    for (name, inputs, body) in
+        OP_CASES.iter().filter(|(n, _, _)| ["math", "reduce", "fused", "rows"].contains(n))
+    {
+        let g = optimized(&op_case(name, inputs, body));
+        let params = kiln_ir::bind_params(&g, None, 3, false).unwrap();
+        let inputs = kiln_ir::seeded_inputs(&g, 3);
+        let want =
+            kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
+        let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let built = kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, &caps, dir.path()).unwrap();
+        let shuffled = built
+            .program
+            .kernels
+            .iter()
+            .filter(|k| matches!(k.plan.work, kiln_codegen::gpu::Work::Rows { warp: Some(32), .. }))
+            .count();
+        assert!(shuffled > 0, "{name}: no row plan combines by warp shuffles");
+        let got = run_artifact(dir.path(), &inputs, name);
+        for ((out, w), gv) in want.iter().zip(&got) {
+            for (i, (a, b)) in w.to_f64_vec().iter().zip(gv).enumerate() {
+                assert!(
+                    (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+                    "{name} `{out}`[{i}]: interpreter {a}, emulated shuffles {b}"
+                );
+            }
+        }
     }
 }
 

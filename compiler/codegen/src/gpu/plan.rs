@@ -2,7 +2,7 @@
 //! kernel's sizes and the target's [`GpuCaps`]. A plan is a value; the emitters render it to
 //! MLIR, and `kiln inspect --stage gpu` prints it above each kernel.
 
-use super::GpuCaps;
+use super::{GpuCaps, GpuLowering};
 use crate::CodegenError;
 
 /// Workgroups and invocations of one dispatch.
@@ -32,9 +32,13 @@ pub enum Work {
     /// invocations write the same element, so no atomics and a fixed order).
     Columns { columns: usize, rows: usize, positions: usize, group: u32 },
     /// One workgroup per row of `len` elements: `group` invocations stride over the row and
-    /// combine their partial results through a tree in shared memory (softmax, norms, long
-    /// reductions).
-    Rows { rows: usize, len: usize, group: u32 },
+    /// combine their partial results (softmax, norms, long reductions). With `held` > 0 each
+    /// invocation reads its `held` elements of the row once and keeps them in registers for
+    /// every pass over it (the norms' and softmax's statistics, then the outputs); with 0 each
+    /// pass reads the row again. With a `warp` width the partial results combine by warp
+    /// shuffles, then once across the warps through shared memory; without, through a tree in
+    /// shared memory.
+    Rows { rows: usize, len: usize, group: u32, held: u32, warp: Option<u32> },
     /// A tiled product `[batch] × (m×k · k×n)`: each workgroup computes a `tile[0]×tile[1]`
     /// block of the result, stepping over k by `tile[2]` with both operand tiles in shared
     /// memory; each invocation accumulates a `thread[0]×thread[1]` block in registers, made of
@@ -212,6 +216,22 @@ fn group_size(want: usize, min: u32, caps: &GpuCaps) -> u32 {
     (want.max(1).next_power_of_two() as u32).clamp(min.min(cap), cap)
 }
 
+/// What a row plan's invocations combine, and how often they pass over the row.
+#[derive(Clone, Copy, Debug)]
+pub struct RowValue {
+    /// Bytes of one partial result in registers.
+    pub bytes: usize,
+    /// Whether partial results are 32-bit values a warp shuffle moves (f32, i32).
+    pub shuffled: bool,
+    /// Passes over the row (3 for a layer norm: mean, variance, outputs; 1 for a reduction).
+    pub passes: u32,
+}
+
+/// Elements of a row each invocation should hold in registers when a row plan holds them.
+const HELD_TARGET: usize = 4;
+/// The most elements of a row an invocation holds; longer rows are read again on each pass.
+const MAX_HELD: usize = 8;
+
 /// The most shared memory a CUDA kernel may declare statically; a kernel whose plan needs
 /// more takes all of it as dynamic shared memory, which the launch sizes (after the runtime
 /// opts the function in to it).
@@ -259,22 +279,38 @@ impl GpuPlan {
 
     /// One workgroup per row; `arrays` shared arrays of one `reg_bytes` value per invocation
     /// hold the tree reductions.
-    pub fn rows(
-        rows: usize,
-        len: usize,
-        reg_bytes: usize,
-        arrays: usize,
-        caps: &GpuCaps,
-    ) -> Result<GpuPlan, CodegenError> {
-        let mut group = group_size(len, 32, caps);
-        while group > 1 && (group as usize) * reg_bytes * arrays > caps.max_shared_bytes as usize {
+    pub fn rows(rows: usize, len: usize, value: RowValue, caps: &GpuCaps) -> Result<GpuPlan, CodegenError> {
+        // Rows a workgroup covers in a few elements per invocation are held in registers:
+        // enough invocations that each holds about `HELD_TARGET`, at most `MAX_HELD`.
+        let held_group = group_size(len.div_ceil(HELD_TARGET), 32, caps);
+        let holds = value.passes > 1 && len.div_ceil(held_group as usize) <= MAX_HELD;
+        let mut group = if holds { held_group } else { group_size(len, 32, caps) };
+        let warp = caps.subgroup_size.filter(|&w| value.shuffled && w > 1 && group % w == 0);
+        let bytes = |group: u32| -> usize {
+            let slots = match (warp, caps.lowering) {
+                // Only the warps' results meet in shared memory; none for a single warp.
+                (Some(w), GpuLowering::Nvvm(_)) if group == w => 0,
+                (Some(w), GpuLowering::Nvvm(_)) => group / w,
+                // Emulated shuffles exchange every invocation's value through shared memory.
+                (Some(_), GpuLowering::Spirv) | (None, _) => group,
+            };
+            slots as usize * value.bytes
+        };
+        while group > 1 && bytes(group) > caps.max_shared_bytes as usize && warp.is_none() {
             group /= 2;
         }
+        if bytes(group) > caps.max_shared_bytes as usize {
+            return Err(too_big(format!(
+                "a row reduction of {group} invocations on the {} target",
+                caps.name
+            )));
+        }
+        let held = if holds { len.div_ceil(group as usize) as u32 } else { 0 };
         let grid = fold(rows, caps)?;
         Ok(GpuPlan {
-            work: Work::Rows { rows, len, group },
+            work: Work::Rows { rows, len, group, held, warp },
             launch: Launch { grid, workgroup: [group, 1, 1] },
-            shared_bytes: (group as usize * reg_bytes * arrays) as u32,
+            shared_bytes: bytes(group) as u32,
             resident: 1,
         })
     }
@@ -367,10 +403,8 @@ impl GpuPlan {
             let [la, lb] = matmul_layouts(tile, Some(precision), false);
             let stage_bytes = (la.len + lb.len) * precision.shared_bytes();
             let scratch = match caps.lowering {
-                super::GpuLowering::Spirv => {
-                    (count * (shape[0] * shape[2] + shape[2] * shape[1])) as usize * 4
-                }
-                super::GpuLowering::Nvvm(_) => 0,
+                GpuLowering::Spirv => (count * (shape[0] * shape[2] + shape[2] * shape[1])) as usize * 4,
+                GpuLowering::Nvvm(_) => 0,
             };
             // Each lane holds 4 f32 accumulators per m16n8 product of its warp's block.
             let accumulators = (tile[0] * tile[1] / (32 * count)) as usize;
@@ -512,10 +546,10 @@ impl GpuPlan {
             }
             let scratch = match caps.lowering {
                 // The emulated products' operands, and the quads' partial row results.
-                super::GpuLowering::Spirv => {
+                GpuLowering::Spirv => {
                     (warps * (shape[0] * shape[2] + shape[2] * shape[1]) + 32 * warps * 2) as usize * 4
                 }
-                super::GpuLowering::Nvvm(_) => 0,
+                GpuLowering::Nvvm(_) => 0,
             };
             let bytes = (stages as usize * (layout.keys.len + layout.values.len) + layout.weights.len)
                 * precision.shared_bytes()
@@ -562,8 +596,17 @@ impl GpuPlan {
             Work::Columns { columns, rows, positions, group } => format!(
                 "columns: {columns} of {rows} rows, {positions} positions added in order, {group} per workgroup"
             ),
-            Work::Rows { rows, len, group } => {
-                format!("rows: {rows} of {len}, {group} invocations per row, shared-memory tree")
+            Work::Rows { rows, len, group, held, warp } => {
+                let held = match held {
+                    0 => String::new(),
+                    h => format!(", {h} held in registers each"),
+                };
+                let combine = match warp {
+                    Some(w) if w == group => "warp shuffles".to_string(),
+                    Some(w) => format!("warp shuffles, then {} warps through shared memory", group / w),
+                    None => "shared-memory tree".to_string(),
+                };
+                format!("rows: {rows} of {len}, {group} invocations per row{held}, {combine}")
             }
             Work::Matmul { batch, m, n, k, tile, thread, vector, stages } => format!(
                 "matmul: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory ({stages} stages), {}×{} per invocation in runs of {vector}",
@@ -740,11 +783,43 @@ mod tests {
     #[test]
     fn row_plans_fit_shared_memory_and_rows_get_a_power_of_two() {
         let caps = GpuCaps::vulkan();
-        let p = GpuPlan::rows(10, 768, 4, 2, &caps).unwrap();
+        let sum = RowValue { bytes: 4, shuffled: true, passes: 1 };
+        let p = GpuPlan::rows(10, 768, sum, &caps).unwrap();
         assert_eq!(p.launch.workgroup[0], 256);
-        assert_eq!(p.shared_bytes, 2048);
-        let small = GpuPlan::rows(10, 5, 4, 1, &caps).unwrap();
+        assert_eq!(p.shared_bytes, 1024);
+        let small = GpuPlan::rows(10, 5, sum, &caps).unwrap();
         assert_eq!(small.launch.workgroup[0], 32);
+    }
+
+    /// Rows a norm or softmax passes over several times are held in registers, about 4
+    /// elements per invocation; on CUDA their statistics combine by warp shuffles, with shared
+    /// memory only for one value per warp (none for a single warp). Longer rows are read again
+    /// on each pass; f64 values take the tree.
+    #[test]
+    fn rows_are_held_in_registers_and_combined_by_warp_shuffles() {
+        let cuda = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90").unwrap());
+        let norm = RowValue { bytes: 4, shuffled: true, passes: 3 };
+        let rows = |len, value, caps: &GpuCaps| {
+            let p = GpuPlan::rows(8, len, value, caps).unwrap();
+            let Work::Rows { group, held, warp, .. } = p.work else { panic!("{:?}", p.work) };
+            (group, held, warp, p.shared_bytes)
+        };
+        assert_eq!(rows(384, norm, &cuda), (128, 3, Some(32), 16));
+        assert_eq!(rows(100, norm, &cuda), (32, 4, Some(32), 0));
+        assert_eq!(rows(2048, norm, &cuda), (256, 8, Some(32), 32));
+        assert_eq!(rows(5000, norm, &cuda), (256, 0, Some(32), 32));
+        assert_eq!(rows(5000, RowValue { passes: 1, ..norm }, &cuda), (256, 0, Some(32), 32));
+        let f64_norm = RowValue { bytes: 8, shuffled: false, passes: 3 };
+        assert_eq!(rows(384, f64_norm, &cuda), (128, 3, None, 1024));
+        let vulkan = GpuCaps::vulkan();
+        assert_eq!(rows(384, norm, &vulkan), (128, 3, None, 512));
+        // Emulated shuffles (a Vulkan plan with a fixed warp width) exchange through a value
+        // per invocation.
+        let emulated = GpuCaps { subgroup_size: Some(32), ..vulkan };
+        assert_eq!(rows(384, norm, &emulated), (128, 3, Some(32), 512));
+        assert!(GpuPlan::rows(8, 384, norm, &cuda).unwrap().describe().contains(
+            "rows: 8 of 384, 128 invocations per row, 3 held in registers each, warp shuffles, then 4 warps through shared memory"
+        ));
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Row kernels: softmax, log-softmax, layer and RMS norm, add + norm, and reductions with few
-//! outputs over many elements. One workgroup per row;
-//! its invocations stride over the row, and each statistic (max, sum, mean, variance) is a
-//! [`tree`] over their partial results in shared memory. The arithmetic follows the
+//! outputs over many elements. One workgroup per row. Where the plan holds the row, each
+//! invocation reads its few elements once into registers and every pass works on them;
+//! otherwise its invocations stride over the row on each pass. Each statistic (max, sum,
+//! mean, variance) combines their partial results ([`GroupCombine`]: warp shuffles where the
+//! target has them, a tree in shared memory elsewhere). The arithmetic follows the
 //! interpreter's order (`interp/fused.rs`): x − max, then exp; mean, then the centered
 //! squares; division by √(var + eps).
 
-use super::plan::{GpuPlan, Work};
-use super::skeleton::{module, offset_at, shared, step, tree, unravel, workgroup_number, Combine};
+use super::plan::{GpuPlan, RowValue, Work};
+use super::skeleton::{clamp, module, offset_at, step, unravel, workgroup_number, Combine, GroupCombine};
 use super::{GpuCtx, GpuKernel};
 use crate::dynamic::RunLead;
 use crate::kernels::elementwise::{constant, load, reg_type, store};
@@ -16,8 +18,8 @@ use crate::CodegenError;
 use kiln_ir::{DType, NormKind, ReduceOp};
 
 /// What every row kernel starts with: its plan, the workgroup's row (under an `scf.if` that
-/// skips rows past the end; close with `b.close("")`), the invocation number, the group size
-/// and the shared array for the trees.
+/// skips rows past the end; close with `b.close("")`), the invocation number, the group size,
+/// the elements each invocation holds (0: none) and how the invocations combine.
 struct Row {
     plan: GpuPlan,
     /// The grid at the run's rows, in row form.
@@ -25,24 +27,94 @@ struct Row {
     row: String,
     tid: String,
     group: u32,
-    sh: String,
+    held: usize,
+    combine: GroupCombine,
 }
 
-fn open_row(b: &mut Body, rows: usize, len: usize, ty: &str, cx: &GpuCtx) -> Result<Row, CodegenError> {
-    let bytes = if ty == "f64" { 8 } else { 4 };
-    let plan = GpuPlan::rows(rows, len, bytes, 1, cx.caps)?;
-    let Work::Rows { group, .. } = plan.work else {
+/// Element `j` of the row that one held register stands for, and whether it lies in the row
+/// (`None`: always; only the last slot can run past the end).
+struct Slot {
+    j: String,
+    valid: Option<String>,
+}
+
+fn open_row(
+    b: &mut Body,
+    rows: usize,
+    len: usize,
+    ty: &str,
+    passes: u32,
+    cx: &GpuCtx,
+) -> Result<Row, CodegenError> {
+    let bytes = if matches!(ty, "f64" | "i64") { 8 } else { 4 };
+    let value = RowValue { bytes, shuffled: matches!(ty, "f32" | "i32"), passes };
+    let plan = GpuPlan::rows(rows, len, value, cx.caps)?;
+    let Work::Rows { group, held, warp, .. } = plan.work else {
         return Err(CodegenError::Unsupported("a row plan that is not one".into()));
     };
-    let sh = shared(b, group as usize, ty);
     let row = workgroup_number(b, &plan);
     let tid = b.assign("gpu.thread_id x");
+    let combine = GroupCombine::new(b, group, &tid, ty, warp);
     // The condition is the same for the whole workgroup, so barriers inside stay uniform.
     let n = cx.count_value(b, rows)?;
     let ok = b.assign(format!("arith.cmpi ult, {row}, {n} : index"));
     b.open(format!("scf.if {ok}"));
     let run_grid = cx.run_grid(&plan, rows, 1)?;
-    Ok(Row { plan, run_grid, row, tid, group, sh })
+    Ok(Row { plan, run_grid, row, tid, group, held: held as usize, combine })
+}
+
+impl Row {
+    /// The held slots of a row of `len`: element `tid + i·group` for slot `i`.
+    fn slots(&self, b: &mut Body, len: usize) -> Vec<Slot> {
+        let group = self.group as usize;
+        (0..self.held)
+            .map(|i| {
+                let j = match i {
+                    0 => self.tid.clone(),
+                    _ => {
+                        let o = b.index(i * group);
+                        b.assign(format!("arith.addi {}, {o} : index", self.tid))
+                    }
+                };
+                let valid = ((i + 1) * group > len).then(|| {
+                    let n = b.index(len);
+                    b.assign(format!("arith.cmpi ult, {j}, {n} : index"))
+                });
+                Slot { j, valid }
+            })
+            .collect()
+    }
+}
+
+impl Slot {
+    /// An index to read the slot's element at: `j`, clamped into the row where it may run
+    /// past it (the value read there is selected away).
+    fn read_at(&self, b: &mut Body, len: usize) -> String {
+        match self.valid {
+            None => self.j.clone(),
+            Some(_) => clamp(b, &self.j, len),
+        }
+    }
+
+    /// `x` where the slot lies in the row, `otherwise` past its end.
+    fn or(&self, b: &mut Body, x: &str, otherwise: &str, ty: &str) -> String {
+        match &self.valid {
+            None => x.to_string(),
+            Some(ok) => b.select(ok, x, otherwise, ty),
+        }
+    }
+
+    /// Opens an `scf.if` on the slot lying in the row where it may not; returns whether it
+    /// opened one (close with `b.close("")`).
+    fn open_valid(&self, b: &mut Body) -> bool {
+        match &self.valid {
+            None => false,
+            Some(ok) => {
+                b.open(format!("scf.if {ok}"));
+                true
+            }
+        }
+    }
 }
 
 /// Opens `scf.for j = tid to len step group` carrying an accumulator that starts at `init`;
@@ -53,6 +125,43 @@ fn open_strided(b: &mut Body, r: &Row, len: usize, init: &str, ty: &str) -> (Str
     let (res, j, acc) = (b.fresh("sum"), b.fresh("j"), b.fresh("part"));
     b.open(format!("{res} = scf.for {j} = {} to {n} step {g} iter_args({acc} = {init}) -> ({ty})", r.tid));
     (res, j, acc)
+}
+
+/// Opens `scf.for j = tid to len step group` (close with `b.close("")`); returns `j`.
+fn open_each(b: &mut Body, r: &Row, len: usize) -> String {
+    let n = b.index(len);
+    let g = b.index(r.group as usize);
+    let j = b.fresh("j");
+    b.open(format!("scf.for {j} = {} to {n} step {g}", r.tid));
+    j
+}
+
+/// `init ⊕ f(x₀) ⊕ f(x₁) …` over the invocation's elements of the row, in order: from the held
+/// `values` (those past the row's end left out), or read by `read(j)` in a strided loop.
+fn partial(
+    b: &mut Body,
+    r: &Row,
+    (len, slots, values): (usize, &[Slot], &[String]),
+    (init, ty, op): (&str, &str, Combine),
+    read: &dyn Fn(&mut Body, &str) -> String,
+    f: &dyn Fn(&mut Body, &str) -> String,
+) -> String {
+    if r.held > 0 {
+        let mut acc = init.to_string();
+        for (slot, x) in slots.iter().zip(values) {
+            let y = f(b, x);
+            let next = op.apply(b, &acc, &y, ty);
+            acc = slot.or(b, &next, &acc, ty);
+        }
+        return acc;
+    }
+    let (res, j, acc) = open_strided(b, r, len, init, ty);
+    let x = read(b, &j);
+    let y = f(b, &x);
+    let next = op.apply(b, &acc, &y, ty);
+    b.line(format!("scf.yield {next} : {ty}"));
+    b.close("");
+    res
 }
 
 /// `softmax` (or `log_softmax`) of `x` along `axis` into `out`. Arguments: x, out.
@@ -70,51 +179,73 @@ pub fn emit_softmax(
     let outer: Vec<usize> = (0..x.rank()).filter(|&k| k != axis).collect();
     let outer_shape: Vec<usize> = outer.iter().map(|&k| x.shape[k]).collect();
     let mut b = cx.body();
-    let r = open_row(&mut b, rows, len, ty, cx)?;
+    let r = open_row(&mut b, rows, len, ty, 3, cx)?;
     let oidx = unravel(&mut b, &r.row, &outer_shape);
     let parts = |v: &View| -> Vec<(Option<&String>, usize)> {
         outer.iter().zip(&oidx).map(|(&k, i)| (Some(i), v.strides[k])).collect()
     };
     let xbase = offset_at(&mut b, x.offset, &parts(x));
     let obase = offset_at(&mut b, out.offset, &parts(out));
-
+    let read = |b: &mut Body, j: &str| -> String {
+        let at = step(b, &xbase, j, x.strides[axis]);
+        load(b, "%a0", x, &at)
+    };
+    let slots = r.slots(&mut b, len);
+    let held: Vec<String> = slots
+        .iter()
+        .map(|s| {
+            let j = s.read_at(&mut b, len);
+            read(&mut b, &j)
+        })
+        .collect();
     let neg_inf = b.float(f64::NEG_INFINITY, ty);
-    let (m, j, acc) = open_strided(&mut b, &r, len, &neg_inf, ty);
-    let at = step(&mut b, &xbase, &j, x.strides[axis]);
-    let v = load(&mut b, "%a0", x, &at);
-    let mx = b.fmax(&acc, &v, ty);
-    b.line(format!("scf.yield {mx} : {ty}"));
-    b.close("");
-    let max = tree(&mut b, &r.sh, r.group, &r.tid, &m, ty, Combine::Max);
+    let m = partial(&mut b, &r, (len, &slots, &held), (&neg_inf, ty, Combine::Max), &read, &|_, x| x.into());
+    let max = r.combine.all(&mut b, &m, Combine::Max);
 
     let zero = b.float(0.0, ty);
-    let (s, j, acc) = open_strided(&mut b, &r, len, &zero, ty);
-    let at = step(&mut b, &xbase, &j, x.strides[axis]);
-    let v = load(&mut b, "%a0", x, &at);
-    let d = b.fsub(&v, &max, ty);
-    let e = b.exp(&d, ty);
-    let sum = b.fadd(&acc, &e, ty);
-    b.line(format!("scf.yield {sum} : {ty}"));
-    b.close("");
-    let total = tree(&mut b, &r.sh, r.group, &r.tid, &s, ty, Combine::Add);
-    let denom = if log { b.log(&total, ty) } else { total };
-
-    let n = b.index(len);
-    let g = b.index(r.group as usize);
-    let j = b.fresh("j");
-    b.open(format!("scf.for {j} = {} to {n} step {g}", r.tid));
-    let at = step(&mut b, &xbase, &j, x.strides[axis]);
-    let v = load(&mut b, "%a0", x, &at);
-    let d = b.fsub(&v, &max, ty);
-    let y = if log {
-        b.fsub(&d, &denom, ty)
-    } else {
-        let e = b.exp(&d, ty);
-        b.fdiv(&e, &denom, ty)
+    let exp_less_max = |b: &mut Body, v: &str| -> String {
+        let d = b.fsub(v, &max, ty);
+        b.exp(&d, ty)
     };
-    let at = step(&mut b, &obase, &j, out.strides[axis]);
-    store(&mut b, &y, "%a1", out, &at);
-    b.close("");
+    // Held rows keep their exponentials for the outputs.
+    let exps: Vec<String> = held.iter().map(|v| exp_less_max(&mut b, v)).collect();
+    let s = partial(&mut b, &r, (len, &slots, &exps), (&zero, ty, Combine::Add), &read, &|b, x| {
+        if r.held > 0 {
+            x.into()
+        } else {
+            exp_less_max(b, x)
+        }
+    });
+    let total = r.combine.all(&mut b, &s, Combine::Add);
+    let denom = if log { b.log(&total, ty) } else { total };
+    let output = |b: &mut Body, j: &str, v: &str, e: Option<&str>| {
+        let y = if log {
+            let d = b.fsub(v, &max, ty);
+            b.fsub(&d, &denom, ty)
+        } else {
+            let e = match e {
+                Some(e) => e.to_string(),
+                None => exp_less_max(b, v),
+            };
+            b.fdiv(&e, &denom, ty)
+        };
+        let at = step(b, &obase, j, out.strides[axis]);
+        store(b, &y, "%a1", out, &at);
+    };
+    if r.held > 0 {
+        for ((slot, v), e) in slots.iter().zip(&held).zip(&exps) {
+            let opened = slot.open_valid(&mut b);
+            output(&mut b, &slot.j, v, Some(e));
+            if opened {
+                b.close("");
+            }
+        }
+    } else {
+        let j = open_each(&mut b, &r, len);
+        let v = read(&mut b, &j);
+        output(&mut b, &j, &v, None);
+        b.close("");
+    }
     b.close("");
     let flops = (x.numel() * 5) as u64;
     let bytes = ((x.numel() * 3 + out.numel()) * out.dtype.size_bytes()) as u64;
@@ -200,7 +331,11 @@ fn norm(
     });
     let out_arg = format!("%a{}", views.len());
     let mut b = cx.body();
-    let r = open_row(&mut b, rows, len, ty, cx)?;
+    let passes = match kind {
+        NormKind::Layer => 3,
+        NormKind::Rms => 2,
+    };
+    let r = open_row(&mut b, rows, len, ty, passes, cx)?;
     // Where each operand's row starts: from the static strides, or the run's.
     let starts: Vec<String> = match run_lead {
         None => {
@@ -235,38 +370,37 @@ fn norm(
             _ => x,
         }
     };
+    let slots = r.slots(&mut b, len);
+    let held: Vec<String> = slots
+        .iter()
+        .map(|s| {
+            let j = s.read_at(&mut b, len);
+            x_at(&mut b, &j)
+        })
+        .collect();
+    let row = (len, slots.as_slice(), held.as_slice());
     let zero = b.float(0.0, ty);
     let nf = b.float(len as f64, ty);
     let (center, scale) = match kind {
         NormKind::Layer => {
-            let (s, j, acc) = open_strided(&mut b, &r, len, &zero, ty);
-            let x = x_at(&mut b, &j);
-            let t = b.fadd(&acc, &x, ty);
-            b.line(format!("scf.yield {t} : {ty}"));
-            b.close("");
-            let total = tree(&mut b, &r.sh, r.group, &r.tid, &s, ty, Combine::Add);
+            let s = partial(&mut b, &r, row, (&zero, ty, Combine::Add), &x_at, &|_, x| x.into());
+            let total = r.combine.all(&mut b, &s, Combine::Add);
             let mean = b.fdiv(&total, &nf, ty);
-            let (s, j, acc) = open_strided(&mut b, &r, len, &zero, ty);
-            let x = x_at(&mut b, &j);
-            let c = b.fsub(&x, &mean, ty);
-            let sq = b.fmul(&c, &c, ty);
-            let t = b.fadd(&acc, &sq, ty);
-            b.line(format!("scf.yield {t} : {ty}"));
-            b.close("");
-            let total = tree(&mut b, &r.sh, r.group, &r.tid, &s, ty, Combine::Add);
+            let square = |b: &mut Body, x: &str| -> String {
+                let c = b.fsub(x, &mean, ty);
+                b.fmul(&c, &c, ty)
+            };
+            let s = partial(&mut b, &r, row, (&zero, ty, Combine::Add), &x_at, &square);
+            let total = r.combine.all(&mut b, &s, Combine::Add);
             let var = b.fdiv(&total, &nf, ty);
             let e = b.float(eps, ty);
             let ve = b.fadd(&var, &e, ty);
             (Some(mean), b.sqrt(&ve, ty))
         }
         NormKind::Rms => {
-            let (s, j, acc) = open_strided(&mut b, &r, len, &zero, ty);
-            let x = x_at(&mut b, &j);
-            let sq = b.fmul(&x, &x, ty);
-            let t = b.fadd(&acc, &sq, ty);
-            b.line(format!("scf.yield {t} : {ty}"));
-            b.close("");
-            let total = tree(&mut b, &r.sh, r.group, &r.tid, &s, ty, Combine::Add);
+            let square = |b: &mut Body, x: &str| -> String { b.fmul(x, x, ty) };
+            let s = partial(&mut b, &r, row, (&zero, ty, Combine::Add), &x_at, &square);
+            let total = r.combine.all(&mut b, &s, Combine::Add);
             let ms = b.fdiv(&total, &nf, ty);
             let e = b.float(eps, ty);
             let me = b.fadd(&ms, &e, ty);
@@ -275,33 +409,43 @@ fn norm(
             (None, b.fdiv(&one, &root, ty))
         }
     };
-    let n = b.index(len);
-    let g = b.index(r.group as usize);
-    let j = b.fresh("j");
-    b.open(format!("scf.for {j} = {} to {n} step {g}", r.tid));
-    let x = x_at(&mut b, &j);
-    let mut y = match &center {
-        Some(mean) => {
-            let c = b.fsub(&x, mean, ty);
-            b.fdiv(&c, &scale, ty)
+    let output = |b: &mut Body, j: &str, x: &str| {
+        let mut y = match &center {
+            Some(mean) => {
+                let c = b.fsub(x, mean, ty);
+                b.fdiv(&c, &scale, ty)
+            }
+            None => b.fmul(x, &scale, ty),
+        };
+        if let (Some(gv), Some(arg)) = (gamma, &g_arg) {
+            let off = b.index(gv.offset);
+            let at = step(b, &off, j, gv.strides[0]);
+            let w = load(b, arg, gv, &at);
+            y = b.fmul(&y, &w, ty);
         }
-        None => b.fmul(&x, &scale, ty),
+        if let (Some(bv), Some(arg)) = (beta, &be_arg) {
+            let off = b.index(bv.offset);
+            let at = step(b, &off, j, bv.strides[0]);
+            let w = load(b, arg, bv, &at);
+            y = b.fadd(&y, &w, ty);
+        }
+        let at = step(b, &o_base, j, last(out));
+        store(b, &y, &out_arg, out, &at);
     };
-    if let (Some(gv), Some(arg)) = (gamma, &g_arg) {
-        let off = b.index(gv.offset);
-        let at = step(&mut b, &off, &j, gv.strides[0]);
-        let w = load(&mut b, arg, gv, &at);
-        y = b.fmul(&y, &w, ty);
+    if r.held > 0 {
+        for (slot, x) in slots.iter().zip(&held) {
+            let opened = slot.open_valid(&mut b);
+            output(&mut b, &slot.j, x);
+            if opened {
+                b.close("");
+            }
+        }
+    } else {
+        let j = open_each(&mut b, &r, len);
+        let x = x_at(&mut b, &j);
+        output(&mut b, &j, &x);
+        b.close("");
     }
-    if let (Some(bv), Some(arg)) = (beta, &be_arg) {
-        let off = b.index(bv.offset);
-        let at = step(&mut b, &off, &j, bv.strides[0]);
-        let w = load(&mut b, arg, bv, &at);
-        y = b.fadd(&y, &w, ty);
-    }
-    let at = step(&mut b, &o_base, &j, last(out));
-    store(&mut b, &y, &out_arg, out, &at);
-    b.close("");
     b.close("");
     let mut memrefs: Vec<String> = views.iter().map(|v| v.memref()).collect();
     memrefs.push(out.memref());
@@ -342,7 +486,7 @@ pub fn emit_reduce(
     let outputs: usize = kept_shape.iter().product();
     let count: usize = red_shape.iter().product();
     let mut b = cx.body();
-    let r = open_row(&mut b, outputs, count, ty, cx)?;
+    let r = open_row(&mut b, outputs, count, ty, 1, cx)?;
     let kidx = unravel(&mut b, &r.row, &kept_shape);
     let parts: Vec<(Option<&String>, usize)> =
         kept.iter().zip(&kidx).map(|(&a, i)| (Some(i), x.strides[a])).collect();
@@ -368,7 +512,7 @@ pub fn emit_reduce(
     let next = combine.apply(&mut b, &acc, &v, ty);
     b.line(format!("scf.yield {next} : {ty}"));
     b.close("");
-    let mut total = tree(&mut b, &r.sh, r.group, &r.tid, &s, ty, combine);
+    let mut total = r.combine.all(&mut b, &s, combine);
     if op == ReduceOp::Mean {
         let n = b.float(count as f64, ty);
         total = b.fdiv(&total, &n, ty);

@@ -1,5 +1,6 @@
 //! The text every GPU kernel shares: the `gpu.module`/`gpu.func` around a body, workgroup and
-//! invocation numbers, shared and private arrays, and a workgroup reduction tree.
+//! invocation numbers, shared and private arrays, and how a workgroup combines its invocations'
+//! partial results.
 
 use super::plan::GpuPlan;
 use super::GpuFlavor;
@@ -219,39 +220,136 @@ impl Combine {
     }
 }
 
-/// Combines `value` of every invocation `tid < group` of the workgroup through the shared
-/// array `sh` (`group` values of `ty`, `group` a power of two) and returns the result to all
-/// of them. Barriers stay in uniform control flow; the last one lets `sh` be reused at once.
-pub(crate) fn tree(
-    b: &mut Body,
-    sh: &str,
+/// How the invocations of a workgroup combine one partial result each into a result every
+/// one of them gets: a tree in shared memory, or warp shuffles and then one step across the
+/// warps through shared memory (as the plan's `warp` says). Barriers stay in uniform control
+/// flow; the last one lets the shared array be reused at once.
+pub(crate) struct GroupCombine {
     group: u32,
-    tid: &str,
-    value: &str,
-    ty: &str,
-    op: Combine,
-) -> String {
-    let sty = shared_type(b, group as usize, ty);
-    b.line(format!("memref.store {value}, {sh}[{tid}] : {sty}"));
-    b.line("gpu.barrier");
-    let mut stride = group / 2;
-    while stride >= 1 {
-        let s = b.index(stride as usize);
-        let low = b.assign(format!("arith.cmpi ult, {tid}, {s} : index"));
-        b.open(format!("scf.if {low}"));
-        let other = b.assign(format!("arith.addi {tid}, {s} : index"));
-        let x = b.assign(format!("memref.load {sh}[{tid}] : {sty}"));
-        let y = b.assign(format!("memref.load {sh}[{other}] : {sty}"));
-        let z = op.apply(b, &x, &y, ty);
-        b.line(format!("memref.store {z}, {sh}[{tid}] : {sty}"));
+    tid: String,
+    ty: String,
+    /// The shared array and its type; none where a single warp combines by shuffles alone.
+    sh: Option<(String, String)>,
+    warps: Option<Warps>,
+}
+
+/// Invocation `tid`'s place among warps of `width` lanes.
+struct Warps {
+    width: u32,
+    lane: String,
+    warp: String,
+    /// SPIR-V, where no warp width is fixed: each shuffle is emulated through the shared
+    /// array (every lane stores, then reads its partner's), in the same order, so the
+    /// bookkeeping around the shuffles runs on any Vulkan device.
+    emulated: bool,
+}
+
+impl GroupCombine {
+    /// For `group` invocations numbered `tid` combining values of `ty` (f32 or i32 where `warp`
+    /// is given), with the shared memory the plan counted.
+    pub(crate) fn new(b: &mut Body, group: u32, tid: &str, ty: &str, warp: Option<u32>) -> GroupCombine {
+        let emulated = flavor(b) != GpuFlavor::Nvvm;
+        let slots = match warp {
+            Some(w) if !emulated && w == group => 0,
+            Some(w) if !emulated => (group / w) as usize,
+            Some(_) | None => group as usize,
+        };
+        let sh = (slots > 0).then(|| (shared(b, slots, ty), shared_type(b, slots, ty)));
+        let warps = warp.map(|w| {
+            let width = b.index(w as usize);
+            let lane = b.assign(format!("arith.remui {tid}, {width} : index"));
+            let warp = b.assign(format!("arith.divui {tid}, {width} : index"));
+            Warps { width: w, lane, warp, emulated }
+        });
+        GroupCombine { group, tid: tid.to_string(), ty: ty.to_string(), sh, warps }
+    }
+
+    /// `value` of every invocation combined by `op`, in every invocation.
+    pub(crate) fn all(&self, b: &mut Body, value: &str, op: Combine) -> String {
+        match &self.warps {
+            None => self.tree(b, value, op),
+            Some(w) => self.shuffled(b, w, value, op),
+        }
+    }
+
+    /// The shared array; every plan but a lone warp's on NVVM has one.
+    fn shared(&self) -> (&str, &str) {
+        let (sh, st) = self.sh.as_ref().expect("a group combined through shared memory has its array");
+        (sh, st)
+    }
+
+    fn tree(&self, b: &mut Body, value: &str, op: Combine) -> String {
+        let (sh, sty) = self.shared();
+        let (ty, tid) = (&self.ty, &self.tid);
+        b.line(format!("memref.store {value}, {sh}[{tid}] : {sty}"));
+        b.line("gpu.barrier");
+        let mut stride = self.group / 2;
+        while stride >= 1 {
+            let s = b.index(stride as usize);
+            let low = b.assign(format!("arith.cmpi ult, {tid}, {s} : index"));
+            b.open(format!("scf.if {low}"));
+            let other = b.assign(format!("arith.addi {tid}, {s} : index"));
+            let x = b.assign(format!("memref.load {sh}[{tid}] : {sty}"));
+            let y = b.assign(format!("memref.load {sh}[{other}] : {sty}"));
+            let z = op.apply(b, &x, &y, ty);
+            b.line(format!("memref.store {z}, {sh}[{tid}] : {sty}"));
+            b.close("");
+            b.line("gpu.barrier");
+            stride /= 2;
+        }
+        let zero = b.index(0);
+        let r = b.assign(format!("memref.load {sh}[{zero}] : {sty}"));
+        b.line("gpu.barrier");
+        r
+    }
+
+    /// Butterfly shuffles within each warp (every lane ends with its warp's result, the same
+    /// in each lane since each step's operation is commutative), then each warp's lane 0
+    /// stores it and every invocation combines the warps' results in warp order.
+    fn shuffled(&self, b: &mut Body, w: &Warps, value: &str, op: Combine) -> String {
+        let ty = &self.ty;
+        let mut x = value.to_string();
+        let mut offset = w.width / 2;
+        while offset >= 1 {
+            let y = if w.emulated {
+                let (sh, sty) = self.shared();
+                let tid = &self.tid;
+                b.line(format!("memref.store {x}, {sh}[{tid}] : {sty}"));
+                b.line("gpu.barrier");
+                let off = b.index(offset as usize);
+                let partner = b.assign(format!("arith.xori {tid}, {off} : index"));
+                let y = b.assign(format!("memref.load {sh}[{partner}] : {sty}"));
+                b.line("gpu.barrier");
+                y
+            } else {
+                let all = b.int(-1, "i32");
+                let clamp = b.int(w.width as i64 - 1, "i32");
+                let off = b.int(offset as i64, "i32");
+                b.assign(format!("nvvm.shfl.sync bfly {all}, {x}, {off}, {clamp} : {ty} -> {ty}"))
+            };
+            x = op.apply(b, &x, &y, ty);
+            offset /= 2;
+        }
+        let warps = self.group / w.width;
+        if warps == 1 {
+            return x;
+        }
+        let (sh, sty) = self.shared();
+        let zero = b.index(0);
+        let first = b.assign(format!("arith.cmpi eq, {}, {zero} : index", w.lane));
+        b.open(format!("scf.if {first}"));
+        b.line(format!("memref.store {x}, {sh}[{}] : {sty}", w.warp));
         b.close("");
         b.line("gpu.barrier");
-        stride /= 2;
+        let mut acc = b.assign(format!("memref.load {sh}[{zero}] : {sty}"));
+        for k in 1..warps {
+            let at = b.index(k as usize);
+            let y = b.assign(format!("memref.load {sh}[{at}] : {sty}"));
+            acc = op.apply(b, &acc, &y, ty);
+        }
+        b.line("gpu.barrier");
+        acc
     }
-    let zero = b.index(0);
-    let r = b.assign(format!("memref.load {sh}[{zero}] : {sty}"));
-    b.line("gpu.barrier");
-    r
 }
 
 /// `offset + Σ idx[k]·strides[k]` over the axes given (`None` entries are skipped), for a view's
