@@ -85,9 +85,11 @@ TRAIN=(
 )
 # name | spec | overrides: the benchmarks (weights are synthesized on the GPU machine); a
 # `_tf32` name compiles with --precision tf32, an `_f16` or `_bf16` one has its f32 tensors in
-# that dtype.
+# that dtype, a `_registers` one compiles with --no-async-copies (the same workload's tiles
+# through registers, beside the cp.async pipelines).
 BENCH=(
     "matmul|bench/cuda/matmul.ron|"
+    "matmul_registers|bench/cuda/matmul.ron|"
     "matmul_tf32|bench/cuda/matmul.ron|"
     "attention|bench/cuda/attention.ron|"
     "attention_tf32|bench/cuda/attention.ron|"
@@ -100,16 +102,19 @@ BENCH=(
     "minilm_b1|models/bert_encoder.ron|--set batch=1"
     "minilm_b8|models/bert_encoder.ron|--set batch=8"
     "minilm_b64|models/bert_encoder.ron|--set batch=64"
+    "minilm_b64_registers|models/bert_encoder.ron|--set batch=64"
     "minilm_b64_tf32|models/bert_encoder.ron|--set batch=64"
     "minilm_b64_tf32x3|models/bert_encoder.ron|--set batch=64"
 )
 
-# `--precision tf32` (or `tf32x3`) for a name ending in _tf32 (or _tf32x3; CUDA packs only).
-precision_of() {
+# `--precision tf32` (or `tf32x3`) for a name ending in _tf32 (or _tf32x3), `--no-async-copies`
+# for one ending in _registers (CUDA packs only).
+flags_of() {
     if [[ "$PACK_TARGET" != cuda* ]]; then return; fi
     case "$1" in
         *_tf32) echo "--precision tf32" ;;
         *_tf32x3) echo "--precision tf32x3" ;;
+        *_registers) echo "--no-async-copies" ;;
     esac
 }
 
@@ -221,7 +226,7 @@ EOF
         spec="$(spec_for "$name" "$spec" "$scratch")"
         say "benchmark: $name ($spec $set)"
         # shellcheck disable=SC2086
-        "$kiln" compile "$spec" $set $(precision_of "$name") --seed 0 --target "$PACK_TARGET" -o "$art" >&2
+        "$kiln" compile "$spec" $set $(flags_of "$name") --seed 0 --target "$PACK_TARGET" -o "$art" >&2
         # Keep only the weights file's header: the GPU machine synthesizes the values.
         python3 - "$art/weights.safetensors" "$art/weights.header" <<'EOF'
 import struct, sys

@@ -100,6 +100,10 @@ enum Command {
         /// products each; close to f32 accuracy).
         #[arg(long, value_name = "f32|tf32|tf32x3")]
         precision: Option<String>,
+        /// CUDA: copy every operand tile through registers, one tile ahead, instead of
+        /// `cp.async` pipelines of up to 4 stages (for comparing the two on a GPU).
+        #[arg(long)]
+        no_async_copies: bool,
         /// Print each GPU kernel's plan (tiles, tensor cores or not, launch) and why.
         #[arg(long)]
         explain: bool,
@@ -238,6 +242,7 @@ fn main() -> ExitCode {
             output,
             target,
             precision,
+            no_async_copies,
             explain,
             train,
             weights,
@@ -249,6 +254,7 @@ fn main() -> ExitCode {
             output,
             target,
             precision,
+            no_async_copies,
             explain,
             train,
             weights,

@@ -19,6 +19,8 @@ pub struct CompileArgs {
     pub output: PathBuf,
     pub target: String,
     pub precision: Option<String>,
+    /// CUDA: operand tiles through registers only, no `cp.async` pipelines.
+    pub no_async_copies: bool,
     pub explain: bool,
     /// Build the two entry points `forward` and `train_step` over persistent state.
     pub train: bool,
@@ -371,6 +373,15 @@ pub(crate) fn build_in_place(
 
 pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
     let target = with_precision(target_by_name(&a.target)?, a.precision.as_deref())?;
+    let target = match (a.no_async_copies, target) {
+        (false, t) => t,
+        (true, CompileTarget::Cuda(caps)) => CompileTarget::Cuda(GpuCaps { async_copies: false, ..caps }),
+        (true, CompileTarget::Cpu(_) | CompileTarget::Vulkan(_)) => {
+            return Err(Failure::Usage(
+                "--no-async-copies turns off CUDA's cp.async pipelines: it needs --target cuda[:ARCH]".into(),
+            ))
+        }
+    };
     let start = Instant::now();
     let (entries, params) = if a.train {
         prepare_train(&a.model, &a.set, a.weights.as_deref(), a.seed, a.init_missing)?

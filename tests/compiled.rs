@@ -1056,6 +1056,53 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
     }
 }
 
+/// The f32 product's asynchronous copies (CUDA's plan for operands that lie in memory as in
+/// their shared tiles), checked on the Vulkan device with the copies emulated as plain reads
+/// and writes through the same ring of 3 stages over k = 160: B copied and A through
+/// registers, both copied, and neither (two stages, as without copies).
+#[test]
+fn simt_product_async_copies_hold_on_vulkan_with_emulated_copies() {
+    if !available(Device::Vulkan, "f32 product async copies") {
+        return;
+    }
+    let caps = kiln_codegen::gpu::GpuCaps { async_copies: true, ..kiln_codegen::gpu::GpuCaps::vulkan() };
+    let g = op_case(
+        "simt_ring",
+        r#"{ "p": (f32, [2, 256, 160]), "q": (f32, [160, 256]), "ta": (f32, [160, 256]), "bt": (f32, [256, 160]) }"#,
+        r#"Let("x", MatMul("p", "q")),
+           Let("y", MatMul(Transpose("ta"), "q")),
+           Let("z", MatMul("p", Transpose("bt"))),"#,
+    );
+    let params = kiln_ir::bind_params(&g, None, 4, false).unwrap();
+    let inputs = kiln_ir::seeded_inputs(&g, 4);
+    let want =
+        kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
+    let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let built = kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, &caps, dir.path()).unwrap();
+    let mut rings: Vec<(u32, bool)> = built
+        .program
+        .kernels
+        .iter()
+        .filter_map(|k| match k.plan.work {
+            kiln_codegen::gpu::Work::Matmul { stages, async_copies, .. } => Some((stages, async_copies)),
+            _ => None,
+        })
+        .collect();
+    rings.sort();
+    let plans: Vec<String> = built.program.kernels.iter().map(|k| k.plan.describe()).collect();
+    assert_eq!(rings, [(2, false), (3, true), (3, true)], "{plans:#?}");
+    let got = run_artifact(dir.path(), &inputs, &g.name);
+    for ((out, w), gv) in want.iter().zip(&got) {
+        for (i, (a, b)) in w.to_f64_vec().iter().zip(gv).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+                "`{out}`[{i}]: interpreter {a}, emulated copies {b}"
+            );
+        }
+    }
+}
+
 /// Operands rounded to f16 or bf16 as they enter a tensor-core product's shared tiles are
 /// rounded exactly as `half` rounds (to nearest, ties to even; NaNs stay NaNs), and f32 ones
 /// copied asynchronously into them, then rounded in place to TF32, as `cvt.rna.tf32.f32`
@@ -1832,6 +1879,25 @@ fn cli_compiles_and_inspects_for_cuda() {
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("unknown precision `bf16` (known: f32, tf32, tf32x3)")
     );
+    // The same attention through registers only, for comparing pipelines; CUDA's alone.
+    let out = kiln(&[
+        "compile",
+        spec.to_str().unwrap(),
+        "--target",
+        "cuda:sm_90",
+        "--no-async-copies",
+        "--explain",
+        "-o",
+        half.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("key tiles of 32 in shared memory (2 stages), mma.sync m16n8k16"), "{said}");
+    assert!(!said.contains("async copies"), "{said}");
+    let bad = kiln(&["compile", "models/mlp.ron", "--no-async-copies", "-o", art.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr)
+        .contains("--no-async-copies turns off CUDA's cp.async pipelines: it needs --target cuda[:ARCH]"));
 
     let bad = kiln(&["inspect", "models/mlp.ron", "--stage", "spirv", "--target", "cuda"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("`--stage spirv` is the Vulkan target's"));

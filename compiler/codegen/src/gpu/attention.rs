@@ -253,7 +253,7 @@ pub fn emit_run(
     };
     Ok(GpuKernel {
         symbol: symbol.into(),
-        mlir: module(symbol, &memrefs, &plan, b),
+        mlir: module(symbol, &memrefs, &plan, b)?,
         plan,
         flops,
         bytes,

@@ -506,7 +506,7 @@ fn elementwise(
     let bytes: usize = operands.iter().map(|o| count_hint * o.dtype.size_bytes()).sum();
     Ok(GpuKernel {
         symbol: sym.into(),
-        mlir: module(sym, &memrefs, &plan, b),
+        mlir: module(sym, &memrefs, &plan, b)?,
         plan,
         flops: (count_hint * expr.op_count().max(1)) as u64,
         bytes: bytes as u64,
@@ -584,7 +584,7 @@ fn matmul_by_element(
     let bytes = (count_hint * (kd + 2) + kd) * out.dtype.size_bytes();
     Ok(GpuKernel {
         symbol: sym.into(),
-        mlir: module(sym, &memrefs, &plan, b),
+        mlir: module(sym, &memrefs, &plan, b)?,
         plan,
         flops: (2 * count_hint * kd) as u64,
         bytes: bytes as u64,
@@ -745,7 +745,7 @@ fn attention_by_row(
     let keys_hint = kv.shape[r - 2].eval(&s.symbols.iter().map(|x| x.hint).collect::<Vec<_>>()).unwrap_or(0);
     Ok(GpuKernel {
         symbol: sym.into(),
-        mlir: module(sym, &memrefs, &plan, b),
+        mlir: module(sym, &memrefs, &plan, b)?,
         plan,
         flops: (2 * rows_hint * keys_hint * (2 * d + dv)) as u64,
         bytes: (rows_hint * (d + dv) * 4 + keys_hint * (d + dv) * 4) as u64,

@@ -58,7 +58,7 @@ pub(crate) fn per_element(
     let run_grid = element_grid(&plan, count, cx)?;
     Ok(GpuKernel {
         symbol: symbol.into(),
-        mlir: module(symbol, memrefs, &plan, b),
+        mlir: module(symbol, memrefs, &plan, b)?,
         plan,
         flops,
         bytes,
@@ -110,7 +110,7 @@ pub fn emit_elementwise(
     let run_grid = element_grid(&plan, count, cx)?;
     Ok(GpuKernel {
         symbol: symbol.into(),
-        mlir: module(symbol, &memrefs, &plan, b),
+        mlir: module(symbol, &memrefs, &plan, b)?,
         plan,
         flops,
         bytes,

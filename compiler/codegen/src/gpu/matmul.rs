@@ -3,7 +3,7 @@
 //! invocation reads a few elements of the next A and B tiles from memory (runs of 4 as one
 //! vector where the layout allows; nothing past the edges), and with two stages it does so
 //! while the workgroup multiplies the current tiles, which lie in the other half of shared
-//! memory, so one barrier per step suffices. Tensor-core products with async copies keep up to
+//! memory, so one barrier per step suffices. Products with async copies (CUDA) keep up to
 //! four stages: tiles that allow it are copied `stages − 1` tiles ahead with `cp.async`
 //! (through a ring of stages, one group of copies per step), the others still one tile ahead
 //! through registers. The inner step is either SIMT FMAs (each
@@ -58,13 +58,17 @@ pub fn emit(
     let exact = allowed.is_some_and(|(_, exact)| exact);
     let plan = match tensor_cores {
         Some(plan) => plan,
-        None => GpuPlan::matmul(batch, m, n, k, reg_bytes, cx.caps)?,
+        None => {
+            // The SIMT tiles hold A k-major and B row-major: what lies so in memory may be copied.
+            let copyable = [a.strides[r - 2] == 1, bv.strides[r - 1] == 1];
+            GpuPlan::matmul(batch, [m, n, k], reg_bytes, copyable, cx.caps)?
+        }
     };
     let (tile, inner, stages, async_copies) = match plan.work {
-        Work::Matmul { tile, thread, vector, stages, .. } => {
+        Work::Matmul { tile, thread, vector, stages, async_copies, .. } => {
             let [wx, wy, _] = plan.launch.workgroup.map(|w| w as usize);
             let (rm, rn, v) = (thread[0] as usize, thread[1] as usize, vector as usize);
-            (tile, Inner::Simt { rm, rn, wx, wy, vec: v }, stages as usize, false)
+            (tile, Inner::Simt { rm, rn, wx, wy, vec: v }, stages as usize, async_copies)
         }
         Work::MatmulTensorCores { tile, warps, stages, precision, async_copies, .. } => {
             let (wm, wn) = (warps[0] as usize, warps[1] as usize);
@@ -317,7 +321,7 @@ pub fn emit(
     };
     Ok(GpuKernel {
         symbol: symbol.into(),
-        mlir: module(symbol, &memrefs, &plan, b),
+        mlir: module(symbol, &memrefs, &plan, b)?,
         plan,
         flops,
         bytes,

@@ -53,6 +53,9 @@ pub enum Work {
         thread: [u32; 2],
         vector: u32,
         stages: u32,
+        /// Whether operand tiles that allow it are copied to shared memory asynchronously, up
+        /// to `stages − 1` tiles ahead (the others go through registers, one tile ahead).
+        async_copies: bool,
     },
     /// The same tiled product on tensor cores: the workgroup's `warps[0]×warps[1]` warps each
     /// own a `tile[0]/warps[0] × tile[1]/warps[1]` block of the tile, made of `shape`-sized
@@ -232,6 +235,31 @@ const HELD_TARGET: usize = 4;
 /// The most elements of a row an invocation holds; longer rows are read again on each pass.
 const MAX_HELD: usize = 8;
 
+/// The stages of a product's pipeline over `tiles` k tiles whose stage takes `stage_bytes`
+/// (besides `fixed` bytes of other arrays), and whether its tiles are copied asynchronously (where `copies`: the target copies so and
+/// an operand's tiles allow it). With copies, as many stages (up to 4, and no more than there
+/// are k tiles, but at least 2) as fit in half the dynamic shared memory (two workgroups per
+/// multiprocessor) or in the static; else two stages when they fit in shared memory, one
+/// otherwise.
+fn pipeline_depth(
+    [stage_bytes, fixed]: [usize; 2],
+    tiles: usize,
+    copies: bool,
+    caps: &GpuCaps,
+) -> (usize, bool) {
+    let fits = |stages: usize, room: u32| stages * stage_bytes + fixed <= room as usize;
+    let async_copies = copies && fits(2, caps.max_shared_bytes);
+    let stages = if async_copies {
+        let room = caps.max_shared_bytes.max(caps.max_dynamic_shared_bytes / 2);
+        (2..=tiles.clamp(2, 4)).rev().find(|&s| fits(s, room)).unwrap_or(2)
+    } else if fits(2, caps.max_shared_bytes) {
+        2
+    } else {
+        1
+    };
+    (stages, async_copies)
+}
+
 /// The most shared memory a CUDA kernel may declare statically; a kernel whose plan needs
 /// more takes all of it as dynamic shared memory, which the launch sizes (after the runtime
 /// opts the function in to it).
@@ -319,13 +347,15 @@ impl GpuPlan {
     /// tiles of 1×1 (16-row tiles for products with few rows, such as a batch-1 projection);
     /// of those the target's limits allow (workgroup size, shared memory, registers for the
     /// accumulators), the first with the least estimated time wins (see [`matmul_cost`]). Two
-    /// stages when both fit in shared memory.
+    /// stages when both fit in shared memory. Where the target copies asynchronously and an
+    /// f32 operand's whole tiles lie in memory as in shared memory (`copyable`: A's columns
+    /// and B's rows contiguous), as many stages as fit, as for tensor cores
+    /// ([`GpuPlan::matmul_tensor_cores`]).
     pub fn matmul(
         batch: usize,
-        m: usize,
-        n: usize,
-        k: usize,
+        [m, n, k]: [usize; 3],
         reg_bytes: usize,
+        copyable: [bool; 2],
         caps: &GpuCaps,
     ) -> Result<GpuPlan, CodegenError> {
         // (tile, per-invocation block, vector run)
@@ -353,18 +383,36 @@ impl GpuPlan {
             {
                 continue;
             }
-            let stages = if 2 * stage_bytes <= caps.max_shared_bytes as usize { 2 } else { 1 };
             let grid = matmul_grid(batch, m, n, k, tile, caps)?;
             let cost = matmul_cost(grid, tile, thread, k, caps);
             if best.as_ref().is_some_and(|(c, _)| *c <= cost) {
                 continue;
             }
+            // Whole tiles that split evenly into the invocations' 16-byte copies.
+            let [tm, tn, tk] = tile.map(|t| t as usize);
+            let copied = |along: usize, tile: usize| {
+                along.is_multiple_of(tile) && (tile * tk / 4).is_multiple_of(invocations as usize)
+            };
+            let whole =
+                k.is_multiple_of(tk) && ((copyable[0] && copied(m, tm)) || (copyable[1] && copied(n, tn)));
+            let copies = caps.async_copies && reg_bytes == 4 && whole;
+            let (stages, async_copies) = pipeline_depth([stage_bytes, 0], k.div_ceil(tk), copies, caps);
             // Two workgroups of 8×8 blocks per multiprocessor: at most 128 registers each.
             let resident = if thread[0] * thread[1] >= 64 { 2 } else { 1 };
             let plan = GpuPlan {
-                work: Work::Matmul { batch, m, n, k, tile, thread, vector, stages },
+                work: Work::Matmul {
+                    batch,
+                    m,
+                    n,
+                    k,
+                    tile,
+                    thread,
+                    vector,
+                    stages: stages as u32,
+                    async_copies,
+                },
                 launch: Launch { grid, workgroup },
-                shared_bytes: (stages as usize * stage_bytes) as u32,
+                shared_bytes: (stages * stage_bytes) as u32,
                 resident,
             };
             best = Some((cost, plan));
@@ -422,20 +470,12 @@ impl GpuPlan {
             if best.as_ref().is_some_and(|(c, _)| *c <= cost) {
                 continue;
             }
-            let fits = |stages: usize, room: u32| stages * stage_bytes + scratch <= room as usize;
             // Only whole tiles are copied: where neither operand's are, stages stay two.
             let [tm, tn, tk] = tile.map(|t| t as usize);
             let whole = k.is_multiple_of(tk) && (m.is_multiple_of(tm) || n.is_multiple_of(tn));
-            let async_copies = caps.async_copies && whole && fits(2, caps.max_shared_bytes);
-            let stages = if async_copies {
-                let room = caps.max_shared_bytes.max(caps.max_dynamic_shared_bytes / 2);
-                let most = k.div_ceil(tile[2] as usize).clamp(2, 4);
-                (2..=most).rev().find(|&s| fits(s, room)).unwrap_or(2) as u32
-            } else if fits(2, caps.max_shared_bytes) {
-                2
-            } else {
-                1
-            };
+            let (stages, async_copies) =
+                pipeline_depth([stage_bytes, scratch], k.div_ceil(tk), caps.async_copies && whole, caps);
+            let stages = stages as u32;
             let plan = GpuPlan {
                 work: Work::MatmulTensorCores {
                     batch,
@@ -608,10 +648,13 @@ impl GpuPlan {
                 };
                 format!("rows: {rows} of {len}, {group} invocations per row{held}, {combine}")
             }
-            Work::Matmul { batch, m, n, k, tile, thread, vector, stages } => format!(
-                "matmul: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory ({stages} stages), {}×{} per invocation in runs of {vector}",
-                tile[0], tile[1], tile[2], thread[0], thread[1]
-            ),
+            Work::Matmul { batch, m, n, k, tile, thread, vector, stages, async_copies } => {
+                let copies = if *async_copies { ", async copies" } else { "" };
+                format!(
+                    "matmul: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory ({stages} stages{copies}), {}×{} per invocation in runs of {vector}",
+                    tile[0], tile[1], tile[2], thread[0], thread[1]
+                )
+            }
             Work::MatmulTensorCores { batch, m, n, k, tile, warps, shape, precision, stages, async_copies } => {
                 let copies = if *async_copies { ", async copies" } else { "" };
                 format!(
@@ -825,7 +868,7 @@ mod tests {
     #[test]
     fn matmul_tiles_follow_the_product_and_the_device() {
         let caps = GpuCaps::vulkan();
-        let big = GpuPlan::matmul(1, 512, 768, 768, 4, &caps).unwrap();
+        let big = GpuPlan::matmul(1, [512, 768, 768], 4, [false; 2], &caps).unwrap();
         // A portable Vulkan device has registers for 4×4 accumulators, not 8×8.
         assert_eq!(
             big.work,
@@ -837,7 +880,8 @@ mod tests {
                 tile: [64, 64, 16],
                 thread: [4, 4],
                 vector: 4,
-                stages: 2
+                stages: 2,
+                async_copies: false
             }
         );
         assert_eq!(big.launch.grid, [12, 8, 1]);
@@ -846,13 +890,13 @@ mod tests {
         // A large GPU takes 128×128 tiles where there are enough of them to keep it busy, and
         // 64×64 ones where there are not.
         let cuda = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90").unwrap());
-        let large = GpuPlan::matmul(1, 4096, 4096, 4096, 4, &cuda).unwrap();
+        let large = GpuPlan::matmul(1, [4096, 4096, 4096], 4, [false; 2], &cuda).unwrap();
         assert!(matches!(large.work, Work::Matmul { tile: [128, 128, 16], thread: [8, 8], .. }), "{large:?}");
         assert_eq!(large.shared_bytes, 2 * (16 * 132 + 16 * 132) * 4);
         assert_eq!(large.resident, 2);
-        let mid = GpuPlan::matmul(1, 512, 768, 768, 4, &cuda).unwrap();
+        let mid = GpuPlan::matmul(1, [512, 768, 768], 4, [false; 2], &cuda).unwrap();
         assert!(matches!(mid.work, Work::Matmul { tile: [64, 64, 16], thread: [4, 4], .. }), "{mid:?}");
-        let thin = GpuPlan::matmul(2, 1, 100, 10, 4, &caps).unwrap();
+        let thin = GpuPlan::matmul(2, [1, 100, 10], 4, [false; 2], &caps).unwrap();
         assert_eq!(thin.launch.workgroup, [16, 16, 1]);
         assert_eq!(thin.launch.grid, [7, 1, 2]);
     }
@@ -919,6 +963,35 @@ mod tests {
         let e = GpuPlan::matmul_tensor_cores(1, 512, 512, 512, MmaPrecision::Tf32, &vk).unwrap().unwrap();
         assert!(matches!(e.work, Work::MatmulTensorCores { stages: 3, async_copies: true, .. }), "{e:?}");
         assert!(e.shared_bytes <= vk.max_shared_bytes);
+    }
+
+    /// The f32 product copies whatever operand lies in memory as its shared tile does (B
+    /// row-major, A column-major), 4 stages deep in dynamic shared memory; with neither, it
+    /// keeps its two static stages.
+    #[test]
+    fn simt_products_copy_what_lies_as_their_tiles() {
+        let cuda = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90").unwrap());
+        let plan =
+            |copyable, caps: &GpuCaps| GpuPlan::matmul(1, [4096, 4096, 4096], 4, copyable, caps).unwrap();
+        for copyable in [[false, true], [true, false]] {
+            let p = plan(copyable, &cuda);
+            assert!(
+                matches!(p.work, Work::Matmul { tile: [128, 128, 16], stages: 4, async_copies: true, .. }),
+                "{p:?}"
+            );
+            assert_eq!(p.shared_bytes, 4 * (16 * 132 + 16 * 132) * 4);
+            assert_eq!(p.dynamic_shared_bytes(), p.shared_bytes);
+            assert!(2 * p.shared_bytes <= cuda.max_dynamic_shared_bytes);
+        }
+        let p = plan([false, false], &cuda);
+        assert!(matches!(p.work, Work::Matmul { stages: 2, async_copies: false, .. }), "{p:?}");
+        // Ragged tiles are not copied; f64 values never are; nor on a target without copies.
+        let ragged = GpuPlan::matmul(1, [4096, 4000, 4096], 4, [false, true], &cuda).unwrap();
+        assert!(matches!(ragged.work, Work::Matmul { async_copies: false, .. }), "{ragged:?}");
+        let f64 = GpuPlan::matmul(1, [4096, 4096, 4096], 8, [true, true], &cuda).unwrap();
+        assert!(matches!(f64.work, Work::Matmul { async_copies: false, .. }), "{f64:?}");
+        let vk = plan([true, true], &GpuCaps::vulkan());
+        assert!(matches!(vk.work, Work::Matmul { stages: 2, async_copies: false, .. }), "{vk:?}");
     }
 
     #[test]

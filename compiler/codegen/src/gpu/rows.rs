@@ -252,7 +252,7 @@ pub fn emit_softmax(
     let memrefs = [x.memref(), out.memref()];
     Ok(GpuKernel {
         symbol: symbol.into(),
-        mlir: module(symbol, &memrefs, &r.plan, b),
+        mlir: module(symbol, &memrefs, &r.plan, b)?,
         plan: r.plan,
         flops,
         bytes,
@@ -453,7 +453,7 @@ fn norm(
     let bytes = ((views.len() + 1) * out.numel() * out.dtype.size_bytes()) as u64;
     Ok(GpuKernel {
         symbol: symbol.into(),
-        mlir: module(symbol, &memrefs, &r.plan, b),
+        mlir: module(symbol, &memrefs, &r.plan, b)?,
         plan: r.plan,
         flops,
         bytes,
@@ -531,7 +531,7 @@ pub fn emit_reduce(
     let flops = if dtype == DType::Bool { 0 } else { x.numel() as u64 };
     Ok(GpuKernel {
         symbol: symbol.into(),
-        mlir: module(symbol, &memrefs, &r.plan, b),
+        mlir: module(symbol, &memrefs, &r.plan, b)?,
         plan: r.plan,
         flops,
         bytes,

@@ -39,7 +39,7 @@ pub fn emit(
     let memrefs = [updates.memref(), indices.memref(), out.memref()];
     Ok(GpuKernel {
         symbol: symbol.into(),
-        mlir: module(symbol, &memrefs, &plan, b),
+        mlir: module(symbol, &memrefs, &plan, b)?,
         plan,
         flops: (pre * n * post) as u64,
         bytes,

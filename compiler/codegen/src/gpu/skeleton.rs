@@ -27,7 +27,14 @@ fn flavor(b: &Body) -> GpuFlavor {
 /// plan is written above it as a comment.
 /// An argument bound in pieces becomes one parameter per piece (`%aN_0`, `%aN_1`, …). A body
 /// that reads the run's symbol values takes them last, as `%syms` (one `u32` each).
-pub(crate) fn module(symbol: &str, memrefs: &[String], plan: &GpuPlan, body: Body) -> String {
+/// Fails where the arrays of a kernel past the static limit do not fit the dynamic shared
+/// memory its plan asks for at launch (they would run past it unchecked).
+pub(crate) fn module(
+    symbol: &str,
+    memrefs: &[String],
+    plan: &GpuPlan,
+    body: Body,
+) -> Result<String, crate::CodegenError> {
     let mut params: Vec<String> = Vec::with_capacity(memrefs.len());
     for (i, m) in memrefs.iter().enumerate() {
         let arg = format!("%a{i}");
@@ -64,11 +71,13 @@ pub(crate) fn module(symbol: &str, memrefs: &[String], plan: &GpuPlan, body: Bod
                 ));
                 at += a.bytes.next_multiple_of(16);
             }
-            debug_assert!(
-                at <= plan.dynamic_shared_bytes() as usize,
-                "{at} B of arrays in {}",
-                plan.describe()
-            );
+            if at > plan.dynamic_shared_bytes() as usize {
+                return Err(crate::CodegenError::Unsupported(format!(
+                    "a kernel whose shared arrays take {at} B of the {} B of dynamic shared memory its plan launches with ({})",
+                    plan.dynamic_shared_bytes(),
+                    plan.describe()
+                )));
+            }
             prelude = views;
             (String::new(), format!("known_block_size = array<i32: {x}, {y}, {z}>{}", resident(plan)))
         }
@@ -84,12 +93,12 @@ pub(crate) fn module(symbol: &str, memrefs: &[String], plan: &GpuPlan, body: Bod
             (workgroup, format!("known_block_size = array<i32: {x}, {y}, {z}>{}", resident(plan)))
         }
     };
-    format!(
+    Ok(format!(
         "// plan: {}\ngpu.module @{symbol} {{\n  gpu.func @{symbol}({}){workgroup} kernel attributes {{{abi}}} {{\n{}    gpu.return\n  }}\n}}\n",
         plan.describe(),
         params.join(", "),
         indent(&(prelude + &body.finish())),
-    )
+    ))
 }
 
 /// The name of a CUDA kernel's dynamic shared memory, of which its arrays are views.
@@ -435,4 +444,34 @@ pub(crate) fn plus(b: &mut Body, x: &str, d: usize) -> String {
     }
     let dc = b.index(d);
     b.assign(format!("arith.addi {x}, {dc} : index"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::plan::{Launch, Work};
+
+    /// A CUDA kernel past the static 48 KiB views its arrays in the dynamic shared memory it
+    /// launches with, and is refused where they would not fit in it.
+    #[test]
+    fn arrays_past_the_dynamic_shared_memory_are_refused() {
+        let plan = |shared_bytes| GpuPlan {
+            work: Work::Elements { count: 1, group: 32 },
+            launch: Launch { grid: [1, 1, 1], workgroup: [32, 1, 1] },
+            shared_bytes,
+            resident: 1,
+        };
+        let body = || {
+            let mut b = Body::for_gpu(Vec::new(), GpuFlavor::Nvvm);
+            shared(&mut b, 12 * 1024, "f32");
+            shared(&mut b, 3, "f32");
+            b
+        };
+        // 48 KiB, then 12 bytes padded to 16.
+        let text = module("k", &[], &plan(48 * 1024 + 16), body()).unwrap();
+        assert!(text.contains("gpu.dynamic_shared_memory"), "{text}");
+        assert!(text.contains("%dyn_at1 = arith.constant 49152 : index"), "{text}");
+        let err = module("k", &[], &plan(48 * 1024 + 8), body()).unwrap_err();
+        assert!(err.to_string().contains("take 49168 B of the 49160 B of dynamic shared memory"), "{err}");
+    }
 }

@@ -66,7 +66,7 @@ pub(crate) type Origins = [(String, String); 2];
 
 impl<'p, 'v> Pipeline<'p, 'v> {
     /// The pipeline of `tiles` into `mems` (stages of `lens` elements); tiles that allow it are
-    /// copied where `async_copies` (tensor-core operands only).
+    /// copied where `async_copies`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         b: &mut Body,
@@ -79,11 +79,12 @@ impl<'p, 'v> Pipeline<'p, 'v> {
         lin: &'p str,
     ) -> Pipeline<'p, 'v> {
         let nvvm = b.gpu() == Some(GpuFlavor::Nvvm);
-        let copies = match parts {
-            Some(ops) if async_copies => {
-                tiles.map(|t| t.and_then(|t| t.async_run(b, ops.precision.shared_bytes())))
-            }
-            _ => [None, None],
+        // Register values in shared memory are copied only as f32 (`async_run` takes no other
+        // register type): 4 bytes each.
+        let elem_bytes = parts.map_or(4, |ops| ops.precision.shared_bytes());
+        let copies = match async_copies {
+            true => tiles.map(|t| t.and_then(|t| t.async_run(b, elem_bytes))),
+            false => [None, None],
         };
         let mut pointers = [None, None];
         for ((p, (tile, copy)), mem) in pointers.iter_mut().zip(tiles.iter().zip(copies)).zip(mems) {
@@ -188,14 +189,16 @@ impl<'p, 'v> Pipeline<'p, 'v> {
     /// Copies the copied tiles at `origins` into the stages at `at` where `real` holds, and
     /// commits the group.
     fn copy_where(&self, b: &mut Body, origins: &Origins, real: Option<&str>, at: [&str; 2]) {
-        let Some(ops) = self.parts.filter(|_| self.copying()) else { return };
+        if !self.copying() {
+            return;
+        }
         if let Some(real) = real {
             b.open(format!("scf.if {real}"));
         }
         let each = self.tiles.iter().zip(self.copies).zip(self.mems).zip(&self.pointers).zip(origins).zip(at);
         for (((((tile, copy), mem), pointers), (row, col)), at) in each {
             if let (Some(tile), Some(run)) = (tile, copy) {
-                tile.copy(b, self.lin, (row, col), (mem, at), run, pointers.as_ref(), ops);
+                tile.copy(b, self.lin, (row, col), (mem, at), run, pointers.as_ref(), self.parts);
             }
         }
         if real.is_some() {
@@ -481,8 +484,10 @@ impl<'a> OperandTile<'a> {
         (mem, stage): (&SharedArray, &str),
         run: usize,
         pointers: Option<&CopyPointers>,
-        operands: &Parts,
+        operands: Option<&Parts>,
     ) {
+        // Tensor-core operands as they enter the tiles; register values (f32) as they are.
+        let elem = operands.map_or("f32", Parts::shared_elem);
         for t in 0..self.rows * self.cols / run / self.inv {
             let (r, c) = self.run_start(b, lin, t, run);
             let src = self.global_at(b, origin, &r, &c);
@@ -491,7 +496,7 @@ impl<'a> OperandTile<'a> {
                 Some(p) => {
                     let src = b.assign(format!("arith.index_cast {src} : index to i32"));
                     let dst = b.assign(format!("arith.index_cast {dst} : index to i32"));
-                    let (ge, se) = (self.view.elem(), operands.shared_elem());
+                    let (ge, se) = (self.view.elem(), elem);
                     let from = b.assign(format!(
                         "llvm.getelementptr {}[{src}] : (!llvm.ptr<1>, i32) -> !llvm.ptr<1>, {ge}",
                         p.global
@@ -509,10 +514,13 @@ impl<'a> OperandTile<'a> {
                         .map(|e| {
                             let at = plus(b, &src, e);
                             let x = load(b, self.arg, self.view, &at);
-                            operands.copied(b, &x)
+                            match operands {
+                                Some(ops) => ops.copied(b, &x),
+                                None => x,
+                            }
                         })
                         .collect();
-                    mem.write(b, &dst, &values, operands.shared_elem());
+                    mem.write(b, &dst, &values, elem);
                 }
             }
         }
