@@ -9,6 +9,13 @@
 //! larger than the parameters and constants it is computed from (folding must not turn a
 //! broadcast into stored copies).
 //!
+//! One view is folded too: a weight that matrix products read only as their B operand through
+//! a transpose of its last two axes (`x · Wᵀ`, as PyTorch stores `Linear` weights) is stored
+//! transposed, so the products read it row-major, contiguous along their columns. A GPU
+//! product's tiles then read it in 16-byte vectors and may copy it asynchronously; a CPU
+//! product packs its constant B either way. The weight it came from is no longer read, so
+//! nothing grows.
+//!
 //! Persistent state (`Graph::state`: parameters that train) is never folded: its value
 //! changes from one run to the next.
 
@@ -93,7 +100,8 @@ fn foldable(g: &Graph, bound: impl Fn(&str) -> bool) -> Vec<(NodeId, BTreeSet<No
         .into_iter()
         .filter(|n| {
             let op = &g.node(*n).op;
-            let computes = !op.is_leaf() && !is_view(op) && sources.contains_key(n) && g.ty(*n).is_static();
+            let computes = (!op.is_leaf() && !is_view(op) && sources.contains_key(n) && g.ty(*n).is_static())
+                || product_weight_transposed(g, *n, &sources);
             let read_outside = outputs.contains(n)
                 || g.users(*n).iter().any(|u| !sources.contains_key(u) || is_view(&g.node(*u).op));
             let source_elems: usize = sources.get(n).map_or(0, |s| s.iter().map(|l| g.ty(*l).numel()).sum());
@@ -129,6 +137,28 @@ fn make_param(
 }
 
 /// Ops the scheduler turns into strided views of their operand rather than computing.
+/// Whether `n` transposes the last two axes of a bound parameter that nothing else reads, for
+/// matrix products that read it as their B operand and nothing else (see the module
+/// documentation).
+fn product_weight_transposed(g: &Graph, n: NodeId, sources: &HashMap<NodeId, BTreeSet<NodeId>>) -> bool {
+    let Op::Transpose { perm } = &g.node(n).op else { return false };
+    let r = perm.len();
+    let last_two = r >= 2
+        && perm[..r - 2].iter().enumerate().all(|(i, &p)| p == i)
+        && perm[r - 2] == r - 1
+        && perm[r - 1] == r - 2;
+    let [w] = g.operands(n)[..] else { return false };
+    let only_here = g.users(w) == [n] && !g.outputs.iter().any(|(_, o)| *o == w || *o == n);
+    let weight = matches!(g.node(w).op, Op::Param { .. }) && sources.contains_key(&w) && g.ty(n).is_static();
+    let as_b = |u: NodeId| {
+        let operands = g.operands(u);
+        matches!(g.node(u).op, Op::MatMul | Op::MatMulEpilogue { .. })
+            && operands.get(1) == Some(&n)
+            && operands.iter().filter(|&&o| o == n).count() == 1
+    };
+    last_two && weight && only_here && g.users(n).into_iter().all(as_b)
+}
+
 fn is_view(op: &Op) -> bool {
     matches!(op, Op::Reshape { .. } | Op::Transpose { .. } | Op::Slice { .. } | Op::BroadcastTo { .. })
 }
@@ -281,9 +311,12 @@ mod tests {
         let mut g = Graph::new("kept");
         let x = input(&mut g, "x", &[3, 4]);
         let w = param(&mut g, "w", &[5, 4]);
-        // A transposed weight stays a view of the stored one.
+        // A transposed weight that something besides a product's B reads stays a view of the
+        // stored one.
         let wt = g.add(Op::Transpose { perm: vec![1, 0] }, &[w]).unwrap();
         let y = g.add(Op::MatMul, &[x, wt]).unwrap();
+        let y = g.add(Op::MatMul, &[y, w]).unwrap();
+        let y = g.add(Op::MatMul, &[y, wt]).unwrap();
         // A bias broadcast and then negated would be stored 3 times larger: kept.
         let b = param(&mut g, "b", &[5]);
         let bb = g.add(Op::BroadcastTo { shape: crate::dtype::dims(&[3, 5]) }, &[b]).unwrap();
@@ -311,6 +344,53 @@ mod tests {
         assert_eq!(fold_weights(&mut g, &mut p).unwrap(), Folded::default());
         assert_eq!(g.node_count(), count);
         assert_eq!(p.len(), 2);
+    }
+
+    /// `x · Wᵀ` with W read nowhere else: W is stored transposed (row-major for the
+    /// product), the same values come out, and the graph no longer holds W or the transpose.
+    /// A transpose that is not of the last two axes, or that is also read as an A operand,
+    /// stays a view.
+    #[test]
+    fn a_weight_read_transposed_by_products_is_stored_as_they_read_it() {
+        let mut g = Graph::new("linear");
+        let x = input(&mut g, "x", &[3, 4]);
+        let w = param(&mut g, "w", &[5, 4]);
+        let wt = g.add(Op::Transpose { perm: vec![1, 0] }, &[w]).unwrap();
+        let y = g.add(Op::MatMul, &[x, wt]).unwrap();
+        let z = g.add(Op::MatMul, &[x, wt]).unwrap();
+        let v = param(&mut g, "v", &[3, 4]);
+        let vt = g.add(Op::Transpose { perm: vec![1, 0] }, &[v]).unwrap();
+        let a = g.add(Op::MatMul, &[vt, x]).unwrap();
+        let u = param(&mut g, "u", &[2, 4, 5]);
+        let ut = g.add(Op::Transpose { perm: vec![2, 1, 0] }, &[u]).unwrap();
+        let ur = g.add(Op::Reshape { shape: crate::dtype::dims(&[4, 10]) }, &[ut]).unwrap();
+        let b = g.add(Op::MatMul, &[x, ur]);
+        g.add_output("y", y);
+        g.add_output("z", z);
+        g.add_output("a", a);
+        g.add_output("b", b.unwrap());
+        let mut p = params(&[("w", &[5, 4]), ("v", &[3, 4]), ("u", &[2, 4, 5])]);
+        let before = run(&g, &p, &[("x", &[3, 4])]);
+        let folded = fold_weights(&mut g, &mut p).unwrap();
+        assert_eq!(folded.params, [("folded.transpose(w)#0".to_string(), "transpose".to_string())]);
+        assert_eq!(p["folded.transpose(w)#0"].shape, [4, 5]);
+        assert_eq!(
+            ops(&g),
+            [
+                "input",
+                "matmul",
+                "matmul",
+                "matmul",
+                "matmul",
+                "param",
+                "param",
+                "param",
+                "reshape",
+                "transpose",
+                "transpose"
+            ]
+        );
+        assert_eq!(run(&g, &p, &[("x", &[3, 4])]), before);
     }
 
     #[test]
