@@ -64,10 +64,11 @@ fn open_row(
 }
 
 impl Row {
-    /// The held slots of a row of `len`: element `tid + i·group` for slot `i`.
-    fn slots(&self, b: &mut Body, len: usize) -> Vec<Slot> {
+    /// This invocation's held elements of a row of `len`, each read by `read(j)` (none where
+    /// the plan holds none): slot `i` is element `tid + i·group`.
+    fn hold(&self, b: &mut Body, len: usize, read: &dyn Fn(&mut Body, &str) -> String) -> Held {
         let group = self.group as usize;
-        (0..self.held)
+        let slots: Vec<Slot> = (0..self.held)
             .map(|i| {
                 let j = match i {
                     0 => self.tid.clone(),
@@ -82,8 +83,50 @@ impl Row {
                 });
                 Slot { j, valid }
             })
-            .collect()
+            .collect();
+        let values = slots
+            .iter()
+            .map(|s| {
+                let j = s.read_at(b, len);
+                read(b, &j)
+            })
+            .collect();
+        Held { len, slots, values }
     }
+
+    /// `f(j, x, i)` for each of this invocation's elements `x` of the row, element `j`: the
+    /// held ones (slot `i`; skipped past the row's end), or read by `read(j)` in a strided
+    /// loop (no slot).
+    fn each(&self, b: &mut Body, row: &Held, read: &dyn Fn(&mut Body, &str) -> String, f: &Visit) {
+        if self.held > 0 {
+            for (i, (slot, x)) in row.slots.iter().zip(&row.values).enumerate() {
+                let opened = slot.open_valid(b);
+                f(b, &slot.j, x, Some(i));
+                if opened {
+                    b.close("");
+                }
+            }
+            return;
+        }
+        let n = b.index(row.len);
+        let g = b.index(self.group as usize);
+        let j = b.fresh("j");
+        b.open(format!("scf.for {j} = {} to {n} step {g}", self.tid));
+        let x = read(b, &j);
+        f(b, &j, &x, None);
+        b.close("");
+    }
+}
+
+/// What [`Row::each`] does with element `j`, its value, and its held slot.
+type Visit<'a> = dyn Fn(&mut Body, &str, &str, Option<usize>) + 'a;
+
+/// A row of `len` as one invocation holds it: its slots and their values (empty where the
+/// plan holds none).
+struct Held {
+    len: usize,
+    slots: Vec<Slot>,
+    values: Vec<String>,
 }
 
 impl Slot {
@@ -127,35 +170,27 @@ fn open_strided(b: &mut Body, r: &Row, len: usize, init: &str, ty: &str) -> (Str
     (res, j, acc)
 }
 
-/// Opens `scf.for j = tid to len step group` (close with `b.close("")`); returns `j`.
-fn open_each(b: &mut Body, r: &Row, len: usize) -> String {
-    let n = b.index(len);
-    let g = b.index(r.group as usize);
-    let j = b.fresh("j");
-    b.open(format!("scf.for {j} = {} to {n} step {g}", r.tid));
-    j
-}
-
-/// `init ⊕ f(x₀) ⊕ f(x₁) …` over the invocation's elements of the row, in order: from the held
-/// `values` (those past the row's end left out), or read by `read(j)` in a strided loop.
+/// `init ⊕ f(x₀) ⊕ f(x₁) …` over the invocation's elements of the row, in order: from `values`
+/// (the held ones, or what was made of them; those past the row's end left out), or read by
+/// `read(j)` in a strided loop.
 fn partial(
     b: &mut Body,
     r: &Row,
-    (len, slots, values): (usize, &[Slot], &[String]),
+    (row, values): (&Held, &[String]),
     (init, ty, op): (&str, &str, Combine),
     read: &dyn Fn(&mut Body, &str) -> String,
     f: &dyn Fn(&mut Body, &str) -> String,
 ) -> String {
     if r.held > 0 {
         let mut acc = init.to_string();
-        for (slot, x) in slots.iter().zip(values) {
+        for (slot, x) in row.slots.iter().zip(values) {
             let y = f(b, x);
             let next = op.apply(b, &acc, &y, ty);
             acc = slot.or(b, &next, &acc, ty);
         }
         return acc;
     }
-    let (res, j, acc) = open_strided(b, r, len, init, ty);
+    let (res, j, acc) = open_strided(b, r, row.len, init, ty);
     let x = read(b, &j);
     let y = f(b, &x);
     let next = op.apply(b, &acc, &y, ty);
@@ -190,16 +225,9 @@ pub fn emit_softmax(
         let at = step(b, &xbase, j, x.strides[axis]);
         load(b, "%a0", x, &at)
     };
-    let slots = r.slots(&mut b, len);
-    let held: Vec<String> = slots
-        .iter()
-        .map(|s| {
-            let j = s.read_at(&mut b, len);
-            read(&mut b, &j)
-        })
-        .collect();
+    let row = r.hold(&mut b, len, &read);
     let neg_inf = b.float(f64::NEG_INFINITY, ty);
-    let m = partial(&mut b, &r, (len, &slots, &held), (&neg_inf, ty, Combine::Max), &read, &|_, x| x.into());
+    let m = partial(&mut b, &r, (&row, &row.values), (&neg_inf, ty, Combine::Max), &read, &|_, x| x.into());
     let max = r.combine.all(&mut b, &m, Combine::Max);
 
     let zero = b.float(0.0, ty);
@@ -208,8 +236,8 @@ pub fn emit_softmax(
         b.exp(&d, ty)
     };
     // Held rows keep their exponentials for the outputs.
-    let exps: Vec<String> = held.iter().map(|v| exp_less_max(&mut b, v)).collect();
-    let s = partial(&mut b, &r, (len, &slots, &exps), (&zero, ty, Combine::Add), &read, &|b, x| {
+    let exps: Vec<String> = row.values.iter().map(|v| exp_less_max(&mut b, v)).collect();
+    let s = partial(&mut b, &r, (&row, &exps), (&zero, ty, Combine::Add), &read, &|b, x| {
         if r.held > 0 {
             x.into()
         } else {
@@ -218,34 +246,20 @@ pub fn emit_softmax(
     });
     let total = r.combine.all(&mut b, &s, Combine::Add);
     let denom = if log { b.log(&total, ty) } else { total };
-    let output = |b: &mut Body, j: &str, v: &str, e: Option<&str>| {
+    r.each(&mut b, &row, &read, &|b, j, v, slot| {
         let y = if log {
             let d = b.fsub(v, &max, ty);
             b.fsub(&d, &denom, ty)
         } else {
-            let e = match e {
-                Some(e) => e.to_string(),
+            let e = match slot {
+                Some(i) => exps[i].clone(),
                 None => exp_less_max(b, v),
             };
             b.fdiv(&e, &denom, ty)
         };
         let at = step(b, &obase, j, out.strides[axis]);
         store(b, &y, "%a1", out, &at);
-    };
-    if r.held > 0 {
-        for ((slot, v), e) in slots.iter().zip(&held).zip(&exps) {
-            let opened = slot.open_valid(&mut b);
-            output(&mut b, &slot.j, v, Some(e));
-            if opened {
-                b.close("");
-            }
-        }
-    } else {
-        let j = open_each(&mut b, &r, len);
-        let v = read(&mut b, &j);
-        output(&mut b, &j, &v, None);
-        b.close("");
-    }
+    });
     b.close("");
     let flops = (x.numel() * 5) as u64;
     let bytes = ((x.numel() * 3 + out.numel()) * out.dtype.size_bytes()) as u64;
@@ -370,15 +384,8 @@ fn norm(
             _ => x,
         }
     };
-    let slots = r.slots(&mut b, len);
-    let held: Vec<String> = slots
-        .iter()
-        .map(|s| {
-            let j = s.read_at(&mut b, len);
-            x_at(&mut b, &j)
-        })
-        .collect();
-    let row = (len, slots.as_slice(), held.as_slice());
+    let held = r.hold(&mut b, len, &x_at);
+    let row = (&held, held.values.as_slice());
     let zero = b.float(0.0, ty);
     let nf = b.float(len as f64, ty);
     let (center, scale) = match kind {
@@ -409,7 +416,7 @@ fn norm(
             (None, b.fdiv(&one, &root, ty))
         }
     };
-    let output = |b: &mut Body, j: &str, x: &str| {
+    r.each(&mut b, &held, &x_at, &|b, j, x, _| {
         let mut y = match &center {
             Some(mean) => {
                 let c = b.fsub(x, mean, ty);
@@ -431,21 +438,7 @@ fn norm(
         }
         let at = step(b, &o_base, j, last(out));
         store(b, &y, &out_arg, out, &at);
-    };
-    if r.held > 0 {
-        for (slot, x) in slots.iter().zip(&held) {
-            let opened = slot.open_valid(&mut b);
-            output(&mut b, &slot.j, x);
-            if opened {
-                b.close("");
-            }
-        }
-    } else {
-        let j = open_each(&mut b, &r, len);
-        let x = x_at(&mut b, &j);
-        output(&mut b, &j, &x);
-        b.close("");
-    }
+    });
     b.close("");
     let mut memrefs: Vec<String> = views.iter().map(|v| v.memref()).collect();
     memrefs.push(out.memref());
