@@ -86,7 +86,7 @@ TRAIN=(
 # name | spec | overrides: the benchmarks (weights are synthesized on the GPU machine); a
 # `_tf32` name compiles with --precision tf32, an `_f16` or `_bf16` one has its f32 tensors in
 # that dtype, a `_registers` one compiles with --no-async-copies (the same workload's tiles
-# through registers, beside the cp.async pipelines).
+# through registers, beside the cp.async pipelines), a `_k64_` one with --attention-key-tile 64.
 BENCH=(
     "matmul|bench/cuda/matmul.ron|"
     "matmul_registers|bench/cuda/matmul.ron|"
@@ -99,6 +99,7 @@ BENCH=(
     "matmul_bf16|bench/cuda/matmul.ron|"
     "attention_f16|bench/cuda/attention.ron|"
     "attention_bf16|bench/cuda/attention.ron|"
+    "attention_k64_f16|bench/cuda/attention.ron|"
     "minilm_b1|models/bert_encoder.ron|--set batch=1"
     "minilm_b8|models/bert_encoder.ron|--set batch=8"
     "minilm_b64|models/bert_encoder.ron|--set batch=64"
@@ -108,13 +109,14 @@ BENCH=(
 )
 
 # `--precision tf32` (or `tf32x3`) for a name ending in _tf32 (or _tf32x3), `--no-async-copies`
-# for one ending in _registers (CUDA packs only).
+# for one ending in _registers, `--attention-key-tile 64` for one with _k64_ (CUDA packs only).
 flags_of() {
     if [[ "$PACK_TARGET" != cuda* ]]; then return; fi
     case "$1" in
         *_tf32) echo "--precision tf32" ;;
         *_tf32x3) echo "--precision tf32x3" ;;
         *_registers) echo "--no-async-copies" ;;
+        *_k64_*) echo "--attention-key-tile 64" ;;
     esac
 }
 

@@ -104,6 +104,11 @@ enum Command {
         /// `cp.async` pipelines of up to 4 stages (for comparing the two on a GPU).
         #[arg(long)]
         no_async_copies: bool,
+        /// CUDA: the key tile of attention on tensor cores (f16 and bf16 tensors, or f32 with
+        /// `--precision tf32|tf32x3`), a multiple of the products' k (8, or 16 in 16 bits);
+        /// by default the plan's (at most 32). For comparing tiles on a GPU.
+        #[arg(long, value_name = "N")]
+        attention_key_tile: Option<u32>,
         /// Print each GPU kernel's plan (tiles, tensor cores or not, launch) and why.
         #[arg(long)]
         explain: bool,
@@ -243,6 +248,7 @@ fn main() -> ExitCode {
             target,
             precision,
             no_async_copies,
+            attention_key_tile,
             explain,
             train,
             weights,
@@ -255,6 +261,7 @@ fn main() -> ExitCode {
             target,
             precision,
             no_async_copies,
+            attention_key_tile,
             explain,
             train,
             weights,

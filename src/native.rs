@@ -21,6 +21,8 @@ pub struct CompileArgs {
     pub precision: Option<String>,
     /// CUDA: operand tiles through registers only, no `cp.async` pipelines.
     pub no_async_copies: bool,
+    /// CUDA: the key tile of attention on tensor cores.
+    pub attention_key_tile: Option<u32>,
     pub explain: bool,
     /// Build the two entry points `forward` and `train_step` over persistent state.
     pub train: bool,
@@ -379,6 +381,18 @@ pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
         (true, CompileTarget::Cpu(_) | CompileTarget::Vulkan(_)) => {
             return Err(Failure::Usage(
                 "--no-async-copies turns off CUDA's cp.async pipelines: it needs --target cuda[:ARCH]".into(),
+            ))
+        }
+    };
+    let target = match (a.attention_key_tile, target) {
+        (None, t) => t,
+        (Some(n), CompileTarget::Cuda(caps)) => {
+            CompileTarget::Cuda(GpuCaps { attention_key_tile: Some(n), ..caps })
+        }
+        (Some(_), CompileTarget::Cpu(_) | CompileTarget::Vulkan(_)) => {
+            return Err(Failure::Usage(
+                "--attention-key-tile sets the key tile of attention on NVIDIA tensor cores: it needs --target cuda[:ARCH]"
+                    .into(),
             ))
         }
     };

@@ -1103,6 +1103,74 @@ fn simt_product_async_copies_hold_on_vulkan_with_emulated_copies() {
     }
 }
 
+/// Tensor-core attention in key tiles of 64 (`--attention-key-tile 64`), on the Vulkan device
+/// with the products and the copies emulated: 150 keys are two whole tiles and a partial one,
+/// masked and causal, with operands split in two TF32 parts (within f32's 1e-4) and on f16
+/// tensors (3 stages of copies).
+#[test]
+fn tensor_core_attention_in_imposed_key_tiles_holds_on_vulkan() {
+    if !available(Device::Vulkan, "tensor-core attention key tiles") {
+        return;
+    }
+    let caps = kiln_codegen::gpu::GpuCaps {
+        mma: Some(kiln_codegen::gpu::MmaPrecision::Tf32),
+        tensor_cores: Some(kiln_codegen::gpu::MmaPrecision::Tf32x3),
+        subgroup_size: Some(32),
+        registers: 255,
+        async_copies: true,
+        attention_key_tile: Some(64),
+        ..kiln_codegen::gpu::GpuCaps::vulkan()
+    };
+    let spec = |dtype: &str, d: usize| {
+        op_case(
+            &format!("attention_k64_{dtype}"),
+            &format!(
+                r#"{{ "q": ({dtype}, [1, 2, 30, {d}]), "k": ({dtype}, [1, 2, 150, {d}]), "v": ({dtype}, [1, 2, 150, {d}]), "m": ({dtype}, [1, 1, 1, 150]) }}"#
+            ),
+            r#"Let("a", Attention(q: "q", k: "k", v: "v", mask: "m", scale: 0.3)),
+               Let("c", Attention(q: "k", k: "k", v: "v", causal: true, scale: 0.3)),"#,
+        )
+    };
+    // (graph, tolerance, each attention's key tile, stages and async copies: in f32 the
+    // causal one's 4 warps of weights leave room for one stage only)
+    let runs = [
+        (spec("f32", 8), 1e-4, [(64, 3, true), (64, 1, false)]),
+        (spec("f16", 16), 2e-3, [(64, 3, true), (64, 3, true)]),
+    ];
+    for (g, tolerance, expected) in runs {
+        let params = kiln_ir::bind_params(&g, None, 5, false).unwrap();
+        let inputs = kiln_ir::seeded_inputs(&g, 5);
+        let want =
+            kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
+        let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let built = kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, &caps, dir.path()).unwrap();
+        let plans: Vec<String> = built.program.kernels.iter().map(|k| k.plan.describe()).collect();
+        let tiles: Vec<(u32, u32, bool)> = built
+            .program
+            .kernels
+            .iter()
+            .filter_map(|k| match k.plan.work {
+                kiln_codegen::gpu::Work::AttentionTensorCores { block_k, stages, async_copies, .. } => {
+                    Some((block_k, stages, async_copies))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(tiles, expected, "{}: {plans:#?}", g.name);
+        let got = run_artifact(dir.path(), &inputs, &g.name);
+        for ((out, w), gv) in want.iter().zip(&got) {
+            for (i, (a, b)) in w.to_f64_vec().iter().zip(gv).enumerate() {
+                assert!(
+                    (a - b).abs() <= tolerance * (1.0 + a.abs()),
+                    "{} `{out}`[{i}]: interpreter {a}, emulated {b}",
+                    g.name
+                );
+            }
+        }
+    }
+}
+
 /// Operands rounded to f16 or bf16 as they enter a tensor-core product's shared tiles are
 /// rounded exactly as `half` rounds (to nearest, ties to even; NaNs stay NaNs), and f32 ones
 /// copied asynchronously into them, then rounded in place to TF32, as `cvt.rna.tf32.f32`
@@ -1894,6 +1962,38 @@ fn cli_compiles_and_inspects_for_cuda() {
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.contains("key tiles of 32 in shared memory (2 stages), mma.sync m16n8k16"), "{said}");
     assert!(!said.contains("async copies"), "{said}");
+    // Key tiles of 64 on request, or an error naming what a key tile must be.
+    let out = kiln(&[
+        "compile",
+        spec.to_str().unwrap(),
+        "--target",
+        "cuda:sm_90",
+        "--attention-key-tile",
+        "64",
+        "--explain",
+        "-o",
+        half.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("key tiles of 64 in shared memory"));
+    let bad = kiln(&[
+        "compile",
+        spec.to_str().unwrap(),
+        "--target",
+        "cuda:sm_90",
+        "--attention-key-tile",
+        "24",
+        "-o",
+        half.to_str().unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("in key tiles of 24 (heads of 32) on the cuda:sm_90 target: a key tile must be a positive multiple of 16"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let bad = kiln(&["compile", "models/mlp.ron", "--attention-key-tile", "64", "-o", art.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--attention-key-tile sets the key tile of attention on NVIDIA tensor cores: it needs --target cuda[:ARCH]"));
     let bad = kiln(&["compile", "models/mlp.ron", "--no-async-copies", "-o", art.to_str().unwrap()]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr)

@@ -123,6 +123,10 @@ pub struct GpuCaps {
     /// there is no such thing. Only plans with async copies take it: their deeper pipelines
     /// are what needs the room.
     pub max_dynamic_shared_bytes: u32,
+    /// The key tile attention on tensor cores must take (`kiln compile --attention-key-tile`,
+    /// for comparing tiles on a GPU); `None`: the plan chooses (see
+    /// `GpuPlan::attention_tensor_cores`).
+    pub attention_key_tile: Option<u32>,
 }
 
 impl GpuCaps {
@@ -159,6 +163,7 @@ impl GpuCaps {
             registers: 64,
             async_copies: false,
             max_dynamic_shared_bytes: 32 * 1024,
+            attention_key_tile: None,
         }
     }
 
@@ -213,6 +218,7 @@ impl GpuCaps {
                 [8, 6] | [8, 9] => 101_376,
                 _ => 232_448,
             },
+            attention_key_tile: None,
         }
     }
 

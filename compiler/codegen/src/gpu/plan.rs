@@ -539,9 +539,10 @@ impl GpuPlan {
     /// Flash attention on tensor cores, when the target has them for `precision` and the head
     /// sizes are multiples of the products' k (8, or 16 for 16-bit operands) up to
     /// [`ATTENTION_MMA_MAX_HEAD`]: 4 warps of 16 queries per workgroup (fewer for short
-    /// sequences), and the longest key tile with the most stages that fits in shared memory
-    /// with the warps' weights (on SPIR-V, the emulation's scratch arrays too). The caller
-    /// decides whether the operands may be rounded to `precision`.
+    /// sequences), and the longest key tile (at most 32) with the most stages that fits in
+    /// shared memory with the warps' weights (on SPIR-V, the emulation's scratch arrays too),
+    /// or the key tile the caps impose (`attention_key_tile`; an error where it does not
+    /// fit). The caller decides whether the operands may be rounded to `precision`.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_tensor_cores(
         batch: usize,
@@ -567,15 +568,20 @@ impl GpuPlan {
             return Ok(None);
         }
         // With async copies a third stage where it fits the static shared memory (attention
-        // keeps several workgroups per multiprocessor rather than deeper pipelines).
-        let options: &[(u32, u32)] = if caps.async_copies {
-            &[(32, 3), (32, 2), (32, 1), (16, 3), (16, 2), (16, 1), (8, 1)]
-        } else {
-            &[(32, 2), (32, 1), (16, 2), (16, 1), (8, 1)]
+        // keeps several workgroups per multiprocessor rather than deeper pipelines). A key
+        // tile the caps impose takes the most stages that fit.
+        let most = if caps.async_copies { 3 } else { 2 };
+        let options: Vec<(u32, u32)> = match caps.attention_key_tile {
+            Some(t) => (1..=most).rev().map(|s| (t, s)).collect(),
+            None => [32, 16]
+                .into_iter()
+                .flat_map(|t| (1..=most).rev().map(move |s| (t, s)))
+                .chain([(8, 1)])
+                .collect(),
         };
-        for &(block_k, stages) in options {
+        for &(block_k, stages) in &options {
             // The key tile is the k of the products with the value tile.
-            if !(block_k as usize).is_multiple_of(k) {
+            if block_k == 0 || !(block_k as usize).is_multiple_of(k) {
                 continue;
             }
             let layout = attention_layouts(d, dv, block_k as usize, warps as usize, precision);
@@ -625,6 +631,12 @@ impl GpuPlan {
                 shared_bytes: bytes as u32,
                 resident: 1,
             }));
+        }
+        if let Some(t) = caps.attention_key_tile {
+            return Err(too_big(format!(
+                "attention on tensor cores in key tiles of {t} (heads of {d}) on the {} target: a key tile must be a positive multiple of {k} that fits its {} bytes of shared memory and its registers",
+                caps.name, caps.max_shared_bytes
+            )));
         }
         Ok(None)
     }
@@ -992,6 +1004,26 @@ mod tests {
         assert!(matches!(f64.work, Work::Matmul { async_copies: false, .. }), "{f64:?}");
         let vk = plan([true, true], &GpuCaps::vulkan());
         assert!(matches!(vk.work, Work::Matmul { stages: 2, async_copies: false, .. }), "{vk:?}");
+    }
+
+    /// A key tile the caps impose is taken with the most stages that fit, and refused where
+    /// none does.
+    #[test]
+    fn tensor_core_attention_takes_an_imposed_key_tile() {
+        let cuda = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90").unwrap());
+        let with = |t| GpuCaps { attention_key_tile: Some(t), ..cuda.clone() };
+        let plan = |t, d| GpuPlan::attention_tensor_cores(48, 2048, 2048, d, d, MmaPrecision::F16, &with(t));
+        let p = plan(64, 64).unwrap().unwrap();
+        assert!(
+            matches!(p.work, Work::AttentionTensorCores { block_k: 64, stages: 2, async_copies: true, .. }),
+            "{p:?}"
+        );
+        let p = plan(16, 64).unwrap().unwrap();
+        assert!(matches!(p.work, Work::AttentionTensorCores { block_k: 16, stages: 3, .. }), "{p:?}");
+        for (t, d) in [(24, 64), (0, 64), (256, 128)] {
+            let err = plan(t, d).unwrap_err().to_string();
+            assert!(err.contains(&format!("in key tiles of {t} (heads of {d})")), "{err}");
+        }
     }
 
     #[test]
