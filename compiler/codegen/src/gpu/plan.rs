@@ -230,6 +230,18 @@ pub struct RowValue {
     pub passes: u32,
 }
 
+/// The values a row plan's `group` invocations put in shared memory to combine their partial
+/// results: one per warp after warp shuffles (none for a single warp), one per invocation for
+/// a tree or where the shuffles are `emulated` (SPIR-V: through shared memory).
+pub(crate) fn row_combine_slots(group: u32, warp: Option<u32>, emulated: bool) -> usize {
+    let slots = match warp {
+        Some(w) if !emulated && w == group => 0,
+        Some(w) if !emulated => group / w,
+        Some(_) | None => group,
+    };
+    slots as usize
+}
+
 /// Elements of a row each invocation should hold in registers when a row plan holds them.
 const HELD_TARGET: usize = 4;
 /// The most elements of a row an invocation holds; longer rows are read again on each pass.
@@ -314,16 +326,11 @@ impl GpuPlan {
         let holds = value.passes > 1 && len.div_ceil(held_group as usize) <= MAX_HELD;
         let mut group = if holds { held_group } else { group_size(len, 32, caps) };
         let warp = caps.subgroup_size.filter(|&w| value.shuffled && w > 1 && group % w == 0);
-        let bytes = |group: u32| -> usize {
-            let slots = match (warp, caps.lowering) {
-                // Only the warps' results meet in shared memory; none for a single warp.
-                (Some(w), GpuLowering::Nvvm(_)) if group == w => 0,
-                (Some(w), GpuLowering::Nvvm(_)) => group / w,
-                // Emulated shuffles exchange every invocation's value through shared memory.
-                (Some(_), GpuLowering::Spirv) | (None, _) => group,
-            };
-            slots as usize * value.bytes
+        let emulated = match caps.lowering {
+            GpuLowering::Spirv => true,
+            GpuLowering::Nvvm(_) => false,
         };
+        let bytes = |group: u32| row_combine_slots(group, warp, emulated) * value.bytes;
         while group > 1 && bytes(group) > caps.max_shared_bytes as usize && warp.is_none() {
             group /= 2;
         }

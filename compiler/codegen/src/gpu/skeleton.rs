@@ -258,11 +258,7 @@ impl GroupCombine {
     /// is given), with the shared memory the plan counted.
     pub(crate) fn new(b: &mut Body, group: u32, tid: &str, ty: &str, warp: Option<u32>) -> GroupCombine {
         let emulated = flavor(b) != GpuFlavor::Nvvm;
-        let slots = match warp {
-            Some(w) if !emulated && w == group => 0,
-            Some(w) if !emulated => (group / w) as usize,
-            Some(_) | None => group as usize,
-        };
+        let slots = super::plan::row_combine_slots(group, warp, emulated);
         let sh = (slots > 0).then(|| (shared(b, slots, ty), shared_type(b, slots, ty)));
         let warps = warp.map(|w| {
             let width = b.index(w as usize);
