@@ -373,28 +373,37 @@ pub(crate) fn build_in_place(
     Ok(report)
 }
 
+/// A CUDA target with its caps changed by a plan option (`flag` says what it does); any other
+/// target refuses the option.
+fn on_cuda(
+    target: CompileTarget,
+    flag: &str,
+    change: impl FnOnce(GpuCaps) -> GpuCaps,
+) -> Result<CompileTarget, Failure> {
+    match target {
+        CompileTarget::Cuda(caps) => Ok(CompileTarget::Cuda(change(caps))),
+        CompileTarget::Cpu(_) | CompileTarget::Vulkan(_) => {
+            Err(Failure::Usage(format!("{flag}: it needs --target cuda[:ARCH]")))
+        }
+    }
+}
+
 pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
     let target = with_precision(target_by_name(&a.target)?, a.precision.as_deref())?;
-    let target = match (a.no_async_copies, target) {
-        (false, t) => t,
-        (true, CompileTarget::Cuda(caps)) => CompileTarget::Cuda(GpuCaps { async_copies: false, ..caps }),
-        (true, CompileTarget::Cpu(_) | CompileTarget::Vulkan(_)) => {
-            return Err(Failure::Usage(
-                "--no-async-copies turns off CUDA's cp.async pipelines: it needs --target cuda[:ARCH]".into(),
-            ))
-        }
+    let target = match a.no_async_copies {
+        false => target,
+        true => on_cuda(target, "--no-async-copies turns off CUDA's cp.async pipelines", |caps| GpuCaps {
+            async_copies: false,
+            ..caps
+        })?,
     };
-    let target = match (a.attention_key_tile, target) {
-        (None, t) => t,
-        (Some(n), CompileTarget::Cuda(caps)) => {
-            CompileTarget::Cuda(GpuCaps { attention_key_tile: Some(n), ..caps })
-        }
-        (Some(_), CompileTarget::Cpu(_) | CompileTarget::Vulkan(_)) => {
-            return Err(Failure::Usage(
-                "--attention-key-tile sets the key tile of attention on NVIDIA tensor cores: it needs --target cuda[:ARCH]"
-                    .into(),
-            ))
-        }
+    let target = match a.attention_key_tile {
+        None => target,
+        Some(n) => on_cuda(
+            target,
+            "--attention-key-tile sets the key tile of attention on NVIDIA tensor cores",
+            |caps| GpuCaps { attention_key_tile: Some(n), ..caps },
+        )?,
     };
     let start = Instant::now();
     let (entries, params) = if a.train {

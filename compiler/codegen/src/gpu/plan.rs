@@ -248,11 +248,11 @@ const HELD_TARGET: usize = 4;
 const MAX_HELD: usize = 8;
 
 /// The stages of a product's pipeline over `tiles` k tiles whose stage takes `stage_bytes`
-/// (besides `fixed` bytes of other arrays), and whether its tiles are copied asynchronously (where `copies`: the target copies so and
-/// an operand's tiles allow it). With copies, as many stages (up to 4, and no more than there
-/// are k tiles, but at least 2) as fit in half the dynamic shared memory (two workgroups per
-/// multiprocessor) or in the static; else two stages when they fit in shared memory, one
-/// otherwise.
+/// (besides `fixed` bytes of other arrays), and whether its tiles are copied asynchronously
+/// (where `copies`: the target copies so and an operand's tiles allow it). With copies, as
+/// many stages (up to 4, and no more than there are k tiles, but at least 2) as fit in half
+/// the dynamic shared memory (two workgroups per multiprocessor) or in the static; else two
+/// stages when they fit in shared memory, one otherwise.
 fn pipeline_depth(
     [stage_bytes, fixed]: [usize; 2],
     tiles: usize,
@@ -317,8 +317,10 @@ impl GpuPlan {
         })
     }
 
-    /// One workgroup per row; `arrays` shared arrays of one `reg_bytes` value per invocation
-    /// hold the tree reductions.
+    /// One workgroup per row of `len`. A kernel that passes over the row more than once holds
+    /// it in registers where about `HELD_TARGET` (at most `MAX_HELD`) elements per invocation
+    /// cover it; its partial results combine by warp shuffles where the target fixes the warp
+    /// width and `value` is 32 bits, else by a tree (shared memory: [`row_combine_slots`]).
     pub fn rows(rows: usize, len: usize, value: RowValue, caps: &GpuCaps) -> Result<GpuPlan, CodegenError> {
         // Rows a workgroup covers in a few elements per invocation are held in registers:
         // enough invocations that each holds about `HELD_TARGET`, at most `MAX_HELD`.
@@ -326,10 +328,7 @@ impl GpuPlan {
         let holds = value.passes > 1 && len.div_ceil(held_group as usize) <= MAX_HELD;
         let mut group = if holds { held_group } else { group_size(len, 32, caps) };
         let warp = caps.subgroup_size.filter(|&w| value.shuffled && w > 1 && group % w == 0);
-        let emulated = match caps.lowering {
-            GpuLowering::Spirv => true,
-            GpuLowering::Nvvm(_) => false,
-        };
+        let emulated = caps.flavor() != super::GpuFlavor::Nvvm;
         let bytes = |group: u32| row_combine_slots(group, warp, emulated) * value.bytes;
         while group > 1 && bytes(group) > caps.max_shared_bytes as usize && warp.is_none() {
             group /= 2;
