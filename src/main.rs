@@ -109,6 +109,10 @@ enum Command {
         /// by default the plan's (at most 32). For comparing tiles on a GPU.
         #[arg(long, value_name = "N")]
         attention_key_tile: Option<u32>,
+        /// GPU: attention without tensor cores keeps one query per invocation instead of
+        /// register tiles of several queries and keys (for comparing the two on a GPU).
+        #[arg(long)]
+        attention_per_query: bool,
         /// Print each GPU kernel's plan (tiles, tensor cores or not, launch) and why.
         #[arg(long)]
         explain: bool,
@@ -249,6 +253,7 @@ fn main() -> ExitCode {
             precision,
             no_async_copies,
             attention_key_tile,
+            attention_per_query,
             explain,
             train,
             weights,
@@ -262,6 +267,7 @@ fn main() -> ExitCode {
             precision,
             no_async_copies,
             attention_key_tile,
+            attention_per_query,
             explain,
             train,
             weights,

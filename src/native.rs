@@ -23,6 +23,8 @@ pub struct CompileArgs {
     pub no_async_copies: bool,
     /// CUDA: the key tile of attention on tensor cores.
     pub attention_key_tile: Option<u32>,
+    /// GPU: attention without tensor cores keeps one query per invocation.
+    pub attention_per_query: bool,
     pub explain: bool,
     /// Build the two entry points `forward` and `train_step` over persistent state.
     pub train: bool,
@@ -388,6 +390,22 @@ fn on_cuda(
     }
 }
 
+/// A GPU target (Vulkan or CUDA) with its caps changed by a plan option (`flag` says what it
+/// does); a CPU target refuses the option.
+fn on_gpu(
+    target: CompileTarget,
+    flag: &str,
+    change: impl FnOnce(GpuCaps) -> GpuCaps,
+) -> Result<CompileTarget, Failure> {
+    match target {
+        CompileTarget::Cuda(caps) => Ok(CompileTarget::Cuda(change(caps))),
+        CompileTarget::Vulkan(caps) => Ok(CompileTarget::Vulkan(change(caps))),
+        CompileTarget::Cpu(_) => {
+            Err(Failure::Usage(format!("{flag}: it needs a GPU target (vulkan, cuda[:ARCH])")))
+        }
+    }
+}
+
 pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
     let target = with_precision(target_by_name(&a.target)?, a.precision.as_deref())?;
     let target = match a.no_async_copies {
@@ -403,6 +421,14 @@ pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
             target,
             "--attention-key-tile sets the key tile of attention on NVIDIA tensor cores",
             |caps| GpuCaps { attention_key_tile: Some(n), ..caps },
+        )?,
+    };
+    let target = match a.attention_per_query {
+        false => target,
+        true => on_gpu(
+            target,
+            "--attention-per-query sets the plan of GPU attention without tensor cores",
+            |caps| GpuCaps { attention_per_query: true, ..caps },
         )?,
     };
     let start = Instant::now();

@@ -308,6 +308,17 @@ const OP_CASES: &[(&str, &str, &str)] = &[
            Let("c", Attention(q: "q", k: "q", v: "q", causal: true, scale: 0.35)),
            Let("d", Attention(q: "w", k: "w", v: "w", causal: true, scale: 0.09)),"#,
     ),
+    (
+        // Register-tiled attention: 80 queries of 64 over 70 keys (ragged query blocks and key
+        // tiles, a mask, value rows of 16), heads of 20 (value runs one lane each) and 100
+        // causal queries of 32.
+        "attention_tiles",
+        r#"{ "x": (f32, [2, 2, 80, 64]), "y": (f32, [2, 2, 70, 64]), "yv": (f32, [2, 2, 70, 16]), "mm": (f32, [2, 1, 80, 70]), "t": (f32, [1, 3, 37, 20]), "s": (f32, [1, 2, 100, 32]) }"#,
+        r#"Let("e", Attention(q: "x", k: "y", v: "y", mask: "mm", scale: 0.125)),
+           Let("f", Attention(q: "x", k: "y", v: "yv", causal: true, scale: 0.125)),
+           Let("g", Attention(q: "t", k: "t", v: "t", causal: true, scale: 0.2)),
+           Let("h", Attention(q: "s", k: "s", v: "s", causal: true, scale: 0.17)),"#,
+    ),
 ];
 
 fn op_case(name: &str, inputs: &str, body: &str) -> Graph {
@@ -382,6 +393,107 @@ fn row_warp_shuffles_hold_on_vulkan_with_emulated_shuffles() {
                     "{name} `{out}`[{i}]: interpreter {a}, emulated shuffles {b}"
                 );
             }
+        }
+    }
+}
+
+/// Register-tiled attention (GPU attention without tensor cores, for heads that are multiples
+/// of 4 up to 128), checked on the Vulkan device in three plans: Vulkan's own (64 registers,
+/// so at most 2 queries per invocation for heads of 64); CUDA's register budget, where heads
+/// of 32 take 4 queries per invocation in groups of 8 lanes (each group's maxima and sums
+/// combined through shared memory where CUDA shuffles); and one query per invocation
+/// (`attention_per_query`), the plan the tiles replace. Graphs: the attention op cases, a
+/// log-sum-exp with and without the attention, and shipped models with heads of 16, one of
+/// them over run-time sizes.
+#[test]
+fn tiled_attention_holds_on_vulkan_in_every_plan() {
+    use kiln_codegen::gpu::{GpuCaps, Work};
+    if !available(Device::Vulkan, "tiled attention") {
+        return;
+    }
+    let vulkan = GpuCaps::vulkan();
+    let cuda_budget = GpuCaps { registers: 255, max_workgroup_invocations: 1024, ..vulkan.clone() };
+    let per_query = GpuCaps { attention_per_query: true, ..cuda_budget.clone() };
+    let mut graphs: Vec<(Graph, Vec<Vec<i64>>)> = OP_CASES
+        .iter()
+        .filter(|(n, _, _)| n.starts_with("attention"))
+        .map(|(name, inputs, body)| (op_case(name, inputs, body), vec![]))
+        .collect();
+    graphs.extend(attention_lse_graphs_sized(37, 45, 16, 16).into_iter().map(|(g, _)| (g, vec![])));
+    graphs.push((
+        optimized(&shipped(
+            "bert_encoder.ron",
+            &["layers=1", "seq=32", "hidden=64", "heads=4", "ffn=128", "vocab=500"],
+        )),
+        vec![],
+    ));
+    graphs.push((
+        optimized(&shipped(
+            "seed_transformer.ron",
+            &[
+                "batch=Dyn(min: 1, max: 4, hint: 2)",
+                "seq=Dyn(min: 1, max: 64, hint: 32)",
+                "layers=1",
+                "d_model=32",
+                "heads=2",
+                "d_ff=64",
+                "input_dim=50",
+            ],
+        )),
+        vec![vec![2, 40], vec![1, 64], vec![3, 17]],
+    ));
+    // Per plan: the (rows, lanes) of its tiled attentions that must occur, or none for one
+    // query per invocation.
+    let plans = [
+        ("vulkan", &vulkan, Some((2, 8))),
+        ("cuda budget", &cuda_budget, Some((4, 8))),
+        ("per query", &per_query, None::<(u32, u32)>),
+    ];
+    for (plan_name, caps, wanted) in plans {
+        let mut seen = std::collections::HashSet::new();
+        for (g, runs) in &graphs {
+            let params = kiln_ir::bind_params(g, None, 3, false).unwrap();
+            let s = kiln_sched::schedule_aligned(g, caps.buffer_align).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let built = kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, caps, dir.path()).unwrap();
+            for k in &built.program.kernels {
+                match k.plan.work {
+                    Work::AttentionTiled { rows, lanes, .. } => {
+                        assert!(wanted.is_some(), "{plan_name} {}: a tiled attention", g.name);
+                        seen.insert((rows, lanes));
+                    }
+                    Work::Attention { .. } => {
+                        seen.insert((1, 1));
+                    }
+                    _ => {}
+                }
+            }
+            let sizes: Vec<Vec<i64>> = if runs.is_empty() { vec![vec![]] } else { runs.clone() };
+            for size in sizes {
+                let shaped = if size.is_empty() { g.clone() } else { g.specialize(&size).unwrap() };
+                let inputs = kiln_ir::seeded_inputs(&shaped, 3);
+                let want =
+                    kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() })
+                        .unwrap();
+                let got = run_artifact(dir.path(), &inputs, &g.name);
+                for ((out, w), gv) in want.iter().zip(&got) {
+                    let wv = w.to_f64_vec();
+                    assert_eq!(wv.len(), gv.len(), "{plan_name} {} `{out}` at {size:?}", g.name);
+                    for (i, (a, b)) in wv.iter().zip(gv).enumerate() {
+                        assert!(
+                            (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+                            "{plan_name} {} `{out}`[{i}] at {size:?}: interpreter {a}, compiled {b}",
+                            g.name
+                        );
+                    }
+                }
+            }
+        }
+        match wanted {
+            Some(plan) => {
+                assert!(seen.contains(&plan), "{plan_name}: no tiled attention of {plan:?} in {seen:?}")
+            }
+            None => assert_eq!(seen, [(1, 1)].into_iter().collect(), "{plan_name}"),
         }
     }
 }
@@ -2875,6 +2987,17 @@ fn attention_lse_graphs() -> Vec<(Graph, &'static [&'static str])> {
 
 /// [`attention_lse_graphs`] with value rows of `dv`.
 fn attention_lse_graphs_with(dv: usize) -> Vec<(Graph, &'static [&'static str])> {
+    attention_lse_graphs_sized(11, 13, 8, dv)
+}
+
+/// [`attention_lse_graphs`] over `sq` queries and `sk` keys, heads of `d` and value rows of
+/// `dv`.
+fn attention_lse_graphs_sized(
+    sq: usize,
+    sk: usize,
+    d: usize,
+    dv: usize,
+) -> Vec<(Graph, &'static [&'static str])> {
     let cases: [(&str, bool, bool, bool); 5] = [
         ("attention_and_lse", false, false, true),
         ("causal_attention_and_lse", true, false, true),
@@ -2882,7 +3005,6 @@ fn attention_lse_graphs_with(dv: usize) -> Vec<(Graph, &'static [&'static str])>
         ("lse_alone", false, false, false),
         ("masked_causal_lse_alone", true, true, false),
     ];
-    let (sq, sk) = (11, 13);
     // Keys j ≡ i (mod 5) hidden from row i, and every key from row 3.
     let mask: Vec<f64> = (0..sq * sk)
         .map(|e| if e / sk == 3 || (e % sk) % 5 == (e / sk) % 5 { f64::NEG_INFINITY } else { 0.0 })
@@ -2895,8 +3017,8 @@ fn attention_lse_graphs_with(dv: usize) -> Vec<(Graph, &'static [&'static str])>
                 let op = Op::Input { name: name.into(), dtype: DType::F32, shape: kiln_ir::dims(shape) };
                 g.add(op, &[]).unwrap()
             };
-            let q = input(&mut g, "q", &[2, 2, sq, 8]);
-            let k = input(&mut g, "k", &[2, 2, sk, 8]);
+            let q = input(&mut g, "q", &[2, 2, sq, d]);
+            let k = input(&mut g, "k", &[2, 2, sk, d]);
             let mut scores = vec![q, k];
             if masked {
                 let value = Tensor::from_f64(vec![1, sq, sk], mask.clone()).unwrap().cast(DType::F32);

@@ -639,7 +639,8 @@ fn tensor_core_precisions(kernels: &[GpuKernel]) -> Vec<String> {
             | Work::Columns { .. }
             | Work::Rows { .. }
             | Work::Matmul { .. }
-            | Work::Attention { .. } => continue,
+            | Work::Attention { .. }
+            | Work::AttentionTiled { .. } => continue,
         };
         if !names.iter().any(|n| n == precision.name()) {
             names.push(precision.name().to_string());

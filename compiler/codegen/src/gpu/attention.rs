@@ -139,7 +139,10 @@ pub fn emit_run(
     let reg_bytes = if ty == "f64" { 8 } else { 4 };
     let plan = match tensor_cores {
         Some(plan) => plan,
-        None => GpuPlan::attention(batch, sq, sk, d, dv, reg_bytes, cx.caps)?,
+        None => match GpuPlan::attention_tiled(batch, sq, sk, d, dv, reg_bytes, cx.caps)? {
+            Some(plan) => plan,
+            None => GpuPlan::attention(batch, sq, sk, d, dv, reg_bytes, cx.caps)?,
+        },
     };
     let mut b = cx.body();
     let by = b.assign("gpu.block_id y");
@@ -212,6 +215,15 @@ pub fn emit_run(
         Work::Attention { block_q, block_k, .. } => {
             simt(&mut b, &ops, block_q as usize, block_k as usize, cx);
             block_q as usize
+        }
+        Work::AttentionTiled { rows, lanes, block_k, .. } => {
+            let shape = super::attention_tiled::Shape {
+                rows: rows as usize,
+                lanes: lanes as usize,
+                block_k: block_k as usize,
+            };
+            super::attention_tiled::body(&mut b, &ops, shape, cx);
+            super::attention_tiled::GROUPS * rows as usize
         }
         Work::AttentionTensorCores { warps, block_k, stages, precision, async_copies, .. } => {
             let shape = super::attention_mma::Shape {

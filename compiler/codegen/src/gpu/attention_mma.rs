@@ -18,7 +18,7 @@
 use super::attention::{keys_to_visit, Operands};
 use super::mma::{eight, joined, mma_parts, Fragment, Lanes, Parts, C_FRAGMENT, MMA_M, MMA_N};
 use super::plan::{attention_layouts, MmaPrecision};
-use super::skeleton::{clamp, offset_at, plus, shared, shared_type, SharedArray};
+use super::skeleton::{clamp, offset_at, plus, shared, shared_type, Combine, LaneGroups, SharedArray};
 use super::tiles::{shared_pointer, OperandTile, Pipeline};
 use super::{GpuCtx, GpuFlavor};
 use crate::kernels::elementwise::{load, store};
@@ -39,13 +39,6 @@ pub(crate) struct Shape {
     pub exact: bool,
     /// Whether tiles that allow it are copied asynchronously.
     pub async_copies: bool,
-}
-
-/// How a quad's four partial results combine.
-#[derive(Clone, Copy)]
-enum Combine {
-    Max,
-    Add,
 }
 
 /// The kernel body (operands as [`Operands`] describes; f32 registers).
@@ -73,13 +66,13 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         let name = shared(b, lay.weights.len, ty);
         (name, shared_type(b, lay.weights.len, ty))
     });
-    let quad_scratch = (!nvvm).then(|| (shared(b, inv * 2, ty), shared_type(b, inv * 2, ty)));
     let lin = b.assign("gpu.thread_id x");
+    // A query row's four lanes (a quad) combine its max and sum.
+    let quads = LaneGroups::new(b, 4, inv, &lin, 2);
     let bx = b.assign("gpu.block_id x");
     let l = Lanes::new(b, &lin, [warps, 1], [1, 1], precision);
     let frag = l.frag;
     let k_lane = l.k_lane(b);
-    let quads = Quads { scratch: quad_scratch, lin: lin.clone(), in_group: l.in_group.clone() };
     let (c0, c1) = (b.index(0), b.index(1));
     let zero = b.float(0.0, ty);
     let one = b.float(1.0, ty);
@@ -283,7 +276,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
             tmax[half] = b.fmax(&tmax[half], s, ty);
         }
     }
-    let tmax = quads.reduce(b, &tmax, Combine::Max);
+    let tmax = quads.all(b, &tmax, Combine::Max);
 
     // Online softmax: rescale the output rows by exp(m − m_new) once; the weights
     // `p = exp(score − m_new)` (0 for a row with nothing to see) into this lane's sums.
@@ -421,7 +414,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
 
     // Each row's sum over its quad; the output rows divided by it, and the log-sum-exp.
     let partial = ["%fa#2".to_string(), "%fa#3".to_string()];
-    let sums = quads.reduce(b, &partial, Combine::Add);
+    let sums = quads.all(b, &partial, Combine::Add);
     for (half, row) in rows.iter().enumerate() {
         let valid = b.assign(format!("arith.cmpi ult, {row}, {} : index", o.sq_run));
         b.open(format!("scf.if {valid}"));
@@ -467,69 +460,6 @@ fn weight_of(kk: usize, (dr, dc): (usize, usize), k: usize) -> (usize, usize) {
         .position(|&c| c == (dr, dc % MMA_N))
         .expect("every 16-bit A fragment element is a score accumulator (see the test)");
     (nb, e)
-}
-
-/// How the four lanes of a quad (one query row's lanes) combine their values: butterfly
-/// shuffles on NVVM; on SPIR-V, through shared memory (every lane stores, then reads its
-/// quad's four), in the same order, so both give every lane the same `(x0 ⊕ x1) ⊕ (x2 ⊕ x3)`.
-struct Quads {
-    /// SPIR-V's scratch array (two values per invocation) and its type; `None` on NVVM.
-    scratch: Option<(String, String)>,
-    lin: String,
-    in_group: String,
-}
-
-impl Quads {
-    /// Each of `values` (at most two) combined over the quad.
-    fn reduce(&self, b: &mut Body, values: &[String], how: Combine) -> Vec<String> {
-        let ty = "f32";
-        let combine = |b: &mut Body, x: &str, y: &str| match how {
-            Combine::Max => b.fmax(x, y, ty),
-            Combine::Add => b.fadd(x, y, ty),
-        };
-        match &self.scratch {
-            None => {
-                let all = b.int(-1, "i32");
-                let clamp = b.int(31, "i32");
-                let mut out = values.to_vec();
-                for offset in [1, 2] {
-                    let off = b.int(offset, "i32");
-                    for x in out.iter_mut() {
-                        let y =
-                            b.assign(format!("nvvm.shfl.sync bfly {all}, {x}, {off}, {clamp} : f32 -> f32"));
-                        *x = combine(b, x, &y);
-                    }
-                }
-                out
-            }
-            Some((scratch, st)) => {
-                let two = b.index(2);
-                let mine = b.assign(format!("arith.muli {}, {two} : index", self.lin));
-                for (i, x) in values.iter().enumerate() {
-                    let at = plus(b, &mine, i);
-                    b.line(format!("memref.store {x}, {scratch}[{at}] : {st}"));
-                }
-                b.line("gpu.barrier");
-                let quad = b.assign(format!("arith.subi {}, {} : index", self.lin, self.in_group));
-                let quad = b.assign(format!("arith.muli {quad}, {two} : index"));
-                let out = (0..values.len())
-                    .map(|i| {
-                        let v: Vec<String> = (0..4)
-                            .map(|lane| {
-                                let at = plus(b, &quad, lane * 2 + i);
-                                b.assign(format!("memref.load {scratch}[{at}] : {st}"))
-                            })
-                            .collect();
-                        let lo = combine(b, &v[0], &v[1]);
-                        let hi = combine(b, &v[2], &v[3]);
-                        combine(b, &lo, &hi)
-                    })
-                    .collect();
-                b.line("gpu.barrier");
-                out
-            }
-        }
-    }
 }
 
 #[cfg(test)]

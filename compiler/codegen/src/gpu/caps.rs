@@ -127,6 +127,10 @@ pub struct GpuCaps {
     /// for comparing tiles on a GPU); `None`: the plan chooses (see
     /// `GpuPlan::attention_tensor_cores`).
     pub attention_key_tile: Option<u32>,
+    /// Whether attention without tensor cores keeps one query per invocation (`kiln compile
+    /// --attention-per-query`, for comparing plans on a GPU) instead of register tiles (see
+    /// `GpuPlan::attention_tiled`).
+    pub attention_per_query: bool,
 }
 
 impl GpuCaps {
@@ -164,6 +168,7 @@ impl GpuCaps {
             async_copies: false,
             max_dynamic_shared_bytes: 32 * 1024,
             attention_key_tile: None,
+            attention_per_query: false,
         }
     }
 
@@ -219,6 +224,7 @@ impl GpuCaps {
                 _ => 232_448,
             },
             attention_key_tile: None,
+            attention_per_query: false,
         }
     }
 

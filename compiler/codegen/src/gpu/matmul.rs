@@ -80,6 +80,7 @@ pub fn emit(
         | Work::Columns { .. }
         | Work::Rows { .. }
         | Work::Attention { .. }
+        | Work::AttentionTiled { .. }
         | Work::AttentionTensorCores { .. } => {
             return Err(CodegenError::Unsupported("a matmul plan that is not one".into()))
         }

@@ -12,6 +12,7 @@
 
 pub mod attention;
 mod attention_mma;
+mod attention_tiled;
 mod caps;
 mod dynamic;
 pub mod elements;

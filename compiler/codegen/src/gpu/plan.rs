@@ -78,6 +78,22 @@ pub enum Work {
     /// keys and values in tiles of `block_k` rows through shared memory, an online softmax in
     /// registers; no `sq × sk` buffer exists.
     Attention { batch: usize, sq: usize, sk: usize, d: usize, dv: usize, block_q: u32, block_k: u32 },
+    /// Flash attention in register tiles: one workgroup per block of `16·rows` queries, 16
+    /// groups of `lanes` invocations. Group `g` owns queries `g, g + 16, …` (`rows` of them);
+    /// per tile of `block_k` keys each invocation forms their scores against every `lanes`-th
+    /// key and, after the online softmax, their output over every `lanes`-th run of 4 value
+    /// columns, so each value read from shared memory feeds several FMAs. The group combines
+    /// its rows' maxima and sums across its lanes; the weights go through shared memory.
+    AttentionTiled {
+        batch: usize,
+        sq: usize,
+        sk: usize,
+        d: usize,
+        dv: usize,
+        rows: u32,
+        lanes: u32,
+        block_k: u32,
+    },
     /// Flash attention on tensor cores: one workgroup per block of `16·warps` queries, each
     /// warp 16 of them. The warp forms its 16 × `block_k` scores with `shape`-sized products
     /// (`mma.sync`) of its queries (held as fragments for the whole walk) and the key tile,
@@ -542,6 +558,78 @@ impl GpuPlan {
         })
     }
 
+    /// Flash attention in register tiles ([`Work::AttentionTiled`]) for f32 registers and
+    /// heads that are multiples of 4 up to [`ATTENTION_TILED_MAX_HEAD`], with at least 16
+    /// queries; `None` where it does not apply or the caps ask for one query per invocation
+    /// (`attention_per_query`). The lanes of a group split the value row into runs of 4 (8
+    /// lanes where the runs allow); the plan takes the most queries per invocation (4, 2, 1)
+    /// and the longest key tile (64, 32, 16) whose accumulators take at most half the
+    /// registers and whose tiles fit the static shared memory.
+    pub fn attention_tiled(
+        batch: usize,
+        sq: usize,
+        sk: usize,
+        d: usize,
+        dv: usize,
+        reg_bytes: usize,
+        caps: &GpuCaps,
+    ) -> Result<Option<GpuPlan>, CodegenError> {
+        if caps.attention_per_query
+            || reg_bytes != 4
+            || sq < 16
+            || d == 0
+            || !d.is_multiple_of(4)
+            || !dv.is_multiple_of(4)
+            || d > ATTENTION_TILED_MAX_HEAD
+            || dv > ATTENTION_TILED_MAX_HEAD
+        {
+            return Ok(None);
+        }
+        let runs = dv / 4;
+        let lanes = [8usize, 4, 2, 1].into_iter().find(|&g| runs.is_multiple_of(g)).unwrap_or(1);
+        if 16 * lanes > caps.max_workgroup_invocations as usize
+            || 16 * lanes > caps.max_workgroup_size[0] as usize
+        {
+            return Ok(None);
+        }
+        for rows in [4usize, 2, 1] {
+            if rows > 1 && 16 * rows > sq {
+                continue;
+            }
+            for block_k in [64usize, 32, 16] {
+                let accumulators = rows * (block_k / lanes + dv / lanes);
+                if accumulators > caps.registers as usize / 2 {
+                    continue;
+                }
+                let shared = attention_tiled_shared(d, dv, rows, block_k, lanes, caps.flavor()) * reg_bytes;
+                if shared > caps.max_shared_bytes as usize {
+                    continue;
+                }
+                let block_q = 16 * rows;
+                let grid = [sq.div_ceil(block_q).max(1), batch.max(1)];
+                if grid[0] > caps.max_workgroup_count[0] as usize
+                    || grid[1] > caps.max_workgroup_count[1] as usize
+                {
+                    return Err(too_big(format!(
+                        "attention over {batch} heads of {sq} queries on the {} target",
+                        caps.name
+                    )));
+                }
+                let (rows, lanes, block_k) = (rows as u32, lanes as u32, block_k as u32);
+                return Ok(Some(GpuPlan {
+                    work: Work::AttentionTiled { batch, sq, sk, d, dv, rows, lanes, block_k },
+                    launch: Launch {
+                        grid: [grid[0] as u32, grid[1] as u32, 1],
+                        workgroup: [16 * lanes, 1, 1],
+                    },
+                    shared_bytes: shared as u32,
+                    resident: 1,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
     /// Flash attention on tensor cores, when the target has them for `precision` and the head
     /// sizes are multiples of the products' k (8, or 16 for 16-bit operands) up to
     /// [`ATTENTION_MMA_MAX_HEAD`]: 4 warps of 16 queries per workgroup (fewer for short
@@ -683,6 +771,12 @@ impl GpuPlan {
             Work::Attention { batch, sq, sk, d, dv, block_q, block_k } => format!(
                 "attention: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {block_q} queries per workgroup, key tiles of {block_k} in shared memory, online softmax"
             ),
+            Work::AttentionTiled { batch, sq, sk, d, dv, rows, lanes, block_k } => format!(
+                "attention: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {} queries per workgroup in 16 groups of {lanes} invocations, {rows} queries × {} keys and {rows} × {} value columns per invocation, key tiles of {block_k} in shared memory, online softmax",
+                16 * rows,
+                block_k / lanes,
+                dv / *lanes as usize
+            ),
             Work::AttentionTensorCores { batch, sq, sk, d, dv, warps, block_k, shape, precision, stages, async_copies } => {
                 let copies = if *async_copies { ", async copies" } else { "" };
                 format!(
@@ -749,6 +843,54 @@ pub fn matmul_layouts(
             SharedLayout { row: tn + 4, col: 1, len: tk * (tn + 4) },
         ],
     }
+}
+
+/// The largest head the register-tiled attention takes: its lanes hold `rows` output rows of
+/// up to 128 / 8 = 16 columns each.
+pub const ATTENTION_TILED_MAX_HEAD: usize = 128;
+
+/// Where the register-tiled attention keeps its tiles in shared memory, in elements: the
+/// workgroup's query rows, one key tile, one value tile (each row padded by 4, so a warp's
+/// 16-byte reads of consecutive rows fall in different banks) and the weights, query by key
+/// (rows of `block_k + 4`), written by the lane that formed each and read by the lanes of
+/// its group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TiledAttentionLayouts {
+    pub queries: SharedLayout,
+    pub keys: SharedLayout,
+    pub values: SharedLayout,
+    pub weights: SharedLayout,
+}
+
+/// The shared layouts of register-tiled attention with `rows` queries per group and key tiles
+/// of `block_k`.
+pub fn tiled_attention_layouts(d: usize, dv: usize, rows: usize, block_k: usize) -> TiledAttentionLayouts {
+    let block_q = 16 * rows;
+    let values = |len| if dv == 0 { 0 } else { len };
+    TiledAttentionLayouts {
+        queries: SharedLayout { row: d + 4, col: 1, len: block_q * (d + 4) },
+        keys: SharedLayout { row: d + 4, col: 1, len: block_k * (d + 4) },
+        values: SharedLayout { row: dv + 4, col: 1, len: values(block_k * (dv + 4)) },
+        weights: SharedLayout { row: block_k + 4, col: 1, len: values(block_q * (block_k + 4)) },
+    }
+}
+
+/// Values of shared memory register-tiled attention takes: its tiles, and on SPIR-V the lane
+/// groups' scratch (one maximum or sum per query row and invocation).
+fn attention_tiled_shared(
+    d: usize,
+    dv: usize,
+    rows: usize,
+    block_k: usize,
+    lanes: usize,
+    flavor: super::GpuFlavor,
+) -> usize {
+    let l = tiled_attention_layouts(d, dv, rows, block_k);
+    l.queries.len
+        + l.keys.len
+        + l.values.len
+        + l.weights.len
+        + super::skeleton::LaneGroups::scratch_len(flavor, 16 * lanes, rows)
 }
 
 /// The largest head (query and value row) the tensor-core attention holds in registers: each
@@ -1078,5 +1220,67 @@ mod tests {
         assert_eq!(p.shared_bytes, 32 * 128 * 4);
         let wide = GpuPlan::attention(1, 4, 4, 1024, 1024, 4, &caps).unwrap();
         assert!(wide.shared_bytes <= caps.max_shared_bytes / 2);
+    }
+
+    /// Register-tiled attention takes the most queries per invocation and the longest key tile
+    /// that fit the registers and the static shared memory; it leaves to one query per
+    /// invocation what it does not take.
+    #[test]
+    fn tiled_attention_fills_registers_and_shared_memory() {
+        let cuda = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90").unwrap());
+        let tiled = |p: Option<GpuPlan>| p.map(|p| (p.work, p.launch, p.shared_bytes));
+        // MiniLM at batch 64 (heads of 32): 4 queries × 8 keys, 4 × 4 columns, tiles of 64.
+        let (work, launch, shared) =
+            tiled(GpuPlan::attention_tiled(768, 128, 128, 32, 32, 4, &cuda).unwrap()).unwrap();
+        assert_eq!(
+            work,
+            Work::AttentionTiled {
+                batch: 768,
+                sq: 128,
+                sk: 128,
+                d: 32,
+                dv: 32,
+                rows: 4,
+                lanes: 8,
+                block_k: 64
+            }
+        );
+        assert_eq!(launch, Launch { grid: [2, 768, 1], workgroup: [128, 1, 1] });
+        assert_eq!(shared, (64 * 36 * 3 + 64 * 68) * 4);
+        // Heads of 64: tiles of 64 would take 68 KiB; 32 fit.
+        let (work, _, shared) =
+            tiled(GpuPlan::attention_tiled(48, 2048, 2048, 64, 64, 4, &cuda).unwrap()).unwrap();
+        assert!(matches!(work, Work::AttentionTiled { rows: 4, lanes: 8, block_k: 32, .. }), "{work:?}");
+        assert!(shared <= cuda.max_shared_bytes, "{shared}");
+        // Vulkan's 64 registers: 2 queries per invocation for heads of 64, with the lane
+        // groups' scratch in shared memory.
+        let vulkan = GpuCaps::vulkan();
+        let (work, _, shared) =
+            tiled(GpuPlan::attention_tiled(4, 80, 70, 64, 64, 4, &vulkan).unwrap()).unwrap();
+        assert!(matches!(work, Work::AttentionTiled { rows: 2, lanes: 8, block_k: 32, .. }), "{work:?}");
+        assert_eq!(shared, (32 * 68 + 32 * 68 * 2 + 32 * 36 + 128 * 2) * 4);
+        // Value rows of 20 (5 runs of 4) are one lane's; value rows of 16 four lanes'.
+        let lanes = |dv| match GpuPlan::attention_tiled(1, 64, 64, 32, dv, 4, &cuda).unwrap().map(|p| p.work)
+        {
+            Some(Work::AttentionTiled { lanes, .. }) => lanes,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((lanes(20), lanes(16), lanes(0)), (1, 4, 8));
+        // Not taken: fewer than 16 queries, heads that are not multiples of 4 or longer than
+        // 128, f64 registers, or caps that ask for one query per invocation.
+        let per_query = GpuCaps { attention_per_query: true, ..cuda.clone() };
+        for (sq, d, dv, bytes, caps) in [
+            (8, 64, 64, 4, &cuda),
+            (64, 30, 32, 4, &cuda),
+            (64, 32, 136, 4, &cuda),
+            (64, 32, 32, 8, &cuda),
+            (64, 32, 32, 4, &per_query),
+        ] {
+            assert_eq!(
+                GpuPlan::attention_tiled(1, sq, sq, d, dv, bytes, caps).unwrap(),
+                None,
+                "{sq} {d} {dv}"
+            );
+        }
     }
 }

@@ -357,6 +357,98 @@ impl GroupCombine {
     }
 }
 
+/// How each group of `width` adjacent invocations (a power of two within a warp) combines up
+/// to `values` values at a time, so that every invocation of the group gets its group's
+/// results: butterfly shuffles at offsets 1, 2, 4, … on NVVM; on SPIR-V, where no warp width is
+/// fixed, through shared memory (every invocation stores, then reads its group's values and
+/// combines them pairwise in the butterfly's order), so both give every invocation the same
+/// `((x0 ⊕ x1) ⊕ (x2 ⊕ x3)) ⊕ …` and the bookkeeping around it runs on any Vulkan device.
+pub(crate) struct LaneGroups {
+    width: usize,
+    /// SPIR-V's scratch array (`values` per invocation) and its type; `None` on NVVM.
+    scratch: Option<(String, String)>,
+    lin: String,
+    values: usize,
+}
+
+impl LaneGroups {
+    /// Groups of `width` among `invocations` numbered `lin`, combining at most `values` f32
+    /// values per call; the scratch array is [`LaneGroups::scratch_len`] long.
+    pub(crate) fn new(
+        b: &mut Body,
+        width: usize,
+        invocations: usize,
+        lin: &str,
+        values: usize,
+    ) -> LaneGroups {
+        let len = Self::scratch_len(flavor(b), invocations, values);
+        let scratch = (len > 0).then(|| (shared(b, len, "f32"), shared_type(b, len, "f32")));
+        LaneGroups { width, scratch, lin: lin.to_string(), values }
+    }
+
+    /// The f32 values of shared memory the groups take in `flavor` (none on NVVM).
+    pub(crate) fn scratch_len(flavor: GpuFlavor, invocations: usize, values: usize) -> usize {
+        match flavor {
+            GpuFlavor::Nvvm => 0,
+            GpuFlavor::Spirv => invocations * values,
+        }
+    }
+
+    /// Each of `xs` combined by `op` over the group (every invocation must call it: on SPIR-V
+    /// it holds two barriers).
+    pub(crate) fn all(&self, b: &mut Body, xs: &[String], op: Combine) -> Vec<String> {
+        assert!(xs.len() <= self.values, "a lane group combines at most {} values at once", self.values);
+        let ty = "f32";
+        match &self.scratch {
+            None => {
+                let all = b.int(-1, "i32");
+                let clamp = b.int(31, "i32");
+                let mut out = xs.to_vec();
+                let mut offset = 1;
+                while offset < self.width {
+                    let off = b.int(offset as i64, "i32");
+                    for x in out.iter_mut() {
+                        let y =
+                            b.assign(format!("nvvm.shfl.sync bfly {all}, {x}, {off}, {clamp} : f32 -> f32"));
+                        *x = op.apply(b, x, &y, ty);
+                    }
+                    offset *= 2;
+                }
+                out
+            }
+            Some((scratch, st)) => {
+                let n = b.index(self.values);
+                let mine = b.assign(format!("arith.muli {}, {n} : index", self.lin));
+                for (i, x) in xs.iter().enumerate() {
+                    let at = plus(b, &mine, i);
+                    b.line(format!("memref.store {x}, {scratch}[{at}] : {st}"));
+                }
+                b.line("gpu.barrier");
+                let w = b.index(self.width);
+                let within = b.assign(format!("arith.remui {}, {w} : index", self.lin));
+                let first = b.assign(format!("arith.subi {}, {within} : index", self.lin));
+                let first = b.assign(format!("arith.muli {first}, {n} : index"));
+                let out = (0..xs.len())
+                    .map(|i| {
+                        let mut level: Vec<String> = (0..self.width)
+                            .map(|lane| {
+                                let at = plus(b, &first, lane * self.values + i);
+                                b.assign(format!("memref.load {scratch}[{at}] : {st}"))
+                            })
+                            .collect();
+                        while level.len() > 1 {
+                            level = level.chunks(2).map(|p| op.apply(b, &p[0], &p[1], ty)).collect();
+                        }
+                        level.remove(0)
+                    })
+                    .collect();
+                b.line("gpu.barrier");
+                out
+            }
+        }
+    }
+}
+
 /// `offset + Σ idx[k]·strides[k]` over the axes given (`None` entries are skipped), for a view's
 /// base address at some fixed indices.
 pub(crate) fn offset_at(b: &mut Body, offset: usize, parts: &[(Option<&String>, usize)]) -> String {
