@@ -2110,6 +2110,31 @@ fn cli_compiles_and_inspects_for_cuda() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr)
         .contains("--no-async-copies turns off CUDA's cp.async pipelines: it needs --target cuda[:ARCH]"));
+    // f32 attention in register tiles, or one query per invocation on request: on any GPU
+    // target, refused on a CPU.
+    for target in ["cuda:sm_90", "vulkan"] {
+        for (flag, plan) in [
+            (None, "64 queries per workgroup in 16 groups of 8 invocations, 4 queries × 4 keys and 4 × 8 value columns per invocation"),
+            (Some("--attention-per-query"), "64 queries per workgroup, key tiles of 32 in shared memory"),
+        ] {
+            let mut args = vec!["compile", "bench/cuda/attention.ron", "--target", target, "--explain"];
+            args.extend(flag);
+            args.extend(["-o", art.to_str().unwrap()]);
+            let out = kiln(&args);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let said = String::from_utf8_lossy(&out.stdout).into_owned();
+            let plan = match (target, flag) {
+                ("vulkan", None) => "32 queries per workgroup in 16 groups of 8 invocations, 2 queries × 4 keys",
+                _ => plan,
+            };
+            assert!(said.contains(plan), "{target} {flag:?}: {said}");
+        }
+    }
+    let bad = kiln(&["compile", "models/mlp.ron", "--attention-per-query", "-o", art.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains(
+        "--attention-per-query sets the plan of GPU attention without tensor cores: it needs a GPU target (vulkan, cuda[:ARCH])"
+    ));
 
     let bad = kiln(&["inspect", "models/mlp.ron", "--stage", "spirv", "--target", "cuda"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("`--stage spirv` is the Vulkan target's"));

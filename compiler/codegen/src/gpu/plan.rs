@@ -563,7 +563,8 @@ impl GpuPlan {
     /// queries; `None` where it does not apply or the caps ask for one query per invocation
     /// (`attention_per_query`). The lanes of a group split the value row into runs of 4 (8
     /// lanes where the runs allow); the plan takes the most queries per invocation (4, 2, 1)
-    /// and the longest key tile (64, 32, 16) whose accumulators take at most half the
+    /// and the longest key tile (64, 32, 16) whose live values (scores, outputs, and the runs
+    /// of query and key rows the score products read) take at most three quarters of the
     /// registers and whose tiles fit the static shared memory.
     pub fn attention_tiled(
         batch: usize,
@@ -597,8 +598,11 @@ impl GpuPlan {
                 continue;
             }
             for block_k in [64usize, 32, 16] {
-                let accumulators = rows * (block_k / lanes + dv / lanes);
-                if accumulators > caps.registers as usize / 2 {
+                // Per lane: its scores and output columns, and a run of 4 of each of its query
+                // and key rows in flight.
+                let keys = block_k / lanes;
+                let live = rows * (keys + dv / lanes) + 4 * (rows + keys);
+                if live > caps.registers as usize * 3 / 4 {
                     continue;
                 }
                 let shared = attention_tiled_shared(d, dv, rows, block_k, lanes, caps.flavor()) * reg_bytes;
