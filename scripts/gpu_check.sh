@@ -86,12 +86,15 @@ TRAIN=(
 # name | spec | overrides: the benchmarks (weights are synthesized on the GPU machine); a
 # `_tf32` name compiles with --precision tf32, an `_f16` or `_bf16` one has its f32 tensors in
 # that dtype, a `_registers` one compiles with --no-async-copies (the same workload's tiles
-# through registers, beside the cp.async pipelines), a `_k64_` one with --attention-key-tile 64.
+# through registers, beside the cp.async pipelines), a `_k64_` one with --attention-key-tile 64,
+# a `_per_query` one with --attention-per-query (f32 attention one query per invocation, beside
+# the register tiles).
 BENCH=(
     "matmul|bench/cuda/matmul.ron|"
     "matmul_registers|bench/cuda/matmul.ron|"
     "matmul_tf32|bench/cuda/matmul.ron|"
     "attention|bench/cuda/attention.ron|"
+    "attention_per_query|bench/cuda/attention.ron|"
     "attention_tf32|bench/cuda/attention.ron|"
     "matmul_tf32x3|bench/cuda/matmul.ron|"
     "attention_tf32x3|bench/cuda/attention.ron|"
@@ -104,12 +107,14 @@ BENCH=(
     "minilm_b8|models/bert_encoder.ron|--set batch=8"
     "minilm_b64|models/bert_encoder.ron|--set batch=64"
     "minilm_b64_registers|models/bert_encoder.ron|--set batch=64"
+    "minilm_b64_per_query|models/bert_encoder.ron|--set batch=64"
     "minilm_b64_tf32|models/bert_encoder.ron|--set batch=64"
     "minilm_b64_tf32x3|models/bert_encoder.ron|--set batch=64"
 )
 
 # `--precision tf32` (or `tf32x3`) for a name ending in _tf32 (or _tf32x3), `--no-async-copies`
-# for one ending in _registers, `--attention-key-tile 64` for one with _k64_ (CUDA packs only).
+# for one ending in _registers, `--attention-key-tile 64` for one with _k64_,
+# `--attention-per-query` for one ending in _per_query (CUDA packs only).
 flags_of() {
     if [[ "$PACK_TARGET" != cuda* ]]; then return; fi
     case "$1" in
@@ -117,6 +122,7 @@ flags_of() {
         *_tf32x3) echo "--precision tf32x3" ;;
         *_registers) echo "--no-async-copies" ;;
         *_k64_*) echo "--attention-key-tile 64" ;;
+        *_per_query) echo "--attention-per-query" ;;
     esac
 }
 
