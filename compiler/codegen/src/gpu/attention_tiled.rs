@@ -4,7 +4,7 @@
 //! than by arithmetic. Here a workgroup of 16 groups of `lanes` invocations takes `16·rows`
 //! queries. Group `g` owns queries `g, g + 16, …`; its lane `c` forms their scores against keys
 //! `c, c + lanes, …` of each tile (a matrix product of `rows` × `block_k / lanes` in
-//! registers, each 16-byte read of a query or key row feeding `4·rows` or `4·keys` FMAs) and
+//! registers: each 16-byte read of a query run feeds `4·keys` FMAs, of a key run `4·rows`) and
 //! accumulates their output over value columns `4c…4c + 3, 4(c + lanes)…` (likewise). The
 //! group's lanes combine each row's max per tile and its sum at the end; the weights go from
 //! the lanes that formed them to the lanes that use them through shared memory.
