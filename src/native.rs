@@ -375,32 +375,30 @@ pub(crate) fn build_in_place(
     Ok(report)
 }
 
-/// A CUDA target with its caps changed by a plan option (`flag` says what it does); any other
-/// target refuses the option.
-fn on_cuda(
-    target: CompileTarget,
-    flag: &str,
-    change: impl FnOnce(GpuCaps) -> GpuCaps,
-) -> Result<CompileTarget, Failure> {
-    match target {
-        CompileTarget::Cuda(caps) => Ok(CompileTarget::Cuda(change(caps))),
-        CompileTarget::Cpu(_) | CompileTarget::Vulkan(_) => {
-            Err(Failure::Usage(format!("{flag}: it needs --target cuda[:ARCH]")))
-        }
-    }
+/// Which targets a plan option applies to.
+#[derive(Clone, Copy)]
+enum OptionFor {
+    Cuda,
+    AnyGpu,
 }
 
-/// A GPU target (Vulkan or CUDA) with its caps changed by a plan option (`flag` says what it
-/// does); a CPU target refuses the option.
-fn on_gpu(
+/// `target` with its caps changed by a plan option (`flag` says what it does), where the option
+/// applies to it; other targets refuse the option.
+fn with_plan_option(
     target: CompileTarget,
     flag: &str,
+    applies: OptionFor,
     change: impl FnOnce(GpuCaps) -> GpuCaps,
 ) -> Result<CompileTarget, Failure> {
-    match target {
-        CompileTarget::Cuda(caps) => Ok(CompileTarget::Cuda(change(caps))),
-        CompileTarget::Vulkan(caps) => Ok(CompileTarget::Vulkan(change(caps))),
-        CompileTarget::Cpu(_) => {
+    match (target, applies) {
+        (CompileTarget::Cuda(caps), OptionFor::Cuda | OptionFor::AnyGpu) => {
+            Ok(CompileTarget::Cuda(change(caps)))
+        }
+        (CompileTarget::Vulkan(caps), OptionFor::AnyGpu) => Ok(CompileTarget::Vulkan(change(caps))),
+        (CompileTarget::Cpu(_) | CompileTarget::Vulkan(_), OptionFor::Cuda) => {
+            Err(Failure::Usage(format!("{flag}: it needs --target cuda[:ARCH]")))
+        }
+        (CompileTarget::Cpu(_), OptionFor::AnyGpu) => {
             Err(Failure::Usage(format!("{flag}: it needs a GPU target (vulkan, cuda[:ARCH])")))
         }
     }
@@ -410,24 +408,28 @@ pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
     let target = with_precision(target_by_name(&a.target)?, a.precision.as_deref())?;
     let target = match a.no_async_copies {
         false => target,
-        true => on_cuda(target, "--no-async-copies turns off CUDA's cp.async pipelines", |caps| GpuCaps {
-            async_copies: false,
-            ..caps
-        })?,
+        true => with_plan_option(
+            target,
+            "--no-async-copies turns off CUDA's cp.async pipelines",
+            OptionFor::Cuda,
+            |caps| GpuCaps { async_copies: false, ..caps },
+        )?,
     };
     let target = match a.attention_key_tile {
         None => target,
-        Some(n) => on_cuda(
+        Some(n) => with_plan_option(
             target,
             "--attention-key-tile sets the key tile of attention on NVIDIA tensor cores",
+            OptionFor::Cuda,
             |caps| GpuCaps { attention_key_tile: Some(n), ..caps },
         )?,
     };
     let target = match a.attention_per_query {
         false => target,
-        true => on_gpu(
+        true => with_plan_option(
             target,
             "--attention-per-query sets the plan of GPU attention without tensor cores",
+            OptionFor::AnyGpu,
             |caps| GpuCaps { attention_per_query: true, ..caps },
         )?,
     };

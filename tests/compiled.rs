@@ -150,6 +150,36 @@ fn run_artifact(dir: &Path, inputs: &HashMap<String, Tensor>, what: &str) -> Vec
         .collect()
 }
 
+/// Runs the artifact of `g` in `dir` at each of `bindings` (run-time sizes; once at the graph's
+/// own sizes where there are none) on seeded inputs and compares every output with the
+/// interpreter's within `tolerance`·(1 + |ref|); `what` names the case in failures.
+fn check_artifact_at(
+    dir: &Path,
+    g: &Graph,
+    params: &HashMap<String, Tensor>,
+    bindings: &[Vec<i64>],
+    tolerance: f64,
+    what: &str,
+) {
+    let runs: Vec<Vec<i64>> = if bindings.is_empty() { vec![vec![]] } else { bindings.to_vec() };
+    for values in runs {
+        let shaped = if values.is_empty() { g.clone() } else { g.specialize(&values).unwrap() };
+        let inputs = kiln_ir::seeded_inputs(&shaped, 3);
+        let want =
+            kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
+        let got = run_artifact(dir, &inputs, &g.name);
+        for ((out, w), gv) in want.iter().zip(&got) {
+            let wv = w.to_f64_vec();
+            assert_eq!(wv.len(), gv.len(), "{what} at {values:?}: `{out}` length");
+            for (i, (a, b)) in wv.iter().zip(gv).enumerate() {
+                let same =
+                    (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= tolerance * (1.0 + a.abs());
+                assert!(same, "{what} at {values:?} `{out}`[{i}]: interpreter {a}, compiled {b}");
+            }
+        }
+    }
+}
+
 /// Compiles and runs `g` on `device`, evaluates it with the interpreter, and compares every
 /// output.
 fn check_graph(g: &Graph, seed: u64, tol: f64, device: Device) {
@@ -397,6 +427,23 @@ fn row_warp_shuffles_hold_on_vulkan_with_emulated_shuffles() {
     }
 }
 
+/// A one-layer seed transformer with heads of 16 over a run-time batch (1 to 4) and sequence
+/// (1 to 64), optimized.
+fn small_dynamic_seed_transformer() -> Graph {
+    optimized(&shipped(
+        "seed_transformer.ron",
+        &[
+            "batch=Dyn(min: 1, max: 4, hint: 2)",
+            "seq=Dyn(min: 1, max: 64, hint: 32)",
+            "layers=1",
+            "d_model=32",
+            "heads=2",
+            "d_ff=64",
+            "input_dim=50",
+        ],
+    ))
+}
+
 /// Register-tiled attention (GPU attention without tensor cores, for heads that are multiples
 /// of 4 up to 128), checked on the Vulkan device in three plans: Vulkan's own (64 registers,
 /// so at most 2 queries per invocation for heads of 64); CUDA's register budget, where heads
@@ -427,21 +474,7 @@ fn tiled_attention_holds_on_vulkan_in_every_plan() {
         )),
         vec![],
     ));
-    graphs.push((
-        optimized(&shipped(
-            "seed_transformer.ron",
-            &[
-                "batch=Dyn(min: 1, max: 4, hint: 2)",
-                "seq=Dyn(min: 1, max: 64, hint: 32)",
-                "layers=1",
-                "d_model=32",
-                "heads=2",
-                "d_ff=64",
-                "input_dim=50",
-            ],
-        )),
-        vec![vec![2, 40], vec![1, 64], vec![3, 17]],
-    ));
+    graphs.push((small_dynamic_seed_transformer(), vec![vec![2, 40], vec![1, 64], vec![3, 17]]));
     // Per plan: the (rows, lanes) of its tiled attentions that must occur, or none for one
     // query per invocation.
     let plans = [
@@ -468,26 +501,7 @@ fn tiled_attention_holds_on_vulkan_in_every_plan() {
                     _ => {}
                 }
             }
-            let sizes: Vec<Vec<i64>> = if runs.is_empty() { vec![vec![]] } else { runs.clone() };
-            for size in sizes {
-                let shaped = if size.is_empty() { g.clone() } else { g.specialize(&size).unwrap() };
-                let inputs = kiln_ir::seeded_inputs(&shaped, 3);
-                let want =
-                    kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() })
-                        .unwrap();
-                let got = run_artifact(dir.path(), &inputs, &g.name);
-                for ((out, w), gv) in want.iter().zip(&got) {
-                    let wv = w.to_f64_vec();
-                    assert_eq!(wv.len(), gv.len(), "{plan_name} {} `{out}` at {size:?}", g.name);
-                    for (i, (a, b)) in wv.iter().zip(gv).enumerate() {
-                        assert!(
-                            (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
-                            "{plan_name} {} `{out}`[{i}] at {size:?}: interpreter {a}, compiled {b}",
-                            g.name
-                        );
-                    }
-                }
-            }
+            check_artifact_at(dir.path(), g, &params, runs, 1e-4, &format!("{plan_name} {}", g.name));
         }
         match wanted {
             Some(plan) => {
@@ -1430,23 +1444,7 @@ fn tensor_core_attention_bookkeeping_holds_on_vulkan_with_emulated_mma() {
             2,
             vec![],
         ),
-        (
-            optimized(&shipped(
-                "seed_transformer.ron",
-                &[
-                    "batch=Dyn(min: 1, max: 4, hint: 2)",
-                    "seq=Dyn(min: 1, max: 64, hint: 32)",
-                    "layers=1",
-                    "d_model=32",
-                    "heads=2",
-                    "d_ff=64",
-                    "input_dim=50",
-                ],
-            )),
-            caps.clone(),
-            2,
-            at(&[&[1, 1], &[3, 17], &[4, 64]]),
-        ),
+        (small_dynamic_seed_transformer(), caps.clone(), 2, at(&[&[1, 1], &[3, 17], &[4, 64]])),
     ];
     graphs.extend(attention_lse_graphs_with(8).into_iter().map(|(g, _)| (g, caps.clone(), 2, vec![])));
     // TF32's stated tolerance; then the same bookkeeping with operands split in two TF32 parts
@@ -1509,28 +1507,8 @@ fn tensor_core_attention_bookkeeping_holds_on_vulkan_with_emulated_mma() {
             g.name,
             caps.async_copies
         );
-        let runs: Vec<Vec<i64>> = if bindings.is_empty() { vec![vec![]] } else { bindings.clone() };
-        for values in runs {
-            let shaped = if values.is_empty() { g.clone() } else { g.specialize(&values).unwrap() };
-            let inputs = kiln_ir::seeded_inputs(&shaped, 3);
-            let want =
-                kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() })
-                    .unwrap();
-            let got = run_artifact(dir.path(), &inputs, &g.name);
-            for ((out, w), gv) in want.iter().zip(&got) {
-                let wv = w.to_f64_vec();
-                assert_eq!(wv.len(), gv.len(), "{} at {values:?}: `{out}` length", g.name);
-                for (i, (a, b)) in wv.iter().zip(gv).enumerate() {
-                    let same =
-                        (a.is_nan() && b.is_nan()) || a == b || (a - b).abs() <= tolerance * (1.0 + a.abs());
-                    assert!(
-                        same,
-                        "{} at {values:?} `{out}`[{i}]: interpreter {a}, emulated {:?} {b}",
-                        g.name, caps.tensor_cores
-                    );
-                }
-            }
-        }
+        let what = format!("{} (emulated {:?})", g.name, caps.tensor_cores);
+        check_artifact_at(dir.path(), g, &params, bindings, *tolerance, &what);
     }
 }
 
