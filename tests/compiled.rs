@@ -474,7 +474,7 @@ fn tiled_attention_holds_on_vulkan_in_every_plan() {
         )),
         vec![],
     ));
-    graphs.push((small_dynamic_seed_transformer(), vec![vec![2, 40], vec![1, 64], vec![3, 17]]));
+    graphs.push((small_dynamic_seed_transformer(), vec![vec![2, 40], vec![1, 64], vec![3, 17], vec![1, 1]]));
     // Per plan: the (rows, lanes) of its tiled attentions that must occur, or none for one
     // query per invocation.
     let plans = [
