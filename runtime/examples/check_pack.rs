@@ -26,7 +26,8 @@
 //!
 //! Every artifact is loaded on `--device` (default: its own kind), run once and compared, then
 //! timed: three warm-up runs, then `--repeats` runs (default 50) with the median reported, and
-//! the per-kind profile. One line per artifact on stdout, a JSON record per artifact to `--json`.
+//! the per-kind profile. One line per artifact on stdout, a JSON record per artifact to `--json`
+//! (with every step's median time besides the kinds').
 //! Exit status: 0 when every comparison holds, 1 when one fails or an artifact cannot run, 2 on
 //! bad usage.
 
@@ -87,6 +88,8 @@ struct Outcome {
     passed: bool,
     median: Duration,
     kinds: Vec<(String, Duration)>,
+    /// Each step's label and median time (JSON only: where a kind's time goes).
+    steps: Vec<(String, Duration)>,
     problem: Option<String>,
     /// The run failed with the words its `expected_error.txt` gives.
     failed_as_expected: bool,
@@ -120,6 +123,7 @@ fn main() -> ExitCode {
             passed: false,
             median: Duration::ZERO,
             kinds: Vec::new(),
+            steps: Vec::new(),
             problem: Some(problem),
             failed_as_expected: false,
         });
@@ -160,13 +164,19 @@ fn json(o: &Outcome) -> String {
         .iter()
         .map(|(k, t)| format!("{{\"kind\": {k:?}, \"ms\": {:.6}}}", t.as_secs_f64() * 1e3))
         .collect();
+    let steps: Vec<String> = o
+        .steps
+        .iter()
+        .map(|(label, t)| format!("{{\"step\": {label:?}, \"ms\": {:.6}}}", t.as_secs_f64() * 1e3))
+        .collect();
     format!(
-        "{{\"name\": {:?}, \"passed\": {}, \"max_error\": {}, \"median_ms\": {:.6}, \"kinds\": [{}], \"problem\": {}}}",
+        "{{\"name\": {:?}, \"passed\": {}, \"max_error\": {}, \"median_ms\": {:.6}, \"kinds\": [{}], \"steps\": [{}], \"problem\": {}}}",
         o.name,
         o.passed,
         o.max_error.map_or("null".to_string(), |e| if e.is_finite() { format!("{e:e}") } else { "null".into() }),
         o.median.as_secs_f64() * 1e3,
         kinds.join(", "),
+        steps.join(", "),
         o.problem.as_ref().map_or("null".to_string(), |p| format!("{p:?}"))
     )
 }
@@ -220,6 +230,7 @@ fn check(dir: &Path, name: &str, args: &Args) -> Result<Outcome, String> {
             passed: true,
             median: Duration::ZERO,
             kinds: Vec::new(),
+            steps: Vec::new(),
             problem: None,
             failed_as_expected: true,
         });
@@ -244,12 +255,14 @@ fn check(dir: &Path, name: &str, args: &Args) -> Result<Outcome, String> {
     let median = times[times.len() / 2];
     let (_, profile) = model.run_profiled(&refs, args.repeats.clamp(1, 20)).map_err(|e| e.to_string())?;
     let kinds = profile.by_kind().into_iter().map(|k| (k.kind, k.time)).collect();
+    let steps = profile.steps.iter().map(|s| (s.label.clone(), s.time)).collect();
     Ok(Outcome {
         name: name.to_string(),
         max_error,
         passed,
         median,
         kinds,
+        steps,
         problem: None,
         failed_as_expected: false,
     })
@@ -306,6 +319,7 @@ fn check_training(
         passed,
         median: times[times.len() / 2],
         kinds: Vec::new(),
+        steps: Vec::new(),
         problem: None,
         failed_as_expected: false,
     })
