@@ -902,6 +902,13 @@ fn aarch64_artifacts_are_arm_shared_objects() {
     }
 }
 
+/// What `kiln ARGS` printed on stdout, asserting that it succeeded.
+fn kiln_says(args: &[&str]) -> String {
+    let out = kiln(args);
+    assert!(out.status.success(), "kiln {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn kiln(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -1027,9 +1034,8 @@ fn cli_compiles_inspects_and_runs_for_vulkan() {
     let dir = tempfile::tempdir().unwrap();
     let art = dir.path().join("mlp.kiln");
     let art_s = art.to_str().unwrap();
-    let out = kiln(&["compile", "models/mlp.ron", "--target", "vulkan", "-o", art_s]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("for vulkan (SPIR-V 1.3)"));
+    let said = kiln_says(&["compile", "models/mlp.ron", "--target", "vulkan", "-o", art_s]);
+    assert!(said.contains("for vulkan (SPIR-V 1.3)"), "{said}");
     let manifest = std::fs::read_to_string(art.join("manifest.ron")).unwrap();
     assert!(manifest.contains("target: Vulkan(") && manifest.contains("Gpu("), "{manifest}");
     assert!(art.join("kernels.spv").exists() && !art.join("kernels.so").exists());
@@ -1872,9 +1878,8 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
 fn cli_compiles_and_inspects_for_cuda() {
     let dir = tempfile::tempdir().unwrap();
     let art = dir.path().join("mlp.kiln");
-    let out = kiln(&["compile", "models/mlp.ron", "--target", "cuda:sm_90", "-o", art.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let said =
+        kiln_says(&["compile", "models/mlp.ron", "--target", "cuda:sm_90", "-o", art.to_str().unwrap()]);
     assert!(said.contains("compiled `mlp` for cuda (sm_90, PTX 7.8)"), "{said}");
     let manifest =
         kiln_runtime::Manifest::from_ron(&std::fs::read_to_string(art.join("manifest.ron")).unwrap())
@@ -1934,7 +1939,7 @@ fn cli_compiles_and_inspects_for_cuda() {
     // TF32 tensor cores only when asked for, said by --explain and recorded in the manifest.
     assert_eq!(target.precision, "f32");
     let tf32 = dir.path().join("mlp-tf32.kiln");
-    let out = kiln(&[
+    let said = kiln_says(&[
         "compile",
         "models/mlp.ron",
         "--target",
@@ -1945,8 +1950,6 @@ fn cli_compiles_and_inspects_for_cuda() {
         "-o",
         tf32.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.contains("f32 products: on tensor cores, operands rounded to TF32"), "{said}");
     assert!(
         said.contains("\nf16 and bf16 products: on tensor cores at the tensors' own precision"),
@@ -1974,7 +1977,7 @@ fn cli_compiles_and_inspects_for_cuda() {
         .contains("--precision tf32 uses NVIDIA tensor cores: it needs --target cuda[:ARCH]"));
     // Operands split in two TF32 parts, attention included, likewise.
     let x3 = dir.path().join("attention-tf32x3.kiln");
-    let out = kiln(&[
+    let said = kiln_says(&[
         "compile",
         "bench/cuda/attention.ron",
         "--set",
@@ -1987,8 +1990,6 @@ fn cli_compiles_and_inspects_for_cuda() {
         "-o",
         x3.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.contains("each operand split into a TF32 high and low part, three products"), "{said}");
     assert!(
         said.contains("  k0: attention on tensor cores: 48 × 64 queries × 64 keys (d 64, dv 64), 4 warps of 16 queries per workgroup")
@@ -2010,7 +2011,7 @@ fn cli_compiles_and_inspects_for_cuda() {
     let spec = dir.path().join("half_block_bf16.ron");
     let text = std::fs::read_to_string("tests/gpu_check/half_block.ron").unwrap().replace("f16", "bf16");
     std::fs::write(&spec, text).unwrap();
-    let out = kiln(&[
+    let said = kiln_says(&[
         "compile",
         spec.to_str().unwrap(),
         "--target",
@@ -2019,8 +2020,6 @@ fn cli_compiles_and_inspects_for_cuda() {
         "-o",
         half.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.contains("compiled `half_block` for cuda (sm_90, PTX 7.8, tensor cores: bf16)"), "{said}");
     assert!(
         said.contains(
@@ -2038,7 +2037,7 @@ fn cli_compiles_and_inspects_for_cuda() {
         String::from_utf8_lossy(&bad.stderr).contains("unknown precision `bf16` (known: f32, tf32, tf32x3)")
     );
     // The same attention through registers only, for comparing pipelines; CUDA's alone.
-    let out = kiln(&[
+    let said = kiln_says(&[
         "compile",
         spec.to_str().unwrap(),
         "--target",
@@ -2048,12 +2047,10 @@ fn cli_compiles_and_inspects_for_cuda() {
         "-o",
         half.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.contains("key tiles of 32 in shared memory (2 stages), mma.sync m16n8k16"), "{said}");
     assert!(!said.contains("async copies"), "{said}");
     // Key tiles of 64 on request, or an error naming what a key tile must be.
-    let out = kiln(&[
+    let said = kiln_says(&[
         "compile",
         spec.to_str().unwrap(),
         "--target",
@@ -2064,8 +2061,7 @@ fn cli_compiles_and_inspects_for_cuda() {
         "-o",
         half.to_str().unwrap(),
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("key tiles of 64 in shared memory"));
+    assert!(said.contains("key tiles of 64 in shared memory"), "{said}");
     let bad = kiln(&[
         "compile",
         spec.to_str().unwrap(),
@@ -2098,9 +2094,7 @@ fn cli_compiles_and_inspects_for_cuda() {
             let mut args = vec!["compile", "bench/cuda/attention.ron", "--target", target, "--explain"];
             args.extend(flag);
             args.extend(["-o", art.to_str().unwrap()]);
-            let out = kiln(&args);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            let said = String::from_utf8_lossy(&out.stdout).into_owned();
+            let said = kiln_says(&args);
             let plan = match (target, flag) {
                 ("vulkan", None) => "32 queries per workgroup in 16 groups of 8 invocations, 2 queries × 4 keys",
                 _ => plan,

@@ -223,7 +223,7 @@ pub fn emit_run(
                 block_k: block_k as usize,
             };
             super::attention_tiled::body(&mut b, &ops, shape, cx);
-            super::attention_tiled::GROUPS * rows as usize
+            super::plan::ATTENTION_TILED_GROUPS * rows as usize
         }
         Work::AttentionTensorCores { warps, block_k, stages, precision, async_copies, .. } => {
             let shape = super::attention_mma::Shape {

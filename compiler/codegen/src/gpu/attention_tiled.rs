@@ -16,15 +16,12 @@
 //! and its lanes' keys fall in different banks (rows padded by 4 elements).
 
 use super::attention::{keys_to_visit, Operands};
-use super::plan::tiled_attention_layouts;
+use super::plan::{tiled_attention_layouts, ATTENTION_TILED_GROUPS as GROUPS};
 use super::skeleton::{clamp, offset_at, plus, shared, shared_type, Combine, LaneGroups, SharedArray};
 use super::tiles::OperandTile;
 use super::{GpuCtx, GpuFlavor};
 use crate::kernels::elementwise::{load, store};
 use crate::mlir_text::Body;
-
-/// Groups per workgroup.
-pub(crate) const GROUPS: usize = 16;
 
 /// The plan's numbers the body is written from.
 pub(crate) struct Shape {

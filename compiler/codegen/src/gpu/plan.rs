@@ -577,7 +577,7 @@ impl GpuPlan {
     ) -> Result<Option<GpuPlan>, CodegenError> {
         if caps.attention_per_query
             || reg_bytes != 4
-            || sq < 16
+            || sq < ATTENTION_TILED_GROUPS
             || d == 0
             || !d.is_multiple_of(4)
             || !dv.is_multiple_of(4)
@@ -588,13 +588,13 @@ impl GpuPlan {
         }
         let runs = dv / 4;
         let lanes = [8usize, 4, 2, 1].into_iter().find(|&g| runs.is_multiple_of(g)).unwrap_or(1);
-        if 16 * lanes > caps.max_workgroup_invocations as usize
-            || 16 * lanes > caps.max_workgroup_size[0] as usize
+        if ATTENTION_TILED_GROUPS * lanes > caps.max_workgroup_invocations as usize
+            || ATTENTION_TILED_GROUPS * lanes > caps.max_workgroup_size[0] as usize
         {
             return Ok(None);
         }
         for rows in [4usize, 2, 1] {
-            if rows > 1 && 16 * rows > sq {
+            if rows > 1 && ATTENTION_TILED_GROUPS * rows > sq {
                 continue;
             }
             for block_k in [64usize, 32, 16] {
@@ -609,7 +609,7 @@ impl GpuPlan {
                 if shared > caps.max_shared_bytes as usize {
                     continue;
                 }
-                let block_q = 16 * rows;
+                let block_q = ATTENTION_TILED_GROUPS * rows;
                 let grid = [sq.div_ceil(block_q).max(1), batch.max(1)];
                 if grid[0] > caps.max_workgroup_count[0] as usize
                     || grid[1] > caps.max_workgroup_count[1] as usize
@@ -624,7 +624,7 @@ impl GpuPlan {
                     work: Work::AttentionTiled { batch, sq, sk, d, dv, rows, lanes, block_k },
                     launch: Launch {
                         grid: [grid[0] as u32, grid[1] as u32, 1],
-                        workgroup: [16 * lanes, 1, 1],
+                        workgroup: [ATTENTION_TILED_GROUPS as u32 * lanes, 1, 1],
                     },
                     shared_bytes: shared as u32,
                     resident: 1,
@@ -777,7 +777,7 @@ impl GpuPlan {
             ),
             Work::AttentionTiled { batch, sq, sk, d, dv, rows, lanes, block_k } => format!(
                 "attention: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {} queries per workgroup in 16 groups of {lanes} invocations, {rows} queries × {} keys and {rows} × {} value columns per invocation, key tiles of {block_k} in shared memory, online softmax",
-                16 * rows,
+                ATTENTION_TILED_GROUPS as u32 * rows,
                 block_k / lanes,
                 dv / *lanes as usize
             ),
@@ -849,6 +849,10 @@ pub fn matmul_layouts(
     }
 }
 
+/// The groups of lanes of a register-tiled attention workgroup: group `g` owns its queries
+/// `g, g + 16, …`.
+pub const ATTENTION_TILED_GROUPS: usize = 16;
+
 /// The largest head the register-tiled attention takes: its lanes hold `rows` output rows of
 /// up to 128 / 8 = 16 columns each.
 pub const ATTENTION_TILED_MAX_HEAD: usize = 128;
@@ -869,7 +873,7 @@ pub struct TiledAttentionLayouts {
 /// The shared layouts of register-tiled attention with `rows` queries per group and key tiles
 /// of `block_k`.
 pub fn tiled_attention_layouts(d: usize, dv: usize, rows: usize, block_k: usize) -> TiledAttentionLayouts {
-    let block_q = 16 * rows;
+    let block_q = ATTENTION_TILED_GROUPS * rows;
     let values = |len| if dv == 0 { 0 } else { len };
     TiledAttentionLayouts {
         queries: SharedLayout { row: d + 4, col: 1, len: block_q * (d + 4) },
@@ -894,7 +898,7 @@ fn attention_tiled_shared(
         + l.keys.len
         + l.values.len
         + l.weights.len
-        + super::skeleton::LaneGroups::scratch_len(flavor, 16 * lanes, rows)
+        + super::skeleton::LaneGroups::scratch_len(flavor, ATTENTION_TILED_GROUPS * lanes, rows)
 }
 
 /// The largest head (query and value row) the tensor-core attention holds in registers: each
