@@ -2011,15 +2011,14 @@ fn cli_compiles_and_inspects_for_cuda() {
     let spec = dir.path().join("half_block_bf16.ron");
     let text = std::fs::read_to_string("tests/gpu_check/half_block.ron").unwrap().replace("f16", "bf16");
     std::fs::write(&spec, text).unwrap();
-    let said = kiln_says(&[
-        "compile",
-        spec.to_str().unwrap(),
-        "--target",
-        "cuda:sm_90",
-        "--explain",
-        "-o",
-        half.to_str().unwrap(),
-    ]);
+    // The half block compiled for sm_90 with `flags`, its plans explained.
+    let half_with = |flags: &[&str]| {
+        let mut args = vec!["compile", spec.to_str().unwrap(), "--target", "cuda:sm_90"];
+        args.extend(flags);
+        args.extend(["--explain", "-o", half.to_str().unwrap()]);
+        kiln_says(&args)
+    };
+    let said = half_with(&[]);
     assert!(said.contains("compiled `half_block` for cuda (sm_90, PTX 7.8, tensor cores: bf16)"), "{said}");
     assert!(
         said.contains(
@@ -2037,30 +2036,11 @@ fn cli_compiles_and_inspects_for_cuda() {
         String::from_utf8_lossy(&bad.stderr).contains("unknown precision `bf16` (known: f32, tf32, tf32x3)")
     );
     // The same attention through registers only, for comparing pipelines; CUDA's alone.
-    let said = kiln_says(&[
-        "compile",
-        spec.to_str().unwrap(),
-        "--target",
-        "cuda:sm_90",
-        "--no-async-copies",
-        "--explain",
-        "-o",
-        half.to_str().unwrap(),
-    ]);
+    let said = half_with(&["--no-async-copies"]);
     assert!(said.contains("key tiles of 32 in shared memory (2 stages), mma.sync m16n8k16"), "{said}");
     assert!(!said.contains("async copies"), "{said}");
     // Key tiles of 64 on request, or an error naming what a key tile must be.
-    let said = kiln_says(&[
-        "compile",
-        spec.to_str().unwrap(),
-        "--target",
-        "cuda:sm_90",
-        "--attention-key-tile",
-        "64",
-        "--explain",
-        "-o",
-        half.to_str().unwrap(),
-    ]);
+    let said = half_with(&["--attention-key-tile", "64"]);
     assert!(said.contains("key tiles of 64 in shared memory"), "{said}");
     let bad = kiln(&[
         "compile",
