@@ -405,9 +405,8 @@ fn row_warp_shuffles_hold_on_vulkan_with_emulated_shuffles() {
         let inputs = kiln_ir::seeded_inputs(&g, 3);
         let want =
             kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
-        let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let built = kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, &caps, dir.path()).unwrap();
+        let built = build_vulkan_with(&g, &params, &caps, dir.path());
         let shuffled = built
             .program
             .kernels
@@ -486,9 +485,8 @@ fn tiled_attention_holds_on_vulkan_in_every_plan() {
         let mut seen = std::collections::HashSet::new();
         for (g, runs) in &graphs {
             let params = kiln_ir::bind_params(g, None, 3, false).unwrap();
-            let s = kiln_sched::schedule_aligned(g, caps.buffer_align).unwrap();
             let dir = tempfile::tempdir().unwrap();
-            let built = kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, caps, dir.path()).unwrap();
+            let built = build_vulkan_with(g, &params, caps, dir.path());
             for k in &built.program.kernels {
                 match k.plan.work {
                     Work::AttentionTiled { rows, lanes, .. } => {
@@ -957,9 +955,18 @@ fn cli_compiles_runs_and_refuses_damaged_artifacts() {
 
 /// Compiles `g` for the Vulkan target into `dir` (a schedule aligned for its bindings).
 fn build_vulkan(g: &Graph, params: &HashMap<String, Tensor>, dir: &Path) -> kiln_codegen::BuiltGpu {
-    let caps = kiln_codegen::gpu::GpuCaps::vulkan();
+    build_vulkan_with(g, params, &kiln_codegen::gpu::GpuCaps::vulkan(), dir)
+}
+
+/// [`build_vulkan`] with `caps` (another device's plans rendered for the Vulkan device).
+fn build_vulkan_with(
+    g: &Graph,
+    params: &HashMap<String, Tensor>,
+    caps: &kiln_codegen::gpu::GpuCaps,
+    dir: &Path,
+) -> kiln_codegen::BuiltGpu {
     let s = kiln_sched::schedule_aligned(g, caps.buffer_align).expect("schedules");
-    kiln_codegen::build_vulkan_artifact(&g.name, &s, params, &caps, dir)
+    kiln_codegen::build_vulkan_artifact(&g.name, &s, params, caps, dir)
         .unwrap_or_else(|e| panic!("{}: {e}", g.name))
 }
 
@@ -1156,9 +1163,8 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
                 .for_each(|(_, t)| *t = t.cast(d).cast(DType::F32));
         }
         let want = kiln_ir::eval(g, &kiln_ir::Bindings { inputs: seen, params: params.clone() }).unwrap();
-        let s = kiln_sched::schedule_aligned(g, caps.buffer_align).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let built = kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, &caps, dir.path()).unwrap();
+        let built = build_vulkan_with(g, &params, &caps, dir.path());
         // f16 tensors take f16 products whatever f32 ones may take.
         let want_precision = match g.name.ends_with("_f16") {
             true => Some(kiln_codegen::gpu::MmaPrecision::F16),
@@ -1209,9 +1215,8 @@ fn simt_product_async_copies_hold_on_vulkan_with_emulated_copies() {
     let inputs = kiln_ir::seeded_inputs(&g, 4);
     let want =
         kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
-    let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let built = kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, &caps, dir.path()).unwrap();
+    let built = build_vulkan_with(&g, &params, &caps, dir.path());
     let mut rings: Vec<(u32, bool)> = built
         .program
         .kernels
@@ -1274,9 +1279,8 @@ fn tensor_core_attention_in_imposed_key_tiles_holds_on_vulkan() {
         let inputs = kiln_ir::seeded_inputs(&g, 5);
         let want =
             kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
-        let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let built = kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, &caps, dir.path()).unwrap();
+        let built = build_vulkan_with(&g, &params, &caps, dir.path());
         let plans: Vec<String> = built.program.kernels.iter().map(|k| k.plan.describe()).collect();
         let tiles: Vec<(u32, u32, bool)> = built
             .program
@@ -1495,10 +1499,8 @@ fn tensor_core_attention_bookkeeping_holds_on_vulkan_with_emulated_mma() {
     runs.push((ring_f16, asynch, 3, vec![], 5e-3));
     for (g, caps, stages, bindings, tolerance) in &runs {
         let params = kiln_ir::bind_params(g, None, 0, false).unwrap();
-        let s = kiln_sched::schedule_aligned(g, caps.buffer_align).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let built = kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, caps, dir.path())
-            .unwrap_or_else(|e| panic!("{}: {e}", g.name));
+        let built = build_vulkan_with(g, &params, caps, dir.path());
         let want_precision = match g.name.ends_with("_f16") {
             true => Some(kiln_codegen::gpu::MmaPrecision::F16),
             false => caps.tensor_cores,
