@@ -42,6 +42,9 @@ CONFORMANCE=(
     "seed_transformer|models/seed_transformer.ron|--set layers=1 --set d_model=128 --set heads=4 --set d_ff=512"
     "gpt2|models/gpt2.ron|--set vocab=2000 --set layers=1 --set d=256 --set heads=4 --set ctx=256"
     "matmul_shapes|tests/gpu_check/matmul_shapes.ron|"
+    # Whole 128×128 tiles, B copied 4 stages deep (results reduced to row mean squares and
+    # column maxima).
+    "large_tiles|tests/gpu_check/large_tiles.ron|"
     # One artifact for every batch and length, run at sizes no tile divides (the hints).
     "bert_dynamic|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set hidden=128 --set heads=4 --set ffn=512 --set batch=Dyn(min:1,max:4,hint:3) --set seq=Dyn(min:1,max:128,hint:37)"
     "gpt2_dynamic|models/gpt2.ron|--set vocab=2000 --set layers=1 --set d=128 --set heads=4 --set ctx=256 --set batch=Dyn(min:1,max:4,hint:1) --set seq=Dyn(min:8,max:256,hint:200,multiple_of:8)"
@@ -57,7 +60,7 @@ CONFORMANCE_TF32=(
     # outputs too big for the pack; the emulated Vulkan test runs them).
     "matmul_shapes|tests/gpu_check/matmul_shapes.ron|--set m=1152"
     # 128×128 tiles in 4 stages of dynamic shared memory, copied asynchronously (results
-    # reduced to row sums and column maxima).
+    # reduced to row mean squares and column maxima).
     "large_tiles|tests/gpu_check/large_tiles.ron|"
 )
 CONFORMANCE_TF32X3=(
@@ -88,7 +91,8 @@ TRAIN=(
 # that dtype, a `_registers` one compiles with --no-async-copies (the same workload's tiles
 # through registers, beside the cp.async pipelines), a `_k64_` one with --attention-key-tile 64,
 # a `_per_query` one with --attention-per-query (f32 attention one query per invocation, beside
-# the register tiles).
+# the register tiles), a `_square` one with --matmul-tile 128x128 (f32 products in square tiles
+# only, beside the plan's 128×96 ones).
 BENCH=(
     "matmul|bench/cuda/matmul.ron|"
     "matmul_registers|bench/cuda/matmul.ron|"
@@ -108,13 +112,15 @@ BENCH=(
     "minilm_b64|models/bert_encoder.ron|--set batch=64"
     "minilm_b64_registers|models/bert_encoder.ron|--set batch=64"
     "minilm_b64_per_query|models/bert_encoder.ron|--set batch=64"
+    "minilm_b64_square|models/bert_encoder.ron|--set batch=64"
     "minilm_b64_tf32|models/bert_encoder.ron|--set batch=64"
     "minilm_b64_tf32x3|models/bert_encoder.ron|--set batch=64"
 )
 
 # `--precision tf32` (or `tf32x3`) for a name ending in _tf32 (or _tf32x3), `--no-async-copies`
 # for one ending in _registers, `--attention-key-tile 64` for one with _k64_,
-# `--attention-per-query` for one ending in _per_query (CUDA packs only).
+# `--attention-per-query` for one ending in _per_query, `--matmul-tile 128x128` for one ending
+# in _square (CUDA packs only).
 flags_of() {
     if [[ "$PACK_TARGET" != cuda* ]]; then return; fi
     case "$1" in
@@ -123,6 +129,7 @@ flags_of() {
         *_registers) echo "--no-async-copies" ;;
         *_k64_*) echo "--attention-key-tile 64" ;;
         *_per_query) echo "--attention-per-query" ;;
+        *_square) echo "--matmul-tile 128x128" ;;
     esac
 }
 

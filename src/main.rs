@@ -113,6 +113,11 @@ enum Command {
         /// register tiles of several queries and keys (for comparing the two on a GPU).
         #[arg(long)]
         attention_per_query: bool,
+        /// GPU: the tile every f32 product of at least 64 rows takes without tensor cores
+        /// (128x128, 128x96, 64x64, 32x32 or 16x16); by default the plan's estimate chooses.
+        /// For comparing tiles on a GPU.
+        #[arg(long, value_name = "MxN")]
+        matmul_tile: Option<String>,
         /// Print each GPU kernel's plan (tiles, tensor cores or not, launch) and why.
         #[arg(long)]
         explain: bool,
@@ -254,6 +259,7 @@ fn main() -> ExitCode {
             no_async_copies,
             attention_key_tile,
             attention_per_query,
+            matmul_tile,
             explain,
             train,
             weights,
@@ -268,6 +274,7 @@ fn main() -> ExitCode {
             no_async_copies,
             attention_key_tile,
             attention_per_query,
+            matmul_tile,
             explain,
             train,
             weights,

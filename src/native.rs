@@ -25,6 +25,8 @@ pub struct CompileArgs {
     pub attention_key_tile: Option<u32>,
     /// GPU: attention without tensor cores keeps one query per invocation.
     pub attention_per_query: bool,
+    /// GPU: the tile of f32 products without tensor cores, as `MxN`.
+    pub matmul_tile: Option<String>,
     pub explain: bool,
     /// Build the two entry points `forward` and `train_step` over persistent state.
     pub train: bool,
@@ -404,6 +406,19 @@ fn with_plan_option(
     }
 }
 
+/// The tile `--matmul-tile` names (`MxN`), one of the SIMT products' tiles.
+fn matmul_tile(text: &str) -> Result<[u32; 2], Failure> {
+    let tiles = kiln_codegen::gpu::plan::SIMT_TILES;
+    let named = text.split_once('x').and_then(|(m, n)| Some([m.parse().ok()?, n.parse().ok()?]));
+    match named {
+        Some([m, n]) if tiles.iter().any(|(t, ..)| t[0] == m && t[1] == n) => Ok([m, n]),
+        Some(_) | None => {
+            let names: Vec<String> = tiles.iter().map(|(t, ..)| format!("{}x{}", t[0], t[1])).collect();
+            Err(Failure::Usage(format!("--matmul-tile {text}: the tiles are {}", names.join(", "))))
+        }
+    }
+}
+
 pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
     let target = with_precision(target_by_name(&a.target)?, a.precision.as_deref())?;
     let target = match a.no_async_copies {
@@ -432,6 +447,18 @@ pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
             OptionFor::AnyGpu,
             |caps| GpuCaps { attention_per_query: true, ..caps },
         )?,
+    };
+    let target = match a.matmul_tile.as_deref() {
+        None => target,
+        Some(text) => {
+            let tile = matmul_tile(text)?;
+            with_plan_option(
+                target,
+                "--matmul-tile sets the tile of GPU products without tensor cores",
+                OptionFor::AnyGpu,
+                |caps| GpuCaps { matmul_tile: Some(tile), ..caps },
+            )?
+        }
     };
     let start = Instant::now();
     let (entries, params) = if a.train {

@@ -1229,6 +1229,62 @@ fn simt_product_async_copies_hold_on_vulkan_with_emulated_copies() {
     }
 }
 
+/// The f32 product's 128×96 tiles (12 × 16 invocations of 8×8, `--matmul-tile 128x96`), on
+/// the Vulkan device with the registers of a large GPU, with the copies emulated and without
+/// them: whole tiles of a row-major A (read in vectors, the last of three rounds partly
+/// repeated) and B (copied), a transposed A, a batch-broadcast transposed B with a bias, and
+/// ragged edges in every dimension under an activation.
+#[test]
+fn wide_product_tiles_hold_on_vulkan() {
+    if !available(Device::Vulkan, "128×96 product tiles") {
+        return;
+    }
+    let g = op_case(
+        "wide_tiles",
+        r#"{ "p": (f32, [2, 256, 160]), "q": (f32, [160, 288]), "ta": (f32, [160, 256]), "a3": (f32, [2, 128, 64]), "bt": (f32, [192, 64]), "c": (f32, [192]), "e": (f32, [130, 20]), "f": (f32, [20, 100]) }"#,
+        r#"Let("x", MatMul("p", "q")),
+           Let("y", MatMul(Transpose("ta"), "q")),
+           Let("z", Add(MatMul("a3", Transpose("bt")), "c")),
+           Let("w", Gelu(MatMul("e", "f"))),"#,
+    );
+    let params = kiln_ir::bind_params(&g, None, 4, false).unwrap();
+    for async_copies in [true, false] {
+        let caps = kiln_codegen::gpu::GpuCaps {
+            registers: 255,
+            async_copies,
+            matmul_tile: Some([128, 96]),
+            ..kiln_codegen::gpu::GpuCaps::vulkan()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let built = build_vulkan_with(&g, &params, &caps, dir.path());
+        let plans: Vec<(Vec<u32>, u32, bool)> = built
+            .program
+            .kernels
+            .iter()
+            .filter_map(|k| match k.plan.work {
+                kiln_codegen::gpu::Work::Matmul { tile, stages, async_copies, .. } => {
+                    Some((tile.to_vec(), stages, async_copies))
+                }
+                _ => None,
+            })
+            .collect();
+        let described: Vec<String> = built.program.kernels.iter().map(|k| k.plan.describe()).collect();
+        assert_eq!(plans.len(), 4, "{described:#?}");
+        assert!(plans.iter().all(|(tile, ..)| tile == &[128, 96, 16]), "{described:#?}");
+        // Both whole products with a row-major B copy it (3 stages over k = 160 in 32 KiB).
+        let copied = plans.iter().filter(|p| p.2).count();
+        assert_eq!(copied, if async_copies { 2 } else { 0 }, "{described:#?}");
+        check_artifact_at(
+            dir.path(),
+            &g,
+            &params,
+            &[],
+            1e-4,
+            &format!("128×96 tiles, async copies {async_copies}"),
+        );
+    }
+}
+
 /// Tensor-core attention in key tiles of 64 (`--attention-key-tile 64`), on the Vulkan device
 /// with the products and the copies emulated: 150 keys are two whole tiles and a partial one,
 /// masked and causal, with operands split in two TF32 parts (within f32's 1e-4) and on f16
@@ -2077,6 +2133,53 @@ fn cli_compiles_and_inspects_for_cuda() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains(
         "--attention-per-query sets the plan of GPU attention without tensor cores: it needs a GPU target (vulkan, cuda[:ARCH])"
+    ));
+    // f32 products in the plan's tiles (128×96 for MiniLM's 384 columns at batch 64, 128×128
+    // for its 1536), or all in one tile on request; a tile the plan lacks, one the target's
+    // limits exclude and a CPU target are refused.
+    let minilm_b64 = |flags: &[&str]| {
+        let mut args = vec!["compile", "models/bert_encoder.ron", "--target", "cuda:sm_90", "--explain"];
+        args.extend(["--set", "batch=64", "--set", "layers=1", "--set", "vocab=100"]);
+        args.extend(flags);
+        args.extend(["-o", art.to_str().unwrap()]);
+        kiln_says(&args)
+    };
+    let said = minilm_b64(&[]);
+    assert!(said.contains("matmul: [64] 128×384·384×384, tile 128×96×16 in shared memory (4 stages, async copies), 8×8 per invocation in runs of 4; grid [4, 1, 64], workgroup [12, 16, 1]"), "{said}");
+    assert!(said.contains("matmul: [64] 128×384·384×1536, tile 128×128×16"), "{said}");
+    let said = minilm_b64(&["--matmul-tile", "128x128"]);
+    assert!(said.contains("matmul: [64] 128×384·384×384, tile 128×128×16"), "{said}");
+    assert!(!said.contains("tile 128×96×16"), "{said}");
+    let bad = kiln(&[
+        "compile",
+        "models/mlp.ron",
+        "--target",
+        "vulkan",
+        "--matmul-tile",
+        "128x64",
+        "-o",
+        art.to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr)
+        .contains("--matmul-tile 128x64: the tiles are 128x128, 128x96, 64x64, 32x32, 16x16"));
+    let bad = kiln(&[
+        "compile",
+        "bench/cuda/matmul.ron",
+        "--target",
+        "vulkan",
+        "--matmul-tile",
+        "128x96",
+        "-o",
+        art.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains(
+        "a product in 128×96 tiles (--matmul-tile) on the vulkan target: the tile does not fit its limits (workgroup size, shared memory, registers)"
+    ), "{}", String::from_utf8_lossy(&bad.stderr));
+    let bad = kiln(&["compile", "models/mlp.ron", "--matmul-tile", "64x64", "-o", art.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains(
+        "--matmul-tile sets the tile of GPU products without tensor cores: it needs a GPU target (vulkan, cuda[:ARCH])"
     ));
 
     let bad = kiln(&["inspect", "models/mlp.ron", "--stage", "spirv", "--target", "cuda"]);

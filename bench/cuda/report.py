@@ -71,6 +71,7 @@ def main():
         rows.append((f"MiniLM-L6 b{b}×128 f32", f"minilm_b{b}", "BertModel torch.compile", f"bert_b{b}_compile_ms", goal))
     rows.append(("MiniLM-L6 b64×128 f32, tiles through registers", "minilm_b64_registers", "BertModel torch.compile", "bert_b64_compile_ms", ""))
     rows.append(("MiniLM-L6 b64×128 f32, attention one query per invocation", "minilm_b64_per_query", "BertModel torch.compile", "bert_b64_compile_ms", ""))
+    rows.append(("MiniLM-L6 b64×128 f32, products in 128×128 tiles only", "minilm_b64_square", "BertModel torch.compile", "bert_b64_compile_ms", ""))
     for label, name, peer, key, goal in rows:
         kiln_ms, peer_ms = k(name), torch.get(key)
         print(

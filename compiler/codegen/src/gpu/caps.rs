@@ -131,6 +131,10 @@ pub struct GpuCaps {
     /// --attention-per-query`, for comparing plans on a GPU) instead of register tiles (see
     /// `GpuPlan::attention_tiled`).
     pub attention_per_query: bool,
+    /// The tile (`[m, n]`, one of `plan::SIMT_TILES`) every SIMT product of at least 64 rows
+    /// must take (`kiln compile --matmul-tile`, for comparing tiles on a GPU); `None`: the
+    /// plan chooses (see `GpuPlan::matmul`).
+    pub matmul_tile: Option<[u32; 2]>,
 }
 
 impl GpuCaps {
@@ -169,6 +173,7 @@ impl GpuCaps {
             max_dynamic_shared_bytes: 32 * 1024,
             attention_key_tile: None,
             attention_per_query: false,
+            matmul_tile: None,
         }
     }
 
@@ -225,6 +230,7 @@ impl GpuCaps {
             },
             attention_key_tile: None,
             attention_per_query: false,
+            matmul_tile: None,
         }
     }
 

@@ -288,6 +288,26 @@ fn pipeline_depth(
     (stages, async_copies)
 }
 
+/// A SIMT product's candidate plan: its `m × n × k` tile, each invocation's `rm × rn` block
+/// of results and the run of adjacent rows and columns it reads as one vector.
+pub type SimtTile = ([u32; 3], [u32; 2], u32);
+
+/// The SIMT tiles of products of at least 64 rows, largest first. 128×96 tiles (12 × 16
+/// invocations) sit between the two square ones for the products whose 128×128 tiles leave
+/// the device's last wave part empty: a MiniLM-sized batch of 64 × 128 rows with 384 columns
+/// makes 192 such tiles for 132 multiprocessors, 256 of 128×96.
+pub const SIMT_TILES: &[SimtTile] = &[
+    ([128, 128, 16], [8, 8], 4),
+    ([128, 96, 16], [8, 8], 4),
+    ([64, 64, 16], [4, 4], 4),
+    ([32, 32, 8], [2, 2], 1),
+    ([16, 16, 8], [1, 1], 1),
+];
+
+/// The SIMT tiles of products of fewer than 64 rows (such as a batch-1 projection): 16 rows.
+const SIMT_SHORT_TILES: &[SimtTile] =
+    &[([16, 64, 16], [1, 4], 1), ([16, 32, 8], [1, 2], 1), ([16, 16, 8], [1, 1], 1)];
+
 /// The most shared memory a CUDA kernel may declare statically; a kernel whose plan needs
 /// more takes all of it as dynamic shared memory, which the launch sizes (after the runtime
 /// opts the function in to it).
@@ -366,9 +386,10 @@ impl GpuPlan {
     }
 
     /// A tiled product. Candidates go from 128×128 tiles of 8×8 per invocation down to 16×16
-    /// tiles of 1×1 (16-row tiles for products with few rows, such as a batch-1 projection);
-    /// of those the target's limits allow (workgroup size, shared memory, registers for the
-    /// accumulators), the first with the least estimated time wins (see [`matmul_cost`]). Two
+    /// tiles of 1×1 ([`SIMT_TILES`]; 16-row tiles for products with few rows, such as a
+    /// batch-1 projection); of those the target's limits allow (workgroup size, shared memory,
+    /// registers for the accumulators) and the caps' `matmul_tile` names, the first with the
+    /// least estimated time wins (see [`matmul_cost`]). Two
     /// stages when both fit in shared memory. Where the target copies asynchronously and an
     /// f32 operand's whole tiles lie in memory as in shared memory (`copyable`: A's columns
     /// and B's rows contiguous), as many stages as fit, as for tensor cores
@@ -380,19 +401,10 @@ impl GpuPlan {
         copyable: [bool; 2],
         caps: &GpuCaps,
     ) -> Result<GpuPlan, CodegenError> {
-        // (tile, per-invocation block, vector run)
-        let candidates: &[([u32; 3], [u32; 2], u32)] = if m >= 64 {
-            &[
-                ([128, 128, 16], [8, 8], 4),
-                ([64, 64, 16], [4, 4], 4),
-                ([32, 32, 8], [2, 2], 1),
-                ([16, 16, 8], [1, 1], 1),
-            ]
-        } else {
-            &[([16, 64, 16], [1, 4], 1), ([16, 32, 8], [1, 2], 1), ([16, 16, 8], [1, 1], 1)]
-        };
+        let candidates: &[SimtTile] = if m >= 64 { SIMT_TILES } else { SIMT_SHORT_TILES };
+        let imposed = |tile: [u32; 3]| m < 64 || caps.matmul_tile.is_none_or(|t| t == [tile[0], tile[1]]);
         let mut best: Option<(usize, GpuPlan)> = None;
-        for &(tile, thread, vector) in candidates {
+        for &(tile, thread, vector) in candidates.iter().filter(|(tile, ..)| imposed(*tile)) {
             let workgroup = [tile[1] / thread[1], tile[0] / thread[0], 1];
             let invocations = workgroup[0] * workgroup[1];
             let [la, lb] = matmul_layouts(tile, None, false);
@@ -439,8 +451,14 @@ impl GpuPlan {
             };
             best = Some((cost, plan));
         }
-        best.map(|(_, p)| p).ok_or_else(|| {
-            too_big(format!("a product on the {} target: no tile fits its workgroup limits", caps.name))
+        best.map(|(_, p)| p).ok_or_else(|| match caps.matmul_tile {
+            Some([tm, tn]) if m >= 64 => too_big(format!(
+                "a product in {tm}×{tn} tiles (--matmul-tile) on the {} target: the tile does not fit its limits (workgroup size, shared memory, registers)",
+                caps.name
+            )),
+            Some(_) | None => {
+                too_big(format!("a product on the {} target: no tile fits its workgroup limits", caps.name))
+            }
         })
     }
 
@@ -1067,6 +1085,45 @@ mod tests {
         let thin = GpuPlan::matmul(2, [1, 100, 10], 4, [false; 2], &caps).unwrap();
         assert_eq!(thin.launch.workgroup, [16, 16, 1]);
         assert_eq!(thin.launch.grid, [7, 1, 2]);
+    }
+
+    /// MiniLM's products at batch 64 (8192 rows) on an H100/H200: 128×96 tiles where 128×128
+    /// ones leave the last wave of 132 multiprocessors part empty (384 and 1152 columns), the
+    /// square tiles where both fill the same waves (1536 columns, the 4096³ benchmark). B lies
+    /// as its tile does and is copied (384 runs of 4 for 192 invocations); A is read through
+    /// registers in vectors, the last of its three rounds partly repeated. An imposed tile
+    /// (`--matmul-tile`) is taken, or refused where the target's limits exclude it.
+    #[test]
+    fn wide_tiles_fill_the_last_wave() {
+        let cuda = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90").unwrap());
+        let tile = |batch, [m, n, k]: [usize; 3], caps: &GpuCaps| {
+            let p = GpuPlan::matmul(batch, [m, n, k], 4, [false, true], caps).unwrap();
+            let Work::Matmul { tile, thread, stages, async_copies, .. } = p.work else { panic!("{p:?}") };
+            (tile, thread, stages, async_copies, p.launch.workgroup, p.launch.grid)
+        };
+        assert_eq!(
+            tile(64, [128, 384, 384], &cuda),
+            ([128, 96, 16], [8, 8], 4, true, [12, 16, 1], [4, 1, 64])
+        );
+        assert_eq!(tile(64, [128, 384, 1536], &cuda).0, [128, 96, 16]);
+        assert_eq!(tile(64, [128, 1152, 384], &cuda).0, [128, 96, 16]);
+        assert_eq!(tile(64, [128, 1536, 384], &cuda).0, [128, 128, 16]);
+        assert_eq!(tile(1, [4096, 4096, 4096], &cuda).0, [128, 128, 16]);
+        let wide = GpuPlan::matmul(64, [128, 384, 384], 4, [false, true], &cuda).unwrap();
+        assert_eq!(wide.shared_bytes, 4 * (16 * 132 + 16 * 100) * 4);
+        assert_eq!(wide.resident, 2);
+        let square = GpuCaps { matmul_tile: Some([128, 128]), ..cuda.clone() };
+        assert_eq!(tile(64, [128, 384, 384], &square).0, [128, 128, 16]);
+        // Products of fewer than 64 rows keep their 16-row tiles.
+        assert_eq!(tile(1, [8, 384, 384], &square).0[0], 16);
+        let vulkan = GpuCaps { matmul_tile: Some([128, 96]), ..GpuCaps::vulkan() };
+        let err = GpuPlan::matmul(1, [512, 768, 768], 4, [false; 2], &vulkan).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "a product in 128×96 tiles (--matmul-tile) on the vulkan target: the tile does not fit"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

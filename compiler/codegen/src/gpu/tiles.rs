@@ -359,7 +359,6 @@ impl<'a> OperandTile<'a> {
             && exact
             && matches!(view.dtype, DType::F32 | DType::F16 | DType::BF16)
             && along % 4 == 0
-            && (rows * cols / 4) % inv == 0
             && b.split_of(arg).is_none()
             && aligned_by_4(view, axis)
         {
