@@ -565,9 +565,13 @@ const SHIPPED: [&str; 6] =
     ["mlp.ron", "bert_encoder.ron", "seed_transformer.ron", "resnet_block.ron", "lstm.ron", "gpt2.ron"];
 
 fn shipped(model: &str, set: &[&str]) -> Graph {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(model);
+    spec_graph(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(model), set)
+}
+
+/// The graph of the spec at `path` with the config overrides `set` (`NAME=VALUE`).
+fn spec_graph(path: &Path, set: &[&str]) -> Graph {
     let ov: Vec<kiln_lower::Override> = set.iter().map(|s| kiln_lower::Override::parse(s).unwrap()).collect();
-    let (sources, l) = kiln_lower::load(&path, &ov);
+    let (sources, l) = kiln_lower::load(path, &ov);
     match l {
         Ok(l) => l.graph,
         Err(d) => panic!("{}", d.render(&sources)),
@@ -1283,6 +1287,63 @@ fn wide_product_tiles_hold_on_vulkan() {
             &format!("128×96 tiles, async copies {async_copies}"),
         );
     }
+}
+
+/// The entries (`name|spec|overrides`) of the bash array `array` in `scripts/gpu_check.sh`:
+/// the check pack's conformance models, as the pack builds them.
+fn pack_entries(array: &str) -> Vec<(String, String, Vec<String>)> {
+    let script =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu_check.sh")).unwrap();
+    let start = format!("{array}=(");
+    let body = script.split_once(&start).map(|(_, rest)| rest).unwrap_or_else(|| panic!("no {start}"));
+    body.lines()
+        .take_while(|l| l.trim() != ")")
+        .filter_map(|l| l.trim().strip_prefix('"')?.strip_suffix('"'))
+        .map(|entry| {
+            let fields: Vec<&str> = entry.split('|').collect();
+            let set = fields[2].split_whitespace().filter(|w| *w != "--set").map(str::to_string).collect();
+            (fields[0].to_string(), fields[1].to_string(), set)
+        })
+        .collect()
+}
+
+/// The check pack's TF32 conformance models (read from `scripts/gpu_check.sh`) hold the
+/// tolerance the pack states for them, 1e-2·(1 + |ref|), on the Vulkan device with the
+/// tensor-core products emulated (the same operand rounding, in another order of
+/// accumulation). Rounding f32 operands to TF32 is the one loss the pack's reference does not
+/// share, so a tolerance it can break (a row sum of a TF32 product, a difference of large
+/// terms, moves by up to 9e-2) fails here before it fails on a GPU. TF32×3 is held to 1e-4,
+/// a hundred times its split products' error (checked at 1e-5 in the emulated op cases), and
+/// the 16-bit models' tensors are rounded in the reference too.
+#[test]
+fn check_pack_tf32_tolerance_holds_with_emulated_tensor_cores() {
+    if !available(Device::Vulkan, "check pack TF32 tolerance") {
+        return;
+    }
+    use kiln_codegen::gpu::{GpuCaps, MmaPrecision};
+    // The portable device's own tiles (small shaders, which lavapipe compiles quickly): the
+    // rounding, not the tiling, decides whether a tolerance holds.
+    let caps = GpuCaps { mma: Some(MmaPrecision::Tf32), subgroup_size: Some(32), ..GpuCaps::vulkan() }
+        .with_tensor_cores(MmaPrecision::Tf32);
+    let mut checked = Vec::new();
+    for (name, spec, set) in pack_entries("CONFORMANCE_TF32") {
+        let set: Vec<&str> = set.iter().map(String::as_str).collect();
+        let g = optimized(&spec_graph(&Path::new(env!("CARGO_MANIFEST_DIR")).join(&spec), &set));
+        let params = kiln_ir::bind_params(&g, None, 0, false).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let built = build_vulkan_with(&g, &params, &caps, dir.path());
+        assert!(
+            built
+                .program
+                .kernels
+                .iter()
+                .any(|k| matches!(k.plan.work, kiln_codegen::gpu::Work::MatmulTensorCores { .. })),
+            "{name}: no product on tensor cores"
+        );
+        check_artifact_at(dir.path(), &g, &params, &[], 1e-2, &format!("the pack's TF32 {name}"));
+        checked.push(name);
+    }
+    assert_eq!(checked, ["mlp", "bert_encoder", "gpt2", "matmul_shapes", "large_tiles"]);
 }
 
 /// Tensor-core attention in key tiles of 64 (`--attention-key-tile 64`), on the Vulkan device
