@@ -389,11 +389,10 @@ impl GpuPlan {
     /// tiles of 1×1 ([`SIMT_TILES`]; 16-row tiles for products with few rows, such as a
     /// batch-1 projection); of those the target's limits allow (workgroup size, shared memory,
     /// registers for the accumulators) and the caps' `matmul_tile` names, the first with the
-    /// least estimated time wins (see [`matmul_cost`]). Two
-    /// stages when both fit in shared memory. Where the target copies asynchronously and an
-    /// f32 operand's whole tiles lie in memory as in shared memory (`copyable`: A's columns
-    /// and B's rows contiguous), as many stages as fit, as for tensor cores
-    /// ([`GpuPlan::matmul_tensor_cores`]).
+    /// least estimated time wins (see [`matmul_cost`]). Two stages when both fit in shared
+    /// memory. Where the target copies asynchronously and an f32 operand's whole tiles lie in
+    /// memory as in shared memory (`copyable`: A's columns and B's rows contiguous), as many
+    /// stages as fit, as for tensor cores ([`GpuPlan::matmul_tensor_cores`]).
     pub fn matmul(
         batch: usize,
         [m, n, k]: [usize; 3],
