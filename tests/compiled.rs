@@ -900,6 +900,18 @@ fn kiln_says(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `kiln` with `args`, which must exit with `code`, saying `message` on stderr.
+fn kiln_refuses(args: &[&str], code: i32, message: &str) {
+    let out = kiln(args);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(code) && said.contains(message),
+        "kiln {}: {:?} {said}",
+        args.join(" "),
+        out.status
+    );
+}
+
 fn kiln(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -2036,13 +2048,10 @@ fn cli_compiles_and_inspects_for_cuda() {
     let list = String::from_utf8_lossy(&list.stdout).into_owned();
     assert!(list.contains("cuda:0") || list.contains("(no CUDA device: "), "{list}");
 
-    let bad = kiln(&["compile", "models/mlp.ron", "--target", "cuda:sm_70", "-o", art.to_str().unwrap()]);
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(
-        String::from_utf8_lossy(&bad.stderr)
-            .contains("unknown CUDA architecture `sm_70` (known: sm_80, sm_86, sm_89, sm_90)"),
-        "{}",
-        String::from_utf8_lossy(&bad.stderr)
+    kiln_refuses(
+        &["compile", "models/mlp.ron", "--target", "cuda:sm_70", "-o", art.to_str().unwrap()],
+        2,
+        "unknown CUDA architecture `sm_70` (known: sm_80, sm_86, sm_89, sm_90)",
     );
     // TF32 tensor cores only when asked for, said by --explain and recorded in the manifest.
     assert_eq!(target.precision, "f32");
@@ -2070,19 +2079,20 @@ fn cli_compiles_and_inspects_for_cuda() {
     let kiln_runtime::Target::Cuda(t) = &manifest.target else { panic!("{:?}", manifest.target) };
     assert_eq!(t.precision, "tf32");
     assert_eq!(t.tensor_cores, ["tf32"]);
-    let bad = kiln(&[
-        "compile",
-        "models/mlp.ron",
-        "--target",
-        "vulkan",
-        "--precision",
-        "tf32",
-        "-o",
-        art.to_str().unwrap(),
-    ]);
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr)
-        .contains("--precision tf32 uses NVIDIA tensor cores: it needs --target cuda[:ARCH]"));
+    kiln_refuses(
+        &[
+            "compile",
+            "models/mlp.ron",
+            "--target",
+            "vulkan",
+            "--precision",
+            "tf32",
+            "-o",
+            art.to_str().unwrap(),
+        ],
+        2,
+        "--precision tf32 uses NVIDIA tensor cores: it needs --target cuda[:ARCH]",
+    );
     // Operands split in two TF32 parts, attention included, likewise.
     let x3 = dir.path().join("attention-tf32x3.kiln");
     let said = kiln_says(&[
@@ -2109,10 +2119,11 @@ fn cli_compiles_and_inspects_for_cuda() {
     let kiln_runtime::Target::Cuda(t) = &manifest.target else { panic!("{:?}", manifest.target) };
     assert_eq!(t.precision, "tf32x3");
     assert_eq!(t.tensor_cores, ["tf32x3"]);
-    let bad = kiln(&["compile", "models/mlp.ron", "--precision", "tf32x3", "-o", art.to_str().unwrap()]);
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr)
-        .contains("--precision tf32x3 uses NVIDIA tensor cores: it needs --target cuda[:ARCH]"));
+    kiln_refuses(
+        &["compile", "models/mlp.ron", "--precision", "tf32x3", "-o", art.to_str().unwrap()],
+        2,
+        "--precision tf32x3 uses NVIDIA tensor cores: it needs --target cuda[:ARCH]",
+    );
     // 16-bit tensors take tensor cores at their own precision with no flag; the manifest and
     // the compile line say so, f32 products beside them staying f32.
     let half = dir.path().join("half_block_bf16.kiln");
@@ -2139,9 +2150,10 @@ fn cli_compiles_and_inspects_for_cuda() {
             .unwrap();
     let kiln_runtime::Target::Cuda(t) = &manifest.target else { panic!("{:?}", manifest.target) };
     assert_eq!((t.precision.as_str(), t.tensor_cores.as_slice()), ("f32", &["bf16".to_string()][..]));
-    let bad = kiln(&["compile", "models/mlp.ron", "--precision", "bf16", "-o", art.to_str().unwrap()]);
-    assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("unknown precision `bf16` (known: f32, tf32, tf32x3)")
+    kiln_refuses(
+        &["compile", "models/mlp.ron", "--precision", "bf16", "-o", art.to_str().unwrap()],
+        2,
+        "unknown precision `bf16` (known: f32, tf32, tf32x3)",
     );
     // The same attention through registers only, for comparing pipelines; CUDA's alone.
     let said = half_with(&["--no-async-copies"]);
@@ -2150,28 +2162,21 @@ fn cli_compiles_and_inspects_for_cuda() {
     // Key tiles of 64 on request, or an error naming what a key tile must be.
     let said = half_with(&["--attention-key-tile", "64"]);
     assert!(said.contains("key tiles of 64 in shared memory"), "{said}");
-    let bad = kiln(&[
-        "compile",
-        spec.to_str().unwrap(),
-        "--target",
-        "cuda:sm_90",
-        "--attention-key-tile",
-        "24",
-        "-o",
-        half.to_str().unwrap(),
-    ]);
-    assert!(
-        String::from_utf8_lossy(&bad.stderr).contains("in key tiles of 24 (heads of 32) on the cuda:sm_90 target: a key tile must be a positive multiple of 16"),
-        "{}",
-        String::from_utf8_lossy(&bad.stderr)
+    kiln_refuses(
+        &["compile", spec.to_str().unwrap(), "--target", "cuda:sm_90", "--attention-key-tile", "24", "-o", half.to_str().unwrap()],
+        1,
+        "in key tiles of 24 (heads of 32) on the cuda:sm_90 target: a key tile must be a positive multiple of 16",
     );
-    let bad = kiln(&["compile", "models/mlp.ron", "--attention-key-tile", "64", "-o", art.to_str().unwrap()]);
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("--attention-key-tile sets the key tile of attention on NVIDIA tensor cores: it needs --target cuda[:ARCH]"));
-    let bad = kiln(&["compile", "models/mlp.ron", "--no-async-copies", "-o", art.to_str().unwrap()]);
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr)
-        .contains("--no-async-copies turns off CUDA's cp.async pipelines: it needs --target cuda[:ARCH]"));
+    kiln_refuses(
+        &["compile", "models/mlp.ron", "--attention-key-tile", "64", "-o", art.to_str().unwrap()],
+        2,
+        "--attention-key-tile sets the key tile of attention on NVIDIA tensor cores: it needs --target cuda[:ARCH]",
+    );
+    kiln_refuses(
+        &["compile", "models/mlp.ron", "--no-async-copies", "-o", art.to_str().unwrap()],
+        2,
+        "--no-async-copies turns off CUDA's cp.async pipelines: it needs --target cuda[:ARCH]",
+    );
     // f32 attention in register tiles, or one query per invocation on request: on any GPU
     // target, refused on a CPU.
     for target in ["cuda:sm_90", "vulkan"] {
@@ -2190,11 +2195,11 @@ fn cli_compiles_and_inspects_for_cuda() {
             assert!(said.contains(plan), "{target} {flag:?}: {said}");
         }
     }
-    let bad = kiln(&["compile", "models/mlp.ron", "--attention-per-query", "-o", art.to_str().unwrap()]);
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains(
-        "--attention-per-query sets the plan of GPU attention without tensor cores: it needs a GPU target (vulkan, cuda[:ARCH])"
-    ));
+    kiln_refuses(
+        &["compile", "models/mlp.ron", "--attention-per-query", "-o", art.to_str().unwrap()],
+        2,
+        "--attention-per-query sets the plan of GPU attention without tensor cores: it needs a GPU target (vulkan, cuda[:ARCH])",
+    );
     // f32 products in the plan's tiles (128×96 for MiniLM's 384 columns at batch 64, 128×128
     // for its 1536), or all in one tile on request; a tile the plan lacks, one the target's
     // limits exclude and a CPU target are refused.
@@ -2211,37 +2216,30 @@ fn cli_compiles_and_inspects_for_cuda() {
     let said = minilm_b64(&["--matmul-tile", "128x128"]);
     assert!(said.contains("matmul: [64] 128×384·384×384, tile 128×128×16"), "{said}");
     assert!(!said.contains("tile 128×96×16"), "{said}");
-    let bad = kiln(&[
-        "compile",
-        "models/mlp.ron",
-        "--target",
-        "vulkan",
-        "--matmul-tile",
-        "128x64",
-        "-o",
-        art.to_str().unwrap(),
-    ]);
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr)
-        .contains("--matmul-tile 128x64: the tiles are 128x128, 128x96, 64x64, 32x32, 16x16"));
-    let bad = kiln(&[
-        "compile",
-        "bench/cuda/matmul.ron",
-        "--target",
-        "vulkan",
-        "--matmul-tile",
-        "128x96",
-        "-o",
-        art.to_str().unwrap(),
-    ]);
-    assert!(String::from_utf8_lossy(&bad.stderr).contains(
-        "a product in 128×96 tiles (--matmul-tile) on the vulkan target: the tile does not fit its limits (workgroup size, shared memory, registers)"
-    ), "{}", String::from_utf8_lossy(&bad.stderr));
-    let bad = kiln(&["compile", "models/mlp.ron", "--matmul-tile", "64x64", "-o", art.to_str().unwrap()]);
-    assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains(
-        "--matmul-tile sets the tile of GPU products without tensor cores: it needs a GPU target (vulkan, cuda[:ARCH])"
-    ));
+    kiln_refuses(
+        &[
+            "compile",
+            "models/mlp.ron",
+            "--target",
+            "vulkan",
+            "--matmul-tile",
+            "128x64",
+            "-o",
+            art.to_str().unwrap(),
+        ],
+        2,
+        "--matmul-tile 128x64: the tiles are 128x128, 128x96, 64x64, 32x32, 16x16",
+    );
+    kiln_refuses(
+        &["compile", "bench/cuda/matmul.ron", "--target", "vulkan", "--matmul-tile", "128x96", "-o", art.to_str().unwrap()],
+        1,
+        "a product in 128×96 tiles (--matmul-tile) on the vulkan target: the tile does not fit its limits (workgroup size, shared memory, registers)",
+    );
+    kiln_refuses(
+        &["compile", "models/mlp.ron", "--matmul-tile", "64x64", "-o", art.to_str().unwrap()],
+        2,
+        "--matmul-tile sets the tile of GPU products without tensor cores: it needs a GPU target (vulkan, cuda[:ARCH])",
+    );
 
     let bad = kiln(&["inspect", "models/mlp.ron", "--stage", "spirv", "--target", "cuda"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("`--stage spirv` is the Vulkan target's"));
