@@ -79,6 +79,13 @@ CONFORMANCE_HALF=(
     # 128×128 tiles in 4 stages of dynamic shared memory, copied asynchronously, read with
     # `ldmatrix` (B transposed as it is read).
     "large_tiles_f16|tests/gpu_check/large_tiles.ron|--set k=128"
+    # Compiled for sm_90a (a `_wgmma_` name) in 128×256 tiles (`_t256_`: --matmul-tile
+    # 128x256): warpgroup products of A k-major and B row-major, 4 stages, one group of
+    # products in flight.
+    "large_tiles_wgmma_t256_f16|tests/gpu_check/large_tiles.ron|--set m=512 --set n=256 --set k=256"
+    "large_tiles_wgmma_t256_bf16|tests/gpu_check/large_tiles.ron|--set m=512 --set n=256 --set k=256"
+    # A and B each contiguous along either axis: the four ways the instruction takes them.
+    "operands_wgmma_f16|tests/gpu_check/wgmma_operands.ron|"
 )
 # name | spec | overrides: training artifacts (`--train`), whose `train_step` runs three times
 # on the GPU and is compared with the same spec's step compiled for this CPU (last outputs and
@@ -92,7 +99,9 @@ TRAIN=(
 # through registers, beside the cp.async pipelines), a `_k64_` one with --attention-key-tile 64,
 # a `_per_query` one with --attention-per-query (f32 attention one query per invocation, beside
 # the register tiles), a `_square` one with --matmul-tile 128x128 (f32 products in square tiles
-# only, beside the plan's 128×96 ones).
+# only, beside the plan's 128×96 ones); a `_wgmma_` one is compiled for sm_90a (16-bit
+# products as warpgroup products, beside sm_90's mma.sync), a `_t256_` one with --matmul-tile
+# 128x256.
 BENCH=(
     "matmul|bench/cuda/matmul.ron|"
     "matmul_registers|bench/cuda/matmul.ron|"
@@ -104,6 +113,8 @@ BENCH=(
     "attention_tf32x3|bench/cuda/attention.ron|"
     "matmul_f16|bench/cuda/matmul.ron|"
     "matmul_bf16|bench/cuda/matmul.ron|"
+    "matmul_wgmma_f16|bench/cuda/matmul.ron|"
+    "matmul_wgmma_bf16|bench/cuda/matmul.ron|"
     "attention_f16|bench/cuda/attention.ron|"
     "attention_bf16|bench/cuda/attention.ron|"
     "attention_k64_f16|bench/cuda/attention.ron|"
@@ -120,7 +131,7 @@ BENCH=(
 # `--precision tf32` (or `tf32x3`) for a name ending in _tf32 (or _tf32x3), `--no-async-copies`
 # for one ending in _registers, `--attention-key-tile 64` for one with _k64_,
 # `--attention-per-query` for one ending in _per_query, `--matmul-tile 128x128` for one ending
-# in _square (CUDA packs only).
+# in _square, `--matmul-tile 128x256` for one with _t256_ (CUDA packs only).
 flags_of() {
     if [[ "$PACK_TARGET" != cuda* ]]; then return; fi
     case "$1" in
@@ -130,7 +141,18 @@ flags_of() {
         *_k64_*) echo "--attention-key-tile 64" ;;
         *_per_query) echo "--attention-per-query" ;;
         *_square) echo "--matmul-tile 128x128" ;;
+        *_t256_*) echo "--matmul-tile 128x256" ;;
     esac
+}
+
+# The target NAME is compiled for: cuda:sm_90a for a `_wgmma_` name in an sm_90 pack (the
+# architecture-specific target, whose 16-bit products are warpgroup products), else the pack's.
+target_of() {
+    if [[ "$PACK_TARGET" == cuda:sm_90 && "$1" == *_wgmma_* ]]; then
+        echo "cuda:sm_90a"
+    else
+        echo "$PACK_TARGET"
+    fi
 }
 
 # SPEC itself, or for a NAME ending in _f16 or _bf16 a copy in SCRATCH with its f32 and f16
@@ -152,7 +174,7 @@ conformance_artifact() {
     local art="$1" spec="$2" set="$3"
     shift 3
     # shellcheck disable=SC2086
-    "$kiln" compile "$spec" $set --seed 0 --target "$PACK_TARGET" "$@" -o "$art" >&2
+    "$kiln" compile "$spec" $set --seed 0 --target "$(target_of "$(basename "$art" .kiln)")" "$@" -o "$art" >&2
     # shellcheck disable=SC2086
     "$kiln" eval "$spec" $set --seed 0 --save-inputs "$art/inputs.safetensors" \
         -o "$art/expected.safetensors" >/dev/null
@@ -232,7 +254,8 @@ EOF
             spec="$(spec_for "$name" "$spec" "$scratch")"
             art="$dir/conformance_${name##*_}/$name.kiln"
             say "conformance in ${name##*_}: $name ($spec $set)"
-            conformance_artifact "$art" "$spec" "$set"
+            # shellcheck disable=SC2046
+            conformance_artifact "$art" "$spec" "$set" $(flags_of "$name")
         done
     fi
     for entry in "${BENCH[@]}"; do
@@ -243,7 +266,7 @@ EOF
         spec="$(spec_for "$name" "$spec" "$scratch")"
         say "benchmark: $name ($spec $set)"
         # shellcheck disable=SC2086
-        "$kiln" compile "$spec" $set $(flags_of "$name") --seed 0 --target "$PACK_TARGET" -o "$art" >&2
+        "$kiln" compile "$spec" $set $(flags_of "$name") --seed 0 --target "$(target_of "$name")" -o "$art" >&2
         # Keep only the weights file's header: the GPU machine synthesizes the values.
         python3 - "$art/weights.safetensors" "$art/weights.header" <<'EOF'
 import struct, sys

@@ -114,8 +114,9 @@ enum Command {
         #[arg(long)]
         attention_per_query: bool,
         /// GPU: the tile every f32 product of at least 64 rows takes without tensor cores
-        /// (128x128, 128x96, 64x64, 32x32 or 16x16); by default the plan's estimate chooses.
-        /// For comparing tiles on a GPU.
+        /// (128x128, 128x96, 64x64, 32x32 or 16x16), or on cuda:sm_90a every warpgroup product
+        /// it divides (128x256, 128x128, 128x64 or 64x64); by default the plan's estimate
+        /// chooses. For comparing tiles on a GPU.
         #[arg(long, value_name = "MxN")]
         matmul_tile: Option<String>,
         /// Print each GPU kernel's plan (tiles, tensor cores or not, launch) and why.

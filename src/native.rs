@@ -90,7 +90,7 @@ pub(crate) fn with_precision(
 /// The newest architecture Kiln compiles for that the CUDA device `selector` (`cuda`,
 /// `cuda:N`) runs, so a spec run on the device gets its own code rather than the JIT's
 /// translation of older PTX; the default architecture when the device is not there (loading
-/// then says why).
+/// then says why). Architecture-specific targets (`sm_90a`) are only ever asked for by name.
 fn arch_for(selector: &str) -> String {
     let index = selector.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()).unwrap_or(0);
     let found = kiln_runtime::devices();
@@ -102,7 +102,9 @@ fn arch_for(selector: &str) -> String {
     NvvmTarget::ARCHES
         .iter()
         .rev()
-        .find(|arch| NvvmTarget::by_arch(arch).is_some_and(|t| t.compute_capability <= cc))
+        .find(|arch| {
+            NvvmTarget::by_arch(arch).is_some_and(|t| !t.arch_specific && t.compute_capability <= cc)
+        })
         .map_or(DEFAULT_CUDA_ARCH, |a| *a)
         .to_string()
 }
@@ -406,15 +408,24 @@ fn with_plan_option(
     }
 }
 
-/// The tile `--matmul-tile` names (`MxN`), one of the SIMT products' tiles.
+/// The tile `--matmul-tile` names (`MxN`), one of the SIMT products' tiles or of the
+/// warpgroup products'.
 fn matmul_tile(text: &str) -> Result<[u32; 2], Failure> {
-    let tiles = kiln_codegen::gpu::plan::SIMT_TILES;
+    use kiln_codegen::gpu::plan::{SIMT_TILES, WARPGROUP_TILES};
+    let simt: Vec<[u32; 2]> = SIMT_TILES.iter().map(|(t, ..)| [t[0], t[1]]).collect();
+    let warpgroup: Vec<[u32; 2]> = WARPGROUP_TILES.iter().map(|(t, _)| [t[0], t[1]]).collect();
     let named = text.split_once('x').and_then(|(m, n)| Some([m.parse().ok()?, n.parse().ok()?]));
     match named {
-        Some([m, n]) if tiles.iter().any(|(t, ..)| t[0] == m && t[1] == n) => Ok([m, n]),
+        Some(tile) if simt.contains(&tile) || warpgroup.contains(&tile) => Ok(tile),
         Some(_) | None => {
-            let names: Vec<String> = tiles.iter().map(|(t, ..)| format!("{}x{}", t[0], t[1])).collect();
-            Err(Failure::Usage(format!("--matmul-tile {text}: the tiles are {}", names.join(", "))))
+            let names = |tiles: &[[u32; 2]]| {
+                tiles.iter().map(|t| format!("{}x{}", t[0], t[1])).collect::<Vec<_>>().join(", ")
+            };
+            Err(Failure::Usage(format!(
+                "--matmul-tile {text}: the tiles are {} (products without tensor cores) and {} (warpgroup products, cuda:sm_90a)",
+                names(&simt),
+                names(&warpgroup)
+            )))
         }
     }
 }
@@ -454,7 +465,7 @@ pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
             let tile = matmul_tile(text)?;
             with_plan_option(
                 target,
-                "--matmul-tile sets the tile of GPU products without tensor cores",
+                "--matmul-tile sets the tile of GPU products without tensor cores and of warpgroup products",
                 OptionFor::AnyGpu,
                 |caps| GpuCaps { matmul_tile: Some(tile), ..caps },
             )?
@@ -545,8 +556,13 @@ fn explain(target: &CompileTarget, built: &BuildReport) {
                 }
                 None => "f32 products: f32 FMAs, f32 accuracy (--precision tf32 or tf32x3 puts them and attention on tensor cores)".to_string(),
             };
+            let instruction = if caps.warpgroup_mma {
+                "as warpgroup products (wgmma m64nNk16, operands read from shared memory) where both operands lie contiguous along an axis and the sizes are multiples of a 64×64×32 tile, else mma.sync m16n8k16"
+            } else {
+                "mma.sync m16n8k16"
+            };
             format!(
-                "{f32_products}\nf16 and bf16 products: on tensor cores at the tensors' own precision (mma.sync m16n8k16), f32 accumulators; attention likewise (its weights rounded to that precision) where its heads are multiples of 16 up to 128"
+                "{f32_products}\nf16 and bf16 products: on tensor cores at the tensors' own precision ({instruction}), f32 accumulators; attention likewise (its weights rounded to that precision) where its heads are multiples of 16 up to 128"
             )
         }
     };

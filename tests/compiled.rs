@@ -55,7 +55,7 @@ fn cuda_arch() -> Result<&'static str, String> {
         .rev()
         .find(|arch| {
             let t = kiln_codegen::gpu::NvvmTarget::by_arch(arch).expect("a known architecture");
-            t.compute_capability <= [major, minor]
+            !t.arch_specific && t.compute_capability <= [major, minor]
         })
         .copied()
         .ok_or_else(|| format!("CUDA device 0 is sm_{major}{minor}, older than every target (sm_80 and up)"))
@@ -1199,6 +1199,70 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
     }
 }
 
+/// Warpgroup products (`wgmma`, CUDA `sm_90a`) checked on the Vulkan device: the same plans
+/// rendered for SPIR-V, the operand tiles copied (emulated) into core matrices through a ring
+/// of stages, and each invocation computing its accumulators from the tiles as the matrix
+/// descriptors describe them. Products with A and B each contiguous along either axis (the
+/// instruction's k-major and transposed operands), a broadcast batch with a bias and a GELU,
+/// in one warpgroup (64×64 tiles) and two stacked along m (128×64), and the check pack's
+/// `wgmma_operands` (every pairing, 4 stages, a group of products in flight). What only an
+/// NVIDIA GPU can check is that the hardware reads the descriptors as these do.
+#[test]
+fn warpgroup_products_hold_on_vulkan_with_emulated_wgmma() {
+    if !available(Device::Vulkan, "warpgroup products") {
+        return;
+    }
+    let mut caps = kiln_codegen::gpu::GpuCaps::vulkan();
+    caps.mma = Some(kiln_codegen::gpu::MmaPrecision::Tf32);
+    caps.subgroup_size = Some(32);
+    caps.async_copies = true;
+    caps.warpgroup_mma = true;
+    let g = op_case(
+        "wgmma_f16",
+        r#"{ "p": (f16, [128, 96]), "q": (f16, [96, 192]), "ta": (f16, [96, 128]), "bt": (f16, [192, 96]), "a3": (f16, [2, 128, 96]), "c": (f16, [192]) }"#,
+        r#"Let("x", MatMul("p", "q")),
+           Let("y", MatMul(Transpose("ta"), "q")),
+           Let("z", MatMul("p", Transpose("bt"))),
+           Let("w", Gelu(Add(MatMul("a3", "q"), "c"))),"#,
+    );
+    // The check pack's model of every operand pairing, as the pack compiles it.
+    let pack = spec_graph(Path::new("tests/gpu_check/wgmma_operands.ron"), &[]);
+    let large = kiln_codegen::gpu::GpuCaps { parallel_units: 1, ..caps.clone() };
+    // k = 96 makes 3 tiles of 32: 3 stages of 8 KiB in 64×64 tiles, 2 of 12 KiB in 128×64 (each
+    // step's products awaited); the pack's k = 128 makes 4, in 4 stages with a group of
+    // products in flight.
+    let runs =
+        [(&g, caps.clone(), [64, 64, 32], 3), (&g, large, [128, 64, 32], 2), (&pack, caps, [64, 64, 32], 4)];
+    for (g, caps, tile, stages) in runs {
+        let params = kiln_ir::bind_params(g, None, 5, false).unwrap();
+        let inputs = kiln_ir::seeded_inputs(g, 5);
+        let want =
+            kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let built = build_vulkan_with(g, &params, &caps, dir.path());
+        let plans: Vec<String> = built.program.kernels.iter().map(|k| k.plan.describe()).collect();
+        let warpgroups = built
+            .program
+            .kernels
+            .iter()
+            .filter(|k| {
+                matches!(k.plan.work, kiln_codegen::gpu::Work::MatmulTensorCores { tile: t, stages: s, instruction: kiln_codegen::gpu::MmaInstruction::Warpgroup { .. }, .. } if t == tile && s == stages)
+            })
+            .count();
+        assert_eq!(warpgroups, 4, "{plans:#?}");
+        let got = run_artifact(dir.path(), &inputs, &g.name);
+        for ((out, w), gv) in want.iter().zip(&got) {
+            for (i, (a, b)) in w.to_f64_vec().iter().zip(gv).enumerate() {
+                assert!(
+                    (a - b).abs() <= 2e-3 * (1.0 + a.abs()),
+                    "{} `{out}`[{i}] in {tile:?} tiles: interpreter {a}, emulated warpgroup products {b}",
+                    g.name
+                );
+            }
+        }
+    }
+}
+
 /// The f32 product's asynchronous copies (CUDA's plan for operands that lie in memory as in
 /// their shared tiles), checked on the Vulkan device with the copies emulated as plain reads
 /// and writes through the same ring of 3 stages over k = 160: B copied and A through
@@ -1885,8 +1949,9 @@ fn cuda_caps(arch: &str) -> (kiln_codegen::gpu::GpuCaps, kiln_codegen::gpu::Nvvm
 }
 
 /// Every kernel of every op family and shipped model (static, and with its batch and sequence
-/// set at run time), lowered to PTX for sm_80 and sm_90 and assembled by `ptxas`: an error
-/// fails the test, spills are reported.
+/// set at run time), lowered to PTX for sm_80 and sm_90 (and sm_90a, whose 16-bit products
+/// are warpgroup products) and assembled by `ptxas`: an error fails the test, spills are
+/// reported.
 #[test]
 fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
     let Some(ptxas) = ptxas("CUDA kernels through ptxas") else { return };
@@ -1925,6 +1990,7 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
         ("sm_90", Some(tf32)),
         ("sm_80", Some(tf32x3)),
         ("sm_90", Some(tf32x3)),
+        ("sm_90a", None),
     ] {
         let (caps, target) = cuda_caps(arch);
         let caps = match precision {
@@ -1965,6 +2031,23 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
                     let mma = format!("mma.sync.aligned.m16n8k16.row.col.f32.{dtype}.{dtype}.f32");
                     assert!(modules.iter().any(|m| m.ptx.contains(&mma)), "{}: no {mma}", g.name);
                 }
+                // sm_90a's warpgroup products: A k-major and B transposed (row-major), then A
+                // transposed too.
+                if arch == "sm_90a" && g.name == format!("matmul_tiles_{dtype}") {
+                    let types = format!("k16.f32.{dtype}.{dtype} ");
+                    for trans in ["0, 1;", "1, 1;"] {
+                        assert!(
+                            modules.iter().any(|m| m
+                                .ptx
+                                .lines()
+                                .any(|l| l.starts_with("wgmma.mma_async.sync.aligned.m64n")
+                                    && l.contains(&types)
+                                    && l.ends_with(trans))),
+                            "{}: no wgmma.mma_async … {types}… {trans}",
+                            g.name
+                        );
+                    }
+                }
             }
             for m in &modules {
                 assert!(m.ptx.contains(&format!(".target {arch}")), "{}: {}", g.name, m.ptx);
@@ -1972,6 +2055,15 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
                     .assemble(&m.ptx, arch)
                     .unwrap_or_else(|e| panic!("{} {}: {e}\n{}", g.name, m.symbol, m.ptx));
                 assert!(!assembled.cubin.is_empty() && assembled.cubin.starts_with(b"\x7fELF"));
+                // Warpgroup products that ptxas must serialize (their accumulators touched
+                // while in flight) would lose what they are for.
+                assert!(
+                    !assembled.warnings.iter().any(|w| w.contains("wgmma")),
+                    "{} {}: {:?}",
+                    g.name,
+                    m.symbol,
+                    assembled.warnings
+                );
                 let usage = assembled.usage.iter().find(|u| u.kernel == m.symbol);
                 let usage =
                     usage.unwrap_or_else(|| panic!("{} {}: ptxas said nothing about it", g.name, m.symbol));
@@ -2051,7 +2143,7 @@ fn cli_compiles_and_inspects_for_cuda() {
     kiln_refuses(
         &["compile", "models/mlp.ron", "--target", "cuda:sm_70", "-o", art.to_str().unwrap()],
         2,
-        "unknown CUDA architecture `sm_70` (known: sm_80, sm_86, sm_89, sm_90)",
+        "unknown CUDA architecture `sm_70` (known: sm_80, sm_86, sm_89, sm_90, sm_90a)",
     );
     // TF32 tensor cores only when asked for, said by --explain and recorded in the manifest.
     assert_eq!(target.precision, "f32");
@@ -2124,6 +2216,52 @@ fn cli_compiles_and_inspects_for_cuda() {
         2,
         "--precision tf32x3 uses NVIDIA tensor cores: it needs --target cuda[:ARCH]",
     );
+    // sm_90a: 16-bit products as warpgroup products, explained; the manifest says the
+    // artifact runs on that architecture only.
+    let wg_spec = dir.path().join("matmul_f16.ron");
+    let text = std::fs::read_to_string("bench/cuda/matmul.ron").unwrap().replace("f32", "f16");
+    std::fs::write(&wg_spec, text).unwrap();
+    let wg = dir.path().join("matmul_f16.kiln");
+    let (spec_s, wg_s) = (wg_spec.to_str().unwrap(), wg.to_str().unwrap());
+    let said = kiln_says(&[
+        "compile",
+        spec_s,
+        "--set",
+        "n=2048",
+        "--target",
+        "cuda:sm_90a",
+        "--explain",
+        "-o",
+        wg_s,
+    ]);
+    assert!(said.contains("compiled `matmul` for cuda (sm_90a, PTX 8.0, tensor cores: f16)"), "{said}");
+    assert!(
+        said.contains("as warpgroup products (wgmma m64nNk16, operands read from shared memory)"),
+        "{said}"
+    );
+    assert!(
+        said.contains("tile 128×256×64 in shared memory as core matrices (4 stages, async copies, 1 group of products in flight), 8×1 warps, wgmma m64n256k16 on f16 operands"),
+        "{said}"
+    );
+    let manifest =
+        kiln_runtime::Manifest::from_ron(&std::fs::read_to_string(wg.join("manifest.ron")).unwrap()).unwrap();
+    let kiln_runtime::Target::Cuda(t) = &manifest.target else { panic!("{:?}", manifest.target) };
+    assert!(t.arch_specific && t.arch() == "sm_90a", "{t:?}");
+    // A warpgroup tile imposed, where it divides the product.
+    let said = kiln_says(&[
+        "compile",
+        spec_s,
+        "--set",
+        "n=2048",
+        "--target",
+        "cuda:sm_90a",
+        "--matmul-tile",
+        "128x64",
+        "--explain",
+        "-o",
+        wg_s,
+    ]);
+    assert!(said.contains("tile 128×64×32 in shared memory as core matrices (4 stages, async copies, 1 group of products in flight), 8×1 warps, wgmma m64n64k16"), "{said}");
     // 16-bit tensors take tensor cores at their own precision with no flag; the manifest and
     // the compile line say so, f32 products beside them staying f32.
     let half = dir.path().join("half_block_bf16.kiln");
@@ -2223,12 +2361,12 @@ fn cli_compiles_and_inspects_for_cuda() {
             "--target",
             "vulkan",
             "--matmul-tile",
-            "128x64",
+            "128x32",
             "-o",
             art.to_str().unwrap(),
         ],
         2,
-        "--matmul-tile 128x64: the tiles are 128x128, 128x96, 64x64, 32x32, 16x16",
+        "--matmul-tile 128x32: the tiles are 128x128, 128x96, 64x64, 32x32, 16x16 (products without tensor cores) and 128x256, 128x128, 128x64, 64x64 (warpgroup products, cuda:sm_90a)",
     );
     kiln_refuses(
         &["compile", "bench/cuda/matmul.ron", "--target", "vulkan", "--matmul-tile", "128x96", "-o", art.to_str().unwrap()],
@@ -2238,7 +2376,7 @@ fn cli_compiles_and_inspects_for_cuda() {
     kiln_refuses(
         &["compile", "models/mlp.ron", "--matmul-tile", "64x64", "-o", art.to_str().unwrap()],
         2,
-        "--matmul-tile sets the tile of GPU products without tensor cores: it needs a GPU target (vulkan, cuda[:ARCH])",
+        "--matmul-tile sets the tile of GPU products without tensor cores and of warpgroup products: it needs a GPU target (vulkan, cuda[:ARCH])",
     );
 
     let bad = kiln(&["inspect", "models/mlp.ron", "--stage", "spirv", "--target", "cuda"]);

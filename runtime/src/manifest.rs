@@ -270,12 +270,17 @@ pub struct CudaTarget {
     /// Informational, like `precision`.
     #[serde(default)]
     pub tensor_cores: Vec<String>,
+    /// Whether the kernels use features of exactly this architecture (`sm_90a`'s warpgroup
+    /// products): a device of any other compute capability, higher ones included, is refused.
+    #[serde(default)]
+    pub arch_specific: bool,
 }
 
 impl CudaTarget {
-    /// The architecture's name, `sm_90`.
+    /// The architecture's name, `sm_90` (`sm_90a` when architecture-specific).
     pub fn arch(&self) -> String {
-        format!("sm_{}{}", self.compute_capability[0], self.compute_capability[1])
+        let suffix = if self.arch_specific { "a" } else { "" };
+        format!("sm_{}{}{suffix}", self.compute_capability[0], self.compute_capability[1])
     }
 }
 
@@ -659,9 +664,14 @@ impl Manifest {
                 cubins,
                 precision,
                 tensor_cores,
+                arch_specific,
             }) => {
                 h.u64(2);
                 h.str(precision);
+                // Only where set, so artifacts from before the field keep their digest.
+                if *arch_specific {
+                    h.str("arch-specific");
+                }
                 // Only where there are any, so artifacts from before the field keep their digest.
                 if !tensor_cores.is_empty() {
                     h.u64(tensor_cores.len() as u64);
@@ -1096,6 +1106,7 @@ mod tests {
                 cubins: Vec::new(),
                 precision: "f32".into(),
                 tensor_cores: Vec::new(),
+                arch_specific: false,
             }),
             inputs: vec![TensorSpec::fixed("x", DType::F32, &[1024])],
             index_bounds: vec![None],

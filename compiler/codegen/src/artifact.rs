@@ -561,6 +561,7 @@ pub fn build_cuda_entries(
             cubins,
             precision: caps.tensor_cores.map_or("f32", |p| p.name()).to_string(),
             tensor_cores: tensor_core_precisions(kernels),
+            arch_specific: target.arch_specific,
         }),
         inputs: s.inputs.iter().map(tensor_spec).collect::<Result<_, _>>()?,
         index_bounds: s.index_bounds.iter().map(|b| b.map(|b| b as u64)).collect(),

@@ -549,6 +549,7 @@ mod tests {
         Target::Cuda(CudaTarget {
             precision: "f32".into(),
             tensor_cores: Vec::new(),
+            arch_specific: false,
             compute_capability: [9, 0],
             ptx_version: "8.0".into(),
             buffer_align: 256,

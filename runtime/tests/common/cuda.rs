@@ -56,6 +56,7 @@ pub fn target() -> CudaTarget {
     CudaTarget {
         precision: "f32".into(),
         tensor_cores: Vec::new(),
+        arch_specific: false,
         compute_capability: [8, 0],
         ptx_version: "7.0".into(),
         buffer_align: 256,

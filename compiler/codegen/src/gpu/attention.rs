@@ -380,8 +380,8 @@ fn simt(b: &mut Body, o: &Operands, bq: usize, bk: usize, cx: &GpuCtx) {
 
     let mem_k = SharedArray { name: &sh_k, ty: &sk_ty, vectors: vectors && d % 4 == 0 };
     let mem_v = SharedArray { name: &sh_v, ty: &sv_ty, vectors: vectors && dv % 4 == 0 };
-    let layout_k = SharedLayout { row: d, col: 1, len: bk * d };
-    let layout_v = SharedLayout { row: dv, col: 1, len: bk * dv };
+    let layout_k = SharedLayout { row: d, col: 1, len: bk * d, cores: None };
+    let layout_v = SharedLayout { row: dv, col: 1, len: bk * dv, cores: None };
     let run_keys = run_lengths.then(|| sk_run.clone());
     let tile_k = OperandTile::new(b, k, "%a1", k_base.clone(), (bk, d), (sk, d), layout_k, bq, vectors)
         .with_run_rows(run_keys.clone());

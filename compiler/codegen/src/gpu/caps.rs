@@ -22,27 +22,33 @@ pub struct NvvmTarget {
     /// The PTX ISA version the modules declare, `[7, 8]`: the lowest that has the
     /// architecture, so the oldest driver that knows the GPU accepts the modules.
     pub ptx_version: [u32; 2],
+    /// Whether the modules use the architecture's own features (`sm_90a`: warpgroup products,
+    /// `wgmma`), which only GPUs of exactly this compute capability run.
+    pub arch_specific: bool,
 }
 
 impl NvvmTarget {
     /// The architectures `--target cuda:ARCH` accepts, oldest first.
-    pub const ARCHES: [&'static str; 4] = ["sm_80", "sm_86", "sm_89", "sm_90"];
+    pub const ARCHES: [&'static str; 5] = ["sm_80", "sm_86", "sm_89", "sm_90", "sm_90a"];
 
-    /// The target for `sm_XY` (one of [`NvvmTarget::ARCHES`]).
+    /// The target for `sm_XY` (one of [`NvvmTarget::ARCHES`]). `sm_90a` declares PTX 8.0, the
+    /// first with `wgmma`.
     pub fn by_arch(arch: &str) -> Option<NvvmTarget> {
-        let (cc, ptx) = match arch {
-            "sm_80" => ([8, 0], [7, 0]),
-            "sm_86" => ([8, 6], [7, 1]),
-            "sm_89" => ([8, 9], [7, 8]),
-            "sm_90" => ([9, 0], [7, 8]),
+        let (cc, ptx, arch_specific) = match arch {
+            "sm_80" => ([8, 0], [7, 0], false),
+            "sm_86" => ([8, 6], [7, 1], false),
+            "sm_89" => ([8, 9], [7, 8], false),
+            "sm_90" => ([9, 0], [7, 8], false),
+            "sm_90a" => ([9, 0], [8, 0], true),
             _ => return None,
         };
-        Some(NvvmTarget { compute_capability: cc, ptx_version: ptx })
+        Some(NvvmTarget { compute_capability: cc, ptx_version: ptx, arch_specific })
     }
 
-    /// `sm_90`.
+    /// `sm_90`, or `sm_90a` for the architecture-specific target.
     pub fn arch(&self) -> String {
-        format!("sm_{}{}", self.compute_capability[0], self.compute_capability[1])
+        let suffix = if self.arch_specific { "a" } else { "" };
+        format!("sm_{}{}{suffix}", self.compute_capability[0], self.compute_capability[1])
     }
 
     /// `8.0`, as manifests and PTX headers write it.
@@ -132,9 +138,14 @@ pub struct GpuCaps {
     /// `GpuPlan::attention_tiled`).
     pub attention_per_query: bool,
     /// The tile (`[m, n]`, one of `plan::SIMT_TILES`) every SIMT product of at least 64 rows
-    /// must take (`kiln compile --matmul-tile`, for comparing tiles on a GPU); `None`: the
-    /// plan chooses (see `GpuPlan::matmul`).
+    /// must take, or (one of `plan::WARPGROUP_TILES`) every warpgroup product, where it
+    /// divides the product (`kiln compile --matmul-tile`, for comparing tiles on a GPU);
+    /// `None`: the plan chooses (see `GpuPlan::matmul`, `GpuPlan::matmul_warpgroups`).
     pub matmul_tile: Option<[u32; 2]>,
+    /// Whether 16-bit products may run as warpgroup products (`wgmma.mma_async`, NVIDIA
+    /// `sm_90a`): four warps multiply operand tiles straight from shared memory, with no
+    /// fragments in registers (see `GpuPlan::matmul_warpgroups`).
+    pub warpgroup_mma: bool,
 }
 
 impl GpuCaps {
@@ -174,6 +185,7 @@ impl GpuCaps {
             attention_key_tile: None,
             attention_per_query: false,
             matmul_tile: None,
+            warpgroup_mma: false,
         }
     }
 
@@ -183,13 +195,14 @@ impl GpuCaps {
     /// (kernel parameters are plain pointers; 4 KiB of them is 512). bf16 tensors are stored as
     /// such and computed on in f32, as f16 ones are (sm_80 converts both in one instruction);
     /// f64 has no exp, log, tanh, erf, sin, cos or pow (those would need NVIDIA's libdevice,
-    /// which the compiler does not link).
+    /// which the compiler does not link). `sm_90a` adds warpgroup products.
     pub fn cuda(target: NvvmTarget) -> GpuCaps {
-        let name = match target.compute_capability {
-            [8, 0] => "cuda:sm_80",
-            [8, 6] => "cuda:sm_86",
-            [8, 9] => "cuda:sm_89",
-            [9, 0] => "cuda:sm_90",
+        let name = match (target.compute_capability, target.arch_specific) {
+            ([8, 0], false) => "cuda:sm_80",
+            ([8, 6], false) => "cuda:sm_86",
+            ([8, 9], false) => "cuda:sm_89",
+            ([9, 0], false) => "cuda:sm_90",
+            ([9, 0], true) => "cuda:sm_90a",
             _ => "cuda",
         };
         GpuCaps {
@@ -231,6 +244,7 @@ impl GpuCaps {
             attention_key_tile: None,
             attention_per_query: false,
             matmul_tile: None,
+            warpgroup_mma: target.arch_specific && target.compute_capability == [9, 0],
         }
     }
 

@@ -16,9 +16,12 @@
 use super::mma::{
     eight, joined, mma_parts, tensor_core_precision, Fragment, Lanes, Parts, C_FRAGMENT, MMA_M, MMA_N,
 };
-use super::plan::{matmul_layouts, GpuPlan, SharedLayout, Work};
+use super::plan::{
+    matmul_layouts, warpgroup_layouts, GpuPlan, MmaInstruction, MmaPrecision, SharedLayout, Work,
+};
 use super::skeleton::{module, offset_at, plus, shared, shared_type, unravel, SharedArray};
-use super::tiles::{aligned_by_4, shared_pointer, OperandTile, Pipeline};
+use super::tiles::{aligned_by, aligned_by_4, shared_pointer, OperandTile, Pipeline};
+use super::wgmma::{self, Descriptor, WARPGROUP, WGMMA_K, WGMMA_M};
 use super::{ceil_div, GpuCtx, GpuFlavor, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
 use crate::kernels::matmul::activate;
@@ -51,9 +54,22 @@ pub fn emit(
     // Tensor cores for f16 and bf16 operands at their precision, and for f32 ones where the
     // user allowed rounding them (`--precision tf32`, or splitting them: `tf32x3`).
     let allowed = tensor_core_precision(&[a.dtype, bv.dtype], cx.caps);
-    let tensor_cores = match allowed {
-        Some((precision, _)) => GpuPlan::matmul_tensor_cores(batch, m, n, k, precision, cx.caps)?,
+    // Warpgroup products where the target has them and both operands lie contiguous along
+    // one axis in 16-byte runs, so their tiles copy whole into core matrices whose lines run
+    // along it (A's rows or k, B's columns or k).
+    let runs = |v: &View, axis: usize| aligned_by(v, axis, 16 / v.dtype.size_bytes());
+    let mn_contiguous = [!runs(a, r - 1), runs(bv, r - 1)];
+    let core_copies = (runs(a, r - 1) || runs(a, r - 2)) && (runs(bv, r - 1) || runs(bv, r - 2));
+    let warpgroups = match allowed {
+        Some((precision, _)) => {
+            GpuPlan::matmul_warpgroups(batch, [m, n, k], precision, core_copies && cx.run.is_none(), cx.caps)?
+        }
         None => None,
+    };
+    let tensor_cores = match (warpgroups, allowed) {
+        (Some(plan), _) => Some(plan),
+        (None, Some((precision, _))) => GpuPlan::matmul_tensor_cores(batch, m, n, k, precision, cx.caps)?,
+        (None, None) => None,
     };
     let exact = allowed.is_some_and(|(_, exact)| exact);
     let plan = match tensor_cores {
@@ -70,11 +86,17 @@ pub fn emit(
             let (rm, rn, v) = (thread[0] as usize, thread[1] as usize, vector as usize);
             (tile, Inner::Simt { rm, rn, wx, wy, vec: v }, stages as usize, async_copies)
         }
-        Work::MatmulTensorCores { tile, warps, stages, precision, async_copies, .. } => {
+        Work::MatmulTensorCores { tile, warps, stages, precision, async_copies, instruction, .. } => {
             let (wm, wn) = (warps[0] as usize, warps[1] as usize);
             let sub = [tile[0] as usize / wm / MMA_M, tile[1] as usize / wn / MMA_N];
             let parts = Parts::new(precision, cx.caps.flavor(), exact);
-            (tile, Inner::TensorCores { warps: [wm, wn], sub, parts }, stages as usize, async_copies)
+            let inner = match instruction {
+                MmaInstruction::Sync => Inner::TensorCores { warps: [wm, wn], sub, parts },
+                MmaInstruction::Warpgroup { in_flight } => {
+                    Inner::Warpgroups { warps: [wm, wn], sub, parts, in_flight: in_flight as usize }
+                }
+            };
+            (tile, inner, stages as usize, async_copies)
         }
         Work::Elements { .. }
         | Work::Columns { .. }
@@ -88,12 +110,17 @@ pub fn emit(
     let [tm, tn, tk] = tile.map(|t| t as usize);
     // How tensor-core operands enter and leave the shared tiles.
     let parts = match inner {
-        Inner::TensorCores { parts, .. } => Some(parts),
+        Inner::TensorCores { parts, .. } | Inner::Warpgroups { parts, .. } => Some(parts),
         Inner::Simt { .. } => None,
     };
     // 16-bit B tiles lie as B does in memory where its rows are contiguous.
     let b_row_major = bv.strides[r - 1] == 1;
-    let [la, lb] = matmul_layouts(tile, parts.map(|p| p.precision), b_row_major);
+    let [la, lb] = match inner {
+        Inner::Warpgroups { .. } => warpgroup_layouts(tile, mn_contiguous),
+        Inner::TensorCores { .. } | Inner::Simt { .. } => {
+            matmul_layouts(tile, parts.map(|p| p.precision), b_row_major)
+        }
+    };
     let inv = plan.launch.invocations() as usize;
     let nvvm = cx.caps.flavor() == GpuFlavor::Nvvm;
     // Vectors of 4 only for 4-byte register values, and only where the device reads them as
@@ -155,6 +182,16 @@ pub fn emit(
                 matrices: matrices.then_some(Matrices { pointers }),
             }
         }
+        Inner::Warpgroups { warps, sub, parts, in_flight } => {
+            let lanes = Lanes::placed(&mut b, &lin, warps, sub, parts.precision);
+            let addresses = nvvm.then(|| {
+                let pa = shared_pointer(&mut b, &SharedArray { name: &sh_a, ty: &sa, vectors });
+                let pb = shared_pointer(&mut b, &SharedArray { name: &sh_b, ty: &sb, vectors });
+                [wgmma::shared_address(&mut b, &pa), wgmma::shared_address(&mut b, &pb)]
+            });
+            let group = Warpgroup::new(&mut b, &lin, parts.precision, [&la, &lb], addresses, in_flight);
+            Step::Warpgroups { sub, lanes: Box::new(lanes), group: Box::new(group) }
+        }
     };
     // In row form, the run's rows (m is their maximum).
     let run_m = match cx.run {
@@ -187,13 +224,16 @@ pub fn emit(
         parts.as_ref(),
         async_copies,
         &lin,
-    );
+    )
+    .read_by_async_proxy(matches!(inner, Step::Warpgroups { .. }))
+    .with_products_in_flight(inner.in_flight());
     // Where the A and the B tile at k `k0` start.
     let origins = |k0: &str| [(row0.clone(), k0.to_string()), (k0.to_string(), col0.clone())];
     if stages >= 2 {
-        // The first `stages − 1` k tiles, each into its stage (the last one again past the
-        // end, into a stage no one reads).
-        for s in 0..stages - 1 {
+        // The first k tiles the copies run ahead by (`stages − 1`, less the products in
+        // flight), each into its stage (the last one again past the end, into a stage no one
+        // reads).
+        for s in 0..pipe.ahead_by() {
             let k_s = origins(&b.index(s.min(tiles - 1) * tk));
             pipe.fill(&mut b, s, (&k_s, &k_s), None, &zero, ty);
         }
@@ -206,10 +246,10 @@ pub fn emit(
     ));
     let k0 = b.assign(format!("arith.muli %t, {tkc} : index"));
     let next = if stages >= 2 {
-        // Tile t + S − 1 (the last one again past the end for the registers' tiles, into a
-        // stage no one reads again; copied only where it exists).
+        // Tile t + S − 1 (less the products in flight; the last one again past the end for
+        // the registers' tiles, into a stage no one reads again; copied only where it exists).
         let (here, next) = pipe.arrive(&mut b, "%t");
-        let ahead = b.index((stages - 1) * tk);
+        let ahead = b.index(pipe.ahead_by() * tk);
         let kn = b.assign(format!("arith.addi {k0}, {ahead} : index"));
         let last = b.index((tiles - 1) * tk);
         let clamped = b.assign(format!("arith.minui {kn}, {last} : index"));
@@ -235,6 +275,12 @@ pub fn emit(
     b.line(format!("scf.yield {} : {types}", next.join(", ")));
     b.close("");
     pipe.drain(&mut b);
+    let results: Vec<String> = (0..nacc).map(|i| format!("%acc#{i}")).collect();
+    // Warpgroup products still in flight finish before their accumulators are read.
+    let results = match &inner {
+        Step::Warpgroups { group, .. } if group.addresses.is_some() => wgmma::finished(&mut b, &results),
+        Step::Warpgroups { .. } | Step::Simt { .. } | Step::TensorCores { .. } => results,
+    };
 
     // Epilogue: bias, activation, store what lies inside the result.
     let or = out.rank();
@@ -252,7 +298,7 @@ pub fn emit(
         {
             4
         }
-        Step::Simt { .. } | Step::TensorCores { .. } => 1,
+        Step::Simt { .. } | Step::TensorCores { .. } | Step::Warpgroups { .. } => 1,
     };
     let mut acc = 0;
     while acc < nacc {
@@ -278,7 +324,7 @@ pub fn emit(
                 let ec = b.index(e);
                 b.assign(format!("arith.addi {col}, {ec} : index"))
             };
-            let mut v = format!("%acc#{}", acc + e);
+            let mut v = results[acc + e].clone();
             if let (Some(cv), Some(cb)) = (bias, &c_base) {
                 let rk = cv.rank();
                 let at = offset_at(
@@ -339,6 +385,10 @@ enum Inner {
     /// Each warp of `warps[0] × warps[1]` computes `sub[0] × sub[1]` `m16n8` products on
     /// tensor cores with operands as `parts` forms them.
     TensorCores { warps: [usize; 2], sub: [usize; 2], parts: Parts },
+    /// Each warpgroup (four of the `warps[0]` warps along m) computes 64 rows by all the
+    /// tile's columns as warpgroup products; each warp's accumulators lie as `sub` `m16n8`
+    /// products' would.
+    Warpgroups { warps: [usize; 2], sub: [usize; 2], parts: Parts, in_flight: usize },
 }
 
 /// [`Inner`] once the kernel's body exists: the SIMT form knows where its runs start, the
@@ -362,6 +412,54 @@ enum Step {
         adjacent: [bool; 2],
         matrices: Option<Matrices>,
     },
+    /// Warpgroup products: the accumulators lie as `sub` `m16n8` products' of each warp.
+    Warpgroups {
+        sub: [usize; 2],
+        lanes: Box<Lanes>,
+        group: Box<Warpgroup>,
+    },
+}
+
+/// What this invocation's warpgroup needs for its products.
+struct Warpgroup {
+    precision: MmaPrecision,
+    /// How A's and B's tiles lie for the products.
+    descriptors: [Descriptor; 2],
+    /// Where this warpgroup's A rows start in a stage (elements).
+    a_group: String,
+    /// The warp's first row in the warpgroup's 64.
+    warp_rows: String,
+    /// The shared arrays' byte addresses (NVVM; `None` where the products are emulated).
+    addresses: Option<[String; 2]>,
+    /// Groups of products left running at the end of a step.
+    in_flight: usize,
+}
+
+impl Warpgroup {
+    /// Invocation `lin`'s warpgroup: its first A row lies `64 · (lin / 128)` rows into the
+    /// tile, its warp's first row `16 · (warp mod 4)` rows into the warpgroup's.
+    fn new(
+        b: &mut Body,
+        lin: &str,
+        precision: MmaPrecision,
+        [la, lb]: [&SharedLayout; 2],
+        addresses: Option<[String; 2]>,
+        in_flight: usize,
+    ) -> Warpgroup {
+        let elem = precision.shared_bytes();
+        let cw = b.index(WARPGROUP);
+        let group = b.assign(format!("arith.divui {lin}, {cw} : index"));
+        let a_rows = b.index(la.offset(WGMMA_M, 0));
+        let a_group = b.assign(format!("arith.muli {group}, {a_rows} : index"));
+        let c32 = b.index(32);
+        let c4 = b.index(4);
+        let warp = b.assign(format!("arith.divui {lin}, {c32} : index"));
+        let in_group = b.assign(format!("arith.remui {warp}, {c4} : index"));
+        let c16 = b.index(MMA_M);
+        let warp_rows = b.assign(format!("arith.muli {in_group}, {c16} : index"));
+        let descriptors = [Descriptor::of_a(la, elem), Descriptor::of_b(lb, elem)];
+        Warpgroup { precision, descriptors, a_group, warp_rows, addresses, in_flight }
+    }
 }
 
 /// The shared tiles' pointers `ldmatrix` reads from (NVVM; `None` where it is emulated).
@@ -370,11 +468,21 @@ struct Matrices {
 }
 
 impl Step {
+    /// Steps whose products may still run when the next step begins.
+    fn in_flight(&self) -> usize {
+        match self {
+            Step::Warpgroups { group, .. } => group.in_flight,
+            Step::Simt { .. } | Step::TensorCores { .. } => 0,
+        }
+    }
+
     /// Accumulators per invocation.
     fn accumulators(&self) -> usize {
         match self {
             Step::Simt { rm, rn, .. } => rm * rn,
-            Step::TensorCores { sub, .. } => sub[0] * sub[1] * C_FRAGMENT.len(),
+            Step::TensorCores { sub, .. } | Step::Warpgroups { sub, .. } => {
+                sub[0] * sub[1] * C_FRAGMENT.len()
+            }
         }
     }
 
@@ -389,7 +497,7 @@ impl Step {
                 let col = plus(b, my_col, (j / vec) * vec * wx + j % vec);
                 (row, col)
             }
-            Step::TensorCores { sub, lanes: l, .. } => {
+            Step::TensorCores { sub, lanes: l, .. } | Step::Warpgroups { sub, lanes: l, .. } => {
                 let per = C_FRAGMENT.len();
                 let (tile, e) = (acc / per, acc % per);
                 let (i, j) = (tile / sub[1], tile % sub[1]);
@@ -419,8 +527,48 @@ impl Step {
             Step::TensorCores { sub, lanes, parts, adjacent, matrices } => {
                 mma_step(b, lanes, *parts, (*sub, *adjacent, matrices.as_ref()), tk, a, bb)
             }
+            Step::Warpgroups { sub, lanes, group } => warpgroup_step(b, (*sub, lanes), group, tk, a, bb),
         }
     }
+}
+
+/// One k tile as warpgroup products: per 16 of k, this warpgroup's 64 rows of A times the
+/// tile's B, each named by a descriptor of the stage (NVVM: `wgmma`, fenced before and
+/// committed after, `in_flight` groups left running), or emulated by each invocation from the
+/// same descriptors. Returns the accumulators after the tile (carried in as `%o…`).
+fn warpgroup_step(
+    b: &mut Body,
+    (sub, lanes): ([usize; 2], &Lanes),
+    group: &Warpgroup,
+    tk: usize,
+    (ma, sa, la): (&SharedArray, &str, SharedLayout),
+    (mb, sb, lb): (&SharedArray, &str, SharedLayout),
+) -> Vec<String> {
+    let Warpgroup { precision, descriptors, a_group, warp_rows, addresses, in_flight } = group;
+    let per = C_FRAGMENT.len();
+    let mut acc: Vec<String> = (0..sub[0] * sub[1] * per).map(|i| format!("%o{i}")).collect();
+    let a_stage = b.assign(format!("arith.addi {sa}, {a_group} : index"));
+    if addresses.is_some() {
+        wgmma::fence(b);
+    }
+    let [da, db] = descriptors;
+    for kk in (0..tk).step_by(WGMMA_K) {
+        let at_a = plus(b, &a_stage, la.offset(0, kk));
+        let at_b = plus(b, sb, lb.offset(kk, 0));
+        acc = match addresses {
+            Some([base_a, base_b]) => {
+                let elem = precision.shared_bytes();
+                let dva = wgmma::descriptor(b, base_a, &at_a, elem, da);
+                let dvb = wgmma::descriptor(b, base_b, &at_b, elem, db);
+                wgmma::product(b, *precision, (&dva, &dvb), [da, db], &acc)
+            }
+            None => wgmma::emulated(b, lanes, *precision, (ma, &at_a, da), (mb, &at_b, db), warp_rows, &acc),
+        };
+    }
+    if addresses.is_some() {
+        wgmma::commit(b, *in_flight);
+    }
+    acc
 }
 
 /// The sizes the SIMT inner product needs.

@@ -283,8 +283,31 @@ impl Lanes {
         sub: [usize; 2],
         precision: MmaPrecision,
     ) -> Lanes {
-        let frag = fragments(precision);
         let emulate = b.gpu() != Some(GpuFlavor::Nvvm);
+        Lanes::with_scratch(b, lin, warps, sub, precision, emulate)
+    }
+
+    /// The lanes of warps whose products need no `mma.sync` emulation (warpgroup products,
+    /// emulated from shared memory directly).
+    pub fn placed(
+        b: &mut Body,
+        lin: &str,
+        warps: [usize; 2],
+        sub: [usize; 2],
+        precision: MmaPrecision,
+    ) -> Lanes {
+        Lanes::with_scratch(b, lin, warps, sub, precision, false)
+    }
+
+    fn with_scratch(
+        b: &mut Body,
+        lin: &str,
+        warps: [usize; 2],
+        sub: [usize; 2],
+        precision: MmaPrecision,
+        emulate: bool,
+    ) -> Lanes {
+        let frag = fragments(precision);
         let count = warps[0] * warps[1];
         let (a_len, b_len) = (MMA_M * frag.k, frag.k * MMA_N);
         let scratch = emulate.then(|| {
@@ -540,7 +563,7 @@ fn elements(f: &Fragment) -> Vec<String> {
 }
 
 /// A fragment element as the f32 it stands for, for the emulation.
-fn unpack(b: &mut Body, precision: MmaPrecision, x: &str) -> String {
+pub(crate) fn unpack(b: &mut Body, precision: MmaPrecision, x: &str) -> String {
     match precision {
         MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => b.assign(format!("arith.bitcast {x} : i32 to f32")),
         MmaPrecision::F16 => b.assign(format!("arith.extf {x} : f16 to f32")),

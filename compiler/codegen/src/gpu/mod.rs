@@ -27,6 +27,7 @@ pub mod scatter;
 mod skeleton;
 pub mod spirv;
 mod tiles;
+mod wgmma;
 
 use crate::mlir_text::{Body, Split};
 use crate::CodegenError;
@@ -37,7 +38,7 @@ use melior::ir::block::BlockLike;
 use melior::ir::operation::OperationLike;
 use melior::ir::Module;
 pub use nvvm::PtxModule;
-pub use plan::{GpuPlan, Launch, MmaPrecision, Work};
+pub use plan::{GpuPlan, Launch, MmaInstruction, MmaPrecision, Work};
 pub use program::{kernels, GpuProgram};
 pub use spirv::SpirvModule;
 

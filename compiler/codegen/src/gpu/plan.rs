@@ -73,6 +73,10 @@ pub enum Work {
         /// Whether operand tiles that allow it are copied to shared memory asynchronously, up
         /// to `stages − 1` tiles ahead (the others go through registers, one tile ahead).
         async_copies: bool,
+        /// Per warp (`mma.sync`), or per warpgroup of four warps straight from shared memory
+        /// (`wgmma`: then `warps[0]` counts the warpgroups' warps along m, four each, and
+        /// `shape` is one warpgroup's product).
+        instruction: MmaInstruction,
     },
     /// Flash attention: one workgroup per block of `block_q` queries (one invocation each),
     /// keys and values in tiles of `block_k` rows through shared memory, an online softmax in
@@ -115,6 +119,30 @@ pub enum Work {
         /// asynchronously, `stages − 1` tiles ahead.
         async_copies: bool,
     },
+}
+
+/// The tensor-core instruction a product's plan issues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MmaInstruction {
+    /// `mma.sync`: each warp multiplies operand fragments it read from shared memory into
+    /// registers.
+    Sync,
+    /// `wgmma.mma_async` (NVIDIA `sm_90a`): each warpgroup (four warps) multiplies a
+    /// 64-row A tile and a B tile that lie in shared memory as 8 × 8 core matrices, named by
+    /// matrix descriptors; only the f32 accumulators are in registers. The products of a k
+    /// tile run asynchronously as one group; `in_flight` groups may still run when the next
+    /// tile's are issued, so the stages they read are refilled that many steps later.
+    Warpgroup { in_flight: u32 },
+}
+
+impl MmaInstruction {
+    /// As plans print it.
+    fn name(self) -> &'static str {
+        match self {
+            MmaInstruction::Sync => "mma.sync",
+            MmaInstruction::Warpgroup { .. } => "wgmma",
+        }
+    }
 }
 
 /// The operand precision of a tensor-core product (accumulation is always f32).
@@ -307,6 +335,11 @@ pub const SIMT_TILES: &[SimtTile] = &[
 /// The SIMT tiles of products of fewer than 64 rows (such as a batch-1 projection): 16 rows.
 const SIMT_SHORT_TILES: &[SimtTile] =
     &[([16, 64, 16], [1, 4], 1), ([16, 32, 8], [1, 2], 1), ([16, 16, 8], [1, 1], 1)];
+
+/// The warpgroup products' tiles, with the warpgroups each stacks along m (64 rows each, all
+/// the tile's columns).
+pub const WARPGROUP_TILES: &[([u32; 3], u32)] =
+    &[([128, 256, 64], 2), ([128, 128, 64], 2), ([128, 64, 32], 2), ([64, 64, 32], 1)];
 
 /// The most shared memory a CUDA kernel may declare statically; a kernel whose plan needs
 /// more takes all of it as dynamic shared memory, which the launch sizes (after the runtime
@@ -527,9 +560,78 @@ impl GpuPlan {
                     precision,
                     stages,
                     async_copies,
+                    instruction: MmaInstruction::Sync,
                 },
                 launch: Launch { grid, workgroup: [32 * count, 1, 1] },
                 shared_bytes: (stages as usize * stage_bytes + scratch) as u32,
+                resident: 1,
+            };
+            best = Some((cost, plan));
+        }
+        Ok(best.map(|(_, p)| p))
+    }
+
+    /// A tiled product of 16-bit operands as warpgroup products (`wgmma`), where the target
+    /// has them and both operands' tiles can be copied whole into core matrices (`copyable`:
+    /// each lies contiguous along one axis, in 16-byte runs; the caller knows). Of
+    /// [`WARPGROUP_TILES`] those that divide the product's sizes and that the caps'
+    /// `matmul_tile` names, whichever [`matmul_cost`] estimates faster. One workgroup per
+    /// multiprocessor: as many stages (2 to 4, no more than there are k tiles) as the dynamic
+    /// shared memory holds. The accumulators (half the warpgroup's columns per invocation) may
+    /// take three quarters of the registers, since no operand fragments are held.
+    pub fn matmul_warpgroups(
+        batch: usize,
+        [m, n, k]: [usize; 3],
+        precision: MmaPrecision,
+        copyable: bool,
+        caps: &GpuCaps,
+    ) -> Result<Option<GpuPlan>, CodegenError> {
+        if !caps.warpgroup_mma || !caps.async_copies || !precision.paired() || !copyable {
+            return Ok(None);
+        }
+        let imposed = |tile: [u32; 3]| caps.matmul_tile.is_none_or(|t| t == [tile[0], tile[1]]);
+        let mut best: Option<(usize, GpuPlan)> = None;
+        for &(tile, groups) in WARPGROUP_TILES.iter().filter(|(tile, _)| imposed(*tile)) {
+            let [tm, tn, tk] = tile.map(|t| t as usize);
+            if !(m.is_multiple_of(tm) && n.is_multiple_of(tn) && k.is_multiple_of(tk)) {
+                continue;
+            }
+            let stage_bytes = (tm * tk + tk * tn) * precision.shared_bytes();
+            let room = caps.max_dynamic_shared_bytes.max(caps.max_shared_bytes) as usize;
+            let tiles = k / tk;
+            let Some(stages) = (2..=tiles.clamp(2, 4)).rev().find(|s| s * stage_bytes <= room) else {
+                continue;
+            };
+            // With 3 stages or more, one k tile's products still run while the next tile's
+            // are issued (copies then run one tile less ahead).
+            let in_flight = u32::from(stages >= 3);
+            let accumulators = tile[1] / 2;
+            let invocations = 128 * groups;
+            if accumulators > caps.registers * 3 / 4 || invocations > caps.max_workgroup_invocations {
+                continue;
+            }
+            let grid = matmul_grid(batch, m, n, k, tile, caps)?;
+            // A warpgroup's 64 × n block reads 64 + n operand rows per k, as SIMT blocks do.
+            let cost = matmul_cost(grid, tile, [64, tile[1]], k, caps);
+            if best.as_ref().is_some_and(|(c, _)| *c <= cost) {
+                continue;
+            }
+            let plan = GpuPlan {
+                work: Work::MatmulTensorCores {
+                    batch,
+                    m,
+                    n,
+                    k,
+                    tile,
+                    warps: [4 * groups, 1],
+                    shape: [64, tile[1], 16],
+                    precision,
+                    stages: stages as u32,
+                    async_copies: true,
+                    instruction: MmaInstruction::Warpgroup { in_flight },
+                },
+                launch: Launch { grid, workgroup: [invocations, 1, 1] },
+                shared_bytes: (stages * stage_bytes) as u32,
                 resident: 1,
             };
             best = Some((cost, plan));
@@ -782,11 +884,30 @@ impl GpuPlan {
                     tile[0], tile[1], tile[2], thread[0], thread[1]
                 )
             }
-            Work::MatmulTensorCores { batch, m, n, k, tile, warps, shape, precision, stages, async_copies } => {
+            Work::MatmulTensorCores {
+                batch,
+                m,
+                n,
+                k,
+                tile,
+                warps,
+                shape,
+                precision,
+                stages,
+                async_copies,
+                instruction,
+            } => {
                 let copies = if *async_copies { ", async copies" } else { "" };
+                let (layout, flight) = match instruction {
+                    MmaInstruction::Sync => ("", String::new()),
+                    MmaInstruction::Warpgroup { in_flight: 0 } => (" as core matrices", String::new()),
+                    MmaInstruction::Warpgroup { in_flight } => {
+                        (" as core matrices", format!(", {in_flight} group of products in flight"))
+                    }
+                };
                 format!(
-                    "matmul on tensor cores: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory ({stages} stages{copies}), {}×{} warps, mma.sync m{}n{}k{} on {}, f32 accumulators",
-                    tile[0], tile[1], tile[2], warps[0], warps[1], shape[0], shape[1], shape[2], precision.operands()
+                    "matmul on tensor cores: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory{layout} ({stages} stages{copies}{flight}), {}×{} warps, {} m{}n{}k{} on {}, f32 accumulators",
+                    tile[0], tile[1], tile[2], warps[0], warps[1], instruction.name(), shape[0], shape[1], shape[2], precision.operands()
                 )
             }
             Work::Attention { batch, sq, sk, d, dv, block_q, block_k } => format!(
@@ -822,11 +943,43 @@ impl GpuPlan {
 /// Where a product's operand tile lies in one shared-memory stage: element `(r, c)` of the
 /// tile (rows and columns of the operand) at `r·row + c·col`, `len` values in all. The
 /// padding keeps the reads of an inner step free of bank conflicts and 16-byte aligned.
+/// With `cores` the tile lies in 8 × 8 core matrices instead (what warpgroup products read):
+/// core `(r / 8, c / 8)` starts at `(r / 8)·row + (c / 8)·col` and holds its 64 elements
+/// contiguous, 8 lines of 8 adjacent ones along the axis `cores` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SharedLayout {
     pub row: usize,
     pub col: usize,
     pub len: usize,
+    pub cores: Option<CoreLines>,
+}
+
+/// Which way the 8 elements of a core matrix's lines run: along the tile's columns (a line is
+/// part of a row) or along its rows (part of a column).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoreLines {
+    AlongColumns,
+    AlongRows,
+}
+
+/// Elements along each side of a core matrix.
+pub const CORE: usize = 8;
+
+impl SharedLayout {
+    /// The offset of element `(r, c)` from the stage's start, for sizes known when the kernel
+    /// is compiled.
+    pub fn offset(&self, r: usize, c: usize) -> usize {
+        match self.cores {
+            None => r * self.row + c * self.col,
+            Some(lines) => {
+                let inner = match lines {
+                    CoreLines::AlongColumns => (r % CORE) * CORE + c % CORE,
+                    CoreLines::AlongRows => (c % CORE) * CORE + r % CORE,
+                };
+                (r / CORE) * self.row + (c / CORE) * self.col + inner
+            }
+        }
+    }
 }
 
 /// The shared layouts of a product's A tile (`tile[0]×tile[2]`) and B tile
@@ -848,22 +1001,43 @@ pub fn matmul_layouts(
     let [tm, tn, tk] = tile.map(|t| t as usize);
     match tensor_cores {
         Some(p) if p.paired() && b_row_major => [
-            SharedLayout { row: tk + 8, col: 1, len: tm * (tk + 8) },
-            SharedLayout { row: tn + 8, col: 1, len: tk * (tn + 8) },
+            SharedLayout { row: tk + 8, col: 1, len: tm * (tk + 8), cores: None },
+            SharedLayout { row: tn + 8, col: 1, len: tk * (tn + 8), cores: None },
         ],
         Some(p) if p.paired() => [
-            SharedLayout { row: tk + 8, col: 1, len: tm * (tk + 8) },
-            SharedLayout { row: 1, col: tk + 8, len: tn * (tk + 8) },
+            SharedLayout { row: tk + 8, col: 1, len: tm * (tk + 8), cores: None },
+            SharedLayout { row: 1, col: tk + 8, len: tn * (tk + 8), cores: None },
         ],
         Some(_) => [
-            SharedLayout { row: tk + 4, col: 1, len: tm * (tk + 4) },
-            SharedLayout { row: tn + 8, col: 1, len: tk * (tn + 8) },
+            SharedLayout { row: tk + 4, col: 1, len: tm * (tk + 4), cores: None },
+            SharedLayout { row: tn + 8, col: 1, len: tk * (tn + 8), cores: None },
         ],
         None => [
-            SharedLayout { row: 1, col: tm + 4, len: tk * (tm + 4) },
-            SharedLayout { row: tn + 4, col: 1, len: tk * (tn + 4) },
+            SharedLayout { row: 1, col: tm + 4, len: tk * (tm + 4), cores: None },
+            SharedLayout { row: tn + 4, col: 1, len: tk * (tn + 4), cores: None },
         ],
     }
+}
+
+/// The shared layouts of a warpgroup product's A tile (`tile[0]×tile[2]`) and B tile
+/// (`tile[2]×tile[1]`), in elements: core matrices whose lines run along the axis each
+/// operand is contiguous along in memory (`mn_contiguous`: A's rows, B's columns; else k),
+/// so that 16-byte copies fill one line each. The cores along that axis lie next to each
+/// other (128 bytes apart), the lines of cores across it one after another.
+pub fn warpgroup_layouts(tile: [u32; 3], mn_contiguous: [bool; 2]) -> [SharedLayout; 2] {
+    let [tm, tn, tk] = tile.map(|t| t as usize);
+    let core = CORE * CORE;
+    let a = if mn_contiguous[0] {
+        SharedLayout { row: core, col: tm / CORE * core, len: tm * tk, cores: Some(CoreLines::AlongRows) }
+    } else {
+        SharedLayout { row: tk / CORE * core, col: core, len: tm * tk, cores: Some(CoreLines::AlongColumns) }
+    };
+    let b = if mn_contiguous[1] {
+        SharedLayout { row: tn / CORE * core, col: core, len: tk * tn, cores: Some(CoreLines::AlongColumns) }
+    } else {
+        SharedLayout { row: core, col: tk / CORE * core, len: tk * tn, cores: Some(CoreLines::AlongRows) }
+    };
+    [a, b]
 }
 
 /// The groups of lanes of a register-tiled attention workgroup: group `g` owns its queries
@@ -893,10 +1067,10 @@ pub fn tiled_attention_layouts(d: usize, dv: usize, rows: usize, block_k: usize)
     let block_q = ATTENTION_TILED_GROUPS * rows;
     let values = |len| if dv == 0 { 0 } else { len };
     TiledAttentionLayouts {
-        queries: SharedLayout { row: d + 4, col: 1, len: block_q * (d + 4) },
-        keys: SharedLayout { row: d + 4, col: 1, len: block_k * (d + 4) },
-        values: SharedLayout { row: dv + 4, col: 1, len: values(block_k * (dv + 4)) },
-        weights: SharedLayout { row: block_k + 4, col: 1, len: values(block_q * (block_k + 4)) },
+        queries: SharedLayout { row: d + 4, col: 1, len: block_q * (d + 4), cores: None },
+        keys: SharedLayout { row: d + 4, col: 1, len: block_k * (d + 4), cores: None },
+        values: SharedLayout { row: dv + 4, col: 1, len: values(block_k * (dv + 4)), cores: None },
+        weights: SharedLayout { row: block_k + 4, col: 1, len: values(block_q * (block_k + 4)), cores: None },
     }
 }
 
@@ -953,15 +1127,20 @@ pub fn attention_layouts(
     let values = |len| if dv == 0 { 0 } else { len };
     if precision.paired() {
         return AttentionLayouts {
-            keys: SharedLayout { row: d + 8, col: 1, len: block_k * (d + 8) },
-            values: SharedLayout { row: dv + 8, col: 1, len: values(block_k * (dv + 8)) },
-            weights: SharedLayout { row: 0, col: 0, len: 0 },
+            keys: SharedLayout { row: d + 8, col: 1, len: block_k * (d + 8), cores: None },
+            values: SharedLayout { row: dv + 8, col: 1, len: values(block_k * (dv + 8)), cores: None },
+            weights: SharedLayout { row: 0, col: 0, len: 0, cores: None },
         };
     }
     AttentionLayouts {
-        keys: SharedLayout { row: d + 4, col: 1, len: block_k * (d + 4) },
-        values: SharedLayout { row: dv + 8, col: 1, len: values(block_k * (dv + 8)) },
-        weights: SharedLayout { row: block_k + 4, col: 1, len: values(warps * 16 * (block_k + 4)) },
+        keys: SharedLayout { row: d + 4, col: 1, len: block_k * (d + 4), cores: None },
+        values: SharedLayout { row: dv + 8, col: 1, len: values(block_k * (dv + 8)), cores: None },
+        weights: SharedLayout {
+            row: block_k + 4,
+            col: 1,
+            len: values(warps * 16 * (block_k + 4)),
+            cores: None,
+        },
     }
 }
 
@@ -1048,6 +1227,71 @@ mod tests {
         assert!(GpuPlan::rows(8, 384, norm, &cuda).unwrap().describe().contains(
             "rows: 8 of 384, 128 invocations per row, 3 held in registers each, warp shuffles, then 4 warps through shared memory"
         ));
+    }
+
+    /// 16-bit products on sm_90a take warpgroup products where a tile divides them: the
+    /// 4096³ product two warpgroups of 64 × 256 in 4 stages, one group of products in flight;
+    /// a product of 384 columns 128×128 tiles; one no tile divides, f32 operands, operands
+    /// that cannot be copied whole, and sm_90 (no `wgmma`) none.
+    #[test]
+    fn warpgroup_products_take_the_tiles_that_divide_them() {
+        let target = |arch| GpuCaps::cuda(super::super::NvvmTarget::by_arch(arch).unwrap());
+        let sm90a = target("sm_90a");
+        let plan = |mnk, precision, copyable, caps: &GpuCaps| {
+            GpuPlan::matmul_warpgroups(1, mnk, precision, copyable, caps).unwrap().map(|p| {
+                let Work::MatmulTensorCores { tile, warps, shape, stages, instruction, .. } = p.work else {
+                    panic!("{:?}", p.work)
+                };
+                (tile, warps, shape, stages, instruction, p.launch.workgroup[0], p.shared_bytes)
+            })
+        };
+        let f16 = MmaPrecision::F16;
+        assert_eq!(
+            plan([4096; 3], f16, true, &sm90a),
+            Some((
+                [128, 256, 64],
+                [8, 1],
+                [64, 256, 16],
+                4,
+                MmaInstruction::Warpgroup { in_flight: 1 },
+                256,
+                196_608
+            ))
+        );
+        let bert = plan([8192, 384, 384], MmaPrecision::Bf16, true, &sm90a).unwrap();
+        assert_eq!((bert.0, bert.3, bert.4), ([128, 128, 64], 4, MmaInstruction::Warpgroup { in_flight: 1 }));
+        // Two k tiles: two stages, each step's products awaited.
+        let short = plan([4096, 4096, 128], f16, true, &sm90a).unwrap();
+        assert_eq!(
+            (short.0, short.3, short.4),
+            ([128, 256, 64], 2, MmaInstruction::Warpgroup { in_flight: 0 })
+        );
+        assert_eq!(plan([4096, 4000, 4096], f16, true, &sm90a), None);
+        assert_eq!(plan([4096; 3], MmaPrecision::Tf32, true, &sm90a), None);
+        assert_eq!(plan([4096; 3], f16, false, &sm90a), None);
+        assert_eq!(plan([4096; 3], f16, true, &target("sm_90")), None);
+        let described =
+            GpuPlan::matmul_warpgroups(1, [4096; 3], f16, true, &sm90a).unwrap().unwrap().describe();
+        assert!(described.contains("tile 128×256×64 in shared memory as core matrices (4 stages, async copies, 1 group of products in flight), 8×1 warps, wgmma m64n256k16 on f16 operands"), "{described}");
+    }
+
+    /// Core-matrix layouts: lines along the operand's contiguous axis, the cores along it
+    /// adjacent (128 bytes apart in 16-bit elements).
+    #[test]
+    fn warpgroup_layouts_keep_core_matrices_whole() {
+        let [a, b] = warpgroup_layouts([128, 256, 64], [false, true]);
+        // A k-contiguous: (r, c) → core (r/8, c/8) at (r/8)·512 + (c/8)·64, line r%8.
+        assert_eq!(
+            (a.offset(0, 0), a.offset(0, 7), a.offset(1, 0), a.offset(0, 8), a.offset(8, 0)),
+            (0, 7, 8, 64, 512)
+        );
+        assert_eq!(a.len, 128 * 64);
+        // B n-contiguous: (k, n) → core (k/8, n/8) at (k/8)·2048 + (n/8)·64, line k%8.
+        assert_eq!((b.offset(0, 1), b.offset(1, 0), b.offset(0, 8), b.offset(8, 0)), (1, 8, 64, 2048));
+        let [at, bt] = warpgroup_layouts([128, 256, 64], [true, false]);
+        // A m-contiguous: lines along m; B k-contiguous: lines along k.
+        assert_eq!((at.offset(1, 0), at.offset(0, 1), at.offset(8, 0), at.offset(0, 8)), (1, 8, 64, 1024));
+        assert_eq!((bt.offset(1, 0), bt.offset(0, 1), bt.offset(8, 0), bt.offset(0, 8)), (1, 8, 64, 512));
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub struct Assembled {
     pub cubin: Vec<u8>,
     /// Per kernel: registers per thread, and bytes spilled to local memory by stores and loads.
     pub usage: Vec<KernelUsage>,
+    /// ptxas's warnings, one line each (such as warpgroup products it had to serialize).
+    pub warnings: Vec<String>,
 }
 
 /// What `ptxas -v` says about one kernel.
@@ -81,7 +83,8 @@ impl Ptxas {
         }
         let cubin = std::fs::read(&output)
             .map_err(|e| CodegenError::Artifact(format!("{}: {e}", output.display())))?;
-        Ok(Assembled { cubin, usage: parse_usage(&log) })
+        let warnings = log.lines().filter(|l| l.contains("warning")).map(|l| l.trim().to_string()).collect();
+        Ok(Assembled { cubin, usage: parse_usage(&log), warnings })
     }
 }
 

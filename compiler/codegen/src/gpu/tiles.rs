@@ -6,7 +6,7 @@
 //! read the next tile while it computes on the current one.
 
 use super::mma::Parts;
-use super::plan::SharedLayout;
+use super::plan::{CoreLines, SharedLayout, CORE};
 use super::skeleton::{clamp, offset_at, plus, SharedArray};
 use super::GpuFlavor;
 use crate::kernels::elementwise::{load, to_reg};
@@ -21,7 +21,7 @@ pub(crate) fn aligned_by_4(v: &View, axis: usize) -> bool {
 }
 
 /// [`aligned_by_4`] for runs of `n`.
-fn aligned_by(v: &View, axis: usize, n: usize) -> bool {
+pub(crate) fn aligned_by(v: &View, axis: usize, n: usize) -> bool {
     v.strides[axis] == 1
         && v.shape[axis].is_multiple_of(n)
         && v.offset.is_multiple_of(n)
@@ -44,21 +44,30 @@ pub(crate) struct CopyPointers {
 /// plain reads and writes elsewhere) or read into registers one tile ahead and stored after the
 /// step's work. Tile t lies in stage t mod S; a step waits for its own copies of tile t, rounds
 /// them where the operands need it, and a barrier publishes everyone's: then no one reads
-/// stage (t − 1) mod S any more, and tile t + S − 1 goes there. Every fill and step commits one
-/// group of copies (empty past the end), so each step waits for the same count. Without
-/// copies the barrier closes the step instead (the next tile stored, this one no longer read).
+/// stage (t − 1) mod S any more, and tile t + S − 1 goes there. Where the products of a step
+/// may still run during the next one (warpgroup products in flight), copies run that many
+/// tiles less `ahead`: tile t + `ahead` goes to the stage read `S − ahead` steps before.
+/// Every fill and step commits one group of copies (empty past the end), so each step waits
+/// for the same count. Without copies the barrier closes the step instead (the next tile
+/// stored, this one no longer read).
 pub(crate) struct Pipeline<'p, 'v> {
     tiles: [Option<&'p OperandTile<'v>>; 2],
     mems: [&'p SharedArray<'p>; 2],
     /// Elements of one stage of each array.
     lens: [usize; 2],
     stages: usize,
+    /// How many tiles ahead of the step's the copies run (`stages − 1`, less the steps whose
+    /// products may still read their stages).
+    ahead: usize,
     copies: [Option<usize>; 2],
     pointers: [Option<CopyPointers>; 2],
     /// How tensor-core operands enter the tiles (`None`: register values as they are).
     parts: Option<&'p Parts>,
     nvvm: bool,
     lin: &'p str,
+    /// Whether the stages are read through the async proxy (warpgroup products): then each
+    /// invocation fences its writes to them before the barrier that publishes them.
+    async_proxy: bool,
 }
 
 /// Where each tile of a [`Pipeline`] starts: operand row and column.
@@ -92,7 +101,34 @@ impl<'p, 'v> Pipeline<'p, 'v> {
                 *p = Some(tile.pointers(b, mem));
             }
         }
-        Pipeline { tiles, mems, lens, stages, copies, pointers, parts, nvvm, lin }
+        let ahead = stages.saturating_sub(1);
+        Pipeline { tiles, mems, lens, stages, ahead, copies, pointers, parts, nvvm, lin, async_proxy: false }
+    }
+
+    /// The same pipeline with the products of `steps` steps still reading their stages when a
+    /// step begins: copies run that many tiles less ahead (at least one).
+    pub fn with_products_in_flight(self, steps: usize) -> Pipeline<'p, 'v> {
+        let ahead = self.stages.saturating_sub(1 + steps).max(1);
+        Pipeline { ahead, ..self }
+    }
+
+    /// How many tiles ahead of the step's the copies run: the walk fills the first this many
+    /// stages before it starts.
+    pub fn ahead_by(&self) -> usize {
+        self.ahead
+    }
+
+    /// The same pipeline, its stages read through the async proxy where `proxy` (NVVM).
+    pub fn read_by_async_proxy(self, proxy: bool) -> Pipeline<'p, 'v> {
+        Pipeline { async_proxy: proxy && self.nvvm, ..self }
+    }
+
+    /// The barrier that publishes the stages' new contents (fenced for the async proxy).
+    fn publish(&self, b: &mut Body) {
+        if self.async_proxy {
+            super::wgmma::proxy_fence(b);
+        }
+        b.line("gpu.barrier");
     }
 
     /// Whether any tile is copied.
@@ -123,7 +159,7 @@ impl<'p, 'v> Pipeline<'p, 'v> {
     /// After the fills: without copies, the barrier that publishes them.
     pub fn filled(&self, b: &mut Body) {
         if !self.copying() {
-            b.line("gpu.barrier");
+            self.publish(b);
         }
     }
 
@@ -135,20 +171,20 @@ impl<'p, 'v> Pipeline<'p, 'v> {
         let cur = b.assign(format!("arith.remui {t}, {sc} : index"));
         let lens = self.lens.map(|len| b.index(len));
         let here = [0, 1].map(|i| b.assign(format!("arith.muli {cur}, {} : index", lens[i])));
-        let next = if self.stages == 2 {
+        let next = if self.stages == 2 && self.ahead == 1 {
             [0, 1].map(|i| b.assign(format!("arith.subi {}, {} : index", lens[i], here[i])))
         } else {
-            let ahead = b.index(self.stages - 1);
+            let ahead = b.index(self.ahead);
             let nt = b.assign(format!("arith.addi {t}, {ahead} : index"));
             let nxt = b.assign(format!("arith.remui {nt}, {sc} : index"));
             [0, 1].map(|i| b.assign(format!("arith.muli {nxt}, {} : index", lens[i])))
         };
         if self.copying() {
             if self.nvvm {
-                b.line(format!("nvvm.cp.async.wait.group {}", self.stages - 2));
+                b.line(format!("nvvm.cp.async.wait.group {}", self.ahead - 1));
             }
             self.round(b, [&here[0], &here[1]]);
-            b.line("gpu.barrier");
+            self.publish(b);
         }
         (here, next)
     }
@@ -400,8 +436,23 @@ impl<'a> OperandTile<'a> {
         // last one again: the same value lands in the same place.
         let l = if (t + 1) * self.inv > runs_total { clamp(b, &l, runs_total) } else { l };
         let pl = b.index(per_line);
-        let line = b.assign(format!("arith.divui {l}, {pl} : index"));
-        let within = b.assign(format!("arith.remui {l}, {pl} : index"));
+        let (line, within) = if self.layout.cores.is_some() && run == CORE {
+            // Into core matrices: 8 neighbouring invocations copy the 8 lines of one core
+            // (128 contiguous bytes of shared memory, no bank conflicts), the next 8 the
+            // core beside it along the line.
+            let c8 = b.index(CORE);
+            let in_core = b.assign(format!("arith.remui {l}, {c8} : index"));
+            let q = b.assign(format!("arith.divui {l}, {c8} : index"));
+            let chunk = b.assign(format!("arith.remui {q}, {pl} : index"));
+            let block = b.assign(format!("arith.divui {q}, {pl} : index"));
+            let first = b.assign(format!("arith.muli {block}, {c8} : index"));
+            (b.assign(format!("arith.addi {first}, {in_core} : index")), chunk)
+        } else {
+            (
+                b.assign(format!("arith.divui {l}, {pl} : index")),
+                b.assign(format!("arith.remui {l}, {pl} : index")),
+            )
+        };
         let within = if run == 1 {
             within
         } else {
@@ -427,9 +478,7 @@ impl<'a> OperandTile<'a> {
 
     /// The offset in shared memory of tile element `(r, c)` in the stage at `stage`.
     fn shared_at(&self, b: &mut Body, stage: &str, r: &str, c: &str) -> String {
-        let SharedLayout { row, col, .. } = self.layout;
-        let (r, c) = (r.to_owned(), c.to_owned());
-        let at = offset_at(b, 0, &[(Some(&r), row), (Some(&c), col)]);
+        let at = layout_at(b, &self.layout, r, c);
         b.assign(format!("arith.addi {stage}, {at} : index"))
     }
 
@@ -454,8 +503,18 @@ impl<'a> OperandTile<'a> {
         let rk = self.view.rank();
         let axis = if self.along_cols { rk - 1 } else { rk - 2 };
         let along = if self.along_cols { self.cols } else { self.rows };
-        let SharedLayout { row, col, len } = self.layout;
+        let SharedLayout { row, col, len, cores } = self.layout;
         let (step, other) = if self.along_cols { (col, row) } else { (row, col) };
+        // Runs along a core matrix's lines fill one line each; else along an axis of stride 1.
+        let (lines, across) = if self.along_cols {
+            (self.rows, CoreLines::AlongColumns)
+        } else {
+            (self.cols, CoreLines::AlongRows)
+        };
+        let laid = match cores {
+            Some(c) => c == across && run == CORE && lines.is_multiple_of(CORE),
+            None => step == 1 && other.is_multiple_of(run),
+        };
         let ok = self.exact
             && self.run_rows.is_none()
             && b.split_of(self.arg).is_none()
@@ -464,8 +523,7 @@ impl<'a> OperandTile<'a> {
             && along.is_multiple_of(run)
             && (self.rows * self.cols / run).is_multiple_of(self.inv)
             && aligned_by(self.view, axis, run)
-            && step == 1
-            && other.is_multiple_of(run)
+            && laid
             && len.is_multiple_of(run);
         ok.then_some(run)
     }
@@ -610,11 +668,27 @@ impl<'a> OperandTile<'a> {
         operands: Option<&Parts>,
         ty: &str,
     ) {
-        let SharedLayout { row, col, .. } = self.layout;
+        let SharedLayout { row, col, cores, .. } = self.layout;
         let ty = match operands {
             Some(ops) => ops.shared_elem(),
             None => ty,
         };
+        if cores.is_some() {
+            // Into core matrices, element by element.
+            for (r, c, values) in &f.runs {
+                for (e, x) in values.iter().enumerate() {
+                    let x = match operands {
+                        Some(ops) => ops.entering(b, x),
+                        None => x.clone(),
+                    };
+                    let (re, ce) =
+                        if self.along_cols { (r.clone(), plus(b, c, e)) } else { (plus(b, r, e), c.clone()) };
+                    let at = self.shared_at(b, stage, &re, &ce);
+                    mem.write(b, &at, std::slice::from_ref(&x), ty);
+                }
+            }
+            return;
+        }
         for (r, c, values) in &f.runs {
             let values: Vec<String> = match operands {
                 Some(ops) => values.iter().map(|x| ops.entering(b, x)).collect(),
@@ -635,4 +709,21 @@ impl<'a> OperandTile<'a> {
             }
         }
     }
+}
+
+/// The offset from a stage's start of tile element `(r, c)` (`index` values) in `layout`.
+pub(crate) fn layout_at(b: &mut Body, layout: &SharedLayout, r: &str, c: &str) -> String {
+    let SharedLayout { row, col, cores, .. } = *layout;
+    let (r, c) = (r.to_owned(), c.to_owned());
+    let Some(lines) = cores else {
+        return offset_at(b, 0, &[(Some(&r), row), (Some(&c), col)]);
+    };
+    let c8 = b.index(CORE);
+    let [rb, ri, cb, ci] = [("divui", &r), ("remui", &r), ("divui", &c), ("remui", &c)]
+        .map(|(op, x)| b.assign(format!("arith.{op} {x}, {c8} : index")));
+    let (line, at_line) = match lines {
+        CoreLines::AlongColumns => (ri, ci),
+        CoreLines::AlongRows => (ci, ri),
+    };
+    offset_at(b, 0, &[(Some(&rb), row), (Some(&cb), col), (Some(&line), CORE), (Some(&at_line), 1)])
 }

@@ -25,7 +25,8 @@ pub(crate) struct DeviceCaps {
 /// memory, which a function may be opted in to up to `MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`.
 pub(crate) fn check_target(target: &CudaTarget, caps: &DeviceCaps) -> Result<(), RuntimeError> {
     let info = &caps.info;
-    if info.compute_capability < target.compute_capability {
+    let other = target.arch_specific && info.compute_capability != target.compute_capability;
+    if info.compute_capability < target.compute_capability || other {
         return Err(RuntimeError::CudaArch {
             compiled: target.arch(),
             device: format!("{} ({})", info.index, info.name),
@@ -126,6 +127,7 @@ pub(crate) mod tests {
             max_workgroup_invocations: 256,
             max_shared_bytes: 1024,
             cubins: vec![],
+            arch_specific: false,
         }
     }
 
@@ -141,6 +143,19 @@ pub(crate) mod tests {
         );
         // sm_86 is newer than sm_80 within the same major version.
         assert!(matches!(check_target(&target(8, 6), &caps), Err(RuntimeError::CudaArch { .. })));
+    }
+
+    #[test]
+    fn architecture_specific_kernels_need_that_very_architecture() {
+        let caps = a100_like();
+        let own = CudaTarget { arch_specific: true, ..target(8, 0) };
+        check_target(&own, &caps).unwrap();
+        let older = CudaTarget { arch_specific: true, ..target(7, 5) };
+        assert_eq!(
+            check_target(&older, &caps).unwrap_err().to_string(),
+            "this artifact was compiled for sm_75a; CUDA device 0 (NVIDIA A100-SXM4-80GB) is sm_80: recompile \
+             with --target cuda:sm_80"
+        );
     }
 
     #[test]

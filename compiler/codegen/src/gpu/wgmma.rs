@@ -1,0 +1,273 @@
+//! Warpgroup products (`wgmma.mma_async`, NVIDIA `sm_90a`): four warps multiply a 64-row A
+//! tile by a B tile straight from shared memory into f32 accumulators, `m64nNk16` with f16
+//! or bf16 operands. The operands are named by matrix descriptors (PTX ISA, "Matrix
+//! Descriptor"): a 64-bit value holding the tile's shared address, and the distances between
+//! its 8 × 8 core matrices along k (the leading byte offset) and along m or n (the stride byte
+//! offset), all in units of 16 bytes, with no swizzling. Here are the descriptors of the
+//! layouts `plan::warpgroup_layouts` gives, the instructions as NVVM text, and, on SPIR-V, the
+//! product emulated by each invocation from the same descriptors, so that the layouts, the
+//! descriptors' offsets and the accumulators' places can be checked on any Vulkan device.
+
+use super::mma::{unpack, Lanes, C_FRAGMENT, MMA_M, MMA_N};
+use super::plan::{CoreLines, MmaPrecision, SharedLayout, CORE};
+use super::skeleton::{plus, SharedArray};
+use crate::mlir_text::Body;
+
+/// The k of one warpgroup product.
+pub(crate) const WGMMA_K: usize = 16;
+
+/// The rows of A one warpgroup's products cover.
+pub(crate) const WGMMA_M: usize = 64;
+
+/// Invocations in a warpgroup.
+pub(crate) const WARPGROUP: usize = 128;
+
+/// How one operand's tile lies for the products, in bytes: the distance between neighbouring
+/// core matrices along k (`leading`) and along m or n (`stride`), and whether a core's lines
+/// run along m or n (the operand "transposed" for the instruction) instead of along k.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Descriptor {
+    pub leading: usize,
+    pub stride: usize,
+    pub mn_major: bool,
+}
+
+impl Descriptor {
+    /// The descriptor of A's tile (`m × k`) laid out as `layout`, of `elem` bytes per element.
+    pub fn of_a(layout: &SharedLayout, elem: usize) -> Descriptor {
+        Descriptor {
+            leading: layout.col * elem,
+            stride: layout.row * elem,
+            mn_major: layout.cores == Some(CoreLines::AlongRows),
+        }
+    }
+
+    /// The descriptor of B's tile (`k × n`) laid out as `layout`.
+    pub fn of_b(layout: &SharedLayout, elem: usize) -> Descriptor {
+        Descriptor {
+            leading: layout.row * elem,
+            stride: layout.col * elem,
+            mn_major: layout.cores == Some(CoreLines::AlongColumns),
+        }
+    }
+
+    /// The descriptor's fields but the start address: the leading byte offset in bits 16–29,
+    /// the stride byte offset in bits 32–45 (both in 16-byte units), no base offset, no
+    /// swizzling (bits 62–63 zero).
+    pub fn high_bits(&self) -> u64 {
+        (((self.leading >> 4) as u64) << 16) | (((self.stride >> 4) as u64) << 32)
+    }
+
+    /// The byte offset, from a product's start, of the element at `mn` along m (or n) and `k`
+    /// along k, as the instruction reads the tile: core `(mn / 8, k / 8)` at
+    /// `(mn / 8)·stride + (k / 8)·leading`, inside it 8 lines of 16 bytes.
+    fn element(&self, b: &mut Body, mn: &str, k: usize, elem: usize) -> String {
+        let c8 = b.index(CORE);
+        let mn_core = b.assign(format!("arith.divui {mn}, {c8} : index"));
+        let mn_in = b.assign(format!("arith.remui {mn}, {c8} : index"));
+        let stride = b.index(self.stride);
+        let at = b.assign(format!("arith.muli {mn_core}, {stride} : index"));
+        let at = plus(b, &at, (k / CORE) * self.leading);
+        let (line, scale) = if self.mn_major { (k % CORE, 1) } else { (0, CORE) };
+        let within = b.index(elem * scale);
+        let mn_part = b.assign(format!("arith.muli {mn_in}, {within} : index"));
+        let at = b.assign(format!("arith.addi {at}, {mn_part} : index"));
+        let k_part = if self.mn_major { line * CORE * elem } else { (k % CORE) * elem };
+        plus(b, &at, k_part)
+    }
+}
+
+/// The warpgroup's product's operand types in the instruction's name.
+fn ptx_type(precision: MmaPrecision) -> &'static str {
+    match precision {
+        MmaPrecision::F16 => "f16",
+        MmaPrecision::Bf16 => "bf16",
+        MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => "tf32",
+    }
+}
+
+/// Before a warpgroup's first product that reads registers written otherwise (the
+/// accumulators, carried in from the previous step).
+pub(crate) fn fence(b: &mut Body) {
+    b.line("nvvm.wgmma.fence.aligned");
+}
+
+/// After the products of a step: commits them as a group and waits until no more than
+/// `in_flight` groups run, so the stages the others read may be refilled.
+pub(crate) fn commit(b: &mut Body, in_flight: usize) {
+    b.line("nvvm.wgmma.commit.group.sync.aligned");
+    b.line(format!("nvvm.wgmma.wait.group.sync.aligned {in_flight}"));
+}
+
+/// After the walk: waits for every group, then passes the accumulators through an empty
+/// instruction that claims to change them, so that nothing reads them before the wait.
+pub(crate) fn finished(b: &mut Body, acc: &[String]) -> Vec<String> {
+    b.line("nvvm.wgmma.wait.group.sync.aligned 0");
+    let count = acc.len();
+    let st = format!("!llvm.struct<({})>", vec!["f32"; count].join(", "));
+    let mut constraints: Vec<String> = vec!["=f".to_string(); count];
+    constraints.extend((0..count).map(|i| i.to_string()));
+    let types = vec!["f32"; count].join(", ");
+    let r = b.assign(format!(
+        "llvm.inline_asm has_side_effects asm_dialect = att \"\", \"{}\" {} : ({types}) -> {st}",
+        constraints.join(","),
+        acc.join(", ")
+    ));
+    (0..count).map(|i| b.assign(format!("llvm.extractvalue {r}[{i}] : {st}"))).collect()
+}
+
+/// Orders this invocation's writes to shared memory (copies included) before the reads of
+/// the warpgroup products, which go through the async proxy; the barrier after it publishes
+/// everyone's.
+pub(crate) fn proxy_fence(b: &mut Body) {
+    b.line("llvm.inline_asm has_side_effects \"fence.proxy.async.shared::cta;\", \"\" : () -> ()");
+}
+
+/// The descriptor of an operand whose product starts `at` elements (an `index` value) into the
+/// shared array whose byte address is `base` (an `i32`).
+pub(crate) fn descriptor(b: &mut Body, base: &str, at: &str, elem: usize, d: &Descriptor) -> String {
+    let at = b.assign(format!("arith.index_cast {at} : index to i32"));
+    let eb = b.int(elem as i64, "i32");
+    let bytes = b.assign(format!("arith.muli {at}, {eb} : i32"));
+    let addr = b.assign(format!("arith.addi {base}, {bytes} : i32"));
+    let c4 = b.int(4, "i32");
+    let units = b.assign(format!("arith.shrui {addr}, {c4} : i32"));
+    let mask = b.int(0x3FFF, "i32");
+    let units = b.assign(format!("arith.andi {units}, {mask} : i32"));
+    let wide = b.assign(format!("arith.extui {units} : i32 to i64"));
+    let high = b.int(d.high_bits() as i64, "i64");
+    b.assign(format!("arith.ori {wide}, {high} : i64"))
+}
+
+/// The byte address of shared array `pointer` (an `!llvm.ptr<3>`) in the shared window.
+pub(crate) fn shared_address(b: &mut Body, pointer: &str) -> String {
+    b.assign(format!("llvm.ptrtoint {pointer} : !llvm.ptr<3> to i32"))
+}
+
+/// One `m64nNk16` product of the warpgroup: `acc += A·B` with A and B named by descriptors
+/// `da` and `db`, `acc` this invocation's `N / 2` accumulators (in the order of
+/// [`C_FRAGMENT`] per 8 columns). Returns the accumulators after it.
+pub(crate) fn product(
+    b: &mut Body,
+    precision: MmaPrecision,
+    (da, db): (&str, &str),
+    [a, bb]: [&Descriptor; 2],
+    acc: &[String],
+) -> Vec<String> {
+    let n = acc.len() * 2;
+    let count = acc.len();
+    let ty = ptx_type(precision);
+    let outs: Vec<String> = (0..count).map(|i| format!("${i}")).collect();
+    let (ia, ib, scale) = (count, count + 1, count + 2);
+    let asm = format!(
+        "{{\\0A.reg .pred p;\\0Asetp.ne.b32 p, ${scale}, 0;\\0Awgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{}}}, ${ia}, ${ib}, p, 1, 1, {}, {};\\0A}}",
+        outs.join(", "),
+        u8::from(a.mn_major),
+        u8::from(bb.mn_major)
+    );
+    let mut constraints: Vec<String> = vec!["=f".to_string(); count];
+    constraints.extend(["l".to_string(), "l".to_string(), "r".to_string()]);
+    constraints.extend((0..count).map(|i| i.to_string()));
+    let one = b.int(1, "i32");
+    let st = format!("!llvm.struct<({})>", vec!["f32"; count].join(", "));
+    let args = format!("{da}, {db}, {one}, {}", acc.join(", "));
+    let types = format!("i64, i64, i32, {}", vec!["f32"; count].join(", "));
+    let r = b.assign(format!(
+        "llvm.inline_asm has_side_effects asm_dialect = att \"{asm}\", \"{}\" {args} : ({types}) -> {st}",
+        constraints.join(",")
+    ));
+    (0..count).map(|i| b.assign(format!("llvm.extractvalue {r}[{i}] : {st}"))).collect()
+}
+
+/// The same product emulated (SPIR-V): each invocation computes its own accumulators from
+/// the operands as the descriptors describe them, reading A and B from shared memory at
+/// element offsets `at_a` and `at_b` (the products' starts). `l` places the invocation's
+/// accumulators (its warp's 16 rows of the warpgroup's 64, blocks of 8 columns); `rows` is
+/// its warp's first row in the warpgroup's 64 (16 times the warp's place in the group).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn emulated(
+    b: &mut Body,
+    l: &Lanes,
+    precision: MmaPrecision,
+    (ma, at_a, a): (&SharedArray, &str, &Descriptor),
+    (mb, at_b, bd): (&SharedArray, &str, &Descriptor),
+    rows: &str,
+    acc: &[String],
+) -> Vec<String> {
+    let elem = precision.shared_bytes();
+    let ty = match precision {
+        MmaPrecision::F16 => "f16",
+        MmaPrecision::Bf16 => "i16",
+        MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => "f32",
+    };
+    let read = |b: &mut Body, mem: &SharedArray, start: &str, bytes: &str| {
+        let eb = b.index(elem);
+        let at = b.assign(format!("arith.divui {bytes}, {eb} : index"));
+        let at = b.assign(format!("arith.addi {start}, {at} : index"));
+        let x = mem.read(b, &at, 1, ty).remove(0);
+        unpack(b, precision, &x)
+    };
+    // The invocation's two rows (of the 64) and its two columns per block of 8.
+    let row_of = |b: &mut Body, dr: usize| l.at(b, rows, dr, &l.group, 1);
+    let per = C_FRAGMENT.len();
+    let blocks = acc.len() / per;
+    let mut out = acc.to_vec();
+    let row_values: Vec<Vec<String>> = [0, MMA_M / 2]
+        .iter()
+        .map(|&dr| {
+            let r = row_of(b, dr);
+            (0..WGMMA_K)
+                .map(|k| {
+                    let bytes = a.element(b, &r, k, elem);
+                    read(b, ma, at_a, &bytes)
+                })
+                .collect()
+        })
+        .collect();
+    for j in 0..blocks {
+        for dc in 0..2 {
+            let zero = b.index(0);
+            let col = l.at(b, &zero, j * MMA_N + dc, &l.in_group, 2);
+            let col_values: Vec<String> = (0..WGMMA_K)
+                .map(|k| {
+                    let bytes = bd.element(b, &col, k, elem);
+                    read(b, mb, at_b, &bytes)
+                })
+                .collect();
+            for (e, &(dr, ec)) in C_FRAGMENT.iter().enumerate() {
+                if ec != dc {
+                    continue;
+                }
+                let rv = &row_values[dr / (MMA_M / 2)];
+                let x = &mut out[j * per + e];
+                for k in 0..WGMMA_K {
+                    *x = b.fma(&rv[k], &col_values[k], x, "f32");
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::plan::warpgroup_layouts;
+
+    /// The descriptors of the 4096³ product's tiles (128×256×64 of f16): A k-major, its cores
+    /// 128 bytes apart along k and 1 KiB along m; B row-major (n-major, "transposed" for the
+    /// instruction), 4 KiB apart along k and 128 bytes along n. In 16-byte units in bits
+    /// 16–29 and 32–45.
+    #[test]
+    fn descriptors_name_the_core_matrix_strides() {
+        let [la, lb] = warpgroup_layouts([128, 256, 64], [false, true]);
+        let (a, b) = (Descriptor::of_a(&la, 2), Descriptor::of_b(&lb, 2));
+        assert_eq!(a, Descriptor { leading: 128, stride: 1024, mn_major: false });
+        assert_eq!(b, Descriptor { leading: 4096, stride: 128, mn_major: true });
+        assert_eq!(a.high_bits(), (8 << 16) | (64 << 32));
+        assert_eq!(b.high_bits(), (256 << 16) | (8 << 32));
+        let [ta, tb] = warpgroup_layouts([128, 256, 64], [true, false]);
+        assert_eq!(Descriptor::of_a(&ta, 2), Descriptor { leading: 2048, stride: 128, mn_major: true });
+        assert_eq!(Descriptor::of_b(&tb, 2), Descriptor { leading: 128, stride: 1024, mn_major: false });
+    }
+}
