@@ -100,8 +100,8 @@ TRAIN=(
 # a `_per_query` one with --attention-per-query (f32 attention one query per invocation, beside
 # the register tiles), a `_square` one with --matmul-tile 128x128 (f32 products in square tiles
 # only, beside the plan's 128×96 ones); a `_wgmma_` one is compiled for sm_90a (16-bit
-# products as warpgroup products, beside sm_90's mma.sync), a `_t256_` one with --matmul-tile
-# 128x256.
+# products as warpgroup products, beside sm_90's mma.sync), a `_t256_` or `_t128_` one with
+# --matmul-tile 128x256 or 128x128.
 BENCH=(
     "matmul|bench/cuda/matmul.ron|"
     "matmul_registers|bench/cuda/matmul.ron|"
@@ -115,6 +115,7 @@ BENCH=(
     "matmul_bf16|bench/cuda/matmul.ron|"
     "matmul_wgmma_f16|bench/cuda/matmul.ron|"
     "matmul_wgmma_bf16|bench/cuda/matmul.ron|"
+    "matmul_wgmma_t128_f16|bench/cuda/matmul.ron|"
     "attention_f16|bench/cuda/attention.ron|"
     "attention_bf16|bench/cuda/attention.ron|"
     "attention_k64_f16|bench/cuda/attention.ron|"
@@ -131,7 +132,7 @@ BENCH=(
 # `--precision tf32` (or `tf32x3`) for a name ending in _tf32 (or _tf32x3), `--no-async-copies`
 # for one ending in _registers, `--attention-key-tile 64` for one with _k64_,
 # `--attention-per-query` for one ending in _per_query, `--matmul-tile 128x128` for one ending
-# in _square, `--matmul-tile 128x256` for one with _t256_ (CUDA packs only).
+# in _square, `--matmul-tile 128x256` (128x128) for one with _t256_ (_t128_) (CUDA packs only).
 flags_of() {
     if [[ "$PACK_TARGET" != cuda* ]]; then return; fi
     case "$1" in
@@ -142,6 +143,7 @@ flags_of() {
         *_per_query) echo "--attention-per-query" ;;
         *_square) echo "--matmul-tile 128x128" ;;
         *_t256_*) echo "--matmul-tile 128x256" ;;
+        *_t128_*) echo "--matmul-tile 128x128" ;;
     esac
 }
 

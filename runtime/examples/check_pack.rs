@@ -241,7 +241,8 @@ fn check(dir: &Path, name: &str, args: &Args) -> Result<Outcome, String> {
         .iter()
         .map(|o| (o.name().to_string(), o.dtype(), o.shape().to_vec(), o.bytes().to_vec()))
         .collect();
-    let (max_error, passed) = compare(&got, &expected, args.tolerance)?;
+    let (max_error, problem) = compare(&got, &expected, args.tolerance)?;
+    let passed = problem.is_none();
     for _ in 0..3 {
         model.run(&refs).map_err(|e| e.to_string())?;
     }
@@ -263,7 +264,7 @@ fn check(dir: &Path, name: &str, args: &Args) -> Result<Outcome, String> {
         median,
         kinds,
         steps,
-        problem: None,
+        problem,
         failed_as_expected: false,
     })
 }
@@ -291,9 +292,9 @@ fn check_training(
         got.push((format!("state:{state}"), t.dtype(), t.shape().to_vec(), t.bytes().to_vec()));
     }
     let expected_path = dir.join("expected.safetensors");
-    let (max_error, passed) = if args.record {
+    let (max_error, problem) = if args.record {
         write_tensors(&expected_path, &got)?;
-        (None, true)
+        (None, None)
     } else {
         let expected = read_tensors(&expected_path)?;
         if expected.is_empty() {
@@ -306,6 +307,7 @@ fn check_training(
         }
         compare(&got, &expected, args.tolerance)?
     };
+    let passed = problem.is_none();
     let mut times = Vec::with_capacity(args.repeats.max(1));
     for _ in 0..args.repeats.max(1) {
         let start = Instant::now();
@@ -320,31 +322,68 @@ fn check_training(
         median: times[times.len() / 2],
         kinds: Vec::new(),
         steps: Vec::new(),
-        problem: None,
+        problem,
         failed_as_expected: false,
     })
 }
 
 /// The largest error of `got` against the tensors of `expected` of the same names, relative as
-/// `|g − w| / (1 + |w|)`, and whether it is within `tolerance`.
-fn compare(got: &[Named], expected: &[Named], tolerance: f64) -> Result<(Option<f64>, bool), String> {
-    let mut max_error = None;
-    let mut passed = true;
-    for (name, dtype, _, bytes) in got {
+/// `|g − w| / (1 + |w|)`, and where a value is past `tolerance` what says most about the fault
+/// in one line: each output's count of values past it, and the worst value with its
+/// coordinates.
+fn compare(
+    got: &[Named],
+    expected: &[Named],
+    tolerance: f64,
+) -> Result<(Option<f64>, Option<String>), String> {
+    let mut max_error: Option<f64> = None;
+    let mut worst: Option<(f64, String)> = None;
+    let mut past_counts: Vec<String> = Vec::new();
+    for (name, dtype, shape, bytes) in got {
         let Some((_, want_dtype, _, want)) = expected.iter().find(|(n, ..)| n == name) else { continue };
         let (got, want) = (as_f64(*dtype, bytes), as_f64(*want_dtype, want));
         if got.len() != want.len() {
             return Err(format!("`{name}` has {} values, the reference {}", got.len(), want.len()));
         }
-        for (g, w) in got.iter().zip(&want) {
+        let mut past = 0usize;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let same_special = (g.is_nan() && w.is_nan()) || g == w;
             let e = if same_special { 0.0 } else { (g - w).abs() / (1.0 + w.abs()) };
             let e = if e.is_nan() { f64::INFINITY } else { e };
-            max_error = Some(max_error.map_or(e, |m: f64| m.max(e)));
-            passed &= e <= tolerance;
+            max_error = Some(max_error.map_or(e, |m| m.max(e)));
+            if e > tolerance {
+                past += 1;
+                if worst.as_ref().is_none_or(|(m, _)| e > *m) {
+                    worst = Some((
+                        e,
+                        format!(
+                            "`{name}`{:?} (got {}, want {})",
+                            coordinates(i, shape),
+                            *g as f32,
+                            *w as f32
+                        ),
+                    ));
+                }
+            }
+        }
+        if past > 0 {
+            past_counts.push(format!("`{name}` {past} of {}", got.len()));
         }
     }
-    Ok((max_error, passed))
+    let problem = worst
+        .map(|(e, at)| format!("max error {e:.2e} at {at}; past {tolerance:e}: {}", past_counts.join(", ")));
+    Ok((max_error, problem))
+}
+
+/// The coordinates of flat index `i` in a row-major tensor of `shape`.
+fn coordinates(i: usize, shape: &[u64]) -> Vec<u64> {
+    let mut rest = i as u64;
+    let mut at = vec![0; shape.len()];
+    for (a, &n) in at.iter_mut().zip(shape).rev() {
+        *a = rest % n.max(1);
+        rest /= n.max(1);
+    }
+    at
 }
 
 /// Writes tensors as a safetensors file.

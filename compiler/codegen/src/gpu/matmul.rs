@@ -298,6 +298,16 @@ pub fn emit(
         {
             4
         }
+        // An invocation's tensor-core accumulators come in pairs of adjacent columns.
+        Step::TensorCores { .. } | Step::Warpgroups { .. }
+            if nvvm
+                && exact_tiles
+                && matches!(out.dtype, DType::F32 | DType::F16 | DType::BF16)
+                && b.split_of(out_arg).is_none()
+                && aligned_by(out, or - 1, 2) =>
+        {
+            2
+        }
         Step::Simt { .. } | Step::TensorCores { .. } | Step::Warpgroups { .. } => 1,
     };
     let mut acc = 0;
@@ -344,9 +354,21 @@ pub fn emit(
         if run == 1 {
             store(&mut b, &values[0], out_arg, out, &at);
         } else {
-            let vt = format!("vector<{run}x{ty}>");
-            let v = b.assign(format!("vector.from_elements {} : {vt}", values.join(", ")));
-            b.line(format!("vector.store {v}, {out_arg}[{at}] {{alignment = 16}} : {}, {vt}", out.memref()));
+            // One store of the run, in the result's own type.
+            let elem = out.elem();
+            let stored: Vec<String> = match out.dtype {
+                DType::F16 | DType::BF16 => {
+                    values.iter().map(|x| b.assign(format!("arith.truncf {x} : {ty} to {elem}"))).collect()
+                }
+                _ => values,
+            };
+            let vt = format!("vector<{run}x{elem}>");
+            let align = run * out.dtype.size_bytes();
+            let v = b.assign(format!("vector.from_elements {} : {vt}", stored.join(", ")));
+            b.line(format!(
+                "vector.store {v}, {out_arg}[{at}] {{alignment = {align}}} : {}, {vt}",
+                out.memref()
+            ));
         }
         if !exact_tiles {
             b.close("");
