@@ -593,7 +593,7 @@ impl GpuPlan {
         let mut best: Option<(usize, GpuPlan)> = None;
         for &(tile, groups) in WARPGROUP_TILES.iter().filter(|(tile, _)| imposed(*tile)) {
             let [tm, tn, tk] = tile.map(|t| t as usize);
-            if !(m.is_multiple_of(tm) && n.is_multiple_of(tn) && k.is_multiple_of(tk)) {
+            if k == 0 || !(m.is_multiple_of(tm) && n.is_multiple_of(tn) && k.is_multiple_of(tk)) {
                 continue;
             }
             let stage_bytes = (tm * tk + tk * tn) * precision.shared_bytes();

@@ -184,7 +184,6 @@ pub(crate) fn product(
 /// element offsets `at_a` and `at_b` (the products' starts). `l` places the invocation's
 /// accumulators (its warp's 16 rows of the warpgroup's 64, blocks of 8 columns); `rows` is
 /// its warp's first row in the warpgroup's 64 (16 times the warp's place in the group).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn emulated(
     b: &mut Body,
     l: &Lanes,
