@@ -298,10 +298,10 @@ pub fn emit(
         {
             4
         }
-        // An invocation's tensor-core accumulators come in pairs of adjacent columns.
+        // An invocation's tensor-core accumulators come in pairs of adjacent columns (on
+        // SPIR-V too, where tensor-core plans exist only emulated, so the tests check them).
         Step::TensorCores { .. } | Step::Warpgroups { .. }
-            if nvvm
-                && exact_tiles
+            if exact_tiles
                 && matches!(out.dtype, DType::F32 | DType::F16 | DType::BF16)
                 && b.split_of(out_arg).is_none()
                 && aligned_by(out, or - 1, 2) =>
