@@ -1079,6 +1079,17 @@ fn cli_compiles_inspects_and_runs_for_vulkan() {
     assert_eq!(wrong.status.code(), Some(1), "{}", String::from_utf8_lossy(&wrong.stderr));
 }
 
+/// The portable Vulkan target as NVIDIA's tensor cores need it: warps of 32 and TF32-capable
+/// tensor cores (`mma`), so tensor-core plans render for SPIR-V with their products emulated.
+/// f32 products stay f32 unless `with_tensor_cores` asks.
+fn vulkan_emulating_tensor_cores() -> kiln_codegen::gpu::GpuCaps {
+    kiln_codegen::gpu::GpuCaps {
+        mma: Some(kiln_codegen::gpu::MmaPrecision::Tf32),
+        subgroup_size: Some(32),
+        ..kiln_codegen::gpu::GpuCaps::vulkan()
+    }
+}
+
 /// The tensor-core matmul's bookkeeping (which fragment element each lane loads from the
 /// shared tiles, and where each accumulator lands) checked on the Vulkan device: the same plan
 /// rendered for SPIR-V, with `mma.sync` emulated by each warp through shared memory from the
@@ -1089,10 +1100,7 @@ fn tensor_core_matmul_bookkeeping_holds_on_vulkan_with_emulated_mma() {
     if !available(Device::Vulkan, "tensor-core bookkeeping") {
         return;
     }
-    let mut caps = kiln_codegen::gpu::GpuCaps::vulkan();
-    caps.mma = Some(kiln_codegen::gpu::MmaPrecision::Tf32);
-    caps.tensor_cores = Some(kiln_codegen::gpu::MmaPrecision::Tf32);
-    caps.subgroup_size = Some(32);
+    let caps = vulkan_emulating_tensor_cores().with_tf32();
     let mut graphs = vec![
         optimized(&shipped("mlp.ron", &[])),
         optimized(&shipped("bert_encoder.ron", &["layers=1", "seq=32"])),
@@ -1212,11 +1220,11 @@ fn warpgroup_products_hold_on_vulkan_with_emulated_wgmma() {
     if !available(Device::Vulkan, "warpgroup products") {
         return;
     }
-    let mut caps = kiln_codegen::gpu::GpuCaps::vulkan();
-    caps.mma = Some(kiln_codegen::gpu::MmaPrecision::Tf32);
-    caps.subgroup_size = Some(32);
-    caps.async_copies = true;
-    caps.warpgroup_mma = true;
+    let caps = kiln_codegen::gpu::GpuCaps {
+        async_copies: true,
+        warpgroup_mma: true,
+        ..vulkan_emulating_tensor_cores()
+    };
     let g = op_case(
         "wgmma_f16",
         r#"{ "p": (f16, [128, 96]), "q": (f16, [96, 192]), "ta": (f16, [96, 128]), "bt": (f16, [192, 96]), "a3": (f16, [2, 128, 96]), "c": (f16, [192]) }"#,
@@ -1396,11 +1404,10 @@ fn check_pack_tf32_tolerance_holds_with_emulated_tensor_cores() {
     if !available(Device::Vulkan, "check pack TF32 tolerance") {
         return;
     }
-    use kiln_codegen::gpu::{GpuCaps, MmaPrecision};
+    use kiln_codegen::gpu::MmaPrecision;
     // The portable device's own tiles (small shaders, which lavapipe compiles quickly): the
     // rounding, not the tiling, decides whether a tolerance holds.
-    let caps = GpuCaps { mma: Some(MmaPrecision::Tf32), subgroup_size: Some(32), ..GpuCaps::vulkan() }
-        .with_tensor_cores(MmaPrecision::Tf32);
+    let caps = vulkan_emulating_tensor_cores().with_tensor_cores(MmaPrecision::Tf32);
     let mut checked = Vec::new();
     for (name, spec, set) in pack_entries("CONFORMANCE_TF32") {
         let set: Vec<&str> = set.iter().map(String::as_str).collect();
@@ -1432,13 +1439,11 @@ fn tensor_core_attention_in_imposed_key_tiles_holds_on_vulkan() {
         return;
     }
     let caps = kiln_codegen::gpu::GpuCaps {
-        mma: Some(kiln_codegen::gpu::MmaPrecision::Tf32),
         tensor_cores: Some(kiln_codegen::gpu::MmaPrecision::Tf32x3),
-        subgroup_size: Some(32),
         registers: 255,
         async_copies: true,
         attention_key_tile: Some(64),
-        ..kiln_codegen::gpu::GpuCaps::vulkan()
+        ..vulkan_emulating_tensor_cores()
     };
     let spec = |dtype: &str, d: usize| {
         op_case(
@@ -1534,11 +1539,7 @@ fn operands_rounded_for_tensor_cores_round_as_the_hardware_does() {
     ]
     .into_iter()
     .collect();
-    let caps = kiln_codegen::gpu::GpuCaps {
-        mma: Some(kiln_codegen::gpu::MmaPrecision::Tf32),
-        subgroup_size: Some(32),
-        ..kiln_codegen::gpu::GpuCaps::vulkan()
-    };
+    let caps = vulkan_emulating_tensor_cores();
     let f16 = |v: f32| half::f16::from_f32(v).to_f64();
     let bf16 = |v: f32| half::bf16::from_f32(v).to_f64();
     // TF32 (`cvt.rna`: to nearest, ties away from zero), rounded in place after an
@@ -1589,13 +1590,7 @@ fn tensor_core_attention_bookkeeping_holds_on_vulkan_with_emulated_mma() {
     if !available(Device::Vulkan, "tensor-core attention bookkeeping") {
         return;
     }
-    let caps = kiln_codegen::gpu::GpuCaps {
-        mma: Some(kiln_codegen::gpu::MmaPrecision::Tf32),
-        tensor_cores: Some(kiln_codegen::gpu::MmaPrecision::Tf32),
-        subgroup_size: Some(32),
-        registers: 255,
-        ..kiln_codegen::gpu::GpuCaps::vulkan()
-    };
+    let caps = kiln_codegen::gpu::GpuCaps { registers: 255, ..vulkan_emulating_tensor_cores().with_tf32() };
     let (name, inputs, body) =
         OP_CASES.iter().find(|(n, _, _)| *n == "attention").expect("the attention case");
     let small_shared = kiln_codegen::gpu::GpuCaps { max_shared_bytes: 5 * 1024, ..caps.clone() };

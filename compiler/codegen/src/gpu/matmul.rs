@@ -21,7 +21,7 @@ use super::plan::{
 };
 use super::skeleton::{module, offset_at, plus, shared, shared_type, unravel, SharedArray};
 use super::tiles::{aligned_by, aligned_by_4, shared_pointer, OperandTile, Pipeline};
-use super::wgmma::{self, Descriptor, WARPGROUP, WGMMA_K, WGMMA_M};
+use super::wgmma::{self, Descriptor, WGMMA_K, WGMMA_M};
 use super::{ceil_div, GpuCtx, GpuFlavor, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
 use crate::kernels::matmul::activate;
@@ -189,7 +189,7 @@ pub fn emit(
                 let pb = shared_pointer(&mut b, &SharedArray { name: &sh_b, ty: &sb, vectors });
                 [wgmma::shared_address(&mut b, &pa), wgmma::shared_address(&mut b, &pb)]
             });
-            let group = Warpgroup::new(&mut b, &lin, parts.precision, [&la, &lb], addresses, in_flight);
+            let group = Warpgroup::new(&mut b, &lanes, parts.precision, [&la, &lb], addresses, in_flight);
             Step::Warpgroups { sub, lanes: Box::new(lanes), group: Box::new(group) }
         }
     };
@@ -458,27 +458,23 @@ struct Warpgroup {
 }
 
 impl Warpgroup {
-    /// Invocation `lin`'s warpgroup: its first A row lies `64 · (lin / 128)` rows into the
-    /// tile, its warp's first row `16 · (warp mod 4)` rows into the warpgroup's.
+    /// The warpgroup of the warp `lanes` places: the warps stack along m, 16 rows each, so
+    /// its warpgroup's first A row is the warp's first row rounded down to 64, and the warp's
+    /// first row in the warpgroup's is what remains.
     fn new(
         b: &mut Body,
-        lin: &str,
+        lanes: &Lanes,
         precision: MmaPrecision,
         [la, lb]: [&SharedLayout; 2],
         addresses: Option<[String; 2]>,
         in_flight: usize,
     ) -> Warpgroup {
         let elem = precision.shared_bytes();
-        let cw = b.index(WARPGROUP);
-        let group = b.assign(format!("arith.divui {lin}, {cw} : index"));
+        let c64 = b.index(WGMMA_M);
+        let group = b.assign(format!("arith.divui {}, {c64} : index", lanes.warp_row));
         let a_rows = b.index(la.offset(WGMMA_M, 0));
         let a_group = b.assign(format!("arith.muli {group}, {a_rows} : index"));
-        let c32 = b.index(32);
-        let c4 = b.index(4);
-        let warp = b.assign(format!("arith.divui {lin}, {c32} : index"));
-        let in_group = b.assign(format!("arith.remui {warp}, {c4} : index"));
-        let c16 = b.index(MMA_M);
-        let warp_rows = b.assign(format!("arith.muli {in_group}, {c16} : index"));
+        let warp_rows = b.assign(format!("arith.remui {}, {c64} : index", lanes.warp_row));
         let descriptors = [Descriptor::of_a(la, elem), Descriptor::of_b(lb, elem)];
         Warpgroup { precision, descriptors, a_group, warp_rows, addresses, in_flight }
     }

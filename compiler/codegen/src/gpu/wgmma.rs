@@ -19,9 +19,6 @@ pub(crate) const WGMMA_K: usize = 16;
 /// The rows of A one warpgroup's products cover.
 pub(crate) const WGMMA_M: usize = 64;
 
-/// Invocations in a warpgroup.
-pub(crate) const WARPGROUP: usize = 128;
-
 /// How one operand's tile lies for the products, in bytes: the distance between neighbouring
 /// core matrices along k (`leading`) and along m or n (`stride`), and whether a core's lines
 /// run along m or n (the operand "transposed" for the instruction) instead of along k.
