@@ -76,6 +76,13 @@ CONFORMANCE_TF32X3=(
 CONFORMANCE_HALF=(
     "half_block_f16|tests/gpu_check/half_block.ron|"
     "half_block_bf16|tests/gpu_check/half_block.ron|"
+    # The same block compiled for sm_90a: its attention (heads of 32, 100 queries, keys past
+    # the last whole tile) as warpgroup products.
+    "half_block_wgmma_f16|tests/gpu_check/half_block.ron|"
+    "half_block_wgmma_bf16|tests/gpu_check/half_block.ron|"
+    # Attention as warpgroup products over whole key tiles, copied asynchronously: two
+    # warpgroups of 64 queries, heads of 64, 2 tiles of 128 keys in 3 stages.
+    "attention_wgmma_f16|bench/cuda/attention.ron|--set batch=1 --set heads=2 --set seq=256"
     # 128×128 tiles in 4 stages of dynamic shared memory, copied asynchronously, read with
     # `ldmatrix` (B transposed as it is read).
     "large_tiles_f16|tests/gpu_check/large_tiles.ron|--set k=128"
@@ -119,6 +126,9 @@ BENCH=(
     "attention_f16|bench/cuda/attention.ron|"
     "attention_bf16|bench/cuda/attention.ron|"
     "attention_k64_f16|bench/cuda/attention.ron|"
+    "attention_wgmma_f16|bench/cuda/attention.ron|"
+    "attention_wgmma_bf16|bench/cuda/attention.ron|"
+    "attention_wgmma_k64_f16|bench/cuda/attention.ron|"
     "minilm_b1|models/bert_encoder.ron|--set batch=1"
     "minilm_b8|models/bert_encoder.ron|--set batch=8"
     "minilm_b64|models/bert_encoder.ron|--set batch=64"
@@ -281,12 +291,41 @@ EOF
         rm "$art/weights.safetensors"
     done
     rm -rf "$scratch"
+    dedupe "$dir"
     say "pack: $(du -sh "$dir" | cut -f1) in $dir"
+}
+
+# Keeps one copy of each set of identical data files in the pack DIR (twins compiled from the
+# same spec differ only in their kernels): every other copy becomes FILE.same_as, holding the
+# kept file's path in DIR, which `restore` copies back before the pack runs.
+dedupe() {
+    local dir="$1" file sum saved=0
+    local -A first=()
+    while IFS= read -r file; do
+        sum="$(sha256sum "$file" | cut -d' ' -f1)"
+        if [[ -n "${first[$sum]:-}" ]]; then
+            saved=$((saved + $(stat -c %s "$file")))
+            echo "${first[$sum]}" >"$file.same_as"
+            rm "$file"
+        else
+            first[$sum]="${file#"$dir"/}"
+        fi
+    done < <(find "$dir" -name '*.safetensors' | sort)
+    say "pack: $((saved / 1024)) KiB of repeated data files left out"
+}
+
+# Copies back the data files `dedupe` left out of the pack DIR.
+restore() {
+    local dir="$1" note
+    while IFS= read -r note; do
+        cp "$dir/$(cat "$note")" "${note%.same_as}"
+    done < <(find "$dir" -name '*.same_as')
 }
 
 run_pack() {
     local dir="$1" out="${OUT:-$1/results}"
     mkdir -p "$out"
+    restore "$dir"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/gpu: /' >&2
     say "conformance: every shipped model on CUDA against the interpreter"
     local status=0

@@ -975,6 +975,41 @@ fn build_vulkan_with(
         .unwrap_or_else(|e| panic!("{}: {e}", g.name))
 }
 
+/// Compiles `g` with `caps` for the Vulkan device, hands its kernels' plans to `check` (before
+/// anything runs), then runs it against the interpreter (inputs and parameters of seed 5):
+/// every value within `tolerance`·(1 + |ref|).
+fn plans_hold_on_vulkan(
+    g: &Graph,
+    caps: &kiln_codegen::gpu::GpuCaps,
+    tolerance: f64,
+    check: impl FnOnce(&[kiln_codegen::gpu::GpuPlan]),
+) {
+    let params = kiln_ir::bind_params(g, None, 5, false).unwrap();
+    let inputs = kiln_ir::seeded_inputs(g, 5);
+    let want =
+        kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let built = build_vulkan_with(g, &params, caps, dir.path());
+    let plans: Vec<kiln_codegen::gpu::GpuPlan> =
+        built.program.kernels.iter().map(|k| k.plan.clone()).collect();
+    check(&plans);
+    let got = run_artifact(dir.path(), &inputs, &g.name);
+    for ((out, w), gv) in want.iter().zip(&got) {
+        for (i, (a, b)) in w.to_f64_vec().iter().zip(gv).enumerate() {
+            assert!(
+                (a - b).abs() <= tolerance * (1.0 + a.abs()),
+                "{} `{out}`[{i}]: interpreter {a}, Vulkan {b}",
+                g.name
+            );
+        }
+    }
+}
+
+/// The plans' descriptions, for a failure's message.
+fn described(plans: &[kiln_codegen::gpu::GpuPlan]) -> Vec<String> {
+    plans.iter().map(|p| p.describe()).collect()
+}
+
 /// `spirv-val` over every module of a built artifact; `None` when the tool is missing.
 fn spirv_val(built: &kiln_codegen::BuiltGpu, what: &str) -> Option<()> {
     let dir = tempfile::tempdir().unwrap();
@@ -1242,32 +1277,69 @@ fn warpgroup_products_hold_on_vulkan_with_emulated_wgmma() {
     let runs =
         [(&g, caps.clone(), [64, 64, 32], 3), (&g, large, [128, 64, 32], 2), (&pack, caps, [64, 64, 32], 4)];
     for (g, caps, tile, stages) in runs {
-        let params = kiln_ir::bind_params(g, None, 5, false).unwrap();
-        let inputs = kiln_ir::seeded_inputs(g, 5);
-        let want =
-            kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let built = build_vulkan_with(g, &params, &caps, dir.path());
-        let plans: Vec<String> = built.program.kernels.iter().map(|k| k.plan.describe()).collect();
-        let warpgroups = built
-            .program
-            .kernels
-            .iter()
-            .filter(|k| {
-                matches!(k.plan.work, kiln_codegen::gpu::Work::MatmulTensorCores { tile: t, stages: s, instruction: kiln_codegen::gpu::MmaInstruction::Warpgroup { .. }, .. } if t == tile && s == stages)
-            })
-            .count();
-        assert_eq!(warpgroups, 4, "{plans:#?}");
-        let got = run_artifact(dir.path(), &inputs, &g.name);
-        for ((out, w), gv) in want.iter().zip(&got) {
-            for (i, (a, b)) in w.to_f64_vec().iter().zip(gv).enumerate() {
-                assert!(
-                    (a - b).abs() <= 2e-3 * (1.0 + a.abs()),
-                    "{} `{out}`[{i}] in {tile:?} tiles: interpreter {a}, emulated warpgroup products {b}",
-                    g.name
-                );
-            }
-        }
+        plans_hold_on_vulkan(g, &caps, 2e-3, |plans| {
+            let warpgroups = plans
+                .iter()
+                .filter(|p| {
+                    matches!(p.work, kiln_codegen::gpu::Work::MatmulTensorCores { tile: t, stages: s, instruction: kiln_codegen::gpu::MmaInstruction::Warpgroup { .. }, .. } if t == tile && s == stages)
+                })
+                .count();
+            assert_eq!(warpgroups, 4, "{tile:?} tiles: {:#?}", described(plans));
+        });
+    }
+}
+
+/// Attention as warpgroup products (`sm_90a`'s plan for 16-bit attention): the same plans
+/// rendered for SPIR-V, where each warp emulates the products of its queries' (then its
+/// weights') fragments with the key (value) tile, read from the core matrices as the
+/// descriptors describe them. Two warpgroups over 130 and 150 queries, one over 40; key tiles
+/// of 64 in 3 stages and of 128 in 2, whole (copied, emulated) or past the keys' end (through
+/// registers, zeros past it); a mask, a causal attention, and value rows longer than the query
+/// rows.
+#[test]
+fn warpgroup_attention_holds_on_vulkan_with_emulated_wgmma() {
+    if !available(Device::Vulkan, "warpgroup attention") {
+        return;
+    }
+    let caps = kiln_codegen::gpu::GpuCaps {
+        async_copies: true,
+        warpgroup_mma: true,
+        registers: 255,
+        ..vulkan_emulating_tensor_cores()
+    };
+    let spec = |name: &str, sq: usize, sk: usize| {
+        op_case(
+            name,
+            &format!(
+                r#"{{ "q": (f16, [1, 2, {sq}, 16]), "k": (f16, [1, 2, {sk}, 16]), "v": (f16, [1, 2, {sk}, 32]), "m": (f16, [1, 1, {sq}, {sk}]) }}"#
+            ),
+            r#"Let("a", Attention(q: "q", k: "k", v: "v", mask: "m", scale: 0.3)),
+               Let("c", Attention(q: "k", k: "k", v: "v", causal: true, scale: 0.3)),"#,
+        )
+    };
+    // (graph, each attention's warps, key tile and stages: a warpgroup's 64 queries leave
+    // room for two stages of 128 keys)
+    let runs = [
+        (spec("wgmma_attention", 130, 192), [(8, 64, 3), (8, 64, 3)]),
+        (spec("wgmma_attention_short", 40, 150), [(4, 128, 2), (8, 64, 3)]),
+    ];
+    for (g, expected) in runs {
+        plans_hold_on_vulkan(&g, &caps, 2e-3, |plans| {
+            let found: Vec<(u32, u32, u32)> = plans
+                .iter()
+                .filter_map(|p| match p.work {
+                    kiln_codegen::gpu::Work::AttentionTensorCores {
+                        warps,
+                        block_k,
+                        stages,
+                        instruction: kiln_codegen::gpu::MmaInstruction::Warpgroup { .. },
+                        ..
+                    } => Some((warps, block_k, stages)),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(found, expected, "{}: {:#?}", g.name, described(plans));
+        });
     }
 }
 
@@ -1462,35 +1534,18 @@ fn tensor_core_attention_in_imposed_key_tiles_holds_on_vulkan() {
         (spec("f16", 16), 2e-3, [(64, 3, true), (64, 3, true)]),
     ];
     for (g, tolerance, expected) in runs {
-        let params = kiln_ir::bind_params(&g, None, 5, false).unwrap();
-        let inputs = kiln_ir::seeded_inputs(&g, 5);
-        let want =
-            kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let built = build_vulkan_with(&g, &params, &caps, dir.path());
-        let plans: Vec<String> = built.program.kernels.iter().map(|k| k.plan.describe()).collect();
-        let tiles: Vec<(u32, u32, bool)> = built
-            .program
-            .kernels
-            .iter()
-            .filter_map(|k| match k.plan.work {
-                kiln_codegen::gpu::Work::AttentionTensorCores { block_k, stages, async_copies, .. } => {
-                    Some((block_k, stages, async_copies))
-                }
-                _ => None,
-            })
-            .collect();
-        assert_eq!(tiles, expected, "{}: {plans:#?}", g.name);
-        let got = run_artifact(dir.path(), &inputs, &g.name);
-        for ((out, w), gv) in want.iter().zip(&got) {
-            for (i, (a, b)) in w.to_f64_vec().iter().zip(gv).enumerate() {
-                assert!(
-                    (a - b).abs() <= tolerance * (1.0 + a.abs()),
-                    "{} `{out}`[{i}]: interpreter {a}, emulated {b}",
-                    g.name
-                );
-            }
-        }
+        plans_hold_on_vulkan(&g, &caps, tolerance, |plans| {
+            let tiles: Vec<(u32, u32, bool)> = plans
+                .iter()
+                .filter_map(|p| match p.work {
+                    kiln_codegen::gpu::Work::AttentionTensorCores {
+                        block_k, stages, async_copies, ..
+                    } => Some((block_k, stages, async_copies)),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(tiles, expected, "{}: {:#?}", g.name, described(plans));
+        });
     }
 }
 
@@ -2022,9 +2077,26 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
                         && m.ptx.contains("shfl.sync.bfly")));
             }
             for dtype in ["f16", "bf16"] {
-                if [format!("matmul_{dtype}"), format!("attention_heads_{dtype}")].contains(&g.name) {
+                let heads = g.name == format!("attention_heads_{dtype}");
+                if g.name == format!("matmul_{dtype}") || (heads && arch != "sm_90a") {
                     let mma = format!("mma.sync.aligned.m16n8k16.row.col.f32.{dtype}.{dtype}.f32");
                     assert!(modules.iter().any(|m| m.ptx.contains(&mma)), "{}: no {mma}", g.name);
+                }
+                // sm_90a's attention: warpgroup products of fragments in registers with the key
+                // tile (k-major) and the value tile (transposed).
+                if heads && arch == "sm_90a" {
+                    let types = format!("k16.f32.{dtype}.{dtype} ");
+                    for trans in ["p, 1, 1, 0;", "p, 1, 1, 1;"] {
+                        assert!(
+                            modules.iter().any(|m| m.ptx.lines().any(|l| l
+                                .starts_with("wgmma.mma_async.sync.aligned.m64n")
+                                && l.contains(&types)
+                                && l.contains("}, {%r")
+                                && l.ends_with(trans))),
+                            "{}: no wgmma.mma_async … {types}… {trans}",
+                            g.name
+                        );
+                    }
                 }
                 // sm_90a's warpgroup products: A k-major and B transposed (row-major), then A
                 // transposed too.

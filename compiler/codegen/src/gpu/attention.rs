@@ -18,7 +18,7 @@ use super::plan::{GpuPlan, Work};
 use super::skeleton::{
     clamp, module, offset_at, plus, private, private_type, shared, shared_type, unravel, SharedArray,
 };
-use super::tiles::OperandTile;
+use super::tiles::{aligned_by, OperandTile};
 use super::{ceil_div, GpuCtx, GpuFlavor, GpuKernel};
 use crate::dynamic::{self, size_value};
 use crate::kernels::elementwise::{load, reg_type, store};
@@ -131,8 +131,17 @@ pub fn emit_run(
     let mut dtypes = vec![q.dtype, k.dtype];
     dtypes.extend(v.map(|v| v.dtype));
     let allowed = super::mma::tensor_core_precision(&dtypes, cx.caps);
+    // Warpgroup products where the target has them and the key and value rows lie contiguous
+    // in 16-byte runs, so their tiles copy whole into core matrices.
+    let rows = |w: &View| aligned_by(w, r - 1, 16 / w.dtype.size_bytes());
+    let copyable = run.is_none() && rows(k) && v.is_none_or(rows);
     let tensor_cores = match allowed {
-        Some((precision, _)) => GpuPlan::attention_tensor_cores(batch, sq, sk, d, dv, precision, cx.caps)?,
+        Some((precision, _)) => {
+            match GpuPlan::attention_warpgroups(batch, sq, sk, d, dv, precision, copyable, cx.caps)? {
+                Some(plan) => Some(plan),
+                None => GpuPlan::attention_tensor_cores(batch, sq, sk, d, dv, precision, cx.caps)?,
+            }
+        }
         None => None,
     };
     let exact = allowed.is_some_and(|(_, exact)| exact);
@@ -225,7 +234,9 @@ pub fn emit_run(
             super::attention_tiled::body(&mut b, &ops, shape, cx);
             super::plan::ATTENTION_TILED_GROUPS * rows as usize
         }
-        Work::AttentionTensorCores { warps, block_k, stages, precision, async_copies, .. } => {
+        Work::AttentionTensorCores {
+            warps, block_k, stages, precision, async_copies, instruction, ..
+        } => {
             let shape = super::attention_mma::Shape {
                 warps: warps as usize,
                 block_k: block_k as usize,
@@ -233,6 +244,7 @@ pub fn emit_run(
                 precision,
                 exact,
                 async_copies,
+                instruction,
             };
             super::attention_mma::body(&mut b, &ops, shape, cx);
             16 * warps as usize

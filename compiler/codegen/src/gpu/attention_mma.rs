@@ -14,12 +14,22 @@
 //! emulated per warp ([`super::mma`]), the shuffles go through shared memory, the copies are
 //! plain reads and writes and `ldmatrix` the reads it stands for, so the same bookkeeping runs,
 //! and is checked, on any Vulkan device.
+//!
+//! As warpgroup products (`sm_90a`, 16-bit operands) the lanes hold the same fragments and
+//! accumulators, but each four warps issue one `wgmma` per 16 elements of the head for their
+//! 64 queries' scores against the whole key tile, and one per 16 keys for the weights (still
+//! in registers) times the whole value tile. The tiles lie in shared memory as core matrices
+//! ([`warpgroup_attention_layouts`]), copied with `cp.async` and fenced for the async proxy;
+//! each group of products is awaited before its results are read. On SPIR-V each warp
+//! emulates its share with `mma.sync`'s emulation, reading the B operand as the descriptors
+//! describe it.
 
 use super::attention::{keys_to_visit, Operands};
-use super::mma::{eight, joined, mma_parts, Fragment, Lanes, Parts, C_FRAGMENT, MMA_M, MMA_N};
-use super::plan::{attention_layouts, MmaPrecision};
+use super::mma::{eight, joined, mma_parts, words, Fragment, Lanes, Parts, C_FRAGMENT, MMA_M, MMA_N};
+use super::plan::{attention_layouts, warpgroup_attention_layouts, MmaInstruction, MmaPrecision};
 use super::skeleton::{clamp, offset_at, plus, shared, shared_type, Combine, LaneGroups, SharedArray};
 use super::tiles::{shared_pointer, OperandTile, Pipeline};
+use super::wgmma::{self, Descriptor};
 use super::{GpuCtx, GpuFlavor};
 use crate::kernels::elementwise::{load, store};
 use crate::mlir_text::Body;
@@ -39,11 +49,17 @@ pub(crate) struct Shape {
     pub exact: bool,
     /// Whether tiles that allow it are copied asynchronously.
     pub async_copies: bool,
+    /// Per warp, or per warpgroup from shared memory.
+    pub instruction: MmaInstruction,
 }
 
 /// The kernel body (operands as [`Operands`] describes; f32 registers).
 pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
-    let Shape { warps, block_k: bk, stages, precision, exact, async_copies } = shape;
+    let Shape { warps, block_k: bk, stages, precision, exact, async_copies, instruction } = shape;
+    let warpgroups = match instruction {
+        MmaInstruction::Sync => false,
+        MmaInstruction::Warpgroup { .. } => true,
+    };
     let ty = "f32";
     let (q, k) = (o.q, o.k);
     let r = q.rank();
@@ -52,7 +68,10 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let nvvm = cx.caps.flavor() == GpuFlavor::Nvvm;
     let ops = Parts::new(precision, cx.caps.flavor(), exact);
     let entering = Some(&ops);
-    let lay = attention_layouts(d, dv, bk, warps, precision);
+    let lay = match warpgroups {
+        true => warpgroup_attention_layouts(d, dv, bk),
+        false => attention_layouts(d, dv, bk, warps, precision),
+    };
     let inv = 32 * warps;
 
     // Keys and values as the products take them; TF32 weights as f32 values (16-bit ones
@@ -140,11 +159,26 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     };
     let lens = [lay.keys.len, lay.values.len];
     let tiles = [Some(&tile_k), tile_v.as_ref()];
-    let pipe = Pipeline::new(b, tiles, [&mem_k, &mem_v], lens, stages, Some(&ops), async_copies, &lin);
+    let pipe = Pipeline::new(b, tiles, [&mem_k, &mem_v], lens, stages, Some(&ops), async_copies, &lin)
+        .read_by_async_proxy(warpgroups);
     // On NVVM, where 16-bit fragments are read with `ldmatrix`: the key and value tiles'
     // pointers.
-    let matrix_ptrs =
-        (nvvm && precision.paired()).then(|| [shared_pointer(b, &mem_k), shared_pointer(b, &mem_v)]);
+    let matrix_ptrs = (nvvm && precision.paired() && !warpgroups)
+        .then(|| [shared_pointer(b, &mem_k), shared_pointer(b, &mem_v)]);
+    // As warpgroup products: the key tile read transposed (the score products' B, k-major),
+    // the value tile as it is (n-major); on NVVM the arrays' addresses and the queries'
+    // fragments as the registers the instructions take.
+    let group = warpgroups.then(|| {
+        let elem = precision.shared_bytes();
+        let descriptors =
+            [Descriptor::of_b(&lay.keys.transposed(), elem), Descriptor::of_b(&lay.values, elem)];
+        let addresses = nvvm.then(|| {
+            let [pk, pv] = [shared_pointer(b, &mem_k), shared_pointer(b, &mem_v)];
+            [wgmma::shared_address(b, &pk), wgmma::shared_address(b, &pv)]
+        });
+        let q_words = nvvm.then(|| q_frags.iter().map(|f| words(b, precision, f)).collect::<Vec<_>>());
+        Warpgroup { descriptors, addresses, q_words }
+    });
     let origins = |k0: &str| [(k0.to_string(), c0.clone()), (k0.to_string(), c0.clone())];
     let kend = keys_to_visit(b, o, &bx, MMA_M * warps);
     // Whether the tile at `k0` is visited: only those are copied.
@@ -206,7 +240,18 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let key_lane = offset_at(b, 0, &[(Some(&l.group), kr), (Some(&k_lane), kc)]);
     let key_lane = b.assign(format!("arith.addi {cur_k}, {key_lane} : index"));
     let mut scores: Vec<Vec<String>> = vec![vec![zero.clone(); C_FRAGMENT.len()]; bk / MMA_N];
-    if precision.paired() && (bk / MMA_N).is_multiple_of(2) {
+    if let Some(g) = &group {
+        // The warpgroup's 64 queries times the whole key tile, 16 elements of the head at a
+        // time.
+        let fragments =
+            q_frags.iter().zip(g.q_words.iter().flatten().map(Some).chain(std::iter::repeat(None)));
+        let products = fragments
+            .enumerate()
+            .map(|(kk, (af, words))| (af, words, lay.keys.offset(0, kk * frag.k)))
+            .collect::<Vec<_>>();
+        let acc = g.products(b, &l, &ops, (&mem_k, &cur_k, 0), &products, scores.concat());
+        scores = acc.chunks(C_FRAGMENT.len()).map(<[String]>::to_vec).collect();
+    } else if precision.paired() && (bk / MMA_N).is_multiple_of(2) {
         // 16-bit keys through `ldmatrix`: lane `8j + i` names key `i` (+ 8 for `j / 2`) of
         // the pair of 8-key blocks, elements from 8 × (`j % 2`) of the k block; the keys' rows
         // are the B operand's columns.
@@ -364,41 +409,54 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
                     .collect()
             }
         };
-        let (vr, vc) = (lay.values.row, lay.values.col);
-        let v_lane = offset_at(b, 0, &[(Some(&k_lane), vr), (Some(&l.group), vc)]);
-        let v_lane = b.assign(format!("arith.addi {cur_v}, {v_lane} : index"));
-        for (kk, af) in w_frags.iter().enumerate() {
-            if precision.paired() {
-                // 16-bit values through `ldmatrix`, transposed: lane `8j + i` names key `i`
-                // (+ 8 for `j % 2`) of the k block, elements from 8 × (`j / 2`) of the pair of
-                // 8-element blocks.
-                for nb in (0..dv / MMA_N).step_by(2) {
-                    let mut row_at = |b: &mut Body, i: &str, h: &str, q: &str| {
-                        let key = plus(b, i, kk * frag.k);
-                        let key = eight(b, &key, h);
-                        let e = b.index(nb * MMA_N);
-                        let e = eight(b, &e, q);
-                        let at = offset_at(b, 0, &[(Some(&key), vr), (Some(&e), vc)]);
-                        b.assign(format!("arith.addi {cur_v}, {at} : index"))
-                    };
-                    let ptr = matrix_ptrs.as_ref().map(|p| p[1].as_str());
-                    let m = l.ldmatrix(b, &ops, &mem_v, ptr, true, &mut row_at);
-                    for (half, pair) in m.chunks(2).enumerate() {
-                        let base = (nb + half) * C_FRAGMENT.len();
-                        let d = mma_parts(b, &l, af, &joined(pair), &outs[base..base + C_FRAGMENT.len()]);
-                        outs[base..base + C_FRAGMENT.len()].clone_from_slice(&d);
+        if let Some(g) = &group {
+            // The warpgroup's weights times the whole value tile, 16 keys at a time.
+            let w_words: Vec<Option<Vec<String>>> =
+                w_frags.iter().map(|f| nvvm.then(|| words(b, precision, f))).collect();
+            let products = w_frags
+                .iter()
+                .zip(&w_words)
+                .enumerate()
+                .map(|(kk, (af, words))| (af, words.as_ref(), lay.values.offset(kk * frag.k, 0)))
+                .collect::<Vec<_>>();
+            outs = g.products(b, &l, &ops, (&mem_v, &cur_v, 1), &products, outs);
+        } else {
+            let (vr, vc) = (lay.values.row, lay.values.col);
+            let v_lane = offset_at(b, 0, &[(Some(&k_lane), vr), (Some(&l.group), vc)]);
+            let v_lane = b.assign(format!("arith.addi {cur_v}, {v_lane} : index"));
+            for (kk, af) in w_frags.iter().enumerate() {
+                if precision.paired() {
+                    // 16-bit values through `ldmatrix`, transposed: lane `8j + i` names key `i`
+                    // (+ 8 for `j % 2`) of the k block, elements from 8 × (`j / 2`) of the pair of
+                    // 8-element blocks.
+                    for nb in (0..dv / MMA_N).step_by(2) {
+                        let mut row_at = |b: &mut Body, i: &str, h: &str, q: &str| {
+                            let key = plus(b, i, kk * frag.k);
+                            let key = eight(b, &key, h);
+                            let e = b.index(nb * MMA_N);
+                            let e = eight(b, &e, q);
+                            let at = offset_at(b, 0, &[(Some(&key), vr), (Some(&e), vc)]);
+                            b.assign(format!("arith.addi {cur_v}, {at} : index"))
+                        };
+                        let ptr = matrix_ptrs.as_ref().map(|p| p[1].as_str());
+                        let m = l.ldmatrix(b, &ops, &mem_v, ptr, true, &mut row_at);
+                        for (half, pair) in m.chunks(2).enumerate() {
+                            let base = (nb + half) * C_FRAGMENT.len();
+                            let d = mma_parts(b, &l, af, &joined(pair), &outs[base..base + C_FRAGMENT.len()]);
+                            outs[base..base + C_FRAGMENT.len()].clone_from_slice(&d);
+                        }
                     }
+                    continue;
                 }
-                continue;
-            }
-            for nb in 0..dv / MMA_N {
-                let mut at = |b: &mut Body, dr: usize, dc: usize| {
-                    plus(b, &v_lane, (kk * frag.k + dr) * vr + (nb * MMA_N + dc) * vc)
-                };
-                let bf = l.read(b, &ops, &mem_v, frag.b, vr == 1, &mut at);
-                let base = nb * C_FRAGMENT.len();
-                let d = mma_parts(b, &l, af, &bf, &outs[base..base + C_FRAGMENT.len()]);
-                outs[base..base + C_FRAGMENT.len()].clone_from_slice(&d);
+                for nb in 0..dv / MMA_N {
+                    let mut at = |b: &mut Body, dr: usize, dc: usize| {
+                        plus(b, &v_lane, (kk * frag.k + dr) * vr + (nb * MMA_N + dc) * vc)
+                    };
+                    let bf = l.read(b, &ops, &mem_v, frag.b, vr == 1, &mut at);
+                    let base = nb * C_FRAGMENT.len();
+                    let d = mma_parts(b, &l, af, &bf, &outs[base..base + C_FRAGMENT.len()]);
+                    outs[base..base + C_FRAGMENT.len()].clone_from_slice(&d);
+                }
             }
         }
     }
@@ -445,6 +503,50 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
             b.close("");
         }
         b.close("");
+    }
+}
+
+/// What the warpgroup products of a kernel need: how the key and the value tile lie for them,
+/// and on NVVM the tiles' shared addresses and the query fragments as `i32` registers.
+struct Warpgroup {
+    descriptors: [Descriptor; 2],
+    addresses: Option<[String; 2]>,
+    q_words: Option<Vec<Vec<String>>>,
+}
+
+impl Warpgroup {
+    /// `acc += A·B` over `products`, each an A fragment (with its registers on NVVM) and the
+    /// element offset of its B operand in tile `which` (0: keys, 1: values) from the stage at
+    /// `stage` of `mem`: on NVVM `wgmma` from registers, fenced before, committed and awaited
+    /// after (the softmax reads the scores next; the next tile rescales the outputs); else
+    /// emulated. Returns the accumulators after them.
+    fn products(
+        &self,
+        b: &mut Body,
+        l: &Lanes,
+        ops: &Parts,
+        (mem, stage, which): (&SharedArray, &str, usize),
+        products: &[(&Fragment, Option<&Vec<String>>, usize)],
+        mut acc: Vec<String>,
+    ) -> Vec<String> {
+        let d = &self.descriptors[which];
+        if self.addresses.is_some() {
+            wgmma::fence(b);
+        }
+        for &(af, registers, offset) in products {
+            let at = plus(b, stage, offset);
+            acc = match (&self.addresses, registers) {
+                (Some(addresses), Some(a)) => {
+                    let desc = wgmma::descriptor(b, &addresses[which], &at, ops.precision.shared_bytes(), d);
+                    wgmma::product_from_registers(b, ops.precision, a, (&desc, d), &acc)
+                }
+                _ => wgmma::emulated_from_registers(b, l, ops, af, (mem, &at, d), &acc),
+            };
+        }
+        match self.addresses {
+            Some(_) => wgmma::awaited(b, &acc),
+            None => acc,
+        }
     }
 }
 

@@ -509,6 +509,28 @@ pub(crate) fn mma(b: &mut Body, l: &Lanes, a: &Fragment, bf: &Fragment, c: &[Str
         .collect()
 }
 
+/// A fragment's registers as `i32` words (what inline assembly takes): TF32 bits, or 16-bit
+/// pairs with the first element in the low half.
+pub(crate) fn words(b: &mut Body, precision: MmaPrecision, f: &Fragment) -> Vec<String> {
+    let registers = match f {
+        Fragment::Registers(r) => r.clone(),
+        Fragment::Elements(e) => {
+            let his: Vec<String> = e.iter().map(|p| p.hi.clone()).collect();
+            match precision {
+                MmaPrecision::F16 => pack_f16(b, &his),
+                MmaPrecision::Bf16 => pack_bf16(b, &his),
+                MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => his,
+            }
+        }
+    };
+    match precision {
+        MmaPrecision::F16 => {
+            registers.iter().map(|r| b.assign(format!("llvm.bitcast {r} : vector<2xf16> to i32"))).collect()
+        }
+        MmaPrecision::Bf16 | MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => registers,
+    }
+}
+
 /// Pairs of `f16` elements as the `.f16x2` registers of a fragment.
 fn pack_f16(b: &mut Body, xs: &[String]) -> Vec<String> {
     xs.chunks(2).map(|p| b.assign(format!("vector.from_elements {} : vector<2xf16>", p.join(", ")))).collect()

@@ -104,6 +104,9 @@ pub enum Work {
     /// runs the online softmax on them in registers, and adds the weights times the value tile
     /// with products again; operands rounded to `precision`, f32 accumulators. With 2 `stages`
     /// the next key and value tiles are read from memory while the current ones are used.
+    /// As warpgroup products (`wgmma`), each four warps multiply their 64 queries' fragments
+    /// (and then their weights, still in registers) by the whole key (value) tile, which lies
+    /// in shared memory as core matrices; `shape` is then one warpgroup's score product.
     AttentionTensorCores {
         batch: usize,
         sq: usize,
@@ -118,6 +121,9 @@ pub enum Work {
         /// Whether key and value tiles that allow it are copied to shared memory
         /// asynchronously, `stages − 1` tiles ahead.
         async_copies: bool,
+        /// Per warp (`mma.sync`), or per warpgroup (`wgmma`, every group of products awaited
+        /// within the step that issued it).
+        instruction: MmaInstruction,
     },
 }
 
@@ -662,16 +668,10 @@ impl GpuPlan {
                 caps.name
             )));
         }
-        let grid = [sq.div_ceil(block_q as usize).max(1), batch.max(1), 1];
-        if grid[0] > caps.max_workgroup_count[0] as usize || grid[1] > caps.max_workgroup_count[1] as usize {
-            return Err(too_big(format!(
-                "attention over {batch} heads of {sq} queries on the {} target",
-                caps.name
-            )));
-        }
+        let grid = attention_grid(batch, sq, block_q as usize, caps)?;
         Ok(GpuPlan {
             work: Work::Attention { batch, sq, sk, d, dv, block_q, block_k },
-            launch: Launch { grid: [grid[0] as u32, grid[1] as u32, 1], workgroup: [block_q, 1, 1] },
+            launch: Launch { grid, workgroup: [block_q, 1, 1] },
             shared_bytes: (block_k as usize * row_bytes) as u32,
             resident: 1,
         })
@@ -728,23 +728,11 @@ impl GpuPlan {
                 if shared > caps.max_shared_bytes as usize {
                     continue;
                 }
-                let block_q = ATTENTION_TILED_GROUPS * rows;
-                let grid = [sq.div_ceil(block_q).max(1), batch.max(1)];
-                if grid[0] > caps.max_workgroup_count[0] as usize
-                    || grid[1] > caps.max_workgroup_count[1] as usize
-                {
-                    return Err(too_big(format!(
-                        "attention over {batch} heads of {sq} queries on the {} target",
-                        caps.name
-                    )));
-                }
+                let grid = attention_grid(batch, sq, ATTENTION_TILED_GROUPS * rows, caps)?;
                 let (rows, lanes, block_k) = (rows as u32, lanes as u32, block_k as u32);
                 return Ok(Some(GpuPlan {
                     work: Work::AttentionTiled { batch, sq, sk, d, dv, rows, lanes, block_k },
-                    launch: Launch {
-                        grid: [grid[0] as u32, grid[1] as u32, 1],
-                        workgroup: [ATTENTION_TILED_GROUPS as u32 * lanes, 1, 1],
-                    },
+                    launch: Launch { grid, workgroup: [ATTENTION_TILED_GROUPS as u32 * lanes, 1, 1] },
                     shared_bytes: shared as u32,
                     resident: 1,
                 }));
@@ -807,29 +795,14 @@ impl GpuPlan {
             if (d * precision.parts() + dv + block_k as usize) / 2 > caps.registers as usize {
                 continue;
             }
-            let scratch = match caps.lowering {
-                // The emulated products' operands, and the quads' partial row results.
-                GpuLowering::Spirv => {
-                    (warps * (shape[0] * shape[2] + shape[2] * shape[1]) + 32 * warps * 2) as usize * 4
-                }
-                GpuLowering::Nvvm(_) => 0,
-            };
+            let scratch = attention_emulation_scratch(warps, shape, caps);
             let bytes = (stages as usize * (layout.keys.len + layout.values.len) + layout.weights.len)
                 * precision.shared_bytes()
                 + scratch;
             if bytes > caps.max_shared_bytes as usize {
                 continue;
             }
-            let block_q = 16 * warps as usize;
-            let grid = [sq.div_ceil(block_q).max(1), batch.max(1)];
-            if grid[0] > caps.max_workgroup_count[0] as usize
-                || grid[1] > caps.max_workgroup_count[1] as usize
-            {
-                return Err(too_big(format!(
-                    "attention over {batch} heads of {sq} queries on the {} target",
-                    caps.name
-                )));
-            }
+            let grid = attention_grid(batch, sq, 16 * warps as usize, caps)?;
             return Ok(Some(GpuPlan {
                 work: Work::AttentionTensorCores {
                     batch,
@@ -843,8 +816,9 @@ impl GpuPlan {
                     precision,
                     stages,
                     async_copies: caps.async_copies && stages >= 2,
+                    instruction: MmaInstruction::Sync,
                 },
-                launch: Launch { grid: [grid[0] as u32, grid[1] as u32, 1], workgroup: [32 * warps, 1, 1] },
+                launch: Launch { grid, workgroup: [32 * warps, 1, 1] },
                 shared_bytes: bytes as u32,
                 resident: 1,
             }));
@@ -854,6 +828,93 @@ impl GpuPlan {
                 "attention on tensor cores in key tiles of {t} (heads of {d}) on the {} target: a key tile must be a positive multiple of {k} that fits its {} bytes of shared memory and its registers",
                 caps.name, caps.max_shared_bytes
             )));
+        }
+        Ok(None)
+    }
+
+    /// Flash attention as warpgroup products ([`MmaInstruction::Warpgroup`]), where the target
+    /// has them, the operands are 16-bit, the head sizes are multiples of the products' k (16)
+    /// up to [`ATTENTION_MMA_MAX_HEAD`], and the key and value tiles can be copied whole into
+    /// core matrices (`copyable`: k and v contiguous along their rows in 16-byte runs, sizes
+    /// known when the kernel is compiled; the caller knows). Two warpgroups of 64 queries per
+    /// workgroup (one for 64 queries or fewer). Of key tiles of 128 and 64 (or the one the caps
+    /// impose) the longest whose scores, weights, outputs and query fragments take at most
+    /// three quarters of the registers, in as many stages (3, else 2) as the shared memory
+    /// holds; `None` where none fits (the `mma.sync` plan then takes it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_warpgroups(
+        batch: usize,
+        sq: usize,
+        sk: usize,
+        d: usize,
+        dv: usize,
+        precision: MmaPrecision,
+        copyable: bool,
+        caps: &GpuCaps,
+    ) -> Result<Option<GpuPlan>, CodegenError> {
+        let k = WARPGROUP_K as usize;
+        if !caps.warpgroup_mma
+            || !caps.async_copies
+            || !precision.paired()
+            || !copyable
+            || mma_shape(precision, caps).is_none()
+            || d == 0
+            || !d.is_multiple_of(k)
+            || !dv.is_multiple_of(k)
+            || d > ATTENTION_MMA_MAX_HEAD
+            || dv > ATTENTION_MMA_MAX_HEAD
+        {
+            return Ok(None);
+        }
+        let groups: u32 = if sq > 64 { 2 } else { 1 };
+        let (warps, invocations) = (4 * groups, 128 * groups);
+        if invocations > caps.max_workgroup_invocations {
+            return Ok(None);
+        }
+        let options = match caps.attention_key_tile {
+            Some(t) => vec![t],
+            None => vec![128, 64],
+        };
+        for block_k in options {
+            // A score product's n is at most 256; its tile is the value products' k.
+            let bk = block_k as usize;
+            if bk == 0 || !bk.is_multiple_of(k) || bk > 256 {
+                continue;
+            }
+            // Per invocation: the tile's scores, its weights as 16-bit pairs, the output
+            // accumulators and the query fragments' pairs.
+            let live = bk / 2 + bk / 4 + dv / 2 + d / 4;
+            if live > caps.registers as usize * 3 / 4 {
+                continue;
+            }
+            let layout = warpgroup_attention_layouts(d, dv, bk);
+            let stage = (layout.keys.len + layout.values.len) * precision.shared_bytes();
+            // Each warp's share of the products is emulated as `m16n8k16` products.
+            let scratch = attention_emulation_scratch(warps, [16, 8, WARPGROUP_K], caps);
+            let room = caps.max_dynamic_shared_bytes.max(caps.max_shared_bytes) as usize;
+            let Some(stages) = [3usize, 2].into_iter().find(|s| s * stage + scratch <= room) else {
+                continue;
+            };
+            let grid = attention_grid(batch, sq, 64 * groups as usize, caps)?;
+            return Ok(Some(GpuPlan {
+                work: Work::AttentionTensorCores {
+                    batch,
+                    sq,
+                    sk,
+                    d,
+                    dv,
+                    warps,
+                    block_k,
+                    shape: [64, block_k, WARPGROUP_K],
+                    precision,
+                    stages: stages as u32,
+                    async_copies: true,
+                    instruction: MmaInstruction::Warpgroup { in_flight: 0 },
+                },
+                launch: Launch { grid, workgroup: [invocations, 1, 1] },
+                shared_bytes: (stages * stage + scratch) as u32,
+                resident: 1,
+            }));
         }
         Ok(None)
     }
@@ -919,11 +980,28 @@ impl GpuPlan {
                 block_k / lanes,
                 dv / *lanes as usize
             ),
-            Work::AttentionTensorCores { batch, sq, sk, d, dv, warps, block_k, shape, precision, stages, async_copies } => {
+            Work::AttentionTensorCores {
+                batch,
+                sq,
+                sk,
+                d,
+                dv,
+                warps,
+                block_k,
+                shape,
+                precision,
+                stages,
+                async_copies,
+                instruction,
+            } => {
                 let copies = if *async_copies { ", async copies" } else { "" };
+                let layout = match instruction {
+                    MmaInstruction::Sync => "",
+                    MmaInstruction::Warpgroup { .. } => " as core matrices",
+                };
                 format!(
-                    "attention on tensor cores: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {warps} warps of 16 queries per workgroup, key tiles of {block_k} in shared memory ({stages} stages{copies}), mma.sync m{}n{}k{} on {}, f32 accumulators, online softmax",
-                    shape[0], shape[1], shape[2], precision.operands()
+                    "attention on tensor cores: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {warps} warps of 16 queries per workgroup, key tiles of {block_k} in shared memory{layout} ({stages} stages{copies}), {} m{}n{}k{} on {}, f32 accumulators, online softmax",
+                    instruction.name(), shape[0], shape[1], shape[2], precision.operands()
                 )
             }
         };
@@ -966,6 +1044,15 @@ pub enum CoreLines {
 pub const CORE: usize = 8;
 
 impl SharedLayout {
+    /// The same memory with rows and columns swapped (a tile read as its transpose).
+    pub fn transposed(&self) -> SharedLayout {
+        let cores = self.cores.map(|lines| match lines {
+            CoreLines::AlongColumns => CoreLines::AlongRows,
+            CoreLines::AlongRows => CoreLines::AlongColumns,
+        });
+        SharedLayout { row: self.col, col: self.row, len: self.len, cores }
+    }
+
     /// The offset of element `(r, c)` from the stage's start, for sizes known when the kernel
     /// is compiled.
     pub fn offset(&self, r: usize, c: usize) -> usize {
@@ -981,6 +1068,9 @@ impl SharedLayout {
         }
     }
 }
+
+/// The k of one warpgroup product (`m64nNk16`).
+pub const WARPGROUP_K: u32 = 16;
 
 /// The shared layouts of a product's A tile (`tile[0]×tile[2]`) and B tile
 /// (`tile[2]×tile[1]`), in elements. On TF32 tensor cores A is row-major with rows of
@@ -1141,6 +1231,50 @@ pub fn attention_layouts(
             len: values(warps * 16 * (block_k + 4)),
             cores: None,
         },
+    }
+}
+
+/// The shared layouts of attention as warpgroup products with key tiles of `block_k`: key and
+/// value tiles as core matrices whose lines run along their rows (what 16-byte copies of k
+/// and v rows fill), the cores of 8 rows side by side, one block of 8 rows after another;
+/// no weights (they stay in registers). The score products read the key tile transposed (its
+/// rows are their B operand's columns, k-major); the value products read the value tile as it
+/// is (n-major).
+pub fn warpgroup_attention_layouts(d: usize, dv: usize, block_k: usize) -> AttentionLayouts {
+    let rows = |width: usize| SharedLayout {
+        row: width * CORE,
+        col: CORE * CORE,
+        len: block_k * width,
+        cores: Some(CoreLines::AlongColumns),
+    };
+    AttentionLayouts {
+        keys: rows(d),
+        values: rows(dv),
+        weights: SharedLayout { row: 0, col: 0, len: 0, cores: None },
+    }
+}
+
+/// The grid of attention in blocks of `block_q` queries: the blocks along x, the batch along y.
+fn attention_grid(batch: usize, sq: usize, block_q: usize, caps: &GpuCaps) -> Result<[u32; 3], CodegenError> {
+    let grid = [sq.div_ceil(block_q).max(1), batch.max(1)];
+    if grid[0] > caps.max_workgroup_count[0] as usize || grid[1] > caps.max_workgroup_count[1] as usize {
+        return Err(too_big(format!(
+            "attention over {batch} heads of {sq} queries on the {} target",
+            caps.name
+        )));
+    }
+    Ok([grid[0] as u32, grid[1] as u32, 1])
+}
+
+/// Bytes of shared memory tensor-core attention takes beside its tiles where its `warps`'
+/// products (`shape`-sized) are emulated (SPIR-V): each warp's operands, and the quads'
+/// partial row results (two per invocation).
+fn attention_emulation_scratch(warps: u32, shape: [u32; 3], caps: &GpuCaps) -> usize {
+    match caps.lowering {
+        GpuLowering::Spirv => {
+            (warps * (shape[0] * shape[2] + shape[2] * shape[1]) + 32 * warps * 2) as usize * 4
+        }
+        GpuLowering::Nvvm(_) => 0,
     }
 }
 
@@ -1515,6 +1649,44 @@ mod tests {
             GpuPlan::attention_tensor_cores(1, 64, 64, 64, 64, tf32, &GpuCaps::vulkan()).unwrap(),
             None
         );
+    }
+
+    /// 16-bit attention on `sm_90a` takes warpgroup products: two warpgroups, key tiles of
+    /// 128 in 3 stages of dynamic shared memory at heads of 64, of 64 at heads of 128 (the
+    /// registers); one warpgroup for 64 queries or fewer; the key tile the caps impose. Not on
+    /// sm_90, nor for TF32, heads that are not multiples of 16, or tiles that cannot be copied
+    /// whole.
+    #[test]
+    fn sixteen_bit_attention_takes_warpgroups_where_they_fit() {
+        let target = |arch| GpuCaps::cuda(super::super::NvvmTarget::by_arch(arch).unwrap());
+        let sm90a = target("sm_90a");
+        let plan = |sq, d, caps: &GpuCaps| {
+            GpuPlan::attention_warpgroups(48, sq, 2048, d, d, MmaPrecision::F16, true, caps).unwrap()
+        };
+        let at = |p: Option<GpuPlan>| {
+            p.map(|p| match p.work {
+                Work::AttentionTensorCores {
+                    warps,
+                    block_k,
+                    stages,
+                    instruction: MmaInstruction::Warpgroup { in_flight: 0 },
+                    ..
+                } => (warps, block_k, stages, p.launch.grid[0], p.dynamic_shared_bytes()),
+                other => panic!("{other:?}"),
+            })
+        };
+        assert_eq!(at(plan(2048, 64, &sm90a)), Some((8, 128, 3, 16, 3 * 128 * 128 * 2)));
+        assert_eq!(at(plan(2048, 128, &sm90a)), Some((8, 64, 3, 16, 3 * 64 * 256 * 2)));
+        assert_eq!(at(plan(40, 64, &sm90a)), Some((4, 128, 3, 1, 3 * 128 * 128 * 2)));
+        let k64 = GpuCaps { attention_key_tile: Some(64), ..sm90a.clone() };
+        // 3 stages of 64 keys take the 48 KiB a kernel declares statically.
+        assert_eq!(at(plan(2048, 64, &k64)), Some((8, 64, 3, 16, 0)));
+        assert_eq!(at(plan(2048, 24, &sm90a)), None);
+        assert_eq!(at(plan(2048, 64, &target("sm_90"))), None);
+        let tf32 = GpuPlan::attention_warpgroups(48, 2048, 2048, 64, 64, MmaPrecision::Tf32, true, &sm90a);
+        assert_eq!(at(tf32.unwrap()), None);
+        let strided = GpuPlan::attention_warpgroups(48, 2048, 2048, 64, 64, MmaPrecision::F16, false, &sm90a);
+        assert_eq!(at(strided.unwrap()), None);
     }
 
     #[test]

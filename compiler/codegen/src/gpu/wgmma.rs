@@ -8,13 +8,14 @@
 //! product emulated by each invocation from the same descriptors, so that the layouts, the
 //! descriptors' offsets and the accumulators' places can be checked on any Vulkan device.
 
+use super::mma::{mma_parts, Fragment, Part};
 use super::mma::{unpack, Lanes, C_FRAGMENT, MMA_M, MMA_N};
 use super::plan::{CoreLines, MmaPrecision, SharedLayout, CORE};
-use super::skeleton::{plus, SharedArray};
+use super::skeleton::{offset_at, plus, SharedArray};
 use crate::mlir_text::Body;
 
 /// The k of one warpgroup product.
-pub(crate) const WGMMA_K: usize = 16;
+pub(crate) const WGMMA_K: usize = super::plan::WARPGROUP_K as usize;
 
 /// The rows of A one warpgroup's products cover.
 pub(crate) const WGMMA_M: usize = 64;
@@ -58,19 +59,22 @@ impl Descriptor {
     /// The byte offset, from a product's start, of the element at `mn` along m (or n) and `k`
     /// along k, as the instruction reads the tile: core `(mn / 8, k / 8)` at
     /// `(mn / 8)·stride + (k / 8)·leading`, inside it 8 lines of 16 bytes.
-    fn element(&self, b: &mut Body, mn: &str, k: usize, elem: usize) -> String {
+    fn element(&self, b: &mut Body, mn: &str, k: &str, elem: usize) -> String {
         let c8 = b.index(CORE);
-        let mn_core = b.assign(format!("arith.divui {mn}, {c8} : index"));
-        let mn_in = b.assign(format!("arith.remui {mn}, {c8} : index"));
-        let stride = b.index(self.stride);
-        let at = b.assign(format!("arith.muli {mn_core}, {stride} : index"));
-        let at = plus(b, &at, (k / CORE) * self.leading);
-        let (line, scale) = if self.mn_major { (k % CORE, 1) } else { (0, CORE) };
-        let within = b.index(elem * scale);
-        let mn_part = b.assign(format!("arith.muli {mn_in}, {within} : index"));
-        let at = b.assign(format!("arith.addi {at}, {mn_part} : index"));
-        let k_part = if self.mn_major { line * CORE * elem } else { (k % CORE) * elem };
-        plus(b, &at, k_part)
+        let [mn_core, mn_in, k_core, k_in] = [("divui", mn), ("remui", mn), ("divui", k), ("remui", k)]
+            .map(|(op, x)| b.assign(format!("arith.{op} {x}, {c8} : index")));
+        // Within a core, a line is 16 bytes: the line runs along k (k-major) or along m or n.
+        let (line, along) = if self.mn_major { (k_in, mn_in) } else { (mn_in, k_in) };
+        offset_at(
+            b,
+            0,
+            &[
+                (Some(&mn_core), self.stride),
+                (Some(&k_core), self.leading),
+                (Some(&line), CORE * elem),
+                (Some(&along), elem),
+            ],
+        )
     }
 }
 
@@ -100,6 +104,19 @@ pub(crate) fn commit(b: &mut Body, in_flight: usize) {
 /// instruction that claims to change them, so that nothing reads them before the wait.
 pub(crate) fn finished(b: &mut Body, acc: &[String]) -> Vec<String> {
     b.line("nvvm.wgmma.wait.group.sync.aligned 0");
+    settled(b, acc)
+}
+
+/// After products whose results the invocation reads next: commits them as a group, waits
+/// for it, and passes the accumulators through an empty instruction (as [`finished`]).
+pub(crate) fn awaited(b: &mut Body, acc: &[String]) -> Vec<String> {
+    commit(b, 0);
+    settled(b, acc)
+}
+
+/// The accumulators passed through an empty instruction that claims to change them, after a
+/// wait: what reads them then comes after the wait.
+fn settled(b: &mut Body, acc: &[String]) -> Vec<String> {
     let count = acc.len();
     let st = format!("!llvm.struct<({})>", vec!["f32"; count].join(", "));
     let mut constraints: Vec<String> = vec!["=f".to_string(); count];
@@ -151,29 +168,105 @@ pub(crate) fn product(
     [a, bb]: [&Descriptor; 2],
     acc: &[String],
 ) -> Vec<String> {
-    let n = acc.len() * 2;
-    let count = acc.len();
+    let operands = [(da.to_string(), "i64", "l"), (db.to_string(), "i64", "l")];
+    let transposed = format!("{}, {}", u8::from(a.mn_major), u8::from(bb.mn_major));
+    mma_async(b, precision, (&operands, 1), &transposed, acc)
+}
+
+/// One `m64nNk16` product with A from registers: `acc += A·B` with `a` this invocation's
+/// four registers of its warp's 16 rows of A (16-bit pairs as `i32`, placed as an
+/// `m16n8k16` A fragment), B named by descriptor `db`, `acc` as in [`product`].
+pub(crate) fn product_from_registers(
+    b: &mut Body,
+    precision: MmaPrecision,
+    a: &[String],
+    (db, bd): (&str, &Descriptor),
+    acc: &[String],
+) -> Vec<String> {
+    let mut operands: Vec<(String, &str, &str)> = a.iter().map(|r| (r.clone(), "i32", "r")).collect();
+    operands.push((db.to_string(), "i64", "l"));
+    mma_async(b, precision, (&operands, a.len()), &u8::from(bd.mn_major).to_string(), acc)
+}
+
+/// `wgmma.mma_async` as inline assembly: D is `acc` (this invocation's f32 accumulators, tied
+/// to the outputs), then the `operands` (value, type, constraint): A (its registers, braced,
+/// or its descriptor: the first `a_count`) and B's descriptor; the scale-d predicate set (D
+/// accumulates), unit scales for A and B, and the `transposed` flags. Returns the
+/// accumulators after it.
+fn mma_async(
+    b: &mut Body,
+    precision: MmaPrecision,
+    (operands, a_count): (&[(String, &str, &str)], usize),
+    transposed: &str,
+    acc: &[String],
+) -> Vec<String> {
+    let (n, count) = (acc.len() * 2, acc.len());
     let ty = ptx_type(precision);
-    let outs: Vec<String> = (0..count).map(|i| format!("${i}")).collect();
-    let (ia, ib, scale) = (count, count + 1, count + 2);
+    let place = |i: usize| format!("${i}");
+    let outs: Vec<String> = (0..count).map(place).collect();
+    let a: Vec<String> = (count..count + a_count).map(place).collect();
+    let a = if a_count > 1 { format!("{{{}}}", a.join(", ")) } else { a.join(", ") };
+    let (ib, scale) = (count + a_count, count + operands.len());
     let asm = format!(
-        "{{\\0A.reg .pred p;\\0Asetp.ne.b32 p, ${scale}, 0;\\0Awgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{}}}, ${ia}, ${ib}, p, 1, 1, {}, {};\\0A}}",
-        outs.join(", "),
-        u8::from(a.mn_major),
-        u8::from(bb.mn_major)
+        "{{\\0A.reg .pred p;\\0Asetp.ne.b32 p, ${scale}, 0;\\0Awgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{}}}, {a}, ${ib}, p, 1, 1, {transposed};\\0A}}",
+        outs.join(", ")
     );
-    let mut constraints: Vec<String> = vec!["=f".to_string(); count];
-    constraints.extend(["l".to_string(), "l".to_string(), "r".to_string()]);
-    constraints.extend((0..count).map(|i| i.to_string()));
+    let mut constraints: Vec<&str> = vec!["=f"; count];
+    constraints.extend(operands.iter().map(|o| o.2));
+    constraints.push("r");
+    let tied: Vec<String> = (0..count).map(|i| i.to_string()).collect();
+    constraints.extend(tied.iter().map(String::as_str));
     let one = b.int(1, "i32");
     let st = format!("!llvm.struct<({})>", vec!["f32"; count].join(", "));
-    let args = format!("{da}, {db}, {one}, {}", acc.join(", "));
-    let types = format!("i64, i64, i32, {}", vec!["f32"; count].join(", "));
+    let values: Vec<&str> = operands.iter().map(|o| o.0.as_str()).collect();
+    let args = format!("{}, {one}, {}", values.join(", "), acc.join(", "));
+    let types: Vec<&str> = operands.iter().map(|o| o.1).collect();
+    let types = format!("{}, i32, {}", types.join(", "), vec!["f32"; count].join(", "));
     let r = b.assign(format!(
         "llvm.inline_asm has_side_effects asm_dialect = att \"{asm}\", \"{}\" {args} : ({types}) -> {st}",
         constraints.join(",")
     ));
     (0..count).map(|i| b.assign(format!("llvm.extractvalue {r}[{i}] : {st}"))).collect()
+}
+
+/// The same product emulated (SPIR-V): per 8 columns of B, the warp's `mma.sync` product
+/// (emulated, [`mma_parts`]) of the A fragment `a` and B's fragment, which each invocation
+/// reads from shared memory at element offset `at_b` (the product's start) as the descriptor
+/// describes it.
+pub(crate) fn emulated_from_registers(
+    b: &mut Body,
+    l: &Lanes,
+    ops: &super::mma::Parts,
+    a: &Fragment,
+    (mb, at_b, bd): (&SharedArray, &str, &Descriptor),
+    acc: &[String],
+) -> Vec<String> {
+    let elem = ops.precision.shared_bytes();
+    let ty = ops.shared_elem();
+    let k_lane = l.k_lane(b);
+    let per = C_FRAGMENT.len();
+    let mut out = Vec::with_capacity(acc.len());
+    for (j, c) in acc.chunks(per).enumerate() {
+        let parts: Vec<Part> = l
+            .frag
+            .b
+            .iter()
+            .map(|&(dr, dc)| {
+                // B fragment entry `(dr, dc)`: row `k_lane + dr`, column `group + dc` of the
+                // 8-column block.
+                let k = plus(b, &k_lane, dr);
+                let col = plus(b, &l.group, j * MMA_N + dc);
+                let bytes = bd.element(b, &col, &k, elem);
+                let eb = b.index(elem);
+                let at = b.assign(format!("arith.divui {bytes}, {eb} : index"));
+                let at = b.assign(format!("arith.addi {at_b}, {at} : index"));
+                let x = mb.read(b, &at, 1, ty).remove(0);
+                ops.stored(b, &x)
+            })
+            .collect();
+        out.extend(mma_parts(b, l, a, &Fragment::Elements(parts), c));
+    }
+    out
 }
 
 /// The same product emulated (SPIR-V): each invocation computes its own accumulators from
@@ -214,7 +307,8 @@ pub(crate) fn emulated(
             let r = row_of(b, dr);
             (0..WGMMA_K)
                 .map(|k| {
-                    let bytes = a.element(b, &r, k, elem);
+                    let k = b.index(k);
+                    let bytes = a.element(b, &r, &k, elem);
                     read(b, ma, at_a, &bytes)
                 })
                 .collect()
@@ -226,7 +320,8 @@ pub(crate) fn emulated(
             let col = l.at(b, &zero, j * MMA_N + dc, &l.in_group, 2);
             let col_values: Vec<String> = (0..WGMMA_K)
                 .map(|k| {
-                    let bytes = bd.element(b, &col, k, elem);
+                    let k = b.index(k);
+                    let bytes = bd.element(b, &col, &k, elem);
                     read(b, mb, at_b, &bytes)
                 })
                 .collect();
