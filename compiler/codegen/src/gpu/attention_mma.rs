@@ -176,7 +176,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
             let [pk, pv] = [shared_pointer(b, &mem_k), shared_pointer(b, &mem_v)];
             [wgmma::shared_address(b, &pk), wgmma::shared_address(b, &pv)]
         });
-        let q_words = nvvm.then(|| q_frags.iter().map(|f| words(b, precision, f)).collect::<Vec<_>>());
+        let q_words = q_frags.iter().map(|f| nvvm.then(|| words(b, precision, f))).collect();
         Warpgroup { descriptors, addresses, q_words }
     });
     let origins = |k0: &str| [(k0.to_string(), c0.clone()), (k0.to_string(), c0.clone())];
@@ -243,11 +243,11 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     if let Some(g) = &group {
         // The warpgroup's 64 queries times the whole key tile, 16 elements of the head at a
         // time.
-        let fragments =
-            q_frags.iter().zip(g.q_words.iter().flatten().map(Some).chain(std::iter::repeat(None)));
-        let products = fragments
+        let products = q_frags
+            .iter()
+            .zip(&g.q_words)
             .enumerate()
-            .map(|(kk, (af, words))| (af, words, lay.keys.offset(0, kk * frag.k)))
+            .map(|(kk, (af, words))| (af, words.as_ref(), lay.keys.offset(0, kk * frag.k)))
             .collect::<Vec<_>>();
         let acc = g.products(b, &l, &ops, (&mem_k, &cur_k, 0), &products, scores.concat());
         scores = acc.chunks(C_FRAGMENT.len()).map(<[String]>::to_vec).collect();
@@ -511,7 +511,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
 struct Warpgroup {
     descriptors: [Descriptor; 2],
     addresses: Option<[String; 2]>,
-    q_words: Option<Vec<Vec<String>>>,
+    q_words: Vec<Option<Vec<String>>>,
 }
 
 impl Warpgroup {
