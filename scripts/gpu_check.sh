@@ -83,6 +83,8 @@ CONFORMANCE_HALF=(
     # Attention as warpgroup products over whole key tiles, copied asynchronously: two
     # warpgroups of 64 queries, heads of 64, 2 tiles of 128 keys in 3 stages.
     "attention_wgmma_f16|bench/cuda/attention.ron|--set batch=1 --set heads=2 --set seq=256"
+    # The same with each step's products awaited (`_awaited_`: --products-in-flight 0).
+    "attention_wgmma_awaited_f16|bench/cuda/attention.ron|--set batch=1 --set heads=2 --set seq=256"
     # 128×128 tiles in 4 stages of dynamic shared memory, copied asynchronously, read with
     # `ldmatrix` (B transposed as it is read).
     "large_tiles_f16|tests/gpu_check/large_tiles.ron|--set k=128"
@@ -93,6 +95,8 @@ CONFORMANCE_HALF=(
     "large_tiles_wgmma_t256_bf16|tests/gpu_check/large_tiles.ron|--set m=512 --set n=256 --set k=256"
     # A and B each contiguous along either axis: the four ways the instruction takes them.
     "operands_wgmma_f16|tests/gpu_check/wgmma_operands.ron|"
+    # The same with each step's products awaited (`_awaited_`: --products-in-flight 0).
+    "operands_wgmma_awaited_f16|tests/gpu_check/wgmma_operands.ron|"
 )
 # name | spec | overrides: training artifacts (`--train`), whose `train_step` runs three times
 # on the GPU and is compared with the same spec's step compiled for this CPU (last outputs and
@@ -107,8 +111,9 @@ TRAIN=(
 # a `_per_query` one with --attention-per-query (f32 attention one query per invocation, beside
 # the register tiles), a `_square` one with --matmul-tile 128x128 (f32 products in square tiles
 # only, beside the plan's 128×96 ones); a `_wgmma_` one is compiled for sm_90a (16-bit
-# products as warpgroup products, beside sm_90's mma.sync), a `_t256_` or `_t128_` one with
-# --matmul-tile 128x256 or 128x128.
+# products and attention as warpgroup products, beside sm_90's mma.sync), a `_t256_` or
+# `_t128_` one with --matmul-tile 128x256 or 128x128, an `_awaited_` one with
+# --products-in-flight 0 (each step's warpgroup products awaited before the next step's).
 BENCH=(
     "matmul|bench/cuda/matmul.ron|"
     "matmul_registers|bench/cuda/matmul.ron|"
@@ -123,12 +128,14 @@ BENCH=(
     "matmul_wgmma_f16|bench/cuda/matmul.ron|"
     "matmul_wgmma_bf16|bench/cuda/matmul.ron|"
     "matmul_wgmma_t128_f16|bench/cuda/matmul.ron|"
+    "matmul_wgmma_awaited_f16|bench/cuda/matmul.ron|"
     "attention_f16|bench/cuda/attention.ron|"
     "attention_bf16|bench/cuda/attention.ron|"
     "attention_k64_f16|bench/cuda/attention.ron|"
     "attention_wgmma_f16|bench/cuda/attention.ron|"
     "attention_wgmma_bf16|bench/cuda/attention.ron|"
     "attention_wgmma_k64_f16|bench/cuda/attention.ron|"
+    "attention_wgmma_awaited_f16|bench/cuda/attention.ron|"
     "minilm_b1|models/bert_encoder.ron|--set batch=1"
     "minilm_b8|models/bert_encoder.ron|--set batch=8"
     "minilm_b64|models/bert_encoder.ron|--set batch=64"
@@ -142,7 +149,8 @@ BENCH=(
 # `--precision tf32` (or `tf32x3`) for a name ending in _tf32 (or _tf32x3), `--no-async-copies`
 # for one ending in _registers, `--attention-key-tile 64` for one with _k64_,
 # `--attention-per-query` for one ending in _per_query, `--matmul-tile 128x128` for one ending
-# in _square, `--matmul-tile 128x256` (128x128) for one with _t256_ (_t128_) (CUDA packs only).
+# in _square, `--matmul-tile 128x256` (128x128) for one with _t256_ (_t128_),
+# `--products-in-flight 0` for one with _awaited_ (CUDA packs only).
 flags_of() {
     if [[ "$PACK_TARGET" != cuda* ]]; then return; fi
     case "$1" in
@@ -154,6 +162,7 @@ flags_of() {
         *_square) echo "--matmul-tile 128x128" ;;
         *_t256_*) echo "--matmul-tile 128x256" ;;
         *_t128_*) echo "--matmul-tile 128x128" ;;
+        *_awaited_*) echo "--products-in-flight 0" ;;
     esac
 }
 

@@ -91,7 +91,8 @@ enum Command {
         /// What to compile for: `host` (this CPU and its features), `x86_64` (any x86-64),
         /// `aarch64` (cross-compiled), `vulkan` (SPIR-V for any Vulkan 1.1 GPU), `cuda` or
         /// `cuda:ARCH` (PTX for NVIDIA `sm_80`, `sm_86`, `sm_89` or `sm_90`; `cuda` is `sm_80`,
-        /// which every newer GPU runs; a cubin too when `ptxas` is found).
+        /// which every newer GPU runs; `sm_90a` runs on H100/H200 only, with 16-bit products
+        /// and attention as warpgroup products; a cubin too when `ptxas` is found).
         #[arg(long, default_value = "host")]
         target: String,
         /// The precision of f32 matrix products and attention: `f32` (default; every product
@@ -106,9 +107,16 @@ enum Command {
         no_async_copies: bool,
         /// CUDA: the key tile of attention on tensor cores (f16 and bf16 tensors, or f32 with
         /// `--precision tf32|tf32x3`), a multiple of the products' k (8, or 16 in 16 bits);
-        /// by default the plan's (at most 32). For comparing tiles on a GPU.
+        /// by default the plan's (at most 32; 128 as warpgroup products on sm_90a). For
+        /// comparing tiles on a GPU.
         #[arg(long, value_name = "N")]
         attention_key_tile: Option<u32>,
+        /// CUDA sm_90a: how many groups of warpgroup products may still run when the next
+        /// step's are issued (0: each step waits for its own), as far as the pipeline's
+        /// stages leave room; by default 1 where there are 3 stages or more. For comparing on
+        /// a GPU.
+        #[arg(long, value_name = "N")]
+        products_in_flight: Option<u32>,
         /// GPU: attention without tensor cores keeps one query per invocation instead of
         /// register tiles of several queries and keys (for comparing the two on a GPU).
         #[arg(long)]
@@ -259,6 +267,7 @@ fn main() -> ExitCode {
             precision,
             no_async_copies,
             attention_key_tile,
+            products_in_flight,
             attention_per_query,
             matmul_tile,
             explain,
@@ -274,6 +283,7 @@ fn main() -> ExitCode {
             precision,
             no_async_copies,
             attention_key_tile,
+            products_in_flight,
             attention_per_query,
             matmul_tile,
             explain,

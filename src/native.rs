@@ -23,6 +23,8 @@ pub struct CompileArgs {
     pub no_async_copies: bool,
     /// CUDA: the key tile of attention on tensor cores.
     pub attention_key_tile: Option<u32>,
+    /// CUDA sm_90a: groups of warpgroup products left in flight across a step.
+    pub products_in_flight: Option<u32>,
     /// GPU: attention without tensor cores keeps one query per invocation.
     pub attention_per_query: bool,
     /// GPU: the tile of f32 products without tensor cores, as `MxN`.
@@ -448,6 +450,15 @@ pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
             "--attention-key-tile sets the key tile of attention on NVIDIA tensor cores",
             OptionFor::Cuda,
             |caps| GpuCaps { attention_key_tile: Some(n), ..caps },
+        )?,
+    };
+    let target = match a.products_in_flight {
+        None => target,
+        Some(n) => with_plan_option(
+            target,
+            "--products-in-flight sets how many groups of NVIDIA warpgroup products run across a step",
+            OptionFor::Cuda,
+            |caps| GpuCaps { products_in_flight: Some(n), ..caps },
         )?,
     };
     let target = match a.attention_per_query {

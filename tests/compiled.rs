@@ -1293,9 +1293,9 @@ fn warpgroup_products_hold_on_vulkan_with_emulated_wgmma() {
 /// rendered for SPIR-V, where each warp emulates the products of its queries' (then its
 /// weights') fragments with the key (value) tile, read from the core matrices as the
 /// descriptors describe them. Two warpgroups over 130 and 150 queries, one over 40; key tiles
-/// of 64 in 3 stages and of 128 in 2, whole (copied, emulated) or past the keys' end (through
-/// registers, zeros past it); a mask, a causal attention, and value rows longer than the query
-/// rows.
+/// of 64 in 3 stages (the copies one tile ahead, as a step's value products stay in flight)
+/// and of 128 in 2, whole (copied, emulated) or past the keys' end (through registers, zeros
+/// past it); a mask, a causal attention, and value rows longer than the query rows.
 #[test]
 fn warpgroup_attention_holds_on_vulkan_with_emulated_wgmma() {
     if !available(Device::Vulkan, "warpgroup attention") {
@@ -1317,24 +1317,25 @@ fn warpgroup_attention_holds_on_vulkan_with_emulated_wgmma() {
                Let("c", Attention(q: "k", k: "k", v: "v", causal: true, scale: 0.3)),"#,
         )
     };
-    // (graph, each attention's warps, key tile and stages: a warpgroup's 64 queries leave
-    // room for two stages of 128 keys)
+    // (graph, each attention's warps, key tile, stages and value products left in flight: a
+    // warpgroup's 64 queries leave room for two stages of 128 keys, whose steps wait for
+    // all their products)
     let runs = [
-        (spec("wgmma_attention", 130, 192), [(8, 64, 3), (8, 64, 3)]),
-        (spec("wgmma_attention_short", 40, 150), [(4, 128, 2), (8, 64, 3)]),
+        (spec("wgmma_attention", 130, 192), [(8, 64, 3, 1), (8, 64, 3, 1)]),
+        (spec("wgmma_attention_short", 40, 150), [(4, 128, 2, 0), (8, 64, 3, 1)]),
     ];
     for (g, expected) in runs {
         plans_hold_on_vulkan(&g, &caps, 2e-3, |plans| {
-            let found: Vec<(u32, u32, u32)> = plans
+            let found: Vec<(u32, u32, u32, u32)> = plans
                 .iter()
                 .filter_map(|p| match p.work {
                     kiln_codegen::gpu::Work::AttentionTensorCores {
                         warps,
                         block_k,
                         stages,
-                        instruction: kiln_codegen::gpu::MmaInstruction::Warpgroup { .. },
+                        instruction: kiln_codegen::gpu::MmaInstruction::Warpgroup { in_flight },
                         ..
-                    } => Some((warps, block_k, stages)),
+                    } => Some((warps, block_k, stages, in_flight)),
                     _ => None,
                 })
                 .collect();
@@ -2329,6 +2330,24 @@ fn cli_compiles_and_inspects_for_cuda() {
         wg_s,
     ]);
     assert!(said.contains("tile 128×64×32 in shared memory as core matrices (4 stages, async copies, 1 group of products in flight), 8×1 warps, wgmma m64n64k16"), "{said}");
+    // Each step's products awaited, as asked.
+    let said = kiln_says(&[
+        "compile",
+        spec_s,
+        "--target",
+        "cuda:sm_90a",
+        "--products-in-flight",
+        "0",
+        "--explain",
+        "-o",
+        wg_s,
+    ]);
+    assert!(
+        said.contains(
+            "tile 128×256×64 in shared memory as core matrices (4 stages, async copies), 8×1 warps"
+        ),
+        "{said}"
+    );
     // 16-bit tensors take tensor cores at their own precision with no flag; the manifest and
     // the compile line say so, f32 products beside them staying f32.
     let half = dir.path().join("half_block_bf16.kiln");
@@ -2381,6 +2400,26 @@ fn cli_compiles_and_inspects_for_cuda() {
         &["compile", "models/mlp.ron", "--no-async-copies", "-o", art.to_str().unwrap()],
         2,
         "--no-async-copies turns off CUDA's cp.async pipelines: it needs --target cuda[:ARCH]",
+    );
+    kiln_refuses(
+        &["compile", "models/mlp.ron", "--products-in-flight", "0", "-o", art.to_str().unwrap()],
+        2,
+        "--products-in-flight sets how many groups of NVIDIA warpgroup products run across a step: it needs --target cuda[:ARCH]",
+    );
+    // On sm_90a the block's attention takes warpgroup products (heads of 32, 100 queries: two
+    // warpgroups, key tiles of 128).
+    let said = kiln_says(&[
+        "compile",
+        spec.to_str().unwrap(),
+        "--target",
+        "cuda:sm_90a",
+        "--explain",
+        "-o",
+        half.to_str().unwrap(),
+    ]);
+    assert!(
+        said.contains("8 warps of 16 queries per workgroup, key tiles of 128 in shared memory as core matrices (3 stages, async copies, 1 group of products in flight), wgmma m64n128k16 on bf16 operands"),
+        "{said}"
     );
     // f32 attention in register tiles, or one query per invocation on request: on any GPU
     // target, refused on a CPU.

@@ -56,9 +56,11 @@ pub(crate) struct Shape {
 /// The kernel body (operands as [`Operands`] describes; f32 registers).
 pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let Shape { warps, block_k: bk, stages, precision, exact, async_copies, instruction } = shape;
-    let warpgroups = match instruction {
-        MmaInstruction::Sync => false,
-        MmaInstruction::Warpgroup { .. } => true,
+    // Warpgroup products, and whether the value products of a step still run when the next
+    // step's score products are issued.
+    let (warpgroups, in_flight) = match instruction {
+        MmaInstruction::Sync => (false, 0),
+        MmaInstruction::Warpgroup { in_flight } => (true, in_flight as usize),
     };
     let ty = "f32";
     let (q, k) = (o.q, o.k);
@@ -160,7 +162,8 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let lens = [lay.keys.len, lay.values.len];
     let tiles = [Some(&tile_k), tile_v.as_ref()];
     let pipe = Pipeline::new(b, tiles, [&mem_k, &mem_v], lens, stages, Some(&ops), async_copies, &lin)
-        .read_by_async_proxy(warpgroups);
+        .read_by_async_proxy(warpgroups)
+        .with_products_in_flight(in_flight);
     // On NVVM, where 16-bit fragments are read with `ldmatrix`: the key and value tiles'
     // pointers.
     let matrix_ptrs = (nvvm && precision.paired() && !warpgroups)
@@ -186,9 +189,9 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         pipe.copying().then(|| b.assign(format!("arith.cmpi ult, {k0}, {kend} : index")))
     };
     if stages >= 2 {
-        // The first `stages − 1` tiles (the last one again past the end), each into its
-        // stage.
-        for s in 0..stages - 1 {
+        // The first tiles the copies run ahead by (`stages − 1`, less the products in
+        // flight; the last one again past the end), each into its stage.
+        for s in 0..pipe.ahead_by() {
             let k_s = b.index(s * bk);
             let clamped = b.assign(format!("arith.minui {k_s}, {last} : index"));
             let real = visited(b, &clamped);
@@ -215,11 +218,11 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         carried.join(", ")
     ));
     let (cur_k, cur_v, next) = if stages >= 2 {
-        // Tile t + S − 1 (the last one again past the end for the registers' tiles, into a
-        // stage no one reads; copied only where it is visited).
+        // Tile t + S − 1, less the products in flight (the last one again past the end for
+        // the registers' tiles, into a stage no one reads; copied only where it is visited).
         let t = b.assign(format!("arith.divui %fk, {bkc} : index"));
         let ([cur_k, cur_v], next) = pipe.arrive(b, &t);
-        let ahead = b.index((stages - 1) * bk);
+        let ahead = b.index(pipe.ahead_by() * bk);
         let kn = b.assign(format!("arith.addi %fk, {ahead} : index"));
         let clamped = b.assign(format!("arith.minui {kn}, {last} : index"));
         let real = visited(b, &kn);
@@ -240,6 +243,8 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let key_lane = offset_at(b, 0, &[(Some(&l.group), kr), (Some(&k_lane), kc)]);
     let key_lane = b.assign(format!("arith.addi {cur_k}, {key_lane} : index"));
     let mut scores: Vec<Vec<String>> = vec![vec![zero.clone(); C_FRAGMENT.len()]; bk / MMA_N];
+    // The output accumulators carried in (the previous step's value products may still run).
+    let mut carried_outs: Vec<String> = (0..n_out).map(|i| format!("%fo{i}")).collect();
     if let Some(g) = &group {
         // The warpgroup's 64 queries times the whole key tile, 16 elements of the head at a
         // time.
@@ -250,7 +255,14 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
             .map(|(kk, (af, words))| (af, words.as_ref(), lay.keys.offset(0, kk * frag.k)))
             .collect::<Vec<_>>();
         let acc = g.products(b, &l, &ops, (&mem_k, &cur_k, 0), &products, scores.concat());
-        scores = acc.chunks(C_FRAGMENT.len()).map(<[String]>::to_vec).collect();
+        // The softmax reads the scores next, and rescales the outputs: every group done.
+        let n_scores = acc.len();
+        let mut waited = if in_flight > 0 { [acc, carried_outs.clone()].concat() } else { acc };
+        waited = g.awaited(b, waited);
+        if in_flight > 0 {
+            carried_outs = waited.split_off(n_scores);
+        }
+        scores = waited.chunks(C_FRAGMENT.len()).map(<[String]>::to_vec).collect();
     } else if precision.paired() && (bk / MMA_N).is_multiple_of(2) {
         // 16-bit keys through `ldmatrix`: lane `8j + i` names key `i` (+ 8 for `j / 2`) of
         // the pair of 8-key blocks, elements from 8 × (`j % 2`) of the k block; the keys' rows
@@ -339,10 +351,12 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         dead.push(gone);
     }
     let mut sums = [b.fmul("%fl0", &corr[0], ty), b.fmul("%fl1", &corr[1], ty)];
-    let mut outs: Vec<String> = (0..n_out)
-        .map(|i| {
+    let mut outs: Vec<String> = carried_outs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
             let half = C_FRAGMENT[i % C_FRAGMENT.len()].0 / 8;
-            b.fmul(&format!("%fo{i}"), &corr[half], ty)
+            b.fmul(o, &corr[half], ty)
         })
         .collect();
     let mut weights: Vec<Vec<String>> = Vec::with_capacity(scores.len());
@@ -420,6 +434,9 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
                 .map(|(kk, (af, words))| (af, words.as_ref(), lay.values.offset(kk * frag.k, 0)))
                 .collect::<Vec<_>>();
             outs = g.products(b, &l, &ops, (&mem_v, &cur_v, 1), &products, outs);
+            if in_flight == 0 {
+                outs = g.awaited(b, outs);
+            }
         } else {
             let (vr, vc) = (lay.values.row, lay.values.col);
             let v_lane = offset_at(b, 0, &[(Some(&k_lane), vr), (Some(&l.group), vc)]);
@@ -471,6 +488,11 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     pipe.drain(b);
 
     // Each row's sum over its quad; the output rows divided by it, and the log-sum-exp.
+    // The last step's value products finish before their outputs are read.
+    let mut results: Vec<String> = (0..n_out).map(|i| format!("%fa#{}", 4 + i)).collect();
+    if let Some(g) = group.as_ref().filter(|_| in_flight > 0) {
+        results = g.awaited(b, results);
+    }
     let partial = ["%fa#2".to_string(), "%fa#3".to_string()];
     let sums = quads.all(b, &partial, Combine::Add);
     for (half, row) in rows.iter().enumerate() {
@@ -482,8 +504,8 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
                     if dr / 8 != half {
                         continue;
                     }
-                    let x = format!("%fa#{}", 4 + nb * C_FRAGMENT.len() + e);
-                    let y = b.fdiv(&x, &sums[half], ty);
+                    let x = &results[nb * C_FRAGMENT.len() + e];
+                    let y = b.fdiv(x, &sums[half], ty);
                     let col = plus(b, &two_t, nb * MMA_N + dc);
                     let off =
                         offset_at(b, 0, &[(Some(row), out.strides[r - 2]), (Some(&col), out.strides[r - 1])]);
@@ -517,9 +539,9 @@ struct Warpgroup {
 impl Warpgroup {
     /// `acc += A·B` over `products`, each an A fragment (with its registers on NVVM) and the
     /// element offset of its B operand in tile `which` (0: keys, 1: values) from the stage at
-    /// `stage` of `mem`: on NVVM `wgmma` from registers, fenced before, committed and awaited
-    /// after (the softmax reads the scores next; the next tile rescales the outputs); else
-    /// emulated. Returns the accumulators after them.
+    /// `stage` of `mem`: on NVVM `wgmma` from registers, fenced before and committed after as
+    /// one group ([`Warpgroup::awaited`] waits for it); else emulated. Returns the
+    /// accumulators after them.
     fn products(
         &self,
         b: &mut Body,
@@ -543,9 +565,18 @@ impl Warpgroup {
                 _ => wgmma::emulated_from_registers(b, l, ops, af, (mem, &at, d), &acc),
             };
         }
+        if self.addresses.is_some() {
+            wgmma::group(b);
+        }
+        acc
+    }
+
+    /// `values` once every group of products is done (NVVM: after the wait, through an empty
+    /// instruction, so nothing reads them early).
+    fn awaited(&self, b: &mut Body, values: Vec<String>) -> Vec<String> {
         match self.addresses {
-            Some(_) => wgmma::awaited(b, &acc),
-            None => acc,
+            Some(_) => wgmma::finished(b, &values),
+            None => values,
         }
     }
 }

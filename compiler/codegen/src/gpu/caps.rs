@@ -146,6 +146,11 @@ pub struct GpuCaps {
     /// `sm_90a`): four warps multiply operand tiles straight from shared memory, with no
     /// fragments in registers (see `GpuPlan::matmul_warpgroups`).
     pub warpgroup_mma: bool,
+    /// Groups of warpgroup products that may still run when the next step's are issued
+    /// (`kiln compile --products-in-flight`, for comparing on a GPU); `None`: one where the
+    /// pipeline has 3 stages or more (see `GpuPlan::matmul_warpgroups`). Never more than
+    /// the stages leave room for (`stages − 2`).
+    pub products_in_flight: Option<u32>,
 }
 
 impl GpuCaps {
@@ -186,6 +191,7 @@ impl GpuCaps {
             attention_per_query: false,
             matmul_tile: None,
             warpgroup_mma: false,
+            products_in_flight: None,
         }
     }
 
@@ -245,6 +251,7 @@ impl GpuCaps {
             attention_per_query: false,
             matmul_tile: None,
             warpgroup_mma: target.arch_specific && target.compute_capability == [9, 0],
+            products_in_flight: None,
         }
     }
 

@@ -149,6 +149,17 @@ impl MmaInstruction {
             MmaInstruction::Warpgroup { .. } => "wgmma",
         }
     }
+
+    /// How plans print the shared tiles' layout and the products left in flight.
+    fn layout_and_flight(self) -> (&'static str, String) {
+        match self {
+            MmaInstruction::Sync => ("", String::new()),
+            MmaInstruction::Warpgroup { in_flight: 0 } => (" as core matrices", String::new()),
+            MmaInstruction::Warpgroup { in_flight } => {
+                (" as core matrices", format!(", {in_flight} group of products in flight"))
+            }
+        }
+    }
 }
 
 /// The operand precision of a tensor-core product (accumulation is always f32).
@@ -610,7 +621,7 @@ impl GpuPlan {
             };
             // With 3 stages or more, one k tile's products still run while the next tile's
             // are issued (copies then run one tile less ahead).
-            let in_flight = u32::from(stages >= 3);
+            let in_flight = products_in_flight(stages, caps);
             let accumulators = tile[1] / 2;
             let invocations = 128 * groups;
             if accumulators > caps.registers * 3 / 4 || invocations > caps.max_workgroup_invocations {
@@ -909,7 +920,10 @@ impl GpuPlan {
                     precision,
                     stages: stages as u32,
                     async_copies: true,
-                    instruction: MmaInstruction::Warpgroup { in_flight: 0 },
+                    // At most one: each step awaits its score products.
+                    instruction: MmaInstruction::Warpgroup {
+                        in_flight: products_in_flight(stages, caps).min(1),
+                    },
                 },
                 launch: Launch { grid, workgroup: [invocations, 1, 1] },
                 shared_bytes: (stages * stage + scratch) as u32,
@@ -959,13 +973,7 @@ impl GpuPlan {
                 instruction,
             } => {
                 let copies = if *async_copies { ", async copies" } else { "" };
-                let (layout, flight) = match instruction {
-                    MmaInstruction::Sync => ("", String::new()),
-                    MmaInstruction::Warpgroup { in_flight: 0 } => (" as core matrices", String::new()),
-                    MmaInstruction::Warpgroup { in_flight } => {
-                        (" as core matrices", format!(", {in_flight} group of products in flight"))
-                    }
-                };
+                let (layout, flight) = instruction.layout_and_flight();
                 format!(
                     "matmul on tensor cores: [{batch}] {m}×{k}·{k}×{n}, tile {}×{}×{} in shared memory{layout} ({stages} stages{copies}{flight}), {}×{} warps, {} m{}n{}k{} on {}, f32 accumulators",
                     tile[0], tile[1], tile[2], warps[0], warps[1], instruction.name(), shape[0], shape[1], shape[2], precision.operands()
@@ -995,12 +1003,9 @@ impl GpuPlan {
                 instruction,
             } => {
                 let copies = if *async_copies { ", async copies" } else { "" };
-                let layout = match instruction {
-                    MmaInstruction::Sync => "",
-                    MmaInstruction::Warpgroup { .. } => " as core matrices",
-                };
+                let (layout, flight) = instruction.layout_and_flight();
                 format!(
-                    "attention on tensor cores: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {warps} warps of 16 queries per workgroup, key tiles of {block_k} in shared memory{layout} ({stages} stages{copies}), {} m{}n{}k{} on {}, f32 accumulators, online softmax",
+                    "attention on tensor cores: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {warps} warps of 16 queries per workgroup, key tiles of {block_k} in shared memory{layout} ({stages} stages{copies}{flight}), {} m{}n{}k{} on {}, f32 accumulators, online softmax",
                     instruction.name(), shape[0], shape[1], shape[2], precision.operands()
                 )
             }
@@ -1254,6 +1259,14 @@ pub fn warpgroup_attention_layouts(d: usize, dv: usize, block_k: usize) -> Atten
     }
 }
 
+/// Groups of warpgroup products a pipeline of `stages` leaves in flight across a step: what
+/// the caps ask for, else one with 3 stages or more; never more than `stages − 2`, so a stage
+/// that products in flight still read is not refilled.
+fn products_in_flight(stages: usize, caps: &GpuCaps) -> u32 {
+    let room = stages.saturating_sub(2) as u32;
+    caps.products_in_flight.unwrap_or(u32::from(stages >= 3)).min(room)
+}
+
 /// The grid of attention in blocks of `block_q` queries: the blocks along x, the batch along y.
 fn attention_grid(batch: usize, sq: usize, block_q: usize, caps: &GpuCaps) -> Result<[u32; 3], CodegenError> {
     let grid = [sq.div_ceil(block_q).max(1), batch.max(1)];
@@ -1399,6 +1412,17 @@ mod tests {
         assert_eq!(
             (short.0, short.3, short.4),
             ([128, 256, 64], 2, MmaInstruction::Warpgroup { in_flight: 0 })
+        );
+        // Products in flight as the caps say, as far as the stages leave room (4 stages: 2).
+        for (asked, left) in [(0, 0), (2, 2), (3, 2)] {
+            let caps = GpuCaps { products_in_flight: Some(asked), ..sm90a.clone() };
+            let p = plan([4096; 3], f16, true, &caps).unwrap();
+            assert_eq!(p.4, MmaInstruction::Warpgroup { in_flight: left });
+        }
+        let caps = GpuCaps { products_in_flight: Some(1), ..sm90a.clone() };
+        assert_eq!(
+            plan([4096, 4096, 128], f16, true, &caps).unwrap().4,
+            MmaInstruction::Warpgroup { in_flight: 0 }
         );
         assert_eq!(plan([4096, 4000, 4096], f16, true, &sm90a), None);
         assert_eq!(plan([4096; 3], MmaPrecision::Tf32, true, &sm90a), None);
@@ -1653,7 +1677,8 @@ mod tests {
 
     /// 16-bit attention on `sm_90a` takes warpgroup products: two warpgroups, key tiles of
     /// 128 in 3 stages of dynamic shared memory at heads of 64, of 64 at heads of 128 (the
-    /// registers); one warpgroup for 64 queries or fewer; the key tile the caps impose. Not on
+    /// registers); one warpgroup for 64 queries or fewer; the key tile the caps impose; with 3
+    /// stages a step's value products stay in flight into the next step. Not on
     /// sm_90, nor for TF32, heads that are not multiples of 16, or tiles that cannot be copied
     /// whole.
     #[test]
@@ -1669,18 +1694,23 @@ mod tests {
                     warps,
                     block_k,
                     stages,
-                    instruction: MmaInstruction::Warpgroup { in_flight: 0 },
+                    instruction: MmaInstruction::Warpgroup { in_flight },
                     ..
-                } => (warps, block_k, stages, p.launch.grid[0], p.dynamic_shared_bytes()),
+                } => (warps, block_k, stages, in_flight, p.launch.grid[0], p.dynamic_shared_bytes()),
                 other => panic!("{other:?}"),
             })
         };
-        assert_eq!(at(plan(2048, 64, &sm90a)), Some((8, 128, 3, 16, 3 * 128 * 128 * 2)));
-        assert_eq!(at(plan(2048, 128, &sm90a)), Some((8, 64, 3, 16, 3 * 64 * 256 * 2)));
-        assert_eq!(at(plan(40, 64, &sm90a)), Some((4, 128, 3, 1, 3 * 128 * 128 * 2)));
+        assert_eq!(at(plan(2048, 64, &sm90a)), Some((8, 128, 3, 1, 16, 3 * 128 * 128 * 2)));
+        assert_eq!(at(plan(2048, 128, &sm90a)), Some((8, 64, 3, 1, 16, 3 * 64 * 256 * 2)));
+        assert_eq!(at(plan(40, 64, &sm90a)), Some((4, 128, 3, 1, 1, 3 * 128 * 128 * 2)));
         let k64 = GpuCaps { attention_key_tile: Some(64), ..sm90a.clone() };
         // 3 stages of 64 keys take the 48 KiB a kernel declares statically.
-        assert_eq!(at(plan(2048, 64, &k64)), Some((8, 64, 3, 16, 0)));
+        assert_eq!(at(plan(2048, 64, &k64)), Some((8, 64, 3, 1, 16, 0)));
+        // Products in flight as the caps say, at most one (each step awaits its scores).
+        for (asked, left) in [(0, 0), (1, 1), (2, 1)] {
+            let caps = GpuCaps { products_in_flight: Some(asked), ..sm90a.clone() };
+            assert_eq!(at(plan(2048, 64, &caps)).map(|p| p.3), Some(left));
+        }
         assert_eq!(at(plan(2048, 24, &sm90a)), None);
         assert_eq!(at(plan(2048, 64, &target("sm_90"))), None);
         let tf32 = GpuPlan::attention_warpgroups(48, 2048, 2048, 64, 64, MmaPrecision::Tf32, true, &sm90a);

@@ -96,27 +96,19 @@ pub(crate) fn fence(b: &mut Body) {
 /// After the products of a step: commits them as a group and waits until no more than
 /// `in_flight` groups run, so the stages the others read may be refilled.
 pub(crate) fn commit(b: &mut Body, in_flight: usize) {
-    b.line("nvvm.wgmma.commit.group.sync.aligned");
+    group(b);
     b.line(format!("nvvm.wgmma.wait.group.sync.aligned {in_flight}"));
 }
 
-/// After the walk: waits for every group, then passes the accumulators through an empty
-/// instruction that claims to change them, so that nothing reads them before the wait.
+/// After products: commits them as a group, to be waited for later ([`finished`]).
+pub(crate) fn group(b: &mut Body) {
+    b.line("nvvm.wgmma.commit.group.sync.aligned");
+}
+
+/// Waits for every group, then passes the accumulators through an empty instruction that
+/// claims to change them, so that nothing reads them before the wait.
 pub(crate) fn finished(b: &mut Body, acc: &[String]) -> Vec<String> {
     b.line("nvvm.wgmma.wait.group.sync.aligned 0");
-    settled(b, acc)
-}
-
-/// After products whose results the invocation reads next: commits them as a group, waits
-/// for it, and passes the accumulators through an empty instruction (as [`finished`]).
-pub(crate) fn awaited(b: &mut Body, acc: &[String]) -> Vec<String> {
-    commit(b, 0);
-    settled(b, acc)
-}
-
-/// The accumulators passed through an empty instruction that claims to change them, after a
-/// wait: what reads them then comes after the wait.
-fn settled(b: &mut Body, acc: &[String]) -> Vec<String> {
     let count = acc.len();
     let st = format!("!llvm.struct<({})>", vec!["f32"; count].join(", "));
     let mut constraints: Vec<String> = vec!["=f".to_string(); count];
