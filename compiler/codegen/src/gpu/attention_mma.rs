@@ -487,12 +487,12 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     b.close("");
     pipe.drain(b);
 
-    // Each row's sum over its quad; the output rows divided by it, and the log-sum-exp.
     // The last step's value products finish before their outputs are read.
     let mut results: Vec<String> = (0..n_out).map(|i| format!("%fa#{}", 4 + i)).collect();
     if let Some(g) = group.as_ref().filter(|_| in_flight > 0) {
         results = g.awaited(b, results);
     }
+    // Each row's sum over its quad; the output rows divided by it, and the log-sum-exp.
     let partial = ["%fa#2".to_string(), "%fa#3".to_string()];
     let sums = quads.all(b, &partial, Combine::Add);
     for (half, row) in rows.iter().enumerate() {
