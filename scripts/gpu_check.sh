@@ -17,9 +17,10 @@
 #                                     runs the pack and PyTorch (bench/cuda/peers.py), writes
 #                                     results.md and the JSON beside it into ${OUT:-DIR/results}.
 #
-# KILN_CUDA_ARCH (default sm_90) is the architecture the pack is compiled for. To try the
-# pack's plumbing on a machine without a GPU: KILN_PACK_TARGET=host for `pack` and
-# KILN_CHECK_DEVICE=cpu for `run`.
+# KILN_CUDA_ARCH (default sm_90) is the architecture the pack is compiled for. `run` gives each
+# part (a conformance set, the benchmarks) at most KILN_CHECK_LIMIT seconds (default 240). To
+# try the pack's plumbing on a machine without a GPU: KILN_PACK_TARGET=host for `pack` and
+# KILN_CHECK_DEVICE=cpu (with a larger KILN_CHECK_LIMIT: a CPU is slower) for `run`.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -331,6 +332,17 @@ restore() {
     done < <(find "$dir" -name '*.same_as')
 }
 
+# Runs the command given for at most ${KILN_CHECK_LIMIT:-240} seconds, so that a kernel that
+# never returns costs that much of a device call, not all of it (the other parts still run).
+limited() {
+    local limit="${KILN_CHECK_LIMIT:-240}" rc=0
+    timeout --kill-after=10 "$limit" "$@" || rc=$?
+    if [[ $rc == 124 || $rc == 137 ]]; then
+        say "stopped after $limit s: $*"
+    fi
+    return $rc
+}
+
 run_pack() {
     local dir="$1" out="${OUT:-$1/results}"
     mkdir -p "$out"
@@ -338,16 +350,16 @@ run_pack() {
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/gpu: /' >&2
     say "conformance: every shipped model on CUDA against the interpreter"
     local status=0
-    "$dir/bin/check_pack" "$dir/conformance" --device "$DEVICE" --repeats 10 --json "$out/conformance.jsonl" \
+    limited "$dir/bin/check_pack" "$dir/conformance" --device "$DEVICE" --repeats 10 --json "$out/conformance.jsonl" \
         | tee "$out/conformance.txt" || status=1
     if compgen -G "$dir/conformance_tf32/*.kiln" >/dev/null; then
         say "conformance on tensor cores (TF32, tolerance 1e-2)"
-        "$dir/bin/check_pack" "$dir/conformance_tf32" --device "$DEVICE" --repeats 10 --tolerance 1e-2 \
+        limited "$dir/bin/check_pack" "$dir/conformance_tf32" --device "$DEVICE" --repeats 10 --tolerance 1e-2 \
             --json "$out/conformance_tf32.jsonl" | tee "$out/conformance_tf32.txt" || status=1
     fi
     if compgen -G "$dir/conformance_tf32x3/*.kiln" >/dev/null; then
         say "conformance on tensor cores (TF32×3, f32's tolerance 1e-4)"
-        "$dir/bin/check_pack" "$dir/conformance_tf32x3" --device "$DEVICE" --repeats 10 \
+        limited "$dir/bin/check_pack" "$dir/conformance_tf32x3" --device "$DEVICE" --repeats 10 \
             --json "$out/conformance_tf32x3.jsonl" | tee "$out/conformance_tf32x3.txt" || status=1
     fi
     local dtype tolerance
@@ -355,12 +367,12 @@ run_pack() {
         if compgen -G "$dir/conformance_$dtype/*.kiln" >/dev/null; then
             if [[ "$dtype" == f16 ]]; then tolerance=1e-2; else tolerance=5e-2; fi
             say "conformance in $dtype (tolerance $tolerance)"
-            "$dir/bin/check_pack" "$dir/conformance_$dtype" --device "$DEVICE" --repeats 10 --tolerance "$tolerance" \
+            limited "$dir/bin/check_pack" "$dir/conformance_$dtype" --device "$DEVICE" --repeats 10 --tolerance "$tolerance" \
                 --json "$out/conformance_$dtype.jsonl" | tee "$out/conformance_$dtype.txt" || status=1
         fi
     done
     say "Kiln benchmarks"
-    "$dir/bin/check_pack" "$dir/bench" --device "$DEVICE" --repeats 30 --json "$out/kiln_bench.jsonl" \
+    limited "$dir/bin/check_pack" "$dir/bench" --device "$DEVICE" --repeats 30 --json "$out/kiln_bench.jsonl" \
         | tee "$out/kiln_bench.txt" || status=1
     say "PyTorch on the same GPU"
     if python3 "$dir/peers.py" --json "$out/torch.json" --repeats 30 | tee "$out/torch.txt"; then

@@ -27,7 +27,8 @@
 //! Every artifact is loaded on `--device` (default: its own kind), run once and compared, then
 //! timed: three warm-up runs, then `--repeats` runs (default 50) with the median reported, and
 //! the per-kind profile. One line per artifact on stdout, a JSON record per artifact to `--json`
-//! (with every step's median time besides the kinds').
+//! (with every step's median time besides the kinds'), each written as soon as the artifact is
+//! checked.
 //! Exit status: 0 when every comparison holds, 1 when one fails or an artifact cannot run, 2 on
 //! bad usage.
 
@@ -114,6 +115,18 @@ fn main() -> ExitCode {
         }
     };
     dirs.sort();
+    // One JSON line per artifact as soon as it is checked, so a run stopped half-way keeps
+    // what it found.
+    let mut json_file = match &args.json {
+        Some(path) => match std::fs::File::create(path) {
+            Ok(f) => Some((path, f)),
+            Err(e) => {
+                eprintln!("check_pack: {}: {e}", path.display());
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
     let mut outcomes = Vec::new();
     for dir in &dirs {
         let name = dir.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -128,14 +141,14 @@ fn main() -> ExitCode {
             failed_as_expected: false,
         });
         print_line(&outcome);
-        outcomes.push(outcome);
-    }
-    if let Some(path) = &args.json {
-        let lines: Vec<String> = outcomes.iter().map(json).collect();
-        if let Err(e) = std::fs::write(path, lines.join("\n") + "\n") {
-            eprintln!("check_pack: {}: {e}", path.display());
-            return ExitCode::from(1);
+        if let Some((path, file)) = &mut json_file {
+            use std::io::Write;
+            if let Err(e) = writeln!(file, "{}", json(&outcome)).and_then(|()| file.flush()) {
+                eprintln!("check_pack: {}: {e}", path.display());
+                return ExitCode::from(1);
+            }
         }
+        outcomes.push(outcome);
     }
     if outcomes.iter().all(|o| o.passed) {
         ExitCode::SUCCESS
