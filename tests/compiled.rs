@@ -1125,6 +1125,12 @@ fn vulkan_emulating_tensor_cores() -> kiln_codegen::gpu::GpuCaps {
     }
 }
 
+/// [`vulkan_emulating_tensor_cores`] with `sm_90a`'s warpgroup products and the async copies
+/// they are fed by (both emulated).
+fn vulkan_emulating_warpgroups() -> kiln_codegen::gpu::GpuCaps {
+    kiln_codegen::gpu::GpuCaps { async_copies: true, warpgroup_mma: true, ..vulkan_emulating_tensor_cores() }
+}
+
 /// The tensor-core matmul's bookkeeping (which fragment element each lane loads from the
 /// shared tiles, and where each accumulator lands) checked on the Vulkan device: the same plan
 /// rendered for SPIR-V, with `mma.sync` emulated by each warp through shared memory from the
@@ -1255,11 +1261,7 @@ fn warpgroup_products_hold_on_vulkan_with_emulated_wgmma() {
     if !available(Device::Vulkan, "warpgroup products") {
         return;
     }
-    let caps = kiln_codegen::gpu::GpuCaps {
-        async_copies: true,
-        warpgroup_mma: true,
-        ..vulkan_emulating_tensor_cores()
-    };
+    let caps = vulkan_emulating_warpgroups();
     let g = op_case(
         "wgmma_f16",
         r#"{ "p": (f16, [128, 96]), "q": (f16, [96, 192]), "ta": (f16, [96, 128]), "bt": (f16, [192, 96]), "a3": (f16, [2, 128, 96]), "c": (f16, [192]) }"#,
@@ -1301,12 +1303,7 @@ fn warpgroup_attention_holds_on_vulkan_with_emulated_wgmma() {
     if !available(Device::Vulkan, "warpgroup attention") {
         return;
     }
-    let caps = kiln_codegen::gpu::GpuCaps {
-        async_copies: true,
-        warpgroup_mma: true,
-        registers: 255,
-        ..vulkan_emulating_tensor_cores()
-    };
+    let caps = kiln_codegen::gpu::GpuCaps { registers: 255, ..vulkan_emulating_warpgroups() };
     let spec = |name: &str, sq: usize, sk: usize| {
         op_case(
             name,

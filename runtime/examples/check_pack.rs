@@ -127,7 +127,7 @@ fn main() -> ExitCode {
         },
         None => None,
     };
-    let mut outcomes = Vec::new();
+    let mut all_passed = true;
     for dir in &dirs {
         let name = dir.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let outcome = check(dir, &name, &args).unwrap_or_else(|problem| Outcome {
@@ -148,9 +148,9 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         }
-        outcomes.push(outcome);
+        all_passed &= outcome.passed;
     }
-    if outcomes.iter().all(|o| o.passed) {
+    if all_passed {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

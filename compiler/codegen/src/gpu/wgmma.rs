@@ -3,13 +3,13 @@
 //! or bf16 operands. The operands are named by matrix descriptors (PTX ISA, "Matrix
 //! Descriptor"): a 64-bit value holding the tile's shared address, and the distances between
 //! its 8 × 8 core matrices along k (the leading byte offset) and along m or n (the stride byte
-//! offset), all in units of 16 bytes, with no swizzling. Here are the descriptors of the
-//! layouts `plan::warpgroup_layouts` gives, the instructions as NVVM text, and, on SPIR-V, the
-//! product emulated by each invocation from the same descriptors, so that the layouts, the
+//! offset), all in units of 16 bytes, with no swizzling; A may come from registers instead
+//! (attention's fragments). Here are the descriptors of the layouts `plan::warpgroup_layouts`
+//! and `plan::warpgroup_attention_layouts` give, the instructions as NVVM text, and, on
+//! SPIR-V, the products emulated from the same descriptors, so that the layouts, the
 //! descriptors' offsets and the accumulators' places can be checked on any Vulkan device.
 
-use super::mma::{mma_parts, Fragment, Part};
-use super::mma::{unpack, Lanes, C_FRAGMENT, MMA_M, MMA_N};
+use super::mma::{mma_parts, unpack, Fragment, Lanes, Part, Parts, C_FRAGMENT, MMA_M, MMA_N};
 use super::plan::{CoreLines, MmaPrecision, SharedLayout, CORE};
 use super::skeleton::{offset_at, plus, SharedArray};
 use crate::mlir_text::Body;
@@ -109,15 +109,27 @@ pub(crate) fn group(b: &mut Body) {
 /// claims to change them, so that nothing reads them before the wait.
 pub(crate) fn finished(b: &mut Body, acc: &[String]) -> Vec<String> {
     b.line("nvvm.wgmma.wait.group.sync.aligned 0");
+    on_accumulators(b, "", &[], acc)
+}
+
+/// Inline assembly `asm` that updates the f32 accumulators `acc` in place (its outputs
+/// `$0…`, tied to them) from the `inputs` (value, type, constraint; `$count…` in order).
+/// Returns the accumulators after it.
+fn on_accumulators(b: &mut Body, asm: &str, inputs: &[(String, &str, &str)], acc: &[String]) -> Vec<String> {
     let count = acc.len();
-    let st = format!("!llvm.struct<({})>", vec!["f32"; count].join(", "));
     let mut constraints: Vec<String> = vec!["=f".to_string(); count];
+    constraints.extend(inputs.iter().map(|i| i.2.to_string()));
     constraints.extend((0..count).map(|i| i.to_string()));
-    let types = vec!["f32"; count].join(", ");
+    let mut values: Vec<&str> = inputs.iter().map(|i| i.0.as_str()).collect();
+    values.extend(acc.iter().map(String::as_str));
+    let mut types: Vec<&str> = inputs.iter().map(|i| i.1).collect();
+    types.extend(vec!["f32"; count]);
+    let st = format!("!llvm.struct<({})>", vec!["f32"; count].join(", "));
     let r = b.assign(format!(
-        "llvm.inline_asm has_side_effects asm_dialect = att \"\", \"{}\" {} : ({types}) -> {st}",
+        "llvm.inline_asm has_side_effects asm_dialect = att \"{asm}\", \"{}\" {} : ({}) -> {st}",
         constraints.join(","),
-        acc.join(", ")
+        values.join(", "),
+        types.join(", ")
     ));
     (0..count).map(|i| b.assign(format!("llvm.extractvalue {r}[{i}] : {st}"))).collect()
 }
@@ -203,22 +215,9 @@ fn mma_async(
         "{{\\0A.reg .pred p;\\0Asetp.ne.b32 p, ${scale}, 0;\\0Awgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{}}}, {a}, ${ib}, p, 1, 1, {transposed};\\0A}}",
         outs.join(", ")
     );
-    let mut constraints: Vec<&str> = vec!["=f"; count];
-    constraints.extend(operands.iter().map(|o| o.2));
-    constraints.push("r");
-    let tied: Vec<String> = (0..count).map(|i| i.to_string()).collect();
-    constraints.extend(tied.iter().map(String::as_str));
-    let one = b.int(1, "i32");
-    let st = format!("!llvm.struct<({})>", vec!["f32"; count].join(", "));
-    let values: Vec<&str> = operands.iter().map(|o| o.0.as_str()).collect();
-    let args = format!("{}, {one}, {}", values.join(", "), acc.join(", "));
-    let types: Vec<&str> = operands.iter().map(|o| o.1).collect();
-    let types = format!("{}, i32, {}", types.join(", "), vec!["f32"; count].join(", "));
-    let r = b.assign(format!(
-        "llvm.inline_asm has_side_effects asm_dialect = att \"{asm}\", \"{}\" {args} : ({types}) -> {st}",
-        constraints.join(",")
-    ));
-    (0..count).map(|i| b.assign(format!("llvm.extractvalue {r}[{i}] : {st}"))).collect()
+    let mut inputs = operands.to_vec();
+    inputs.push((b.int(1, "i32"), "i32", "r"));
+    on_accumulators(b, &asm, &inputs, acc)
 }
 
 /// The same product emulated (SPIR-V): per 8 columns of B, the warp's `mma.sync` product
@@ -228,7 +227,7 @@ fn mma_async(
 pub(crate) fn emulated_from_registers(
     b: &mut Body,
     l: &Lanes,
-    ops: &super::mma::Parts,
+    ops: &Parts,
     a: &Fragment,
     (mb, at_b, bd): (&SharedArray, &str, &Descriptor),
     acc: &[String],
