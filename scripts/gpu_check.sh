@@ -63,10 +63,19 @@ CONFORMANCE_TF32=(
     # 128×128 tiles in 4 stages of dynamic shared memory, copied asynchronously (results
     # reduced to row mean squares and column maxima).
     "large_tiles|tests/gpu_check/large_tiles.ron|"
+    # The encoder and the operand pairings on sm_90a: TF32 warpgroup products, rounded in place.
+    "bert_encoder_wgmma|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set hidden=128 --set heads=4 --set ffn=512"
+    "operands_wgmma_f32|tests/gpu_check/wgmma_operands.ron|"
 )
 CONFORMANCE_TF32X3=(
     "mlp|models/mlp.ron|"
     "bert_encoder|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set hidden=128 --set heads=4 --set ffn=512"
+    # The same encoder compiled for sm_90a (a `_wgmma_` name): its linear layers (`x·Wᵀ`, both
+    # operands along k) as TF32 warpgroup products of tiles split in place, three per k step.
+    "bert_encoder_wgmma|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set hidden=128 --set heads=4 --set ffn=512"
+    # Every operand pairing in f32 (an `_f32` name: the f16 spec's tensors renamed), compiled
+    # for sm_90a: the pairing along k as warpgroup products, the others on mma.sync.
+    "operands_wgmma_f32|tests/gpu_check/wgmma_operands.ron|"
     "gpt2|models/gpt2.ron|--set vocab=1000 --set layers=1 --set d=128 --set heads=4 --set ctx=128"
     # Tensor-core plans take 64×64 tiles here, as at the default m (the large tiles need
     # outputs too big for the pack; the emulated Vulkan test runs them).
@@ -112,7 +121,8 @@ TRAIN=(
 # a `_per_query` one with --attention-per-query (f32 attention one query per invocation, beside
 # the register tiles), a `_square` one with --matmul-tile 128x128 (f32 products in square tiles
 # only, beside the plan's 128×96 ones); a `_wgmma_` one is compiled for sm_90a (16-bit
-# products and attention as warpgroup products, beside sm_90's mma.sync), a `_t256_` or
+# products and attention, and TF32 products of operands along k, as warpgroup products,
+# beside sm_90's mma.sync), a `_t256_` or
 # `_t128_` one with --matmul-tile 128x256 or 128x128, an `_awaited_` one with
 # --products-in-flight 0 (each step's warpgroup products awaited before the next step's).
 BENCH=(
@@ -145,6 +155,11 @@ BENCH=(
     "minilm_b64_square|models/bert_encoder.ron|--set batch=64"
     "minilm_b64_tf32|models/bert_encoder.ron|--set batch=64"
     "minilm_b64_tf32x3|models/bert_encoder.ron|--set batch=64"
+    "minilm_b64_wgmma_tf32|models/bert_encoder.ron|--set batch=64"
+    "minilm_b64_wgmma_tf32x3|models/bert_encoder.ron|--set batch=64"
+    "matmul_nt_tf32x3|bench/cuda/matmul_nt.ron|"
+    "matmul_nt_wgmma_tf32|bench/cuda/matmul_nt.ron|"
+    "matmul_nt_wgmma_tf32x3|bench/cuda/matmul_nt.ron|"
 )
 
 # `--precision tf32` (or `tf32x3`) for a name ending in _tf32 (or _tf32x3), `--no-async-copies`
@@ -177,13 +192,14 @@ target_of() {
     fi
 }
 
-# SPEC itself, or for a NAME ending in _f16 or _bf16 a copy in SCRATCH with its f32 and f16
-# tensors in that dtype.
+# SPEC itself, or for a NAME ending in _f16, _bf16 or _f32 a copy in SCRATCH with its f32 and
+# f16 tensors in that dtype.
 spec_for() {
     local name="$1" spec="$2" scratch="$3" dtype
     case "$name" in
         *_bf16) dtype=bf16 ;;
         *_f16) dtype=f16 ;;
+        *_f32) dtype=f32 ;;
         *) echo "$spec"; return ;;
     esac
     sed -E "s/\b(f32|f16)\b/$dtype/g" "$spec" >"$scratch/$name.ron"
@@ -265,6 +281,7 @@ EOF
             if [[ "$precision" == tf32 ]]; then entries=("${CONFORMANCE_TF32[@]}"); else entries=("${CONFORMANCE_TF32X3[@]}"); fi
             for entry in "${entries[@]}"; do
                 IFS='|' read -r name spec set <<<"$entry"
+                spec="$(spec_for "$name" "$spec" "$scratch")"
                 art="$dir/conformance_$precision/$name.kiln"
                 say "conformance on tensor cores ($precision): $name ($spec $set)"
                 conformance_artifact "$art" "$spec" "$set" --precision "$precision"

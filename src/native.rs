@@ -45,6 +45,16 @@ pub(crate) enum CompileTarget {
     Cuda(GpuCaps),
 }
 
+impl CompileTarget {
+    /// How the target's products read their weights best (`kiln_ir::fold_weights`).
+    fn product_weights(&self) -> kiln_ir::ProductWeights {
+        match self {
+            CompileTarget::Cpu(_) => kiln_ir::ProductWeights::RowMajor,
+            CompileTarget::Vulkan(caps) | CompileTarget::Cuda(caps) => caps.product_weights(),
+        }
+    }
+}
+
 /// The architecture `--target cuda` means: the oldest supported, whose PTX every newer GPU's
 /// driver compiles.
 const DEFAULT_CUDA_ARCH: &str = "sm_80";
@@ -130,20 +140,21 @@ fn with_seed(set: &[String], seed: u64) -> Vec<String> {
 }
 
 /// The optimized graph of a model and its parameters (loaded or initialized), with its
-/// weight-only subgraphs computed once here (`kiln_ir::fold_weights`); the optimizer is told
-/// so, and may then merge products that share an input over concatenated weights.
+/// weight-only subgraphs computed once here (`kiln_ir::fold_weights`, products' weights laid
+/// out as `layout` says); the optimizer is told so, and may then merge products that share an
+/// input over concatenated weights.
 fn prepare(
     model: &Path,
     set: &[String],
     weights: Option<&Path>,
-    seed: u64,
-    init_missing: bool,
+    (seed, init_missing): (u64, bool),
+    layout: kiln_ir::ProductWeights,
 ) -> Result<(Graph, HashMap<String, Tensor>), Failure> {
     let l = load(model, &with_seed(set, seed))?;
     refuse_empty_tensors(&l.graph)?;
     let (mut g, _) = kiln_opt::optimize(&l.graph, &folding_options()).map_err(|e| user(e.to_string()))?;
     let mut params = bind_params(&g, weights, seed, init_missing)?;
-    kiln_ir::fold_weights(&mut g, &mut params).map_err(|e| user(format!("folding weights: {e}")))?;
+    kiln_ir::fold_weights(&mut g, &mut params, layout).map_err(|e| user(format!("folding weights: {e}")))?;
     Ok((g, params))
 }
 
@@ -189,7 +200,8 @@ pub(crate) fn train_entries(
     kiln_lower::declare_forward_state(&mut forward).map_err(state_err)?;
     kiln_lower::declare_train_state(&mut train, &step.optimizer).map_err(state_err)?;
     for g in [&mut forward, &mut train] {
-        kiln_ir::fold_weights(g, &mut params).map_err(|e| user(format!("folding weights: {e}")))?;
+        kiln_ir::fold_weights(g, &mut params, kiln_ir::ProductWeights::RowMajor)
+            .map_err(|e| user(format!("folding weights: {e}")))?;
     }
     Ok((vec![(kiln_runtime::FORWARD_ENTRY, forward), (TRAIN_ENTRY, train)], params))
 }
@@ -486,7 +498,13 @@ pub fn compile(a: &CompileArgs) -> Result<(), Failure> {
     let (entries, params) = if a.train {
         prepare_train(&a.model, &a.set, a.weights.as_deref(), a.seed, a.init_missing)?
     } else {
-        let (g, params) = prepare(&a.model, &a.set, a.weights.as_deref(), a.seed, a.init_missing)?;
+        let (g, params) = prepare(
+            &a.model,
+            &a.set,
+            a.weights.as_deref(),
+            (a.seed, a.init_missing),
+            target.product_weights(),
+        )?;
         (vec![(kiln_runtime::FORWARD_ENTRY, g)], params)
     };
     let front = start.elapsed();
@@ -566,6 +584,12 @@ fn explain(target: &CompileTarget, built: &BuildReport) {
                     format!("f32 products: on tensor cores, operands rounded to {}, f32 accumulators", p.name())
                 }
                 None => "f32 products: f32 FMAs, f32 accuracy (--precision tf32 or tf32x3 puts them and attention on tensor cores)".to_string(),
+            };
+            let f32_products = match caps.tensor_cores {
+                Some(MmaPrecision::Tf32 | MmaPrecision::Tf32x3) if caps.warpgroup_mma => format!(
+                    "{f32_products}; products as warpgroup products (wgmma m64nNk8, operands read from shared memory) where both operands lie contiguous along k (x·Wᵀ) and the sizes are multiples of a 64×64×16 tile, else mma.sync m16n8k8"
+                ),
+                Some(_) | None => f32_products,
             };
             let instruction = if caps.warpgroup_mma {
                 "as warpgroup products (wgmma m64nNk16, operands read from shared memory) where both operands lie contiguous along an axis and the sizes are multiples of a 64×64×32 tile, else mma.sync m16n8k16"
@@ -697,9 +721,6 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
         let m = Model::load_with(&a.model, &options).map_err(|e| user(e.to_string()))?;
         (m, None)
     } else {
-        let (g, params) = prepare(&a.model, &a.set, a.weights.as_deref(), a.seed, a.init_missing)?;
-        let dir = tempfile::tempdir().map_err(|e| user(format!("cannot create a scratch directory: {e}")))?;
-        let start = Instant::now();
         // A spec compiles for the kind of device asked for (`vulkan`, `vulkan:N`, `cuda`,
         // `cuda:N`), else this CPU.
         let target = match a.device.as_deref() {
@@ -709,6 +730,10 @@ pub fn run(a: &RunArgs) -> Result<(), Failure> {
             }
             _ => CompileTarget::Cpu(CpuTarget::host()),
         };
+        let layout = target.product_weights();
+        let (g, params) = prepare(&a.model, &a.set, a.weights.as_deref(), (a.seed, a.init_missing), layout)?;
+        let dir = tempfile::tempdir().map_err(|e| user(format!("cannot create a scratch directory: {e}")))?;
+        let start = Instant::now();
         let entries = [(kiln_runtime::FORWARD_ENTRY, g)];
         build(&entries, &params, &target, dir.path())?;
         let [(_, g)] = entries;

@@ -1291,6 +1291,89 @@ fn warpgroup_products_hold_on_vulkan_with_emulated_wgmma() {
     }
 }
 
+/// Warpgroup products of f32 operands on TF32 tensor cores (`m64nNk8`), which read both
+/// operands along k, as `x·Wᵀ` with `W` stored `[out, in]` (a linear layer) lies: the same
+/// plans rendered for SPIR-V, products emulated from the descriptors. At `tf32` the copied
+/// tiles are rounded in place; at `tf32x3` they are split in place into a high tile and a low
+/// one beside it, and three products read them, so the results keep f32's 1e-4 (the high
+/// parts alone miss it). A product whose B lies along n stays on `mma.sync`.
+#[test]
+fn tf32_warpgroup_products_hold_on_vulkan_with_emulated_wgmma() {
+    if !available(Device::Vulkan, "TF32 warpgroup products") {
+        return;
+    }
+    let g = op_case(
+        "wgmma_tf32",
+        r#"{ "p": (f32, [128, 96]), "q": (f32, [96, 192]), "bt": (f32, [192, 96]), "a3": (f32, [2, 128, 96]), "c": (f32, [192]) }"#,
+        r#"Let("x", MatMul("p", "q")),
+           Let("z", MatMul("p", Transpose("bt"))),
+           Let("w", Gelu(Add(MatMul("a3", Transpose("bt")), "c"))),"#,
+    );
+    let base = vulkan_emulating_warpgroups();
+    let large = kiln_codegen::gpu::GpuCaps { parallel_units: 1, ..base.clone() };
+    let x3 = kiln_codegen::gpu::MmaPrecision::Tf32x3;
+    // (caps, tile, tolerance): k = 96 makes 6 k tiles of 16; two warpgroups' 128×64 tiles at
+    // TF32 (at TF32×3 two of their stages take more than the 32 KiB of a portable device).
+    let runs = [
+        (base.clone().with_tf32(), [64, 64, 16], 1e-2),
+        (base.with_tensor_cores(x3), [64, 64, 16], 1e-4),
+        (large.with_tf32(), [128, 64, 16], 1e-2),
+    ];
+    for (caps, tile, tolerance) in runs {
+        plans_hold_on_vulkan(&g, &caps, tolerance, |plans| {
+            let warpgroups = plans
+                .iter()
+                .filter(|p| {
+                    matches!(p.work, kiln_codegen::gpu::Work::MatmulTensorCores { tile: t, shape: [64, _, 8], instruction: kiln_codegen::gpu::MmaInstruction::Warpgroup { .. }, .. } if t == tile)
+                })
+                .count();
+            assert_eq!(warpgroups, 2, "{tile:?} tiles: {:#?}", described(plans));
+        });
+    }
+    // An encoder layer as `kiln compile` prepares it for such a target: optimized to fold its
+    // weights, which are then stored along k (`ProductWeights::AlongK`: the q, k and v
+    // weights concatenated and transposed, the others as they are), so that all four of its
+    // products are warpgroup products; at TF32×3 the whole layer keeps f32's 1e-4.
+    let mut opts = kiln_opt::Options::default();
+    opts.target.folds_weights = true;
+    let set = ["layers=1", "seq=64", "hidden=128", "heads=4", "ffn=512", "vocab=1000", "max_positions=64"];
+    let enc = kiln_opt::optimize(&shipped("bert_encoder.ron", &set), &opts).unwrap().0;
+    let caps = vulkan_emulating_warpgroups().with_tensor_cores(x3);
+    assert_eq!(caps.product_weights(), kiln_ir::ProductWeights::AlongK);
+    let mut params = kiln_ir::bind_params(&enc, None, 5, false).unwrap();
+    let inputs = kiln_ir::seeded_inputs(&enc, 5);
+    let want =
+        kiln_ir::eval(&enc, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
+    let mut folded = enc.clone();
+    kiln_ir::fold_weights(&mut folded, &mut params, caps.product_weights()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let built = build_vulkan_with(&folded, &params, &caps, dir.path());
+    let plans: Vec<kiln_codegen::gpu::GpuPlan> =
+        built.program.kernels.iter().map(|k| k.plan.clone()).collect();
+    let warpgroups = plans
+        .iter()
+        .filter(|p| {
+            matches!(
+                p.work,
+                kiln_codegen::gpu::Work::MatmulTensorCores {
+                    instruction: kiln_codegen::gpu::MmaInstruction::Warpgroup { .. },
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(warpgroups, 4, "{:#?}", described(&plans));
+    let got = run_artifact(dir.path(), &inputs, "encoder");
+    for ((out, w), gv) in want.iter().zip(&got) {
+        for (i, (a, b)) in w.to_f64_vec().iter().zip(gv).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+                "encoder `{out}`[{i}]: interpreter {a}, Vulkan {b}"
+            );
+        }
+    }
+}
+
 /// Attention as warpgroup products (`sm_90a`'s plan for 16-bit attention): the same plans
 /// rendered for SPIR-V, where each warp emulates the products of its queries' (then its
 /// weights') fragments with the key (value) tile, read from the core matrices as the
@@ -1997,9 +2080,9 @@ fn cuda_caps(arch: &str) -> (kiln_codegen::gpu::GpuCaps, kiln_codegen::gpu::Nvvm
 }
 
 /// Every kernel of every op family and shipped model (static, and with its batch and sequence
-/// set at run time), lowered to PTX for sm_80 and sm_90 (and sm_90a, whose 16-bit products
-/// are warpgroup products) and assembled by `ptxas`: an error fails the test, spills are
-/// reported.
+/// set at run time), lowered to PTX for sm_80 and sm_90 (and sm_90a, whose 16-bit products,
+/// and TF32 ones along k, are warpgroup products) and assembled by `ptxas`: an error fails the
+/// test, spills are reported.
 #[test]
 fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
     let Some(ptxas) = ptxas("CUDA kernels through ptxas") else { return };
@@ -2039,6 +2122,7 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
         ("sm_80", Some(tf32x3)),
         ("sm_90", Some(tf32x3)),
         ("sm_90a", None),
+        ("sm_90a", Some(tf32x3)),
     ] {
         let (caps, target) = cuda_caps(arch);
         let caps = match precision {
@@ -2066,6 +2150,18 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
                 assert!(modules
                     .iter()
                     .any(|m| m.ptx.contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32")));
+            }
+            // sm_90a's f32 products along k (the encoder's linear layers) at TF32×3: three
+            // warpgroup products of TF32 tiles, which take no transposition flags.
+            if arch == "sm_90a" && tf32 && g.name == "bert_encoder" && g.symbols.is_empty() {
+                let wgmma = modules
+                    .iter()
+                    .flat_map(|m| m.ptx.lines())
+                    .filter(|l| {
+                        l.starts_with("wgmma.mma_async.sync.aligned.m64n") && l.contains("k8.f32.tf32.tf32 ")
+                    })
+                    .count();
+                assert!(wgmma > 0 && wgmma % 3 == 0, "bert_encoder: {wgmma} TF32 warpgroup products");
             }
             // Attention on tensor cores: products, and the quads' butterfly shuffles.
             if tf32 && g.name == "attention" {
@@ -2345,6 +2441,22 @@ fn cli_compiles_and_inspects_for_cuda() {
         ),
         "{said}"
     );
+    // TF32×3 on sm_90a: the encoder's linear layers (both operands along k) as warpgroup
+    // products of split tiles, explained.
+    let enc = dir.path().join("bert_encoder.kiln");
+    let said = kiln_says(&[
+        "compile",
+        "models/bert_encoder.ron",
+        "--target",
+        "cuda:sm_90a",
+        "--precision",
+        "tf32x3",
+        "--explain",
+        "-o",
+        enc.to_str().unwrap(),
+    ]);
+    assert!(said.contains("products as warpgroup products (wgmma m64nNk8, operands read from shared memory) where both operands lie contiguous along k (x·Wᵀ)"), "{said}");
+    assert!(said.contains("in shared memory as core matrices (4 stages, async copies, 1 group of products in flight), 4×1 warps, wgmma m64n64k8 on f32 operands split into two tf32 parts (3 products each)"), "{said}");
     // 16-bit tensors take tensor cores at their own precision with no flag; the manifest and
     // the compile line say so, f32 products beside them staying f32.
     let half = dir.path().join("half_block_bf16.kiln");

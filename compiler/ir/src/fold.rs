@@ -16,10 +16,16 @@
 //! product packs its constant B either way. The weight it came from is no longer read, so
 //! nothing grows.
 //!
+//! A target whose products read B best along k ([`ProductWeights::AlongK`]: TF32 warpgroup
+//! products, which read TF32 operands only that way) asks for the opposite: such a transpose
+//! stays a view of the weight as it is stored, and a folded value that products read only as
+//! their B operand (the q, k and v weights concatenated along n) is stored transposed and read
+//! through a transpose, contiguous along k.
+//!
 //! Persistent state (`Graph::state`: parameters that train) is never folded: its value
 //! changes from one run to the next.
 
-use crate::graph::{Graph, NodeId};
+use crate::graph::{Graph, Node, NodeId};
 use crate::interp::{eval_op, EvalError};
 use crate::op::{Init, Op};
 use crate::tensor::Tensor;
@@ -33,21 +39,51 @@ pub struct Folded {
     pub params: Vec<(String, String)>,
 }
 
+/// How the weights that matrix products read as their B operand (`[…, k, n]`) are best
+/// stored for a target: row-major, contiguous along n (the CPU's packing, SIMT and `mma.sync`
+/// tiles), or contiguous along k (`[…, n, k]`, read through a transpose).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProductWeights {
+    #[default]
+    RowMajor,
+    AlongK,
+}
+
 /// Folds the weight-only subgraphs of `g` whose parameters are all in `params` (see the module
-/// documentation). Each folded node becomes an `Op::Param` named `folded.<op>(<sources>)#<n>`,
-/// its value added to `params` (the graph alone no longer says what it holds: its
-/// initializer is a placeholder); nodes left without users are removed.
-pub fn fold_weights(g: &mut Graph, params: &mut HashMap<String, Tensor>) -> Result<Folded, EvalError> {
+/// documentation), products' weights stored as `layout` says. Each folded node becomes an
+/// `Op::Param` named `folded.<op>(<sources>)#<n>`, its value added to `params` (the graph
+/// alone no longer says what it holds: its initializer is a placeholder); nodes left without
+/// users are removed.
+pub fn fold_weights(
+    g: &mut Graph,
+    params: &mut HashMap<String, Tensor>,
+    layout: ProductWeights,
+) -> Result<Folded, EvalError> {
     // State changes from run to run: it is never a weight to fold.
-    let folds = foldable(g, |name| params.contains_key(name) && g.state_var(name).is_none());
+    let folds = foldable(g, |name| params.contains_key(name) && g.state_var(name).is_none(), layout);
     let mut values: HashMap<NodeId, Tensor> = HashMap::new();
     let mut folded = Folded::default();
+    let mut stored_along_k = Vec::new();
     for (n, sources) in folds {
         evaluate(g, n, params, &mut values)?;
         let name = make_param(g, n, &sources, &mut folded, |name| params.contains_key(name));
         // `n` reads as a parameter from now on, so its computed value moves there.
         if let Some(value) = values.remove(&n) {
             params.insert(name, value);
+        }
+        if layout == ProductWeights::AlongK {
+            stored_along_k.push(n);
+        }
+    }
+    // Once every fold is done (none reads another's value any more), the values products read
+    // only as B are stored transposed.
+    for n in stored_along_k {
+        if read_only_as_b(g, n) {
+            let Op::Param { name, .. } = &g.node(n).op else { continue };
+            let name = name.clone();
+            if let Some(value) = params.remove(&name) {
+                params.insert(name, store_transposed(g, n, &value)?);
+            }
         }
     }
     if !folded.params.is_empty() {
@@ -56,13 +92,61 @@ pub fn fold_weights(g: &mut Graph, params: &mut HashMap<String, Tensor>) -> Resu
     Ok(folded)
 }
 
+/// Stores parameter node `n` (holding `value`) with its last two axes swapped and makes its
+/// readers read it through a transpose; returns the stored value.
+fn store_transposed(g: &mut Graph, n: NodeId, value: &Tensor) -> Result<Tensor, EvalError> {
+    let r = g.ty(n).shape.len();
+    let mut perm: Vec<usize> = (0..r).collect();
+    perm.swap(r - 2, r - 1);
+    let read = g.ty(n).clone();
+    let mut ty = read.clone();
+    ty.shape.swap(r - 2, r - 1);
+    let stored = eval_op(&Op::Transpose { perm: perm.clone() }, &[value], &ty)?;
+    let readers: Vec<(NodeId, u32)> =
+        g.raw().edges_directed(n, petgraph::Direction::Outgoing).map(|e| (e.target(), *e.weight())).collect();
+    let edges: Vec<_> = g.raw().edges_directed(n, petgraph::Direction::Outgoing).map(|e| e.id()).collect();
+    for e in edges {
+        g.raw_mut().remove_edge(e);
+    }
+    if let Op::Param { shape, .. } = &mut g.node_mut(n).op {
+        shape.swap(r - 2, r - 1);
+    }
+    g.node_mut(n).ty = ty;
+    // The view reads as the parameter read before: its type is the one the readers checked.
+    let view = g.raw_mut().add_node(Node { op: Op::Transpose { perm }, ty: read, name: None, origin: None });
+    g.raw_mut().add_edge(n, view, 0);
+    for (reader, operand) in readers {
+        g.raw_mut().add_edge(view, reader, operand);
+    }
+    Ok(stored)
+}
+
+/// Whether every reader of `n` (of two axes or more, of a size fixed now) is a matrix product
+/// that reads it as its B operand, once, and `n` is no graph output.
+fn read_only_as_b(g: &Graph, n: NodeId) -> bool {
+    let users = g.users(n);
+    !users.is_empty()
+        && g.ty(n).shape.len() >= 2
+        && g.ty(n).is_static()
+        && !g.outputs.iter().any(|(_, o)| *o == n)
+        && users.into_iter().all(|u| reads_as_b(g, u, n))
+}
+
+/// Whether `u` is a matrix product that reads `n` as its B operand and nowhere else.
+fn reads_as_b(g: &Graph, u: NodeId, n: NodeId) -> bool {
+    let operands = g.operands(u);
+    matches!(g.node(u).op, Op::MatMul | Op::MatMulEpilogue { .. })
+        && operands.get(1) == Some(&n)
+        && operands.iter().filter(|&&o| o == n).count() == 1
+}
+
 /// What [`fold_weights`] does to the graph, without the values: every parameter counts as
 /// bound, and the folded nodes become parameters that nothing binds. For showing what a
 /// compile builds when the weights are not at hand (`kiln inspect`); the graph cannot run.
 pub fn fold_weights_without_values(g: &mut Graph) -> Folded {
     let params: BTreeSet<String> = g.params().into_iter().map(|n| leaf_name(&g.node(n).op)).collect();
     let mut folded = Folded::default();
-    for (n, sources) in foldable(g, |name| g.state_var(name).is_none()) {
+    for (n, sources) in foldable(g, |name| g.state_var(name).is_none(), ProductWeights::RowMajor) {
         make_param(g, n, &sources, &mut folded, |name| params.contains(name));
     }
     if !folded.params.is_empty() {
@@ -74,7 +158,11 @@ pub fn fold_weights_without_values(g: &mut Graph) -> Folded {
 /// The nodes to fold, in topological order, each with the leaves (parameters for which
 /// `bound` holds, and constants) it is computed from. A value whose size is set at run time
 /// (a `Full` of `[batch, hidden]`) is no leaf and is never folded: a parameter has one size.
-fn foldable(g: &Graph, bound: impl Fn(&str) -> bool) -> Vec<(NodeId, BTreeSet<NodeId>)> {
+fn foldable(
+    g: &Graph,
+    bound: impl Fn(&str) -> bool,
+    layout: ProductWeights,
+) -> Vec<(NodeId, BTreeSet<NodeId>)> {
     let order = g.topo_order();
     let mut sources: HashMap<NodeId, BTreeSet<NodeId>> = HashMap::new();
     for &n in &order {
@@ -101,7 +189,7 @@ fn foldable(g: &Graph, bound: impl Fn(&str) -> bool) -> Vec<(NodeId, BTreeSet<No
         .filter(|n| {
             let op = &g.node(*n).op;
             let computes = (!op.is_leaf() && !is_view(op) && sources.contains_key(n) && g.ty(*n).is_static())
-                || product_weight_transposed(g, *n, &sources);
+                || (layout == ProductWeights::RowMajor && product_weight_transposed(g, *n, &sources));
             let read_outside = outputs.contains(n)
                 || g.users(*n).iter().any(|u| !sources.contains_key(u) || is_view(&g.node(*u).op));
             let source_elems: usize = sources.get(n).map_or(0, |s| s.iter().map(|l| g.ty(*l).numel()).sum());
@@ -150,13 +238,7 @@ fn product_weight_transposed(g: &Graph, n: NodeId, sources: &HashMap<NodeId, BTr
     let [w] = g.operands(n)[..] else { return false };
     let only_here = g.users(w) == [n] && !g.outputs.iter().any(|(_, o)| *o == w || *o == n);
     let weight = matches!(g.node(w).op, Op::Param { .. }) && sources.contains_key(&w) && g.ty(n).is_static();
-    let as_b = |u: NodeId| {
-        let operands = g.operands(u);
-        matches!(g.node(u).op, Op::MatMul | Op::MatMulEpilogue { .. })
-            && operands.get(1) == Some(&n)
-            && operands.iter().filter(|&&o| o == n).count() == 1
-    };
-    last_two && weight && only_here && g.users(n).into_iter().all(as_b)
+    last_two && weight && only_here && g.users(n).into_iter().all(|u| reads_as_b(g, u, n))
 }
 
 fn is_view(op: &Op) -> bool {
@@ -250,7 +332,7 @@ mod tests {
         g.add_output("y", y);
         let mut p = params(&[("wq", &[4, 5]), ("wk", &[4, 6])]);
         let before = run(&g, &p, &[("x", &[3, 4])]);
-        let folded = fold_weights(&mut g, &mut p).unwrap();
+        let folded = fold_weights(&mut g, &mut p, ProductWeights::RowMajor).unwrap();
         assert_eq!(folded.params.len(), 1, "{folded:?}");
         assert_eq!(folded.params[0].0, "folded.mul(wq,wk)#0");
         assert_eq!(ops(&g), ["input", "matmul", "param"]);
@@ -280,7 +362,7 @@ mod tests {
         let y = g.add(Op::Binary(BinaryOp::Add), &[hw, xw]).unwrap();
         g.add_output("y", y);
         let mut p = params(&[("w", &[4, 4])]);
-        let folded = fold_weights(&mut g, &mut p).unwrap();
+        let folded = fold_weights(&mut g, &mut p, ProductWeights::RowMajor).unwrap();
         assert_eq!(folded.params, [("folded.mul(w)#0".to_string(), "mul".to_string())]);
         assert_eq!(ops(&g), ["add", "full", "input", "matmul", "matmul", "param", "param"]);
     }
@@ -298,7 +380,7 @@ mod tests {
         };
         let (mut with, mut without) = (build(), build());
         let mut p = params(&[("wq", &[4, 5]), ("wk", &[4, 6])]);
-        let folded = fold_weights(&mut with, &mut p).unwrap();
+        let folded = fold_weights(&mut with, &mut p, ProductWeights::RowMajor).unwrap();
         assert_eq!(fold_weights_without_values(&mut without), folded);
         assert_eq!(
             crate::print::to_text(&with, Default::default()),
@@ -341,7 +423,7 @@ mod tests {
         g.add_output("y", y);
         let mut p = params(&[("w", &[5, 4]), ("b", &[5])]);
         let count = g.node_count();
-        assert_eq!(fold_weights(&mut g, &mut p).unwrap(), Folded::default());
+        assert_eq!(fold_weights(&mut g, &mut p, ProductWeights::RowMajor).unwrap(), Folded::default());
         assert_eq!(g.node_count(), count);
         assert_eq!(p.len(), 2);
     }
@@ -371,7 +453,7 @@ mod tests {
         g.add_output("b", b.unwrap());
         let mut p = params(&[("w", &[5, 4]), ("v", &[3, 4]), ("u", &[2, 4, 5])]);
         let before = run(&g, &p, &[("x", &[3, 4])]);
-        let folded = fold_weights(&mut g, &mut p).unwrap();
+        let folded = fold_weights(&mut g, &mut p, ProductWeights::RowMajor).unwrap();
         assert_eq!(folded.params, [("folded.transpose(w)#0".to_string(), "transpose".to_string())]);
         assert_eq!(p["folded.transpose(w)#0"].shape, [4, 5]);
         assert_eq!(
@@ -386,6 +468,61 @@ mod tests {
                 "param",
                 "param",
                 "reshape",
+                "transpose",
+                "transpose"
+            ]
+        );
+        assert_eq!(run(&g, &p, &[("x", &[3, 4])]), before);
+    }
+
+    /// For a target whose products read B along k: `x · Wᵀ` keeps W as it is stored (`[n, k]`,
+    /// read through the transpose), and the q and k weights concatenated along n are stored
+    /// transposed (`[11, 4]`) and read through a transpose. A folded value that something
+    /// besides a product's B reads (`u`, also an output) keeps its layout. The same values
+    /// come out.
+    #[test]
+    fn products_that_read_b_along_k_get_their_weights_stored_so() {
+        let mut g = Graph::new("along_k");
+        let x = input(&mut g, "x", &[3, 4]);
+        let w = param(&mut g, "w", &[5, 4]);
+        let wt = g.add(Op::Transpose { perm: vec![1, 0] }, &[w]).unwrap();
+        let y = g.add(Op::MatMul, &[x, wt]).unwrap();
+        let (wq, wk) = (param(&mut g, "wq", &[5, 4]), param(&mut g, "wk", &[6, 4]));
+        let tq = g.add(Op::Transpose { perm: vec![1, 0] }, &[wq]).unwrap();
+        let tk = g.add(Op::Transpose { perm: vec![1, 0] }, &[wk]).unwrap();
+        let qk = g.add(Op::Concat { axis: 1 }, &[tq, tk]).unwrap();
+        let z = g.add(Op::MatMul, &[x, qk]).unwrap();
+        let z = g.add(Op::MatMul, &[x, qk]).map(|z2| (z, z2)).unwrap();
+        let (u1, u2) = (param(&mut g, "u1", &[4, 4]), param(&mut g, "u2", &[4, 4]));
+        let u = g.add(Op::Binary(BinaryOp::Mul), &[u1, u2]).unwrap();
+        let v = g.add(Op::MatMul, &[x, u]).unwrap();
+        let v = g.add(Op::Binary(BinaryOp::Add), &[v, x]).unwrap();
+        g.add_output("y", y);
+        g.add_output("z", z.0);
+        g.add_output("z2", z.1);
+        g.add_output("v", v);
+        g.add_output("u", u);
+        let mut p =
+            params(&[("w", &[5, 4]), ("wq", &[5, 4]), ("wk", &[6, 4]), ("u1", &[4, 4]), ("u2", &[4, 4])]);
+        let before = run(&g, &p, &[("x", &[3, 4])]);
+        let folded = fold_weights(&mut g, &mut p, ProductWeights::AlongK).unwrap();
+        let names: Vec<&str> = folded.params.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["folded.concat(wq,wk)#0", "folded.mul(u1,u2)#1"]);
+        assert_eq!(p["folded.concat(wq,wk)#0"].shape, [11, 4]);
+        assert_eq!(p["folded.mul(u1,u2)#1"].shape, [4, 4]);
+        assert_eq!(p["w"].shape, [5, 4]);
+        assert_eq!(
+            ops(&g),
+            [
+                "add",
+                "input",
+                "matmul",
+                "matmul",
+                "matmul",
+                "matmul",
+                "param",
+                "param",
+                "param",
                 "transpose",
                 "transpose"
             ]
@@ -411,7 +548,7 @@ mod tests {
         };
         let mut g = build();
         let mut p = params(&[("frozen", &[4, 5]), ("trained", &[4, 5])]);
-        let folded = fold_weights(&mut g, &mut p).unwrap();
+        let folded = fold_weights(&mut g, &mut p, ProductWeights::RowMajor).unwrap();
         assert_eq!(folded.params, [("folded.mul(frozen)#0".to_string(), "mul".to_string())]);
         assert_eq!(ops(&g), ["add", "input", "matmul", "mul", "param", "param"]);
         let mut without = build();
@@ -432,7 +569,7 @@ mod tests {
         g.add_output("scaled_weight", s);
         let mut p = params(&[("w", &[2, 3])]);
         let before = run(&g, &p, &[("x", &[2, 3])]);
-        let folded = fold_weights(&mut g, &mut p).unwrap();
+        let folded = fold_weights(&mut g, &mut p, ProductWeights::RowMajor).unwrap();
         assert_eq!(folded.params, [("folded.mul(w,full)#0".to_string(), "mul".to_string())]);
         assert_eq!(run(&g, &p, &[("x", &[2, 3])]), before);
     }

@@ -31,7 +31,7 @@ pub use autodiff::{grad, GradError};
 pub use dtype::{
     dims, fmt_shape, numel, numel_dim, static_dims, strides, DType, Dim, IntoShape, Shape, TensorType,
 };
-pub use fold::{fold_weights, fold_weights_without_values, Folded};
+pub use fold::{fold_weights, fold_weights_without_values, Folded, ProductWeights};
 pub use graph::{Graph, Node, NodeId, Origin, SpecializeError, Unspecialized};
 pub use infer::{broadcast_shapes, infer, infer_with, matmul_shape, InferError};
 pub use init::{fans, init_param};

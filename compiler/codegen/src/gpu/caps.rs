@@ -261,6 +261,20 @@ impl GpuCaps {
         self.with_tensor_cores(super::plan::MmaPrecision::Tf32)
     }
 
+    /// How the weights products read as B are best stored for these caps: along k where f32
+    /// products run as TF32 warpgroup products (which read TF32 operands only along k), else
+    /// row-major.
+    pub fn product_weights(&self) -> kiln_ir::ProductWeights {
+        match self.tensor_cores {
+            Some(super::plan::MmaPrecision::Tf32 | super::plan::MmaPrecision::Tf32x3)
+                if self.warpgroup_mma =>
+            {
+                kiln_ir::ProductWeights::AlongK
+            }
+            Some(_) | None => kiln_ir::ProductWeights::RowMajor,
+        }
+    }
+
     /// These caps with f32 products (and attention) on tensor cores at `precision`, where the
     /// target's tensor cores run it; unchanged elsewhere.
     pub fn with_tensor_cores(mut self, precision: super::plan::MmaPrecision) -> GpuCaps {

@@ -21,7 +21,7 @@ use super::plan::{
 };
 use super::skeleton::{module, offset_at, plus, shared, shared_type, unravel, SharedArray};
 use super::tiles::{aligned_by, aligned_by_4, shared_pointer, OperandTile, Pipeline};
-use super::wgmma::{self, Descriptor, WGMMA_K, WGMMA_M};
+use super::wgmma::{self, Descriptor, WGMMA_M};
 use super::{ceil_div, GpuCtx, GpuFlavor, GpuKernel};
 use crate::kernels::elementwise::{load, reg_type, store};
 use crate::kernels::matmul::activate;
@@ -60,10 +60,10 @@ pub fn emit(
     let runs = |v: &View, axis: usize| aligned_by(v, axis, 16 / v.dtype.size_bytes());
     let mn_contiguous = [!runs(a, r - 1), runs(bv, r - 1)];
     let core_copies = (runs(a, r - 1) || runs(a, r - 2)) && (runs(bv, r - 1) || runs(bv, r - 2));
+    let copies = (core_copies && cx.run.is_none()).then_some(mn_contiguous);
+
     let warpgroups = match allowed {
-        Some((precision, _)) => {
-            GpuPlan::matmul_warpgroups(batch, [m, n, k], precision, core_copies && cx.run.is_none(), cx.caps)?
-        }
+        Some((precision, _)) => GpuPlan::matmul_warpgroups(batch, [m, n, k], precision, copies, cx.caps)?,
         None => None,
     };
     let tensor_cores = match (warpgroups, allowed) {
@@ -116,7 +116,9 @@ pub fn emit(
     // 16-bit B tiles lie as B does in memory where its rows are contiguous.
     let b_row_major = bv.strides[r - 1] == 1;
     let [la, lb] = match inner {
-        Inner::Warpgroups { .. } => warpgroup_layouts(tile, mn_contiguous),
+        Inner::Warpgroups { parts, .. } => {
+            warpgroup_layouts(tile, mn_contiguous, parts.precision.shared_bytes())
+        }
         Inner::TensorCores { .. } | Inner::Simt { .. } => {
             matmul_layouts(tile, parts.map(|p| p.precision), b_row_major)
         }
@@ -129,11 +131,16 @@ pub fn emit(
     // Shared tiles hold register values, or tensor-core operands as the products take them.
     let elem = parts.as_ref().map_or(ty, Parts::shared_elem);
 
+    // Warpgroup products of TF32×3 operands read their high and low parts from tiles of
+    // their own: each stage holds the operand's tile, split in place once it landed, then
+    // the low parts' tile.
+    let split = matches!(inner, Inner::Warpgroups { parts, .. } if parts.precision == MmaPrecision::Tf32x3);
+    let stage_lens = [la.len, lb.len].map(|len| if split { 2 * len } else { len });
     let mut b = cx.body();
-    let sh_a = shared(&mut b, stages * la.len, elem);
-    let sh_b = shared(&mut b, stages * lb.len, elem);
-    let sa = shared_type(&b, stages * la.len, elem);
-    let sb = shared_type(&b, stages * lb.len, elem);
+    let sh_a = shared(&mut b, stages * stage_lens[0], elem);
+    let sh_b = shared(&mut b, stages * stage_lens[1], elem);
+    let sa = shared_type(&b, stages * stage_lens[0], elem);
+    let sb = shared_type(&b, stages * stage_lens[1], elem);
     let tx = b.assign("gpu.thread_id x");
     let ty_ = b.assign("gpu.thread_id y");
     let bx = b.assign("gpu.block_id x");
@@ -219,14 +226,20 @@ pub fn emit(
         &mut b,
         [Some(&tile_a), Some(&tile_b)],
         [&mem_a, &mem_b],
-        [la.len, lb.len],
+        stage_lens,
         stages,
         parts.as_ref(),
         async_copies,
         &lin,
     )
     .read_by_async_proxy(matches!(inner, Step::Warpgroups { .. }))
-    .with_products_in_flight(inner.in_flight());
+    .with_products_in_flight(inner.in_flight())
+    .splitting_into(split.then_some([la.len, lb.len]));
+    if split && !pipe.copies_whole() {
+        return Err(CodegenError::Unsupported(format!(
+            "matmul `{symbol}`: warpgroup products of split operands need both tiles copied whole"
+        )));
+    }
     // Where the A and the B tile at k `k0` start.
     let origins = |k0: &str| [(row0.clone(), k0.to_string()), (k0.to_string(), col0.clone())];
     if stages >= 2 {
@@ -550,10 +563,12 @@ impl Step {
     }
 }
 
-/// One k tile as warpgroup products: per 16 of k, this warpgroup's 64 rows of A times the
-/// tile's B, each named by a descriptor of the stage (NVVM: `wgmma`, fenced before and
-/// committed after, `in_flight` groups left running), or emulated by each invocation from the
-/// same descriptors. Returns the accumulators after the tile (carried in as `%o…`).
+/// One k tile as warpgroup products: per 16 of k (8 of TF32), this warpgroup's 64 rows of A
+/// times the tile's B, each named by a descriptor of the stage (NVVM: `wgmma`, fenced before
+/// and committed after, `in_flight` groups left running), or emulated by each invocation from
+/// the same descriptors. TF32×3 operands multiply as three products, their low parts' tiles
+/// (right after each stage's operand tile) with the high parts' first, so the small terms are
+/// not lost to the large. Returns the accumulators after the tile (carried in as `%o…`).
 fn warpgroup_step(
     b: &mut Body,
     (sub, lanes): ([usize; 2], &Lanes),
@@ -570,18 +585,27 @@ fn warpgroup_step(
         wgmma::fence(b);
     }
     let [da, db] = descriptors;
-    for kk in (0..tk).step_by(WGMMA_K) {
-        let at_a = plus(b, &a_stage, la.offset(0, kk));
-        let at_b = plus(b, sb, lb.offset(kk, 0));
-        acc = match addresses {
-            Some([base_a, base_b]) => {
-                let elem = precision.shared_bytes();
-                let dva = wgmma::descriptor(b, base_a, &at_a, elem, da);
-                let dvb = wgmma::descriptor(b, base_b, &at_b, elem, db);
-                wgmma::product(b, *precision, (&dva, &dvb), [da, db], &acc)
-            }
-            None => wgmma::emulated(b, lanes, *precision, (ma, &at_a, da), (mb, &at_b, db), warp_rows, &acc),
-        };
+    // (A's part, B's part) of each product: 0 the operand's tile, 1 its low parts'.
+    let products: &[(usize, usize)] = match precision {
+        MmaPrecision::Tf32x3 => &[(1, 0), (0, 1), (0, 0)],
+        MmaPrecision::Tf32 | MmaPrecision::F16 | MmaPrecision::Bf16 => &[(0, 0)],
+    };
+    for kk in (0..tk).step_by(precision.warpgroup_k() as usize) {
+        for &(pa, pb) in products {
+            let at_a = plus(b, &a_stage, la.offset(0, kk) + pa * la.len);
+            let at_b = plus(b, sb, lb.offset(kk, 0) + pb * lb.len);
+            acc = match addresses {
+                Some([base_a, base_b]) => {
+                    let elem = precision.shared_bytes();
+                    let dva = wgmma::descriptor(b, base_a, &at_a, elem, da);
+                    let dvb = wgmma::descriptor(b, base_b, &at_b, elem, db);
+                    wgmma::product(b, *precision, (&dva, &dvb), [da, db], &acc)
+                }
+                None => {
+                    wgmma::emulated(b, lanes, *precision, (ma, &at_a, da), (mb, &at_b, db), warp_rows, &acc)
+                }
+            };
+        }
     }
     if addresses.is_some() {
         wgmma::commit(b, *in_flight);

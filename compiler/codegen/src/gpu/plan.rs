@@ -221,6 +221,11 @@ impl MmaPrecision {
         self.shared_bytes() == 2
     }
 
+    /// The k of one warpgroup product: 32 bytes of each operand row.
+    pub fn warpgroup_k(self) -> u32 {
+        WARPGROUP_K * 2 / self.shared_bytes() as u32
+    }
+
     /// How the plans describe the operands.
     fn operands(self) -> &'static str {
         match self {
@@ -588,32 +593,40 @@ impl GpuPlan {
         Ok(best.map(|(_, p)| p))
     }
 
-    /// A tiled product of 16-bit operands as warpgroup products (`wgmma`), where the target
-    /// has them and both operands' tiles can be copied whole into core matrices (`copyable`:
-    /// each lies contiguous along one axis, in 16-byte runs; the caller knows). Of
-    /// [`WARPGROUP_TILES`] those that divide the product's sizes and that the caps'
-    /// `matmul_tile` names, whichever [`matmul_cost`] estimates faster. One workgroup per
-    /// multiprocessor: as many stages (2 to 4, no more than there are k tiles) as the dynamic
-    /// shared memory holds. The accumulators (half the warpgroup's columns per invocation) may
-    /// take three quarters of the registers, since no operand fragments are held.
+    /// A tiled product as warpgroup products (`wgmma`), where the target has them and both
+    /// operands' tiles can be copied whole into core matrices (`copies`: each lies contiguous
+    /// along one axis in 16-byte runs, and whether that axis is A's rows and B's columns
+    /// rather than k; the caller knows). 16-bit operands may lie either way; TF32 ones (and
+    /// TF32×3 ones, split in place into a high and a low tile once copied) only along k, as
+    /// the instruction reads them. Of [`WARPGROUP_TILES`] (k halved for 4-byte operands, so a
+    /// row of a tile is as many bytes) those that divide the product's sizes and that the
+    /// caps' `matmul_tile` names, whichever [`matmul_cost`] estimates faster. One workgroup
+    /// per multiprocessor: as many stages (2 to 4, no more than there are k tiles) as the
+    /// dynamic shared memory holds. The accumulators (half the warpgroup's columns per
+    /// invocation) may take three quarters of the registers, since no operand fragments are
+    /// held.
     pub fn matmul_warpgroups(
         batch: usize,
         [m, n, k]: [usize; 3],
         precision: MmaPrecision,
-        copyable: bool,
+        copies: Option<[bool; 2]>,
         caps: &GpuCaps,
     ) -> Result<Option<GpuPlan>, CodegenError> {
-        if !caps.warpgroup_mma || !caps.async_copies || !precision.paired() || !copyable {
+        let Some(mn_contiguous) = copies else { return Ok(None) };
+        let laid = precision.paired() || mn_contiguous == [false, false];
+        if !caps.warpgroup_mma || !caps.async_copies || !laid {
             return Ok(None);
         }
         let imposed = |tile: [u32; 3]| caps.matmul_tile.is_none_or(|t| t == [tile[0], tile[1]]);
         let mut best: Option<(usize, GpuPlan)> = None;
         for &(tile, groups) in WARPGROUP_TILES.iter().filter(|(tile, _)| imposed(*tile)) {
+            let tile = [tile[0], tile[1], tile[2] * 2 / precision.shared_bytes() as u32];
             let [tm, tn, tk] = tile.map(|t| t as usize);
             if k == 0 || !(m.is_multiple_of(tm) && n.is_multiple_of(tn) && k.is_multiple_of(tk)) {
                 continue;
             }
-            let stage_bytes = (tm * tk + tk * tn) * precision.shared_bytes();
+            // TF32×3 keeps each operand's low parts in a tile of their own beside it.
+            let stage_bytes = (tm * tk + tk * tn) * precision.shared_bytes() * precision.parts();
             let room = caps.max_dynamic_shared_bytes.max(caps.max_shared_bytes) as usize;
             let tiles = k / tk;
             let Some(stages) = (2..=tiles.clamp(2, 4)).rev().find(|s| s * stage_bytes <= room) else {
@@ -641,7 +654,7 @@ impl GpuPlan {
                     k,
                     tile,
                     warps: [4 * groups, 1],
-                    shape: [64, tile[1], 16],
+                    shape: [64, tile[1], precision.warpgroup_k()],
                     precision,
                     stages: stages as u32,
                     async_copies: true,
@@ -1026,15 +1039,50 @@ impl GpuPlan {
 /// Where a product's operand tile lies in one shared-memory stage: element `(r, c)` of the
 /// tile (rows and columns of the operand) at `r·row + c·col`, `len` values in all. The
 /// padding keeps the reads of an inner step free of bank conflicts and 16-byte aligned.
-/// With `cores` the tile lies in 8 × 8 core matrices instead (what warpgroup products read):
-/// core `(r / 8, c / 8)` starts at `(r / 8)·row + (c / 8)·col` and holds its 64 elements
-/// contiguous, 8 lines of 8 adjacent ones along the axis `cores` names.
+/// With `cores` the tile lies in core matrices instead (what warpgroup products read): 8
+/// lines of 16 bytes (`width` elements) each, the lines along the axis `cores` names. With
+/// lines along the columns, core `(r / 8, c / width)` starts at `(r / 8)·row + (c /
+/// width)·col` and holds its `8·width` elements contiguous (along the rows, the other way
+/// round).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SharedLayout {
     pub row: usize,
     pub col: usize,
     pub len: usize,
-    pub cores: Option<CoreLines>,
+    pub cores: Option<Cores>,
+}
+
+/// How a tile's core matrices lie: which way their lines run, and how many elements a line
+/// holds (16 bytes of them: 8 of a 16-bit operand, 4 of an f32 one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cores {
+    pub lines: CoreLines,
+    pub width: usize,
+}
+
+impl Cores {
+    /// Core matrices of `elem`-byte elements with lines along `lines`.
+    pub fn of(lines: CoreLines, elem: usize) -> Cores {
+        Cores { lines, width: CORE_LINE_BYTES / elem }
+    }
+
+    /// The core's extents along the tile's rows and columns.
+    pub fn extents(&self) -> (usize, usize) {
+        match self.lines {
+            CoreLines::AlongColumns => (CORE, self.width),
+            CoreLines::AlongRows => (self.width, CORE),
+        }
+    }
+
+    /// Element `(r, c)` of a tile as (core row, core column, line, place in the line).
+    pub fn place(&self, r: usize, c: usize) -> (usize, usize, usize, usize) {
+        let (er, ec) = self.extents();
+        let (line, at) = match self.lines {
+            CoreLines::AlongColumns => (r % er, c % ec),
+            CoreLines::AlongRows => (c % ec, r % er),
+        };
+        (r / er, c / ec, line, at)
+    }
 }
 
 /// Which way the 8 elements of a core matrix's lines run: along the tile's columns (a line is
@@ -1045,15 +1093,21 @@ pub enum CoreLines {
     AlongRows,
 }
 
-/// Elements along each side of a core matrix.
+/// Lines of a core matrix.
 pub const CORE: usize = 8;
+
+/// Bytes of one line of a core matrix.
+pub const CORE_LINE_BYTES: usize = 16;
 
 impl SharedLayout {
     /// The same memory with rows and columns swapped (a tile read as its transpose).
     pub fn transposed(&self) -> SharedLayout {
-        let cores = self.cores.map(|lines| match lines {
-            CoreLines::AlongColumns => CoreLines::AlongRows,
-            CoreLines::AlongRows => CoreLines::AlongColumns,
+        let cores = self.cores.map(|c| Cores {
+            lines: match c.lines {
+                CoreLines::AlongColumns => CoreLines::AlongRows,
+                CoreLines::AlongRows => CoreLines::AlongColumns,
+            },
+            ..c
         });
         SharedLayout { row: self.col, col: self.row, len: self.len, cores }
     }
@@ -1063,18 +1117,15 @@ impl SharedLayout {
     pub fn offset(&self, r: usize, c: usize) -> usize {
         match self.cores {
             None => r * self.row + c * self.col,
-            Some(lines) => {
-                let inner = match lines {
-                    CoreLines::AlongColumns => (r % CORE) * CORE + c % CORE,
-                    CoreLines::AlongRows => (c % CORE) * CORE + r % CORE,
-                };
-                (r / CORE) * self.row + (c / CORE) * self.col + inner
+            Some(cores) => {
+                let (cr, cc, line, at) = cores.place(r, c);
+                cr * self.row + cc * self.col + line * cores.width + at
             }
         }
     }
 }
 
-/// The k of one warpgroup product (`m64nNk16`).
+/// The k of one warpgroup product of 16-bit operands (`m64nNk16`; TF32 ones take 8).
 pub const WARPGROUP_K: u32 = 16;
 
 /// The shared layouts of a product's A tile (`tile[0]×tile[2]`) and B tile
@@ -1119,18 +1170,30 @@ pub fn matmul_layouts(
 /// operand is contiguous along in memory (`mn_contiguous`: A's rows, B's columns; else k),
 /// so that 16-byte copies fill one line each. The cores along that axis lie next to each
 /// other (128 bytes apart), the lines of cores across it one after another.
-pub fn warpgroup_layouts(tile: [u32; 3], mn_contiguous: [bool; 2]) -> [SharedLayout; 2] {
+pub fn warpgroup_layouts(tile: [u32; 3], mn_contiguous: [bool; 2], elem: usize) -> [SharedLayout; 2] {
     let [tm, tn, tk] = tile.map(|t| t as usize);
-    let core = CORE * CORE;
+    let width = CORE_LINE_BYTES / elem;
+    let core = CORE * width;
+    let along = |lines| Some(Cores::of(lines, elem));
     let a = if mn_contiguous[0] {
-        SharedLayout { row: core, col: tm / CORE * core, len: tm * tk, cores: Some(CoreLines::AlongRows) }
+        SharedLayout { row: core, col: tm / width * core, len: tm * tk, cores: along(CoreLines::AlongRows) }
     } else {
-        SharedLayout { row: tk / CORE * core, col: core, len: tm * tk, cores: Some(CoreLines::AlongColumns) }
+        SharedLayout {
+            row: tk / width * core,
+            col: core,
+            len: tm * tk,
+            cores: along(CoreLines::AlongColumns),
+        }
     };
     let b = if mn_contiguous[1] {
-        SharedLayout { row: tn / CORE * core, col: core, len: tk * tn, cores: Some(CoreLines::AlongColumns) }
+        SharedLayout {
+            row: tn / width * core,
+            col: core,
+            len: tk * tn,
+            cores: along(CoreLines::AlongColumns),
+        }
     } else {
-        SharedLayout { row: core, col: tk / CORE * core, len: tk * tn, cores: Some(CoreLines::AlongRows) }
+        SharedLayout { row: core, col: tk / width * core, len: tk * tn, cores: along(CoreLines::AlongRows) }
     };
     [a, b]
 }
@@ -1250,7 +1313,7 @@ pub fn warpgroup_attention_layouts(d: usize, dv: usize, block_k: usize) -> Atten
         row: width * CORE,
         col: CORE * CORE,
         len: block_k * width,
-        cores: Some(CoreLines::AlongColumns),
+        cores: Some(Cores::of(CoreLines::AlongColumns, 2)),
     };
     AttentionLayouts {
         keys: rows(d),
@@ -1378,8 +1441,8 @@ mod tests {
 
     /// 16-bit products on sm_90a take warpgroup products where a tile divides them: the
     /// 4096³ product two warpgroups of 64 × 256 in 4 stages, one group of products in flight;
-    /// a product of 384 columns 128×128 tiles; one no tile divides, f32 operands, operands
-    /// that cannot be copied whole, and sm_90 (no `wgmma`) none.
+    /// a product of 384 columns 128×128 tiles; one no tile divides, operands that cannot be
+    /// copied whole, and sm_90 (no `wgmma`) none.
     #[test]
     fn warpgroup_products_take_the_tiles_that_divide_them() {
         let target = |arch| GpuCaps::cuda(super::super::NvvmTarget::by_arch(arch).unwrap());
@@ -1393,8 +1456,10 @@ mod tests {
             })
         };
         let f16 = MmaPrecision::F16;
+        // A k-contiguous, B n-contiguous: a product of row-major operands.
+        const ROWS: Option<[bool; 2]> = Some([false, true]);
         assert_eq!(
-            plan([4096; 3], f16, true, &sm90a),
+            plan([4096; 3], f16, ROWS, &sm90a),
             Some((
                 [128, 256, 64],
                 [8, 1],
@@ -1405,10 +1470,10 @@ mod tests {
                 196_608
             ))
         );
-        let bert = plan([8192, 384, 384], MmaPrecision::Bf16, true, &sm90a).unwrap();
+        let bert = plan([8192, 384, 384], MmaPrecision::Bf16, ROWS, &sm90a).unwrap();
         assert_eq!((bert.0, bert.3, bert.4), ([128, 128, 64], 4, MmaInstruction::Warpgroup { in_flight: 1 }));
         // Two k tiles: two stages, each step's products awaited.
-        let short = plan([4096, 4096, 128], f16, true, &sm90a).unwrap();
+        let short = plan([4096, 4096, 128], f16, ROWS, &sm90a).unwrap();
         assert_eq!(
             (short.0, short.3, short.4),
             ([128, 256, 64], 2, MmaInstruction::Warpgroup { in_flight: 0 })
@@ -1416,20 +1481,20 @@ mod tests {
         // Products in flight as the caps say, as far as the stages leave room (4 stages: 2).
         for (asked, left) in [(0, 0), (2, 2), (3, 2)] {
             let caps = GpuCaps { products_in_flight: Some(asked), ..sm90a.clone() };
-            let p = plan([4096; 3], f16, true, &caps).unwrap();
+            let p = plan([4096; 3], f16, ROWS, &caps).unwrap();
             assert_eq!(p.4, MmaInstruction::Warpgroup { in_flight: left });
         }
         let caps = GpuCaps { products_in_flight: Some(1), ..sm90a.clone() };
         assert_eq!(
-            plan([4096, 4096, 128], f16, true, &caps).unwrap().4,
+            plan([4096, 4096, 128], f16, ROWS, &caps).unwrap().4,
             MmaInstruction::Warpgroup { in_flight: 0 }
         );
-        assert_eq!(plan([4096, 4000, 4096], f16, true, &sm90a), None);
-        assert_eq!(plan([4096; 3], MmaPrecision::Tf32, true, &sm90a), None);
-        assert_eq!(plan([4096; 3], f16, false, &sm90a), None);
-        assert_eq!(plan([4096; 3], f16, true, &target("sm_90")), None);
+        assert_eq!(plan([4096, 4000, 4096], f16, ROWS, &sm90a), None);
+        assert_eq!(plan([4096; 3], MmaPrecision::Tf32, ROWS, &sm90a), None);
+        assert_eq!(plan([4096; 3], f16, None, &sm90a), None);
+        assert_eq!(plan([4096; 3], f16, ROWS, &target("sm_90")), None);
         let described =
-            GpuPlan::matmul_warpgroups(1, [4096; 3], f16, true, &sm90a).unwrap().unwrap().describe();
+            GpuPlan::matmul_warpgroups(1, [4096; 3], f16, ROWS, &sm90a).unwrap().unwrap().describe();
         assert!(described.contains("tile 128×256×64 in shared memory as core matrices (4 stages, async copies, 1 group of products in flight), 8×1 warps, wgmma m64n256k16 on f16 operands"), "{described}");
     }
 
@@ -1437,7 +1502,7 @@ mod tests {
     /// adjacent (128 bytes apart in 16-bit elements).
     #[test]
     fn warpgroup_layouts_keep_core_matrices_whole() {
-        let [a, b] = warpgroup_layouts([128, 256, 64], [false, true]);
+        let [a, b] = warpgroup_layouts([128, 256, 64], [false, true], 2);
         // A k-contiguous: (r, c) → core (r/8, c/8) at (r/8)·512 + (c/8)·64, line r%8.
         assert_eq!(
             (a.offset(0, 0), a.offset(0, 7), a.offset(1, 0), a.offset(0, 8), a.offset(8, 0)),
@@ -1446,10 +1511,55 @@ mod tests {
         assert_eq!(a.len, 128 * 64);
         // B n-contiguous: (k, n) → core (k/8, n/8) at (k/8)·2048 + (n/8)·64, line k%8.
         assert_eq!((b.offset(0, 1), b.offset(1, 0), b.offset(0, 8), b.offset(8, 0)), (1, 8, 64, 2048));
-        let [at, bt] = warpgroup_layouts([128, 256, 64], [true, false]);
+        let [at, bt] = warpgroup_layouts([128, 256, 64], [true, false], 2);
         // A m-contiguous: lines along m; B k-contiguous: lines along k.
         assert_eq!((at.offset(1, 0), at.offset(0, 1), at.offset(8, 0), at.offset(0, 8)), (1, 8, 64, 1024));
         assert_eq!((bt.offset(1, 0), bt.offset(0, 1), bt.offset(8, 0), bt.offset(0, 8)), (1, 8, 64, 512));
+        // f32 operands along k (TF32): cores of 8 lines of 4, 32 elements (128 bytes) each.
+        let [a4, b4] = warpgroup_layouts([128, 128, 32], [false, false], 4);
+        // A: (r, c) → core (r/8, c/4) at (r/8)·256 + (c/4)·32, line r%8 of 4.
+        assert_eq!(
+            (a4.offset(0, 3), a4.offset(1, 0), a4.offset(0, 4), a4.offset(8, 0), a4.offset(9, 5)),
+            (3, 4, 32, 256, 256 + 32 + 4 + 1)
+        );
+        // B: (k, n) → core (k/4, n/8) at (k/4)·32 + (n/8)·256, line n%8 of 4 along k.
+        assert_eq!((b4.offset(1, 0), b4.offset(0, 1), b4.offset(4, 0), b4.offset(0, 8)), (1, 4, 32, 256));
+    }
+
+    /// TF32 operands take warpgroup products only where both lie along k (as `x·Wᵀ` with
+    /// `W` stored `[out, in]`): tiles of the same bytes (k halved), `m64nNk8`. At TF32×3
+    /// each stage holds the low parts' tiles too: MiniLM's 8192 × 384 × 1536 product in
+    /// 128×128×32 tiles of 64 KiB a stage, 3 of them.
+    #[test]
+    fn tf32_warpgroup_products_take_operands_along_k() {
+        let sm90a = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90a").unwrap());
+        let plan = |mnk, precision, copies| {
+            GpuPlan::matmul_warpgroups(1, mnk, precision, copies, &sm90a).unwrap().map(|p| {
+                let Work::MatmulTensorCores { tile, shape, stages, .. } = p.work else {
+                    panic!("{:?}", p.work)
+                };
+                (tile, shape, stages, p.shared_bytes)
+            })
+        };
+        let along_k = Some([false, false]);
+        assert_eq!(
+            plan([4096; 3], MmaPrecision::Tf32, along_k),
+            Some(([128, 256, 32], [64, 256, 8], 4, 4 * 48 * 1024))
+        );
+        assert_eq!(
+            plan([8192, 384, 1536], MmaPrecision::Tf32x3, along_k),
+            Some(([128, 128, 32], [64, 128, 8], 3, 3 * 64 * 1024))
+        );
+        assert_eq!(plan([4096; 3], MmaPrecision::Tf32, Some([false, true])), None);
+        assert_eq!(plan([4096; 3], MmaPrecision::Tf32x3, Some([true, false])), None);
+        let described = GpuPlan::matmul_warpgroups(1, [4096; 3], MmaPrecision::Tf32x3, along_k, &sm90a)
+            .unwrap()
+            .unwrap()
+            .describe();
+        assert!(
+            described.contains("wgmma m64n256k8 on f32 operands split into two tf32 parts"),
+            "{described}"
+        );
     }
 
     #[test]

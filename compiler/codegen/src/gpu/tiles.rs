@@ -68,6 +68,9 @@ pub(crate) struct Pipeline<'p, 'v> {
     /// Whether the stages are read through the async proxy (warpgroup products): then each
     /// invocation fences its writes to them before the barrier that publishes them.
     async_proxy: bool,
+    /// Where copied TF32×3 operands are split once they landed: the high part in place, the
+    /// low part this many elements further into the stage (per array).
+    split: Option<[usize; 2]>,
 }
 
 /// Where each tile of a [`Pipeline`] starts: operand row and column.
@@ -102,7 +105,32 @@ impl<'p, 'v> Pipeline<'p, 'v> {
             }
         }
         let ahead = stages.saturating_sub(1);
-        Pipeline { tiles, mems, lens, stages, ahead, copies, pointers, parts, nvvm, lin, async_proxy: false }
+        Pipeline {
+            tiles,
+            mems,
+            lens,
+            stages,
+            ahead,
+            copies,
+            pointers,
+            parts,
+            nvvm,
+            lin,
+            async_proxy: false,
+            split: None,
+        }
+    }
+
+    /// The same pipeline, its copied operands split into a high and a low TF32 part once they
+    /// land, the low part `lo` elements after the high one (warpgroup products of TF32×3
+    /// operands, which read both parts from shared memory).
+    pub fn splitting_into(self, lo: Option<[usize; 2]>) -> Pipeline<'p, 'v> {
+        Pipeline { split: lo, ..self }
+    }
+
+    /// Whether every tile is copied (none goes through registers).
+    pub fn copies_whole(&self) -> bool {
+        self.tiles.iter().zip(self.copies).all(|(t, c)| t.is_none() || c.is_some())
     }
 
     /// The same pipeline with the products of `steps` steps still reading their stages when a
@@ -268,12 +296,24 @@ impl<'p, 'v> Pipeline<'p, 'v> {
     }
 
     /// Rounds in place what this invocation copied into the stages at `at`, where the
-    /// operands need it ([`Parts::copy_rounding`]).
+    /// operands need it ([`Parts::copy_rounding`]), or splits it ([`Pipeline::splitting_into`]).
     fn round(&self, b: &mut Body, at: [&str; 2]) {
-        let Some(rounding) = self.parts.and_then(Parts::copy_rounding) else { return };
-        for (((tile, copy), mem), at) in self.tiles.iter().zip(self.copies).zip(self.mems).zip(at) {
-            if let (Some(tile), Some(run)) = (tile, copy) {
-                tile.round_copied(b, self.lin, (mem, at), run, rounding);
+        let each = self.tiles.iter().zip(self.copies).zip(self.mems).zip(at);
+        match (self.split, self.parts) {
+            (Some(lo), Some(parts)) => {
+                for ((((tile, copy), mem), at), lo) in each.zip(lo) {
+                    if let (Some(tile), Some(run)) = (tile, copy) {
+                        tile.split_copied(b, self.lin, (mem, at), run, (parts.rounding, lo));
+                    }
+                }
+            }
+            (None, _) | (Some(_), None) => {
+                let Some(rounding) = self.parts.and_then(Parts::copy_rounding) else { return };
+                for (((tile, copy), mem), at) in each {
+                    if let (Some(tile), Some(run)) = (tile, copy) {
+                        tile.round_copied(b, self.lin, (mem, at), run, rounding);
+                    }
+                }
             }
         }
     }
@@ -436,7 +476,7 @@ impl<'a> OperandTile<'a> {
         // last one again: the same value lands in the same place.
         let l = if (t + 1) * self.inv > runs_total { clamp(b, &l, runs_total) } else { l };
         let pl = b.index(per_line);
-        let (line, within) = if self.layout.cores.is_some() && run == CORE {
+        let (line, within) = if self.layout.cores.is_some_and(|c| c.width == run) {
             // Into core matrices: 8 neighbouring invocations copy the 8 lines of one core
             // (128 contiguous bytes of shared memory, no bank conflicts), the next 8 the
             // core beside it along the line.
@@ -512,7 +552,7 @@ impl<'a> OperandTile<'a> {
             (self.cols, CoreLines::AlongRows)
         };
         let laid = match cores {
-            Some(c) => c == across && run == CORE && lines.is_multiple_of(CORE),
+            Some(c) => c.lines == across && run == c.width && lines.is_multiple_of(CORE),
             None => step == 1 && other.is_multiple_of(run),
         };
         let ok = self.exact
@@ -599,6 +639,35 @@ impl<'a> OperandTile<'a> {
             let values: Vec<String> =
                 mem.read(b, &at, run, "f32").iter().map(|x| rounding.apply(b, x)).collect();
             mem.write(b, &at, &values, "f32");
+        }
+    }
+
+    /// Splits in place the f32 elements this invocation copied into the stage at `stage`
+    /// (after its copies landed): `hi = tf32(x)` stays, `lo = tf32(x − hi)` goes `lo` elements
+    /// further (the difference is exact in f32).
+    pub fn split_copied(
+        &self,
+        b: &mut Body,
+        lin: &str,
+        (mem, stage): (&SharedArray, &str),
+        run: usize,
+        (rounding, lo): (Rounding, usize),
+    ) {
+        for t in 0..self.rows * self.cols / run / self.inv {
+            let (r, c) = self.run_start(b, lin, t, run);
+            let at = self.shared_at(b, stage, &r, &c);
+            let (his, los): (Vec<String>, Vec<String>) = mem
+                .read(b, &at, run, "f32")
+                .iter()
+                .map(|x| {
+                    let hi = rounding.apply(b, x);
+                    let rest = b.fsub(x, &hi, "f32");
+                    (hi, rounding.apply(b, &rest))
+                })
+                .unzip();
+            mem.write(b, &at, &his, "f32");
+            let at_lo = plus(b, &at, lo);
+            mem.write(b, &at_lo, &los, "f32");
         }
     }
 
@@ -715,15 +784,16 @@ impl<'a> OperandTile<'a> {
 pub(crate) fn layout_at(b: &mut Body, layout: &SharedLayout, r: &str, c: &str) -> String {
     let SharedLayout { row, col, cores, .. } = *layout;
     let (r, c) = (r.to_owned(), c.to_owned());
-    let Some(lines) = cores else {
+    let Some(cores) = cores else {
         return offset_at(b, 0, &[(Some(&r), row), (Some(&c), col)]);
     };
-    let c8 = b.index(CORE);
-    let [rb, ri, cb, ci] = [("divui", &r), ("remui", &r), ("divui", &c), ("remui", &c)]
-        .map(|(op, x)| b.assign(format!("arith.{op} {x}, {c8} : index")));
-    let (line, at_line) = match lines {
+    let (er, ec) = cores.extents();
+    let (er, ec) = (b.index(er), b.index(ec));
+    let [rb, ri, cb, ci] = [("divui", &r, &er), ("remui", &r, &er), ("divui", &c, &ec), ("remui", &c, &ec)]
+        .map(|(op, x, e)| b.assign(format!("arith.{op} {x}, {e} : index")));
+    let (line, at_line) = match cores.lines {
         CoreLines::AlongColumns => (ri, ci),
         CoreLines::AlongRows => (ci, ri),
     };
-    offset_at(b, 0, &[(Some(&rb), row), (Some(&cb), col), (Some(&line), CORE), (Some(&at_line), 1)])
+    offset_at(b, 0, &[(Some(&rb), row), (Some(&cb), col), (Some(&line), cores.width), (Some(&at_line), 1)])
 }

@@ -1,8 +1,9 @@
 //! Warpgroup products (`wgmma.mma_async`, NVIDIA `sm_90a`): four warps multiply a 64-row A
 //! tile by a B tile straight from shared memory into f32 accumulators, `m64nNk16` with f16
-//! or bf16 operands. The operands are named by matrix descriptors (PTX ISA, "Matrix
-//! Descriptor"): a 64-bit value holding the tile's shared address, and the distances between
-//! its 8 × 8 core matrices along k (the leading byte offset) and along m or n (the stride byte
+//! or bf16 operands, `m64nNk8` with TF32 ones (which the instruction reads only along k).
+//! The operands are named by matrix descriptors (PTX ISA, "Matrix Descriptor"): a 64-bit
+//! value holding the tile's shared address, and the distances between its core matrices (8
+//! lines of 16 bytes) along k (the leading byte offset) and along m or n (the stride byte
 //! offset), all in units of 16 bytes, with no swizzling; A may come from registers instead
 //! (attention's fragments). Here are the descriptors of the layouts `plan::warpgroup_layouts`
 //! and `plan::warpgroup_attention_layouts` give, the instructions as NVVM text, and, on
@@ -10,12 +11,9 @@
 //! descriptors' offsets and the accumulators' places can be checked on any Vulkan device.
 
 use super::mma::{mma_parts, unpack, Fragment, Lanes, Part, Parts, C_FRAGMENT, MMA_M, MMA_N};
-use super::plan::{CoreLines, MmaPrecision, SharedLayout, CORE};
+use super::plan::{CoreLines, MmaPrecision, SharedLayout, CORE, CORE_LINE_BYTES};
 use super::skeleton::{offset_at, plus, SharedArray};
 use crate::mlir_text::Body;
-
-/// The k of one warpgroup product.
-pub(crate) const WGMMA_K: usize = super::plan::WARPGROUP_K as usize;
 
 /// The rows of A one warpgroup's products cover.
 pub(crate) const WGMMA_M: usize = 64;
@@ -36,7 +34,7 @@ impl Descriptor {
         Descriptor {
             leading: layout.col * elem,
             stride: layout.row * elem,
-            mn_major: layout.cores == Some(CoreLines::AlongRows),
+            mn_major: layout.cores.is_some_and(|c| c.lines == CoreLines::AlongRows),
         }
     }
 
@@ -45,7 +43,7 @@ impl Descriptor {
         Descriptor {
             leading: layout.row * elem,
             stride: layout.col * elem,
-            mn_major: layout.cores == Some(CoreLines::AlongColumns),
+            mn_major: layout.cores.is_some_and(|c| c.lines == CoreLines::AlongColumns),
         }
     }
 
@@ -57,12 +55,19 @@ impl Descriptor {
     }
 
     /// The byte offset, from a product's start, of the element at `mn` along m (or n) and `k`
-    /// along k, as the instruction reads the tile: core `(mn / 8, k / 8)` at
-    /// `(mn / 8)·stride + (k / 8)·leading`, inside it 8 lines of 16 bytes.
+    /// along k, as the instruction reads the tile: k-major, core `(mn / 8, k / w)` at
+    /// `(mn / 8)·stride + (k / w)·leading` (`w` elements to a line of 16 bytes), inside it 8
+    /// lines along k; mn-major, the other way round.
     fn element(&self, b: &mut Body, mn: &str, k: &str, elem: usize) -> String {
-        let c8 = b.index(CORE);
-        let [mn_core, mn_in, k_core, k_in] = [("divui", mn), ("remui", mn), ("divui", k), ("remui", k)]
-            .map(|(op, x)| b.assign(format!("arith.{op} {x}, {c8} : index")));
+        let width = CORE_LINE_BYTES / elem;
+        let (per_mn, per_k) = if self.mn_major { (width, CORE) } else { (CORE, width) };
+        let [mn_core, mn_in, k_core, k_in] =
+            [("divui", mn, per_mn), ("remui", mn, per_mn), ("divui", k, per_k), ("remui", k, per_k)].map(
+                |(op, x, per)| {
+                    let per = b.index(per);
+                    b.assign(format!("arith.{op} {x}, {per} : index"))
+                },
+            );
         // Within a core, a line is 16 bytes: the line runs along k (k-major) or along m or n.
         let (line, along) = if self.mn_major { (k_in, mn_in) } else { (mn_in, k_in) };
         offset_at(
@@ -71,7 +76,7 @@ impl Descriptor {
             &[
                 (Some(&mn_core), self.stride),
                 (Some(&k_core), self.leading),
-                (Some(&line), CORE * elem),
+                (Some(&line), CORE_LINE_BYTES),
                 (Some(&along), elem),
             ],
         )
@@ -173,7 +178,7 @@ pub(crate) fn product(
     acc: &[String],
 ) -> Vec<String> {
     let operands = [(da.to_string(), "i64", "l"), (db.to_string(), "i64", "l")];
-    let transposed = format!("{}, {}", u8::from(a.mn_major), u8::from(bb.mn_major));
+    let transposed = format!(", {}, {}", u8::from(a.mn_major), u8::from(bb.mn_major));
     mma_async(b, precision, (&operands, 1), &transposed, acc)
 }
 
@@ -189,13 +194,14 @@ pub(crate) fn product_from_registers(
 ) -> Vec<String> {
     let mut operands: Vec<(String, &str, &str)> = a.iter().map(|r| (r.clone(), "i32", "r")).collect();
     operands.push((db.to_string(), "i64", "l"));
-    mma_async(b, precision, (&operands, a.len()), &u8::from(bd.mn_major).to_string(), acc)
+    mma_async(b, precision, (&operands, a.len()), &format!(", {}", u8::from(bd.mn_major)), acc)
 }
 
 /// `wgmma.mma_async` as inline assembly: D is `acc` (this invocation's f32 accumulators, tied
 /// to the outputs), then the `operands` (value, type, constraint): A (its registers, braced,
 /// or its descriptor: the first `a_count`) and B's descriptor; the scale-d predicate set (D
-/// accumulates), unit scales for A and B, and the `transposed` flags. Returns the
+/// accumulates), unit scales for A and B, and the `transposed` flags (16-bit operands only:
+/// TF32 ones are read along k, and the instruction takes no flags for them). Returns the
 /// accumulators after it.
 fn mma_async(
     b: &mut Body,
@@ -206,13 +212,15 @@ fn mma_async(
 ) -> Vec<String> {
     let (n, count) = (acc.len() * 2, acc.len());
     let ty = ptx_type(precision);
+    let k = precision.warpgroup_k();
+    let transposed = if precision.paired() { transposed } else { "" };
     let place = |i: usize| format!("${i}");
     let outs: Vec<String> = (0..count).map(place).collect();
     let a: Vec<String> = (count..count + a_count).map(place).collect();
     let a = if a_count > 1 { format!("{{{}}}", a.join(", ")) } else { a.join(", ") };
     let (ib, scale) = (count + a_count, count + operands.len());
     let asm = format!(
-        "{{\\0A.reg .pred p;\\0Asetp.ne.b32 p, ${scale}, 0;\\0Awgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{}}}, {a}, ${ib}, p, 1, 1, {transposed};\\0A}}",
+        "{{\\0A.reg .pred p;\\0Asetp.ne.b32 p, ${scale}, 0;\\0Awgmma.mma_async.sync.aligned.m64n{n}k{k}.f32.{ty}.{ty} {{{}}}, {a}, ${ib}, p, 1, 1{transposed};\\0A}}",
         outs.join(", ")
     );
     let mut inputs = operands.to_vec();
@@ -285,8 +293,13 @@ pub(crate) fn emulated(
         let at = b.assign(format!("arith.divui {bytes}, {eb} : index"));
         let at = b.assign(format!("arith.addi {start}, {at} : index"));
         let x = mem.read(b, &at, 1, ty).remove(0);
-        unpack(b, precision, &x)
+        // TF32 operands lie in the tiles as the f32 values the tensor cores read.
+        match precision {
+            MmaPrecision::Tf32 | MmaPrecision::Tf32x3 => x,
+            MmaPrecision::F16 | MmaPrecision::Bf16 => unpack(b, precision, &x),
+        }
     };
+    let wk = precision.warpgroup_k() as usize;
     // The invocation's two rows (of the 64) and its two columns per block of 8.
     let row_of = |b: &mut Body, dr: usize| l.at(b, rows, dr, &l.group, 1);
     let per = C_FRAGMENT.len();
@@ -296,7 +309,7 @@ pub(crate) fn emulated(
         .iter()
         .map(|&dr| {
             let r = row_of(b, dr);
-            (0..WGMMA_K)
+            (0..wk)
                 .map(|k| {
                     let k = b.index(k);
                     let bytes = a.element(b, &r, &k, elem);
@@ -309,7 +322,7 @@ pub(crate) fn emulated(
         for dc in 0..2 {
             let zero = b.index(0);
             let col = l.at(b, &zero, j * MMA_N + dc, &l.in_group, 2);
-            let col_values: Vec<String> = (0..WGMMA_K)
+            let col_values: Vec<String> = (0..wk)
                 .map(|k| {
                     let k = b.index(k);
                     let bytes = bd.element(b, &col, &k, elem);
@@ -322,7 +335,7 @@ pub(crate) fn emulated(
                 }
                 let rv = &row_values[dr / (MMA_M / 2)];
                 let x = &mut out[j * per + e];
-                for k in 0..WGMMA_K {
+                for k in 0..wk {
                     *x = b.fma(&rv[k], &col_values[k], x, "f32");
                 }
             }
@@ -342,14 +355,19 @@ mod tests {
     /// 16–29 and 32–45.
     #[test]
     fn descriptors_name_the_core_matrix_strides() {
-        let [la, lb] = warpgroup_layouts([128, 256, 64], [false, true]);
+        let [la, lb] = warpgroup_layouts([128, 256, 64], [false, true], 2);
         let (a, b) = (Descriptor::of_a(&la, 2), Descriptor::of_b(&lb, 2));
         assert_eq!(a, Descriptor { leading: 128, stride: 1024, mn_major: false });
         assert_eq!(b, Descriptor { leading: 4096, stride: 128, mn_major: true });
         assert_eq!(a.high_bits(), (8 << 16) | (64 << 32));
         assert_eq!(b.high_bits(), (256 << 16) | (8 << 32));
-        let [ta, tb] = warpgroup_layouts([128, 256, 64], [true, false]);
+        let [ta, tb] = warpgroup_layouts([128, 256, 64], [true, false], 2);
         assert_eq!(Descriptor::of_a(&ta, 2), Descriptor { leading: 2048, stride: 128, mn_major: true });
         assert_eq!(Descriptor::of_b(&tb, 2), Descriptor { leading: 128, stride: 1024, mn_major: false });
+        // TF32 operands along k, 128×128×32 tiles: cores of 8 lines of 4, 128 bytes apart along
+        // k and 1 KiB along m or n.
+        let [fa, fb] = warpgroup_layouts([128, 128, 32], [false, false], 4);
+        let along_k = Descriptor { leading: 128, stride: 1024, mn_major: false };
+        assert_eq!((Descriptor::of_a(&fa, 4), Descriptor::of_b(&fb, 4)), (along_k, along_k));
     }
 }
