@@ -1562,9 +1562,24 @@ fn check_pack_tf32_tolerance_holds_with_emulated_tensor_cores() {
     // rounding, not the tiling, decides whether a tolerance holds.
     let caps = vulkan_emulating_tensor_cores().with_tensor_cores(MmaPrecision::Tf32);
     let mut checked = Vec::new();
+    let mut seen: Vec<(String, Vec<String>)> = Vec::new();
+    let scratch = tempfile::tempdir().unwrap();
     for (name, spec, set) in pack_entries("CONFORMANCE_TF32") {
+        // A twin of a model already checked, compiled for another target (`_wgmma_`: sm_90a),
+        // rounds its operands the same way.
+        if seen.contains(&(spec.clone(), set.clone())) {
+            continue;
+        }
+        seen.push((spec.clone(), set.clone()));
+        let mut path = Path::new(env!("CARGO_MANIFEST_DIR")).join(&spec);
+        // An `_f32` name is its spec with the 16-bit tensors renamed f32, as the pack makes it.
+        if name.ends_with("_f32") {
+            let text = std::fs::read_to_string(&path).unwrap().replace("f16", "f32");
+            path = scratch.path().join(format!("{name}.ron"));
+            std::fs::write(&path, text).unwrap();
+        }
         let set: Vec<&str> = set.iter().map(String::as_str).collect();
-        let g = optimized(&spec_graph(&Path::new(env!("CARGO_MANIFEST_DIR")).join(&spec), &set));
+        let g = optimized(&spec_graph(&path, &set));
         let params = kiln_ir::bind_params(&g, None, 0, false).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let built = build_vulkan_with(&g, &params, &caps, dir.path());
@@ -1579,7 +1594,10 @@ fn check_pack_tf32_tolerance_holds_with_emulated_tensor_cores() {
         check_artifact_at(dir.path(), &g, &params, &[], 1e-2, &format!("the pack's TF32 {name}"));
         checked.push(name);
     }
-    assert_eq!(checked, ["mlp", "bert_encoder", "gpt2", "matmul_shapes", "large_tiles"]);
+    assert_eq!(
+        checked,
+        ["mlp", "bert_encoder", "gpt2", "matmul_shapes", "large_tiles", "operands_wgmma_f32"]
+    );
 }
 
 /// Tensor-core attention in key tiles of 64 (`--attention-key-tile 64`), on the Vulkan device

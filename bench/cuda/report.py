@@ -64,6 +64,8 @@ def main():
         ("matmul 4096³ a·bᵀ TF32×3", "matmul_nt_tf32x3", "torch.matmul, TF32 off (cuBLAS f32)", "matmul_f32_ms", ""),
         ("matmul 4096³ a·bᵀ TF32, warpgroup products (sm_90a)", "matmul_nt_wgmma_tf32", "torch.matmul, TF32 on", "matmul_tf32_ms", ""),
         ("matmul 4096³ a·bᵀ TF32×3, warpgroup products (sm_90a)", "matmul_nt_wgmma_tf32x3", "torch.matmul, TF32 off (cuBLAS f32)", "matmul_f32_ms", ""),
+        ("matmul 4096³ a·bᵀ TF32×3, warpgroup products in 128×128 tiles", "matmul_nt_wgmma_t128_tf32x3", "torch.matmul, TF32 off (cuBLAS f32)", "matmul_f32_ms", ""),
+        ("MiniLM-L6 b64×128 TF32×3, warpgroup products in 128×128 tiles", "minilm_b64_wgmma_t128_tf32x3", "BertModel torch.compile (f32)", "bert_b64_compile_ms", ""),
         ("matmul 4096³ f16", "matmul_f16", "torch.matmul f16 (cuBLAS)", "matmul_f16_ms", "≥ 0.8×"),
         ("matmul 4096³ bf16", "matmul_bf16", "torch.matmul bf16 (cuBLAS)", "matmul_bf16_ms", "≥ 0.8×"),
         ("matmul 4096³ f16, warpgroup products (sm_90a)", "matmul_wgmma_f16", "torch.matmul f16 (cuBLAS)", "matmul_f16_ms", ""),
