@@ -65,7 +65,7 @@ CONFORMANCE_TF32=(
     "large_tiles|tests/gpu_check/large_tiles.ron|"
     # The encoder and the operand pairings on sm_90a: TF32 warpgroup products, rounded in place
     # (k = 32, as matmul_shapes: TF32's rounding alone reaches the tolerance at k = 64).
-    "bert_encoder_wgmma|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set hidden=128 --set heads=4 --set ffn=512"
+    "bert_wgmma_encoder|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set hidden=128 --set heads=4 --set ffn=512"
     "operands_wgmma_f32|tests/gpu_check/wgmma_operands.ron|--set k=32"
 )
 CONFORMANCE_TF32X3=(
@@ -73,7 +73,7 @@ CONFORMANCE_TF32X3=(
     "bert_encoder|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set hidden=128 --set heads=4 --set ffn=512"
     # The same encoder compiled for sm_90a (a `_wgmma_` name): its linear layers (`x·Wᵀ`, both
     # operands along k) as TF32 warpgroup products of tiles split in place, three per k step.
-    "bert_encoder_wgmma|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set hidden=128 --set heads=4 --set ffn=512"
+    "bert_wgmma_encoder|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set hidden=128 --set heads=4 --set ffn=512"
     # Every operand pairing in f32 (an `_f32` name: the f16 spec's tensors renamed), compiled
     # for sm_90a: the pairing along k as warpgroup products, the others on mma.sync.
     "operands_wgmma_f32|tests/gpu_check/wgmma_operands.ron|"
