@@ -102,10 +102,12 @@ fn store_transposed(g: &mut Graph, n: NodeId, value: &Tensor) -> Result<Tensor, 
     let mut ty = read.clone();
     ty.shape.swap(r - 2, r - 1);
     let stored = eval_op(&Op::Transpose { perm: perm.clone() }, &[value], &ty)?;
-    let readers: Vec<(NodeId, u32)> =
-        g.raw().edges_directed(n, petgraph::Direction::Outgoing).map(|e| (e.target(), *e.weight())).collect();
-    let edges: Vec<_> = g.raw().edges_directed(n, petgraph::Direction::Outgoing).map(|e| e.id()).collect();
-    for e in edges {
+    let readers: Vec<_> = g
+        .raw()
+        .edges_directed(n, petgraph::Direction::Outgoing)
+        .map(|e| (e.id(), e.target(), *e.weight()))
+        .collect();
+    for &(e, _, _) in &readers {
         g.raw_mut().remove_edge(e);
     }
     if let Op::Param { shape, .. } = &mut g.node_mut(n).op {
@@ -115,7 +117,7 @@ fn store_transposed(g: &mut Graph, n: NodeId, value: &Tensor) -> Result<Tensor, 
     // The view reads as the parameter read before: its type is the one the readers checked.
     let view = g.raw_mut().add_node(Node { op: Op::Transpose { perm }, ty: read, name: None, origin: None });
     g.raw_mut().add_edge(n, view, 0);
-    for (reader, operand) in readers {
+    for (_, reader, operand) in readers {
         g.raw_mut().add_edge(view, reader, operand);
     }
     Ok(stored)

@@ -61,7 +61,6 @@ pub fn emit(
     let mn_contiguous = [!runs(a, r - 1), runs(bv, r - 1)];
     let core_copies = (runs(a, r - 1) || runs(a, r - 2)) && (runs(bv, r - 1) || runs(bv, r - 2));
     let copies = (core_copies && cx.run.is_none()).then_some(mn_contiguous);
-
     let warpgroups = match allowed {
         Some((precision, _)) => GpuPlan::matmul_warpgroups(batch, [m, n, k], precision, copies, cx.caps)?,
         None => None,
