@@ -77,6 +77,9 @@ CONFORMANCE_TF32X3=(
     # Every operand pairing in f32 (an `_f32` name: the f16 spec's tensors renamed), compiled
     # for sm_90a: the pairing along k as warpgroup products, the others on mma.sync.
     "operands_wgmma_f32|tests/gpu_check/wgmma_operands.ron|"
+    # Attention compiled for sm_90a: warpgroup products of split operands (the keys' rows
+    # interleaved, the value tile transposed), two warpgroups, heads of 64, 4 tiles of 64 keys.
+    "attention_wgmma_seq256|bench/cuda/attention.ron|--set batch=1 --set heads=2 --set seq=256"
     "gpt2|models/gpt2.ron|--set vocab=1000 --set layers=1 --set d=128 --set heads=4 --set ctx=128"
     # Tensor-core plans take 64×64 tiles here, as at the default m (the large tiles need
     # outputs too big for the pack; the emulated Vulkan test runs them).
@@ -122,8 +125,8 @@ TRAIN=(
 # a `_per_query` one with --attention-per-query (f32 attention one query per invocation, beside
 # the register tiles), a `_square` one with --matmul-tile 128x128 (f32 products in square tiles
 # only, beside the plan's 128×96 ones); a `_wgmma_` one is compiled for sm_90a (16-bit
-# products and attention, and TF32 products of operands along k, as warpgroup products,
-# beside sm_90's mma.sync), a `_t256_` or
+# products and attention, TF32 products of operands along k and TF32 attention, as warpgroup
+# products, beside sm_90's mma.sync), a `_t256_` or
 # `_t128_` one with --matmul-tile 128x256 or 128x128, an `_awaited_` one with
 # --products-in-flight 0 (each step's warpgroup products awaited before the next step's).
 BENCH=(
@@ -163,6 +166,8 @@ BENCH=(
     "matmul_nt_wgmma_tf32x3|bench/cuda/matmul_nt.ron|"
     "matmul_nt_wgmma_t128_tf32x3|bench/cuda/matmul_nt.ron|"
     "minilm_b64_wgmma_t128_tf32x3|models/bert_encoder.ron|--set batch=64"
+    "attention_wgmma_tf32|bench/cuda/attention.ron|"
+    "attention_wgmma_tf32x3|bench/cuda/attention.ron|"
 )
 
 # `--precision tf32` (or `tf32x3`) for a name ending in _tf32 (or _tf32x3), `--no-async-copies`

@@ -92,7 +92,8 @@ enum Command {
         /// `aarch64` (cross-compiled), `vulkan` (SPIR-V for any Vulkan 1.1 GPU), `cuda` or
         /// `cuda:ARCH` (PTX for NVIDIA `sm_80`, `sm_86`, `sm_89` or `sm_90`; `cuda` is `sm_80`,
         /// which every newer GPU runs; `sm_90a` runs on H100/H200 only, with 16-bit products
-        /// and attention, and TF32 products of operands along k, as warpgroup products; a
+        /// and attention, TF32 products of operands along k and TF32 attention, as warpgroup
+        /// products; a
         /// cubin too when `ptxas` is found).
         #[arg(long, default_value = "host")]
         target: String,

@@ -1424,6 +1424,78 @@ fn warpgroup_attention_holds_on_vulkan_with_emulated_wgmma() {
     }
 }
 
+/// TF32 attention as warpgroup products (`sm_90a`'s plan at `--precision tf32` or `tf32x3`),
+/// emulated on the Vulkan device as above. The keys' rows lie interleaved in their tile so
+/// that the weights stay in registers as the value products' A fragments, and the value tile
+/// lies transposed (TF32 operands are read only along k), each value copied on its own; at
+/// TF32×3 each stage holds the tiles' low parts too and every product is three. Key tiles
+/// whole (copied) and past the keys' end (through registers, split as they are stored), in 2
+/// stages and in 3 (a step's value products in flight); a mask and a causal attention. TF32
+/// keeps its stated 1e-2, TF32×3 f32's 1e-4.
+#[test]
+fn tf32_warpgroup_attention_holds_on_vulkan_with_emulated_wgmma() {
+    if !available(Device::Vulkan, "TF32 warpgroup attention") {
+        return;
+    }
+    let base = kiln_codegen::gpu::GpuCaps { registers: 255, ..vulkan_emulating_warpgroups() };
+    let spec = |name: &str, sq: usize, sk: usize| {
+        op_case(
+            name,
+            &format!(
+                r#"{{ "q": (f32, [1, 2, {sq}, 16]), "k": (f32, [1, 2, {sk}, 16]), "v": (f32, [1, 2, {sk}, 32]), "m": (f32, [1, 1, {sq}, {sk}]) }}"#
+            ),
+            r#"Let("a", Attention(q: "q", k: "k", v: "v", mask: "m", scale: 0.3)),
+               Let("c", Attention(q: "k", k: "k", v: "v", causal: true, scale: 0.3)),"#,
+        )
+    };
+    let x3 = kiln_codegen::gpu::MmaPrecision::Tf32x3;
+    let tile = |t| kiln_codegen::gpu::GpuCaps { attention_key_tile: Some(t), ..base.clone() };
+    // (graph, caps, tolerance, each attention's warps, key tile, stages and value products
+    // left in flight): two stages of 64 keys (of 32 at TF32×3) fill the 32 KiB of a portable
+    // device beside the emulation's scratch; imposed tiles of 32 (16 at TF32×3) leave room
+    // for three.
+    let runs = [
+        (spec("wgmma_tf32_attention", 130, 192), base.clone().with_tf32(), 1e-2, [(8, 64, 2, 0); 2]),
+        (
+            spec("wgmma_tf32x3_attention", 130, 192),
+            base.clone().with_tensor_cores(x3),
+            1e-4,
+            [(8, 32, 2, 0); 2],
+        ),
+        (
+            spec("wgmma_tf32_attention_edge", 40, 150),
+            tile(32).with_tf32(),
+            1e-2,
+            [(4, 32, 3, 1), (8, 32, 3, 1)],
+        ),
+        (
+            spec("wgmma_tf32x3_attention_edge", 40, 150),
+            tile(16).with_tensor_cores(x3),
+            1e-4,
+            [(4, 16, 3, 1), (8, 16, 3, 1)],
+        ),
+    ];
+    for (g, caps, tolerance, expected) in runs {
+        plans_hold_on_vulkan(&g, &caps, tolerance, |plans| {
+            let found: Vec<(u32, u32, u32, u32)> = plans
+                .iter()
+                .filter_map(|p| match p.work {
+                    kiln_codegen::gpu::Work::AttentionTensorCores {
+                        warps,
+                        block_k,
+                        stages,
+                        shape: [64, _, 8],
+                        instruction: kiln_codegen::gpu::MmaInstruction::Warpgroup { in_flight },
+                        ..
+                    } => Some((warps, block_k, stages, in_flight)),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(found, expected, "{}: {:#?}", g.name, described(plans));
+        });
+    }
+}
+
 /// The f32 product's asynchronous copies (CUDA's plan for operands that lie in memory as in
 /// their shared tiles), checked on the Vulkan device with the copies emulated as plain reads
 /// and writes through the same ring of 3 stages over k = 160: B copied and A through
@@ -2459,8 +2531,8 @@ fn cli_compiles_and_inspects_for_cuda() {
         ),
         "{said}"
     );
-    // TF32×3 on sm_90a: the encoder's linear layers (both operands along k) as warpgroup
-    // products of split tiles, explained.
+    // TF32×3 on sm_90a: the encoder's linear layers (both operands along k) and its attention
+    // as warpgroup products of split tiles, explained.
     let enc = dir.path().join("bert_encoder.kiln");
     let said = kiln_says(&[
         "compile",
@@ -2475,6 +2547,14 @@ fn cli_compiles_and_inspects_for_cuda() {
     ]);
     assert!(said.contains("products as warpgroup products (wgmma m64nNk8, operands read from shared memory) where both operands lie contiguous along k (x·Wᵀ)"), "{said}");
     assert!(said.contains("in shared memory as core matrices (4 stages, async copies, 1 group of products in flight), 4×1 warps, wgmma m64n64k8 on f32 operands split into two tf32 parts (3 products each)"), "{said}");
+    // Its attention (heads of 32) too, from registers, one tile of 128 keys.
+    assert!(
+        said.contains(
+            "attention as warpgroup products too (wgmma m64nNk8, queries and weights from registers)"
+        ),
+        "{said}"
+    );
+    assert!(said.contains("key tiles of 128 in shared memory as core matrices (3 stages, async copies, 1 group of products in flight), wgmma m64n128k8 on f32 operands split into two tf32 parts (3 products each)"), "{said}");
     // 16-bit tensors take tensor cores at their own precision with no flag; the manifest and
     // the compile line say so, f32 products beside them staying f32.
     let half = dir.path().join("half_block_bf16.kiln");

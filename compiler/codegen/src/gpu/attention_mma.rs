@@ -25,7 +25,7 @@
 //! describe it.
 
 use super::attention::{keys_to_visit, Operands};
-use super::mma::{eight, joined, mma_parts, words, Fragment, Lanes, Parts, C_FRAGMENT, MMA_M, MMA_N};
+use super::mma::{eight, joined, mma_parts, words, Fragment, Lanes, Part, Parts, C_FRAGMENT, MMA_M, MMA_N};
 use super::plan::{attention_layouts, warpgroup_attention_layouts, MmaInstruction, MmaPrecision};
 use super::skeleton::{clamp, offset_at, plus, shared, shared_type, Combine, LaneGroups, SharedArray};
 use super::tiles::{shared_pointer, OperandTile, Pipeline};
@@ -71,18 +71,24 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let ops = Parts::new(precision, cx.caps.flavor(), exact);
     let entering = Some(&ops);
     let lay = match warpgroups {
-        true => warpgroup_attention_layouts(d, dv, bk),
+        true => warpgroup_attention_layouts(d, dv, bk, precision),
         false => attention_layouts(d, dv, bk, warps, precision),
     };
     let inv = 32 * warps;
+    // TF32 warpgroup products: the keys' rows interleaved, so that the scores lie where the
+    // value products' A fragments want them ([`weight_of`]); at TF32×3 each stage holds the
+    // tiles' low parts after them.
+    let interleaved = warpgroups && !precision.paired();
+    let split = (warpgroups && precision == MmaPrecision::Tf32x3).then_some([lay.keys.len, lay.values.len]);
+    let lens = [lay.keys.len, lay.values.len].map(|len| len * if split.is_some() { 2 } else { 1 });
 
     // Keys and values as the products take them; TF32 weights as f32 values (16-bit ones
     // stay in registers).
     let elem = ops.shared_elem();
-    let sh_k = shared(b, stages * lay.keys.len, elem);
-    let sk_ty = shared_type(b, stages * lay.keys.len, elem);
-    let sh_v = shared(b, stages * lay.values.len, elem);
-    let sv_ty = shared_type(b, stages * lay.values.len, elem);
+    let sh_k = shared(b, stages * lens[0], elem);
+    let sk_ty = shared_type(b, stages * lens[0], elem);
+    let sh_v = shared(b, stages * lens[1], elem);
+    let sv_ty = shared_type(b, stages * lens[1], elem);
     let weights_shared = (lay.weights.len > 0).then(|| {
         let name = shared(b, lay.weights.len, ty);
         (name, shared_type(b, lay.weights.len, ty))
@@ -136,6 +142,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let run_keys = o.run_lengths.then(|| o.sk_run.clone());
     let tile_k = OperandTile::new(b, k, "%a1", o.k_base.clone(), (bk, d), (sk, d), lay.keys, inv, vectors)
         .with_run_rows(run_keys.clone());
+    let tile_k = if interleaved { tile_k.with_rows_interleaved() } else { tile_k };
     let tile_v = match (o.v, &o.v_base) {
         (Some(v), Some(vb)) if dv > 0 => Some(
             OperandTile::new(b, v, "%a2", vb.clone(), (bk, dv), (sk, dv), lay.values, inv, vectors)
@@ -159,11 +166,11 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     } else {
         b.index((sk.div_ceil(bk).max(1) - 1) * bk)
     };
-    let lens = [lay.keys.len, lay.values.len];
     let tiles = [Some(&tile_k), tile_v.as_ref()];
     let pipe = Pipeline::new(b, tiles, [&mem_k, &mem_v], lens, stages, Some(&ops), async_copies, &lin)
         .read_by_async_proxy(warpgroups)
-        .with_products_in_flight(in_flight);
+        .with_products_in_flight(in_flight)
+        .splitting_into(split);
     // On NVVM, where 16-bit fragments are read with `ldmatrix`: the key and value tiles'
     // pointers.
     let matrix_ptrs = (nvvm && precision.paired() && !warpgroups)
@@ -179,8 +186,9 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
             let [pk, pv] = [shared_pointer(b, &mem_k), shared_pointer(b, &mem_v)];
             [wgmma::shared_address(b, &pk), wgmma::shared_address(b, &pv)]
         });
-        let q_words = q_frags.iter().map(|f| nvvm.then(|| words(b, precision, f))).collect();
-        Warpgroup { descriptors, addresses, q_words }
+        let q_words = q_frags.iter().map(|f| nvvm.then(|| part_words(b, precision, f))).collect();
+        let lows = [lay.keys.len, lay.values.len];
+        Warpgroup { descriptors, addresses, q_words, lows }
     });
     let origins = |k0: &str| [(k0.to_string(), c0.clone()), (k0.to_string(), c0.clone())];
     let kend = keys_to_visit(b, o, &bx, MMA_M * warps);
@@ -303,15 +311,21 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         }
     }
 
-    // Scale, mask, hide; the tile's max per row, over the quad.
+    // Scale, mask, hide; the tile's max per row, over the quad. Accumulator column `c` of
+    // each 8 holds key `c` of them, or with the keys interleaved key `c / 2 + 4·(c mod 2)`
+    // (this lane's columns `2·in_group` and `2·in_group + 1`: keys `in_group` and
+    // `in_group + 4`).
     let sc = b.float(o.scale, ty);
-    let j_lane = b.assign(format!("arith.addi %fk, {two_t} : index"));
+    let (j_lane, key_step) = match interleaved {
+        true => (b.assign(format!("arith.addi %fk, {} : index", l.in_group)), 4),
+        false => (b.assign(format!("arith.addi %fk, {two_t} : index")), 1),
+    };
     let mut tmax = [neg_inf.clone(), neg_inf.clone()];
     for (nb, c) in scores.iter_mut().enumerate() {
         for (e, s) in c.iter_mut().enumerate() {
             let (dr, dc) = C_FRAGMENT[e];
             let half = dr / 8;
-            let j = plus(b, &j_lane, nb * MMA_N + dc);
+            let j = plus(b, &j_lane, nb * MMA_N + dc * key_step);
             let mut score = b.fmul(s, &sc, ty);
             if let (Some(mv), Some(mb), Some(ma)) = (o.mask, &o.m_base, &o.mask_arg) {
                 let jc = clamp(b, &j, sk);
@@ -376,8 +390,9 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     if dv > 0 {
         // The weights as the value products' A operand, one fragment per k keys.
         let w_frags: Vec<Fragment> = match &weights_shared {
-            // 16-bit products: the scores' accumulators lie where the A fragments want them,
-            // so the weights stay in registers ([`weight_of`]).
+            // 16-bit products, and TF32 ones with the keys interleaved: the scores'
+            // accumulators lie where the A fragments want them, so the weights stay in
+            // registers ([`weight_of`]).
             None => (0..bk / frag.k)
                 .map(|kk| {
                     let parts = frag
@@ -425,8 +440,8 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         };
         if let Some(g) = &group {
             // The warpgroup's weights times the whole value tile, 16 keys at a time.
-            let w_words: Vec<Option<Vec<String>>> =
-                w_frags.iter().map(|f| nvvm.then(|| words(b, precision, f))).collect();
+            let w_words: Vec<Option<Vec<Vec<String>>>> =
+                w_frags.iter().map(|f| nvvm.then(|| part_words(b, precision, f))).collect();
             let products = w_frags
                 .iter()
                 .zip(&w_words)
@@ -528,42 +543,64 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     }
 }
 
+/// One warpgroup product of a step: its A fragment, on NVVM its registers per part
+/// ([`part_words`]), and the element offset of its B operand in the stage.
+type Product<'f> = (&'f Fragment, Option<&'f Vec<Vec<String>>>, usize);
+
 /// What the warpgroup products of a kernel need: how the key and the value tile lie for them,
-/// and on NVVM the tiles' shared addresses and the query fragments as `i32` registers.
+/// where their low parts' tiles lie (TF32×3: this many elements after each), and on NVVM the
+/// tiles' shared addresses and the query fragments as `i32` registers, per part.
 struct Warpgroup {
     descriptors: [Descriptor; 2],
     addresses: Option<[String; 2]>,
-    q_words: Vec<Option<Vec<String>>>,
+    q_words: Vec<Option<Vec<Vec<String>>>>,
+    lows: [usize; 2],
 }
 
 impl Warpgroup {
-    /// `acc += A·B` over `products`, each an A fragment (with its registers on NVVM) and the
-    /// element offset of its B operand in tile `which` (0: keys, 1: values) from the stage at
-    /// `stage` of `mem`: on NVVM `wgmma` from registers, fenced before and committed after as
-    /// one group ([`Warpgroup::awaited`] waits for it); else emulated. Returns the
-    /// accumulators after them.
+    /// `acc += A·B` over `products`, each an A fragment (with its registers per part on NVVM)
+    /// and the element offset of its B operand in tile `which` (0: keys, 1: values) from the
+    /// stage at `stage` of `mem`: on NVVM `wgmma` from registers, fenced before and committed
+    /// after as one group ([`Warpgroup::awaited`] waits for it); else emulated. TF32×3
+    /// operands multiply as three products, the low parts with the high ones first, so the
+    /// small terms are not lost to the large. Returns the accumulators after them.
     fn products(
         &self,
         b: &mut Body,
         l: &Lanes,
         ops: &Parts,
         (mem, stage, which): (&SharedArray, &str, usize),
-        products: &[(&Fragment, Option<&Vec<String>>, usize)],
+        products: &[Product],
         mut acc: Vec<String>,
     ) -> Vec<String> {
         let d = &self.descriptors[which];
+        // (A's part, B's part) of each product: 0 the high (or only) one, 1 the low one.
+        let (pairs, single): (&[(usize, usize)], Parts) = match ops.precision {
+            MmaPrecision::Tf32x3 => {
+                (&[(1, 0), (0, 1), (0, 0)], Parts { precision: MmaPrecision::Tf32, ..*ops })
+            }
+            MmaPrecision::Tf32 | MmaPrecision::F16 | MmaPrecision::Bf16 => (&[(0, 0)], *ops),
+        };
         if self.addresses.is_some() {
             wgmma::fence(b);
         }
         for &(af, registers, offset) in products {
-            let at = plus(b, stage, offset);
-            acc = match (&self.addresses, registers) {
-                (Some(addresses), Some(a)) => {
-                    let desc = wgmma::descriptor(b, &addresses[which], &at, ops.precision.shared_bytes(), d);
-                    wgmma::product_from_registers(b, ops.precision, a, (&desc, d), &acc)
-                }
-                _ => wgmma::emulated_from_registers(b, l, ops, af, (mem, &at, d), &acc),
-            };
+            for &(pa, pb) in pairs {
+                let at = plus(b, stage, offset + pb * self.lows[which]);
+                acc = match (&self.addresses, registers) {
+                    (Some(addresses), Some(a)) => {
+                        let desc =
+                            wgmma::descriptor(b, &addresses[which], &at, ops.precision.shared_bytes(), d);
+                        wgmma::product_from_registers(b, ops.precision, &a[pa], (&desc, d), &acc)
+                    }
+                    _ => match part_of(af, pa) {
+                        Some(part) => {
+                            wgmma::emulated_from_registers(b, l, &single, &part, (mem, &at, d), &acc)
+                        }
+                        None => wgmma::emulated_from_registers(b, l, &single, af, (mem, &at, d), &acc),
+                    },
+                };
+            }
         }
         if self.addresses.is_some() {
             wgmma::group(b);
@@ -581,24 +618,52 @@ impl Warpgroup {
     }
 }
 
-/// Which score accumulator holds the weight that entry `(dr, dc)` of a 16-bit A fragment
-/// wants in k block `kk` (keys `k·kk …`): the 8-key block `nb` and its accumulator `e`. A lane's
-/// A elements lie at `(group + dr, 2·in_group + dc)` and its accumulators at `(group + r,
-/// 2·in_group + c)` of each 8-key block, so key column `dc` of the k block is column `dc mod 8`
-/// of block `k·kk / 8 + dc / 8`.
+/// A fragment's registers as the instructions take them ([`words`]), per part: the high (or
+/// only) part's, then at TF32×3 the low part's.
+fn part_words(b: &mut Body, precision: MmaPrecision, f: &Fragment) -> Vec<Vec<String>> {
+    let mut parts = vec![words(b, precision, f)];
+    if let Some(Fragment::Elements(lo)) = part_of(f, 1) {
+        parts.push(lo.into_iter().map(|p| p.hi).collect());
+    }
+    parts
+}
+
+/// Part `part` (0: high, 1: low) of a fragment whose elements are split, as a fragment of its
+/// own; `None` for one that is not.
+fn part_of(f: &Fragment, part: usize) -> Option<Fragment> {
+    let Fragment::Elements(e) = f else { return None };
+    let values = e.iter().map(|x| match part {
+        0 => x.lo.as_ref().map(|_| x.hi.clone()),
+        _ => x.lo.clone(),
+    });
+    let values = values.collect::<Option<Vec<String>>>()?;
+    Some(Fragment::Elements(values.into_iter().map(|hi| Part { hi, lo: None }).collect()))
+}
+
+/// Which score accumulator holds the weight that entry `(dr, dc)` of an A fragment wants in k
+/// block `kk` (keys `k·kk …`): the 8-key block `nb` and its accumulator `e`. A lane's
+/// accumulators lie at `(group + r, 2·in_group + c)` of each 8-key block. A 16-bit A element
+/// lies at `(group + dr, 2·in_group + dc)`, so key column `dc` of the k block is column
+/// `dc mod 8` of block `k·kk / 8 + dc / 8`. A TF32 one lies at `(group + dr, in_group + dc)`:
+/// with the keys interleaved (key `i` of each 8 at column `2i`, key `4 + i` at `2i + 1`), key
+/// `in_group + dc` is the lane's column `dc / 4` of block `kk`.
 fn weight_of(kk: usize, (dr, dc): (usize, usize), k: usize) -> (usize, usize) {
     let nb = kk * k / MMA_N + dc / MMA_N;
+    let column = match k {
+        8 => dc / 4,
+        _ => dc % MMA_N,
+    };
     let e = C_FRAGMENT
         .iter()
-        .position(|&c| c == (dr, dc % MMA_N))
-        .expect("every 16-bit A fragment element is a score accumulator (see the test)");
+        .position(|&c| c == (dr, column))
+        .expect("every A fragment element is a score accumulator (see the test)");
     (nb, e)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpu::mma::HALF_FRAGMENTS;
+    use crate::gpu::mma::{HALF_FRAGMENTS, TF32_FRAGMENTS};
 
     /// The scores' accumulators hold every weight the 16-bit value products read, each once
     /// per k block: the register path needs no shared memory.
@@ -612,6 +677,29 @@ mod tests {
                 assert!(seen.insert((nb, e)), "{entry:?}");
             }
             assert_eq!(seen.len(), 8);
+        }
+    }
+
+    /// With the keys interleaved, each TF32 A element of k block `kk` is the accumulator of
+    /// its key: entry `(dr, dc)` of lane `in_group` wants key `in_group + dc` of row `group +
+    /// dr`, and the accumulator it gets holds the key at column `2·in_group + c`, which the
+    /// interleaving fills with key `in_group` (c = 0) or `in_group + 4` (c = 1).
+    #[test]
+    fn tf32_weights_are_score_accumulators_with_the_keys_interleaved() {
+        let interleaved = |column: usize| column / 2 + 4 * (column % 2);
+        for kk in 0..3 {
+            for in_group in 0..4 {
+                let mut seen = std::collections::HashSet::new();
+                for &(dr, dc) in TF32_FRAGMENTS.a {
+                    let (nb, e) = weight_of(kk, (dr, dc), TF32_FRAGMENTS.k);
+                    assert_eq!(nb, kk);
+                    let (row, c) = C_FRAGMENT[e];
+                    assert_eq!(row, dr);
+                    assert_eq!(interleaved(2 * in_group + c), in_group + dc);
+                    assert!(seen.insert(e));
+                }
+                assert_eq!(seen.len(), 4);
+            }
         }
     }
 }

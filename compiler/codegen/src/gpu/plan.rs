@@ -857,14 +857,16 @@ impl GpuPlan {
     }
 
     /// Flash attention as warpgroup products ([`MmaInstruction::Warpgroup`]), where the target
-    /// has them, the operands are 16-bit, the head sizes are multiples of the products' k (16)
-    /// up to [`ATTENTION_MMA_MAX_HEAD`], and the key and value tiles can be copied whole into
-    /// core matrices (`copyable`: k and v contiguous along their rows in 16-byte runs, sizes
-    /// known when the kernel is compiled; the caller knows). Two warpgroups of 64 queries per
-    /// workgroup (one for 64 queries or fewer). Of key tiles of 128 and 64 (or the one the caps
-    /// impose) the longest whose scores, weights, outputs and query fragments take at most
-    /// three quarters of the registers, in as many stages (3, else 2) as the shared memory
-    /// holds; `None` where none fits (the `mma.sync` plan then takes it).
+    /// has them, the head sizes are multiples of the products' k (16, 8 for TF32) up to
+    /// [`ATTENTION_MMA_MAX_HEAD`], and the key and value tiles can be copied whole into core
+    /// matrices (`copyable`: k and v contiguous along their rows in 16-byte runs, sizes known
+    /// when the kernel is compiled; the caller knows). Two warpgroups of 64 queries per
+    /// workgroup (one for 64 queries or fewer). Of key tiles of 128 and 64 (and 32 for TF32,
+    /// whose weights and query fragments take twice the registers, and at TF32×3 both their
+    /// parts) or the one the caps impose, the longest whose scores, weights, outputs and query
+    /// fragments take at most three quarters of the registers, in as many stages (3, else 2)
+    /// as the shared memory holds (at TF32×3 each stage holds the tiles' low parts too);
+    /// `None` where none fits (the `mma.sync` plan then takes it).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_warpgroups(
         batch: usize,
@@ -876,10 +878,9 @@ impl GpuPlan {
         copyable: bool,
         caps: &GpuCaps,
     ) -> Result<Option<GpuPlan>, CodegenError> {
-        let k = WARPGROUP_K as usize;
+        let k = precision.warpgroup_k() as usize;
         if !caps.warpgroup_mma
             || !caps.async_copies
-            || !precision.paired()
             || !copyable
             || mma_shape(precision, caps).is_none()
             || d == 0
@@ -895,26 +896,36 @@ impl GpuPlan {
         if invocations > caps.max_workgroup_invocations {
             return Ok(None);
         }
-        let options = match caps.attention_key_tile {
-            Some(t) => vec![t],
-            None => vec![128, 64],
+        let options = match (caps.attention_key_tile, precision.paired()) {
+            (Some(t), _) => vec![t],
+            (None, true) => vec![128, 64],
+            (None, false) => vec![128, 64, 32],
         };
         for block_k in options {
-            // A score product's n is at most 256; its tile is the value products' k.
+            // A score product's n is at most 256; its tile is the value products' k, in cores
+            // of 8 keys.
             let bk = block_k as usize;
-            if bk == 0 || !bk.is_multiple_of(k) || bk > 256 {
+            if bk == 0 || !bk.is_multiple_of(k.max(CORE)) || bk > 256 {
                 continue;
             }
-            // Per invocation: the tile's scores, its weights as 16-bit pairs, the output
-            // accumulators and the query fragments' pairs.
-            let live = bk / 2 + bk / 4 + dv / 2 + d / 4;
+            // Per invocation (of 128 for 64 rows): the tile's scores and its weights, the
+            // output accumulators and the query fragments. Operands take a register per two
+            // 16-bit values, per TF32 value one or (TF32×3) two parts, and stay until their
+            // products are done; TF32 weights take their scores' places one by one, 16-bit
+            // pairs are counted beside the scores.
+            let operand = |n: usize| n / 2 * precision.parts() / (1 + usize::from(precision.paired()));
+            let weighed = match precision.paired() {
+                true => bk / 2 + operand(bk),
+                false => operand(bk).max(bk / 2),
+            };
+            let live = weighed + dv / 2 + operand(d);
             if live > caps.registers as usize * 3 / 4 {
                 continue;
             }
-            let layout = warpgroup_attention_layouts(d, dv, bk);
-            let stage = (layout.keys.len + layout.values.len) * precision.shared_bytes();
-            // Each warp's share of the products is emulated as `m16n8k16` products.
-            let scratch = attention_emulation_scratch(warps, [16, 8, WARPGROUP_K], caps);
+            let layout = warpgroup_attention_layouts(d, dv, bk, precision);
+            let stage = (layout.keys.len + layout.values.len) * precision.parts() * precision.shared_bytes();
+            // Each warp's share of the products is emulated as `mma.sync` products.
+            let scratch = attention_emulation_scratch(warps, [16, 8, k as u32], caps);
             let room = caps.max_dynamic_shared_bytes.max(caps.max_shared_bytes) as usize;
             let Some(stages) = [3usize, 2].into_iter().find(|s| s * stage + scratch <= room) else {
                 continue;
@@ -929,7 +940,7 @@ impl GpuPlan {
                     dv,
                     warps,
                     block_k,
-                    shape: [64, block_k, WARPGROUP_K],
+                    shape: [64, block_k, k as u32],
                     precision,
                     stages: stages as u32,
                     async_copies: true,
@@ -1302,24 +1313,38 @@ pub fn attention_layouts(
     }
 }
 
-/// The shared layouts of attention as warpgroup products with key tiles of `block_k`: key and
-/// value tiles as core matrices whose lines run along their rows (what 16-byte copies of k
-/// and v rows fill), the cores of 8 rows side by side, one block of 8 rows after another;
-/// no weights (they stay in registers). The score products read the key tile transposed (its
-/// rows are their B operand's columns, k-major); the value products read the value tile as it
-/// is (n-major).
-pub fn warpgroup_attention_layouts(d: usize, dv: usize, block_k: usize) -> AttentionLayouts {
+/// The shared layouts of attention as warpgroup products with key tiles of `block_k` and
+/// operands of `precision`: the key tile as core matrices whose lines run along its rows
+/// (what 16-byte copies of k rows fill), the cores of 8 rows side by side, one block of 8 rows
+/// after another; the score products read it transposed (its rows are their B operand's
+/// columns, k-major). The value tile of 16-bit operands the same way (the value products read
+/// it n-major); of TF32 ones, which the instruction reads only along k, with lines along its
+/// columns instead (4 keys each: each value is copied on its own), the cores of 4 keys one
+/// after another, one block of 8 columns after another. No weights (they stay in registers).
+pub fn warpgroup_attention_layouts(
+    d: usize,
+    dv: usize,
+    block_k: usize,
+    precision: MmaPrecision,
+) -> AttentionLayouts {
+    let elem = precision.shared_bytes();
+    let core = CORE * CORE_LINE_BYTES / elem;
     let rows = |width: usize| SharedLayout {
         row: width * CORE,
-        col: CORE * CORE,
+        col: core,
         len: block_k * width,
-        cores: Some(Cores::of(CoreLines::AlongColumns, 2)),
+        cores: Some(Cores::of(CoreLines::AlongColumns, elem)),
     };
-    AttentionLayouts {
-        keys: rows(d),
-        values: rows(dv),
-        weights: SharedLayout { row: 0, col: 0, len: 0, cores: None },
-    }
+    let values = match precision.paired() {
+        true => rows(dv),
+        false => SharedLayout {
+            row: core,
+            col: block_k * CORE,
+            len: block_k * dv,
+            cores: Some(Cores::of(CoreLines::AlongRows, elem)),
+        },
+    };
+    AttentionLayouts { keys: rows(d), values, weights: SharedLayout { row: 0, col: 0, len: 0, cores: None } }
 }
 
 /// Groups of warpgroup products a pipeline of `stages` leaves in flight across a step: what
@@ -1789,7 +1814,7 @@ mod tests {
     /// 128 in 3 stages of dynamic shared memory at heads of 64, of 64 at heads of 128 (the
     /// registers); one warpgroup for 64 queries or fewer; the key tile the caps impose; with 3
     /// stages a step's value products stay in flight into the next step. Not on
-    /// sm_90, nor for TF32, heads that are not multiples of 16, or tiles that cannot be copied
+    /// sm_90, nor for heads that are not multiples of 16, or tiles that cannot be copied
     /// whole.
     #[test]
     fn sixteen_bit_attention_takes_warpgroups_where_they_fit() {
@@ -1823,10 +1848,43 @@ mod tests {
         }
         assert_eq!(at(plan(2048, 24, &sm90a)), None);
         assert_eq!(at(plan(2048, 64, &target("sm_90"))), None);
-        let tf32 = GpuPlan::attention_warpgroups(48, 2048, 2048, 64, 64, MmaPrecision::Tf32, true, &sm90a);
-        assert_eq!(at(tf32.unwrap()), None);
         let strided = GpuPlan::attention_warpgroups(48, 2048, 2048, 64, 64, MmaPrecision::F16, false, &sm90a);
         assert_eq!(at(strided.unwrap()), None);
+    }
+
+    /// TF32 attention on `sm_90a` takes warpgroup products too, with key tiles as the
+    /// registers allow: at heads of 64, 128 keys at TF32 (the weights take the scores'
+    /// registers), 64 at TF32×3 (both parts of the weights and of the queries' fragments stay
+    /// in registers), each in 3 stages of 64 KiB (at TF32×3 half of each stage holds the low
+    /// parts); at heads of 128, 64 keys at TF32 and none at TF32×3 (it stays on `mma.sync`).
+    /// Heads that are multiples of 8 qualify, others not.
+    #[test]
+    fn tf32_attention_takes_warpgroups_where_the_registers_allow() {
+        let sm90a = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90a").unwrap());
+        let plan = |d, dv, precision| {
+            GpuPlan::attention_warpgroups(48, 2048, 2048, d, dv, precision, true, &sm90a).unwrap().map(|p| {
+                match p.work {
+                    Work::AttentionTensorCores {
+                        warps,
+                        block_k,
+                        stages,
+                        shape,
+                        instruction: MmaInstruction::Warpgroup { in_flight },
+                        ..
+                    } => (warps, block_k, stages, shape, in_flight, p.dynamic_shared_bytes()),
+                    other => panic!("{other:?}"),
+                }
+            })
+        };
+        let (tf32, x3) = (MmaPrecision::Tf32, MmaPrecision::Tf32x3);
+        assert_eq!(plan(64, 64, tf32), Some((8, 128, 3, [64, 128, 8], 1, 3 * 65536)));
+        assert_eq!(plan(64, 64, x3), Some((8, 64, 3, [64, 64, 8], 1, 3 * 65536)));
+        assert_eq!(plan(128, 128, tf32), Some((8, 64, 3, [64, 64, 8], 1, 3 * 65536)));
+        assert_eq!(plan(128, 128, x3), None);
+        assert_eq!(plan(40, 40, tf32).map(|p| p.1), Some(128));
+        assert_eq!(plan(36, 36, tf32), None);
+        let sm90 = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90").unwrap());
+        assert_eq!(GpuPlan::attention_warpgroups(48, 2048, 2048, 64, 64, tf32, true, &sm90).unwrap(), None);
     }
 
     #[test]

@@ -286,11 +286,13 @@ impl<'p, 'v> Pipeline<'p, 'v> {
         fetched
     }
 
-    /// Stores what [`Pipeline::fetch`] read into the stages at `at`.
+    /// Stores what [`Pipeline::fetch`] read into the stages at `at` (split as the copies are,
+    /// [`Pipeline::splitting_into`]).
     fn deposit(&self, b: &mut Body, fetched: &[Option<Fetched>; 2], at: [&str; 2], ty: &str) {
-        for (((tile, f), mem), at) in self.tiles.iter().zip(fetched).zip(self.mems).zip(at) {
+        let split = self.split.map_or([None, None], |lo| lo.map(Some));
+        for ((((tile, f), mem), at), lo) in self.tiles.iter().zip(fetched).zip(self.mems).zip(at).zip(split) {
             if let (Some(tile), Some(f)) = (tile, f) {
-                tile.deposit(b, f, mem, at, self.parts, ty);
+                tile.deposit_split(b, f, (mem, at), self.parts, lo, ty);
             }
         }
     }
@@ -406,6 +408,9 @@ pub(crate) struct OperandTile<'a> {
     /// The operand's row count at run time (an `index` value), when it is set by the run:
     /// rows from it to `extent.0` read as zero.
     run_rows: Option<String>,
+    /// Whether the rows of each block of 8 lie interleaved in shared memory
+    /// ([`OperandTile::with_rows_interleaved`]).
+    interleaved: bool,
 }
 
 /// The values one invocation read: per run, its tile row and column and the values.
@@ -455,6 +460,7 @@ impl<'a> OperandTile<'a> {
             exact,
             inv,
             run_rows: None,
+            interleaved: false,
         }
     }
 
@@ -465,6 +471,31 @@ impl<'a> OperandTile<'a> {
             Some(r) => OperandTile { exact: false, run: 1, run_rows: Some(r), ..self },
             None => self,
         }
+    }
+
+    /// The same tile with the rows of each block of 8 stored interleaved: row `i < 4` of the
+    /// block at place `2i`, row `4 + i` at place `2i + 1`. Where a TF32 product reads the tile
+    /// as B with its rows as columns (attention's keys), a lane's two accumulators of each 8
+    /// columns then hold rows `i` and `4 + i`: where the A fragment of a TF32 product wants
+    /// them, so the products' results can feed the next products from registers.
+    pub fn with_rows_interleaved(self) -> OperandTile<'a> {
+        OperandTile { interleaved: true, ..self }
+    }
+
+    /// The place in shared memory of tile row `r` (an `index` value).
+    fn shared_row(&self, b: &mut Body, r: &str) -> String {
+        if !self.interleaved {
+            return r.to_string();
+        }
+        let [c8, c4, c2] = [8, 4, 2].map(|c| b.index(c));
+        let block = b.assign(format!("arith.divui {r}, {c8} : index"));
+        let block = b.assign(format!("arith.muli {block}, {c8} : index"));
+        let i = b.assign(format!("arith.remui {r}, {c8} : index"));
+        let low = b.assign(format!("arith.remui {i}, {c4} : index"));
+        let high = b.assign(format!("arith.divui {i}, {c4} : index"));
+        let place = b.assign(format!("arith.muli {low}, {c2} : index"));
+        let place = b.assign(format!("arith.addi {place}, {high} : index"));
+        b.assign(format!("arith.addi {block}, {place} : index"))
     }
 
     /// The tile row and column where this invocation's `t`-th run of `run` elements starts.
@@ -518,7 +549,8 @@ impl<'a> OperandTile<'a> {
 
     /// The offset in shared memory of tile element `(r, c)` in the stage at `stage`.
     fn shared_at(&self, b: &mut Body, stage: &str, r: &str, c: &str) -> String {
-        let at = layout_at(b, &self.layout, r, c);
+        let r = self.shared_row(b, r);
+        let at = layout_at(b, &self.layout, &r, c);
         b.assign(format!("arith.addi {stage}, {at} : index"))
     }
 
@@ -536,10 +568,19 @@ impl<'a> OperandTile<'a> {
     /// Elements per asynchronous copy of this tile (16 bytes of them), where it may be copied
     /// so, as raw bytes: a whole tile (no edges, no rows set by the run) of an argument bound
     /// whole, shared elements of the operand's own size, runs along an axis contiguous both
-    /// in memory and in the shared layout, and every run 16-byte aligned at both ends.
+    /// in memory and in the shared layout, and every run 16-byte aligned at both ends. Into
+    /// core matrices whose lines run across the axis contiguous in memory, f32 elements are
+    /// copied one at a time (4 bytes each; neighbouring invocations still read neighbouring
+    /// addresses).
     pub fn async_run(&self, b: &Body, shared_elem_bytes: usize) -> Option<usize> {
         let size = self.view.dtype.size_bytes();
-        let run = ASYNC_COPY_BYTES / size;
+        let across_lines = self.layout.cores.is_some_and(|c| {
+            c.lines != if self.along_cols { CoreLines::AlongColumns } else { CoreLines::AlongRows }
+        });
+        let run = match across_lines && size == 4 {
+            true => 1,
+            false => ASYNC_COPY_BYTES / size,
+        };
         let rk = self.view.rank();
         let axis = if self.along_cols { rk - 1 } else { rk - 2 };
         let along = if self.along_cols { self.cols } else { self.rows };
@@ -552,7 +593,7 @@ impl<'a> OperandTile<'a> {
             (self.cols, CoreLines::AlongRows)
         };
         let laid = match cores {
-            Some(c) => c.lines == across && run == c.width && lines.is_multiple_of(CORE),
+            Some(c) => (c.lines == across && run == c.width && lines.is_multiple_of(CORE)) || run == 1,
             None => step == 1 && other.is_multiple_of(run),
         };
         let ok = self.exact
@@ -602,8 +643,11 @@ impl<'a> OperandTile<'a> {
                         "llvm.getelementptr {}[{dst}] : (!llvm.ptr<3>, i32) -> !llvm.ptr<3>, {se}",
                         p.shared
                     ));
+                    // 16 bytes bypass L1 (`cg`); fewer may only go through it (`ca`).
+                    let bytes = run * self.view.dtype.size_bytes();
+                    let cache = if bytes == ASYNC_COPY_BYTES { "cg" } else { "ca" };
                     b.line(format!(
-                        "nvvm.cp.async.shared.global {to}, {from}, {ASYNC_COPY_BYTES}, cache = cg : !llvm.ptr<3>, !llvm.ptr<1>"
+                        "nvvm.cp.async.shared.global {to}, {from}, {bytes}, cache = {cache} : !llvm.ptr<3>, !llvm.ptr<1>"
                     ));
                 }
                 None => {
@@ -737,6 +781,21 @@ impl<'a> OperandTile<'a> {
         operands: Option<&Parts>,
         ty: &str,
     ) {
+        self.deposit_split(b, f, (mem, stage), operands, None, ty);
+    }
+
+    /// [`OperandTile::deposit`], TF32×3 operands split as [`OperandTile::split_copied`] splits
+    /// copied ones where `lo` (into core matrices only, where warpgroup products read both
+    /// parts from shared memory).
+    pub fn deposit_split(
+        &self,
+        b: &mut Body,
+        f: &Fetched,
+        (mem, stage): (&SharedArray, &str),
+        operands: Option<&Parts>,
+        lo: Option<usize>,
+        ty: &str,
+    ) {
         let SharedLayout { row, col, cores, .. } = self.layout;
         let ty = match operands {
             Some(ops) => ops.shared_elem(),
@@ -746,13 +805,21 @@ impl<'a> OperandTile<'a> {
             // Into core matrices, element by element.
             for (r, c, values) in &f.runs {
                 for (e, x) in values.iter().enumerate() {
-                    let x = match operands {
-                        Some(ops) => ops.entering(b, x),
-                        None => x.clone(),
-                    };
                     let (re, ce) =
                         if self.along_cols { (r.clone(), plus(b, c, e)) } else { (plus(b, r, e), c.clone()) };
                     let at = self.shared_at(b, stage, &re, &ce);
+                    let x = match (operands, lo) {
+                        (Some(ops), Some(lo)) => {
+                            let hi = ops.rounding.apply(b, x);
+                            let rest = b.fsub(x, &hi, "f32");
+                            let low = ops.rounding.apply(b, &rest);
+                            let at_lo = plus(b, &at, lo);
+                            mem.write(b, &at_lo, std::slice::from_ref(&low), ty);
+                            hi
+                        }
+                        (Some(ops), None) => ops.entering(b, x),
+                        (None, _) => x.clone(),
+                    };
                     mem.write(b, &at, std::slice::from_ref(&x), ty);
                 }
             }
@@ -763,7 +830,8 @@ impl<'a> OperandTile<'a> {
                 Some(ops) => values.iter().map(|x| ops.entering(b, x)).collect(),
                 None => values.clone(),
             };
-            let at = offset_at(b, 0, &[(Some(r), row), (Some(c), col)]);
+            let r = self.shared_row(b, r);
+            let at = offset_at(b, 0, &[(Some(&r), row), (Some(c), col)]);
             let at = b.assign(format!("arith.addi {stage}, {at} : index"));
             // A run is adjacent in shared memory too when its axis has stride 1 there.
             let adjacent = if self.along_cols { col == 1 } else { row == 1 };
