@@ -984,10 +984,26 @@ fn plans_hold_on_vulkan(
     tolerance: f64,
     check: impl FnOnce(&[kiln_codegen::gpu::GpuPlan]),
 ) {
-    let params = kiln_ir::bind_params(g, None, 5, false).unwrap();
+    plans_hold_on_vulkan_prepared(g, caps, tolerance, |_, _| {}, check);
+}
+
+/// [`plans_hold_on_vulkan`] with the graph and its parameters changed by `prepare` between the
+/// interpreter's reference and the build, as `kiln compile` prepares a model for its target
+/// (folded weights stored as the target's products read them).
+fn plans_hold_on_vulkan_prepared(
+    g: &Graph,
+    caps: &kiln_codegen::gpu::GpuCaps,
+    tolerance: f64,
+    prepare: impl FnOnce(&mut Graph, &mut HashMap<String, Tensor>),
+    check: impl FnOnce(&[kiln_codegen::gpu::GpuPlan]),
+) {
+    let mut params = kiln_ir::bind_params(g, None, 5, false).unwrap();
     let inputs = kiln_ir::seeded_inputs(g, 5);
     let want =
         kiln_ir::eval(g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
+    let mut g = g.clone();
+    prepare(&mut g, &mut params);
+    let g = &g;
     let dir = tempfile::tempdir().unwrap();
     let built = build_vulkan_with(g, &params, caps, dir.path());
     let plans: Vec<kiln_codegen::gpu::GpuPlan> =
@@ -1296,7 +1312,8 @@ fn warpgroup_products_hold_on_vulkan_with_emulated_wgmma() {
 /// plans rendered for SPIR-V, products emulated from the descriptors. At `tf32` the copied
 /// tiles are rounded in place; at `tf32x3` they are split in place into a high tile and a low
 /// one beside it, and three products read them, so the results keep f32's 1e-4 (the high
-/// parts alone miss it). A product whose B lies along n stays on `mma.sync`.
+/// parts alone miss it). A product whose B lies along n stays on `mma.sync`. An encoder
+/// layer prepared as for such a target runs every product and its attention so.
 #[test]
 fn tf32_warpgroup_products_hold_on_vulkan_with_emulated_wgmma() {
     if !available(Device::Vulkan, "TF32 warpgroup products") {
@@ -1333,45 +1350,37 @@ fn tf32_warpgroup_products_hold_on_vulkan_with_emulated_wgmma() {
     // An encoder layer as `kiln compile` prepares it for such a target: optimized to fold its
     // weights, which are then stored along k (`ProductWeights::AlongK`: the q, k and v
     // weights concatenated and transposed, the others as they are), so that all four of its
-    // products are warpgroup products; at TF32×3 the whole layer keeps f32's 1e-4.
+    // products are warpgroup products, and so is its attention (with the registers of an
+    // NVIDIA GPU); at TF32×3 the whole layer keeps f32's 1e-4.
     let mut opts = kiln_opt::Options::default();
     opts.target.folds_weights = true;
     let set = ["layers=1", "seq=64", "hidden=128", "heads=4", "ffn=512", "vocab=1000", "max_positions=64"];
     let enc = kiln_opt::optimize(&shipped("bert_encoder.ron", &set), &opts).unwrap().0;
-    let caps = vulkan_emulating_warpgroups().with_tensor_cores(x3);
-    assert_eq!(caps.product_weights(), kiln_ir::ProductWeights::AlongK);
-    let mut params = kiln_ir::bind_params(&enc, None, 5, false).unwrap();
-    let inputs = kiln_ir::seeded_inputs(&enc, 5);
-    let want =
-        kiln_ir::eval(&enc, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
-    let mut folded = enc.clone();
-    kiln_ir::fold_weights(&mut folded, &mut params, caps.product_weights()).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let built = build_vulkan_with(&folded, &params, &caps, dir.path());
-    let plans: Vec<kiln_codegen::gpu::GpuPlan> =
-        built.program.kernels.iter().map(|k| k.plan.clone()).collect();
-    let warpgroups = plans
-        .iter()
-        .filter(|p| {
-            matches!(
-                p.work,
-                kiln_codegen::gpu::Work::MatmulTensorCores {
-                    instruction: kiln_codegen::gpu::MmaInstruction::Warpgroup { .. },
-                    ..
-                }
-            )
-        })
-        .count();
-    assert_eq!(warpgroups, 4, "{:#?}", described(&plans));
-    let got = run_artifact(dir.path(), &inputs, "encoder");
-    for ((out, w), gv) in want.iter().zip(&got) {
-        for (i, (a, b)) in w.to_f64_vec().iter().zip(gv).enumerate() {
-            assert!(
-                (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
-                "encoder `{out}`[{i}]: interpreter {a}, Vulkan {b}"
-            );
-        }
-    }
+    let caps =
+        kiln_codegen::gpu::GpuCaps { registers: 255, ..vulkan_emulating_warpgroups().with_tensor_cores(x3) };
+    let weights = caps.product_weights();
+    assert_eq!(weights, kiln_ir::ProductWeights::AlongK);
+    let fold = |g: &mut Graph, params: &mut HashMap<String, Tensor>| {
+        kiln_ir::fold_weights(g, params, weights).unwrap();
+    };
+    plans_hold_on_vulkan_prepared(&enc, &caps, 1e-4, fold, |plans| {
+        let warpgroups = plans
+            .iter()
+            .filter(|p| {
+                matches!(
+                    p.work,
+                    kiln_codegen::gpu::Work::MatmulTensorCores {
+                        instruction: kiln_codegen::gpu::MmaInstruction::Warpgroup { .. },
+                        ..
+                    } | kiln_codegen::gpu::Work::AttentionTensorCores {
+                        instruction: kiln_codegen::gpu::MmaInstruction::Warpgroup { .. },
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(warpgroups, 5, "{:#?}", described(plans));
+    });
 }
 
 /// Attention as warpgroup products (`sm_90a`'s plan for 16-bit attention): the same plans
@@ -2252,13 +2261,31 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
                     })
                     .count();
                 assert!(wgmma > 0 && wgmma % 3 == 0, "bert_encoder: {wgmma} TF32 warpgroup products");
+                // Its attention over whole key tiles: products of fragments in registers, the
+                // value tile copied an element at a time (transposed).
+                assert!(
+                    modules.iter().any(|m| m
+                        .ptx
+                        .lines()
+                        .any(|l| l.starts_with("wgmma.mma_async.sync.aligned.m64n")
+                            && l.contains("k8.f32.tf32.tf32 ")
+                            && l.contains("}, {%r"))
+                        && m.ptx.lines().any(|l| l.trim_start().starts_with("cp.async.ca.shared.global")
+                            && l.ends_with(", 4;"))),
+                    "bert_encoder: no TF32 warpgroup attention"
+                );
             }
-            // Attention on tensor cores: products, and the quads' butterfly shuffles.
+            // Attention on tensor cores: products, and the quads' butterfly shuffles (on
+            // sm_90a warpgroup products of fragments in registers).
             if tf32 && g.name == "attention" {
-                assert!(modules
-                    .iter()
-                    .any(|m| m.ptx.contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32")
-                        && m.ptx.contains("shfl.sync.bfly")));
+                let products = match arch {
+                    "sm_90a" => "k8.f32.tf32.tf32 {",
+                    _ => "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+                };
+                assert!(
+                    modules.iter().any(|m| m.ptx.contains(products) && m.ptx.contains("shfl.sync.bfly")),
+                    "attention for {arch_label}: no {products}"
+                );
             }
             for dtype in ["f16", "bf16"] {
                 let heads = g.name == format!("attention_heads_{dtype}");
