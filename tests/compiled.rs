@@ -1351,13 +1351,17 @@ fn tf32_warpgroup_products_hold_on_vulkan_with_emulated_wgmma() {
     // weights, which are then stored along k (`ProductWeights::AlongK`: the q, k and v
     // weights concatenated and transposed, the others as they are), so that all four of its
     // products are warpgroup products, and so is its attention (with the registers of an
-    // NVIDIA GPU); at TF32×3 the whole layer keeps f32's 1e-4.
+    // NVIDIA GPU, in key tiles of 16 so that 3 stages of them fit the portable device's 32
+    // KiB); at TF32×3 the whole layer keeps f32's 1e-4.
     let mut opts = kiln_opt::Options::default();
     opts.target.folds_weights = true;
     let set = ["layers=1", "seq=64", "hidden=128", "heads=4", "ffn=512", "vocab=1000", "max_positions=64"];
     let enc = kiln_opt::optimize(&shipped("bert_encoder.ron", &set), &opts).unwrap().0;
-    let caps =
-        kiln_codegen::gpu::GpuCaps { registers: 255, ..vulkan_emulating_warpgroups().with_tensor_cores(x3) };
+    let caps = kiln_codegen::gpu::GpuCaps {
+        registers: 255,
+        attention_key_tile: Some(16),
+        ..vulkan_emulating_warpgroups().with_tensor_cores(x3)
+    };
     let weights = caps.product_weights();
     assert_eq!(weights, kiln_ir::ProductWeights::AlongK);
     let fold = |g: &mut Graph, params: &mut HashMap<String, Tensor>| {
@@ -2574,14 +2578,14 @@ fn cli_compiles_and_inspects_for_cuda() {
     ]);
     assert!(said.contains("products as warpgroup products (wgmma m64nNk8, operands read from shared memory) where both operands lie contiguous along k (x·Wᵀ)"), "{said}");
     assert!(said.contains("in shared memory as core matrices (4 stages, async copies, 1 group of products in flight), 4×1 warps, wgmma m64n64k8 on f32 operands split into two tf32 parts (3 products each)"), "{said}");
-    // Its attention (heads of 32) too, from registers, one tile of 128 keys.
+    // Its attention (heads of 32) too, from registers, in two tiles of 64 keys.
     assert!(
         said.contains(
             "attention as warpgroup products too (wgmma m64nNk8, queries and weights from registers)"
         ),
         "{said}"
     );
-    assert!(said.contains("key tiles of 128 in shared memory as core matrices (3 stages, async copies, 1 group of products in flight), wgmma m64n128k8 on f32 operands split into two tf32 parts (3 products each)"), "{said}");
+    assert!(said.contains("key tiles of 64 in shared memory as core matrices (3 stages, async copies, 1 group of products in flight), wgmma m64n64k8 on f32 operands split into two tf32 parts (3 products each)"), "{said}");
     // 16-bit tensors take tensor cores at their own precision with no flag; the manifest and
     // the compile line say so, f32 products beside them staying f32.
     let half = dir.path().join("half_block_bf16.kiln");

@@ -908,17 +908,13 @@ impl GpuPlan {
             if bk == 0 || !bk.is_multiple_of(k.max(CORE)) || bk > 256 {
                 continue;
             }
-            // Per invocation (of 128 for 64 rows): the tile's scores and its weights, the
-            // output accumulators and the query fragments. Operands take a register per two
-            // 16-bit values, per TF32 value one or (TF32×3) two parts, and stay until their
-            // products are done; TF32 weights take their scores' places one by one, 16-bit
-            // pairs are counted beside the scores.
+            // Per invocation (of 128 for 64 rows): the tile's scores and the weights beside
+            // them (a step's value products, in flight into the next step, read theirs while
+            // that step's scores form), the output accumulators and the query fragments.
+            // Operands take a register per two 16-bit values, per TF32 value one or (TF32×3)
+            // two parts, and stay until their products are done.
             let operand = |n: usize| n / 2 * precision.parts() / (1 + usize::from(precision.paired()));
-            let weighed = match precision.paired() {
-                true => bk / 2 + operand(bk),
-                false => operand(bk).max(bk / 2),
-            };
-            let live = weighed + dv / 2 + operand(d);
+            let live = bk / 2 + operand(bk) + dv / 2 + operand(d);
             if live > caps.registers as usize * 3 / 4 {
                 continue;
             }
@@ -1853,11 +1849,11 @@ mod tests {
     }
 
     /// TF32 attention on `sm_90a` takes warpgroup products too, with key tiles as the
-    /// registers allow: at heads of 64, 128 keys at TF32 (the weights take the scores'
-    /// registers), 64 at TF32×3 (both parts of the weights and of the queries' fragments stay
-    /// in registers), each in 3 stages of 64 KiB (at TF32×3 half of each stage holds the low
-    /// parts); at heads of 128, 64 keys at TF32 and none at TF32×3 (it stays on `mma.sync`).
-    /// Heads that are multiples of 8 qualify, others not.
+    /// registers allow: at heads of 64, 64 keys at TF32 and 32 at TF32×3 (both parts of the
+    /// weights and of the queries' fragments stay in registers), each in 3 stages of 32 KiB
+    /// (at TF32×3 half of each stage holds the low parts); at heads of 128, 32 keys at TF32
+    /// and none at TF32×3 (it stays on `mma.sync`); at heads of 32, 128 keys at TF32 and 64
+    /// at TF32×3. Heads that are multiples of 8 qualify, others not.
     #[test]
     fn tf32_attention_takes_warpgroups_where_the_registers_allow() {
         let sm90a = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90a").unwrap());
@@ -1877,10 +1873,12 @@ mod tests {
             })
         };
         let (tf32, x3) = (MmaPrecision::Tf32, MmaPrecision::Tf32x3);
-        assert_eq!(plan(64, 64, tf32), Some((8, 128, 3, [64, 128, 8], 1, 3 * 65536)));
-        assert_eq!(plan(64, 64, x3), Some((8, 64, 3, [64, 64, 8], 1, 3 * 65536)));
-        assert_eq!(plan(128, 128, tf32), Some((8, 64, 3, [64, 64, 8], 1, 3 * 65536)));
+        assert_eq!(plan(64, 64, tf32), Some((8, 64, 3, [64, 64, 8], 1, 3 * 32768)));
+        assert_eq!(plan(64, 64, x3), Some((8, 32, 3, [64, 32, 8], 1, 3 * 32768)));
+        assert_eq!(plan(128, 128, tf32), Some((8, 32, 3, [64, 32, 8], 1, 3 * 32768)));
         assert_eq!(plan(128, 128, x3), None);
+        assert_eq!(plan(32, 32, tf32).map(|p| p.1), Some(128));
+        assert_eq!(plan(32, 32, x3).map(|p| p.1), Some(64));
         assert_eq!(plan(40, 40, tf32).map(|p| p.1), Some(128));
         assert_eq!(plan(36, 36, tf32), None);
         let sm90 = GpuCaps::cuda(super::super::NvvmTarget::by_arch("sm_90").unwrap());
