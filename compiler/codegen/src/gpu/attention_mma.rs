@@ -25,7 +25,9 @@
 //! describe it.
 
 use super::attention::{keys_to_visit, Operands};
-use super::mma::{eight, joined, mma_parts, words, Fragment, Lanes, Part, Parts, C_FRAGMENT, MMA_M, MMA_N};
+use super::mma::{
+    eight, joined, mma_parts, words, Fragment, Fragments, Lanes, Part, Parts, C_FRAGMENT, MMA_M, MMA_N,
+};
 use super::plan::{attention_layouts, warpgroup_attention_layouts, MmaInstruction, MmaPrecision};
 use super::skeleton::{clamp, offset_at, plus, shared, shared_type, Combine, LaneGroups, SharedArray};
 use super::tiles::{shared_pointer, OperandTile, Pipeline};
@@ -399,7 +401,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
                         .a
                         .iter()
                         .map(|&(dr, dc)| {
-                            let (nb, e) = weight_of(kk, (dr, dc), frag.k);
+                            let (nb, e) = weight_of(kk, (dr, dc), frag);
                             ops.computed(b, &weights[nb][e])
                         })
                         .collect();
@@ -647,11 +649,12 @@ fn part_of(f: &Fragment, part: usize) -> Option<Fragment> {
 /// `dc mod 8` of block `k·kk / 8 + dc / 8`. A TF32 one lies at `(group + dr, in_group + dc)`:
 /// with the keys interleaved (key `i` of each 8 at column `2i`, key `4 + i` at `2i + 1`), key
 /// `in_group + dc` is the lane's column `dc / 4` of block `kk`.
-fn weight_of(kk: usize, (dr, dc): (usize, usize), k: usize) -> (usize, usize) {
-    let nb = kk * k / MMA_N + dc / MMA_N;
-    let column = match k {
-        8 => dc / 4,
-        _ => dc % MMA_N,
+fn weight_of(kk: usize, (dr, dc): (usize, usize), frag: &Fragments) -> (usize, usize) {
+    let nb = kk * frag.k / MMA_N + dc / MMA_N;
+    // Where lanes of a quad lie 2 columns apart in A, as in the accumulators, or 1 apart.
+    let column = match frag.lane_k {
+        2 => dc % MMA_N,
+        _ => dc / 4,
     };
     let e = C_FRAGMENT
         .iter()
@@ -672,7 +675,7 @@ mod tests {
         for kk in 0..2 {
             let mut seen = std::collections::HashSet::new();
             for &entry in HALF_FRAGMENTS.a {
-                let (nb, e) = weight_of(kk, entry, HALF_FRAGMENTS.k);
+                let (nb, e) = weight_of(kk, entry, &HALF_FRAGMENTS);
                 assert!(nb == 2 * kk || nb == 2 * kk + 1);
                 assert!(seen.insert((nb, e)), "{entry:?}");
             }
@@ -691,7 +694,7 @@ mod tests {
             for in_group in 0..4 {
                 let mut seen = std::collections::HashSet::new();
                 for &(dr, dc) in TF32_FRAGMENTS.a {
-                    let (nb, e) = weight_of(kk, (dr, dc), TF32_FRAGMENTS.k);
+                    let (nb, e) = weight_of(kk, (dr, dc), &TF32_FRAGMENTS);
                     assert_eq!(nb, kk);
                     let (row, c) = C_FRAGMENT[e];
                     assert_eq!(row, dr);

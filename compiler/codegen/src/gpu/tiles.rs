@@ -797,6 +797,7 @@ impl<'a> OperandTile<'a> {
         ty: &str,
     ) {
         let SharedLayout { row, col, cores, .. } = self.layout;
+        debug_assert!(lo.is_none() || cores.is_some(), "split operands are stored into core matrices only");
         let ty = match operands {
             Some(ops) => ops.shared_elem(),
             None => ty,
