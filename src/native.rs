@@ -587,7 +587,7 @@ fn explain(target: &CompileTarget, built: &BuildReport) {
             };
             let f32_products = match caps.tensor_cores {
                 Some(MmaPrecision::Tf32 | MmaPrecision::Tf32x3) if caps.warpgroup_mma => format!(
-                    "{f32_products}; products as warpgroup products (wgmma m64nNk8, operands read from shared memory) where both operands lie contiguous along k (x·Wᵀ) and the sizes are multiples of a 64×64×16 tile, else mma.sync m16n8k8; attention as warpgroup products too (wgmma m64nNk8, queries and weights from registers) where its heads are multiples of 8 and its key and value rows lie contiguous"
+                    "{f32_products}; products as warpgroup products (wgmma m64nNk8, operands read from shared memory) where both operands lie contiguous along k (x·Wᵀ) and the sizes are multiples of a 64×64×16 tile, else mma.sync m16n8k8; attention as warpgroup products too (wgmma m64nNk8, queries and weights from registers) where its heads are multiples of 8, its key and value rows lie contiguous and a key tile fits the registers (at TF32×3 heads below 96), else mma.sync m16n8k8"
                 ),
                 Some(_) | None => f32_products,
             };
