@@ -3,9 +3,11 @@
 //! for the whole walk over the keys; per key tile it forms its 16 × `block_k` scores with
 //! products against the key tile (the B operand, straight from shared memory), runs the online
 //! softmax on the scores where the products left them (each lane holds two query rows, four
-//! lanes a row, so a row's max takes two butterfly shuffles), writes the weights to its slice
-//! of shared memory, and reads them back as A fragments for the products with the value tile,
-//! accumulating the output rows in the products' f32 accumulators. Each lane keeps its part of
+//! lanes a row, so a row's max takes two butterfly shuffles), and multiplies the weights, still
+//! in registers, with the value tile, accumulating the output rows in the products' f32
+//! accumulators. The scores' accumulators are where the value products' A fragments want the
+//! weights: for 16-bit products as they come, for TF32 ones because the key tile holds the
+//! keys' rows interleaved ([`weight_of`]). Each lane keeps its part of
 //! the row sums; the four lanes of a row add theirs only at the end. The output is divided by
 //! the sum once, as in the one-query-per-invocation kernel.
 //!
@@ -74,27 +76,22 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let entering = Some(&ops);
     let lay = match warpgroups {
         true => warpgroup_attention_layouts(d, dv, bk, precision),
-        false => attention_layouts(d, dv, bk, warps, precision),
+        false => attention_layouts(d, dv, bk, precision),
     };
     let inv = 32 * warps;
-    // TF32 warpgroup products: the keys' rows interleaved, so that the scores lie where the
-    // value products' A fragments want them ([`weight_of`]); at TF32×3 each stage holds the
-    // tiles' low parts after them.
-    let interleaved = warpgroups && !precision.paired();
+    // TF32 products: the keys' rows interleaved, so that the scores lie where the value
+    // products' A fragments want them ([`weight_of`]); for warpgroup products at TF32×3 each
+    // stage holds the tiles' low parts after them.
+    let interleaved = !precision.paired();
     let split = (warpgroups && precision == MmaPrecision::Tf32x3).then_some([lay.keys.len, lay.values.len]);
     let lens = [lay.keys.len, lay.values.len].map(|len| len * if split.is_some() { 2 } else { 1 });
 
-    // Keys and values as the products take them; TF32 weights as f32 values (16-bit ones
-    // stay in registers).
+    // Keys and values as the products take them.
     let elem = ops.shared_elem();
     let sh_k = shared(b, stages * lens[0], elem);
     let sk_ty = shared_type(b, stages * lens[0], elem);
     let sh_v = shared(b, stages * lens[1], elem);
     let sv_ty = shared_type(b, stages * lens[1], elem);
-    let weights_shared = (lay.weights.len > 0).then(|| {
-        let name = shared(b, lay.weights.len, ty);
-        (name, shared_type(b, lay.weights.len, ty))
-    });
     let lin = b.assign("gpu.thread_id x");
     // A query row's four lanes (a quad) combine its max and sum.
     let quads = LaneGroups::new(b, 4, inv, &lin, 2);
@@ -391,55 +388,21 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
 
     if dv > 0 {
         // The weights as the value products' A operand, one fragment per k keys.
-        let w_frags: Vec<Fragment> = match &weights_shared {
-            // 16-bit products, and TF32 ones with the keys interleaved: the scores'
-            // accumulators lie where the A fragments want them, so the weights stay in
-            // registers ([`weight_of`]).
-            None => (0..bk / frag.k)
-                .map(|kk| {
-                    let parts = frag
-                        .a
-                        .iter()
-                        .map(|&(dr, dc)| {
-                            let (nb, e) = weight_of(kk, (dr, dc), frag);
-                            ops.computed(b, &weights[nb][e])
-                        })
-                        .collect();
-                    Fragment::Elements(parts)
-                })
-                .collect(),
-            // TF32: through the warp's slice of shared memory, written where the score
-            // products left them, read back in the A fragments' places.
-            Some((sh_w, sw_ty)) => {
-                let wr = lay.weights.row;
-                let warp_w = b.index(wr);
-                let warp_w = b.assign(format!("arith.muli {}, {warp_w} : index", l.warp_row));
-                let w_write = offset_at(b, 0, &[(Some(&l.group), wr), (Some(&two_t), 1)]);
-                let w_write = b.assign(format!("arith.addi {warp_w}, {w_write} : index"));
-                for (nb, w) in weights.iter().enumerate() {
-                    for (e, p) in w.iter().enumerate() {
-                        let (dr, dc) = C_FRAGMENT[e];
-                        let p = match ops.computed_rounding() {
-                            Some(r) => r.apply(b, p),
-                            None => p.clone(),
-                        };
-                        let at = plus(b, &w_write, dr * wr + nb * MMA_N + dc);
-                        b.line(format!("memref.store {p}, {sh_w}[{at}] : {sw_ty}"));
-                    }
-                }
-                b.line("gpu.barrier");
-                let mem_w = SharedArray { name: sh_w, ty: sw_ty, vectors: false };
-                let w_read = offset_at(b, 0, &[(Some(&l.group), wr), (Some(&k_lane), 1)]);
-                let w_read = b.assign(format!("arith.addi {warp_w}, {w_read} : index"));
-                (0..bk / frag.k)
-                    .map(|kk| {
-                        let mut at =
-                            |b: &mut Body, dr: usize, dc: usize| plus(b, &w_read, dr * wr + kk * frag.k + dc);
-                        l.read(b, &ops, &mem_w, frag.a, true, &mut at)
+        // The scores' accumulators lie where the A fragments want them (for TF32 products with
+        // the keys interleaved), so the weights stay in registers ([`weight_of`]).
+        let w_frags: Vec<Fragment> = (0..bk / frag.k)
+            .map(|kk| {
+                let parts = frag
+                    .a
+                    .iter()
+                    .map(|&(dr, dc)| {
+                        let (nb, e) = weight_of(kk, (dr, dc), frag);
+                        ops.computed(b, &weights[nb][e])
                     })
-                    .collect()
-            }
-        };
+                    .collect();
+                Fragment::Elements(parts)
+            })
+            .collect();
         if let Some(g) = &group {
             // The warpgroup's weights times the whole value tile, 16 keys at a time.
             let w_words: Vec<Option<Vec<Vec<String>>>> =

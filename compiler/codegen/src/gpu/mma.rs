@@ -188,15 +188,6 @@ impl Parts {
         }
     }
 
-    /// The rounding a computed value gets before it is stored as f32 in a shared tile (TF32
-    /// attention's weights): TF32's, or none at TF32×3 (split as it is read).
-    pub fn computed_rounding(&self) -> Option<Rounding> {
-        match self.precision {
-            MmaPrecision::Tf32 | MmaPrecision::F16 | MmaPrecision::Bf16 => Some(self.rounding),
-            MmaPrecision::Tf32x3 => None,
-        }
-    }
-
     /// An f32 value as a 16-bit operand: an `f16` (to nearest, ties to even), or bf16 bits
     /// (`i16`: the high half of the f32, after rounding it to bf16 unless it is exact).
     fn half(&self, b: &mut Body, x: &str, round: bool) -> String {

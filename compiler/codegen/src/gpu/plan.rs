@@ -769,7 +769,7 @@ impl GpuPlan {
     /// sizes are multiples of the products' k (8, or 16 for 16-bit operands) up to
     /// [`ATTENTION_MMA_MAX_HEAD`]: 4 warps of 16 queries per workgroup (fewer for short
     /// sequences), and the longest key tile (at most 32) with the most stages that fits in
-    /// shared memory with the warps' weights (on SPIR-V, the emulation's scratch arrays too),
+    /// shared memory (on SPIR-V with the emulation's scratch arrays),
     /// or the key tile the caps impose (`attention_key_tile`; an error where it does not
     /// fit). The caller decides whether the operands may be rounded to `precision`.
     #[allow(clippy::too_many_arguments)]
@@ -813,16 +813,15 @@ impl GpuPlan {
             if block_k == 0 || !(block_k as usize).is_multiple_of(k) {
                 continue;
             }
-            let layout = attention_layouts(d, dv, block_k as usize, warps as usize, precision);
-            // Per lane: the query fragments (in parts), the output accumulators and the tile's
-            // scores.
-            if (d * precision.parts() + dv + block_k as usize) / 2 > caps.registers as usize {
+            let layout = attention_layouts(d, dv, block_k as usize, precision);
+            // Per lane: the query fragments, the output accumulators and the tile's scores, or
+            // the weights that take their places (the operands in parts).
+            if ((d + block_k as usize) * precision.parts() + dv) / 2 > caps.registers as usize {
                 continue;
             }
             let scratch = attention_emulation_scratch(warps, shape, caps);
-            let bytes = (stages as usize * (layout.keys.len + layout.values.len) + layout.weights.len)
-                * precision.shared_bytes()
-                + scratch;
+            let bytes =
+                stages as usize * (layout.keys.len + layout.values.len) * precision.shared_bytes() + scratch;
             if bytes > caps.max_shared_bytes as usize {
                 continue;
             }
@@ -1262,7 +1261,9 @@ fn attention_tiled_shared(
 pub const ATTENTION_MMA_MAX_HEAD: usize = 128;
 
 /// Where the tensor-core attention keeps its tiles in shared memory, in elements (one stage
-/// each of keys and values; the weights once per warp).
+/// each of keys and values). The weights stay in registers: the score products leave them
+/// where the value products' A fragments want them (for TF32 ones with the keys' rows
+/// interleaved in their tile, `OperandTile::with_rows_interleaved`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionLayouts {
     /// Key `j`, element `e` at `j·(d + 4) + e`: the score products read it as their B operand
@@ -1273,39 +1274,15 @@ pub struct AttentionLayouts {
     /// elements per read), conflict-free likewise; 16-bit values are read transposed with
     /// `ldmatrix` (8 keys of 16 bytes, in 32 different banks).
     pub values: SharedLayout,
-    /// A warp's 16 × `block_k` weights, query `r` and key `j` at `r·(block_k + 4) + j` from the
-    /// warp's start: written in the scores' accumulator layout, read back as the value
-    /// products' A operand. 16-bit weights need none: the scores' accumulators are where the
-    /// `m16n8k16` A fragments want them, so they stay in registers.
-    pub weights: SharedLayout,
 }
 
-/// The shared layouts of tensor-core attention with `warps` warps and key tiles of `block_k`,
-/// at `precision`.
-pub fn attention_layouts(
-    d: usize,
-    dv: usize,
-    block_k: usize,
-    warps: usize,
-    precision: MmaPrecision,
-) -> AttentionLayouts {
+/// The shared layouts of tensor-core attention with key tiles of `block_k`, at `precision`.
+pub fn attention_layouts(d: usize, dv: usize, block_k: usize, precision: MmaPrecision) -> AttentionLayouts {
     let values = |len| if dv == 0 { 0 } else { len };
-    if precision.paired() {
-        return AttentionLayouts {
-            keys: SharedLayout { row: d + 8, col: 1, len: block_k * (d + 8), cores: None },
-            values: SharedLayout { row: dv + 8, col: 1, len: values(block_k * (dv + 8)), cores: None },
-            weights: SharedLayout { row: 0, col: 0, len: 0, cores: None },
-        };
-    }
+    let pad = if precision.paired() { 8 } else { 4 };
     AttentionLayouts {
-        keys: SharedLayout { row: d + 4, col: 1, len: block_k * (d + 4), cores: None },
+        keys: SharedLayout { row: d + pad, col: 1, len: block_k * (d + pad), cores: None },
         values: SharedLayout { row: dv + 8, col: 1, len: values(block_k * (dv + 8)), cores: None },
-        weights: SharedLayout {
-            row: block_k + 4,
-            col: 1,
-            len: values(warps * 16 * (block_k + 4)),
-            cores: None,
-        },
     }
 }
 
@@ -1340,7 +1317,7 @@ pub fn warpgroup_attention_layouts(
             cores: Some(Cores::of(CoreLines::AlongRows, elem)),
         },
     };
-    AttentionLayouts { keys: rows(d), values, weights: SharedLayout { row: 0, col: 0, len: 0, cores: None } }
+    AttentionLayouts { keys: rows(d), values }
 }
 
 /// Groups of warpgroup products a pipeline of `stages` leaves in flight across a step: what
@@ -1785,8 +1762,9 @@ mod tests {
         );
         assert_eq!(p.launch.grid, [32, 48, 1]);
         assert_eq!(p.launch.workgroup, [128, 1, 1]);
-        // Two stages of keys (rows of 68) and values (rows of 72), and 4 warps' weights.
-        assert_eq!(p.shared_bytes, (2 * (32 * 68 + 32 * 72) + 4 * 16 * 36) * 4);
+        // Two stages of keys (rows of 68) and values (rows of 72); the weights stay in
+        // registers.
+        assert_eq!(p.shared_bytes, 2 * (32 * 68 + 32 * 72) * 4);
         // A head of 128 leaves room for one stage only; a short sequence takes fewer warps.
         let wide = GpuPlan::attention_tensor_cores(12, 20, 128, 128, 128, tf32, &cuda).unwrap().unwrap();
         assert!(
