@@ -1400,41 +1400,53 @@ fn warpgroup_attention_holds_on_vulkan_with_emulated_wgmma() {
         return;
     }
     let caps = kiln_codegen::gpu::GpuCaps { registers: 255, ..vulkan_emulating_warpgroups() };
-    let spec = |name: &str, sq: usize, sk: usize| {
-        op_case(
-            name,
-            &format!(
-                r#"{{ "q": (f16, [1, 2, {sq}, 16]), "k": (f16, [1, 2, {sk}, 16]), "v": (f16, [1, 2, {sk}, 32]), "m": (f16, [1, 1, {sq}, {sk}]) }}"#
-            ),
-            r#"Let("a", Attention(q: "q", k: "k", v: "v", mask: "m", scale: 0.3)),
-               Let("c", Attention(q: "k", k: "k", v: "v", causal: true, scale: 0.3)),"#,
-        )
-    };
-    // (graph, each attention's warps, key tile, stages and value products left in flight: a
+    let spec = |name: &str, sq: usize, sk: usize| warpgroup_attention_case(name, "f16", sq, sk);
+    // (graph, each attention's warps, key tile, stages, value products left in flight and
+    // products' k: a
     // warpgroup's 64 queries leave room for two stages of 128 keys, whose steps wait for
     // all their products)
     let runs = [
-        (spec("wgmma_attention", 130, 192), [(8, 64, 3, 1), (8, 64, 3, 1)]),
-        (spec("wgmma_attention_short", 40, 150), [(4, 128, 2, 0), (8, 64, 3, 1)]),
+        (spec("wgmma_attention", 130, 192), [(8, 64, 3, 1, 16), (8, 64, 3, 1, 16)]),
+        (spec("wgmma_attention_short", 40, 150), [(4, 128, 2, 0, 16), (8, 64, 3, 1, 16)]),
     ];
     for (g, expected) in runs {
         plans_hold_on_vulkan(&g, &caps, 2e-3, |plans| {
-            let found: Vec<(u32, u32, u32, u32)> = plans
-                .iter()
-                .filter_map(|p| match p.work {
-                    kiln_codegen::gpu::Work::AttentionTensorCores {
-                        warps,
-                        block_k,
-                        stages,
-                        instruction: kiln_codegen::gpu::MmaInstruction::Warpgroup { in_flight },
-                        ..
-                    } => Some((warps, block_k, stages, in_flight)),
-                    _ => None,
-                })
-                .collect();
-            assert_eq!(found, expected, "{}: {:#?}", g.name, described(plans));
+            assert_eq!(warpgroup_attention_plans(plans), expected, "{}: {:#?}", g.name, described(plans));
         });
     }
+}
+
+/// The warpgroup attention tests' model: `sq` queries of heads of 16 attending to `sk` keys
+/// (value rows of 32) under a mask, and the keys attending to themselves causally, all in
+/// `dtype`.
+fn warpgroup_attention_case(name: &str, dtype: &str, sq: usize, sk: usize) -> Graph {
+    op_case(
+        name,
+        &format!(
+            r#"{{ "q": ({dtype}, [1, 2, {sq}, 16]), "k": ({dtype}, [1, 2, {sk}, 16]), "v": ({dtype}, [1, 2, {sk}, 32]), "m": ({dtype}, [1, 1, {sq}, {sk}]) }}"#
+        ),
+        r#"Let("a", Attention(q: "q", k: "k", v: "v", mask: "m", scale: 0.3)),
+           Let("c", Attention(q: "k", k: "k", v: "v", causal: true, scale: 0.3)),"#,
+    )
+}
+
+/// Each attention plan of warpgroup products (of 64 rows): its warps, key tile, stages, groups
+/// of products left in flight, and the k of its products.
+fn warpgroup_attention_plans(plans: &[kiln_codegen::gpu::GpuPlan]) -> Vec<(u32, u32, u32, u32, u32)> {
+    plans
+        .iter()
+        .filter_map(|p| match p.work {
+            kiln_codegen::gpu::Work::AttentionTensorCores {
+                warps,
+                block_k,
+                stages,
+                shape: [64, _, k],
+                instruction: kiln_codegen::gpu::MmaInstruction::Warpgroup { in_flight },
+                ..
+            } => Some((warps, block_k, stages, in_flight, k)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// TF32 attention as warpgroup products (`sm_90a`'s plan at `--precision tf32` or `tf32x3`),
@@ -1451,60 +1463,37 @@ fn tf32_warpgroup_attention_holds_on_vulkan_with_emulated_wgmma() {
         return;
     }
     let base = kiln_codegen::gpu::GpuCaps { registers: 255, ..vulkan_emulating_warpgroups() };
-    let spec = |name: &str, sq: usize, sk: usize| {
-        op_case(
-            name,
-            &format!(
-                r#"{{ "q": (f32, [1, 2, {sq}, 16]), "k": (f32, [1, 2, {sk}, 16]), "v": (f32, [1, 2, {sk}, 32]), "m": (f32, [1, 1, {sq}, {sk}]) }}"#
-            ),
-            r#"Let("a", Attention(q: "q", k: "k", v: "v", mask: "m", scale: 0.3)),
-               Let("c", Attention(q: "k", k: "k", v: "v", causal: true, scale: 0.3)),"#,
-        )
-    };
+    let spec = |name: &str, sq: usize, sk: usize| warpgroup_attention_case(name, "f32", sq, sk);
     let x3 = kiln_codegen::gpu::MmaPrecision::Tf32x3;
     let tile = |t| kiln_codegen::gpu::GpuCaps { attention_key_tile: Some(t), ..base.clone() };
-    // (graph, caps, tolerance, each attention's warps, key tile, stages and value products
-    // left in flight): two stages of 64 keys (of 32 at TF32×3) fill the 32 KiB of a portable
+    // (graph, caps, tolerance, each attention's warps, key tile, stages, value products left
+    // in flight and products' k): two stages of 64 keys (of 32 at TF32×3) fill the 32 KiB of a portable
     // device beside the emulation's scratch; imposed tiles of 32 (16 at TF32×3) leave room
     // for three.
     let runs = [
-        (spec("wgmma_tf32_attention", 130, 192), base.clone().with_tf32(), 1e-2, [(8, 64, 2, 0); 2]),
+        (spec("wgmma_tf32_attention", 130, 192), base.clone().with_tf32(), 1e-2, [(8, 64, 2, 0, 8); 2]),
         (
             spec("wgmma_tf32x3_attention", 130, 192),
             base.clone().with_tensor_cores(x3),
             1e-4,
-            [(8, 32, 2, 0); 2],
+            [(8, 32, 2, 0, 8); 2],
         ),
         (
             spec("wgmma_tf32_attention_edge", 40, 150),
             tile(32).with_tf32(),
             1e-2,
-            [(4, 32, 3, 1), (8, 32, 3, 1)],
+            [(4, 32, 3, 1, 8), (8, 32, 3, 1, 8)],
         ),
         (
             spec("wgmma_tf32x3_attention_edge", 40, 150),
             tile(16).with_tensor_cores(x3),
             1e-4,
-            [(4, 16, 3, 1), (8, 16, 3, 1)],
+            [(4, 16, 3, 1, 8), (8, 16, 3, 1, 8)],
         ),
     ];
     for (g, caps, tolerance, expected) in runs {
         plans_hold_on_vulkan(&g, &caps, tolerance, |plans| {
-            let found: Vec<(u32, u32, u32, u32)> = plans
-                .iter()
-                .filter_map(|p| match p.work {
-                    kiln_codegen::gpu::Work::AttentionTensorCores {
-                        warps,
-                        block_k,
-                        stages,
-                        shape: [64, _, 8],
-                        instruction: kiln_codegen::gpu::MmaInstruction::Warpgroup { in_flight },
-                        ..
-                    } => Some((warps, block_k, stages, in_flight)),
-                    _ => None,
-                })
-                .collect();
-            assert_eq!(found, expected, "{}: {:#?}", g.name, described(plans));
+            assert_eq!(warpgroup_attention_plans(plans), expected, "{}: {:#?}", g.name, described(plans));
         });
     }
 }

@@ -558,12 +558,11 @@ impl Warpgroup {
                             wgmma::descriptor(b, &addresses[which], &at, ops.precision.shared_bytes(), d);
                         wgmma::product_from_registers(b, ops.precision, &a[pa], (&desc, d), &acc)
                     }
-                    _ => match part_of(af, pa) {
-                        Some(part) => {
-                            wgmma::emulated_from_registers(b, l, &single, &part, (mem, &at, d), &acc)
-                        }
-                        None => wgmma::emulated_from_registers(b, l, &single, af, (mem, &at, d), &acc),
-                    },
+                    _ => {
+                        let part = part_of(af, pa);
+                        let af = part.as_ref().unwrap_or(af);
+                        wgmma::emulated_from_registers(b, l, &single, af, (mem, &at, d), &acc)
+                    }
                 };
             }
         }
