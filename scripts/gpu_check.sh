@@ -128,7 +128,8 @@ TRAIN=(
 # products and attention, TF32 products of operands along k and TF32 attention, as warpgroup
 # products, beside sm_90's mma.sync), a `_t256_` or
 # `_t128_` one with --matmul-tile 128x256 or 128x128, an `_awaited_` one with
-# --products-in-flight 0 (each step's warpgroup products awaited before the next step's).
+# --products-in-flight 0 (each step's warpgroup products awaited before the next step's; in
+# attention, no tile's value products beside the next tile's softmax).
 BENCH=(
     "matmul|bench/cuda/matmul.ron|"
     "matmul_registers|bench/cuda/matmul.ron|"
@@ -168,6 +169,7 @@ BENCH=(
     "minilm_b64_wgmma_t128_tf32x3|models/bert_encoder.ron|--set batch=64"
     "attention_wgmma_tf32|bench/cuda/attention.ron|"
     "attention_wgmma_tf32x3|bench/cuda/attention.ron|"
+    "attention_wgmma_awaited_tf32x3|bench/cuda/attention.ron|"
 )
 
 # `--precision tf32` (or `tf32x3`) for a name ending in _tf32 (or _tf32x3), `--no-async-copies`

@@ -114,9 +114,10 @@ enum Command {
         #[arg(long, value_name = "N")]
         attention_key_tile: Option<u32>,
         /// CUDA sm_90a: how many groups of warpgroup products may still run when the next
-        /// step's are issued (0: each step waits for its own), as far as the pipeline's
-        /// stages leave room; by default 1 where there are 3 stages or more. For comparing on
-        /// a GPU.
+        /// step's are issued (0: each step waits for its own; in attention 1 runs a key
+        /// tile's value products beside the next tile's scores and softmax), as far as the
+        /// pipeline's stages leave room; by default 1 where there are 3 stages or more. For
+        /// comparing on a GPU.
         #[arg(long, value_name = "N")]
         products_in_flight: Option<u32>,
         /// GPU: attention without tensor cores keeps one query per invocation instead of

@@ -1391,26 +1391,29 @@ fn tf32_warpgroup_products_hold_on_vulkan_with_emulated_wgmma() {
 /// rendered for SPIR-V, where each warp emulates the products of its queries' (then its
 /// weights') fragments with the key (value) tile, read from the core matrices as the
 /// descriptors describe them. Two warpgroups over 130 and 150 queries, one over 40; key tiles
-/// of 64 in 3 stages (the copies one tile ahead, as a step's value products stay in flight)
-/// and of 128 in 2, whole (copied, emulated) or past the keys' end (through registers, zeros
-/// past it); a mask, a causal attention, and value rows longer than the query rows.
+/// of 64 in 3 stages (overlapped: a tile's value products run beside the next tile's scores
+/// and softmax, so the copies run one tile ahead) and of 128 in 2, whole (copied, emulated)
+/// or past the keys' end (through registers, zeros past it); an overlapped walk over one tile
+/// only (no step between its first tile's softmax and its last tile's value products); a
+/// mask, a causal attention, and value rows longer than the query rows.
 #[test]
 fn warpgroup_attention_holds_on_vulkan_with_emulated_wgmma() {
     if !available(Device::Vulkan, "warpgroup attention") {
         return;
     }
     let caps = kiln_codegen::gpu::GpuCaps { registers: 255, ..vulkan_emulating_warpgroups() };
+    let tile_64 = kiln_codegen::gpu::GpuCaps { attention_key_tile: Some(64), ..caps.clone() };
     let spec = |name: &str, sq: usize, sk: usize| warpgroup_attention_case(name, "f16", sq, sk);
-    // (graph, each attention's warps, key tile, stages, value products left in flight and
-    // products' k: a
-    // warpgroup's 64 queries leave room for two stages of 128 keys, whose steps wait for
-    // all their products)
+    // (graph, caps, each attention's warps, key tile, stages, value products left in flight
+    // and products' k: a warpgroup's 64 queries leave room for two stages of 128 keys, whose
+    // steps wait for all their products)
     let runs = [
-        (spec("wgmma_attention", 130, 192), [(8, 64, 3, 1, 16), (8, 64, 3, 1, 16)]),
-        (spec("wgmma_attention_short", 40, 150), [(4, 128, 2, 0, 16), (8, 64, 3, 1, 16)]),
+        (spec("wgmma_attention", 130, 192), &caps, [(8, 64, 3, 1, 16), (8, 64, 3, 1, 16)]),
+        (spec("wgmma_attention_short", 40, 150), &caps, [(4, 128, 2, 0, 16), (8, 64, 3, 1, 16)]),
+        (spec("wgmma_attention_one_tile", 40, 60), &tile_64, [(4, 64, 3, 1, 16), (4, 64, 3, 1, 16)]),
     ];
-    for (g, expected) in runs {
-        plans_hold_on_vulkan(&g, &caps, 2e-3, |plans| {
+    for (g, caps, expected) in runs {
+        plans_hold_on_vulkan(&g, caps, 2e-3, |plans| {
             assert_eq!(warpgroup_attention_plans(plans), expected, "{}: {:#?}", g.name, described(plans));
         });
     }
@@ -1455,7 +1458,7 @@ fn warpgroup_attention_plans(plans: &[kiln_codegen::gpu::GpuPlan]) -> Vec<(u32, 
 /// lies transposed (TF32 operands are read only along k), each value copied on its own; at
 /// TF32×3 each stage holds the tiles' low parts too and every product is three. Key tiles
 /// whole (copied) and past the keys' end (through registers, split as they are stored), in 2
-/// stages and in 3 (a step's value products in flight); a mask and a causal attention. TF32
+/// stages and in 3 (overlapped); a mask and a causal attention. TF32
 /// keeps its stated 1e-2, TF32×3 f32's 1e-4.
 #[test]
 fn tf32_warpgroup_attention_holds_on_vulkan_with_emulated_wgmma() {
@@ -2574,7 +2577,7 @@ fn cli_compiles_and_inspects_for_cuda() {
         ),
         "{said}"
     );
-    assert!(said.contains("key tiles of 64 in shared memory as core matrices (3 stages, async copies, 1 group of products in flight), wgmma m64n64k8 on f32 operands split into two tf32 parts (3 products each)"), "{said}");
+    assert!(said.contains("key tiles of 64 in shared memory as core matrices (3 stages, async copies, each tile's value products beside the next tile's softmax), wgmma m64n64k8 on f32 operands split into two tf32 parts (3 products each)"), "{said}");
     // 16-bit tensors take tensor cores at their own precision with no flag; the manifest and
     // the compile line say so, f32 products beside them staying f32.
     let half = dir.path().join("half_block_bf16.kiln");
@@ -2645,7 +2648,7 @@ fn cli_compiles_and_inspects_for_cuda() {
         half.to_str().unwrap(),
     ]);
     assert!(
-        said.contains("8 warps of 16 queries per workgroup, key tiles of 128 in shared memory as core matrices (3 stages, async copies, 1 group of products in flight), wgmma m64n128k16 on bf16 operands"),
+        said.contains("8 warps of 16 queries per workgroup, key tiles of 128 in shared memory as core matrices (3 stages, async copies, each tile's value products beside the next tile's softmax), wgmma m64n128k16 on bf16 operands"),
         "{said}"
     );
     // f32 attention in register tiles, or one query per invocation on request: on any GPU

@@ -60,6 +60,7 @@ def main():
         ("attention 4×12×2048×64 TF32×3", "attention_tf32x3", "SDPA f32", "attention_f32_ms", ""),
         ("attention 4×12×2048×64 TF32, warpgroup products (sm_90a)", "attention_wgmma_tf32", "SDPA f32", "attention_f32_ms", ""),
         ("attention 4×12×2048×64 TF32×3, warpgroup products (sm_90a)", "attention_wgmma_tf32x3", "SDPA f32", "attention_f32_ms", ""),
+        ("attention 4×12×2048×64 TF32×3, warpgroup products, each step awaited", "attention_wgmma_awaited_tf32x3", "SDPA f32", "attention_f32_ms", ""),
         ("MiniLM-L6 b64×128 TF32×3", "minilm_b64_tf32x3", "BertModel torch.compile (f32)", "bert_b64_compile_ms", ""),
         ("MiniLM-L6 b64×128 TF32, warpgroup products (sm_90a)", "minilm_b64_wgmma_tf32", "BertModel torch.compile (f32)", "bert_b64_compile_ms", ""),
         ("MiniLM-L6 b64×128 TF32×3, warpgroup products (sm_90a)", "minilm_b64_wgmma_tf32x3", "BertModel torch.compile (f32)", "bert_b64_compile_ms", ""),

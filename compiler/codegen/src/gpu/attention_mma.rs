@@ -17,14 +17,18 @@
 //! plain reads and writes and `ldmatrix` the reads it stands for, so the same bookkeeping runs,
 //! and is checked, on any Vulkan device.
 //!
-//! As warpgroup products (`sm_90a`, 16-bit operands) the lanes hold the same fragments and
-//! accumulators, but each four warps issue one `wgmma` per 16 elements of the head for their
-//! 64 queries' scores against the whole key tile, and one per 16 keys for the weights (still
+//! As warpgroup products (`sm_90a`) the lanes hold the same fragments and accumulators, but
+//! each four warps issue one `wgmma` per 16 (TF32: 8) elements of the head for their 64
+//! queries' scores against the whole key tile, and one per 16 (8) keys for the weights (still
 //! in registers) times the whole value tile. The tiles lie in shared memory as core matrices
 //! ([`warpgroup_attention_layouts`]), copied with `cp.async` and fenced for the async proxy;
-//! each group of products is awaited before its results are read. On SPIR-V each warp
-//! emulates its share with `mma.sync`'s emulation, reading the B operand as the descriptors
-//! describe it.
+//! each group of products is awaited before its results are read. With a group in flight (3
+//! stages) the walk is overlapped: step t issues tile t's score products, then tile t − 1's
+//! value products with the weights it carried in, waits for the scores only, runs tile t's
+//! softmax while the value products run, and rescales the outputs once they are done; the
+//! first tile's scores and softmax come before the loop, the last tile's value products after
+//! it. On SPIR-V each warp emulates its share with `mma.sync`'s emulation, reading the B
+//! operand as the descriptors describe it.
 
 use super::attention::{keys_to_visit, Operands};
 use super::mma::{
@@ -32,7 +36,7 @@ use super::mma::{
 };
 use super::plan::{attention_layouts, warpgroup_attention_layouts, MmaInstruction, MmaPrecision};
 use super::skeleton::{clamp, offset_at, plus, shared, shared_type, Combine, LaneGroups, SharedArray};
-use super::tiles::{shared_pointer, OperandTile, Pipeline};
+use super::tiles::{shared_pointer, Fetched, OperandTile, Pipeline};
 use super::wgmma::{self, Descriptor};
 use super::{GpuCtx, GpuFlavor};
 use crate::kernels::elementwise::{load, store};
@@ -60,8 +64,9 @@ pub(crate) struct Shape {
 /// The kernel body (operands as [`Operands`] describes; f32 registers).
 pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let Shape { warps, block_k: bk, stages, precision, exact, async_copies, instruction } = shape;
-    // Warpgroup products, and whether the value products of a step still run when the next
-    // step's score products are issued.
+    // Warpgroup products, and whether a tile's value products run while the next tile's
+    // scores are formed and its softmax computed (overlapped: with products in flight, at
+    // least 3 stages, so the stage the value products read is refilled a step later).
     let (warpgroups, in_flight) = match instruction {
         MmaInstruction::Sync => (false, 0),
         MmaInstruction::Warpgroup { in_flight } => (true, in_flight as usize),
@@ -78,6 +83,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         true => warpgroup_attention_layouts(d, dv, bk, precision),
         false => attention_layouts(d, dv, bk, precision),
     };
+    let overlapped = warpgroups && in_flight > 0 && dv > 0;
     let inv = 32 * warps;
     // TF32 products: the keys' rows interleaved, so that the scores lie where the value
     // products' A fragments want them ([`weight_of`]); for warpgroup products at TF32×3 each
@@ -168,7 +174,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     let tiles = [Some(&tile_k), tile_v.as_ref()];
     let pipe = Pipeline::new(b, tiles, [&mem_k, &mem_v], lens, stages, Some(&ops), async_copies, &lin)
         .read_by_async_proxy(warpgroups)
-        .with_products_in_flight(in_flight)
+        .with_products_in_flight(usize::from(overlapped))
         .splitting_into(split);
     // On NVVM, where 16-bit fragments are read with `ldmatrix`: the key and value tiles'
     // pointers.
@@ -208,97 +214,81 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         pipe.filled(b);
     }
 
-    // Carried over the key tiles: each row's running max and this lane's part of its sum, and
-    // the output accumulators (4 per 8 columns of the value row).
-    let n_out = dv / MMA_N * C_FRAGMENT.len();
-    let types = vec![ty; 4 + n_out].join(", ");
-    let mut carried = vec![
-        format!("%fm0 = {neg_inf}"),
-        format!("%fm1 = {neg_inf}"),
-        format!("%fl0 = {zero}"),
-        format!("%fl1 = {zero}"),
-    ];
-    carried.extend((0..n_out).map(|i| format!("%fo{i} = {zero}")));
-    b.open(format!(
-        "%fa:{} = scf.for %fk = {c0} to {kend} step {bkc} iter_args({}) -> ({types})",
-        4 + n_out,
-        carried.join(", ")
-    ));
-    let (cur_k, cur_v, next) = if stages >= 2 {
-        // Tile t + S − 1, less the products in flight (the last one again past the end for
-        // the registers' tiles, into a stage no one reads; copied only where it is visited).
-        let t = b.assign(format!("arith.divui %fk, {bkc} : index"));
-        let ([cur_k, cur_v], next) = pipe.arrive(b, &t);
+    // Opens the step of the key tile at `fk`: waits for its tiles and sends tile t + S − 1 on
+    // its way (less the products in flight; the last one again past the end for the
+    // registers' tiles, into a stage no one reads; copied only where it is visited), or with
+    // one stage reads the tile and publishes it.
+    let open_step = |b: &mut Body, fk: &str| -> Step {
+        if stages < 2 {
+            let fk_tile = tile_k.fetch(b, &lin, (fk, &c0), &zero, ty);
+            let fv = tile_v.as_ref().map(|t| t.fetch(b, &lin, (fk, &c0), &zero, ty));
+            tile_k.deposit(b, &fk_tile, &mem_k, &c0, entering, ty);
+            if let (Some(t), Some(fv)) = (&tile_v, &fv) {
+                t.deposit(b, fv, &mem_v, &c0, entering, ty);
+            }
+            b.line("gpu.barrier");
+            return Step { keys: c0.clone(), values: c0.clone(), next: None };
+        }
+        let t = b.assign(format!("arith.divui {fk}, {bkc} : index"));
+        let ([keys, values], next) = pipe.arrive(b, &t);
         let ahead = b.index(pipe.ahead_by() * bk);
-        let kn = b.assign(format!("arith.addi %fk, {ahead} : index"));
+        let kn = b.assign(format!("arith.addi {fk}, {ahead} : index"));
         let clamped = b.assign(format!("arith.minui {kn}, {last} : index"));
         let real = visited(b, &kn);
         let fetched = pipe.ahead(b, (&origins(&clamped), &origins(&kn)), real.as_deref(), &next, &zero, ty);
-        (cur_k, cur_v, Some((fetched, next)))
-    } else {
-        let fk = tile_k.fetch(b, &lin, ("%fk", &c0), &zero, ty);
-        let fv = tile_v.as_ref().map(|t| t.fetch(b, &lin, ("%fk", &c0), &zero, ty));
-        tile_k.deposit(b, &fk, &mem_k, &c0, entering, ty);
-        if let (Some(t), Some(fv)) = (&tile_v, &fv) {
-            t.deposit(b, fv, &mem_v, &c0, entering, ty);
-        }
-        b.line("gpu.barrier");
-        (c0.clone(), c0.clone(), None)
+        Step { keys, values, next: Some((fetched, next)) }
     };
-    // Scores: key `n` of the tile is column `n` of the B operand, its element `e` row `e`.
+    // Closes a step: stores the registers' tiles it read ahead, or with one stage the
+    // barrier before the tile is overwritten.
+    let close_step = |b: &mut Body, step: Step| match step.next {
+        Some((fetched, next)) => pipe.close(b, &fetched, &next, ty),
+        None => b.line("gpu.barrier"),
+    };
+
+    // The scores of the queries against the key tile in the stage at `cur_k`, as
+    // accumulators (per 8 keys, in the order of `C_FRAGMENT`); as warpgroup products issued,
+    // to be awaited. Key `n` of the tile is column `n` of the B operand, its element `e` row
+    // `e`.
     let (kr, kc) = (lay.keys.row, lay.keys.col);
-    let key_lane = offset_at(b, 0, &[(Some(&l.group), kr), (Some(&k_lane), kc)]);
-    let key_lane = b.assign(format!("arith.addi {cur_k}, {key_lane} : index"));
-    let mut scores: Vec<Vec<String>> = vec![vec![zero.clone(); C_FRAGMENT.len()]; bk / MMA_N];
-    // The output accumulators carried in (the previous step's value products may still run).
-    let mut carried_outs: Vec<String> = (0..n_out).map(|i| format!("%fo{i}")).collect();
-    if let Some(g) = &group {
-        // The warpgroup's 64 queries times the whole key tile, 16 elements of the head at a
-        // time.
-        let products = q_frags
-            .iter()
-            .zip(&g.q_words)
-            .enumerate()
-            .map(|(kk, (af, words))| (af, words.as_ref(), lay.keys.offset(0, kk * frag.k)))
-            .collect::<Vec<_>>();
-        let acc = g.products(b, &l, &ops, (&mem_k, &cur_k, 0), &products, scores.concat());
-        // The softmax reads the scores next, and rescales the outputs: every group done.
-        let n_scores = acc.len();
-        let mut waited = if in_flight > 0 { [acc, carried_outs.clone()].concat() } else { acc };
-        waited = g.awaited(b, waited);
-        if in_flight > 0 {
-            carried_outs = waited.split_off(n_scores);
+    let issue_scores = |b: &mut Body, cur_k: &str| -> Vec<String> {
+        let mut scores: Vec<Vec<String>> = vec![vec![zero.clone(); C_FRAGMENT.len()]; bk / MMA_N];
+        if let Some(g) = &group {
+            // The warpgroup's 64 queries times the whole key tile, 16 (TF32: 8) elements of the
+            // head at a time.
+            let products = q_frags
+                .iter()
+                .zip(&g.q_words)
+                .enumerate()
+                .map(|(kk, (af, words))| (af, words.as_ref(), lay.keys.offset(0, kk * frag.k)))
+                .collect::<Vec<_>>();
+            return g.products(b, &l, &ops, (&mem_k, cur_k, 0), &products, scores.concat());
         }
-        scores = waited.chunks(C_FRAGMENT.len()).map(<[String]>::to_vec).collect();
-    } else if precision.paired() && (bk / MMA_N).is_multiple_of(2) {
-        // 16-bit keys through `ldmatrix`: lane `8j + i` names key `i` (+ 8 for `j / 2`) of
-        // the pair of 8-key blocks, elements from 8 × (`j % 2`) of the k block; the keys' rows
-        // are the B operand's columns.
-        for nb in (0..bk / MMA_N).step_by(2) {
-            for (kk, af) in q_frags.iter().enumerate() {
-                let mut row_at = |b: &mut Body, i: &str, h: &str, q: &str| {
-                    let key = plus(b, i, nb * MMA_N);
-                    let key = eight(b, &key, q);
-                    let e = b.index(kk * frag.k);
-                    let e = eight(b, &e, h);
-                    let at = offset_at(b, 0, &[(Some(&key), kr), (Some(&e), kc)]);
-                    b.assign(format!("arith.addi {cur_k}, {at} : index"))
-                };
-                let m = l.ldmatrix(
-                    b,
-                    &ops,
-                    &mem_k,
-                    matrix_ptrs.as_ref().map(|p| p[0].as_str()),
-                    false,
-                    &mut row_at,
-                );
-                for (half, pair) in m.chunks(2).enumerate() {
-                    let c = &scores[nb + half];
-                    scores[nb + half] = mma_parts(b, &l, af, &joined(pair), c);
+        if precision.paired() && (bk / MMA_N).is_multiple_of(2) {
+            // 16-bit keys through `ldmatrix`: lane `8j + i` names key `i` (+ 8 for `j / 2`) of
+            // the pair of 8-key blocks, elements from 8 × (`j % 2`) of the k block; the keys'
+            // rows are the B operand's columns.
+            for nb in (0..bk / MMA_N).step_by(2) {
+                for (kk, af) in q_frags.iter().enumerate() {
+                    let mut row_at = |b: &mut Body, i: &str, h: &str, q: &str| {
+                        let key = plus(b, i, nb * MMA_N);
+                        let key = eight(b, &key, q);
+                        let e = b.index(kk * frag.k);
+                        let e = eight(b, &e, h);
+                        let at = offset_at(b, 0, &[(Some(&key), kr), (Some(&e), kc)]);
+                        b.assign(format!("arith.addi {cur_k}, {at} : index"))
+                    };
+                    let ptr = matrix_ptrs.as_ref().map(|p| p[0].as_str());
+                    let m = l.ldmatrix(b, &ops, &mem_k, ptr, false, &mut row_at);
+                    for (half, pair) in m.chunks(2).enumerate() {
+                        let c = &scores[nb + half];
+                        scores[nb + half] = mma_parts(b, &l, af, &joined(pair), c);
+                    }
                 }
             }
+            return scores.concat();
         }
-    } else {
+        let key_lane = offset_at(b, 0, &[(Some(&l.group), kr), (Some(&k_lane), kc)]);
+        let key_lane = b.assign(format!("arith.addi {cur_k}, {key_lane} : index"));
         for (nb, c) in scores.iter_mut().enumerate() {
             for (kk, af) in q_frags.iter().enumerate() {
                 let mut at = |b: &mut Body, dr: usize, dc: usize| {
@@ -308,116 +298,116 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
                 *c = mma_parts(b, &l, af, &bf, c);
             }
         }
-    }
+        scores.concat()
+    };
 
-    // Scale, mask, hide; the tile's max per row, over the quad. Accumulator column `c` of
+    // The online softmax of the tile at `fk` from its scores and the rows' running max and
+    // sums: scale, mask, hide; the tile's max per row, over the quad; the new max, the
+    // factor exp(m − m_new) the outputs are rescaled by, the weights `p = exp(score − m_new)`
+    // (0 for a row with nothing to see) and the sums with them. Accumulator column `c` of
     // each 8 holds key `c` of them, or with the keys interleaved key `c / 2 + 4·(c mod 2)`
     // (this lane's columns `2·in_group` and `2·in_group + 1`: keys `in_group` and
     // `in_group + 4`).
     let sc = b.float(o.scale, ty);
-    let (j_lane, key_step) = match interleaved {
-        true => (b.assign(format!("arith.addi %fk, {} : index", l.in_group)), 4),
-        false => (b.assign(format!("arith.addi %fk, {two_t} : index")), 1),
+    let softmax = |b: &mut Body, fk: &str, scores: &[String], [m0, m1]: [&str; 2], [l0, l1]: [&str; 2]| {
+        let (j_lane, key_step) = match interleaved {
+            true => (b.assign(format!("arith.addi {fk}, {} : index", l.in_group)), 4),
+            false => (b.assign(format!("arith.addi {fk}, {two_t} : index")), 1),
+        };
+        let mut tmax = [neg_inf.clone(), neg_inf.clone()];
+        let mut scores: Vec<Vec<String>> = scores.chunks(C_FRAGMENT.len()).map(<[String]>::to_vec).collect();
+        for (nb, c) in scores.iter_mut().enumerate() {
+            for (e, s) in c.iter_mut().enumerate() {
+                let (dr, dc) = C_FRAGMENT[e];
+                let half = dr / 8;
+                let j = plus(b, &j_lane, nb * MMA_N + dc * key_step);
+                let mut score = b.fmul(s, &sc, ty);
+                if let (Some(mv), Some(mb), Some(ma)) = (o.mask, &o.m_base, &o.mask_arg) {
+                    let jc = clamp(b, &j, sk);
+                    let off = offset_at(
+                        b,
+                        0,
+                        &[(Some(&rows_c[half]), mv.strides[r - 2]), (Some(&jc), mv.strides[r - 1])],
+                    );
+                    let at = b.assign(format!("arith.addi {mb}, {off} : index"));
+                    let m = load(b, ma, mv, &at);
+                    score = b.fadd(&score, &m, ty);
+                }
+                let mut hidden = b.assign(format!("arith.cmpi uge, {j}, {} : index", o.sk_run));
+                if o.causal {
+                    let future = b.assign(format!("arith.cmpi ugt, {j}, {} : index", rows[half]));
+                    hidden = b.assign(format!("arith.ori {hidden}, {future} : i1"));
+                }
+                *s = b.select(&hidden, &neg_inf, &score, ty);
+                tmax[half] = b.fmax(&tmax[half], s, ty);
+            }
+        }
+        let tmax = quads.all(b, &tmax, Combine::Max);
+        let mut m_new = [m0, m1].map(str::to_string);
+        let mut dead = [String::new(), String::new()];
+        let mut corr = [String::new(), String::new()];
+        for (half, t) in tmax.iter().enumerate() {
+            let m = b.fmax(&m_new[half], t, ty);
+            let gone = b.fcmp("oeq", &m, &neg_inf, ty);
+            let shift = b.fsub(&m_new[half], &m, ty);
+            let c = b.exp(&shift, ty);
+            corr[half] = b.select(&gone, &one, &c, ty);
+            m_new[half] = m;
+            dead[half] = gone;
+        }
+        let mut sums = [b.fmul(l0, &corr[0], ty), b.fmul(l1, &corr[1], ty)];
+        let mut weights = Vec::with_capacity(scores.len());
+        for c in &scores {
+            for (e, s) in c.iter().enumerate() {
+                let half = C_FRAGMENT[e].0 / 8;
+                let x = b.fsub(s, &m_new[half], ty);
+                let p = b.exp(&x, ty);
+                let p = b.select(&dead[half], &zero, &p, ty);
+                sums[half] = b.fadd(&sums[half], &p, ty);
+                weights.push(p);
+            }
+        }
+        Softmax { max: m_new, corr, sums, weights }
     };
-    let mut tmax = [neg_inf.clone(), neg_inf.clone()];
-    for (nb, c) in scores.iter_mut().enumerate() {
-        for (e, s) in c.iter_mut().enumerate() {
-            let (dr, dc) = C_FRAGMENT[e];
-            let half = dr / 8;
-            let j = plus(b, &j_lane, nb * MMA_N + dc * key_step);
-            let mut score = b.fmul(s, &sc, ty);
-            if let (Some(mv), Some(mb), Some(ma)) = (o.mask, &o.m_base, &o.mask_arg) {
-                let jc = clamp(b, &j, sk);
-                let off = offset_at(
-                    b,
-                    0,
-                    &[(Some(&rows_c[half]), mv.strides[r - 2]), (Some(&jc), mv.strides[r - 1])],
-                );
-                let at = b.assign(format!("arith.addi {mb}, {off} : index"));
-                let m = load(b, ma, mv, &at);
-                score = b.fadd(&score, &m, ty);
-            }
-            let mut hidden = b.assign(format!("arith.cmpi uge, {j}, {} : index", o.sk_run));
-            if o.causal {
-                let future = b.assign(format!("arith.cmpi ugt, {j}, {} : index", rows[half]));
-                hidden = b.assign(format!("arith.ori {hidden}, {future} : i1"));
-            }
-            *s = b.select(&hidden, &neg_inf, &score, ty);
-            tmax[half] = b.fmax(&tmax[half], s, ty);
-        }
-    }
-    let tmax = quads.all(b, &tmax, Combine::Max);
+    // The output accumulators times each row's factor.
+    let rescaled = |b: &mut Body, outs: &[String], corr: &[String; 2]| -> Vec<String> {
+        outs.iter()
+            .enumerate()
+            .map(|(i, o)| b.fmul(o, &corr[C_FRAGMENT[i % C_FRAGMENT.len()].0 / 8], ty))
+            .collect()
+    };
 
-    // Online softmax: rescale the output rows by exp(m − m_new) once; the weights
-    // `p = exp(score − m_new)` (0 for a row with nothing to see) into this lane's sums.
-    let mut m_new = Vec::with_capacity(2);
-    let mut dead = Vec::with_capacity(2);
-    let mut corr = Vec::with_capacity(2);
-    for (half, t) in tmax.iter().enumerate() {
-        let m_old = format!("%fm{half}");
-        let m = b.fmax(&m_old, t, ty);
-        let gone = b.fcmp("oeq", &m, &neg_inf, ty);
-        let shift = b.fsub(&m_old, &m, ty);
-        let c = b.exp(&shift, ty);
-        corr.push(b.select(&gone, &one, &c, ty));
-        m_new.push(m);
-        dead.push(gone);
-    }
-    let mut sums = [b.fmul("%fl0", &corr[0], ty), b.fmul("%fl1", &corr[1], ty)];
-    let mut outs: Vec<String> = carried_outs
-        .iter()
-        .enumerate()
-        .map(|(i, o)| {
-            let half = C_FRAGMENT[i % C_FRAGMENT.len()].0 / 8;
-            b.fmul(o, &corr[half], ty)
-        })
-        .collect();
-    let mut weights: Vec<Vec<String>> = Vec::with_capacity(scores.len());
-    for c in &scores {
-        let mut w = Vec::with_capacity(c.len());
-        for (e, s) in c.iter().enumerate() {
-            let half = C_FRAGMENT[e].0 / 8;
-            let x = b.fsub(s, &m_new[half], ty);
-            let p = b.exp(&x, ty);
-            let p = b.select(&dead[half], &zero, &p, ty);
-            sums[half] = b.fadd(&sums[half], &p, ty);
-            w.push(p);
-        }
-        weights.push(w);
-    }
-
-    if dv > 0 {
-        // The weights as the value products' A operand, one fragment per k keys.
-        // The scores' accumulators lie where the A fragments want them (for TF32 products with
-        // the keys interleaved), so the weights stay in registers ([`weight_of`]).
-        let w_frags: Vec<Fragment> = (0..bk / frag.k)
-            .map(|kk| {
-                let parts = frag
-                    .a
+    // `outs += weights · values` with the value tile in the stage at `cur_v`; as warpgroup
+    // products issued, to be awaited. The scores' accumulators lie where the A fragments want
+    // the weights (for TF32 products with the keys interleaved), so the weights stay in
+    // registers ([`weight_of`]), one fragment per k keys.
+    let issue_values =
+        |b: &mut Body, weights: &[String], cur_v: &str, mut outs: Vec<String>| -> Vec<String> {
+            let w_frags: Vec<Fragment> = (0..bk / frag.k)
+                .map(|kk| {
+                    let parts = frag
+                        .a
+                        .iter()
+                        .map(|&(dr, dc)| {
+                            let (nb, e) = weight_of(kk, (dr, dc), frag);
+                            ops.computed(b, &weights[nb * C_FRAGMENT.len() + e])
+                        })
+                        .collect();
+                    Fragment::Elements(parts)
+                })
+                .collect();
+            if let Some(g) = &group {
+                // The warpgroup's weights times the whole value tile, 16 (TF32: 8) keys at a time.
+                let w_words: Vec<Option<Vec<Vec<String>>>> =
+                    w_frags.iter().map(|f| nvvm.then(|| part_words(b, precision, f))).collect();
+                let products = w_frags
                     .iter()
-                    .map(|&(dr, dc)| {
-                        let (nb, e) = weight_of(kk, (dr, dc), frag);
-                        ops.computed(b, &weights[nb][e])
-                    })
-                    .collect();
-                Fragment::Elements(parts)
-            })
-            .collect();
-        if let Some(g) = &group {
-            // The warpgroup's weights times the whole value tile, 16 keys at a time.
-            let w_words: Vec<Option<Vec<Vec<String>>>> =
-                w_frags.iter().map(|f| nvvm.then(|| part_words(b, precision, f))).collect();
-            let products = w_frags
-                .iter()
-                .zip(&w_words)
-                .enumerate()
-                .map(|(kk, (af, words))| (af, words.as_ref(), lay.values.offset(kk * frag.k, 0)))
-                .collect::<Vec<_>>();
-            outs = g.products(b, &l, &ops, (&mem_v, &cur_v, 1), &products, outs);
-            if in_flight == 0 {
-                outs = g.awaited(b, outs);
+                    .zip(&w_words)
+                    .enumerate()
+                    .map(|(kk, (af, words))| (af, words.as_ref(), lay.values.offset(kk * frag.k, 0)))
+                    .collect::<Vec<_>>();
+                return g.products(b, &l, &ops, (&mem_v, cur_v, 1), &products, outs);
             }
-        } else {
             let (vr, vc) = (lay.values.row, lay.values.col);
             let v_lane = offset_at(b, 0, &[(Some(&k_lane), vr), (Some(&l.group), vc)]);
             let v_lane = b.assign(format!("arith.addi {cur_v}, {v_lane} : index"));
@@ -455,26 +445,117 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
                     outs[base..base + C_FRAGMENT.len()].clone_from_slice(&d);
                 }
             }
+            outs
+        };
+    // `values` once no more than `pending` groups of warpgroup products run.
+    let awaited = |b: &mut Body, values: Vec<String>, pending: usize| match &group {
+        Some(g) => g.awaited(b, values, pending),
+        None => values,
+    };
+
+    // Carried over the key tiles: each row's running max and this lane's part of its sum, and
+    // the output accumulators (4 per 8 columns of the value row); overlapped, also the
+    // previous tile's weights and the stage of its values.
+    let n_out = dv / MMA_N * C_FRAGMENT.len();
+    let n_weights = bk / MMA_N * C_FRAGMENT.len();
+    let outs_in: Vec<String> = (0..n_out).map(|i| format!("%fo{i}")).collect();
+    let walked = if overlapped {
+        // The first tile's scores and softmax (its outputs are still zero).
+        let step = open_step(b, &c0);
+        let scores = issue_scores(b, &step.keys);
+        let scores = awaited(b, scores, 0);
+        let first = softmax(b, &c0, &scores, [&neg_inf, &neg_inf], [&zero, &zero]);
+        let first_values = step.values.clone();
+        close_step(b, step);
+
+        // Step t issues its score products, then the value products of tile t − 1 with the
+        // weights carried in; the softmax of tile t runs while those are in flight, and the
+        // outputs are rescaled once they are done.
+        let names = ["%fm0", "%fm1", "%fl0", "%fl1"].map(str::to_string).into_iter();
+        let names = names.chain((0..n_out).map(|i| format!("%fo{i}")));
+        let names = names.chain((0..n_weights).map(|i| format!("%fw{i}"))).chain(["%fv".to_string()]);
+        let inits = [
+            first.max.to_vec(),
+            first.sums.to_vec(),
+            vec![zero.clone(); n_out],
+            first.weights,
+            vec![first_values],
+        ]
+        .concat();
+        let carried: Vec<String> = names.zip(&inits).map(|(n, v)| format!("{n} = {v}")).collect();
+        let types = [vec![ty; 4 + n_out + n_weights], vec!["index"]].concat();
+        b.open(format!(
+            "%fa:{} = scf.for %fk = {bkc} to {kend} step {bkc} iter_args({}) -> ({})",
+            carried.len(),
+            carried.join(", "),
+            types.join(", ")
+        ));
+        let step = open_step(b, "%fk");
+        let scores = issue_scores(b, &step.keys);
+        let weights: Vec<String> = (0..n_weights).map(|i| format!("%fw{i}")).collect();
+        let outs = issue_values(b, &weights, "%fv", outs_in);
+        let scores = awaited(b, scores, 1);
+        let s = softmax(b, "%fk", &scores, ["%fm0", "%fm1"], ["%fl0", "%fl1"]);
+        let outs = awaited(b, outs, 0);
+        let outs = rescaled(b, &outs, &s.corr);
+        let values = step.values.clone();
+        close_step(b, step);
+        let yielded = [s.max.to_vec(), s.sums.to_vec(), outs, s.weights, vec![values]].concat();
+        b.line(format!("scf.yield {} : {}", yielded.join(", "), types.join(", ")));
+        b.close("");
+        let ran = (!nvvm).then(|| b.assign(format!("arith.cmpi ult, {bkc}, {kend} : index")));
+        let mut results = loop_results(b, ran.as_deref(), &inits, &types);
+
+        // The last tile's value products.
+        let last_values = results.pop().expect("the values' stage is carried last");
+        let weights = results.split_off(4 + n_out);
+        let outs = results.split_off(4);
+        let outs = issue_values(b, &weights, &last_values, outs);
+        let outs = awaited(b, outs, 0);
+        Walked {
+            max: [results[0].clone(), results[1].clone()],
+            sums: [results[2].clone(), results[3].clone()],
+            outs,
         }
-    }
-    match next {
-        Some((fetched, next)) => pipe.close(b, &fetched, &next, ty),
-        None => b.line("gpu.barrier"),
-    }
-    let mut yielded = vec![m_new[0].clone(), m_new[1].clone(), sums[0].clone(), sums[1].clone()];
-    yielded.extend(outs);
-    b.line(format!("scf.yield {} : {types}", yielded.join(", ")));
-    b.close("");
+    } else {
+        // Step t: the tile's scores, awaited; its softmax; its value products, awaited.
+        let names = ["%fm0", "%fm1", "%fl0", "%fl1"].map(str::to_string).into_iter();
+        let names = names.chain((0..n_out).map(|i| format!("%fo{i}")));
+        let inits = [vec![neg_inf.clone(); 2], vec![zero.clone(); 2 + n_out]].concat();
+        let carried: Vec<String> = names.zip(&inits).map(|(n, v)| format!("{n} = {v}")).collect();
+        let types = vec![ty; 4 + n_out];
+        b.open(format!(
+            "%fa:{} = scf.for %fk = {c0} to {kend} step {bkc} iter_args({}) -> ({})",
+            4 + n_out,
+            carried.join(", "),
+            types.join(", ")
+        ));
+        let step = open_step(b, "%fk");
+        let scores = issue_scores(b, &step.keys);
+        let scores = awaited(b, scores, 0);
+        let s = softmax(b, "%fk", &scores, ["%fm0", "%fm1"], ["%fl0", "%fl1"]);
+        let mut outs = rescaled(b, &outs_in, &s.corr);
+        if dv > 0 {
+            outs = issue_values(b, &s.weights, &step.values, outs);
+            outs = awaited(b, outs, 0);
+        }
+        close_step(b, step);
+        let yielded = [s.max.to_vec(), s.sums.to_vec(), outs].concat();
+        b.line(format!("scf.yield {} : {}", yielded.join(", "), types.join(", ")));
+        b.close("");
+        let ran = (!nvvm).then(|| b.assign(format!("arith.cmpi ult, {c0}, {kend} : index")));
+        let mut results = loop_results(b, ran.as_deref(), &inits, &types);
+        let outs = results.split_off(4);
+        Walked {
+            max: [results[0].clone(), results[1].clone()],
+            sums: [results[2].clone(), results[3].clone()],
+            outs,
+        }
+    };
     pipe.drain(b);
 
-    // The last step's value products finish before their outputs are read.
-    let mut results: Vec<String> = (0..n_out).map(|i| format!("%fa#{}", 4 + i)).collect();
-    if let Some(g) = group.as_ref().filter(|_| in_flight > 0) {
-        results = g.awaited(b, results);
-    }
     // Each row's sum over its quad; the output rows divided by it, and the log-sum-exp.
-    let partial = ["%fa#2".to_string(), "%fa#3".to_string()];
-    let sums = quads.all(b, &partial, Combine::Add);
+    let sums = quads.all(b, &walked.sums, Combine::Add);
     for (half, row) in rows.iter().enumerate() {
         let valid = b.assign(format!("arith.cmpi ult, {row}, {} : index", o.sq_run));
         b.open(format!("scf.if {valid}"));
@@ -484,7 +565,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
                     if dr / 8 != half {
                         continue;
                     }
-                    let x = &results[nb * C_FRAGMENT.len() + e];
+                    let x = &walked.outs[nb * C_FRAGMENT.len() + e];
                     let y = b.fdiv(x, &sums[half], ty);
                     let col = plus(b, &two_t, nb * MMA_N + dc);
                     let off =
@@ -498,7 +579,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
             let first_lane = b.assign(format!("arith.cmpi eq, {}, {c0} : index", l.in_group));
             b.open(format!("scf.if {first_lane}"));
             let log_l = b.log(&sums[half], ty);
-            let y = b.fadd(&format!("%fa#{half}"), &log_l, ty);
+            let y = b.fadd(&walked.max[half], &log_l, ty);
             let off = offset_at(b, 0, &[(Some(row), lv.strides[r - 2])]);
             let at = b.assign(format!("arith.addi {l_base}, {off} : index"));
             store(b, &y, lse_arg, lv, &at);
@@ -506,6 +587,46 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         }
         b.close("");
     }
+}
+
+/// The results of the walk's loop (`%fa`, of `types`), each its `inits` value where `ran`
+/// says the loop ran no step (SPIR-V: MLIR's SCF lowering passes a loop's results through
+/// variables that only its steps store, so a loop that runs none leaves them undefined;
+/// NVVM's keeps them as block arguments, and needs no `ran`).
+fn loop_results(b: &mut Body, ran: Option<&str>, inits: &[String], types: &[&str]) -> Vec<String> {
+    let results = (0..inits.len()).map(|i| format!("%fa#{i}"));
+    match ran {
+        Some(ran) => {
+            results.zip(inits.iter().zip(types)).map(|(r, (init, ty))| b.select(ran, &r, init, ty)).collect()
+        }
+        None => results.collect(),
+    }
+}
+
+/// A step of the walk as opened: the offsets of its key and value tiles' stage, and what it
+/// sends ahead (the registers' tiles read, to be stored, and the stages they go to); `None`
+/// with one stage.
+struct Step {
+    keys: String,
+    values: String,
+    next: Option<([Option<Fetched>; 2], [String; 2])>,
+}
+
+/// The online softmax of a key tile: each of the lane's two rows' new max, the factor its
+/// outputs are rescaled by, and its part of the sum; the weights, one per score accumulator.
+struct Softmax {
+    max: [String; 2],
+    corr: [String; 2],
+    sums: [String; 2],
+    weights: Vec<String>,
+}
+
+/// After the walk: each row's max and this lane's part of its sum, and the output
+/// accumulators (every product done).
+struct Walked {
+    max: [String; 2],
+    sums: [String; 2],
+    outs: Vec<String>,
 }
 
 /// One warpgroup product of a step: its A fragment, on NVVM its registers per part
@@ -572,11 +693,11 @@ impl Warpgroup {
         acc
     }
 
-    /// `values` once every group of products is done (NVVM: after the wait, through an empty
-    /// instruction, so nothing reads them early).
-    fn awaited(&self, b: &mut Body, values: Vec<String>) -> Vec<String> {
+    /// `values` once no more than `pending` groups of products run, the latest ones (NVVM:
+    /// after the wait, through an empty instruction, so nothing reads them early).
+    fn awaited(&self, b: &mut Body, values: Vec<String>, pending: usize) -> Vec<String> {
         match self.addresses {
-            Some(_) => wgmma::finished(b, &values),
+            Some(_) => wgmma::finished(b, pending, &values),
             None => values,
         }
     }

@@ -290,7 +290,7 @@ pub fn emit(
     let results: Vec<String> = (0..nacc).map(|i| format!("%acc#{i}")).collect();
     // Warpgroup products still in flight finish before their accumulators are read.
     let results = match &inner {
-        Step::Warpgroups { group, .. } if group.addresses.is_some() => wgmma::finished(&mut b, &results),
+        Step::Warpgroups { group, .. } if group.addresses.is_some() => wgmma::finished(&mut b, 0, &results),
         Step::Warpgroups { .. } | Step::Simt { .. } | Step::TensorCores { .. } => results,
     };
 

@@ -137,7 +137,9 @@ pub enum MmaInstruction {
     /// 64-row A tile and a B tile that lie in shared memory as 8 × 8 core matrices, named by
     /// matrix descriptors; only the f32 accumulators are in registers. The products of a k
     /// tile run asynchronously as one group; `in_flight` groups may still run when the next
-    /// tile's are issued, so the stages they read are refilled that many steps later.
+    /// tile's are issued, so the stages they read are refilled that many steps later. In
+    /// attention (at most one) a key tile's value products run while the next tile's scores
+    /// form and its softmax is computed.
     Warpgroup { in_flight: u32 },
 }
 
@@ -908,8 +910,8 @@ impl GpuPlan {
                 continue;
             }
             // Per invocation (of 128 for 64 rows): the tile's scores and the weights beside
-            // them (a step's value products, in flight into the next step, read theirs while
-            // that step's scores form), the output accumulators and the query fragments.
+            // them (the previous tile's value products read theirs while this tile's scores
+            // form and its softmax runs), the output accumulators and the query fragments.
             // Operands take a register per two 16-bit values, per TF32 value one or (TF32×3)
             // two parts, and stay until their products are done.
             let operand = |n: usize| n / 2 * precision.parts() / (1 + usize::from(precision.paired()));
@@ -939,7 +941,8 @@ impl GpuPlan {
                     precision,
                     stages: stages as u32,
                     async_copies: true,
-                    // At most one: each step awaits its score products.
+                    // At most one: the value products of one tile while the next tile's
+                    // scores form and its softmax runs.
                     instruction: MmaInstruction::Warpgroup {
                         in_flight: products_in_flight(stages, caps).min(1),
                     },
@@ -1022,7 +1025,13 @@ impl GpuPlan {
                 instruction,
             } => {
                 let copies = if *async_copies { ", async copies" } else { "" };
-                let (layout, flight) = instruction.layout_and_flight();
+                let (layout, flight) = match instruction.layout_and_flight() {
+                    // The walk is overlapped (`attention_mma`).
+                    (layout, flight) if !flight.is_empty() && *dv > 0 => {
+                        (layout, ", each tile's value products beside the next tile's softmax".to_string())
+                    }
+                    other => other,
+                };
                 format!(
                     "attention on tensor cores: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {warps} warps of 16 queries per workgroup, key tiles of {block_k} in shared memory{layout} ({stages} stages{copies}{flight}), {} m{}n{}k{} on {}, f32 accumulators, online softmax",
                     instruction.name(), shape[0], shape[1], shape[2], precision.operands()
@@ -1787,7 +1796,7 @@ mod tests {
     /// 16-bit attention on `sm_90a` takes warpgroup products: two warpgroups, key tiles of
     /// 128 in 3 stages of dynamic shared memory at heads of 64, of 64 at heads of 128 (the
     /// registers); one warpgroup for 64 queries or fewer; the key tile the caps impose; with 3
-    /// stages a step's value products stay in flight into the next step. Not on
+    /// stages a group of products in flight (the walk overlapped). Not on
     /// sm_90, nor for heads that are not multiples of 16, or tiles that cannot be copied
     /// whole.
     #[test]
@@ -1815,7 +1824,7 @@ mod tests {
         let k64 = GpuCaps { attention_key_tile: Some(64), ..sm90a.clone() };
         // 3 stages of 64 keys take the 48 KiB a kernel declares statically.
         assert_eq!(at(plan(2048, 64, &k64)), Some((8, 64, 3, 1, 16, 0)));
-        // Products in flight as the caps say, at most one (each step awaits its scores).
+        // Products in flight as the caps say, at most one (a tile's value products).
         for (asked, left) in [(0, 0), (1, 1), (2, 1)] {
             let caps = GpuCaps { products_in_flight: Some(asked), ..sm90a.clone() };
             assert_eq!(at(plan(2048, 64, &caps)).map(|p| p.3), Some(left));

@@ -110,10 +110,11 @@ pub(crate) fn group(b: &mut Body) {
     b.line("nvvm.wgmma.commit.group.sync.aligned");
 }
 
-/// Waits for every group, then passes the accumulators through an empty instruction that
-/// claims to change them, so that nothing reads them before the wait.
-pub(crate) fn finished(b: &mut Body, acc: &[String]) -> Vec<String> {
-    b.line("nvvm.wgmma.wait.group.sync.aligned 0");
+/// Waits until no more than `pending` groups run (the latest ones), then passes the
+/// accumulators through an empty instruction that claims to change them, so that nothing
+/// reads them before the wait.
+pub(crate) fn finished(b: &mut Body, pending: usize, acc: &[String]) -> Vec<String> {
+    b.line(format!("nvvm.wgmma.wait.group.sync.aligned {pending}"));
     on_accumulators(b, "", &[], acc)
 }
 
