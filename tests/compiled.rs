@@ -1392,7 +1392,8 @@ fn tf32_warpgroup_products_hold_on_vulkan_with_emulated_wgmma() {
 /// weights') fragments with the key (value) tile, read from the core matrices as the
 /// descriptors describe them. Two warpgroups over 130 and 150 queries, one over 40; key tiles
 /// of 64 in 3 stages (overlapped: a tile's value products run beside the next tile's scores
-/// and softmax, so the copies run one tile ahead) and of 128 in 2, whole (copied, emulated)
+/// and softmax, so the copies run one tile ahead; over 4 whole tiles, copies two tiles ahead
+/// would overwrite the values still to be read) and of 128 in 2, whole (copied, emulated)
 /// or past the keys' end (through registers, zeros past it); an overlapped walk over one tile
 /// only (no step between its first tile's softmax and its last tile's value products); a
 /// mask, a causal attention, and value rows longer than the query rows.
@@ -1408,7 +1409,7 @@ fn warpgroup_attention_holds_on_vulkan_with_emulated_wgmma() {
     // and products' k: a warpgroup's 64 queries leave room for two stages of 128 keys, whose
     // steps wait for all their products)
     let runs = [
-        (spec("wgmma_attention", 130, 192), &caps, [(8, 64, 3, 1, 16), (8, 64, 3, 1, 16)]),
+        (spec("wgmma_attention", 130, 256), &caps, [(8, 64, 3, 1, 16), (8, 64, 3, 1, 16)]),
         (spec("wgmma_attention_short", 40, 150), &caps, [(4, 128, 2, 0, 16), (8, 64, 3, 1, 16)]),
         (spec("wgmma_attention_one_tile", 40, 60), &tile_64, [(4, 64, 3, 1, 16), (4, 64, 3, 1, 16)]),
     ];
