@@ -1471,9 +1471,9 @@ fn tf32_warpgroup_attention_holds_on_vulkan_with_emulated_wgmma() {
     let x3 = kiln_codegen::gpu::MmaPrecision::Tf32x3;
     let tile = |t| kiln_codegen::gpu::GpuCaps { attention_key_tile: Some(t), ..base.clone() };
     // (graph, caps, tolerance, each attention's warps, key tile, stages, value products left
-    // in flight and products' k): two stages of 64 keys (of 32 at TF32×3) fill the 32 KiB of a portable
-    // device beside the emulation's scratch; imposed tiles of 32 (16 at TF32×3) leave room
-    // for three.
+    // in flight and products' k): two stages of 64 keys (of 32 at TF32×3) fill the 32 KiB of
+    // a portable device beside the emulation's scratch; imposed tiles of 32 (16 at TF32×3)
+    // leave room for three.
     let runs = [
         (spec("wgmma_tf32_attention", 130, 192), base.clone().with_tf32(), 1e-2, [(8, 64, 2, 0, 8); 2]),
         (

@@ -67,10 +67,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
     // Warpgroup products, and whether a tile's value products run while the next tile's
     // scores are formed and its softmax computed (overlapped: with products in flight, at
     // least 3 stages, so the stage the value products read is refilled a step later).
-    let (warpgroups, in_flight) = match instruction {
-        MmaInstruction::Sync => (false, 0),
-        MmaInstruction::Warpgroup { in_flight } => (true, in_flight as usize),
-    };
+    let warpgroups = matches!(instruction, MmaInstruction::Warpgroup { .. });
     let ty = "f32";
     let (q, k) = (o.q, o.k);
     let r = q.rank();
@@ -83,7 +80,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         true => warpgroup_attention_layouts(d, dv, bk, precision),
         false => attention_layouts(d, dv, bk, precision),
     };
-    let overlapped = warpgroups && in_flight > 0 && dv > 0;
+    let overlapped = instruction.overlaps_attention(dv);
     let inv = 32 * warps;
     // TF32 products: the keys' rows interleaved, so that the scores lie where the value
     // products' A fragments want them ([`weight_of`]); for warpgroup products at TF32×3 each

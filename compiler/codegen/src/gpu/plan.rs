@@ -152,6 +152,13 @@ impl MmaInstruction {
         }
     }
 
+    /// Whether tensor-core attention with value rows of `dv` runs overlapped (`attention_mma`):
+    /// with a group of warpgroup products in flight, each key tile's value products run while
+    /// the next tile's scores form and its softmax is computed.
+    pub fn overlaps_attention(self, dv: usize) -> bool {
+        matches!(self, MmaInstruction::Warpgroup { in_flight } if in_flight > 0) && dv > 0
+    }
+
     /// How plans print the shared tiles' layout and the products left in flight.
     fn layout_and_flight(self) -> (&'static str, String) {
         match self {
@@ -1025,13 +1032,10 @@ impl GpuPlan {
                 instruction,
             } => {
                 let copies = if *async_copies { ", async copies" } else { "" };
-                let (layout, flight) = match instruction.layout_and_flight() {
-                    // The walk is overlapped (`attention_mma`).
-                    (layout, flight) if !flight.is_empty() && *dv > 0 => {
-                        (layout, ", each tile's value products beside the next tile's softmax".to_string())
-                    }
-                    other => other,
-                };
+                let (layout, mut flight) = instruction.layout_and_flight();
+                if instruction.overlaps_attention(*dv) {
+                    flight = ", each tile's value products beside the next tile's softmax".to_string();
+                }
                 format!(
                     "attention on tensor cores: {batch} × {sq} queries × {sk} keys (d {d}, dv {dv}), {warps} warps of 16 queries per workgroup, key tiles of {block_k} in shared memory{layout} ({stages} stages{copies}{flight}), {} m{}n{}k{} on {}, f32 accumulators, online softmax",
                     instruction.name(), shape[0], shape[1], shape[2], precision.operands()
