@@ -500,8 +500,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         let yielded = [s.max.to_vec(), s.sums.to_vec(), outs, s.weights, vec![values]].concat();
         b.line(format!("scf.yield {} : {}", yielded.join(", "), types.join(", ")));
         b.close("");
-        let ran = (!nvvm).then(|| b.assign(format!("arith.cmpi ult, {bkc}, {kend} : index")));
-        let mut results = loop_results(b, ran.as_deref(), &inits, &types);
+        let mut results: Vec<String> = (0..inits.len()).map(|i| format!("%fa#{i}")).collect();
 
         // The last tile's value products.
         let last_values = results.pop().expect("the values' stage is carried last");
@@ -540,8 +539,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         let yielded = [s.max.to_vec(), s.sums.to_vec(), outs].concat();
         b.line(format!("scf.yield {} : {}", yielded.join(", "), types.join(", ")));
         b.close("");
-        let ran = (!nvvm).then(|| b.assign(format!("arith.cmpi ult, {c0}, {kend} : index")));
-        let mut results = loop_results(b, ran.as_deref(), &inits, &types);
+        let mut results: Vec<String> = (0..inits.len()).map(|i| format!("%fa#{i}")).collect();
         let outs = results.split_off(4);
         Walked {
             max: [results[0].clone(), results[1].clone()],
@@ -583,20 +581,6 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
             b.close("");
         }
         b.close("");
-    }
-}
-
-/// The results of the walk's loop (`%fa`, of `types`), each its `inits` value where `ran`
-/// says the loop ran no step (SPIR-V: MLIR's SCF lowering passes a loop's results through
-/// variables that only its steps store, so a loop that runs none leaves them undefined;
-/// NVVM's keeps them as block arguments, and needs no `ran`).
-fn loop_results(b: &mut Body, ran: Option<&str>, inits: &[String], types: &[&str]) -> Vec<String> {
-    let results = (0..inits.len()).map(|i| format!("%fa#{i}"));
-    match ran {
-        Some(ran) => {
-            results.zip(inits.iter().zip(types)).map(|(r, (init, ty))| b.select(ran, &r, init, ty)).collect()
-        }
-        None => results.collect(),
     }
 }
 

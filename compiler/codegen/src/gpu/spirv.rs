@@ -48,8 +48,15 @@ fn target_env(caps: &GpuCaps) -> String {
 }
 
 /// The conversion from `gpu.module`s (kernels as `gpu.func`) to `spirv.module`s.
+///
+/// Every `scf.for` becomes an `scf.while` first. MLIR's SCF → SPIR-V conversion passes a
+/// loop's results out through function variables: an `scf.for`'s are stored only at the end
+/// of a step, so a loop that runs no step at run time leaves them undefined, while an
+/// `scf.while`'s are stored in its header, which runs at least once. With the loops rewritten
+/// here, no kernel has to guard its loops against running no step.
 pub fn lowering_pipeline() -> &'static str {
-    "builtin.module(gpu.module(canonicalize,cse),map-memref-spirv-storage-class{client-api=vulkan},\
+    "builtin.module(gpu.module(canonicalize,cse,scf-for-to-while),\
+map-memref-spirv-storage-class{client-api=vulkan},\
 gpu.module(convert-math-to-spirv),convert-gpu-to-spirv,\
 spirv.module(spirv-lower-abi-attrs,spirv-update-vce,canonicalize))"
 }
@@ -137,6 +144,43 @@ fn declared_capabilities(text: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A loop over a run-time count carrying a sum: its result must be stored where the loop
+    /// decides whether to run a step, so that a count of 0 leaves the initial value, not an
+    /// undefined one.
+    #[test]
+    fn loop_results_are_stored_before_the_loop_may_exit() {
+        let env = target_env(&GpuCaps::vulkan());
+        let buffer = "memref<4xf32, #spirv.storage_class<StorageBuffer>>";
+        let text = format!(
+            "module attributes {{gpu.container_module}} {{
+gpu.module @k [{env}] {{
+gpu.func @k(%a: {buffer}, %n: index) kernel attributes {{spirv.entry_point_abi = #spirv.entry_point_abi<workgroup_size = [1, 1, 1]>}} {{
+  %c0 = arith.constant 0 : index
+  %c1 = arith.constant 1 : index
+  %init = arith.constant 7.0 : f32
+  %sum = scf.for %i = %c0 to %n step %c1 iter_args(%acc = %init) -> (f32) {{
+    %x = memref.load %a[%i] : {buffer}
+    %s = arith.addf %acc, %x : f32
+    scf.yield %s : f32
+  }}
+  memref.store %sum, %a[%c0] : {buffer}
+  gpu.return
+}}
+}}
+}}"
+        );
+        let context = context();
+        let mut module = Module::parse(&context, &text).expect("the kernel parses");
+        run_pass_pipeline(&context, &mut module, lowering_pipeline()).expect("the kernel lowers");
+        let lowered = module.as_operation().to_string();
+        let from_loop = &lowered[lowered.find("spirv.mlir.loop").expect("a loop")..];
+        let stored = from_loop.find("spirv.Store \"Function\"").expect("the sum is stored");
+        let exit = from_loop.find("spirv.BranchConditional").expect("the loop's exit");
+        assert!(stored < exit, "the sum is stored only after a step has run:\n{from_loop}");
+    }
+
     #[test]
     fn capabilities_are_read_from_the_module_header() {
         let text = "spirv.module @__spv__k0 Logical GLSL450 requires #spirv.vce<v1.3, [Shader, Int64], [SPV_KHR_storage_buffer_storage_class]> {";
