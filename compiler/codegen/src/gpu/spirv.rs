@@ -67,12 +67,17 @@ pub fn compile(kernels: &[GpuKernel], caps: &GpuCaps) -> Result<Vec<SpirvModule>
         return Ok(Vec::new());
     }
     let env = target_env(caps);
-    // Each gpu.module carries the target environment the conversion reads.
+    // Each gpu.module carries the target environment twice: as its target, which
+    // `convert-gpu-to-spirv` reads, and as the `spirv.target_env` attribute, which
+    // `convert-math-to-spirv` reads (without it, that pass assumes a default environment with
+    // no Float64, and leaves every f64 `math` op unconverted).
     let text = module_text(kernels);
     let mut with_env = String::with_capacity(text.len() + kernels.len() * env.len());
     for line in text.lines() {
         match line.strip_prefix("gpu.module @").and_then(|rest| rest.strip_suffix(" {")) {
-            Some(name) => with_env.push_str(&format!("gpu.module @{name} [{env}] {{\n")),
+            Some(name) => with_env.push_str(&format!(
+                "gpu.module @{name} [{env}] attributes {{spirv.target_env = {env}}} {{\n"
+            )),
             None => {
                 with_env.push_str(line);
                 with_env.push('\n');
