@@ -8,14 +8,17 @@
 #                                     the MiniLM golden check on the GPU, then packs and runs the
 #                                     pack below. Results in target/gpu_check/results/.
 #   scripts/gpu_check.sh pack [DIR]   here, with the toolchain and no GPU: compiles a check pack
-#                                     into DIR (default target/gpu_check/pack, about 50 MB):
+#                                     into DIR (default target/gpu_check/pack, about 60 MB):
 #                                     the runtime-only checker (runtime/examples/check_pack.rs),
 #                                     CUDA artifacts of every shipped model (small configs, with
 #                                     inputs and the interpreter's outputs) and the benchmark
-#                                     artifacts (weights synthesized on the GPU machine).
+#                                     artifacts (weights synthesized on the GPU machine); then
+#                                     the same pack as one archive, DIR.tar.xz (about 35 MB).
 #   scripts/gpu_check.sh run [DIR]    on the GPU machine, which needs neither Rust nor LLVM:
 #                                     runs the pack and PyTorch (bench/cuda/peers.py), writes
 #                                     results.md and the JSON beside it into ${OUT:-DIR/results}.
+#                                     DIR may be the archive: it is unpacked beside itself first
+#                                     (with Python's tarfile where tar or xz is missing).
 #
 # KILN_CUDA_ARCH (default sm_90) is the architecture the pack is compiled for. `run` gives each
 # part (a conformance set, the benchmarks) at most KILN_CHECK_LIMIT seconds (default 240). To
@@ -34,7 +37,8 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
 say() { echo "== gpu_check: $*" >&2; }
 
 # name | spec | overrides: every shipped model, at sizes that keep the pack small (a device
-# call carries at most 64 MiB with the repository: `pack` says the pack's size).
+# call carries at most 64 MiB with the repository, so the pack travels as its archive: `pack`
+# says the sizes of both).
 CONFORMANCE=(
     "mlp|models/mlp.ron|"
     "lstm|models/lstm.ron|"
@@ -352,6 +356,35 @@ dedupe() {
     say "pack: $((saved / 1024)) KiB of repeated data files left out"
 }
 
+# Writes the pack DIR as one archive, DIR.tar.xz, with the pack's files at its root: the PTX,
+# manifests and inputs compress well, so the archive is what a device call carries.
+archive() {
+    local dir="$1"
+    rm -f "$dir.tar.xz"
+    XZ_OPT="-6 -T0" tar -C "$dir" -cJf "$dir.tar.xz" .
+    say "archive: $(du -sh "$dir.tar.xz" | cut -f1) in $dir.tar.xz"
+}
+
+# The pack directory `run` was given: PATH itself, or for an archive PATH.tar.xz (as `archive`
+# writes it), the directory PATH it is unpacked into, afresh.
+unpacked() {
+    local path="$1" into
+    if [[ "$path" != *.tar.xz ]]; then
+        echo "$path"
+        return
+    fi
+    into="${path%.tar.xz}"
+    rm -rf "$into"
+    mkdir -p "$into"
+    if command -v tar >/dev/null && command -v xz >/dev/null; then
+        tar -C "$into" -xJf "$path"
+    else
+        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$path" "$into"
+    fi
+    say "unpacked $path into $into"
+    echo "$into"
+}
+
 # Copies back the data files `dedupe` left out of the pack DIR.
 restore() {
     local dir="$1" note
@@ -414,8 +447,11 @@ run_pack() {
 }
 
 case "${1:-all}" in
-    pack) pack "${DIR_ARG:-$TARGET_DIR/gpu_check/pack}" ;;
-    run) run_pack "${DIR_ARG:-$SCRIPT_DIR}" ;;
+    pack)
+        pack "${DIR_ARG:-$TARGET_DIR/gpu_check/pack}"
+        archive "${DIR_ARG:-$TARGET_DIR/gpu_check/pack}"
+        ;;
+    run) run_pack "$(unpacked "${DIR_ARG:-$SCRIPT_DIR}")" ;;
     all)
         cd "$REPO"
         start=$(date +%s)
