@@ -150,28 +150,67 @@ fn f64_transcendental(e: &Expr) -> Option<&'static str> {
     match e {
         Expr::Operand(_) | Expr::Scalar { .. } | Expr::Iota { .. } | Expr::Random { .. } => None,
         Expr::Apply { op, args, dtype, .. } => {
-            let here = match (op, dtype) {
-                (Op::Unary(u), DType::F64) => match u {
-                    UnaryOp::Exp
-                    | UnaryOp::Log
-                    | UnaryOp::Tanh
-                    | UnaryOp::Erf
-                    | UnaryOp::Sin
-                    | UnaryOp::Cos
-                    | UnaryOp::Sigmoid => Some(u.name()),
-                    UnaryOp::Neg
-                    | UnaryOp::Abs
-                    | UnaryOp::Sqrt
-                    | UnaryOp::Rsqrt
-                    | UnaryOp::Recip
-                    | UnaryOp::Relu => None,
-                },
-                (Op::Binary(BinaryOp::Pow), DType::F64) => Some("pow"),
-                (Op::Gelu { .. }, DType::F64) => Some("gelu"),
-                _ => None,
-            };
+            let here = if *dtype == DType::F64 { transcendental(op) } else { None };
             here.or_else(|| args.iter().find_map(f64_transcendental))
         }
+    }
+}
+
+/// The name of `op` where it computes an exp, log, tanh, sine or cosine (which GLSL.std.450
+/// has at 16 and 32 bits only); every op is named here, so a new one must say.
+fn transcendental(op: &Op) -> Option<&'static str> {
+    match op {
+        Op::Unary(u) => match u {
+            UnaryOp::Exp
+            | UnaryOp::Log
+            | UnaryOp::Tanh
+            | UnaryOp::Erf
+            | UnaryOp::Sin
+            | UnaryOp::Cos
+            | UnaryOp::Sigmoid => Some(u.name()),
+            UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Recip | UnaryOp::Relu => {
+                None
+            }
+        },
+        Op::Binary(b) => match b {
+            BinaryOp::Pow => Some("pow"),
+            BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div | BinaryOp::Max | BinaryOp::Min => {
+                None
+            }
+        },
+        Op::MatMulEpilogue { activation, .. } => match activation {
+            Activation::Gelu(_) | Activation::Sigmoid | Activation::Tanh => Some(op.name()),
+            Activation::None | Activation::Relu => None,
+        },
+        Op::Gelu { .. }
+        | Op::Softmax { .. }
+        | Op::LogSoftmax { .. }
+        | Op::Attention { .. }
+        | Op::AttentionLse { .. } => Some(op.name()),
+        Op::Input { .. }
+        | Op::Param { .. }
+        | Op::Const { .. }
+        | Op::Full { .. }
+        | Op::Iota { .. }
+        | Op::RandomUniform { .. }
+        | Op::Compare(_)
+        | Op::Where
+        | Op::Cast { .. }
+        | Op::Reduce { .. }
+        | Op::Reshape { .. }
+        | Op::Transpose { .. }
+        | Op::BroadcastTo { .. }
+        | Op::Slice { .. }
+        | Op::Concat { .. }
+        | Op::Pad { .. }
+        | Op::Gather { .. }
+        | Op::ScatterAdd { .. }
+        | Op::MatMul
+        | Op::Conv2d { .. }
+        | Op::Pool2d { .. }
+        | Op::LayerNorm { .. }
+        | Op::RmsNorm { .. }
+        | Op::AddNorm { .. } => None,
     }
 }
 
