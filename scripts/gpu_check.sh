@@ -377,9 +377,10 @@ unpacked() {
     rm -rf "$into"
     mkdir -p "$into"
     if command -v tar >/dev/null && command -v xz >/dev/null; then
-        tar -C "$into" -xJf "$path"
+        tar -C "$into" -xJf "$path" || return 1
     else
-        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$path" "$into"
+        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$path" "$into" \
+            || return 1
     fi
     say "unpacked $path into $into"
     echo "$into"
@@ -451,7 +452,11 @@ case "${1:-all}" in
         pack "${DIR_ARG:-$TARGET_DIR/gpu_check/pack}"
         archive "${DIR_ARG:-$TARGET_DIR/gpu_check/pack}"
         ;;
-    run) run_pack "$(unpacked "${DIR_ARG:-$SCRIPT_DIR}")" ;;
+    run)
+        # (A failure inside the substitution does not stop the script by itself.)
+        pack_dir="$(unpacked "${DIR_ARG:-$SCRIPT_DIR}")" || exit 1
+        run_pack "$pack_dir"
+        ;;
     all)
         cd "$REPO"
         start=$(date +%s)
