@@ -372,7 +372,7 @@ pub fn emit(
                 DType::F16 | DType::BF16 => {
                     values.iter().map(|x| b.assign(format!("arith.truncf {x} : {ty} to {elem}"))).collect()
                 }
-                _ => values,
+                DType::F32 | DType::F64 | DType::I32 | DType::I64 | DType::Bool => values,
             };
             let vt = format!("vector<{run}x{elem}>");
             let align = run * out.dtype.size_bytes();
