@@ -14,7 +14,8 @@ pub enum GpuLowering {
     Nvvm(NvvmTarget),
 }
 
-/// An NVIDIA architecture the NVPTX backend compiles for.
+/// An NVIDIA architecture the NVPTX backend compiles for, with what its plans need to know of
+/// the GPUs that have it. Every one comes from [`NvvmTarget::by_arch`]'s table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NvvmTarget {
     /// Compute capability, `[9, 0]` for `sm_90`.
@@ -25,24 +26,52 @@ pub struct NvvmTarget {
     /// Whether the modules use the architecture's own features (`sm_90a`: warpgroup products,
     /// `wgmma`), which only GPUs of exactly this compute capability run.
     pub arch_specific: bool,
+    /// The multiprocessors of the architecture's data-centre or largest part (A100, RTX 3090
+    /// class, RTX 4090 class, H100/H200): how many workgroups a wave of a grid runs.
+    pub multiprocessors: u32,
+    /// The shared memory a block of those parts may opt in to
+    /// (`MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`: 163, 99, 99 and 227 KiB).
+    pub max_dynamic_shared_bytes: u32,
+    /// The target's name, `cuda:sm_90a`.
+    pub name: &'static str,
 }
+
+/// Every architecture `--target cuda:ARCH` accepts, oldest first: one row each, so a new one
+/// must state all of its numbers.
+const ARCHITECTURES: [NvvmTarget; 5] = [
+    NvvmTarget::row("cuda:sm_80", [8, 0], [7, 0], false, 108, 166_912),
+    NvvmTarget::row("cuda:sm_86", [8, 6], [7, 1], false, 84, 101_376),
+    NvvmTarget::row("cuda:sm_89", [8, 9], [7, 8], false, 128, 101_376),
+    NvvmTarget::row("cuda:sm_90", [9, 0], [7, 8], false, 132, 232_448),
+    // PTX 8.0 is the first with `wgmma`.
+    NvvmTarget::row("cuda:sm_90a", [9, 0], [8, 0], true, 132, 232_448),
+];
 
 impl NvvmTarget {
     /// The architectures `--target cuda:ARCH` accepts, oldest first.
     pub const ARCHES: [&'static str; 5] = ["sm_80", "sm_86", "sm_89", "sm_90", "sm_90a"];
 
-    /// The target for `sm_XY` (one of [`NvvmTarget::ARCHES`]). `sm_90a` declares PTX 8.0, the
-    /// first with `wgmma`.
+    const fn row(
+        name: &'static str,
+        compute_capability: [u32; 2],
+        ptx_version: [u32; 2],
+        arch_specific: bool,
+        multiprocessors: u32,
+        max_dynamic_shared_bytes: u32,
+    ) -> NvvmTarget {
+        NvvmTarget {
+            compute_capability,
+            ptx_version,
+            arch_specific,
+            multiprocessors,
+            max_dynamic_shared_bytes,
+            name,
+        }
+    }
+
+    /// The target for `sm_XY` (one of [`NvvmTarget::ARCHES`]).
     pub fn by_arch(arch: &str) -> Option<NvvmTarget> {
-        let (cc, ptx, arch_specific) = match arch {
-            "sm_80" => ([8, 0], [7, 0], false),
-            "sm_86" => ([8, 6], [7, 1], false),
-            "sm_89" => ([8, 9], [7, 8], false),
-            "sm_90" => ([9, 0], [7, 8], false),
-            "sm_90a" => ([9, 0], [8, 0], true),
-            _ => return None,
-        };
-        Some(NvvmTarget { compute_capability: cc, ptx_version: ptx, arch_specific })
+        ARCHITECTURES.into_iter().find(|t| t.name.strip_prefix("cuda:") == Some(arch))
     }
 
     /// `sm_90`, or `sm_90a` for the architecture-specific target.
@@ -203,16 +232,8 @@ impl GpuCaps {
     /// f64 has no exp, log, tanh, erf, sin, cos or pow (those would need NVIDIA's libdevice,
     /// which the compiler does not link). `sm_90a` adds warpgroup products.
     pub fn cuda(target: NvvmTarget) -> GpuCaps {
-        let name = match (target.compute_capability, target.arch_specific) {
-            ([8, 0], false) => "cuda:sm_80",
-            ([8, 6], false) => "cuda:sm_86",
-            ([8, 9], false) => "cuda:sm_89",
-            ([9, 0], false) => "cuda:sm_90",
-            ([9, 0], true) => "cuda:sm_90a",
-            _ => "cuda",
-        };
         GpuCaps {
-            name,
+            name: target.name,
             lowering: GpuLowering::Nvvm(target),
             max_workgroup_invocations: 1024,
             max_workgroup_size: [1024, 1024, 64],
@@ -231,22 +252,10 @@ impl GpuCaps {
             mma: Some(super::plan::MmaPrecision::Tf32),
             tensor_cores: None,
             max_buffer_elements: i32::MAX as u64,
-            // The multiprocessors of the architecture's data-centre or largest part (A100,
-            // RTX 3090 class, RTX 4090 class, H100/H200).
-            parallel_units: match target.compute_capability {
-                [8, 0] => 108,
-                [8, 6] => 84,
-                [8, 9] => 128,
-                _ => 132,
-            },
+            parallel_units: target.multiprocessors,
             registers: 255,
             async_copies: true,
-            // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN of the same parts: 163, 99, 99 and 227 KiB.
-            max_dynamic_shared_bytes: match target.compute_capability {
-                [8, 0] => 166_912,
-                [8, 6] | [8, 9] => 101_376,
-                _ => 232_448,
-            },
+            max_dynamic_shared_bytes: target.max_dynamic_shared_bytes,
             attention_key_tile: None,
             attention_per_query: false,
             matmul_tile: None,
@@ -324,5 +333,30 @@ impl GpuCaps {
             exts.push("SPV_KHR_8bit_storage");
         }
         (caps, exts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each row of the table is named after its own compute capability, in the order
+    /// `--target cuda:ARCH` lists them, and caps for it take the row's numbers.
+    #[test]
+    fn architectures_are_one_consistent_table() {
+        let names: Vec<String> = ARCHITECTURES.iter().map(|t| t.arch()).collect();
+        assert_eq!(names, NvvmTarget::ARCHES);
+        for t in ARCHITECTURES {
+            assert_eq!(t.name, format!("cuda:{}", t.arch()));
+            assert_eq!(NvvmTarget::by_arch(&t.arch()), Some(t));
+            let caps = GpuCaps::cuda(t);
+            assert_eq!(
+                (caps.name, caps.parallel_units, caps.max_dynamic_shared_bytes),
+                (t.name, t.multiprocessors, t.max_dynamic_shared_bytes)
+            );
+        }
+        assert_eq!(NvvmTarget::by_arch("sm_100"), None);
+        assert_eq!(GpuCaps::cuda(NvvmTarget::by_arch("sm_90").unwrap()).parallel_units, 132);
+        assert!(GpuCaps::cuda(NvvmTarget::by_arch("sm_90a").unwrap()).warpgroup_mma);
     }
 }
