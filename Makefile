@@ -19,10 +19,10 @@ DEMO_SPEC := models/bert_encoder.ron
 
 # LLVM/MLIR 22 for code generation; the Vulkan loader, Mesa's lavapipe (a Vulkan device on the
 # CPU, so the Vulkan target's tests run on every machine) and spirv-tools (spirv-val, spirv-dis,
-# spirv-as) for the GPU target.
+# spirv-as) for the GPU target; xz-utils for the GPU check pack's archive.
 DEB_PACKAGES := llvm-22-dev libmlir-22-dev mlir-22-tools libpolly-22-dev clang-22 \
                 libzstd-dev libz3-dev libxml2-dev zlib1g-dev lld-22 file \
-                libvulkan1 mesa-vulkan-drivers spirv-tools
+                libvulkan1 mesa-vulkan-drivers spirv-tools xz-utils
 # The package whose apt candidate proves an LLVM 22 source is configured.
 LLVM_PROBE := llvm-22-dev
 

@@ -449,6 +449,11 @@ run_pack() {
     return $status
 }
 
+# Sourced (as tests/compiled.rs does, for the functions above): define them, run nothing.
+if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then
+    return 0
+fi
+
 case "${1:-all}" in
     pack)
         pack "${DIR_ARG:-$TARGET_DIR/gpu_check/pack}"

@@ -1618,6 +1618,68 @@ fn wide_product_tiles_hold_on_vulkan() {
     }
 }
 
+/// A check pack travels to the GPU machine as one archive: `scripts/gpu_check.sh`'s `dedupe`
+/// and `archive` write it, and `run`'s `unpacked` and `restore` give back the same files, with
+/// the checker still executable, through `tar` and through Python's `tarfile` (where `xz` is
+/// missing); an archive that does not unpack fails.
+#[test]
+fn gpu_check_pack_travels_as_an_archive() {
+    use std::os::unix::fs::PermissionsExt;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu_check.sh");
+    let files: [(&str, &[u8]); 4] = [
+        ("bin/check_pack", b"#!/bin/sh\necho checked\n"),
+        ("conformance/mlp.kiln/weights.safetensors", b"weights of the mlp"),
+        ("bench/mlp.kiln/weights.safetensors", b"weights of the mlp"),
+        ("bench/mlp.kiln/manifest.ron", b"(name: \"mlp\")"),
+    ];
+    let has_python =
+        std::process::Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !has_python {
+        eprintln!("skipping the archive through Python's tarfile: no python3 on this machine");
+    }
+    for python in [false, true].into_iter().filter(|&p| !p || has_python) {
+        let root = tempfile::tempdir().unwrap();
+        let pack = root.path().join("pack");
+        for (name, bytes) in files {
+            let path = pack.join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, bytes).unwrap();
+        }
+        std::fs::set_permissions(pack.join("bin/check_pack"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        // Hiding `xz` from `unpacked` makes it take Python's tarfile.
+        let hide_xz =
+            if python { r#"command() { [[ "$2" == xz ]] && return 1; builtin command "$@"; }"# } else { "" };
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                r#"set -euo pipefail; source "$1"; pack="$2"; dedupe "$pack"; archive "$pack"; rm -rf "$pack"; {hide_xz}
+                   dir="$(unpacked "$pack.tar.xz")"; restore "$dir"; "$dir/bin/check_pack""#
+            ))
+            .args(["gpu_check".as_ref(), script.as_os_str(), pack.as_os_str()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "python {python}: {stderr}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "checked\n", "python {python}");
+        assert!(stderr.contains("KiB of repeated data files left out"), "{stderr}");
+        for (name, bytes) in files {
+            assert_eq!(std::fs::read(pack.join(name)).unwrap(), bytes, "python {python}: {name}");
+        }
+    }
+
+    let root = tempfile::tempdir().unwrap();
+    let damaged = root.path().join("pack.tar.xz");
+    std::fs::write(&damaged, b"not an archive").unwrap();
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(r#"set -euo pipefail; source "$1"; dir="$(unpacked "$2")" || exit 3; echo "$dir""#)
+        .args(["gpu_check".as_ref(), script.as_os_str(), damaged.as_os_str()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// The entries (`name|spec|overrides`) of the bash array `array` in `scripts/gpu_check.sh`:
 /// the check pack's conformance models, as the pack builds them.
 fn pack_entries(array: &str) -> Vec<(String, String, Vec<String>)> {
