@@ -10,6 +10,8 @@ use std::fmt::Write;
 
 use crate::gpu::GpuFlavor;
 
+mod f64_math;
+
 /// MLIR text under construction, with indentation and an SSA name counter.
 #[derive(Debug, Default)]
 pub struct Body {
@@ -196,6 +198,32 @@ impl Body {
     pub fn fma(&mut self, a: &str, b: &str, c: &str, ty: &str) -> String {
         self.assign(format!("math.fma {a}, {b}, {c} : {ty}"))
     }
+    /// `a * b + c`, which no later compiler may merge with other operations or reorder: the
+    /// range reductions of the math functions depend on it. SPIR-V promises that only for
+    /// instructions decorated `NoContraction` (without it Mesa lowered `Fma` to a multiply and
+    /// an add and reassociated them: `x − n·hi − n·lo` became `x − n·(hi + lo)` on lavapipe),
+    /// so SPIR-V kernels write `spirv.GL.Fma` with that decoration; LLVM (the CPU and NVVM)
+    /// keeps `math.fma` as written. Vulkan may still round the product before the add, so
+    /// the reductions split their constants so that those products are exact.
+    pub fn fma_exact(&mut self, a: &str, b: &str, c: &str, ty: &str) -> String {
+        match self.gpu {
+            Some(GpuFlavor::Spirv) => {
+                self.assign(format!("spirv.GL.Fma {a}, {b}, {c} {{no_contraction}} : {ty}"))
+            }
+            Some(GpuFlavor::Nvvm) | None => self.fma(a, b, c, ty),
+        }
+    }
+    /// `a + b` (`op` `add`) or `a * b` (`mul`), rounded once and kept as written, as
+    /// [`Body::fma_exact`] keeps FMAs.
+    pub fn fbin_exact(&mut self, op: &str, a: &str, b: &str, ty: &str) -> String {
+        match self.gpu {
+            Some(GpuFlavor::Spirv) => {
+                let spirv = if op == "add" { "FAdd" } else { "FMul" };
+                self.assign(format!("spirv.{spirv} {a}, {b} {{no_contraction}} : {ty}"))
+            }
+            Some(GpuFlavor::Nvvm) | None => self.assign(format!("arith.{op}f {a}, {b} : {ty}")),
+        }
+    }
     /// Maximum that propagates NaN.
     pub fn fmax(&mut self, a: &str, b: &str, ty: &str) -> String {
         self.assign(format!("arith.maximumf {a}, {b} : {ty}"))
@@ -233,8 +261,12 @@ impl Body {
 
     /// `eˣ`. f32 (scalar or vector): range reduction to `r ∈ [−ln2/2, ln2/2]`, a degree-6
     /// polynomial, and the exponent put in by integer arithmetic (relative error < 2e-7;
-    /// inputs below −87.3 give ~1e-38 instead of a denormal or 0). Other types: `math.exp`.
+    /// inputs below −87.3 give ~1e-38 instead of a denormal or 0). f64 in a GPU kernel:
+    /// [`Body::exp_f64`]. Else `math.exp`.
     pub fn exp(&mut self, x: &str, ty: &str) -> String {
+        if self.gpu_f64(ty) {
+            return self.exp_f64(x, ty);
+        }
         if elem_type(ty) != "f32" {
             return self.assign(format!("math.exp {x} : {ty}"));
         }
@@ -272,8 +304,11 @@ impl Body {
     /// `r = x − n ∈ [−½, ½]` is exact, and `2ʳ = 1 + r·P(r)` with `P` of degree 4 fitted for
     /// relative error. Relative error < 1.7e-7 (two f32 roundings) against the exact value, in
     /// 11 vector ops, 6 of them multiplies or FMAs (`eˣ` with its range reduction takes 10 of
-    /// those). f64: `math.exp2`.
+    /// those). f64 in a GPU kernel: [`Body::exp2_f64`]; else `math.exp2`.
     pub fn exp2_nonpositive(&mut self, x: &str, vty: &str) -> String {
+        if self.gpu_f64(vty) {
+            return self.exp2_f64(x, vty);
+        }
         if elem_type(vty) != "f32" {
             return self.assign(format!("math.exp2 {x} : {vty}"));
         }
@@ -281,9 +316,11 @@ impl Body {
         let below = self.fcmp("olt", x, &lo, vty);
         let x = self.select(&below, &lo, x, vty);
         let magic = self.float(12_582_912.0 + 127.0, vty);
-        let t = self.fadd(&x, &magic, vty);
-        let n = self.fsub(&t, &magic, vty);
-        let r = self.fsub(&x, &n, vty);
+        let t = self.fbin_exact("add", &x, &magic, vty);
+        let minus_magic = self.float(-(12_582_912.0 + 127.0), vty);
+        let n = self.fbin_exact("add", &t, &minus_magic, vty);
+        let minus_n = self.fneg(&n, vty);
+        let r = self.fbin_exact("add", &x, &minus_n, vty);
         // 2ʳ ≈ 1 + c₁r + … + c₅r⁵ on [−½, ½], highest degree first.
         let coeffs = [1.326_469_8e-3, 9.671_509_3e-3, 5.550_733_95e-2, 2.402_224_2e-1, 6.931_470_04e-1];
         let p = self.horner(&coeffs, &r, vty);
@@ -302,8 +339,8 @@ impl Body {
     fn exp_reduced(&mut self, x: &str, n: &str, coeffs: &[f64], ty: &str) -> String {
         let ln2_hi = self.float(-0.693_359_375, ty);
         let ln2_lo = self.float(2.121_944_4e-4, ty);
-        let r = self.fma(n, &ln2_hi, x, ty);
-        let r = self.fma(n, &ln2_lo, &r, ty);
+        let r = self.fma_exact(n, &ln2_hi, x, ty);
+        let r = self.fma_exact(n, &ln2_lo, &r, ty);
         let p = self.horner(coeffs, &r, ty);
         let r2 = self.fmul(&r, &r, ty);
         let one = self.float(1.0, ty);
@@ -382,9 +419,12 @@ impl Body {
         }
     }
 
-    /// `tanh x = sign(x)·(1 − 2/(e^{2|x|} + 1))` on f32 (absolute error < 3e-7); `math.tanh`
-    /// otherwise.
+    /// `tanh x = sign(x)·(1 − 2/(e^{2|x|} + 1))` on f32 (absolute error < 3e-7); f64 in a GPU
+    /// kernel: [`Body::tanh_f64`]; `math.tanh` otherwise.
     pub fn tanh(&mut self, x: &str, ty: &str) -> String {
+        if self.gpu_f64(ty) {
+            return self.tanh_f64(x, ty);
+        }
         if elem_type(ty) != "f32" {
             return self.assign(format!("math.tanh {x} : {ty}"));
         }
@@ -399,9 +439,12 @@ impl Body {
         self.copysign(&t, x, ty)
     }
 
-    /// `erf x` on f32 as a rational function (see [`Body::erf_of_scaled`]); `math.erf`
-    /// otherwise. NaN stays NaN.
+    /// `erf x` on f32 as a rational function (see [`Body::erf_of_scaled`]); f64 in a GPU
+    /// kernel: [`Body::erf_f64`]; `math.erf` otherwise. NaN stays NaN.
     pub fn erf(&mut self, x: &str, ty: &str) -> String {
+        if self.gpu_f64(ty) {
+            return self.erf_f64(x, ty);
+        }
         if elem_type(ty) != "f32" {
             return self.assign(format!("math.erf {x} : {ty}"));
         }
@@ -485,11 +528,21 @@ impl Body {
         self.gpu.is_some() && elem_type(ty) == "f32"
     }
 
+    /// Whether `ty`'s values are f64 in a GPU kernel, whose math functions are the ones of
+    /// `f64_math` (no GPU target has them at 64 bits).
+    fn gpu_f64(&self, ty: &str) -> bool {
+        self.gpu.is_some() && elem_type(ty) == "f64"
+    }
+
     /// `ln x`. Portable f32: `x = m·2ᵉ` with `m ∈ [√½, √2)` (subnormals scaled by 2²³ first),
     /// `ln m = f − f²/2 + f³·P(f)` for `f = m − 1` (`P` of degree 8, the Cephes `logf`
     /// coefficients), and `e·ln2` added in two parts; 0 gives −inf, +inf gives +inf, negatives
-    /// and NaN give NaN. Relative error about 1e-7. Else `math.log`.
+    /// and NaN give NaN. Relative error about 1e-7. f64 in a GPU kernel: [`Body::log_f64`].
+    /// Else `math.log`.
     pub fn log(&mut self, x: &str, ty: &str) -> String {
+        if self.gpu_f64(ty) {
+            return self.log_f64(x, ty);
+        }
         if !self.portable(ty) {
             return self.assign(format!("math.log {x} : {ty}"));
         }
@@ -497,7 +550,7 @@ impl Body {
         let tiny = self.float(f32::MIN_POSITIVE as f64, ty);
         let small = self.fcmp("olt", x, &tiny, ty);
         let scale = self.float(8_388_608.0, ty);
-        let scaled = self.fmul(x, &scale, ty);
+        let scaled = self.fbin_exact("mul", x, &scale, ty);
         let xs = self.select(&small, &scaled, x, ty);
         let bits = self.assign(format!("arith.bitcast {xs} : {ty} to {ity}"));
         let c23 = self.int_like(23, &ity);
@@ -539,15 +592,22 @@ impl Body {
         let fz = self.fmul(&f, &z, ty);
         let y = self.fmul(&fz, &p, ty);
         let ln2_lo = self.float(-2.121_944_40e-4, ty);
-        let y = self.fma(&fe, &ln2_lo, &y, ty);
+        let y = self.fma_exact(&fe, &ln2_lo, &y, ty);
         let minus_half = self.float(-0.5, ty);
         let y = self.fma(&z, &minus_half, &y, ty);
-        let r = self.fadd(&f, &y, ty);
+        let r = self.fbin_exact("add", &f, &y, ty);
         let ln2_hi = self.float(0.693_359_375, ty);
-        let r = self.fma(&fe, &ln2_hi, &r, ty);
+        let r = self.fma_exact(&fe, &ln2_hi, &r, ty);
+        self.log_special_cases(x, &r, ty)
+    }
+
+    /// `ln x` as computed (`r`) where `x` is positive and finite; −inf at 0, +inf at +inf, NaN
+    /// for negatives and NaN.
+    fn log_special_cases(&mut self, x: &str, r: &str, ty: &str) -> String {
+        let zero = self.float(0.0, ty);
         let inf = self.float(f64::INFINITY, ty);
         let is_inf = self.fcmp("oeq", x, &inf, ty);
-        let r = self.select(&is_inf, &inf, &r, ty);
+        let r = self.select(&is_inf, &inf, r, ty);
         let ninf = self.float(f64::NEG_INFINITY, ty);
         let is_zero = self.fcmp("oeq", x, &zero, ty);
         let r = self.select(&is_zero, &ninf, &r, ty);
@@ -556,16 +616,24 @@ impl Body {
         self.select(&bad, &nan, &r, ty)
     }
 
-    /// `sin x` (portable f32: [`Body::sin_cos`] in quadrant 0), else `math.sin`.
+    /// `sin x` (portable f32: [`Body::sin_cos`] in quadrant 0; f64 in a GPU kernel:
+    /// [`Body::sin_cos_f64`]), else `math.sin`.
     pub fn sin(&mut self, x: &str, ty: &str) -> String {
+        if self.gpu_f64(ty) {
+            return self.sin_cos_f64(x, 0.0, ty);
+        }
         if !self.portable(ty) {
             return self.assign(format!("math.sin {x} : {ty}"));
         }
         self.sin_cos(x, 0.0, ty)
     }
 
-    /// `cos x` (portable f32: [`Body::sin_cos`] one quadrant on), else `math.cos`.
+    /// `cos x` (portable f32: [`Body::sin_cos`] one quadrant on; f64 in a GPU kernel:
+    /// [`Body::sin_cos_f64`]), else `math.cos`.
     pub fn cos(&mut self, x: &str, ty: &str) -> String {
+        if self.gpu_f64(ty) {
+            return self.sin_cos_f64(x, 1.0, ty);
+        }
         if !self.portable(ty) {
             return self.assign(format!("math.cos {x} : {ty}"));
         }
@@ -573,8 +641,9 @@ impl Body {
     }
 
     /// `sin(x + shift·π/2)` on f32: `x = j·π/2 + r` with `j = round(x·2/π)` and π/2 in three
-    /// parts (Cody–Waite, so `r ∈ [−π/4, π/4]` is accurate while `|j| < 2¹⁵`, i.e. `|x|` up to
-    /// about 5·10⁴), then `sin r` or `cos r` by Cephes' `sinf`/`cosf` polynomials and the sign
+    /// parts (Cody–Waite: the first two of 8 and 9 significant bits, so `j` times either is
+    /// exact for `|j| < 2¹⁵` even where an FMA is computed as a multiply and an add, as Vulkan
+    /// allows; `r ∈ [−π/4, π/4]` is then accurate for `|x|` up to about 5·10⁴), then `sin r` or `cos r` by Cephes' `sinf`/`cosf` polynomials and the sign
     /// of the quadrant `(j + shift) mod 4`. Absolute error about 1e-7 in that range; ±inf and
     /// NaN give NaN.
     fn sin_cos(&mut self, x: &str, shift: f64, ty: &str) -> String {
@@ -582,9 +651,9 @@ impl Body {
         let t = self.fmul(x, &two_over_pi, ty);
         let j = self.exact("roundeven", &t, ty);
         let mut r = x.to_string();
-        for part in [-1.570_312_5, -4.837_512_969_970_703e-4, -7.549_789_954_891_882e-8] {
+        for part in [-1.570_312_5, -4.835_128_784_179_687_5e-4, -3.139_164_732_601_784_6e-7] {
             let c = self.float(part, ty);
-            r = self.fma(&j, &c, &r, ty);
+            r = self.fma_exact(&j, &c, &r, ty);
         }
         let r2 = self.fmul(&r, &r, ty);
         // sin r = r + r³·S(r²)
@@ -602,9 +671,15 @@ impl Body {
         let minus_half = self.float(-0.5, ty);
         let c0 = self.fma(&r2, &minus_half, &one, ty);
         let cos_r = self.fma(&r4, &cp, &c0, ty);
-        // The quadrant q = (j + shift) mod 4, exactly, in floats.
+        self.by_quadrant(&j, shift, &sin_r, &cos_r, ty)
+    }
+
+    /// `sin(j·π/2 + r + shift·π/2)` from `sin r` and `cos r`: the quadrant `q = (j + shift) mod
+    /// 4`, worked out exactly in floats, picks one of them and its sign.
+    fn by_quadrant(&mut self, j: &str, shift: f64, sin_r: &str, cos_r: &str, ty: &str) -> String {
+        let one = self.float(1.0, ty);
         let sh = self.float(shift, ty);
-        let q = self.fadd(&j, &sh, ty);
+        let q = self.fadd(j, &sh, ty);
         let quarter = self.float(0.25, ty);
         let qf = self.fmul(&q, &quarter, ty);
         let qf = self.exact("floor", &qf, ty);
@@ -616,52 +691,33 @@ impl Body {
         let neg_two = self.float(-2.0, ty);
         let odd = self.fma(&qh, &neg_two, &q, ty);
         let is_odd = self.fcmp("oeq", &odd, &one, ty);
-        let v = self.select(&is_odd, &cos_r, &sin_r, ty);
+        let v = self.select(&is_odd, cos_r, sin_r, ty);
         let two = self.float(2.0, ty);
         let upper = self.fcmp("oge", &q, &two, ty);
         let nv = self.fneg(&v, ty);
         self.select(&upper, &nv, &v, ty)
     }
 
-    /// `xʸ`. Portable f32: `|x|ʸ = e^{y·ln|x|}` (overflowing to inf, underflowing to 0), the
-    /// sign of `x` kept for odd integer `y`, NaN for negative `x` and non-integer `y`; `x⁰ = 1`
-    /// and `1ʸ = 1` even for NaN, as C's `powf`. Relative error about `|y·ln x|·1e-7` (under
-    /// 1e-5). Else `math.powf`.
+    /// `xʸ`. Portable f32, and f64 in a GPU kernel: `|x|ʸ = e^{y·ln|x|}` (overflowing to inf,
+    /// underflowing to 0), the sign of `x` kept for odd integer `y`, NaN for negative `x` and
+    /// non-integer `y`; `x⁰ = 1` and `1ʸ = 1` even for NaN, as C's `pow`. Relative error about
+    /// `|y·ln x|` times the type's epsilon (under 1e-5 on f32, 2e-13 on f64). Else `math.powf`.
     pub fn powf(&mut self, x: &str, y: &str, ty: &str) -> String {
-        if !self.portable(ty) {
+        if !self.portable(ty) && !self.gpu_f64(ty) {
             return self.assign(format!("math.powf {x}, {y} : {ty}"));
         }
         let ax = self.fabs(x, ty);
         let l = self.log(&ax, ty);
         let t = self.fmul(y, &l, ty);
-        // [`Body::exp`] clamps its argument to [−87.3, 88.3]; beyond ±80 the exponent is moved
-        // by 8 and `e^{±8}` multiplied back, so results up to f32's largest and down into
-        // subnormals come out right.
-        let eighty = self.float(80.0, ty);
-        let big = self.fcmp("ogt", &t, &eighty, ty);
-        let neg_eighty = self.float(-80.0, ty);
-        let tiny = self.fcmp("olt", &t, &neg_eighty, ty);
-        let eight = self.float(8.0, ty);
-        let neg_eight = self.float(-8.0, ty);
         let zero = self.float(0.0, ty);
-        let shift = self.select(&tiny, &eight, &zero, ty);
-        let shift = self.select(&big, &neg_eight, &shift, ty);
-        let ts = self.fadd(&t, &shift, ty);
-        let e = self.exp(&ts, ty);
-        let up = self.float(8f64.exp(), ty);
-        let down = self.float((-8f64).exp(), ty);
         let one = self.float(1.0, ty);
-        let back = self.select(&tiny, &down, &one, ty);
-        let back = self.select(&big, &up, &back, ty);
-        let e = self.fmul(&e, &back, ty);
-        let inf = self.float(f64::INFINITY, ty);
-        let hi = self.float(88.72, ty);
-        let lo = self.float(-103.9, ty);
-        let over = self.fcmp("ogt", &t, &hi, ty);
-        let under = self.fcmp("olt", &t, &lo, ty);
-        let mag = self.select(&over, &inf, &e, ty);
-        let mag = self.select(&under, &zero, &mag, ty);
-        // y an integer, and odd (exact in floats: every f32 of magnitude ≥ 2²⁴ is even).
+        let mag = if self.gpu_f64(ty) {
+            // [`Body::exp_f64`] covers f64's whole range, overflow and subnormals included.
+            self.exp(&t, ty)
+        } else {
+            self.exp_f32_wide(&t, ty)
+        };
+        // y an integer, and odd (exact in floats: every f32 of magnitude ≥ 2²⁴, and every f64 ≥ 2⁵³, is even).
         let ry = self.exact("roundeven", y, ty);
         let integral = self.fcmp("oeq", &ry, y, ty);
         let half = self.float(0.5, ty);
@@ -684,6 +740,37 @@ impl Body {
         let x_one = self.fcmp("oeq", x, &one, ty);
         let trivial = self.assign(format!("arith.ori {y_zero}, {x_one} : {}", bool_type_like(ty)));
         self.select(&trivial, &one, &r, ty)
+    }
+
+    /// `eᵗ` on f32 over the whole range a power can reach: [`Body::exp`] clamps its argument
+    /// to [−87.3, 88.3], so beyond ±80 the exponent is moved by 8 and `e^{±8}` multiplied
+    /// back, and results up to f32's largest and down into subnormals come out right; inf
+    /// above 88.72 and 0 below −103.9.
+    fn exp_f32_wide(&mut self, t: &str, ty: &str) -> String {
+        let eighty = self.float(80.0, ty);
+        let big = self.fcmp("ogt", t, &eighty, ty);
+        let neg_eighty = self.float(-80.0, ty);
+        let tiny = self.fcmp("olt", t, &neg_eighty, ty);
+        let eight = self.float(8.0, ty);
+        let neg_eight = self.float(-8.0, ty);
+        let zero = self.float(0.0, ty);
+        let shift = self.select(&tiny, &eight, &zero, ty);
+        let shift = self.select(&big, &neg_eight, &shift, ty);
+        let ts = self.fadd(t, &shift, ty);
+        let e = self.exp(&ts, ty);
+        let up = self.float(8f64.exp(), ty);
+        let down = self.float((-8f64).exp(), ty);
+        let one = self.float(1.0, ty);
+        let back = self.select(&tiny, &down, &one, ty);
+        let back = self.select(&big, &up, &back, ty);
+        let e = self.fmul(&e, &back, ty);
+        let inf = self.float(f64::INFINITY, ty);
+        let hi = self.float(88.72, ty);
+        let lo = self.float(-103.9, ty);
+        let over = self.fcmp("ogt", t, &hi, ty);
+        let under = self.fcmp("olt", t, &lo, ty);
+        let mag = self.select(&over, &inf, &e, ty);
+        self.select(&under, &zero, &mag, ty)
     }
 
     /// `1 / (1 + e^{−x})`.

@@ -123,9 +123,6 @@ pub struct GpuCaps {
     pub f64: bool,
     pub i64: bool,
     pub i8: bool,
-    /// Whether exp, log, tanh, erf, sin, cos and pow exist for f64 (GLSL.std.450 has them only
-    /// for 16- and 32-bit floats).
-    pub f64_transcendentals: bool,
     /// Alignment of every buffer binding's start, so each arena buffer is bound where it is.
     pub buffer_align: usize,
     /// Most buffers one kernel may bind.
@@ -203,7 +200,6 @@ impl GpuCaps {
             f64: true,
             i64: true,
             i8: true,
-            f64_transcendentals: false,
             buffer_align: 256,
             max_bindings: 32,
             max_binding_bytes: 1 << 27,
@@ -228,9 +224,8 @@ impl GpuCaps {
     /// static shared memory (the most a kernel may declare without opting in to more), warps
     /// of 32, device allocations aligned to 256 bytes, and no binding limits worth the name
     /// (kernel parameters are plain pointers; 4 KiB of them is 512). bf16 tensors are stored as
-    /// such and computed on in f32, as f16 ones are (sm_80 converts both in one instruction);
-    /// f64 has no exp, log, tanh, erf, sin, cos or pow (those would need NVIDIA's libdevice,
-    /// which the compiler does not link). `sm_90a` adds warpgroup products.
+    /// such and computed on in f32, as f16 ones are (sm_80 converts both in one instruction).
+    /// `sm_90a` adds warpgroup products.
     pub fn cuda(target: NvvmTarget) -> GpuCaps {
         GpuCaps {
             name: target.name,
@@ -245,7 +240,6 @@ impl GpuCaps {
             f64: true,
             i64: true,
             i8: true,
-            f64_transcendentals: false,
             buffer_align: 256,
             max_bindings: 512,
             max_binding_bytes: u64::MAX,

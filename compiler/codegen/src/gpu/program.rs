@@ -10,8 +10,8 @@ use crate::kernels::{conv, data, reduce, View};
 use crate::mlir_text::Split;
 use crate::program::{bad, broadcast, fault_slot, matmul_views, plain};
 use crate::CodegenError;
-use kiln_ir::{Activation, BinaryOp, DType, NormKind, Op, ReduceOp, UnaryOp};
-use kiln_sched::{Expr, KernelOp, Schedule};
+use kiln_ir::{Activation, DType, NormKind, Op, ReduceOp};
+use kiln_sched::{KernelOp, Schedule};
 
 /// The GPU kernels of a schedule, each distinct kernel once.
 pub struct GpuProgram {
@@ -145,85 +145,6 @@ fn check_limits(
     Ok(splits)
 }
 
-/// The first op in `e` that needs an f64 transcendental function, if any.
-fn f64_transcendental(e: &Expr) -> Option<&'static str> {
-    match e {
-        Expr::Operand(_) | Expr::Scalar { .. } | Expr::Iota { .. } | Expr::Random { .. } => None,
-        Expr::Apply { op, args, dtype, .. } => {
-            let here = if *dtype == DType::F64 { transcendental(op) } else { None };
-            here.or_else(|| args.iter().find_map(f64_transcendental))
-        }
-    }
-}
-
-/// The name of `op` where it computes an exp, log, tanh, sine or cosine (which GLSL.std.450
-/// has at 16 and 32 bits only); every op is named here, so a new one must say.
-fn transcendental(op: &Op) -> Option<&'static str> {
-    match op {
-        Op::Unary(u) => match u {
-            UnaryOp::Exp
-            | UnaryOp::Log
-            | UnaryOp::Tanh
-            | UnaryOp::Erf
-            | UnaryOp::Sin
-            | UnaryOp::Cos
-            | UnaryOp::Sigmoid => Some(u.name()),
-            UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sqrt | UnaryOp::Rsqrt | UnaryOp::Recip | UnaryOp::Relu => {
-                None
-            }
-        },
-        Op::Binary(b) => match b {
-            BinaryOp::Pow => Some("pow"),
-            BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div | BinaryOp::Max | BinaryOp::Min => {
-                None
-            }
-        },
-        Op::MatMulEpilogue { activation, .. } => match activation {
-            Activation::Gelu(_) | Activation::Sigmoid | Activation::Tanh => Some(op.name()),
-            Activation::None | Activation::Relu => None,
-        },
-        Op::Gelu { .. }
-        | Op::Softmax { .. }
-        | Op::LogSoftmax { .. }
-        | Op::Attention { .. }
-        | Op::AttentionLse { .. } => Some(op.name()),
-        Op::Input { .. }
-        | Op::Param { .. }
-        | Op::Const { .. }
-        | Op::Full { .. }
-        | Op::Iota { .. }
-        | Op::RandomUniform { .. }
-        | Op::Compare(_)
-        | Op::Where
-        | Op::Cast { .. }
-        | Op::Reduce { .. }
-        | Op::Reshape { .. }
-        | Op::Transpose { .. }
-        | Op::BroadcastTo { .. }
-        | Op::Slice { .. }
-        | Op::Concat { .. }
-        | Op::Pad { .. }
-        | Op::Gather { .. }
-        | Op::ScatterAdd { .. }
-        | Op::MatMul
-        | Op::Conv2d { .. }
-        | Op::Pool2d { .. }
-        | Op::LayerNorm { .. }
-        | Op::RmsNorm { .. }
-        | Op::AddNorm { .. } => None,
-    }
-}
-
-fn no_f64(what: &str, dtype: DType, caps: &GpuCaps) -> Result<(), CodegenError> {
-    if dtype == DType::F64 && !caps.f64_transcendentals {
-        return Err(CodegenError::Unsupported(format!(
-            "`{what}` on f64 on the {} target (it has no 64-bit exp, log or tanh)",
-            caps.name
-        )));
-    }
-    Ok(())
-}
-
 fn kernel(s: &Schedule, k: &kiln_sched::Kernel, cx: &GpuCtx) -> Result<GpuKernel, CodegenError> {
     let caps = cx.caps;
     let sym = PROVISIONAL;
@@ -231,9 +152,6 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, cx: &GpuCtx) -> Result<GpuKernel
     let ins = &k.inputs;
     let op = match &k.op {
         KernelOp::Elementwise(expr) => {
-            if let Some(what) = f64_transcendental(expr) {
-                no_f64(what, DType::F64, caps)?;
-            }
             let inputs: Vec<View> = ins.iter().map(|o| plain(s, o)).collect();
             let slot = fault_slot(s, k)?;
             return emit_elementwise(sym, expr, &inputs, &out, slot.as_ref(), cx);
@@ -255,16 +173,12 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, cx: &GpuCtx) -> Result<GpuKernel
                 _ => (false, Activation::None),
             };
             float_only(op.name())?;
-            if !matches!(act, Activation::None | Activation::Relu) {
-                no_f64(act.name(), out.dtype, caps)?;
-            }
             let c = if bias { Some(arg(2)?) } else { None };
             let mv = matmul_views(s, arg(0)?, arg(1)?, c, &k.output)?;
             matmul::emit(sym, &mv.a, &mv.b, mv.bias.as_ref(), act, &mv.out, cx)
         }
         Op::Attention { scale, causal, masked } => {
             float_only(op.name())?;
-            no_f64(op.name(), out.dtype, caps)?;
             let (q, kk, v) = (plain(s, arg(0)?), plain(s, arg(1)?), plain(s, arg(2)?));
             let mask = if *masked {
                 let mut shape = q.shape.clone();
@@ -279,7 +193,6 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, cx: &GpuCtx) -> Result<GpuKernel
         }
         Op::AttentionLse { scale, causal, masked } => {
             float_only(op.name())?;
-            no_f64(op.name(), out.dtype, caps)?;
             let (q, kk) = (plain(s, arg(0)?), plain(s, arg(1)?));
             let mask = if *masked {
                 let mut shape = q.shape.clone();
@@ -293,7 +206,6 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, cx: &GpuCtx) -> Result<GpuKernel
         }
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
             float_only(op.name())?;
-            no_f64(op.name(), out.dtype, caps)?;
             let log = matches!(op, Op::LogSoftmax { .. });
             rows::emit_softmax(sym, &plain(s, arg(0)?), *axis, log, &out, cx)
         }
