@@ -12,6 +12,10 @@ use crate::gpu::GpuFlavor;
 
 mod f64_math;
 
+/// `eʳ = 1 + r + r²·P(r)` on f32 for `|r| ≤ ln2/2`: `P`'s coefficients, highest degree first.
+const EXP_F32: [f64; 6] =
+    [1.987_569_15e-4, 1.398_199_95e-3, 8.333_451_9e-3, 4.166_579_6e-2, 1.666_666_55e-1, 5.000_000_1e-1];
+
 /// MLIR text under construction, with indentation and an SSA name counter.
 #[derive(Debug, Default)]
 pub struct Body {
@@ -213,15 +217,22 @@ impl Body {
             Some(GpuFlavor::Nvvm) | None => self.fma(a, b, c, ty),
         }
     }
-    /// `a + b` (`op` `add`) or `a * b` (`mul`), rounded once and kept as written, as
-    /// [`Body::fma_exact`] keeps FMAs.
-    pub fn fbin_exact(&mut self, op: &str, a: &str, b: &str, ty: &str) -> String {
+    /// `a + b`, rounded once and kept as written, as [`Body::fma_exact`] keeps FMAs.
+    pub fn fadd_exact(&mut self, a: &str, b: &str, ty: &str) -> String {
+        self.exact_binary(("FAdd", "addf"), a, b, ty)
+    }
+    /// `a * b`, rounded once and kept as written, as [`Body::fma_exact`] keeps FMAs.
+    pub fn fmul_exact(&mut self, a: &str, b: &str, ty: &str) -> String {
+        self.exact_binary(("FMul", "mulf"), a, b, ty)
+    }
+    /// The SPIR-V op `spirv` decorated `NoContraction` in SPIR-V kernels, else `arith.{arith}`
+    /// without fast-math flags.
+    fn exact_binary(&mut self, (spirv, arith): (&str, &str), a: &str, b: &str, ty: &str) -> String {
         match self.gpu {
             Some(GpuFlavor::Spirv) => {
-                let spirv = if op == "add" { "FAdd" } else { "FMul" };
                 self.assign(format!("spirv.{spirv} {a}, {b} {{no_contraction}} : {ty}"))
             }
-            Some(GpuFlavor::Nvvm) | None => self.assign(format!("arith.{op}f {a}, {b} : {ty}")),
+            Some(GpuFlavor::Nvvm) | None => self.assign(format!("arith.{arith} {a}, {b} : {ty}")),
         }
     }
     /// Maximum that propagates NaN.
@@ -277,15 +288,7 @@ impl Body {
         let log2e = self.float(std::f64::consts::LOG2_E, ty);
         let t = self.fmul(&x, &log2e, ty);
         let n = self.exact("roundeven", &t, ty);
-        let coeffs = [
-            1.987_569_15e-4,
-            1.398_199_95e-3,
-            8.333_451_9e-3,
-            4.166_579_6e-2,
-            1.666_666_55e-1,
-            5.000_000_1e-1,
-        ];
-        let y = self.exp_reduced(&x, &n, &coeffs, ty);
+        let y = self.exp_reduced(&x, &n, &EXP_F32, ty);
         let ity = with_elem(ty, "i32");
         let ni = self.assign(format!("arith.fptosi {n} : {ty} to {ity}"));
         let bias = self.int_like(127, &ity);
@@ -316,11 +319,11 @@ impl Body {
         let below = self.fcmp("olt", x, &lo, vty);
         let x = self.select(&below, &lo, x, vty);
         let magic = self.float(12_582_912.0 + 127.0, vty);
-        let t = self.fbin_exact("add", &x, &magic, vty);
+        let t = self.fadd_exact(&x, &magic, vty);
         let minus_magic = self.float(-(12_582_912.0 + 127.0), vty);
-        let n = self.fbin_exact("add", &t, &minus_magic, vty);
+        let n = self.fadd_exact(&t, &minus_magic, vty);
         let minus_n = self.fneg(&n, vty);
-        let r = self.fbin_exact("add", &x, &minus_n, vty);
+        let r = self.fadd_exact(&x, &minus_n, vty);
         // 2ʳ ≈ 1 + c₁r + … + c₅r⁵ on [−½, ½], highest degree first.
         let coeffs = [1.326_469_8e-3, 9.671_509_3e-3, 5.550_733_95e-2, 2.402_224_2e-1, 6.931_470_04e-1];
         let p = self.horner(&coeffs, &r, vty);
@@ -419,7 +422,9 @@ impl Body {
         }
     }
 
-    /// `tanh x = sign(x)·(1 − 2/(e^{2|x|} + 1))` on f32 (absolute error < 3e-7); f64 in a GPU
+    /// `tanh x = sign(x)·m/(m + 2)` on f32, for `m = e^{2|x|} − 1` computed without
+    /// subtracting 1 near 0 ([`Body::expm1_f32`]), so small arguments keep their relative
+    /// precision (within 3 ulp); `|x|` is held to 9, where tanh rounds to 1. f64 in a GPU
     /// kernel: [`Body::tanh_f64`]; `math.tanh` otherwise.
     pub fn tanh(&mut self, x: &str, ty: &str) -> String {
         if self.gpu_f64(ty) {
@@ -429,14 +434,39 @@ impl Body {
             return self.assign(format!("math.tanh {x} : {ty}"));
         }
         let ax = self.fabs(x, ty);
+        let cap = self.float(9.0, ty);
+        let ax = self.fmin(&ax, &cap, ty);
+        let u = self.fadd(&ax, &ax, ty);
+        let m = self.expm1_f32(&u, ty);
         let two = self.float(2.0, ty);
-        let e = self.fmul(&ax, &two, ty);
-        let e = self.exp(&e, ty);
-        let one = self.float(1.0, ty);
-        let d = self.fadd(&e, &one, ty);
-        let q = self.fdiv(&two, &d, ty);
-        let t = self.fsub(&one, &q, ty);
+        let d = self.fadd(&m, &two, ty);
+        let t = self.fdiv(&m, &d, ty);
         self.copysign(&t, x, ty)
+    }
+
+    /// `eˣ − 1` on f32 for `0 ≤ x ≤ 18`: with `x = n·ln2 + r`, `2ⁿ·(eʳ − 1) + (2ⁿ − 1)` in one
+    /// FMA, `eʳ − 1 = r + r²·P(r)` with [`Body::exp`]'s polynomial.
+    fn expm1_f32(&mut self, x: &str, ty: &str) -> String {
+        let log2e = self.float(std::f64::consts::LOG2_E, ty);
+        let t = self.fmul(x, &log2e, ty);
+        let n = self.exact("roundeven", &t, ty);
+        let ln2_hi = self.float(-0.693_359_375, ty);
+        let ln2_lo = self.float(2.121_944_4e-4, ty);
+        let r = self.fma_exact(&n, &ln2_hi, x, ty);
+        let r = self.fma_exact(&n, &ln2_lo, &r, ty);
+        let p = self.horner(&EXP_F32, &r, ty);
+        let r2 = self.fmul(&r, &r, ty);
+        let s = self.fma(&p, &r2, &r, ty);
+        let ity = with_elem(ty, "i32");
+        let ni = self.assign(format!("arith.fptosi {n} : {ty} to {ity}"));
+        let bias = self.int_like(127, &ity);
+        let e = self.assign(format!("arith.addi {ni}, {bias} : {ity}"));
+        let shift = self.int_like(23, &ity);
+        let e = self.assign(format!("arith.shli {e}, {shift} : {ity}"));
+        let scale = self.assign(format!("arith.bitcast {e} : {ity} to {ty}"));
+        let one = self.float(1.0, ty);
+        let scale_1 = self.fsub(&scale, &one, ty);
+        self.fma_exact(&scale, &s, &scale_1, ty)
     }
 
     /// `erf x` on f32 as a rational function (see [`Body::erf_of_scaled`]); f64 in a GPU
@@ -550,7 +580,7 @@ impl Body {
         let tiny = self.float(f32::MIN_POSITIVE as f64, ty);
         let small = self.fcmp("olt", x, &tiny, ty);
         let scale = self.float(8_388_608.0, ty);
-        let scaled = self.fbin_exact("mul", x, &scale, ty);
+        let scaled = self.fmul_exact(x, &scale, ty);
         let xs = self.select(&small, &scaled, x, ty);
         let bits = self.assign(format!("arith.bitcast {xs} : {ty} to {ity}"));
         let c23 = self.int_like(23, &ity);
@@ -595,7 +625,7 @@ impl Body {
         let y = self.fma_exact(&fe, &ln2_lo, &y, ty);
         let minus_half = self.float(-0.5, ty);
         let y = self.fma(&z, &minus_half, &y, ty);
-        let r = self.fbin_exact("add", &f, &y, ty);
+        let r = self.fadd_exact(&f, &y, ty);
         let ln2_hi = self.float(0.693_359_375, ty);
         let r = self.fma_exact(&fe, &ln2_hi, &r, ty);
         self.log_special_cases(x, &r, ty)

@@ -167,7 +167,7 @@ impl Body {
         let x = self.fmax(&x, &lo, ty);
         let n = self.exact("roundeven", &x, ty);
         let neg_n = self.fneg(&n, ty);
-        let r = self.fbin_exact("add", &x, &neg_n, ty);
+        let r = self.fadd_exact(&x, &neg_n, ty);
         let ln2 = self.float(std::f64::consts::LN_2, ty);
         let r = self.fmul(&r, &ln2, ty);
         let s = self.expm1_reduced(&r, ty);
@@ -232,7 +232,7 @@ impl Body {
             let shift = self.int_like(52, &ity);
             let bits = self.assign(format!("arith.shli {biased}, {shift} : {ity}"));
             let factor = self.assign(format!("arith.bitcast {bits} : {ity} to {ty}"));
-            y = self.fbin_exact("mul", &y, &factor, ty);
+            y = self.fmul_exact(&y, &factor, ty);
         }
         y
     }
@@ -246,7 +246,7 @@ impl Body {
         let tiny = self.float(f64::MIN_POSITIVE, ty);
         let small = self.fcmp("olt", x, &tiny, ty);
         let scale = self.float(2f64.powi(54), ty);
-        let scaled = self.fbin_exact("mul", x, &scale, ty);
+        let scaled = self.fmul_exact(x, &scale, ty);
         let xs = self.select(&small, &scaled, x, ty);
         let bits = self.assign(format!("arith.bitcast {xs} : {ty} to {ity}"));
         let c52 = self.int_like(52, &ity);
@@ -272,7 +272,7 @@ impl Body {
         let m2 = self.fadd(&m, &m, ty);
         let m = self.select(&low, &m2, &m, ty);
         let minus_one = self.float(-1.0, ty);
-        let f = self.fbin_exact("add", &m, &minus_one, ty);
+        let f = self.fadd_exact(&m, &minus_one, ty);
         let two = self.float(2.0, ty);
         let d = self.fadd(&f, &two, ty);
         let s = self.fdiv(&f, &d, ty);
@@ -284,7 +284,7 @@ impl Body {
         let ncorr = self.fneg(&corr, ty);
         let lo = self.float(LN2_LO, ty);
         let t = self.fma_exact(&fe, &lo, &ncorr, ty);
-        let t = self.fbin_exact("add", &t, &f, ty);
+        let t = self.fadd_exact(&t, &f, ty);
         let hi = self.float(LN2_HI, ty);
         let r = self.fma_exact(&fe, &hi, &t, ty);
         self.log_special_cases(x, &r, ty)
@@ -338,7 +338,7 @@ impl Body {
         let a = self.fabs(x, ty);
         let cap = self.float(6.0, ty);
         let a = self.fmin(&a, &cap, ty);
-        let z = self.fbin_exact("mul", &a, &a, ty);
+        let z = self.fmul_exact(&a, &a, ty);
         // Below 1.
         let taylor = self.poly(&ERF_TAYLOR, &z, ty);
         let taylor = self.fmul(&a, &taylor, ty);
