@@ -54,6 +54,12 @@ CONFORMANCE=(
     "bert_dynamic|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set hidden=128 --set heads=4 --set ffn=512 --set batch=Dyn(min:1,max:4,hint:3) --set seq=Dyn(min:1,max:128,hint:37)"
     "gpt2_dynamic|models/gpt2.ron|--set vocab=2000 --set layers=1 --set d=128 --set heads=4 --set ctx=256 --set batch=Dyn(min:1,max:4,hint:1) --set seq=Dyn(min:8,max:256,hint:200,multiple_of:8)"
 )
+# name | spec | tolerance: the math functions GPU kernels compute themselves, in the
+# conformance group, each checked at a few ulp of its dtype (its tolerance.txt).
+CONFORMANCE_MATH=(
+    "math_f32|tests/gpu_check/math_f32.ron|4e-6"
+    "math_f64|tests/gpu_check/math_f64.ron|1e-13"
+)
 # On tensor cores: with operands rounded to TF32 (--precision tf32), checked at TF32's stated
 # tolerance, and split in two TF32 parts (--precision tf32x3), checked at f32's. Heads of 32,
 # so attention runs on tensor cores too.
@@ -260,6 +266,14 @@ pack() {
         say "conformance: $name ($spec $set)"
         conformance_artifact "$art" "$spec" "$set"
     done
+    local tolerance
+    for entry in "${CONFORMANCE_MATH[@]}"; do
+        IFS='|' read -r name spec tolerance <<<"$entry"
+        art="$dir/conformance/$name.kiln"
+        say "conformance: $name ($spec, tolerance $tolerance)"
+        conformance_artifact "$art" "$spec" ""
+        echo "$tolerance" >"$art/tolerance.txt"
+    done
     # A run that must fail: an integer division by zero, with the interpreter's words.
     art="$dir/conformance/int_div_zero.kiln"
     say "conformance: int_div_zero (tests/gpu_check/int_div.ron, a zero divisor)"
@@ -415,7 +429,7 @@ run_pack() {
     mkdir -p "$out"
     restore "$dir"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/gpu: /' >&2
-    say "conformance: every shipped model on CUDA against the interpreter"
+    say "conformance: every shipped model, and the math functions, on CUDA against the interpreter"
     local status=0
     limited "$dir/bin/check_pack" "$dir/conformance" --device "$DEVICE" --repeats 10 --json "$out/conformance.jsonl" \
         | tee "$out/conformance.txt" || status=1

@@ -1824,6 +1824,38 @@ fn pack_entries(array: &str) -> Vec<(String, String, Vec<String>)> {
         .collect()
 }
 
+/// The check pack's math conformance specs (read from `scripts/gpu_check.sh`, each with the
+/// tolerance its `tolerance.txt` states) hold it on the Vulkan device, which computes the
+/// same arithmetic as CUDA: a tolerance too tight for the functions fails here first.
+#[test]
+fn check_pack_math_tolerances_hold_on_vulkan() {
+    if !available(Device::Vulkan, "check pack math tolerances") {
+        return;
+    }
+    let entries = pack_entries("CONFORMANCE_MATH");
+    let names: Vec<&str> = entries.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(names, ["math_f32", "math_f64"]);
+    for (name, spec, tolerance) in &entries {
+        let tolerance: f64 = tolerance[0].parse().unwrap();
+        let g = optimized(&spec_graph(&Path::new(env!("CARGO_MANIFEST_DIR")).join(spec), &[]));
+        let params = HashMap::new();
+        let inputs = kiln_ir::seeded_inputs(&g, 0);
+        let want =
+            kiln_ir::eval(&g, &kiln_ir::Bindings { inputs: inputs.clone(), params: params.clone() }).unwrap();
+        let got = run_compiled(&g, &params, &inputs, Device::Vulkan);
+        for ((out, w), gv) in want.iter().zip(&got) {
+            let worst = w
+                .to_f64_vec()
+                .iter()
+                .zip(gv)
+                .map(|(a, b)| if a == b { 0.0 } else { (a - b).abs() / (1.0 + a.abs()) })
+                .fold(0.0, f64::max);
+            assert!(worst <= tolerance, "{name} `{out}`: {worst:e} past the pack's {tolerance:e}");
+            eprintln!("{name} `{out}`: {worst:.1e} (pack tolerance {tolerance:e})");
+        }
+    }
+}
+
 /// The check pack's TF32 conformance models (read from `scripts/gpu_check.sh`) hold the
 /// tolerance the pack states for them, 1e-2·(1 + |ref|), on the Vulkan device with the
 /// tensor-core products emulated (the same operand rounding, in another order of

@@ -11,6 +11,8 @@
 //!   f32 inputs are a ramp and integer inputs zeros;
 //! * `expected.safetensors`: the reference interpreter's outputs on those inputs (`kiln eval
 //!   -o`), compared within `T·(1 + |ref|)` (default 1e-4);
+//! * `tolerance.txt`: the artifact's own `T`, in place of `--tolerance` (the math functions'
+//!   check states a few ulp of its dtype);
 //! * `expected_error.txt`: instead of outputs, the words the run must fail with (a fault such
 //!   as an integer division by zero); the run is tried twice, and both must fail with them;
 //! * `train_steps.txt`: a training artifact: its `train_step` entry point runs that many
@@ -254,7 +256,11 @@ fn check(dir: &Path, name: &str, args: &Args) -> Result<Outcome, String> {
         .iter()
         .map(|o| (o.name().to_string(), o.dtype(), o.shape().to_vec(), o.bytes().to_vec()))
         .collect();
-    let (max_error, problem) = compare(&got, &expected, args.tolerance)?;
+    let tolerance = match std::fs::read_to_string(dir.join("tolerance.txt")) {
+        Ok(t) => t.trim().parse().map_err(|_| format!("tolerance.txt holds {:?}, not a number", t.trim()))?,
+        Err(_) => args.tolerance,
+    };
+    let (max_error, problem) = compare(&got, &expected, tolerance)?;
     let passed = problem.is_none();
     for _ in 0..3 {
         model.run(&refs).map_err(|e| e.to_string())?;

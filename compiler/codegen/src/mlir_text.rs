@@ -673,9 +673,9 @@ impl Body {
     /// `sin(x + shift·π/2)` on f32: `x = j·π/2 + r` with `j = round(x·2/π)` and π/2 in three
     /// parts (Cody–Waite: the first two of 8 and 9 significant bits, so `j` times either is
     /// exact for `|j| < 2¹⁵` even where an FMA is computed as a multiply and an add, as Vulkan
-    /// allows; `r ∈ [−π/4, π/4]` is then accurate for `|x|` up to about 5·10⁴), then `sin r` or `cos r` by Cephes' `sinf`/`cosf` polynomials and the sign
-    /// of the quadrant `(j + shift) mod 4`. Absolute error about 1e-7 in that range; ±inf and
-    /// NaN give NaN.
+    /// allows; `r ∈ [−π/4, π/4]` is then accurate for `|x|` up to about 5·10⁴), then `sin r`
+    /// or `cos r` by Cephes' `sinf`/`cosf` polynomials and the sign of the quadrant
+    /// `(j + shift) mod 4`. Absolute error about 1e-7 in that range; ±inf and NaN give NaN.
     fn sin_cos(&mut self, x: &str, shift: f64, ty: &str) -> String {
         let two_over_pi = self.float(std::f64::consts::FRAC_2_PI, ty);
         let t = self.fmul(x, &two_over_pi, ty);
