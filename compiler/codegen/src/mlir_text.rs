@@ -289,14 +289,19 @@ impl Body {
         let t = self.fmul(&x, &log2e, ty);
         let n = self.exact("roundeven", &t, ty);
         let y = self.exp_reduced(&x, &n, &EXP_F32, ty);
+        let scale = self.two_to_f32(&n, ty);
+        self.fmul(&y, &scale, ty)
+    }
+
+    /// `2ⁿ` for an integral f32 `n` in [−126, 127], from its exponent bits.
+    fn two_to_f32(&mut self, n: &str, ty: &str) -> String {
         let ity = with_elem(ty, "i32");
         let ni = self.assign(format!("arith.fptosi {n} : {ty} to {ity}"));
         let bias = self.int_like(127, &ity);
         let e = self.assign(format!("arith.addi {ni}, {bias} : {ity}"));
         let shift = self.int_like(23, &ity);
         let e = self.assign(format!("arith.shli {e}, {shift} : {ity}"));
-        let scale = self.assign(format!("arith.bitcast {e} : {ity} to {ty}"));
-        self.fmul(&y, &scale, ty)
+        self.assign(format!("arith.bitcast {e} : {ity} to {ty}"))
     }
 
     /// `2ˣ` for `x ≤ 0` (or −inf, or NaN): softmax's exponential once its arguments are in
@@ -457,13 +462,7 @@ impl Body {
         let p = self.horner(&EXP_F32, &r, ty);
         let r2 = self.fmul(&r, &r, ty);
         let s = self.fma(&p, &r2, &r, ty);
-        let ity = with_elem(ty, "i32");
-        let ni = self.assign(format!("arith.fptosi {n} : {ty} to {ity}"));
-        let bias = self.int_like(127, &ity);
-        let e = self.assign(format!("arith.addi {ni}, {bias} : {ity}"));
-        let shift = self.int_like(23, &ity);
-        let e = self.assign(format!("arith.shli {e}, {shift} : {ity}"));
-        let scale = self.assign(format!("arith.bitcast {e} : {ity} to {ty}"));
+        let scale = self.two_to_f32(&n, ty);
         let one = self.float(1.0, ty);
         let scale_1 = self.fsub(&scale, &one, ty);
         self.fma_exact(&scale, &s, &scale_1, ty)
@@ -576,35 +575,8 @@ impl Body {
         if !self.portable(ty) {
             return self.assign(format!("math.log {x} : {ty}"));
         }
-        let ity = with_elem(ty, "i32");
-        let tiny = self.float(f32::MIN_POSITIVE as f64, ty);
-        let small = self.fcmp("olt", x, &tiny, ty);
-        let scale = self.float(8_388_608.0, ty);
-        let scaled = self.fmul_exact(x, &scale, ty);
-        let xs = self.select(&small, &scaled, x, ty);
-        let bits = self.assign(format!("arith.bitcast {xs} : {ty} to {ity}"));
-        let c23 = self.int_like(23, &ity);
-        let biased = self.assign(format!("arith.shrui {bits}, {c23} : {ity}"));
-        let c126 = self.int_like(126, &ity);
-        let e = self.assign(format!("arith.subi {biased}, {c126} : {ity}"));
-        let mask = self.int_like(0x007f_ffff, &ity);
-        let half = self.int_like(0x3f00_0000, &ity);
-        let mbits = self.assign(format!("arith.andi {bits}, {mask} : {ity}"));
-        let mbits = self.assign(format!("arith.ori {mbits}, {half} : {ity}"));
-        // m ∈ [½, 1), x = m·2ᵉ.
-        let m = self.assign(format!("arith.bitcast {mbits} : {ity} to {ty}"));
-        let sqrt_half = self.float(std::f64::consts::FRAC_1_SQRT_2, ty);
-        let low = self.fcmp("olt", &m, &sqrt_half, ty);
-        let fe = self.assign(format!("arith.sitofp {e} : {ity} to {ty}"));
+        let (m, fe) = self.split_exponent(x, ty);
         let one = self.float(1.0, ty);
-        let fe_low = self.fsub(&fe, &one, ty);
-        let fe = self.select(&low, &fe_low, &fe, ty);
-        let sub23 = self.float(-23.0, ty);
-        let zero = self.float(0.0, ty);
-        let shift = self.select(&small, &sub23, &zero, ty);
-        let fe = self.fadd(&fe, &shift, ty);
-        let m2 = self.fadd(&m, &m, ty);
-        let m = self.select(&low, &m2, &m, ty);
         let f = self.fsub(&m, &one, ty);
         let coeffs = [
             7.037_683_629_2e-2,
@@ -629,6 +601,51 @@ impl Body {
         let ln2_hi = self.float(0.693_359_375, ty);
         let r = self.fma_exact(&fe, &ln2_hi, &r, ty);
         self.log_special_cases(x, &r, ty)
+    }
+
+    /// `x = m·2ᵉ` with `m ∈ [√½, √2)`, for positive finite `x` of f32 or f64 (scalar or
+    /// vector), subnormals scaled into the normal range first: `(m, e)`, with `e` a float of
+    /// `x`'s type. Other `x` give values that [`Body::log_special_cases`] replaces.
+    fn split_exponent(&mut self, x: &str, ty: &str) -> (String, String) {
+        // Integer type, mantissa bits, the exponent bias less one (the mantissa is taken in
+        // [½, 1) below), the smallest normal, how far subnormals are scaled up, the mantissa
+        // mask, and the bits of ½.
+        let (int, bits, bias, tiny, up, mask, half): (&str, i64, i64, f64, i32, i64, i64) =
+            if elem_type(ty) == "f64" {
+                ("i64", 52, 1022, f64::MIN_POSITIVE, 54, 0x000f_ffff_ffff_ffff, 0x3fe0_0000_0000_0000)
+            } else {
+                ("i32", 23, 126, f32::MIN_POSITIVE as f64, 23, 0x007f_ffff, 0x3f00_0000)
+            };
+        let ity = with_elem(ty, int);
+        let tiny = self.float(tiny, ty);
+        let small = self.fcmp("olt", x, &tiny, ty);
+        let scale = self.float(2f64.powi(up), ty);
+        let scaled = self.fmul_exact(x, &scale, ty);
+        let xs = self.select(&small, &scaled, x, ty);
+        let xbits = self.assign(format!("arith.bitcast {xs} : {ty} to {ity}"));
+        let shift = self.int_like(bits, &ity);
+        let biased = self.assign(format!("arith.shrui {xbits}, {shift} : {ity}"));
+        let bias = self.int_like(bias, &ity);
+        let e = self.assign(format!("arith.subi {biased}, {bias} : {ity}"));
+        let mask = self.int_like(mask, &ity);
+        let half = self.int_like(half, &ity);
+        let mbits = self.assign(format!("arith.andi {xbits}, {mask} : {ity}"));
+        let mbits = self.assign(format!("arith.ori {mbits}, {half} : {ity}"));
+        // m ∈ [½, 1), x = m·2ᵉ.
+        let m = self.assign(format!("arith.bitcast {mbits} : {ity} to {ty}"));
+        let sqrt_half = self.float(std::f64::consts::FRAC_1_SQRT_2, ty);
+        let low = self.fcmp("olt", &m, &sqrt_half, ty);
+        let fe = self.assign(format!("arith.sitofp {e} : {ity} to {ty}"));
+        let one = self.float(1.0, ty);
+        let fe_low = self.fsub(&fe, &one, ty);
+        let fe = self.select(&low, &fe_low, &fe, ty);
+        let down = self.float(-f64::from(up), ty);
+        let zero = self.float(0.0, ty);
+        let shift = self.select(&small, &down, &zero, ty);
+        let fe = self.fadd(&fe, &shift, ty);
+        let m2 = self.fadd(&m, &m, ty);
+        let m = self.select(&low, &m2, &m, ty);
+        (m, fe)
     }
 
     /// `ln x` as computed (`r`) where `x` is positive and finite; −inf at 0, +inf at +inf, NaN

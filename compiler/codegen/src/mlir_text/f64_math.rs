@@ -242,35 +242,7 @@ impl Body {
     /// small beside `f`; `e·ln2` added in two parts. 0 gives −inf, +inf gives +inf, negatives
     /// and NaN give NaN. Below 1 ulp.
     pub(super) fn log_f64(&mut self, x: &str, ty: &str) -> String {
-        let ity = with_elem(ty, "i64");
-        let tiny = self.float(f64::MIN_POSITIVE, ty);
-        let small = self.fcmp("olt", x, &tiny, ty);
-        let scale = self.float(2f64.powi(54), ty);
-        let scaled = self.fmul_exact(x, &scale, ty);
-        let xs = self.select(&small, &scaled, x, ty);
-        let bits = self.assign(format!("arith.bitcast {xs} : {ty} to {ity}"));
-        let c52 = self.int_like(52, &ity);
-        let biased = self.assign(format!("arith.shrui {bits}, {c52} : {ity}"));
-        let c1022 = self.int_like(1022, &ity);
-        let e = self.assign(format!("arith.subi {biased}, {c1022} : {ity}"));
-        let mask = self.int_like(0x000f_ffff_ffff_ffff, &ity);
-        let half = self.int_like(0x3fe0_0000_0000_0000, &ity);
-        let mbits = self.assign(format!("arith.andi {bits}, {mask} : {ity}"));
-        let mbits = self.assign(format!("arith.ori {mbits}, {half} : {ity}"));
-        // m ∈ [½, 1), x = m·2ᵉ.
-        let m = self.assign(format!("arith.bitcast {mbits} : {ity} to {ty}"));
-        let sqrt_half = self.float(std::f64::consts::FRAC_1_SQRT_2, ty);
-        let low = self.fcmp("olt", &m, &sqrt_half, ty);
-        let fe = self.assign(format!("arith.sitofp {e} : {ity} to {ty}"));
-        let one = self.float(1.0, ty);
-        let fe_low = self.fsub(&fe, &one, ty);
-        let fe = self.select(&low, &fe_low, &fe, ty);
-        let sub54 = self.float(-54.0, ty);
-        let zero = self.float(0.0, ty);
-        let shift = self.select(&small, &sub54, &zero, ty);
-        let fe = self.fadd(&fe, &shift, ty);
-        let m2 = self.fadd(&m, &m, ty);
-        let m = self.select(&low, &m2, &m, ty);
+        let (m, fe) = self.split_exponent(x, ty);
         let minus_one = self.float(-1.0, ty);
         let f = self.fadd_exact(&m, &minus_one, ty);
         let two = self.float(2.0, ty);
