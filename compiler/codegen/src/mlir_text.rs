@@ -427,22 +427,20 @@ impl Body {
         }
     }
 
-    /// `tanh x = sign(x)·m/(m + 2)` on f32, for `m = e^{2|x|} − 1` computed without
-    /// subtracting 1 near 0 ([`Body::expm1_f32`]), so small arguments keep their relative
-    /// precision (within 3 ulp); `|x|` is held to 9, where tanh rounds to 1. f64 in a GPU
-    /// kernel: [`Body::tanh_f64`]; `math.tanh` otherwise.
+    /// `tanh x = sign(x)·m/(m + 2)` on f32, and on f64 in a GPU kernel, for `m = e^{2|x|} − 1`
+    /// computed without subtracting 1 near 0 ([`Body::expm1_f32`], [`Body::expm1_f64`]), so
+    /// small arguments keep their relative precision (within 3 ulp); `|x|` is held to 9 (f32)
+    /// or 20 (f64), where tanh rounds to 1. `math.tanh` otherwise.
     pub fn tanh(&mut self, x: &str, ty: &str) -> String {
-        if self.gpu_f64(ty) {
-            return self.tanh_f64(x, ty);
-        }
-        if elem_type(ty) != "f32" {
+        let f64_here = self.gpu_f64(ty);
+        if elem_type(ty) != "f32" && !f64_here {
             return self.assign(format!("math.tanh {x} : {ty}"));
         }
         let ax = self.fabs(x, ty);
-        let cap = self.float(9.0, ty);
+        let cap = self.float(if f64_here { 20.0 } else { 9.0 }, ty);
         let ax = self.fmin(&ax, &cap, ty);
         let u = self.fadd(&ax, &ax, ty);
-        let m = self.expm1_f32(&u, ty);
+        let m = if f64_here { self.expm1_f64(&u, ty) } else { self.expm1_f32(&u, ty) };
         let two = self.float(2.0, ty);
         let d = self.fadd(&m, &two, ty);
         let t = self.fdiv(&m, &d, ty);

@@ -177,9 +177,9 @@ impl Body {
     }
 
     /// `eˣ − 1` without the cancellation of subtracting 1 near 0: with `x = n·ln2 + r`,
-    /// `2ⁿ·(eʳ − 1) + (2ⁿ − 1)` in one FMA, both exact for the `n ≤ 58` [`Body::tanh_f64`]
+    /// `2ⁿ·(eʳ − 1) + (2ⁿ − 1)` in one FMA, both exact for the `n ≤ 58` [`Body::tanh`]
     /// asks for.
-    fn expm1_f64(&mut self, x: &str, ty: &str) -> String {
+    pub(super) fn expm1_f64(&mut self, x: &str, ty: &str) -> String {
         let log2e = self.float(std::f64::consts::LOG2_E, ty);
         let t = self.fmul(x, &log2e, ty);
         let n = self.exact("roundeven", &t, ty);
@@ -285,20 +285,6 @@ impl Body {
         let c0 = self.fma_exact(&r2, &minus_half, &one, ty);
         let cos_r = self.fma_exact(&r4, &cp, &c0, ty);
         self.by_quadrant(&j, shift, &sin_r, &cos_r, ty)
-    }
-
-    /// `tanh x = sign(x)·m/(m + 2)` for `m = e^{2|x|} − 1` ([`Body::expm1_f64`], so small
-    /// arguments keep their precision), `|x|` held to 20 (where tanh rounds to 1). About 2 ulp.
-    pub(super) fn tanh_f64(&mut self, x: &str, ty: &str) -> String {
-        let ax = self.fabs(x, ty);
-        let cap = self.float(20.0, ty);
-        let ax = self.fmin(&ax, &cap, ty);
-        let u = self.fadd(&ax, &ax, ty);
-        let m = self.expm1_f64(&u, ty);
-        let two = self.float(2.0, ty);
-        let d = self.fadd(&m, &two, ty);
-        let t = self.fdiv(&m, &d, ty);
-        self.copysign(&t, x, ty)
     }
 
     /// `erf x`, on `a = |x|` in three pieces chosen by select (a GPU computes all three):
