@@ -285,10 +285,12 @@ impl Body {
         let lo = self.float(-87.3, ty);
         let x = self.fmin(x, &hi, ty);
         let x = self.fmax(&x, &lo, ty);
-        let log2e = self.float(std::f64::consts::LOG2_E, ty);
-        let t = self.fmul(&x, &log2e, ty);
-        let n = self.exact("roundeven", &t, ty);
-        let y = self.exp_reduced(&x, &n, &EXP_F32, ty);
+        let (n, r) = self.reduce_by_ln2(&x, ty);
+        let p = self.horner(&EXP_F32, &r, ty);
+        let r2 = self.fmul(&r, &r, ty);
+        let one = self.float(1.0, ty);
+        let r1 = self.fadd(&r, &one, ty);
+        let y = self.fma(&p, &r2, &r1, ty);
         let scale = self.two_to_f32(&n, ty);
         self.fmul(&y, &scale, ty)
     }
@@ -342,18 +344,23 @@ impl Body {
         self.fmul(&y, &scale, vty)
     }
 
-    /// `eˣ / 2ⁿ` for `n = round(x·log₂e)` (f32): `r = x − n·ln2`, with ln2 in two parts so `r`
-    /// is exact, then `1 + r + r²·P(r)`, `P`'s coefficients highest degree first.
-    fn exp_reduced(&mut self, x: &str, n: &str, coeffs: &[f64], ty: &str) -> String {
-        let ln2_hi = self.float(-0.693_359_375, ty);
-        let ln2_lo = self.float(2.121_944_4e-4, ty);
-        let r = self.fma_exact(n, &ln2_hi, x, ty);
-        let r = self.fma_exact(n, &ln2_lo, &r, ty);
-        let p = self.horner(coeffs, &r, ty);
-        let r2 = self.fmul(&r, &r, ty);
-        let one = self.float(1.0, ty);
-        let r1 = self.fadd(&r, &one, ty);
-        self.fma(&p, &r2, &r1, ty)
+    /// `x = n·ln2 + r` for `n = round(x·log₂e)`, f32 or f64: `(n, r)`, `|r| ≤ ln2/2`. ln2 is in
+    /// two parts, the first short enough that `n` times it is exact, so `r` is exact to one
+    /// rounding.
+    fn reduce_by_ln2(&mut self, x: &str, ty: &str) -> (String, String) {
+        let log2e = self.float(std::f64::consts::LOG2_E, ty);
+        let t = self.fmul(x, &log2e, ty);
+        let n = self.exact("roundeven", &t, ty);
+        let (hi, lo) = if elem_type(ty) == "f64" {
+            (-f64_math::LN2_HI, -f64_math::LN2_LO)
+        } else {
+            (-0.693_359_375, 2.121_944_4e-4)
+        };
+        let hi = self.float(hi, ty);
+        let lo = self.float(lo, ty);
+        let r = self.fma_exact(&n, &hi, x, ty);
+        let r = self.fma_exact(&n, &lo, &r, ty);
+        (n, r)
     }
 
     /// The polynomial with `coeffs` (highest degree first) at `x`, by Horner's rule in FMAs.
@@ -450,13 +457,7 @@ impl Body {
     /// `eˣ − 1` on f32 for `0 ≤ x ≤ 18`: with `x = n·ln2 + r`, `2ⁿ·(eʳ − 1) + (2ⁿ − 1)` in one
     /// FMA, `eʳ − 1 = r + r²·P(r)` with [`Body::exp`]'s polynomial.
     fn expm1_f32(&mut self, x: &str, ty: &str) -> String {
-        let log2e = self.float(std::f64::consts::LOG2_E, ty);
-        let t = self.fmul(x, &log2e, ty);
-        let n = self.exact("roundeven", &t, ty);
-        let ln2_hi = self.float(-0.693_359_375, ty);
-        let ln2_lo = self.float(2.121_944_4e-4, ty);
-        let r = self.fma_exact(&n, &ln2_hi, x, ty);
-        let r = self.fma_exact(&n, &ln2_lo, &r, ty);
+        let (n, r) = self.reduce_by_ln2(x, ty);
         let p = self.horner(&EXP_F32, &r, ty);
         let r2 = self.fmul(&r, &r, ty);
         let s = self.fma(&p, &r2, &r, ty);

@@ -14,8 +14,8 @@ use super::{with_elem, Body};
 
 /// ln 2 in two parts: `LN2_HI` keeps 21 significant bits, so `n·LN2_HI` is exact for every
 /// exponent `n`, and `LN2_LO` is the rest.
-const LN2_HI: f64 = 0.6931467056274414;
-const LN2_LO: f64 = 4.7493250390316726e-07;
+pub(super) const LN2_HI: f64 = 0.6931467056274414;
+pub(super) const LN2_LO: f64 = 4.7493250390316726e-07;
 /// π/2 in three parts, the first two of 33 significant bits (Cody–Waite reduction).
 const HALF_PI: [f64; 3] = [1.5707963267341256, 6.077100506303966e-11, 2.0222662487959506e-21];
 /// `eʳ − 1 = r + r²·Σ rᵏ/(k+2)!` for `k < 12`, highest degree first: |r| ≤ ln2/2 leaves a
@@ -149,10 +149,7 @@ impl Body {
         let lo = self.float(-746.0, ty);
         let x = self.fmin(x, &hi, ty);
         let x = self.fmax(&x, &lo, ty);
-        let log2e = self.float(std::f64::consts::LOG2_E, ty);
-        let t = self.fmul(&x, &log2e, ty);
-        let n = self.exact("roundeven", &t, ty);
-        let r = self.reduce_ln2(&x, &n, ty);
+        let (n, r) = self.reduce_by_ln2(&x, ty);
         let s = self.expm1_reduced(&r, ty);
         let one = self.float(1.0, ty);
         let y = self.fadd(&s, &one, ty);
@@ -180,23 +177,12 @@ impl Body {
     /// `2ⁿ·(eʳ − 1) + (2ⁿ − 1)` in one FMA, both exact for the `n ≤ 58` [`Body::tanh`]
     /// asks for.
     pub(super) fn expm1_f64(&mut self, x: &str, ty: &str) -> String {
-        let log2e = self.float(std::f64::consts::LOG2_E, ty);
-        let t = self.fmul(x, &log2e, ty);
-        let n = self.exact("roundeven", &t, ty);
-        let r = self.reduce_ln2(x, &n, ty);
+        let (n, r) = self.reduce_by_ln2(x, ty);
         let s = self.expm1_reduced(&r, ty);
         let one = self.float(1.0, ty);
         let p = self.times_two_to(&one, &n, ty);
         let p1 = self.fsub(&p, &one, ty);
         self.fma_exact(&p, &s, &p1, ty)
-    }
-
-    /// `x − n·ln2`, exact to f64 rounding once.
-    fn reduce_ln2(&mut self, x: &str, n: &str, ty: &str) -> String {
-        let hi = self.float(-LN2_HI, ty);
-        let lo = self.float(-LN2_LO, ty);
-        let r = self.fma_exact(n, &hi, x, ty);
-        self.fma_exact(n, &lo, &r, ty)
     }
 
     /// `eʳ − 1` for `|r| ≤ ln2/2`: `r + r²·P(r)`.
