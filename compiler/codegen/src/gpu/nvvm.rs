@@ -124,3 +124,61 @@ pub fn compile(kernels: &[GpuKernel], target: &NvvmTarget) -> Result<Vec<PtxModu
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::GpuFlavor;
+    use crate::mlir_text::Body;
+
+    /// The math functions' range reductions hold only if the operations written as exact
+    /// ([`Body::fadd_exact`], [`Body::fmul_exact`], [`Body::fma_exact`]) reach the GPU rounded
+    /// one by one. PTX's `add.f64` and `mul.f64` leave `ptxas` free to fuse a product into a
+    /// later add; `add.rn` and `mul.rn` do not. So the exact operations must come out with the
+    /// rounding written, while products flagged `contract` may become FMAs.
+    #[test]
+    fn exact_operations_keep_their_rounding_in_ptx() {
+        for ty in ["f32", "f64"] {
+            let mut b = Body::for_gpu(Vec::new(), GpuFlavor::Nvvm);
+            let c = |b: &mut Body, i: usize| {
+                let i = b.index(i);
+                b.assign(format!("memref.load %p[{i}] : memref<8x{ty}>"))
+            };
+            let (x, y, z) = (c(&mut b, 0), c(&mut b, 1), c(&mut b, 2));
+            let exact = b.fmul_exact(&x, &y, ty);
+            let exact = b.fadd_exact(&exact, &z, ty);
+            let fused = b.fma_exact(&x, &y, &z, ty);
+            let free = b.fmul(&x, &z, ty);
+            let free = b.fadd(&free, &y, ty);
+            for (i, v) in [exact, fused, free].iter().enumerate() {
+                let at = b.index(3 + i);
+                b.line(format!("memref.store {v}, %p[{at}] : memref<8x{ty}>"));
+            }
+            let text = format!(
+                "module attributes {{gpu.container_module}} {{
+gpu.module @k [{attr}] {{
+gpu.func @k(%p: memref<8x{ty}>) kernel {{
+{body}  gpu.return
+}}
+}}
+}}",
+                attr = target_attr(&NvvmTarget::by_arch("sm_90").expect("sm_90")),
+                body = b.finish()
+            );
+            let context = context();
+            let mut module = Module::parse(&context, &text).expect("the kernel parses");
+            run_pass_pipeline(&context, &mut module, lowering_pipeline()).expect("the kernel lowers");
+            run_pass_pipeline(&context, &mut module, "builtin.module(gpu-module-to-binary{format=isa})")
+                .expect("PTX is generated");
+            let objects = crate::gpu::binary_objects(&module).expect("one object");
+            let ptx = String::from_utf8_lossy(&objects[0].1).to_string();
+            let count = |op: &str| ptx.matches(&format!("\t{op}.{ty} ")).count();
+            assert_eq!(
+                (count("mul.rn"), count("add.rn"), count("fma.rn"), count("mul"), count("add")),
+                (1, 1, 2, 0, 0),
+                "{ty}: the exact product and sum rounded as written, the exact FMA and the free pair \
+                 as FMAs, no operation left for ptxas to fuse:\n{ptx}"
+            );
+        }
+    }
+}
