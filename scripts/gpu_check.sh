@@ -142,7 +142,9 @@ TRAIN=(
 # products, beside sm_90's mma.sync), a `_t256_` or
 # `_t128_` one with --matmul-tile 128x256 or 128x128, an `_awaited_` one with
 # --products-in-flight 0 (each step's warpgroup products awaited before the next step's; in
-# attention, no tile's value products beside the next tile's softmax).
+# attention, no tile's value products beside the next tile's softmax). A `_dynamic` one has
+# dynamic sizes (check_pack runs it at their hints, the shape of its static twin: one artifact
+# for every size against one for that size).
 BENCH=(
     "matmul|bench/cuda/matmul.ron|"
     "matmul_registers|bench/cuda/matmul.ron|"
@@ -183,6 +185,8 @@ BENCH=(
     "attention_wgmma_tf32|bench/cuda/attention.ron|"
     "attention_wgmma_tf32x3|bench/cuda/attention.ron|"
     "attention_wgmma_awaited_tf32x3|bench/cuda/attention.ron|"
+    "minilm_b64_dynamic|models/bert_encoder.ron|--set batch=Dyn(min:1,max:64,hint:64) --set seq=Dyn(min:1,max:128,hint:128)"
+    "minilm_b1_dynamic|models/bert_encoder.ron|--set batch=1 --set seq=Dyn(min:1,max:256,hint:128)"
 )
 
 # `--precision tf32` (or `tf32x3`) for a name ending in _tf32 (or _tf32x3), `--no-async-copies`

@@ -1824,6 +1824,33 @@ fn pack_entries(array: &str) -> Vec<(String, String, Vec<String>)> {
         .collect()
 }
 
+/// The CUDA check's report reads exactly the benchmarks the pack holds: a benchmark without a
+/// row, or a row, goal or dynamic twin naming a benchmark the pack lacks (which would show
+/// as "–" after the run, when the device time is spent), fails here.
+#[test]
+fn cuda_report_reads_every_benchmark_of_the_pack() {
+    let report = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/cuda/report.py");
+    let out = match std::process::Command::new("python3").arg(&report).arg("--names").output() {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("skipping the check pack's report names: cannot run python3 ({e})");
+            return;
+        }
+    };
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let read: std::collections::BTreeSet<String> =
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    let packed: std::collections::BTreeSet<String> =
+        pack_entries("BENCH").into_iter().map(|(name, _, _)| name).collect();
+    let unread: Vec<_> = packed.difference(&read).collect();
+    let missing: Vec<_> = read.difference(&packed).collect();
+    assert!(
+        unread.is_empty() && missing.is_empty(),
+        "benchmarks in the pack that report.py does not read: {unread:?}; \
+         benchmarks report.py reads that the pack does not hold: {missing:?}"
+    );
+}
+
 /// The check pack's math conformance specs (read from `scripts/gpu_check.sh`, each with the
 /// tolerance its `tolerance.txt` states) hold it on the Vulkan device, which computes the
 /// same arithmetic as CUDA: a tolerance too tight for the functions fails here first.

@@ -14,13 +14,74 @@ of the benchmarked variants that keep the goal's precision is fastest (what the 
 become where it is faster).
 
 Usage: report.py KILN_BENCH.jsonl TORCH.json [CONFORMANCE.jsonl…]
+       report.py --names    (every benchmark it reads, one per line)
 """
 
 import json
 import sys
 
 
+# The first table's rows: label, benchmark, peer, the peer's key in TORCH.json, goal.
+ROWS = [
+    ("matmul 4096³ f32", "matmul", "torch.matmul, TF32 off (cuBLAS f32)", "matmul_f32_ms", "≥ 0.8×"),
+    ("matmul 4096³ f32, tiles through registers", "matmul_registers", "torch.matmul, TF32 off (cuBLAS f32)", "matmul_f32_ms", ""),
+    ("matmul 4096³ TF32", "matmul_tf32", "torch.matmul, TF32 on", "matmul_tf32_ms", ""),
+    ("attention 4×12×2048×64 f32", "attention", "SDPA f32", "attention_f32_ms", "≥ 1.0×"),
+    ("attention 4×12×2048×64 f32", "attention", "SDPA bf16 flash", "attention_bf16_flash_ms", ""),
+    ("attention 4×12×2048×64 f32, one query per invocation", "attention_per_query", "SDPA f32", "attention_f32_ms", ""),
+    ("attention 4×12×2048×64 TF32", "attention_tf32", "SDPA f32", "attention_f32_ms", ""),
+    ("attention 4×12×2048×64 TF32", "attention_tf32", "SDPA bf16 flash", "attention_bf16_flash_ms", ""),
+    ("MiniLM-L6 b64×128 TF32", "minilm_b64_tf32", "BertModel torch.compile (f32)", "bert_b64_compile_ms", ""),
+    ("matmul 4096³ TF32×3", "matmul_tf32x3", "torch.matmul, TF32 off (cuBLAS f32)", "matmul_f32_ms", ""),
+    ("attention 4×12×2048×64 TF32×3", "attention_tf32x3", "SDPA f32", "attention_f32_ms", ""),
+    ("attention 4×12×2048×64 TF32, warpgroup products (sm_90a)", "attention_wgmma_tf32", "SDPA f32", "attention_f32_ms", ""),
+    ("attention 4×12×2048×64 TF32×3, warpgroup products (sm_90a)", "attention_wgmma_tf32x3", "SDPA f32", "attention_f32_ms", ""),
+    ("attention 4×12×2048×64 TF32×3, warpgroup products, each step awaited", "attention_wgmma_awaited_tf32x3", "SDPA f32", "attention_f32_ms", ""),
+    ("MiniLM-L6 b64×128 TF32×3", "minilm_b64_tf32x3", "BertModel torch.compile (f32)", "bert_b64_compile_ms", ""),
+    ("MiniLM-L6 b64×128 TF32, warpgroup products (sm_90a)", "minilm_b64_wgmma_tf32", "BertModel torch.compile (f32)", "bert_b64_compile_ms", ""),
+    ("MiniLM-L6 b64×128 TF32×3, warpgroup products (sm_90a)", "minilm_b64_wgmma_tf32x3", "BertModel torch.compile (f32)", "bert_b64_compile_ms", ""),
+    ("matmul 4096³ a·bᵀ TF32×3", "matmul_nt_tf32x3", "torch.matmul, TF32 off (cuBLAS f32)", "matmul_f32_ms", ""),
+    ("matmul 4096³ a·bᵀ TF32, warpgroup products (sm_90a)", "matmul_nt_wgmma_tf32", "torch.matmul, TF32 on", "matmul_tf32_ms", ""),
+    ("matmul 4096³ a·bᵀ TF32×3, warpgroup products (sm_90a)", "matmul_nt_wgmma_tf32x3", "torch.matmul, TF32 off (cuBLAS f32)", "matmul_f32_ms", ""),
+    ("matmul 4096³ a·bᵀ TF32×3, warpgroup products in 128×128 tiles", "matmul_nt_wgmma_t128_tf32x3", "torch.matmul, TF32 off (cuBLAS f32)", "matmul_f32_ms", ""),
+    ("MiniLM-L6 b64×128 TF32×3, warpgroup products in 128×128 tiles", "minilm_b64_wgmma_t128_tf32x3", "BertModel torch.compile (f32)", "bert_b64_compile_ms", ""),
+    ("matmul 4096³ f16", "matmul_f16", "torch.matmul f16 (cuBLAS)", "matmul_f16_ms", "≥ 0.8×"),
+    ("matmul 4096³ bf16", "matmul_bf16", "torch.matmul bf16 (cuBLAS)", "matmul_bf16_ms", "≥ 0.8×"),
+    ("matmul 4096³ f16, warpgroup products (sm_90a)", "matmul_wgmma_f16", "torch.matmul f16 (cuBLAS)", "matmul_f16_ms", ""),
+    ("matmul 4096³ bf16, warpgroup products (sm_90a)", "matmul_wgmma_bf16", "torch.matmul bf16 (cuBLAS)", "matmul_bf16_ms", ""),
+    ("matmul 4096³ f16, warpgroup products in 128×128 tiles", "matmul_wgmma_t128_f16", "torch.matmul f16 (cuBLAS)", "matmul_f16_ms", ""),
+    ("matmul 4096³ f16, warpgroup products, each step awaited", "matmul_wgmma_awaited_f16", "torch.matmul f16 (cuBLAS)", "matmul_f16_ms", ""),
+    ("attention 4×12×2048×64 f16", "attention_f16", "SDPA f16 flash", "attention_f16_flash_ms", "≥ 1.0×"),
+    ("attention 4×12×2048×64 bf16", "attention_bf16", "SDPA bf16 flash", "attention_bf16_flash_ms", "≥ 1.0×"),
+    ("attention 4×12×2048×64 f16, key tiles of 64", "attention_k64_f16", "SDPA f16 flash", "attention_f16_flash_ms", ""),
+    ("attention 4×12×2048×64 f16, warpgroup products (sm_90a)", "attention_wgmma_f16", "SDPA f16 flash", "attention_f16_flash_ms", ""),
+    ("attention 4×12×2048×64 bf16, warpgroup products (sm_90a)", "attention_wgmma_bf16", "SDPA bf16 flash", "attention_bf16_flash_ms", ""),
+    ("attention 4×12×2048×64 f16, warpgroup products, key tiles of 64", "attention_wgmma_k64_f16", "SDPA f16 flash", "attention_f16_flash_ms", ""),
+    ("attention 4×12×2048×64 f16, warpgroup products, each step awaited", "attention_wgmma_awaited_f16", "SDPA f16 flash", "attention_f16_flash_ms", ""),
+]
+for b in (1, 8, 64):
+    goal = "≥ 1.11× (≤ 0.9× time)" if b == 64 else ""
+    ROWS.append((f"MiniLM-L6 b{b}×128 f32", f"minilm_b{b}", "BertModel eager", f"bert_b{b}_eager_ms", ""))
+    ROWS.append((f"MiniLM-L6 b{b}×128 f32", f"minilm_b{b}", "BertModel torch.compile", f"bert_b{b}_compile_ms", goal))
+ROWS.append(("MiniLM-L6 b64×128 f32, tiles through registers", "minilm_b64_registers", "BertModel torch.compile", "bert_b64_compile_ms", ""))
+ROWS.append(("MiniLM-L6 b64×128 f32, attention one query per invocation", "minilm_b64_per_query", "BertModel torch.compile", "bert_b64_compile_ms", ""))
+ROWS.append(("MiniLM-L6 b64×128 f32, products in 128×128 tiles only", "minilm_b64_square", "BertModel torch.compile", "bert_b64_compile_ms", ""))
+
+
+def names():
+    """Every benchmark the tables read: what the check pack must hold."""
+    found = {name for _, name, _, _, _ in ROWS}
+    for _, _, _, default, variants in GOALS:
+        found.update([default, *variants])
+    for _, dynamic, static in DYNAMIC:
+        found.update([dynamic, static])
+    return sorted(found)
+
+
 def main():
+    if sys.argv[1:] == ["--names"]:
+        print("\n".join(names()))
+        return
     kiln = {}
     with open(sys.argv[1]) as f:
         for line in f:
@@ -50,57 +111,14 @@ def main():
     print(f"GPU: {torch.get('device', '?')}, torch {torch.get('torch', '?')}\n")
     print("| workload | Kiln GPU (ms) | Kiln end to end (ms) | peer | peer (ms) | Kiln speed / peer | goal |")
     print("|---|---|---|---|---|---|---|")
-    rows = [
-        ("matmul 4096³ f32", "matmul", "torch.matmul, TF32 off (cuBLAS f32)", "matmul_f32_ms", "≥ 0.8×"),
-        ("matmul 4096³ f32, tiles through registers", "matmul_registers", "torch.matmul, TF32 off (cuBLAS f32)", "matmul_f32_ms", ""),
-        ("matmul 4096³ TF32", "matmul_tf32", "torch.matmul, TF32 on", "matmul_tf32_ms", ""),
-        ("attention 4×12×2048×64 f32", "attention", "SDPA f32", "attention_f32_ms", "≥ 1.0×"),
-        ("attention 4×12×2048×64 f32", "attention", "SDPA bf16 flash", "attention_bf16_flash_ms", ""),
-        ("attention 4×12×2048×64 f32, one query per invocation", "attention_per_query", "SDPA f32", "attention_f32_ms", ""),
-        ("attention 4×12×2048×64 TF32", "attention_tf32", "SDPA f32", "attention_f32_ms", ""),
-        ("attention 4×12×2048×64 TF32", "attention_tf32", "SDPA bf16 flash", "attention_bf16_flash_ms", ""),
-        ("MiniLM-L6 b64×128 TF32", "minilm_b64_tf32", "BertModel torch.compile (f32)", "bert_b64_compile_ms", ""),
-        ("matmul 4096³ TF32×3", "matmul_tf32x3", "torch.matmul, TF32 off (cuBLAS f32)", "matmul_f32_ms", ""),
-        ("attention 4×12×2048×64 TF32×3", "attention_tf32x3", "SDPA f32", "attention_f32_ms", ""),
-        ("attention 4×12×2048×64 TF32, warpgroup products (sm_90a)", "attention_wgmma_tf32", "SDPA f32", "attention_f32_ms", ""),
-        ("attention 4×12×2048×64 TF32×3, warpgroup products (sm_90a)", "attention_wgmma_tf32x3", "SDPA f32", "attention_f32_ms", ""),
-        ("attention 4×12×2048×64 TF32×3, warpgroup products, each step awaited", "attention_wgmma_awaited_tf32x3", "SDPA f32", "attention_f32_ms", ""),
-        ("MiniLM-L6 b64×128 TF32×3", "minilm_b64_tf32x3", "BertModel torch.compile (f32)", "bert_b64_compile_ms", ""),
-        ("MiniLM-L6 b64×128 TF32, warpgroup products (sm_90a)", "minilm_b64_wgmma_tf32", "BertModel torch.compile (f32)", "bert_b64_compile_ms", ""),
-        ("MiniLM-L6 b64×128 TF32×3, warpgroup products (sm_90a)", "minilm_b64_wgmma_tf32x3", "BertModel torch.compile (f32)", "bert_b64_compile_ms", ""),
-        ("matmul 4096³ a·bᵀ TF32×3", "matmul_nt_tf32x3", "torch.matmul, TF32 off (cuBLAS f32)", "matmul_f32_ms", ""),
-        ("matmul 4096³ a·bᵀ TF32, warpgroup products (sm_90a)", "matmul_nt_wgmma_tf32", "torch.matmul, TF32 on", "matmul_tf32_ms", ""),
-        ("matmul 4096³ a·bᵀ TF32×3, warpgroup products (sm_90a)", "matmul_nt_wgmma_tf32x3", "torch.matmul, TF32 off (cuBLAS f32)", "matmul_f32_ms", ""),
-        ("matmul 4096³ a·bᵀ TF32×3, warpgroup products in 128×128 tiles", "matmul_nt_wgmma_t128_tf32x3", "torch.matmul, TF32 off (cuBLAS f32)", "matmul_f32_ms", ""),
-        ("MiniLM-L6 b64×128 TF32×3, warpgroup products in 128×128 tiles", "minilm_b64_wgmma_t128_tf32x3", "BertModel torch.compile (f32)", "bert_b64_compile_ms", ""),
-        ("matmul 4096³ f16", "matmul_f16", "torch.matmul f16 (cuBLAS)", "matmul_f16_ms", "≥ 0.8×"),
-        ("matmul 4096³ bf16", "matmul_bf16", "torch.matmul bf16 (cuBLAS)", "matmul_bf16_ms", "≥ 0.8×"),
-        ("matmul 4096³ f16, warpgroup products (sm_90a)", "matmul_wgmma_f16", "torch.matmul f16 (cuBLAS)", "matmul_f16_ms", ""),
-        ("matmul 4096³ bf16, warpgroup products (sm_90a)", "matmul_wgmma_bf16", "torch.matmul bf16 (cuBLAS)", "matmul_bf16_ms", ""),
-        ("matmul 4096³ f16, warpgroup products in 128×128 tiles", "matmul_wgmma_t128_f16", "torch.matmul f16 (cuBLAS)", "matmul_f16_ms", ""),
-        ("matmul 4096³ f16, warpgroup products, each step awaited", "matmul_wgmma_awaited_f16", "torch.matmul f16 (cuBLAS)", "matmul_f16_ms", ""),
-        ("attention 4×12×2048×64 f16", "attention_f16", "SDPA f16 flash", "attention_f16_flash_ms", "≥ 1.0×"),
-        ("attention 4×12×2048×64 bf16", "attention_bf16", "SDPA bf16 flash", "attention_bf16_flash_ms", "≥ 1.0×"),
-        ("attention 4×12×2048×64 f16, key tiles of 64", "attention_k64_f16", "SDPA f16 flash", "attention_f16_flash_ms", ""),
-        ("attention 4×12×2048×64 f16, warpgroup products (sm_90a)", "attention_wgmma_f16", "SDPA f16 flash", "attention_f16_flash_ms", ""),
-        ("attention 4×12×2048×64 bf16, warpgroup products (sm_90a)", "attention_wgmma_bf16", "SDPA bf16 flash", "attention_bf16_flash_ms", ""),
-        ("attention 4×12×2048×64 f16, warpgroup products, key tiles of 64", "attention_wgmma_k64_f16", "SDPA f16 flash", "attention_f16_flash_ms", ""),
-        ("attention 4×12×2048×64 f16, warpgroup products, each step awaited", "attention_wgmma_awaited_f16", "SDPA f16 flash", "attention_f16_flash_ms", ""),
-    ]
-    for b in (1, 8, 64):
-        goal = "≥ 1.11× (≤ 0.9× time)" if b == 64 else ""
-        rows.append((f"MiniLM-L6 b{b}×128 f32", f"minilm_b{b}", "BertModel eager", f"bert_b{b}_eager_ms", ""))
-        rows.append((f"MiniLM-L6 b{b}×128 f32", f"minilm_b{b}", "BertModel torch.compile", f"bert_b{b}_compile_ms", goal))
-    rows.append(("MiniLM-L6 b64×128 f32, tiles through registers", "minilm_b64_registers", "BertModel torch.compile", "bert_b64_compile_ms", ""))
-    rows.append(("MiniLM-L6 b64×128 f32, attention one query per invocation", "minilm_b64_per_query", "BertModel torch.compile", "bert_b64_compile_ms", ""))
-    rows.append(("MiniLM-L6 b64×128 f32, products in 128×128 tiles only", "minilm_b64_square", "BertModel torch.compile", "bert_b64_compile_ms", ""))
-    for label, name, peer, key, goal in rows:
+    for label, name, peer, key, goal in ROWS:
         kiln_ms, peer_ms = k(name), torch.get(key)
         print(
             f"| {label} | {cell(kiln_ms)} | {cell(end_to_end(name))} | {peer} | {cell(peer_ms)} "
             f"| {ratio(kiln_ms, peer_ms)} | {goal} |"
         )
     print_goals(k, torch)
+    print_dynamic(k, end_to_end)
     for path in sys.argv[3:]:
         print(f"\n| model ({path.rsplit('/', 1)[-1].split('.')[0]}) | result | max error |")
         print("|---|---|---|")
@@ -169,6 +187,34 @@ def print_goals(kiln_ms, torch):
             f"| {label} | ≥ {needs:.2f}× | {default} | {shown(r_default)} | {best or '–'} "
             f"| {shown(r_best)} | {holds} |"
         )
+
+
+# Artifacts with dynamic sizes, run at their hints, and their static twins compiled for that
+# shape (the goal of one artifact for every size: within 3 % of the static one's time).
+DYNAMIC = [
+    ("MiniLM-L6 b64×128 f32, batch ≤ 64 and seq ≤ 128", "minilm_b64_dynamic", "minilm_b64"),
+    ("MiniLM-L6 b1×128 f32, seq ≤ 256", "minilm_b1_dynamic", "minilm_b1"),
+]
+
+
+def print_dynamic(kiln_ms, end_to_end):
+    """Each dynamic artifact's times beside its static twin's, GPU and end to end."""
+    print("\n| workload (dynamic, at the static shape) | static GPU (ms) | dynamic GPU (ms) "
+          "| dynamic / static, GPU | static end to end (ms) | dynamic end to end (ms) "
+          "| dynamic / static, end to end | goal |")
+    print("|---|---|---|---|---|---|---|---|")
+
+    def cell(v):
+        return "–" if v is None else f"{v:.3f}"
+
+    def over(a, b):
+        return "–" if a is None or b is None else f"{a / b:.3f}"
+
+    for label, dynamic, static in DYNAMIC:
+        gs, gd = kiln_ms(static), kiln_ms(dynamic)
+        es, ed = end_to_end(static), end_to_end(dynamic)
+        print(f"| {label} | {cell(gs)} | {cell(gd)} | {over(gd, gs)} | {cell(es)} | {cell(ed)} "
+              f"| {over(ed, es)} | ≤ 1.03 |")
 
 
 if __name__ == "__main__":
