@@ -14,6 +14,11 @@
 #                                     inputs and the interpreter's outputs) and the benchmark
 #                                     artifacts (weights synthesized on the GPU machine); then
 #                                     the same pack as one archive, DIR.tar.xz (about 35 MB).
+#   scripts/gpu_check.sh golden [DIR] here: the MiniLM golden check's own pack (default
+#                                     target/gpu_check/golden, about 41 MB as DIR.tar.xz): the
+#                                     real all-MiniLM-L6-v2 weights in the BERT encoder against
+#                                     sentence-transformers' embeddings (tests/golden/minilm).
+#                                     It travels in a device call of its own, beside the pack's.
 #   scripts/gpu_check.sh run [DIR]    on the GPU machine, which needs neither Rust nor LLVM:
 #                                     runs the pack and PyTorch (bench/cuda/peers.py), writes
 #                                     results.md and the JSON beside it into ${OUT:-DIR/results}.
@@ -377,6 +382,74 @@ dedupe() {
     say "pack: $((saved / 1024)) KiB of repeated data files left out"
 }
 
+# The MiniLM golden check as a pack of its own in DIR: models/bert_encoder.ron at batch 16 with
+# all-MiniLM-L6-v2's real weights (scripts/fetch_minilm.sh), on tests/golden/minilm's inputs,
+# against sentence-transformers' embeddings of them, which check_pack compares after pooling
+# the output as tests/minilm.rs does (`pooled.txt`), within the golden's 1e-4. The weights
+# (87 MiB) do not fit beside the pack in one device call (64 MiB), nor alone as they are: the
+# artifact keeps only the word-embedding rows of the tokens the inputs hold, the others zero
+# (they compress to nothing). A gather reads no other row, so the outputs on these inputs are
+# those of the full weights.
+golden_pack() {
+    local dir="$1" kiln="$TARGET_DIR/release/kiln" weights scratch art
+    cd "$REPO"
+    say "building kiln and the checker (release)"
+    cargo build --release --bin kiln >&2
+    cargo build --release -p kiln-runtime --example check_pack >&2
+    KILN_PTXAS="$(scripts/fetch_ptxas.sh)"
+    export KILN_PTXAS
+    weights="$(scripts/fetch_minilm.sh)/model.safetensors"
+    rm -rf "$dir"
+    mkdir -p "$dir/bin" "$dir/golden"
+    cp "$TARGET_DIR/release/examples/check_pack" "$dir/bin/"
+    strip "$dir/bin/check_pack" 2>/dev/null || true
+    cp scripts/gpu_check.sh "$dir/"
+    scratch="$(mktemp -d)"
+    golden_weights "$weights" tests/golden/minilm/inputs.safetensors "$scratch/model.safetensors"
+    art="$dir/golden/minilm.kiln"
+    say "golden: models/bert_encoder.ron at batch 16 with the real weights, for $PACK_TARGET"
+    "$kiln" compile models/bert_encoder.ron --set batch=16 --weights "$scratch/model.safetensors" \
+        --target "$PACK_TARGET" -o "$art" >&2
+    rm -rf "$scratch"
+    cp tests/golden/minilm/inputs.safetensors tests/golden/minilm/expected.safetensors "$art/"
+    echo "last_hidden_state attention_mask sentence_embedding" >"$art/pooled.txt"
+    echo 1e-4 >"$art/tolerance.txt"
+    say "golden pack: $(du -sh "$dir" | cut -f1) in $dir"
+}
+
+# Copies the checkpoint WEIGHTS to OUT with every row of the word embeddings that no token of
+# INPUTS' input_ids reads set to zero (the header and every other byte as they are).
+golden_weights() {
+    python3 - "$@" <<'EOF'
+import json, struct, sys
+
+def read(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        raw = f.read(n)
+        return raw, json.loads(raw), f.read()
+
+_, inputs, data = read(sys.argv[2])
+ids = inputs["input_ids"]
+assert ids["dtype"] == "I64", ids
+a, b = ids["data_offsets"]
+used = set(struct.unpack(f"<{(b - a) // 8}q", data[a:b]))
+raw, header, data = read(sys.argv[1])
+name = "embeddings.word_embeddings.weight"
+table = header[name]
+a, b = table["data_offsets"]
+rows = table["shape"][0]
+width = (b - a) // rows
+data = bytearray(data)
+for r in range(rows):
+    if r not in used:
+        data[a + r * width:a + (r + 1) * width] = bytes(width)
+with open(sys.argv[3], "wb") as f:
+    f.write(struct.pack("<Q", len(raw)) + raw + data)
+print(f"== gpu_check: golden: kept {len(used)} of {rows} rows of {name}", file=sys.stderr)
+EOF
+}
+
 # Writes the pack DIR as one archive, DIR.tar.xz, with the pack's files at its root: the PTX,
 # manifests and inputs compress well, so the archive is what a device call carries.
 archive() {
@@ -433,10 +506,17 @@ run_pack() {
     mkdir -p "$out"
     restore "$dir"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/gpu: /' >&2
-    say "conformance: every shipped model, and the math functions, on CUDA against the interpreter"
     local status=0
-    limited "$dir/bin/check_pack" "$dir/conformance" --device "$DEVICE" --repeats 10 --json "$out/conformance.jsonl" \
-        | tee "$out/conformance.txt" || status=1
+    if compgen -G "$dir/conformance/*.kiln" >/dev/null; then
+        say "conformance: every shipped model, and the math functions, on CUDA against the interpreter"
+        limited "$dir/bin/check_pack" "$dir/conformance" --device "$DEVICE" --repeats 10 --json "$out/conformance.jsonl" \
+            | tee "$out/conformance.txt" || status=1
+    fi
+    if compgen -G "$dir/golden/*.kiln" >/dev/null; then
+        say "the MiniLM golden check: real weights against sentence-transformers' embeddings (1e-4)"
+        limited "$dir/bin/check_pack" "$dir/golden" --device "$DEVICE" --repeats 10 --json "$out/golden.jsonl" \
+            | tee "$out/golden.txt" || status=1
+    fi
     if compgen -G "$dir/conformance_tf32/*.kiln" >/dev/null; then
         say "conformance on tensor cores (TF32, tolerance 1e-2)"
         limited "$dir/bin/check_pack" "$dir/conformance_tf32" --device "$DEVICE" --repeats 10 --tolerance 1e-2 \
@@ -456,6 +536,10 @@ run_pack() {
                 --json "$out/conformance_$dtype.jsonl" | tee "$out/conformance_$dtype.txt" || status=1
         fi
     done
+    # The golden pack has no benchmarks.
+    if ! compgen -G "$dir/bench/*.kiln" >/dev/null; then
+        return $status
+    fi
     say "Kiln benchmarks"
     limited "$dir/bin/check_pack" "$dir/bench" --device "$DEVICE" --repeats 30 --json "$out/kiln_bench.jsonl" \
         | tee "$out/kiln_bench.txt" || status=1
@@ -480,6 +564,10 @@ case "${1:-all}" in
         pack "${DIR_ARG:-$TARGET_DIR/gpu_check/pack}"
         archive "${DIR_ARG:-$TARGET_DIR/gpu_check/pack}"
         ;;
+    golden)
+        golden_pack "${DIR_ARG:-$TARGET_DIR/gpu_check/golden}"
+        archive "${DIR_ARG:-$TARGET_DIR/gpu_check/golden}"
+        ;;
     run)
         # (A failure inside the substitution does not stop the script by itself.)
         pack_dir="$(unpacked "${DIR_ARG:-$SCRIPT_DIR}")" || exit 1
@@ -498,7 +586,7 @@ case "${1:-all}" in
         say "done in $(($(date +%s) - start)) s"
         ;;
     *)
-        echo "usage: scripts/gpu_check.sh [all | pack [DIR] | run [DIR]]" >&2
+        echo "usage: scripts/gpu_check.sh [all | pack [DIR] | golden [DIR] | run [DIR]]" >&2
         exit 2
         ;;
 esac

@@ -226,14 +226,65 @@ fn minilm_on_cuda_matches_sentence_transformers() {
     compiled_matches(test, "cuda");
 }
 
+/// The GPU check's golden pack (`scripts/gpu_check.sh golden`) carries the checkpoint with
+/// every word-embedding row that the golden inputs' tokens do not read set to zero, so that it
+/// fits a device call: compiled from those weights, the encoder must give the full
+/// checkpoint's outputs bit for bit on those inputs, and so sentence-transformers' embeddings.
+#[test]
+fn minilm_golden_pack_weights_give_the_full_checkpoints_outputs() {
+    let test = "minilm_golden_pack_weights_give_the_full_checkpoints_outputs";
+    let Some(weights) = cached_weights(test) else { return };
+    let tmp = tempfile::tempdir().expect("scratch directory");
+    let pruned = tmp.path().join("model.safetensors");
+    let out = std::process::Command::new("bash")
+        .current_dir(root())
+        .arg("-c")
+        .arg(r#"set -euo pipefail; source scripts/gpu_check.sh; golden_weights "$1" "$2" "$3""#)
+        .arg("golden_weights")
+        .args([
+            weights.as_os_str(),
+            root().join(GOLDEN).join("inputs.safetensors").as_os_str(),
+            pruned.as_os_str(),
+        ])
+        .output()
+        .expect("run bash");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "golden_weights failed: {stderr}");
+    assert!(stderr.contains("kept 227 of 30522 rows"), "{stderr}");
+    let (full, kept) = (read_tensors(&weights), read_tensors(&pruned));
+    let table = "embeddings.word_embeddings.weight";
+    let zero_rows =
+        |t: &Tensor| t.data.to_f64_vec().chunks(HIDDEN).filter(|r| r.iter().all(|&v| v == 0.0)).count();
+    assert_eq!(
+        (zero_rows(&full[table]), zero_rows(&kept[table])),
+        (0, 30522 - 227),
+        "zeroed rows of {table}"
+    );
+    for (name, t) in &full {
+        if name != table {
+            assert_eq!(kept[name].data.to_f64_vec(), t.data.to_f64_vec(), "{name} is kept as it is");
+        }
+    }
+    let from_full = compiled_matches_with("host", &weights);
+    let from_pruned = compiled_matches_with("host", &pruned);
+    assert!(from_full == from_pruned, "the pruned checkpoint's outputs differ from the full one's");
+}
+
 /// `kiln compile --target TARGET` with the real checkpoint, `kiln run` on the golden inputs,
 /// then the embeddings against sentence-transformers'.
 fn compiled_matches(test: &str, target: &str) {
     let Some(weights) = cached_weights(test) else { return };
+    compiled_matches_with(target, &weights);
+}
+
+/// [`compiled_matches`] with the checkpoint `weights`; returns the output's bytes.
+fn compiled_matches_with(target: &str, weights: &std::path::Path) -> Vec<u8> {
     check_meta();
-    let tmp =
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("minilm-{target}-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).expect("scratch directory");
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("minilm-{target}-"))
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("scratch directory");
+    let tmp = tmp.path();
     let artifact = tmp.join("minilm.kiln");
     let out = tmp.join("out.safetensors");
     let batch = format!("batch={BATCH}");
@@ -272,8 +323,8 @@ fn compiled_matches(test: &str, target: &str) {
     let hidden = read_tensors(&out).remove(OUTPUT).expect("kiln output: last_hidden_state");
     let mask = inputs().remove("attention_mask").expect("attention_mask");
     let err = max_abs_error(target, &sentence_embeddings(&hidden, &mask), &expected());
-    std::fs::remove_dir_all(&tmp).ok();
     assert!(err <= TOLERANCE, "{target}: max |kiln - sentence-transformers| = {err:e} > {TOLERANCE:e}");
+    hidden.data.to_le_bytes()
 }
 
 /// The 16 sentences of `tests/golden/make_minilm_golden.py`, whose token ids are in

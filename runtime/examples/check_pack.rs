@@ -13,6 +13,11 @@
 //!   -o`), compared within `T·(1 + |ref|)` (default 1e-4);
 //! * `tolerance.txt`: the artifact's own `T`, in place of `--tolerance` (the math functions'
 //!   check states a few ulp of its dtype);
+//! * `pooled.txt`: `OUTPUT MASK NAME`: besides the outputs, output `OUTPUT` ([batch, seq,
+//!   width]) pooled into sentence embeddings is compared as `NAME`: its mean over the positions
+//!   where input `MASK` ([batch, seq]) is not zero, L2-normalized, as sentence-transformers'
+//!   mean pooling and normalization (the MiniLM golden check: `expected.safetensors` then holds
+//!   sentence-transformers' own embeddings of the inputs);
 //! * `expected_error.txt`: instead of outputs, the words the run must fail with (a fault such
 //!   as an integer division by zero); the run is tried twice, and both must fail with them;
 //! * `train_steps.txt`: a training artifact: its `train_step` entry point runs that many
@@ -25,6 +30,9 @@
 //!   header; the data is synthesized here (f32 uniform in ±0.05 from a fixed generator, other
 //!   dtypes zero) and the manifest's digest of the weights file rewritten to match. For speed
 //!   checks of large models, whose values do not change the time, at a fraction of the bytes.
+//!
+//! Every tensor of `expected.safetensors` must be compared: one that no output (or pooled
+//! output) has fails the artifact.
 //!
 //! Every artifact is loaded on `--device` (default: its own kind), run once and compared, then
 //! timed: three warm-up runs, then `--repeats` runs (default 50) with the median reported, and
@@ -252,10 +260,14 @@ fn check(dir: &Path, name: &str, args: &Args) -> Result<Outcome, String> {
     }
     let outputs = model.run(&refs).map_err(|e| e.to_string())?;
     let expected = read_tensors(&dir.join("expected.safetensors"))?;
-    let got: Vec<Named> = outputs
+    let mut got: Vec<Named> = outputs
         .iter()
         .map(|o| (o.name().to_string(), o.dtype(), o.shape().to_vec(), o.bytes().to_vec()))
         .collect();
+    if let Ok(line) = std::fs::read_to_string(dir.join("pooled.txt")) {
+        let pooled = pooled(line.trim(), &got, &owned)?;
+        got.push(pooled);
+    }
     let tolerance = match std::fs::read_to_string(dir.join("tolerance.txt")) {
         Ok(t) => t.trim().parse().map_err(|_| format!("tolerance.txt holds {:?}, not a number", t.trim()))?,
         Err(_) => args.tolerance,
@@ -346,15 +358,58 @@ fn check_training(
     })
 }
 
+/// `pooled.txt`'s `OUTPUT MASK NAME`: output `OUTPUT` of `got` ([batch, seq, width]) averaged
+/// over the positions where input `MASK` of `inputs` ([batch, seq]) is not zero, each row then
+/// L2-normalized, as f64 tensor `NAME` [batch, width].
+fn pooled(line: &str, got: &[Named], inputs: &[Named]) -> Result<Named, String> {
+    let [output, mask, name] = line.split_whitespace().collect::<Vec<_>>()[..] else {
+        return Err(format!("pooled.txt holds {line:?}, not `OUTPUT MASK NAME`"));
+    };
+    let find = |tensors: &[Named], what: &str, n: &str| {
+        tensors.iter().find(|(t, ..)| t == n).cloned().ok_or_else(|| format!("pooled.txt: no {what} `{n}`"))
+    };
+    let (_, dtype, shape, bytes) = find(got, "output", output)?;
+    let (_, mask_dtype, mask_shape, mask_bytes) = find(inputs, "input", mask)?;
+    let [batch, seq, width] = shape[..] else {
+        return Err(format!("pooled.txt: output `{output}` is {shape:?}, not [batch, seq, width]"));
+    };
+    if mask_shape[..] != [batch, seq] {
+        return Err(format!("pooled.txt: input `{mask}` is {mask_shape:?}, not [{batch}, {seq}]"));
+    }
+    let (values, keep) = (as_f64(dtype, &bytes), as_f64(mask_dtype, &mask_bytes));
+    let (seq, width) = (seq as usize, width as usize);
+    let mut out = Vec::with_capacity(batch as usize * width * 8);
+    for (b, kept) in keep.chunks_exact(seq).enumerate() {
+        let mut sum = vec![0.0f64; width];
+        let mut count = 0.0;
+        for (s, _) in kept.iter().enumerate().filter(|(_, &k)| k != 0.0) {
+            let at = (b * seq + s) * width;
+            for (acc, v) in sum.iter_mut().zip(&values[at..at + width]) {
+                *acc += v;
+            }
+            count += 1.0;
+        }
+        let mean: Vec<f64> = sum.iter().map(|v| v / f64::max(count, 1e-9)).collect();
+        let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
+        out.extend(mean.iter().flat_map(|v| (v / norm).to_le_bytes()));
+    }
+    Ok((name.to_string(), DType::F64, vec![batch, width as u64], out))
+}
+
 /// The largest error of `got` against the tensors of `expected` of the same names, relative as
 /// `|g − w| / (1 + |w|)`, and where a value is past `tolerance` what says most about the fault
 /// in one line: each output's count of values past it, and the worst value with its
-/// coordinates.
+/// coordinates. An expected tensor that no output has is an error: it would pass unread.
 fn compare(
     got: &[Named],
     expected: &[Named],
     tolerance: f64,
 ) -> Result<(Option<f64>, Option<String>), String> {
+    let unmatched: Vec<&str> =
+        expected.iter().map(|(n, ..)| n.as_str()).filter(|n| !got.iter().any(|(g, ..)| g == n)).collect();
+    if !unmatched.is_empty() {
+        return Err(format!("expected.safetensors holds {}, which no output has", unmatched.join(", ")));
+    }
     let mut max_error: Option<f64> = None;
     let mut worst: Option<(f64, String)> = None;
     let mut past_counts: Vec<String> = Vec::new();
