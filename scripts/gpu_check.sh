@@ -58,6 +58,24 @@ CONFORMANCE=(
     # One artifact for every batch and length, run at sizes no tile divides (the hints).
     "bert_dynamic|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set hidden=128 --set heads=4 --set ffn=512 --set batch=Dyn(min:1,max:4,hint:3) --set seq=Dyn(min:1,max:128,hint:37)"
     "gpt2_dynamic|models/gpt2.ron|--set vocab=2000 --set layers=1 --set d=128 --set heads=4 --set ctx=256 --set batch=Dyn(min:1,max:4,hint:1) --set seq=Dyn(min:8,max:256,hint:200,multiple_of:8)"
+    "mlp_dynamic|models/mlp.ron|--set batch=Dyn(min:1,max:64,hint:8)"
+    "lstm_dynamic|models/lstm.ron|--set batch=Dyn(min:1,max:8,hint:4) --set steps=5"
+    "seed_transformer_dynamic|models/seed_transformer.ron|--set batch=Dyn(min:1,max:4,hint:2) --set seq=Dyn(min:1,max:64,hint:32) --set layers=1 --set d_model=32 --set heads=2 --set d_ff=64 --set input_dim=50"
+    "resnet_block_dynamic|models/resnet_block.ron|--set batch=Dyn(min:1,max:4,hint:2)"
+)
+
+# name | shapes: the conformance models with sizes set at run time run again at each of these
+# shapes (`NAME=V,NAME=V`, space-separated) besides their hints: 1 and each bound's maximum
+# (gpt2's logits at batch 4 × seq 256 would take 8 MB, so its maxima are taken one at a time).
+# The interpreter evaluates each at that static shape with the same seed, so with the same
+# parameters, into the artifact's runs/, which check_pack compares run by run.
+DYNAMIC_RUNS=(
+    "bert_dynamic|batch=1,seq=1 batch=2,seq=16 batch=4,seq=128"
+    "gpt2_dynamic|batch=1,seq=8 batch=4,seq=8 batch=1,seq=256"
+    "mlp_dynamic|batch=1 batch=13 batch=64"
+    "lstm_dynamic|batch=1 batch=3 batch=8"
+    "seed_transformer_dynamic|batch=1,seq=1 batch=3,seq=17 batch=4,seq=64"
+    "resnet_block_dynamic|batch=1 batch=3 batch=4"
 )
 # name | spec | tolerance: the math functions GPU kernels compute themselves, in the
 # conformance group, each checked at a few ulp of its dtype (its tolerance.txt).
@@ -251,6 +269,24 @@ conformance_artifact() {
         -o "$art/expected.safetensors" >/dev/null
 }
 
+# Writes the runs of the artifact ART, compiled from SPEC with the overrides SET, at each shape
+# of SHAPES (as DYNAMIC_RUNS gives them) into ART/runs/. Uses the caller's $kiln.
+dynamic_runs() {
+    local art="$1" spec="$2" set="$3" shapes="$4" shape pair tag pairs
+    for shape in $shapes; do
+        local sets=()
+        IFS=',' read -ra pairs <<<"$shape"
+        for pair in "${pairs[@]}"; do sets+=(--set "$pair"); done
+        # `batch1_seq16` for `batch=1,seq=16` (a path with `=` would read as `--input NAME=FILE`).
+        tag="${shape//,/_}"
+        tag="${tag//=/}"
+        mkdir -p "$art/runs/$tag"
+        # shellcheck disable=SC2086
+        "$kiln" eval "$spec" $set "${sets[@]}" --seed 0 --save-inputs "$art/runs/$tag/inputs.safetensors" \
+            -o "$art/runs/$tag/expected.safetensors" >/dev/null
+    done
+}
+
 pack() {
     local dir="$1" kiln="$TARGET_DIR/release/kiln" scratch
     scratch="$(mktemp -d)"
@@ -274,6 +310,21 @@ pack() {
         art="$dir/conformance/$name.kiln"
         say "conformance: $name ($spec $set)"
         conformance_artifact "$art" "$spec" "$set"
+    done
+    local shapes found conf
+    for entry in "${DYNAMIC_RUNS[@]}"; do
+        IFS='|' read -r name shapes <<<"$entry"
+        found=""
+        for conf in "${CONFORMANCE[@]}"; do
+            if [[ "${conf%%|*}" == "$name" ]]; then found="$conf"; fi
+        done
+        if [[ -z "$found" ]]; then
+            say "DYNAMIC_RUNS names $name, which CONFORMANCE does not hold"
+            return 1
+        fi
+        IFS='|' read -r _ spec set <<<"$found"
+        say "conformance: $name again at $shapes"
+        dynamic_runs "$dir/conformance/$name.kiln" "$spec" "$set" "$shapes"
     done
     local tolerance
     for entry in "${CONFORMANCE_MATH[@]}"; do
@@ -410,11 +461,69 @@ golden_pack() {
     say "golden: models/bert_encoder.ron at batch 16 with the real weights, for $PACK_TARGET"
     "$kiln" compile models/bert_encoder.ron --set batch=16 --weights "$scratch/model.safetensors" \
         --target "$PACK_TARGET" -o "$art" >&2
-    rm -rf "$scratch"
     cp tests/golden/minilm/inputs.safetensors tests/golden/minilm/expected.safetensors "$art/"
     echo "last_hidden_state attention_mask sentence_embedding" >"$art/pooled.txt"
     echo 1e-4 >"$art/tolerance.txt"
+    # One artifact for every length, each sentence run unpadded at its own (runs/).
+    art="$dir/golden/minilm_dynamic.kiln"
+    say "golden: one artifact for every length up to 128, each sentence at its own"
+    "$kiln" compile models/bert_encoder.ron --set batch=1 --set "seq=Dyn(min:1,max:128,hint:16)" \
+        --weights "$scratch/model.safetensors" --target "$PACK_TARGET" -o "$art" >&2
+    golden_sentences tests/golden/minilm/inputs.safetensors tests/golden/minilm/expected.safetensors "$art/runs"
+    echo "last_hidden_state attention_mask sentence_embedding" >"$art/pooled.txt"
+    echo 1e-4 >"$art/tolerance.txt"
+    rm -rf "$scratch"
+    dedupe "$dir"
     say "golden pack: $(du -sh "$dir" | cut -f1) in $dir"
+}
+
+# Splits the golden INPUTS ([16, 128], padded) and EXPECTED (sentence_embedding [16, 384]) into
+# one run per sentence in RUNS/sNN/: its tokens up to its length ([1, length]) and its row.
+golden_sentences() {
+    python3 - "$@" <<'EOF'
+import json, os, struct, sys
+
+def read(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    return {k: v for k, v in header.items() if k != "__metadata__"}, data
+
+def write(path, tensors):
+    header, blobs, at = {}, [], 0
+    for name, (dtype, shape, blob) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + len(blob)]}
+        blobs.append(blob)
+        at += len(blob)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+
+inputs, data = read(sys.argv[1])
+expected, edata = read(sys.argv[2])
+mask = inputs["attention_mask"]
+batch, seq = mask["shape"]
+a, _ = mask["data_offsets"]
+emb = expected["sentence_embedding"]
+width = emb["shape"][1]
+for i in range(batch):
+    keep = struct.unpack(f"<{seq}q", data[a + i * seq * 8:a + (i + 1) * seq * 8])
+    length = sum(1 for k in keep if k)
+    assert all(keep[:length]) and not any(keep[length:]), f"sentence {i}: its mask is not a prefix"
+    run = os.path.join(sys.argv[3], f"s{i:02}")
+    os.makedirs(run, exist_ok=True)
+    tensors = {}
+    for name, t in inputs.items():
+        assert t["dtype"] == "I64" and t["shape"] == [batch, seq], (name, t)
+        start = t["data_offsets"][0] + i * seq * 8
+        tensors[name] = ("I64", [1, length], data[start:start + length * 8])
+    write(os.path.join(run, "inputs.safetensors"), tensors)
+    start = emb["data_offsets"][0] + i * width * 4
+    write(os.path.join(run, "expected.safetensors"),
+          {"sentence_embedding": ("F32", [1, width], edata[start:start + width * 4])})
+EOF
 }
 
 # Copies the checkpoint WEIGHTS to OUT with every row of the word embeddings that no token of

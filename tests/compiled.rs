@@ -1806,8 +1806,8 @@ fn gpu_check_pack_travels_as_an_archive() {
     assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// The entries (`name|spec|overrides`) of the bash array `array` in `scripts/gpu_check.sh`:
-/// the check pack's conformance models, as the pack builds them.
+/// The entries (`name|spec|overrides`, or `name|shapes`) of the bash array `array` in
+/// `scripts/gpu_check.sh`: the check pack's conformance models, as the pack builds them.
 fn pack_entries(array: &str) -> Vec<(String, String, Vec<String>)> {
     let script =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/gpu_check.sh")).unwrap();
@@ -1818,10 +1818,86 @@ fn pack_entries(array: &str) -> Vec<(String, String, Vec<String>)> {
         .filter_map(|l| l.trim().strip_prefix('"')?.strip_suffix('"'))
         .map(|entry| {
             let fields: Vec<&str> = entry.split('|').collect();
-            let set = fields[2].split_whitespace().filter(|w| *w != "--set").map(str::to_string).collect();
+            let set = fields.get(2).map_or(Vec::new(), |set| {
+                set.split_whitespace().filter(|w| *w != "--set").map(str::to_string).collect()
+            });
             (fields[0].to_string(), fields[1].to_string(), set)
         })
         .collect()
+}
+
+/// The check pack's models with sizes set at run time are run again at the shapes of
+/// `DYNAMIC_RUNS` (`scripts/gpu_check.sh`), each against the interpreter at that static shape
+/// with the same seed. Built here by the pack's own functions for the CPU and run through
+/// `kiln run`, each run must match: a shape outside the bounds, or parameters that differ
+/// between the static evaluation and the dynamic artifact, fails here rather than on a GPU.
+#[test]
+fn gpu_check_dynamic_runs_hold_on_the_cpu() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("bash")
+        .current_dir(root)
+        .arg("-c")
+        .arg(
+            r#"set -euo pipefail; source scripts/gpu_check.sh; PACK_TARGET=host; kiln="$1"
+               for entry in "${DYNAMIC_RUNS[@]}"; do
+                   IFS='|' read -r name shapes <<<"$entry"
+                   for conf in "${CONFORMANCE[@]}"; do
+                       if [[ "${conf%%|*}" == "$name" ]]; then IFS='|' read -r _ spec set <<<"$conf"; fi
+                   done
+                   conformance_artifact "$2/$name.kiln" "$spec" "$set"
+                   dynamic_runs "$2/$name.kiln" "$spec" "$set" "$shapes"
+               done"#,
+        )
+        .arg("dynamic_runs")
+        .arg(env!("CARGO_BIN_EXE_kiln"))
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut checked = Vec::new();
+    for (name, _, _) in pack_entries("DYNAMIC_RUNS") {
+        let art = tmp.path().join(format!("{name}.kiln"));
+        let mut runs: Vec<_> =
+            std::fs::read_dir(art.join("runs")).unwrap().map(|e| e.unwrap().path()).collect();
+        runs.sort();
+        assert!(runs.len() >= 2, "{name}: runs {runs:?}");
+        for run in runs {
+            let got = run.join("got.safetensors");
+            let status = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+                .arg("run")
+                .arg(&art)
+                .arg("--input")
+                .arg(run.join("inputs.safetensors"))
+                .arg("-o")
+                .arg(&got)
+                .output()
+                .unwrap();
+            assert!(
+                status.status.success(),
+                "{}: {}",
+                run.display(),
+                String::from_utf8_lossy(&status.stderr)
+            );
+            let got: HashMap<_, _> =
+                kiln_ir::tensor_io::read_safetensors(&got).unwrap().into_iter().collect();
+            let want = kiln_ir::tensor_io::read_safetensors(run.join("expected.safetensors")).unwrap();
+            for (output, w) in want {
+                let g = &got[&output];
+                assert_eq!(g.shape, w.shape, "{}: `{output}`", run.display());
+                let worst = g
+                    .data
+                    .to_f64_vec()
+                    .iter()
+                    .zip(w.data.to_f64_vec())
+                    .map(|(g, w)| (g - w).abs() / (1.0 + w.abs()))
+                    .fold(0.0, f64::max);
+                assert!(worst <= 1e-4, "{}: `{output}` is {worst:e} from the interpreter's", run.display());
+            }
+            checked.push(run.strip_prefix(tmp.path()).unwrap().display().to_string());
+        }
+    }
+    eprintln!("dynamic runs checked: {}", checked.join(", "));
 }
 
 /// The CUDA check's report reads exactly the benchmarks the pack holds: a benchmark without a

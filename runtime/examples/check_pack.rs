@@ -31,6 +31,10 @@
 //!   dtypes zero) and the manifest's digest of the weights file rewritten to match. For speed
 //!   checks of large models, whose values do not change the time, at a fraction of the bytes.
 //!
+//! * `runs/RUN/`: further runs of an artifact with sizes set at run time, each with its own
+//!   `inputs.safetensors` and `expected.safetensors` (the interpreter's outputs at that static
+//!   shape, for the same parameters), compared as the first run is; a fault names the run.
+//!
 //! Every tensor of `expected.safetensors` must be compared: one that no output (or pooled
 //! output) has fails the artifact.
 //!
@@ -258,21 +262,28 @@ fn check(dir: &Path, name: &str, args: &Args) -> Result<Outcome, String> {
             failed_as_expected: true,
         });
     }
-    let outputs = model.run(&refs).map_err(|e| e.to_string())?;
-    let expected = read_tensors(&dir.join("expected.safetensors"))?;
-    let mut got: Vec<Named> = outputs
-        .iter()
-        .map(|o| (o.name().to_string(), o.dtype(), o.shape().to_vec(), o.bytes().to_vec()))
-        .collect();
-    if let Ok(line) = std::fs::read_to_string(dir.join("pooled.txt")) {
-        let pooled = pooled(line.trim(), &got, &owned)?;
-        got.push(pooled);
-    }
     let tolerance = match std::fs::read_to_string(dir.join("tolerance.txt")) {
         Ok(t) => t.trim().parse().map_err(|_| format!("tolerance.txt holds {:?}, not a number", t.trim()))?,
         Err(_) => args.tolerance,
     };
-    let (max_error, problem) = compare(&got, &expected, tolerance)?;
+    let (mut max_error, mut problem) = compare_run(&mut model, dir, dir, &owned, tolerance)?;
+    for run in further_runs(dir)? {
+        let tag = run.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let at = |e: String| format!("run {tag}: {e}");
+        let given = read_tensors(&run.join("inputs.safetensors")).map_err(at)?;
+        let mut inputs = Vec::new();
+        for spec in model.entry_inputs(entry).map_err(|e| at(e.to_string()))? {
+            let found = given.iter().find(|(n, ..)| *n == spec.name);
+            inputs
+                .push(found.cloned().ok_or_else(|| at(format!("inputs.safetensors lacks `{}`", spec.name)))?);
+        }
+        let (error, fault) = compare_run(&mut model, dir, &run, &inputs, tolerance).map_err(at)?;
+        max_error = match (max_error, error) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        problem = problem.or(fault.map(at));
+    }
     let passed = problem.is_none();
     for _ in 0..3 {
         model.run(&refs).map_err(|e| e.to_string())?;
@@ -356,6 +367,43 @@ fn check_training(
         problem,
         failed_as_expected: false,
     })
+}
+
+/// Runs `model` on `inputs` and compares its outputs (pooled as the artifact `dir`'s
+/// `pooled.txt` says) with `expected.safetensors` in `run` (the artifact itself or one of its
+/// `runs/`).
+fn compare_run(
+    model: &mut Model,
+    dir: &Path,
+    run: &Path,
+    inputs: &[Named],
+    tolerance: f64,
+) -> Result<(Option<f64>, Option<String>), String> {
+    let refs: Vec<TensorRef> = inputs.iter().map(|(n, d, s, b)| TensorRef::new(n, *d, s, b)).collect();
+    let outputs = model.run(&refs).map_err(|e| e.to_string())?;
+    let expected = read_tensors(&run.join("expected.safetensors"))?;
+    let mut got: Vec<Named> = outputs
+        .iter()
+        .map(|o| (o.name().to_string(), o.dtype(), o.shape().to_vec(), o.bytes().to_vec()))
+        .collect();
+    if let Ok(line) = std::fs::read_to_string(dir.join("pooled.txt")) {
+        let pooled = pooled(line.trim(), &got, inputs)?;
+        got.push(pooled);
+    }
+    compare(&got, &expected, tolerance)
+}
+
+/// The artifact `dir`'s further runs (`runs/*/`), in name order.
+fn further_runs(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let runs = dir.join("runs");
+    if !runs.is_dir() {
+        return Ok(Vec::new());
+    }
+    let entries = std::fs::read_dir(&runs).map_err(|e| format!("{}: {e}", runs.display()))?;
+    let mut found: Vec<PathBuf> =
+        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
+    found.sort();
+    Ok(found)
 }
 
 /// `pooled.txt`'s `OUTPUT MASK NAME`: output `OUTPUT` of `got` ([batch, seq, width]) averaged
