@@ -421,7 +421,7 @@ fn pooled(line: &str, got: &[Named], inputs: &[Named]) -> Result<Named, String> 
     let [batch, seq, width] = shape[..] else {
         return Err(format!("pooled.txt: output `{output}` is {shape:?}, not [batch, seq, width]"));
     };
-    if mask_shape[..] != [batch, seq] {
+    if mask_shape[..] != [batch, seq] || seq == 0 {
         return Err(format!("pooled.txt: input `{mask}` is {mask_shape:?}, not [{batch}, {seq}]"));
     }
     let (values, keep) = (as_f64(dtype, &bytes), as_f64(mask_dtype, &mask_bytes));
