@@ -287,9 +287,10 @@ dynamic_runs() {
     done
 }
 
-pack() {
-    local dir="$1" kiln="$TARGET_DIR/release/kiln" scratch
-    scratch="$(mktemp -d)"
+# Builds kiln and the checker (release), fetches ptxas, and starts the pack DIR afresh with the
+# checker and this script in it.
+start_pack() {
+    local dir="$1"
     cd "$REPO"
     say "building kiln and the checker (release)"
     cargo build --release --bin kiln >&2
@@ -297,13 +298,20 @@ pack() {
     KILN_PTXAS="$(scripts/fetch_ptxas.sh)"
     export KILN_PTXAS
     rm -rf "$dir"
-    mkdir -p "$dir/bin" "$dir/conformance" "$dir/conformance_tf32" "$dir/conformance_tf32x3" \
-        "$dir/conformance_f16" "$dir/conformance_bf16" "$dir/bench"
+    mkdir -p "$dir/bin"
     cp "$TARGET_DIR/release/examples/check_pack" "$dir/bin/"
     # Without its symbols (0.7 MB less of the 64 MiB a device call carries), where binutils is.
     strip "$dir/bin/check_pack" 2>/dev/null || true
-    cp bench/cuda/peers.py bench/cuda/report.py "$dir/"
     cp scripts/gpu_check.sh "$dir/"
+}
+
+pack() {
+    local dir="$1" kiln="$TARGET_DIR/release/kiln" scratch
+    start_pack "$dir"
+    scratch="$(mktemp -d)"
+    mkdir -p "$dir/conformance" "$dir/conformance_tf32" "$dir/conformance_tf32x3" \
+        "$dir/conformance_f16" "$dir/conformance_bf16" "$dir/bench"
+    cp bench/cuda/peers.py bench/cuda/report.py "$dir/"
     local entry name spec set art
     for entry in "${CONFORMANCE[@]}"; do
         IFS='|' read -r name spec set <<<"$entry"
@@ -443,18 +451,9 @@ dedupe() {
 # those of the full weights.
 golden_pack() {
     local dir="$1" kiln="$TARGET_DIR/release/kiln" weights scratch art
-    cd "$REPO"
-    say "building kiln and the checker (release)"
-    cargo build --release --bin kiln >&2
-    cargo build --release -p kiln-runtime --example check_pack >&2
-    KILN_PTXAS="$(scripts/fetch_ptxas.sh)"
-    export KILN_PTXAS
+    start_pack "$dir"
     weights="$(scripts/fetch_minilm.sh)/model.safetensors"
-    rm -rf "$dir"
-    mkdir -p "$dir/bin" "$dir/golden"
-    cp "$TARGET_DIR/release/examples/check_pack" "$dir/bin/"
-    strip "$dir/bin/check_pack" 2>/dev/null || true
-    cp scripts/gpu_check.sh "$dir/"
+    mkdir -p "$dir/golden"
     scratch="$(mktemp -d)"
     golden_weights "$weights" tests/golden/minilm/inputs.safetensors "$scratch/model.safetensors"
     art="$dir/golden/minilm.kiln"
