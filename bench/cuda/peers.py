@@ -15,6 +15,11 @@ import sys
 import time
 
 
+# MiniLM-L6's products at batch 64 × seq 128, as m × k × n, each once per layer (six layers).
+MINILM_B64_PRODUCTS = ((8192, 384, 1152), (8192, 384, 384), (8192, 384, 1536), (8192, 1536, 384))
+MINILM_LAYERS = 6
+
+
 def timed(fn, repeats, warmup=5):
     import torch
 
@@ -74,6 +79,15 @@ def main():
         guarded(rows, f"matmul_{name}_ms", lambda: timed(lambda: torch.matmul(xh, yh), a.repeats))
         del xh, yh
     del x, y
+
+    # MiniLM-L6's products at batch 64 × seq 128 (8192 rows), f32 with TF32 off: what each of
+    # the encoder's six layers multiplies (query, key and value as one product, the attention's
+    # output, the feed-forward pair), beside Kiln's products inside the model (report.py).
+    for m, kk, nn in MINILM_B64_PRODUCTS:
+        xa = torch.randn(m, kk, device=dev, generator=g)
+        wb = torch.randn(kk, nn, device=dev, generator=g)
+        guarded(rows, f"minilm_product_{m}x{kk}x{nn}_ms", lambda: timed(lambda: torch.matmul(xa, wb), a.repeats))
+        del xa, wb
 
     # attention [4, 12, 2048, 64]: f32 (the kernel torch picks for f32), bf16 and f16 (flash).
     q, k, v = (torch.randn(4, 12, 2048, 64, device=dev, generator=g) for _ in range(3))

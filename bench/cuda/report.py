@@ -75,6 +75,7 @@ def names():
         found.update([default, *variants])
     for _, dynamic, static in DYNAMIC:
         found.update([dynamic, static])
+    found.update(MINILM_B64_VARIANTS)
     return sorted(found)
 
 
@@ -118,6 +119,7 @@ def main():
             f"| {ratio(kiln_ms, peer_ms)} | {goal} |"
         )
     print_goals(k, torch)
+    print_products(kiln, torch)
     print_dynamic(k, end_to_end)
     for path in sys.argv[3:]:
         print(f"\n| model ({path.rsplit('/', 1)[-1].split('.')[0]}) | result | max error |")
@@ -187,6 +189,34 @@ def print_goals(kiln_ms, torch):
             f"| {label} | ≥ {needs:.2f}× | {default} | {shown(r_default)} | {best or '–'} "
             f"| {shown(r_best)} | {holds} |"
         )
+
+
+# MiniLM-L6 at batch 64 × seq 128: its products, m × k × n, each once in each of six layers
+# (peers.py times each through cuBLAS), and the benchmarks whose products are set beside them.
+MINILM_B64_PRODUCTS = ((8192, 384, 1152), (8192, 384, 384), (8192, 384, 1536), (8192, 1536, 384))
+MINILM_LAYERS = 6
+MINILM_B64_VARIANTS = ["minilm_b64", "minilm_b64_square", "minilm_b64_tf32x3", "minilm_b64_wgmma_tf32x3",
+                       "minilm_b64_wgmma_t128_tf32x3"]
+
+
+def print_products(kiln, torch):
+    """MiniLM b64's products inside each variant (the kinds whose name starts with `matmul`,
+    epilogues included) beside cuBLAS's f32 products of the same shapes, six layers of them:
+    where the model's time against torch.compile goes."""
+    keys = [f"minilm_product_{m}x{k}x{n}_ms" for m, k, n in MINILM_B64_PRODUCTS]
+    times = [torch.get(key) for key in keys]
+    cublas = None if None in times else MINILM_LAYERS * sum(times)
+    print("\n| MiniLM-L6 b64×128 products | Kiln products (ms) | cuBLAS f32, the same products (ms) "
+          "| Kiln speed / cuBLAS |")
+    print("|---|---|---|---|")
+    for name in MINILM_B64_VARIANTS:
+        r = kiln.get(name)
+        ms = None
+        if r and r.get("problem") is None and r.get("kinds"):
+            ms = sum(kind["ms"] for kind in r["kinds"] if kind["kind"].startswith("matmul")) or None
+        ratio = "–" if ms is None or cublas is None else f"{cublas / ms:.2f}×"
+        shown = "–" if ms is None else f"{ms:.3f}"
+        print(f"| {name} | {shown} | {'–' if cublas is None else f'{cublas:.3f}'} | {ratio} |")
 
 
 # Artifacts with dynamic sizes, run at their hints, and their static twins compiled for that
