@@ -269,6 +269,19 @@ conformance_artifact() {
         -o "$art/expected.safetensors" >/dev/null
 }
 
+# The CONFORMANCE entry named NAME (DYNAMIC_RUNS names its models so).
+conformance_entry() {
+    local conf
+    for conf in "${CONFORMANCE[@]}"; do
+        if [[ "${conf%%|*}" == "$1" ]]; then
+            echo "$conf"
+            return 0
+        fi
+    done
+    say "no conformance model is named $1"
+    return 1
+}
+
 # Writes the runs of the artifact ART, compiled from SPEC with the overrides SET, at each shape
 # of SHAPES (as DYNAMIC_RUNS gives them) into ART/runs/. Uses the caller's $kiln.
 dynamic_runs() {
@@ -319,17 +332,10 @@ pack() {
         say "conformance: $name ($spec $set)"
         conformance_artifact "$art" "$spec" "$set"
     done
-    local shapes found conf
+    local shapes found
     for entry in "${DYNAMIC_RUNS[@]}"; do
         IFS='|' read -r name shapes <<<"$entry"
-        found=""
-        for conf in "${CONFORMANCE[@]}"; do
-            if [[ "${conf%%|*}" == "$name" ]]; then found="$conf"; fi
-        done
-        if [[ -z "$found" ]]; then
-            say "DYNAMIC_RUNS names $name, which CONFORMANCE does not hold"
-            return 1
-        fi
+        found="$(conformance_entry "$name")" || return 1
         IFS='|' read -r _ spec set <<<"$found"
         say "conformance: $name again at $shapes"
         dynamic_runs "$dir/conformance/$name.kiln" "$spec" "$set" "$shapes"

@@ -1842,9 +1842,7 @@ fn gpu_check_dynamic_runs_hold_on_the_cpu() {
             r#"set -euo pipefail; source scripts/gpu_check.sh; PACK_TARGET=host; kiln="$1"
                for entry in "${DYNAMIC_RUNS[@]}"; do
                    IFS='|' read -r name shapes <<<"$entry"
-                   for conf in "${CONFORMANCE[@]}"; do
-                       if [[ "${conf%%|*}" == "$name" ]]; then IFS='|' read -r _ spec set <<<"$conf"; fi
-                   done
+                   IFS='|' read -r _ spec set <<<"$(conformance_entry "$name")"
                    conformance_artifact "$2/$name.kiln" "$spec" "$set"
                    dynamic_runs "$2/$name.kiln" "$spec" "$set" "$shapes"
                done"#,
@@ -1884,15 +1882,9 @@ fn gpu_check_dynamic_runs_hold_on_the_cpu() {
             let want = kiln_ir::tensor_io::read_safetensors(run.join("expected.safetensors")).unwrap();
             for (output, w) in want {
                 let g = &got[&output];
-                assert_eq!(g.shape, w.shape, "{}: `{output}`", run.display());
-                let worst = g
-                    .data
-                    .to_f64_vec()
-                    .iter()
-                    .zip(w.data.to_f64_vec())
-                    .map(|(g, w)| (g - w).abs() / (1.0 + w.abs()))
-                    .fold(0.0, f64::max);
-                assert!(worst <= 1e-4, "{}: `{output}` is {worst:e} from the interpreter's", run.display());
+                let what = format!("{}: `{output}`", run.display());
+                assert_eq!(g.shape, w.shape, "{what}");
+                assert_close(&what, &w.data.to_f64_vec(), &g.data.to_f64_vec(), 1e-4);
             }
             checked.push(run.strip_prefix(tmp.path()).unwrap().display().to_string());
         }

@@ -15,9 +15,15 @@ import sys
 import time
 
 
-# MiniLM-L6's products at batch 64 × seq 128, as m × k × n, each once per layer (six layers).
+# MiniLM-L6's products at batch 64 × seq 128, as m × k × n, each once per layer (six layers);
+# report.py reads these too.
 MINILM_B64_PRODUCTS = ((8192, 384, 1152), (8192, 384, 384), (8192, 384, 1536), (8192, 1536, 384))
 MINILM_LAYERS = 6
+
+
+def product_key(m, k, n):
+    """The JSON key of cuBLAS's time for an m × k × n product of MiniLM's."""
+    return f"minilm_product_{m}x{k}x{n}_ms"
 
 
 def timed(fn, repeats, warmup=5):
@@ -86,7 +92,7 @@ def main():
     for m, kk, nn in MINILM_B64_PRODUCTS:
         xa = torch.randn(m, kk, device=dev, generator=g)
         wb = torch.randn(kk, nn, device=dev, generator=g)
-        guarded(rows, f"minilm_product_{m}x{kk}x{nn}_ms", lambda: timed(lambda: torch.matmul(xa, wb), a.repeats))
+        guarded(rows, product_key(m, kk, nn), lambda: timed(lambda: torch.matmul(xa, wb), a.repeats))
         del xa, wb
 
     # attention [4, 12, 2048, 64]: f32 (the kernel torch picks for f32), bf16 and f16 (flash).

@@ -20,6 +20,23 @@ Usage: report.py KILN_BENCH.jsonl TORCH.json [CONFORMANCE.jsonl…]
 import json
 import sys
 
+from peers import MINILM_B64_PRODUCTS, MINILM_LAYERS, product_key
+
+
+def cell(ms):
+    """A time in ms, or a dash where there is none."""
+    return "–" if ms is None else f"{ms:.3f}"
+
+
+def speed(r):
+    """A speed ratio (above 1 is faster), or a dash where there is none."""
+    return "–" if r is None else f"{r:.2f}×"
+
+
+def ratio(kiln_ms, peer_ms):
+    """Kiln's speed over the peer's, shown."""
+    return speed(None if kiln_ms is None or peer_ms is None else peer_ms / kiln_ms)
+
 
 # The first table's rows: label, benchmark, peer, the peer's key in TORCH.json, goal.
 ROWS = [
@@ -103,12 +120,6 @@ def main():
         r = kiln.get(name)
         return r["median_ms"] if r and r.get("problem") is None else None
 
-    def cell(v):
-        return "–" if v is None else f"{v:.3f}"
-
-    def ratio(kiln_ms, peer_ms):
-        return "–" if kiln_ms is None or peer_ms is None else f"{peer_ms / kiln_ms:.2f}×"
-
     print(f"GPU: {torch.get('device', '?')}, torch {torch.get('torch', '?')}\n")
     print("| workload | Kiln GPU (ms) | Kiln end to end (ms) | peer | peer (ms) | Kiln speed / peer | goal |")
     print("|---|---|---|---|---|---|---|")
@@ -166,17 +177,10 @@ def print_goals(kiln_ms, torch):
     print("|---|---|---|---|---|---|---|")
     for label, key, needs, default, variants in GOALS:
         peer = torch.get(key)
-        timed = [(kiln_ms(n), n) for n in [default, *variants] if kiln_ms(n) is not None]
-        base = kiln_ms(default)
+        found = [(kiln_ms(n), n) for n in [default, *variants]]
+        timed = [(ms, n) for ms, n in found if ms is not None]
         best_ms, best = min(timed) if timed else (None, None)
-
-        def ratio(ms):
-            return None if ms is None or peer is None else peer / ms
-
-        def shown(r):
-            return "–" if r is None else f"{r:.2f}×"
-
-        r_default, r_best = ratio(base), ratio(best_ms)
+        r_default, r_best = (None if ms is None or peer is None else peer / ms for ms in (found[0][0], best_ms))
         if r_default is not None and r_default >= needs:
             holds = "yes"
         elif r_best is not None and r_best >= needs:
@@ -186,15 +190,13 @@ def print_goals(kiln_ms, torch):
         else:
             holds = "no"
         print(
-            f"| {label} | ≥ {needs:.2f}× | {default} | {shown(r_default)} | {best or '–'} "
-            f"| {shown(r_best)} | {holds} |"
+            f"| {label} | ≥ {needs:.2f}× | {default} | {speed(r_default)} | {best or '–'} "
+            f"| {speed(r_best)} | {holds} |"
         )
 
 
-# MiniLM-L6 at batch 64 × seq 128: its products, m × k × n, each once in each of six layers
-# (peers.py times each through cuBLAS), and the benchmarks whose products are set beside them.
-MINILM_B64_PRODUCTS = ((8192, 384, 1152), (8192, 384, 384), (8192, 384, 1536), (8192, 1536, 384))
-MINILM_LAYERS = 6
+# The MiniLM b64 benchmarks whose products are set beside cuBLAS's (peers.py times each of
+# MINILM_B64_PRODUCTS, which every one of the six layers multiplies).
 MINILM_B64_VARIANTS = ["minilm_b64", "minilm_b64_square", "minilm_b64_tf32x3", "minilm_b64_wgmma_tf32x3",
                        "minilm_b64_wgmma_t128_tf32x3"]
 
@@ -203,8 +205,7 @@ def print_products(kiln, torch):
     """MiniLM b64's products inside each variant (the kinds whose name starts with `matmul`,
     epilogues included) beside cuBLAS's f32 products of the same shapes, six layers of them:
     where the model's time against torch.compile goes."""
-    keys = [f"minilm_product_{m}x{k}x{n}_ms" for m, k, n in MINILM_B64_PRODUCTS]
-    times = [torch.get(key) for key in keys]
+    times = [torch.get(product_key(m, k, n)) for m, k, n in MINILM_B64_PRODUCTS]
     cublas = None if None in times else MINILM_LAYERS * sum(times)
     print("\n| MiniLM-L6 b64×128 products | Kiln products (ms) | cuBLAS f32, the same products (ms) "
           "| Kiln speed / cuBLAS |")
@@ -214,9 +215,7 @@ def print_products(kiln, torch):
         ms = None
         if r and r.get("problem") is None and r.get("kinds"):
             ms = sum(kind["ms"] for kind in r["kinds"] if kind["kind"].startswith("matmul")) or None
-        ratio = "–" if ms is None or cublas is None else f"{cublas / ms:.2f}×"
-        shown = "–" if ms is None else f"{ms:.3f}"
-        print(f"| {name} | {shown} | {'–' if cublas is None else f'{cublas:.3f}'} | {ratio} |")
+        print(f"| {name} | {cell(ms)} | {cell(cublas)} | {ratio(ms, cublas)} |")
 
 
 # Artifacts with dynamic sizes, run at their hints, and their static twins compiled for that
@@ -233,9 +232,6 @@ def print_dynamic(kiln_ms, end_to_end):
           "| dynamic / static, GPU | static end to end (ms) | dynamic end to end (ms) "
           "| dynamic / static, end to end | goal |")
     print("|---|---|---|---|---|---|---|---|")
-
-    def cell(v):
-        return "–" if v is None else f"{v:.3f}"
 
     def over(a, b):
         return "–" if a is None or b is None else f"{a / b:.3f}"
