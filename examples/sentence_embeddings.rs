@@ -21,8 +21,8 @@
 //! 3. Each batch runs the encoder at its own shape, with an attention mask that hides its
 //!    padding; the output is `last_hidden_state` [batch, padded length, 384].
 //! 4. The pooling is all-MiniLM-L6-v2's (sentence-transformers' `Pooling` + `Normalize`), done
-//!    here, not in the model spec: the mean of the token vectors the attention mask keeps, then
-//!    L2 normalization. The embeddings are put back in input order.
+//!    by `kiln_runtime::pooling`, not in the model spec: the mean of the token vectors the
+//!    attention mask keeps, then L2 normalization. The embeddings are put back in input order.
 //!
 //! `--padded` runs the fixed-shape path instead: every sentence padded to `--seq`, one batch.
 //! Both give the same embeddings to 1e-5 (`tests/minilm.rs`): mean pooling ignores padding.
@@ -56,6 +56,7 @@
 
 use clap::Parser;
 use kiln_runtime::batching::{self, Limits};
+use kiln_runtime::pooling;
 use kiln_runtime::{FileDigest, Model, Options, TensorRef};
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Read, Write};
@@ -559,7 +560,10 @@ impl Encoder {
         };
         let values =
             hidden.as_f32().ok_or_else(|| format!("`{OUTPUT}` is {:?}, expected f32", hidden.dtype()))?;
-        Ok(mean_pool_normalize(values, &mask, len, hidden_dim))
+        let keep: Vec<bool> = mask.iter().map(|&m| m != 0).collect();
+        let embeddings =
+            pooling::mean_pool_normalize(values, &keep, len, hidden_dim).map_err(|e| e.to_string())?;
+        Ok(embeddings.into_iter().map(|e| e.into_iter().map(|x| x as f32).collect()).collect())
     }
 
     /// The encoder for `batch` sentences of `seq` tokens: one already loaded that runs them,
@@ -754,29 +758,6 @@ fn compile(weights: &Path, compiled: Compiled, device: &Device, dir: &Path) -> R
         dir.display()
     );
     Ok(())
-}
-
-/// all-MiniLM-L6-v2's pooling: per sentence, the mean of the hidden states of the tokens whose
-/// mask is 1, scaled to unit length.
-fn mean_pool_normalize(hidden: &[f32], mask: &[i64], seq: usize, dim: usize) -> Vec<Vec<f32>> {
-    mask.chunks(seq)
-        .zip(hidden.chunks(seq * dim))
-        .map(|(m, h)| {
-            let mut sum = vec![0.0f64; dim];
-            let mut count = 0.0f64;
-            for (&keep, token) in m.iter().zip(h.chunks(dim)) {
-                if keep != 0 {
-                    count += 1.0;
-                    for (acc, &x) in sum.iter_mut().zip(token) {
-                        *acc += f64::from(x);
-                    }
-                }
-            }
-            let mean: Vec<f64> = sum.iter().map(|x| x / count.max(1e-9)).collect();
-            let norm = mean.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
-            mean.iter().map(|x| (x / norm) as f32).collect()
-        })
-        .collect()
 }
 
 fn label(s: &str) -> String {

@@ -352,15 +352,7 @@ pack() {
     art="$dir/conformance/int_div_zero.kiln"
     say "conformance: int_div_zero (tests/gpu_check/int_div.ron, a zero divisor)"
     "$kiln" compile tests/gpu_check/int_div.ron --target "$PACK_TARGET" -o "$art" >&2
-    python3 - "$art/inputs.safetensors" <<'EOF'
-import json, struct, sys
-a, b = [7, -9, 4, 10, 11, -12], [2, 0, 5]
-header = json.dumps({"a": {"dtype": "I32", "shape": [2, 3], "data_offsets": [0, 24]},
-                     "b": {"dtype": "I32", "shape": [3], "data_offsets": [24, 36]}}).encode()
-header += b" " * (-len(header) % 8)
-with open(sys.argv[1], "wb") as f:
-    f.write(struct.pack("<Q", len(header)) + header + struct.pack("<9i", *a, *b))
-EOF
+    python3 "$SCRIPT_DIR/pack_data.py" int-div-inputs "$art/inputs.safetensors"
     echo "integer division by zero (divisor element [1])" >"$art/expected_error.txt"
     local host_dir
     host_dir="$(mktemp -d)"
@@ -413,14 +405,7 @@ EOF
         # shellcheck disable=SC2086
         "$kiln" compile "$spec" $set $(flags_of "$name") --seed 0 --target "$(target_of "$name")" -o "$art" >&2
         # Keep only the weights file's header: the GPU machine synthesizes the values.
-        python3 - "$art/weights.safetensors" "$art/weights.header" <<'EOF'
-import struct, sys
-with open(sys.argv[1], "rb") as f:
-    n = struct.unpack("<Q", f.read(8))[0]
-    header = f.read(n)
-with open(sys.argv[2], "wb") as f:
-    f.write(struct.pack("<Q", n) + header)
-EOF
+        python3 "$SCRIPT_DIR/pack_data.py" header "$art/weights.safetensors" "$art/weights.header"
         rm "$art/weights.safetensors"
     done
     rm -rf "$scratch"
@@ -485,83 +470,13 @@ golden_pack() {
 # Splits the golden INPUTS ([16, 128], padded) and EXPECTED (sentence_embedding [16, 384]) into
 # one run per sentence in RUNS/sNN/: its tokens up to its length ([1, length]) and its row.
 golden_sentences() {
-    python3 - "$@" <<'EOF'
-import json, os, struct, sys
-
-def read(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    return {k: v for k, v in header.items() if k != "__metadata__"}, data
-
-def write(path, tensors):
-    header, blobs, at = {}, [], 0
-    for name, (dtype, shape, blob) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + len(blob)]}
-        blobs.append(blob)
-        at += len(blob)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
-
-inputs, data = read(sys.argv[1])
-expected, edata = read(sys.argv[2])
-mask = inputs["attention_mask"]
-batch, seq = mask["shape"]
-a, _ = mask["data_offsets"]
-emb = expected["sentence_embedding"]
-width = emb["shape"][1]
-for i in range(batch):
-    keep = struct.unpack(f"<{seq}q", data[a + i * seq * 8:a + (i + 1) * seq * 8])
-    length = sum(1 for k in keep if k)
-    assert all(keep[:length]) and not any(keep[length:]), f"sentence {i}: its mask is not a prefix"
-    run = os.path.join(sys.argv[3], f"s{i:02}")
-    os.makedirs(run, exist_ok=True)
-    tensors = {}
-    for name, t in inputs.items():
-        assert t["dtype"] == "I64" and t["shape"] == [batch, seq], (name, t)
-        start = t["data_offsets"][0] + i * seq * 8
-        tensors[name] = ("I64", [1, length], data[start:start + length * 8])
-    write(os.path.join(run, "inputs.safetensors"), tensors)
-    start = emb["data_offsets"][0] + i * width * 4
-    write(os.path.join(run, "expected.safetensors"),
-          {"sentence_embedding": ("F32", [1, width], edata[start:start + width * 4])})
-EOF
+    python3 "$SCRIPT_DIR/pack_data.py" golden-sentences "$@"
 }
 
 # Copies the checkpoint WEIGHTS to OUT with every row of the word embeddings that no token of
 # INPUTS' input_ids reads set to zero (the header and every other byte as they are).
 golden_weights() {
-    python3 - "$@" <<'EOF'
-import json, struct, sys
-
-def read(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        raw = f.read(n)
-        return raw, json.loads(raw), f.read()
-
-_, inputs, data = read(sys.argv[2])
-ids = inputs["input_ids"]
-assert ids["dtype"] == "I64", ids
-a, b = ids["data_offsets"]
-used = set(struct.unpack(f"<{(b - a) // 8}q", data[a:b]))
-raw, header, data = read(sys.argv[1])
-name = "embeddings.word_embeddings.weight"
-table = header[name]
-a, b = table["data_offsets"]
-rows = table["shape"][0]
-width = (b - a) // rows
-data = bytearray(data)
-for r in range(rows):
-    if r not in used:
-        data[a + r * width:a + (r + 1) * width] = bytes(width)
-with open(sys.argv[3], "wb") as f:
-    f.write(struct.pack("<Q", len(raw)) + raw + data)
-print(f"== gpu_check: golden: kept {len(used)} of {rows} rows of {name}", file=sys.stderr)
-EOF
+    python3 "$SCRIPT_DIR/pack_data.py" golden-weights "$@"
 }
 
 # Writes the pack DIR as one archive, DIR.tar.xz, with the pack's files at its root: the PTX,

@@ -128,24 +128,9 @@ fn sentence_embeddings(hidden: &Tensor, mask: &Tensor) -> Vec<Vec<f64>> {
     let Buffer::I64(mask) = &mask.data else {
         panic!("attention_mask: dtype {}, expected i64", mask.dtype())
     };
-    let h = hidden.data.to_f64_vec();
-    (0..BATCH)
-        .map(|b| {
-            let mut sum = vec![0.0f64; HIDDEN];
-            let mut count = 0.0f64;
-            for s in 0..SEQ {
-                let m = mask[b * SEQ + s] as f64;
-                count += m;
-                let row = &h[(b * SEQ + s) * HIDDEN..][..HIDDEN];
-                for (acc, x) in sum.iter_mut().zip(row) {
-                    *acc += m * x;
-                }
-            }
-            let mean: Vec<f64> = sum.iter().map(|x| x / count.max(1e-9)).collect();
-            let norm = mean.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
-            mean.iter().map(|x| x / norm).collect()
-        })
-        .collect()
+    let keep: Vec<bool> = mask.iter().map(|&m| m != 0).collect();
+    kiln_runtime::pooling::mean_pool_normalize(&hidden.data.to_f64_vec(), &keep, SEQ, HIDDEN)
+        .unwrap_or_else(|e| panic!("{OUTPUT}: {e}"))
 }
 
 /// Max |Δ| over all embeddings (printed with where it is); NaN counts as infinitely far.

@@ -50,6 +50,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use kiln_runtime::pooling::mean_pool_normalize;
 use kiln_runtime::{DType, FileDigest, Manifest, Model, Options, TensorRef, WEIGHTS_FILE};
 
 const USAGE: &str =
@@ -406,9 +407,9 @@ fn further_runs(dir: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(found)
 }
 
-/// `pooled.txt`'s `OUTPUT MASK NAME`: output `OUTPUT` of `got` ([batch, seq, width]) averaged
-/// over the positions where input `MASK` of `inputs` ([batch, seq]) is not zero, each row then
-/// L2-normalized, as f64 tensor `NAME` [batch, width].
+/// `pooled.txt`'s `OUTPUT MASK NAME`: output `OUTPUT` of `got` ([batch, seq, width]) pooled into
+/// sentence embeddings (`kiln_runtime::pooling`: the mean over the positions where input `MASK`
+/// of `inputs` ([batch, seq]) is not zero, then L2-normalized), as f64 tensor `NAME` [batch, width].
 fn pooled(line: &str, got: &[Named], inputs: &[Named]) -> Result<Named, String> {
     let [output, mask, name] = line.split_whitespace().collect::<Vec<_>>()[..] else {
         return Err(format!("pooled.txt holds {line:?}, not `OUTPUT MASK NAME`"));
@@ -421,27 +422,14 @@ fn pooled(line: &str, got: &[Named], inputs: &[Named]) -> Result<Named, String> 
     let [batch, seq, width] = shape[..] else {
         return Err(format!("pooled.txt: output `{output}` is {shape:?}, not [batch, seq, width]"));
     };
-    if mask_shape[..] != [batch, seq] || seq == 0 {
+    if mask_shape[..] != [batch, seq] {
         return Err(format!("pooled.txt: input `{mask}` is {mask_shape:?}, not [{batch}, {seq}]"));
     }
-    let (values, keep) = (as_f64(dtype, &bytes), as_f64(mask_dtype, &mask_bytes));
-    let (seq, width) = (seq as usize, width as usize);
-    let mut out = Vec::with_capacity(batch as usize * width * 8);
-    for (b, kept) in keep.chunks_exact(seq).enumerate() {
-        let mut sum = vec![0.0f64; width];
-        let mut count = 0.0;
-        for (s, _) in kept.iter().enumerate().filter(|(_, &k)| k != 0.0) {
-            let at = (b * seq + s) * width;
-            for (acc, v) in sum.iter_mut().zip(&values[at..at + width]) {
-                *acc += v;
-            }
-            count += 1.0;
-        }
-        let mean: Vec<f64> = sum.iter().map(|v| v / f64::max(count, 1e-9)).collect();
-        let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
-        out.extend(mean.iter().flat_map(|v| (v / norm).to_le_bytes()));
-    }
-    Ok((name.to_string(), DType::F64, vec![batch, width as u64], out))
+    let keep: Vec<bool> = as_f64(mask_dtype, &mask_bytes).iter().map(|&k| k != 0.0).collect();
+    let embeddings = mean_pool_normalize(&as_f64(dtype, &bytes), &keep, seq as usize, width as usize)
+        .map_err(|e| format!("pooled.txt: {e}"))?;
+    let out = embeddings.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
+    Ok((name.to_string(), DType::F64, vec![batch, width], out))
 }
 
 /// The largest error of `got` against the tensors of `expected` of the same names, relative as

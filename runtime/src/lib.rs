@@ -46,6 +46,7 @@ mod faults;
 mod kernels;
 mod manifest;
 mod model;
+pub mod pooling;
 mod profile;
 mod symbols;
 mod target;
