@@ -3,14 +3,12 @@
 //! here needs a GPU; `ready()` says whether the tests that run kernels can, and prints
 //! `skipped: no CUDA device (…)` when they cannot.
 
-use std::path::{Path, PathBuf};
-
 use kiln_runtime::{
-    BufRef, CudaTarget, DType, Dispatch, FileDigest, Manifest, ModuleRange, Step, Target, TensorSpec,
-    ARTIFACT_FORMAT_VERSION, CUBIN_FILE, MANIFEST_FILE, PTX_FILE, WEIGHTS_FILE,
+    BufRef, CudaTarget, DType, Dispatch, Manifest, ModuleRange, Step, Target, TensorSpec,
+    ARTIFACT_FORMAT_VERSION, CUBIN_FILE, PTX_FILE,
 };
 
-use super::{c_data, w_data, weights_file, N};
+use super::{c_data, w_data, weights_file, Kernels, TestArtifact, N};
 
 /// `binop.ptx` with kernel `name` computing `op` (`add.rn.f32`, `mul.rn.f32`).
 pub fn module(name: &str, op: &str) -> String {
@@ -210,11 +208,25 @@ pub fn chain_expected(x: &[f32]) -> Vec<f32> {
     x.iter().zip(&w).zip(&c).map(|((x, w), c)| x * w + c).collect()
 }
 
-/// A CUDA artifact in a temporary directory.
-pub struct CudaArtifact {
-    pub dir: tempfile::TempDir,
-    pub manifest: Manifest,
+/// PTX kernels, their contract in a last comment line; a cubin may stand beside them.
+pub struct Ptx;
+
+impl Kernels for Ptx {
+    const FILE: &'static str = PTX_FILE;
+    const EXTRA: &'static [&'static str] = &[CUBIN_FILE];
+    fn stamped(ptx: Vec<u8>, contract: u64) -> Option<Vec<u8>> {
+        let mut text = String::from_utf8(ptx).expect("PTX text");
+        if kiln_runtime::ptx_contract(text.as_bytes()).is_some() {
+            let cut = text.trim_end_matches('\n').rfind('\n').map_or(0, |i| i + 1);
+            text.truncate(cut);
+        }
+        text.push_str(&kiln_runtime::ptx_contract_line(contract));
+        Some(text.into_bytes())
+    }
 }
+
+/// A CUDA artifact in a temporary directory.
+pub type CudaArtifact = TestArtifact<Ptx>;
 
 impl CudaArtifact {
     /// Writes `kernels.ptx` from `modules` (one after another), the toy weights and the
@@ -229,75 +241,14 @@ impl CudaArtifact {
                 range
             })
             .collect();
-        let dir = tempfile::Builder::new().suffix(".kiln").tempdir().expect("tempdir");
-        std::fs::write(dir.path().join(PTX_FILE), &ptx).expect("write kernels.ptx");
-        std::fs::write(dir.path().join(WEIGHTS_FILE), weights_file()).expect("write weights");
-        let mut artifact = CudaArtifact { dir, manifest };
-        artifact.stamp();
-        artifact.refresh_digests();
-        artifact
-    }
-
-    /// Ends `kernels.ptx` with the contract line of the current manifest (replacing any), as
-    /// the compiler does, and records the file's new digest if the manifest lists it.
-    pub fn stamp(&mut self) {
-        let Ok(mut ptx) = std::fs::read(self.file(PTX_FILE)) else { return };
-        if kiln_runtime::ptx_contract(&ptx).is_some() {
-            let text = String::from_utf8(ptx).expect("PTX text");
-            let body = text.trim_end_matches('\n');
-            let cut = body.rfind('\n').map_or(0, |i| i + 1);
-            ptx = text.as_bytes()[..cut].to_vec();
-        }
-        ptx.extend_from_slice(kiln_runtime::ptx_contract_line(self.manifest.contract()).as_bytes());
-        std::fs::write(self.file(PTX_FILE), &ptx).expect("write kernels.ptx");
-        for f in &mut self.manifest.files {
-            if f.name == PTX_FILE {
-                *f = FileDigest::of(PTX_FILE, &ptx);
-            }
-        }
+        CudaArtifact::write(manifest, &weights_file(), |path| {
+            std::fs::write(path, &ptx).expect("write kernels.ptx")
+        })
     }
 
     /// The chain model with modules 0 = add, 1 = mul.
     pub fn chain() -> CudaArtifact {
         CudaArtifact::new(chain_manifest(), &[module("add", "add.rn.f32"), module("mul", "mul.rn.f32")])
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    pub fn file(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Records the sizes and crc32s of the files present (`kernels.cubin` when written) and
-    /// rewrites the manifest.
-    pub fn refresh_digests(&mut self) {
-        self.manifest.files = [PTX_FILE, CUBIN_FILE, WEIGHTS_FILE]
-            .iter()
-            .filter(|name| self.file(name).exists())
-            .map(|name| FileDigest::of(*name, &std::fs::read(self.file(name)).expect("read artifact file")))
-            .collect();
-        self.write_manifest();
-    }
-
-    /// Edits the manifest and rewrites it, with `kernels.ptx` stamped for it as a compiler
-    /// would have (other digests untouched), so the edit meets the checks behind the contract.
-    pub fn edit(&mut self, f: impl FnOnce(&mut Manifest)) {
-        f(&mut self.manifest);
-        self.stamp();
-        self.write_manifest();
-    }
-
-    /// Edits the manifest and rewrites it, leaving `kernels.ptx` as compiled: a hand edit.
-    pub fn edit_by_hand(&mut self, f: impl FnOnce(&mut Manifest)) {
-        f(&mut self.manifest);
-        self.write_manifest();
-    }
-
-    pub fn write_manifest(&self) {
-        let text = self.manifest.to_ron().expect("manifest to RON");
-        std::fs::write(self.file(MANIFEST_FILE), text).expect("write manifest");
     }
 }
 

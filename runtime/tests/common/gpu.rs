@@ -4,16 +4,16 @@
 //! prints `skipped: …` and returns.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 
 use kiln_runtime::{
-    BufRef, DType, Dispatch, FileDigest, Manifest, ModuleRange, Step, Target, TensorSpec, VulkanTarget,
-    ARTIFACT_FORMAT_VERSION, MANIFEST_FILE, SPIRV_FILE, WEIGHTS_FILE,
+    BufRef, DType, Dispatch, Manifest, ModuleRange, Step, Target, TensorSpec, VulkanTarget,
+    ARTIFACT_FORMAT_VERSION, SPIRV_FILE,
 };
 
-use super::{c_data, f32_bytes, w_data, N};
+use super::{c_data, f32_bytes, w_data, Kernels, TestArtifact, N};
 
 /// The committed kernels, by file stem.
 pub const KERNELS: [&str; 6] = ["muladd", "out", "reduce", "types", "subgroup", "sized"];
@@ -304,11 +304,23 @@ pub fn gpu_weights() -> Vec<u8> {
     safetensors::serialize(tensors, None).expect("serialize")
 }
 
-/// A Vulkan artifact in a temporary directory.
-pub struct GpuArtifact {
-    pub dir: tempfile::TempDir,
-    pub manifest: Manifest,
+/// SPIR-V kernels, their contract in a 16-byte trailer.
+pub struct Spirv;
+
+impl Kernels for Spirv {
+    const FILE: &'static str = SPIRV_FILE;
+    const EXTRA: &'static [&'static str] = &[];
+    fn stamped(mut spv: Vec<u8>, contract: u64) -> Option<Vec<u8>> {
+        if kiln_runtime::spirv_contract(&spv).is_some() {
+            spv.truncate(spv.len() - 16);
+        }
+        spv.extend_from_slice(&kiln_runtime::spirv_contract_trailer(contract));
+        Some(spv)
+    }
 }
+
+/// A Vulkan artifact in a temporary directory.
+pub type GpuArtifact = TestArtifact<Spirv>;
 
 impl GpuArtifact {
     /// Writes `kernels.spv` from the named modules (one after another), the weights and the
@@ -325,29 +337,9 @@ impl GpuArtifact {
                 range
             })
             .collect();
-        let dir = tempfile::Builder::new().suffix(".kiln").tempdir().expect("tempdir");
-        std::fs::write(dir.path().join(SPIRV_FILE), &spv).expect("write kernels.spv");
-        std::fs::write(dir.path().join(WEIGHTS_FILE), gpu_weights()).expect("write weights");
-        let mut artifact = GpuArtifact { dir, manifest };
-        artifact.stamp();
-        artifact.refresh_digests();
-        artifact
-    }
-
-    /// Ends `kernels.spv` with the contract trailer of the current manifest (replacing any), as
-    /// the compiler does, and records the file's new digest if the manifest lists it.
-    pub fn stamp(&mut self) {
-        let Ok(mut spv) = std::fs::read(self.file(SPIRV_FILE)) else { return };
-        if kiln_runtime::spirv_contract(&spv).is_some() {
-            spv.truncate(spv.len() - 16);
-        }
-        spv.extend_from_slice(&kiln_runtime::spirv_contract_trailer(self.manifest.contract()));
-        std::fs::write(self.file(SPIRV_FILE), &spv).expect("write kernels.spv");
-        for f in &mut self.manifest.files {
-            if f.name == SPIRV_FILE {
-                *f = FileDigest::of(SPIRV_FILE, &spv);
-            }
-        }
+        GpuArtifact::write(manifest, &gpu_weights(), |path| {
+            std::fs::write(path, &spv).expect("write kernels.spv")
+        })
     }
 
     pub fn chain() -> GpuArtifact {
@@ -356,41 +348,6 @@ impl GpuArtifact {
 
     pub fn types() -> GpuArtifact {
         GpuArtifact::new(types_manifest(), &["types"])
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    pub fn file(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    pub fn refresh_digests(&mut self) {
-        self.manifest.files = [SPIRV_FILE, WEIGHTS_FILE]
-            .iter()
-            .map(|name| FileDigest::of(*name, &std::fs::read(self.file(name)).expect("read artifact file")))
-            .collect();
-        self.write_manifest();
-    }
-
-    /// Edits the manifest and rewrites it, with `kernels.spv` stamped for it as a compiler
-    /// would have (other digests untouched), so the edit meets the checks behind the contract.
-    pub fn edit(&mut self, f: impl FnOnce(&mut Manifest)) {
-        f(&mut self.manifest);
-        self.stamp();
-        self.write_manifest();
-    }
-
-    /// Edits the manifest and rewrites it, leaving `kernels.spv` as compiled: a hand edit.
-    pub fn edit_by_hand(&mut self, f: impl FnOnce(&mut Manifest)) {
-        f(&mut self.manifest);
-        self.write_manifest();
-    }
-
-    pub fn write_manifest(&self) {
-        let text = self.manifest.to_ron().expect("manifest to RON");
-        std::fs::write(self.file(MANIFEST_FILE), text).expect("write manifest");
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod cuda;
 pub mod gpu;
 
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -210,32 +211,50 @@ pub fn toy_manifest() -> Manifest {
     }
 }
 
-/// A toy artifact in a temporary directory.
-pub struct Toy {
-    pub dir: tempfile::TempDir,
-    pub manifest: Manifest,
+/// How a test artifact's kernels are written: their file, the files beside it that are
+/// digested when present, and how the manifest's contract digest is stamped into them.
+pub trait Kernels {
+    /// The kernels' file.
+    const FILE: &'static str;
+    /// Further code files (a cubin beside the PTX), digested where the test wrote them.
+    const EXTRA: &'static [&'static str];
+    /// The kernels with `contract` stamped as the compiler stamps it (replacing any), or
+    /// `None` where it is compiled in (a shared library: [`with_contract`]).
+    fn stamped(kernels: Vec<u8>, contract: u64) -> Option<Vec<u8>>;
 }
 
-impl Toy {
-    /// Writes kernels, weights and a manifest with their true digests.
-    pub fn new() -> Toy {
-        let dir = tempfile::Builder::new().suffix(".kiln").tempdir().expect("tempdir");
-        std::fs::write(dir.path().join(KERNELS_FILE), toy_kernels()).expect("write kernels");
-        std::fs::write(dir.path().join(WEIGHTS_FILE), weights_file()).expect("write weights");
-        let mut toy = Toy { dir, manifest: toy_manifest() };
-        toy.refresh_digests();
-        toy
-    }
+/// Native kernels: a shared library compiled by the test with its contract constant.
+pub struct Native;
 
-    /// An artifact of `manifest` whose kernels are `source` (C) compiled with the manifest's
-    /// contract, and the toy's weights.
-    pub fn custom(manifest: Manifest, source: &str) -> Toy {
+impl Kernels for Native {
+    const FILE: &'static str = KERNELS_FILE;
+    const EXTRA: &'static [&'static str] = &[];
+    fn stamped(_: Vec<u8>, _: u64) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+/// An artifact in a temporary directory: its files and the manifest as the test last wrote it.
+pub struct TestArtifact<K> {
+    pub dir: tempfile::TempDir,
+    pub manifest: Manifest,
+    kernels: PhantomData<K>,
+}
+
+/// The toy model's CPU artifact.
+pub type Toy = TestArtifact<Native>;
+
+impl<K: Kernels> TestArtifact<K> {
+    /// Writes the kernels (with `write_kernels`, given their path) and `weights`, stamps the
+    /// kernels for `manifest` and writes it with the files' true digests.
+    pub fn write(manifest: Manifest, weights: &[u8], write_kernels: impl FnOnce(&Path)) -> Self {
         let dir = tempfile::Builder::new().suffix(".kiln").tempdir().expect("tempdir");
-        compile_shared(&with_contract(source, &manifest), &dir.path().join(KERNELS_FILE));
-        std::fs::write(dir.path().join(WEIGHTS_FILE), weights_file()).expect("write weights");
-        let mut toy = Toy { dir, manifest };
-        toy.refresh_digests();
-        toy
+        write_kernels(&dir.path().join(K::FILE));
+        std::fs::write(dir.path().join(WEIGHTS_FILE), weights).expect("write weights");
+        let mut artifact = TestArtifact { dir, manifest, kernels: PhantomData };
+        artifact.stamp();
+        artifact.refresh_digests();
+        artifact
     }
 
     pub fn path(&self) -> &Path {
@@ -246,17 +265,42 @@ impl Toy {
         self.dir.path().join(name)
     }
 
-    /// Records the current files' sizes and crc32s and rewrites the manifest.
+    /// Stamps the kernels with the current manifest's contract, as the compiler does, and
+    /// records their new digest if the manifest lists them.
+    pub fn stamp(&mut self) {
+        let Ok(kernels) = std::fs::read(self.file(K::FILE)) else { return };
+        let Some(kernels) = K::stamped(kernels, self.manifest.contract()) else { return };
+        std::fs::write(self.file(K::FILE), &kernels).expect("write kernels");
+        for f in &mut self.manifest.files {
+            if f.name == K::FILE {
+                *f = FileDigest::of(K::FILE, &kernels);
+            }
+        }
+    }
+
+    /// Records the files' sizes and crc32s (the kernels, the extra code files present, the
+    /// weights) and rewrites the manifest.
     pub fn refresh_digests(&mut self) {
-        self.manifest.files = [KERNELS_FILE, WEIGHTS_FILE]
-            .iter()
+        let present = K::EXTRA.iter().filter(|name| self.file(name).exists());
+        self.manifest.files = std::iter::once(&K::FILE)
+            .chain(present)
+            .chain([&WEIGHTS_FILE])
             .map(|name| FileDigest::of(*name, &std::fs::read(self.file(name)).expect("read artifact file")))
             .collect();
         self.write_manifest();
     }
 
-    /// Edits the manifest and rewrites it (digests untouched).
+    /// Edits the manifest and rewrites it, with the kernels stamped for it as a compiler
+    /// would have (other digests untouched), so the edit meets the checks behind the contract.
+    /// Native kernels keep the contract they were compiled with.
     pub fn edit(&mut self, f: impl FnOnce(&mut Manifest)) {
+        f(&mut self.manifest);
+        self.stamp();
+        self.write_manifest();
+    }
+
+    /// Edits the manifest and rewrites it, leaving the kernels as compiled: a hand edit.
+    pub fn edit_by_hand(&mut self, f: impl FnOnce(&mut Manifest)) {
         f(&mut self.manifest);
         self.write_manifest();
     }
@@ -264,6 +308,22 @@ impl Toy {
     pub fn write_manifest(&self) {
         let text = self.manifest.to_ron().expect("manifest to RON");
         std::fs::write(self.file(MANIFEST_FILE), text).expect("write manifest");
+    }
+}
+
+impl Toy {
+    /// Writes kernels, weights and a manifest with their true digests.
+    pub fn new() -> Toy {
+        Toy::write(toy_manifest(), &weights_file(), |path| {
+            std::fs::write(path, toy_kernels()).expect("write kernels")
+        })
+    }
+
+    /// An artifact of `manifest` whose kernels are `source` (C) compiled with the manifest's
+    /// contract, and the toy's weights.
+    pub fn custom(manifest: Manifest, source: &str) -> Toy {
+        let source = with_contract(source, &manifest);
+        Toy::write(manifest, &weights_file(), |path| compile_shared(&source, path))
     }
 }
 
