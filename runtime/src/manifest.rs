@@ -221,6 +221,25 @@ pub enum Target {
 }
 
 impl Target {
+    /// The artifact this target makes, as a refusal names it: `a CUDA artifact (compiled for
+    /// sm_90)`.
+    pub(crate) fn artifact_name(&self) -> String {
+        match self {
+            Target::Cpu(cpu) => format!("a CPU artifact (compiled for {})", cpu.triple),
+            Target::Vulkan(v) => format!("a Vulkan artifact (SPIR-V {})", v.spirv_version),
+            Target::Cuda(c) => format!("a CUDA artifact (compiled for {})", c.arch()),
+        }
+    }
+
+    /// The device selector that runs this target's artifacts.
+    pub(crate) fn device_kind(&self) -> &'static str {
+        match self {
+            Target::Cpu(_) => "cpu",
+            Target::Vulkan(_) => "vulkan",
+            Target::Cuda(_) => "cuda",
+        }
+    }
+
     /// One line naming the target, for logs and the CLI (`x86_64-unknown-linux-gnu (znver3)`,
     /// `vulkan (SPIR-V 1.3)`).
     pub fn describe(&self) -> String {

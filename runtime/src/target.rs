@@ -8,13 +8,13 @@ use crate::manifest::{Target, TargetInfo};
 pub(crate) fn check(target: &Target) -> Result<(), RuntimeError> {
     match target {
         Target::Cpu(cpu) => check_with(cpu, std::env::consts::ARCH, host_has),
-        Target::Vulkan(v) => Err(RuntimeError::WrongDevice {
-            artifact: format!("a Vulkan artifact (SPIR-V {})", v.spirv_version),
+        Target::Vulkan(_) => Err(RuntimeError::WrongDevice {
+            artifact: target.artifact_name(),
             device: "cpu".to_string(),
             fix: "run it on a Vulkan device (\"vulkan\" or \"vulkan:N\")".to_string(),
         }),
-        Target::Cuda(c) => Err(RuntimeError::WrongDevice {
-            artifact: format!("a CUDA artifact (compiled for {})", c.arch()),
+        Target::Cuda(_) => Err(RuntimeError::WrongDevice {
+            artifact: target.artifact_name(),
             device: "cpu".to_string(),
             fix: "run it on a CUDA device (\"cuda\" or \"cuda:N\")".to_string(),
         }),

@@ -418,27 +418,37 @@ pub(crate) fn select(target: &Target, selector: Option<&str>) -> Result<Selectio
         (Target::Vulkan(_), Some(Selection::Vulkan(index))) => Ok(Selection::Vulkan(index)),
         (Target::Cuda(_), None) => Ok(Selection::Cuda(None)),
         (Target::Cuda(_), Some(Selection::Cuda(index))) => Ok(Selection::Cuda(index)),
-        (Target::Cpu(cpu), Some(other)) => Err(RuntimeError::WrongDevice {
-            artifact: format!("a CPU artifact (compiled for {})", cpu.triple),
+        (Target::Cpu(_), Some(other)) => Err(RuntimeError::WrongDevice {
+            artifact: target.artifact_name(),
             device: selector.unwrap_or(kind(other)).to_lowercase(),
             fix: format!("run it on \"cpu\", or recompile the model for {}", kind(other)),
         }),
-        (Target::Vulkan(v), Some(other)) => Err(RuntimeError::WrongDevice {
-            artifact: format!("a Vulkan artifact (SPIR-V {})", v.spirv_version),
+        (Target::Vulkan(_), Some(other)) => Err(RuntimeError::WrongDevice {
+            artifact: target.artifact_name(),
             device: selector.unwrap_or(kind(other)).to_lowercase(),
             fix: format!(
                 "run it on a Vulkan device (\"vulkan\" or \"vulkan:N\"), or recompile the model for {}",
                 if other == Selection::Cpu { "this CPU" } else { kind(other) }
             ),
         }),
-        (Target::Cuda(c), Some(other)) => Err(RuntimeError::WrongDevice {
-            artifact: format!("a CUDA artifact (compiled for {})", c.arch()),
+        (Target::Cuda(_), Some(other)) => Err(RuntimeError::WrongDevice {
+            artifact: target.artifact_name(),
             device: selector.unwrap_or(kind(other)).to_lowercase(),
             fix: format!(
                 "run it on a CUDA device (\"cuda\" or \"cuda:N\"), or recompile the model for {}",
                 if other == Selection::Cpu { "this CPU" } else { kind(other) }
             ),
         }),
+    }
+}
+
+/// A backend's refusal of an artifact for another target, given directly to its `load`
+/// (`select` routes every artifact to its own backend first).
+fn wrong_backend(target: &Target, device: &str) -> RuntimeError {
+    RuntimeError::WrongDevice {
+        artifact: target.artifact_name(),
+        device: device.into(),
+        fix: format!("run it on \"{}\"", target.device_kind()),
     }
 }
 
@@ -586,6 +596,22 @@ mod tests {
         );
         let e = select(&cpu(), Some("cuda")).unwrap_err().to_string();
         assert!(e.ends_with("or recompile the model for CUDA"), "{e}");
+    }
+
+    #[test]
+    fn a_backend_given_another_targets_artifact_names_both() {
+        assert_eq!(
+            wrong_backend(&cpu(), "cuda").to_string(),
+            "a CPU artifact (compiled for x86_64-unknown-linux-gnu) cannot run on device cuda: run it on \"cpu\""
+        );
+        assert_eq!(
+            wrong_backend(&cuda(), "vulkan").to_string(),
+            "a CUDA artifact (compiled for sm_90) cannot run on device vulkan: run it on \"cuda\""
+        );
+        assert_eq!(
+            wrong_backend(&gpu(), "cuda").to_string(),
+            "a Vulkan artifact (SPIR-V 1.3) cannot run on device cuda: run it on \"vulkan\""
+        );
     }
 
     #[test]

@@ -265,22 +265,8 @@ impl CudaBackend {
         weights: &WeightStore,
         index: Option<usize>,
     ) -> Result<CudaBackend, RuntimeError> {
-        let target = match &manifest.target {
-            Target::Cuda(target) => target,
-            Target::Cpu(cpu) => {
-                return Err(RuntimeError::WrongDevice {
-                    artifact: format!("a CPU artifact (compiled for {})", cpu.triple),
-                    device: "cuda".into(),
-                    fix: "run it on \"cpu\"".into(),
-                })
-            }
-            Target::Vulkan(v) => {
-                return Err(RuntimeError::WrongDevice {
-                    artifact: format!("a Vulkan artifact (SPIR-V {})", v.spirv_version),
-                    device: "cuda".into(),
-                    fix: "run it on \"vulkan\"".into(),
-                })
-            }
+        let Target::Cuda(target) = &manifest.target else {
+            return Err(super::wrong_backend(&manifest.target, "cuda"));
         };
         // Everything the files and the manifest alone decide, before the driver is touched:
         // the structure first (for its precise messages), then that the modules were compiled

@@ -186,22 +186,8 @@ impl VulkanBackend {
         index: Option<usize>,
         force_staging: bool,
     ) -> Result<VulkanBackend, RuntimeError> {
-        let target = match &manifest.target {
-            Target::Vulkan(target) => target,
-            Target::Cpu(cpu) => {
-                return Err(RuntimeError::WrongDevice {
-                    artifact: format!("a CPU artifact (compiled for {})", cpu.triple),
-                    device: "vulkan".into(),
-                    fix: "run it on \"cpu\"".into(),
-                })
-            }
-            Target::Cuda(cuda) => {
-                return Err(RuntimeError::WrongDevice {
-                    artifact: format!("a CUDA artifact (compiled for {})", cuda.arch()),
-                    device: "vulkan".into(),
-                    fix: "run it on \"cuda\"".into(),
-                })
-            }
+        let Target::Vulkan(target) = &manifest.target else {
+            return Err(super::wrong_backend(&manifest.target, "vulkan"));
         };
         let instance = Instance::new(None)?;
         let physical = choose(instance.physical_devices()?, index)?;
