@@ -500,7 +500,9 @@ fn matmul_bias(g: &KGraph, id: Id) -> Vec<New> {
     out
 }
 
-/// act(matmul_epilogue(…)) = matmul_epilogue(…, act) for relu, GELU, sigmoid and tanh.
+/// act(matmul_epilogue(…)) = matmul_epilogue(…, act) for relu, GELU, sigmoid and tanh, and
+/// act(a @ b) = matmul_epilogue(a, b; act) for a product without a bias (the activation then
+/// runs on the product's tile in registers instead of as a kernel that rereads it).
 fn matmul_activation(g: &KGraph, id: Id) -> Vec<New> {
     let mut out = vec![];
     for n in nodes(g, id) {
@@ -512,9 +514,12 @@ fn matmul_activation(g: &KGraph, id: Id) -> Vec<New> {
             _ => continue,
         };
         for m in nodes(g, n.children[0]) {
-            if let Op::MatMulEpilogue { bias, activation: Activation::None } = m.ir() {
-                out.push(New::over(Op::MatMulEpilogue { bias: *bias, activation }, &m.children));
-            }
+            let bias = match m.ir() {
+                Op::MatMul => false,
+                Op::MatMulEpilogue { bias, activation: Activation::None } => *bias,
+                _ => continue,
+            };
+            out.push(New::over(Op::MatMulEpilogue { bias, activation }, &m.children));
         }
     }
     out
