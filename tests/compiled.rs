@@ -234,7 +234,10 @@ const OP_CASES: &[(&str, &str, &str)] = &[
            Let("g", Pow(Abs("x"), Mul("x", 4.0))),
            Let("h", Pow(Mul(Abs("x"), 0.0), -1.0)),
            Let("i", Pow(Mul(Abs("x"), 30.0), 40.0)),
-           Let("j", LogSoftmax(x: Mul("x", 20.0), axis: 1)),"#,
+           Let("j", LogSoftmax(x: Mul("x", 20.0), axis: 1)),
+           Let("k", Exp(Mul("x", 120.0))),
+           Let("l", Exp(Add(Mul("x", 0.2), 88.4))),
+           Let("m", Sigmoid(Mul("x", 150.0))),"#,
     ),
     (
         // f64: SPIR-V's own 64-bit absolute values and roots, and the math functions GPU
@@ -481,6 +484,9 @@ fn f64_math_on_cuda_is_within_a_few_ulp_of_the_host_library() {
 const F32_MATH: &[(&str, &str, f64)] = &[
     ("exp", r#"Exp(Mul("x", 25.0))"#, 2.0),
     ("exp_small", r#"Exp(Mul("x", 1e-3))"#, 2.0),
+    // From 88.3 past f32's largest (e^88.72): the results up to it, then inf (the product by
+    // 0.25 is exact, so the argument is the same whether or not it is fused into the add).
+    ("exp_near_overflow", r#"Exp(Add(Mul(Abs("x"), 0.25), 88.3))"#, 2.0),
     ("log", r#"Log(Abs("x"))"#, 2.0),
     ("log_near_one", r#"Log(Add(Mul("x", 1e-3), 1.0))"#, 2.0),
     ("log_huge", r#"Log(Mul(Abs("x"), 1e30))"#, 2.0),
@@ -499,7 +505,7 @@ const F32_MATH: &[(&str, &str, f64)] = &[
 /// GPUs; log, sin, cos and pow go to MLIR's own lowering there.
 #[test]
 fn f32_exp_tanh_and_erf_on_the_cpu_are_within_a_few_ulp_of_the_host_library() {
-    let shared = ["exp", "exp_small", "tanh", "tanh_small", "erf", "sigmoid"];
+    let shared = ["exp", "exp_small", "exp_near_overflow", "tanh", "tanh_small", "erf", "sigmoid"];
     let cases: Vec<(&str, &str, f64)> =
         F32_MATH.iter().filter(|(n, _, _)| shared.contains(n)).copied().collect();
     assert_eq!(cases.len(), shared.len());

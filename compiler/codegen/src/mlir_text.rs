@@ -270,9 +270,11 @@ impl Body {
         self.assign(format!("vector.broadcast {a} : {} to {ty}", elem_type(ty)))
     }
 
-    /// `eˣ`. f32 (scalar or vector): range reduction to `r ∈ [−ln2/2, ln2/2]`, a degree-6
-    /// polynomial, and the exponent put in by integer arithmetic (relative error < 2e-7;
-    /// inputs below −87.3 give ~1e-38 instead of a denormal or 0). f64 in a GPU kernel:
+    /// `eˣ` over f32's whole range (scalar or vector): range reduction to `r ∈ [−ln2/2, ln2/2]`,
+    /// a degree-6 polynomial ([`Body::exp_reduced`]), and `2ⁿ` put in as two factors of
+    /// exponent bits ([`Body::two_to_f32_halves`]), so that results near f32's largest and in
+    /// the subnormals are rounded once. Relative error < 2e-7 on normal results; inf above
+    /// 88.72 (and for +inf), 0 below −103.9 (and for −inf), NaN stays NaN. f64 in a GPU kernel:
     /// [`Body::exp_f64`]. Else `math.exp`.
     pub fn exp(&mut self, x: &str, ty: &str) -> String {
         if self.gpu_f64(ty) {
@@ -281,24 +283,70 @@ impl Body {
         if elem_type(ty) != "f32" {
             return self.assign(format!("math.exp {x} : {ty}"));
         }
-        let hi = self.float(88.3, ty);
-        let lo = self.float(-87.3, ty);
+        // Past these every result is inf or 0 already, and 2ⁿ's halves stay normal.
+        let hi = self.float(89.0, ty);
+        let lo = self.float(-104.0, ty);
         let x = self.fmin(x, &hi, ty);
         let x = self.fmax(&x, &lo, ty);
-        let (n, r) = self.reduce_by_ln2(&x, ty);
+        let (n, y) = self.exp_reduced(&x, ty);
+        let (half, rest) = self.two_to_f32_halves(&n, ty);
+        let y = self.fmul(&y, &half, ty);
+        self.fmul(&y, &rest, ty)
+    }
+
+    /// `eˣ` for `x ≤ 0`, or NaN: a value less its row's maximum, as softmax and attention
+    /// take their exponentials. f32: [`Body::exp`]'s polynomial with `2ⁿ` as one factor, `x`
+    /// raised to −87.3 first, so arguments below that give about 1.2e-38 instead of a
+    /// subnormal or 0 (weighed against a sum of at least 1, the largest weight's). Two fewer
+    /// multiplies and compares than [`Body::exp`] in the kernels' innermost loops. f64 in a GPU
+    /// kernel: [`Body::exp_f64`]. Else `math.exp`.
+    pub fn exp_nonpositive(&mut self, x: &str, ty: &str) -> String {
+        if self.gpu_f64(ty) {
+            return self.exp_f64(x, ty);
+        }
+        if elem_type(ty) != "f32" {
+            return self.assign(format!("math.exp {x} : {ty}"));
+        }
+        let lo = self.float(-87.3, ty);
+        let x = self.fmax(x, &lo, ty);
+        let (n, y) = self.exp_reduced(&x, ty);
+        let scale = self.two_to_f32(&n, ty);
+        self.fmul(&y, &scale, ty)
+    }
+
+    /// `x = n·ln2 + r` and `eʳ = 1 + r + r²·P(r)` on f32: `(n, eʳ)`.
+    fn exp_reduced(&mut self, x: &str, ty: &str) -> (String, String) {
+        let (n, r) = self.reduce_by_ln2(x, ty);
         let p = self.horner(&EXP_F32, &r, ty);
         let r2 = self.fmul(&r, &r, ty);
         let one = self.float(1.0, ty);
         let r1 = self.fadd(&r, &one, ty);
         let y = self.fma(&p, &r2, &r1, ty);
-        let scale = self.two_to_f32(&n, ty);
-        self.fmul(&y, &scale, ty)
+        (n, y)
     }
 
     /// `2ⁿ` for an integral f32 `n` in [−126, 127], from its exponent bits.
     fn two_to_f32(&mut self, n: &str, ty: &str) -> String {
         let ity = with_elem(ty, "i32");
         let ni = self.assign(format!("arith.fptosi {n} : {ty} to {ity}"));
+        self.two_to_i32(&ni, ty)
+    }
+
+    /// `2ⁿ` as two factors, `2^⌊n/2⌋` and `2^(n − ⌊n/2⌋)`, for an integral f32 `n` in
+    /// [−252, 254]: each stays normal, so `y·2^⌊n/2⌋` is exact for `y` near 1 and only the
+    /// second product rounds, into the subnormals or to inf where `y·2ⁿ` lies there.
+    fn two_to_f32_halves(&mut self, n: &str, ty: &str) -> (String, String) {
+        let ity = with_elem(ty, "i32");
+        let ni = self.assign(format!("arith.fptosi {n} : {ty} to {ity}"));
+        let one = self.int_like(1, &ity);
+        let half = self.assign(format!("arith.shrsi {ni}, {one} : {ity}"));
+        let rest = self.assign(format!("arith.subi {ni}, {half} : {ity}"));
+        (self.two_to_i32(&half, ty), self.two_to_i32(&rest, ty))
+    }
+
+    /// `2ⁿ` as f32 `ty` for `n` (i32 of the same shape) in [−126, 127], from exponent bits.
+    fn two_to_i32(&mut self, ni: &str, ty: &str) -> String {
+        let ity = with_elem(ty, "i32");
         let bias = self.int_like(127, &ity);
         let e = self.assign(format!("arith.addi {ni}, {bias} : {ity}"));
         let shift = self.int_like(23, &ity);
@@ -757,12 +805,8 @@ impl Body {
         let t = self.fmul(y, &l, ty);
         let zero = self.float(0.0, ty);
         let one = self.float(1.0, ty);
-        let mag = if self.gpu_f64(ty) {
-            // [`Body::exp_f64`] covers f64's whole range, overflow and subnormals included.
-            self.exp(&t, ty)
-        } else {
-            self.exp_f32_wide(&t, ty)
-        };
+        // [`Body::exp`] covers the whole range, overflow and subnormals included.
+        let mag = self.exp(&t, ty);
         // y an integer, and odd (exact in floats: every f32 of magnitude ≥ 2²⁴, and every f64 ≥ 2⁵³, is even).
         let ry = self.exact("roundeven", y, ty);
         let integral = self.fcmp("oeq", &ry, y, ty);
@@ -786,37 +830,6 @@ impl Body {
         let x_one = self.fcmp("oeq", x, &one, ty);
         let trivial = self.assign(format!("arith.ori {y_zero}, {x_one} : {}", bool_type_like(ty)));
         self.select(&trivial, &one, &r, ty)
-    }
-
-    /// `eᵗ` on f32 over the whole range a power can reach: [`Body::exp`] clamps its argument
-    /// to [−87.3, 88.3], so beyond ±80 the exponent is moved by 8 and `e^{±8}` multiplied
-    /// back, and results up to f32's largest and down into subnormals come out right; inf
-    /// above 88.72 and 0 below −103.9.
-    fn exp_f32_wide(&mut self, t: &str, ty: &str) -> String {
-        let eighty = self.float(80.0, ty);
-        let big = self.fcmp("ogt", t, &eighty, ty);
-        let neg_eighty = self.float(-80.0, ty);
-        let tiny = self.fcmp("olt", t, &neg_eighty, ty);
-        let eight = self.float(8.0, ty);
-        let neg_eight = self.float(-8.0, ty);
-        let zero = self.float(0.0, ty);
-        let shift = self.select(&tiny, &eight, &zero, ty);
-        let shift = self.select(&big, &neg_eight, &shift, ty);
-        let ts = self.fadd(t, &shift, ty);
-        let e = self.exp(&ts, ty);
-        let up = self.float(8f64.exp(), ty);
-        let down = self.float((-8f64).exp(), ty);
-        let one = self.float(1.0, ty);
-        let back = self.select(&tiny, &down, &one, ty);
-        let back = self.select(&big, &up, &back, ty);
-        let e = self.fmul(&e, &back, ty);
-        let inf = self.float(f64::INFINITY, ty);
-        let hi = self.float(88.72, ty);
-        let lo = self.float(-103.9, ty);
-        let over = self.fcmp("ogt", t, &hi, ty);
-        let under = self.fcmp("olt", t, &lo, ty);
-        let mag = self.select(&over, &inf, &e, ty);
-        self.select(&under, &zero, &mag, ty)
     }
 
     /// `1 / (1 + e^{−x})`.

@@ -188,7 +188,7 @@ pub(super) fn emit(
     b.open(format!("{sum} = scf.for %j = {c0} to {seen} step {c1} iter_args({acc} = {zero}) -> (f32)"));
     let sc = score(&mut b, "%j");
     let shifted = b.fsub(&sc, &max, "f32");
-    let p = b.exp(&shifted, "f32");
+    let p = b.exp_nonpositive(&shifted, "f32");
     if let (Some((row, oa)), Some(w), Some(vb), Some(vo)) = (&o_row, &wo, &v_base, v) {
         let wv = wv.as_ref().ok_or_else(|| bad("attention values"))?;
         let va = arg_of(vo);

@@ -446,7 +446,7 @@ fn simt(b: &mut Body, o: &Operands, bq: usize, bk: usize, cx: &GpuCtx) {
         let m_new = b.fmax("%m", tmax, ty);
         let dead = b.fcmp("oeq", &m_new, &neg_inf, ty);
         let shift = b.fsub("%m", &m_new, ty);
-        let corr = b.exp(&shift, ty);
+        let corr = b.exp_nonpositive(&shift, ty);
         let corr = b.select(&dead, &one, &corr, ty);
         each(b, dv, "%da", &mut |b, da| {
             let o = b.assign(format!("memref.load {ap}[{da}] : {ap_ty}"));
@@ -462,7 +462,7 @@ fn simt(b: &mut Body, o: &Operands, bq: usize, bk: usize, cx: &GpuCtx) {
         b.open(format!("%lt = scf.for %jj = {c0} to {bkc} step {c1} iter_args(%ls = {zero}) -> ({ty})"));
         let s = b.assign(format!("memref.load {sp}[%jj] : {sp_ty}"));
         let dlt = b.fsub(&s, m_new, ty);
-        let p = b.exp(&dlt, ty);
+        let p = b.exp_nonpositive(&dlt, ty);
         let p = b.select(dead, &zero, &p, ty);
         add_row(b, &p);
         let ls = b.fadd("%ls", &p, ty);

@@ -347,7 +347,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
             let m = b.fmax(&m_new[half], t, ty);
             let gone = b.fcmp("oeq", &m, &neg_inf, ty);
             let shift = b.fsub(&m_new[half], &m, ty);
-            let c = b.exp(&shift, ty);
+            let c = b.exp_nonpositive(&shift, ty);
             corr[half] = b.select(&gone, &one, &c, ty);
             m_new[half] = m;
             dead[half] = gone;
@@ -358,7 +358,7 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
             for (e, s) in c.iter().enumerate() {
                 let half = C_FRAGMENT[e].0 / 8;
                 let x = b.fsub(s, &m_new[half], ty);
-                let p = b.exp(&x, ty);
+                let p = b.exp_nonpositive(&x, ty);
                 let p = b.select(&dead[half], &zero, &p, ty);
                 sums[half] = b.fadd(&sums[half], &p, ty);
                 weights.push(p);

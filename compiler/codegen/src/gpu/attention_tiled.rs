@@ -195,13 +195,13 @@ pub(crate) fn body(b: &mut Body, o: &Operands, shape: Shape, cx: &GpuCtx) {
         let m = b.fmax(&m_old, t, ty);
         let dead = b.fcmp("oeq", &m, &neg_inf, ty);
         let shift = b.fsub(&m_old, &m, ty);
-        let corr = b.exp(&shift, ty);
+        let corr = b.exp_nonpositive(&shift, ty);
         let corr = b.select(&dead, &one, &corr, ty);
         let mut sum = b.fmul(&format!("%tl{i}"), &corr, ty);
         let mut w = Vec::with_capacity(nk);
         for score in &scores[i] {
             let x = b.fsub(score, &m, ty);
-            let p = b.exp(&x, ty);
+            let p = b.exp_nonpositive(&x, ty);
             let p = b.select(&dead, &zero, &p, ty);
             sum = b.fadd(&sum, &p, ty);
             w.push(p);

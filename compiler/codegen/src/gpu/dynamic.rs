@@ -704,7 +704,7 @@ fn attention_by_row(
     let weight = |b: &mut Body, j: &str| {
         let sv = score(b, j);
         let t = b.fsub(&sv, "%mx", ty);
-        let p = b.exp(&t, ty);
+        let p = b.exp_nonpositive(&t, ty);
         b.select(&dead, &zero, &p, ty)
     };
     b.open(format!("%l = scf.for %j = {c0} to {sk} step {c1} iter_args(%ls = {zero}) -> ({ty})"));

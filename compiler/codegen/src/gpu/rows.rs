@@ -233,7 +233,7 @@ pub fn emit_softmax(
     let zero = b.float(0.0, ty);
     let exp_less_max = |b: &mut Body, v: &str| -> String {
         let d = b.fsub(v, &max, ty);
-        b.exp(&d, ty)
+        b.exp_nonpositive(&d, ty)
     };
     // Held rows keep their exponentials for the outputs.
     let exps: Vec<String> = row.values.iter().map(|v| exp_less_max(&mut b, v)).collect();

@@ -79,7 +79,7 @@ fn softmax_along(b: &mut Body, ct: &ComputeType, ops: &[Operand; 2], log: bool) 
         let at = addr(b, &xo, pos, xs);
         let v = load(b, x, &at, xs, vty, part, f64::NEG_INFINITY);
         let d = b.fsub(&v, &ms, vty);
-        let mut e = b.exp(&d, vty);
+        let mut e = b.exp_nonpositive(&d, vty);
         if let Some(p) = part {
             e = b.select(p.mask, &e, &zero, vty);
         }
@@ -170,7 +170,7 @@ fn softmax_across(b: &mut Body, ct: &ComputeType, ops: &[Operand; 2], axis: usiz
     let at = addr(b, &xo, &a, xs);
     let v = load(b, x, &at, xl, vty, part, f64::NEG_INFINITY);
     let d = b.fsub(&v, &m, vty);
-    let e = b.exp(&d, vty);
+    let e = b.exp_nonpositive(&d, vty);
     if !log {
         let at = addr(b, &oo, &a, os);
         store(b, &e, out, &at, ol, vty, part);
