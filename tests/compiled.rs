@@ -322,7 +322,7 @@ const OP_CASES: &[(&str, &str, &str)] = &[
         // Rows held in registers whole (128 of 32 × 4), with a ragged last slot (100, 384 of
         // 128 × 3), and rows read again on each pass (3000); integer sums over a row.
         "rows",
-        r#"{ "x": (f32, [3, 100]), "r": (f32, [3, 100]), "y": (f32, [2, 384]), "s": (f32, [2, 128]), "z": (f32, [2, 3000]), "n": (i32, [3, 500]) }"#,
+        r#"{ "x": (f32, [3, 100]), "r": (f32, [3, 100]), "y": (f32, [2, 384]), "s": (f32, [2, 128]), "z": (f32, [2, 3000]), "n": (i32, [3, 500]), "gamma": (f32, [384]) }"#,
         r#"Let("a", Softmax(x: "x", axis: 1)),
            Let("b", LogSoftmax(x: "y", axis: 1)),
            Let("c", Softmax(x: "s", axis: 1)),
@@ -333,7 +333,8 @@ const OP_CASES: &[(&str, &str, &str)] = &[
            Let("h", LayerNorm(x: "z", eps: 1e-5)),
            Let("i", Sum(x: "n", axes: [1])),
            Let("j", ReduceMax(x: "z", axes: [1])),
-           Let("k", Mean(x: "y", axes: [1])),"#,
+           Let("k", Mean(x: "y", axes: [1])),
+           Let("l", Mul(LayerNorm(x: "y", eps: 1e-5), "gamma")),"#,
     ),
     (
         "matmul",

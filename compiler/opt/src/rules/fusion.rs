@@ -194,9 +194,23 @@ fn layer_norm(g: &KGraph, id: Id) -> Vec<New> {
     out
 }
 
-/// layer_norm(x) · γ + β = layer_norm(x; γ, β) for per-feature γ, β.
+/// layer_norm(x) · γ + β = layer_norm(x; γ, β) for per-feature γ, β, and layer_norm(x) · γ =
+/// layer_norm(x; γ, 0) for a norm scaled without a shift (the fused kernel adds a constant
+/// zero where a separate kernel would reread the normalized tensor to scale it).
 fn layer_norm_affine(g: &KGraph, id: Id) -> Vec<New> {
     let mut out = vec![];
+    for (normed, gamma) in binary(g, id, B::Mul) {
+        for n in nodes(g, normed) {
+            if let Op::LayerNorm { eps, affine: false } = n.ir() {
+                let x = n.children[0];
+                if is_feature_vector(g, gamma, x) {
+                    let zero = New::constant(0.0, ty(g, gamma));
+                    let op = Op::LayerNorm { eps: *eps, affine: true };
+                    out.push(New::Node(op, vec![New::Class(x), New::Class(gamma), zero]));
+                }
+            }
+        }
+    }
     for (scaled, beta) in binary(g, id, B::Add) {
         for (normed, gamma) in binary(g, scaled, B::Mul) {
             for n in nodes(g, normed) {
