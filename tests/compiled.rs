@@ -334,7 +334,8 @@ const OP_CASES: &[(&str, &str, &str)] = &[
            Let("i", Sum(x: "n", axes: [1])),
            Let("j", ReduceMax(x: "z", axes: [1])),
            Let("k", Mean(x: "y", axes: [1])),
-           Let("l", Mul(LayerNorm(x: "y", eps: 1e-5), "gamma")),"#,
+           Let("l", Mul(LayerNorm(x: "y", eps: 1e-5), "gamma")),
+           Let("m", Div("x", Sqrt(Mean(x: Mul("x", "x"), axes: [1], keepdims: true)))),"#,
     ),
     (
         "matmul",

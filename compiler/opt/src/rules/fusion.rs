@@ -87,18 +87,20 @@ fn var_plus_eps(g: &KGraph, id: Id) -> Vec<(Id, f64)> {
     binary(g, id, B::Add).into_iter().filter_map(|(v, e)| Some((v, scalar(g, e)?))).collect()
 }
 
-/// Readings of `id` as `num / √(v + eps)`: (num, v, eps).
+/// Readings of `id` as `num / √(v + eps)`: (num, v, eps), and as `num / √v`: (num, v, 0), a
+/// norm written without an ε.
 fn over_root(g: &KGraph, id: Id) -> Vec<(Id, Id, f64)> {
-    let mut out = vec![];
+    let mut roots = vec![];
     for (num, den) in binary(g, id, B::Div) {
-        for s in unary_of(g, den, U::Sqrt) {
-            out.extend(var_plus_eps(g, s).into_iter().map(|(v, e)| (num, v, e)));
-        }
+        roots.extend(unary_of(g, den, U::Sqrt).into_iter().map(|s| (num, s)));
     }
     for (num, r) in binary(g, id, B::Mul) {
-        for s in unary_of(g, r, U::Rsqrt) {
-            out.extend(var_plus_eps(g, s).into_iter().map(|(v, e)| (num, v, e)));
-        }
+        roots.extend(unary_of(g, r, U::Rsqrt).into_iter().map(|s| (num, s)));
+    }
+    let mut out = vec![];
+    for (num, s) in roots {
+        out.extend(var_plus_eps(g, s).into_iter().map(|(v, e)| (num, v, e)));
+        out.push((num, s, 0.0));
     }
     out
 }
