@@ -297,9 +297,9 @@ impl Body {
     /// `eˣ` for `x ≤ 0`, or NaN: a value less its row's maximum, as softmax and attention
     /// take their exponentials. f32: [`Body::exp`]'s polynomial with `2ⁿ` as one factor, `x`
     /// raised to −87.3 first, so arguments below that give about 1.2e-38 instead of a
-    /// subnormal or 0 (weighed against a sum of at least 1, the largest weight's). Two fewer
-    /// multiplies and compares than [`Body::exp`] in the kernels' innermost loops. f64 in a GPU
-    /// kernel: [`Body::exp_f64`]. Else `math.exp`.
+    /// subnormal or 0 (weighed against a sum of at least 1, the largest weight's). A multiply, a
+    /// clamp and five integer operations fewer than [`Body::exp`] in the kernels' innermost
+    /// loops. f64 in a GPU kernel: [`Body::exp_f64`]. Else `math.exp`.
     pub fn exp_nonpositive(&mut self, x: &str, ty: &str) -> String {
         if self.gpu_f64(ty) {
             return self.exp_f64(x, ty);
