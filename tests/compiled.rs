@@ -339,12 +339,13 @@ const OP_CASES: &[(&str, &str, &str)] = &[
     ),
     (
         "matmul",
-        r#"{ "a": (f32, [2, 7, 12]), "b": (f32, [12, 5]), "c": (f32, [2, 12, 5]), "v": (f32, [12]), "bt": (f32, [5, 12]) }"#,
+        r#"{ "a": (f32, [2, 7, 12]), "b": (f32, [12, 5]), "c": (f32, [2, 12, 5]), "v": (f32, [12]), "bt": (f32, [5, 12]), "b1": (f32, [1, 5]) }"#,
         r#"Let("x", MatMul("a", "b")),
            Let("y", MatMul("a", "c")),
            Let("z", MatMul("a", "v")),
            Let("w", Relu(Add(MatMul("a", Transpose("bt")), 0.5))),
-           Let("u", MatMul("v", "c")),"#,
+           Let("u", MatMul("v", "c")),
+           Let("t", Add(MatMul("a", "b"), "b1")),"#,
     ),
     (
         // Products at sizes that take every tile plan: whole 128×128 and 64×64 tiles (no
@@ -365,6 +366,18 @@ const OP_CASES: &[(&str, &str, &str)] = &[
            Let("b", Attention(q: "q", k: "k", v: "v", mask: "m", scale: 0.35)),
            Let("c", Attention(q: "q", k: "q", v: "q", causal: true, scale: 0.35)),
            Let("d", Attention(q: "w", k: "w", v: "w", causal: true, scale: 0.09)),"#,
+    ),
+    (
+        // Attention written out with its masks as models write them: a masked fill of the
+        // future positions, a causal mask of 0 and −inf added to the scores, a causal table
+        // of a larger size cut to the scores', and a padding mask as a masked fill. Optimized,
+        // each is one attention (three causal); unoptimized, the iotas, slices and `where`s run.
+        "attention_written",
+        r#"{ "q": (f32, [2, 2, 10, 8]), "k": (f32, [2, 2, 10, 8]), "v": (f32, [2, 2, 10, 8]), "m": (f32, [2, 1, 1, 10]) }"#,
+        r#"Let("a", MatMul(Softmax(x: Where(Lt(Iota(shape: [10, 10], axis: 0), Iota(shape: [10, 10], axis: 1)), Scalar("-inf"), Mul(MatMul("q", Transpose("k")), 0.35)), axis: 3), "v")),
+           Let("b", MatMul(Softmax(x: Add(Mul(MatMul("q", Transpose("k")), 0.35), Where(Gt(Iota(shape: [10, 10], axis: 1), Iota(shape: [10, 10], axis: 0)), Scalar("-inf", f32), 0.0)), axis: 3), "v")),
+           Let("c", MatMul(Softmax(x: Where(Slice(x: Slice(x: Ge(Iota(shape: [16, 16], axis: 0), Iota(shape: [16, 16], axis: 1)), axis: 0, end: 10), axis: 1, end: 10), Mul(MatMul("q", Transpose("k")), 0.35), Scalar("-inf")), axis: 3), "v")),
+           Let("d", MatMul(Softmax(x: Where(Lt("m", -1.0), Scalar("-inf"), Mul(MatMul("q", Transpose("k")), 0.35)), axis: 3), "v")),"#,
     ),
     (
         // Register-tiled attention: 80 queries of 64 over 70 keys (ragged query blocks and key
@@ -653,8 +666,9 @@ fn half_op_cases(dtype: &str) -> Vec<Graph> {
         .iter()
         .filter(|(_, inputs, _)| inputs.contains("(f32,"))
         .map(|(name, inputs, body)| {
-            let body =
-                body.replace("init: Normal(std: 0.3)", &format!("init: Normal(std: 0.3), dtype: {dtype}"));
+            let body = body
+                .replace("init: Normal(std: 0.3)", &format!("init: Normal(std: 0.3), dtype: {dtype}"))
+                .replace(r#"Scalar("-inf", f32)"#, &format!(r#"Scalar("-inf", {dtype})"#));
             op_case(&format!("{name}_{dtype}"), &inputs.replace("(f32,", &format!("({dtype},")), &body)
         })
         .collect();

@@ -4,7 +4,9 @@
 //! rebuilt graph costs what extraction said, so no class is duplicated) are checked on every
 //! case too.
 
-use kiln_ir::{BinaryOp as B, Bindings, CompareOp, DType, Graph, NodeId, Op, ReduceOp, Tensor, UnaryOp as U};
+use kiln_ir::{
+    BinaryOp as B, Bindings, CompareOp, DType, Dim, Graph, NodeId, Op, ReduceOp, Tensor, UnaryOp as U,
+};
 use kiln_opt::{optimize, Options};
 use proptest::prelude::*;
 
@@ -142,6 +144,50 @@ impl Builder {
         } else {
             let two = self.c(2.0);
             self.bin(B::Pow, x, two)
+        }
+    }
+    /// The scores `x` ([…, s, s]) under a causal mask written one of several ways: kept
+    /// where `i >= j` (or `j <= i`), filled with −inf where `j > i` (or `i < j`), plus a
+    /// mask of 0 and −inf, or kept through a lower-triangular table of a larger size cut to
+    /// `[s, s]` (`form` 0 to 3; `flip` swaps the comparison's operands, and for the added
+    /// mask which of its forms).
+    fn causal(&mut self, x: NodeId, s: usize, form: usize, flip: bool) -> NodeId {
+        let n = if form == 3 { s + 2 } else { s };
+        let iota = |b: &mut Builder, axis| {
+            b.op(Op::Iota { dtype: DType::I64, shape: kiln_ir::dims(&[n, n]), axis }, &[])
+        };
+        let (i0, i1) = (iota(self, 0), iota(self, 1));
+        let keep = if flip {
+            self.op(Op::Compare(CompareOp::Le), &[i1, i0])
+        } else {
+            self.op(Op::Compare(CompareOp::Ge), &[i0, i1])
+        };
+        let drop = if flip {
+            self.op(Op::Compare(CompareOp::Lt), &[i0, i1])
+        } else {
+            self.op(Op::Compare(CompareOp::Gt), &[i1, i0])
+        };
+        let ninf = self.c(f64::NEG_INFINITY);
+        match form {
+            0 => self.op(Op::Where, &[keep, x, ninf]),
+            1 => self.op(Op::Where, &[drop, ninf, x]),
+            2 => {
+                let zero = self.c(0.0);
+                let mask = if flip {
+                    self.op(Op::Where, &[keep, zero, ninf])
+                } else {
+                    self.op(Op::Where, &[drop, ninf, zero])
+                };
+                self.bin(B::Add, x, mask)
+            }
+            _ => {
+                let cut = |b: &mut Builder, t, axis| {
+                    b.op(Op::Slice { axis, start: Dim::Const(0), end: Dim::Const(s), step: 1 }, &[t])
+                };
+                let rows = cut(self, keep, 0);
+                let table = cut(self, rows, 1);
+                self.op(Op::Where, &[table, x, ninf])
+            }
         }
     }
     /// x·c or c·x, x/c' … : a scalar multiple written one of several ways.
@@ -448,11 +494,8 @@ fn fusion_graph(seed: u64) -> Graph {
                 scores = b.bin(B::Add, scores, mask);
             }
             if b.dice.coin() {
-                let i0 = b.op(Op::Iota { dtype: DType::I64, shape: kiln_ir::dims(&[s, s]), axis: 0 }, &[]);
-                let i1 = b.op(Op::Iota { dtype: DType::I64, shape: kiln_ir::dims(&[s, s]), axis: 1 }, &[]);
-                let cond = b.op(Op::Compare(CompareOp::Ge), &[i0, i1]);
-                let ninf = b.c(f64::NEG_INFINITY);
-                scores = b.op(Op::Where, &[cond, scores, ninf]);
+                let (form, flip) = (b.dice.below(4), b.dice.coin());
+                scores = b.causal(scores, s, form, flip);
             }
             // The softmax over the keys, or over axis −2 of the transposed scores, transposed back.
             let transposed = b.dice.coin();
@@ -795,6 +838,7 @@ fn fusion_graphs_do_fuse() {
     // The property above is only meaningful if the fused forms are what gets evaluated.
     let mut fused = 0;
     let mut attentions = 0;
+    let mut causals = 0;
     for seed in 0..40 {
         let g = fusion_graph(seed);
         let (opt, _) = optimize(&g, &Options::default()).expect("optimizes");
@@ -808,10 +852,78 @@ fn fusion_graphs_do_fuse() {
             attentions += 1;
             let n = opt.node_ids().filter(|&n| matches!(opt.node(n).op, Op::Attention { .. })).count();
             assert_eq!(n, 1, "seed {seed}: an attention graph optimized to {n} attention ops");
+            // A causal mask, however written, is the attention's flag: no iota is left.
+            let written = g.node_ids().any(|n| matches!(g.node(n).op, Op::Iota { .. }));
+            let flagged =
+                opt.node_ids().any(|n| matches!(opt.node(n).op, Op::Attention { causal: true, .. }));
+            let left = opt.node_ids().any(|n| matches!(opt.node(n).op, Op::Iota { .. }));
+            assert_eq!((flagged, left), (written, false), "seed {seed}: causal mask written {written}");
+            causals += usize::from(written);
         }
     }
     assert!(fused >= 36, "only {fused} of 40 random fusion graphs fused");
     assert!(attentions >= 4, "only {attentions} of 40 random fusion graphs wrote an attention");
+    assert!(causals >= 2, "only {causals} of 40 random fusion graphs wrote a causal mask");
+}
+
+/// Where a padding mask goes beside the causal one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Padding {
+    None,
+    Inside,
+    Outside,
+}
+
+/// softmax(q·kᵀ under a causal mask in form `form`, and a padding mask inside or outside it)
+/// · v.
+fn causal_attention_graph(form: usize, flip: bool, padding: Padding) -> Graph {
+    let mut b = Builder::new(form as u64);
+    let (s, d) = (5, 4);
+    let q = b.input("q", &[2, 2, s, d]);
+    let k = b.input("k", &[2, 2, s, d]);
+    let v = b.input("v", &[2, 2, s, d]);
+    let kt = b.swap(k);
+    let mut scores = b.op(Op::MatMul, &[q, kt]);
+    let mask = b.input("mask", &[2, 1, 1, s]);
+    if padding == Padding::Inside {
+        scores = b.bin(B::Add, scores, mask);
+    }
+    scores = b.causal(scores, s, form, flip);
+    if padding == Padding::Outside {
+        scores = b.bin(B::Add, scores, mask);
+    }
+    let p = b.op(Op::Softmax { axis: 3 }, &[scores]);
+    let y = b.op(Op::MatMul, &[p, v]);
+    b.g.add_output("y", y);
+    b.g
+}
+
+#[test]
+fn causal_masks_in_every_written_form_become_the_attention_flag() {
+    // Kept by i >= j, filled where j > i, added as 0/−inf, or cut from a larger table; with
+    // and without a padding mask inside or outside it: one causal attention, no iota, the
+    // same values.
+    for form in 0..4 {
+        for flip in [false, true] {
+            for padding in [Padding::None, Padding::Inside, Padding::Outside] {
+                let g = causal_attention_graph(form, flip, padding);
+                let (opt, r) = optimize(&g, &Options::default()).expect("optimizes");
+                let causal: Vec<bool> = opt
+                    .node_ids()
+                    .filter_map(|n| match opt.node(n).op {
+                        Op::Attention { causal, masked, .. } => {
+                            Some(causal && masked == (padding != Padding::None))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let what = format!("form {form}, flip {flip}, padding {padding:?}");
+                assert_eq!(causal, [true], "{what}: {:?}", r.op_counts);
+                assert_eq!(r.op_counts.get("iota"), None, "{what}: {:?}", r.op_counts);
+                check(&g).unwrap_or_else(|e| panic!("{what}: {e}"));
+            }
+        }
+    }
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use super::{konst, nodes, same, ty, FnRule, New, Rule};
 use crate::analysis::KGraph;
 use egg::Id;
-use kiln_ir::{BinaryOp as B, Op, TensorType, UnaryOp as U};
+use kiln_ir::{BinaryOp as B, Dim, Op, TensorType, UnaryOp as U};
 
 pub fn rules() -> Vec<Rule> {
     vec![
@@ -26,6 +26,8 @@ pub fn rules() -> Vec<Rule> {
         FnRule::rule("one-over-to-recip", one_over_to_recip),
         FnRule::rule("scale-through-view", scale_through_view),
         FnRule::rule("transpose-softmax", transpose_softmax),
+        FnRule::rule("slice-iota", slice_iota),
+        FnRule::rule("slice-compare-iotas", slice_compare_iotas),
     ]
 }
 
@@ -501,6 +503,51 @@ fn transpose_softmax(g: &KGraph, id: Id) -> Vec<New> {
             let moved = New::over(Op::Transpose { perm: perm.clone() }, &[m.children[0]]);
             let op = if log { Op::LogSoftmax { axis: i } } else { Op::Softmax { axis: i } };
             out.push(New::node(op, vec![moved]));
+        }
+    }
+    out
+}
+
+/// slice(iota(axis a), axis b, start, end, step) = iota(axis a) of the slice's shape, where
+/// the slice keeps every index along `a` from the first (`b ≠ a`, or `start = 0` and step 1).
+/// A mask built on a table of the largest size and cut to the run's (a causal mask over
+/// `max_positions`, sliced to `[S, S]`) is then the iota mask the attention rule reads.
+fn slice_iota(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        let Op::Slice { axis: b, start, step, .. } = n.ir() else { continue };
+        for m in nodes(g, n.children[0]) {
+            let Op::Iota { dtype, axis: a, .. } = m.ir() else { continue };
+            if a != b || (*start == Dim::Const(0) && *step == 1) {
+                out.push(New::node(
+                    Op::Iota { dtype: *dtype, shape: ty(g, id).shape.clone(), axis: *a },
+                    vec![],
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// slice(cmp(x, y)) = cmp(slice(x), slice(y)) for a comparison of two iotas of its own shape:
+/// a boolean mask sliced from a larger one (`tril` of the largest size, cut to `[S, S]`)
+/// becomes a comparison of sliced iotas, which `slice-iota` makes iotas. Only comparisons of
+/// iotas move, so slices do not spread through every elementwise op.
+fn slice_compare_iotas(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        let Op::Slice { .. } = n.ir() else { continue };
+        let whole = n.children[0];
+        for m in nodes(g, whole) {
+            let Op::Compare(_) = m.ir() else { continue };
+            let iota = |c: Id| {
+                ty(g, c).shape == ty(g, whole).shape
+                    && nodes(g, c).iter().any(|e| matches!(e.ir(), Op::Iota { .. }))
+            };
+            if m.children.iter().all(|c| iota(*c)) {
+                let sliced = m.children.iter().map(|c| New::over(n.ir().clone(), &[*c])).collect();
+                out.push(New::node(m.ir().clone(), sliced));
+            }
         }
     }
     out

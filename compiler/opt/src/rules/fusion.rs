@@ -382,11 +382,21 @@ struct Scores {
     causal: bool,
 }
 
-/// Whether `cond` is the lower-triangular condition `i >= j` over the scores' last two axes
-/// (`iota(axis 0) >= iota(axis 1)` or `iota(axis 1) <= iota(axis 0)`).
-fn is_causal_condition(g: &KGraph, cond: Id, scores: Id) -> bool {
-    // The iotas must span exactly the scores' [Sq, Sk]: a smaller one would broadcast a
-    // different mask.
+/// Which positions a causal condition over the scores' `[Sq, Sk]` selects: the kept ones
+/// (`j ≤ i`, written `iota(axis 0) >= iota(axis 1)` or `iota(axis 1) <= iota(axis 0)`), as
+/// `where(keep, s, −inf)` takes them, or the dropped ones (`j > i`, written
+/// `iota(axis 1) > iota(axis 0)` or `iota(axis 0) < iota(axis 1)`), as a masked fill
+/// `where(drop, −inf, s)` takes them.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Selects {
+    Kept,
+    Dropped,
+}
+
+/// Whether `cond` is the causal condition that selects `selects` over the last two axes of
+/// `scores`, on iotas of exactly the scores' `[Sq, Sk]` (a smaller one would broadcast a
+/// different mask).
+fn is_causal_condition(g: &KGraph, cond: Id, scores: Id, selects: Selects) -> bool {
     let s = &ty(g, scores).shape;
     let want = s[s.len().saturating_sub(2)..].to_vec();
     let iota_axis = |id: Id| {
@@ -395,19 +405,44 @@ fn is_causal_condition(g: &KGraph, cond: Id, scores: Id) -> bool {
             _ => None,
         })
     };
-    nodes(g, cond).iter().any(|n| match n.ir() {
-        Op::Compare(CompareOp::Ge) => {
-            iota_axis(n.children[0]) == Some(0) && iota_axis(n.children[1]) == Some(1)
-        }
-        Op::Compare(CompareOp::Le) => {
-            iota_axis(n.children[0]) == Some(1) && iota_axis(n.children[1]) == Some(0)
-        }
+    let rows_cols = |n: &crate::lang::KNode, row: usize, col: usize| {
+        iota_axis(n.children[row]) == Some(0) && iota_axis(n.children[col]) == Some(1)
+    };
+    nodes(g, cond).iter().any(|n| match (n.ir(), selects) {
+        // i >= j, j <= i
+        (Op::Compare(CompareOp::Ge), Selects::Kept) => rows_cols(n, 0, 1),
+        (Op::Compare(CompareOp::Le), Selects::Kept) => rows_cols(n, 1, 0),
+        // j > i, i < j
+        (Op::Compare(CompareOp::Gt), Selects::Dropped) => rows_cols(n, 1, 0),
+        (Op::Compare(CompareOp::Lt), Selects::Dropped) => rows_cols(n, 0, 1),
         _ => false,
     })
 }
 
+/// Readings of `id` as a mask that is −inf where a condition selects and a value elsewhere:
+/// `where(keep, v, −inf)` (the condition keeps) and `where(drop, −inf, v)` (it drops), as
+/// (condition, what it selects, v).
+fn minus_inf_where(g: &KGraph, id: Id) -> Vec<(Id, Selects, Id)> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        if n.ir() != &Op::Where {
+            continue;
+        }
+        let [cond, a, b] = n.children[..] else { continue };
+        if scalar(g, b) == Some(f64::NEG_INFINITY) {
+            out.push((cond, Selects::Kept, a));
+        }
+        if scalar(g, a) == Some(f64::NEG_INFINITY) {
+            out.push((cond, Selects::Dropped, b));
+        }
+    }
+    out
+}
+
 /// The readings of `id` as attention scores; the mask (outermost) and the causal condition
-/// may come in either order, the scale sits directly on the product.
+/// may come in either order, the scale sits directly on the product. A causal condition
+/// comes as a `where` with −inf on the scores or as an added mask `where(…, 0, −inf)`
+/// (`where(…, −inf, 0)` for the dropping form).
 fn scores(g: &KGraph, id: Id, masked: bool, causal: bool) -> Vec<Scores> {
     let mut out = vec![];
     // q · kᵀ, optionally times a constant.
@@ -424,27 +459,42 @@ fn scores(g: &KGraph, id: Id, masked: bool, causal: bool) -> Vec<Scores> {
             }
         }
     }
-    for n in nodes(g, id) {
-        if n.ir() != &Op::Where || scalar(g, n.children[2]) != Some(f64::NEG_INFINITY) {
-            continue;
-        }
-        if !causal && is_causal_condition(g, n.children[0], n.children[1]) {
-            for mut s in scores(g, n.children[1], masked, true) {
-                s.causal = true;
-                out.push(s);
+    for (cond, selects, s) in minus_inf_where(g, id) {
+        if !causal && is_causal_condition(g, cond, s, selects) {
+            for mut sc in scores(g, s, masked, true) {
+                sc.causal = true;
+                out.push(sc);
             }
-        } else if !masked && ty(g, n.children[0]).dtype == kiln_ir::DType::Bool {
-            // where(keep, s, −inf) = s + where(keep, 0, −inf): a boolean mask becomes additive.
-            let zero = kiln_ir::TensorType::new(ty(g, n.children[1]).dtype, kiln_ir::Shape::new());
-            let additive = New::node(
-                Op::Where,
-                vec![New::Class(n.children[0]), New::constant(0.0, &zero), New::Class(n.children[2])],
-            );
-            for mut s in scores(g, n.children[1], true, causal) {
-                if s.mask.is_none() {
-                    s.mask = Some(additive.clone());
-                    out.push(s);
+        } else if !masked && ty(g, cond).dtype == kiln_ir::DType::Bool {
+            // where(keep, s, −inf) = s + where(keep, 0, −inf) and where(drop, −inf, s) =
+            // s + where(drop, −inf, 0): a boolean mask becomes additive.
+            let zero = kiln_ir::TensorType::new(ty(g, s).dtype, kiln_ir::Shape::new());
+            let minus_inf = New::constant(f64::NEG_INFINITY, &zero);
+            let zero = New::constant(0.0, &zero);
+            let branches = match selects {
+                Selects::Kept => vec![New::Class(cond), zero, minus_inf],
+                Selects::Dropped => vec![New::Class(cond), minus_inf, zero],
+            };
+            let additive = New::node(Op::Where, branches);
+            for mut sc in scores(g, s, true, causal) {
+                if sc.mask.is_none() {
+                    sc.mask = Some(additive.clone());
+                    out.push(sc);
                 }
+            }
+        }
+    }
+    for (s, mask) in binary(g, id, B::Add) {
+        // An added causal mask, where(keep, 0, −inf) or where(drop, −inf, 0), of the scores'
+        // own [Sq, Sk]: the causal flag, with no mask tensor to read.
+        let added_causal = !causal
+            && minus_inf_where(g, mask).into_iter().any(|(cond, selects, v)| {
+                scalar(g, v) == Some(0.0) && is_causal_condition(g, cond, s, selects)
+            });
+        if added_causal {
+            for mut sc in scores(g, s, masked, true) {
+                sc.causal = true;
+                out.push(sc);
             }
         }
     }
@@ -499,17 +549,30 @@ fn attention(g: &KGraph, id: Id) -> Vec<New> {
 
 // ------------------------------------------------------------------ matmul epilogues
 
-/// a @ b + bias = matmul_epilogue(a, b, bias) for a bias over the output's last axis.
+/// a @ b + bias = matmul_epilogue(a, b, bias) for a bias over the output's last axis: a
+/// vector `[N]`, or one written with leading axes of extent 1 (`[1, N]`, `[1, 1, N]`, no more
+/// axes than the product has), which the epilogue reads reshaped to `[N]`.
 fn matmul_bias(g: &KGraph, id: Id) -> Vec<New> {
     let mut out = vec![];
     for (mm, bias) in binary(g, id, B::Add) {
-        if ty(g, bias).rank() != 1 || ty(g, bias).shape.last() != ty(g, id).shape.last() {
+        let (bt, yt) = (ty(g, bias), ty(g, id));
+        let Some((last, leading)) = bt.shape.split_last() else { continue };
+        let row = leading.iter().all(|d| *d == kiln_ir::Dim::Const(1)) && bt.rank() <= ty(g, mm).rank();
+        if !row || yt.shape.last() != Some(last) {
             continue;
         }
+        let vector = if bt.rank() == 1 {
+            New::Class(bias)
+        } else {
+            New::over(Op::Reshape { shape: vec![last.clone()] }, &[bias])
+        };
         for n in nodes(g, mm) {
             if n.ir() == &Op::MatMul {
                 let op = Op::MatMulEpilogue { bias: true, activation: Activation::None };
-                out.push(New::over(op, &[n.children[0], n.children[1], bias]));
+                out.push(New::node(
+                    op,
+                    vec![New::Class(n.children[0]), New::Class(n.children[1]), vector.clone()],
+                ));
             }
         }
     }
