@@ -345,7 +345,8 @@ const OP_CASES: &[(&str, &str, &str)] = &[
            Let("z", MatMul("a", "v")),
            Let("w", Relu(Add(MatMul("a", Transpose("bt")), 0.5))),
            Let("u", MatMul("v", "c")),
-           Let("t", Add(MatMul("a", "b"), "b1")),"#,
+           Let("t", Add(MatMul("a", "b"), "b1")),
+           Let("s", Mul(MatMul("a", "b"), Sigmoid(MatMul("a", "b")))),"#,
     ),
     (
         // Products at sizes that take every tile plan: whole 128×128 and 64×64 tiles (no
@@ -357,7 +358,8 @@ const OP_CASES: &[(&str, &str, &str)] = &[
            Let("y", MatMul(Transpose("ta"), "q")),
            Let("z", Add(MatMul("a3", Transpose("bt")), "c")),
            Let("w", Gelu(MatMul("e", "f"))),
-           Let("u", MatMul("g", "h")),"#,
+           Let("u", MatMul("g", "h")),
+           Let("s", Mul(Sigmoid(Add(MatMul("a3", Transpose("bt")), "c")), Add(MatMul("a3", Transpose("bt")), "c"))),"#,
     ),
     (
         "attention",
@@ -3885,21 +3887,30 @@ fn scatter_add_compiles_like_the_interpreter() {
 /// model at small sizes, compiled for this CPU, Vulkan and CUDA, computes what the interpreter
 /// computes.
 /// The parameters are bound at compile time here, as weights: one step, not a training run.
+/// The MLP runs as shipped and with its first layer's ReLU made a SiLU (`z · sigmoid(z)`, whose
+/// backward reads both `z` and `sigmoid(z)`).
 #[test]
 fn a_train_step_compiles_like_the_interpreter() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/mlp.ron");
+    let shipped = std::fs::read_to_string(&path).unwrap();
+    let relu = r#"Let("h", Relu(Call(fn: "std.linear", args: ["image"], scope: "fc1", with: { "out": "hidden1" }))),"#;
+    let silu = r#"Let("h", Call(fn: "std.silu", args: [Call(fn: "std.linear", args: ["image"], scope: "fc1", with: { "out": "hidden1" })])),"#;
+    assert!(shipped.contains(relu), "mlp.ron's first layer moved");
     let sets = ["batch=8", "in=12", "hidden1=16", "hidden2=16", "classes=4"];
     let overrides: Vec<_> = sets.iter().map(|s| kiln_lower::Override::parse(s).unwrap()).collect();
-    let (sources, r) = kiln_lower::load(&path, &overrides);
-    let l = r.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
-    let step = kiln_lower::train_step(&l).unwrap();
-    check_graph(&step.graph, 4, 1e-4, Device::Cpu);
-    check_graph(&optimized(&step.graph), 5, 1e-4, Device::Cpu);
-    if available(Device::Vulkan, "a train step on Vulkan") {
-        check_graph(&optimized(&step.graph), 5, 1e-4, Device::Vulkan);
-    }
-    if available(Device::Cuda, "a train step on CUDA") {
-        check_graph(&optimized(&step.graph), 5, 1e-4, Device::Cuda);
+    for (name, text) in [("mlp", shipped.clone()), ("mlp_silu", shipped.replace(relu, silu))] {
+        let (sources, r) = kiln_lower::load_str(name, &text, &overrides);
+        let l = r.unwrap_or_else(|d| panic!("{}", d.render(&sources)));
+        let step = kiln_lower::train_step(&l).unwrap();
+        check_graph(&step.graph, 4, 1e-4, Device::Cpu);
+        let opt = optimized(&step.graph);
+        check_graph(&opt, 5, 1e-4, Device::Cpu);
+        if available(Device::Vulkan, "a train step on Vulkan") {
+            check_graph(&opt, 5, 1e-4, Device::Vulkan);
+        }
+        if available(Device::Cuda, "a train step on CUDA") {
+            check_graph(&opt, 5, 1e-4, Device::Cuda);
+        }
     }
 }
 

@@ -841,6 +841,16 @@ impl Body {
         self.fdiv(&one, &d, ty)
     }
 
+    /// SiLU, `x / (1 + e^{−x})`: `x·sigmoid(x)` with one division (−0 far below zero, `x`
+    /// far above it).
+    pub fn silu(&mut self, x: &str, ty: &str) -> String {
+        let nx = self.fneg(x, ty);
+        let e = self.exp(&nx, ty);
+        let one = self.float(1.0, ty);
+        let d = self.fadd(&one, &e, ty);
+        self.fdiv(x, &d, ty)
+    }
+
     /// GELU in either form (see `kiln_ir::GeluApprox`).
     pub fn gelu(&mut self, x: &str, tanh_form: bool, ty: &str) -> String {
         let half = self.float(0.5, ty);

@@ -212,6 +212,7 @@ fn activation(act: Activation, x: f64) -> f64 {
         }
         Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
         Activation::Tanh => x.tanh(),
+        Activation::Silu => x / (1.0 + (-x).exp()),
     }
 }
 

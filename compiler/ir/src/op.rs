@@ -203,16 +203,19 @@ pub enum Activation {
     Gelu(GeluApprox),
     Sigmoid,
     Tanh,
+    /// `x · sigmoid(x)` (SiLU, swish): the gate of a SwiGLU feed-forward.
+    Silu,
 }
 
 impl Activation {
-    pub const ALL: [Activation; 6] = [
+    pub const ALL: [Activation; 7] = [
         Activation::None,
         Activation::Relu,
         Activation::Gelu(GeluApprox::Erf),
         Activation::Gelu(GeluApprox::Tanh),
         Activation::Sigmoid,
         Activation::Tanh,
+        Activation::Silu,
     ];
 
     /// The name as printed and as written in the model language.
@@ -224,6 +227,7 @@ impl Activation {
             Activation::Gelu(GeluApprox::Tanh) => "gelu_tanh",
             Activation::Sigmoid => "sigmoid",
             Activation::Tanh => "tanh",
+            Activation::Silu => "silu",
         }
     }
 }

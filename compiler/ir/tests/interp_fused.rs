@@ -259,6 +259,10 @@ fn prim_activation(g: &mut G, x: NodeId, act: Activation) -> NodeId {
         Activation::Sigmoid => g.un(UnaryOp::Sigmoid, x),
         Activation::Tanh => g.un(UnaryOp::Tanh, x),
         Activation::Gelu(a) => prim_gelu(g, x, a),
+        Activation::Silu => {
+            let s = g.un(UnaryOp::Sigmoid, x);
+            g.bin(BinaryOp::Mul, x, s)
+        }
     }
 }
 
@@ -318,7 +322,7 @@ fn names_arities_flags_and_attrs() {
         "bias=true activation=gelu_tanh"
     );
     let names: Vec<&str> = Activation::ALL.iter().map(|a| a.name()).collect();
-    assert_eq!(names, ["none", "relu", "gelu", "gelu_tanh", "sigmoid", "tanh"]);
+    assert_eq!(names, ["none", "relu", "gelu", "gelu_tanh", "sigmoid", "tanh", "silu"]);
 }
 
 #[test]
@@ -604,6 +608,12 @@ fn matmul_epilogue_values() {
         &[2, 2],
         &[1.3995715769802328, -0.15880800939172324, 3.499383802344626, -0.0036373920817729943],
         1e-14,
+    );
+    close(
+        &with(Activation::Silu),
+        &[2, 2],
+        &[1.2263617142904655, -0.2689414213699951, 3.3974071923702525, -0.14227761953270035],
+        1e-15,
     );
     // numpy rules: a 1-D left operand gives a 1-D result; a column bias broadcasts over rows.
     let v = t64(&[2], &[1.0, 2.0]);

@@ -210,7 +210,7 @@ Model(
         "error: `attention`: the mask [2, 5, 5] does not broadcast to the scores [2, 3, 5, 5]",
         "error: `AddNorm` with `rms: true` takes `gamma` but no `beta`",
         "error: `AddNorm` takes both `gamma` and `beta`, or neither",
-        "error: expected one of none, relu, gelu, gelu_tanh, sigmoid, tanh, found the integer 3",
+        "error: expected one of none, relu, gelu, gelu_tanh, sigmoid, tanh, silu, found the integer 3",
         "error: `softmax` is not a valid `activation` of `MatMulEpilogue`",
         "error: axis 3 is out of range for a tensor of rank 3",
         "error: `eps` must be a number, not a bool",

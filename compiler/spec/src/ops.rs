@@ -100,7 +100,7 @@ const POOL: &[ArgSig] = &[
 /// The forms of GELU.
 pub const GELU_APPROX: &[&str] = &["erf", "tanh"];
 /// The activations of `MatMulEpilogue`.
-pub const ACTIVATIONS: &[&str] = &["none", "relu", "gelu", "gelu_tanh", "sigmoid", "tanh"];
+pub const ACTIVATIONS: &[&str] = &["none", "relu", "gelu", "gelu_tanh", "sigmoid", "tanh", "silu"];
 
 const fn op(name: &'static str, family: Family, args: &'static [ArgSig], doc: &'static str) -> OpSig {
     OpSig { name, family, args, doc, multi: false }

@@ -524,6 +524,7 @@ pub(crate) fn activate(b: &mut Body, act: Activation, x: &str, ty: &str) -> Stri
         Activation::Gelu(approx) => b.gelu(x, approx == GeluApprox::Tanh, ty),
         Activation::Sigmoid => b.sigmoid(x, ty),
         Activation::Tanh => b.tanh(x, ty),
+        Activation::Silu => b.silu(x, ty),
     }
 }
 

@@ -146,6 +146,17 @@ pub(super) fn gelu(e: &mut Emit, approx: GeluApprox, x: NodeId, gy: NodeId) -> R
     e.mul(gy, d)
 }
 
+/// SiLU's derivative, σ(x)·(1 + x·(1 − σ(x))), times the incoming gradient.
+fn silu(e: &mut Emit, x: NodeId, gy: NodeId) -> R {
+    let s = e.unary(UnaryOp::Sigmoid, x)?;
+    let not_s = e.rsub(1.0, s)?;
+    let x_not_s = e.mul(x, not_s)?;
+    let one = e.scalar(1.0, x_not_s)?;
+    let t = e.add(one, x_not_s)?;
+    let d = e.mul(s, t)?;
+    e.mul(gy, d)
+}
+
 /// Attention recomputes its probabilities from the log-sum-exp of its scores, the statistic
 /// its forward kernel writes beside the output (`attention_lse` of the same operands, one node
 /// the scheduler computes with the attention): `p = exp(s − lse)` with
@@ -291,6 +302,7 @@ pub(super) fn matmul_epilogue(e: &mut Emit, act: Activation, s: &Site) -> Grads 
         Activation::Gelu(approx) => gelu(e, approx, z, gy)?,
         Activation::Sigmoid => rules::unary(e, UnaryOp::Sigmoid, z, y, gy)?,
         Activation::Tanh => rules::unary(e, UnaryOp::Tanh, z, y, gy)?,
+        Activation::Silu => silu(e, z, gy)?,
     };
     let (ga, gb) = rules::matmul(e, a, b, gz, s.wants[0], s.wants[1])?;
     let mut out = vec![ga, gb];

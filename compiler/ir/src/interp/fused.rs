@@ -299,6 +299,7 @@ fn activate<F: Real>(x: F, act: Activation) -> F {
         Activation::Gelu(approx) => gelu_of(x, approx),
         Activation::Sigmoid => F::ONE.div(F::ONE + x.neg().exp()),
         Activation::Tanh => x.tanh(),
+        Activation::Silu => x.div(F::ONE + x.neg().exp()),
     }
 }
 

@@ -23,6 +23,7 @@ pub fn rules() -> Vec<Rule> {
         FnRule::rule("fuse-add-norm", add_norm),
         FnRule::rule("fuse-gelu-erf", gelu_erf),
         FnRule::rule("fuse-gelu-tanh", gelu_tanh),
+        FnRule::rule("fuse-sigmoid", sigmoid),
         FnRule::rule("fuse-attention", attention),
         FnRule::rule("fuse-matmul-bias", matmul_bias),
         FnRule::rule("fuse-matmul-activation", matmul_activation),
@@ -319,6 +320,34 @@ fn scaled(g: &KGraph, id: Id) -> Vec<(Id, f64)> {
     products(g, id, 2).into_iter().filter(|(f, _)| f.len() == 1).map(|(f, c)| (f[0], c)).collect()
 }
 
+/// Readings of `id` as `1 + e^{−x}`: x, for −x written `neg(x)` or `x · −1`.
+fn one_plus_exp_neg(g: &KGraph, id: Id) -> Vec<Id> {
+    let mut out = vec![];
+    for e in one_plus(g, id, U::Exp) {
+        out.extend(unary_of(g, e, U::Neg));
+        out.extend(scaled(g, e).into_iter().filter(|(_, k)| *k == -1.0).map(|(x, _)| x));
+    }
+    out
+}
+
+/// 1 / (1 + e^{−x}) = sigmoid(x), the division written as one (`1 / d`, which
+/// `one-over-to-recip` also makes `recip(d)`) or as a reciprocal.
+fn sigmoid(g: &KGraph, id: Id) -> Vec<New> {
+    let mut dens = unary_of(g, id, U::Recip);
+    dens.extend(
+        binary(g, id, B::Div).into_iter().filter(|(one, _)| scalar(g, *one) == Some(1.0)).map(|(_, d)| d),
+    );
+    let mut out = vec![];
+    for d in dens {
+        for x in one_plus_exp_neg(g, d) {
+            if ty(g, x) == ty(g, id) && ty(g, x).dtype.is_float() {
+                out.push(New::over(Op::Unary(U::Sigmoid), &[x]));
+            }
+        }
+    }
+    out
+}
+
 /// ½·x·(1 + erf(x/√2)) = gelu(x), in any order and grouping of the product.
 fn gelu_erf(g: &KGraph, id: Id) -> Vec<New> {
     let d = ty(g, id).dtype;
@@ -579,11 +608,12 @@ fn matmul_bias(g: &KGraph, id: Id) -> Vec<New> {
     out
 }
 
-/// act(matmul_epilogue(…)) = matmul_epilogue(…, act) for relu, GELU, sigmoid and tanh, and
-/// act(a @ b) = matmul_epilogue(a, b; act) for a product without a bias (the activation then
-/// runs on the product's tile in registers instead of as a kernel that rereads it).
+/// act(matmul_epilogue(…)) = matmul_epilogue(…, act) for relu, GELU, sigmoid, tanh and SiLU
+/// (`z · sigmoid(z)`, either order, or `z / (1 + e^{−z})`), and act(a @ b) = matmul_epilogue(a, b; act) for a
+/// product without a bias (the activation then runs on the product's tile in registers
+/// instead of as a kernel that rereads it).
 fn matmul_activation(g: &KGraph, id: Id) -> Vec<New> {
-    let mut out = vec![];
+    let mut activations = vec![];
     for n in nodes(g, id) {
         let activation = match n.ir() {
             Op::Unary(U::Relu) => Activation::Relu,
@@ -592,7 +622,21 @@ fn matmul_activation(g: &KGraph, id: Id) -> Vec<New> {
             Op::Gelu { approx } => Activation::Gelu(*approx),
             _ => continue,
         };
-        for m in nodes(g, n.children[0]) {
+        activations.push((activation, n.children[0]));
+    }
+    for (z, s) in binary(g, id, B::Mul) {
+        if unary_of(g, s, U::Sigmoid).iter().any(|x| same(g, *x, z)) {
+            activations.push((Activation::Silu, z));
+        }
+    }
+    for (z, d) in binary(g, id, B::Div) {
+        if one_plus_exp_neg(g, d).iter().any(|x| same(g, *x, z)) {
+            activations.push((Activation::Silu, z));
+        }
+    }
+    let mut out = vec![];
+    for (activation, z) in activations {
+        for m in nodes(g, z) {
             let bias = match m.ir() {
                 Op::MatMul => false,
                 Op::MatMulEpilogue { bias, activation: Activation::None } => *bias,
