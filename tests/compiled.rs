@@ -912,6 +912,28 @@ fn shipped_models_run_on_cuda_like_the_interpreter() {
     }
 }
 
+/// A decoder block written out by hand (`llama_block_written_out.ron`: RMS norms, rotary
+/// positions, a masked-fill causal mask, a SwiGLU feed-forward), optimized into its fused ops
+/// (a causal attention, RMS norms, a SiLU epilogue), computes what the interpreter computes on
+/// every device there is (`every_written_form_fuses` holds the optimized graph to the
+/// written one).
+#[test]
+fn a_decoder_block_written_out_runs_like_the_interpreter() {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("compiler/opt/tests/variants/llama_block_written_out.ron");
+    let written = spec_graph(&path, &[]);
+    let opt = optimized(&written);
+    let silu = Op::MatMulEpilogue { bias: false, activation: kiln_ir::Activation::Silu };
+    let causal = |op: &Op| matches!(op, Op::Attention { causal: true, masked: false, .. });
+    assert!(opt.node_ids().any(|n| opt.node(n).op == silu), "no SiLU epilogue");
+    assert!(opt.node_ids().any(|n| causal(&opt.node(n).op)), "no causal attention");
+    for device in [Device::Cpu, Device::Vulkan, Device::Cuda] {
+        if device == Device::Cpu || available(device, "a written decoder block") {
+            check_graph(&opt, 3, 1e-4, device);
+        }
+    }
+}
+
 #[test]
 fn shipped_models_run_on_cuda_tensor_cores_within_tf32_tolerance() {
     if available(Device::CudaTf32, "shipped models on tensor cores") {
