@@ -64,6 +64,24 @@ impl Builder {
     fn reduce(&mut self, r: ReduceOp, x: NodeId, axis: usize) -> NodeId {
         self.op(Op::Reduce { op: r, axes: vec![axis], keepdims: true }, &[x])
     }
+    /// The mean of `x` over `axis` (kept), as a mean, a sum divided by the count or a sum
+    /// times its reciprocal (`sum-to-mean`).
+    fn mean(&mut self, x: NodeId, axis: usize) -> NodeId {
+        let n = self.g.ty(x).shape[axis].as_const().expect("static shapes") as f64;
+        match self.dice.below(3) {
+            0 => self.reduce(ReduceOp::Mean, x, axis),
+            1 => {
+                let s = self.reduce(ReduceOp::Sum, x, axis);
+                let c = self.c(n);
+                self.bin(B::Div, s, c)
+            }
+            _ => {
+                let s = self.reduce(ReduceOp::Sum, x, axis);
+                let c = self.c(1.0 / n);
+                self.bin(B::Mul, s, c)
+            }
+        }
+    }
     fn last(&self, x: NodeId) -> usize {
         self.g.ty(x).rank() - 1
     }
@@ -387,14 +405,14 @@ fn fusion_graph(seed: u64) -> Graph {
         1 => {
             // layer norm: variance centered or expanded, sqrt-divide or rsqrt-multiply, affine or not
             let last = b.last(x);
-            let mu = b.reduce(ReduceOp::Mean, x, last);
+            let mu = b.mean(x, last);
             let xc = b.bin(B::Sub, x, mu);
             let var = if b.dice.coin() {
                 let sq = b.square(xc);
-                b.reduce(ReduceOp::Mean, sq, last)
+                b.mean(sq, last)
             } else {
                 let sq = b.square(x);
-                let ms = b.reduce(ReduceOp::Mean, sq, last);
+                let ms = b.mean(sq, last);
                 let mu2 = b.square(mu);
                 b.bin(B::Sub, ms, mu2)
             };
@@ -417,7 +435,7 @@ fn fusion_graph(seed: u64) -> Graph {
             let s = if b.dice.coin() { b.bin(B::Add, x, r) } else { x };
             let last = b.last(s);
             let sq = b.square(s);
-            let ms = b.reduce(ReduceOp::Mean, sq, last);
+            let ms = b.mean(sq, last);
             let eps = b.c(1e-6);
             let ve = b.bin(B::Add, ms, eps);
             let n = b.over_root(s, ve);
@@ -1016,7 +1034,7 @@ fn new_rule_families_do_rewrite() {
         (transposed_product_graph, &["transpose-matmul", "matmul-of-transposes"], 5),
         (power_graph, &["pow-to-root", "mul-recip-to-div", "one-over-to-recip"], 5),
         (scaled_product_graph, &["scale-through-view", "matmul-hoist-scale", "scalar-reassociate"], 5),
-        (fusion_graph, &["transpose-softmax", "transpose-matmul", "pow-to-root"], 2),
+        (fusion_graph, &["transpose-softmax", "transpose-matmul", "pow-to-root", "sum-to-mean"], 2),
     ];
     for (graph, rules, least) in families {
         let mut fired = std::collections::BTreeMap::<String, usize>::new();

@@ -28,6 +28,7 @@ pub fn rules() -> Vec<Rule> {
         FnRule::rule("transpose-softmax", transpose_softmax),
         FnRule::rule("slice-iota", slice_iota),
         FnRule::rule("slice-compare-iotas", slice_compare_iotas),
+        FnRule::rule("sum-to-mean", sum_to_mean),
     ]
 }
 
@@ -547,6 +548,38 @@ fn slice_compare_iotas(g: &KGraph, id: Id) -> Vec<New> {
             if m.children.iter().all(|c| iota(*c)) {
                 let sliced = m.children.iter().map(|c| New::over(n.ir().clone(), &[*c])).collect();
                 out.push(New::node(m.ir().clone(), sliced));
+            }
+        }
+    }
+    out
+}
+
+/// sum(x, axes) · c = mean(x, axes) for a scalar constant `c` that is `1/n`, `n` the number of
+/// elements each sum adds (static extents; `c·n` within 4 machine epsilons of the dtype of 1,
+/// as `close` has it, which `x / n`'s reciprocal meets). A mean written as a sum over the
+/// count (`Sum(x, axes: [-1], keepdims: true) / d`) is then the mean the norm rules read.
+fn sum_to_mean(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        if n.ir() != &Op::Binary(B::Mul) {
+            continue;
+        }
+        let (s, c) = (n.children[0], n.children[1]);
+        let (Some(k), true) = (konst(g, c), ty(g, c).is_single()) else { continue };
+        let dtype = ty(g, id).dtype;
+        for m in nodes(g, s) {
+            let Op::Reduce { op: kiln_ir::ReduceOp::Sum, axes, keepdims } = m.ir() else { continue };
+            let x = ty(g, m.children[0]);
+            let extents: Option<Vec<usize>> =
+                axes.iter().map(|&a| x.shape.get(a).and_then(Dim::as_const)).collect();
+            let Some(count) = extents.map(|e| e.iter().product::<usize>()) else { continue };
+            if count > 0
+                && dtype.is_float()
+                && ty(g, s) == ty(g, id)
+                && super::close(k * count as f64, 1.0, dtype)
+            {
+                let op = Op::Reduce { op: kiln_ir::ReduceOp::Mean, axes: axes.clone(), keepdims: *keepdims };
+                out.push(New::over(op, &[m.children[0]]));
             }
         }
     }
