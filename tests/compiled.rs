@@ -382,6 +382,14 @@ const OP_CASES: &[(&str, &str, &str)] = &[
            Let("d", MatMul(Softmax(x: Where(Lt("m", -1.0), Scalar("-inf"), Mul(MatMul("q", Transpose("k")), 0.35)), axis: 3), "v")),"#,
     ),
     (
+        // Grouped-query attention: 2 key and value heads repeated for 3 query heads each, as
+        // reshape(broadcast_to(unsqueeze(k))). Optimized, one attention over the heads split
+        // [2, 3] reads k and v through stride-0 views; unoptimized, the repeats are copies.
+        "attention_grouped",
+        r#"{ "q": (f32, [2, 6, 7, 8]), "k": (f32, [2, 2, 7, 8]), "v": (f32, [2, 2, 7, 8]) }"#,
+        r#"Let("a", MatMul(Softmax(x: Mul(MatMul("q", Transpose(Reshape(BroadcastTo(x: Unsqueeze(x: "k", axis: 2), shape: [2, 2, 3, 7, 8]), [2, 6, 7, 8]))), 0.35), axis: 3), Reshape(BroadcastTo(x: Unsqueeze(x: "v", axis: 2), shape: [2, 2, 3, 7, 8]), [2, 6, 7, 8]))),"#,
+    ),
+    (
         // Register-tiled attention: 80 queries of 64 over 70 keys (ragged query blocks and key
         // tiles, a mask, value rows of 16), heads of 20 (value runs one lane each) and 100
         // causal queries of 32.

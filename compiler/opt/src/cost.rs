@@ -55,6 +55,19 @@ impl TargetCost {
         let bytes = inputs.iter().map(|t| t.size_bytes()).sum::<usize>() + out.size_bytes();
         (flops / self.peak_flops).max(bytes as f64 / self.bandwidth) + self.kernel_overhead
     }
+
+    /// What a reshape costs beyond `node_time`'s nothing when its operand is a broadcast: the
+    /// scheduler reads a broadcast through stride-0 views, and a reshape that merges a
+    /// broadcast axis with its neighbours has no strides, so it is a copy of `out`.
+    pub fn reshape_of_broadcast_time(&self, out: &TensorType) -> f64 {
+        2.0 * out.size_bytes() as f64 / self.bandwidth + self.kernel_overhead
+    }
+}
+
+/// Whether `op` with operand `input` and result `out` is a `broadcast_to` that repeats
+/// elements (not one that only adds unit axes).
+pub fn broadcasts(op: &Op, input: &TensorType, out: &TensorType) -> bool {
+    matches!(op, Op::BroadcastTo { .. }) && out.numel() > input.numel()
 }
 
 /// Floating-point work of one node, counting a transcendental as several flops.
@@ -124,7 +137,15 @@ pub fn graph_time(g: &kiln_ir::Graph, target: &TargetCost) -> f64 {
         }
         let types: Vec<TensorType> = operands.iter().map(|o| g.ty(*o).at(&hints)).collect();
         let types: Vec<&TensorType> = types.iter().collect();
-        total += target.node_time(op, &types, &g.ty(id).at(&hints));
+        let out = g.ty(id).at(&hints);
+        total += target.node_time(op, &types, &out);
+        if let (Op::Reshape { .. }, [x]) = (op, &operands[..]) {
+            let x_operands = g.operands(*x);
+            let x_in = x_operands.first().map(|o| g.ty(*o).at(&hints));
+            if x_in.is_some_and(|t| broadcasts(&g.node(*x).op, &t, types[0])) {
+                total += target.reshape_of_broadcast_time(&out);
+            }
+        }
     }
     total
 }

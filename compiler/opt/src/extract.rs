@@ -26,7 +26,7 @@
 //! duplicates a class.
 
 use crate::analysis::KGraph;
-use crate::cost::{is_run_invariant, TargetCost};
+use crate::cost::{broadcasts, is_run_invariant, TargetCost};
 use crate::lang::KNode;
 use egg::Id;
 use serde::Serialize;
@@ -138,13 +138,30 @@ impl Dense {
                         // Costs at the symbols' hints.
                         let at: Vec<kiln_ir::TensorType> = types.iter().map(|t| t.at(&hints)).collect();
                         let at: Vec<&kiln_ir::TensorType> = at.iter().collect();
-                        target.node_time(node.ir(), &at, &t.at(&hints)) + PER_NODE
+                        let out = t.at(&hints);
+                        let copy = match (node.ir(), kids) {
+                            (kiln_ir::Op::Reshape { .. }, [x]) if d.broadcasts(*x, &ops, egraph, &hints) => {
+                                target.reshape_of_broadcast_time(&out)
+                            }
+                            _ => 0.0,
+                        };
+                        target.node_time(node.ir(), &at, &out) + copy + PER_NODE
                     }
                     Err(_) => f64::INFINITY,
                 }
             })
             .collect();
         d
+    }
+
+    /// Whether class `c` holds a `broadcast_to` that repeats elements (a reshape of it is a
+    /// copy, `TargetCost::reshape_of_broadcast_time`).
+    fn broadcasts(&self, c: u32, ops: &[&KNode], egraph: &KGraph, hints: &[i64]) -> bool {
+        let ty = |c: u32| egraph[self.ids[c as usize]].data.ty.at(hints);
+        self.nodes_of(c).any(|n| match self.kids(n) {
+            [x] => broadcasts(ops[n as usize].ir(), &ty(*x), &ty(c)),
+            _ => false,
+        })
     }
 
     fn kids(&self, n: u32) -> &[u32] {

@@ -398,3 +398,29 @@ fn dynamic_bert_and_gpt2_fuse_like_the_static_ones_and_compute_the_same() {
         }
     }
 }
+
+/// Grouped-query attention written as `reshape(broadcast_to(k))` (the key and value heads
+/// repeated for each group) optimizes to one attention over the heads split in two, reading k
+/// and v through the broadcast: its key operand is the broadcast itself, rank 5, and no
+/// reshape of a broadcast is left (that would be a copy per run).
+#[test]
+fn a_grouped_query_attention_reads_the_shared_heads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/variants/attention_grouped_query.ron");
+    let g = lower(&path, &[]);
+    let (opt, r) = optimize(&g, &Options::default()).expect("optimizes");
+    let attentions: Vec<NodeId> =
+        opt.node_ids().filter(|n| matches!(opt.node(*n).op, Op::Attention { .. })).collect();
+    assert_eq!(attentions.len(), 1, "{:?}", r.op_counts);
+    let k = opt.operands(attentions[0])[1];
+    assert!(matches!(opt.node(k).op, Op::BroadcastTo { .. }), "k is {:?}", opt.node(k).op);
+    assert_eq!(opt.ty(k).rank(), 5);
+    let reshaped_broadcasts = opt
+        .node_ids()
+        .filter(|n| {
+            matches!(opt.node(*n).op, Op::Reshape { .. })
+                && matches!(opt.node(opt.operands(*n)[0]).op, Op::BroadcastTo { .. })
+        })
+        .count();
+    assert_eq!(reshaped_broadcasts, 0, "{:?}", r.op_counts);
+    assert!(r.rules_fired.contains_key("attention-split-heads"), "{:?}", r.rules_fired);
+}

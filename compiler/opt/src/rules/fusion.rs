@@ -25,6 +25,7 @@ pub fn rules() -> Vec<Rule> {
         FnRule::rule("fuse-gelu-tanh", gelu_tanh),
         FnRule::rule("fuse-sigmoid", sigmoid),
         FnRule::rule("fuse-attention", attention),
+        FnRule::rule("attention-split-heads", attention_split_heads),
         FnRule::rule("fuse-matmul-bias", matmul_bias),
         FnRule::rule("fuse-matmul-activation", matmul_activation),
     ]
@@ -570,6 +571,75 @@ fn attention(g: &KGraph, id: Id) -> Vec<New> {
                 let mut children = vec![New::Class(s.q), k, New::Class(v)];
                 children.extend(s.mask);
                 out.push(New::node(op, children));
+            }
+        }
+    }
+    out
+}
+
+/// attention(q, reshape(k′), reshape(v′)) = reshape(attention(reshape(q), k′, v′)) where `k′`
+/// and `v′` hold the heads axis split in two, `[…, A, G, S, d]` for `[…, A·G, S, d]`, and `q`'s
+/// heads are split the same way. Grouped-query attention repeats each of `A` key and value
+/// heads `G` times (`reshape(broadcast_to(k, […, A, G, S, d]))`); on the split axes the
+/// repeat stays a broadcast, which the attention kernel reads through stride-0 views instead
+/// of copying (the reshape of a broadcast is a copy; `TargetCost::reshape_of_broadcast_time`).
+/// A mask of rank ≥ 3 must have extent 1 on the heads axis and gets a unit axis there.
+fn attention_split_heads(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        let Op::Attention { .. } = n.ir() else { continue };
+        let (q, k, v) = (n.children[0], n.children[1], n.children[2]);
+        let r = ty(g, k).rank();
+        if r < 3 {
+            continue;
+        }
+        // The split `[A, G]` of the heads axis (r − 3) that `x`'s shape shows, if it is `k`'s
+        // or `v`'s shape with that axis split.
+        let split_of = |x: Id, of: Id| -> Option<(kiln_ir::Dim, kiln_ir::Dim)> {
+            let (xs, os) = (&ty(g, x).shape, &ty(g, of).shape);
+            let product = xs.get(r - 3)?.as_const()? * xs.get(r - 2)?.as_const()?;
+            let same_rest = xs.len() == r + 1 && xs[..r - 3] == os[..r - 3] && xs[r - 1..] == os[r - 2..];
+            (same_rest && os[r - 3].as_const() == Some(product))
+                .then(|| (xs[r - 3].clone(), xs[r - 2].clone()))
+        };
+        let reshaped = |c: Id| -> Vec<Id> {
+            nodes(g, c)
+                .iter()
+                .filter(|m| matches!(m.ir(), Op::Reshape { .. }))
+                .map(|m| m.children[0])
+                .collect()
+        };
+        for kx in reshaped(k) {
+            let Some(split) = split_of(kx, k) else { continue };
+            for vx in reshaped(v) {
+                if split_of(vx, v) != Some(split.clone()) {
+                    continue;
+                }
+                let with_split = |shape: &[kiln_ir::Dim]| {
+                    let mut s = shape[..r - 3].to_vec();
+                    s.extend([split.0.clone(), split.1.clone()]);
+                    s.extend_from_slice(&shape[r - 2..]);
+                    s
+                };
+                let mut children = vec![
+                    New::over(Op::Reshape { shape: with_split(&ty(g, q).shape) }, &[q]),
+                    New::Class(kx),
+                    New::Class(vx),
+                ];
+                if let Some(&mask) = n.children.get(3) {
+                    let ms = &ty(g, mask).shape;
+                    if ms.len() < 3 {
+                        children.push(New::Class(mask));
+                    } else if ms.len() == r && ms[r - 3] == kiln_ir::Dim::Const(1) {
+                        let mut unit = ms.clone();
+                        unit.insert(r - 3, kiln_ir::Dim::Const(1));
+                        children.push(New::over(Op::Reshape { shape: unit }, &[mask]));
+                    } else {
+                        continue;
+                    }
+                }
+                let split_attention = New::node(n.ir().clone(), children);
+                out.push(New::node(Op::Reshape { shape: ty(g, id).shape.clone() }, vec![split_attention]));
             }
         }
     }
