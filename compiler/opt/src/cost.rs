@@ -56,18 +56,59 @@ impl TargetCost {
         (flops / self.peak_flops).max(bytes as f64 / self.bandwidth) + self.kernel_overhead
     }
 
-    /// What a reshape costs beyond `node_time`'s nothing when its operand is a broadcast: the
-    /// scheduler reads a broadcast through stride-0 views, and a reshape that merges a
-    /// broadcast axis with its neighbours has no strides, so it is a copy of `out`.
+    /// What a reshape costs beyond `node_time`'s nothing when it merges an axis its operand, a
+    /// broadcast, repeats (`reshape_copies_broadcast`): the scheduler reads a broadcast through
+    /// stride-0 views, and such a reshape has no strides, so it is a copy of `out`.
     pub fn reshape_of_broadcast_time(&self, out: &TensorType) -> f64 {
         2.0 * out.size_bytes() as f64 / self.bandwidth + self.kernel_overhead
     }
 }
 
-/// Whether `op` with operand `input` and result `out` is a `broadcast_to` that repeats
-/// elements (not one that only adds unit axes).
-pub fn broadcasts(op: &Op, input: &TensorType, out: &TensorType) -> bool {
-    matches!(op, Op::BroadcastTo { .. }) && out.numel() > input.numel()
+/// Whether reshaping the result of `op` (operand `input`, result `mid`) to `out` is a copy:
+/// `op` is a `broadcast_to` and the reshape merges an axis it repeats (extent 1 in `input`,
+/// more in `mid`) with another axis of extent > 1, which no strides express. Splitting a
+/// repeated axis, or merging it with unit axes (one key head shared by all query heads),
+/// stays a view. Static shapes (at the hints).
+pub fn reshape_copies_broadcast(op: &Op, input: &TensorType, mid: &TensorType, out: &TensorType) -> bool {
+    let (Op::BroadcastTo { .. }, Some(i), Some(m), Some(o)) = (
+        op,
+        kiln_ir::static_dims(&input.shape),
+        kiln_ir::static_dims(&mid.shape),
+        kiln_ir::static_dims(&out.shape),
+    ) else {
+        return false;
+    };
+    let lead = m.len().saturating_sub(i.len());
+    let repeated = |a: usize| m[a] > 1 && (a < lead || i[a - lead] == 1);
+    // Walk the groups of `mid`'s axes whose extents multiply to a run of `out`'s.
+    let (mut a, mut b) = (0, 0);
+    while a < m.len() {
+        let (mut pm, mut po) = (m[a], o.get(b).copied().unwrap_or(1));
+        let start = a;
+        b += 1;
+        while pm != po {
+            if pm < po {
+                a += 1;
+                match m.get(a) {
+                    Some(e) => pm *= e,
+                    None => return false,
+                }
+            } else {
+                match o.get(b) {
+                    Some(e) => po *= e,
+                    None => return false,
+                }
+                b += 1;
+            }
+        }
+        let group = start..=a;
+        let wide = group.clone().filter(|&x| m[x] > 1).count();
+        if wide > 1 && group.clone().any(repeated) {
+            return true;
+        }
+        a += 1;
+    }
+    false
 }
 
 /// Floating-point work of one node, counting a transcendental as several flops.
@@ -142,10 +183,47 @@ pub fn graph_time(g: &kiln_ir::Graph, target: &TargetCost) -> f64 {
         if let (Op::Reshape { .. }, [x]) = (op, &operands[..]) {
             let x_operands = g.operands(*x);
             let x_in = x_operands.first().map(|o| g.ty(*o).at(&hints));
-            if x_in.is_some_and(|t| broadcasts(&g.node(*x).op, &t, types[0])) {
+            if x_in.is_some_and(|t| reshape_copies_broadcast(&g.node(*x).op, &t, types[0], &out)) {
                 total += target.reshape_of_broadcast_time(&out);
             }
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_ir::DType;
+
+    fn t(shape: &[usize]) -> TensorType {
+        TensorType::new(DType::F32, kiln_ir::dims(shape))
+    }
+
+    #[test]
+    fn a_reshape_copies_a_broadcast_only_where_it_merges_a_repeated_axis() {
+        let b = Op::BroadcastTo { shape: vec![] };
+        // Grouped-query keys: 2 heads repeated 3 times, merged into 6 heads.
+        assert!(reshape_copies_broadcast(&b, &t(&[2, 2, 1, 7, 8]), &t(&[2, 2, 3, 7, 8]), &t(&[2, 6, 7, 8])));
+        // One key head shared by all: the merge is with a unit axis, a stride-0 view.
+        assert!(!reshape_copies_broadcast(&b, &t(&[2, 1, 1, 7, 8]), &t(&[2, 1, 3, 7, 8]), &t(&[2, 3, 7, 8])));
+        // Merging only axes that are not repeated, or splitting a repeated one.
+        assert!(!reshape_copies_broadcast(
+            &b,
+            &t(&[2, 2, 1, 7, 8]),
+            &t(&[2, 2, 3, 7, 8]),
+            &t(&[2, 2, 3, 56])
+        ));
+        assert!(!reshape_copies_broadcast(&b, &t(&[1, 8]), &t(&[6, 8]), &t(&[2, 3, 8])));
+        // A repeated leading axis (rank grows) merged with the next.
+        assert!(reshape_copies_broadcast(&b, &t(&[5]), &t(&[4, 5]), &t(&[20])));
+        // Not a broadcast, or shapes that do not line up: no charge.
+        assert!(!reshape_copies_broadcast(
+            &Op::Unary(kiln_ir::UnaryOp::Neg),
+            &t(&[4, 5]),
+            &t(&[4, 5]),
+            &t(&[20])
+        ));
+        assert!(!reshape_copies_broadcast(&b, &t(&[1, 5]), &t(&[4, 5]), &t(&[7])));
+    }
 }

@@ -26,7 +26,7 @@
 //! duplicates a class.
 
 use crate::analysis::KGraph;
-use crate::cost::{broadcasts, is_run_invariant, TargetCost};
+use crate::cost::{is_run_invariant, reshape_copies_broadcast, TargetCost};
 use crate::lang::KNode;
 use egg::Id;
 use serde::Serialize;
@@ -140,7 +140,9 @@ impl Dense {
                         let at: Vec<&kiln_ir::TensorType> = at.iter().collect();
                         let out = t.at(&hints);
                         let copy = match (node.ir(), kids) {
-                            (kiln_ir::Op::Reshape { .. }, [x]) if d.broadcasts(*x, &ops, egraph, &hints) => {
+                            (kiln_ir::Op::Reshape { .. }, [x])
+                                if d.copies_broadcast(*x, &out, &ops, egraph, &hints) =>
+                            {
                                 target.reshape_of_broadcast_time(&out)
                             }
                             _ => 0.0,
@@ -154,12 +156,19 @@ impl Dense {
         d
     }
 
-    /// Whether class `c` holds a `broadcast_to` that repeats elements (a reshape of it is a
-    /// copy, `TargetCost::reshape_of_broadcast_time`).
-    fn broadcasts(&self, c: u32, ops: &[&KNode], egraph: &KGraph, hints: &[i64]) -> bool {
+    /// Whether reshaping class `c` to `out` is a copy: `c` holds a `broadcast_to` whose repeated
+    /// axis the reshape merges (`reshape_copies_broadcast`, `TargetCost::reshape_of_broadcast_time`).
+    fn copies_broadcast(
+        &self,
+        c: u32,
+        out: &kiln_ir::TensorType,
+        ops: &[&KNode],
+        egraph: &KGraph,
+        hints: &[i64],
+    ) -> bool {
         let ty = |c: u32| egraph[self.ids[c as usize]].data.ty.at(hints);
         self.nodes_of(c).any(|n| match self.kids(n) {
-            [x] => broadcasts(ops[n as usize].ir(), &ty(*x), &ty(c)),
+            [x] => reshape_copies_broadcast(ops[n as usize].ir(), &ty(*x), &ty(c), out),
             _ => false,
         })
     }
