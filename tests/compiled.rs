@@ -921,10 +921,12 @@ fn shipped_models_run_on_cuda_like_the_interpreter() {
 }
 
 /// A decoder block written out by hand (`llama_block_written_out.ron`: RMS norms, rotary
-/// positions, a masked-fill causal mask, a SwiGLU feed-forward), optimized into its fused ops
-/// (a causal attention, RMS norms, a SiLU epilogue), computes what the interpreter computes on
-/// every device there is (`every_written_form_fuses` holds the optimized graph to the
-/// written one).
+/// positions, grouped-query attention, a masked-fill causal mask, a SwiGLU feed-forward),
+/// optimized into its fused ops (a causal attention, RMS norms, a SiLU epilogue), computes what
+/// the interpreter computes on every device there is (`every_written_form_fuses` holds the
+/// optimized graph to the written one). Scheduled, it copies nothing: the attention reads the
+/// shared key and value heads at stride 0 and writes its heads, split in two, straight into the
+/// layout the output projection reads.
 #[test]
 fn a_decoder_block_written_out_runs_like_the_interpreter() {
     let path =
@@ -935,6 +937,9 @@ fn a_decoder_block_written_out_runs_like_the_interpreter() {
     let causal = |op: &Op| matches!(op, Op::Attention { causal: true, masked: false, .. });
     assert!(opt.node_ids().any(|n| opt.node(n).op == silu), "no SiLU epilogue");
     assert!(opt.node_ids().any(|n| causal(&opt.node(n).op)), "no causal attention");
+    let schedule = kiln_sched::schedule(&opt).expect("schedules");
+    let names: Vec<String> = schedule.kernels.iter().map(|k| k.name()).collect();
+    assert!(!names.iter().any(|n| n == "copy"), "a copy kernel: {names:?}");
     for device in [Device::Cpu, Device::Vulkan, Device::Cuda] {
         if device == Device::Cpu || available(device, "a written decoder block") {
             check_graph(&opt, 3, 1e-4, device);

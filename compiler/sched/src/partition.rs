@@ -12,7 +12,9 @@
 //!
 //! A kernel whose only user is a transpose writes its result straight into the transposed
 //! layout (attention's `[b, h, s, d]` result lands as `[b, s, h, d]`), so the transpose — and
-//! usually the reshape after it — cost nothing.
+//! usually the reshape after it — cost nothing. So does one whose only user is a reshape read
+//! only by a transpose, where strides express the reshape (grouped-query attention's
+//! `[b, A, G, s, d]` result, merged to `[b, A·G, s, d]` and transposed).
 //!
 //! An `attention` and the `attention_lse` of the same operands (a train step's forward and
 //! the statistic its backward reads) are one kernel with two results: the log-sum-exp is a
@@ -366,31 +368,55 @@ impl Builder<'_> {
         let dtype = self.g.ty(n).dtype;
         let transposed_user = match self.users[&n].as_slice() {
             [u] if !self.outputs.contains_key(&n) && matches!(op, KernelOp::Node(Op::Attention { .. })) => {
-                match &self.g.node(*u).op {
-                    Op::Transpose { perm } => Some(perm.clone()),
-                    _ => None,
-                }
+                self.transposed_through(*u)
             }
             _ => None,
         };
         let (buffer, view) = match transposed_user {
-            Some(perm) => {
-                let stored: Vec<Dim> = perm.iter().map(|&p| shape[p].clone()).collect();
-                let buffer = self.result_buffer(n, &stored)?;
-                // Stored layout is `stored` row-major; element i of `n` sits at the position
-                // whose transposed index is perm⁻¹ applied to i.
+            Some((perm, seen)) => {
+                let stored: Vec<Dim> = perm.iter().map(|&p| seen[p].clone()).collect();
+                // Stored layout is `stored` row-major; element i of the transpose's operand
+                // (`seen`) sits at the position whose transposed index is perm⁻¹ applied to i.
                 let row = crate::view::row_major(&stored).map_err(size_error)?;
-                let mut strides = vec![Dim::Const(0); shape.len()];
+                let mut strides = vec![Dim::Const(0); seen.len()];
                 for (k, &p) in perm.iter().enumerate() {
                     strides[p] = row[k].clone();
                 }
-                (buffer, StridedView { shape: shape.to_vec(), strides, offset: Dim::Const(0) })
+                let through = StridedView { shape: seen.clone(), strides, offset: Dim::Const(0) };
+                // `n` itself: the operand's view reshaped to `n`'s shape, where strides allow
+                // (attention over heads split in two, merged back before the transpose).
+                let view = if seen.as_slice() == shape {
+                    Some(through)
+                } else {
+                    through.reshape_at(shape, &self.probe())
+                };
+                match view {
+                    Some(view) => (self.result_buffer(n, &stored)?, view),
+                    None => (self.result_buffer(n, shape)?, contiguous(shape)?),
+                }
             }
             None => (self.result_buffer(n, shape)?, contiguous(shape)?),
         };
         let output = Operand { buffer, view, dtype };
         self.kernels.push(Kernel { op, inputs, output: output.clone(), extra_outputs: vec![], nodes });
         Ok(output)
+    }
+
+    /// For `u`, the only user of a kernel's result: the permutation and operand shape of the
+    /// transpose the result reaches, `u` itself or, when `u` is a reshape read only by a
+    /// transpose (neither a graph output), that transpose.
+    fn transposed_through(&self, u: NodeId) -> Option<(Vec<usize>, Vec<Dim>)> {
+        match &self.g.node(u).op {
+            Op::Transpose { perm } => Some((perm.clone(), self.g.ty(self.g.operands(u)[0]).shape.clone())),
+            Op::Reshape { shape } if !self.outputs.contains_key(&u) => match self.users[&u].as_slice() {
+                [t] => match &self.g.node(*t).op {
+                    Op::Transpose { perm } => Some((perm.clone(), shape.clone())),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// The stored operand for node `o`, materializing inline values (`full` constants used by
