@@ -834,21 +834,24 @@ impl Body {
 
     /// `1 / (1 + e^{−x})`.
     pub fn sigmoid(&mut self, x: &str, ty: &str) -> String {
-        let nx = self.fneg(x, ty);
-        let e = self.exp(&nx, ty);
-        let one = self.float(1.0, ty);
-        let d = self.fadd(&one, &e, ty);
+        let (one, d) = self.one_plus_exp_neg(x, ty);
         self.fdiv(&one, &d, ty)
     }
 
     /// SiLU, `x / (1 + e^{−x})`: `x·sigmoid(x)` with one division (−0 far below zero, `x`
     /// far above it).
     pub fn silu(&mut self, x: &str, ty: &str) -> String {
+        let (_, d) = self.one_plus_exp_neg(x, ty);
+        self.fdiv(x, &d, ty)
+    }
+
+    /// The logistic denominator `1 + e^{−x}` that sigmoid and SiLU share: `(1, 1 + e^{−x})`.
+    fn one_plus_exp_neg(&mut self, x: &str, ty: &str) -> (String, String) {
         let nx = self.fneg(x, ty);
         let e = self.exp(&nx, ty);
         let one = self.float(1.0, ty);
         let d = self.fadd(&one, &e, ty);
-        self.fdiv(x, &d, ty)
+        (one, d)
     }
 
     /// GELU in either form (see `kiln_ir::GeluApprox`).

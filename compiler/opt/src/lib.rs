@@ -22,7 +22,7 @@ mod report;
 pub mod rules;
 
 pub use analysis::{Facts, KGraph, Meta};
-pub use cost::{flops, graph_time, TargetCost};
+pub use cost::{flops, graph_time, reshape_copies_broadcast, TargetCost};
 pub use explain::{to_text as explanations_to_text, Explanation};
 pub use extract::ExtractReport;
 pub use lang::{KNode, OpKey};

@@ -190,3 +190,52 @@ fn dynamic_bert_and_gpt2_schedule_with_one_plan_at_the_maxima() {
         eprintln!("{model}: kernels over symbolic extents: {symbolic:?}");
     }
 }
+
+/// The optimizer's cost model charges a reshape of a broadcast as a copy exactly where this
+/// scheduler cannot view it (`kiln_opt::reshape_copies_broadcast` against
+/// `StridedView::reshape` of a contiguous operand broadcast), over every operand of rank ≤ 3
+/// with extents 1 to 3, every broadcast of it adding at most one axis, and every reshape that
+/// merges runs of its axes.
+#[test]
+fn the_cost_model_charges_a_copy_where_a_reshape_of_a_broadcast_has_no_view() {
+    use kiln_sched::StridedView;
+    let ty = |s: &[usize]| kiln_ir::TensorType::new(kiln_ir::DType::F32, kiln_ir::dims(s));
+    let broadcast = kiln_ir::Op::BroadcastTo { shape: vec![] };
+    // Every shape of `rank` axes with extents in 1..=3.
+    let shapes = |rank: u32| -> Vec<Vec<usize>> {
+        (0..3usize.pow(rank)).map(|k| (0..rank).map(|i| 1 + (k / 3usize.pow(i)) % 3).collect()).collect()
+    };
+    let (mut copies, mut views) = (0, 0);
+    for rank in 1..=3 {
+        for input in shapes(rank) {
+            for lead in 0..=1 {
+                for grow in shapes(rank) {
+                    // A unit axis may grow; others keep their extent.
+                    let mut mid: Vec<usize> = vec![2; lead];
+                    mid.extend(input.iter().zip(&grow).map(|(&i, &g)| if i == 1 { g } else { i }));
+                    // Every way to merge runs of adjacent axes: bit k merges axis k + 1 into k.
+                    for merges in 0..1u32 << (mid.len() - 1) {
+                        let mut out = vec![mid[0]];
+                        for (k, &e) in mid.iter().enumerate().skip(1) {
+                            match merges >> (k - 1) & 1 {
+                                1 => *out.last_mut().unwrap() *= e,
+                                _ => out.push(e),
+                            }
+                        }
+                        let view =
+                            StridedView::contiguous(&input).broadcast_to_static(&mid).reshape_static(&out);
+                        let charged =
+                            kiln_opt::reshape_copies_broadcast(&broadcast, &ty(&input), &ty(&mid), &ty(&out));
+                        assert_eq!(charged, view.is_none(), "{input:?} → {mid:?} → {out:?}");
+                        if charged {
+                            copies += 1;
+                        } else {
+                            views += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(copies > 100 && views > 100, "{copies} copies, {views} views");
+}
