@@ -319,6 +319,17 @@ const OP_CASES: &[(&str, &str, &str)] = &[
            Let("g", AddNorm(a: "x", b: "r", eps: 1e-5)),"#,
     ),
     (
+        // Norms written out over another axis than the last: a layer norm over the channels
+        // of [N, C, H, W] with a per-channel scale and shift ([C, 1, 1]), an RMS norm over the
+        // middle axis with its gain ([5, 1]) and a layer norm over the first axis. Optimized,
+        // each is the fused norm over the last axis of a transposed view, transposed back.
+        "norms_across",
+        r#"{ "x": (f32, [2, 6, 4, 5]), "y": (f32, [3, 5, 8]), "w": (f32, [6, 1, 1]), "b": (f32, [6, 1, 1]), "g": (f32, [5, 1]) }"#,
+        r#"Let("a", Add(Mul("w", Div(Sub("x", Mean(x: "x", axes: 1, keepdims: true)), Sqrt(Add(Mean(x: Pow(Sub("x", Mean(x: "x", axes: 1, keepdims: true)), 2.0), axes: 1, keepdims: true), 1e-6)))), "b")),
+           Let("c", Mul(Mul("y", Rsqrt(Add(Mean(x: Mul("y", "y"), axes: 1, keepdims: true), 1e-6))), "g")),
+           Let("d", Div(Sub("y", Mean(x: "y", axes: 0, keepdims: true)), Sqrt(Add(Mean(x: Pow(Sub("y", Mean(x: "y", axes: 0, keepdims: true)), 2.0), axes: 0, keepdims: true), 1e-5)))),"#,
+    ),
+    (
         // Rows held in registers whole (128 of 32 × 4), with a ragged last slot (100, 384 of
         // 128 × 3), and rows read again on each pass (3000); integer sums over a row.
         "rows",

@@ -85,6 +85,24 @@ impl Builder {
     fn last(&self, x: NodeId) -> usize {
         self.g.ty(x).rank() - 1
     }
+    /// The axis a norm runs over: the last as often as any other.
+    fn norm_axis(&mut self, x: NodeId) -> usize {
+        let rank = self.g.ty(x).rank();
+        if self.dice.coin() {
+            rank - 1
+        } else {
+            self.dice.below(rank)
+        }
+    }
+    /// The shape of a per-feature operand (γ, β) of a norm of `x` over `axis`, broadcasting
+    /// along every other axis: `[d]` for the last axis, `[C, 1, 1]` for the channels of
+    /// `[N, C, H, W]`.
+    fn feature_shape(&self, x: NodeId, axis: usize) -> Vec<usize> {
+        let shape = &self.g.ty(x).shape;
+        (axis..shape.len())
+            .map(|i| if i == axis { shape[i].as_const().expect("static shapes") } else { 1 })
+            .collect()
+    }
     /// `x` with its last two axes swapped.
     fn swap(&mut self, x: NodeId) -> NodeId {
         let r = self.g.ty(x).rank();
@@ -403,8 +421,9 @@ fn fusion_graph(seed: u64) -> Graph {
             }
         }
         1 => {
-            // layer norm: variance centered or expanded, sqrt-divide or rsqrt-multiply, affine or not
-            let last = b.last(x);
+            // layer norm over any axis: variance centered or expanded, sqrt-divide or
+            // rsqrt-multiply, affine or not
+            let last = b.norm_axis(x);
             let mu = b.mean(x, last);
             let xc = b.bin(B::Sub, x, mu);
             let var = if b.dice.coin() {
@@ -421,8 +440,9 @@ fn fusion_graph(seed: u64) -> Graph {
             let ve = b.bin(B::Add, var, eps);
             let n = b.over_root(xc, ve);
             if b.dice.coin() {
-                let gamma = b.input("gamma", &[d]);
-                let beta = b.input("beta", &[d]);
+                let features = b.feature_shape(x, last);
+                let gamma = b.input("gamma", &features);
+                let beta = b.input("beta", &features);
                 let m = b.bin(B::Mul, n, gamma);
                 b.bin(B::Add, m, beta)
             } else {
@@ -430,17 +450,18 @@ fn fusion_graph(seed: u64) -> Graph {
             }
         }
         2 => {
-            // RMS norm, maybe after a residual add, maybe with gamma
+            // RMS norm over any axis, maybe after a residual add, maybe with gamma
             let r = b.input("r", &[rows, 2, d]);
             let s = if b.dice.coin() { b.bin(B::Add, x, r) } else { x };
-            let last = b.last(s);
+            let last = b.norm_axis(s);
             let sq = b.square(s);
             let ms = b.mean(sq, last);
             let eps = b.c(1e-6);
             let ve = b.bin(B::Add, ms, eps);
             let n = b.over_root(s, ve);
             if b.dice.coin() {
-                let gamma = b.input("gamma", &[d]);
+                let features = b.feature_shape(s, last);
+                let gamma = b.input("gamma", &features);
                 b.bin(B::Mul, n, gamma)
             } else {
                 n
@@ -857,6 +878,8 @@ fn fusion_graphs_do_fuse() {
     let mut fused = 0;
     let mut attentions = 0;
     let mut causals = 0;
+    let mut affine = 0;
+    let mut inner = 0;
     for seed in 0..40 {
         let g = fusion_graph(seed);
         let (opt, _) = optimize(&g, &Options::default()).expect("optimizes");
@@ -878,7 +901,35 @@ fn fusion_graphs_do_fuse() {
             assert_eq!((flagged, left), (written, false), "seed {seed}: causal mask written {written}");
             causals += usize::from(written);
         }
+        // A norm with γ, over whichever axis, is one affine fused norm with no reduction left.
+        let has_gamma =
+            g.inputs.iter().any(|&i| matches!(&g.node(i).op, Op::Input { name, .. } if name == "gamma"));
+        if has_gamma {
+            affine += 1;
+            let fused = opt.node_ids().any(|n| {
+                matches!(
+                    opt.node(n).op,
+                    Op::LayerNorm { affine: true, .. }
+                        | Op::RmsNorm { affine: true, .. }
+                        | Op::AddNorm { affine: true, .. }
+                )
+            });
+            let reduced = opt.node_ids().any(|n| matches!(opt.node(n).op, Op::Reduce { .. }));
+            assert!(
+                fused && !reduced,
+                "seed {seed}: a norm with γ optimized to\n{}",
+                kiln_ir::print::to_text(&opt, Default::default())
+            );
+            // γ of rank > 1 belongs to a norm over another axis than the last.
+            let gamma_rank = g.inputs.iter().find_map(|&i| match &g.node(i).op {
+                Op::Input { name, .. } if name == "gamma" => Some(g.ty(i).rank()),
+                _ => None,
+            });
+            inner += usize::from(gamma_rank > Some(1));
+        }
     }
+    assert!(affine >= 4, "only {affine} of 40 random fusion graphs wrote a norm with γ");
+    assert!(inner >= 1, "none of 40 random fusion graphs wrote a norm with γ over an inner axis");
     assert!(fused >= 36, "only {fused} of 40 random fusion graphs fused");
     assert!(attentions >= 4, "only {attentions} of 40 random fusion graphs wrote an attention");
     assert!(causals >= 2, "only {causals} of 40 random fusion graphs wrote a causal mask");

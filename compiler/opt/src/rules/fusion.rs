@@ -63,13 +63,9 @@ fn reduce_over(g: &KGraph, id: Id, r: ReduceOp, axis: Option<usize>) -> Vec<(Id,
         .collect()
 }
 
-/// Operands of reductions of kind `r` over the last axis, keeping dims.
-fn reduce_last(g: &KGraph, id: Id, r: ReduceOp) -> Vec<Id> {
-    reduce_over(g, id, r, Some(usize::MAX))
-        .into_iter()
-        .filter(|(x, a)| a + 1 == ty(g, *x).rank())
-        .map(|(x, _)| x)
-        .collect()
+/// Operands of reductions of kind `r` over exactly `axis`, keeping dims.
+fn reduce_along(g: &KGraph, id: Id, r: ReduceOp, axis: usize) -> Vec<Id> {
+    reduce_over(g, id, r, Some(axis)).into_iter().map(|(x, _)| x).collect()
 }
 
 /// Whether a class is x · x (or x²).
@@ -107,14 +103,14 @@ fn over_root(g: &KGraph, id: Id) -> Vec<(Id, Id, f64)> {
     out
 }
 
-/// Whether `v` is the variance of `x` over the last axis, given the centered `xc = x − μ`
-/// and `mu`: mean((x − μ)²) or mean(x²) − μ².
-fn is_variance(g: &KGraph, v: Id, x: Id, xc: Id, mu: Id) -> bool {
-    let centered = reduce_last(g, v, ReduceOp::Mean).into_iter().any(|sq| is_square_of(g, sq, xc));
-    let expanded = binary(g, v, B::Sub).into_iter().any(|(ms, mu2)| {
-        is_square_of(g, mu2, mu)
-            && reduce_last(g, ms, ReduceOp::Mean).into_iter().any(|sq| is_square_of(g, sq, x))
-    });
+/// Whether `v` is the variance of `x` over `axis`, given the centered `xc = x − μ` and `mu`:
+/// mean((x − μ)²) or mean(x²) − μ².
+fn is_variance(g: &KGraph, v: Id, x: Id, xc: Id, mu: Id, axis: usize) -> bool {
+    let mean_of_square =
+        |m: Id, y: Id| reduce_along(g, m, ReduceOp::Mean, axis).into_iter().any(|sq| is_square_of(g, sq, y));
+    let centered = mean_of_square(v, xc);
+    let expanded =
+        binary(g, v, B::Sub).into_iter().any(|(ms, mu2)| is_square_of(g, mu2, mu) && mean_of_square(ms, x));
     centered || expanded
 }
 
@@ -183,46 +179,131 @@ fn log_softmax(g: &KGraph, id: Id) -> Vec<New> {
 
 // ------------------------------------------------------------------ norms
 
-/// (x − μ) / √(σ² + ε) = layer_norm(x) over the last axis, with σ² written either way and the
-/// root as sqrt-then-divide or rsqrt-then-multiply.
+/// The permutation that moves `axis` of a rank-`rank` tensor to the end, keeping the order
+/// of the others, and its inverse.
+fn axis_to_last(rank: usize, axis: usize) -> (Vec<usize>, Vec<usize>) {
+    let to_last: Vec<usize> = (0..rank).filter(|&i| i != axis).chain([axis]).collect();
+    let mut back = vec![0; rank];
+    for (i, &p) in to_last.iter().enumerate() {
+        back[p] = i;
+    }
+    (to_last, back)
+}
+
+/// A norm of `x` over `axis`: the fused op itself over the last axis, and
+/// `transpose(norm(transpose(x)))` over another, since the fused norms normalize the last
+/// axis. A channel norm over axis 1 of `[N, C, H, W]` reads `x` through a strided view.
+fn norm_along(g: &KGraph, op: Op, x: Id, axis: usize) -> New {
+    let rank = ty(g, x).rank();
+    if axis + 1 == rank {
+        return New::over(op, &[x]);
+    }
+    let (to_last, back) = axis_to_last(rank, axis);
+    let normed = New::node(op, vec![New::over(Op::Transpose { perm: to_last }, &[x])]);
+    New::node(Op::Transpose { perm: back }, vec![normed])
+}
+
+/// (x − μ) / √(σ² + ε) = layer_norm(x) over one axis (`norm_along`), with σ² written either
+/// way and the root as sqrt-then-divide or rsqrt-then-multiply.
 fn layer_norm(g: &KGraph, id: Id) -> Vec<New> {
     let mut out = vec![];
     for (xc, v, eps) in over_root(g, id) {
         for (x, mu) in binary(g, xc, B::Sub) {
-            let is_mean = reduce_last(g, mu, ReduceOp::Mean).iter().any(|m| same(g, *m, x));
-            if is_mean && is_variance(g, v, x, xc, mu) {
-                out.push(New::over(Op::LayerNorm { eps, affine: false }, &[x]));
+            for (m, axis) in reduce_over(g, mu, ReduceOp::Mean, None) {
+                if same(g, m, x) && is_variance(g, v, x, xc, mu, axis) {
+                    out.push(norm_along(g, Op::LayerNorm { eps, affine: false }, x, axis));
+                }
             }
         }
     }
     out
 }
 
+/// The norms without affine a class holds, as (norm node, the transpose applied to its
+/// result): over the last axis directly (no transpose), or over another axis as
+/// `norm_along` writes it, `transpose(norm(t), back)`.
+fn plain_norms(g: &KGraph, normed: Id) -> Vec<(&crate::lang::KNode, Option<Vec<usize>>)> {
+    let plain = |n: &crate::lang::KNode| {
+        matches!(n.ir(), Op::LayerNorm { affine: false, .. } | Op::RmsNorm { affine: false, .. })
+    };
+    let mut out = vec![];
+    for n in nodes(g, normed) {
+        if plain(n) {
+            out.push((n, None));
+        }
+        if let Op::Transpose { perm } = n.ir() {
+            out.extend(nodes(g, n.children[0]).iter().filter(|m| plain(m)).map(|m| (m, Some(perm.clone()))));
+        }
+    }
+    out
+}
+
+/// The per-feature operand of an affine norm, from `p` applied to `normed`: `p` itself when
+/// the norm is over the last axis (`[d]`); for a norm over another axis `a`, transposed back
+/// by `back`, a `p` that varies along `a` only (`[C, 1, 1]` for the channels of
+/// `[N, C, H, W]`), reshaped to `[C]`.
+fn feature_operand(g: &KGraph, p: Id, norm: &crate::lang::KNode, back: &Option<Vec<usize>>) -> Option<New> {
+    let x = norm.children[0];
+    let Some(back) = back else {
+        return is_feature_vector(g, p, x).then_some(New::Class(p));
+    };
+    let (pt, xt) = (ty(g, p), ty(g, x));
+    let rank = xt.rank();
+    let axis = back.iter().position(|&b| b + 1 == rank)?;
+    let features = xt.shape.last()?.clone();
+    let lead = rank.checked_sub(pt.rank())?;
+    let along_axis_only = pt.shape.iter().enumerate().all(|(i, d)| {
+        if i + lead == axis {
+            *d == features
+        } else {
+            *d == kiln_ir::Dim::Const(1)
+        }
+    });
+    (pt.dtype == xt.dtype && axis >= lead && along_axis_only)
+        .then(|| New::over(Op::Reshape { shape: vec![features] }, &[p]))
+}
+
+/// `norm` made affine with `operands` (γ, or γ and β), transposed back by `back` if it was.
+fn affine_norm(norm: &crate::lang::KNode, operands: Vec<New>, back: &Option<Vec<usize>>) -> Option<New> {
+    let op = match norm.ir() {
+        Op::LayerNorm { eps, affine: false } => Op::LayerNorm { eps: *eps, affine: true },
+        Op::RmsNorm { eps, affine: false } => Op::RmsNorm { eps: *eps, affine: true },
+        _ => return None,
+    };
+    let mut children = vec![New::Class(norm.children[0])];
+    children.extend(operands);
+    let fused = New::node(op, children);
+    Some(match back {
+        Some(perm) => New::node(Op::Transpose { perm: perm.clone() }, vec![fused]),
+        None => fused,
+    })
+}
+
 /// layer_norm(x) · γ + β = layer_norm(x; γ, β) for per-feature γ, β, and layer_norm(x) · γ =
 /// layer_norm(x; γ, 0) for a norm scaled without a shift (the fused kernel adds a constant
-/// zero where a separate kernel would reread the normalized tensor to scale it).
+/// zero where a separate kernel would reread the normalized tensor to scale it). Over another
+/// axis than the last, `transpose(layer_norm(t)) · γ + β = transpose(layer_norm(t; γ′, β′))`
+/// with `γ′`, `β′` the vectors of `γ`, `β` (`feature_operand`).
 fn layer_norm_affine(g: &KGraph, id: Id) -> Vec<New> {
+    let is_layer = |n: &crate::lang::KNode| matches!(n.ir(), Op::LayerNorm { .. });
     let mut out = vec![];
     for (normed, gamma) in binary(g, id, B::Mul) {
-        for n in nodes(g, normed) {
-            if let Op::LayerNorm { eps, affine: false } = n.ir() {
-                let x = n.children[0];
-                if is_feature_vector(g, gamma, x) {
-                    let zero = New::constant(0.0, ty(g, gamma));
-                    let op = Op::LayerNorm { eps: *eps, affine: true };
-                    out.push(New::Node(op, vec![New::Class(x), New::Class(gamma), zero]));
-                }
+        for (n, back) in plain_norms(g, normed).into_iter().filter(|(n, _)| is_layer(n)) {
+            if let Some(gamma) = feature_operand(g, gamma, n, &back) {
+                let features: kiln_ir::Shape =
+                    ty(g, n.children[0]).shape.last().cloned().into_iter().collect();
+                let zero = New::constant(0.0, &kiln_ir::TensorType::new(ty(g, id).dtype, features));
+                out.extend(affine_norm(n, vec![gamma, zero], &back));
             }
         }
     }
     for (scaled, beta) in binary(g, id, B::Add) {
         for (normed, gamma) in binary(g, scaled, B::Mul) {
-            for n in nodes(g, normed) {
-                if let Op::LayerNorm { eps, affine: false } = n.ir() {
-                    let x = n.children[0];
-                    if is_feature_vector(g, gamma, x) && is_feature_vector(g, beta, x) {
-                        out.push(New::over(Op::LayerNorm { eps: *eps, affine: true }, &[x, gamma, beta]));
-                    }
+            for (n, back) in plain_norms(g, normed).into_iter().filter(|(n, _)| is_layer(n)) {
+                let gamma = feature_operand(g, gamma, n, &back);
+                let beta = feature_operand(g, beta, n, &back);
+                if let (Some(gamma), Some(beta)) = (gamma, beta) {
+                    out.extend(affine_norm(n, vec![gamma, beta], &back));
                 }
             }
         }
@@ -230,27 +311,30 @@ fn layer_norm_affine(g: &KGraph, id: Id) -> Vec<New> {
     out
 }
 
-/// x / √(mean(x²) + ε) = rms_norm(x) over the last axis.
+/// x / √(mean(x²) + ε) = rms_norm(x) over one axis (`norm_along`).
 fn rms_norm(g: &KGraph, id: Id) -> Vec<New> {
     let mut out = vec![];
     for (x, ms, eps) in over_root(g, id) {
-        if reduce_last(g, ms, ReduceOp::Mean).into_iter().any(|sq| is_square_of(g, sq, x)) {
-            out.push(New::over(Op::RmsNorm { eps, affine: false }, &[x]));
+        for (sq, axis) in reduce_over(g, ms, ReduceOp::Mean, None) {
+            if is_square_of(g, sq, x) {
+                out.push(norm_along(g, Op::RmsNorm { eps, affine: false }, x, axis));
+            }
         }
     }
     out
 }
 
-/// rms_norm(x) · γ = rms_norm(x; γ).
+/// rms_norm(x) · γ = rms_norm(x; γ), over the last axis or, transposed back, another
+/// (`feature_operand`).
 fn rms_norm_affine(g: &KGraph, id: Id) -> Vec<New> {
     let mut out = vec![];
     for (normed, gamma) in binary(g, id, B::Mul) {
-        for n in nodes(g, normed) {
-            if let Op::RmsNorm { eps, affine: false } = n.ir() {
-                let x = n.children[0];
-                if is_feature_vector(g, gamma, x) {
-                    out.push(New::over(Op::RmsNorm { eps: *eps, affine: true }, &[x, gamma]));
-                }
+        for (n, back) in plain_norms(g, normed) {
+            if !matches!(n.ir(), Op::RmsNorm { .. }) {
+                continue;
+            }
+            if let Some(gamma) = feature_operand(g, gamma, n, &back) {
+                out.extend(affine_norm(n, vec![gamma], &back));
             }
         }
     }
