@@ -355,8 +355,10 @@ impl Builder<'_> {
     }
 
     /// Adds a kernel computing node `n` into a fresh buffer and returns its result operand.
-    /// When `n`'s only user is a transpose (and `n` is no graph output), the buffer takes the
-    /// transposed shape and the kernel writes through the inverse permutation.
+    /// When `n` is an attention or a norm whose only user is a transpose (and `n` is no graph
+    /// output), the buffer takes the transposed shape and the kernel writes through the
+    /// inverse permutation: those kernels write their rows at any strides, so the transpose
+    /// back of a norm over another axis than the last (`docs/optimizer.md`) is no copy.
     fn emit(
         &mut self,
         n: NodeId,
@@ -366,14 +368,20 @@ impl Builder<'_> {
         shape: &[Dim],
     ) -> Result<Operand, SchedError> {
         let dtype = self.g.ty(n).dtype;
-        let transposed_user = match self.users[&n].as_slice() {
-            [u] if !self.outputs.contains_key(&n) && matches!(op, KernelOp::Node(Op::Attention { .. })) => {
-                self.transposed_through(*u)
+        let writes_strided = match &op {
+            KernelOp::Node(Op::Attention { .. }) => true,
+            // A norm over run-time rows needs a static stride along its row.
+            KernelOp::Node(Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::AddNorm { .. }) => {
+                shape.iter().all(|d| d.as_const().is_some())
             }
+            _ => false,
+        };
+        let transposed_user = match self.users[&n].as_slice() {
+            [u] if !self.outputs.contains_key(&n) && writes_strided => self.transposed_through(*u),
             _ => None,
         };
         let (buffer, view) = match transposed_user {
-            Some((perm, seen)) => {
+            Some((t, perm, seen)) => {
                 let stored: Vec<Dim> = perm.iter().map(|&p| seen[p].clone()).collect();
                 // Stored layout is `stored` row-major; element i of the transpose's operand
                 // (`seen`) sits at the position whose transposed index is perm⁻¹ applied to i.
@@ -390,8 +398,11 @@ impl Builder<'_> {
                 } else {
                     through.reshape_at(shape, &self.probe())
                 };
+                // A transpose that is a graph output takes its caller's buffer, which the
+                // kernel then fills in place (no copy at the end).
+                let owner = if self.outputs.get(&t).is_some_and(|slots| !slots.is_empty()) { t } else { n };
                 match view {
-                    Some(view) => (self.result_buffer(n, &stored)?, view),
+                    Some(view) => (self.result_buffer(owner, &stored)?, view),
                     None => (self.result_buffer(n, shape)?, contiguous(shape)?),
                 }
             }
@@ -402,15 +413,15 @@ impl Builder<'_> {
         Ok(output)
     }
 
-    /// For `u`, the only user of a kernel's result: the permutation and operand shape of the
-    /// transpose the result reaches, `u` itself or, when `u` is a reshape read only by a
-    /// transpose (neither a graph output), that transpose.
-    fn transposed_through(&self, u: NodeId) -> Option<(Vec<usize>, Vec<Dim>)> {
+    /// For `u`, the only user of a kernel's result: the transpose the result reaches (`u`
+    /// itself or, when `u` is a reshape read only by a transpose, neither a graph output, that
+    /// transpose), its permutation and its operand's shape.
+    fn transposed_through(&self, u: NodeId) -> Option<(NodeId, Vec<usize>, Vec<Dim>)> {
         match &self.g.node(u).op {
-            Op::Transpose { perm } => Some((perm.clone(), self.g.ty(self.g.operands(u)[0]).shape.clone())),
+            Op::Transpose { perm } => Some((u, perm.clone(), self.g.ty(self.g.operands(u)[0]).shape.clone())),
             Op::Reshape { shape } if !self.outputs.contains_key(&u) => match self.users[&u].as_slice() {
                 [t] => match &self.g.node(*t).op {
-                    Op::Transpose { perm } => Some((perm.clone(), shape.clone())),
+                    Op::Transpose { perm } => Some((*t, perm.clone(), shape.clone())),
                     _ => None,
                 },
                 _ => None,

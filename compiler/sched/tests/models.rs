@@ -239,3 +239,33 @@ fn the_cost_model_charges_a_copy_where_a_reshape_of_a_broadcast_has_no_view() {
     }
     assert!(copies > 100 && views > 100, "{copies} copies, {views} views");
 }
+
+/// A layer norm over the channels of `[N, C, H, W]` (the optimizer's transpose, fused norm,
+/// transpose back) is one kernel that reads `x` through a strided view and writes the
+/// transposed layout: into the caller's buffer when the result is a graph output, into the
+/// arena for the ReLU after it. Neither transpose is a copy.
+#[test]
+fn a_norm_over_channels_is_one_kernel_writing_the_transposed_layout() {
+    let spec = r#"Model(name: "c", inputs: { "x": (f32, [2, 6, 4, 5]) },
+        body: [
+            Let("w", Param(shape: [6, 1, 1], init: Normal(1.0))),
+            Let("b", Param(shape: [6, 1, 1], init: Normal(1.0))),
+            Let("mu", Mean(x: "x", axes: 1, keepdims: true)),
+            Let("var", Mean(x: Pow(Sub("x", "mu"), 2.0), axes: 1, keepdims: true)),
+            Let("y", Add(Mul("w", Div(Sub("x", "mu"), Sqrt(Add("var", 1e-6)))), "b")),
+            Let("z", Relu(Add(Mul("w", Div(Sub("x", "mu"), Sqrt(Add("var", 1e-6)))), "b"))),
+        ],
+        outputs: ["y", "z"])"#;
+    let (_, lowered) = kiln_lower::load_str("c", spec, &[]);
+    let lowered = lowered.unwrap_or_else(|_| panic!("the spec lowers"));
+    let (g, _) = kiln_opt::optimize(&lowered.graph, &kiln_opt::Options::default()).unwrap();
+    let s = schedule(&g).unwrap();
+    check(&s);
+    let text = kiln_sched::print::to_text(&s);
+    assert_eq!(s.kernels.iter().filter(|k| k.name() == "layer_norm").count(), 1, "{text}");
+    assert!(!text.contains(" copy "), "no copies:\n{text}");
+    let norm = s.kernels.iter().find(|k| k.name() == "layer_norm").expect("a norm kernel");
+    // [N, H, W, C] computed, stored as [N, C, H, W]: C steps by H·W.
+    assert_eq!(norm.output.view.strides.last(), Some(&kiln_ir::Dim::Const(20)), "{text}");
+    assert_eq!(norm.inputs[0].view.strides.last(), Some(&kiln_ir::Dim::Const(20)), "{text}");
+}
