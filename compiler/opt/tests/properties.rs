@@ -529,6 +529,21 @@ fn fusion_graph(seed: u64) -> Graph {
                 }
             };
             if b.dice.coin() {
+                // A temperature that is a tensor: of rank 0, per head, or per query; multiplied
+                // on either side or divided by.
+                let shape = match b.dice.below(3) {
+                    0 => vec![],
+                    1 => vec![h, 1, 1],
+                    _ => vec![rows, h, s, 1],
+                };
+                let t = b.input("temperature", &shape);
+                scores = match b.dice.below(3) {
+                    0 => b.bin(B::Mul, scores, t),
+                    1 => b.bin(B::Mul, t, scores),
+                    _ => b.bin(B::Div, scores, t),
+                };
+            }
+            if b.dice.coin() {
                 let mask = b.input("mask", &[rows, 1, 1, s]);
                 scores = b.bin(B::Add, scores, mask);
             }
@@ -880,6 +895,7 @@ fn fusion_graphs_do_fuse() {
     let mut causals = 0;
     let mut affine = 0;
     let mut inner = 0;
+    let mut temperatures = 0;
     for seed in 0..40 {
         let g = fusion_graph(seed);
         let (opt, _) = optimize(&g, &Options::default()).expect("optimizes");
@@ -900,6 +916,10 @@ fn fusion_graphs_do_fuse() {
             let left = opt.node_ids().any(|n| matches!(opt.node(n).op, Op::Iota { .. }));
             assert_eq!((flagged, left), (written, false), "seed {seed}: causal mask written {written}");
             causals += usize::from(written);
+            let named = |want: &str| {
+                g.inputs.iter().any(|&i| matches!(&g.node(i).op, Op::Input { name, .. } if name == want))
+            };
+            temperatures += usize::from(named("temperature"));
         }
         // A norm with γ, over whichever axis, is one affine fused norm with no reduction left.
         let has_gamma =
@@ -933,6 +953,7 @@ fn fusion_graphs_do_fuse() {
     assert!(fused >= 36, "only {fused} of 40 random fusion graphs fused");
     assert!(attentions >= 4, "only {attentions} of 40 random fusion graphs wrote an attention");
     assert!(causals >= 2, "only {causals} of 40 random fusion graphs wrote a causal mask");
+    assert!(temperatures >= 1, "none of 40 random fusion graphs scaled attention by a tensor");
 }
 
 /// Where a padding mask goes beside the causal one.

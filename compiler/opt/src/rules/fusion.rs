@@ -489,7 +489,7 @@ fn gelu_tanh(g: &KGraph, id: Id) -> Vec<New> {
 /// A reading of attention scores: q · kᵀ · scale (+ mask) (causally masked).
 #[derive(Clone, Debug)]
 struct Scores {
-    q: Id,
+    q: New,
     kt: Id,
     scale: f64,
     mask: Option<New>,
@@ -553,24 +553,42 @@ fn minus_inf_where(g: &KGraph, id: Id) -> Vec<(Id, Selects, Id)> {
     out
 }
 
+/// The readings of `id` as `q · kᵀ`, optionally times a scalar constant: (q, kᵀ, scale).
+fn scaled_products(g: &KGraph, id: Id) -> Vec<(Id, Id, f64)> {
+    let product = |n: &crate::lang::KNode| {
+        n.ir() == &Op::MatMul && ty(g, n.children[0]).rank() >= 2 && ty(g, n.children[1]).rank() >= 2
+    };
+    let mut out: Vec<(Id, Id, f64)> =
+        nodes(g, id).iter().filter(|n| product(n)).map(|n| (n.children[0], n.children[1], 1.0)).collect();
+    for (s, c) in binary(g, id, B::Mul) {
+        let Some(c) = scalar(g, c) else { continue };
+        out.extend(nodes(g, s).iter().filter(|n| product(n)).map(|n| (n.children[0], n.children[1], c)));
+    }
+    out
+}
+
 /// The readings of `id` as attention scores; the mask (outermost) and the causal condition
 /// may come in either order, the scale sits directly on the product. A causal condition
 /// comes as a `where` with −inf on the scores or as an added mask `where(…, 0, −inf)`
 /// (`where(…, −inf, 0)` for the dropping form).
 fn scores(g: &KGraph, id: Id, masked: bool, causal: bool) -> Vec<Scores> {
-    let mut out = vec![];
-    // q · kᵀ, optionally times a constant.
-    for n in nodes(g, id) {
-        if n.ir() == &Op::MatMul && ty(g, n.children[0]).rank() >= 2 && ty(g, n.children[1]).rank() >= 2 {
-            out.push(Scores { q: n.children[0], kt: n.children[1], scale: 1.0, mask: None, causal: false });
+    let mut out: Vec<Scores> = scaled_products(g, id)
+        .into_iter()
+        .map(|(q, kt, scale)| Scores { q: New::Class(q), kt, scale, mask: None, causal: false })
+        .collect();
+    // A scale that is a tensor, not a constant (a learned temperature, one per head), and
+    // does not vary along the keys: it scales the queries instead, (q·kᵀ)·t = (q·t)·kᵀ and
+    // (q·kᵀ)/t = (q/t)·kᵀ.
+    let tensor_scales = binary(g, id, B::Mul).into_iter().map(|(s, t)| (s, t, B::Mul));
+    for (s, t, op) in tensor_scales.chain(binary(g, id, B::Div).into_iter().map(|(s, t)| (s, t, B::Div))) {
+        let (tt, st) = (ty(g, t), ty(g, s));
+        let along_keys = tt.shape.last().is_some_and(|d| *d != kiln_ir::Dim::Const(1));
+        if scalar(g, t).is_some() || along_keys || tt.dtype != st.dtype || tt.rank() > st.rank() {
+            continue;
         }
-    }
-    for (s, c) in binary(g, id, B::Mul) {
-        let Some(c) = scalar(g, c) else { continue };
-        for n in nodes(g, s) {
-            if n.ir() == &Op::MatMul && ty(g, n.children[0]).rank() >= 2 {
-                out.push(Scores { q: n.children[0], kt: n.children[1], scale: c, mask: None, causal: false });
-            }
+        for (q, kt, scale) in scaled_products(g, s) {
+            let q = New::node(Op::Binary(op), vec![New::Class(q), New::Class(t)]);
+            out.push(Scores { q, kt, scale, mask: None, causal: false });
         }
     }
     for (cond, selects, s) in minus_inf_where(g, id) {
@@ -652,7 +670,7 @@ fn attention(g: &KGraph, id: Id) -> Vec<New> {
                 perm.swap(rank - 2, rank - 1);
                 let k = New::over(Op::Transpose { perm }, &[s.kt]);
                 let op = Op::Attention { scale: s.scale, causal: s.causal, masked: s.mask.is_some() };
-                let mut children = vec![New::Class(s.q), k, New::Class(v)];
+                let mut children = vec![s.q, k, New::Class(v)];
                 children.extend(s.mask);
                 out.push(New::node(op, children));
             }
