@@ -279,6 +279,12 @@ pub(crate) fn emit_norm_run(
     // Param views are [N]: their one stride steps along the row.
     let pstride = |i: usize| ops[i].strides[0];
 
+    let args = NormArgs { a: 0, b: bi, gamma: gi, beta: betai, out: oi };
+    if let (None, Some(side)) = (lead, side_by_side(&ops, &args)) {
+        let mut body = Body::new();
+        let range = norm_across(&mut body, &ct, &ops, &args, (kind, eps), side);
+        return Ok(norm_kernel(symbol, &ops, &ct, body, range, None));
+    }
     let mut body = Body::new();
     let bd = &mut body;
     // Where a row starts: from static strides, or computed from the run's sizes.
@@ -368,21 +374,165 @@ pub(crate) fn emit_norm_run(
         None
     });
     close_range(bd);
-    let numel = out.numel() as u64;
+    Ok(norm_kernel(symbol, &ops, &ct, body, rows, lead))
+}
+
+/// The kernel of a norm's `body` over `range` iterations: 10 flops per element, and the
+/// distinct elements of every operand read or written once.
+fn norm_kernel(
+    symbol: &str,
+    ops: &[Operand],
+    ct: &ComputeType,
+    body: Body,
+    range: usize,
+    lead: Option<&crate::dynamic::RunLead>,
+) -> Kernel {
+    let numel = ops.last().map_or(0, Operand::numel) as u64;
     let flops = 10 * numel;
     let distinct = |o: &Operand| {
         o.shape.iter().zip(&o.strides).map(|(&d, &s)| if s == 0 { 1 } else { d }).product::<usize>() as u64
     };
     let bytes = ops.iter().map(distinct).sum::<u64>() * ct.size;
     let syms = lead.map(|l| format!("{}: memref<{}xi64>", crate::dynamic::SYMS_ARG, l.n_syms));
-    Ok(Kernel {
+    Kernel {
         symbol: symbol.into(),
-        mlir: func_text_with(symbol, &ops, syms.as_deref(), body),
-        range: rows,
-        grain: Kernel::grain_for(rows, flops),
+        mlir: func_text_with(symbol, ops, syms.as_deref(), body),
+        range,
+        grain: Kernel::grain_for(range, flops),
         flops,
         bytes,
-    })
+    }
+}
+
+/// Where a norm's operands are among its kernel's arguments.
+struct NormArgs {
+    a: usize,
+    b: Option<usize>,
+    gamma: Option<usize>,
+    beta: Option<usize>,
+    out: usize,
+}
+
+/// The axis along which a norm's rows lie side by side, if its rows are strided: one of the
+/// leading axes with unit stride in `a` and `out` while the row's own stride is not 1 in
+/// `a` (a norm over the channels of `[N, C, H, W]`, read through the transpose that puts C
+/// last and written back through it, has the rows of neighbouring pixels side by side).
+fn side_by_side(ops: &[Operand], args: &NormArgs) -> Option<usize> {
+    let (a, out) = (&ops[args.a], &ops[args.out]);
+    let r = out.rank();
+    if r < 2 || a.strides[r - 1] == 1 {
+        return None;
+    }
+    (0..r - 1).rev().find(|&k| a.strides[k] == 1 && out.strides[k] == 1)
+}
+
+/// A norm over rows that lie side by side along axis `side` ([`side_by_side`]): each
+/// iteration takes one vector of neighbouring rows and walks their elements, so every load
+/// and store is a contiguous vector rather than a gather, and each lane keeps its own row's
+/// sums (no horizontal reduction). The passes are the row plan's: the mean (layer norm),
+/// the mean square of the centered values, then the scaled result. Returns the range.
+fn norm_across(
+    b: &mut Body,
+    ct: &ComputeType,
+    ops: &[Operand],
+    args: &NormArgs,
+    (kind, eps): (NormKind, f64),
+    side: usize,
+) -> usize {
+    let out = &ops[args.out];
+    let r = out.rank();
+    let (n, lanes, extent) = (out.shape[r - 1], ct.lanes, out.shape[side]);
+    // Iteration axes: the leading ones, `side` counted in vectors.
+    let dims: Vec<usize> =
+        (0..r - 1).map(|k| if k == side { extent.div_ceil(lanes) } else { out.shape[k] }).collect();
+    let per_vector = |o: &Operand| -> Operand {
+        let strides =
+            (0..r - 1).map(|k| if k == side { o.strides[k] * lanes } else { o.strides[k] }).collect();
+        Operand { strides, shape: dims.clone(), ..o.clone() }
+    };
+    let rowed: Vec<usize> = [Some(args.a), args.b, Some(args.out)].into_iter().flatten().collect();
+    let vectors: Vec<Operand> = rowed.iter().map(|&i| per_vector(&ops[i])).collect();
+    let range = if n == 0 { 0 } else { dims.iter().product() };
+    let vty = ct.vty.as_str();
+    let it = open_range(b);
+    let offs = offsets(b, &it, &dims, &vectors.iter().collect::<Vec<_>>());
+    let start = |i: usize| offs.offsets[rowed.iter().position(|&k| k == i).unwrap_or(0)].clone();
+    let tail = if extent.is_multiple_of(lanes) {
+        None
+    } else {
+        let done = scale(b, &offs.indices[side], lanes);
+        let all = b.index(extent);
+        let count = b.assign(format!("arith.subi {all}, {done} : index"));
+        let mask = b.assign(format!("vector.create_mask {count} : {}", bool_type_like(vty)));
+        Some((mask, count))
+    };
+    let part = tail.as_ref().map(|(mask, count)| Part { mask, count: Count::Dynamic(count) });
+    let part = part.as_ref();
+    // The lanes' row elements at position `e`: a (+ b).
+    let x_at = |b: &mut Body, e: &str| -> String {
+        let mut x: Option<String> = None;
+        for i in [Some(args.a), args.b].into_iter().flatten() {
+            let o = &ops[i];
+            let at = addr(b, &start(i), e, o.strides[r - 1]);
+            let v = load(b, o, &at, o.strides[side], vty, part, 0.0);
+            x = Some(match x {
+                Some(x) => b.fadd(&x, &v, vty),
+                None => v,
+            });
+        }
+        x.unwrap_or_default()
+    };
+    let (lo, hi, one) = (b.index(0), b.index(n), b.index(1));
+    let zero = b.float(0.0, vty);
+    let inv_n = b.float(1.0 / n.max(1) as f64, vty);
+    // Σ over the row of `f(x)`, one sum per lane.
+    let sum = |b: &mut Body, f: &dyn Fn(&mut Body, &str, &str) -> String| -> String {
+        let inits = [(zero.clone(), vty.to_string())];
+        let (e, acc, res) = for_open(b, &lo, &hi, &one, &inits);
+        let x = x_at(b, &e);
+        let s = f(b, &x, &acc[0]);
+        for_close(b, &[s], &inits);
+        res[0].clone()
+    };
+    let (shift, square_mean) = match kind {
+        NormKind::Layer => {
+            let s = sum(b, &|b, x, acc| b.fadd(acc, x, vty));
+            let mean = b.fmul(&s, &inv_n, vty);
+            let q = sum(b, &|b, x, acc| {
+                let c = b.fsub(x, &mean, vty);
+                b.fma(&c, &c, acc, vty)
+            });
+            (Some(mean), b.fmul(&q, &inv_n, vty))
+        }
+        NormKind::Rms => {
+            let q = sum(b, &|b, x, acc| b.fma(x, x, acc, vty));
+            (None, b.fmul(&q, &inv_n, vty))
+        }
+    };
+    let epsv = b.float(eps, vty);
+    let ve = b.fadd(&square_mean, &epsv, vty);
+    let rs = b.rsqrt(&ve, vty);
+    let (e, _, _) = for_open(b, &lo, &hi, &one, &[]);
+    let x = x_at(b, &e);
+    let c = match &shift {
+        Some(m) => b.fsub(&x, m, vty),
+        None => x,
+    };
+    let mut y = b.fmul(&c, &rs, vty);
+    // γ and β: one value per row element, the same in every lane.
+    for (i, add) in [(args.gamma, false), (args.beta, true)] {
+        let Some(i) = i else { continue };
+        let o = &ops[i];
+        let base = b.index(o.offset);
+        let at = addr(b, &base, &e, o.strides[0]);
+        let v = load(b, o, &at, 0, vty, None, 0.0);
+        y = if add { b.fadd(&y, &v, vty) } else { b.fmul(&y, &v, vty) };
+    }
+    let at = addr(b, &start(args.out), &e, out.strides[r - 1]);
+    store(b, &y, out, &at, out.strides[side], vty, part);
+    for_close(b, &[], &[]);
+    close_range(b);
+    range
 }
 
 // ------------------------------------------------------------------------------- helpers
