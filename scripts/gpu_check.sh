@@ -59,6 +59,8 @@ CONFORMANCE=(
     # mask, a SwiGLU feed-forward), as the optimizer's variant test has it: one causal
     # attention, two RMS norms, a product with a SiLU epilogue.
     "decoder_block_written|compiler/opt/tests/variants/llama_block_written_out.ron|--set b=2 --set s=100 --set h=4 --set hd=32 --set dm=128 --set ffn=256"
+    # Norms written over the channels of [N, C, H, W]: each one kernel of rows side by side.
+    "channel_norms|tests/gpu_check/channel_norms.ron|"
     # One artifact for every batch and length, run at sizes no tile divides (the hints).
     "bert_dynamic|models/bert_encoder.ron|--set vocab=1000 --set layers=1 --set max_positions=128 --set hidden=128 --set heads=4 --set ffn=512 --set batch=Dyn(min:1,max:4,hint:3) --set seq=Dyn(min:1,max:128,hint:37)"
     "gpt2_dynamic|models/gpt2.ron|--set vocab=2000 --set layers=1 --set d=128 --set heads=4 --set ctx=256 --set batch=Dyn(min:1,max:4,hint:1) --set seq=Dyn(min:8,max:256,hint:200,multiple_of:8)"

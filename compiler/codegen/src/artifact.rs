@@ -639,6 +639,7 @@ fn tensor_core_precisions(kernels: &[GpuKernel]) -> Vec<String> {
             Work::Elements { .. }
             | Work::Columns { .. }
             | Work::Rows { .. }
+            | Work::RowsSideBySide { .. }
             | Work::Matmul { .. }
             | Work::Attention { .. }
             | Work::AttentionTiled { .. } => continue,

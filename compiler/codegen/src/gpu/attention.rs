@@ -252,6 +252,7 @@ pub fn emit_run(
         Work::Elements { .. }
         | Work::Columns { .. }
         | Work::Rows { .. }
+        | Work::RowsSideBySide { .. }
         | Work::Matmul { .. }
         | Work::MatmulTensorCores { .. } => {
             return Err(CodegenError::Unsupported("an attention plan that is not one".into()))

@@ -14,7 +14,12 @@ use kiln_sched::Expr;
 
 /// The invocation's element number, under an `scf.if` that skips numbers past `count` (at
 /// the run's rows in row form; close with `b.close("")`).
-fn open_element(b: &mut Body, plan: &GpuPlan, count: usize, cx: &GpuCtx) -> Result<String, CodegenError> {
+pub(super) fn open_element(
+    b: &mut Body,
+    plan: &GpuPlan,
+    count: usize,
+    cx: &GpuCtx,
+) -> Result<String, CodegenError> {
     let wg = workgroup_number(b, plan);
     let tid = b.assign("gpu.thread_id x");
     let g = b.index(plan.launch.workgroup[0] as usize);

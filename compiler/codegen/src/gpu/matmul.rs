@@ -100,6 +100,7 @@ pub fn emit(
         Work::Elements { .. }
         | Work::Columns { .. }
         | Work::Rows { .. }
+        | Work::RowsSideBySide { .. }
         | Work::Attention { .. }
         | Work::AttentionTiled { .. }
         | Work::AttentionTensorCores { .. } => {

@@ -39,6 +39,12 @@ pub enum Work {
     /// shuffles, then once across the warps through shared memory; without, through a tree in
     /// shared memory.
     Rows { rows: usize, len: usize, group: u32, held: u32, warp: Option<u32> },
+    /// One invocation per row of `len` elements, `group` per workgroup, for rows that lie
+    /// side by side in memory (a norm over the channels of `[N, C, H, W]`, whose rows are
+    /// strided and whose neighbouring pixels' rows are adjacent): each invocation walks its
+    /// own row on every pass, and a warp's loads of one element of 32 neighbouring rows are
+    /// adjacent, where a workgroup per row would read one element per memory transaction.
+    RowsSideBySide { rows: usize, len: usize, group: u32 },
     /// A tiled product `[batch] × (m×k · k×n)`: each workgroup computes a `tile[0]×tile[1]`
     /// block of the result, stepping over k by `tile[2]` with both operand tiles in shared
     /// memory; each invocation accumulates a `thread[0]×thread[1]` block in registers, made of
@@ -445,6 +451,21 @@ impl GpuPlan {
             work: Work::Rows { rows, len, group, held, warp },
             launch: Launch { grid, workgroup: [group, 1, 1] },
             shared_bytes: bytes(group) as u32,
+            resident: 1,
+        })
+    }
+
+    /// One invocation per row of rows that lie side by side ([`Work::RowsSideBySide`]), 64
+    /// per workgroup: two warps of neighbouring rows are enough for whole memory transactions,
+    /// and an invocation walks its row several times, so more, smaller workgroups spread a
+    /// few thousand rows over more multiprocessors.
+    pub fn rows_side_by_side(rows: usize, len: usize, caps: &GpuCaps) -> Result<GpuPlan, CodegenError> {
+        let group = group_size(rows, 1, caps).min(64);
+        let grid = fold(rows.div_ceil(group as usize), caps)?;
+        Ok(GpuPlan {
+            work: Work::RowsSideBySide { rows, len, group },
+            launch: Launch { grid, workgroup: [group, 1, 1] },
+            shared_bytes: 0,
             resident: 1,
         })
     }
@@ -980,6 +1001,9 @@ impl GpuPlan {
                     None => "shared-memory tree".to_string(),
                 };
                 format!("rows: {rows} of {len}, {group} invocations per row{held}, {combine}")
+            }
+            Work::RowsSideBySide { rows, len, group } => {
+                format!("rows side by side: {rows} of {len}, one per invocation, {group} per workgroup")
             }
             Work::Matmul { batch, m, n, k, tile, thread, vector, stages, async_copies } => {
                 let copies = if *async_copies { ", async copies" } else { "" };

@@ -294,7 +294,152 @@ pub fn emit_norm(
     views.extend(b_in.cloned());
     views.push(out.clone());
     let len = out.shape.last().copied().unwrap_or(1);
+    // Static rows only: in row form the rows' count is the run's, numbered in their order.
+    if let (None, Some(side)) = (&cx.run, side_by_side(&views)) {
+        return norm_side_by_side(symbol, (kind, eps), &views, (gamma, beta), side, cx);
+    }
     norm(symbol, kind, eps, (&views, len), gamma, beta, None, cx)
+}
+
+/// The axis along which a norm's rows lie side by side, if they are strided: one of the
+/// leading axes (extent > 1) with unit stride in `a` and `out` while `a`'s rows are not
+/// contiguous (a norm over the channels of `[N, C, H, W]`, read through the transpose that
+/// puts C last and written back through it).
+fn side_by_side(operands: &[View]) -> Option<usize> {
+    let (a, out) = (operands.first()?, operands.last()?);
+    let r = out.rank();
+    if r < 2 || out.shape[r - 1] <= 1 || a.strides[r - 1] == 1 {
+        return None;
+    }
+    (0..r - 1).rev().find(|&k| out.shape[k] > 1 && a.strides[k] == 1 && out.strides[k] == 1)
+}
+
+/// A norm over rows that lie side by side along `side` ([`Work::RowsSideBySide`]): one
+/// invocation per row, rows numbered with `side` innermost so that neighbouring invocations
+/// take neighbouring rows; each walks its row once per pass (the mean, the centered squares,
+/// the outputs) in the interpreter's order. Arguments: a, [b], [gamma], [beta], out.
+fn norm_side_by_side(
+    symbol: &str,
+    (kind, eps): (NormKind, f64),
+    operands: &[View],
+    (gamma, beta): (Option<&View>, Option<&View>),
+    side: usize,
+    cx: &GpuCtx,
+) -> Result<GpuKernel, CodegenError> {
+    let (a, out) = (&operands[0], &operands[operands.len() - 1]);
+    let b_in = (operands.len() == 3).then(|| &operands[1]);
+    let ty = reg_type(out.dtype);
+    let r = out.rank();
+    let len = out.shape[r - 1];
+    let rows = out.numel() / len.max(1);
+    let order: Vec<usize> = (0..r - 1).filter(|&k| k != side).chain([side]).collect();
+    let dims: Vec<usize> = order.iter().map(|&k| out.shape[k]).collect();
+    let plan = GpuPlan::rows_side_by_side(rows, len, cx.caps)?;
+    let mut b = cx.body();
+    let row = super::elements::open_element(&mut b, &plan, rows, cx)?;
+    let idx = unravel(&mut b, &row, &dims);
+    let starts: Vec<String> = operands
+        .iter()
+        .map(|v| {
+            let parts: Vec<(Option<&String>, usize)> =
+                order.iter().zip(&idx).map(|(&k, i)| (Some(i), v.strides[k])).collect();
+            offset_at(&mut b, v.offset, &parts)
+        })
+        .collect();
+    // Arguments in order: a, [b], [gamma], [beta], out.
+    let mut args: Vec<&View> = vec![a];
+    args.extend(b_in);
+    let g_arg = gamma.map(|g| {
+        args.push(g);
+        format!("%a{}", args.len() - 1)
+    });
+    let be_arg = beta.map(|be| {
+        args.push(be);
+        format!("%a{}", args.len() - 1)
+    });
+    let out_arg = format!("%a{}", args.len());
+    let x_at = |b: &mut Body, j: &str| -> String {
+        let at = step(b, &starts[0], j, a.strides[r - 1]);
+        let x = load(b, "%a0", a, &at);
+        match b_in {
+            Some(bv) => {
+                let at = step(b, &starts[1], j, bv.strides[r - 1]);
+                let y = load(b, "%a1", bv, &at);
+                b.fadd(&x, &y, ty)
+            }
+            None => x,
+        }
+    };
+    let (lo, hi, one) = (b.index(0), b.index(len), b.index(1));
+    let zero = b.float(0.0, ty);
+    // Σ over the row of `f(x)`, in order.
+    let sum = |b: &mut Body, f: &dyn Fn(&mut Body, &str) -> String| -> String {
+        let (res, j, acc) = (b.fresh("sum"), b.fresh("j"), b.fresh("part"));
+        b.open(format!("{res} = scf.for {j} = {lo} to {hi} step {one} iter_args({acc} = {zero}) -> ({ty})"));
+        let x = x_at(b, &j);
+        let y = f(b, &x);
+        let next = b.fadd(&acc, &y, ty);
+        b.line(format!("scf.yield {next} : {ty}"));
+        b.close("");
+        res
+    };
+    let nf = b.float(len as f64, ty);
+    let e = b.float(eps, ty);
+    let (center, scale) = match kind {
+        NormKind::Layer => {
+            let total = sum(&mut b, &|_, x| x.into());
+            let mean = b.fdiv(&total, &nf, ty);
+            let total = sum(&mut b, &|b, x| {
+                let c = b.fsub(x, &mean, ty);
+                b.fmul(&c, &c, ty)
+            });
+            let var = b.fdiv(&total, &nf, ty);
+            let ve = b.fadd(&var, &e, ty);
+            (Some(mean), b.sqrt(&ve, ty))
+        }
+        NormKind::Rms => {
+            let total = sum(&mut b, &|b, x| b.fmul(x, x, ty));
+            let ms = b.fdiv(&total, &nf, ty);
+            let me = b.fadd(&ms, &e, ty);
+            let root = b.sqrt(&me, ty);
+            let onef = b.float(1.0, ty);
+            (None, b.fdiv(&onef, &root, ty))
+        }
+    };
+    let j = b.fresh("j");
+    b.open(format!("scf.for {j} = {lo} to {hi} step {one}"));
+    let x = x_at(&mut b, &j);
+    let mut y = match &center {
+        Some(mean) => {
+            let c = b.fsub(&x, mean, ty);
+            b.fdiv(&c, &scale, ty)
+        }
+        None => b.fmul(&x, &scale, ty),
+    };
+    for (v, arg, add) in [(gamma, &g_arg, false), (beta, &be_arg, true)] {
+        if let (Some(v), Some(arg)) = (v, arg) {
+            let off = b.index(v.offset);
+            let at = step(&mut b, &off, &j, v.strides[0]);
+            let w = load(&mut b, arg, v, &at);
+            y = if add { b.fadd(&y, &w, ty) } else { b.fmul(&y, &w, ty) };
+        }
+    }
+    let at = step(&mut b, &starts[starts.len() - 1], &j, out.strides[r - 1]);
+    store(&mut b, &y, &out_arg, out, &at);
+    b.close("");
+    b.close("");
+    let mut memrefs: Vec<String> = args.iter().map(|v| v.memref()).collect();
+    memrefs.push(out.memref());
+    let flops = (out.numel() * 8) as u64;
+    let bytes = ((args.len() + 1) * out.numel() * out.dtype.size_bytes()) as u64;
+    Ok(GpuKernel {
+        symbol: symbol.into(),
+        mlir: module(symbol, &memrefs, &plan, b)?,
+        plan,
+        flops,
+        bytes,
+        run_grid: None,
+    })
 }
 
 /// [`emit_norm`] over run-time leading axes: `operands` (a, [b], out: the buffers, with static
