@@ -18,11 +18,17 @@ pub struct Meta {
     pub konst: Option<f64>,
 }
 
+/// A node a rule added: the node, the rule, and the class the rule's whole result joined.
+pub type Created = (KNode, egg::Symbol, egg::Id);
+
 /// The analysis: type inference and splat-constant folding. It also keeps the provenance of
 /// the nodes rules add (which rule added which node), for `--explain`.
 #[derive(Default)]
 pub struct Facts {
-    pub created: Vec<(KNode, egg::Symbol)>,
+    /// Each node a rule added, the rule, and the class the rule found it equal to (the node's
+    /// own, or, for a node nested in what the rule built, the class of that whole: a fused
+    /// norm inside the transpose back of a norm over another axis).
+    pub created: Vec<Created>,
     /// The graph's symbols: their bounds prove symbolic slice bounds, their hints are where
     /// costs are estimated.
     pub symbols: Vec<kiln_ir::SymbolDecl>,

@@ -48,14 +48,34 @@ pub fn explain(
     }
     // Classes the optimized graph computes: what lies below them is not replaced.
     let kept: HashSet<Id> = class_of_out.values().map(|c| canon(*c)).collect();
+    let mut users: HashMap<NodeId, Vec<NodeId>> = HashMap::new();
+    for n in out.node_ids() {
+        for o in out.operands(n) {
+            users.entry(o).or_default().push(n);
+        }
+    }
     let mut list = vec![];
     for n in out.topo_order() {
         let node = out.node(n);
         if !node.op.is_fused() {
             continue;
         }
-        let class = canon(class_of_out[&n]);
-        let stops: HashSet<Id> = kept.iter().copied().filter(|c| *c != class).collect();
+        // A fused node a rule wrapped in a view (a norm over another axis, transposed back;
+        // attention over split heads, reshaped back) stands for what the view's class was
+        // written as: follow single view users up to a class the original graph computes.
+        let mut chain = vec![canon(class_of_out[&n])];
+        let mut top = n;
+        while !originals.contains_key(&chain[chain.len() - 1]) {
+            match users.get(&top).map(Vec::as_slice) {
+                Some([u]) if matches!(out.node(*u).op, Op::Transpose { .. } | Op::Reshape { .. }) => {
+                    top = *u;
+                    chain.push(canon(class_of_out[u]));
+                }
+                _ => break,
+            }
+        }
+        let class = chain[chain.len() - 1];
+        let stops: HashSet<Id> = kept.iter().copied().filter(|c| !chain.contains(c)).collect();
         // Walk the original graph down from this class to the fused node's operands.
         let mut seen: HashSet<NodeId> = HashSet::new();
         let mut stack: Vec<NodeId> = originals.get(&class).cloned().unwrap_or_default();
@@ -81,13 +101,15 @@ pub fn explain(
             }
             classes.insert(canon(class_of_before[&o]));
         }
+        classes.extend(chain.iter().copied());
         // Rules that built this op, or the fused forms its rule matches over, in the classes
         // this node covers, in order of creation.
         let mut kinds = precursors(&node.op);
         kinds.push(node.op.name());
         let mut rules: Vec<String> = vec![];
-        for (k, rule) in &egraph.analysis.created {
-            let covered = egraph.lookup(k.clone()).is_some_and(|c| classes.contains(&canon(c)));
+        for (k, rule, joined) in &egraph.analysis.created {
+            let covered = egraph.lookup(k.clone()).is_some_and(|c| classes.contains(&canon(c)))
+                || classes.contains(&canon(*joined));
             if kinds.contains(&k.ir().name()) && covered {
                 let r = rule.to_string();
                 if !rules.contains(&r) {

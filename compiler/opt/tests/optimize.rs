@@ -274,6 +274,29 @@ fn explanations_show_the_library_line_and_the_model_line_that_called_it() {
     assert!(text.contains("(called at "), "{text}");
 }
 
+/// A fused node a rule wraps in a view stands for what the view's class was written as: a
+/// layer norm over channels (transposed back) and attention over split heads (reshaped back)
+/// name their rules, the ops they replace and where those were written.
+#[test]
+fn explanations_of_fused_nodes_inside_views_name_their_rules_and_sources() {
+    let variants = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/variants");
+    let opts = Options { explain: true, ..Options::default() };
+    for (file, op, rules) in [
+        ("layer_norm_over_channels.ron", "layer_norm", "fuse-layer-norm → fuse-layer-norm-affine"),
+        ("attention_grouped_query.ron", "attention", "fuse-attention → attention-split-heads"),
+    ] {
+        let g = lower(&variants.join(file), &[]);
+        let (_, r) = optimize(&g, &opts).expect("optimizes");
+        let e = r.explanations.iter().find(|e| e.op == op).unwrap_or_else(|| panic!("{file}: a {op}"));
+        assert!(e.rules.join(" → ").contains(rules), "{file}: {:?}", e.rules);
+        assert!(
+            e.replaces.contains_key("reduce_max") || e.replaces.contains_key("reduce_mean"),
+            "{file}: {e:?}"
+        );
+        assert!(e.origins.iter().any(|o| o.contains(file)), "{file}: {:?}", e.origins);
+    }
+}
+
 #[test]
 fn a_10000_op_elementwise_chain_optimizes_without_overflowing_the_stack() {
     use kiln_ir::{BinaryOp, DType, UnaryOp};

@@ -84,12 +84,7 @@ pub fn merge_shared_inputs(egraph: &mut KGraph) -> usize {
         }
         let wide_tree = New::node(op, operands);
         let Some(wide) = wide_tree.build(egraph) else { continue };
-        if let New::Node(op, children) = &wide_tree {
-            let ids: Option<Vec<Id>> = children.iter().map(|c| c.lookup(egraph)).collect();
-            if let Some(ids) = ids {
-                egraph.analysis.created.push((KNode::new(op.clone(), ids), rule));
-            }
-        }
+        wide_tree.record(egraph, rule, wide);
         let out_axis = ty(egraph, wide).rank() - 1;
         let mut start = kiln_ir::Dim::Const(0);
         for m in &members {
@@ -103,7 +98,7 @@ pub fn merge_shared_inputs(egraph: &mut KGraph) -> usize {
             }
             if egraph.union(id, m.class) {
                 merged += 1;
-                egraph.analysis.created.push((KNode::new(slice, vec![wide]), rule));
+                egraph.analysis.created.push((KNode::new(slice, vec![wide]), rule, m.class));
             }
         }
     }

@@ -51,6 +51,19 @@ impl New {
         }
     }
 
+    /// Records every node of the tree as built by `rule`, for the explanations: the fused
+    /// node a rule wraps in a view (a norm over another axis, transposed back) too.
+    pub(super) fn record(&self, egraph: &mut KGraph, rule: Symbol, joined: Id) {
+        let New::Node(op, children) = self else { return };
+        for c in children {
+            c.record(egraph, rule, joined);
+        }
+        let ids: Option<Vec<Id>> = children.iter().map(|c| c.lookup(egraph)).collect();
+        if let Some(ids) = ids {
+            egraph.analysis.created.push((KNode::new(op.clone(), ids), rule, joined));
+        }
+    }
+
     /// The class the tree already is in the e-graph, if all of it exists.
     fn lookup(&self, egraph: &KGraph) -> Option<Id> {
         match self {
@@ -115,12 +128,7 @@ impl Applier<KNode, Facts> for FnRule {
             }
             if egraph.union(id, eclass) {
                 changed.push(eclass);
-                if let New::Node(op, children) = &e {
-                    let ids: Option<Vec<Id>> = children.iter().map(|c| c.lookup(egraph)).collect();
-                    if let Some(ids) = ids {
-                        egraph.analysis.created.push((KNode::new(op.clone(), ids), rule));
-                    }
-                }
+                e.record(egraph, rule, eclass);
             }
         }
         changed
