@@ -316,7 +316,8 @@ const OP_CASES: &[(&str, &str, &str)] = &[
            Let("d", LayerNorm(x: "x", eps: 1e-5)),
            Let("e", RmsNorm(x: "x", eps: 1e-6)),
            Let("f", Gelu(x: "x")),
-           Let("g", AddNorm(a: "x", b: "r", eps: 1e-5)),"#,
+           Let("g", AddNorm(a: "x", b: "r", eps: 1e-5)),
+           Let("h", LogSoftmax(x: "x", axis: 1)),"#,
     ),
     (
         // Norms written out over another axis than the last: a layer norm over the channels

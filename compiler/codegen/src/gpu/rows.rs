@@ -208,6 +208,10 @@ pub fn emit_softmax(
     out: &View,
     cx: &GpuCtx,
 ) -> Result<GpuKernel, CodegenError> {
+    let views = [x.clone(), out.clone()];
+    if let (None, Some(side)) = (&cx.run, side_by_side(&views, axis)) {
+        return softmax_side_by_side(symbol, &views, axis, log, side, cx);
+    }
     let ty = reg_type(out.dtype);
     let len = x.shape[axis];
     let rows = x.numel() / len.max(1);
@@ -276,6 +280,75 @@ pub fn emit_softmax(
     })
 }
 
+/// `softmax` (or `log_softmax`) along `axis` of rows that lie side by side along `side`
+/// ([`Work::RowsSideBySide`]): each invocation walks its row for the maximum, then the sum of
+/// `exp(x − max)`, then the outputs (the exponentials computed again, as the interpreter
+/// computes them). Arguments: x, out.
+fn softmax_side_by_side(
+    symbol: &str,
+    views: &[View; 2],
+    axis: usize,
+    log: bool,
+    side: usize,
+    cx: &GpuCtx,
+) -> Result<GpuKernel, CodegenError> {
+    let [x, out] = views;
+    let ty = reg_type(out.dtype);
+    let len = x.shape[axis];
+    let mut b = cx.body();
+    let (plan, starts) = open_side_by_side(&mut b, views, axis, side, cx)?;
+    let read = |b: &mut Body, j: &str| -> String {
+        let at = step(b, &starts[0], j, x.strides[axis]);
+        load(b, "%a0", x, &at)
+    };
+    let (lo, hi, one) = (b.index(0), b.index(len), b.index(1));
+    // `init ⊕ f(x)` over the row, in order.
+    let fold = |b: &mut Body, init: &str, op: Combine, f: &dyn Fn(&mut Body, &str) -> String| -> String {
+        let (res, j, acc) = (b.fresh("sum"), b.fresh("j"), b.fresh("part"));
+        b.open(format!("{res} = scf.for {j} = {lo} to {hi} step {one} iter_args({acc} = {init}) -> ({ty})"));
+        let v = read(b, &j);
+        let y = f(b, &v);
+        let next = op.apply(b, &acc, &y, ty);
+        b.line(format!("scf.yield {next} : {ty}"));
+        b.close("");
+        res
+    };
+    let neg_inf = b.float(f64::NEG_INFINITY, ty);
+    let max = fold(&mut b, &neg_inf, Combine::Max, &|_, v| v.into());
+    let exp_less_max = |b: &mut Body, v: &str| -> String {
+        let d = b.fsub(v, &max, ty);
+        b.exp_nonpositive(&d, ty)
+    };
+    let zero = b.float(0.0, ty);
+    let total = fold(&mut b, &zero, Combine::Add, &exp_less_max);
+    let denom = if log { b.log(&total, ty) } else { total };
+    let j = b.fresh("j");
+    b.open(format!("scf.for {j} = {lo} to {hi} step {one}"));
+    let v = read(&mut b, &j);
+    let y = if log {
+        let d = b.fsub(&v, &max, ty);
+        b.fsub(&d, &denom, ty)
+    } else {
+        let e = exp_less_max(&mut b, &v);
+        b.fdiv(&e, &denom, ty)
+    };
+    let at = step(&mut b, &starts[1], &j, out.strides[axis]);
+    store(&mut b, &y, "%a1", out, &at);
+    b.close("");
+    b.close("");
+    let flops = (x.numel() * 5) as u64;
+    let bytes = ((x.numel() * 3 + out.numel()) * out.dtype.size_bytes()) as u64;
+    let memrefs = [x.memref(), out.memref()];
+    Ok(GpuKernel {
+        symbol: symbol.into(),
+        mlir: module(symbol, &memrefs, &plan, b)?,
+        plan,
+        flops,
+        bytes,
+        run_grid: None,
+    })
+}
+
 /// Layer or RMS norm over the last axis of `a` (+ `b_in` for add + norm, both at the output's
 /// shape), times `gamma` and plus `beta` when given. Arguments: a, [b], [gamma], [beta], out.
 #[allow(clippy::too_many_arguments)]
@@ -295,23 +368,110 @@ pub fn emit_norm(
     views.push(out.clone());
     let len = out.shape.last().copied().unwrap_or(1);
     // Static rows only: in row form the rows' count is the run's, numbered in their order.
-    if let (None, Some(side)) = (&cx.run, side_by_side(&views)) {
+    if let (None, Some(side)) = (&cx.run, side_by_side(&views, out.rank().saturating_sub(1))) {
         return norm_side_by_side(symbol, (kind, eps), &views, (gamma, beta), side, cx);
     }
     norm(symbol, kind, eps, (&views, len), gamma, beta, None, cx)
 }
 
-/// The axis along which a norm's rows lie side by side, if they are strided: one of the
-/// leading axes (extent > 1) with unit stride in `a` and `out` while `a`'s rows are not
-/// contiguous (a norm over the channels of `[N, C, H, W]`, read through the transpose that
-/// puts C last and written back through it).
-fn side_by_side(operands: &[View]) -> Option<usize> {
+/// The axis along which rows that run along `axis` lie side by side, if they are strided:
+/// another axis (extent > 1) with unit stride in the first operand and the output while the
+/// first operand's rows are not contiguous (a norm over the channels of `[N, C, H, W]`, read
+/// through the transpose that puts C last and written back through it; a softmax along a
+/// non-last axis).
+fn side_by_side(operands: &[View], axis: usize) -> Option<usize> {
     let (a, out) = (operands.first()?, operands.last()?);
-    let r = out.rank();
-    if r < 2 || out.shape[r - 1] <= 1 || a.strides[r - 1] == 1 {
+    if out.shape.get(axis).is_none_or(|&n| n <= 1) || a.strides[axis] == 1 {
         return None;
     }
-    (0..r - 1).rev().find(|&k| out.shape[k] > 1 && a.strides[k] == 1 && out.strides[k] == 1)
+    (0..out.rank()).rev().find(|&k| k != axis && out.shape[k] > 1 && a.strides[k] == 1 && out.strides[k] == 1)
+}
+
+/// A norm kernel's arguments in order, a, [b], [gamma], [beta], out: the input views and the
+/// names of γ's, β's and the output's arguments.
+struct NormArgs<'v> {
+    inputs: Vec<&'v View>,
+    gamma: Option<(&'v View, String)>,
+    beta: Option<(&'v View, String)>,
+    out: String,
+}
+
+impl<'v> NormArgs<'v> {
+    fn new(a: &'v View, b_in: Option<&'v View>, gamma: Option<&'v View>, beta: Option<&'v View>) -> Self {
+        let mut inputs: Vec<&View> = vec![a];
+        inputs.extend(b_in);
+        let mut named = |v: Option<&'v View>| {
+            v.map(|v| {
+                inputs.push(v);
+                (v, format!("%a{}", inputs.len() - 1))
+            })
+        };
+        let (gamma, beta) = (named(gamma), named(beta));
+        let out = format!("%a{}", inputs.len());
+        NormArgs { inputs, gamma, beta, out }
+    }
+
+    /// `y · γ[j] + β[j]`, with what of γ and β the norm has.
+    fn affine(&self, b: &mut Body, y: &str, j: &str, ty: &str) -> String {
+        let mut y = y.to_string();
+        for (param, add) in [(&self.gamma, false), (&self.beta, true)] {
+            if let Some((v, arg)) = param {
+                let off = b.index(v.offset);
+                let at = step(b, &off, j, v.strides[0]);
+                let w = load(b, arg, v, &at);
+                y = if add { b.fadd(&y, &w, ty) } else { b.fmul(&y, &w, ty) };
+            }
+        }
+        y
+    }
+
+    /// The kernel's memrefs, the output's last.
+    fn memrefs(&self, out: &View) -> Vec<String> {
+        self.inputs.iter().map(|v| v.memref()).chain([out.memref()]).collect()
+    }
+}
+
+/// A norm's `x` normalized: `(x − mean) / scale` (layer norm: the scale is `√(var + ε)`) or
+/// `x · scale` (RMS norm: `1 / √(mean(x²) + ε)`), the interpreter's arithmetic.
+fn normalized(b: &mut Body, x: &str, (mean, scale): (Option<&str>, &str), ty: &str) -> String {
+    match mean {
+        Some(mean) => {
+            let c = b.fsub(x, mean, ty);
+            b.fdiv(&c, scale, ty)
+        }
+        None => b.fmul(x, scale, ty),
+    }
+}
+
+/// Opens the invocation's row of a [`Work::RowsSideBySide`] plan over `operands` (views of
+/// one shape) whose rows run along `axis`, neighbouring rows along `side`: rows are numbered
+/// over the other axes with `side` innermost, so neighbouring invocations take neighbouring
+/// rows. Returns the plan and where each operand's row starts, under an `scf.if` that skips
+/// numbers past the rows (close with `b.close("")`).
+fn open_side_by_side(
+    b: &mut Body,
+    operands: &[View],
+    axis: usize,
+    side: usize,
+    cx: &GpuCtx,
+) -> Result<(GpuPlan, Vec<String>), CodegenError> {
+    let shape = &operands[0].shape;
+    let len = shape[axis];
+    let rows = shape.iter().product::<usize>() / len.max(1);
+    let order: Vec<usize> = (0..shape.len()).filter(|&k| k != side && k != axis).chain([side]).collect();
+    let dims: Vec<usize> = order.iter().map(|&k| shape[k]).collect();
+    let plan = GpuPlan::rows_side_by_side(rows, len, cx.caps)?;
+    let row = super::elements::open_element(b, &plan, rows, cx)?;
+    let idx = unravel(b, &row, &dims);
+    let starts = operands
+        .iter()
+        .map(|v| {
+            let parts: Vec<(Option<&String>, usize)> =
+                order.iter().zip(&idx).map(|(&k, i)| (Some(i), v.strides[k])).collect();
+            offset_at(b, v.offset, &parts)
+        })
+        .collect();
+    Ok((plan, starts))
 }
 
 /// A norm over rows that lie side by side along `side` ([`Work::RowsSideBySide`]): one
@@ -331,33 +491,9 @@ fn norm_side_by_side(
     let ty = reg_type(out.dtype);
     let r = out.rank();
     let len = out.shape[r - 1];
-    let rows = out.numel() / len.max(1);
-    let order: Vec<usize> = (0..r - 1).filter(|&k| k != side).chain([side]).collect();
-    let dims: Vec<usize> = order.iter().map(|&k| out.shape[k]).collect();
-    let plan = GpuPlan::rows_side_by_side(rows, len, cx.caps)?;
     let mut b = cx.body();
-    let row = super::elements::open_element(&mut b, &plan, rows, cx)?;
-    let idx = unravel(&mut b, &row, &dims);
-    let starts: Vec<String> = operands
-        .iter()
-        .map(|v| {
-            let parts: Vec<(Option<&String>, usize)> =
-                order.iter().zip(&idx).map(|(&k, i)| (Some(i), v.strides[k])).collect();
-            offset_at(&mut b, v.offset, &parts)
-        })
-        .collect();
-    // Arguments in order: a, [b], [gamma], [beta], out.
-    let mut args: Vec<&View> = vec![a];
-    args.extend(b_in);
-    let g_arg = gamma.map(|g| {
-        args.push(g);
-        format!("%a{}", args.len() - 1)
-    });
-    let be_arg = beta.map(|be| {
-        args.push(be);
-        format!("%a{}", args.len() - 1)
-    });
-    let out_arg = format!("%a{}", args.len());
+    let (plan, starts) = open_side_by_side(&mut b, operands, r - 1, side, cx)?;
+    let args = NormArgs::new(a, b_in, gamma, beta);
     let x_at = |b: &mut Body, j: &str| -> String {
         let at = step(b, &starts[0], j, a.strides[r - 1]);
         let x = load(b, "%a0", a, &at);
@@ -409,32 +545,17 @@ fn norm_side_by_side(
     let j = b.fresh("j");
     b.open(format!("scf.for {j} = {lo} to {hi} step {one}"));
     let x = x_at(&mut b, &j);
-    let mut y = match &center {
-        Some(mean) => {
-            let c = b.fsub(&x, mean, ty);
-            b.fdiv(&c, &scale, ty)
-        }
-        None => b.fmul(&x, &scale, ty),
-    };
-    for (v, arg, add) in [(gamma, &g_arg, false), (beta, &be_arg, true)] {
-        if let (Some(v), Some(arg)) = (v, arg) {
-            let off = b.index(v.offset);
-            let at = step(&mut b, &off, &j, v.strides[0]);
-            let w = load(&mut b, arg, v, &at);
-            y = if add { b.fadd(&y, &w, ty) } else { b.fmul(&y, &w, ty) };
-        }
-    }
+    let y = normalized(&mut b, &x, (center.as_deref(), &scale), ty);
+    let y = args.affine(&mut b, &y, &j, ty);
     let at = step(&mut b, &starts[starts.len() - 1], &j, out.strides[r - 1]);
-    store(&mut b, &y, &out_arg, out, &at);
+    store(&mut b, &y, &args.out, out, &at);
     b.close("");
     b.close("");
-    let mut memrefs: Vec<String> = args.iter().map(|v| v.memref()).collect();
-    memrefs.push(out.memref());
     let flops = (out.numel() * 8) as u64;
-    let bytes = ((args.len() + 1) * out.numel() * out.dtype.size_bytes()) as u64;
+    let bytes = ((args.inputs.len() + 1) * out.numel() * out.dtype.size_bytes()) as u64;
     Ok(GpuKernel {
         symbol: symbol.into(),
-        mlir: module(symbol, &memrefs, &plan, b)?,
+        mlir: module(symbol, &args.memrefs(out), &plan, b)?,
         plan,
         flops,
         bytes,
@@ -479,18 +600,7 @@ fn norm(
     let rank = out.rank();
     let rows = out.numel() / len.max(1);
     let lead = &out.shape[..rank.saturating_sub(1)];
-    // Arguments in order, with their names.
-    let mut views: Vec<&View> = vec![a];
-    views.extend(b_in);
-    let g_arg = gamma.map(|g| {
-        views.push(g);
-        format!("%a{}", views.len() - 1)
-    });
-    let be_arg = beta.map(|be| {
-        views.push(be);
-        format!("%a{}", views.len() - 1)
-    });
-    let out_arg = format!("%a{}", views.len());
+    let args = NormArgs::new(a, b_in, gamma, beta);
     let mut b = cx.body();
     let passes = match kind {
         NormKind::Layer => 3,
@@ -564,36 +674,17 @@ fn norm(
         }
     };
     r.each(&mut b, &held, &x_at, &|b, j, x, _| {
-        let mut y = match &center {
-            Some(mean) => {
-                let c = b.fsub(x, mean, ty);
-                b.fdiv(&c, &scale, ty)
-            }
-            None => b.fmul(x, &scale, ty),
-        };
-        if let (Some(gv), Some(arg)) = (gamma, &g_arg) {
-            let off = b.index(gv.offset);
-            let at = step(b, &off, j, gv.strides[0]);
-            let w = load(b, arg, gv, &at);
-            y = b.fmul(&y, &w, ty);
-        }
-        if let (Some(bv), Some(arg)) = (beta, &be_arg) {
-            let off = b.index(bv.offset);
-            let at = step(b, &off, j, bv.strides[0]);
-            let w = load(b, arg, bv, &at);
-            y = b.fadd(&y, &w, ty);
-        }
+        let y = normalized(b, x, (center.as_deref(), &scale), ty);
+        let y = args.affine(b, &y, j, ty);
         let at = step(b, &o_base, j, last(out));
-        store(b, &y, &out_arg, out, &at);
+        store(b, &y, &args.out, out, &at);
     });
     b.close("");
-    let mut memrefs: Vec<String> = views.iter().map(|v| v.memref()).collect();
-    memrefs.push(out.memref());
     let flops = (out.numel() * 8) as u64;
-    let bytes = ((views.len() + 1) * out.numel() * out.dtype.size_bytes()) as u64;
+    let bytes = ((args.inputs.len() + 1) * out.numel() * out.dtype.size_bytes()) as u64;
     Ok(GpuKernel {
         symbol: symbol.into(),
-        mlir: module(symbol, &memrefs, &r.plan, b)?,
+        mlir: module(symbol, &args.memrefs(out), &r.plan, b)?,
         plan: r.plan,
         flops,
         bytes,
