@@ -925,6 +925,51 @@ fn shipped_models_made_dynamic(device: Device) {
     }
 }
 
+/// Norms over the channels of `[N, C, H, W]` with the batch or the height and width known at
+/// run time only (`tests/gpu_check/channel_norms.ron`): over a run-time batch the norm reads
+/// and writes through the transposes at static strides; over a run-time height and width the
+/// rows' stride is a run-time size, so the scheduler copies each input into rows once first.
+fn channel_norms_with_run_time_sizes(device: Device) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gpu_check/channel_norms.ron");
+    let cases: [(&str, Vec<Vec<i64>>); 2] = [
+        ("n=Dyn(min: 1, max: 4, hint: 2)", vec![vec![1], vec![3], vec![4]]),
+        ("hw=Dyn(min: 1, max: 32, hint: 28)", vec![vec![1], vec![7], vec![32]]),
+    ];
+    for (set, bindings) in cases {
+        let ov = [kiln_lower::Override::parse(set).unwrap(), kiln_lower::Override::parse("c=24").unwrap()];
+        let (sources, l) = kiln_lower::load(&path, &ov);
+        let g = match l {
+            Ok(l) => optimized(&l.graph),
+            Err(d) => panic!("{}", d.render(&sources)),
+        };
+        let norms = g
+            .node_ids()
+            .filter(|&n| matches!(g.node(n).op, Op::LayerNorm { .. } | Op::RmsNorm { .. }))
+            .count();
+        assert_eq!(norms, 3, "{set}: every norm fused");
+        compiles_once_like_the_interpreter(&g, set, &bindings, device);
+    }
+}
+
+#[test]
+fn channel_norms_with_run_time_sizes_match_the_interpreter() {
+    channel_norms_with_run_time_sizes(Device::Cpu);
+}
+
+#[test]
+fn channel_norms_with_run_time_sizes_run_on_vulkan_like_the_interpreter() {
+    if available(Device::Vulkan, "channel norms with run-time sizes") {
+        channel_norms_with_run_time_sizes(Device::Vulkan);
+    }
+}
+
+#[test]
+fn channel_norms_with_run_time_sizes_run_on_cuda_like_the_interpreter() {
+    if available(Device::Cuda, "channel norms with run-time sizes") {
+        channel_norms_with_run_time_sizes(Device::Cuda);
+    }
+}
+
 #[test]
 fn shipped_models_run_on_vulkan_like_the_interpreter() {
     if available(Device::Vulkan, "shipped models") {

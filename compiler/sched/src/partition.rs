@@ -52,6 +52,8 @@ pub(crate) struct Builder<'g> {
     values: HashMap<NodeId, Value>,
     /// Materialized `full`/inline values for non-elementwise users.
     materialized: HashMap<NodeId, Operand>,
+    /// Values copied into rows for the norms that read them (at most one copy each).
+    row_copies: HashMap<NodeId, Operand>,
     users: HashMap<NodeId, Vec<NodeId>>,
     outputs: HashMap<NodeId, Vec<usize>>,
     /// The nodes state variables are updated with: stored, like outputs, never inlined (an
@@ -76,6 +78,7 @@ pub(crate) fn partition<'g>(g: &'g Graph, layout: &'g [StateSlot]) -> Result<Par
         g,
         values: HashMap::new(),
         materialized: HashMap::new(),
+        row_copies: HashMap::new(),
         users: order.iter().map(|&n| (n, g.users(n))).collect(),
         outputs: HashMap::new(),
         updates: g.state.iter().filter_map(|v| v.update).collect(),
@@ -285,6 +288,27 @@ impl Builder<'_> {
                 let op = KernelOp::Node(node.op.clone());
                 Value::Stored(self.emit(n, op, vec![updates, indices], vec![n], &ty.shape)?)
             }
+            Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::AddNorm { .. } => {
+                // A row read at a run-time stride (a norm over the channels of a tensor whose
+                // height and width are known at run time only) is copied into rows first:
+                // norm kernels step along a row by a static stride.
+                let rows = if matches!(node.op, Op::AddNorm { .. }) { 2 } else { 1 };
+                let mut inputs = Vec::with_capacity(operands.len());
+                for (i, &o) in operands.iter().enumerate() {
+                    let src = self.operand(o)?;
+                    let strided = i < rows && src.view.strides.last().is_some_and(|s| !s.is_static());
+                    if !strided {
+                        inputs.push(src);
+                    } else if let Some(copy) = self.row_copies.get(&o) {
+                        inputs.push(copy.clone());
+                    } else {
+                        let copy = self.copy_kernel(o, &src)?;
+                        self.row_copies.insert(o, copy.clone());
+                        inputs.push(copy);
+                    }
+                }
+                Value::Stored(self.emit(n, KernelOp::Node(node.op.clone()), inputs, vec![n], &ty.shape)?)
+            }
             op => {
                 let mut inputs = Vec::with_capacity(operands.len());
                 for &o in &operands {
@@ -368,14 +392,9 @@ impl Builder<'_> {
         shape: &[Dim],
     ) -> Result<Operand, SchedError> {
         let dtype = self.g.ty(n).dtype;
-        let writes_strided = match &op {
-            KernelOp::Node(Op::Attention { .. }) => true,
-            // A norm over run-time rows needs a static stride along its row.
-            KernelOp::Node(Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::AddNorm { .. }) => {
-                shape.iter().all(|d| d.as_const().is_some())
-            }
-            _ => false,
-        };
+        let is_norm =
+            matches!(op, KernelOp::Node(Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::AddNorm { .. }));
+        let writes_strided = is_norm || matches!(op, KernelOp::Node(Op::Attention { .. }));
         let transposed_user = match self.users[&n].as_slice() {
             [u] if !self.outputs.contains_key(&n) && writes_strided => self.transposed_through(*u),
             _ => None,
@@ -398,6 +417,8 @@ impl Builder<'_> {
                 } else {
                     through.reshape_at(shape, &self.probe())
                 };
+                // Norm kernels step along a row by a static stride.
+                let view = view.filter(|v| !is_norm || v.strides.iter().all(Dim::is_static));
                 // A transpose that is a graph output takes its caller's buffer, which the
                 // kernel then fills in place (no copy at the end).
                 let owner = if self.outputs.get(&t).is_some_and(|slots| !slots.is_empty()) { t } else { n };
