@@ -389,16 +389,20 @@ const OP_CASES: &[(&str, &str, &str)] = &[
     (
         // Attention written out with its masks as models write them: a masked fill of the
         // future positions, a causal mask of 0 and −inf added to the scores, a causal table
-        // of a larger size cut to the scores', a padding mask as a masked fill, and a learned
-        // temperature per head. Optimized, each is one attention (three causal; the temperature
-        // scales q); unoptimized, the iotas, slices and `where`s run.
+        // of a larger size cut to the scores', a padding mask as a masked fill, a learned
+        // temperature per head, and masks filled with f32's lowest value: causal, and padding
+        // that masks the second sequence throughout (uniform weights). Optimized, each is one
+        // attention (four causal; the temperature scales q); unoptimized, the iotas, slices and
+        // `where`s run.
         "attention_written",
         r#"{ "q": (f32, [2, 2, 10, 8]), "k": (f32, [2, 2, 10, 8]), "v": (f32, [2, 2, 10, 8]), "m": (f32, [2, 1, 1, 10]), "t": (f32, [2, 1, 1]) }"#,
         r#"Let("a", MatMul(Softmax(x: Where(Lt(Iota(shape: [10, 10], axis: 0), Iota(shape: [10, 10], axis: 1)), Scalar("-inf"), Mul(MatMul("q", Transpose("k")), 0.35)), axis: 3), "v")),
            Let("b", MatMul(Softmax(x: Add(Mul(MatMul("q", Transpose("k")), 0.35), Where(Gt(Iota(shape: [10, 10], axis: 1), Iota(shape: [10, 10], axis: 0)), Scalar("-inf", f32), 0.0)), axis: 3), "v")),
            Let("c", MatMul(Softmax(x: Where(Slice(x: Slice(x: Ge(Iota(shape: [16, 16], axis: 0), Iota(shape: [16, 16], axis: 1)), axis: 0, end: 10), axis: 1, end: 10), Mul(MatMul("q", Transpose("k")), 0.35), Scalar("-inf")), axis: 3), "v")),
            Let("d", MatMul(Softmax(x: Where(Lt("m", -1.0), Scalar("-inf"), Mul(MatMul("q", Transpose("k")), 0.35)), axis: 3), "v")),
-           Let("e", MatMul(Softmax(x: Mul(Mul(MatMul("q", Transpose("k")), 0.35), "t"), axis: 3), "v")),"#,
+           Let("e", MatMul(Softmax(x: Mul(Mul(MatMul("q", Transpose("k")), 0.35), "t"), axis: 3), "v")),
+           Let("f", MatMul(Softmax(x: Where(Ge(Iota(shape: [10, 10], axis: 0), Iota(shape: [10, 10], axis: 1)), Mul(MatMul("q", Transpose("k")), 0.35), -3.4028234663852886e38), axis: 3), "v")),
+           Let("g", MatMul(Softmax(x: Where(Ge(Iota(shape: [2, 1, 1, 10], axis: 0), 1), -3.4028234663852886e38, Mul(MatMul("q", Transpose("k")), 0.35)), axis: 3), "v")),"#,
     ),
     (
         // Grouped-query attention: 2 key and value heads repeated for 3 query heads each, as

@@ -187,7 +187,10 @@ impl Builder {
     /// mask of 0 and −inf, or kept through a lower-triangular table of a larger size cut to
     /// `[s, s]` (`form` 0 to 3; `flip` swaps the comparison's operands, and for the added
     /// mask which of its forms).
-    fn causal(&mut self, x: NodeId, s: usize, form: usize, flip: bool) -> NodeId {
+    /// `x` under a causal mask written in form `form` (kept, filled, added, cut from a larger
+    /// table), its comparisons flipped or not, masked positions filled with `fill` (−inf, or
+    /// the dtype's lowest value as models write it for −inf).
+    fn causal(&mut self, x: NodeId, s: usize, (form, flip): (usize, bool), fill: f64) -> NodeId {
         let n = if form == 3 { s + 2 } else { s };
         let iota = |b: &mut Builder, axis| {
             b.op(Op::Iota { dtype: DType::I64, shape: kiln_ir::dims(&[n, n]), axis }, &[])
@@ -203,7 +206,7 @@ impl Builder {
         } else {
             self.op(Op::Compare(CompareOp::Gt), &[i1, i0])
         };
-        let ninf = self.c(f64::NEG_INFINITY);
+        let ninf = self.c(fill);
         match form {
             0 => self.op(Op::Where, &[keep, x, ninf]),
             1 => self.op(Op::Where, &[drop, ninf, x]),
@@ -543,13 +546,16 @@ fn fusion_graph(seed: u64) -> Graph {
                     _ => b.bin(B::Div, scores, t),
                 };
             }
-            if b.dice.coin() {
+            let masked = b.dice.coin();
+            if masked {
                 let mask = b.input("mask", &[rows, 1, 1, s]);
                 scores = b.bin(B::Add, scores, mask);
             }
             if b.dice.coin() {
                 let (form, flip) = (b.dice.below(4), b.dice.coin());
-                scores = b.causal(scores, s, form, flip);
+                // f64's lowest value stands for −inf where no mask lies under it.
+                let fill = if !masked && b.dice.coin() { -f64::MAX } else { f64::NEG_INFINITY };
+                scores = b.causal(scores, s, (form, flip), fill);
             }
             // The softmax over the keys, or over axis −2 of the transposed scores, transposed back.
             let transposed = b.dice.coin();
@@ -966,7 +972,7 @@ enum Padding {
 
 /// softmax(q·kᵀ under a causal mask in form `form`, and a padding mask inside or outside it)
 /// · v.
-fn causal_attention_graph(form: usize, flip: bool, padding: Padding) -> Graph {
+fn causal_attention_graph(form: usize, flip: bool, padding: Padding, fill: f64) -> Graph {
     let mut b = Builder::new(form as u64);
     let (s, d) = (5, 4);
     let q = b.input("q", &[2, 2, s, d]);
@@ -978,7 +984,7 @@ fn causal_attention_graph(form: usize, flip: bool, padding: Padding) -> Graph {
     if padding == Padding::Inside {
         scores = b.bin(B::Add, scores, mask);
     }
-    scores = b.causal(scores, s, form, flip);
+    scores = b.causal(scores, s, (form, flip), fill);
     if padding == Padding::Outside {
         scores = b.bin(B::Add, scores, mask);
     }
@@ -992,27 +998,32 @@ fn causal_attention_graph(form: usize, flip: bool, padding: Padding) -> Graph {
 fn causal_masks_in_every_written_form_become_the_attention_flag() {
     // Kept by i >= j, filled where j > i, added as 0/−inf, or cut from a larger table; with
     // and without a padding mask inside or outside it: one causal attention, no iota, the
-    // same values.
-    for form in 0..4 {
-        for flip in [false, true] {
-            for padding in [Padding::None, Padding::Inside, Padding::Outside] {
-                let g = causal_attention_graph(form, flip, padding);
-                let (opt, r) = optimize(&g, &Options::default()).expect("optimizes");
-                let causal: Vec<bool> = opt
-                    .node_ids()
-                    .filter_map(|n| match opt.node(n).op {
-                        Op::Attention { causal, masked, .. } => {
-                            Some(causal && masked == (padding != Padding::None))
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                let what = format!("form {form}, flip {flip}, padding {padding:?}");
-                assert_eq!(causal, [true], "{what}: {:?}", r.op_counts);
-                assert_eq!(r.op_counts.get("iota"), None, "{what}: {:?}", r.op_counts);
-                check(&g).unwrap_or_else(|e| panic!("{what}: {e}"));
-            }
+    // same values. The same with f64's lowest value for −inf, but for a padding mask inside
+    // it (a query whose past is all masked would weigh the future): no causal flag there.
+    let fills = [f64::NEG_INFINITY, -f64::MAX];
+    let paddings = [Padding::None, Padding::Inside, Padding::Outside];
+    for (form, flip, padding, fill) in (0..4).flat_map(|form| {
+        [false, true].into_iter().flat_map(move |flip| {
+            paddings.into_iter().flat_map(move |padding| fills.map(|fill| (form, flip, padding, fill)))
+        })
+    }) {
+        let g = causal_attention_graph(form, flip, padding, fill);
+        let (opt, r) = optimize(&g, &Options::default()).expect("optimizes");
+        let what = format!("form {form}, flip {flip}, padding {padding:?}, fill {fill:e}");
+        check(&g).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let attention: Vec<(bool, bool)> = opt
+            .node_ids()
+            .filter_map(|n| match opt.node(n).op {
+                Op::Attention { causal, masked, .. } => Some((causal, masked)),
+                _ => None,
+            })
+            .collect();
+        if fill.is_finite() && padding == Padding::Inside {
+            assert!(attention.iter().all(|(causal, _)| !causal), "{what}: {:?}", r.op_counts);
+            continue;
         }
+        assert_eq!(attention, [(true, padding != Padding::None)], "{what}: {:?}", r.op_counts);
+        assert_eq!(r.op_counts.get("iota"), None, "{what}: {:?}", r.op_counts);
     }
 }
 

@@ -533,24 +533,71 @@ fn is_causal_condition(g: &KGraph, cond: Id, scores: Id, selects: Selects) -> bo
     })
 }
 
-/// Readings of `id` as a mask that is −inf where a condition selects and a value elsewhere:
-/// `where(keep, v, −inf)` (the condition keeps) and `where(drop, −inf, v)` (it drops), as
-/// (condition, what it selects, v).
-fn minus_inf_where(g: &KGraph, id: Id) -> Vec<(Id, Selects, Id)> {
+/// What a masked score is filled with: −inf, or the lowest finite value of the dtype as
+/// models write it for −inf (`torch.finfo(dtype).min`, so that a row masked throughout gives
+/// uniform weights instead of NaN): any constant at most half of it. Such a fill absorbs
+/// every score added to it (`s + c` rounds to `c` for `|s|` below half an ulp of `c`, 1e31 in
+/// f32), and its weight `exp(c − max)` is 0 in the dtype wherever a row keeps one score.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fill {
+    MinusInf,
+    Lowest(f64),
+}
+
+impl Fill {
+    fn of(g: &KGraph, id: Id) -> Option<Fill> {
+        let c = scalar(g, id)?;
+        let max = match ty(g, id).dtype {
+            kiln_ir::DType::F32 => f32::MAX as f64,
+            kiln_ir::DType::F64 => f64::MAX,
+            kiln_ir::DType::F16 => half::f16::MAX.to_f64(),
+            kiln_ir::DType::BF16 => half::bf16::MAX.to_f64(),
+            kiln_ir::DType::I32 | kiln_ir::DType::I64 | kiln_ir::DType::Bool => return None,
+        };
+        match c {
+            f64::NEG_INFINITY => Some(Fill::MinusInf),
+            c if c.is_finite() && c <= -0.5 * max => Some(Fill::Lowest(c)),
+            _ => None,
+        }
+    }
+
+    fn value(self) -> f64 {
+        match self {
+            Fill::MinusInf => f64::NEG_INFINITY,
+            Fill::Lowest(c) => c,
+        }
+    }
+}
+
+/// Readings of `id` as a mask that is −inf (or the dtype's lowest value, [`Fill`]) where a
+/// condition selects and a value elsewhere: `where(keep, v, −inf)` (the condition keeps) and
+/// `where(drop, −inf, v)` (it drops), as (condition, what it selects, v, the fill).
+fn minus_inf_where(g: &KGraph, id: Id) -> Vec<(Id, Selects, Id, Fill)> {
     let mut out = vec![];
     for n in nodes(g, id) {
         if n.ir() != &Op::Where {
             continue;
         }
         let [cond, a, b] = n.children[..] else { continue };
-        if scalar(g, b) == Some(f64::NEG_INFINITY) {
-            out.push((cond, Selects::Kept, a));
+        if let Some(fill) = Fill::of(g, b) {
+            out.push((cond, Selects::Kept, a, fill));
         }
-        if scalar(g, a) == Some(f64::NEG_INFINITY) {
-            out.push((cond, Selects::Dropped, b));
+        if let Some(fill) = Fill::of(g, a) {
+            out.push((cond, Selects::Dropped, b, fill));
         }
     }
     out
+}
+
+/// Whether a masked fill of `fill` over scores `s` is the additive mask `where(…, 0, fill)`:
+/// −inf always; the dtype's lowest value in f32 and f64, where it absorbs any score below
+/// 1e31 (f32) in magnitude, so that a row masked throughout is uniform either way, but not in
+/// 16 bits, whose lowest value absorbs only scores below 16 (f16) in magnitude.
+fn additive_fill(g: &KGraph, s: Id, fill: Fill) -> bool {
+    match fill {
+        Fill::MinusInf => true,
+        Fill::Lowest(_) => matches!(ty(g, s).dtype, kiln_ir::DType::F32 | kiln_ir::DType::F64),
+    }
 }
 
 /// The readings of `id` as `q · kᵀ`, optionally times a scalar constant: (q, kᵀ, scale).
@@ -591,17 +638,24 @@ fn scores(g: &KGraph, id: Id, masked: bool, causal: bool) -> Vec<Scores> {
             out.push(Scores { q, kt, scale, mask: None, causal: false });
         }
     }
-    for (cond, selects, s) in minus_inf_where(g, id) {
+    for (cond, selects, s, fill) in minus_inf_where(g, id) {
+        // A row keeps its diagonal, so a causal fill of the dtype's lowest value weighs 0 as
+        // −inf does; unless a mask under it lowers the kept scores as far (a query whose
+        // past is all padding), where the written form spreads the weights over every key,
+        // so that fill only counts over unmasked scores.
         if !causal && is_causal_condition(g, cond, s, selects) {
             for mut sc in scores(g, s, masked, true) {
-                sc.causal = true;
-                out.push(sc);
+                if fill == Fill::MinusInf || sc.mask.is_none() {
+                    sc.causal = true;
+                    out.push(sc);
+                }
             }
-        } else if !masked && ty(g, cond).dtype == kiln_ir::DType::Bool {
+        } else if !masked && ty(g, cond).dtype == kiln_ir::DType::Bool && additive_fill(g, s, fill) {
             // where(keep, s, −inf) = s + where(keep, 0, −inf) and where(drop, −inf, s) =
-            // s + where(drop, −inf, 0): a boolean mask becomes additive.
+            // s + where(drop, −inf, 0): a boolean mask becomes additive (the same with the
+            // dtype's lowest value, which absorbs the scores added to it).
             let zero = kiln_ir::TensorType::new(ty(g, s).dtype, kiln_ir::Shape::new());
-            let minus_inf = New::constant(f64::NEG_INFINITY, &zero);
+            let minus_inf = New::constant(fill.value(), &zero);
             let zero = New::constant(0.0, &zero);
             let branches = match selects {
                 Selects::Kept => vec![New::Class(cond), zero, minus_inf],
@@ -618,15 +672,21 @@ fn scores(g: &KGraph, id: Id, masked: bool, causal: bool) -> Vec<Scores> {
     }
     for (s, mask) in binary(g, id, B::Add) {
         // An added causal mask, where(keep, 0, −inf) or where(drop, −inf, 0), of the scores'
-        // own [Sq, Sk]: the causal flag, with no mask tensor to read.
-        let added_causal = !causal
-            && minus_inf_where(g, mask).into_iter().any(|(cond, selects, v)| {
-                scalar(g, v) == Some(0.0) && is_causal_condition(g, cond, s, selects)
-            });
-        if added_causal {
+        // own [Sq, Sk]: the causal flag, with no mask tensor to read (with the dtype's lowest
+        // value for −inf, over unmasked scores only, as above).
+        let added_causal = if causal {
+            None
+        } else {
+            minus_inf_where(g, mask).into_iter().find_map(|(cond, selects, v, fill)| {
+                (scalar(g, v) == Some(0.0) && is_causal_condition(g, cond, s, selects)).then_some(fill)
+            })
+        };
+        if let Some(fill) = added_causal {
             for mut sc in scores(g, s, masked, true) {
-                sc.causal = true;
-                out.push(sc);
+                if fill == Fill::MinusInf || sc.mask.is_none() {
+                    sc.causal = true;
+                    out.push(sc);
+                }
             }
         }
     }
