@@ -942,10 +942,14 @@ fn channel_norms_with_run_time_sizes(device: Device) {
     for (set, bindings) in cases {
         let ov = [kiln_lower::Override::parse(set).unwrap(), kiln_lower::Override::parse("c=24").unwrap()];
         let (sources, l) = kiln_lower::load(&path, &ov);
-        let g = match l {
-            Ok(l) => optimized(&l.graph),
+        let mut g = match l {
+            Ok(l) => l.graph,
             Err(d) => panic!("{}", d.render(&sources)),
         };
+        // The norms only: a softmax along a non-last axis with run-time sizes is refused on
+        // the CPU (`docs/dynamic-shapes.md`).
+        g.outputs.retain(|(name, _)| name != "probs");
+        let g = optimized(&g);
         let norms = g
             .node_ids()
             .filter(|&n| matches!(g.node(n).op, Op::LayerNorm { .. } | Op::RmsNorm { .. }))
