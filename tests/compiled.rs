@@ -2612,6 +2612,38 @@ fn cuda_caps(arch: &str) -> (kiln_codegen::gpu::GpuCaps, kiln_codegen::gpu::Nvvm
     (kiln_codegen::gpu::GpuCaps::cuda(target), target)
 }
 
+/// A GPU norm or softmax over strided rows takes one invocation per row where the rows are
+/// many and short (the channels of each pixel, side by side), and a workgroup per row where
+/// they are few and long (64 rows of 4096: one invocation each would leave the device idle).
+#[test]
+fn gpu_rows_side_by_side_are_many_short_rows() {
+    let (caps, _) = cuda_caps("sm_90");
+    let plans = |text: &str| -> Vec<kiln_codegen::gpu::Work> {
+        let g = optimized(&lower("rows", text));
+        let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).expect("schedules");
+        let program = kiln_codegen::gpu::kernels(&s, &caps).expect("compiles");
+        program.kernels.iter().map(|k| k.plan.work.clone()).collect()
+    };
+    let norm_over_axis_1 = |shape: &str| {
+        format!(
+            r#"Model(name: "rows", inputs: {{ "x": (f32, {shape}) }}, body: [
+                Let("y", Div(Sub("x", Mean(x: "x", axes: 1, keepdims: true)), Sqrt(Add(Mean(x: Mul(Sub("x", Mean(x: "x", axes: 1, keepdims: true)), Sub("x", Mean(x: "x", axes: 1, keepdims: true))), axes: 1, keepdims: true), 1e-5)))),
+                Let("p", Softmax(x: "x", axis: 1)),
+            ], outputs: ["y", "p"])"#
+        )
+    };
+    let side = |w: &kiln_codegen::gpu::Work| matches!(w, kiln_codegen::gpu::Work::RowsSideBySide { .. });
+    let rows = |w: &kiln_codegen::gpu::Work| matches!(w, kiln_codegen::gpu::Work::Rows { .. });
+    let pixels = plans(&norm_over_axis_1("[2, 96, 28, 28]"));
+    assert_eq!(pixels.iter().filter(|w| side(w)).count(), 2, "{pixels:?}");
+    let long = plans(&norm_over_axis_1("[1, 4096, 64]"));
+    assert_eq!(
+        (long.iter().filter(|w| side(w)).count(), long.iter().filter(|w| rows(w)).count()),
+        (0, 2),
+        "{long:?}"
+    );
+}
+
 /// Every kernel of every op family and shipped model (static, and with its batch and sequence
 /// set at run time), lowered to PTX for sm_80 and sm_90 (and sm_90a, whose 16-bit products,
 /// and TF32 ones along k, are warpgroup products) and assembled by `ptxas`: an error fails the

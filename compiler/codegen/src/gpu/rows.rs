@@ -378,10 +378,13 @@ pub fn emit_norm(
 /// another axis (extent > 1) with unit stride in the first operand and the output while the
 /// first operand's rows are not contiguous (a norm over the channels of `[N, C, H, W]`, read
 /// through the transpose that puts C last and written back through it; a softmax along a
-/// non-last axis).
+/// non-last axis). Only where there are at least as many rows as elements in a row: one
+/// invocation walks a whole row, so a few long rows (64 rows of 4096) would leave the device
+/// idle, where a workgroup per row spreads each row over its invocations.
 fn side_by_side(operands: &[View], axis: usize) -> Option<usize> {
     let (a, out) = (operands.first()?, operands.last()?);
-    if out.shape.get(axis).is_none_or(|&n| n <= 1) || a.strides[axis] == 1 {
+    let len = *out.shape.get(axis)?;
+    if len <= 1 || a.strides[axis] == 1 || out.numel() / len < len {
         return None;
     }
     (0..out.rank()).rev().find(|&k| k != axis && out.shape[k] > 1 && a.strides[k] == 1 && out.strides[k] == 1)
