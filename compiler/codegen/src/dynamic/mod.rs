@@ -184,16 +184,18 @@ fn unpacked(
     let last_static = out_shape.last().is_some_and(Dim::is_static);
     let made = match op {
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
-            if *axis + 1 != out_shape.len() || !last_static {
+            // Along one of the static axes after the symbolic ones (the last, or the channels
+            // of [batch, C, H, W]): in row form the symbolic axes merge into the first.
+            if *axis < p {
                 return Err(refuse(
                     k,
-                    format!("a softmax along axis {axis} of {shape_text}: only along a static last axis"),
+                    format!("a softmax along axis {axis} of {shape_text}: only along a static axis after the symbolic ones"),
                 ));
             }
             let out = out_row?;
             let x = row(arg(0)?, "the operand")?;
             let log = matches!(op, Op::LogSoftmax { .. });
-            kernels::norm::emit_softmax(sym, &x, x.rank() - 1, log, &out, target)?
+            kernels::norm::emit_softmax(sym, &x, axis + 1 - p, log, &out, target)?
         }
         Op::LayerNorm { eps, affine } | Op::RmsNorm { eps, affine } => {
             if !last_static {

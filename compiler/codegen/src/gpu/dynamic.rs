@@ -114,15 +114,16 @@ pub(crate) fn kernel(
             return attention_run(s, sym, k, *scale, *causal, mask, false, cx);
         }
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
-            if *axis + 1 != out_shape.len() || !last_static {
+            // Along one of the static axes after the symbolic ones, as on the CPU.
+            if *axis < p {
                 return Err(refuse_here(format!(
-                    "a softmax along axis {axis} of {shape_text}: only along a static last axis"
+                    "a softmax along axis {axis} of {shape_text}: only along a static axis after the symbolic ones"
                 )));
             }
             let out = row_view(s, &k.output, p, &rows).ok_or_else(|| not_rows("the result"))?;
             let x = row_view(s, arg(0)?, p, &rows).ok_or_else(|| not_rows("the operand"))?;
             let log = matches!(op, Op::LogSoftmax { .. });
-            rows::emit_softmax(sym, &x, x.rank() - 1, log, &out, &in_rows(&rows))?
+            rows::emit_softmax(sym, &x, axis + 1 - p, log, &out, &in_rows(&rows))?
         }
         Op::LayerNorm { eps, affine } | Op::RmsNorm { eps, affine } | Op::AddNorm { eps, affine, .. } => {
             if !last_static {
