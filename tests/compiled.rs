@@ -325,15 +325,17 @@ const OP_CASES: &[(&str, &str, &str)] = &[
         // middle axis with its gain ([5, 1]) and a layer norm over the first axis. Optimized,
         // each is the fused norm over the last axis of a transposed view, transposed back.
         // Then the fused ops written so directly: add + norms (layer with γ and β, RMS with γ)
-        // and a layer norm over 40 pixels a row (2.5 vectors of 16 lanes side by side).
+        // and a layer norm over 40 pixels a row (2.5 vectors of 16 lanes side by side). Last, a
+        // layer norm over the last three axes with a γ of [C, H, W]: one norm over 120.
         "norms_across",
-        r#"{ "x": (f32, [2, 6, 4, 5]), "y": (f32, [3, 5, 8]), "w": (f32, [6, 1, 1]), "b": (f32, [6, 1, 1]), "g": (f32, [5, 1]), "z": (f32, [2, 6, 4, 5]), "gc": (f32, [6]), "bc": (f32, [6]), "u": (f32, [2, 7, 6, 40]) }"#,
+        r#"{ "x": (f32, [2, 6, 4, 5]), "y": (f32, [3, 5, 8]), "w": (f32, [6, 1, 1]), "b": (f32, [6, 1, 1]), "g": (f32, [5, 1]), "z": (f32, [2, 6, 4, 5]), "gc": (f32, [6]), "bc": (f32, [6]), "u": (f32, [2, 7, 6, 40]), "gt": (f32, [6, 4, 5]) }"#,
         r#"Let("a", Add(Mul("w", Div(Sub("x", Mean(x: "x", axes: 1, keepdims: true)), Sqrt(Add(Mean(x: Pow(Sub("x", Mean(x: "x", axes: 1, keepdims: true)), 2.0), axes: 1, keepdims: true), 1e-6)))), "b")),
            Let("c", Mul(Mul("y", Rsqrt(Add(Mean(x: Mul("y", "y"), axes: 1, keepdims: true), 1e-6))), "g")),
            Let("d", Div(Sub("y", Mean(x: "y", axes: 0, keepdims: true)), Sqrt(Add(Mean(x: Pow(Sub("y", Mean(x: "y", axes: 0, keepdims: true)), 2.0), axes: 0, keepdims: true), 1e-5)))),
            Let("e", Transpose(x: AddNorm(a: Transpose(x: "x", perm: [0, 2, 3, 1]), b: Transpose(x: "z", perm: [0, 2, 3, 1]), gamma: "gc", beta: "bc", eps: 1e-5), perm: [0, 3, 1, 2])),
            Let("f", Transpose(x: AddNorm(a: Transpose(x: "x", perm: [0, 2, 3, 1]), b: Transpose(x: "z", perm: [0, 2, 3, 1]), gamma: "gc", rms: true, eps: 1e-6), perm: [0, 3, 1, 2])),
-           Let("h", Transpose(x: LayerNorm(x: Transpose(x: "u", perm: [0, 2, 3, 1]), eps: 1e-5), perm: [0, 3, 1, 2])),"#,
+           Let("h", Transpose(x: LayerNorm(x: Transpose(x: "u", perm: [0, 2, 3, 1]), eps: 1e-5), perm: [0, 3, 1, 2])),
+           Let("i", Mul(Div(Sub("x", Mean(x: "x", axes: [1, 2, 3], keepdims: true)), Sqrt(Add(Mean(x: Mul(Sub("x", Mean(x: "x", axes: [1, 2, 3], keepdims: true)), Sub("x", Mean(x: "x", axes: [1, 2, 3], keepdims: true))), axes: [1, 2, 3], keepdims: true), 1e-5))), "gt")),"#,
     ),
     (
         // Rows held in registers whole (128 of 32 × 4), with a ragged last slot (100, 384 of

@@ -64,20 +64,22 @@ impl Builder {
     fn reduce(&mut self, r: ReduceOp, x: NodeId, axis: usize) -> NodeId {
         self.op(Op::Reduce { op: r, axes: vec![axis], keepdims: true }, &[x])
     }
-    /// The mean of `x` over `axis` (kept), as a mean, a sum divided by the count or a sum
+    /// The mean of `x` over `axes` (kept), as a mean, a sum divided by the count or a sum
     /// times its reciprocal (`sum-to-mean`).
-    fn mean(&mut self, x: NodeId, axis: usize) -> NodeId {
-        let n = self.g.ty(x).shape[axis].as_const().expect("static shapes") as f64;
+    fn mean(&mut self, x: NodeId, axes: &[usize]) -> NodeId {
+        let shape = &self.g.ty(x).shape;
+        let n: usize = axes.iter().map(|&a| shape[a].as_const().expect("static shapes")).product();
+        let over = |b: &mut Builder, r| b.op(Op::Reduce { op: r, axes: axes.to_vec(), keepdims: true }, &[x]);
         match self.dice.below(3) {
-            0 => self.reduce(ReduceOp::Mean, x, axis),
+            0 => over(self, ReduceOp::Mean),
             1 => {
-                let s = self.reduce(ReduceOp::Sum, x, axis);
-                let c = self.c(n);
+                let s = over(self, ReduceOp::Sum);
+                let c = self.c(n as f64);
                 self.bin(B::Div, s, c)
             }
             _ => {
-                let s = self.reduce(ReduceOp::Sum, x, axis);
-                let c = self.c(1.0 / n);
+                let s = over(self, ReduceOp::Sum);
+                let c = self.c(1.0 / n as f64);
                 self.bin(B::Mul, s, c)
             }
         }
@@ -85,22 +87,22 @@ impl Builder {
     fn last(&self, x: NodeId) -> usize {
         self.g.ty(x).rank() - 1
     }
-    /// The axis a norm runs over: the last as often as any other.
-    fn norm_axis(&mut self, x: NodeId) -> usize {
+    /// The axes a norm runs over: the last as often as any other one axis or the last two.
+    fn norm_axes(&mut self, x: NodeId) -> Vec<usize> {
         let rank = self.g.ty(x).rank();
-        if self.dice.coin() {
-            rank - 1
-        } else {
-            self.dice.below(rank)
+        match self.dice.below(4) {
+            0 | 1 => vec![rank - 1],
+            2 => vec![self.dice.below(rank)],
+            _ => vec![rank - 2, rank - 1],
         }
     }
-    /// The shape of a per-feature operand (γ, β) of a norm of `x` over `axis`, broadcasting
+    /// The shape of a per-feature operand (γ, β) of a norm of `x` over `axes`, broadcasting
     /// along every other axis: `[d]` for the last axis, `[C, 1, 1]` for the channels of
-    /// `[N, C, H, W]`.
-    fn feature_shape(&self, x: NodeId, axis: usize) -> Vec<usize> {
+    /// `[N, C, H, W]`, `[H, W]` for the last two.
+    fn feature_shape(&self, x: NodeId, axes: &[usize]) -> Vec<usize> {
         let shape = &self.g.ty(x).shape;
-        (axis..shape.len())
-            .map(|i| if i == axis { shape[i].as_const().expect("static shapes") } else { 1 })
+        (axes[0]..shape.len())
+            .map(|i| if axes.contains(&i) { shape[i].as_const().expect("static shapes") } else { 1 })
             .collect()
     }
     /// `x` with its last two axes swapped.
@@ -424,17 +426,17 @@ fn fusion_graph(seed: u64) -> Graph {
             }
         }
         1 => {
-            // layer norm over any axis: variance centered or expanded, sqrt-divide or
+            // layer norm over any axis or the last two: variance centered or expanded, sqrt-divide or
             // rsqrt-multiply, affine or not
-            let last = b.norm_axis(x);
-            let mu = b.mean(x, last);
+            let last = b.norm_axes(x);
+            let mu = b.mean(x, &last);
             let xc = b.bin(B::Sub, x, mu);
             let var = if b.dice.coin() {
                 let sq = b.square(xc);
-                b.mean(sq, last)
+                b.mean(sq, &last)
             } else {
                 let sq = b.square(x);
-                let ms = b.mean(sq, last);
+                let ms = b.mean(sq, &last);
                 let mu2 = b.square(mu);
                 b.bin(B::Sub, ms, mu2)
             };
@@ -443,7 +445,7 @@ fn fusion_graph(seed: u64) -> Graph {
             let ve = b.bin(B::Add, var, eps);
             let n = b.over_root(xc, ve);
             if b.dice.coin() {
-                let features = b.feature_shape(x, last);
+                let features = b.feature_shape(x, &last);
                 let gamma = b.input("gamma", &features);
                 let beta = b.input("beta", &features);
                 let m = b.bin(B::Mul, n, gamma);
@@ -453,17 +455,17 @@ fn fusion_graph(seed: u64) -> Graph {
             }
         }
         2 => {
-            // RMS norm over any axis, maybe after a residual add, maybe with gamma
+            // RMS norm over any axis or the last two, maybe after a residual add, maybe with gamma
             let r = b.input("r", &[rows, 2, d]);
             let s = if b.dice.coin() { b.bin(B::Add, x, r) } else { x };
-            let last = b.norm_axis(s);
+            let last = b.norm_axes(s);
             let sq = b.square(s);
-            let ms = b.mean(sq, last);
+            let ms = b.mean(sq, &last);
             let eps = b.c(1e-6);
             let ve = b.bin(B::Add, ms, eps);
             let n = b.over_root(s, ve);
             if b.dice.coin() {
-                let features = b.feature_shape(s, last);
+                let features = b.feature_shape(s, &last);
                 let gamma = b.input("gamma", &features);
                 b.bin(B::Mul, n, gamma)
             } else {
@@ -901,6 +903,7 @@ fn fusion_graphs_do_fuse() {
     let mut causals = 0;
     let mut affine = 0;
     let mut inner = 0;
+    let mut spans = 0;
     let mut temperatures = 0;
     for seed in 0..40 {
         let g = fusion_graph(seed);
@@ -946,16 +949,21 @@ fn fusion_graphs_do_fuse() {
                 "seed {seed}: a norm with γ optimized to\n{}",
                 kiln_ir::print::to_text(&opt, Default::default())
             );
-            // γ of rank > 1 belongs to a norm over another axis than the last.
-            let gamma_rank = g.inputs.iter().find_map(|&i| match &g.node(i).op {
-                Op::Input { name, .. } if name == "gamma" => Some(g.ty(i).rank()),
+            // γ of rank > 1 belongs to a norm over another axis than the last, with unit axes,
+            // or over the last two, without.
+            let gamma = g.inputs.iter().find_map(|&i| match &g.node(i).op {
+                Op::Input { name, .. } if name == "gamma" => Some(g.ty(i).shape.clone()),
                 _ => None,
             });
-            inner += usize::from(gamma_rank > Some(1));
+            let gamma = gamma.unwrap_or_default();
+            let unit = gamma.contains(&kiln_ir::Dim::Const(1));
+            inner += usize::from(gamma.len() > 1 && unit);
+            spans += usize::from(gamma.len() > 1 && !unit);
         }
     }
     assert!(affine >= 4, "only {affine} of 40 random fusion graphs wrote a norm with γ");
     assert!(inner >= 1, "none of 40 random fusion graphs wrote a norm with γ over an inner axis");
+    assert!(spans >= 1, "none of 40 random fusion graphs wrote a norm with γ over the last two axes");
     assert!(fused >= 36, "only {fused} of 40 random fusion graphs fused");
     assert!(attentions >= 4, "only {attentions} of 40 random fusion graphs wrote an attention");
     assert!(causals >= 2, "only {causals} of 40 random fusion graphs wrote a causal mask");

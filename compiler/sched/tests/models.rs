@@ -269,3 +269,26 @@ fn a_norm_over_channels_is_one_kernel_writing_the_transposed_layout() {
     assert_eq!(norm.output.view.strides.last(), Some(&kiln_ir::Dim::Const(20)), "{text}");
     assert_eq!(norm.inputs[0].view.strides.last(), Some(&kiln_ir::Dim::Const(20)), "{text}");
 }
+
+/// A layer norm over the last three axes of `[N, C, H, W]` (the optimizer's reshape, fused
+/// norm, reshape back) that is a graph output is one kernel writing the caller's buffer: the
+/// reshape back of its row-major result is the same bytes, so no copy.
+#[test]
+fn a_norm_over_trailing_axes_writes_the_output_in_place() {
+    let spec = r#"Model(name: "t", inputs: { "x": (f32, [2, 4, 3, 5]) },
+        body: [
+            Let("mu", Mean(x: "x", axes: [1, 2, 3], keepdims: true)),
+            Let("var", Mean(x: Pow(Sub("x", "mu"), 2.0), axes: [1, 2, 3], keepdims: true)),
+            Let("y", Div(Sub("x", "mu"), Sqrt(Add("var", 1e-5)))),
+        ],
+        outputs: ["y"])"#;
+    let (_, lowered) = kiln_lower::load_str("t", spec, &[]);
+    let lowered = lowered.unwrap_or_else(|_| panic!("the spec lowers"));
+    let (g, _) = kiln_opt::optimize(&lowered.graph, &kiln_opt::Options::default()).unwrap();
+    let s = schedule(&g).unwrap();
+    check(&s);
+    let text = kiln_sched::print::to_text(&s);
+    assert_eq!(s.kernels.len(), 1, "{text}");
+    assert_eq!(s.kernels[0].name(), "layer_norm", "{text}");
+    assert!(matches!(s.buffers[s.kernels[0].output.buffer].storage, Storage::Output { index: 0 }), "{text}");
+}

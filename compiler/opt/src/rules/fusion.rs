@@ -63,9 +63,36 @@ fn reduce_over(g: &KGraph, id: Id, r: ReduceOp, axis: Option<usize>) -> Vec<(Id,
         .collect()
 }
 
-/// Operands of reductions of kind `r` over exactly `axis`, keeping dims.
-fn reduce_along(g: &KGraph, id: Id, r: ReduceOp, axis: usize) -> Vec<Id> {
-    reduce_over(g, id, r, Some(axis)).into_iter().map(|(x, _)| x).collect()
+/// The axes a norm normalizes: one axis, or a run of adjacent axes that ends at the last
+/// (`nn.LayerNorm([C, H, W])`, a group norm over the last three axes of `[N, G, C/G, H, W]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    first: usize,
+    last: usize,
+}
+
+/// Operands of keepdims means over a [`Span`], with the span.
+fn means(g: &KGraph, id: Id) -> Vec<(Id, Span)> {
+    nodes(g, id)
+        .iter()
+        .filter_map(|n| match n.ir() {
+            Op::Reduce { op: ReduceOp::Mean, axes, keepdims: true } => {
+                let mut sorted = axes.clone();
+                sorted.sort_unstable();
+                let (first, last) = (*sorted.first()?, *sorted.last()?);
+                let adjacent = sorted.windows(2).all(|w| w[1] == w[0] + 1);
+                let rank = ty(g, n.children[0]).rank();
+                (adjacent && (first == last || last + 1 == rank))
+                    .then_some((n.children[0], Span { first, last }))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Operands of keepdims means over exactly `span`.
+fn means_over(g: &KGraph, id: Id, span: Span) -> Vec<Id> {
+    means(g, id).into_iter().filter(|(_, s)| *s == span).map(|(x, _)| x).collect()
 }
 
 /// Whether a class is x · x (or x²).
@@ -103,11 +130,10 @@ fn over_root(g: &KGraph, id: Id) -> Vec<(Id, Id, f64)> {
     out
 }
 
-/// Whether `v` is the variance of `x` over `axis`, given the centered `xc = x − μ` and `mu`:
+/// Whether `v` is the variance of `x` over `span`, given the centered `xc = x − μ` and `mu`:
 /// mean((x − μ)²) or mean(x²) − μ².
-fn is_variance(g: &KGraph, v: Id, x: Id, xc: Id, mu: Id, axis: usize) -> bool {
-    let mean_of_square =
-        |m: Id, y: Id| reduce_along(g, m, ReduceOp::Mean, axis).into_iter().any(|sq| is_square_of(g, sq, y));
+fn is_variance(g: &KGraph, v: Id, x: Id, xc: Id, mu: Id, span: Span) -> bool {
+    let mean_of_square = |m: Id, y: Id| means_over(g, m, span).into_iter().any(|sq| is_square_of(g, sq, y));
     let centered = mean_of_square(v, xc);
     let expanded =
         binary(g, v, B::Sub).into_iter().any(|(ms, mu2)| is_square_of(g, mu2, mu) && mean_of_square(ms, x));
@@ -190,17 +216,28 @@ fn axis_to_last(rank: usize, axis: usize) -> (Vec<usize>, Vec<usize>) {
     (to_last, back)
 }
 
-/// A norm of `x` over `axis`: the fused op itself over the last axis, and
-/// `transpose(norm(transpose(x)))` over another, since the fused norms normalize the last
-/// axis. A channel norm over axis 1 of `[N, C, H, W]` reads `x` through a strided view.
-fn norm_along(g: &KGraph, op: Op, x: Id, axis: usize) -> New {
-    let rank = ty(g, x).rank();
-    if axis + 1 == rank {
-        return New::over(op, &[x]);
+/// A norm of `x` over `span`: the fused op itself over the last axis;
+/// `transpose(norm(transpose(x)))` over another single axis, since the fused norms normalize
+/// the last axis (a channel norm over axis 1 of `[N, C, H, W]` reads `x` through a strided
+/// view); over the last few axes, `reshape(norm(reshape(x)))` with those axes merged into one
+/// (static extents only).
+fn norm_along(g: &KGraph, op: Op, x: Id, span: Span) -> Option<New> {
+    let shape = &ty(g, x).shape;
+    let rank = shape.len();
+    if span.first == span.last && span.last + 1 == rank {
+        return Some(New::over(op, &[x]));
     }
-    let (to_last, back) = axis_to_last(rank, axis);
-    let normed = New::node(op, vec![New::over(Op::Transpose { perm: to_last }, &[x])]);
-    New::node(Op::Transpose { perm: back }, vec![normed])
+    if span.first == span.last {
+        let (to_last, back) = axis_to_last(rank, span.first);
+        let normed = New::node(op, vec![New::over(Op::Transpose { perm: to_last }, &[x])]);
+        return Some(New::node(Op::Transpose { perm: back }, vec![normed]));
+    }
+    let features: usize =
+        shape[span.first..].iter().map(kiln_ir::Dim::as_const).product::<Option<usize>>()?;
+    let mut merged = shape[..span.first].to_vec();
+    merged.push(kiln_ir::Dim::Const(features));
+    let normed = New::node(op, vec![New::over(Op::Reshape { shape: merged }, &[x])]);
+    Some(New::node(Op::Reshape { shape: shape.clone() }, vec![normed]))
 }
 
 /// (x − μ) / √(σ² + ε) = layer_norm(x) over one axis (`norm_along`), with σ² written either
@@ -209,9 +246,9 @@ fn layer_norm(g: &KGraph, id: Id) -> Vec<New> {
     let mut out = vec![];
     for (xc, v, eps) in over_root(g, id) {
         for (x, mu) in binary(g, xc, B::Sub) {
-            for (m, axis) in reduce_over(g, mu, ReduceOp::Mean, None) {
-                if same(g, m, x) && is_variance(g, v, x, xc, mu, axis) {
-                    out.push(norm_along(g, Op::LayerNorm { eps, affine: false }, x, axis));
+            for (m, span) in means(g, mu) {
+                if same(g, m, x) && is_variance(g, v, x, xc, mu, span) {
+                    out.extend(norm_along(g, Op::LayerNorm { eps, affine: false }, x, span));
                 }
             }
         }
@@ -219,52 +256,85 @@ fn layer_norm(g: &KGraph, id: Id) -> Vec<New> {
     out
 }
 
-/// The norms without affine a class holds, as (norm node, the transpose applied to its
-/// result): over the last axis directly (no transpose), or over another axis as
-/// `norm_along` writes it, `transpose(norm(t), back)`.
-fn plain_norms(g: &KGraph, normed: Id) -> Vec<(&crate::lang::KNode, Option<Vec<usize>>)> {
+/// The view a norm's result is seen through where the norm runs over other axes than the
+/// last alone (`norm_along`): none, the transpose back from a norm over another axis, or the
+/// reshape back from a norm over the last few axes merged into one.
+#[derive(Clone, Debug)]
+enum Back {
+    Direct,
+    Transpose(Vec<usize>),
+    Reshape(kiln_ir::Shape),
+}
+
+/// The norms without affine a class holds, each with the view its result is seen through.
+fn plain_norms(g: &KGraph, normed: Id) -> Vec<(&crate::lang::KNode, Back)> {
     let plain = |n: &crate::lang::KNode| {
         matches!(n.ir(), Op::LayerNorm { affine: false, .. } | Op::RmsNorm { affine: false, .. })
     };
     let mut out = vec![];
     for n in nodes(g, normed) {
-        if plain(n) {
-            out.push((n, None));
-        }
-        if let Op::Transpose { perm } = n.ir() {
-            out.extend(nodes(g, n.children[0]).iter().filter(|m| plain(m)).map(|m| (m, Some(perm.clone()))));
-        }
+        let back = match n.ir() {
+            _ if plain(n) => {
+                out.push((n, Back::Direct));
+                continue;
+            }
+            Op::Transpose { perm } => Back::Transpose(perm.clone()),
+            Op::Reshape { shape } => Back::Reshape(shape.clone()),
+            _ => continue,
+        };
+        out.extend(nodes(g, n.children[0]).iter().filter(|m| plain(m)).map(|m| (m, back.clone())));
     }
     out
 }
 
 /// The per-feature operand of an affine norm, from `p` applied to `normed`: `p` itself when
-/// the norm is over the last axis (`[d]`); for a norm over another axis `a`, transposed back
-/// by `back`, a `p` that varies along `a` only (`[C, 1, 1]` for the channels of
-/// `[N, C, H, W]`), reshaped to `[C]`.
-fn feature_operand(g: &KGraph, p: Id, norm: &crate::lang::KNode, back: &Option<Vec<usize>>) -> Option<New> {
+/// the norm is over the last axis (`[d]`); for a norm over another axis `a`, transposed back,
+/// a `p` that varies along `a` only (`[C, 1, 1]` for the channels of `[N, C, H, W]`),
+/// reshaped to `[C]`; for a norm whose features are the last few axes of the view it is
+/// reshaped back to, a `p` of exactly those axes (`[C, H, W]`), reshaped to their product.
+fn feature_operand(g: &KGraph, p: Id, norm: &crate::lang::KNode, back: &Back) -> Option<New> {
     let x = norm.children[0];
-    let Some(back) = back else {
-        return is_feature_vector(g, p, x).then_some(New::Class(p));
-    };
     let (pt, xt) = (ty(g, p), ty(g, x));
-    let rank = xt.rank();
-    let axis = back.iter().position(|&b| b + 1 == rank)?;
     let features = xt.shape.last()?.clone();
-    let lead = rank.checked_sub(pt.rank())?;
-    let along_axis_only = pt.shape.iter().enumerate().all(|(i, d)| {
-        if i + lead == axis {
-            *d == features
-        } else {
-            *d == kiln_ir::Dim::Const(1)
+    let axes_of_p = |seen: &[kiln_ir::Dim], along: &dyn Fn(usize) -> Option<kiln_ir::Dim>| {
+        let lead = seen.len().checked_sub(pt.rank())?;
+        let fits = pt
+            .shape
+            .iter()
+            .enumerate()
+            .all(|(i, d)| along(i + lead).map_or(*d == kiln_ir::Dim::Const(1), |want| *d == want));
+        (pt.dtype == xt.dtype && fits).then(|| New::over(Op::Reshape { shape: vec![features.clone()] }, &[p]))
+    };
+    match back {
+        Back::Direct => is_feature_vector(g, p, x).then_some(New::Class(p)),
+        Back::Transpose(perm) => {
+            let rank = xt.rank();
+            let axis = perm.iter().position(|&b| b + 1 == rank)?;
+            let seen: Vec<kiln_ir::Dim> = perm.iter().map(|&b| xt.shape[b].clone()).collect();
+            if pt.rank() + axis < seen.len() {
+                return None;
+            }
+            axes_of_p(&seen, &|i| (i == axis).then(|| features.clone()))
         }
-    });
-    (pt.dtype == xt.dtype && axis >= lead && along_axis_only)
-        .then(|| New::over(Op::Reshape { shape: vec![features] }, &[p]))
+        Back::Reshape(seen) => {
+            // The trailing axes of the view whose extents multiply to the norm's features.
+            let mut first = seen.len();
+            let mut product = 1usize;
+            let want = features.as_const()?;
+            while product < want && first > 0 {
+                first -= 1;
+                product *= seen[first].as_const()?;
+            }
+            if product != want || pt.rank() + first < seen.len() {
+                return None;
+            }
+            axes_of_p(seen, &|i| (i >= first).then(|| seen[i].clone()))
+        }
+    }
 }
 
-/// `norm` made affine with `operands` (γ, or γ and β), transposed back by `back` if it was.
-fn affine_norm(norm: &crate::lang::KNode, operands: Vec<New>, back: &Option<Vec<usize>>) -> Option<New> {
+/// `norm` made affine with `operands` (γ, or γ and β), seen through `back` as it was.
+fn affine_norm(norm: &crate::lang::KNode, operands: Vec<New>, back: &Back) -> Option<New> {
     let op = match norm.ir() {
         Op::LayerNorm { eps, affine: false } => Op::LayerNorm { eps: *eps, affine: true },
         Op::RmsNorm { eps, affine: false } => Op::RmsNorm { eps: *eps, affine: true },
@@ -274,8 +344,9 @@ fn affine_norm(norm: &crate::lang::KNode, operands: Vec<New>, back: &Option<Vec<
     children.extend(operands);
     let fused = New::node(op, children);
     Some(match back {
-        Some(perm) => New::node(Op::Transpose { perm: perm.clone() }, vec![fused]),
-        None => fused,
+        Back::Direct => fused,
+        Back::Transpose(perm) => New::node(Op::Transpose { perm: perm.clone() }, vec![fused]),
+        Back::Reshape(shape) => New::node(Op::Reshape { shape: shape.clone() }, vec![fused]),
     })
 }
 
@@ -315,9 +386,9 @@ fn layer_norm_affine(g: &KGraph, id: Id) -> Vec<New> {
 fn rms_norm(g: &KGraph, id: Id) -> Vec<New> {
     let mut out = vec![];
     for (x, ms, eps) in over_root(g, id) {
-        for (sq, axis) in reduce_over(g, ms, ReduceOp::Mean, None) {
+        for (sq, span) in means(g, ms) {
             if is_square_of(g, sq, x) {
-                out.push(norm_along(g, Op::RmsNorm { eps, affine: false }, x, axis));
+                out.extend(norm_along(g, Op::RmsNorm { eps, affine: false }, x, span));
             }
         }
     }
