@@ -68,7 +68,7 @@ CONFORMANCE=(
     "lstm_dynamic|models/lstm.ron|--set batch=Dyn(min:1,max:8,hint:4) --set steps=5"
     "seed_transformer_dynamic|models/seed_transformer.ron|--set batch=Dyn(min:1,max:4,hint:2) --set seq=Dyn(min:1,max:64,hint:32) --set layers=1 --set d_model=32 --set heads=2 --set d_ff=64 --set input_dim=50"
     "resnet_block_dynamic|models/resnet_block.ron|--set batch=Dyn(min:1,max:4,hint:2)"
-    "channel_norms_dynamic|tests/gpu_check/channel_norms.ron|--set c=48 --set n=Dyn(min:1,max:4,hint:3)"
+    "channel_norms_dynamic|tests/gpu_check/channel_norms.ron|--set c=48 --set hw=16 --set n=Dyn(min:1,max:4,hint:3)"
 )
 
 # name | shapes: the conformance models with sizes set at run time run again at each of these
