@@ -943,12 +943,7 @@ fn channel_norms_with_run_time_sizes(device: Device) {
         ("hw=Dyn(min: 1, max: 32, hint: 28)", vec![vec![1], vec![7], vec![32]]),
     ];
     for (set, bindings) in cases {
-        let ov = [kiln_lower::Override::parse(set).unwrap(), kiln_lower::Override::parse("c=24").unwrap()];
-        let (sources, l) = kiln_lower::load(&path, &ov);
-        let mut g = match l {
-            Ok(l) => l.graph,
-            Err(d) => panic!("{}", d.render(&sources)),
-        };
+        let mut g = spec_graph(&path, &[set, "c=24"]);
         // The softmax over the channels runs with a run-time batch, not with a run-time height
         // and width, which the rows of its kernel would merge past the channels
         // (`docs/dynamic-shapes.md`).

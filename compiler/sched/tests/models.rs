@@ -6,8 +6,17 @@ use std::path::Path;
 fn scheduled(model: &str) -> Schedule {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models").join(model);
     let (_, lowered) = kiln_lower::load(&path, &[]);
-    let lowered = lowered.unwrap_or_else(|_| panic!("{model} lowers"));
-    let (g, _) = kiln_opt::optimize(&lowered.graph, &kiln_opt::Options::default()).unwrap();
+    optimized_schedule(&lowered.unwrap_or_else(|_| panic!("{model} lowers")).graph)
+}
+
+/// The schedule of the spec `text`, optimized.
+fn scheduled_text(text: &str) -> Schedule {
+    let (_, lowered) = kiln_lower::load_str("spec.ron", text, &[]);
+    optimized_schedule(&lowered.unwrap_or_else(|_| panic!("the spec lowers")).graph)
+}
+
+fn optimized_schedule(g: &kiln_ir::Graph) -> Schedule {
+    let (g, _) = kiln_opt::optimize(g, &kiln_opt::Options::default()).unwrap();
     schedule(&g).unwrap()
 }
 
@@ -256,10 +265,7 @@ fn a_norm_over_channels_is_one_kernel_writing_the_transposed_layout() {
             Let("z", Relu(Add(Mul("w", Div(Sub("x", "mu"), Sqrt(Add("var", 1e-6)))), "b"))),
         ],
         outputs: ["y", "z"])"#;
-    let (_, lowered) = kiln_lower::load_str("c", spec, &[]);
-    let lowered = lowered.unwrap_or_else(|_| panic!("the spec lowers"));
-    let (g, _) = kiln_opt::optimize(&lowered.graph, &kiln_opt::Options::default()).unwrap();
-    let s = schedule(&g).unwrap();
+    let s = scheduled_text(spec);
     check(&s);
     let text = kiln_sched::print::to_text(&s);
     assert_eq!(s.kernels.iter().filter(|k| k.name() == "layer_norm").count(), 1, "{text}");
@@ -282,10 +288,7 @@ fn a_norm_over_trailing_axes_writes_the_output_in_place() {
             Let("y", Div(Sub("x", "mu"), Sqrt(Add("var", 1e-5)))),
         ],
         outputs: ["y"])"#;
-    let (_, lowered) = kiln_lower::load_str("t", spec, &[]);
-    let lowered = lowered.unwrap_or_else(|_| panic!("the spec lowers"));
-    let (g, _) = kiln_opt::optimize(&lowered.graph, &kiln_opt::Options::default()).unwrap();
-    let s = schedule(&g).unwrap();
+    let s = scheduled_text(spec);
     check(&s);
     let text = kiln_sched::print::to_text(&s);
     assert_eq!(s.kernels.len(), 1, "{text}");

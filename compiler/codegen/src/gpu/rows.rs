@@ -163,11 +163,39 @@ impl Slot {
 /// Opens `scf.for j = tid to len step group` carrying an accumulator that starts at `init`;
 /// returns (the loop's result, `j`, the accumulator). Yield, then close with `b.close("")`.
 fn open_strided(b: &mut Body, r: &Row, len: usize, init: &str, ty: &str) -> (String, String, String) {
+    open_fold(b, (&r.tid, len, r.group as usize), init, ty)
+}
+
+/// Opens `scf.for j = from to len step step` carrying an accumulator that starts at `init`;
+/// returns (the loop's result, `j`, the accumulator). Yield, then close with `b.close("")`.
+fn open_fold(
+    b: &mut Body,
+    (from, len, step): (&str, usize, usize),
+    init: &str,
+    ty: &str,
+) -> (String, String, String) {
     let n = b.index(len);
-    let g = b.index(r.group as usize);
+    let g = b.index(step);
     let (res, j, acc) = (b.fresh("sum"), b.fresh("j"), b.fresh("part"));
-    b.open(format!("{res} = scf.for {j} = {} to {n} step {g} iter_args({acc} = {init}) -> ({ty})", r.tid));
+    b.open(format!("{res} = scf.for {j} = {from} to {n} step {g} iter_args({acc} = {init}) -> ({ty})"));
     (res, j, acc)
+}
+
+/// `init ⊕ f(read(j))` for `j` from `from` to `len` by `step`, in order.
+fn fold(
+    b: &mut Body,
+    walk: (&str, usize, usize),
+    (init, ty, op): (&str, &str, Combine),
+    read: &dyn Fn(&mut Body, &str) -> String,
+    f: &dyn Fn(&mut Body, &str) -> String,
+) -> String {
+    let (res, j, acc) = open_fold(b, walk, init, ty);
+    let x = read(b, &j);
+    let y = f(b, &x);
+    let next = op.apply(b, &acc, &y, ty);
+    b.line(format!("scf.yield {next} : {ty}"));
+    b.close("");
+    res
 }
 
 /// `init ⊕ f(x₀) ⊕ f(x₁) …` over the invocation's elements of the row, in order: from `values`
@@ -190,13 +218,7 @@ fn partial(
         }
         return acc;
     }
-    let (res, j, acc) = open_strided(b, r, row.len, init, ty);
-    let x = read(b, &j);
-    let y = f(b, &x);
-    let next = op.apply(b, &acc, &y, ty);
-    b.line(format!("scf.yield {next} : {ty}"));
-    b.close("");
-    res
+    fold(b, (&r.tid, row.len, r.group as usize), (init, ty, op), read, f)
 }
 
 /// `softmax` (or `log_softmax`) of `x` along `axis` into `out`. Arguments: x, out.
@@ -301,29 +323,16 @@ fn softmax_side_by_side(
         let at = step(b, &starts[0], j, x.strides[axis]);
         load(b, "%a0", x, &at)
     };
-    let (lo, hi, one) = (b.index(0), b.index(len), b.index(1));
-    // `init ⊕ f(x)` over the row, in order.
-    let fold = |b: &mut Body, init: &str, op: Combine, f: &dyn Fn(&mut Body, &str) -> String| -> String {
-        let (res, j, acc) = (b.fresh("sum"), b.fresh("j"), b.fresh("part"));
-        b.open(format!("{res} = scf.for {j} = {lo} to {hi} step {one} iter_args({acc} = {init}) -> ({ty})"));
-        let v = read(b, &j);
-        let y = f(b, &v);
-        let next = op.apply(b, &acc, &y, ty);
-        b.line(format!("scf.yield {next} : {ty}"));
-        b.close("");
-        res
-    };
     let neg_inf = b.float(f64::NEG_INFINITY, ty);
-    let max = fold(&mut b, &neg_inf, Combine::Max, &|_, v| v.into());
+    let max = fold_row(&mut b, len, (&neg_inf, ty, Combine::Max), &read, &|_, v| v.into());
     let exp_less_max = |b: &mut Body, v: &str| -> String {
         let d = b.fsub(v, &max, ty);
         b.exp_nonpositive(&d, ty)
     };
     let zero = b.float(0.0, ty);
-    let total = fold(&mut b, &zero, Combine::Add, &exp_less_max);
+    let total = fold_row(&mut b, len, (&zero, ty, Combine::Add), &read, &exp_less_max);
     let denom = if log { b.log(&total, ty) } else { total };
-    let j = b.fresh("j");
-    b.open(format!("scf.for {j} = {lo} to {hi} step {one}"));
+    let j = open_walk(&mut b, len);
     let v = read(&mut b, &j);
     let y = if log {
         let d = b.fsub(&v, &max, ty);
@@ -434,6 +443,70 @@ impl<'v> NormArgs<'v> {
     }
 }
 
+/// An element function over a row's values (`f(b, x)`), as the folds apply it.
+type ElementFn<'a> = dyn Fn(&mut Body, &str) -> String + 'a;
+
+/// Σ over a row of an element function: how a plan sums its rows for [`statistics`].
+type RowSum<'a> = dyn Fn(&mut Body, &ElementFn) -> String + 'a;
+
+/// A norm's statistics in the interpreter's order, from `total` (Σ over the row of a function
+/// of its elements): layer norm's mean and `√(var + ε)`, or RMS norm's `1 / √(mean(x²) + ε)`
+/// (no mean), as [`normalized`] reads them.
+fn statistics(
+    b: &mut Body,
+    (kind, eps): (NormKind, f64),
+    len: usize,
+    ty: &str,
+    total: &RowSum,
+) -> (Option<String>, String) {
+    let nf = b.float(len as f64, ty);
+    let e = b.float(eps, ty);
+    match kind {
+        NormKind::Layer => {
+            let s = total(b, &|_, x| x.into());
+            let mean = b.fdiv(&s, &nf, ty);
+            let s = total(b, &|b, x| {
+                let c = b.fsub(x, &mean, ty);
+                b.fmul(&c, &c, ty)
+            });
+            let var = b.fdiv(&s, &nf, ty);
+            let ve = b.fadd(&var, &e, ty);
+            let root = b.sqrt(&ve, ty);
+            (Some(mean), root)
+        }
+        NormKind::Rms => {
+            let s = total(b, &|b, x| b.fmul(x, x, ty));
+            let ms = b.fdiv(&s, &nf, ty);
+            let me = b.fadd(&ms, &e, ty);
+            let root = b.sqrt(&me, ty);
+            let one = b.float(1.0, ty);
+            (None, b.fdiv(&one, &root, ty))
+        }
+    }
+}
+
+/// `init ⊕ f(read(j))` for `j` in `0..len`, in order: an invocation walking its own row
+/// ([`Work::RowsSideBySide`]).
+fn fold_row(
+    b: &mut Body,
+    len: usize,
+    acc: (&str, &str, Combine),
+    read: &dyn Fn(&mut Body, &str) -> String,
+    f: &dyn Fn(&mut Body, &str) -> String,
+) -> String {
+    let zero = b.index(0);
+    fold(b, (&zero, len, 1), acc, read, f)
+}
+
+/// Opens `scf.for j = 0 to len` over an invocation's own row; returns `j` (close with
+/// `b.close("")`).
+fn open_walk(b: &mut Body, len: usize) -> String {
+    let (lo, hi, one) = (b.index(0), b.index(len), b.index(1));
+    let j = b.fresh("j");
+    b.open(format!("scf.for {j} = {lo} to {hi} step {one}"));
+    j
+}
+
 /// A norm's `x` normalized: `(x − mean) / scale` (layer norm: the scale is `√(var + ε)`) or
 /// `x · scale` (RMS norm: `1 / √(mean(x²) + ε)`), the interpreter's arithmetic.
 fn normalized(b: &mut Body, x: &str, (mean, scale): (Option<&str>, &str), ty: &str) -> String {
@@ -509,44 +582,11 @@ fn norm_side_by_side(
             None => x,
         }
     };
-    let (lo, hi, one) = (b.index(0), b.index(len), b.index(1));
     let zero = b.float(0.0, ty);
-    // Σ over the row of `f(x)`, in order.
-    let sum = |b: &mut Body, f: &dyn Fn(&mut Body, &str) -> String| -> String {
-        let (res, j, acc) = (b.fresh("sum"), b.fresh("j"), b.fresh("part"));
-        b.open(format!("{res} = scf.for {j} = {lo} to {hi} step {one} iter_args({acc} = {zero}) -> ({ty})"));
-        let x = x_at(b, &j);
-        let y = f(b, &x);
-        let next = b.fadd(&acc, &y, ty);
-        b.line(format!("scf.yield {next} : {ty}"));
-        b.close("");
-        res
-    };
-    let nf = b.float(len as f64, ty);
-    let e = b.float(eps, ty);
-    let (center, scale) = match kind {
-        NormKind::Layer => {
-            let total = sum(&mut b, &|_, x| x.into());
-            let mean = b.fdiv(&total, &nf, ty);
-            let total = sum(&mut b, &|b, x| {
-                let c = b.fsub(x, &mean, ty);
-                b.fmul(&c, &c, ty)
-            });
-            let var = b.fdiv(&total, &nf, ty);
-            let ve = b.fadd(&var, &e, ty);
-            (Some(mean), b.sqrt(&ve, ty))
-        }
-        NormKind::Rms => {
-            let total = sum(&mut b, &|b, x| b.fmul(x, x, ty));
-            let ms = b.fdiv(&total, &nf, ty);
-            let me = b.fadd(&ms, &e, ty);
-            let root = b.sqrt(&me, ty);
-            let onef = b.float(1.0, ty);
-            (None, b.fdiv(&onef, &root, ty))
-        }
-    };
-    let j = b.fresh("j");
-    b.open(format!("scf.for {j} = {lo} to {hi} step {one}"));
+    let total =
+        |b: &mut Body, f: &ElementFn| -> String { fold_row(b, len, (&zero, ty, Combine::Add), &x_at, f) };
+    let (center, scale) = statistics(&mut b, (kind, eps), len, ty, &total);
+    let j = open_walk(&mut b, len);
     let x = x_at(&mut b, &j);
     let y = normalized(&mut b, &x, (center.as_deref(), &scale), ty);
     let y = args.affine(&mut b, &y, &j, ty);
@@ -647,35 +687,12 @@ fn norm(
     let held = r.hold(&mut b, len, &x_at);
     let row = (&held, held.values.as_slice());
     let zero = b.float(0.0, ty);
-    let nf = b.float(len as f64, ty);
-    let (center, scale) = match kind {
-        NormKind::Layer => {
-            let s = partial(&mut b, &r, row, (&zero, ty, Combine::Add), &x_at, &|_, x| x.into());
-            let total = r.combine.all(&mut b, &s, Combine::Add);
-            let mean = b.fdiv(&total, &nf, ty);
-            let square = |b: &mut Body, x: &str| -> String {
-                let c = b.fsub(x, &mean, ty);
-                b.fmul(&c, &c, ty)
-            };
-            let s = partial(&mut b, &r, row, (&zero, ty, Combine::Add), &x_at, &square);
-            let total = r.combine.all(&mut b, &s, Combine::Add);
-            let var = b.fdiv(&total, &nf, ty);
-            let e = b.float(eps, ty);
-            let ve = b.fadd(&var, &e, ty);
-            (Some(mean), b.sqrt(&ve, ty))
-        }
-        NormKind::Rms => {
-            let square = |b: &mut Body, x: &str| -> String { b.fmul(x, x, ty) };
-            let s = partial(&mut b, &r, row, (&zero, ty, Combine::Add), &x_at, &square);
-            let total = r.combine.all(&mut b, &s, Combine::Add);
-            let ms = b.fdiv(&total, &nf, ty);
-            let e = b.float(eps, ty);
-            let me = b.fadd(&ms, &e, ty);
-            let root = b.sqrt(&me, ty);
-            let one = b.float(1.0, ty);
-            (None, b.fdiv(&one, &root, ty))
-        }
+    // Σ over the row: the invocation's partial sums, combined across the group.
+    let total = |b: &mut Body, f: &ElementFn| -> String {
+        let s = partial(b, &r, row, (&zero, ty, Combine::Add), &x_at, f);
+        r.combine.all(b, &s, Combine::Add)
     };
+    let (center, scale) = statistics(&mut b, (kind, eps), len, ty, &total);
     r.each(&mut b, &held, &x_at, &|b, j, x, _| {
         let y = normalized(b, x, (center.as_deref(), &scale), ty);
         let y = args.affine(b, &y, j, ty);

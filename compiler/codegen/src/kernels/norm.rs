@@ -125,35 +125,13 @@ fn softmax_along(b: &mut Body, ct: &ComputeType, ops: &[Operand; 2], log: bool) 
 fn softmax_across(b: &mut Body, ct: &ComputeType, ops: &[Operand; 2], axis: usize, log: bool) -> usize {
     let [x, out] = ops;
     let r = x.rank();
-    let (n, last, lanes) = (x.shape[axis], x.shape[r - 1], ct.lanes);
-    // Iteration axes: every axis but `axis`, the last one counted in vectors.
-    let keep: Vec<usize> = (0..r).filter(|&k| k != axis).collect();
-    let dims: Vec<usize> =
-        keep.iter().map(|&k| if k == r - 1 { last.div_ceil(lanes) } else { x.shape[k] }).collect();
-    let per_vector = |o: &Operand| -> Operand {
-        let strides =
-            keep.iter().map(|&k| if k == r - 1 { o.strides[k] * lanes } else { o.strides[k] }).collect();
-        Operand { strides, shape: dims.clone(), ..o.clone() }
-    };
-    let (xi, oi) = (per_vector(x), per_vector(out));
-    let range = if n == 0 { 0 } else { dims.iter().product() };
+    let n = x.shape[axis];
     let vty = ct.vty.as_str();
     let (xs, os) = (x.strides[axis], out.strides[axis]);
     let (xl, ol) = (x.strides[r - 1], out.strides[r - 1]);
-    let it = open_range(b);
-    let offs = offsets(b, &it, &dims, &[&xi, &oi]);
-    let (xo, oo) = (offs.offsets[0].clone(), offs.offsets[1].clone());
-    let tail = if !last.is_multiple_of(lanes) {
-        let lc = offs.indices.last().cloned().unwrap_or_default();
-        let done = scale(b, &lc, lanes);
-        let lastc = b.index(last);
-        let count = b.assign(format!("arith.subi {lastc}, {done} : index"));
-        let mask = b.assign(format!("vector.create_mask {count} : {}", bool_type_like(vty)));
-        Some((mask, count))
-    } else {
-        None
-    };
-    let part = tail.as_ref().map(|(mask, count)| Part { mask, count: Count::Dynamic(count) });
+    let lanes = open_side_by_side(b, &[x, out], axis, r - 1, vty);
+    let (xo, oo) = (lanes.starts[0].clone(), lanes.starts[1].clone());
+    let part = lanes.part();
     let part = part.as_ref();
     let (lo, hi, one) = (b.index(0), b.index(n), b.index(1));
     let ninf = b.float(f64::NEG_INFINITY, vty);
@@ -200,7 +178,7 @@ fn softmax_across(b: &mut Body, ct: &ComputeType, ops: &[Operand; 2], axis: usiz
     }
     for_close(b, &[], &[]);
     close_range(b);
-    range
+    lanes.range
 }
 
 /// `norm(a + b)` over the last axis, then `· gamma + beta` (layer) or `· gamma` (rms) when
@@ -441,32 +419,12 @@ fn norm_across(
 ) -> usize {
     let out = &ops[args.out];
     let r = out.rank();
-    let (n, lanes, extent) = (out.shape[r - 1], ct.lanes, out.shape[side]);
-    // Iteration axes: the leading ones, `side` counted in vectors.
-    let dims: Vec<usize> =
-        (0..r - 1).map(|k| if k == side { extent.div_ceil(lanes) } else { out.shape[k] }).collect();
-    let per_vector = |o: &Operand| -> Operand {
-        let strides =
-            (0..r - 1).map(|k| if k == side { o.strides[k] * lanes } else { o.strides[k] }).collect();
-        Operand { strides, shape: dims.clone(), ..o.clone() }
-    };
-    let rowed: Vec<usize> = [Some(args.a), args.b, Some(args.out)].into_iter().flatten().collect();
-    let vectors: Vec<Operand> = rowed.iter().map(|&i| per_vector(&ops[i])).collect();
-    let range = if n == 0 { 0 } else { dims.iter().product() };
+    let n = out.shape[r - 1];
     let vty = ct.vty.as_str();
-    let it = open_range(b);
-    let offs = offsets(b, &it, &dims, &vectors.iter().collect::<Vec<_>>());
-    let start = |i: usize| offs.offsets[rowed.iter().position(|&k| k == i).unwrap_or(0)].clone();
-    let tail = if extent.is_multiple_of(lanes) {
-        None
-    } else {
-        let done = scale(b, &offs.indices[side], lanes);
-        let all = b.index(extent);
-        let count = b.assign(format!("arith.subi {all}, {done} : index"));
-        let mask = b.assign(format!("vector.create_mask {count} : {}", bool_type_like(vty)));
-        Some((mask, count))
-    };
-    let part = tail.as_ref().map(|(mask, count)| Part { mask, count: Count::Dynamic(count) });
+    let rowed: Vec<usize> = [Some(args.a), args.b, Some(args.out)].into_iter().flatten().collect();
+    let lanes = open_side_by_side(b, &rowed.iter().map(|&i| &ops[i]).collect::<Vec<_>>(), r - 1, side, vty);
+    let start = |i: usize| lanes.starts[rowed.iter().position(|&k| k == i).unwrap_or(0)].clone();
+    let part = lanes.part();
     let part = part.as_ref();
     // The lanes' row elements at position `e`: a (+ b).
     let x_at = |b: &mut Body, e: &str| -> String {
@@ -532,7 +490,57 @@ fn norm_across(
     store(b, &y, out, &at, out.strides[side], vty, part);
     for_close(b, &[], &[]);
     close_range(b);
-    range
+    lanes.range
+}
+
+/// One iteration of the parallel range over rows that run along `axis` and lie side by side
+/// along `side`: a vector of neighbouring rows, one per lane ([`open_side_by_side`]).
+struct SideBySide {
+    /// The iterations: every axis but `axis`, `side` counted in vectors.
+    range: usize,
+    /// Where each operand's vector of rows starts.
+    starts: Vec<String>,
+    /// The lane mask and count of a last vector that `side` does not fill.
+    tail: Option<(String, String)>,
+}
+
+impl SideBySide {
+    /// The partial-vector mask of the tail, for loads and stores.
+    fn part(&self) -> Option<Part<'_>> {
+        self.tail.as_ref().map(|(mask, count)| Part { mask, count: Count::Dynamic(count) })
+    }
+}
+
+/// Opens the parallel range over the rows of `ops` (of one shape) along `axis`, a vector of
+/// `vty`'s lanes of neighbouring rows along `side` at a time (close with [`close_range`]):
+/// walking a row, every load and store of the vector is contiguous where `side` has unit
+/// stride, and each lane keeps its own row's statistics (no horizontal reduction).
+fn open_side_by_side(b: &mut Body, ops: &[&Operand], axis: usize, side: usize, vty: &str) -> SideBySide {
+    let shape = &ops[0].shape;
+    let (lanes, extent) = (vector_lanes(vty), shape[side]);
+    let keep: Vec<usize> = (0..shape.len()).filter(|&k| k != axis).collect();
+    let dims: Vec<usize> =
+        keep.iter().map(|&k| if k == side { extent.div_ceil(lanes) } else { shape[k] }).collect();
+    let per_vector: Vec<Operand> = ops
+        .iter()
+        .map(|o| {
+            let strides =
+                keep.iter().map(|&k| if k == side { o.strides[k] * lanes } else { o.strides[k] }).collect();
+            Operand { strides, shape: dims.clone(), ..(*o).clone() }
+        })
+        .collect();
+    let range = if shape[axis] == 0 { 0 } else { dims.iter().product() };
+    let it = open_range(b);
+    let offs = offsets(b, &it, &dims, &per_vector.iter().collect::<Vec<_>>());
+    let tail = (!extent.is_multiple_of(lanes)).then(|| {
+        let at = keep.iter().position(|&k| k == side).unwrap_or(0);
+        let done = scale(b, &offs.indices[at], lanes);
+        let all = b.index(extent);
+        let count = b.assign(format!("arith.subi {all}, {done} : index"));
+        let mask = b.assign(format!("vector.create_mask {count} : {}", bool_type_like(vty)));
+        (mask, count)
+    });
+    SideBySide { range, starts: offs.offsets, tail }
 }
 
 // ------------------------------------------------------------------------------- helpers

@@ -47,16 +47,14 @@ fn binary(g: &KGraph, id: Id, b: B) -> Vec<(Id, Id)> {
     out
 }
 
-/// Operands of the class's reductions of kind `r` over exactly `axis`, keeping dims.
+/// Operands of the class's reductions of kind `r` over one axis, keeping dims, with the
+/// axis: exactly `axis` when given, any otherwise.
 fn reduce_over(g: &KGraph, id: Id, r: ReduceOp, axis: Option<usize>) -> Vec<(Id, usize)> {
     nodes(g, id)
         .iter()
         .filter_map(|n| match n.ir() {
             Op::Reduce { op, axes, keepdims: true } if *op == r && axes.len() == 1 => {
-                let rank = ty(g, n.children[0]).rank();
-                let a = axes[0];
-                (axis.is_none_or(|want| want == a) || (axis == Some(usize::MAX) && a + 1 == rank))
-                    .then_some((n.children[0], a))
+                axis.is_none_or(|want| want == axes[0]).then_some((n.children[0], axes[0]))
             }
             _ => None,
         })
