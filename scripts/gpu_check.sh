@@ -69,6 +69,8 @@ CONFORMANCE=(
     "seed_transformer_dynamic|models/seed_transformer.ron|--set batch=Dyn(min:1,max:4,hint:2) --set seq=Dyn(min:1,max:64,hint:32) --set layers=1 --set d_model=32 --set heads=2 --set d_ff=64 --set input_dim=50"
     "resnet_block_dynamic|models/resnet_block.ron|--set batch=Dyn(min:1,max:4,hint:2)"
     "channel_norms_dynamic|tests/gpu_check/channel_norms.ron|--set c=48 --set hw=16 --set n=Dyn(min:1,max:4,hint:3)"
+    # Pooling and softmax along a run-time sequence and over an image of run-time size.
+    "pooling_dynamic|tests/gpu_check/pooling.ron|--set batch=Dyn(min:1,max:4,hint:3) --set seq=Dyn(min:1,max:64,hint:23) --set hw=Dyn(min:1,max:16,hint:7)"
 )
 
 # name | shapes: the conformance models with sizes set at run time run again at each of these
@@ -84,6 +86,7 @@ DYNAMIC_RUNS=(
     "seed_transformer_dynamic|batch=1,seq=1 batch=3,seq=17 batch=4,seq=64"
     "resnet_block_dynamic|batch=1 batch=3 batch=4"
     "channel_norms_dynamic|n=1 n=4"
+    "pooling_dynamic|batch=1,seq=1,hw=1 batch=4,seq=64,hw=16 batch=2,seq=9,hw=3"
 )
 # name | spec | tolerance: the math functions GPU kernels compute themselves, in the
 # conformance group, each checked at a few ulp of its dtype (its tolerance.txt).

@@ -935,7 +935,8 @@ fn shipped_models_made_dynamic(device: Device) {
 /// run time only (`tests/gpu_check/channel_norms.ron`): over a run-time batch the norm reads
 /// and writes through the transposes at static strides, and the softmax over the channels
 /// runs on rows of a run-time count; over a run-time height and width the rows' stride is a
-/// run-time size, so the scheduler copies each input into rows once first.
+/// run-time size, so the scheduler copies each norm's input into rows once first, and the
+/// softmax walks its channels at that stride, one row per pixel.
 fn channel_norms_with_run_time_sizes(device: Device) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gpu_check/channel_norms.ron");
     let cases: [(&str, Vec<Vec<i64>>); 2] = [
@@ -943,14 +944,7 @@ fn channel_norms_with_run_time_sizes(device: Device) {
         ("hw=Dyn(min: 1, max: 32, hint: 28)", vec![vec![1], vec![7], vec![32]]),
     ];
     for (set, bindings) in cases {
-        let mut g = spec_graph(&path, &[set, "c=24"]);
-        // The softmax over the channels runs with a run-time batch, not with a run-time height
-        // and width, which the rows of its kernel would merge past the channels
-        // (`docs/dynamic-shapes.md`).
-        if set.starts_with("hw") {
-            g.outputs.retain(|(name, _)| name != "probs");
-        }
-        let g = optimized(&g);
+        let g = optimized(&spec_graph(&path, &[set, "c=24"]));
         let norms = g
             .node_ids()
             .filter(|&n| matches!(g.node(n).op, Op::LayerNorm { .. } | Op::RmsNorm { .. }))
@@ -976,6 +970,46 @@ fn channel_norms_with_run_time_sizes_run_on_vulkan_like_the_interpreter() {
 fn channel_norms_with_run_time_sizes_run_on_cuda_like_the_interpreter() {
     if available(Device::Cuda, "channel norms with run-time sizes") {
         channel_norms_with_run_time_sizes(Device::Cuda);
+    }
+}
+
+/// Reductions and softmax along run-time extents (`tests/gpu_check/pooling.ron`): pooling over
+/// a run-time sequence, over an image of run-time size, and over a static axis behind a
+/// run-time batch, each compiled once and run at several sizes, the bounds included.
+fn pooling_with_run_time_sizes(device: Device) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gpu_check/pooling.ron");
+    type Case = (Vec<&'static str>, Vec<Vec<i64>>);
+    let cases: [Case; 3] = [
+        (
+            vec!["batch=Dyn(min: 1, max: 4, hint: 2)", "seq=Dyn(min: 1, max: 40, hint: 16)"],
+            vec![vec![1, 1], vec![3, 7], vec![4, 40]],
+        ),
+        (vec!["hw=Dyn(min: 1, max: 12, hint: 6)"], vec![vec![1], vec![5], vec![12]]),
+        (vec!["batch=Dyn(min: 1, max: 5, hint: 2)"], vec![vec![1], vec![5]]),
+    ];
+    for (sets, bindings) in cases {
+        let g = optimized(&spec_graph(&path, &sets));
+        assert_eq!(g.symbols.len(), bindings[0].len(), "{sets:?} is symbolic");
+        compiles_once_like_the_interpreter(&g, &sets.join(" "), &bindings, device);
+    }
+}
+
+#[test]
+fn pooling_with_run_time_sizes_matches_the_interpreter() {
+    pooling_with_run_time_sizes(Device::Cpu);
+}
+
+#[test]
+fn pooling_with_run_time_sizes_runs_on_vulkan_like_the_interpreter() {
+    if available(Device::Vulkan, "pooling with run-time sizes") {
+        pooling_with_run_time_sizes(Device::Vulkan);
+    }
+}
+
+#[test]
+fn pooling_with_run_time_sizes_runs_on_cuda_like_the_interpreter() {
+    if available(Device::Cuda, "pooling with run-time sizes") {
+        pooling_with_run_time_sizes(Device::Cuda);
     }
 }
 

@@ -483,24 +483,59 @@ mod symbolic {
         compiled_matches_interpreter(&g, 1e-5);
     }
 
-    /// A mean over the sequence (pooling) reduces a symbolic axis: refused by name.
+    /// Reductions and softmax along run-time axes, or along static axes before one: a mean
+    /// over the sequence (pooling; its column blocks on the CPU), kept as 1; a max over the
+    /// batch and the sequence into a static result; an integer sum over the sequence; a min
+    /// over the sequence of a transposed input; a sum over every axis; a sum over the batch,
+    /// whose columns (sequence × features) are a run-time count; a softmax along the sequence
+    /// and a log-softmax along the batch.
     #[test]
-    fn a_mean_over_a_run_time_axis_is_refused_by_name() {
+    fn reductions_and_softmax_along_run_time_axes_compile_once_for_every_binding() {
         let (mut g, b, s) = graph("dyn_pool");
-        let x = input(&mut g, "x", DType::F32, vec![b, s, Dim::Const(8)]);
-        let y =
-            g.add(Op::Reduce { op: kiln_ir::ReduceOp::Mean, axes: vec![1], keepdims: false }, &[x]).unwrap();
+        let x = input(&mut g, "x", DType::F32, vec![b.clone(), s.clone(), Dim::Const(8)]);
+        let reduce = |g: &mut Graph, op, axes: Vec<usize>, keepdims, x| {
+            g.add(Op::Reduce { op, axes, keepdims }, &[x]).unwrap()
+        };
+        let mean = reduce(&mut g, kiln_ir::ReduceOp::Mean, vec![1], true, x);
+        g.add_output("mean", mean);
+        let max = reduce(&mut g, kiln_ir::ReduceOp::Max, vec![0, 1], false, x);
+        g.add_output("max", max);
+        let sum = reduce(&mut g, kiln_ir::ReduceOp::Sum, vec![0, 1, 2], false, x);
+        g.add_output("sum", sum);
+        let over_batch = reduce(&mut g, kiln_ir::ReduceOp::Sum, vec![0], false, x);
+        g.add_output("over_batch", over_batch);
+        let n = input(&mut g, "n", DType::I32, vec![b.clone(), s.clone(), Dim::Const(3)]);
+        let int_sum = reduce(&mut g, kiln_ir::ReduceOp::Sum, vec![1], false, n);
+        let int_sum = g.add(Op::Cast { to: DType::F32 }, &[int_sum]).unwrap();
+        g.add_output("int_sum", int_sum);
+        let t = input(&mut g, "t", DType::F32, vec![b, Dim::Const(5), s]);
+        let t = g.add(Op::Transpose { perm: vec![0, 2, 1] }, &[t]).unwrap();
+        let min = reduce(&mut g, kiln_ir::ReduceOp::Min, vec![1], false, t);
+        g.add_output("min", min);
+        let softmax = g.add(Op::Softmax { axis: 1 }, &[x]).unwrap();
+        g.add_output("softmax", softmax);
+        let log_softmax = g.add(Op::LogSoftmax { axis: 0 }, &[x]).unwrap();
+        g.add_output("log_softmax", log_softmax);
+        compiled_matches_interpreter(&g, 1e-5);
+    }
+
+    /// A norm over a run-time last axis is refused by name.
+    #[test]
+    fn a_norm_over_a_run_time_axis_is_refused_by_name() {
+        let (mut g, b, s) = graph("dyn_norm_seq");
+        let x = input(&mut g, "x", DType::F32, vec![b, s]);
+        let y = g.add(Op::RmsNorm { eps: 1e-5, affine: false }, &[x]).unwrap();
         g.add_output("y", y);
         let params = kiln_ir::bind_params(&g, None, 7, false).unwrap();
         let s = kiln_sched::schedule(&g).expect("schedules");
-        let dir = temp_dir("refused_pool");
+        let dir = temp_dir("refused_norm");
         let err = kiln_codegen::build_artifact(&g.name, &s, &params, &kiln_codegen::CpuTarget::host(), &dir)
             .err()
             .expect("refused");
         assert_eq!(
             err.to_string(),
-            "cannot compile `reduce_mean` with run-time sizes for the CPU: a reduction over axes [1] of \
-             [batch, seq, 8]: only over static trailing axes, with run-time rows (specialize the sizes with --set)"
+            "cannot compile `rms_norm` with run-time sizes for the CPU: a norm over the symbolic last axis \
+             of [batch, seq] (specialize the sizes with --set)"
         );
     }
 

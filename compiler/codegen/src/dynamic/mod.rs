@@ -22,6 +22,7 @@
 mod attention;
 mod matmul;
 mod norm;
+pub(crate) mod reduce;
 
 use crate::kernels::elementwise::{convert, eval, store, Ctx, FaultSlot, CHUNK};
 use crate::kernels::{self, View};
@@ -94,6 +95,18 @@ pub(crate) fn symbolic_prefix(shape: &[Dim]) -> usize {
     shape.iter().rposition(|d| !d.is_static()).map_or(0, |k| k + 1)
 }
 
+/// Whether reduction kernel `k` reduces over static trailing axes after every symbolic one,
+/// so that its kept axes merge into run-time rows.
+pub(crate) fn rows_then_reduced(k: &kiln_sched::Kernel, axes: &[usize]) -> bool {
+    let Some(x) = k.inputs.first() else { return false };
+    let rank = x.view.shape.len();
+    let q = rank.saturating_sub(axes.len());
+    q > 0
+        && axes.iter().all(|&a| a >= q && a < rank)
+        && (q..rank).all(|a| axes.contains(&a))
+        && symbolic_prefix(&x.view.shape) <= q
+}
+
 /// The rows of `shape`'s first `p` axes: their product and its maximum.
 pub(crate) fn rows_of(s: &Schedule, shape: &[Dim], p: usize) -> Result<Rows, CodegenError> {
     let count = kiln_sched::product(&shape[..p]).map_err(|e| bad(&e.to_string()))?;
@@ -157,6 +170,16 @@ fn unpacked(
 ) -> Result<(Kernel, Dim), CodegenError> {
     let out_shape = &k.output.view.shape;
     let p = symbolic_prefix(out_shape);
+    match &k.op {
+        KernelOp::Node(Op::Reduce { op, axes, .. }) if !rows_then_reduced(k, axes) => {
+            return reduce::emit_reduce(s, sym, k, *op, axes, target);
+        }
+        KernelOp::Node(Op::Softmax { axis } | Op::LogSoftmax { axis }) if *axis < p => {
+            let log = matches!(&k.op, KernelOp::Node(Op::LogSoftmax { .. }));
+            return reduce::emit_softmax(s, sym, k, *axis, log, target);
+        }
+        _ => {}
+    }
     if p == 0 {
         return Err(refuse(k, "its result is static but an operand is not"));
     }
@@ -185,13 +208,8 @@ fn unpacked(
     let made = match op {
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
             // Along one of the static axes after the symbolic ones (the last, or the channels
-            // of [batch, C, H, W]): in row form the symbolic axes merge into the first.
-            if *axis < p {
-                return Err(refuse(
-                    k,
-                    format!("a softmax along axis {axis} of {shape_text}: only along a static axis after the symbolic ones"),
-                ));
-            }
+            // of [batch, C, H, W]): in row form the symbolic axes merge into the first. Along
+            // any other axis it is `reduce::emit_softmax`'s, above.
             let out = out_row?;
             let x = row(arg(0)?, "the operand")?;
             let log = matches!(op, Op::LogSoftmax { .. });
@@ -266,23 +284,11 @@ fn unpacked(
         }
         // Ops whose emitters read symbolic extents inside the kernel, or that never see them.
         Op::Reduce { op: how, axes, .. } => {
-            // Over static trailing axes: every kept axis merges into the rows.
+            // Over static trailing axes (`rows_then_reduced`): every kept axis merges into the
+            // rows. Any other is `reduce::emit_reduce`'s, above.
             let x = arg(0)?;
             let rank = x.view.shape.len();
             let q = rank.saturating_sub(axes.len());
-            let trailing = q > 0
-                && axes.iter().all(|&a| a >= q && a < rank)
-                && (q..rank).all(|a| axes.contains(&a))
-                && symbolic_prefix(&x.view.shape) <= q;
-            if !trailing {
-                return Err(refuse(
-                    k,
-                    format!(
-                        "a reduction over axes {axes:?} of {}: only over static trailing axes, with run-time rows",
-                        kiln_ir::fmt_shape(&x.view.shape)
-                    ),
-                ));
-            }
             let all = rows_of(s, &x.view.shape, q)?;
             let xv = merge_leading(&x.view, q)
                 .and_then(|v| pinned(s, x, &v, &all))

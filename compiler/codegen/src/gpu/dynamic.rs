@@ -22,9 +22,10 @@ use super::elements::per_element;
 use super::plan::GpuPlan;
 use super::skeleton::{module, workgroup_number};
 use super::{attention, ceil_div, fold_run, matmul, rows, GpuCtx, GpuKernel, RunRows};
+use crate::dynamic::reduce::{self as over, Along};
 use crate::dynamic::{
     address, at_hints_and_maxima, at_maxima, buffer_view, coalesce_sym, merge_leading, pinned, refuse_on,
-    row_view, rows_of, size_value, static_view, symbolic_prefix, unravel, walk, Rows,
+    row_view, rows_of, rows_then_reduced, size_value, static_view, symbolic_prefix, unravel, walk, Rows,
 };
 use crate::kernels::elementwise::{convert, eval, load, store, Ctx};
 use crate::kernels::{conv, data, reduce, View};
@@ -54,6 +55,15 @@ pub(crate) fn kernel(
     let out_shape = &k.output.view.shape;
     let shape_text = kiln_ir::fmt_shape(out_shape);
     let p = symbolic_prefix(out_shape);
+    match op {
+        Op::Reduce { op: how, axes, .. } if !rows_then_reduced(k, axes) => {
+            return reduce_by_element(s, sym, k, *how, axes, cx);
+        }
+        Op::Softmax { axis } | Op::LogSoftmax { axis } if *axis < p => {
+            return softmax_by_row(s, sym, k, *axis, matches!(op, Op::LogSoftmax { .. }), cx);
+        }
+        _ => {}
+    }
     if p == 0 {
         return Err(refuse_here("its result is static but an operand is not".into()));
     }
@@ -114,12 +124,8 @@ pub(crate) fn kernel(
             return attention_run(s, sym, k, *scale, *causal, mask, false, cx);
         }
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
-            // Along one of the static axes after the symbolic ones, as on the CPU.
-            if *axis < p {
-                return Err(refuse_here(format!(
-                    "a softmax along axis {axis} of {shape_text}: only along a static axis after the symbolic ones"
-                )));
-            }
+            // Along one of the static axes after the symbolic ones, as on the CPU (any other
+            // is `softmax_by_row`'s, above).
             let out = row_view(s, &k.output, p, &rows).ok_or_else(|| not_rows("the result"))?;
             let x = row_view(s, arg(0)?, p, &rows).ok_or_else(|| not_rows("the operand"))?;
             let log = matches!(op, Op::LogSoftmax { .. });
@@ -185,19 +191,11 @@ pub(crate) fn kernel(
             }
         }
         Op::Reduce { op: how, axes, .. } => {
+            // Over static trailing axes after the symbolic ones (any other reduction is
+            // `reduce_by_element`'s, above).
             let x = arg(0)?;
             let rank = x.view.shape.len();
             let q = rank.saturating_sub(axes.len());
-            let trailing = q > 0
-                && axes.iter().all(|&a| a >= q && a < rank)
-                && (q..rank).all(|a| axes.contains(&a))
-                && symbolic_prefix(&x.view.shape) <= q;
-            if !trailing {
-                return Err(refuse_here(format!(
-                    "a reduction over axes {axes:?} of {}: only over static trailing axes, with run-time rows",
-                    kiln_ir::fmt_shape(&x.view.shape)
-                )));
-            }
             let all = rows_of(s, &x.view.shape, q)?;
             let xv = merge_leading(&x.view, q)
                 .and_then(|v| pinned(s, x, &v, &all))
@@ -589,6 +587,101 @@ fn matmul_by_element(
         plan,
         flops: (2 * count_hint * kd) as u64,
         bytes: bytes as u64,
+        run_grid,
+    })
+}
+
+/// A reduction along run-time extents (`crate::dynamic::reduce`): one invocation per kept
+/// element, loops over the reduced axes. Neighbouring invocations keep neighbouring elements,
+/// so where the last kept axis is contiguous (mean pooling over `[batch, seq, d]`) a warp's
+/// loads are contiguous. Arguments: x, out, `%syms`.
+fn reduce_by_element(
+    s: &Schedule,
+    sym: &str,
+    k: &kiln_sched::Kernel,
+    op: kiln_ir::ReduceOp,
+    axes: &[usize],
+    cx: &GpuCtx,
+) -> Result<GpuKernel, CodegenError> {
+    let target = format!("the {} target", cx.caps.name);
+    let (x, out) = (k.inputs.first().ok_or_else(|| bad("reduce"))?, &k.output);
+    over::check_reduce(k, op, x.dtype, |why| refuse_on(k, &target, why))?;
+    let out_full =
+        over::out_at_operand_rank(&x.view, &out.view, axes).ok_or_else(|| bad("a reduction's result"))?;
+    let sp = over::split(&[x.view.clone(), out_full], axes)?;
+    let n_syms = s.symbols.len().max(1);
+    let (xv, ov) = (buffer_view(s, x), buffer_view(s, out));
+    let (flops, bytes) = over::costs(s, &sp, x, out);
+    let (_, rows_max) = at_hints_and_maxima(s, &sp.rows);
+    let plan = GpuPlan::elements(rows_max, cx.caps)?;
+
+    let mut b = cx.body();
+    let i = open_run_element(&mut b, &plan, &sp.rows, n_syms);
+    let kept: Vec<_> = sp.kept.iter().map(|v| walk(&mut b, v, n_syms)).collect();
+    let red = walk(&mut b, &sp.reduced[0], n_syms);
+    let count = size_value(&mut b, &sp.count, n_syms);
+    let idx = unravel(&mut b, &i, &kept[0].extents, kept[0].extents.len());
+    let (xb, ob) = (address(&mut b, &kept[0], &idx), address(&mut b, &kept[1], &idx));
+    let v = over::reduce_from(&mut b, op, ("%a0", &xv), &xb, &red, &count);
+    store(&mut b, &v, "%a1", &ov, &ob);
+    b.close("");
+    b.read_symbols(n_syms);
+    let run_grid = Some(fold_run(&ceil_div(&sp.rows, plan.launch.workgroup[0] as usize)?, plan.launch.grid)?);
+    Ok(GpuKernel {
+        symbol: sym.into(),
+        mlir: module(sym, &[xv.memref(), ov.memref()], &plan, b)?,
+        plan,
+        flops,
+        bytes,
+        run_grid,
+    })
+}
+
+/// A softmax (a log-softmax when `log`) along a run-time axis or one before a run-time axis:
+/// one invocation per row, three passes along it (`crate::dynamic::reduce::softmax_row`).
+/// Arguments: x, out, `%syms`.
+fn softmax_by_row(
+    s: &Schedule,
+    sym: &str,
+    k: &kiln_sched::Kernel,
+    axis: usize,
+    log: bool,
+    cx: &GpuCtx,
+) -> Result<GpuKernel, CodegenError> {
+    let (x, out) = (k.inputs.first().ok_or_else(|| bad("softmax"))?, &k.output);
+    if !x.dtype.is_float() {
+        return Err(refuse_on(
+            k,
+            &format!("the {} target", cx.caps.name),
+            format!("a softmax of {}", x.dtype),
+        ));
+    }
+    let sp = over::split(&[x.view.clone(), out.view.clone()], &[axis])?;
+    let n_syms = s.symbols.len().max(1);
+    let (xv, ov) = (buffer_view(s, x), buffer_view(s, out));
+    let (rows_hint, rows_max) = at_hints_and_maxima(s, &sp.rows);
+    let (count_hint, _) = at_hints_and_maxima(s, &sp.count);
+    let plan = GpuPlan::elements(rows_max, cx.caps)?;
+
+    let mut b = cx.body();
+    let i = open_run_element(&mut b, &plan, &sp.rows, n_syms);
+    let kept: Vec<_> = sp.kept.iter().map(|v| walk(&mut b, v, n_syms)).collect();
+    let along: Vec<_> = sp.reduced.iter().map(|v| walk(&mut b, v, n_syms)).collect();
+    let idx = unravel(&mut b, &i, &kept[0].extents, kept[0].extents.len());
+    let (xb, ob) = (address(&mut b, &kept[0], &idx), address(&mut b, &kept[1], &idx));
+    let xa = Along { arg: "%a0", view: &xv, base: &xb, stride: &along[0].strides[0] };
+    let oa = Along { arg: "%a1", view: &ov, base: &ob, stride: &along[1].strides[0] };
+    over::softmax_row(&mut b, log, &xa, &oa, &along[0].extents[0]);
+    b.close("");
+    b.read_symbols(n_syms);
+    let run_grid = Some(fold_run(&ceil_div(&sp.rows, plan.launch.workgroup[0] as usize)?, plan.launch.grid)?);
+    let n = rows_hint * count_hint;
+    Ok(GpuKernel {
+        symbol: sym.into(),
+        mlir: module(sym, &[xv.memref(), ov.memref()], &plan, b)?,
+        plan,
+        flops: (4 * n) as u64,
+        bytes: (n * (x.dtype.size_bytes() + 2 * out.dtype.size_bytes())) as u64,
         run_grid,
     })
 }

@@ -125,33 +125,63 @@ fn softmax_along(b: &mut Body, ct: &ComputeType, ops: &[Operand; 2], log: bool) 
 fn softmax_across(b: &mut Body, ct: &ComputeType, ops: &[Operand; 2], axis: usize, log: bool) -> usize {
     let [x, out] = ops;
     let r = x.rank();
-    let n = x.shape[axis];
-    let vty = ct.vty.as_str();
-    let (xs, os) = (x.strides[axis], out.strides[axis]);
-    let (xl, ol) = (x.strides[r - 1], out.strides[r - 1]);
-    let lanes = open_side_by_side(b, &[x, out], axis, r - 1, vty);
-    let (xo, oo) = (lanes.starts[0].clone(), lanes.starts[1].clone());
-    let part = lanes.part();
-    let part = part.as_ref();
-    let (lo, hi, one) = (b.index(0), b.index(n), b.index(1));
+    let lanes = open_side_by_side(b, &[x, out], axis, r - 1, &ct.vty);
+    let (n, xs, os) = (b.index(x.shape[axis]), b.index(x.strides[axis]), b.index(out.strides[axis]));
+    let rows = Lanes {
+        starts: (&lanes.starts[0], &lanes.starts[1]),
+        along: (&n, &xs, &os),
+        lane_strides: (x.strides[r - 1], out.strides[r - 1]),
+    };
+    softmax_lanes(b, &ct.vty, (x, out), &rows, lanes.part().as_ref(), log);
+    close_range(b);
+    lanes.range
+}
+
+/// A vector of rows side by side, one per lane: where x's and out's start, the rows' length
+/// and strides along them (`index` values), and the strides from lane to lane.
+struct Lanes<'a> {
+    starts: (&'a str, &'a str),
+    along: (&'a str, &'a str, &'a str),
+    lane_strides: (usize, usize),
+}
+
+/// The three passes of a softmax (a log-softmax when `log`) over a vector of rows side by
+/// side (`part` masks the lanes past the last row): the maxima, the exponentials (stored)
+/// and their sums, then the scaling.
+fn softmax_lanes(
+    b: &mut Body,
+    vty: &str,
+    (x, out): (&Operand, &Operand),
+    rows: &Lanes,
+    part: Option<&Part>,
+    log: bool,
+) {
+    let (xo, oo) = rows.starts;
+    let (n, xs, os) = rows.along;
+    let (xl, ol) = rows.lane_strides;
+    let at = |b: &mut Body, base: &str, i: &str, stride: &str| {
+        let t = b.assign(format!("arith.muli {i}, {stride} : index"));
+        b.assign(format!("arith.addi {base}, {t} : index"))
+    };
+    let (lo, one) = (b.index(0), b.index(1));
     let ninf = b.float(f64::NEG_INFINITY, vty);
     let zero = b.float(0.0, vty);
     let inits = [(ninf.clone(), vty.to_string())];
-    let (a, acc, res) = for_open(b, &lo, &hi, &one, &inits);
-    let at = addr(b, &xo, &a, xs);
-    let v = load(b, x, &at, xl, vty, part, f64::NEG_INFINITY);
+    let (a, acc, res) = for_open(b, &lo, n, &one, &inits);
+    let xa = at(b, xo, &a, xs);
+    let v = load(b, x, &xa, xl, vty, part, f64::NEG_INFINITY);
     let m = b.fmax(&acc[0], &v, vty);
     for_close(b, &[m], &inits);
     let m = res[0].clone();
     let inits = [(zero.clone(), vty.to_string())];
-    let (a, acc, res) = for_open(b, &lo, &hi, &one, &inits);
-    let at = addr(b, &xo, &a, xs);
-    let v = load(b, x, &at, xl, vty, part, f64::NEG_INFINITY);
+    let (a, acc, res) = for_open(b, &lo, n, &one, &inits);
+    let xa = at(b, xo, &a, xs);
+    let v = load(b, x, &xa, xl, vty, part, f64::NEG_INFINITY);
     let d = b.fsub(&v, &m, vty);
     let e = b.exp_nonpositive(&d, vty);
     if !log {
-        let at = addr(b, &oo, &a, os);
-        store(b, &e, out, &at, ol, vty, part);
+        let oa = at(b, oo, &a, os);
+        store(b, &e, out, &oa, ol, vty, part);
     }
     let s = b.fadd(&acc[0], &e, vty);
     for_close(b, &[s], &inits);
@@ -162,23 +192,52 @@ fn softmax_across(b: &mut Body, ct: &ComputeType, ops: &[Operand; 2], axis: usiz
         let onev = b.float(1.0, vty);
         b.fdiv(&onev, &s, vty)
     };
-    let (a, _, _) = for_open(b, &lo, &hi, &one, &[]);
+    let (a, _, _) = for_open(b, &lo, n, &one, &[]);
     if log {
-        let at = addr(b, &xo, &a, xs);
-        let v = load(b, x, &at, xl, vty, part, 0.0);
+        let xa = at(b, xo, &a, xs);
+        let v = load(b, x, &xa, xl, vty, part, 0.0);
         let d = b.fsub(&v, &m, vty);
         let y = b.fsub(&d, &ls, vty);
-        let at = addr(b, &oo, &a, os);
-        store(b, &y, out, &at, ol, vty, part);
+        let oa = at(b, oo, &a, os);
+        store(b, &y, out, &oa, ol, vty, part);
     } else {
-        let at = addr(b, &oo, &a, os);
-        let e = load(b, out, &at, ol, vty, part, 0.0);
+        let oa = at(b, oo, &a, os);
+        let e = load(b, out, &oa, ol, vty, part, 0.0);
         let y = b.fmul(&e, &ls, vty);
-        store(b, &y, out, &at, ol, vty, part);
+        store(b, &y, out, &oa, ol, vty, part);
     }
     for_close(b, &[], &[]);
-    close_range(b);
-    lanes.range
+}
+
+/// A softmax (a log-softmax when `log`) of a vector of rows side by side in a kernel over
+/// run-time sizes: x and out are `%a0` and `%a1` (buffers `xv`, `ov`), the vector's rows
+/// start at `starts` with unit stride from lane to lane, run `n` elements at strides
+/// `xs` and `os` (`index` values); `left`, the rows left from the vector's first, when fewer
+/// than a vector's may be.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn emit_softmax_lanes(
+    b: &mut Body,
+    (xv, ov): (&View, &View),
+    starts: (&str, &str),
+    (n, xs, os): (&str, &str, &str),
+    left: Option<&str>,
+    log: bool,
+    target: &dyn Target,
+) -> Result<(), CodegenError> {
+    let ct = ComputeType::of(&[xv, ov], target, "softmax")?;
+    let (x, out) = (Operand::new("%a0", xv), Operand::new("%a1", ov));
+    let mask =
+        left.map(|count| b.assign(format!("vector.create_mask {count} : {}", bool_type_like(&ct.vty))));
+    let part = mask.as_ref().zip(left).map(|(mask, count)| Part { mask, count: Count::Dynamic(count) });
+    let rows = Lanes { starts, along: (n, xs, os), lane_strides: (1, 1) };
+    softmax_lanes(b, &ct.vty, (&x, &out), &rows, part.as_ref(), log);
+    Ok(())
+}
+
+/// The lanes per vector of a softmax over `xv`'s dtype on `target` (`None` for a dtype the
+/// vector kernels do not compute in).
+pub(crate) fn softmax_lanes_of(xv: &View, target: &dyn Target) -> Option<usize> {
+    ComputeType::of(&[xv], target, "softmax").ok().map(|ct| ct.lanes)
 }
 
 /// `norm(a + b)` over the last axis, then `· gamma + beta` (layer) or `· gamma` (rms) when

@@ -87,13 +87,7 @@ pub(crate) fn reduce_at(b: &mut Body, op: ReduceOp, axes: &[usize], x: &View, r:
             rem = b.assign(format!("arith.divui {rem}, {d} : index"));
         }
     }
-    let init = match op {
-        ReduceOp::Sum | ReduceOp::Mean => constant(b, 0.0, dtype),
-        ReduceOp::Max if dtype.is_float() => b.float(f64::NEG_INFINITY, ty),
-        ReduceOp::Min if dtype.is_float() => b.float(f64::INFINITY, ty),
-        ReduceOp::Max => b.int(if ty == "i32" { i32::MIN as i64 } else { i64::MIN }, ty),
-        ReduceOp::Min => b.int(if ty == "i32" { i32::MAX as i64 } else { i64::MAX }, ty),
-    };
+    let init = identity(b, op, dtype);
     // Nested loops over the reduced axes, each carrying the accumulator.
     let mut offsets = vec![base];
     let mut accs = Vec::new();
@@ -113,17 +107,7 @@ pub(crate) fn reduce_at(b: &mut Body, op: ReduceOp, axes: &[usize], x: &View, r:
     let at = offsets.last().cloned().unwrap_or_default();
     let v = load(b, "%a0", x, &at);
     let acc = if reduced.is_empty() { init.clone() } else { format!("%acc{}", reduced.len() - 1) };
-    let next = match (op, dtype.is_float()) {
-        (ReduceOp::Sum | ReduceOp::Mean, true) => {
-            b.assign(format!("arith.addf {acc}, {v} fastmath<reassoc,contract> : {ty}"))
-        }
-        (ReduceOp::Max, true) => b.fmax(&acc, &v, ty),
-        (ReduceOp::Min, true) => b.fmin(&acc, &v, ty),
-        (ReduceOp::Sum | ReduceOp::Mean, false) => b.assign(format!("arith.addi {acc}, {v} : {ty}")),
-        (ReduceOp::Max, false) => b.assign(format!("arith.maxsi {acc}, {v} : {ty}")),
-        (ReduceOp::Min, false) => b.assign(format!("arith.minsi {acc}, {v} : {ty}")),
-    };
-    let mut value = next;
+    let mut value = combine(b, op, dtype, &acc, &v);
     for level in (0..reduced.len()).rev() {
         b.line(format!("scf.yield {value} : {ty}"));
         b.close("");
@@ -134,6 +118,35 @@ pub(crate) fn reduce_at(b: &mut Body, op: ReduceOp, axes: &[usize], x: &View, r:
         value = b.fdiv(&value, &n, ty);
     }
     value
+}
+
+/// The accumulator's start for `op` over `dtype`, in its register type: 0, or the extreme
+/// value every element replaces.
+pub(crate) fn identity(b: &mut Body, op: ReduceOp, dtype: DType) -> String {
+    let ty = reg_type(dtype);
+    match op {
+        ReduceOp::Sum | ReduceOp::Mean => constant(b, 0.0, dtype),
+        ReduceOp::Max if dtype.is_float() => b.float(f64::NEG_INFINITY, ty),
+        ReduceOp::Min if dtype.is_float() => b.float(f64::INFINITY, ty),
+        ReduceOp::Max => b.int(if ty == "i32" { i32::MIN as i64 } else { i64::MIN }, ty),
+        ReduceOp::Min => b.int(if ty == "i32" { i32::MAX as i64 } else { i64::MAX }, ty),
+    }
+}
+
+/// `acc` combined with element `v` (both in `dtype`'s register type); float sums may
+/// reassociate, float extremes propagate NaN.
+pub(crate) fn combine(b: &mut Body, op: ReduceOp, dtype: DType, acc: &str, v: &str) -> String {
+    let ty = reg_type(dtype);
+    match (op, dtype.is_float()) {
+        (ReduceOp::Sum | ReduceOp::Mean, true) => {
+            b.assign(format!("arith.addf {acc}, {v} fastmath<reassoc,contract> : {ty}"))
+        }
+        (ReduceOp::Max, true) => b.fmax(acc, v, ty),
+        (ReduceOp::Min, true) => b.fmin(acc, v, ty),
+        (ReduceOp::Sum | ReduceOp::Mean, false) => b.assign(format!("arith.addi {acc}, {v} : {ty}")),
+        (ReduceOp::Max, false) => b.assign(format!("arith.maxsi {acc}, {v} : {ty}")),
+        (ReduceOp::Min, false) => b.assign(format!("arith.minsi {acc}, {v} : {ty}")),
+    }
 }
 
 /// The plan of a reduction that keeps its contiguous last axis: each range iteration owns a
@@ -147,6 +160,14 @@ pub struct Columns {
     pub lanes: usize,
     /// Accumulator vectors per block: enough independent additions to hide their latency.
     pub vectors: usize,
+}
+
+/// Where a row of columns ends for the block at hand: `left` (an `index` value) columns are
+/// left from its first; `whole` when every block of the row is whole (no masks needed).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ends<'a> {
+    pub left: &'a str,
+    pub whole: bool,
 }
 
 impl Columns {
@@ -225,17 +246,11 @@ impl Columns {
         let obase = b.assign(format!("arith.addi {ooff}, {orow} : index"));
         let obase = b.assign(format!("arith.addi {obase}, {c0} : index"));
         let left = b.assign(format!("arith.subi {ncols}, {c0} : index"));
-        if columns.is_multiple_of(width) {
-            self.block(&mut b, op, &xo, &oo, &xbase, &obase, &reduced, count, &vty, None);
-        } else {
-            let whole = b.assign(format!("arith.cmpi uge, {left}, {w} : index"));
-            b.open(format!("scf.if {whole}"));
-            self.block(&mut b, op, &xo, &oo, &xbase, &obase, &reduced, count, &vty, None);
-            b.close("");
-            b.open("else");
-            self.block(&mut b, op, &xo, &oo, &xbase, &obase, &reduced, count, &vty, Some(&left));
-            b.close("");
-        }
+        let loops: Vec<(String, String)> =
+            reduced.iter().map(|&a| (b.index(x.shape[a]), b.index(x.strides[a]))).collect();
+        let divisor = (op == ReduceOp::Mean).then(|| b.float(count as f64, &vty));
+        let ends = Ends { left: &left, whole: columns.is_multiple_of(width) };
+        self.row_block(&mut b, op, (&xo, &oo), (&xbase, &obase), ends, &loops, divisor.as_deref(), &vty);
         norm::close_range(&mut b);
         let mlir = norm::func_text(symbol, &[xo, oo], b);
         let range = n_out.div_ceil(columns) * blocks;
@@ -250,6 +265,62 @@ impl Columns {
         })
     }
 
+    /// The block of columns from `xbase` (x) and `obase` (out): whole where at least a block's
+    /// columns are left in the row, under lane masks where fewer are.
+    #[allow(clippy::too_many_arguments)]
+    fn row_block(
+        &self,
+        b: &mut Body,
+        op: ReduceOp,
+        (x, out): (&Operand, &Operand),
+        (xbase, obase): (&str, &str),
+        ends: Ends,
+        loops: &[(String, String)],
+        divisor: Option<&str>,
+        vty: &str,
+    ) {
+        if ends.whole {
+            self.block(b, op, x, out, xbase, obase, loops, divisor, vty, None);
+            return;
+        }
+        let w = b.index(self.width());
+        let whole = b.assign(format!("arith.cmpi uge, {}, {w} : index", ends.left));
+        b.open(format!("scf.if {whole}"));
+        self.block(b, op, x, out, xbase, obase, loops, divisor, vty, None);
+        b.close("");
+        b.open("else");
+        self.block(b, op, x, out, xbase, obase, loops, divisor, vty, Some(ends.left));
+        b.close("");
+    }
+
+    /// [`Columns::row_block`] for a kernel over run-time sizes: x and out are `%a0` and `%a1`
+    /// (buffers `xv`, `ov`, addressed from `xbase` and `obase`), `loops` the reduced axes'
+    /// extents and strides as `index` values (outermost first), `count` the elements reduced
+    /// per column (an `index` value, read by a mean).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn emit_row_block(
+        &self,
+        b: &mut Body,
+        op: ReduceOp,
+        (xv, ov): (&View, &View),
+        (xbase, obase): (&str, &str),
+        ends: Ends,
+        loops: &[(String, String)],
+        count: &str,
+        target: &dyn Target,
+    ) -> Result<(), CodegenError> {
+        let ct = ComputeType::of(&[xv, ov], target, "reduction")?;
+        let vty = format!("vector<{}x{}>", self.lanes, ct.elem);
+        let (xo, oo) = (Operand::new("%a0", xv), Operand::new("%a1", ov));
+        let divisor = (op == ReduceOp::Mean).then(|| {
+            let n = b.assign(format!("arith.index_castui {count} : index to i32"));
+            let f = b.assign(format!("arith.uitofp {n} : i32 to {}", ct.elem));
+            b.splat(&f, &vty)
+        });
+        self.row_block(b, op, (&xo, &oo), (xbase, obase), ends, loops, divisor.as_deref(), &vty);
+        Ok(())
+    }
+
     /// One block of columns from `xbase` (x) and `obase` (out); `left`, the columns left in the
     /// row, when the block is the partial last one.
     #[allow(clippy::too_many_arguments)]
@@ -261,8 +332,8 @@ impl Columns {
         out: &Operand,
         xbase: &str,
         obase: &str,
-        reduced: &[usize],
-        count: usize,
+        loops: &[(String, String)],
+        divisor: Option<&str>,
         vty: &str,
         left: Option<&str>,
     ) {
@@ -291,15 +362,15 @@ impl Columns {
             (0..self.vectors).map(|_| (init.clone(), vty.to_string())).collect();
         let (c0, c1) = (b.index(0), b.index(1));
         let mut offset = xbase.to_string();
-        let mut loops = Vec::new();
+        let mut opened = Vec::new();
         let mut accs: Vec<String> = inits.iter().map(|(v, _)| v.clone()).collect();
-        for &a in reduced {
-            let n = b.index(x.shape[a]);
+        for (n, stride) in loops {
             let carried: Vec<(String, String)> = accs.iter().map(|v| (v.clone(), vty.to_string())).collect();
-            let (iv, args, results) = for_open(b, &c0, &n, &c1, &carried);
-            offset = norm::addr(b, &offset, &iv, x.strides[a]);
+            let (iv, args, results) = for_open(b, &c0, n, &c1, &carried);
+            let t = b.assign(format!("arith.muli {iv}, {stride} : index"));
+            offset = b.assign(format!("arith.addi {offset}, {t} : index"));
             accs = args;
-            loops.push(results);
+            opened.push(results);
         }
         let mut next = Vec::with_capacity(self.vectors);
         for (v, acc) in accs.iter().enumerate() {
@@ -312,16 +383,14 @@ impl Columns {
             });
         }
         let mut sums = next;
-        for results in loops.into_iter().rev() {
+        for results in opened.into_iter().rev() {
             for_close(b, &sums, &inits);
             sums = results;
         }
         for (v, sum) in sums.iter().enumerate() {
-            let value = if op == ReduceOp::Mean {
-                let n = b.float(count as f64, vty);
-                b.fdiv(sum, &n, vty)
-            } else {
-                sum.clone()
+            let value = match divisor {
+                Some(n) => b.fdiv(sum, n, vty),
+                None => sum.clone(),
             };
             let lane0 = b.index(v * self.lanes);
             let at = b.assign(format!("arith.addi {obase}, {lane0} : index"));
