@@ -71,6 +71,8 @@ CONFORMANCE=(
     "channel_norms_dynamic|tests/gpu_check/channel_norms.ron|--set c=48 --set hw=16 --set n=Dyn(min:1,max:4,hint:3)"
     # Pooling and softmax along a run-time sequence and over an image of run-time size.
     "pooling_dynamic|tests/gpu_check/pooling.ron|--set batch=Dyn(min:1,max:4,hint:3) --set seq=Dyn(min:1,max:64,hint:23) --set hw=Dyn(min:1,max:16,hint:7)"
+    # A decoder step joining its key/value cache to the new tokens' along the sequence.
+    "kv_cache_dynamic|tests/gpu_check/kv_cache.ron|--set past=Dyn(min:1,max:96,hint:40) --set seq=Dyn(min:1,max:16,hint:1)"
 )
 
 # name | shapes: the conformance models with sizes set at run time run again at each of these
@@ -87,6 +89,7 @@ DYNAMIC_RUNS=(
     "resnet_block_dynamic|batch=1 batch=3 batch=4"
     "channel_norms_dynamic|n=1 n=4"
     "pooling_dynamic|batch=1,seq=1,hw=1 batch=4,seq=64,hw=16 batch=2,seq=9,hw=3"
+    "kv_cache_dynamic|past=1,seq=1 past=96,seq=16 past=33,seq=5"
 )
 # name | spec | tolerance: the math functions GPU kernels compute themselves, in the
 # conformance group, each checked at a few ulp of its dtype (its tolerance.txt).

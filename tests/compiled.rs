@@ -973,43 +973,51 @@ fn channel_norms_with_run_time_sizes_run_on_cuda_like_the_interpreter() {
     }
 }
 
-/// Reductions and softmax along run-time extents (`tests/gpu_check/pooling.ron`): pooling over
-/// a run-time sequence, over an image of run-time size, and over a static axis behind a
-/// run-time batch, each compiled once and run at several sizes, the bounds included.
-fn pooling_with_run_time_sizes(device: Device) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gpu_check/pooling.ron");
-    type Case = (Vec<&'static str>, Vec<Vec<i64>>);
-    let cases: [Case; 3] = [
+/// Data movement and reductions along run-time extents, each compiled once and run at several
+/// sizes, the bounds included: pooling and softmax (`tests/gpu_check/pooling.ron`) over a
+/// run-time sequence, over an image of run-time size, and over a static axis behind a run-time
+/// batch; a decoder step joining its key/value cache to the new tokens' along the sequence
+/// (`tests/gpu_check/kv_cache.ron`), at run-time cache and prompt lengths.
+fn pooling_and_caches_with_run_time_sizes(device: Device) {
+    type Case = (&'static str, Vec<&'static str>, Vec<Vec<i64>>);
+    let cases: [Case; 4] = [
         (
+            "pooling.ron",
             vec!["batch=Dyn(min: 1, max: 4, hint: 2)", "seq=Dyn(min: 1, max: 40, hint: 16)"],
             vec![vec![1, 1], vec![3, 7], vec![4, 40]],
         ),
-        (vec!["hw=Dyn(min: 1, max: 12, hint: 6)"], vec![vec![1], vec![5], vec![12]]),
-        (vec!["batch=Dyn(min: 1, max: 5, hint: 2)"], vec![vec![1], vec![5]]),
+        ("pooling.ron", vec!["hw=Dyn(min: 1, max: 12, hint: 6)"], vec![vec![1], vec![5], vec![12]]),
+        ("pooling.ron", vec!["batch=Dyn(min: 1, max: 5, hint: 2)"], vec![vec![1], vec![5]]),
+        (
+            "kv_cache.ron",
+            vec!["past=Dyn(min: 1, max: 60, hint: 20)", "seq=Dyn(min: 1, max: 16, hint: 1)"],
+            vec![vec![1, 1], vec![20, 1], vec![7, 16], vec![60, 16]],
+        ),
     ];
-    for (sets, bindings) in cases {
+    for (spec, sets, bindings) in cases {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gpu_check").join(spec);
         let g = optimized(&spec_graph(&path, &sets));
-        assert_eq!(g.symbols.len(), bindings[0].len(), "{sets:?} is symbolic");
-        compiles_once_like_the_interpreter(&g, &sets.join(" "), &bindings, device);
+        assert_eq!(g.symbols.len(), bindings[0].len(), "{spec} {sets:?} is symbolic");
+        compiles_once_like_the_interpreter(&g, &format!("{spec} {}", sets.join(" ")), &bindings, device);
     }
 }
 
 #[test]
-fn pooling_with_run_time_sizes_matches_the_interpreter() {
-    pooling_with_run_time_sizes(Device::Cpu);
+fn pooling_and_caches_with_run_time_sizes_match_the_interpreter() {
+    pooling_and_caches_with_run_time_sizes(Device::Cpu);
 }
 
 #[test]
-fn pooling_with_run_time_sizes_runs_on_vulkan_like_the_interpreter() {
-    if available(Device::Vulkan, "pooling with run-time sizes") {
-        pooling_with_run_time_sizes(Device::Vulkan);
+fn pooling_and_caches_with_run_time_sizes_run_on_vulkan_like_the_interpreter() {
+    if available(Device::Vulkan, "pooling and caches with run-time sizes") {
+        pooling_and_caches_with_run_time_sizes(Device::Vulkan);
     }
 }
 
 #[test]
-fn pooling_with_run_time_sizes_runs_on_cuda_like_the_interpreter() {
-    if available(Device::Cuda, "pooling with run-time sizes") {
-        pooling_with_run_time_sizes(Device::Cuda);
+fn pooling_and_caches_with_run_time_sizes_run_on_cuda_like_the_interpreter() {
+    if available(Device::Cuda, "pooling and caches with run-time sizes") {
+        pooling_and_caches_with_run_time_sizes(Device::Cuda);
     }
 }
 

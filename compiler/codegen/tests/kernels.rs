@@ -537,6 +537,16 @@ mod symbolic {
             "cannot compile `rms_norm` with run-time sizes for the CPU: a norm over the symbolic last axis \
              of [batch, seq] (specialize the sizes with --set)"
         );
+        // The GPU targets refuse it the same way, by their name.
+        let caps = kiln_codegen::gpu::GpuCaps::vulkan();
+        let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).expect("schedules");
+        let err =
+            kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, &caps, &dir).err().expect("refused");
+        assert_eq!(
+            err.to_string(),
+            "cannot compile `rms_norm` with run-time sizes for the vulkan target: a norm over the symbolic \
+             last axis of [batch, seq] (specialize the sizes with --set)"
+        );
     }
 
     /// `concat` along a static axis after the symbolic ones runs on the row form, at every size.
@@ -550,34 +560,31 @@ mod symbolic {
         compiled_matches_interpreter(&g, 0.0);
     }
 
-    /// An op whose emitter still needs static extents is refused by name, saying what needs them:
-    /// a concat along a symbolic axis.
+    /// Concat and pad along run-time axes, or static axes before one: keys joined along the
+    /// sequence (a cache and the new tokens'), rows joined along a run-time last axis, a
+    /// static row joined before a run-time batch, integers joined along the sequence; a pad
+    /// of the sequence, and a pad of a run-time last axis and of the batch before it.
     #[test]
-    fn a_concat_along_a_run_time_axis_is_refused_by_name() {
-        let (mut g, b, s) = graph("dyn_concat");
-        let x = input(&mut g, "x", DType::F32, vec![b, s, Dim::Const(8)]);
-        let y = g.add(Op::Concat { axis: 1 }, &[x, x]).unwrap();
-        g.add_output("y", y);
-        let params = kiln_ir::bind_params(&g, None, 7, false).unwrap();
-        let s = kiln_sched::schedule(&g).expect("schedules");
-        let dir = temp_dir("refused");
-        let err = kiln_codegen::build_artifact(&g.name, &s, &params, &kiln_codegen::CpuTarget::host(), &dir)
-            .err()
-            .expect("refused");
-        assert_eq!(
-            err.to_string(),
-            "cannot compile `concat` with run-time sizes for the CPU: its index arithmetic over \
-             [batch, 2*seq, 8] uses static extents (specialize the sizes with --set)"
-        );
-        // The GPU targets refuse it the same way, by their name.
-        let caps = kiln_codegen::gpu::GpuCaps::vulkan();
-        let s = kiln_sched::schedule_aligned(&g, caps.buffer_align).expect("schedules");
-        let err =
-            kiln_codegen::build_vulkan_artifact(&g.name, &s, &params, &caps, &dir).err().expect("refused");
-        assert_eq!(
-            err.to_string(),
-            "cannot compile `concat` with run-time sizes for the vulkan target: its index arithmetic \
-             over [batch, 2*seq, 8] uses static extents (specialize the sizes with --set)"
-        );
+    fn concat_and_pad_along_run_time_axes_compile_once_for_every_binding() {
+        let (mut g, b, s) = graph("dyn_join");
+        let x = input(&mut g, "x", DType::F32, vec![b.clone(), s.clone(), Dim::Const(8)]);
+        let past = input(&mut g, "past", DType::F32, vec![b.clone(), Dim::Const(3), Dim::Const(8)]);
+        let keys = g.add(Op::Concat { axis: 1 }, &[past, x, x]).unwrap();
+        g.add_output("keys", keys);
+        let r = input(&mut g, "r", DType::F32, vec![b.clone(), s.clone()]);
+        let rows = g.add(Op::Concat { axis: 1 }, &[r, r]).unwrap();
+        g.add_output("rows", rows);
+        let first = input(&mut g, "first", DType::F32, vec![Dim::Const(1), s.clone(), Dim::Const(8)]);
+        let batch = g.add(Op::Concat { axis: 0 }, &[first, x]).unwrap();
+        g.add_output("batch", batch);
+        let n = input(&mut g, "n", DType::I32, vec![b, s, Dim::Const(2)]);
+        let ints = g.add(Op::Concat { axis: 1 }, &[n, n]).unwrap();
+        let ints = g.add(Op::Cast { to: DType::F32 }, &[ints]).unwrap();
+        g.add_output("ints", ints);
+        let padded = g.add(Op::Pad { pads: vec![(0, 0), (2, 3), (0, 0)], value: -1.5 }, &[x]).unwrap();
+        g.add_output("padded", padded);
+        let around = g.add(Op::Pad { pads: vec![(1, 0), (0, 4)], value: 0.25 }, &[r]).unwrap();
+        g.add_output("around", around);
+        compiled_matches_interpreter(&g, 0.0);
     }
 }

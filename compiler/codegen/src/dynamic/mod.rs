@@ -20,6 +20,7 @@
 //! symbolic axis) is refused by name ([`CodegenError::Symbolic`]).
 
 mod attention;
+pub(crate) mod data;
 mod matmul;
 mod norm;
 pub(crate) mod reduce;
@@ -314,7 +315,10 @@ fn unpacked(
             row_pads.extend(pads.iter().skip(p).copied());
             kernels::data::emit_pad(sym, &row_pads, *value, &row(arg(0)?, "the operand")?, &out)?
         }
-        Op::Concat { .. } | Op::Pad { .. } | Op::ScatterAdd { .. } => {
+        // Along or before a symbolic axis: walked at the run's extents.
+        Op::Concat { axis } => return data::emit_concat(s, sym, k, *axis),
+        Op::Pad { pads, value } => return data::emit_pad(s, sym, k, pads, *value),
+        Op::ScatterAdd { .. } => {
             return Err(refuse(k, format!("its index arithmetic over {shape_text} uses static extents")))
         }
         // Over a run-time batch alone (the leading axis; channels and the image static): the

@@ -22,6 +22,7 @@ use super::elements::per_element;
 use super::plan::GpuPlan;
 use super::skeleton::{module, workgroup_number};
 use super::{attention, ceil_div, fold_run, matmul, rows, GpuCtx, GpuKernel, RunRows};
+use crate::dynamic::data::{self as run_data, Part};
 use crate::dynamic::reduce::{self as over, Along};
 use crate::dynamic::{
     address, at_hints_and_maxima, at_maxima, buffer_view, coalesce_sym, merge_leading, pinned, refuse_on,
@@ -272,7 +273,19 @@ pub(crate) fn kernel(
                 Ok(data::pad_value(b, &row_pads, *value, &x, &out, idx))
             })?
         }
-        Op::Concat { .. } | Op::Pad { .. } | Op::ScatterAdd { .. } => {
+        // Along or before a symbolic axis: one invocation per element of the run's result.
+        Op::Concat { axis } => {
+            return data_by_element(s, sym, k, cx, |b, inputs, idx| {
+                let bounds = run_data::bounds(b, inputs, *axis);
+                run_data::concat_value(b, inputs, &bounds, idx, *axis)
+            })
+        }
+        Op::Pad { pads, value } => {
+            return data_by_element(s, sym, k, cx, |b, inputs, idx| {
+                run_data::pad_value(b, &inputs[0], pads, *value, idx)
+            })
+        }
+        Op::ScatterAdd { .. } => {
             return Err(refuse_here(format!("its index arithmetic over {shape_text} uses static extents")))
         }
         // Over a run-time batch alone: the row form's one leading axis.
@@ -682,6 +695,43 @@ fn softmax_by_row(
         plan,
         flops: (4 * n) as u64,
         bytes: (n * (x.dtype.size_bytes() + 2 * out.dtype.size_bytes())) as u64,
+        run_grid,
+    })
+}
+
+/// A concat or pad along a run-time axis (`crate::dynamic::data`): one invocation per element
+/// of the run's result, whose value `value` finds from the inputs (at the result's indices).
+/// Arguments: the inputs, out, `%syms`.
+fn data_by_element(
+    s: &Schedule,
+    sym: &str,
+    k: &kiln_sched::Kernel,
+    cx: &GpuCtx,
+    value: impl FnOnce(&mut Body, &[Part], &[String]) -> String,
+) -> Result<GpuKernel, CodegenError> {
+    let n_syms = s.symbols.len().max(1);
+    let rank = k.output.view.shape.len();
+    let count = kiln_sched::product(&k.output.view.shape).map_err(|e| bad(&e.to_string()))?;
+    let (count_hint, count_max) = at_hints_and_maxima(s, &count);
+    let plan = GpuPlan::elements(count_max, cx.caps)?;
+
+    let mut b = cx.body();
+    let i = open_run_element(&mut b, &plan, &count, n_syms);
+    let (inputs, out) = run_data::parts(s, &mut b, k, n_syms);
+    let idx = unravel(&mut b, &i, &out.walk.extents, rank);
+    let v = value(&mut b, &inputs, &idx);
+    let at = address(&mut b, &out.walk, &idx);
+    store(&mut b, &v, &out.arg, &out.view, &at);
+    b.close("");
+    b.read_symbols(n_syms);
+    let memrefs: Vec<String> = inputs.iter().chain([&out]).map(|p| p.view.memref()).collect();
+    let run_grid = Some(fold_run(&ceil_div(&count, plan.launch.workgroup[0] as usize)?, plan.launch.grid)?);
+    Ok(GpuKernel {
+        symbol: sym.into(),
+        mlir: module(sym, &memrefs, &plan, b)?,
+        plan,
+        flops: count_hint as u64,
+        bytes: (2 * count_hint * k.output.dtype.size_bytes()) as u64,
         run_grid,
     })
 }
