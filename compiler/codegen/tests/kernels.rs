@@ -488,7 +488,7 @@ mod symbolic {
     /// batch and the sequence into a static result; an integer sum over the sequence; a min
     /// over the sequence of a transposed input; a sum over every axis; a sum over the batch,
     /// whose columns (sequence × features) are a run-time count; a softmax along the sequence
-    /// and a log-softmax along the batch.
+    /// and a log-softmax along the batch; both along a run-time last axis.
     #[test]
     fn reductions_and_softmax_along_run_time_axes_compile_once_for_every_binding() {
         let (mut g, b, s) = graph("dyn_pool");
@@ -508,7 +508,7 @@ mod symbolic {
         let int_sum = reduce(&mut g, kiln_ir::ReduceOp::Sum, vec![1], false, n);
         let int_sum = g.add(Op::Cast { to: DType::F32 }, &[int_sum]).unwrap();
         g.add_output("int_sum", int_sum);
-        let t = input(&mut g, "t", DType::F32, vec![b, Dim::Const(5), s]);
+        let t = input(&mut g, "t", DType::F32, vec![b, Dim::Const(5), s.clone()]);
         let t = g.add(Op::Transpose { perm: vec![0, 2, 1] }, &[t]).unwrap();
         let min = reduce(&mut g, kiln_ir::ReduceOp::Min, vec![1], false, t);
         g.add_output("min", min);
@@ -516,6 +516,12 @@ mod symbolic {
         g.add_output("softmax", softmax);
         let log_softmax = g.add(Op::LogSoftmax { axis: 0 }, &[x]).unwrap();
         g.add_output("log_softmax", log_softmax);
+        // Along a run-time last axis: contiguous rows of run-time length.
+        let r = input(&mut g, "r", DType::F32, vec![Dim::Const(3), s]);
+        let row_softmax = g.add(Op::Softmax { axis: 1 }, &[r]).unwrap();
+        g.add_output("row_softmax", row_softmax);
+        let row_log_softmax = g.add(Op::LogSoftmax { axis: 1 }, &[r]).unwrap();
+        g.add_output("row_log_softmax", row_log_softmax);
         compiled_matches_interpreter(&g, 1e-5);
     }
 

@@ -364,7 +364,10 @@ pub(super) fn emit_softmax(
     let along: Vec<Walk> = sp.reduced.iter().map(|v| walk(&mut b, v, n_syms)).collect();
     let (n, xs, os) = (&along[0].extents[0], &along[0].strides[0], &along[1].strides[0]);
     // Rows side by side along a contiguous last kept axis: a vector of them per iteration.
+    let vector = kernels::norm::softmax_lanes_of(&xv, target).is_some();
     let lanes = contiguous_columns(&sp).zip(kernels::norm::softmax_lanes_of(&xv, target));
+    // Or each row contiguous.
+    let contiguous = sp.reduced.iter().all(|v| v.strides == [Dim::Const(1)]);
     let c1 = b.index(1);
     b.open(format!("scf.for %r = %begin to %end step {c1}"));
     let range = match lanes {
@@ -375,6 +378,14 @@ pub(super) fn emit_softmax(
             let starts = (block.x.as_str(), block.out.as_str());
             kernels::norm::emit_softmax_lanes(&mut b, (&xv, &ov), starts, (n, xs, os), left, log, target)?;
             block_range(&sp, lanes)?
+        }
+        None if contiguous && vector => {
+            // One contiguous row of run-time length per iteration, in vectors along it.
+            b.line("// plan: one contiguous row per iteration, in vectors of its run-time length");
+            let idx = unravel(&mut b, "%r", &kept[0].extents, kept[0].extents.len());
+            let (xb, ob) = (address(&mut b, &kept[0], &idx), address(&mut b, &kept[1], &idx));
+            kernels::norm::emit_softmax_run_row(&mut b, (&xv, &ov), (&xb, &ob), n, log, target)?;
+            sp.rows.clone()
         }
         None => {
             let idx = unravel(&mut b, "%r", &kept[0].extents, kept[0].extents.len());
