@@ -356,11 +356,13 @@ fn norm_bench(target: &CpuTarget, budget: Duration) {
     let (rows, n) = (4096, 4096);
     let x = View::contiguous(&[rows, n], DType::F32);
     let g = View::contiguous(&[n], DType::F32);
-    let ln =
-        norm::emit_norm("ln", NormKind::Layer, 1e-5, &x, None, Some(&g), Some(&g), &x, target).expect("ln");
-    let an = norm::emit_norm("an", NormKind::Layer, 1e-5, &x, Some(&x), Some(&g), Some(&g), &x, target)
-        .expect("an");
-    let rn = norm::emit_norm("rn", NormKind::Rms, 1e-6, &x, None, Some(&g), None, &x, target).expect("rn");
+    let ln = norm::emit_norm("ln", NormKind::Layer, 1e-5, (&x, None), Some(&g), Some(&g), (&x, None), target)
+        .expect("ln");
+    let an =
+        norm::emit_norm("an", NormKind::Layer, 1e-5, (&x, Some(&x)), Some(&g), Some(&g), (&x, None), target)
+            .expect("an");
+    let rn = norm::emit_norm("rn", NormKind::Rms, 1e-6, (&x, None), Some(&g), None, (&x, None), target)
+        .expect("rn");
     let sm = norm::emit_softmax("smx", &x, 1, false, &x, target).expect("softmax");
     let cp = copy_kernel("copy", rows, n, target.f32_lanes());
     let kernels = vec![ln.clone(), an.clone(), rn.clone(), sm.clone(), cp.clone()];

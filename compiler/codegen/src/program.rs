@@ -287,22 +287,31 @@ fn kernel(
             let gamma = if *affine { Some(plain(s, arg(1)?)) } else { None };
             let beta = if *affine && kind == NormKind::Layer { Some(plain(s, arg(2)?)) } else { None };
             let x = plain(s, arg(0)?);
-            kernels::norm::emit_norm(sym, kind, *eps, &x, None, gamma.as_ref(), beta.as_ref(), &out, target)
+            kernels::norm::emit_norm(
+                sym,
+                kind,
+                *eps,
+                (&x, None),
+                gamma.as_ref(),
+                beta.as_ref(),
+                (&out, None),
+                target,
+            )
         }
         Op::AddNorm { eps, kind, affine } => {
             let a = broadcast(s, arg(0)?, &out.shape);
             let b = broadcast(s, arg(1)?, &out.shape);
             let gamma = if *affine { Some(plain(s, arg(2)?)) } else { None };
             let beta = if *affine && *kind == NormKind::Layer { Some(plain(s, arg(3)?)) } else { None };
+            let sum = k.extra_outputs.first().map(|o| plain(s, o));
             kernels::norm::emit_norm(
                 sym,
                 *kind,
                 *eps,
-                &a,
-                Some(&b),
+                (&a, Some(&b)),
                 gamma.as_ref(),
                 beta.as_ref(),
-                &out,
+                (&out, sum.as_ref()),
                 target,
             )
         }

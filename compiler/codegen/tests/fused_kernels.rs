@@ -403,8 +403,9 @@ fn norm_case(
     let (bv, rest) = if has_b { (Some(views[1]), &views[2..]) } else { (None, &views[1..]) };
     let gamma = if params >= 1 { Some(rest[0]) } else { None };
     let beta = if params >= 2 { Some(rest[1]) } else { None };
-    let k = norm::emit_norm(sym, kind, eps, views[0], bv, gamma, beta, views[views.len() - 1], &host())
-        .expect("emit");
+    let k =
+        norm::emit_norm(sym, kind, eps, (views[0], bv), gamma, beta, (views[views.len() - 1], None), &host())
+            .expect("emit");
     (k, ops, want)
 }
 
@@ -872,8 +873,8 @@ fn other_dtypes_are_unsupported() {
     let v = View::contiguous(&[2, 8], DType::F16);
     let err = norm::emit_softmax("bad", &v, 1, false, &v, &host()).expect_err("f16");
     assert!(err.to_string().contains("f16"), "{err}");
-    let err =
-        norm::emit_norm("bad", NormKind::Layer, 1e-5, &v, None, None, None, &v, &host()).expect_err("f16");
+    let err = norm::emit_norm("bad", NormKind::Layer, 1e-5, (&v, None), None, None, (&v, None), &host())
+        .expect_err("f16");
     assert!(err.to_string().contains("f16"), "{err}");
     let err =
         attention::emit("bad", &v, &v, Some((&v, &v)), None, 1.0, false, None, &host()).expect_err("f16");

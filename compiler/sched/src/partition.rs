@@ -20,12 +20,15 @@
 //! the statistic its backward reads) are one kernel with two results: the log-sum-exp is a
 //! by-product of the attention's online softmax. A log-sum-exp met first waits for its
 //! attention, unless a user needs it before: then it is a kernel of its own.
+//!
+//! A layer or RMS norm of a sum that something else reads too (a pre-norm residual stream)
+//! takes the place of the sum's kernel: one `add_norm` kernel that also stores the sum.
 
 use crate::faults::{FaultKind, FaultSite};
 use crate::plan::{Buffer, BufferId, Expr, Kernel, KernelOp, Operand, StateSlot, Storage};
 use crate::view::StridedView;
 use crate::SchedError;
-use kiln_ir::{BinaryOp, DType, Dim, Graph, NodeId, Op, SizeError};
+use kiln_ir::{BinaryOp, DType, Dim, Graph, NodeId, NormKind, Op, SizeError};
 use std::collections::HashMap;
 
 /// What a node's result is, once scheduled.
@@ -288,6 +291,14 @@ impl Builder<'_> {
                 let op = KernelOp::Node(node.op.clone());
                 Value::Stored(self.emit(n, op, vec![updates, indices], vec![n], &ty.shape)?)
             }
+            Op::LayerNorm { eps, affine } | Op::RmsNorm { eps, affine }
+                if self.norm_of_stored_sum(n, &operands).is_some() =>
+            {
+                let kind =
+                    if matches!(node.op, Op::LayerNorm { .. }) { NormKind::Layer } else { NormKind::Rms };
+                let op = Op::AddNorm { eps: *eps, kind, affine: *affine };
+                Value::Stored(self.add_norm_storing_sum(n, op, &operands)?)
+            }
             Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::AddNorm { .. } => {
                 // A row read at a run-time stride (a norm over the channels of a tensor whose
                 // height and width are known at run time only) is copied into rows first:
@@ -319,6 +330,66 @@ impl Builder<'_> {
         };
         self.values.insert(n, value);
         Ok(())
+    }
+
+    /// For a layer or RMS norm `n` whose row operand is a sum `a + b` stored by a kernel of
+    /// its own (because something else reads the sum too: the residual stream of a pre-norm
+    /// block): that kernel's index, when the norm can take its place and write the sum as a
+    /// second result: nothing read the sum since, the norm writes its result in the sum's
+    /// row-major layout (no transposed write), and a and b step along a row by a static stride.
+    fn norm_of_stored_sum(&self, n: NodeId, operands: &[NodeId]) -> Option<usize> {
+        let s = *operands.first()?;
+        if self.g.node(s).op != Op::Binary(BinaryOp::Add) {
+            return None;
+        }
+        let Some(Value::Stored(sum)) = self.values.get(&s) else { return None };
+        let at = self.kernels.iter().rposition(|k| k.output.buffer == sum.buffer)?;
+        let k = &self.kernels[at];
+        let adds = matches!(&k.op, KernelOp::Elementwise(Expr::Apply { op: Op::Binary(BinaryOp::Add), args, fault: None, .. })
+            if matches!(args.as_slice(), [Expr::Operand(_), Expr::Operand(_)]));
+        let read_since = self.kernels[at + 1..].iter().any(|k| k.operands().any(|o| o.buffer == sum.buffer));
+        let transposed = match self.users[&n].as_slice() {
+            [u] => !self.outputs.contains_key(&n) && self.transposed_through(*u).is_some(),
+            _ => false,
+        };
+        let static_rows = k.inputs.iter().all(|o| o.view.strides.last().is_some_and(Dim::is_static));
+        let one_dtype = k.inputs.iter().all(|o| o.dtype == sum.dtype) && self.g.ty(n).dtype == sum.dtype;
+        let plain = k.nodes == [s]
+            && k.extra_outputs.is_empty()
+            && k.output.view == contiguous(&self.g.ty(s).shape).ok()?;
+        (adds && !read_since && !transposed && static_rows && one_dtype && plain).then_some(at)
+    }
+
+    /// The norm `n` of a stored sum ([`Builder::norm_of_stored_sum`]) as one `add_norm` kernel
+    /// `op` in place of the sum's kernel: it reads a and b, writes the norm and, as a second
+    /// result, the sum into the buffer the sum's kernel wrote.
+    fn add_norm_storing_sum(
+        &mut self,
+        n: NodeId,
+        op: Op,
+        operands: &[NodeId],
+    ) -> Result<Operand, SchedError> {
+        let at = self
+            .norm_of_stored_sum(n, operands)
+            .ok_or_else(|| SchedError::Invalid(format!("the stored sum of node {}", n.index())))?;
+        let sum_kernel = self.kernels.remove(at);
+        let KernelOp::Elementwise(Expr::Apply { args, .. }) = &sum_kernel.op else {
+            return Err(SchedError::Invalid("an add kernel".into()));
+        };
+        let mut inputs = Vec::with_capacity(operands.len() + 1);
+        for arg in args {
+            let Expr::Operand(i) = arg else { return Err(SchedError::Invalid("an add kernel".into())) };
+            inputs.push(sum_kernel.inputs[*i].clone());
+        }
+        for &o in &operands[1..] {
+            inputs.push(self.operand(o)?);
+        }
+        let s = operands[0];
+        let out = self.emit(n, KernelOp::Node(op), inputs, vec![s, n], &self.g.ty(n).shape.clone())?;
+        if let Some(k) = self.kernels.last_mut() {
+            k.extra_outputs.push(sum_kernel.output.clone());
+        }
+        Ok(out)
     }
 
     /// When `n` is an `attention` or an `attention_lse`, and the other of the two over the same

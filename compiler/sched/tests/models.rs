@@ -295,3 +295,44 @@ fn a_norm_over_trailing_axes_writes_the_output_in_place() {
     assert_eq!(s.kernels[0].name(), "layer_norm", "{text}");
     assert!(matches!(s.buffers[s.kernels[0].output.buffer].storage, Storage::Output { index: 0 }), "{text}");
 }
+
+/// A pre-norm residual stream: the sum `x + y` feeds a norm and, later, the next residual add.
+/// The norm's kernel computes the sum anyway, so it takes the add kernel's place and stores
+/// the sum as its second result: one `add_norm` kernel for both. Where something reads the
+/// sum before the norm, the add keeps its kernel.
+#[test]
+fn a_norm_of_a_residual_sum_stores_the_sum_as_its_second_result() {
+    let spec = |between: &str| {
+        format!(
+            r#"Model(name: "t", inputs: {{ "x": (f32, [2, 5, 16]), "y": (f32, [2, 5, 16]) }},
+            body: [
+                Let("w", Param(shape: [16, 16], init: Normal(std: 0.3))),
+                Let("s", Add("x", "y")),
+                {between}
+                Let("n", LayerNorm(x: "s", eps: 1e-5)),
+                Let("o", Add("s", MatMul("n", "w"))),
+            ],
+            outputs: [{first}"o"])"#,
+            first = if between.is_empty() { "" } else { r#""m", "# }
+        )
+    };
+    let s = scheduled_text(&spec(""));
+    check(&s);
+    let text = kiln_sched::print::to_text(&s);
+    let names: Vec<String> = s.kernels.iter().map(|k| k.name()).collect();
+    // The residual add, its norm, the product, the next residual add (the output).
+    assert_eq!(names, ["add_norm", "matmul", "add"], "{text}");
+    let k = s.kernels.iter().find(|k| k.name() == "add_norm").unwrap();
+    assert_eq!(k.extra_outputs.len(), 1, "{text}");
+    // The sum the norm stores is what the last add reads.
+    assert!(
+        s.kernels.iter().any(|r| r.inputs.iter().any(|o| o.buffer == k.extra_outputs[0].buffer)),
+        "{text}"
+    );
+
+    let s = scheduled_text(&spec(r#"Let("m", MatMul("s", "w")),"#));
+    check(&s);
+    let text = kiln_sched::print::to_text(&s);
+    let names: Vec<String> = s.kernels.iter().map(|k| k.name()).collect();
+    assert!(names.iter().any(|n| n == "add") && names.iter().any(|n| n == "layer_norm"), "{text}");
+}

@@ -227,29 +227,40 @@ fn unpacked(
             };
             let gamma = if *affine { Some(fixed(arg(1)?, "gamma")?) } else { None };
             let beta = if *affine && kind == NormKind::Layer { Some(fixed(arg(2)?, "beta")?) } else { None };
-            kernels::norm::emit_norm(sym, kind, *eps, &x, None, gamma.as_ref(), beta.as_ref(), &out, target)?
+            kernels::norm::emit_norm(
+                sym,
+                kind,
+                *eps,
+                (&x, None),
+                gamma.as_ref(),
+                beta.as_ref(),
+                (&out, None),
+                target,
+            )?
         }
         Op::AddNorm { eps, kind, affine } => {
             if !last_static {
                 return Err(refuse(k, format!("a norm over the symbolic last axis of {shape_text}")));
             }
             let broadcast = |o: &Operand| Operand { view: o.view.broadcast_to(out_shape), ..o.clone() };
-            let (Ok(out), Ok(a), Ok(b)) =
-                (out_row, row(&broadcast(arg(0)?), "operand 0"), row(&broadcast(arg(1)?), "operand 1"))
+            // The sum, when the kernel also stores it, in the result's layout.
+            let sum = k.extra_outputs.first().map(|o| row(o, "the sum"));
+            let (Ok(out), Ok(a), Ok(b), None | Some(Ok(_))) =
+                (out_row, row(&broadcast(arg(0)?), "operand 0"), row(&broadcast(arg(1)?), "operand 1"), &sum)
             else {
                 return norm::emit(s, sym, k, *kind, *eps, true, target);
             };
+            let sum = sum.and_then(Result::ok);
             let gamma = if *affine { Some(fixed(arg(2)?, "gamma")?) } else { None };
             let beta = if *affine && *kind == NormKind::Layer { Some(fixed(arg(3)?, "beta")?) } else { None };
             kernels::norm::emit_norm(
                 sym,
                 *kind,
                 *eps,
-                &a,
-                Some(&b),
+                (&a, Some(&b)),
                 gamma.as_ref(),
                 beta.as_ref(),
-                &out,
+                (&out, sum.as_ref()),
                 target,
             )?
         }

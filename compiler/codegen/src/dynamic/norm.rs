@@ -35,6 +35,9 @@ pub(super) fn emit(
     let mut views: Vec<StridedView> =
         k.inputs[..rows_in].iter().map(|o| o.view.broadcast_to(&out.view.shape)).collect();
     views.push(out.view.clone());
+    // The sum an `add_norm` also stores: its own row starts, after out's.
+    let sum = k.extra_outputs.first();
+    views.extend(sum.map(|o| o.view.clone()));
     if views.iter().any(|v| v.strides.last().is_none_or(|d| !d.is_static())) {
         return Err(refuse(k, "a norm whose operands have run-time strides along the row"));
     }
@@ -43,7 +46,7 @@ pub(super) fn emit(
         .map(|p| static_view(s, p).filter(|v| v.shape == [n]))
         .collect::<Option<_>>()
         .ok_or_else(|| refuse(k, "gamma and beta must be static vectors of the row length"))?;
-    let operands: Vec<&Operand> = k.inputs[..rows_in].iter().chain([out]).collect();
+    let operands: Vec<&Operand> = k.inputs[..rows_in].iter().chain([out]).chain(sum).collect();
     let flat: Vec<_> = operands.iter().zip(&views).map(|(o, v)| at_maxima(s, o, v)).collect();
     let rows = kiln_sched::product(&out.view.shape[..rank - 1]).map_err(|e| bad(&e.to_string()))?;
     let lead =
@@ -54,11 +57,10 @@ pub(super) fn emit(
         sym,
         kind,
         eps,
-        &flat[0],
-        b,
+        (&flat[0], b),
         gamma,
         beta,
-        &flat[rows_in],
+        (&flat[rows_in], flat.get(rows_in + 1)),
         target,
         Some(&lead),
     )?;

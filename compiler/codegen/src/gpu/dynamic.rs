@@ -155,23 +155,30 @@ pub(crate) fn kernel(
                 summed.iter().zip(&k.inputs).map(|(v, o)| Operand { view: v.clone(), ..o.clone() }).collect();
             let row_views: Option<Vec<View>> = operands.iter().map(|o| row_view(s, o, p, &rows)).collect();
             let out = row_view(s, &k.output, p, &rows);
-            match (row_views, out) {
-                (Some(xs), Some(out)) => rows::emit_norm(
+            // The sum an add + norm also stores, in the result's layout.
+            let sum = k.extra_outputs.first();
+            let sum_row = sum.map(|o| row_view(s, o, p, &rows));
+            match (row_views, out, sum_row) {
+                (Some(xs), Some(out), sum_row @ (None | Some(Some(_)))) => rows::emit_norm(
                     sym,
                     kind,
                     *eps,
-                    &xs[0],
-                    xs.get(1),
+                    (&xs[0], xs.get(1)),
                     gamma.as_ref(),
                     beta.as_ref(),
-                    &out,
+                    (&out, sum_row.flatten().as_ref()),
                     &in_rows(&rows),
                 )?,
                 // Rows that do not merge: split the row number by the run's extents.
                 _ => {
-                    let views: Vec<StridedView> = summed.into_iter().chain([k.output.view.clone()]).collect();
+                    let views: Vec<StridedView> = summed
+                        .into_iter()
+                        .chain([k.output.view.clone()])
+                        .chain(sum.map(|o| o.view.clone()))
+                        .collect();
                     let flat: Vec<View> =
                         operands.iter().chain([&k.output]).map(|o| at_maxima(s, o, &o.view)).collect();
+                    let sum_flat = sum.map(|o| at_maxima(s, o, &o.view));
                     let lead = crate::dynamic::RunLead {
                         extents: &out_shape[..out_shape.len() - 1],
                         views: &views,
@@ -182,7 +189,7 @@ pub(crate) fn kernel(
                         sym,
                         kind,
                         *eps,
-                        (&flat, len),
+                        (&flat, len, sum_flat.as_ref()),
                         gamma.as_ref(),
                         beta.as_ref(),
                         &lead,

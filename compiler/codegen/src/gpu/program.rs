@@ -215,7 +215,7 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, cx: &GpuCtx) -> Result<GpuKernel
             let gamma = if *affine { Some(plain(s, arg(1)?)) } else { None };
             let beta = if *affine && kind == NormKind::Layer { Some(plain(s, arg(2)?)) } else { None };
             let x = broadcast(s, arg(0)?, &out.shape);
-            rows::emit_norm(sym, kind, *eps, &x, None, gamma.as_ref(), beta.as_ref(), &out, cx)
+            rows::emit_norm(sym, kind, *eps, (&x, None), gamma.as_ref(), beta.as_ref(), (&out, None), cx)
         }
         Op::AddNorm { eps, kind, affine } => {
             float_only(op.name())?;
@@ -223,7 +223,8 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, cx: &GpuCtx) -> Result<GpuKernel
             let b = broadcast(s, arg(1)?, &out.shape);
             let gamma = if *affine { Some(plain(s, arg(2)?)) } else { None };
             let beta = if *affine && *kind == NormKind::Layer { Some(plain(s, arg(3)?)) } else { None };
-            rows::emit_norm(sym, *kind, *eps, &a, Some(&b), gamma.as_ref(), beta.as_ref(), &out, cx)
+            let sum = k.extra_outputs.first().map(|o| plain(s, o));
+            rows::emit_norm(sym, *kind, *eps, (&a, Some(&b)), gamma.as_ref(), beta.as_ref(), (&out, sum.as_ref()), cx)
         }
         Op::Reduce { op: r, axes, .. } => {
             let x = plain(s, arg(0)?);

@@ -359,28 +359,33 @@ fn softmax_side_by_side(
 }
 
 /// Layer or RMS norm over the last axis of `a` (+ `b_in` for add + norm, both at the output's
-/// shape), times `gamma` and plus `beta` when given. Arguments: a, [b], [gamma], [beta], out.
+/// shape), times `gamma` and plus `beta` when given; with `sum` (an add + norm whose sum other
+/// kernels read, in the output's layout) also stores `a + b` there. Arguments: a, [b],
+/// [gamma], [beta], out, [sum].
 #[allow(clippy::too_many_arguments)]
 pub fn emit_norm(
     symbol: &str,
     kind: NormKind,
     eps: f64,
-    a: &View,
-    b_in: Option<&View>,
+    (a, b_in): (&View, Option<&View>),
     gamma: Option<&View>,
     beta: Option<&View>,
-    out: &View,
+    (out, sum): (&View, Option<&View>),
     cx: &GpuCtx,
 ) -> Result<GpuKernel, CodegenError> {
     let mut views: Vec<View> = vec![a.clone()];
     views.extend(b_in.cloned());
     views.push(out.clone());
     let len = out.shape.last().copied().unwrap_or(1);
-    // Static rows only: in row form the rows' count is the run's, numbered in their order.
-    if let (None, Some(side)) = (&cx.run, side_by_side(&views, out.rank().saturating_sub(1))) {
+    if sum.is_some_and(|v| b_in.is_none() || v.shape != out.shape || v.strides != out.strides) {
+        return Err(CodegenError::Unsupported("a norm's sum in another layout than its result".into()));
+    }
+    // Static rows only: in row form the rows' count is the run's, numbered in their order. A
+    // stored sum (in the result's row-major layout) takes the row plan.
+    if let (None, None, Some(side)) = (&cx.run, sum, side_by_side(&views, out.rank().saturating_sub(1))) {
         return norm_side_by_side(symbol, (kind, eps), &views, (gamma, beta), side, cx);
     }
-    norm(symbol, kind, eps, (&views, len), gamma, beta, None, cx)
+    norm(symbol, kind, eps, (&views, len, sum), gamma, beta, None, cx)
 }
 
 /// The axis along which rows that run along `axis` lie side by side, if they are strided:
@@ -406,10 +411,18 @@ struct NormArgs<'v> {
     gamma: Option<(&'v View, String)>,
     beta: Option<(&'v View, String)>,
     out: String,
+    /// The stored sum's view and argument, after the output's.
+    sum: Option<(&'v View, String)>,
 }
 
 impl<'v> NormArgs<'v> {
-    fn new(a: &'v View, b_in: Option<&'v View>, gamma: Option<&'v View>, beta: Option<&'v View>) -> Self {
+    fn new(
+        a: &'v View,
+        b_in: Option<&'v View>,
+        gamma: Option<&'v View>,
+        beta: Option<&'v View>,
+        sum: Option<&'v View>,
+    ) -> Self {
         let mut inputs: Vec<&View> = vec![a];
         inputs.extend(b_in);
         let mut named = |v: Option<&'v View>| {
@@ -420,7 +433,17 @@ impl<'v> NormArgs<'v> {
         };
         let (gamma, beta) = (named(gamma), named(beta));
         let out = format!("%a{}", inputs.len());
-        NormArgs { inputs, gamma, beta, out }
+        let sum = sum.map(|v| (v, format!("%a{}", inputs.len() + 1)));
+        NormArgs { inputs, gamma, beta, out, sum }
+    }
+
+    /// Stores the row's sum `x` at element `j` of the row starting at `start`, when the
+    /// kernel stores its sum.
+    fn store_sum(&self, b: &mut Body, x: &str, (start, j): (Option<&String>, &str)) {
+        if let (Some((v, arg)), Some(start)) = (&self.sum, start) {
+            let at = step(b, start, j, v.strides.last().copied().unwrap_or(0));
+            store(b, x, arg, v, &at);
+        }
     }
 
     /// `y · γ[j] + β[j]`, with what of γ and β the norm has.
@@ -437,9 +460,10 @@ impl<'v> NormArgs<'v> {
         y
     }
 
-    /// The kernel's memrefs, the output's last.
+    /// The kernel's memrefs: the inputs', the output's, and the sum's when it is stored.
     fn memrefs(&self, out: &View) -> Vec<String> {
-        self.inputs.iter().map(|v| v.memref()).chain([out.memref()]).collect()
+        let sum = self.sum.as_ref().map(|(v, _)| v.memref());
+        self.inputs.iter().map(|v| v.memref()).chain([out.memref()]).chain(sum).collect()
     }
 }
 
@@ -569,7 +593,7 @@ fn norm_side_by_side(
     let len = out.shape[r - 1];
     let mut b = cx.body();
     let (plan, starts) = open_side_by_side(&mut b, operands, r - 1, side, cx)?;
-    let args = NormArgs::new(a, b_in, gamma, beta);
+    let args = NormArgs::new(a, b_in, gamma, beta, None);
     let x_at = |b: &mut Body, j: &str| -> String {
         let at = step(b, &starts[0], j, a.strides[r - 1]);
         let x = load(b, "%a0", a, &at);
@@ -614,7 +638,7 @@ pub(crate) fn emit_norm_run(
     symbol: &str,
     kind: NormKind,
     eps: f64,
-    operands: (&[View], usize),
+    operands: (&[View], usize, Option<&View>),
     gamma: Option<&View>,
     beta: Option<&View>,
     lead: &RunLead,
@@ -623,12 +647,14 @@ pub(crate) fn emit_norm_run(
     norm(symbol, kind, eps, operands, gamma, beta, Some(lead), cx)
 }
 
+/// The row plan's norm: operands a, [b], out, of `len` elements per row, and the stored sum
+/// (whose row starts follow out's in `run_lead`'s walks).
 #[allow(clippy::too_many_arguments)]
 fn norm(
     symbol: &str,
     kind: NormKind,
     eps: f64,
-    (operands, len): (&[View], usize),
+    (operands, len, sum): (&[View], usize, Option<&View>),
     gamma: Option<&View>,
     beta: Option<&View>,
     run_lead: Option<&RunLead>,
@@ -643,7 +669,7 @@ fn norm(
     let rank = out.rank();
     let rows = out.numel() / len.max(1);
     let lead = &out.shape[..rank.saturating_sub(1)];
-    let args = NormArgs::new(a, b_in, gamma, beta);
+    let args = NormArgs::new(a, b_in, gamma, beta, sum);
     let mut b = cx.body();
     let passes = match kind {
         NormKind::Layer => 3,
@@ -656,6 +682,7 @@ fn norm(
             let idx = unravel(&mut b, &r.row, lead);
             operands
                 .iter()
+                .chain(sum)
                 .map(|v| {
                     let parts: Vec<(Option<&String>, usize)> =
                         idx.iter().zip(&v.strides).map(|(i, &s)| (Some(i), s)).collect();
@@ -668,7 +695,8 @@ fn norm(
             run.starts(&mut b, &r.row, &walked)
         }
     };
-    let (a_base, o_base) = (starts[0].clone(), starts[starts.len() - 1].clone());
+    let (a_base, o_base) = (starts[0].clone(), starts[operands.len() - 1].clone());
+    let s_base = starts.get(operands.len());
     let b_base = b_in.map(|_| starts[1].clone());
     let last = |v: &View| v.strides.last().copied().unwrap_or(0);
     // x[j]: a[j] (+ b[j]), rounded like the interpreter's sum in the tensor's type.
@@ -694,6 +722,7 @@ fn norm(
     };
     let (center, scale) = statistics(&mut b, (kind, eps), len, ty, &total);
     r.each(&mut b, &held, &x_at, &|b, j, x, _| {
+        args.store_sum(b, x, (s_base, j));
         let y = normalized(b, x, (center.as_deref(), &scale), ty);
         let y = args.affine(b, &y, j, ty);
         let at = step(b, &o_base, j, last(out));

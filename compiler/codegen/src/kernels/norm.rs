@@ -319,20 +319,21 @@ pub(crate) fn softmax_lanes_of(xv: &View, target: &dyn Target) -> Option<usize> 
 
 /// `norm(a + b)` over the last axis, then `· gamma + beta` (layer) or `· gamma` (rms) when
 /// given; `b` is `None` for a plain LayerNorm/RMSNorm. a, b, out share the shape `[…, N]`
-/// (broadcast axes stride 0); gamma and beta are `[N]`. Arguments: a, (b), (gamma), (beta), out.
+/// (broadcast axes stride 0); gamma and beta are `[N]`. With `sum` (an `add_norm` whose sum
+/// other kernels read, in out's layout) the kernel also stores `a + b` there as it writes the
+/// result. Arguments: a, (b), (gamma), (beta), out, (sum).
 #[allow(clippy::too_many_arguments)]
 pub fn emit_norm(
     symbol: &str,
     kind: NormKind,
     eps: f64,
-    a: &View,
-    b: Option<&View>,
+    (a, b): (&View, Option<&View>),
     gamma: Option<&View>,
     beta: Option<&View>,
-    out: &View,
+    (out, sum): (&View, Option<&View>),
     target: &dyn Target,
 ) -> Result<Kernel, CodegenError> {
-    emit_norm_run(symbol, kind, eps, a, b, gamma, beta, out, target, None)
+    emit_norm_run(symbol, kind, eps, (a, b), gamma, beta, (out, sum), target, None)
 }
 
 /// [`emit_norm`] whose rows start where `lead` says at run time (operands whose leading axes do
@@ -344,11 +345,10 @@ pub(crate) fn emit_norm_run(
     symbol: &str,
     kind: NormKind,
     eps: f64,
-    a: &View,
-    b: Option<&View>,
+    (a, b): (&View, Option<&View>),
     gamma: Option<&View>,
     beta: Option<&View>,
-    out: &View,
+    (out, sum): (&View, Option<&View>),
     target: &dyn Target,
     lead: Option<&crate::dynamic::RunLead>,
 ) -> Result<Kernel, CodegenError> {
@@ -360,12 +360,14 @@ pub(crate) fn emit_norm_run(
     let mut views = vec![a];
     views.extend(b.iter().chain(&gamma).chain(&beta).copied());
     views.push(out);
+    views.extend(sum);
     let ct = ComputeType::of(&views, target, what)?;
     let r = out.rank();
     let n = out.shape.last().copied().unwrap_or(0);
     let same = |v: &View| v.shape == out.shape;
     let param = |v: &Option<&View>| v.is_none_or(|v| v.shape == [n]);
-    if r == 0 || !same(a) || !b.is_none_or(same) || !param(&gamma) || !param(&beta) {
+    let sum_ok = sum.is_none_or(|v| b.is_some() && v.shape == out.shape && v.strides == out.strides);
+    if r == 0 || !same(a) || !b.is_none_or(same) || !param(&gamma) || !param(&beta) || !sum_ok {
         return Err(CodegenError::Unsupported(format!(
             "{what} with operand shapes that differ from {:?}",
             out.shape
@@ -386,6 +388,10 @@ pub(crate) fn emit_norm_run(
     });
     ops.push(Operand::new("%out", out));
     let oi = ops.len() - 1;
+    let si = sum.map(|v| {
+        ops.push(Operand::new("%sum", v));
+        ops.len() - 1
+    });
     let rows = out.numel().checked_div(n).unwrap_or(0);
     let vty = ct.vty.as_str();
     let ety = ct.elem;
@@ -394,7 +400,9 @@ pub(crate) fn emit_norm_run(
     let pstride = |i: usize| ops[i].strides[0];
 
     let args = NormArgs { a: 0, b: bi, gamma: gi, beta: betai, out: oi };
-    if let (None, Some(side)) = (lead, side_by_side(&ops, &args)) {
+    // Rows side by side write a contiguous result only by chance; a stored sum (in the
+    // result's layout, row-major) takes the row plan.
+    if let (None, None, Some(side)) = (lead, si, side_by_side(&ops, &args)) {
         let mut body = Body::new();
         let range = norm_across(&mut body, &ct, &ops, &args, (kind, eps), side);
         return Ok(norm_kernel(symbol, &ops, &ct, body, range, None));
@@ -411,7 +419,17 @@ pub(crate) fn emit_norm_run(
     };
     let ao = starts[0].clone();
     let bo = bi.map(|_| starts[1].clone());
-    let oo = starts[starts.len() - 1].clone();
+    let oo = starts[row_ops.len() - 1].clone();
+    // The sum has out's layout: its row starts after out's in `lead`'s walks, else where out's
+    // does, moved by the difference of their offsets.
+    let so = si.map(|i| match starts.get(row_ops.len()) {
+        Some(start) => start.clone(),
+        None => {
+            let delta = ops[i].offset as i64 - ops[oi].offset as i64;
+            let d = bd.assign(format!("arith.constant {delta} : index"));
+            bd.assign(format!("arith.addi {oo}, {d} : index"))
+        }
+    });
     // The row element `a + b` at `pos`; lanes outside `part` are 0.
     let sum_at = |bd: &mut Body, pos: &str, part: Option<&Part>| -> String {
         let at = addr(bd, &ao, pos, stride(0));
@@ -468,6 +486,10 @@ pub(crate) fn emit_norm_run(
     let bo2 = betai.map(|g| bd.index(ops[g].offset));
     row_loop(bd, n, ct.lanes, 4, None, &mut |bd, pos, part, _| {
         let x = sum_at(bd, pos, part);
+        if let (Some(i), Some(so)) = (si, &so) {
+            let at = addr(bd, so, pos, os);
+            store(bd, &x, &ops[i], &at, os, vty, part);
+        }
         let c = match &shift {
             Some(m) => bd.fsub(&x, m, vty),
             None => x,
