@@ -297,7 +297,9 @@ const OP_CASES: &[(&str, &str, &str)] = &[
            Let("e", Gather(table: Reshape("x", [6, 20]), indices: "ids")),
            Let("f", BroadcastTo(x: Slice(x: "x", axis: 0, start: 0, end: 1), shape: [3, 3, 4, 5])),
            Let("g", Cast(x: Iota(shape: [3, 4], axis: 1), to: f32)),
-           Let("r", Add(RandomUniform(shape: [3, 40], seed: 7, offset: 5), Cast(x: RandomUniform(shape: [40], seed: 9, dtype: f64), to: f32))),"#,
+           Let("r", Add(RandomUniform(shape: [3, 40], seed: 7, offset: 5), Cast(x: RandomUniform(shape: [40], seed: 9, dtype: f64), to: f32))),
+           Let("h", Concat(xs: [Transpose(x: "x", perm: [0, 1, 3, 2]), Slice(x: Transpose(x: "x", perm: [0, 1, 3, 2]), axis: 2, start: 1, end: 3)], axis: 2)),
+           Let("i", Concat(xs: ["x", Slice(x: "x", axis: 3, start: 0, end: 5, step: 2)], axis: 3)),"#,
     ),
     (
         "conv_pool",

@@ -69,7 +69,17 @@ pub(crate) fn gather_value(
 }
 
 /// `out = concat(inputs…)` along `axis`. Arguments: the inputs, out.
+///
+/// With two or more indices before `axis` (a cache of keys per batch and head joined along the
+/// sequence, an LSTM's steps joined per batch), one range iteration per such index copies each
+/// input's part into its slice of the result by nested loops, merged where the input's and
+/// the result's strides chain, so the copies are long contiguous runs. Otherwise one
+/// iteration per row of the result, each element loaded from the input that holds it.
 pub fn emit_concat(symbol: &str, axis: usize, inputs: &[View], out: &View) -> Result<Kernel, CodegenError> {
+    let outer: usize = out.shape[..axis.min(out.rank())].iter().product();
+    if outer >= 2 && axis < out.rank() && !inputs.is_empty() {
+        return Ok(concat_by_copies(symbol, axis, inputs, out, outer));
+    }
     let mut b = Body::new();
     let idx = open_rows(&mut b, &out.shape);
     let value = concat_value(&mut b, axis, inputs, out, &idx)?;
@@ -81,6 +91,82 @@ pub fn emit_concat(symbol: &str, axis: usize, inputs: &[View], out: &View) -> Re
     let mut memrefs: Vec<String> = inputs.iter().map(View::memref).collect();
     memrefs.push(out.memref());
     Ok(finish(symbol, memrefs, b, out, 2 * out.numel()))
+}
+
+/// [`emit_concat`] over `outer` indices of the axes before `axis`, each input's part copied by
+/// nested loops.
+fn concat_by_copies(symbol: &str, axis: usize, inputs: &[View], out: &View, outer: usize) -> Kernel {
+    let mut b = Body::new();
+    let (c0, c1) = (b.index(0), b.index(1));
+    b.open(format!("scf.for %r = %begin to %end step {c1}"));
+    // The index over the axes before `axis`, row-major.
+    let mut idx = vec![String::new(); axis];
+    let mut rem = "%r".to_string();
+    for k in (0..axis).rev() {
+        if k == 0 {
+            idx[0] = rem.clone();
+        } else {
+            let d = b.index(out.shape[k]);
+            idx[k] = b.assign(format!("arith.remui {rem}, {d} : index"));
+            rem = b.assign(format!("arith.divui {rem}, {d} : index"));
+        }
+    }
+    let start_of = |b: &mut Body, v: &View| {
+        let mut at = b.index(v.offset);
+        for (i, &st) in idx.iter().zip(&v.strides[..axis]) {
+            let s = b.index(st);
+            let t = b.assign(format!("arith.muli {i}, {s} : index"));
+            at = b.assign(format!("arith.addi {at}, {t} : index"));
+        }
+        at
+    };
+    let obase = start_of(&mut b, out);
+    let out_arg = format!("%a{}", inputs.len());
+    let mut first = 0;
+    for (i, v) in inputs.iter().enumerate() {
+        let from = start_of(&mut b, v);
+        let skip = b.index(first * out.strides[axis]);
+        let to = b.assign(format!("arith.addi {obase}, {skip} : index"));
+        // The part's axes from `axis` on: (extent, input stride, result stride), merged.
+        let mut dims: Vec<(usize, usize, usize)> = Vec::new();
+        for k in axis..v.rank() {
+            let d = (v.shape[k], v.strides[k], out.strides[k]);
+            match dims.last_mut() {
+                _ if d.0 == 1 => {}
+                Some(p) if p.1 == d.1 * d.0 && p.2 == d.2 * d.0 => *p = (p.0 * d.0, d.1, d.2),
+                _ => dims.push(d),
+            }
+        }
+        let (mut x, mut y) = (from, to);
+        for &(n, xs, ys) in &dims {
+            let (n, xs, ys) = (b.index(n), b.index(xs), b.index(ys));
+            let j = b.fresh("j");
+            b.open(format!("scf.for {j} = {c0} to {n} step {c1}"));
+            let t = b.assign(format!("arith.muli {j}, {xs} : index"));
+            x = b.assign(format!("arith.addi {x}, {t} : index"));
+            let t = b.assign(format!("arith.muli {j}, {ys} : index"));
+            y = b.assign(format!("arith.addi {y}, {t} : index"));
+        }
+        let value = load(&mut b, &format!("%a{i}"), v, &x);
+        store(&mut b, &value, &out_arg, out, &y);
+        for _ in &dims {
+            b.close("");
+        }
+        first += v.shape[axis];
+    }
+    b.close("");
+    b.line("return");
+    let mut memrefs: Vec<String> = inputs.iter().map(View::memref).collect();
+    memrefs.push(out.memref());
+    let bytes = (2 * out.numel() * out.dtype.size_bytes()) as u64;
+    Kernel {
+        symbol: symbol.into(),
+        mlir: wrap(symbol, &memrefs, b),
+        range: outer,
+        grain: Kernel::grain_for(outer, bytes),
+        flops: 0,
+        bytes,
+    }
 }
 
 /// Element `idx` of `concat(inputs %a0…)` along `axis`, in its register type.
