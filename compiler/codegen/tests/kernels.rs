@@ -517,11 +517,16 @@ mod symbolic {
         let log_softmax = g.add(Op::LogSoftmax { axis: 0 }, &[x]).unwrap();
         g.add_output("log_softmax", log_softmax);
         // Along a run-time last axis: contiguous rows of run-time length.
-        let r = input(&mut g, "r", DType::F32, vec![Dim::Const(3), s]);
+        let r = input(&mut g, "r", DType::F32, vec![Dim::Const(3), s.clone()]);
         let row_softmax = g.add(Op::Softmax { axis: 1 }, &[r]).unwrap();
         g.add_output("row_softmax", row_softmax);
         let row_log_softmax = g.add(Op::LogSoftmax { axis: 1 }, &[r]).unwrap();
         g.add_output("row_log_softmax", row_log_softmax);
+        // Rows of twice the sequence: 16 at the hints, whole vectors and no partial one.
+        let twice = s.mul(&Dim::Const(2)).unwrap();
+        let r2 = input(&mut g, "r2", DType::F32, vec![Dim::Const(2), twice]);
+        let even_softmax = g.add(Op::Softmax { axis: 1 }, &[r2]).unwrap();
+        g.add_output("even_softmax", even_softmax);
         compiled_matches_interpreter(&g, 1e-5);
     }
 
