@@ -10,8 +10,9 @@
 //! strides computed from the run's symbol values: one range iteration (one GPU invocation, in
 //! `gpu::dynamic`) per kept element, loops over the reduced axes inside. On the CPU, a float
 //! reduction that keeps a contiguous last axis takes a block of adjacent columns per iteration
-//! instead, one vector of columns per accumulator ([`Columns`]), so mean
-//! pooling over `[batch, seq, d]` reads whole rows of `d`.
+//! instead, one vector of columns per accumulator ([`Columns`]), so mean pooling over
+//! `[batch, seq, d]` reads whole rows of `d`; a softmax takes a vector of rows side by side
+//! along such an axis, or walks a contiguous row in vectors.
 
 use super::{
     address, at_hints_and_maxima, buffer_view, coalesce_sym, refuse, row_kernel, unravel, walk, Walk,
