@@ -237,9 +237,9 @@ pub(crate) fn emit_softmax_lanes(
 /// A softmax (a log-softmax when `log`) of one contiguous row of run-time length `n` (an
 /// `index` value) in a kernel over run-time sizes: x and out are `%a0` and `%a1` (buffers
 /// `xv`, `ov`), the row starts at `starts` with unit strides. Three passes over vectors of
-/// the row: the maximum, the exponentials (stored) and their sum, the scaling; each pass
-/// takes the whole vectors unmasked, then the last partial one under the mask of the elements
-/// left (none when the length is a multiple of the lanes). The lanes reduce once per pass.
+/// the row, each under the mask of the elements left (the last vector is partial): the
+/// maximum, the exponentials (stored) and their sum, the scaling; the lanes reduce once per
+/// pass.
 pub(crate) fn emit_softmax_run_row(
     b: &mut Body,
     (xv, ov): (&View, &View),
@@ -252,41 +252,40 @@ pub(crate) fn emit_softmax_run_row(
     let vty = ct.vty.as_str();
     let (x, out) = (Operand::new("%a0", xv), Operand::new("%a1", ov));
     let (lo, step) = (b.index(0), b.index(ct.lanes));
-    let tail = b.assign(format!("arith.remui {n}, {step} : index"));
-    let whole = b.assign(format!("arith.subi {n}, {tail} : index"));
-    let tail_mask = b.assign(format!("vector.create_mask {tail} : {}", bool_type_like(vty)));
-    let tail_part = Part { mask: &tail_mask, count: Count::Dynamic(&tail) };
     let at = |b: &mut Body, base: &str, i: &str| b.assign(format!("arith.addi {base}, {i} : index"));
-    // One pass: `f(b, i, part, acc)` on every whole vector, then on the partial one.
-    let pass = |b: &mut Body, init: Option<&str>, f: &mut RowBody| {
-        let inits: Vec<(String, String)> =
-            init.map(|v| (v.to_string(), vty.to_string())).into_iter().collect();
-        let (i, acc, res) = for_open(b, &lo, &whole, &step, &inits);
-        let next = f(b, &i, None, acc.first().map(String::as_str));
-        for_close(b, &next.into_iter().collect::<Vec<_>>(), &inits);
-        f(b, &whole, Some(&tail_part), res.first().map(String::as_str))
+    // The mask of the vector at `i`: the elements left, clamped by `create_mask` to its lanes.
+    let part_at = |b: &mut Body, i: &str| {
+        let left = b.assign(format!("arith.subi {n}, {i} : index"));
+        let mask = b.assign(format!("vector.create_mask {left} : {}", bool_type_like(vty)));
+        (mask, left)
     };
     let ninf = b.float(f64::NEG_INFINITY, vty);
-    let m = pass(b, Some(&ninf), &mut |b, i, part, acc| {
-        let xa = at(b, xo, i);
-        let v = load(b, &x, &xa, 1, vty, part, f64::NEG_INFINITY);
-        Some(b.fmax(acc?, &v, vty))
-    });
-    let m = reduce(b, Combine::Max, &m.unwrap_or_default(), vty);
+    let inits = [(ninf, vty.to_string())];
+    let (i, acc, res) = for_open(b, &lo, n, &step, &inits);
+    let (mask, left) = part_at(b, &i);
+    let part = Part { mask: &mask, count: Count::Dynamic(&left) };
+    let xa = at(b, xo, &i);
+    let v = load(b, &x, &xa, 1, vty, Some(&part), f64::NEG_INFINITY);
+    let m = b.fmax(&acc[0], &v, vty);
+    for_close(b, &[m], &inits);
+    let m = reduce(b, Combine::Max, &res[0], vty);
     let mv = b.splat(&m, vty);
     let zero = b.float(0.0, vty);
-    let sum = pass(b, Some(&zero), &mut |b, i, part, acc| {
-        let xa = at(b, xo, i);
-        let v = load(b, &x, &xa, 1, vty, part, f64::NEG_INFINITY);
-        let d = b.fsub(&v, &mv, vty);
-        let e = b.exp_nonpositive(&d, vty);
-        if !log {
-            let oa = at(b, oo, i);
-            store(b, &e, &out, &oa, 1, vty, part);
-        }
-        Some(b.fadd(acc?, &e, vty))
-    });
-    let sum = reduce(b, Combine::Add, &sum.unwrap_or_default(), vty);
+    let inits = [(zero, vty.to_string())];
+    let (i, acc, res) = for_open(b, &lo, n, &step, &inits);
+    let (mask, left) = part_at(b, &i);
+    let part = Part { mask: &mask, count: Count::Dynamic(&left) };
+    let xa = at(b, xo, &i);
+    let v = load(b, &x, &xa, 1, vty, Some(&part), f64::NEG_INFINITY);
+    let d = b.fsub(&v, &mv, vty);
+    let e = b.exp_nonpositive(&d, vty);
+    if !log {
+        let oa = at(b, oo, &i);
+        store(b, &e, &out, &oa, 1, vty, Some(&part));
+    }
+    let sum = b.fadd(&acc[0], &e, vty);
+    for_close(b, &[sum], &inits);
+    let sum = reduce(b, Combine::Add, &res[0], vty);
     let sv = b.splat(&sum, vty);
     let scale = if log {
         b.log(&sv, vty)
@@ -294,20 +293,21 @@ pub(crate) fn emit_softmax_run_row(
         let one = b.float(1.0, vty);
         b.fdiv(&one, &sv, vty)
     };
-    pass(b, None, &mut |b, i, part, _| {
-        let oa = at(b, oo, i);
-        let y = if log {
-            let xa = at(b, xo, i);
-            let v = load(b, &x, &xa, 1, vty, part, 0.0);
-            let d = b.fsub(&v, &mv, vty);
-            b.fsub(&d, &scale, vty)
-        } else {
-            let e = load(b, &out, &oa, 1, vty, part, 0.0);
-            b.fmul(&e, &scale, vty)
-        };
-        store(b, &y, &out, &oa, 1, vty, part);
-        None
-    });
+    let (i, _, _) = for_open(b, &lo, n, &step, &[]);
+    let (mask, left) = part_at(b, &i);
+    let part = Part { mask: &mask, count: Count::Dynamic(&left) };
+    let oa = at(b, oo, &i);
+    let y = if log {
+        let xa = at(b, xo, &i);
+        let v = load(b, &x, &xa, 1, vty, Some(&part), 0.0);
+        let d = b.fsub(&v, &mv, vty);
+        b.fsub(&d, &scale, vty)
+    } else {
+        let e = load(b, &out, &oa, 1, vty, Some(&part), 0.0);
+        b.fmul(&e, &scale, vty)
+    };
+    store(b, &y, &out, &oa, 1, vty, Some(&part));
+    for_close(b, &[], &[]);
     Ok(())
 }
 
