@@ -183,6 +183,9 @@ impl Builder<'_> {
             self.deferred.insert(n);
             return Ok(());
         }
+        if let Some((op, at)) = self.norm_of_stored_sum(n) {
+            return self.add_norm_storing_sum(n, op, at);
+        }
         self.visit_node(n)
     }
 
@@ -291,14 +294,6 @@ impl Builder<'_> {
                 let op = KernelOp::Node(node.op.clone());
                 Value::Stored(self.emit(n, op, vec![updates, indices], vec![n], &ty.shape)?)
             }
-            Op::LayerNorm { eps, affine } | Op::RmsNorm { eps, affine }
-                if self.norm_of_stored_sum(n, &operands).is_some() =>
-            {
-                let kind =
-                    if matches!(node.op, Op::LayerNorm { .. }) { NormKind::Layer } else { NormKind::Rms };
-                let op = Op::AddNorm { eps: *eps, kind, affine: *affine };
-                Value::Stored(self.add_norm_storing_sum(n, op, &operands)?)
-            }
             Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::AddNorm { .. } => {
                 // A row read at a run-time stride (a norm over the channels of a tensor whose
                 // height and width are known at run time only) is copied into rows first:
@@ -334,11 +329,17 @@ impl Builder<'_> {
 
     /// For a layer or RMS norm `n` whose row operand is a sum `a + b` stored by a kernel of
     /// its own (because something else reads the sum too: the residual stream of a pre-norm
-    /// block): that kernel's index, when the norm can take its place and write the sum as a
-    /// second result: nothing read the sum since, the norm writes its result in the sum's
-    /// row-major layout (no transposed write), and a and b step along a row by a static stride.
-    fn norm_of_stored_sum(&self, n: NodeId, operands: &[NodeId]) -> Option<usize> {
-        let s = *operands.first()?;
+    /// block): the `add_norm` that computes both, and that kernel's index, when the norm can
+    /// take its place and write the sum as a second result: nothing read the sum since, the
+    /// norm writes its result in the sum's row-major layout (no transposed write), and a and b
+    /// step along a row by a static stride.
+    fn norm_of_stored_sum(&self, n: NodeId) -> Option<(Op, usize)> {
+        let op = match self.g.node(n).op {
+            Op::LayerNorm { eps, affine } => Op::AddNorm { eps, kind: NormKind::Layer, affine },
+            Op::RmsNorm { eps, affine } => Op::AddNorm { eps, kind: NormKind::Rms, affine },
+            _ => return None,
+        };
+        let s = *self.g.operands(n).first()?;
         if self.g.node(s).op != Op::Binary(BinaryOp::Add) {
             return None;
         }
@@ -357,21 +358,14 @@ impl Builder<'_> {
         let plain = k.nodes == [s]
             && k.extra_outputs.is_empty()
             && k.output.view == contiguous(&self.g.ty(s).shape).ok()?;
-        (adds && !read_since && !transposed && static_rows && one_dtype && plain).then_some(at)
+        (adds && !read_since && !transposed && static_rows && one_dtype && plain).then_some((op, at))
     }
 
     /// The norm `n` of a stored sum ([`Builder::norm_of_stored_sum`]) as one `add_norm` kernel
-    /// `op` in place of the sum's kernel: it reads a and b, writes the norm and, as a second
-    /// result, the sum into the buffer the sum's kernel wrote.
-    fn add_norm_storing_sum(
-        &mut self,
-        n: NodeId,
-        op: Op,
-        operands: &[NodeId],
-    ) -> Result<Operand, SchedError> {
-        let at = self
-            .norm_of_stored_sum(n, operands)
-            .ok_or_else(|| SchedError::Invalid(format!("the stored sum of node {}", n.index())))?;
+    /// `op` in place of the sum's kernel, number `at`: it reads a and b, writes the norm and, as
+    /// a second result, the sum into the buffer the sum's kernel wrote.
+    fn add_norm_storing_sum(&mut self, n: NodeId, op: Op, at: usize) -> Result<(), SchedError> {
+        let operands = self.g.operands(n);
         let sum_kernel = self.kernels.remove(at);
         let KernelOp::Elementwise(Expr::Apply { args, .. }) = &sum_kernel.op else {
             return Err(SchedError::Invalid("an add kernel".into()));
@@ -389,7 +383,8 @@ impl Builder<'_> {
         if let Some(k) = self.kernels.last_mut() {
             k.extra_outputs.push(sum_kernel.output.clone());
         }
-        Ok(out)
+        self.values.insert(n, Value::Stored(out));
+        Ok(())
     }
 
     /// When `n` is an `attention` or an `attention_lse`, and the other of the two over the same

@@ -18,7 +18,7 @@ use super::{
     address, at_hints_and_maxima, buffer_view, coalesce_sym, refuse, row_kernel, unravel, walk, Walk,
 };
 use crate::kernels::elementwise::{load, reg_type, store};
-use crate::kernels::reduce::{combine, identity, Columns, Ends};
+use crate::kernels::reduce::{combine, count_as, identity, Columns, Ends};
 use crate::kernels::{self, View};
 use crate::mlir_text::Body;
 use crate::program::bad;
@@ -124,12 +124,6 @@ pub(crate) fn reduce_from(
         value = b.fdiv(&value, &n, ty);
     }
     value
-}
-
-/// `count` (an `index` value) as a float of type `ty`.
-fn count_as(b: &mut Body, count: &str, ty: &str) -> String {
-    let n = b.assign(format!("arith.index_castui {count} : index to i32"));
-    b.assign(format!("arith.uitofp {n} : i32 to {ty}"))
 }
 
 /// A row's operand: its argument, its buffer, where the row starts and its stride (`index`
@@ -364,11 +358,11 @@ pub(super) fn emit_softmax(
     let kept: Vec<Walk> = sp.kept.iter().map(|v| walk(&mut b, v, n_syms)).collect();
     let along: Vec<Walk> = sp.reduced.iter().map(|v| walk(&mut b, v, n_syms)).collect();
     let (n, xs, os) = (&along[0].extents[0], &along[0].strides[0], &along[1].strides[0]);
-    // Rows side by side along a contiguous last kept axis: a vector of them per iteration.
-    let vector = kernels::norm::softmax_lanes_of(&xv, target).is_some();
-    let lanes = contiguous_columns(&sp).zip(kernels::norm::softmax_lanes_of(&xv, target));
-    // Or each row contiguous.
-    let contiguous = sp.reduced.iter().all(|v| v.strides == [Dim::Const(1)]);
+    // Rows side by side along a contiguous last kept axis: a vector of them per iteration;
+    // or each row contiguous, in vectors along it (float dtypes the vector kernels take).
+    let vector = kernels::norm::softmax_lanes_of(&xv, target);
+    let lanes = contiguous_columns(&sp).zip(vector);
+    let contiguous = vector.is_some() && sp.reduced.iter().all(|v| v.strides == [Dim::Const(1)]);
     let c1 = b.index(1);
     b.open(format!("scf.for %r = %begin to %end step {c1}"));
     let range = match lanes {
@@ -380,7 +374,7 @@ pub(super) fn emit_softmax(
             kernels::norm::emit_softmax_lanes(&mut b, (&xv, &ov), starts, (n, xs, os), left, log, target)?;
             block_range(&sp, lanes)?
         }
-        None if contiguous && vector => {
+        None if contiguous => {
             // One contiguous row of run-time length per iteration, in vectors along it.
             b.line("// plan: one contiguous row per iteration, in vectors of its run-time length");
             let idx = unravel(&mut b, "%r", &kept[0].extents, kept[0].extents.len());

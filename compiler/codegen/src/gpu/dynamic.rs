@@ -517,20 +517,11 @@ fn elementwise(
     };
     let o = views.len() - 1;
     store(&mut b, &value.0, &args[o], &flat[o], &at[o]);
-    b.close("");
     // The kernel always reads the element count, so it always takes `%syms`.
-    b.read_symbols(n_syms);
     let memrefs: Vec<String> = flat.iter().map(View::memref).collect();
-    let run_grid = Some(fold_run(&ceil_div(&count, plan.launch.workgroup[0] as usize)?, plan.launch.grid)?);
     let bytes: usize = operands.iter().map(|o| count_hint * o.dtype.size_bytes()).sum();
-    Ok(GpuKernel {
-        symbol: sym.into(),
-        mlir: module(sym, &memrefs, &plan, b)?,
-        plan,
-        flops: (count_hint * expr.op_count().max(1)) as u64,
-        bytes: bytes as u64,
-        run_grid,
-    })
+    let costs = ((count_hint * expr.op_count().max(1)) as u64, bytes as u64);
+    close_run_element(sym, &memrefs, (plan, b), (&count, n_syms), costs)
 }
 
 /// A matrix product whose rows do not merge: one invocation per element of the run's result,
@@ -596,19 +587,15 @@ fn matmul_by_element(
     let at = address(&mut b, &wo, &idx);
     let o = flat.len() - 1;
     store(&mut b, &v, &format!("%a{o}"), &flat[o], &at);
-    b.close("");
-    b.read_symbols(n_syms);
     let memrefs: Vec<String> = flat.iter().map(View::memref).collect();
-    let run_grid = Some(fold_run(&ceil_div(&count, plan.launch.workgroup[0] as usize)?, plan.launch.grid)?);
     let bytes = (count_hint * (kd + 2) + kd) * out.dtype.size_bytes();
-    Ok(GpuKernel {
-        symbol: sym.into(),
-        mlir: module(sym, &memrefs, &plan, b)?,
-        plan,
-        flops: (2 * count_hint * kd) as u64,
-        bytes: bytes as u64,
-        run_grid,
-    })
+    close_run_element(
+        sym,
+        &memrefs,
+        (plan, b),
+        (&count, n_syms),
+        ((2 * count_hint * kd) as u64, bytes as u64),
+    )
 }
 
 /// A reduction along run-time extents (`crate::dynamic::reduce`): one invocation per kept
@@ -644,17 +631,7 @@ fn reduce_by_element(
     let (xb, ob) = (address(&mut b, &kept[0], &idx), address(&mut b, &kept[1], &idx));
     let v = over::reduce_from(&mut b, op, ("%a0", &xv), &xb, &red, &count);
     store(&mut b, &v, "%a1", &ov, &ob);
-    b.close("");
-    b.read_symbols(n_syms);
-    let run_grid = Some(fold_run(&ceil_div(&sp.rows, plan.launch.workgroup[0] as usize)?, plan.launch.grid)?);
-    Ok(GpuKernel {
-        symbol: sym.into(),
-        mlir: module(sym, &[xv.memref(), ov.memref()], &plan, b)?,
-        plan,
-        flops,
-        bytes,
-        run_grid,
-    })
+    close_run_element(sym, &[xv.memref(), ov.memref()], (plan, b), (&sp.rows, n_syms), (flops, bytes))
 }
 
 /// A softmax (a log-softmax when `log`) along a run-time axis or one before a run-time axis:
@@ -692,18 +669,9 @@ fn softmax_by_row(
     let xa = Along { arg: "%a0", view: &xv, base: &xb, stride: &along[0].strides[0] };
     let oa = Along { arg: "%a1", view: &ov, base: &ob, stride: &along[1].strides[0] };
     over::softmax_row(&mut b, log, &xa, &oa, &along[0].extents[0]);
-    b.close("");
-    b.read_symbols(n_syms);
-    let run_grid = Some(fold_run(&ceil_div(&sp.rows, plan.launch.workgroup[0] as usize)?, plan.launch.grid)?);
     let n = rows_hint * count_hint;
-    Ok(GpuKernel {
-        symbol: sym.into(),
-        mlir: module(sym, &[xv.memref(), ov.memref()], &plan, b)?,
-        plan,
-        flops: (4 * n) as u64,
-        bytes: (n * (x.dtype.size_bytes() + 2 * out.dtype.size_bytes())) as u64,
-        run_grid,
-    })
+    let costs = ((4 * n) as u64, (n * (x.dtype.size_bytes() + 2 * out.dtype.size_bytes())) as u64);
+    close_run_element(sym, &[xv.memref(), ov.memref()], (plan, b), (&sp.rows, n_syms), costs)
 }
 
 /// A concat or pad along a run-time axis (`crate::dynamic::data`): one invocation per element
@@ -729,18 +697,9 @@ fn data_by_element(
     let v = value(&mut b, &inputs, &idx);
     let at = address(&mut b, &out.walk, &idx);
     store(&mut b, &v, &out.arg, &out.view, &at);
-    b.close("");
-    b.read_symbols(n_syms);
     let memrefs: Vec<String> = inputs.iter().chain([&out]).map(|p| p.view.memref()).collect();
-    let run_grid = Some(fold_run(&ceil_div(&count, plan.launch.workgroup[0] as usize)?, plan.launch.grid)?);
-    Ok(GpuKernel {
-        symbol: sym.into(),
-        mlir: module(sym, &memrefs, &plan, b)?,
-        plan,
-        flops: count_hint as u64,
-        bytes: (2 * count_hint * k.output.dtype.size_bytes()) as u64,
-        run_grid,
-    })
+    let costs = (count_hint as u64, (2 * count_hint * k.output.dtype.size_bytes()) as u64);
+    close_run_element(sym, &memrefs, (plan, b), (&count, n_syms), costs)
 }
 
 /// The invocation's element number under an `scf.if` that skips numbers past `count` at the
@@ -755,6 +714,22 @@ fn open_run_element(b: &mut Body, plan: &GpuPlan, count: &Dim, n_syms: usize) ->
     let ok = b.assign(format!("arith.cmpi ult, {i}, {n} : index"));
     b.open(format!("scf.if {ok}"));
     i
+}
+
+/// Closes what [`open_run_element`] opened and makes the kernel: it reads the run's `n_syms`
+/// symbol values, and its grid covers `count` elements at the run's sizes. `costs`: (flops,
+/// bytes) at the hints.
+fn close_run_element(
+    sym: &str,
+    memrefs: &[String],
+    (plan, mut b): (GpuPlan, Body),
+    (count, n_syms): (&Dim, usize),
+    (flops, bytes): (u64, u64),
+) -> Result<GpuKernel, CodegenError> {
+    b.close("");
+    b.read_symbols(n_syms);
+    let run_grid = Some(fold_run(&ceil_div(count, plan.launch.workgroup[0] as usize)?, plan.launch.grid)?);
+    Ok(GpuKernel { symbol: sym.into(), mlir: module(sym, memrefs, &plan, b)?, plan, flops, bytes, run_grid })
 }
 
 /// Attention whose operands' last axes have run-time strides: one invocation per query row of
@@ -889,17 +864,11 @@ fn attention_by_row(
         let y = b.fadd("%mx", &log_l, ty);
         store(&mut b, &y, larg, &lf, &l0);
     }
-    b.close("");
-    b.read_symbols(n_syms);
     let memrefs: Vec<String> = flat.iter().map(View::memref).collect();
-    let run_grid = Some(fold_run(&ceil_div(&rows, plan.launch.workgroup[0] as usize)?, plan.launch.grid)?);
     let keys_hint = kv.shape[r - 2].eval(&s.symbols.iter().map(|x| x.hint).collect::<Vec<_>>()).unwrap_or(0);
-    Ok(GpuKernel {
-        symbol: sym.into(),
-        mlir: module(sym, &memrefs, &plan, b)?,
-        plan,
-        flops: (2 * rows_hint * keys_hint * (2 * d + dv)) as u64,
-        bytes: (rows_hint * (d + dv) * 4 + keys_hint * (d + dv) * 4) as u64,
-        run_grid,
-    })
+    let costs = (
+        (2 * rows_hint * keys_hint * (2 * d + dv)) as u64,
+        (rows_hint * (d + dv) * 4 + keys_hint * (d + dv) * 4) as u64,
+    );
+    close_run_element(sym, &memrefs, (plan, b), (&rows, n_syms), costs)
 }

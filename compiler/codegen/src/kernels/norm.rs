@@ -59,24 +59,48 @@ fn softmax_along(b: &mut Body, ct: &ComputeType, ops: &[Operand; 2], log: bool) 
     let r = x.rank();
     let n = x.shape[r - 1];
     let rows = x.numel().checked_div(n).unwrap_or(0);
-    let vty = ct.vty.as_str();
-    let (xs, os) = (x.strides[r - 1], out.strides[r - 1]);
     let it = open_range(b);
     let offs = offsets(b, &it, &x.shape[..r - 1], &[x, out]);
-    let (xo, oo) = (offs.offsets[0].clone(), offs.offsets[1].clone());
+    let row =
+        Row { starts: (&offs.offsets[0], &offs.offsets[1]), strides: (x.strides[r - 1], out.strides[r - 1]) };
+    softmax_row(b, ct, (x, out), &row, RowLen::Static(n), log);
+    close_range(b);
+    rows
+}
+
+/// Where a softmax's row starts in x and out, and their strides along it.
+struct Row<'a> {
+    starts: (&'a str, &'a str),
+    strides: (usize, usize),
+}
+
+/// The three passes of a softmax (a log-softmax when `log`) along one row of `n` elements, in
+/// vectors with four accumulators in flight ([`row_loop`]): the maximum, the exponentials
+/// (stored) and their sum, the scaling; the lanes reduce once per pass.
+fn softmax_row(
+    b: &mut Body,
+    ct: &ComputeType,
+    (x, out): (&Operand, &Operand),
+    row: &Row,
+    n: RowLen,
+    log: bool,
+) {
+    let vty = ct.vty.as_str();
+    let (xo, oo) = row.starts;
+    let (xs, os) = row.strides;
     let ninf = b.float(f64::NEG_INFINITY, vty);
     let zero = b.float(0.0, vty);
     let max_acc = Acc { init: &ninf, ty: vty, how: Combine::Max };
-    let max = row_loop(b, n, ct.lanes, 4, Some(max_acc), &mut |b, pos, part, acc| {
-        let at = addr(b, &xo, pos, xs);
+    let max = row_loop_len(b, n, ct.lanes, 4, Some(max_acc), &mut |b, pos, part, acc| {
+        let at = addr(b, xo, pos, xs);
         let v = load(b, x, &at, xs, vty, part, f64::NEG_INFINITY);
         Some(b.fmax(acc?, &v, vty))
     });
     let m = reduce(b, Combine::Max, &max.unwrap_or(ninf.clone()), vty);
     let ms = b.splat(&m, vty);
     let sum_acc = Acc { init: &zero, ty: vty, how: Combine::Add };
-    let sum = row_loop(b, n, ct.lanes, 4, Some(sum_acc), &mut |b, pos, part, acc| {
-        let at = addr(b, &xo, pos, xs);
+    let sum = row_loop_len(b, n, ct.lanes, 4, Some(sum_acc), &mut |b, pos, part, acc| {
+        let at = addr(b, xo, pos, xs);
         let v = load(b, x, &at, xs, vty, part, f64::NEG_INFINITY);
         let d = b.fsub(&v, &ms, vty);
         let mut e = b.exp_nonpositive(&d, vty);
@@ -84,7 +108,7 @@ fn softmax_along(b: &mut Body, ct: &ComputeType, ops: &[Operand; 2], log: bool) 
             e = b.select(p.mask, &e, &zero, vty);
         }
         if !log {
-            let at = addr(b, &oo, pos, os);
+            let at = addr(b, oo, pos, os);
             store(b, &e, out, &at, os, vty, part);
         }
         Some(b.fadd(acc?, &e, vty))
@@ -94,12 +118,12 @@ fn softmax_along(b: &mut Body, ct: &ComputeType, ops: &[Operand; 2], log: bool) 
     if log {
         let ls = b.log(&s, ety);
         let lss = b.splat(&ls, vty);
-        row_loop(b, n, ct.lanes, 4, None, &mut |b, pos, part, _| {
-            let at = addr(b, &xo, pos, xs);
+        row_loop_len(b, n, ct.lanes, 4, None, &mut |b, pos, part, _| {
+            let at = addr(b, xo, pos, xs);
             let v = load(b, x, &at, xs, vty, part, 0.0);
             let d = b.fsub(&v, &ms, vty);
             let y = b.fsub(&d, &lss, vty);
-            let at = addr(b, &oo, pos, os);
+            let at = addr(b, oo, pos, os);
             store(b, &y, out, &at, os, vty, part);
             None
         });
@@ -107,16 +131,14 @@ fn softmax_along(b: &mut Body, ct: &ComputeType, ops: &[Operand; 2], log: bool) 
         let one = b.float(1.0, ety);
         let inv = b.fdiv(&one, &s, ety);
         let invs = b.splat(&inv, vty);
-        row_loop(b, n, ct.lanes, 4, None, &mut |b, pos, part, _| {
-            let at = addr(b, &oo, pos, os);
+        row_loop_len(b, n, ct.lanes, 4, None, &mut |b, pos, part, _| {
+            let at = addr(b, oo, pos, os);
             let e = load(b, out, &at, os, vty, part, 0.0);
             let y = b.fmul(&e, &invs, vty);
             store(b, &y, out, &at, os, vty, part);
             None
         });
     }
-    close_range(b);
-    rows
 }
 
 /// Softmax along a non-last axis: each iteration takes one vector of lanes along the last
@@ -236,78 +258,19 @@ pub(crate) fn emit_softmax_lanes(
 
 /// A softmax (a log-softmax when `log`) of one contiguous row of run-time length `n` (an
 /// `index` value) in a kernel over run-time sizes: x and out are `%a0` and `%a1` (buffers
-/// `xv`, `ov`), the row starts at `starts` with unit strides. Three passes over vectors of
-/// the row, each under the mask of the elements left (the last vector is partial): the
-/// maximum, the exponentials (stored) and their sum, the scaling; the lanes reduce once per
-/// pass.
+/// `xv`, `ov`), the row starts at `starts` with unit strides. The static row's passes
+/// ([`softmax_row`]) with the length read at run time.
 pub(crate) fn emit_softmax_run_row(
     b: &mut Body,
     (xv, ov): (&View, &View),
-    (xo, oo): (&str, &str),
+    starts: (&str, &str),
     n: &str,
     log: bool,
     target: &dyn Target,
 ) -> Result<(), CodegenError> {
     let ct = ComputeType::of(&[xv, ov], target, "softmax")?;
-    let vty = ct.vty.as_str();
     let (x, out) = (Operand::new("%a0", xv), Operand::new("%a1", ov));
-    let (lo, step) = (b.index(0), b.index(ct.lanes));
-    let at = |b: &mut Body, base: &str, i: &str| b.assign(format!("arith.addi {base}, {i} : index"));
-    // The mask of the vector at `i`: the elements left, clamped by `create_mask` to its lanes.
-    let part_at = |b: &mut Body, i: &str| {
-        let left = b.assign(format!("arith.subi {n}, {i} : index"));
-        let mask = b.assign(format!("vector.create_mask {left} : {}", bool_type_like(vty)));
-        (mask, left)
-    };
-    let ninf = b.float(f64::NEG_INFINITY, vty);
-    let inits = [(ninf, vty.to_string())];
-    let (i, acc, res) = for_open(b, &lo, n, &step, &inits);
-    let (mask, left) = part_at(b, &i);
-    let part = Part { mask: &mask, count: Count::Dynamic(&left) };
-    let xa = at(b, xo, &i);
-    let v = load(b, &x, &xa, 1, vty, Some(&part), f64::NEG_INFINITY);
-    let m = b.fmax(&acc[0], &v, vty);
-    for_close(b, &[m], &inits);
-    let m = reduce(b, Combine::Max, &res[0], vty);
-    let mv = b.splat(&m, vty);
-    let zero = b.float(0.0, vty);
-    let inits = [(zero, vty.to_string())];
-    let (i, acc, res) = for_open(b, &lo, n, &step, &inits);
-    let (mask, left) = part_at(b, &i);
-    let part = Part { mask: &mask, count: Count::Dynamic(&left) };
-    let xa = at(b, xo, &i);
-    let v = load(b, &x, &xa, 1, vty, Some(&part), f64::NEG_INFINITY);
-    let d = b.fsub(&v, &mv, vty);
-    let e = b.exp_nonpositive(&d, vty);
-    if !log {
-        let oa = at(b, oo, &i);
-        store(b, &e, &out, &oa, 1, vty, Some(&part));
-    }
-    let sum = b.fadd(&acc[0], &e, vty);
-    for_close(b, &[sum], &inits);
-    let sum = reduce(b, Combine::Add, &res[0], vty);
-    let sv = b.splat(&sum, vty);
-    let scale = if log {
-        b.log(&sv, vty)
-    } else {
-        let one = b.float(1.0, vty);
-        b.fdiv(&one, &sv, vty)
-    };
-    let (i, _, _) = for_open(b, &lo, n, &step, &[]);
-    let (mask, left) = part_at(b, &i);
-    let part = Part { mask: &mask, count: Count::Dynamic(&left) };
-    let oa = at(b, oo, &i);
-    let y = if log {
-        let xa = at(b, xo, &i);
-        let v = load(b, &x, &xa, 1, vty, Some(&part), 0.0);
-        let d = b.fsub(&v, &mv, vty);
-        b.fsub(&d, &scale, vty)
-    } else {
-        let e = load(b, &out, &oa, 1, vty, Some(&part), 0.0);
-        b.fmul(&e, &scale, vty)
-    };
-    store(b, &y, &out, &oa, 1, vty, Some(&part));
-    for_close(b, &[], &[]);
+    softmax_row(b, &ct, (&x, &out), &Row { starts, strides: (1, 1) }, RowLen::Run(n), log);
     Ok(())
 }
 
@@ -1081,6 +1044,79 @@ pub(super) fn row_loop(
         if cur.is_some() {
             cur = r;
         }
+    }
+    cur
+}
+
+/// A row's length: known when compiling, or an `index` value read at run time.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum RowLen<'a> {
+    Static(usize),
+    Run(&'a str),
+}
+
+/// [`row_loop`] over a row of length `n`, static or read at run time ([`row_loop_run`]).
+pub(super) fn row_loop_len(
+    b: &mut Body,
+    n: RowLen,
+    lanes: usize,
+    unroll: usize,
+    acc: Option<Acc>,
+    body: &mut RowBody,
+) -> Option<String> {
+    match n {
+        RowLen::Static(n) => row_loop(b, n, lanes, unroll, acc, body),
+        RowLen::Run(n) => row_loop_run(b, n, lanes, unroll, acc, body),
+    }
+}
+
+/// [`row_loop`] over a row of run-time length `n` (an `index` value): the unrolled main loop,
+/// the remaining whole vectors and the masked tail are each emitted, bounded at run time (the
+/// tail's mask is empty when `n` is a multiple of the lanes).
+fn row_loop_run(
+    b: &mut Body,
+    n: &str,
+    lanes: usize,
+    unroll: usize,
+    acc: Option<Acc>,
+    body: &mut RowBody,
+) -> Option<String> {
+    let (zero, step, lane) = (b.index(0), b.index(lanes * unroll), b.index(lanes));
+    let main = b.assign(format!("arith.remui {n}, {step} : index"));
+    let main = b.assign(format!("arith.subi {n}, {main} : index"));
+    let tail = b.assign(format!("arith.remui {n}, {lane} : index"));
+    let whole = b.assign(format!("arith.subi {n}, {tail} : index"));
+    let ty = acc.map(|a| a.ty.to_string()).unwrap_or_default();
+    // The main loop, one accumulator per unrolled vector, combined after it.
+    let inits: Vec<(String, String)> =
+        acc.iter().flat_map(|a| (0..unroll).map(|_| (a.init.to_string(), ty.clone()))).collect();
+    let (iv, args, res) = for_open(b, &zero, &main, &step, &inits);
+    let mut outs = Vec::new();
+    for u in 0..unroll {
+        let c = b.index(u * lanes);
+        let pos = b.assign(format!("arith.addi {iv}, {c} : index"));
+        outs.extend(body(b, &pos, None, args.get(u).map(String::as_str)));
+    }
+    for_close(b, &outs, &inits);
+    let mut cur = match (acc, res.split_first()) {
+        (Some(a), Some((first, rest))) => {
+            Some(rest.iter().fold(first.clone(), |x, r| a.how.apply(b, &x, r, &ty)))
+        }
+        _ => None,
+    };
+    // The whole vectors left, then the partial one.
+    let inits: Vec<(String, String)> = cur.iter().map(|c| (c.clone(), ty.clone())).collect();
+    let (iv, args, res) = for_open(b, &main, &whole, &lane, &inits);
+    let outs: Vec<String> = body(b, &iv, None, args.first().map(String::as_str)).into_iter().collect();
+    for_close(b, &outs, &inits);
+    if let Some(r) = res.into_iter().next() {
+        cur = Some(r);
+    }
+    let mask = b.assign(format!("vector.create_mask {tail} : vector<{lanes}xi1>"));
+    let part = Part { mask: &mask, count: Count::Dynamic(&tail) };
+    let r = body(b, &whole, Some(&part), cur.as_deref());
+    if cur.is_some() {
+        cur = r;
     }
     cur
 }

@@ -133,6 +133,12 @@ pub(crate) fn identity(b: &mut Body, op: ReduceOp, dtype: DType) -> String {
     }
 }
 
+/// `count` (an `index` value: a run-time element count) as a float of type `ty`.
+pub(crate) fn count_as(b: &mut Body, count: &str, ty: &str) -> String {
+    let n = b.assign(format!("arith.index_castui {count} : index to i32"));
+    b.assign(format!("arith.uitofp {n} : i32 to {ty}"))
+}
+
 /// `acc` combined with element `v` (both in `dtype`'s register type); float sums may
 /// reassociate, float extremes propagate NaN.
 pub(crate) fn combine(b: &mut Body, op: ReduceOp, dtype: DType, acc: &str, v: &str) -> String {
@@ -313,8 +319,7 @@ impl Columns {
         let vty = format!("vector<{}x{}>", self.lanes, ct.elem);
         let (xo, oo) = (Operand::new("%a0", xv), Operand::new("%a1", ov));
         let divisor = (op == ReduceOp::Mean).then(|| {
-            let n = b.assign(format!("arith.index_castui {count} : index to i32"));
-            let f = b.assign(format!("arith.uitofp {n} : i32 to {}", ct.elem));
+            let f = count_as(b, count, ct.elem);
             b.splat(&f, &vty)
         });
         self.row_block(b, op, (&xo, &oo), (xbase, obase), ends, loops, divisor.as_deref(), &vty);
