@@ -628,6 +628,74 @@ fn merge_graph(seed: u64) -> Graph {
     b.g
 }
 
+/// A recurrent model unrolled over `steps`, as a spec's `Repeat` writes one: each step slices
+/// its rows of the input along the steps axis (kept as an axis of 1 or reshaped away), projects
+/// them by one weight (with a bias and an activation, or not), mixes in the previous state,
+/// and the states are collected by a concat per step along the steps axis. Some graphs also
+/// output a partial concat, or project a step by a weight of its own. What
+/// `product-of-row-slices` and `concat-of-concats` rewrite; returns whether the projection
+/// should become one product (no step has a weight of its own).
+fn recurrent(seed: u64) -> (Graph, bool) {
+    let mut b = Builder::new(seed);
+    let (batch, steps, k, n) =
+        (b.dice.pick(&[1, 3]), b.dice.pick(&[2, 3, 5]), b.dice.pick(&[2, 4]), b.dice.pick(&[3, 4]));
+    let lead = b.dice.coin();
+    let x = if lead { b.input("x", &[2, batch, steps, k]) } else { b.input("x", &[batch, steps, k]) };
+    let axis = usize::from(lead) + 1;
+    let w = b.param("w", &[k, n]);
+    let bias = b.dice.coin().then(|| b.param("b", &[n]));
+    let activation = b.dice.pick(&[None, Some(U::Tanh), Some(U::Relu)]);
+    let reshaped = b.dice.coin();
+    let own_weight = b.dice.below(4) == 0;
+    let partial = b.dice.below(3) == 0;
+    let u = b.param("u", &[n, n]);
+    let mut state: Option<NodeId> = None;
+    let mut collected: Option<NodeId> = None;
+    for t in 0..steps {
+        let slice = Op::Slice { axis, start: Dim::Const(t), end: Dim::Const(t + 1), step: 1 };
+        let mut rows = b.op(slice, &[x]);
+        let mut kept: Vec<usize> = if lead { vec![2, batch, 1] } else { vec![batch, 1] };
+        if reshaped {
+            kept.pop();
+            let mut shape = kept.clone();
+            shape.push(k);
+            rows = b.op(Op::Reshape { shape: kiln_ir::dims(&shape) }, &[rows]);
+        }
+        let weight = if own_weight && t == steps - 1 { b.param("w_last", &[k, n]) } else { w };
+        let mut y = b.op(Op::MatMul, &[rows, weight]);
+        if let Some(bias) = bias {
+            y = b.bin(B::Add, y, bias);
+        }
+        if let Some(a) = activation {
+            y = b.un(a, y);
+        }
+        if let Some(h) = state {
+            let r = b.op(Op::MatMul, &[h, u]);
+            y = b.bin(B::Add, y, r);
+        }
+        state = Some(y);
+        let mut piece = y;
+        if reshaped {
+            let mut shape = kept.clone();
+            shape.extend([1, n]);
+            piece = b.op(Op::Reshape { shape: kiln_ir::dims(&shape) }, &[y]);
+        }
+        collected = Some(match collected {
+            None => piece,
+            Some(c) => b.op(Op::Concat { axis }, &[c, piece]),
+        });
+        if partial && t == 1 {
+            b.g.add_output("partial", collected.expect("collected"));
+        }
+    }
+    b.g.add_output("states", collected.expect("at least two steps"));
+    (b.g, !own_weight)
+}
+
+fn recurrent_graph(seed: u64) -> Graph {
+    recurrent(seed).0
+}
+
 /// Matmul chains of three or four operands with random extents (some tiny, some wide), rank 2
 /// or with a batch axis, grouped at random.
 fn chain_graph(seed: u64) -> Graph {
@@ -861,6 +929,11 @@ proptest! {
     }
 
     #[test]
+    fn recurrent_projections_and_collected_states_preserve_values(seed in any::<u64>()) {
+        check(&recurrent_graph(seed))?;
+    }
+
+    #[test]
     fn fusion_rules_preserve_values(seed in any::<u64>()) {
         check(&fusion_graph(seed))?;
     }
@@ -1065,6 +1138,64 @@ fn shared_input_graphs_do_merge_when_it_pays() {
 }
 
 #[test]
+fn recurrent_graphs_project_every_step_at_once_and_concat_once() {
+    // The steps' projections by one weight become one product over the input, and the
+    // per-step concats one concat of every state; a step with a weight of its own keeps its
+    // product, and a partial concat that is an output stays.
+    let reads = |g: &Graph, name: &str| {
+        g.node_ids()
+            .filter(|&n| {
+                matches!(g.node(n).op, Op::MatMul | Op::MatMulEpilogue { .. })
+                    && matches!(&g.node(g.operands(n)[1]).op, Op::Param { name: p, .. } if p == name)
+            })
+            .count()
+    };
+    let (mut shared, mut own) = (0, 0);
+    for seed in 0..40 {
+        let (g, one_weight) = recurrent(seed);
+        let steps = g.node_ids().filter(|&n| matches!(g.node(n).op, Op::Concat { .. })).count() + 1;
+        let (opt, r) = optimize(&g, &Options::default()).expect("optimizes");
+        let concats: Vec<usize> = opt
+            .node_ids()
+            .filter(|&n| matches!(opt.node(n).op, Op::Concat { .. }))
+            .map(|n| opt.operands(n).len())
+            .collect();
+        let partial = g.outputs.iter().any(|o| o.0 == "partial");
+        assert!(concats.contains(&steps), "seed {seed}: concats of {concats:?}, {steps} steps");
+        assert!(concats.len() <= 1 + usize::from(partial), "seed {seed}: concats of {concats:?}");
+        if one_weight {
+            shared += 1;
+            assert_eq!(reads(&opt, "w"), 1, "seed {seed}: {:?}", r.rules_fired);
+        } else {
+            own += 1;
+            assert_eq!(reads(&opt, "w_last"), 1, "seed {seed}");
+        }
+    }
+    assert!(shared >= 20 && own >= 4, "{shared} graphs with one weight, {own} with a step's own");
+}
+
+#[test]
+fn a_product_of_a_few_rows_of_a_large_input_stays_small() {
+    // A pooler reads the first token of 512: projecting all 512 rows to keep one would cost
+    // 512 times the work, so the product stays over its one row.
+    let mut b = Builder::new(1);
+    let x = b.input("x", &[2, 512, 64]);
+    let w = b.param("w", &[64, 64]);
+    let first = b.op(Op::Slice { axis: 1, start: Dim::Const(0), end: Dim::Const(1), step: 1 }, &[x]);
+    let rows = b.op(Op::Reshape { shape: kiln_ir::dims(&[2, 64]) }, &[first]);
+    let y = b.op(Op::MatMul, &[rows, w]);
+    b.g.add_output("y", y);
+    let (opt, r) = optimize(&b.g, &Options::default()).expect("optimizes");
+    assert!(r.rules_fired.contains_key("product-of-row-slices"), "{:?}", r.rules_fired);
+    let products: Vec<_> = opt
+        .node_ids()
+        .filter(|&n| matches!(opt.node(n).op, Op::MatMul))
+        .map(|n| opt.ty(n).shape.clone())
+        .collect();
+    assert_eq!(products, vec![kiln_ir::dims(&[2, 64])]);
+}
+
+#[test]
 fn matmul_chains_take_the_cheaper_grouping() {
     // [64, 2] · [2, 64] · [64, 2]: left to right builds a 64×64 intermediate, right to left a
     // 2×2 one; either way it is written, the optimized graph takes the small one.
@@ -1121,7 +1252,8 @@ fn new_rule_families_do_rewrite() {
     // The three properties above are only meaningful if their rules fire on the random graphs.
     // (generator, rules, the fewest of 40 graphs each must fire on): fusion_graph writes a
     // transposed softmax in one of its six branches only.
-    let families: [(Generator, &[&str], usize); 4] = [
+    let families: [(Generator, &[&str], usize); 5] = [
+        (recurrent_graph, &["product-of-row-slices", "concat-of-concats"], 20),
         (transposed_product_graph, &["transpose-matmul", "matmul-of-transposes"], 5),
         (power_graph, &["pow-to-root", "mul-recip-to-div", "one-over-to-recip"], 5),
         (scaled_product_graph, &["scale-through-view", "matmul-hoist-scale", "scalar-reassociate"], 5),

@@ -29,7 +29,147 @@ pub fn rules() -> Vec<Rule> {
         FnRule::rule("slice-iota", slice_iota),
         FnRule::rule("slice-compare-iotas", slice_compare_iotas),
         FnRule::rule("sum-to-mean", sum_to_mean),
+        FnRule::rule("concat-of-concats", concat_of_concats),
+        FnRule::rule("product-of-row-slices", product_of_row_slices),
     ]
+}
+
+/// concat(…, concat(a, b), …) = concat(…, a, b, …) along one axis, applied through every
+/// level at once. A concat built up a piece at a time (a recurrent model collecting its
+/// steps' states) copies the first piece once per step, n²/2 copies for n steps; the one
+/// concat of every piece copies each once and leaves the partial concats unread.
+///
+/// Each concat node yields only its fullest flattening (every operand class replaced by its
+/// widest concat along the axis, recursively), not every partial one: a chain of n concats
+/// then adds n nodes to the e-graph, not n² of them.
+fn concat_of_concats(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        let Op::Concat { axis } = n.ir() else { continue };
+        let mut parts = vec![];
+        let mut flattened = false;
+        for &c in &n.children {
+            flattened |= flatten_concat(g, c, *axis, &mut parts, &mut vec![g.find(id)]);
+        }
+        if flattened {
+            out.push(New::over(Op::Concat { axis: *axis }, &parts));
+        }
+    }
+    out
+}
+
+/// Appends the pieces that class `id` concatenates along `axis` to `parts`: the operands of
+/// its widest such concat, each flattened in turn, or the class itself where it holds none.
+/// Returns whether it found a concat. `open` holds the classes being flattened: a concat
+/// is longer along its axis than each operand, so only empty operands could lead back to
+/// one of them, and such a concat is passed over.
+fn flatten_concat(g: &KGraph, id: Id, axis: usize, parts: &mut Vec<Id>, open: &mut Vec<Id>) -> bool {
+    let id = g.find(id);
+    open.push(id);
+    let widest = nodes(g, id)
+        .iter()
+        .filter(|n| matches!(n.ir(), Op::Concat { axis: a } if *a == axis))
+        .filter(|n| n.children.iter().all(|&c| !open.contains(&g.find(c))))
+        .max_by_key(|n| n.children.len());
+    let found = match widest {
+        Some(n) => {
+            for &c in &n.children {
+                flatten_concat(g, c, axis, parts, open);
+            }
+            true
+        }
+        None => {
+            parts.push(id);
+            false
+        }
+    };
+    open.pop();
+    found
+}
+
+/// x[rows] @ W = (x @ W)[rows] for a two-dimensional W, where `x[rows]` slices x along an
+/// axis other than its last, possibly reshaped with its last axis kept (step t of a sequence,
+/// `reshape(x[:, t:t+1], [batch, features])`); a bias and an activation work row by row and
+/// come along. Every step of a recurrent model that projects its input this way can then
+/// read its rows of one product over the whole sequence: one kernel that reads the weight
+/// once, in place of one per step. Extraction takes it where that costs less, and keeps a
+/// product over a few rows of a large x (a pooler reading the first token) as it was.
+///
+/// Extraction switches all the steps at once only if each step's class holds a node over a
+/// class they share (the DAG refinement's followers look one class deep). So where a
+/// reshape drops the sliced axis, the rows are taken as a slice of the product reshaped
+/// once for all steps, `reshape(x @ W, [4, 12·N])[:, t·N:(t+1)·N]`, rather than as a
+/// reshape of each step's own slice.
+fn product_of_row_slices(g: &KGraph, id: Id) -> Vec<New> {
+    let mut out = vec![];
+    for n in nodes(g, id) {
+        if !matches!(n.ir(), Op::MatMul | Op::MatMulEpilogue { .. }) || ty(g, n.children[1]).rank() != 2 {
+            continue;
+        }
+        for (slice, x, reshaped) in row_slices(g, n.children[0]) {
+            let mut operands = vec![New::Class(x)];
+            operands.extend(n.children[1..].iter().map(|&c| New::Class(c)));
+            let product = New::node(n.ir().clone(), operands);
+            let shape = &ty(g, id).shape;
+            out.push(match (reshaped, flat_rows(&slice, &ty(g, x).shape, shape)) {
+                (false, _) => New::node(slice, vec![product]),
+                (true, Some((flat, rows))) => New::node(rows, vec![New::node(flat, vec![product])]),
+                (true, None) => {
+                    New::node(Op::Reshape { shape: shape.clone() }, vec![New::node(slice, vec![product])])
+                }
+            });
+        }
+    }
+    out
+}
+
+/// The slices of class `a` along an axis other than the last, directly or under a reshape
+/// that keeps the last axis (`true`), with the class they slice.
+fn row_slices(g: &KGraph, a: Id) -> Vec<(Op, Id, bool)> {
+    let slices_of = |c: Id, reshaped: bool| {
+        nodes(g, c)
+            .iter()
+            .filter(
+                move |s| matches!(s.ir(), Op::Slice { axis, .. } if axis + 1 < ty(g, s.children[0]).rank()),
+            )
+            .map(move |s| (s.ir().clone(), s.children[0], reshaped))
+    };
+    let mut out: Vec<_> = slices_of(a, false).collect();
+    for r in nodes(g, a) {
+        if matches!(r.ir(), Op::Reshape { .. }) && ty(g, r.children[0]).shape.last() == ty(g, a).shape.last()
+        {
+            out.extend(slices_of(r.children[0], true));
+        }
+    }
+    out
+}
+
+/// For `slice` of an operand of shape `x` along axis k, taken after a product with `N`
+/// columns and reshaped to `out`: the reshape that merges the product's axes k.. into one
+/// and the slice of it that is `out` itself, where one exists (a step of 1, static extents
+/// from axis k on, and `out` the leading axes followed by the merged run).
+fn flat_rows(slice: &Op, x: &[Dim], out: &[Dim]) -> Option<(Op, Op)> {
+    let Op::Slice { axis, start, end, step: 1 } = slice else { return None };
+    let (start, end) = (start.as_const()?, end.as_const()?);
+    let columns = out.last()?.as_const()?;
+    let mut inner = columns;
+    for d in &x[axis + 1..x.len() - 1] {
+        inner *= d.as_const()?;
+    }
+    let extent = x[*axis].as_const()?;
+    let mut flat: Vec<Dim> = x[..*axis].to_vec();
+    flat.push(Dim::Const(extent * inner));
+    let mut rows = x[..*axis].to_vec();
+    rows.push(Dim::Const((end - start) * inner));
+    (rows == out).then(|| {
+        let slice = Op::Slice {
+            axis: *axis,
+            start: Dim::Const(start * inner),
+            end: Dim::Const(end * inner),
+            step: 1,
+        };
+        (Op::Reshape { shape: flat }, slice)
+    })
 }
 
 /// transpose(transpose(x, p), q) = transpose(x, p∘q).
