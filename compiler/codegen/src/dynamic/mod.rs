@@ -179,6 +179,11 @@ fn unpacked(
             let log = matches!(&k.op, KernelOp::Node(Op::LogSoftmax { .. }));
             return reduce::emit_softmax(s, sym, k, *axis, log, target);
         }
+        KernelOp::Node(Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::AddNorm { .. })
+            if out_shape.last().is_some_and(|d| !d.is_static()) =>
+        {
+            return reduce::emit_norm(s, sym, k, target);
+        }
         _ => {}
     }
     if p == 0 {
@@ -205,21 +210,19 @@ fn unpacked(
     };
     let out_row = row(&k.output, "the result");
     let arg = |n: usize| k.inputs.get(n).ok_or_else(|| bad(op.name()));
-    let last_static = out_shape.last().is_some_and(Dim::is_static);
     let made = match op {
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
             // Along one of the static axes after the symbolic ones (the last, or the channels
             // of [batch, C, H, W]): in row form the symbolic axes merge into the first. Along
-            // any other axis it is `reduce::emit_softmax`'s, above.
-            let out = out_row?;
-            let x = row(arg(0)?, "the operand")?;
+            // any other axis, or with views that do not merge into rows (a transposed
+            // operand), it is `reduce::emit_softmax`'s.
             let log = matches!(op, Op::LogSoftmax { .. });
+            let (Ok(out), Ok(x)) = (out_row, row(arg(0)?, "the operand")) else {
+                return reduce::emit_softmax(s, sym, k, *axis, log, target);
+            };
             kernels::norm::emit_softmax(sym, &x, axis + 1 - p, log, &out, target)?
         }
         Op::LayerNorm { eps, affine } | Op::RmsNorm { eps, affine } => {
-            if !last_static {
-                return Err(refuse(k, format!("a norm over the symbolic last axis of {shape_text}")));
-            }
             let kind = if matches!(op, Op::LayerNorm { .. }) { NormKind::Layer } else { NormKind::Rms };
             // Rows the static emitter can walk, else the run-time row split.
             let (Ok(out), Ok(x)) = (out_row, row(arg(0)?, "the operand")) else {
@@ -227,7 +230,7 @@ fn unpacked(
             };
             let gamma = if *affine { Some(fixed(arg(1)?, "gamma")?) } else { None };
             let beta = if *affine && kind == NormKind::Layer { Some(fixed(arg(2)?, "beta")?) } else { None };
-            kernels::norm::emit_norm(
+            kernels::norm::emit_norm_run(
                 sym,
                 kind,
                 *eps,
@@ -236,12 +239,10 @@ fn unpacked(
                 beta.as_ref(),
                 (&out, None),
                 target,
+                kernels::norm::RowStarts::OnePerIteration,
             )?
         }
         Op::AddNorm { eps, kind, affine } => {
-            if !last_static {
-                return Err(refuse(k, format!("a norm over the symbolic last axis of {shape_text}")));
-            }
             let broadcast = |o: &Operand| Operand { view: o.view.broadcast_to(out_shape), ..o.clone() };
             // The sum, when the kernel also stores it, in the result's layout.
             let sum = k.extra_outputs.first().map(|o| row(o, "the sum"));
@@ -253,7 +254,7 @@ fn unpacked(
             let sum = sum.and_then(Result::ok);
             let gamma = if *affine { Some(fixed(arg(2)?, "gamma")?) } else { None };
             let beta = if *affine && *kind == NormKind::Layer { Some(fixed(arg(3)?, "beta")?) } else { None };
-            kernels::norm::emit_norm(
+            kernels::norm::emit_norm_run(
                 sym,
                 *kind,
                 *eps,
@@ -262,6 +263,7 @@ fn unpacked(
                 beta.as_ref(),
                 (&out, sum.as_ref()),
                 target,
+                kernels::norm::RowStarts::OnePerIteration,
             )?
         }
         Op::Gather { axis } => {
@@ -297,34 +299,38 @@ fn unpacked(
         // Ops whose emitters read symbolic extents inside the kernel, or that never see them.
         Op::Reduce { op: how, axes, .. } => {
             // Over static trailing axes (`rows_then_reduced`): every kept axis merges into the
-            // rows. Any other is `reduce::emit_reduce`'s, above.
+            // rows. Any other, or one whose views do not merge (a transposed operand), is
+            // `reduce::emit_reduce`'s.
             let x = arg(0)?;
             let rank = x.view.shape.len();
             let q = rank.saturating_sub(axes.len());
             let all = rows_of(s, &x.view.shape, q)?;
-            let xv = merge_leading(&x.view, q)
-                .and_then(|v| pinned(s, x, &v, &all))
-                .ok_or_else(|| not_rows("the operand"))?;
-            let ov = merge_leading(&k.output.view, q)
-                .and_then(|v| pinned(s, &k.output, &v, &all))
-                .ok_or_else(|| not_rows("the result"))?;
+            let xv = merge_leading(&x.view, q).and_then(|v| pinned(s, x, &v, &all));
+            let ov = merge_leading(&k.output.view, q).and_then(|v| pinned(s, &k.output, &v, &all));
+            let (Some(xv), Some(ov)) = (xv, ov) else {
+                return reduce::emit_reduce(s, sym, k, *how, axes, target);
+            };
             let reduced: Vec<usize> = (1..=axes.len()).collect();
             let made = kernels::reduce::emit(sym, *how, &reduced, &xv, &ov, target)?;
             return finish(s, k, made, &all);
         }
         // Joined or padded along static axes after the symbolic ones: row form, the axis
-        // counted from the one leading axis of rows.
+        // counted from the one leading axis of rows, where every view merges into rows (a
+        // transposed operand does not: walked at the run's extents, below).
         Op::Concat { axis } if *axis >= p => {
-            let out = out_row?;
-            let inputs: Vec<View> =
-                k.inputs.iter().map(|o| row(o, "an operand")).collect::<Result<_, _>>()?;
-            kernels::data::emit_concat(sym, axis + 1 - p, &inputs, &out)?
+            let inputs: Result<Vec<View>, _> = k.inputs.iter().map(|o| row(o, "an operand")).collect();
+            match (out_row, inputs) {
+                (Ok(out), Ok(inputs)) => kernels::data::emit_concat(sym, axis + 1 - p, &inputs, &out)?,
+                _ => return data::emit_concat(s, sym, k, *axis),
+            }
         }
         Op::Pad { pads, value } if pads.iter().take(p).all(|&(a, b)| (a, b) == (0, 0)) => {
-            let out = out_row?;
             let mut row_pads = vec![(0, 0)];
             row_pads.extend(pads.iter().skip(p).copied());
-            kernels::data::emit_pad(sym, &row_pads, *value, &row(arg(0)?, "the operand")?, &out)?
+            match (out_row, row(arg(0)?, "the operand")) {
+                (Ok(out), Ok(x)) => kernels::data::emit_pad(sym, &row_pads, *value, &x, &out)?,
+                _ => return data::emit_pad(s, sym, k, pads, *value),
+            }
         }
         // Along or before a symbolic axis: walked at the run's extents.
         Op::Concat { axis } => return data::emit_concat(s, sym, k, *axis),

@@ -62,7 +62,7 @@ pub(super) fn emit(
         beta,
         (&flat[rows_in], flat.get(rows_in + 1)),
         target,
-        Some(&lead),
+        crate::kernels::norm::RowStarts::Run(&lead),
     )?;
     // The emitter costed the rows' maximum; the manifest's costs are at the hints.
     let (hint, max) = at_hints_and_maxima(s, &rows);

@@ -2,7 +2,8 @@
 //! extents or lie before a run-time axis (mean pooling over a sequence, global average pooling
 //! over an image of run-time size, a sum over a static axis of a run-time batch), and a softmax
 //! along such an axis (attention pooling's weights over the sequence, scores over run-time keys
-//! that did not fuse into attention).
+//! that did not fuse into attention), and a norm over a run-time last axis (an instance norm
+//! over a sequence).
 //!
 //! The row form cannot take them: it merges every axis up to the last symbolic one into rows,
 //! the reduced axis among them. Here every view splits into its kept axes and its reduced ones
@@ -12,7 +13,7 @@
 //! reduction that keeps a contiguous last axis takes a block of adjacent columns per iteration
 //! instead, one vector of columns per accumulator ([`Columns`]), so mean pooling over
 //! `[batch, seq, d]` reads whole rows of `d`; a softmax takes a vector of rows side by side
-//! along such an axis, or walks a contiguous row in vectors.
+//! along such an axis, or walks a contiguous row in vectors, as a norm does.
 
 use super::{
     address, at_hints_and_maxima, buffer_view, coalesce_sym, refuse, row_kernel, unravel, walk, Walk,
@@ -23,7 +24,7 @@ use crate::kernels::{self, View};
 use crate::mlir_text::Body;
 use crate::program::bad;
 use crate::{CodegenError, Kernel, Target};
-use kiln_ir::{DType, Dim, ReduceOp};
+use kiln_ir::{DType, Dim, NormKind, ReduceOp};
 use kiln_sched::{Operand, Schedule, StridedView};
 
 /// Views of one shape split along a set of axes.
@@ -174,6 +175,188 @@ pub(crate) fn softmax_row(b: &mut Body, log: bool, x: &Along, out: &Along, n: &s
     let y = if log { b.fsub(&v, &denominator, ty) } else { b.fdiv(&v, &denominator, ty) };
     store(b, &y, out.arg, out.view, &at);
     b.close("");
+}
+
+/// The norm a kernel computes: a layer or RMS norm, its ε, and whether it normalizes a sum
+/// (`add_norm`, two operands), or `None` for any other op.
+pub(crate) fn norm_of(op: &kiln_ir::Op) -> Option<(NormKind, f64, bool, bool)> {
+    match op {
+        kiln_ir::Op::LayerNorm { eps, affine } => Some((NormKind::Layer, *eps, false, *affine)),
+        kiln_ir::Op::RmsNorm { eps, affine } => Some((NormKind::Rms, *eps, false, *affine)),
+        kiln_ir::Op::AddNorm { eps, kind, affine } => Some((*kind, *eps, true, *affine)),
+        _ => None,
+    }
+}
+
+/// A norm over a run-time last axis, taken apart.
+pub(crate) struct NormRows<'a> {
+    pub kind: NormKind,
+    pub eps: f64,
+    /// Whether it normalizes a sum (`add_norm`: operands a and b).
+    pub added: bool,
+    /// a, (b), out, (the sum an add + norm also stores).
+    pub operands: Vec<&'a Operand>,
+    /// Their views at the result's shape (b broadcast), split into rows and the last axis.
+    pub split: Split,
+}
+
+impl NormRows<'_> {
+    /// Where out is among the operands (the sum follows it).
+    pub fn out(&self) -> usize {
+        1 + usize::from(self.added)
+    }
+}
+
+/// A norm kernel's operands as views of the result's shape, split into rows and their last
+/// axis. Refuses an affine norm: γ and β would have the row's run-time extent, which no
+/// weight has.
+pub(crate) fn split_norm(
+    k: &kiln_sched::Kernel,
+    refuse: impl Fn(String) -> CodegenError,
+) -> Result<NormRows<'_>, CodegenError> {
+    let (kind, eps, added, affine) = norm_of(match &k.op {
+        kiln_sched::KernelOp::Node(op) => op,
+        kiln_sched::KernelOp::Elementwise(_) => return Err(bad("a norm")),
+    })
+    .ok_or_else(|| bad("a norm"))?;
+    let shape = &k.output.view.shape;
+    if affine {
+        return Err(refuse(format!(
+            "an affine norm over the symbolic last axis of {}: γ and β would have a run-time extent",
+            kiln_ir::fmt_shape(shape)
+        )));
+    }
+    if !k.output.dtype.is_float() {
+        return Err(refuse(format!("a norm of {}", k.output.dtype)));
+    }
+    let inputs = k.inputs.get(..1 + usize::from(added)).ok_or_else(|| bad("a norm"))?;
+    let operands: Vec<&Operand> = inputs.iter().chain([&k.output]).chain(k.extra_outputs.first()).collect();
+    let views: Vec<StridedView> = operands.iter().map(|o| o.view.broadcast_to(shape)).collect();
+    let axis = shape.len().checked_sub(1).ok_or_else(|| bad("a norm of a scalar"))?;
+    Ok(NormRows { kind, eps, added, operands, split: split(&views, &[axis])? })
+}
+
+/// One row of a norm of `n` elements (an `index` value): the row of `x` (plus `added`'s, for
+/// an add + norm) normalized into `out`, and the sum stored into `sum` where the kernel keeps
+/// it. A layer norm takes three passes (the mean; the squares about it; the result), an RMS
+/// norm two. Only `x` and `added` are read, so out may be x.
+pub(crate) fn norm_row(
+    b: &mut Body,
+    (kind, eps): (NormKind, f64),
+    (x, added): (&Along, Option<&Along>),
+    (out, sum): (&Along, Option<&Along>),
+    n: &str,
+) {
+    let ty = reg_type(out.view.dtype);
+    let (c0, c1) = (b.index(0), b.index(1));
+    let zero = b.float(0.0, ty);
+    let count = count_as(b, n, ty);
+    let element = |b: &mut Body| {
+        let at = x.at(b, "%j");
+        let v = load(b, x.arg, x.view, &at);
+        match added {
+            Some(y) => {
+                let at = y.at(b, "%j");
+                let w = load(b, y.arg, y.view, &at);
+                b.fadd(&v, &w, ty)
+            }
+            None => v,
+        }
+    };
+    let mean = match kind {
+        NormKind::Layer => {
+            let total = b.fresh("total");
+            b.open(format!("{total} = scf.for %j = {c0} to {n} step {c1} iter_args(%s = {zero}) -> ({ty})"));
+            let v = element(b);
+            let s = b.fadd("%s", &v, ty);
+            b.line(format!("scf.yield {s} : {ty}"));
+            b.close("");
+            Some(b.fdiv(&total, &count, ty))
+        }
+        NormKind::Rms => None,
+    };
+    let squares = b.fresh("squares");
+    b.open(format!("{squares} = scf.for %j = {c0} to {n} step {c1} iter_args(%q = {zero}) -> ({ty})"));
+    let v = element(b);
+    let c = match &mean {
+        Some(m) => b.fsub(&v, m, ty),
+        None => v,
+    };
+    let q = b.fma(&c, &c, "%q", ty);
+    b.line(format!("scf.yield {q} : {ty}"));
+    b.close("");
+    let variance = b.fdiv(&squares, &count, ty);
+    let eps = b.float(eps, ty);
+    let shifted = b.fadd(&variance, &eps, ty);
+    let scale = b.rsqrt(&shifted, ty);
+    b.open(format!("scf.for %j = {c0} to {n} step {c1}"));
+    let v = element(b);
+    if let Some(sum) = sum {
+        let at = sum.at(b, "%j");
+        store(b, &v, sum.arg, sum.view, &at);
+    }
+    let c = match &mean {
+        Some(m) => b.fsub(&v, m, ty),
+        None => v,
+    };
+    let y = b.fmul(&c, &scale, ty);
+    let at = out.at(b, "%j");
+    store(b, &y, out.arg, out.view, &at);
+    b.close("");
+}
+
+/// The CPU norm of kernel `k` over its symbolic last axis: one range iteration per row, in
+/// vectors along a contiguous row (the static kernel's passes, `kernels::norm`), else
+/// element by element at the run's strides ([`norm_row`]). Arguments: a, (b), out, (sum),
+/// `%syms`.
+pub(super) fn emit_norm(
+    s: &Schedule,
+    sym: &str,
+    k: &kiln_sched::Kernel,
+    target: &dyn Target,
+) -> Result<(Kernel, Dim), CodegenError> {
+    let norm = split_norm(k, |why| refuse(k, why))?;
+    let (operands, sp) = (&norm.operands, &norm.split);
+    let n_syms = s.symbols.len().max(1);
+    let bufs: Vec<View> = operands.iter().map(|o| buffer_view(s, o)).collect();
+    let args: Vec<String> = (0..bufs.len()).map(|i| format!("%a{i}")).collect();
+    let (rows, count) = (at_hints_and_maxima(s, &sp.rows).0, at_hints_and_maxima(s, &sp.count).0);
+    let bytes = (rows * count * bufs.iter().map(|v| v.dtype.size_bytes()).sum::<usize>()) as u64;
+
+    let mut b = Body::new();
+    let kept: Vec<Walk> = sp.kept.iter().map(|v| walk(&mut b, v, n_syms)).collect();
+    let along: Vec<Walk> = sp.reduced.iter().map(|v| walk(&mut b, v, n_syms)).collect();
+    // Contiguous rows in a dtype the vector kernels take: in vectors along each row.
+    let contiguous = kernels::norm::softmax_lanes_of(&bufs[0], target).is_some()
+        && sp.reduced.iter().all(|v| v.strides == [Dim::Const(1)]);
+    let c1 = b.index(1);
+    b.open(format!("scf.for %r = %begin to %end step {c1}"));
+    let idx = unravel(&mut b, "%r", &kept[0].extents, kept[0].extents.len());
+    let bases: Vec<String> = kept.iter().map(|w| address(&mut b, w, &idx)).collect();
+    let n = &along[0].extents[0];
+    if contiguous {
+        b.line("// plan: one contiguous row per iteration, in vectors of its run-time length");
+        kernels::norm::emit_norm_run_row(
+            &mut b,
+            &bufs,
+            norm.added,
+            &bases,
+            n,
+            (norm.kind, norm.eps),
+            target,
+        )?;
+    } else {
+        b.line("// plan: one row per iteration, of its run-time length and stride");
+        let rows_of: Vec<Along> = (0..bufs.len())
+            .map(|i| Along { arg: &args[i], view: &bufs[i], base: &bases[i], stride: &along[i].strides[0] })
+            .collect();
+        let (x, y, o) = (&rows_of[0], norm.added.then(|| &rows_of[1]), norm.out());
+        norm_row(&mut b, (norm.kind, norm.eps), (x, y), (&rows_of[o], rows_of.get(o + 1)), n);
+    }
+    b.close("");
+    b.line("return");
+    let flops = (10 * rows * count) as u64;
+    Ok(row_kernel(s, sym, (&bufs, &args), b, &sp.rows, |_| (flops, bytes)))
 }
 
 /// The CPU reduction of kernel `k` over `axes`: one range iteration per kept element (or per

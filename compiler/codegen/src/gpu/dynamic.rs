@@ -63,6 +63,11 @@ pub(crate) fn kernel(
         Op::Softmax { axis } | Op::LogSoftmax { axis } if *axis < p => {
             return softmax_by_row(s, sym, k, *axis, matches!(op, Op::LogSoftmax { .. }), cx);
         }
+        Op::LayerNorm { .. } | Op::RmsNorm { .. } | Op::AddNorm { .. }
+            if out_shape.last().is_some_and(|d| !d.is_static()) =>
+        {
+            return norm_by_row(s, sym, k, cx);
+        }
         _ => {}
     }
     if p == 0 {
@@ -84,7 +89,6 @@ pub(crate) fn kernel(
         run: Some(RunRows { count: rows.count.clone(), max: rows.max, n_syms }),
     };
     let arg = |n: usize| k.inputs.get(n).ok_or_else(|| bad(op.name()));
-    let last_static = out_shape.last().is_some_and(Dim::is_static);
     let made = match op {
         Op::MatMul | Op::MatMulEpilogue { .. } => {
             let (bias, act) = match op {
@@ -127,15 +131,15 @@ pub(crate) fn kernel(
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
             // Along one of the static axes after the symbolic ones, as on the CPU (any other
             // is `softmax_by_row`'s, above).
-            let out = row_view(s, &k.output, p, &rows).ok_or_else(|| not_rows("the result"))?;
-            let x = row_view(s, arg(0)?, p, &rows).ok_or_else(|| not_rows("the operand"))?;
             let log = matches!(op, Op::LogSoftmax { .. });
+            let (Some(out), Some(x)) = (row_view(s, &k.output, p, &rows), row_view(s, arg(0)?, p, &rows))
+            else {
+                // Views that do not merge into rows (a transposed operand).
+                return softmax_by_row(s, sym, k, *axis, log, cx);
+            };
             rows::emit_softmax(sym, &x, axis + 1 - p, log, &out, &in_rows(&rows))?
         }
         Op::LayerNorm { eps, affine } | Op::RmsNorm { eps, affine } | Op::AddNorm { eps, affine, .. } => {
-            if !last_static {
-                return Err(refuse_here(format!("a norm over the symbolic last axis of {shape_text}")));
-            }
             let (kind, added) = match op {
                 Op::LayerNorm { .. } => (NormKind::Layer, false),
                 Op::AddNorm { kind, .. } => (*kind, true),
@@ -205,12 +209,12 @@ pub(crate) fn kernel(
             let rank = x.view.shape.len();
             let q = rank.saturating_sub(axes.len());
             let all = rows_of(s, &x.view.shape, q)?;
-            let xv = merge_leading(&x.view, q)
-                .and_then(|v| pinned(s, x, &v, &all))
-                .ok_or_else(|| not_rows("the operand"))?;
-            let ov = merge_leading(&k.output.view, q)
-                .and_then(|v| pinned(s, &k.output, &v, &all))
-                .ok_or_else(|| not_rows("the result"))?;
+            let xv = merge_leading(&x.view, q).and_then(|v| pinned(s, x, &v, &all));
+            let ov = merge_leading(&k.output.view, q).and_then(|v| pinned(s, &k.output, &v, &all));
+            let (Some(xv), Some(ov)) = (xv, ov) else {
+                // Views that do not merge into rows (a transposed operand).
+                return reduce_by_element(s, sym, k, *how, axes, cx);
+            };
             if xv.dtype == DType::Bool || (!xv.dtype.is_float() && *how == kiln_ir::ReduceOp::Mean) {
                 return Err(refuse_here(format!("{} reduction of {}", how.name(), xv.dtype)));
             }
@@ -254,7 +258,12 @@ pub(crate) fn kernel(
             })?;
             return at_hints(s, made, &all);
         }
-        Op::Concat { axis } if *axis >= p => {
+        // In row form where every view merges into rows; else walked at the run's extents
+        // (below).
+        Op::Concat { axis }
+            if *axis >= p
+                && [&k.output].into_iter().chain(&k.inputs).all(|o| row_view(s, o, p, &rows).is_some()) =>
+        {
             let out = row_view(s, &k.output, p, &rows).ok_or_else(|| not_rows("the result"))?;
             let inputs: Vec<View> = k
                 .inputs
@@ -269,7 +278,10 @@ pub(crate) fn kernel(
                 data::concat_value(b, along, &inputs, &out, idx)
             })?
         }
-        Op::Pad { pads, value } if pads.iter().take(p).all(|&(a, b)| (a, b) == (0, 0)) => {
+        Op::Pad { pads, value }
+            if pads.iter().take(p).all(|&(a, b)| (a, b) == (0, 0))
+                && [&k.output].into_iter().chain(&k.inputs).all(|o| row_view(s, o, p, &rows).is_some()) =>
+        {
             let out = row_view(s, &k.output, p, &rows).ok_or_else(|| not_rows("the result"))?;
             let x = row_view(s, arg(0)?, p, &rows).ok_or_else(|| not_rows("the operand"))?;
             let mut row_pads = vec![(0, 0)];
@@ -280,7 +292,8 @@ pub(crate) fn kernel(
                 Ok(data::pad_value(b, &row_pads, *value, &x, &out, idx))
             })?
         }
-        // Along or before a symbolic axis: one invocation per element of the run's result.
+        // Along or before a symbolic axis, or with views that do not merge into rows: one
+        // invocation per element of the run's result.
         Op::Concat { axis } => {
             return data_by_element(s, sym, k, cx, |b, inputs, idx| {
                 let bounds = run_data::bounds(b, inputs, *axis);
@@ -672,6 +685,47 @@ fn softmax_by_row(
     let n = rows_hint * count_hint;
     let costs = ((4 * n) as u64, (n * (x.dtype.size_bytes() + 2 * out.dtype.size_bytes())) as u64);
     close_run_element(sym, &[xv.memref(), ov.memref()], (plan, b), (&sp.rows, n_syms), costs)
+}
+
+/// A norm over a run-time last axis: one invocation per row, walking it at the run's length
+/// and strides (`crate::dynamic::reduce::norm_row`). Arguments: a, (b), out, (sum), `%syms`.
+fn norm_by_row(
+    s: &Schedule,
+    sym: &str,
+    k: &kiln_sched::Kernel,
+    cx: &GpuCtx,
+) -> Result<GpuKernel, CodegenError> {
+    let target = format!("the {} target", cx.caps.name);
+    let norm = over::split_norm(k, |why| refuse_on(k, &target, why))?;
+    let (operands, sp) = (&norm.operands, &norm.split);
+    let n_syms = s.symbols.len().max(1);
+    let bufs: Vec<View> = operands.iter().map(|o| buffer_view(s, o)).collect();
+    let args: Vec<String> = (0..bufs.len()).map(|i| format!("%a{i}")).collect();
+    let (rows_hint, rows_max) = at_hints_and_maxima(s, &sp.rows);
+    let (count_hint, _) = at_hints_and_maxima(s, &sp.count);
+    let plan = GpuPlan::elements(rows_max, cx.caps)?;
+
+    let mut b = cx.body();
+    let i = open_run_element(&mut b, &plan, &sp.rows, n_syms);
+    let kept: Vec<_> = sp.kept.iter().map(|v| walk(&mut b, v, n_syms)).collect();
+    let along: Vec<_> = sp.reduced.iter().map(|v| walk(&mut b, v, n_syms)).collect();
+    let idx = unravel(&mut b, &i, &kept[0].extents, kept[0].extents.len());
+    let bases: Vec<String> = kept.iter().map(|w| address(&mut b, w, &idx)).collect();
+    let rows_of: Vec<Along> = (0..bufs.len())
+        .map(|i| Along { arg: &args[i], view: &bufs[i], base: &bases[i], stride: &along[i].strides[0] })
+        .collect();
+    let (x, y, o) = (&rows_of[0], norm.added.then(|| &rows_of[1]), norm.out());
+    over::norm_row(
+        &mut b,
+        (norm.kind, norm.eps),
+        (x, y),
+        (&rows_of[o], rows_of.get(o + 1)),
+        &along[0].extents[0],
+    );
+    let n = rows_hint * count_hint;
+    let bytes = n * bufs.iter().map(|v| v.dtype.size_bytes()).sum::<usize>();
+    let memrefs: Vec<String> = bufs.iter().map(View::memref).collect();
+    close_run_element(sym, &memrefs, (plan, b), (&sp.rows, n_syms), ((10 * n) as u64, bytes as u64))
 }
 
 /// A concat or pad along a run-time axis (`crate::dynamic::data`): one invocation per element

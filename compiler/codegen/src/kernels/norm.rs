@@ -9,6 +9,7 @@
 //! The vector helpers at the end (masked and strided loads and stores, flat-index
 //! decomposition, `scf.for` with iter_args) are shared with the attention emitter.
 
+use super::reduce::count_as;
 use super::View;
 use crate::mlir_text::{bool_type_like, elem_type, Body};
 use crate::{CodegenError, Kernel, Target};
@@ -296,13 +297,26 @@ pub fn emit_norm(
     (out, sum): (&View, Option<&View>),
     target: &dyn Target,
 ) -> Result<Kernel, CodegenError> {
-    emit_norm_run(symbol, kind, eps, (a, b), gamma, beta, (out, sum), target, None)
+    emit_norm_run(symbol, kind, eps, (a, b), gamma, beta, (out, sum), target, RowStarts::Static)
 }
 
-/// [`emit_norm`] whose rows start where `lead` says at run time (operands whose leading axes do
-/// not merge into rows: a position table broadcast over a run-time batch); a, b and out are
-/// then the views at the maxima with a static last stride, and the kernel takes the run's
-/// symbol values after its operands.
+/// Where a norm kernel's rows start, and so what its range counts.
+#[derive(Clone, Copy)]
+pub(crate) enum RowStarts<'a> {
+    /// From static strides; rows that lie side by side share vectors, and the range then
+    /// counts vectors of rows.
+    Static,
+    /// From static strides, one row per iteration: the row form of a kernel over run-time
+    /// sizes, whose range must count rows (it is the run's rows times what one row takes).
+    OnePerIteration,
+    /// Where `RunLead` says at run time (operands whose leading axes do not merge into rows:
+    /// a position table broadcast over a run-time batch); a, b and out are then the views at
+    /// the maxima with a static last stride, and the kernel takes the run's symbol values
+    /// after its operands.
+    Run(&'a crate::dynamic::RunLead<'a>),
+}
+
+/// [`emit_norm`] with its rows found as `row_starts` says.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn emit_norm_run(
     symbol: &str,
@@ -313,8 +327,12 @@ pub(crate) fn emit_norm_run(
     beta: Option<&View>,
     (out, sum): (&View, Option<&View>),
     target: &dyn Target,
-    lead: Option<&crate::dynamic::RunLead>,
+    row_starts: RowStarts,
 ) -> Result<Kernel, CodegenError> {
+    let lead = match row_starts {
+        RowStarts::Run(l) => Some(l),
+        RowStarts::Static | RowStarts::OnePerIteration => None,
+    };
     let what = match (b.is_some(), kind) {
         (true, _) => "add_norm",
         (false, NormKind::Layer) => "layer_norm",
@@ -356,16 +374,12 @@ pub(crate) fn emit_norm_run(
         ops.len() - 1
     });
     let rows = out.numel().checked_div(n).unwrap_or(0);
-    let vty = ct.vty.as_str();
-    let ety = ct.elem;
     let stride = |i: usize| ops[i].strides[r - 1];
-    // Param views are [N]: their one stride steps along the row.
-    let pstride = |i: usize| ops[i].strides[0];
 
     let args = NormArgs { a: 0, b: bi, gamma: gi, beta: betai, out: oi };
     // Rows side by side write a contiguous result only by chance; a stored sum (in the
     // result's layout, row-major) takes the row plan.
-    if let (None, None, Some(side)) = (lead, si, side_by_side(&ops, &args)) {
+    if let (RowStarts::Static, None, Some(side)) = (row_starts, si, side_by_side(&ops, &args)) {
         let mut body = Body::new();
         let range = norm_across(&mut body, &ct, &ops, &args, (kind, eps), side);
         return Ok(norm_kernel(symbol, &ops, &ct, body, range, None));
@@ -380,8 +394,6 @@ pub(crate) fn emit_norm_run(
         (Some(l), Some(w)) => l.starts(bd, &it, w),
         _ => offsets(bd, &it, &out.shape[..r - 1], &row_ops).offsets,
     };
-    let ao = starts[0].clone();
-    let bo = bi.map(|_| starts[1].clone());
     let oo = starts[row_ops.len() - 1].clone();
     // The sum has out's layout: its row starts after out's in `lead`'s walks, else where out's
     // does, moved by the difference of their offsets.
@@ -393,14 +405,51 @@ pub(crate) fn emit_norm_run(
             bd.assign(format!("arith.addi {oo}, {d} : index"))
         }
     });
+    let at = NormRowAt {
+        a: (&starts[0], stride(0)),
+        b: bi.map(|i| (starts[1].as_str(), stride(i))),
+        out: (&oo, stride(oi)),
+        sum: si.zip(so.as_deref()).map(|(i, so)| (i, so, stride(oi))),
+    };
+    norm_row(bd, &ct, &ops, &args, &at, RowLen::Static(n), (kind, eps));
+    close_range(bd);
+    Ok(norm_kernel(symbol, &ops, &ct, body, rows, lead))
+}
+
+/// Where one norm row's operands start (`index` values) and their strides along it; the sum
+/// also names its operand.
+struct NormRowAt<'a> {
+    a: (&'a str, usize),
+    b: Option<(&'a str, usize)>,
+    out: (&'a str, usize),
+    sum: Option<(usize, &'a str, usize)>,
+}
+
+/// The passes of a norm along one row of `n` elements, in vectors ([`row_loop_len`]): the
+/// sum (layer norm), the squares about the mean, then the result (with γ and β, and the sum
+/// stored where `at` has one).
+fn norm_row(
+    bd: &mut Body,
+    ct: &ComputeType,
+    ops: &[Operand],
+    args: &NormArgs,
+    at: &NormRowAt,
+    n: RowLen,
+    (kind, eps): (NormKind, f64),
+) {
+    let vty = ct.vty.as_str();
+    let ety = ct.elem;
+    // Param views are [N]: their one stride steps along the row.
+    let pstride = |i: usize| ops[i].strides[0];
     // The row element `a + b` at `pos`; lanes outside `part` are 0.
     let sum_at = |bd: &mut Body, pos: &str, part: Option<&Part>| -> String {
-        let at = addr(bd, &ao, pos, stride(0));
-        let x = load(bd, &ops[0], &at, stride(0), vty, part, 0.0);
-        match (bi, &bo) {
-            (Some(i), Some(bo)) => {
-                let at = addr(bd, bo, pos, stride(i));
-                let y = load(bd, &ops[i], &at, stride(i), vty, part, 0.0);
+        let (ao, as_) = at.a;
+        let a = addr(bd, ao, pos, as_);
+        let x = load(bd, &ops[args.a], &a, as_, vty, part, 0.0);
+        match (args.b, at.b) {
+            (Some(i), Some((bo, bs))) => {
+                let a = addr(bd, bo, pos, bs);
+                let y = load(bd, &ops[i], &a, bs, vty, part, 0.0);
                 bd.fadd(&x, &y, vty)
             }
             _ => x,
@@ -408,19 +457,26 @@ pub(crate) fn emit_norm_run(
     };
     let zero = bd.float(0.0, vty);
     let add = Acc { init: &zero, ty: vty, how: Combine::Add };
-    let inv_n = bd.float(1.0 / n.max(1) as f64, ety);
+    let inv_n = match n {
+        RowLen::Static(n) => bd.float(1.0 / n.max(1) as f64, ety),
+        RowLen::Run(n) => {
+            let count = count_as(bd, n, ety);
+            let one = bd.float(1.0, ety);
+            bd.fdiv(&one, &count, ety)
+        }
+    };
     let epsc = bd.float(eps, ety);
     // `shift` is subtracted (layer norm's mean), then `factor` multiplies.
     let (shift, factor) = match kind {
         NormKind::Layer => {
-            let s = row_loop(bd, n, ct.lanes, 4, Some(add), &mut |bd, pos, part, acc| {
+            let s = row_loop_len(bd, n, ct.lanes, 4, Some(add), &mut |bd, pos, part, acc| {
                 let x = sum_at(bd, pos, part);
                 Some(bd.fadd(acc?, &x, vty))
             });
             let s = reduce(bd, Combine::Add, &s.unwrap_or(zero.clone()), vty);
             let mean = bd.fmul(&s, &inv_n, ety);
             let means = bd.splat(&mean, vty);
-            let q = row_loop(bd, n, ct.lanes, 4, Some(add), &mut |bd, pos, part, acc| {
+            let q = row_loop_len(bd, n, ct.lanes, 4, Some(add), &mut |bd, pos, part, acc| {
                 let x = sum_at(bd, pos, part);
                 let mut c = bd.fsub(&x, &means, vty);
                 if let Some(p) = part {
@@ -433,7 +489,7 @@ pub(crate) fn emit_norm_run(
             (Some(means), var)
         }
         NormKind::Rms => {
-            let q = row_loop(bd, n, ct.lanes, 4, Some(add), &mut |bd, pos, part, acc| {
+            let q = row_loop_len(bd, n, ct.lanes, 4, Some(add), &mut |bd, pos, part, acc| {
                 let x = sum_at(bd, pos, part);
                 Some(bd.fma(&x, &x, acc?, vty))
             });
@@ -444,36 +500,63 @@ pub(crate) fn emit_norm_run(
     let ve = bd.fadd(&factor, &epsc, ety);
     let rs = bd.rsqrt(&ve, ety);
     let rss = bd.splat(&rs, vty);
-    let os = stride(oi);
-    let go = gi.map(|g| bd.index(ops[g].offset));
-    let bo2 = betai.map(|g| bd.index(ops[g].offset));
-    row_loop(bd, n, ct.lanes, 4, None, &mut |bd, pos, part, _| {
+    let (oo, os) = at.out;
+    let go = args.gamma.map(|g| bd.index(ops[g].offset));
+    let bo2 = args.beta.map(|g| bd.index(ops[g].offset));
+    row_loop_len(bd, n, ct.lanes, 4, None, &mut |bd, pos, part, _| {
         let x = sum_at(bd, pos, part);
-        if let (Some(i), Some(so)) = (si, &so) {
-            let at = addr(bd, so, pos, os);
-            store(bd, &x, &ops[i], &at, os, vty, part);
+        if let Some((i, so, ss)) = at.sum {
+            let a = addr(bd, so, pos, ss);
+            store(bd, &x, &ops[i], &a, ss, vty, part);
         }
         let c = match &shift {
             Some(m) => bd.fsub(&x, m, vty),
             None => x,
         };
         let mut y = bd.fmul(&c, &rss, vty);
-        if let (Some(g), Some(go)) = (gi, &go) {
-            let at = addr(bd, go, pos, pstride(g));
-            let gv = load(bd, &ops[g], &at, pstride(g), vty, part, 0.0);
+        if let (Some(g), Some(go)) = (args.gamma, &go) {
+            let a = addr(bd, go, pos, pstride(g));
+            let gv = load(bd, &ops[g], &a, pstride(g), vty, part, 0.0);
             y = bd.fmul(&y, &gv, vty);
         }
-        if let (Some(g), Some(bo)) = (betai, &bo2) {
-            let at = addr(bd, bo, pos, pstride(g));
-            let bv = load(bd, &ops[g], &at, pstride(g), vty, part, 0.0);
+        if let (Some(g), Some(bo)) = (args.beta, &bo2) {
+            let a = addr(bd, bo, pos, pstride(g));
+            let bv = load(bd, &ops[g], &a, pstride(g), vty, part, 0.0);
             y = bd.fadd(&y, &bv, vty);
         }
-        let at = addr(bd, &oo, pos, os);
-        store(bd, &y, &ops[oi], &at, os, vty, part);
+        let a = addr(bd, oo, pos, os);
+        store(bd, &y, &ops[args.out], &a, os, vty, part);
         None
     });
-    close_range(bd);
-    Ok(norm_kernel(symbol, &ops, &ct, body, rows, lead))
+}
+
+/// A norm without γ and β of one contiguous row of run-time length `n` (an `index` value) in
+/// a kernel over run-time sizes: the operands are `%a0`, … (buffers `views`: a, b when
+/// `added`, out, then the sum where the kernel stores it), each row starting at `starts`
+/// with unit strides. The static row's passes ([`norm_row`]) with the length read at run time.
+pub(crate) fn emit_norm_run_row(
+    b: &mut Body,
+    views: &[View],
+    added: bool,
+    starts: &[String],
+    n: &str,
+    norm: (NormKind, f64),
+    target: &dyn Target,
+) -> Result<(), CodegenError> {
+    let refs: Vec<&View> = views.iter().collect();
+    let ct = ComputeType::of(&refs, target, "norm")?;
+    let ops: Vec<Operand> =
+        views.iter().enumerate().map(|(i, v)| Operand::new(&format!("%a{i}"), v)).collect();
+    let out = 1 + usize::from(added);
+    let args = NormArgs { a: 0, b: added.then_some(1), gamma: None, beta: None, out };
+    let at = NormRowAt {
+        a: (&starts[0], 1),
+        b: added.then(|| (starts[1].as_str(), 1)),
+        out: (&starts[out], 1),
+        sum: starts.get(out + 1).map(|so| (out + 1, so.as_str(), 1)),
+    };
+    norm_row(b, &ct, &ops, &args, &at, RowLen::Run(n), norm);
+    Ok(())
 }
 
 /// The kernel of a norm's `body` over `range` iterations: 10 flops per element, and the
