@@ -127,6 +127,13 @@ pub(crate) fn reduce_from(
     value
 }
 
+/// Where kept element `r` (an `index` value) starts in each view, given the views' walks
+/// over their kept axes.
+pub(crate) fn starts_at(b: &mut Body, kept: &[Walk], r: &str) -> Vec<String> {
+    let idx = unravel(b, r, &kept[0].extents, kept[0].extents.len());
+    kept.iter().map(|w| address(b, w, &idx)).collect()
+}
+
 /// A row's operand: its argument, its buffer, where the row starts and its stride (`index`
 /// values).
 pub(crate) struct Along<'a> {
@@ -331,8 +338,7 @@ pub(super) fn emit_norm(
         && sp.reduced.iter().all(|v| v.strides == [Dim::Const(1)]);
     let c1 = b.index(1);
     b.open(format!("scf.for %r = %begin to %end step {c1}"));
-    let idx = unravel(&mut b, "%r", &kept[0].extents, kept[0].extents.len());
-    let bases: Vec<String> = kept.iter().map(|w| address(&mut b, w, &idx)).collect();
+    let bases = starts_at(&mut b, &kept, "%r");
     let n = &along[0].extents[0];
     if contiguous {
         b.line("// plan: one contiguous row per iteration, in vectors of its run-time length");

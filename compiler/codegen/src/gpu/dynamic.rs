@@ -27,6 +27,7 @@ use crate::dynamic::reduce::{self as over, Along};
 use crate::dynamic::{
     address, at_hints_and_maxima, at_maxima, buffer_view, coalesce_sym, merge_leading, pinned, refuse_on,
     row_view, rows_of, rows_then_reduced, size_value, static_view, symbolic_prefix, unravel, walk, Rows,
+    Walk,
 };
 use crate::kernels::elementwise::{convert, eval, load, store, Ctx};
 use crate::kernels::{conv, data, reduce, View};
@@ -636,14 +637,10 @@ fn reduce_by_element(
     let plan = GpuPlan::elements(rows_max, cx.caps)?;
 
     let mut b = cx.body();
-    let i = open_run_element(&mut b, &plan, &sp.rows, n_syms);
-    let kept: Vec<_> = sp.kept.iter().map(|v| walk(&mut b, v, n_syms)).collect();
-    let red = walk(&mut b, &sp.reduced[0], n_syms);
+    let (starts, along) = open_kept_element(&mut b, &plan, &sp, n_syms);
     let count = size_value(&mut b, &sp.count, n_syms);
-    let idx = unravel(&mut b, &i, &kept[0].extents, kept[0].extents.len());
-    let (xb, ob) = (address(&mut b, &kept[0], &idx), address(&mut b, &kept[1], &idx));
-    let v = over::reduce_from(&mut b, op, ("%a0", &xv), &xb, &red, &count);
-    store(&mut b, &v, "%a1", &ov, &ob);
+    let v = over::reduce_from(&mut b, op, ("%a0", &xv), &starts[0], &along[0], &count);
+    store(&mut b, &v, "%a1", &ov, &starts[1]);
     close_run_element(sym, &[xv.memref(), ov.memref()], (plan, b), (&sp.rows, n_syms), (flops, bytes))
 }
 
@@ -674,13 +671,9 @@ fn softmax_by_row(
     let plan = GpuPlan::elements(rows_max, cx.caps)?;
 
     let mut b = cx.body();
-    let i = open_run_element(&mut b, &plan, &sp.rows, n_syms);
-    let kept: Vec<_> = sp.kept.iter().map(|v| walk(&mut b, v, n_syms)).collect();
-    let along: Vec<_> = sp.reduced.iter().map(|v| walk(&mut b, v, n_syms)).collect();
-    let idx = unravel(&mut b, &i, &kept[0].extents, kept[0].extents.len());
-    let (xb, ob) = (address(&mut b, &kept[0], &idx), address(&mut b, &kept[1], &idx));
-    let xa = Along { arg: "%a0", view: &xv, base: &xb, stride: &along[0].strides[0] };
-    let oa = Along { arg: "%a1", view: &ov, base: &ob, stride: &along[1].strides[0] };
+    let (starts, along) = open_kept_element(&mut b, &plan, &sp, n_syms);
+    let xa = Along { arg: "%a0", view: &xv, base: &starts[0], stride: &along[0].strides[0] };
+    let oa = Along { arg: "%a1", view: &ov, base: &starts[1], stride: &along[1].strides[0] };
     over::softmax_row(&mut b, log, &xa, &oa, &along[0].extents[0]);
     let n = rows_hint * count_hint;
     let costs = ((4 * n) as u64, (n * (x.dtype.size_bytes() + 2 * out.dtype.size_bytes())) as u64);
@@ -706,13 +699,9 @@ fn norm_by_row(
     let plan = GpuPlan::elements(rows_max, cx.caps)?;
 
     let mut b = cx.body();
-    let i = open_run_element(&mut b, &plan, &sp.rows, n_syms);
-    let kept: Vec<_> = sp.kept.iter().map(|v| walk(&mut b, v, n_syms)).collect();
-    let along: Vec<_> = sp.reduced.iter().map(|v| walk(&mut b, v, n_syms)).collect();
-    let idx = unravel(&mut b, &i, &kept[0].extents, kept[0].extents.len());
-    let bases: Vec<String> = kept.iter().map(|w| address(&mut b, w, &idx)).collect();
+    let (starts, along) = open_kept_element(&mut b, &plan, sp, n_syms);
     let rows_of: Vec<Along> = (0..bufs.len())
-        .map(|i| Along { arg: &args[i], view: &bufs[i], base: &bases[i], stride: &along[i].strides[0] })
+        .map(|i| Along { arg: &args[i], view: &bufs[i], base: &starts[i], stride: &along[i].strides[0] })
         .collect();
     let (x, y, o) = (&rows_of[0], norm.added.then(|| &rows_of[1]), norm.out());
     over::norm_row(
@@ -754,6 +743,20 @@ fn data_by_element(
     let memrefs: Vec<String> = inputs.iter().chain([&out]).map(|p| p.view.memref()).collect();
     let costs = (count_hint as u64, (2 * count_hint * k.output.dtype.size_bytes()) as u64);
     close_run_element(sym, &memrefs, (plan, b), (&count, n_syms), costs)
+}
+
+/// Opens one invocation per kept element of `sp` (closed by `close_run_element`): where the
+/// element starts in each view, and each view's walk along the reduced axes.
+fn open_kept_element(
+    b: &mut Body,
+    plan: &GpuPlan,
+    sp: &over::Split,
+    n_syms: usize,
+) -> (Vec<String>, Vec<Walk>) {
+    let i = open_run_element(b, plan, &sp.rows, n_syms);
+    let kept: Vec<Walk> = sp.kept.iter().map(|v| walk(b, v, n_syms)).collect();
+    let along: Vec<Walk> = sp.reduced.iter().map(|v| walk(b, v, n_syms)).collect();
+    (over::starts_at(b, &kept, &i), along)
 }
 
 /// The invocation's element number under an `scf.if` that skips numbers past `count` at the
