@@ -645,8 +645,8 @@ fn reduce_by_element(
 }
 
 /// A softmax (a log-softmax when `log`) along a run-time axis or one before a run-time axis:
-/// one invocation per row, three passes along it (`crate::dynamic::reduce::softmax_row`).
-/// Arguments: x, out, `%syms`.
+/// a workgroup per contiguous row ([`workgroup_rows`]), else one invocation per row, three
+/// passes along it (`crate::dynamic::reduce::softmax_row`). Arguments: x, out, `%syms`.
 fn softmax_by_row(
     s: &Schedule,
     sym: &str,
@@ -668,6 +668,11 @@ fn softmax_by_row(
     let (xv, ov) = (buffer_view(s, x), buffer_view(s, out));
     let (rows_hint, rows_max) = at_hints_and_maxima(s, &sp.rows);
     let (count_hint, _) = at_hints_and_maxima(s, &sp.count);
+    if contiguous_rows(&sp) {
+        let n = rows_hint * count_hint;
+        let costs = ((4 * n) as u64, (n * (x.dtype.size_bytes() + 2 * out.dtype.size_bytes())) as u64);
+        return workgroup_rows(s, sym, rows::RunRowOp::Softmax { log }, &[xv, ov], &sp, costs, cx);
+    }
     let plan = GpuPlan::elements(rows_max, cx.caps)?;
 
     let mut b = cx.body();
@@ -680,8 +685,9 @@ fn softmax_by_row(
     close_run_element(sym, &[xv.memref(), ov.memref()], (plan, b), (&sp.rows, n_syms), costs)
 }
 
-/// A norm over a run-time last axis: one invocation per row, walking it at the run's length
-/// and strides (`crate::dynamic::reduce::norm_row`). Arguments: a, (b), out, (sum), `%syms`.
+/// A norm over a run-time last axis: a workgroup per contiguous row ([`workgroup_rows`]), else
+/// one invocation per row, walking it at the run's length and strides
+/// (`crate::dynamic::reduce::norm_row`). Arguments: a, (b), out, (sum), `%syms`.
 fn norm_by_row(
     s: &Schedule,
     sym: &str,
@@ -696,6 +702,17 @@ fn norm_by_row(
     let args: Vec<String> = (0..bufs.len()).map(|i| format!("%a{i}")).collect();
     let (rows_hint, rows_max) = at_hints_and_maxima(s, &sp.rows);
     let (count_hint, _) = at_hints_and_maxima(s, &sp.count);
+    let n = rows_hint * count_hint;
+    let bytes = n * bufs.iter().map(|v| v.dtype.size_bytes()).sum::<usize>();
+    if contiguous_rows(sp) {
+        let op = rows::RunRowOp::Norm {
+            kind: norm.kind,
+            eps: norm.eps,
+            added: norm.added,
+            sum: operands.len() > norm.out() + 1,
+        };
+        return workgroup_rows(s, sym, op, &bufs, sp, ((10 * n) as u64, bytes as u64), cx);
+    }
     let plan = GpuPlan::elements(rows_max, cx.caps)?;
 
     let mut b = cx.body();
@@ -711,8 +728,6 @@ fn norm_by_row(
         (&rows_of[o], rows_of.get(o + 1)),
         &along[0].extents[0],
     );
-    let n = rows_hint * count_hint;
-    let bytes = n * bufs.iter().map(|v| v.dtype.size_bytes()).sum::<usize>();
     let memrefs: Vec<String> = bufs.iter().map(View::memref).collect();
     close_run_element(sym, &memrefs, (plan, b), (&sp.rows, n_syms), ((10 * n) as u64, bytes as u64))
 }
@@ -743,6 +758,44 @@ fn data_by_element(
     let memrefs: Vec<String> = inputs.iter().chain([&out]).map(|p| p.view.memref()).collect();
     let costs = (count_hint as u64, (2 * count_hint * k.output.dtype.size_bytes()) as u64);
     close_run_element(sym, &memrefs, (plan, b), (&count, n_syms), costs)
+}
+
+/// Whether every view of `sp` is contiguous along its row (one reduced axis of stride 1).
+fn contiguous_rows(sp: &over::Split) -> bool {
+    sp.reduced.iter().all(|v| v.strides == [Dim::Const(1)])
+}
+
+/// A softmax or norm over contiguous rows of run-time length: one workgroup per row, its
+/// invocations striding over the row (`rows::emit_run_rows`), where one invocation per row
+/// would have neighbouring invocations read a row apart. `costs` are at the hints.
+fn workgroup_rows(
+    s: &Schedule,
+    sym: &str,
+    op: rows::RunRowOp,
+    bufs: &[View],
+    sp: &over::Split,
+    (flops, bytes): (u64, u64),
+    cx: &GpuCtx,
+) -> Result<GpuKernel, CodegenError> {
+    let n_syms = s.symbols.len().max(1);
+    let (_, rows_max) = at_hints_and_maxima(s, &sp.rows);
+    let (_, len_max) = at_hints_and_maxima(s, &sp.count);
+    let run = GpuCtx {
+        caps: cx.caps,
+        splits: cx.splits.clone(),
+        run: Some(RunRows { count: sp.rows.clone(), max: rows_max, n_syms }),
+    };
+    let at = |b: &mut Body, row: &str| {
+        let kept: Vec<Walk> = sp.kept.iter().map(|v| walk(b, v, n_syms)).collect();
+        let along: Vec<Walk> = sp.reduced.iter().map(|v| walk(b, v, n_syms)).collect();
+        rows::RunRow {
+            starts: over::starts_at(b, &kept, row),
+            strides: along.iter().map(|w| w.strides[0].clone()).collect(),
+            len: along[0].extents[0].clone(),
+        }
+    };
+    let made = rows::emit_run_rows(sym, op, bufs, (rows_max, len_max), &at, &run)?;
+    Ok(GpuKernel { flops, bytes, ..made })
 }
 
 /// Opens one invocation per kept element of `sp` (closed by `close_run_element`): where the

@@ -474,33 +474,32 @@ type ElementFn<'a> = dyn Fn(&mut Body, &str) -> String + 'a;
 type RowSum<'a> = dyn Fn(&mut Body, &ElementFn) -> String + 'a;
 
 /// A norm's statistics in the interpreter's order, from `total` (Σ over the row of a function
-/// of its elements): layer norm's mean and `√(var + ε)`, or RMS norm's `1 / √(mean(x²) + ε)`
+/// of its elements) and the row's length `nf` (a float value): layer norm's mean and `√(var + ε)`, or RMS norm's `1 / √(mean(x²) + ε)`
 /// (no mean), as [`normalized`] reads them.
 fn statistics(
     b: &mut Body,
     (kind, eps): (NormKind, f64),
-    len: usize,
+    nf: &str,
     ty: &str,
     total: &RowSum,
 ) -> (Option<String>, String) {
-    let nf = b.float(len as f64, ty);
     let e = b.float(eps, ty);
     match kind {
         NormKind::Layer => {
             let s = total(b, &|_, x| x.into());
-            let mean = b.fdiv(&s, &nf, ty);
+            let mean = b.fdiv(&s, nf, ty);
             let s = total(b, &|b, x| {
                 let c = b.fsub(x, &mean, ty);
                 b.fmul(&c, &c, ty)
             });
-            let var = b.fdiv(&s, &nf, ty);
+            let var = b.fdiv(&s, nf, ty);
             let ve = b.fadd(&var, &e, ty);
             let root = b.sqrt(&ve, ty);
             (Some(mean), root)
         }
         NormKind::Rms => {
             let s = total(b, &|b, x| b.fmul(x, x, ty));
-            let ms = b.fdiv(&s, &nf, ty);
+            let ms = b.fdiv(&s, nf, ty);
             let me = b.fadd(&ms, &e, ty);
             let root = b.sqrt(&me, ty);
             let one = b.float(1.0, ty);
@@ -609,7 +608,8 @@ fn norm_side_by_side(
     let zero = b.float(0.0, ty);
     let total =
         |b: &mut Body, f: &ElementFn| -> String { fold_row(b, len, (&zero, ty, Combine::Add), &x_at, f) };
-    let (center, scale) = statistics(&mut b, (kind, eps), len, ty, &total);
+    let nf = b.float(len as f64, ty);
+    let (center, scale) = statistics(&mut b, (kind, eps), &nf, ty, &total);
     let j = open_walk(&mut b, len);
     let x = x_at(&mut b, &j);
     let y = normalized(&mut b, &x, (center.as_deref(), &scale), ty);
@@ -720,7 +720,8 @@ fn norm(
         let s = partial(b, &r, row, (&zero, ty, Combine::Add), &x_at, f);
         r.combine.all(b, &s, Combine::Add)
     };
-    let (center, scale) = statistics(&mut b, (kind, eps), len, ty, &total);
+    let nf = b.float(len as f64, ty);
+    let (center, scale) = statistics(&mut b, (kind, eps), &nf, ty, &total);
     r.each(&mut b, &held, &x_at, &|b, j, x, _| {
         args.store_sum(b, x, (s_base, j));
         let y = normalized(b, x, (center.as_deref(), &scale), ty);
@@ -736,6 +737,147 @@ fn norm(
         mlir: module(symbol, &args.memrefs(out), &r.plan, b)?,
         plan: r.plan,
         flops,
+        bytes,
+        run_grid: r.run_grid,
+    })
+}
+
+/// What a row of run-time length computes ([`emit_run_rows`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum RunRowOp {
+    /// A softmax, a log-softmax when `log`. Arguments: x, out.
+    Softmax { log: bool },
+    /// A norm without γ and β. Arguments: a, [b] (`added`), out, [the sum, `sum`].
+    Norm { kind: NormKind, eps: f64, added: bool, sum: bool },
+}
+
+/// Where a row of run-time length lies: each argument's start and stride along the row, and
+/// the row's length (`index` values), for the row numbered `row`.
+pub(crate) struct RunRow {
+    pub starts: Vec<String>,
+    pub strides: Vec<String>,
+    pub len: String,
+}
+
+/// A softmax or norm over rows whose length is known at run time only: one workgroup per row
+/// (the row plan at the rows' and the length's maxima, `rows_max` and `len_max`), its
+/// invocations striding over the row on every pass, their partial results combined as the
+/// static row kernels combine them. `cx.run` holds the run's rows; `at(b, row)` finds the
+/// row. `views` are the arguments' buffers, in [`RunRowOp`]'s order.
+pub(crate) fn emit_run_rows(
+    symbol: &str,
+    op: RunRowOp,
+    views: &[View],
+    (rows_max, len_max): (usize, usize),
+    at: &dyn Fn(&mut Body, &str) -> RunRow,
+    cx: &GpuCtx,
+) -> Result<GpuKernel, CodegenError> {
+    let out_at = match op {
+        RunRowOp::Softmax { .. } => 1,
+        RunRowOp::Norm { added, .. } => 1 + usize::from(added),
+    };
+    let out = views.get(out_at).ok_or_else(|| CodegenError::Unsupported("a row kernel's output".into()))?;
+    let ty = reg_type(out.dtype);
+    let passes = match op {
+        RunRowOp::Softmax { .. } | RunRowOp::Norm { kind: NormKind::Layer, .. } => 3,
+        RunRowOp::Norm { kind: NormKind::Rms, .. } => 2,
+    };
+    let mut b = cx.body();
+    let r = open_row(&mut b, rows_max, len_max, ty, passes, cx)?;
+    let row = at(&mut b, &r.row);
+    let arg = |i: usize| format!("%a{i}");
+    let element = |b: &mut Body, i: usize, j: &str| -> String {
+        let t = b.assign(format!("arith.muli {j}, {} : index", row.strides[i]));
+        b.assign(format!("arith.addi {}, {t} : index", row.starts[i]))
+    };
+    let read = |b: &mut Body, i: usize, j: &str| -> String {
+        let e = element(b, i, j);
+        load(b, &arg(i), &views[i], &e)
+    };
+    let write = |b: &mut Body, i: usize, j: &str, v: &str| {
+        let e = element(b, i, j);
+        store(b, v, &arg(i), &views[i], &e);
+    };
+    // The workgroup's combination of `f(j)` over the row, each invocation taking every
+    // group-th element from its own number.
+    let group = b.index(r.group as usize);
+    let fold =
+        |b: &mut Body, (init, how): (&str, Combine), f: &dyn Fn(&mut Body, &str) -> String| -> String {
+            let (res, j, acc) = (b.fresh("part"), b.fresh("j"), b.fresh("acc"));
+            b.open(format!(
+                "{res} = scf.for {j} = {} to {} step {group} iter_args({acc} = {init}) -> ({ty})",
+                r.tid, row.len
+            ));
+            let y = f(b, &j);
+            let next = how.apply(b, &acc, &y, ty);
+            b.line(format!("scf.yield {next} : {ty}"));
+            b.close("");
+            r.combine.all(b, &res, how)
+        };
+    let each = |b: &mut Body, f: &dyn Fn(&mut Body, &str)| {
+        let j = b.fresh("j");
+        b.open(format!("scf.for {j} = {} to {} step {group}", r.tid, row.len));
+        f(b, &j);
+        b.close("");
+    };
+    let zero = b.float(0.0, ty);
+    match op {
+        RunRowOp::Softmax { log } => {
+            let neg_inf = b.float(f64::NEG_INFINITY, ty);
+            let max = fold(&mut b, (&neg_inf, Combine::Max), &|b, j| read(b, 0, j));
+            // The exponentials (or, for a log-softmax, x − max) are stored and summed; each
+            // invocation rereads only what it stored, so no barrier is needed before the last pass.
+            let total = fold(&mut b, (&zero, Combine::Add), &|b, j| {
+                let x = read(b, 0, j);
+                let d = b.fsub(&x, &max, ty);
+                let e = b.exp_nonpositive(&d, ty);
+                write(b, 1, j, if log { &d } else { &e });
+                e
+            });
+            let denom = if log { b.log(&total, ty) } else { total };
+            each(&mut b, &|b, j| {
+                let v = read(b, 1, j);
+                let y = if log { b.fsub(&v, &denom, ty) } else { b.fdiv(&v, &denom, ty) };
+                write(b, 1, j, &y);
+            });
+        }
+        RunRowOp::Norm { kind, eps, added, sum } => {
+            let x_at = |b: &mut Body, j: &str| -> String {
+                let x = read(b, 0, j);
+                if added {
+                    let y = read(b, 1, j);
+                    b.fadd(&x, &y, ty)
+                } else {
+                    x
+                }
+            };
+            let n = crate::kernels::reduce::count_as(&mut b, &row.len, ty);
+            let total = |b: &mut Body, f: &ElementFn| -> String {
+                fold(b, (&zero, Combine::Add), &|b, j| {
+                    let x = x_at(b, j);
+                    f(b, &x)
+                })
+            };
+            let (center, scale) = statistics(&mut b, (kind, eps), &n, ty, &total);
+            each(&mut b, &|b, j| {
+                let x = x_at(b, j);
+                if sum {
+                    write(b, out_at + 1, j, &x);
+                }
+                let y = normalized(b, &x, (center.as_deref(), &scale), ty);
+                write(b, out_at, j, &y);
+            });
+        }
+    }
+    b.close("");
+    let elements = rows_max * len_max;
+    let bytes = (elements * views.iter().map(|v| v.dtype.size_bytes()).sum::<usize>()) as u64;
+    let memrefs: Vec<String> = views.iter().map(View::memref).collect();
+    Ok(GpuKernel {
+        symbol: symbol.into(),
+        mlir: module(symbol, &memrefs, &r.plan, b)?,
+        plan: r.plan,
+        flops: (elements * 8) as u64,
         bytes,
         run_grid: r.run_grid,
     })
