@@ -2720,6 +2720,15 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
         assert!(!g.symbols.is_empty(), "{model} made dynamic");
         graphs.push(g);
     }
+    // Reductions, softmax and norms along run-time axes, and a cache joined along one.
+    for (spec, sets) in [
+        ("pooling.ron", &["batch=Dyn(min: 1, max: 4, hint: 2)", "seq=Dyn(min: 1, max: 40, hint: 16)"][..]),
+        ("pooling.ron", &["hw=Dyn(min: 1, max: 12, hint: 6)"][..]),
+        ("kv_cache.ron", &["past=Dyn(min: 1, max: 60, hint: 20)", "seq=Dyn(min: 1, max: 16, hint: 1)"][..]),
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gpu_check").join(spec);
+        graphs.push(optimized(&spec_graph(&path, sets)));
+    }
     graphs.extend(scatter_graphs());
     graphs.extend(attention_lse_graphs().into_iter().map(|(g, _)| g));
     graphs.extend(attention_lse_graphs_with(8).into_iter().map(|(g, _)| g));
