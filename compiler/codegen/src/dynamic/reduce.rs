@@ -184,17 +184,6 @@ pub(crate) fn softmax_row(b: &mut Body, log: bool, x: &Along, out: &Along, n: &s
     b.close("");
 }
 
-/// The norm a kernel computes: a layer or RMS norm, its ε, and whether it normalizes a sum
-/// (`add_norm`, two operands), or `None` for any other op.
-pub(crate) fn norm_of(op: &kiln_ir::Op) -> Option<(NormKind, f64, bool, bool)> {
-    match op {
-        kiln_ir::Op::LayerNorm { eps, affine } => Some((NormKind::Layer, *eps, false, *affine)),
-        kiln_ir::Op::RmsNorm { eps, affine } => Some((NormKind::Rms, *eps, false, *affine)),
-        kiln_ir::Op::AddNorm { eps, kind, affine } => Some((*kind, *eps, true, *affine)),
-        _ => None,
-    }
-}
-
 /// A norm over a run-time last axis, taken apart.
 pub(crate) struct NormRows<'a> {
     pub kind: NormKind,
@@ -221,11 +210,13 @@ pub(crate) fn split_norm(
     k: &kiln_sched::Kernel,
     refuse: impl Fn(String) -> CodegenError,
 ) -> Result<NormRows<'_>, CodegenError> {
-    let (kind, eps, added, affine) = norm_of(match &k.op {
-        kiln_sched::KernelOp::Node(op) => op,
-        kiln_sched::KernelOp::Elementwise(_) => return Err(bad("a norm")),
-    })
-    .ok_or_else(|| bad("a norm"))?;
+    use kiln_ir::Op;
+    let (kind, eps, added, affine) = match &k.op {
+        kiln_sched::KernelOp::Node(Op::LayerNorm { eps, affine }) => (NormKind::Layer, *eps, false, *affine),
+        kiln_sched::KernelOp::Node(Op::RmsNorm { eps, affine }) => (NormKind::Rms, *eps, false, *affine),
+        kiln_sched::KernelOp::Node(Op::AddNorm { eps, kind, affine }) => (*kind, *eps, true, *affine),
+        _ => return Err(bad("a norm")),
+    };
     let shape = &k.output.view.shape;
     if affine {
         return Err(refuse(format!(

@@ -668,9 +668,9 @@ fn softmax_by_row(
     let (xv, ov) = (buffer_view(s, x), buffer_view(s, out));
     let (rows_hint, rows_max) = at_hints_and_maxima(s, &sp.rows);
     let (count_hint, _) = at_hints_and_maxima(s, &sp.count);
+    let n = rows_hint * count_hint;
+    let costs = ((4 * n) as u64, (n * (x.dtype.size_bytes() + 2 * out.dtype.size_bytes())) as u64);
     if contiguous_rows(&sp) {
-        let n = rows_hint * count_hint;
-        let costs = ((4 * n) as u64, (n * (x.dtype.size_bytes() + 2 * out.dtype.size_bytes())) as u64);
         return workgroup_rows(s, sym, rows::RunRowOp::Softmax { log }, &[xv, ov], &sp, costs, cx);
     }
     let plan = GpuPlan::elements(rows_max, cx.caps)?;
@@ -680,8 +680,6 @@ fn softmax_by_row(
     let xa = Along { arg: "%a0", view: &xv, base: &starts[0], stride: &along[0].strides[0] };
     let oa = Along { arg: "%a1", view: &ov, base: &starts[1], stride: &along[1].strides[0] };
     over::softmax_row(&mut b, log, &xa, &oa, &along[0].extents[0]);
-    let n = rows_hint * count_hint;
-    let costs = ((4 * n) as u64, (n * (x.dtype.size_bytes() + 2 * out.dtype.size_bytes())) as u64);
     close_run_element(sym, &[xv.memref(), ov.memref()], (plan, b), (&sp.rows, n_syms), costs)
 }
 
@@ -794,8 +792,7 @@ fn workgroup_rows(
             len: along[0].extents[0].clone(),
         }
     };
-    let made = rows::emit_run_rows(sym, op, bufs, (rows_max, len_max), &at, &run)?;
-    Ok(GpuKernel { flops, bytes, ..made })
+    rows::emit_run_rows(sym, op, bufs, (rows_max, len_max), (flops, bytes), &at, &run)
 }
 
 /// Opens one invocation per kept element of `sp` (closed by `close_run_element`): where the

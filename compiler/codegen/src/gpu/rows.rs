@@ -763,12 +763,14 @@ pub(crate) struct RunRow {
 /// (the row plan at the rows' and the length's maxima, `rows_max` and `len_max`), its
 /// invocations striding over the row on every pass, their partial results combined as the
 /// static row kernels combine them. `cx.run` holds the run's rows; `at(b, row)` finds the
-/// row. `views` are the arguments' buffers, in [`RunRowOp`]'s order.
+/// row. `views` are the arguments' buffers, in [`RunRowOp`]'s order; `costs` (flops, bytes)
+/// are the caller's, at the hints.
 pub(crate) fn emit_run_rows(
     symbol: &str,
     op: RunRowOp,
     views: &[View],
     (rows_max, len_max): (usize, usize),
+    (flops, bytes): (u64, u64),
     at: &dyn Fn(&mut Body, &str) -> RunRow,
     cx: &GpuCtx,
 ) -> Result<GpuKernel, CodegenError> {
@@ -870,14 +872,12 @@ pub(crate) fn emit_run_rows(
         }
     }
     b.close("");
-    let elements = rows_max * len_max;
-    let bytes = (elements * views.iter().map(|v| v.dtype.size_bytes()).sum::<usize>()) as u64;
     let memrefs: Vec<String> = views.iter().map(View::memref).collect();
     Ok(GpuKernel {
         symbol: symbol.into(),
         mlir: module(symbol, &memrefs, &r.plan, b)?,
         plan: r.plan,
-        flops: (elements * 8) as u64,
+        flops,
         bytes,
         run_grid: r.run_grid,
     })
