@@ -71,6 +71,8 @@ CONFORMANCE=(
     "channel_norms_dynamic|tests/gpu_check/channel_norms.ron|--set c=48 --set hw=16 --set n=Dyn(min:1,max:4,hint:3)"
     # Pooling and softmax along a run-time sequence and over an image of run-time size.
     "pooling_dynamic|tests/gpu_check/pooling.ron|--set batch=Dyn(min:1,max:4,hint:3) --set seq=Dyn(min:1,max:64,hint:23) --set hw=Dyn(min:1,max:16,hint:7)"
+    # Convolution and pooling over a sequence and over an image of run-time size.
+    "windows_dynamic|tests/gpu_check/windows.ron|--set batch=Dyn(min:1,max:3,hint:2) --set seq=Dyn(min:1,max:64,hint:23) --set hw=Dyn(min:1,max:16,hint:7)"
     # A decoder step joining its key/value cache to the new tokens' along the sequence.
     "kv_cache_dynamic|tests/gpu_check/kv_cache.ron|--set past=Dyn(min:1,max:96,hint:40) --set seq=Dyn(min:1,max:16,hint:1)"
 )
@@ -89,6 +91,7 @@ DYNAMIC_RUNS=(
     "resnet_block_dynamic|batch=1 batch=3 batch=4"
     "channel_norms_dynamic|n=1 n=4"
     "pooling_dynamic|batch=1,seq=1,hw=1 batch=4,seq=64,hw=16 batch=2,seq=9,hw=3"
+    "windows_dynamic|batch=1,seq=1,hw=1 batch=3,seq=64,hw=16 batch=2,seq=10,hw=4"
     "kv_cache_dynamic|past=1,seq=1 past=96,seq=16 past=33,seq=5"
 )
 # name | spec | tolerance: the math functions GPU kernels compute themselves, in the

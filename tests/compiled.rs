@@ -979,10 +979,12 @@ fn channel_norms_with_run_time_sizes_run_on_cuda_like_the_interpreter() {
 /// sizes, the bounds included: pooling and softmax (`tests/gpu_check/pooling.ron`) over a
 /// run-time sequence, over an image of run-time size, and over a static axis behind a run-time
 /// batch; a decoder step joining its key/value cache to the new tokens' along the sequence
-/// (`tests/gpu_check/kv_cache.ron`), at run-time cache and prompt lengths.
+/// (`tests/gpu_check/kv_cache.ron`), at run-time cache and prompt lengths; convolution and
+/// pooling over a sequence and an image of run-time size (`tests/gpu_check/windows.ron`), and
+/// over a static image behind a run-time batch.
 fn pooling_and_caches_with_run_time_sizes(device: Device) {
     type Case = (&'static str, Vec<&'static str>, Vec<Vec<i64>>);
-    let cases: [Case; 4] = [
+    let cases: [Case; 6] = [
         (
             "pooling.ron",
             vec!["batch=Dyn(min: 1, max: 4, hint: 2)", "seq=Dyn(min: 1, max: 40, hint: 16)"],
@@ -995,6 +997,16 @@ fn pooling_and_caches_with_run_time_sizes(device: Device) {
             vec!["past=Dyn(min: 1, max: 60, hint: 20)", "seq=Dyn(min: 1, max: 16, hint: 1)"],
             vec![vec![1, 1], vec![20, 1], vec![7, 16], vec![60, 16]],
         ),
+        (
+            "windows.ron",
+            vec![
+                "batch=Dyn(min: 1, max: 3, hint: 2)",
+                "seq=Dyn(min: 1, max: 40, hint: 16)",
+                "hw=Dyn(min: 1, max: 12, hint: 6)",
+            ],
+            vec![vec![1, 1, 1], vec![2, 2, 2], vec![3, 7, 5], vec![2, 40, 12]],
+        ),
+        ("windows.ron", vec!["batch=Dyn(min: 1, max: 5, hint: 2)"], vec![vec![1], vec![5]]),
     ];
     for (spec, sets, bindings) in cases {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gpu_check").join(spec);
@@ -2720,10 +2732,12 @@ fn cuda_kernels_assemble_with_ptxas_for_sm80_and_sm90() {
         assert!(!g.symbols.is_empty(), "{model} made dynamic");
         graphs.push(g);
     }
-    // Reductions, softmax and norms along run-time axes, and a cache joined along one.
+    // Reductions, softmax and norms along run-time axes, windows over them, and a cache
+    // joined along one.
     for (spec, sets) in [
         ("pooling.ron", &["batch=Dyn(min: 1, max: 4, hint: 2)", "seq=Dyn(min: 1, max: 40, hint: 16)"][..]),
         ("pooling.ron", &["hw=Dyn(min: 1, max: 12, hint: 6)"][..]),
+        ("windows.ron", &["seq=Dyn(min: 1, max: 40, hint: 16)", "hw=Dyn(min: 1, max: 12, hint: 6)"][..]),
         ("kv_cache.ron", &["past=Dyn(min: 1, max: 60, hint: 20)", "seq=Dyn(min: 1, max: 16, hint: 1)"][..]),
     ] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gpu_check").join(spec);

@@ -134,18 +134,55 @@ fn window_out(
     }
 }
 
-/// The extents of `ty`, which must be static from axis `from` on (a window op's spatial
-/// axes and channels); the axes before it are 0 in the result.
-fn static_axes(op: &Op, ty: &TensorType, from: usize) -> Result<Vec<usize>, InferError> {
-    let mut out = vec![0; from];
-    for d in &ty.shape[from..] {
+/// [`window_out`] along an axis whose extent may be a size over the symbols: then the result
+/// is `⌊(size + 2·pad − span) / stride⌋ + 1`, and the window must fit the input at the
+/// smallest size the symbols' bounds give (a sequence of 1 under a window of 3 with no padding
+/// has no output).
+fn window_out_dim(
+    op: &Op,
+    size: &Dim,
+    kernel: usize,
+    [stride, pad, dilation]: [usize; 3],
+    symbols: &[SymbolDecl],
+) -> Result<Dim, InferError> {
+    let e = match size {
+        Dim::Const(c) => return window_out(op, *c, kernel, stride, pad, dilation).map(Dim::Const),
+        Dim::Sym(e) => e,
+    };
+    // The smallest static extent decides stride, dilation and fit.
+    let min = usize::try_from(e.range(symbols).min.max(0)).unwrap_or(0);
+    window_out(op, min, kernel, stride, pad, dilation).map_err(|_| {
+        invalid(
+            op,
+            format!(
+                "window {kernel} (dilation {dilation}) does not fit input {size} with padding {pad} \
+                 at its smallest, {min}"
+            ),
+        )
+    })?;
+    let span = dilation * (kernel.max(1) - 1) + 1;
+    let out = size
+        .add(&Dim::Const(2 * pad))
+        .and_then(|d| d.sub(&Dim::Const(span)))
+        .and_then(|d| d.floor_div(stride))
+        .and_then(|d| d.add(&Dim::Const(1)));
+    out.map_err(|err| size_error(op, err))
+}
+
+/// The extents of `ty` over `axes`, which must be static (`what` they are: a convolution's
+/// channels, its weight); the axes before them are 0 in the result.
+fn static_axes(
+    op: &Op,
+    ty: &TensorType,
+    axes: std::ops::Range<usize>,
+    what: &str,
+) -> Result<Vec<usize>, InferError> {
+    let mut out = vec![0; axes.start];
+    for d in &ty.shape[axes] {
         match d {
             Dim::Const(c) => out.push(*c),
             Dim::Sym(_) => {
-                return Err(invalid(
-                    op,
-                    format!("needs static extents from axis {from} on, got {}", fmt_shape(&ty.shape)),
-                ))
+                return Err(invalid(op, format!("needs {what} to be static, got {}", fmt_shape(&ty.shape))))
             }
         }
     }
@@ -444,8 +481,9 @@ fn infer_unchecked(op: &Op, types: &[&TensorType], symbols: &[SymbolDecl]) -> Re
                     ),
                 ));
             }
-            let xs = static_axes(op, x, 1)?;
-            let ws = static_axes(op, w, 0)?;
+            // Channels and the weight are static; the image may have run-time extents.
+            let xs = static_axes(op, x, 1..2, "the input channels (axis 1)")?;
+            let ws = static_axes(op, w, 0..4, "the weight's shape")?;
             let g = *groups;
             if g == 0 || xs[1] % g != 0 || ws[0] % g != 0 || ws[1] * g != xs[1] {
                 return Err(invalid(
@@ -457,9 +495,9 @@ fn infer_unchecked(op: &Op, types: &[&TensorType], symbols: &[SymbolDecl]) -> Re
                     ),
                 ));
             }
-            let h = window_out(op, xs[2], ws[2], stride[0], padding[0], dilation[0])?;
-            let wd = window_out(op, xs[3], ws[3], stride[1], padding[1], dilation[1])?;
-            TensorType::new(d, vec![x.shape[0].clone(), Dim::Const(ws[0]), Dim::Const(h), Dim::Const(wd)])
+            let h = window_out_dim(op, &x.shape[2], ws[2], [stride[0], padding[0], dilation[0]], symbols)?;
+            let wd = window_out_dim(op, &x.shape[3], ws[3], [stride[1], padding[1], dilation[1]], symbols)?;
+            TensorType::new(d, vec![x.shape[0].clone(), Dim::Const(ws[0]), h, wd])
         }
         Op::Pool2d { kernel, stride, padding, .. } => {
             let x = t(0);
@@ -470,13 +508,9 @@ fn infer_unchecked(op: &Op, types: &[&TensorType], symbols: &[SymbolDecl]) -> Re
             if padding[0].saturating_mul(2) > kernel[0] || padding[1].saturating_mul(2) > kernel[1] {
                 return Err(invalid(op, "padding must be at most half the kernel"));
             }
-            let xs = static_axes(op, x, 2)?;
-            let h = window_out(op, xs[2], kernel[0], stride[0], padding[0], 1)?;
-            let w = window_out(op, xs[3], kernel[1], stride[1], padding[1], 1)?;
-            TensorType::new(
-                x.dtype,
-                vec![x.shape[0].clone(), x.shape[1].clone(), Dim::Const(h), Dim::Const(w)],
-            )
+            let h = window_out_dim(op, &x.shape[2], kernel[0], [stride[0], padding[0], 1], symbols)?;
+            let w = window_out_dim(op, &x.shape[3], kernel[1], [stride[1], padding[1], 1], symbols)?;
+            TensorType::new(x.dtype, vec![x.shape[0].clone(), x.shape[1].clone(), h, w])
         }
         Op::Softmax { axis } | Op::LogSoftmax { axis } => {
             let x = t(0);

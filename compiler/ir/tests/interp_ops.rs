@@ -1475,12 +1475,12 @@ fn unproven_extents_are_typing_errors_naming_both_sizes() {
         err(Op::Concat { axis: 1 }, &[t(vec![sym(&b), Dim::Const(2)]), t(vec![sym(&s), Dim::Const(2)])]),
         "`concat`: cannot prove that axis 0 of the concatenated [batch, 2] and [seq, 2] are equal: batch vs seq"
     );
-    // Windows walk static images: only the batch of a convolution may be a run-time size.
+    // A convolution's channels are the weight's: they stay static.
     let conv = Op::Conv2d { stride: [1, 1], padding: [1, 1], dilation: [1, 1], groups: 1 };
-    let x = t(vec![sym(&b), Dim::Const(3), sym(&s), Dim::Const(8)]);
+    let x = t(vec![Dim::Const(2), sym(&b), Dim::Const(4), Dim::Const(8)]);
     assert_eq!(
         err(conv, &[x, t(kiln_ir::dims(&[4, 3, 3, 3]))]),
-        "`conv2d`: needs static extents from axis 1 on, got [batch, 3, seq, 8]"
+        "`conv2d`: needs the input channels (axis 1) to be static, got [2, batch, 4, 8]"
     );
     // Equal normal forms agree however they were written.
     let ok =
@@ -1507,6 +1507,52 @@ fn symbolic_slices_are_checked_against_the_bounds() {
     let half = s.floor_div(2).unwrap();
     let e = g.add(Op::Slice { axis: 0, start: sym(&half), end: sym(&s), step: 2 }, &[long]).unwrap_err();
     assert_eq!(e.to_string(), "`slice`: slice seq//2..seq step 2 on axis 0 is out of range for [512, 4]");
+}
+
+/// A window along a run-time extent has a run-time output, `⌊(size + 2·pad − span) / stride⌋
+/// + 1`, and must fit the input at the smallest size the bounds allow.
+#[test]
+fn windows_along_run_time_extents_have_run_time_outputs_that_fit_the_bounds() {
+    let (mut g, b, s) = symbolic_graph();
+    let x = g
+        .add(
+            Op::Input {
+                name: "x".into(),
+                dtype: DType::F32,
+                shape: vec![sym(&b), Dim::Const(3), Dim::Const(1), sym(&s)],
+            },
+            &[],
+        )
+        .unwrap();
+    let w = g
+        .add(
+            Op::Param {
+                name: "w".into(),
+                dtype: DType::F32,
+                shape: kiln_ir::dims(&[4, 3, 1, 5]),
+                init: kiln_ir::Init::Zeros,
+            },
+            &[],
+        )
+        .unwrap();
+    let conv = |stride: usize, pad: usize, dilation: usize| Op::Conv2d {
+        stride: [1, stride],
+        padding: [0, pad],
+        dilation: [1, dilation],
+        groups: 1,
+    };
+    let ty = |g: &mut Graph, op: Op, args: &[kiln_ir::NodeId]| g.add(op, args).map(|n| g.ty(n).to_string());
+    assert_eq!(ty(&mut g, conv(1, 2, 1), &[x, w]), Ok("f32[batch, 4, 1, seq]".to_string()));
+    assert_eq!(ty(&mut g, conv(2, 2, 1), &[x, w]), Ok("f32[batch, 4, 1, (seq + 1)//2]".to_string()));
+    assert_eq!(ty(&mut g, conv(1, 0, 1), &[x, w]), Ok("f32[batch, 4, 1, seq - 4]".to_string()));
+    // seq is at least 8: a span of 9 (5 taps, dilation 2) fits it with one padding each side.
+    assert_eq!(ty(&mut g, conv(1, 1, 2), &[x, w]), Ok("f32[batch, 4, 1, seq - 6]".to_string()));
+    assert_eq!(
+        ty(&mut g, conv(1, 0, 2), &[x, w]).unwrap_err().to_string(),
+        "`conv2d`: window 5 (dilation 2) does not fit input seq with padding 0 at its smallest, 8"
+    );
+    let pool = Op::Pool2d { kind: kiln_ir::PoolKind::Max, kernel: [1, 2], stride: [1, 2], padding: [0, 0] };
+    assert_eq!(ty(&mut g, pool, &[x]), Ok("f32[batch, 3, 1, seq//2]".to_string()));
 }
 
 /// The same graph built with static extents, as `--set` gives it.

@@ -24,6 +24,7 @@ pub(crate) mod data;
 mod matmul;
 mod norm;
 pub(crate) mod reduce;
+pub(crate) mod window;
 
 use crate::kernels::elementwise::{convert, eval, store, Ctx, FaultSlot, CHUNK};
 use crate::kernels::{self, View};
@@ -339,21 +340,32 @@ fn unpacked(
             return Err(refuse(k, format!("its index arithmetic over {shape_text} uses static extents")))
         }
         // Over a run-time batch alone (the leading axis; channels and the image static): the
-        // batch is the row form's one leading axis, which the static emitters never read.
-        Op::Conv2d { stride, padding, dilation, groups } if p == 1 => {
-            let x = row(arg(0)?, "the input")?;
-            let w = fixed(arg(1)?, "the weight")?;
-            kernels::conv::emit_conv2d(sym, *stride, *padding, *dilation, *groups, &x, &w, &out_row?)?
+        // batch is the row form's one leading axis, which the static emitters never read. Over
+        // a run-time image or sequence, or with views that do not merge into rows: walked at
+        // the run's extents.
+        Op::Conv2d { stride, padding, dilation, groups } => {
+            let window = window::Window::Conv {
+                stride: *stride,
+                padding: *padding,
+                dilation: *dilation,
+                groups: *groups,
+            };
+            match (p, row(arg(0)?, "the input"), fixed(arg(1)?, "the weight"), out_row) {
+                (1, Ok(x), Ok(w), Ok(out)) => {
+                    kernels::conv::emit_conv2d(sym, *stride, *padding, *dilation, *groups, &x, &w, &out)?
+                }
+                _ => return window::emit(s, sym, k, &window),
+            }
         }
-        Op::Pool2d { kind, kernel, stride, padding } if p == 1 => {
-            let x = row(arg(0)?, "the input")?;
-            kernels::conv::emit_pool2d(sym, *kind, *kernel, *stride, *padding, &x, &out_row?)?
-        }
-        Op::Conv2d { .. } | Op::Pool2d { .. } => {
-            return Err(refuse(
-                k,
-                format!("its windows over {shape_text} need static extents past the batch"),
-            ))
+        Op::Pool2d { kind, kernel, stride, padding } => {
+            let window =
+                window::Window::Pool { kind: *kind, kernel: *kernel, stride: *stride, padding: *padding };
+            match (p, row(arg(0)?, "the input"), out_row) {
+                (1, Ok(x), Ok(out)) => {
+                    kernels::conv::emit_pool2d(sym, *kind, *kernel, *stride, *padding, &x, &out)?
+                }
+                _ => return window::emit(s, sym, k, &window),
+            }
         }
         Op::Input { .. }
         | Op::Param { .. }

@@ -24,6 +24,7 @@ use super::skeleton::{module, workgroup_number};
 use super::{attention, ceil_div, fold_run, matmul, rows, GpuCtx, GpuKernel, RunRows};
 use crate::dynamic::data::{self as run_data, Part};
 use crate::dynamic::reduce::{self as over, Along};
+use crate::dynamic::window as run_window;
 use crate::dynamic::{
     address, at_hints_and_maxima, at_maxima, buffer_view, coalesce_sym, merge_leading, pinned, refuse_on,
     row_view, rows_of, rows_then_reduced, size_value, static_view, symbolic_prefix, unravel, walk, Rows,
@@ -296,13 +297,13 @@ pub(crate) fn kernel(
         // Along or before a symbolic axis, or with views that do not merge into rows: one
         // invocation per element of the run's result.
         Op::Concat { axis } => {
-            return data_by_element(s, sym, k, cx, |b, inputs, idx| {
+            return data_by_element(s, sym, k, cx, copy_costs(s, k), |b, inputs, idx| {
                 let bounds = run_data::bounds(b, inputs, *axis);
                 run_data::concat_value(b, inputs, &bounds, idx, *axis)
             })
         }
         Op::Pad { pads, value } => {
-            return data_by_element(s, sym, k, cx, |b, inputs, idx| {
+            return data_by_element(s, sym, k, cx, copy_costs(s, k), |b, inputs, idx| {
                 run_data::pad_value(b, &inputs[0], pads, *value, idx)
             })
         }
@@ -310,7 +311,9 @@ pub(crate) fn kernel(
             return Err(refuse_here(format!("its index arithmetic over {shape_text} uses static extents")))
         }
         // Over a run-time batch alone: the row form's one leading axis.
-        Op::Conv2d { stride, padding, dilation, groups } if p == 1 => {
+        Op::Conv2d { stride, padding, dilation, groups }
+            if p == 1 && [&k.output, arg(0)?].into_iter().all(|o| row_view(s, o, 1, &rows).is_some()) =>
+        {
             let x = row_view(s, arg(0)?, 1, &rows).ok_or_else(|| not_rows("the input"))?;
             let w = fixed(arg(1)?, "the weight")?;
             let out = row_view(s, &k.output, 1, &rows).ok_or_else(|| not_rows("the result"))?;
@@ -318,23 +321,40 @@ pub(crate) fn kernel(
             let bytes = ((x.numel() + w.numel() + out.numel()) * out.dtype.size_bytes()) as u64;
             let memrefs = [x.memref(), w.memref(), out.memref()];
             per_element(sym, &memrefs, &out, &in_rows(&rows), flops, bytes, |b, idx, _| {
-                Ok(conv::conv_value(b, *stride, *padding, *dilation, *groups, &x, &w, out.dtype, idx))
+                let reads = conv::StaticReads(&[&x, &w]);
+                Ok(conv::conv_value(
+                    b, *stride, *padding, *dilation, *groups, &w.shape, out.dtype, idx, &reads,
+                ))
             })?
         }
-        Op::Pool2d { kind, kernel, stride, padding } if p == 1 => {
+        Op::Pool2d { kind, kernel, stride, padding }
+            if p == 1 && [&k.output, arg(0)?].into_iter().all(|o| row_view(s, o, 1, &rows).is_some()) =>
+        {
             let x = row_view(s, arg(0)?, 1, &rows).ok_or_else(|| not_rows("the input"))?;
             let out = row_view(s, &k.output, 1, &rows).ok_or_else(|| not_rows("the result"))?;
             let flops = (out.numel() * kernel[0] * kernel[1]) as u64;
             let bytes = ((x.numel() + out.numel()) * out.dtype.size_bytes()) as u64;
             let memrefs = [x.memref(), out.memref()];
             per_element(sym, &memrefs, &out, &in_rows(&rows), flops, bytes, |b, idx, _| {
-                Ok(conv::pool_value(b, *kind, *kernel, *stride, *padding, &x, out.dtype, idx))
+                let reads = conv::StaticReads(&[&x]);
+                Ok(conv::pool_value(b, *kind, *kernel, *stride, *padding, out.dtype, idx, &reads))
             })?
         }
-        Op::Conv2d { .. } | Op::Pool2d { .. } => {
-            return Err(refuse_here(format!(
-                "its windows over {shape_text} need static extents past the batch"
-            )))
+        // Over a run-time image or sequence, or with views that do not merge into rows: one
+        // invocation per element of the run's result.
+        Op::Conv2d { stride, padding, dilation, groups } => {
+            let window = run_window::Window::Conv {
+                stride: *stride,
+                padding: *padding,
+                dilation: *dilation,
+                groups: *groups,
+            };
+            return window_by_element(s, sym, k, cx, &window);
+        }
+        Op::Pool2d { kind, kernel, stride, padding } => {
+            let window =
+                run_window::Window::Pool { kind: *kind, kernel: *kernel, stride: *stride, padding: *padding };
+            return window_by_element(s, sym, k, cx, &window);
         }
         Op::Input { .. }
         | Op::Param { .. }
@@ -730,6 +750,13 @@ fn norm_by_row(
     close_run_element(sym, &memrefs, (plan, b), (&sp.rows, n_syms), ((10 * n) as u64, bytes as u64))
 }
 
+/// A copy's costs at the hints: one operation per element of the result, which is read once
+/// and written once.
+fn copy_costs(s: &Schedule, k: &kiln_sched::Kernel) -> (u64, u64) {
+    let count = kiln_sched::product(&k.output.view.shape).map_or(0, |d| at_hints_and_maxima(s, &d).0);
+    (count as u64, (2 * count * k.output.dtype.size_bytes()) as u64)
+}
+
 /// A concat or pad along a run-time axis (`crate::dynamic::data`): one invocation per element
 /// of the run's result, whose value `value` finds from the inputs (at the result's indices).
 /// Arguments: the inputs, out, `%syms`.
@@ -738,12 +765,13 @@ fn data_by_element(
     sym: &str,
     k: &kiln_sched::Kernel,
     cx: &GpuCtx,
+    costs: (u64, u64),
     value: impl FnOnce(&mut Body, &[Part], &[String]) -> String,
 ) -> Result<GpuKernel, CodegenError> {
     let n_syms = s.symbols.len().max(1);
     let rank = k.output.view.shape.len();
     let count = kiln_sched::product(&k.output.view.shape).map_err(|e| bad(&e.to_string()))?;
-    let (count_hint, count_max) = at_hints_and_maxima(s, &count);
+    let (_, count_max) = at_hints_and_maxima(s, &count);
     let plan = GpuPlan::elements(count_max, cx.caps)?;
 
     let mut b = cx.body();
@@ -754,8 +782,27 @@ fn data_by_element(
     let at = address(&mut b, &out.walk, &idx);
     store(&mut b, &v, &out.arg, &out.view, &at);
     let memrefs: Vec<String> = inputs.iter().chain([&out]).map(|p| p.view.memref()).collect();
-    let costs = (count_hint as u64, (2 * count_hint * k.output.dtype.size_bytes()) as u64);
     close_run_element(sym, &memrefs, (plan, b), (&count, n_syms), costs)
+}
+
+/// A convolution or pooling along run-time spatial extents (`crate::dynamic::window`): one
+/// invocation per element of the run's result. Arguments: x (and w), out, `%syms`.
+fn window_by_element(
+    s: &Schedule,
+    sym: &str,
+    k: &kiln_sched::Kernel,
+    cx: &GpuCtx,
+    window: &run_window::Window,
+) -> Result<GpuKernel, CodegenError> {
+    let dtype = k.output.dtype;
+    if !dtype.is_float() {
+        return Err(CodegenError::Unsupported(format!("a window op on {dtype}")));
+    }
+    let w_shape = run_window::weight_shape(s, k, window)?;
+    let costs = run_window::costs(s, k, window, &w_shape);
+    data_by_element(s, sym, k, cx, costs, |b, inputs, idx| {
+        run_window::value(b, window, &w_shape, dtype, idx, &run_window::RunReads(inputs))
+    })
 }
 
 /// Whether every view of `sp` is contiguous along its row (one reduced axis of stride 1).

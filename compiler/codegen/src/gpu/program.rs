@@ -285,7 +285,8 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, cx: &GpuCtx) -> Result<GpuKernel
             let bytes = ((x.numel() + w.numel() + out.numel()) * out.dtype.size_bytes()) as u64;
             let memrefs = [x.memref(), w.memref(), out.memref()];
             per_element(sym, &memrefs, &out, cx, flops, bytes, |b, idx, _| {
-                Ok(conv::conv_value(b, *stride, *padding, *dilation, *groups, &x, &w, out.dtype, idx))
+                let reads = conv::StaticReads(&[&x, &w]);
+                Ok(conv::conv_value(b, *stride, *padding, *dilation, *groups, &w.shape, out.dtype, idx, &reads))
             })
         }
         Op::Pool2d { kind, kernel, stride, padding } => {
@@ -295,7 +296,8 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, cx: &GpuCtx) -> Result<GpuKernel
             let bytes = ((x.numel() + out.numel()) * out.dtype.size_bytes()) as u64;
             let memrefs = [x.memref(), out.memref()];
             per_element(sym, &memrefs, &out, cx, flops, bytes, |b, idx, _| {
-                Ok(conv::pool_value(b, *kind, *kernel, *stride, *padding, &x, out.dtype, idx))
+                let reads = conv::StaticReads(&[&x]);
+                Ok(conv::pool_value(b, *kind, *kernel, *stride, *padding, out.dtype, idx, &reads))
             })
         }
         Op::Input { .. }

@@ -11,16 +11,40 @@ use crate::mlir_text::Body;
 use crate::{CodegenError, Kernel};
 use kiln_ir::PoolKind;
 
-/// In-bounds flag and clamped input coordinate for output coordinate `o` along one spatial
-/// axis: `o·stride + k·dilation − pad` must lie in `0..extent`.
+/// Where a window op reads: its input's spatial extents and its operands' elements. The
+/// static emitters read views of static extents; the run-time ones (`dynamic::window`) read
+/// extents and strides computed from the run's sizes.
+pub(crate) trait WindowReads {
+    /// The input's extent along spatial axis `a` (0: height, 1: width), an `index` value.
+    fn extent(&self, b: &mut Body, a: usize) -> String;
+    /// Element `idx` of operand `i` (0: the input, 1: the weight) in register type.
+    fn load(&self, b: &mut Body, i: usize, idx: &[String]) -> String;
+}
+
+/// Operands of static views, in arguments `%a0`, `%a1`, … in order.
+pub(crate) struct StaticReads<'a>(pub &'a [&'a View]);
+
+impl WindowReads for StaticReads<'_> {
+    fn extent(&self, b: &mut Body, a: usize) -> String {
+        b.index(self.0[0].shape[2 + a])
+    }
+
+    fn load(&self, b: &mut Body, i: usize, idx: &[String]) -> String {
+        let v = self.0[i];
+        let at = v.index_expr(b, idx);
+        load(b, &format!("%a{i}"), v, &at)
+    }
+}
+
+/// In-bounds flag and input coordinate for output coordinate `o` along one spatial axis:
+/// `o·stride + k·dilation − pad` must lie in `0..extent`; out of bounds the coordinate is 0,
+/// so the read stays inside the tensor and its value is dropped.
 fn tap(
     b: &mut Body,
     o: &str,
     k: &str,
-    stride: usize,
-    dilation: usize,
-    pad: usize,
-    extent: usize,
+    (stride, dilation, pad): (usize, usize, usize),
+    extent: &str,
 ) -> (String, String) {
     let s = b.index(stride);
     let d = b.index(dilation);
@@ -30,13 +54,10 @@ fn tap(
     let pos = b.assign(format!("arith.addi {a}, {kd} : index"));
     let ge = b.assign(format!("arith.cmpi uge, {pos}, {p} : index"));
     let local = b.assign(format!("arith.subi {pos}, {p} : index"));
-    let n = b.index(extent);
-    let lt = b.assign(format!("arith.cmpi ult, {local}, {n} : index"));
+    let lt = b.assign(format!("arith.cmpi ult, {local}, {extent} : index"));
     let ok = b.assign(format!("arith.andi {ge}, {lt} : i1"));
     let zero = b.index(0);
-    let last = b.index(extent.saturating_sub(1));
-    let l = b.assign(format!("arith.select {ge}, {local}, {zero} : index"));
-    let l = b.assign(format!("arith.minui {l}, {last} : index"));
+    let l = b.assign(format!("arith.select {ok}, {local}, {zero} : index"));
     (ok, l)
 }
 
@@ -60,7 +81,8 @@ pub fn emit_conv2d(
     let (cg, kh, kw) = (w.shape[1], w.shape[2], w.shape[3]);
     let mut b = Body::new();
     let idx = open_rows(&mut b, &out.shape);
-    let v = conv_value(&mut b, stride, padding, dilation, groups, x, w, dtype, &idx);
+    let reads = StaticReads(&[x, w]);
+    let v = conv_value(&mut b, stride, padding, dilation, groups, &w.shape, dtype, &idx, &reads);
     let at_o = out.index_expr(&mut b, &idx);
     store(&mut b, &v, "%a2", out, &at_o);
     b.close("");
@@ -96,7 +118,7 @@ pub fn emit_pool2d(
     }
     let mut b = Body::new();
     let idx = open_rows(&mut b, &out.shape);
-    let result = pool_value(&mut b, kind, kernel, stride, padding, x, dtype, &idx);
+    let result = pool_value(&mut b, kind, kernel, stride, padding, dtype, &idx, &StaticReads(&[x]));
     let at_o = out.index_expr(&mut b, &idx);
     store(&mut b, &result, "%a1", out, &at_o);
     b.close("");
@@ -115,8 +137,8 @@ pub fn emit_pool2d(
     })
 }
 
-/// Element `idx` (`[n, o, oh, ow]`) of `conv2d(x %a0, w %a1)` in register type; padding taps
-/// read a clamped index and count as zero.
+/// Element `idx` (`[n, o, oh, ow]`) of `conv2d(x, w)` in register type, for a weight of
+/// `w_shape` (`[O, C/groups, KH, KW]`); padding taps count as zero.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv_value(
     b: &mut Body,
@@ -124,13 +146,13 @@ pub(crate) fn conv_value(
     padding: [usize; 2],
     dilation: [usize; 2],
     groups: usize,
-    x: &View,
-    w: &View,
+    w_shape: &[usize],
     dtype: kiln_ir::DType,
     idx: &[String],
+    reads: &dyn WindowReads,
 ) -> String {
     let ty = reg_type(dtype);
-    let (o_ch, cg, kh, kw) = (w.shape[0], w.shape[1], w.shape[2], w.shape[3]);
+    let (o_ch, cg, kh, kw) = (w_shape[0], w_shape[1], w_shape[2], w_shape[3]);
     let og = o_ch / groups.max(1);
     let (n, o, oh, ow) = (idx[0].clone(), idx[1].clone(), idx[2].clone(), idx[3].clone());
     let c0 = b.index(0);
@@ -144,15 +166,14 @@ pub(crate) fn conv_value(
     b.open(format!("%s0 = scf.for %c = {c0} to {nc} step {c1} iter_args(%t0 = {zero}) -> ({ty})"));
     b.open(format!("%s1 = scf.for %y = {c0} to {nkh} step {c1} iter_args(%t1 = %t0) -> ({ty})"));
     b.open(format!("%s2 = scf.for %x = {c0} to {nkw} step {c1} iter_args(%t2 = %t1) -> ({ty})"));
-    let (ok_h, ih) = tap(b, &oh, "%y", stride[0], dilation[0], padding[0], x.shape[2]);
-    let (ok_w, iw) = tap(b, &ow, "%x", stride[1], dilation[1], padding[1], x.shape[3]);
+    let (h, w) = (reads.extent(b, 0), reads.extent(b, 1));
+    let (ok_h, ih) = tap(b, &oh, "%y", (stride[0], dilation[0], padding[0]), &h);
+    let (ok_w, iw) = tap(b, &ow, "%x", (stride[1], dilation[1], padding[1]), &w);
     let ok = b.assign(format!("arith.andi {ok_h}, {ok_w} : i1"));
     let ci = b.assign(format!("arith.addi {cbase}, %c : index"));
-    let at_x = x.index_expr(b, &[n.clone(), ci, ih, iw]);
-    let xv = load(b, "%a0", x, &at_x);
+    let xv = reads.load(b, 0, &[n.clone(), ci, ih, iw]);
     let xv = b.select(&ok, &xv, &zero, ty);
-    let at_w = w.index_expr(b, &[o.clone(), "%c".into(), "%y".into(), "%x".into()]);
-    let wv = load(b, "%a1", w, &at_w);
+    let wv = reads.load(b, 1, &[o.clone(), "%c".into(), "%y".into(), "%x".into()]);
     let acc = b.fma(&xv, &wv, "%t2", ty);
     b.line(format!("scf.yield {acc} : {ty}"));
     b.close("");
@@ -163,7 +184,7 @@ pub(crate) fn conv_value(
     "%s0".to_string()
 }
 
-/// Element `idx` (`[n, c, oh, ow]`) of `pool2d(x %a0)` in register type: the max over the
+/// Element `idx` (`[n, c, oh, ow]`) of `pool2d(x)` in register type: the max over the
 /// in-bounds taps, or their average.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn pool_value(
@@ -172,9 +193,9 @@ pub(crate) fn pool_value(
     kernel: [usize; 2],
     stride: [usize; 2],
     padding: [usize; 2],
-    x: &View,
     dtype: kiln_ir::DType,
     idx: &[String],
+    reads: &dyn WindowReads,
 ) -> String {
     let ty = reg_type(dtype);
     let c0 = b.index(0);
@@ -191,11 +212,11 @@ pub(crate) fn pool_value(
     b.open(format!(
         "%s2:2 = scf.for %x = {c0} to {nkw} step {c1} iter_args(%t2 = %t1, %u2 = %u1) -> ({ty}, {ty})"
     ));
-    let (ok_h, ih) = tap(b, &idx[2], "%y", stride[0], 1, padding[0], x.shape[2]);
-    let (ok_w, iw) = tap(b, &idx[3], "%x", stride[1], 1, padding[1], x.shape[3]);
+    let (h, w) = (reads.extent(b, 0), reads.extent(b, 1));
+    let (ok_h, ih) = tap(b, &idx[2], "%y", (stride[0], 1, padding[0]), &h);
+    let (ok_w, iw) = tap(b, &idx[3], "%x", (stride[1], 1, padding[1]), &w);
     let ok = b.assign(format!("arith.andi {ok_h}, {ok_w} : i1"));
-    let at = x.index_expr(b, &[idx[0].clone(), idx[1].clone(), ih, iw]);
-    let v = load(b, "%a0", x, &at);
+    let v = reads.load(b, 0, &[idx[0].clone(), idx[1].clone(), ih, iw]);
     let one = b.float(1.0, ty);
     let (acc, cnt) = match kind {
         PoolKind::Max => {
