@@ -740,6 +740,70 @@ mod symbolic {
         g
     }
 
+    /// A random chain of windows over a sequence (`[batch, C, 1, seq]`) or an image (`[batch,
+    /// C, seq, seq]`): convolutions and pools of random kernel, stride, dilation, padding and
+    /// groups (each fitting a size of 1), with the image's axes swapped now and then, so that
+    /// a view does not merge into rows; its last two values the outputs.
+    fn random_window_graph(seed: u64) -> Graph {
+        let (mut g, b, s) = graph(&format!("dyn_windows_{seed}"));
+        let mut dice = Dice(seed, 1);
+        let image = dice.below(2) == 0;
+        let h = if image { s.clone() } else { Dim::Const(1) };
+        let mut t = input(&mut g, "x", DType::F32, vec![b, Dim::Const(4), h, s]);
+        let mut made = vec![];
+        for step in 0..4 {
+            let c = g.ty(t).shape[1].as_const().unwrap_or(1);
+            // Along the height only where it is the sequence: a 1-high sequence keeps 1 tap.
+            let geometry = |dice: &mut Dice, max_kernel: usize| {
+                let kernel = 1 + dice.below(max_kernel);
+                let stride = 1 + dice.below(2);
+                (kernel, stride)
+            };
+            let hk = |d: &mut Dice, max_kernel| if image { geometry(d, max_kernel) } else { (1, 1) };
+            let op = match dice.below(5) {
+                0..=2 => {
+                    let ((kh, sh), (kw, sw)) = (hk(&mut dice, 3), geometry(&mut dice, 3));
+                    let dilation =
+                        [1 + dice.below(2) * usize::from(kh > 1), 1 + dice.below(2) * usize::from(kw > 1)];
+                    // Enough padding that a size of 1 has an output.
+                    let pad = |k: usize, d: usize| (d * (k - 1)).div_ceil(2);
+                    let padding = [pad(kh, dilation[0]), pad(kw, dilation[1])];
+                    let groups = [1, if c % 2 == 0 { 2 } else { 1 }, c][dice.below(3)];
+                    let out = groups * (1 + dice.below(3));
+                    let w = param(&mut g, &format!("w{step}"), &[out, c / groups, kh, kw]);
+                    let op = Op::Conv2d { stride: [sh, sw], padding, dilation, groups };
+                    t = g.add(op.clone(), &[t, w]).unwrap_or_else(|e| panic!("seed {seed}: {op:?}: {e}"));
+                    made.push(t);
+                    continue;
+                }
+                3 => {
+                    let ((kh, sh), (kw, sw)) = (hk(&mut dice, 3), geometry(&mut dice, 3));
+                    let kind = [kiln_ir::PoolKind::Max, kiln_ir::PoolKind::Avg][dice.below(2)];
+                    Op::Pool2d { kind, kernel: [kh, kw], stride: [sh, sw], padding: [kh / 2, kw / 2] }
+                }
+                _ if image => Op::Transpose { perm: vec![0, 1, 3, 2] },
+                _ => Op::Unary(UnaryOp::Tanh),
+            };
+            t = g.add(op.clone(), &[t]).unwrap_or_else(|e| panic!("seed {seed}: {op:?}: {e}"));
+            made.push(t);
+        }
+        for (i, &v) in made.iter().rev().take(2).enumerate() {
+            g.add_output(format!("out{i}"), v);
+        }
+        g
+    }
+
+    /// Random chains of windows over run-time sizes, each compiled once for the CPU, Vulkan and
+    /// CUDA and compared with the interpreter at every binding.
+    #[test]
+    fn random_windows_over_run_time_sizes_compile_once_for_every_binding() {
+        for seed in 0..24 {
+            let g = random_window_graph(seed);
+            eprintln!("seed {seed}: {} nodes", g.node_ids().count());
+            compiled_matches_interpreter(&g, 1e-4);
+        }
+    }
+
     /// Random graphs of the ops above, each compiled once for the CPU, Vulkan and CUDA and
     /// compared with the interpreter at every binding: what the hand-written cases above do
     /// not combine (a softmax of a transposed pad, a norm of a reduction, …).
