@@ -307,7 +307,10 @@ const OP_CASES: &[(&str, &str, &str)] = &[
         r#"Let("w", Param(shape: [6, 2, 3, 3], init: Normal(std: 0.3))),
            Let("a", Conv2d(x: "x", w: "w", stride: [2, 1], padding: [1, 2], groups: 2)),
            Let("b", MaxPool2d(x: "x", kernel: [3, 3], stride: [2, 2], padding: [1, 1])),
-           Let("c", AvgPool2d(x: "x", kernel: [2, 3], stride: [1, 2], padding: [1, 1])),"#,
+           Let("c", AvgPool2d(x: "x", kernel: [2, 3], stride: [1, 2], padding: [1, 1])),
+           Let("w2", Param(shape: [8, 4, 2, 3], init: Normal(std: 0.3))),
+           Let("d", Conv2d(x: Cast(x: "x", to: f64), w: Cast(x: "w2", to: f64), padding: [0, 3], dilation: [2, 2])),
+           Let("e", Conv2d(x: "x", w: "w2", padding: [1, 0])),"#,
     ),
     (
         "fused",

@@ -339,6 +339,7 @@ fn kernel(
             &plain(s, arg(0)?),
             &plain(s, arg(1)?),
             &out,
+            target,
         ),
         Op::Pool2d { kind, kernel, stride, padding } => {
             kernels::conv::emit_pool2d(sym, *kind, *kernel, *stride, *padding, &plain(s, arg(0)?), &out)

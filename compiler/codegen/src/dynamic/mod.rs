@@ -351,10 +351,10 @@ fn unpacked(
                 groups: *groups,
             };
             match (p, row(arg(0)?, "the input"), fixed(arg(1)?, "the weight"), out_row) {
-                (1, Ok(x), Ok(w), Ok(out)) => {
-                    kernels::conv::emit_conv2d(sym, *stride, *padding, *dilation, *groups, &x, &w, &out)?
-                }
-                _ => return window::emit(s, sym, k, &window),
+                (1, Ok(x), Ok(w), Ok(out)) => kernels::conv::emit_conv2d(
+                    sym, *stride, *padding, *dilation, *groups, &x, &w, &out, target,
+                )?,
+                _ => return window::emit(s, sym, k, &window, target),
             }
         }
         Op::Pool2d { kind, kernel, stride, padding } => {
@@ -364,7 +364,7 @@ fn unpacked(
                 (1, Ok(x), Ok(out)) => {
                     kernels::conv::emit_pool2d(sym, *kind, *kernel, *stride, *padding, &x, &out)?
                 }
-                _ => return window::emit(s, sym, k, &window),
+                _ => return window::emit(s, sym, k, &window, target),
             }
         }
         Op::Input { .. }

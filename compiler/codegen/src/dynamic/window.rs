@@ -11,12 +11,12 @@
 
 use super::data::{parts, Part};
 use super::{address, at_hints_and_maxima, row_kernel, static_view, step, unravel, Walk};
-use crate::kernels::conv::{self, WindowReads};
-use crate::kernels::elementwise::{load, store};
+use crate::kernels::conv::{self, ConvRows, WindowReads};
+use crate::kernels::elementwise::store;
 use crate::kernels::View;
 use crate::mlir_text::Body;
 use crate::program::bad;
-use crate::{CodegenError, Kernel};
+use crate::{CodegenError, Kernel, Target};
 use kiln_ir::{DType, Dim, PoolKind};
 use kiln_sched::Schedule;
 
@@ -38,18 +38,41 @@ impl Window {
     }
 }
 
-/// Operands walked at the run's extents and strides ([`parts`]).
-pub(crate) struct RunReads<'a>(pub &'a [Part]);
+/// Operands walked at the run's extents and strides ([`parts`]): the inputs, then the result.
+pub(crate) struct RunReads<'a> {
+    parts: Vec<&'a Part>,
+    /// Whether each has unit stride along the width at every size.
+    unit: Vec<bool>,
+}
+
+impl<'a> RunReads<'a> {
+    /// Kernel `k`'s operands, `parts` in the order of its inputs and then its result.
+    pub(crate) fn new(k: &kiln_sched::Kernel, parts: Vec<&'a Part>) -> RunReads<'a> {
+        let unit = k
+            .inputs
+            .iter()
+            .chain([&k.output])
+            .map(|o| o.view.strides.get(3) == Some(&Dim::Const(1)))
+            .collect();
+        RunReads { parts, unit }
+    }
+}
 
 impl WindowReads for RunReads<'_> {
     fn extent(&self, _: &mut Body, a: usize) -> String {
-        self.0[0].walk.extents[2 + a].clone()
+        self.parts[0].walk.extents[2 + a].clone()
     }
 
-    fn load(&self, b: &mut Body, i: usize, idx: &[String]) -> String {
-        let p = &self.0[i];
-        let at = address(b, &p.walk, idx);
-        load(b, &p.arg, &p.view, &at)
+    fn address(&self, b: &mut Body, i: usize, idx: &[String]) -> String {
+        address(b, &self.parts[i].walk, idx)
+    }
+
+    fn buffer(&self, i: usize) -> (&str, &View) {
+        (&self.parts[i].arg, &self.parts[i].view)
+    }
+
+    fn unit_width(&self, i: usize) -> bool {
+        self.unit.get(i).copied().unwrap_or(false)
     }
 }
 
@@ -103,19 +126,23 @@ pub(crate) fn costs(s: &Schedule, k: &kiln_sched::Kernel, window: &Window, w_sha
 }
 
 /// The CPU window op of kernel `k`: one range iteration per row `[n, c, oh]` of the result, a
-/// loop along its run-time width. Arguments: x (and w), out, `%syms`.
+/// loop along its run-time width; a convolution whose rows vectorize ([`ConvRows`]) takes a
+/// row of a block of output channels per iteration instead. Arguments: x (and w), out,
+/// `%syms`.
 pub(super) fn emit(
     s: &Schedule,
     sym: &str,
     k: &kiln_sched::Kernel,
     window: &Window,
+    target: &dyn Target,
 ) -> Result<(Kernel, Dim), CodegenError> {
     let dtype = k.output.dtype;
     let arity = match window {
         Window::Conv { .. } => 2,
         Window::Pool { .. } => 1,
     };
-    if k.output.view.shape.len() != 4 || k.inputs.len() != arity {
+    let shape = &k.output.view.shape;
+    if shape.len() != 4 || k.inputs.len() != arity {
         return Err(bad("a window op"));
     }
     if !dtype.is_float() {
@@ -125,20 +152,53 @@ pub(super) fn emit(
     let n_syms = s.symbols.len().max(1);
     let mut b = Body::new();
     let (inputs, out) = parts(s, &mut b, k, n_syms);
-    let (c0, c1) = (b.index(0), b.index(1));
+    let reads = RunReads::new(k, inputs.iter().chain([&out]).collect());
+    let plan = match *window {
+        Window::Conv { stride, padding, dilation, groups } => {
+            ConvRows::choose(stride[1], &w_shape, groups, dtype, &reads, target)
+                .map(|plan| (plan, (stride, padding, dilation), groups))
+        }
+        Window::Pool { .. } => None,
+    };
+    let c1 = b.index(1);
     b.open(format!("scf.for %r = %begin to %end step {c1}"));
-    let mut idx = unravel(&mut b, "%r", &out.walk.extents, 3);
-    let lead = Walk { strides: out.walk.strides[..3].to_vec(), ..out.walk.clone() };
-    let base = address(&mut b, &lead, &idx);
-    b.open(format!("scf.for %ow = {c0} to {} step {c1}", out.walk.extents[3]));
-    idx.push("%ow".into());
-    let v = value(&mut b, window, &w_shape, dtype, &idx, &RunReads(&inputs));
-    let at = step(&mut b, &base, "%ow", &out.walk.strides[3]);
-    store(&mut b, &v, &out.arg, &out.view, &at);
-    b.close("");
+    let rows = match plan {
+        Some((plan, geometry, groups)) => {
+            let blocks = w_shape[0] / plan.block;
+            let bc = b.index(blocks);
+            let extents = [out.walk.extents[0].clone(), bc, out.walk.extents[2].clone()];
+            let idx = unravel(&mut b, "%r", &extents, 3);
+            let row = [idx[0].as_str(), idx[1].as_str(), idx[2].as_str()];
+            conv::conv_row(
+                &mut b,
+                geometry,
+                groups,
+                &w_shape,
+                plan,
+                dtype,
+                row,
+                &out.walk.extents[3],
+                &reads,
+            );
+            kiln_sched::product(&[shape[0].clone(), Dim::Const(blocks), shape[2].clone()])
+        }
+        None => {
+            let c0 = b.index(0);
+            let mut idx = unravel(&mut b, "%r", &out.walk.extents, 3);
+            let lead = Walk { strides: out.walk.strides[..3].to_vec(), ..out.walk.clone() };
+            let base = address(&mut b, &lead, &idx);
+            b.open(format!("scf.for %ow = {c0} to {} step {c1}", out.walk.extents[3]));
+            idx.push("%ow".into());
+            let v = value(&mut b, window, &w_shape, dtype, &idx, &reads);
+            let at = step(&mut b, &base, "%ow", &out.walk.strides[3]);
+            store(&mut b, &v, &out.arg, &out.view, &at);
+            b.close("");
+            kiln_sched::product(&shape[..3])
+        }
+    };
     b.close("");
     b.line("return");
-    let rows = kiln_sched::product(&k.output.view.shape[..3]).map_err(|e| bad(&e.to_string()))?;
+    let rows = rows.map_err(|e| bad(&e.to_string()))?;
     let (flops, bytes) = costs(s, k, window, &w_shape);
     let views: Vec<View> = inputs.iter().chain([&out]).map(|p| p.view.clone()).collect();
     let args: Vec<String> = inputs.iter().chain([&out]).map(|p| p.arg.clone()).collect();

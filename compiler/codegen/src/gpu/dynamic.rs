@@ -321,7 +321,7 @@ pub(crate) fn kernel(
             let bytes = ((x.numel() + w.numel() + out.numel()) * out.dtype.size_bytes()) as u64;
             let memrefs = [x.memref(), w.memref(), out.memref()];
             per_element(sym, &memrefs, &out, &in_rows(&rows), flops, bytes, |b, idx, _| {
-                let reads = conv::StaticReads(&[&x, &w]);
+                let reads = conv::StaticReads::new(&[&x, &w]);
                 Ok(conv::conv_value(
                     b, *stride, *padding, *dilation, *groups, &w.shape, out.dtype, idx, &reads,
                 ))
@@ -336,7 +336,7 @@ pub(crate) fn kernel(
             let bytes = ((x.numel() + out.numel()) * out.dtype.size_bytes()) as u64;
             let memrefs = [x.memref(), out.memref()];
             per_element(sym, &memrefs, &out, &in_rows(&rows), flops, bytes, |b, idx, _| {
-                let reads = conv::StaticReads(&[&x]);
+                let reads = conv::StaticReads::new(&[&x]);
                 Ok(conv::pool_value(b, *kind, *kernel, *stride, *padding, out.dtype, idx, &reads))
             })?
         }
@@ -801,7 +801,8 @@ fn window_by_element(
     let w_shape = run_window::weight_shape(s, k, window)?;
     let costs = run_window::costs(s, k, window, &w_shape);
     data_by_element(s, sym, k, cx, costs, |b, inputs, idx| {
-        run_window::value(b, window, &w_shape, dtype, idx, &run_window::RunReads(inputs))
+        let reads = run_window::RunReads::new(k, inputs.iter().collect());
+        run_window::value(b, window, &w_shape, dtype, idx, &reads)
     })
 }
 

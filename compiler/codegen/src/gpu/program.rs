@@ -285,7 +285,7 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, cx: &GpuCtx) -> Result<GpuKernel
             let bytes = ((x.numel() + w.numel() + out.numel()) * out.dtype.size_bytes()) as u64;
             let memrefs = [x.memref(), w.memref(), out.memref()];
             per_element(sym, &memrefs, &out, cx, flops, bytes, |b, idx, _| {
-                let reads = conv::StaticReads(&[&x, &w]);
+                let reads = conv::StaticReads::new(&[&x, &w]);
                 Ok(conv::conv_value(b, *stride, *padding, *dilation, *groups, &w.shape, out.dtype, idx, &reads))
             })
         }
@@ -296,7 +296,7 @@ fn kernel(s: &Schedule, k: &kiln_sched::Kernel, cx: &GpuCtx) -> Result<GpuKernel
             let bytes = ((x.numel() + out.numel()) * out.dtype.size_bytes()) as u64;
             let memrefs = [x.memref(), out.memref()];
             per_element(sym, &memrefs, &out, cx, flops, bytes, |b, idx, _| {
-                let reads = conv::StaticReads(&[&x]);
+                let reads = conv::StaticReads::new(&[&x]);
                 Ok(conv::pool_value(b, *kind, *kernel, *stride, *padding, out.dtype, idx, &reads))
             })
         }

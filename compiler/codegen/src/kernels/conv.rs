@@ -1,38 +1,71 @@
-//! 2-D convolution and pooling (NCHW), as direct loops with bounds checks for padding.
+//! 2-D convolution and pooling (NCHW).
 //!
-//! Correct for every stride, padding, dilation and group count; the inner loop over output
-//! columns is what LLVM vectorizes. (A tiled im2col-free convolution is future work; the
-//! shipped models spend their time in matmuls and attention.)
+//! A convolution of unit width stride on the CPU runs by rows ([`ConvRows`]): each range
+//! iteration computes one output row of a block of up to 8 output channels, the row in
+//! vectors along the width, each input vector feeding the block's accumulators. Where every
+//! tap of a vector lies inside the input it is a plain load; at the edges (the padding) a
+//! gather at clamped columns with the lanes outside read as zero. Taps are summed by rows of
+//! the kernel, channels inside, so the height's bounds are checked once per kernel row.
+//! Other convolutions (a width stride, half types, operands strided along the width) and
+//! pooling are direct loops per element with every tap bounds-checked ([`conv_value`],
+//! [`pool_value`]), which the GPU kernels also use.
 
 use super::elementwise::{load, reg_type, store};
 use super::rows::{open_rows, row_count, wrap};
 use super::View;
 use crate::mlir_text::Body;
+use crate::Target;
 use crate::{CodegenError, Kernel};
-use kiln_ir::PoolKind;
+use kiln_ir::{DType, PoolKind};
 
-/// Where a window op reads: its input's spatial extents and its operands' elements. The
-/// static emitters read views of static extents; the run-time ones (`dynamic::window`) read
+/// Where a window op reads and writes: its input's spatial extents and its operands'
+/// elements (0: the input, then the weight for a convolution, then the result). The static
+/// emitters address views of static extents; the run-time ones (`dynamic::window`) address
 /// extents and strides computed from the run's sizes.
 pub(crate) trait WindowReads {
     /// The input's extent along spatial axis `a` (0: height, 1: width), an `index` value.
     fn extent(&self, b: &mut Body, a: usize) -> String;
-    /// Element `idx` of operand `i` (0: the input, 1: the weight) in register type.
-    fn load(&self, b: &mut Body, i: usize, idx: &[String]) -> String;
+    /// Where element `idx` of operand `i` lies in its buffer, an `index` value.
+    fn address(&self, b: &mut Body, i: usize, idx: &[String]) -> String;
+    /// Operand `i`'s argument and buffer view (memref type, dtype).
+    fn buffer(&self, i: usize) -> (&str, &View);
+    /// Whether operand `i` has unit stride along the width, so a run of it is one vector.
+    fn unit_width(&self, i: usize) -> bool;
+    /// Element `idx` of operand `i` in register type.
+    fn load(&self, b: &mut Body, i: usize, idx: &[String]) -> String {
+        let at = self.address(b, i, idx);
+        let (arg, v) = self.buffer(i);
+        load(b, arg, v, &at)
+    }
 }
 
 /// Operands of static views, in arguments `%a0`, `%a1`, … in order.
-pub(crate) struct StaticReads<'a>(pub &'a [&'a View]);
+pub(crate) struct StaticReads<'a> {
+    views: Vec<&'a View>,
+    args: Vec<String>,
+}
+
+impl<'a> StaticReads<'a> {
+    pub(crate) fn new(views: &[&'a View]) -> StaticReads<'a> {
+        StaticReads { views: views.to_vec(), args: (0..views.len()).map(|i| format!("%a{i}")).collect() }
+    }
+}
 
 impl WindowReads for StaticReads<'_> {
     fn extent(&self, b: &mut Body, a: usize) -> String {
-        b.index(self.0[0].shape[2 + a])
+        b.index(self.views[0].shape[2 + a])
     }
 
-    fn load(&self, b: &mut Body, i: usize, idx: &[String]) -> String {
-        let v = self.0[i];
-        let at = v.index_expr(b, idx);
-        load(b, &format!("%a{i}"), v, &at)
+    fn address(&self, b: &mut Body, i: usize, idx: &[String]) -> String {
+        self.views[i].index_expr(b, idx)
+    }
+
+    fn buffer(&self, i: usize) -> (&str, &View) {
+        (&self.args[i], self.views[i])
+    }
+
+    fn unit_width(&self, i: usize) -> bool {
+        self.views[i].strides[3] == 1
     }
 }
 
@@ -73,6 +106,7 @@ pub fn emit_conv2d(
     x: &View,
     w: &View,
     out: &View,
+    target: &dyn Target,
 ) -> Result<Kernel, CodegenError> {
     let dtype = out.dtype;
     if !dtype.is_float() {
@@ -80,15 +114,34 @@ pub fn emit_conv2d(
     }
     let (cg, kh, kw) = (w.shape[1], w.shape[2], w.shape[3]);
     let mut b = Body::new();
-    let idx = open_rows(&mut b, &out.shape);
-    let reads = StaticReads(&[x, w]);
-    let v = conv_value(&mut b, stride, padding, dilation, groups, &w.shape, dtype, &idx, &reads);
-    let at_o = out.index_expr(&mut b, &idx);
-    store(&mut b, &v, "%a2", out, &at_o);
-    b.close("");
-    b.close("");
+    let reads = StaticReads::new(&[x, w, out]);
+    let range = match ConvRows::choose(stride[1], &w.shape, groups, dtype, &reads, target) {
+        Some(plan) => {
+            // One range iteration per row of a block of output channels.
+            let c1 = b.index(1);
+            b.open(format!("scf.for %r = %begin to %end step {c1}"));
+            let blocks = out.shape[1] / plan.block;
+            let extents: Vec<String> =
+                [out.shape[0], blocks, out.shape[2]].iter().map(|&e| b.index(e)).collect();
+            let idx = crate::dynamic::unravel(&mut b, "%r", &extents, 3);
+            let width = b.index(out.shape[3]);
+            let row = [idx[0].as_str(), idx[1].as_str(), idx[2].as_str()];
+            conv_row(&mut b, (stride, padding, dilation), groups, &w.shape, plan, dtype, row, &width, &reads);
+            b.close("");
+            out.shape[0] * blocks * out.shape[2]
+        }
+        None => {
+            let idx = open_rows(&mut b, &out.shape);
+            let v = conv_value(&mut b, stride, padding, dilation, groups, &w.shape, dtype, &idx, &reads);
+            let at_o = out.index_expr(&mut b, &idx);
+            store(&mut b, &v, "%a2", out, &at_o);
+            b.close("");
+            b.close("");
+            row_count(&out.shape)
+        }
+    };
     b.line("return");
-    let range = row_count(&out.shape).max(1);
+    let range = range.max(1);
     let flops = (2 * out.numel() * cg * kh * kw) as u64;
     let bytes = ((x.numel() + w.numel() + out.numel()) * dtype.size_bytes()) as u64;
     Ok(Kernel {
@@ -118,7 +171,7 @@ pub fn emit_pool2d(
     }
     let mut b = Body::new();
     let idx = open_rows(&mut b, &out.shape);
-    let result = pool_value(&mut b, kind, kernel, stride, padding, dtype, &idx, &StaticReads(&[x]));
+    let result = pool_value(&mut b, kind, kernel, stride, padding, dtype, &idx, &StaticReads::new(&[x]));
     let at_o = out.index_expr(&mut b, &idx);
     store(&mut b, &result, "%a1", out, &at_o);
     b.close("");
@@ -163,25 +216,29 @@ pub(crate) fn conv_value(
     let cgc = b.index(cg);
     let cbase = b.assign(format!("arith.muli {g}, {cgc} : index"));
     let (nc, nkh, nkw) = (b.index(cg), b.index(kh), b.index(kw));
-    b.open(format!("%s0 = scf.for %c = {c0} to {nc} step {c1} iter_args(%t0 = {zero}) -> ({ty})"));
-    b.open(format!("%s1 = scf.for %y = {c0} to {nkh} step {c1} iter_args(%t1 = %t0) -> ({ty})"));
-    b.open(format!("%s2 = scf.for %x = {c0} to {nkw} step {c1} iter_args(%t2 = %t1) -> ({ty})"));
+    // Fresh names: a row kernel computes several elements in one body.
+    let [s0, s1, s2] = [b.fresh("sc"), b.fresh("sy"), b.fresh("sx")];
+    let [c, y, x] = [b.fresh("c"), b.fresh("y"), b.fresh("x")];
+    let [t0, t1, t2] = [b.fresh("tc"), b.fresh("ty"), b.fresh("tx")];
+    b.open(format!("{s0} = scf.for {c} = {c0} to {nc} step {c1} iter_args({t0} = {zero}) -> ({ty})"));
+    b.open(format!("{s1} = scf.for {y} = {c0} to {nkh} step {c1} iter_args({t1} = {t0}) -> ({ty})"));
+    b.open(format!("{s2} = scf.for {x} = {c0} to {nkw} step {c1} iter_args({t2} = {t1}) -> ({ty})"));
     let (h, w) = (reads.extent(b, 0), reads.extent(b, 1));
-    let (ok_h, ih) = tap(b, &oh, "%y", (stride[0], dilation[0], padding[0]), &h);
-    let (ok_w, iw) = tap(b, &ow, "%x", (stride[1], dilation[1], padding[1]), &w);
+    let (ok_h, ih) = tap(b, &oh, &y, (stride[0], dilation[0], padding[0]), &h);
+    let (ok_w, iw) = tap(b, &ow, &x, (stride[1], dilation[1], padding[1]), &w);
     let ok = b.assign(format!("arith.andi {ok_h}, {ok_w} : i1"));
-    let ci = b.assign(format!("arith.addi {cbase}, %c : index"));
+    let ci = b.assign(format!("arith.addi {cbase}, {c} : index"));
     let xv = reads.load(b, 0, &[n.clone(), ci, ih, iw]);
     let xv = b.select(&ok, &xv, &zero, ty);
-    let wv = reads.load(b, 1, &[o.clone(), "%c".into(), "%y".into(), "%x".into()]);
-    let acc = b.fma(&xv, &wv, "%t2", ty);
+    let wv = reads.load(b, 1, &[o.clone(), c.clone(), y.clone(), x.clone()]);
+    let acc = b.fma(&xv, &wv, &t2, ty);
     b.line(format!("scf.yield {acc} : {ty}"));
     b.close("");
-    b.line(format!("scf.yield %s2 : {ty}"));
+    b.line(format!("scf.yield {s2} : {ty}"));
     b.close("");
-    b.line(format!("scf.yield %s1 : {ty}"));
+    b.line(format!("scf.yield {s1} : {ty}"));
     b.close("");
-    "%s0".to_string()
+    s0
 }
 
 /// Element `idx` (`[n, c, oh, ow]`) of `pool2d(x)` in register type: the max over the
@@ -236,5 +293,249 @@ pub(crate) fn pool_value(
     match kind {
         PoolKind::Max => "%s1#0".to_string(),
         PoolKind::Avg => b.fdiv("%s1#0", "%s1#1", ty),
+    }
+}
+
+/// A convolution's row plan on the CPU: one range iteration per `[n, block of output
+/// channels, oh]`, the row's width in vectors where every tap lies inside the input (`lanes`
+/// wide, then halves down to `min_lanes`), each input vector feeding `block` accumulators,
+/// and the taps of [`conv_value`] at the edges. The per-element loops read one scalar per
+/// multiply-add; a row reads a vector per `block` vector multiply-adds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ConvRows {
+    pub block: usize,
+    pub lanes: usize,
+    pub min_lanes: usize,
+}
+
+impl ConvRows {
+    /// The plan for a convolution of weight `w_shape` in `groups` whose operands `reads`
+    /// addresses, or `None` where rows do not vectorize: a width stride other than 1, half
+    /// types, an operand strided along the width, a kernel wider than 16 taps.
+    pub(crate) fn choose(
+        stride_w: usize,
+        w_shape: &[usize],
+        groups: usize,
+        dtype: DType,
+        reads: &dyn WindowReads,
+        target: &dyn Target,
+    ) -> Option<ConvRows> {
+        let (lanes, min_lanes) = match dtype {
+            DType::F32 => (target.f32_lanes(), 4),
+            DType::F64 => (target.f32_lanes() / 2, 2),
+            DType::F16 | DType::BF16 | DType::I32 | DType::I64 | DType::Bool => return None,
+        };
+        let per_group = w_shape[0] / groups.max(1);
+        let contiguous = (0..3).filter(|&i| i != 1).all(|i| reads.unit_width(i));
+        if stride_w != 1 || !contiguous || w_shape[3] > 16 || lanes < min_lanes {
+            return None;
+        }
+        // As many accumulators as a block of output channels in one group, at most 8.
+        let block = [8, 4, 2, 1].into_iter().find(|b| per_group.is_multiple_of(*b)).unwrap_or(1);
+        Some(ConvRows { block, lanes, min_lanes })
+    }
+}
+
+/// `len` names for the results of an op that yields `len` values (`%r:len` on the left, each
+/// `%r#i`; one value is `%r` itself): the left-hand side and the results.
+fn results(b: &mut Body, hint: &str, len: usize) -> (String, Vec<String>) {
+    let r = b.fresh(hint);
+    if len == 1 {
+        return (r.clone(), vec![r]);
+    }
+    (format!("{r}:{len}"), (0..len).map(|i| format!("{r}#{i}")).collect())
+}
+
+/// The window geometry of a convolution: stride, padding and dilation, `[h, w]` each.
+pub(crate) type Geometry = ([usize; 2], [usize; 2], [usize; 2]);
+
+/// One row of a convolution's result under plan `plan` ([`ConvRows`]): output channels
+/// `block·ob …` of image `n` at output row `oh` (`index` values), `out_width` wide. Operands:
+/// 0 the input, 1 the weight, 2 the result.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_row(
+    b: &mut Body,
+    geometry: Geometry,
+    groups: usize,
+    w_shape: &[usize],
+    plan: ConvRows,
+    dtype: DType,
+    [n, ob, oh]: [&str; 3],
+    out_width: &str,
+    reads: &dyn WindowReads,
+) {
+    let (_, padding, dilation) = geometry;
+    let kw = w_shape[3];
+    let blk = b.index(plan.block);
+    let first = b.assign(format!("arith.muli {ob}, {blk} : index"));
+    let channels: Vec<String> = (0..plan.block)
+        .map(|j| {
+            let c = b.index(j);
+            b.assign(format!("arith.addi {first}, {c} : index"))
+        })
+        .collect();
+    let c0 = b.index(0);
+    // Output columns whose taps all lie inside the input: from `pad` (the first whose
+    // leftmost tap is) to `width + pad − span` (past the last whose rightmost tap is).
+    let w = reads.extent(b, 1);
+    let pad = b.index(padding[1]);
+    let lo = b.assign(format!("arith.minui {pad}, {out_width} : index"));
+    let t = b.assign(format!("arith.addi {w}, {pad} : index"));
+    let span = b.index((kw - 1) * dilation[1]);
+    let fits = b.assign(format!("arith.cmpi uge, {t}, {span} : index"));
+    let end = b.assign(format!("arith.subi {t}, {span} : index"));
+    let end = b.assign(format!("arith.select {fits}, {end}, {c0} : index"));
+    let hi = b.assign(format!("arith.minui {end}, {out_width} : index"));
+    let hi = b.assign(format!("arith.maxui {hi}, {lo} : index"));
+    let row = Row { geometry, groups, w_shape, dtype, n, oh, channels: &channels, reads };
+    row.by_vector(b, plan.lanes, (&c0, &lo), true);
+    let mut at = lo;
+    let mut lanes = plan.lanes;
+    while lanes >= plan.min_lanes {
+        at = row.by_vector(b, lanes, (&at, &hi), false);
+        lanes /= 2;
+    }
+    row.by_vector(b, plan.lanes, (&at, out_width), true);
+}
+
+/// What [`conv_row`]'s runs share.
+struct Row<'a> {
+    geometry: Geometry,
+    groups: usize,
+    w_shape: &'a [usize],
+    dtype: DType,
+    n: &'a str,
+    oh: &'a str,
+    channels: &'a [String],
+    reads: &'a dyn WindowReads,
+}
+
+impl Row<'_> {
+    /// Vectors of `lanes` columns from `from`: whole ones while they end by `to`, every tap
+    /// inside the input (returns where they stop), or, `masked`, up to `to` with the last one
+    /// partial and each tap's lanes outside the input read as zero (gathers at clamped
+    /// columns, so no read leaves the row; returns `to`).
+    fn by_vector(&self, b: &mut Body, lanes: usize, (from, to): (&str, &str), masked: bool) -> String {
+        let (stride, padding, dilation) = self.geometry;
+        let (o_ch, cg, kh, kw) = (self.w_shape[0], self.w_shape[1], self.w_shape[2], self.w_shape[3]);
+        let block = self.channels.len();
+        let ty = reg_type(self.dtype);
+        let vty = format!("vector<{lanes}x{ty}>");
+        let (ity, mty) = (format!("vector<{lanes}xindex>"), format!("vector<{lanes}xi1>"));
+        let vector_types = vec![vty.as_str(); block].join(", ");
+        let (c0, c1, vl) = (b.index(0), b.index(1), b.index(lanes));
+        let end = if masked {
+            to.to_string()
+        } else {
+            let left = b.assign(format!("arith.subi {to}, {from} : index"));
+            let count = b.assign(format!("arith.divui {left}, {vl} : index"));
+            let len = b.assign(format!("arith.muli {count}, {vl} : index"));
+            b.assign(format!("arith.addi {from}, {len} : index"))
+        };
+        let ow = b.fresh("ow");
+        b.open(format!("scf.for {ow} = {from} to {end} step {vl}"));
+        // Lane l is column ow + l; a masked run keeps the lanes before `to`.
+        let lane_ids: Vec<String> = (0..lanes).map(|l| l.to_string()).collect();
+        let lane = b.assign(format!("arith.constant dense<[{}]> : {ity}", lane_ids.join(", ")));
+        let columns = b.assign(format!("vector.broadcast {ow} : index to {ity}"));
+        let columns = b.assign(format!("arith.addi {columns}, {lane} : {ity}"));
+        let keep = if masked {
+            let tv = b.assign(format!("vector.broadcast {to} : index to {ity}"));
+            Some(b.assign(format!("arith.cmpi ult, {columns}, {tv} : {ity}")))
+        } else {
+            None
+        };
+        // The group's first input channel, and the column of the leftmost tap.
+        let per_group = b.index(o_ch / self.groups.max(1));
+        let g = b.assign(format!("arith.divui {}, {per_group} : index", self.channels[0]));
+        let cgc = b.index(cg);
+        let cbase = b.assign(format!("arith.muli {g}, {cgc} : index"));
+        let pad = b.index(padding[1]);
+        let left_tap = b.assign(format!("arith.subi {ow}, {pad} : index"));
+        let zero = b.float(0.0, &vty);
+        let (h, w) = (self.reads.extent(b, 0), self.reads.extent(b, 1));
+        let nkh = b.index(kh);
+        let ncg = b.index(cg);
+        // Rows of taps (ky) outside, channels inside: one bounds check per row of taps.
+        let y = b.fresh("ky");
+        let (lhs, sums) = results(b, "sy", block);
+        let accs: Vec<String> = (0..block).map(|_| b.fresh("ay")).collect();
+        let init: Vec<String> = accs.iter().map(|a| format!("{a} = {zero}")).collect();
+        b.open(format!(
+            "{lhs} = scf.for {y} = {c0} to {nkh} step {c1} iter_args({}) -> ({vector_types})",
+            init.join(", ")
+        ));
+        let (ok, ih) = tap(b, self.oh, &y, (stride[0], dilation[0], padding[0]), &h);
+        let (if_lhs, inside) = results(b, "in", block);
+        b.open(format!("{if_lhs} = scf.if {ok} -> ({vector_types})"));
+        let c = b.fresh("c");
+        let (for_lhs, over_c) = results(b, "sc", block);
+        let partial: Vec<String> = (0..block).map(|_| b.fresh("ac")).collect();
+        let carried: Vec<String> = partial.iter().zip(&accs).map(|(p, a)| format!("{p} = {a}")).collect();
+        b.open(format!(
+            "{for_lhs} = scf.for {c} = {c0} to {ncg} step {c1} iter_args({}) -> ({vector_types})",
+            carried.join(", ")
+        ));
+        let ci = b.assign(format!("arith.addi {cbase}, {c} : index"));
+        let (xarg, xview) = self.reads.buffer(0);
+        let (xarg, xmem) = (xarg.to_string(), xview.memref());
+        let first = if masked { c0.clone() } else { left_tap.clone() };
+        let start = self.reads.address(b, 0, &[self.n.to_string(), ci, ih, first]);
+        let mut sums_c = partial.clone();
+        for x in 0..kw {
+            let shift = b.index(x * dilation[1]);
+            let xv = match &keep {
+                None => {
+                    let at = b.assign(format!("arith.addi {start}, {shift} : index"));
+                    b.assign(format!("vector.load {xarg}[{at}] : {xmem}, {vty}"))
+                }
+                Some(keep) => {
+                    // Column `ow + l + x·dilation − pad` of the row, where it lies inside it.
+                    let sv = b.assign(format!("vector.broadcast {shift} : index to {ity}"));
+                    let pos = b.assign(format!("arith.addi {columns}, {sv} : {ity}"));
+                    let pv = b.assign(format!("vector.broadcast {pad} : index to {ity}"));
+                    let after = b.assign(format!("arith.cmpi uge, {pos}, {pv} : {ity}"));
+                    let col = b.assign(format!("arith.subi {pos}, {pv} : {ity}"));
+                    let wv = b.assign(format!("vector.broadcast {w} : index to {ity}"));
+                    let before = b.assign(format!("arith.cmpi ult, {col}, {wv} : {ity}"));
+                    let ok = b.assign(format!("arith.andi {after}, {before} : {mty}"));
+                    let ok = b.assign(format!("arith.andi {ok}, {keep} : {mty}"));
+                    let zi = b.assign(format!("arith.constant dense<0> : {ity}"));
+                    let col = b.assign(format!("arith.select {ok}, {col}, {zi} : {mty}, {ity}"));
+                    b.assign(format!(
+                        "vector.gather {xarg}[{start}][{col}], {ok}, {zero} : {xmem}, {ity}, {mty}, {vty} into {vty}"
+                    ))
+                }
+            };
+            let xc = b.index(x);
+            for (j, o) in self.channels.iter().enumerate() {
+                let wv = self.reads.load(b, 1, &[o.clone(), c.clone(), y.clone(), xc.clone()]);
+                let ws = b.splat(&wv, &vty);
+                sums_c[j] = b.fma(&xv, &ws, &sums_c[j], &vty);
+            }
+        }
+        b.line(format!("scf.yield {} : {vector_types}", sums_c.join(", ")));
+        b.close("");
+        b.line(format!("scf.yield {} : {vector_types}", over_c.join(", ")));
+        b.close("");
+        b.open("else");
+        b.line(format!("scf.yield {} : {vector_types}", accs.join(", ")));
+        b.close("");
+        b.line(format!("scf.yield {} : {vector_types}", inside.join(", ")));
+        b.close("");
+        let (oarg, oview) = self.reads.buffer(2);
+        let (oarg, omem) = (oarg.to_string(), oview.memref());
+        for (o, v) in self.channels.iter().zip(&sums) {
+            let at =
+                self.reads.address(b, 2, &[self.n.to_string(), o.clone(), self.oh.to_string(), ow.clone()]);
+            match &keep {
+                None => b.line(format!("vector.store {v}, {oarg}[{at}] : {omem}, {vty}")),
+                Some(keep) => {
+                    b.line(format!("vector.maskedstore {oarg}[{at}], {keep}, {v} : {omem}, {mty}, {vty}"))
+                }
+            }
+        }
+        b.close("");
+        end
     }
 }
