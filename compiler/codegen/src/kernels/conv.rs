@@ -299,8 +299,8 @@ pub(crate) fn pool_value(
 /// A convolution's row plan on the CPU: one range iteration per `[n, block of output
 /// channels, oh]`, the row's width in vectors where every tap lies inside the input (`lanes`
 /// wide, then halves down to `min_lanes`), each input vector feeding `block` accumulators,
-/// and the taps of [`conv_value`] at the edges. The per-element loops read one scalar per
-/// multiply-add; a row reads a vector per `block` vector multiply-adds.
+/// and vectors of `lanes` gathered at clamped columns at the edges. The per-element loops
+/// read one scalar per multiply-add; a row reads a vector per `block` vector multiply-adds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ConvRows {
     pub block: usize,
