@@ -1,13 +1,13 @@
 //! 2-D convolution and pooling (NCHW).
 //!
-//! A convolution of unit width stride on the CPU runs by rows ([`ConvRows`]): each range
-//! iteration computes one output row of a block of up to 8 output channels, the row in
-//! vectors along the width, each input vector feeding the block's accumulators. Where every
-//! tap of a vector lies inside the input it is a plain load; at the edges (the padding) a
-//! gather at clamped columns with the lanes outside read as zero. Taps are summed by rows of
-//! the kernel, channels inside, so the height's bounds are checked once per kernel row.
-//! Other convolutions (a width stride, half types, operands strided along the width) and
-//! pooling are direct loops per element with every tap bounds-checked ([`conv_value`],
+//! A convolution on the CPU runs by rows ([`ConvRows`]): each range iteration computes one
+//! output row of a block of up to 8 output channels, the row in vectors along the width,
+//! each input vector feeding the block's accumulators. Where every tap of a vector lies
+//! inside the input it is a plain load; at the edges (the padding), and everywhere under a
+//! width stride, a gather at clamped columns with the lanes outside read as zero. Taps are
+//! summed by rows of the kernel, channels inside, so the height's bounds are checked once per
+//! kernel row. Other convolutions (half types, operands strided along the width) and pooling
+//! are direct loops per element with every tap bounds-checked ([`conv_value`],
 //! [`pool_value`]), which the GPU kernels also use.
 
 use super::elementwise::{load, reg_type, store};
@@ -306,12 +306,15 @@ pub(crate) struct ConvRows {
     pub block: usize,
     pub lanes: usize,
     pub min_lanes: usize,
+    /// Whether every vector is gathered: a width stride spaces a vector's columns apart.
+    pub gather_all: bool,
 }
 
 impl ConvRows {
     /// The plan for a convolution of weight `w_shape` in `groups` whose operands `reads`
-    /// addresses, or `None` where rows do not vectorize: a width stride other than 1, half
-    /// types, an operand strided along the width, a kernel wider than 16 taps.
+    /// addresses, or `None` where rows do not vectorize: half types, an operand strided along
+    /// the width, a kernel wider than 16 taps. A width stride other than 1 gathers every
+    /// vector (`gather_all`).
     pub(crate) fn choose(
         stride_w: usize,
         w_shape: &[usize],
@@ -327,12 +330,12 @@ impl ConvRows {
         };
         let per_group = w_shape[0] / groups.max(1);
         let contiguous = (0..3).filter(|&i| i != 1).all(|i| reads.unit_width(i));
-        if stride_w != 1 || !contiguous || w_shape[3] > 16 || lanes < min_lanes {
+        if !contiguous || w_shape[3] > 16 || lanes < min_lanes {
             return None;
         }
         // As many accumulators as a block of output channels in one group, at most 8.
         let block = [8, 4, 2, 1].into_iter().find(|b| per_group.is_multiple_of(*b)).unwrap_or(1);
-        Some(ConvRows { block, lanes, min_lanes })
+        Some(ConvRows { block, lanes, min_lanes, gather_all: stride_w != 1 })
     }
 }
 
@@ -375,6 +378,11 @@ pub(crate) fn conv_row(
         })
         .collect();
     let c0 = b.index(0);
+    let row = Row { geometry, groups, w_shape, dtype, n, oh, channels: &channels, reads };
+    if plan.gather_all {
+        row.by_vector(b, plan.lanes, (&c0, out_width), true);
+        return;
+    }
     // Output columns whose taps all lie inside the input: from `pad` (the first whose
     // leftmost tap is) to `width + pad − span` (past the last whose rightmost tap is).
     let w = reads.extent(b, 1);
@@ -387,7 +395,6 @@ pub(crate) fn conv_row(
     let end = b.assign(format!("arith.select {fits}, {end}, {c0} : index"));
     let hi = b.assign(format!("arith.minui {end}, {out_width} : index"));
     let hi = b.assign(format!("arith.maxui {hi}, {lo} : index"));
-    let row = Row { geometry, groups, w_shape, dtype, n, oh, channels: &channels, reads };
     row.by_vector(b, plan.lanes, (&c0, &lo), true);
     let mut at = lo;
     let mut lanes = plan.lanes;
@@ -439,6 +446,12 @@ impl Row<'_> {
         let lane = b.assign(format!("arith.constant dense<[{}]> : {ity}", lane_ids.join(", ")));
         let columns = b.assign(format!("vector.broadcast {ow} : index to {ity}"));
         let columns = b.assign(format!("arith.addi {columns}, {lane} : {ity}"));
+        let strided = if stride[1] == 1 {
+            columns.clone()
+        } else {
+            let st = b.assign(format!("arith.constant dense<{}> : {ity}", stride[1]));
+            b.assign(format!("arith.muli {columns}, {st} : {ity}"))
+        };
         let keep = if masked {
             let tv = b.assign(format!("vector.broadcast {to} : index to {ity}"));
             Some(b.assign(format!("arith.cmpi ult, {columns}, {tv} : {ity}")))
@@ -490,9 +503,10 @@ impl Row<'_> {
                     b.assign(format!("vector.load {xarg}[{at}] : {xmem}, {vty}"))
                 }
                 Some(keep) => {
-                    // Column `ow + l + x·dilation − pad` of the row, where it lies inside it.
+                    // Column `(ow + l)·stride + x·dilation − pad` of the row, where it lies
+                    // inside it.
                     let sv = b.assign(format!("vector.broadcast {shift} : index to {ity}"));
-                    let pos = b.assign(format!("arith.addi {columns}, {sv} : {ity}"));
+                    let pos = b.assign(format!("arith.addi {strided}, {sv} : {ity}"));
                     let pv = b.assign(format!("vector.broadcast {pad} : index to {ity}"));
                     let after = b.assign(format!("arith.cmpi uge, {pos}, {pv} : {ity}"));
                     let col = b.assign(format!("arith.subi {pos}, {pv} : {ity}"));
