@@ -341,9 +341,16 @@ fn kernel(
             &out,
             target,
         ),
-        Op::Pool2d { kind, kernel, stride, padding } => {
-            kernels::conv::emit_pool2d(sym, *kind, *kernel, *stride, *padding, &plain(s, arg(0)?), &out)
-        }
+        Op::Pool2d { kind, kernel, stride, padding } => kernels::conv::emit_pool2d(
+            sym,
+            *kind,
+            *kernel,
+            *stride,
+            *padding,
+            &plain(s, arg(0)?),
+            &out,
+            target,
+        ),
         other => Err(CodegenError::Unsupported(format!("a kernel for `{}`", other.name()))),
     };
     Ok((made?, None))

@@ -362,7 +362,7 @@ fn unpacked(
                 window::Window::Pool { kind: *kind, kernel: *kernel, stride: *stride, padding: *padding };
             match (p, row(arg(0)?, "the input"), out_row) {
                 (1, Ok(x), Ok(out)) => {
-                    kernels::conv::emit_pool2d(sym, *kind, *kernel, *stride, *padding, &x, &out)?
+                    kernels::conv::emit_pool2d(sym, *kind, *kernel, *stride, *padding, &x, &out, target)?
                 }
                 _ => return window::emit(s, sym, k, &window, target),
             }

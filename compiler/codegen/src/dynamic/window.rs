@@ -1,17 +1,18 @@
 //! Convolution and pooling along run-time spatial extents: a temporal convolution over a
 //! sequence of run-time length (`[batch, C, 1, seq]`), an image of run-time size. The row form
 //! cannot take them (a window reads across the rows it would merge), so they walk the run's
-//! extents and strides: one range iteration per row of the result (every axis but the width),
-//! a loop along the width, and per element the static emitters' taps
-//! ([`conv::conv_value`], [`conv::pool_value`]) bounded by the input's run-time extents. The
-//! channels and the weight stay static.
+//! extents and strides through the static emitters' code, which reads them through
+//! [`conv::WindowReads`]: the row plan ([`conv::window_row`]) where rows vectorize, else one
+//! range iteration per row of the result (every axis but the width) and the taps of
+//! [`conv::conv_value`] or [`conv::pool_value`] per element, bounded by the input's run-time
+//! extents. The channels and the weight stay static.
 //!
 //! The GPU twin (`gpu::dynamic`) takes one element per invocation and finds its value with
 //! [`value`].
 
 use super::data::{parts, Part};
 use super::{address, at_hints_and_maxima, row_kernel, static_view, step, unravel, Walk};
-use crate::kernels::conv::{self, ConvRows, WindowReads};
+use crate::kernels::conv::{self, WindowReads, WindowRows};
 use crate::kernels::elementwise::store;
 use crate::kernels::View;
 use crate::mlir_text::Body;
@@ -125,10 +126,10 @@ pub(crate) fn costs(s: &Schedule, k: &kiln_sched::Kernel, window: &Window, w_sha
     (flops, bytes as u64)
 }
 
-/// The CPU window op of kernel `k`: one range iteration per row `[n, c, oh]` of the result, a
-/// loop along its run-time width; a convolution whose rows vectorize ([`ConvRows`]) takes a
-/// row of a block of output channels per iteration instead. Arguments: x (and w), out,
-/// `%syms`.
+/// The CPU window op of kernel `k`: where its rows vectorize ([`WindowRows`]), one range
+/// iteration per row of a block of result channels, the static row plan with the width read
+/// at run time; else one per row `[n, c, oh]` and a loop along it, element by element.
+/// Arguments: x (and w), out, `%syms`.
 pub(super) fn emit(
     s: &Schedule,
     sym: &str,
@@ -153,33 +154,30 @@ pub(super) fn emit(
     let mut b = Body::new();
     let (inputs, out) = parts(s, &mut b, k, n_syms);
     let reads = RunReads::new(k, inputs.iter().chain([&out]).collect());
-    let plan = match *window {
-        Window::Conv { stride, padding, dilation, groups } => {
-            ConvRows::choose(stride[1], &w_shape, groups, dtype, &reads, target)
-                .map(|plan| (plan, (stride, padding, dilation), groups))
+    let (op, geometry) = match *window {
+        Window::Conv { stride, padding, dilation, groups } => (
+            conv::RowOp::Conv { groups, w_shape: &w_shape },
+            ((stride, padding, dilation), [w_shape[2], w_shape[3]]),
+        ),
+        Window::Pool { kind, kernel, stride, padding } => {
+            (conv::RowOp::Pool(kind), ((stride, padding, [1, 1]), kernel))
         }
-        Window::Pool { .. } => None,
     };
+    let ((stride, _, _), kernel) = geometry;
+    let channels = k.output.view.shape[1].as_const();
+    let (_, width) = at_hints_and_maxima(s, &shape[3]);
+    let plan = channels
+        .and_then(|c| WindowRows::choose(&op, (kernel[1], stride[1]), [c, width], dtype, &reads, target));
     let c1 = b.index(1);
     b.open(format!("scf.for %r = %begin to %end step {c1}"));
     let rows = match plan {
-        Some((plan, geometry, groups)) => {
-            let blocks = w_shape[0] / plan.block;
+        Some(plan) => {
+            let blocks = channels.unwrap_or(1) / plan.block;
             let bc = b.index(blocks);
             let extents = [out.walk.extents[0].clone(), bc, out.walk.extents[2].clone()];
             let idx = unravel(&mut b, "%r", &extents, 3);
             let row = [idx[0].as_str(), idx[1].as_str(), idx[2].as_str()];
-            conv::conv_row(
-                &mut b,
-                geometry,
-                groups,
-                &w_shape,
-                plan,
-                dtype,
-                row,
-                &out.walk.extents[3],
-                &reads,
-            );
+            conv::window_row(&mut b, geometry, op, plan, dtype, row, &out.walk.extents[3], &reads);
             kiln_sched::product(&[shape[0].clone(), Dim::Const(blocks), shape[2].clone()])
         }
         None => {

@@ -1,14 +1,15 @@
 //! 2-D convolution and pooling (NCHW).
 //!
-//! A convolution on the CPU runs by rows ([`ConvRows`]): each range iteration computes one
-//! output row of a block of up to 8 output channels, the row in vectors along the width,
-//! each input vector feeding the block's accumulators. Where every tap of a vector lies
-//! inside the input it is a plain load; at the edges (the padding), and everywhere under a
-//! width stride, a gather at clamped columns with the lanes outside read as zero. Taps are
-//! summed by rows of the kernel, channels inside, so the height's bounds are checked once per
-//! kernel row. Other convolutions (half types, operands strided along the width) and pooling
-//! are direct loops per element with every tap bounds-checked ([`conv_value`],
-//! [`pool_value`]), which the GPU kernels also use.
+//! Convolution and pooling on the CPU run by rows ([`WindowRows`]): each range iteration
+//! computes one output row of a block of up to 8 channels, the row in vectors along the
+//! width. A convolution's input vector feeds the block's accumulators; a pool keeps a max,
+//! or a sum and a count of taps, per channel. Where every tap of a vector lies inside the
+//! input it is a plain load; at the edges (the padding), and everywhere under a width
+//! stride, a gather at clamped columns whose lanes outside the input are left out. Taps are
+//! taken by rows of the kernel, channels inside, so the height's bounds are checked once per
+//! kernel row. Other windows (half types, operands strided along the width, a result
+//! narrower than a vector) are direct loops per element with every tap bounds-checked
+//! ([`conv_value`], [`pool_value`]), which the GPU kernels also use.
 
 use super::elementwise::{load, reg_type, store};
 use super::rows::{open_rows, row_count, wrap};
@@ -115,31 +116,21 @@ pub fn emit_conv2d(
     let (cg, kh, kw) = (w.shape[1], w.shape[2], w.shape[3]);
     let mut b = Body::new();
     let reads = StaticReads::new(&[x, w, out]);
-    let range = match ConvRows::choose(stride[1], &w.shape, groups, dtype, &reads, target) {
-        Some(plan) => {
-            // One range iteration per row of a block of output channels.
-            let c1 = b.index(1);
-            b.open(format!("scf.for %r = %begin to %end step {c1}"));
-            let blocks = out.shape[1] / plan.block;
-            let extents: Vec<String> =
-                [out.shape[0], blocks, out.shape[2]].iter().map(|&e| b.index(e)).collect();
-            let idx = crate::dynamic::unravel(&mut b, "%r", &extents, 3);
-            let width = b.index(out.shape[3]);
-            let row = [idx[0].as_str(), idx[1].as_str(), idx[2].as_str()];
-            conv_row(&mut b, (stride, padding, dilation), groups, &w.shape, plan, dtype, row, &width, &reads);
-            b.close("");
-            out.shape[0] * blocks * out.shape[2]
-        }
-        None => {
-            let idx = open_rows(&mut b, &out.shape);
-            let v = conv_value(&mut b, stride, padding, dilation, groups, &w.shape, dtype, &idx, &reads);
-            let at_o = out.index_expr(&mut b, &idx);
-            store(&mut b, &v, "%a2", out, &at_o);
-            b.close("");
-            b.close("");
-            row_count(&out.shape)
-        }
-    };
+    let op = RowOp::Conv { groups, w_shape: &w.shape };
+    let geometry = ((stride, padding, dilation), [kh, kw]);
+    let range =
+        match WindowRows::choose(&op, (kw, stride[1]), [out.shape[1], out.shape[3]], dtype, &reads, target) {
+            Some(plan) => static_rows(&mut b, geometry, op, plan, out, &reads),
+            None => {
+                let idx = open_rows(&mut b, &out.shape);
+                let v = conv_value(&mut b, stride, padding, dilation, groups, &w.shape, dtype, &idx, &reads);
+                let at_o = out.index_expr(&mut b, &idx);
+                store(&mut b, &v, "%a2", out, &at_o);
+                b.close("");
+                b.close("");
+                row_count(&out.shape)
+            }
+        };
     b.line("return");
     let range = range.max(1);
     let flops = (2 * out.numel() * cg * kh * kw) as u64;
@@ -154,8 +145,31 @@ pub fn emit_conv2d(
     })
 }
 
+/// A window op over static extents by rows ([`window_row`]): one range iteration per row of
+/// a block of result channels; returns the range.
+fn static_rows(
+    b: &mut Body,
+    geometry: (Geometry, [usize; 2]),
+    op: RowOp,
+    plan: WindowRows,
+    out: &View,
+    reads: &dyn WindowReads,
+) -> usize {
+    let c1 = b.index(1);
+    b.open(format!("scf.for %r = %begin to %end step {c1}"));
+    let blocks = out.shape[1] / plan.block;
+    let extents: Vec<String> = [out.shape[0], blocks, out.shape[2]].iter().map(|&e| b.index(e)).collect();
+    let idx = crate::dynamic::unravel(b, "%r", &extents, 3);
+    let width = b.index(out.shape[3]);
+    let row = [idx[0].as_str(), idx[1].as_str(), idx[2].as_str()];
+    window_row(b, geometry, op, plan, out.dtype, row, &width, reads);
+    b.close("");
+    out.shape[0] * blocks * out.shape[2]
+}
+
 /// `out = pool2d(x)`: max (padding never wins) or average (over the in-bounds taps only).
 /// Arguments: x, out.
+#[allow(clippy::too_many_arguments)]
 pub fn emit_pool2d(
     symbol: &str,
     kind: PoolKind,
@@ -164,20 +178,37 @@ pub fn emit_pool2d(
     padding: [usize; 2],
     x: &View,
     out: &View,
+    target: &dyn Target,
 ) -> Result<Kernel, CodegenError> {
     let dtype = out.dtype;
     if !dtype.is_float() {
         return Err(CodegenError::Unsupported(format!("pool2d on {dtype}")));
     }
     let mut b = Body::new();
-    let idx = open_rows(&mut b, &out.shape);
-    let result = pool_value(&mut b, kind, kernel, stride, padding, dtype, &idx, &StaticReads::new(&[x]));
-    let at_o = out.index_expr(&mut b, &idx);
-    store(&mut b, &result, "%a1", out, &at_o);
-    b.close("");
-    b.close("");
+    let reads = StaticReads::new(&[x, out]);
+    let op = RowOp::Pool(kind);
+    let geometry = ((stride, padding, [1, 1]), kernel);
+    let range = match WindowRows::choose(
+        &op,
+        (kernel[1], stride[1]),
+        [out.shape[1], out.shape[3]],
+        dtype,
+        &reads,
+        target,
+    ) {
+        Some(plan) => static_rows(&mut b, geometry, op, plan, out, &reads),
+        None => {
+            let idx = open_rows(&mut b, &out.shape);
+            let result = pool_value(&mut b, kind, kernel, stride, padding, dtype, &idx, &reads);
+            let at_o = out.index_expr(&mut b, &idx);
+            store(&mut b, &result, "%a1", out, &at_o);
+            b.close("");
+            b.close("");
+            row_count(&out.shape)
+        }
+    };
     b.line("return");
-    let range = row_count(&out.shape).max(1);
+    let range = range.max(1);
     let flops = (out.numel() * kernel[0] * kernel[1]) as u64;
     let bytes = ((x.numel() + out.numel()) * dtype.size_bytes()) as u64;
     Ok(Kernel {
@@ -296,13 +327,14 @@ pub(crate) fn pool_value(
     }
 }
 
-/// A convolution's row plan on the CPU: one range iteration per `[n, block of output
+/// A window op's row plan on the CPU: one range iteration per `[n, block of output
 /// channels, oh]`, the row's width in vectors where every tap lies inside the input (`lanes`
-/// wide, then halves down to `min_lanes`), each input vector feeding `block` accumulators,
-/// and vectors of `lanes` gathered at clamped columns at the edges. The per-element loops
-/// read one scalar per multiply-add; a row reads a vector per `block` vector multiply-adds.
+/// wide, then halves down to `min_lanes`), and vectors of `lanes` gathered at clamped
+/// columns at the edges. A convolution's input vector feeds the block's `block`
+/// accumulators; a pool's block keeps one accumulator per channel. The per-element loops
+/// read one scalar per tap and bounds-check each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct ConvRows {
+pub(crate) struct WindowRows {
     pub block: usize,
     pub lanes: usize,
     pub min_lanes: usize,
@@ -310,32 +342,57 @@ pub(crate) struct ConvRows {
     pub gather_all: bool,
 }
 
-impl ConvRows {
-    /// The plan for a convolution of weight `w_shape` in `groups` whose operands `reads`
-    /// addresses, or `None` where rows do not vectorize: half types, an operand strided along
-    /// the width, a kernel wider than 16 taps. A width stride other than 1 gathers every
-    /// vector (`gather_all`).
+/// What a row of a window op computes: a convolution's sums over its group's channels and
+/// taps with the weight (`w_shape`, `[O, C/groups, KH, KW]`), or a pool's max or average
+/// over its taps.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum RowOp<'a> {
+    Conv { groups: usize, w_shape: &'a [usize] },
+    Pool(PoolKind),
+}
+
+impl RowOp<'_> {
+    /// The operand the result is: after the input and the weight, or after the input.
+    fn out_operand(&self) -> usize {
+        match self {
+            RowOp::Conv { .. } => 2,
+            RowOp::Pool(_) => 1,
+        }
+    }
+}
+
+impl WindowRows {
+    /// The plan for window op `op` of `kernel_w` taps along the width and width stride
+    /// `stride_w`, over `[channels, width]` of the result (its width at most), whose operands
+    /// `reads` addresses; `None` where rows do not vectorize: half types, an operand strided
+    /// along the width, a kernel wider than 16 taps, a result narrower than the narrowest
+    /// vector (a global pool's one column). A width stride other than 1 gathers every vector
+    /// (`gather_all`).
     pub(crate) fn choose(
-        stride_w: usize,
-        w_shape: &[usize],
-        groups: usize,
+        op: &RowOp,
+        (kernel_w, stride_w): (usize, usize),
+        [channels, width]: [usize; 2],
         dtype: DType,
         reads: &dyn WindowReads,
         target: &dyn Target,
-    ) -> Option<ConvRows> {
+    ) -> Option<WindowRows> {
         let (lanes, min_lanes) = match dtype {
             DType::F32 => (target.f32_lanes(), 4),
             DType::F64 => (target.f32_lanes() / 2, 2),
             DType::F16 | DType::BF16 | DType::I32 | DType::I64 | DType::Bool => return None,
         };
-        let per_group = w_shape[0] / groups.max(1);
-        let contiguous = (0..3).filter(|&i| i != 1).all(|i| reads.unit_width(i));
-        if !contiguous || w_shape[3] > 16 || lanes < min_lanes {
+        let contiguous = reads.unit_width(0) && reads.unit_width(op.out_operand());
+        if !contiguous || kernel_w > 16 || lanes < min_lanes || width < min_lanes {
             return None;
         }
-        // As many accumulators as a block of output channels in one group, at most 8.
-        let block = [8, 4, 2, 1].into_iter().find(|b| per_group.is_multiple_of(*b)).unwrap_or(1);
-        Some(ConvRows { block, lanes, min_lanes, gather_all: stride_w != 1 })
+        // A block of channels whose accumulators stay in registers: at most 8, and within one
+        // group of a convolution.
+        let per_block = match op {
+            RowOp::Conv { groups, w_shape } => w_shape[0] / groups.max(&1),
+            RowOp::Pool(_) => channels,
+        };
+        let block = [8, 4, 2, 1].into_iter().find(|b| per_block.is_multiple_of(*b)).unwrap_or(1);
+        Some(WindowRows { block, lanes, min_lanes, gather_all: stride_w != 1 })
     }
 }
 
@@ -349,26 +406,24 @@ fn results(b: &mut Body, hint: &str, len: usize) -> (String, Vec<String>) {
     (format!("{r}:{len}"), (0..len).map(|i| format!("{r}#{i}")).collect())
 }
 
-/// The window geometry of a convolution: stride, padding and dilation, `[h, w]` each.
+/// A window's geometry: stride, padding and dilation, `[h, w]` each (a pool's dilation is 1).
 pub(crate) type Geometry = ([usize; 2], [usize; 2], [usize; 2]);
 
-/// One row of a convolution's result under plan `plan` ([`ConvRows`]): output channels
-/// `block·ob …` of image `n` at output row `oh` (`index` values), `out_width` wide. Operands:
-/// 0 the input, 1 the weight, 2 the result.
+/// One row of a window op's result under `plan` ([`WindowRows`]): channels `block·ob …` of
+/// image `n` at output row `oh` (`index` values), `out_width` wide, for a window of `kernel`
+/// taps (`[KH, KW]`). Operands: the input, the weight (a convolution), the result.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn conv_row(
+pub(crate) fn window_row(
     b: &mut Body,
-    geometry: Geometry,
-    groups: usize,
-    w_shape: &[usize],
-    plan: ConvRows,
+    (geometry, kernel): (Geometry, [usize; 2]),
+    op: RowOp,
+    plan: WindowRows,
     dtype: DType,
     [n, ob, oh]: [&str; 3],
     out_width: &str,
     reads: &dyn WindowReads,
 ) {
     let (_, padding, dilation) = geometry;
-    let kw = w_shape[3];
     let blk = b.index(plan.block);
     let first = b.assign(format!("arith.muli {ob}, {blk} : index"));
     let channels: Vec<String> = (0..plan.block)
@@ -378,7 +433,7 @@ pub(crate) fn conv_row(
         })
         .collect();
     let c0 = b.index(0);
-    let row = Row { geometry, groups, w_shape, dtype, n, oh, channels: &channels, reads };
+    let row = Row { geometry, kernel, op, dtype, n, oh, channels: &channels, reads };
     if plan.gather_all {
         row.by_vector(b, plan.lanes, (&c0, out_width), true);
         return;
@@ -389,7 +444,7 @@ pub(crate) fn conv_row(
     let pad = b.index(padding[1]);
     let lo = b.assign(format!("arith.minui {pad}, {out_width} : index"));
     let t = b.assign(format!("arith.addi {w}, {pad} : index"));
-    let span = b.index((kw - 1) * dilation[1]);
+    let span = b.index((kernel[1] - 1) * dilation[1]);
     let fits = b.assign(format!("arith.cmpi uge, {t}, {span} : index"));
     let end = b.assign(format!("arith.subi {t}, {span} : index"));
     let end = b.assign(format!("arith.select {fits}, {end}, {c0} : index"));
@@ -405,11 +460,11 @@ pub(crate) fn conv_row(
     row.by_vector(b, plan.lanes, (&at, out_width), true);
 }
 
-/// What [`conv_row`]'s runs share.
+/// What [`window_row`]'s runs share.
 struct Row<'a> {
     geometry: Geometry,
-    groups: usize,
-    w_shape: &'a [usize],
+    kernel: [usize; 2],
+    op: RowOp<'a>,
     dtype: DType,
     n: &'a str,
     oh: &'a str,
@@ -420,16 +475,22 @@ struct Row<'a> {
 impl Row<'_> {
     /// Vectors of `lanes` columns from `from`: whole ones while they end by `to`, every tap
     /// inside the input (returns where they stop), or, `masked`, up to `to` with the last one
-    /// partial and each tap's lanes outside the input read as zero (gathers at clamped
-    /// columns, so no read leaves the row; returns `to`).
+    /// partial and each tap's lanes outside the input left out (gathers at clamped columns,
+    /// so no read leaves the row; returns `to`).
     fn by_vector(&self, b: &mut Body, lanes: usize, (from, to): (&str, &str), masked: bool) -> String {
         let (stride, padding, dilation) = self.geometry;
-        let (o_ch, cg, kh, kw) = (self.w_shape[0], self.w_shape[1], self.w_shape[2], self.w_shape[3]);
+        let [kh, kw] = self.kernel;
         let block = self.channels.len();
         let ty = reg_type(self.dtype);
         let vty = format!("vector<{lanes}x{ty}>");
         let (ity, mty) = (format!("vector<{lanes}xindex>"), format!("vector<{lanes}xi1>"));
-        let vector_types = vec![vty.as_str(); block].join(", ");
+        // A convolution's sums; a pool's maxima, or its sums and then its counts of taps.
+        let (init, carried) = match self.op {
+            RowOp::Conv { .. } => (0.0, block),
+            RowOp::Pool(PoolKind::Max) => (f64::NEG_INFINITY, block),
+            RowOp::Pool(PoolKind::Avg) => (0.0, 2 * block),
+        };
+        let vector_types = vec![vty.as_str(); carried].join(", ");
         let (c0, c1, vl) = (b.index(0), b.index(1), b.index(lanes));
         let end = if masked {
             to.to_string()
@@ -458,77 +519,126 @@ impl Row<'_> {
         } else {
             None
         };
-        // The group's first input channel, and the column of the leftmost tap.
-        let per_group = b.index(o_ch / self.groups.max(1));
-        let g = b.assign(format!("arith.divui {}, {per_group} : index", self.channels[0]));
-        let cgc = b.index(cg);
-        let cbase = b.assign(format!("arith.muli {g}, {cgc} : index"));
+        // The channels a convolution sums over (its group's) and where they start; a pool
+        // reads each result channel's own.
+        let (cbase, cg) = match self.op {
+            RowOp::Conv { groups, w_shape } => {
+                let per_group = b.index(w_shape[0] / groups.max(1));
+                let g = b.assign(format!("arith.divui {}, {per_group} : index", self.channels[0]));
+                let cgc = b.index(w_shape[1]);
+                (Some(b.assign(format!("arith.muli {g}, {cgc} : index"))), w_shape[1])
+            }
+            RowOp::Pool(_) => (None, 1),
+        };
         let pad = b.index(padding[1]);
         let left_tap = b.assign(format!("arith.subi {ow}, {pad} : index"));
+        let fill = b.float(init, &vty);
         let zero = b.float(0.0, &vty);
+        let one = b.float(1.0, &vty);
         let (h, w) = (self.reads.extent(b, 0), self.reads.extent(b, 1));
         let nkh = b.index(kh);
         let ncg = b.index(cg);
         // Rows of taps (ky) outside, channels inside: one bounds check per row of taps.
         let y = b.fresh("ky");
-        let (lhs, sums) = results(b, "sy", block);
-        let accs: Vec<String> = (0..block).map(|_| b.fresh("ay")).collect();
-        let init: Vec<String> = accs.iter().map(|a| format!("{a} = {zero}")).collect();
+        let (lhs, totals) = results(b, "sy", carried);
+        let accs: Vec<String> = (0..carried).map(|_| b.fresh("ay")).collect();
+        let starts: Vec<String> = accs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{a} = {}", if i < block { &fill } else { &zero }))
+            .collect();
         b.open(format!(
             "{lhs} = scf.for {y} = {c0} to {nkh} step {c1} iter_args({}) -> ({vector_types})",
-            init.join(", ")
+            starts.join(", ")
         ));
-        let (ok, ih) = tap(b, self.oh, &y, (stride[0], dilation[0], padding[0]), &h);
-        let (if_lhs, inside) = results(b, "in", block);
-        b.open(format!("{if_lhs} = scf.if {ok} -> ({vector_types})"));
+        let (ok_h, ih) = tap(b, self.oh, &y, (stride[0], dilation[0], padding[0]), &h);
+        let (if_lhs, inside) = results(b, "in", carried);
+        b.open(format!("{if_lhs} = scf.if {ok_h} -> ({vector_types})"));
         let c = b.fresh("c");
-        let (for_lhs, over_c) = results(b, "sc", block);
-        let partial: Vec<String> = (0..block).map(|_| b.fresh("ac")).collect();
-        let carried: Vec<String> = partial.iter().zip(&accs).map(|(p, a)| format!("{p} = {a}")).collect();
+        let (for_lhs, over_c) = results(b, "sc", carried);
+        let partial: Vec<String> = (0..carried).map(|_| b.fresh("ac")).collect();
+        let pairs: Vec<String> = partial.iter().zip(&accs).map(|(p, a)| format!("{p} = {a}")).collect();
         b.open(format!(
             "{for_lhs} = scf.for {c} = {c0} to {ncg} step {c1} iter_args({}) -> ({vector_types})",
-            carried.join(", ")
+            pairs.join(", ")
         ));
-        let ci = b.assign(format!("arith.addi {cbase}, {c} : index"));
         let (xarg, xview) = self.reads.buffer(0);
         let (xarg, xmem) = (xarg.to_string(), xview.memref());
         let first = if masked { c0.clone() } else { left_tap.clone() };
-        let start = self.reads.address(b, 0, &[self.n.to_string(), ci, ih, first]);
-        let mut sums_c = partial.clone();
+        // Where the rows read start: the convolution's channel, or each pooled channel.
+        let rows: Vec<String> = match &cbase {
+            Some(cbase) => {
+                let ci = b.assign(format!("arith.addi {cbase}, {c} : index"));
+                vec![self.reads.address(b, 0, &[self.n.to_string(), ci, ih.clone(), first.clone()])]
+            }
+            None => self
+                .channels
+                .iter()
+                .map(|o| {
+                    self.reads.address(b, 0, &[self.n.to_string(), o.clone(), ih.clone(), first.clone()])
+                })
+                .collect(),
+        };
+        let mut sums = partial.clone();
         for x in 0..kw {
             let shift = b.index(x * dilation[1]);
-            let xv = match &keep {
+            // The lanes this tap reads, with the columns they read (masked runs only).
+            let lanes_in = keep.as_ref().map(|keep| {
+                // Column `(ow + l)·stride + x·dilation − pad` of the row, where it lies inside.
+                let sv = b.assign(format!("vector.broadcast {shift} : index to {ity}"));
+                let pos = b.assign(format!("arith.addi {strided}, {sv} : {ity}"));
+                let pv = b.assign(format!("vector.broadcast {pad} : index to {ity}"));
+                let after = b.assign(format!("arith.cmpi uge, {pos}, {pv} : {ity}"));
+                let col = b.assign(format!("arith.subi {pos}, {pv} : {ity}"));
+                let wv = b.assign(format!("vector.broadcast {w} : index to {ity}"));
+                let before = b.assign(format!("arith.cmpi ult, {col}, {wv} : {ity}"));
+                let ok = b.assign(format!("arith.andi {after}, {before} : {mty}"));
+                let ok = b.assign(format!("arith.andi {ok}, {keep} : {mty}"));
+                let zi = b.assign(format!("arith.constant dense<0> : {ity}"));
+                let col = b.assign(format!("arith.select {ok}, {col}, {zi} : {mty}, {ity}"));
+                (ok, col)
+            });
+            // A row's vector at this tap; lanes left out read `fill`.
+            let read = |b: &mut Body, start: &str| {
+                match &lanes_in {
                 None => {
                     let at = b.assign(format!("arith.addi {start}, {shift} : index"));
                     b.assign(format!("vector.load {xarg}[{at}] : {xmem}, {vty}"))
                 }
-                Some(keep) => {
-                    // Column `(ow + l)·stride + x·dilation − pad` of the row, where it lies
-                    // inside it.
-                    let sv = b.assign(format!("vector.broadcast {shift} : index to {ity}"));
-                    let pos = b.assign(format!("arith.addi {strided}, {sv} : {ity}"));
-                    let pv = b.assign(format!("vector.broadcast {pad} : index to {ity}"));
-                    let after = b.assign(format!("arith.cmpi uge, {pos}, {pv} : {ity}"));
-                    let col = b.assign(format!("arith.subi {pos}, {pv} : {ity}"));
-                    let wv = b.assign(format!("vector.broadcast {w} : index to {ity}"));
-                    let before = b.assign(format!("arith.cmpi ult, {col}, {wv} : {ity}"));
-                    let ok = b.assign(format!("arith.andi {after}, {before} : {mty}"));
-                    let ok = b.assign(format!("arith.andi {ok}, {keep} : {mty}"));
-                    let zi = b.assign(format!("arith.constant dense<0> : {ity}"));
-                    let col = b.assign(format!("arith.select {ok}, {col}, {zi} : {mty}, {ity}"));
-                    b.assign(format!(
-                        "vector.gather {xarg}[{start}][{col}], {ok}, {zero} : {xmem}, {ity}, {mty}, {vty} into {vty}"
-                    ))
-                }
+                Some((ok, col)) => b.assign(format!(
+                    "vector.gather {xarg}[{start}][{col}], {ok}, {fill} : {xmem}, {ity}, {mty}, {vty} into {vty}"
+                )),
+            }
             };
-            let xc = b.index(x);
-            for (j, o) in self.channels.iter().enumerate() {
-                let wv = self.reads.load(b, 1, &[o.clone(), c.clone(), y.clone(), xc.clone()]);
-                let ws = b.splat(&wv, &vty);
-                sums_c[j] = b.fma(&xv, &ws, &sums_c[j], &vty);
+            match self.op {
+                RowOp::Conv { .. } => {
+                    let xv = read(b, &rows[0]);
+                    let xc = b.index(x);
+                    for (j, o) in self.channels.iter().enumerate() {
+                        let wv = self.reads.load(b, 1, &[o.clone(), c.clone(), y.clone(), xc.clone()]);
+                        let ws = b.splat(&wv, &vty);
+                        sums[j] = b.fma(&xv, &ws, &sums[j], &vty);
+                    }
+                }
+                RowOp::Pool(kind) => {
+                    for (j, start) in rows.iter().enumerate() {
+                        let xv = read(b, start);
+                        sums[j] = match kind {
+                            PoolKind::Max => b.fmax(&sums[j], &xv, &vty),
+                            PoolKind::Avg => b.fadd(&sums[j], &xv, &vty),
+                        };
+                        if kind == PoolKind::Avg {
+                            let counted = match &lanes_in {
+                                None => one.clone(),
+                                Some((ok, _)) => b.select(ok, &one, &zero, &vty),
+                            };
+                            sums[block + j] = b.fadd(&sums[block + j], &counted, &vty);
+                        }
+                    }
+                }
             }
         }
-        b.line(format!("scf.yield {} : {vector_types}", sums_c.join(", ")));
+        b.line(format!("scf.yield {} : {vector_types}", sums.join(", ")));
         b.close("");
         b.line(format!("scf.yield {} : {vector_types}", over_c.join(", ")));
         b.close("");
@@ -537,11 +647,16 @@ impl Row<'_> {
         b.close("");
         b.line(format!("scf.yield {} : {vector_types}", inside.join(", ")));
         b.close("");
-        let (oarg, oview) = self.reads.buffer(2);
+        let out = self.op.out_operand();
+        let (oarg, oview) = self.reads.buffer(out);
         let (oarg, omem) = (oarg.to_string(), oview.memref());
-        for (o, v) in self.channels.iter().zip(&sums) {
+        for (j, o) in self.channels.iter().enumerate() {
+            let v = match self.op {
+                RowOp::Pool(PoolKind::Avg) => b.fdiv(&totals[j], &totals[block + j], &vty),
+                RowOp::Conv { .. } | RowOp::Pool(PoolKind::Max) => totals[j].clone(),
+            };
             let at =
-                self.reads.address(b, 2, &[self.n.to_string(), o.clone(), self.oh.to_string(), ow.clone()]);
+                self.reads.address(b, out, &[self.n.to_string(), o.clone(), self.oh.to_string(), ow.clone()]);
             match &keep {
                 None => b.line(format!("vector.store {v}, {oarg}[{at}] : {omem}, {vty}")),
                 Some(keep) => {
