@@ -166,13 +166,14 @@ pub(super) fn emit(
     let ((stride, _, _), kernel) = geometry;
     let channels = k.output.view.shape[1].as_const();
     let (_, width) = at_hints_and_maxima(s, &shape[3]);
-    let plan = channels
-        .and_then(|c| WindowRows::choose(&op, (kernel[1], stride[1]), [c, width], dtype, &reads, target));
+    let plan = channels.and_then(|c| {
+        WindowRows::choose(&op, (kernel[1], stride[1]), [c, width], dtype, &reads, target).map(|p| (p, c))
+    });
     let c1 = b.index(1);
     b.open(format!("scf.for %r = %begin to %end step {c1}"));
     let rows = match plan {
-        Some(plan) => {
-            let blocks = channels.unwrap_or(1) / plan.block;
+        Some((plan, channels)) => {
+            let blocks = channels / plan.block;
             let bc = b.index(blocks);
             let extents = [out.walk.extents[0].clone(), bc, out.walk.extents[2].clone()];
             let idx = unravel(&mut b, "%r", &extents, 3);

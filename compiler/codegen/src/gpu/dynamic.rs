@@ -38,6 +38,11 @@ use crate::CodegenError;
 use kiln_ir::{Activation, DType, Dim, NormKind, Op};
 use kiln_sched::{Expr, KernelOp, Operand, Schedule, StridedView};
 
+/// The refusal of kernel `k` over symbolic extents on the target of `cx`.
+fn refusal(k: &kiln_sched::Kernel, cx: &GpuCtx, why: impl Into<String>) -> CodegenError {
+    refuse_on(k, &format!("the {} target", cx.caps.name), why)
+}
+
 /// Emits kernel `k` of `s`, some of whose operands read symbols, for the target of `cx`.
 pub(crate) fn kernel(
     s: &Schedule,
@@ -45,8 +50,7 @@ pub(crate) fn kernel(
     k: &kiln_sched::Kernel,
     cx: &GpuCtx,
 ) -> Result<GpuKernel, CodegenError> {
-    let target = format!("the {} target", cx.caps.name);
-    let refuse_here = |why: String| refuse_on(k, &target, why);
+    let refuse_here = |why: String| refusal(k, cx, why);
     if k.can_fault() {
         return Err(refuse_here("a kernel that can fault reports a position in a static shape".into()));
     }
@@ -414,11 +418,7 @@ fn attention_run(
         return Err(bad("attention operand ranks"));
     }
     if !q.dtype.is_float() {
-        return Err(refuse_on(
-            k,
-            &format!("the {} target", cx.caps.name),
-            format!("attention on {}", q.dtype),
-        ));
+        return Err(refusal(k, cx, format!("attention on {}", q.dtype)));
     }
     let mut scores_shape = q.view.shape.clone();
     scores_shape[r - 1] = kk.view.shape[r - 2].clone();
@@ -441,9 +441,9 @@ fn attention_run(
         return attention_by_row(s, sym, k, (scale, causal), views, cx);
     }
     if !heads_static {
-        return Err(refuse_on(
+        return Err(refusal(
             k,
-            &format!("the {} target", cx.caps.name),
+            cx,
             format!("attention over {} needs static head sizes", kiln_ir::fmt_shape(&q.view.shape)),
         ));
     }
@@ -571,11 +571,7 @@ fn matmul_by_element(
     cx: &GpuCtx,
 ) -> Result<GpuKernel, CodegenError> {
     if !out.dtype.is_float() {
-        return Err(refuse_on(
-            k,
-            &format!("the {} target", cx.caps.name),
-            format!("matmul on {}", out.dtype),
-        ));
+        return Err(refusal(k, cx, format!("matmul on {}", out.dtype)));
     }
     let n_syms = s.symbols.len().max(1);
     let rank = out.view.shape.len();
@@ -644,9 +640,8 @@ fn reduce_by_element(
     axes: &[usize],
     cx: &GpuCtx,
 ) -> Result<GpuKernel, CodegenError> {
-    let target = format!("the {} target", cx.caps.name);
     let (x, out) = (k.inputs.first().ok_or_else(|| bad("reduce"))?, &k.output);
-    over::check_reduce(k, op, x.dtype, |why| refuse_on(k, &target, why))?;
+    over::check_reduce(k, op, x.dtype, |why| refusal(k, cx, why))?;
     let out_full =
         over::out_at_operand_rank(&x.view, &out.view, axes).ok_or_else(|| bad("a reduction's result"))?;
     let sp = over::split(&[x.view.clone(), out_full], axes)?;
@@ -677,11 +672,7 @@ fn softmax_by_row(
 ) -> Result<GpuKernel, CodegenError> {
     let (x, out) = (k.inputs.first().ok_or_else(|| bad("softmax"))?, &k.output);
     if !x.dtype.is_float() {
-        return Err(refuse_on(
-            k,
-            &format!("the {} target", cx.caps.name),
-            format!("a softmax of {}", x.dtype),
-        ));
+        return Err(refusal(k, cx, format!("a softmax of {}", x.dtype)));
     }
     let sp = over::split(&[x.view.clone(), out.view.clone()], &[axis])?;
     let n_syms = s.symbols.len().max(1);
@@ -712,8 +703,7 @@ fn norm_by_row(
     k: &kiln_sched::Kernel,
     cx: &GpuCtx,
 ) -> Result<GpuKernel, CodegenError> {
-    let target = format!("the {} target", cx.caps.name);
-    let norm = over::split_norm(k, |why| refuse_on(k, &target, why))?;
+    let norm = over::split_norm(k, |why| refusal(k, cx, why))?;
     let (operands, sp) = (&norm.operands, &norm.split);
     let n_syms = s.symbols.len().max(1);
     let bufs: Vec<View> = operands.iter().map(|o| buffer_view(s, o)).collect();

@@ -38,6 +38,26 @@ struct Slot {
     valid: Option<String>,
 }
 
+impl Row {
+    /// The kernel: body `b` over arguments of `memrefs`, with its costs.
+    fn kernel(
+        self,
+        symbol: &str,
+        memrefs: &[String],
+        b: Body,
+        (flops, bytes): (u64, u64),
+    ) -> Result<GpuKernel, CodegenError> {
+        Ok(GpuKernel {
+            symbol: symbol.into(),
+            mlir: module(symbol, memrefs, &self.plan, b)?,
+            plan: self.plan,
+            flops,
+            bytes,
+            run_grid: self.run_grid,
+        })
+    }
+}
+
 fn open_row(
     b: &mut Body,
     rows: usize,
@@ -292,14 +312,7 @@ pub fn emit_softmax(
     let reads = if r.held > 0 { 1 } else { 3 };
     let bytes = ((x.numel() * reads + out.numel()) * out.dtype.size_bytes()) as u64;
     let memrefs = [x.memref(), out.memref()];
-    Ok(GpuKernel {
-        symbol: symbol.into(),
-        mlir: module(symbol, &memrefs, &r.plan, b)?,
-        plan: r.plan,
-        flops,
-        bytes,
-        run_grid: r.run_grid,
-    })
+    r.kernel(symbol, &memrefs, b, (flops, bytes))
 }
 
 /// `softmax` (or `log_softmax`) along `axis` of rows that lie side by side along `side`
@@ -732,14 +745,7 @@ fn norm(
     b.close("");
     let flops = (out.numel() * 8) as u64;
     let bytes = ((args.inputs.len() + 1) * out.numel() * out.dtype.size_bytes()) as u64;
-    Ok(GpuKernel {
-        symbol: symbol.into(),
-        mlir: module(symbol, &args.memrefs(out), &r.plan, b)?,
-        plan: r.plan,
-        flops,
-        bytes,
-        run_grid: r.run_grid,
-    })
+    r.kernel(symbol, &args.memrefs(out), b, (flops, bytes))
 }
 
 /// What a row of run-time length computes ([`emit_run_rows`]).
@@ -873,14 +879,7 @@ pub(crate) fn emit_run_rows(
     }
     b.close("");
     let memrefs: Vec<String> = views.iter().map(View::memref).collect();
-    Ok(GpuKernel {
-        symbol: symbol.into(),
-        mlir: module(symbol, &memrefs, &r.plan, b)?,
-        plan: r.plan,
-        flops,
-        bytes,
-        run_grid: r.run_grid,
-    })
+    r.kernel(symbol, &memrefs, b, (flops, bytes))
 }
 
 /// Whether a reduction of `count` elements into `outputs` runs a workgroup per output: when
@@ -951,12 +950,5 @@ pub fn emit_reduce(
     let memrefs = [x.memref(), out.memref()];
     let bytes = ((x.numel() + outputs) * dtype.size_bytes()) as u64;
     let flops = if dtype == DType::Bool { 0 } else { x.numel() as u64 };
-    Ok(GpuKernel {
-        symbol: symbol.into(),
-        mlir: module(symbol, &memrefs, &r.plan, b)?,
-        plan: r.plan,
-        flops,
-        bytes,
-        run_grid: r.run_grid,
-    })
+    r.kernel(symbol, &memrefs, b, (flops, bytes))
 }

@@ -531,7 +531,9 @@ impl Row<'_> {
             RowOp::Pool(_) => (None, 1),
         };
         let pad = b.index(padding[1]);
-        let left_tap = b.assign(format!("arith.subi {ow}, {pad} : index"));
+        // A whole vector's rows start at the column of its leftmost tap; gathers address
+        // columns from the row's start.
+        let first = if masked { c0.clone() } else { b.assign(format!("arith.subi {ow}, {pad} : index")) };
         let fill = b.float(init, &vty);
         let zero = b.float(0.0, &vty);
         let one = b.float(1.0, &vty);
@@ -564,7 +566,6 @@ impl Row<'_> {
         ));
         let (xarg, xview) = self.reads.buffer(0);
         let (xarg, xmem) = (xarg.to_string(), xview.memref());
-        let first = if masked { c0.clone() } else { left_tap.clone() };
         // Where the rows read start: the convolution's channel, or each pooled channel.
         let rows: Vec<String> = match &cbase {
             Some(cbase) => {
